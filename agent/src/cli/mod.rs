@@ -1,0 +1,102 @@
+//! Command-line interface: every flag is defined once here, with its help.
+//!
+//! Exit status: 0 success; 1 the command failed at run time (an address in
+//! use, an agent not answering); 2 bad usage or an invalid configuration.
+
+mod status;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::DEFAULT_CONFIG_PATH;
+
+/// Governs how CI jobs and AI coding agents reach production systems.
+///
+/// Tollgate proxies their connections to databases and other targets, names
+/// the process and CI job behind every session, and records what they did.
+#[derive(Parser, Debug)]
+#[command(
+    name = "tollgate",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+#[command(
+    after_help = "Exit status: 0 success, 1 failure at run time, 2 bad usage or invalid configuration.\n\
+Documentation: docs/operations.md and docs/architecture.md in the source tree."
+)]
+pub struct Cli {
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text, env = "TOLLGATE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive
+    /// such as "tollgate_agent=debug".
+    #[arg(long, global = true, default_value = "info", env = "TOLLGATE_LOG")]
+    pub log_level: String,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The configuration file argument shared by subcommands.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// Configuration file (TOML). See docs/operations.md for every setting.
+    #[arg(long, short = 'c', value_name = "FILE", env = "TOLLGATE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent: serve the configured listeners until SIGTERM or Ctrl-C.
+    ///
+    /// On SIGTERM the agent stops accepting, lets open sessions finish for
+    /// agent.shutdown_grace, then closes the rest; a second signal closes them
+    /// at once.
+    Run(ConfigArg),
+
+    /// Work with the configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+
+    /// Show a running agent's listeners, targets and open sessions with the
+    /// identity of the process behind each.
+    Status(StatusArgs),
+}
+
+/// `tollgate config ...`
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Validate a configuration file; errors are printed as FILE:LINE:COLUMN.
+    Check(ConfigArg),
+}
+
+/// `tollgate status` arguments.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+
+    /// Control socket to query, instead of the one the configuration names.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub use status::print_status;

@@ -1,0 +1,120 @@
+//! Rendering `tollgate status` for a terminal.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use crate::control::StatusReport;
+
+/// Formats a status report as aligned tables.
+pub fn print_status(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "tollgate {} (pid {}), configuration {}",
+        report.version, report.pid, report.config
+    );
+
+    let _ = writeln!(out, "\nListeners:");
+    let rows: Vec<Vec<String>> = report
+        .listeners
+        .iter()
+        .map(|l| vec![l.listen.clone(), l.target.clone(), l.upstream.clone()])
+        .collect();
+    table(&mut out, &["LISTEN", "TARGET", "UPSTREAM"], &rows);
+
+    let _ = writeln!(out, "\nTargets:");
+    let rows: Vec<Vec<String>> = report
+        .targets
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                t.protocol.clone(),
+                t.address.clone(),
+                t.ports.join(","),
+            ]
+        })
+        .collect();
+    table(&mut out, &["NAME", "PROTOCOL", "ADDRESS", "PORTS"], &rows);
+
+    let _ = writeln!(out, "\nOpen sessions: {}", report.sessions.len());
+    let rows: Vec<Vec<String>> = report
+        .sessions
+        .iter()
+        .map(|s| {
+            let i = &s.info;
+            let id = &i["identity"];
+            let user = match (str_of(&id["user"]), id["uid"].as_u64()) {
+                (Some(u), Some(uid)) => format!("{u}({uid})"),
+                (None, Some(uid)) => uid.to_string(),
+                _ => "?".into(),
+            };
+            let ci = &id["ci"];
+            let ci = match (str_of(&ci["provider"]), str_of(&ci["repository"])) {
+                (Some(p), Some(r)) => format!("{p}:{r}"),
+                (Some(p), None) => p.to_string(),
+                _ => "-".into(),
+            };
+            vec![
+                str_of(&i["id"]).unwrap_or("?").to_string(),
+                str_of(&i["target"]).unwrap_or("?").to_string(),
+                str_of(&i["client"]).unwrap_or("?").to_string(),
+                id["pid"].as_u64().map_or("?".into(), |p| p.to_string()),
+                user,
+                str_of(&id["exe"]).unwrap_or("?").to_string(),
+                ci,
+                format!("{:.0}s", s.open_seconds),
+                s.bytes_from_client.to_string(),
+                s.bytes_from_upstream.to_string(),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        table(
+            &mut out,
+            &[
+                "SESSION",
+                "TARGET",
+                "CLIENT",
+                "PID",
+                "USER",
+                "EXE",
+                "CI",
+                "OPEN",
+                "BYTES_IN",
+                "BYTES_OUT",
+            ],
+            &rows,
+        );
+    }
+    out
+}
+
+fn str_of(v: &Value) -> Option<&str> {
+    v.as_str()
+}
+
+fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    if rows.is_empty() {
+        let _ = writeln!(out, "  (none)");
+        return;
+    }
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::from(" ");
+        for (cell, w) in cells.zip(&widths) {
+            let _ = write!(l, " {cell:<w$}");
+        }
+        let _ = writeln!(out, "{}", l.trim_end());
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+}

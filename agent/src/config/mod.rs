@@ -1,0 +1,200 @@
+//! The agent's configuration file (TOML).
+//!
+//! Parsing happens in two steps, as in ripgrep's raw versus checked arguments:
+//! [`raw`] mirrors the file exactly (with the byte span of every value that a
+//! later check may complain about), and [`Config::from_toml`] turns it into the
+//! validated, ready-to-run [`Config`]. Every error carries `file:line:column`
+//! and says what to change.
+
+mod raw;
+mod target;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use target::{PortRange, Protocol, Target, TargetAddress, TargetSet};
+
+/// The default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tollgate/tollgate.toml";
+/// The default location of the control socket that `tollgate status` talks to.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/tollgate/control.sock";
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration was read from.
+    pub source: PathBuf,
+    /// Agent-wide settings.
+    pub agent: AgentSettings,
+    /// Every target, in file order (the first match wins).
+    pub targets: TargetSet,
+    /// Explicit listeners: a local address mapped to one target.
+    pub listeners: Vec<Listener>,
+    /// cgroups whose processes are governed by the transparent redirect.
+    pub cgroups: Vec<GovernedCgroup>,
+}
+
+/// Settings under `[agent]`.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// Unix socket that `tollgate status` queries.
+    pub control_socket: PathBuf,
+    /// Address of the Prometheus endpoint, if enabled.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directory session recordings are written to.
+    pub recording_dir: PathBuf,
+    /// Policy files or directories.
+    pub policy_paths: Vec<PathBuf>,
+    /// Connections served at once; further clients wait in the kernel backlog.
+    pub max_connections: usize,
+    /// How long SIGTERM waits for sessions to finish before closing them.
+    pub shutdown_grace: Duration,
+    /// A session with no bytes in either direction for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long to wait for an upstream TCP connection.
+    pub connect_timeout: Duration,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            metrics_listen: None,
+            recording_dir: PathBuf::from("/var/lib/tollgate/recordings"),
+            policy_paths: Vec::new(),
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// An explicit listener (`[[listener]]`).
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Local address to accept on.
+    pub listen: SocketAddr,
+    /// Name of the target connections are governed as.
+    pub target: String,
+    /// Where accepted connections are forwarded.
+    pub upstream: Upstream,
+}
+
+/// A host (name or IP literal) and port to connect to; resolved per connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host name or IP address literal.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// What the redirect does with a governed connection no target names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnlistedPolicy {
+    /// Let it through untouched.
+    Pass,
+    /// Refuse it (EPERM), except loopback and DNS to the configured resolvers.
+    Deny,
+}
+
+/// A governed cgroup (`[[cgroup]]`).
+#[derive(Debug, Clone)]
+pub struct GovernedCgroup {
+    /// Path of the cgroup, relative to the cgroup v2 mount or absolute.
+    pub path: PathBuf,
+    /// Treatment of destinations no target names.
+    pub unlisted: UnlistedPolicy,
+}
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// 1-based column.
+    pub column: Option<usize>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => {
+                write!(f, "{}:{}:{}: {}", self.path.display(), l, c, self.message)
+            }
+            _ => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+/// Every problem found in a configuration file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: path.to_path_buf(),
+                line: None,
+                column: None,
+                message: format!("cannot read configuration: {e}"),
+            }])
+        })?;
+        Config::from_toml(path, &text)
+    }
+
+    /// Validates configuration text; `path` is used in error messages only.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        raw::check(path, text)
+    }
+
+    /// The listener configured for a local address.
+    pub fn listener(&self, listen: SocketAddr) -> Option<&Listener> {
+        self.listeners.iter().find(|l| l.listen == listen)
+    }
+}
+
+/// Converts a byte offset into 1-based (line, column).
+pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,405 @@
+//! The configuration file exactly as written, and its validation.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    line_column, AgentSettings, Config, ConfigError, ConfigErrors, GovernedCgroup, Listener,
+    PortRange, Protocol, Target, TargetAddress, TargetSet, UnlistedPolicy, Upstream,
+};
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    agent: RawAgent,
+    #[serde(default)]
+    target: Vec<RawTarget>,
+    #[serde(default)]
+    listener: Vec<RawListener>,
+    #[serde(default)]
+    cgroup: Vec<RawCgroup>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    control_socket: Option<Spanned<String>>,
+    metrics_listen: Option<Spanned<String>>,
+    recording_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    policy_paths: Vec<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
+    shutdown_grace: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: Spanned<String>,
+    address: Spanned<String>,
+    ports: Spanned<Vec<RawPort>>,
+    protocol: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawPort {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    listen: Spanned<String>,
+    target: Spanned<String>,
+    upstream: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCgroup {
+    path: Spanned<String>,
+    unlisted: Option<Spanned<String>>,
+}
+
+/// Collects errors with their place in the file.
+struct Checker<'a> {
+    path: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn error_at(&mut self, offset: usize, message: impl Into<String>) {
+        let (line, column) = line_column(self.text, offset);
+        self.errors.push(ConfigError {
+            path: self.path.to_path_buf(),
+            line: Some(line),
+            column: Some(column),
+            message: message.into(),
+        });
+    }
+
+    fn error<T>(&mut self, value: &Spanned<T>, message: impl Into<String>) {
+        self.error_at(value.span().start, message);
+    }
+
+    fn duration(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(v) = value else { return default };
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.error(v, format!("{field} must be longer than zero"));
+                default
+            }
+            Err(e) => {
+                self.error(
+                    v,
+                    format!("{field} \"{}\" is not a duration ({e}); write it like \"30s\", \"5m\" or \"1h\"", v.get_ref()),
+                );
+                default
+            }
+        }
+    }
+}
+
+pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let (line, column) = match e.span() {
+                Some(span) => {
+                    let (l, c) = line_column(text, span.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            return Err(ConfigErrors(vec![ConfigError {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim_end().to_string(),
+            }]));
+        }
+    };
+    let mut c = Checker {
+        path,
+        text,
+        errors: Vec::new(),
+    };
+    let agent = check_agent(&mut c, &raw.agent);
+    let targets = check_targets(&mut c, &raw.target);
+    let listeners = check_listeners(&mut c, &raw.listener, &targets);
+    let cgroups = check_cgroups(&mut c, &raw.cgroup);
+    if c.errors.is_empty() {
+        Ok(Config {
+            source: path.to_path_buf(),
+            agent,
+            targets,
+            listeners,
+            cgroups,
+        })
+    } else {
+        Err(ConfigErrors(c.errors))
+    }
+}
+
+fn check_agent(c: &mut Checker<'_>, raw: &RawAgent) -> AgentSettings {
+    let defaults = AgentSettings::default();
+    let mut agent = AgentSettings {
+        shutdown_grace: c.duration(
+            &raw.shutdown_grace,
+            "shutdown_grace",
+            defaults.shutdown_grace,
+        ),
+        idle_timeout: c.duration(&raw.idle_timeout, "idle_timeout", defaults.idle_timeout),
+        connect_timeout: c.duration(
+            &raw.connect_timeout,
+            "connect_timeout",
+            defaults.connect_timeout,
+        ),
+        ..defaults
+    };
+    if let Some(s) = &raw.control_socket {
+        if s.get_ref().is_empty() {
+            c.error(
+                s,
+                "control_socket is empty; give a path such as /run/tollgate/control.sock",
+            );
+        } else {
+            agent.control_socket = PathBuf::from(s.get_ref());
+        }
+    }
+    if let Some(m) = &raw.metrics_listen {
+        match m.get_ref().parse::<SocketAddr>() {
+            Ok(addr) => agent.metrics_listen = Some(addr),
+            Err(_) => c.error(
+                m,
+                format!(
+                    "metrics_listen \"{}\" is not an address; write it like \"127.0.0.1:9187\"",
+                    m.get_ref()
+                ),
+            ),
+        }
+    }
+    if let Some(d) = &raw.recording_dir {
+        agent.recording_dir = PathBuf::from(d.get_ref());
+    }
+    agent.policy_paths = raw
+        .policy_paths
+        .iter()
+        .map(|p| PathBuf::from(p.get_ref()))
+        .collect();
+    if let Some(n) = &raw.max_connections {
+        match usize::try_from(*n.get_ref()) {
+            Ok(v) if (1..=1_000_000).contains(&v) => agent.max_connections = v,
+            _ => c.error(n, "max_connections must be between 1 and 1000000"),
+        }
+    }
+    agent
+}
+
+fn check_targets(c: &mut Checker<'_>, raw: &[RawTarget]) -> TargetSet {
+    let mut names = HashSet::new();
+    let mut targets = Vec::new();
+    for t in raw {
+        let name = t.name.get_ref().trim().to_string();
+        let name_ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+        if !name_ok {
+            c.error(&t.name, format!(
+                "target name \"{}\" must be non-empty and use only letters, digits, '-', '_' and '.'",
+                t.name.get_ref()
+            ));
+        } else if !names.insert(name.clone()) {
+            c.error(
+                &t.name,
+                format!("target \"{name}\" is defined twice; target names must be unique"),
+            );
+        }
+        let address = match TargetAddress::parse(t.address.get_ref()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                c.error(&t.address, e);
+                None
+            }
+        };
+        let mut ports = Vec::new();
+        if t.ports.get_ref().is_empty() {
+            c.error(
+                &t.ports,
+                "ports is empty; list at least one port, e.g. ports = [5432]",
+            );
+        }
+        for p in t.ports.get_ref() {
+            let parsed = match p {
+                RawPort::Number(n) => u16::try_from(*n)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .map(|n| PortRange { first: n, last: n })
+                    .ok_or_else(|| format!("{n} is not a port (1-65535)")),
+                RawPort::Text(s) => PortRange::parse(s),
+            };
+            match parsed {
+                Ok(r) => ports.push(r),
+                Err(e) => c.error(&t.ports, e),
+            }
+        }
+        let protocol = match t.protocol.get_ref().parse::<Protocol>() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                c.error(&t.protocol, e);
+                None
+            }
+        };
+        if let (Some(address), Some(protocol)) = (address, protocol) {
+            targets.push(Target {
+                name,
+                address,
+                ports,
+                protocol,
+            });
+        }
+    }
+    TargetSet::new(targets)
+}
+
+fn check_listeners(c: &mut Checker<'_>, raw: &[RawListener], targets: &TargetSet) -> Vec<Listener> {
+    let mut seen = HashSet::new();
+    let mut listeners = Vec::new();
+    for l in raw {
+        let listen = match l.listen.get_ref().parse::<SocketAddr>() {
+            Ok(a) => {
+                if !seen.insert(a) {
+                    c.error(
+                        &l.listen,
+                        format!("{a} is used by two listeners; give each its own address"),
+                    );
+                }
+                Some(a)
+            }
+            Err(_) => {
+                c.error(
+                    &l.listen,
+                    format!(
+                        "listen \"{}\" is not an address; write it like \"127.0.0.1:15432\"",
+                        l.listen.get_ref()
+                    ),
+                );
+                None
+            }
+        };
+        let Some(target) = targets.get(l.target.get_ref().trim()) else {
+            let known: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+            c.error(
+                &l.target,
+                format!(
+                    "listener names target \"{}\", which is not defined; known targets: {}",
+                    l.target.get_ref(),
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+            continue;
+        };
+        let upstream = match &l.upstream {
+            Some(u) => match parse_upstream(u.get_ref()) {
+                Ok(up) => Some(up),
+                Err(e) => {
+                    c.error(u, e);
+                    None
+                }
+            },
+            None => match (target.address.single_host(), target.single_port()) {
+                (Some(host), Some(port)) => Some(Upstream { host, port }),
+                _ => {
+                    c.error(&l.target, format!(
+                        "target \"{}\" covers several hosts or ports, so this listener needs upstream = \"HOST:PORT\"",
+                        target.name
+                    ));
+                    None
+                }
+            },
+        };
+        if let (Some(listen), Some(upstream)) = (listen, upstream) {
+            listeners.push(Listener {
+                listen,
+                target: target.name.clone(),
+                upstream,
+            });
+        }
+    }
+    listeners
+}
+
+/// Parses `host:port` or `[v6]:port`.
+fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(Upstream {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        });
+    }
+    let bad = || format!("upstream \"{s}\" is not HOST:PORT (example: db.internal:5432)");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(bad)?;
+    match TargetAddress::parse(host) {
+        Ok(TargetAddress::Host(h)) => Ok(Upstream { host: h, port }),
+        _ => Err(bad()),
+    }
+}
+
+fn check_cgroups(c: &mut Checker<'_>, raw: &[RawCgroup]) -> Vec<GovernedCgroup> {
+    let mut cgroups = Vec::new();
+    for g in raw {
+        let path = g.path.get_ref().trim();
+        if path.is_empty() || path.split('/').any(|p| p == "..") {
+            c.error(
+                &g.path,
+                "cgroup path must be non-empty and must not contain \"..\"",
+            );
+            continue;
+        }
+        let unlisted = match g.unlisted.as_ref().map(|u| u.get_ref().as_str()) {
+            None | Some("pass") => UnlistedPolicy::Pass,
+            Some("deny") => UnlistedPolicy::Deny,
+            Some(other) => {
+                if let Some(u) = &g.unlisted {
+                    c.error(
+                        u,
+                        format!("unlisted = \"{other}\" is not known; use \"pass\" or \"deny\""),
+                    );
+                }
+                continue;
+            }
+        };
+        cgroups.push(GovernedCgroup {
+            path: PathBuf::from(path),
+            unlisted,
+        });
+    }
+    cgroups
+}

@@ -1,0 +1,276 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    Config::from_toml(Path::new("t.toml"), text)
+}
+
+fn errors(text: &str) -> Vec<String> {
+    parse(text)
+        .expect_err("config should be rejected")
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect()
+}
+
+const GOOD: &str = r#"
+[agent]
+control_socket = "/tmp/ctl.sock"
+metrics_listen = "127.0.0.1:9187"
+shutdown_grace = "5s"
+idle_timeout = "10m"
+
+[[target]]
+name = "orders-db"
+address = "10.0.0.5"
+ports = [5432]
+protocol = "postgres"
+
+[[target]]
+name = "analytics"
+address = "10.1.0.0/16"
+ports = ["5432-5439", 6432]
+protocol = "postgres"
+
+[[target]]
+name = "cache"
+address = "cache.internal"
+ports = [6379]
+protocol = "tcp"
+
+[[listener]]
+listen = "127.0.0.1:15432"
+target = "orders-db"
+
+[[listener]]
+listen = "127.0.0.1:15433"
+target = "analytics"
+upstream = "10.1.2.3:5433"
+
+[[cgroup]]
+path = "system.slice/actions.runner.service"
+unlisted = "deny"
+"#;
+
+#[test]
+fn parses_a_complete_file() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.agent.control_socket, Path::new("/tmp/ctl.sock"));
+    assert_eq!(
+        c.agent.metrics_listen,
+        Some("127.0.0.1:9187".parse().unwrap())
+    );
+    assert_eq!(c.agent.shutdown_grace, Duration::from_secs(5));
+    assert_eq!(c.agent.idle_timeout, Duration::from_secs(600));
+    assert_eq!(
+        c.agent.connect_timeout,
+        Duration::from_secs(5),
+        "default kept"
+    );
+    assert_eq!(c.targets.len(), 3);
+    let l = &c.listeners[0];
+    assert_eq!(
+        l.upstream,
+        Upstream {
+            host: "10.0.0.5".into(),
+            port: 5432
+        }
+    );
+    assert_eq!(c.listeners[1].upstream.to_string(), "10.1.2.3:5433");
+    assert_eq!(c.cgroups[0].unlisted, UnlistedPolicy::Deny);
+    assert_eq!(c.targets.get("analytics").unwrap().ports.len(), 2);
+}
+
+#[test]
+fn empty_file_is_valid_with_defaults() {
+    let c = parse("").unwrap();
+    assert!(c.targets.is_empty());
+    assert_eq!(c.agent.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
+}
+
+#[test]
+fn syntax_error_has_line_and_column() {
+    let e = errors("[agent]\nmetrics_listen = \n");
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("t.toml:2:"), "{e:?}");
+}
+
+#[test]
+fn unknown_field_is_reported_where_it_is() {
+    let e = errors("[agent]\ncontrol_sockett = \"/x\"\n");
+    assert!(e[0].starts_with("t.toml:2:1:"), "{e:?}");
+    assert!(e[0].contains("control_sockett"), "{e:?}");
+}
+
+#[test]
+fn listener_naming_unknown_target_lists_known_ones() {
+    let text =
+        "[[target]]\nname = \"a\"\naddress = \"10.0.0.1\"\nports = [1]\nprotocol = \"tcp\"\n\
+                [[listener]]\nlisten = \"127.0.0.1:1\"\ntarget = \"b\"\n";
+    let e = errors(text);
+    assert_eq!(
+        e,
+        vec!["t.toml:8:10: listener names target \"b\", which is not defined; known targets: a"]
+    );
+}
+
+#[test]
+fn every_error_is_collected() {
+    let text = r#"
+[agent]
+idle_timeout = "soon"
+metrics_listen = "nowhere"
+
+[[target]]
+name = "x y"
+address = "10.0.0.0/33"
+ports = [0, "9-3"]
+protocol = "redis"
+"#;
+    let e = errors(text);
+    assert_eq!(e.len(), 7, "{e:#?}");
+    assert!(e
+        .iter()
+        .any(|m| m.starts_with("t.toml:3:16: idle_timeout \"soon\" is not a duration")));
+    assert!(e
+        .iter()
+        .any(|m| m.starts_with("t.toml:4:18: metrics_listen")));
+    assert!(e.iter().any(|m| m.contains("target name \"x y\"")));
+    assert!(e.iter().any(|m| m.contains("not a valid CIDR")));
+    assert!(e.iter().any(|m| m.contains("0 is not a port")));
+    assert!(e.iter().any(|m| m.contains("runs backwards")));
+    assert!(e.iter().any(|m| m.contains("unknown protocol \"redis\"")));
+}
+
+#[test]
+fn duplicate_target_and_listener_are_rejected() {
+    let text = r#"
+[[target]]
+name = "a"
+address = "10.0.0.1"
+ports = [1]
+protocol = "tcp"
+[[target]]
+name = "a"
+address = "10.0.0.2"
+ports = [1]
+protocol = "tcp"
+[[listener]]
+listen = "127.0.0.1:7000"
+target = "a"
+[[listener]]
+listen = "127.0.0.1:7000"
+target = "a"
+"#;
+    let e = errors(text);
+    assert!(e.iter().any(|m| m.contains("defined twice")), "{e:?}");
+    assert!(
+        e.iter().any(|m| m.contains("used by two listeners")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn listener_for_a_network_needs_an_upstream() {
+    let text = "[[target]]\nname = \"n\"\naddress = \"10.0.0.0/8\"\nports = [5432]\nprotocol = \"postgres\"\n\
+                [[listener]]\nlisten = \"127.0.0.1:1\"\ntarget = \"n\"\n";
+    let e = errors(text);
+    assert!(e[0].contains("needs upstream = \"HOST:PORT\""), "{e:?}");
+}
+
+#[test]
+fn upstream_accepts_hosts_and_v6() {
+    assert_eq!(
+        raw_upstream("db.internal:5432"),
+        Ok(Upstream {
+            host: "db.internal".into(),
+            port: 5432
+        })
+    );
+    assert_eq!(
+        raw_upstream("[::1]:5432").unwrap().to_string(),
+        "[::1]:5432"
+    );
+    assert!(raw_upstream("db.internal").is_err());
+    assert!(raw_upstream("db internal:1").is_err());
+}
+
+fn raw_upstream(s: &str) -> Result<Upstream, String> {
+    let text = format!(
+        "[[target]]\nname = \"n\"\naddress = \"10.0.0.0/8\"\nports = [5432]\nprotocol = \"tcp\"\n\
+         [[listener]]\nlisten = \"127.0.0.1:1\"\ntarget = \"n\"\nupstream = \"{s}\"\n"
+    );
+    parse(&text)
+        .map(|c| c.listeners[0].upstream.clone())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn target_matching_by_network_port_and_host() {
+    let c = parse(GOOD).unwrap();
+    let no_dns = |_: &str| Vec::new();
+    let find = |s: &str| {
+        c.targets
+            .find(s.parse::<SocketAddr>().unwrap(), no_dns)
+            .map(|t| t.name.clone())
+    };
+    assert_eq!(find("10.0.0.5:5432").as_deref(), Some("orders-db"));
+    assert_eq!(find("10.0.0.5:5433"), None, "port outside the target");
+    assert_eq!(find("10.1.200.7:5436").as_deref(), Some("analytics"));
+    assert_eq!(find("10.1.200.7:6432").as_deref(), Some("analytics"));
+    assert_eq!(find("10.2.0.1:5432"), None);
+    assert_eq!(
+        find("[::ffff:10.0.0.5]:5432").as_deref(),
+        Some("orders-db"),
+        "v4-mapped addresses match IPv4 targets"
+    );
+    let dns = |h: &str| {
+        if h == "cache.internal" {
+            vec!["10.9.9.9".parse().unwrap()]
+        } else {
+            vec![]
+        }
+    };
+    let t = c
+        .targets
+        .find("10.9.9.9:6379".parse().unwrap(), dns)
+        .unwrap();
+    assert_eq!(t.name, "cache");
+}
+
+#[test]
+fn port_ranges() {
+    assert_eq!(
+        PortRange::parse("5432"),
+        Ok(PortRange {
+            first: 5432,
+            last: 5432
+        })
+    );
+    assert!(PortRange::parse("1-65535").unwrap().contains(80));
+    assert!(PortRange::parse("65536").is_err());
+    assert!(PortRange::parse("a-b").is_err());
+}
+
+#[test]
+fn line_column_counts_characters() {
+    let text = "ab\ncdé f";
+    assert_eq!(line_column(text, 0), (1, 1));
+    assert_eq!(line_column(text, 3), (2, 1));
+    assert_eq!(line_column(text, text.find('f').unwrap()), (2, 5));
+    assert_eq!(line_column(text, 999), (2, 6));
+}
+
+#[test]
+fn cgroup_paths_cannot_escape() {
+    let e = errors("[[cgroup]]\npath = \"../../etc\"\n");
+    assert!(e[0].contains("must not contain"), "{e:?}");
+    let e = errors("[[cgroup]]\npath = \"ci\"\nunlisted = \"block\"\n");
+    assert!(e[0].contains("use \"pass\" or \"deny\""), "{e:?}");
+}

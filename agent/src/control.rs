@@ -1,0 +1,200 @@
+//! The control socket: a Unix socket (mode 0600) on which the running agent
+//! answers `tollgate status`. One request line in, one JSON document out.
+
+use std::io::ErrorKind;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::live::LiveSessionView;
+use crate::proxy::Shared;
+
+/// What `status` returns.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Agent version.
+    pub version: String,
+    /// Agent process id.
+    pub pid: u32,
+    /// Configuration file in use.
+    pub config: String,
+    /// Bound listeners.
+    pub listeners: Vec<ListenerView>,
+    /// Configured targets.
+    pub targets: Vec<TargetView>,
+    /// Open sessions, oldest first.
+    pub sessions: Vec<LiveSessionView>,
+}
+
+/// A listener in the status report.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListenerView {
+    /// Bound address.
+    pub listen: String,
+    /// Target name.
+    pub target: String,
+    /// Upstream host:port.
+    pub upstream: String,
+}
+
+/// A target in the status report.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TargetView {
+    /// Name.
+    pub name: String,
+    /// Address, network or host name.
+    pub address: String,
+    /// Ports and ranges.
+    pub ports: Vec<String>,
+    /// Protocol.
+    pub protocol: String,
+}
+
+/// Binds the control socket, replacing a stale one. Refuses to take over the
+/// socket of an agent that still answers on it.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create the control socket directory {}",
+                dir.display()
+            )
+        })?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another agent is running with control socket {}; stop it first or set agent.control_socket to another path",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| {
+            format!("cannot remove the stale control socket {}", path.display())
+        })?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).with_context(|| {
+        format!(
+            "cannot restrict the control socket {} to its owner",
+            path.display()
+        )
+    })?;
+    Ok(listener)
+}
+
+/// Removes the control socket file at exit.
+pub fn remove(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != ErrorKind::NotFound {
+            tracing::warn!(error = %e, path = %path.display(), "cannot remove the control socket");
+        }
+    }
+}
+
+/// Answers requests until `stop` is cancelled.
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(5), answer(stream, &shared)).await {
+                Ok(Err(e)) => tracing::debug!(error = %e, "control socket: request failed"),
+                Err(_) => tracing::debug!("control socket: request timed out"),
+                Ok(Ok(())) => {}
+            }
+        });
+    }
+}
+
+async fn answer(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    // A request is one short line; cap it so a confused peer cannot make us buffer.
+    BufReader::new(read.take(1024)).read_line(&mut line).await?;
+    let reply = match line.trim() {
+        "status" => {
+            serde_json::to_string(&report(shared)).unwrap_or_else(|e| error_json(&e.to_string()))
+        }
+        other => error_json(&format!("unknown request \"{other}\"; expected \"status\"")),
+    };
+    write.write_all(reply.as_bytes()).await?;
+    write.write_all(b"\n").await?;
+    write.shutdown().await
+}
+
+fn error_json(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+fn report(shared: &Shared) -> StatusReport {
+    StatusReport {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        config: shared.config.source.display().to_string(),
+        listeners: shared
+            .bound
+            .iter()
+            .map(|(addr, l)| ListenerView {
+                listen: addr.to_string(),
+                target: l.target.clone(),
+                upstream: l.upstream.to_string(),
+            })
+            .collect(),
+        targets: shared
+            .config
+            .targets
+            .iter()
+            .map(|t| TargetView {
+                name: t.name.clone(),
+                address: t.address.to_string(),
+                ports: t.ports.iter().map(|p| p.to_string()).collect(),
+                protocol: t.protocol.to_string(),
+            })
+            .collect(),
+        sessions: shared.live.snapshot(),
+    }
+}
+
+/// Asks a running agent for its status.
+pub async fn query_status(path: &Path) -> anyhow::Result<StatusReport> {
+    let mut stream = UnixStream::connect(path).await.map_err(|e| match e.kind() {
+        ErrorKind::NotFound | ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "no agent is answering on {} ({e}); is `tollgate run` running with this configuration?",
+            path.display()
+        ),
+        ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "cannot open the control socket {} ({e}); it is readable by the agent's user only: run as that user or root",
+            path.display()
+        ),
+        _ => anyhow::anyhow!("cannot connect to the control socket {}: {e}", path.display()),
+    })?;
+    stream.write_all(b"status\n").await?;
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut reply))
+        .await
+        .context("the agent did not answer within 10 s")??;
+    if let Ok(serde_json::Value::Object(o)) = serde_json::from_str::<serde_json::Value>(&reply) {
+        if let Some(e) = o.get("error").and_then(|e| e.as_str()) {
+            anyhow::bail!("the agent refused the request: {e}");
+        }
+    }
+    serde_json::from_str(&reply).context("the agent's status reply is not valid")
+}

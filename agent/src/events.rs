@@ -1,0 +1,236 @@
+//! Session events: the one stream every consumer (logs, metrics, status,
+//! recordings) learns about sessions from.
+//!
+//! Protocol handlers and the proxy core emit [`SessionEvent`]s through an
+//! [`EventSink`]. `emit` must not block: sinks that do I/O queue the event and
+//! return. The recorder becomes one more sink; the event types are designed so
+//! that it can serialise them as they are.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::config::Protocol;
+use crate::identity::ProcessIdentity;
+
+/// How the connection reached the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arrival {
+    /// Through an explicit listener.
+    Listener,
+    /// Redirected by the eBPF connect hook.
+    Redirect,
+}
+
+/// What is known about a session when it starts.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    /// Unique, time-ordered session id (UUIDv7).
+    pub id: Uuid,
+    /// Wall-clock start.
+    #[serde(with = "unix_millis")]
+    pub started_at: SystemTime,
+    /// How the connection arrived.
+    pub arrival: Arrival,
+    /// The address the proxy accepted on.
+    pub local: SocketAddr,
+    /// The client's address as the proxy sees it.
+    pub client: SocketAddr,
+    /// The target name.
+    pub target: String,
+    /// The target's protocol.
+    pub protocol: Protocol,
+    /// The upstream the session is forwarded to (host:port as configured or
+    /// the original destination).
+    pub upstream: String,
+    /// The connecting process.
+    pub identity: ProcessIdentity,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+pub enum CloseReason {
+    /// Both sides finished normally (each closed its direction).
+    Completed,
+    /// The client reset or broke the connection.
+    ClientError(String),
+    /// The upstream reset or broke the connection.
+    UpstreamError(String),
+    /// The upstream could not be reached.
+    UpstreamUnreachable(String),
+    /// No bytes flowed for the configured idle timeout.
+    IdleTimeout,
+    /// The agent shut down and the session outlived the grace period.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CloseReason::Completed => "completed",
+            CloseReason::ClientError(_) => "client_error",
+            CloseReason::UpstreamError(_) => "upstream_error",
+            CloseReason::UpstreamUnreachable(_) => "upstream_unreachable",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::Completed => f.write_str("completed"),
+            CloseReason::ClientError(e) => write!(f, "client error: {e}"),
+            CloseReason::UpstreamError(e) => write!(f, "upstream error: {e}"),
+            CloseReason::UpstreamUnreachable(e) => write!(f, "upstream unreachable: {e}"),
+            CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::Shutdown => f.write_str("closed at shutdown deadline"),
+        }
+    }
+}
+
+/// One thing that happened in a session.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SessionEvent {
+    /// A connection was accepted and its identity resolved.
+    Started(Arc<SessionInfo>),
+    /// The upstream connection is established.
+    UpstreamConnected {
+        /// Session id.
+        session: Uuid,
+        /// The resolved upstream address.
+        peer: SocketAddr,
+        /// Time taken to connect.
+        #[serde(with = "micros")]
+        connect_time: Duration,
+    },
+    /// The session ended.
+    Closed {
+        /// Session id.
+        session: Uuid,
+        /// Bytes from the client to the upstream.
+        bytes_from_client: u64,
+        /// Bytes from the upstream to the client.
+        bytes_from_upstream: u64,
+        /// How long the session lasted.
+        #[serde(with = "micros")]
+        duration: Duration,
+        /// Why it ended.
+        reason: CloseReason,
+    },
+}
+
+/// A consumer of session events. `emit` must return promptly.
+pub trait EventSink: Send + Sync {
+    /// Receives one event.
+    fn emit(&self, event: &SessionEvent);
+}
+
+/// Sends every event to several sinks in order.
+#[derive(Default, Clone)]
+pub struct FanOut {
+    sinks: Vec<Arc<dyn EventSink>>,
+}
+
+impl FanOut {
+    /// Adds a sink.
+    pub fn with(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.sinks.push(sink);
+        self
+    }
+}
+
+impl EventSink for FanOut {
+    fn emit(&self, event: &SessionEvent) {
+        for s in &self.sinks {
+            s.emit(event);
+        }
+    }
+}
+
+/// Writes session events to the log.
+pub struct LogSink;
+
+impl EventSink for LogSink {
+    fn emit(&self, event: &SessionEvent) {
+        match event {
+            SessionEvent::Started(info) => {
+                let id = &info.identity;
+                tracing::info!(
+                    session = %info.id,
+                    target = %info.target,
+                    arrival = ?info.arrival,
+                    client = %info.client,
+                    upstream = %info.upstream,
+                    pid = id.pid,
+                    uid = id.uid,
+                    user = id.user.as_deref(),
+                    exe = id.exe.as_deref(),
+                    exe_sha256 = id.exe_sha256.as_deref(),
+                    cmdline = %id.cmdline.join(" "),
+                    cgroup = id.cgroup.as_deref(),
+                    ci_provider = id.ci.as_ref().map(|c| format!("{:?}", c.provider)),
+                    ci_repository = id.ci.as_ref().and_then(|c| c.repository.as_deref()),
+                    ci_job = id.ci.as_ref().and_then(|c| c.job.as_deref()),
+                    identity_gaps = %id.gaps.join("; "),
+                    "session started: {}",
+                    id.summary()
+                );
+            }
+            SessionEvent::UpstreamConnected {
+                session,
+                peer,
+                connect_time,
+            } => {
+                tracing::debug!(%session, %peer, connect_us = connect_time.as_micros() as u64, "upstream connected");
+            }
+            SessionEvent::Closed {
+                session,
+                bytes_from_client,
+                bytes_from_upstream,
+                duration,
+                reason,
+            } => {
+                let level_warn = matches!(
+                    reason,
+                    CloseReason::UpstreamUnreachable(_) | CloseReason::Shutdown
+                );
+                if level_warn {
+                    tracing::warn!(%session, bytes_from_client, bytes_from_upstream,
+                        duration_ms = duration.as_millis() as u64, reason = %reason, "session closed: {reason}");
+                } else {
+                    tracing::info!(%session, bytes_from_client, bytes_from_upstream,
+                        duration_ms = duration.as_millis() as u64, reason = %reason, "session closed: {reason}");
+                }
+            }
+        }
+    }
+}
+
+mod unix_millis {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    pub(super) fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        let ms = t
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        s.serialize_u64(ms)
+    }
+}
+
+mod micros {
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    }
+}

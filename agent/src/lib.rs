@@ -1,0 +1,21 @@
+//! Tollgate's agent: a proxy that governs how automated actors (CI jobs, AI
+//! coding agents) reach production systems.
+//!
+//! Layout, in the order data flows:
+//! - [`config`]: the TOML configuration, validated with file:line errors.
+//! - [`proxy`]: listeners, session set-up, lifecycle and graceful shutdown.
+//! - [`identity`]: which process (and CI job) is behind a connection, from /proc.
+//! - [`protocol`]: per-protocol session handlers (opaque `tcp` relay so far).
+//! - [`events`]: the session event stream every consumer reads from.
+//! - [`metrics`], [`control`]: Prometheus endpoint and the status socket.
+//! - [`cli`], [`logging`]: the command line and log set-up.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod events;
+pub mod identity;
+pub mod logging;
+pub mod metrics;
+pub mod protocol;
+pub mod proxy;

@@ -1,0 +1,366 @@
+//! Prometheus metrics: counters kept in atomics, rendered in the text
+//! exposition format by a small HTTP endpoint (`GET /metrics`, `GET /healthz`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::events::{EventSink, SessionEvent};
+
+/// Counters for one target.
+#[derive(Default, Debug)]
+pub struct TargetMetrics {
+    /// Connections accepted for this target.
+    pub connections: AtomicU64,
+    /// Sessions currently open.
+    pub active: AtomicU64,
+    /// Bytes relayed from clients.
+    pub bytes_from_client: AtomicU64,
+    /// Bytes relayed from the upstream.
+    pub bytes_from_upstream: AtomicU64,
+}
+
+/// The agent's metrics.
+#[derive(Default)]
+pub struct Metrics {
+    targets: HashMap<String, Arc<TargetMetrics>>,
+    /// Sessions closed, by (target, reason label).
+    closed: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Identity lookups that failed, by reason label.
+    identity_failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// Errors from accept(), all listeners.
+    pub accept_errors: AtomicU64,
+    /// Sum and count of identity lookup time, microseconds.
+    identity_lookup_micros: AtomicU64,
+    identity_lookups: AtomicU64,
+}
+
+impl Metrics {
+    /// Creates counters for every target name.
+    pub fn new<'a>(targets: impl IntoIterator<Item = &'a str>) -> Metrics {
+        Metrics {
+            targets: targets
+                .into_iter()
+                .map(|t| (t.to_string(), Arc::new(TargetMetrics::default())))
+                .collect(),
+            ..Metrics::default()
+        }
+    }
+
+    /// Counters for a target (a detached set for unknown names).
+    pub fn target(&self, name: &str) -> Arc<TargetMetrics> {
+        self.targets.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Records how long an identity lookup took and, if it failed, why.
+    pub fn identity_lookup(&self, took: Duration, failure: Option<&'static str>) {
+        self.identity_lookup_micros.fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.identity_lookups.fetch_add(1, Ordering::Relaxed);
+        if let Some(reason) = failure {
+            if let Ok(mut m) = self.identity_failures.lock() {
+                *m.entry(reason).or_default() += 1;
+            }
+        }
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut names: Vec<&String> = self.targets.keys().collect();
+        names.sort();
+        let per_target = |out: &mut String,
+                          name: &str,
+                          kind: &str,
+                          help: &str,
+                          get: &dyn Fn(&TargetMetrics) -> u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for t in &names {
+                if let Some(m) = self.targets.get(*t) {
+                    let _ = writeln!(out, "{name}{{target=\"{}\"}} {}", escape(t), get(m));
+                }
+            }
+        };
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_build_info Agent version.\n# TYPE tollgate_build_info gauge\ntollgate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        per_target(
+            &mut out,
+            "tollgate_connections_total",
+            "counter",
+            "Connections accepted, by target.",
+            &|m| m.connections.load(Ordering::Relaxed),
+        );
+        per_target(
+            &mut out,
+            "tollgate_connections_active",
+            "gauge",
+            "Sessions open now, by target.",
+            &|m| m.active.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(out, "# HELP tollgate_bytes_total Bytes relayed, by target and direction.\n# TYPE tollgate_bytes_total counter");
+        for t in &names {
+            if let Some(m) = self.targets.get(*t) {
+                let t = escape(t);
+                let _ = writeln!(
+                    out,
+                    "tollgate_bytes_total{{target=\"{t}\",direction=\"from_client\"}} {}",
+                    m.bytes_from_client.load(Ordering::Relaxed)
+                );
+                let _ = writeln!(
+                    out,
+                    "tollgate_bytes_total{{target=\"{t}\",direction=\"from_upstream\"}} {}",
+                    m.bytes_from_upstream.load(Ordering::Relaxed)
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP tollgate_sessions_closed_total Sessions ended, by target and reason.\n# TYPE tollgate_sessions_closed_total counter");
+        if let Ok(closed) = self.closed.lock() {
+            for ((target, reason), n) in closed.iter() {
+                let _ = writeln!(
+                    out,
+                    "tollgate_sessions_closed_total{{target=\"{}\",reason=\"{reason}\"}} {n}",
+                    escape(target)
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP tollgate_identity_lookup_failures_total Connections whose process identity could not be fully resolved, by reason.\n# TYPE tollgate_identity_lookup_failures_total counter");
+        if let Ok(f) = self.identity_failures.lock() {
+            for (reason, n) in f.iter() {
+                let _ = writeln!(
+                    out,
+                    "tollgate_identity_lookup_failures_total{{reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
+        let micros = self.identity_lookup_micros.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_identity_lookup_seconds Time spent resolving process identities.\n# TYPE tollgate_identity_lookup_seconds summary\ntollgate_identity_lookup_seconds_sum {}\ntollgate_identity_lookup_seconds_count {}",
+            micros as f64 / 1e6,
+            self.identity_lookups.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_accept_errors_total Errors accepting connections.\n# TYPE tollgate_accept_errors_total counter\ntollgate_accept_errors_total {}",
+            self.accept_errors.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl EventSink for Metrics {
+    fn emit(&self, event: &SessionEvent) {
+        match event {
+            SessionEvent::Started(info) => {
+                let m = self.target(&info.target);
+                m.connections.fetch_add(1, Ordering::Relaxed);
+                m.active.fetch_add(1, Ordering::Relaxed);
+            }
+            SessionEvent::UpstreamConnected { .. } => {}
+            SessionEvent::Closed { .. } => {}
+        }
+    }
+}
+
+impl Metrics {
+    /// Records the end of a session of `target`.
+    pub fn session_closed(&self, target: &str, reason: &'static str) {
+        let m = self.target(target);
+        // Saturating: a detached counter for an unknown target starts at zero.
+        let _ = m
+            .active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        if let Ok(mut closed) = self.closed.lock() {
+            *closed.entry((target.to_string(), reason)).or_default() += 1;
+        }
+    }
+}
+
+/// Largest HTTP request head the endpoint reads.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+/// Serves `/metrics` and `/healthz` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                tokio::time::timeout(Duration::from_secs(5), answer(stream, &metrics)).await
+            {
+                tracing::debug!(error = %e, "metrics endpoint: request timed out");
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(buf.get(..n).unwrap_or_default());
+        if head.len() > MAX_REQUEST_HEAD {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request head too large\n",
+            )
+            .await;
+        }
+    }
+    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => {
+            respond(
+                &mut stream,
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                &metrics.render(),
+            )
+            .await
+        }
+        ("GET", "/healthz") => respond(&mut stream, "200 OK", "text/plain", "ok\n").await,
+        ("GET", _) => {
+            respond(
+                &mut stream,
+                "404 Not Found",
+                "text/plain",
+                "not found; try /metrics\n",
+            )
+            .await
+        }
+        _ => {
+            respond(
+                &mut stream,
+                "405 Method Not Allowed",
+                "text/plain",
+                "only GET is served\n",
+            )
+            .await
+        }
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Binds the metrics endpoint, with an error that says what to change.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen for metrics on {addr}: {e}; change agent.metrics_listen or stop what uses the port")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn renders_counters_per_target_in_text_format() {
+        let m = Metrics::new(["b", "a\"x"]);
+        m.target("b").connections.fetch_add(3, Ordering::Relaxed);
+        m.target("b")
+            .bytes_from_client
+            .fetch_add(10, Ordering::Relaxed);
+        m.session_closed("b", "completed");
+        m.identity_lookup(Duration::from_micros(1500), Some("process_exited"));
+        let text = m.render();
+        assert!(
+            text.contains("tollgate_connections_total{target=\"b\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tollgate_connections_total{target=\"a\\\"x\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("tollgate_bytes_total{target=\"b\",direction=\"from_client\"} 10\n"));
+        assert!(
+            text.contains("tollgate_sessions_closed_total{target=\"b\",reason=\"completed\"} 1\n")
+        );
+        assert!(
+            text.contains("tollgate_identity_lookup_failures_total{reason=\"process_exited\"} 1\n")
+        );
+        assert!(text.contains("tollgate_identity_lookup_seconds_sum 0.0015\n"));
+        assert_eq!(
+            m.target("b").active.load(Ordering::Relaxed),
+            0,
+            "active never goes below zero"
+        );
+        let a = text.find("target=\"a\\\"x\"").unwrap();
+        let b = text.find("target=\"b\"").unwrap();
+        assert!(a < b, "targets are sorted");
+    }
+
+    #[tokio::test]
+    async fn http_endpoint_serves_metrics_and_404() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, Arc::new(Metrics::new(["t"])), stop.clone()));
+        let get = |path: &'static str| async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let ok = get("/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.contains("tollgate_connections_total{target=\"t\"} 0"));
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        stop.cancel();
+    }
+}

@@ -1,0 +1,143 @@
+//! The opaque TCP handler: relays bytes both ways without looking at them.
+//!
+//! Each direction has one fixed buffer, so memory per session is bounded and a
+//! slow reader slows its writer (backpressure) instead of growing a queue.
+//! End of stream in one direction is passed on as a half-close (FIN); the
+//! session ends when both directions ended, on an I/O error, on the idle
+//! timeout, or when the shutdown grace period is over.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::SessionContext;
+use crate::events::CloseReason;
+
+/// Bytes read at once per direction.
+const RELAY_BUFFER: usize = 16 * 1024;
+
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+/// An I/O failure and which peer caused it.
+struct PumpError {
+    culprit: Side,
+    error: std::io::Error,
+}
+
+/// Relays until the session ends and says why.
+pub async fn relay(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -> CloseReason {
+    let start = Instant::now();
+    // Milliseconds since `start` of the last byte seen in either direction.
+    let last_activity = AtomicU64::new(0);
+    let (client_read, client_write) = client.into_split();
+    let (upstream_read, upstream_write) = upstream.into_split();
+
+    let from_client = pump(
+        client_read,
+        upstream_write,
+        Side::Client,
+        ctx,
+        start,
+        &last_activity,
+    );
+    let from_upstream = pump(
+        upstream_read,
+        client_write,
+        Side::Upstream,
+        ctx,
+        start,
+        &last_activity,
+    );
+    tokio::pin!(from_client, from_upstream);
+    let (mut client_done, mut upstream_done) = (false, false);
+
+    loop {
+        if client_done && upstream_done {
+            return CloseReason::Completed;
+        }
+        let idle_deadline =
+            start + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + ctx.idle_timeout;
+        tokio::select! {
+            result = &mut from_client, if !client_done => match result {
+                Ok(()) => client_done = true,
+                Err(e) => return failure(e),
+            },
+            result = &mut from_upstream, if !upstream_done => match result {
+                Ok(()) => upstream_done = true,
+                Err(e) => return failure(e),
+            },
+            _ = tokio::time::sleep_until(idle_deadline) => {
+                let idle_for = start.elapsed().saturating_sub(Duration::from_millis(last_activity.load(Ordering::Relaxed)));
+                if idle_for >= ctx.idle_timeout {
+                    return CloseReason::IdleTimeout;
+                }
+            }
+            _ = ctx.force_close.cancelled() => return CloseReason::Shutdown,
+        }
+    }
+}
+
+fn failure(e: PumpError) -> CloseReason {
+    match e.culprit {
+        Side::Client => CloseReason::ClientError(e.error.to_string()),
+        Side::Upstream => CloseReason::UpstreamError(e.error.to_string()),
+    }
+}
+
+/// Copies one direction until end of stream, then half-closes the writer.
+async fn pump<R, W>(
+    mut reader: R,
+    mut writer: W,
+    from: Side,
+    ctx: &SessionContext,
+    start: Instant,
+    last_activity: &AtomicU64,
+) -> Result<(), PumpError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (reader_side, writer_side) = match from {
+        Side::Client => (Side::Client, Side::Upstream),
+        Side::Upstream => (Side::Upstream, Side::Client),
+    };
+    let (session_counter, target_counter) = match from {
+        Side::Client => (
+            &ctx.counters.from_client,
+            &ctx.target_metrics.bytes_from_client,
+        ),
+        Side::Upstream => (
+            &ctx.counters.from_upstream,
+            &ctx.target_metrics.bytes_from_upstream,
+        ),
+    };
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        let n = reader.read(&mut buf).await.map_err(|error| PumpError {
+            culprit: reader_side,
+            error,
+        })?;
+        if n == 0 {
+            // The peer closed its sending side: pass the half-close on. A peer
+            // that already went away entirely is not an error here.
+            let _ = writer.shutdown().await;
+            return Ok(());
+        }
+        let chunk = buf.get(..n).unwrap_or_default();
+        writer.write_all(chunk).await.map_err(|error| PumpError {
+            culprit: writer_side,
+            error,
+        })?;
+        session_counter.fetch_add(n as u64, Ordering::Relaxed);
+        target_counter.fetch_add(n as u64, Ordering::Relaxed);
+        let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last_activity.fetch_max(now, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Prepares a fresh Debian machine to build, test and demo Tollgate.
+# Idempotent: a second run does nothing and prints one line per check.
+#
+#   scripts/setup.sh            install what is missing, then check the kernel
+#   scripts/setup.sh --check    only report, change nothing
+set -euo pipefail
+
+check_only=0
+[ "${1:-}" = "--check" ] && check_only=1
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+    else die "need root to run: $*"; fi
+}
+
+# --- Debian packages -------------------------------------------------------
+# postgresql: throwaway servers for tests and the demo; mariadb: the MySQL
+# protocol; pgbouncer: the benchmark baseline; iproute2: test addresses;
+# libclang-dev: pg_query's build; build-essential/pkg-config: C parts of crates.
+packages=(postgresql postgresql-client mariadb-server mariadb-client pgbouncer
+          iproute2 libclang-dev clang build-essential pkg-config ca-certificates curl)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    say "debian packages: present"
+elif [ $check_only -eq 1 ]; then
+    say "debian packages: missing ${missing[*]}"
+else
+    say "debian packages: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get update -qq
+    # Packaged servers must not start system-wide instances we do not use.
+    policy_rc=/usr/sbin/policy-rc.d
+    created_policy=0
+    if [ ! -e "$policy_rc" ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy_rc" >/dev/null
+        as_root chmod +x "$policy_rc"
+        created_policy=1
+    fi
+    as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ $created_policy -eq 1 ] && as_root rm -f "$policy_rc"
+fi
+
+# --- Rust toolchains ---------------------------------------------------------
+command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust with rustup first"
+command -v rustup >/dev/null 2>&1 || die "rustup not found; the eBPF build needs the nightly toolchain via rustup"
+
+if ! rustup toolchain list | grep -q '^nightly'; then
+    [ $check_only -eq 1 ] && say "nightly toolchain: missing" || { say "nightly toolchain: installing"; rustup toolchain install nightly --profile minimal; }
+fi
+if rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+    say "nightly rust-src: present"
+elif [ $check_only -eq 1 ]; then
+    say "nightly rust-src: missing"
+else
+    say "nightly rust-src: installing"
+    rustup component add rust-src --toolchain nightly
+fi
+
+# bpf-linker links against the nightly toolchain's own LLVM, so no system LLVM
+# of the matching major version is needed.
+if command -v bpf-linker >/dev/null 2>&1; then
+    say "bpf-linker: present ($(bpf-linker --version 2>/dev/null | head -n1))"
+elif [ $check_only -eq 1 ]; then
+    say "bpf-linker: missing"
+else
+    nightly_lib="$(rustc +nightly --print sysroot)/lib"
+    libllvm=$(ls "$nightly_lib"/libLLVM.so.*-rust-* 2>/dev/null | head -n1 || true)
+    [ -n "$libllvm" ] || die "no libLLVM in $nightly_lib; reinstall the nightly toolchain"
+    major=$(basename "$libllvm" | sed -E 's/^libLLVM\.so\.([0-9]+).*/\1/')
+    prefix="${CARGO_HOME:-$HOME/.cargo}/llvm-prefix-$major"
+    mkdir -p "$prefix/lib"
+    ln -sf "$libllvm" "$prefix/lib/libLLVM.so"
+    say "bpf-linker: building against LLVM $major from the nightly toolchain (a few minutes)"
+    LLVM_PREFIX="$prefix" LD_LIBRARY_PATH="$nightly_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        cargo install --locked bpf-linker --no-default-features --features "llvm-$major" >/dev/null
+fi
+
+# --- Kernel features -----------------------------------------------------------
+# These only disable the transparent redirect; explicit listeners always work.
+kernel_ok=1
+if [ ! -e /sys/kernel/btf/vmlinux ]; then
+    say "kernel: no BTF (/sys/kernel/btf/vmlinux); transparent redirect disabled"; kernel_ok=0
+fi
+cgroup2=$(awk '$9 == "cgroup2" { print $5; exit }' /proc/self/mountinfo)
+if [ -z "$cgroup2" ]; then
+    say "kernel: no cgroup v2 mount; transparent redirect disabled"; kernel_ok=0
+fi
+bpffs=$(awk '$9 == "bpf" { print $5; exit }' /proc/self/mountinfo)
+if [ -z "$bpffs" ]; then
+    if [ $check_only -eq 0 ] && [ "$(id -u)" -eq 0 ] && mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf 2>/dev/null; then
+        bpffs=/sys/fs/bpf
+        say "kernel: mounted bpffs at /sys/fs/bpf"
+    else
+        say "kernel: bpffs not mounted; pinning (fail-closed across agent restarts) disabled until it is"
+        kernel_ok=0
+    fi
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    say "kernel: not root; loading eBPF needs root or CAP_BPF+CAP_NET_ADMIN (explicit listeners still work)"
+    kernel_ok=0
+fi
+[ $kernel_ok -eq 1 ] && say "kernel: BTF, cgroup v2 at $cgroup2, bpffs at $bpffs"
+exit 0

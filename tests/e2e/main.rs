@@ -1,0 +1,6 @@
+//! End-to-end tests: the real agent between real PostgreSQL clients and a
+//! real PostgreSQL server. One binary; the harness lives in `tollgate_tests`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod cli;
+mod listener;

@@ -1,0 +1,484 @@
+//! Harness for Tollgate's end-to-end tests: real servers and real clients.
+//!
+//! - [`Postgres`]: a throwaway PostgreSQL cluster in a temporary directory on
+//!   a free port. PostgreSQL refuses to run as root, so when the tests run as
+//!   root (as CI does) the server runs as the `postgres` account that Debian's
+//!   package creates. A template cluster is made once per run by `initdb` and
+//!   copied for each test, which is much faster than `initdb` every time.
+//! - [`Agent`]: the real `tollgate` binary (built on first use with the same
+//!   cargo that runs the tests) started with a generated configuration, JSON
+//!   logs captured for assertions.
+//! - [`pg_tool`]: the real `psql`, `pgbench`, ... of the installed PostgreSQL.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    unreachable_pub
+)]
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// The `tollgate` binary, built once per test run so it is never stale.
+pub fn agent_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "tollgate-agent",
+                "--bin",
+                "tollgate",
+            ])
+            .current_dir(workspace_root())
+            .status()
+            .expect("running cargo build for the agent");
+        assert!(status.success(), "building the tollgate binary failed");
+        let bin = target_dir().join("debug").join("tollgate");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The directory holding PostgreSQL's server and client programs.
+pub fn pg_bindir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is not installed (run scripts/setup.sh)")
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+                let bin = e.path().join("bin");
+                bin.join("initdb").exists().then_some((v, bin))
+            })
+            .collect();
+        versions.sort();
+        versions
+            .pop()
+            .expect("no PostgreSQL server under /usr/lib/postgresql (run scripts/setup.sh)")
+            .1
+    })
+}
+
+/// A PostgreSQL client or server program, by name (`psql`, `pgbench`, ...).
+pub fn pg_tool(name: &str) -> PathBuf {
+    pg_bindir().join(name)
+}
+
+/// The uid/gid servers run as: the `postgres` account when we are root.
+fn server_account() -> Option<(u32, u32)> {
+    if !is_root() {
+        return None;
+    }
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        match f.as_slice() {
+            ["postgres", _, uid, gid, ..] => Some((uid.parse().ok()?, gid.parse().ok()?)),
+            _ => None,
+        }
+    })
+}
+
+/// Whether the tests run as root.
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn chown_tree(path: &Path, account: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = account {
+        let status = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{uid}:{gid}"))
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+fn as_account(cmd: &mut Command, account: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = account {
+        cmd.uid(uid).gid(gid);
+    }
+}
+
+fn template_cluster() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let account = server_account();
+        let base = tempfile::Builder::new()
+            .prefix("tollgate-pg-template-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        chown_tree(&base, account);
+        let data = base.join("data");
+        let mut cmd = Command::new(pg_tool("initdb"));
+        cmd.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
+        as_account(&mut cmd, account);
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        data
+    })
+}
+
+/// A throwaway PostgreSQL server.
+pub struct Postgres {
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Postgres {
+    /// Starts a fresh cluster and waits until it accepts connections.
+    pub fn start() -> Postgres {
+        let account = server_account();
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-pg-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let data = dir.join("data");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(template_cluster())
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(status.success(), "copying the template cluster failed");
+        chown_tree(&dir, account);
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+        let port = free_port();
+        let log = fs::File::create(dir.join("server.log")).unwrap();
+        let mut cmd = Command::new(pg_tool("postgres"));
+        cmd.arg("-D")
+            .arg(&data)
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+            ])
+            .args([
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=100",
+            ])
+            .arg("-k")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(log);
+        as_account(&mut cmd, account);
+        let child = cmd.spawn().expect("starting postgres");
+        let pg = Postgres { port, dir, child };
+        pg.wait_ready();
+        pg
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let out = Command::new(pg_tool("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", "1"])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "postgres did not become ready: {}",
+            fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+        );
+    }
+
+    /// `127.0.0.1:port`.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGINT is PostgreSQL's fast shutdown.
+        unsafe_kill(self.child.id(), libc::SIGINT);
+        let _ = wait_timeout(&mut self.child, Duration::from_secs(10));
+        let _ = self.child.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[allow(unsafe_code)]
+fn unsafe_kill(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid we spawned; no memory is shared.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+/// Sends a signal to a process.
+pub fn send_signal(pid: u32, signal: i32) {
+    unsafe_kill(pid, signal);
+}
+
+/// Waits for a child up to `timeout`; `None` if it is still running.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `tollgate` agent.
+pub struct Agent {
+    /// The agent process.
+    pub child: Child,
+    /// Its working directory (configuration, control socket, logs).
+    pub dir: tempfile::TempDir,
+    /// The configuration file.
+    pub config: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Writes `config_body` (TOML, without an `[agent]` control_socket, which
+    /// is added) and starts `tollgate run`, waiting until it is ready.
+    pub fn start(config_body: &str) -> Agent {
+        let agent = Agent::spawn(config_body);
+        agent
+            .wait_for_log(
+                |l| l["message"] == "tollgate ready",
+                Duration::from_secs(20),
+            )
+            .unwrap_or_else(|e| panic!("agent did not start: {e}\n{}", agent.log_text()));
+        agent
+    }
+
+    /// Like [`Agent::start`] but does not wait (for start-up failure tests).
+    pub fn spawn(config_body: &str) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-agent-")
+            .tempdir()
+            .unwrap();
+        let config = dir.path().join("tollgate.toml");
+        let socket = dir.path().join("control.sock");
+        let body = if config_body.contains("[agent]") {
+            config_body.replacen(
+                "[agent]",
+                &format!("[agent]\ncontrol_socket = \"{}\"", socket.display()),
+                1,
+            )
+        } else {
+            format!(
+                "[agent]\ncontrol_socket = \"{}\"\n{config_body}",
+                socket.display()
+            )
+        };
+        fs::write(&config, body).unwrap();
+        let log = dir.path().join("agent.log");
+        let child = Command::new(agent_binary())
+            .args([
+                "run",
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug",
+                "--config",
+            ])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Agent {
+            child,
+            dir,
+            config,
+            log,
+        }
+    }
+
+    /// The log so far, raw.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log so far, one JSON object per line.
+    pub fn log_lines(&self) -> Vec<Value> {
+        let Ok(f) = fs::File::open(&self.log) else {
+            return Vec::new();
+        };
+        BufReader::new(f)
+            .lines()
+            .map_while(|l| l.ok())
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
+
+    /// Waits for a log line satisfying `pred` and returns it.
+    pub fn wait_for_log(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.log_lines().into_iter().find(|l| pred(l)) {
+                return Ok(l);
+            }
+            if Instant::now() >= deadline {
+                bail!("no matching log line within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Runs a `tollgate` subcommand against this agent's configuration.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agent_binary())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+
+    /// `tollgate status --json`, parsed.
+    pub fn status(&self) -> Result<Value> {
+        let out = self.cli(&["status", "--json"]);
+        if !out.status.success() {
+            bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).context("status output is not JSON")
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        send_signal(self.child.id(), libc::SIGTERM);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `psql` against 127.0.0.1:port as user postgres, running `sql`.
+pub fn psql_command(port: u16, sql: &str) -> Command {
+    let mut cmd = Command::new(pg_tool("psql"));
+    cmd.args([
+        "-X",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+    ])
+    .args(["-p", &port.to_string(), "-c", sql])
+    .env("PGCONNECT_TIMEOUT", "10")
+    .env_remove("PGPASSWORD");
+    cmd
+}
+
+/// Runs psql and returns its trimmed stdout, failing with its stderr.
+pub fn psql(port: u16, sql: &str) -> Result<String> {
+    let out = psql_command(port, sql).output()?;
+    if !out.status.success() {
+        bail!(
+            "psql failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Whether something accepts TCP connections on 127.0.0.1:port.
+pub fn accepts(port: u16) -> bool {
+    TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(1),
+    )
+    .is_ok()
+}
+
+/// A configuration with one postgres target and one listener for it.
+pub fn listener_config(listen_port: u16, upstream_port: u16, agent_extra: &str) -> String {
+    format!(
+        "[agent]\n{agent_extra}\n\n[[target]]\nname = \"pg\"\naddress = \"127.0.0.1\"\nports = [{upstream_port}]\nprotocol = \"postgres\"\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:{listen_port}\"\ntarget = \"pg\"\n"
+    )
+}
