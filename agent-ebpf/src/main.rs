@@ -1,3 +1,423 @@
+//! Tollgate's kernel programs.
+//!
+//! # Layout
+//!
+//! - `tollgate_connect4` / `tollgate_connect6` (`cgroup/connect4`,
+//!   `cgroup/connect6`): decide per `connect()` of a governed process whether
+//!   to redirect it to the proxy, deny it (`EPERM`) or let it pass. On redirect
+//!   they store the original destination and the caller's identity in
+//!   `PENDING` under the socket cookie, then rewrite the destination to the
+//!   proxy's loopback listener.
+//! - `tollgate_sockops` (`sockops`): at `TCP_CONNECT_CB` (source port chosen,
+//!   SYN not yet sent) it moves the `PENDING` record to `ORIGINS` under the
+//!   client's (address, port), which the proxy reads from `accept()`'s peer
+//!   address. It asks for state callbacks and removes the `ORIGINS` entry when
+//!   the client socket reaches `TCP_CLOSE`.
+//!
+//! The map layouts, the verdict order and the meaning of every field live in
+//! `tollgate-common`; this crate only applies them.
+//!
+//! Design choices:
+//! - One loaded instance has one `CONFIG`: all cgroups it is attached to are
+//!   governed in the same mode. A second mode is a second load (own maps).
+//! - The programs are idempotent: a destination that already is the proxy
+//!   passes untouched, so an old and a new instance attached in sequence (or a
+//!   repeated hook) never loop or double-record.
+//! - Context fields are read and written one 32-bit word at a time with
+//!   volatile accesses, which is what the verifier accepts for these contexts.
+//! - Logging (aya-log) happens only on failures, never on the per-connect path.
 #![no_std]
 #![no_main]
-fn main() {}
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use aya_log_ebpf::error;
+use tollgate_common::{
+    as_v4_mapped, v4_mapped, ConnectOrigin, OriginKey, RedirectConfig, TargetEntry,
+    ACTION_DENY, ACTION_PASS, ACTION_REDIRECT, CONFIG_F_DENY_UNLISTED, IPV4_MAPPED_LOOPBACK,
+    IPV6_LOOPBACK, ORIGIN_F_INET6, STAT_CLOSED, STAT_COUNT, STAT_DENIED, STAT_ERRORS,
+    STAT_PASSED, STAT_PUBLISHED, STAT_REDIRECTED,
+};
+
+/// Return value of a cgroup/connect hook that lets the connect proceed.
+const ALLOW: i32 = 1;
+/// Return value of a cgroup/connect hook that fails the connect with `EPERM`.
+const REJECT: i32 = 0;
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+const DNS_PORT: u16 = 53;
+
+#[map]
+static CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+static TARGETS: LpmTrie<[u8; 16], TargetEntry> = LpmTrie::with_max_entries(4096, 0);
+
+#[map]
+static RESOLVERS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(64, 0);
+
+#[map]
+static PENDING: LruHashMap<u64, ConnectOrigin> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+static ORIGINS: LruHashMap<OriginKey, ConnectOrigin> = LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// What a connect hook decided.
+enum Verdict {
+    Pass,
+    Deny,
+    /// Redirect to the proxy; carries the rule's target index.
+    Redirect(u32),
+}
+
+/// Why a hook could not do its job (each is counted in `STAT_ERRORS`).
+enum HookError {
+    NoConfig,
+    NoProxyPort,
+    StorePending(i64),
+    Comm(i64),
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU touches it while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The verdict for `addr`:`port` (v4-mapped or native IPv6) of a socket of
+/// type `sock_type`, with the proxy ports in `config`.
+#[inline(always)]
+fn decide(config: &RedirectConfig, addr: &[u8; 16], port: u16, sock_type: u32) -> Verdict {
+    let v4 = as_v4_mapped(addr);
+    // 1. The proxy itself: never redirect again.
+    let is_proxy = match v4 {
+        Some(ip) => ip == [127, 0, 0, 1] && port == config.proxy_port4,
+        None => *addr == IPV6_LOOPBACK && port == config.proxy_port6,
+    };
+    if is_proxy {
+        return Verdict::Pass;
+    }
+    // 2. Listed destinations.
+    let key = Key::new(128, *addr);
+    if let Some(entry) = TARGETS.get(&key) {
+        if let Some(rule) = entry.find(port) {
+            match rule.action {
+                ACTION_REDIRECT if sock_type == SOCK_STREAM => return Verdict::Redirect(rule.target),
+                ACTION_DENY => return Verdict::Deny,
+                ACTION_PASS => return Verdict::Pass,
+                // A redirect rule for a non-TCP socket, or an unknown action:
+                // treat as unlisted.
+                _ => {}
+            }
+        }
+    }
+    // 3. Unlisted.
+    let loopback = match v4 {
+        Some(ip) => ip[0] == 127,
+        None => *addr == IPV6_LOOPBACK,
+    };
+    if loopback {
+        return Verdict::Pass;
+    }
+    if port == DNS_PORT && RESOLVERS.get_ptr(addr).is_some() {
+        return Verdict::Pass;
+    }
+    if config.flags & CONFIG_F_DENY_UNLISTED != 0 {
+        Verdict::Deny
+    } else {
+        Verdict::Pass
+    }
+}
+
+/// Stores the origin of a connection about to be redirected under its socket
+/// cookie.
+#[inline(always)]
+fn record_pending(
+    ctx: &SockAddrContext,
+    dst_addr: [u8; 16],
+    dst_port: u16,
+    flags: u16,
+    target: u32,
+) -> Result<(), HookError> {
+    // SAFETY: the helper only reads the context it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let uid_gid = bpf_get_current_uid_gid();
+    let comm = bpf_get_current_comm().map_err(|e| HookError::Comm(e as i64))?;
+    let origin = ConnectOrigin {
+        dst_addr,
+        dst_port,
+        flags,
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        // SAFETY: no arguments; allowed in cgroup/connect hooks.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm,
+        target,
+        _reserved: 0,
+    };
+    PENDING
+        .insert(&cookie, &origin, 0)
+        .map_err(|e| HookError::StorePending(e as i64))
+}
+
+#[inline(always)]
+fn config() -> Result<&'static RedirectConfig, HookError> {
+    CONFIG.get(0).ok_or(HookError::NoConfig)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
+    finish(&ctx, try_tollgate_connect4(&ctx))
+}
+
+fn try_tollgate_connect4(ctx: &SockAddrContext) -> Result<Verdict, HookError> {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the context the kernel handed us; one 32-bit read each.
+    let (ip4, raw_port, sock_type) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).user_ip4)),
+            read_volatile(addr_of!((*sa).user_port)),
+            read_volatile(addr_of!((*sa).type_)),
+        )
+    };
+    let port = u16::from_be(raw_port as u16);
+    let addr = v4_mapped(ip4.to_ne_bytes());
+    let config = config()?;
+    let verdict = decide(config, &addr, port, sock_type);
+    if let Verdict::Redirect(target) = verdict {
+        if config.proxy_port4 == 0 {
+            return Err(HookError::NoProxyPort);
+        }
+        record_pending(ctx, addr, port, 0, target)?;
+        let proxy_ip = u32::from_ne_bytes([127, 0, 0, 1]);
+        let proxy_port = u32::from(config.proxy_port4.to_be());
+        // SAFETY: writable context fields of connect4; one 32-bit write each.
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip4), proxy_ip);
+            write_volatile(addr_of_mut!((*sa).user_port), proxy_port);
+        }
+    }
+    Ok(verdict)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
+    finish(&ctx, try_tollgate_connect6(&ctx))
+}
+
+fn try_tollgate_connect6(ctx: &SockAddrContext) -> Result<Verdict, HookError> {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the context the kernel handed us; one 32-bit read each.
+    let (w0, w1, w2, w3, raw_port, sock_type) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).user_ip6[0])),
+            read_volatile(addr_of!((*sa).user_ip6[1])),
+            read_volatile(addr_of!((*sa).user_ip6[2])),
+            read_volatile(addr_of!((*sa).user_ip6[3])),
+            read_volatile(addr_of!((*sa).user_port)),
+            read_volatile(addr_of!((*sa).type_)),
+        )
+    };
+    let port = u16::from_be(raw_port as u16);
+    let addr = words_to_addr([w0, w1, w2, w3]);
+    let config = config()?;
+    let verdict = decide(config, &addr, port, sock_type);
+    if let Verdict::Redirect(target) = verdict {
+        let (proxy_addr, proxy_port) = if as_v4_mapped(&addr).is_some() {
+            (IPV4_MAPPED_LOOPBACK, config.proxy_port4)
+        } else {
+            (IPV6_LOOPBACK, config.proxy_port6)
+        };
+        if proxy_port == 0 {
+            return Err(HookError::NoProxyPort);
+        }
+        record_pending(ctx, addr, port, ORIGIN_F_INET6, target)?;
+        let [p0, p1, p2, p3] = addr_to_words(&proxy_addr);
+        let proxy_port = u32::from(proxy_port.to_be());
+        // SAFETY: writable context fields of connect6; one 32-bit write each.
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), p0);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), p1);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), p2);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), p3);
+            write_volatile(addr_of_mut!((*sa).user_port), proxy_port);
+        }
+    }
+    Ok(verdict)
+}
+
+/// Maps a connect hook's result to its return value and counts it. Errors
+/// deny (fail closed) and are logged.
+#[inline(always)]
+fn finish(ctx: &SockAddrContext, result: Result<Verdict, HookError>) -> i32 {
+    match result {
+        Ok(Verdict::Redirect(_)) => {
+            count(STAT_REDIRECTED);
+            ALLOW
+        }
+        Ok(Verdict::Pass) => {
+            count(STAT_PASSED);
+            ALLOW
+        }
+        Ok(Verdict::Deny) => {
+            count(STAT_DENIED);
+            REJECT
+        }
+        Err(e) => {
+            count(STAT_ERRORS);
+            count(STAT_DENIED);
+            match e {
+                HookError::NoConfig => error!(ctx, "tollgate: CONFIG[0] missing; denying connect"),
+                HookError::NoProxyPort => {
+                    error!(ctx, "tollgate: no proxy port for this family; denying connect")
+                }
+                HookError::StorePending(code) => {
+                    error!(ctx, "tollgate: storing PENDING failed ({}); denying connect", code)
+                }
+                HookError::Comm(code) => {
+                    error!(ctx, "tollgate: bpf_get_current_comm failed ({}); denying connect", code)
+                }
+            }
+            REJECT
+        }
+    }
+}
+
+#[sock_ops]
+pub fn tollgate_sockops(ctx: SockOpsContext) -> u32 {
+    match try_tollgate_sockops(&ctx) {
+        Ok(()) => 1,
+        Err(code) => {
+            count(STAT_ERRORS);
+            error!(&ctx, "tollgate: sockops failed ({})", code);
+            1
+        }
+    }
+}
+
+fn try_tollgate_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: `ops` is the context the kernel handed us; one 32-bit read.
+    let op = unsafe { read_volatile(addr_of!((*ops).op)) };
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        publish_origin(ctx, ops)
+    } else if op == BPF_SOCK_OPS_STATE_CB {
+        // SAFETY: args[1] is the new TCP state at STATE_CB; one 32-bit read.
+        let new_state = unsafe { read_volatile(addr_of!((*ops).__bindgen_anon_1.args[1])) };
+        if new_state == BPF_TCP_CLOSE {
+            let key = origin_key(ops)?;
+            if ORIGINS.remove(&key).is_ok() {
+                count(STAT_CLOSED);
+            }
+        }
+        Ok(())
+    } else {
+        Ok(())
+    }
+}
+
+/// At `TCP_CONNECT_CB`: move the connect hook's record to `ORIGINS`.
+#[inline(always)]
+fn publish_origin(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) -> Result<(), i64> {
+    // SAFETY: the helper only reads the context it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(pending) = PENDING.get_ptr(&cookie) else {
+        // Not a connection we redirected.
+        return Ok(());
+    };
+    // SAFETY: map value pointer from a successful lookup; copied out at once.
+    let origin = unsafe { *pending };
+    let key = origin_key(ops)?;
+    ORIGINS.insert(&key, &origin, 0).map_err(|e| e as i64)?;
+    // Best effort: a failed remove leaves an entry the LRU evicts.
+    let _ = PENDING.remove(&cookie);
+    count(STAT_PUBLISHED);
+    // Ask for STATE_CB so the entry goes away when the client closes; without
+    // it the LRU and the proxy's own removal still bound the map.
+    // SAFETY: `ops` is a full TCP socket at TCP_CONNECT_CB.
+    let flags = unsafe { read_volatile(addr_of!((*ops).bpf_sock_ops_cb_flags)) };
+    ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+        .map_err(i64::from)
+}
+
+/// The client's (local address, local port) of the socket in `ops`.
+#[inline(always)]
+fn origin_key(ops: *mut bpf_sock_ops) -> Result<OriginKey, i64> {
+    // Every field is read unconditionally, at a constant offset, before
+    // branching: otherwise LLVM may select a pointer into the context and the
+    // verifier rejects the load ("dereference of modified ctx ptr").
+    // SAFETY: `ops` is the context the kernel handed us; one 32-bit read each.
+    let (family, local_port, ip4, w0, w1, w2, w3) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).local_port)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_volatile(addr_of!((*ops).local_ip6[0])),
+            read_volatile(addr_of!((*ops).local_ip6[1])),
+            read_volatile(addr_of!((*ops).local_ip6[2])),
+            read_volatile(addr_of!((*ops).local_ip6[3])),
+        )
+    };
+    let addr = if family == AF_INET {
+        v4_mapped(ip4.to_ne_bytes())
+    } else if family == AF_INET6 {
+        words_to_addr([w0, w1, w2, w3])
+    } else {
+        return Err(-(family as i64));
+    };
+    // local_port is host order (unlike remote_port).
+    Ok(OriginKey::new(addr, local_port as u16))
+}
+
+/// Four network-order 32-bit words (as the context holds them) as 16 bytes.
+#[inline(always)]
+fn words_to_addr(w: [u32; 4]) -> [u8; 16] {
+    let [a, b, c, d] = [w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes()];
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// 16 bytes as four network-order 32-bit words for the context.
+#[inline(always)]
+fn addr_to_words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -26,6 +26,16 @@ pub enum Arrival {
     Redirect,
 }
 
+impl Arrival {
+    /// The name used in logs and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arrival::Listener => "listener",
+            Arrival::Redirect => "redirect",
+        }
+    }
+}
+
 /// What is known about a session when it starts.
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionInfo {
@@ -167,7 +177,7 @@ impl EventSink for LogSink {
                 tracing::info!(
                     session = %info.id,
                     target = %info.target,
-                    arrival = ?info.arrival,
+                    arrival = info.arrival.as_str(),
                     client = %info.client,
                     upstream = %info.upstream,
                     pid = id.pid,

@@ -3,7 +3,77 @@
 //! Everything here is `#[repr(C)]`, `Copy`, and free of pointers, so the same
 //! bytes mean the same thing on both sides of an eBPF map. With the `user`
 //! feature the types implement `aya::Pod` for userspace map access.
+//!
+//! # Maps (names as they appear in the ELF object)
+//!
+//! | name        | kind                | key                         | value              | written by |
+//! |-------------|---------------------|-----------------------------|--------------------|------------|
+//! | `CONFIG`    | Array, 1 entry      | `u32` index 0               | [`RedirectConfig`] | agent      |
+//! | `TARGETS`   | LpmTrie             | `Key<[u8; 16]>` (v4-mapped) | [`TargetEntry`]    | agent      |
+//! | `RESOLVERS` | HashMap             | `[u8; 16]` (v4-mapped)      | `u32` (unused, 1)  | agent      |
+//! | `PENDING`   | LruHashMap          | `u64` socket cookie         | [`ConnectOrigin`]  | connect4/6 |
+//! | `ORIGINS`   | LruHashMap          | [`OriginKey`]               | [`ConnectOrigin`]  | sockops    |
+//! | `STATS`     | PerCpuArray         | `u32` index `STAT_*`        | `u64`              | all        |
+//!
+//! Addresses are always 16 bytes in network byte order; IPv4 is stored
+//! v4-mapped (`::ffff:a.b.c.d`), so a `TARGETS` prefix for `a.b.c.d/n` has
+//! prefix length `96 + n`. Ports are always host byte order.
+//!
+//! # Verdict order in `connect4`/`connect6`
+//!
+//! 1. A destination that already is the proxy (`127.0.0.1:proxy_port4`,
+//!    `::ffff:127.0.0.1:proxy_port4`, `[::1]:proxy_port6`) passes untouched,
+//!    so the redirect can never loop.
+//! 2. `TARGETS` longest-prefix match on the address, then the first
+//!    [`PortRule`] of that entry whose range holds the port decides: redirect,
+//!    deny or pass. Only the longest matching prefix is consulted: when a more
+//!    specific prefix is inserted under a broader one, userspace copies the
+//!    broader entry's rules into it. Non-TCP sockets are never redirected (a
+//!    redirect rule is ignored for them and they fall through to step 3).
+//! 3. Unlisted destinations: loopback (`127.0.0.0/8`, `::1`) and port 53 to an
+//!    address in `RESOLVERS` pass; anything else is denied (`connect` fails with
+//!    `EPERM`) when [`CONFIG_F_DENY_UNLISTED`] is set, and passes otherwise.
+//!
+//! A redirect to a family whose proxy port is 0 is denied (fail closed), as is
+//! a redirect whose origin record cannot be stored.
 #![no_std]
+
+/// How many port rules one `TARGETS` entry holds.
+pub const MAX_PORT_RULES: usize = 8;
+
+/// Prefix length of an IPv4 prefix `/n` in the v4-mapped `TARGETS` trie is
+/// `IPV4_MAPPED_PREFIX + n`.
+pub const IPV4_MAPPED_PREFIX: u32 = 96;
+
+/// `RedirectConfig::flags`: deny (`EPERM`) destinations that no rule lists.
+pub const CONFIG_F_DENY_UNLISTED: u32 = 1;
+
+/// `PortRule::action`: rewrite the destination to the proxy.
+pub const ACTION_REDIRECT: u16 = 1;
+/// `PortRule::action`: refuse the connect with `EPERM`.
+pub const ACTION_DENY: u16 = 2;
+/// `PortRule::action`: let the connect through unchanged (an allow-list entry
+/// in deny-unlisted mode).
+pub const ACTION_PASS: u16 = 3;
+
+/// `ConnectOrigin::flags`: the socket is `AF_INET6` (the connect6 hook saw
+/// it; its destination may still be v4-mapped).
+pub const ORIGIN_F_INET6: u16 = 1;
+
+/// `STATS` index: connects rewritten to the proxy.
+pub const STAT_REDIRECTED: u32 = 0;
+/// `STATS` index: connects refused with `EPERM`.
+pub const STAT_DENIED: u32 = 1;
+/// `STATS` index: connects let through unchanged.
+pub const STAT_PASSED: u32 = 2;
+/// `STATS` index: origins published to `ORIGINS` by sockops.
+pub const STAT_PUBLISHED: u32 = 3;
+/// `STATS` index: `ORIGINS` entries removed because the client socket closed.
+pub const STAT_CLOSED: u32 = 4;
+/// `STATS` index: internal failures (map update failed, missing config, ...).
+pub const STAT_ERRORS: u32 = 5;
+/// Number of `STATS` entries.
+pub const STAT_COUNT: u32 = 6;
 
 /// The destination a governed process asked for and who asked, captured by the
 /// connect hook before the address is rewritten to the proxy.
@@ -17,7 +87,7 @@ pub struct ConnectOrigin {
     pub dst_addr: [u8; 16],
     /// Original destination port, host byte order.
     pub dst_port: u16,
-    /// Verdict flags (reserved for the redirect).
+    /// `ORIGIN_F_*` flags.
     pub flags: u16,
     /// Thread group id (the process id) of the caller.
     pub tgid: u32,
@@ -29,10 +99,194 @@ pub struct ConnectOrigin {
     pub cgroup_id: u64,
     /// Thread name of the caller (`comm`), NUL padded.
     pub comm: [u8; 16],
+    /// `PortRule::target` of the rule that redirected the connection.
+    pub target: u32,
+    /// Always zero; makes the size a multiple of 8 with no implicit padding.
+    pub _reserved: u32,
 }
 
+/// Key of `ORIGINS`: the client's end of a redirected connection as the proxy
+/// sees it in `accept()`'s peer address.
+///
+/// `addr` is the peer address (IPv4 v4-mapped) in network byte order, `port`
+/// the peer port in host byte order, `_pad` zero. Build it with
+/// [`OriginKey::new`] so the padding is always zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OriginKey {
+    /// Client (local) address, IPv4 stored as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Client (local) port, host byte order.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+
+impl OriginKey {
+    /// The key for a client at `addr` (16 bytes, v4-mapped for IPv4), `port`.
+    pub const fn new(addr: [u8; 16], port: u16) -> Self {
+        Self { addr, port, _pad: 0 }
+    }
+}
+
+/// One port range of a `TARGETS` entry and what to do with it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRule {
+    /// First port of the range, host byte order.
+    pub first: u16,
+    /// Last port of the range (inclusive), host byte order.
+    pub last: u16,
+    /// `ACTION_*`.
+    pub action: u16,
+    /// Always zero.
+    pub _pad: u16,
+    /// Index of the agent's target this rule belongs to, copied into
+    /// `ConnectOrigin::target` on redirect.
+    pub target: u32,
+}
+
+impl PortRule {
+    /// Whether `port` (host order) lies in `first..=last`.
+    #[inline(always)]
+    pub const fn contains(&self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+}
+
+/// Value of `TARGETS`: up to [`MAX_PORT_RULES`] rules for one prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetEntry {
+    /// How many leading entries of `rules` are in use.
+    pub rule_count: u32,
+    /// Always zero.
+    pub _pad: u32,
+    /// The rules, first match wins.
+    pub rules: [PortRule; MAX_PORT_RULES],
+}
+
+impl TargetEntry {
+    /// The first rule in use whose range holds `port`.
+    #[inline(always)]
+    pub fn find(&self, port: u16) -> Option<&PortRule> {
+        let count = self.rule_count as usize;
+        // Fixed bound so the kernel verifier sees a bounded loop (it unrolls).
+        let mut i = 0;
+        while i < MAX_PORT_RULES {
+            if i >= count {
+                return None;
+            }
+            let rule = &self.rules[i];
+            if rule.contains(port) {
+                return Some(rule);
+            }
+            i += 1;
+        }
+        None
+    }
+}
+
+/// Value of `CONFIG[0]`: how this loaded instance of the programs behaves.
+///
+/// One loaded object holds one `CONFIG`, so one instance governs all the
+/// cgroups it is attached to in the same mode; a second mode means loading the
+/// object a second time (with its own maps).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectConfig {
+    /// Port of the proxy's `127.0.0.1` listener, host order; 0 = none (IPv4
+    /// and v4-mapped redirects are then denied).
+    pub proxy_port4: u16,
+    /// Port of the proxy's `[::1]` listener, host order; 0 = none (native IPv6
+    /// redirects are then denied).
+    pub proxy_port6: u16,
+    /// `CONFIG_F_*` flags.
+    pub flags: u32,
+}
+
+/// `a.b.c.d` (network order bytes) as `::ffff:a.b.c.d`.
+#[inline(always)]
+pub const fn v4_mapped(ip4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip4[0], ip4[1], ip4[2], ip4[3],
+    ]
+}
+
+/// The IPv4 address inside `::ffff:a.b.c.d`, if `addr` is v4-mapped.
+#[inline(always)]
+pub const fn as_v4_mapped(addr: &[u8; 16]) -> Option<[u8; 4]> {
+    if addr[0] == 0
+        && addr[1] == 0
+        && addr[2] == 0
+        && addr[3] == 0
+        && addr[4] == 0
+        && addr[5] == 0
+        && addr[6] == 0
+        && addr[7] == 0
+        && addr[8] == 0
+        && addr[9] == 0
+        && addr[10] == 0xff
+        && addr[11] == 0xff
+    {
+        Some([addr[12], addr[13], addr[14], addr[15]])
+    } else {
+        None
+    }
+}
+
+/// `::1`.
+pub const IPV6_LOOPBACK: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// `::ffff:127.0.0.1`, where IPv4 redirects go.
+pub const IPV4_MAPPED_LOOPBACK: [u8; 16] = v4_mapped([127, 0, 0, 1]);
+
 #[cfg(feature = "user")]
-#[allow(unsafe_code)]
-// SAFETY: ConnectOrigin is repr(C), Copy, has no padding-sensitive invariants and
-// every bit pattern is a valid value.
-unsafe impl aya::Pod for ConnectOrigin {}
+mod pod {
+    #![allow(unsafe_code)]
+    // SAFETY (all four): repr(C), Copy, no pointers, no implicit padding (every
+    // gap is an explicit zero field), and every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::ConnectOrigin {}
+    unsafe impl aya::Pod for super::OriginKey {}
+    unsafe impl aya::Pod for super::TargetEntry {}
+    unsafe impl aya::Pod for super::RedirectConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ConnectOrigin>(), 64);
+        assert_eq!(align_of::<ConnectOrigin>(), 8);
+        assert_eq!(size_of::<OriginKey>(), 20);
+        assert_eq!(size_of::<PortRule>(), 12);
+        assert_eq!(size_of::<TargetEntry>(), 8 + 12 * MAX_PORT_RULES);
+        assert_eq!(size_of::<RedirectConfig>(), 8);
+    }
+
+    #[test]
+    fn v4_mapping_round_trips() {
+        let mapped = v4_mapped([10, 1, 2, 3]);
+        assert_eq!(as_v4_mapped(&mapped), Some([10, 1, 2, 3]));
+        assert_eq!(as_v4_mapped(&IPV6_LOOPBACK), None);
+        assert_eq!(as_v4_mapped(&IPV4_MAPPED_LOOPBACK), Some([127, 0, 0, 1]));
+    }
+
+    #[test]
+    fn find_respects_rule_count_and_first_match() {
+        let mut entry = TargetEntry::default();
+        entry.rules[0] = PortRule { first: 5432, last: 5432, action: ACTION_REDIRECT, _pad: 0, target: 7 };
+        entry.rules[1] = PortRule { first: 1, last: 65535, action: ACTION_DENY, _pad: 0, target: 0 };
+        assert_eq!(entry.find(5432), None, "rule_count 0 means no rules");
+        entry.rule_count = 2;
+        assert_eq!(entry.find(5432).map(|r| r.target), Some(7));
+        assert_eq!(entry.find(22).map(|r| r.action), Some(ACTION_DENY));
+        entry.rule_count = 1;
+        assert_eq!(entry.find(22), None);
+        entry.rule_count = 100;
+        assert_eq!(entry.find(22).map(|r| r.action), Some(ACTION_DENY));
+    }
+}

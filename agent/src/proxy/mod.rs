@@ -70,7 +70,7 @@ impl RunningAgent {
             if matches!(t.protocol, Protocol::Postgres | Protocol::Mysql) {
                 tracing::warn!(
                     target_name = %t.name,
-                    "target {}: {} statement inspection is not available in this version; its sessions are relayed and recorded as opaque tcp",
+                    "target {}: {} statement inspection is not available in this version; its sessions are relayed as opaque tcp",
                     t.name, t.protocol
                 );
             }
