@@ -47,10 +47,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use tollgate_common::{
-    as_v4_mapped, v4_mapped, ConnectOrigin, OriginKey, RedirectConfig, TargetEntry,
-    ACTION_DENY, ACTION_PASS, ACTION_REDIRECT, CONFIG_F_DENY_UNLISTED, IPV4_MAPPED_LOOPBACK,
-    IPV6_LOOPBACK, ORIGIN_F_INET6, STAT_CLOSED, STAT_COUNT, STAT_DENIED, STAT_ERRORS,
-    STAT_PASSED, STAT_PUBLISHED, STAT_REDIRECTED,
+    as_v4_mapped, v4_mapped, ConnectOrigin, OriginKey, RedirectConfig, TargetEntry, ACTION_DENY,
+    ACTION_PASS, ACTION_REDIRECT, CONFIG_F_DENY_UNLISTED, IPV4_MAPPED_LOOPBACK, IPV6_LOOPBACK,
+    ORIGIN_F_INET6, STAT_CLOSED, STAT_COUNT, STAT_DENIED, STAT_ERRORS, STAT_PASSED, STAT_PUBLISHED,
+    STAT_REDIRECTED,
 };
 
 /// Return value of a cgroup/connect hook that lets the connect proceed.
@@ -123,7 +123,9 @@ fn decide(config: &RedirectConfig, addr: &[u8; 16], port: u16, sock_type: u32) -
     if let Some(entry) = TARGETS.get(&key) {
         if let Some(rule) = entry.find(port) {
             match rule.action {
-                ACTION_REDIRECT if sock_type == SOCK_STREAM => return Verdict::Redirect(rule.target),
+                ACTION_REDIRECT if sock_type == SOCK_STREAM => {
+                    return Verdict::Redirect(rule.target)
+                }
                 ACTION_DENY => return Verdict::Deny,
                 ACTION_PASS => return Verdict::Pass,
                 // A redirect rule for a non-TCP socket, or an unknown action:
@@ -178,7 +180,7 @@ fn record_pending(
         _reserved: 0,
     };
     PENDING
-        .insert(&cookie, &origin, 0)
+        .insert(cookie, origin, 0)
         .map_err(|e| HookError::StorePending(e as i64))
 }
 
@@ -291,13 +293,22 @@ fn finish(ctx: &SockAddrContext, result: Result<Verdict, HookError>) -> i32 {
             match e {
                 HookError::NoConfig => error!(ctx, "tollgate: CONFIG[0] missing; denying connect"),
                 HookError::NoProxyPort => {
-                    error!(ctx, "tollgate: no proxy port for this family; denying connect")
+                    error!(
+                        ctx,
+                        "tollgate: no proxy port for this family; denying connect"
+                    )
                 }
                 HookError::StorePending(code) => {
-                    error!(ctx, "tollgate: storing PENDING failed ({}); denying connect", code)
+                    error!(
+                        ctx,
+                        "tollgate: storing PENDING failed ({}); denying connect", code
+                    )
                 }
                 HookError::Comm(code) => {
-                    error!(ctx, "tollgate: bpf_get_current_comm failed ({}); denying connect", code)
+                    error!(
+                        ctx,
+                        "tollgate: bpf_get_current_comm failed ({}); denying connect", code
+                    )
                 }
             }
             REJECT
@@ -328,7 +339,7 @@ fn try_tollgate_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         let new_state = unsafe { read_volatile(addr_of!((*ops).__bindgen_anon_1.args[1])) };
         if new_state == BPF_TCP_CLOSE {
             let key = origin_key(ops)?;
-            if ORIGINS.remove(&key).is_ok() {
+            if ORIGINS.remove(key).is_ok() {
                 count(STAT_CLOSED);
             }
         }
@@ -343,16 +354,16 @@ fn try_tollgate_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
 fn publish_origin(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) -> Result<(), i64> {
     // SAFETY: the helper only reads the context it is given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(pending) = PENDING.get_ptr(&cookie) else {
+    let Some(pending) = PENDING.get_ptr(cookie) else {
         // Not a connection we redirected.
         return Ok(());
     };
     // SAFETY: map value pointer from a successful lookup; copied out at once.
     let origin = unsafe { *pending };
     let key = origin_key(ops)?;
-    ORIGINS.insert(&key, &origin, 0).map_err(|e| e as i64)?;
+    ORIGINS.insert(key, origin, 0).map_err(|e| e as i64)?;
     // Best effort: a failed remove leaves an entry the LRU evicts.
-    let _ = PENDING.remove(&cookie);
+    let _ = PENDING.remove(cookie);
     count(STAT_PUBLISHED);
     // Ask for STATE_CB so the entry goes away when the client closes; without
     // it the LRU and the proxy's own removal still bound the map.
@@ -394,7 +405,12 @@ fn origin_key(ops: *mut bpf_sock_ops) -> Result<OriginKey, i64> {
 /// Four network-order 32-bit words (as the context holds them) as 16 bytes.
 #[inline(always)]
 fn words_to_addr(w: [u32; 4]) -> [u8; 16] {
-    let [a, b, c, d] = [w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes()];
+    let [a, b, c, d] = [
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    ];
     [
         a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
         d[3],

@@ -125,7 +125,11 @@ pub struct OriginKey {
 impl OriginKey {
     /// The key for a client at `addr` (16 bytes, v4-mapped for IPv4), `port`.
     pub const fn new(addr: [u8; 16], port: u16) -> Self {
-        Self { addr, port, _pad: 0 }
+        Self {
+            addr,
+            port,
+            _pad: 0,
+        }
     }
 }
 
@@ -278,8 +282,20 @@ mod tests {
     #[test]
     fn find_respects_rule_count_and_first_match() {
         let mut entry = TargetEntry::default();
-        entry.rules[0] = PortRule { first: 5432, last: 5432, action: ACTION_REDIRECT, _pad: 0, target: 7 };
-        entry.rules[1] = PortRule { first: 1, last: 65535, action: ACTION_DENY, _pad: 0, target: 0 };
+        entry.rules[0] = PortRule {
+            first: 5432,
+            last: 5432,
+            action: ACTION_REDIRECT,
+            _pad: 0,
+            target: 7,
+        };
+        entry.rules[1] = PortRule {
+            first: 1,
+            last: 65535,
+            action: ACTION_DENY,
+            _pad: 0,
+            target: 0,
+        };
         assert_eq!(entry.find(5432), None, "rule_count 0 means no rules");
         entry.rule_count = 2;
         assert_eq!(entry.find(5432).map(|r| r.target), Some(7));

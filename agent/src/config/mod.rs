@@ -34,6 +34,38 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// cgroups whose processes are governed by the transparent redirect.
     pub cgroups: Vec<GovernedCgroup>,
+    /// The transparent redirect, when `[redirect]` is present.
+    pub redirect: Option<RedirectSettings>,
+}
+
+/// Settings under `[redirect]`: the eBPF path.
+#[derive(Debug, Clone)]
+pub struct RedirectSettings {
+    /// Loopback port redirected connections are sent to (on 127.0.0.1 and
+    /// [::1]). Fixed, because pinned programs keep pointing at it across
+    /// agent restarts.
+    pub port: u16,
+    /// Where programs, links and maps are pinned (on bpffs).
+    pub pin_dir: PathBuf,
+    /// Parent cgroup of `tollgate exec` sessions, relative to the cgroup v2
+    /// mount.
+    pub exec_cgroup: PathBuf,
+    /// Treatment of unlisted destinations for `tollgate exec` sessions.
+    pub exec_unlisted: UnlistedPolicy,
+    /// DNS resolvers reachable on port 53 in deny-unlisted mode.
+    pub resolvers: Vec<std::net::IpAddr>,
+}
+
+impl Default for RedirectSettings {
+    fn default() -> Self {
+        RedirectSettings {
+            port: 15000,
+            pin_dir: PathBuf::from("/sys/fs/bpf/tollgate"),
+            exec_cgroup: PathBuf::from("tollgate.exec"),
+            exec_unlisted: UnlistedPolicy::Pass,
+            resolvers: Vec::new(),
+        }
+    }
 }
 
 /// Settings under `[agent]`.

@@ -10,7 +10,8 @@ use toml::Spanned;
 
 use super::{
     line_column, AgentSettings, Config, ConfigError, ConfigErrors, GovernedCgroup, Listener,
-    PortRange, Protocol, Target, TargetAddress, TargetSet, UnlistedPolicy, Upstream,
+    PortRange, Protocol, RedirectSettings, Target, TargetAddress, TargetSet, UnlistedPolicy,
+    Upstream,
 };
 
 #[derive(Deserialize, Default)]
@@ -24,6 +25,18 @@ struct RawConfig {
     listener: Vec<RawListener>,
     #[serde(default)]
     cgroup: Vec<RawCgroup>,
+    redirect: Option<RawRedirect>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedirect {
+    port: Option<Spanned<i64>>,
+    pin_dir: Option<Spanned<String>>,
+    exec_cgroup: Option<Spanned<String>>,
+    exec_unlisted: Option<Spanned<String>>,
+    #[serde(default)]
+    resolvers: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -145,6 +158,7 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let targets = check_targets(&mut c, &raw.target);
     let listeners = check_listeners(&mut c, &raw.listener, &targets);
     let cgroups = check_cgroups(&mut c, &raw.cgroup);
+    let redirect = raw.redirect.as_ref().map(|r| check_redirect(&mut c, r));
     if c.errors.is_empty() {
         Ok(Config {
             source: path.to_path_buf(),
@@ -152,6 +166,7 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             targets,
             listeners,
             cgroups,
+            redirect,
         })
     } else {
         Err(ConfigErrors(c.errors))
@@ -370,6 +385,58 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
         Ok(TargetAddress::Host(h)) => Ok(Upstream { host: h, port }),
         _ => Err(bad()),
     }
+}
+
+fn unlisted_policy(c: &mut Checker<'_>, value: Option<&Spanned<String>>) -> Option<UnlistedPolicy> {
+    match value.map(|u| u.get_ref().as_str()) {
+        None | Some("pass") => Some(UnlistedPolicy::Pass),
+        Some("deny") => Some(UnlistedPolicy::Deny),
+        Some(other) => {
+            if let Some(u) = value {
+                c.error(u, format!("unlisted = \"{other}\" is not known; use \"pass\" or \"deny\""));
+            }
+            None
+        }
+    }
+}
+
+fn cgroup_path_ok(path: &str) -> bool {
+    !path.is_empty() && !path.split('/').any(|p| p == "..")
+}
+
+fn check_redirect(c: &mut Checker<'_>, raw: &RawRedirect) -> RedirectSettings {
+    let mut r = RedirectSettings::default();
+    if let Some(p) = &raw.port {
+        match u16::try_from(*p.get_ref()) {
+            Ok(port) if port > 0 => r.port = port,
+            _ => c.error(p, "redirect.port must be a port between 1 and 65535"),
+        }
+    }
+    if let Some(d) = &raw.pin_dir {
+        if Path::new(d.get_ref()).is_absolute() {
+            r.pin_dir = PathBuf::from(d.get_ref());
+        } else {
+            c.error(d, "redirect.pin_dir must be an absolute path on bpffs, such as /sys/fs/bpf/tollgate");
+        }
+    }
+    if let Some(g) = &raw.exec_cgroup {
+        let path = g.get_ref().trim().trim_start_matches('/');
+        if cgroup_path_ok(path) {
+            r.exec_cgroup = PathBuf::from(path);
+        } else {
+            c.error(g, "redirect.exec_cgroup must be a non-empty cgroup path without \"..\"");
+        }
+    }
+    if let Some(policy) = unlisted_policy(c, raw.exec_unlisted.as_ref()) {
+        r.exec_unlisted = policy;
+    }
+    for resolver in &raw.resolvers {
+        match resolver.get_ref().parse() {
+            Ok(ip) => r.resolvers.push(ip),
+            Err(_) => c.error(resolver, format!("resolver \"{}\" is not an IP address", resolver.get_ref())),
+        }
+    }
+    r
 }
 
 fn check_cgroups(c: &mut Checker<'_>, raw: &[RawCgroup]) -> Vec<GovernedCgroup> {
