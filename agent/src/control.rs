@@ -31,6 +31,26 @@ pub struct StatusReport {
     pub targets: Vec<TargetView>,
     /// Open sessions, oldest first.
     pub sessions: Vec<LiveSessionView>,
+    /// The transparent redirect, when active.
+    #[serde(default)]
+    pub redirect: Option<RedirectView>,
+}
+
+/// The redirect in the status report.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RedirectView {
+    /// Addresses redirected connections arrive on.
+    pub listening: Vec<String>,
+    /// cgroups with the programs attached.
+    pub cgroups: Vec<serde_json::Value>,
+    /// The cgroup `tollgate exec` sessions are created under.
+    pub exec_cgroup: String,
+    /// Pinned objects on bpffs.
+    pub pinned: Vec<String>,
+    /// Origin records not yet taken by the proxy (map occupancy).
+    pub pending_origins: usize,
+    /// Kernel counters.
+    pub kernel: crate::redirect::KernelStats,
 }
 
 /// A listener in the status report.
@@ -170,6 +190,22 @@ fn report(shared: &Shared) -> StatusReport {
             })
             .collect(),
         sessions: shared.live.snapshot(),
+        redirect: shared.redirect.as_ref().map(|r| RedirectView {
+            listening: shared
+                .redirect_bound
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+            cgroups: r
+                .attached()
+                .iter()
+                .filter_map(|c| serde_json::to_value(c).ok())
+                .collect(),
+            exec_cgroup: r.exec_root.display().to_string(),
+            pinned: r.pinned().iter().map(|p| p.display().to_string()).collect(),
+            pending_origins: r.pending_origins(),
+            kernel: r.stats(),
+        }),
     }
 }
 

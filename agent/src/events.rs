@@ -59,6 +59,8 @@ pub struct SessionInfo {
     pub upstream: String,
     /// The connecting process.
     pub identity: ProcessIdentity,
+    /// What the kernel recorded at connect time, for redirected connections.
+    pub kernel: Option<crate::redirect::KernelOrigin>,
 }
 
 /// Why a session ended.
@@ -191,6 +193,8 @@ impl EventSink for LogSink {
                     ci_repository = id.ci.as_ref().and_then(|c| c.repository.as_deref()),
                     ci_job = id.ci.as_ref().and_then(|c| c.job.as_deref()),
                     identity_gaps = %id.gaps.join("; "),
+                    original_destination = info.kernel.as_ref().map(|k| k.destination.to_string()),
+                    kernel_cgroup_id = info.kernel.as_ref().map(|k| k.cgroup_id),
                     "session started: {}",
                     id.summary()
                 );

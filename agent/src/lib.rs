@@ -17,5 +17,8 @@ pub mod events;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod protocol;
 pub mod proxy;
+pub mod redirect;
+pub mod sql;

@@ -9,7 +9,8 @@ use tollgate_agent::cli::{self, Cli, Command, ConfigCommand};
 use tollgate_agent::config::Config;
 use tollgate_agent::control;
 use tollgate_agent::logging;
-use tollgate_agent::proxy::RunningAgent;
+use tollgate_agent::proxy::{exec, RunningAgent};
+use tollgate_agent::redirect;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -50,6 +51,8 @@ fn main() -> ExitCode {
             };
             finish(runtime().and_then(|rt| rt.block_on(run(config))))
         }
+        Command::Exec(args) => exec_command(args),
+        Command::Detach(args) => detach_command(args),
         Command::Status(args) => {
             let socket = match args.socket {
                 Some(s) => s,
@@ -76,6 +79,112 @@ fn main() -> ExitCode {
                         }
                     }),
             )
+        }
+    }
+}
+
+/// Loads the configuration or prints its errors; `Err` is the exit code.
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(2)
+    })
+}
+
+fn exec_command(args: cli::ExecArgs) -> ExitCode {
+    let socket = match args.socket {
+        Some(s) => s,
+        None => match load_config(&args.config.config) {
+            Ok(c) => c.redirect.unwrap_or_default().exec_socket,
+            Err(code) => return code,
+        },
+    };
+    let Some((program, rest)) = args.command.split_first() else {
+        eprintln!("tollgate: exec needs a command");
+        return ExitCode::from(2);
+    };
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let (connection, cgroup) = exec::request_governance(&socket).await?;
+            tracing::debug!(%cgroup, "governed");
+            let mut child = match tokio::process::Command::new(program).args(rest).spawn() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    eprintln!("tollgate: {}: command not found", program.to_string_lossy());
+                    return Ok(127u8);
+                }
+                Err(e) => {
+                    eprintln!("tollgate: cannot run {}: {e}", program.to_string_lossy());
+                    return Ok(126u8);
+                }
+            };
+            // Ctrl-C reaches the whole foreground process group, the command
+            // included; exec itself waits for the command to react. SIGTERM is
+            // passed on.
+            let mut interrupt = signal(SignalKind::interrupt())?;
+            let mut terminate = signal(SignalKind::terminate())?;
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status?,
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {
+                        if let Some(pid) = child.id() {
+                            exec::forward_signal(pid, libc::SIGTERM);
+                        }
+                    }
+                }
+            };
+            drop(connection);
+            Ok(exit_byte(status))
+        })
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A child's exit status as a shell reports it: the code, or 128 + signal.
+fn exit_byte(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => u8::try_from(code).unwrap_or(1),
+        (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(1),
+        _ => 1,
+    }
+}
+
+fn detach_command(args: cli::DetachArgs) -> ExitCode {
+    let config = match load_config(&args.config.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if std::os::unix::net::UnixStream::connect(&config.agent.control_socket).is_ok() {
+        eprintln!(
+            "tollgate: an agent is running (it answers on {}); stop it first, then detach",
+            config.agent.control_socket.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let pin_dir = config.redirect.unwrap_or_default().pin_dir;
+    match redirect::detach(&pin_dir) {
+        Ok(removed) if removed.is_empty() => {
+            println!("nothing pinned under {}", pin_dir.display());
+            ExitCode::SUCCESS
+        }
+        Ok(removed) => {
+            for p in &removed {
+                println!("removed {}", p.display());
+            }
+            println!("detached: governed connections are no longer redirected or refused");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate: cannot remove {}: {e}", pin_dir.display());
+            ExitCode::FAILURE
         }
     }
 }

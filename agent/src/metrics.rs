@@ -40,6 +40,10 @@ pub struct Metrics {
     /// Sum and count of identity lookup time, microseconds.
     identity_lookup_micros: AtomicU64,
     identity_lookups: AtomicU64,
+    /// Redirected connections accepted without a kernel origin record.
+    pub origin_misses: AtomicU64,
+    /// The redirect, whose kernel counters are rendered too.
+    redirect: std::sync::OnceLock<Arc<crate::redirect::Redirect>>,
 }
 
 impl Metrics {
@@ -71,6 +75,11 @@ impl Metrics {
                 *m.entry(reason).or_default() += 1;
             }
         }
+    }
+
+    /// Adds the redirect's kernel counters to the rendered metrics.
+    pub fn set_redirect(&self, redirect: Arc<crate::redirect::Redirect>) {
+        let _ = self.redirect.set(redirect);
     }
 
     /// Renders every metric in the Prometheus text format.
@@ -155,6 +164,35 @@ impl Metrics {
             out,
             "# HELP tollgate_accept_errors_total Errors accepting connections.\n# TYPE tollgate_accept_errors_total counter\ntollgate_accept_errors_total {}",
             self.accept_errors.load(Ordering::Relaxed)
+        );
+        if let Some(r) = self.redirect.get() {
+            let k = r.stats();
+            let _ = writeln!(out, "# HELP tollgate_redirect_connects_total Connects seen by the kernel programs, by verdict.\n# TYPE tollgate_redirect_connects_total counter");
+            for (verdict, n) in [
+                ("redirected", k.redirected),
+                ("denied", k.denied),
+                ("passed", k.passed),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "tollgate_redirect_connects_total{{verdict=\"{verdict}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_redirect_kernel_errors_total Internal failures in the kernel programs (each refused a connect).\n# TYPE tollgate_redirect_kernel_errors_total counter\ntollgate_redirect_kernel_errors_total {}",
+                k.errors
+            );
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_redirect_pending_origins Origin records published and not yet taken by the proxy.\n# TYPE tollgate_redirect_pending_origins gauge\ntollgate_redirect_pending_origins {}",
+                r.pending_origins()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_redirect_origin_misses_total Connections on the redirect port without a kernel origin record (closed: fail closed).\n# TYPE tollgate_redirect_origin_misses_total counter\ntollgate_redirect_origin_misses_total {}",
+            self.origin_misses.load(Ordering::Relaxed)
         );
         out
     }

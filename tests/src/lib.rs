@@ -190,6 +190,12 @@ pub struct Postgres {
 impl Postgres {
     /// Starts a fresh cluster and waits until it accepts connections.
     pub fn start() -> Postgres {
+        Postgres::start_listening(&[])
+    }
+
+    /// Like [`Postgres::start`], also listening on `extra` addresses (which
+    /// must be configured on this host), with trust authentication for them.
+    pub fn start_listening(extra: &[std::net::IpAddr]) -> Postgres {
         let account = server_account();
         let dir = tempfile::Builder::new()
             .prefix("tollgate-pg-")
@@ -206,6 +212,17 @@ impl Postgres {
         assert!(status.success(), "copying the template cluster failed");
         chown_tree(&dir, account);
         fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+        let mut hba = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("pg_hba.conf"))
+            .unwrap();
+        std::io::Write::write_all(
+            &mut hba,
+            b"host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n",
+        )
+        .unwrap();
+        let mut listen = vec!["127.0.0.1".to_string()];
+        listen.extend(extra.iter().map(|a| a.to_string()));
         let port = free_port();
         let log = fs::File::create(dir.join("server.log")).unwrap();
         let mut cmd = Command::new(pg_tool("postgres"));
@@ -215,7 +232,7 @@ impl Postgres {
                 "-p",
                 &port.to_string(),
                 "-c",
-                "listen_addresses=127.0.0.1",
+                &format!("listen_addresses={}", listen.join(",")),
                 "-c",
                 "fsync=off",
             ])
@@ -481,4 +498,143 @@ pub fn listener_config(listen_port: u16, upstream_port: u16, agent_extra: &str) 
         "[agent]\n{agent_extra}\n\n[[target]]\nname = \"pg\"\naddress = \"127.0.0.1\"\nports = [{upstream_port}]\nprotocol = \"postgres\"\n\n\
          [[listener]]\nlisten = \"127.0.0.1:{listen_port}\"\ntarget = \"pg\"\n"
     )
+}
+
+/// `tollgate exec --config <agent's config> -- args...`.
+pub fn exec_command(agent: &Agent, args: &[&str]) -> Command {
+    let mut cmd = Command::new(agent_binary());
+    cmd.arg("exec")
+        .arg("--config")
+        .arg(&agent.config)
+        .arg("--")
+        .args(args);
+    cmd
+}
+
+/// Test addresses on the loopback interface, removed on drop. They are not
+/// loopback addresses (so they exercise the redirect as a remote database
+/// would), yet traffic to them never leaves the host.
+pub struct TestAddresses {
+    /// An IPv4 address from 198.18.0.0/15 (benchmarking range).
+    pub v4: std::net::Ipv4Addr,
+    /// An IPv6 address from a ULA prefix.
+    pub v6: std::net::Ipv6Addr,
+}
+
+impl TestAddresses {
+    /// Adds a fresh pair of addresses to `lo`.
+    pub fn add() -> TestAddresses {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = std::process::id() % 250;
+        let v4 = std::net::Ipv4Addr::new(198, 18, tag as u8, n as u8);
+        let v6: std::net::Ipv6Addr = format!("fd42:7467:{tag:x}::{n:x}").parse().unwrap();
+        let run = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("running ip");
+            assert!(
+                out.status.success()
+                    || String::from_utf8_lossy(&out.stderr).contains("File exists"),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["addr", "add", &format!("{v4}/32"), "dev", "lo"]);
+        run(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{v6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]);
+        TestAddresses { v4, v6 }
+    }
+}
+
+impl Drop for TestAddresses {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["addr", "del", &format!("{}/32", self.v4), "dev", "lo"])
+            .output();
+        let _ = Command::new("ip")
+            .args([
+                "-6",
+                "addr",
+                "del",
+                &format!("{}/128", self.v6),
+                "dev",
+                "lo",
+            ])
+            .output();
+    }
+}
+
+/// Why the eBPF tests cannot run here, or `None` when they can. Not being
+/// root is a failure under CI (which runs as root), a skip elsewhere.
+pub fn ebpf_unavailable() -> Option<String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if !mountinfo.lines().any(|l| {
+        l.split(" - ")
+            .nth(1)
+            .is_some_and(|r| r.starts_with("cgroup2 "))
+    }) {
+        return Some("the kernel has no cgroup v2 hierarchy mounted".into());
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Some("the kernel exposes no BTF".into());
+    }
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the eBPF tests must run as root under CI"
+        );
+        return Some("not root (the eBPF tests need root; CI runs them)".into());
+    }
+    None
+}
+
+/// The `[redirect]` section for a test agent: its own port, pins, exec
+/// cgroup and exec socket, so tests never share kernel state.
+pub fn redirect_section(dir: &Path, unlisted: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let id = format!("{}-{n}", std::process::id());
+    format!(
+        "[redirect]\nport = {}\npin_dir = \"/sys/fs/bpf/tollgate-test-{id}\"\nexec_cgroup = \"tollgate-test-{id}.exec\"\nexec_unlisted = \"{unlisted}\"\nexec_socket = \"{}\"\n",
+        free_port(),
+        dir.join("exec.sock").display()
+    )
+}
+
+/// Removes a test agent's pins and exec cgroup (after the agent stopped).
+pub fn cleanup_redirect(config: &Path) {
+    let _ = Command::new(agent_binary())
+        .arg("detach")
+        .arg("--config")
+        .arg(config)
+        .output();
+    let text = fs::read_to_string(config).unwrap_or_default();
+    if let Some(cg) = text
+        .lines()
+        .find_map(|l| l.strip_prefix("exec_cgroup = \""))
+        .map(|l| l.trim_end_matches('"'))
+    {
+        let mount = if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+            "/sys/fs/cgroup/unified"
+        } else {
+            "/sys/fs/cgroup"
+        };
+        let root = Path::new(mount).join(cg);
+        if let Ok(entries) = fs::read_dir(&root) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(&root);
+    }
 }

@@ -75,6 +75,51 @@ pub enum Command {
     /// Show a running agent's listeners, targets and open sessions with the
     /// identity of the process behind each.
     Status(StatusArgs),
+
+    /// Run a command under governance: its TCP connections to targets go
+    /// through the agent, with no change to the command.
+    ///
+    /// Asks the running agent (which needs a [redirect] section) to move this
+    /// process into a transient cgroup where the redirect applies, runs the
+    /// command there with stdio passed through, and exits with its status.
+    /// The cgroup is removed when the command is done. Example:
+    ///
+    ///   tollgate exec -- psql -h 10.0.0.5 -U app orders
+    #[command(verbatim_doc_comment)]
+    Exec(ExecArgs),
+
+    /// Remove the pinned eBPF programs and maps, ending enforcement.
+    ///
+    /// Pinned programs keep governed connections failing closed while no agent
+    /// runs; this is how to lift that. Refuses while an agent is running.
+    Detach(DetachArgs),
+}
+
+/// `tollgate exec` arguments.
+#[derive(clap::Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+
+    /// Exec socket of the agent, instead of the one the configuration names.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// The command and its arguments.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+/// `tollgate detach` arguments.
+#[derive(clap::Args, Debug)]
+pub struct DetachArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 /// `tollgate config ...`

@@ -38,6 +38,44 @@ pub fn print_status(report: &StatusReport) -> String {
         .collect();
     table(&mut out, &["NAME", "PROTOCOL", "ADDRESS", "PORTS"], &rows);
 
+    match &report.redirect {
+        None => {
+            let _ = writeln!(out, "\nTransparent redirect: off (no [redirect] section)");
+        }
+        Some(r) => {
+            let k = &r.kernel;
+            let _ = writeln!(
+                out,
+                "\nTransparent redirect: on, proxy at {}; exec cgroup {}",
+                r.listening.join(" and "),
+                r.exec_cgroup
+            );
+            let _ = writeln!(
+                out,
+                "  kernel: {} redirected, {} denied, {} passed, {} errors; {} origin records pending; {} pinned objects",
+                k.redirected, k.denied, k.passed, k.errors, r.pending_origins, r.pinned.len()
+            );
+            let rows: Vec<Vec<String>> = r
+                .cgroups
+                .iter()
+                .map(|c| {
+                    vec![
+                        str_of(&c["path"]).unwrap_or("?").to_string(),
+                        c["id"].as_u64().map_or("?".into(), |i| i.to_string()),
+                        str_of(&c["unlisted"]).unwrap_or("?").to_string(),
+                        if c["readopted"].as_bool() == Some(true) {
+                            "re-adopted"
+                        } else {
+                            "attached"
+                        }
+                        .to_string(),
+                    ]
+                })
+                .collect();
+            table(&mut out, &["CGROUP", "ID", "UNLISTED", "STATE"], &rows);
+        }
+    }
+
     let _ = writeln!(out, "\nOpen sessions: {}", report.sessions.len());
     let rows: Vec<Vec<String>> = report
         .sessions
@@ -59,7 +97,8 @@ pub fn print_status(report: &StatusReport) -> String {
             vec![
                 str_of(&i["id"]).unwrap_or("?").to_string(),
                 str_of(&i["target"]).unwrap_or("?").to_string(),
-                str_of(&i["client"]).unwrap_or("?").to_string(),
+                str_of(&i["arrival"]).unwrap_or("?").to_string(),
+                str_of(&i["upstream"]).unwrap_or("?").to_string(),
                 id["pid"].as_u64().map_or("?".into(), |p| p.to_string()),
                 user,
                 str_of(&id["exe"]).unwrap_or("?").to_string(),

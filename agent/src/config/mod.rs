@@ -54,6 +54,8 @@ pub struct RedirectSettings {
     pub exec_unlisted: UnlistedPolicy,
     /// DNS resolvers reachable on port 53 in deny-unlisted mode.
     pub resolvers: Vec<std::net::IpAddr>,
+    /// Unix socket (mode 0666) on which `tollgate exec` asks to be governed.
+    pub exec_socket: PathBuf,
 }
 
 impl Default for RedirectSettings {
@@ -64,6 +66,7 @@ impl Default for RedirectSettings {
             exec_cgroup: PathBuf::from("tollgate.exec"),
             exec_unlisted: UnlistedPolicy::Pass,
             resolvers: Vec::new(),
+            exec_socket: PathBuf::from("/run/tollgate/exec.sock"),
         }
     }
 }

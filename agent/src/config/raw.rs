@@ -37,6 +37,7 @@ struct RawRedirect {
     exec_unlisted: Option<Spanned<String>>,
     #[serde(default)]
     resolvers: Vec<Spanned<String>>,
+    exec_socket: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -393,7 +394,10 @@ fn unlisted_policy(c: &mut Checker<'_>, value: Option<&Spanned<String>>) -> Opti
         Some("deny") => Some(UnlistedPolicy::Deny),
         Some(other) => {
             if let Some(u) = value {
-                c.error(u, format!("unlisted = \"{other}\" is not known; use \"pass\" or \"deny\""));
+                c.error(
+                    u,
+                    format!("unlisted = \"{other}\" is not known; use \"pass\" or \"deny\""),
+                );
             }
             None
         }
@@ -416,7 +420,10 @@ fn check_redirect(c: &mut Checker<'_>, raw: &RawRedirect) -> RedirectSettings {
         if Path::new(d.get_ref()).is_absolute() {
             r.pin_dir = PathBuf::from(d.get_ref());
         } else {
-            c.error(d, "redirect.pin_dir must be an absolute path on bpffs, such as /sys/fs/bpf/tollgate");
+            c.error(
+                d,
+                "redirect.pin_dir must be an absolute path on bpffs, such as /sys/fs/bpf/tollgate",
+            );
         }
     }
     if let Some(g) = &raw.exec_cgroup {
@@ -424,16 +431,29 @@ fn check_redirect(c: &mut Checker<'_>, raw: &RawRedirect) -> RedirectSettings {
         if cgroup_path_ok(path) {
             r.exec_cgroup = PathBuf::from(path);
         } else {
-            c.error(g, "redirect.exec_cgroup must be a non-empty cgroup path without \"..\"");
+            c.error(
+                g,
+                "redirect.exec_cgroup must be a non-empty cgroup path without \"..\"",
+            );
         }
     }
     if let Some(policy) = unlisted_policy(c, raw.exec_unlisted.as_ref()) {
         r.exec_unlisted = policy;
     }
+    if let Some(sock) = &raw.exec_socket {
+        if Path::new(sock.get_ref()).is_absolute() {
+            r.exec_socket = PathBuf::from(sock.get_ref());
+        } else {
+            c.error(sock, "redirect.exec_socket must be an absolute path");
+        }
+    }
     for resolver in &raw.resolvers {
         match resolver.get_ref().parse() {
             Ok(ip) => r.resolvers.push(ip),
-            Err(_) => c.error(resolver, format!("resolver \"{}\" is not an IP address", resolver.get_ref())),
+            Err(_) => c.error(
+                resolver,
+                format!("resolver \"{}\" is not an IP address", resolver.get_ref()),
+            ),
         }
     }
     r

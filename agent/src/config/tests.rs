@@ -282,12 +282,21 @@ fn redirect_section_defaults_and_errors() {
     assert_eq!(r.port, 15000);
     assert_eq!(r.pin_dir, Path::new("/sys/fs/bpf/tollgate"));
     assert_eq!(r.exec_unlisted, UnlistedPolicy::Pass);
-    assert!(parse("").unwrap().redirect.is_none(), "no section, no redirect");
+    assert!(
+        parse("").unwrap().redirect.is_none(),
+        "no section, no redirect"
+    );
 
     let c = parse("[redirect]\nport = 16000\nexec_cgroup = \"/ci/exec\"\nexec_unlisted = \"deny\"\nresolvers = [\"10.0.0.2\"]\n").unwrap();
     let r = c.redirect.unwrap();
-    assert_eq!((r.port, r.exec_cgroup.to_str(), r.exec_unlisted), (16000, Some("ci/exec"), UnlistedPolicy::Deny));
-    assert_eq!(r.resolvers, vec!["10.0.0.2".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        (r.port, r.exec_cgroup.to_str(), r.exec_unlisted),
+        (16000, Some("ci/exec"), UnlistedPolicy::Deny)
+    );
+    assert_eq!(
+        r.resolvers,
+        vec!["10.0.0.2".parse::<std::net::IpAddr>().unwrap()]
+    );
 
     let e = errors("[redirect]\nport = 70000\npin_dir = \"bpf\"\nresolvers = [\"dns\"]\n");
     assert_eq!(e.len(), 3, "{e:?}");

@@ -3,12 +3,16 @@
 //! The proxy accepts a connection and knows two addresses: the client's
 //! (`accept()`'s peer) and its own. From those this module finds the process
 //! that opened the connection and describes it, reading only `/proc` and
-//! `/etc` (both roots are configurable, so tests run on fixture trees):
+//! `/etc` (both roots are configurable, so tests run on fixture trees) and
+//! asking the kernel about one socket over netlink:
 //!
-//! 1. **Socket** ([`IdentityResolver::find_socket_owner`]): the row of
-//!    `/proc/net/tcp` (or `tcp6`; an IPv4 connection may appear there
-//!    v4-mapped) whose local address is the client and remote address the
-//!    proxy gives the socket's uid and inode. The process holding
+//! 1. **Socket** ([`IdentityResolver::find_socket_owner`]): the socket whose
+//!    local address is the client and remote address the proxy gives its uid
+//!    and inode. On the real `/proc` the kernel is asked for that one socket
+//!    over `NETLINK_SOCK_DIAG` (tens of microseconds); where netlink cannot
+//!    answer, and on fixture trees, the row is found in `/proc/net/tcp` (or
+//!    `tcp6`; an IPv4 connection may appear there v4-mapped), which costs
+//!    milliseconds on a busy host. The process holding
 //!    `socket:[inode]` is found by reading `/proc/<pid>/fd/*` links, looking
 //!    first at processes owned by the socket's uid, stopping at the first hit.
 //! 2. **Process** ([`IdentityResolver::describe_process`]): `stat`, `status`,
@@ -33,6 +37,7 @@
 mod ci;
 mod exe_hash;
 mod process;
+mod sock_diag;
 mod socket;
 mod users;
 
@@ -51,12 +56,16 @@ use process::why;
 const MAX_ANCESTRY: usize = 64;
 
 /// Resolves connections and pids to [`ProcessIdentity`]s. Cheap to share:
-/// the only state is the executable-hash cache behind a mutex.
+/// the only state is the executable-hash cache and, when reading the real
+/// `/proc`, one `NETLINK_SOCK_DIAG` socket, each behind a mutex.
 #[derive(Debug)]
 pub struct IdentityResolver {
     proc_root: PathBuf,
     etc_root: PathBuf,
     exe_hashes: ExeHashCache,
+    /// Set when `proc_root` is the real `/proc` (netlink answers for the
+    /// agent's own network namespace, which `/proc/net` shows).
+    sock_diag: Option<sock_diag::SockDiag>,
 }
 
 /// The socket of a connection as `/proc/net/tcp` shows it, and the process
@@ -185,12 +194,16 @@ impl IdentityResolver {
     }
 
     /// Reads a `/proc`-like and an `/etc`-like tree (fixtures, or a host
-    /// filesystem mounted elsewhere).
+    /// filesystem mounted elsewhere). Sockets are looked up over netlink
+    /// only when `proc_root` is `/proc` itself.
     pub fn with_roots(proc_root: impl Into<PathBuf>, etc_root: impl Into<PathBuf>) -> Self {
+        let proc_root = proc_root.into();
+        let sock_diag = (proc_root == Path::new("/proc")).then(sock_diag::SockDiag::default);
         Self {
-            proc_root: proc_root.into(),
+            proc_root,
             etc_root: etc_root.into(),
             exe_hashes: ExeHashCache::default(),
+            sock_diag,
         }
     }
 
@@ -264,13 +277,20 @@ impl IdentityResolver {
     /// If the socket is shared by several processes (inherited across
     /// `fork`, or passed over a unix socket) only the first one found is
     /// returned, preferring processes owned by the socket's uid and newer
-    /// (higher) pids.
+    /// ones (pids counted down from the last one handed out).
     pub fn find_socket_owner(
         &self,
         client: SocketAddr,
         server: SocketAddr,
     ) -> Result<SocketOwner, IdentityError> {
-        let row = socket::find_row(&self.proc_root, client, server)?;
+        let netlink = self
+            .sock_diag
+            .as_ref()
+            .and_then(|diag| diag.find(client, server));
+        let row = match netlink {
+            Some(found) => found?,
+            None => socket::find_row(&self.proc_root, client, server)?,
+        };
         let pid = socket::find_pid_for_inode(&self.proc_root, row.inode, row.uid)?;
         Ok(SocketOwner {
             inode: row.inode,

@@ -162,27 +162,32 @@ pub(super) fn find_row(
     })
 }
 
+/// The pid handed out last (the last field of `loadavg`), if known.
+fn last_pid(proc_root: &Path) -> Option<u32> {
+    let text = fs::read_to_string(proc_root.join("loadavg")).ok()?;
+    text.split_whitespace().nth(4)?.parse().ok()
+}
+
 /// Numeric entries of `proc_root` (thread-group leaders only: `/proc` does
-/// not list thread ids), with the uid owning each directory.
-fn list_pids(proc_root: &Path) -> Result<Vec<(u32, Option<u32>)>, IdentityError> {
+/// not list thread ids), newest first: pids count down from the last one
+/// handed out, then wrap around to the highest (pids are reused from the
+/// bottom once `pid_max` is reached). Without `loadavg`, highest first.
+/// The entries are kept so that each directory's owner is read only when
+/// needed.
+fn list_pids(proc_root: &Path) -> Result<Vec<(u32, fs::DirEntry)>, IdentityError> {
     let entries = fs::read_dir(proc_root).map_err(|source| IdentityError::Read {
         path: proc_root.to_path_buf(),
         source,
     })?;
-    let mut pids = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // `DirEntry::metadata` does not follow symlinks (`/proc/self`), and
-        // a vanished pid simply has no owner: it is scanned last, if at all.
-        let uid = entry.metadata().ok().map(|m| m.uid());
-        pids.push((pid, uid));
-    }
+    let mut pids: Vec<_> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((pid, entry))
+        })
+        .collect();
+    let last = last_pid(proc_root).unwrap_or(u32::MAX);
+    pids.sort_unstable_by_key(|&(pid, _)| (pid > last, std::cmp::Reverse(pid)));
     Ok(pids)
 }
 
@@ -192,6 +197,9 @@ pub(super) fn holds_socket(proc_root: &Path, pid: u32, inode: u64) -> bool {
     holds_target(proc_root, pid, format!("socket:[{inode}]").as_bytes())
 }
 
+/// Reads the `fd` links of `pid`. A process whose `fd` directory cannot be
+/// opened (another user's, or exited) costs one failed `open`; a kernel
+/// thread's is empty.
 fn holds_target(proc_root: &Path, pid: u32, target: &[u8]) -> bool {
     let Ok(fds) = fs::read_dir(proc_root.join(pid.to_string()).join("fd")) else {
         return false;
@@ -205,7 +213,10 @@ fn holds_target(proc_root: &Path, pid: u32, target: &[u8]) -> bool {
 
 /// Finds a process holding `socket:[inode]`. Processes whose `/proc/<pid>`
 /// directory belongs to `uid` are scanned first (the socket's creator is
-/// almost always among them), newest pid first; then every other process.
+/// almost always among them), newest first (see [`list_pids`]); then every
+/// other process, newest first. Each directory's owner is read on the way
+/// down and the others' pids are put aside, so a holder among the newest
+/// processes of `uid` is found without a `stat` of every pid.
 /// The first holder found is returned: a socket passed to several processes
 /// (inherited across `fork`, or sent over a unix socket) yields only one.
 pub(super) fn find_pid_for_inode(
@@ -214,12 +225,20 @@ pub(super) fn find_pid_for_inode(
     uid: u32,
 ) -> Result<Option<u32>, IdentityError> {
     let target = format!("socket:[{inode}]");
-    let mut pids = list_pids(proc_root)?;
-    // Owned by `uid` first, then newest (highest) pid first.
-    pids.sort_unstable_by_key(|&(pid, owner)| (owner != Some(uid), std::cmp::Reverse(pid)));
-    Ok(pids
+    let mut others = Vec::new();
+    for (pid, entry) in list_pids(proc_root)? {
+        // `DirEntry::metadata` does not follow symlinks (`/proc/self`); a
+        // vanished pid has no owner and is put aside with the others.
+        if entry.metadata().is_ok_and(|m| m.uid() == uid) {
+            if holds_target(proc_root, pid, target.as_bytes()) {
+                return Ok(Some(pid));
+            }
+        } else {
+            others.push(pid);
+        }
+    }
+    Ok(others
         .into_iter()
-        .map(|(pid, _)| pid)
         .find(|&pid| holds_target(proc_root, pid, target.as_bytes())))
 }
 
@@ -464,5 +483,25 @@ pub(super) mod tests {
         assert_eq!(find_pid_for_inode(root, 111, 0).unwrap(), Some(100));
         assert_eq!(find_pid_for_inode(root, 1234, 0).unwrap(), None);
         assert!(find_pid_for_inode(&root.join("missing"), 1, 0).is_err());
+    }
+
+    #[test]
+    fn newest_holder_wins_across_pid_wraparound() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for pid in ["100", "300"] {
+            fs::create_dir_all(root.join(pid).join("fd")).unwrap();
+            symlink("socket:[12345]", root.join(pid).join("fd").join("3")).unwrap();
+        }
+        let uid = fs::metadata(root).unwrap().uid();
+        // Without `loadavg`, the highest pid is taken for the newest.
+        assert_eq!(find_pid_for_inode(root, 12345, uid).unwrap(), Some(300));
+        // Pids wrapped: 150 was handed out last, so 100 is newer than 300.
+        fs::write(root.join("loadavg"), "0.10 0.20 0.30 2/93 150\n").unwrap();
+        assert_eq!(find_pid_for_inode(root, 12345, uid).unwrap(), Some(100));
+        fs::write(root.join("loadavg"), "0.10 0.20 0.30 2/93 400\n").unwrap();
+        assert_eq!(find_pid_for_inode(root, 12345, uid).unwrap(), Some(300));
+        // No process of the socket's uid: the others, in the same order.
+        assert_eq!(find_pid_for_inode(root, 12345, uid + 1).unwrap(), Some(300));
     }
 }

@@ -3,6 +3,7 @@
 //! handed the two sockets and a [`SessionContext`], and returns why the
 //! session ended.
 
+pub mod postgres;
 pub mod tcp;
 
 use std::sync::Arc;

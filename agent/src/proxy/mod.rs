@@ -7,6 +7,7 @@
 //! [`SessionEvent::Started`] is emitted, and the target's protocol handler
 //! takes both sockets until the session ends.
 
+pub mod exec;
 pub mod live;
 mod session;
 
@@ -22,10 +23,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Listener, Protocol};
 use crate::control;
+use crate::events::Arrival;
 use crate::events::{EventSink, FanOut, LogSink};
 use crate::identity::IdentityResolver;
 use crate::metrics::{self, Metrics};
+use crate::redirect::Redirect;
 use live::LiveSessions;
+use session::{Route, UpstreamAddr};
 
 /// State shared by every listener and session.
 pub struct Shared {
@@ -45,6 +49,18 @@ pub struct Shared {
     force_close: CancellationToken,
     /// Listening addresses actually bound (port 0 resolved).
     pub bound: Vec<(SocketAddr, Listener)>,
+    /// The transparent redirect, when configured.
+    pub redirect: Option<Arc<Redirect>>,
+    /// Addresses redirected connections arrive on.
+    pub redirect_bound: Vec<SocketAddr>,
+}
+
+/// What an accept loop serves.
+enum Entry {
+    /// An explicit listener for one target.
+    Listener(Arc<Listener>),
+    /// The redirect port: targets come from the kernel's origin records.
+    Redirect,
 }
 
 /// A started agent: everything is bound and serving.
@@ -88,6 +104,36 @@ impl RunningAgent {
             bound.push((addr, l.clone()));
             listeners.push((socket, l.clone()));
         }
+        let mut redirect_sockets = Vec::new();
+        let mut redirect = None;
+        let mut exec_socket = None;
+        if let Some(settings) = &config.redirect {
+            let v4 = SocketAddr::from(([127, 0, 0, 1], settings.port));
+            let socket = bind_listener(v4).await.with_context(|| {
+                format!("cannot listen on {v4} for redirected connections; change redirect.port or stop what uses it")
+            })?;
+            redirect_sockets.push(socket);
+            let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, settings.port));
+            let port6 = match bind_listener(v6).await {
+                Ok(socket) => {
+                    redirect_sockets.push(socket);
+                    settings.port
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen on {v6}; native IPv6 connections to targets will be refused");
+                    0
+                }
+            };
+            let started = {
+                let config = config.clone();
+                tokio::task::spawn_blocking(move || Redirect::start(&config, port6)).await?
+            };
+            let r = Arc::new(started.context("cannot set up the transparent redirect")?);
+            metrics.set_redirect(r.clone());
+            exec_socket = Some((exec::bind(&settings.exec_socket)?, r.exec_root.clone()));
+            tracing::info!(modes = ?r.modes(), cgroups = r.attached().len(), "transparent redirect active");
+            redirect = Some(r);
+        }
         let metrics_socket = match config.agent.metrics_listen {
             Some(addr) => Some(metrics::bind(addr).await?),
             None => None,
@@ -103,6 +149,11 @@ impl RunningAgent {
             identity: Arc::new(IdentityResolver::new()),
             force_close: CancellationToken::new(),
             bound,
+            redirect_bound: redirect_sockets
+                .iter()
+                .filter_map(|s| s.local_addr().ok())
+                .collect(),
+            redirect,
         });
         let stop_accepting = CancellationToken::new();
         let sessions = TaskTracker::new();
@@ -113,11 +164,26 @@ impl RunningAgent {
             tracing::info!(listen = %addr, target = %listener.target, upstream = %listener.upstream, "listening");
             background.spawn(accept_loop(
                 socket,
-                Arc::new(listener),
+                Entry::Listener(Arc::new(listener)),
                 shared.clone(),
                 stop_accepting.clone(),
                 sessions.clone(),
             ));
+        }
+        for socket in redirect_sockets {
+            if let Ok(addr) = socket.local_addr() {
+                tracing::info!(listen = %addr, "listening for redirected connections");
+            }
+            background.spawn(accept_loop(
+                socket,
+                Entry::Redirect,
+                shared.clone(),
+                stop_accepting.clone(),
+                sessions.clone(),
+            ));
+        }
+        if let Some((socket, exec_root)) = exec_socket {
+            background.spawn(exec::serve(socket, exec_root, stop_accepting.clone()));
         }
         if let Some(socket) = metrics_socket {
             if let Ok(addr) = socket.local_addr() {
@@ -181,6 +247,9 @@ impl RunningAgent {
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.background.wait()).await;
         control::remove(&self.shared.config.agent.control_socket);
+        if let Some(settings) = &self.shared.config.redirect {
+            control::remove(&settings.exec_socket);
+        }
         tracing::info!("stopped");
     }
 }
@@ -201,7 +270,7 @@ async fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// descriptors) back off instead of spinning.
 async fn accept_loop(
     socket: TcpListener,
-    listener: Arc<Listener>,
+    entry: Entry,
     shared: Arc<Shared>,
     stop: CancellationToken,
     sessions: TaskTracker,
@@ -223,9 +292,15 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(1);
                 let shared = shared.clone();
-                let listener = listener.clone();
+                let route = match &entry {
+                    Entry::Listener(l) => Some(listener_route(&shared, l)),
+                    Entry::Redirect => redirect_route(&shared, peer),
+                };
+                // No route: a connection on the redirect port the kernel did
+                // not send. It is closed (fail closed).
+                let Some(route) = route else { continue };
                 sessions.spawn(async move {
-                    session::serve(shared, stream, peer, listener).await;
+                    session::serve(shared, stream, peer, route).await;
                     drop(permit);
                 });
             }
@@ -234,11 +309,49 @@ async fn accept_loop(
                     .metrics
                     .accept_errors
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(error = %e, listen = %listener.listen, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }
-    tracing::debug!(listen = %listener.listen, "listener closed");
+    tracing::debug!(listen = ?socket.local_addr().ok(), "listener closed");
+}
+
+fn listener_route(shared: &Shared, listener: &Listener) -> Route {
+    Route {
+        arrival: Arrival::Listener,
+        target: listener.target.clone(),
+        protocol: shared
+            .config
+            .targets
+            .get(&listener.target)
+            .map_or(Protocol::Tcp, |t| t.protocol),
+        upstream: UpstreamAddr::Named(listener.upstream.clone()),
+        origin: None,
+    }
+}
+
+fn redirect_route(shared: &Shared, peer: SocketAddr) -> Option<Route> {
+    let redirect = shared.redirect.as_ref()?;
+    let Some(origin) = redirect.take_origin(peer) else {
+        shared
+            .metrics
+            .origin_misses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(client = %peer, "connection on the redirect port without a kernel origin record; closed (it did not come through the connect hook)");
+        return None;
+    };
+    let Some(target) = shared.config.targets.iter().nth(origin.target_index) else {
+        tracing::warn!(client = %peer, destination = %origin.destination,
+            "redirected connection names target #{} which the configuration does not have; closed", origin.target_index);
+        return None;
+    };
+    Some(Route {
+        arrival: Arrival::Redirect,
+        target: target.name.clone(),
+        protocol: target.protocol,
+        upstream: UpstreamAddr::Direct(origin.destination),
+        origin: Some(origin),
+    })
 }

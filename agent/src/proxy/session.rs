@@ -2,38 +2,68 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
 use super::live::SessionCounters;
 use super::Shared;
-use crate::config::{Listener, Protocol, Upstream};
+use crate::config::{Protocol, Upstream};
 use crate::events::{Arrival, CloseReason, SessionEvent, SessionInfo};
-use crate::identity::ProcessIdentity;
+use crate::identity::{IdentityResolver, ProcessIdentity};
 use crate::protocol::{self, SessionContext};
+use crate::redirect::KernelOrigin;
 
-pub(super) async fn serve(
-    shared: Arc<Shared>,
-    client: TcpStream,
-    peer: SocketAddr,
-    listener: Arc<Listener>,
-) {
+/// Where an accepted connection goes and how it arrived.
+pub(super) struct Route {
+    pub(super) arrival: Arrival,
+    pub(super) target: String,
+    pub(super) protocol: Protocol,
+    pub(super) upstream: UpstreamAddr,
+    /// The kernel's record, for redirected connections.
+    pub(super) origin: Option<KernelOrigin>,
+}
+
+/// The upstream of a session.
+pub(super) enum UpstreamAddr {
+    /// A configured host and port, resolved per connection.
+    Named(Upstream),
+    /// The original destination of a redirected connection.
+    Direct(SocketAddr),
+}
+
+impl std::fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamAddr::Named(u) => write!(f, "{u}"),
+            UpstreamAddr::Direct(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, route: Route) {
     let began = Instant::now();
     let id = Uuid::now_v7();
-    let local = client.local_addr().unwrap_or(listener.listen);
+    let local = match client.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(error = %e, "accepted connection vanished before set-up");
+            return;
+        }
+    };
     let _ = client.set_nodelay(true);
 
     // The process is looked up first thing, while it is most likely still
     // alive, and on a blocking thread because it reads /proc.
     let resolver = shared.identity.clone();
+    let origin = route.origin.clone();
     let lookup = tokio::task::spawn_blocking(move || {
         let t = Instant::now();
-        let identity = resolver.identify_peer(peer, local);
+        let identity = identify(&resolver, peer, local, origin.as_ref());
         (identity, t.elapsed())
     });
-    let connect = connect_upstream(&listener.upstream, shared.config.agent.connect_timeout);
+    let connect = connect_upstream(&route.upstream, shared.config.agent.connect_timeout);
     let (looked_up, upstream) = tokio::join!(lookup, connect);
 
     let identity = match looked_up {
@@ -53,21 +83,17 @@ pub(super) async fn serve(
             }
         }
     };
-    let protocol = shared
-        .config
-        .targets
-        .get(&listener.target)
-        .map_or(Protocol::Tcp, |t| t.protocol);
     let info = Arc::new(SessionInfo {
         id,
         started_at: SystemTime::now(),
-        arrival: Arrival::Listener,
+        arrival: route.arrival,
         local,
         client: peer,
-        target: listener.target.clone(),
-        protocol,
-        upstream: listener.upstream.to_string(),
+        target: route.target.clone(),
+        protocol: route.protocol,
+        upstream: route.upstream.to_string(),
         identity,
+        kernel: route.origin.clone(),
     });
     let counters = Arc::new(SessionCounters::default());
     shared.live.insert(info.clone(), counters.clone());
@@ -107,6 +133,33 @@ pub(super) async fn serve(
     });
 }
 
+/// The identity of the process behind a connection. With a kernel record
+/// the process is known without searching the socket table, and the
+/// kernel's view (captured at connect time) fills what `/proc` no longer
+/// shows when the process already exited.
+fn identify(
+    resolver: &IdentityResolver,
+    peer: SocketAddr,
+    local: SocketAddr,
+    origin: Option<&KernelOrigin>,
+) -> ProcessIdentity {
+    let Some(origin) = origin else {
+        return resolver.identify_peer(peer, local);
+    };
+    let mut identity = resolver.describe_process(origin.tgid);
+    identity.pid = Some(origin.tgid);
+    if identity.uid.is_some_and(|uid| uid != origin.uid) {
+        identity.gaps.push(format!(
+            "the process's uid changed after connecting: {} at connect time",
+            origin.uid
+        ));
+    }
+    identity.uid = Some(origin.uid);
+    identity.gid.get_or_insert(origin.gid);
+    identity.comm.get_or_insert_with(|| origin.comm.clone());
+    identity
+}
+
 /// Which lookup failure, if any, a resolved identity shows.
 fn failure_label(identity: &ProcessIdentity) -> Option<&'static str> {
     match (identity.pid, identity.uid) {
@@ -119,17 +172,19 @@ fn failure_label(identity: &ProcessIdentity) -> Option<&'static str> {
 
 /// Resolves and connects to the upstream, trying each address in turn.
 async fn connect_upstream(
-    upstream: &Upstream,
-    timeout: std::time::Duration,
-) -> Result<(TcpStream, SocketAddr, std::time::Duration), CloseReason> {
+    upstream: &UpstreamAddr,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr, Duration), CloseReason> {
     let began = Instant::now();
     let attempt = async {
-        let addrs: Vec<SocketAddr> =
-            tokio::net::lookup_host((upstream.host.as_str(), upstream.port))
+        let addrs: Vec<SocketAddr> = match upstream {
+            UpstreamAddr::Direct(addr) => vec![*addr],
+            UpstreamAddr::Named(u) => tokio::net::lookup_host((u.host.as_str(), u.port))
                 .await
-                .map_err(|e| format!("cannot resolve {}: {e}", upstream.host))?
-                .collect();
-        let mut last_error = format!("{} resolved to no address", upstream.host);
+                .map_err(|e| format!("cannot resolve {}: {e}", u.host))?
+                .collect(),
+        };
+        let mut last_error = format!("{upstream} resolved to no address");
         for addr in addrs {
             match TcpStream::connect(addr).await {
                 Ok(stream) => {

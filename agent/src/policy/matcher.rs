@@ -1,0 +1,426 @@
+//! Compiled rule conditions, and the per-request view they are matched
+//! against. Everything that can be computed once per statement (kind and
+//! flag bits, the target's glob candidate) is computed once in
+//! [`Subject::new`]; table names are formatted only if a rule asks for them.
+//! Conditions are tested cheapest first, and the first that fails stops the
+//! rule.
+
+use std::cell::OnceCell;
+
+use globset::{Candidate, GlobSet};
+use regex::RegexSet;
+
+use super::{Action, Request, Statement};
+use crate::identity::{CiContext, CiProvider, ProcessIdentity};
+use crate::sql::{StatementKind, StatementSummary, TableRef};
+
+/// Flag bit: UPDATE or DELETE without WHERE.
+const NO_WHERE: u8 = 1;
+/// Flag bit: one of several statements in a message.
+const MULTI_STATEMENT: u8 = 1 << 1;
+/// Flag bit: the text does not parse.
+const UNPARSABLE: u8 = 1 << 2;
+/// Flag bit: COPY ... PROGRAM.
+const COPY_PROGRAM: u8 = 1 << 3;
+/// Flag bit: COPY to or from a server file.
+const COPY_SERVER_FILE: u8 = 1 << 4;
+/// Flag bit: server file or large-object functions.
+const SERVER_FILE_ACCESS: u8 = 1 << 5;
+/// Flag bit: ALTER SYSTEM, set_config(), pg_reload_conf().
+const CONFIG_CHANGE: u8 = 1 << 6;
+
+/// The names accepted in `flags`, with their bits.
+pub(super) const FLAG_NAMES: [(&str, u8); 7] = [
+    ("no_where", NO_WHERE),
+    ("multi_statement", MULTI_STATEMENT),
+    ("unparsable", UNPARSABLE),
+    ("copy_program", COPY_PROGRAM),
+    ("copy_server_file", COPY_SERVER_FILE),
+    ("server_file_access", SERVER_FILE_ACCESS),
+    ("config_change", CONFIG_CHANGE),
+];
+
+/// The names accepted in `kinds` (serde names of [`StatementKind`]), for
+/// error messages; parsing goes through serde so it never drifts.
+pub(super) const KIND_NAMES: [&str; 19] = [
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "merge",
+    "copy",
+    "create",
+    "alter",
+    "drop",
+    "truncate",
+    "grant",
+    "revoke",
+    "transaction",
+    "set",
+    "call",
+    "do",
+    "prepared",
+    "explain",
+    "other",
+];
+
+/// The bit of a statement kind in a `kinds` mask.
+pub(super) fn kind_bit(kind: StatementKind) -> u32 {
+    // Fieldless enum with fewer than 32 variants (KIND_NAMES' test checks).
+    1u32 << (kind as u32 & 31)
+}
+
+/// One compiled rule.
+#[derive(Debug)]
+pub(super) struct Rule {
+    pub(super) name: String,
+    pub(super) action: Action,
+    pub(super) message: Option<String>,
+    pub(super) description: Option<String>,
+    pub(super) file: String,
+    pub(super) when: Conditions,
+    pub(super) except: Option<Conditions>,
+}
+
+impl Rule {
+    /// `match` holds and `except` (if any) does not. `target_ok` is the
+    /// outcome of `match`'s `targets`, looked up for all rules at once by
+    /// the set's target index.
+    pub(super) fn applies(&self, s: &Subject<'_>, target_ok: bool) -> bool {
+        target_ok
+            && self.when.matches(s, false)
+            && !self.except.as_ref().is_some_and(|e| e.matches(s, true))
+    }
+}
+
+/// The conditions of one `match` (or `except`) table; `None` is absent
+/// (matches anything). Every present condition must hold.
+#[derive(Debug, Default)]
+pub(super) struct Conditions {
+    pub(super) targets: Option<GlobSet>,
+    /// The globs of `targets`, for the set-wide target index.
+    pub(super) target_globs: Vec<globset::Glob>,
+    pub(super) users: Option<Vec<String>>,
+    pub(super) uids: Option<Vec<u32>>,
+    pub(super) exe: Option<GlobSet>,
+    /// Lowercase hex.
+    pub(super) exe_sha256: Option<Vec<String>>,
+    pub(super) ancestry_contains: Option<GlobSet>,
+    pub(super) cgroup: Option<GlobSet>,
+    pub(super) ci_provider: Option<Vec<CiProvider>>,
+    pub(super) ci_repository: Option<GlobSet>,
+    pub(super) ci_branch: Option<GlobSet>,
+    pub(super) ci_job: Option<GlobSet>,
+    pub(super) ci_verified: Option<bool>,
+    /// Mask of [`kind_bit`]s.
+    pub(super) kinds: Option<u32>,
+    pub(super) commands: Option<GlobSet>,
+    pub(super) tables: Option<GlobSet>,
+    pub(super) tables_read: Option<GlobSet>,
+    pub(super) tables_written: Option<GlobSet>,
+    pub(super) functions: Option<GlobSet>,
+    /// Mask of flag bits (any-of).
+    pub(super) flags: Option<u8>,
+    pub(super) text_regex: Option<RegexSet>,
+}
+
+/// The statement side of a request, precomputed once per statement.
+pub(super) struct Subject<'a> {
+    target: Candidate<'a>,
+    identity: &'a ProcessIdentity,
+    /// `None` for an unparsable statement.
+    statement: Option<&'a StatementSummary>,
+    text: &'a str,
+    /// [`kind_bit`] of the statement, 0 when unparsable.
+    kind: u32,
+    flags: u8,
+    tables_read: OnceCell<Vec<String>>,
+    tables_written: OnceCell<Vec<String>>,
+}
+
+impl<'a> Subject<'a> {
+    /// The target as a glob candidate.
+    pub(super) fn target(&self) -> &Candidate<'a> {
+        &self.target
+    }
+
+    pub(super) fn new(req: &Request<'a>) -> Subject<'a> {
+        let mut flags = if req.multi_statement {
+            MULTI_STATEMENT
+        } else {
+            0
+        };
+        let (statement, text, kind) = match req.statement {
+            Statement::Parsed(s) => {
+                let f = &s.flags;
+                for (set, bit) in [
+                    (f.no_where, NO_WHERE),
+                    (f.copy_program, COPY_PROGRAM),
+                    (f.copy_server_file, COPY_SERVER_FILE),
+                    (f.server_file_access, SERVER_FILE_ACCESS),
+                    (f.config_change, CONFIG_CHANGE),
+                ] {
+                    if set {
+                        flags |= bit;
+                    }
+                }
+                (Some(s), s.text.as_str(), kind_bit(s.kind))
+            }
+            Statement::Unparsable { text, .. } => {
+                flags |= UNPARSABLE;
+                (None, text, 0)
+            }
+        };
+        Subject {
+            target: Candidate::new(req.target),
+            identity: req.identity,
+            statement,
+            text,
+            kind,
+            flags,
+            tables_read: OnceCell::new(),
+            tables_written: OnceCell::new(),
+        }
+    }
+
+    fn tables_read(&self) -> &[String] {
+        match self.statement {
+            Some(s) => self.tables_read.get_or_init(|| table_names(&s.tables_read)),
+            None => &[],
+        }
+    }
+
+    fn tables_written(&self) -> &[String] {
+        match self.statement {
+            Some(s) => self
+                .tables_written
+                .get_or_init(|| table_names(&s.tables_written)),
+            None => &[],
+        }
+    }
+
+    fn ci(&self) -> Option<&'a CiContext> {
+        self.identity.ci.as_ref()
+    }
+}
+
+/// The names a table is matched by: its bare name, and `schema.name` when
+/// the statement wrote a schema.
+fn table_names(tables: &[TableRef]) -> Vec<String> {
+    let mut out = Vec::with_capacity(tables.len() * 2);
+    for t in tables {
+        out.push(t.name.clone());
+        if let Some(schema) = &t.schema {
+            out.push(format!("{schema}.{}", t.name));
+        }
+    }
+    out
+}
+
+/// Any of `names` matches `set`.
+fn any_name(set: &GlobSet, names: &[String]) -> bool {
+    names.iter().any(|n| set.is_match(n.as_str()))
+}
+
+/// An optional string matches a glob set (absent never matches).
+fn opt_glob(set: &GlobSet, value: Option<&String>) -> bool {
+    value.is_some_and(|v| set.is_match(v.as_str()))
+}
+
+/// A function name matches as written (`pg_catalog.pg_read_file`) or by its
+/// last component (`pg_read_file`).
+fn function_matches(set: &GlobSet, name: &str) -> bool {
+    set.is_match(name)
+        || name
+            .rsplit_once('.')
+            .is_some_and(|(_, bare)| set.is_match(bare))
+}
+
+impl Conditions {
+    /// No condition at all (matches every statement).
+    pub(super) fn is_empty(&self) -> bool {
+        let Conditions {
+            targets,
+            target_globs: _,
+            users,
+            uids,
+            exe,
+            exe_sha256,
+            ancestry_contains,
+            cgroup,
+            ci_provider,
+            ci_repository,
+            ci_branch,
+            ci_job,
+            ci_verified,
+            kinds,
+            commands,
+            tables,
+            tables_read,
+            tables_written,
+            functions,
+            flags,
+            text_regex,
+        } = self;
+        targets.is_none()
+            && users.is_none()
+            && uids.is_none()
+            && exe.is_none()
+            && exe_sha256.is_none()
+            && ancestry_contains.is_none()
+            && cgroup.is_none()
+            && ci_provider.is_none()
+            && ci_repository.is_none()
+            && ci_branch.is_none()
+            && ci_job.is_none()
+            && ci_verified.is_none()
+            && kinds.is_none()
+            && commands.is_none()
+            && tables.is_none()
+            && tables_read.is_none()
+            && tables_written.is_none()
+            && functions.is_none()
+            && flags.is_none()
+            && text_regex.is_none()
+    }
+
+    /// Every present condition holds (`targets` only if `check_targets`).
+    /// Cheap bit tests first, then the target, identity, statement names,
+    /// and the regex last.
+    pub(super) fn matches(&self, s: &Subject<'_>, check_targets: bool) -> bool {
+        if let Some(mask) = self.kinds {
+            if mask & s.kind == 0 {
+                return false;
+            }
+        }
+        if let Some(mask) = self.flags {
+            if mask & s.flags == 0 {
+                return false;
+            }
+        }
+        if let Some(set) = self.targets.as_ref().filter(|_| check_targets) {
+            if !set.is_match_candidate(&s.target) {
+                return false;
+            }
+        }
+        if !self.identity_matches(s) {
+            return false;
+        }
+        if !self.statement_matches(s) {
+            return false;
+        }
+        if let Some(set) = &self.text_regex {
+            if !set.is_match(s.text) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn identity_matches(&self, s: &Subject<'_>) -> bool {
+        let id = s.identity;
+        if let Some(users) = &self.users {
+            if !id.user.as_ref().is_some_and(|u| users.contains(u)) {
+                return false;
+            }
+        }
+        if let Some(uids) = &self.uids {
+            if !id.uid.is_some_and(|u| uids.contains(&u)) {
+                return false;
+            }
+        }
+        if let Some(providers) = &self.ci_provider {
+            if !s.ci().is_some_and(|c| providers.contains(&c.provider)) {
+                return false;
+            }
+        }
+        if let Some(verified) = self.ci_verified {
+            if s.ci().is_none_or(|c| c.verified != verified) {
+                return false;
+            }
+        }
+        if let Some(set) = &self.ci_repository {
+            if !opt_glob(set, s.ci().and_then(|c| c.repository.as_ref())) {
+                return false;
+            }
+        }
+        if let Some(set) = &self.ci_branch {
+            if !opt_glob(set, s.ci().and_then(|c| c.branch.as_ref())) {
+                return false;
+            }
+        }
+        if let Some(set) = &self.ci_job {
+            if !opt_glob(set, s.ci().and_then(|c| c.job.as_ref())) {
+                return false;
+            }
+        }
+        if let Some(set) = &self.exe {
+            if !opt_glob(set, id.exe.as_ref()) {
+                return false;
+            }
+        }
+        if let Some(hashes) = &self.exe_sha256 {
+            let Some(h) = &id.exe_sha256 else {
+                return false;
+            };
+            if !hashes.iter().any(|x| x.eq_ignore_ascii_case(h)) {
+                return false;
+            }
+        }
+        if let Some(set) = &self.cgroup {
+            if !opt_glob(set, id.cgroup.as_ref()) {
+                return false;
+            }
+        }
+        if let Some(set) = &self.ancestry_contains {
+            let hit = id
+                .ancestry
+                .iter()
+                .any(|a| set.is_match(a.comm.as_str()) || opt_glob(set, a.exe.as_ref()));
+            if !hit {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn statement_matches(&self, s: &Subject<'_>) -> bool {
+        let needs_parse = self.commands.is_some()
+            || self.tables.is_some()
+            || self.tables_read.is_some()
+            || self.tables_written.is_some()
+            || self.functions.is_some();
+        if !needs_parse {
+            return true;
+        }
+        let Some(stmt) = s.statement else {
+            return false;
+        };
+        if let Some(set) = &self.commands {
+            if !set.is_match(stmt.command.as_str()) {
+                return false;
+            }
+        }
+        if let Some(set) = &self.tables {
+            if !any_name(set, s.tables_read()) && !any_name(set, s.tables_written()) {
+                return false;
+            }
+        }
+        if let Some(set) = &self.tables_read {
+            if !any_name(set, s.tables_read()) {
+                return false;
+            }
+        }
+        if let Some(set) = &self.tables_written {
+            if !any_name(set, s.tables_written()) {
+                return false;
+            }
+        }
+        if let Some(set) = &self.functions {
+            if !stmt.functions.iter().any(|f| function_matches(set, f)) {
+                return false;
+            }
+        }
+        true
+    }
+}

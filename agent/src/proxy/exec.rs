@@ -1,0 +1,205 @@
+//! The exec socket: how `tollgate exec` puts one command under governance.
+//!
+//! A client connects to the socket (mode 0666: asking to be governed only
+//! restricts the asker) and sends `govern`. The agent takes the client's pid
+//! from the kernel (`SO_PEERCRED`, not from anything the client says),
+//! creates a transient cgroup `exec-<pid>-<n>` under the exec cgroup (where
+//! the redirect programs are attached, so they apply to every child cgroup),
+//! moves the client into it and answers `ok <path>`. The client then runs
+//! its command, which inherits the cgroup. When the client's connection ends
+//! (the command finished and `tollgate exec` exited), the agent removes the
+//! cgroup once it is empty.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::redirect::cgroup;
+
+/// At most this many `tollgate exec` sessions at once.
+const MAX_EXEC_SESSIONS: usize = 1024;
+
+/// Binds the exec socket (replacing a stale one) with mode 0666.
+pub(super) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another agent answers on the exec socket {}; stop it first",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale exec socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot create the exec socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).with_context(|| {
+        format!(
+            "cannot open the exec socket {} to every user",
+            path.display()
+        )
+    })?;
+    Ok(listener)
+}
+
+/// Serves exec requests until `stop` is cancelled.
+pub(super) async fn serve(listener: UnixListener, exec_root: PathBuf, stop: CancellationToken) {
+    sweep(&exec_root);
+    let permits = Arc::new(Semaphore::new(MAX_EXEC_SESSIONS));
+    let counter = Arc::new(AtomicU64::new(0));
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "exec socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let mut s = stream;
+            let _ = s
+                .write_all(b"error too many tollgate exec sessions are running\n")
+                .await;
+            continue;
+        };
+        let exec_root = exec_root.clone();
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Err(e) = govern(stream, &exec_root, n).await {
+                tracing::warn!(error = %format!("{e:#}"), "exec request failed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn govern(stream: UnixStream, exec_root: &Path, n: u64) -> anyhow::Result<()> {
+    let cred = stream
+        .peer_cred()
+        .context("reading the requester's credentials")?;
+    let pid = cred
+        .pid()
+        .and_then(|p| u32::try_from(p).ok())
+        .context("the kernel gave no pid for the requester")?;
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read.take(256));
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .context("no request within 5 s")??;
+    if line.trim() != "govern" {
+        write
+            .write_all(b"error unknown request; expected \"govern\"\n")
+            .await?;
+        return Ok(());
+    }
+    let dir = exec_root.join(format!("exec-{pid}-{n}"));
+    let made = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || -> std::io::Result<()> {
+            std::fs::create_dir(&dir)?;
+            cgroup::move_pid(&dir, pid)
+        }
+    })
+    .await?;
+    if let Err(e) = made {
+        let _ = std::fs::remove_dir(&dir);
+        write
+            .write_all(
+                format!(
+                    "error cannot move process {pid} into {}: {e}\n",
+                    dir.display()
+                )
+                .as_bytes(),
+            )
+            .await?;
+        return Ok(());
+    }
+    tracing::info!(pid, uid = cred.uid(), cgroup = %dir.display(), "tollgate exec: process governed");
+    write
+        .write_all(format!("ok {}\n", dir.display()).as_bytes())
+        .await?;
+
+    // The requester holds the connection open for as long as it lives.
+    let mut rest = reader.into_inner();
+    let mut sink = [0u8; 64];
+    while matches!(rest.read(&mut sink).await, Ok(n) if n > 0) {}
+    remove_when_empty(&dir).await;
+    Ok(())
+}
+
+/// Removes a transient cgroup once its last process is gone (processes
+/// take a moment to leave after their parent saw them exit).
+async fn remove_when_empty(dir: &Path) {
+    for _ in 0..100 {
+        if std::fs::remove_dir(dir).is_ok() {
+            tracing::info!(cgroup = %dir.display(), "tollgate exec: session ended, cgroup removed");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::warn!(cgroup = %dir.display(), populated = cgroup::populated(dir),
+        "tollgate exec: processes outlived the command; the cgroup stays governed and is removed once empty");
+}
+
+/// Removes empty `exec-*` cgroups left by an earlier run.
+fn sweep(exec_root: &Path) {
+    let Ok(entries) = std::fs::read_dir(exec_root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with("exec-") && std::fs::remove_dir(e.path()).is_ok() {
+            tracing::info!(cgroup = %e.path().display(), "removed an empty exec cgroup of an earlier run");
+        }
+    }
+}
+
+/// Client side: asks the agent at `socket` to govern this process. The
+/// returned stream must stay open while the governed command runs.
+pub async fn request_governance(socket: &Path) -> anyhow::Result<(UnixStream, String)> {
+    let mut stream = UnixStream::connect(socket).await.map_err(|e| {
+        anyhow::anyhow!(
+            "no agent answers on the exec socket {} ({e}); `tollgate exec` needs `tollgate run` with a [redirect] section running on this host",
+            socket.display()
+        )
+    })?;
+    stream.write_all(b"govern\n").await?;
+    let mut line = String::new();
+    let mut reader = BufReader::new(&mut stream);
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+        .await
+        .context("the agent did not answer within 10 s")??;
+    let line = line.trim_end().to_string();
+    match line.split_once(' ') {
+        Some(("ok", cgroup)) => Ok((stream, cgroup.to_string())),
+        Some(("error", why)) => anyhow::bail!("the agent refused: {why}"),
+        _ => anyhow::bail!("unexpected answer from the agent: {line:?}"),
+    }
+}
+
+/// Sends `signal` to `pid` (a child of ours).
+#[allow(unsafe_code)]
+pub fn forward_signal(pid: u32, signal: i32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}

@@ -1,0 +1,644 @@
+//! The transparent redirect: the only code that touches aya.
+//!
+//! One object file (`agent-ebpf`, embedded at build time) holds
+//! `tollgate_connect4`, `tollgate_connect6` and `tollgate_sockops`. It is
+//! loaded once per *mode* (destinations no target names either pass or are
+//! denied), because the mode lives in the object's `CONFIG` map; every
+//! governed cgroup of that mode gets the three programs attached.
+//!
+//! Everything is pinned under `redirect.pin_dir` (on bpffs):
+//! `<pin_dir>/<mode>/maps/<MAP>` and `<pin_dir>/<mode>/links/<cgroup id>/<program>`.
+//! Pinned links keep the programs attached when the agent exits or crashes:
+//! governed connections are then redirected to a port nobody listens on and
+//! fail (fail closed). On start the agent re-opens the pinned maps (so
+//! origin records of connections in flight survive), refills them from the
+//! configuration, and keeps already pinned links instead of attaching again
+//! (re-adoption). `tollgate detach` removes the pins and so the programs.
+
+pub mod cgroup;
+mod targets;
+
+use std::collections::HashSet;
+use std::fs;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use serde::Serialize;
+use tollgate_common::{
+    as_v4_mapped, v4_mapped, ConnectOrigin, OriginKey, RedirectConfig, TargetEntry,
+    CONFIG_F_DENY_UNLISTED, STAT_CLOSED, STAT_COUNT, STAT_DENIED, STAT_ERRORS, STAT_PASSED,
+    STAT_PUBLISHED, STAT_REDIRECTED,
+};
+
+use crate::config::{Config, UnlistedPolicy};
+
+/// The kernel programs, built by `build.rs`.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate-ebpf"));
+
+const PROGRAM_NAMES: [&str; 3] = ["tollgate_connect4", "tollgate_connect6", "tollgate_sockops"];
+const PINNED_MAPS: [&str; 6] = [
+    "CONFIG",
+    "TARGETS",
+    "RESOLVERS",
+    "PENDING",
+    "ORIGINS",
+    "STATS",
+];
+
+/// What the kernel recorded about a redirected connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KernelOrigin {
+    /// Where the process tried to connect.
+    pub destination: SocketAddr,
+    /// Its process id (thread group id).
+    pub tgid: u32,
+    /// Its real uid at connect time.
+    pub uid: u32,
+    /// Its real gid at connect time.
+    pub gid: u32,
+    /// Its cgroup v2 id at connect time.
+    pub cgroup_id: u64,
+    /// The connecting thread's name.
+    pub comm: String,
+    /// Index of the configured target (0-based) the redirect matched.
+    pub target_index: usize,
+}
+
+/// Errors setting up the redirect, each with what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    /// Not allowed to load or attach programs.
+    #[error("cannot {action}: permission denied; run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN, or remove [redirect] and use explicit listeners ([[listener]])")]
+    Permission {
+        /// What was attempted.
+        action: String,
+    },
+    /// A missing kernel feature.
+    #[error("{0}")]
+    Kernel(String),
+    /// Anything else, with context.
+    #[error("{context}: {source}")]
+    Other {
+        /// What was attempted.
+        context: String,
+        /// Why it failed.
+        source: anyhow::Error,
+    },
+}
+
+fn other(context: impl Into<String>) -> impl FnOnce(anyhow::Error) -> RedirectError {
+    let context = context.into();
+    move |source| RedirectError::Other { context, source }
+}
+
+/// Maps a loader or attach error, recognising permission problems.
+fn classify(action: &str, e: impl std::error::Error + Send + Sync + 'static) -> RedirectError {
+    let text = format!("{e:#}").to_lowercase();
+    let chain = {
+        let mut s = text.clone();
+        let mut source = e.source();
+        while let Some(inner) = source {
+            s.push_str(&inner.to_string().to_lowercase());
+            source = inner.source();
+        }
+        s
+    };
+    if chain.contains("permission denied") || chain.contains("operation not permitted") {
+        RedirectError::Permission {
+            action: action.to_string(),
+        }
+    } else {
+        RedirectError::Other {
+            context: action.to_string(),
+            source: anyhow::Error::new(e),
+        }
+    }
+}
+
+/// One loaded copy of the programs, for one mode.
+struct Instance {
+    mode: UnlistedPolicy,
+    dir: PathBuf,
+    /// Kept alive: dropping it would unload programs not yet pinned.
+    _ebpf: Ebpf,
+    origins: Mutex<HashMap<MapData, OriginKey, ConnectOrigin>>,
+    stats: PerCpuArray<MapData, u64>,
+    attached: Vec<AttachedCgroup>,
+}
+
+/// A cgroup with the programs attached.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttachedCgroup {
+    /// Its directory.
+    pub path: PathBuf,
+    /// Its cgroup id.
+    pub id: u64,
+    /// pass or deny for unlisted destinations.
+    pub unlisted: &'static str,
+    /// Whether pinned links from an earlier run were kept.
+    pub readopted: bool,
+}
+
+/// Counters kept by the kernel programs, summed over CPUs.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct KernelStats {
+    /// Connects rewritten to the proxy.
+    pub redirected: u64,
+    /// Connects refused with EPERM.
+    pub denied: u64,
+    /// Connects let through.
+    pub passed: u64,
+    /// Origins published by sockops.
+    pub published: u64,
+    /// Origins removed because the client closed first.
+    pub closed: u64,
+    /// Internal failures in the programs.
+    pub errors: u64,
+}
+
+/// The loaded, attached redirect.
+pub struct Redirect {
+    instances: Vec<Instance>,
+    /// The cgroup v2 mount.
+    pub cgroup_root: PathBuf,
+    /// Where `tollgate exec` sessions' cgroups are created.
+    pub exec_root: PathBuf,
+    /// The pin directory.
+    pub pin_dir: PathBuf,
+}
+
+impl Redirect {
+    /// Loads, fills and attaches everything the configuration asks for.
+    /// `proxy_port6` is 0 when the agent could not listen on [::1].
+    pub fn start(config: &Config, proxy_port6: u16) -> Result<Redirect, RedirectError> {
+        let settings = config.redirect.clone().unwrap_or_default();
+        let cgroup_root = cgroup::cgroup2_mount().ok_or_else(|| {
+            RedirectError::Kernel("no cgroup v2 hierarchy is mounted (see /proc/self/mountinfo); mount one (mount -t cgroup2 none /sys/fs/cgroup/unified) or use explicit listeners".into())
+        })?;
+        if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+            tracing::warn!("the kernel exposes no BTF (/sys/kernel/btf/vmlinux); loading may fail on kernels that need it");
+        }
+        ensure_bpffs(&settings.pin_dir)?;
+
+        let resolved = resolve_host_targets(config);
+        let entries = targets::build(config.targets.iter().enumerate(), &|h| {
+            resolved
+                .iter()
+                .filter(|(name, _)| name == h)
+                .map(|(_, ip)| *ip)
+                .collect()
+        })
+        .map_err(RedirectError::Kernel)?;
+
+        // Every governed cgroup, and the parent of `tollgate exec` sessions.
+        let exec_root = cgroup::resolve(&cgroup_root, &settings.exec_cgroup);
+        fs::create_dir_all(&exec_root).map_err(|e| {
+            other(format!(
+                "cannot create the exec cgroup {}",
+                exec_root.display()
+            ))(e.into())
+        })?;
+        let mut wanted: Vec<(PathBuf, UnlistedPolicy)> = config
+            .cgroups
+            .iter()
+            .map(|g| (cgroup::resolve(&cgroup_root, &g.path), g.unlisted))
+            .collect();
+        wanted.push((exec_root.clone(), settings.exec_unlisted));
+
+        let mut instances = Vec::new();
+        for mode in [UnlistedPolicy::Pass, UnlistedPolicy::Deny] {
+            let cgroups: Vec<&PathBuf> = wanted
+                .iter()
+                .filter(|(_, m)| *m == mode)
+                .map(|(p, _)| p)
+                .collect();
+            let dir = settings.pin_dir.join(mode_name(mode));
+            if cgroups.is_empty() {
+                // A mode no cgroup uses any more: drop its pins so stale
+                // programs do not linger.
+                if dir.exists() {
+                    tracing::info!(dir = %dir.display(), "removing pins of a mode no cgroup uses any more");
+                    let _ = fs::remove_dir_all(&dir);
+                }
+                continue;
+            }
+            let config_value = RedirectConfig {
+                proxy_port4: settings.port,
+                proxy_port6,
+                flags: if mode == UnlistedPolicy::Deny {
+                    CONFIG_F_DENY_UNLISTED
+                } else {
+                    0
+                },
+            };
+            instances.push(Instance::start(
+                mode,
+                &dir,
+                config_value,
+                &entries,
+                &settings.resolvers,
+                &cgroups,
+            )?);
+        }
+        Ok(Redirect {
+            instances,
+            cgroup_root,
+            exec_root,
+            pin_dir: settings.pin_dir,
+        })
+    }
+
+    /// Takes (reads and removes) the kernel's record of the connection whose
+    /// client end is `peer`. `None` means it did not come through the hook.
+    pub fn take_origin(&self, peer: SocketAddr) -> Option<KernelOrigin> {
+        let addr = match peer.ip() {
+            IpAddr::V4(v4) => v4_mapped(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        let key = OriginKey::new(addr, peer.port());
+        for instance in &self.instances {
+            let Ok(mut origins) = instance.origins.lock() else {
+                continue;
+            };
+            if let Ok(origin) = origins.get(&key, 0) {
+                let _ = origins.remove(&key);
+                return Some(to_kernel_origin(&origin));
+            }
+        }
+        None
+    }
+
+    /// Sum of the kernel counters over every instance.
+    pub fn stats(&self) -> KernelStats {
+        let mut s = KernelStats::default();
+        for i in &self.instances {
+            let get = |index: u32| -> u64 {
+                i.stats
+                    .get(&index, 0)
+                    .map(|values| values.iter().sum())
+                    .unwrap_or(0)
+            };
+            s.redirected += get(STAT_REDIRECTED);
+            s.denied += get(STAT_DENIED);
+            s.passed += get(STAT_PASSED);
+            s.published += get(STAT_PUBLISHED);
+            s.closed += get(STAT_CLOSED);
+            s.errors += get(STAT_ERRORS);
+        }
+        let _ = STAT_COUNT;
+        s
+    }
+
+    /// Entries in the origin maps (connections redirected, not yet accepted).
+    pub fn pending_origins(&self) -> usize {
+        self.instances
+            .iter()
+            .filter_map(|i| i.origins.lock().ok().map(|m| m.keys().count()))
+            .sum()
+    }
+
+    /// The cgroups with programs attached.
+    pub fn attached(&self) -> Vec<AttachedCgroup> {
+        self.instances
+            .iter()
+            .flat_map(|i| i.attached.iter().cloned())
+            .collect()
+    }
+
+    /// Every pinned file under the pin directory.
+    pub fn pinned(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for i in &self.instances {
+            walk(&i.dir, &mut out);
+        }
+        out.sort();
+        out
+    }
+
+    /// Modes loaded, for logs.
+    pub fn modes(&self) -> Vec<&'static str> {
+        self.instances.iter().map(|i| mode_name(i.mode)).collect()
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            walk(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+fn mode_name(mode: UnlistedPolicy) -> &'static str {
+    match mode {
+        UnlistedPolicy::Pass => "pass",
+        UnlistedPolicy::Deny => "deny",
+    }
+}
+
+fn to_kernel_origin(o: &ConnectOrigin) -> KernelOrigin {
+    let ip = match as_v4_mapped(&o.dst_addr) {
+        Some(v4) => IpAddr::from(v4),
+        None => IpAddr::V6(Ipv6Addr::from(o.dst_addr)),
+    };
+    let destination = match ip {
+        IpAddr::V4(_) => SocketAddr::new(ip, o.dst_port),
+        IpAddr::V6(v6) => SocketAddr::V6(SocketAddrV6::new(v6, o.dst_port, 0, 0)),
+    };
+    let comm_len = o.comm.iter().position(|b| *b == 0).unwrap_or(o.comm.len());
+    KernelOrigin {
+        destination,
+        tgid: o.tgid,
+        uid: o.uid,
+        gid: o.gid,
+        cgroup_id: o.cgroup_id,
+        comm: String::from_utf8_lossy(o.comm.get(..comm_len).unwrap_or_default()).into_owned(),
+        target_index: (o.target as usize).saturating_sub(1),
+    }
+}
+
+/// Host-name targets resolved once at start (the trie holds addresses).
+fn resolve_host_targets(config: &Config) -> Vec<(String, IpAddr)> {
+    use std::net::ToSocketAddrs;
+    let mut out = Vec::new();
+    for t in config.targets.iter() {
+        if let crate::config::TargetAddress::Host(h) = &t.address {
+            match (h.as_str(), 0).to_socket_addrs() {
+                Ok(addrs) => out.extend(addrs.map(|a| (h.clone(), a.ip()))),
+                Err(e) => tracing::warn!(target_name = %t.name, host = %h,
+                    "cannot resolve {h} for the redirect ({e}); connections to it are not redirected until the agent restarts"),
+            }
+        }
+    }
+    out
+}
+
+/// Makes sure `pin_dir` lives on a mounted bpffs, mounting one at
+/// /sys/fs/bpf when none is there.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
+    let on_bpffs = pin_dir.ancestors().any(cgroup::is_bpffs);
+    if on_bpffs {
+        return fs::create_dir_all(pin_dir)
+            .map_err(|e| other(format!("cannot create {}", pin_dir.display()))(e.into()));
+    }
+    let mount_point = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(mount_point) {
+        let _ = fs::create_dir_all(mount_point);
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(mount_point)
+            .status();
+        if matches!(status, Ok(s) if s.success()) {
+            tracing::info!("mounted bpffs at /sys/fs/bpf");
+            return fs::create_dir_all(pin_dir)
+                .map_err(|e| other(format!("cannot create {}", pin_dir.display()))(e.into()));
+        }
+    }
+    Err(RedirectError::Kernel(format!(
+        "{} is not on a bpf filesystem and mounting one failed; run `mount -t bpf bpf /sys/fs/bpf` as root, or set redirect.pin_dir to a directory on bpffs",
+        pin_dir.display()
+    )))
+}
+
+impl Instance {
+    fn start(
+        mode: UnlistedPolicy,
+        dir: &Path,
+        config_value: RedirectConfig,
+        entries: &[targets::TrieEntry],
+        resolvers: &[IpAddr],
+        cgroups: &[&PathBuf],
+    ) -> Result<Instance, RedirectError> {
+        let maps_dir = dir.join("maps");
+        fs::create_dir_all(&maps_dir)
+            .map_err(|e| other(format!("cannot create {}", maps_dir.display()))(e.into()))?;
+        let map_paths: Vec<(&str, PathBuf)> =
+            PINNED_MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(PROGRAMS)
+            .map_err(|e| classify("load the eBPF programs", e))?;
+
+        fill_maps(&mut ebpf, config_value, entries, resolvers)?;
+
+        for name in PROGRAM_NAMES {
+            let program = ebpf.program_mut(name).ok_or_else(|| {
+                RedirectError::Kernel(format!("the embedded object lacks program {name}"))
+            })?;
+            let result = match program {
+                aya::programs::Program::CgroupSockAddr(p) => p.load(),
+                aya::programs::Program::SockOps(p) => p.load(),
+                _ => {
+                    return Err(RedirectError::Kernel(format!(
+                        "program {name} has an unexpected type"
+                    )))
+                }
+            };
+            result.map_err(|e| classify(&format!("load program {name}"), e))?;
+        }
+
+        let mut attached = Vec::new();
+        for path in cgroups {
+            attached.push(attach_cgroup(&mut ebpf, mode, dir, path)?);
+        }
+
+        let origins_map = ebpf
+            .take_map("ORIGINS")
+            .ok_or_else(|| RedirectError::Kernel("the embedded object lacks map ORIGINS".into()))?;
+        let origins =
+            HashMap::try_from(origins_map).map_err(|e| classify("open map ORIGINS", e))?;
+        let stats_map = ebpf
+            .take_map("STATS")
+            .ok_or_else(|| RedirectError::Kernel("the embedded object lacks map STATS".into()))?;
+        let stats = PerCpuArray::try_from(stats_map).map_err(|e| classify("open map STATS", e))?;
+        Ok(Instance {
+            mode,
+            dir: dir.to_path_buf(),
+            _ebpf: ebpf,
+            origins: Mutex::new(origins),
+            stats,
+            attached,
+        })
+    }
+}
+
+fn fill_maps(
+    ebpf: &mut Ebpf,
+    config_value: RedirectConfig,
+    entries: &[targets::TrieEntry],
+    resolvers: &[IpAddr],
+) -> Result<(), RedirectError> {
+    let missing = |m: &str| RedirectError::Kernel(format!("the embedded object lacks map {m}"));
+    let mut config_map: Array<_, RedirectConfig> =
+        Array::try_from(ebpf.map_mut("CONFIG").ok_or_else(|| missing("CONFIG"))?)
+            .map_err(|e| classify("open map CONFIG", e))?;
+    config_map
+        .set(0, config_value, 0)
+        .map_err(|e| classify("write map CONFIG", e))?;
+
+    let mut trie: LpmTrie<_, [u8; 16], TargetEntry> =
+        LpmTrie::try_from(ebpf.map_mut("TARGETS").ok_or_else(|| missing("TARGETS"))?)
+            .map_err(|e| classify("open map TARGETS", e))?;
+    // A re-opened pinned map may hold entries of an earlier configuration.
+    let wanted: HashSet<(u32, [u8; 16])> = entries.iter().map(|e| (e.prefix_len, e.addr)).collect();
+    let stale: Vec<Key<[u8; 16]>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+        .collect();
+    for key in stale {
+        let _ = trie.remove(&key);
+    }
+    for e in entries {
+        trie.insert(&Key::new(e.prefix_len, e.addr), e.entry, 0)
+            .map_err(|err| classify("write map TARGETS", err))?;
+    }
+
+    let mut resolver_map: HashMap<_, [u8; 16], u32> = HashMap::try_from(
+        ebpf.map_mut("RESOLVERS")
+            .ok_or_else(|| missing("RESOLVERS"))?,
+    )
+    .map_err(|e| classify("open map RESOLVERS", e))?;
+    let keep: HashSet<[u8; 16]> = resolvers
+        .iter()
+        .map(|ip| match ip {
+            IpAddr::V4(v4) => v4_mapped(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
+        })
+        .collect();
+    let old: Vec<[u8; 16]> = resolver_map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !keep.contains(k))
+        .collect();
+    for k in old {
+        let _ = resolver_map.remove(&k);
+    }
+    for k in keep {
+        resolver_map
+            .insert(k, 1, 0)
+            .map_err(|e| classify("write map RESOLVERS", e))?;
+    }
+    Ok(())
+}
+
+/// Attaches the three programs to one cgroup and pins the links, or keeps
+/// the links pinned by an earlier run.
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    mode: UnlistedPolicy,
+    dir: &Path,
+    cgroup_dir: &Path,
+) -> Result<AttachedCgroup, RedirectError> {
+    let id = cgroup::cgroup_id(cgroup_dir).map_err(|e| {
+        RedirectError::Kernel(format!(
+            "cannot use cgroup {}: {e}; create it first or fix the [[cgroup]] path",
+            cgroup_dir.display()
+        ))
+    })?;
+    let links_dir = dir.join("links").join(id.to_string());
+    let pins: Vec<PathBuf> = PROGRAM_NAMES.iter().map(|n| links_dir.join(n)).collect();
+    // Links of the other mode on the same cgroup would block ours.
+    let other_mode = match mode {
+        UnlistedPolicy::Pass => UnlistedPolicy::Deny,
+        UnlistedPolicy::Deny => UnlistedPolicy::Pass,
+    };
+    let other_links = dir
+        .with_file_name(mode_name(other_mode))
+        .join("links")
+        .join(id.to_string());
+    if other_links.exists() {
+        tracing::warn!(cgroup = %cgroup_dir.display(), "the cgroup changes mode; replacing its programs");
+        let _ = fs::remove_dir_all(&other_links);
+    }
+    let readopted = pins.iter().all(|p| PinnedLink::from_pin(p).is_ok());
+    if !readopted {
+        for p in &pins {
+            let _ = fs::remove_file(p);
+        }
+        fs::create_dir_all(&links_dir)
+            .map_err(|e| other(format!("cannot create {}", links_dir.display()))(e.into()))?;
+        for (name, pin) in PROGRAM_NAMES.iter().zip(&pins) {
+            let cgroup_file = fs::File::open(cgroup_dir).map_err(|e| {
+                other(format!("cannot open cgroup {}", cgroup_dir.display()))(e.into())
+            })?;
+            let action = format!("attach {name} to cgroup {}", cgroup_dir.display());
+            let program = ebpf.program_mut(name).ok_or_else(|| {
+                RedirectError::Kernel(format!("the embedded object lacks program {name}"))
+            })?;
+            let link: FdLink = match program {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    let link_id = attach_sock_addr(p, cgroup_file, &action)?;
+                    p.take_link(link_id)
+                        .map_err(|e| classify(&action, e))?
+                        .try_into()
+                        .map_err(|e| classify(&action, e))?
+                }
+                aya::programs::Program::SockOps(p) => {
+                    let link_id = p
+                        .attach(cgroup_file, CgroupAttachMode::Single)
+                        .map_err(|e| classify(&action, e))?;
+                    p.take_link(link_id)
+                        .map_err(|e| classify(&action, e))?
+                        .try_into()
+                        .map_err(|e| classify(&action, e))?
+                }
+                _ => {
+                    return Err(RedirectError::Kernel(format!(
+                        "program {name} has an unexpected type"
+                    )))
+                }
+            };
+            link.pin(pin)
+                .map_err(|e| classify(&format!("pin {}", pin.display()), e))?;
+        }
+        tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "attached the redirect programs");
+    } else {
+        tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "re-adopted pinned redirect programs");
+    }
+    Ok(AttachedCgroup {
+        path: cgroup_dir.to_path_buf(),
+        id,
+        unlisted: mode_name(mode),
+        readopted,
+    })
+}
+
+fn attach_sock_addr(
+    p: &mut CgroupSockAddr,
+    cgroup_file: fs::File,
+    action: &str,
+) -> Result<aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId, RedirectError> {
+    p.attach(cgroup_file, CgroupAttachMode::Single)
+        .map_err(|e| classify(action, e))
+}
+
+/// Removes every pin under `pin_dir`, which detaches the programs (unless an
+/// agent still holds them). Returns what was removed.
+pub fn detach(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    walk(pin_dir, &mut removed);
+    if pin_dir.exists() {
+        fs::remove_dir_all(pin_dir)?;
+    }
+    Ok(removed)
+}
+
+/// The unused-import guard for `SockOps` (kept for type clarity in docs).
+#[allow(dead_code)]
+fn _sockops_type(_: &SockOps) {}

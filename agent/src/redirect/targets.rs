@@ -1,0 +1,203 @@
+//! Turning configured targets into `TARGETS` trie entries (pure, testable).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use tollgate_common::{
+    v4_mapped, PortRule, TargetEntry, ACTION_REDIRECT, IPV4_MAPPED_PREFIX, MAX_PORT_RULES,
+};
+
+use crate::config::{Target, TargetAddress};
+
+/// A trie prefix: length in bits over 128, and the 16-byte address.
+type Prefix = (u32, [u8; 16]);
+
+/// One trie entry: prefix length over the 16-byte (v4-mapped) address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TrieEntry {
+    /// Prefix length in bits, over 128.
+    pub(super) prefix_len: u32,
+    /// The address, v4-mapped for IPv4.
+    pub(super) addr: [u8; 16],
+    /// Rules, most specific prefix's first.
+    pub(super) entry: TargetEntry,
+}
+
+/// A network as (prefix length over 128 bits, 16-byte address).
+fn trie_prefix(net: &IpNet) -> (u32, [u8; 16]) {
+    match net {
+        IpNet::V4(n) => (
+            IPV4_MAPPED_PREFIX + u32::from(n.prefix_len()),
+            v4_mapped(n.network().octets()),
+        ),
+        IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
+    }
+}
+
+fn contains(outer: &(u32, [u8; 16]), inner: &(u32, [u8; 16])) -> bool {
+    if outer.0 > inner.0 {
+        return false;
+    }
+    let (full_bytes, rest_bits) = ((outer.0 / 8) as usize, outer.0 % 8);
+    if outer.1.get(..full_bytes) != inner.1.get(..full_bytes) {
+        return false;
+    }
+    if rest_bits == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rest_bits);
+    match (outer.1.get(full_bytes), inner.1.get(full_bytes)) {
+        (Some(a), Some(b)) => a & mask == b & mask,
+        _ => true,
+    }
+}
+
+/// Builds the trie. Target `i` of `targets` gets index `i + 1` in the rules
+/// (0 means "none"). Host-name targets use the addresses in `resolved`.
+/// Because the kernel consults only the longest matching prefix, each entry
+/// also carries the rules of every broader prefix containing it, after its
+/// own.
+pub(super) fn build<'a>(
+    targets: impl IntoIterator<Item = (usize, &'a Target)>,
+    resolved: &dyn Fn(&str) -> Vec<IpAddr>,
+) -> Result<Vec<TrieEntry>, String> {
+    let mut own: BTreeMap<(u32, [u8; 16]), Vec<PortRule>> = BTreeMap::new();
+    for (i, target) in targets {
+        let index = u32::try_from(i + 1).map_err(|_| "too many targets".to_string())?;
+        let nets: Vec<IpNet> = match &target.address {
+            TargetAddress::Net(n) => vec![*n],
+            TargetAddress::Host(h) => resolved(h).into_iter().map(IpNet::from).collect(),
+        };
+        for net in nets {
+            let rules = own.entry(trie_prefix(&net)).or_default();
+            for range in &target.ports {
+                rules.push(PortRule {
+                    first: range.first,
+                    last: range.last,
+                    action: ACTION_REDIRECT,
+                    _pad: 0,
+                    target: index,
+                });
+            }
+        }
+    }
+    let mut entries = Vec::new();
+    for (prefix, rules) in &own {
+        let mut all = rules.clone();
+        // Broader prefixes, most specific first.
+        let mut broader: Vec<(&Prefix, &Vec<PortRule>)> = own
+            .iter()
+            .filter(|(p, _)| *p != prefix && contains(p, prefix))
+            .collect();
+        broader.sort_by_key(|(p, _)| std::cmp::Reverse(p.0));
+        for (_, r) in broader {
+            all.extend_from_slice(r);
+        }
+        if all.len() > MAX_PORT_RULES {
+            return Err(format!(
+                "{} port ranges apply to one address prefix; the kernel program holds at most {MAX_PORT_RULES}: merge ranges or targets",
+                all.len()
+            ));
+        }
+        let mut entry = TargetEntry {
+            rule_count: all.len() as u32,
+            ..TargetEntry::default()
+        };
+        for (slot, rule) in entry.rules.iter_mut().zip(all) {
+            *slot = rule;
+        }
+        entries.push(TrieEntry {
+            prefix_len: prefix.0,
+            addr: prefix.1,
+            entry,
+        });
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::{PortRange, Protocol};
+
+    fn target(name: &str, addr: &str, ports: &[(u16, u16)]) -> Target {
+        Target {
+            name: name.into(),
+            address: TargetAddress::parse(addr).unwrap(),
+            ports: ports
+                .iter()
+                .map(|&(first, last)| PortRange { first, last })
+                .collect(),
+            protocol: Protocol::Postgres,
+        }
+    }
+
+    #[test]
+    fn ipv4_prefixes_are_v4_mapped_and_nested_rules_are_copied() {
+        let ts = [
+            target("one", "10.0.0.5", &[(5432, 5432)]),
+            target("net", "10.0.0.0/8", &[(5432, 5439)]),
+        ];
+        let entries = build(ts.iter().enumerate(), &|_| vec![]).unwrap();
+        assert_eq!(entries.len(), 2);
+        let host = entries.iter().find(|e| e.prefix_len == 128).unwrap();
+        assert_eq!(host.addr, v4_mapped([10, 0, 0, 5]));
+        assert_eq!(host.entry.rule_count, 2, "own rule, then the /8's");
+        assert_eq!(host.entry.rules[0].target, 1);
+        assert_eq!(host.entry.rules[1].target, 2);
+        let net = entries.iter().find(|e| e.prefix_len == 96 + 8).unwrap();
+        assert_eq!(net.entry.rule_count, 1);
+        assert_eq!(net.entry.find(5433).map(|r| r.target), Some(2));
+    }
+
+    #[test]
+    fn host_names_use_resolved_addresses_and_ipv6_is_native() {
+        let ts = [
+            target("h", "db.internal", &[(5432, 5432)]),
+            target("v6", "fd00::/64", &[(5432, 5432)]),
+        ];
+        let resolve = |h: &str| {
+            if h == "db.internal" {
+                vec!["192.0.2.7".parse().unwrap()]
+            } else {
+                vec![]
+            }
+        };
+        let entries = build(ts.iter().enumerate(), &resolve).unwrap();
+        assert!(entries
+            .iter()
+            .any(|e| e.prefix_len == 128 && e.addr == v4_mapped([192, 0, 2, 7])));
+        let v6 = entries.iter().find(|e| e.prefix_len == 64).unwrap();
+        assert_eq!(v6.addr[0], 0xfd);
+    }
+
+    #[test]
+    fn too_many_rules_for_one_prefix_is_an_error() {
+        let ports: Vec<(u16, u16)> = (1..=9).map(|p| (p, p)).collect();
+        let ts = [target("many", "10.0.0.1", &ports)];
+        assert!(build(ts.iter().enumerate(), &|_| vec![])
+            .unwrap_err()
+            .contains("at most 8"));
+    }
+
+    #[test]
+    fn prefix_containment() {
+        let a = trie_prefix(&"10.0.0.0/8".parse().unwrap());
+        let b = trie_prefix(&"10.1.0.0/16".parse().unwrap());
+        let c = trie_prefix(&"11.0.0.0/8".parse().unwrap());
+        assert!(contains(&a, &b));
+        assert!(!contains(&b, &a));
+        assert!(!contains(&a, &c));
+        let odd = trie_prefix(&"10.128.0.0/9".parse().unwrap());
+        assert!(contains(
+            &odd,
+            &trie_prefix(&"10.200.0.1/32".parse().unwrap())
+        ));
+        assert!(!contains(
+            &odd,
+            &trie_prefix(&"10.100.0.1/32".parse().unwrap())
+        ));
+    }
+}

@@ -1,0 +1,148 @@
+//! Statement analysis: SQL text in, one neutral [`StatementSummary`] per
+//! statement out. Pure functions, no I/O; the policy engine reads only these
+//! summaries, never a parse tree.
+//!
+//! - [`analyze`]: text to [`Analysis`], built on `pg_query` (PostgreSQL's own
+//!   parser): the cheap `summary` for most statements, the full tree only
+//!   where a field needs it.
+//! - [`AnalysisCache`]: a bounded LRU of analyses keyed by exact text.
+//!
+//! Input is UTF-8 text: the protocol layer converts from the client encoding
+//! before calling in.
+
+mod analyze;
+mod cache;
+mod labels;
+#[cfg(test)]
+mod tests;
+
+pub use analyze::analyze;
+pub use cache::{AnalysisCache, MAX_CACHED_TEXT_LEN};
+
+use serde::{Deserialize, Serialize};
+
+/// What a statement does, coarsely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementKind {
+    /// SELECT, VALUES, TABLE, and SELECT ... INTO is `create`.
+    Select,
+    /// INSERT.
+    Insert,
+    /// UPDATE.
+    Update,
+    /// DELETE.
+    Delete,
+    /// MERGE.
+    Merge,
+    /// COPY (either direction).
+    Copy,
+    /// CREATE ... (tables, indexes, functions, roles, ...).
+    Create,
+    /// ALTER ... (including ALTER SYSTEM).
+    Alter,
+    /// DROP ...
+    Drop,
+    /// TRUNCATE.
+    Truncate,
+    /// GRANT.
+    Grant,
+    /// REVOKE.
+    Revoke,
+    /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT, ...
+    Transaction,
+    /// SET, RESET, SHOW.
+    Set,
+    /// CALL.
+    Call,
+    /// DO (anonymous code block).
+    Do,
+    /// PREPARE, EXECUTE, DEALLOCATE at the SQL level.
+    Prepared,
+    /// EXPLAIN (the explained statement's tables and flags are included).
+    Explain,
+    /// Anything else (VACUUM, ANALYZE, LISTEN, ...).
+    Other,
+}
+
+/// A transaction-control statement, when the kind is `transaction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransactionOp {
+    /// BEGIN / START TRANSACTION.
+    Begin,
+    /// COMMIT / END.
+    Commit,
+    /// ROLLBACK / ABORT.
+    Rollback,
+    /// SAVEPOINT, RELEASE, ROLLBACK TO, PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED.
+    Other,
+}
+
+/// A table (or view, sequence) named by a statement.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TableRef {
+    /// Schema when written in the statement (`public.users` gives `public`).
+    pub schema: Option<String>,
+    /// Relation name, as PostgreSQL folds it (unquoted names lowercased).
+    pub name: String,
+}
+
+/// Properties a policy may want to match on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementFlags {
+    /// UPDATE or DELETE without a WHERE clause.
+    pub no_where: bool,
+    /// COPY ... TO PROGRAM / FROM PROGRAM.
+    pub copy_program: bool,
+    /// COPY to or from a server-side file (not STDIN/STDOUT).
+    pub copy_server_file: bool,
+    /// Calls a function that reads or writes server files or large objects
+    /// (pg_read_file, pg_read_binary_file, pg_ls_dir, lo_import, lo_export, ...).
+    pub server_file_access: bool,
+    /// Changes server configuration (ALTER SYSTEM, set_config(), pg_reload_conf()).
+    pub config_change: bool,
+}
+
+/// One statement, analysed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementSummary {
+    /// What it does.
+    pub kind: StatementKind,
+    /// For `transaction` statements, which one.
+    pub transaction: Option<TransactionOp>,
+    /// A short uppercase label such as "DROP TABLE", "SELECT", "ALTER SYSTEM",
+    /// used in messages (`tollgate: DROP TABLE denied by rule ...`).
+    pub command: String,
+    /// Tables read.
+    pub tables_read: Vec<TableRef>,
+    /// Tables written (inserted into, updated, deleted from, created,
+    /// altered, dropped, truncated, copied into).
+    pub tables_written: Vec<TableRef>,
+    /// Functions called, lowercased, schema-qualified when written so.
+    pub functions: Vec<String>,
+    /// Flags.
+    pub flags: StatementFlags,
+    /// pg_query fingerprint (hex): equal for statements that differ only in
+    /// literal values.
+    pub fingerprint: String,
+    /// This statement's own text (a slice of a multi-statement message).
+    pub text: String,
+}
+
+/// The analysis of one piece of SQL text (one simple Query message or one
+/// Parse).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Analysis {
+    /// Every statement in the text, in order (empty text gives none).
+    Parsed {
+        /// The statements.
+        statements: Vec<StatementSummary>,
+    },
+    /// The text does not parse as PostgreSQL SQL.
+    Unparsable {
+        /// The parser's message.
+        error: String,
+    },
+}

