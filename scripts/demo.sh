@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Tollgate's demo on an embedded default: a throwaway PostgreSQL, the agent in
-# front of it, and a psql session through the agent, with the identity of the
-# process behind the session, the live status table and the metrics.
+# Tollgate's demo on an embedded default: a throwaway PostgreSQL standing in
+# for a remote production database, the agent, and a psql session governed
+# through the transparent eBPF redirect (`tollgate exec`): psql is given the
+# database's own address, never the proxy's. Then the session's identity,
+# the live status, metrics, and what happens when the agent dies (fail
+# closed).
 #
 # Idempotent; installs what it needs (scripts/setup.sh) and leaves nothing
-# running or on disk when it ends.
+# running, attached or on disk when it ends. The redirect needs root; run as
+# another user, the demo shows the explicit-listener mode instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -29,84 +33,140 @@ step "Preparing this machine (scripts/setup.sh)"
 scripts/setup.sh
 cargo build --quiet -p tollgate-agent --bin tollgate
 tollgate="$root/target/debug/tollgate"
-
+# `tollgate` and `psql` by name, as a user would type them.
+mkdir -p "$root/target/demo-bin"
+ln -sf "$tollgate" "$root/target/demo-bin/tollgate"
 pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+export PATH="$root/target/demo-bin:$pgbin:$PATH"
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+governed=0
+[ "$(id -u)" -eq 0 ] && [ -e /sys/kernel/btf/vmlinux ] && governed=1
 
 work=$(mktemp -d /tmp/tollgate-demo.XXXXXX)
+db_addr=198.18.0.80
 agent_pid=""
+run_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 cleanup() {
     [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null || true
-    [ -f "$work/pg/data/postmaster.pid" ] && run_pg "$pgbin/pg_ctl" -D "$work/pg/data" -m fast stop >/dev/null 2>&1 || true
+    if [ -f "$work/tollgate.toml" ] && [ $governed -eq 1 ]; then
+        tollgate detach --config "$work/tollgate.toml" >/dev/null 2>&1 || true
+        cg=$(awk -F'"' '$1 ~ /^cgroup_path/ {print $2}' "$work/paths" 2>/dev/null || true)
+        [ -n "$cg" ] && rmdir "$cg"/exec-* "$cg" 2>/dev/null || true
+        ip addr del "$db_addr/32" dev lo 2>/dev/null || true
+    fi
+    [ -f "$work/pg/data/postmaster.pid" ] && run_pg pg_ctl -D "$work/pg/data" -m fast stop >/dev/null 2>&1 || true
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-# PostgreSQL refuses to run as root: use Debian's postgres account then.
-run_pg() {
-    if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
-}
-
-step "Starting a throwaway PostgreSQL"
+step "Starting a throwaway PostgreSQL (standing in for a production database)"
 mkdir -p "$work/pg"
 [ "$(id -u)" -eq 0 ] && chown postgres: "$work/pg" && chmod 755 "$work"
 pg_port=$(free_port)
-run_pg "$pgbin/initdb" -D "$work/pg/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
-run_pg "$pgbin/pg_ctl" -D "$work/pg/data" -l "$work/pg/server.log" -w \
-    -o "-p $pg_port -c listen_addresses=127.0.0.1 -k $work/pg" start >/dev/null
-echo "PostgreSQL $("$pgbin/postgres" --version | awk '{print $3}') on 127.0.0.1:$pg_port"
-"$pgbin/psql" -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres <<'SQL'
+listen="127.0.0.1"
+if [ $governed -eq 1 ]; then
+    # A non-loopback address on lo: it looks remote to clients, yet no
+    # packet leaves this machine.
+    ip addr add "$db_addr/32" dev lo 2>/dev/null || true
+    listen="127.0.0.1,$db_addr"
+fi
+run_pg initdb -D "$work/pg/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
+printf 'host all all 0.0.0.0/0 trust\n' >> "$work/pg/data/pg_hba.conf"
+run_pg pg_ctl -D "$work/pg/data" -l "$work/pg/server.log" -w \
+    -o "-p $pg_port -c listen_addresses=$listen -k $work/pg" start >/dev/null
+psql -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres <<'SQL'
 create table customers (id int primary key, name text, email text);
 insert into customers values (1, 'Ada Lovelace', 'ada@example.com'), (2, 'Alan Turing', 'alan@example.com');
 SQL
 
-step "Starting the Tollgate agent with an explicit listener"
-proxy_port=$(free_port)
 metrics_port=$(free_port)
-cat > "$work/tollgate.toml" <<TOML
+if [ $governed -eq 1 ]; then
+    echo "PostgreSQL on $db_addr:$pg_port"
+    step "Starting the Tollgate agent with the transparent redirect"
+    cat > "$work/tollgate.toml" <<TOML
+[agent]
+control_socket = "$work/control.sock"
+metrics_listen = "127.0.0.1:$metrics_port"
+
+[redirect]
+port = $(free_port)
+pin_dir = "/sys/fs/bpf/tollgate-demo"
+exec_cgroup = "tollgate-demo.exec"
+exec_socket = "$work/exec.sock"
+
+[[target]]
+name = "orders-db"
+address = "$db_addr"
+ports = [$pg_port]
+protocol = "postgres"
+TOML
+else
+    echo "PostgreSQL on 127.0.0.1:$pg_port"
+    step "Not root: starting the agent with an explicit listener (the redirect needs root)"
+    proxy_port=$(free_port)
+    cat > "$work/tollgate.toml" <<TOML
 [agent]
 control_socket = "$work/control.sock"
 metrics_listen = "127.0.0.1:$metrics_port"
 
 [[target]]
-name = "demo-db"
+name = "orders-db"
 address = "127.0.0.1"
 ports = [$pg_port]
 protocol = "postgres"
 
 [[listener]]
 listen = "127.0.0.1:$proxy_port"
-target = "demo-db"
+target = "orders-db"
 TOML
+fi
 cat "$work/tollgate.toml"
-show "$tollgate" config check --config "$work/tollgate.toml"
-"$tollgate" run --config "$work/tollgate.toml" 2>"$work/agent.log" &
+show tollgate config check --config "$work/tollgate.toml"
+tollgate run --config "$work/tollgate.toml" 2>"$work/agent.log" &
 agent_pid=$!
 for _ in $(seq 100); do grep -q 'tollgate ready' "$work/agent.log" 2>/dev/null && break; sleep 0.1; done
 grep -q 'tollgate ready' "$work/agent.log" || { cat "$work/agent.log"; echo "demo: the agent did not start" >&2; exit 1; }
-
-step "A psql session through the agent (port $proxy_port)"
-show "$pgbin/psql" -X -h 127.0.0.1 -p "$proxy_port" -U postgres -d postgres \
+export TOLLGATE_CONFIG="$work/tollgate.toml"
+if [ $governed -eq 1 ]; then
+    cg=$(tollgate status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["redirect"]["exec_cgroup"])')
+    echo "cgroup_path = \"$cg\"" > "$work/paths"
+    host=$db_addr; port=$pg_port; run=(tollgate exec --)
+    step "psql under 'tollgate exec', given the database's own address"
+else
+    host=127.0.0.1; port=$proxy_port; run=()
+    step "psql through the listener"
+fi
+show "${run[@]}" psql -X -h "$host" -p "$port" -U postgres -d postgres \
     -c "select id, name, email from customers order by id"
 
 step "The agent logged who opened that session"
 for _ in $(seq 50); do grep -q 'session closed' "$work/agent.log" && break; sleep 0.1; done
-grep 'session' "$work/agent.log" | sed 's/^/  /'
+grep -E 'session (started|closed)' "$work/agent.log" | sed 's/^/  /'
 
 step "A session in progress, as 'tollgate status' shows it"
-"$pgbin/psql" -X -q -h 127.0.0.1 -p "$proxy_port" -U postgres -d postgres -c "select pg_sleep(2)" >/dev/null &
-sleep 0.7
-show "$tollgate" status --config "$work/tollgate.toml"
+"${run[@]}" psql -X -q -h "$host" -p "$port" -U postgres -d postgres -c "select pg_sleep(2)" >/dev/null &
+sleep 0.8
+show tollgate status
 wait $!
 
 step "Prometheus metrics (http://127.0.0.1:$metrics_port/metrics)"
-python3 - "$metrics_port" <<'PY' | grep -E '^tollgate_(connections_total|bytes_total|sessions_closed_total|identity_lookup_seconds)'
+python3 - "$metrics_port" <<'PY' | grep -E '^tollgate_(connections_total|sessions_closed_total|redirect_connects_total|identity_lookup_seconds)'
 import sys, urllib.request
 print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read().decode())
 PY
 
-step "Stopping the agent (SIGTERM drains open sessions first)"
-kill -TERM "$agent_pid"; wait "$agent_pid"; agent_pid=""
-tail -n 2 "$work/agent.log" | sed 's/^/  /'
+if [ $governed -eq 1 ]; then
+    step "The agent is killed: governed connections fail closed, they never bypass it"
+    kill -KILL "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=""
+    mkdir -p "$cg/demo-after-kill"
+    show sh -c "echo \$\$ > $cg/demo-after-kill/cgroup.procs; exec psql -X -h $host -p $port -U postgres -d postgres -c 'select 1'" || true
+    rmdir "$cg/demo-after-kill" 2>/dev/null || true
+    step "Lifting enforcement: tollgate detach"
+    show tollgate detach
+else
+    step "Stopping the agent (SIGTERM drains open sessions first)"
+    kill -TERM "$agent_pid"; wait "$agent_pid"; agent_pid=""
+fi
 echo
 echo "Demo finished; everything it started has been stopped and removed."

@@ -15,6 +15,8 @@ use uuid::Uuid;
 
 use crate::config::Protocol;
 use crate::identity::ProcessIdentity;
+use crate::policy::Action;
+use crate::sql::StatementKind;
 
 /// How the connection reached the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -124,6 +126,36 @@ pub enum SessionEvent {
         #[serde(with = "micros")]
         connect_time: Duration,
     },
+    /// A PostgreSQL client's StartupMessage was forwarded upstream.
+    Startup {
+        /// Session id.
+        session: Uuid,
+        /// The database user asked for.
+        user: Option<String>,
+        /// The database asked for (PostgreSQL defaults it to the user).
+        database: Option<String>,
+        /// The client's `application_name`, when it sent one.
+        application_name: Option<String>,
+    },
+    /// One statement was decided.
+    Statement {
+        /// Session id.
+        session: Uuid,
+        /// The statement's own text (the whole text when it does not parse).
+        text: String,
+        /// Its command label (`DROP TABLE`), `statement` when unparsable.
+        command: String,
+        /// Its kind, `None` when unparsable.
+        kind: Option<StatementKind>,
+        /// Its pg_query fingerprint, `None` when unparsable.
+        fingerprint: Option<String>,
+        /// The decision.
+        action: Action,
+        /// Names of the rules that applied, in load order.
+        rules: Vec<String>,
+        /// Why, in one line.
+        reason: String,
+    },
     /// The session ended.
     Closed {
         /// Session id.
@@ -205,6 +237,44 @@ impl EventSink for LogSink {
                 connect_time,
             } => {
                 tracing::debug!(%session, %peer, connect_us = connect_time.as_micros() as u64, "upstream connected");
+            }
+            SessionEvent::Startup {
+                session,
+                user,
+                database,
+                application_name,
+            } => {
+                tracing::info!(
+                    %session,
+                    db_user = user.as_deref(),
+                    database = database.as_deref(),
+                    application_name = application_name.as_deref(),
+                    "postgres start-up: user {} database {}",
+                    user.as_deref().unwrap_or("?"),
+                    database.as_deref().or(user.as_deref()).unwrap_or("?")
+                );
+            }
+            SessionEvent::Statement {
+                session,
+                text,
+                command,
+                kind,
+                fingerprint,
+                action,
+                rules,
+                reason,
+            } => {
+                let rule = rules.first().map(String::as_str);
+                let kind = kind.map(|k| format!("{k:?}").to_lowercase());
+                if action.is_refused() {
+                    tracing::warn!(%session, statement_action = action.as_str(), rule, command = %command,
+                        kind, fingerprint = fingerprint.as_deref(), reason = %reason, text = %text,
+                        "statement refused ({action}): {command}");
+                } else {
+                    tracing::info!(%session, statement_action = action.as_str(), rule, command = %command,
+                        kind, fingerprint = fingerprint.as_deref(), reason = %reason, text = %text,
+                        "statement {action}: {command}");
+                }
             }
             SessionEvent::Closed {
                 session,

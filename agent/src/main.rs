@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         }
         Command::Exec(args) => exec_command(args),
         Command::Detach(args) => detach_command(args),
+        Command::EnsureGoverned(args) => ensure_governed_command(args),
         Command::Status(args) => {
             let socket = match args.socket {
                 Some(s) => s,
@@ -157,6 +158,45 @@ fn exit_byte(status: std::process::ExitStatus) -> u8 {
     }
 }
 
+fn ensure_governed_command(args: cli::ExecSocketArgs) -> ExitCode {
+    let socket = match args.socket {
+        Some(s) => s,
+        None => match load_config(&args.config.config) {
+            Ok(c) => c.redirect.unwrap_or_default().exec_socket,
+            Err(code) => return code,
+        },
+    };
+    let deadline = std::time::Instant::now() + args.wait;
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            loop {
+                match exec::request_attach_self(&socket).await {
+                    Ok(cgroup) => return Ok(cgroup),
+                    // The agent may still be starting (ordering at boot).
+                    Err(e)
+                        if std::time::Instant::now() < deadline
+                            && !e.to_string().contains("refused:") =>
+                    {
+                        tracing::debug!("waiting for the agent: {e:#}");
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    });
+    match result {
+        Ok(cgroup) => {
+            println!("governed: {cgroup}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn detach_command(args: cli::DetachArgs) -> ExitCode {
     let config = match load_config(&args.config.config) {
         Ok(c) => c,
@@ -218,7 +258,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hangup.recv() => {
-                tracing::info!("SIGHUP: no reloadable policy is configured; the configuration itself is read at start only");
+                tracing::info!("SIGHUP: reloading the policy (the configuration itself is read at start only)");
+                agent.reload_policy();
             }
         }
     }

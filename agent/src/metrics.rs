@@ -213,8 +213,10 @@ impl EventSink for Metrics {
                 m.connections.fetch_add(1, Ordering::Relaxed);
                 m.active.fetch_add(1, Ordering::Relaxed);
             }
-            SessionEvent::UpstreamConnected { .. } => {}
-            SessionEvent::Closed { .. } => {}
+            SessionEvent::UpstreamConnected { .. }
+            | SessionEvent::Startup { .. }
+            | SessionEvent::Statement { .. }
+            | SessionEvent::Closed { .. } => {}
         }
     }
 }

@@ -444,3 +444,121 @@ fn connections_to_the_redirect_port_without_an_origin_are_closed() {
         )
         .unwrap();
 }
+
+#[test]
+fn a_service_cgroup_is_governed_when_it_appears_and_after_it_is_recreated() {
+    require_ebpf!();
+    let addrs = TestAddresses::add();
+    let pg = Postgres::start_listening(&[addrs.v4.into()]);
+    let dir = tempfile::tempdir().unwrap();
+    let service = format!("tollgate-test-svc-{}", std::process::id());
+    let mount = if std::path::Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+        "/sys/fs/cgroup/unified"
+    } else {
+        "/sys/fs/cgroup"
+    };
+    let cg = PathBuf::from(mount).join(&service);
+    let _ = std::fs::remove_dir(&cg);
+    let config = format!(
+        "[agent]\n\n{}\n[[cgroup]]\npath = \"{service}\"\n\n[[target]]\nname = \"svc-db\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n",
+        redirect_section(dir.path(), "pass"),
+        addrs.v4,
+        pg.port
+    );
+    let agent = Agent::start(&config);
+    let keep = dir.path().join("agent.toml");
+    std::fs::copy(&agent.config, &keep).unwrap();
+    agent
+        .wait_for_log(
+            |l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("does not exist yet"))
+            },
+            Duration::from_secs(5),
+        )
+        .unwrap();
+
+    // The "service" starts: systemd would create its cgroup, then run
+    // ExecStartPre=tollgate ensure-governed inside it, then the main process.
+    let psql = format!(
+        "{} -X -A -t -h {} -p {} -U postgres -d postgres -c \"select 'service'\"",
+        pg_tool("psql").display(),
+        addrs.v4,
+        pg.port
+    );
+    let run_in_service = |first: &str| {
+        std::fs::create_dir_all(&cg).unwrap();
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && {} ensure-governed --config {} && {first} {psql}",
+            cg.display(),
+            agent_binary().display(),
+            keep.display()
+        );
+        Command::new("sh").args(["-c", &script]).output().unwrap()
+    };
+    let out = run_in_service("");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout(&out).contains(&format!("governed: {}", cg.display())),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).ends_with("service"));
+    let proxied = |agent: &Agent| {
+        agent
+            .log_lines()
+            .iter()
+            .filter(|l| l["arrival"] == "redirect" && l["target"] == "svc-db")
+            .count()
+    };
+    assert_eq!(
+        proxied(&agent),
+        1,
+        "the service's connection went through the proxy"
+    );
+
+    // The service restarts: its cgroup is removed and created anew (a new
+    // inode without programs); the agent attaches again.
+    std::fs::remove_dir(&cg).unwrap();
+    std::fs::create_dir(&cg).unwrap();
+    agent
+        .wait_for_log(
+            |l| l["message"] == "governed cgroup appeared; programs attached",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!("echo $$ > {}/cgroup.procs && {psql}", cg.display()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&out),
+        "service",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(proxied(&agent), 2);
+
+    // A process outside any governed cgroup cannot ask for governance of
+    // its own (ungoverned) cgroup.
+    let refused = Command::new(agent_binary())
+        .arg("ensure-governed")
+        .arg("--config")
+        .arg(&keep)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is not a governed [[cgroup]]"));
+
+    drop(agent);
+    cleanup_redirect(&keep);
+    let _ = std::fs::remove_dir(&cg);
+}

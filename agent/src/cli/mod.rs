@@ -88,6 +88,12 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Exec(ExecArgs),
 
+    /// Ask the agent to govern the cgroup this command runs in, and wait until
+    /// it does. For `ExecStartPre=` of a governed systemd service, so the
+    /// service's main process never starts ungoverned; the cgroup must be a
+    /// configured [[cgroup]].
+    EnsureGoverned(ExecSocketArgs),
+
     /// Remove the pinned eBPF programs and maps, ending enforcement.
     ///
     /// Pinned programs keep governed connections failing closed while no agent
@@ -113,6 +119,21 @@ pub struct ExecArgs {
         value_name = "COMMAND"
     )]
     pub command: Vec<std::ffi::OsString>,
+}
+
+/// Arguments of commands that talk to the exec socket.
+#[derive(clap::Args, Debug)]
+pub struct ExecSocketArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+
+    /// Exec socket of the agent, instead of the one the configuration names.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// How long to wait for the agent to come up.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub wait: std::time::Duration,
 }
 
 /// `tollgate detach` arguments.

@@ -115,7 +115,8 @@ pub fn print_status(report: &StatusReport) -> String {
             &[
                 "SESSION",
                 "TARGET",
-                "CLIENT",
+                "VIA",
+                "UPSTREAM",
                 "PID",
                 "USER",
                 "EXE",

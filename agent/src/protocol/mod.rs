@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::events::SessionInfo;
+use crate::events::{EventSink, SessionInfo};
 use crate::metrics::TargetMetrics;
+use crate::policy::PolicySet;
 use crate::proxy::live::SessionCounters;
+use crate::sql::AnalysisCache;
 
 /// What a protocol handler gets to know and to update about its session.
 pub struct SessionContext {
@@ -27,4 +29,23 @@ pub struct SessionContext {
     pub idle_timeout: Duration,
     /// Cancelled when the agent's shutdown grace period is over.
     pub force_close: CancellationToken,
+    /// The policy in force; replaced as a whole on reload, so a session reads
+    /// the current set once per decision.
+    pub policy: SharedPolicy,
+    /// Statement analyses, cached by text across sessions.
+    pub analysis: Arc<AnalysisCache>,
+    /// Where the handler reports what happens in the session.
+    pub events: Arc<dyn EventSink>,
+}
+
+/// The loaded policy, swapped atomically on reload.
+pub type SharedPolicy = Arc<std::sync::RwLock<Arc<PolicySet>>>;
+
+/// The current policy of a shared handle (the empty set if the lock was
+/// poisoned, which cannot happen: writers only swap an `Arc`).
+pub fn current_policy(policy: &SharedPolicy) -> Arc<PolicySet> {
+    policy
+        .read()
+        .map(|p| p.clone())
+        .unwrap_or_else(|_| Arc::new(PolicySet::empty()))
 }

@@ -11,7 +11,7 @@
 //! cgroup once it is empty.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::redirect::cgroup;
+use crate::redirect::{cgroup, Redirect};
 
 /// At most this many `tollgate exec` sessions at once.
 const MAX_EXEC_SESSIONS: usize = 1024;
@@ -54,7 +54,12 @@ pub(super) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Serves exec requests until `stop` is cancelled.
-pub(super) async fn serve(listener: UnixListener, exec_root: PathBuf, stop: CancellationToken) {
+pub(super) async fn serve(
+    listener: UnixListener,
+    redirect: Arc<Redirect>,
+    stop: CancellationToken,
+) {
+    let exec_root = redirect.exec_root.clone();
     sweep(&exec_root);
     let permits = Arc::new(Semaphore::new(MAX_EXEC_SESSIONS));
     let counter = Arc::new(AtomicU64::new(0));
@@ -77,10 +82,10 @@ pub(super) async fn serve(listener: UnixListener, exec_root: PathBuf, stop: Canc
                 .await;
             continue;
         };
-        let exec_root = exec_root.clone();
+        let redirect = redirect.clone();
         let n = counter.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            if let Err(e) = govern(stream, &exec_root, n).await {
+            if let Err(e) = govern(stream, &redirect, n).await {
                 tracing::warn!(error = %format!("{e:#}"), "exec request failed");
             }
             drop(permit);
@@ -88,7 +93,8 @@ pub(super) async fn serve(listener: UnixListener, exec_root: PathBuf, stop: Canc
     }
 }
 
-async fn govern(stream: UnixStream, exec_root: &Path, n: u64) -> anyhow::Result<()> {
+async fn govern(stream: UnixStream, redirect: &Arc<Redirect>, n: u64) -> anyhow::Result<()> {
+    let exec_root = redirect.exec_root.as_path();
     let cred = stream
         .peer_cred()
         .context("reading the requester's credentials")?;
@@ -102,11 +108,29 @@ async fn govern(stream: UnixStream, exec_root: &Path, n: u64) -> anyhow::Result<
     tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
         .await
         .context("no request within 5 s")??;
-    if line.trim() != "govern" {
-        write
-            .write_all(b"error unknown request; expected \"govern\"\n")
+    match line.trim() {
+        "govern" => {}
+        "attach-self" => {
+            // A governed service's ExecStartPre= asks for its own cgroup to be
+            // attached before the service's main process starts.
+            let answer = tokio::task::spawn_blocking({
+                let redirect = redirect.clone();
+                move || redirect.attach_for_pid(pid)
+            })
             .await?;
-        return Ok(());
+            let reply = match answer {
+                Ok(path) => format!("ok {}\n", path.display()),
+                Err(e) => format!("error {e}\n"),
+            };
+            write.write_all(reply.as_bytes()).await?;
+            return Ok(());
+        }
+        _ => {
+            write
+                .write_all(b"error unknown request; expected \"govern\" or \"attach-self\"\n")
+                .await?;
+            return Ok(());
+        }
     }
     let dir = exec_root.join(format!("exec-{pid}-{n}"));
     let made = tokio::task::spawn_blocking({
@@ -173,13 +197,25 @@ fn sweep(exec_root: &Path) {
 /// Client side: asks the agent at `socket` to govern this process. The
 /// returned stream must stay open while the governed command runs.
 pub async fn request_governance(socket: &Path) -> anyhow::Result<(UnixStream, String)> {
+    request(socket, "govern").await
+}
+
+/// Client side: asks the agent to attach to the (configured) cgroup this
+/// process runs in; returns the cgroup.
+pub async fn request_attach_self(socket: &Path) -> anyhow::Result<String> {
+    request(socket, "attach-self")
+        .await
+        .map(|(_, cgroup)| cgroup)
+}
+
+async fn request(socket: &Path, what: &str) -> anyhow::Result<(UnixStream, String)> {
     let mut stream = UnixStream::connect(socket).await.map_err(|e| {
         anyhow::anyhow!(
             "no agent answers on the exec socket {} ({e}); `tollgate exec` needs `tollgate run` with a [redirect] section running on this host",
             socket.display()
         )
     })?;
-    stream.write_all(b"govern\n").await?;
+    stream.write_all(format!("{what}\n").as_bytes()).await?;
     let mut line = String::new();
     let mut reader = BufReader::new(&mut stream);
     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))

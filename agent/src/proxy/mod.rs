@@ -51,6 +51,10 @@ pub struct Shared {
     pub bound: Vec<(SocketAddr, Listener)>,
     /// The transparent redirect, when configured.
     pub redirect: Option<Arc<Redirect>>,
+    /// The policy in force.
+    pub policy: crate::protocol::SharedPolicy,
+    /// Statement analyses shared by every session.
+    pub analysis: Arc<crate::sql::AnalysisCache>,
     /// Addresses redirected connections arrive on.
     pub redirect_bound: Vec<SocketAddr>,
 }
@@ -92,6 +96,8 @@ impl RunningAgent {
             }
         }
 
+        let policy = load_policy(&config)?;
+
         let mut listeners = Vec::new();
         let mut bound = Vec::new();
         for l in &config.listeners {
@@ -130,7 +136,7 @@ impl RunningAgent {
             };
             let r = Arc::new(started.context("cannot set up the transparent redirect")?);
             metrics.set_redirect(r.clone());
-            exec_socket = Some((exec::bind(&settings.exec_socket)?, r.exec_root.clone()));
+            exec_socket = Some((exec::bind(&settings.exec_socket)?, r.clone()));
             tracing::info!(modes = ?r.modes(), cgroups = r.attached().len(), "transparent redirect active");
             redirect = Some(r);
         }
@@ -154,6 +160,8 @@ impl RunningAgent {
                 .filter_map(|s| s.local_addr().ok())
                 .collect(),
             redirect,
+            policy: Arc::new(std::sync::RwLock::new(Arc::new(policy))),
+            analysis: Arc::new(crate::sql::AnalysisCache::new(ANALYSIS_CACHE_ENTRIES)),
         });
         let stop_accepting = CancellationToken::new();
         let sessions = TaskTracker::new();
@@ -182,8 +190,13 @@ impl RunningAgent {
                 sessions.clone(),
             ));
         }
-        if let Some((socket, exec_root)) = exec_socket {
-            background.spawn(exec::serve(socket, exec_root, stop_accepting.clone()));
+        if let Some((socket, redirect)) = exec_socket {
+            background.spawn(exec::serve(
+                socket,
+                redirect.clone(),
+                stop_accepting.clone(),
+            ));
+            background.spawn(reconcile_cgroups(redirect, stop_accepting.clone()));
         }
         if let Some(socket) = metrics_socket {
             if let Ok(addr) = socket.local_addr() {
@@ -251,6 +264,59 @@ impl RunningAgent {
             control::remove(&settings.exec_socket);
         }
         tracing::info!("stopped");
+    }
+}
+
+/// How often governed cgroups are checked for (re)appearance.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Attaches to governed cgroups that appear after start (a service's cgroup
+/// exists only while it runs, and is new after each restart).
+async fn reconcile_cgroups(redirect: Arc<Redirect>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+        }
+        let r = redirect.clone();
+        match tokio::task::spawn_blocking(move || r.reconcile()).await {
+            Ok(newly) => {
+                for path in newly {
+                    tracing::info!(cgroup = %path.display(), "governed cgroup appeared; programs attached");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cgroup reconciliation failed"),
+        }
+    }
+}
+
+/// Statement analyses kept (by text) across sessions.
+const ANALYSIS_CACHE_ENTRIES: usize = 10_000;
+
+/// Loads the configured policy files; none configured gives the empty set
+/// (every statement allowed, nothing matched).
+fn load_policy(config: &Config) -> anyhow::Result<crate::policy::PolicySet> {
+    if config.agent.policy_paths.is_empty() {
+        return Ok(crate::policy::PolicySet::empty());
+    }
+    let set = crate::policy::PolicySet::load(&config.agent.policy_paths)
+        .map_err(|e| anyhow::anyhow!("the policy is invalid:\n{e}"))?;
+    tracing::info!(rules = set.rule_count(), digest = %set.digest(), "policy loaded");
+    Ok(set)
+}
+
+impl RunningAgent {
+    /// Re-reads the policy files; an invalid policy keeps the one in force.
+    pub fn reload_policy(&self) {
+        match load_policy(&self.shared.config) {
+            Ok(set) => {
+                if let Ok(mut current) = self.shared.policy.write() {
+                    *current = Arc::new(set);
+                }
+                tracing::info!("policy reloaded");
+            }
+            Err(e) => tracing::error!("policy reload failed; keeping the policy in force: {e:#}"),
+        }
     }
 }
 

@@ -113,6 +113,9 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
                 target_metrics: shared.metrics.target(&info.target),
                 idle_timeout: shared.config.agent.idle_timeout,
                 force_close: shared.force_close.clone(),
+                policy: shared.policy.clone(),
+                analysis: shared.analysis.clone(),
+                events: shared.events.clone(),
             };
             protocol::tcp::relay(&ctx, client, stream).await
         }

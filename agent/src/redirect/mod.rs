@@ -125,11 +125,13 @@ fn classify(action: &str, e: impl std::error::Error + Send + Sync + 'static) -> 
 struct Instance {
     mode: UnlistedPolicy,
     dir: PathBuf,
-    /// Kept alive: dropping it would unload programs not yet pinned.
-    _ebpf: Ebpf,
+    /// The loaded programs, used to attach to cgroups that appear later.
+    ebpf: Mutex<Ebpf>,
+    /// The configured cgroups of this mode.
+    wanted: Vec<PathBuf>,
     origins: Mutex<HashMap<MapData, OriginKey, ConnectOrigin>>,
     stats: PerCpuArray<MapData, u64>,
-    attached: Vec<AttachedCgroup>,
+    attached: Mutex<Vec<AttachedCgroup>>,
 }
 
 /// A cgroup with the programs attached.
@@ -254,6 +256,48 @@ impl Redirect {
         })
     }
 
+    /// Attaches to configured cgroups that appeared (or were re-created, as
+    /// systemd does when a service restarts) since the last look, and drops
+    /// the pins of cgroups that are gone. Returns the cgroups newly attached.
+    pub fn reconcile(&self) -> Vec<PathBuf> {
+        let mut newly = Vec::new();
+        for instance in &self.instances {
+            for path in &instance.wanted {
+                match instance.ensure_attached(path) {
+                    Ok(true) => newly.push(path.clone()),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(cgroup = %path.display(), "cannot attach: {e}"),
+                }
+            }
+            instance.forget_vanished();
+        }
+        newly
+    }
+
+    /// Makes sure the cgroup process `pid` runs in is attached, if it is a
+    /// configured governed cgroup; returns that cgroup.
+    pub fn attach_for_pid(&self, pid: u32) -> Result<PathBuf, String> {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_err(|e| format!("cannot read the cgroup of process {pid}: {e}"))?;
+        let relative = text
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| format!("process {pid} is in no cgroup v2 cgroup"))?;
+        let path = cgroup::resolve(&self.cgroup_root, Path::new(relative.trim()));
+        let instance = self
+            .instances
+            .iter()
+            .find(|i| i.wanted.contains(&path))
+            .ok_or_else(|| {
+                format!(
+                    "{} is not a governed [[cgroup]] of this agent",
+                    path.display()
+                )
+            })?;
+        instance.ensure_attached(&path).map_err(|e| e.to_string())?;
+        Ok(path)
+    }
+
     /// Takes (reads and removes) the kernel's record of the connection whose
     /// client end is `peer`. `None` means it did not come through the hook.
     pub fn take_origin(&self, peer: SocketAddr) -> Option<KernelOrigin> {
@@ -307,7 +351,7 @@ impl Redirect {
     pub fn attached(&self) -> Vec<AttachedCgroup> {
         self.instances
             .iter()
-            .flat_map(|i| i.attached.iter().cloned())
+            .flat_map(|i| i.attached.lock().map(|a| a.clone()).unwrap_or_default())
             .collect()
     }
 
@@ -454,6 +498,12 @@ impl Instance {
 
         let mut attached = Vec::new();
         for path in cgroups {
+            if !path.exists() {
+                // A service's cgroup exists only while the service runs; it
+                // is attached when it appears (see `Redirect::reconcile`).
+                tracing::warn!(cgroup = %path.display(), "governed cgroup does not exist yet; it is attached as soon as it appears");
+                continue;
+            }
             attached.push(attach_cgroup(&mut ebpf, mode, dir, path)?);
         }
 
@@ -469,11 +519,52 @@ impl Instance {
         Ok(Instance {
             mode,
             dir: dir.to_path_buf(),
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
+            wanted: cgroups.iter().map(|p| p.to_path_buf()).collect(),
             origins: Mutex::new(origins),
             stats,
-            attached,
+            attached: Mutex::new(attached),
         })
+    }
+}
+
+impl Instance {
+    /// Attaches to `path` unless its current incarnation already is.
+    fn ensure_attached(&self, path: &Path) -> Result<bool, RedirectError> {
+        let Ok(id) = cgroup::cgroup_id(path) else {
+            return Ok(false);
+        };
+        let mut attached = self
+            .attached
+            .lock()
+            .map_err(|_| RedirectError::Kernel("attach state poisoned".into()))?;
+        if attached.iter().any(|a| a.path == path && a.id == id) {
+            return Ok(false);
+        }
+        let mut ebpf = self
+            .ebpf
+            .lock()
+            .map_err(|_| RedirectError::Kernel("program state poisoned".into()))?;
+        let entry = attach_cgroup(&mut ebpf, self.mode, &self.dir, path)?;
+        attached.retain(|a| a.path != path);
+        attached.push(entry);
+        Ok(true)
+    }
+
+    /// Drops pinned links of cgroups that no longer exist (a restarted
+    /// service gets a new cgroup; the old one lingers while links hold it).
+    fn forget_vanished(&self) {
+        let Ok(mut attached) = self.attached.lock() else {
+            return;
+        };
+        attached.retain(|a| {
+            let alive = cgroup::cgroup_id(&a.path).is_ok_and(|id| id == a.id);
+            if !alive {
+                let _ = fs::remove_dir_all(self.dir.join("links").join(a.id.to_string()));
+                tracing::info!(cgroup = %a.path.display(), "governed cgroup went away; its links were dropped");
+            }
+            alive
+        });
     }
 }
 

@@ -140,6 +140,8 @@ fn analyze_statement(sql: &str) -> Result<Option<StatementSummary>, String> {
         "AlterSystemStmt" | "AlterRoleSetStmt" | "AlterDatabaseSetStmt" => {
             facts.flags.config_change = true;
         }
+        // A row-level security policy's table is in the tree only.
+        "CreatePolicyStmt" | "AlterPolicyStmt" => need_tree = true,
         // LOAD reads a shared library from the server's file system.
         "LoadStmt" => facts.flags.server_file_access = true,
         _ => {}
@@ -160,7 +162,13 @@ fn analyze_statement(sql: &str) -> Result<Option<StatementSummary>, String> {
 
     // The summary does not look inside RETURNING lists: summarise each one
     // that could call a function or hold a subquery as a SELECT list.
-    if contains_ignore_ascii_case(sql, "returning") {
+    let modifies = summary.statement_types.iter().any(|t| {
+        matches!(
+            t.as_str(),
+            "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt"
+        )
+    });
+    if modifies && contains_ignore_ascii_case(sql, "returning") {
         for list in returning_lists(sql, tokens.get()?) {
             let select = format!("SELECT {list}");
             let returning = pg_query::summary(&select, 0, -1)
@@ -347,6 +355,27 @@ impl Facts {
                             self.written.insert(table);
                         }
                     }
+                }
+            }
+            // `DROP POLICY p ON t`: the name list ends with the policy's.
+            NodeEnum::DropStmt(s) if s.remove_type == protobuf::ObjectType::ObjectPolicy as i32 => {
+                for object in &s.objects {
+                    if let Some(NodeEnum::List(list)) = &object.node {
+                        let table = list.items.split_last().map(|(_, table)| table);
+                        if let Some(table) = table.and_then(table_from_names) {
+                            self.written.insert(table);
+                        }
+                    }
+                }
+            }
+            NodeEnum::CreatePolicyStmt(s) => {
+                if let Some(relation) = &s.table {
+                    self.written.insert(table_ref(relation));
+                }
+            }
+            NodeEnum::AlterPolicyStmt(s) => {
+                if let Some(relation) = &s.table {
+                    self.written.insert(table_ref(relation));
                 }
             }
             // Renaming a column, constraint or trigger, or moving a relation
@@ -745,8 +774,12 @@ fn error_message(error: pg_query::Error) -> String {
             "statement text contains a NUL byte at offset {}",
             nul.nul_position()
         ),
-        pg_query::Error::Decode(error) => {
-            format!("statement is nested too deeply to analyse: {error}")
+        // The decoder's message spells out the whole path; its limit on
+        // nesting is what is hit.
+        pg_query::Error::Decode(_) => {
+            "statement is nested too deeply to analyse (parse tree deeper than the \
+             protobuf decoder's recursion limit)"
+                .to_owned()
         }
         other => other.to_string(),
     }
