@@ -93,3 +93,121 @@ fn help_lists_every_command() {
         assert!(help.contains(cmd), "--help lacks {cmd}: {help}");
     }
 }
+
+#[test]
+fn install_script_lays_out_binary_config_unit_and_service_drop_in() {
+    let root = tempfile::tempdir().unwrap();
+    let script = tollgate_tests::workspace_root().join("scripts/install.sh");
+    let out = Command::new(&script)
+        .arg("--root")
+        .arg(root.path())
+        .arg("--binary")
+        .arg(agent_binary())
+        .args([
+            "--govern-service",
+            "actions.runner.acme-shop.runner1.service",
+            "--no-start",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = root.path();
+    let bin = r.join("usr/local/bin/tollgate");
+    assert!(bin.exists());
+    let config = r.join("etc/tollgate/tollgate.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        text.contains("path = \"system.slice/actions.runner.acme-shop.runner1.service\""),
+        "{text}"
+    );
+    let check = Command::new(&bin)
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let unit = std::fs::read_to_string(r.join("etc/systemd/system/tollgate.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/tollgate run --config /etc/tollgate/tollgate.toml"),
+        "{unit}"
+    );
+    assert!(
+        unit.contains("Before=actions.runner.acme-shop.runner1.service"),
+        "{unit}"
+    );
+    assert!(!unit.contains('@'), "every placeholder is filled: {unit}");
+    let drop_in = std::fs::read_to_string(
+        r.join("etc/systemd/system/actions.runner.acme-shop.runner1.service.d/tollgate.conf"),
+    )
+    .unwrap();
+    assert!(
+        drop_in.contains("ExecStartPre=/usr/local/bin/tollgate ensure-governed"),
+        "{drop_in}"
+    );
+    assert!(r.join("etc/tollgate/policies/default.toml").exists());
+
+    // A second run keeps the edited configuration.
+    std::fs::write(&config, format!("{text}\n# edited\n")).unwrap();
+    let again = Command::new(&script)
+        .arg("--root")
+        .arg(r)
+        .arg("--binary")
+        .arg(agent_binary())
+        .arg("--no-start")
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert!(std::fs::read_to_string(&config)
+        .unwrap()
+        .ends_with("# edited\n"));
+}
+
+#[test]
+fn redirect_without_privileges_names_the_missing_capability() {
+    if !tollgate_tests::is_root() {
+        eprintln!("skipping: needs root to drop to an unprivileged user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let config = dir.path().join("t.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\ncontrol_socket = \"{0}/c.sock\"\n[redirect]\nport = {1}\npin_dir = \"/sys/fs/bpf/tollgate-nonroot-{2}\"\nexec_socket = \"{0}/e.sock\"\n",
+            dir.path().display(),
+            free_port(),
+            std::process::id()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(agent_binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CAP_BPF"), "{stderr}");
+    assert!(stderr.contains("explicit listeners"), "{stderr}");
+}

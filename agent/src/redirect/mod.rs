@@ -92,9 +92,16 @@ pub enum RedirectError {
     },
 }
 
-fn other(context: impl Into<String>) -> impl FnOnce(anyhow::Error) -> RedirectError {
-    let context = context.into();
-    move |source| RedirectError::Other { context, source }
+/// Maps an I/O error, recognising permission problems.
+fn io_error(context: String, e: std::io::Error) -> RedirectError {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        RedirectError::Permission { action: context }
+    } else {
+        RedirectError::Other {
+            context,
+            source: e.into(),
+        }
+    }
 }
 
 /// Maps a loader or attach error, recognising permission problems.
@@ -201,10 +208,10 @@ impl Redirect {
         // Every governed cgroup, and the parent of `tollgate exec` sessions.
         let exec_root = cgroup::resolve(&cgroup_root, &settings.exec_cgroup);
         fs::create_dir_all(&exec_root).map_err(|e| {
-            other(format!(
-                "cannot create the exec cgroup {}",
-                exec_root.display()
-            ))(e.into())
+            io_error(
+                format!("cannot create the exec cgroup {}", exec_root.display()),
+                e,
+            )
         })?;
         let mut wanted: Vec<(PathBuf, UnlistedPolicy)> = config
             .cgroups
@@ -435,7 +442,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
     let on_bpffs = pin_dir.ancestors().any(cgroup::is_bpffs);
     if on_bpffs {
         return fs::create_dir_all(pin_dir)
-            .map_err(|e| other(format!("cannot create {}", pin_dir.display()))(e.into()));
+            .map_err(|e| io_error(format!("cannot create {}", pin_dir.display()), e));
     }
     let mount_point = Path::new("/sys/fs/bpf");
     if pin_dir.starts_with(mount_point) {
@@ -447,7 +454,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
         if matches!(status, Ok(s) if s.success()) {
             tracing::info!("mounted bpffs at /sys/fs/bpf");
             return fs::create_dir_all(pin_dir)
-                .map_err(|e| other(format!("cannot create {}", pin_dir.display()))(e.into()));
+                .map_err(|e| io_error(format!("cannot create {}", pin_dir.display()), e));
         }
     }
     Err(RedirectError::Kernel(format!(
@@ -467,7 +474,7 @@ impl Instance {
     ) -> Result<Instance, RedirectError> {
         let maps_dir = dir.join("maps");
         fs::create_dir_all(&maps_dir)
-            .map_err(|e| other(format!("cannot create {}", maps_dir.display()))(e.into()))?;
+            .map_err(|e| io_error(format!("cannot create {}", maps_dir.display()), e))?;
         let map_paths: Vec<(&str, PathBuf)> =
             PINNED_MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
@@ -663,11 +670,10 @@ fn attach_cgroup(
             let _ = fs::remove_file(p);
         }
         fs::create_dir_all(&links_dir)
-            .map_err(|e| other(format!("cannot create {}", links_dir.display()))(e.into()))?;
+            .map_err(|e| io_error(format!("cannot create {}", links_dir.display()), e))?;
         for (name, pin) in PROGRAM_NAMES.iter().zip(&pins) {
-            let cgroup_file = fs::File::open(cgroup_dir).map_err(|e| {
-                other(format!("cannot open cgroup {}", cgroup_dir.display()))(e.into())
-            })?;
+            let cgroup_file = fs::File::open(cgroup_dir)
+                .map_err(|e| io_error(format!("cannot open cgroup {}", cgroup_dir.display()), e))?;
             let action = format!("attach {name} to cgroup {}", cgroup_dir.display());
             let program = ebpf.program_mut(name).ok_or_else(|| {
                 RedirectError::Kernel(format!("the embedded object lacks program {name}"))
