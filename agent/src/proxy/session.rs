@@ -100,7 +100,20 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
     shared.events.emit(&SessionEvent::Started(info.clone()));
 
     let reason = match upstream {
-        Err(reason) => reason,
+        Err(reason) => {
+            if route.protocol == Protocol::Postgres {
+                if let CloseReason::UpstreamUnreachable(cause) = &reason {
+                    protocol::postgres::session::refuse_unreachable(
+                        client,
+                        &info.target,
+                        cause,
+                        shared.config.agent.connect_timeout,
+                    )
+                    .await;
+                }
+            }
+            reason
+        }
         Ok((stream, peer, connect_time)) => {
             shared.events.emit(&SessionEvent::UpstreamConnected {
                 session: id,
@@ -117,7 +130,10 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
                 analysis: shared.analysis.clone(),
                 events: shared.events.clone(),
             };
-            protocol::tcp::relay(&ctx, client, stream).await
+            match info.protocol {
+                Protocol::Postgres => protocol::postgres::session::run(&ctx, client, stream).await,
+                Protocol::Mysql | Protocol::Tcp => protocol::tcp::relay(&ctx, client, stream).await,
+            }
         }
     };
 

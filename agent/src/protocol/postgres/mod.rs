@@ -76,6 +76,7 @@ pub mod backend;
 pub mod codec;
 pub mod error;
 pub mod frontend;
+pub mod session;
 
 #[cfg(test)]
 mod tests;

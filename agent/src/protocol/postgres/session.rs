@@ -1,0 +1,1130 @@
+//! One PostgreSQL session between a client and its upstream: start-up, then
+//! both directions pumped concurrently, every statement decided by the
+//! policy before the server sees it.
+//!
+//! # Phases
+//!
+//! 1. **Start-up** ([`read_startup`]), on the client socket alone:
+//!    SSLRequest and GSSENCRequest are answered `N` (TLS is not terminated
+//!    in this version) unless bytes already follow the request (the
+//!    CVE-2021-23214 injection: refused); a CancelRequest is forwarded to
+//!    the upstream as it came and the session ends; a StartupMessage asking
+//!    for replication is refused (0A000); any other StartupMessage is
+//!    forwarded unchanged.
+//! 2. **Authentication and the ready phase** are one loop per direction,
+//!    polled together so neither side can stall the other. The only
+//!    difference authentication makes is the size limit on client messages
+//!    ([`MAX_PRE_AUTH_MESSAGE`] until the server sent AuthenticationOk):
+//!    a Query sent before that is decided like any other, so pipelining
+//!    cannot slip a statement past the policy.
+//!
+//! # Refusal: substitute a statement that fails on the server
+//!
+//! A refused Query, Parse or FunctionCall is not dropped: it is replaced by
+//! a statement that fails in parse analysis,
+//! `SELECT 1::pg_catalog."tollgate_deny_<nonce>_<n>"` (a Query for Query and
+//! FunctionCall, a Parse under the same statement name for Parse). The
+//! server fails exactly where the refused message stood, so everything a
+//! real error does follows for free and in the right order:
+//!
+//! - idle: ErrorResponse then ReadyForQuery `I`; in a transaction block the
+//!   block is failed (`E`), so the next statement gets 25P02 and COMMIT
+//!   answers ROLLBACK; in a failed block the server answers its own 25P02;
+//! - extended protocol: the error comes after the replies to the messages
+//!   forwarded before it, the server discards everything up to Sync and
+//!   rolls back the implicit transaction, writes pipelined before the
+//!   refused message included; exactly one ReadyForQuery per Sync;
+//! - COPY data the client pipelined after a refused COPY is ignored by the
+//!   server, which is not in copy mode.
+//!
+//! The server's ErrorResponse for the substitute carries the marker; the
+//! upstream pump replaces that one message with the proxy's own
+//! (`ERROR 42501` and the policy's message), so the client sees the denial,
+//! not a missing type. The nonce is random per session, so a client cannot
+//! forge or hide a marker.
+//!
+//! # Buffers
+//!
+//! One read buffer per direction. Messages that are only forwarded are
+//! written from the buffer as they came (consecutive ones in one write) and
+//! passed through in chunks when larger than the buffer, so a 1 GiB DataRow
+//! or CopyData is never held whole. Query, Parse and FunctionCall are
+//! buffered whole to be analysed, up to [`MAX_INSPECTED_MESSAGE`]; a larger
+//! one is refused with 54000 and the session closed.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::backend::{self, BackendMessage, TransactionStatus};
+use super::codec::{
+    frame, frame_startup, CodecError, FrameHeader, MessageWriter, Reader, MAX_MESSAGE,
+    MAX_PRE_AUTH_MESSAGE,
+};
+use super::error::{error_response, severity, sqlstate, ssl_refused};
+use super::frontend::{self, decode_startup, FrontendMessage};
+use crate::events::{CloseReason, SessionEvent};
+use crate::policy::{most_restrictive, Decision};
+use crate::protocol::{current_policy, SessionContext};
+use crate::sql::Analysis;
+
+/// Largest Query, Parse or FunctionCall the proxy buffers to analyse (the
+/// length field's value). PostgreSQL accepts up to 1 GiB; statements that
+/// large are refused here with 54000 program_limit_exceeded rather than
+/// buffered or let through unanalysed.
+pub const MAX_INSPECTED_MESSAGE: usize = 16 << 20;
+
+/// Initial (and resting) size of each direction's read buffer.
+const BUFFER: usize = 16 * 1024;
+
+/// 54000 program_limit_exceeded.
+const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+
+/// Start-up packets (SSLRequest, GSSENCRequest) accepted before the
+/// StartupMessage: one of each, as libpq sends at most.
+const MAX_NEGOTIATIONS: usize = 2;
+
+/// Command label for text that does not parse.
+const UNPARSABLE_COMMAND: &str = "statement";
+
+/// State the two directions share. Both run in the session's task; atomics
+/// keep the futures `Send`.
+struct Shared {
+    /// The server sent AuthenticationOk.
+    authenticated: AtomicBool,
+    /// The status byte of the server's last ReadyForQuery.
+    tx_status: AtomicU8,
+    /// `client_encoding` is not UTF-8: non-ASCII statement text is refused
+    /// as unparsable (the analysis reads UTF-8).
+    foreign_encoding: AtomicBool,
+    /// `standard_conforming_strings` is off: backslashes in literals are
+    /// escapes the analysis does not model, so text with one is refused.
+    backslash_escapes: AtomicBool,
+    /// `tollgate_deny_<nonce>_`: the marker of substituted statements.
+    marker: String,
+    /// Next substitute number.
+    next_denial: AtomicU64,
+    /// Messages for the client, by substitute number, until the server's
+    /// error for that substitute arrives.
+    denials: Mutex<BTreeMap<u64, String>>,
+    /// The upstream pump is inside a message it passes through in chunks:
+    /// the proxy must not write a message of its own to the client now.
+    upstream_mid_message: AtomicBool,
+    /// The client pump is inside a message: nothing of ours to the server.
+    client_mid_message: AtomicBool,
+    /// Milliseconds since the session's start of the last byte read.
+    last_activity: AtomicU64,
+}
+
+/// Denials remembered at most (older ones are forgotten: the server
+/// answered them with 25P02 in a failed block, so no marker comes back).
+const MAX_PENDING_DENIALS: usize = 1024;
+
+impl Shared {
+    fn new() -> Shared {
+        let nonce = uuid::Uuid::now_v7().as_u128() as u64 ^ uuid::Uuid::now_v7().as_u128() as u64;
+        let nonce = nonce.rotate_left(17) ^ (uuid::Uuid::now_v7().as_u128() >> 64) as u64;
+        Shared {
+            authenticated: AtomicBool::new(false),
+            tx_status: AtomicU8::new(b'I'),
+            foreign_encoding: AtomicBool::new(false),
+            backslash_escapes: AtomicBool::new(false),
+            marker: format!("tollgate_deny_{nonce:016x}_"),
+            next_denial: AtomicU64::new(1),
+            denials: Mutex::new(BTreeMap::new()),
+            upstream_mid_message: AtomicBool::new(false),
+            client_mid_message: AtomicBool::new(false),
+            last_activity: AtomicU64::new(0),
+        }
+    }
+
+    /// Registers a denial and returns the SQL of its substitute.
+    fn substitute_sql(&self, client_message: String) -> String {
+        let n = self.next_denial.fetch_add(1, Ordering::Relaxed);
+        let mut denials = self.denials.lock().unwrap_or_else(PoisonError::into_inner);
+        if denials.len() >= MAX_PENDING_DENIALS {
+            denials.pop_first();
+        }
+        denials.insert(n, client_message);
+        format!("SELECT 1::pg_catalog.\"{}{n}\"", self.marker)
+    }
+
+    /// The client message of the substitute an ErrorResponse body answers,
+    /// if it answers one.
+    fn denial_for(&self, error_body: &[u8]) -> Option<String> {
+        let marker = self.marker.as_bytes();
+        let at = error_body
+            .windows(marker.len())
+            .position(|w| w == marker)?;
+        let digits = error_body.get(at.saturating_add(marker.len())..)?;
+        let end = digits
+            .iter()
+            .position(|b| !b.is_ascii_digit())
+            .unwrap_or(digits.len());
+        let n: u64 = std::str::from_utf8(digits.get(..end)?).ok()?.parse().ok()?;
+        let mut denials = self.denials.lock().unwrap_or_else(PoisonError::into_inner);
+        let message = denials.remove(&n);
+        // Earlier substitutes were answered without a marker (25P02).
+        while denials.first_key_value().is_some_and(|(&k, _)| k < n) {
+            denials.pop_first();
+        }
+        message
+    }
+
+    fn touch(&self, start: Instant) {
+        let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+/// Why a session is being ended by the proxy, with what to tell the client.
+#[derive(Debug)]
+enum Stop {
+    /// An I/O error or end on one side: nothing more to say.
+    Closed(CloseReason),
+    /// A fault the client should hear about before the connection closes.
+    Fatal {
+        sqlstate: &'static str,
+        message: String,
+        reason: CloseReason,
+    },
+}
+
+impl Stop {
+    fn client_fault(sqlstate: &'static str, message: String) -> Stop {
+        Stop::Fatal {
+            sqlstate,
+            reason: CloseReason::ClientError(message.clone()),
+            message,
+        }
+    }
+
+    fn protocol_violation(what: impl std::fmt::Display) -> Stop {
+        Stop::client_fault(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("tollgate: invalid message from the client: {what}"),
+        )
+    }
+}
+
+/// A read buffer: bytes `start..end` of `data` are received and not yet
+/// handled.
+struct ReadBuf {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadBuf {
+    fn new() -> ReadBuf {
+        ReadBuf {
+            data: vec![0; BUFFER],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn filled(&self) -> &[u8] {
+        self.data.get(self.start..self.end).unwrap_or_default()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start = self.start.saturating_add(n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.data.len() > BUFFER {
+                // One large message does not keep its buffer for the session.
+                self.data.truncate(BUFFER);
+                self.data.shrink_to_fit();
+            }
+        }
+    }
+
+    /// Makes room to read, so that a message of `need` bytes (at least one
+    /// more than what is here) fits whole. `need` is bounded by the caller.
+    fn make_room(&mut self, need: usize) {
+        let have = self.end.saturating_sub(self.start);
+        let need = need.max(have.saturating_add(1));
+        if self.data.len().saturating_sub(self.start) < need
+            || self.data.len().saturating_sub(self.end) < BUFFER / 4
+        {
+            self.data.copy_within(self.start..self.end, 0);
+            self.start = 0;
+            self.end = have;
+        }
+        if self.data.len() < need {
+            self.data.resize(need.max(BUFFER), 0);
+        } else if self.end == self.data.len() {
+            self.data.resize(self.data.len().saturating_add(BUFFER), 0);
+        }
+    }
+
+    /// Reads once; 0 means end of stream.
+    async fn read_from<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> io::Result<usize> {
+        let Some(space) = self.data.get_mut(self.end..) else {
+            return Ok(0);
+        };
+        let n = r.read(space).await?;
+        self.end = self.end.saturating_add(n).min(self.data.len());
+        Ok(n)
+    }
+}
+
+/// A start-up packet, read whole.
+enum StartupPacket {
+    /// A StartupMessage to forward: its bytes, and what it asks for.
+    Startup {
+        bytes: Vec<u8>,
+        user: Option<String>,
+        database: Option<String>,
+        application_name: Option<String>,
+        replication: Option<String>,
+    },
+    /// A CancelRequest, to forward as it came.
+    Cancel(Vec<u8>),
+}
+
+/// Reads start-up packets until a StartupMessage or a CancelRequest,
+/// answering SSLRequest and GSSENCRequest with `N`. Bytes after the packet
+/// stay in `buf`.
+async fn read_startup(
+    client: &mut TcpStream,
+    buf: &mut ReadBuf,
+    shared: &Shared,
+    start: Instant,
+) -> Result<StartupPacket, Stop> {
+    let mut negotiations = 0;
+    loop {
+        let len = loop {
+            match frame_startup(buf.filled()) {
+                Err(e) => return Err(startup_fault(e)),
+                Ok(Some(len)) if buf.filled().len() >= len => break len,
+                Ok(Some(len)) => buf.make_room(len),
+                Ok(None) => buf.make_room(8),
+            }
+            let n = buf
+                .read_from(client)
+                .await
+                .map_err(|e| Stop::Closed(CloseReason::ClientError(e.to_string())))?;
+            if n == 0 {
+                let got = buf.filled().len();
+                return Err(Stop::Closed(CloseReason::ClientError(format!(
+                    "the client closed the connection during start-up after {got} bytes of a start-up packet"
+                ))));
+            }
+            shared.touch(start);
+        };
+        let packet = buf.filled().get(..len).unwrap_or_default();
+        let body = packet.get(4..).unwrap_or_default();
+        let message = decode_startup(body).map_err(startup_fault)?;
+        match message {
+            FrontendMessage::SslRequest | FrontendMessage::GssEncRequest => {
+                if buf.filled().len() > len {
+                    return Err(Stop::client_fault(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "tollgate: received unencrypted data after an encryption request \
+                         (possible injection, CVE-2021-23214)"
+                            .to_owned(),
+                    ));
+                }
+                negotiations += 1;
+                if negotiations > MAX_NEGOTIATIONS {
+                    return Err(Stop::client_fault(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "tollgate: too many encryption requests during start-up".to_owned(),
+                    ));
+                }
+                buf.consume(len);
+                client
+                    .write_all(&ssl_refused())
+                    .await
+                    .map_err(|e| Stop::Closed(CloseReason::ClientError(e.to_string())))?;
+            }
+            FrontendMessage::CancelRequest { .. } => {
+                let bytes = packet.to_vec();
+                buf.consume(len);
+                return Ok(StartupPacket::Cancel(bytes));
+            }
+            FrontendMessage::Startup { params, .. } => {
+                let get = |name: &str| {
+                    params
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, v)| (*v).to_owned())
+                };
+                let result = StartupPacket::Startup {
+                    user: get("user"),
+                    database: get("database"),
+                    application_name: get("application_name"),
+                    replication: get("replication"),
+                    bytes: packet.to_vec(),
+                };
+                buf.consume(len);
+                return Ok(result);
+            }
+            other => {
+                return Err(Stop::protocol_violation(format_args!(
+                    "unexpected {} during start-up",
+                    other.name()
+                )))
+            }
+        }
+    }
+}
+
+fn startup_fault(e: CodecError) -> Stop {
+    match e {
+        CodecError::UnsupportedProtocol { major, minor } => Stop::client_fault(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            format!("tollgate: unsupported frontend protocol {major}.{minor}: only 3.x is supported"),
+        ),
+        other => Stop::client_fault(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("tollgate: invalid start-up packet: {other}"),
+        ),
+    }
+}
+
+/// Runs a PostgreSQL session until it ends and says why.
+pub async fn run(ctx: &SessionContext, mut client: TcpStream, mut upstream: TcpStream) -> CloseReason {
+    let start = Instant::now();
+    let shared = Shared::new();
+    let mut client_buf = ReadBuf::new();
+
+    let startup = tokio::select! {
+        r = read_startup(&mut client, &mut client_buf, &shared, start) => r,
+        _ = tokio::time::sleep(ctx.idle_timeout) => Err(Stop::Closed(CloseReason::IdleTimeout)),
+        _ = ctx.force_close.cancelled() => Err(Stop::Fatal {
+            sqlstate: sqlstate::ADMIN_SHUTDOWN,
+            message: "tollgate: the agent is shutting down".to_owned(),
+            reason: CloseReason::Shutdown,
+        }),
+    };
+    let packet = match startup {
+        Ok(p) => p,
+        Err(stop) => return end_early(ctx, &mut client, stop).await,
+    };
+    let bytes = match packet {
+        StartupPacket::Cancel(bytes) => {
+            // The client-visible key is the server's own in this version
+            // (BackendKeyData is not rewritten), so the request goes on as
+            // it came, on this session's fresh upstream connection.
+            count(ctx, true, bytes.len());
+            tracing::info!(session = %ctx.info.id, "forwarding a CancelRequest upstream");
+            if let Err(e) = upstream.write_all(&bytes).await {
+                return CloseReason::UpstreamError(e.to_string());
+            }
+            let _ = upstream.shutdown().await;
+            return CloseReason::Completed;
+        }
+        StartupPacket::Startup {
+            bytes,
+            user,
+            database,
+            application_name,
+            replication,
+        } => {
+            if let Some(mode) = replication.filter(|m| !m.eq_ignore_ascii_case("false") && m != "0" && !m.eq_ignore_ascii_case("off") && !m.eq_ignore_ascii_case("no")) {
+                let message = "tollgate: replication connections are not allowed".to_owned();
+                let stop = Stop::Fatal {
+                    sqlstate: sqlstate::FEATURE_NOT_SUPPORTED,
+                    reason: CloseReason::ClientError(format!(
+                        "refused a replication connection (replication={mode})"
+                    )),
+                    message,
+                };
+                return end_early(ctx, &mut client, stop).await;
+            }
+            ctx.events.emit(&SessionEvent::Startup {
+                session: ctx.info.id,
+                user,
+                database,
+                application_name,
+            });
+            bytes
+        }
+    };
+    count(ctx, true, bytes.len());
+    if let Err(e) = upstream.write_all(&bytes).await {
+        return CloseReason::UpstreamError(e.to_string());
+    }
+
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut upstream_read, mut upstream_write) = upstream.into_split();
+    let outcome = {
+        let from_client = client_pump(
+            &mut client_read,
+            &mut upstream_write,
+            client_buf,
+            ctx,
+            &shared,
+            start,
+        );
+        let from_upstream = upstream_pump(&mut upstream_read, &mut client_write, ctx, &shared, start);
+        tokio::pin!(from_client, from_upstream);
+        let (mut client_done, mut upstream_done) = (false, false);
+        loop {
+            if client_done && upstream_done {
+                break Stop::Closed(CloseReason::Completed);
+            }
+            let idle_deadline = start
+                + Duration::from_millis(shared.last_activity.load(Ordering::Relaxed))
+                + ctx.idle_timeout;
+            tokio::select! {
+                r = &mut from_client, if !client_done => match r {
+                    Ok(()) => client_done = true,
+                    Err(stop) => break stop,
+                },
+                r = &mut from_upstream, if !upstream_done => match r {
+                    Ok(()) => upstream_done = true,
+                    Err(stop) => break stop,
+                },
+                _ = tokio::time::sleep_until(idle_deadline) => {
+                    let idle_for = start.elapsed().saturating_sub(Duration::from_millis(shared.last_activity.load(Ordering::Relaxed)));
+                    if idle_for >= ctx.idle_timeout {
+                        break Stop::Closed(CloseReason::IdleTimeout);
+                    }
+                }
+                _ = ctx.force_close.cancelled() => break Stop::Fatal {
+                    sqlstate: sqlstate::ADMIN_SHUTDOWN,
+                    message: "tollgate: the agent is shutting down".to_owned(),
+                    reason: CloseReason::Shutdown,
+                },
+            }
+        }
+    };
+    match outcome {
+        Stop::Closed(reason) => reason,
+        Stop::Fatal {
+            sqlstate,
+            message,
+            reason,
+        } => {
+            tracing::warn!(session = %ctx.info.id, sqlstate, "closing the session: {message}");
+            if !shared.upstream_mid_message.load(Ordering::Relaxed) {
+                let wire = error_response(severity::FATAL, sqlstate, &message, None, None);
+                let _ = tokio::time::timeout(Duration::from_secs(1), client_write.write_all(&wire)).await;
+            }
+            if !shared.client_mid_message.load(Ordering::Relaxed) {
+                let terminate = [frontend::tag::TERMINATE, 0, 0, 0, 4];
+                let _ = tokio::time::timeout(Duration::from_secs(1), upstream_write.write_all(&terminate)).await;
+            }
+            let _ = client_write.shutdown().await;
+            let _ = upstream_write.shutdown().await;
+            reason
+        }
+    }
+}
+
+/// Ends a session before the pumps started: tells the client why when
+/// there is something to say, logs it, and closes.
+async fn end_early(ctx: &SessionContext, client: &mut TcpStream, stop: Stop) -> CloseReason {
+    match stop {
+        Stop::Closed(reason) => {
+            if matches!(reason, CloseReason::ClientError(_)) {
+                tracing::warn!(session = %ctx.info.id, "closing the session: {reason}");
+            }
+            reason
+        }
+        Stop::Fatal {
+            sqlstate,
+            message,
+            reason,
+        } => {
+            tracing::warn!(session = %ctx.info.id, sqlstate, "closing the session: {message}");
+            let wire = error_response(severity::FATAL, sqlstate, &message, None, None);
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&wire)).await;
+            let _ = client.shutdown().await;
+            reason
+        }
+    }
+}
+
+/// The upstream could not be reached: reads the client's start-up (so it
+/// is listening for an answer, having been told `N` to TLS) and answers
+/// FATAL 08006 naming the cause. Gives up quietly after `timeout`.
+pub async fn refuse_unreachable(
+    mut client: TcpStream,
+    target: &str,
+    cause: &str,
+    timeout: Duration,
+) {
+    let shared = Shared::new();
+    let mut buf = ReadBuf::new();
+    let start = Instant::now();
+    let read = tokio::time::timeout(timeout, read_startup(&mut client, &mut buf, &shared, start));
+    let wire = match read.await {
+        Ok(Ok(StartupPacket::Startup { .. })) => error_response(
+            severity::FATAL,
+            sqlstate::CONNECTION_FAILURE,
+            &format!("tollgate: cannot reach the upstream of target \"{target}\": {cause}"),
+            None,
+            None,
+        ),
+        Ok(Err(Stop::Fatal {
+            sqlstate, message, ..
+        })) => error_response(severity::FATAL, sqlstate, &message, None, None),
+        // A cancel gets no answer; a client that left or stayed silent
+        // gets nothing either.
+        _ => return,
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&wire)).await;
+    let _ = client.shutdown().await;
+}
+
+fn count(ctx: &SessionContext, from_client: bool, n: usize) {
+    let n = n as u64;
+    if from_client {
+        ctx.counters.from_client.fetch_add(n, Ordering::Relaxed);
+        ctx.target_metrics
+            .bytes_from_client
+            .fetch_add(n, Ordering::Relaxed);
+    } else {
+        ctx.counters.from_upstream.fetch_add(n, Ordering::Relaxed);
+        ctx.target_metrics
+            .bytes_from_upstream
+            .fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// What to do with the message at the start of the unhandled bytes.
+enum Step {
+    /// Wait until this many bytes (the whole message) are here.
+    Need(usize),
+    /// Forward the next `n` bytes as they are (a whole message, or the part
+    /// of one passed through in chunks that is here).
+    Forward(usize),
+    /// Replace the next `n` bytes (one whole message) with `out`.
+    Replace(usize),
+    /// Forward the next `n` bytes, then stop reading (Terminate).
+    Last(usize),
+}
+
+/// Whether `tag` is a message type clients send.
+fn is_frontend_tag(tag: u8) -> bool {
+    use frontend::tag::*;
+    matches!(
+        tag,
+        BIND | CLOSE
+            | COPY_DATA
+            | COPY_DONE
+            | COPY_FAIL
+            | DESCRIBE
+            | EXECUTE
+            | FLUSH
+            | FUNCTION_CALL
+            | PARSE
+            | PASSWORD
+            | QUERY
+            | SYNC
+            | TERMINATE
+    )
+}
+
+/// The client → server direction.
+struct ClientSide<'a> {
+    ctx: &'a SessionContext,
+    shared: &'a Shared,
+    /// Bytes of a passed-through message still to come.
+    streaming: usize,
+    /// Replacement bytes for [`Step::Replace`].
+    out: Vec<u8>,
+}
+
+impl ClientSide<'_> {
+    fn step(&mut self, data: &[u8]) -> Result<Step, Stop> {
+        if self.streaming > 0 {
+            let n = self.streaming.min(data.len());
+            self.streaming -= n;
+            return Ok(Step::Forward(n));
+        }
+        let Some(&tag) = data.first() else {
+            return Ok(Step::Need(FrameHeader::SIZE));
+        };
+        if !is_frontend_tag(tag) {
+            return Err(Stop::client_fault(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!(
+                    "tollgate: invalid message from the client: unknown message type {} (0x{tag:02x})",
+                    printable(tag)
+                ),
+            ));
+        }
+        let limit = if self.shared.authenticated.load(Ordering::Relaxed) {
+            frontend::max_len(tag)
+        } else {
+            MAX_PRE_AUTH_MESSAGE
+        };
+        let header = match frame(data, limit) {
+            Err(e) => return Err(Stop::protocol_violation(e)),
+            Ok(None) => return Ok(Step::Need(FrameHeader::SIZE)),
+            Ok(Some(h)) => h,
+        };
+        use frontend::tag::*;
+        match tag {
+            QUERY | PARSE | FUNCTION_CALL => {
+                if header.len > MAX_INSPECTED_MESSAGE {
+                    return Err(Stop::client_fault(
+                        PROGRAM_LIMIT_EXCEEDED,
+                        format!(
+                            "tollgate: a {} message of {} bytes exceeds the {MAX_INSPECTED_MESSAGE}-byte limit of statements the proxy analyses",
+                            message_name(tag),
+                            header.len
+                        ),
+                    ));
+                }
+                let Some(body) = header.body(data) else {
+                    return Ok(Step::Need(header.len));
+                };
+                match self.decide(tag, body)? {
+                    None => Ok(Step::Forward(header.len)),
+                    Some(refusal) => {
+                        self.substitute(tag, body, refusal)?;
+                        Ok(Step::Replace(header.len))
+                    }
+                }
+            }
+            TERMINATE => match header.message(data) {
+                Some(_) => Ok(Step::Last(header.len)),
+                None => Ok(Step::Need(header.len)),
+            },
+            _ => {
+                let n = header.len.min(data.len());
+                self.streaming = header.len - n;
+                Ok(Step::Forward(n))
+            }
+        }
+    }
+
+    /// Decides a Query, Parse or FunctionCall; `Some(message)` when refused.
+    fn decide(&self, tag: u8, body: &[u8]) -> Result<Option<String>, Stop> {
+        use frontend::tag::*;
+        let mut r = Reader::new(message_name(tag), body);
+        let text: &[u8];
+        let owned;
+        match tag {
+            QUERY => {
+                text = r.get_cstr_bytes("query string").map_err(Stop::protocol_violation)?;
+                r.finish().map_err(Stop::protocol_violation)?;
+            }
+            PARSE => {
+                r.get_cstr_bytes("statement name")
+                    .map_err(Stop::protocol_violation)?;
+                text = r.get_cstr_bytes("query string").map_err(Stop::protocol_violation)?;
+            }
+            _ => {
+                let oid = r.get_u32("function oid").map_err(Stop::protocol_violation)?;
+                owned = format!("FunctionCall oid {oid}");
+                text = owned.as_bytes();
+            }
+        }
+        let (text, analysis) = self.analyse(text);
+        let policy = current_policy(&self.ctx.policy);
+        let decisions = policy.decide_analysis(
+            &self.ctx.info.target,
+            &self.ctx.info.identity,
+            &text,
+            &analysis,
+        );
+        self.report(&text, &analysis, &decisions);
+        let Some(top) = most_restrictive(&decisions).filter(|d| d.action.is_refused()) else {
+            return Ok(None);
+        };
+        let command = match &*analysis {
+            Analysis::Parsed { statements } => decisions
+                .iter()
+                .position(|d| std::ptr::eq(d, top))
+                .and_then(|i| statements.get(i))
+                .map_or(UNPARSABLE_COMMAND, |s| s.command.as_str()),
+            Analysis::Unparsable { .. } => UNPARSABLE_COMMAND,
+        };
+        tracing::debug!(
+            session = %self.ctx.info.id,
+            transaction_status = %char::from(self.shared.tx_status.load(Ordering::Relaxed)),
+            "substituting a failing statement for a refused {}",
+            message_name(tag)
+        );
+        Ok(Some(top.client_message(command)))
+    }
+
+    /// The analysis of statement bytes, failing closed on what cannot be
+    /// read as the analyser reads it.
+    fn analyse<'t>(&self, text: &'t [u8]) -> (std::borrow::Cow<'t, str>, Arc<Analysis>) {
+        let unparsable = |text: std::borrow::Cow<'t, str>, error: &str| {
+            let analysis = Arc::new(Analysis::Unparsable {
+                error: error.to_owned(),
+            });
+            (text, analysis)
+        };
+        let Ok(text) = std::str::from_utf8(text) else {
+            return unparsable(
+                String::from_utf8_lossy(text),
+                "the statement text is not valid UTF-8",
+            );
+        };
+        if self.shared.foreign_encoding.load(Ordering::Relaxed) && !text.is_ascii() {
+            return unparsable(
+                text.into(),
+                "client_encoding is not UTF8 and the text is not ASCII; the analysis reads UTF-8 only",
+            );
+        }
+        if self.shared.backslash_escapes.load(Ordering::Relaxed) && text.contains('\\') {
+            return unparsable(
+                text.into(),
+                "standard_conforming_strings is off and the text contains a backslash; the analysis reads standard strings only",
+            );
+        }
+        let analysis = self.ctx.analysis.analyze(text);
+        (text.into(), analysis)
+    }
+
+    /// One Statement event per decided statement.
+    fn report(&self, text: &str, analysis: &Analysis, decisions: &[Decision]) {
+        let session = self.ctx.info.id;
+        let event = |text: &str,
+                     command: &str,
+                     kind,
+                     fingerprint: Option<&str>,
+                     d: &Decision| SessionEvent::Statement {
+            session,
+            text: text.to_owned(),
+            command: command.to_owned(),
+            kind,
+            fingerprint: fingerprint.map(str::to_owned),
+            action: d.action,
+            rules: d.matched.iter().map(|r| r.name.clone()).collect(),
+            reason: d.reason.clone(),
+        };
+        match analysis {
+            Analysis::Parsed { statements } => {
+                for (s, d) in statements.iter().zip(decisions) {
+                    self.ctx.events.emit(&event(
+                        &s.text,
+                        &s.command,
+                        Some(s.kind),
+                        Some(&s.fingerprint),
+                        d,
+                    ));
+                }
+            }
+            Analysis::Unparsable { .. } => {
+                for d in decisions {
+                    self.ctx
+                        .events
+                        .emit(&event(text, UNPARSABLE_COMMAND, None, None, d));
+                }
+            }
+        }
+    }
+
+    /// Writes the substitute of a refused message into `out`.
+    fn substitute(&mut self, tag: u8, body: &[u8], refusal: String) -> Result<(), Stop> {
+        let sql = self.shared.substitute_sql(refusal);
+        self.out.clear();
+        if tag == frontend::tag::PARSE {
+            let mut r = Reader::new("Parse", body);
+            let name = r
+                .get_cstr_bytes("statement name")
+                .map_err(Stop::protocol_violation)?;
+            let mut w = MessageWriter::new(&mut self.out, frontend::tag::PARSE);
+            w.put_cstr_bytes(name).put_cstr(&sql).put_i16(0);
+            w.finish();
+        } else {
+            let mut w = MessageWriter::new(&mut self.out, frontend::tag::QUERY);
+            w.put_cstr(&sql);
+            w.finish();
+        }
+        Ok(())
+    }
+}
+
+fn message_name(tag: u8) -> &'static str {
+    match tag {
+        frontend::tag::QUERY => "Query",
+        frontend::tag::PARSE => "Parse",
+        frontend::tag::FUNCTION_CALL => "FunctionCall",
+        _ => "message",
+    }
+}
+
+fn printable(tag: u8) -> String {
+    if tag.is_ascii_graphic() {
+        format!("'{}'", tag as char)
+    } else {
+        "(not printable)".to_owned()
+    }
+}
+
+/// Pumps client messages to the upstream until the client ends its side.
+async fn client_pump<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    mut buf: ReadBuf,
+    ctx: &SessionContext,
+    shared: &Shared,
+    start: Instant,
+) -> Result<(), Stop>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut side = ClientSide {
+        ctx,
+        shared,
+        streaming: 0,
+        out: Vec::new(),
+    };
+    let write_err = |e: io::Error| Stop::Closed(CloseReason::UpstreamError(e.to_string()));
+    loop {
+        // Handle everything that is here, forwarding runs of unchanged
+        // messages in one write.
+        let mut need = FrameHeader::SIZE;
+        let mut last = false;
+        let handled = {
+            let data = buf.filled();
+            let (mut pos, mut from) = (0, 0);
+            while pos < data.len() && !last {
+                let rest = data.get(pos..).unwrap_or_default();
+                match side.step(rest)? {
+                    Step::Need(n) => {
+                        need = n;
+                        break;
+                    }
+                    Step::Forward(n) => pos += n,
+                    Step::Last(n) => {
+                        pos += n;
+                        last = true;
+                    }
+                    Step::Replace(n) => {
+                        let run = data.get(from..pos).unwrap_or_default();
+                        if !run.is_empty() {
+                            writer.write_all(run).await.map_err(write_err)?;
+                        }
+                        writer.write_all(&side.out).await.map_err(write_err)?;
+                        pos += n;
+                        from = pos;
+                    }
+                }
+            }
+            let run = data.get(from..pos).unwrap_or_default();
+            if !run.is_empty() {
+                writer.write_all(run).await.map_err(write_err)?;
+            }
+            pos
+        };
+        buf.consume(handled);
+        shared
+            .client_mid_message
+            .store(side.streaming > 0, Ordering::Relaxed);
+        if last {
+            let _ = writer.shutdown().await;
+            return Ok(());
+        }
+        buf.make_room(need);
+        let n = buf
+            .read_from(reader)
+            .await
+            .map_err(|e| Stop::Closed(CloseReason::ClientError(e.to_string())))?;
+        if n == 0 {
+            if !buf.filled().is_empty() || side.streaming > 0 {
+                tracing::debug!(session = %ctx.info.id, "the client closed its side inside a message");
+            }
+            let _ = writer.shutdown().await;
+            return Ok(());
+        }
+        count(ctx, true, n);
+        shared.touch(start);
+    }
+}
+
+/// The server → client direction.
+struct UpstreamSide<'a> {
+    ctx: &'a SessionContext,
+    shared: &'a Shared,
+    streaming: usize,
+    out: Vec<u8>,
+    warned_encoding: bool,
+}
+
+impl UpstreamSide<'_> {
+    fn step(&mut self, data: &[u8]) -> Result<Step, Stop> {
+        if self.streaming > 0 {
+            let n = self.streaming.min(data.len());
+            self.streaming -= n;
+            return Ok(Step::Forward(n));
+        }
+        let header = match frame(data, MAX_MESSAGE) {
+            Err(e) => return Err(upstream_fault(e)),
+            Ok(None) => return Ok(Step::Need(FrameHeader::SIZE)),
+            Ok(Some(h)) => h,
+        };
+        use backend::tag::*;
+        match header.tag {
+            READY_FOR_QUERY | PARAMETER_STATUS | BACKEND_KEY_DATA | AUTHENTICATION
+            | ERROR_RESPONSE => {
+                if header.len > MAX_INSPECTED_MESSAGE {
+                    return Err(upstream_fault(format_args!(
+                        "a message of type {} of {} bytes is larger than the proxy inspects",
+                        printable(header.tag),
+                        header.len
+                    )));
+                }
+                let Some(body) = header.body(data) else {
+                    return Ok(Step::Need(header.len));
+                };
+                self.inspect(header.tag, body)?;
+                if header.tag == ERROR_RESPONSE {
+                    if let Some(message) = self.shared.denial_for(body) {
+                        self.out.clear();
+                        super::error::write_error_response(
+                            &mut self.out,
+                            severity::ERROR,
+                            sqlstate::INSUFFICIENT_PRIVILEGE,
+                            &message,
+                            None,
+                            None,
+                        );
+                        return Ok(Step::Replace(header.len));
+                    }
+                }
+                Ok(Step::Forward(header.len))
+            }
+            _ => {
+                let n = header.len.min(data.len());
+                self.streaming = header.len - n;
+                Ok(Step::Forward(n))
+            }
+        }
+    }
+
+    fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<(), Stop> {
+        if tag == backend::tag::ERROR_RESPONSE {
+            return Ok(());
+        }
+        let message = backend::decode_backend(tag, body).map_err(upstream_fault)?;
+        match message {
+            BackendMessage::ReadyForQuery(status) => {
+                self.shared
+                    .tx_status
+                    .store(status.byte(), Ordering::Relaxed);
+                if matches!(status, TransactionStatus::Unknown(_)) {
+                    tracing::debug!(session = %self.ctx.info.id, "ReadyForQuery with an unknown status byte");
+                }
+            }
+            BackendMessage::Authentication(backend::Auth::Ok) => {
+                self.shared.authenticated.store(true, Ordering::Relaxed);
+            }
+            BackendMessage::BackendKeyData { pid, .. } => {
+                tracing::debug!(session = %self.ctx.info.id, backend_pid = pid, "upstream backend");
+            }
+            BackendMessage::ParameterStatus { name, value } => match name {
+                "client_encoding" => {
+                    let foreign = !(value.eq_ignore_ascii_case("UTF8")
+                        || value.eq_ignore_ascii_case("UNICODE"));
+                    self.shared.foreign_encoding.store(foreign, Ordering::Relaxed);
+                    if foreign && !self.warned_encoding {
+                        self.warned_encoding = true;
+                        tracing::warn!(session = %self.ctx.info.id, client_encoding = value,
+                            "client_encoding is {value}: the statement analysis assumes UTF-8, so statements with non-ASCII text are refused as unparsable");
+                    }
+                }
+                "standard_conforming_strings" => {
+                    let off = value.eq_ignore_ascii_case("off");
+                    self.shared.backslash_escapes.store(off, Ordering::Relaxed);
+                    if off {
+                        tracing::warn!(session = %self.ctx.info.id,
+                            "standard_conforming_strings is off: statements containing a backslash are refused as unparsable");
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn upstream_fault(what: impl std::fmt::Display) -> Stop {
+    let message = format!("tollgate: invalid message from the server: {what}");
+    Stop::Fatal {
+        sqlstate: sqlstate::PROTOCOL_VIOLATION,
+        reason: CloseReason::UpstreamError(message.clone()),
+        message,
+    }
+}
+
+/// Pumps server messages to the client until the server ends its side.
+async fn upstream_pump<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    ctx: &SessionContext,
+    shared: &Shared,
+    start: Instant,
+) -> Result<(), Stop>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut side = UpstreamSide {
+        ctx,
+        shared,
+        streaming: 0,
+        out: Vec::new(),
+        warned_encoding: false,
+    };
+    let mut buf = ReadBuf::new();
+    let write_err = |e: io::Error| Stop::Closed(CloseReason::ClientError(e.to_string()));
+    loop {
+        let mut need = FrameHeader::SIZE;
+        let handled = {
+            let data = buf.filled();
+            let (mut pos, mut from) = (0, 0);
+            while pos < data.len() {
+                let rest = data.get(pos..).unwrap_or_default();
+                match side.step(rest)? {
+                    Step::Need(n) => {
+                        need = n;
+                        break;
+                    }
+                    Step::Forward(n) | Step::Last(n) => pos += n,
+                    Step::Replace(n) => {
+                        let run = data.get(from..pos).unwrap_or_default();
+                        if !run.is_empty() {
+                            writer.write_all(run).await.map_err(write_err)?;
+                        }
+                        writer.write_all(&side.out).await.map_err(write_err)?;
+                        pos += n;
+                        from = pos;
+                    }
+                }
+            }
+            let run = data.get(from..pos).unwrap_or_default();
+            if !run.is_empty() {
+                writer.write_all(run).await.map_err(write_err)?;
+            }
+            pos
+        };
+        buf.consume(handled);
+        shared
+            .upstream_mid_message
+            .store(side.streaming > 0, Ordering::Relaxed);
+        buf.make_room(need);
+        let n = buf
+            .read_from(reader)
+            .await
+            .map_err(|e| Stop::Closed(CloseReason::UpstreamError(e.to_string())))?;
+        if n == 0 {
+            let _ = writer.shutdown().await;
+            return Ok(());
+        }
+        count(ctx, false, n);
+        shared.touch(start);
+    }
+}
