@@ -486,6 +486,7 @@ impl Instance {
             .map_err(|e| classify("load the eBPF programs", e))?;
 
         fill_maps(&mut ebpf, config_value, entries, resolvers)?;
+        start_kernel_log_reader(&mut ebpf, mode);
 
         for name in PROGRAM_NAMES {
             let program = ebpf.program_mut(name).ok_or_else(|| {
@@ -533,6 +534,60 @@ impl Instance {
             attached: Mutex::new(attached),
         })
     }
+}
+
+/// Forwards the kernel programs' aya-log records (written only on error
+/// paths) to the agent's log, from a thread of its own: never on a hot path.
+fn start_kernel_log_reader(ebpf: &mut Ebpf, mode: UnlistedPolicy) {
+    let mut logger = match aya_log::EbpfLogger::init_with_logger(
+        ebpf,
+        KernelLog {
+            mode: mode_name(mode),
+        },
+    ) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("kernel program diagnostics are not available: {e}");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("kernel-log".into())
+        .spawn(move || loop {
+            // A malformed record makes aya-log panic; it must not take the agent
+            // with it, and later records are still worth reading.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush())).is_err() {
+                tracing::warn!("a kernel diagnostic record could not be decoded");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the kernel diagnostics reader: {e}");
+    }
+}
+
+/// Writes aya-log records to tracing.
+struct KernelLog {
+    mode: &'static str,
+}
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let message = record.args().to_string();
+        match record.level() {
+            log::Level::Error | log::Level::Warn => {
+                tracing::warn!(mode = self.mode, "kernel: {message}")
+            }
+            log::Level::Info => tracing::info!(mode = self.mode, "kernel: {message}"),
+            _ => tracing::debug!(mode = self.mode, "kernel: {message}"),
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 impl Instance {
