@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         }
         Command::Exec(args) => exec_command(args),
         Command::Detach(args) => detach_command(args),
+        Command::Policy(command) => policy_command(command),
         Command::EnsureGoverned(args) => ensure_governed_command(args),
         Command::Status(args) => {
             let socket = match args.socket {
@@ -195,6 +196,93 @@ fn ensure_governed_command(args: cli::ExecSocketArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn policy_command(command: cli::PolicyCommand) -> ExitCode {
+    use tollgate_agent::policy;
+    match command {
+        cli::PolicyCommand::Check { paths } => match policy::check(&paths) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(2)
+            }
+        },
+        cli::PolicyCommand::Explain {
+            policy: paths,
+            config,
+            target,
+            identity,
+            json,
+            sql,
+        } => {
+            let paths = if paths.is_empty() {
+                match load_config(&config.config) {
+                    Ok(c) if !c.agent.policy_paths.is_empty() => c.agent.policy_paths,
+                    Ok(_) => {
+                        eprintln!("tollgate: no policy given: pass --policy PATH or set agent.policy_paths");
+                        return ExitCode::from(2);
+                    }
+                    Err(code) => return code,
+                }
+            } else {
+                paths
+            };
+            let set = match policy::PolicySet::load(&paths) {
+                Ok(s) => s,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(2);
+                }
+            };
+            let identity = match policy::parse_identity(&identity) {
+                Ok(i) => i,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(2);
+                }
+            };
+            let explanation = policy::explain(&set, &target, &identity, &sql);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&explanation).unwrap_or_default()
+                );
+            } else {
+                print_block(&explanation.to_string());
+            }
+            ExitCode::SUCCESS
+        }
+        cli::PolicyCommand::Test { dir, json } => match policy::run_tests(&dir) {
+            Ok(report) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    );
+                } else {
+                    print_block(&report.to_string());
+                }
+                if report.success() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+/// Prints text ending with exactly one newline.
+fn print_block(text: &str) {
+    println!("{}", text.trim_end_matches('\n'));
 }
 
 fn detach_command(args: cli::DetachArgs) -> ExitCode {

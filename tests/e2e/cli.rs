@@ -211,3 +211,93 @@ fn redirect_without_privileges_names_the_missing_capability() {
     assert!(stderr.contains("CAP_BPF"), "{stderr}");
     assert!(stderr.contains("explicit listeners"), "{stderr}");
 }
+
+#[test]
+fn policy_commands_check_explain_and_test_the_shipped_policies() {
+    let policies = tollgate_tests::workspace_root().join("policies");
+    let run = |args: &[&str]| Command::new(agent_binary()).args(args).output().unwrap();
+
+    let check = run(&["policy", "check", policies.to_str().unwrap()]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(String::from_utf8_lossy(&check.stdout).starts_with("ok: "));
+
+    let test = run(&["policy", "test", policies.to_str().unwrap()]);
+    let report = String::from_utf8_lossy(&test.stdout);
+    assert!(test.status.success(), "{report}");
+    let last = report.lines().last().unwrap();
+    assert!(last.ends_with(" passed, 0 failed"), "{last}");
+
+    let demo = policies.join("demo.toml");
+    let explain = run(&[
+        "policy",
+        "explain",
+        "--policy",
+        demo.to_str().unwrap(),
+        "--target",
+        "demo-db",
+        "--identity",
+        "user = \"runner\", ci_provider = \"github_actions\", ci_verified = true",
+        "select 1; DROP TABLE customers",
+    ]);
+    let text = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        explain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&explain.stderr)
+    );
+    assert!(
+        text.contains("decision:       deny by rule \"no-ddl-in-ci\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("client sees: tollgate: DROP TABLE denied by rule \"no-ddl-in-ci\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn policy_errors_point_at_file_line_and_column_and_failing_cases_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[rule]]\nname = \"r\"\naction = \"forbid\"\n[rule.match]\nkinds = [\"drop\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(agent_binary())
+        .args(["policy", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:3:10:", bad.display())),
+        "{stderr}"
+    );
+
+    // A policy whose test expects the wrong verdict: `policy test` exits 1.
+    let tests_dir = dir.path().join("suite");
+    std::fs::create_dir(&tests_dir).unwrap();
+    std::fs::write(
+        tests_dir.join("p.toml"),
+        "[[rule]]\nname = \"no-drop\"\naction = \"deny\"\n[rule.match]\nkinds = [\"drop\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        tests_dir.join("p.tests.toml"),
+        "[[case]]\nname = \"drop is allowed (wrong)\"\ntarget = \"t\"\nsql = \"drop table x\"\nexpect = \"allow\"\n",
+    )
+    .unwrap();
+    let out = Command::new(agent_binary())
+        .args(["policy", "test"])
+        .arg(&tests_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 passed, 1 failed"));
+}

@@ -94,6 +94,10 @@ pub enum Command {
     /// configured [[cgroup]].
     EnsureGoverned(ExecSocketArgs),
 
+    /// Check, explain and test statement policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+
     /// Remove the pinned eBPF programs and maps, ending enforcement.
     ///
     /// Pinned programs keep governed connections failing closed while no agent
@@ -134,6 +138,66 @@ pub struct ExecSocketArgs {
     /// How long to wait for the agent to come up.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub wait: std::time::Duration,
+}
+
+/// `tollgate policy ...`
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Validate policy files (or directories of them); errors are printed as
+    /// FILE:LINE:COLUMN.
+    Check {
+        /// Policy files or directories.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+
+    /// Show how a statement is analysed and decided: every statement's kind,
+    /// tables, functions and flags, every rule that matched, and the verdict.
+    ///
+    /// Example:
+    ///
+    ///   tollgate policy explain --policy policies/ --target prod-db \
+    ///       --identity 'user = "runner", ci_provider = "github_actions"' "DROP TABLE orders"
+    #[command(verbatim_doc_comment)]
+    Explain {
+        /// Policy files or directories (default: the configuration's
+        /// agent.policy_paths).
+        #[arg(long = "policy", value_name = "PATH")]
+        policy: Vec<PathBuf>,
+
+        #[command(flatten)]
+        config: ConfigArg,
+
+        /// The target the statement is sent to.
+        #[arg(long, value_name = "NAME")]
+        target: String,
+
+        /// Who sends it, written like a policy test case's identity:
+        /// 'user = "runner", uid = 1001, exe = "/usr/bin/psql",
+        /// ci_provider = "github_actions", ci_repository = "acme/shop", ci_verified = true'.
+        #[arg(long, value_name = "FIELDS", default_value = "")]
+        identity: String,
+
+        /// Print the explanation as JSON.
+        #[arg(long)]
+        json: bool,
+
+        /// The SQL text (several statements allowed).
+        #[arg(value_name = "SQL")]
+        sql: String,
+    },
+
+    /// Run the test cases kept next to policies (NAME.tests.toml beside
+    /// NAME.toml), like `opa test`. Exit status 1 if any case fails.
+    Test {
+        /// Directory holding the policies and their tests.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `tollgate detach` arguments.

@@ -1,8 +1,8 @@
 //! Policy: which statements a governed process may run against a target,
 //! decided one statement at a time.
 //!
-//! Policies are TOML files (see `REFERENCE.md` next to this file, which
-//! becomes docs/policy.md, for the full format with examples). The one
+//! Policies are TOML files (docs/policy.md is the full reference, with
+//! examples). The one
 //! boundary is [`PolicySet::decide`]: a [`Request`] (target, identity, one
 //! analysed statement) in, a [`Decision`] out. It does no I/O and never
 //! fails; everything that can go wrong is caught when the files are loaded.
