@@ -337,3 +337,65 @@ fn metric(text: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
 }
+
+#[test]
+fn policy_reloads_on_change_and_sighup_and_keeps_the_old_one_when_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nkinds = [\"drop\"]\n",
+    )
+    .unwrap();
+    let agent = Agent::start(&listener_config(
+        free_port(),
+        free_port(),
+        &format!("policy_paths = [\"{}\"]", dir.path().display()),
+    ));
+    let reloaded = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let count = agent
+                .log_lines()
+                .iter()
+                .filter(|l| l["message"] == "policy reloaded")
+                .count();
+            if count >= n || Instant::now() > deadline {
+                return count;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // An edit is picked up without a signal.
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"b\"\naction = \"deny\"\n[rule.match]\nkinds = [\"truncate\"]\n",
+    )
+    .unwrap();
+    assert_eq!(reloaded(1), 1, "{}", agent.log_text());
+    // An invalid edit keeps the policy in force and says why.
+    std::fs::write(&policy, "[[rule]]\nname = \"c\"\naction = \"maybe\"\n").unwrap();
+    let failed = agent
+        .wait_for_log(
+            |l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("policy reload failed"))
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(
+        failed["message"].as_str().unwrap().contains("p.toml:3:"),
+        "{failed}"
+    );
+    // SIGHUP reloads at once.
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"d\"\naction = \"deny\"\n[rule.match]\nkinds = [\"drop\"]\n",
+    )
+    .unwrap();
+    send_signal(agent.child.id(), libc::SIGHUP);
+    assert!(reloaded(2) >= 2, "{}", agent.log_text());
+    assert!(agent.status().is_ok(), "the agent still runs");
+}

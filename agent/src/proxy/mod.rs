@@ -208,6 +208,7 @@ impl RunningAgent {
                 stop_accepting.clone(),
             ));
         }
+        background.spawn(watch_policy(shared.clone(), stop_accepting.clone()));
         tracing::info!(socket = %shared.config.agent.control_socket.display(), "control socket ready");
         background.spawn(control::serve(
             control_socket,
@@ -308,14 +309,73 @@ fn load_policy(config: &Config) -> anyhow::Result<crate::policy::PolicySet> {
 impl RunningAgent {
     /// Re-reads the policy files; an invalid policy keeps the one in force.
     pub fn reload_policy(&self) {
-        match load_policy(&self.shared.config) {
-            Ok(set) => {
-                if let Ok(mut current) = self.shared.policy.write() {
-                    *current = Arc::new(set);
-                }
-                tracing::info!("policy reloaded");
+        reload_policy(&self.shared);
+    }
+}
+
+fn reload_policy(shared: &Shared) {
+    match load_policy(&shared.config) {
+        Ok(set) => {
+            if let Ok(mut current) = shared.policy.write() {
+                *current = Arc::new(set);
             }
-            Err(e) => tracing::error!("policy reload failed; keeping the policy in force: {e:#}"),
+            tracing::info!("policy reloaded");
+        }
+        Err(e) => tracing::error!("policy reload failed; keeping the policy in force: {e:#}"),
+    }
+}
+
+/// How often policy files are checked for changes.
+const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Name, size and modification time of every policy file: a change in any
+/// of them (an edit, a new file in a policy directory) triggers a reload.
+fn policy_fingerprint(
+    paths: &[std::path::PathBuf],
+) -> Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut out = Vec::new();
+    for path in paths {
+        let mut files = vec![path.clone()];
+        if path.is_dir() {
+            files = std::fs::read_dir(path)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+        for f in files {
+            let meta = std::fs::metadata(&f).ok();
+            out.push((
+                f,
+                meta.as_ref().map_or(0, |m| m.len()),
+                meta.and_then(|m| m.modified().ok()),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Reloads the policy when its files change (SIGHUP does it at once).
+async fn watch_policy(shared: Arc<Shared>, stop: CancellationToken) {
+    let paths = shared.config.agent.policy_paths.clone();
+    if paths.is_empty() {
+        return;
+    }
+    let mut last = policy_fingerprint(&paths);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(POLICY_POLL_INTERVAL) => {}
+        }
+        let now = policy_fingerprint(&paths);
+        if now != last {
+            tracing::info!("policy files changed; reloading");
+            reload_policy(&shared);
+            last = now;
         }
     }
 }
