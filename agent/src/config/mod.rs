@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use target::{PortRange, Protocol, Target, TargetAddress, TargetSet};
+pub use target::{PortRange, Protocol, Target, TargetAddress, TargetSet, UpstreamTls};
 
 /// The default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tollgate/tollgate.toml";

@@ -11,7 +11,7 @@ use toml::Spanned;
 use super::{
     line_column, AgentSettings, Config, ConfigError, ConfigErrors, GovernedCgroup, Listener,
     PortRange, Protocol, RedirectSettings, Target, TargetAddress, TargetSet, UnlistedPolicy,
-    Upstream,
+    Upstream, UpstreamTls,
 };
 
 #[derive(Deserialize, Default)]
@@ -61,6 +61,9 @@ struct RawTarget {
     address: Spanned<String>,
     ports: Spanned<Vec<RawPort>>,
     protocol: Spanned<String>,
+    tls: Option<Spanned<String>>,
+    tls_ca_file: Option<Spanned<String>>,
+    tls_server_name: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -284,16 +287,62 @@ fn check_targets(c: &mut Checker<'_>, raw: &[RawTarget]) -> TargetSet {
                 None
             }
         };
+        let tls = check_tls(c, t);
         if let (Some(address), Some(protocol)) = (address, protocol) {
             targets.push(Target {
                 name,
                 address,
                 ports,
                 protocol,
+                tls,
             });
         }
     }
     TargetSet::new(targets)
+}
+
+fn check_tls(c: &mut Checker<'_>, t: &RawTarget) -> UpstreamTls {
+    let mode = t.tls.as_ref().map(|m| m.get_ref().as_str());
+    let tls = match mode {
+        None | Some("prefer") => UpstreamTls::Prefer,
+        Some("disable") => UpstreamTls::Disable,
+        Some("require") => UpstreamTls::Require,
+        Some("verify-full") => match &t.tls_ca_file {
+            Some(ca) => UpstreamTls::VerifyFull {
+                ca_file: PathBuf::from(ca.get_ref()),
+                server_name: t.tls_server_name.as_ref().map(|n| n.get_ref().clone()),
+            },
+            None => {
+                if let Some(m) = &t.tls {
+                    c.error(
+                        m,
+                        "tls = \"verify-full\" needs tls_ca_file = \"/path/to/ca.pem\"",
+                    );
+                }
+                UpstreamTls::Prefer
+            }
+        },
+        Some(other) => {
+            if let Some(m) = &t.tls {
+                c.error(m, format!("tls = \"{other}\" is not known; use disable, prefer, require or verify-full"));
+            }
+            UpstreamTls::Prefer
+        }
+    };
+    if !matches!(tls, UpstreamTls::VerifyFull { .. }) {
+        for (field, value) in [
+            ("tls_ca_file", &t.tls_ca_file),
+            ("tls_server_name", &t.tls_server_name),
+        ] {
+            if let Some(v) = value {
+                c.error(
+                    v,
+                    format!("{field} applies only with tls = \"verify-full\""),
+                );
+            }
+        }
+    }
+    tls
 }
 
 fn check_listeners(c: &mut Checker<'_>, raw: &[RawListener], targets: &TargetSet) -> Vec<Listener> {

@@ -175,6 +175,27 @@ pub struct Target {
     pub ports: Vec<PortRange>,
     /// The protocol spoken.
     pub protocol: Protocol,
+    /// TLS towards the upstream.
+    pub tls: UpstreamTls,
+}
+
+/// How the proxy secures its connection to a target (libpq's sslmode).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum UpstreamTls {
+    /// Plaintext.
+    Disable,
+    /// TLS if the server offers it, else plaintext.
+    #[default]
+    Prefer,
+    /// TLS required; the certificate is not checked.
+    Require,
+    /// TLS required, the certificate checked against a CA and the host name.
+    VerifyFull {
+        /// PEM file of the CA(s) to trust.
+        ca_file: std::path::PathBuf,
+        /// Name the certificate must carry (default: the target's host).
+        server_name: Option<String>,
+    },
 }
 
 impl Target {

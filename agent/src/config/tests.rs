@@ -302,3 +302,32 @@ fn redirect_section_defaults_and_errors() {
     assert_eq!(e.len(), 3, "{e:?}");
     assert!(e[0].starts_with("t.toml:2:8: redirect.port"), "{e:?}");
 }
+
+#[test]
+fn upstream_tls_modes() {
+    let base = "[[target]]\nname = \"t\"\naddress = \"10.0.0.1\"\nports = [5432]\nprotocol = \"postgres\"\n";
+    assert_eq!(
+        parse(base).unwrap().targets.get("t").unwrap().tls,
+        UpstreamTls::Prefer
+    );
+    let c = parse(&format!(
+        "{base}tls = \"verify-full\"\ntls_ca_file = \"/etc/ca.pem\"\ntls_server_name = \"db\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.targets.get("t").unwrap().tls,
+        UpstreamTls::VerifyFull {
+            ca_file: "/etc/ca.pem".into(),
+            server_name: Some("db".into())
+        }
+    );
+    let e = errors(&format!("{base}tls = \"verify-full\"\n"));
+    assert!(e[0].contains("needs tls_ca_file"), "{e:?}");
+    let e = errors(&format!("{base}tls = \"require\"\ntls_ca_file = \"/x\"\n"));
+    assert!(
+        e[0].contains("applies only with tls = \"verify-full\""),
+        "{e:?}"
+    );
+    let e = errors(&format!("{base}tls = \"always\"\n"));
+    assert!(e[0].starts_with("t.toml:6:7:"), "{e:?}");
+}

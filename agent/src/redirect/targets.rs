@@ -131,6 +131,7 @@ mod tests {
                 .map(|&(first, last)| PortRange { first, last })
                 .collect(),
             protocol: Protocol::Postgres,
+            tls: crate::config::UpstreamTls::Prefer,
         }
     }
 
