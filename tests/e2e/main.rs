@@ -3,5 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod cli;
+mod drivers;
 mod listener;
+mod postgres;
 mod redirect;

@@ -37,6 +37,11 @@
 //! - COPY data the client pipelined after a refused COPY is ignored by the
 //!   server, which is not in copy mode.
 //!
+//! A `DO` block raising the denial would fail only at Execute, after
+//! ParseComplete and BindComplete (or a Bind error about parameters), so
+//! the substitute fails in parse analysis instead, which both Query and
+//! Parse run at once.
+//!
 //! The server's ErrorResponse for the substitute carries the marker; the
 //! upstream pump replaces that one message with the proxy's own
 //! (`ERROR 42501` and the policy's message), so the client sees the denial,
@@ -128,8 +133,11 @@ const MAX_PENDING_DENIALS: usize = 1024;
 
 impl Shared {
     fn new() -> Shared {
-        let nonce = uuid::Uuid::now_v7().as_u128() as u64 ^ uuid::Uuid::now_v7().as_u128() as u64;
-        let nonce = nonce.rotate_left(17) ^ (uuid::Uuid::now_v7().as_u128() >> 64) as u64;
+        // Unpredictable to the client: SipHash under the process's random
+        // keys (fresh per `RandomState`) of a time-ordered id.
+        let mut hasher = std::hash::BuildHasher::build_hasher(&std::hash::RandomState::new());
+        std::hash::Hasher::write_u128(&mut hasher, uuid::Uuid::now_v7().as_u128());
+        let nonce = std::hash::Hasher::finish(&hasher);
         Shared {
             authenticated: AtomicBool::new(false),
             tx_status: AtomicU8::new(b'I'),
@@ -159,9 +167,7 @@ impl Shared {
     /// if it answers one.
     fn denial_for(&self, error_body: &[u8]) -> Option<String> {
         let marker = self.marker.as_bytes();
-        let at = error_body
-            .windows(marker.len())
-            .position(|w| w == marker)?;
+        let at = error_body.windows(marker.len()).position(|w| w == marker)?;
         let digits = error_body.get(at.saturating_add(marker.len())..)?;
         let end = digits
             .iter()
@@ -383,7 +389,9 @@ fn startup_fault(e: CodecError) -> Stop {
     match e {
         CodecError::UnsupportedProtocol { major, minor } => Stop::client_fault(
             sqlstate::FEATURE_NOT_SUPPORTED,
-            format!("tollgate: unsupported frontend protocol {major}.{minor}: only 3.x is supported"),
+            format!(
+                "tollgate: unsupported frontend protocol {major}.{minor}: only 3.x is supported"
+            ),
         ),
         other => Stop::client_fault(
             sqlstate::PROTOCOL_VIOLATION,
@@ -393,7 +401,11 @@ fn startup_fault(e: CodecError) -> Stop {
 }
 
 /// Runs a PostgreSQL session until it ends and says why.
-pub async fn run(ctx: &SessionContext, mut client: TcpStream, mut upstream: TcpStream) -> CloseReason {
+pub async fn run(
+    ctx: &SessionContext,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+) -> CloseReason {
     let start = Instant::now();
     let shared = Shared::new();
     let mut client_buf = ReadBuf::new();
@@ -431,7 +443,12 @@ pub async fn run(ctx: &SessionContext, mut client: TcpStream, mut upstream: TcpS
             application_name,
             replication,
         } => {
-            if let Some(mode) = replication.filter(|m| !m.eq_ignore_ascii_case("false") && m != "0" && !m.eq_ignore_ascii_case("off") && !m.eq_ignore_ascii_case("no")) {
+            if let Some(mode) = replication.filter(|m| {
+                !m.eq_ignore_ascii_case("false")
+                    && m != "0"
+                    && !m.eq_ignore_ascii_case("off")
+                    && !m.eq_ignore_ascii_case("no")
+            }) {
                 let message = "tollgate: replication connections are not allowed".to_owned();
                 let stop = Stop::Fatal {
                     sqlstate: sqlstate::FEATURE_NOT_SUPPORTED,
@@ -467,7 +484,8 @@ pub async fn run(ctx: &SessionContext, mut client: TcpStream, mut upstream: TcpS
             &shared,
             start,
         );
-        let from_upstream = upstream_pump(&mut upstream_read, &mut client_write, ctx, &shared, start);
+        let from_upstream =
+            upstream_pump(&mut upstream_read, &mut client_write, ctx, &shared, start);
         tokio::pin!(from_client, from_upstream);
         let (mut client_done, mut upstream_done) = (false, false);
         loop {
@@ -510,11 +528,16 @@ pub async fn run(ctx: &SessionContext, mut client: TcpStream, mut upstream: TcpS
             tracing::warn!(session = %ctx.info.id, sqlstate, "closing the session: {message}");
             if !shared.upstream_mid_message.load(Ordering::Relaxed) {
                 let wire = error_response(severity::FATAL, sqlstate, &message, None, None);
-                let _ = tokio::time::timeout(Duration::from_secs(1), client_write.write_all(&wire)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), client_write.write_all(&wire))
+                    .await;
             }
             if !shared.client_mid_message.load(Ordering::Relaxed) {
                 let terminate = [frontend::tag::TERMINATE, 0, 0, 0, 4];
-                let _ = tokio::time::timeout(Duration::from_secs(1), upstream_write.write_all(&terminate)).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    upstream_write.write_all(&terminate),
+                )
+                .await;
             }
             let _ = client_write.shutdown().await;
             let _ = upstream_write.shutdown().await;
@@ -711,16 +734,22 @@ impl ClientSide<'_> {
         let owned;
         match tag {
             QUERY => {
-                text = r.get_cstr_bytes("query string").map_err(Stop::protocol_violation)?;
+                text = r
+                    .get_cstr_bytes("query string")
+                    .map_err(Stop::protocol_violation)?;
                 r.finish().map_err(Stop::protocol_violation)?;
             }
             PARSE => {
                 r.get_cstr_bytes("statement name")
                     .map_err(Stop::protocol_violation)?;
-                text = r.get_cstr_bytes("query string").map_err(Stop::protocol_violation)?;
+                text = r
+                    .get_cstr_bytes("query string")
+                    .map_err(Stop::protocol_violation)?;
             }
             _ => {
-                let oid = r.get_u32("function oid").map_err(Stop::protocol_violation)?;
+                let oid = r
+                    .get_u32("function oid")
+                    .map_err(Stop::protocol_violation)?;
                 owned = format!("FunctionCall oid {oid}");
                 text = owned.as_bytes();
             }
@@ -788,19 +817,17 @@ impl ClientSide<'_> {
     /// One Statement event per decided statement.
     fn report(&self, text: &str, analysis: &Analysis, decisions: &[Decision]) {
         let session = self.ctx.info.id;
-        let event = |text: &str,
-                     command: &str,
-                     kind,
-                     fingerprint: Option<&str>,
-                     d: &Decision| SessionEvent::Statement {
-            session,
-            text: text.to_owned(),
-            command: command.to_owned(),
-            kind,
-            fingerprint: fingerprint.map(str::to_owned),
-            action: d.action,
-            rules: d.matched.iter().map(|r| r.name.clone()).collect(),
-            reason: d.reason.clone(),
+        let event = |text: &str, command: &str, kind, fingerprint: Option<&str>, d: &Decision| {
+            SessionEvent::Statement {
+                session,
+                text: text.to_owned(),
+                command: command.to_owned(),
+                kind,
+                fingerprint: fingerprint.map(str::to_owned),
+                action: d.action,
+                rules: d.matched.iter().map(|r| r.name.clone()).collect(),
+                reason: d.reason.clone(),
+            }
         };
         match analysis {
             Analysis::Parsed { statements } => {
@@ -1028,7 +1055,9 @@ impl UpstreamSide<'_> {
                 "client_encoding" => {
                     let foreign = !(value.eq_ignore_ascii_case("UTF8")
                         || value.eq_ignore_ascii_case("UNICODE"));
-                    self.shared.foreign_encoding.store(foreign, Ordering::Relaxed);
+                    self.shared
+                        .foreign_encoding
+                        .store(foreign, Ordering::Relaxed);
                     if foreign && !self.warned_encoding {
                         self.warned_encoding = true;
                         tracing::warn!(session = %self.ctx.info.id, client_encoding = value,
@@ -1126,5 +1155,84 @@ where
         }
         count(ctx, false, n);
         shared.touch(start);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_denial_is_found_by_its_marker_once() {
+        let shared = Shared::new();
+        let sql = shared.substitute_sql("tollgate: DROP TABLE denied".to_owned());
+        assert!(
+            sql.starts_with("SELECT 1::pg_catalog.\"tollgate_deny_"),
+            "{sql}"
+        );
+        let n = sql.trim_end_matches('"').rsplit('_').next().unwrap();
+        // The server's message quotes the type name.
+        let body = format!(
+            "SERROR\0C42704\0Mtype \"pg_catalog.{}{n}\" does not exist\0\0",
+            shared.marker
+        );
+        assert_eq!(
+            shared.denial_for(body.as_bytes()).as_deref(),
+            Some("tollgate: DROP TABLE denied")
+        );
+        assert_eq!(shared.denial_for(body.as_bytes()), None, "answered once");
+        // Another session's marker, or none, is not ours.
+        let other = Shared::new();
+        assert_ne!(other.marker, shared.marker);
+        let sql = other.substitute_sql("x".to_owned());
+        assert_eq!(shared.denial_for(sql.as_bytes()), None);
+        assert_eq!(shared.denial_for(b"SERROR\0Mtype does not exist\0\0"), None);
+    }
+
+    #[test]
+    fn denials_answered_without_a_marker_are_forgotten() {
+        let shared = Shared::new();
+        let first = shared.substitute_sql("first".to_owned());
+        let second = shared.substitute_sql("second".to_owned());
+        assert!(first != second);
+        // The first was answered with 25P02 (no marker); the second's error
+        // arrives and clears it too.
+        assert_eq!(
+            shared.denial_for(second.as_bytes()).as_deref(),
+            Some("second")
+        );
+        assert!(shared.denials.lock().unwrap().is_empty());
+        for i in 0..(MAX_PENDING_DENIALS + 10) {
+            shared.substitute_sql(format!("m{i}"));
+        }
+        assert_eq!(shared.denials.lock().unwrap().len(), MAX_PENDING_DENIALS);
+    }
+
+    #[test]
+    fn the_read_buffer_grows_for_a_whole_message_and_shrinks_back() {
+        let mut buf = ReadBuf::new();
+        buf.make_room(BUFFER * 4);
+        assert!(buf.data.len() >= BUFFER * 4);
+        buf.end = 10;
+        buf.consume(4);
+        assert_eq!(buf.filled().len(), 6);
+        buf.make_room(BUFFER * 5);
+        assert_eq!((buf.start, buf.end), (0, 6), "compacted");
+        buf.consume(6);
+        assert_eq!(buf.data.len(), BUFFER, "back to its resting size");
+        assert!(buf.filled().is_empty());
+        buf.consume(100);
+        assert_eq!((buf.start, buf.end), (0, 0));
+    }
+
+    #[test]
+    fn only_client_message_types_are_accepted() {
+        for tag in b"BCdcfDEHFPpQSX" {
+            assert!(is_frontend_tag(*tag), "{}", *tag as char);
+        }
+        for tag in [0u8, b'y', b'Z', b'K', 0xff] {
+            assert!(!is_frontend_tag(tag));
+        }
     }
 }

@@ -1,0 +1,198 @@
+//! Real drivers and tools through the PostgreSQL handler: a Rust driver
+//! with binary parameters and prepared statements, pg_dump, and psql's
+//! Ctrl-C (CancelRequest on a second connection).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tollgate_tests::*;
+
+const POLICY: &str = r#"
+[[rule]]
+name = "protect-secrets"
+action = "deny"
+message = "the secrets table is off limits"
+[rule.match]
+tables = ["secrets"]
+"#;
+
+/// A server with a `secrets` table, an agent with the policy above, and the
+/// agent's listener port.
+fn setup() -> (Postgres, Agent, u16, tempfile::TempDir) {
+    let pg = Postgres::start();
+    psql(
+        pg.port,
+        "create table items (id int primary key, name text, payload bytea, at timestamptz);\
+         create table secrets (id int, value text); insert into secrets values (1, 'hunter2');\
+         create view item_names as select name from items;\
+         create function double_it(int) returns int language sql as 'select $1 * 2';",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.toml"), POLICY).unwrap();
+    let port = free_port();
+    let agent = Agent::start(&listener_config(
+        port,
+        pg.port,
+        &format!("policy_paths = [\"{}\"]", dir.path().display()),
+    ));
+    (pg, agent, port, dir)
+}
+
+#[test]
+fn rust_driver_with_binary_parameters_prepared_statements_and_a_denial() {
+    let (_pg, _agent, port, _dir) = setup();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+
+        // Binary parameters of several types through a prepared statement.
+        let insert = client
+            .prepare("insert into items (id, name, payload, at) values ($1, $2, $3, now())")
+            .await
+            .unwrap();
+        for i in 0..20i32 {
+            let payload: Vec<u8> = (0..=255u8).cycle().take(1000 + i as usize).collect();
+            let n = client
+                .execute(&insert, &[&i, &format!("item {i}"), &payload])
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+        let rows = client
+            .query(
+                "select id, name, length(payload) from items where id >= $1 order by id",
+                &[&15i32],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 5);
+        let (id, name, len): (i32, String, i32) = (rows[0].get(0), rows[0].get(1), rows[0].get(2));
+        assert_eq!((id, name.as_str(), len), (15, "item 15", 1015));
+        let doubled: i32 = client
+            .query_one("select double_it($1)", &[&21i32])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(doubled, 42);
+
+        // A denied statement in the extended protocol: a clean error with the
+        // rule's message and SQLSTATE 42501; the connection stays usable.
+        let err = client
+            .query("select value from secrets where id = $1", &[&1i32])
+            .await
+            .unwrap_err();
+        let db = err.as_db_error().expect("a server-style error");
+        assert_eq!(db.code().code(), "42501");
+        assert!(db.message().contains("protect-secrets"), "{}", db.message());
+        assert!(
+            db.message().contains("the secrets table is off limits"),
+            "{}",
+            db.message()
+        );
+        let n: i64 = client
+            .query_one("select count(*) from items", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 20);
+
+        // Inside a transaction the denial fails the transaction, as a
+        // server error would: the earlier insert is rolled back.
+        client.batch_execute("begin").await.unwrap();
+        client
+            .execute("insert into items (id, name) values (100, 'in tx')", &[])
+            .await
+            .unwrap();
+        assert!(client.query("select * from secrets", &[]).await.is_err());
+        let aborted = client.query("select 1", &[]).await.unwrap_err();
+        assert_eq!(
+            aborted.as_db_error().map(|e| e.code().code()),
+            Some("25P02")
+        );
+        client.batch_execute("rollback").await.unwrap();
+        let n: i64 = client
+            .query_one("select count(*) from items where id = 100", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0);
+    });
+}
+
+#[test]
+fn pg_dump_of_a_real_schema_through_the_proxy() {
+    let (_pg, _agent, port, _dir) = setup();
+    psql(
+        port,
+        "insert into items (id, name) select g, 'n' || g from generate_series(1, 500) g",
+    )
+    .unwrap();
+    let out = Command::new(pg_tool("pg_dump"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .args(["--exclude-table", "secrets"])
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dump.contains("CREATE TABLE public.items"), "{dump}");
+    assert!(dump.contains("CREATE VIEW public.item_names"));
+    assert!(dump.contains("CREATE FUNCTION public.double_it"));
+    assert!(dump.contains("COPY public.items (id, name, payload, at) FROM stdin;"));
+    assert!(dump.contains("500\tn500"));
+}
+
+#[test]
+fn psql_ctrl_c_cancels_the_running_query_through_the_proxy() {
+    let (_pg, agent, port, _dir) = setup();
+    let child = psql_command(port, "select pg_sleep(30)")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    agent
+        .wait_for_log(
+            |l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("session started"))
+            },
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let began = Instant::now();
+    send_signal(child.id(), libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "cancelled promptly: {:?}",
+        began.elapsed()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}"
+    );
+}
