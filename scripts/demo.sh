@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Tollgate's demo on an embedded default: a throwaway PostgreSQL standing in
-# for a remote production database, the agent, and a psql session governed
-# through the transparent eBPF redirect (`tollgate exec`): psql is given the
-# database's own address, never the proxy's. Then the session's identity,
-# the live status, metrics, and what happens when the agent dies (fail
-# closed).
+# for a remote production database, the agent with the shipped demo policy
+# (policies/demo.toml), and psql governed through the transparent eBPF
+# redirect (`tollgate exec`): psql is given the database's own address, never
+# the proxy's. It shows an allowed query, a denied DROP and a denied read of
+# a protected table with the rule that refused them, `policy explain`, the
+# session's identity, the live status, metrics, and what happens when the
+# agent dies (fail closed).
 #
 # Idempotent; installs what it needs (scripts/setup.sh) and leaves nothing
 # running, attached or on disk when it ends. The redirect needs root; run as
@@ -78,6 +80,8 @@ run_pg pg_ctl -D "$work/pg/data" -l "$work/pg/server.log" -w \
 psql -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres <<'SQL'
 create table customers (id int primary key, name text, email text);
 insert into customers values (1, 'Ada Lovelace', 'ada@example.com'), (2, 'Alan Turing', 'alan@example.com');
+create table secrets (id int, api_key text);
+insert into secrets values (1, 'sk_live_demo');
 SQL
 
 metrics_port=$(free_port)
@@ -88,6 +92,7 @@ if [ $governed -eq 1 ]; then
 [agent]
 control_socket = "$work/control.sock"
 metrics_listen = "127.0.0.1:$metrics_port"
+policy_paths = ["$root/policies/demo.toml"]
 
 [redirect]
 port = $(free_port)
@@ -96,7 +101,7 @@ exec_cgroup = "tollgate-demo.exec"
 exec_socket = "$work/exec.sock"
 
 [[target]]
-name = "orders-db"
+name = "demo-db"
 address = "$db_addr"
 ports = [$pg_port]
 protocol = "postgres"
@@ -109,9 +114,10 @@ else
 [agent]
 control_socket = "$work/control.sock"
 metrics_listen = "127.0.0.1:$metrics_port"
+policy_paths = ["$root/policies/demo.toml"]
 
 [[target]]
-name = "orders-db"
+name = "demo-db"
 address = "127.0.0.1"
 ports = [$pg_port]
 protocol = "postgres"
@@ -140,9 +146,17 @@ fi
 show "${run[@]}" psql -X -h "$host" -p "$port" -U postgres -d postgres \
     -c "select id, name, email from customers order by id"
 
-step "The agent logged who opened that session"
-for _ in $(seq 50); do grep -q 'session closed' "$work/agent.log" && break; sleep 0.1; done
-grep -E 'session (started|closed)' "$work/agent.log" | sed 's/^/  /'
+step "A DROP and a read of the protected table: refused, with the rule's name"
+show "${run[@]}" psql -X -h "$host" -p "$port" -U postgres -d postgres -c "drop table customers" || true
+show "${run[@]}" psql -X -h "$host" -p "$port" -U postgres -d postgres -c "select * from secrets" || true
+show "${run[@]}" psql -X -h "$host" -p "$port" -U postgres -d postgres -Atc "select count(*) || ' customers still there' from customers"
+
+step "Why: tollgate policy explain"
+show tollgate policy explain --target demo-db --identity 'user = "root", uid = 0' "drop table customers"
+
+step "The agent logged who opened each session and every decision"
+for _ in $(seq 50); do [ "$(grep -c 'session closed' "$work/agent.log")" -ge 4 ] && break; sleep 0.1; done
+grep -E 'session (started|closed)|statement' "$work/agent.log" | sed 's/^/  /'
 
 step "A session in progress, as 'tollgate status' shows it"
 "${run[@]}" psql -X -q -h "$host" -p "$port" -U postgres -d postgres -c "select pg_sleep(2)" >/dev/null &

@@ -151,6 +151,9 @@ pub enum SessionEvent {
         fingerprint: Option<String>,
         /// The decision.
         action: Action,
+        /// The rule that decided (the most restrictive that matched), `None`
+        /// when the default decided.
+        rule: Option<String>,
         /// Names of the rules that applied, in load order.
         rules: Vec<String>,
         /// Why, in one line.
@@ -261,10 +264,11 @@ impl EventSink for LogSink {
                 kind,
                 fingerprint,
                 action,
-                rules,
+                rule,
+                rules: _,
                 reason,
             } => {
-                let rule = rules.first().map(String::as_str);
+                let rule = rule.as_deref();
                 let kind = kind.map(|k| format!("{k:?}").to_lowercase());
                 if action.is_refused() {
                     tracing::warn!(%session, statement_action = action.as_str(), rule, command = %command,

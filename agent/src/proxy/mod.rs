@@ -87,11 +87,11 @@ impl RunningAgent {
         );
 
         for t in config.targets.iter() {
-            if matches!(t.protocol, Protocol::Postgres | Protocol::Mysql) {
+            if t.protocol == Protocol::Mysql {
                 tracing::warn!(
                     target_name = %t.name,
-                    "target {}: {} statement inspection is not available in this version; its sessions are relayed as opaque tcp",
-                    t.name, t.protocol
+                    "target {}: mysql statement inspection is not available in this version; its sessions are relayed as opaque tcp",
+                    t.name
                 );
             }
         }

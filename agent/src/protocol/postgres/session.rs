@@ -825,6 +825,7 @@ impl ClientSide<'_> {
                 kind,
                 fingerprint: fingerprint.map(str::to_owned),
                 action: d.action,
+                rule: d.deciding_rule().map(|r| r.name.clone()),
                 rules: d.matched.iter().map(|r| r.name.clone()).collect(),
                 reason: d.reason.clone(),
             }
