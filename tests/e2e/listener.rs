@@ -399,3 +399,27 @@ fn policy_reloads_on_change_and_sighup_and_keeps_the_old_one_when_invalid() {
     assert!(reloaded(2) >= 2, "{}", agent.log_text());
     assert!(agent.status().is_ok(), "the agent still runs");
 }
+
+#[test]
+fn an_upstream_that_does_not_resolve_is_a_clear_error_for_that_session_only() {
+    let port = free_port();
+    let config = format!(
+        "[agent]\n\n[[target]]\nname = \"ghost\"\naddress = \"db.does-not-exist.invalid\"\nports = [5432]\nprotocol = \"postgres\"\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"ghost\"\n"
+    );
+    let agent = Agent::start(&config);
+    let began = Instant::now();
+    let out = psql_command(port, "select 1").output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        began.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        began.elapsed()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot resolve db.does-not-exist.invalid"),
+        "{stderr}"
+    );
+    assert!(agent.status().is_ok(), "the agent keeps serving");
+}
