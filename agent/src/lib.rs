@@ -7,6 +7,7 @@
 //! - [`identity`]: which process (and CI job) is behind a connection, from /proc.
 //! - [`protocol`]: per-protocol session handlers (opaque `tcp` relay so far).
 //! - [`events`]: the session event stream every consumer reads from.
+//! - [`recording`]: sessions as hash-chained recording files, and reading them back.
 //! - [`metrics`], [`control`]: Prometheus endpoint and the status socket.
 //! - [`cli`], [`logging`]: the command line and log set-up.
 
@@ -20,5 +21,6 @@ pub mod metrics;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;
+pub mod recording;
 pub mod redirect;
 pub mod sql;

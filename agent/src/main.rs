@@ -54,6 +54,7 @@ fn main() -> ExitCode {
         Command::Exec(args) => exec_command(args),
         Command::Detach(args) => detach_command(args),
         Command::Policy(command) => policy_command(command),
+        Command::Recordings(command) => recordings_command(command),
         Command::EnsureGoverned(args) => ensure_governed_command(args),
         Command::Status(args) => {
             let socket = match args.socket {
@@ -277,6 +278,157 @@ fn policy_command(command: cli::PolicyCommand) -> ExitCode {
                 ExitCode::from(2)
             }
         },
+    }
+}
+
+/// The recording file for an id or a path given on the command line.
+fn find_recording(dir: &std::path::Path, id: &str) -> Result<std::path::PathBuf, String> {
+    let as_path = std::path::Path::new(id);
+    if as_path.is_file() {
+        return Ok(as_path.to_path_buf());
+    }
+    let uuid = uuid::Uuid::parse_str(id)
+        .map_err(|_| format!("\"{id}\" is neither a recording file nor a session id"))?;
+    tollgate_agent::recording::locate(dir, uuid)
+        .ok_or_else(|| format!("no recording of session {id} under {}", dir.display()))
+}
+
+fn recordings_command(command: cli::RecordingsCommand) -> ExitCode {
+    use std::io::IsTerminal;
+    use tollgate_agent::recording;
+    let config_of = |c: &cli::ConfigArg| load_config(&c.config).map(|c| c.agent.recording_dir);
+    match command {
+        cli::RecordingsCommand::List {
+            config,
+            since,
+            target,
+            user,
+            ci_repo,
+            denied,
+            json,
+        } => {
+            let dir = match config_of(&config) {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            let filter = recording::RecordingFilter {
+                since: since.and_then(|d| std::time::SystemTime::now().checked_sub(d)),
+                target,
+                user,
+                ci_repo,
+                denied_only: denied,
+                ..Default::default()
+            };
+            let found = recording::list(&dir, &filter);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&found).unwrap_or_default()
+                );
+                return ExitCode::SUCCESS;
+            }
+            println!(
+                "{:<36}  {:<24}  {:<12}  {:<10}  {:>7}  {:>6}  EXE",
+                "SESSION", "STARTED", "TARGET", "USER", "STMTS", "DENIED"
+            );
+            for r in &found {
+                println!(
+                    "{:<36}  {:<24}  {:<12}  {:<10}  {:>7}  {:>6}  {}",
+                    r.id.map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
+                    r.started_at.as_deref().unwrap_or("?"),
+                    r.target.as_deref().unwrap_or("?"),
+                    r.user.as_deref().unwrap_or("?"),
+                    r.statements,
+                    r.denied,
+                    r.exe.as_deref().unwrap_or("?"),
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        cli::RecordingsCommand::Show {
+            config,
+            id,
+            no_color,
+        } => {
+            let dir = match config_of(&config) {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            let rec = find_recording(&dir, &id).and_then(|p| {
+                recording::read_recording(&p)
+                    .map_err(|e| format!("cannot read {}: {e}", p.display()))
+            });
+            match rec {
+                Ok(r) => {
+                    let color = !no_color && std::io::stdout().is_terminal();
+                    print_block(&recording::render_transcript(&r, color));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tollgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        cli::RecordingsCommand::Verify { config, id, all } => {
+            let dir = match config_of(&config) {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            let paths: Vec<std::path::PathBuf> = if all {
+                recording::list(&dir, &recording::RecordingFilter::default())
+                    .into_iter()
+                    .map(|r| r.path)
+                    .collect()
+            } else {
+                match find_recording(&dir, id.as_deref().unwrap_or_default()) {
+                    Ok(p) => vec![p],
+                    Err(e) => {
+                        eprintln!("tollgate: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            };
+            let mut bad = 0;
+            for p in &paths {
+                let report = recording::verify(p);
+                if !report.ok() {
+                    bad += 1;
+                }
+                println!("{}: {report}", p.display());
+            }
+            if all {
+                println!("{} verified, {} failed", paths.len() - bad, bad);
+            }
+            if bad == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        cli::RecordingsCommand::Export {
+            config,
+            id,
+            format: _,
+        } => {
+            let dir = match config_of(&config) {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            match find_recording(&dir, &id).and_then(|p| {
+                recording::read_recording(&p)
+                    .map_err(|e| format!("cannot read {}: {e}", p.display()))
+            }) {
+                Ok(r) => {
+                    print!("{}", recording::export_jsonl(&r));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tollgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -186,7 +186,7 @@ fn redirect_without_privileges_names_the_missing_capability() {
     std::fs::write(
         &config,
         format!(
-            "[agent]\ncontrol_socket = \"{0}/c.sock\"\n[redirect]\nport = {1}\npin_dir = \"/sys/fs/bpf/tollgate-nonroot-{2}\"\nexec_socket = \"{0}/e.sock\"\n",
+            "[agent]\ncontrol_socket = \"{0}/c.sock\"\nrecording_dir = \"{0}/rec\"\n[redirect]\nport = {1}\npin_dir = \"/sys/fs/bpf/tollgate-nonroot-{2}\"\nexec_socket = \"{0}/e.sock\"\n",
             dir.path().display(),
             free_port(),
             std::process::id()

@@ -6,4 +6,6 @@ mod cli;
 mod drivers;
 mod listener;
 mod postgres;
+mod recording;
 mod redirect;
+mod tls;

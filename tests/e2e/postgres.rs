@@ -558,3 +558,144 @@ fn sslmodes_replication_and_an_unreachable_upstream() {
     );
     assert!(stderr.contains("Connection refused"), "{stderr}");
 }
+
+/// A session started by hand over a raw socket.
+struct RawSession {
+    s: TcpStream,
+    /// The BackendKeyData the client was given: (pid, secret).
+    key: (i32, Vec<u8>),
+}
+
+/// Reads one backend message: (tag, body).
+fn read_message(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut header = [0u8; 5];
+    s.read_exact(&mut header).unwrap();
+    let len = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body).unwrap();
+    (header[0], body)
+}
+
+impl RawSession {
+    fn start(port: u16) -> RawSession {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(&startup_packet()).unwrap();
+        let mut key = None;
+        loop {
+            match read_message(&mut s) {
+                (b'K', body) => {
+                    let pid = i32::from_be_bytes(body[..4].try_into().unwrap());
+                    key = Some((pid, body[4..].to_vec()));
+                }
+                (b'Z', _) => break,
+                (b'E', body) => panic!("start-up failed: {}", text(&body)),
+                _ => {}
+            }
+        }
+        RawSession {
+            s,
+            key: key.expect("no BackendKeyData"),
+        }
+    }
+
+    /// Sends a simple Query and returns the first column of each row, or
+    /// the error's SQLSTATE as `Err`.
+    fn query(&mut self, sql: &str) -> Result<Vec<String>, String> {
+        self.send_query(sql);
+        self.results()
+    }
+
+    fn send_query(&mut self, sql: &str) {
+        let mut q = vec![b'Q'];
+        q.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+        q.extend_from_slice(sql.as_bytes());
+        q.push(0);
+        self.s.write_all(&q).unwrap();
+    }
+
+    fn results(&mut self) -> Result<Vec<String>, String> {
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match read_message(&mut self.s) {
+                (b'D', body) => {
+                    let len = i32::from_be_bytes(body[2..6].try_into().unwrap()) as usize;
+                    rows.push(text(&body[6..6 + len]));
+                }
+                (b'E', body) => {
+                    let fields = text(&body);
+                    let code = fields
+                        .split('\0')
+                        .find_map(|f| f.strip_prefix('C'))
+                        .unwrap_or_default()
+                        .to_string();
+                    error = Some(code);
+                }
+                (b'Z', _) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(code) => Err(code),
+            None => Ok(rows),
+        }
+    }
+}
+
+fn cancel_request(port: u16, pid: i32, secret: &[u8]) {
+    let mut packet = ((12 + secret.len()) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&((1234u32 << 16) | 5678).to_be_bytes());
+    packet.extend_from_slice(&pid.to_be_bytes());
+    packet.extend_from_slice(secret);
+    let got = send_and_read_to_close(port, &packet, false);
+    assert!(got.is_empty(), "a CancelRequest gets no answer: {got:?}");
+}
+
+#[test]
+fn cancel_keys_are_the_proxys_own_and_only_they_cancel() {
+    let f = Fixture::start();
+    let mut session = RawSession::start(f.port);
+    let (pid, secret) = session.key.clone();
+    let backend_pid: i32 = session.query("select pg_backend_pid()").unwrap()[0]
+        .parse()
+        .unwrap();
+    assert_ne!(
+        pid, backend_pid,
+        "the client sees the proxy's key, not the server's"
+    );
+    assert_eq!(secret.len(), 4, "the server's secret length is kept");
+
+    // A forged key (random pid, or the right pid with a wrong secret)
+    // cancels nothing: the query runs to its end.
+    session.send_query("select pg_sleep(1.5), 'slept'");
+    std::thread::sleep(Duration::from_millis(300));
+    cancel_request(f.port, pid ^ 0x5a5a_5a5a, &[1, 2, 3, 4]);
+    cancel_request(f.port, backend_pid, &secret);
+    let mut wrong = secret.clone();
+    wrong[0] ^= 0xff;
+    cancel_request(f.port, pid, &wrong);
+    assert_eq!(session.results(), Ok(vec![String::new()]));
+
+    // The key the client was given cancels its query.
+    session.send_query("select pg_sleep(30)");
+    std::thread::sleep(Duration::from_millis(300));
+    let began = Instant::now();
+    cancel_request(f.port, pid, &secret);
+    assert_eq!(session.results(), Err("57014".to_string()));
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+
+    // Once the session ended its key is forgotten: another session's query
+    // is not hit by it.
+    drop(session);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut other = RawSession::start(f.port);
+    other.send_query("select pg_sleep(1), 'done'");
+    std::thread::sleep(Duration::from_millis(200));
+    cancel_request(f.port, pid, &secret);
+    assert_eq!(other.results(), Ok(vec![String::new()]));
+}

@@ -351,7 +351,7 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_readopts_the_pins() {
     let control = agent.dir.path().join("control.sock");
     let body = config
         .lines()
-        .filter(|l| !l.starts_with("control_socket"))
+        .filter(|l| !l.starts_with("control_socket") && !l.starts_with("recording_dir"))
         .collect::<Vec<_>>()
         .join("\n");
     drop(agent);

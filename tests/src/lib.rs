@@ -196,6 +196,18 @@ impl Postgres {
     /// Like [`Postgres::start`], also listening on `extra` addresses (which
     /// must be configured on this host), with trust authentication for them.
     pub fn start_listening(extra: &[std::net::IpAddr]) -> Postgres {
+        Postgres::start_with(extra, &[], &[])
+    }
+
+    /// Like [`Postgres::start_listening`], with `files` (name, contents)
+    /// written into the data directory first (owned by the server's account,
+    /// mode 0600) and `args` added to the server's command line, e.g.
+    /// `["-c", "ssl=on", "-c", "ssl_cert_file=server.crt", ...]`.
+    pub fn start_with(
+        extra: &[std::net::IpAddr],
+        files: &[(&str, &[u8])],
+        args: &[&str],
+    ) -> Postgres {
         let account = server_account();
         let dir = tempfile::Builder::new()
             .prefix("tollgate-pg-")
@@ -221,6 +233,14 @@ impl Postgres {
             b"host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n",
         )
         .unwrap();
+        for (name, contents) in files {
+            let path = data.join(name);
+            fs::write(&path, contents).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some((uid, gid)) = account {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+            }
+        }
         let mut listen = vec!["127.0.0.1".to_string()];
         listen.extend(extra.iter().map(|a| a.to_string()));
         let port = free_port();
@@ -244,6 +264,7 @@ impl Postgres {
                 "-c",
                 "max_connections=100",
             ])
+            .args(args)
             .arg("-k")
             .arg(&dir)
             .stdout(Stdio::null())
@@ -349,17 +370,18 @@ impl Agent {
             .unwrap();
         let config = dir.path().join("tollgate.toml");
         let socket = dir.path().join("control.sock");
+        // Every test agent records into its own directory.
+        let mut injected = format!("control_socket = \"{}\"", socket.display());
+        if !config_body.contains("recording_dir") {
+            injected.push_str(&format!(
+                "\nrecording_dir = \"{}\"",
+                dir.path().join("recordings").display()
+            ));
+        }
         let body = if config_body.contains("[agent]") {
-            config_body.replacen(
-                "[agent]",
-                &format!("[agent]\ncontrol_socket = \"{}\"", socket.display()),
-                1,
-            )
+            config_body.replacen("[agent]", &format!("[agent]\n{injected}"), 1)
         } else {
-            format!(
-                "[agent]\ncontrol_socket = \"{}\"\n{config_body}",
-                socket.display()
-            )
+            format!("[agent]\n{injected}\n{config_body}")
         };
         fs::write(&config, body).unwrap();
         let log = dir.path().join("agent.log");
@@ -383,6 +405,11 @@ impl Agent {
             config,
             log,
         }
+    }
+
+    /// Where this agent records sessions (unless the test chose another).
+    pub fn recordings(&self) -> PathBuf {
+        self.dir.path().join("recordings")
     }
 
     /// The log so far, raw.

@@ -98,6 +98,10 @@ pub enum Command {
     #[command(subcommand)]
     Policy(PolicyCommand),
 
+    /// List, show, verify and export session recordings.
+    #[command(subcommand)]
+    Recordings(RecordingsCommand),
+
     /// Remove the pinned eBPF programs and maps, ending enforcement.
     ///
     /// Pinned programs keep governed connections failing closed while no agent
@@ -197,6 +201,67 @@ pub enum PolicyCommand {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `tollgate recordings ...`
+#[derive(Subcommand, Debug)]
+pub enum RecordingsCommand {
+    /// List recorded sessions, newest last.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only sessions started within this long ("1h", "2d").
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Only sessions to this target.
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+        /// Only sessions of this OS or database user.
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        /// Only sessions from this CI repository.
+        #[arg(long, value_name = "REPO")]
+        ci_repo: Option<String>,
+        /// Only sessions with a refused statement.
+        #[arg(long)]
+        denied: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a session as a readable transcript.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Session id (as `list` shows it) or a recording file.
+        #[arg(value_name = "ID|FILE")]
+        id: String,
+        /// Never colour the output.
+        #[arg(long)]
+        no_color: bool,
+    },
+    /// Check recordings' hash chains; exit status 1 if any is broken or cut.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Session id or recording file.
+        #[arg(value_name = "ID|FILE", required_unless_present = "all")]
+        id: Option<String>,
+        /// Verify every recording.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Export a session, one JSON object per record (for SIEMs).
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Session id or recording file.
+        #[arg(value_name = "ID|FILE")]
+        id: String,
+        /// Output format.
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl"])]
+        format: String,
     },
 }
 

@@ -90,6 +90,20 @@ pub struct AgentSettings {
     pub idle_timeout: Duration,
     /// How long to wait for an upstream TCP connection.
     pub connect_timeout: Duration,
+    /// Whether clients asking for TLS get it (terminated by the agent).
+    pub client_tls: ClientTls,
+    /// Where the local CA and the agent's server certificate are kept.
+    pub tls_dir: PathBuf,
+}
+
+/// `[agent] client_tls`: what a client's SSLRequest is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientTls {
+    /// `N`: the client goes on in plaintext (on loopback).
+    #[default]
+    Off,
+    /// `S`: the agent terminates TLS with a certificate from its local CA.
+    Terminate,
 }
 
 impl Default for AgentSettings {
@@ -103,6 +117,8 @@ impl Default for AgentSettings {
             shutdown_grace: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(5),
+            client_tls: ClientTls::Off,
+            tls_dir: PathBuf::from("/var/lib/tollgate/tls"),
         }
     }
 }

@@ -9,9 +9,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    line_column, AgentSettings, Config, ConfigError, ConfigErrors, GovernedCgroup, Listener,
-    PortRange, Protocol, RedirectSettings, Target, TargetAddress, TargetSet, UnlistedPolicy,
-    Upstream, UpstreamTls,
+    line_column, AgentSettings, ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup,
+    Listener, PortRange, Protocol, RedirectSettings, Target, TargetAddress, TargetSet,
+    UnlistedPolicy, Upstream, UpstreamTls,
 };
 
 #[derive(Deserialize, Default)]
@@ -52,6 +52,8 @@ struct RawAgent {
     shutdown_grace: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
+    client_tls: Option<Spanned<String>>,
+    tls_dir: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -227,6 +229,26 @@ fn check_agent(c: &mut Checker<'_>, raw: &RawAgent) -> AgentSettings {
         match usize::try_from(*n.get_ref()) {
             Ok(v) if (1..=1_000_000).contains(&v) => agent.max_connections = v,
             _ => c.error(n, "max_connections must be between 1 and 1000000"),
+        }
+    }
+    if let Some(m) = &raw.client_tls {
+        match m.get_ref().as_str() {
+            "off" => agent.client_tls = ClientTls::Off,
+            "terminate" => agent.client_tls = ClientTls::Terminate,
+            other => c.error(
+                m,
+                format!("client_tls = \"{other}\" is not known; use \"off\" or \"terminate\""),
+            ),
+        }
+    }
+    if let Some(d) = &raw.tls_dir {
+        if d.get_ref().is_empty() {
+            c.error(
+                d,
+                "tls_dir is empty; give a directory such as /var/lib/tollgate/tls",
+            );
+        } else {
+            agent.tls_dir = PathBuf::from(d.get_ref());
         }
     }
     agent

@@ -331,3 +331,18 @@ fn upstream_tls_modes() {
     let e = errors(&format!("{base}tls = \"always\"\n"));
     assert!(e[0].starts_with("t.toml:6:7:"), "{e:?}");
 }
+
+#[test]
+fn client_tls_defaults_off_and_parses_terminate() {
+    let c = parse("").unwrap();
+    assert_eq!(c.agent.client_tls, ClientTls::Off);
+    assert_eq!(c.agent.tls_dir, Path::new("/var/lib/tollgate/tls"));
+    let c = parse("[agent]\nclient_tls = \"terminate\"\ntls_dir = \"/tmp/tg-tls\"\n").unwrap();
+    assert_eq!(c.agent.client_tls, ClientTls::Terminate);
+    assert_eq!(c.agent.tls_dir, Path::new("/tmp/tg-tls"));
+    let e = errors("[agent]\nclient_tls = \"on\"\n");
+    assert!(e[0].starts_with("t.toml:2:"), "{e:?}");
+    assert!(e[0].contains("\"off\" or \"terminate\""), "{e:?}");
+    let e = errors("[agent]\ntls_dir = \"\"\n");
+    assert!(e[0].contains("tls_dir is empty"), "{e:?}");
+}

@@ -6,6 +6,7 @@
 pub mod postgres;
 pub mod tcp;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,15 @@ pub struct SessionContext {
     pub analysis: Arc<AnalysisCache>,
     /// Where the handler reports what happens in the session.
     pub events: Arc<dyn EventSink>,
+    /// The address the upstream connection was made to.
+    pub upstream_addr: SocketAddr,
+    /// The host name or IP the upstream was reached by (the TLS server name
+    /// unless the target sets one).
+    pub upstream_name: String,
+    /// Client-visible cancel keys, shared by all sessions.
+    pub cancel: Arc<postgres::cancel::CancelRegistry>,
+    /// TLS material for both legs.
+    pub tls: Arc<postgres::tls::TlsState>,
 }
 
 /// The loaded policy, swapped atomically on reload.

@@ -53,10 +53,16 @@ pub struct Shared {
     pub redirect: Option<Arc<Redirect>>,
     /// The policy in force.
     pub policy: crate::protocol::SharedPolicy,
+    /// The session recorder (a sink of `events`), checked before each session.
+    pub recorder: Arc<crate::recording::RecordingSink>,
     /// Statement analyses shared by every session.
     pub analysis: Arc<crate::sql::AnalysisCache>,
     /// Addresses redirected connections arrive on.
     pub redirect_bound: Vec<SocketAddr>,
+    /// Client-visible PostgreSQL cancel keys of open sessions.
+    pub cancel: Arc<crate::protocol::postgres::cancel::CancelRegistry>,
+    /// TLS material for PostgreSQL sessions.
+    pub tls: Arc<crate::protocol::postgres::tls::TlsState>,
 }
 
 /// What an accept loop serves.
@@ -70,6 +76,7 @@ enum Entry {
 /// A started agent: everything is bound and serving.
 pub struct RunningAgent {
     shared: Arc<Shared>,
+    recorder: Option<crate::recording::RecorderHandle>,
     stop_accepting: CancellationToken,
     sessions: TaskTracker,
     background: TaskTracker,
@@ -80,10 +87,13 @@ impl RunningAgent {
     /// serves. Fails before serving anything if an address is taken.
     pub async fn start(config: Config) -> anyhow::Result<RunningAgent> {
         let metrics = Arc::new(Metrics::new(config.targets.iter().map(|t| t.name.as_str())));
+        let policy = load_policy(&config)?;
+        let (recorder, recorder_handle) = start_recorder(&config, &policy)?;
         let events: Arc<dyn EventSink> = Arc::new(
             FanOut::default()
                 .with(Arc::new(LogSink))
-                .with(metrics.clone()),
+                .with(metrics.clone())
+                .with(recorder.clone()),
         );
 
         for t in config.targets.iter() {
@@ -95,8 +105,6 @@ impl RunningAgent {
                 );
             }
         }
-
-        let policy = load_policy(&config)?;
 
         let mut listeners = Vec::new();
         let mut bound = Vec::new();
@@ -146,7 +154,11 @@ impl RunningAgent {
         };
         let control_socket = control::bind(&config.agent.control_socket)?;
 
+        let tls =
+            crate::protocol::postgres::tls::TlsState::load(&config).context("cannot set up TLS")?;
         let shared = Arc::new(Shared {
+            cancel: Arc::new(crate::protocol::postgres::cancel::CancelRegistry::new()),
+            tls: Arc::new(tls),
             permits: Arc::new(Semaphore::new(config.agent.max_connections)),
             config,
             metrics,
@@ -160,6 +172,7 @@ impl RunningAgent {
                 .filter_map(|s| s.local_addr().ok())
                 .collect(),
             redirect,
+            recorder,
             policy: Arc::new(std::sync::RwLock::new(Arc::new(policy))),
             analysis: Arc::new(crate::sql::AnalysisCache::new(ANALYSIS_CACHE_ENTRIES)),
         });
@@ -217,6 +230,7 @@ impl RunningAgent {
         ));
 
         Ok(RunningAgent {
+            recorder: Some(recorder_handle),
             shared,
             stop_accepting,
             sessions,
@@ -231,7 +245,7 @@ impl RunningAgent {
 
     /// Stops accepting, lets open sessions finish for up to `grace` (or until
     /// `hurry` resolves, e.g. a second signal), then closes what is left.
-    pub async fn shutdown(self, grace: Duration, hurry: impl std::future::Future<Output = ()>) {
+    pub async fn shutdown(mut self, grace: Duration, hurry: impl std::future::Future<Output = ()>) {
         self.stop_accepting.cancel();
         self.sessions.close();
         self.background.close();
@@ -260,6 +274,14 @@ impl RunningAgent {
             tracing::error!("sessions did not close within 5 s of the deadline; exiting anyway");
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.background.wait()).await;
+        if let Some(recorder) = self.recorder.take() {
+            let report = tokio::task::spawn_blocking(move || recorder.shutdown()).await;
+            if let Ok(report) = report {
+                if report.lost > 0 || report.failure.is_some() {
+                    tracing::warn!(lost = report.lost, failure = ?report.failure, "recordings incomplete");
+                }
+            }
+        }
         control::remove(&self.shared.config.agent.control_socket);
         if let Some(settings) = &self.shared.config.redirect {
             control::remove(&settings.exec_socket);
@@ -316,6 +338,7 @@ impl RunningAgent {
 fn reload_policy(shared: &Shared) {
     match load_policy(&shared.config) {
         Ok(set) => {
+            shared.recorder.set_policy_digest(Some(set.digest()));
             if let Ok(mut current) = shared.policy.write() {
                 *current = Arc::new(set);
             }
@@ -323,6 +346,26 @@ fn reload_policy(shared: &Shared) {
         }
         Err(e) => tracing::error!("policy reload failed; keeping the policy in force: {e:#}"),
     }
+}
+
+/// Starts the recorder writing under `agent.recording_dir`.
+fn start_recorder(
+    config: &Config,
+    policy: &crate::policy::PolicySet,
+) -> anyhow::Result<(
+    Arc<crate::recording::RecordingSink>,
+    crate::recording::RecorderHandle,
+)> {
+    let mut settings = crate::recording::RecorderSettings::new(&config.agent.recording_dir);
+    settings.policy_digest = Some(policy.digest());
+    let started = crate::recording::Recorder::start(settings).with_context(|| {
+        format!(
+            "cannot record sessions under {}; create it or set agent.recording_dir",
+            config.agent.recording_dir.display()
+        )
+    })?;
+    tracing::info!(dir = %config.agent.recording_dir.display(), "recording sessions");
+    Ok(started)
 }
 
 /// How often policy files are checked for changes.
@@ -425,6 +468,15 @@ async fn accept_loop(
                 // No route: a connection on the redirect port the kernel did
                 // not send. It is closed (fail closed).
                 let Some(route) = route else { continue };
+                if shared.recorder.refuse_new_sessions() {
+                    // Fail closed: nothing may run unrecorded.
+                    tracing::error!(
+                        client = %peer,
+                        reason = shared.recorder.failure().unwrap_or_default(),
+                        "session refused: recording has failed"
+                    );
+                    continue;
+                }
                 sessions.spawn(async move {
                     session::serve(shared, stream, peer, route).await;
                     drop(permit);

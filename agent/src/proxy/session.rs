@@ -129,6 +129,13 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
                 policy: shared.policy.clone(),
                 analysis: shared.analysis.clone(),
                 events: shared.events.clone(),
+                upstream_addr: peer,
+                upstream_name: match &route.upstream {
+                    UpstreamAddr::Named(u) => u.host.clone(),
+                    UpstreamAddr::Direct(a) => a.ip().to_string(),
+                },
+                cancel: shared.cancel.clone(),
+                tls: shared.tls.clone(),
             };
             match info.protocol {
                 Protocol::Postgres => protocol::postgres::session::run(&ctx, client, stream).await,

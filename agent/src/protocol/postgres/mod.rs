@@ -73,10 +73,12 @@
 #![deny(clippy::indexing_slicing)]
 
 pub mod backend;
+pub mod cancel;
 pub mod codec;
 pub mod error;
 pub mod frontend;
 pub mod session;
+pub mod tls;
 
 #[cfg(test)]
 mod tests;

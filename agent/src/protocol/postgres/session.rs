@@ -5,13 +5,22 @@
 //! # Phases
 //!
 //! 1. **Start-up** ([`read_startup`]), on the client socket alone:
-//!    SSLRequest and GSSENCRequest are answered `N` (TLS is not terminated
-//!    in this version) unless bytes already follow the request (the
-//!    CVE-2021-23214 injection: refused); a CancelRequest is forwarded to
-//!    the upstream as it came and the session ends; a StartupMessage asking
-//!    for replication is refused (0A000); any other StartupMessage is
-//!    forwarded unchanged.
-//! 2. **Authentication and the ready phase** are one loop per direction,
+//!    GSSENCRequest is answered `N`, and so is SSLRequest unless the agent
+//!    terminates client TLS (`[agent] client_tls = "terminate"`: `S`, then
+//!    the handshake with the local CA's certificate, see [`super::tls`]);
+//!    either is refused when bytes already follow the request (the
+//!    CVE-2021-23214 injection). A CancelRequest carries a key of the
+//!    proxy's making ([`super::cancel`]): a known one is sent on, with the
+//!    server's real key, to the upstream of the session it belongs to, an
+//!    unknown one is dropped; the connection then ends without an answer.
+//!    A StartupMessage asking for replication is refused (0A000); before
+//!    any other is forwarded unchanged, the upstream leg is secured as the
+//!    target's `tls` setting says.
+//! 2. **Rewritten server messages**: BackendKeyData is replaced by the
+//!    proxy's own key (forgotten when the session ends), and
+//!    `SCRAM-SHA-256-PLUS` is removed from AuthenticationSASL, since channel
+//!    binding cannot cross the proxy.
+//! 3. **Authentication and the ready phase** are one loop per direction,
 //!    polled together so neither side can stall the other. The only
 //!    difference authentication makes is the size limit on client messages
 //!    ([`MAX_PRE_AUTH_MESSAGE`] until the server sent AuthenticationOk):
@@ -65,6 +74,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use super::tls::{self, Stream, UpstreamMode};
 use tokio::time::Instant;
 
 use super::backend::{self, BackendMessage, TransactionStatus};
@@ -94,6 +105,9 @@ const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 /// Start-up packets (SSLRequest, GSSENCRequest) accepted before the
 /// StartupMessage: one of each, as libpq sends at most.
 const MAX_NEGOTIATIONS: usize = 2;
+
+/// The SASL mechanism with channel binding, never offered to clients.
+const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 
 /// Command label for text that does not parse.
 const UNPARSABLE_COMMAND: &str = "statement";
@@ -125,6 +139,8 @@ struct Shared {
     client_mid_message: AtomicBool,
     /// Milliseconds since the session's start of the last byte read.
     last_activity: AtomicU64,
+    /// The client-visible cancel key's pid, once registered.
+    cancel_pid: Mutex<Option<i32>>,
 }
 
 /// Denials remembered at most (older ones are forgotten: the server
@@ -149,6 +165,7 @@ impl Shared {
             upstream_mid_message: AtomicBool::new(false),
             client_mid_message: AtomicBool::new(false),
             last_activity: AtomicU64::new(0),
+            cancel_pid: Mutex::new(None),
         }
     }
 
@@ -293,20 +310,25 @@ enum StartupPacket {
         application_name: Option<String>,
         replication: Option<String>,
     },
-    /// A CancelRequest, to forward as it came.
-    Cancel(Vec<u8>),
+    /// A CancelRequest with the key the client was given.
+    Cancel { pid: i32, secret: Vec<u8> },
+    /// An SSLRequest the proxy answers `S` to: the caller answers and does
+    /// the handshake, then reads on.
+    TlsRequested,
 }
 
 /// Reads start-up packets until a StartupMessage or a CancelRequest,
-/// answering SSLRequest and GSSENCRequest with `N`. Bytes after the packet
-/// stay in `buf`.
-async fn read_startup(
-    client: &mut TcpStream,
+/// answering GSSENCRequest with `N`, and SSLRequest with `N` unless
+/// `offer_tls` (then [`StartupPacket::TlsRequested`] is returned for the
+/// caller to answer). Bytes after the packet stay in `buf`.
+async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
     buf: &mut ReadBuf,
     shared: &Shared,
     start: Instant,
+    negotiations: &mut usize,
+    offer_tls: bool,
 ) -> Result<StartupPacket, Stop> {
-    let mut negotiations = 0;
     loop {
         let len = loop {
             match frame_startup(buf.filled()) {
@@ -340,23 +362,30 @@ async fn read_startup(
                             .to_owned(),
                     ));
                 }
-                negotiations += 1;
-                if negotiations > MAX_NEGOTIATIONS {
+                *negotiations += 1;
+                if *negotiations > MAX_NEGOTIATIONS {
                     return Err(Stop::client_fault(
                         sqlstate::PROTOCOL_VIOLATION,
                         "tollgate: too many encryption requests during start-up".to_owned(),
                     ));
                 }
+                let is_ssl = matches!(message, FrontendMessage::SslRequest);
                 buf.consume(len);
+                if offer_tls && is_ssl {
+                    return Ok(StartupPacket::TlsRequested);
+                }
                 client
                     .write_all(&ssl_refused())
                     .await
                     .map_err(|e| Stop::Closed(CloseReason::ClientError(e.to_string())))?;
             }
-            FrontendMessage::CancelRequest { .. } => {
-                let bytes = packet.to_vec();
+            FrontendMessage::CancelRequest { pid, secret } => {
+                let result = StartupPacket::Cancel {
+                    pid,
+                    secret: secret.to_vec(),
+                };
                 buf.consume(len);
-                return Ok(StartupPacket::Cancel(bytes));
+                return Ok(result);
             }
             FrontendMessage::Startup { params, .. } => {
                 let get = |name: &str| {
@@ -400,41 +429,66 @@ fn startup_fault(e: CodecError) -> Stop {
     }
 }
 
+/// How long a TLS handshake on either leg may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Forgets the session's client-visible cancel key when the session ends.
+struct ForgetCancelKey<'a> {
+    ctx: &'a SessionContext,
+    shared: &'a Shared,
+}
+
+impl Drop for ForgetCancelKey<'_> {
+    fn drop(&mut self) {
+        let pid = self
+            .shared
+            .cancel_pid
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(pid) = pid {
+            self.ctx.cancel.forget(pid);
+        }
+    }
+}
+
 /// Runs a PostgreSQL session until it ends and says why.
-pub async fn run(
-    ctx: &SessionContext,
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-) -> CloseReason {
+pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -> CloseReason {
     let start = Instant::now();
     let shared = Shared::new();
-    let mut client_buf = ReadBuf::new();
-
-    let startup = tokio::select! {
-        r = read_startup(&mut client, &mut client_buf, &shared, start) => r,
-        _ = tokio::time::sleep(ctx.idle_timeout) => Err(Stop::Closed(CloseReason::IdleTimeout)),
-        _ = ctx.force_close.cancelled() => Err(Stop::Fatal {
-            sqlstate: sqlstate::ADMIN_SHUTDOWN,
-            message: "tollgate: the agent is shutting down".to_owned(),
-            reason: CloseReason::Shutdown,
-        }),
+    let _forget = ForgetCancelKey {
+        ctx,
+        shared: &shared,
     };
-    let packet = match startup {
-        Ok(p) => p,
-        Err(stop) => return end_early(ctx, &mut client, stop).await,
+    let mut client = Stream::Plain(client);
+    let mut client_buf = ReadBuf::new();
+    let mut negotiations = 0;
+
+    let packet = loop {
+        let offer_tls = ctx.tls.client().is_some() && !client.is_tls();
+        let startup = tokio::select! {
+            r = read_startup(&mut client, &mut client_buf, &shared, start, &mut negotiations, offer_tls) => r,
+            _ = tokio::time::sleep(ctx.idle_timeout) => Err(Stop::Closed(CloseReason::IdleTimeout)),
+            _ = ctx.force_close.cancelled() => Err(Stop::Fatal {
+                sqlstate: sqlstate::ADMIN_SHUTDOWN,
+                message: "tollgate: the agent is shutting down".to_owned(),
+                reason: CloseReason::Shutdown,
+            }),
+        };
+        match startup {
+            Ok(StartupPacket::TlsRequested) => match accept_client_tls(ctx, client).await {
+                Ok(tls) => client = tls,
+                Err(reason) => return reason,
+            },
+            Ok(p) => break p,
+            Err(stop) => return end_early(ctx, &mut client, stop).await,
+        }
     };
     let bytes = match packet {
-        StartupPacket::Cancel(bytes) => {
-            // The client-visible key is the server's own in this version
-            // (BackendKeyData is not rewritten), so the request goes on as
-            // it came, on this session's fresh upstream connection.
-            count(ctx, true, bytes.len());
-            tracing::info!(session = %ctx.info.id, "forwarding a CancelRequest upstream");
-            if let Err(e) = upstream.write_all(&bytes).await {
-                return CloseReason::UpstreamError(e.to_string());
-            }
-            let _ = upstream.shutdown().await;
-            return CloseReason::Completed;
+        StartupPacket::TlsRequested => return CloseReason::Completed,
+        StartupPacket::Cancel { pid, secret } => {
+            count(ctx, true, 16);
+            return forward_cancel(ctx, upstream, pid, &secret).await;
         }
         StartupPacket::Startup {
             bytes,
@@ -468,13 +522,26 @@ pub async fn run(
             bytes
         }
     };
+    let mut upstream = match connect_upstream_tls(ctx, upstream).await {
+        Ok(u) => u,
+        Err(stop) => return end_early(ctx, &mut client, stop).await,
+    };
+    tracing::info!(
+        session = %ctx.info.id,
+        target = %ctx.info.target,
+        client_tls = client.tls_version().as_deref().unwrap_or("off"),
+        upstream_tls = upstream.tls_version().as_deref().unwrap_or("off"),
+        "session legs: client {}, upstream {}",
+        if client.is_tls() { "TLS" } else { "plaintext" },
+        if upstream.is_tls() { "TLS" } else { "plaintext" },
+    );
     count(ctx, true, bytes.len());
-    if let Err(e) = upstream.write_all(&bytes).await {
+    if let Err(e) = write_flush(&mut upstream, &bytes).await {
         return CloseReason::UpstreamError(e.to_string());
     }
 
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut upstream_read, mut upstream_write) = upstream.into_split();
+    let (mut client_read, mut client_write) = client.split();
+    let (mut upstream_read, mut upstream_write) = upstream.split();
     let outcome = {
         let from_client = client_pump(
             &mut client_read,
@@ -528,14 +595,17 @@ pub async fn run(
             tracing::warn!(session = %ctx.info.id, sqlstate, "closing the session: {message}");
             if !shared.upstream_mid_message.load(Ordering::Relaxed) {
                 let wire = error_response(severity::FATAL, sqlstate, &message, None, None);
-                let _ = tokio::time::timeout(Duration::from_secs(1), client_write.write_all(&wire))
-                    .await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    write_flush(&mut client_write, &wire),
+                )
+                .await;
             }
             if !shared.client_mid_message.load(Ordering::Relaxed) {
                 let terminate = [frontend::tag::TERMINATE, 0, 0, 0, 4];
                 let _ = tokio::time::timeout(
                     Duration::from_secs(1),
-                    upstream_write.write_all(&terminate),
+                    write_flush(&mut upstream_write, &terminate),
                 )
                 .await;
             }
@@ -546,9 +616,20 @@ pub async fn run(
     }
 }
 
+/// Writes all of `bytes` and flushes (TLS keeps records until flushed; for
+/// TCP the flush does nothing).
+async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
 /// Ends a session before the pumps started: tells the client why when
 /// there is something to say, logs it, and closes.
-async fn end_early(ctx: &SessionContext, client: &mut TcpStream, stop: Stop) -> CloseReason {
+async fn end_early<S: AsyncWrite + Unpin>(
+    ctx: &SessionContext,
+    client: &mut S,
+    stop: Stop,
+) -> CloseReason {
     match stop {
         Stop::Closed(reason) => {
             if matches!(reason, CloseReason::ClientError(_)) {
@@ -563,11 +644,161 @@ async fn end_early(ctx: &SessionContext, client: &mut TcpStream, stop: Stop) -> 
         } => {
             tracing::warn!(session = %ctx.info.id, sqlstate, "closing the session: {message}");
             let wire = error_response(severity::FATAL, sqlstate, &message, None, None);
-            let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&wire)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), write_flush(client, &wire)).await;
             let _ = client.shutdown().await;
             reason
         }
     }
+}
+
+/// Answers `S` to the client's SSLRequest and does the TLS handshake with
+/// the agent's certificate.
+async fn accept_client_tls(ctx: &SessionContext, client: Stream) -> Result<Stream, CloseReason> {
+    let (Some(acceptor), Stream::Plain(mut tcp)) = (ctx.tls.client(), client) else {
+        return Err(CloseReason::ClientError(
+            "an SSLRequest arrived on a connection already encrypted".to_owned(),
+        ));
+    };
+    if let Err(e) = tcp.write_all(b"S").await {
+        return Err(CloseReason::ClientError(e.to_string()));
+    }
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls.into()))),
+        Ok(Err(e)) => {
+            let why = format!("the client's TLS handshake failed: {e}");
+            tracing::warn!(session = %ctx.info.id, "closing the session: {why}");
+            Err(CloseReason::ClientError(why))
+        }
+        Err(_) => Err(CloseReason::ClientError(
+            "the client's TLS handshake did not finish in time".to_owned(),
+        )),
+    }
+}
+
+/// Secures the upstream leg as the target says: SSLRequest, then the
+/// handshake on `S`; `N` is plaintext for `prefer` and a refusal otherwise.
+async fn connect_upstream_tls(
+    ctx: &SessionContext,
+    mut upstream: TcpStream,
+) -> Result<Stream, Stop> {
+    let target = &ctx.info.target;
+    let mode = ctx.tls.upstream(target);
+    let (connector, verify_full, name) = match mode {
+        UpstreamMode::Disable => return Ok(Stream::Plain(upstream)),
+        UpstreamMode::Prefer(c) | UpstreamMode::Require(c) => (c, false, None),
+        UpstreamMode::VerifyFull {
+            connector,
+            server_name,
+        } => (connector, true, server_name.as_deref()),
+    };
+    let fatal = |message: String| Stop::Fatal {
+        sqlstate: sqlstate::CONNECTION_FAILURE,
+        reason: CloseReason::UpstreamError(message.clone()),
+        message,
+    };
+    let upstream_err = |e: io::Error| Stop::Closed(CloseReason::UpstreamError(e.to_string()));
+    let ssl_request = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    write_flush(&mut upstream, &ssl_request)
+        .await
+        .map_err(upstream_err)?;
+    let mut answer = [0u8; 1];
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, upstream.read_exact(&mut answer)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            return Err(fatal(format!(
+            "tollgate: target \"{target}\": the server closed the connection after SSLRequest: {e}"
+        )))
+        }
+        Err(_) => {
+            return Err(fatal(format!(
+                "tollgate: target \"{target}\": the server did not answer SSLRequest in time"
+            )))
+        }
+    }
+    match answer {
+        [b'S'] => {}
+        [b'N'] if matches!(mode, UpstreamMode::Prefer(_)) => {
+            tracing::debug!(session = %ctx.info.id, "the server does not offer TLS; going on in plaintext (tls = \"prefer\")");
+            return Ok(Stream::Plain(upstream));
+        }
+        [b'N'] => {
+            return Err(fatal(format!(
+                "tollgate: target \"{target}\" requires TLS but the server does not offer it"
+            )))
+        }
+        [other] => {
+            return Err(fatal(format!(
+                "tollgate: target \"{target}\": the server answered SSLRequest with {} instead of S or N",
+                printable(other)
+            )))
+        }
+    }
+    let name = name.unwrap_or(&ctx.upstream_name);
+    let server_name = tls::server_name(name).map_err(|e| {
+        fatal(format!(
+            "tollgate: target \"{target}\": {e}; set tls_server_name"
+        ))
+    })?;
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, connector.connect(server_name, upstream)).await {
+        Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls.into()))),
+        Ok(Err(e)) => Err(fatal(format!(
+            "tollgate: target \"{target}\": TLS to the server failed ({} mode, server name \"{name}\"): {}",
+            mode.name(),
+            tls::describe_handshake_error(&e, verify_full)
+        ))),
+        Err(_) => Err(fatal(format!(
+            "tollgate: target \"{target}\": the TLS handshake with the server did not finish in time"
+        ))),
+    }
+}
+
+/// Sends the real CancelRequest for a client-visible key to the upstream
+/// of the session it belongs to; an unknown key is dropped. No answer
+/// either way, as the protocol says.
+async fn forward_cancel(
+    ctx: &SessionContext,
+    mut upstream: TcpStream,
+    pid: i32,
+    secret: &[u8],
+) -> CloseReason {
+    let Some(backend) = ctx.cancel.lookup(pid, secret) else {
+        tracing::debug!(session = %ctx.info.id, pid, "CancelRequest with an unknown key: dropped");
+        return CloseReason::Completed;
+    };
+    let mut wire = Vec::with_capacity(16);
+    FrontendMessage::CancelRequest {
+        pid: backend.pid,
+        secret: &backend.secret,
+    }
+    .encode(&mut wire);
+    if backend.upstream != ctx.upstream_addr {
+        // The session's own connection goes elsewhere: reach the backend's.
+        drop(upstream);
+        upstream =
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, TcpStream::connect(backend.upstream))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return CloseReason::UpstreamError(format!(
+                        "cannot forward a CancelRequest to {}: {e}",
+                        backend.upstream
+                    ))
+                }
+                Err(_) => {
+                    return CloseReason::UpstreamError(format!(
+                        "cannot forward a CancelRequest to {}: timed out",
+                        backend.upstream
+                    ))
+                }
+            };
+    }
+    tracing::info!(session = %ctx.info.id, backend_pid = backend.pid, upstream = %backend.upstream, "forwarding a CancelRequest upstream");
+    if let Err(e) = upstream.write_all(&wire).await {
+        return CloseReason::UpstreamError(e.to_string());
+    }
+    let _ = upstream.shutdown().await;
+    CloseReason::Completed
 }
 
 /// The upstream could not be reached: reads the client's start-up (so it
@@ -582,7 +813,18 @@ pub async fn refuse_unreachable(
     let shared = Shared::new();
     let mut buf = ReadBuf::new();
     let start = Instant::now();
-    let read = tokio::time::timeout(timeout, read_startup(&mut client, &mut buf, &shared, start));
+    let mut negotiations = 0;
+    let read = tokio::time::timeout(
+        timeout,
+        read_startup(
+            &mut client,
+            &mut buf,
+            &shared,
+            start,
+            &mut negotiations,
+            false,
+        ),
+    );
     let wire = match read.await {
         Ok(Ok(StartupPacket::Startup { .. })) => error_response(
             severity::FATAL,
@@ -947,6 +1189,8 @@ where
             }
             pos
         };
+        // TLS holds records until flushed; for TCP this does nothing.
+        writer.flush().await.map_err(write_err)?;
         buf.consume(handled);
         shared
             .client_mid_message
@@ -1007,7 +1251,9 @@ impl UpstreamSide<'_> {
                 let Some(body) = header.body(data) else {
                     return Ok(Step::Need(header.len));
                 };
-                self.inspect(header.tag, body)?;
+                if self.inspect(header.tag, body)? {
+                    return Ok(Step::Replace(header.len));
+                }
                 if header.tag == ERROR_RESPONSE {
                     if let Some(message) = self.shared.denial_for(body) {
                         self.out.clear();
@@ -1032,9 +1278,11 @@ impl UpstreamSide<'_> {
         }
     }
 
-    fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<(), Stop> {
+    /// Reads a message the session tracks; `true` when it is to be replaced
+    /// by `out` (BackendKeyData, an AuthenticationSASL offering `-PLUS`).
+    fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<bool, Stop> {
         if tag == backend::tag::ERROR_RESPONSE {
-            return Ok(());
+            return Ok(false);
         }
         let message = backend::decode_backend(tag, body).map_err(upstream_fault)?;
         match message {
@@ -1049,8 +1297,23 @@ impl UpstreamSide<'_> {
             BackendMessage::Authentication(backend::Auth::Ok) => {
                 self.shared.authenticated.store(true, Ordering::Relaxed);
             }
-            BackendMessage::BackendKeyData { pid, .. } => {
+            BackendMessage::BackendKeyData { pid, secret } => {
                 tracing::debug!(session = %self.ctx.info.id, backend_pid = pid, "upstream backend");
+                return Ok(self.replace_cancel_key(pid, secret));
+            }
+            BackendMessage::Authentication(backend::Auth::Sasl { mechanisms })
+                if mechanisms.contains(&SCRAM_PLUS) =>
+            {
+                // Channel binding cannot cross the proxy (see the tls module).
+                let mechanisms = mechanisms
+                    .into_iter()
+                    .filter(|m| *m != SCRAM_PLUS)
+                    .collect();
+                self.out.clear();
+                BackendMessage::Authentication(backend::Auth::Sasl { mechanisms })
+                    .encode(&mut self.out);
+                tracing::debug!(session = %self.ctx.info.id, "removed SCRAM-SHA-256-PLUS from the server's SASL mechanisms");
+                return Ok(true);
             }
             BackendMessage::ParameterStatus { name, value } => match name {
                 "client_encoding" => {
@@ -1077,7 +1340,37 @@ impl UpstreamSide<'_> {
             },
             _ => {}
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// Registers the backend's cancel key and puts the client-visible one
+    /// in `out`; `false` (forward the server's own) only if the random
+    /// source failed.
+    fn replace_cancel_key(&mut self, pid: i32, secret: &[u8]) -> bool {
+        let Some((client_pid, client_secret)) =
+            self.ctx
+                .cancel
+                .register(pid, secret, self.ctx.upstream_addr)
+        else {
+            tracing::warn!(session = %self.ctx.info.id, "cannot make a cancel key (no randomness); the client gets the server's own");
+            return false;
+        };
+        let previous = self
+            .shared
+            .cancel_pid
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(client_pid);
+        if let Some(previous) = previous {
+            self.ctx.cancel.forget(previous);
+        }
+        self.out.clear();
+        BackendMessage::BackendKeyData {
+            pid: client_pid,
+            secret: &client_secret,
+        }
+        .encode(&mut self.out);
+        true
     }
 }
 
@@ -1141,6 +1434,8 @@ where
             }
             pos
         };
+        // TLS holds records until flushed; for TCP this does nothing.
+        writer.flush().await.map_err(write_err)?;
         buf.consume(handled);
         shared
             .upstream_mid_message

@@ -1,0 +1,229 @@
+//! The record types of a recording file, as documented in
+//! `docs/recording-format.md`. These types are the format: a field renamed
+//! here changes the public contract.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::identity::ProcessIdentity;
+
+/// The `format` field of every header.
+pub const FORMAT_NAME: &str = "tollgate-recording";
+/// The format version this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The largest record body accepted, in bytes (16 MiB).
+pub const MAX_RECORD_LEN: u32 = 16 << 20;
+/// The largest statement text stored in a record, in bytes (1 MiB); longer
+/// texts are cut on a character boundary and their length kept in `text_len`.
+pub const MAX_TEXT_LEN: usize = 1 << 20;
+/// The recording file extension, without the dot.
+pub const FILE_EXTENSION: &str = "tgrec";
+
+/// One record of a recording file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum Record {
+    /// Record 0: who, what, when (boxed: it is much the largest).
+    Header(Box<Header>),
+    /// One session event.
+    Event(EventRecord),
+    /// The last record: chain head and counts.
+    Trailer(Trailer),
+}
+
+/// The first record of every file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    /// [`FORMAT_VERSION`].
+    pub version: u32,
+    /// The session id (UUIDv7).
+    pub session: Uuid,
+    /// The agent's host name.
+    pub host: String,
+    /// The agent's version.
+    pub agent_version: String,
+    /// Wall-clock start, RFC 3339 UTC with milliseconds.
+    pub started_at: String,
+    /// Wall-clock start in milliseconds since the Unix epoch.
+    pub started_at_unix_ms: u64,
+    /// Digest of the policy in force at the start, when known.
+    pub policy_digest: Option<String>,
+    /// `listener` or `redirect`.
+    pub arrival: String,
+    /// The address the proxy accepted on.
+    pub local: SocketAddr,
+    /// The client's address as the proxy saw it.
+    pub client: SocketAddr,
+    /// The target name.
+    pub target: String,
+    /// The target's protocol (`postgres`, `mysql`, `tcp`).
+    pub protocol: String,
+    /// The upstream the session was forwarded to.
+    pub upstream: String,
+    /// The connecting process.
+    pub identity: ProcessIdentity,
+    /// What the kernel recorded, for redirected connections.
+    pub kernel: Option<KernelRecord>,
+}
+
+/// What the kernel recorded about a redirected connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelRecord {
+    /// Where the process tried to connect.
+    pub destination: SocketAddr,
+    /// Its process id (thread group id).
+    pub tgid: u32,
+    /// Its real uid at connect time.
+    pub uid: u32,
+    /// Its real gid at connect time.
+    pub gid: u32,
+    /// Its cgroup v2 id.
+    pub cgroup_id: u64,
+    /// The connecting thread's name.
+    pub comm: String,
+    /// Index of the configured target the redirect matched.
+    pub target_index: u64,
+}
+
+/// An event record: sequence, time, chain link and payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// 0-based, contiguous.
+    pub seq: u64,
+    /// Microseconds since the session start (monotonic).
+    pub t_us: u64,
+    /// Hex SHA-256 of the previous record's frame.
+    pub prev: String,
+    /// What happened.
+    pub event: Event,
+}
+
+/// An event payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// The upstream connection is established.
+    UpstreamConnected {
+        /// The resolved upstream address.
+        peer: SocketAddr,
+        /// Time taken to connect, in microseconds.
+        connect_us: u64,
+    },
+    /// A PostgreSQL StartupMessage was forwarded.
+    Startup {
+        /// The database user asked for.
+        user: Option<String>,
+        /// The database asked for.
+        database: Option<String>,
+        /// The client's `application_name`.
+        application_name: Option<String>,
+    },
+    /// One statement was decided.
+    Statement(StatementRecord),
+    /// The session ended.
+    Closed {
+        /// Bytes from the client to the upstream.
+        bytes_from_client: u64,
+        /// Bytes from the upstream to the client.
+        bytes_from_upstream: u64,
+        /// How long the session lasted, in microseconds.
+        duration_us: u64,
+        /// Why it ended.
+        reason: CloseRecord,
+    },
+    /// At least `count` events of this session were lost before this point.
+    EventsLost {
+        /// How many.
+        count: u64,
+    },
+    /// The recording ended without a `closed` event.
+    RecordingStopped {
+        /// Why (`agent shutdown`, ...).
+        reason: String,
+    },
+    /// An event type this reader does not know (written by a later agent).
+    #[serde(other)]
+    Unknown,
+}
+
+/// A decided statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementRecord {
+    /// The statement text (at most [`MAX_TEXT_LEN`] bytes).
+    pub text: String,
+    /// The original length in bytes when `text` was cut.
+    pub text_len: Option<u64>,
+    /// Its command label (`DROP TABLE`), `statement` when unparsable.
+    pub command: String,
+    /// Its kind (`select`, `drop`, ...), `None` when unparsable.
+    pub kind: Option<String>,
+    /// Its pg_query fingerprint.
+    pub fingerprint: Option<String>,
+    /// The decision (`allow`, `audit`, `mask`, `review`, `deny`).
+    pub action: String,
+    /// Whether the statement was refused (not forwarded).
+    pub refused: bool,
+    /// The deciding rule, `None` when the default decided.
+    pub rule: Option<String>,
+    /// Names of the rules that applied, in load order.
+    pub rules: Vec<String>,
+    /// Why, in one line.
+    pub reason: String,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloseRecord {
+    /// `completed`, `client_error`, `upstream_error`, `upstream_unreachable`,
+    /// `idle_timeout` or `shutdown`.
+    pub kind: String,
+    /// The error text, when there is one.
+    pub detail: Option<String>,
+}
+
+impl std::fmt::Display for CloseRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = self.kind.replace('_', " ");
+        match &self.detail {
+            Some(d) => write!(f, "{kind}: {d}"),
+            None => f.write_str(&kind),
+        }
+    }
+}
+
+/// The last record of a complete recording.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trailer {
+    /// Hex SHA-256 of the last event's frame (the header's when none).
+    pub prev: String,
+    /// Equal to `prev`; what a signature covers.
+    pub chain_head: String,
+    /// Number of event records.
+    pub events: u64,
+    /// Number of statement events.
+    pub statements: u64,
+    /// Number of refused statements.
+    pub denied: u64,
+    /// Sum of the `events_lost` counts.
+    pub lost: u64,
+    /// Optional signature of the chain head (not written yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<SignatureRecord>,
+}
+
+/// An ed25519 signature of the chain head (reserved: not written yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureRecord {
+    /// Always `ed25519`.
+    pub algorithm: String,
+    /// Which configured key signed.
+    pub key_id: String,
+    /// The public key, hex.
+    pub public_key: String,
+    /// The signature, hex.
+    pub value: String,
+}

@@ -1,0 +1,292 @@
+//! Human and machine renderings of a [`Recording`]: the transcript that
+//! `tollgate recordings show` prints and the JSON lines of `export`.
+
+use std::fmt::Write as _;
+
+use super::format::{Event, Header, Record};
+use super::reader::Recording;
+
+struct Paint {
+    on: bool,
+}
+
+impl Paint {
+    fn wrap(&self, code: &str, s: &str) -> String {
+        if self.on {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+    fn bold(&self, s: &str) -> String {
+        self.wrap("1", s)
+    }
+    fn dim(&self, s: &str) -> String {
+        self.wrap("2", s)
+    }
+    fn verdict(&self, action: &str, refused: bool) -> String {
+        let label = format!("{:<6}", action.to_uppercase());
+        let code = if refused {
+            "1;31"
+        } else if action == "allow" {
+            "32"
+        } else {
+            "33"
+        };
+        self.wrap(code, &label)
+    }
+}
+
+/// The session as a readable transcript: header, identity, each event with
+/// its offset from the start (statements with their verdict and rule), and
+/// the close. `color` adds ANSI colours (for a terminal).
+pub fn render_transcript(rec: &Recording, color: bool) -> String {
+    let p = Paint { on: color };
+    let mut out = String::new();
+    match rec.header() {
+        Some(h) => header_lines(&mut out, &p, h),
+        None => {
+            let _ = writeln!(
+                out,
+                "{} {}: no complete header (the file was cut before the session's first record)",
+                p.bold("recording"),
+                rec.path.display()
+            );
+        }
+    }
+    for e in rec.events() {
+        let t = p.dim(&format!("+{:>10.3}s", e.t_us as f64 / 1e6));
+        match &e.event {
+            Event::UpstreamConnected { peer, connect_us } => {
+                let _ = writeln!(
+                    out,
+                    "{t}  upstream connected to {peer} in {:.1} ms",
+                    *connect_us as f64 / 1e3
+                );
+            }
+            Event::Startup {
+                user,
+                database,
+                application_name,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "{t}  start-up: user {} database {}{}",
+                    user.as_deref().unwrap_or("?"),
+                    database.as_deref().or(user.as_deref()).unwrap_or("?"),
+                    application_name
+                        .as_deref()
+                        .map(|a| format!(" application {a}"))
+                        .unwrap_or_default()
+                );
+            }
+            Event::Statement(s) => {
+                let rule = match &s.rule {
+                    Some(r) => format!("rule {r}"),
+                    None => "default".to_string(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{t}  {} {}  [{rule}] {}",
+                    p.verdict(&s.action, s.refused),
+                    p.bold(&s.command),
+                    s.reason
+                );
+                for line in s.text.lines() {
+                    let _ = writeln!(out, "{:13}    {line}", "");
+                }
+                if let Some(len) = s.text_len {
+                    let _ = writeln!(
+                        out,
+                        "{:13}    {}",
+                        "",
+                        p.dim(&format!("(text cut: {len} bytes in the original)"))
+                    );
+                }
+            }
+            Event::Closed {
+                bytes_from_client,
+                bytes_from_upstream,
+                duration_us,
+                reason,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "{t}  {}: {reason} after {:.3}s ({bytes_from_client} bytes from the client, {bytes_from_upstream} from the upstream)",
+                    p.bold("closed"),
+                    *duration_us as f64 / 1e6
+                );
+            }
+            Event::EventsLost { count } => {
+                let _ = writeln!(
+                    out,
+                    "{t}  {}",
+                    p.wrap(
+                        "1;31",
+                        &format!("{count} events lost here (recorder queue full)")
+                    )
+                );
+            }
+            Event::RecordingStopped { reason } => {
+                let _ = writeln!(out, "{t}  {}: {reason}", p.bold("recording stopped"));
+            }
+            Event::Unknown => {
+                let _ = writeln!(out, "{t}  (an event type this version does not know)");
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{} statements, {} denied{}",
+        rec.statements(),
+        rec.denied(),
+        match rec.lost() {
+            0 => String::new(),
+            n => format!(", {n} events lost"),
+        }
+    );
+    match (rec.trailer(), rec.truncated_at) {
+        (Some(_), _) => {}
+        (None, Some(at)) => {
+            let _ = writeln!(
+                out,
+                "{}",
+                p.wrap(
+                    "1;33",
+                    &format!(
+                        "incomplete: the file is cut at byte {at} (agent killed or disk full)"
+                    )
+                )
+            );
+        }
+        (None, None) => {
+            let _ = writeln!(
+                out,
+                "{}",
+                p.wrap(
+                    "1;33",
+                    "incomplete: no trailer (session still open, or the agent was killed)"
+                )
+            );
+        }
+    }
+    out
+}
+
+fn header_lines(out: &mut String, p: &Paint, h: &Header) {
+    let id = &h.identity;
+    let _ = writeln!(out, "{} {}", p.bold("session"), h.session);
+    let _ = writeln!(
+        out,
+        "  started   {} on {} (agent {}){}",
+        h.started_at,
+        h.host,
+        h.agent_version,
+        h.policy_digest
+            .as_deref()
+            .map(|d| format!(", policy {d}"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "  target    {} ({}) upstream {}, via {}",
+        h.target, h.protocol, h.upstream, h.arrival
+    );
+    let _ = writeln!(out, "  client    {} -> {}", h.client, h.local);
+    let opt = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_else(|| "?".to_string());
+    let _ = writeln!(
+        out,
+        "  process   pid {} uid {}{} gid {}{} comm {}",
+        opt(id.pid),
+        opt(id.uid),
+        id.user
+            .as_deref()
+            .map(|u| format!(" ({u})"))
+            .unwrap_or_default(),
+        opt(id.gid),
+        id.group
+            .as_deref()
+            .map(|g| format!(" ({g})"))
+            .unwrap_or_default(),
+        id.comm.as_deref().unwrap_or("?")
+    );
+    if let Some(exe) = &id.exe {
+        let _ = writeln!(
+            out,
+            "  exe       {exe}{}",
+            id.exe_sha256
+                .as_deref()
+                .map(|s| format!(" sha256 {s}"))
+                .unwrap_or_default()
+        );
+    }
+    if !id.cmdline.is_empty() {
+        let _ = writeln!(out, "  cmdline   {}", id.cmdline.join(" "));
+    }
+    if let Some(cg) = &id.cgroup {
+        let _ = writeln!(out, "  cgroup    {cg}");
+    }
+    if !id.ancestry.is_empty() {
+        let chain: Vec<String> = id
+            .ancestry
+            .iter()
+            .map(|a| format!("{}[{}]", a.comm, a.pid))
+            .collect();
+        let _ = writeln!(out, "  ancestry  {}", chain.join(" < "));
+    }
+    if let Some(ci) = &id.ci {
+        let f = |k: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(|v| format!(" {k} {v}"))
+                .unwrap_or_default()
+        };
+        let _ = writeln!(
+            out,
+            "  ci        {}{}{}{}{}{}{}",
+            ci.provider.as_str(),
+            f("repo", &ci.repository),
+            f("branch", &ci.branch),
+            f("workflow", &ci.workflow),
+            f("job", &ci.job),
+            f("run", &ci.run_id),
+            if ci.verified {
+                " (verified)"
+            } else {
+                " (unverified)"
+            }
+        );
+    }
+    if let Some(k) = &h.kernel {
+        let _ = writeln!(
+            out,
+            "  kernel    original destination {} tgid {} uid {} gid {} cgroup {} comm {}",
+            k.destination, k.tgid, k.uid, k.gid, k.cgroup_id, k.comm
+        );
+    }
+    if !id.gaps.is_empty() {
+        let _ = writeln!(out, "  gaps      {}", id.gaps.join("; "));
+    }
+}
+
+/// One JSON object per record, one per line (for SIEMs).
+pub fn export_jsonl(rec: &Recording) -> String {
+    let mut out = String::new();
+    for r in &rec.records {
+        match serde_json::to_string::<Record>(r) {
+            Ok(line) => {
+                out.push_str(&line);
+                out.push('\n');
+            }
+            // Record types serialise to JSON without failure; keep the line
+            // count honest anyway.
+            Err(e) => {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "record": "unserialisable", "error": e.to_string() })
+                );
+            }
+        }
+    }
+    out
+}

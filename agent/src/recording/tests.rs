@@ -1,0 +1,834 @@
+//! Recorder, codec and reader tests on real files in temp dirs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use uuid::Uuid;
+
+use super::codec::{decode_body, encode_frame, frame_hash, DecodeError, PREFIX_LEN};
+use super::format::*;
+use super::reader::{read_from, verify_from, Problem, ReadError};
+use super::*;
+use crate::config::Protocol;
+use crate::events::{Arrival, CloseReason, EventSink, SessionEvent, SessionInfo};
+use crate::identity::{Ancestor, CiContext, CiProvider, ProcessIdentity};
+use crate::policy::Action;
+use crate::redirect::KernelOrigin;
+use crate::sql::StatementKind;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// A fixed start (2025-03-04) so dated paths are predictable.
+fn start_time() -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(1_741_086_000_123)
+}
+
+fn info(target: &str, user: &str, repo: Option<&str>) -> Arc<SessionInfo> {
+    Arc::new(SessionInfo {
+        id: Uuid::now_v7(),
+        started_at: start_time(),
+        arrival: Arrival::Redirect,
+        local: addr("127.0.0.1:6432"),
+        client: addr("127.0.0.1:50123"),
+        target: target.to_string(),
+        protocol: Protocol::Postgres,
+        upstream: "db.internal:5432".to_string(),
+        identity: ProcessIdentity {
+            pid: Some(4242),
+            uid: Some(1001),
+            gid: Some(1001),
+            user: Some(user.to_string()),
+            group: Some("runner".to_string()),
+            comm: Some("psql".to_string()),
+            exe: Some("/usr/bin/psql".to_string()),
+            exe_sha256: Some("ab".repeat(32)),
+            cmdline: vec!["psql".into(), "-h".into(), "db".into()],
+            cgroup: Some("/system.slice/runner.service".to_string()),
+            ancestry: vec![Ancestor {
+                pid: 4000,
+                comm: "bash".to_string(),
+                exe: Some("/usr/bin/bash".to_string()),
+            }],
+            ci: repo.map(|r| CiContext {
+                provider: CiProvider::GithubActions,
+                repository: Some(r.to_string()),
+                branch: Some("main".to_string()),
+                job: Some("migrate".to_string()),
+                run_id: Some("77".to_string()),
+                workflow: Some("deploy".to_string()),
+                actor: Some("octocat".to_string()),
+                url: None,
+                runner_pid: Some(3999),
+                verified: true,
+            }),
+            gaps: vec!["ancestry stopped at pid 1: not ours".to_string()],
+        },
+        kernel: Some(KernelOrigin {
+            destination: addr("10.0.0.5:5432"),
+            tgid: 4242,
+            uid: 1001,
+            gid: 1001,
+            cgroup_id: 9876,
+            comm: "psql".to_string(),
+            target_index: 0,
+        }),
+    })
+}
+
+fn statement(session: Uuid, text: &str, action: Action, rule: Option<&str>) -> SessionEvent {
+    SessionEvent::Statement {
+        session,
+        text: text.to_string(),
+        command: text
+            .split_whitespace()
+            .next()
+            .unwrap_or("statement")
+            .to_uppercase(),
+        kind: Some(StatementKind::Select),
+        fingerprint: Some("0123456789abcdef".to_string()),
+        action,
+        rule: rule.map(str::to_string),
+        rules: rule.map(|r| vec![r.to_string()]).unwrap_or_default(),
+        reason: format!("{action} by test"),
+    }
+}
+
+/// The events of a real-looking session, `Started` first.
+fn session_events(info: &Arc<SessionInfo>) -> Vec<SessionEvent> {
+    let id = info.id;
+    vec![
+        SessionEvent::Started(Arc::clone(info)),
+        SessionEvent::UpstreamConnected {
+            session: id,
+            peer: addr("10.0.0.5:5432"),
+            connect_time: Duration::from_micros(1234),
+        },
+        SessionEvent::Startup {
+            session: id,
+            user: Some("app".to_string()),
+            database: Some("orders".to_string()),
+            application_name: Some("psql".to_string()),
+        },
+        statement(id, "select * from orders where id = 1", Action::Allow, None),
+        statement(
+            id,
+            "select 'é ü ✓'\nfrom t",
+            Action::Audit,
+            Some("audit-all"),
+        ),
+        statement(id, "drop table orders", Action::Deny, Some("no-drops")),
+        SessionEvent::Statement {
+            session: id,
+            text: "selec garbage(".to_string(),
+            command: "statement".to_string(),
+            kind: None,
+            fingerprint: None,
+            action: Action::Deny,
+            rule: Some("unparsable".to_string()),
+            rules: vec!["unparsable".to_string(), "audit-all".to_string()],
+            reason: "cannot parse".to_string(),
+        },
+        SessionEvent::Closed {
+            session: id,
+            bytes_from_client: 812,
+            bytes_from_upstream: 4096,
+            duration: Duration::from_millis(1500),
+            reason: CloseReason::ClientError("connection reset".to_string()),
+        },
+    ]
+}
+
+fn settings(dir: &Path, fsync: Fsync) -> RecorderSettings {
+    RecorderSettings {
+        fsync,
+        host: "ci-runner-7".to_string(),
+        agent_version: "0.1.0-test".to_string(),
+        policy_digest: Some("sha256:feed".to_string()),
+        ..RecorderSettings::new(dir)
+    }
+}
+
+/// Records one whole session and returns its file.
+fn record_session(dir: &Path, fsync: Fsync) -> (Arc<SessionInfo>, PathBuf) {
+    let (sink, handle) = Recorder::start(settings(dir, fsync)).unwrap();
+    let info = info("orders-prod", "runner", Some("acme/shop"));
+    for e in session_events(&info) {
+        sink.emit(&e);
+    }
+    let report = handle.shutdown();
+    assert_eq!(report.lost, 0);
+    assert_eq!(report.failure, None);
+    assert!(!sink.failed());
+    let path = session_path(dir, info.id, info.started_at);
+    assert!(path.is_file(), "{} missing", path.display());
+    (info, path)
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn round_trip_every_event_type_through_the_recorder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (info, path) = record_session(tmp.path(), Fsync::EveryEvent);
+    assert!(path.ends_with(format!("2025/03/04/{}.tgrec", info.id)));
+
+    let rec = read_recording(&path).unwrap();
+    assert_eq!(rec.truncated_at, None);
+    let h = rec.header().unwrap();
+    assert_eq!(h.format, "tollgate-recording");
+    assert_eq!(h.version, 1);
+    assert_eq!(h.session, info.id);
+    assert_eq!(h.host, "ci-runner-7");
+    assert_eq!(h.agent_version, "0.1.0-test");
+    assert_eq!(h.started_at, "2025-03-04T11:00:00.123Z");
+    assert_eq!(h.started_at_unix_ms, 1_741_086_000_123);
+    assert_eq!(h.policy_digest.as_deref(), Some("sha256:feed"));
+    assert_eq!(h.arrival, "redirect");
+    assert_eq!(h.protocol, "postgres");
+    assert_eq!(h.local, info.local);
+    assert_eq!(h.client, info.client);
+    assert_eq!(h.upstream, "db.internal:5432");
+    assert_eq!(h.identity, info.identity);
+    let k = h.kernel.as_ref().unwrap();
+    assert_eq!(k.destination, addr("10.0.0.5:5432"));
+    assert_eq!((k.tgid, k.cgroup_id, k.comm.as_str()), (4242, 9876, "psql"));
+
+    let events: Vec<&EventRecord> = rec.events().collect();
+    assert_eq!(events.len(), 7);
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.seq, i as u64);
+    }
+    assert!(events.windows(2).all(|w| w[0].t_us <= w[1].t_us));
+    assert_eq!(
+        events[0].event,
+        Event::UpstreamConnected {
+            peer: addr("10.0.0.5:5432"),
+            connect_us: 1234
+        }
+    );
+    assert_eq!(
+        events[1].event,
+        Event::Startup {
+            user: Some("app".into()),
+            database: Some("orders".into()),
+            application_name: Some("psql".into())
+        }
+    );
+    let Event::Statement(s) = &events[4].event else {
+        panic!("not a statement: {:?}", events[4]);
+    };
+    assert_eq!(s.text, "drop table orders");
+    assert_eq!(s.command, "DROP");
+    assert_eq!(s.kind.as_deref(), Some("select"));
+    assert_eq!(s.action, "deny");
+    assert!(s.refused);
+    assert_eq!(s.rule.as_deref(), Some("no-drops"));
+    assert_eq!(s.rules, vec!["no-drops".to_string()]);
+    let Event::Statement(s) = &events[3].event else {
+        panic!("not a statement");
+    };
+    assert_eq!(s.text, "select 'é ü ✓'\nfrom t");
+    assert!(!s.refused);
+    let Event::Statement(s) = &events[5].event else {
+        panic!("not a statement");
+    };
+    assert_eq!((s.kind.as_deref(), s.fingerprint.as_deref()), (None, None));
+    assert_eq!(
+        events[6].event,
+        Event::Closed {
+            bytes_from_client: 812,
+            bytes_from_upstream: 4096,
+            duration_us: 1_500_000,
+            reason: CloseRecord {
+                kind: "client_error".into(),
+                detail: Some("connection reset".into())
+            }
+        }
+    );
+    let t = rec.trailer().unwrap();
+    assert_eq!((t.events, t.statements, t.denied, t.lost), (7, 4, 2, 0));
+    assert_eq!(t.prev, t.chain_head);
+    assert_eq!(rec.database_user(), Some("app"));
+
+    let report = verify(&path);
+    assert!(report.ok(), "{report}");
+    assert!(report.complete);
+    assert_eq!(report.records_ok, 9);
+}
+
+#[test]
+fn every_record_kind_round_trips_through_the_codec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, path) = record_session(tmp.path(), Fsync::OnClose);
+    let mut records = read_recording(&path).unwrap().records;
+    let ev = |event| {
+        Record::Event(EventRecord {
+            seq: 9,
+            t_us: 10,
+            prev: "00".repeat(32),
+            event,
+        })
+    };
+    records.push(ev(Event::EventsLost { count: 3 }));
+    records.push(ev(Event::RecordingStopped {
+        reason: "agent shutdown".into(),
+    }));
+    records.push(Record::Trailer(Trailer {
+        prev: "11".repeat(32),
+        chain_head: "11".repeat(32),
+        events: 1,
+        statements: 2,
+        denied: 3,
+        lost: 4,
+        signature: Some(SignatureRecord {
+            algorithm: "ed25519".into(),
+            key_id: "k1".into(),
+            public_key: "22".repeat(32),
+            value: "33".repeat(64),
+        }),
+    }));
+    for r in &records {
+        let frame = encode_frame(r).unwrap();
+        let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, frame.len() - PREFIX_LEN);
+        assert_eq!(&decode_body(&frame[PREFIX_LEN..]).unwrap(), r);
+    }
+    // An event type from a later version reads as `Unknown`.
+    let future = rmp_serde::to_vec_named(&serde_json::json!({
+        "record": "event", "seq": 0, "t_us": 0, "prev": "", "event": {"type": "masking", "columns": 2}
+    }))
+    .unwrap();
+    match decode_body(&future).unwrap() {
+        Record::Event(e) => assert_eq!(e.event, Event::Unknown),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn addresses_and_ids_are_strings_in_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (info, path) = record_session(tmp.path(), Fsync::OnClose);
+    let rec = read_recording(&path).unwrap();
+    let jsonl = export_jsonl(&rec);
+    let lines: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), rec.records.len());
+    assert_eq!(lines[0]["record"], "header");
+    assert_eq!(lines[0]["session"], info.id.to_string());
+    assert_eq!(lines[0]["client"], "127.0.0.1:50123");
+    assert_eq!(lines[1]["event"]["type"], "upstream_connected");
+    assert_eq!(lines.last().unwrap()["record"], "trailer");
+    // And in the MessagePack itself: the key `prev` then a 64-char str8,
+    // which the hand-verification script in the format doc relies on.
+    let bytes = std::fs::read(&path).unwrap();
+    let needle = b"\xa4prev\xd9\x40";
+    assert!(bytes.windows(needle.len()).any(|w| w == needle));
+    let id = info.id.to_string();
+    assert!(bytes.windows(id.len()).any(|w| w == id.as_bytes()));
+}
+
+/// Frame boundaries of a file: the offset each complete record ends at.
+fn boundaries(bytes: &[u8]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut pos = 0;
+    while pos < bytes.len() {
+        let len = u32::from_be_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        pos += 4 + len;
+        ends.push(pos);
+    }
+    assert_eq!(pos, bytes.len());
+    ends
+}
+
+#[test]
+fn a_file_cut_at_every_byte_reads_up_to_its_last_complete_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, path) = record_session(tmp.path(), Fsync::OnClose);
+    let bytes = std::fs::read(&path).unwrap();
+    let full = read_recording(&path).unwrap();
+    let ends = boundaries(&bytes);
+    assert_eq!(ends.len(), full.records.len());
+    let name = Path::new("cut.tgrec");
+    for cut in 0..=bytes.len() {
+        let part = &bytes[..cut];
+        let complete = ends.iter().filter(|&&e| e <= cut).count();
+        let last_end = if complete == 0 { 0 } else { ends[complete - 1] };
+        let rec = read_from(Cursor::new(part), name).unwrap();
+        assert_eq!(rec.records, full.records[..complete], "cut at {cut}");
+        let on_boundary = cut == last_end;
+        assert_eq!(
+            rec.truncated_at,
+            (!on_boundary).then_some(last_end as u64),
+            "cut at {cut}"
+        );
+
+        let report = verify_from(Cursor::new(part), name, None);
+        if cut == bytes.len() {
+            assert!(report.ok(), "{report}");
+            continue;
+        }
+        let p = report.problem.as_ref().unwrap();
+        assert!(!report.complete);
+        assert_eq!(report.records_ok, complete as u64, "cut at {cut}");
+        assert_eq!(p.record, complete as u64);
+        assert_eq!(p.offset, last_end as u64, "cut at {cut}");
+        if on_boundary {
+            assert_eq!(p.problem, Problem::NoTrailer, "cut at {cut}");
+            assert_eq!(report.truncated_at, None);
+        } else {
+            assert_eq!(
+                p.problem,
+                Problem::Truncated {
+                    present: (cut - last_end) as u64
+                },
+                "cut at {cut}"
+            );
+            assert_eq!(report.truncated_at, Some(last_end as u64));
+        }
+    }
+}
+
+#[test]
+fn a_flipped_byte_anywhere_is_detected_by_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (info, path) = record_session(tmp.path(), Fsync::OnClose);
+    let bytes = std::fs::read(&path).unwrap();
+    let name = Path::new("flip.tgrec");
+    assert!(verify_from(Cursor::new(&bytes), name, Some(info.id)).ok());
+    for at in 0..bytes.len() {
+        for mask in [0x01u8, 0x20, 0x80] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= mask;
+            let report = verify_from(Cursor::new(&damaged), name, Some(info.id));
+            assert!(
+                !report.ok(),
+                "flipping byte {at} with {mask:#04x} went unnoticed"
+            );
+        }
+    }
+}
+
+#[test]
+fn verify_names_the_first_bad_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (info, path) = record_session(tmp.path(), Fsync::OnClose);
+    let bytes = std::fs::read(&path).unwrap();
+    let ends = boundaries(&bytes);
+    let name = Path::new("x.tgrec");
+    // Change a letter inside the statement text of record 6 ("drop table").
+    let at = bytes.windows(10).position(|w| w == b"drop table").unwrap();
+    let mut damaged = bytes.clone();
+    damaged[at] = b'D';
+    let report = verify_from(Cursor::new(&damaged), name, Some(info.id));
+    let p = report.problem.unwrap();
+    // Detected at the next record, whose prev no longer matches.
+    let victim = ends.iter().filter(|&&e| e <= at).count();
+    assert_eq!(p.record, victim as u64 + 1);
+    assert_eq!(p.offset, ends[victim] as u64);
+    assert!(matches!(p.problem, Problem::ChainBroken { .. }), "{p:?}");
+
+    // Dropping a whole record breaks the chain too.
+    let mut cut = bytes[..ends[3]].to_vec();
+    cut.extend_from_slice(&bytes[ends[4]..]);
+    let report = verify_from(Cursor::new(&cut), name, Some(info.id));
+    assert_eq!(report.problem.unwrap().record, 4);
+
+    // A file renamed to another session's id.
+    let report = verify_from(Cursor::new(&bytes), name, Some(Uuid::now_v7()));
+    assert!(matches!(
+        report.problem.unwrap().problem,
+        Problem::WrongSession { .. }
+    ));
+
+    // Anything after the trailer.
+    let mut extra = bytes.clone();
+    extra.extend_from_slice(&bytes[ends[0]..ends[1]]);
+    let p = verify_from(Cursor::new(&extra), name, None)
+        .problem
+        .unwrap();
+    assert_eq!(p.problem, Problem::AfterTrailer);
+    assert_eq!(p.offset, bytes.len() as u64);
+}
+
+#[test]
+fn oversized_lengths_and_trailing_bytes_are_errors_not_allocations() {
+    let name = Path::new("big.tgrec");
+    let huge = [0xff, 0xff, 0xff, 0xff, 0x80];
+    assert!(matches!(
+        read_from(Cursor::new(&huge), name),
+        Err(ReadError::TooLarge { offset: 0, .. })
+    ));
+    let p = verify_from(Cursor::new(&huge), name, None).problem.unwrap();
+    assert_eq!(p.problem, Problem::TooLarge { len: u32::MAX });
+
+    let just_over = (MAX_RECORD_LEN + 1).to_be_bytes();
+    assert!(matches!(
+        read_from(Cursor::new(&just_over), name),
+        Err(ReadError::TooLarge { .. })
+    ));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, path) = record_session(tmp.path(), Fsync::OnClose);
+    let bytes = std::fs::read(&path).unwrap();
+    let ends = boundaries(&bytes);
+    let mut body = bytes[PREFIX_LEN..ends[0]].to_vec();
+    body.push(0xc0);
+    assert!(matches!(
+        decode_body(&body),
+        Err(DecodeError::Trailing { extra: 1 })
+    ));
+    // Not a recording at all.
+    let frame = encode_frame(&Record::Trailer(Trailer {
+        prev: String::new(),
+        chain_head: String::new(),
+        events: 0,
+        statements: 0,
+        denied: 0,
+        lost: 0,
+        signature: None,
+    }))
+    .unwrap();
+    assert!(matches!(
+        read_from(Cursor::new(&frame), name),
+        Err(ReadError::NotARecording { .. })
+    ));
+}
+
+#[test]
+fn the_chain_links_each_record_to_the_previous_frame() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, path) = record_session(tmp.path(), Fsync::OnClose);
+    let bytes = std::fs::read(&path).unwrap();
+    let ends = boundaries(&bytes);
+    let rec = read_recording(&path).unwrap();
+    let mut start = 0;
+    for (i, end) in ends.iter().enumerate().take(ends.len() - 1) {
+        let want = frame_hash(&bytes[start..*end]);
+        let prev = match &rec.records[i + 1] {
+            Record::Event(e) => e.prev.clone(),
+            Record::Trailer(t) => t.prev.clone(),
+            Record::Header(_) => panic!("second header"),
+        };
+        assert_eq!(prev, want, "record {}", i + 1);
+        start = *end;
+    }
+}
+
+#[test]
+fn a_tiny_queue_counts_every_lost_event_and_marks_the_recording() {
+    for mode in [OnOverflow::FailClosed, OnOverflow::CountLost] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = settings(tmp.path(), Fsync::EveryEvent);
+        s.queue_capacity = 1;
+        s.on_overflow = mode;
+        let (sink, handle) = Recorder::start(s).unwrap();
+        let info = info("orders-prod", "runner", None);
+        let path = session_path(tmp.path(), info.id, info.started_at);
+        sink.emit(&SessionEvent::Started(Arc::clone(&info)));
+        wait_for("the session file", || path.is_file());
+        let mut emitted = 1u64;
+        while sink.lost() == 0 || emitted < 200 {
+            sink.emit(&statement(info.id, "select 1", Action::Allow, None));
+            emitted += 1;
+            assert!(emitted < 1_000_000, "never overflowed");
+        }
+        sink.emit(&SessionEvent::Closed {
+            session: info.id,
+            bytes_from_client: 1,
+            bytes_from_upstream: 2,
+            duration: Duration::from_secs(1),
+            reason: CloseReason::Completed,
+        });
+        emitted += 1;
+        let lost_before_shutdown = sink.lost();
+        assert!(lost_before_shutdown > 0);
+        assert_eq!(sink.failed(), mode == OnOverflow::FailClosed, "{mode:?}");
+        assert_eq!(sink.refuse_new_sessions(), mode == OnOverflow::FailClosed);
+        if mode == OnOverflow::FailClosed {
+            assert!(sink.failure().unwrap().contains("queue full"));
+        }
+        let report = handle.shutdown();
+        assert_eq!(report.lost, lost_before_shutdown);
+
+        // Nothing is lost silently: every emitted event is either in the
+        // file or counted, and the file says how many it is missing.
+        let report = verify(&path);
+        assert!(report.ok(), "{report}");
+        let rec = read_recording(&path).unwrap();
+        let recorded_from_emits = 1 + rec
+            .events()
+            .filter(|e| {
+                !matches!(
+                    e.event,
+                    Event::EventsLost { .. } | Event::RecordingStopped { .. }
+                )
+            })
+            .count() as u64;
+        assert_eq!(recorded_from_emits + sink.lost(), emitted, "{mode:?}");
+        assert_eq!(rec.lost(), sink.lost());
+        assert_eq!(rec.trailer().unwrap().lost, sink.lost());
+        assert!(render_transcript(&rec, false).contains("events lost here"));
+    }
+}
+
+#[test]
+fn a_file_where_the_dated_directory_should_be_fails_the_recorder() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Sessions start in 2025: make `<dir>/2025` a file.
+    std::fs::write(tmp.path().join("2025"), b"in the way").unwrap();
+    let (sink, handle) = Recorder::start(settings(tmp.path(), Fsync::EveryEvent)).unwrap();
+    assert!(!sink.failed());
+    let info = info("orders-prod", "runner", None);
+    for e in session_events(&info) {
+        sink.emit(&e);
+    }
+    let report = handle.shutdown();
+    assert!(sink.failed());
+    assert!(sink.refuse_new_sessions());
+    let why = sink.failure().unwrap();
+    assert!(why.contains("cannot create recording"), "{why}");
+    assert!(why.contains(&info.id.to_string()), "{why}");
+    assert_eq!(report.failure.as_deref(), Some(why.as_str()));
+    // The start and every later event of that session are counted.
+    assert_eq!(sink.lost(), session_events(&info).len() as u64);
+}
+
+#[test]
+fn start_fails_when_the_recording_directory_cannot_be_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = Recorder::start(settings(&file.join("rec"), Fsync::OnClose)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot create recording directory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn every_fsync_mode_writes_a_verifiable_recording() {
+    for fsync in [
+        Fsync::EveryEvent,
+        Fsync::Interval(Duration::from_millis(5)),
+        Fsync::OnClose,
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (sink, handle) = Recorder::start(settings(tmp.path(), fsync)).unwrap();
+        let info = info("t", "u", None);
+        let events = session_events(&info);
+        let path = session_path(tmp.path(), info.id, info.started_at);
+        for e in &events[..4] {
+            sink.emit(e);
+        }
+        // Every batch reaches the kernel: the open file is readable now,
+        // as a killed agent would leave it.
+        wait_for("the first statement", || {
+            read_recording(&path).is_ok_and(|r| r.statements() == 1)
+        });
+        let open = verify(&path);
+        assert_eq!(open.problem.unwrap().problem, Problem::NoTrailer);
+        std::thread::sleep(Duration::from_millis(12));
+        for e in &events[4..] {
+            sink.emit(e);
+        }
+        handle.shutdown();
+        let report = verify(&path);
+        assert!(report.ok(), "{fsync:?}: {report}");
+        assert_eq!(report.events_ok, 7);
+    }
+}
+
+#[test]
+fn shutdown_closes_open_sessions_and_later_events_are_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, handle) = Recorder::start(settings(tmp.path(), Fsync::OnClose)).unwrap();
+    let info = info("t", "u", None);
+    let events = session_events(&info);
+    for e in &events[..4] {
+        sink.emit(e);
+    }
+    let report = handle.shutdown();
+    assert_eq!(report.lost, 0);
+    let path = session_path(tmp.path(), info.id, info.started_at);
+    let v = verify(&path);
+    assert!(v.ok(), "{v}");
+    let rec = read_recording(&path).unwrap();
+    let last = rec.events().last().unwrap();
+    assert_eq!(
+        last.event,
+        Event::RecordingStopped {
+            reason: "agent shutdown".into()
+        }
+    );
+    assert!(render_transcript(&rec, false).contains("recording stopped: agent shutdown"));
+
+    sink.emit(&events[4]);
+    assert_eq!(sink.lost(), 1);
+    assert!(sink.failed());
+    assert!(sink.failure().unwrap().contains("stopped"));
+}
+
+#[test]
+fn dropping_the_handle_also_closes_recordings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, handle) = Recorder::start(settings(tmp.path(), Fsync::OnClose)).unwrap();
+    let info = info("t", "u", None);
+    sink.emit(&SessionEvent::Started(Arc::clone(&info)));
+    drop(handle);
+    let v = verify(session_path(tmp.path(), info.id, info.started_at));
+    assert!(v.ok(), "{v}");
+}
+
+#[test]
+fn list_walks_the_dated_tree_and_filters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, handle) = Recorder::start(settings(tmp.path(), Fsync::OnClose)).unwrap();
+    let a = info("orders-prod", "alice", Some("acme/shop"));
+    let b = info("billing", "bob", None);
+    for e in session_events(&a) {
+        sink.emit(&e);
+    }
+    let b_events = session_events(&b);
+    for e in b_events.iter().take(4) {
+        sink.emit(e); // one allowed statement, no close
+    }
+    handle.shutdown();
+    // A damaged file is listed with its error, whatever the filter.
+    let day = tmp.path().join("2025/03/04");
+    let broken = day.join(format!("{}.tgrec", Uuid::now_v7()));
+    std::fs::write(&broken, [0xff, 0xff, 0xff, 0xff]).unwrap();
+    std::fs::write(day.join("notes.txt"), b"ignored").unwrap();
+
+    let all = list(tmp.path(), &RecordingFilter::default());
+    assert_eq!(all.len(), 3);
+    let sa = all.iter().find(|s| s.id == Some(a.id)).unwrap();
+    assert_eq!(sa.target.as_deref(), Some("orders-prod"));
+    assert_eq!(sa.user.as_deref(), Some("alice"));
+    assert_eq!(sa.database_user.as_deref(), Some("app"));
+    assert_eq!(sa.pid, Some(4242));
+    assert_eq!(sa.exe.as_deref(), Some("/usr/bin/psql"));
+    assert_eq!(sa.ci_repo.as_deref(), Some("acme/shop"));
+    assert_eq!((sa.statements, sa.denied), (4, 2));
+    assert!(sa.complete && !sa.truncated && sa.error.is_none());
+    assert!(all.iter().any(|s| s.path == broken && s.error.is_some()));
+
+    let only = |f: RecordingFilter| -> Vec<Option<Uuid>> {
+        list(tmp.path(), &f)
+            .into_iter()
+            .filter(|s| s.error.is_none())
+            .map(|s| s.id)
+            .collect()
+    };
+    let f = RecordingFilter {
+        target: Some("billing".into()),
+        ..Default::default()
+    };
+    assert_eq!(only(f), vec![Some(b.id)]);
+    let f = RecordingFilter {
+        user: Some("alice".into()),
+        ..Default::default()
+    };
+    assert_eq!(only(f), vec![Some(a.id)]);
+    let f = RecordingFilter {
+        user: Some("app".into()), // database user matches too
+        ..Default::default()
+    };
+    assert_eq!(only(f).len(), 2);
+    let f = RecordingFilter {
+        ci_repo: Some("acme/shop".into()),
+        ..Default::default()
+    };
+    assert_eq!(only(f), vec![Some(a.id)]);
+    let f = RecordingFilter {
+        denied_only: true,
+        ..Default::default()
+    };
+    assert_eq!(only(f), vec![Some(a.id)]);
+    let f = RecordingFilter {
+        since: Some(start_time() + Duration::from_secs(86_400)),
+        ..Default::default()
+    };
+    assert!(only(f).is_empty());
+    let f = RecordingFilter {
+        since: Some(start_time()),
+        until: Some(start_time() + Duration::from_secs(1)),
+        ..Default::default()
+    };
+    assert_eq!(only(f).len(), 2);
+
+    // locate finds a file by id: here the id's own date is today, not the
+    // session's start date, so this exercises the walk.
+    assert_eq!(
+        locate(tmp.path(), a.id),
+        Some(session_path(tmp.path(), a.id, a.started_at))
+    );
+    assert_eq!(locate(tmp.path(), Uuid::now_v7()), None);
+}
+
+#[test]
+fn the_transcript_lists_statements_with_verdicts_and_the_close() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (info, path) = record_session(tmp.path(), Fsync::OnClose);
+    let rec = read_recording(&path).unwrap();
+    let plain = render_transcript(&rec, false);
+    assert!(!plain.contains('\x1b'));
+    for want in [
+        format!("session {}", info.id),
+        "2025-03-04T11:00:00.123Z on ci-runner-7".to_string(),
+        "orders-prod (postgres) upstream db.internal:5432, via redirect".to_string(),
+        "pid 4242 uid 1001 (runner)".to_string(),
+        "github_actions repo acme/shop".to_string(),
+        "original destination 10.0.0.5:5432".to_string(),
+        "start-up: user app database orders application psql".to_string(),
+        "ALLOW  SELECT  [default] allow by test".to_string(),
+        "DENY   DROP  [rule no-drops] deny by test".to_string(),
+        "drop table orders".to_string(),
+        "from t".to_string(),
+        "closed: client error: connection reset after 1.500s".to_string(),
+        "4 statements, 2 denied".to_string(),
+    ] {
+        assert!(plain.contains(&want), "missing {want:?} in:\n{plain}");
+    }
+    assert!(!plain.contains("incomplete"));
+    let coloured = render_transcript(&rec, true);
+    assert!(coloured.contains("\x1b[1;31mDENY"));
+
+    // A cut recording says so.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = read_from(Cursor::new(&bytes[..bytes.len() - 3]), &path).unwrap();
+    assert!(render_transcript(&cut, false).contains("incomplete: the file is cut at byte"));
+}
+
+#[test]
+fn long_statement_text_is_cut_on_a_character_boundary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, handle) = Recorder::start(settings(tmp.path(), Fsync::OnClose)).unwrap();
+    let info = info("t", "u", None);
+    let text = format!("select '{}'", "é".repeat(MAX_TEXT_LEN));
+    sink.emit(&SessionEvent::Started(Arc::clone(&info)));
+    sink.emit(&statement(info.id, &text, Action::Allow, None));
+    handle.shutdown();
+    let rec = read_recording(session_path(tmp.path(), info.id, info.started_at)).unwrap();
+    let Event::Statement(s) = &rec.events().next().unwrap().event else {
+        panic!("not a statement");
+    };
+    assert!(s.text.len() <= MAX_TEXT_LEN && s.text.len() > MAX_TEXT_LEN - 2);
+    assert!(text.starts_with(&s.text));
+    assert_eq!(s.text_len, Some(text.len() as u64));
+}

@@ -1,0 +1,911 @@
+//! The recorder: a non-blocking [`EventSink`] in front of a bounded queue,
+//! and one writer thread that owns every open recording file.
+//!
+//! Sessions never wait for the disk: [`RecordingSink::emit`] copies the
+//! event into the queue with `try_send` and returns. When the queue is full
+//! or the writer cannot write, the event is counted in
+//! [`RecordingSink::lost`], marked in the affected recording by an
+//! `events_lost` record where the file is still writable, and the failure is
+//! latched in [`RecordingSink::failure`] for the proxy to act on.
+
+use std::collections::HashMap;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use uuid::Uuid;
+
+use super::codec::{encode_frame, frame_hash};
+use super::format::{
+    CloseRecord, Event, EventRecord, Header, KernelRecord, Record, StatementRecord, Trailer,
+    FILE_EXTENSION, FORMAT_NAME, FORMAT_VERSION, MAX_TEXT_LEN,
+};
+use crate::events::{EventSink, SessionEvent, SessionInfo};
+
+/// Most messages handled before the writer flushes.
+const BATCH: usize = 512;
+
+/// When recorded data is forced to stable storage. Every batch is flushed
+/// to the kernel whatever the policy, so a killed agent loses at most the
+/// batch in flight; `fsync` protects against power loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// After every record.
+    EveryEvent,
+    /// At most this long after a record is written, and at close.
+    Interval(Duration),
+    /// When the session's recording is closed.
+    OnClose,
+}
+
+/// What happens when an event cannot be recorded (queue full).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnOverflow {
+    /// Latch the failure: [`RecordingSink::refuse_new_sessions`] becomes
+    /// true and the proxy refuses new sessions.
+    #[default]
+    FailClosed,
+    /// Keep serving; count the lost events (and mark them in the recording).
+    CountLost,
+}
+
+/// How the recorder runs.
+#[derive(Debug, Clone)]
+pub struct RecorderSettings {
+    /// The recording directory; files go to `<dir>/YYYY/MM/DD/<id>.tgrec`.
+    pub dir: PathBuf,
+    /// The durability policy.
+    pub fsync: Fsync,
+    /// Events the queue holds before it overflows (at least 1).
+    pub queue_capacity: usize,
+    /// What an overflow does.
+    pub on_overflow: OnOverflow,
+    /// Host name written in headers.
+    pub host: String,
+    /// Agent version written in headers.
+    pub agent_version: String,
+    /// Digest of the policy in force, written in headers (see also
+    /// [`RecordingSink::set_policy_digest`]).
+    pub policy_digest: Option<String>,
+}
+
+impl RecorderSettings {
+    /// Defaults: fsync every second, 4096 queued events, fail closed, the
+    /// host name from `/proc/sys/kernel/hostname` and this crate's version.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown".to_string());
+        Self {
+            dir: dir.into(),
+            fsync: Fsync::Interval(Duration::from_secs(1)),
+            queue_capacity: 4096,
+            on_overflow: OnOverflow::FailClosed,
+            host,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            policy_digest: None,
+        }
+    }
+}
+
+/// Starts the recorder.
+#[derive(Debug)]
+pub struct Recorder;
+
+impl Recorder {
+    /// Creates the recording directory, starts the writer thread and returns
+    /// the sink to add to the event fan-out and the handle that stops it.
+    pub fn start(settings: RecorderSettings) -> io::Result<(Arc<RecordingSink>, RecorderHandle)> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(&settings.dir)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot create recording directory {}: {e}",
+                        settings.dir.display()
+                    ),
+                )
+            })?;
+        let capacity = settings.queue_capacity.max(1);
+        let (tx, rx) = mpsc::sync_channel(capacity);
+        let shared = Arc::new(Shared {
+            lost: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            pending: Mutex::new(HashMap::new()),
+            policy_digest: Mutex::new(settings.policy_digest.as_deref().map(Arc::from)),
+            on_overflow: settings.on_overflow,
+            capacity,
+        });
+        let writer = Writer {
+            rx,
+            shared: Arc::clone(&shared),
+            dir: settings.dir,
+            fsync: settings.fsync,
+            host: settings.host,
+            agent_version: settings.agent_version,
+            open: HashMap::new(),
+            last_sync: Instant::now(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("tollgate-recorder".to_string())
+            .spawn(move || writer.run())?;
+        let sink = Arc::new(RecordingSink {
+            tx: tx.clone(),
+            shared: Arc::clone(&shared),
+        });
+        let handle = RecorderHandle {
+            tx,
+            thread: Some(thread),
+            shared,
+        };
+        Ok((sink, handle))
+    }
+}
+
+enum Msg {
+    Event {
+        at: Instant,
+        event: SessionEvent,
+        policy_digest: Option<Arc<str>>,
+    },
+    Shutdown,
+}
+
+#[derive(Debug, Default)]
+struct PendingLoss {
+    count: u64,
+    closed: bool,
+}
+
+struct Shared {
+    lost: AtomicU64,
+    failed: AtomicBool,
+    failure: Mutex<Option<String>>,
+    /// Events lost in the queue, per session, until the writer marks them.
+    pending: Mutex<HashMap<Uuid, PendingLoss>>,
+    policy_digest: Mutex<Option<Arc<str>>>,
+    on_overflow: OnOverflow,
+    capacity: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Latches the first failure and logs every new one once.
+    fn fail(&self, reason: String) {
+        let mut slot = lock(&self.failure);
+        if slot.is_none() {
+            tracing::error!(reason = %reason, "session recording failed: {reason}");
+            *slot = Some(reason);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    fn count_lost(&self, n: u64) {
+        self.lost.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// An event that never reached the writer.
+    fn lose_queued(&self, event: &SessionEvent, stopped: bool) {
+        let first = self.lost.fetch_add(1, Ordering::SeqCst) == 0;
+        {
+            let mut pending = lock(&self.pending);
+            let entry = pending.entry(session_of(event)).or_default();
+            entry.count += 1;
+            entry.closed |= matches!(event, SessionEvent::Closed { .. });
+        }
+        if stopped {
+            self.fail("the recorder is stopped; events are no longer recorded".to_string());
+        } else if self.on_overflow == OnOverflow::FailClosed {
+            self.fail(format!(
+                "recording queue full ({} events): the recorder cannot keep up with the disk",
+                self.capacity
+            ));
+        } else if first {
+            tracing::warn!(
+                capacity = self.capacity,
+                "recording queue full: events are being lost (counted in recording_events_lost)"
+            );
+        }
+    }
+
+    fn take_pending(&self, id: &Uuid) -> Option<PendingLoss> {
+        lock(&self.pending).remove(id)
+    }
+}
+
+fn session_of(event: &SessionEvent) -> Uuid {
+    match event {
+        SessionEvent::Started(info) => info.id,
+        SessionEvent::UpstreamConnected { session, .. }
+        | SessionEvent::Startup { session, .. }
+        | SessionEvent::Statement { session, .. }
+        | SessionEvent::Closed { session, .. } => *session,
+    }
+}
+
+/// The event sink that records sessions. `emit` never blocks.
+pub struct RecordingSink {
+    tx: SyncSender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RecordingSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordingSink")
+            .field("lost", &self.lost())
+            .field("failure", &self.failure())
+            .finish()
+    }
+}
+
+impl RecordingSink {
+    /// Events not recorded since start (queue full, write errors, recorder
+    /// stopped). Never decreases.
+    pub fn lost(&self) -> u64 {
+        self.shared.lost.load(Ordering::SeqCst)
+    }
+
+    /// Whether recording has failed (latched until restart).
+    pub fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::SeqCst)
+    }
+
+    /// The first failure, in words, once [`failed`](Self::failed).
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.shared.failure).clone()
+    }
+
+    /// Whether the proxy must refuse new sessions: recording failed and the
+    /// policy is [`OnOverflow::FailClosed`].
+    pub fn refuse_new_sessions(&self) -> bool {
+        self.failed() && self.shared.on_overflow == OnOverflow::FailClosed
+    }
+
+    /// Sets the policy digest written in the headers of sessions started
+    /// from now on (after a policy reload).
+    pub fn set_policy_digest(&self, digest: Option<String>) {
+        *lock(&self.shared.policy_digest) = digest.map(Arc::from);
+    }
+}
+
+impl EventSink for RecordingSink {
+    fn emit(&self, event: &SessionEvent) {
+        let policy_digest = match event {
+            SessionEvent::Started(_) => lock(&self.shared.policy_digest).clone(),
+            _ => None,
+        };
+        let msg = Msg::Event {
+            at: Instant::now(),
+            event: event.clone(),
+            policy_digest,
+        };
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.shared.lose_queued(event, false),
+            Err(TrySendError::Disconnected(_)) => self.shared.lose_queued(event, true),
+        }
+    }
+}
+
+/// What [`RecorderHandle::shutdown`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Events lost over the recorder's life.
+    pub lost: u64,
+    /// The first failure, if recording failed.
+    pub failure: Option<String>,
+}
+
+/// Stops the writer. Dropping the handle also stops it.
+pub struct RecorderHandle {
+    tx: SyncSender<Msg>,
+    thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RecorderHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecorderHandle")
+            .field("running", &self.thread.is_some())
+            .finish()
+    }
+}
+
+impl RecorderHandle {
+    /// Writes what is queued, ends open recordings with a
+    /// `recording_stopped` ("agent shutdown") record and a trailer, syncs
+    /// and closes every file, and waits for the writer thread. Events
+    /// emitted afterwards are counted as lost.
+    pub fn shutdown(mut self) -> ShutdownReport {
+        self.stop();
+        ShutdownReport {
+            lost: self.shared.lost.load(Ordering::SeqCst),
+            failure: lock(&self.shared.failure).clone(),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            // A blocking send: waits for queue space, never for long since
+            // the writer is draining it.
+            let _ = self.tx.send(Msg::Shutdown);
+            if thread.join().is_err() {
+                self.shared
+                    .fail("the recorder's writer thread panicked".to_string());
+            }
+        }
+    }
+}
+
+impl Drop for RecorderHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One open recording.
+struct SessionFile {
+    path: PathBuf,
+    out: BufWriter<File>,
+    start: Instant,
+    next_seq: u64,
+    last_t_us: u64,
+    prev: String,
+    statements: u64,
+    denied: u64,
+    lost: u64,
+    dirty: bool,
+    unsynced: bool,
+}
+
+struct Writer {
+    rx: Receiver<Msg>,
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    fsync: Fsync,
+    host: String,
+    agent_version: String,
+    open: HashMap<Uuid, SessionFile>,
+    last_sync: Instant,
+}
+
+impl Writer {
+    fn run(mut self) {
+        loop {
+            let first = match self.fsync {
+                Fsync::Interval(every) => {
+                    let wait = every.saturating_sub(self.last_sync.elapsed());
+                    match self.rx.recv_timeout(wait) {
+                        Ok(m) => Some(m),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => Some(Msg::Shutdown),
+                    }
+                }
+                _ => Some(self.rx.recv().unwrap_or(Msg::Shutdown)),
+            };
+            let mut stop = false;
+            let mut handled = 0;
+            let mut next = first;
+            while let Some(msg) = next {
+                handled += 1;
+                if self.handle(msg) {
+                    stop = true;
+                    break;
+                }
+                next = if handled < BATCH {
+                    self.rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            self.mark_losses();
+            self.flush_all();
+            if let Fsync::Interval(every) = self.fsync {
+                if self.last_sync.elapsed() >= every {
+                    self.sync_all();
+                }
+            }
+            if stop {
+                self.close_all("agent shutdown");
+                // Whatever was queued behind the shutdown is lost: count it.
+                while let Ok(msg) = self.rx.try_recv() {
+                    if let Msg::Event { event, .. } = msg {
+                        self.shared.lose_queued(&event, true);
+                    }
+                }
+                return;
+            }
+        }
+    }
+
+    /// Handles one message; true to stop.
+    fn handle(&mut self, msg: Msg) -> bool {
+        let (at, event, digest) = match msg {
+            Msg::Shutdown => return true,
+            Msg::Event {
+                at,
+                event,
+                policy_digest,
+            } => (at, event, policy_digest),
+        };
+        let id = session_of(&event);
+        if let SessionEvent::Started(info) = &event {
+            if self.open.contains_key(&id) {
+                self.shared.count_lost(1);
+                tracing::warn!(session = %id, "recording: duplicate session start ignored");
+            } else {
+                self.open_session(info, at, digest.as_deref());
+            }
+            return false;
+        }
+        if !self.open.contains_key(&id) {
+            // Its start was lost or its file failed: already reported.
+            self.shared.count_lost(1);
+            return false;
+        }
+        let (body, closed) = event_body(&event);
+        if closed {
+            // Losses go in before the close so the trailer counts them.
+            self.mark_session_losses(&id);
+        }
+        let result = match self.open.get_mut(&id) {
+            Some(file) => {
+                let t_us = micros(at.saturating_duration_since(file.start)).max(file.last_t_us);
+                write_event(file, t_us, body, self.fsync)
+            }
+            None => {
+                self.shared.count_lost(1);
+                return false;
+            }
+        };
+        if let Err(e) = result {
+            self.session_failed(&id, &e);
+            self.shared.count_lost(1);
+            return false;
+        }
+        if closed {
+            self.finish(&id);
+        }
+        false
+    }
+
+    fn open_session(&mut self, info: &SessionInfo, at: Instant, digest: Option<&str>) {
+        let path = session_path(&self.dir, info.id, info.started_at);
+        match self.create(info, &path, at, digest) {
+            Ok(file) => {
+                self.open.insert(info.id, file);
+            }
+            Err(e) => {
+                self.shared.count_lost(1);
+                self.shared.fail(format!(
+                    "cannot create recording {}: {e}; check that the recording directory is writable and the disk has space",
+                    path.display()
+                ));
+            }
+        }
+    }
+
+    fn create(
+        &self,
+        info: &SessionInfo,
+        path: &Path,
+        at: Instant,
+        digest: Option<&str>,
+    ) -> io::Result<SessionFile> {
+        let day = path.parent().unwrap_or(&self.dir);
+        DirBuilder::new().recursive(true).mode(0o750).create(day)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(path)?;
+        if self.fsync != Fsync::OnClose {
+            sync_dir(day)?;
+        }
+        let header = Record::Header(Box::new(header_of(
+            info,
+            &self.host,
+            &self.agent_version,
+            digest,
+        )));
+        let frame = encode_frame(&header).map_err(io::Error::other)?;
+        let mut out = BufWriter::with_capacity(64 * 1024, file);
+        out.write_all(&frame)?;
+        let mut sf = SessionFile {
+            path: path.to_path_buf(),
+            out,
+            start: at,
+            next_seq: 0,
+            last_t_us: 0,
+            prev: frame_hash(&frame),
+            statements: 0,
+            denied: 0,
+            lost: 0,
+            dirty: true,
+            unsynced: true,
+        };
+        if self.fsync == Fsync::EveryEvent {
+            sync_file(&mut sf)?;
+        }
+        Ok(sf)
+    }
+
+    /// Writes `events_lost` for losses the sink recorded, per open session.
+    fn mark_losses(&mut self) {
+        let pending = std::mem::take(&mut *lock(&self.shared.pending));
+        for (id, loss) in pending {
+            // Sessions without an open file: counted already, nothing to mark.
+            if self.open.contains_key(&id) {
+                self.write_loss(&id, loss);
+            }
+        }
+    }
+
+    fn mark_session_losses(&mut self, id: &Uuid) {
+        if let Some(loss) = self.shared.take_pending(id) {
+            // The session is closing now: no `recording_stopped` needed.
+            self.write_loss(
+                id,
+                PendingLoss {
+                    closed: false,
+                    ..loss
+                },
+            );
+        }
+    }
+
+    fn write_loss(&mut self, id: &Uuid, loss: PendingLoss) {
+        let Some(file) = self.open.get_mut(id) else {
+            return;
+        };
+        let t_us = micros(file.start.elapsed()).max(file.last_t_us);
+        let mut result = write_event(
+            file,
+            t_us,
+            Event::EventsLost { count: loss.count },
+            self.fsync,
+        );
+        if result.is_ok() {
+            file.lost += loss.count;
+            if loss.closed {
+                result = write_event(
+                    file,
+                    t_us,
+                    Event::RecordingStopped {
+                        reason: "close event lost (recorder queue full)".to_string(),
+                    },
+                    self.fsync,
+                );
+            }
+        }
+        match result {
+            Err(e) => self.session_failed(id, &e),
+            Ok(()) if loss.closed => self.finish(id),
+            Ok(()) => {}
+        }
+    }
+
+    /// Writes the trailer, syncs and closes a session's file.
+    fn finish(&mut self, id: &Uuid) {
+        let Some(mut file) = self.open.remove(id) else {
+            return;
+        };
+        let trailer = Record::Trailer(Trailer {
+            prev: file.prev.clone(),
+            chain_head: file.prev.clone(),
+            events: file.next_seq,
+            statements: file.statements,
+            denied: file.denied,
+            lost: file.lost,
+            signature: None,
+        });
+        let result = encode_frame(&trailer)
+            .map_err(io::Error::other)
+            .and_then(|frame| file.out.write_all(&frame))
+            .and_then(|()| sync_file(&mut file))
+            .and_then(|()| {
+                if self.fsync == Fsync::OnClose {
+                    file.path.parent().map_or(Ok(()), sync_dir)
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = result {
+            self.shared.fail(format!(
+                "cannot write recording {}: {e}",
+                file.path.display()
+            ));
+        }
+    }
+
+    fn close_all(&mut self, reason: &str) {
+        let ids: Vec<Uuid> = self.open.keys().copied().collect();
+        for id in ids {
+            if let Some(loss) = self.shared.take_pending(&id) {
+                self.write_loss(
+                    &id,
+                    PendingLoss {
+                        closed: false,
+                        ..loss
+                    },
+                );
+            }
+            let Some(file) = self.open.get_mut(&id) else {
+                continue;
+            };
+            let t_us = micros(file.start.elapsed()).max(file.last_t_us);
+            let stopped = Event::RecordingStopped {
+                reason: reason.to_string(),
+            };
+            match write_event(file, t_us, stopped, self.fsync) {
+                Ok(()) => self.finish(&id),
+                Err(e) => self.session_failed(&id, &e),
+            }
+        }
+    }
+
+    fn flush_all(&mut self) {
+        let mut failed = Vec::new();
+        for (id, file) in &mut self.open {
+            if file.dirty {
+                match file.out.flush() {
+                    Ok(()) => file.dirty = false,
+                    Err(e) => failed.push((*id, e)),
+                }
+            }
+        }
+        for (id, e) in failed {
+            self.session_failed(&id, &e);
+        }
+    }
+
+    fn sync_all(&mut self) {
+        let mut failed = Vec::new();
+        for (id, file) in &mut self.open {
+            if file.unsynced {
+                if let Err(e) = sync_file(file) {
+                    failed.push((*id, e));
+                }
+            }
+        }
+        for (id, e) in failed {
+            self.session_failed(&id, &e);
+        }
+        self.last_sync = Instant::now();
+    }
+
+    /// A session's file cannot be written: drop it (what reached the disk
+    /// stays readable) and latch the failure.
+    fn session_failed(&mut self, id: &Uuid, e: &io::Error) {
+        if let Some(file) = self.open.remove(id) {
+            self.shared.fail(format!(
+                "cannot write recording {}: {e}; check the disk has space",
+                file.path.display()
+            ));
+        }
+    }
+}
+
+fn write_event(file: &mut SessionFile, t_us: u64, event: Event, fsync: Fsync) -> io::Result<()> {
+    let (statement, refused) = match &event {
+        Event::Statement(s) => (true, s.refused),
+        _ => (false, false),
+    };
+    let record = Record::Event(EventRecord {
+        seq: file.next_seq,
+        t_us,
+        prev: file.prev.clone(),
+        event,
+    });
+    let frame = encode_frame(&record).map_err(io::Error::other)?;
+    file.out.write_all(&frame)?;
+    file.prev = frame_hash(&frame);
+    file.next_seq += 1;
+    file.last_t_us = t_us;
+    file.dirty = true;
+    file.unsynced = true;
+    if statement {
+        file.statements += 1;
+        if refused {
+            file.denied += 1;
+        }
+    }
+    if fsync == Fsync::EveryEvent {
+        sync_file(file)?;
+    }
+    Ok(())
+}
+
+fn sync_file(file: &mut SessionFile) -> io::Result<()> {
+    file.out.flush()?;
+    file.dirty = false;
+    file.out.get_ref().sync_data()?;
+    file.unsynced = false;
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The record payload of a (non-start) event, and whether it closes.
+fn event_body(event: &SessionEvent) -> (Event, bool) {
+    match event {
+        // Never called for starts; a harmless placeholder if it were.
+        SessionEvent::Started(_) => (Event::Unknown, false),
+        SessionEvent::UpstreamConnected {
+            peer, connect_time, ..
+        } => (
+            Event::UpstreamConnected {
+                peer: *peer,
+                connect_us: micros(*connect_time),
+            },
+            false,
+        ),
+        SessionEvent::Startup {
+            user,
+            database,
+            application_name,
+            ..
+        } => (
+            Event::Startup {
+                user: user.clone(),
+                database: database.clone(),
+                application_name: application_name.clone(),
+            },
+            false,
+        ),
+        SessionEvent::Statement {
+            text,
+            command,
+            kind,
+            fingerprint,
+            action,
+            rule,
+            rules,
+            reason,
+            ..
+        } => {
+            let (text, text_len) = cut_text(text, MAX_TEXT_LEN);
+            (
+                Event::Statement(StatementRecord {
+                    text,
+                    text_len,
+                    command: command.clone(),
+                    kind: kind.and_then(|k| {
+                        serde_json::to_value(k)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                    }),
+                    fingerprint: fingerprint.clone(),
+                    action: action.as_str().to_string(),
+                    refused: action.is_refused(),
+                    rule: rule.clone(),
+                    rules: rules.clone(),
+                    reason: reason.clone(),
+                }),
+                false,
+            )
+        }
+        SessionEvent::Closed {
+            bytes_from_client,
+            bytes_from_upstream,
+            duration,
+            reason,
+            ..
+        } => {
+            use crate::events::CloseReason as R;
+            let detail = match reason {
+                R::ClientError(d) | R::UpstreamError(d) | R::UpstreamUnreachable(d) => {
+                    Some(d.clone())
+                }
+                R::Completed | R::IdleTimeout | R::Shutdown => None,
+            };
+            (
+                Event::Closed {
+                    bytes_from_client: *bytes_from_client,
+                    bytes_from_upstream: *bytes_from_upstream,
+                    duration_us: micros(*duration),
+                    reason: CloseRecord {
+                        kind: reason.label().to_string(),
+                        detail,
+                    },
+                },
+                true,
+            )
+        }
+    }
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary; returns the
+/// original length when it was cut.
+fn cut_text(text: &str, max: usize) -> (String, Option<u64>) {
+    if text.len() <= max {
+        return (text.to_string(), None);
+    }
+    let mut end = max;
+    while end > 0 && !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (
+        text.get(..end).unwrap_or_default().to_string(),
+        Some(text.len() as u64),
+    )
+}
+
+fn header_of(info: &SessionInfo, host: &str, agent_version: &str, digest: Option<&str>) -> Header {
+    Header {
+        format: FORMAT_NAME.to_string(),
+        version: FORMAT_VERSION,
+        session: info.id,
+        host: host.to_string(),
+        agent_version: agent_version.to_string(),
+        started_at: rfc3339_millis(info.started_at),
+        started_at_unix_ms: unix_ms(info.started_at),
+        policy_digest: digest.map(str::to_string),
+        arrival: info.arrival.as_str().to_string(),
+        local: info.local,
+        client: info.client,
+        target: info.target.clone(),
+        protocol: info.protocol.to_string(),
+        upstream: info.upstream.clone(),
+        identity: info.identity.clone(),
+        kernel: info.kernel.as_ref().map(|k| KernelRecord {
+            destination: k.destination,
+            tgid: k.tgid,
+            uid: k.uid,
+            gid: k.gid,
+            cgroup_id: k.cgroup_id,
+            comm: k.comm.clone(),
+            target_index: k.target_index as u64,
+        }),
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// RFC 3339 UTC with milliseconds, clamped to years 1970..=9999.
+pub(crate) fn rfc3339_millis(t: SystemTime) -> String {
+    // humantime panics outside this range.
+    const MAX_SECS: u64 = 253_402_300_799;
+    let t = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) if d.as_secs() <= MAX_SECS => t,
+        Ok(_) => UNIX_EPOCH + Duration::from_secs(MAX_SECS),
+        Err(_) => UNIX_EPOCH,
+    };
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `<dir>/YYYY/MM/DD/<id>.tgrec`, dated by the UTC start.
+pub fn session_path(dir: &Path, id: Uuid, started_at: SystemTime) -> PathBuf {
+    let stamp = rfc3339_millis(started_at);
+    let part = |r: std::ops::Range<usize>| stamp.get(r).unwrap_or("0000").to_string();
+    dir.join(part(0..4))
+        .join(part(5..7))
+        .join(part(8..10))
+        .join(format!("{}.{FILE_EXTENSION}", id.hyphenated()))
+}
