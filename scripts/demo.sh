@@ -5,8 +5,8 @@
 # redirect (`tollgate exec`): psql is given the database's own address, never
 # the proxy's. It shows an allowed query, a denied DROP and a denied read of
 # a protected table with the rule that refused them, `policy explain`, the
-# session's identity, the live status, metrics, and what happens when the
-# agent dies (fail closed).
+# session's identity, the tamper-evident recordings, the live status,
+# metrics, and what happens when the agent dies (fail closed).
 #
 # Idempotent; installs what it needs (scripts/setup.sh) and leaves nothing
 # running, attached or on disk when it ends. The redirect needs root; run as
@@ -93,6 +93,7 @@ if [ $governed -eq 1 ]; then
 control_socket = "$work/control.sock"
 metrics_listen = "127.0.0.1:$metrics_port"
 policy_paths = ["$root/policies/demo.toml"]
+recording_dir = "$work/recordings"
 
 [redirect]
 port = $(free_port)
@@ -115,6 +116,7 @@ else
 control_socket = "$work/control.sock"
 metrics_listen = "127.0.0.1:$metrics_port"
 policy_paths = ["$root/policies/demo.toml"]
+recording_dir = "$work/recordings"
 
 [[target]]
 name = "demo-db"
@@ -157,6 +159,12 @@ show tollgate policy explain --target demo-db --identity 'user = "root", uid = 0
 step "The agent logged who opened each session and every decision"
 for _ in $(seq 50); do [ "$(grep -c 'session closed' "$work/agent.log")" -ge 4 ] && break; sleep 0.1; done
 grep -E 'session (started|closed)|statement' "$work/agent.log" | sed 's/^/  /'
+
+step "Every session is recorded: tollgate recordings list, show, verify"
+show tollgate recordings list
+denied_id=$(tollgate recordings list --denied --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+show tollgate recordings show "$denied_id"
+show tollgate recordings verify --all
 
 step "A session in progress, as 'tollgate status' shows it"
 "${run[@]}" psql -X -q -h "$host" -p "$port" -U postgres -d postgres -c "select pg_sleep(2)" >/dev/null &

@@ -395,7 +395,7 @@ fn recordings_command(command: cli::RecordingsCommand) -> ExitCode {
                 if !report.ok() {
                     bad += 1;
                 }
-                println!("{}: {report}", p.display());
+                println!("{report}");
             }
             if all {
                 println!("{} verified, {} failed", paths.len() - bad, bad);
