@@ -90,6 +90,10 @@ pub struct AgentSettings {
     pub idle_timeout: Duration,
     /// How long to wait for an upstream TCP connection.
     pub connect_timeout: Duration,
+    /// When recordings are forced to disk.
+    pub recording_fsync: RecordingFsync,
+    /// What happens when recording fails.
+    pub recording_on_failure: RecordingFailure,
     /// Whether clients asking for TLS get it (terminated by the agent).
     pub client_tls: ClientTls,
     /// Where the local CA and the agent's server certificate are kept.
@@ -117,10 +121,32 @@ impl Default for AgentSettings {
             shutdown_grace: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(5),
+            recording_fsync: RecordingFsync::Interval(Duration::from_secs(1)),
+            recording_on_failure: RecordingFailure::Refuse,
             client_tls: ClientTls::Off,
             tls_dir: PathBuf::from("/var/lib/tollgate/tls"),
         }
     }
+}
+
+/// `agent.recording_fsync`: when recordings are forced to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordingFsync {
+    /// After every event.
+    EveryEvent,
+    /// At most this long after an event.
+    Interval(Duration),
+    /// When the session closes.
+    OnClose,
+}
+
+/// `agent.recording_on_failure`: a full disk or an overflowing queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordingFailure {
+    /// Refuse new sessions until the agent is restarted (fail closed).
+    Refuse,
+    /// Keep serving; lost events are counted and marked in the files.
+    Continue,
 }
 
 /// An explicit listener (`[[listener]]`).

@@ -10,8 +10,8 @@ use toml::Spanned;
 
 use super::{
     line_column, AgentSettings, ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup,
-    Listener, PortRange, Protocol, RedirectSettings, Target, TargetAddress, TargetSet,
-    UnlistedPolicy, Upstream, UpstreamTls,
+    Listener, PortRange, Protocol, RecordingFailure, RecordingFsync, RedirectSettings, Target,
+    TargetAddress, TargetSet, UnlistedPolicy, Upstream, UpstreamTls,
 };
 
 #[derive(Deserialize, Default)]
@@ -49,6 +49,8 @@ struct RawAgent {
     #[serde(default)]
     policy_paths: Vec<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
+    recording_fsync: Option<Spanned<String>>,
+    recording_on_failure: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
@@ -213,6 +215,30 @@ fn check_agent(c: &mut Checker<'_>, raw: &RawAgent) -> AgentSettings {
                 format!(
                     "metrics_listen \"{}\" is not an address; write it like \"127.0.0.1:9187\"",
                     m.get_ref()
+                ),
+            ),
+        }
+    }
+    if let Some(f) = &raw.recording_fsync {
+        match f.get_ref().as_str() {
+            "every-event" => agent.recording_fsync = RecordingFsync::EveryEvent,
+            "on-close" => agent.recording_fsync = RecordingFsync::OnClose,
+            other => match humantime::parse_duration(other) {
+                Ok(d) if !d.is_zero() => agent.recording_fsync = RecordingFsync::Interval(d),
+                _ => c.error(f, format!(
+                    "recording_fsync \"{other}\" is not known; use \"every-event\", \"on-close\" or an interval such as \"1s\""
+                )),
+            },
+        }
+    }
+    if let Some(f) = &raw.recording_on_failure {
+        match f.get_ref().as_str() {
+            "refuse" => agent.recording_on_failure = RecordingFailure::Refuse,
+            "continue" => agent.recording_on_failure = RecordingFailure::Continue,
+            other => c.error(
+                f,
+                format!(
+                    "recording_on_failure \"{other}\" is not known; use \"refuse\" or \"continue\""
                 ),
             ),
         }

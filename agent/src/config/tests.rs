@@ -346,3 +346,23 @@ fn client_tls_defaults_off_and_parses_terminate() {
     let e = errors("[agent]\ntls_dir = \"\"\n");
     assert!(e[0].contains("tls_dir is empty"), "{e:?}");
 }
+
+#[test]
+fn recording_durability_and_failure_settings() {
+    let c =
+        parse("[agent]\nrecording_fsync = \"every-event\"\nrecording_on_failure = \"continue\"\n")
+            .unwrap();
+    assert_eq!(c.agent.recording_fsync, RecordingFsync::EveryEvent);
+    assert_eq!(c.agent.recording_on_failure, RecordingFailure::Continue);
+    let c = parse("[agent]\nrecording_fsync = \"250ms\"\n").unwrap();
+    assert_eq!(
+        c.agent.recording_fsync,
+        RecordingFsync::Interval(Duration::from_millis(250))
+    );
+    assert_eq!(
+        parse("").unwrap().agent.recording_on_failure,
+        RecordingFailure::Refuse
+    );
+    let e = errors("[agent]\nrecording_fsync = \"sometimes\"\nrecording_on_failure = \"panic\"\n");
+    assert_eq!(e.len(), 2, "{e:?}");
+}

@@ -358,6 +358,15 @@ fn start_recorder(
 )> {
     let mut settings = crate::recording::RecorderSettings::new(&config.agent.recording_dir);
     settings.policy_digest = Some(policy.digest());
+    settings.fsync = match config.agent.recording_fsync {
+        crate::config::RecordingFsync::EveryEvent => crate::recording::Fsync::EveryEvent,
+        crate::config::RecordingFsync::Interval(d) => crate::recording::Fsync::Interval(d),
+        crate::config::RecordingFsync::OnClose => crate::recording::Fsync::OnClose,
+    };
+    settings.on_overflow = match config.agent.recording_on_failure {
+        crate::config::RecordingFailure::Refuse => crate::recording::OnOverflow::FailClosed,
+        crate::config::RecordingFailure::Continue => crate::recording::OnOverflow::CountLost,
+    };
     let started = crate::recording::Recorder::start(settings).with_context(|| {
         format!(
             "cannot record sessions under {}; create it or set agent.recording_dir",
