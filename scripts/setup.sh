@@ -21,9 +21,11 @@ as_root() {
 # --- Debian packages -------------------------------------------------------
 # postgresql: throwaway servers for tests and the demo; mariadb: the MySQL
 # protocol; pgbouncer: the benchmark baseline; iproute2: test addresses;
-# libclang-dev: pg_query's build; build-essential/pkg-config: C parts of crates.
+# libclang-dev: pg_query's build; build-essential/pkg-config: C parts of crates;
+# python3/pip: psycopg for the driver tests.
 packages=(postgresql postgresql-client mariadb-server mariadb-client pgbouncer
-          iproute2 libclang-dev clang build-essential pkg-config ca-certificates curl)
+          iproute2 libclang-dev clang build-essential pkg-config ca-certificates curl
+          python3 python3-pip)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -48,6 +50,17 @@ else
     [ $created_policy -eq 1 ] && as_root rm -f "$policy_rc"
 fi
 
+# --- Python driver for the end-to-end tests ----------------------------------
+if python3 -c 'import psycopg' >/dev/null 2>&1; then
+    say "psycopg (python): present"
+elif [ $check_only -eq 1 ]; then
+    say "psycopg (python): missing"
+else
+    say "psycopg (python): installing"
+    python3 -m pip install --quiet --disable-pip-version-check "psycopg[binary]" 2>/dev/null \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "psycopg[binary]"
+fi
+
 # --- Rust toolchains ---------------------------------------------------------
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust with rustup first"
 command -v rustup >/dev/null 2>&1 || die "rustup not found; the eBPF build needs the nightly toolchain via rustup"
@@ -67,7 +80,7 @@ fi
 # bpf-linker links against the nightly toolchain's own LLVM, so no system LLVM
 # of the matching major version is needed.
 if command -v bpf-linker >/dev/null 2>&1; then
-    say "bpf-linker: present ($(bpf-linker --version 2>/dev/null | head -n1))"
+    say "bpf-linker: present ($(bpf-linker --version 2>&1 | head -n1))"
 elif [ $check_only -eq 1 ]; then
     say "bpf-linker: missing"
 else

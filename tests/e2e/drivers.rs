@@ -196,3 +196,62 @@ fn psql_ctrl_c_cancels_the_running_query_through_the_proxy() {
         "{stderr}"
     );
 }
+
+/// psycopg 3 (installed by scripts/setup.sh): simple and server-side
+/// prepared statements, binary parameters, a denial and a failed transaction.
+#[test]
+fn python_psycopg3_through_the_proxy() {
+    let (_pg, _agent, port, _dir) = setup();
+    let script = format!(
+        r#"
+import psycopg, sys
+conn = psycopg.connect("host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True)
+cur = conn.cursor()
+for i in range(10):
+    cur.execute("insert into items (id, name, payload) values (%s, %s, %s)", (i, f"py {{i}}", bytes(range(256)) * 4), prepare=True, binary=True)
+cur.execute("select count(*), sum(length(payload)) from items", binary=True)
+print("rows", cur.fetchone())
+try:
+    cur.execute("select value from secrets where id = %s", (1,))
+    print("secrets readable")
+except psycopg.Error as e:
+    print("denied", e.sqlstate, e.diag.message_primary)
+cur.execute("select double_it(%s)", (21,), prepare=True)
+print("after", cur.fetchone()[0])
+conn.autocommit = False
+cur.execute("insert into items (id, name) values (1000, 'tx')")
+try:
+    cur.execute("select * from secrets")
+except psycopg.Error as e:
+    print("in tx", e.sqlstate)
+try:
+    cur.execute("select 1")
+except psycopg.Error as e:
+    print("then", e.sqlstate)
+conn.rollback()
+cur.execute("select count(*) from items where id = 1000")
+print("kept", cur.fetchone()[0])
+"#
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "rows (10, 10240)");
+    assert!(
+        lines[1].starts_with("denied 42501 tollgate: SELECT denied by rule \"protect-secrets\""),
+        "{stdout}"
+    );
+    assert_eq!(lines[2], "after 42");
+    assert_eq!(lines[3], "in tx 42501");
+    assert_eq!(lines[4], "then 25P02");
+    assert_eq!(lines[5], "kept 0");
+}
