@@ -80,7 +80,7 @@ fi
 # bpf-linker links against the nightly toolchain's own LLVM, so no system LLVM
 # of the matching major version is needed.
 if command -v bpf-linker >/dev/null 2>&1; then
-    say "bpf-linker: present ($(bpf-linker --version 2>&1 | head -n1))"
+    say "bpf-linker: present ($(rustup run nightly bpf-linker --version 2>&1 | head -n1))"
 elif [ $check_only -eq 1 ]; then
     say "bpf-linker: missing"
 else
