@@ -10,7 +10,6 @@
 //! (the command finished and `tollgate exec` exited), the agent removes the
 //! cgroup once it is empty.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,30 +26,10 @@ use crate::redirect::{cgroup, Redirect};
 /// At most this many `tollgate exec` sessions at once.
 const MAX_EXEC_SESSIONS: usize = 1024;
 
-/// Binds the exec socket (replacing a stale one) with mode 0666.
+/// Binds the exec socket with mode 0666: asking to be governed only
+/// restricts the asker, so every user may.
 pub(super) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another agent answers on the exec socket {}; stop it first",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove the stale exec socket {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot create the exec socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).with_context(|| {
-        format!(
-            "cannot open the exec socket {} to every user",
-            path.display()
-        )
-    })?;
-    Ok(listener)
+    crate::control::bind_unix_socket(path, "exec socket", 0o666, "redirect.exec_socket")
 }
 
 /// Serves exec requests until `stop` is cancelled.

@@ -1173,20 +1173,18 @@ where
                         last = true;
                     }
                     Step::Replace(n) => {
-                        let run = data.get(from..pos).unwrap_or_default();
-                        if !run.is_empty() {
-                            writer.write_all(run).await.map_err(write_err)?;
-                        }
+                        write_run(writer, data, from, pos)
+                            .await
+                            .map_err(write_err)?;
                         writer.write_all(&side.out).await.map_err(write_err)?;
                         pos += n;
                         from = pos;
                     }
                 }
             }
-            let run = data.get(from..pos).unwrap_or_default();
-            if !run.is_empty() {
-                writer.write_all(run).await.map_err(write_err)?;
-            }
+            write_run(writer, data, from, pos)
+                .await
+                .map_err(write_err)?;
             pos
         };
         // TLS holds records until flushed; for TCP this does nothing.
@@ -1418,20 +1416,18 @@ where
                     }
                     Step::Forward(n) | Step::Last(n) => pos += n,
                     Step::Replace(n) => {
-                        let run = data.get(from..pos).unwrap_or_default();
-                        if !run.is_empty() {
-                            writer.write_all(run).await.map_err(write_err)?;
-                        }
+                        write_run(writer, data, from, pos)
+                            .await
+                            .map_err(write_err)?;
                         writer.write_all(&side.out).await.map_err(write_err)?;
                         pos += n;
                         from = pos;
                     }
                 }
             }
-            let run = data.get(from..pos).unwrap_or_default();
-            if !run.is_empty() {
-                writer.write_all(run).await.map_err(write_err)?;
-            }
+            write_run(writer, data, from, pos)
+                .await
+                .map_err(write_err)?;
             pos
         };
         // TLS holds records until flushed; for TCP this does nothing.
@@ -1452,6 +1448,21 @@ where
         count(ctx, false, n);
         shared.touch(start);
     }
+}
+
+/// Writes the unchanged run `data[from..to]` (a batch of forwarded
+/// messages) in one call, when it is not empty.
+async fn write_run<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    data: &[u8],
+    from: usize,
+    to: usize,
+) -> io::Result<()> {
+    let run = data.get(from..to).unwrap_or_default();
+    if run.is_empty() {
+        return Ok(());
+    }
+    writer.write_all(run).await
 }
 
 #[cfg(test)]
