@@ -75,8 +75,7 @@ fn analyze_text(sql: &str) -> Result<Vec<StatementSummary>, String> {
     if !body.as_bytes().contains(&b';') {
         return Ok(analyze_statement(sql)?
             .map(|mut statement| {
-                // A statement with no split has its trailing `;` to drop.
-                statement.text = trim_end_semicolons(&statement.text).to_owned();
+                statement.text = single_statement_text(sql).to_owned();
                 statement
             })
             .into_iter()
@@ -732,6 +731,14 @@ fn statement_text(sql: &str) -> &str {
         }
     }
     rest.trim_end()
+}
+
+/// The text of the one statement in `sql` (text analysed without a split):
+/// without leading whitespace and comments or trailing whitespace and
+/// semicolons.
+pub(super) fn single_statement_text(sql: &str) -> &str {
+    // A statement with no split has its trailing `;` to drop.
+    trim_end_semicolons(statement_text(sql))
 }
 
 /// Drops trailing semicolons (and whitespace) from a statement's text.

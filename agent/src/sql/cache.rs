@@ -1,32 +1,53 @@
-//! [`AnalysisCache`]: analyses kept by exact statement text, least recently
-//! used first out.
+//! [`AnalysisCache`]: analyses kept by statement shape (text with literal
+//! values blanked), least recently used first out.
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use lru::LruCache;
 
-use super::{analyze, Analysis};
+use super::analyze::single_statement_text;
+use super::shape::shape;
+use super::{analyze, Analysis, StatementKind};
 
 /// Texts longer than this are analysed but not cached: they are rarely sent
-/// twice, and each entry holds its text about twice (key and statement
-/// texts), so an entry costs at most about 128 KiB plus its summaries.
+/// twice, and each entry holds its text about three times (key, source and
+/// statement texts), so an entry costs at most about 192 KiB plus its
+/// summaries.
 pub const MAX_CACHED_TEXT_LEN: usize = 64 * 1024;
 
-/// A bounded LRU cache of [`analyze`] results keyed by the exact SQL text.
+/// A bounded LRU cache of [`analyze`] results.
 ///
-/// Shared by all sessions (`&self` methods, a mutex inside). A hit costs one
-/// hash lookup under the lock; a miss analyses without holding the lock, so
-/// two sessions missing on the same text at once both analyse it and the
-/// second insert wins, with equal results.
+/// Shared by all sessions (`&self` methods, a mutex inside). A hit costs a
+/// scan of the text and one hash lookup under the lock; a miss analyses
+/// without holding the lock, so two sessions missing on the same text at
+/// once both analyse it and the second insert wins, with equal results.
 ///
-/// Keys are exact text: ORMs that inline literals miss every time (the
-/// summaries' `fingerprint` groups those), while prepared statements and
-/// repeated utility statements (`BEGIN`, `SET ...`) hit.
+/// Entries are keyed by [`shape`]: statements that differ only in literal
+/// values (`WHERE id = 17`, `WHERE id = 42`) share one entry, so an ORM or
+/// pgbench sending a new literal every time still hits. The analysis is
+/// reused for another text of the same shape only when it cannot depend on
+/// literal values: a single SELECT, INSERT, UPDATE, DELETE or MERGE (an
+/// EXPLAIN's options or a COPY's file name are literals the analysis reads).
+/// Other texts hit only on identical text. Text the shape scanner cannot
+/// vouch for (dollar quotes, backslashes, prefixed strings) is keyed by its
+/// exact text.
 pub struct AnalysisCache {
     /// `None` when built with capacity 0: every call analyses.
-    entries: Option<Mutex<LruCache<Box<str>, Arc<Analysis>>>>,
+    entries: Option<Mutex<LruCache<Box<[u8]>, Entry>>>,
 }
+
+struct Entry {
+    /// The text that was analysed.
+    source: Box<str>,
+    analysis: Arc<Analysis>,
+    /// Whether `analysis` holds for every text of the same shape.
+    literal_free: bool,
+}
+
+/// Key prefixes: a shape and an exact text never compare equal.
+const SHAPE_KEY: u8 = 0;
+const EXACT_KEY: u8 = 1;
 
 impl AnalysisCache {
     /// A cache holding at most `capacity` analyses; 0 turns caching off.
@@ -46,11 +67,22 @@ impl AnalysisCache {
         if sql.len() > MAX_CACHED_TEXT_LEN {
             return Arc::new(analyze(sql));
         }
-        if let Some(hit) = lock(entries).get(sql) {
-            return Arc::clone(hit);
+        let key = cache_key(sql);
+        if let Some(entry) = lock(entries).get(&key) {
+            if *entry.source == *sql {
+                return Arc::clone(&entry.analysis);
+            }
+            if entry.literal_free {
+                return Arc::new(with_text(&entry.analysis, sql));
+            }
         }
         let analysis = Arc::new(analyze(sql));
-        lock(entries).put(sql.into(), Arc::clone(&analysis));
+        let entry = Entry {
+            source: sql.into(),
+            literal_free: key.first() == Some(&SHAPE_KEY) && is_literal_free(sql, &analysis),
+            analysis: Arc::clone(&analysis),
+        };
+        lock(entries).put(key, entry);
         analysis
     }
 
@@ -88,4 +120,60 @@ impl std::fmt::Debug for AnalysisCache {
 /// used as is.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn cache_key(sql: &str) -> Box<[u8]> {
+    let mut key = Vec::with_capacity(sql.len() + 1);
+    match shape(sql) {
+        Some(shape) => {
+            key.push(SHAPE_KEY);
+            key.extend_from_slice(&shape);
+        }
+        None => {
+            key.push(EXACT_KEY);
+            key.extend_from_slice(sql.as_bytes());
+        }
+    }
+    key.into_boxed_slice()
+}
+
+/// Whether `analysis` of `sql` holds for any text of the same shape: one
+/// statement, analysed on its own (no `;` inside to split on), of a kind
+/// whose summary reads no literal value.
+fn is_literal_free(sql: &str, analysis: &Analysis) -> bool {
+    let Analysis::Parsed { statements } = analysis else {
+        return false;
+    };
+    let [statement] = statements.as_slice() else {
+        return false;
+    };
+    let body = sql.trim_end_matches(|c: char| c == ';' || c.is_ascii_whitespace());
+    !body.contains(';')
+        && matches!(
+            statement.kind,
+            StatementKind::Select
+                | StatementKind::Insert
+                | StatementKind::Update
+                | StatementKind::Delete
+                | StatementKind::Merge
+        )
+}
+
+/// A literal-free analysis (see [`is_literal_free`]) applied to another
+/// text of the same shape: only the statement's text changes.
+fn with_text(analysis: &Analysis, sql: &str) -> Analysis {
+    match analysis {
+        Analysis::Parsed { statements } => Analysis::Parsed {
+            statements: statements
+                .iter()
+                .map(|statement| super::StatementSummary {
+                    text: single_statement_text(sql).to_owned(),
+                    ..statement.clone()
+                })
+                .collect(),
+        },
+        Analysis::Unparsable { error } => Analysis::Unparsable {
+            error: error.clone(),
+        },
+    }
 }

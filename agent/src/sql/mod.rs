@@ -5,7 +5,8 @@
 //! - [`analyze`]: text to [`Analysis`], built on `pg_query` (PostgreSQL's own
 //!   parser): the cheap `summary` for most statements, the full tree only
 //!   where a field needs it.
-//! - [`AnalysisCache`]: a bounded LRU of analyses keyed by exact text.
+//! - [`AnalysisCache`]: a bounded LRU of analyses shared by statements
+//!   that differ only in literal values.
 //!
 //! Input is UTF-8 text: the protocol layer converts from the client encoding
 //! before calling in.
@@ -13,6 +14,7 @@
 mod analyze;
 mod cache;
 mod labels;
+mod shape;
 #[cfg(test)]
 mod tests;
 

@@ -91,6 +91,7 @@ fn one(sql: &str) -> StatementSummary {
 fn check(cases: &[Case]) {
     let mut failures = Vec::new();
     for case in cases {
+        shape_sharing_agrees(case.sql);
         let s = one(case.sql);
         let sorted = |tables: &[TableRef]| {
             let mut names: Vec<String> = tables.iter().map(show).collect();
@@ -1047,18 +1048,75 @@ fn cache_hits_return_the_same_analysis() {
     assert!(Arc::ptr_eq(&bad, &cache.analyze("selec")));
 }
 
+/// Whatever the cache answers for texts of `sql`'s shape with other
+/// literals, after it analysed `sql`, equals a fresh analysis of each.
+fn shape_sharing_agrees(sql: &str) {
+    let cache = AnalysisCache::new(4);
+    let first = cache.analyze(sql);
+    assert_eq!(*first, analyze(sql), "{sql:?}");
+    let spellings = [
+        ("0", "0.0", "''"),
+        ("987654321987654321", "3.25e-7", "'it''s; -- /* $$ \" é'"),
+        ("42", ".5", "'DROP TABLE t'"),
+    ];
+    for (integer, numeric, string) in spellings {
+        let Some(other) = super::shape::respell(sql, integer, numeric, string) else {
+            return;
+        };
+        assert_eq!(
+            *cache.analyze(&other),
+            analyze(&other),
+            "{sql:?} as {other:?}"
+        );
+    }
+}
+
+#[test]
+fn statements_differing_in_literals_share_an_entry() {
+    let cache = AnalysisCache::new(8);
+    let a = cache.analyze("SELECT abalance FROM pgbench_accounts WHERE aid = 17;");
+    let b = cache.analyze("SELECT abalance FROM pgbench_accounts WHERE aid = 4242;");
+    assert_eq!(cache.len(), 1);
+    let (Analysis::Parsed { statements: a }, Analysis::Parsed { statements: b }) = (&*a, &*b)
+    else {
+        panic!("did not parse");
+    };
+    assert_eq!(a[0].fingerprint, b[0].fingerprint);
+    assert_eq!(
+        b[0].text,
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 4242"
+    );
+    assert_eq!(
+        b[0],
+        one("SELECT abalance FROM pgbench_accounts WHERE aid = 4242")
+    );
+
+    // A literal the analysis reads: EXPLAIN's ANALYZE option decides
+    // whether the DELETE runs, so each text is analysed on its own.
+    let off = cache.analyze("EXPLAIN (ANALYZE 0) DELETE FROM t");
+    let on = cache.analyze("EXPLAIN (ANALYZE 1) DELETE FROM t");
+    assert_eq!(*off, analyze("EXPLAIN (ANALYZE 0) DELETE FROM t"));
+    assert_eq!(*on, analyze("EXPLAIN (ANALYZE 1) DELETE FROM t"));
+    assert_ne!(off, on);
+    // Two statements in one text are never shared either.
+    let two = cache.analyze("select 1; delete from t where id = 1");
+    let other = cache.analyze("select 2; delete from t where id = 3");
+    assert_eq!(*other, analyze("select 2; delete from t where id = 3"));
+    assert!(!Arc::ptr_eq(&two, &other));
+}
+
 #[test]
 fn cache_respects_its_capacity() {
     let cache = AnalysisCache::new(2);
-    let a = cache.analyze("select 1");
-    let _b = cache.analyze("select 2");
-    // Touch "select 1" so that "select 2" is the least recently used.
-    assert!(Arc::ptr_eq(&a, &cache.analyze("select 1")));
-    let _c = cache.analyze("select 3");
+    let a = cache.analyze("select a");
+    let _b = cache.analyze("select b");
+    // Touch "select a" so that "select b" is the least recently used.
+    assert!(Arc::ptr_eq(&a, &cache.analyze("select a")));
+    let _c = cache.analyze("select c");
     assert_eq!(cache.len(), 2);
-    assert!(Arc::ptr_eq(&a, &cache.analyze("select 1")));
-    let b_again = cache.analyze("select 2");
-    assert!(!Arc::ptr_eq(&_b, &b_again), "select 2 was evicted");
+    assert!(Arc::ptr_eq(&a, &cache.analyze("select a")));
+    let b_again = cache.analyze("select b");
+    assert!(!Arc::ptr_eq(&_b, &b_again), "select b was evicted");
     assert_eq!(cache.len(), 2);
     assert_eq!(cache.capacity(), 2);
 }
@@ -1085,7 +1143,7 @@ fn cache_is_shared_across_threads() {
             let cache = Arc::clone(&cache);
             std::thread::spawn(move || {
                 for i in 0..50 {
-                    let sql = format!("select {}", (i + t) % 20);
+                    let sql = format!("select c{}", (i + t) % 20);
                     assert!(matches!(&*cache.analyze(&sql), Analysis::Parsed { .. }));
                 }
             })
