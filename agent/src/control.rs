@@ -34,6 +34,34 @@ pub struct StatusReport {
     /// The transparent redirect, when active.
     #[serde(default)]
     pub redirect: Option<RedirectView>,
+    /// The recorder (absent from older agents' replies).
+    #[serde(default)]
+    pub recording: Option<RecordingView>,
+}
+
+/// The recorder in the status report.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RecordingView {
+    /// The recording directory.
+    pub dir: String,
+    /// Whether recording has failed (latched until restart).
+    pub failed: bool,
+    /// The first failure, in words.
+    pub failure: Option<String>,
+    /// `refuse` or `continue`: what a failure does.
+    pub on_failure: String,
+    /// Events not recorded since start.
+    pub events_lost: u64,
+    /// Events waiting for the writer.
+    pub queued: u64,
+    /// Connections refused because recording failed.
+    pub sessions_refused: u64,
+    /// The signing key's id, when trailers are signed.
+    pub signing_key_id: Option<String>,
+    /// Recordings removed by retention since start.
+    pub pruned: u64,
+    /// Bytes they took.
+    pub pruned_bytes: u64,
 }
 
 /// The redirect in the status report.
@@ -209,6 +237,29 @@ fn report(shared: &Shared) -> StatusReport {
             pending_origins: r.pending_origins(),
             kernel: r.stats(),
         }),
+        recording: Some(recording_view(shared)),
+    }
+}
+
+fn recording_view(shared: &Shared) -> RecordingView {
+    use std::sync::atomic::Ordering::Relaxed;
+    let r = &shared.recorder;
+    let m = &shared.metrics;
+    RecordingView {
+        dir: shared.config.agent.recording_dir.display().to_string(),
+        failed: r.failed(),
+        failure: r.failure(),
+        on_failure: match shared.config.agent.recording_on_failure {
+            crate::config::RecordingFailure::Refuse => "refuse",
+            crate::config::RecordingFailure::Continue => "continue",
+        }
+        .to_string(),
+        events_lost: r.lost(),
+        queued: r.queued(),
+        sessions_refused: m.sessions_refused_recording.load(Relaxed),
+        signing_key_id: r.signing_key_id().map(str::to_string),
+        pruned: m.recordings_pruned.load(Relaxed),
+        pruned_bytes: m.recordings_pruned_bytes.load(Relaxed),
     }
 }
 

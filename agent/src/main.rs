@@ -293,6 +293,29 @@ fn find_recording(dir: &std::path::Path, id: &str) -> Result<std::path::PathBuf,
         .ok_or_else(|| format!("no recording of session {id} under {}", dir.display()))
 }
 
+/// Reads the recording an id or path names. A file path needs no
+/// configuration (for checking recordings off the host); an id is looked
+/// up under the configuration's recording_dir. `Err` is the exit code.
+fn open_recording(
+    config: &cli::ConfigArg,
+    id: &str,
+) -> Result<tollgate_agent::recording::Recording, ExitCode> {
+    let dir = if std::path::Path::new(id).is_file() {
+        std::path::PathBuf::new()
+    } else {
+        load_config(&config.config)?.agent.recording_dir
+    };
+    find_recording(&dir, id)
+        .and_then(|p| {
+            tollgate_agent::recording::read_recording(&p)
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))
+        })
+        .map_err(|e| {
+            eprintln!("tollgate: {e}");
+            ExitCode::FAILURE
+        })
+}
+
 fn recordings_command(command: cli::RecordingsCommand) -> ExitCode {
     use std::io::IsTerminal;
     use tollgate_agent::recording;
@@ -349,31 +372,83 @@ fn recordings_command(command: cli::RecordingsCommand) -> ExitCode {
             config,
             id,
             no_color,
+        } => match open_recording(&config, &id) {
+            Ok(r) => {
+                let color = !no_color && std::io::stdout().is_terminal();
+                print_block(&recording::render_transcript(&r, color));
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        cli::RecordingsCommand::Replay {
+            config,
+            id,
+            speed,
+            no_wait,
+            max_wait,
+            no_color,
         } => {
-            let dir = match config_of(&config) {
-                Ok(d) => d,
+            let rec = match open_recording(&config, &id) {
+                Ok(r) => r,
                 Err(code) => return code,
             };
-            let rec = find_recording(&dir, &id).and_then(|p| {
-                recording::read_recording(&p)
-                    .map_err(|e| format!("cannot read {}: {e}", p.display()))
-            });
-            match rec {
-                Ok(r) => {
-                    let color = !no_color && std::io::stdout().is_terminal();
-                    print_block(&recording::render_transcript(&r, color));
-                    ExitCode::SUCCESS
-                }
+            let options = recording::ReplayOptions {
+                speed: if no_wait { 0.0 } else { speed },
+                max_wait,
+                color: !no_color && std::io::stdout().is_terminal(),
+            };
+            let mut out = std::io::stdout().lock();
+            match recording::replay(&rec, &options, &mut out, &mut std::thread::sleep) {
+                Ok(_) => ExitCode::SUCCESS,
+                // A closed pipe (`| head`) is the reader's choice, not a failure.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("tollgate: {e}");
+                    eprintln!("tollgate: cannot write the replay: {e}");
                     ExitCode::FAILURE
                 }
             }
         }
-        cli::RecordingsCommand::Verify { config, id, all } => {
-            let dir = match config_of(&config) {
-                Ok(d) => d,
-                Err(code) => return code,
+        cli::RecordingsCommand::Keygen { out } => match recording::generate_key(&out) {
+            Ok(key) => {
+                println!("private key: {} (mode 0600)", key.private.display());
+                println!("public key:  {}", key.public_path.display());
+                println!("key id:      {}", key.public.key_id());
+                println!("{}", key.public.to_hex());
+                println!(
+                    "Set agent.recording_signing_key = \"{}\" and verify with --public-key {}",
+                    key.private.display(),
+                    key.public_path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tollgate: cannot make a signing key: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        cli::RecordingsCommand::Verify {
+            config,
+            id,
+            all,
+            public_keys,
+        } => {
+            let mut keys = Vec::new();
+            for path in &public_keys {
+                match recording::PublicKey::load(path) {
+                    Ok(k) => keys.push(k),
+                    Err(e) => {
+                        eprintln!("tollgate: cannot use --public-key {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            // A recording file given by path needs no configuration.
+            let dir = match id.as_deref() {
+                Some(p) if !all && std::path::Path::new(p).is_file() => std::path::PathBuf::new(),
+                _ => match config_of(&config) {
+                    Ok(d) => d,
+                    Err(code) => return code,
+                },
             };
             let paths: Vec<std::path::PathBuf> = if all {
                 recording::list(&dir, &recording::RecordingFilter::default())
@@ -391,7 +466,7 @@ fn recordings_command(command: cli::RecordingsCommand) -> ExitCode {
             };
             let mut bad = 0;
             for p in &paths {
-                let report = recording::verify(p);
+                let report = recording::verify_signed(p, &keys);
                 if !report.ok() {
                     bad += 1;
                 }
@@ -410,25 +485,13 @@ fn recordings_command(command: cli::RecordingsCommand) -> ExitCode {
             config,
             id,
             format: _,
-        } => {
-            let dir = match config_of(&config) {
-                Ok(d) => d,
-                Err(code) => return code,
-            };
-            match find_recording(&dir, &id).and_then(|p| {
-                recording::read_recording(&p)
-                    .map_err(|e| format!("cannot read {}: {e}", p.display()))
-            }) {
-                Ok(r) => {
-                    print!("{}", recording::export_jsonl(&r));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("tollgate: {e}");
-                    ExitCode::FAILURE
-                }
+        } => match open_recording(&config, &id) {
+            Ok(r) => {
+                print!("{}", recording::export_jsonl(&r));
+                ExitCode::SUCCESS
             }
-        }
+            Err(code) => code,
+        },
     }
 }
 

@@ -44,6 +44,14 @@ pub struct Metrics {
     pub origin_misses: AtomicU64,
     /// The redirect, whose kernel counters are rendered too.
     redirect: std::sync::OnceLock<Arc<crate::redirect::Redirect>>,
+    /// Connections refused because recording failed (fail closed).
+    pub sessions_refused_recording: AtomicU64,
+    /// Recordings removed by retention.
+    pub recordings_pruned: AtomicU64,
+    /// Bytes freed by retention.
+    pub recordings_pruned_bytes: AtomicU64,
+    /// The recorder, whose counters are rendered too.
+    recorder: std::sync::OnceLock<Arc<crate::recording::RecordingSink>>,
 }
 
 impl Metrics {
@@ -80,6 +88,11 @@ impl Metrics {
     /// Adds the redirect's kernel counters to the rendered metrics.
     pub fn set_redirect(&self, redirect: Arc<crate::redirect::Redirect>) {
         let _ = self.redirect.set(redirect);
+    }
+
+    /// Adds the recorder's counters to the rendered metrics.
+    pub fn set_recorder(&self, recorder: Arc<crate::recording::RecordingSink>) {
+        let _ = self.recorder.set(recorder);
     }
 
     /// Renders every metric in the Prometheus text format.
@@ -193,6 +206,38 @@ impl Metrics {
             out,
             "# HELP tollgate_redirect_origin_misses_total Connections on the redirect port without a kernel origin record (closed: fail closed).\n# TYPE tollgate_redirect_origin_misses_total counter\ntollgate_redirect_origin_misses_total {}",
             self.origin_misses.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_sessions_refused_total Connections refused before a session started, by reason.\n# TYPE tollgate_sessions_refused_total counter\ntollgate_sessions_refused_total{{reason=\"recording_failed\"}} {}",
+            self.sessions_refused_recording.load(Ordering::Relaxed)
+        );
+        if let Some(r) = self.recorder.get() {
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_recording_events_lost_total Session events not recorded (queue full, disk error, recorder stopped).\n# TYPE tollgate_recording_events_lost_total counter\ntollgate_recording_events_lost_total {}",
+                r.lost()
+            );
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_recording_failed 1 once recording has failed (latched until restart).\n# TYPE tollgate_recording_failed gauge\ntollgate_recording_failed {}",
+                u8::from(r.failed())
+            );
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_recording_queue_depth Events waiting for the recorder's writer.\n# TYPE tollgate_recording_queue_depth gauge\ntollgate_recording_queue_depth {}",
+                r.queued()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_recordings_pruned_total Recordings removed by retention.\n# TYPE tollgate_recordings_pruned_total counter\ntollgate_recordings_pruned_total {}",
+            self.recordings_pruned.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_recordings_pruned_bytes_total Bytes freed by retention.\n# TYPE tollgate_recordings_pruned_bytes_total counter\ntollgate_recordings_pruned_bytes_total {}",
+            self.recordings_pruned_bytes.load(Ordering::Relaxed)
         );
         out
     }

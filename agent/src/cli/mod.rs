@@ -98,7 +98,8 @@ pub enum Command {
     #[command(subcommand)]
     Policy(PolicyCommand),
 
-    /// List, show, verify and export session recordings.
+    /// List, show, replay, verify and export session recordings; make a
+    /// signing key.
     #[command(subcommand)]
     Recordings(RecordingsCommand),
 
@@ -241,7 +242,39 @@ pub enum RecordingsCommand {
         #[arg(long)]
         no_color: bool,
     },
-    /// Check recordings' hash chains; exit status 1 if any is broken or cut.
+    /// Replay a session's timeline: each event printed as `show` prints it,
+    /// after the delay recorded since the one before.
+    ///
+    /// Examples:
+    ///
+    ///   tollgate recordings replay ID              # real time
+    ///   tollgate recordings replay ID --speed 10   # ten times faster
+    ///   tollgate recordings replay ID --no-wait    # all at once
+    #[command(verbatim_doc_comment)]
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Session id (as `list` shows it) or a recording file.
+        #[arg(value_name = "ID|FILE")]
+        id: String,
+        /// How many times faster than real time (0: no delay).
+        #[arg(long, value_name = "N", default_value_t = 1.0, value_parser = parse_speed)]
+        speed: f64,
+        /// Print everything at once (the same as --speed 0).
+        #[arg(long, conflicts_with = "speed")]
+        no_wait: bool,
+        /// Cut idle stretches: never wait longer than this between two
+        /// events ("2s", "500ms").
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        max_wait: Option<std::time::Duration>,
+        /// Never colour the output.
+        #[arg(long)]
+        no_color: bool,
+    },
+    /// Check recordings' hash chains, and signatures with --public-key.
+    ///
+    /// Exit status 1 if any recording is broken or cut, or, when a public key
+    /// is given, unsigned, signed by another key, or badly signed.
     Verify {
         #[command(flatten)]
         config: ConfigArg,
@@ -251,6 +284,21 @@ pub enum RecordingsCommand {
         /// Verify every recording.
         #[arg(long)]
         all: bool,
+        /// Check signatures with this public key: the PATH.pub file that
+        /// `recordings keygen` wrote (64 hex digits), or a PEM PUBLIC KEY.
+        /// Repeat it to accept any of several keys (rotation).
+        #[arg(long = "public-key", value_name = "FILE")]
+        public_keys: Vec<PathBuf>,
+    },
+    /// Make an ed25519 key pair for signing recordings.
+    ///
+    /// Writes the private key to PATH (PEM PKCS#8, mode 0600) for
+    /// agent.recording_signing_key, and the public key to PATH.pub (64 hex
+    /// digits) for `recordings verify --public-key`. Never overwrites a file.
+    Keygen {
+        /// Where to write the private key; the public key goes to PATH.pub.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
     },
     /// Export a session, one JSON object per record (for SIEMs).
     Export {
@@ -263,6 +311,16 @@ pub enum RecordingsCommand {
         #[arg(long, default_value = "jsonl", value_parser = ["jsonl"])]
         format: String,
     },
+}
+
+/// `--speed`: a finite number, 0 or more.
+fn parse_speed(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!(
+            "\"{s}\" is not a speed; give a number such as 1, 10 or 0.5 (0: no delay)"
+        )),
+    }
 }
 
 /// `tollgate detach` arguments.

@@ -76,6 +76,36 @@ pub fn print_status(report: &StatusReport) -> String {
         }
     }
 
+    if let Some(r) = &report.recording {
+        let _ = writeln!(
+            out,
+            "\nRecording: {} to {}; {} events lost, {} queued, {} sessions refused; {}; {} pruned ({} bytes)",
+            if r.failed { "FAILED" } else { "ok" },
+            r.dir,
+            r.events_lost,
+            r.queued,
+            r.sessions_refused,
+            match &r.signing_key_id {
+                Some(id) => format!("signed with key {id}"),
+                None => "unsigned".to_string(),
+            },
+            r.pruned,
+            r.pruned_bytes
+        );
+        if let Some(why) = &r.failure {
+            let _ = writeln!(
+                out,
+                "  failure: {why} (on_failure = {}: {})",
+                r.on_failure,
+                if r.on_failure == "refuse" {
+                    "new sessions are refused until the agent restarts"
+                } else {
+                    "sessions are served and lost events counted"
+                }
+            );
+        }
+    }
+
     let _ = writeln!(out, "\nOpen sessions: {}", report.sessions.len());
     let rows: Vec<Vec<String>> = report
         .sessions

@@ -94,6 +94,13 @@ pub struct AgentSettings {
     pub recording_fsync: RecordingFsync,
     /// What happens when recording fails.
     pub recording_on_failure: RecordingFailure,
+    /// PKCS#8 ed25519 private key that signs every recording's trailer.
+    pub recording_signing_key: Option<PathBuf>,
+    /// Closed recordings last written longer ago than this are removed.
+    pub recording_retention: Option<Duration>,
+    /// The least recently written closed recordings are removed while all
+    /// recordings together take more bytes than this.
+    pub recording_max_total_size: Option<u64>,
     /// Whether clients asking for TLS get it (terminated by the agent).
     pub client_tls: ClientTls,
     /// Where the local CA and the agent's server certificate are kept.
@@ -123,6 +130,9 @@ impl Default for AgentSettings {
             connect_timeout: Duration::from_secs(5),
             recording_fsync: RecordingFsync::Interval(Duration::from_secs(1)),
             recording_on_failure: RecordingFailure::Refuse,
+            recording_signing_key: None,
+            recording_retention: None,
+            recording_max_total_size: None,
             client_tls: ClientTls::Off,
             tls_dir: PathBuf::from("/var/lib/tollgate/tls"),
         }
@@ -262,6 +272,36 @@ impl Config {
     pub fn listener(&self, listen: SocketAddr) -> Option<&Listener> {
         self.listeners.iter().find(|l| l.listen == listen)
     }
+}
+
+/// Parses a size in bytes: a whole number, optionally followed (spaces
+/// allowed) by a unit: `B`; `KB`, `MB`, `GB`, `TB` (powers of 1000); `KiB`,
+/// `MiB`, `GiB`, `TiB` or `K`, `M`, `G`, `T` (powers of 1024). Units are
+/// case-insensitive. Examples: `"10GiB"`, `"500 MB"`, `"4096"`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let bad = || {
+        format!("\"{text}\" is not a size; write it like \"10GiB\", \"500MB\" or a number of bytes")
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(multiplier)
+        .ok_or_else(|| format!("\"{text}\" is too large"))
 }
 
 /// Converts a byte offset into 1-based (line, column).

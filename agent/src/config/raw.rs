@@ -51,6 +51,9 @@ struct RawAgent {
     max_connections: Option<Spanned<i64>>,
     recording_fsync: Option<Spanned<String>>,
     recording_on_failure: Option<Spanned<String>>,
+    recording_signing_key: Option<Spanned<String>>,
+    recording_retention_days: Option<Spanned<i64>>,
+    recording_max_total_size: Option<Spanned<RawSize>>,
     shutdown_grace: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
@@ -68,6 +71,14 @@ struct RawTarget {
     tls: Option<Spanned<String>>,
     tls_ca_file: Option<Spanned<String>>,
     tls_server_name: Option<Spanned<String>>,
+}
+
+/// A size written as a number of bytes or as text with a unit.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Number(i64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -245,6 +256,43 @@ fn check_agent(c: &mut Checker<'_>, raw: &RawAgent) -> AgentSettings {
     }
     if let Some(d) = &raw.recording_dir {
         agent.recording_dir = PathBuf::from(d.get_ref());
+    }
+    if let Some(k) = &raw.recording_signing_key {
+        if k.get_ref().is_empty() {
+            c.error(
+                k,
+                "recording_signing_key is empty; give the path of a key made by `tollgate recordings keygen --out PATH`, or remove the setting",
+            );
+        } else {
+            agent.recording_signing_key = Some(PathBuf::from(k.get_ref()));
+        }
+    }
+    if let Some(days) = &raw.recording_retention_days {
+        // Up to 100 years: larger would overflow the clock arithmetic and
+        // means "keep" anyway.
+        match u64::try_from(*days.get_ref()) {
+            Ok(d) if (1..=36_500).contains(&d) => {
+                agent.recording_retention = Some(Duration::from_secs(d * 86_400));
+            }
+            _ => c.error(
+                days,
+                "recording_retention_days must be a whole number of days between 1 and 36500; remove it to keep recordings forever",
+            ),
+        }
+    }
+    if let Some(size) = &raw.recording_max_total_size {
+        let parsed = match size.get_ref() {
+            RawSize::Number(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
+            RawSize::Text(t) => super::parse_size(t),
+        };
+        match parsed {
+            Ok(0) => c.error(
+                size,
+                "recording_max_total_size must be more than zero; remove it for no size limit",
+            ),
+            Ok(n) => agent.recording_max_total_size = Some(n),
+            Err(e) => c.error(size, format!("recording_max_total_size: {e}")),
+        }
     }
     agent.policy_paths = raw
         .policy_paths

@@ -366,3 +366,77 @@ fn recording_durability_and_failure_settings() {
     let e = errors("[agent]\nrecording_fsync = \"sometimes\"\nrecording_on_failure = \"panic\"\n");
     assert_eq!(e.len(), 2, "{e:?}");
 }
+
+#[test]
+fn recording_signing_and_retention_settings() {
+    let c = parse(
+        "[agent]\nrecording_signing_key = \"/etc/tollgate/recording.key\"\nrecording_retention_days = 30\nrecording_max_total_size = \"10GiB\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.agent.recording_signing_key.as_deref(),
+        Some(Path::new("/etc/tollgate/recording.key"))
+    );
+    assert_eq!(
+        c.agent.recording_retention,
+        Some(Duration::from_secs(30 * 86_400))
+    );
+    assert_eq!(c.agent.recording_max_total_size, Some(10 << 30));
+    let c = parse("[agent]\nrecording_max_total_size = 1048576\n").unwrap();
+    assert_eq!(c.agent.recording_max_total_size, Some(1 << 20));
+    let off = parse("").unwrap().agent;
+    assert_eq!(off.recording_signing_key, None);
+    assert_eq!(off.recording_retention, None);
+    assert_eq!(off.recording_max_total_size, None);
+
+    let e = errors(
+        "[agent]\nrecording_signing_key = \"\"\nrecording_retention_days = 0\nrecording_max_total_size = \"ten gigs\"\n",
+    );
+    assert_eq!(e.len(), 3, "{e:?}");
+    assert!(
+        e[0].starts_with("t.toml:2:25: recording_signing_key is empty"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].starts_with("t.toml:3:28: recording_retention_days"),
+        "{e:?}"
+    );
+    assert!(
+        e[2].starts_with("t.toml:4:28: recording_max_total_size: \"ten gigs\" is not a size"),
+        "{e:?}"
+    );
+    let e = errors("[agent]\nrecording_max_total_size = -1\n");
+    assert!(e[0].contains("negative"), "{e:?}");
+    let e = errors("[agent]\nrecording_max_total_size = \"0GiB\"\n");
+    assert!(e[0].contains("more than zero"), "{e:?}");
+}
+
+#[test]
+fn sizes_take_decimal_and_binary_units() {
+    for (text, bytes) in [
+        ("4096", 4096),
+        ("4096B", 4096),
+        ("1KB", 1000),
+        ("1kib", 1024),
+        ("1K", 1024),
+        ("500 MB", 500_000_000),
+        ("2MiB", 2 << 20),
+        ("10GiB", 10 << 30),
+        ("3GB", 3_000_000_000),
+        ("1TiB", 1 << 40),
+        (" 7 t ", 7 << 40),
+    ] {
+        assert_eq!(parse_size(text), Ok(bytes), "{text}");
+    }
+    for bad in [
+        "",
+        "GiB",
+        "1.5GiB",
+        "10 gigs",
+        "-1",
+        "99999999999999999999",
+        "20000000TiB",
+    ] {
+        assert!(parse_size(bad).is_err(), "{bad}");
+    }
+}

@@ -9,6 +9,7 @@
 
 pub mod exec;
 pub mod live;
+mod refuse;
 mod session;
 
 use std::net::SocketAddr;
@@ -89,6 +90,7 @@ impl RunningAgent {
         let metrics = Arc::new(Metrics::new(config.targets.iter().map(|t| t.name.as_str())));
         let policy = load_policy(&config)?;
         let (recorder, recorder_handle) = start_recorder(&config, &policy)?;
+        metrics.set_recorder(recorder.clone());
         let events: Arc<dyn EventSink> = Arc::new(
             FanOut::default()
                 .with(Arc::new(LogSink))
@@ -222,6 +224,7 @@ impl RunningAgent {
             ));
         }
         background.spawn(watch_policy(shared.clone(), stop_accepting.clone()));
+        background.spawn(prune_recordings(shared.clone(), stop_accepting.clone()));
         tracing::info!(socket = %shared.config.agent.control_socket.display(), "control socket ready");
         background.spawn(control::serve(
             control_socket,
@@ -367,6 +370,13 @@ fn start_recorder(
         crate::config::RecordingFailure::Refuse => crate::recording::OnOverflow::FailClosed,
         crate::config::RecordingFailure::Continue => crate::recording::OnOverflow::CountLost,
     };
+    if let Some(path) = &config.agent.recording_signing_key {
+        let key = crate::recording::SigningKey::load(path).with_context(|| {
+            "cannot use agent.recording_signing_key; make a key with `tollgate recordings keygen --out PATH`"
+        })?;
+        tracing::info!(key_id = %key.public_key().key_id(), "recordings are signed");
+        settings.signing_key = Some(Arc::new(key));
+    }
     let started = crate::recording::Recorder::start(settings).with_context(|| {
         format!(
             "cannot record sessions under {}; create it or set agent.recording_dir",
@@ -375,6 +385,94 @@ fn start_recorder(
     })?;
     tracing::info!(dir = %config.agent.recording_dir.display(), "recording sessions");
     Ok(started)
+}
+
+/// How often retention runs (it also runs at start).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Removes old closed recordings at start and every [`PRUNE_INTERVAL`],
+/// as `agent.recording_retention_days` and `recording_max_total_size` say.
+async fn prune_recordings(shared: Arc<Shared>, stop: CancellationToken) {
+    let policy = crate::recording::Retention {
+        max_age: shared.config.agent.recording_retention,
+        max_total_size: shared.config.agent.recording_max_total_size,
+    };
+    if policy.is_off() {
+        return;
+    }
+    loop {
+        let s = shared.clone();
+        let pass = tokio::task::spawn_blocking(move || {
+            let recorder = s.recorder.clone();
+            crate::recording::prune(
+                &s.config.agent.recording_dir,
+                &policy,
+                std::time::SystemTime::now(),
+                &|id| recorder.is_writing(id),
+            )
+        })
+        .await;
+        match pass {
+            Ok(report) => log_prune(&shared, &policy, &report),
+            Err(e) => tracing::warn!(error = %e, "recording retention pass failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PRUNE_INTERVAL) => {}
+        }
+    }
+}
+
+fn log_prune(
+    shared: &Shared,
+    policy: &crate::recording::Retention,
+    report: &crate::recording::PruneReport,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for r in &report.removed {
+        tracing::info!(
+            path = %r.path.display(),
+            bytes = r.bytes,
+            reason = r.reason.as_str(),
+            "recording removed by retention ({})",
+            match r.reason {
+                crate::recording::retention::RemoveReason::Age => "older than recording_retention_days",
+                crate::recording::retention::RemoveReason::Size => "over recording_max_total_size",
+            }
+        );
+    }
+    for d in &report.dirs_removed {
+        tracing::debug!(dir = %d.display(), "empty recording directory removed");
+    }
+    for e in &report.errors {
+        tracing::warn!("recording retention: {e}");
+    }
+    shared
+        .metrics
+        .recordings_pruned
+        .fetch_add(report.removed.len() as u64, Relaxed);
+    shared
+        .metrics
+        .recordings_pruned_bytes
+        .fetch_add(report.freed(), Relaxed);
+    if let Some(max) = policy.max_total_size {
+        if report.kept_bytes > max {
+            tracing::warn!(
+                kept_bytes = report.kept_bytes,
+                max_total_size = max,
+                "recordings still take more than recording_max_total_size: the rest are open sessions or could not be removed"
+            );
+        }
+    }
+    if !report.removed.is_empty() {
+        tracing::info!(
+            removed = report.removed.len(),
+            freed_bytes = report.freed(),
+            kept = report.kept_files,
+            kept_bytes = report.kept_bytes,
+            "recording retention pass"
+        );
+    }
 }
 
 /// How often policy files are checked for changes.
@@ -479,11 +577,31 @@ async fn accept_loop(
                 let Some(route) = route else { continue };
                 if shared.recorder.refuse_new_sessions() {
                     // Fail closed: nothing may run unrecorded.
+                    let failure = shared.recorder.failure().unwrap_or_default();
+                    shared
+                        .metrics
+                        .sessions_refused_recording
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(
                         client = %peer,
-                        reason = shared.recorder.failure().unwrap_or_default(),
+                        target = %route.target,
+                        reason = %failure,
                         "session refused: recording has failed"
                     );
+                    if route.protocol == Protocol::Postgres {
+                        let timeout = shared.config.agent.connect_timeout;
+                        sessions.spawn(async move {
+                            refuse::refuse_postgres(
+                                stream,
+                                "tollgate: session refused: session recording has failed",
+                                Some(&failure),
+                                Some("nothing may run unrecorded (agent.recording_on_failure = \"refuse\"); fix the cause, e.g. free space in the recording directory, then restart the agent"),
+                                timeout,
+                            )
+                            .await;
+                            drop(permit);
+                        });
+                    }
                     continue;
                 }
                 sessions.spawn(async move {

@@ -210,20 +210,25 @@ pub struct Trailer {
     pub denied: u64,
     /// Sum of the `events_lost` counts.
     pub lost: u64,
-    /// Optional signature of the chain head (not written yet).
+    /// ed25519 signature of the chain head and counts, when the agent has
+    /// a signing key. Absent (not `nil`) when unsigned, so unsigned files
+    /// are byte for byte what earlier agents wrote.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<SignatureRecord>,
 }
 
-/// An ed25519 signature of the chain head (reserved: not written yet).
+/// An ed25519 signature of the chain head: see
+/// [`signed_message`](super::signing::signed_message) for the bytes signed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignatureRecord {
     /// Always `ed25519`.
     pub algorithm: String,
-    /// Which configured key signed.
+    /// Which key signed: the first 16 hex digits of the SHA-256 of the
+    /// 32-byte public key.
     pub key_id: String,
-    /// The public key, hex.
+    /// The public key, 64 hex digits (informative: a verifier trusts the
+    /// key it was given, never this one alone).
     pub public_key: String,
-    /// The signature, hex.
+    /// The signature, 128 hex digits.
     pub value: String,
 }

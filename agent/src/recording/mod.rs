@@ -7,13 +7,18 @@
 //! - [`codec`]: framing, bounded frame reading, the chain hash.
 //! - [`writer`]: [`Recorder`], the non-blocking [`RecordingSink`] and the
 //!   writer thread that owns the files.
-//! - [`reader`]: [`read_recording`], [`verify`], [`list`], [`locate`].
-//! - [`render`]: [`render_transcript`], [`export_jsonl`].
+//! - [`reader`]: [`read_recording`], [`verify`], [`verify_signed`],
+//!   [`list`], [`locate`].
+//! - [`render`]: [`render_transcript`], [`replay`], [`export_jsonl`].
+//! - [`signing`]: ed25519 keys, the signed bytes, signature checks.
+//! - [`retention`]: [`prune`], removing old closed recordings.
 
 pub mod codec;
 pub mod format;
 pub mod reader;
 pub mod render;
+pub mod retention;
+pub mod signing;
 pub mod writer;
 
 #[cfg(test)]
@@ -21,10 +26,12 @@ mod tests;
 
 pub use format::{Event, EventRecord, Header, Record, Trailer};
 pub use reader::{
-    list, locate, read_recording, verify, Problem, ReadError, Recording, RecordingFilter,
-    RecordingSummary, VerifyReport,
+    list, locate, read_recording, verify, verify_signed, Problem, ReadError, Recording,
+    RecordingFilter, RecordingSummary, SignatureStatus, VerifyReport,
 };
-pub use render::{export_jsonl, render_transcript};
+pub use render::{export_jsonl, render_transcript, replay, ReplayOptions};
+pub use retention::{prune, PruneReport, Removed, Retention};
+pub use signing::{generate_key, GeneratedKey, KeyError, PublicKey, SigningKey};
 pub use writer::{
     session_path, Fsync, OnOverflow, Recorder, RecorderHandle, RecorderSettings, RecordingSink,
     ShutdownReport,

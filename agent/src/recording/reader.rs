@@ -16,6 +16,8 @@ use super::format::{
     Event, EventRecord, Header, Record, Trailer, FILE_EXTENSION, FORMAT_NAME, FORMAT_VERSION,
     MAX_RECORD_LEN,
 };
+pub use super::signing::SignatureStatus;
+use super::signing::{check_signature, PublicKey};
 use super::writer::rfc3339_millis;
 
 /// A recording read back: its complete records, in order.
@@ -334,16 +336,6 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Whether the trailer is signed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SignatureStatus {
-    /// No signature (or no trailer).
-    Unsigned,
-    /// A signature is present; this version does not check signatures.
-    PresentNotChecked,
-}
-
 /// What [`verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VerifyReport {
@@ -361,6 +353,9 @@ pub struct VerifyReport {
     pub problem: Option<LocatedProblem>,
     /// The signature's state.
     pub signature: SignatureStatus,
+    /// Whether trusted public keys were given (then a recording must be
+    /// signed by one of them).
+    pub keys_given: bool,
 }
 
 /// A problem and where it is.
@@ -375,25 +370,34 @@ pub struct LocatedProblem {
 }
 
 impl VerifyReport {
-    /// True when the recording is whole and untouched.
+    /// True when the recording is whole and untouched, and signed by a
+    /// given key when keys were given.
     pub fn ok(&self) -> bool {
-        self.problem.is_none()
+        self.problem.is_none() && !self.signature.fails(self.keys_given)
     }
 }
 
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.problem {
+            None if self.signature.fails(self.keys_given) => write!(
+                f,
+                "{}: FAILED: chain intact and trailer matches ({} records), but {}",
+                self.path.display(),
+                self.records_ok,
+                match self.signature {
+                    SignatureStatus::Unsigned =>
+                        "it is unsigned and a public key was given".to_string(),
+                    ref other => other.to_string(),
+                }
+            ),
             None => write!(
                 f,
-                "{}: ok ({} records, {} events, chain intact, trailer matches{})",
+                "{}: ok ({} records, {} events, chain intact, trailer matches, {})",
                 self.path.display(),
                 self.records_ok,
                 self.events_ok,
-                match self.signature {
-                    SignatureStatus::Unsigned => ", unsigned",
-                    SignatureStatus::PresentNotChecked => ", signature present but not checked",
-                }
+                self.signature
             ),
             Some(p) => write!(
                 f,
@@ -409,15 +413,23 @@ impl fmt::Display for VerifyReport {
 }
 
 /// Verifies a recording file: framing, header, chain, sequence, time,
-/// trailer, and that the header's session id is the file's name.
+/// trailer, and that the header's session id is the file's name. A
+/// signature is reported as present, not checked: see [`verify_signed`].
 pub fn verify(path: impl AsRef<Path>) -> VerifyReport {
+    verify_signed(path, &[])
+}
+
+/// Like [`verify`], and checks the trailer's signature against `keys` (the
+/// trusted public keys). With keys given, an unsigned recording, one
+/// signed by another key, or a bad signature fails.
+pub fn verify_signed(path: impl AsRef<Path>, keys: &[PublicKey]) -> VerifyReport {
     let path = path.as_ref();
     let named = path
         .file_stem()
         .and_then(|s| s.to_str())
         .and_then(|s| Uuid::parse_str(s).ok());
     match File::open(path) {
-        Ok(file) => verify_from(BufReader::new(file), path, named),
+        Ok(file) => verify_from(BufReader::new(file), path, named, keys),
         Err(e) => VerifyReport {
             path: path.to_path_buf(),
             records_ok: 0,
@@ -432,13 +444,19 @@ pub fn verify(path: impl AsRef<Path>) -> VerifyReport {
                 },
             }),
             signature: SignatureStatus::Unsigned,
+            keys_given: !keys.is_empty(),
         },
     }
 }
 
 /// Verifies a recording from a byte stream; `expected` is the session id
-/// the file is named after, when known.
-pub fn verify_from(r: impl Read, path: &Path, expected: Option<Uuid>) -> VerifyReport {
+/// the file is named after, when known; `keys` as in [`verify_signed`].
+pub fn verify_from(
+    r: impl Read,
+    path: &Path,
+    expected: Option<Uuid>,
+    keys: &[PublicKey],
+) -> VerifyReport {
     let mut report = VerifyReport {
         path: path.to_path_buf(),
         records_ok: 0,
@@ -447,7 +465,9 @@ pub fn verify_from(r: impl Read, path: &Path, expected: Option<Uuid>) -> VerifyR
         truncated_at: None,
         problem: None,
         signature: SignatureStatus::Unsigned,
+        keys_given: !keys.is_empty(),
     };
+    let mut session = None;
     let mut frames = FrameReader::new(r);
     let mut prev: Option<String> = None;
     let mut last_t = 0u64;
@@ -498,6 +518,9 @@ pub fn verify_from(r: impl Read, path: &Path, expected: Option<Uuid>) -> VerifyR
             (None, record) => {
                 if let Some(why) = header_problem(&record) {
                     break Some((index, offset, Problem::BadHeader { why }));
+                }
+                if let Record::Header(h) = &record {
+                    session = Some(h.session);
                 }
                 match (record, expected) {
                     (Record::Header(h), Some(file)) if h.session != file => {
@@ -566,8 +589,8 @@ pub fn verify_from(r: impl Read, path: &Path, expected: Option<Uuid>) -> VerifyR
                     }),
                     None => {
                         report.complete = true;
-                        if t.signature.is_some() {
-                            report.signature = SignatureStatus::PresentNotChecked;
+                        if let Some(id) = session {
+                            report.signature = check_signature(id, &t, keys);
                         }
                         None
                     }
@@ -771,12 +794,14 @@ pub fn locate(dir: impl AsRef<Path>, id: Uuid) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn day_key(t: SystemTime) -> String {
+/// `YYYY/MM/DD` of a time, in UTC.
+pub(crate) fn day_key(t: SystemTime) -> String {
     let s = rfc3339_millis(t);
     s.get(0..10).unwrap_or_default().replace('-', "/")
 }
 
-fn day_key_of_path(day: &Path) -> Option<String> {
+/// `YYYY/MM/DD` of a day directory's path.
+pub(crate) fn day_key_of_path(day: &Path) -> Option<String> {
     let mut parts: Vec<&str> = day
         .components()
         .rev()
@@ -788,7 +813,7 @@ fn day_key_of_path(day: &Path) -> Option<String> {
 }
 
 /// `<dir>/YYYY/MM/DD` directories, sorted.
-fn day_dirs(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn day_dirs(dir: &Path) -> Vec<PathBuf> {
     let digits = |p: &Path, n: usize| {
         p.file_name()
             .and_then(|s| s.to_str())
@@ -813,7 +838,8 @@ fn day_dirs(dir: &Path) -> Vec<PathBuf> {
     days
 }
 
-fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
+/// The entries of a directory, sorted by path (none when unreadable).
+pub(crate) fn sorted_entries(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()

@@ -1,9 +1,13 @@
 //! Human and machine renderings of a [`Recording`]: the transcript that
-//! `tollgate recordings show` prints and the JSON lines of `export`.
+//! `tollgate recordings show` prints, the paced timeline of `replay`, and
+//! the JSON lines of `export`. `show` and `replay` share the per-event
+//! formatting, so they print the same lines.
 
 use std::fmt::Write as _;
+use std::io;
+use std::time::Duration;
 
-use super::format::{Event, Header, Record};
+use super::format::{Event, EventRecord, Header, Record};
 use super::reader::Recording;
 
 struct Paint {
@@ -42,9 +46,89 @@ impl Paint {
 /// the close. `color` adds ANSI colours (for a terminal).
 pub fn render_transcript(rec: &Recording, color: bool) -> String {
     let p = Paint { on: color };
+    let mut out = opening(rec, &p);
+    for e in rec.events() {
+        out.push_str(&event_lines(&p, e));
+    }
+    out.push_str(&closing(rec, &p));
+    out
+}
+
+/// How [`replay`] paces the timeline.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplayOptions {
+    /// How many times faster than real time: 1 is real time, 10 ten times
+    /// faster; 0 (or anything not above 0) prints without waiting.
+    pub speed: f64,
+    /// The longest wait between two events, whatever the recording says
+    /// (idle stretches are cut to this), when set.
+    pub max_wait: Option<Duration>,
+    /// ANSI colours (for a terminal).
+    pub color: bool,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions {
+            speed: 1.0,
+            max_wait: None,
+            color: false,
+        }
+    }
+}
+
+impl ReplayOptions {
+    /// The wait before an event `gap_us` microseconds after the previous one.
+    pub fn delay(&self, gap_us: u64) -> Duration {
+        if !self.speed.is_finite() || self.speed <= 0.0 {
+            return Duration::ZERO;
+        }
+        let secs = gap_us as f64 / 1e6 / self.speed;
+        // A tiny speed would overflow Duration: bounded by a day first.
+        let d = Duration::from_secs_f64(secs.min(86_400.0));
+        match self.max_wait {
+            Some(max) => d.min(max),
+            None => d,
+        }
+    }
+}
+
+/// Prints the session's timeline to `out` as `show` would, waiting between
+/// events as long as the recorded monotonic offsets say (divided by
+/// `speed`). `sleep` does the waiting (`std::thread::sleep` in the CLI);
+/// `out` is flushed after every event so a pipe sees it live. Returns the
+/// total time waited.
+pub fn replay(
+    rec: &Recording,
+    options: &ReplayOptions,
+    out: &mut dyn io::Write,
+    sleep: &mut dyn FnMut(Duration),
+) -> io::Result<Duration> {
+    let p = Paint { on: options.color };
+    out.write_all(opening(rec, &p).as_bytes())?;
+    out.flush()?;
+    let mut waited = Duration::ZERO;
+    let mut last_t = 0u64;
+    for e in rec.events() {
+        let delay = options.delay(e.t_us.saturating_sub(last_t));
+        last_t = last_t.max(e.t_us);
+        if !delay.is_zero() {
+            sleep(delay);
+            waited += delay;
+        }
+        out.write_all(event_lines(&p, e).as_bytes())?;
+        out.flush()?;
+    }
+    out.write_all(closing(rec, &p).as_bytes())?;
+    out.flush()?;
+    Ok(waited)
+}
+
+/// The header block (or why there is none).
+fn opening(rec: &Recording, p: &Paint) -> String {
     let mut out = String::new();
     match rec.header() {
-        Some(h) => header_lines(&mut out, &p, h),
+        Some(h) => header_lines(&mut out, p, h),
         None => {
             let _ = writeln!(
                 out,
@@ -54,87 +138,97 @@ pub fn render_transcript(rec: &Recording, color: bool) -> String {
             );
         }
     }
-    for e in rec.events() {
-        let t = p.dim(&format!("+{:>10.3}s", e.t_us as f64 / 1e6));
-        match &e.event {
-            Event::UpstreamConnected { peer, connect_us } => {
+    out
+}
+
+/// The lines of one event, its offset from the start first.
+fn event_lines(p: &Paint, e: &EventRecord) -> String {
+    let mut out = String::new();
+    let t = p.dim(&format!("+{:>10.3}s", e.t_us as f64 / 1e6));
+    match &e.event {
+        Event::UpstreamConnected { peer, connect_us } => {
+            let _ = writeln!(
+                out,
+                "{t}  upstream connected to {peer} in {:.1} ms",
+                *connect_us as f64 / 1e3
+            );
+        }
+        Event::Startup {
+            user,
+            database,
+            application_name,
+        } => {
+            let _ = writeln!(
+                out,
+                "{t}  start-up: user {} database {}{}",
+                user.as_deref().unwrap_or("?"),
+                database.as_deref().or(user.as_deref()).unwrap_or("?"),
+                application_name
+                    .as_deref()
+                    .map(|a| format!(" application {a}"))
+                    .unwrap_or_default()
+            );
+        }
+        Event::Statement(s) => {
+            let rule = match &s.rule {
+                Some(r) => format!("rule {r}"),
+                None => "default".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "{t}  {} {}  [{rule}] {}",
+                p.verdict(&s.action, s.refused),
+                p.bold(&s.command),
+                s.reason
+            );
+            for line in s.text.lines() {
+                let _ = writeln!(out, "{:13}    {line}", "");
+            }
+            if let Some(len) = s.text_len {
                 let _ = writeln!(
                     out,
-                    "{t}  upstream connected to {peer} in {:.1} ms",
-                    *connect_us as f64 / 1e3
+                    "{:13}    {}",
+                    "",
+                    p.dim(&format!("(text cut: {len} bytes in the original)"))
                 );
-            }
-            Event::Startup {
-                user,
-                database,
-                application_name,
-            } => {
-                let _ = writeln!(
-                    out,
-                    "{t}  start-up: user {} database {}{}",
-                    user.as_deref().unwrap_or("?"),
-                    database.as_deref().or(user.as_deref()).unwrap_or("?"),
-                    application_name
-                        .as_deref()
-                        .map(|a| format!(" application {a}"))
-                        .unwrap_or_default()
-                );
-            }
-            Event::Statement(s) => {
-                let rule = match &s.rule {
-                    Some(r) => format!("rule {r}"),
-                    None => "default".to_string(),
-                };
-                let _ = writeln!(
-                    out,
-                    "{t}  {} {}  [{rule}] {}",
-                    p.verdict(&s.action, s.refused),
-                    p.bold(&s.command),
-                    s.reason
-                );
-                for line in s.text.lines() {
-                    let _ = writeln!(out, "{:13}    {line}", "");
-                }
-                if let Some(len) = s.text_len {
-                    let _ = writeln!(
-                        out,
-                        "{:13}    {}",
-                        "",
-                        p.dim(&format!("(text cut: {len} bytes in the original)"))
-                    );
-                }
-            }
-            Event::Closed {
-                bytes_from_client,
-                bytes_from_upstream,
-                duration_us,
-                reason,
-            } => {
-                let _ = writeln!(
-                    out,
-                    "{t}  {}: {reason} after {:.3}s ({bytes_from_client} bytes from the client, {bytes_from_upstream} from the upstream)",
-                    p.bold("closed"),
-                    *duration_us as f64 / 1e6
-                );
-            }
-            Event::EventsLost { count } => {
-                let _ = writeln!(
-                    out,
-                    "{t}  {}",
-                    p.wrap(
-                        "1;31",
-                        &format!("{count} events lost here (recorder queue full)")
-                    )
-                );
-            }
-            Event::RecordingStopped { reason } => {
-                let _ = writeln!(out, "{t}  {}: {reason}", p.bold("recording stopped"));
-            }
-            Event::Unknown => {
-                let _ = writeln!(out, "{t}  (an event type this version does not know)");
             }
         }
+        Event::Closed {
+            bytes_from_client,
+            bytes_from_upstream,
+            duration_us,
+            reason,
+        } => {
+            let _ = writeln!(
+                out,
+                "{t}  {}: {reason} after {:.3}s ({bytes_from_client} bytes from the client, {bytes_from_upstream} from the upstream)",
+                p.bold("closed"),
+                *duration_us as f64 / 1e6
+            );
+        }
+        Event::EventsLost { count } => {
+            let _ = writeln!(
+                out,
+                "{t}  {}",
+                p.wrap(
+                    "1;31",
+                    &format!("{count} events lost here (recorder queue full)")
+                )
+            );
+        }
+        Event::RecordingStopped { reason } => {
+            let _ = writeln!(out, "{t}  {}: {reason}", p.bold("recording stopped"));
+        }
+        Event::Unknown => {
+            let _ = writeln!(out, "{t}  (an event type this version does not know)");
+        }
     }
+    out
+}
+
+/// The counts, and whether the recording is incomplete.
+fn closing(rec: &Recording, p: &Paint) -> String {
+    let mut out = String::new();
     let _ = writeln!(
         out,
         "{} statements, {} denied{}",

@@ -377,7 +377,7 @@ fn a_file_cut_at_every_byte_reads_up_to_its_last_complete_record() {
             "cut at {cut}"
         );
 
-        let report = verify_from(Cursor::new(part), name, None);
+        let report = verify_from(Cursor::new(part), name, None, &[]);
         if cut == bytes.len() {
             assert!(report.ok(), "{report}");
             continue;
@@ -409,12 +409,12 @@ fn a_flipped_byte_anywhere_is_detected_by_verify() {
     let (info, path) = record_session(tmp.path(), Fsync::OnClose);
     let bytes = std::fs::read(&path).unwrap();
     let name = Path::new("flip.tgrec");
-    assert!(verify_from(Cursor::new(&bytes), name, Some(info.id)).ok());
+    assert!(verify_from(Cursor::new(&bytes), name, Some(info.id), &[]).ok());
     for at in 0..bytes.len() {
         for mask in [0x01u8, 0x20, 0x80] {
             let mut damaged = bytes.clone();
             damaged[at] ^= mask;
-            let report = verify_from(Cursor::new(&damaged), name, Some(info.id));
+            let report = verify_from(Cursor::new(&damaged), name, Some(info.id), &[]);
             assert!(
                 !report.ok(),
                 "flipping byte {at} with {mask:#04x} went unnoticed"
@@ -434,7 +434,7 @@ fn verify_names_the_first_bad_record() {
     let at = bytes.windows(10).position(|w| w == b"drop table").unwrap();
     let mut damaged = bytes.clone();
     damaged[at] = b'D';
-    let report = verify_from(Cursor::new(&damaged), name, Some(info.id));
+    let report = verify_from(Cursor::new(&damaged), name, Some(info.id), &[]);
     let p = report.problem.unwrap();
     // Detected at the next record, whose prev no longer matches.
     let victim = ends.iter().filter(|&&e| e <= at).count();
@@ -445,11 +445,11 @@ fn verify_names_the_first_bad_record() {
     // Dropping a whole record breaks the chain too.
     let mut cut = bytes[..ends[3]].to_vec();
     cut.extend_from_slice(&bytes[ends[4]..]);
-    let report = verify_from(Cursor::new(&cut), name, Some(info.id));
+    let report = verify_from(Cursor::new(&cut), name, Some(info.id), &[]);
     assert_eq!(report.problem.unwrap().record, 4);
 
     // A file renamed to another session's id.
-    let report = verify_from(Cursor::new(&bytes), name, Some(Uuid::now_v7()));
+    let report = verify_from(Cursor::new(&bytes), name, Some(Uuid::now_v7()), &[]);
     assert!(matches!(
         report.problem.unwrap().problem,
         Problem::WrongSession { .. }
@@ -458,7 +458,7 @@ fn verify_names_the_first_bad_record() {
     // Anything after the trailer.
     let mut extra = bytes.clone();
     extra.extend_from_slice(&bytes[ends[0]..ends[1]]);
-    let p = verify_from(Cursor::new(&extra), name, None)
+    let p = verify_from(Cursor::new(&extra), name, None, &[])
         .problem
         .unwrap();
     assert_eq!(p.problem, Problem::AfterTrailer);
@@ -473,7 +473,9 @@ fn oversized_lengths_and_trailing_bytes_are_errors_not_allocations() {
         read_from(Cursor::new(&huge), name),
         Err(ReadError::TooLarge { offset: 0, .. })
     ));
-    let p = verify_from(Cursor::new(&huge), name, None).problem.unwrap();
+    let p = verify_from(Cursor::new(&huge), name, None, &[])
+        .problem
+        .unwrap();
     assert_eq!(p.problem, Problem::TooLarge { len: u32::MAX });
 
     let just_over = (MAX_RECORD_LEN + 1).to_be_bytes();
@@ -831,4 +833,451 @@ fn long_statement_text_is_cut_on_a_character_boundary() {
     assert!(s.text.len() <= MAX_TEXT_LEN && s.text.len() > MAX_TEXT_LEN - 2);
     assert!(text.starts_with(&s.text));
     assert_eq!(s.text_len, Some(text.len() as u64));
+}
+
+// ---- Signatures ----
+
+/// Re-encodes `records` as a file with a valid chain and trailer counts,
+/// keeping the trailer's signature as it is: what someone who edits a
+/// recording and recomputes every hash produces.
+fn rechain(records: &[Record]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut prev = String::new();
+    let (mut events, mut statements, mut denied) = (0u64, 0u64, 0u64);
+    for r in records {
+        let r = match r.clone() {
+            Record::Header(h) => Record::Header(h),
+            Record::Event(mut e) => {
+                e.prev = prev.clone();
+                events += 1;
+                if let Event::Statement(s) = &e.event {
+                    statements += 1;
+                    denied += u64::from(s.refused);
+                }
+                Record::Event(e)
+            }
+            Record::Trailer(mut t) => {
+                t.prev = prev.clone();
+                t.chain_head = prev.clone();
+                (t.events, t.statements, t.denied) = (events, statements, denied);
+                Record::Trailer(t)
+            }
+        };
+        let frame = encode_frame(&r).unwrap();
+        prev = frame_hash(&frame);
+        out.extend_from_slice(&frame);
+    }
+    out
+}
+
+fn signed_session(dir: &Path) -> (Arc<SessionInfo>, PathBuf, PublicKey) {
+    let generated = generate_key(&dir.join("recording.key")).unwrap();
+    let key = SigningKey::load(&generated.private).unwrap();
+    assert_eq!(*key.public_key(), generated.public);
+    let mut s = settings(&dir.join("rec"), Fsync::OnClose);
+    s.signing_key = Some(Arc::new(key));
+    let (sink, handle) = Recorder::start(s).unwrap();
+    assert_eq!(
+        sink.signing_key_id(),
+        Some(generated.public.key_id().as_str())
+    );
+    let info = info("orders-prod", "runner", Some("acme/shop"));
+    for e in session_events(&info) {
+        sink.emit(&e);
+    }
+    handle.shutdown();
+    let path = session_path(&dir.join("rec"), info.id, info.started_at);
+    (info, path, generated.public)
+}
+
+#[test]
+fn a_signed_recording_verifies_with_its_public_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (info, path, public) = signed_session(tmp.path());
+    let rec = read_recording(&path).unwrap();
+    let t = rec.trailer().unwrap();
+    let sig = t.signature.as_ref().unwrap();
+    assert_eq!(sig.algorithm, "ed25519");
+    assert_eq!(sig.key_id, public.key_id());
+    assert_eq!(sig.public_key, public.to_hex());
+    assert_eq!(sig.value.len(), 128);
+
+    let report = verify_signed(&path, &[public]);
+    assert!(report.ok(), "{report}");
+    assert_eq!(
+        report.signature,
+        SignatureStatus::Valid {
+            key_id: public.key_id()
+        }
+    );
+    assert!(report.to_string().contains("signature valid"), "{report}");
+
+    // Without a key the chain is checked and the signature only reported.
+    let report = verify(&path);
+    assert!(report.ok(), "{report}");
+    assert!(matches!(
+        report.signature,
+        SignatureStatus::PresentNotChecked { .. }
+    ));
+    assert!(report.to_string().contains("not checked"), "{report}");
+
+    // Another key (a rotation list that lacks the signer) fails.
+    let other = generate_key(&tmp.path().join("other.key")).unwrap().public;
+    let report = verify_signed(&path, &[other]);
+    assert!(!report.ok());
+    assert!(matches!(
+        report.signature,
+        SignatureStatus::UnknownKey { .. }
+    ));
+    assert!(report.to_string().contains("FAILED"), "{report}");
+    assert!(verify_signed(&path, &[other, public]).ok());
+
+    // The signature is over exactly the documented bytes.
+    let message = format!(
+        "tollgate-recording/1\n{}\n{}\n7\n4\n2\n0",
+        info.id, t.chain_head
+    );
+    assert_eq!(signing::signed_message(info.id, t), message.as_bytes());
+    let sig = hex::decode(&sig.value).unwrap();
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ED25519,
+        hex::decode(public.to_hex()).unwrap(),
+    )
+    .verify(message.as_bytes(), &sig)
+    .unwrap();
+}
+
+#[test]
+fn an_edited_and_rechained_recording_fails_the_signature() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (info, path, public) = signed_session(tmp.path());
+    let mut records = read_recording(&path).unwrap().records;
+    // Hide the denied DROP: rewrite it as allowed, recompute every hash.
+    for r in &mut records {
+        if let Record::Event(EventRecord {
+            event: Event::Statement(s),
+            ..
+        }) = r
+        {
+            if s.text == "drop table orders" {
+                s.action = "allow".into();
+                s.refused = false;
+            }
+        }
+    }
+    let forged = rechain(&records);
+    let name = Path::new("forged.tgrec");
+    // The chain alone cannot tell: it was recomputed.
+    let unchecked = verify_from(Cursor::new(&forged), name, Some(info.id), &[]);
+    assert!(unchecked.ok(), "{unchecked}");
+    let report = verify_from(Cursor::new(&forged), name, Some(info.id), &[public]);
+    assert!(!report.ok());
+    assert!(
+        matches!(report.signature, SignatureStatus::Invalid { .. }),
+        "{report}"
+    );
+    assert!(report.to_string().contains("INVALID"), "{report}");
+
+    // Dropping the signature instead: unsigned, which fails when a key is given.
+    if let Some(Record::Trailer(t)) = records.last_mut() {
+        t.signature = None;
+    }
+    let stripped = rechain(&records);
+    let report = verify_from(Cursor::new(&stripped), name, Some(info.id), &[public]);
+    assert!(!report.ok());
+    assert_eq!(report.signature, SignatureStatus::Unsigned);
+    assert!(report.to_string().contains("unsigned"), "{report}");
+    assert!(verify_from(Cursor::new(&stripped), name, Some(info.id), &[]).ok());
+}
+
+#[test]
+fn unsigned_recordings_fail_only_when_a_key_is_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, path) = record_session(tmp.path(), Fsync::OnClose);
+    let bytes = std::fs::read(&path).unwrap();
+    // Unsigned trailers carry no signature field at all, as before signing.
+    assert!(!bytes.windows(9).any(|w| w == b"signature"));
+    assert_eq!(verify(&path).signature, SignatureStatus::Unsigned);
+    assert!(verify(&path).ok());
+    let key = generate_key(&tmp.path().join("k")).unwrap().public;
+    let report = verify_signed(&path, &[key]);
+    assert!(!report.ok());
+    assert!(
+        report
+            .to_string()
+            .contains("unsigned and a public key was given"),
+        "{report}"
+    );
+}
+
+#[test]
+fn keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("signing.key");
+    let key = generate_key(&out).unwrap();
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let pem_text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        pem_text.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "{pem_text}"
+    );
+    assert_eq!(key.public_path, tmp.path().join("signing.key.pub"));
+    let public_text = std::fs::read_to_string(&key.public_path).unwrap();
+    assert_eq!(public_text, format!("{}\n", key.public.to_hex()));
+    assert_eq!(PublicKey::load(&key.public_path).unwrap(), key.public);
+    assert_eq!(key.public.key_id().len(), 16);
+
+    let again = generate_key(&out).unwrap_err();
+    assert!(again.to_string().contains("already exists"), "{again}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), pem_text);
+
+    // DER works as well as PEM (openssl's `-outform DER`).
+    let der = pem::parse(&pem_text).unwrap().into_contents();
+    let der_path = tmp.path().join("signing.der");
+    std::fs::write(&der_path, &der).unwrap();
+    assert_eq!(
+        *SigningKey::load(&der_path).unwrap().public_key(),
+        key.public
+    );
+}
+
+#[test]
+fn keys_in_the_wrong_shape_are_refused_with_a_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: &[u8]| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let cert = write(
+        "cert.pem",
+        b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    );
+    let e = SigningKey::load(&cert).unwrap_err().to_string();
+    assert!(e.contains("not a PKCS#8"), "{e}");
+    let junk = write("junk.key", b"hello");
+    let e = SigningKey::load(&junk).unwrap_err().to_string();
+    assert!(e.contains("keygen"), "{e}");
+    let e = SigningKey::load(&tmp.path().join("missing"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing"), "{e}");
+
+    assert!(PublicKey::parse(b"abcd").unwrap_err().contains("2 bytes"));
+    assert!(PublicKey::parse(b"not hex at all").is_err());
+    // An openssl `pkey -pubout` PEM: SubjectPublicKeyInfo for ed25519.
+    let key = generate_key(&tmp.path().join("k")).unwrap().public;
+    let mut spki = vec![
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    spki.extend_from_slice(&hex::decode(key.to_hex()).unwrap());
+    let pem_text = pem::encode(&pem::Pem::new("PUBLIC KEY", spki));
+    assert_eq!(PublicKey::parse(pem_text.as_bytes()).unwrap(), key);
+}
+
+// ---- Retention ----
+
+fn days_ago(n: u64) -> SystemTime {
+    SystemTime::now() - Duration::from_secs(n * 86_400)
+}
+
+/// A recording file of `len` bytes for a session started `age_days` ago,
+/// last written then.
+fn aged_file(dir: &Path, age_days: u64, len: usize) -> (Uuid, PathBuf) {
+    let id = Uuid::now_v7();
+    let at = days_ago(age_days);
+    let path = session_path(dir, id, at);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, vec![0u8; len]).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(at)
+        .unwrap();
+    (id, path)
+}
+
+#[test]
+fn retention_by_age_removes_old_closed_files_and_their_empty_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (_, old) = aged_file(dir, 40, 100);
+    let (open_id, old_but_open) = aged_file(dir, 35, 100);
+    let (_, recent) = aged_file(dir, 2, 100);
+    let (_, today) = aged_file(dir, 0, 100);
+    let stray = old.parent().unwrap().join("notes.txt");
+    std::fs::write(&stray, b"not a recording").unwrap();
+    // An empty day directory from a year ago, and today's, empty.
+    let empty_old = dir.join("2001/01/01");
+    std::fs::create_dir_all(&empty_old).unwrap();
+    let policy = Retention {
+        max_age: Some(Duration::from_secs(30 * 86_400)),
+        max_total_size: None,
+    };
+    let report = prune(dir, &policy, SystemTime::now(), &|id| *id == open_id);
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    assert_eq!(report.removed[0].path, old);
+    assert_eq!(report.removed[0].reason, retention::RemoveReason::Age);
+    assert_eq!(report.freed(), 100);
+    assert!(!old.exists());
+    assert!(
+        old_but_open.exists(),
+        "a file being written is never removed"
+    );
+    assert!(recent.exists() && today.exists());
+    // The old day keeps the stray file, so it stays; the empty one from
+    // 2001 goes with its month and year.
+    assert!(stray.exists());
+    assert!(!dir.join("2001").exists(), "{report:?}");
+    assert!(report.dirs_removed.contains(&empty_old));
+    assert_eq!((report.kept_files, report.kept_bytes), (3, 300));
+    assert!(report.errors.is_empty(), "{report:?}");
+}
+
+#[test]
+fn retention_by_size_removes_the_least_recently_written_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (_, a) = aged_file(dir, 9, 400);
+    let (open_id, b) = aged_file(dir, 8, 400);
+    let (_, c) = aged_file(dir, 7, 400);
+    let (_, d) = aged_file(dir, 1, 400);
+    let policy = Retention {
+        max_age: None,
+        max_total_size: Some(1000),
+    };
+    let report = prune(dir, &policy, SystemTime::now(), &|id| *id == open_id);
+    // 1600 bytes: a goes (1200), b is open and skipped, c goes (800).
+    let removed: Vec<&PathBuf> = report.removed.iter().map(|r| &r.path).collect();
+    assert_eq!(removed, vec![&a, &c], "{report:?}");
+    assert!(report
+        .removed
+        .iter()
+        .all(|r| r.reason == retention::RemoveReason::Size));
+    assert!(b.exists() && d.exists());
+    assert_eq!(report.kept_bytes, 800);
+    // The emptied day directories are gone, the parents with files stay.
+    assert!(!a.parent().unwrap().exists());
+    assert!(!c.parent().unwrap().exists());
+    assert!(b.parent().unwrap().exists());
+
+    // Nothing over budget: nothing removed; no limits: a no-op.
+    assert!(prune(dir, &policy, SystemTime::now(), &|_| false)
+        .removed
+        .is_empty());
+    let off = prune(dir, &Retention::default(), SystemTime::now(), &|_| false);
+    assert_eq!(off, PruneReport::default());
+}
+
+#[test]
+fn retention_never_removes_a_live_recorders_open_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, handle) = Recorder::start(settings(tmp.path(), Fsync::EveryEvent)).unwrap();
+    let info = info("t", "u", None);
+    let path = session_path(tmp.path(), info.id, info.started_at);
+    sink.emit(&SessionEvent::Started(Arc::clone(&info)));
+    wait_for("the session file", || path.is_file());
+    assert!(sink.is_writing(&info.id));
+    // The session started in 2025: far older than a day, and over a 1-byte
+    // budget; still open, so kept.
+    let policy = Retention {
+        max_age: Some(Duration::from_secs(86_400)),
+        max_total_size: Some(1),
+    };
+    let later = SystemTime::now() + Duration::from_secs(10 * 86_400);
+    let report = prune(tmp.path(), &policy, later, &|id| sink.is_writing(id));
+    assert!(report.removed.is_empty(), "{report:?}");
+    assert!(path.is_file());
+    for e in &session_events(&info)[1..] {
+        sink.emit(e);
+    }
+    wait_for("the session to close", || !sink.is_writing(&info.id));
+    handle.shutdown();
+    assert!(verify(&path).ok());
+    let report = prune(tmp.path(), &policy, later, &|id| sink.is_writing(id));
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    assert!(!path.exists());
+}
+
+// ---- Replay ----
+
+/// A recorded session whose events are `gaps_ms` apart.
+fn paced_recording(dir: &Path, gaps_ms: &[u64]) -> Recording {
+    let (_, path) = record_session(dir, Fsync::OnClose);
+    let mut rec = read_recording(&path).unwrap();
+    let mut t = 0;
+    let mut gaps = gaps_ms.iter();
+    for r in &mut rec.records {
+        if let Record::Event(e) = r {
+            t += gaps.next().copied().unwrap_or(0) * 1000;
+            e.t_us = t;
+        }
+    }
+    rec
+}
+
+#[test]
+fn replay_waits_the_recorded_gaps_divided_by_the_speed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = paced_recording(tmp.path(), &[0, 100, 200, 0, 1000, 50, 3000]);
+    let mut waits = Vec::new();
+    let mut out = Vec::new();
+    let options = ReplayOptions {
+        speed: 10.0,
+        ..ReplayOptions::default()
+    };
+    let total = replay(&rec, &options, &mut out, &mut |d| waits.push(d)).unwrap();
+    let ms: Vec<u128> = waits.iter().map(|d| d.as_millis()).collect();
+    assert_eq!(ms, vec![10, 20, 100, 5, 300]);
+    assert_eq!(total, Duration::from_millis(435));
+    // The same lines as `show`.
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        render_transcript(&rec, false)
+    );
+
+    let capped = ReplayOptions {
+        speed: 1.0,
+        max_wait: Some(Duration::from_millis(500)),
+        color: false,
+    };
+    waits.clear();
+    replay(&rec, &capped, &mut Vec::new(), &mut |d| waits.push(d)).unwrap();
+    let ms: Vec<u128> = waits.iter().map(|d| d.as_millis()).collect();
+    assert_eq!(ms, vec![100, 200, 500, 50, 500]);
+
+    for speed in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        let opts = ReplayOptions {
+            speed,
+            ..ReplayOptions::default()
+        };
+        let mut slept = false;
+        let total = replay(&rec, &opts, &mut Vec::new(), &mut |_| slept = true).unwrap();
+        assert!(!slept && total.is_zero(), "speed {speed}");
+    }
+}
+
+#[test]
+fn replay_at_a_fast_speed_really_sleeps_and_keeps_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 2.4 s of recorded time at 40x: about 60 ms of real waiting.
+    let rec = paced_recording(tmp.path(), &[0, 400, 400, 400, 400, 400, 400]);
+    let options = ReplayOptions {
+        speed: 40.0,
+        ..ReplayOptions::default()
+    };
+    let began = Instant::now();
+    let mut out = Vec::new();
+    replay(&rec, &options, &mut out, &mut std::thread::sleep).unwrap();
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(60), "{took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let text = String::from_utf8(out).unwrap();
+    let drop_at = text.find("drop table orders").unwrap();
+    let select_at = text.find("select * from orders").unwrap();
+    assert!(select_at < drop_at);
+    assert!(text.contains("+     2.400s"), "{text}");
 }

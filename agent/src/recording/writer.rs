@@ -8,7 +8,7 @@
 //! `events_lost` record where the file is still writable, and the failure is
 //! latched in [`RecordingSink::failure`] for the proxy to act on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -26,6 +26,7 @@ use super::format::{
     CloseRecord, Event, EventRecord, Header, KernelRecord, Record, StatementRecord, Trailer,
     FILE_EXTENSION, FORMAT_NAME, FORMAT_VERSION, MAX_TEXT_LEN,
 };
+use super::signing::SigningKey;
 use crate::events::{EventSink, SessionEvent, SessionInfo};
 
 /// Most messages handled before the writer flushes.
@@ -73,6 +74,8 @@ pub struct RecorderSettings {
     /// Digest of the policy in force, written in headers (see also
     /// [`RecordingSink::set_policy_digest`]).
     pub policy_digest: Option<String>,
+    /// The key every trailer is signed with, when configured.
+    pub signing_key: Option<Arc<SigningKey>>,
 }
 
 impl RecorderSettings {
@@ -92,6 +95,7 @@ impl RecorderSettings {
             host,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             policy_digest: None,
+            signing_key: None,
         }
     }
 }
@@ -127,6 +131,12 @@ impl Recorder {
             policy_digest: Mutex::new(settings.policy_digest.as_deref().map(Arc::from)),
             on_overflow: settings.on_overflow,
             capacity,
+            queued: AtomicU64::new(0),
+            writing: Mutex::new(HashSet::new()),
+            signing_key_id: settings
+                .signing_key
+                .as_ref()
+                .map(|k| k.public_key().key_id()),
         });
         let writer = Writer {
             rx,
@@ -135,6 +145,7 @@ impl Recorder {
             fsync: settings.fsync,
             host: settings.host,
             agent_version: settings.agent_version,
+            signing_key: settings.signing_key,
             open: HashMap::new(),
             last_sync: Instant::now(),
         };
@@ -178,6 +189,13 @@ struct Shared {
     policy_digest: Mutex<Option<Arc<str>>>,
     on_overflow: OnOverflow,
     capacity: usize,
+    /// Messages in the queue (sent, not yet taken by the writer).
+    queued: AtomicU64,
+    /// Sessions whose files the writer has open (or is creating): retention
+    /// never removes these.
+    writing: Mutex<HashSet<Uuid>>,
+    /// The signing key's id, when trailers are signed.
+    signing_key_id: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -281,6 +299,22 @@ impl RecordingSink {
     pub fn set_policy_digest(&self, digest: Option<String>) {
         *lock(&self.shared.policy_digest) = digest.map(Arc::from);
     }
+
+    /// Events waiting in the queue for the writer.
+    pub fn queued(&self) -> u64 {
+        self.shared.queued.load(Ordering::Relaxed)
+    }
+
+    /// Whether the writer has session `id`'s file open (or is creating
+    /// it): such a file must not be removed.
+    pub fn is_writing(&self, id: &Uuid) -> bool {
+        lock(&self.shared.writing).contains(id)
+    }
+
+    /// The id of the key trailers are signed with, when one is configured.
+    pub fn signing_key_id(&self) -> Option<&str> {
+        self.shared.signing_key_id.as_deref()
+    }
 }
 
 impl EventSink for RecordingSink {
@@ -294,7 +328,14 @@ impl EventSink for RecordingSink {
             event: event.clone(),
             policy_digest,
         };
-        match self.tx.try_send(msg) {
+        // Counted before the send so the writer's decrement never comes
+        // first; undone when the send fails.
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        let sent = self.tx.try_send(msg);
+        if sent.is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => self.shared.lose_queued(event, false),
             Err(TrySendError::Disconnected(_)) => self.shared.lose_queued(event, true),
@@ -371,6 +412,10 @@ struct SessionFile {
     lost: u64,
     dirty: bool,
     unsynced: bool,
+    /// Records (the header counts as one: it stands for the start event)
+    /// handed to the buffer since the last successful flush: lost if the
+    /// file fails now.
+    unconfirmed: u64,
 }
 
 struct Writer {
@@ -380,6 +425,7 @@ struct Writer {
     fsync: Fsync,
     host: String,
     agent_version: String,
+    signing_key: Option<Arc<SigningKey>>,
     open: HashMap<Uuid, SessionFile>,
     last_sync: Instant,
 }
@@ -441,7 +487,10 @@ impl Writer {
                 at,
                 event,
                 policy_digest,
-            } => (at, event, policy_digest),
+            } => {
+                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                (at, event, policy_digest)
+            }
         };
         let id = session_of(&event);
         if let SessionEvent::Started(info) = &event {
@@ -474,8 +523,8 @@ impl Writer {
             }
         };
         if let Err(e) = result {
+            // The event is among the file's unconfirmed records: counted.
             self.session_failed(&id, &e);
-            self.shared.count_lost(1);
             return false;
         }
         if closed {
@@ -486,11 +535,15 @@ impl Writer {
 
     fn open_session(&mut self, info: &SessionInfo, at: Instant, digest: Option<&str>) {
         let path = session_path(&self.dir, info.id, info.started_at);
+        // Marked before the file exists, so retention, which lists files
+        // first and then asks, never sees a new file unmarked.
+        lock(&self.shared.writing).insert(info.id);
         match self.create(info, &path, at, digest) {
             Ok(file) => {
                 self.open.insert(info.id, file);
             }
             Err(e) => {
+                lock(&self.shared.writing).remove(&info.id);
                 self.shared.count_lost(1);
                 self.shared.fail(format!(
                     "cannot create recording {}: {e}; check that the recording directory is writable and the disk has space",
@@ -508,12 +561,20 @@ impl Writer {
         digest: Option<&str>,
     ) -> io::Result<SessionFile> {
         let day = path.parent().unwrap_or(&self.dir);
-        DirBuilder::new().recursive(true).mode(0o750).create(day)?;
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o640)
-            .open(path)?;
+        let open = || {
+            DirBuilder::new().recursive(true).mode(0o750).create(day)?;
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(path)
+        };
+        // Retention may remove an empty date directory between the two
+        // steps (only at a day's turn): try once more.
+        let file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => open()?,
+            other => other?,
+        };
         if self.fsync != Fsync::OnClose {
             sync_dir(day)?;
         }
@@ -538,6 +599,7 @@ impl Writer {
             lost: 0,
             dirty: true,
             unsynced: true,
+            unconfirmed: 1,
         };
         if self.fsync == Fsync::EveryEvent {
             sync_file(&mut sf)?;
@@ -605,7 +667,7 @@ impl Writer {
         let Some(mut file) = self.open.remove(id) else {
             return;
         };
-        let trailer = Record::Trailer(Trailer {
+        let mut trailer = Trailer {
             prev: file.prev.clone(),
             chain_head: file.prev.clone(),
             events: file.next_seq,
@@ -613,7 +675,11 @@ impl Writer {
             denied: file.denied,
             lost: file.lost,
             signature: None,
-        });
+        };
+        if let Some(key) = &self.signing_key {
+            trailer.signature = Some(key.sign(*id, &trailer));
+        }
+        let trailer = Record::Trailer(trailer);
         let result = encode_frame(&trailer)
             .map_err(io::Error::other)
             .and_then(|frame| file.out.write_all(&frame))
@@ -626,11 +692,14 @@ impl Writer {
                 }
             });
         if let Err(e) = result {
+            self.shared.count_lost(file.unconfirmed);
             self.shared.fail(format!(
-                "cannot write recording {}: {e}",
+                "cannot write recording {}: {e}; check the disk has space",
                 file.path.display()
             ));
         }
+        drop(file);
+        lock(&self.shared.writing).remove(id);
     }
 
     fn close_all(&mut self, reason: &str) {
@@ -664,7 +733,10 @@ impl Writer {
         for (id, file) in &mut self.open {
             if file.dirty {
                 match file.out.flush() {
-                    Ok(()) => file.dirty = false,
+                    Ok(()) => {
+                        file.dirty = false;
+                        file.unconfirmed = 0;
+                    }
                     Err(e) => failed.push((*id, e)),
                 }
             }
@@ -693,10 +765,14 @@ impl Writer {
     /// stays readable) and latch the failure.
     fn session_failed(&mut self, id: &Uuid, e: &io::Error) {
         if let Some(file) = self.open.remove(id) {
+            // What sat in the buffer never reached the file whole: count it.
+            self.shared.count_lost(file.unconfirmed);
             self.shared.fail(format!(
                 "cannot write recording {}: {e}; check the disk has space",
                 file.path.display()
             ));
+            drop(file);
+            lock(&self.shared.writing).remove(id);
         }
     }
 }
@@ -706,6 +782,14 @@ fn write_event(file: &mut SessionFile, t_us: u64, event: Event, fsync: Fsync) ->
         Event::Statement(s) => (true, s.refused),
         _ => (false, false),
     };
+    // Counted before writing, so a failure from here on counts this event
+    // among the lost; the writer's own markers stand for no emitted event.
+    if !matches!(
+        event,
+        Event::EventsLost { .. } | Event::RecordingStopped { .. }
+    ) {
+        file.unconfirmed += 1;
+    }
     let record = Record::Event(EventRecord {
         seq: file.next_seq,
         t_us,
@@ -734,6 +818,7 @@ fn write_event(file: &mut SessionFile, t_us: u64, event: Event, fsync: Fsync) ->
 fn sync_file(file: &mut SessionFile) -> io::Result<()> {
     file.out.flush()?;
     file.dirty = false;
+    file.unconfirmed = 0;
     file.out.get_ref().sync_data()?;
     file.unsynced = false;
     Ok(())
