@@ -83,7 +83,8 @@ fn wait_drained(sink: &RecordingSink) {
 
 /// Runs `iters` statement events through `sink` in chunks, each chunk in a
 /// fresh session whose file is removed afterwards (so the disk holds one
-/// chunk at most). `timed` measures the emits only, or until drained.
+/// chunk at most). Times the emits alone, or with `until_drained` until
+/// the writer has taken every event.
 fn run(sink: &RecordingSink, dir: &Path, iters: u64, until_drained: bool) -> Duration {
     let mut total = Duration::ZERO;
     let mut left = iters;
