@@ -4,28 +4,35 @@
 # configurations, measured in the same run and interleaved (A B C D A B C D
 # ...), medians reported with the spread.
 #
-#   scripts/bench.sh [--quick] [--rounds N] [--json FILE]
+#   scripts/bench.sh [--quick] [--rounds N] [--json FILE] [--no-ebpf]
 #
 # Configurations:
-#   direct     pgbench -> PostgreSQL
-#   pgbouncer  pgbench -> pgbouncer (session pooling) -> PostgreSQL
-#   relay      pgbench -> tollgate, target protocol tcp (no parsing, recording on)
-#   full       pgbench -> tollgate, protocol postgres, a policy of 24 rules,
-#              every statement analysed, decided and recorded
+#   direct      pgbench -> PostgreSQL
+#   pgbouncer   pgbench -> pgbouncer (session pooling) -> PostgreSQL
+#   relay       pgbench -> tollgate listener, protocol tcp (no parsing)
+#   full        pgbench -> tollgate listener, protocol postgres, a policy of
+#               24 rules, every statement analysed, decided and recorded
+#   relay-ebpf, full-ebpf  the same through the eBPF redirect: pgbench runs
+#               under `tollgate exec` and connects to a non-loopback address
+#               (as root with a kernel that can; --no-ebpf skips them)
 # Workloads: select-only at 1 and 8 clients, simple protocol (a new literal
-# in every statement: no cache can hide the analysis), and with --full
-# (default unless --quick) extended and prepared modes and connection churn.
+# in every statement), a new connection per transaction (-C: connection
+# set-up including the identity lookup), and without --quick extended and
+# prepared modes, TPC-B-like at 8 clients and a 10,000-row result.
+# Afterwards 500 idle sessions are opened through the full configuration
+# and the agent's memory is reported.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-rounds=3; duration=10; quick=0; json=""
+rounds=3; duration=10; quick=0; json=""; ebpf=1
 while [ $# -gt 0 ]; do
     case "$1" in
-        --quick) quick=1; rounds=2; duration=5; shift ;;
+        --quick) quick=1; rounds=2; duration=4; shift ;;
         --rounds) rounds="$2"; shift 2 ;;
         --json) json="$2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --no-ebpf) ebpf=0; shift ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -44,12 +51,28 @@ as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; 
 
 work=$(mktemp -d /tmp/tollgate-bench.XXXXXX)
 pids=()
+# Addresses for the eBPF path: not loopback, so the redirect applies as it
+# would to a remote database, yet on `lo` so traffic stays on the host.
+ebpf_tag=$(( $$ % 250 ))
+ebpf_full_addr="198.18.251.$ebpf_tag"; ebpf_relay_addr="198.18.252.$ebpf_tag"
+if [ $ebpf -eq 1 ] && { [ "$(id -u)" -ne 0 ] || [ ! -e /sys/kernel/btf/vmlinux ]; }; then
+    echo "bench: skipping the eBPF configurations: they need root and a kernel with BTF"
+    ebpf=0
+fi
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    if [ $ebpf -eq 1 ]; then
+        "$tollgate" detach --config "$work/tollgate.toml" >/dev/null 2>&1 || true
+        [ -d "$cgroot/tollgate-bench-$$.exec" ] && find "$cgroot/tollgate-bench-$$.exec" -depth -type d -exec rmdir {} + 2>/dev/null || true
+        ip addr del "$ebpf_full_addr/32" dev lo 2>/dev/null || true
+        ip addr del "$ebpf_relay_addr/32" dev lo 2>/dev/null || true
+    fi
     [ -f "$work/pg/data/postmaster.pid" ] && as_pg "$pgbin/pg_ctl" -D "$work/pg/data" -m fast stop >/dev/null 2>&1 || true
     rm -rf "$work"
 }
+cgroot=/sys/fs/cgroup
+[ -e /sys/fs/cgroup/unified/cgroup.procs ] && cgroot=/sys/fs/cgroup/unified
 trap cleanup EXIT
 [ "$(id -u)" -eq 0 ] && chmod 755 "$work"
 mkdir -p "$work/pg" "$work/bouncer"
@@ -57,8 +80,16 @@ mkdir -p "$work/pg" "$work/bouncer"
 
 pg_port=$(free_port); bouncer_port=$(free_port); relay_port=$(free_port); full_port=$(free_port)
 as_pg "$pgbin/initdb" -D "$work/pg/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
+# The eBPF path reaches the server on a non-loopback address.
+echo "host all all 0.0.0.0/0 trust" >> "$work/pg/data/pg_hba.conf"
+listen="127.0.0.1"
+if [ $ebpf -eq 1 ]; then
+    ip addr add "$ebpf_full_addr/32" dev lo 2>/dev/null || true
+    ip addr add "$ebpf_relay_addr/32" dev lo 2>/dev/null || true
+    listen="127.0.0.1,$ebpf_full_addr,$ebpf_relay_addr"
+fi
 as_pg "$pgbin/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w -o \
-    "-p $pg_port -c listen_addresses=127.0.0.1 -k $work/pg -c max_connections=200 -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off" \
+    "-p $pg_port -c listen_addresses=$listen -k $work/pg -c max_connections=600 -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off" \
     start >/dev/null
 "$pgbin/pgbench" -i -q -s 10 -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
 
@@ -71,7 +102,7 @@ listen_port = $bouncer_port
 auth_type = trust
 auth_file = $work/bouncer/users.txt
 pool_mode = session
-max_client_conn = 200
+max_client_conn = 600
 default_pool_size = 20
 unix_socket_dir =
 logfile = $work/bouncer/log
@@ -122,16 +153,59 @@ listen = "127.0.0.1:$full_port"
 target = "full"
 upstream = "127.0.0.1:$pg_port"
 TOML
+if [ $ebpf -eq 1 ]; then
+    cat >> "$work/tollgate.toml" <<TOML
+
+[[target]]
+name = "relay-ebpf"
+address = "$ebpf_relay_addr"
+ports = [$pg_port]
+protocol = "tcp"
+
+[[target]]
+name = "full-ebpf"
+address = "$ebpf_full_addr"
+ports = [$pg_port]
+protocol = "postgres"
+
+[redirect]
+port = $(free_port)
+pin_dir = "/sys/fs/bpf/tollgate-bench-$$"
+exec_cgroup = "tollgate-bench-$$.exec"
+exec_unlisted = "pass"
+exec_socket = "$work/exec.sock"
+TOML
+fi
 "$tollgate" run --config "$work/tollgate.toml" --log-level warn 2>"$work/agent.log" & pids+=($!)
 agent_pid=$!
 sleep 1.5
 
-workloads=("select-1c-simple|-S -c 1 -j 1 -M simple" "select-8c-simple|-S -c 8 -j 2 -M simple")
+# The 10,000-row query: one statement returning 10,000 rows of
+# pgbench_accounts, a new offset each time.
+cat > "$work/large.sql" <<'SQL'
+\set start random(1, 990000)
+SELECT aid, bid, abalance, filler FROM pgbench_accounts WHERE aid BETWEEN :start AND :start + 9999;
+SQL
+chmod 644 "$work/large.sql"
+workloads=("select-1c-simple|-S -c 1 -j 1 -M simple" "select-8c-simple|-S -c 8 -j 2 -M simple"
+           "connect-1c|-S -c 1 -j 1 -C -M simple")
 if [ $quick -eq 0 ]; then
     workloads+=("select-8c-extended|-S -c 8 -j 2 -M extended" "select-8c-prepared|-S -c 8 -j 2 -M prepared"
-                "tpcb-8c|-c 8 -j 2 -M simple" "select-1c-connect|-S -c 1 -j 1 -C -M simple")
+                "tpcb-8c|-c 8 -j 2 -M simple" "large-result-4c|-f $work/large.sql -c 4 -j 2 -M simple")
 fi
-configs=("direct|$pg_port" "pgbouncer|$bouncer_port" "relay|$relay_port" "full|$full_port")
+# name|host|port|command prefix
+configs=("direct|127.0.0.1|$pg_port|" "pgbouncer|127.0.0.1|$bouncer_port|" "relay|127.0.0.1|$relay_port|" "full|127.0.0.1|$full_port|")
+if [ $ebpf -eq 1 ]; then
+    configs+=("relay-ebpf|$ebpf_relay_addr|$pg_port|$tollgate exec --config $work/tollgate.toml --log-level warn --"
+              "full-ebpf|$ebpf_full_addr|$pg_port|$tollgate exec --config $work/tollgate.toml --log-level warn --")
+    # The redirect must work before anything is measured through it.
+    if ! $tollgate exec --config "$work/tollgate.toml" --log-level warn -- \
+        "$pgbin/psql" -h "$ebpf_full_addr" -p "$pg_port" -U postgres -Atc 'select 1' postgres >/dev/null; then
+        echo "bench: the eBPF path does not work; see $work/agent.log" >&2
+        cat "$work/agent.log" >&2
+        exit 1
+    fi
+fi
 
 results="$work/results.tsv"
 : > "$results"
@@ -139,29 +213,72 @@ for w in "${workloads[@]}"; do
     name=${w%%|*}; args=${w#*|}
     for r in $(seq 1 "$rounds"); do
         for c in "${configs[@]}"; do
-            cname=${c%%|*}; port=${c#*|}
+            IFS='|' read -r cname host port prefix <<< "$c"
             # shellcheck disable=SC2086
-            out=$("$pgbin/pgbench" -n $args -T "$duration" -h 127.0.0.1 -p "$port" -U postgres -r postgres 2>&1 || true)
+            out=$($prefix "$pgbin/pgbench" -n $args -T "$duration" -h "$host" -p "$port" -U postgres postgres 2>&1 || true)
             tps=$(echo "$out" | awk -F'= ' '/^tps/ {split($2,a," "); print a[1]; exit}')
             lat=$(echo "$out" | awk -F'= ' '/^latency average/ {split($2,a," "); print a[1]; exit}')
+            conn=$(echo "$out" | awk -F'= ' '/^average connection time/ {split($2,a," "); print a[1]; exit}')
             failed=$(echo "$out" | awk -F': ' '/number of failed transactions/ {split($2,a," "); print a[1]; exit}')
-            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$cname" "$r" "${tps:-0}" "${lat:-0}" "${failed:-?}" >> "$results"
-            printf 'bench: %-20s %-10s round %s: %10s tps %8s ms\n' "$name" "$cname" "$r" "${tps:-?}" "${lat:-?}"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$cname" "$r" "${tps:-0}" "${lat:-0}" "${conn:-0}" "${failed:-?}" >> "$results"
+            printf 'bench: %-18s %-10s round %s: %10s tps %8s ms%s\n' "$name" "$cname" "$r" "${tps:-?}" "${lat:-?}" "${conn:+ (connect $conn ms)}"
         done
     done
 done
 rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$agent_pid/status" 2>/dev/null || echo 0)
 
-python3 - "$results" "$rss_kb" "$json" <<'PY'
+# 500 idle sessions through the full configuration (through the redirect
+# when it runs): each completes its start-up, then waits.
+idle_host=127.0.0.1; idle_port=$full_port; idle_prefix=""
+if [ $ebpf -eq 1 ]; then
+    idle_host=$ebpf_full_addr; idle_port=$pg_port
+    idle_prefix="$tollgate exec --config $work/tollgate.toml --log-level warn --"
+fi
+rss_before=$(awk '/VmRSS/ {print $2}' "/proc/$agent_pid/status")
+# shellcheck disable=SC2086
+idle=$($idle_prefix python3 - "$idle_host" "$idle_port" "$agent_pid" <<'PY'
+import socket, struct, sys
+host, port, agent = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def startup():
+    s = socket.create_connection((host, port))
+    params = b"user\0postgres\0database\0postgres\0application_name\0idle\0\0"
+    s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+    buf = b""
+    while True:
+        chunk = s.recv(8192)
+        if not chunk:
+            raise SystemExit("connection closed during start-up")
+        buf += chunk
+        # Walk complete messages; ReadyForQuery ('Z') ends the start-up.
+        i = 0
+        while len(buf) - i >= 5:
+            kind, length = buf[i:i + 1], struct.unpack("!i", buf[i + 1:i + 5])[0]
+            if len(buf) - i < 1 + length:
+                break
+            if kind == b"E":
+                raise SystemExit("start-up failed: %r" % buf[i:i + 1 + length])
+            if kind == b"Z":
+                return s
+            i += 1 + length
+sessions = [startup() for _ in range(500)]
+rss = [l.split()[1] for l in open(f"/proc/{agent}/status") if l.startswith("VmRSS")][0]
+print(len(sessions), rss)
+PY
+) || idle="0 0"
+read -r idle_sessions idle_rss_kb <<< "$idle"
+echo "bench: $idle_sessions idle sessions: agent RSS $((idle_rss_kb / 1024)) MiB (before: $((rss_before / 1024)) MiB)"
+
+python3 - "$results" "$rss_kb" "$json" "$idle_sessions" "$idle_rss_kb" "$rss_before" <<'PY'
 import json, statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 data = {}
-for w, c, r, tps, lat, failed in rows:
-    d = data.setdefault(w, {}).setdefault(c, {"tps": [], "lat": [], "failed": []})
-    d["tps"].append(float(tps)); d["lat"].append(float(lat)); d["failed"].append(failed)
+for w, c, r, tps, lat, conn, failed in rows:
+    d = data.setdefault(w, {}).setdefault(c, {"tps": [], "lat": [], "conn": [], "failed": []})
+    d["tps"].append(float(tps)); d["lat"].append(float(lat)); d["conn"].append(float(conn))
+    d["failed"].append(failed)
 print()
-print("| workload | config | TPS (median) | spread | mean latency ms | vs direct | vs pgbouncer |")
-print("|---|---|---:|---:|---:|---:|---:|")
+print("| workload | config | TPS (median) | spread | mean latency ms | connect ms | vs direct | vs pgbouncer |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
 summary = {}
 for w, cs in data.items():
     med = {c: statistics.median(v["tps"]) for c, v in cs.items()}
@@ -169,13 +286,32 @@ for w, cs in data.items():
         m = med[c]
         spread = (max(v["tps"]) - min(v["tps"])) / m * 100 if m else 0
         lat = statistics.median(v["lat"])
+        conn = statistics.median(v["conn"])
         vd = m / med["direct"] if med.get("direct") else 0
         vb = m / med["pgbouncer"] if med.get("pgbouncer") else 0
-        print(f"| {w} | {c} | {m:,.0f} | ±{spread:.1f}% | {lat:.3f} | {vd:.2f}x | {vb:.2f}x |")
+        conn_text = f"{conn:.3f}" if conn else "-"
+        print(f"| {w} | {c} | {m:,.0f} | ±{spread:.1f}% | {lat:.3f} | {conn_text} | {vd:.2f}x | {vb:.2f}x |")
         summary.setdefault(w, {})[c] = {"tps_median": m, "tps_all": v["tps"], "latency_ms_median": lat,
-                                        "vs_direct": vd, "vs_pgbouncer": vb, "failed": v["failed"]}
+                                        "connect_ms_median": conn, "vs_direct": vd, "vs_pgbouncer": vb,
+                                        "failed": v["failed"]}
 print()
-print(f"agent peak RSS: {int(sys.argv[2]) / 1024:.1f} MiB")
+lat1 = data.get("select-1c-simple", {})
+if "direct" in lat1:
+    base = statistics.median(lat1["direct"]["lat"])
+    for c in ("full", "full-ebpf"):
+        if c in lat1:
+            print(f"added mean latency at 1 client, {c}: {(statistics.median(lat1[c]['lat']) - base) * 1000:.0f} us")
+conn1 = data.get("connect-1c", {})
+if "direct" in conn1:
+    base = statistics.median(conn1["direct"]["conn"])
+    for c in ("full", "full-ebpf"):
+        if c in conn1:
+            print(f"added connection set-up, {c}: {(statistics.median(conn1[c]['conn']) - base) * 1000:.0f} us")
+idle_n, idle_rss, before = int(sys.argv[4] or 0), int(sys.argv[5] or 0), int(sys.argv[6] or 0)
+print(f"agent peak RSS during the runs: {int(sys.argv[2]) / 1024:.1f} MiB")
+print(f"agent RSS with {idle_n} idle sessions: {idle_rss / 1024:.1f} MiB (before opening them: {before / 1024:.1f} MiB)")
 if sys.argv[3]:
-    json.dump({"results": summary, "agent_peak_rss_kib": int(sys.argv[2])}, open(sys.argv[3], "w"), indent=2)
+    json.dump({"results": summary, "agent_peak_rss_kib": int(sys.argv[2]),
+               "idle_sessions": idle_n, "idle_rss_kib": idle_rss, "rss_before_idle_kib": before},
+              open(sys.argv[3], "w"), indent=2)
 PY
