@@ -32,6 +32,14 @@ use crate::events::{EventSink, SessionEvent, SessionInfo};
 /// Most messages handled before the writer flushes.
 const BATCH: usize = 512;
 
+/// How long the writer waits after a batch before it looks at the queue
+/// again (unless every event is synced). While the writer is not blocked on
+/// the queue, a session's send wakes no thread: under load, waking the
+/// writer for every statement cost a futex wake, a context switch and a
+/// write per statement, the largest part of the recorder's cost on the
+/// session's path. Records reach the kernel at most this much later.
+const LINGER: Duration = Duration::from_millis(5);
+
 /// When recorded data is forced to stable storage. Every batch is flushed
 /// to the kernel whatever the policy, so a killed agent loses at most the
 /// batch in flight; `fsync` protects against power loss.
@@ -465,6 +473,9 @@ impl Writer {
                 if self.last_sync.elapsed() >= every {
                     self.sync_all();
                 }
+            }
+            if handled > 0 && !stop && self.fsync != Fsync::EveryEvent {
+                std::thread::sleep(LINGER);
             }
             if stop {
                 self.close_all("agent shutdown");
