@@ -3,6 +3,7 @@
 //! (psql's Ctrl-C is tested in postgres.rs, with the cancel keys.)
 
 use std::process::Command;
+use std::time::Duration;
 
 use tollgate_tests::*;
 
@@ -126,6 +127,88 @@ fn rust_driver_with_binary_parameters_prepared_statements_and_a_denial() {
             .get(0);
         assert_eq!(n, 0);
     });
+}
+
+/// A statement prepared (and a portal bound) under one policy is decided
+/// again at Bind and Execute once a reload refuses it; statements the new
+/// policy still allows keep running on the same connection.
+#[test]
+fn prepared_statements_and_portals_are_decided_again_after_a_policy_reload() {
+    let (_pg, agent, port, dir) = setup();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (mut client, connection) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute("insert into items (id, name) select g, 'n' || g from generate_series(1, 10) g")
+            .await
+            .unwrap();
+        let by_id = client
+            .prepare("select name from items where id = $1")
+            .await
+            .unwrap();
+        let count = client.prepare("select count(*) from secrets").await;
+        assert!(count.is_err(), "secrets are refused from the start");
+        let name: String = client.query_one(&by_id, &[&3i32]).await.unwrap().get(0);
+        assert_eq!(name, "n3");
+
+        // A portal bound now, executed after the reload.
+        let tx = client.transaction().await.unwrap();
+        let portal = tx.bind(&by_id, &[&4i32]).await.unwrap();
+
+        std::fs::write(
+            dir.path().join("p.toml"),
+            format!(
+                "{POLICY}\n[[rule]]\nname = \"items-frozen\"\naction = \"deny\"\nmessage = \"items are frozen\"\n[rule.match]\ntables = [\"items\"]\n"
+            ),
+        )
+        .unwrap();
+        send_signal(agent.child.id(), libc::SIGHUP);
+        agent
+            .wait_for_log(|l| l["message"] == "policy reloaded", Duration::from_secs(10))
+            .unwrap();
+
+        let err = tx.query_portal(&portal, 10).await.unwrap_err();
+        let db = err.as_db_error().expect("a server-style error");
+        assert_eq!(db.code().code(), "42501", "{db:?}");
+        assert!(db.message().contains("items-frozen"), "{}", db.message());
+        assert!(db.message().contains("items are frozen"), "{}", db.message());
+        // The failed Execute failed the transaction, as a server error would.
+        let aborted = tx.query("select 1", &[]).await.unwrap_err();
+        assert_eq!(aborted.as_db_error().map(|e| e.code().code()), Some("25P02"));
+        tx.rollback().await.unwrap();
+
+        // The statement prepared before the reload is refused at Bind.
+        let err = client.query_one(&by_id, &[&3i32]).await.unwrap_err();
+        let db = err.as_db_error().expect("a server-style error");
+        assert_eq!(db.code().code(), "42501", "{db:?}");
+        assert!(db.message().contains("items-frozen"), "{}", db.message());
+        // Again, and the connection goes on with what is still allowed.
+        assert!(client.query_one(&by_id, &[&5i32]).await.is_err());
+        let one: i32 = client.query_one("select 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1);
+        let doubled: i32 = client
+            .query_one("select double_it($1)", &[&21i32])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(doubled, 42);
+    });
+    // Each refusal was reported as a decision of the items-frozen rule.
+    let frozen = agent
+        .log_lines()
+        .iter()
+        .filter(|l| l["rule"] == "items-frozen")
+        .count();
+    assert!(frozen >= 3, "{}", agent.log_text());
 }
 
 #[test]

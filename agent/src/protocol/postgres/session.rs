@@ -75,6 +75,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::prepared::{Decided, Prepared, MAX_TRACKED};
 use super::tls::{self, Stream, UpstreamMode};
 use tokio::time::Instant;
 
@@ -109,6 +110,9 @@ const MAX_NEGOTIATIONS: usize = 2;
 /// The SASL mechanism with channel binding, never offered to clients.
 const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 
+/// Longest portal and statement names of a Bind read before its parameters.
+const MAX_BIND_NAMES: usize = 64 * 1024;
+
 /// Command label for text that does not parse.
 const UNPARSABLE_COMMAND: &str = "statement";
 
@@ -141,6 +145,9 @@ struct Shared {
     last_activity: AtomicU64,
     /// The client-visible cancel key's pid, once registered.
     cancel_pid: Mutex<Option<i32>>,
+    /// Prepared statements and portals, decided again when the policy
+    /// changes.
+    prepared: Mutex<Prepared>,
 }
 
 /// Denials remembered at most (older ones are forgotten: the server
@@ -166,18 +173,32 @@ impl Shared {
             client_mid_message: AtomicBool::new(false),
             last_activity: AtomicU64::new(0),
             cancel_pid: Mutex::new(None),
+            prepared: Mutex::new(Prepared::default()),
         }
     }
 
-    /// Registers a denial and returns the SQL of its substitute.
-    fn substitute_sql(&self, client_message: String) -> String {
+    /// Registers a denial and returns its marker name, which the server's
+    /// error for the substitute will quote.
+    fn register_denial(&self, client_message: String) -> String {
         let n = self.next_denial.fetch_add(1, Ordering::Relaxed);
         let mut denials = self.denials.lock().unwrap_or_else(PoisonError::into_inner);
         if denials.len() >= MAX_PENDING_DENIALS {
             denials.pop_first();
         }
         denials.insert(n, client_message);
-        format!("SELECT 1::pg_catalog.\"{}{n}\"", self.marker)
+        format!("{}{n}", self.marker)
+    }
+
+    /// Registers a denial and returns the SQL of its substitute.
+    fn substitute_sql(&self, client_message: String) -> String {
+        format!(
+            "SELECT 1::pg_catalog.\"{}\"",
+            self.register_denial(client_message)
+        )
+    }
+
+    fn prepared(&self) -> std::sync::MutexGuard<'_, Prepared> {
+        self.prepared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The client message of the substitute an ErrorResponse body answers,
@@ -956,6 +977,23 @@ impl ClientSide<'_> {
                     }
                 }
             }
+            BIND => self.bind(data, header),
+            EXECUTE | CLOSE => {
+                let Some(body) = header.body(data) else {
+                    return Ok(Step::Need(header.len));
+                };
+                if tag == CLOSE {
+                    let mut r = Reader::new("Close", body);
+                    let kind = r.get_u8("kind").map_err(Stop::protocol_violation)?;
+                    let name = r.get_cstr_bytes("name").map_err(Stop::protocol_violation)?;
+                    self.shared.prepared().close_sent(kind, name);
+                    return Ok(Step::Forward(header.len));
+                }
+                let portal = Reader::new("Execute", body)
+                    .get_cstr_bytes("portal name")
+                    .map_err(Stop::protocol_violation)?;
+                self.execute(portal, header.len)
+            }
             TERMINATE => match header.message(data) {
                 Some(_) => Ok(Step::Last(header.len)),
                 None => Ok(Step::Need(header.len)),
@@ -998,17 +1036,44 @@ impl ClientSide<'_> {
         }
         let (text, analysis) = self.analyse(text);
         let policy = current_policy(&self.ctx.policy);
+        let refusal = self.decide_statement(&policy, &text, &analysis);
+        if tag == PARSE && refusal.is_none() {
+            let mut prepared = self.shared.prepared();
+            if !prepared.has_room() {
+                return Ok(Some(too_many_prepared()));
+            }
+            let name = Reader::new("Parse", body)
+                .get_cstr_bytes("statement name")
+                .map_err(Stop::protocol_violation)?;
+            prepared.parse_sent(
+                name,
+                Decided {
+                    text: Arc::from(&*text),
+                    analysis,
+                    policy: Arc::downgrade(&policy),
+                },
+            );
+        }
+        Ok(refusal)
+    }
+
+    /// Decides analysed text under `policy` and reports the decisions;
+    /// `Some(message for the client)` when refused.
+    fn decide_statement(
+        &self,
+        policy: &crate::policy::PolicySet,
+        text: &str,
+        analysis: &Analysis,
+    ) -> Option<String> {
         let decisions = policy.decide_analysis(
             &self.ctx.info.target,
             &self.ctx.info.identity,
-            &text,
-            &analysis,
+            text,
+            analysis,
         );
-        self.report(&text, &analysis, &decisions);
-        let Some(top) = most_restrictive(&decisions).filter(|d| d.action.is_refused()) else {
-            return Ok(None);
-        };
-        let command = match &*analysis {
+        self.report(text, analysis, &decisions);
+        let top = most_restrictive(&decisions).filter(|d| d.action.is_refused())?;
+        let command = match analysis {
             Analysis::Parsed { statements } => decisions
                 .iter()
                 .position(|d| std::ptr::eq(d, top))
@@ -1019,10 +1084,134 @@ impl ClientSide<'_> {
         tracing::debug!(
             session = %self.ctx.info.id,
             transaction_status = %char::from(self.shared.tx_status.load(Ordering::Relaxed)),
-            "substituting a failing statement for a refused {}",
-            message_name(tag)
+            "substituting a failing message for a refused statement"
         );
-        Ok(Some(top.client_message(command)))
+        Some(top.client_message(command))
+    }
+
+    /// A Bind: forwarded as it is, unless the statement it binds was allowed
+    /// under an earlier policy and the current one refuses it; then it is
+    /// replaced by a Bind of a statement that does not exist, which the
+    /// server fails like the refused one, discarding up to Sync.
+    fn bind(&mut self, data: &[u8], header: FrameHeader) -> Result<Step, Stop> {
+        // The portal and statement names come first; the parameters, which
+        // can be large, are passed through unless the Bind is replaced.
+        let here = data
+            .get(FrameHeader::SIZE..header.len.min(data.len()))
+            .unwrap_or_default();
+        let mut nuls = here
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == 0)
+            .map(|(i, _)| i);
+        let (Some(portal_end), Some(statement_end)) = (nuls.next(), nuls.next()) else {
+            if here.len() + FrameHeader::SIZE >= header.len {
+                return Err(Stop::protocol_violation(
+                    "Bind: the portal and statement names are not terminated",
+                ));
+            }
+            if here.len() >= MAX_BIND_NAMES {
+                return Err(Stop::client_fault(
+                    PROGRAM_LIMIT_EXCEEDED,
+                    format!("tollgate: Bind names longer than {MAX_BIND_NAMES} bytes"),
+                ));
+            }
+            return Ok(Step::Need(
+                header.len.min(FrameHeader::SIZE + MAX_BIND_NAMES),
+            ));
+        };
+        let portal = here.get(..portal_end).unwrap_or_default();
+        let statement = here.get(portal_end + 1..statement_end).unwrap_or_default();
+        let policy = current_policy(&self.ctx.policy);
+        let known = self.shared.prepared().statement(statement).cloned();
+        let forward = |side: &mut Self| {
+            let n = header.len.min(data.len());
+            side.streaming = header.len - n;
+            Ok(Step::Forward(n))
+        };
+        let Some(mut decided) = known else {
+            // Not prepared through this session's Parse: prepared by SQL
+            // PREPARE (decided then), or absent (the server's error).
+            return forward(self);
+        };
+        if !self.shared.prepared().has_room() {
+            return self.replace_bind(data, header, portal, too_many_prepared());
+        }
+        if decided.is_stale(&policy) {
+            if header.len > data.len() {
+                // Decide once the whole message is here, so that a refused
+                // one can be replaced (the decision is reported once).
+                if header.len > MAX_INSPECTED_MESSAGE {
+                    return Err(Stop::client_fault(
+                        PROGRAM_LIMIT_EXCEEDED,
+                        format!(
+                            "tollgate: a Bind of {} bytes to a statement the new policy must decide again exceeds the {MAX_INSPECTED_MESSAGE}-byte limit",
+                            header.len
+                        ),
+                    ));
+                }
+                return Ok(Step::Need(header.len));
+            }
+            if let Some(refusal) = self.decide_statement(&policy, &decided.text, &decided.analysis)
+            {
+                return self.replace_bind(data, header, portal, refusal);
+            }
+            self.shared
+                .prepared()
+                .reallowed_statement(statement, &policy);
+            decided.policy = Arc::downgrade(&policy);
+        }
+        self.shared.prepared().bind_sent(portal, decided);
+        forward(self)
+    }
+
+    fn replace_bind(
+        &mut self,
+        data: &[u8],
+        header: FrameHeader,
+        portal: &[u8],
+        refusal: String,
+    ) -> Result<Step, Stop> {
+        if header.len > data.len() {
+            return Ok(Step::Need(header.len));
+        }
+        let missing = self.shared.register_denial(refusal);
+        self.out.clear();
+        let mut w = MessageWriter::new(&mut self.out, frontend::tag::BIND);
+        w.put_cstr_bytes(portal)
+            .put_cstr(&missing)
+            .put_i16(0)
+            .put_i16(0)
+            .put_i16(0);
+        w.finish();
+        Ok(Step::Replace(header.len))
+    }
+
+    /// An Execute (whole): forwarded, unless its portal's statement was
+    /// allowed under an earlier policy and the current one refuses it; then
+    /// it is replaced by an Execute of a portal that does not exist.
+    fn execute(&mut self, portal: &[u8], len: usize) -> Result<Step, Stop> {
+        let policy = current_policy(&self.ctx.policy);
+        let Some(decided) = self.shared.prepared().portal(portal).cloned() else {
+            return Ok(Step::Forward(len));
+        };
+        if !decided.is_stale(&policy) {
+            return Ok(Step::Forward(len));
+        }
+        match self.decide_statement(&policy, &decided.text, &decided.analysis) {
+            None => {
+                self.shared.prepared().reallowed_portal(portal, &policy);
+                Ok(Step::Forward(len))
+            }
+            Some(refusal) => {
+                let missing = self.shared.register_denial(refusal);
+                self.out.clear();
+                let mut w = MessageWriter::new(&mut self.out, frontend::tag::EXECUTE);
+                w.put_cstr(&missing).put_i32(0);
+                w.finish();
+                Ok(Step::Replace(len))
+            }
+        }
     }
 
     /// The analysis of statement bytes, failing closed on what cannot be
@@ -1113,6 +1302,13 @@ impl ClientSide<'_> {
         }
         Ok(())
     }
+}
+
+/// The refusal of a Parse or Bind past [`MAX_TRACKED`].
+fn too_many_prepared() -> String {
+    format!(
+        "tollgate: this session has {MAX_TRACKED} prepared statements and portals open, the most the proxy tracks; close some (Close, DEALLOCATE) first"
+    )
 }
 
 fn message_name(tag: u8) -> &'static str {
@@ -1268,6 +1464,18 @@ impl UpstreamSide<'_> {
                 }
                 Ok(Step::Forward(header.len))
             }
+            PARSE_COMPLETE | BIND_COMPLETE | CLOSE_COMPLETE => {
+                let mut prepared = self.shared.prepared();
+                match header.tag {
+                    PARSE_COMPLETE => prepared.parse_complete(),
+                    BIND_COMPLETE => prepared.bind_complete(),
+                    _ => prepared.close_complete(),
+                }
+                drop(prepared);
+                let n = header.len.min(data.len());
+                self.streaming = header.len - n;
+                Ok(Step::Forward(n))
+            }
             _ => {
                 let n = header.len.min(data.len());
                 self.streaming = header.len - n;
@@ -1288,6 +1496,7 @@ impl UpstreamSide<'_> {
                 self.shared
                     .tx_status
                     .store(status.byte(), Ordering::Relaxed);
+                self.shared.prepared().ready_for_query(status.byte());
                 if matches!(status, TransactionStatus::Unknown(_)) {
                     tracing::debug!(session = %self.ctx.info.id, "ReadyForQuery with an unknown status byte");
                 }
