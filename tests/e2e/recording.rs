@@ -189,3 +189,242 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+fn log_has(agent: &Agent, prefix: &str) -> bool {
+    agent
+        .wait_for_log(
+            |l| l["message"].as_str().is_some_and(|m| m.starts_with(prefix)),
+            Duration::from_secs(10),
+        )
+        .is_ok()
+}
+
+/// Starts an agent recording onto a full small disk and makes its first
+/// session fail to record.
+fn agent_on_a_full_disk(disk: &SmallDisk, pg: &Postgres, on_failure: &str) -> (Agent, u16) {
+    let port = free_port();
+    let agent = Agent::start(&listener_config(
+        port,
+        pg.port,
+        &format!(
+            "recording_dir = \"{}\"\nrecording_on_failure = \"{on_failure}\"\nrecording_fsync = \"every-event\"",
+            disk.path().join("recordings").display()
+        ),
+    ));
+    assert!(disk.fill() > 0);
+    // The first session is accepted (nothing has failed yet); its file
+    // cannot be written.
+    let _ = psql_command(port, "select 1").output().unwrap();
+    assert!(
+        log_has(&agent, "session recording failed"),
+        "{}",
+        agent.log_text()
+    );
+    (agent, port)
+}
+
+#[test]
+fn a_full_disk_refuses_new_sessions_with_a_postgres_error_by_default() {
+    let Some(disk) = SmallDisk::mount("256k") else {
+        return;
+    };
+    let pg = Postgres::start();
+    let (agent, port) = agent_on_a_full_disk(&disk, &pg, "refuse");
+
+    let out = psql_command(port, "select 2").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a session ran unrecorded");
+    assert!(
+        stderr.contains("session refused: session recording has failed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert!(log_has(&agent, "session refused: recording has failed"));
+
+    let status = agent.status().unwrap();
+    let r = &status["recording"];
+    assert_eq!(r["failed"], true, "{r}");
+    assert_eq!(r["on_failure"], "refuse");
+    assert!(r["sessions_refused"].as_u64().unwrap() >= 1, "{r}");
+    assert!(r["events_lost"].as_u64().unwrap() >= 1, "{r}");
+    assert!(
+        r["failure"].as_str().unwrap().contains("No space left"),
+        "{r}"
+    );
+    let text = tollgate(&agent, &["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("Recording: FAILED"), "{text}");
+}
+
+#[test]
+fn a_full_disk_with_continue_keeps_serving_and_counts_lost_events() {
+    let Some(disk) = SmallDisk::mount("256k") else {
+        return;
+    };
+    let pg = Postgres::start();
+    let (agent, port) = agent_on_a_full_disk(&disk, &pg, "continue");
+    let lost_before = agent.status().unwrap()["recording"]["events_lost"]
+        .as_u64()
+        .unwrap();
+    assert!(lost_before >= 1);
+
+    for i in 0..3 {
+        assert_eq!(psql(port, &format!("select {i}")).unwrap(), i.to_string());
+    }
+    // Every event of those sessions is counted: start, upstream, start-up,
+    // statement and close, five per session at least.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = agent.status().unwrap();
+        let lost = status["recording"]["events_lost"].as_u64().unwrap();
+        if lost >= lost_before + 15 || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let r = &status["recording"];
+    assert_eq!(r["failed"], true, "{r}");
+    assert_eq!(r["on_failure"], "continue");
+    assert_eq!(r["sessions_refused"], 0, "{r}");
+    assert!(
+        r["events_lost"].as_u64().unwrap() >= lost_before + 15,
+        "{r}"
+    );
+    assert!(!agent.log_text().contains("session refused"));
+}
+
+#[test]
+fn signed_recordings_verify_off_the_host_and_replay() {
+    let pg = Postgres::start();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("recording.key");
+    let keygen = Command::new(agent_binary())
+        .args(["recordings", "keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&keygen.stdout);
+    assert!(keygen.status.success(), "{said}");
+    assert!(said.contains("key id"), "{said}");
+    let public = keys.path().join("recording.key.pub");
+    let port = free_port();
+    let agent = Agent::start(&listener_config(
+        port,
+        pg.port,
+        &format!("recording_signing_key = \"{}\"", key.display()),
+    ));
+    psql(port, "select 1").unwrap();
+    psql(port, "select pg_sleep(0.3); select 2").unwrap();
+    let list = recordings(&agent, 2);
+    let slow = list
+        .iter()
+        .find(|r| r["statements"] == 2)
+        .expect("the two-statement session");
+    let id = slow["id"].as_str().unwrap();
+    let file = slow["path"].as_str().unwrap();
+
+    // With the public key, and no configuration: as an auditor would.
+    let verify = |args: &[&str]| {
+        Command::new(agent_binary())
+            .args(["recordings", "verify"])
+            .args(args)
+            .args(["--config", "/nonexistent/tollgate.toml"])
+            .output()
+            .unwrap()
+    };
+    let ok = verify(&[file, "--public-key", public.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(text.contains("signature valid"), "{text}");
+
+    let other = keys.path().join("other.key");
+    assert!(Command::new(agent_binary())
+        .args(["recordings", "keygen", "--out"])
+        .arg(&other)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let other_pub = keys.path().join("other.key.pub");
+    let bad = tollgate(
+        &agent,
+        &[
+            "recordings",
+            "verify",
+            "--all",
+            "--public-key",
+            other_pub.to_str().unwrap(),
+        ],
+    );
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1), "{text}");
+    assert!(text.contains("not a key given"), "{text}");
+    assert!(text.contains("0 verified, 2 failed"), "{text}");
+
+    // Replay, sped up: the same events, in order, faster than recorded.
+    let began = Instant::now();
+    let replay = tollgate(&agent, &["recordings", "replay", id, "--speed", "100"]);
+    let text = String::from_utf8_lossy(&replay.stdout);
+    assert!(replay.status.success(), "{text}");
+    assert!(began.elapsed() < Duration::from_secs(5));
+    let sleep_at = text.find("select pg_sleep(0.3)").expect(&text);
+    let second_at = text.find("select 2").expect(&text);
+    assert!(sleep_at < second_at, "{text}");
+    assert!(text.contains("closed: completed"), "{text}");
+    let instant = tollgate(&agent, &["recordings", "replay", id, "--no-wait"]);
+    assert_eq!(instant.stdout, replay.stdout);
+    let bad_speed = tollgate(&agent, &["recordings", "replay", id, "--speed", "fast"]);
+    assert_eq!(bad_speed.status.code(), Some(2));
+}
+
+#[test]
+fn retention_removes_old_recordings_when_the_agent_starts() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("recordings");
+    let old_day = rec.join("2001/02/03");
+    std::fs::create_dir_all(&old_day).unwrap();
+    let old = old_day.join("00e6b5f0-0000-7000-8000-000000000001.tgrec");
+    std::fs::write(&old, b"an old session").unwrap();
+    let long_ago = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(981_158_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(long_ago)
+        .unwrap();
+    let port = free_port();
+    let agent = Agent::start(&listener_config(
+        port,
+        pg.port,
+        &format!(
+            "recording_dir = \"{}\"\nrecording_retention_days = 30\nrecording_max_total_size = \"1GiB\"",
+            rec.display()
+        ),
+    ));
+    let line = agent
+        .wait_for_log(
+            |l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("recording removed by retention"))
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(line["reason"], "age", "{line}");
+    assert!(!old.exists());
+    assert!(!rec.join("2001").exists(), "empty date directories stay");
+    psql(port, "select 1").unwrap();
+    assert_eq!(recordings(&agent, 1).len(), 1);
+    assert_eq!(
+        agent.status().unwrap()["recording"]["pruned"],
+        1,
+        "{}",
+        agent.log_text()
+    );
+}

@@ -622,6 +622,76 @@ pub fn ebpf_unavailable() -> Option<String> {
     None
 }
 
+/// A small tmpfs mounted on a fresh directory, unmounted on drop: a disk
+/// that fills up. `None` (after saying why) when not root; under CI, which
+/// runs as root, not being root is a failure.
+pub struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (as `mount -o size=`, e.g. "256k").
+    pub fn mount(size: &str) -> Option<SmallDisk> {
+        if !is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the full-disk tests must run as root under CI"
+            );
+            eprintln!("skipping: not root (mounting a tmpfs needs root; CI runs this)");
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-small-disk-")
+            .tempdir()
+            .unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0750")])
+            .arg("tollgate-test")
+            .arg(dir.path())
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(SmallDisk { dir })
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a filler file until the disk is full; returns its size.
+    pub fn fill(&self) -> u64 {
+        use std::io::Write;
+        let mut f = fs::File::create(self.path().join("filler")).unwrap();
+        let chunk = [0xa5u8; 4096];
+        let mut written = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling the small disk: {e}"),
+            }
+        }
+        let _ = f.sync_all();
+        written
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazy: still detaches if something holds a file open on it.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
 /// The `[redirect]` section for a test agent: its own port, pins, exec
 /// cgroup and exec socket, so tests never share kernel state.
 pub fn redirect_section(dir: &Path, unlisted: &str) -> String {
