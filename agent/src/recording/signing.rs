@@ -32,6 +32,18 @@ const SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 
+/// The DER of ring's PKCS#8 v2 ed25519 key up to the 32-byte seed.
+const PKCS8_V2_PREFIX: [u8; 16] = [
+    0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// The DER of a PKCS#8 v1 ed25519 key (RFC 8410) up to the 32-byte seed:
+/// what `openssl genpkey` writes, and what OpenSSL 3.0 can read (it
+/// refuses ring's v2).
+const PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
 /// Largest key file read, in bytes: keys are tiny, anything bigger is the
 /// wrong file.
 const MAX_KEY_FILE: u64 = 64 * 1024;
@@ -341,13 +353,24 @@ pub struct GeneratedKey {
     pub public: PublicKey,
 }
 
-/// Generates a new ed25519 key: the private key (PEM PKCS#8 v2) to `out`
-/// with mode 0600, and the public key as hex to `out` + `.pub` (mode 0644).
-/// Refuses to overwrite either file.
+/// Generates a new ed25519 key: the private key (PEM PKCS#8 v1, as
+/// `openssl genpkey -algorithm ed25519` writes it) to `out` with mode 0600,
+/// and the public key as hex to `out` + `.pub` (mode 0644). Refuses to
+/// overwrite either file.
 pub fn generate_key(out: &Path) -> Result<GeneratedKey, KeyError> {
     let rng = SystemRandom::new();
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| KeyError::Random)?;
-    let key = SigningKey::from_pkcs8(pkcs8.as_ref()).map_err(|why| invalid(out, why))?;
+    let v2 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| KeyError::Random)?;
+    let generated = SigningKey::from_pkcs8(v2.as_ref()).map_err(|why| invalid(out, why))?;
+    // Rewritten as v1 for OpenSSL; kept as v2 if ring's layout ever changes
+    // or the rewrite would not give back the same key.
+    let pkcs8 = v2
+        .as_ref()
+        .strip_prefix(&PKCS8_V2_PREFIX[..])
+        .and_then(|rest| rest.get(..32))
+        .map(|seed| [&PKCS8_V1_PREFIX[..], seed].concat())
+        .filter(|v1| SigningKey::from_pkcs8(v1).is_ok_and(|k| k.public == generated.public))
+        .unwrap_or_else(|| v2.as_ref().to_vec());
+    let key = SigningKey::from_pkcs8(&pkcs8).map_err(|why| invalid(out, why))?;
     let mut public_path = out.as_os_str().to_owned();
     public_path.push(".pub");
     let public_path = PathBuf::from(public_path);
@@ -357,7 +380,7 @@ pub fn generate_key(out: &Path) -> Result<GeneratedKey, KeyError> {
             "already exists; remove it or choose another --out".to_string(),
         ));
     }
-    let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref()));
+    let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8));
     write_new(out, pem.as_bytes(), 0o600)?;
     let public = *key.public_key();
     if let Err(e) = write_new(
