@@ -1036,7 +1036,10 @@ fn keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites() {
     // PKCS#8 v1, as openssl writes it (OpenSSL 3.0 cannot read ring's v2).
     let der = pem::parse(&pem_text).unwrap().into_contents();
     assert_eq!(der.len(), 48);
-    assert!(der.starts_with(&[0x30, 0x2e, 0x02, 0x01, 0x00]), "{der:02x?}");
+    assert!(
+        der.starts_with(&[0x30, 0x2e, 0x02, 0x01, 0x00]),
+        "{der:02x?}"
+    );
     // DER works as well as PEM (openssl's `-outform DER`).
     let der_path = tmp.path().join("signing.der");
     std::fs::write(&der_path, &der).unwrap();
