@@ -42,7 +42,9 @@ const LINGER: Duration = Duration::from_millis(5);
 
 /// When recorded data is forced to stable storage. Every batch is flushed
 /// to the kernel whatever the policy, so a killed agent loses at most the
-/// batch in flight; `fsync` protects against power loss.
+/// batch in flight; `fsync` protects against power loss. Interval and
+/// on-close syncs run on a thread of their own, so a slow disk delays them,
+/// not the recording.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fsync {
     /// After every record.
@@ -87,7 +89,7 @@ pub struct RecorderSettings {
 }
 
 impl RecorderSettings {
-    /// Defaults: fsync every second, 4096 queued events, fail closed, the
+    /// Defaults: fsync every second, 16384 queued events, fail closed, the
     /// host name from `/proc/sys/kernel/hostname` and this crate's version.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -98,7 +100,9 @@ impl RecorderSettings {
         Self {
             dir: dir.into(),
             fsync: Fsync::Interval(Duration::from_secs(1)),
-            queue_capacity: 4096,
+            // About a second of statements from a busy host, so that a
+            // scheduling hiccup under load is not a recording failure.
+            queue_capacity: 16384,
             on_overflow: OnOverflow::FailClosed,
             host,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -156,6 +160,7 @@ impl Recorder {
             signing_key: settings.signing_key,
             open: HashMap::new(),
             last_sync: Instant::now(),
+            syncer: Syncer::start(Arc::clone(&shared))?,
         };
         let thread = std::thread::Builder::new()
             .name("tollgate-recorder".to_string())
@@ -436,6 +441,8 @@ struct Writer {
     signing_key: Option<Arc<SigningKey>>,
     open: HashMap<Uuid, SessionFile>,
     last_sync: Instant,
+    /// Forces data to disk off the writer's path (see [`Syncer`]).
+    syncer: Syncer,
 }
 
 impl Writer {
@@ -586,8 +593,10 @@ impl Writer {
             Err(e) if e.kind() == io::ErrorKind::NotFound => open()?,
             other => other?,
         };
-        if self.fsync != Fsync::OnClose {
-            sync_dir(day)?;
+        match self.fsync {
+            Fsync::EveryEvent => sync_dir(day)?,
+            Fsync::Interval(_) => self.syncer.sync_dir(day),
+            Fsync::OnClose => {}
         }
         let header = Record::Header(Box::new(header_of(
             info,
@@ -694,11 +703,17 @@ impl Writer {
         let result = encode_frame(&trailer)
             .map_err(io::Error::other)
             .and_then(|frame| file.out.write_all(&frame))
-            .and_then(|()| sync_file(&mut file))
             .and_then(|()| {
-                if self.fsync == Fsync::OnClose {
-                    file.path.parent().map_or(Ok(()), sync_dir)
+                if self.fsync == Fsync::EveryEvent {
+                    sync_file(&mut file)
                 } else {
+                    flush_file(&mut file)?;
+                    self.syncer.sync_file(&file)?;
+                    if self.fsync == Fsync::OnClose {
+                        if let Some(day) = file.path.parent() {
+                            self.syncer.sync_dir(day);
+                        }
+                    }
                     Ok(())
                 }
             });
@@ -761,8 +776,10 @@ impl Writer {
         let mut failed = Vec::new();
         for (id, file) in &mut self.open {
             if file.unsynced {
-                if let Err(e) = sync_file(file) {
-                    failed.push((*id, e));
+                let handed = flush_file(file).and_then(|()| self.syncer.sync_file(file));
+                match handed {
+                    Ok(()) => file.unsynced = false,
+                    Err(e) => failed.push((*id, e)),
                 }
             }
         }
@@ -827,12 +844,100 @@ fn write_event(file: &mut SessionFile, t_us: u64, event: Event, fsync: Fsync) ->
 }
 
 fn sync_file(file: &mut SessionFile) -> io::Result<()> {
-    file.out.flush()?;
-    file.dirty = false;
-    file.unconfirmed = 0;
+    flush_file(file)?;
     file.out.get_ref().sync_data()?;
     file.unsynced = false;
     Ok(())
+}
+
+/// Hands the buffer to the kernel (not to the disk).
+fn flush_file(file: &mut SessionFile) -> io::Result<()> {
+    file.out.flush()?;
+    file.dirty = false;
+    file.unconfirmed = 0;
+    Ok(())
+}
+
+/// Syncs queued at most; past this the writer syncs itself (backpressure).
+const SYNC_QUEUE: usize = 1024;
+
+enum SyncJob {
+    File(File, PathBuf),
+    Dir(PathBuf),
+}
+
+/// A thread that forces recordings to disk, so that a slow `fsync` (on
+/// ext4 one can wait for a journal commit of every file's dirty data, for
+/// seconds under load) does not stall the writer while sessions fill its
+/// queue. Used for the interval and on-close policies; `EveryEvent` syncs in
+/// the writer, before the next record. A sync that fails latches the
+/// recorder's failure like a failed write.
+struct Syncer {
+    tx: Option<SyncSender<SyncJob>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(shared: Arc<Shared>) -> io::Result<Syncer> {
+        let (tx, rx) = mpsc::sync_channel::<SyncJob>(SYNC_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("tollgate-recorder-sync".to_string())
+            .spawn(move || {
+                for job in rx {
+                    let (result, path) = match job {
+                        SyncJob::File(file, path) => (file.sync_data(), path),
+                        SyncJob::Dir(dir) => (File::open(&dir).and_then(|d| d.sync_all()), dir),
+                    };
+                    if let Err(e) = result {
+                        shared.fail(format!(
+                            "cannot sync recording {} to disk: {e}; check the disk",
+                            path.display()
+                        ));
+                    }
+                }
+            })?;
+        Ok(Syncer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues an fsync of `file`'s data (flushed to the kernel already);
+    /// syncs at once when the queue is full.
+    fn sync_file(&self, file: &SessionFile) -> io::Result<()> {
+        let clone = file.out.get_ref().try_clone()?;
+        self.submit(SyncJob::File(clone, file.path.clone()))
+    }
+
+    /// Queues an fsync of a directory (a new or finished file's entry).
+    fn sync_dir(&self, dir: &Path) {
+        if let Err(e) = self.submit(SyncJob::Dir(dir.to_path_buf())) {
+            tracing::warn!(dir = %dir.display(), "cannot sync the recording directory: {e}");
+        }
+    }
+
+    fn submit(&self, job: SyncJob) -> io::Result<()> {
+        let Some(tx) = &self.tx else {
+            return Ok(());
+        };
+        match tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => match job {
+                SyncJob::File(file, _) => file.sync_data(),
+                SyncJob::Dir(dir) => sync_dir(&dir),
+            },
+        }
+    }
+}
+
+impl Drop for Syncer {
+    /// Waits for every queued sync, so a shutdown ends with the data on disk.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
