@@ -481,7 +481,9 @@ impl Writer {
                     self.sync_all();
                 }
             }
-            if handled > 0 && !stop && self.fsync != Fsync::EveryEvent {
+            // A full batch means more is queued: go on at once, or the
+            // linger would cap the writer at BATCH events per LINGER.
+            if handled > 0 && handled < BATCH && !stop && self.fsync != Fsync::EveryEvent {
                 std::thread::sleep(LINGER);
             }
             if stop {
