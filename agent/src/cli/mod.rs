@@ -242,10 +242,10 @@ pub enum RecordingsCommand {
         #[arg(long)]
         no_color: bool,
     },
-    /// Replay a session's timeline: each event printed as `show` prints it,
-    /// after the delay recorded since the one before.
+    /// Replay a session's timeline in real time or faster.
     ///
-    /// Examples:
+    /// Each event is printed as `show` prints it, after the delay recorded
+    /// since the one before. Examples:
     ///
     ///   tollgate recordings replay ID              # real time
     ///   tollgate recordings replay ID --speed 10   # ten times faster
