@@ -26,6 +26,13 @@ action = "deny"
 message = "the secrets table is off limits"
 [rule.match]
 tables = ["secrets"]
+
+[[rule]]
+name = "fastpath-int4pl"
+action = "allow"
+[rule.match]
+flags = ["unparsable"]
+text_regex = ["^FunctionCall oid 177$"]
 "#;
 
 const DROP_DENIED: &str = "ERROR:  tollgate: DROP TABLE denied by rule \"no-ddl-in-ci\": schema changes go through the migration pipeline";
@@ -641,6 +648,90 @@ impl RawSession {
             None => Ok(rows),
         }
     }
+}
+
+impl RawSession {
+    /// Sends a FunctionCall (the fast-path interface) with text arguments
+    /// and returns its text result, or the error's (SQLSTATE, message).
+    fn function_call(
+        &mut self,
+        oid: u32,
+        args: &[&str],
+    ) -> Result<Option<String>, (String, String)> {
+        let mut body = oid.to_be_bytes().to_vec();
+        body.extend_from_slice(&1i16.to_be_bytes());
+        body.extend_from_slice(&0i16.to_be_bytes());
+        body.extend_from_slice(&(args.len() as i16).to_be_bytes());
+        for arg in args {
+            body.extend_from_slice(&(arg.len() as i32).to_be_bytes());
+            body.extend_from_slice(arg.as_bytes());
+        }
+        body.extend_from_slice(&0i16.to_be_bytes());
+        let mut message = vec![b'F'];
+        message.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        message.extend_from_slice(&body);
+        self.s.write_all(&message).unwrap();
+        let (mut result, mut error) = (None, None);
+        loop {
+            match read_message(&mut self.s) {
+                (b'V', body) => {
+                    let len = i32::from_be_bytes(body[..4].try_into().unwrap());
+                    result = (len >= 0).then(|| text(&body[4..4 + len as usize]));
+                }
+                (b'E', body) => {
+                    let fields = text(&body);
+                    let field = |c: char| {
+                        fields
+                            .split('\0')
+                            .find_map(|f| f.strip_prefix(c))
+                            .unwrap_or_default()
+                            .to_string()
+                    };
+                    error = Some((field('C'), field('M')));
+                }
+                (b'Z', _) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(result),
+        }
+    }
+}
+
+/// FunctionCall carries no SQL: it is decided as the unparsable text
+/// `FunctionCall oid N`, so only a rule naming the oid allows it, and a
+/// refusal fails in place like a refused Query.
+#[test]
+fn function_calls_are_decided_by_their_oid() {
+    let f = Fixture::start();
+    let mut session = RawSession::start(f.port);
+    // int4pl(2, 3), allowed by the rule naming its oid.
+    assert_eq!(
+        session.function_call(177, &["2", "3"]),
+        Ok(Some("5".to_string()))
+    );
+    // now() (oid 1299): unparsable, refused by the default.
+    let (code, message) = session.function_call(1299, &[]).unwrap_err();
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.starts_with("tollgate: "), "{message}");
+    // The session goes on, outside any transaction.
+    assert_eq!(
+        session.query("select 'after'"),
+        Ok(vec!["after".to_string()])
+    );
+    assert_eq!(
+        session.function_call(177, &["40", "2"]),
+        Ok(Some("42".to_string()))
+    );
+    let refused = f
+        .agent
+        .log_lines()
+        .iter()
+        .filter(|l| l["text"] == "FunctionCall oid 1299")
+        .count();
+    assert_eq!(refused, 1, "{}", f.agent.log_text());
 }
 
 fn cancel_request(port: u16, pid: i32, secret: &[u8]) {
