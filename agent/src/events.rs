@@ -81,6 +81,10 @@ pub enum CloseReason {
     IdleTimeout,
     /// The agent shut down and the session outlived the grace period.
     Shutdown,
+    /// Session recording failed and the agent fails closed
+    /// (`agent.recording_on_failure = "refuse"`): the session was ended
+    /// rather than run unrecorded. The text is the recorder's failure.
+    RecordingFailed(String),
 }
 
 impl CloseReason {
@@ -93,6 +97,7 @@ impl CloseReason {
             CloseReason::UpstreamUnreachable(_) => "upstream_unreachable",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::RecordingFailed(_) => "recording_failed",
         }
     }
 }
@@ -106,6 +111,7 @@ impl std::fmt::Display for CloseReason {
             CloseReason::UpstreamUnreachable(e) => write!(f, "upstream unreachable: {e}"),
             CloseReason::IdleTimeout => f.write_str("idle timeout"),
             CloseReason::Shutdown => f.write_str("closed at shutdown deadline"),
+            CloseReason::RecordingFailed(e) => write!(f, "session recording failed: {e}"),
         }
     }
 }
@@ -159,6 +165,17 @@ pub enum SessionEvent {
         /// Why, in one line.
         reason: String,
     },
+    /// Bytes read from one side, as read (full-fidelity recording, targets
+    /// with `record_raw = true`); at most [`MAX_RAW_CHUNK`] bytes each.
+    Raw {
+        /// Session id.
+        session: Uuid,
+        /// Which side sent them.
+        dir: RawDirection,
+        /// The bytes (shared: the recorder's copy of the event is cheap).
+        #[serde(serialize_with = "as_bytes")]
+        data: Arc<[u8]>,
+    },
     /// The session ended.
     Closed {
         /// Session id.
@@ -173,6 +190,34 @@ pub enum SessionEvent {
         /// Why it ended.
         reason: CloseReason,
     },
+}
+
+/// Largest `data` of one [`SessionEvent::Raw`]: longer reads are split,
+/// so a recording's records stay small whatever the reads.
+pub const MAX_RAW_CHUNK: usize = 64 * 1024;
+
+/// Which side of a session sent raw bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawDirection {
+    /// The client (towards the upstream).
+    Client,
+    /// The upstream server (towards the client).
+    Server,
+}
+
+impl RawDirection {
+    /// `client` or `server`, as recorded.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RawDirection::Client => "client",
+            RawDirection::Server => "server",
+        }
+    }
+}
+
+fn as_bytes<S: serde::Serializer>(data: &Arc<[u8]>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bytes(data)
 }
 
 /// A consumer of session events. `emit` must return promptly.
@@ -200,6 +245,83 @@ impl EventSink for FanOut {
         for s in &self.sinks {
             s.emit(event);
         }
+    }
+}
+
+/// Where sessions report events, together with what a session needs to ask
+/// the recorder: whether recording has failed in fail-closed mode (checked
+/// before each statement, a relaxed atomic load) and whether its target
+/// records raw bytes.
+#[derive(Clone)]
+pub struct Events {
+    sink: Arc<dyn EventSink>,
+    recorder: Option<Arc<crate::recording::RecordingSink>>,
+    raw_targets: Arc<std::collections::HashSet<String>>,
+}
+
+impl Events {
+    /// Events to `sink`, with no recorder to consult.
+    pub fn new(sink: Arc<dyn EventSink>) -> Events {
+        Events {
+            sink,
+            recorder: None,
+            raw_targets: Arc::default(),
+        }
+    }
+
+    /// Consults `recorder` (which `sink` must include) for failures, and
+    /// records raw bytes for the sessions of `raw_targets`.
+    pub fn with_recorder(
+        mut self,
+        recorder: Arc<crate::recording::RecordingSink>,
+        raw_targets: impl IntoIterator<Item = String>,
+    ) -> Events {
+        self.recorder = Some(recorder);
+        self.raw_targets = Arc::new(raw_targets.into_iter().collect());
+        self
+    }
+
+    /// Sends `event` to every sink.
+    pub fn emit(&self, event: &SessionEvent) {
+        self.sink.emit(event);
+    }
+
+    /// Why open sessions must end now: recording has failed and the agent
+    /// fails closed. `None` (a relaxed atomic load, no lock) otherwise.
+    pub fn recording_failure(&self) -> Option<String> {
+        let recorder = self.recorder.as_ref()?;
+        if !recorder.sessions_must_end() {
+            return None;
+        }
+        Some(
+            recorder
+                .failure()
+                .unwrap_or_else(|| "the recorder failed".to_string()),
+        )
+    }
+
+    /// Whether sessions of `target` record every byte read (asked once per
+    /// session, not per read).
+    pub fn records_raw(&self, target: &str) -> bool {
+        self.recorder.is_some() && self.raw_targets.contains(target)
+    }
+
+    /// Emits `data`, read from `dir`, as [`SessionEvent::Raw`] events of at
+    /// most [`MAX_RAW_CHUNK`] bytes each.
+    pub fn emit_raw(&self, session: Uuid, dir: RawDirection, data: &[u8]) {
+        for chunk in data.chunks(MAX_RAW_CHUNK) {
+            self.emit(&SessionEvent::Raw {
+                session,
+                dir,
+                data: Arc::from(chunk),
+            });
+        }
+    }
+}
+
+impl EventSink for Events {
+    fn emit(&self, event: &SessionEvent) {
+        self.sink.emit(event);
     }
 }
 
@@ -280,6 +402,8 @@ impl EventSink for LogSink {
                         "statement {action}: {command}");
                 }
             }
+            // Counted in `closed`; one log line per read would drown the log.
+            SessionEvent::Raw { .. } => {}
             SessionEvent::Closed {
                 session,
                 bytes_from_client,
@@ -289,7 +413,9 @@ impl EventSink for LogSink {
             } => {
                 let level_warn = matches!(
                     reason,
-                    CloseReason::UpstreamUnreachable(_) | CloseReason::Shutdown
+                    CloseReason::UpstreamUnreachable(_)
+                        | CloseReason::Shutdown
+                        | CloseReason::RecordingFailed(_)
                 );
                 if level_warn {
                     tracing::warn!(%session, bytes_from_client, bytes_from_upstream,

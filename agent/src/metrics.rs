@@ -261,6 +261,7 @@ impl EventSink for Metrics {
             SessionEvent::UpstreamConnected { .. }
             | SessionEvent::Startup { .. }
             | SessionEvent::Statement { .. }
+            | SessionEvent::Raw { .. }
             | SessionEvent::Closed { .. } => {}
         }
     }

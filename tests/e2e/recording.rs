@@ -256,6 +256,107 @@ fn a_full_disk_refuses_new_sessions_with_a_postgres_error_by_default() {
     assert!(text.contains("Recording: FAILED"), "{text}");
 }
 
+/// Runs psql reading statements from its stdin, so a test can keep one
+/// session open and send statements over time.
+fn interactive_psql(port: u16) -> std::process::Child {
+    Command::new(pg_tool("psql"))
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGPASSWORD")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn an_open_session_ends_with_a_fatal_error_when_the_disk_fills() {
+    use std::io::Write;
+    let Some(disk) = SmallDisk::mount("256k") else {
+        return;
+    };
+    let pg = Postgres::start();
+    let port = free_port();
+    let agent = Agent::start(&listener_config(
+        port,
+        pg.port,
+        &format!(
+            "recording_dir = \"{}\"\nrecording_on_failure = \"refuse\"\nrecording_fsync = \"every-event\"",
+            disk.path().join("recordings").display()
+        ),
+    ));
+    let mut psql = interactive_psql(port);
+    let mut stdin = psql.stdin.take().unwrap();
+    // Verbose errors: psql prints the SQLSTATE.
+    writeln!(stdin, "\\set VERBOSITY verbose\nselect 1;").unwrap();
+    agent
+        .wait_for_log(
+            |l| l["statement_action"] == "allow",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(disk.fill() > 0);
+    // The session's file still has room in its last page: statements go
+    // on until a write fails, then the next one ends the session.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut i = 2;
+    while Instant::now() < deadline {
+        if writeln!(stdin, "select {i};")
+            .and_then(|()| stdin.flush())
+            .is_err()
+        {
+            break;
+        }
+        if psql.try_wait().unwrap().is_some() {
+            break;
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stdin);
+    let out = psql.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the session went on unrecorded: {stderr}"
+    );
+    assert!(
+        stderr.contains("FATAL:  57P03: tollgate: session ended: session recording has failed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    let closed = agent
+        .wait_for_log(
+            |l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("session closed: session recording failed"))
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(
+        closed["reason"].as_str().unwrap().contains("No space left"),
+        "{closed}"
+    );
+    // New sessions are refused as before.
+    let out = psql_command(port, "select 1").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("session refused"));
+}
+
 #[test]
 fn a_full_disk_with_continue_keeps_serving_and_counts_lost_events() {
     let Some(disk) = SmallDisk::mount("256k") else {

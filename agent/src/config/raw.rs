@@ -71,6 +71,7 @@ struct RawTarget {
     tls: Option<Spanned<String>>,
     tls_ca_file: Option<Spanned<String>>,
     tls_server_name: Option<Spanned<String>>,
+    record_raw: Option<Spanned<bool>>,
 }
 
 /// A size written as a number of bytes or as text with a unit.
@@ -391,6 +392,7 @@ fn check_targets(c: &mut Checker<'_>, raw: &[RawTarget]) -> TargetSet {
                 ports,
                 protocol,
                 tls,
+                record_raw: t.record_raw.as_ref().is_some_and(|r| *r.get_ref()),
             });
         }
     }

@@ -177,6 +177,9 @@ pub struct Target {
     pub protocol: Protocol,
     /// TLS towards the upstream.
     pub tls: UpstreamTls,
+    /// Whether sessions record every byte read from each side
+    /// (`record_raw`, default false), for replay and pcap export.
+    pub record_raw: bool,
 }
 
 /// How the proxy secures its connection to a target (libpq's sslmode).

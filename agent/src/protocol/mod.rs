@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::events::{EventSink, SessionInfo};
+use crate::events::{Events, SessionInfo};
 use crate::metrics::TargetMetrics;
 use crate::policy::PolicySet;
 use crate::proxy::live::SessionCounters;
@@ -35,8 +35,9 @@ pub struct SessionContext {
     pub policy: SharedPolicy,
     /// Statement analyses, cached by text across sessions.
     pub analysis: Arc<AnalysisCache>,
-    /// Where the handler reports what happens in the session.
-    pub events: Arc<dyn EventSink>,
+    /// Where the handler reports what happens in the session, and whether
+    /// recording has failed (fail closed) or records raw bytes.
+    pub events: Events,
     /// The address the upstream connection was made to.
     pub upstream_addr: SocketAddr,
     /// The host name or IP the upstream was reached by (the TLS server name

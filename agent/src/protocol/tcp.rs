@@ -4,7 +4,9 @@
 //! slow reader slows its writer (backpressure) instead of growing a queue.
 //! End of stream in one direction is passed on as a half-close (FIN); the
 //! session ends when both directions ended, on an I/O error, on the idle
-//! timeout, or when the shutdown grace period is over.
+//! timeout, or when the shutdown grace period is over. When recording has
+//! failed and the agent fails closed, the session ends at its next read:
+//! nothing is relayed unrecorded.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::SessionContext;
-use crate::events::CloseReason;
+use crate::events::{CloseReason, RawDirection};
 
 /// Bytes read at once per direction.
 const RELAY_BUFFER: usize = 16 * 1024;
@@ -25,10 +27,15 @@ enum Side {
     Upstream,
 }
 
-/// An I/O failure and which peer caused it.
-struct PumpError {
-    culprit: Side,
-    error: std::io::Error,
+/// Why a direction stopped early.
+enum PumpError {
+    /// An I/O failure and which peer caused it.
+    Io {
+        culprit: Side,
+        error: std::io::Error,
+    },
+    /// Recording failed (fail closed): the recorder's failure.
+    Recording(String),
 }
 
 /// Relays until the session ends and says why.
@@ -67,11 +74,11 @@ pub async fn relay(ctx: &SessionContext, client: TcpStream, upstream: TcpStream)
         tokio::select! {
             result = &mut from_client, if !client_done => match result {
                 Ok(()) => client_done = true,
-                Err(e) => return failure(e),
+                Err(e) => return failure(ctx, e),
             },
             result = &mut from_upstream, if !upstream_done => match result {
                 Ok(()) => upstream_done = true,
-                Err(e) => return failure(e),
+                Err(e) => return failure(ctx, e),
             },
             _ = tokio::time::sleep_until(idle_deadline) => {
                 let idle_for = start.elapsed().saturating_sub(Duration::from_millis(last_activity.load(Ordering::Relaxed)));
@@ -84,10 +91,22 @@ pub async fn relay(ctx: &SessionContext, client: TcpStream, upstream: TcpStream)
     }
 }
 
-fn failure(e: PumpError) -> CloseReason {
-    match e.culprit {
-        Side::Client => CloseReason::ClientError(e.error.to_string()),
-        Side::Upstream => CloseReason::UpstreamError(e.error.to_string()),
+fn failure(ctx: &SessionContext, e: PumpError) -> CloseReason {
+    match e {
+        PumpError::Io {
+            culprit: Side::Client,
+            error,
+        } => CloseReason::ClientError(error.to_string()),
+        PumpError::Io {
+            culprit: Side::Upstream,
+            error,
+        } => CloseReason::UpstreamError(error.to_string()),
+        PumpError::Recording(cause) => {
+            // Raw TCP has no way to tell the client why: the log does.
+            tracing::warn!(session = %ctx.info.id, target = %ctx.info.target, reason = %cause,
+                "closing the session: session recording has failed");
+            CloseReason::RecordingFailed(cause)
+        }
     }
 }
 
@@ -118,12 +137,22 @@ where
             &ctx.target_metrics.bytes_from_upstream,
         ),
     };
+    let raw = ctx
+        .events
+        .records_raw(&ctx.info.target)
+        .then_some(match from {
+            Side::Client => RawDirection::Client,
+            Side::Upstream => RawDirection::Server,
+        });
     let mut buf = vec![0u8; RELAY_BUFFER];
     loop {
-        let n = reader.read(&mut buf).await.map_err(|error| PumpError {
+        let n = reader.read(&mut buf).await.map_err(|error| PumpError::Io {
             culprit: reader_side,
             error,
         })?;
+        if let Some(cause) = ctx.events.recording_failure() {
+            return Err(PumpError::Recording(cause));
+        }
         if n == 0 {
             // The peer closed its sending side: pass the half-close on. A peer
             // that already went away entirely is not an error here.
@@ -131,10 +160,16 @@ where
             return Ok(());
         }
         let chunk = buf.get(..n).unwrap_or_default();
-        writer.write_all(chunk).await.map_err(|error| PumpError {
-            culprit: writer_side,
-            error,
-        })?;
+        if let Some(dir) = raw {
+            ctx.events.emit_raw(ctx.info.id, dir, chunk);
+        }
+        writer
+            .write_all(chunk)
+            .await
+            .map_err(|error| PumpError::Io {
+                culprit: writer_side,
+                error,
+            })?;
         session_counter.fetch_add(n as u64, Ordering::Relaxed);
         target_counter.fetch_add(n as u64, Ordering::Relaxed);
         let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);

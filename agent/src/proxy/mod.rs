@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, Listener, Protocol};
 use crate::control;
 use crate::events::Arrival;
-use crate::events::{EventSink, FanOut, LogSink};
+use crate::events::{Events, FanOut, LogSink};
 use crate::identity::IdentityResolver;
 use crate::metrics::{self, Metrics};
 use crate::redirect::Redirect;
@@ -40,8 +40,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Open sessions, for status.
     pub live: LiveSessions,
-    /// Where session events go.
-    pub events: Arc<dyn EventSink>,
+    /// Where session events go (the recorder among them).
+    pub events: Events,
     /// Resolves the process behind a loopback connection.
     pub identity: Arc<IdentityResolver>,
     /// Bounds the sessions served at once.
@@ -91,11 +91,19 @@ impl RunningAgent {
         let policy = load_policy(&config)?;
         let (recorder, recorder_handle) = start_recorder(&config, &policy)?;
         metrics.set_recorder(recorder.clone());
-        let events: Arc<dyn EventSink> = Arc::new(
+        let events = Events::new(Arc::new(
             FanOut::default()
                 .with(Arc::new(LogSink))
                 .with(metrics.clone())
                 .with(recorder.clone()),
+        ))
+        .with_recorder(
+            recorder.clone(),
+            config
+                .targets
+                .iter()
+                .filter(|t| t.record_raw)
+                .map(|t| t.name.clone()),
         );
 
         for t in config.targets.iter() {

@@ -145,9 +145,58 @@ pub enum Event {
         /// Why (`agent shutdown`, ...).
         reason: String,
     },
+    /// Bytes read from one side of the session, in order (targets with
+    /// `record_raw = true`).
+    Raw {
+        /// `client` or `server`: who sent them.
+        dir: String,
+        /// The bytes as read, at most [`MAX_RAW_DATA`] (a MessagePack bin).
+        #[serde(with = "bin")]
+        data: Vec<u8>,
+    },
     /// An event type this reader does not know (written by a later agent).
     #[serde(other)]
     Unknown,
+}
+
+/// The largest `data` of a `raw` event, in bytes (64 KiB): longer reads
+/// are split into several events.
+pub const MAX_RAW_DATA: usize = crate::events::MAX_RAW_CHUNK;
+
+/// Byte strings as MessagePack `bin` (serde's default is an array of
+/// integers, five times larger).
+mod bin {
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(data)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl<'de> Visitor<'de> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                // Bounded by the record's own length (at most 16 MiB).
+                let mut out = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(Bytes)
+    }
 }
 
 /// A decided statement.

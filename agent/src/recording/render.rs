@@ -219,6 +219,13 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
         Event::RecordingStopped { reason } => {
             let _ = writeln!(out, "{t}  {}: {reason}", p.bold("recording stopped"));
         }
+        Event::Raw { dir, data } => {
+            let _ = writeln!(
+                out,
+                "{t}  {}",
+                p.dim(&format!("{} bytes from {dir}", data.len()))
+            );
+        }
         Event::Unknown => {
             let _ = writeln!(out, "{t}  (an event type this version does not know)");
         }
@@ -362,11 +369,24 @@ fn header_lines(out: &mut String, p: &Paint, h: &Header) {
     }
 }
 
-/// One JSON object per record, one per line (for SIEMs).
+/// One JSON object per record, one per line (for SIEMs). A `raw` event's
+/// `data` is standard base64 (RFC 4648, with padding), not an array of
+/// numbers.
 pub fn export_jsonl(rec: &Recording) -> String {
+    use base64::Engine as _;
     let mut out = String::new();
     for r in &rec.records {
-        match serde_json::to_string::<Record>(r) {
+        let value = serde_json::to_value::<&Record>(r).map(|mut v| {
+            if let (Record::Event(e), Some(slot)) = (r, v.pointer_mut("/event/data")) {
+                if let Event::Raw { data, .. } = &e.event {
+                    *slot = serde_json::Value::String(
+                        base64::engine::general_purpose::STANDARD.encode(data),
+                    );
+                }
+            }
+            v
+        });
+        match value.and_then(|v| serde_json::to_string(&v)) {
             Ok(line) => {
                 out.push_str(&line);
                 out.push('\n');

@@ -29,6 +29,11 @@ use super::format::{
 use super::signing::SigningKey;
 use crate::events::{EventSink, SessionEvent, SessionInfo};
 
+/// Raw bytes (`record_raw` sessions) the queue may hold: past this, raw
+/// events overflow like a full queue, so memory stays bounded (the queue
+/// alone could hold 16384 events of 64 KiB, 1 GiB).
+const MAX_QUEUED_RAW_BYTES: u64 = 64 << 20;
+
 /// Most messages handled before the writer flushes.
 const BATCH: usize = 512;
 
@@ -144,6 +149,7 @@ impl Recorder {
             on_overflow: settings.on_overflow,
             capacity,
             queued: AtomicU64::new(0),
+            raw_queued: AtomicU64::new(0),
             writing: Mutex::new(HashSet::new()),
             signing_key_id: settings
                 .signing_key
@@ -204,6 +210,8 @@ struct Shared {
     capacity: usize,
     /// Messages in the queue (sent, not yet taken by the writer).
     queued: AtomicU64,
+    /// Bytes of raw events in the queue.
+    raw_queued: AtomicU64,
     /// Sessions whose files the writer has open (or is creating): retention
     /// never removes these.
     writing: Mutex<HashSet<Uuid>>,
@@ -231,7 +239,7 @@ impl Shared {
     }
 
     /// An event that never reached the writer.
-    fn lose_queued(&self, event: &SessionEvent, stopped: bool) {
+    fn lose_queued(&self, event: &SessionEvent, why: Overflow) {
         let first = self.lost.fetch_add(1, Ordering::SeqCst) == 0;
         {
             let mut pending = lock(&self.pending);
@@ -239,17 +247,22 @@ impl Shared {
             entry.count += 1;
             entry.closed |= matches!(event, SessionEvent::Closed { .. });
         }
-        if stopped {
-            self.fail("the recorder is stopped; events are no longer recorded".to_string());
-        } else if self.on_overflow == OnOverflow::FailClosed {
-            self.fail(format!(
-                "recording queue full ({} events): the recorder cannot keep up with the disk",
-                self.capacity
-            ));
+        let full = match why {
+            Overflow::Stopped => {
+                self.fail("the recorder is stopped; events are no longer recorded".to_string());
+                return;
+            }
+            Overflow::Events => format!("recording queue full ({} events)", self.capacity),
+            Overflow::RawBytes => {
+                format!("recording queue full ({MAX_QUEUED_RAW_BYTES} bytes of raw data)")
+            }
+        };
+        if self.on_overflow == OnOverflow::FailClosed {
+            self.fail(format!("{full}: the recorder cannot keep up with the disk"));
         } else if first {
             tracing::warn!(
                 capacity = self.capacity,
-                "recording queue full: events are being lost (counted in recording_events_lost)"
+                "{full}: events are being lost (counted in recording_events_lost)"
             );
         }
     }
@@ -259,12 +272,32 @@ impl Shared {
     }
 }
 
+/// Why an event did not reach the writer.
+#[derive(Debug, Clone, Copy)]
+enum Overflow {
+    /// The queue holds `queue_capacity` events.
+    Events,
+    /// The queue holds [`MAX_QUEUED_RAW_BYTES`] of raw data.
+    RawBytes,
+    /// The writer is gone.
+    Stopped,
+}
+
+/// Bytes of raw data an event carries (0 for all but raw events).
+fn raw_len(event: &SessionEvent) -> u64 {
+    match event {
+        SessionEvent::Raw { data, .. } => data.len() as u64,
+        _ => 0,
+    }
+}
+
 fn session_of(event: &SessionEvent) -> Uuid {
     match event {
         SessionEvent::Started(info) => info.id,
         SessionEvent::UpstreamConnected { session, .. }
         | SessionEvent::Startup { session, .. }
         | SessionEvent::Statement { session, .. }
+        | SessionEvent::Raw { session, .. }
         | SessionEvent::Closed { session, .. } => *session,
     }
 }
@@ -307,6 +340,13 @@ impl RecordingSink {
         self.failed() && self.shared.on_overflow == OnOverflow::FailClosed
     }
 
+    /// Whether open sessions must end (as [`refuse_new_sessions`](Self::refuse_new_sessions)),
+    /// with a relaxed load: sessions ask before every statement.
+    pub fn sessions_must_end(&self) -> bool {
+        self.shared.on_overflow == OnOverflow::FailClosed
+            && self.shared.failed.load(Ordering::Relaxed)
+    }
+
     /// Sets the policy digest written in the headers of sessions started
     /// from now on (after a policy reload).
     pub fn set_policy_digest(&self, digest: Option<String>) {
@@ -336,6 +376,15 @@ impl EventSink for RecordingSink {
             SessionEvent::Started(_) => lock(&self.shared.policy_digest).clone(),
             _ => None,
         };
+        let raw = raw_len(event);
+        if raw > 0 {
+            let before = self.shared.raw_queued.fetch_add(raw, Ordering::Relaxed);
+            if before.saturating_add(raw) > MAX_QUEUED_RAW_BYTES {
+                self.shared.raw_queued.fetch_sub(raw, Ordering::Relaxed);
+                self.shared.lose_queued(event, Overflow::RawBytes);
+                return;
+            }
+        }
         let msg = Msg::Event {
             at: Instant::now(),
             event: event.clone(),
@@ -347,11 +396,12 @@ impl EventSink for RecordingSink {
         let sent = self.tx.try_send(msg);
         if sent.is_err() {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+            self.shared.raw_queued.fetch_sub(raw, Ordering::Relaxed);
         }
         match sent {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.shared.lose_queued(event, false),
-            Err(TrySendError::Disconnected(_)) => self.shared.lose_queued(event, true),
+            Err(TrySendError::Full(_)) => self.shared.lose_queued(event, Overflow::Events),
+            Err(TrySendError::Disconnected(_)) => self.shared.lose_queued(event, Overflow::Stopped),
         }
     }
 }
@@ -491,7 +541,10 @@ impl Writer {
                 // Whatever was queued behind the shutdown is lost: count it.
                 while let Ok(msg) = self.rx.try_recv() {
                     if let Msg::Event { event, .. } = msg {
-                        self.shared.lose_queued(&event, true);
+                        self.shared
+                            .raw_queued
+                            .fetch_sub(raw_len(&event), Ordering::Relaxed);
+                        self.shared.lose_queued(&event, Overflow::Stopped);
                     }
                 }
                 return;
@@ -509,6 +562,9 @@ impl Writer {
                 policy_digest,
             } => {
                 self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                self.shared
+                    .raw_queued
+                    .fetch_sub(raw_len(&event), Ordering::Relaxed);
                 (at, event, policy_digest)
             }
         };
@@ -1009,6 +1065,13 @@ fn event_body(event: &SessionEvent) -> (Event, bool) {
                 false,
             )
         }
+        SessionEvent::Raw { dir, data, .. } => (
+            Event::Raw {
+                dir: dir.as_str().to_string(),
+                data: data.to_vec(),
+            },
+            false,
+        ),
         SessionEvent::Closed {
             bytes_from_client,
             bytes_from_upstream,
@@ -1018,9 +1081,10 @@ fn event_body(event: &SessionEvent) -> (Event, bool) {
         } => {
             use crate::events::CloseReason as R;
             let detail = match reason {
-                R::ClientError(d) | R::UpstreamError(d) | R::UpstreamUnreachable(d) => {
-                    Some(d.clone())
-                }
+                R::ClientError(d)
+                | R::UpstreamError(d)
+                | R::UpstreamUnreachable(d)
+                | R::RecordingFailed(d) => Some(d.clone()),
                 R::Completed | R::IdleTimeout | R::Shutdown => None,
             };
             (

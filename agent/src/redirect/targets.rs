@@ -132,6 +132,7 @@ mod tests {
                 .collect(),
             protocol: Protocol::Postgres,
             tls: crate::config::UpstreamTls::Prefer,
+            record_raw: false,
         }
     }
 

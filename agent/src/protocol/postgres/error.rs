@@ -37,6 +37,9 @@ pub mod sqlstate {
     /// `57P01` admin_shutdown: the agent is shutting down and the grace
     /// period is over. Severity FATAL.
     pub const ADMIN_SHUTDOWN: &str = "57P01";
+    /// `57P03` cannot_connect_now: what PostgreSQL answers while it cannot
+    /// take connections; the agent's answer when recording has failed.
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
     /// `53300` too_many_connections: a connection limit of the proxy was
     /// reached. Severity FATAL.
     pub const TOO_MANY_CONNECTIONS: &str = "53300";

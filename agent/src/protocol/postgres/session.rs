@@ -86,7 +86,7 @@ use super::codec::{
 };
 use super::error::{error_response, severity, sqlstate, ssl_refused};
 use super::frontend::{self, decode_startup, FrontendMessage};
-use crate::events::{CloseReason, SessionEvent};
+use crate::events::{CloseReason, RawDirection, SessionEvent};
 use crate::policy::{most_restrictive, Decision};
 use crate::protocol::{current_policy, SessionContext};
 use crate::sql::Analysis;
@@ -557,6 +557,10 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
         if upstream.is_tls() { "TLS" } else { "plaintext" },
     );
     count(ctx, true, bytes.len());
+    if ctx.events.records_raw(&ctx.info.target) {
+        ctx.events
+            .emit_raw(ctx.info.id, RawDirection::Client, &bytes);
+    }
     if let Err(e) = write_flush(&mut upstream, &bytes).await {
         return CloseReason::UpstreamError(e.to_string());
     }
@@ -615,7 +619,13 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
         } => {
             tracing::warn!(session = %ctx.info.id, sqlstate, "closing the session: {message}");
             if !shared.upstream_mid_message.load(Ordering::Relaxed) {
-                let wire = error_response(severity::FATAL, sqlstate, &message, None, None);
+                let (detail, hint) = match &reason {
+                    CloseReason::RecordingFailed(cause) => {
+                        (Some(cause.as_str()), Some(RECORDING_HINT))
+                    }
+                    _ => (None, None),
+                };
+                let wire = error_response(severity::FATAL, sqlstate, &message, detail, hint);
                 let _ = tokio::time::timeout(
                     Duration::from_secs(1),
                     write_flush(&mut client_write, &wire),
@@ -865,6 +875,32 @@ pub async fn refuse_unreachable(
     let _ = client.shutdown().await;
 }
 
+/// The HINT of the FATAL error that ends a session when recording failed.
+const RECORDING_HINT: &str = "nothing may run unrecorded (agent.recording_on_failure = \"refuse\"); fix the cause, e.g. free space in the recording directory, then restart the agent";
+
+/// Fail closed: a session whose events can no longer be recorded ends
+/// before it forwards another statement (a relaxed atomic load when all
+/// is well).
+fn check_recording(ctx: &SessionContext) -> Result<(), Stop> {
+    match ctx.events.recording_failure() {
+        None => Ok(()),
+        Some(cause) => Err(Stop::Fatal {
+            sqlstate: sqlstate::CANNOT_CONNECT_NOW,
+            message: "tollgate: session ended: session recording has failed".to_owned(),
+            reason: CloseReason::RecordingFailed(cause),
+        }),
+    }
+}
+
+/// Records the last `n` bytes of `buf` (just read) as raw bytes from `dir`.
+fn record_raw(ctx: &SessionContext, dir: RawDirection, buf: &ReadBuf, n: usize) {
+    let filled = buf.filled();
+    let read = filled
+        .get(filled.len().saturating_sub(n)..)
+        .unwrap_or_default();
+    ctx.events.emit_raw(ctx.info.id, dir, read);
+}
+
 fn count(ctx: &SessionContext, from_client: bool, n: usize) {
     let n = n as u64;
     if from_client {
@@ -956,6 +992,7 @@ impl ClientSide<'_> {
         use frontend::tag::*;
         match tag {
             QUERY | PARSE | FUNCTION_CALL => {
+                check_recording(self.ctx)?;
                 if header.len > MAX_INSPECTED_MESSAGE {
                     return Err(Stop::client_fault(
                         PROGRAM_LIMIT_EXCEEDED,
@@ -977,8 +1014,14 @@ impl ClientSide<'_> {
                     }
                 }
             }
-            BIND => self.bind(data, header),
+            BIND => {
+                check_recording(self.ctx)?;
+                self.bind(data, header)
+            }
             EXECUTE | CLOSE => {
+                if tag == EXECUTE {
+                    check_recording(self.ctx)?;
+                }
                 let Some(body) = header.body(data) else {
                     return Ok(Step::Need(header.len));
                 };
@@ -1347,6 +1390,12 @@ where
         streaming: 0,
         out: Vec::new(),
     };
+    let raw = ctx.events.records_raw(&ctx.info.target);
+    if raw && !buf.filled().is_empty() {
+        // Sent right behind the start-up packet, in the same read.
+        ctx.events
+            .emit_raw(ctx.info.id, RawDirection::Client, buf.filled());
+    }
     let write_err = |e: io::Error| Stop::Closed(CloseReason::UpstreamError(e.to_string()));
     loop {
         // Handle everything that is here, forwarding runs of unchanged
@@ -1406,6 +1455,9 @@ where
             return Ok(());
         }
         count(ctx, true, n);
+        if raw {
+            record_raw(ctx, RawDirection::Client, &buf, n);
+        }
         shared.touch(start);
     }
 }
@@ -1610,6 +1662,7 @@ where
         warned_encoding: false,
     };
     let mut buf = ReadBuf::new();
+    let raw = ctx.events.records_raw(&ctx.info.target);
     let write_err = |e: io::Error| Stop::Closed(CloseReason::ClientError(e.to_string()));
     loop {
         let mut need = FrameHeader::SIZE;
@@ -1655,6 +1708,9 @@ where
             return Ok(());
         }
         count(ctx, false, n);
+        if raw {
+            record_raw(ctx, RawDirection::Server, &buf, n);
+        }
         shared.touch(start);
     }
 }
