@@ -690,3 +690,114 @@ fn statements_of_governed_processes_are_decided_through_the_redirect() {
     drop(agent);
     cleanup_redirect(&keep);
 }
+
+/// The rest of the PostgreSQL handler through the redirect: `\copy` in,
+/// a refused COPY out that sends nothing, pg_dump, and hostile bytes from
+/// a governed process that end only its own session.
+#[test]
+fn copy_pg_dump_and_hostile_input_through_the_redirect() {
+    require_ebpf!();
+    let addrs = TestAddresses::add();
+    let pg = Postgres::start_listening(&[addrs.v4.into()]);
+    psql(
+        pg.port,
+        "create table t (x int); create table secrets (s text); insert into secrets values ('k')",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.toml"),
+        "[[rule]]\nname = \"no-secrets\"\naction = \"deny\"\nmessage = \"off limits\"\n[rule.match]\ntables = [\"secrets\"]\n",
+    )
+    .unwrap();
+    let config = format!(
+        "[agent]\npolicy_paths = [\"{}\"]\n\n{}\n[[target]]\nname = \"remote-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n",
+        dir.path().join("p.toml").display(),
+        redirect_section(dir.path(), "pass"),
+        addrs.v4,
+        pg.port
+    );
+    let agent = Agent::start(&config);
+    let keep = dir.path().join("agent.toml");
+    std::fs::copy(&agent.config, &keep).unwrap();
+    let psql_bin = pg_tool("psql");
+    let conn = format!("-h {} -p {} -U postgres -d postgres", addrs.v4, pg.port);
+    let sh = |script: &str| {
+        exec_command(&agent, &["sh", "-c", script])
+            .output()
+            .unwrap()
+    };
+
+    let copied = sh(&format!(
+        "printf '1\\n2\\n3\\n' | {} -X -A -t {conn} -c '\\copy t from stdin' -c 'select sum(x) from t'",
+        psql_bin.display()
+    ));
+    assert_eq!(stdout(&copied).trim(), "COPY 3\n6", "{copied:?}");
+
+    let refused = sh(&format!(
+        "{} -X -A -t {conn} -c 'copy secrets to stdout'",
+        psql_bin.display()
+    ));
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(stdout(&refused), "");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("ERROR:  tollgate: COPY denied by rule \"no-secrets\": off limits"),
+        "{refused:?}"
+    );
+
+    let dump = sh(&format!(
+        "{} {conn} --exclude-table secrets",
+        pg_tool("pg_dump").display()
+    ));
+    assert!(dump.status.success(), "{dump:?}");
+    assert!(
+        stdout(&dump).contains("COPY public.t (x) FROM stdin;\n1\n2\n3\n"),
+        "{dump:?}"
+    );
+
+    // A governed process that sends a message type no client sends, after
+    // a proper start-up: it gets a FATAL protocol_violation and its session
+    // closes, while another governed session is served.
+    let hostile = format!(
+        r#"
+import socket, struct
+s = socket.create_connection(("{host}", {port}))
+params = b"user\0postgres\0database\0postgres\0\0"
+s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+buf = b""
+while not buf.endswith(b"Z\0\0\0\x05I"):
+    chunk = s.recv(4096)
+    assert chunk, buf
+    buf += chunk
+s.sendall(b"\x01\0\0\0\x04")
+rest = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    rest += chunk
+print(rest.split(b"\0C")[1].split(b"\0")[0].decode(), rest.count(b"SFATAL"))
+"#,
+        host = addrs.v4,
+        port = pg.port
+    );
+    let out = exec_command(&agent, &["python3", "-c", &hostile])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out).trim(), "08P01 1", "{out:?}");
+    let still = sh(&format!(
+        "{} -X -A -t {conn} -c 'select 7'",
+        psql_bin.display()
+    ));
+    assert_eq!(stdout(&still).trim(), "7", "{still:?}");
+
+    let logs = agent.log_lines();
+    assert!(
+        logs.iter().filter(|l| l["arrival"] == "redirect").count() >= 5,
+        "every session came through the redirect: {}",
+        agent.log_text()
+    );
+    drop(agent);
+    cleanup_redirect(&keep);
+}
