@@ -484,14 +484,54 @@ fn recordings_command(command: cli::RecordingsCommand) -> ExitCode {
         cli::RecordingsCommand::Export {
             config,
             id,
-            format: _,
-        } => match open_recording(&config, &id) {
-            Ok(r) => {
-                print!("{}", recording::export_jsonl(&r));
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
+            format,
+            out,
+        } => {
+            let r = match open_recording(&config, &id) {
+                Ok(r) => r,
+                Err(code) => return code,
+            };
+            let bytes = if format == "pcap" {
+                match recording::export_pcap(&r) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        eprintln!("tollgate: cannot export {id} as pcap: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                recording::export_jsonl(&r).into_bytes()
+            };
+            write_export(&bytes, out.as_deref(), format == "pcap")
+        }
+    }
+}
+
+/// Writes an export to `out`, or to standard output; binary output is not
+/// written to a terminal.
+fn write_export(bytes: &[u8], out: Option<&std::path::Path>, binary: bool) -> ExitCode {
+    use std::io::{IsTerminal as _, Write as _};
+    let written = match out {
+        Some(path) => {
+            std::fs::write(path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        }
+        None if binary && std::io::stdout().is_terminal() => {
+            Err("a pcap is binary: give --out FILE or redirect standard output".to_string())
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(bytes)
+                .and_then(|()| stdout.flush())
+                .map_err(|e| format!("cannot write the export: {e}"))
+        }
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -300,16 +300,24 @@ pub enum RecordingsCommand {
         #[arg(long, value_name = "PATH")]
         out: PathBuf,
     },
-    /// Export a session, one JSON object per record (for SIEMs).
+    /// Export a session: `jsonl`, one JSON object per record (for SIEMs;
+    /// raw bytes in base64), or `pcap`, the raw bytes of a session recorded
+    /// with `record_raw = true` as a TCP capture for Wireshark.
     Export {
         #[command(flatten)]
         config: ConfigArg,
         /// Session id or recording file.
         #[arg(value_name = "ID|FILE")]
         id: String,
-        /// Output format.
-        #[arg(long, default_value = "jsonl", value_parser = ["jsonl"])]
+        /// Output format: jsonl, or pcap (classic pcap, raw IP: one
+        /// synthesized TCP connection from the recorded client to the
+        /// server, timed as recorded).
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "pcap"])]
         format: String,
+        /// Write to FILE instead of standard output (pcap is not written to
+        /// a terminal).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 

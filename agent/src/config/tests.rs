@@ -333,6 +333,16 @@ fn upstream_tls_modes() {
 }
 
 #[test]
+fn record_raw_is_a_per_target_boolean() {
+    let base = "[[target]]\nname = \"t\"\naddress = \"10.0.0.1\"\nports = [5432]\nprotocol = \"postgres\"\n";
+    assert!(!parse(base).unwrap().targets.get("t").unwrap().record_raw);
+    let c = parse(&format!("{base}record_raw = true\n")).unwrap();
+    assert!(c.targets.get("t").unwrap().record_raw);
+    let e = errors(&format!("{base}record_raw = \"yes\"\n"));
+    assert!(e[0].starts_with("t.toml:6:14:"), "{e:?}");
+}
+
+#[test]
 fn client_tls_defaults_off_and_parses_terminate() {
     let c = parse("").unwrap();
     assert_eq!(c.agent.client_tls, ClientTls::Off);

@@ -10,11 +10,13 @@
 //! - [`reader`]: [`read_recording`], [`verify`], [`verify_signed`],
 //!   [`list`], [`locate`].
 //! - [`render`]: [`render_transcript`], [`replay`], [`export_jsonl`].
+//! - [`pcap`]: [`export_pcap`], raw bytes as a synthesized TCP capture.
 //! - [`signing`]: ed25519 keys, the signed bytes, signature checks.
 //! - [`retention`]: [`prune`], removing old closed recordings.
 
 pub mod codec;
 pub mod format;
+pub mod pcap;
 pub mod reader;
 pub mod render;
 pub mod retention;
@@ -25,6 +27,7 @@ pub mod writer;
 mod tests;
 
 pub use format::{Event, EventRecord, Header, Record, Trailer};
+pub use pcap::{export_pcap, PcapError};
 pub use reader::{
     list, locate, read_recording, verify, verify_signed, Problem, ReadError, Recording,
     RecordingFilter, RecordingSummary, SignatureStatus, VerifyReport,

@@ -1287,3 +1287,243 @@ fn replay_at_a_fast_speed_really_sleeps_and_keeps_order() {
     assert!(select_at < drop_at);
     assert!(text.contains("+     2.400s"), "{text}");
 }
+
+/// A small pcap reader: every packet's IP and TCP checksums checked, the
+/// TCP flags in order, and each direction's payload reassembled by
+/// sequence number (`true` for client → server).
+struct Capture {
+    flags: Vec<(bool, u8)>,
+    client: Vec<u8>,
+    server: Vec<u8>,
+    first_ts_us: u64,
+}
+
+fn u16_be(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn u32_be(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u32_le(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn parse_pcap(bytes: &[u8], client_port: u16) -> Capture {
+    assert_eq!(u32_le(bytes, 0), 0xa1b2_c3d4, "magic");
+    assert_eq!(u32_le(bytes, 20), 101, "LINKTYPE_RAW");
+    let mut pos = 24;
+    let mut cap = Capture {
+        flags: Vec::new(),
+        client: Vec::new(),
+        server: Vec::new(),
+        first_ts_us: 0,
+    };
+    // Next expected sequence number per direction, known from the SYNs.
+    let (mut next_c, mut next_s) = (None::<u32>, None::<u32>);
+    while pos < bytes.len() {
+        let ts = u64::from(u32_le(bytes, pos)) * 1_000_000 + u64::from(u32_le(bytes, pos + 4));
+        if cap.first_ts_us == 0 {
+            cap.first_ts_us = ts;
+        }
+        let incl = u32_le(bytes, pos + 8) as usize;
+        assert_eq!(incl, u32_le(bytes, pos + 12) as usize);
+        let p = &bytes[pos + 16..pos + 16 + incl];
+        pos += 16 + incl;
+        let (tcp, pseudo) = match p[0] >> 4 {
+            4 => {
+                let ihl = usize::from(p[0] & 0x0f) * 4;
+                assert_eq!(usize::from(u16_be(p, 2)), p.len(), "IPv4 total length");
+                assert_eq!(super::pcap::checksum(&[&p[..ihl]]), 0, "IPv4 checksum");
+                assert_eq!(p[9], 6);
+                let tcp = &p[ihl..];
+                let mut pseudo = p[12..20].to_vec();
+                pseudo.extend_from_slice(&[0, 6]);
+                pseudo.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+                (tcp, pseudo)
+            }
+            6 => {
+                assert_eq!(
+                    usize::from(u16_be(p, 4)),
+                    p.len() - 40,
+                    "IPv6 payload length"
+                );
+                assert_eq!(p[6], 6);
+                let tcp = &p[40..];
+                let mut pseudo = p[8..40].to_vec();
+                pseudo.extend_from_slice(&(tcp.len() as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, 6]);
+                (tcp, pseudo)
+            }
+            v => panic!("IP version {v}"),
+        };
+        assert_eq!(super::pcap::checksum(&[&pseudo, tcp]), 0, "TCP checksum");
+        let from_client = u16_be(tcp, 0) == client_port;
+        let seq = u32_be(tcp, 4);
+        let flags = tcp[13];
+        let payload = &tcp[usize::from(tcp[12] >> 4) * 4..];
+        assert!(payload.len() <= 65000);
+        cap.flags.push((from_client, flags));
+        let (next, other) = if from_client {
+            (&mut next_c, next_s)
+        } else {
+            (&mut next_s, next_c)
+        };
+        if flags & 0x02 != 0 {
+            *next = Some(seq.wrapping_add(1));
+            continue;
+        }
+        let expected = next.expect("data before the SYN");
+        assert_eq!(seq, expected, "a gap or overlap in the stream");
+        // The acknowledgement is the other side's next sequence number.
+        if flags & 0x10 != 0 {
+            assert_eq!(Some(u32_be(tcp, 8)), other, "ack number");
+        }
+        *next = Some(seq.wrapping_add(payload.len() as u32 + u32::from(flags & 0x01)));
+        if from_client {
+            cap.client.extend_from_slice(payload);
+        } else {
+            cap.server.extend_from_slice(payload);
+        }
+    }
+    cap
+}
+
+/// Records a session with raw events from `client` and returns the file.
+fn record_raw_session(
+    dir: &Path,
+    client: &str,
+    client_bytes: &[Vec<u8>],
+    server_bytes: &[Vec<u8>],
+) -> PathBuf {
+    let (sink, handle) = Recorder::start(settings(dir, Fsync::OnClose)).unwrap();
+    let mut info = (*info("orders-prod", "runner", None)).clone();
+    info.client = addr(client);
+    let info = Arc::new(info);
+    let events = crate::events::Events::new(sink.clone())
+        .with_recorder(sink.clone(), ["orders-prod".to_string()]);
+    assert!(events.records_raw("orders-prod"));
+    assert!(!events.records_raw("other"));
+    let all = session_events(&info);
+    for e in &all[..2] {
+        events.emit(e);
+    }
+    for (c, s) in client_bytes.iter().zip(server_bytes) {
+        events.emit_raw(info.id, crate::events::RawDirection::Client, c);
+        events.emit_raw(info.id, crate::events::RawDirection::Server, s);
+    }
+    for e in &all[2..] {
+        events.emit(e);
+    }
+    let report = handle.shutdown();
+    assert_eq!(report.lost, 0);
+    session_path(dir, info.id, info.started_at)
+}
+
+#[test]
+fn raw_bytes_export_as_a_pcap_that_parses_back() {
+    let client_bytes = vec![
+        b"\0\0\0\x08\x04\xd2\x16\x2f".to_vec(),
+        b"Q\0\0\0\x0dselect 1\0".to_vec(),
+        // Larger than a raw event (split) and than a segment (split again).
+        (0..200_000u32).map(|i| (i % 251) as u8).collect(),
+    ];
+    let server_bytes = vec![
+        b"N".to_vec(),
+        b"T\0\0\0\x21\0\x01?column?\0".to_vec(),
+        b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I".to_vec(),
+    ];
+    for client in ["127.0.0.1:50123", "[fd00::7]:50123"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = record_raw_session(tmp.path(), client, &client_bytes, &server_bytes);
+        let rec = read_recording(&path).unwrap();
+        let raws: Vec<&Event> = rec
+            .events()
+            .map(|e| &e.event)
+            .filter(|e| matches!(e, Event::Raw { .. }))
+            .collect();
+        // 200000 bytes are 4 events of at most 64 KiB.
+        assert_eq!(raws.len(), 2 + 4 + 3, "{client}");
+        for r in &raws {
+            let Event::Raw { data, .. } = r else {
+                unreachable!()
+            };
+            assert!(data.len() <= MAX_RAW_DATA);
+        }
+        assert!(verify(&path).ok(), "{}", verify(&path));
+
+        let pcap = export_pcap(&rec).unwrap();
+        let cap = parse_pcap(&pcap, 50123);
+        assert_eq!(cap.client, client_bytes.concat(), "{client}");
+        assert_eq!(cap.server, server_bytes.concat(), "{client}");
+        let flags: Vec<u8> = cap.flags.iter().map(|f| f.1).collect();
+        assert_eq!(&flags[..3], &[0x02, 0x12, 0x10], "handshake");
+        assert_eq!(
+            &flags[flags.len() - 3..],
+            &[0x11, 0x11, 0x10],
+            "FIN exchange"
+        );
+        assert!(cap.flags[0].0, "the client sends the SYN");
+        // 200000 bytes in 64 KiB events: 65000, 536, 65000, 536, ... segments.
+        assert!(flags.iter().filter(|f| **f == 0x18).count() >= 2 + 3 + 4);
+        assert_eq!(
+            cap.first_ts_us / 1000,
+            1_741_086_000_123,
+            "timed from the header"
+        );
+
+        // The other readings of the same events.
+        let show = render_transcript(&rec, false);
+        assert!(show.contains("14 bytes from client"), "{show}");
+        assert!(show.contains("1 bytes from server"), "{show}");
+        let jsonl = export_jsonl(&rec);
+        let raw_line: serde_json::Value = jsonl
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["event"]["type"] == "raw")
+            .unwrap();
+        assert_eq!(raw_line["event"]["dir"], "client");
+        assert_eq!(raw_line["event"]["data"], "AAAACATSFi8=");
+    }
+}
+
+#[test]
+fn a_recording_without_raw_bytes_has_no_pcap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, path) = record_session(tmp.path(), Fsync::OnClose);
+    let rec = read_recording(&path).unwrap();
+    let err = export_pcap(&rec).unwrap_err();
+    assert_eq!(err, PcapError::NoRawBytes);
+    assert!(err.to_string().contains("set record_raw = true"));
+}
+
+#[test]
+fn raw_events_beyond_the_queued_byte_budget_are_lost_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, handle) = Recorder::start(RecorderSettings {
+        on_overflow: OnOverflow::CountLost,
+        ..settings(tmp.path(), Fsync::OnClose)
+    })
+    .unwrap();
+    let info = info("orders-prod", "runner", None);
+    sink.emit(&SessionEvent::Started(Arc::clone(&info)));
+    // 64 MiB of raw data at once: far more than the writer drains meanwhile.
+    let chunk: Arc<[u8]> = Arc::from(vec![0u8; 64 * 1024]);
+    for _ in 0..2048 {
+        sink.emit(&SessionEvent::Raw {
+            session: info.id,
+            dir: crate::events::RawDirection::Server,
+            data: Arc::clone(&chunk),
+        });
+    }
+    let report = handle.shutdown();
+    // Whatever did not fit is counted, never dropped silently.
+    let rec = read_recording(session_path(tmp.path(), info.id, info.started_at)).unwrap();
+    let raws = rec
+        .events()
+        .filter(|e| matches!(e.event, Event::Raw { .. }))
+        .count() as u64;
+    assert_eq!(raws + report.lost, 2048, "lost {}", report.lost);
+    assert_eq!(rec.lost(), report.lost);
+}
