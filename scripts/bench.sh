@@ -61,6 +61,8 @@ if [ $ebpf -eq 1 ] && { [ "$(id -u)" -ne 0 ] || [ ! -e /sys/kernel/btf/vmlinux ]
 fi
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    # runuser does not pass the signal on: stop pgbouncer by its pid file.
+    [ -f "$work/bouncer/pgbouncer.pid" ] && kill "$(cat "$work/bouncer/pgbouncer.pid")" 2>/dev/null || true
     wait 2>/dev/null || true
     if [ $ebpf -eq 1 ]; then
         "$tollgate" detach --config "$work/tollgate.toml" >/dev/null 2>&1 || true
@@ -106,6 +108,7 @@ max_client_conn = 600
 default_pool_size = 20
 unix_socket_dir =
 logfile = $work/bouncer/log
+pidfile = $work/bouncer/pgbouncer.pid
 INI
 echo '"postgres" ""' > "$work/bouncer/users.txt"
 [ "$(id -u)" -eq 0 ] && chown postgres: "$work/bouncer"/*
