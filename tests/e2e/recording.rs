@@ -529,3 +529,156 @@ fn retention_removes_old_recordings_when_the_agent_starts() {
         agent.log_text()
     );
 }
+
+/// Each direction's TCP payload in a classic pcap of raw IP packets, in
+/// file order (the export writes each direction in sequence order), and
+/// the TCP flags of every packet. Checks the IPv4 header checksum.
+fn pcap_streams(bytes: &[u8], client_port: u16) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let le = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    assert_eq!(le(0), 0xa1b2_c3d4, "pcap magic");
+    assert_eq!(le(20), 101, "LINKTYPE_RAW");
+    let (mut to_server, mut to_client, mut flags) = (Vec::new(), Vec::new(), Vec::new());
+    let mut pos = 24;
+    while pos + 16 <= bytes.len() {
+        let len = le(pos + 8) as usize;
+        let p = &bytes[pos + 16..pos + 16 + len];
+        pos += 16 + len;
+        assert_eq!(p[0] >> 4, 4, "an IPv4 packet for a 127.0.0.1 session");
+        let ihl = usize::from(p[0] & 0x0f) * 4;
+        let mut sum: u32 = p[..ihl]
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        assert_eq!(sum, 0xffff, "IPv4 header checksum");
+        let tcp = &p[ihl..];
+        let payload = &tcp[usize::from(tcp[12] >> 4) * 4..];
+        flags.push(tcp[13]);
+        if u16::from_be_bytes([tcp[0], tcp[1]]) == client_port {
+            to_server.extend_from_slice(payload);
+        } else {
+            to_client.extend_from_slice(payload);
+        }
+    }
+    (to_server, to_client, flags)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn a_record_raw_session_exports_as_a_pcap_wireshark_can_read() {
+    let pg = Postgres::start();
+    let port = free_port();
+    let config = listener_config(port, pg.port, "").replace(
+        "protocol = \"postgres\"\n",
+        "protocol = \"postgres\"\nrecord_raw = true\n",
+    );
+    let agent = Agent::start(&config);
+    assert_eq!(
+        psql(port, "select 'tollgate-pcap-' || 'marker' as m").unwrap(),
+        "tollgate-pcap-marker"
+    );
+    let list = recordings(&agent, 1);
+    let id = list[0]["id"].as_str().unwrap().to_string();
+
+    let show = tollgate(&agent, &["recordings", "show", &id, "--no-color"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains("bytes from client"), "{text}");
+    assert!(text.contains("bytes from server"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("session.pcap");
+    let export = tollgate(
+        &agent,
+        &[
+            "recordings",
+            "export",
+            &id,
+            "--format",
+            "pcap",
+            "--out",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let bytes = std::fs::read(&file).unwrap();
+    let header: serde_json::Value = serde_json::from_slice(
+        tollgate(&agent, &["recordings", "export", &id])
+            .stdout
+            .split(|b| *b == b'\n')
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let client: std::net::SocketAddr = header["client"].as_str().unwrap().parse().unwrap();
+    let (to_server, to_client, flags) = pcap_streams(&bytes, client.port());
+    // The StartupMessage: protocol 3.0, then user postgres.
+    assert!(
+        contains(&to_server, b"\0\x03\0\0user\0postgres\0"),
+        "{to_server:?}"
+    );
+    assert!(contains(&to_server, b"Q"), "{to_server:?}");
+    assert!(
+        contains(&to_server, b"select 'tollgate-pcap-' || 'marker' as m\0"),
+        "{to_server:?}"
+    );
+    assert!(
+        contains(&to_client, b"tollgate-pcap-marker"),
+        "{to_client:?}"
+    );
+    assert!(contains(&to_client, b"SELECT 1\0"), "{to_client:?}");
+    assert_eq!(&flags[..3], &[0x02, 0x12, 0x10], "handshake");
+    assert_eq!(
+        &flags[flags.len() - 3..],
+        &[0x11, 0x11, 0x10],
+        "FIN exchange"
+    );
+
+    // Wireshark's own dissector, when installed (not required).
+    if let Ok(out) = Command::new("tshark")
+        .arg("-r")
+        .arg(&file)
+        .args(["-d", &format!("tcp.port=={},pgsql", pg.port), "-Y", "pgsql"])
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("PGSQL"), "{text}");
+    }
+
+    // A session recorded without raw bytes says how to get them.
+    let port2 = free_port();
+    let plain = Agent::start(&listener_config(port2, pg.port, ""));
+    psql(port2, "select 1").unwrap();
+    let id2 = recordings(&plain, 1)[0]["id"].as_str().unwrap().to_string();
+    let out = tollgate(
+        &plain,
+        &[
+            "recordings",
+            "export",
+            &id2,
+            "--format",
+            "pcap",
+            "--out",
+            dir.path().join("x").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("set record_raw = true on the target"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
