@@ -65,9 +65,17 @@ impl Prepared {
             < MAX_TRACKED
     }
 
-    /// The statement named `name`, as the server has it.
+    /// The statement named `name`, as the server will have it when what
+    /// is pending succeeds: the last Parse of that name still awaiting its
+    /// ParseComplete (a Bind pipelined behind it binds that one), else the
+    /// confirmed statement.
     pub fn statement(&self, name: &[u8]) -> Option<&Decided> {
-        self.statements.get(name)
+        self.parses
+            .iter()
+            .rev()
+            .find(|(pending, _)| pending == name)
+            .map(|(_, statement)| statement)
+            .or_else(|| self.statements.get(name))
     }
 
     /// The statement behind portal `name`, as it was bound.
@@ -166,13 +174,25 @@ mod tests {
         let mut p = Prepared::default();
         p.parse_sent(b"s1", decided("select 1", &policy));
         p.parse_sent(b"s2", decided("select 2", &policy));
-        assert!(p.statement(b"s1").is_none());
         p.parse_complete();
         assert_eq!(&*p.statement(b"s1").unwrap().text, "select 1");
         // The server failed s2 (an error, then ReadyForQuery): never created.
         p.ready_for_query(b'I');
         p.parse_complete();
         assert!(p.statement(b"s2").is_none());
+    }
+
+    #[test]
+    fn a_bind_pipelined_behind_its_parse_sees_the_pending_statement() {
+        let policy = Arc::new(PolicySet::empty());
+        let mut p = Prepared::default();
+        p.parse_sent(b"", decided("select 1", &policy));
+        p.parse_complete();
+        p.parse_sent(b"", decided("select 2", &policy));
+        assert_eq!(&*p.statement(b"").unwrap().text, "select 2");
+        // The second Parse failed: the first statement is still the one.
+        p.ready_for_query(b'I');
+        assert_eq!(&*p.statement(b"").unwrap().text, "select 1");
     }
 
     #[test]
