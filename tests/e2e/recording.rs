@@ -569,29 +569,32 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-#[test]
-fn a_record_raw_session_exports_as_a_pcap_wireshark_can_read() {
-    let pg = Postgres::start();
+/// One psql session through a `record_raw` listener of `protocol`, its
+/// recording exported as a pcap (the handshake and FIN exchange checked).
+struct RawSession {
+    agent: Agent,
+    id: String,
+    pcap: std::path::PathBuf,
+    to_server: Vec<u8>,
+    to_client: Vec<u8>,
+    _dir: tempfile::TempDir,
+}
+
+fn raw_session(pg: &Postgres, protocol: &str) -> RawSession {
     let port = free_port();
     let config = listener_config(port, pg.port, "").replace(
         "protocol = \"postgres\"\n",
-        "protocol = \"postgres\"\nrecord_raw = true\n",
+        &format!("protocol = \"{protocol}\"\nrecord_raw = true\n"),
     );
     let agent = Agent::start(&config);
     assert_eq!(
         psql(port, "select 'tollgate-pcap-' || 'marker' as m").unwrap(),
         "tollgate-pcap-marker"
     );
-    let list = recordings(&agent, 1);
-    let id = list[0]["id"].as_str().unwrap().to_string();
-
-    let show = tollgate(&agent, &["recordings", "show", &id, "--no-color"]);
-    let text = String::from_utf8_lossy(&show.stdout);
-    assert!(text.contains("bytes from client"), "{text}");
-    assert!(text.contains("bytes from server"), "{text}");
-
+    let id = recordings(&agent, 1)[0]["id"].as_str().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("session.pcap");
+    let pcap = dir.path().join("session.pcap");
+    let out = pcap.to_str().unwrap();
     let export = tollgate(
         &agent,
         &[
@@ -601,7 +604,7 @@ fn a_record_raw_session_exports_as_a_pcap_wireshark_can_read() {
             "--format",
             "pcap",
             "--out",
-            file.to_str().unwrap(),
+            out,
         ],
     );
     assert!(
@@ -609,7 +612,6 @@ fn a_record_raw_session_exports_as_a_pcap_wireshark_can_read() {
         "{}",
         String::from_utf8_lossy(&export.stderr)
     );
-    let bytes = std::fs::read(&file).unwrap();
     let header: serde_json::Value = serde_json::from_slice(
         tollgate(&agent, &["recordings", "export", &id])
             .stdout
@@ -619,33 +621,51 @@ fn a_record_raw_session_exports_as_a_pcap_wireshark_can_read() {
     )
     .unwrap();
     let client: std::net::SocketAddr = header["client"].as_str().unwrap().parse().unwrap();
-    let (to_server, to_client, flags) = pcap_streams(&bytes, client.port());
-    // The StartupMessage: protocol 3.0, then user postgres.
-    assert!(
-        contains(&to_server, b"\0\x03\0\0user\0postgres\0"),
-        "{to_server:?}"
-    );
-    assert!(contains(&to_server, b"Q"), "{to_server:?}");
-    assert!(
-        contains(&to_server, b"select 'tollgate-pcap-' || 'marker' as m\0"),
-        "{to_server:?}"
-    );
-    assert!(
-        contains(&to_client, b"tollgate-pcap-marker"),
-        "{to_client:?}"
-    );
-    assert!(contains(&to_client, b"SELECT 1\0"), "{to_client:?}");
+    let (to_server, to_client, flags) = pcap_streams(&std::fs::read(&pcap).unwrap(), client.port());
     assert_eq!(&flags[..3], &[0x02, 0x12, 0x10], "handshake");
     assert_eq!(
         &flags[flags.len() - 3..],
         &[0x11, 0x11, 0x10],
         "FIN exchange"
     );
+    RawSession {
+        agent,
+        id,
+        pcap,
+        to_server,
+        to_client,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn a_record_raw_session_exports_as_a_pcap_wireshark_can_read() {
+    let pg = Postgres::start();
+    let raw = raw_session(&pg, "postgres");
+    let show = tollgate(&raw.agent, &["recordings", "show", &raw.id, "--no-color"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains("bytes from client"), "{text}");
+    assert!(text.contains("bytes from server"), "{text}");
+    let (to_server, to_client) = (&raw.to_server, &raw.to_client);
+    // The StartupMessage: protocol 3.0, then user postgres.
+    assert!(
+        contains(to_server, b"\0\x03\0\0user\0postgres\0"),
+        "{to_server:?}"
+    );
+    assert!(
+        contains(to_server, b"select 'tollgate-pcap-' || 'marker' as m\0"),
+        "{to_server:?}"
+    );
+    assert!(
+        contains(to_client, b"tollgate-pcap-marker"),
+        "{to_client:?}"
+    );
+    assert!(contains(to_client, b"SELECT 1\0"), "{to_client:?}");
 
     // Wireshark's own dissector, when installed (not required).
     if let Ok(out) = Command::new("tshark")
         .arg("-r")
-        .arg(&file)
+        .arg(&raw.pcap)
         .args(["-d", &format!("tcp.port=={},pgsql", pg.port), "-Y", "pgsql"])
         .output()
     {
@@ -663,6 +683,7 @@ fn a_record_raw_session_exports_as_a_pcap_wireshark_can_read() {
     let plain = Agent::start(&listener_config(port2, pg.port, ""));
     psql(port2, "select 1").unwrap();
     let id2 = recordings(&plain, 1)[0]["id"].as_str().unwrap().to_string();
+    let nowhere = raw.pcap.with_file_name("x");
     let out = tollgate(
         &plain,
         &[
@@ -672,7 +693,7 @@ fn a_record_raw_session_exports_as_a_pcap_wireshark_can_read() {
             "--format",
             "pcap",
             "--out",
-            dir.path().join("x").to_str().unwrap(),
+            nowhere.to_str().unwrap(),
         ],
     );
     assert_eq!(out.status.code(), Some(1));
@@ -680,5 +701,28 @@ fn a_record_raw_session_exports_as_a_pcap_wireshark_can_read() {
         String::from_utf8_lossy(&out.stderr).contains("set record_raw = true on the target"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The raw relay (protocol `tcp`, for protocols the agent does not parse)
+/// records and exports its bytes the same way.
+#[test]
+fn a_record_raw_tcp_relay_session_exports_as_a_pcap() {
+    let pg = Postgres::start();
+    let raw = raw_session(&pg, "tcp");
+    // psql's SSLRequest reaches the server itself through the relay.
+    assert!(
+        raw.to_server.starts_with(&[0, 0, 0, 8, 4, 210, 22, 47]),
+        "{:?}",
+        raw.to_server
+    );
+    assert!(contains(
+        &raw.to_server,
+        b"select 'tollgate-pcap-' || 'marker' as m\0"
+    ));
+    assert!(
+        contains(&raw.to_client, b"tollgate-pcap-marker"),
+        "{:?}",
+        raw.to_client
     );
 }
