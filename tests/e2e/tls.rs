@@ -292,6 +292,82 @@ fn clients_get_tls_from_the_agents_local_ca() {
     assert!(out.status.success(), "{out:?}");
 }
 
+/// PostgreSQL 17's `sslnegotiation=direct`: the client starts with a TLS
+/// ClientHello (ALPN "postgresql") instead of an SSLRequest. psql 15 cannot
+/// send it, so Python's ssl module plays the client; without the ALPN
+/// protocol the connection is refused, as the server refuses it.
+#[test]
+fn direct_tls_negotiation_with_alpn() {
+    let pg = Postgres::start();
+    let tls_dir = tempfile::tempdir().unwrap();
+    let tls_dir_path = tls_dir.path().join("tls");
+    let (agent, port) = agent_for(
+        pg.port,
+        "",
+        &format!(
+            "client_tls = \"terminate\"\ntls_dir = \"{}\"",
+            tls_dir_path.display()
+        ),
+    );
+    let ca = tls_dir_path.join("ca.pem");
+    let script = |alpn: &str| {
+        format!(
+            r#"
+import socket, ssl, struct
+ctx = ssl.create_default_context(cafile="{ca}")
+{alpn}
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", {port})), server_hostname="localhost")
+params = b"user\0postgres\0database\0postgres\0\0"
+s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+query = b"select 'direct ' || version() like 'direct PostgreSQL%'\0"
+sent = False
+buf = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    buf += chunk
+    if buf.endswith(b"Z\0\0\0\x05I"):
+        if sent:
+            break
+        s.sendall(b"Q" + struct.pack("!i", 4 + len(query)) + query)
+        sent = True
+print(s.version(), s.selected_alpn_protocol(), b"D\0\0\0\x0b\0\x01\0\0\0\x01t" in buf)
+"#,
+            ca = ca.display(),
+        )
+    };
+    let run = |alpn: &str| {
+        Command::new("python3")
+            .arg("-c")
+            .arg(script(alpn))
+            .output()
+            .unwrap()
+    };
+    let out = run("ctx.set_alpn_protocols([\"postgresql\"])");
+    assert!(out.status.success(), "{out:?}");
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("TLSv1."), "{stdout}");
+    assert!(stdout.trim_end().ends_with("postgresql True"), "{stdout}");
+
+    // No ALPN: the handshake completes, then the agent closes.
+    let out = run("");
+    assert!(
+        !out.status.success() || !text(&out.stdout).contains("True"),
+        "{out:?}"
+    );
+    agent
+        .wait_for_log(
+            |l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("without the \"postgresql\" ALPN protocol"))
+            },
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+}
+
 #[test]
 fn scram_passes_with_a_plaintext_client_leg_and_tls_upstream() {
     // SCRAM for user "scram" over TLS only; everything else trusted.

@@ -450,6 +450,29 @@ fn startup_fault(e: CodecError) -> Stop {
     }
 }
 
+/// The first byte of a TLS handshake record (a ClientHello), which no
+/// start-up packet begins with (its length would exceed 256 MiB).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// How a client asked for TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Negotiation {
+    /// SSLRequest, answered `S`.
+    SslRequest,
+    /// A ClientHello straight away (`sslnegotiation=direct`).
+    Direct,
+}
+
+/// The first byte the client sent, left unread; `None` if it closed.
+async fn first_byte(client: &Stream) -> io::Result<Option<u8>> {
+    let Stream::Plain(tcp) = client else {
+        return Ok(None);
+    };
+    let mut byte = [0u8; 1];
+    let n = tcp.peek(&mut byte).await?;
+    Ok((n == 1).then_some(byte[0]))
+}
+
 /// How long a TLS handshake on either leg may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -487,6 +510,27 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
 
     let packet = loop {
         let offer_tls = ctx.tls.client().is_some() && !client.is_tls();
+        if offer_tls && negotiations == 0 && client_buf.filled().is_empty() {
+            // PostgreSQL 17's `sslnegotiation=direct`: the client opens with
+            // a TLS ClientHello instead of an SSLRequest.
+            let first = tokio::select! {
+                r = first_byte(&client) => r,
+                _ = tokio::time::sleep(ctx.idle_timeout) => return CloseReason::IdleTimeout,
+                _ = ctx.force_close.cancelled() => return CloseReason::Shutdown,
+            };
+            match first {
+                Ok(Some(TLS_HANDSHAKE_RECORD)) => {
+                    negotiations += 1;
+                    match accept_client_tls(ctx, client, Negotiation::Direct).await {
+                        Ok(tls) => client = tls,
+                        Err(reason) => return reason,
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => return CloseReason::ClientError(e.to_string()),
+            }
+        }
         let startup = tokio::select! {
             r = read_startup(&mut client, &mut client_buf, &shared, start, &mut negotiations, offer_tls) => r,
             _ = tokio::time::sleep(ctx.idle_timeout) => Err(Stop::Closed(CloseReason::IdleTimeout)),
@@ -497,10 +541,12 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
             }),
         };
         match startup {
-            Ok(StartupPacket::TlsRequested) => match accept_client_tls(ctx, client).await {
-                Ok(tls) => client = tls,
-                Err(reason) => return reason,
-            },
+            Ok(StartupPacket::TlsRequested) => {
+                match accept_client_tls(ctx, client, Negotiation::SslRequest).await {
+                    Ok(tls) => client = tls,
+                    Err(reason) => return reason,
+                }
+            }
             Ok(p) => break p,
             Err(stop) => return end_early(ctx, &mut client, stop).await,
         }
@@ -684,17 +730,33 @@ async fn end_early<S: AsyncWrite + Unpin>(
 
 /// Answers `S` to the client's SSLRequest and does the TLS handshake with
 /// the agent's certificate.
-async fn accept_client_tls(ctx: &SessionContext, client: Stream) -> Result<Stream, CloseReason> {
+async fn accept_client_tls(
+    ctx: &SessionContext,
+    client: Stream,
+    negotiation: Negotiation,
+) -> Result<Stream, CloseReason> {
     let (Some(acceptor), Stream::Plain(mut tcp)) = (ctx.tls.client(), client) else {
         return Err(CloseReason::ClientError(
             "an SSLRequest arrived on a connection already encrypted".to_owned(),
         ));
     };
-    if let Err(e) = tcp.write_all(b"S").await {
-        return Err(CloseReason::ClientError(e.to_string()));
+    if negotiation == Negotiation::SslRequest {
+        if let Err(e) = tcp.write_all(b"S").await {
+            return Err(CloseReason::ClientError(e.to_string()));
+        }
     }
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls.into()))),
+        Ok(Ok(tls)) => {
+            // As PostgreSQL does: direct TLS must name the protocol, so
+            // that a TLS connection meant for another service is refused.
+            let alpn = tls.get_ref().1.alpn_protocol();
+            if negotiation == Negotiation::Direct && alpn != Some(tls::ALPN_POSTGRESQL) {
+                let why = "direct TLS without the \"postgresql\" ALPN protocol".to_owned();
+                tracing::warn!(session = %ctx.info.id, "closing the session: {why}");
+                return Err(CloseReason::ClientError(why));
+            }
+            Ok(Stream::Tls(Box::new(tls.into())))
+        }
         Ok(Err(e)) => {
             let why = format!("the client's TLS handshake failed: {e}");
             tracing::warn!(session = %ctx.info.id, "closing the session: {why}");
