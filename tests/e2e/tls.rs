@@ -368,6 +368,31 @@ print(s.version(), s.selected_alpn_protocol(), b"D\0\0\0\x0b\0\x01\0\0\0\x01t" i
         .unwrap();
 }
 
+/// A client that insists on TLS still reads why it is refused when the
+/// upstream cannot be reached: the refusal comes over TLS.
+#[test]
+fn an_unreachable_upstream_is_explained_to_a_tls_client() {
+    let tls_dir = tempfile::tempdir().unwrap();
+    let (_agent, port) = agent_for(
+        free_port(),
+        "",
+        &format!(
+            "client_tls = \"terminate\"\ntls_dir = \"{}\"",
+            tls_dir.path().display()
+        ),
+    );
+    let out = psql_conninfo(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=require"),
+        "select 1",
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("FATAL:  tollgate: cannot reach the upstream of target \"pg\""),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn scram_passes_with_a_plaintext_client_leg_and_tls_upstream() {
     // SCRAM for user "scram" over TLS only; everything else trusted.

@@ -601,6 +601,7 @@ async fn accept_loop(
                         sessions.spawn(async move {
                             refuse::refuse_postgres(
                                 stream,
+                                shared.tls.client(),
                                 "tollgate: session refused: session recording has failed",
                                 Some(&failure),
                                 Some("nothing may run unrecorded (agent.recording_on_failure = \"refuse\"); fix the cause, e.g. free space in the recording directory, then restart the agent"),

@@ -4,79 +4,34 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 
-use crate::protocol::postgres::codec::{frame_startup, split_startup, MAX_STARTUP_PACKET};
-use crate::protocol::postgres::error::{error_response, severity};
-use crate::protocol::postgres::frontend::code;
+use crate::protocol::postgres::session::{self, Refusal};
 
 /// SQLSTATE 57P03 `cannot_connect_now`: what PostgreSQL itself answers
 /// while it cannot take connections.
 const CANNOT_CONNECT_NOW: &str = "57P03";
 
-/// Start-up packets read at most: SSLRequest, GSSENCRequest, then the
-/// StartupMessage.
-const MAX_PACKETS: usize = 3;
-
-/// Reads a PostgreSQL client's start-up packet (declining TLS and GSS
-/// encryption, so the answer is readable without a handshake) and answers
-/// with a FATAL ErrorResponse carrying `message`, `detail` and `hint`, then
-/// closes. A CancelRequest, a malformed packet, or a client silent for
-/// `timeout` is closed without an answer.
+/// Refuses a PostgreSQL client because recording has failed: FATAL 57P03
+/// with `message`, `detail` and `hint`, after its start-up (over TLS when
+/// `tls` is given and the client asks; see
+/// [`session::refuse_at_startup`]).
 pub(super) async fn refuse_postgres(
-    mut client: TcpStream,
+    client: TcpStream,
+    tls: Option<&TlsAcceptor>,
     message: &str,
     detail: Option<&str>,
     hint: Option<&str>,
     timeout: Duration,
 ) {
-    let exchange = async {
-        let mut buf = Vec::with_capacity(256);
-        for _ in 0..MAX_PACKETS {
-            let body = loop {
-                match split_startup(&buf) {
-                    Ok(Some(body)) => break body.to_vec(),
-                    Ok(None) => {}
-                    Err(_) => return None,
-                }
-                // The length was checked by frame_startup before any of this
-                // is kept: at most MAX_STARTUP_PACKET bytes are buffered.
-                let want = match frame_startup(&buf) {
-                    Ok(Some(len)) => len.min(MAX_STARTUP_PACKET),
-                    Ok(None) => 4,
-                    Err(_) => return None,
-                };
-                let mut chunk = vec![0u8; want.saturating_sub(buf.len()).max(1)];
-                let n = client.read(&mut chunk).await.ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(chunk.get(..n)?);
-            };
-            let packet_len = 4 + body.len();
-            buf.drain(..packet_len.min(buf.len()));
-            let request = body
-                .get(..4)
-                .and_then(|c| <[u8; 4]>::try_from(c).ok())
-                .map(u32::from_be_bytes)?;
-            match request {
-                code::SSL_REQUEST | code::GSSENC_REQUEST => {
-                    client.write_all(b"N").await.ok()?;
-                }
-                code::CANCEL_REQUEST => return None,
-                _ => {
-                    let wire =
-                        error_response(severity::FATAL, CANNOT_CONNECT_NOW, message, detail, hint);
-                    client.write_all(&wire).await.ok()?;
-                    return Some(());
-                }
-            }
-        }
-        None
+    let refusal = Refusal {
+        sqlstate: CANNOT_CONNECT_NOW,
+        message,
+        detail,
+        hint,
     };
-    let _ = tokio::time::timeout(timeout, exchange).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
+    session::refuse_at_startup(client, tls, &refusal, timeout).await;
 }
 
 #[cfg(test)]
@@ -84,6 +39,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use crate::protocol::postgres::frontend::code;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -107,6 +64,7 @@ mod tests {
         let (mut client, server) = pair().await;
         let task = tokio::spawn(refuse_postgres(
             server,
+            None,
             "tollgate: session refused: recording has failed",
             Some("disk full"),
             None,
@@ -130,31 +88,35 @@ mod tests {
         assert!(text.contains("disk full"), "{text}");
     }
 
+    /// Sends `packet` to a refusing agent and returns all it answers.
+    async fn answer_to(packet: &[u8]) -> Vec<u8> {
+        let (mut client, server) = pair().await;
+        let task = tokio::spawn(refuse_postgres(
+            server,
+            None,
+            "refused",
+            None,
+            None,
+            Duration::from_secs(5),
+        ));
+        client.write_all(packet).await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        task.await.unwrap();
+        reply
+    }
+
     #[tokio::test]
-    async fn a_cancel_request_or_garbage_gets_no_answer() {
-        for packet in [
-            {
-                let mut p = 16u32.to_be_bytes().to_vec();
-                p.extend_from_slice(&code::CANCEL_REQUEST.to_be_bytes());
-                p.extend_from_slice(&[0; 8]);
-                p
-            },
-            // A length over the start-up limit.
-            u32::MAX.to_be_bytes().to_vec(),
-        ] {
-            let (mut client, server) = pair().await;
-            let task = tokio::spawn(refuse_postgres(
-                server,
-                "refused",
-                None,
-                None,
-                Duration::from_secs(5),
-            ));
-            client.write_all(&packet).await.unwrap();
-            let mut reply = Vec::new();
-            client.read_to_end(&mut reply).await.unwrap();
-            task.await.unwrap();
-            assert!(reply.is_empty(), "{reply:?}");
-        }
+    async fn a_cancel_request_gets_no_answer_and_garbage_a_protocol_violation() {
+        let mut cancel = 16u32.to_be_bytes().to_vec();
+        cancel.extend_from_slice(&code::CANCEL_REQUEST.to_be_bytes());
+        cancel.extend_from_slice(&[0; 8]);
+        assert_eq!(answer_to(&cancel).await, b"");
+        // A length over the start-up limit: the same FATAL a session gets.
+        let reply = answer_to(&u32::MAX.to_be_bytes()).await;
+        let text = String::from_utf8_lossy(&reply);
+        assert_eq!(reply.first(), Some(&b'E'), "{text}");
+        assert!(text.contains("08P01"), "{text}");
+        assert!(text.contains("invalid start-up packet"), "{text}");
     }
 }

@@ -105,6 +105,7 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
                 if let CloseReason::UpstreamUnreachable(cause) = &reason {
                     protocol::postgres::session::refuse_unreachable(
                         client,
+                        shared.tls.client(),
                         &info.target,
                         cause,
                         shared.config.agent.connect_timeout,

@@ -78,6 +78,7 @@ use tokio::net::TcpStream;
 use super::prepared::{Decided, Prepared, MAX_TRACKED};
 use super::tls::{self, Stream, UpstreamMode};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 use super::backend::{self, BackendMessage, TransactionStatus};
 use super::codec::{
@@ -894,47 +895,99 @@ async fn forward_cancel(
     CloseReason::Completed
 }
 
-/// The upstream could not be reached: reads the client's start-up (so it
-/// is listening for an answer, having been told `N` to TLS) and answers
-/// FATAL 08006 naming the cause. Gives up quietly after `timeout`.
+/// Refuses a client whose upstream cannot be reached, in PostgreSQL's own
+/// terms (see [`refuse_at_startup`]).
 pub async fn refuse_unreachable(
-    mut client: TcpStream,
+    client: TcpStream,
+    tls: Option<&TlsAcceptor>,
     target: &str,
     cause: &str,
     timeout: Duration,
 ) {
-    let shared = Shared::new();
-    let mut buf = ReadBuf::new();
-    let start = Instant::now();
-    let mut negotiations = 0;
-    let read = tokio::time::timeout(
-        timeout,
-        read_startup(
-            &mut client,
-            &mut buf,
-            &shared,
-            start,
-            &mut negotiations,
-            false,
-        ),
-    );
-    let wire = match read.await {
-        Ok(Ok(StartupPacket::Startup { .. })) => error_response(
-            severity::FATAL,
-            sqlstate::CONNECTION_FAILURE,
-            &format!("tollgate: cannot reach the upstream of target \"{target}\": {cause}"),
-            None,
-            None,
-        ),
-        Ok(Err(Stop::Fatal {
-            sqlstate, message, ..
-        })) => error_response(severity::FATAL, sqlstate, &message, None, None),
-        // A cancel gets no answer; a client that left or stayed silent
-        // gets nothing either.
-        _ => return,
+    let message = format!("tollgate: cannot reach the upstream of target \"{target}\": {cause}");
+    let fatal = Refusal {
+        sqlstate: sqlstate::CONNECTION_FAILURE,
+        message: &message,
+        detail: None,
+        hint: None,
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&wire)).await;
-    let _ = client.shutdown().await;
+    refuse_at_startup(client, tls, &fatal, timeout).await;
+}
+
+/// What a refused client is told: a FATAL ErrorResponse's fields.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal<'a> {
+    /// SQLSTATE.
+    pub sqlstate: &'a str,
+    /// The message.
+    pub message: &'a str,
+    /// DETAIL, if any.
+    pub detail: Option<&'a str>,
+    /// HINT, if any.
+    pub hint: Option<&'a str>,
+}
+
+/// Answers a client the agent will not serve: reads its start-up packets
+/// (over TLS when `tls` is given and the client asks for it, so a client
+/// that insists on TLS still reads why), then sends `refusal` as a FATAL
+/// error and closes. An invalid start-up gets the protocol violation
+/// instead; a CancelRequest, or a client that leaves or stays silent for
+/// `timeout`, gets nothing.
+pub async fn refuse_at_startup(
+    client: TcpStream,
+    tls: Option<&TlsAcceptor>,
+    refusal: &Refusal<'_>,
+    timeout: Duration,
+) {
+    let shared = Shared::new();
+    let start = Instant::now();
+    let exchange = async {
+        let mut buf = ReadBuf::new();
+        let mut negotiations = 0;
+        let mut stream = Stream::Plain(client);
+        loop {
+            let offer_tls = tls.is_some() && !stream.is_tls();
+            let packet = read_startup(
+                &mut stream,
+                &mut buf,
+                &shared,
+                start,
+                &mut negotiations,
+                offer_tls,
+            )
+            .await;
+            let wire = match packet {
+                Ok(StartupPacket::TlsRequested) => {
+                    let (Some(acceptor), Stream::Plain(mut tcp)) = (tls, stream) else {
+                        return None;
+                    };
+                    tcp.write_all(b"S").await.ok()?;
+                    let secured = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                        .await
+                        .ok()?
+                        .ok()?;
+                    stream = Stream::Tls(Box::new(secured.into()));
+                    continue;
+                }
+                Ok(StartupPacket::Startup { .. }) => error_response(
+                    severity::FATAL,
+                    refusal.sqlstate,
+                    refusal.message,
+                    refusal.detail,
+                    refusal.hint,
+                ),
+                Err(Stop::Fatal {
+                    sqlstate, message, ..
+                }) => error_response(severity::FATAL, sqlstate, &message, None, None),
+                Ok(StartupPacket::Cancel { .. }) | Err(Stop::Closed(_)) => return None,
+            };
+            write_flush(&mut stream, &wire).await.ok()?;
+            return Some(stream);
+        }
+    };
+    if let Ok(Some(mut stream)) = tokio::time::timeout(timeout, exchange).await {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    }
 }
 
 /// The HINT of the FATAL error that ends a session when recording failed.
