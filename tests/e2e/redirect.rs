@@ -563,28 +563,59 @@ fn a_service_cgroup_is_governed_when_it_appears_and_after_it_is_recreated() {
     let _ = std::fs::remove_dir(&cg);
 }
 
+/// A database on a test address, with `setup_sql` run, and an agent
+/// redirecting to it under `policy`; the redirect is cleaned up on drop.
+struct PolicyGoverned {
+    agent: Option<Agent>,
+    addrs: TestAddresses,
+    pg: Postgres,
+    dir: tempfile::TempDir,
+}
+
+impl PolicyGoverned {
+    fn start(setup_sql: &str, policy: &str) -> PolicyGoverned {
+        let addrs = TestAddresses::add();
+        let pg = Postgres::start_listening(&[addrs.v4.into()]);
+        psql(pg.port, setup_sql).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.toml"), policy).unwrap();
+        let config = format!(
+            "[agent]\npolicy_paths = [\"{}\"]\n\n{}\n[[target]]\nname = \"remote-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n",
+            dir.path().join("p.toml").display(),
+            redirect_section(dir.path(), "pass"),
+            addrs.v4,
+            pg.port
+        );
+        let agent = Agent::start(&config);
+        std::fs::copy(&agent.config, dir.path().join("agent.toml")).unwrap();
+        PolicyGoverned {
+            agent: Some(agent),
+            addrs,
+            pg,
+            dir,
+        }
+    }
+
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().unwrap()
+    }
+}
+
+impl Drop for PolicyGoverned {
+    fn drop(&mut self) {
+        drop(self.agent.take());
+        cleanup_redirect(&self.dir.path().join("agent.toml"));
+    }
+}
+
 #[test]
 fn statements_of_governed_processes_are_decided_through_the_redirect() {
     require_ebpf!();
-    let addrs = TestAddresses::add();
-    let pg = Postgres::start_listening(&[addrs.v4.into()]);
-    psql(pg.port, "create table t (id int)").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("p.toml"),
+    let governed = PolicyGoverned::start(
+        "create table t (id int)",
         "[[rule]]\nname = \"no-drop\"\naction = \"deny\"\nmessage = \"not through the redirect either\"\n[rule.match]\nkinds = [\"drop\"]\n",
-    )
-    .unwrap();
-    let config = format!(
-        "[agent]\npolicy_paths = [\"{}\"]\n\n{}\n[[target]]\nname = \"remote-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n",
-        dir.path().join("p.toml").display(),
-        redirect_section(dir.path(), "pass"),
-        addrs.v4,
-        pg.port
     );
-    let agent = Agent::start(&config);
-    let keep = dir.path().join("agent.toml");
-    std::fs::copy(&agent.config, &keep).unwrap();
+    let (agent, addrs, pg) = (governed.agent(), &governed.addrs, &governed.pg);
     let host = addrs.v4.to_string();
     let port = pg.port.to_string();
     let psql_bin = pg_tool("psql");
@@ -608,7 +639,7 @@ fn statements_of_governed_processes_are_decided_through_the_redirect() {
     };
     let run = |args: Vec<String>| {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        exec_command(&agent, &refs).output().unwrap()
+        exec_command(agent, &refs).output().unwrap()
     };
     let denied = run(psql_args("drop table t"));
     assert!(!denied.status.success());
@@ -650,7 +681,7 @@ fn statements_of_governed_processes_are_decided_through_the_redirect() {
     );
     for mode in ["extended", "prepared"] {
         let bench = exec_command(
-            &agent,
+            agent,
             &[
                 pgbench.to_str().unwrap(),
                 "-S",
@@ -687,8 +718,6 @@ fn statements_of_governed_processes_are_decided_through_the_redirect() {
         logs.iter().filter(|l| l["arrival"] == "redirect").count() >= 5,
         "every session came through the redirect"
     );
-    drop(agent);
-    cleanup_redirect(&keep);
 }
 
 /// The rest of the PostgreSQL handler through the redirect: `\copy` in,
@@ -697,36 +726,14 @@ fn statements_of_governed_processes_are_decided_through_the_redirect() {
 #[test]
 fn copy_pg_dump_and_hostile_input_through_the_redirect() {
     require_ebpf!();
-    let addrs = TestAddresses::add();
-    let pg = Postgres::start_listening(&[addrs.v4.into()]);
-    psql(
-        pg.port,
+    let governed = PolicyGoverned::start(
         "create table t (x int); create table secrets (s text); insert into secrets values ('k')",
-    )
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("p.toml"),
         "[[rule]]\nname = \"no-secrets\"\naction = \"deny\"\nmessage = \"off limits\"\n[rule.match]\ntables = [\"secrets\"]\n",
-    )
-    .unwrap();
-    let config = format!(
-        "[agent]\npolicy_paths = [\"{}\"]\n\n{}\n[[target]]\nname = \"remote-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n",
-        dir.path().join("p.toml").display(),
-        redirect_section(dir.path(), "pass"),
-        addrs.v4,
-        pg.port
     );
-    let agent = Agent::start(&config);
-    let keep = dir.path().join("agent.toml");
-    std::fs::copy(&agent.config, &keep).unwrap();
+    let (agent, addrs, pg) = (governed.agent(), &governed.addrs, &governed.pg);
     let psql_bin = pg_tool("psql");
     let conn = format!("-h {} -p {} -U postgres -d postgres", addrs.v4, pg.port);
-    let sh = |script: &str| {
-        exec_command(&agent, &["sh", "-c", script])
-            .output()
-            .unwrap()
-    };
+    let sh = |script: &str| exec_command(agent, &["sh", "-c", script]).output().unwrap();
 
     let copied = sh(&format!(
         "printf '1\\n2\\n3\\n' | {} -X -A -t {conn} -c '\\copy t from stdin' -c 'select sum(x) from t'",
@@ -782,7 +789,7 @@ print(rest.split(b"\0C")[1].split(b"\0")[0].decode(), rest.count(b"SFATAL"))
         host = addrs.v4,
         port = pg.port
     );
-    let out = exec_command(&agent, &["python3", "-c", &hostile])
+    let out = exec_command(agent, &["python3", "-c", &hostile])
         .output()
         .unwrap();
     assert_eq!(stdout(&out).trim(), "08P01 1", "{out:?}");
@@ -798,6 +805,4 @@ print(rest.split(b"\0C")[1].split(b"\0")[0].decode(), rest.count(b"SFATAL"))
         "every session came through the redirect: {}",
         agent.log_text()
     );
-    drop(agent);
-    cleanup_redirect(&keep);
 }
