@@ -79,6 +79,14 @@ fn agent_for(upstream_port: u16, target_tls: &str, agent_extra: &str) -> (Agent,
     (Agent::start(&config), port)
 }
 
+/// The `[agent]` lines for client TLS from a local CA kept in `tls_dir`.
+fn terminating(tls_dir: &Path) -> String {
+    format!(
+        "client_tls = \"terminate\"\ntls_dir = \"{}\"",
+        tls_dir.display()
+    )
+}
+
 fn psql_conninfo(conninfo: &str, sql: &str) -> Output {
     Command::new(pg_tool("psql"))
         .args(["-X", "-A", "-t", "-c", sql, conninfo])
@@ -207,14 +215,7 @@ fn clients_get_tls_from_the_agents_local_ca() {
     let pg = Postgres::start();
     let tls_dir = tempfile::tempdir().unwrap();
     let tls_dir_path = tls_dir.path().join("tls");
-    let (agent, port) = agent_for(
-        pg.port,
-        "",
-        &format!(
-            "client_tls = \"terminate\"\ntls_dir = \"{}\"",
-            tls_dir_path.display()
-        ),
-    );
+    let (agent, port) = agent_for(pg.port, "", &terminating(&tls_dir_path));
     let ssl_in_use = "select 'on'";
     let conninfo =
         |extra: &str| format!("host=127.0.0.1 port={port} user=postgres dbname=postgres {extra}");
@@ -269,14 +270,7 @@ fn clients_get_tls_from_the_agents_local_ca() {
     let ca_before = std::fs::read(&ca).unwrap();
     let leaf_before = std::fs::read(tls_dir_path.join("server.pem")).unwrap();
     drop(agent);
-    let (_agent, port2) = agent_for(
-        pg.port,
-        "",
-        &format!(
-            "client_tls = \"terminate\"\ntls_dir = \"{}\"",
-            tls_dir_path.display()
-        ),
-    );
+    let (_agent, port2) = agent_for(pg.port, "", &terminating(&tls_dir_path));
     assert_eq!(std::fs::read(&ca).unwrap(), ca_before);
     assert_eq!(
         std::fs::read(tls_dir_path.join("server.pem")).unwrap(),
@@ -301,14 +295,7 @@ fn direct_tls_negotiation_with_alpn() {
     let pg = Postgres::start();
     let tls_dir = tempfile::tempdir().unwrap();
     let tls_dir_path = tls_dir.path().join("tls");
-    let (agent, port) = agent_for(
-        pg.port,
-        "",
-        &format!(
-            "client_tls = \"terminate\"\ntls_dir = \"{}\"",
-            tls_dir_path.display()
-        ),
-    );
+    let (agent, port) = agent_for(pg.port, "", &terminating(&tls_dir_path));
     let ca = tls_dir_path.join("ca.pem");
     let script = |alpn: &str| {
         format!(
@@ -373,14 +360,7 @@ print(s.version(), s.selected_alpn_protocol(), b"D\0\0\0\x0b\0\x01\0\0\0\x01t" i
 #[test]
 fn an_unreachable_upstream_is_explained_to_a_tls_client() {
     let tls_dir = tempfile::tempdir().unwrap();
-    let (_agent, port) = agent_for(
-        free_port(),
-        "",
-        &format!(
-            "client_tls = \"terminate\"\ntls_dir = \"{}\"",
-            tls_dir.path().display()
-        ),
-    );
+    let (_agent, port) = agent_for(free_port(), "", &terminating(tls_dir.path()));
     let out = psql_conninfo(
         &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=require"),
         "select 1",
@@ -437,14 +417,7 @@ fn scram_passes_with_a_plaintext_client_leg_and_tls_upstream() {
     // Documented limit: a client on TLS to the agent, with the upstream leg
     // on TLS too, cannot use SCRAM (its `y` flag reads as a downgrade).
     let tls_dir = tempfile::tempdir().unwrap();
-    let (_agent, port) = agent_for(
-        pg.port,
-        "tls = \"require\"",
-        &format!(
-            "client_tls = \"terminate\"\ntls_dir = \"{}\"",
-            tls_dir.path().display()
-        ),
-    );
+    let (_agent, port) = agent_for(pg.port, "tls = \"require\"", &terminating(tls_dir.path()));
     let out = Command::new(pg_tool("psql"))
         .args(["-X", "-A", "-t", "-c", "select 1"])
         .arg(format!(
