@@ -7,12 +7,16 @@ pub mod postgres;
 pub mod tcp;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::OnceCell;
+use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::events::{Events, SessionInfo};
+use crate::identity::ProcessIdentity;
 use crate::metrics::TargetMetrics;
 use crate::policy::PolicySet;
 use crate::proxy::live::SessionCounters;
@@ -20,8 +24,12 @@ use crate::sql::AnalysisCache;
 
 /// What a protocol handler gets to know and to update about its session.
 pub struct SessionContext {
-    /// The session as it started.
-    pub info: Arc<SessionInfo>,
+    /// The session's id.
+    pub id: Uuid,
+    /// The target's name.
+    pub target: String,
+    /// The session as it started, once the process behind it is known.
+    pub start: SessionStart,
     /// Per-session byte counters (for status).
     pub counters: Arc<SessionCounters>,
     /// Per-target counters (for metrics).
@@ -49,6 +57,65 @@ pub struct SessionContext {
     pub tls: Arc<postgres::tls::TlsState>,
 }
 
+/// The outcome of a process identity lookup: the identity and how long
+/// the lookup took.
+pub type IdentityLookup = Result<(ProcessIdentity, Duration), JoinError>;
+
+/// Turns a finished identity lookup into the session's [`SessionInfo`] and
+/// announces the session (the `Started` event, the live table).
+pub type Announce = Box<dyn FnOnce(IdentityLookup) -> Arc<SessionInfo> + Send + Sync>;
+
+/// The start of a session, completed when the process behind it is known.
+///
+/// The identity lookup reads `/proc` and takes about a millisecond. A
+/// handler starts its protocol's set-up at once (PostgreSQL forwards the
+/// start-up packet, so the server authenticates and builds its backend
+/// meanwhile) and waits with [`SessionStart::info`] before anything is
+/// decided or recorded. Nothing reaches the recording before the session's
+/// `Started` event, which needs the identity.
+pub struct SessionStart {
+    info: OnceCell<Arc<SessionInfo>>,
+    /// Awaited by reference, so a caller cancelled while waiting leaves it
+    /// for the next one.
+    lookup: tokio::sync::Mutex<JoinHandle<(ProcessIdentity, Duration)>>,
+    announce: Mutex<Option<Announce>>,
+}
+
+impl SessionStart {
+    pub fn new(lookup: JoinHandle<(ProcessIdentity, Duration)>, announce: Announce) -> Self {
+        SessionStart {
+            info: OnceCell::new(),
+            lookup: tokio::sync::Mutex::new(lookup),
+            announce: Mutex::new(Some(announce)),
+        }
+    }
+
+    /// The session's information, waiting for the identity lookup if it is
+    /// still running; the first call announces the session.
+    pub async fn info(&self) -> &Arc<SessionInfo> {
+        self.info
+            .get_or_init(|| async {
+                let looked_up = {
+                    let mut lookup = self.lookup.lock().await;
+                    (&mut *lookup).await
+                };
+                let announce = self.announce.lock().ok().and_then(|mut a| a.take());
+                match announce {
+                    Some(announce) => announce(looked_up),
+                    // The cell is set right after the one announcement.
+                    None => unreachable!("a session is announced once"),
+                }
+            })
+            .await
+    }
+
+    /// The session's information if the lookup has finished and been
+    /// announced.
+    pub fn get(&self) -> Option<&Arc<SessionInfo>> {
+        self.info.get()
+    }
+}
+
 /// The loaded policy, swapped atomically on reload.
 pub type SharedPolicy = Arc<std::sync::RwLock<Arc<PolicySet>>>;
 
@@ -59,4 +126,114 @@ pub fn current_policy(policy: &SharedPolicy) -> Arc<PolicySet> {
         .read()
         .map(|p| p.clone())
         .unwrap_or_else(|_| Arc::new(PolicySet::empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::panic)]
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::config::Protocol;
+    use crate::events::Arrival;
+
+    fn info_for(identity: ProcessIdentity) -> Arc<SessionInfo> {
+        Arc::new(SessionInfo {
+            id: Uuid::now_v7(),
+            started_at: std::time::SystemTime::now(),
+            arrival: Arrival::Listener,
+            local: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            client: SocketAddr::from(([127, 0, 0, 1], 50000)),
+            target: "db".to_owned(),
+            protocol: Protocol::Postgres,
+            upstream: "127.0.0.1:5432".to_owned(),
+            identity,
+            kernel: None,
+        })
+    }
+
+    /// A start whose lookup finishes when `release` is notified, counting
+    /// announcements.
+    fn gated_start(release: Arc<tokio::sync::Notify>, announced: Arc<AtomicUsize>) -> SessionStart {
+        let lookup = tokio::spawn(async move {
+            release.notified().await;
+            let identity = ProcessIdentity {
+                pid: Some(4242),
+                ..ProcessIdentity::default()
+            };
+            (identity, Duration::from_micros(700))
+        });
+        SessionStart::new(
+            lookup,
+            Box::new(move |looked_up| {
+                announced.fetch_add(1, Ordering::SeqCst);
+                let (identity, _) = looked_up.expect("the lookup task does not fail");
+                info_for(identity)
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_session_is_announced_once_when_its_identity_is_known() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let announced = Arc::new(AtomicUsize::new(0));
+        let start = gated_start(release.clone(), announced.clone());
+
+        // Nothing is announced while the lookup runs.
+        let waited = tokio::time::timeout(Duration::from_millis(50), start.info()).await;
+        assert!(
+            waited.is_err(),
+            "info() returned before the lookup finished"
+        );
+        assert!(start.get().is_none());
+        assert_eq!(announced.load(Ordering::SeqCst), 0);
+
+        // A caller cancelled while waiting (above) leaves the lookup for the
+        // next one, which gets the identity.
+        release.notify_one();
+        let info = start.info().await;
+        assert_eq!(info.identity.pid, Some(4242));
+        assert_eq!(start.info().await.id, info.id);
+        assert_eq!(start.get().map(|i| i.id), Some(info.id));
+        assert_eq!(announced.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_waiters_share_one_announcement() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let announced = Arc::new(AtomicUsize::new(0));
+        let start = gated_start(release.clone(), announced.clone());
+        let (a, b, ()) = tokio::join!(start.info(), start.info(), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            release.notify_one();
+        });
+        assert_eq!(a.id, b.id);
+        assert_eq!(announced.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lookup_that_panicked_is_announced_with_the_failure() {
+        let lookup = tokio::spawn(async { panic!("reading /proc failed badly") });
+        let start = SessionStart::new(
+            lookup,
+            Box::new(|looked_up| {
+                let identity = match looked_up {
+                    Ok((identity, _)) => identity,
+                    Err(e) => ProcessIdentity {
+                        gaps: vec![format!("identity lookup did not finish: {e}")],
+                        ..ProcessIdentity::default()
+                    },
+                };
+                info_for(identity)
+            }),
+        );
+        let info = start.info().await;
+        assert_eq!(info.identity.pid, None);
+        assert!(
+            info.identity.gaps[0].contains("identity lookup did not finish"),
+            "{:?}",
+            info.identity.gaps
+        );
+    }
 }

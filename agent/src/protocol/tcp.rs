@@ -40,6 +40,8 @@ enum PumpError {
 
 /// Relays until the session ends and says why.
 pub async fn relay(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -> CloseReason {
+    // Bytes are recorded as they pass, so the session is announced first.
+    ctx.start.info().await;
     let start = Instant::now();
     // Milliseconds since `start` of the last byte seen in either direction.
     let last_activity = AtomicU64::new(0);
@@ -103,7 +105,7 @@ fn failure(ctx: &SessionContext, e: PumpError) -> CloseReason {
         } => CloseReason::UpstreamError(error.to_string()),
         PumpError::Recording(cause) => {
             // Raw TCP has no way to tell the client why: the log does.
-            tracing::warn!(session = %ctx.info.id, target = %ctx.info.target, reason = %cause,
+            tracing::warn!(session = %ctx.id, target = %ctx.target, reason = %cause,
                 "closing the session: session recording has failed");
             CloseReason::RecordingFailed(cause)
         }
@@ -137,13 +139,10 @@ where
             &ctx.target_metrics.bytes_from_upstream,
         ),
     };
-    let raw = ctx
-        .events
-        .records_raw(&ctx.info.target)
-        .then_some(match from {
-            Side::Client => RawDirection::Client,
-            Side::Upstream => RawDirection::Server,
-        });
+    let raw = ctx.events.records_raw(&ctx.target).then_some(match from {
+        Side::Client => RawDirection::Client,
+        Side::Upstream => RawDirection::Server,
+    });
     let mut buf = vec![0u8; RELAY_BUFFER];
     loop {
         let n = reader.read(&mut buf).await.map_err(|error| PumpError::Io {
@@ -161,7 +160,7 @@ where
         }
         let chunk = buf.get(..n).unwrap_or_default();
         if let Some(dir) = raw {
-            ctx.events.emit_raw(ctx.info.id, dir, chunk);
+            ctx.events.emit_raw(ctx.id, dir, chunk);
         }
         writer
             .write_all(chunk)

@@ -12,7 +12,7 @@ use super::Shared;
 use crate::config::{Protocol, Upstream};
 use crate::events::{Arrival, CloseReason, SessionEvent, SessionInfo};
 use crate::identity::{IdentityResolver, ProcessIdentity};
-use crate::protocol::{self, SessionContext};
+use crate::protocol::{self, Announce, SessionContext, SessionStart};
 use crate::redirect::KernelOrigin;
 
 /// Where an accepted connection goes and how it arrived.
@@ -55,7 +55,8 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
     let _ = client.set_nodelay(true);
 
     // The process is looked up first thing, while it is most likely still
-    // alive, and on a blocking thread because it reads /proc.
+    // alive, and on a blocking thread because it reads /proc. The handler
+    // waits for it only when it must (see `SessionStart`).
     let resolver = shared.identity.clone();
     let origin = route.origin.clone();
     let lookup = tokio::task::spawn_blocking(move || {
@@ -63,74 +64,94 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
         let identity = identify(&resolver, peer, local, origin.as_ref());
         (identity, t.elapsed())
     });
-    let connect = connect_upstream(&route.upstream, shared.config.agent.connect_timeout);
-    let (looked_up, upstream) = tokio::join!(lookup, connect);
+    let started_at = SystemTime::now();
+    let upstream = connect_upstream(&route.upstream, shared.config.agent.connect_timeout).await;
 
-    let identity = match looked_up {
-        Ok((identity, took)) => {
-            shared
-                .metrics
-                .identity_lookup(took, failure_label(&identity));
-            identity
-        }
-        Err(e) => {
-            shared
-                .metrics
-                .identity_lookup(began.elapsed(), Some("internal"));
-            ProcessIdentity {
-                gaps: vec![format!("identity lookup did not finish: {e}")],
-                ..ProcessIdentity::default()
-            }
-        }
-    };
-    let info = Arc::new(SessionInfo {
-        id,
-        started_at: SystemTime::now(),
-        arrival: route.arrival,
-        local,
-        client: peer,
-        target: route.target.clone(),
-        protocol: route.protocol,
-        upstream: route.upstream.to_string(),
-        identity,
-        kernel: route.origin.clone(),
-    });
     let counters = Arc::new(SessionCounters::default());
-    shared.live.insert(info.clone(), counters.clone());
-    shared.events.emit(&SessionEvent::Started(info.clone()));
+    let announce: Announce = {
+        let shared = shared.clone();
+        let counters = counters.clone();
+        let (target, protocol) = (route.target.clone(), route.protocol);
+        let (arrival, upstream_name, kernel) = (
+            route.arrival,
+            route.upstream.to_string(),
+            route.origin.clone(),
+        );
+        let connected = upstream.as_ref().ok().map(|(_, peer, took)| (*peer, *took));
+        Box::new(move |looked_up| {
+            let identity = match looked_up {
+                Ok((identity, took)) => {
+                    shared
+                        .metrics
+                        .identity_lookup(took, failure_label(&identity));
+                    identity
+                }
+                Err(e) => {
+                    shared
+                        .metrics
+                        .identity_lookup(began.elapsed(), Some("internal"));
+                    ProcessIdentity {
+                        gaps: vec![format!("identity lookup did not finish: {e}")],
+                        ..ProcessIdentity::default()
+                    }
+                }
+            };
+            let info = Arc::new(SessionInfo {
+                id,
+                started_at,
+                arrival,
+                local,
+                client: peer,
+                target,
+                protocol,
+                upstream: upstream_name,
+                identity,
+                kernel,
+            });
+            shared.live.insert(info.clone(), counters);
+            shared.events.emit(&SessionEvent::Started(info.clone()));
+            if let Some((peer, connect_time)) = connected {
+                shared.events.emit(&SessionEvent::UpstreamConnected {
+                    session: id,
+                    peer,
+                    connect_time,
+                });
+            }
+            info
+        })
+    };
+    let start = SessionStart::new(lookup, announce);
 
-    let reason = match upstream {
+    let (reason, start) = match upstream {
         Err(reason) => {
+            start.info().await;
             if route.protocol == Protocol::Postgres {
                 if let CloseReason::UpstreamUnreachable(cause) = &reason {
                     protocol::postgres::session::refuse_unreachable(
                         client,
                         shared.tls.client(),
-                        &info.target,
+                        &route.target,
                         cause,
                         shared.config.agent.connect_timeout,
                     )
                     .await;
                 }
             }
-            reason
+            (reason, start)
         }
-        Ok((stream, peer, connect_time)) => {
-            shared.events.emit(&SessionEvent::UpstreamConnected {
-                session: id,
-                peer,
-                connect_time,
-            });
+        Ok((stream, upstream_addr, _)) => {
             let ctx = SessionContext {
-                info: info.clone(),
+                id,
+                target: route.target.clone(),
+                start,
                 counters: counters.clone(),
-                target_metrics: shared.metrics.target(&info.target),
+                target_metrics: shared.metrics.target(&route.target),
                 idle_timeout: shared.config.agent.idle_timeout,
                 force_close: shared.force_close.clone(),
                 policy: shared.policy.clone(),
                 analysis: shared.analysis.clone(),
                 events: shared.events.clone(),
-                upstream_addr: peer,
+                upstream_addr,
                 upstream_name: match &route.upstream {
                     UpstreamAddr::Named(u) => u.host.clone(),
                     UpstreamAddr::Direct(a) => a.ip().to_string(),
@@ -138,15 +159,20 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
                 cancel: shared.cancel.clone(),
                 tls: shared.tls.clone(),
             };
-            match info.protocol {
+            let reason = match route.protocol {
                 Protocol::Postgres => protocol::postgres::session::run(&ctx, client, stream).await,
                 Protocol::Mysql | Protocol::Tcp => protocol::tcp::relay(&ctx, client, stream).await,
-            }
+            };
+            (reason, ctx.start)
         }
     };
+    // A session that ended before its handler needed the identity (a
+    // CancelRequest, a client that gave up) is announced now, so that every
+    // closed session was started.
+    start.info().await;
 
     shared.live.remove(&id);
-    shared.metrics.session_closed(&info.target, reason.label());
+    shared.metrics.session_closed(&route.target, reason.label());
     shared.events.emit(&SessionEvent::Closed {
         session: id,
         bytes_from_client: counters

@@ -88,6 +88,7 @@ use super::codec::{
 use super::error::{error_response, severity, sqlstate, ssl_refused};
 use super::frontend::{self, decode_startup, FrontendMessage};
 use crate::events::{CloseReason, RawDirection, SessionEvent};
+use crate::identity::ProcessIdentity;
 use crate::policy::{most_restrictive, Decision};
 use crate::protocol::{current_policy, SessionContext};
 use crate::sql::Analysis;
@@ -552,7 +553,7 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
             Err(stop) => return end_early(ctx, &mut client, stop).await,
         }
     };
-    let bytes = match packet {
+    let (bytes, startup_event) = match packet {
         StartupPacket::TlsRequested => return CloseReason::Completed,
         StartupPacket::Cancel { pid, secret } => {
             count(ctx, true, 16);
@@ -581,13 +582,15 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
                 };
                 return end_early(ctx, &mut client, stop).await;
             }
-            ctx.events.emit(&SessionEvent::Startup {
-                session: ctx.info.id,
-                user,
-                database,
-                application_name,
-            });
-            bytes
+            (
+                bytes,
+                SessionEvent::Startup {
+                    session: ctx.id,
+                    user,
+                    database,
+                    application_name,
+                },
+            )
         }
     };
     let mut upstream = match connect_upstream_tls(ctx, upstream).await {
@@ -595,8 +598,8 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
         Err(stop) => return end_early(ctx, &mut client, stop).await,
     };
     tracing::info!(
-        session = %ctx.info.id,
-        target = %ctx.info.target,
+        session = %ctx.id,
+        target = %ctx.target,
         client_tls = client.tls_version().as_deref().unwrap_or("off"),
         upstream_tls = upstream.tls_version().as_deref().unwrap_or("off"),
         "session legs: client {}, upstream {}",
@@ -604,12 +607,16 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
         if upstream.is_tls() { "TLS" } else { "plaintext" },
     );
     count(ctx, true, bytes.len());
-    if ctx.events.records_raw(&ctx.info.target) {
-        ctx.events
-            .emit_raw(ctx.info.id, RawDirection::Client, &bytes);
-    }
     if let Err(e) = write_flush(&mut upstream, &bytes).await {
         return CloseReason::UpstreamError(e.to_string());
+    }
+    // The server authenticates and sets up its backend while the process
+    // behind the session is looked up; nothing is decided or recorded
+    // before it is known.
+    let info = ctx.start.info().await;
+    ctx.events.emit(&startup_event);
+    if ctx.events.records_raw(&ctx.target) {
+        ctx.events.emit_raw(ctx.id, RawDirection::Client, &bytes);
     }
 
     let (mut client_read, mut client_write) = client.split();
@@ -620,6 +627,7 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
             &mut upstream_write,
             client_buf,
             ctx,
+            &info.identity,
             &shared,
             start,
         );
@@ -664,7 +672,7 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
             message,
             reason,
         } => {
-            tracing::warn!(session = %ctx.info.id, sqlstate, "closing the session: {message}");
+            tracing::warn!(session = %ctx.id, sqlstate, "closing the session: {message}");
             if !shared.upstream_mid_message.load(Ordering::Relaxed) {
                 let (detail, hint) = match &reason {
                     CloseReason::RecordingFailed(cause) => {
@@ -711,7 +719,7 @@ async fn end_early<S: AsyncWrite + Unpin>(
     match stop {
         Stop::Closed(reason) => {
             if matches!(reason, CloseReason::ClientError(_)) {
-                tracing::warn!(session = %ctx.info.id, "closing the session: {reason}");
+                tracing::warn!(session = %ctx.id, "closing the session: {reason}");
             }
             reason
         }
@@ -720,7 +728,7 @@ async fn end_early<S: AsyncWrite + Unpin>(
             message,
             reason,
         } => {
-            tracing::warn!(session = %ctx.info.id, sqlstate, "closing the session: {message}");
+            tracing::warn!(session = %ctx.id, sqlstate, "closing the session: {message}");
             let wire = error_response(severity::FATAL, sqlstate, &message, None, None);
             let _ = tokio::time::timeout(Duration::from_secs(1), write_flush(client, &wire)).await;
             let _ = client.shutdown().await;
@@ -753,14 +761,14 @@ async fn accept_client_tls(
             let alpn = tls.get_ref().1.alpn_protocol();
             if negotiation == Negotiation::Direct && alpn != Some(tls::ALPN_POSTGRESQL) {
                 let why = "direct TLS without the \"postgresql\" ALPN protocol".to_owned();
-                tracing::warn!(session = %ctx.info.id, "closing the session: {why}");
+                tracing::warn!(session = %ctx.id, "closing the session: {why}");
                 return Err(CloseReason::ClientError(why));
             }
             Ok(Stream::Tls(Box::new(tls.into())))
         }
         Ok(Err(e)) => {
             let why = format!("the client's TLS handshake failed: {e}");
-            tracing::warn!(session = %ctx.info.id, "closing the session: {why}");
+            tracing::warn!(session = %ctx.id, "closing the session: {why}");
             Err(CloseReason::ClientError(why))
         }
         Err(_) => Err(CloseReason::ClientError(
@@ -775,7 +783,7 @@ async fn connect_upstream_tls(
     ctx: &SessionContext,
     mut upstream: TcpStream,
 ) -> Result<Stream, Stop> {
-    let target = &ctx.info.target;
+    let target = &ctx.target;
     let mode = ctx.tls.upstream(target);
     let (connector, verify_full, name) = match mode {
         UpstreamMode::Disable => return Ok(Stream::Plain(upstream)),
@@ -812,7 +820,7 @@ async fn connect_upstream_tls(
     match answer {
         [b'S'] => {}
         [b'N'] if matches!(mode, UpstreamMode::Prefer(_)) => {
-            tracing::debug!(session = %ctx.info.id, "the server does not offer TLS; going on in plaintext (tls = \"prefer\")");
+            tracing::debug!(session = %ctx.id, "the server does not offer TLS; going on in plaintext (tls = \"prefer\")");
             return Ok(Stream::Plain(upstream));
         }
         [b'N'] => {
@@ -856,7 +864,7 @@ async fn forward_cancel(
     secret: &[u8],
 ) -> CloseReason {
     let Some(backend) = ctx.cancel.lookup(pid, secret) else {
-        tracing::debug!(session = %ctx.info.id, pid, "CancelRequest with an unknown key: dropped");
+        tracing::debug!(session = %ctx.id, pid, "CancelRequest with an unknown key: dropped");
         return CloseReason::Completed;
     };
     let mut wire = Vec::with_capacity(16);
@@ -887,7 +895,7 @@ async fn forward_cancel(
                 }
             };
     }
-    tracing::info!(session = %ctx.info.id, backend_pid = backend.pid, upstream = %backend.upstream, "forwarding a CancelRequest upstream");
+    tracing::info!(session = %ctx.id, backend_pid = backend.pid, upstream = %backend.upstream, "forwarding a CancelRequest upstream");
     if let Err(e) = upstream.write_all(&wire).await {
         return CloseReason::UpstreamError(e.to_string());
     }
@@ -1013,7 +1021,7 @@ fn record_raw(ctx: &SessionContext, dir: RawDirection, buf: &ReadBuf, n: usize) 
     let read = filled
         .get(filled.len().saturating_sub(n)..)
         .unwrap_or_default();
-    ctx.events.emit_raw(ctx.info.id, dir, read);
+    ctx.events.emit_raw(ctx.id, dir, read);
 }
 
 fn count(ctx: &SessionContext, from_client: bool, n: usize) {
@@ -1068,6 +1076,8 @@ fn is_frontend_tag(tag: u8) -> bool {
 /// The client → server direction.
 struct ClientSide<'a> {
     ctx: &'a SessionContext,
+    /// The process behind the session, as policy rules see it.
+    identity: &'a ProcessIdentity,
     shared: &'a Shared,
     /// Bytes of a passed-through message still to come.
     streaming: usize,
@@ -1223,12 +1233,7 @@ impl ClientSide<'_> {
         text: &str,
         analysis: &Analysis,
     ) -> Option<String> {
-        let decisions = policy.decide_analysis(
-            &self.ctx.info.target,
-            &self.ctx.info.identity,
-            text,
-            analysis,
-        );
+        let decisions = policy.decide_analysis(&self.ctx.target, self.identity, text, analysis);
         self.report(text, analysis, &decisions);
         let top = most_restrictive(&decisions).filter(|d| d.action.is_refused())?;
         let command = match analysis {
@@ -1240,7 +1245,7 @@ impl ClientSide<'_> {
             Analysis::Unparsable { .. } => UNPARSABLE_COMMAND,
         };
         tracing::debug!(
-            session = %self.ctx.info.id,
+            session = %self.ctx.id,
             transaction_status = %char::from(self.shared.tx_status.load(Ordering::Relaxed)),
             "substituting a failing message for a refused statement"
         );
@@ -1405,7 +1410,7 @@ impl ClientSide<'_> {
 
     /// One Statement event per decided statement.
     fn report(&self, text: &str, analysis: &Analysis, decisions: &[Decision]) {
-        let session = self.ctx.info.id;
+        let session = self.ctx.id;
         let event = |text: &str, command: &str, kind, fingerprint: Option<&str>, d: &Decision| {
             SessionEvent::Statement {
                 session,
@@ -1492,6 +1497,7 @@ async fn client_pump<R, W>(
     writer: &mut W,
     mut buf: ReadBuf,
     ctx: &SessionContext,
+    identity: &ProcessIdentity,
     shared: &Shared,
     start: Instant,
 ) -> Result<(), Stop>
@@ -1501,15 +1507,16 @@ where
 {
     let mut side = ClientSide {
         ctx,
+        identity,
         shared,
         streaming: 0,
         out: Vec::new(),
     };
-    let raw = ctx.events.records_raw(&ctx.info.target);
+    let raw = ctx.events.records_raw(&ctx.target);
     if raw && !buf.filled().is_empty() {
         // Sent right behind the start-up packet, in the same read.
         ctx.events
-            .emit_raw(ctx.info.id, RawDirection::Client, buf.filled());
+            .emit_raw(ctx.id, RawDirection::Client, buf.filled());
     }
     let write_err = |e: io::Error| Stop::Closed(CloseReason::UpstreamError(e.to_string()));
     loop {
@@ -1564,7 +1571,7 @@ where
             .map_err(|e| Stop::Closed(CloseReason::ClientError(e.to_string())))?;
         if n == 0 {
             if !buf.filled().is_empty() || side.streaming > 0 {
-                tracing::debug!(session = %ctx.info.id, "the client closed its side inside a message");
+                tracing::debug!(session = %ctx.id, "the client closed its side inside a message");
             }
             let _ = writer.shutdown().await;
             return Ok(());
@@ -1665,14 +1672,14 @@ impl UpstreamSide<'_> {
                     .store(status.byte(), Ordering::Relaxed);
                 self.shared.prepared().ready_for_query(status.byte());
                 if matches!(status, TransactionStatus::Unknown(_)) {
-                    tracing::debug!(session = %self.ctx.info.id, "ReadyForQuery with an unknown status byte");
+                    tracing::debug!(session = %self.ctx.id, "ReadyForQuery with an unknown status byte");
                 }
             }
             BackendMessage::Authentication(backend::Auth::Ok) => {
                 self.shared.authenticated.store(true, Ordering::Relaxed);
             }
             BackendMessage::BackendKeyData { pid, secret } => {
-                tracing::debug!(session = %self.ctx.info.id, backend_pid = pid, "upstream backend");
+                tracing::debug!(session = %self.ctx.id, backend_pid = pid, "upstream backend");
                 return Ok(self.replace_cancel_key(pid, secret));
             }
             BackendMessage::Authentication(backend::Auth::Sasl { mechanisms })
@@ -1686,7 +1693,7 @@ impl UpstreamSide<'_> {
                 self.out.clear();
                 BackendMessage::Authentication(backend::Auth::Sasl { mechanisms })
                     .encode(&mut self.out);
-                tracing::debug!(session = %self.ctx.info.id, "removed SCRAM-SHA-256-PLUS from the server's SASL mechanisms");
+                tracing::debug!(session = %self.ctx.id, "removed SCRAM-SHA-256-PLUS from the server's SASL mechanisms");
                 return Ok(true);
             }
             BackendMessage::ParameterStatus { name, value } => match name {
@@ -1698,7 +1705,7 @@ impl UpstreamSide<'_> {
                         .store(foreign, Ordering::Relaxed);
                     if foreign && !self.warned_encoding {
                         self.warned_encoding = true;
-                        tracing::warn!(session = %self.ctx.info.id, client_encoding = value,
+                        tracing::warn!(session = %self.ctx.id, client_encoding = value,
                             "client_encoding is {value}: the statement analysis assumes UTF-8, so statements with non-ASCII text are refused as unparsable");
                     }
                 }
@@ -1706,7 +1713,7 @@ impl UpstreamSide<'_> {
                     let off = value.eq_ignore_ascii_case("off");
                     self.shared.backslash_escapes.store(off, Ordering::Relaxed);
                     if off {
-                        tracing::warn!(session = %self.ctx.info.id,
+                        tracing::warn!(session = %self.ctx.id,
                             "standard_conforming_strings is off: statements containing a backslash are refused as unparsable");
                     }
                 }
@@ -1726,7 +1733,7 @@ impl UpstreamSide<'_> {
                 .cancel
                 .register(pid, secret, self.ctx.upstream_addr)
         else {
-            tracing::warn!(session = %self.ctx.info.id, "cannot make a cancel key (no randomness); the client gets the server's own");
+            tracing::warn!(session = %self.ctx.id, "cannot make a cancel key (no randomness); the client gets the server's own");
             return false;
         };
         let previous = self
@@ -1777,7 +1784,7 @@ where
         warned_encoding: false,
     };
     let mut buf = ReadBuf::new();
-    let raw = ctx.events.records_raw(&ctx.info.target);
+    let raw = ctx.events.records_raw(&ctx.target);
     let write_err = |e: io::Error| Stop::Closed(CloseReason::ClientError(e.to_string()));
     loop {
         let mut need = FrameHeader::SIZE;
