@@ -114,11 +114,11 @@ pub(super) struct Conditions {
     pub(super) ci_verified: Option<bool>,
     /// Mask of [`kind_bit`]s.
     pub(super) kinds: Option<u32>,
-    pub(super) commands: Option<GlobSet>,
-    pub(super) tables: Option<GlobSet>,
-    pub(super) tables_read: Option<GlobSet>,
-    pub(super) tables_written: Option<GlobSet>,
-    pub(super) functions: Option<GlobSet>,
+    pub(super) commands: Option<SqlNames>,
+    pub(super) tables: Option<SqlNames>,
+    pub(super) tables_read: Option<SqlNames>,
+    pub(super) tables_written: Option<SqlNames>,
+    pub(super) functions: Option<SqlNames>,
     /// Mask of flag bits (any-of).
     pub(super) flags: Option<u8>,
     pub(super) text_regex: Option<RegexSet>,
@@ -134,8 +134,11 @@ pub(super) struct Subject<'a> {
     /// [`kind_bit`] of the statement, 0 when unparsable.
     kind: u32,
     flags: u8,
+    /// Lowercase names, made when a rule first asks (see [`SqlNames`]).
     tables_read: OnceCell<Vec<String>>,
     tables_written: OnceCell<Vec<String>>,
+    command: OnceCell<String>,
+    functions: OnceCell<Vec<String>>,
 }
 
 impl<'a> Subject<'a> {
@@ -180,7 +183,18 @@ impl<'a> Subject<'a> {
             flags,
             tables_read: OnceCell::new(),
             tables_written: OnceCell::new(),
+            command: OnceCell::new(),
+            functions: OnceCell::new(),
         }
+    }
+
+    fn command(&self, stmt: &StatementSummary) -> &str {
+        self.command.get_or_init(|| stmt.command.to_lowercase())
+    }
+
+    fn functions(&self, stmt: &StatementSummary) -> &[String] {
+        self.functions
+            .get_or_init(|| stmt.functions.iter().map(|f| f.to_lowercase()).collect())
     }
 
     fn tables_read(&self) -> &[String] {
@@ -209,16 +223,40 @@ impl<'a> Subject<'a> {
 fn table_names(tables: &[TableRef]) -> Vec<String> {
     let mut out = Vec::with_capacity(tables.len() * 2);
     for t in tables {
-        out.push(t.name.clone());
-        if let Some(schema) = &t.schema {
-            out.push(format!("{schema}.{}", t.name));
-        }
+        let name = t.name.to_lowercase();
+        let qualified = t
+            .schema
+            .as_ref()
+            .map(|schema| format!("{}.{name}", schema.to_lowercase()));
+        out.push(name);
+        out.extend(qualified);
     }
     out
 }
 
+/// SQL name globs (`tables`, `functions`, `commands`), compared in lower
+/// case. Plain names and `prefix*` patterns, what most rules hold, are
+/// compared as strings; a glob set call costs far more, and a policy asks
+/// every rule about every statement.
+#[derive(Debug, Default)]
+pub(super) struct SqlNames {
+    pub(super) exact: Vec<String>,
+    pub(super) prefixes: Vec<String>,
+    /// The other patterns.
+    pub(super) globs: Option<GlobSet>,
+}
+
+impl SqlNames {
+    /// `name` must be lower case already.
+    pub(super) fn is_match(&self, name: &str) -> bool {
+        self.exact.iter().any(|e| e == name)
+            || self.prefixes.iter().any(|p| name.starts_with(p.as_str()))
+            || self.globs.as_ref().is_some_and(|g| g.is_match(name))
+    }
+}
+
 /// Any of `names` matches `set`.
-fn any_name(set: &GlobSet, names: &[String]) -> bool {
+fn any_name(set: &SqlNames, names: &[String]) -> bool {
     names.iter().any(|n| set.is_match(n.as_str()))
 }
 
@@ -229,7 +267,7 @@ fn opt_glob(set: &GlobSet, value: Option<&String>) -> bool {
 
 /// A function name matches as written (`pg_catalog.pg_read_file`) or by its
 /// last component (`pg_read_file`).
-fn function_matches(set: &GlobSet, name: &str) -> bool {
+fn function_matches(set: &SqlNames, name: &str) -> bool {
     set.is_match(name)
         || name
             .rsplit_once('.')
@@ -397,7 +435,7 @@ impl Conditions {
             return false;
         };
         if let Some(set) = &self.commands {
-            if !set.is_match(stmt.command.as_str()) {
+            if !set.is_match(s.command(stmt)) {
                 return false;
             }
         }
@@ -417,7 +455,7 @@ impl Conditions {
             }
         }
         if let Some(set) = &self.functions {
-            if !stmt.functions.iter().any(|f| function_matches(set, f)) {
+            if !s.functions(stmt).iter().any(|f| function_matches(set, f)) {
                 return false;
             }
         }

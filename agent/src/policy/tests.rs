@@ -208,6 +208,17 @@ fn every_matcher_matches_and_misses() {
         ("tables = [\"ord*\"]", "t", Ci, DeleteAll, true),
         ("tables = [\"*.orders\"]", "t", Ci, DeleteAll, true),
         ("tables = [\"other.orders\"]", "t", Ci, DeleteAll, false),
+        // SQL names: plain, prefix and other globs, each in any case
+        ("tables = [\"order\"]", "t", Ci, DeleteAll, false),
+        ("tables = [\"ORD*\"]", "t", Ci, DeleteAll, true),
+        ("tables = [\"Public.Ord*\"]", "t", Ci, DeleteAll, true),
+        ("tables = [\"orders_*\"]", "t", Ci, DeleteAll, false),
+        ("tables = [\"O?DERS\"]", "t", Ci, DeleteAll, true),
+        ("tables = [\"o[rx]ders\", \"nothing\"]", "t", Ci, DeleteAll, true),
+        ("tables = [\"*S\"]", "t", Ci, DeleteAll, true),
+        ("tables = [\"ord*x\"]", "t", Ci, DeleteAll, false),
+        ("commands = [\"DEL*\"]", "t", Ci, DeleteAll, true),
+        ("functions = [\"PG_Read_*\"]", "t", Ci, DeleteAll, true),
         ("tables = [\"secrets\"]", "t", Ci, SelectSecrets, true),
         ("tables = [\"public.secrets\"]", "t", Ci, SelectSecrets, false), // schema not written
         ("tables_read = [\"orders\"]", "t", Ci, DeleteAll, false),
