@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use tollgate_tests::pg_wire::{cancel_request, send_and_read_to_close, startup_packet, RawSession};
 use tollgate_tests::*;
 
 const POLICY: &str = r#"
@@ -70,6 +71,11 @@ impl Fixture {
             port,
             _policy_dir: policy_dir,
         }
+    }
+
+    /// The agent's listener.
+    fn addr(&self) -> (&'static str, u16) {
+        ("127.0.0.1", self.port)
     }
 
     /// Direct to the server, bypassing the agent.
@@ -310,32 +316,6 @@ fn extended_protocol_runs_and_denials_fail_in_place() {
     assert_eq!(psql(f.port, "select 'still here'").unwrap(), "still here");
 }
 
-/// Sends `bytes` on a fresh connection and reads until the agent closes
-/// it, which must happen promptly.
-fn send_and_read_to_close(port: u16, bytes: &[u8], close_write: bool) -> Vec<u8> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(bytes).unwrap();
-    if close_write {
-        s.shutdown(std::net::Shutdown::Write).unwrap();
-    }
-    let began = Instant::now();
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!(
-                "the agent did not close the connection: {e} after {:?}, got {got:?}",
-                began.elapsed()
-            ),
-        }
-    }
-    got
-}
-
 /// Starts a session (trust authentication), waits for ReadyForQuery, then
 /// sends `garbage` and reads until the agent closes the connection.
 fn after_startup(port: u16, garbage: &[u8]) -> Vec<u8> {
@@ -359,20 +339,6 @@ fn after_startup(port: u16, garbage: &[u8]) -> Vec<u8> {
         }
     }
     got
-}
-
-fn startup_packet() -> Vec<u8> {
-    let mut body = vec![0, 3, 0, 0];
-    for (k, v) in [("user", "postgres"), ("database", "postgres")] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    packet
 }
 
 /// The FATAL ErrorResponse at the end of `got`: (SQLSTATE, message).
@@ -405,11 +371,11 @@ fn hostile_input_closes_only_its_own_session() {
     // Start-up lengths 2^31-1 and 3.
     let mut huge = i32::MAX.to_be_bytes().to_vec();
     huge.extend_from_slice(&[0, 3, 0, 0]);
-    let (code, message) = fatal_of(&send_and_read_to_close(port, &huge, false));
+    let (code, message) = fatal_of(&send_and_read_to_close(f.addr(), &huge, false));
     assert_eq!(code, "08P01");
     assert_eq!(message, "tollgate: invalid start-up packet: start-up packet length 2147483647 exceeds the 10000-byte limit");
     let (code, message) = fatal_of(&send_and_read_to_close(
-        port,
+        f.addr(),
         &[0, 0, 0, 3, 1, 2, 3, 4],
         false,
     ));
@@ -420,13 +386,13 @@ fn hostile_input_closes_only_its_own_session() {
     );
 
     // A truncated start-up packet, then the client leaves.
-    let got = send_and_read_to_close(port, &startup_packet()[..12], true);
+    let got = send_and_read_to_close(f.addr(), &startup_packet()[..12], true);
     assert!(got.is_empty(), "{got:?}");
 
     // Unencrypted bytes right after an SSLRequest (CVE-2021-23214).
     let mut injected = vec![0, 0, 0, 8, 4, 210, 22, 47];
     injected.extend_from_slice(&startup_packet());
-    let (code, message) = fatal_of(&send_and_read_to_close(port, &injected, false));
+    let (code, message) = fatal_of(&send_and_read_to_close(f.addr(), &injected, false));
     assert_eq!(code, "08P01");
     assert!(message.contains("CVE-2021-23214"), "{message}");
 
@@ -566,147 +532,13 @@ fn sslmodes_replication_and_an_unreachable_upstream() {
     assert!(stderr.contains("Connection refused"), "{stderr}");
 }
 
-/// A session started by hand over a raw socket.
-struct RawSession {
-    s: TcpStream,
-    /// The BackendKeyData the client was given: (pid, secret).
-    key: (i32, Vec<u8>),
-}
-
-/// Reads one backend message: (tag, body).
-fn read_message(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut header = [0u8; 5];
-    s.read_exact(&mut header).unwrap();
-    let len = u32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
-    let mut body = vec![0u8; len - 4];
-    s.read_exact(&mut body).unwrap();
-    (header[0], body)
-}
-
-impl RawSession {
-    fn start(port: u16) -> RawSession {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        s.write_all(&startup_packet()).unwrap();
-        let mut key = None;
-        loop {
-            match read_message(&mut s) {
-                (b'K', body) => {
-                    let pid = i32::from_be_bytes(body[..4].try_into().unwrap());
-                    key = Some((pid, body[4..].to_vec()));
-                }
-                (b'Z', _) => break,
-                (b'E', body) => panic!("start-up failed: {}", text(&body)),
-                _ => {}
-            }
-        }
-        RawSession {
-            s,
-            key: key.expect("no BackendKeyData"),
-        }
-    }
-
-    /// Sends a simple Query and returns the first column of each row, or
-    /// the error's SQLSTATE as `Err`.
-    fn query(&mut self, sql: &str) -> Result<Vec<String>, String> {
-        self.send_query(sql);
-        self.results()
-    }
-
-    fn send_query(&mut self, sql: &str) {
-        let mut q = vec![b'Q'];
-        q.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
-        q.extend_from_slice(sql.as_bytes());
-        q.push(0);
-        self.s.write_all(&q).unwrap();
-    }
-
-    fn results(&mut self) -> Result<Vec<String>, String> {
-        let mut rows = Vec::new();
-        let mut error = None;
-        loop {
-            match read_message(&mut self.s) {
-                (b'D', body) => {
-                    let len = i32::from_be_bytes(body[2..6].try_into().unwrap()) as usize;
-                    rows.push(text(&body[6..6 + len]));
-                }
-                (b'E', body) => {
-                    let fields = text(&body);
-                    let code = fields
-                        .split('\0')
-                        .find_map(|f| f.strip_prefix('C'))
-                        .unwrap_or_default()
-                        .to_string();
-                    error = Some(code);
-                }
-                (b'Z', _) => break,
-                _ => {}
-            }
-        }
-        match error {
-            Some(code) => Err(code),
-            None => Ok(rows),
-        }
-    }
-}
-
-impl RawSession {
-    /// Sends a FunctionCall (the fast-path interface) with text arguments
-    /// and returns its text result, or the error's (SQLSTATE, message).
-    fn function_call(
-        &mut self,
-        oid: u32,
-        args: &[&str],
-    ) -> Result<Option<String>, (String, String)> {
-        let mut body = oid.to_be_bytes().to_vec();
-        body.extend_from_slice(&1i16.to_be_bytes());
-        body.extend_from_slice(&0i16.to_be_bytes());
-        body.extend_from_slice(&(args.len() as i16).to_be_bytes());
-        for arg in args {
-            body.extend_from_slice(&(arg.len() as i32).to_be_bytes());
-            body.extend_from_slice(arg.as_bytes());
-        }
-        body.extend_from_slice(&0i16.to_be_bytes());
-        let mut message = vec![b'F'];
-        message.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        message.extend_from_slice(&body);
-        self.s.write_all(&message).unwrap();
-        let (mut result, mut error) = (None, None);
-        loop {
-            match read_message(&mut self.s) {
-                (b'V', body) => {
-                    let len = i32::from_be_bytes(body[..4].try_into().unwrap());
-                    result = (len >= 0).then(|| text(&body[4..4 + len as usize]));
-                }
-                (b'E', body) => {
-                    let fields = text(&body);
-                    let field = |c: char| {
-                        fields
-                            .split('\0')
-                            .find_map(|f| f.strip_prefix(c))
-                            .unwrap_or_default()
-                            .to_string()
-                    };
-                    error = Some((field('C'), field('M')));
-                }
-                (b'Z', _) => break,
-                _ => {}
-            }
-        }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(result),
-        }
-    }
-}
-
 /// FunctionCall carries no SQL: it is decided as the unparsable text
 /// `FunctionCall oid N`, so only a rule naming the oid allows it, and a
 /// refusal fails in place like a refused Query.
 #[test]
 fn function_calls_are_decided_by_their_oid() {
     let f = Fixture::start();
-    let mut session = RawSession::start(f.port);
+    let mut session = RawSession::start(f.addr());
     // int4pl(2, 3), allowed by the rule naming its oid.
     assert_eq!(
         session.function_call(177, &["2", "3"]),
@@ -734,19 +566,10 @@ fn function_calls_are_decided_by_their_oid() {
     assert_eq!(refused, 1, "{}", f.agent.log_text());
 }
 
-fn cancel_request(port: u16, pid: i32, secret: &[u8]) {
-    let mut packet = ((12 + secret.len()) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&((1234u32 << 16) | 5678).to_be_bytes());
-    packet.extend_from_slice(&pid.to_be_bytes());
-    packet.extend_from_slice(secret);
-    let got = send_and_read_to_close(port, &packet, false);
-    assert!(got.is_empty(), "a CancelRequest gets no answer: {got:?}");
-}
-
 #[test]
 fn cancel_keys_are_the_proxys_own_and_only_they_cancel() {
     let f = Fixture::start();
-    let mut session = RawSession::start(f.port);
+    let mut session = RawSession::start(f.addr());
     let (pid, secret) = session.key.clone();
     let backend_pid: i32 = session.query("select pg_backend_pid()").unwrap()[0]
         .parse()
@@ -761,18 +584,18 @@ fn cancel_keys_are_the_proxys_own_and_only_they_cancel() {
     // cancels nothing: the query runs to its end.
     session.send_query("select pg_sleep(1.5), 'slept'");
     std::thread::sleep(Duration::from_millis(300));
-    cancel_request(f.port, pid ^ 0x5a5a_5a5a, &[1, 2, 3, 4]);
-    cancel_request(f.port, backend_pid, &secret);
+    cancel_request(f.addr(), pid ^ 0x5a5a_5a5a, &[1, 2, 3, 4]);
+    cancel_request(f.addr(), backend_pid, &secret);
     let mut wrong = secret.clone();
     wrong[0] ^= 0xff;
-    cancel_request(f.port, pid, &wrong);
+    cancel_request(f.addr(), pid, &wrong);
     assert_eq!(session.results(), Ok(vec![String::new()]));
 
     // The key the client was given cancels its query.
     session.send_query("select pg_sleep(30)");
     std::thread::sleep(Duration::from_millis(300));
     let began = Instant::now();
-    cancel_request(f.port, pid, &secret);
+    cancel_request(f.addr(), pid, &secret);
     assert_eq!(session.results(), Err("57014".to_string()));
     assert!(
         began.elapsed() < Duration::from_secs(5),
@@ -784,9 +607,9 @@ fn cancel_keys_are_the_proxys_own_and_only_they_cancel() {
     // is not hit by it.
     drop(session);
     std::thread::sleep(Duration::from_millis(300));
-    let mut other = RawSession::start(f.port);
+    let mut other = RawSession::start(f.addr());
     other.send_query("select pg_sleep(1), 'done'");
     std::thread::sleep(Duration::from_millis(200));
-    cancel_request(f.port, pid, &secret);
+    cancel_request(f.addr(), pid, &secret);
     assert_eq!(other.results(), Ok(vec![String::new()]));
 }

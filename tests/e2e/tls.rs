@@ -79,14 +79,6 @@ fn agent_for(upstream_port: u16, target_tls: &str, agent_extra: &str) -> (Agent,
     (Agent::start(&config), port)
 }
 
-/// The `[agent]` lines for client TLS from a local CA kept in `tls_dir`.
-fn terminating(tls_dir: &Path) -> String {
-    format!(
-        "client_tls = \"terminate\"\ntls_dir = \"{}\"",
-        tls_dir.display()
-    )
-}
-
 fn psql_conninfo(conninfo: &str, sql: &str) -> Output {
     Command::new(pg_tool("psql"))
         .args(["-X", "-A", "-t", "-c", sql, conninfo])
@@ -215,7 +207,7 @@ fn clients_get_tls_from_the_agents_local_ca() {
     let pg = Postgres::start();
     let tls_dir = tempfile::tempdir().unwrap();
     let tls_dir_path = tls_dir.path().join("tls");
-    let (agent, port) = agent_for(pg.port, "", &terminating(&tls_dir_path));
+    let (agent, port) = agent_for(pg.port, "", &terminating_client_tls(&tls_dir_path));
     let ssl_in_use = "select 'on'";
     let conninfo =
         |extra: &str| format!("host=127.0.0.1 port={port} user=postgres dbname=postgres {extra}");
@@ -270,7 +262,7 @@ fn clients_get_tls_from_the_agents_local_ca() {
     let ca_before = std::fs::read(&ca).unwrap();
     let leaf_before = std::fs::read(tls_dir_path.join("server.pem")).unwrap();
     drop(agent);
-    let (_agent, port2) = agent_for(pg.port, "", &terminating(&tls_dir_path));
+    let (_agent, port2) = agent_for(pg.port, "", &terminating_client_tls(&tls_dir_path));
     assert_eq!(std::fs::read(&ca).unwrap(), ca_before);
     assert_eq!(
         std::fs::read(tls_dir_path.join("server.pem")).unwrap(),
@@ -295,7 +287,7 @@ fn direct_tls_negotiation_with_alpn() {
     let pg = Postgres::start();
     let tls_dir = tempfile::tempdir().unwrap();
     let tls_dir_path = tls_dir.path().join("tls");
-    let (agent, port) = agent_for(pg.port, "", &terminating(&tls_dir_path));
+    let (agent, port) = agent_for(pg.port, "", &terminating_client_tls(&tls_dir_path));
     let ca = tls_dir_path.join("ca.pem");
     let script = |alpn: &str| {
         format!(
@@ -360,7 +352,7 @@ print(s.version(), s.selected_alpn_protocol(), b"D\0\0\0\x0b\0\x01\0\0\0\x01t" i
 #[test]
 fn an_unreachable_upstream_is_explained_to_a_tls_client() {
     let tls_dir = tempfile::tempdir().unwrap();
-    let (_agent, port) = agent_for(free_port(), "", &terminating(tls_dir.path()));
+    let (_agent, port) = agent_for(free_port(), "", &terminating_client_tls(tls_dir.path()));
     let out = psql_conninfo(
         &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=require"),
         "select 1",
@@ -417,7 +409,11 @@ fn scram_passes_with_a_plaintext_client_leg_and_tls_upstream() {
     // Documented limit: a client on TLS to the agent, with the upstream leg
     // on TLS too, cannot use SCRAM (its `y` flag reads as a downgrade).
     let tls_dir = tempfile::tempdir().unwrap();
-    let (_agent, port) = agent_for(pg.port, "tls = \"require\"", &terminating(tls_dir.path()));
+    let (_agent, port) = agent_for(
+        pg.port,
+        "tls = \"require\"",
+        &terminating_client_tls(tls_dir.path()),
+    );
     let out = Command::new(pg_tool("psql"))
         .args(["-X", "-A", "-t", "-c", "select 1"])
         .arg(format!(

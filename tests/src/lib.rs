@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod pg_wire;
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -524,6 +526,15 @@ pub fn listener_config(listen_port: u16, upstream_port: u16, agent_extra: &str) 
     format!(
         "[agent]\n{agent_extra}\n\n[[target]]\nname = \"pg\"\naddress = \"127.0.0.1\"\nports = [{upstream_port}]\nprotocol = \"postgres\"\n\n\
          [[listener]]\nlisten = \"127.0.0.1:{listen_port}\"\ntarget = \"pg\"\n"
+    )
+}
+
+/// The `[agent]` lines that terminate client TLS with a local CA kept in
+/// `tls_dir` (its certificate is `tls_dir/ca.pem`).
+pub fn terminating_client_tls(tls_dir: &Path) -> String {
+    format!(
+        "client_tls = \"terminate\"\ntls_dir = \"{}\"",
+        tls_dir.display()
     )
 }
 
