@@ -573,14 +573,15 @@ struct PolicyGoverned {
 }
 
 impl PolicyGoverned {
-    fn start(setup_sql: &str, policy: &str) -> PolicyGoverned {
+    /// `agent_extra`: more `[agent]` lines (e.g. client TLS).
+    fn start(setup_sql: &str, policy: &str, agent_extra: &str) -> PolicyGoverned {
         let addrs = TestAddresses::add();
         let pg = Postgres::start_listening(&[addrs.v4.into()]);
         psql(pg.port, setup_sql).unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("p.toml"), policy).unwrap();
         let config = format!(
-            "[agent]\npolicy_paths = [\"{}\"]\n\n{}\n[[target]]\nname = \"remote-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n",
+            "[agent]\npolicy_paths = [\"{}\"]\n{agent_extra}\n\n{}\n[[target]]\nname = \"remote-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n",
             dir.path().join("p.toml").display(),
             redirect_section(dir.path(), "pass"),
             addrs.v4,
@@ -599,6 +600,85 @@ impl PolicyGoverned {
     fn agent(&self) -> &Agent {
         self.agent.as_ref().unwrap()
     }
+
+    /// `psql ARGS... CONNINFO` under `tollgate exec`, CONNINFO naming the
+    /// database at its test address (so the connection takes the redirect)
+    /// plus `conninfo_extra` (e.g. `sslmode=require`). Its pid is then
+    /// [`PolicyGoverned::psql_pid`].
+    fn governed_psql(&self, conninfo_extra: &str, args: &[&str]) -> Command {
+        let pidfile = self.psql_pidfile();
+        let _ = std::fs::remove_file(&pidfile);
+        let conninfo = format!(
+            "host={} port={} user=postgres dbname=postgres {conninfo_extra}",
+            self.addrs.v4, self.pg.port
+        );
+        let psql = pg_tool("psql");
+        let mut command = vec![
+            "sh",
+            "-c",
+            "echo $$ > \"$1\"; shift; exec \"$@\"",
+            "sh",
+            pidfile.to_str().expect("temporary paths are UTF-8"),
+            psql.to_str().expect("the psql path is UTF-8"),
+            "-X",
+            "-A",
+            "-t",
+        ];
+        command.extend_from_slice(args);
+        command.push(&conninfo);
+        let mut cmd = exec_command(self.agent(), &command);
+        cmd.env("PGCONNECT_TIMEOUT", "10")
+            .env_remove("PGSSLMODE")
+            .env_remove("PGPASSWORD");
+        cmd
+    }
+
+    fn psql_pidfile(&self) -> PathBuf {
+        self.dir.path().join("psql.pid")
+    }
+
+    /// The pid of the psql last started by [`PolicyGoverned::governed_psql`],
+    /// waiting for it to start.
+    fn psql_pid(&self) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let written = std::fs::read_to_string(self.psql_pidfile()).unwrap_or_default();
+            if let Ok(pid) = written.trim().parse() {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "the governed psql never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The "session started" line of the session a log line names.
+    fn session_started(&self, line: &Value) -> Value {
+        let session = &line["session"];
+        assert!(session.is_string(), "names no session: {line}");
+        self.agent()
+            .log_lines()
+            .into_iter()
+            .find(|l| {
+                &l["session"] == session
+                    && l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("session started"))
+            })
+            .unwrap_or_else(|| panic!("no start of session {session}"))
+    }
+
+    /// Asserts that `line`'s session came from governed process `pid`
+    /// through the redirect, aimed at the test address.
+    fn assert_redirected_from(&self, line: &Value, pid: u32) {
+        let started = self.session_started(line);
+        assert_eq!(started["arrival"], "redirect", "{started}");
+        assert_eq!(started["pid"].as_u64(), Some(pid.into()), "{started}");
+        assert_eq!(
+            started["original_destination"].as_str(),
+            Some(format!("{}:{}", self.addrs.v4, self.pg.port).as_str()),
+            "{started}"
+        );
+    }
 }
 
 impl Drop for PolicyGoverned {
@@ -608,13 +688,16 @@ impl Drop for PolicyGoverned {
     }
 }
 
+const NO_DROP_POLICY: &str = "[[rule]]\nname = \"no-drop\"\naction = \"deny\"\nmessage = \"not through the redirect either\"\n[rule.match]\nkinds = [\"drop\"]\n";
+
+/// What a client is told when [`NO_DROP_POLICY`] refuses `drop table`.
+const DROP_DENIED: &str =
+    "tollgate: DROP TABLE denied by rule \"no-drop\": not through the redirect either";
+
 #[test]
 fn statements_of_governed_processes_are_decided_through_the_redirect() {
     require_ebpf!();
-    let governed = PolicyGoverned::start(
-        "create table t (id int)",
-        "[[rule]]\nname = \"no-drop\"\naction = \"deny\"\nmessage = \"not through the redirect either\"\n[rule.match]\nkinds = [\"drop\"]\n",
-    );
+    let governed = PolicyGoverned::start("create table t (id int)", NO_DROP_POLICY, "");
     let (agent, addrs, pg) = (governed.agent(), &governed.addrs, &governed.pg);
     let host = addrs.v4.to_string();
     let port = pg.port.to_string();
@@ -645,7 +728,7 @@ fn statements_of_governed_processes_are_decided_through_the_redirect() {
     assert!(!denied.status.success());
     let stderr = String::from_utf8_lossy(&denied.stderr);
     assert!(
-        stderr.contains("ERROR:  tollgate: DROP TABLE denied by rule \"no-drop\": not through the redirect either"),
+        stderr.contains(&format!("ERROR:  {DROP_DENIED}")),
         "{stderr}"
     );
     let ok = run(psql_args(
@@ -729,6 +812,7 @@ fn copy_pg_dump_and_hostile_input_through_the_redirect() {
     let governed = PolicyGoverned::start(
         "create table t (x int); create table secrets (s text); insert into secrets values ('k')",
         "[[rule]]\nname = \"no-secrets\"\naction = \"deny\"\nmessage = \"off limits\"\n[rule.match]\ntables = [\"secrets\"]\n",
+        "",
     );
     let (agent, addrs, pg) = (governed.agent(), &governed.addrs, &governed.pg);
     let psql_bin = pg_tool("psql");
@@ -805,4 +889,206 @@ print(rest.split(b"\0C")[1].split(b"\0")[0].decode(), rest.count(b"SFATAL"))
         "every session came through the redirect: {}",
         agent.log_text()
     );
+}
+
+/// psql's `\conninfo` line for a TLS connection to the agent (rustls
+/// follows the client's cipher preference, OpenSSL's).
+const TLS_CONNECTION: &str =
+    "SSL connection (protocol: TLSv1.3, cipher: TLS_AES_256_GCM_SHA384, compression: off)";
+
+/// Client TLS terminated on redirected connections: a governed psql that
+/// insists on TLS (`require`, and `verify-full` against the agent's local
+/// CA, whose certificate names the target's IP) gets it, reads results
+/// over it, and reads a policy denial (42501) over it.
+#[test]
+fn governed_clients_get_tls_terminated_on_redirected_connections() {
+    require_ebpf!();
+    let tls_dir = tempfile::tempdir().unwrap();
+    let g = PolicyGoverned::start(
+        "create table t (id int)",
+        NO_DROP_POLICY,
+        &terminating_client_tls(tls_dir.path()),
+    );
+    let connected = format!(
+        "You are connected to database \"postgres\" as user \"postgres\" on host \"{}\" at port \"{}\".",
+        g.addrs.v4, g.pg.port
+    );
+
+    let out = g
+        .governed_psql(
+            "sslmode=require",
+            &[
+                "-v",
+                "VERBOSITY=verbose",
+                "-c",
+                "\\conninfo",
+                "-c",
+                "select 'over tls'",
+                "-c",
+                "drop table t",
+                "-c",
+                "select count(*) from t",
+            ],
+        )
+        .output()
+        .unwrap();
+    let require_pid = g.psql_pid();
+    assert_eq!(
+        stdout(&out).lines().collect::<Vec<_>>(),
+        [connected.as_str(), TLS_CONNECTION, "over tls", "0"],
+        "{out:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("ERROR:  42501: {DROP_DENIED}\n"),
+        "{out:?}"
+    );
+    assert!(out.status.success(), "the last command succeeded: {out:?}");
+
+    let ca = tls_dir.path().join("ca.pem");
+    let out = g
+        .governed_psql(
+            &format!("sslmode=verify-full sslrootcert={}", ca.display()),
+            &["-c", "\\conninfo", "-c", "select 'verified'"],
+        )
+        .output()
+        .unwrap();
+    let verify_full_pid = g.psql_pid();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        stdout(&out).lines().collect::<Vec<_>>(),
+        [connected.as_str(), TLS_CONNECTION, "verified"],
+        "{out:?}"
+    );
+
+    // Both sessions: redirected from their psql, TLS on the client leg.
+    let legs: Vec<Value> = g
+        .agent()
+        .log_lines()
+        .into_iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("session legs"))
+        })
+        .collect();
+    assert_eq!(legs.len(), 2, "{legs:?}");
+    for (line, pid) in legs.iter().zip([require_pid, verify_full_pid]) {
+        assert!(
+            line["client_tls"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("TLSv1")),
+            "{line}"
+        );
+        g.assert_redirected_from(line, pid);
+    }
+}
+
+/// Ctrl-C in a governed psql: libpq makes its CancelRequest to the target
+/// address, like the session itself, so it takes the redirect too, and the
+/// agent sends the server's key on. Over a plaintext and a TLS session (the
+/// CancelRequest itself is plaintext either way, as libpq sends it).
+#[test]
+fn ctrl_c_in_a_governed_psql_cancels_through_the_redirect() {
+    require_ebpf!();
+    let tls_dir = tempfile::tempdir().unwrap();
+    let g = PolicyGoverned::start("select 1", "", &terminating_client_tls(tls_dir.path()));
+    for (round, sslmode) in ["disable", "require"].into_iter().enumerate() {
+        let sql = format!("select pg_sleep(30) as sleep_with_sslmode_{sslmode}");
+        let sleeper = g
+            .governed_psql(
+                &format!("sslmode={sslmode}"),
+                &["-v", "VERBOSITY=verbose", "-c", &sql],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = g.psql_pid();
+        // Asked of the server directly: cancelling before it runs the
+        // statement would cancel nothing.
+        let running = format!(
+            "select count(*) from pg_stat_activity where state = 'active' and query = '{sql}'"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while psql(g.pg.port, &running).unwrap() != "1" {
+            assert!(Instant::now() < deadline, "{sslmode}: never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let began = Instant::now();
+        send_signal(pid, libc::SIGINT);
+        let out = sleeper.wait_with_output().unwrap();
+        let elapsed = began.elapsed();
+        assert!(elapsed < Duration::from_secs(5), "{sslmode}: {elapsed:?}");
+        assert_eq!(out.status.code(), Some(1), "{sslmode}: {out:?}");
+        assert_eq!(stdout(&out), "", "{sslmode}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.lines().take(2).collect::<Vec<_>>(),
+            [
+                "Cancel request sent",
+                "ERROR:  57014: canceling statement due to user request"
+            ],
+            "{sslmode}: {out:?}"
+        );
+
+        let forwarded: Vec<Value> = g
+            .agent()
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["message"] == "forwarding a CancelRequest upstream")
+            .collect();
+        assert_eq!(forwarded.len(), round + 1, "{sslmode}: {forwarded:?}");
+        g.assert_redirected_from(&forwarded[round], pid);
+    }
+}
+
+/// A governed client's own CancelRequests take the redirect (new
+/// connections to the target address): forged keys cancel nothing, the
+/// key it was given cancels its statement.
+#[test]
+fn cancel_requests_of_a_governed_client_take_the_redirect_and_need_its_key() {
+    require_ebpf!();
+    let g = PolicyGoverned::start("select 1", "", "");
+    let out = exec_command(
+        g.agent(),
+        &[
+            env!("CARGO_BIN_EXE_pg-cancel-probe"),
+            &g.addrs.v4.to_string(),
+            &g.pg.port.to_string(),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout_text = stdout(&out);
+    let lines: Vec<&str> = stdout_text.lines().collect();
+    assert_eq!(lines.len(), 4, "{out:?}");
+    let pid: u32 = lines[0]
+        .strip_prefix("pid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid first: {out:?}"));
+    assert_eq!(
+        lines[1..3],
+        ["forged keys: Ok([\"slept\"])", "own key: Err(\"57014\")"],
+        "{out:?}"
+    );
+    let cancelled_after: u64 = lines[3]
+        .strip_prefix("ms after cancel: ")
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no time last: {out:?}"));
+    assert!(cancelled_after < 5000, "{cancelled_after} ms");
+
+    // Each CancelRequest came through the redirect from the probe; only
+    // the one with its key was sent on.
+    let log = g.agent().log_lines();
+    let with_message =
+        |message: &str| -> Vec<&Value> { log.iter().filter(|l| l["message"] == message).collect() };
+    let dropped = with_message("CancelRequest with an unknown key: dropped");
+    assert_eq!(dropped.len(), 2, "{dropped:?}");
+    let forwarded = with_message("forwarding a CancelRequest upstream");
+    assert_eq!(forwarded.len(), 1, "{forwarded:?}");
+    for line in dropped.into_iter().chain(forwarded) {
+        g.assert_redirected_from(line, pid);
+    }
 }
