@@ -63,6 +63,8 @@ pub struct IdentityResolver {
     proc_root: PathBuf,
     etc_root: PathBuf,
     exe_hashes: ExeHashCache,
+    passwd: users::NameFile,
+    group: users::NameFile,
     /// Set when `proc_root` is the real `/proc` (netlink answers for the
     /// agent's own network namespace, which `/proc/net` shows).
     sock_diag: Option<sock_diag::SockDiag>,
@@ -203,6 +205,8 @@ impl IdentityResolver {
             proc_root,
             etc_root: etc_root.into(),
             exe_hashes: ExeHashCache::default(),
+            passwd: users::NameFile::default(),
+            group: users::NameFile::default(),
             sock_diag,
         }
     }
@@ -220,8 +224,7 @@ impl IdentityResolver {
                 let mut id = ProcessIdentity::default();
                 if let IdentityError::SocketClosed { uid, .. } = err {
                     id.uid = Some(uid);
-                    id.user =
-                        self.name_for(&self.etc_root.join("passwd"), uid, "uid", &mut id.gaps);
+                    id.user = self.user_name(uid, &mut id.gaps);
                 }
                 id.gaps.push(format!("connection not identified: {err}"));
                 return id;
@@ -232,12 +235,7 @@ impl IdentityResolver {
                 uid: Some(owner.uid),
                 ..ProcessIdentity::default()
             };
-            id.user = self.name_for(
-                &self.etc_root.join("passwd"),
-                owner.uid,
-                "uid",
-                &mut id.gaps,
-            );
+            id.user = self.user_name(owner.uid, &mut id.gaps);
             id.gaps.push(format!(
                 "no process holds socket inode {} ({client} -> {server}): it exited, or it is in another pid namespace; only the socket owner uid is known",
                 owner.inode
@@ -247,12 +245,7 @@ impl IdentityResolver {
         let mut id = self.describe_process(pid);
         if id.uid.is_none() {
             id.uid = Some(owner.uid);
-            id.user = self.name_for(
-                &self.etc_root.join("passwd"),
-                owner.uid,
-                "uid",
-                &mut id.gaps,
-            );
+            id.user = self.user_name(owner.uid, &mut id.gaps);
             id.gaps.push(format!(
                 "only the socket owner uid ({}) is known for process {pid}",
                 owner.uid
@@ -339,7 +332,7 @@ impl IdentityResolver {
             }
         };
 
-        match std::fs::read_to_string(dir.join("status")) {
+        match process::read_proc_text(&dir.join("status")) {
             Ok(text) => {
                 let (uid, gid) = process::parse_status_ids(&text);
                 if uid.is_none() || gid.is_none() {
@@ -353,10 +346,10 @@ impl IdentityResolver {
             Err(e) => gap(&mut id.gaps, "status (uid, gid)", &e),
         }
         if let Some(uid) = id.uid {
-            id.user = self.name_for(&self.etc_root.join("passwd"), uid, "uid", &mut id.gaps);
+            id.user = self.user_name(uid, &mut id.gaps);
         }
         if let Some(gid) = id.gid {
-            id.group = self.name_for(&self.etc_root.join("group"), gid, "gid", &mut id.gaps);
+            id.group = self.group_name(gid, &mut id.gaps);
         }
 
         match process::read_link_string(&dir.join("exe")) {
@@ -395,7 +388,7 @@ impl IdentityResolver {
             Err(e) => gap(&mut id.gaps, "command line", &e),
         }
 
-        match std::fs::read_to_string(dir.join("cgroup")) {
+        match process::read_proc_text(&dir.join("cgroup")) {
             Ok(text) => {
                 id.cgroup = process::parse_cgroup(&text);
                 if id.cgroup.is_none() {
@@ -533,8 +526,24 @@ impl IdentityResolver {
     }
 
     /// Looks an id up in a passwd/group file, recording a gap when it cannot.
-    fn name_for(&self, file: &Path, id: u32, kind: &str, gaps: &mut Vec<String>) -> Option<String> {
-        match users::lookup(file, id) {
+    fn user_name(&self, uid: u32, gaps: &mut Vec<String>) -> Option<String> {
+        self.name_for(&self.passwd, "passwd", uid, "uid", gaps)
+    }
+
+    fn group_name(&self, gid: u32, gaps: &mut Vec<String>) -> Option<String> {
+        self.name_for(&self.group, "group", gid, "gid", gaps)
+    }
+
+    fn name_for(
+        &self,
+        names: &users::NameFile,
+        file: &str,
+        id: u32,
+        kind: &str,
+        gaps: &mut Vec<String>,
+    ) -> Option<String> {
+        let file = self.etc_root.join(file);
+        match names.lookup(&file, id) {
             Ok(Some(name)) => Some(name),
             Ok(None) => {
                 gaps.push(format!("{kind} {id} has no entry in {}", file.display()));

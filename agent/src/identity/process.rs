@@ -32,9 +32,25 @@ pub(super) fn parse_stat(bytes: &[u8]) -> Option<Stat> {
     })
 }
 
+/// Reads a small `/proc` file whole. `std::fs::read` asks for the size
+/// first (0 for `/proc` files) and then probes with small reads; a lookup
+/// reads a dozen such files per connection, so this reads straight into a
+/// page-sized buffer: open, read, the read that finds the end, close.
+pub(super) fn read_proc_file(path: &Path) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(4096);
+    File::open(path)?.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// [`read_proc_file`] as text; invalid UTF-8 is `InvalidData`.
+pub(super) fn read_proc_text(path: &Path) -> io::Result<String> {
+    String::from_utf8(read_proc_file(path)?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 /// Reads and parses `{dir}/stat`; malformed content is `InvalidData`.
 pub(super) fn read_stat(dir: &Path) -> io::Result<Stat> {
-    let bytes = std::fs::read(dir.join("stat"))?;
+    let bytes = read_proc_file(&dir.join("stat"))?;
     parse_stat(&bytes)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat line"))
 }
@@ -91,7 +107,7 @@ pub(super) fn parse_cgroup(text: &str) -> Option<String> {
 
 /// Reads at most `cap` bytes; the flag says whether the file was longer.
 pub(super) fn read_capped(path: &Path, cap: u64) -> io::Result<(Vec<u8>, bool)> {
-    let mut buf = Vec::new();
+    let mut buf = Vec::with_capacity(4096);
     File::open(path)?
         .take(cap.saturating_add(1))
         .read_to_end(&mut buf)?;

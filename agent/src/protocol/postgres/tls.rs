@@ -562,7 +562,12 @@ impl Stream {
     pub fn tls_version(&self) -> Option<String> {
         match self {
             Stream::Plain(_) => None,
-            Stream::Tls(t) => t.get_ref().1.protocol_version().map(|v| format!("{v:?}")),
+            // Spelled as PostgreSQL and OpenSSL spell it ("TLSv1.3").
+            Stream::Tls(t) => t.get_ref().1.protocol_version().map(|v| match v {
+                rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_owned(),
+                rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_owned(),
+                other => format!("{other:?}"),
+            }),
         }
     }
 
