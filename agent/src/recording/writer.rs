@@ -8,7 +8,7 @@
 //! `events_lost` record where the file is still writable, and the failure is
 //! latched in [`RecordingSink::failure`] for the proxy to act on.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -166,6 +166,8 @@ impl Recorder {
             signing_key: settings.signing_key,
             open: HashMap::new(),
             last_sync: Instant::now(),
+            dirs_unsynced: BTreeSet::new(),
+            day_made: None,
             syncer: Syncer::start(Arc::clone(&shared))?,
         };
         let thread = std::thread::Builder::new()
@@ -491,6 +493,11 @@ struct Writer {
     signing_key: Option<Arc<SigningKey>>,
     open: HashMap<Uuid, SessionFile>,
     last_sync: Instant,
+    /// Date directories with new entries not yet synced (interval policy):
+    /// each is synced once at the next interval, not once per new file.
+    dirs_unsynced: BTreeSet<PathBuf>,
+    /// The date directory made last (new files go there for a whole day).
+    day_made: Option<PathBuf>,
     /// Forces data to disk off the writer's path (see [`Syncer`]).
     syncer: Syncer,
 }
@@ -538,6 +545,7 @@ impl Writer {
             }
             if stop {
                 self.close_all("agent shutdown");
+                self.sync_all();
                 // Whatever was queued behind the shutdown is lost: count it.
                 while let Ok(msg) = self.rx.try_recv() {
                     if let Msg::Event { event, .. } = msg {
@@ -630,30 +638,41 @@ impl Writer {
     }
 
     fn create(
-        &self,
+        &mut self,
         info: &SessionInfo,
         path: &Path,
         at: Instant,
         digest: Option<&str>,
     ) -> io::Result<SessionFile> {
         let day = path.parent().unwrap_or(&self.dir);
-        let open = || {
-            DirBuilder::new().recursive(true).mode(0o750).create(day)?;
+        let open = |make_dir: bool| {
+            if make_dir {
+                DirBuilder::new().recursive(true).mode(0o750).create(day)?;
+            }
             OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o640)
                 .open(path)
         };
-        // Retention may remove an empty date directory between the two
-        // steps (only at a day's turn): try once more.
-        let file = match open() {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => open()?,
+        // The date directory is made once a day, not for every file. If it
+        // is gone (retention removes an empty one, at a day's turn), make
+        // it and try once more.
+        let made = self.day_made.as_deref() == Some(day);
+        let file = match open(!made) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => open(true)?,
             other => other?,
         };
+        if !made {
+            self.day_made = Some(day.to_path_buf());
+        }
         match self.fsync {
             Fsync::EveryEvent => sync_dir(day)?,
-            Fsync::Interval(_) => self.syncer.sync_dir(day),
+            Fsync::Interval(_) => {
+                if !self.dirs_unsynced.contains(day) {
+                    self.dirs_unsynced.insert(day.to_path_buf());
+                }
+            }
             Fsync::OnClose => {}
         }
         let header = Record::Header(Box::new(header_of(
@@ -843,6 +862,9 @@ impl Writer {
         }
         for (id, e) in failed {
             self.session_failed(&id, &e);
+        }
+        for dir in std::mem::take(&mut self.dirs_unsynced) {
+            self.syncer.sync_dir(&dir);
         }
         self.last_sync = Instant::now();
     }
