@@ -391,14 +391,17 @@ impl EventSink for LogSink {
                 reason,
             } => {
                 let rule = rule.as_deref();
-                let kind = kind.map(|k| format!("{k:?}").to_lowercase());
+                // Field values are computed only when the level is enabled:
+                // the kind's name is made there, not for every statement.
                 if action.is_refused() {
                     tracing::warn!(%session, statement_action = action.as_str(), rule, command = %command,
-                        kind, fingerprint = fingerprint.as_deref(), reason = %reason, text = %text,
+                        kind = kind.map(|k| format!("{k:?}").to_lowercase()),
+                        fingerprint = fingerprint.as_deref(), reason = %reason, text = %text,
                         "statement refused ({action}): {command}");
                 } else {
                     tracing::info!(%session, statement_action = action.as_str(), rule, command = %command,
-                        kind, fingerprint = fingerprint.as_deref(), reason = %reason, text = %text,
+                        kind = kind.map(|k| format!("{k:?}").to_lowercase()),
+                        fingerprint = fingerprint.as_deref(), reason = %reason, text = %text,
                         "statement {action}: {command}");
                 }
             }
