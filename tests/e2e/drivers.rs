@@ -211,6 +211,214 @@ fn prepared_statements_and_portals_are_decided_again_after_a_policy_reload() {
     assert!(frozen >= 3, "{}", agent.log_text());
 }
 
+/// The rule a reload adds in the reload tests: `items` is frozen.
+const ITEMS_FROZEN: &str = "\n[[rule]]\nname = \"items-frozen\"\naction = \"deny\"\nmessage = \"items are frozen\"\n[rule.match]\ntables = [\"items\"]\n";
+
+/// Statements prepared with SQL PREPARE in a psql session are decided again
+/// at EXECUTE once a reload refuses them; DEALLOCATE still works, and what
+/// the new policy allows keeps running on the same connection.
+#[test]
+fn sql_prepare_and_execute_are_decided_again_after_a_policy_reload() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+
+    let (_pg, agent, port, dir) = setup();
+    psql(
+        port,
+        "insert into items (id, name) values (1, 'one'), (2, 'two')",
+    )
+    .unwrap();
+    let mut child = Command::new(pg_tool("psql"))
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=0"])
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .args(["-p", &port.to_string()])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    writeln!(
+        stdin,
+        "\\set VERBOSITY verbose\n\
+         PREPARE by_id (int) AS SELECT name FROM items WHERE id = $1;\n\
+         PREPARE \"Count\" AS SELECT count(*) FROM items \\; PREPARE two AS SELECT 2;\n\
+         EXECUTE by_id(1);\nEXECUTE \"Count\";\n\\echo prepared"
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    let mut before = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert_ne!(
+            stdout.read_line(&mut line).unwrap(),
+            0,
+            "psql ended: {before:?}"
+        );
+        if line.trim_end() == "prepared" {
+            break;
+        }
+        before.push(line.trim_end().to_owned());
+    }
+    assert_eq!(before, ["one", "2"], "allowed before the reload");
+
+    std::fs::write(dir.path().join("p.toml"), format!("{POLICY}{ITEMS_FROZEN}")).unwrap();
+    send_signal(agent.child.id(), libc::SIGHUP);
+    agent
+        .wait_for_log(
+            |l| l["message"] == "policy reloaded",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+
+    writeln!(
+        stdin,
+        "EXECUTE by_id(2);\n\
+         EXECUTE \"Count\";\n\
+         EXECUTE two;\n\
+         SELECT double_it(21);\n\
+         BEGIN; EXECUTE by_id(1); SELECT 1; ROLLBACK;\n\
+         EXECUTE by_id(2);\n\
+         execute count;\n\
+         DEALLOCATE by_id;\n\
+         EXECUTE by_id(2);\n\
+         PREPARE by_id AS SELECT 3; EXECUTE by_id;\n\
+         DEALLOCATE \"Count\" \\; PREPARE \"Count\" AS SELECT 4 \\; EXECUTE \"Count\";\n\
+         DEALLOCATE ALL;\n\
+         EXECUTE \"Count\";\n\
+         \\echo done"
+    )
+    .unwrap();
+    drop(stdin);
+    let status = wait_timeout(&mut child, Duration::from_secs(20)).expect("psql ends");
+    let mut after = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut after).unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    // What the new policy allows ran, in order: a statement prepared before
+    // the reload that it still allows, a new statement, statements prepared
+    // anew under deallocated names (in the same message as the EXECUTE:
+    // decided with it, not as the refused statement that had the name).
+    assert_eq!(
+        after.lines().collect::<Vec<_>>(),
+        ["2", "42", "3", "4", "done"],
+        "{stderr}"
+    );
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| l.split_once("ERROR:  ").map(|(_, e)| e))
+        .collect();
+    let denied = "42501: tollgate: EXECUTE denied by rule \"items-frozen\": items are frozen";
+    assert_eq!(
+        errors,
+        [
+            denied,
+            denied,
+            // In a transaction block: the denial fails the block, as the
+            // server's own error would.
+            denied,
+            "25P02: current transaction is aborted, commands ignored until end of transaction block",
+            // Refused again: an attempt after a refusal is decided again.
+            denied,
+            // Unquoted names fold to lower case: "Count" is not count.
+            "26000: prepared statement \"count\" does not exist",
+            // DEALLOCATE reached the server (and the proxy forgot by_id).
+            "26000: prepared statement \"by_id\" does not exist",
+            // DEALLOCATE ALL too.
+            "26000: prepared statement \"Count\" does not exist",
+        ],
+        "{stderr}"
+    );
+    // Each refusal was reported as a decision of the items-frozen rule on
+    // the prepared statement.
+    let log = agent.log_lines();
+    let decisions = |text: &str| {
+        log.iter()
+            .filter(|l| {
+                l["rule"] == "items-frozen"
+                    && l["statement_action"] == "deny"
+                    && l["text"].as_str().is_some_and(|t| t.starts_with(text))
+            })
+            .count()
+    };
+    assert_eq!(
+        decisions("PREPARE by_id (int) AS"),
+        3,
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(decisions("PREPARE \"Count\" AS"), 1, "{}", agent.log_text());
+}
+
+/// The extended protocol's side of the same: an EXECUTE sent by Parse is
+/// decided again, and so is a statement prepared by Parse and run by a SQL
+/// EXECUTE (the two share one namespace on the server).
+#[test]
+fn an_execute_by_parse_and_a_parsed_statement_run_by_execute_are_decided_again() {
+    let (_pg, agent, port, dir) = setup();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        client
+            .batch_execute("insert into items (id, name) values (1, 'one'); PREPARE by_sql AS SELECT name FROM items")
+            .await
+            .unwrap();
+        let parsed = client.prepare("select count(*) from items").await.unwrap();
+        // The driver's name for it, as the server has it.
+        let named = client
+            .query_one(
+                "select name from pg_prepared_statements where not from_sql and statement = $1",
+                &[&"select count(*) from items"],
+            )
+            .await
+            .unwrap();
+        let run_parsed = format!("EXECUTE {}", named.get::<_, String>(0));
+        let n: i64 = client.query_one(&parsed, &[]).await.unwrap().get(0);
+        assert_eq!(n, 1);
+        let counted: Vec<String> = client
+            .simple_query(&run_parsed)
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(counted, ["1"]);
+        let name: String = client.query_one("EXECUTE by_sql", &[]).await.unwrap().get(0);
+        assert_eq!(name, "one");
+
+        std::fs::write(dir.path().join("p.toml"), format!("{POLICY}{ITEMS_FROZEN}")).unwrap();
+        send_signal(agent.child.id(), libc::SIGHUP);
+        agent
+            .wait_for_log(|l| l["message"] == "policy reloaded", Duration::from_secs(10))
+            .unwrap();
+
+        let denied = "tollgate: EXECUTE denied by rule \"items-frozen\": items are frozen";
+        let err = client.query("EXECUTE by_sql", &[]).await.unwrap_err();
+        let db = err.as_db_error().expect("a server-style error");
+        assert_eq!((db.code().code(), db.message()), ("42501", denied));
+        let err = client.simple_query(&run_parsed).await.unwrap_err();
+        let db = err.as_db_error().expect("a server-style error");
+        assert_eq!((db.code().code(), db.message()), ("42501", denied));
+        let one: i32 = client.query_one("select 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1);
+    });
+}
+
 #[test]
 fn pg_dump_of_a_real_schema_through_the_proxy() {
     let (_pg, _agent, port, _dir) = setup();

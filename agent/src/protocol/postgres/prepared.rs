@@ -10,12 +10,25 @@
 //! completion arrives (completions come in the order of their requests);
 //! ReadyForQuery drops what is still pending, since the server skipped it.
 //! Portals end with their transaction, so ReadyForQuery `I` drops them too.
+//!
+//! SQL `PREPARE` and protocol Parse fill one namespace on the server:
+//! `EXECUTE` runs a statement of either kind, Bind binds either, and
+//! `DEALLOCATE` and Close remove either. So a SQL `PREPARE` that ran (its
+//! CommandComplete `PREPARE`, in order with the other statements' tags) is
+//! kept with the statements from Parse, as its own statement decided alone
+//! (kind `prepared`, with the tables and flags of the statement it
+//! prepares); CommandComplete `DEALLOCATE` removes one, `DEALLOCATE ALL` and
+//! `DISCARD ALL` remove them all. [`sql_ops`] reads the names from the
+//! parse tree, where unquoted names are folded to lower case as the server
+//! folds them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 
+use pg_query::NodeEnum;
+
 use crate::policy::PolicySet;
-use crate::sql::Analysis;
+use crate::sql::{Analysis, StatementKind, StatementSummary};
 
 /// Statements, portals and pending messages tracked at most per session.
 /// More is refused (the client gets an error naming the limit): past it the
@@ -48,6 +61,14 @@ enum Closing {
     Portal(Vec<u8>),
 }
 
+/// A SQL statement that changes the named statements, awaiting its
+/// CommandComplete.
+#[derive(Debug, Clone)]
+enum SqlPending {
+    Prepare(Vec<u8>, Decided),
+    Deallocate(Vec<u8>),
+}
+
 /// One session's statements and portals.
 #[derive(Debug, Default)]
 pub struct Prepared {
@@ -56,18 +77,29 @@ pub struct Prepared {
     parses: VecDeque<(Vec<u8>, Decided)>,
     binds: VecDeque<(Vec<u8>, Decided)>,
     closes: VecDeque<Closing>,
+    sql: VecDeque<SqlPending>,
 }
 
 impl Prepared {
     /// Whether one more Parse or Bind can be tracked.
     pub fn has_room(&self) -> bool {
-        self.statements.len() + self.portals.len() + self.parses.len() + self.binds.len()
-            < MAX_TRACKED
+        self.has_room_for(1)
+    }
+
+    /// Whether `n` more statements or portals can be tracked.
+    pub fn has_room_for(&self, n: usize) -> bool {
+        let tracked = self.statements.len()
+            + self.portals.len()
+            + self.parses.len()
+            + self.binds.len()
+            + self.sql.len();
+        tracked.saturating_add(n) <= MAX_TRACKED
     }
 
     /// The statement named `name`, as the server will have it when what
     /// is pending succeeds: the last Parse of that name still awaiting its
     /// ParseComplete (a Bind pipelined behind it binds that one), else the
+    /// last SQL `PREPARE` of it awaiting its CommandComplete, else the
     /// confirmed statement.
     pub fn statement(&self, name: &[u8]) -> Option<&Decided> {
         self.parses
@@ -75,25 +107,106 @@ impl Prepared {
             .rev()
             .find(|(pending, _)| pending == name)
             .map(|(_, statement)| statement)
+            .or_else(|| {
+                self.sql.iter().rev().find_map(|pending| match pending {
+                    SqlPending::Prepare(pending, statement) if pending == name => Some(statement),
+                    _ => None,
+                })
+            })
             .or_else(|| self.statements.get(name))
     }
 
-    /// The statement behind portal `name`, as it was bound.
+    /// The statement behind portal `name`, as the server will have it when
+    /// what is pending succeeds: the last Bind of that name still awaiting
+    /// its BindComplete (an Execute pipelined behind it runs that one),
+    /// else the confirmed portal.
     pub fn portal(&self, name: &[u8]) -> Option<&Decided> {
-        self.portals.get(name)
+        self.binds
+            .iter()
+            .rev()
+            .find(|(pending, _)| pending == name)
+            .map(|(_, statement)| statement)
+            .or_else(|| self.portals.get(name))
     }
 
-    /// Records that statement `name` was allowed again under a new policy.
+    /// Records that statement `name` (the one [`Prepared::statement`]
+    /// finds) was allowed again under a new policy.
     pub fn reallowed_statement(&mut self, name: &[u8], policy: &Arc<PolicySet>) {
-        if let Some(entry) = self.statements.get_mut(name) {
+        let pending_parse = self
+            .parses
+            .iter_mut()
+            .rev()
+            .find(|(pending, _)| pending == name)
+            .map(|(_, statement)| statement);
+        let entry = match pending_parse {
+            Some(entry) => Some(entry),
+            None => self
+                .sql
+                .iter_mut()
+                .rev()
+                .find_map(|pending| match pending {
+                    SqlPending::Prepare(pending, statement) if pending == name => Some(statement),
+                    _ => None,
+                })
+                .or_else(|| self.statements.get_mut(name)),
+        };
+        if let Some(entry) = entry {
             entry.policy = Arc::downgrade(policy);
         }
     }
 
-    /// Records that portal `name` was allowed again under a new policy.
+    /// Records that portal `name` (the one [`Prepared::portal`] finds) was
+    /// allowed again under a new policy.
     pub fn reallowed_portal(&mut self, name: &[u8], policy: &Arc<PolicySet>) {
-        if let Some(entry) = self.portals.get_mut(name) {
+        let entry = match self
+            .binds
+            .iter_mut()
+            .rev()
+            .find(|(pending, _)| pending == name)
+        {
+            Some((_, entry)) => Some(entry),
+            None => self.portals.get_mut(name),
+        };
+        if let Some(entry) = entry {
             entry.policy = Arc::downgrade(policy);
+        }
+    }
+
+    /// A SQL `PREPARE name` (decided as `statement`) was forwarded to run.
+    pub fn prepare_sent(&mut self, name: &[u8], statement: Decided) {
+        self.sql
+            .push_back(SqlPending::Prepare(name.to_vec(), statement));
+    }
+
+    /// A SQL `DEALLOCATE name` was forwarded to run.
+    pub fn deallocate_sent(&mut self, name: &[u8]) {
+        self.sql.push_back(SqlPending::Deallocate(name.to_vec()));
+    }
+
+    /// The server answered CommandComplete with `tag` (without its NUL).
+    pub fn command_complete(&mut self, tag: &[u8]) {
+        match tag {
+            b"PREPARE" => {
+                if let Some(SqlPending::Prepare(..)) = self.sql.front() {
+                    if let Some(SqlPending::Prepare(name, statement)) = self.sql.pop_front() {
+                        self.statements.insert(name, statement);
+                    }
+                }
+            }
+            b"DEALLOCATE" => {
+                if let Some(SqlPending::Deallocate(_)) = self.sql.front() {
+                    if let Some(SqlPending::Deallocate(name)) = self.sql.pop_front() {
+                        self.statements.remove(&name);
+                    }
+                }
+            }
+            // Both drop every named statement; the unnamed one stays.
+            b"DEALLOCATE ALL" => self.statements.retain(|name, _| name.is_empty()),
+            b"DISCARD ALL" => {
+                self.statements.retain(|name, _| name.is_empty());
+                self.portals.clear();
+            }
+            _ => {}
         }
     }
 
@@ -148,9 +261,86 @@ impl Prepared {
         self.parses.clear();
         self.binds.clear();
         self.closes.clear();
+        self.sql.clear();
         if status == b'I' {
             self.portals.clear();
         }
+    }
+}
+
+/// Whether a CommandComplete tag is one [`Prepared::command_complete`]
+/// acts on (checked before taking the lock).
+pub fn changes_statements(tag: &[u8]) -> bool {
+    matches!(
+        tag,
+        b"PREPARE" | b"DEALLOCATE" | b"DEALLOCATE ALL" | b"DISCARD ALL"
+    )
+}
+
+/// What a SQL statement does to the named prepared statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SqlOp {
+    /// `PREPARE name AS ...`.
+    Prepare(Vec<u8>),
+    /// `EXECUTE name`, alone or under `EXPLAIN` or `CREATE TABLE ... AS`.
+    Execute(Vec<u8>),
+    /// `DEALLOCATE name`.
+    Deallocate(Vec<u8>),
+    /// `DEALLOCATE ALL`.
+    DeallocateAll,
+}
+
+/// The prepared-statement operations of an analysis, in order, each with
+/// its statement. The tree is parsed only for statements of kind
+/// `prepared`, and for `EXPLAIN` and `CREATE` statements whose text says
+/// `execute`; names come folded as the server folds them.
+pub fn sql_ops(analysis: &Analysis) -> Vec<(SqlOp, &StatementSummary)> {
+    let Analysis::Parsed { statements } = analysis else {
+        return Vec::new();
+    };
+    statements
+        .iter()
+        .filter(|s| match s.kind {
+            StatementKind::Prepared => true,
+            StatementKind::Explain | StatementKind::Create => s
+                .text
+                .as_bytes()
+                .windows(b"execute".len())
+                .any(|w| w.eq_ignore_ascii_case(b"execute")),
+            _ => false,
+        })
+        .filter_map(|s| Some((sql_op(&s.text)?, s)))
+        .collect()
+}
+
+/// The operation of one statement's text.
+fn sql_op(text: &str) -> Option<SqlOp> {
+    let parsed = pg_query::parse(text, 0).ok()?;
+    let node = parsed
+        .protobuf
+        .stmts
+        .first()?
+        .stmt
+        .as_deref()?
+        .node
+        .as_ref()?;
+    match node {
+        NodeEnum::PrepareStmt(s) => Some(SqlOp::Prepare(s.name.as_bytes().to_vec())),
+        NodeEnum::DeallocateStmt(s) if s.isall || s.name.is_empty() => Some(SqlOp::DeallocateAll),
+        NodeEnum::DeallocateStmt(s) => Some(SqlOp::Deallocate(s.name.as_bytes().to_vec())),
+        other => executed(other).map(SqlOp::Execute),
+    }
+}
+
+/// The statement name an `EXECUTE` (possibly under `EXPLAIN` and
+/// `CREATE TABLE ... AS`, which the grammar nests at most that deep) runs.
+fn executed(node: &NodeEnum) -> Option<Vec<u8>> {
+    let inner = |query: Option<&pg_query::protobuf::Node>| query?.node.as_ref().and_then(executed);
+    match node {
+        NodeEnum::ExecuteStmt(s) => Some(s.name.as_bytes().to_vec()),
+        NodeEnum::ExplainStmt(s) => inner(s.query.as_deref()),
+        NodeEnum::CreateTableAsStmt(s) => inner(s.query.as_deref()),
+        _ => None,
     }
 }
 
@@ -244,6 +434,139 @@ mod tests {
     }
 
     #[test]
+    fn a_sql_prepare_exists_once_the_server_confirms_it() {
+        let policy = Arc::new(PolicySet::empty());
+        let mut p = Prepared::default();
+        p.prepare_sent(b"q", decided("PREPARE q AS SELECT 1", &policy));
+        // Pending: an EXECUTE pipelined behind it finds it.
+        assert!(p.statement(b"q").is_some());
+        // The server failed it: never created.
+        p.ready_for_query(b'I');
+        p.command_complete(b"PREPARE");
+        assert!(p.statement(b"q").is_none());
+        p.prepare_sent(b"q", decided("PREPARE q AS SELECT 1", &policy));
+        p.command_complete(b"PREPARE");
+        p.ready_for_query(b'I');
+        assert_eq!(&*p.statement(b"q").unwrap().text, "PREPARE q AS SELECT 1");
+        // Protocol Close of a SQL-prepared statement removes it too.
+        p.close_sent(b'S', b"q");
+        p.close_complete();
+        assert!(p.statement(b"q").is_none());
+    }
+
+    #[test]
+    fn sql_completions_apply_in_order_and_stop_at_an_error() {
+        let policy = Arc::new(PolicySet::empty());
+        let mut p = Prepared::default();
+        p.parse_sent(b"b", decided("select 2", &policy));
+        p.parse_complete();
+        // PREPARE a; SELECT 1; DEALLOCATE b; PREPARE c (fails)
+        p.prepare_sent(b"a", decided("PREPARE a AS SELECT 1", &policy));
+        p.deallocate_sent(b"b");
+        p.prepare_sent(b"c", decided("PREPARE c AS SELECT 3", &policy));
+        p.command_complete(b"PREPARE");
+        p.command_complete(b"SELECT 1");
+        // A tag of another kind does not take the DEALLOCATE's place.
+        p.command_complete(b"PREPARE");
+        assert!(p.statement(b"b").is_some());
+        p.command_complete(b"DEALLOCATE");
+        assert!(
+            p.statement(b"b").is_none(),
+            "DEALLOCATE removes a Parse's too"
+        );
+        p.ready_for_query(b'I');
+        assert!(p.statement(b"a").is_some());
+        assert!(p.statement(b"c").is_none());
+    }
+
+    #[test]
+    fn deallocate_all_and_discard_all_drop_every_named_statement() {
+        let policy = Arc::new(PolicySet::empty());
+        let mut p = Prepared::default();
+        for name in [&b"a"[..], b"b", b""] {
+            p.parse_sent(name, decided("select 1", &policy));
+            p.parse_complete();
+        }
+        p.prepare_sent(b"c", decided("PREPARE c AS SELECT 1", &policy));
+        p.command_complete(b"PREPARE");
+        p.bind_sent(b"cur", decided("select 1", &policy));
+        p.bind_complete();
+        p.command_complete(b"DEALLOCATE ALL");
+        assert!(p.statement(b"a").is_none() && p.statement(b"c").is_none());
+        assert!(p.statement(b"").is_some(), "the unnamed statement stays");
+        assert!(p.portal(b"cur").is_some(), "DEALLOCATE keeps portals");
+        p.parse_sent(b"d", decided("select 1", &policy));
+        p.parse_complete();
+        p.command_complete(b"DISCARD ALL");
+        assert!(p.statement(b"d").is_none());
+        assert!(p.portal(b"cur").is_none(), "DISCARD ALL closes portals");
+        // Other DISCARDs keep them.
+        p.parse_sent(b"e", decided("select 1", &policy));
+        p.parse_complete();
+        p.command_complete(b"DISCARD PLANS");
+        assert!(p.statement(b"e").is_some());
+        assert!(changes_statements(b"DISCARD ALL") && !changes_statements(b"DISCARD PLANS"));
+    }
+
+    #[test]
+    fn reallowing_updates_the_statement_that_is_found() {
+        let old = Arc::new(PolicySet::empty());
+        let new = Arc::new(PolicySet::empty());
+        let mut p = Prepared::default();
+        p.prepare_sent(b"q", decided("PREPARE q AS SELECT 1", &old));
+        assert!(p.statement(b"q").unwrap().is_stale(&new));
+        p.reallowed_statement(b"q", &new);
+        assert!(
+            !p.statement(b"q").unwrap().is_stale(&new),
+            "the pending one"
+        );
+        p.command_complete(b"PREPARE");
+        assert!(!p.statement(b"q").unwrap().is_stale(&new));
+        p.bind_sent(b"", decided("select 1", &old));
+        assert!(p.portal(b"").unwrap().is_stale(&new), "the pending Bind");
+        p.reallowed_portal(b"", &new);
+        p.bind_complete();
+        assert!(!p.portal(b"").unwrap().is_stale(&new));
+    }
+
+    fn ops(sql: &str) -> Vec<SqlOp> {
+        sql_ops(&crate::sql::analyze(sql))
+            .into_iter()
+            .map(|(op, _)| op)
+            .collect()
+    }
+
+    #[test]
+    fn sql_names_fold_as_the_server_folds_them() {
+        use SqlOp::*;
+        assert_eq!(
+            ops("PREPARE Foo (int) AS SELECT $1; EXECUTE \"Foo\"(1); execute FOO(2); \
+                 DEALLOCATE \"Bar\"; DEALLOCATE PREPARE baz; DEALLOCATE ALL; DEALLOCATE PREPARE ALL"),
+            vec![
+                Prepare(b"foo".to_vec()),
+                Execute(b"Foo".to_vec()),
+                Execute(b"foo".to_vec()),
+                Deallocate(b"Bar".to_vec()),
+                Deallocate(b"baz".to_vec()),
+                DeallocateAll,
+                DeallocateAll,
+            ]
+        );
+        // EXECUTE runs the statement under EXPLAIN and CREATE TABLE AS too.
+        assert_eq!(
+            ops("EXPLAIN ANALYZE EXECUTE q; CREATE TABLE t AS EXECUTE \"Q\"(1)"),
+            vec![Execute(b"q".to_vec()), Execute(b"Q".to_vec())]
+        );
+        // Other statements, even when they say `execute`, have none.
+        assert_eq!(
+            ops("SELECT 'execute q'; GRANT EXECUTE ON FUNCTION f() TO r; \
+                 EXPLAIN SELECT 'execute'; CREATE TABLE execute_log (a int); DISCARD ALL"),
+            vec![]
+        );
+        assert_eq!(ops("EXECUTE q("), vec![], "unparsable text");
+    }
+
+    #[test]
     fn tracking_is_bounded() {
         let policy = Arc::new(PolicySet::empty());
         let mut p = Prepared::default();
@@ -253,5 +576,14 @@ mod tests {
             p.parse_sent(i.to_string().as_bytes(), one.clone());
         }
         assert!(!p.has_room());
+        // SQL PREPAREs count against the same limit.
+        let mut p = Prepared::default();
+        for i in 0..MAX_TRACKED - 2 {
+            p.prepare_sent(i.to_string().as_bytes(), one.clone());
+        }
+        assert!(p.has_room_for(2) && !p.has_room_for(3));
+        p.command_complete(b"PREPARE");
+        p.ready_for_query(b'I');
+        assert!(p.has_room_for(MAX_TRACKED - 1) && !p.has_room_for(MAX_TRACKED));
     }
 }

@@ -75,7 +75,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::prepared::{Decided, Prepared, MAX_TRACKED};
+use super::prepared::{self as prepared, Decided, Prepared, SqlOp, MAX_TRACKED};
 use super::tls::{self, Stream, UpstreamMode};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -114,6 +114,11 @@ const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 
 /// Longest portal and statement names of a Bind read before its parameters.
 const MAX_BIND_NAMES: usize = 64 * 1024;
+
+/// Longest CommandComplete body read for the prepared statements it
+/// changes (`DEALLOCATE ALL` and its NUL fit); longer ones are other
+/// commands' and are passed through.
+const MAX_TRACKED_TAG: usize = 32;
 
 /// Command label for text that does not parse.
 const UNPARSABLE_COMMAND: &str = "statement";
@@ -1204,7 +1209,11 @@ impl ClientSide<'_> {
         }
         let (text, analysis) = self.analyse(text);
         let policy = current_policy(&self.ctx.policy);
-        let refusal = self.decide_statement(&policy, &text, &analysis);
+        let ops = prepared::sql_ops(&analysis);
+        let refusal = self.decide_with_executed(&policy, &text, &analysis, &ops);
+        if tag == QUERY && refusal.is_none() && !ops.is_empty() {
+            return Ok(self.sql_sent(&policy, &ops));
+        }
         if tag == PARSE && refusal.is_none() {
             let mut prepared = self.shared.prepared();
             if !prepared.has_room() {
@@ -1233,16 +1242,29 @@ impl ClientSide<'_> {
         text: &str,
         analysis: &Analysis,
     ) -> Option<String> {
+        self.decide_labelled(policy, text, analysis, None)
+    }
+
+    /// [`Self::decide_statement`], the client's message naming `label`
+    /// (when given) rather than the refused statement's command.
+    fn decide_labelled(
+        &self,
+        policy: &crate::policy::PolicySet,
+        text: &str,
+        analysis: &Analysis,
+        label: Option<&str>,
+    ) -> Option<String> {
         let decisions = policy.decide_analysis(&self.ctx.target, self.identity, text, analysis);
         self.report(text, analysis, &decisions);
         let top = most_restrictive(&decisions).filter(|d| d.action.is_refused())?;
-        let command = match analysis {
-            Analysis::Parsed { statements } => decisions
+        let command = match (label, analysis) {
+            (Some(label), _) => label,
+            (None, Analysis::Parsed { statements }) => decisions
                 .iter()
                 .position(|d| std::ptr::eq(d, top))
                 .and_then(|i| statements.get(i))
                 .map_or(UNPARSABLE_COMMAND, |s| s.command.as_str()),
-            Analysis::Unparsable { .. } => UNPARSABLE_COMMAND,
+            (None, Analysis::Unparsable { .. }) => UNPARSABLE_COMMAND,
         };
         tracing::debug!(
             session = %self.ctx.id,
@@ -1250,6 +1272,86 @@ impl ClientSide<'_> {
             "substituting a failing message for a refused statement"
         );
         Some(top.client_message(command))
+    }
+
+    /// Decides analysed text (its prepared-statement operations `ops`)
+    /// under `policy`, then every named statement it `EXECUTE`s that an
+    /// earlier policy allowed, as that statement was decided when prepared
+    /// (a refusal names `EXECUTE`); `Some(message)` when refused.
+    fn decide_with_executed(
+        &self,
+        policy: &Arc<crate::policy::PolicySet>,
+        text: &str,
+        analysis: &Analysis,
+        ops: &[(SqlOp, &crate::sql::StatementSummary)],
+    ) -> Option<String> {
+        if let Some(refusal) = self.decide_statement(policy, text, analysis) {
+            return Some(refusal);
+        }
+        for (i, (op, _)) in ops.iter().enumerate() {
+            let SqlOp::Execute(name) = op else {
+                continue;
+            };
+            // Prepared earlier in the same text (and decided with it), or
+            // deallocated there (the server fails the EXECUTE).
+            let replaced = ops.iter().take(i).any(|(earlier, _)| match earlier {
+                SqlOp::Prepare(n) | SqlOp::Deallocate(n) => n == name,
+                SqlOp::DeallocateAll => true,
+                SqlOp::Execute(_) => false,
+            });
+            if replaced {
+                continue;
+            }
+            let Some(decided) = self.shared.prepared().statement(name).cloned() else {
+                continue;
+            };
+            if !decided.is_stale(policy) {
+                continue;
+            }
+            if let Some(refusal) =
+                self.decide_labelled(policy, &decided.text, &decided.analysis, Some("EXECUTE"))
+            {
+                return Some(refusal);
+            }
+            self.shared.prepared().reallowed_statement(name, policy);
+        }
+        None
+    }
+
+    /// Tracks the SQL `PREPARE`s and `DEALLOCATE`s of allowed text about to
+    /// be forwarded to run; `Some(message)` when its `PREPARE`s would go
+    /// past [`MAX_TRACKED`] (a `DEALLOCATE` is never refused for room: it
+    /// is how a client makes some).
+    fn sql_sent(
+        &self,
+        policy: &Arc<crate::policy::PolicySet>,
+        ops: &[(SqlOp, &crate::sql::StatementSummary)],
+    ) -> Option<String> {
+        let mut prepared = self.shared.prepared();
+        let prepares = ops
+            .iter()
+            .filter(|(op, _)| matches!(op, SqlOp::Prepare(_)))
+            .count();
+        if prepares > 0 && !prepared.has_room_for(prepares) {
+            return Some(too_many_prepared());
+        }
+        for (op, statement) in ops {
+            match op {
+                SqlOp::Prepare(name) => prepared.prepare_sent(
+                    name,
+                    Decided {
+                        text: Arc::from(statement.text.as_str()),
+                        analysis: Arc::new(Analysis::Parsed {
+                            statements: vec![(*statement).clone()],
+                        }),
+                        policy: Arc::downgrade(policy),
+                    },
+                ),
+                SqlOp::Deallocate(name) => prepared.deallocate_sent(name),
+                SqlOp::Execute(_) | SqlOp::DeallocateAll => {}
+            }
+        }
+        None
     }
 
     /// A Bind: forwarded as it is, unless the statement it binds was allowed
@@ -1293,8 +1395,8 @@ impl ClientSide<'_> {
             Ok(Step::Forward(n))
         };
         let Some(mut decided) = known else {
-            // Not prepared through this session's Parse: prepared by SQL
-            // PREPARE (decided then), or absent (the server's error).
+            // Not prepared in a way this session saw (a Parse, or a SQL
+            // PREPARE of its own), or absent (the server's error).
             return forward(self);
         };
         if !self.shared.prepared().has_room() {
@@ -1315,7 +1417,9 @@ impl ClientSide<'_> {
                 }
                 return Ok(Step::Need(header.len));
             }
-            if let Some(refusal) = self.decide_statement(&policy, &decided.text, &decided.analysis)
+            let ops = prepared::sql_ops(&decided.analysis);
+            if let Some(refusal) =
+                self.decide_with_executed(&policy, &decided.text, &decided.analysis, &ops)
             {
                 return self.replace_bind(data, header, portal, refusal);
             }
@@ -1352,20 +1456,32 @@ impl ClientSide<'_> {
 
     /// An Execute (whole): forwarded, unless its portal's statement was
     /// allowed under an earlier policy and the current one refuses it; then
-    /// it is replaced by an Execute of a portal that does not exist.
+    /// it is replaced by an Execute of a portal that does not exist. A SQL
+    /// `PREPARE` or `DEALLOCATE` in the portal is tracked from here, where
+    /// it runs.
     fn execute(&mut self, portal: &[u8], len: usize) -> Result<Step, Stop> {
         let policy = current_policy(&self.ctx.policy);
         let Some(decided) = self.shared.prepared().portal(portal).cloned() else {
             return Ok(Step::Forward(len));
         };
-        if !decided.is_stale(&policy) {
-            return Ok(Step::Forward(len));
-        }
-        match self.decide_statement(&policy, &decided.text, &decided.analysis) {
-            None => {
+        let ops = prepared::sql_ops(&decided.analysis);
+        let refusal = if decided.is_stale(&policy) {
+            let refusal =
+                self.decide_with_executed(&policy, &decided.text, &decided.analysis, &ops);
+            if refusal.is_none() {
                 self.shared.prepared().reallowed_portal(portal, &policy);
-                Ok(Step::Forward(len))
             }
+            refusal
+        } else {
+            None
+        };
+        // A PREPARE or DEALLOCATE sent by Parse runs here.
+        let refusal = match refusal {
+            None if !ops.is_empty() => self.sql_sent(&policy, &ops),
+            refusal => refusal,
+        };
+        match refusal {
+            None => Ok(Step::Forward(len)),
             Some(refusal) => {
                 let missing = self.shared.register_denial(refusal);
                 self.out.clear();
@@ -1635,6 +1751,16 @@ impl UpstreamSide<'_> {
                         );
                         return Ok(Step::Replace(header.len));
                     }
+                }
+                Ok(Step::Forward(header.len))
+            }
+            COMMAND_COMPLETE if header.len <= FrameHeader::SIZE + MAX_TRACKED_TAG => {
+                let Some(body) = header.body(data) else {
+                    return Ok(Step::Need(header.len));
+                };
+                let tag = body.strip_suffix(&[0]).unwrap_or(body);
+                if prepared::changes_statements(tag) {
+                    self.shared.prepared().command_complete(tag);
                 }
                 Ok(Step::Forward(header.len))
             }
