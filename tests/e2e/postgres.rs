@@ -115,6 +115,67 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// psql with `client_encoding` set to `encoding`, running `sql` given as
+/// raw bytes (psql sends its input unconverted, in the client encoding).
+fn psql_encoded(port: u16, encoding: &str, sql: &[u8]) -> Output {
+    use std::os::unix::ffi::OsStrExt;
+    Command::new(pg_tool("psql"))
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .args(["-p", &port.to_string(), "-c"])
+        .arg(std::ffi::OsStr::from_bytes(sql))
+        .env("PGCLIENTENCODING", encoding)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn latin1_text_is_converted_and_other_encodings_fail_closed() {
+    let f = Fixture::start();
+    f.server("create table \"café\"(x int); insert into \"café\" values (7)");
+
+    // LATIN1: é is the single byte 0xE9. The statement is analysed as the
+    // server reads it, so it runs, and its results come back in LATIN1.
+    let out = psql_encoded(
+        f.port,
+        "LATIN1",
+        b"select x, 'd\xe9j\xe0 vu' from \"caf\xe9\"",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"7|d\xe9j\xe0 vu\n");
+    // A rule naming a table is applied to non-ASCII text, not bypassed by
+    // it and not replaced by the unparsable default.
+    let out = psql_encoded(
+        f.port,
+        "LATIN1",
+        b"select s from secrets where s <> 'caf\xe9'",
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        text(&out.stderr).trim(),
+        format!("ERROR:  tollgate: SELECT {SECRETS_DENIED}")
+    );
+
+    // Another single-byte encoding whose bytes the analysis does not map:
+    // ASCII text runs, non-ASCII text is refused as unparsable.
+    let out = psql_encoded(f.port, "WIN1252", b"select 'plain ascii'");
+    assert_eq!(text(&out.stdout), "plain ascii\n", "{out:?}");
+    let out = psql_encoded(f.port, "WIN1252", b"select 'd\xe9j\xe0 vu'");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("ERROR:  tollgate: statement denied"),
+        "{stderr}"
+    );
+    assert!(
+        f.agent
+            .log_text()
+            .contains("client_encoding is neither UTF8 nor LATIN1 and the text is not ASCII"),
+        "the log names the reason"
+    );
+}
+
 #[test]
 fn simple_query_denials_keep_the_session_and_the_transaction_consistent() {
     let f = Fixture::start();

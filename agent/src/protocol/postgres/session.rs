@@ -120,6 +120,16 @@ const MAX_BIND_NAMES: usize = 64 * 1024;
 /// commands' and are passed through.
 const MAX_TRACKED_TAG: usize = 32;
 
+/// `client_encoding` UTF8 (or its alias UNICODE): text is read as it is.
+const ENCODING_UTF8: u8 = 0;
+/// `client_encoding` LATIN1 (ISO 8859-1): every byte is the code point of
+/// the same value, so the text converts exactly, as the server converts it.
+const ENCODING_LATIN1: u8 = 1;
+/// Any other encoding: only ASCII text is read; in multi-byte encodings
+/// such as SJIS or BIG5 a quote or backslash byte can sit inside a
+/// character, so guessing would misread where literals end.
+const ENCODING_OTHER: u8 = 2;
+
 /// Command label for text that does not parse.
 const UNPARSABLE_COMMAND: &str = "statement";
 
@@ -130,9 +140,10 @@ struct Shared {
     authenticated: AtomicBool,
     /// The status byte of the server's last ReadyForQuery.
     tx_status: AtomicU8,
-    /// `client_encoding` is not UTF-8: non-ASCII statement text is refused
-    /// as unparsable (the analysis reads UTF-8).
-    foreign_encoding: AtomicBool,
+    /// The session's `client_encoding`, as one of the `ENCODING_*` values:
+    /// statement text is read as UTF-8, converted from LATIN1, or (another
+    /// encoding) refused as unparsable when it is not ASCII.
+    client_encoding: AtomicU8,
     /// `standard_conforming_strings` is off: backslashes in literals are
     /// escapes the analysis does not model, so text with one is refused.
     backslash_escapes: AtomicBool,
@@ -171,7 +182,7 @@ impl Shared {
         Shared {
             authenticated: AtomicBool::new(false),
             tx_status: AtomicU8::new(b'I'),
-            foreign_encoding: AtomicBool::new(false),
+            client_encoding: AtomicU8::new(ENCODING_UTF8),
             backslash_escapes: AtomicBool::new(false),
             marker: format!("tollgate_deny_{nonce:016x}_"),
             next_denial: AtomicU64::new(1),
@@ -1502,26 +1513,38 @@ impl ClientSide<'_> {
             });
             (text, analysis)
         };
-        let Ok(text) = std::str::from_utf8(text) else {
-            return unparsable(
-                String::from_utf8_lossy(text),
-                "the statement text is not valid UTF-8",
-            );
+        let encoding = self.shared.client_encoding.load(Ordering::Relaxed);
+        let text: std::borrow::Cow<'t, str> = if encoding == ENCODING_LATIN1 && !text.is_ascii() {
+            text.iter()
+                .map(|&b| char::from(b))
+                .collect::<String>()
+                .into()
+        } else {
+            match std::str::from_utf8(text) {
+                Ok(text) => text.into(),
+                Err(_) if encoding == ENCODING_UTF8 => {
+                    return unparsable(
+                        String::from_utf8_lossy(text),
+                        "the statement text is not valid UTF-8",
+                    )
+                }
+                Err(_) => String::from_utf8_lossy(text),
+            }
         };
-        if self.shared.foreign_encoding.load(Ordering::Relaxed) && !text.is_ascii() {
+        if encoding == ENCODING_OTHER && !text.is_ascii() {
             return unparsable(
-                text.into(),
-                "client_encoding is not UTF8 and the text is not ASCII; the analysis reads UTF-8 only",
+                text,
+                "client_encoding is neither UTF8 nor LATIN1 and the text is not ASCII; the analysis reads UTF-8 and LATIN1 only",
             );
         }
         if self.shared.backslash_escapes.load(Ordering::Relaxed) && text.contains('\\') {
             return unparsable(
-                text.into(),
+                text,
                 "standard_conforming_strings is off and the text contains a backslash; the analysis reads standard strings only",
             );
         }
-        let analysis = self.ctx.analysis.analyze(text);
-        (text.into(), analysis)
+        let analysis = self.ctx.analysis.analyze(&text);
+        (text, analysis)
     }
 
     /// One Statement event per decided statement.
@@ -1824,15 +1847,22 @@ impl UpstreamSide<'_> {
             }
             BackendMessage::ParameterStatus { name, value } => match name {
                 "client_encoding" => {
-                    let foreign = !(value.eq_ignore_ascii_case("UTF8")
-                        || value.eq_ignore_ascii_case("UNICODE"));
+                    let encoding = if value.eq_ignore_ascii_case("UTF8")
+                        || value.eq_ignore_ascii_case("UNICODE")
+                    {
+                        ENCODING_UTF8
+                    } else if value.eq_ignore_ascii_case("LATIN1") {
+                        ENCODING_LATIN1
+                    } else {
+                        ENCODING_OTHER
+                    };
                     self.shared
-                        .foreign_encoding
-                        .store(foreign, Ordering::Relaxed);
-                    if foreign && !self.warned_encoding {
+                        .client_encoding
+                        .store(encoding, Ordering::Relaxed);
+                    if encoding == ENCODING_OTHER && !self.warned_encoding {
                         self.warned_encoding = true;
                         tracing::warn!(session = %self.ctx.id, client_encoding = value,
-                            "client_encoding is {value}: the statement analysis assumes UTF-8, so statements with non-ASCII text are refused as unparsable");
+                            "client_encoding is {value}: the statement analysis reads UTF-8 and LATIN1, so statements with non-ASCII text are refused as unparsable");
                     }
                 }
                 "standard_conforming_strings" => {
