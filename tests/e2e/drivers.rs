@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tollgate_tests::*;
 
-const POLICY: &str = r#"
+pub(crate) const POLICY: &str = r#"
 [[rule]]
 name = "protect-secrets"
 action = "deny"
@@ -18,16 +18,15 @@ tables = ["secrets"]
 
 /// A server with a `secrets` table, an agent with the policy above, and the
 /// agent's listener port.
+pub(crate) const SCHEMA: &str =
+    "create table items (id int primary key, name text, payload bytea, at timestamptz);\
+     create table secrets (id int, value text); insert into secrets values (1, 'hunter2');\
+     create view item_names as select name from items;\
+     create function double_it(int) returns int language sql as 'select $1 * 2';";
+
 fn setup() -> (Postgres, Agent, u16, tempfile::TempDir) {
     let pg = Postgres::start();
-    psql(
-        pg.port,
-        "create table items (id int primary key, name text, payload bytea, at timestamptz);\
-         create table secrets (id int, value text); insert into secrets values (1, 'hunter2');\
-         create view item_names as select name from items;\
-         create function double_it(int) returns int language sql as 'select $1 * 2';",
-    )
-    .unwrap();
+    psql(pg.port, SCHEMA).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("p.toml"), POLICY).unwrap();
     let port = free_port();
@@ -459,10 +458,22 @@ fn pg_dump_of_a_real_schema_through_the_proxy() {
 #[test]
 fn python_psycopg3_through_the_proxy() {
     let (_pg, _agent, port, _dir) = setup();
-    let script = format!(
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(psycopg_session("127.0.0.1", port))
+        .output()
+        .unwrap();
+    assert_psycopg_session(&out);
+}
+
+/// A psycopg 3 session against [`SCHEMA`] under [`POLICY`] at host:port:
+/// binary prepared inserts, a denial, a function call, a denial inside a
+/// transaction. [`assert_psycopg_session`] checks what it prints.
+pub(crate) fn psycopg_session(host: &str, port: u16) -> String {
+    format!(
         r#"
 import psycopg, sys
-conn = psycopg.connect("host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True)
+conn = psycopg.connect("host={host} port={port} user=postgres dbname=postgres", autocommit=True)
 cur = conn.cursor()
 for i in range(10):
     cur.execute("insert into items (id, name, payload) values (%s, %s, %s)", (i, f"py {{i}}", bytes(range(256)) * 4), prepare=True, binary=True)
@@ -489,12 +500,10 @@ conn.rollback()
 cur.execute("select count(*) from items where id = 1000")
 print("kept", cur.fetchone()[0])
 "#
-    );
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
+    )
+}
+
+pub(crate) fn assert_psycopg_session(out: &std::process::Output) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

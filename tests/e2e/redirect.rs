@@ -563,6 +563,30 @@ fn a_service_cgroup_is_governed_when_it_appears_and_after_it_is_recreated() {
     let _ = std::fs::remove_dir(&cg);
 }
 
+#[test]
+fn psycopg_through_the_redirect() {
+    require_ebpf!();
+    let governed = PolicyGoverned::start(crate::drivers::SCHEMA, crate::drivers::POLICY, "");
+    let script = crate::drivers::psycopg_session(&governed.addrs.v4.to_string(), governed.pg.port);
+    let out = exec_command(governed.agent(), &["python3", "-c", &script])
+        .output()
+        .unwrap();
+    crate::drivers::assert_psycopg_session(&out);
+    let logs = governed.agent().log_lines();
+    let denial = logs
+        .iter()
+        .find(|l| l["statement_action"] == "deny" && l["rule"] == "protect-secrets")
+        .expect("the denial is logged");
+    let started = governed.session_started(denial);
+    assert_eq!(started["arrival"], "redirect", "{started}");
+    assert!(
+        started["exe"]
+            .as_str()
+            .is_some_and(|e| e.contains("python3")),
+        "{started}"
+    );
+}
+
 /// A database on a test address, with `setup_sql` run, and an agent
 /// redirecting to it under `policy`; the redirect is cleaned up on drop.
 struct PolicyGoverned {
