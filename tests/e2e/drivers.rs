@@ -41,91 +41,26 @@ fn setup() -> (Postgres, Agent, u16, tempfile::TempDir) {
 #[test]
 fn rust_driver_with_binary_parameters_prepared_statements_and_a_denial() {
     let (_pg, _agent, port, _dir) = setup();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let out = Command::new(env!("CARGO_BIN_EXE_pg-driver-session"))
+        .args(["127.0.0.1", &port.to_string()])
+        .output()
         .unwrap();
-    rt.block_on(async {
-        let (client, connection) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
+    assert_driver_session(&out);
+}
 
-        // Binary parameters of several types through a prepared statement.
-        let insert = client
-            .prepare("insert into items (id, name, payload, at) values ($1, $2, $3, now())")
-            .await
-            .unwrap();
-        for i in 0..20i32 {
-            let payload: Vec<u8> = (0..=255u8).cycle().take(1000 + i as usize).collect();
-            let n = client
-                .execute(&insert, &[&i, &format!("item {i}"), &payload])
-                .await
-                .unwrap();
-            assert_eq!(n, 1);
-        }
-        let rows = client
-            .query(
-                "select id, name, length(payload) from items where id >= $1 order by id",
-                &[&15i32],
-            )
-            .await
-            .unwrap();
-        assert_eq!(rows.len(), 5);
-        let (id, name, len): (i32, String, i32) = (rows[0].get(0), rows[0].get(1), rows[0].get(2));
-        assert_eq!((id, name.as_str(), len), (15, "item 15", 1015));
-        let doubled: i32 = client
-            .query_one("select double_it($1)", &[&21i32])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(doubled, 42);
-
-        // A denied statement in the extended protocol: a clean error with the
-        // rule's message and SQLSTATE 42501; the connection stays usable.
-        let err = client
-            .query("select value from secrets where id = $1", &[&1i32])
-            .await
-            .unwrap_err();
-        let db = err.as_db_error().expect("a server-style error");
-        assert_eq!(db.code().code(), "42501");
-        assert!(db.message().contains("protect-secrets"), "{}", db.message());
-        assert!(
-            db.message().contains("the secrets table is off limits"),
-            "{}",
-            db.message()
-        );
-        let n: i64 = client
-            .query_one("select count(*) from items", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, 20);
-
-        // Inside a transaction the denial fails the transaction, as a
-        // server error would: the earlier insert is rolled back.
-        client.batch_execute("begin").await.unwrap();
-        client
-            .execute("insert into items (id, name) values (100, 'in tx')", &[])
-            .await
-            .unwrap();
-        assert!(client.query("select * from secrets", &[]).await.is_err());
-        let aborted = client.query("select 1", &[]).await.unwrap_err();
-        assert_eq!(
-            aborted.as_db_error().map(|e| e.code().code()),
-            Some("25P02")
-        );
-        client.batch_execute("rollback").await.unwrap();
-        let n: i64 = client
-            .query_one("select count(*) from items where id = 100", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, 0);
-    });
+/// What `pg-driver-session` prints when every step went as expected (it
+/// panics, exiting non-zero, at the first that did not).
+pub(crate) fn assert_driver_session(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "binary parameters: ok\ndenied: 42501\nin a transaction: 25P02, rolled back\n"
+    );
 }
 
 /// A statement prepared (and a portal bound) under one policy is decided

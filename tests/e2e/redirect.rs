@@ -587,6 +587,32 @@ fn psycopg_through_the_redirect() {
     );
 }
 
+#[test]
+fn a_rust_driver_through_the_redirect() {
+    require_ebpf!();
+    let governed = PolicyGoverned::start(crate::drivers::SCHEMA, crate::drivers::POLICY, "");
+    let session = env!("CARGO_BIN_EXE_pg-driver-session");
+    let out = exec_command(
+        governed.agent(),
+        &[
+            session,
+            &governed.addrs.v4.to_string(),
+            &governed.pg.port.to_string(),
+        ],
+    )
+    .output()
+    .unwrap();
+    crate::drivers::assert_driver_session(&out);
+    let logs = governed.agent().log_lines();
+    let denial = logs
+        .iter()
+        .find(|l| l["statement_action"] == "deny" && l["rule"] == "protect-secrets")
+        .expect("the denial is logged");
+    let started = governed.session_started(denial);
+    assert_eq!(started["arrival"], "redirect", "{started}");
+    assert_eq!(started["exe"].as_str(), Some(session), "{started}");
+}
+
 /// A database on a test address, with `setup_sql` run, and an agent
 /// redirecting to it under `policy`; the redirect is cleaned up on drop.
 struct PolicyGoverned {
