@@ -40,8 +40,13 @@ enum PumpError {
 
 /// Relays until the session ends and says why.
 pub async fn relay(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -> CloseReason {
-    // Bytes are recorded as they pass, so the session is announced first.
-    ctx.start.info().await;
+    // Raw bytes are recorded as they pass, so with `record_raw` the session
+    // is announced first; otherwise bytes flow while the process behind it
+    // is looked up (nothing here is decided by identity).
+    let mut announced = ctx.events.records_raw(&ctx.target);
+    if announced {
+        ctx.start.info().await;
+    }
     let start = Instant::now();
     // Milliseconds since `start` of the last byte seen in either direction.
     let last_activity = AtomicU64::new(0);
@@ -74,6 +79,7 @@ pub async fn relay(ctx: &SessionContext, client: TcpStream, upstream: TcpStream)
         let idle_deadline =
             start + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + ctx.idle_timeout;
         tokio::select! {
+            _ = ctx.start.info(), if !announced => announced = true,
             result = &mut from_client, if !client_done => match result {
                 Ok(()) => client_done = true,
                 Err(e) => return failure(ctx, e),
