@@ -38,6 +38,26 @@ fn setup() -> (Postgres, Agent, u16, tempfile::TempDir) {
     (pg, agent, port, dir)
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A tokio-postgres client of the agent's listener, its connection driven
+/// by a task of the current runtime.
+async fn connect(port: u16) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
 #[test]
 fn rust_driver_with_binary_parameters_prepared_statements_and_a_denial() {
     let (_pg, _agent, port, _dir) = setup();
@@ -69,18 +89,8 @@ pub(crate) fn assert_driver_session(out: &std::process::Output) {
 #[test]
 fn prepared_statements_and_portals_are_decided_again_after_a_policy_reload() {
     let (_pg, agent, port, dir) = setup();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let (mut client, connection) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
+    runtime().block_on(async {
+        let mut client = connect(port).await;
         client
             .batch_execute("insert into items (id, name) select g, 'n' || g from generate_series(1, 10) g")
             .await
@@ -293,18 +303,8 @@ fn sql_prepare_and_execute_are_decided_again_after_a_policy_reload() {
 #[test]
 fn an_execute_by_parse_and_a_parsed_statement_run_by_execute_are_decided_again() {
     let (_pg, agent, port, dir) = setup();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let (client, connection) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
+    runtime().block_on(async {
+        let client = connect(port).await;
         client
             .batch_execute("insert into items (id, name) values (1, 'one'); PREPARE by_sql AS SELECT name FROM items")
             .await

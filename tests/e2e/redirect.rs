@@ -572,13 +572,7 @@ fn psycopg_through_the_redirect() {
         .output()
         .unwrap();
     crate::drivers::assert_psycopg_session(&out);
-    let logs = governed.agent().log_lines();
-    let denial = logs
-        .iter()
-        .find(|l| l["statement_action"] == "deny" && l["rule"] == "protect-secrets")
-        .expect("the denial is logged");
-    let started = governed.session_started(denial);
-    assert_eq!(started["arrival"], "redirect", "{started}");
+    let started = governed.denial_arrived_by_redirect("protect-secrets");
     assert!(
         started["exe"]
             .as_str()
@@ -603,13 +597,7 @@ fn a_rust_driver_through_the_redirect() {
     .output()
     .unwrap();
     crate::drivers::assert_driver_session(&out);
-    let logs = governed.agent().log_lines();
-    let denial = logs
-        .iter()
-        .find(|l| l["statement_action"] == "deny" && l["rule"] == "protect-secrets")
-        .expect("the denial is logged");
-    let started = governed.session_started(denial);
-    assert_eq!(started["arrival"], "redirect", "{started}");
+    let started = governed.denial_arrived_by_redirect("protect-secrets");
     assert_eq!(started["exe"].as_str(), Some(session), "{started}");
 }
 
@@ -699,6 +687,19 @@ impl PolicyGoverned {
             assert!(Instant::now() < deadline, "the governed psql never started");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The "session started" line of the session in which `rule` denied a
+    /// statement, checked to have arrived by the redirect.
+    fn denial_arrived_by_redirect(&self, rule: &str) -> Value {
+        let logs = self.agent().log_lines();
+        let denial = logs
+            .iter()
+            .find(|l| l["statement_action"] == "deny" && l["rule"] == rule)
+            .expect("the denial is logged");
+        let started = self.session_started(denial);
+        assert_eq!(started["arrival"], "redirect", "{started}");
+        started
     }
 
     /// The "session started" line of the session a log line names.
