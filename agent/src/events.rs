@@ -391,16 +391,15 @@ impl EventSink for LogSink {
                 reason,
             } => {
                 let rule = rule.as_deref();
-                // Field values are computed only when the level is enabled:
-                // the kind's name is made there, not for every statement.
+                let kind = kind.map(StatementKind::as_str);
                 if action.is_refused() {
                     tracing::warn!(%session, statement_action = action.as_str(), rule, command = %command,
-                        kind = kind.map(|k| format!("{k:?}").to_lowercase()),
+                        kind,
                         fingerprint = fingerprint.as_deref(), reason = %reason, text = %text,
                         "statement refused ({action}): {command}");
                 } else {
                     tracing::info!(%session, statement_action = action.as_str(), rule, command = %command,
-                        kind = kind.map(|k| format!("{k:?}").to_lowercase()),
+                        kind,
                         fingerprint = fingerprint.as_deref(), reason = %reason, text = %text,
                         "statement {action}: {command}");
                 }

@@ -172,13 +172,6 @@ fn flags(s: &StatementSummary, multi: bool) -> String {
     }
 }
 
-fn kind_name(s: &StatementSummary) -> String {
-    serde_json::to_value(s.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("{:?}", s.kind))
-}
-
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "target:    {}", self.target)?;
@@ -204,7 +197,7 @@ impl fmt::Display for Explanation {
             match &st.summary {
                 Some(s) => {
                     writeln!(f, "statement {} of {n}: {}", i + 1, st.text.trim())?;
-                    writeln!(f, "  kind:           {} ({})", kind_name(s), s.command)?;
+                    writeln!(f, "  kind:           {} ({})", s.kind.as_str(), s.command)?;
                     writeln!(f, "  tables read:    {}", tables(&s.tables_read))?;
                     writeln!(f, "  tables written: {}", tables(&s.tables_written))?;
                     let functions = if s.functions.is_empty() {

@@ -305,6 +305,7 @@ fn every_kind_name_parses_and_has_its_own_bit() {
             Err(e) => panic!("{name}: {e}"),
         };
         all(kind);
+        assert_eq!(kind.as_str(), name);
         let bit = matcher::kind_bit(kind);
         assert_eq!(bits & bit, 0, "{name} shares a bit");
         bits |= bit;

@@ -67,6 +67,33 @@ pub enum StatementKind {
     Other,
 }
 
+impl StatementKind {
+    /// The name policies, logs and recordings use (its serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementKind::Select => "select",
+            StatementKind::Insert => "insert",
+            StatementKind::Update => "update",
+            StatementKind::Delete => "delete",
+            StatementKind::Merge => "merge",
+            StatementKind::Copy => "copy",
+            StatementKind::Create => "create",
+            StatementKind::Alter => "alter",
+            StatementKind::Drop => "drop",
+            StatementKind::Truncate => "truncate",
+            StatementKind::Grant => "grant",
+            StatementKind::Revoke => "revoke",
+            StatementKind::Transaction => "transaction",
+            StatementKind::Set => "set",
+            StatementKind::Call => "call",
+            StatementKind::Do => "do",
+            StatementKind::Prepared => "prepared",
+            StatementKind::Explain => "explain",
+            StatementKind::Other => "other",
+        }
+    }
+}
+
 /// A transaction-control statement, when the kind is `transaction`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
