@@ -49,7 +49,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            finish(runtime().and_then(|rt| rt.block_on(run(config))))
+            let threads = config.agent.session_threads();
+            finish(agent_runtime(threads).and_then(|rt| rt.block_on(run(config))))
         }
         Command::Exec(args) => exec_command(args),
         Command::Detach(args) => detach_command(args),
@@ -572,6 +573,16 @@ fn detach_command(args: cli::DetachArgs) -> ExitCode {
     }
 }
 
+/// The agent's runtime: `threads` workers run the sessions (blocking
+/// work, such as reading `/proc`, has its own pool).
+fn agent_runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?)
+}
+
+/// The runtime of a command that talks to the agent (`exec`, `status`).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -594,8 +605,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
     let grace = config.agent.shutdown_grace;
+    let threads = config.agent.session_threads();
     let agent = RunningAgent::start(config).await?;
-    tracing::info!(pid = std::process::id(), "tollgate ready");
+    tracing::info!(pid = std::process::id(), threads, "tollgate ready");
     loop {
         tokio::select! {
             _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); break; }

@@ -84,6 +84,9 @@ pub struct AgentSettings {
     pub policy_paths: Vec<PathBuf>,
     /// Connections served at once; further clients wait in the kernel backlog.
     pub max_connections: usize,
+    /// Threads that run sessions; `None`: half the CPUs, at least one
+    /// (see [`AgentSettings::session_threads`]).
+    pub worker_threads: Option<usize>,
     /// How long SIGTERM waits for sessions to finish before closing them.
     pub shutdown_grace: Duration,
     /// A session with no bytes in either direction for this long is closed.
@@ -125,6 +128,7 @@ impl Default for AgentSettings {
             recording_dir: PathBuf::from("/var/lib/tollgate/recordings"),
             policy_paths: Vec::new(),
             max_connections: 1024,
+            worker_threads: None,
             shutdown_grace: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(5),
@@ -136,6 +140,19 @@ impl Default for AgentSettings {
             client_tls: ClientTls::Off,
             tls_dir: PathBuf::from("/var/lib/tollgate/tls"),
         }
+    }
+}
+
+impl AgentSettings {
+    /// How many threads run sessions: `worker_threads`, or half the CPUs
+    /// this process may use, at least one. The agent shares its host with
+    /// the clients and often the database it governs; measured on two
+    /// cores, one thread relaying every session cost less CPU per statement
+    /// than two (no wake-ups across threads) and gave more throughput.
+    pub fn session_threads(&self) -> usize {
+        self.worker_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+        })
     }
 }
 

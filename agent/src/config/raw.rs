@@ -49,6 +49,7 @@ struct RawAgent {
     #[serde(default)]
     policy_paths: Vec<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
+    worker_threads: Option<Spanned<i64>>,
     recording_fsync: Option<Spanned<String>>,
     recording_on_failure: Option<Spanned<String>>,
     recording_signing_key: Option<Spanned<String>>,
@@ -304,6 +305,12 @@ fn check_agent(c: &mut Checker<'_>, raw: &RawAgent) -> AgentSettings {
         match usize::try_from(*n.get_ref()) {
             Ok(v) if (1..=1_000_000).contains(&v) => agent.max_connections = v,
             _ => c.error(n, "max_connections must be between 1 and 1000000"),
+        }
+    }
+    if let Some(n) = &raw.worker_threads {
+        match usize::try_from(*n.get_ref()) {
+            Ok(v) if (1..=1024).contains(&v) => agent.worker_threads = Some(v),
+            _ => c.error(n, "worker_threads must be between 1 and 1024"),
         }
     }
     if let Some(m) = &raw.client_tls {

@@ -88,6 +88,21 @@ fn parses_a_complete_file() {
 }
 
 #[test]
+fn worker_threads_default_to_half_the_cpus_and_are_bounded() {
+    let c = parse("").unwrap();
+    assert_eq!(c.agent.worker_threads, None);
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(c.agent.session_threads(), (cpus / 2).max(1));
+    let c = parse("[agent]\nworker_threads = 3\n").unwrap();
+    assert_eq!(c.agent.session_threads(), 3);
+    let e = errors("[agent]\nworker_threads = 0\n");
+    assert_eq!(
+        e,
+        vec!["t.toml:2:18: worker_threads must be between 1 and 1024"]
+    );
+}
+
+#[test]
 fn empty_file_is_valid_with_defaults() {
     let c = parse("").unwrap();
     assert!(c.targets.is_empty());
