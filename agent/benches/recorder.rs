@@ -21,7 +21,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use uuid::Uuid;
 
 use tollgate_agent::config::Protocol;
-use tollgate_agent::events::{Arrival, CloseReason, EventSink, SessionEvent, SessionInfo};
+use tollgate_agent::events::{
+    Arrival, CloseReason, EventSink, SessionEvent, SessionInfo, StatementEvent,
+};
 use tollgate_agent::identity::ProcessIdentity;
 use tollgate_agent::policy::Action;
 use tollgate_agent::recording::codec::{encode_frame, frame_hash};
@@ -62,17 +64,17 @@ fn info() -> Arc<SessionInfo> {
 }
 
 fn statement(session: Uuid) -> SessionEvent {
-    SessionEvent::Statement {
+    SessionEvent::Statement(Arc::new(StatementEvent {
         session,
         text: TEXT.to_string(),
-        command: "SELECT".to_string(),
+        command: "SELECT".into(),
         kind: Some(StatementKind::Select),
-        fingerprint: Some("a1b2c3d4e5f60718".to_string()),
+        fingerprint: Some("a1b2c3d4e5f60718".into()),
         action: Action::Allow,
-        rule: Some("allow-reads".to_string()),
-        rules: vec!["allow-reads".to_string()],
-        reason: "rule \"allow-reads\" (allow)".to_string(),
-    }
+        rule: Some("allow-reads".into()),
+        rules: vec!["allow-reads".into()],
+        reason: "rule \"allow-reads\" (allow)".into(),
+    }))
 }
 
 fn wait_drained(sink: &RecordingSink) {

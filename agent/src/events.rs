@@ -116,6 +116,30 @@ impl std::fmt::Display for CloseReason {
     }
 }
 
+/// A decided statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatementEvent {
+    /// Session id.
+    pub session: Uuid,
+    /// The statement's own text (the whole text when it does not parse).
+    pub text: String,
+    /// Its command label (`DROP TABLE`), `statement` when unparsable.
+    pub command: Arc<str>,
+    /// Its kind, `None` when unparsable.
+    pub kind: Option<StatementKind>,
+    /// Its pg_query fingerprint, `None` when unparsable.
+    pub fingerprint: Option<Arc<str>>,
+    /// The decision.
+    pub action: Action,
+    /// The rule that decided (the most restrictive that matched), `None`
+    /// when the default decided.
+    pub rule: Option<Arc<str>>,
+    /// Names of the rules that applied, in load order.
+    pub rules: Vec<Arc<str>>,
+    /// Why, in one line.
+    pub reason: Arc<str>,
+}
+
 /// One thing that happened in a session.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -143,28 +167,9 @@ pub enum SessionEvent {
         /// The client's `application_name`, when it sent one.
         application_name: Option<String>,
     },
-    /// One statement was decided.
-    Statement {
-        /// Session id.
-        session: Uuid,
-        /// The statement's own text (the whole text when it does not parse).
-        text: String,
-        /// Its command label (`DROP TABLE`), `statement` when unparsable.
-        command: String,
-        /// Its kind, `None` when unparsable.
-        kind: Option<StatementKind>,
-        /// Its pg_query fingerprint, `None` when unparsable.
-        fingerprint: Option<String>,
-        /// The decision.
-        action: Action,
-        /// The rule that decided (the most restrictive that matched), `None`
-        /// when the default decided.
-        rule: Option<String>,
-        /// Names of the rules that applied, in load order.
-        rules: Vec<String>,
-        /// Why, in one line.
-        reason: String,
-    },
+    /// One statement was decided (shared: the log and the recorder read
+    /// the session's one copy).
+    Statement(Arc<StatementEvent>),
     /// Bytes read from one side, as read (full-fidelity recording, targets
     /// with `record_raw = true`); at most [`MAX_RAW_CHUNK`] bytes each.
     Raw {
@@ -379,17 +384,18 @@ impl EventSink for LogSink {
                     database.as_deref().or(user.as_deref()).unwrap_or("?")
                 );
             }
-            SessionEvent::Statement {
-                session,
-                text,
-                command,
-                kind,
-                fingerprint,
-                action,
-                rule,
-                rules: _,
-                reason,
-            } => {
+            SessionEvent::Statement(statement) => {
+                let StatementEvent {
+                    session,
+                    text,
+                    command,
+                    kind,
+                    fingerprint,
+                    action,
+                    rule,
+                    rules: _,
+                    reason,
+                } = &**statement;
                 let rule = rule.as_deref();
                 let kind = kind.map(StatementKind::as_str);
                 if action.is_refused() {

@@ -6,6 +6,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 use regex::RegexSet;
@@ -656,7 +657,7 @@ pub(super) fn compile_file(path: &Path, text: &str) -> Result<CompiledFile, Vec<
             if m.get_ref().trim().is_empty() {
                 c.at(m.span(), "empty message; remove it or say why");
             }
-            m.get_ref().clone()
+            Arc::from(m.get_ref().as_str())
         });
         let when = match &r.when {
             Some(m) => c.conditions(m.get_ref()),
@@ -678,11 +679,12 @@ pub(super) fn compile_file(path: &Path, text: &str) -> Result<CompiledFile, Vec<
         if let Some(action) = action {
             rules.push((
                 Rule {
-                    name: name.clone(),
+                    name: Arc::from(name.as_str()),
                     action,
                     message,
                     description: r.description.clone(),
-                    file: file.clone(),
+                    file: Arc::from(file.as_str()),
+                    reason_alone: Arc::from(format!("rule \"{name}\" ({action})")),
                     when,
                     except,
                 },

@@ -115,14 +115,14 @@ pub fn explain_analysis(
             .iter()
             .find(|s| s.decision == *d)
             .and_then(|s| s.summary.as_ref())
-            .map_or("statement", |s| s.command.as_str());
+            .map_or("statement", |s| &*s.command);
         d.client_message(command)
     });
     let mut descriptions = BTreeMap::new();
     for d in &decisions {
         for r in &d.matched {
             if let Some(text) = set.description(&r.name) {
-                descriptions.insert(r.name.clone(), text.to_owned());
+                descriptions.insert(r.name.to_string(), text.to_owned());
             }
         }
     }
@@ -231,7 +231,7 @@ impl fmt::Display for Explanation {
                         write!(f, "  \"{m}\"")?;
                     }
                     writeln!(f)?;
-                    if let Some(why) = self.descriptions.get(&r.name) {
+                    if let Some(why) = self.descriptions.get(&*r.name) {
                         writeln!(f, "    {:<6}  {:<width$}  ({why})", "", "")?;
                     }
                 }

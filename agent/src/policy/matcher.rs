@@ -6,6 +6,7 @@
 //! rule.
 
 use std::cell::OnceCell;
+use std::sync::Arc;
 
 use globset::{Candidate, GlobSet};
 use regex::RegexSet;
@@ -73,11 +74,15 @@ pub(super) fn kind_bit(kind: StatementKind) -> u32 {
 /// One compiled rule.
 #[derive(Debug)]
 pub(super) struct Rule {
-    pub(super) name: String,
+    // Shared: every decision that matches the rule carries them.
+    pub(super) name: Arc<str>,
     pub(super) action: Action,
-    pub(super) message: Option<String>,
+    pub(super) message: Option<Arc<str>>,
     pub(super) description: Option<String>,
-    pub(super) file: String,
+    pub(super) file: Arc<str>,
+    /// The decision's reason when this rule is the only one that matched:
+    /// `rule "name" (action)`, made once.
+    pub(super) reason_alone: Arc<str>,
     pub(super) when: Conditions,
     pub(super) except: Option<Conditions>,
 }

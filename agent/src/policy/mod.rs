@@ -54,6 +54,7 @@ mod tests;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -158,13 +159,13 @@ pub enum Statement<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MatchedRule {
     /// The rule's name (unique in a [`PolicySet`]).
-    pub name: String,
+    pub name: Arc<str>,
     /// Its action.
     pub action: Action,
     /// Its message for the client, if it has one.
-    pub message: Option<String>,
+    pub message: Option<Arc<str>>,
     /// The policy file that defines it, as it was named when loaded.
-    pub file: String,
+    pub file: Arc<str>,
 }
 
 /// The verdict on one statement.
@@ -179,7 +180,8 @@ pub struct Decision {
     /// Why, in one line without file paths (safe to show the client):
     /// `rule "no-ddl-in-ci" (deny)`, or
     /// `no rule matched, and the default for target "prod-orders" is deny`.
-    pub reason: String,
+    /// Shared: usually one rule's reason, made when the policy loaded.
+    pub reason: Arc<str>,
 }
 
 impl Decision {
@@ -204,7 +206,7 @@ impl Decision {
         // The rule's message, else (for a default) the reason.
         let why = match (message, self.default_used) {
             (Some(m), _) => Some(m),
-            (None, true) => Some(self.reason.as_str()),
+            (None, true) => Some(&*self.reason),
             (None, false) => None,
         };
         let verb = match self.action {
@@ -315,8 +317,15 @@ pub struct PolicySet {
     /// For each glob of `target_index`, the index of its rule.
     target_owner: Vec<usize>,
     /// Per rule: it has no `match.targets` (any target).
-    untargeted: Vec<bool>,
+    untargeted: Arc<[bool]>,
+    /// Per target name seen: whether each rule's `match.targets` holds.
+    /// A session decides all its statements for one target, so the glob
+    /// lookup runs once per target rather than once per statement.
+    targets_ok: Mutex<HashMap<Box<str>, Arc<[bool]>>>,
 }
+
+/// Targets whose rule mask [`PolicySet`] keeps (configurations name a few).
+const MAX_CACHED_TARGETS: usize = 256;
 
 impl PolicySet {
     /// A set without files: every parsed statement is allowed, unparsable
@@ -328,7 +337,8 @@ impl PolicySet {
             digest: hex::encode(Sha256::new().finalize()),
             target_index: globset::GlobSet::empty(),
             target_owner: Vec::new(),
-            untargeted: Vec::new(),
+            untargeted: Arc::from([]),
+            targets_ok: Mutex::default(),
         }
     }
 
@@ -372,7 +382,7 @@ impl PolicySet {
             match compile::compile_file(path, text) {
                 Ok(file) => {
                     for (rule, at) in &file.rules {
-                        if let Some(first) = names.get(&rule.name) {
+                        if let Some(first) = names.get(&*rule.name) {
                             errors.push(PolicyError {
                                 path: path.clone(),
                                 line: Some(at.0),
@@ -384,7 +394,7 @@ impl PolicySet {
                             });
                         } else {
                             names.insert(
-                                rule.name.clone(),
+                                rule.name.to_string(),
                                 format!("{}:{}:{}", path.display(), at.0, at.1),
                             );
                         }
@@ -425,7 +435,8 @@ impl PolicySet {
             digest: hex::encode(hasher.finalize()),
             target_index,
             target_owner,
-            untargeted,
+            untargeted: Arc::from(untargeted),
+            targets_ok: Mutex::default(),
         })
     }
 
@@ -449,14 +460,14 @@ impl PolicySet {
 
     /// The names of the loaded rules, in load order.
     pub fn rule_names(&self) -> impl Iterator<Item = &str> {
-        self.rules.iter().map(|r| r.name.as_str())
+        self.rules.iter().map(|r| &*r.name)
     }
 
     /// The `description` of a loaded rule, if it has one.
     pub fn description(&self, rule: &str) -> Option<&str> {
         self.rules
             .iter()
-            .find(|r| r.name == rule)
+            .find(|r| &*r.name == rule)
             .and_then(|r| r.description.as_deref())
     }
 
@@ -464,33 +475,29 @@ impl PolicySet {
     /// rules that match and the reason.
     pub fn decide(&self, req: &Request<'_>) -> Decision {
         let subject = matcher::Subject::new(req);
-        let mut target_ok = self.untargeted.clone();
-        for glob in self.target_index.matches_candidate(subject.target()) {
-            if let Some(ok) = self
-                .target_owner
-                .get(glob)
-                .and_then(|&rule| target_ok.get_mut(rule))
-            {
-                *ok = true;
-            }
-        }
+        let target_ok = self.targets_ok(req.target, &subject);
         let mut matched = Vec::new();
+        let mut alone = None;
         let mut top: Option<Action> = None;
-        for (rule, &target_ok) in self.rules.iter().zip(&target_ok) {
+        for (rule, &target_ok) in self.rules.iter().zip(target_ok.iter()) {
             if rule.applies(&subject, target_ok) {
                 if top.is_none_or(|a| rule.action > a) {
                     top = Some(rule.action);
                 }
                 matched.push(MatchedRule {
-                    name: rule.name.clone(),
+                    name: Arc::clone(&rule.name),
                     action: rule.action,
                     message: rule.message.clone(),
-                    file: rule.file.clone(),
+                    file: Arc::clone(&rule.file),
                 });
+                alone = Some(&rule.reason_alone);
             }
         }
         if let Some(action) = top {
-            let reason = rule_reason(action, &matched);
+            let reason = match (alone, matched.len()) {
+                (Some(reason), 1) => Arc::clone(reason),
+                _ => Arc::from(rule_reason(action, &matched)),
+            };
             return Decision {
                 action,
                 matched,
@@ -520,8 +527,37 @@ impl PolicySet {
             action: choice.action,
             matched,
             default_used: true,
-            reason,
+            reason: Arc::from(reason),
         }
+    }
+
+    /// Whether each rule's `match.targets` holds for `target`.
+    fn targets_ok(&self, target: &str, subject: &matcher::Subject<'_>) -> Arc<[bool]> {
+        if self.target_index.is_empty() {
+            return Arc::clone(&self.untargeted);
+        }
+        let mut cache = self
+            .targets_ok
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(ok) = cache.get(target) {
+            return Arc::clone(ok);
+        }
+        let mut ok = self.untargeted.to_vec();
+        for glob in self.target_index.matches_candidate(subject.target()) {
+            if let Some(rule_ok) = self
+                .target_owner
+                .get(glob)
+                .and_then(|&rule| ok.get_mut(rule))
+            {
+                *rule_ok = true;
+            }
+        }
+        let ok: Arc<[bool]> = Arc::from(ok);
+        if cache.len() < MAX_CACHED_TARGETS {
+            cache.insert(Box::from(target), Arc::clone(&ok));
+        }
+        ok
     }
 
     /// Decides every statement of one analysed message (a simple Query or a

@@ -590,8 +590,8 @@ fn rule_union(decisions: &[Decision]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for d in decisions {
         for r in &d.matched {
-            if !out.contains(&r.name) {
-                out.push(r.name.clone());
+            if !out.iter().any(|name| *name == *r.name) {
+                out.push(r.name.to_string());
             }
         }
     }

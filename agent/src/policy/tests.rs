@@ -29,12 +29,12 @@ fn stmt(kind: StatementKind, command: &str, read: &[&str], written: &[&str]) -> 
     StatementSummary {
         kind,
         transaction: None,
-        command: command.to_owned(),
+        command: command.into(),
         tables_read: read.iter().map(|t| table(t)).collect(),
         tables_written: written.iter().map(|t| table(t)).collect(),
         functions: Vec::new(),
         flags: StatementFlags::default(),
-        fingerprint: "0123456789abcdef".to_owned(),
+        fingerprint: "0123456789abcdef".into(),
         text: format!("{command} ..."),
     }
 }
@@ -367,7 +367,7 @@ fn most_restrictive_matching_rule_wins() {
     for (s, action, rules) in cases {
         let d = decide_parsed(&set, "t", &id, s);
         assert_eq!(d.action, action, "{}", s.text);
-        let names: Vec<&str> = d.matched.iter().map(|r| r.name.as_str()).collect();
+        let names: Vec<&str> = d.matched.iter().map(|r| &*r.name).collect();
         assert_eq!(names, rules);
         assert!(!d.default_used);
         assert_eq!(
@@ -594,18 +594,18 @@ fn unparsable_defaults() {
 #[test]
 fn client_messages() {
     let rule = |action, message: Option<&str>| MatchedRule {
-        name: "no-ddl-in-ci".to_owned(),
+        name: "no-ddl-in-ci".into(),
         action,
-        message: message.map(str::to_owned),
-        file: "p.toml".to_owned(),
+        message: message.map(Arc::from),
+        file: "p.toml".into(),
     };
     let decision = |action, matched: Vec<MatchedRule>| Decision {
         action,
         default_used: matched.is_empty(),
         reason: if matched.is_empty() {
-            "no rule matched, and the default for target \"t\" is deny".to_owned()
+            "no rule matched, and the default for target \"t\" is deny".into()
         } else {
-            "r".to_owned()
+            "r".into()
         },
         matched,
     };
@@ -634,11 +634,11 @@ fn reasons_name_the_deciding_rule_and_the_others() {
     let set = set(CONFLICT);
     let d = decide_parsed(&set, "t", &ci_identity(), &delete_all());
     assert_eq!(
-        d.reason,
+        &*d.reason,
         "rule \"deny-unbounded\" (deny); also matched: \"allow-all\" (allow), \"audit-writes\" (audit), \"review-deletes\" (review)"
     );
     assert_eq!(d.matched[3].message.as_deref(), Some("add a WHERE clause"));
-    assert_eq!(d.matched[3].file, "p.toml");
+    assert_eq!(&*d.matched[3].file, "p.toml");
 }
 
 // ---- errors -------------------------------------------------------------------
@@ -830,7 +830,7 @@ fn a_hundred_rules_decide_correctly() {
     let d = decide_parsed(&set, "t99-prod", &id, &drop);
     assert_eq!(d.action, Action::Deny);
     assert_eq!(d.matched.len(), 1);
-    assert_eq!(d.matched[0].name, "r99");
+    assert_eq!(&*d.matched[0].name, "r99");
     let d = decide_parsed(&set, "t98-prod", &id, &drop);
     assert!(d.default_used);
 }

@@ -47,8 +47,10 @@ pub enum DecodeError {
 }
 
 /// Encodes a record as a complete frame (prefix and body).
-pub fn encode_frame(record: &Record) -> Result<Vec<u8>, EncodeError> {
-    let mut buf = vec![0u8; PREFIX_LEN];
+pub fn encode_frame<R: Serialize>(record: &R) -> Result<Vec<u8>, EncodeError> {
+    // Most records fit, so the buffer rarely grows.
+    let mut buf = Vec::with_capacity(512);
+    buf.extend_from_slice(&[0; PREFIX_LEN]);
     {
         let mut ser = rmp_serde::Serializer::new(&mut buf)
             .with_struct_map()

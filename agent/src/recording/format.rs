@@ -224,6 +224,48 @@ pub struct StatementRecord {
     pub reason: String,
 }
 
+/// An event record as the writer writes it: the payload borrowed, so that
+/// a statement is written from the session's own copy. Serialises exactly
+/// as [`Record::Event`] with the same values (a test compares the bytes).
+#[derive(Debug, Serialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub(crate) enum RecordOut<'a, E: Serialize> {
+    /// See [`Record::Event`].
+    Event(EventRecordOut<'a, E>),
+}
+
+/// [`EventRecord`] with a borrowed link and payload.
+#[derive(Debug, Serialize)]
+pub(crate) struct EventRecordOut<'a, E: Serialize> {
+    pub(crate) seq: u64,
+    pub(crate) t_us: u64,
+    pub(crate) prev: &'a str,
+    pub(crate) event: &'a E,
+}
+
+/// [`Event::Statement`] borrowed.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum StatementOut<'a> {
+    /// See [`Event::Statement`].
+    Statement(StatementRecordOut<'a>),
+}
+
+/// [`StatementRecord`] borrowed: the same fields in the same order.
+#[derive(Debug, Serialize)]
+pub(crate) struct StatementRecordOut<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) text_len: Option<u64>,
+    pub(crate) command: &'a str,
+    pub(crate) kind: Option<&'a str>,
+    pub(crate) fingerprint: Option<&'a str>,
+    pub(crate) action: &'a str,
+    pub(crate) refused: bool,
+    pub(crate) rule: Option<&'a str>,
+    pub(crate) rules: &'a [std::sync::Arc<str>],
+    pub(crate) reason: &'a str,
+}
+
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloseRecord {

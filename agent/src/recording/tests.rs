@@ -15,7 +15,7 @@ use super::format::*;
 use super::reader::{read_from, verify_from, Problem, ReadError};
 use super::*;
 use crate::config::Protocol;
-use crate::events::{Arrival, CloseReason, EventSink, SessionEvent, SessionInfo};
+use crate::events::{Arrival, CloseReason, EventSink, SessionEvent, SessionInfo, StatementEvent};
 use crate::identity::{Ancestor, CiContext, CiProvider, ProcessIdentity};
 use crate::policy::Action;
 use crate::redirect::KernelOrigin;
@@ -83,21 +83,36 @@ fn info(target: &str, user: &str, repo: Option<&str>) -> Arc<SessionInfo> {
 }
 
 fn statement(session: Uuid, text: &str, action: Action, rule: Option<&str>) -> SessionEvent {
-    SessionEvent::Statement {
+    SessionEvent::Statement(Arc::new(StatementEvent {
         session,
         text: text.to_string(),
         command: text
             .split_whitespace()
             .next()
             .unwrap_or("statement")
-            .to_uppercase(),
+            .to_uppercase()
+            .into(),
         kind: Some(StatementKind::Select),
-        fingerprint: Some("0123456789abcdef".to_string()),
+        fingerprint: Some("0123456789abcdef".into()),
         action,
-        rule: rule.map(str::to_string),
-        rules: rule.map(|r| vec![r.to_string()]).unwrap_or_default(),
-        reason: format!("{action} by test"),
-    }
+        rule: rule.map(Arc::from),
+        rules: rule.map(|r| vec![Arc::from(r)]).unwrap_or_default(),
+        reason: format!("{action} by test").into(),
+    }))
+}
+
+fn unparsable_statement(session: Uuid) -> SessionEvent {
+    SessionEvent::Statement(Arc::new(StatementEvent {
+        session,
+        text: "selec garbage(".to_string(),
+        command: "statement".into(),
+        kind: None,
+        fingerprint: None,
+        action: Action::Deny,
+        rule: Some("unparsable".into()),
+        rules: vec!["unparsable".into(), "audit-all".into()],
+        reason: "cannot parse".into(),
+    }))
 }
 
 /// The events of a real-looking session, `Started` first.
@@ -124,17 +139,7 @@ fn session_events(info: &Arc<SessionInfo>) -> Vec<SessionEvent> {
             Some("audit-all"),
         ),
         statement(id, "drop table orders", Action::Deny, Some("no-drops")),
-        SessionEvent::Statement {
-            session: id,
-            text: "selec garbage(".to_string(),
-            command: "statement".to_string(),
-            kind: None,
-            fingerprint: None,
-            action: Action::Deny,
-            rule: Some("unparsable".to_string()),
-            rules: vec!["unparsable".to_string(), "audit-all".to_string()],
-            reason: "cannot parse".to_string(),
-        },
+        unparsable_statement(id),
         SessionEvent::Closed {
             session: id,
             bytes_from_client: 812,
@@ -1530,4 +1535,55 @@ fn raw_events_beyond_the_queued_byte_budget_are_lost_and_counted() {
         .count() as u64;
     assert_eq!(raws + report.lost, 2048, "lost {}", report.lost);
     assert_eq!(rec.lost(), report.lost);
+}
+
+/// Statements are written from the session's event, borrowed; the bytes
+/// must be those of the owned record the reader decodes, or chains written
+/// and chains recomputed by tools would differ.
+#[test]
+fn a_statement_written_borrowed_encodes_as_the_owned_record() {
+    let id = Uuid::now_v7();
+    let long = format!("select '{}'", "é".repeat(MAX_TEXT_LEN));
+    for event in [
+        statement(id, "select 1", Action::Allow, None),
+        statement(id, "drop table orders", Action::Deny, Some("no-drops")),
+        statement(id, &long, Action::Audit, Some("audit-all")),
+        unparsable_statement(id),
+    ] {
+        let SessionEvent::Statement(s) = &event else {
+            unreachable!("statement() makes statements")
+        };
+        let borrowed = encode_frame(&RecordOut::Event(EventRecordOut {
+            seq: 7,
+            t_us: 99,
+            prev: "ab12",
+            event: &writer::statement_out(s),
+        }))
+        .unwrap();
+        let cut = s.text.len() > MAX_TEXT_LEN;
+        let mut end = MAX_TEXT_LEN.min(s.text.len());
+        while !s.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let owned = encode_frame(&Record::Event(EventRecord {
+            seq: 7,
+            t_us: 99,
+            prev: "ab12".into(),
+            event: Event::Statement(StatementRecord {
+                text: s.text[..end].to_string(),
+                text_len: cut.then_some(s.text.len() as u64),
+                command: s.command.to_string(),
+                kind: s.kind.map(|k| k.as_str().to_string()),
+                fingerprint: s.fingerprint.as_deref().map(str::to_string),
+                action: s.action.as_str().to_string(),
+                refused: s.action.is_refused(),
+                rule: s.rule.as_deref().map(str::to_string),
+                rules: s.rules.iter().map(|r| r.to_string()).collect(),
+                reason: s.reason.to_string(),
+            }),
+        }))
+        .unwrap();
+        assert_eq!(borrowed, owned, "{}", s.text);
+        assert_eq!(cut, s.text == long);
+    }
 }

@@ -19,15 +19,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::Serialize;
 use uuid::Uuid;
 
 use super::codec::{encode_frame, frame_hash};
 use super::format::{
-    CloseRecord, Event, EventRecord, Header, KernelRecord, Record, StatementRecord, Trailer,
-    FILE_EXTENSION, FORMAT_NAME, FORMAT_VERSION, MAX_TEXT_LEN,
+    CloseRecord, Event, EventRecordOut, Header, KernelRecord, Record, RecordOut, StatementOut,
+    StatementRecordOut, Trailer, FILE_EXTENSION, FORMAT_NAME, FORMAT_VERSION, MAX_TEXT_LEN,
 };
 use super::signing::SigningKey;
-use crate::events::{EventSink, SessionEvent, SessionInfo};
+use crate::events::{EventSink, SessionEvent, SessionInfo, StatementEvent};
+use crate::sql::StatementKind;
 
 /// Raw bytes (`record_raw` sessions) the queue may hold: past this, raw
 /// events overflow like a full queue, so memory stays bounded (the queue
@@ -298,9 +300,9 @@ fn session_of(event: &SessionEvent) -> Uuid {
         SessionEvent::Started(info) => info.id,
         SessionEvent::UpstreamConnected { session, .. }
         | SessionEvent::Startup { session, .. }
-        | SessionEvent::Statement { session, .. }
         | SessionEvent::Raw { session, .. }
         | SessionEvent::Closed { session, .. } => *session,
+        SessionEvent::Statement(statement) => statement.session,
     }
 }
 
@@ -591,7 +593,7 @@ impl Writer {
             self.shared.count_lost(1);
             return false;
         }
-        let (body, closed) = event_body(&event);
+        let closed = matches!(event, SessionEvent::Closed { .. });
         if closed {
             // Losses go in before the close so the trailer counts them.
             self.mark_session_losses(&id);
@@ -599,7 +601,21 @@ impl Writer {
         let result = match self.open.get_mut(&id) {
             Some(file) => {
                 let t_us = micros(at.saturating_duration_since(file.start)).max(file.last_t_us);
-                write_event(file, t_us, body, self.fsync)
+                match &event {
+                    SessionEvent::Statement(statement) => write_event(
+                        file,
+                        t_us,
+                        &statement_out(statement),
+                        Counts::Statement {
+                            refused: statement.action.is_refused(),
+                        },
+                        self.fsync,
+                    ),
+                    other => {
+                        let (body, _) = event_body(other);
+                        write_event(file, t_us, &body, Counts::Emitted, self.fsync)
+                    }
+                }
             }
             None => {
                 self.shared.count_lost(1);
@@ -736,7 +752,8 @@ impl Writer {
         let mut result = write_event(
             file,
             t_us,
-            Event::EventsLost { count: loss.count },
+            &Event::EventsLost { count: loss.count },
+            Counts::Marker,
             self.fsync,
         );
         if result.is_ok() {
@@ -745,9 +762,10 @@ impl Writer {
                 result = write_event(
                     file,
                     t_us,
-                    Event::RecordingStopped {
+                    &Event::RecordingStopped {
                         reason: "close event lost (recorder queue full)".to_string(),
                     },
+                    Counts::Marker,
                     self.fsync,
                 );
             }
@@ -824,7 +842,7 @@ impl Writer {
             let stopped = Event::RecordingStopped {
                 reason: reason.to_string(),
             };
-            match write_event(file, t_us, stopped, self.fsync) {
+            match write_event(file, t_us, &stopped, Counts::Marker, self.fsync) {
                 Ok(()) => self.finish(&id),
                 Err(e) => self.session_failed(&id, &e),
             }
@@ -885,23 +903,35 @@ impl Writer {
     }
 }
 
-fn write_event(file: &mut SessionFile, t_us: u64, event: Event, fsync: Fsync) -> io::Result<()> {
-    let (statement, refused) = match &event {
-        Event::Statement(s) => (true, s.refused),
-        _ => (false, false),
-    };
+/// What a written record counts towards.
+#[derive(Debug, Clone, Copy)]
+enum Counts {
+    /// An emitted event other than a statement.
+    Emitted,
+    /// A decided statement.
+    Statement { refused: bool },
+    /// The writer's own marker (lost events, recording stopped): it stands
+    /// for no emitted event.
+    Marker,
+}
+
+/// Writes one event record; `event` serialises as an [`Event`].
+fn write_event<E: Serialize>(
+    file: &mut SessionFile,
+    t_us: u64,
+    event: &E,
+    counts: Counts,
+    fsync: Fsync,
+) -> io::Result<()> {
     // Counted before writing, so a failure from here on counts this event
-    // among the lost; the writer's own markers stand for no emitted event.
-    if !matches!(
-        event,
-        Event::EventsLost { .. } | Event::RecordingStopped { .. }
-    ) {
+    // among the lost.
+    if !matches!(counts, Counts::Marker) {
         file.unconfirmed += 1;
     }
-    let record = Record::Event(EventRecord {
+    let record = RecordOut::Event(EventRecordOut {
         seq: file.next_seq,
         t_us,
-        prev: file.prev.clone(),
+        prev: &file.prev,
         event,
     });
     let frame = encode_frame(&record).map_err(io::Error::other)?;
@@ -911,7 +941,7 @@ fn write_event(file: &mut SessionFile, t_us: u64, event: Event, fsync: Fsync) ->
     file.last_t_us = t_us;
     file.dirty = true;
     file.unsynced = true;
-    if statement {
+    if let Counts::Statement { refused } = counts {
         file.statements += 1;
         if refused {
             file.denied += 1;
@@ -1055,38 +1085,8 @@ fn event_body(event: &SessionEvent) -> (Event, bool) {
             },
             false,
         ),
-        SessionEvent::Statement {
-            text,
-            command,
-            kind,
-            fingerprint,
-            action,
-            rule,
-            rules,
-            reason,
-            ..
-        } => {
-            let (text, text_len) = cut_text(text, MAX_TEXT_LEN);
-            (
-                Event::Statement(StatementRecord {
-                    text,
-                    text_len,
-                    command: command.clone(),
-                    kind: kind.and_then(|k| {
-                        serde_json::to_value(k)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                    }),
-                    fingerprint: fingerprint.clone(),
-                    action: action.as_str().to_string(),
-                    refused: action.is_refused(),
-                    rule: rule.clone(),
-                    rules: rules.clone(),
-                    reason: reason.clone(),
-                }),
-                false,
-            )
-        }
+        // Written borrowed (see `statement_out`); never reaches here.
+        SessionEvent::Statement(_) => (Event::Unknown, false),
         SessionEvent::Raw { dir, data, .. } => (
             Event::Raw {
                 dir: dir.as_str().to_string(),
@@ -1125,20 +1125,34 @@ fn event_body(event: &SessionEvent) -> (Event, bool) {
     }
 }
 
+/// A statement's record payload, borrowed from the session's event.
+pub(super) fn statement_out(s: &StatementEvent) -> StatementOut<'_> {
+    let (text, text_len) = cut_text(&s.text, MAX_TEXT_LEN);
+    StatementOut::Statement(StatementRecordOut {
+        text,
+        text_len,
+        command: &s.command,
+        kind: s.kind.map(StatementKind::as_str),
+        fingerprint: s.fingerprint.as_deref(),
+        action: s.action.as_str(),
+        refused: s.action.is_refused(),
+        rule: s.rule.as_deref(),
+        rules: &s.rules,
+        reason: &s.reason,
+    })
+}
+
 /// Cuts `text` to at most `max` bytes on a character boundary; returns the
 /// original length when it was cut.
-fn cut_text(text: &str, max: usize) -> (String, Option<u64>) {
+fn cut_text(text: &str, max: usize) -> (&str, Option<u64>) {
     if text.len() <= max {
-        return (text.to_string(), None);
+        return (text, None);
     }
     let mut end = max;
     while end > 0 && !text.is_char_boundary(end) {
         end -= 1;
     }
-    (
-        text.get(..end).unwrap_or_default().to_string(),
-        Some(text.len() as u64),
-    )
+    (text.get(..end).unwrap_or_default(), Some(text.len() as u64))
 }
 
 fn header_of(info: &SessionInfo, host: &str, agent_version: &str, digest: Option<&str>) -> Header {

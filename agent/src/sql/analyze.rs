@@ -12,6 +12,7 @@
 //! statements with an UPDATE, DELETE or MERGE under WITH, EXPLAIN or PREPARE.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use pg_query::protobuf::summary_result::Context;
 use pg_query::protobuf::{self, ScanToken, Token, TransactionStmtKind, VariableSetKind};
@@ -200,12 +201,12 @@ fn analyze_statement(sql: &str) -> Result<Option<StatementSummary>, String> {
     Ok(Some(StatementSummary {
         kind,
         transaction,
-        command,
+        command: Arc::from(command),
         tables_read: facts.read.into_iter().collect(),
         tables_written: facts.written.into_iter().collect(),
         functions: facts.functions.into_iter().collect(),
         flags: facts.flags,
-        fingerprint,
+        fingerprint: Arc::from(fingerprint),
         text: statement_text(sql).to_owned(),
     }))
 }

@@ -21,6 +21,8 @@ mod tests;
 pub use analyze::analyze;
 pub use cache::{AnalysisCache, MAX_CACHED_TEXT_LEN};
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// What a statement does, coarsely.
@@ -142,7 +144,8 @@ pub struct StatementSummary {
     pub transaction: Option<TransactionOp>,
     /// A short uppercase label such as "DROP TABLE", "SELECT", "ALTER SYSTEM",
     /// used in messages (`tollgate: DROP TABLE denied by rule ...`).
-    pub command: String,
+    /// Shared (with every statement event that names it).
+    pub command: Arc<str>,
     /// Tables read.
     pub tables_read: Vec<TableRef>,
     /// Tables written (inserted into, updated, deleted from, created,
@@ -153,8 +156,8 @@ pub struct StatementSummary {
     /// Flags.
     pub flags: StatementFlags,
     /// pg_query fingerprint (hex): equal for statements that differ only in
-    /// literal values.
-    pub fingerprint: String,
+    /// literal values. Shared, like `command`.
+    pub fingerprint: Arc<str>,
     /// This statement's own text (a slice of a multi-statement message).
     pub text: String,
 }

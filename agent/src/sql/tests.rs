@@ -100,7 +100,7 @@ fn check(cases: &[Case]) {
         };
         let got = (
             s.kind,
-            s.command.as_str(),
+            &*s.command,
             sorted(&s.tables_read),
             sorted(&s.tables_written),
             s.functions.clone(),
@@ -733,7 +733,7 @@ fn transactions() {
     ] {
         let s = one(sql);
         assert_eq!(
-            (s.kind, s.transaction, s.command.as_str()),
+            (s.kind, s.transaction, &*s.command),
             (K::Transaction, Some(op), command),
             "{sql}"
         );
@@ -890,7 +890,7 @@ fn multi_statement_text_gives_one_summary_each() {
     let all = statements("select 1; drop table t");
     let got: Vec<_> = all
         .iter()
-        .map(|s| (s.kind, s.command.as_str(), s.text.as_str()))
+        .map(|s| (s.kind, &*s.command, s.text.as_str()))
         .collect();
     assert_eq!(
         got,
@@ -909,7 +909,7 @@ fn multi_statement_text_gives_one_summary_each() {
     let all = statements("BEGIN;\nUPDATE a SET x = 1;\n/* done */ COMMIT;");
     let got: Vec<_> = all
         .iter()
-        .map(|s| (s.command.as_str(), s.text.as_str(), s.flags.no_where))
+        .map(|s| (&*s.command, s.text.as_str(), s.flags.no_where))
         .collect();
     assert_eq!(
         got,

@@ -87,7 +87,7 @@ use super::codec::{
 };
 use super::error::{error_response, severity, sqlstate, ssl_refused};
 use super::frontend::{self, decode_startup, FrontendMessage};
-use crate::events::{CloseReason, RawDirection, SessionEvent};
+use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::identity::ProcessIdentity;
 use crate::policy::{most_restrictive, Decision};
 use crate::protocol::{current_policy, SessionContext};
@@ -1274,7 +1274,7 @@ impl ClientSide<'_> {
                 .iter()
                 .position(|d| std::ptr::eq(d, top))
                 .and_then(|i| statements.get(i))
-                .map_or(UNPARSABLE_COMMAND, |s| s.command.as_str()),
+                .map_or(UNPARSABLE_COMMAND, |s| &*s.command),
             (None, Analysis::Unparsable { .. }) => UNPARSABLE_COMMAND,
         };
         tracing::debug!(
@@ -1550,36 +1550,41 @@ impl ClientSide<'_> {
     /// One Statement event per decided statement.
     fn report(&self, text: &str, analysis: &Analysis, decisions: &[Decision]) {
         let session = self.ctx.id;
-        let event = |text: &str, command: &str, kind, fingerprint: Option<&str>, d: &Decision| {
-            SessionEvent::Statement {
-                session,
-                text: text.to_owned(),
-                command: command.to_owned(),
-                kind,
-                fingerprint: fingerprint.map(str::to_owned),
-                action: d.action,
-                rule: d.deciding_rule().map(|r| r.name.clone()),
-                rules: d.matched.iter().map(|r| r.name.clone()).collect(),
-                reason: d.reason.clone(),
-            }
-        };
+        let event =
+            |text: &str, command: Arc<str>, kind, fingerprint: Option<Arc<str>>, d: &Decision| {
+                SessionEvent::Statement(Arc::new(StatementEvent {
+                    session,
+                    text: text.to_owned(),
+                    command,
+                    kind,
+                    fingerprint,
+                    action: d.action,
+                    rule: d.deciding_rule().map(|r| Arc::clone(&r.name)),
+                    rules: d.matched.iter().map(|r| Arc::clone(&r.name)).collect(),
+                    reason: Arc::clone(&d.reason),
+                }))
+            };
         match analysis {
             Analysis::Parsed { statements } => {
                 for (s, d) in statements.iter().zip(decisions) {
                     self.ctx.events.emit(&event(
                         &s.text,
-                        &s.command,
+                        Arc::clone(&s.command),
                         Some(s.kind),
-                        Some(&s.fingerprint),
+                        Some(Arc::clone(&s.fingerprint)),
                         d,
                     ));
                 }
             }
             Analysis::Unparsable { .. } => {
                 for d in decisions {
-                    self.ctx
-                        .events
-                        .emit(&event(text, UNPARSABLE_COMMAND, None, None, d));
+                    self.ctx.events.emit(&event(
+                        text,
+                        Arc::from(UNPARSABLE_COMMAND),
+                        None,
+                        None,
+                        d,
+                    ));
                 }
             }
         }
