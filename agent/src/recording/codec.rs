@@ -85,7 +85,7 @@ pub fn frame_hash(frame: &[u8]) -> String {
     // Cannot fail: 32 bytes fill 64 hex digits exactly. (`hex::encode`
     // goes through a char iterator, a tenth of the writer's time.)
     let _ = hex::encode_to_slice(Sha256::digest(frame), &mut hex);
-    String::from_utf8_lossy(&hex).into_owned()
+    String::from_utf8(hex.to_vec()).unwrap_or_default()
 }
 
 /// The outcome of reading one frame.
