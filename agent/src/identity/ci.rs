@@ -53,8 +53,46 @@ pub(super) fn runner_provider(
     None
 }
 
-/// Parses NUL-separated `KEY=VALUE` pairs; entries without `=` are skipped,
-/// and the first occurrence of a key wins (as `getenv` does).
+/// Every variable [`claimed_provider`] and [`context_from_env`] read. The
+/// rest of an environment, often hundreds of entries in CI, is skipped
+/// without being copied (a test reads every provider's variables through
+/// [`parse_environ`]).
+const CI_VARIABLES: &[&str] = &[
+    "GITHUB_ACTIONS",
+    "GITHUB_REPOSITORY",
+    "GITHUB_REF_NAME",
+    "GITHUB_REF",
+    "GITHUB_JOB",
+    "GITHUB_RUN_ID",
+    "GITHUB_WORKFLOW",
+    "GITHUB_ACTOR",
+    "GITHUB_SERVER_URL",
+    "GITLAB_CI",
+    "CI_PROJECT_PATH",
+    "CI_COMMIT_REF_NAME",
+    "CI_JOB_NAME",
+    "CI_PIPELINE_ID",
+    "GITLAB_USER_LOGIN",
+    "CI_JOB_URL",
+    "BUILDKITE",
+    "BUILDKITE_PIPELINE_SLUG",
+    "BUILDKITE_REPO",
+    "BUILDKITE_BRANCH",
+    "BUILDKITE_LABEL",
+    "BUILDKITE_BUILD_NUMBER",
+    "BUILDKITE_BUILD_CREATOR",
+    "BUILDKITE_BUILD_URL",
+    "JENKINS_URL",
+    "JOB_NAME",
+    "GIT_BRANCH",
+    "BRANCH_NAME",
+    "BUILD_NUMBER",
+    "BUILD_URL",
+];
+
+/// Parses NUL-separated `KEY=VALUE` pairs, keeping the [`CI_VARIABLES`];
+/// entries without `=` are skipped, and the first occurrence of a key wins
+/// (as `getenv` does).
 pub(super) fn parse_environ(bytes: &[u8]) -> HashMap<String, String> {
     let mut env = HashMap::new();
     for entry in bytes.split(|&b| b == 0) {
@@ -64,10 +102,10 @@ pub(super) fn parse_environ(bytes: &[u8]) -> HashMap<String, String> {
         let (Some(key), Some(value)) = (entry.get(..eq), entry.get(eq.saturating_add(1)..)) else {
             continue;
         };
-        if key.is_empty() {
+        let Some(&key) = CI_VARIABLES.iter().find(|known| known.as_bytes() == key) else {
             continue;
-        }
-        env.entry(String::from_utf8_lossy(key).into_owned())
+        };
+        env.entry(key.to_owned())
             .or_insert_with(|| String::from_utf8_lossy(value).into_owned());
     }
     env
@@ -153,11 +191,17 @@ mod tests {
 
     use super::*;
 
+    /// An environment as a process's `environ` holds it, with variables no
+    /// provider reads, parsed: the providers' tests below then also check
+    /// that [`CI_VARIABLES`] holds every variable they read.
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        let mut bytes = b"PATH=/usr/bin\0HOME=/home/runner\0".to_vec();
+        for (k, v) in pairs {
+            bytes.extend_from_slice(format!("{k}={v}\0").as_bytes());
+        }
+        let parsed = parse_environ(&bytes);
+        assert_eq!(parsed.len(), pairs.len(), "{pairs:?} -> {parsed:?}");
+        parsed
     }
 
     #[test]
@@ -205,11 +249,13 @@ mod tests {
 
     #[test]
     fn environ_parsing() {
-        let e = parse_environ(b"A=1\0B=x=y\0NOEQ\0=bad\0A=2\0EMPTY=\0");
-        assert_eq!(e.get("A").map(String::as_str), Some("1"));
-        assert_eq!(e.get("B").map(String::as_str), Some("x=y"));
-        assert_eq!(e.get("EMPTY").map(String::as_str), Some(""));
-        assert_eq!(e.len(), 3);
+        let e = parse_environ(
+            b"GITHUB_JOB=1\0GITHUB_REF=x=y\0NOEQ\0=bad\0GITHUB_JOB=2\0BUILD_URL=\0PATH=/bin\0",
+        );
+        assert_eq!(e.get("GITHUB_JOB").map(String::as_str), Some("1"));
+        assert_eq!(e.get("GITHUB_REF").map(String::as_str), Some("x=y"));
+        assert_eq!(e.get("BUILD_URL").map(String::as_str), Some(""));
+        assert_eq!(e.len(), 3, "variables no provider reads are skipped");
         assert!(parse_environ(b"").is_empty());
     }
 
@@ -347,7 +393,7 @@ mod tests {
     #[test]
     fn no_claim_without_markers() {
         assert_eq!(
-            claimed_provider(&env(&[("GITHUB_ACTIONS", "false"), ("CI", "true")])),
+            claimed_provider(&parse_environ(b"GITHUB_ACTIONS=false\0CI=true\0")),
             None
         );
         assert_eq!(claimed_provider(&env(&[])), None);

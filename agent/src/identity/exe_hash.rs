@@ -29,6 +29,18 @@ struct FileKey {
     size: u64,
 }
 
+impl FileKey {
+    fn of(meta: &std::fs::Metadata) -> FileKey {
+        FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+            size: meta.size(),
+        }
+    }
+}
+
 /// Why no digest was produced.
 #[derive(Debug)]
 pub(super) enum HashError {
@@ -47,21 +59,19 @@ pub(super) struct ExeHashCache {
 impl ExeHashCache {
     /// Hex SHA-256 of the file at `path` (normally `/proc/<pid>/exe`).
     pub(super) fn sha256(&self, path: &Path) -> Result<String, HashError> {
+        // A known binary costs one `stat` (through the link, like `open`);
+        // only a new one is opened, and its key is taken again from the
+        // opened file, so that the digest stored is of the key's file.
+        let meta = std::fs::metadata(path).map_err(HashError::Open)?;
+        if let Some(hit) = self.lock().get(&FileKey::of(&meta)) {
+            return Ok(hit.clone());
+        }
         let file = File::open(path).map_err(HashError::Open)?;
         let meta = file.metadata().map_err(HashError::Read)?;
         if meta.size() > MAX_HASHED_SIZE {
             return Err(HashError::TooLarge(meta.size()));
         }
-        let key = FileKey {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec(),
-            size: meta.size(),
-        };
-        if let Some(hit) = self.lock().get(&key) {
-            return Ok(hit.clone());
-        }
+        let key = FileKey::of(&meta);
         // Hash without holding the lock; two threads racing on the same new
         // binary both hash it once, which is harmless.
         let digest = hash_file(file)?;

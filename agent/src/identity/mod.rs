@@ -41,7 +41,6 @@ mod sock_diag;
 mod socket;
 mod users;
 
-use std::collections::HashSet;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -416,7 +415,8 @@ impl IdentityResolver {
         ppid: u32,
         id: &mut ProcessIdentity,
     ) -> Option<(usize, CiProvider)> {
-        let mut seen = HashSet::from([pid]);
+        // At most MAX_ANCESTRY entries: a list is cheaper than hashing.
+        let mut seen = vec![pid];
         let mut cur = ppid;
         while cur > 1 {
             if id.ancestry.len() >= MAX_ANCESTRY {
@@ -425,12 +425,13 @@ impl IdentityResolver {
                 ));
                 return None;
             }
-            if !seen.insert(cur) {
+            if seen.contains(&cur) {
                 id.gaps.push(format!(
                     "ancestry of process {pid} loops back to pid {cur}; walk stopped"
                 ));
                 return None;
             }
+            seen.push(cur);
             let dir = self.proc_root.join(cur.to_string());
             let stat = match process::read_stat(&dir) {
                 Ok(stat) => stat,

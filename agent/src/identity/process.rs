@@ -32,13 +32,24 @@ pub(super) fn parse_stat(bytes: &[u8]) -> Option<Stat> {
     })
 }
 
-/// Reads a small `/proc` file whole. `std::fs::read` asks for the size
-/// first (0 for `/proc` files) and then probes with small reads; a lookup
-/// reads a dozen such files per connection, so this reads straight into a
-/// page-sized buffer: open, read, the read that finds the end, close.
+/// The most [`read_proc_file`] reads: far more than the `stat`, `status`
+/// and `cgroup` files it is used for ever hold.
+const MAX_PROC_FILE: u64 = 1 << 20;
+
+/// Reads a small `/proc` file whole. `std::fs::read` and `File`'s own
+/// `read_to_end` ask for the size and position first (`statx`, `lseek`;
+/// useless for `/proc` files, which report size 0); a lookup reads a dozen
+/// such files per connection, so this reads through `take`, which does not
+/// ask, straight into a page-sized buffer: open, read, the read that finds
+/// the end, close.
 pub(super) fn read_proc_file(path: &Path) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(4096);
-    File::open(path)?.read_to_end(&mut buf)?;
+    let (buf, truncated) = read_capped(path, MAX_PROC_FILE)?;
+    if truncated {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("longer than {MAX_PROC_FILE} bytes"),
+        ));
+    }
     Ok(buf)
 }
 
