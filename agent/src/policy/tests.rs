@@ -451,6 +451,59 @@ kinds = ["select"]
     );
 }
 
+/// The rule mask of each target is kept after its first statement: the
+/// targets of one set, asked in turn and again, keep their own answers.
+#[test]
+fn targets_decided_in_turn_keep_their_own_rules() {
+    let set = set(r#"
+[[rule]]
+name = "prod-deletes"
+action = "deny"
+[rule.match]
+targets = ["prod-*"]
+kinds = ["delete"]
+
+[[rule]]
+name = "staging-deletes"
+action = "audit"
+[rule.match]
+targets = ["staging"]
+kinds = ["delete"]
+
+[[rule]]
+name = "everywhere"
+action = "allow"
+[rule.match]
+kinds = ["delete"]
+"#);
+    let id = ci_identity();
+    let delete = delete_all();
+    for _ in 0..2 {
+        for (target, want, rules) in [
+            (
+                "prod-orders",
+                Action::Deny,
+                vec!["prod-deletes", "everywhere"],
+            ),
+            (
+                "staging",
+                Action::Audit,
+                vec!["staging-deletes", "everywhere"],
+            ),
+            ("dev", Action::Allow, vec!["everywhere"]),
+            (
+                "prod-users",
+                Action::Deny,
+                vec!["prod-deletes", "everywhere"],
+            ),
+        ] {
+            let d = decide_parsed(&set, target, &id, &delete);
+            let names: Vec<&str> = d.matched.iter().map(|r| &*r.name).collect();
+            assert_eq!((d.action, names), (want, rules), "{target}");
+        }
+    }
+}
+
 // ---- defaults -----------------------------------------------------------------
 
 #[test]
