@@ -318,10 +318,22 @@ pub struct PolicySet {
     target_owner: Vec<usize>,
     /// Per rule: it has no `match.targets` (any target).
     untargeted: Arc<[bool]>,
-    /// Per target name seen: whether each rule's `match.targets` holds.
-    /// A session decides all its statements for one target, so the glob
-    /// lookup runs once per target rather than once per statement.
-    targets_ok: Mutex<HashMap<Box<str>, Arc<[bool]>>>,
+    /// What depends on the target alone, per target name seen. A session
+    /// decides all its statements for one target, so the globs of rules'
+    /// `targets` and of `[defaults.targets]` run once per target rather
+    /// than once per statement.
+    targets: Mutex<HashMap<Box<str>, Arc<TargetFacts>>>,
+}
+
+/// The target-only part of a decision.
+#[derive(Debug)]
+struct TargetFacts {
+    /// Per rule: its `match.targets` holds (or it has none).
+    rules_ok: Arc<[bool]>,
+    /// The default for a parsed statement no rule matches.
+    default_action: Action,
+    /// Its reason.
+    default_reason: Arc<str>,
 }
 
 /// Targets whose rule mask [`PolicySet`] keeps (configurations name a few).
@@ -338,7 +350,7 @@ impl PolicySet {
             target_index: globset::GlobSet::empty(),
             target_owner: Vec::new(),
             untargeted: Arc::from([]),
-            targets_ok: Mutex::default(),
+            targets: Mutex::default(),
         }
     }
 
@@ -436,7 +448,7 @@ impl PolicySet {
             target_index,
             target_owner,
             untargeted: Arc::from(untargeted),
-            targets_ok: Mutex::default(),
+            targets: Mutex::default(),
         })
     }
 
@@ -475,11 +487,11 @@ impl PolicySet {
     /// rules that match and the reason.
     pub fn decide(&self, req: &Request<'_>) -> Decision {
         let subject = matcher::Subject::new(req);
-        let target_ok = self.targets_ok(req.target, &subject);
+        let target = self.target_facts(req.target, &subject);
         let mut matched = Vec::new();
         let mut alone = None;
         let mut top: Option<Action> = None;
-        for (rule, &target_ok) in self.rules.iter().zip(target_ok.iter()) {
+        for (rule, &target_ok) in self.rules.iter().zip(target.rules_ok.iter()) {
             if rule.applies(&subject, target_ok) {
                 if top.is_none_or(|a| rule.action > a) {
                     top = Some(rule.action);
@@ -505,59 +517,59 @@ impl PolicySet {
                 reason,
             };
         }
-        let (unparsable, error) = match req.statement {
-            Statement::Parsed(_) => (false, ""),
-            Statement::Unparsable { error, .. } => (true, error),
-        };
-        let choice = self.default_for(req.target, unparsable);
-        let reason = if unparsable {
-            format!(
-                "the statement could not be parsed ({}), no rule matched, and unparsable statements on target \"{}\" default to {}",
-                one_line(error),
-                req.target,
-                choice.action
-            )
-        } else {
-            format!(
-                "no rule matched, and the default for target \"{}\" is {}",
-                req.target, choice.action
-            )
+        let (action, reason) = match req.statement {
+            Statement::Parsed(_) => (target.default_action, Arc::clone(&target.default_reason)),
+            Statement::Unparsable { error, .. } => {
+                let action = self.default_for(req.target, true).action;
+                let reason = format!(
+                    "the statement could not be parsed ({}), no rule matched, and unparsable statements on target \"{}\" default to {action}",
+                    one_line(error),
+                    req.target,
+                );
+                (action, Arc::from(reason))
+            }
         };
         Decision {
-            action: choice.action,
+            action,
             matched,
             default_used: true,
-            reason: Arc::from(reason),
+            reason,
         }
     }
 
-    /// Whether each rule's `match.targets` holds for `target`.
-    fn targets_ok(&self, target: &str, subject: &matcher::Subject<'_>) -> Arc<[bool]> {
-        if self.target_index.is_empty() {
-            return Arc::clone(&self.untargeted);
+    /// What depends on `target` alone, made on its first statement.
+    fn target_facts(&self, target: &str, subject: &matcher::Subject<'_>) -> Arc<TargetFacts> {
+        let mut cache = self.targets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(facts) = cache.get(target) {
+            return Arc::clone(facts);
         }
-        let mut cache = self
-            .targets_ok
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(ok) = cache.get(target) {
-            return Arc::clone(ok);
-        }
-        let mut ok = self.untargeted.to_vec();
-        for glob in self.target_index.matches_candidate(subject.target()) {
-            if let Some(rule_ok) = self
-                .target_owner
-                .get(glob)
-                .and_then(|&rule| ok.get_mut(rule))
-            {
-                *rule_ok = true;
+        let rules_ok = if self.target_index.is_empty() {
+            Arc::clone(&self.untargeted)
+        } else {
+            let mut ok = self.untargeted.to_vec();
+            for glob in self.target_index.matches_candidate(subject.target()) {
+                if let Some(rule_ok) = self
+                    .target_owner
+                    .get(glob)
+                    .and_then(|&rule| ok.get_mut(rule))
+                {
+                    *rule_ok = true;
+                }
             }
-        }
-        let ok: Arc<[bool]> = Arc::from(ok);
+            Arc::from(ok)
+        };
+        let default_action = self.default_for(target, false).action;
+        let facts = Arc::new(TargetFacts {
+            rules_ok,
+            default_action,
+            default_reason: Arc::from(format!(
+                "no rule matched, and the default for target \"{target}\" is {default_action}"
+            )),
+        });
         if cache.len() < MAX_CACHED_TARGETS {
-            cache.insert(Box::from(target), Arc::clone(&ok));
+            cache.insert(Box::from(target), Arc::clone(&facts));
         }
-        ok
+        facts
     }
 
     /// Decides every statement of one analysed message (a simple Query or a

@@ -526,7 +526,8 @@ action = "audit"
         ("stage", Action::Allow),
         ("dev", Action::Audit),          // file default
     ];
-    for (target, want) in cases {
+    // Twice: the second time from the per-target cache.
+    for (target, want) in cases.into_iter().chain(cases) {
         let d = decide_parsed(&set, target, &id, &read);
         assert_eq!(d.action, want, "{target}");
         assert!(d.default_used);
