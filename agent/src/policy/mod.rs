@@ -47,6 +47,7 @@
 mod compile;
 mod explain;
 mod matcher;
+mod memo;
 mod testing;
 #[cfg(test)]
 mod tests;
@@ -54,6 +55,7 @@ mod tests;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
@@ -65,6 +67,7 @@ use crate::sql::{Analysis, StatementSummary};
 pub use explain::{
     check, explain, explain_analysis, CheckSummary, ExplainedStatement, Explanation,
 };
+pub use memo::DecisionMemo;
 pub use testing::{parse_identity, run_tests, CaseResult, TestReport};
 
 /// What to do with a statement. Ordered from least to most restrictive, so
@@ -323,6 +326,18 @@ pub struct PolicySet {
     /// `targets` and of `[defaults.targets]` run once per target rather
     /// than once per statement.
     targets: Mutex<HashMap<Box<str>, Arc<TargetFacts>>>,
+    /// Distinct for every set made in this process (see [`DecisionMemo`]).
+    generation: u64,
+    /// Some rule reads the statement's text (`text_regex`): a decision
+    /// cannot be reused for another text.
+    reads_text: bool,
+}
+
+/// The next [`PolicySet::generation`].
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    NEXT_GENERATION.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The target-only part of a decision.
@@ -351,6 +366,8 @@ impl PolicySet {
             target_owner: Vec::new(),
             untargeted: Arc::from([]),
             targets: Mutex::default(),
+            generation: next_generation(),
+            reads_text: false,
         }
     }
 
@@ -441,6 +458,10 @@ impl PolicySet {
                 format!("cannot compile the target globs of all rules together: {e}"),
             )])
         })?;
+        let reads_text = rules.iter().any(|rule| {
+            rule.when.text_regex.is_some()
+                || rule.except.as_ref().is_some_and(|e| e.text_regex.is_some())
+        });
         Ok(PolicySet {
             files,
             rules,
@@ -449,7 +470,22 @@ impl PolicySet {
             target_owner,
             untargeted: Arc::from(untargeted),
             targets: Mutex::default(),
+            generation: next_generation(),
+            reads_text,
         })
+    }
+
+    /// Distinct for every set made by this process, so a memo of
+    /// decisions ([`DecisionMemo`]) can tell that the policy was reloaded.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether a rule reads the statement's text (`match.text_regex` or
+    /// `except.text_regex`), so that texts of one shape may be decided
+    /// differently.
+    pub fn reads_text(&self) -> bool {
+        self.reads_text
     }
 
     /// Hex SHA-256 over the loaded texts in load order (each prefixed by its

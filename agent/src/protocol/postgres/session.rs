@@ -66,6 +66,7 @@
 //! buffered whole to be analysed, up to [`MAX_INSPECTED_MESSAGE`]; a larger
 //! one is refused with 54000 and the session closed.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -89,7 +90,7 @@ use super::error::{error_response, severity, sqlstate, ssl_refused};
 use super::frontend::{self, decode_startup, FrontendMessage};
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::identity::ProcessIdentity;
-use crate::policy::{most_restrictive, Decision};
+use crate::policy::{most_restrictive, Decision, DecisionMemo};
 use crate::protocol::{current_policy, SessionContext};
 use crate::sql::Analysis;
 
@@ -1099,6 +1100,8 @@ struct ClientSide<'a> {
     streaming: usize,
     /// Replacement bytes for [`Step::Replace`].
     out: Vec<u8>,
+    /// Decisions for statements of one shape, made once per policy.
+    memo: RefCell<DecisionMemo>,
 }
 
 impl ClientSide<'_> {
@@ -1265,7 +1268,10 @@ impl ClientSide<'_> {
         analysis: &Analysis,
         label: Option<&str>,
     ) -> Option<String> {
-        let decisions = policy.decide_analysis(&self.ctx.target, self.identity, text, analysis);
+        let decisions =
+            self.memo
+                .borrow_mut()
+                .decide(policy, &self.ctx.target, self.identity, text, analysis);
         self.report(text, analysis, &decisions);
         let top = most_restrictive(&decisions).filter(|d| d.action.is_refused())?;
         let command = match (label, analysis) {
@@ -1655,6 +1661,7 @@ where
         shared,
         streaming: 0,
         out: Vec::new(),
+        memo: RefCell::default(),
     };
     let raw = ctx.events.records_raw(&ctx.target);
     if raw && !buf.filled().is_empty() {
@@ -1663,6 +1670,7 @@ where
             .emit_raw(ctx.id, RawDirection::Client, buf.filled());
     }
     let write_err = |e: io::Error| Stop::Closed(CloseReason::UpstreamError(e.to_string()));
+    let mut spliced = Vec::new();
     loop {
         // Handle everything that is here, forwarding runs of unchanged
         // messages in one write.
@@ -1684,18 +1692,20 @@ where
                         last = true;
                     }
                     Step::Replace(n) => {
-                        write_run(writer, data, from, pos)
-                            .await
-                            .map_err(write_err)?;
-                        writer.write_all(&side.out).await.map_err(write_err)?;
+                        spliced.extend_from_slice(data.get(from..pos).unwrap_or_default());
+                        spliced.extend_from_slice(&side.out);
                         pos += n;
                         from = pos;
                     }
                 }
             }
-            write_run(writer, data, from, pos)
-                .await
-                .map_err(write_err)?;
+            write_batch(
+                writer,
+                &mut spliced,
+                data.get(from..pos).unwrap_or_default(),
+            )
+            .await
+            .map_err(write_err)?;
             pos
         };
         // TLS holds records until flushed; for TCP this does nothing.
@@ -1947,6 +1957,7 @@ where
     let mut buf = ReadBuf::new();
     let raw = ctx.events.records_raw(&ctx.target);
     let write_err = |e: io::Error| Stop::Closed(CloseReason::ClientError(e.to_string()));
+    let mut spliced = Vec::new();
     loop {
         let mut need = FrameHeader::SIZE;
         let handled = {
@@ -1961,18 +1972,20 @@ where
                     }
                     Step::Forward(n) | Step::Last(n) => pos += n,
                     Step::Replace(n) => {
-                        write_run(writer, data, from, pos)
-                            .await
-                            .map_err(write_err)?;
-                        writer.write_all(&side.out).await.map_err(write_err)?;
+                        spliced.extend_from_slice(data.get(from..pos).unwrap_or_default());
+                        spliced.extend_from_slice(&side.out);
                         pos += n;
                         from = pos;
                     }
                 }
             }
-            write_run(writer, data, from, pos)
-                .await
-                .map_err(write_err)?;
+            write_batch(
+                writer,
+                &mut spliced,
+                data.get(from..pos).unwrap_or_default(),
+            )
+            .await
+            .map_err(write_err)?;
             pos
         };
         // TLS holds records until flushed; for TCP this does nothing.
@@ -1998,25 +2011,95 @@ where
     }
 }
 
-/// Writes the unchanged run `data[from..to]` (a batch of forwarded
-/// messages) in one call, when it is not empty.
-async fn write_run<W: AsyncWrite + Unpin>(
+/// Writes what one read produced in one call: `tail`, the run of
+/// unchanged messages after the last replaced one, behind `spliced`, the
+/// runs and replacements before it (empty when nothing was replaced; then
+/// `tail` is written from the read buffer without a copy). One write per
+/// read, so a replaced message (the server's BackendKeyData in its
+/// start-up answer) does not split the answer into three packets and three
+/// wake-ups of the peer.
+async fn write_batch<W: AsyncWrite + Unpin>(
     writer: &mut W,
-    data: &[u8],
-    from: usize,
-    to: usize,
+    spliced: &mut Vec<u8>,
+    tail: &[u8],
 ) -> io::Result<()> {
-    let run = data.get(from..to).unwrap_or_default();
-    if run.is_empty() {
-        return Ok(());
+    if spliced.is_empty() {
+        if tail.is_empty() {
+            return Ok(());
+        }
+        return writer.write_all(tail).await;
     }
-    writer.write_all(run).await
+    spliced.extend_from_slice(tail);
+    let written = writer.write_all(spliced).await;
+    spliced.clear();
+    // A replacement inside a large read is rare: do not keep its buffer.
+    if spliced.capacity() > SPLICE_KEEP {
+        *spliced = Vec::new();
+    }
+    written
 }
+
+/// The most a session keeps allocated for splicing between reads.
+const SPLICE_KEEP: usize = 64 * 1024;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    /// Keeps each write call's bytes apart.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_with_a_replaced_message_is_written_in_one_call() {
+        let mut writes = Writes::default();
+        let mut spliced = Vec::new();
+        // Nothing replaced: the tail alone, and nothing for an empty read.
+        write_batch(&mut writes, &mut spliced, b"abc")
+            .await
+            .unwrap();
+        write_batch(&mut writes, &mut spliced, b"").await.unwrap();
+        assert_eq!(writes.0, [b"abc".to_vec()]);
+        // A run, its replacement, then the tail: one write, in order.
+        spliced.extend_from_slice(b"run+");
+        spliced.extend_from_slice(b"KEY+");
+        write_batch(&mut writes, &mut spliced, b"tail")
+            .await
+            .unwrap();
+        assert_eq!(writes.0, [b"abc".to_vec(), b"run+KEY+tail".to_vec()]);
+        assert!(spliced.is_empty());
+        // A large splice is not kept between reads.
+        spliced.resize(SPLICE_KEEP + 1, b'x');
+        write_batch(&mut writes, &mut spliced, b"").await.unwrap();
+        assert_eq!(spliced.capacity(), 0);
+        assert_eq!(writes.0.len(), 3);
+    }
 
     #[test]
     fn a_denial_is_found_by_its_marker_once() {
