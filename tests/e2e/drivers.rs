@@ -103,6 +103,12 @@ fn prepared_statements_and_portals_are_decided_again_after_a_policy_reload() {
         assert!(count.is_err(), "secrets are refused from the start");
         let name: String = client.query_one(&by_id, &[&3i32]).await.unwrap().get(0);
         assert_eq!(name, "n3");
+        // A simple query of the shape asked again after the reload: the
+        // session's memo of decisions must not outlive the policy.
+        assert!(client
+            .simple_query("select name from items where id = 6")
+            .await
+            .is_ok());
 
         // A portal bound now, executed after the reload.
         let tx = client.transaction().await.unwrap();
@@ -130,6 +136,15 @@ fn prepared_statements_and_portals_are_decided_again_after_a_policy_reload() {
         assert_eq!(aborted.as_db_error().map(|e| e.code().code()), Some("25P02"));
         tx.rollback().await.unwrap();
 
+        // The shape decided before the reload, with a new literal.
+        let err = client
+            .simple_query("select name from items where id = 7")
+            .await
+            .unwrap_err();
+        let db = err.as_db_error().expect("a server-style error");
+        assert_eq!(db.code().code(), "42501", "{db:?}");
+        assert!(db.message().contains("items-frozen"), "{}", db.message());
+
         // The statement prepared before the reload is refused at Bind.
         let err = client.query_one(&by_id, &[&3i32]).await.unwrap_err();
         let db = err.as_db_error().expect("a server-style error");
@@ -152,7 +167,7 @@ fn prepared_statements_and_portals_are_decided_again_after_a_policy_reload() {
         .iter()
         .filter(|l| l["rule"] == "items-frozen")
         .count();
-    assert!(frozen >= 3, "{}", agent.log_text());
+    assert!(frozen >= 4, "{}", agent.log_text());
 }
 
 /// The rule a reload adds in the reload tests: `items` is frozen.
