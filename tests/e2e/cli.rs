@@ -194,6 +194,7 @@ fn redirect_without_privileges_names_the_missing_capability() {
     )
     .unwrap();
     std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let pin_dir = format!("/sys/fs/bpf/tollgate-nonroot-{}", std::process::id());
     let out = Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -210,6 +211,11 @@ fn redirect_without_privileges_names_the_missing_capability() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("CAP_BPF"), "{stderr}");
     assert!(stderr.contains("explicit listeners"), "{stderr}");
+    // The failed start left no directory behind on bpffs.
+    assert!(
+        !std::path::Path::new(&pin_dir).exists(),
+        "{pin_dir} is left"
+    );
 }
 
 #[test]

@@ -185,7 +185,19 @@ pub struct Redirect {
 impl Redirect {
     /// Loads, fills and attaches everything the configuration asks for.
     /// `proxy_port6` is 0 when the agent could not listen on [::1].
+    /// A start that fails leaves no directory of its own behind: a pin
+    /// directory it made is removed again, down to what is not empty.
     pub fn start(config: &Config, proxy_port6: u16) -> Result<Redirect, RedirectError> {
+        let pin_dir = config.redirect.clone().unwrap_or_default().pin_dir;
+        let made_pin_dir = !pin_dir.exists();
+        let started = Redirect::start_pinned(config, proxy_port6);
+        if started.is_err() && made_pin_dir {
+            remove_empty_dirs(&pin_dir);
+        }
+        started
+    }
+
+    fn start_pinned(config: &Config, proxy_port6: u16) -> Result<Redirect, RedirectError> {
         let settings = config.redirect.clone().unwrap_or_default();
         let cgroup_root = cgroup::cgroup2_mount().ok_or_else(|| {
             RedirectError::Kernel("no cgroup v2 hierarchy is mounted (see /proc/self/mountinfo); mount one (mount -t cgroup2 none /sys/fs/cgroup/unified) or use explicit listeners".into())
@@ -434,6 +446,20 @@ fn resolve_host_targets(config: &Config) -> Vec<(String, IpAddr)> {
         }
     }
     out
+}
+
+/// Removes `dir` and the directories under it that hold nothing else;
+/// pinned objects, and the directories that hold them, stay.
+fn remove_empty_dirs(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&entry.path());
+            }
+        }
+    }
+    // Fails, as it should, when something is left inside.
+    let _ = fs::remove_dir(dir);
 }
 
 /// Makes sure `pin_dir` lives on a mounted bpffs, mounting one at
