@@ -69,6 +69,14 @@ enum SqlPending {
     Deallocate(Vec<u8>),
 }
 
+/// Where [`Prepared::statement`] finds a name: a pending Parse or SQL
+/// `PREPARE` (by index), else the confirmed statements.
+enum StatementSlot {
+    Parse(usize),
+    Sql(usize),
+    Confirmed,
+}
+
 /// One session's statements and portals.
 #[derive(Debug, Default)]
 pub struct Prepared {
@@ -102,18 +110,14 @@ impl Prepared {
     /// last SQL `PREPARE` of it awaiting its CommandComplete, else the
     /// confirmed statement.
     pub fn statement(&self, name: &[u8]) -> Option<&Decided> {
-        self.parses
-            .iter()
-            .rev()
-            .find(|(pending, _)| pending == name)
-            .map(|(_, statement)| statement)
-            .or_else(|| {
-                self.sql.iter().rev().find_map(|pending| match pending {
-                    SqlPending::Prepare(pending, statement) if pending == name => Some(statement),
-                    _ => None,
-                })
-            })
-            .or_else(|| self.statements.get(name))
+        match self.statement_slot(name) {
+            StatementSlot::Parse(i) => self.parses.get(i).map(|(_, statement)| statement),
+            StatementSlot::Sql(i) => match self.sql.get(i)? {
+                SqlPending::Prepare(_, statement) => Some(statement),
+                SqlPending::Deallocate(_) => None,
+            },
+            StatementSlot::Confirmed => self.statements.get(name),
+        }
     }
 
     /// The statement behind portal `name`, as the server will have it when
@@ -121,34 +125,22 @@ impl Prepared {
     /// its BindComplete (an Execute pipelined behind it runs that one),
     /// else the confirmed portal.
     pub fn portal(&self, name: &[u8]) -> Option<&Decided> {
-        self.binds
-            .iter()
-            .rev()
-            .find(|(pending, _)| pending == name)
-            .map(|(_, statement)| statement)
-            .or_else(|| self.portals.get(name))
+        match self.portal_slot(name) {
+            Some(i) => self.binds.get(i).map(|(_, statement)| statement),
+            None => self.portals.get(name),
+        }
     }
 
     /// Records that statement `name` (the one [`Prepared::statement`]
     /// finds) was allowed again under a new policy.
     pub fn reallowed_statement(&mut self, name: &[u8], policy: &Arc<PolicySet>) {
-        let pending_parse = self
-            .parses
-            .iter_mut()
-            .rev()
-            .find(|(pending, _)| pending == name)
-            .map(|(_, statement)| statement);
-        let entry = match pending_parse {
-            Some(entry) => Some(entry),
-            None => self
-                .sql
-                .iter_mut()
-                .rev()
-                .find_map(|pending| match pending {
-                    SqlPending::Prepare(pending, statement) if pending == name => Some(statement),
-                    _ => None,
-                })
-                .or_else(|| self.statements.get_mut(name)),
+        let entry = match self.statement_slot(name) {
+            StatementSlot::Parse(i) => self.parses.get_mut(i).map(|(_, statement)| statement),
+            StatementSlot::Sql(i) => match self.sql.get_mut(i) {
+                Some(SqlPending::Prepare(_, statement)) => Some(statement),
+                _ => None,
+            },
+            StatementSlot::Confirmed => self.statements.get_mut(name),
         };
         if let Some(entry) = entry {
             entry.policy = Arc::downgrade(policy);
@@ -158,18 +150,33 @@ impl Prepared {
     /// Records that portal `name` (the one [`Prepared::portal`] finds) was
     /// allowed again under a new policy.
     pub fn reallowed_portal(&mut self, name: &[u8], policy: &Arc<PolicySet>) {
-        let entry = match self
-            .binds
-            .iter_mut()
-            .rev()
-            .find(|(pending, _)| pending == name)
-        {
-            Some((_, entry)) => Some(entry),
+        let entry = match self.portal_slot(name) {
+            Some(i) => self.binds.get_mut(i).map(|(_, statement)| statement),
             None => self.portals.get_mut(name),
         };
         if let Some(entry) = entry {
             entry.policy = Arc::downgrade(policy);
         }
+    }
+
+    /// Where the statement `name` refers to is kept: the order of the
+    /// search, written once for [`Prepared::statement`] and
+    /// [`Prepared::reallowed_statement`].
+    fn statement_slot(&self, name: &[u8]) -> StatementSlot {
+        if let Some(i) = self.parses.iter().rposition(|(pending, _)| pending == name) {
+            return StatementSlot::Parse(i);
+        }
+        let prepare = |pending: &SqlPending| matches!(pending, SqlPending::Prepare(pending, _) if pending == name);
+        match self.sql.iter().rposition(prepare) {
+            Some(i) => StatementSlot::Sql(i),
+            None => StatementSlot::Confirmed,
+        }
+    }
+
+    /// The pending Bind portal `name` refers to, if any (else the
+    /// confirmed portal).
+    fn portal_slot(&self, name: &[u8]) -> Option<usize> {
+        self.binds.iter().rposition(|(pending, _)| pending == name)
     }
 
     /// A SQL `PREPARE name` (decided as `statement`) was forwarded to run.
