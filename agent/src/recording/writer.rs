@@ -611,10 +611,10 @@ impl Writer {
                         },
                         self.fsync,
                     ),
-                    other => {
-                        let (body, _) = event_body(other);
-                        write_event(file, t_us, &body, Counts::Emitted, self.fsync)
-                    }
+                    other => match event_body(other) {
+                        Some(body) => write_event(file, t_us, &body, Counts::Emitted, self.fsync),
+                        None => Ok(()),
+                    },
                 }
             }
             None => {
@@ -1058,42 +1058,32 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// The record payload of a (non-start) event, and whether it closes.
-fn event_body(event: &SessionEvent) -> (Event, bool) {
-    match event {
-        // Never called for starts; a harmless placeholder if it were.
-        SessionEvent::Started(_) => (Event::Unknown, false),
+/// The record payload of an event; `None` for the events not written
+/// through here: a start opens the file (its header), a statement is
+/// written borrowed (see `statement_out`).
+fn event_body(event: &SessionEvent) -> Option<Event> {
+    let body = match event {
+        SessionEvent::Started(_) | SessionEvent::Statement(_) => return None,
         SessionEvent::UpstreamConnected {
             peer, connect_time, ..
-        } => (
-            Event::UpstreamConnected {
-                peer: *peer,
-                connect_us: micros(*connect_time),
-            },
-            false,
-        ),
+        } => Event::UpstreamConnected {
+            peer: *peer,
+            connect_us: micros(*connect_time),
+        },
         SessionEvent::Startup {
             user,
             database,
             application_name,
             ..
-        } => (
-            Event::Startup {
-                user: user.clone(),
-                database: database.clone(),
-                application_name: application_name.clone(),
-            },
-            false,
-        ),
-        // Written borrowed (see `statement_out`); never reaches here.
-        SessionEvent::Statement(_) => (Event::Unknown, false),
-        SessionEvent::Raw { dir, data, .. } => (
-            Event::Raw {
-                dir: dir.as_str().to_string(),
-                data: data.to_vec(),
-            },
-            false,
-        ),
+        } => Event::Startup {
+            user: user.clone(),
+            database: database.clone(),
+            application_name: application_name.clone(),
+        },
+        SessionEvent::Raw { dir, data, .. } => Event::Raw {
+            dir: dir.as_str().to_string(),
+            data: data.to_vec(),
+        },
         SessionEvent::Closed {
             bytes_from_client,
             bytes_from_upstream,
@@ -1109,20 +1099,18 @@ fn event_body(event: &SessionEvent) -> (Event, bool) {
                 | R::RecordingFailed(d) => Some(d.clone()),
                 R::Completed | R::IdleTimeout | R::Shutdown => None,
             };
-            (
-                Event::Closed {
-                    bytes_from_client: *bytes_from_client,
-                    bytes_from_upstream: *bytes_from_upstream,
-                    duration_us: micros(*duration),
-                    reason: CloseRecord {
-                        kind: reason.label().to_string(),
-                        detail,
-                    },
+            Event::Closed {
+                bytes_from_client: *bytes_from_client,
+                bytes_from_upstream: *bytes_from_upstream,
+                duration_us: micros(*duration),
+                reason: CloseRecord {
+                    kind: reason.label().to_string(),
+                    detail,
                 },
-                true,
-            )
+            }
         }
-    }
+    };
+    Some(body)
 }
 
 /// A statement's record payload, borrowed from the session's event.
