@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use tollgate_agent::identity::ProcessIdentity;
-use tollgate_agent::policy::PolicySet;
+use tollgate_agent::policy::{DecisionMemo, PolicySet};
 use tollgate_agent::protocol::postgres::{
     decode_backend, decode_frontend, split_frame, MAX_MESSAGE,
 };
@@ -159,6 +159,14 @@ fn policy(c: &mut Criterion) {
     group.bench_function("decide_100_rules", |b| {
         b.iter(|| {
             black_box(policy.decide_analysis("orders-db", &identity, QUERY, black_box(&analysis)))
+        });
+    });
+    // What a session pays for a statement of a shape it decided before.
+    let mut memo = DecisionMemo::default();
+    memo.decide(&policy, "orders-db", &identity, QUERY, &analysis);
+    group.bench_function("decide_100_rules_memo_hit", |b| {
+        b.iter(|| {
+            black_box(memo.decide(&policy, "orders-db", &identity, QUERY, black_box(&analysis)))
         });
     });
     group.finish();
