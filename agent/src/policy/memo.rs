@@ -1,6 +1,8 @@
 //! [`DecisionMemo`]: a session's decisions, reused for statements that
 //! differ from an earlier one only in their text.
 
+use std::sync::Arc;
+
 use crate::identity::ProcessIdentity;
 use crate::sql::{Analysis, StatementSummary};
 
@@ -37,11 +39,12 @@ struct MemoEntry {
     policy: u64,
     /// The analysed statements, their texts left empty.
     statements: Vec<StatementSummary>,
-    decisions: Vec<Decision>,
+    decisions: Arc<[Decision]>,
 }
 
 impl DecisionMemo {
-    /// [`PolicySet::decide_analysis`], from the memo when it can be.
+    /// [`PolicySet::decide_analysis`], from the memo when it can be (a
+    /// hit shares the decisions, it does not copy them).
     pub fn decide(
         &mut self,
         policy: &PolicySet,
@@ -49,12 +52,13 @@ impl DecisionMemo {
         identity: &ProcessIdentity,
         text: &str,
         analysis: &Analysis,
-    ) -> Vec<Decision> {
+    ) -> Arc<[Decision]> {
+        let fresh = || Arc::from(policy.decide_analysis(target, identity, text, analysis));
         let Analysis::Parsed { statements } = analysis else {
-            return policy.decide_analysis(target, identity, text, analysis);
+            return fresh();
         };
         if policy.reads_text() || !memoisable(statements) {
-            return policy.decide_analysis(target, identity, text, analysis);
+            return fresh();
         }
         let generation = policy.generation();
         if let Some(entry) = self.entries.iter().find(|e| {
@@ -65,9 +69,9 @@ impl DecisionMemo {
                     .zip(statements)
                     .all(|(a, b)| same_but_text(a, b))
         }) {
-            return entry.decisions.clone();
+            return Arc::clone(&entry.decisions);
         }
-        let decisions = policy.decide_analysis(target, identity, text, analysis);
+        let decisions = fresh();
         let entry = MemoEntry {
             policy: generation,
             statements: statements
@@ -77,7 +81,7 @@ impl DecisionMemo {
                     ..s.clone()
                 })
                 .collect(),
-            decisions: decisions.clone(),
+            decisions: Arc::clone(&decisions),
         };
         if self.entries.len() < MEMO_ENTRIES {
             self.entries.push(entry);
@@ -167,8 +171,8 @@ tables = ["secret*"]
         let analysis = cache.analyze(sql);
         let memoised = memo.decide(set, "db", &identity, sql, &analysis);
         let fresh = set.decide_analysis("db", &identity, sql, &analysis);
-        assert_eq!(memoised, fresh, "{sql}");
-        memoised
+        assert_eq!(*memoised, *fresh, "{sql}");
+        fresh
     }
 
     fn actions(decisions: &[Decision]) -> Vec<Action> {
@@ -198,6 +202,14 @@ tables = ["secret*"]
         );
         assert_eq!(again, first);
         assert_eq!(memo.len(), 1, "the second text found the first one's entry");
+        // A hit shares the decisions made for the first text.
+        let identity = ProcessIdentity::default();
+        let [one, two] = [
+            "SELECT * FROM secrets WHERE id = 3",
+            "SELECT * FROM secrets WHERE id = 4",
+        ]
+        .map(|sql| memo.decide(&set, "db", &identity, sql, &cache.analyze(sql)));
+        assert!(Arc::ptr_eq(&one, &two));
         // Another table is another analysis, decided on its own.
         let other = decide(&mut memo, &set, &cache, "SELECT * FROM orders WHERE id = 2");
         assert_eq!(actions(&other), [Action::Allow]);

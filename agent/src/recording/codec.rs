@@ -50,9 +50,17 @@ pub enum DecodeError {
 pub fn encode_frame<R: Serialize>(record: &R) -> Result<Vec<u8>, EncodeError> {
     // Most records fit, so the buffer rarely grows.
     let mut buf = Vec::with_capacity(512);
+    encode_frame_into(record, &mut buf)?;
+    Ok(buf)
+}
+
+/// [`encode_frame`] into `buf` (cleared first), so that a writer can reuse
+/// one buffer for every record.
+pub fn encode_frame_into<R: Serialize>(record: &R, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
+    buf.clear();
     buf.extend_from_slice(&[0; PREFIX_LEN]);
     {
-        let mut ser = rmp_serde::Serializer::new(&mut buf)
+        let mut ser = rmp_serde::Serializer::new(&mut *buf)
             .with_struct_map()
             .with_human_readable();
         record.serialize(&mut ser)?;
@@ -63,7 +71,7 @@ pub fn encode_frame<R: Serialize>(record: &R) -> Result<Vec<u8>, EncodeError> {
         .filter(|l| *l <= MAX_RECORD_LEN)
         .ok_or(EncodeError::TooLarge { len })?;
     buf[..PREFIX_LEN].copy_from_slice(&prefix.to_be_bytes());
-    Ok(buf)
+    Ok(())
 }
 
 /// Decodes one record body (without its prefix).
@@ -81,11 +89,20 @@ pub fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
 
 /// Lowercase hex SHA-256 of a frame (prefix and body), the chain link.
 pub fn frame_hash(frame: &[u8]) -> String {
+    let mut hash = String::with_capacity(64);
+    frame_hash_into(frame, &mut hash);
+    hash
+}
+
+/// [`frame_hash`] into `out` (replacing what it held), without allocating
+/// when `out` already has room: the writer keeps one per file.
+pub fn frame_hash_into(frame: &[u8], out: &mut String) {
     let mut hex = [0u8; 64];
     // Cannot fail: 32 bytes fill 64 hex digits exactly. (`hex::encode`
     // goes through a char iterator, a tenth of the writer's time.)
     let _ = hex::encode_to_slice(Sha256::digest(frame), &mut hex);
-    String::from_utf8(hex.to_vec()).unwrap_or_default()
+    out.clear();
+    out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
 }
 
 /// The outcome of reading one frame.

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::codec::{encode_frame, frame_hash};
+use super::codec::{encode_frame, encode_frame_into, frame_hash, frame_hash_into};
 use super::format::{
     CloseRecord, Event, EventRecordOut, Header, KernelRecord, Record, RecordOut, StatementOut,
     StatementRecordOut, Trailer, FILE_EXTENSION, FORMAT_NAME, FORMAT_VERSION, MAX_TEXT_LEN,
@@ -171,6 +171,7 @@ impl Recorder {
             dirs_unsynced: BTreeSet::new(),
             day_made: None,
             syncer: Syncer::start(Arc::clone(&shared))?,
+            frame: Vec::with_capacity(1024),
         };
         let thread = std::thread::Builder::new()
             .name("tollgate-recorder".to_string())
@@ -502,6 +503,8 @@ struct Writer {
     day_made: Option<PathBuf>,
     /// Forces data to disk off the writer's path (see [`Syncer`]).
     syncer: Syncer,
+    /// The frame being written, one buffer for every record.
+    frame: Vec<u8>,
 }
 
 impl Writer {
@@ -604,6 +607,7 @@ impl Writer {
                 match &event {
                     SessionEvent::Statement(statement) => write_event(
                         file,
+                        &mut self.frame,
                         t_us,
                         &statement_out(statement),
                         Counts::Statement {
@@ -612,7 +616,14 @@ impl Writer {
                         self.fsync,
                     ),
                     other => match event_body(other) {
-                        Some(body) => write_event(file, t_us, &body, Counts::Emitted, self.fsync),
+                        Some(body) => write_event(
+                            file,
+                            &mut self.frame,
+                            t_us,
+                            &body,
+                            Counts::Emitted,
+                            self.fsync,
+                        ),
                         None => Ok(()),
                     },
                 }
@@ -751,6 +762,7 @@ impl Writer {
         let t_us = micros(file.start.elapsed()).max(file.last_t_us);
         let mut result = write_event(
             file,
+            &mut self.frame,
             t_us,
             &Event::EventsLost { count: loss.count },
             Counts::Marker,
@@ -761,6 +773,7 @@ impl Writer {
             if loss.closed {
                 result = write_event(
                     file,
+                    &mut self.frame,
                     t_us,
                     &Event::RecordingStopped {
                         reason: "close event lost (recorder queue full)".to_string(),
@@ -842,7 +855,14 @@ impl Writer {
             let stopped = Event::RecordingStopped {
                 reason: reason.to_string(),
             };
-            match write_event(file, t_us, &stopped, Counts::Marker, self.fsync) {
+            match write_event(
+                file,
+                &mut self.frame,
+                t_us,
+                &stopped,
+                Counts::Marker,
+                self.fsync,
+            ) {
                 Ok(()) => self.finish(&id),
                 Err(e) => self.session_failed(&id, &e),
             }
@@ -903,6 +923,9 @@ impl Writer {
     }
 }
 
+/// The most the writer keeps allocated for encoding between records.
+const FRAME_KEEP: usize = 64 * 1024;
+
 /// What a written record counts towards.
 #[derive(Debug, Clone, Copy)]
 enum Counts {
@@ -918,6 +941,7 @@ enum Counts {
 /// Writes one event record; `event` serialises as an [`Event`].
 fn write_event<E: Serialize>(
     file: &mut SessionFile,
+    frame: &mut Vec<u8>,
     t_us: u64,
     event: &E,
     counts: Counts,
@@ -934,9 +958,13 @@ fn write_event<E: Serialize>(
         prev: &file.prev,
         event,
     });
-    let frame = encode_frame(&record).map_err(io::Error::other)?;
-    file.out.write_all(&frame)?;
-    file.prev = frame_hash(&frame);
+    encode_frame_into(&record, frame).map_err(io::Error::other)?;
+    file.out.write_all(frame)?;
+    frame_hash_into(frame, &mut file.prev);
+    // A large record (raw bytes) is rare: do not keep its buffer.
+    if frame.capacity() > FRAME_KEEP {
+        *frame = Vec::with_capacity(FRAME_KEEP);
+    }
     file.next_seq += 1;
     file.last_t_us = t_us;
     file.dirty = true;

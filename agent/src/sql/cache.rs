@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use lru::LruCache;
 
 use super::analyze::single_statement_text;
-use super::shape::shape;
+use super::shape::shape_into;
 use super::{analyze, Analysis, StatementKind};
 
 /// Texts longer than this are analysed but not cached: they are rarely sent
@@ -23,7 +23,7 @@ pub const MAX_CACHED_TEXT_LEN: usize = 64 * 1024;
 /// without holding the lock, so two sessions missing on the same text at
 /// once both analyse it and the second insert wins, with equal results.
 ///
-/// Entries are keyed by [`shape`]: statements that differ only in literal
+/// Entries are keyed by [`shape_into`]: statements that differ only in literal
 /// values (`WHERE id = 17`, `WHERE id = 42`) share one entry, so an ORM or
 /// pgbench sending a new literal every time still hits. The analysis is
 /// reused for another text of the same shape only when it cannot depend on
@@ -68,7 +68,7 @@ impl AnalysisCache {
             return Arc::new(analyze(sql));
         }
         let key = cache_key(sql);
-        if let Some(entry) = lock(entries).get(&key) {
+        if let Some(entry) = lock(entries).get(key.as_slice()) {
             if *entry.source == *sql {
                 return Arc::clone(&entry.analysis);
             }
@@ -82,7 +82,7 @@ impl AnalysisCache {
             literal_free: key.first() == Some(&SHAPE_KEY) && is_literal_free(sql, &analysis),
             analysis: Arc::clone(&analysis),
         };
-        lock(entries).put(key, entry);
+        lock(entries).put(key.into_boxed_slice(), entry);
         analysis
     }
 
@@ -122,19 +122,17 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn cache_key(sql: &str) -> Box<[u8]> {
+/// The key `sql` is cached under: its shape, else its exact text. Boxed
+/// only when inserted; a lookup borrows it.
+fn cache_key(sql: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(sql.len() + 1);
-    match shape(sql) {
-        Some(shape) => {
-            key.push(SHAPE_KEY);
-            key.extend_from_slice(&shape);
-        }
-        None => {
-            key.push(EXACT_KEY);
-            key.extend_from_slice(sql.as_bytes());
-        }
+    key.push(SHAPE_KEY);
+    if !shape_into(sql, &mut key) {
+        key.clear();
+        key.push(EXACT_KEY);
+        key.extend_from_slice(sql.as_bytes());
     }
-    key.into_boxed_slice()
+    key
 }
 
 /// Whether `analysis` of `sql` holds for any text of the same shape: one

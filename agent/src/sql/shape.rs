@@ -22,11 +22,22 @@ const STRING: u8 = 0xFD;
 // These bytes never occur in UTF-8, so a placeholder cannot be confused
 // with text that was kept.
 
-/// The shape of `sql`, or `None` when the scanner cannot vouch that every
-/// text of that shape tokenises as `sql` does.
+/// Appends the shape of `sql` to `key`; `false` when the scanner cannot
+/// vouch that every text of that shape tokenises as `sql` does (`key` then
+/// holds part of a shape behind what it held before).
+pub(crate) fn shape_into(sql: &str, key: &mut Vec<u8>) -> bool {
+    shape_onto(sql, key).is_some()
+}
+
+/// [`shape_into`] a new buffer, `None` when there is no shape.
+#[cfg(test)]
 pub(crate) fn shape(sql: &str) -> Option<Vec<u8>> {
+    let mut key = Vec::with_capacity(sql.len());
+    shape_into(sql, &mut key).then_some(key)
+}
+
+fn shape_onto(sql: &str, key: &mut Vec<u8>) -> Option<()> {
     let bytes = sql.as_bytes();
-    let mut key = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while let Some(&byte) = bytes.get(i) {
         let next = bytes.get(i + 1).copied();
@@ -87,7 +98,7 @@ pub(crate) fn shape(sql: &str) -> Option<Vec<u8>> {
             }
         }
     }
-    Some(key)
+    Some(())
 }
 
 /// PostgreSQL's identifier characters: letters, `_` and every byte of a
