@@ -1672,44 +1672,11 @@ where
     let write_err = |e: io::Error| Stop::Closed(CloseReason::UpstreamError(e.to_string()));
     let mut spliced = Vec::new();
     loop {
-        // Handle everything that is here, forwarding runs of unchanged
-        // messages in one write.
-        let mut need = FrameHeader::SIZE;
-        let mut last = false;
-        let handled = {
-            let data = buf.filled();
-            let (mut pos, mut from) = (0, 0);
-            while pos < data.len() && !last {
-                let rest = data.get(pos..).unwrap_or_default();
-                match side.step(rest)? {
-                    Step::Need(n) => {
-                        need = n;
-                        break;
-                    }
-                    Step::Forward(n) => pos += n,
-                    Step::Last(n) => {
-                        pos += n;
-                        last = true;
-                    }
-                    Step::Replace(n) => {
-                        spliced.extend_from_slice(data.get(from..pos).unwrap_or_default());
-                        spliced.extend_from_slice(&side.out);
-                        pos += n;
-                        from = pos;
-                    }
-                }
-            }
-            write_batch(
-                writer,
-                &mut spliced,
-                data.get(from..pos).unwrap_or_default(),
-            )
-            .await
-            .map_err(write_err)?;
-            pos
-        };
-        // TLS holds records until flushed; for TCP this does nothing.
-        writer.flush().await.map_err(write_err)?;
+        let Batch {
+            handled,
+            need,
+            last,
+        } = forward_batch(&mut side, writer, buf.filled(), &mut spliced, write_err).await?;
         buf.consume(handled);
         shared
             .client_mid_message
@@ -1959,37 +1926,9 @@ where
     let write_err = |e: io::Error| Stop::Closed(CloseReason::ClientError(e.to_string()));
     let mut spliced = Vec::new();
     loop {
-        let mut need = FrameHeader::SIZE;
-        let handled = {
-            let data = buf.filled();
-            let (mut pos, mut from) = (0, 0);
-            while pos < data.len() {
-                let rest = data.get(pos..).unwrap_or_default();
-                match side.step(rest)? {
-                    Step::Need(n) => {
-                        need = n;
-                        break;
-                    }
-                    Step::Forward(n) | Step::Last(n) => pos += n,
-                    Step::Replace(n) => {
-                        spliced.extend_from_slice(data.get(from..pos).unwrap_or_default());
-                        spliced.extend_from_slice(&side.out);
-                        pos += n;
-                        from = pos;
-                    }
-                }
-            }
-            write_batch(
-                writer,
-                &mut spliced,
-                data.get(from..pos).unwrap_or_default(),
-            )
-            .await
-            .map_err(write_err)?;
-            pos
-        };
-        // TLS holds records until flushed; for TCP this does nothing.
-        writer.flush().await.map_err(write_err)?;
+        // The server sends no message that ends the session (`last`).
+        let Batch { handled, need, .. } =
+            forward_batch(&mut side, writer, buf.filled(), &mut spliced, write_err).await?;
         buf.consume(handled);
         shared
             .upstream_mid_message
@@ -2009,6 +1948,88 @@ where
         }
         shared.touch(start);
     }
+}
+
+/// One direction's message handling: [`ClientSide`] or [`UpstreamSide`].
+trait Side {
+    /// What to do with the next message, `data` starting at its first byte.
+    fn step(&mut self, data: &[u8]) -> Result<Step, Stop>;
+    /// The bytes that replace the message of the last [`Step::Replace`].
+    fn replacement(&self) -> &[u8];
+}
+
+impl Side for ClientSide<'_> {
+    fn step(&mut self, data: &[u8]) -> Result<Step, Stop> {
+        ClientSide::step(self, data)
+    }
+
+    fn replacement(&self) -> &[u8] {
+        &self.out
+    }
+}
+
+impl Side for UpstreamSide<'_> {
+    fn step(&mut self, data: &[u8]) -> Result<Step, Stop> {
+        UpstreamSide::step(self, data)
+    }
+
+    fn replacement(&self) -> &[u8] {
+        &self.out
+    }
+}
+
+/// What [`forward_batch`] made of one read.
+struct Batch {
+    /// Bytes handled (forwarded or replaced), to consume from the buffer.
+    handled: usize,
+    /// Bytes the next message needs before it can be handled.
+    need: usize,
+    /// A message that ends the session was forwarded (Terminate).
+    last: bool,
+}
+
+/// Handles every whole message in `data`, forwarding runs of unchanged
+/// messages and replacements in one write (see [`write_batch`]), then
+/// flushes (TLS holds records until flushed; for TCP this does nothing).
+async fn forward_batch<S: Side, W: AsyncWrite + Unpin>(
+    side: &mut S,
+    writer: &mut W,
+    data: &[u8],
+    spliced: &mut Vec<u8>,
+    write_err: fn(io::Error) -> Stop,
+) -> Result<Batch, Stop> {
+    let mut batch = Batch {
+        handled: 0,
+        need: FrameHeader::SIZE,
+        last: false,
+    };
+    let mut from = 0;
+    while batch.handled < data.len() && !batch.last {
+        let rest = data.get(batch.handled..).unwrap_or_default();
+        match side.step(rest)? {
+            Step::Need(n) => {
+                batch.need = n;
+                break;
+            }
+            Step::Forward(n) => batch.handled += n,
+            Step::Last(n) => {
+                batch.handled += n;
+                batch.last = true;
+            }
+            Step::Replace(n) => {
+                spliced.extend_from_slice(data.get(from..batch.handled).unwrap_or_default());
+                spliced.extend_from_slice(side.replacement());
+                batch.handled += n;
+                from = batch.handled;
+            }
+        }
+    }
+    let tail = data.get(from..batch.handled).unwrap_or_default();
+    write_batch(writer, spliced, tail)
+        .await
+        .map_err(write_err)?;
+    writer.flush().await.map_err(write_err)?;
+    Ok(batch)
 }
 
 /// Writes what one read produced in one call: `tail`, the run of
