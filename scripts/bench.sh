@@ -298,18 +298,29 @@ for w, cs in data.items():
                                         "connect_ms_median": conn, "vs_direct": vd, "vs_pgbouncer": vb,
                                         "failed": v["failed"]}
 print()
-lat1 = data.get("select-1c-simple", {})
-if "direct" in lat1:
-    base = statistics.median(lat1["direct"]["lat"])
+def added(workload, field, what):
+    """What a configuration adds over direct: the difference of the
+    medians, and the median of the per-round differences (each round runs
+    the configurations back to back, so pairing them cancels the machine's
+    drift between rounds)."""
+    cs = data.get(workload, {})
+    if "direct" not in cs:
+        return
+    base = cs["direct"][field]
     for c in ("full", "full-ebpf"):
-        if c in lat1:
-            print(f"added mean latency at 1 client, {c}: {(statistics.median(lat1[c]['lat']) - base) * 1000:.0f} us")
-conn1 = data.get("connect-1c", {})
-if "direct" in conn1:
-    base = statistics.median(conn1["direct"]["conn"])
+        if c in cs:
+            mine = cs[c][field]
+            of_medians = (statistics.median(mine) - statistics.median(base)) * 1000
+            paired = statistics.median(m - b for m, b in zip(mine, base)) * 1000
+            print(f"{what}, {c}: {of_medians:.0f} us (median of per-round differences: {paired:.0f} us)")
+added("select-1c-simple", "lat", "added mean latency at 1 client")
+added("connect-1c", "conn", "added connection set-up")
+eight = data.get("select-8c-simple", {})
+if "pgbouncer" in eight:
     for c in ("full", "full-ebpf"):
-        if c in conn1:
-            print(f"added connection set-up, {c}: {(statistics.median(conn1[c]['conn']) - base) * 1000:.0f} us")
+        if c in eight:
+            rounds = [f"{m / b:.2f}x" for m, b in zip(eight[c]["tps"], eight["pgbouncer"]["tps"]) if b]
+            print(f"select-8c-simple, {c} vs pgbouncer per round: {', '.join(rounds)}")
 idle_n, idle_rss, before = int(sys.argv[4] or 0), int(sys.argv[5] or 0), int(sys.argv[6] or 0)
 print(f"agent peak RSS during the runs: {int(sys.argv[2]) / 1024:.1f} MiB")
 print(f"agent RSS with {idle_n} idle sessions: {idle_rss / 1024:.1f} MiB (before opening them: {before / 1024:.1f} MiB)")
