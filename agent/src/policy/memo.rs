@@ -139,8 +139,6 @@ fn same_but_text(a: &StatementSummary, b: &StatementSummary) -> bool {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
     use crate::policy::Action;
     use crate::sql::AnalysisCache;
@@ -156,8 +154,16 @@ action = "deny"
 tables = ["secret*"]
 "#;
 
-    fn policy(text: &str) -> PolicySet {
-        PolicySet::from_str(Path::new("p.toml"), text).unwrap()
+    use crate::policy::tests::set as policy;
+
+    /// The test policy, an analysis cache with room for every test's
+    /// shapes, and an empty memo.
+    fn fixtures() -> (PolicySet, AnalysisCache, DecisionMemo) {
+        (
+            policy(POLICY),
+            AnalysisCache::new(256),
+            DecisionMemo::default(),
+        )
     }
 
     /// Decides `sql` through `memo` and afresh; both must agree.
@@ -181,11 +187,7 @@ tables = ["secret*"]
 
     #[test]
     fn a_new_literal_in_a_known_shape_reuses_the_decision() {
-        let (set, cache, mut memo) = (
-            policy(POLICY),
-            AnalysisCache::new(64),
-            DecisionMemo::default(),
-        );
+        let (set, cache, mut memo) = fixtures();
         let first = decide(
             &mut memo,
             &set,
@@ -265,11 +267,7 @@ text_regex = "4111"
 
     #[test]
     fn the_memo_keeps_a_bounded_number_of_shapes() {
-        let (set, cache, mut memo) = (
-            policy(POLICY),
-            AnalysisCache::new(256),
-            DecisionMemo::default(),
-        );
+        let (set, cache, mut memo) = fixtures();
         for round in 0..2 {
             for i in 0..MEMO_ENTRIES + 4 {
                 let table = if i % 2 == 0 { "secret" } else { "open" };
@@ -291,11 +289,7 @@ text_regex = "4111"
 
     #[test]
     fn several_statements_are_compared_one_by_one() {
-        let (set, cache, mut memo) = (
-            policy(POLICY),
-            AnalysisCache::new(64),
-            DecisionMemo::default(),
-        );
+        let (set, cache, mut memo) = fixtures();
         let one = decide(&mut memo, &set, &cache, "SELECT 1; SELECT * FROM orders");
         assert_eq!(actions(&one), [Action::Allow, Action::Allow]);
         let two = decide(&mut memo, &set, &cache, "SELECT 1; SELECT * FROM secrets");

@@ -96,7 +96,7 @@ fn ci_identity() -> ProcessIdentity {
     }
 }
 
-fn set(text: &str) -> PolicySet {
+pub(super) fn set(text: &str) -> PolicySet {
     match PolicySet::from_str(Path::new("p.toml"), text) {
         Ok(set) => set,
         Err(e) => panic!("policy does not load:\n{e}\n---\n{text}"),
