@@ -137,9 +137,9 @@ fn same_but_text(a: &StatementSummary, b: &StatementSummary) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::policy::tests::set as policy;
     use crate::policy::Action;
     use crate::sql::AnalysisCache;
 
@@ -154,145 +154,113 @@ action = "deny"
 tables = ["secret*"]
 "#;
 
-    use crate::policy::tests::set as policy;
-
-    /// The test policy, an analysis cache with room for every test's
-    /// shapes, and an empty memo.
-    fn fixtures() -> (PolicySet, AnalysisCache, DecisionMemo) {
-        (
-            policy(POLICY),
-            AnalysisCache::new(256),
-            DecisionMemo::default(),
-        )
+    /// One session deciding under `set`, with the agent's analysis cache.
+    struct Session {
+        set: PolicySet,
+        cache: AnalysisCache,
+        memo: DecisionMemo,
+        identity: ProcessIdentity,
     }
 
-    /// Decides `sql` through `memo` and afresh; both must agree.
-    fn decide(
-        memo: &mut DecisionMemo,
-        set: &PolicySet,
-        cache: &AnalysisCache,
-        sql: &str,
-    ) -> Vec<Decision> {
-        let identity = ProcessIdentity::default();
-        let analysis = cache.analyze(sql);
-        let memoised = memo.decide(set, "db", &identity, sql, &analysis);
-        let fresh = set.decide_analysis("db", &identity, sql, &analysis);
-        assert_eq!(*memoised, *fresh, "{sql}");
-        fresh
-    }
+    impl Session {
+        fn new(policy_text: &str) -> Session {
+            Session {
+                set: policy(policy_text),
+                cache: AnalysisCache::new(256),
+                memo: DecisionMemo::default(),
+                identity: ProcessIdentity::default(),
+            }
+        }
 
-    fn actions(decisions: &[Decision]) -> Vec<Action> {
-        decisions.iter().map(|d| d.action).collect()
+        /// Decides `sql` through the memo, checks that a fresh decision
+        /// agrees, and returns the memo's (shared) decisions.
+        fn decide(&mut self, sql: &str) -> Arc<[Decision]> {
+            let analysis = self.cache.analyze(sql);
+            let memoised = self
+                .memo
+                .decide(&self.set, "db", &self.identity, sql, &analysis);
+            let fresh = self
+                .set
+                .decide_analysis("db", &self.identity, sql, &analysis);
+            assert_eq!(*memoised, *fresh, "{sql}");
+            memoised
+        }
+
+        fn actions(&mut self, sql: &str) -> Vec<Action> {
+            self.decide(sql).iter().map(|d| d.action).collect()
+        }
     }
 
     #[test]
     fn a_new_literal_in_a_known_shape_reuses_the_decision() {
-        let (set, cache, mut memo) = fixtures();
-        let first = decide(
-            &mut memo,
-            &set,
-            &cache,
-            "SELECT * FROM secrets WHERE id = 1",
-        );
-        assert_eq!(actions(&first), [Action::Deny]);
-        assert_eq!(memo.len(), 1);
-        let again = decide(
-            &mut memo,
-            &set,
-            &cache,
-            "SELECT * FROM secrets WHERE id = 2",
-        );
-        assert_eq!(again, first);
-        assert_eq!(memo.len(), 1, "the second text found the first one's entry");
-        // A hit shares the decisions made for the first text.
-        let identity = ProcessIdentity::default();
-        let [one, two] = [
-            "SELECT * FROM secrets WHERE id = 3",
-            "SELECT * FROM secrets WHERE id = 4",
-        ]
-        .map(|sql| memo.decide(&set, "db", &identity, sql, &cache.analyze(sql)));
-        assert!(Arc::ptr_eq(&one, &two));
+        let mut session = Session::new(POLICY);
+        let first = session.decide("SELECT * FROM secrets WHERE id = 1");
+        let first_actions: Vec<Action> = first.iter().map(|d| d.action).collect();
+        assert_eq!(first_actions, [Action::Deny]);
+        assert_eq!(session.memo.len(), 1);
+        // The second text finds the first one's entry and shares it.
+        let again = session.decide("SELECT * FROM secrets WHERE id = 2");
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(session.memo.len(), 1);
         // Another table is another analysis, decided on its own.
-        let other = decide(&mut memo, &set, &cache, "SELECT * FROM orders WHERE id = 2");
-        assert_eq!(actions(&other), [Action::Allow]);
-        assert_eq!(memo.len(), 2);
+        assert_eq!(
+            session.actions("SELECT * FROM orders WHERE id = 2"),
+            [Action::Allow]
+        );
+        assert_eq!(session.memo.len(), 2);
     }
 
     #[test]
     fn a_policy_that_reads_the_text_is_decided_per_text() {
-        let set = policy(
-            r#"
-[[rule]]
-name = "no-test-card"
-action = "deny"
-[rule.match]
-text_regex = "4111"
-"#,
+        let mut session = Session::new(
+            "[[rule]]\nname = \"no-test-card\"\naction = \"deny\"\n[rule.match]\ntext_regex = \"4111\"\n",
         );
-        assert!(set.reads_text());
-        let (cache, mut memo) = (AnalysisCache::new(64), DecisionMemo::default());
-        let allowed = decide(
-            &mut memo,
-            &set,
-            &cache,
-            "SELECT * FROM t WHERE card = '1234'",
-        );
-        let denied = decide(
-            &mut memo,
-            &set,
-            &cache,
-            "SELECT * FROM t WHERE card = '4111'",
-        );
-        assert_eq!(actions(&allowed), [Action::Allow]);
-        assert_eq!(actions(&denied), [Action::Deny]);
-        assert!(memo.is_empty());
+        assert!(session.set.reads_text());
+        let allowed = session.actions("SELECT * FROM t WHERE card = '1234'");
+        let denied = session.actions("SELECT * FROM t WHERE card = '4111'");
+        assert_eq!(allowed, [Action::Allow]);
+        assert_eq!(denied, [Action::Deny]);
+        assert!(session.memo.is_empty());
     }
 
     #[test]
     fn a_reloaded_policy_decides_again() {
-        let (cache, mut memo) = (AnalysisCache::new(64), DecisionMemo::default());
-        let before = policy("[defaults]\naction = \"allow\"\n");
+        let mut session = Session::new("[defaults]\naction = \"allow\"\n");
         let sql = "SELECT * FROM secrets WHERE id = 1";
-        assert_eq!(
-            actions(&decide(&mut memo, &before, &cache, sql)),
-            [Action::Allow]
-        );
-        let after = policy(POLICY);
-        assert_ne!(before.generation(), after.generation());
-        assert_eq!(
-            actions(&decide(&mut memo, &after, &cache, sql)),
-            [Action::Deny]
-        );
+        assert_eq!(session.actions(sql), [Action::Allow]);
+        let before = session.set.generation();
+        session.set = policy(POLICY);
+        assert_ne!(before, session.set.generation());
+        assert_eq!(session.actions(sql), [Action::Deny]);
     }
 
     #[test]
     fn the_memo_keeps_a_bounded_number_of_shapes() {
-        let (set, cache, mut memo) = fixtures();
+        let mut session = Session::new(POLICY);
         for round in 0..2 {
             for i in 0..MEMO_ENTRIES + 4 {
-                let table = if i % 2 == 0 { "secret" } else { "open" };
-                let sql = format!("SELECT * FROM {table}_{i} WHERE id = {round}");
-                let want = if i % 2 == 0 {
-                    Action::Deny
+                let (table, want) = if i % 2 == 0 {
+                    ("secret", Action::Deny)
                 } else {
-                    Action::Allow
+                    ("open", Action::Allow)
                 };
-                assert_eq!(
-                    actions(&decide(&mut memo, &set, &cache, &sql)),
-                    [want],
-                    "{sql}"
-                );
+                let sql = format!("SELECT * FROM {table}_{i} WHERE id = {round}");
+                assert_eq!(session.actions(&sql), [want], "{sql}");
             }
         }
-        assert_eq!(memo.len(), MEMO_ENTRIES);
+        assert_eq!(session.memo.len(), MEMO_ENTRIES);
     }
 
     #[test]
     fn several_statements_are_compared_one_by_one() {
-        let (set, cache, mut memo) = fixtures();
-        let one = decide(&mut memo, &set, &cache, "SELECT 1; SELECT * FROM orders");
-        assert_eq!(actions(&one), [Action::Allow, Action::Allow]);
-        let two = decide(&mut memo, &set, &cache, "SELECT 1; SELECT * FROM secrets");
-        assert_eq!(actions(&two), [Action::Allow, Action::Deny]);
+        let mut session = Session::new(POLICY);
+        assert_eq!(
+            session.actions("SELECT 1; SELECT * FROM orders"),
+            [Action::Allow, Action::Allow]
+        );
+        assert_eq!(
+            session.actions("SELECT 1; SELECT * FROM secrets"),
+            [Action::Allow, Action::Deny]
+        );
     }
 }
