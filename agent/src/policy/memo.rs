@@ -74,13 +74,7 @@ impl DecisionMemo {
         let decisions = fresh();
         let entry = MemoEntry {
             policy: generation,
-            statements: statements
-                .iter()
-                .map(|s| StatementSummary {
-                    text: String::new(),
-                    ..s.clone()
-                })
-                .collect(),
+            statements: statements.iter().map(without_text).collect(),
             decisions: Arc::clone(&decisions),
         };
         if self.entries.len() < MEMO_ENTRIES {
@@ -109,6 +103,32 @@ fn memoisable(statements: &[StatementSummary]) -> bool {
         .map(|s| s.tables_read.len() + s.tables_written.len() + s.functions.len())
         .sum();
     !statements.is_empty() && names <= MAX_MEMO_NAMES
+}
+
+/// A copy of `s` without its text (which the memo never compares).
+fn without_text(s: &StatementSummary) -> StatementSummary {
+    let StatementSummary {
+        kind,
+        transaction,
+        command,
+        tables_read,
+        tables_written,
+        functions,
+        flags,
+        fingerprint,
+        text: _,
+    } = s;
+    StatementSummary {
+        kind: *kind,
+        transaction: *transaction,
+        command: Arc::clone(command),
+        tables_read: tables_read.clone(),
+        tables_written: tables_written.clone(),
+        functions: functions.clone(),
+        flags: flags.clone(),
+        fingerprint: Arc::clone(fingerprint),
+        text: String::new(),
+    }
 }
 
 /// Equal in everything a decision can read but the text. Written out

@@ -36,7 +36,7 @@ use tollgate_common::{
     STAT_PUBLISHED, STAT_REDIRECTED,
 };
 
-use crate::config::{Config, UnlistedPolicy};
+use crate::config::{Config, RedirectSettings, UnlistedPolicy};
 
 /// The kernel programs, built by `build.rs`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate-ebpf"));
@@ -188,17 +188,21 @@ impl Redirect {
     /// A start that fails leaves no directory of its own behind: a pin
     /// directory it made is removed again, down to what is not empty.
     pub fn start(config: &Config, proxy_port6: u16) -> Result<Redirect, RedirectError> {
-        let pin_dir = config.redirect.clone().unwrap_or_default().pin_dir;
+        let settings = config.redirect.clone().unwrap_or_default();
+        let pin_dir = settings.pin_dir.clone();
         let made_pin_dir = !pin_dir.exists();
-        let started = Redirect::start_pinned(config, proxy_port6);
+        let started = Redirect::start_pinned(config, settings, proxy_port6);
         if started.is_err() && made_pin_dir {
             remove_empty_dirs(&pin_dir);
         }
         started
     }
 
-    fn start_pinned(config: &Config, proxy_port6: u16) -> Result<Redirect, RedirectError> {
-        let settings = config.redirect.clone().unwrap_or_default();
+    fn start_pinned(
+        config: &Config,
+        settings: RedirectSettings,
+        proxy_port6: u16,
+    ) -> Result<Redirect, RedirectError> {
         let cgroup_root = cgroup::cgroup2_mount().ok_or_else(|| {
             RedirectError::Kernel("no cgroup v2 hierarchy is mounted (see /proc/self/mountinfo); mount one (mount -t cgroup2 none /sys/fs/cgroup/unified) or use explicit listeners".into())
         })?;
