@@ -6,6 +6,7 @@
 //! - [`proxy`]: listeners, session set-up, lifecycle and graceful shutdown.
 //! - [`identity`]: which process (and CI job) is behind a connection, from /proc.
 //! - [`protocol`]: per-protocol session handlers (opaque `tcp` relay so far).
+//! - [`masking`]: which result columns `mask` rules hide, and how.
 //! - [`events`]: the session event stream every consumer reads from.
 //! - [`recording`]: sessions as hash-chained recording files, and reading them back.
 //! - [`metrics`], [`control`]: Prometheus endpoint and the status socket.
@@ -17,6 +18,7 @@ pub mod control;
 pub mod events;
 pub mod identity;
 pub mod logging;
+pub mod masking;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;

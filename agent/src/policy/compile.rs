@@ -18,6 +18,7 @@ use super::matcher::{Conditions, Rule, SqlNames, FLAG_NAMES, KIND_NAMES};
 use super::{Action, PolicyError};
 use crate::config::line_column;
 use crate::identity::CiProvider;
+use crate::masking::{ColumnSpec, MaskMethod, MaskRule};
 use crate::sql::StatementKind;
 
 /// Longest rule name accepted.
@@ -128,6 +129,8 @@ struct RawRule {
     #[serde(rename = "match")]
     when: Option<Spanned<RawMatch>>,
     except: Option<Spanned<RawMatch>>,
+    mask_columns: List<String>,
+    mask_with: Option<Spanned<String>>,
 }
 
 /// The conditions of `[rule.match]` and `[rule.except]`.
@@ -233,6 +236,65 @@ impl<'a> Checker<'a> {
             column: Some(column),
             message: message.into(),
         });
+    }
+
+    /// A rule's `mask_columns` and `mask_with`: required (the columns) for
+    /// `action = "mask"`, refused for any other action.
+    fn mask(&mut self, r: &RawRule, action: Option<Action>) -> Option<Arc<MaskRule>> {
+        if action != Some(Action::Mask) {
+            if action.is_some() {
+                if let Some(v) = &r.mask_columns {
+                    self.at(
+                        v.span(),
+                        "`mask_columns` belongs only to rules with action = \"mask\"",
+                    );
+                }
+                if let Some(v) = &r.mask_with {
+                    self.at(
+                        v.span(),
+                        "`mask_with` belongs only to rules with action = \"mask\"",
+                    );
+                }
+            }
+            return None;
+        }
+        let Some(list) = &r.mask_columns else {
+            self.at(
+                r.action.span(),
+                "a mask rule needs `mask_columns`, the columns it masks (`[\"customers.email\"]`)",
+            );
+            return None;
+        };
+        let mut columns = Vec::new();
+        for (span, spec) in items(list) {
+            match ColumnSpec::parse(spec) {
+                Ok(c) => columns.push(c),
+                Err(e) => self.at(span, e),
+            }
+        }
+        if columns.is_empty() {
+            self.at(
+                list.span(),
+                "empty `mask_columns`; name the columns to mask",
+            );
+        }
+        let with = match &r.mask_with {
+            None => MaskMethod::Redact,
+            Some(v) => match MaskMethod::from_name(v.get_ref()) {
+                Some(m) => m,
+                None => {
+                    self.at(
+                        v.span(),
+                        format!(
+                            "invalid mask_with \"{}\"; expected redact or null",
+                            v.get_ref()
+                        ),
+                    );
+                    MaskMethod::Redact
+                }
+            },
+        };
+        Some(Arc::new(MaskRule { columns, with }))
     }
 
     pub(super) fn action(&mut self, v: &Spanned<String>, what: &str) -> Option<Action> {
@@ -676,6 +738,7 @@ pub(super) fn compile_file(path: &Path, text: &str) -> Result<CompiledFile, Vec<
             }
             None => None,
         };
+        let mask = c.mask(r, action);
         if let Some(action) = action {
             rules.push((
                 Rule {
@@ -687,6 +750,7 @@ pub(super) fn compile_file(path: &Path, text: &str) -> Result<CompiledFile, Vec<
                     reason_alone: Arc::from(format!("rule \"{name}\" ({action})")),
                     when,
                     except,
+                    mask,
                 },
                 at,
             ));

@@ -13,6 +13,7 @@ use regex::RegexSet;
 
 use super::{Action, Request, Statement};
 use crate::identity::{CiContext, CiProvider, ProcessIdentity};
+use crate::masking::MaskRule;
 use crate::sql::{StatementKind, StatementSummary, TableRef};
 
 /// Flag bit: UPDATE or DELETE without WHERE.
@@ -85,6 +86,9 @@ pub(super) struct Rule {
     pub(super) reason_alone: Arc<str>,
     pub(super) when: Conditions,
     pub(super) except: Option<Conditions>,
+    /// A `mask` rule's columns: it applies only to statements that read a
+    /// table one of them may be in.
+    pub(super) mask: Option<Arc<MaskRule>>,
 }
 
 impl Rule {
@@ -93,6 +97,10 @@ impl Rule {
     /// the set's target index.
     pub(super) fn applies(&self, s: &Subject<'_>, target_ok: bool) -> bool {
         target_ok
+            && self
+                .mask
+                .as_ref()
+                .is_none_or(|m| s.statement.is_some_and(|st| m.applies_to(st)))
             && self.when.matches(s, false)
             && !self.except.as_ref().is_some_and(|e| e.matches(s, true))
     }

@@ -62,6 +62,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::identity::ProcessIdentity;
+use crate::masking::{MaskMethod, MaskRule};
 use crate::sql::{Analysis, StatementSummary};
 
 pub use explain::{
@@ -82,8 +83,8 @@ pub enum Action {
     Allow,
     /// Forward it, and flag it in the session record.
     Audit,
-    /// Forward it and mask sensitive result fields (not implemented yet:
-    /// refused).
+    /// Forward it and mask the result fields its rules name (see
+    /// [`crate::masking`]); refused where masking cannot apply.
     Mask,
     /// Hold it for a human reviewer (not implemented yet: refused).
     Review,
@@ -118,9 +119,11 @@ impl Action {
     }
 
     /// Whether the statement must not reach the server in this version:
-    /// `deny`, and `mask`/`review` until they are implemented.
+    /// `deny`, and `review` until it is implemented. A `mask` statement
+    /// runs with its result masked, or is refused where that cannot be
+    /// done ([`Decision::mask_refused_message`]).
     pub fn is_refused(self) -> bool {
-        self >= Action::Mask
+        self >= Action::Review
     }
 }
 
@@ -169,6 +172,9 @@ pub struct MatchedRule {
     pub message: Option<Arc<str>>,
     /// The policy file that defines it, as it was named when loaded.
     pub file: Arc<str>,
+    /// A `mask` rule's columns and method.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask: Option<Arc<MaskRule>>,
 }
 
 /// The verdict on one statement.
@@ -194,6 +200,38 @@ impl Decision {
         self.matched.iter().find(|r| r.action == self.action)
     }
 
+    /// The `mask` rules that applied (none when a default decided `mask`).
+    pub fn mask_rules(&self) -> impl Iterator<Item = &MaskRule> {
+        self.matched
+            .iter()
+            .filter(|r| r.action == Action::Mask)
+            .filter_map(|r| r.mask.as_deref())
+    }
+
+    /// The strictest method of the `mask` rules that applied.
+    pub fn strictest_mask(&self) -> MaskMethod {
+        self.mask_rules()
+            .map(|m| m.with)
+            .max()
+            .unwrap_or(MaskMethod::Null)
+    }
+
+    /// The message for a `mask` statement that cannot run masked, `why`
+    /// saying what masking cannot do: `tollgate: COPY requires masking by
+    /// rule "mask-pii", and masking applies only to ...; refused`.
+    pub fn mask_refused_message(&self, command: &str, why: &str) -> String {
+        let rule = self.deciding_rule();
+        let by = match rule {
+            Some(rule) => format!("by rule \"{}\"", rule.name),
+            None => "by the default policy, which names no columns".to_owned(),
+        };
+        let message = rule
+            .and_then(|r| r.message.as_deref())
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default();
+        format!("tollgate: {command} requires masking {by}{message}, and {why}; refused")
+    }
+
     /// The message for the client, naming the rule and its message.
     /// `command` is the statement's label (`"DROP TABLE"`), e.g.
     /// `tollgate: DROP TABLE denied by rule "no-ddl-in-ci": schema changes go
@@ -216,15 +254,11 @@ impl Decision {
             Action::Allow => "allowed",
             Action::Audit => "allowed and audited",
             Action::Deny => "denied",
-            Action::Mask | Action::Review => {
-                let feature = if self.action == Action::Mask {
-                    "masking"
-                } else {
-                    "review"
-                };
+            Action::Mask => return self.mask_refused_message(command, MASK_ONLY_QUERIES),
+            Action::Review => {
                 let why = why.map(|w| format!(" ({w})")).unwrap_or_default();
                 return format!(
-                    "tollgate: {command} requires {feature} {by}{why}, and {feature} is not available in this version; refused"
+                    "tollgate: {command} requires review {by}{why}, and review is not available in this version; refused"
                 );
             }
         };
@@ -235,6 +269,10 @@ impl Decision {
         }
     }
 }
+
+/// Where masking applies, for refusals elsewhere.
+pub const MASK_ONLY_QUERIES: &str =
+    "masking applies only to queries that write nothing, sent as simple Query messages";
 
 /// A problem in a policy or policy test file, with its place when known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -537,6 +575,7 @@ impl PolicySet {
                     action: rule.action,
                     message: rule.message.clone(),
                     file: Arc::clone(&rule.file),
+                    mask: rule.mask.clone(),
                 });
                 alone = Some(&rule.reason_alone);
             }

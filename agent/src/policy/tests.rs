@@ -329,6 +329,7 @@ kinds = ["insert", "update", "delete"]
 [[rule]]
 name = "mask-secrets"
 action = "mask"
+mask_columns = ["secrets.api_key"]
 [rule.match]
 tables = ["secrets"]
 
@@ -407,7 +408,7 @@ fn actions_order_from_allow_to_deny() {
         );
     }
     let refused: Vec<Action> = Action::ALL.into_iter().filter(|a| a.is_refused()).collect();
-    assert_eq!(refused, [Action::Mask, Action::Review, Action::Deny]);
+    assert_eq!(refused, [Action::Review, Action::Deny]);
     assert_eq!(Action::from_name("block"), None);
 }
 
@@ -652,6 +653,7 @@ fn client_messages() {
         action,
         message: message.map(Arc::from),
         file: "p.toml".into(),
+        mask: None,
     };
     let decision = |action, matched: Vec<MatchedRule>| Decision {
         action,
@@ -674,7 +676,7 @@ fn client_messages() {
         (decision(Action::Review, vec![rule(Action::Review, None)]), "SELECT",
          "tollgate: SELECT requires review by rule \"no-ddl-in-ci\", and review is not available in this version; refused"),
         (decision(Action::Mask, vec![rule(Action::Mask, Some("pii"))]), "SELECT",
-         "tollgate: SELECT requires masking by rule \"no-ddl-in-ci\" (pii), and masking is not available in this version; refused"),
+         "tollgate: SELECT requires masking by rule \"no-ddl-in-ci\" (pii), and masking applies only to queries that write nothing, sent as simple Query messages; refused"),
         (decision(Action::Audit, vec![rule(Action::Audit, None)]), "INSERT",
          "tollgate: INSERT allowed and audited by rule \"no-ddl-in-ci\""),
     ];

@@ -7,6 +7,9 @@
 //!   where a field needs it.
 //! - [`AnalysisCache`]: a bounded LRU of analyses shared by statements
 //!   that differ only in literal values.
+//! - [`column_refs`]: the names a statement's expressions refer to, for
+//!   masking computed values (full parse, paid only when a `mask` rule
+//!   applies).
 //!
 //! Input is UTF-8 text: the protocol layer converts from the client encoding
 //! before calling in.
@@ -14,12 +17,14 @@
 mod analyze;
 mod cache;
 mod labels;
+mod refs;
 mod shape;
 #[cfg(test)]
 mod tests;
 
 pub use analyze::analyze;
 pub use cache::{AnalysisCache, MAX_CACHED_TEXT_LEN};
+pub use refs::{column_refs, ColumnRefs};
 
 use std::sync::Arc;
 

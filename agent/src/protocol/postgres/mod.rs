@@ -77,6 +77,7 @@ pub mod cancel;
 pub mod codec;
 pub mod error;
 pub mod frontend;
+pub mod mask;
 pub mod prepared;
 pub mod session;
 pub mod tls;

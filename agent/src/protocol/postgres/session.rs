@@ -66,7 +66,7 @@
 //! buffered whole to be analysed, up to [`MAX_INSPECTED_MESSAGE`]; a larger
 //! one is refused with 54000 and the session closed.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -88,9 +88,10 @@ use super::codec::{
 };
 use super::error::{error_response, severity, sqlstate, ssl_refused};
 use super::frontend::{self, decode_startup, FrontendMessage};
+use super::mask::{self as masking, MaskPlan, MaskedAnswer};
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::identity::ProcessIdentity;
-use crate::policy::{most_restrictive, Decision, DecisionMemo};
+use crate::policy::{most_restrictive, Action, Decision, DecisionMemo, MASK_ONLY_QUERIES};
 use crate::protocol::{current_policy, SessionContext};
 use crate::sql::Analysis;
 
@@ -131,6 +132,9 @@ const ENCODING_LATIN1: u8 = 1;
 /// character, so guessing would misread where literals end.
 const ENCODING_OTHER: u8 = 2;
 
+/// Why a `mask` statement outside a simple Query is refused.
+const MASK_EXTENDED: &str = "this version masks only statements sent as simple Query messages, not through the extended query protocol";
+
 /// Command label for text that does not parse.
 const UNPARSABLE_COMMAND: &str = "statement";
 
@@ -167,6 +171,15 @@ struct Shared {
     /// Prepared statements and portals, decided again when the policy
     /// changes.
     prepared: Mutex<Prepared>,
+    /// `tollgate_mask_<nonce>_`: the column name of masking lookups.
+    mask_marker: String,
+    /// Next masking lookup number.
+    next_mask: AtomicU64,
+    /// Masked Queries sent, by lookup number, until the lookup's
+    /// RowDescription comes back: the plan and the lookup's length.
+    masks: Mutex<BTreeMap<u64, (Arc<MaskPlan>, usize)>>,
+    /// `masks` is not empty: RowDescriptions are read for the marker.
+    masks_pending: AtomicBool,
 }
 
 /// Denials remembered at most (older ones are forgotten: the server
@@ -186,6 +199,10 @@ impl Shared {
             client_encoding: AtomicU8::new(ENCODING_UTF8),
             backslash_escapes: AtomicBool::new(false),
             marker: format!("tollgate_deny_{nonce:016x}_"),
+            mask_marker: format!("tollgate_mask_{nonce:016x}_"),
+            next_mask: AtomicU64::new(1),
+            masks: Mutex::new(BTreeMap::new()),
+            masks_pending: AtomicBool::new(false),
             next_denial: AtomicU64::new(1),
             denials: Mutex::new(BTreeMap::new()),
             upstream_mid_message: AtomicBool::new(false),
@@ -214,6 +231,38 @@ impl Shared {
             "SELECT 1::pg_catalog.\"{}\"",
             self.register_denial(client_message)
         )
+    }
+
+    /// Registers a masked Query's plan; returns the SQL of its lookup, to
+    /// be sent in front of the client's text.
+    fn register_mask(&self, plan: MaskPlan) -> String {
+        let n = self.next_mask.fetch_add(1, Ordering::Relaxed);
+        let sql = plan.lookup_sql(&format!("{}{n}", self.mask_marker));
+        let mut masks = self.masks.lock().unwrap_or_else(PoisonError::into_inner);
+        if masks.len() >= MAX_PENDING_DENIALS {
+            masks.pop_first();
+        }
+        masks.insert(n, (Arc::new(plan), sql.len()));
+        self.masks_pending.store(true, Ordering::Relaxed);
+        sql
+    }
+
+    /// The plan of the masked Query whose lookup has `column` as its first
+    /// column's name, if it is one. Lookups registered before it were not
+    /// answered (their Query failed first) and are forgotten.
+    fn mask_for(&self, column: &str) -> Option<(Arc<MaskPlan>, usize)> {
+        let n: u64 = column
+            .strip_prefix(self.mask_marker.as_str())?
+            .parse()
+            .ok()?;
+        let mut masks = self.masks.lock().unwrap_or_else(PoisonError::into_inner);
+        let found = masks.remove(&n);
+        while masks.first_key_value().is_some_and(|(&k, _)| k < n) {
+            masks.pop_first();
+        }
+        self.masks_pending
+            .store(!masks.is_empty(), Ordering::Relaxed);
+        found
     }
 
     fn prepared(&self) -> std::sync::MutexGuard<'_, Prepared> {
@@ -1102,6 +1151,11 @@ struct ClientSide<'a> {
     out: Vec<u8>,
     /// Decisions for statements of one shape, made once per policy.
     memo: RefCell<DecisionMemo>,
+    /// The message being decided is a simple Query, whose result can be
+    /// masked.
+    maskable: Cell<bool>,
+    /// What to mask in the answer to the Query just decided.
+    mask_plan: RefCell<Option<MaskPlan>>,
 }
 
 impl ClientSide<'_> {
@@ -1151,6 +1205,10 @@ impl ClientSide<'_> {
                     return Ok(Step::Need(header.len));
                 };
                 match self.decide(tag, body)? {
+                    None if self.mask_plan.get_mut().is_some() => {
+                        self.masked_query(body);
+                        Ok(Step::Replace(header.len))
+                    }
                     None => Ok(Step::Forward(header.len)),
                     Some(refusal) => {
                         self.substitute(tag, body, refusal)?;
@@ -1224,7 +1282,12 @@ impl ClientSide<'_> {
         let (text, analysis) = self.analyse(text);
         let policy = current_policy(&self.ctx.policy);
         let ops = prepared::sql_ops(&analysis);
+        self.maskable.set(tag == QUERY);
         let refusal = self.decide_with_executed(&policy, &text, &analysis, &ops);
+        self.maskable.set(false);
+        if refusal.is_some() {
+            self.mask_plan.take();
+        }
         if tag == QUERY && refusal.is_none() && !ops.is_empty() {
             return Ok(self.sql_sent(&policy, &ops));
         }
@@ -1273,7 +1336,13 @@ impl ClientSide<'_> {
                 .borrow_mut()
                 .decide(policy, &self.ctx.target, self.identity, text, analysis);
         self.report(text, analysis, &decisions);
-        let top = most_restrictive(&decisions).filter(|d| d.action.is_refused())?;
+        let top = most_restrictive(&decisions)?;
+        if top.action == Action::Mask {
+            return self.plan_mask(&decisions, analysis, label);
+        }
+        if !top.action.is_refused() {
+            return None;
+        }
         let command = match (label, analysis) {
             (Some(label), _) => label,
             (None, Analysis::Parsed { statements }) => decisions
@@ -1289,6 +1358,87 @@ impl ClientSide<'_> {
             "substituting a failing message for a refused statement"
         );
         Some(top.client_message(command))
+    }
+
+    /// A message with statements a `mask` rule applies to: in a simple
+    /// Query (not an `EXECUTE` decided again, `label`) whose masked
+    /// statements are all queries that write nothing, the plan for its
+    /// answer is kept in `mask_plan`; anything else is refused, saying why.
+    fn plan_mask(
+        &self,
+        decisions: &[Decision],
+        analysis: &Analysis,
+        label: Option<&str>,
+    ) -> Option<String> {
+        let statements = match analysis {
+            Analysis::Parsed { statements } => statements.as_slice(),
+            Analysis::Unparsable { .. } => &[],
+        };
+        let mut plan = MaskPlan {
+            rules: Vec::new(),
+            statements: Vec::with_capacity(decisions.len()),
+        };
+        for (i, decision) in decisions.iter().enumerate() {
+            if decision.action != Action::Mask {
+                plan.statements.push(None);
+                continue;
+            }
+            let statement = statements.get(i);
+            let command = label
+                .or(statement.map(|s| &*s.command))
+                .unwrap_or(UNPARSABLE_COMMAND);
+            let why = if label.is_some() || !self.maskable.get() {
+                Some(MASK_EXTENDED)
+            } else if decision.mask_rules().next().is_none() {
+                Some("the default policy cannot say which columns to mask")
+            } else if !statement.is_some_and(crate::masking::can_mask) {
+                Some(MASK_ONLY_QUERIES)
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Some(decision.mask_refused_message(command, why));
+            }
+            for rule in decision
+                .matched
+                .iter()
+                .filter(|r| r.action == Action::Mask)
+                .filter_map(|r| r.mask.as_ref())
+            {
+                if !plan.rules.iter().any(|known| Arc::ptr_eq(known, rule)) {
+                    plan.rules.push(Arc::clone(rule));
+                }
+            }
+            // A computed field is masked when the statement's expressions
+            // may read a masked column (or the text cannot be walked).
+            let masked_names: Vec<String> = decision
+                .mask_rules()
+                .flat_map(|r| r.columns.iter().map(|c| c.column.to_string()))
+                .collect();
+            let names: Vec<&str> = masked_names.iter().map(String::as_str).collect();
+            let computed_may_leak = statement
+                .map(|s| crate::sql::column_refs(&s.text).map_or(true, |r| r.may_read(&names)))
+                .unwrap_or(true);
+            plan.statements
+                .push(computed_may_leak.then(|| decision.strictest_mask()));
+        }
+        *self.mask_plan.borrow_mut() = Some(plan);
+        None
+    }
+
+    /// Replaces the Query `body` in `out` by the same text with the masking
+    /// lookup of `mask_plan` in front.
+    fn masked_query(&mut self, body: &[u8]) {
+        let Some(plan) = self.mask_plan.get_mut().take() else {
+            return;
+        };
+        let text = body.strip_suffix(&[0]).unwrap_or(body);
+        let lookup = self.shared.register_mask(plan);
+        self.out.clear();
+        let mut w = MessageWriter::new(&mut self.out, frontend::tag::QUERY);
+        w.put_bytes(lookup.as_bytes()).put_cstr_bytes(text);
+        w.finish();
+        tracing::debug!(session = %self.ctx.id, "a masked Query: the masking lookup goes in front of it");
     }
 
     /// Decides analysed text (its prepared-statement operations `ops`)
@@ -1662,6 +1812,8 @@ where
         streaming: 0,
         out: Vec::new(),
         memo: RefCell::default(),
+        maskable: Cell::new(false),
+        mask_plan: RefCell::new(None),
     };
     let raw = ctx.events.records_raw(&ctx.target);
     if raw && !buf.filled().is_empty() {
@@ -1712,6 +1864,8 @@ struct UpstreamSide<'a> {
     streaming: usize,
     out: Vec<u8>,
     warned_encoding: bool,
+    /// Inside the answer to a masked Query.
+    masked: Option<MaskedAnswer>,
 }
 
 impl UpstreamSide<'_> {
@@ -1727,6 +1881,13 @@ impl UpstreamSide<'_> {
             Ok(Some(h)) => h,
         };
         use backend::tag::*;
+        let mask_relevant = self.masked.is_some()
+            || (header.tag == ROW_DESCRIPTION && self.shared.masks_pending.load(Ordering::Relaxed));
+        if mask_relevant {
+            if let Some(step) = self.mask_step(header, data)? {
+                return Ok(step);
+            }
+        }
         match header.tag {
             READY_FOR_QUERY | PARAMETER_STATUS | BACKEND_KEY_DATA | AUTHENTICATION
             | ERROR_RESPONSE => {
@@ -1785,6 +1946,102 @@ impl UpstreamSide<'_> {
                 let n = header.len.min(data.len());
                 self.streaming = header.len - n;
                 Ok(Step::Forward(n))
+            }
+        }
+    }
+
+    /// A message while a masked Query may be answered (see [`super::mask`]):
+    /// the lookup's messages are dropped, its rows resolve the masked
+    /// columns, and the rows of the client's results are masked. `None`
+    /// leaves the message to the usual handling.
+    fn mask_step(&mut self, header: FrameHeader, data: &[u8]) -> Result<Option<Step>, Stop> {
+        use backend::tag::*;
+        let whole = match header.tag {
+            ROW_DESCRIPTION | COMMAND_COMPLETE | ERROR_RESPONSE => true,
+            DATA_ROW => self
+                .masked
+                .as_ref()
+                .is_some_and(|m| m.in_lookup() || m.rows().is_some()),
+            READY_FOR_QUERY | EMPTY_QUERY_RESPONSE => {
+                if header.tag == READY_FOR_QUERY {
+                    if let Some(done) = self.masked.take() {
+                        tracing::debug!(session = %self.ctx.id, columns = done.resolved(), "answer to a masked Query ends");
+                    }
+                } else if let Some(masked) = &mut self.masked {
+                    masked.statement_done();
+                }
+                return Ok(None);
+            }
+            _ => false,
+        };
+        if !whole {
+            return Ok(None);
+        }
+        if header.len > MAX_INSPECTED_MESSAGE {
+            if header.tag == DATA_ROW {
+                let message = format!(
+                    "tollgate: a row of a masked result has {} bytes, more than the {MAX_INSPECTED_MESSAGE} bytes the proxy masks; the session is closed so that nothing unmasked reaches the client",
+                    header.len
+                );
+                return Err(Stop::Fatal {
+                    sqlstate: PROGRAM_LIMIT_EXCEEDED,
+                    reason: CloseReason::UpstreamError(message.clone()),
+                    message,
+                });
+            }
+            return Ok(None);
+        }
+        let Some(body) = header.body(data) else {
+            return Ok(Some(Step::Need(header.len)));
+        };
+        let drop_it = Step::Replace(header.len);
+        self.out.clear();
+        match header.tag {
+            ROW_DESCRIPTION => {
+                if let Some(masked) = self.masked.as_mut().filter(|m| !m.in_lookup()) {
+                    masked.row_description(body).map_err(upstream_fault)?;
+                    return Ok(None);
+                }
+                let first = match backend::decode_backend(ROW_DESCRIPTION, body) {
+                    Ok(BackendMessage::RowDescription(fields)) => fields.first().map(|f| f.name),
+                    _ => None,
+                };
+                if let Some((plan, shift)) = first.and_then(|name| self.shared.mask_for(name)) {
+                    self.masked = Some(MaskedAnswer::new(plan, shift));
+                    return Ok(Some(drop_it));
+                }
+                Ok(None)
+            }
+            DATA_ROW => {
+                let Some(masked) = self.masked.as_mut() else {
+                    return Ok(None);
+                };
+                if masked.in_lookup() {
+                    masked.lookup_row(body).map_err(upstream_fault)?;
+                    return Ok(Some(drop_it));
+                }
+                let Some(masks) = masked.rows() else {
+                    return Ok(None);
+                };
+                masking::mask_data_row(body, masks, &mut self.out).map_err(upstream_fault)?;
+                Ok(Some(Step::Replace(header.len)))
+            }
+            COMMAND_COMPLETE => {
+                let Some(masked) = self.masked.as_mut() else {
+                    return Ok(None);
+                };
+                let lookup = masked.in_lookup();
+                masked.statement_done();
+                Ok(lookup.then_some(drop_it))
+            }
+            _ => {
+                let Some(masked) = self.masked.as_ref().filter(|m| !m.in_lookup()) else {
+                    return Ok(None);
+                };
+                Ok(
+                    masking::shift_error_position(body, masked.shift(), &mut self.out)
+                        .then_some(Step::Replace(header.len)),
+                )
             }
         }
     }
@@ -1920,6 +2177,7 @@ where
         streaming: 0,
         out: Vec::new(),
         warned_encoding: false,
+        masked: None,
     };
     let mut buf = ReadBuf::new();
     let raw = ctx.events.records_raw(&ctx.target);

@@ -1,0 +1,300 @@
+//! Masking: which result columns a `mask` rule hides, and what a masked
+//! value becomes.
+//!
+//! A `mask` rule names columns (`mask_columns`) and a method (`mask_with`).
+//! It applies only to statements that read a table one of its columns can
+//! name, so a rule for `customers.email` leaves statements on other tables
+//! alone. What a result column *is* comes from the server, not from the
+//! statement's text: the protocol handler resolves the named columns to
+//! the server's own identifiers at the moment the statement runs, and masks
+//! every result field that comes from one of them, whatever alias or
+//! subquery it went through. A field the server computes (an expression, a
+//! whole row) cannot be traced to a column, so in a statement that reads a
+//! masked table it is masked too: fail closed.
+//!
+//! This module knows nothing of a wire protocol: column names, methods,
+//! and the bytes a masked value becomes. `protocol::postgres::mask` applies
+//! it to PostgreSQL results.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::sql::{StatementKind, StatementSummary, TableRef};
+
+/// The value a redacted text field shows.
+pub const REDACTED: &[u8] = b"****";
+
+/// Longest name part accepted in a column spec (PostgreSQL's NAMEDATALEN - 1).
+const MAX_NAME_PART: usize = 63;
+
+/// One column a `mask` rule names: `column`, `table.column` or
+/// `schema.table.column`, lowercased. A missing part matches any.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ColumnSpec {
+    /// Schema name, when given.
+    pub schema: Option<Box<str>>,
+    /// Table (or view) name, when given.
+    pub table: Option<Box<str>>,
+    /// Column name.
+    pub column: Box<str>,
+}
+
+impl ColumnSpec {
+    /// Parses `column`, `table.column` or `schema.table.column`. Parts are
+    /// plain identifiers (letters, digits, `_`, `$`), compared without
+    /// regard to case, as unquoted names are.
+    pub fn parse(spec: &str) -> Result<ColumnSpec, String> {
+        let parts: Vec<&str> = spec.split('.').collect();
+        for part in &parts {
+            let plain = !part.is_empty()
+                && part.len() <= MAX_NAME_PART
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$')
+                && !part.bytes().next().is_some_and(|b| b.is_ascii_digit());
+            if !plain {
+                return Err(format!(
+                    "invalid column \"{spec}\": write `column`, `table.column` or `schema.table.column` with plain names (letters, digits, '_', '$', at most {MAX_NAME_PART} characters each)"
+                ));
+            }
+        }
+        let lower = |s: &str| Box::from(s.to_ascii_lowercase());
+        match parts.as_slice() {
+            [column] => Ok(ColumnSpec {
+                schema: None,
+                table: None,
+                column: lower(column),
+            }),
+            [table, column] => Ok(ColumnSpec {
+                schema: None,
+                table: Some(lower(table)),
+                column: lower(column),
+            }),
+            [schema, table, column] => Ok(ColumnSpec {
+                schema: Some(lower(schema)),
+                table: Some(lower(table)),
+                column: lower(column),
+            }),
+            _ => Err(format!(
+                "invalid column \"{spec}\": at most three parts, `schema.table.column`"
+            )),
+        }
+    }
+
+    /// Whether a table a statement reads may hold this column. A table
+    /// written without a schema may be in any schema (the search path
+    /// decides), so only a schema written on both sides can differ.
+    pub fn may_be_in(&self, table: &TableRef) -> bool {
+        let Some(spec_table) = &self.table else {
+            return true;
+        };
+        if !table.name.eq_ignore_ascii_case(spec_table) {
+            return false;
+        }
+        match (&self.schema, &table.schema) {
+            (Some(a), Some(b)) => b.eq_ignore_ascii_case(a),
+            _ => true,
+        }
+    }
+
+    /// Whether the catalog's column `schema.table.column` is this one.
+    pub fn names(&self, schema: &str, table: &str, column: &str) -> bool {
+        column.eq_ignore_ascii_case(&self.column)
+            && self
+                .table
+                .as_deref()
+                .is_none_or(|t| table.eq_ignore_ascii_case(t))
+            && self
+                .schema
+                .as_deref()
+                .is_none_or(|s| schema.eq_ignore_ascii_case(s))
+    }
+}
+
+impl fmt::Display for ColumnSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(schema) = &self.schema {
+            write!(f, "{schema}.")?;
+        }
+        if let Some(table) = &self.table {
+            write!(f, "{table}.")?;
+        }
+        f.write_str(&self.column)
+    }
+}
+
+/// What a masked value becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskMethod {
+    /// Text becomes [`REDACTED`]; a value of any other type becomes NULL,
+    /// since no fixed text is a valid number, date or JSON document.
+    Redact,
+    /// Every value becomes NULL.
+    Null,
+}
+
+impl MaskMethod {
+    /// The name used in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MaskMethod::Redact => "redact",
+            MaskMethod::Null => "null",
+        }
+    }
+
+    /// Parses a policy-file name.
+    pub fn from_name(name: &str) -> Option<MaskMethod> {
+        [MaskMethod::Redact, MaskMethod::Null]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
+
+    /// What a non-NULL value of a field becomes; `is_text` tells whether
+    /// its type is a text type.
+    pub fn replacement(self, is_text: bool) -> Replacement {
+        match self {
+            MaskMethod::Redact if is_text => Replacement::Text(REDACTED),
+            _ => Replacement::Null,
+        }
+    }
+}
+
+impl fmt::Display for MaskMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// A masked value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replacement {
+    /// NULL.
+    Null,
+    /// These bytes (valid in text and binary format for text types).
+    Text(&'static [u8]),
+}
+
+/// A `mask` rule's columns and method, compiled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MaskRule {
+    /// The columns it masks.
+    pub columns: Vec<ColumnSpec>,
+    /// How.
+    pub with: MaskMethod,
+}
+
+impl MaskRule {
+    /// Whether the statement reads a table that may hold one of the
+    /// columns, or writes one with a `RETURNING` list (which returns what
+    /// it wrote): a mask rule applies to no other statement.
+    pub fn applies_to(&self, statement: &StatementSummary) -> bool {
+        let names = |tables: &[TableRef]| {
+            tables
+                .iter()
+                .any(|t| self.columns.iter().any(|c| c.may_be_in(t)))
+        };
+        names(&statement.tables_read)
+            || (names(&statement.tables_written) && mentions_returning(&statement.text))
+    }
+}
+
+/// Whether `text` has the word `returning` anywhere (a literal or a name
+/// containing it too: erring towards applying the rule).
+fn mentions_returning(text: &str) -> bool {
+    text.as_bytes()
+        .windows(9)
+        .any(|w| w.eq_ignore_ascii_case(b"returning"))
+}
+
+/// Whether a statement's rows can be masked as they are returned: a query
+/// that writes nothing. Anything else that reads a masked table (COPY,
+/// CREATE TABLE AS, INSERT ... SELECT, a cursor, EXPLAIN ANALYZE, SQL
+/// PREPARE) would move the data where no result row shows it, so it is
+/// refused instead.
+pub fn can_mask(statement: &StatementSummary) -> bool {
+    statement.kind == StatementKind::Select && statement.tables_written.is_empty()
+}
+
+/// The masked columns of one statement run, as the server identifies them:
+/// (table OID, column number) → method.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ResolvedColumns {
+    columns: HashMap<(u32, i16), MaskMethod>,
+}
+
+/// Columns resolved at most for one statement (a bound on what the
+/// catalog's answer can make the proxy hold).
+pub const MAX_RESOLVED: usize = 64 * 1024;
+
+impl ResolvedColumns {
+    /// Adds a column the catalog named; the stricter method wins when two
+    /// rules name it. `false` when the bound is reached.
+    pub fn add(&mut self, table_oid: u32, column: i16, with: MaskMethod) -> bool {
+        if self.columns.len() >= MAX_RESOLVED && !self.columns.contains_key(&(table_oid, column)) {
+            return false;
+        }
+        let slot = self.columns.entry((table_oid, column)).or_insert(with);
+        *slot = (*slot).max(with);
+        true
+    }
+
+    /// The method for a result field from `table_oid`'s column `column`.
+    pub fn get(&self, table_oid: u32, column: i16) -> Option<MaskMethod> {
+        self.columns.get(&(table_oid, column)).copied()
+    }
+
+    /// How many columns are masked.
+    pub fn len(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.columns.is_empty()
+    }
+}
+
+/// What happens to one result field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldMask {
+    /// Sent as it is.
+    Keep,
+    /// Masked.
+    Mask(Replacement),
+}
+
+/// Where a result field comes from, as the server says.
+#[derive(Debug, Clone, Copy)]
+pub struct FieldOrigin {
+    /// The table's OID, 0 for a computed field.
+    pub table_oid: u32,
+    /// The column's number, 0 or less for a whole row or a system column.
+    pub column: i16,
+    /// The field's type is a text type.
+    pub is_text: bool,
+}
+
+/// The mask of one field. In a statement a mask rule applied to
+/// (`statement_masked`), a field without a column of its own is masked with
+/// the strictest method of the statement's rules, `fallback`.
+pub fn field_mask(
+    resolved: &ResolvedColumns,
+    origin: FieldOrigin,
+    statement_masked: bool,
+    fallback: MaskMethod,
+) -> FieldMask {
+    if let Some(with) = resolved.get(origin.table_oid, origin.column) {
+        return FieldMask::Mask(with.replacement(origin.is_text));
+    }
+    if statement_masked && (origin.table_oid == 0 || origin.column <= 0) {
+        return FieldMask::Mask(fallback.replacement(origin.is_text));
+    }
+    FieldMask::Keep
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests;

@@ -1,0 +1,476 @@
+//! Masking PostgreSQL results (see [`crate::masking`] for what is masked).
+//!
+//! A simple Query with a statement a `mask` rule applies to is sent with a
+//! catalog lookup in front of it, in the same message:
+//!
+//! ```sql
+//! SELECT a.attrelid::pg_catalog.int8 AS "tollgate_mask_<nonce>_<n>", a.attnum,
+//!        s.nspname, c.relname, a.attname FROM pg_catalog.pg_attribute a ...
+//!  WHERE ... lower(a.attname) = ANY ('{email}'); <the client's text>
+//! ```
+//!
+//! The server answers the lookup first: the columns named by the rules, as
+//! (table OID, column number), read at the moment the client's statements
+//! run, in its transaction and under its search path. The upstream pump
+//! recognises the lookup's RowDescription by its column name (the nonce is
+//! random per session, so a client cannot forge it), keeps its rows and
+//! forwards none of it, then masks every field of the client's results
+//! that RowDescription traces to a masked column. If the lookup fails (in
+//! a failed transaction block, say) the server runs nothing after it, so
+//! nothing unmasked can follow; its error is forwarded as the client's.
+//!
+//! Operators in the lookup are schema-qualified (`OPERATOR(pg_catalog.=)`)
+//! so that a client's own operators on its search path cannot change what
+//! it finds. Error positions in the client's statements are shifted back
+//! by the lookup's length, so psql's `LINE 1: ...` caret stays right.
+
+use std::sync::Arc;
+
+use super::backend::{self, FieldDescription};
+use super::codec::{CodecError, MessageWriter, Reader};
+use crate::masking::{
+    field_mask, FieldMask, FieldOrigin, MaskMethod, MaskRule, Replacement, ResolvedColumns,
+};
+
+/// What one masked Query needs masked, made when it was decided.
+#[derive(Debug)]
+pub struct MaskPlan {
+    /// The mask rules that applied to any of its statements.
+    pub rules: Vec<Arc<MaskRule>>,
+    /// Per statement, in order: the method for its computed fields when a
+    /// mask rule applied to it, `None` when none did.
+    pub statements: Vec<Option<MaskMethod>>,
+}
+
+impl MaskPlan {
+    /// The lookup statement (with its `;`) whose one RowDescription has
+    /// `marker` as its first column's name.
+    pub fn lookup_sql(&self, marker: &str) -> String {
+        let mut names: Vec<&str> = self
+            .rules
+            .iter()
+            .flat_map(|r| r.columns.iter().map(|c| &*c.column))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        // Column specs are plain identifiers (letters, digits, '_', '$'),
+        // so they need no quoting inside the array literal.
+        format!(
+            "SELECT a.attrelid::pg_catalog.int8 AS \"{marker}\", a.attnum, s.nspname, c.relname, a.attname \
+             FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
+             JOIN pg_catalog.pg_namespace s ON s.oid OPERATOR(pg_catalog.=) c.relnamespace \
+             WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
+             AND pg_catalog.lower(a.attname::pg_catalog.text) OPERATOR(pg_catalog.=) \
+             ANY ('{{{}}}'::pg_catalog.text[]);",
+            names.join(",")
+        )
+    }
+
+    /// Adds one row of the lookup's answer (text format: OID, column
+    /// number, schema, table, column) to `resolved`, with the strictest
+    /// method of the rules that name it.
+    pub fn resolve_row(
+        &self,
+        values: &[Option<&[u8]>],
+        resolved: &mut ResolvedColumns,
+    ) -> Result<(), String> {
+        let text = |i: usize| -> Result<&str, String> {
+            values
+                .get(i)
+                .copied()
+                .flatten()
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .ok_or_else(|| format!("column {} of the masking lookup is missing", i + 1))
+        };
+        let oid: u32 = text(0)?
+            .parse()
+            .map_err(|_| "the masking lookup returned an invalid table OID".to_owned())?;
+        let column: i16 = text(1)?
+            .parse()
+            .map_err(|_| "the masking lookup returned an invalid column number".to_owned())?;
+        let (schema, table, name) = (text(2)?, text(3)?, text(4)?);
+        let with = self
+            .rules
+            .iter()
+            .filter(|r| r.columns.iter().any(|c| c.names(schema, table, name)))
+            .map(|r| r.with)
+            .max();
+        if let Some(with) = with {
+            if !resolved.add(oid, column, with) {
+                return Err("the masking lookup named more columns than the proxy holds".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Type OIDs whose values are text in both formats: `text`, `varchar`,
+/// `bpchar`, `name`, `unknown`.
+fn is_text_type(type_oid: u32) -> bool {
+    matches!(type_oid, 25 | 1043 | 1042 | 19 | 705)
+}
+
+/// The masks of one RowDescription's fields; `None` when no field is
+/// masked (the rows then pass through untouched).
+pub fn row_masks(
+    fields: &[FieldDescription<'_>],
+    resolved: &ResolvedColumns,
+    statement: Option<MaskMethod>,
+) -> Option<Vec<FieldMask>> {
+    let masks: Vec<FieldMask> = fields
+        .iter()
+        .map(|f| {
+            let origin = FieldOrigin {
+                table_oid: f.table_oid,
+                column: f.column,
+                is_text: is_text_type(f.type_oid),
+            };
+            field_mask(
+                resolved,
+                origin,
+                statement.is_some(),
+                statement.unwrap_or(MaskMethod::Null),
+            )
+        })
+        .collect();
+    masks.iter().any(|m| *m != FieldMask::Keep).then_some(masks)
+}
+
+/// Writes the DataRow `body` with its masked fields replaced, as a whole
+/// message, into `out`. A row whose field count differs from the
+/// RowDescription's is a server fault.
+pub fn mask_data_row(body: &[u8], masks: &[FieldMask], out: &mut Vec<u8>) -> Result<(), String> {
+    let values = match backend::decode_backend(backend::tag::DATA_ROW, body) {
+        Ok(backend::BackendMessage::DataRow(values)) => values,
+        Ok(_) => return Err("a DataRow did not decode as one".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    if values.len() != masks.len() {
+        return Err(format!(
+            "a DataRow has {} fields where its RowDescription has {}",
+            values.len(),
+            masks.len()
+        ));
+    }
+    let mut w = MessageWriter::new(out, backend::tag::DATA_ROW);
+    w.count(values.len());
+    for (value, mask) in values.iter().zip(masks) {
+        match (value, mask) {
+            (None, _) | (_, FieldMask::Keep) => w.put_value(*value),
+            (Some(_), FieldMask::Mask(Replacement::Null)) => w.put_value(None),
+            (Some(_), FieldMask::Mask(Replacement::Text(t))) => w.put_value(Some(t)),
+        };
+    }
+    w.finish();
+    Ok(())
+}
+
+/// Rewrites an ErrorResponse `body` so that its position (`P`, 1-based
+/// characters) counts from the client's own text, `shift` characters after
+/// the start of what the server ran. `false` (forward it as it is) when it
+/// has no position in the client's text.
+pub fn shift_error_position(body: &[u8], shift: usize, out: &mut Vec<u8>) -> bool {
+    let mut r = Reader::new("ErrorResponse", body);
+    let mut fields: Vec<(u8, &[u8])> = Vec::new();
+    loop {
+        let Ok(code) = r.get_u8("field type") else {
+            return false;
+        };
+        if code == 0 {
+            break;
+        }
+        let Ok(value) = r.get_cstr_bytes("field value") else {
+            return false;
+        };
+        fields.push((code, value));
+    }
+    let position = fields
+        .iter()
+        .find(|(c, _)| *c == backend::field::POSITION)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let Some(shifted) = position
+        .and_then(|p| p.checked_sub(shift))
+        .filter(|p| *p > 0)
+    else {
+        return false;
+    };
+    let shifted = shifted.to_string();
+    let mut w = MessageWriter::new(out, backend::tag::ERROR_RESPONSE);
+    for (code, value) in fields {
+        let value = if code == backend::field::POSITION {
+            shifted.as_bytes()
+        } else {
+            value
+        };
+        w.put_u8(code).put_cstr_bytes(value);
+    }
+    w.put_u8(0);
+    w.finish();
+    true
+}
+
+/// Where the answer to a masked Query is.
+#[derive(Debug)]
+enum Phase {
+    /// The lookup's rows.
+    Lookup,
+    /// The client's statements: the index of the one answering now.
+    Statements(usize),
+}
+
+/// The upstream pump's state through the answer to one masked Query, from
+/// the lookup's RowDescription to ReadyForQuery.
+#[derive(Debug)]
+pub struct MaskedAnswer {
+    plan: Arc<MaskPlan>,
+    resolved: ResolvedColumns,
+    phase: Phase,
+    /// The current result's field masks, when any field is masked.
+    rows: Option<Vec<FieldMask>>,
+    /// Characters of the lookup in front of the client's text.
+    shift: usize,
+}
+
+impl MaskedAnswer {
+    /// Starts at the lookup's RowDescription.
+    pub fn new(plan: Arc<MaskPlan>, shift: usize) -> MaskedAnswer {
+        MaskedAnswer {
+            plan,
+            resolved: ResolvedColumns::default(),
+            phase: Phase::Lookup,
+            rows: None,
+            shift,
+        }
+    }
+
+    /// Whether the lookup is still answering (its messages are dropped).
+    pub fn in_lookup(&self) -> bool {
+        matches!(self.phase, Phase::Lookup)
+    }
+
+    /// A DataRow of the lookup.
+    pub fn lookup_row(&mut self, body: &[u8]) -> Result<(), String> {
+        match backend::decode_backend(backend::tag::DATA_ROW, body) {
+            Ok(backend::BackendMessage::DataRow(values)) => {
+                self.plan.resolve_row(&values, &mut self.resolved)
+            }
+            Ok(_) => Err("a DataRow did not decode as one".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A CommandComplete (or EmptyQueryResponse): the lookup's ends it, a
+    /// statement's moves to the next statement.
+    pub fn statement_done(&mut self) {
+        self.rows = None;
+        self.phase = match self.phase {
+            Phase::Lookup => Phase::Statements(0),
+            Phase::Statements(i) => Phase::Statements(i.saturating_add(1)),
+        };
+    }
+
+    /// A RowDescription of the client's statements. A statement past the
+    /// analysed ones (which cannot happen unless the server split the text
+    /// differently) is treated as masked.
+    pub fn row_description(&mut self, body: &[u8]) -> Result<(), CodecError> {
+        let fields = match backend::decode_backend(backend::tag::ROW_DESCRIPTION, body)? {
+            backend::BackendMessage::RowDescription(fields) => fields,
+            _ => Vec::new(),
+        };
+        let statement = match self.phase {
+            Phase::Statements(i) => self
+                .plan
+                .statements
+                .get(i)
+                .copied()
+                .unwrap_or(Some(MaskMethod::Null)),
+            Phase::Lookup => Some(MaskMethod::Null),
+        };
+        self.rows = row_masks(&fields, &self.resolved, statement);
+        Ok(())
+    }
+
+    /// The masks for the current result's rows, when any field is masked.
+    pub fn rows(&self) -> Option<&[FieldMask]> {
+        self.rows.as_deref()
+    }
+
+    /// How many columns the lookup resolved.
+    pub fn resolved(&self) -> usize {
+        self.resolved.len()
+    }
+
+    /// The lookup's length in characters.
+    pub fn shift(&self) -> usize {
+        self.shift
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::masking::{ColumnSpec, REDACTED};
+
+    fn plan(columns: &[&str], with: MaskMethod) -> MaskPlan {
+        MaskPlan {
+            rules: vec![Arc::new(MaskRule {
+                columns: columns
+                    .iter()
+                    .map(|c| ColumnSpec::parse(c).unwrap())
+                    .collect(),
+                with,
+            })],
+            statements: vec![Some(with)],
+        }
+    }
+
+    fn field(name: &str, table_oid: u32, column: i16, type_oid: u32) -> FieldDescription<'_> {
+        FieldDescription {
+            name,
+            table_oid,
+            column,
+            type_oid,
+            type_len: -1,
+            type_mod: -1,
+            format: 0,
+        }
+    }
+
+    #[test]
+    fn the_lookup_names_each_column_once_and_qualifies_its_operators() {
+        let mut p = plan(
+            &["customers.email", "crm.contacts.email", "ssn"],
+            MaskMethod::Redact,
+        );
+        p.rules.push(Arc::new(MaskRule {
+            columns: vec![ColumnSpec::parse("phone").unwrap()],
+            with: MaskMethod::Null,
+        }));
+        let sql = p.lookup_sql("tollgate_mask_00_1");
+        assert!(sql.contains("AS \"tollgate_mask_00_1\""), "{sql}");
+        assert!(
+            sql.contains("ANY ('{email,phone,ssn}'::pg_catalog.text[]);"),
+            "{sql}"
+        );
+        assert!(!sql.contains(" = "), "every operator is qualified: {sql}");
+        assert!(sql.is_ascii());
+    }
+
+    #[test]
+    fn lookup_rows_resolve_only_the_columns_a_rule_names() {
+        let p = plan(&["customers.email"], MaskMethod::Redact);
+        let mut resolved = ResolvedColumns::default();
+        let row = |oid: &'static str, table: &'static str| {
+            vec![
+                Some(oid.as_bytes()),
+                Some(&b"3"[..]),
+                Some(&b"public"[..]),
+                Some(table.as_bytes()),
+                Some(&b"email"[..]),
+            ]
+        };
+        p.resolve_row(&row("16384", "customers"), &mut resolved)
+            .unwrap();
+        p.resolve_row(&row("16390", "orders"), &mut resolved)
+            .unwrap();
+        assert_eq!(resolved.get(16384, 3), Some(MaskMethod::Redact));
+        assert_eq!(resolved.get(16390, 3), None);
+        let err = p
+            .resolve_row(&row("x", "customers"), &mut resolved)
+            .unwrap_err();
+        assert!(err.contains("invalid table OID"), "{err}");
+        let err = p
+            .resolve_row(&row("1", "t")[..2], &mut resolved)
+            .unwrap_err();
+        assert!(err.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn rows_are_rewritten_field_by_field() {
+        let mut resolved = ResolvedColumns::default();
+        resolved.add(16384, 3, MaskMethod::Redact);
+        resolved.add(16384, 4, MaskMethod::Null);
+        let fields = [
+            field("id", 16384, 1, 23),
+            field("e", 16384, 3, 25),
+            field("born", 16384, 4, 1082),
+            field("upper", 0, 0, 25),
+        ];
+        // Not a masked statement: only the resolved columns.
+        let masks = row_masks(&fields, &resolved, None).unwrap();
+        let mut row = Vec::new();
+        let values: [Option<&[u8]>; 4] = [
+            Some(b"7"),
+            Some(b"ada@example.com"),
+            Some(b"1815-12-10"),
+            Some(b"ADA"),
+        ];
+        BackendMessage::DataRow(values.to_vec()).encode(&mut row);
+        let mut out = Vec::new();
+        mask_data_row(&row[5..], &masks, &mut out).unwrap();
+        let decoded = backend::decode_backend(out[0], &out[5..]).unwrap();
+        assert_eq!(
+            decoded,
+            BackendMessage::DataRow(vec![Some(b"7"), Some(REDACTED), None, Some(b"ADA")])
+        );
+        // A masked statement: the computed field too.
+        let masks = row_masks(&fields, &resolved, Some(MaskMethod::Redact)).unwrap();
+        out.clear();
+        mask_data_row(&row[5..], &masks, &mut out).unwrap();
+        let decoded = backend::decode_backend(out[0], &out[5..]).unwrap();
+        assert_eq!(
+            decoded,
+            BackendMessage::DataRow(vec![Some(b"7"), Some(REDACTED), None, Some(REDACTED)])
+        );
+        // NULL stays NULL; a row of the wrong width is refused.
+        out.clear();
+        let mut nulls = Vec::new();
+        BackendMessage::DataRow(vec![None, None, None, None]).encode(&mut nulls);
+        mask_data_row(&nulls[5..], &masks, &mut out).unwrap();
+        assert_eq!(out, nulls);
+        let err = mask_data_row(&nulls[5..], &masks[..2], &mut Vec::new()).unwrap_err();
+        assert!(
+            err.contains("4 fields where its RowDescription has 2"),
+            "{err}"
+        );
+        // Nothing to mask: no masks at all.
+        assert!(row_masks(&fields[..1], &resolved, None).is_none());
+    }
+
+    #[test]
+    fn error_positions_count_from_the_clients_text() {
+        let mut body = Vec::new();
+        for (code, value) in [
+            (b'S', "ERROR"),
+            (b'C', "42703"),
+            (b'M', "column \"emial\" does not exist"),
+            (b'P', "108"),
+        ] {
+            body.push(code);
+            body.extend_from_slice(value.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut out = Vec::new();
+        assert!(shift_error_position(&body, 100, &mut out));
+        match backend::decode_backend(out[0], &out[5..]).unwrap() {
+            BackendMessage::ErrorResponse(fields) => {
+                assert_eq!(fields.get(b'P'), Some("8"));
+                assert_eq!(fields.get(b'M'), Some("column \"emial\" does not exist"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A position inside the lookup, or none: left alone.
+        assert!(!shift_error_position(&body, 200, &mut Vec::new()));
+        assert!(!shift_error_position(
+            &[b'S', b'E', 0, 0],
+            10,
+            &mut Vec::new()
+        ));
+    }
+
+    use super::backend::BackendMessage;
+}
