@@ -5,6 +5,7 @@
 mod cli;
 mod drivers;
 mod listener;
+mod masking;
 mod postgres;
 mod recording;
 mod redirect;

@@ -62,7 +62,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::identity::ProcessIdentity;
-use crate::masking::{MaskMethod, MaskRule};
+use crate::masking::MaskRule;
 use crate::sql::{Analysis, StatementSummary};
 
 pub use explain::{
@@ -206,14 +206,6 @@ impl Decision {
             .iter()
             .filter(|r| r.action == Action::Mask)
             .filter_map(|r| r.mask.as_deref())
-    }
-
-    /// The strictest method of the `mask` rules that applied.
-    pub fn strictest_mask(&self) -> MaskMethod {
-        self.mask_rules()
-            .map(|m| m.with)
-            .max()
-            .unwrap_or(MaskMethod::Null)
     }
 
     /// The message for a `mask` statement that cannot run masked, `why`

@@ -1409,18 +1409,19 @@ impl ClientSide<'_> {
                     plan.rules.push(Arc::clone(rule));
                 }
             }
-            // A computed field is masked when the statement's expressions
-            // may read a masked column (or the text cannot be walked).
-            let masked_names: Vec<String> = decision
+            // A computed field is masked, with the strictest method of the
+            // rules whose columns the statement's expressions may read (all
+            // of them when its text cannot be walked).
+            let refs = statement.and_then(|s| crate::sql::column_refs(&s.text).ok());
+            let computed = decision
                 .mask_rules()
-                .flat_map(|r| r.columns.iter().map(|c| c.column.to_string()))
-                .collect();
-            let names: Vec<&str> = masked_names.iter().map(String::as_str).collect();
-            let computed_may_leak = statement
-                .map(|s| crate::sql::column_refs(&s.text).map_or(true, |r| r.may_read(&names)))
-                .unwrap_or(true);
-            plan.statements
-                .push(computed_may_leak.then(|| decision.strictest_mask()));
+                .filter(|rule| {
+                    let names: Vec<&str> = rule.columns.iter().map(|c| &*c.column).collect();
+                    refs.as_ref().is_none_or(|r| r.may_read(&names))
+                })
+                .map(|rule| rule.with)
+                .max();
+            plan.statements.push(computed);
         }
         *self.mask_plan.borrow_mut() = Some(plan);
         None
