@@ -51,6 +51,9 @@ pub struct Explanation {
     /// The most restrictive action over the statements (`allow` for
     /// empty text).
     pub verdict: Action,
+    /// The message is refused: a refusing verdict, or `mask` on a
+    /// statement whose result cannot be masked.
+    pub refused: bool,
     /// What the client is told when the message is refused.
     pub client_message: Option<String>,
     /// The `description` of each matched rule that has one, by name.
@@ -110,14 +113,23 @@ pub fn explain_analysis(
     }
     let top = most_restrictive(&decisions);
     let verdict = top.map_or(Action::Allow, |d| d.action);
-    let client_message = top.filter(|d| d.action.is_refused()).map(|d| {
-        let command = statements
+    fn command(s: &ExplainedStatement) -> &str {
+        s.summary.as_ref().map_or("statement", |s| &*s.command)
+    }
+    let client_message = match top {
+        Some(d) if d.action.is_refused() => statements
             .iter()
             .find(|s| s.decision == *d)
-            .and_then(|s| s.summary.as_ref())
-            .map_or("statement", |s| &*s.command);
-        d.client_message(command)
-    });
+            .map(|s| d.client_message(command(s))),
+        // A mask decision runs masked unless a statement cannot be.
+        Some(d) if d.action == Action::Mask => statements.iter().find_map(|s| {
+            let obstacle = (s.decision.action == Action::Mask)
+                .then(|| s.decision.mask_obstacle(s.summary.as_ref()))
+                .flatten()?;
+            Some(s.decision.mask_refused_message(command(s), obstacle))
+        }),
+        _ => None,
+    };
     let mut descriptions = BTreeMap::new();
     for d in &decisions {
         for r in &d.matched {
@@ -135,6 +147,7 @@ pub fn explain_analysis(
         digest: set.digest(),
         statements,
         verdict,
+        refused: client_message.is_some(),
         client_message,
     }
 }
@@ -234,6 +247,18 @@ impl fmt::Display for Explanation {
                     if let Some(why) = self.descriptions.get(&*r.name) {
                         writeln!(f, "    {:<6}  {:<width$}  ({why})", "", "")?;
                     }
+                    if let Some(mask) = &r.mask {
+                        let columns: Vec<String> =
+                            mask.columns.iter().map(ToString::to_string).collect();
+                        writeln!(
+                            f,
+                            "    {:<6}  {:<width$}  masks {} ({})",
+                            "",
+                            "",
+                            columns.join(", "),
+                            mask.with
+                        )?;
+                    }
                 }
             }
             match (&st.default_source, d.deciding_rule()) {
@@ -249,11 +274,13 @@ impl fmt::Display for Explanation {
             }
         }
         writeln!(f)?;
-        let refused = self.verdict.is_refused();
-        let effect = match (refused, n > 1) {
+        let effect = match (self.refused, n > 1) {
             (true, true) => "refused; no statement of the message runs",
             (true, false) => "refused",
             (false, _) if self.verdict == Action::Audit => "forwarded and flagged for audit",
+            (false, _) if self.verdict == Action::Mask => {
+                "forwarded as a simple Query with the result columns masked; refused through the extended protocol"
+            }
             (false, _) => "forwarded",
         };
         write!(f, "verdict:   {} ({effect})", self.verdict)?;

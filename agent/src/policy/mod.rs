@@ -208,6 +208,19 @@ impl Decision {
             .filter_map(|r| r.mask.as_deref())
     }
 
+    /// Why a `mask` decision on `statement` cannot be carried out by
+    /// masking its result, whatever protocol it came in; `None` when it
+    /// can.
+    pub fn mask_obstacle(&self, statement: Option<&StatementSummary>) -> Option<&'static str> {
+        if self.mask_rules().next().is_none() {
+            Some("the default policy cannot say which columns to mask")
+        } else if !statement.is_some_and(crate::masking::can_mask) {
+            Some(MASK_ONLY_QUERIES)
+        } else {
+            None
+        }
+    }
+
     /// The message for a `mask` statement that cannot run masked, `why`
     /// saying what masking cannot do: `tollgate: COPY requires masking by
     /// rule "mask-pii", and masking applies only to ...; refused`.

@@ -697,6 +697,34 @@ fn reasons_name_the_deciding_rule_and_the_others() {
     assert_eq!(&*d.matched[3].file, "p.toml");
 }
 
+#[test]
+fn a_mask_rule_applies_only_where_its_columns_can_be_read() {
+    let set = set(r#"
+[[rule]]
+name = "mask-email"
+action = "mask"
+mask_columns = ["crm.customers.email"]
+mask_with = "null"
+"#);
+    let id = ci_identity();
+    let cases = [
+        (stmt(StatementKind::Select, "SELECT", &["customers"], &[]), Action::Mask),
+        (stmt(StatementKind::Select, "SELECT", &["orders"], &[]), Action::Allow),
+        (stmt(StatementKind::Update, "UPDATE", &[], &["customers"]), Action::Allow),
+        (stmt(StatementKind::Drop, "DROP TABLE", &[], &[]), Action::Allow),
+    ];
+    for (s, want) in &cases {
+        let d = decide_parsed(&set, "t", &id, s);
+        assert_eq!(d.action, *want, "{s:?}");
+        assert_eq!(d.mask_rules().count(), usize::from(*want == Action::Mask));
+    }
+    let d = decide_parsed(&set, "t", &id, &cases[0].0);
+    let rule = d.mask_rules().next().unwrap();
+    assert_eq!(rule.columns[0].to_string(), "crm.customers.email");
+    assert_eq!(rule.with, crate::masking::MaskMethod::Null);
+    assert!(!Action::Mask.is_refused(), "a mask decision runs, masked");
+}
+
 // ---- errors -------------------------------------------------------------------
 
 #[test]
@@ -724,6 +752,13 @@ fn errors_point_at_file_line_column() {
         ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nci_verified = \"yes\"\n", "p.toml:5:15: invalid type: string \"yes\", expected a boolean"),
         ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\ntargets = {}\n", "p.toml:5:11: invalid type: map, expected a value or a list of values"),
         ("[[rule]]\naction = \"deny\"\n", "p.toml:1:1: missing field `name`"),
+        ("[[rule]]\nname = \"a\"\naction = \"mask\"\n", "p.toml:3:10: a mask rule needs `mask_columns`"),
+        ("[[rule]]\nname = \"a\"\naction = \"mask\"\nmask_columns = []\n", "p.toml:4:16: empty `mask_columns`"),
+        ("[[rule]]\nname = \"a\"\naction = \"mask\"\nmask_columns = [\"ok\", \"a.b.c.d\"]\n", "p.toml:4:23: invalid column \"a.b.c.d\": at most three parts"),
+        ("[[rule]]\nname = \"a\"\naction = \"mask\"\nmask_columns = \"e'mail\"\n", "p.toml:4:16: invalid column \"e'mail\""),
+        ("[[rule]]\nname = \"a\"\naction = \"mask\"\nmask_columns = \"email\"\nmask_with = \"blur\"\n", "p.toml:5:13: invalid mask_with \"blur\"; expected redact or null"),
+        ("[[rule]]\nname = \"a\"\naction = \"deny\"\nmask_columns = [\"email\"]\n", "p.toml:4:16: `mask_columns` belongs only to rules with action = \"mask\""),
+        ("[[rule]]\nname = \"a\"\naction = \"audit\"\nmask_with = \"null\"\n", "p.toml:4:13: `mask_with` belongs only to rules with action = \"mask\""),
         ("[[rule]\n", "p.toml:1:7:"),
     ];
     for (text, want) in cases {

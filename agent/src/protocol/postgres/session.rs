@@ -91,7 +91,7 @@ use super::frontend::{self, decode_startup, FrontendMessage};
 use super::mask::{self as masking, MaskPlan, MaskedAnswer};
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::identity::ProcessIdentity;
-use crate::policy::{most_restrictive, Action, Decision, DecisionMemo, MASK_ONLY_QUERIES};
+use crate::policy::{most_restrictive, Action, Decision, DecisionMemo};
 use crate::protocol::{current_policy, SessionContext};
 use crate::sql::Analysis;
 
@@ -1387,15 +1387,9 @@ impl ClientSide<'_> {
             let command = label
                 .or(statement.map(|s| &*s.command))
                 .unwrap_or(UNPARSABLE_COMMAND);
-            let why = if label.is_some() || !self.maskable.get() {
-                Some(MASK_EXTENDED)
-            } else if decision.mask_rules().next().is_none() {
-                Some("the default policy cannot say which columns to mask")
-            } else if !statement.is_some_and(crate::masking::can_mask) {
-                Some(MASK_ONLY_QUERIES)
-            } else {
-                None
-            };
+            let why = decision.mask_obstacle(statement).or_else(|| {
+                (label.is_some() || !self.maskable.get()).then_some(MASK_EXTENDED)
+            });
             if let Some(why) = why {
                 return Some(decision.mask_refused_message(command, why));
             }
