@@ -3,8 +3,9 @@
 # for a remote production database, the agent with the shipped demo policy
 # (policies/demo.toml), and psql governed through the transparent eBPF
 # redirect (`tollgate exec`): psql is given the database's own address, never
-# the proxy's. It shows an allowed query, a denied DROP and a denied read of
-# a protected table with the rule that refused them, `policy explain`, the
+# the proxy's. It shows an allowed query whose customers' e-mail addresses
+# come back masked, a denied DROP and a denied read of a protected table
+# with the rule that refused them, `policy explain`, the
 # session's identity, the tamper-evident recordings, the live status,
 # metrics, and what happens when the agent dies (fail closed).
 #
@@ -126,7 +127,7 @@ protocol = "postgres"
 
 [[listener]]
 listen = "127.0.0.1:$proxy_port"
-target = "orders-db"
+target = "demo-db"
 TOML
 fi
 cat "$work/tollgate.toml"
@@ -145,6 +146,7 @@ else
     host=127.0.0.1; port=$proxy_port; run=()
     step "psql through the listener"
 fi
+echo "(customers' e-mail addresses are masked by rule mask-customer-email; the table itself is unchanged)"
 show "${run[@]}" psql -X -h "$host" -p "$port" -U postgres -d postgres \
     -c "select id, name, email from customers order by id"
 
@@ -155,6 +157,7 @@ show "${run[@]}" psql -X -h "$host" -p "$port" -U postgres -d postgres -Atc "sel
 
 step "Why: tollgate policy explain"
 show tollgate policy explain --target demo-db --identity 'user = "root", uid = 0' "drop table customers"
+show tollgate policy explain --target demo-db --identity 'user = "root", uid = 0' "select id, name, email from customers order by id"
 
 step "The agent logged who opened each session and every decision"
 for _ in $(seq 50); do [ "$(grep -c 'session closed' "$work/agent.log")" -ge 4 ] && break; sleep 0.1; done
@@ -164,6 +167,8 @@ step "Every session is recorded: tollgate recordings list, show, verify"
 show tollgate recordings list
 denied_id=$(tollgate recordings list --denied --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
 show tollgate recordings show "$denied_id"
+masked_id=$(tollgate recordings list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+show tollgate recordings show "$masked_id"
 show tollgate recordings verify --all
 
 step "A session in progress, as 'tollgate status' shows it"
