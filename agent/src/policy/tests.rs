@@ -708,10 +708,22 @@ mask_with = "null"
 "#);
     let id = ci_identity();
     let cases = [
-        (stmt(StatementKind::Select, "SELECT", &["customers"], &[]), Action::Mask),
-        (stmt(StatementKind::Select, "SELECT", &["orders"], &[]), Action::Allow),
-        (stmt(StatementKind::Update, "UPDATE", &[], &["customers"]), Action::Allow),
-        (stmt(StatementKind::Drop, "DROP TABLE", &[], &[]), Action::Allow),
+        (
+            stmt(StatementKind::Select, "SELECT", &["customers"], &[]),
+            Action::Mask,
+        ),
+        (
+            stmt(StatementKind::Select, "SELECT", &["orders"], &[]),
+            Action::Allow,
+        ),
+        (
+            stmt(StatementKind::Update, "UPDATE", &[], &["customers"]),
+            Action::Allow,
+        ),
+        (
+            stmt(StatementKind::Drop, "DROP TABLE", &[], &[]),
+            Action::Allow,
+        ),
     ];
     for (s, want) in &cases {
         let d = decide_parsed(&set, "t", &id, s);

@@ -1387,9 +1387,9 @@ impl ClientSide<'_> {
             let command = label
                 .or(statement.map(|s| &*s.command))
                 .unwrap_or(UNPARSABLE_COMMAND);
-            let why = decision.mask_obstacle(statement).or_else(|| {
-                (label.is_some() || !self.maskable.get()).then_some(MASK_EXTENDED)
-            });
+            let why = decision
+                .mask_obstacle(statement)
+                .or_else(|| (label.is_some() || !self.maskable.get()).then_some(MASK_EXTENDED));
             if let Some(why) = why {
                 return Some(decision.mask_refused_message(command, why));
             }
