@@ -4,35 +4,41 @@
 # configurations, measured in the same run and interleaved (A B C D A B C D
 # ...), medians reported with the spread.
 #
-#   scripts/bench.sh [--quick] [--rounds N] [--json FILE] [--no-ebpf]
+#   scripts/bench.sh [--quick] [--rounds N] [--json FILE] [--no-ebpf] [--only W,...]
 #
 # Configurations:
 #   direct      pgbench -> PostgreSQL
 #   pgbouncer   pgbench -> pgbouncer (session pooling) -> PostgreSQL
 #   relay       pgbench -> tollgate listener, protocol tcp (no parsing)
 #   full        pgbench -> tollgate listener, protocol postgres, a policy of
-#               24 rules, every statement analysed, decided and recorded
+#               25 rules, every statement analysed, decided and recorded
+#   masked      the same on a target where a rule masks
+#               pgbench_accounts.filler (the masked-* workloads only)
 #   relay-ebpf, full-ebpf  the same through the eBPF redirect: pgbench runs
 #               under `tollgate exec` and connects to a non-loopback address
 #               (as root with a kernel that can; --no-ebpf skips them)
 # Workloads: select-only at 1 and 8 clients, simple protocol (a new literal
 # in every statement), a new connection per transaction (-C: connection
 # set-up including the identity lookup), and without --quick extended and
-# prepared modes, TPC-B-like at 8 clients and a 10,000-row result.
+# prepared modes, TPC-B-like at 8 clients, a 10,000-row result, and a query
+# returning a masked column at 1 and 8 clients (direct, pgbouncer, full
+# without masking and masked).
 # Afterwards 500 idle sessions are opened through the full configuration
-# and the agent's memory is reported.
+# and the agent's memory is reported. --only runs only the named workloads
+# (not with --quick), e.g. --only masked-1c,masked-8c.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-rounds=3; duration=10; quick=0; json=""; ebpf=1
+rounds=3; duration=10; quick=0; json=""; ebpf=1; only_workloads=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1; rounds=2; duration=4; shift ;;
         --rounds) rounds="$2"; shift 2 ;;
         --json) json="$2"; shift 2 ;;
         --no-ebpf) ebpf=0; shift ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --only) only_workloads="$2"; shift 2 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -81,6 +87,7 @@ mkdir -p "$work/pg" "$work/bouncer"
 [ "$(id -u)" -eq 0 ] && chown postgres: "$work/pg" "$work/bouncer"
 
 pg_port=$(free_port); bouncer_port=$(free_port); relay_port=$(free_port); full_port=$(free_port)
+masked_port=$(free_port)
 as_pg "$pgbin/initdb" -D "$work/pg/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
 # The eBPF path reaches the server on a non-loopback address.
 echo "host all all 0.0.0.0/0 trust" >> "$work/pg/data/pg_hba.conf"
@@ -114,8 +121,9 @@ echo '"postgres" ""' > "$work/bouncer/users.txt"
 [ "$(id -u)" -eq 0 ] && chown postgres: "$work/bouncer"/*
 as_pg pgbouncer -q "$work/bouncer/pgbouncer.ini" & pids+=($!)
 
-# A realistic policy: 24 rules, none matching pgbench's statements except the
-# allow rule, so every rule is evaluated for every statement.
+# A realistic policy: 25 rules, none matching pgbench's statements on the
+# full targets except the allow rule, so every rule is evaluated for every
+# statement; on the masked target a mask rule hides pgbench_accounts.filler.
 policy="$work/policy.toml"
 {
     printf '[defaults]\naction = "allow"\n\n'
@@ -126,6 +134,7 @@ policy="$work/policy.toml"
     for i in $(seq 1 20); do
         printf '[[rule]]\nname = "protect-table-%d"\naction = "deny"\n[rule.match]\ntables = ["secret_%d_*"]\n\n' "$i" "$i"
     done
+    printf '[[rule]]\nname = "mask-filler"\naction = "mask"\nmask_columns = ["pgbench_accounts.filler"]\n[rule.match]\ntargets = ["masked"]\n\n'
 } > "$policy"
 "$tollgate" policy check "$policy" >/dev/null
 cat > "$work/tollgate.toml" <<TOML
@@ -154,6 +163,17 @@ target = "relay"
 [[listener]]
 listen = "127.0.0.1:$full_port"
 target = "full"
+upstream = "127.0.0.1:$pg_port"
+
+[[target]]
+name = "masked"
+address = "localhost"
+ports = [$pg_port]
+protocol = "postgres"
+
+[[listener]]
+listen = "127.0.0.1:$masked_port"
+target = "masked"
 upstream = "127.0.0.1:$pg_port"
 TOML
 if [ $ebpf -eq 1 ]; then
@@ -190,14 +210,25 @@ cat > "$work/large.sql" <<'SQL'
 SELECT aid, bid, abalance, filler FROM pgbench_accounts WHERE aid BETWEEN :start AND :start + 9999;
 SQL
 chmod 644 "$work/large.sql"
+# A point query returning the masked column (bpchar, redacted) and two
+# unmasked ones: every statement pays the masking lookup and a rewritten row.
+cat > "$work/masked.sql" <<'SQL'
+\set aid random(1, 1000000)
+SELECT aid, abalance, filler FROM pgbench_accounts WHERE aid = :aid;
+SQL
+chmod 644 "$work/masked.sql"
+# name|pgbench arguments[|configurations, when not all but masked]
 workloads=("select-1c-simple|-S -c 1 -j 1 -M simple" "select-8c-simple|-S -c 8 -j 2 -M simple"
            "connect-1c|-S -c 1 -j 1 -C -M simple")
 if [ $quick -eq 0 ]; then
     workloads+=("select-8c-extended|-S -c 8 -j 2 -M extended" "select-8c-prepared|-S -c 8 -j 2 -M prepared"
-                "tpcb-8c|-c 8 -j 2 -M simple" "large-result-4c|-f $work/large.sql -c 4 -j 2 -M simple")
+                "tpcb-8c|-c 8 -j 2 -M simple" "large-result-4c|-f $work/large.sql -c 4 -j 2 -M simple"
+                "masked-1c|-f $work/masked.sql -c 1 -j 1 -M simple|direct,pgbouncer,full,masked"
+                "masked-8c|-f $work/masked.sql -c 8 -j 2 -M simple|direct,pgbouncer,full,masked")
 fi
 # name|host|port|command prefix
-configs=("direct|127.0.0.1|$pg_port|" "pgbouncer|127.0.0.1|$bouncer_port|" "relay|127.0.0.1|$relay_port|" "full|127.0.0.1|$full_port|")
+configs=("direct|127.0.0.1|$pg_port|" "pgbouncer|127.0.0.1|$bouncer_port|" "relay|127.0.0.1|$relay_port|" "full|127.0.0.1|$full_port|"
+         "masked|127.0.0.1|$masked_port|")
 if [ $ebpf -eq 1 ]; then
     configs+=("relay-ebpf|$ebpf_relay_addr|$pg_port|$tollgate exec --config $work/tollgate.toml --log-level warn --"
               "full-ebpf|$ebpf_full_addr|$pg_port|$tollgate exec --config $work/tollgate.toml --log-level warn --")
@@ -213,10 +244,18 @@ fi
 results="$work/results.tsv"
 : > "$results"
 for w in "${workloads[@]}"; do
-    name=${w%%|*}; args=${w#*|}
+    IFS='|' read -r name args only <<< "$w"
+    if [ -n "$only_workloads" ]; then
+        case ",$only_workloads," in *",$name,"*) ;; *) continue ;; esac
+    fi
     for r in $(seq 1 "$rounds"); do
         for c in "${configs[@]}"; do
             IFS='|' read -r cname host port prefix <<< "$c"
+            if [ -n "$only" ]; then
+                case ",$only," in *",$cname,"*) ;; *) continue ;; esac
+            elif [ "$cname" = masked ]; then
+                continue
+            fi
             # shellcheck disable=SC2086
             out=$($prefix "$pgbin/pgbench" -n $args -T "$duration" -h "$host" -p "$port" -U postgres postgres 2>&1 || true)
             tps=$(echo "$out" | awk -F'= ' '/^tps/ {split($2,a," "); print a[1]; exit}')
@@ -315,6 +354,12 @@ def added(workload, field, what):
             print(f"{what}, {c}: {of_medians:.0f} us (median of per-round differences: {paired:.0f} us)")
 added("select-1c-simple", "lat", "added mean latency at 1 client")
 added("connect-1c", "conn", "added connection set-up")
+for w in ("masked-1c", "masked-8c"):
+    cs = data.get(w, {})
+    if "masked" in cs and "full" in cs:
+        m, f = statistics.median(cs["masked"]["tps"]), statistics.median(cs["full"]["tps"])
+        lat = (statistics.median(cs["masked"]["lat"]) - statistics.median(cs["full"]["lat"])) * 1000
+        print(f"{w}: masked {m / f:.2f}x of full without masking, {lat:.0f} us more mean latency")
 eight = data.get("select-8c-simple", {})
 if "pgbouncer" in eight:
     for c in ("full", "full-ebpf"):

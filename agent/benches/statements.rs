@@ -7,6 +7,9 @@
 //!   pgbench and ORMs that inline values send).
 //! - `policy/*`: deciding one statement against 100 rules, where the
 //!   deciding rule is the last one and every rule is evaluated.
+//! - `masking/*`: what a masked statement adds in the proxy: walking its
+//!   parse tree for the columns its expressions read, and rewriting one
+//!   result row with a masked field.
 //!
 //! Run: `cargo bench -p tollgate-agent --bench statements`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -172,5 +175,49 @@ fn policy(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, framing, analysis, policy);
+fn masking(c: &mut Criterion) {
+    use tollgate_agent::masking::{MaskMethod, ResolvedColumns};
+    use tollgate_agent::protocol::postgres::mask::{mask_data_row, row_masks};
+    use tollgate_agent::protocol::postgres::FieldDescription;
+
+    let mut group = c.benchmark_group("masking");
+    group.throughput(Throughput::Elements(1));
+    let sql = "SELECT aid, abalance, filler FROM pgbench_accounts WHERE aid = 4242";
+    group.bench_function("column_refs", |b| {
+        b.iter(|| black_box(tollgate_agent::sql::column_refs(black_box(sql)).unwrap()));
+    });
+    let mut resolved = ResolvedColumns::default();
+    resolved.add(16397, 4, MaskMethod::Redact);
+    let field = |name, column, type_oid| FieldDescription {
+        name,
+        table_oid: 16397,
+        column,
+        type_oid,
+        type_len: -1,
+        type_mod: -1,
+        format: 0,
+    };
+    let fields = [
+        field("aid", 1, 23),
+        field("abalance", 3, 23),
+        field("filler", 4, 1042),
+    ];
+    let masks = row_masks(&fields, &resolved, None).unwrap();
+    let mut row = 3u16.to_be_bytes().to_vec();
+    for value in ["4242".to_string(), "0".to_string(), " ".repeat(84)] {
+        row.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        row.extend_from_slice(value.as_bytes());
+    }
+    let mut out = Vec::with_capacity(256);
+    group.bench_function("data_row_3_fields_1_masked", |b| {
+        b.iter(|| {
+            out.clear();
+            mask_data_row(black_box(&row), &masks, &mut out).unwrap();
+            black_box(out.len())
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, framing, analysis, policy, masking);
 criterion_main!(benches);
