@@ -29,7 +29,8 @@ mask_columns = ["public.customers.born"]
 const SCHEMA: &str = "create table customers (id int primary key, name text, email text, phone varchar(20), born date);
 insert into customers values (1, 'Ada', 'ada@example.com', '555-0101', '1815-12-10'), (2, 'Alan', 'alan@example.com', null, '1912-06-23');
 create table orders (id int, customer_id int, total numeric, phone text);
-insert into orders values (10, 1, 9.50, '555-0199');";
+insert into orders values (10, 1, 9.50, '555-0199');
+create schema crm; create table crm.customers (id int, email text); insert into crm.customers values (1, 'crm@example.com');";
 
 struct Fixture {
     pg: Postgres,
@@ -175,6 +176,13 @@ fn several_statements_transactions_and_errors() {
         ],
         "{stderr}"
     );
+    // A search path changed earlier in the same message: the lookup finds
+    // the table the statement reads in whichever schema it is.
+    let out = f
+        .query("set search_path = crm, public; select email from customers")
+        .unwrap();
+    assert_eq!(out.lines().last(), Some("****"), "{out}");
+    assert!(!out.contains("crm@"), "{out}");
     // An error in a masked statement points into the client's own text.
     let err = f.query("select id, emial from customers").unwrap_err();
     assert!(

@@ -40,12 +40,22 @@ pub struct MaskPlan {
     /// Per statement, in order: the method for its computed fields when a
     /// mask rule applied to it, `None` when none did.
     pub statements: Vec<Option<MaskMethod>>,
+    /// The relations the masked statements read, as PostgreSQL folds their
+    /// names (deduplicated).
+    pub tables: Vec<String>,
 }
 
 impl MaskPlan {
     /// The lookup statement (with its `;`) whose one RowDescription has
-    /// `marker` as its first column's name.
+    /// `marker` as its first column's name. It looks only at the relations
+    /// the masked statements read ([`MaskPlan::tables`]): it
+    /// finds them in every schema (a `SET search_path` earlier in the same
+    /// message could change which one a statement reads) through the
+    /// catalog's index on names. A name that is not ASCII cannot go into
+    /// text in an unknown client encoding, so then every relation is
+    /// searched by column name instead (slower, the same answer).
     pub fn lookup_sql(&self, marker: &str) -> String {
+        let tables = &self.tables;
         let mut names: Vec<&str> = self
             .rules
             .iter()
@@ -53,18 +63,32 @@ impl MaskPlan {
             .collect();
         names.sort_unstable();
         names.dedup();
-        // Column specs are plain identifiers (letters, digits, '_', '$'),
-        // so they need no quoting inside the array literal.
-        format!(
-            "SELECT a.attrelid::pg_catalog.int8 AS \"{marker}\", a.attnum, s.nspname, c.relname, a.attname \
-             FROM pg_catalog.pg_attribute a \
-             JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
-             JOIN pg_catalog.pg_namespace s ON s.oid OPERATOR(pg_catalog.=) c.relnamespace \
+        // Column specs are plain identifiers (letters, digits, '_', '$'):
+        // no quoting inside the array literal.
+        let mut sql = format!(
+            "SELECT a.attrelid::pg_catalog.int8 AS \"{marker}\", a.attnum, \
+             c.relnamespace::pg_catalog.regnamespace::pg_catalog.text, c.relname, a.attname \
+             FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid \
              WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
              AND pg_catalog.lower(a.attname::pg_catalog.text) OPERATOR(pg_catalog.=) \
-             ANY ('{{{}}}'::pg_catalog.text[]);",
+             ANY ('{{{}}}'::pg_catalog.text[])",
             names.join(",")
-        )
+        );
+        if !tables.is_empty() && tables.iter().all(|t| t.is_ascii()) {
+            sql.push_str(" AND c.relname OPERATOR(pg_catalog.=) ANY (ARRAY[");
+            for (i, table) in tables.iter().enumerate() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push('\'');
+                sql.push_str(&table.replace('\'', "''"));
+                sql.push('\'');
+            }
+            sql.push_str("]::pg_catalog.name[])");
+        }
+        sql.push(';');
+        sql
     }
 
     /// Adds one row of the lookup's answer (text format: OID, column
@@ -324,6 +348,7 @@ mod tests {
                 with,
             })],
             statements: vec![Some(with)],
+            tables: Vec::new(),
         }
     }
 
@@ -349,14 +374,26 @@ mod tests {
             columns: vec![ColumnSpec::parse("phone").unwrap()],
             with: MaskMethod::Null,
         }));
+        p.tables = vec!["customers".into(), "it's".into()];
         let sql = p.lookup_sql("tollgate_mask_00_1");
         assert!(sql.contains("AS \"tollgate_mask_00_1\""), "{sql}");
         assert!(
-            sql.contains("ANY ('{email,phone,ssn}'::pg_catalog.text[]);"),
+            sql.contains("ANY ('{email,phone,ssn}'::pg_catalog.text[])"),
+            "{sql}"
+        );
+        assert!(
+            sql.ends_with(
+                "c.relname OPERATOR(pg_catalog.=) ANY (ARRAY['customers','it''s']::pg_catalog.name[]);"
+            ),
             "{sql}"
         );
         assert!(!sql.contains(" = "), "every operator is qualified: {sql}");
         assert!(sql.is_ascii());
+        // A name the client's encoding might not carry: every relation.
+        p.tables = vec!["customers".into(), "café".into()];
+        let sql = p.lookup_sql("m");
+        assert!(!sql.contains("relname OPERATOR"), "{sql}");
+        assert!(sql.ends_with("::pg_catalog.text[]);"), "{sql}");
     }
 
     #[test]

@@ -1377,6 +1377,7 @@ impl ClientSide<'_> {
         let mut plan = MaskPlan {
             rules: Vec::new(),
             statements: Vec::with_capacity(decisions.len()),
+            tables: Vec::new(),
         };
         for (i, decision) in decisions.iter().enumerate() {
             if decision.action != Action::Mask {
@@ -1392,6 +1393,11 @@ impl ClientSide<'_> {
                 .or_else(|| (label.is_some() || !self.maskable.get()).then_some(MASK_EXTENDED));
             if let Some(why) = why {
                 return Some(decision.mask_refused_message(command, why));
+            }
+            for table in statement.iter().flat_map(|s| &s.tables_read) {
+                if !plan.tables.contains(&table.name) {
+                    plan.tables.push(table.name.clone());
+                }
             }
             for rule in decision
                 .matched
