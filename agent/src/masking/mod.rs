@@ -99,17 +99,18 @@ impl ColumnSpec {
         }
     }
 
-    /// Whether the catalog's column `schema.table.column` is this one.
-    pub fn names(&self, schema: &str, table: &str, column: &str) -> bool {
+    /// Whether the catalog's column `schema.table.column` may be this one
+    /// (a schema not known matches any).
+    pub fn names(&self, schema: Option<&str>, table: &str, column: &str) -> bool {
         column.eq_ignore_ascii_case(&self.column)
             && self
                 .table
                 .as_deref()
                 .is_none_or(|t| table.eq_ignore_ascii_case(t))
-            && self
-                .schema
-                .as_deref()
-                .is_none_or(|s| schema.eq_ignore_ascii_case(s))
+            && match (self.schema.as_deref(), schema) {
+                (Some(want), Some(got)) => got.eq_ignore_ascii_case(want),
+                _ => true,
+            }
     }
 }
 

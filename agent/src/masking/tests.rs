@@ -47,14 +47,15 @@ fn specs_parse_in_one_to_three_parts_lowercased() {
 #[test]
 fn a_spec_names_catalog_columns_without_regard_to_case() {
     let spec = ColumnSpec::parse("customers.email").unwrap();
-    assert!(spec.names("public", "customers", "email"));
-    assert!(spec.names("crm", "Customers", "EMAIL"));
-    assert!(!spec.names("public", "orders", "email"));
+    assert!(spec.names(Some("public"), "customers", "email"));
+    assert!(spec.names(Some("crm"), "Customers", "EMAIL"));
+    assert!(!spec.names(Some("public"), "orders", "email"));
     let spec = ColumnSpec::parse("crm.customers.email").unwrap();
-    assert!(!spec.names("public", "customers", "email"));
+    assert!(!spec.names(Some("public"), "customers", "email"));
+    assert!(spec.names(None, "customers", "email"), "schema not known");
     assert!(ColumnSpec::parse("email")
         .unwrap()
-        .names("any", "thing", "email"));
+        .names(Some("any"), "thing", "email"));
 }
 
 #[test]

@@ -47,15 +47,17 @@ pub struct MaskPlan {
 
 impl MaskPlan {
     /// The lookup statement (with its `;`) whose one RowDescription has
-    /// `marker` as its first column's name. It looks only at the relations
-    /// the masked statements read ([`MaskPlan::tables`]): it
-    /// finds them in every schema (a `SET search_path` earlier in the same
-    /// message could change which one a statement reads) through the
-    /// catalog's index on names. A name that is not ASCII cannot go into
-    /// text in an unknown client encoding, so then every relation is
-    /// searched by column name instead (slower, the same answer).
+    /// `marker` as its first column's name: every column of the relations
+    /// the masked statements read ([`MaskPlan::tables`], in every schema,
+    /// since a `SET search_path` earlier in the same message could change
+    /// which one a statement reads) whose name a rule names, with its
+    /// relation as `regclass` text. Written for the planner: the relations
+    /// come from the catalog's name index in a sub-select rather than a
+    /// join (a join doubles the planning time, most of the lookup's cost).
+    /// A relation name that is not ASCII cannot go into text in an unknown
+    /// client encoding; then every relation is searched by column name
+    /// (slower, the same answer).
     pub fn lookup_sql(&self, marker: &str) -> String {
-        let tables = &self.tables;
         let mut names: Vec<&str> = self
             .rules
             .iter()
@@ -66,18 +68,20 @@ impl MaskPlan {
         // Column specs are plain identifiers (letters, digits, '_', '$'):
         // no quoting inside the array literal.
         let mut sql = format!(
-            "SELECT a.attrelid::pg_catalog.int8 AS \"{marker}\", a.attnum, \
-             c.relnamespace::pg_catalog.regnamespace::pg_catalog.text, c.relname, a.attname \
-             FROM pg_catalog.pg_class c \
-             JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid \
+            "SELECT a.attrelid::pg_catalog.int8 AS \"{marker}\", a.attnum, a.attname, \
+             a.attrelid::pg_catalog.regclass::pg_catalog.text \
+             FROM pg_catalog.pg_attribute a \
              WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
              AND pg_catalog.lower(a.attname::pg_catalog.text) OPERATOR(pg_catalog.=) \
              ANY ('{{{}}}'::pg_catalog.text[])",
             names.join(",")
         );
-        if !tables.is_empty() && tables.iter().all(|t| t.is_ascii()) {
-            sql.push_str(" AND c.relname OPERATOR(pg_catalog.=) ANY (ARRAY[");
-            for (i, table) in tables.iter().enumerate() {
+        if !self.tables.is_empty() && self.tables.iter().all(|t| t.is_ascii()) {
+            sql.push_str(
+                " AND a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT c.oid FROM pg_catalog.pg_class c \
+                 WHERE c.relname OPERATOR(pg_catalog.=) ANY (ARRAY[",
+            );
+            for (i, table) in self.tables.iter().enumerate() {
                 if i > 0 {
                     sql.push(',');
                 }
@@ -85,39 +89,47 @@ impl MaskPlan {
                 sql.push_str(&table.replace('\'', "''"));
                 sql.push('\'');
             }
-            sql.push_str("]::pg_catalog.name[])");
+            sql.push_str("]::pg_catalog.name[])))");
         }
         sql.push(';');
         sql
     }
 
-    /// Adds one row of the lookup's answer (text format: OID, column
-    /// number, schema, table, column) to `resolved`, with the strictest
-    /// method of the rules that name it.
+    /// Adds one row of the lookup's answer (text format: table OID, column
+    /// number, column name, relation as `regclass` text) to `resolved`,
+    /// with the strictest method of the rules that name it. Names not in
+    /// UTF-8 (another client encoding) are compared as lossy text: they are
+    /// not ASCII, so they cannot equal a rule's plain names anyway.
     pub fn resolve_row(
         &self,
         values: &[Option<&[u8]>],
         resolved: &mut ResolvedColumns,
     ) -> Result<(), String> {
-        let text = |i: usize| -> Result<&str, String> {
+        let value = |i: usize| -> Result<&[u8], String> {
             values
                 .get(i)
                 .copied()
                 .flatten()
-                .and_then(|v| std::str::from_utf8(v).ok())
                 .ok_or_else(|| format!("column {} of the masking lookup is missing", i + 1))
         };
-        let oid: u32 = text(0)?
-            .parse()
-            .map_err(|_| "the masking lookup returned an invalid table OID".to_owned())?;
-        let column: i16 = text(1)?
-            .parse()
-            .map_err(|_| "the masking lookup returned an invalid column number".to_owned())?;
-        let (schema, table, name) = (text(2)?, text(3)?, text(4)?);
+        let number = |i: usize| -> Option<&str> { std::str::from_utf8(value(i).ok()?).ok() };
+        let oid: u32 = number(0)
+            .and_then(|v| v.parse().ok())
+            .ok_or("the masking lookup returned no valid table OID")?;
+        let column: i16 = number(1)
+            .and_then(|v| v.parse().ok())
+            .ok_or("the masking lookup returned no valid column number")?;
+        let name = String::from_utf8_lossy(value(2)?);
+        let relation = String::from_utf8_lossy(value(3)?);
+        let (schema, table) = split_regclass(&relation);
         let with = self
             .rules
             .iter()
-            .filter(|r| r.columns.iter().any(|c| c.names(schema, table, name)))
+            .filter(|r| {
+                r.columns
+                    .iter()
+                    .any(|c| c.names(schema.as_deref(), &table, &name))
+            })
             .map(|r| r.with)
             .max();
         if let Some(with) = with {
@@ -127,6 +139,30 @@ impl MaskPlan {
         }
         Ok(())
     }
+}
+
+/// A relation as `regclass` prints it: `name` when the search path finds
+/// it (the schema is then not known), else `schema.name`, each part in
+/// double quotes when it needs them (`""` for a quote inside).
+fn split_regclass(text: &str) -> (Option<String>, String) {
+    let mut parts = Vec::new();
+    let mut part = String::new();
+    let mut quoted = false;
+    let mut chars = text.chars().peekable();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                part.push('"');
+            }
+            '"' => quoted = !quoted,
+            '.' if !quoted => parts.push(std::mem::take(&mut part)),
+            _ => part.push(ch),
+        }
+    }
+    parts.push(part);
+    let table = parts.pop().unwrap_or_default();
+    (parts.pop(), table)
 }
 
 /// Type OIDs whose values are text in both formats: `text`, `varchar`,
@@ -383,7 +419,7 @@ mod tests {
         );
         assert!(
             sql.ends_with(
-                "c.relname OPERATOR(pg_catalog.=) ANY (ARRAY['customers','it''s']::pg_catalog.name[]);"
+                "c.relname OPERATOR(pg_catalog.=) ANY (ARRAY['customers','it''s']::pg_catalog.name[])));"
             ),
             "{sql}"
         );
@@ -398,31 +434,55 @@ mod tests {
 
     #[test]
     fn lookup_rows_resolve_only_the_columns_a_rule_names() {
-        let p = plan(&["customers.email"], MaskMethod::Redact);
+        let p = plan(&["customers.email", "crm.people.phone"], MaskMethod::Redact);
         let mut resolved = ResolvedColumns::default();
-        let row = |oid: &'static str, table: &'static str| {
+        let row = |oid: &'static str, column: &'static str, relation: &'static str| {
             vec![
                 Some(oid.as_bytes()),
                 Some(&b"3"[..]),
-                Some(&b"public"[..]),
-                Some(table.as_bytes()),
-                Some(&b"email"[..]),
+                Some(column.as_bytes()),
+                Some(relation.as_bytes()),
             ]
         };
-        p.resolve_row(&row("16384", "customers"), &mut resolved)
-            .unwrap();
-        p.resolve_row(&row("16390", "orders"), &mut resolved)
-            .unwrap();
-        assert_eq!(resolved.get(16384, 3), Some(MaskMethod::Redact));
-        assert_eq!(resolved.get(16390, 3), None);
+        for (oid, column, relation, masked) in [
+            ("16384", "email", "customers", true),
+            ("16385", "EMAIL", "\"Sales\".customers", true),
+            ("16390", "email", "orders", false),
+            ("16391", "phone", "people", true),
+            ("16392", "phone", "crm.people", true),
+            ("16393", "phone", "hr.people", false),
+            ("16394", "phone", "\"crm.x\".people", false),
+        ] {
+            p.resolve_row(&row(oid, column, relation), &mut resolved)
+                .unwrap();
+            let oid: u32 = oid.parse().unwrap();
+            assert_eq!(
+                resolved.get(oid, 3).is_some(),
+                masked,
+                "{relation}.{column}"
+            );
+        }
         let err = p
-            .resolve_row(&row("x", "customers"), &mut resolved)
+            .resolve_row(&row("x", "email", "customers"), &mut resolved)
             .unwrap_err();
-        assert!(err.contains("invalid table OID"), "{err}");
+        assert!(err.contains("no valid table OID"), "{err}");
         let err = p
-            .resolve_row(&row("1", "t")[..2], &mut resolved)
+            .resolve_row(&row("1", "email", "t")[..2], &mut resolved)
             .unwrap_err();
         assert!(err.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn regclass_text_splits_into_schema_and_name() {
+        assert_eq!(split_regclass("customers"), (None, "customers".into()));
+        assert_eq!(
+            split_regclass("crm.customers"),
+            (Some("crm".into()), "customers".into())
+        );
+        assert_eq!(
+            split_regclass("\"My.Schema\".\"a \"\"b\"\"\""),
+            (Some("My.Schema".into()), "a \"b\"".into())
+        );
     }
 
     #[test]
