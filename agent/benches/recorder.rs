@@ -71,6 +71,7 @@ fn statement(session: Uuid) -> SessionEvent {
         kind: Some(StatementKind::Select),
         fingerprint: Some("a1b2c3d4e5f60718".into()),
         action: Action::Allow,
+        refused: false,
         rule: Some("allow-reads".into()),
         rules: vec!["allow-reads".into()],
         reason: "rule \"allow-reads\" (allow)".into(),

@@ -131,6 +131,9 @@ pub struct StatementEvent {
     pub fingerprint: Option<Arc<str>>,
     /// The decision.
     pub action: Action,
+    /// The statement did not run: its action refuses it, or it is a `mask`
+    /// statement whose result cannot be masked (the message was refused).
+    pub refused: bool,
     /// The rule that decided (the most restrictive that matched), `None`
     /// when the default decided.
     pub rule: Option<Arc<str>>,
@@ -392,13 +395,14 @@ impl EventSink for LogSink {
                     kind,
                     fingerprint,
                     action,
+                    refused,
                     rule,
                     rules: _,
                     reason,
                 } = &**statement;
                 let rule = rule.as_deref();
                 let kind = kind.map(StatementKind::as_str);
-                if action.is_refused() {
+                if *refused {
                     tracing::warn!(%session, statement_action = action.as_str(), rule, command = %command,
                         kind,
                         fingerprint = fingerprint.as_deref(), reason = %reason, text = %text,

@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{EventSink, SessionEvent};
+use crate::policy::Action;
 
 /// Counters for one target.
 #[derive(Default, Debug)]
@@ -25,6 +26,29 @@ pub struct TargetMetrics {
     pub bytes_from_client: AtomicU64,
     /// Bytes relayed from the upstream.
     pub bytes_from_upstream: AtomicU64,
+    /// Statements decided, by action ([`Action::ALL`] order).
+    statements: [AtomicU64; 5],
+    /// Result values masked (NULLs, which stay NULL, not counted).
+    pub masked_values: AtomicU64,
+}
+
+impl TargetMetrics {
+    /// Counts one statement decided `action`.
+    pub fn statement(&self, action: Action) {
+        let i = Action::ALL.iter().position(|a| *a == action).unwrap_or(0);
+        if let Some(counter) = self.statements.get(i) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Statements decided `action` so far.
+    pub fn statements(&self, action: Action) -> u64 {
+        Action::ALL
+            .iter()
+            .position(|a| *a == action)
+            .and_then(|i| self.statements.get(i))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
 }
 
 /// The agent's metrics.
@@ -147,6 +171,26 @@ impl Metrics {
                 );
             }
         }
+        let _ = writeln!(out, "# HELP tollgate_statements_total Statements decided, by target and action.\n# TYPE tollgate_statements_total counter");
+        for t in &names {
+            if let Some(m) = self.targets.get(*t) {
+                let t = escape(t);
+                for action in Action::ALL {
+                    let _ = writeln!(
+                        out,
+                        "tollgate_statements_total{{target=\"{t}\",action=\"{action}\"}} {}",
+                        m.statements(action)
+                    );
+                }
+            }
+        }
+        per_target(
+            &mut out,
+            "tollgate_masked_values_total",
+            "counter",
+            "Result values masked by mask rules, by target.",
+            &|m| m.masked_values.load(Ordering::Relaxed),
+        );
         let _ = writeln!(out, "# HELP tollgate_sessions_closed_total Sessions ended, by target and reason.\n# TYPE tollgate_sessions_closed_total counter");
         if let Ok(closed) = self.closed.lock() {
             for ((target, reason), n) in closed.iter() {

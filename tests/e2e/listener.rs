@@ -324,7 +324,7 @@ fn sigterm_closes_sessions_that_outlive_the_grace_period() {
     assert_eq!(closed["reason"], "closed at shutdown deadline", "{closed}");
 }
 
-fn http_get(port: u16, path: &str) -> String {
+pub(crate) fn http_get(port: u16, path: &str) -> String {
     let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
     write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
     let mut out = String::new();
@@ -332,7 +332,7 @@ fn http_get(port: u16, path: &str) -> String {
     out
 }
 
-fn metric(text: &str, series: &str) -> f64 {
+pub(crate) fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tollgate_tests::*;
 
+use crate::listener::{http_get, metric};
+
 const POLICY: &str = r#"
 [defaults]
 action = "allow"
@@ -36,6 +38,7 @@ struct Fixture {
     pg: Postgres,
     agent: Agent,
     port: u16,
+    metrics_port: u16,
     _policy_dir: tempfile::TempDir,
 }
 
@@ -46,16 +49,21 @@ impl Fixture {
         let policy = policy_dir.path().join("mask.toml");
         std::fs::write(&policy, POLICY).unwrap();
         let port = free_port();
+        let metrics_port = free_port();
         let agent = Agent::start(&listener_config(
             port,
             pg.port,
-            &format!("policy_paths = [\"{}\"]", policy.display()),
+            &format!(
+                "policy_paths = [\"{}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"",
+                policy.display()
+            ),
         ));
         psql(pg.port, SCHEMA).unwrap();
         Fixture {
             pg,
             agent,
             port,
+            metrics_port,
             _policy_dir: policy_dir,
         }
     }
@@ -131,6 +139,23 @@ fn masked_columns_are_hidden_however_they_are_reached() {
         )
         .unwrap();
     assert_eq!(logged["command"], "SELECT", "{logged}");
+    assert_eq!(logged["level"], "INFO", "{logged}");
+    // Prometheus counts the decisions and the values masked: the cases
+    // above masked 15 values (NULLs stay NULL and are not counted).
+    let metrics = http_get(f.metrics_port, "/metrics");
+    assert_eq!(
+        metric(&metrics, "tollgate_masked_values_total{target=\"pg\"}"),
+        15.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tollgate_statements_total{target=\"pg\",action=\"mask\"}"
+        ),
+        12.0,
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -207,9 +232,17 @@ fn what_cannot_be_masked_is_refused() {
         );
         assert!(err.contains(&want), "{sql}: {err}");
     };
-    let only_queries =
-        "masking applies only to queries that write nothing, sent as simple Query messages";
+    let only_queries = "masking applies only to queries that write nothing";
     refused("copy customers to stdout", "COPY", only_queries);
+    // Logged as refused, like a denial.
+    let logged = f
+        .agent
+        .wait_for_log(
+            |l| l["statement_action"] == "mask" && l["command"] == "COPY",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(logged["level"], "WARN", "{logged}");
     refused(
         "create table leak as select * from customers",
         "CREATE TABLE AS",
@@ -235,25 +268,227 @@ fn what_cannot_be_masked_is_refused() {
             .as_deref(),
         Ok("UPDATE 1")
     );
-
-    // The extended protocol: refused in place, the session goes on.
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("read.sql");
-    std::fs::write(&script, "select email from customers where id = 1;\n").unwrap();
-    let out: Output = Command::new(pg_tool("pgbench"))
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-n", "-t", "1"])
-        .args(["-p", &f.port.to_string(), "-M", "extended", "-f"])
-        .arg(&script)
-        .arg("postgres")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("tollgate: SELECT requires masking by rule \"mask-contact\" (contact details are personal data), and this version masks only statements sent as simple Query messages, not through the extended query protocol; refused"),
-        "{stderr}"
-    );
 }
 
 fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn raw_recordings_hold_the_masked_rows_the_client_received() {
+    let pg = Postgres::start();
+    psql(pg.port, SCHEMA).unwrap();
+    let policy_dir = tempfile::tempdir().unwrap();
+    let policy = policy_dir.path().join("mask.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let port = free_port();
+    let config = listener_config(
+        port,
+        pg.port,
+        &format!("policy_paths = [\"{}\"]", policy.display()),
+    )
+    .replace(
+        "protocol = \"postgres\"\n",
+        "protocol = \"postgres\"\nrecord_raw = true\n",
+    );
+    let agent = Agent::start(&config);
+    assert_eq!(
+        psql(port, "select name, email from customers where id = 1").unwrap(),
+        "Ada|****"
+    );
+    // The session's recording, once closed: the raw server stream holds
+    // the masked row and never the value.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let recording = loop {
+        let files = recording_files(&agent.recordings());
+        let closed = files
+            .iter()
+            .map(|f| std::fs::read(f).unwrap())
+            .find(|bytes| contains(bytes, b"completed"));
+        if let Some(bytes) = closed {
+            break bytes;
+        }
+        assert!(std::time::Instant::now() < deadline, "no closed recording");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(contains(&recording, b"Ada"), "the raw rows are recorded");
+    assert!(contains(&recording, b"****"));
+    assert!(!contains(&recording, b"ada@example.com"));
+}
+
+fn recording_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(recording_files(&path));
+        } else if path.extension().is_some_and(|e| e == "tgrec") {
+            files.push(path);
+        }
+    }
+    files
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Drivers send statements through the extended protocol: tokio-postgres
+/// (prepare, then bind and execute, binary results), psycopg 3 (all in one
+/// batch, text and binary) and pgbench's extended and prepared modes.
+#[test]
+fn drivers_through_the_extended_protocol_get_masked_rows() {
+    let f = Fixture::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (mut client, connection) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                f.port
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        // A new statement: Parse and Describe in one batch, Bind and
+        // Execute in the next; binary results.
+        let rows = client
+            .query(
+                "select id, name, email, born::text as born from customers where id = $1",
+                &[&1i32],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].get::<_, i32>("id"), 1);
+        assert_eq!(rows[0].get::<_, &str>("name"), "Ada");
+        assert_eq!(rows[0].get::<_, &str>("email"), "****");
+        assert_eq!(rows[0].get::<_, Option<&str>>("born"), None);
+        // A prepared statement run again and again.
+        let statement = client
+            .prepare("select email, phone from customers order by id")
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            let rows = client.query(&statement, &[]).await.unwrap();
+            let got: Vec<(&str, Option<&str>)> =
+                rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            assert_eq!(got, [("****", Some("****")), ("****", None)]);
+        }
+        // Unmasked statements in the same session are untouched.
+        let count: i64 = client
+            .query_one("select count(*) from customers", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(count, 2);
+        // An error in a masked batch, then the session goes on.
+        let err = client
+            .query("select email from customers where id = 1/$1", &[&0i32])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+        );
+        let rows = client
+            .query("select email from customers where id = $1", &[&2i32])
+            .await
+            .unwrap();
+        assert_eq!(rows[0].get::<_, &str>(0), "****");
+        // Inside a transaction.
+        let tx = client.transaction().await.unwrap();
+        let row = tx
+            .query_one("select upper(email) from customers where id = $1", &[&1i32])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, Option<&str>>(0), Some("****"));
+        tx.commit().await.unwrap();
+        // Pipelined: two statements in flight at once. A masked one that
+        // cannot start its own batch is refused, saying why; the session
+        // stays usable.
+        let first = client.query("select email from customers where id = $1", &[&1i32]);
+        let second = client.query("select email from customers where id = $1", &[&2i32]);
+        let (first, second) = tokio::join!(first, second);
+        for result in [first, second] {
+            match result {
+                Ok(rows) => assert_eq!(rows[0].get::<_, &str>(0), "****"),
+                Err(e) => assert!(
+                    e.as_db_error()
+                        .is_some_and(|d| d.message().contains("pipelining")),
+                    "{e:?}"
+                ),
+            }
+        }
+        let rows = client
+            .query("select email from customers where id = $1", &[&1i32])
+            .await
+            .unwrap();
+        assert_eq!(rows[0].get::<_, &str>(0), "****");
+    });
+
+    // psycopg 3: Parse, Bind, Describe, Execute and Sync in one batch.
+    let script = format!(
+        r#"
+import psycopg
+conn = psycopg.connect("host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True)
+cur = conn.cursor()
+cur.execute("select id, email from customers where id = %s", (1,))
+print(cur.fetchall())
+cur.execute("select email, born from customers order by id", binary=True)
+print(cur.fetchall())
+cur.execute("select email from customers where id = %s", (2,), prepare=True)
+cur.execute("select email from customers where id = %s", (1,), prepare=True)
+print(cur.fetchall())
+"#,
+        port = f.port
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "[(1, '****')]",
+            "[('****', None), ('****', None)]",
+            "[('****',)]"
+        ],
+        "{stdout}"
+    );
+
+    // pgbench's extended and prepared modes run masked statements.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("read.sql");
+    std::fs::write(&script, "select email from customers where id = 1;\n").unwrap();
+    for mode in ["extended", "prepared"] {
+        let out = Command::new(pg_tool("pgbench"))
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-n", "-t", "20"])
+            .args(["-p", &f.port.to_string(), "-M", mode, "-f"])
+            .arg(&script)
+            .arg("postgres")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // And the data is what it was.
+    assert_eq!(
+        psql(f.pg.port, "select email from customers where id = 1").unwrap(),
+        "ada@example.com"
+    );
 }

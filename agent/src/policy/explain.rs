@@ -279,7 +279,7 @@ impl fmt::Display for Explanation {
             (true, false) => "refused",
             (false, _) if self.verdict == Action::Audit => "forwarded and flagged for audit",
             (false, _) if self.verdict == Action::Mask => {
-                "forwarded as a simple Query with the result columns masked; refused through the extended protocol"
+                "forwarded, with the result columns masked"
             }
             (false, _) => "forwarded",
         };

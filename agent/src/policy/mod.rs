@@ -276,8 +276,7 @@ impl Decision {
 }
 
 /// Where masking applies, for refusals elsewhere.
-pub const MASK_ONLY_QUERIES: &str =
-    "masking applies only to queries that write nothing, sent as simple Query messages";
+pub const MASK_ONLY_QUERIES: &str = "masking applies only to queries that write nothing";
 
 /// A problem in a policy or policy test file, with its place when known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -374,6 +373,8 @@ pub struct PolicySet {
     /// Some rule reads the statement's text (`text_regex`): a decision
     /// cannot be reused for another text.
     reads_text: bool,
+    /// Some rule masks.
+    masks: bool,
 }
 
 /// The next [`PolicySet::generation`].
@@ -411,6 +412,7 @@ impl PolicySet {
             targets: Mutex::default(),
             generation: next_generation(),
             reads_text: false,
+            masks: false,
         }
     }
 
@@ -505,6 +507,7 @@ impl PolicySet {
             rule.when.text_regex.is_some()
                 || rule.except.as_ref().is_some_and(|e| e.text_regex.is_some())
         });
+        let masks = rules.iter().any(|rule| rule.mask.is_some());
         Ok(PolicySet {
             files,
             rules,
@@ -515,6 +518,7 @@ impl PolicySet {
             targets: Mutex::default(),
             generation: next_generation(),
             reads_text,
+            masks,
         })
     }
 
@@ -529,6 +533,11 @@ impl PolicySet {
     /// differently.
     pub fn reads_text(&self) -> bool {
         self.reads_text
+    }
+
+    /// Whether any rule is a `mask` rule.
+    pub fn masks(&self) -> bool {
+        self.masks
     }
 
     /// Hex SHA-256 over the loaded texts in load order (each prefixed by its

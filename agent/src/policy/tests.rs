@@ -676,7 +676,7 @@ fn client_messages() {
         (decision(Action::Review, vec![rule(Action::Review, None)]), "SELECT",
          "tollgate: SELECT requires review by rule \"no-ddl-in-ci\", and review is not available in this version; refused"),
         (decision(Action::Mask, vec![rule(Action::Mask, Some("pii"))]), "SELECT",
-         "tollgate: SELECT requires masking by rule \"no-ddl-in-ci\" (pii), and masking applies only to queries that write nothing, sent as simple Query messages; refused"),
+         "tollgate: SELECT requires masking by rule \"no-ddl-in-ci\" (pii), and masking applies only to queries that write nothing; refused"),
         (decision(Action::Audit, vec![rule(Action::Audit, None)]), "INSERT",
          "tollgate: INSERT allowed and audited by rule \"no-ddl-in-ci\""),
     ];

@@ -611,7 +611,7 @@ impl Writer {
                         t_us,
                         &statement_out(statement),
                         Counts::Statement {
-                            refused: statement.action.is_refused(),
+                            refused: statement.refused,
                         },
                         self.fsync,
                     ),
@@ -1151,7 +1151,7 @@ pub(super) fn statement_out(s: &StatementEvent) -> StatementOut<'_> {
         kind: s.kind.map(StatementKind::as_str),
         fingerprint: s.fingerprint.as_deref(),
         action: s.action.as_str(),
-        refused: s.action.is_refused(),
+        refused: s.refused,
         rule: s.rule.as_deref(),
         rules: &s.rules,
         reason: &s.reason,

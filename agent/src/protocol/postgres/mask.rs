@@ -24,6 +24,7 @@
 //! it finds. Error positions in the client's statements are shifted back
 //! by the lookup's length, so psql's `LINE 1: ...` caret stays right.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::backend::{self, FieldDescription};
@@ -198,9 +199,10 @@ pub fn row_masks(
 }
 
 /// Writes the DataRow `body` with its masked fields replaced, as a whole
-/// message, into `out`. A row whose field count differs from the
+/// message, into `out`; returns how many values it masked (NULLs stay
+/// NULL and are not counted). A row whose field count differs from the
 /// RowDescription's is a server fault.
-pub fn mask_data_row(body: &[u8], masks: &[FieldMask], out: &mut Vec<u8>) -> Result<(), String> {
+pub fn mask_data_row(body: &[u8], masks: &[FieldMask], out: &mut Vec<u8>) -> Result<u64, String> {
     let values = match backend::decode_backend(backend::tag::DATA_ROW, body) {
         Ok(backend::BackendMessage::DataRow(values)) => values,
         Ok(_) => return Err("a DataRow did not decode as one".into()),
@@ -215,15 +217,21 @@ pub fn mask_data_row(body: &[u8], masks: &[FieldMask], out: &mut Vec<u8>) -> Res
     }
     let mut w = MessageWriter::new(out, backend::tag::DATA_ROW);
     w.count(values.len());
+    let mut masked = 0;
     for (value, mask) in values.iter().zip(masks) {
-        match (value, mask) {
-            (None, _) | (_, FieldMask::Keep) => w.put_value(*value),
-            (Some(_), FieldMask::Mask(Replacement::Null)) => w.put_value(None),
-            (Some(_), FieldMask::Mask(Replacement::Text(t))) => w.put_value(Some(t)),
+        let replacement = match (value, mask) {
+            (None, _) | (_, FieldMask::Keep) => {
+                w.put_value(*value);
+                continue;
+            }
+            (Some(_), FieldMask::Mask(Replacement::Null)) => None,
+            (Some(_), FieldMask::Mask(Replacement::Text(t))) => Some(*t),
         };
+        w.put_value(replacement);
+        masked += 1;
     }
     w.finish();
-    Ok(())
+    Ok(masked)
 }
 
 /// Rewrites an ErrorResponse `body` so that its position (`P`, 1-based
@@ -368,6 +376,305 @@ impl MaskedAnswer {
     }
 }
 
+/// What the client sent in a masked extended-protocol batch, in order: the
+/// answers the upstream pump expects for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// ParseComplete, BindComplete or CloseComplete.
+    Complete,
+    /// Describe of a statement: ParameterDescription, then RowDescription
+    /// or NoData.
+    DescribeStatement,
+    /// Describe of a portal: RowDescription or NoData. `Some` when the
+    /// proxy sent it in front of a masked Execute (its answer is dropped):
+    /// the method for computed fields of the portal's statement, if any.
+    DescribePortal(Option<Option<MaskMethod>>),
+    /// Execute: rows (or COPY data) up to CommandComplete,
+    /// EmptyQueryResponse or PortalSuspended; masked when the proxy's
+    /// Describe in front of it found masked fields.
+    Execute(Option<Vec<FieldMask>>),
+    /// Sync: ReadyForQuery ends the batch.
+    Sync,
+}
+
+/// What the upstream pump does with one message of a masked batch.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Drop it: the lookup's answer, or the proxy's own Describe's.
+    Drop,
+    /// Forward it as it is (and handle it as usual).
+    Forward,
+    /// A DataRow to rewrite with [`ExtendedBatch::row_masks`].
+    Mask,
+    /// The lookup's ReadyForQuery: drop it, the session is ready again.
+    LookupDone,
+}
+
+/// The lookup's state in a batch.
+#[derive(Debug)]
+enum Lookup {
+    /// Its rows are coming.
+    Answering(ResolvedColumns),
+    /// It failed (the transaction had failed, say); its ReadyForQuery is
+    /// still to come.
+    FailedAnswering,
+    /// Done.
+    Resolved(ResolvedColumns),
+    /// Failed: every field of a masked result is masked.
+    Failed,
+}
+
+/// A batch of extended-protocol messages (up to Sync) with a masked
+/// statement: sent behind a lookup Query at a moment nothing else was in
+/// flight, so the server's answers come in a known order.
+#[derive(Debug)]
+pub struct ExtendedBatch {
+    plan: Arc<MaskPlan>,
+    lookup: Lookup,
+    expect: VecDeque<Expect>,
+    /// ParameterDescription of the Describe at the front came.
+    parameters_seen: bool,
+    /// The server answered an error: it skips everything up to Sync.
+    skipping: bool,
+}
+
+/// Messages one batch can expect at most (past that it is refused).
+pub const MAX_EXPECTED: usize = 64 * 1024;
+
+impl ExtendedBatch {
+    /// A batch whose lookup was just sent.
+    pub fn new(plan: Arc<MaskPlan>) -> ExtendedBatch {
+        ExtendedBatch {
+            plan,
+            lookup: Lookup::Answering(ResolvedColumns::default()),
+            expect: VecDeque::new(),
+            parameters_seen: false,
+            skipping: false,
+        }
+    }
+
+    /// The plan its lookup resolves.
+    pub fn plan(&self) -> &Arc<MaskPlan> {
+        &self.plan
+    }
+
+    /// The client sent a message with this answer; `false` when the batch
+    /// is full.
+    pub fn expect(&mut self, answer: Expect) -> bool {
+        if self.expect.len() >= MAX_EXPECTED {
+            return false;
+        }
+        self.expect.push_back(answer);
+        true
+    }
+
+    /// Classifies the next message from the server, `tag`, with its body
+    /// when the caller has it whole (RowDescription and DataRow of the
+    /// lookup and of the proxy's Describe need it: see
+    /// [`ExtendedBatch::needs_body`]). `Err` when the server's answers do
+    /// not follow what was sent: the caller ends the session, since rows
+    /// could no longer be told apart.
+    pub fn answer(&mut self, tag: u8, body: Option<&[u8]>) -> Result<Disposition, String> {
+        use backend::tag::*;
+        if matches!(self.lookup, Lookup::Answering(_) | Lookup::FailedAnswering) {
+            return self.lookup_answer(tag, body);
+        }
+        if self.skipping {
+            return match tag {
+                READY_FOR_QUERY => {
+                    // What was sent after the error up to Sync was skipped.
+                    while let Some(e) = self.expect.pop_front() {
+                        if e == Expect::Sync {
+                            break;
+                        }
+                    }
+                    self.skipping = false;
+                    Ok(Disposition::Forward)
+                }
+                NOTICE_RESPONSE | PARAMETER_STATUS | NOTIFICATION_RESPONSE | ERROR_RESPONSE => {
+                    Ok(Disposition::Forward)
+                }
+                _ => Err(format!(
+                    "message type {} while the server skips to Sync",
+                    char::from(tag)
+                )),
+            };
+        }
+        match tag {
+            NOTICE_RESPONSE | PARAMETER_STATUS | NOTIFICATION_RESPONSE => Ok(Disposition::Forward),
+            ERROR_RESPONSE => {
+                self.skipping = true;
+                self.parameters_seen = false;
+                Ok(Disposition::Forward)
+            }
+            READY_FOR_QUERY => match self.expect.pop_front() {
+                Some(Expect::Sync) => Ok(Disposition::Forward),
+                other => Err(format!("ReadyForQuery where {other:?} was expected")),
+            },
+            PARSE_COMPLETE | BIND_COMPLETE | CLOSE_COMPLETE => match self.expect.pop_front() {
+                Some(Expect::Complete) => Ok(Disposition::Forward),
+                other => Err(format!(
+                    "message type {} where {other:?} was expected",
+                    char::from(tag)
+                )),
+            },
+            PARAMETER_DESCRIPTION => match self.expect.front() {
+                Some(Expect::DescribeStatement) if !self.parameters_seen => {
+                    self.parameters_seen = true;
+                    Ok(Disposition::Forward)
+                }
+                other => Err(format!("ParameterDescription where {other:?} was expected")),
+            },
+            ROW_DESCRIPTION | NO_DATA => match self.expect.pop_front() {
+                Some(Expect::DescribeStatement) if self.parameters_seen => {
+                    self.parameters_seen = false;
+                    Ok(Disposition::Forward)
+                }
+                Some(Expect::DescribePortal(None)) => Ok(Disposition::Forward),
+                Some(Expect::DescribePortal(Some(computed))) => {
+                    let masks = match (tag, body) {
+                        (NO_DATA, _) => None,
+                        (_, Some(body)) => self.describe_masks(body, computed)?,
+                        (_, None) => return Err("a RowDescription was not read whole".into()),
+                    };
+                    match self.expect.front_mut() {
+                        Some(Expect::Execute(slot)) => *slot = masks,
+                        other => {
+                            return Err(format!(
+                                "the proxy's Describe is not followed by its Execute ({other:?})"
+                            ))
+                        }
+                    }
+                    Ok(Disposition::Drop)
+                }
+                other => Err(format!(
+                    "message type {} where {other:?} was expected",
+                    char::from(tag)
+                )),
+            },
+            DATA_ROW => match self.expect.front() {
+                Some(Expect::Execute(Some(_))) => Ok(Disposition::Mask),
+                Some(Expect::Execute(None)) => Ok(Disposition::Forward),
+                other => Err(format!("DataRow where {other:?} was expected")),
+            },
+            COPY_IN_RESPONSE | COPY_OUT_RESPONSE | COPY_DATA | COPY_DONE => {
+                match self.expect.front() {
+                    Some(Expect::Execute(_)) => Ok(Disposition::Forward),
+                    other => Err(format!(
+                        "message type {} where {other:?} was expected",
+                        char::from(tag)
+                    )),
+                }
+            }
+            COMMAND_COMPLETE | EMPTY_QUERY_RESPONSE | PORTAL_SUSPENDED => {
+                match self.expect.pop_front() {
+                    Some(Expect::Execute(_)) => Ok(Disposition::Forward),
+                    other => Err(format!(
+                        "message type {} where {other:?} was expected",
+                        char::from(tag)
+                    )),
+                }
+            }
+            _ => Err(format!(
+                "message type {} in a masked batch",
+                char::from(tag)
+            )),
+        }
+    }
+
+    /// Whether the caller must read a message of type `tag` whole before
+    /// [`ExtendedBatch::answer`].
+    pub fn needs_body(&self, tag: u8) -> bool {
+        use backend::tag::*;
+        match &self.lookup {
+            Lookup::Answering(_) | Lookup::FailedAnswering => tag == DATA_ROW,
+            _ => match tag {
+                ROW_DESCRIPTION => {
+                    matches!(self.expect.front(), Some(Expect::DescribePortal(Some(_))))
+                }
+                DATA_ROW => matches!(self.expect.front(), Some(Expect::Execute(Some(_)))),
+                _ => false,
+            },
+        }
+    }
+
+    /// The masks of the current Execute's rows.
+    pub fn row_masks(&self) -> Option<&[FieldMask]> {
+        match self.expect.front() {
+            Some(Expect::Execute(Some(masks))) => Some(masks),
+            _ => None,
+        }
+    }
+
+    /// The batch is over (its Sync answered).
+    pub fn is_done(&self) -> bool {
+        matches!(self.lookup, Lookup::Resolved(_) | Lookup::Failed) && self.expect.is_empty()
+    }
+
+    /// A message of the lookup's answer: all dropped but for run-time
+    /// parameter changes and notifications, which are the client's too.
+    fn lookup_answer(&mut self, tag: u8, body: Option<&[u8]>) -> Result<Disposition, String> {
+        use backend::tag::*;
+        match tag {
+            ROW_DESCRIPTION | COMMAND_COMPLETE | NOTICE_RESPONSE => Ok(Disposition::Drop),
+            DATA_ROW => {
+                if let Lookup::Answering(resolved) = &mut self.lookup {
+                    let body = body.ok_or("a lookup row was not read whole")?;
+                    match backend::decode_backend(DATA_ROW, body) {
+                        Ok(backend::BackendMessage::DataRow(values)) => {
+                            self.plan.resolve_row(&values, resolved)?;
+                        }
+                        Ok(_) => return Err("a DataRow did not decode as one".into()),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                Ok(Disposition::Drop)
+            }
+            ERROR_RESPONSE => {
+                self.lookup = Lookup::FailedAnswering;
+                Ok(Disposition::Drop)
+            }
+            READY_FOR_QUERY => {
+                let lookup = std::mem::replace(&mut self.lookup, Lookup::Failed);
+                if let Lookup::Answering(resolved) = lookup {
+                    self.lookup = Lookup::Resolved(resolved);
+                }
+                Ok(Disposition::LookupDone)
+            }
+            PARAMETER_STATUS | NOTIFICATION_RESPONSE => Ok(Disposition::Forward),
+            _ => Err(format!(
+                "message type {} in the answer to the masking lookup",
+                char::from(tag)
+            )),
+        }
+    }
+
+    /// The masks for a masked portal's fields, from the proxy's Describe.
+    fn describe_masks(
+        &self,
+        body: &[u8],
+        computed: Option<MaskMethod>,
+    ) -> Result<Option<Vec<FieldMask>>, String> {
+        let fields = match backend::decode_backend(backend::tag::ROW_DESCRIPTION, body) {
+            Ok(backend::BackendMessage::RowDescription(fields)) => fields,
+            Ok(_) => return Err("a RowDescription did not decode as one".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+        match &self.lookup {
+            Lookup::Resolved(resolved) => Ok(row_masks(&fields, resolved, computed)),
+            // Nothing is known: every field is masked.
+            _ => Ok(Some(
+                fields
+                    .iter()
+                    .map(|f| {
+                        FieldMask::Mask(MaskMethod::Null.replacement(is_text_type(f.type_oid)))
+                    })
+                    .collect(),
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 mod tests {
@@ -507,7 +814,7 @@ mod tests {
         ];
         BackendMessage::DataRow(values.to_vec()).encode(&mut row);
         let mut out = Vec::new();
-        mask_data_row(&row[5..], &masks, &mut out).unwrap();
+        assert_eq!(mask_data_row(&row[5..], &masks, &mut out).unwrap(), 2);
         let decoded = backend::decode_backend(out[0], &out[5..]).unwrap();
         assert_eq!(
             decoded,
@@ -516,7 +823,7 @@ mod tests {
         // A masked statement: the computed field too.
         let masks = row_masks(&fields, &resolved, Some(MaskMethod::Redact)).unwrap();
         out.clear();
-        mask_data_row(&row[5..], &masks, &mut out).unwrap();
+        assert_eq!(mask_data_row(&row[5..], &masks, &mut out).unwrap(), 3);
         let decoded = backend::decode_backend(out[0], &out[5..]).unwrap();
         assert_eq!(
             decoded,
@@ -526,7 +833,7 @@ mod tests {
         out.clear();
         let mut nulls = Vec::new();
         BackendMessage::DataRow(vec![None, None, None, None]).encode(&mut nulls);
-        mask_data_row(&nulls[5..], &masks, &mut out).unwrap();
+        assert_eq!(mask_data_row(&nulls[5..], &masks, &mut out).unwrap(), 0);
         assert_eq!(out, nulls);
         let err = mask_data_row(&nulls[5..], &masks[..2], &mut Vec::new()).unwrap_err();
         assert!(
@@ -567,6 +874,171 @@ mod tests {
             10,
             &mut Vec::new()
         ));
+    }
+
+    /// A lookup row: OID, column number, name, relation.
+    fn lookup_row(oid: &str, column: &str, name: &str, relation: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        BackendMessage::DataRow(vec![
+            Some(oid.as_bytes()),
+            Some(column.as_bytes()),
+            Some(name.as_bytes()),
+            Some(relation.as_bytes()),
+        ])
+        .encode(&mut out);
+        out.split_off(5)
+    }
+
+    fn row_description(fields: Vec<FieldDescription<'_>>) -> Vec<u8> {
+        let mut out = Vec::new();
+        BackendMessage::RowDescription(fields).encode(&mut out);
+        out.split_off(5)
+    }
+
+    #[test]
+    fn an_extended_batch_follows_the_answers_and_masks_the_executes_rows() {
+        use backend::tag::*;
+        let mut batch =
+            ExtendedBatch::new(Arc::new(plan(&["customers.email"], MaskMethod::Redact)));
+        // What the client sent: Parse, Bind, its own Describe of the
+        // portal, the proxy's Describe, Execute, Sync.
+        for e in [
+            Expect::Complete,
+            Expect::Complete,
+            Expect::DescribePortal(None),
+            Expect::DescribePortal(Some(None)),
+            Expect::Execute(None),
+            Expect::Sync,
+        ] {
+            assert!(batch.expect(e));
+        }
+        // The lookup's answer: all dropped, its rows read.
+        assert_eq!(batch.answer(ROW_DESCRIPTION, None), Ok(Disposition::Drop));
+        assert!(batch.needs_body(DATA_ROW));
+        let row = lookup_row("16384", "3", "email", "customers");
+        assert_eq!(batch.answer(DATA_ROW, Some(&row)), Ok(Disposition::Drop));
+        assert_eq!(batch.answer(COMMAND_COMPLETE, None), Ok(Disposition::Drop));
+        assert_eq!(
+            batch.answer(READY_FOR_QUERY, None),
+            Ok(Disposition::LookupDone)
+        );
+        // The client's answers.
+        assert_eq!(batch.answer(PARSE_COMPLETE, None), Ok(Disposition::Forward));
+        assert_eq!(batch.answer(BIND_COMPLETE, None), Ok(Disposition::Forward));
+        assert!(
+            !batch.needs_body(ROW_DESCRIPTION),
+            "the client's own Describe"
+        );
+        assert_eq!(
+            batch.answer(ROW_DESCRIPTION, None),
+            Ok(Disposition::Forward)
+        );
+        assert!(batch.needs_body(ROW_DESCRIPTION), "the proxy's Describe");
+        let fields = row_description(vec![
+            field("id", 16384, 1, 23),
+            field("email", 16384, 3, 25),
+        ]);
+        assert_eq!(
+            batch.answer(ROW_DESCRIPTION, Some(&fields)),
+            Ok(Disposition::Drop)
+        );
+        assert!(batch.needs_body(DATA_ROW));
+        assert_eq!(batch.answer(DATA_ROW, None), Ok(Disposition::Mask));
+        assert_eq!(
+            batch.row_masks(),
+            Some(
+                &[
+                    FieldMask::Keep,
+                    FieldMask::Mask(Replacement::Text(crate::masking::REDACTED))
+                ][..]
+            )
+        );
+        assert_eq!(
+            batch.answer(NOTICE_RESPONSE, None),
+            Ok(Disposition::Forward)
+        );
+        assert_eq!(
+            batch.answer(COMMAND_COMPLETE, None),
+            Ok(Disposition::Forward)
+        );
+        assert!(!batch.is_done());
+        assert_eq!(
+            batch.answer(READY_FOR_QUERY, None),
+            Ok(Disposition::Forward)
+        );
+        assert!(batch.is_done());
+    }
+
+    #[test]
+    fn a_failed_lookup_masks_every_field_and_errors_skip_to_sync() {
+        use backend::tag::*;
+        let mut batch =
+            ExtendedBatch::new(Arc::new(plan(&["customers.email"], MaskMethod::Redact)));
+        for e in [
+            Expect::DescribePortal(Some(None)),
+            Expect::Execute(None),
+            Expect::Complete,
+            Expect::Execute(None),
+            Expect::Sync,
+        ] {
+            assert!(batch.expect(e));
+        }
+        assert_eq!(batch.answer(ERROR_RESPONSE, None), Ok(Disposition::Drop));
+        assert_eq!(
+            batch.answer(READY_FOR_QUERY, None),
+            Ok(Disposition::LookupDone)
+        );
+        let fields = row_description(vec![field("id", 16384, 1, 23), field("name", 16384, 2, 25)]);
+        assert_eq!(
+            batch.answer(ROW_DESCRIPTION, Some(&fields)),
+            Ok(Disposition::Drop)
+        );
+        assert_eq!(
+            batch.row_masks(),
+            Some(
+                &[
+                    FieldMask::Mask(Replacement::Null),
+                    FieldMask::Mask(Replacement::Null)
+                ][..]
+            )
+        );
+        assert_eq!(batch.answer(DATA_ROW, None), Ok(Disposition::Mask));
+        assert_eq!(
+            batch.answer(COMMAND_COMPLETE, None),
+            Ok(Disposition::Forward)
+        );
+        // An error: the server skips the rest up to Sync.
+        assert_eq!(batch.answer(ERROR_RESPONSE, None), Ok(Disposition::Forward));
+        assert!(batch.answer(DATA_ROW, None).is_err());
+        assert_eq!(
+            batch.answer(READY_FOR_QUERY, None),
+            Ok(Disposition::Forward)
+        );
+        assert!(batch.is_done());
+    }
+
+    #[test]
+    fn answers_out_of_order_are_refused() {
+        use backend::tag::*;
+        let mut batch = ExtendedBatch::new(Arc::new(plan(&["email"], MaskMethod::Null)));
+        assert!(batch.expect(Expect::Complete));
+        assert!(batch.expect(Expect::Sync));
+        assert!(
+            batch.answer(BIND_COMPLETE, None).is_err(),
+            "in the lookup's answer"
+        );
+        assert_eq!(
+            batch.answer(READY_FOR_QUERY, None),
+            Ok(Disposition::LookupDone)
+        );
+        assert!(batch.answer(DATA_ROW, None).is_err());
+        let mut batch = ExtendedBatch::new(Arc::new(plan(&["email"], MaskMethod::Null)));
+        assert!(batch.expect(Expect::Sync));
+        assert_eq!(
+            batch.answer(READY_FOR_QUERY, None),
+            Ok(Disposition::LookupDone)
+        );
+        assert!(batch.answer(PARSE_COMPLETE, None).is_err());
     }
 
     use super::backend::BackendMessage;

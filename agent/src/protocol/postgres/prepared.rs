@@ -27,6 +27,7 @@ use std::sync::{Arc, Weak};
 
 use pg_query::NodeEnum;
 
+use super::mask::MaskPlan;
 use crate::policy::PolicySet;
 use crate::sql::{Analysis, StatementKind, StatementSummary};
 
@@ -45,6 +46,8 @@ pub struct Decided {
     /// The policy that last allowed it (a weak reference: it keeps the
     /// allocation, so a new policy never compares equal, but not the rules).
     pub policy: Weak<PolicySet>,
+    /// What to mask in its results, when a `mask` rule applied to it.
+    pub mask: Option<Arc<MaskPlan>>,
 }
 
 impl Decided {
@@ -362,6 +365,7 @@ mod tests {
             text: text.into(),
             analysis: Arc::new(crate::sql::analyze(text)),
             policy: Arc::downgrade(policy),
+            mask: None,
         }
     }
 

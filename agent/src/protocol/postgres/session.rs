@@ -88,7 +88,7 @@ use super::codec::{
 };
 use super::error::{error_response, severity, sqlstate, ssl_refused};
 use super::frontend::{self, decode_startup, FrontendMessage};
-use super::mask::{self as masking, MaskPlan, MaskedAnswer};
+use super::mask::{self as masking, Disposition, Expect, ExtendedBatch, MaskPlan, MaskedAnswer};
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::identity::ProcessIdentity;
 use crate::policy::{most_restrictive, Action, Decision, DecisionMemo};
@@ -132,8 +132,18 @@ const ENCODING_LATIN1: u8 = 1;
 /// character, so guessing would misread where literals end.
 const ENCODING_OTHER: u8 = 2;
 
-/// Why a `mask` statement outside a simple Query is refused.
-const MASK_EXTENDED: &str = "this version masks only statements sent as simple Query messages, not through the extended query protocol";
+/// Why a `mask` statement decided again (an `EXECUTE`, a stale prepared
+/// statement) is refused.
+const MASK_EXTENDED: &str = "a statement prepared before the policy masked it is not masked when it runs again; prepare it again";
+
+/// How long a batch start waits for the server to answer what was sent
+/// before it (see [`ClientSide::must_wait`]); then a masked statement in it
+/// is refused.
+const MASK_WAIT: Duration = Duration::from_secs(30);
+
+/// Why a `mask` statement in a pipelined extended-protocol batch is
+/// refused (a whole client message, see [`ClientSide::join_batch`]).
+const MASK_PIPELINED: &str = "tollgate: a statement that requires masking was sent through the extended query protocol while earlier messages were still unanswered (pipelining); masking needs it at the start of a batch, after the answer to the previous Sync; refused";
 
 /// Command label for text that does not parse.
 const UNPARSABLE_COMMAND: &str = "statement";
@@ -180,6 +190,17 @@ struct Shared {
     masks: Mutex<BTreeMap<u64, (Arc<MaskPlan>, usize)>>,
     /// `masks` is not empty: RowDescriptions are read for the marker.
     masks_pending: AtomicBool,
+    /// Queries, Syncs and FunctionCalls sent (the proxy's lookups
+    /// included) whose ReadyForQuery has not come: 0 means the server is
+    /// idle, waiting for the client. It can only over-count (a Sync the
+    /// server ignores during COPY), which refuses masking, never confuses it.
+    in_flight: AtomicU64,
+    /// The masked extended-protocol batch being answered, if any.
+    batch: Mutex<Option<ExtendedBatch>>,
+    /// `batch` is set (read without the lock on every message).
+    batch_active: AtomicBool,
+    /// Notified when `in_flight` falls to 0.
+    idle: tokio::sync::Notify,
 }
 
 /// Denials remembered at most (older ones are forgotten: the server
@@ -203,6 +224,10 @@ impl Shared {
             next_mask: AtomicU64::new(1),
             masks: Mutex::new(BTreeMap::new()),
             masks_pending: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            batch: Mutex::new(None),
+            batch_active: AtomicBool::new(false),
+            idle: tokio::sync::Notify::new(),
             next_denial: AtomicU64::new(1),
             denials: Mutex::new(BTreeMap::new()),
             upstream_mid_message: AtomicBool::new(false),
@@ -263,6 +288,10 @@ impl Shared {
         self.masks_pending
             .store(!masks.is_empty(), Ordering::Relaxed);
         found
+    }
+
+    fn batch(&self) -> std::sync::MutexGuard<'_, Option<ExtendedBatch>> {
+        self.batch.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn prepared(&self) -> std::sync::MutexGuard<'_, Prepared> {
@@ -1116,6 +1145,9 @@ enum Step {
     Replace(usize),
     /// Forward the next `n` bytes, then stop reading (Terminate).
     Last(usize),
+    /// Step this message again once the server has answered everything
+    /// sent before it (see [`ClientSide::must_wait`]).
+    Wait,
 }
 
 /// Whether `tag` is a message type clients send.
@@ -1156,6 +1188,17 @@ struct ClientSide<'a> {
     maskable: Cell<bool>,
     /// What to mask in the answer to the Query just decided.
     mask_plan: RefCell<Option<MaskPlan>>,
+    /// Extended-protocol messages were sent since the last Sync.
+    extended_open: Cell<bool>,
+    /// A masked batch is open: what the client sends up to its Sync is
+    /// told to the upstream pump, in order.
+    batch_open: Cell<bool>,
+    /// Bytes to send in front of the message just stepped (the masking
+    /// lookup that opens a batch).
+    prefix: RefCell<Vec<u8>>,
+    /// The wait for the server to be idle before this batch timed out
+    /// (reset at Sync): its masked messages are refused.
+    waited: Cell<bool>,
 }
 
 impl ClientSide<'_> {
@@ -1188,6 +1231,9 @@ impl ClientSide<'_> {
             Ok(Some(h)) => h,
         };
         use frontend::tag::*;
+        if matches!(tag, PARSE | BIND | EXECUTE) && self.must_wait() {
+            return Ok(Step::Wait);
+        }
         match tag {
             QUERY | PARSE | FUNCTION_CALL => {
                 check_recording(self.ctx)?;
@@ -1204,9 +1250,29 @@ impl ClientSide<'_> {
                 let Some(body) = header.body(data) else {
                     return Ok(Step::Need(header.len));
                 };
-                match self.decide(tag, body)? {
+                if tag != PARSE && self.batch_open.get() {
+                    return Err(Stop::client_fault(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        format!(
+                            "tollgate: a {} inside an extended-protocol batch with a masked statement, before its Sync, cannot be told apart from the batch's answers; the session is closed",
+                            message_name(tag)
+                        ),
+                    ));
+                }
+                let decided = self.decide(tag, body)?;
+                if tag == PARSE {
+                    self.extended_open.set(true);
+                    self.expect(Expect::Complete)?;
+                } else {
+                    self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                }
+                match decided {
                     None if self.mask_plan.get_mut().is_some() => {
                         self.masked_query(body);
+                        Ok(Step::Replace(header.len))
+                    }
+                    None if !self.prefix.get_mut().is_empty() => {
+                        self.prefixed(data, header.len);
                         Ok(Step::Replace(header.len))
                     }
                     None => Ok(Step::Forward(header.len)),
@@ -1216,9 +1282,48 @@ impl ClientSide<'_> {
                     }
                 }
             }
+            SYNC => {
+                if header.message(data).is_none() {
+                    return Ok(Step::Need(header.len));
+                }
+                self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                self.extended_open.set(false);
+                self.expect(Expect::Sync)?;
+                self.batch_open.set(false);
+                self.waited.set(false);
+                Ok(Step::Forward(header.len))
+            }
+            DESCRIBE => {
+                let Some(body) = header.body(data) else {
+                    return Ok(Step::Need(header.len));
+                };
+                self.extended_open.set(true);
+                let kind = Reader::new("Describe", body)
+                    .get_u8("kind")
+                    .map_err(Stop::protocol_violation)?;
+                self.expect(if kind == b'S' {
+                    Expect::DescribeStatement
+                } else {
+                    Expect::DescribePortal(None)
+                })?;
+                Ok(Step::Forward(header.len))
+            }
+            FLUSH => {
+                if header.message(data).is_none() {
+                    return Ok(Step::Need(header.len));
+                }
+                self.extended_open.set(true);
+                Ok(Step::Forward(header.len))
+            }
             BIND => {
                 check_recording(self.ctx)?;
-                self.bind(data, header)
+                let step = self.bind(data, header)?;
+                // After the Bind: a masked one may open a batch, which
+                // only a batch's first message can.
+                if !matches!(step, Step::Need(_)) {
+                    self.extended_open.set(true);
+                }
+                Ok(step)
             }
             EXECUTE | CLOSE => {
                 if tag == EXECUTE {
@@ -1228,16 +1333,20 @@ impl ClientSide<'_> {
                     return Ok(Step::Need(header.len));
                 };
                 if tag == CLOSE {
+                    self.extended_open.set(true);
                     let mut r = Reader::new("Close", body);
                     let kind = r.get_u8("kind").map_err(Stop::protocol_violation)?;
                     let name = r.get_cstr_bytes("name").map_err(Stop::protocol_violation)?;
                     self.shared.prepared().close_sent(kind, name);
+                    self.expect(Expect::Complete)?;
                     return Ok(Step::Forward(header.len));
                 }
                 let portal = Reader::new("Execute", body)
                     .get_cstr_bytes("portal name")
                     .map_err(Stop::protocol_violation)?;
-                self.execute(portal, header.len)
+                let step = self.execute(data, portal, header.len)?;
+                self.extended_open.set(true);
+                Ok(step)
             }
             TERMINATE => match header.message(data) {
                 Some(_) => Ok(Step::Last(header.len)),
@@ -1282,11 +1391,20 @@ impl ClientSide<'_> {
         let (text, analysis) = self.analyse(text);
         let policy = current_policy(&self.ctx.policy);
         let ops = prepared::sql_ops(&analysis);
-        self.maskable.set(tag == QUERY);
-        let refusal = self.decide_with_executed(&policy, &text, &analysis, &ops);
+        self.maskable.set(tag == QUERY || tag == PARSE);
+        let mut refusal = self.decide_with_executed(&policy, &text, &analysis, &ops);
         self.maskable.set(false);
         if refusal.is_some() {
             self.mask_plan.take();
+        }
+        // A masked Parse opens (or joins) a masked batch.
+        let mut mask = None;
+        if tag == PARSE && refusal.is_none() {
+            if let Some(plan) = self.mask_plan.take() {
+                let plan = Arc::new(plan);
+                refusal = self.join_batch(&plan);
+                mask = Some(plan);
+            }
         }
         if tag == QUERY && refusal.is_none() && !ops.is_empty() {
             return Ok(self.sql_sent(&policy, &ops));
@@ -1305,6 +1423,7 @@ impl ClientSide<'_> {
                     text: Arc::from(&*text),
                     analysis,
                     policy: Arc::downgrade(&policy),
+                    mask,
                 },
             );
         }
@@ -1335,14 +1454,14 @@ impl ClientSide<'_> {
             self.memo
                 .borrow_mut()
                 .decide(policy, &self.ctx.target, self.identity, text, analysis);
-        self.report(text, analysis, &decisions);
-        let top = most_restrictive(&decisions)?;
-        if top.action == Action::Mask {
-            return self.plan_mask(&decisions, analysis, label);
+        let top = most_restrictive(&decisions);
+        if top.is_some_and(|d| d.action == Action::Mask) {
+            let refusal = self.plan_mask(&decisions, analysis, label);
+            self.report(text, analysis, &decisions, refusal.is_some());
+            return refusal;
         }
-        if !top.action.is_refused() {
-            return None;
-        }
+        self.report(text, analysis, &decisions, false);
+        let top = top.filter(|d| d.action.is_refused())?;
         let command = match (label, analysis) {
             (Some(label), _) => label,
             (None, Analysis::Parsed { statements }) => decisions
@@ -1442,6 +1561,86 @@ impl ClientSide<'_> {
         tracing::debug!(session = %self.ctx.id, "a masked Query: the masking lookup goes in front of it");
     }
 
+    /// Whether the message about to be stepped starts an extended-protocol
+    /// batch while answers are still in flight, under a policy that masks:
+    /// it waits for them, since a masked statement can open a batch only
+    /// when the server's next answer is known to be its lookup's. (Waiting
+    /// for every batch start, not only masked ones, keeps the decision from
+    /// being made, and reported, twice.)
+    fn must_wait(&self) -> bool {
+        !self.extended_open.get()
+            && !self.batch_open.get()
+            && !self.waited.get()
+            && self.shared.in_flight.load(Ordering::Relaxed) > 0
+            && current_policy(&self.ctx.policy).masks()
+    }
+
+    /// Tells the upstream pump what the message being forwarded will be
+    /// answered with, when a masked batch is open.
+    fn expect(&self, answer: Expect) -> Result<(), Stop> {
+        if !self.batch_open.get() {
+            return Ok(());
+        }
+        let room = self
+            .shared
+            .batch()
+            .as_mut()
+            .is_none_or(|batch| batch.expect(answer));
+        if room {
+            return Ok(());
+        }
+        Err(Stop::client_fault(
+            PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "tollgate: more than {} messages in one batch with a masked statement",
+                super::mask::MAX_EXPECTED
+            ),
+        ))
+    }
+
+    /// A message of an extended-protocol statement a `mask` rule applies
+    /// to (`plan`): it joins the open masked batch if that batch's lookup
+    /// covers it, or opens one when nothing is in flight (the lookup goes
+    /// into `prefix`, in front of the message); `Some(message)` refuses it.
+    fn join_batch(&self, plan: &Arc<MaskPlan>) -> Option<String> {
+        if self.batch_open.get() {
+            let batch = self.shared.batch();
+            let covered = batch.as_ref().is_some_and(|b| {
+                let known = b.plan();
+                plan.tables.iter().all(|t| known.tables.contains(t))
+                    && plan
+                        .rules
+                        .iter()
+                        .all(|r| known.rules.iter().any(|k| Arc::ptr_eq(k, r)))
+            });
+            return (!covered).then(|| MASK_PIPELINED.to_owned());
+        }
+        if self.extended_open.get() || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
+            return Some(MASK_PIPELINED.to_owned());
+        }
+        let n = self.shared.next_mask.fetch_add(1, Ordering::Relaxed);
+        let sql = plan.lookup_sql(&format!("{}{n}", self.shared.mask_marker));
+        let mut prefix = self.prefix.borrow_mut();
+        prefix.clear();
+        let mut w = MessageWriter::new(&mut prefix, frontend::tag::QUERY);
+        w.put_cstr(&sql);
+        w.finish();
+        *self.shared.batch() = Some(ExtendedBatch::new(Arc::clone(plan)));
+        self.shared.batch_active.store(true, Ordering::Relaxed);
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.batch_open.set(true);
+        tracing::debug!(session = %self.ctx.id, "a masked batch: the masking lookup goes in front of it");
+        None
+    }
+
+    /// Replaces the message (`len` bytes of `data`) by `prefix` and itself.
+    fn prefixed(&mut self, data: &[u8], len: usize) {
+        self.out.clear();
+        self.out.append(self.prefix.get_mut());
+        self.out
+            .extend_from_slice(data.get(..len).unwrap_or_default());
+    }
+
     /// Decides analysed text (its prepared-statement operations `ops`)
     /// under `policy`, then every named statement it `EXECUTE`s that an
     /// earlier policy allowed, as that statement was decided when prepared
@@ -1513,6 +1712,7 @@ impl ClientSide<'_> {
                             statements: vec![(*statement).clone()],
                         }),
                         policy: Arc::downgrade(policy),
+                        mask: None,
                     },
                 ),
                 SqlOp::Deallocate(name) => prepared.deallocate_sent(name),
@@ -1565,6 +1765,7 @@ impl ClientSide<'_> {
         let Some(mut decided) = known else {
             // Not prepared in a way this session saw (a Parse, or a SQL
             // PREPARE of its own), or absent (the server's error).
+            self.expect(Expect::Complete)?;
             return forward(self);
         };
         if !self.shared.prepared().has_room() {
@@ -1596,6 +1797,34 @@ impl ClientSide<'_> {
                 .reallowed_statement(statement, &policy);
             decided.policy = Arc::downgrade(&policy);
         }
+        if let Some(plan) = decided.mask.clone().filter(|_| !self.batch_open.get()) {
+            // A batch opens here: the lookup goes in front of the whole Bind.
+            if header.len > data.len() {
+                if header.len > MAX_INSPECTED_MESSAGE {
+                    return Err(Stop::client_fault(
+                        PROGRAM_LIMIT_EXCEEDED,
+                        format!(
+                            "tollgate: a Bind of {} bytes to a statement that requires masking exceeds the {MAX_INSPECTED_MESSAGE}-byte limit",
+                            header.len
+                        ),
+                    ));
+                }
+                return Ok(Step::Need(header.len));
+            }
+            if let Some(refusal) = self.join_batch(&plan) {
+                return self.replace_bind(data, header, portal, refusal);
+            }
+            self.expect(Expect::Complete)?;
+            self.shared.prepared().bind_sent(portal, decided);
+            self.prefixed(data, header.len);
+            return Ok(Step::Replace(header.len));
+        }
+        if let Some(plan) = &decided.mask {
+            if let Some(refusal) = self.join_batch(plan) {
+                return self.replace_bind(data, header, portal, refusal);
+            }
+        }
+        self.expect(Expect::Complete)?;
         self.shared.prepared().bind_sent(portal, decided);
         forward(self)
     }
@@ -1610,6 +1839,7 @@ impl ClientSide<'_> {
         if header.len > data.len() {
             return Ok(Step::Need(header.len));
         }
+        self.expect(Expect::Complete)?;
         let missing = self.shared.register_denial(refusal);
         self.out.clear();
         let mut w = MessageWriter::new(&mut self.out, frontend::tag::BIND);
@@ -1627,9 +1857,10 @@ impl ClientSide<'_> {
     /// it is replaced by an Execute of a portal that does not exist. A SQL
     /// `PREPARE` or `DEALLOCATE` in the portal is tracked from here, where
     /// it runs.
-    fn execute(&mut self, portal: &[u8], len: usize) -> Result<Step, Stop> {
+    fn execute(&mut self, data: &[u8], portal: &[u8], len: usize) -> Result<Step, Stop> {
         let policy = current_policy(&self.ctx.policy);
         let Some(decided) = self.shared.prepared().portal(portal).cloned() else {
+            self.expect(Expect::Execute(None))?;
             return Ok(Step::Forward(len));
         };
         let ops = prepared::sql_ops(&decided.analysis);
@@ -1648,9 +1879,32 @@ impl ClientSide<'_> {
             None if !ops.is_empty() => self.sql_sent(&policy, &ops),
             refusal => refusal,
         };
-        match refusal {
-            None => Ok(Step::Forward(len)),
-            Some(refusal) => {
+        // A masked portal: the proxy's Describe of it goes in front, so
+        // that the rows' fields are known (behind the lookup when a batch
+        // opens here).
+        let refusal = match (refusal, &decided.mask) {
+            (None, Some(plan)) => self.join_batch(plan),
+            (refusal, _) => refusal,
+        };
+        match (refusal, &decided.mask) {
+            (None, None) => {
+                self.expect(Expect::Execute(None))?;
+                Ok(Step::Forward(len))
+            }
+            (None, Some(plan)) => {
+                let computed = plan.statements.first().copied().flatten();
+                self.expect(Expect::DescribePortal(Some(computed)))?;
+                self.expect(Expect::Execute(None))?;
+                let mut describe = std::mem::take(self.prefix.get_mut());
+                let mut w = MessageWriter::new(&mut describe, frontend::tag::DESCRIBE);
+                w.put_u8(b'P').put_cstr_bytes(portal);
+                w.finish();
+                *self.prefix.get_mut() = describe;
+                self.prefixed(data, len);
+                Ok(Step::Replace(len))
+            }
+            (Some(refusal), _) => {
+                self.expect(Expect::Execute(None))?;
                 let missing = self.shared.register_denial(refusal);
                 self.out.clear();
                 let mut w = MessageWriter::new(&mut self.out, frontend::tag::EXECUTE);
@@ -1705,10 +1959,14 @@ impl ClientSide<'_> {
     }
 
     /// One Statement event per decided statement.
-    fn report(&self, text: &str, analysis: &Analysis, decisions: &[Decision]) {
+    /// Reports each statement's decision (`mask_refused`: the message's
+    /// `mask` statements cannot be masked, so they do not run) and counts
+    /// it.
+    fn report(&self, text: &str, analysis: &Analysis, decisions: &[Decision], mask_refused: bool) {
         let session = self.ctx.id;
         let event =
             |text: &str, command: Arc<str>, kind, fingerprint: Option<Arc<str>>, d: &Decision| {
+                self.ctx.target_metrics.statement(d.action);
                 SessionEvent::Statement(Arc::new(StatementEvent {
                     session,
                     text: text.to_owned(),
@@ -1716,6 +1974,7 @@ impl ClientSide<'_> {
                     kind,
                     fingerprint,
                     action: d.action,
+                    refused: d.action.is_refused() || (mask_refused && d.action == Action::Mask),
                     rule: d.deciding_rule().map(|r| Arc::clone(&r.name)),
                     rules: d.matched.iter().map(|r| Arc::clone(&r.name)).collect(),
                     reason: Arc::clone(&d.reason),
@@ -1815,6 +2074,10 @@ where
         memo: RefCell::default(),
         maskable: Cell::new(false),
         mask_plan: RefCell::new(None),
+        extended_open: Cell::new(false),
+        batch_open: Cell::new(false),
+        prefix: RefCell::new(Vec::new()),
+        waited: Cell::new(false),
     };
     let raw = ctx.events.records_raw(&ctx.target);
     if raw && !buf.filled().is_empty() {
@@ -1829,6 +2092,7 @@ where
             handled,
             need,
             last,
+            wait,
         } = forward_batch(&mut side, writer, buf.filled(), &mut spliced, write_err).await?;
         buf.consume(handled);
         shared
@@ -1837,6 +2101,18 @@ where
         if last {
             let _ = writer.shutdown().await;
             return Ok(());
+        }
+        if wait {
+            // The upstream pump, polled alongside, brings `in_flight` down.
+            let idle = async {
+                while shared.in_flight.load(Ordering::Relaxed) > 0 {
+                    shared.idle.notified().await;
+                }
+            };
+            if tokio::time::timeout(MASK_WAIT, idle).await.is_err() {
+                side.waited.set(true);
+            }
+            continue;
         }
         buf.make_room(need);
         let n = buf
@@ -1867,6 +2143,12 @@ struct UpstreamSide<'a> {
     warned_encoding: bool,
     /// Inside the answer to a masked Query.
     masked: Option<MaskedAnswer>,
+    /// The target records raw bytes: what goes to the client is recorded,
+    /// as rewritten (masked rows, never the server's originals).
+    raw: bool,
+    /// The start-up's ReadyForQuery came (later ones answer the client's
+    /// Queries, Syncs and FunctionCalls, counted in `in_flight`).
+    ready: bool,
 }
 
 impl UpstreamSide<'_> {
@@ -1882,6 +2164,11 @@ impl UpstreamSide<'_> {
             Ok(Some(h)) => h,
         };
         use backend::tag::*;
+        if self.shared.batch_active.load(Ordering::Relaxed) {
+            if let Some(step) = self.batch_step(header, data)? {
+                return Ok(step);
+            }
+        }
         let mask_relevant = self.masked.is_some()
             || (header.tag == ROW_DESCRIPTION && self.shared.masks_pending.load(Ordering::Relaxed));
         if mask_relevant {
@@ -1979,9 +2266,10 @@ impl UpstreamSide<'_> {
             return Ok(None);
         }
         if header.len > MAX_INSPECTED_MESSAGE {
-            if header.tag == DATA_ROW {
+            // Rows whose fields the proxy cannot read must not pass.
+            if self.masked.is_some() && matches!(header.tag, DATA_ROW | ROW_DESCRIPTION) {
                 let message = format!(
-                    "tollgate: a row of a masked result has {} bytes, more than the {MAX_INSPECTED_MESSAGE} bytes the proxy masks; the session is closed so that nothing unmasked reaches the client",
+                    "tollgate: a message of a masked result has {} bytes, more than the {MAX_INSPECTED_MESSAGE} bytes the proxy masks; the session is closed so that nothing unmasked reaches the client",
                     header.len
                 );
                 return Err(Stop::Fatal {
@@ -2024,7 +2312,12 @@ impl UpstreamSide<'_> {
                 let Some(masks) = masked.rows() else {
                     return Ok(None);
                 };
-                masking::mask_data_row(body, masks, &mut self.out).map_err(upstream_fault)?;
+                let masked =
+                    masking::mask_data_row(body, masks, &mut self.out).map_err(upstream_fault)?;
+                self.ctx
+                    .target_metrics
+                    .masked_values
+                    .fetch_add(masked, Ordering::Relaxed);
                 Ok(Some(Step::Replace(header.len)))
             }
             COMMAND_COMPLETE => {
@@ -2047,6 +2340,91 @@ impl UpstreamSide<'_> {
         }
     }
 
+    /// A ReadyForQuery: one Query, Sync or FunctionCall fewer in flight
+    /// (the start-up's own is not one of them).
+    fn answered(&mut self) {
+        if !self.ready {
+            self.ready = true;
+            return;
+        }
+        let before =
+            self.shared
+                .in_flight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if before == Ok(1) {
+            self.shared.idle.notify_one();
+        }
+    }
+
+    /// A message while a masked extended-protocol batch is answered (see
+    /// [`super::mask::ExtendedBatch`]). `None` leaves it to the usual
+    /// handling.
+    fn batch_step(&mut self, header: FrameHeader, data: &[u8]) -> Result<Option<Step>, Stop> {
+        use backend::tag::*;
+        let mut guard = self.shared.batch();
+        let Some(batch) = guard.as_mut() else {
+            self.shared.batch_active.store(false, Ordering::Relaxed);
+            return Ok(None);
+        };
+        let body = if batch.needs_body(header.tag) || header.tag == READY_FOR_QUERY {
+            if header.len > MAX_INSPECTED_MESSAGE {
+                let message = format!(
+                    "tollgate: a message of a masked result has {} bytes, more than the {MAX_INSPECTED_MESSAGE} bytes the proxy masks; the session is closed so that nothing unmasked reaches the client",
+                    header.len
+                );
+                return Err(Stop::Fatal {
+                    sqlstate: PROGRAM_LIMIT_EXCEEDED,
+                    reason: CloseReason::UpstreamError(message.clone()),
+                    message,
+                });
+            }
+            match header.body(data) {
+                Some(body) => Some(body),
+                None => return Ok(Some(Step::Need(header.len))),
+            }
+        } else {
+            None
+        };
+        let disposition = batch.answer(header.tag, body).map_err(|e| {
+            let message = format!(
+                "tollgate: masking lost track of the server's answers ({e}); the session is closed so that nothing unmasked reaches the client"
+            );
+            Stop::Fatal {
+                sqlstate: sqlstate::PROTOCOL_VIOLATION,
+                reason: CloseReason::UpstreamError(message.clone()),
+                message,
+            }
+        })?;
+        self.out.clear();
+        let step = match disposition {
+            Disposition::Forward => {
+                if header.tag == READY_FOR_QUERY && batch.is_done() {
+                    *guard = None;
+                    self.shared.batch_active.store(false, Ordering::Relaxed);
+                }
+                None
+            }
+            Disposition::Drop => Some(Step::Replace(header.len)),
+            Disposition::LookupDone => {
+                // The lookup's own ReadyForQuery: the client never asked for it.
+                drop(guard);
+                self.answered();
+                Some(Step::Replace(header.len))
+            }
+            Disposition::Mask => {
+                let masks = batch.row_masks().unwrap_or_default();
+                let masked = masking::mask_data_row(body.unwrap_or_default(), masks, &mut self.out)
+                    .map_err(upstream_fault)?;
+                self.ctx
+                    .target_metrics
+                    .masked_values
+                    .fetch_add(masked, Ordering::Relaxed);
+                Some(Step::Replace(header.len))
+            }
+        };
+        Ok(step)
+    }
+
     /// Reads a message the session tracks; `true` when it is to be replaced
     /// by `out` (BackendKeyData, an AuthenticationSASL offering `-PLUS`).
     fn inspect(&mut self, tag: u8, body: &[u8]) -> Result<bool, Stop> {
@@ -2056,6 +2434,7 @@ impl UpstreamSide<'_> {
         let message = backend::decode_backend(tag, body).map_err(upstream_fault)?;
         match message {
             BackendMessage::ReadyForQuery(status) => {
+                self.answered();
                 self.shared
                     .tx_status
                     .store(status.byte(), Ordering::Relaxed);
@@ -2179,9 +2558,10 @@ where
         out: Vec::new(),
         warned_encoding: false,
         masked: None,
+        raw: ctx.events.records_raw(&ctx.target),
+        ready: false,
     };
     let mut buf = ReadBuf::new();
-    let raw = ctx.events.records_raw(&ctx.target);
     let write_err = |e: io::Error| Stop::Closed(CloseReason::ClientError(e.to_string()));
     let mut spliced = Vec::new();
     loop {
@@ -2202,9 +2582,6 @@ where
             return Ok(());
         }
         count(ctx, false, n);
-        if raw {
-            record_raw(ctx, RawDirection::Server, &buf, n);
-        }
         shared.touch(start);
     }
 }
@@ -2215,6 +2592,8 @@ trait Side {
     fn step(&mut self, data: &[u8]) -> Result<Step, Stop>;
     /// The bytes that replace the message of the last [`Step::Replace`].
     fn replacement(&self) -> &[u8];
+    /// Sees the bytes about to be written on, in order.
+    fn forwarded(&self, _bytes: &[u8]) {}
 }
 
 impl Side for ClientSide<'_> {
@@ -2235,6 +2614,14 @@ impl Side for UpstreamSide<'_> {
     fn replacement(&self) -> &[u8] {
         &self.out
     }
+
+    fn forwarded(&self, bytes: &[u8]) {
+        if self.raw {
+            self.ctx
+                .events
+                .emit_raw(self.ctx.id, RawDirection::Server, bytes);
+        }
+    }
 }
 
 /// What [`forward_batch`] made of one read.
@@ -2245,6 +2632,8 @@ struct Batch {
     need: usize,
     /// A message that ends the session was forwarded (Terminate).
     last: bool,
+    /// The next message waits for the server to be idle ([`Step::Wait`]).
+    wait: bool,
 }
 
 /// Handles every whole message in `data`, forwarding runs of unchanged
@@ -2261,6 +2650,7 @@ async fn forward_batch<S: Side, W: AsyncWrite + Unpin>(
         handled: 0,
         need: FrameHeader::SIZE,
         last: false,
+        wait: false,
     };
     let mut from = 0;
     while batch.handled < data.len() && !batch.last {
@@ -2268,6 +2658,10 @@ async fn forward_batch<S: Side, W: AsyncWrite + Unpin>(
         match side.step(rest)? {
             Step::Need(n) => {
                 batch.need = n;
+                break;
+            }
+            Step::Wait => {
+                batch.wait = true;
                 break;
             }
             Step::Forward(n) => batch.handled += n,
@@ -2284,6 +2678,12 @@ async fn forward_batch<S: Side, W: AsyncWrite + Unpin>(
         }
     }
     let tail = data.get(from..batch.handled).unwrap_or_default();
+    if !spliced.is_empty() {
+        side.forwarded(spliced);
+    }
+    if !tail.is_empty() {
+        side.forwarded(tail);
+    }
     write_batch(writer, spliced, tail)
         .await
         .map_err(write_err)?;
