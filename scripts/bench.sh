@@ -21,8 +21,8 @@
 # in every statement), a new connection per transaction (-C: connection
 # set-up including the identity lookup), and without --quick extended and
 # prepared modes, TPC-B-like at 8 clients, a 10,000-row result, and a query
-# returning a masked column at 1 and 8 clients (direct, pgbouncer, full
-# without masking and masked).
+# returning a masked column at 1 and 8 clients and through the extended
+# protocol at 1 (direct, pgbouncer, full without masking and masked).
 # Afterwards 500 idle sessions are opened through the full configuration
 # and the agent's memory is reported. --only runs only the named workloads
 # (not with --quick), e.g. --only masked-1c,masked-8c.
@@ -224,7 +224,8 @@ if [ $quick -eq 0 ]; then
     workloads+=("select-8c-extended|-S -c 8 -j 2 -M extended" "select-8c-prepared|-S -c 8 -j 2 -M prepared"
                 "tpcb-8c|-c 8 -j 2 -M simple" "large-result-4c|-f $work/large.sql -c 4 -j 2 -M simple"
                 "masked-1c|-f $work/masked.sql -c 1 -j 1 -M simple|direct,pgbouncer,full,masked"
-                "masked-8c|-f $work/masked.sql -c 8 -j 2 -M simple|direct,pgbouncer,full,masked")
+                "masked-8c|-f $work/masked.sql -c 8 -j 2 -M simple|direct,pgbouncer,full,masked"
+                "masked-1c-extended|-f $work/masked.sql -c 1 -j 1 -M extended|direct,pgbouncer,full,masked")
 fi
 # name|host|port|command prefix
 configs=("direct|127.0.0.1|$pg_port|" "pgbouncer|127.0.0.1|$bouncer_port|" "relay|127.0.0.1|$relay_port|" "full|127.0.0.1|$full_port|"
@@ -354,7 +355,7 @@ def added(workload, field, what):
             print(f"{what}, {c}: {of_medians:.0f} us (median of per-round differences: {paired:.0f} us)")
 added("select-1c-simple", "lat", "added mean latency at 1 client")
 added("connect-1c", "conn", "added connection set-up")
-for w in ("masked-1c", "masked-8c"):
+for w in ("masked-1c", "masked-8c", "masked-1c-extended"):
     cs = data.get(w, {})
     if "masked" in cs and "full" in cs:
         m, f = statistics.median(cs["masked"]["tps"]), statistics.median(cs["full"]["tps"])
