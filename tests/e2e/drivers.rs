@@ -24,18 +24,13 @@ pub(crate) const SCHEMA: &str =
      create view item_names as select name from items;\
      create function double_it(int) returns int language sql as 'select $1 * 2';";
 
-fn setup() -> (Postgres, Agent, u16, tempfile::TempDir) {
+fn setup() -> (Postgres, Agent, u16, PolicyFile) {
     let pg = Postgres::start();
     psql(pg.port, SCHEMA).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("p.toml"), POLICY).unwrap();
+    let policy = policy_file(POLICY);
     let port = free_port();
-    let agent = Agent::start(&listener_config(
-        port,
-        pg.port,
-        &format!("policy_paths = [\"{}\"]", dir.path().display()),
-    ));
-    (pg, agent, port, dir)
+    let agent = Agent::start(&listener_config(port, pg.port, &policy.line));
+    (pg, agent, port, policy)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -60,7 +55,7 @@ async fn connect(port: u16) -> tokio_postgres::Client {
 
 #[test]
 fn rust_driver_with_binary_parameters_prepared_statements_and_a_denial() {
-    let (_pg, _agent, port, _dir) = setup();
+    let (_pg, _agent, port, _policy) = setup();
     let out = Command::new(env!("CARGO_BIN_EXE_pg-driver-session"))
         .args(["127.0.0.1", &port.to_string()])
         .output()
@@ -88,7 +83,7 @@ pub(crate) fn assert_driver_session(out: &std::process::Output) {
 /// policy still allows keep running on the same connection.
 #[test]
 fn prepared_statements_and_portals_are_decided_again_after_a_policy_reload() {
-    let (_pg, agent, port, dir) = setup();
+    let (_pg, agent, port, policy) = setup();
     runtime().block_on(async {
         let mut client = connect(port).await;
         client
@@ -115,7 +110,7 @@ fn prepared_statements_and_portals_are_decided_again_after_a_policy_reload() {
         let portal = tx.bind(&by_id, &[&4i32]).await.unwrap();
 
         std::fs::write(
-            dir.path().join("p.toml"),
+            policy.path(),
             format!(
                 "{POLICY}\n[[rule]]\nname = \"items-frozen\"\naction = \"deny\"\nmessage = \"items are frozen\"\n[rule.match]\ntables = [\"items\"]\n"
             ),
@@ -181,7 +176,7 @@ fn sql_prepare_and_execute_are_decided_again_after_a_policy_reload() {
     use std::io::{BufRead, BufReader, Write};
     use std::process::Stdio;
 
-    let (_pg, agent, port, dir) = setup();
+    let (_pg, agent, port, policy) = setup();
     psql(
         port,
         "insert into items (id, name) values (1, 'one'), (2, 'two')",
@@ -223,7 +218,7 @@ fn sql_prepare_and_execute_are_decided_again_after_a_policy_reload() {
     }
     assert_eq!(before, ["one", "2"], "allowed before the reload");
 
-    std::fs::write(dir.path().join("p.toml"), format!("{POLICY}{ITEMS_FROZEN}")).unwrap();
+    std::fs::write(policy.path(), format!("{POLICY}{ITEMS_FROZEN}")).unwrap();
     send_signal(agent.child.id(), libc::SIGHUP);
     agent
         .wait_for_log(
@@ -317,7 +312,7 @@ fn sql_prepare_and_execute_are_decided_again_after_a_policy_reload() {
 /// EXECUTE (the two share one namespace on the server).
 #[test]
 fn an_execute_by_parse_and_a_parsed_statement_run_by_execute_are_decided_again() {
-    let (_pg, agent, port, dir) = setup();
+    let (_pg, agent, port, policy) = setup();
     runtime().block_on(async {
         let client = connect(port).await;
         client
@@ -350,7 +345,7 @@ fn an_execute_by_parse_and_a_parsed_statement_run_by_execute_are_decided_again()
         let name: String = client.query_one("EXECUTE by_sql", &[]).await.unwrap().get(0);
         assert_eq!(name, "one");
 
-        std::fs::write(dir.path().join("p.toml"), format!("{POLICY}{ITEMS_FROZEN}")).unwrap();
+        std::fs::write(policy.path(), format!("{POLICY}{ITEMS_FROZEN}")).unwrap();
         send_signal(agent.child.id(), libc::SIGHUP);
         agent
             .wait_for_log(|l| l["message"] == "policy reloaded", Duration::from_secs(10))
@@ -370,7 +365,7 @@ fn an_execute_by_parse_and_a_parsed_statement_run_by_execute_are_decided_again()
 
 #[test]
 fn pg_dump_of_a_real_schema_through_the_proxy() {
-    let (_pg, _agent, port, _dir) = setup();
+    let (_pg, _agent, port, _policy) = setup();
     psql(
         port,
         "insert into items (id, name) select g, 'n' || g from generate_series(1, 500) g",
@@ -407,7 +402,7 @@ fn pg_dump_of_a_real_schema_through_the_proxy() {
 /// prepared statements, binary parameters, a denial and a failed transaction.
 #[test]
 fn python_psycopg3_through_the_proxy() {
-    let (_pg, _agent, port, _dir) = setup();
+    let (_pg, _agent, port, _policy) = setup();
     let out = Command::new("python3")
         .arg("-c")
         .arg(psycopg_session("127.0.0.1", port))

@@ -39,23 +39,21 @@ struct Fixture {
     agent: Agent,
     port: u16,
     metrics_port: u16,
-    _policy_dir: tempfile::TempDir,
+    _policy: PolicyFile,
 }
 
 impl Fixture {
     fn start() -> Fixture {
         let pg = Postgres::start();
-        let policy_dir = tempfile::tempdir().unwrap();
-        let policy = policy_dir.path().join("mask.toml");
-        std::fs::write(&policy, POLICY).unwrap();
+        let policy = policy_file(POLICY);
         let port = free_port();
         let metrics_port = free_port();
         let agent = Agent::start(&listener_config(
             port,
             pg.port,
             &format!(
-                "policy_paths = [\"{}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"",
-                policy.display()
+                "{}\nmetrics_listen = \"127.0.0.1:{metrics_port}\"",
+                policy.line
             ),
         ));
         psql(pg.port, SCHEMA).unwrap();
@@ -64,7 +62,7 @@ impl Fixture {
             agent,
             port,
             metrics_port,
-            _policy_dir: policy_dir,
+            _policy: policy,
         }
     }
 
@@ -278,16 +276,9 @@ fn text(out: &Output) -> String {
 fn raw_recordings_hold_the_masked_rows_the_client_received() {
     let pg = Postgres::start();
     psql(pg.port, SCHEMA).unwrap();
-    let policy_dir = tempfile::tempdir().unwrap();
-    let policy = policy_dir.path().join("mask.toml");
-    std::fs::write(&policy, POLICY).unwrap();
+    let policy = policy_file(POLICY);
     let port = free_port();
-    let config = listener_config(
-        port,
-        pg.port,
-        &format!("policy_paths = [\"{}\"]", policy.display()),
-    )
-    .replace(
+    let config = listener_config(port, pg.port, &policy.line).replace(
         "protocol = \"postgres\"\n",
         "protocol = \"postgres\"\nrecord_raw = true\n",
     );

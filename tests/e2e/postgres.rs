@@ -45,21 +45,15 @@ struct Fixture {
     pg: Postgres,
     agent: Agent,
     port: u16,
-    _policy_dir: tempfile::TempDir,
+    _policy: PolicyFile,
 }
 
 impl Fixture {
     fn start() -> Fixture {
         let pg = Postgres::start();
-        let policy_dir = tempfile::tempdir().unwrap();
-        let policy = policy_dir.path().join("ci.toml");
-        std::fs::write(&policy, POLICY).unwrap();
+        let policy = policy_file(POLICY);
         let port = free_port();
-        let agent = Agent::start(&listener_config(
-            port,
-            pg.port,
-            &format!("policy_paths = [\"{}\"]", policy.display()),
-        ));
+        let agent = Agent::start(&listener_config(port, pg.port, &policy.line));
         psql(
             pg.port,
             "create table t(x int); create table secrets(s text); insert into secrets values ('k')",
@@ -69,7 +63,7 @@ impl Fixture {
             pg,
             agent,
             port,
-            _policy_dir: policy_dir,
+            _policy: policy,
         }
     }
 

@@ -33,13 +33,8 @@ fn recordings(agent: &Agent, expected: usize) -> Vec<serde_json::Value> {
 fn a_psql_session_is_recorded_shown_verified_and_tampering_is_detected() {
     let pg = Postgres::start();
     let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("p.toml"), POLICY).unwrap();
-    let agent = Agent::start(&listener_config(
-        port,
-        pg.port,
-        &format!("policy_paths = [\"{}\"]", dir.path().display()),
-    ));
+    let policy = policy_file(POLICY);
+    let agent = Agent::start(&listener_config(port, pg.port, &policy.line));
     let out = psql_command(
         port,
         "create table t (id int); insert into t values (1); select count(*) from t",

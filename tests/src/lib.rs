@@ -521,6 +521,34 @@ pub fn accepts(port: u16) -> bool {
     .is_ok()
 }
 
+/// A policy written to a directory of its own (removed on drop), with the
+/// `[agent]` line that loads it.
+pub struct PolicyFile {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    /// `policy_paths = ["..."]`.
+    pub line: String,
+}
+
+impl PolicyFile {
+    /// The file, to rewrite (the agent reloads it).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Writes `text` as a policy file.
+pub fn policy_file(text: &str) -> PolicyFile {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("policy.toml");
+    fs::write(&path, text).expect("the policy file is written");
+    PolicyFile {
+        line: format!("policy_paths = [\"{}\"]", path.display()),
+        path,
+        _dir: dir,
+    }
+}
+
 /// A configuration with one postgres target and one listener for it.
 pub fn listener_config(listen_port: u16, upstream_port: u16, agent_extra: &str) -> String {
     format!(

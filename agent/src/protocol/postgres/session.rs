@@ -1772,19 +1772,12 @@ impl ClientSide<'_> {
             return self.replace_bind(data, header, portal, too_many_prepared());
         }
         if decided.is_stale(&policy) {
-            if header.len > data.len() {
-                // Decide once the whole message is here, so that a refused
-                // one can be replaced (the decision is reported once).
-                if header.len > MAX_INSPECTED_MESSAGE {
-                    return Err(Stop::client_fault(
-                        PROGRAM_LIMIT_EXCEEDED,
-                        format!(
-                            "tollgate: a Bind of {} bytes to a statement the new policy must decide again exceeds the {MAX_INSPECTED_MESSAGE}-byte limit",
-                            header.len
-                        ),
-                    ));
-                }
-                return Ok(Step::Need(header.len));
+            // Decide once the whole message is here, so that a refused one
+            // can be replaced (the decision is reported once).
+            if let Some(step) =
+                hold_whole_bind(header, data, "a statement the new policy must decide again")
+            {
+                return step;
             }
             let ops = prepared::sql_ops(&decided.analysis);
             if let Some(refusal) =
@@ -1799,17 +1792,8 @@ impl ClientSide<'_> {
         }
         if let Some(plan) = decided.mask.clone().filter(|_| !self.batch_open.get()) {
             // A batch opens here: the lookup goes in front of the whole Bind.
-            if header.len > data.len() {
-                if header.len > MAX_INSPECTED_MESSAGE {
-                    return Err(Stop::client_fault(
-                        PROGRAM_LIMIT_EXCEEDED,
-                        format!(
-                            "tollgate: a Bind of {} bytes to a statement that requires masking exceeds the {MAX_INSPECTED_MESSAGE}-byte limit",
-                            header.len
-                        ),
-                    ));
-                }
-                return Ok(Step::Need(header.len));
+            if let Some(step) = hold_whole_bind(header, data, "a statement that requires masking") {
+                return step;
             }
             if let Some(refusal) = self.join_batch(&plan) {
                 return self.replace_bind(data, header, portal, refusal);
@@ -2028,6 +2012,24 @@ impl ClientSide<'_> {
 }
 
 /// The refusal of a Parse or Bind past [`MAX_TRACKED`].
+/// `Some` until the whole Bind is in `data`: wait for it, or refuse one
+/// too large to hold; `to` says what it binds that needs it whole.
+fn hold_whole_bind(header: FrameHeader, data: &[u8], to: &str) -> Option<Result<Step, Stop>> {
+    if header.len <= data.len() {
+        return None;
+    }
+    if header.len > MAX_INSPECTED_MESSAGE {
+        return Some(Err(Stop::client_fault(
+            PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "tollgate: a Bind of {} bytes to {to} exceeds the {MAX_INSPECTED_MESSAGE}-byte limit",
+                header.len
+            ),
+        )));
+    }
+    Some(Ok(Step::Need(header.len)))
+}
+
 fn too_many_prepared() -> String {
     format!(
         "tollgate: this session has {MAX_TRACKED} prepared statements and portals open, the most the proxy tracks; close some (Close, DEALLOCATE) first"
@@ -2268,15 +2270,7 @@ impl UpstreamSide<'_> {
         if header.len > MAX_INSPECTED_MESSAGE {
             // Rows whose fields the proxy cannot read must not pass.
             if self.masked.is_some() && matches!(header.tag, DATA_ROW | ROW_DESCRIPTION) {
-                let message = format!(
-                    "tollgate: a message of a masked result has {} bytes, more than the {MAX_INSPECTED_MESSAGE} bytes the proxy masks; the session is closed so that nothing unmasked reaches the client",
-                    header.len
-                );
-                return Err(Stop::Fatal {
-                    sqlstate: PROGRAM_LIMIT_EXCEEDED,
-                    reason: CloseReason::UpstreamError(message.clone()),
-                    message,
-                });
+                return Err(masked_too_large(header.len));
             }
             return Ok(None);
         }
@@ -2368,15 +2362,7 @@ impl UpstreamSide<'_> {
         };
         let body = if batch.needs_body(header.tag) || header.tag == READY_FOR_QUERY {
             if header.len > MAX_INSPECTED_MESSAGE {
-                let message = format!(
-                    "tollgate: a message of a masked result has {} bytes, more than the {MAX_INSPECTED_MESSAGE} bytes the proxy masks; the session is closed so that nothing unmasked reaches the client",
-                    header.len
-                );
-                return Err(Stop::Fatal {
-                    sqlstate: PROGRAM_LIMIT_EXCEEDED,
-                    reason: CloseReason::UpstreamError(message.clone()),
-                    message,
-                });
+                return Err(masked_too_large(header.len));
             }
             match header.body(data) {
                 Some(body) => Some(body),
@@ -2386,14 +2372,10 @@ impl UpstreamSide<'_> {
             None
         };
         let disposition = batch.answer(header.tag, body).map_err(|e| {
-            let message = format!(
-                "tollgate: masking lost track of the server's answers ({e}); the session is closed so that nothing unmasked reaches the client"
-            );
-            Stop::Fatal {
-                sqlstate: sqlstate::PROTOCOL_VIOLATION,
-                reason: CloseReason::UpstreamError(message.clone()),
-                message,
-            }
+            masking_fault(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("masking lost track of the server's answers ({e})"),
+            )
         })?;
         self.out.clear();
         let step = match disposition {
@@ -2528,6 +2510,26 @@ impl UpstreamSide<'_> {
         .encode(&mut self.out);
         true
     }
+}
+
+/// Ends the session rather than let a row pass unmasked: `what` went wrong.
+fn masking_fault(sqlstate: &'static str, what: String) -> Stop {
+    let message = format!(
+        "tollgate: {what}; the session is closed so that nothing unmasked reaches the client"
+    );
+    Stop::Fatal {
+        sqlstate,
+        reason: CloseReason::UpstreamError(message.clone()),
+        message,
+    }
+}
+
+/// A masked result's message too large to read whole.
+fn masked_too_large(len: usize) -> Stop {
+    masking_fault(
+        PROGRAM_LIMIT_EXCEEDED,
+        format!("a message of a masked result has {len} bytes, more than the {MAX_INSPECTED_MESSAGE} bytes the proxy masks"),
+    )
 }
 
 fn upstream_fault(what: impl std::fmt::Display) -> Stop {
