@@ -178,7 +178,7 @@ show tollgate status
 wait $!
 
 step "Prometheus metrics (http://127.0.0.1:$metrics_port/metrics)"
-python3 - "$metrics_port" <<'PY' | grep -E '^tollgate_(connections_total|sessions_closed_total|redirect_connects_total|identity_lookup_seconds)'
+python3 - "$metrics_port" <<'PY' | grep -E '^tollgate_(connections_total|sessions_closed_total|statements_total|masked_values_total|redirect_connects_total|identity_lookup_seconds)'
 import sys, urllib.request
 print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read().decode())
 PY
