@@ -1278,6 +1278,10 @@ impl ClientSide<'_> {
                     None => Ok(Step::Forward(header.len)),
                     Some(refusal) => {
                         self.substitute(tag, body, refusal)?;
+                        // A lookup that opened a batch still goes first:
+                        // the upstream pump expects its answer.
+                        let prefix = std::mem::take(self.prefix.get_mut());
+                        self.out.splice(0..0, prefix);
                         Ok(Step::Replace(header.len))
                     }
                 }
