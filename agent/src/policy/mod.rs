@@ -535,9 +535,18 @@ impl PolicySet {
         self.reads_text
     }
 
-    /// Whether any rule is a `mask` rule.
-    pub fn masks(&self) -> bool {
+    /// Whether a `mask` rule may apply to statements on `target` (its
+    /// `match.targets`, if any, name it).
+    pub fn masks_target(&self, target: &str) -> bool {
         self.masks
+            && self.rules.iter().any(|rule| {
+                rule.mask.is_some()
+                    && rule
+                        .when
+                        .targets
+                        .as_ref()
+                        .is_none_or(|targets| targets.is_match(target))
+            })
     }
 
     /// Hex SHA-256 over the loaded texts in load order (each prefixed by its

@@ -735,6 +735,16 @@ mask_with = "null"
     assert_eq!(rule.columns[0].to_string(), "crm.customers.email");
     assert_eq!(rule.with, crate::masking::MaskMethod::Null);
     assert!(!Action::Mask.is_refused(), "a mask decision runs, masked");
+    assert!(
+        set.masks_target("any"),
+        "a rule without targets masks everywhere"
+    );
+    let scoped = set(
+        "[[rule]]\nname = \"m\"\naction = \"mask\"\nmask_columns = \"email\"\n[rule.match]\ntargets = [\"prod-*\"]\n",
+    );
+    assert!(scoped.masks_target("prod-orders"));
+    assert!(!scoped.masks_target("staging"));
+    assert!(!PolicySet::empty().masks_target("prod-orders"));
 }
 
 // ---- errors -------------------------------------------------------------------

@@ -1576,7 +1576,7 @@ impl ClientSide<'_> {
             && !self.batch_open.get()
             && !self.waited.get()
             && self.shared.in_flight.load(Ordering::Relaxed) > 0
-            && current_policy(&self.ctx.policy).masks()
+            && current_policy(&self.ctx.policy).masks_target(&self.ctx.target)
     }
 
     /// Tells the upstream pump what the message being forwarded will be
