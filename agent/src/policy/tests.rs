@@ -739,7 +739,7 @@ mask_with = "null"
         set.masks_target("any"),
         "a rule without targets masks everywhere"
     );
-    let scoped = set(
+    let scoped = super::tests::set(
         "[[rule]]\nname = \"m\"\naction = \"mask\"\nmask_columns = \"email\"\n[rule.match]\ntargets = [\"prod-*\"]\n",
     );
     assert!(scoped.masks_target("prod-orders"));
