@@ -26,8 +26,9 @@ pub struct TargetMetrics {
     pub bytes_from_client: AtomicU64,
     /// Bytes relayed from the upstream.
     pub bytes_from_upstream: AtomicU64,
-    /// Statements decided, by action ([`Action::ALL`] order).
-    statements: [AtomicU64; 5],
+    /// Statements decided, by action (indexed by discriminant, which is
+    /// [`Action::ALL`] order).
+    statements: [AtomicU64; Action::ALL.len()],
     /// Result values masked (NULLs, which stay NULL, not counted).
     pub masked_values: AtomicU64,
 }
@@ -35,18 +36,15 @@ pub struct TargetMetrics {
 impl TargetMetrics {
     /// Counts one statement decided `action`.
     pub fn statement(&self, action: Action) {
-        let i = Action::ALL.iter().position(|a| *a == action).unwrap_or(0);
-        if let Some(counter) = self.statements.get(i) {
+        if let Some(counter) = self.statements.get(action as usize) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Statements decided `action` so far.
     pub fn statements(&self, action: Action) -> u64 {
-        Action::ALL
-            .iter()
-            .position(|a| *a == action)
-            .and_then(|i| self.statements.get(i))
+        self.statements
+            .get(action as usize)
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 }

@@ -400,6 +400,10 @@ fn actions_order_from_allow_to_deny() {
     assert!(Action::Audit < Action::Mask);
     assert!(Action::Mask < Action::Review);
     assert!(Action::Review < Action::Deny);
+    // Metrics index their counters by discriminant.
+    for (i, a) in Action::ALL.into_iter().enumerate() {
+        assert_eq!(a as usize, i, "{a}");
+    }
     for a in Action::ALL {
         assert_eq!(Action::from_name(a.as_str()), Some(a));
         assert_eq!(

@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::backend::{self, FieldDescription};
-use super::codec::{CodecError, MessageWriter, Reader};
+use super::codec::{MessageWriter, Reader};
 use crate::masking::{
     field_mask, FieldMask, FieldOrigin, MaskMethod, MaskRule, Replacement, ResolvedColumns,
 };
@@ -198,16 +198,30 @@ pub fn row_masks(
     masks.iter().any(|m| *m != FieldMask::Keep).then_some(masks)
 }
 
+/// The values of a DataRow `body`.
+fn data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, String> {
+    match backend::decode_backend(backend::tag::DATA_ROW, body) {
+        Ok(backend::BackendMessage::DataRow(values)) => Ok(values),
+        Ok(_) => Err("a DataRow did not decode as one".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The fields of a RowDescription `body`.
+fn row_fields(body: &[u8]) -> Result<Vec<FieldDescription<'_>>, String> {
+    match backend::decode_backend(backend::tag::ROW_DESCRIPTION, body) {
+        Ok(backend::BackendMessage::RowDescription(fields)) => Ok(fields),
+        Ok(_) => Err("a RowDescription did not decode as one".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Writes the DataRow `body` with its masked fields replaced, as a whole
 /// message, into `out`; returns how many values it masked (NULLs stay
 /// NULL and are not counted). A row whose field count differs from the
 /// RowDescription's is a server fault.
 pub fn mask_data_row(body: &[u8], masks: &[FieldMask], out: &mut Vec<u8>) -> Result<u64, String> {
-    let values = match backend::decode_backend(backend::tag::DATA_ROW, body) {
-        Ok(backend::BackendMessage::DataRow(values)) => values,
-        Ok(_) => return Err("a DataRow did not decode as one".into()),
-        Err(e) => return Err(e.to_string()),
-    };
+    let values = data_row(body)?;
     if values.len() != masks.len() {
         return Err(format!(
             "a DataRow has {} fields where its RowDescription has {}",
@@ -320,13 +334,7 @@ impl MaskedAnswer {
 
     /// A DataRow of the lookup.
     pub fn lookup_row(&mut self, body: &[u8]) -> Result<(), String> {
-        match backend::decode_backend(backend::tag::DATA_ROW, body) {
-            Ok(backend::BackendMessage::DataRow(values)) => {
-                self.plan.resolve_row(&values, &mut self.resolved)
-            }
-            Ok(_) => Err("a DataRow did not decode as one".into()),
-            Err(e) => Err(e.to_string()),
-        }
+        self.plan.resolve_row(&data_row(body)?, &mut self.resolved)
     }
 
     /// A CommandComplete (or EmptyQueryResponse): the lookup's ends it, a
@@ -342,11 +350,8 @@ impl MaskedAnswer {
     /// A RowDescription of the client's statements. A statement past the
     /// analysed ones (which cannot happen unless the server split the text
     /// differently) is treated as masked.
-    pub fn row_description(&mut self, body: &[u8]) -> Result<(), CodecError> {
-        let fields = match backend::decode_backend(backend::tag::ROW_DESCRIPTION, body)? {
-            backend::BackendMessage::RowDescription(fields) => fields,
-            _ => Vec::new(),
-        };
+    pub fn row_description(&mut self, body: &[u8]) -> Result<(), String> {
+        let fields = row_fields(body)?;
         let statement = match self.phase {
             Phase::Statements(i) => self
                 .plan
@@ -620,13 +625,7 @@ impl ExtendedBatch {
             DATA_ROW => {
                 if let Lookup::Answering(resolved) = &mut self.lookup {
                     let body = body.ok_or("a lookup row was not read whole")?;
-                    match backend::decode_backend(DATA_ROW, body) {
-                        Ok(backend::BackendMessage::DataRow(values)) => {
-                            self.plan.resolve_row(&values, resolved)?;
-                        }
-                        Ok(_) => return Err("a DataRow did not decode as one".into()),
-                        Err(e) => return Err(e.to_string()),
-                    }
+                    self.plan.resolve_row(&data_row(body)?, resolved)?;
                 }
                 Ok(Disposition::Drop)
             }
@@ -655,11 +654,7 @@ impl ExtendedBatch {
         body: &[u8],
         computed: Option<MaskMethod>,
     ) -> Result<Option<Vec<FieldMask>>, String> {
-        let fields = match backend::decode_backend(backend::tag::ROW_DESCRIPTION, body) {
-            Ok(backend::BackendMessage::RowDescription(fields)) => fields,
-            Ok(_) => return Err("a RowDescription did not decode as one".into()),
-            Err(e) => return Err(e.to_string()),
-        };
+        let fields = row_fields(body)?;
         match &self.lookup {
             Lookup::Resolved(resolved) => Ok(row_masks(&fields, resolved, computed)),
             // Nothing is known: every field is masked.

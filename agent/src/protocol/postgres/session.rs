@@ -1183,10 +1183,7 @@ struct ClientSide<'a> {
     out: Vec<u8>,
     /// Decisions for statements of one shape, made once per policy.
     memo: RefCell<DecisionMemo>,
-    /// The message being decided is a simple Query, whose result can be
-    /// masked.
-    maskable: Cell<bool>,
-    /// What to mask in the answer to the Query just decided.
+    /// What to mask in the answer to the Query or Parse just decided.
     mask_plan: RefCell<Option<MaskPlan>>,
     /// Extended-protocol messages were sent since the last Sync.
     extended_open: Cell<bool>,
@@ -1395,9 +1392,8 @@ impl ClientSide<'_> {
         let (text, analysis) = self.analyse(text);
         let policy = current_policy(&self.ctx.policy);
         let ops = prepared::sql_ops(&analysis);
-        self.maskable.set(tag == QUERY || tag == PARSE);
-        let mut refusal = self.decide_with_executed(&policy, &text, &analysis, &ops);
-        self.maskable.set(false);
+        let maskable = tag == QUERY || tag == PARSE;
+        let mut refusal = self.decide_with_executed(&policy, &text, &analysis, &ops, maskable);
         if refusal.is_some() {
             self.mask_plan.take();
         }
@@ -1435,24 +1431,16 @@ impl ClientSide<'_> {
     }
 
     /// Decides analysed text under `policy` and reports the decisions;
-    /// `Some(message for the client)` when refused.
-    fn decide_statement(
-        &self,
-        policy: &crate::policy::PolicySet,
-        text: &str,
-        analysis: &Analysis,
-    ) -> Option<String> {
-        self.decide_labelled(policy, text, analysis, None)
-    }
-
-    /// [`Self::decide_statement`], the client's message naming `label`
-    /// (when given) rather than the refused statement's command.
+    /// `Some(message for the client)` when refused, naming `label` (when
+    /// given) rather than the refused statement's command. `maskable`: the
+    /// text is a fresh Query or Parse, whose result can be masked.
     fn decide_labelled(
         &self,
         policy: &crate::policy::PolicySet,
         text: &str,
         analysis: &Analysis,
         label: Option<&str>,
+        maskable: bool,
     ) -> Option<String> {
         let decisions =
             self.memo
@@ -1460,7 +1448,7 @@ impl ClientSide<'_> {
                 .decide(policy, &self.ctx.target, self.identity, text, analysis);
         let top = most_restrictive(&decisions);
         if top.is_some_and(|d| d.action == Action::Mask) {
-            let refusal = self.plan_mask(&decisions, analysis, label);
+            let refusal = self.plan_mask(&decisions, analysis, label, maskable);
             self.report(text, analysis, &decisions, refusal.is_some());
             return refusal;
         }
@@ -1483,15 +1471,16 @@ impl ClientSide<'_> {
         Some(top.client_message(command))
     }
 
-    /// A message with statements a `mask` rule applies to: in a simple
-    /// Query (not an `EXECUTE` decided again, `label`) whose masked
-    /// statements are all queries that write nothing, the plan for its
-    /// answer is kept in `mask_plan`; anything else is refused, saying why.
+    /// A message with statements a `mask` rule applies to: in a fresh
+    /// Query or Parse (`maskable`) whose masked statements are all queries
+    /// that write nothing, the plan for its answer is kept in `mask_plan`;
+    /// anything else is refused, saying why (`label` names an `EXECUTE`).
     fn plan_mask(
         &self,
         decisions: &[Decision],
         analysis: &Analysis,
         label: Option<&str>,
+        maskable: bool,
     ) -> Option<String> {
         let statements = match analysis {
             Analysis::Parsed { statements } => statements.as_slice(),
@@ -1513,7 +1502,7 @@ impl ClientSide<'_> {
                 .unwrap_or(UNPARSABLE_COMMAND);
             let why = decision
                 .mask_obstacle(statement)
-                .or_else(|| (label.is_some() || !self.maskable.get()).then_some(MASK_EXTENDED));
+                .or_else(|| (!maskable).then_some(MASK_EXTENDED));
             if let Some(why) = why {
                 return Some(decision.mask_refused_message(command, why));
             }
@@ -1655,8 +1644,9 @@ impl ClientSide<'_> {
         text: &str,
         analysis: &Analysis,
         ops: &[(SqlOp, &crate::sql::StatementSummary)],
+        maskable: bool,
     ) -> Option<String> {
-        if let Some(refusal) = self.decide_statement(policy, text, analysis) {
+        if let Some(refusal) = self.decide_labelled(policy, text, analysis, None, maskable) {
             return Some(refusal);
         }
         for (i, (op, _)) in ops.iter().enumerate() {
@@ -1679,9 +1669,13 @@ impl ClientSide<'_> {
             if !decided.is_stale(policy) {
                 continue;
             }
-            if let Some(refusal) =
-                self.decide_labelled(policy, &decided.text, &decided.analysis, Some("EXECUTE"))
-            {
+            if let Some(refusal) = self.decide_labelled(
+                policy,
+                &decided.text,
+                &decided.analysis,
+                Some("EXECUTE"),
+                false,
+            ) {
                 return Some(refusal);
             }
             self.shared.prepared().reallowed_statement(name, policy);
@@ -1785,7 +1779,7 @@ impl ClientSide<'_> {
             }
             let ops = prepared::sql_ops(&decided.analysis);
             if let Some(refusal) =
-                self.decide_with_executed(&policy, &decided.text, &decided.analysis, &ops)
+                self.decide_with_executed(&policy, &decided.text, &decided.analysis, &ops, false)
             {
                 return self.replace_bind(data, header, portal, refusal);
             }
@@ -1854,7 +1848,7 @@ impl ClientSide<'_> {
         let ops = prepared::sql_ops(&decided.analysis);
         let refusal = if decided.is_stale(&policy) {
             let refusal =
-                self.decide_with_executed(&policy, &decided.text, &decided.analysis, &ops);
+                self.decide_with_executed(&policy, &decided.text, &decided.analysis, &ops, false);
             if refusal.is_none() {
                 self.shared.prepared().reallowed_portal(portal, &policy);
             }
@@ -2078,7 +2072,6 @@ where
         streaming: 0,
         out: Vec::new(),
         memo: RefCell::default(),
-        maskable: Cell::new(false),
         mask_plan: RefCell::new(None),
         extended_open: Cell::new(false),
         batch_open: Cell::new(false),
@@ -2310,12 +2303,7 @@ impl UpstreamSide<'_> {
                 let Some(masks) = masked.rows() else {
                     return Ok(None);
                 };
-                let masked =
-                    masking::mask_data_row(body, masks, &mut self.out).map_err(upstream_fault)?;
-                self.ctx
-                    .target_metrics
-                    .masked_values
-                    .fetch_add(masked, Ordering::Relaxed);
+                mask_row(self.ctx, body, masks, &mut self.out)?;
                 Ok(Some(Step::Replace(header.len)))
             }
             COMMAND_COMPLETE => {
@@ -2399,12 +2387,7 @@ impl UpstreamSide<'_> {
             }
             Disposition::Mask => {
                 let masks = batch.row_masks().unwrap_or_default();
-                let masked = masking::mask_data_row(body.unwrap_or_default(), masks, &mut self.out)
-                    .map_err(upstream_fault)?;
-                self.ctx
-                    .target_metrics
-                    .masked_values
-                    .fetch_add(masked, Ordering::Relaxed);
+                mask_row(self.ctx, body.unwrap_or_default(), masks, &mut self.out)?;
                 Some(Step::Replace(header.len))
             }
         };
@@ -2514,6 +2497,21 @@ impl UpstreamSide<'_> {
         .encode(&mut self.out);
         true
     }
+}
+
+/// Writes the DataRow `body` masked by `masks` into `out`, counting the
+/// values masked.
+fn mask_row(
+    ctx: &SessionContext,
+    body: &[u8],
+    masks: &[crate::masking::FieldMask],
+    out: &mut Vec<u8>,
+) -> Result<(), Stop> {
+    let masked = masking::mask_data_row(body, masks, out).map_err(upstream_fault)?;
+    ctx.target_metrics
+        .masked_values
+        .fetch_add(masked, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Ends the session rather than let a row pass unmasked: `what` went wrong.
