@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use tollgate_tests::{agent_binary, free_port, listener_config};
+use tollgate_tests::{agent_binary, free_port, listener_config, succeeded};
 
 #[test]
 fn config_check_points_at_file_line_and_column() {
@@ -45,11 +45,7 @@ fn config_check_accepts_a_valid_file() {
         .arg(&path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert!(String::from_utf8_lossy(&out.stdout)
         .contains("ok (1 targets, 1 listeners, 0 governed cgroups)"));
 }
@@ -110,11 +106,7 @@ fn install_script_lays_out_binary_config_unit_and_service_drop_in() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let r = root.path();
     let bin = r.join("usr/local/bin/tollgate");
     assert!(bin.exists());
@@ -129,11 +121,7 @@ fn install_script_lays_out_binary_config_unit_and_service_drop_in() {
         .arg(&config)
         .output()
         .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    succeeded(&check);
     let unit = std::fs::read_to_string(r.join("etc/systemd/system/tollgate.service")).unwrap();
     assert!(
         unit.contains("ExecStart=/usr/local/bin/tollgate run --config /etc/tollgate/tollgate.toml"),
@@ -224,11 +212,7 @@ fn policy_commands_check_explain_and_test_the_shipped_policies() {
     let run = |args: &[&str]| Command::new(agent_binary()).args(args).output().unwrap();
 
     let check = run(&["policy", "check", policies.to_str().unwrap()]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    succeeded(&check);
     assert!(String::from_utf8_lossy(&check.stdout).starts_with("ok: "));
 
     let test = run(&["policy", "test", policies.to_str().unwrap()]);
@@ -250,11 +234,7 @@ fn policy_commands_check_explain_and_test_the_shipped_policies() {
         "select 1; DROP TABLE customers",
     ]);
     let text = String::from_utf8_lossy(&explain.stdout);
-    assert!(
-        explain.status.success(),
-        "{}",
-        String::from_utf8_lossy(&explain.stderr)
-    );
+    succeeded(&explain);
     assert!(
         text.contains("decision:       deny by rule \"no-ddl-in-ci\""),
         "{text}"

@@ -443,12 +443,7 @@ print(cur.fetchall())
         .arg(&script)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert_eq!(
         stdout.lines().collect::<Vec<_>>(),
         [
@@ -464,17 +459,14 @@ print(cur.fetchall())
     let script = dir.path().join("read.sql");
     std::fs::write(&script, "select email from customers where id = 1;\n").unwrap();
     for mode in ["extended", "prepared"] {
-        let out = Command::new(pg_tool("pgbench"))
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-n", "-t", "20"])
-            .args(["-p", &f.port.to_string(), "-M", mode, "-f"])
-            .arg(&script)
-            .arg("postgres")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{mode}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        succeeded(
+            &Command::new(pg_tool("pgbench"))
+                .args(["-h", "127.0.0.1", "-U", "postgres", "-n", "-t", "20"])
+                .args(["-p", &f.port.to_string(), "-M", mode, "-f"])
+                .arg(&script)
+                .arg("postgres")
+                .output()
+                .unwrap(),
         );
     }
     // And the data is what it was.

@@ -521,6 +521,19 @@ pub fn accepts(port: u16) -> bool {
     .is_ok()
 }
 
+/// The standard output of a command that must have succeeded (its exit
+/// status); fails with both outputs otherwise.
+pub fn succeeded(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{} failed:\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// A policy written to a directory of its own (removed on drop), with the
 /// `[agent]` line that loads it.
 pub struct PolicyFile {
