@@ -129,13 +129,7 @@ fn masked_columns_are_hidden_however_they_are_reached() {
         "ada@example.com|1815-12-10"
     );
     // Every masked statement is logged with its rule.
-    let logged = f
-        .agent
-        .wait_for_log(
-            |l| l["statement_action"] == "mask" && l["rule"] == "mask-contact",
-            Duration::from_secs(5),
-        )
-        .unwrap();
+    let logged = f.agent.wait_for_statement("mask", "rule", "mask-contact");
     assert_eq!(logged["command"], "SELECT", "{logged}");
     assert_eq!(logged["level"], "INFO", "{logged}");
     // Prometheus counts the decisions and the values masked: the cases
@@ -233,13 +227,7 @@ fn what_cannot_be_masked_is_refused() {
     let only_queries = "masking applies only to queries that write nothing";
     refused("copy customers to stdout", "COPY", only_queries);
     // Logged as refused, like a denial.
-    let logged = f
-        .agent
-        .wait_for_log(
-            |l| l["statement_action"] == "mask" && l["command"] == "COPY",
-            Duration::from_secs(5),
-        )
-        .unwrap();
+    let logged = f.agent.wait_for_statement("mask", "command", "COPY");
     assert_eq!(logged["level"], "WARN", "{logged}");
     refused(
         "create table leak as select * from customers",

@@ -235,13 +235,7 @@ fn simple_query_denials_keep_the_session_and_the_transaction_consistent() {
     );
 
     // Every decision is in the log, with the rule.
-    let denied = f
-        .agent
-        .wait_for_log(
-            |l| l["statement_action"] == "deny" && l["rule"] == "no-ddl-in-ci",
-            Duration::from_secs(5),
-        )
-        .unwrap();
+    let denied = f.agent.wait_for_statement("deny", "rule", "no-ddl-in-ci");
     assert_eq!(denied["command"], "DROP TABLE", "{denied}");
     assert_eq!(denied["level"], "WARN", "{denied}");
     let allowed = f

@@ -445,6 +445,16 @@ impl Agent {
         }
     }
 
+    /// The first log line of a statement decided `action` whose `field`
+    /// is `value` (within 5 s).
+    pub fn wait_for_statement(&self, action: &str, field: &str, value: &str) -> Value {
+        self.wait_for_log(
+            |l| l["statement_action"] == action && l[field] == value,
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("{action} statement with {field} = {value}: {e}"))
+    }
+
     /// Runs a `tollgate` subcommand against this agent's configuration.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(agent_binary())
