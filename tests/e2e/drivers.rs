@@ -24,13 +24,8 @@ pub(crate) const SCHEMA: &str =
      create view item_names as select name from items;\
      create function double_it(int) returns int language sql as 'select $1 * 2';";
 
-fn setup() -> (Postgres, Agent, u16, PolicyFile) {
-    let pg = Postgres::start();
-    psql(pg.port, SCHEMA).unwrap();
-    let policy = policy_file(POLICY);
-    let port = free_port();
-    let agent = Agent::start(&listener_config(port, pg.port, &policy.line));
-    (pg, agent, port, policy)
+fn setup() -> Governed {
+    Governed::start(POLICY, SCHEMA, "")
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -55,7 +50,8 @@ async fn connect(port: u16) -> tokio_postgres::Client {
 
 #[test]
 fn rust_driver_with_binary_parameters_prepared_statements_and_a_denial() {
-    let (_pg, _agent, port, _policy) = setup();
+    let governed = setup();
+    let port = governed.port;
     let out = Command::new(env!("CARGO_BIN_EXE_pg-driver-session"))
         .args(["127.0.0.1", &port.to_string()])
         .output()
@@ -83,7 +79,8 @@ pub(crate) fn assert_driver_session(out: &std::process::Output) {
 /// policy still allows keep running on the same connection.
 #[test]
 fn prepared_statements_and_portals_are_decided_again_after_a_policy_reload() {
-    let (_pg, agent, port, policy) = setup();
+    let governed = setup();
+    let (agent, port, policy) = (&governed.agent, governed.port, &governed.policy);
     runtime().block_on(async {
         let mut client = connect(port).await;
         client
@@ -176,7 +173,8 @@ fn sql_prepare_and_execute_are_decided_again_after_a_policy_reload() {
     use std::io::{BufRead, BufReader, Write};
     use std::process::Stdio;
 
-    let (_pg, agent, port, policy) = setup();
+    let governed = setup();
+    let (agent, port, policy) = (&governed.agent, governed.port, &governed.policy);
     psql(
         port,
         "insert into items (id, name) values (1, 'one'), (2, 'two')",
@@ -312,7 +310,8 @@ fn sql_prepare_and_execute_are_decided_again_after_a_policy_reload() {
 /// EXECUTE (the two share one namespace on the server).
 #[test]
 fn an_execute_by_parse_and_a_parsed_statement_run_by_execute_are_decided_again() {
-    let (_pg, agent, port, policy) = setup();
+    let governed = setup();
+    let (agent, port, policy) = (&governed.agent, governed.port, &governed.policy);
     runtime().block_on(async {
         let client = connect(port).await;
         client
@@ -365,7 +364,8 @@ fn an_execute_by_parse_and_a_parsed_statement_run_by_execute_are_decided_again()
 
 #[test]
 fn pg_dump_of_a_real_schema_through_the_proxy() {
-    let (_pg, _agent, port, _policy) = setup();
+    let governed = setup();
+    let port = governed.port;
     psql(
         port,
         "insert into items (id, name) select g, 'n' || g from generate_series(1, 500) g",
@@ -402,7 +402,8 @@ fn pg_dump_of_a_real_schema_through_the_proxy() {
 /// prepared statements, binary parameters, a denial and a failed transaction.
 #[test]
 fn python_psycopg3_through_the_proxy() {
-    let (_pg, _agent, port, _policy) = setup();
+    let governed = setup();
+    let port = governed.port;
     let out = Command::new("python3")
         .arg("-c")
         .arg(psycopg_session("127.0.0.1", port))

@@ -34,35 +34,29 @@ create table orders (id int, customer_id int, total numeric, phone text);
 insert into orders values (10, 1, 9.50, '555-0199');
 create schema crm; create table crm.customers (id int, email text); insert into crm.customers values (1, 'crm@example.com');";
 
+/// [`Governed`] with [`POLICY`] and [`SCHEMA`], and a metrics endpoint.
 struct Fixture {
-    pg: Postgres,
-    agent: Agent,
-    port: u16,
+    governed: Governed,
     metrics_port: u16,
-    _policy: PolicyFile,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = Governed;
+    fn deref(&self) -> &Governed {
+        &self.governed
+    }
 }
 
 impl Fixture {
     fn start() -> Fixture {
-        let pg = Postgres::start();
-        let policy = policy_file(POLICY);
-        let port = free_port();
         let metrics_port = free_port();
-        let agent = Agent::start(&listener_config(
-            port,
-            pg.port,
-            &format!(
-                "{}\nmetrics_listen = \"127.0.0.1:{metrics_port}\"",
-                policy.line
-            ),
-        ));
-        psql(pg.port, SCHEMA).unwrap();
         Fixture {
-            pg,
-            agent,
-            port,
+            governed: Governed::start(
+                POLICY,
+                SCHEMA,
+                &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""),
+            ),
             metrics_port,
-            _policy: policy,
         }
     }
 

@@ -41,41 +41,12 @@ const SECRETS_DENIED: &str = "denied by rule \"no-secrets\": the secrets table i
 
 /// A server with tables `t` and `secrets`, and an agent enforcing
 /// [`POLICY`] in front of it.
-struct Fixture {
-    pg: Postgres,
-    agent: Agent,
-    port: u16,
-    _policy: PolicyFile,
-}
-
-impl Fixture {
-    fn start() -> Fixture {
-        let pg = Postgres::start();
-        let policy = policy_file(POLICY);
-        let port = free_port();
-        let agent = Agent::start(&listener_config(port, pg.port, &policy.line));
-        psql(
-            pg.port,
-            "create table t(x int); create table secrets(s text); insert into secrets values ('k')",
-        )
-        .unwrap();
-        Fixture {
-            pg,
-            agent,
-            port,
-            _policy: policy,
-        }
-    }
-
-    /// The agent's listener.
-    fn addr(&self) -> (&'static str, u16) {
-        ("127.0.0.1", self.port)
-    }
-
-    /// Direct to the server, bypassing the agent.
-    fn server(&self, sql: &str) -> String {
-        psql(self.pg.port, sql).unwrap()
-    }
+fn fixture() -> Governed {
+    Governed::start(
+        POLICY,
+        "create table t(x int); create table secrets(s text); insert into secrets values ('k')",
+        "",
+    )
 }
 
 /// psql through the agent without stopping on errors, with `-c` for each
@@ -126,7 +97,7 @@ fn psql_encoded(port: u16, encoding: &str, sql: &[u8]) -> Output {
 
 #[test]
 fn latin1_text_is_converted_and_other_encodings_fail_closed() {
-    let f = Fixture::start();
+    let f = fixture();
     f.server("create table \"café\"(x int); insert into \"café\" values (7)");
 
     // LATIN1: é is the single byte 0xE9. The statement is analysed as the
@@ -172,7 +143,7 @@ fn latin1_text_is_converted_and_other_encodings_fail_closed() {
 
 #[test]
 fn simple_query_denials_keep_the_session_and_the_transaction_consistent() {
-    let f = Fixture::start();
+    let f = fixture();
 
     assert_eq!(
         psql(f.port, "select count(*) from secrets where false").ok(),
@@ -258,7 +229,7 @@ fn simple_query_denials_keep_the_session_and_the_transaction_consistent() {
 
 #[test]
 fn copy_in_is_allowed_and_a_denied_copy_out_sends_nothing() {
-    let f = Fixture::start();
+    let f = fixture();
     let out = psql_go_on(
         f.port,
         &[],
@@ -313,7 +284,7 @@ fn script(dir: &Path, name: &str, body: &str) -> String {
 
 #[test]
 fn extended_protocol_runs_and_denials_fail_in_place() {
-    let f = Fixture::start();
+    let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let ok = script(
         dir.path(),
@@ -411,7 +382,7 @@ fn fatal_of(got: &[u8]) -> (String, String) {
 
 #[test]
 fn hostile_input_closes_only_its_own_session() {
-    let f = Fixture::start();
+    let f = fixture();
     let port = f.port;
     // A session that stays open through all of it.
     let long = psql_command(port, "select pg_sleep(3), 'survived'")
@@ -498,7 +469,7 @@ fn hostile_input_closes_only_its_own_session() {
 
 #[test]
 fn sslmodes_replication_and_an_unreachable_upstream() {
-    let f = Fixture::start();
+    let f = fixture();
     let conn = |extra: &str| {
         format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres {extra}",
@@ -588,7 +559,7 @@ fn sslmodes_replication_and_an_unreachable_upstream() {
 /// refusal fails in place like a refused Query.
 #[test]
 fn function_calls_are_decided_by_their_oid() {
-    let f = Fixture::start();
+    let f = fixture();
     let mut session = RawSession::start(f.addr());
     // int4pl(2, 3), allowed by the rule naming its oid.
     assert_eq!(
@@ -619,7 +590,7 @@ fn function_calls_are_decided_by_their_oid() {
 
 #[test]
 fn cancel_keys_are_the_proxys_own_and_only_they_cancel() {
-    let f = Fixture::start();
+    let f = fixture();
     let mut session = RawSession::start(f.addr());
     let (pid, secret) = session.key.clone();
     let backend_pid: i32 = session.query("select pg_backend_pid()").unwrap()[0]

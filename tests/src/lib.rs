@@ -572,6 +572,51 @@ pub fn policy_file(text: &str) -> PolicyFile {
     }
 }
 
+/// A throwaway PostgreSQL with a schema, and an agent enforcing a policy
+/// in front of it through a listener (target `pg`).
+pub struct Governed {
+    /// The server.
+    pub pg: Postgres,
+    /// The agent.
+    pub agent: Agent,
+    /// The agent's listener port.
+    pub port: u16,
+    /// The policy file the agent loads.
+    pub policy: PolicyFile,
+}
+
+impl Governed {
+    /// Starts both: `schema` is run on the server, `agent_extra` goes into
+    /// the agent's `[agent]` table.
+    pub fn start(policy: &str, schema: &str, agent_extra: &str) -> Governed {
+        let pg = Postgres::start();
+        psql(pg.port, schema).expect("the schema is created");
+        let policy = policy_file(policy);
+        let port = free_port();
+        let agent = Agent::start(&listener_config(
+            port,
+            pg.port,
+            &format!("{}\n{agent_extra}", policy.line),
+        ));
+        Governed {
+            pg,
+            agent,
+            port,
+            policy,
+        }
+    }
+
+    /// The agent's listener.
+    pub fn addr(&self) -> (&'static str, u16) {
+        ("127.0.0.1", self.port)
+    }
+
+    /// psql straight to the server, bypassing the agent.
+    pub fn server(&self, sql: &str) -> String {
+        psql(self.pg.port, sql).expect("psql to the server")
+    }
+}
+
 /// A configuration with one postgres target and one listener for it.
 pub fn listener_config(listen_port: u16, upstream_port: u16, agent_extra: &str) -> String {
     format!(
