@@ -186,6 +186,17 @@ fn masking(c: &mut Criterion) {
     group.bench_function("column_refs", |b| {
         b.iter(|| black_box(tollgate_agent::sql::column_refs(black_box(sql)).unwrap()));
     });
+    // What a session pays: the cache, hit by the same shape with a new literal.
+    let cache = tollgate_agent::sql::AnalysisCache::new(64);
+    let mut aid = 0u32;
+    group.bench_function("column_refs_cached_new_literal", |b| {
+        b.iter(|| {
+            aid = aid.wrapping_add(1);
+            let sql =
+                format!("SELECT aid, abalance, filler FROM pgbench_accounts WHERE aid = {aid}");
+            black_box(cache.column_refs(black_box(&sql)))
+        })
+    });
     let mut resolved = ResolvedColumns::default();
     resolved.add(16397, 4, MaskMethod::Redact);
     let field = |name, column, type_oid| FieldDescription {

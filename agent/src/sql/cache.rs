@@ -1,5 +1,7 @@
 //! [`AnalysisCache`]: analyses kept by statement shape (text with literal
-//! values blanked), least recently used first out.
+//! values blanked), least recently used first out, and the column
+//! references of masked statements ([`super::column_refs`]) kept the same
+//! way.
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -7,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use lru::LruCache;
 
 use super::analyze::single_statement_text;
+use super::refs::{column_refs, ColumnRefs};
 use super::shape::shape_into;
 use super::{analyze, Analysis, StatementKind};
 
@@ -35,7 +38,14 @@ pub const MAX_CACHED_TEXT_LEN: usize = 64 * 1024;
 pub struct AnalysisCache {
     /// `None` when built with capacity 0: every call analyses.
     entries: Option<Mutex<LruCache<Box<[u8]>, Entry>>>,
+    /// Column references by statement shape (`None`: capacity 0). A
+    /// reference never reads a literal's value, so every text of one shape
+    /// has the same references, whatever its kind.
+    refs: Option<Mutex<LruCache<Box<[u8]>, Arc<ColumnRefs>>>>,
 }
+
+/// Column references kept at most: only masked statements ask for them.
+const REFS_CAPACITY: usize = 256;
 
 struct Entry {
     /// The text that was analysed.
@@ -54,7 +64,29 @@ impl AnalysisCache {
     pub fn new(capacity: usize) -> Self {
         Self {
             entries: NonZeroUsize::new(capacity).map(|cap| Mutex::new(LruCache::new(cap))),
+            refs: NonZeroUsize::new(capacity.min(REFS_CAPACITY))
+                .map(|cap| Mutex::new(LruCache::new(cap))),
         }
+    }
+
+    /// [`column_refs`] of one statement's text, from the cache or computed
+    /// (a full parse, about 50 µs) and then cached; `None` when it does not
+    /// parse (not cached: the caller masks every computed field).
+    pub fn column_refs(&self, sql: &str) -> Option<Arc<ColumnRefs>> {
+        let Some(refs) = self
+            .refs
+            .as_ref()
+            .filter(|_| sql.len() <= MAX_CACHED_TEXT_LEN)
+        else {
+            return column_refs(sql).ok().map(Arc::new);
+        };
+        let key = cache_key(sql);
+        if let Some(found) = lock(refs).get(key.as_slice()) {
+            return Some(Arc::clone(found));
+        }
+        let found = Arc::new(column_refs(sql).ok()?);
+        lock(refs).put(key.into_boxed_slice(), Arc::clone(&found));
+        Some(found)
     }
 
     /// The analysis of `sql`, from the cache or computed and then cached

@@ -1136,6 +1136,31 @@ fn cache_skips_long_texts_and_zero_capacity() {
 }
 
 #[test]
+fn column_references_are_shared_by_texts_of_one_shape() {
+    let cache = AnalysisCache::new(8);
+    let first = cache
+        .column_refs("SELECT upper(email) FROM customers WHERE id = 17")
+        .unwrap();
+    let other = cache
+        .column_refs("SELECT upper(email) FROM customers WHERE id = 42")
+        .unwrap();
+    assert!(Arc::ptr_eq(&first, &other), "same shape, one entry");
+    assert_eq!(
+        *other,
+        crate::sql::column_refs("SELECT upper(email) FROM customers WHERE id = 42").unwrap()
+    );
+    // Another name is another shape.
+    let name = cache
+        .column_refs("SELECT upper(name) FROM customers WHERE id = 42")
+        .unwrap();
+    assert!(!Arc::ptr_eq(&first, &name));
+    assert!(first.may_read(&["email"]) && !name.may_read(&["email"]));
+    assert!(cache.column_refs("SELECT FROM WHERE").is_none());
+    let off = AnalysisCache::new(0);
+    assert!(off.column_refs("SELECT email FROM customers").is_some());
+}
+
+#[test]
 fn cache_is_shared_across_threads() {
     let cache = Arc::new(AnalysisCache::new(64));
     let handles: Vec<_> = (0..4)
