@@ -194,6 +194,38 @@ fn several_statements_transactions_and_errors() {
         .unwrap();
     assert_eq!(out.lines().last(), Some("****"), "{out}");
     assert!(!out.contains("crm@"), "{out}");
+    // The lookup in front of a lone masked statement resolves its tables
+    // on the session's search path, as the statement will: a search path
+    // set by an earlier message, a temporary table that shadows, a schema
+    // the statement names.
+    let out = Command::new(pg_tool("psql"))
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .args(["-p", &f.port.to_string()])
+        .args([
+            "-c",
+            "set search_path = crm, public",
+            "-c",
+            "select email from customers",
+            "-c",
+            "create temp table customers (id int, email text)",
+            "-c",
+            "insert into customers values (3, 'temp@example.com')",
+            "-c",
+            "select id, email from customers",
+            "-c",
+            "select email from crm.customers",
+            "-c",
+            "select email from public.customers where id = 1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&out),
+        "SET\n****\nCREATE TABLE\nINSERT 0 1\n3|****\n****\n****",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // An error in a masked statement points into the client's own text.
     let err = f.query("select id, emial from customers").unwrap_err();
     assert!(

@@ -32,6 +32,7 @@ use super::codec::{MessageWriter, Reader};
 use crate::masking::{
     field_mask, FieldMask, FieldOrigin, MaskMethod, MaskRule, Replacement, ResolvedColumns,
 };
+use crate::sql::TableRef;
 
 /// What one masked Query needs masked, made when it was decided.
 #[derive(Debug)]
@@ -44,21 +45,42 @@ pub struct MaskPlan {
     /// The relations the masked statements read, as PostgreSQL folds their
     /// names (deduplicated).
     pub tables: Vec<String>,
+    /// The same relations as written, with their schema when the statement
+    /// names one (deduplicated).
+    pub relations: Vec<TableRef>,
+    /// Its only masked statement is the first of its text: nothing runs
+    /// between a lookup in front of it and the statement.
+    pub only_first: bool,
+}
+
+/// Where a lookup looks for the relations a masked statement reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupScope {
+    /// Each relation as the session's search path resolves its name now
+    /// (`to_regclass`): what the statement reads when it runs right after
+    /// the lookup, and about half the server's time of [`EverySchema`].
+    ///
+    /// [`EverySchema`]: LookupScope::EverySchema
+    SearchPath,
+    /// Every relation of that name in any schema: right whatever runs
+    /// between the lookup and the statement (a `SET search_path`, a new
+    /// temporary table).
+    EverySchema,
 }
 
 impl MaskPlan {
     /// The lookup statement (with its `;`) whose one RowDescription has
     /// `marker` as its first column's name: every column of the relations
-    /// the masked statements read ([`MaskPlan::tables`], in every schema,
-    /// since a `SET search_path` earlier in the same message could change
-    /// which one a statement reads) whose name a rule names, with its
-    /// relation as `regclass` text. Written for the planner: the relations
-    /// come from the catalog's name index in a sub-select rather than a
-    /// join (a join doubles the planning time, most of the lookup's cost).
-    /// A relation name that is not ASCII cannot go into text in an unknown
-    /// client encoding; then every relation is searched by column name
-    /// (slower, the same answer).
-    pub fn lookup_sql(&self, marker: &str) -> String {
+    /// the masked statements read, found as `scope` says, whose name a
+    /// rule names, with its relation as `regclass` text. Written for the
+    /// planner, whose time is most of the lookup's cost: with
+    /// [`LookupScope::EverySchema`] the relations come from the catalog's
+    /// name index in a sub-select rather than a join (a join doubles the
+    /// planning time). A relation name that is not ASCII, or holds a
+    /// backslash, cannot go into a literal whatever the client encoding
+    /// and `standard_conforming_strings`; then every relation is searched
+    /// by column name (slower, the same answer).
+    pub fn lookup_sql(&self, marker: &str, scope: LookupScope) -> String {
         let mut names: Vec<&str> = self
             .rules
             .iter()
@@ -77,7 +99,29 @@ impl MaskPlan {
              ANY ('{{{}}}'::pg_catalog.text[])",
             names.join(",")
         );
-        if !self.tables.is_empty() && self.tables.iter().all(|t| t.is_ascii()) {
+        let literal = |name: &str| name.is_ascii() && !name.contains('\\');
+        let written = |r: &TableRef| r.schema.as_deref().is_none_or(literal) && literal(&r.name);
+        if scope == LookupScope::SearchPath
+            && !self.relations.is_empty()
+            && self.relations.iter().all(written)
+        {
+            sql.push_str(" AND a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY[");
+            for (i, relation) in self.relations.iter().enumerate() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str("pg_catalog.to_regclass('");
+                if let Some(schema) = &relation.schema {
+                    push_identifier(&mut sql, schema);
+                    sql.push('.');
+                }
+                push_identifier(&mut sql, &relation.name);
+                sql.push_str("')");
+            }
+            sql.push_str("]::pg_catalog.oid[]);");
+            return sql;
+        }
+        if !self.tables.is_empty() && self.tables.iter().all(|t| literal(t)) {
             sql.push_str(
                 " AND a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT c.oid FROM pg_catalog.pg_class c \
                  WHERE c.relname OPERATOR(pg_catalog.=) ANY (ARRAY[",
@@ -140,6 +184,20 @@ impl MaskPlan {
         }
         Ok(())
     }
+}
+
+/// `name` as a quoted identifier inside a string literal: `"` doubled for
+/// the identifier, `'` doubled for the literal.
+fn push_identifier(sql: &mut String, name: &str) {
+    sql.push('"');
+    for c in name.chars() {
+        match c {
+            '"' => sql.push_str("\"\""),
+            '\'' => sql.push_str("''"),
+            c => sql.push(c),
+        }
+    }
+    sql.push('"');
 }
 
 /// A relation as `regclass` prints it: `name` when the search path finds
@@ -687,6 +745,8 @@ mod tests {
             })],
             statements: vec![Some(with)],
             tables: Vec::new(),
+            relations: Vec::new(),
+            only_first: true,
         }
     }
 
@@ -713,7 +773,7 @@ mod tests {
             with: MaskMethod::Null,
         }));
         p.tables = vec!["customers".into(), "it's".into()];
-        let sql = p.lookup_sql("tollgate_mask_00_1");
+        let sql = p.lookup_sql("tollgate_mask_00_1", LookupScope::EverySchema);
         assert!(sql.contains("AS \"tollgate_mask_00_1\""), "{sql}");
         assert!(
             sql.contains("ANY ('{email,phone,ssn}'::pg_catalog.text[])"),
@@ -729,9 +789,53 @@ mod tests {
         assert!(sql.is_ascii());
         // A name the client's encoding might not carry: every relation.
         p.tables = vec!["customers".into(), "café".into()];
-        let sql = p.lookup_sql("m");
+        let sql = p.lookup_sql("m", LookupScope::EverySchema);
         assert!(!sql.contains("relname OPERATOR"), "{sql}");
         assert!(sql.ends_with("::pg_catalog.text[]);"), "{sql}");
+        // Nor one with a backslash (an escape when
+        // standard_conforming_strings is off).
+        p.tables = vec!["a\\b".into()];
+        assert!(!p
+            .lookup_sql("m", LookupScope::EverySchema)
+            .contains("relname OPERATOR"));
+    }
+
+    #[test]
+    fn a_lookup_on_the_search_path_resolves_each_relation_as_written() {
+        let mut p = plan(&["customers.email"], MaskMethod::Redact);
+        let relation = |schema: Option<&str>, name: &str| TableRef {
+            schema: schema.map(str::to_owned),
+            name: name.to_owned(),
+        };
+        p.tables = vec!["customers".into(), "Odd \"it's\"".into()];
+        p.relations = vec![
+            relation(None, "customers"),
+            relation(Some("crm"), "customers"),
+            relation(None, "Odd \"it's\""),
+        ];
+        let sql = p.lookup_sql("m", LookupScope::SearchPath);
+        assert!(
+            sql.ends_with(
+                "a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY[pg_catalog.to_regclass('\"customers\"'),\
+                 pg_catalog.to_regclass('\"crm\".\"customers\"'),\
+                 pg_catalog.to_regclass('\"Odd \"\"it''s\"\"\"')]::pg_catalog.oid[]);"
+            ),
+            "{sql}"
+        );
+        assert!(!sql.contains("relname"), "{sql}");
+        assert!(!sql.contains(" = "), "every operator is qualified: {sql}");
+        // What cannot be a literal in any encoding: every schema, by name.
+        p.relations.push(relation(Some("café"), "customers"));
+        let sql = p.lookup_sql("m", LookupScope::SearchPath);
+        assert!(!sql.contains("to_regclass"), "{sql}");
+        // No relation (a statement reading none): every relation.
+        p.relations.clear();
+        p.tables.clear();
+        let sql = p.lookup_sql("m", LookupScope::SearchPath);
+        assert!(
+            !sql.contains("to_regclass") && !sql.contains("relname"),
+            "{sql}"
+        );
     }
 
     #[test]

@@ -88,7 +88,9 @@ use super::codec::{
 };
 use super::error::{error_response, severity, sqlstate, ssl_refused};
 use super::frontend::{self, decode_startup, FrontendMessage};
-use super::mask::{self as masking, Disposition, Expect, ExtendedBatch, MaskPlan, MaskedAnswer};
+use super::mask::{
+    self as masking, Disposition, Expect, ExtendedBatch, LookupScope, MaskPlan, MaskedAnswer,
+};
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::identity::ProcessIdentity;
 use crate::policy::{most_restrictive, Action, Decision, DecisionMemo};
@@ -262,7 +264,15 @@ impl Shared {
     /// be sent in front of the client's text.
     fn register_mask(&self, plan: MaskPlan) -> String {
         let n = self.next_mask.fetch_add(1, Ordering::Relaxed);
-        let sql = plan.lookup_sql(&format!("{}{n}", self.mask_marker));
+        // In front of the Query's text, the lookup runs right before its
+        // first statement: when that is the only masked one, the search
+        // path finds what it reads.
+        let scope = if plan.only_first {
+            LookupScope::SearchPath
+        } else {
+            LookupScope::EverySchema
+        };
+        let sql = plan.lookup_sql(&format!("{}{n}", self.mask_marker), scope);
         let mut masks = self.masks.lock().unwrap_or_else(PoisonError::into_inner);
         if masks.len() >= MAX_PENDING_DENIALS {
             masks.pop_first();
@@ -1490,6 +1500,8 @@ impl ClientSide<'_> {
             rules: Vec::new(),
             statements: Vec::with_capacity(decisions.len()),
             tables: Vec::new(),
+            relations: Vec::new(),
+            only_first: decisions.iter().skip(1).all(|d| d.action != Action::Mask),
         };
         for (i, decision) in decisions.iter().enumerate() {
             if decision.action != Action::Mask {
@@ -1509,6 +1521,9 @@ impl ClientSide<'_> {
             for table in statement.iter().flat_map(|s| &s.tables_read) {
                 if !plan.tables.contains(&table.name) {
                     plan.tables.push(table.name.clone());
+                }
+                if !plan.relations.contains(table) {
+                    plan.relations.push(table.clone());
                 }
             }
             for rule in decision
@@ -1612,7 +1627,12 @@ impl ClientSide<'_> {
             return Some(MASK_PIPELINED.to_owned());
         }
         let n = self.shared.next_mask.fetch_add(1, Ordering::Relaxed);
-        let sql = plan.lookup_sql(&format!("{}{n}", self.shared.mask_marker));
+        // Messages of the batch may run between the lookup and a masked
+        // statement's parse (a `SET search_path`, another Bind): every schema.
+        let sql = plan.lookup_sql(
+            &format!("{}{n}", self.shared.mask_marker),
+            LookupScope::EverySchema,
+        );
         let mut prefix = self.prefix.borrow_mut();
         prefix.clear();
         let mut w = MessageWriter::new(&mut prefix, frontend::tag::QUERY);
