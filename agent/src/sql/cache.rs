@@ -41,8 +41,10 @@ pub struct AnalysisCache {
     /// Column references by statement shape (`None`: capacity 0). A
     /// reference never reads a literal's value, so every text of one shape
     /// has the same references, whatever its kind.
-    refs: Option<Mutex<LruCache<Box<[u8]>, Arc<ColumnRefs>>>>,
+    refs: Option<Mutex<RefsByShape>>,
 }
+
+type RefsByShape = LruCache<Box<[u8]>, Arc<ColumnRefs>>;
 
 /// Column references kept at most: only masked statements ask for them.
 const REFS_CAPACITY: usize = 256;
