@@ -241,6 +241,64 @@ fn several_statements_transactions_and_errors() {
 }
 
 #[test]
+fn the_prepared_lookup_survives_what_clients_do_with_prepared_statements() {
+    let f = Fixture::start();
+    // One psql session, one statement per message: the lookup in front of
+    // each masked one is the session's prepared statement.
+    let script = r#"
+select email from customers where id = 1;
+select count(*) from pg_prepared_statements where name ~ '^tollgate_mask_[0-9a-f]{16}_s0$';
+deallocate all;
+select email from customers where id = 1;
+discard all;
+select email from customers where id = 2;
+begin;
+select email from customers where id = 1;
+rollback;
+select email from customers where id = 2;
+prepare tollgate_mask_mine as select 1;
+select name from pg_prepared_statements \gset
+deallocate :"name";
+select email from customers where id = 1;
+select email from customers where id = 1;
+select count(*) from pg_prepared_statements where name ~ '_s1$';
+"#;
+    let mut child = Command::new(pg_tool("psql"))
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=0", "-f", "-"])
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .args(["-p", &f.port.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Deallocated by the client, in or out of a transaction: prepared
+    // again; a rolled back transaction keeps it.
+    assert_eq!(
+        text(&out),
+        "****\n1\nDEALLOCATE ALL\n****\nDISCARD ALL\n****\nBEGIN\n****\nROLLBACK\n****\nDEALLOCATE\n****\n1",
+        "{stderr}"
+    );
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 2, "{stderr}");
+    // A client cannot put its own statement under the lookup's name...
+    assert!(
+        errors[0].contains("tollgate: prepared statement names starting with tollgate_mask_ are reserved for the proxy's masking; refused"),
+        "{stderr}"
+    );
+    // ...and one that deallocated it gets an error, once, not unmasked rows.
+    assert!(
+        errors[1].contains("prepared statement \"tollgate_mask_")
+            && errors[1].contains("does not exist"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("@example.com"));
+}
+
+#[test]
 fn what_cannot_be_masked_is_refused() {
     let f = Fixture::start();
     let refused = |sql: &str, command: &str, why: &str| {

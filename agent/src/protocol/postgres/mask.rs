@@ -5,13 +5,16 @@
 //!
 //! ```sql
 //! SELECT a.attrelid::pg_catalog.int8 AS "tollgate_mask_<nonce>_<n>", a.attnum,
-//!        s.nspname, c.relname, a.attname FROM pg_catalog.pg_attribute a ...
-//!  WHERE ... lower(a.attname) = ANY ('{email}'); <the client's text>
+//!        a.attname, a.attrelid::pg_catalog.regclass::pg_catalog.text
+//!   FROM pg_catalog.pg_attribute a
+//!  WHERE ... lower(a.attname) = ANY ('{email}')
+//!    AND a.attrelid = ANY (ARRAY[to_regclass('"customers"')]); <the client's text>
 //! ```
 //!
 //! The server answers the lookup first: the columns named by the rules, as
 //! (table OID, column number), read at the moment the client's statements
-//! run, in its transaction and under its search path. The upstream pump
+//! run, in its transaction and under its search path ([`LookupScope`] says
+//! how the relations are found). The upstream pump
 //! recognises the lookup's RowDescription by its column name (the nonce is
 //! random per session, so a client cannot forge it), keeps its rows and
 //! forwards none of it, then masks every field of the client's results
@@ -81,47 +84,25 @@ impl MaskPlan {
     /// and `standard_conforming_strings`; then every relation is searched
     /// by column name (slower, the same answer).
     pub fn lookup_sql(&self, marker: &str, scope: LookupScope) -> String {
-        let mut names: Vec<&str> = self
-            .rules
-            .iter()
-            .flat_map(|r| r.columns.iter().map(|c| &*c.column))
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        // Column specs are plain identifiers (letters, digits, '_', '$'):
-        // no quoting inside the array literal.
-        let mut sql = format!(
-            "SELECT a.attrelid::pg_catalog.int8 AS \"{marker}\", a.attnum, a.attname, \
-             a.attrelid::pg_catalog.regclass::pg_catalog.text \
-             FROM pg_catalog.pg_attribute a \
-             WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
-             AND pg_catalog.lower(a.attname::pg_catalog.text) OPERATOR(pg_catalog.=) \
-             ANY ('{{{}}}'::pg_catalog.text[])",
-            names.join(",")
-        );
-        let literal = |name: &str| name.is_ascii() && !name.contains('\\');
-        let written = |r: &TableRef| r.schema.as_deref().is_none_or(literal) && literal(&r.name);
-        if scope == LookupScope::SearchPath
-            && !self.relations.is_empty()
-            && self.relations.iter().all(written)
-        {
+        let names = self.names_literal();
+        let mut sql = lookup_select(marker, &names);
+        let written = self
+            .written_relations()
+            .filter(|_| scope == LookupScope::SearchPath);
+        if let Some(relations) = written {
             sql.push_str(" AND a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY[");
-            for (i, relation) in self.relations.iter().enumerate() {
+            for (i, relation) in relations.iter().enumerate() {
                 if i > 0 {
                     sql.push(',');
                 }
-                sql.push_str("pg_catalog.to_regclass('");
-                if let Some(schema) = &relation.schema {
-                    push_identifier(&mut sql, schema);
-                    sql.push('.');
-                }
-                push_identifier(&mut sql, &relation.name);
-                sql.push_str("')");
+                sql.push_str("pg_catalog.to_regclass(");
+                sql.push_str(relation);
+                sql.push(')');
             }
             sql.push_str("]::pg_catalog.oid[]);");
             return sql;
         }
-        if !self.tables.is_empty() && self.tables.iter().all(|t| literal(t)) {
+        if !self.tables.is_empty() && self.tables.iter().all(|t| literal_safe(t)) {
             sql.push_str(
                 " AND a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT c.oid FROM pg_catalog.pg_class c \
                  WHERE c.relname OPERATOR(pg_catalog.=) ANY (ARRAY[",
@@ -138,6 +119,43 @@ impl MaskPlan {
         }
         sql.push(';');
         sql
+    }
+
+    /// The column names the rules name (lowercase plain identifiers), as a
+    /// `text[]` literal.
+    fn names_literal(&self) -> String {
+        let mut names: Vec<&str> = self
+            .rules
+            .iter()
+            .flat_map(|r| r.columns.iter().map(|c| &*c.column))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        // Column specs are plain identifiers (letters, digits, '_', '$'):
+        // no quoting inside the array literal.
+        format!("'{{{}}}'::pg_catalog.text[]", names.join(","))
+    }
+
+    /// Each relation as written, as a string literal of its quoted name
+    /// (`'"crm"."customers"'`), for `to_regclass`; `None` when there is
+    /// none or one cannot be a literal ([`literal_safe`]).
+    fn written_relations(&self) -> Option<Vec<String>> {
+        let safe =
+            |r: &TableRef| r.schema.as_deref().is_none_or(literal_safe) && literal_safe(&r.name);
+        if self.relations.is_empty() || !self.relations.iter().all(safe) {
+            return None;
+        }
+        let quoted = self.relations.iter().map(|relation| {
+            let mut literal = String::from("'");
+            if let Some(schema) = &relation.schema {
+                push_identifier(&mut literal, schema);
+                literal.push('.');
+            }
+            push_identifier(&mut literal, &relation.name);
+            literal.push('\'');
+            literal
+        });
+        Some(quoted.collect())
     }
 
     /// Adds one row of the lookup's answer (text format: table OID, column
@@ -184,6 +202,132 @@ impl MaskPlan {
         }
         Ok(())
     }
+}
+
+/// Names a session's prepared lookup goes through at most: a new one is
+/// taken when the server may or may not still hold the last (an error
+/// where the proxy expected it to exist, or not to), and past this many
+/// the session keeps to lookups in the Query's text.
+pub const MAX_LOOKUP_NAMES: u32 = 8;
+
+/// SQLSTATE of an `EXECUTE` of a statement that does not exist.
+const UNDEFINED_PREPARED_STATEMENT: &str = "26000";
+/// SQLSTATE of a `PREPARE` under a name taken.
+const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
+
+/// The [`LookupScope::SearchPath`] lookup as a statement a session
+/// prepares once (`PREPARE tollgate_mask_<nonce>_s<k>`) and executes in
+/// front of each Query whose only masked statement is its first. A
+/// prepared lookup runs on a generic plan after its fifth execution, so
+/// the server no longer plans it for every message (the planning was most
+/// of the lookup's cost, finding 13 in docs/performance.md).
+///
+/// Used only when nothing else is in flight, so that the first
+/// CommandComplete or ErrorResponse of the answer is the `PREPARE`'s or
+/// the `EXECUTE`'s: the `PREPARE`'s CommandComplete is dropped, an error
+/// says whether the statement may exist, and the client's `DEALLOCATE ALL`
+/// or `DISCARD ALL` removes it. The lookup's RowDescription keeps the
+/// marker `tollgate_mask_<nonce>_0`. Prepared statements outlive a rolled
+/// back transaction, so a `PREPARE` that completed holds.
+#[derive(Debug, Default)]
+pub struct PreparedLookup {
+    /// Names taken so far; the current one ends in `s<names_taken>`.
+    names_taken: u32,
+    state: PreparedState,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum PreparedState {
+    /// Not on the server.
+    #[default]
+    Absent,
+    /// Its `PREPARE` is in flight.
+    Preparing,
+    /// On the server.
+    Ready,
+}
+
+impl PreparedLookup {
+    /// The statements to put in front of a Query for `plan`: its
+    /// `PREPARE` (until one completed) and its `EXECUTE`, each with its
+    /// `;`. `marker` is the session's `tollgate_mask_<nonce>_`. `None` when
+    /// the prepared form cannot serve: names used up, or a relation that
+    /// cannot be a literal.
+    pub fn sql(&mut self, marker: &str, plan: &MaskPlan) -> Option<String> {
+        if self.names_taken >= MAX_LOOKUP_NAMES {
+            return None;
+        }
+        let relations = plan.written_relations()?;
+        let name = format!("{marker}s{}", self.names_taken);
+        let mut sql = String::new();
+        if self.state != PreparedState::Ready {
+            sql.push_str(&format!(
+                "PREPARE {name}(pg_catalog.text[], pg_catalog.text[]) AS "
+            ));
+            sql.push_str(&lookup_select(&format!("{marker}0"), "$2"));
+            sql.push_str(
+                " AND a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT pg_catalog.to_regclass(r) \
+                 FROM pg_catalog.unnest($1) r));",
+            );
+            self.state = PreparedState::Preparing;
+        }
+        sql.push_str(&format!(
+            "EXECUTE {name}(ARRAY[{}]::pg_catalog.text[], {});",
+            relations.join(","),
+            plan.names_literal()
+        ));
+        Some(sql)
+    }
+
+    /// The first CommandComplete of an answer that uses the lookup, with
+    /// its `tag`; `true` when it is the `PREPARE`'s (the client never sees
+    /// it).
+    pub fn command_complete(&mut self, tag: &[u8]) -> bool {
+        if self.state == PreparedState::Preparing && tag == b"PREPARE" {
+            self.state = PreparedState::Ready;
+            return true;
+        }
+        false
+    }
+
+    /// The first ErrorResponse of an answer that uses the lookup, with its
+    /// SQLSTATE (the server ran nothing after it).
+    pub fn failed(&mut self, sqlstate: &str) {
+        let lost = match self.state {
+            PreparedState::Preparing => sqlstate == DUPLICATE_PREPARED_STATEMENT,
+            PreparedState::Ready => sqlstate == UNDEFINED_PREPARED_STATEMENT,
+            PreparedState::Absent => false,
+        };
+        if lost {
+            self.names_taken += 1;
+            self.state = PreparedState::Absent;
+        } else if self.state == PreparedState::Preparing {
+            self.state = PreparedState::Absent;
+        }
+    }
+
+    /// The client's `DEALLOCATE ALL` or `DISCARD ALL` completed.
+    pub fn deallocated(&mut self) {
+        self.state = PreparedState::Absent;
+    }
+}
+
+/// The lookup's select list and column-name condition, without the
+/// relations' condition or the final `;`; `names` is a `text[]` expression.
+fn lookup_select(marker: &str, names: &str) -> String {
+    format!(
+        "SELECT a.attrelid::pg_catalog.int8 AS \"{marker}\", a.attnum, a.attname, \
+         a.attrelid::pg_catalog.regclass::pg_catalog.text \
+         FROM pg_catalog.pg_attribute a \
+         WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
+         AND pg_catalog.lower(a.attname::pg_catalog.text) OPERATOR(pg_catalog.=) ANY ({names})"
+    )
+}
+
+/// Whether a name can go into a string literal whatever the client
+/// encoding (ASCII) and `standard_conforming_strings` (no backslash).
+fn literal_safe(name: &str) -> bool {
+    name.is_ascii() && !name.contains('\\')
 }
 
 /// `name` as a quoted identifier inside a string literal: `"` doubled for
@@ -836,6 +980,58 @@ mod tests {
             !sql.contains("to_regclass") && !sql.contains("relname"),
             "{sql}"
         );
+    }
+
+    #[test]
+    fn the_prepared_lookup_is_prepared_once_and_renamed_when_it_may_be_lost() {
+        let mut p = plan(&["customers.email", "phone"], MaskMethod::Redact);
+        p.tables = vec!["customers".into()];
+        p.relations = vec![TableRef {
+            schema: Some("crm".into()),
+            name: "it's".into(),
+        }];
+        let mut lookup = PreparedLookup::default();
+        let first = lookup.sql("tm_", &p).unwrap();
+        assert_eq!(
+            first,
+            "PREPARE tm_s0(pg_catalog.text[], pg_catalog.text[]) AS SELECT a.attrelid::pg_catalog.int8 AS \"tm_0\", \
+             a.attnum, a.attname, a.attrelid::pg_catalog.regclass::pg_catalog.text FROM pg_catalog.pg_attribute a \
+             WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
+             AND pg_catalog.lower(a.attname::pg_catalog.text) OPERATOR(pg_catalog.=) ANY ($2) \
+             AND a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT pg_catalog.to_regclass(r) FROM pg_catalog.unnest($1) r));\
+             EXECUTE tm_s0(ARRAY['\"crm\".\"it''s\"']::pg_catalog.text[], '{email,phone}'::pg_catalog.text[]);"
+        );
+        // Until its PREPARE completes, it is prepared again.
+        assert!(lookup.sql("tm_", &p).unwrap().starts_with("PREPARE tm_s0("));
+        assert!(!lookup.command_complete(b"SELECT 1"));
+        assert!(lookup.command_complete(b"PREPARE"));
+        let execute = lookup.sql("tm_", &p).unwrap();
+        assert!(execute.starts_with("EXECUTE tm_s0(ARRAY["), "{execute}");
+        assert!(!lookup.command_complete(b"PREPARE"), "only its own PREPARE");
+        // An aborted transaction fails the EXECUTE; the statement stays.
+        lookup.failed("25P02");
+        assert!(lookup.sql("tm_", &p).unwrap().starts_with("EXECUTE tm_s0("));
+        // The client deallocated everything: prepared again, same name.
+        lookup.deallocated();
+        assert!(lookup.sql("tm_", &p).unwrap().starts_with("PREPARE tm_s0("));
+        lookup.failed("25P02");
+        assert!(lookup.sql("tm_", &p).unwrap().starts_with("PREPARE tm_s0("));
+        // The name was taken: another.
+        lookup.failed("42P05");
+        assert!(lookup.sql("tm_", &p).unwrap().starts_with("PREPARE tm_s1("));
+        assert!(lookup.command_complete(b"PREPARE"));
+        // It vanished (a DEALLOCATE the proxy did not see): another name.
+        lookup.failed("26000");
+        assert!(lookup.sql("tm_", &p).unwrap().starts_with("PREPARE tm_s2("));
+        for _ in 2..MAX_LOOKUP_NAMES {
+            lookup.failed("42P05");
+            lookup.sql("tm_", &p);
+        }
+        assert_eq!(lookup.sql("tm_", &p), None, "names used up");
+        // A relation that cannot be a literal: not prepared.
+        let mut fresh = PreparedLookup::default();
+        p.relations[0].name = "café".into();
+        assert_eq!(fresh.sql("tm_", &p), None);
     }
 
     #[test]

@@ -90,6 +90,7 @@ use super::error::{error_response, severity, sqlstate, ssl_refused};
 use super::frontend::{self, decode_startup, FrontendMessage};
 use super::mask::{
     self as masking, Disposition, Expect, ExtendedBatch, LookupScope, MaskPlan, MaskedAnswer,
+    PreparedLookup,
 };
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::identity::ProcessIdentity;
@@ -143,6 +144,13 @@ const MASK_EXTENDED: &str = "a statement prepared before the policy masked it is
 /// is refused.
 const MASK_WAIT: Duration = Duration::from_secs(30);
 
+/// Prepared statement names the proxy keeps for itself (the masking
+/// lookup's, `tollgate_mask_<nonce>_s<k>`), as the server folds them.
+const RESERVED_STATEMENT_PREFIX: &[u8] = b"tollgate_mask_";
+
+/// The refusal of a `PREPARE` or Parse under a reserved name.
+const RESERVED_STATEMENT_NAME: &str = "tollgate: prepared statement names starting with tollgate_mask_ are reserved for the proxy's masking; refused";
+
 /// Why a `mask` statement in a pipelined extended-protocol batch is
 /// refused (a whole client message, see [`ClientSide::join_batch`]).
 const MASK_PIPELINED: &str = "tollgate: a statement that requires masking was sent through the extended query protocol while earlier messages were still unanswered (pipelining); masking needs it at the start of a batch, after the answer to the previous Sync; refused";
@@ -192,6 +200,12 @@ struct Shared {
     masks: Mutex<BTreeMap<u64, (Arc<MaskPlan>, usize)>>,
     /// `masks` is not empty: RowDescriptions are read for the marker.
     masks_pending: AtomicBool,
+    /// The session's prepared masking lookup.
+    lookup: Mutex<PreparedLookup>,
+    /// A Query using `lookup` was sent and the first CommandComplete,
+    /// ErrorResponse or RowDescription of its answer has not come (the
+    /// upstream pump reads them for the `PREPARE` and `EXECUTE`).
+    lookup_pending: AtomicBool,
     /// Queries, Syncs and FunctionCalls sent (the proxy's lookups
     /// included) whose ReadyForQuery has not come: 0 means the server is
     /// idle, waiting for the client. It can only over-count (a Sync the
@@ -226,6 +240,8 @@ impl Shared {
             next_mask: AtomicU64::new(1),
             masks: Mutex::new(BTreeMap::new()),
             masks_pending: AtomicBool::new(false),
+            lookup: Mutex::new(PreparedLookup::default()),
+            lookup_pending: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
             batch: Mutex::new(None),
             batch_active: AtomicBool::new(false),
@@ -261,25 +277,49 @@ impl Shared {
     }
 
     /// Registers a masked Query's plan; returns the SQL of its lookup, to
-    /// be sent in front of the client's text.
-    fn register_mask(&self, plan: MaskPlan) -> String {
-        let n = self.next_mask.fetch_add(1, Ordering::Relaxed);
+    /// be sent in front of the client's text. `alone`: nothing else is in
+    /// flight, so the answer's first messages are the lookup's.
+    fn register_mask(&self, plan: MaskPlan, alone: bool) -> String {
         // In front of the Query's text, the lookup runs right before its
         // first statement: when that is the only masked one, the search
-        // path finds what it reads.
-        let scope = if plan.only_first {
-            LookupScope::SearchPath
+        // path finds what it reads, and the prepared form can serve.
+        let prepared = if alone && plan.only_first {
+            self.lookup().sql(&self.mask_marker, &plan)
         } else {
-            LookupScope::EverySchema
+            None
         };
-        let sql = plan.lookup_sql(&format!("{}{n}", self.mask_marker), scope);
         let mut masks = self.masks.lock().unwrap_or_else(PoisonError::into_inner);
+        let (n, sql) = match prepared {
+            Some(sql) => {
+                // Nothing in flight: every lookup registered before was
+                // answered or failed.
+                masks.clear();
+                self.lookup_pending.store(true, Ordering::Relaxed);
+                (0, sql)
+            }
+            None => {
+                let n = self.next_mask.fetch_add(1, Ordering::Relaxed);
+                let scope = if plan.only_first {
+                    LookupScope::SearchPath
+                } else {
+                    LookupScope::EverySchema
+                };
+                (
+                    n,
+                    plan.lookup_sql(&format!("{}{n}", self.mask_marker), scope),
+                )
+            }
+        };
         if masks.len() >= MAX_PENDING_DENIALS {
             masks.pop_first();
         }
         masks.insert(n, (Arc::new(plan), sql.len()));
         self.masks_pending.store(true, Ordering::Relaxed);
         sql
+    }
+
+    fn lookup(&self) -> std::sync::MutexGuard<'_, PreparedLookup> {
+        self.lookup.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The plan of the masked Query whose lookup has `column` as its first
@@ -1377,6 +1417,7 @@ impl ClientSide<'_> {
         let mut r = Reader::new(message_name(tag), body);
         let text: &[u8];
         let owned;
+        let mut statement_name: &[u8] = b"";
         match tag {
             QUERY => {
                 text = r
@@ -1385,7 +1426,8 @@ impl ClientSide<'_> {
                 r.finish().map_err(Stop::protocol_violation)?;
             }
             PARSE => {
-                r.get_cstr_bytes("statement name")
+                statement_name = r
+                    .get_cstr_bytes("statement name")
                     .map_err(Stop::protocol_violation)?;
                 text = r
                     .get_cstr_bytes("query string")
@@ -1402,6 +1444,16 @@ impl ClientSide<'_> {
         let (text, analysis) = self.analyse(text);
         let policy = current_policy(&self.ctx.policy);
         let ops = prepared::sql_ops(&analysis);
+        let prepares_reserved = ops.iter().any(|(op, _)| match op {
+            SqlOp::Prepare(name) => name.starts_with(RESERVED_STATEMENT_PREFIX),
+            _ => false,
+        });
+        if prepares_reserved || statement_name.starts_with(RESERVED_STATEMENT_PREFIX) {
+            // Another statement under the prepared lookup's name would
+            // answer for it (see `mask::PreparedLookup`).
+            tracing::warn!(session = %self.ctx.id, "refused: a statement prepared under a name reserved for masking");
+            return Ok(Some(RESERVED_STATEMENT_NAME.to_owned()));
+        }
         let maskable = tag == QUERY || tag == PARSE;
         let mut refusal = self.decide_with_executed(&policy, &text, &analysis, &ops, maskable);
         if refusal.is_some() {
@@ -1561,7 +1613,9 @@ impl ClientSide<'_> {
             return;
         };
         let text = body.strip_suffix(&[0]).unwrap_or(body);
-        let lookup = self.shared.register_mask(plan);
+        // This Query is counted in `in_flight` already.
+        let alone = !self.extended_open.get() && self.shared.in_flight.load(Ordering::Relaxed) == 1;
+        let lookup = self.shared.register_mask(plan, alone);
         self.out.clear();
         let mut w = MessageWriter::new(&mut self.out, frontend::tag::QUERY);
         w.put_bytes(lookup.as_bytes()).put_cstr_bytes(text);
@@ -2188,6 +2242,15 @@ impl UpstreamSide<'_> {
                 return Ok(step);
             }
         }
+        if matches!(
+            header.tag,
+            COMMAND_COMPLETE | ERROR_RESPONSE | ROW_DESCRIPTION
+        ) && self.shared.lookup_pending.load(Ordering::Relaxed)
+        {
+            if let Some(step) = self.prepared_lookup_step(header, data)? {
+                return Ok(step);
+            }
+        }
         let mask_relevant = self.masked.is_some()
             || (header.tag == ROW_DESCRIPTION && self.shared.masks_pending.load(Ordering::Relaxed));
         if mask_relevant {
@@ -2234,6 +2297,9 @@ impl UpstreamSide<'_> {
                 let tag = body.strip_suffix(&[0]).unwrap_or(body);
                 if prepared::changes_statements(tag) {
                     self.shared.prepared().command_complete(tag);
+                    if matches!(tag, b"DEALLOCATE ALL" | b"DISCARD ALL") {
+                        self.shared.lookup().deallocated();
+                    }
                 }
                 Ok(Step::Forward(header.len))
             }
@@ -2344,6 +2410,41 @@ impl UpstreamSide<'_> {
                 )
             }
         }
+    }
+
+    /// The first CommandComplete, ErrorResponse or RowDescription of the
+    /// answer to a Query using the prepared lookup: the `PREPARE`'s
+    /// CommandComplete is dropped, an error tells the lookup whether its
+    /// statement may still exist, and the RowDescription (the lookup's) is
+    /// left to [`UpstreamSide::mask_step`].
+    fn prepared_lookup_step(
+        &mut self,
+        header: FrameHeader,
+        data: &[u8],
+    ) -> Result<Option<Step>, Stop> {
+        use backend::tag::*;
+        if header.tag == ROW_DESCRIPTION || header.len > MAX_INSPECTED_MESSAGE {
+            self.shared.lookup_pending.store(false, Ordering::Relaxed);
+            return Ok(None);
+        }
+        let Some(body) = header.body(data) else {
+            return Ok(Some(Step::Need(header.len)));
+        };
+        if header.tag == COMMAND_COMPLETE {
+            let tag = body.strip_suffix(&[0]).unwrap_or(body);
+            if self.shared.lookup().command_complete(tag) {
+                self.out.clear();
+                return Ok(Some(Step::Replace(header.len)));
+            }
+        } else if let Ok(BackendMessage::ErrorResponse(fields)) =
+            backend::decode_backend(ERROR_RESPONSE, body)
+        {
+            self.shared
+                .lookup()
+                .failed(fields.sqlstate().unwrap_or_default());
+        }
+        self.shared.lookup_pending.store(false, Ordering::Relaxed);
+        Ok(None)
     }
 
     /// A ReadyForQuery: one Query, Sync or FunctionCall fewer in flight
