@@ -259,10 +259,12 @@ for w in "${workloads[@]}"; do
             fi
             # shellcheck disable=SC2086
             out=$($prefix "$pgbin/pgbench" -n $args -T "$duration" -h "$host" -p "$port" -U postgres postgres 2>&1 || true)
-            tps=$(echo "$out" | awk -F'= ' '/^tps/ {split($2,a," "); print a[1]; exit}')
-            lat=$(echo "$out" | awk -F'= ' '/^latency average/ {split($2,a," "); print a[1]; exit}')
-            conn=$(echo "$out" | awk -F'= ' '/^average connection time/ {split($2,a," "); print a[1]; exit}')
-            failed=$(echo "$out" | awk -F': ' '/number of failed transactions/ {split($2,a," "); print a[1]; exit}')
+            # Here-strings, not pipes: an awk that stops reading early must
+            # not kill the run with SIGPIPE (pipefail, errexit).
+            tps=$(awk -F'= ' '/^tps/ {split($2,a," "); print a[1]; exit}' <<< "$out")
+            lat=$(awk -F'= ' '/^latency average/ {split($2,a," "); print a[1]; exit}' <<< "$out")
+            conn=$(awk -F'= ' '/^average connection time/ {split($2,a," "); print a[1]; exit}' <<< "$out")
+            failed=$(awk -F': ' '/number of failed transactions/ {split($2,a," "); print a[1]; exit}' <<< "$out")
             printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$cname" "$r" "${tps:-0}" "${lat:-0}" "${conn:-0}" "${failed:-?}" >> "$results"
             printf 'bench: %-18s %-10s round %s: %10s tps %8s ms%s\n' "$name" "$cname" "$r" "${tps:-?}" "${lat:-?}" "${conn:+ (connect $conn ms)}"
         done
