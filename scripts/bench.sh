@@ -9,6 +9,9 @@
 # Configurations:
 #   direct      pgbench -> PostgreSQL
 #   pgbouncer   pgbench -> pgbouncer (session pooling) -> PostgreSQL
+#   pgbouncer-unpooled  the same with server_lifetime = 0: a new server
+#               connection for every client, as a proxy that lets the server
+#               authenticate each client must open (connect-1c only)
 #   relay       pgbench -> tollgate listener, protocol tcp (no parsing)
 #   full        pgbench -> tollgate listener, protocol postgres, a policy of
 #               25 rules, every statement analysed, decided and recorded
@@ -68,7 +71,9 @@ fi
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     # runuser does not pass the signal on: stop pgbouncer by its pid file.
-    [ -f "$work/bouncer/pgbouncer.pid" ] && kill "$(cat "$work/bouncer/pgbouncer.pid")" 2>/dev/null || true
+    for pidfile in "$work/bouncer/pgbouncer.pid" "$work/bouncer/unpooled.pid"; do
+        [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    done
     wait 2>/dev/null || true
     if [ $ebpf -eq 1 ]; then
         "$tollgate" detach --config "$work/tollgate.toml" >/dev/null 2>&1 || true
@@ -87,7 +92,7 @@ mkdir -p "$work/pg" "$work/bouncer"
 [ "$(id -u)" -eq 0 ] && chown postgres: "$work/pg" "$work/bouncer"
 
 pg_port=$(free_port); bouncer_port=$(free_port); relay_port=$(free_port); full_port=$(free_port)
-masked_port=$(free_port)
+masked_port=$(free_port); unpooled_port=$(free_port)
 as_pg "$pgbin/initdb" -D "$work/pg/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
 # The eBPF path reaches the server on a non-loopback address.
 echo "host all all 0.0.0.0/0 trust" >> "$work/pg/data/pg_hba.conf"
@@ -117,9 +122,17 @@ unix_socket_dir =
 logfile = $work/bouncer/log
 pidfile = $work/bouncer/pgbouncer.pid
 INI
+# The same pooler, its server connections used once: what connection
+# set-up costs a proxy that cannot hand a client an open server connection.
+sed -e "s/^listen_port = .*/listen_port = $unpooled_port/" \
+    -e "s|^logfile = .*|logfile = $work/bouncer/unpooled.log|" \
+    -e "s|^pidfile = .*|pidfile = $work/bouncer/unpooled.pid|" \
+    "$work/bouncer/pgbouncer.ini" > "$work/bouncer/unpooled.ini"
+echo "server_lifetime = 0" >> "$work/bouncer/unpooled.ini"
 echo '"postgres" ""' > "$work/bouncer/users.txt"
 [ "$(id -u)" -eq 0 ] && chown postgres: "$work/bouncer"/*
 as_pg pgbouncer -q "$work/bouncer/pgbouncer.ini" & pids+=($!)
+as_pg pgbouncer -q "$work/bouncer/unpooled.ini" & pids+=($!)
 
 # A realistic policy: 25 rules, none matching pgbench's statements on the
 # full targets except the allow rule, so every rule is evaluated for every
@@ -219,7 +232,7 @@ SQL
 chmod 644 "$work/masked.sql"
 # name|pgbench arguments[|configurations, when not all but masked]
 workloads=("select-1c-simple|-S -c 1 -j 1 -M simple" "select-8c-simple|-S -c 8 -j 2 -M simple"
-           "connect-1c|-S -c 1 -j 1 -C -M simple")
+           "connect-1c|-S -c 1 -j 1 -C -M simple|direct,pgbouncer,pgbouncer-unpooled,relay,full,relay-ebpf,full-ebpf")
 if [ $quick -eq 0 ]; then
     workloads+=("select-8c-extended|-S -c 8 -j 2 -M extended" "select-8c-prepared|-S -c 8 -j 2 -M prepared"
                 "tpcb-8c|-c 8 -j 2 -M simple" "large-result-4c|-f $work/large.sql -c 4 -j 2 -M simple"
@@ -228,8 +241,8 @@ if [ $quick -eq 0 ]; then
                 "masked-1c-extended|-f $work/masked.sql -c 1 -j 1 -M extended|direct,pgbouncer,full,masked")
 fi
 # name|host|port|command prefix
-configs=("direct|127.0.0.1|$pg_port|" "pgbouncer|127.0.0.1|$bouncer_port|" "relay|127.0.0.1|$relay_port|" "full|127.0.0.1|$full_port|"
-         "masked|127.0.0.1|$masked_port|")
+configs=("direct|127.0.0.1|$pg_port|" "pgbouncer|127.0.0.1|$bouncer_port|" "pgbouncer-unpooled|127.0.0.1|$unpooled_port|"
+         "relay|127.0.0.1|$relay_port|" "full|127.0.0.1|$full_port|" "masked|127.0.0.1|$masked_port|")
 if [ $ebpf -eq 1 ]; then
     configs+=("relay-ebpf|$ebpf_relay_addr|$pg_port|$tollgate exec --config $work/tollgate.toml --log-level warn --"
               "full-ebpf|$ebpf_full_addr|$pg_port|$tollgate exec --config $work/tollgate.toml --log-level warn --")
@@ -254,7 +267,7 @@ for w in "${workloads[@]}"; do
             IFS='|' read -r cname host port prefix <<< "$c"
             if [ -n "$only" ]; then
                 case ",$only," in *",$cname,"*) ;; *) continue ;; esac
-            elif [ "$cname" = masked ]; then
+            elif [ "$cname" = masked ] || [ "$cname" = pgbouncer-unpooled ]; then
                 continue
             fi
             # shellcheck disable=SC2086
@@ -340,7 +353,7 @@ for w, cs in data.items():
                                         "connect_ms_median": conn, "vs_direct": vd, "vs_pgbouncer": vb,
                                         "failed": v["failed"]}
 print()
-def added(workload, field, what):
+def added(workload, field, what, configs=("full", "full-ebpf")):
     """What a configuration adds over direct: the difference of the
     medians, and the median of the per-round differences (each round runs
     the configurations back to back, so pairing them cancels the machine's
@@ -349,7 +362,7 @@ def added(workload, field, what):
     if "direct" not in cs:
         return
     base = cs["direct"][field]
-    for c in ("full", "full-ebpf"):
+    for c in configs:
         if c in cs:
             mine = cs[c][field]
             of_medians = (statistics.median(mine) - statistics.median(base)) * 1000
@@ -357,6 +370,12 @@ def added(workload, field, what):
             print(f"{what}, {c}: {of_medians:.0f} us (median of per-round differences: {paired:.0f} us)")
 added("select-1c-simple", "lat", "added mean latency at 1 client")
 added("connect-1c", "conn", "added connection set-up")
+# pgbouncer answers a client's start-up itself and opens the server
+# connection at the first query, so its connection time leaves out the
+# server's new backend; the whole cycle (connect, one query, close)
+# compares it with a proxy that relays the start-up.
+added("connect-1c", "lat", "added time per connection (connect, query, close)",
+      ("pgbouncer-unpooled", "full", "full-ebpf"))
 for w in ("masked-1c", "masked-8c", "masked-1c-extended"):
     cs = data.get(w, {})
     if "masked" in cs and "full" in cs:
