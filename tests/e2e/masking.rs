@@ -34,6 +34,9 @@ create table orders (id int, customer_id int, total numeric, phone text);
 insert into orders values (10, 1, 9.50, '555-0199');
 create schema crm; create table crm.customers (id int, email text); insert into crm.customers values (1, 'crm@example.com');";
 
+const ON_ERROR_STOP_ON: &str = "ON_ERROR_STOP=1";
+const ON_ERROR_STOP_OFF: &str = "ON_ERROR_STOP=0";
+
 /// [`Governed`] with [`POLICY`] and [`SCHEMA`], and a metrics endpoint.
 struct Fixture {
     governed: Governed,
@@ -58,6 +61,16 @@ impl Fixture {
             ),
             metrics_port,
         }
+    }
+
+    /// A psql session through the agent (unaligned, tuples only) that
+    /// stops at the first error or not; the caller adds its statements.
+    fn psql_session(&self, on_error_stop: &str) -> Command {
+        let mut psql = Command::new(pg_tool("psql"));
+        psql.args(["-X", "-A", "-t", "-v", on_error_stop])
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+            .args(["-p", &self.port.to_string()]);
+        psql
     }
 
     /// psql through the agent: stdout (unaligned, tuples only) or stderr.
@@ -156,10 +169,8 @@ fn several_statements_transactions_and_errors() {
         Ok("1\n****|****\nplain")
     );
     // Inside a transaction block, and after a failed one.
-    let out = Command::new(pg_tool("psql"))
-        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=0"])
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
-        .args(["-p", &f.port.to_string()])
+    let out = f
+        .psql_session(ON_ERROR_STOP_OFF)
         .args([
             "-c",
             "begin",
@@ -198,10 +209,8 @@ fn several_statements_transactions_and_errors() {
     // on the session's search path, as the statement will: a search path
     // set by an earlier message, a temporary table that shadows, a schema
     // the statement names.
-    let out = Command::new(pg_tool("psql"))
-        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
-        .args(["-p", &f.port.to_string()])
+    let out = f
+        .psql_session(ON_ERROR_STOP_ON)
         .args([
             "-c",
             "set search_path = crm, public",
@@ -263,10 +272,9 @@ select email from customers where id = 1;
 select email from customers where id = 1;
 select count(*) from pg_prepared_statements where name ~ '_s1$';
 "#;
-    let mut child = Command::new(pg_tool("psql"))
-        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=0", "-f", "-"])
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
-        .args(["-p", &f.port.to_string()])
+    let mut child = f
+        .psql_session(ON_ERROR_STOP_OFF)
+        .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
