@@ -1190,6 +1190,23 @@ mod tests {
         out.split_off(5)
     }
 
+    /// The lookup's ReadyForQuery: dropped, the session ready again.
+    fn the_lookup_ends(batch: &mut ExtendedBatch) {
+        assert_eq!(
+            batch.answer(backend::tag::READY_FOR_QUERY, None),
+            Ok(Disposition::LookupDone)
+        );
+    }
+
+    /// The batch's own ReadyForQuery: forwarded, and the batch is over.
+    fn the_sync_ends_it(batch: &mut ExtendedBatch) {
+        assert_eq!(
+            batch.answer(backend::tag::READY_FOR_QUERY, None),
+            Ok(Disposition::Forward)
+        );
+        assert!(batch.is_done());
+    }
+
     #[test]
     fn an_extended_batch_follows_the_answers_and_masks_the_executes_rows() {
         use backend::tag::*;
@@ -1213,10 +1230,7 @@ mod tests {
         let row = lookup_row("16384", "3", "email", "customers");
         assert_eq!(batch.answer(DATA_ROW, Some(&row)), Ok(Disposition::Drop));
         assert_eq!(batch.answer(COMMAND_COMPLETE, None), Ok(Disposition::Drop));
-        assert_eq!(
-            batch.answer(READY_FOR_QUERY, None),
-            Ok(Disposition::LookupDone)
-        );
+        the_lookup_ends(&mut batch);
         // The client's answers.
         assert_eq!(batch.answer(PARSE_COMPLETE, None), Ok(Disposition::Forward));
         assert_eq!(batch.answer(BIND_COMPLETE, None), Ok(Disposition::Forward));
@@ -1257,11 +1271,7 @@ mod tests {
             Ok(Disposition::Forward)
         );
         assert!(!batch.is_done());
-        assert_eq!(
-            batch.answer(READY_FOR_QUERY, None),
-            Ok(Disposition::Forward)
-        );
-        assert!(batch.is_done());
+        the_sync_ends_it(&mut batch);
     }
 
     #[test]
@@ -1279,10 +1289,7 @@ mod tests {
             assert!(batch.expect(e));
         }
         assert_eq!(batch.answer(ERROR_RESPONSE, None), Ok(Disposition::Drop));
-        assert_eq!(
-            batch.answer(READY_FOR_QUERY, None),
-            Ok(Disposition::LookupDone)
-        );
+        the_lookup_ends(&mut batch);
         let fields = row_description(vec![field("id", 16384, 1, 23), field("name", 16384, 2, 25)]);
         assert_eq!(
             batch.answer(ROW_DESCRIPTION, Some(&fields)),
@@ -1305,11 +1312,7 @@ mod tests {
         // An error: the server skips the rest up to Sync.
         assert_eq!(batch.answer(ERROR_RESPONSE, None), Ok(Disposition::Forward));
         assert!(batch.answer(DATA_ROW, None).is_err());
-        assert_eq!(
-            batch.answer(READY_FOR_QUERY, None),
-            Ok(Disposition::Forward)
-        );
-        assert!(batch.is_done());
+        the_sync_ends_it(&mut batch);
     }
 
     #[test]
@@ -1322,17 +1325,11 @@ mod tests {
             batch.answer(BIND_COMPLETE, None).is_err(),
             "in the lookup's answer"
         );
-        assert_eq!(
-            batch.answer(READY_FOR_QUERY, None),
-            Ok(Disposition::LookupDone)
-        );
+        the_lookup_ends(&mut batch);
         assert!(batch.answer(DATA_ROW, None).is_err());
         let mut batch = ExtendedBatch::new(Arc::new(plan(&["email"], MaskMethod::Null)));
         assert!(batch.expect(Expect::Sync));
-        assert_eq!(
-            batch.answer(READY_FOR_QUERY, None),
-            Ok(Disposition::LookupDone)
-        );
+        the_lookup_ends(&mut batch);
         assert!(batch.answer(PARSE_COMPLETE, None).is_err());
     }
 
