@@ -45,11 +45,9 @@ pub struct MaskPlan {
     /// Per statement, in order: the method for its computed fields when a
     /// mask rule applied to it, `None` when none did.
     pub statements: Vec<Option<MaskMethod>>,
-    /// The relations the masked statements read, as PostgreSQL folds their
-    /// names (deduplicated).
-    pub tables: Vec<String>,
-    /// The same relations as written, with their schema when the statement
-    /// names one (deduplicated).
+    /// The relations the masked statements read, as written (names folded
+    /// as PostgreSQL folds them, with their schema when the statement names
+    /// one; deduplicated).
     pub relations: Vec<TableRef>,
     /// Its only masked statement is the first of its text: nothing runs
     /// between a lookup in front of it and the statement.
@@ -102,12 +100,13 @@ impl MaskPlan {
             sql.push_str("]::pg_catalog.oid[]);");
             return sql;
         }
-        if !self.tables.is_empty() && self.tables.iter().all(|t| literal_safe(t)) {
+        let tables = self.table_names();
+        if !tables.is_empty() && tables.iter().all(|t| literal_safe(t)) {
             sql.push_str(
                 " AND a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT c.oid FROM pg_catalog.pg_class c \
                  WHERE c.relname OPERATOR(pg_catalog.=) ANY (ARRAY[",
             );
-            for (i, table) in self.tables.iter().enumerate() {
+            for (i, table) in tables.iter().enumerate() {
                 if i > 0 {
                     sql.push(',');
                 }
@@ -119,6 +118,17 @@ impl MaskPlan {
         }
         sql.push(';');
         sql
+    }
+
+    /// The names of the relations read, whatever their schema, once each.
+    pub fn table_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::with_capacity(self.relations.len());
+        for relation in &self.relations {
+            if !names.contains(&relation.name.as_str()) {
+                names.push(&relation.name);
+            }
+        }
+        names
     }
 
     /// The column names the rules name (lowercase plain identifiers), as a
@@ -888,10 +898,20 @@ mod tests {
                 with,
             })],
             statements: vec![Some(with)],
-            tables: Vec::new(),
             relations: Vec::new(),
             only_first: true,
         }
+    }
+
+    /// Relations read without a schema.
+    fn unqualified(names: &[&str]) -> Vec<TableRef> {
+        names
+            .iter()
+            .map(|&name| TableRef {
+                schema: None,
+                name: name.to_owned(),
+            })
+            .collect()
     }
 
     fn field(name: &str, table_oid: u32, column: i16, type_oid: u32) -> FieldDescription<'_> {
@@ -916,7 +936,7 @@ mod tests {
             columns: vec![ColumnSpec::parse("phone").unwrap()],
             with: MaskMethod::Null,
         }));
-        p.tables = vec!["customers".into(), "it's".into()];
+        p.relations = unqualified(&["customers", "it's", "customers"]);
         let sql = p.lookup_sql("tollgate_mask_00_1", LookupScope::EverySchema);
         assert!(sql.contains("AS \"tollgate_mask_00_1\""), "{sql}");
         assert!(
@@ -932,13 +952,13 @@ mod tests {
         assert!(!sql.contains(" = "), "every operator is qualified: {sql}");
         assert!(sql.is_ascii());
         // A name the client's encoding might not carry: every relation.
-        p.tables = vec!["customers".into(), "café".into()];
+        p.relations = unqualified(&["customers", "café"]);
         let sql = p.lookup_sql("m", LookupScope::EverySchema);
         assert!(!sql.contains("relname OPERATOR"), "{sql}");
         assert!(sql.ends_with("::pg_catalog.text[]);"), "{sql}");
         // Nor one with a backslash (an escape when
         // standard_conforming_strings is off).
-        p.tables = vec!["a\\b".into()];
+        p.relations = unqualified(&["a\\b"]);
         assert!(!p
             .lookup_sql("m", LookupScope::EverySchema)
             .contains("relname OPERATOR"));
@@ -951,7 +971,6 @@ mod tests {
             schema: schema.map(str::to_owned),
             name: name.to_owned(),
         };
-        p.tables = vec!["customers".into(), "Odd \"it's\"".into()];
         p.relations = vec![
             relation(None, "customers"),
             relation(Some("crm"), "customers"),
@@ -974,7 +993,6 @@ mod tests {
         assert!(!sql.contains("to_regclass"), "{sql}");
         // No relation (a statement reading none): every relation.
         p.relations.clear();
-        p.tables.clear();
         let sql = p.lookup_sql("m", LookupScope::SearchPath);
         assert!(
             !sql.contains("to_regclass") && !sql.contains("relname"),
@@ -985,7 +1003,6 @@ mod tests {
     #[test]
     fn the_prepared_lookup_is_prepared_once_and_renamed_when_it_may_be_lost() {
         let mut p = plan(&["customers.email", "phone"], MaskMethod::Redact);
-        p.tables = vec!["customers".into()];
         p.relations = vec![TableRef {
             schema: Some("crm".into()),
             name: "it's".into(),

@@ -1551,7 +1551,6 @@ impl ClientSide<'_> {
         let mut plan = MaskPlan {
             rules: Vec::new(),
             statements: Vec::with_capacity(decisions.len()),
-            tables: Vec::new(),
             relations: Vec::new(),
             only_first: decisions.iter().skip(1).all(|d| d.action != Action::Mask),
         };
@@ -1571,9 +1570,6 @@ impl ClientSide<'_> {
                 return Some(decision.mask_refused_message(command, why));
             }
             for table in statement.iter().flat_map(|s| &s.tables_read) {
-                if !plan.tables.contains(&table.name) {
-                    plan.tables.push(table.name.clone());
-                }
                 if !plan.relations.contains(table) {
                     plan.relations.push(table.clone());
                 }
@@ -1669,7 +1665,10 @@ impl ClientSide<'_> {
             let batch = self.shared.batch();
             let covered = batch.as_ref().is_some_and(|b| {
                 let known = b.plan();
-                plan.tables.iter().all(|t| known.tables.contains(t))
+                let tables = known.table_names();
+                plan.relations
+                    .iter()
+                    .all(|r| tables.contains(&r.name.as_str()))
                     && plan
                         .rules
                         .iter()
