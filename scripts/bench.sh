@@ -230,7 +230,8 @@ cat > "$work/masked.sql" <<'SQL'
 SELECT aid, abalance, filler FROM pgbench_accounts WHERE aid = :aid;
 SQL
 chmod 644 "$work/masked.sql"
-# name|pgbench arguments[|configurations, when not all but masked]
+# name|pgbench arguments[|configurations; without a list, all but those that
+# run only where listed: masked and pgbouncer-unpooled]
 workloads=("select-1c-simple|-S -c 1 -j 1 -M simple" "select-8c-simple|-S -c 8 -j 2 -M simple"
            "connect-1c|-S -c 1 -j 1 -C -M simple|direct,pgbouncer,pgbouncer-unpooled,relay,full,relay-ebpf,full-ebpf")
 if [ $quick -eq 0 ]; then
