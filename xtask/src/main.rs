@@ -6,8 +6,11 @@
 //!   `-Z build-std=core`, and print the object's path.
 //! - `check-ebpf [--release]`: build, then list the object's program and map
 //!   sections and fail if an expected program or map is missing.
+//! - `sql-visitor [--check]`: generate the parse-tree visitor of the
+//!   statement analysis from `pg_query`'s message definitions.
 
 mod elf;
+mod sql_visitor;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,6 +46,14 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
+    /// Generate agent/src/sql/visit.rs from pg_query's parse-tree messages.
+    ///
+    /// Run after upgrading pg_query; the tests fail while the file is stale.
+    SqlVisitor {
+        /// Fail if the committed file differs instead of writing it.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 /// The kernel crate's package and binary name.
@@ -76,6 +87,7 @@ fn main() -> Result<()> {
             let object = build_ebpf(release)?;
             check_ebpf(&object)?;
         }
+        Task::SqlVisitor { check } => sql_visitor::run(&workspace_root()?, check)?,
     }
     Ok(())
 }

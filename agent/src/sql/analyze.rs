@@ -1,24 +1,26 @@
 //! [`analyze`]: SQL text in, one [`StatementSummary`] per statement out.
 //!
-//! The cheap path does everything from `pg_query::summary` (one raw parse and
-//! a walk in C, no parse tree crossing into Rust) plus `pg_query::fingerprint`.
-//! The scanner's tokens (`pg_query::scan_tokens`, no protobuf) fill two gaps
-//! of the summary's walk cheaply: whether a top-level UPDATE or DELETE has a
-//! WHERE, and the RETURNING lists and cursor queries the walk does not enter
-//! (each summarised on its own). The full tree (`pg_query::parse`, several
-//! times dearer) is built only where a field decides: COPY (direction,
-//! PROGRAM, file), MERGE (its source), DROP / GRANT / transaction / SET /
-//! EXPLAIN and other utility statements whose label depends on a field, and
-//! statements with an UPDATE, DELETE or MERGE under WITH, EXPLAIN or PREPARE.
+//! One `pg_query::parse` of the text gives the tree of every statement;
+//! [`Facts`] walks all of it with the generated visitor ([`super::visit`]),
+//! which descends into every field of every node, so every statement type,
+//! every embedded statement (rule actions, `CREATE SCHEMA` elements, cursor
+//! and CTE queries, function bodies written in SQL) and every expression
+//! (column defaults, RETURNING lists, policies, trigger conditions) is seen.
+//! The walk interprets only what decides: relation references (read or
+//! written, with SQL's scoping of CTE names), function calls and the
+//! functions a created object will call (operators, aggregates, casts,
+//! triggers, types, languages), and the flags. Results are cached by
+//! statement shape ([`super::AnalysisCache`]), so the full parse is paid
+//! once per shape, not per statement.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use pg_query::protobuf::summary_result::Context;
-use pg_query::protobuf::{self, ScanToken, Token, TransactionStmtKind, VariableSetKind};
-use pg_query::{FingerprintOptions, Node, NodeEnum, SummaryResult};
+use pg_query::protobuf::{self, TransactionStmtKind, VariableSetKind};
+use pg_query::{FingerprintOptions, Node, NodeEnum};
 
 use super::labels::{self, Class};
+use super::visit::{self, Visit};
 use super::{Analysis, StatementFlags, StatementKind, StatementSummary, TableRef, TransactionOp};
 
 /// Functions that read or write files on the database server, list its
@@ -49,6 +51,51 @@ const SERVER_FILE_FUNCTIONS: &[&str] = &[
 /// Functions that change server configuration.
 const CONFIG_FUNCTIONS: &[&str] = &["set_config", "pg_reload_conf"];
 
+/// Options of CREATE OPERATOR, AGGREGATE, TYPE, COLLATION, TEXT SEARCH
+/// PARSER/TEMPLATE, ALTER OPERATOR/TYPE, CREATE TYPE ... AS RANGE and
+/// FOREIGN DATA WRAPPER whose value names a function the created object
+/// will call.
+const FUNCTION_OPTIONS: &[&str] = &[
+    // operators
+    "function",
+    "procedure",
+    "restrict",
+    "join",
+    // aggregates
+    "sfunc",
+    "sfunc1",
+    "finalfunc",
+    "combinefunc",
+    "serialfunc",
+    "deserialfunc",
+    "msfunc",
+    "minvfunc",
+    "mfinalfunc",
+    // base types and ranges
+    "input",
+    "output",
+    "receive",
+    "send",
+    "typmod_in",
+    "typmod_out",
+    "analyze",
+    "subscript",
+    "canonical",
+    "subtype_diff",
+    "multirange_type_name",
+    // text search parsers and templates
+    "start",
+    "gettoken",
+    "end",
+    "headline",
+    "lextypes",
+    "init",
+    "lexize",
+    // foreign data wrappers
+    "handler",
+    "validator",
+];
+
 /// Analyses SQL text: one summary per statement, in order.
 ///
 /// The text must already be UTF-8: the protocol layer converts it from the
@@ -69,136 +116,74 @@ pub fn analyze(sql: &str) -> Analysis {
 }
 
 fn analyze_text(sql: &str) -> Result<Vec<StatementSummary>, String> {
-    // PostgreSQL separates statements with `;`: text without one (apart from
-    // trailing ones) holds at most one statement, and the split, a raw parse
-    // of its own, can be skipped.
-    let body = sql.trim_end_matches(|c: char| c == ';' || c.is_ascii_whitespace());
-    if !body.as_bytes().contains(&b';') {
-        return Ok(analyze_statement(sql)?
-            .map(|mut statement| {
-                statement.text = single_statement_text(sql).to_owned();
-                statement
-            })
-            .into_iter()
-            .collect());
-    }
-    let pieces = pg_query::split_with_parser(sql).map_err(error_message)?;
-    let mut statements = Vec::with_capacity(pieces.len());
-    for piece in pieces {
-        statements.extend(analyze_statement(piece)?);
+    let parsed = pg_query::parse(sql, 0).map_err(error_message)?;
+    let raw = &parsed.protobuf.stmts;
+    let mut statements = Vec::with_capacity(raw.len());
+    for statement in raw {
+        let Some(node) = statement.stmt.as_deref().and_then(|n| n.node.as_ref()) else {
+            continue;
+        };
+        let text = raw_statement_text(sql, statement.stmt_location, statement.stmt_len);
+        statements.push(summarise(node, text)?);
     }
     Ok(statements)
 }
 
-/// Analyses text holding at most one statement (`None` when it holds none).
-fn analyze_statement(sql: &str) -> Result<Option<StatementSummary>, String> {
-    let summary = pg_query::summary(sql, 0, -1).map_err(error_message)?;
-    // Statement types come in walk order, the top-level statement first.
-    let Some(top) = summary.statement_types.first() else {
-        return Ok(None);
+/// The text of one parsed statement: `len` bytes from `location` (0: to the
+/// end), without the comments and whitespace around it. The parser's length
+/// stops before the `;` that ends the statement.
+fn raw_statement_text(sql: &str, location: i32, len: i32) -> &str {
+    let start = usize::try_from(location).unwrap_or(0);
+    let end = match usize::try_from(len) {
+        Ok(0) | Err(_) => sql.len(),
+        Ok(len) => start.saturating_add(len).min(sql.len()),
     };
-    let fingerprint = pg_query::fingerprint(sql, 0, fingerprint_options())
+    // The parser's offsets fall between tokens, so on char boundaries;
+    // fall back to the whole text rather than panic if they ever do not.
+    let piece = sql.get(start..end).unwrap_or(sql);
+    statement_text(piece)
+}
+
+/// Summarises one statement from its tree.
+fn summarise(node: &NodeEnum, text: &str) -> Result<StatementSummary, String> {
+    let fingerprint = pg_query::fingerprint(text, 0, fingerprint_options())
         .map_err(error_message)?
         .hex;
-
-    let mut facts = Facts::new(summary.cte_names.clone());
-    facts.add_summary(&summary, false);
-    let mut need_tree = false;
-    let (mut kind, mut command) = match labels::classify(top) {
-        Class::Fixed(kind, label) => (kind, label.to_owned()),
-        Class::Tree => {
-            need_tree = true;
-            (StatementKind::Other, String::new())
+    let node_type = visit::node_type_name(node);
+    let (mut kind, mut command, mut transaction) = match labels::classify(node_type) {
+        Class::Fixed(kind, label) => (kind, label.to_owned(), None),
+        Class::Tree => match tree_label(node) {
+            Some(label) => (label.kind, label.command, label.transaction),
+            None => {
+                let (kind, command) = labels::fallback(node_type);
+                (kind, command, None)
+            }
+        },
+        Class::Unknown => {
+            let (kind, command) = labels::fallback(node_type);
+            (kind, command, None)
         }
-        Class::Unknown => labels::fallback(top),
     };
-    let mut transaction = None;
-
-    // An UPDATE, DELETE or MERGE below the top (under WITH, EXPLAIN,
-    // PREPARE, COPY) needs the tree for its WHERE or its source.
-    need_tree |= summary
-        .statement_types
-        .iter()
-        .skip(1)
-        .any(|t| matches!(t.as_str(), "UpdateStmt" | "DeleteStmt" | "MergeStmt"));
-    let mut tokens = Tokens::new(sql);
-    match top.as_str() {
-        "SelectStmt" if has_context(&summary, Context::Ddl) => {
-            // The only DDL target a SELECT has is its INTO table.
+    if let NodeEnum::SelectStmt(select) = node {
+        if select.into_clause.is_some() {
             kind = StatementKind::Create;
             command = "SELECT INTO".to_owned();
+            transaction = None;
         }
-        "UpdateStmt" | "DeleteStmt" => {
-            let scanned = tokens.get()?;
-            if has_with(scanned) {
-                // A WITH query may hold another UPDATE or DELETE.
-                need_tree = true;
-            } else {
-                facts.flags.no_where = !has_top_level_where(scanned);
-            }
-        }
-        "AlterSystemStmt" | "AlterRoleSetStmt" | "AlterDatabaseSetStmt" => {
-            facts.flags.config_change = true;
-        }
-        // A row-level security policy's table is in the tree only.
-        "CreatePolicyStmt" | "AlterPolicyStmt" => need_tree = true,
+    }
+
+    let mut facts = Facts::default();
+    match node {
+        NodeEnum::AlterSystemStmt(_)
+        | NodeEnum::AlterRoleSetStmt(_)
+        | NodeEnum::AlterDatabaseSetStmt(_) => facts.flags.config_change = true,
         // LOAD reads a shared library from the server's file system.
-        "LoadStmt" => facts.flags.server_file_access = true,
+        NodeEnum::LoadStmt(_) => facts.flags.server_file_access = true,
         _ => {}
     }
+    facts.visit_node_enum(node);
 
-    // The summary does not look inside a cursor's query (also under EXPLAIN).
-    if summary
-        .statement_types
-        .iter()
-        .any(|t| t == "DeclareCursorStmt")
-    {
-        if let Some(query) = cursor_query(sql, tokens.get()?) {
-            if let Some(inner) = analyze_statement(query)? {
-                facts.add_statement(inner);
-            }
-        }
-    }
-
-    // The summary does not look inside RETURNING lists: summarise each one
-    // that could call a function or hold a subquery as a SELECT list.
-    let modifies = summary.statement_types.iter().any(|t| {
-        matches!(
-            t.as_str(),
-            "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt"
-        )
-    });
-    if modifies && contains_ignore_ascii_case(sql, "returning") {
-        for list in returning_lists(sql, tokens.get()?) {
-            let select = format!("SELECT {list}");
-            let returning = pg_query::summary(&select, 0, -1)
-                .map_err(|e| format!("cannot analyse RETURNING list: {}", error_message(e)))?;
-            facts.add_summary(&returning, true);
-        }
-    }
-
-    if need_tree {
-        let parsed = pg_query::parse(sql, 0).map_err(error_message)?;
-        let node = parsed
-            .protobuf
-            .stmts
-            .first()
-            .and_then(|raw| raw.stmt.as_deref())
-            .and_then(|node| node.node.as_ref());
-        if let Some(node) = node {
-            if let Some(label) = tree_label(node) {
-                kind = label.kind;
-                command = label.command;
-                transaction = label.transaction;
-            }
-            facts.visit(node);
-        }
-    }
-    if command.is_empty() {
-        (kind, command) = labels::fallback(top);
-    }
-
-    Ok(Some(StatementSummary {
+    Ok(StatementSummary {
         kind,
         transaction,
         command: Arc::from(command),
@@ -207,8 +192,8 @@ fn analyze_statement(sql: &str) -> Result<Option<StatementSummary>, String> {
         functions: facts.functions.into_iter().collect(),
         flags: facts.flags,
         fingerprint: Arc::from(fingerprint),
-        text: statement_text(sql).to_owned(),
-    }))
+        text: text.to_owned(),
+    })
 }
 
 /// Fingerprint options: relation names count in full, with their schema and
@@ -220,217 +205,349 @@ fn fingerprint_options() -> FingerprintOptions {
     FingerprintOptions::RANGEVAR_PG17_COMPAT | FingerprintOptions::FULL_RELNAME
 }
 
-fn has_context(summary: &SummaryResult, context: Context) -> bool {
-    summary.tables.iter().any(|t| t.context == context)
+/// How a relation named outside a query's FROM list or a statement's
+/// target counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Role {
+    /// In a query: read.
+    Read,
+    /// Directly under a utility statement (CREATE, ALTER, GRANT, LOCK,
+    /// VACUUM, ...): that statement acts on it.
+    #[default]
+    Write,
 }
 
-/// What one statement touches, gathered from the summary and, when built,
-/// the tree.
+/// What one statement touches, gathered by walking its whole tree.
+#[derive(Default)]
 struct Facts {
     read: BTreeSet<TableRef>,
     written: BTreeSet<TableRef>,
     functions: BTreeSet<String>,
     flags: StatementFlags,
-    /// The statement's CTE names: unqualified names read under these are
-    /// not tables.
-    cte_names: Vec<String>,
+    /// CTE names in scope, one frame per query level that has a WITH
+    /// (innermost last): an unqualified name found here is not a table.
+    scopes: Vec<Vec<String>>,
+    /// How a relation reached now counts, unless it is a target.
+    role: Role,
+    /// The relations the statements being walked write to (an INSERT's,
+    /// UPDATE's, DELETE's or MERGE's target, a COPY FROM's table, a SELECT
+    /// INTO's or CREATE TABLE AS's new table), compared by address: a
+    /// target is always a table, never a CTE.
+    targets: Vec<*const protobuf::RangeVar>,
+    /// Inside the options of a statement that creates or alters an object
+    /// calling functions ([`FUNCTION_OPTIONS`]).
+    in_definition: bool,
 }
 
 impl Facts {
-    fn new(cte_names: Vec<String>) -> Self {
-        Facts {
-            read: BTreeSet::new(),
-            written: BTreeSet::new(),
-            functions: BTreeSet::new(),
-            flags: StatementFlags::default(),
-            cte_names,
+    /// Walks a query level: its WITH names are in scope for the level and
+    /// below, its relations are read (but for the targets), and `walk`
+    /// visits the rest of the node.
+    fn query_level(
+        &mut self,
+        with: Option<&protobuf::WithClause>,
+        target: Option<&protobuf::RangeVar>,
+        walk: impl FnOnce(&mut Self),
+    ) {
+        let saved = std::mem::replace(&mut self.role, Role::Read);
+        let targets = self.targets.len();
+        if let Some(target) = target {
+            self.targets.push(target);
         }
+        self.scopes.push(Vec::new());
+        if let Some(with) = with {
+            self.with_clause(with);
+        }
+        walk(self);
+        self.scopes.pop();
+        self.targets.truncate(targets);
+        self.role = saved;
     }
 
-    fn is_cte(&self, schema: &str, name: &str) -> bool {
-        schema.is_empty() && self.cte_names.iter().any(|c| c == name)
-    }
-
-    /// Adds the tables and function calls of a summary; `part` when it
-    /// summarises a part of the statement (a RETURNING list), which does
-    /// not know the statement's CTE names.
-    fn add_summary(&mut self, summary: &SummaryResult, part: bool) {
-        for table in &summary.tables {
-            let table_ref = TableRef {
-                schema: non_empty(&table.schema_name),
-                name: table.table_name.clone(),
-            };
-            match table.context {
-                Context::Dml | Context::Ddl => {
-                    self.written.insert(table_ref);
-                }
-                Context::Select | Context::Call | Context::None => {
-                    if !(part && self.is_cte(&table.schema_name, &table.table_name)) {
-                        self.read.insert(table_ref);
-                    }
-                }
+    /// Walks the CTE queries of a WITH with SQL's visibility: in a plain
+    /// WITH a query sees the CTEs before it; under RECURSIVE it sees all of
+    /// them. The names stay in the innermost frame for the rest of the
+    /// level.
+    fn with_clause(&mut self, with: &protobuf::WithClause) {
+        let names = with.ctes.iter().filter_map(|cte| match &cte.node {
+            Some(NodeEnum::CommonTableExpr(cte)) => Some(cte.ctename.clone()),
+            _ => None,
+        });
+        if with.recursive {
+            let names: Vec<String> = names.collect();
+            if let Some(frame) = self.scopes.last_mut() {
+                frame.extend(names);
             }
         }
-        for function in &summary.functions {
-            if function.context != Context::Call {
+        for cte in &with.ctes {
+            let Some(NodeEnum::CommonTableExpr(cte)) = &cte.node else {
                 continue;
-            }
-            let bare = function.function_name.to_lowercase();
-            if SERVER_FILE_FUNCTIONS.contains(&bare.as_str()) {
-                self.flags.server_file_access = true;
-            }
-            if CONFIG_FUNCTIONS.contains(&bare.as_str()) {
-                self.flags.config_change = true;
-            }
-            let name = match &function.schema_name {
-                Some(schema) => format!("{}.{bare}", schema.to_lowercase()),
-                None => bare,
             };
-            self.functions.insert(name);
+            visit::walk_common_table_expr(self, cte);
+            if !with.recursive {
+                if let Some(frame) = self.scopes.last_mut() {
+                    frame.push(cte.ctename.clone());
+                }
+            }
         }
     }
 
-    /// Adds what an inner statement (a cursor's query) touches.
-    fn add_statement(&mut self, inner: StatementSummary) {
-        self.read.extend(inner.tables_read);
-        self.written.extend(inner.tables_written);
-        self.functions.extend(inner.functions);
-        let (flags, more) = (&mut self.flags, inner.flags);
-        flags.no_where |= more.no_where;
-        flags.copy_program |= more.copy_program;
-        flags.copy_server_file |= more.copy_server_file;
-        flags.server_file_access |= more.server_file_access;
-        flags.config_change |= more.config_change;
+    fn is_cte(&self, relation: &protobuf::RangeVar) -> bool {
+        relation.schemaname.is_empty()
+            && relation.catalogname.is_empty()
+            && self
+                .scopes
+                .iter()
+                .rev()
+                .any(|frame| frame.contains(&relation.relname))
     }
 
-    /// Visits a statement and the statements it contains or executes (WITH
-    /// queries, EXPLAIN and PREPARE targets, COPY queries),
-    /// adding what the summary does not tell. Recursion depth is bounded by
-    /// the protobuf decoder's nesting limit.
-    fn visit(&mut self, node: &NodeEnum) {
-        match node {
-            NodeEnum::UpdateStmt(s) => {
-                self.flags.no_where |= s.where_clause.is_none();
-                self.visit_with(s.with_clause.as_ref());
+    /// Records a function by its (possibly qualified) name.
+    fn function(&mut self, names: &[Node]) {
+        let parts: Vec<&str> = names
+            .iter()
+            .filter_map(|n| match &n.node {
+                Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+                _ => None,
+            })
+            .collect();
+        let Some(bare) = parts.last().map(|name| name.to_lowercase()) else {
+            return;
+        };
+        if SERVER_FILE_FUNCTIONS.contains(&bare.as_str()) {
+            self.flags.server_file_access = true;
+        }
+        if CONFIG_FUNCTIONS.contains(&bare.as_str()) {
+            self.flags.config_change = true;
+        }
+        let name = match parts.len() {
+            0 | 1 => bare,
+            n => {
+                let schema = parts
+                    .get(n - 2)
+                    .map(|s| s.to_lowercase())
+                    .unwrap_or_default();
+                format!("{schema}.{bare}")
             }
-            NodeEnum::DeleteStmt(s) => {
-                self.flags.no_where |= s.where_clause.is_none();
-                self.visit_with(s.with_clause.as_ref());
-            }
-            NodeEnum::MergeStmt(s) => {
-                // The summary records only the target; a plain or joined
-                // source relation is read.
-                if let Some(source) = s.source_relation.as_deref() {
-                    self.read_relations(source);
-                }
-                self.visit_with(s.with_clause.as_ref());
-            }
-            NodeEnum::SelectStmt(s) => self.visit_select(s),
-            NodeEnum::InsertStmt(s) => {
-                self.visit_with(s.with_clause.as_ref());
-                self.visit_opt(s.select_stmt.as_deref());
-            }
-            NodeEnum::ExplainStmt(s) => self.visit_opt(s.query.as_deref()),
-            NodeEnum::PrepareStmt(s) => self.visit_opt(s.query.as_deref()),
-            NodeEnum::CreateTableAsStmt(s) => self.visit_opt(s.query.as_deref()),
-            NodeEnum::CopyStmt(s) => {
-                self.flags.copy_program |= s.is_program;
-                self.flags.copy_server_file |= !s.is_program && !s.filename.is_empty();
-                if let Some(relation) = &s.relation {
-                    // The summary files a COPY's table as read either way.
-                    let table = table_ref(relation);
-                    if s.is_from {
-                        self.read.remove(&table);
-                        self.written.insert(table);
+        };
+        self.functions.insert(name);
+    }
+
+    /// Records the function an object definition's option names, in any of
+    /// the ways the grammar writes a function name there.
+    fn function_option(&mut self, value: &Node) {
+        match &value.node {
+            Some(NodeEnum::TypeName(name)) => self.function(&name.names),
+            Some(NodeEnum::List(list)) => self.function(&list.items),
+            Some(NodeEnum::ObjectWithArgs(object)) => self.function(&object.objname),
+            Some(NodeEnum::String(_)) => self.function(std::slice::from_ref(value)),
+            _ => {}
+        }
+    }
+
+    /// Walks an object definition, its options read as function names.
+    fn definition(&mut self, walk: impl FnOnce(&mut Self)) {
+        let saved = std::mem::replace(&mut self.in_definition, true);
+        walk(self);
+        self.in_definition = saved;
+    }
+}
+
+impl Visit for Facts {
+    fn visit_select_stmt(&mut self, node: &protobuf::SelectStmt) {
+        let into = node.into_clause.as_ref().and_then(|into| into.rel.as_ref());
+        self.query_level(node.with_clause.as_ref(), into, |facts| {
+            visit::walk_select_stmt(facts, node)
+        });
+    }
+
+    fn visit_insert_stmt(&mut self, node: &protobuf::InsertStmt) {
+        self.query_level(node.with_clause.as_ref(), node.relation.as_ref(), |facts| {
+            visit::walk_insert_stmt(facts, node)
+        });
+    }
+
+    fn visit_update_stmt(&mut self, node: &protobuf::UpdateStmt) {
+        self.flags.no_where |= node.where_clause.is_none();
+        self.query_level(node.with_clause.as_ref(), node.relation.as_ref(), |facts| {
+            visit::walk_update_stmt(facts, node)
+        });
+    }
+
+    fn visit_delete_stmt(&mut self, node: &protobuf::DeleteStmt) {
+        self.flags.no_where |= node.where_clause.is_none();
+        self.query_level(node.with_clause.as_ref(), node.relation.as_ref(), |facts| {
+            visit::walk_delete_stmt(facts, node)
+        });
+    }
+
+    fn visit_merge_stmt(&mut self, node: &protobuf::MergeStmt) {
+        self.query_level(node.with_clause.as_ref(), node.relation.as_ref(), |facts| {
+            visit::walk_merge_stmt(facts, node)
+        });
+    }
+
+    // CTE queries are walked by `query_level`, with their scoping.
+    fn visit_with_clause(&mut self, _node: &protobuf::WithClause) {}
+
+    fn visit_copy_stmt(&mut self, node: &protobuf::CopyStmt) {
+        self.flags.copy_program |= node.is_program;
+        self.flags.copy_server_file |= !node.is_program && !node.filename.is_empty();
+        let target = node.relation.as_ref().filter(|_| node.is_from);
+        self.query_level(None, target, |facts| visit::walk_copy_stmt(facts, node));
+    }
+
+    fn visit_create_table_as_stmt(&mut self, node: &protobuf::CreateTableAsStmt) {
+        let saved = self.targets.len();
+        if let Some(rel) = node.into.as_ref().and_then(|into| into.rel.as_ref()) {
+            self.targets.push(rel);
+        }
+        visit::walk_create_table_as_stmt(self, node);
+        self.targets.truncate(saved);
+    }
+
+    fn visit_range_var(&mut self, node: &protobuf::RangeVar) {
+        let table = table_ref(node);
+        if self.targets.iter().any(|t| std::ptr::eq(*t, node)) {
+            self.written.insert(table);
+        } else if self.is_cte(node) {
+            // A CTE of an enclosing query level, not a table.
+        } else if self.role == Role::Read {
+            self.read.insert(table);
+        } else {
+            self.written.insert(table);
+        }
+        visit::walk_range_var(self, node);
+    }
+
+    fn visit_func_call(&mut self, node: &protobuf::FuncCall) {
+        self.function(&node.funcname);
+        visit::walk_func_call(self, node);
+    }
+
+    fn visit_drop_stmt(&mut self, node: &protobuf::DropStmt) {
+        // Dropped relations and a dropped policy's table are name lists.
+        // `DROP POLICY p ON t`, `DROP TRIGGER`, `DROP RULE`: the list ends
+        // with the object's name, after its table's.
+        let on_table = [
+            protobuf::ObjectType::ObjectPolicy,
+            protobuf::ObjectType::ObjectTrigger,
+            protobuf::ObjectType::ObjectRule,
+        ]
+        .iter()
+        .any(|t| node.remove_type == *t as i32);
+        if labels::is_relation_type(node.remove_type) || on_table {
+            for object in &node.objects {
+                if let Some(NodeEnum::List(list)) = &object.node {
+                    let names = if on_table {
+                        list.items.split_last().map_or(&[][..], |(_, table)| table)
                     } else {
-                        self.read.insert(table);
-                    }
-                }
-                self.visit_opt(s.query.as_deref());
-            }
-            NodeEnum::DropStmt(s) if labels::is_relation_type(s.remove_type) => {
-                for object in &s.objects {
-                    if let Some(NodeEnum::List(list)) = &object.node {
-                        if let Some(table) = table_from_names(&list.items) {
-                            self.written.insert(table);
-                        }
+                        &list.items[..]
+                    };
+                    if let Some(table) = table_from_names(names) {
+                        self.written.insert(table);
                     }
                 }
             }
-            // `DROP POLICY p ON t`: the name list ends with the policy's.
-            NodeEnum::DropStmt(s) if s.remove_type == protobuf::ObjectType::ObjectPolicy as i32 => {
-                for object in &s.objects {
-                    if let Some(NodeEnum::List(list)) = &object.node {
-                        let table = list.items.split_last().map(|(_, table)| table);
-                        if let Some(table) = table.and_then(table_from_names) {
-                            self.written.insert(table);
-                        }
-                    }
-                }
-            }
-            NodeEnum::CreatePolicyStmt(s) => {
-                if let Some(relation) = &s.table {
-                    self.written.insert(table_ref(relation));
-                }
-            }
-            NodeEnum::AlterPolicyStmt(s) => {
-                if let Some(relation) = &s.table {
-                    self.written.insert(table_ref(relation));
-                }
-            }
-            // Renaming a column, constraint or trigger, or moving a relation
-            // to another schema, alters the relation.
-            NodeEnum::RenameStmt(s) => {
-                if let Some(relation) = &s.relation {
-                    self.written.insert(table_ref(relation));
-                }
-            }
-            NodeEnum::AlterObjectSchemaStmt(s) => {
-                if let Some(relation) = &s.relation {
-                    self.written.insert(table_ref(relation));
-                }
-            }
-            _ => {}
         }
+        visit::walk_drop_stmt(self, node);
     }
 
-    fn visit_select(&mut self, select: &protobuf::SelectStmt) {
-        self.visit_with(select.with_clause.as_ref());
-        for arm in [&select.larg, &select.rarg].into_iter().flatten() {
-            self.visit_select(arm);
-        }
-    }
-
-    fn visit_opt(&mut self, node: Option<&Node>) {
-        if let Some(node) = node.and_then(|n| n.node.as_ref()) {
-            self.visit(node);
-        }
-    }
-
-    fn visit_with(&mut self, with: Option<&protobuf::WithClause>) {
-        for cte in with.into_iter().flat_map(|w| &w.ctes) {
-            if let Some(NodeEnum::CommonTableExpr(cte)) = &cte.node {
-                self.visit_opt(cte.ctequery.as_deref());
+    fn visit_rename_stmt(&mut self, node: &protobuf::RenameStmt) {
+        // Renaming a relation writes its new name too.
+        if let Some(relation) = node.relation.as_ref() {
+            if labels::is_relation_type(node.rename_type) && !node.newname.is_empty() {
+                self.written.insert(TableRef {
+                    schema: non_empty(&relation.schemaname),
+                    name: node.newname.clone(),
+                });
             }
         }
+        visit::walk_rename_stmt(self, node);
     }
 
-    /// Records the relations of a FROM-list item as read: plain names and
-    /// both sides of joins (subqueries are in the summary already).
-    fn read_relations(&mut self, node: &Node) {
-        match &node.node {
-            Some(NodeEnum::RangeVar(relation))
-                if !self.is_cte(&relation.schemaname, &relation.relname) =>
-            {
-                self.read.insert(table_ref(relation));
+    fn visit_def_elem(&mut self, node: &protobuf::DefElem) {
+        if self.in_definition && FUNCTION_OPTIONS.contains(&node.defname.as_str()) {
+            if let Some(value) = node.arg.as_deref() {
+                self.function_option(value);
             }
-            Some(NodeEnum::JoinExpr(join)) => {
-                for side in [&join.larg, &join.rarg].into_iter().flatten() {
-                    self.read_relations(side);
-                }
-            }
-            _ => {}
         }
+        visit::walk_def_elem(self, node);
+    }
+
+    fn visit_define_stmt(&mut self, node: &protobuf::DefineStmt) {
+        self.definition(|facts| visit::walk_define_stmt(facts, node));
+    }
+
+    fn visit_alter_operator_stmt(&mut self, node: &protobuf::AlterOperatorStmt) {
+        self.definition(|facts| visit::walk_alter_operator_stmt(facts, node));
+    }
+
+    fn visit_alter_type_stmt(&mut self, node: &protobuf::AlterTypeStmt) {
+        self.definition(|facts| visit::walk_alter_type_stmt(facts, node));
+    }
+
+    fn visit_create_range_stmt(&mut self, node: &protobuf::CreateRangeStmt) {
+        self.definition(|facts| visit::walk_create_range_stmt(facts, node));
+    }
+
+    fn visit_create_fdw_stmt(&mut self, node: &protobuf::CreateFdwStmt) {
+        self.definition(|facts| visit::walk_create_fdw_stmt(facts, node));
+    }
+
+    fn visit_alter_fdw_stmt(&mut self, node: &protobuf::AlterFdwStmt) {
+        self.definition(|facts| visit::walk_alter_fdw_stmt(facts, node));
+    }
+
+    fn visit_create_cast_stmt(&mut self, node: &protobuf::CreateCastStmt) {
+        if let Some(func) = &node.func {
+            self.function(&func.objname);
+        }
+        visit::walk_create_cast_stmt(self, node);
+    }
+
+    fn visit_create_trig_stmt(&mut self, node: &protobuf::CreateTrigStmt) {
+        self.function(&node.funcname);
+        visit::walk_create_trig_stmt(self, node);
+    }
+
+    fn visit_create_event_trig_stmt(&mut self, node: &protobuf::CreateEventTrigStmt) {
+        self.function(&node.funcname);
+        visit::walk_create_event_trig_stmt(self, node);
+    }
+
+    fn visit_create_transform_stmt(&mut self, node: &protobuf::CreateTransformStmt) {
+        for func in [&node.fromsql, &node.tosql].into_iter().flatten() {
+            self.function(&func.objname);
+        }
+        visit::walk_create_transform_stmt(self, node);
+    }
+
+    fn visit_create_op_class_item(&mut self, node: &protobuf::CreateOpClassItem) {
+        // Item type 2 is FUNCTION n name(args) (OPCLASS_ITEM_FUNCTION).
+        if node.itemtype == 2 {
+            if let Some(name) = &node.name {
+                self.function(&name.objname);
+            }
+        }
+        visit::walk_create_op_class_item(self, node);
+    }
+
+    fn visit_create_p_lang_stmt(&mut self, node: &protobuf::CreatePLangStmt) {
+        for names in [&node.plhandler, &node.plinline, &node.plvalidator] {
+            self.function(names);
+        }
+        visit::walk_create_p_lang_stmt(self, node);
+    }
+
+    fn visit_create_conversion_stmt(&mut self, node: &protobuf::CreateConversionStmt) {
+        self.function(&node.func_name);
+        visit::walk_create_conversion_stmt(self, node);
+    }
+
+    fn visit_create_am_stmt(&mut self, node: &protobuf::CreateAmStmt) {
+        self.function(&node.handler_name);
+        visit::walk_create_am_stmt(self, node);
     }
 }
 
@@ -563,134 +680,6 @@ fn is_true_analyze_option(option: &Node) -> bool {
     }
 }
 
-/// The scanner's tokens for a statement, scanned on first use.
-struct Tokens<'a> {
-    sql: &'a str,
-    scanned: Option<Vec<ScanToken>>,
-}
-
-impl<'a> Tokens<'a> {
-    fn new(sql: &'a str) -> Self {
-        Tokens { sql, scanned: None }
-    }
-
-    fn get(&mut self) -> Result<&[ScanToken], String> {
-        if self.scanned.is_none() {
-            self.scanned = Some(pg_query::scan_tokens(self.sql).map_err(error_message)?);
-        }
-        Ok(self.scanned.as_deref().unwrap_or_default())
-    }
-}
-
-fn is(token: &ScanToken, kind: Token) -> bool {
-    token.token == kind as i32
-}
-
-/// Nesting depth change of a token: `(` opens, `)` closes.
-fn depth_change(token: &ScanToken) -> i64 {
-    if is(token, Token::Ascii40) {
-        1
-    } else if is(token, Token::Ascii41) {
-        -1
-    } else {
-        0
-    }
-}
-
-fn has_with(tokens: &[ScanToken]) -> bool {
-    tokens
-        .iter()
-        .any(|t| is(t, Token::With) || is(t, Token::WithLa))
-}
-
-/// Whether a `WHERE` appears outside parentheses. In an UPDATE or DELETE
-/// without WITH, that can only be the statement's own WHERE: subqueries,
-/// FILTER (WHERE ...) and RETURNING subqueries are parenthesised.
-fn has_top_level_where(tokens: &[ScanToken]) -> bool {
-    let mut depth: i64 = 0;
-    for token in tokens {
-        depth += depth_change(token);
-        if depth == 0 && is(token, Token::Where) {
-            return true;
-        }
-    }
-    false
-}
-
-/// The text of each RETURNING list that holds a parenthesis (so may call a
-/// function or hold a subquery), without a leading `WITH (OLD AS o, ...)`.
-/// A list runs to the end of the parenthesis level of its RETURNING: the
-/// end of the text for the statement's own, the closing `)` for one in a
-/// WITH query.
-fn returning_lists<'s>(sql: &'s str, tokens: &[ScanToken]) -> Vec<&'s str> {
-    let mut lists = Vec::new();
-    for (at, token) in tokens.iter().enumerate() {
-        if !is(token, Token::Returning) {
-            continue;
-        }
-        let rest = tokens.get(at + 1..).unwrap_or_default();
-        let mut start = token.end;
-        let mut skip = 0;
-        if rest
-            .first()
-            .is_some_and(|t| is(t, Token::With) || is(t, Token::WithLa))
-            && rest.get(1).is_some_and(|t| is(t, Token::Ascii40))
-        {
-            // Skip `WITH ( ... )` up to its closing parenthesis.
-            let mut depth: i64 = 0;
-            for (i, t) in rest.iter().enumerate().skip(1) {
-                depth += depth_change(t);
-                if depth == 0 {
-                    start = t.end;
-                    skip = i + 1;
-                    break;
-                }
-            }
-        }
-        let mut depth: i64 = 0;
-        let mut end = None;
-        let mut has_paren = false;
-        for t in rest.iter().skip(skip) {
-            depth += depth_change(t);
-            if depth < 0 {
-                end = Some(t.start);
-                break;
-            }
-            has_paren |= is(t, Token::Ascii40);
-        }
-        if !has_paren {
-            continue;
-        }
-        let range = usize::try_from(start).ok().zip(match end {
-            Some(end) => usize::try_from(end).ok(),
-            None => Some(sql.len()),
-        });
-        if let Some(list) = range.and_then(|(start, end)| sql.get(start..end)) {
-            lists.push(list);
-        }
-    }
-    lists
-}
-
-/// The query of `DECLARE name ... CURSOR ... FOR query`: the text after the
-/// first `FOR` that follows `CURSOR`.
-fn cursor_query<'s>(sql: &'s str, tokens: &[ScanToken]) -> Option<&'s str> {
-    let cursor = tokens.iter().position(|t| is(t, Token::Cursor))?;
-    let for_ = tokens
-        .get(cursor + 1..)?
-        .iter()
-        .find(|t| is(t, Token::For))?;
-    sql.get(usize::try_from(for_.end).ok()?..)
-}
-
-/// ASCII case-insensitive substring test (`needle` lowercase).
-fn contains_ignore_ascii_case(haystack: &str, needle: &str) -> bool {
-    haystack
-        .as_bytes()
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
-}
-
 fn table_ref(relation: &protobuf::RangeVar) -> TableRef {
     TableRef {
         schema: non_empty(&relation.schemaname),
@@ -790,30 +779,5 @@ fn error_message(error: pg_query::Error) -> String {
                 .to_owned()
         }
         other => other.to_string(),
-    }
-}
-
-/// The two ways of answering "has a WHERE?", for tests that check they
-/// agree.
-#[cfg(test)]
-pub(super) mod probe {
-    /// From the scanner's tokens (`None`: the tree is needed).
-    pub(in crate::sql) fn where_by_tokens(sql: &str) -> Option<bool> {
-        let tokens = pg_query::scan_tokens(sql).ok()?;
-        (!super::has_with(&tokens)).then(|| super::has_top_level_where(&tokens))
-    }
-
-    /// From the tree: whether any UPDATE or DELETE lacks a WHERE.
-    pub(in crate::sql) fn no_where_by_tree(sql: &str) -> bool {
-        let Ok(parsed) = pg_query::parse(sql, 0) else {
-            return false;
-        };
-        let mut facts = super::Facts::new(Vec::new());
-        for raw in &parsed.protobuf.stmts {
-            if let Some(node) = raw.stmt.as_deref().and_then(|n| n.node.as_ref()) {
-                facts.visit(node);
-            }
-        }
-        facts.flags.no_where
     }
 }

@@ -3,8 +3,9 @@
 //! summaries, never a parse tree.
 //!
 //! - [`analyze`]: text to [`Analysis`], built on `pg_query` (PostgreSQL's own
-//!   parser): the cheap `summary` for most statements, the full tree only
-//!   where a field needs it.
+//!   parser): the whole parse tree of every statement, walked with a visitor
+//!   generated from the parser's node definitions (`visit.rs`, by
+//!   `cargo xtask sql-visitor`), so no node type is left unwalked.
 //! - [`AnalysisCache`]: a bounded LRU of analyses shared by statements
 //!   that differ only in literal values.
 //! - [`column_refs`]: the names a statement's expressions refer to, for
@@ -21,6 +22,7 @@ mod refs;
 mod shape;
 #[cfg(test)]
 mod tests;
+mod visit;
 
 pub use analyze::analyze;
 pub use cache::{AnalysisCache, MAX_CACHED_TEXT_LEN};

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use super::analyze::probe;
 use super::*;
 
 use StatementKind as K;
@@ -471,31 +470,48 @@ fn returning_lists() {
 }
 
 #[test]
-fn where_tokens_agree_with_tree() {
-    for sql in [
-        "UPDATE t SET a = 1",
-        "UPDATE t SET a = 1 WHERE b",
-        "UPDATE t SET a = (SELECT 1 FROM u WHERE x) ",
-        "UPDATE t SET a = CASE WHEN b THEN 1 END",
-        "UPDATE t SET a = array_agg(x) FILTER (WHERE y)",
-        "UPDATE t SET \"where\" = 1",
-        "UPDATE t SET a = 'where' || $$ where $$ -- where\n",
-        "UPDATE t SET a = 1 /* where */ RETURNING (select 1 where true)",
-        "UPDATE t SET a = u.b FROM u JOIN v ON v.id = u.id WHERE t.id = u.id",
-        "DELETE FROM t",
-        "DELETE FROM t USING u WHERE t.id = u.id",
-        "DELETE FROM t WHERE CURRENT OF c",
-        "DELETE FROM t WHERE (a) = (1)",
-        "DELETE FROM t RETURNING (SELECT 1 WHERE false)",
+fn a_where_clause_is_found_wherever_it_is_written() {
+    let no_where = |sql: &str| match analyze(sql) {
+        Analysis::Parsed { statements } => statements.iter().any(|s| s.flags.no_where),
+        Analysis::Unparsable { error } => panic!("{sql}: {error}"),
+    };
+    for (sql, expected) in [
+        ("UPDATE t SET a = 1", true),
+        ("UPDATE t SET a = 1 WHERE b", false),
+        ("UPDATE t SET a = (SELECT 1 FROM u WHERE x) ", true),
+        ("UPDATE t SET a = CASE WHEN b THEN 1 END", true),
+        ("UPDATE t SET a = array_agg(x) FILTER (WHERE y)", true),
+        ("UPDATE t SET \"where\" = 1", true),
+        ("UPDATE t SET a = 'where' || $$ where $$ -- where\n", true),
+        (
+            "UPDATE t SET a = 1 /* where */ RETURNING (select 1 where true)",
+            true,
+        ),
+        (
+            "UPDATE t SET a = u.b FROM u JOIN v ON v.id = u.id WHERE t.id = u.id",
+            false,
+        ),
+        ("DELETE FROM t", true),
+        ("DELETE FROM t USING u WHERE t.id = u.id", false),
+        ("DELETE FROM t WHERE CURRENT OF c", false),
+        ("DELETE FROM t WHERE (a) = (1)", false),
+        ("DELETE FROM t RETURNING (SELECT 1 WHERE false)", true),
+        ("WITH x AS (SELECT 1) DELETE FROM t", true),
+        (
+            "WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x",
+            true,
+        ),
+        (
+            "WITH x AS (DELETE FROM t WHERE a RETURNING *) SELECT * FROM x",
+            false,
+        ),
+        (
+            "CREATE RULE r AS ON INSERT TO t DO ALSO DELETE FROM u",
+            true,
+        ),
     ] {
-        let tokens = probe::where_by_tokens(sql);
-        let tree = probe::no_where_by_tree(sql);
-        assert_eq!(tokens.map(|has| !has), Some(tree), "{sql}");
+        assert_eq!(no_where(sql), expected, "{sql}");
     }
-    assert_eq!(
-        probe::where_by_tokens("WITH x AS (SELECT 1) DELETE FROM t"),
-        None
-    );
 }
 
 #[test]
@@ -608,12 +624,14 @@ fn create() {
         case("CREATE USER bob", K::Create, "CREATE ROLE"),
         case("CREATE DATABASE d", K::Create, "CREATE DATABASE"),
         case("CREATE EXTENSION pgcrypto", K::Create, "CREATE EXTENSION"),
-        case("CREATE SEQUENCE sq", K::Create, "CREATE SEQUENCE"),
+        case("CREATE SEQUENCE sq", K::Create, "CREATE SEQUENCE").written(&["sq"]),
+        // The functions a created aggregate will call count as called.
         case(
             "CREATE AGGREGATE a (int) (sfunc = int4pl, stype = int)",
             K::Create,
             "CREATE AGGREGATE",
-        ),
+        )
+        .functions(&["int4pl"]),
         case("CREATE TYPE mood AS ENUM ('ok')", K::Create, "CREATE TYPE"),
     ]);
 }
@@ -856,8 +874,8 @@ fn other_kinds() {
             "REFRESH MATERIALIZED VIEW",
         )
         .written(&["mv"]),
-        case("CLUSTER t USING i", K::Other, "CLUSTER"),
-        case("REINDEX TABLE t", K::Other, "REINDEX"),
+        case("CLUSTER t USING i", K::Other, "CLUSTER").written(&["t"]),
+        case("REINDEX TABLE t", K::Other, "REINDEX").written(&["t"]),
         case("CHECKPOINT", K::Other, "CHECKPOINT"),
         case("LISTEN ch", K::Other, "LISTEN"),
         case("NOTIFY ch, 'x'", K::Other, "NOTIFY"),
@@ -1261,4 +1279,217 @@ fn deep_nesting_is_bounded() {
             }
         }
     }
+}
+
+/// Ways a client may hide a table or a function from a weaker analysis:
+/// CTE names reused at another query level, statements embedded in other
+/// statements, and functions a created object calls later.
+#[test]
+fn hidden_tables_and_functions_are_found() {
+    check(&[
+        // A CTE name hides a table only at its own level and below.
+        case(
+            "SELECT * FROM secrets WHERE EXISTS (WITH secrets AS (SELECT 1) SELECT 1)",
+            K::Select,
+            "SELECT",
+        )
+        .read(&["secrets"]),
+        case(
+            "SELECT (WITH customers AS (SELECT 1) SELECT 1), email FROM customers",
+            K::Select,
+            "SELECT",
+        )
+        .read(&["customers"]),
+        case(
+            "WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a, b",
+            K::Select,
+            "SELECT",
+        )
+        .read(&["b"]),
+        case(
+            "WITH RECURSIVE a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a",
+            K::Select,
+            "SELECT",
+        ),
+        case(
+            "WITH x AS (SELECT 1) SELECT * FROM x, public.x",
+            K::Select,
+            "SELECT",
+        )
+        .read(&["public.x"]),
+        case(
+            "(WITH secrets AS (SELECT 1) SELECT * FROM secrets) UNION SELECT * FROM secrets",
+            K::Select,
+            "SELECT",
+        )
+        .read(&["secrets"]),
+        case(
+            "CREATE TABLE t AS SELECT * FROM secrets WHERE EXISTS (WITH secrets AS (SELECT 1) SELECT 1)",
+            K::Create,
+            "CREATE TABLE AS",
+        )
+        .read(&["secrets"])
+        .written(&["t"]),
+        // The target of a write is a table even where a CTE has its name.
+        case(
+            "WITH customers AS (SELECT 1) DELETE FROM customers",
+            K::Delete,
+            "DELETE",
+        )
+        .written(&["customers"])
+        .flags(&["no_where"]),
+        case(
+            "WITH c AS (UPDATE customers SET email = 'x' RETURNING *) SELECT * FROM c",
+            K::Select,
+            "SELECT",
+        )
+        .written(&["customers"])
+        .flags(&["no_where"]),
+        // Statements inside statements.
+        case(
+            "CREATE SCHEMA y CREATE VIEW v AS SELECT * FROM secrets",
+            K::Create,
+            "CREATE SCHEMA",
+        )
+        .read(&["secrets"])
+        .written(&["v"]),
+        case(
+            "CREATE RULE \"_RETURN\" AS ON SELECT TO t DO INSTEAD SELECT * FROM secrets",
+            K::Create,
+            "CREATE RULE",
+        )
+        .read(&["secrets"])
+        .written(&["t"]),
+        case(
+            "CREATE RULE r AS ON INSERT TO t DO ALSO UPDATE customers SET email = NEW.e WHERE id = 1",
+            K::Create,
+            "CREATE RULE",
+        )
+        .written(&["customers", "t"]),
+        case(
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT count(*) FROM secrets; END",
+            K::Create,
+            "CREATE FUNCTION",
+        )
+        .read(&["secrets"])
+        .functions(&["count"]),
+        // Inheritance and partition parents are written.
+        case(
+            "CREATE TABLE kid () INHERITS (customers)",
+            K::Create,
+            "CREATE TABLE",
+        )
+        .written(&["customers", "kid"]),
+        case(
+            "CREATE TABLE p1 PARTITION OF customers FOR VALUES IN (1)",
+            K::Create,
+            "CREATE TABLE",
+        )
+        .written(&["customers", "p1"]),
+        case("ALTER TABLE kid INHERIT customers", K::Alter, "ALTER TABLE")
+            .written(&["customers", "kid"]),
+        // Expressions stored in definitions call their functions later.
+        case(
+            "CREATE TABLE t (a text DEFAULT pg_read_file('/etc/passwd'))",
+            K::Create,
+            "CREATE TABLE",
+        )
+        .written(&["t"])
+        .functions(&["pg_read_file"])
+        .flags(&["server_file_access"]),
+        case(
+            "ALTER TABLE t ALTER COLUMN a SET DEFAULT set_config('a', 'b', false)",
+            K::Alter,
+            "ALTER TABLE",
+        )
+        .written(&["t"])
+        .functions(&["set_config"])
+        .flags(&["config_change"]),
+        case(
+            "CREATE OPERATOR ### (FUNCTION = pg_read_file, RIGHTARG = text)",
+            K::Create,
+            "CREATE OPERATOR",
+        )
+        .functions(&["pg_read_file"])
+        .flags(&["server_file_access"]),
+        case(
+            "CREATE OPERATOR ### (PROCEDURE = pg_catalog.pg_read_file, LEFTARG = text)",
+            K::Create,
+            "CREATE OPERATOR",
+        )
+        .functions(&["pg_catalog.pg_read_file"])
+        .flags(&["server_file_access"]),
+        case(
+            "CREATE CAST (text AS int8) WITH FUNCTION lo_import(text)",
+            K::Create,
+            "CREATE CAST",
+        )
+        .functions(&["lo_import"])
+        .flags(&["server_file_access"]),
+        case(
+            "CREATE TRIGGER trg BEFORE INSERT ON customers FOR EACH ROW EXECUTE FUNCTION steal()",
+            K::Create,
+            "CREATE TRIGGER",
+        )
+        .written(&["customers"])
+        .functions(&["steal"]),
+        case(
+            "CREATE POLICY p ON t USING (pg_read_file('x') IS NOT NULL)",
+            K::Create,
+            "CREATE POLICY",
+        )
+        .written(&["t"])
+        .functions(&["pg_read_file"])
+        .flags(&["server_file_access"]),
+        case(
+            "CREATE TYPE tt (INPUT = evil_in, OUTPUT = evil_out)",
+            K::Create,
+            "CREATE TYPE",
+        )
+        .functions(&["evil_in", "evil_out"]),
+        // Options that are not function names stay options.
+        case(
+            "EXPLAIN (ANALYZE true) SELECT 1",
+            K::Explain,
+            "EXPLAIN ANALYZE",
+        ),
+        case(
+            "COPY t FROM STDIN (FORMAT csv)",
+            K::Copy,
+            "COPY",
+        )
+        .written(&["t"]),
+        // Cursors, RETURNING lists and CALL arguments.
+        case(
+            "DECLARE c CURSOR FOR WITH s AS (SELECT 1) SELECT * FROM secrets, s",
+            K::Other,
+            "DECLARE CURSOR",
+        )
+        .read(&["secrets"]),
+        case(
+            "INSERT INTO t VALUES (1) RETURNING (SELECT email FROM customers LIMIT 1)",
+            K::Insert,
+            "INSERT",
+        )
+        .read(&["customers"])
+        .written(&["t"]),
+        case(
+            "CALL p((SELECT max(id) FROM secrets))",
+            K::Call,
+            "CALL",
+        )
+        .read(&["secrets"])
+        .functions(&["max", "p"]),
+    ]);
+}
+
+/// Statement texts come from the parser's offsets, in bytes, also after
+/// multi-byte characters.
+#[test]
+fn statement_texts_after_multibyte_characters() {
+    let Analysis::Parsed { statements } = analyze("SELECT 'ü€'; SELECT 'ß' AS \"ä\";") else {
+        panic!("does not parse");
+    };
+    let texts: Vec<&str> = statements.iter().map(|s| s.text.as_str()).collect();
+    assert_eq!(texts, ["SELECT 'ü€'", "SELECT 'ß' AS \"ä\""]);
 }
