@@ -1388,6 +1388,15 @@ fn hidden_tables_and_functions_are_found() {
         .written(&["customers", "p1"]),
         case("ALTER TABLE kid INHERIT customers", K::Alter, "ALTER TABLE")
             .written(&["customers", "kid"]),
+        // Relations a utility statement names count as written.
+        case(
+            "CREATE TABLE o (c int REFERENCES customers, LIKE secrets)",
+            K::Create,
+            "CREATE TABLE",
+        )
+        .written(&["customers", "o", "secrets"]),
+        case("GRANT SELECT ON customers TO public", K::Grant, "GRANT")
+            .written(&["customers"]),
         // Expressions stored in definitions call their functions later.
         case(
             "CREATE TABLE t (a text DEFAULT pg_read_file('/etc/passwd'))",

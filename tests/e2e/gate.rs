@@ -1,0 +1,176 @@
+//! The statement gate against a hostile client: tables and functions hidden
+//! from the analysis by SQL's own means (CTE names reused at another query
+//! level, statements inside statements, functions a created object calls
+//! later), sent by a real psql through the agent to a real server. Each
+//! refusal is checked on the server too: what was refused did not happen.
+
+use tollgate_tests::*;
+
+/// Reads allowed, DDL allowed (so that what refuses a statement below is
+/// the analysis of what it touches, not its kind), contact details masked,
+/// the secrets table, writes to customers and server files refused.
+const POLICY: &str = r#"
+[defaults]
+action = "allow"
+
+[[rule]]
+name = "mask-contact"
+action = "mask"
+mask_columns = ["customers.email"]
+
+[[rule]]
+name = "no-secrets"
+action = "deny"
+message = "the secrets table is off limits"
+[rule.match]
+tables = ["secrets"]
+
+[[rule]]
+name = "customers-read-only"
+action = "deny"
+[rule.match]
+tables_written = ["customers"]
+
+[[rule]]
+name = "no-server-files"
+action = "deny"
+[rule.match]
+flags = ["server_file_access"]
+"#;
+
+const SCHEMA: &str = "create table customers (id int primary key, email text);
+insert into customers values (1, 'ada@example.com'), (2, 'alan@example.com');
+create table secrets (s text); insert into secrets values ('the-key');
+create table t (s text);";
+
+/// Runs one command through the agent; returns (succeeded, stdout + stderr).
+fn through_agent(governed: &Governed, sql: &str) -> (bool, String) {
+    let out = psql_command(governed.port, sql).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Asserts the command is refused by `rule` and leaks nothing of `secret`.
+fn refused_by(governed: &Governed, sql: &str, rule: &str) {
+    let (ok, text) = through_agent(governed, sql);
+    assert!(!ok, "{sql}\nran through the agent:\n{text}");
+    assert!(
+        text.contains(&format!("denied by rule \"{rule}\"")),
+        "{sql}\nnot refused by {rule}:\n{text}"
+    );
+    for value in ["the-key", "ada@example.com"] {
+        assert!(!text.contains(value), "{sql}\nleaked {value}:\n{text}");
+    }
+}
+
+#[test]
+fn cte_names_hide_tables_only_at_their_own_level() {
+    let governed = Governed::start(POLICY, SCHEMA, "");
+    for sql in [
+        "SELECT * FROM secrets WHERE EXISTS (WITH secrets AS (SELECT 1) SELECT 1)",
+        "(WITH secrets AS (SELECT 1) SELECT 'x' FROM secrets) UNION ALL SELECT s FROM secrets",
+        "WITH a AS (SELECT * FROM secrets), secrets AS (SELECT 1) SELECT * FROM a",
+        "CREATE TABLE copied AS SELECT * FROM secrets WHERE EXISTS (WITH secrets AS (SELECT 1) SELECT 1)",
+    ] {
+        refused_by(&governed, sql, "no-secrets");
+    }
+    assert_eq!(governed.server("select to_regclass('copied') is null"), "t");
+
+    // The target of a write is the table, whatever a CTE is called.
+    refused_by(
+        &governed,
+        "WITH customers AS (SELECT 1) DELETE FROM customers",
+        "customers-read-only",
+    );
+    assert_eq!(governed.server("select count(*) from customers"), "2");
+
+    // A masked column read past a CTE of the same name comes back masked.
+    let (ok, text) = through_agent(
+        &governed,
+        "SELECT email FROM customers WHERE EXISTS (WITH customers AS (SELECT 1) SELECT 1) ORDER BY id",
+    );
+    assert!(ok, "{text}");
+    assert!(!text.contains("@example.com"), "unmasked:\n{text}");
+    assert_eq!(text.lines().count(), 2, "{text}");
+
+    // A CTE that really shadows the table hides nothing: its own rows.
+    let (ok, text) = through_agent(
+        &governed,
+        "WITH secrets AS (SELECT 'mine' AS s) SELECT s FROM secrets",
+    );
+    assert!(ok, "{text}");
+    assert_eq!(text.trim(), "mine");
+}
+
+#[test]
+fn statements_inside_statements_are_decided() {
+    let governed = Governed::start(POLICY, SCHEMA, "");
+    let cases = [
+        (
+            "CREATE SCHEMA y CREATE VIEW v AS SELECT * FROM secrets",
+            "no-secrets",
+            "select count(*) from pg_namespace where nspname = 'y'",
+        ),
+        (
+            "CREATE RULE \"_RETURN\" AS ON SELECT TO t DO INSTEAD SELECT * FROM secrets",
+            "no-secrets",
+            "select count(*) from pg_rewrite where ev_class = 't'::regclass",
+        ),
+        (
+            "CREATE RULE r AS ON INSERT TO t DO ALSO UPDATE customers SET email = NEW.s WHERE id = 1",
+            "customers-read-only",
+            "select count(*) from pg_rewrite where ev_class = 't'::regclass",
+        ),
+        (
+            "CREATE TABLE kid () INHERITS (customers)",
+            "customers-read-only",
+            "select count(*) from pg_class where relname = 'kid'",
+        ),
+        (
+            "CREATE TABLE part (id int, email text) PARTITION BY LIST (id); \
+             ALTER TABLE customers ADD COLUMN extra text",
+            "customers-read-only",
+            "select count(*) from pg_class where relname = 'part'",
+        ),
+        (
+            "CREATE TRIGGER steal BEFORE UPDATE ON customers FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()",
+            "customers-read-only",
+            "select count(*) from pg_trigger where tgname = 'steal'",
+        ),
+        (
+            "CREATE TABLE d (a text DEFAULT pg_read_file('/etc/hostname'))",
+            "no-server-files",
+            "select count(*) from pg_class where relname = 'd'",
+        ),
+        (
+            "CREATE OPERATOR ### (FUNCTION = pg_read_file, RIGHTARG = text)",
+            "no-server-files",
+            "select count(*) from pg_operator where oprname = '###'",
+        ),
+        (
+            "CREATE FUNCTION leak() RETURNS text LANGUAGE sql BEGIN ATOMIC SELECT s FROM secrets; END",
+            "no-secrets",
+            "select count(*) from pg_proc where proname = 'leak'",
+        ),
+    ];
+    for (sql, rule, check) in cases {
+        refused_by(&governed, sql, rule);
+        assert_eq!(governed.server(check), "0", "{sql} took effect");
+    }
+
+    // DDL as such is allowed: what refused the statements above is what
+    // they touch.
+    let (ok, text) = through_agent(
+        &governed,
+        "CREATE TABLE ok (a int DEFAULT length('x')); CREATE VIEW okv AS SELECT s FROM t",
+    );
+    assert!(ok, "{text}");
+    assert_eq!(
+        governed.server("select count(*) from pg_class where relname in ('ok', 'okv')"),
+        "2"
+    );
+}
