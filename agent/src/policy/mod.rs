@@ -211,13 +211,17 @@ impl Decision {
     /// Why a `mask` decision on `statement` cannot be carried out by
     /// masking its result, whatever protocol it came in; `None` when it
     /// can.
-    pub fn mask_obstacle(&self, statement: Option<&StatementSummary>) -> Option<&'static str> {
+    pub fn mask_obstacle(
+        &self,
+        statement: Option<&StatementSummary>,
+    ) -> Option<std::borrow::Cow<'static, str>> {
         if self.mask_rules().next().is_none() {
-            Some("the default policy cannot say which columns to mask")
-        } else if !statement.is_some_and(crate::masking::can_mask) {
-            Some(MASK_ONLY_QUERIES)
+            Some("the default policy cannot say which columns to mask".into())
         } else {
-            None
+            match statement {
+                Some(statement) => crate::masking::mask_obstacle(statement),
+                None => Some(MASK_ONLY_QUERIES.into()),
+            }
         }
     }
 
@@ -276,7 +280,7 @@ impl Decision {
 }
 
 /// Where masking applies, for refusals elsewhere.
-pub const MASK_ONLY_QUERIES: &str = "masking applies only to queries that write nothing";
+pub const MASK_ONLY_QUERIES: &str = crate::masking::MASK_ONLY_QUERIES;
 
 /// A problem in a policy or policy test file, with its place when known.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1565,9 +1565,9 @@ impl ClientSide<'_> {
                 .unwrap_or(UNPARSABLE_COMMAND);
             let why = decision
                 .mask_obstacle(statement)
-                .or_else(|| (!maskable).then_some(MASK_EXTENDED));
+                .or_else(|| (!maskable).then_some(MASK_EXTENDED.into()));
             if let Some(why) = why {
-                return Some(decision.mask_refused_message(command, why));
+                return Some(decision.mask_refused_message(command, &why));
             }
             for table in statement.iter().flat_map(|s| &s.tables_read) {
                 if !plan.relations.contains(table) {
