@@ -526,7 +526,14 @@ impl<'a> Checker<'a> {
     /// A name allow-list (`tables_outside`, `functions_outside`, ...).
     fn outside_names(&mut self, field: &str, v: &List<String>, rule: &str) -> Option<SqlNames> {
         self.outside_list(field, v, rule)?;
-        self.sql_names(field, v)
+        let before = self.errors.len();
+        let names = self.sql_names(field, v);
+        // The glob errors are shared with the other conditions: name the
+        // rule here too, as every allow-list error does.
+        for e in self.errors.iter_mut().skip(before) {
+            e.message.push_str(&format!(" (rule \"{rule}\")"));
+        }
+        names
     }
 
     /// `kinds_outside`: the mask of the kinds listed.

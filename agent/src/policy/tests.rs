@@ -957,7 +957,7 @@ fn errors_point_at_file_line_column() {
         ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nkinds_outside = []\n", "p.toml:5:17: `kinds_outside` of rule \"a\" is an empty list: it would refuse every statement"),
         ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nkinds_outside = [\"select\", \"selct\"]\n", "p.toml:5:28: unknown statement kind \"selct\" in `kinds_outside` of rule \"a\"; expected one of select, insert,"),
         (&format!("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nkinds_outside = {:?}\n", matcher::KIND_NAMES), "p.toml:5:17: `kinds_outside` of rule \"a\" lists every statement kind, so it never matches"),
-        ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\ntables_outside = [\"ok\", \"[bad\"]\n", "p.toml:5:25: bad glob in `tables_outside`"),
+        ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\ntables_outside = [\"ok\", \"[bad\"]\n", "p.toml:5:25: bad glob in `tables_outside`: \"[bad\": unclosed character class; missing ']' (rule \"a\")"),
         ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\ntables_written_outside = 3\n", "p.toml:5:26: invalid type: integer `3`, expected a string"),
         ("[[rule]\n", "p.toml:1:7:"),
     ];
