@@ -328,7 +328,7 @@ fn names_as_written(tables: &[TableRef]) -> Vec<String> {
 }
 
 /// Whether an allow-list names a table or function as the statement wrote
-/// it, or, for one in `pg_catalog` (which PostgreSQL searches first), by
+/// it, or, for one qualified with `pg_catalog` (the built-in itself), by
 /// its bare name. Stricter than the other conditions on purpose: a bare
 /// name does not admit another schema's object of that name, so
 /// `tables_outside = ["orders"]` leaves `audit.orders` outside.
