@@ -509,7 +509,7 @@ impl<'a> Checker<'a> {
             self.at(
                 v.span(),
                 format!(
-                    "`{field}` of rule \"{rule}\" is an empty list: it would refuse every {what}; list what is allowed, or to match any {what} use `{plain} = [\"*\"]`",
+                    "`{field}` of rule \"{rule}\" is an empty list, which would count every {what} as outside it; list what is allowed, or use `{plain} = [\"*\"]` to match any {what}",
                     what = match field {
                         "kinds_outside" => "statement",
                         "functions_outside" => "function call",
@@ -824,8 +824,10 @@ pub(super) fn compile_file(path: &Path, text: &str) -> Result<CompiledFile, Vec<
         };
         let except = match &r.except {
             Some(m) => {
+                let before = c.errors.len();
                 let cond = c.conditions(m.get_ref(), name);
-                if cond.is_empty() {
+                // A condition refused above leaves the table looking empty.
+                if cond.is_empty() && c.errors.len() == before {
                     c.at(
                         m.span(),
                         "an empty `[rule.except]` would exclude every statement; give it conditions or remove it",

@@ -952,9 +952,9 @@ fn errors_point_at_file_line_column() {
         ("[[rule]]\nname = \"a\"\naction = \"mask\"\nmask_columns = \"email\"\nmask_with = \"blur\"\n", "p.toml:5:13: invalid mask_with \"blur\"; expected redact or null"),
         ("[[rule]]\nname = \"a\"\naction = \"deny\"\nmask_columns = [\"email\"]\n", "p.toml:4:16: `mask_columns` belongs only to rules with action = \"mask\""),
         ("[[rule]]\nname = \"a\"\naction = \"audit\"\nmask_with = \"null\"\n", "p.toml:4:13: `mask_with` belongs only to rules with action = \"mask\""),
-        ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nfunctions_outside = []\n", "p.toml:5:21: `functions_outside` of rule \"a\" is an empty list: it would refuse every function call; list what is allowed, or to match any function call use `functions = [\"*\"]`"),
+        ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nfunctions_outside = []\n", "p.toml:5:21: `functions_outside` of rule \"a\" is an empty list, which would count every function call as outside it; list what is allowed, or use `functions = [\"*\"]` to match any function call"),
         ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.except]\ntables_read_outside = []\n", "p.toml:5:23: `tables_read_outside` of rule \"a\" is an empty list"),
-        ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nkinds_outside = []\n", "p.toml:5:17: `kinds_outside` of rule \"a\" is an empty list: it would refuse every statement"),
+        ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nkinds_outside = []\n", "p.toml:5:17: `kinds_outside` of rule \"a\" is an empty list, which would count every statement as outside it"),
         ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nkinds_outside = [\"select\", \"selct\"]\n", "p.toml:5:28: unknown statement kind \"selct\" in `kinds_outside` of rule \"a\"; expected one of select, insert,"),
         (&format!("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nkinds_outside = {:?}\n", matcher::KIND_NAMES), "p.toml:5:17: `kinds_outside` of rule \"a\" lists every statement kind, so it never matches"),
         ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\ntables_outside = [\"ok\", \"[bad\"]\n", "p.toml:5:25: bad glob in `tables_outside`: \"[bad\": unclosed character class; missing ']' (rule \"a\")"),
@@ -982,6 +982,23 @@ fn every_error_of_a_file_is_reported() {
     };
     assert_eq!(err.0.len(), 3, "{err}");
     assert_eq!(err.to_string().lines().count(), 3);
+}
+
+#[test]
+fn a_bad_condition_in_except_is_not_also_called_an_empty_except() {
+    for conditions in [
+        "tables_outside = [\"[x\"]",
+        "tables = [\"[x\"]",
+        "kinds_outside = []",
+    ] {
+        let text =
+            format!("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.except]\n{conditions}\n");
+        let err = match PolicySet::from_str(Path::new("p.toml"), &text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e,
+        };
+        assert_eq!(err.0.len(), 1, "{err}");
+    }
 }
 
 #[test]
