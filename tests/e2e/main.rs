@@ -2,6 +2,7 @@
 //! real PostgreSQL server. One binary; the harness lives in `tollgate_tests`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod allow_lists;
 mod cli;
 mod drivers;
 mod gate;

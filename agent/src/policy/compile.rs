@@ -155,6 +155,11 @@ struct RawMatch {
     tables_read: List<String>,
     tables_written: List<String>,
     functions: List<String>,
+    kinds_outside: List<String>,
+    tables_outside: List<String>,
+    tables_read_outside: List<String>,
+    tables_written_outside: List<String>,
+    functions_outside: List<String>,
     flags: List<String>,
     text_regex: List<String>,
 }
@@ -491,6 +496,85 @@ impl<'a> Checker<'a> {
         Some(mask)
     }
 
+    /// An allow-list's items; an empty list is refused, naming the rule.
+    fn outside_list<'v>(
+        &mut self,
+        field: &str,
+        v: &'v List<String>,
+        rule: &str,
+    ) -> Option<Vec<(Range<usize>, &'v String)>> {
+        let v = v.as_ref()?;
+        let list = items(v);
+        if list.is_empty() {
+            self.at(
+                v.span(),
+                format!(
+                    "`{field}` of rule \"{rule}\" is an empty list, which would count every {what} as outside it; list what is allowed, or use `{plain} = [\"*\"]` to match any {what}",
+                    what = match field {
+                        "kinds_outside" => "statement",
+                        "functions_outside" => "function call",
+                        _ => "table",
+                    },
+                    plain = field.strip_suffix("_outside").unwrap_or(field),
+                ),
+            );
+            return None;
+        }
+        Some(list)
+    }
+
+    /// A name allow-list (`tables_outside`, `functions_outside`, ...).
+    fn outside_names(&mut self, field: &str, v: &List<String>, rule: &str) -> Option<SqlNames> {
+        self.outside_list(field, v, rule)?;
+        let before = self.errors.len();
+        let names = self.sql_names(field, v);
+        // The glob errors are shared with the other conditions: name the
+        // rule here too, as every allow-list error does.
+        for e in self.errors.iter_mut().skip(before) {
+            e.message.push_str(&format!(" (rule \"{rule}\")"));
+        }
+        names
+    }
+
+    /// `kinds_outside`: the mask of the kinds listed.
+    fn kinds_outside(&mut self, v: &List<String>, rule: &str) -> Option<u32> {
+        let list = self.outside_list("kinds_outside", v, rule)?;
+        let mut mask = 0u32;
+        let mut ok = true;
+        for (span, name) in list {
+            let d: de::value::StrDeserializer<'_, de::value::Error> =
+                name.as_str().into_deserializer();
+            match StatementKind::deserialize(d) {
+                Ok(k) => mask |= super::matcher::kind_bit(k),
+                Err(_) => {
+                    ok = false;
+                    self.at(
+                        span,
+                        format!(
+                            "unknown statement kind \"{name}\" in `kinds_outside` of rule \"{rule}\"; expected one of {}",
+                            KIND_NAMES.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        let every = KIND_NAMES.iter().fold(0u32, |m, name| {
+            let d: de::value::StrDeserializer<'_, de::value::Error> = name.into_deserializer();
+            StatementKind::deserialize(d).map_or(m, |k| m | super::matcher::kind_bit(k))
+        });
+        if ok && mask == every {
+            if let Some(v) = v {
+                self.at(
+                    v.span(),
+                    format!(
+                        "`kinds_outside` of rule \"{rule}\" lists every statement kind, so it never matches; remove a kind or the condition"
+                    ),
+                );
+            }
+        }
+        Some(mask)
+    }
+
     fn flags(&mut self, v: &List<String>) -> Option<u8> {
         let list = self.list("flags", v)?;
         let mut mask = 0u8;
@@ -537,7 +621,7 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn conditions(&mut self, m: &RawMatch) -> Conditions {
+    fn conditions(&mut self, m: &RawMatch, rule: &str) -> Conditions {
         let (targets, target_globs) = match self.glob_list("targets", &m.targets, GlobStyle::Name) {
             Some((set, globs)) => (Some(set), globs),
             None => (None, Vec::new()),
@@ -566,6 +650,19 @@ impl<'a> Checker<'a> {
             tables_read: self.sql_names("tables_read", &m.tables_read),
             tables_written: self.sql_names("tables_written", &m.tables_written),
             functions: self.sql_names("functions", &m.functions),
+            kinds_outside: self.kinds_outside(&m.kinds_outside, rule),
+            tables_outside: self.outside_names("tables_outside", &m.tables_outside, rule),
+            tables_read_outside: self.outside_names(
+                "tables_read_outside",
+                &m.tables_read_outside,
+                rule,
+            ),
+            tables_written_outside: self.outside_names(
+                "tables_written_outside",
+                &m.tables_written_outside,
+                rule,
+            ),
+            functions_outside: self.outside_names("functions_outside", &m.functions_outside, rule),
             flags: self.flags(&m.flags),
             text_regex: self.regexes(&m.text_regex),
         }
@@ -722,13 +819,15 @@ pub(super) fn compile_file(path: &Path, text: &str) -> Result<CompiledFile, Vec<
             Arc::from(m.get_ref().as_str())
         });
         let when = match &r.when {
-            Some(m) => c.conditions(m.get_ref()),
-            None => c.conditions(&RawMatch::default()),
+            Some(m) => c.conditions(m.get_ref(), name),
+            None => c.conditions(&RawMatch::default(), name),
         };
         let except = match &r.except {
             Some(m) => {
-                let cond = c.conditions(m.get_ref());
-                if cond.is_empty() {
+                let before = c.errors.len();
+                let cond = c.conditions(m.get_ref(), name);
+                // A condition refused above leaves the table looking empty.
+                if cond.is_empty() && c.errors.len() == before {
                     c.at(
                         m.span(),
                         "an empty `[rule.except]` would exclude every statement; give it conditions or remove it",

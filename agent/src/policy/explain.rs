@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::testing::{check_rule_names, load_set, parse_tests_file};
 use super::{
-    collect_files, most_restrictive, read_all, Action, Decision, PolicyError, PolicyErrors,
-    PolicySet,
+    collect_files, most_restrictive, read_all, Action, Decision, OutsideNote, PolicyError,
+    PolicyErrors, PolicySet, Request, Statement,
 };
 use crate::identity::ProcessIdentity;
 use crate::sql::{Analysis, StatementSummary, TableRef};
@@ -31,6 +31,8 @@ pub struct ExplainedStatement {
     /// Where the default came from, when no rule matched
     /// (`policies/prod.toml [defaults.targets] "prod-*"`).
     pub default_source: Option<String>,
+    /// For the rules that applied, what fell outside their allow-lists.
+    pub outside: Vec<OutsideNote>,
 }
 
 /// Everything `tollgate policy explain` prints.
@@ -81,6 +83,18 @@ pub fn explain_analysis(
     analysis: &Analysis,
 ) -> Explanation {
     let decisions = set.decide_analysis(target, identity, sql, analysis);
+    let notes = |statement: Statement<'_>, multi_statement: bool, d: &Decision| {
+        let req = Request {
+            target,
+            identity,
+            statement,
+            multi_statement,
+        };
+        d.matched
+            .iter()
+            .flat_map(|r| set.outside(&r.name, &req))
+            .collect::<Vec<_>>()
+    };
     let mut statements = Vec::new();
     match analysis {
         Analysis::Parsed { statements: parsed } => {
@@ -94,6 +108,7 @@ pub fn explain_analysis(
                     default_source: d
                         .default_used
                         .then(|| set.default_for(target, false).source),
+                    outside: notes(Statement::Parsed(s), multi, d),
                     decision: d.clone(),
                 });
             }
@@ -106,6 +121,7 @@ pub fn explain_analysis(
                     parse_error: Some(error.clone()),
                     multi_statement: false,
                     default_source: d.default_used.then(|| set.default_for(target, true).source),
+                    outside: notes(Statement::Unparsable { text: sql, error }, false, d),
                     decision: d.clone(),
                 });
             }
@@ -247,6 +263,9 @@ impl fmt::Display for Explanation {
                     if let Some(why) = self.descriptions.get(&*r.name) {
                         writeln!(f, "    {:<6}  {:<width$}  ({why})", "", "")?;
                     }
+                    for note in st.outside.iter().filter(|n| n.rule == *r.name) {
+                        writeln!(f, "    {:<6}  {:<width$}  {}", "", "", outside_line(note))?;
+                    }
                     if let Some(mask) = &r.mask {
                         let columns: Vec<String> =
                             mask.columns.iter().map(ToString::to_string).collect();
@@ -288,6 +307,23 @@ impl fmt::Display for Explanation {
             write!(f, "\nclient sees: {m}")?;
         }
         Ok(())
+    }
+}
+
+/// `functions_outside: dblink is not in the list`.
+fn outside_line(note: &OutsideNote) -> String {
+    match note.outside.as_deref() {
+        None => format!(
+            "{}: unknown, the text does not parse (counted as outside)",
+            note.condition
+        ),
+        Some([]) => format!("{}: nothing outside the list", note.condition),
+        Some([one]) => format!("{}: {one} is not in the list", note.condition),
+        Some(many) => format!(
+            "{}: {} are not in the list",
+            note.condition,
+            many.join(", ")
+        ),
     }
 }
 

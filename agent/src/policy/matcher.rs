@@ -101,8 +101,46 @@ impl Rule {
                 .mask
                 .as_ref()
                 .is_none_or(|m| s.statement.is_some_and(|st| m.applies_to(st)))
-            && self.when.matches(s, false)
-            && !self.except.as_ref().is_some_and(|e| e.matches(s, true))
+            // Text that does not parse may call anything: an allow-list
+            // condition counts it as outside in a deny rule, and in no other
+            // (an allow or audit rule applying would replace the stricter
+            // unparsable default), and never excuses it in `except`.
+            && self.when.matches(s, false, self.action == Action::Deny)
+            && !self.except.as_ref().is_some_and(|e| e.matches(s, true, false))
+    }
+
+    /// For explanations: what fell outside each allow-list of `[rule.match]`.
+    pub(super) fn outside(&self, s: &Subject<'_>) -> Vec<(OutsideCondition, Option<Vec<String>>)> {
+        self.when.outside(s)
+    }
+}
+
+/// An allow-list condition: it holds when the statement has a kind, table or
+/// function that its list does not name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OutsideCondition {
+    /// `kinds_outside`.
+    Kinds,
+    /// `tables_outside`: tables read or written.
+    Tables,
+    /// `tables_read_outside`.
+    TablesRead,
+    /// `tables_written_outside`.
+    TablesWritten,
+    /// `functions_outside`.
+    Functions,
+}
+
+impl OutsideCondition {
+    /// The condition's name in policy files.
+    pub(super) fn field(self) -> &'static str {
+        match self {
+            OutsideCondition::Kinds => "kinds_outside",
+            OutsideCondition::Tables => "tables_outside",
+            OutsideCondition::TablesRead => "tables_read_outside",
+            OutsideCondition::TablesWritten => "tables_written_outside",
+            OutsideCondition::Functions => "functions_outside",
+        }
     }
 }
 
@@ -132,6 +170,13 @@ pub(super) struct Conditions {
     pub(super) tables_read: Option<SqlNames>,
     pub(super) tables_written: Option<SqlNames>,
     pub(super) functions: Option<SqlNames>,
+    /// Allow-lists (see [`OutsideCondition`]). `kinds_outside` is the mask
+    /// of the kinds listed.
+    pub(super) kinds_outside: Option<u32>,
+    pub(super) tables_outside: Option<SqlNames>,
+    pub(super) tables_read_outside: Option<SqlNames>,
+    pub(super) tables_written_outside: Option<SqlNames>,
+    pub(super) functions_outside: Option<SqlNames>,
     /// Mask of flag bits (any-of).
     pub(super) flags: Option<u8>,
     pub(super) text_regex: Option<RegexSet>,
@@ -152,6 +197,10 @@ pub(super) struct Subject<'a> {
     tables_written: OnceCell<Vec<String>>,
     command: OnceCell<String>,
     functions: OnceCell<Vec<String>>,
+    /// Lowercase table names as written (`orders`, `public.orders`), for
+    /// allow-lists.
+    read_as_written: OnceCell<Vec<String>>,
+    written_as_written: OnceCell<Vec<String>>,
 }
 
 impl<'a> Subject<'a> {
@@ -198,6 +247,8 @@ impl<'a> Subject<'a> {
             tables_written: OnceCell::new(),
             command: OnceCell::new(),
             functions: OnceCell::new(),
+            read_as_written: OnceCell::new(),
+            written_as_written: OnceCell::new(),
         }
     }
 
@@ -226,6 +277,24 @@ impl<'a> Subject<'a> {
         }
     }
 
+    fn read_as_written(&self) -> &[String] {
+        match self.statement {
+            Some(s) => self
+                .read_as_written
+                .get_or_init(|| names_as_written(&s.tables_read)),
+            None => &[],
+        }
+    }
+
+    fn written_as_written(&self) -> &[String] {
+        match self.statement {
+            Some(s) => self
+                .written_as_written
+                .get_or_init(|| names_as_written(&s.tables_written)),
+            None => &[],
+        }
+    }
+
     fn ci(&self) -> Option<&'a CiContext> {
         self.identity.ci.as_ref()
     }
@@ -245,6 +314,34 @@ fn table_names(tables: &[TableRef]) -> Vec<String> {
         out.extend(qualified);
     }
     out
+}
+
+/// Each table's name as the statement wrote it, lower case.
+fn names_as_written(tables: &[TableRef]) -> Vec<String> {
+    tables
+        .iter()
+        .map(|t| match &t.schema {
+            Some(schema) => format!("{}.{}", schema.to_lowercase(), t.name.to_lowercase()),
+            None => t.name.to_lowercase(),
+        })
+        .collect()
+}
+
+/// Whether an allow-list names a table or function as the statement wrote
+/// it, or, for one qualified with `pg_catalog` (the built-in itself), by
+/// its bare name. Stricter than the other conditions on purpose: a bare
+/// name does not admit another schema's object of that name, so
+/// `tables_outside = ["orders"]` leaves `audit.orders` outside.
+fn listed(set: &SqlNames, written: &str) -> bool {
+    set.is_match(written)
+        || written
+            .strip_prefix("pg_catalog.")
+            .is_some_and(|bare| set.is_match(bare))
+}
+
+/// The names of `names` that `set` does not list.
+fn unlisted<'n>(set: &'n SqlNames, names: &'n [String]) -> impl Iterator<Item = &'n String> + 'n {
+    names.iter().filter(move |n| !listed(set, n))
 }
 
 /// SQL name globs (`tables`, `functions`, `commands`), compared in lower
@@ -310,6 +407,11 @@ impl Conditions {
             tables_read,
             tables_written,
             functions,
+            kinds_outside,
+            tables_outside,
+            tables_read_outside,
+            tables_written_outside,
+            functions_outside,
             flags,
             text_regex,
         } = self;
@@ -331,14 +433,25 @@ impl Conditions {
             && tables_read.is_none()
             && tables_written.is_none()
             && functions.is_none()
+            && kinds_outside.is_none()
+            && tables_outside.is_none()
+            && tables_read_outside.is_none()
+            && tables_written_outside.is_none()
+            && functions_outside.is_none()
             && flags.is_none()
             && text_regex.is_none()
     }
 
     /// Every present condition holds (`targets` only if `check_targets`).
     /// Cheap bit tests first, then the target, identity, statement names,
-    /// and the regex last.
-    pub(super) fn matches(&self, s: &Subject<'_>, check_targets: bool) -> bool {
+    /// and the regex last. `unknown_outside` is what an allow-list
+    /// condition says about text that does not parse.
+    pub(super) fn matches(
+        &self,
+        s: &Subject<'_>,
+        check_targets: bool,
+        unknown_outside: bool,
+    ) -> bool {
         if let Some(mask) = self.kinds {
             if mask & s.kind == 0 {
                 return false;
@@ -358,6 +471,9 @@ impl Conditions {
             return false;
         }
         if !self.statement_matches(s) {
+            return false;
+        }
+        if !self.outside_matches(s, unknown_outside) {
             return false;
         }
         if let Some(set) = &self.text_regex {
@@ -473,5 +589,98 @@ impl Conditions {
             }
         }
         true
+    }
+
+    fn has_outside(&self) -> bool {
+        self.kinds_outside.is_some()
+            || self.tables_outside.is_some()
+            || self.tables_read_outside.is_some()
+            || self.tables_written_outside.is_some()
+            || self.functions_outside.is_some()
+    }
+
+    /// Every allow-list condition holds: the statement has a kind, table or
+    /// function outside each list. Without an analysis, `unknown`.
+    fn outside_matches(&self, s: &Subject<'_>, unknown: bool) -> bool {
+        if !self.has_outside() {
+            return true;
+        }
+        let Some(stmt) = s.statement else {
+            return unknown;
+        };
+        if let Some(allowed) = self.kinds_outside {
+            if allowed & s.kind != 0 {
+                return false;
+            }
+        }
+        // Table names are made only when a list asks for them.
+        if let Some(set) = &self.tables_outside {
+            if unlisted(set, s.read_as_written())
+                .chain(unlisted(set, s.written_as_written()))
+                .next()
+                .is_none()
+            {
+                return false;
+            }
+        }
+        if let Some(set) = &self.tables_read_outside {
+            if unlisted(set, s.read_as_written()).next().is_none() {
+                return false;
+            }
+        }
+        if let Some(set) = &self.tables_written_outside {
+            if unlisted(set, s.written_as_written()).next().is_none() {
+                return false;
+            }
+        }
+        if let Some(set) = &self.functions_outside {
+            if unlisted(set, s.functions(stmt)).next().is_none() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// For each allow-list condition present, what falls outside it (empty
+    /// when nothing does), or `None` when the text does not parse.
+    fn outside(&self, s: &Subject<'_>) -> Vec<(OutsideCondition, Option<Vec<String>>)> {
+        let mut out = Vec::new();
+        let stmt = s.statement;
+        let collect = |set: &SqlNames, names: &[&[String]]| -> Option<Vec<String>> {
+            stmt?;
+            let mut items: Vec<String> = Vec::new();
+            for n in names.iter().flat_map(|n| unlisted(set, n)) {
+                if !items.contains(n) {
+                    items.push(n.clone());
+                }
+            }
+            Some(items)
+        };
+        if let Some(allowed) = self.kinds_outside {
+            let kind = stmt.map(|st| {
+                if allowed & s.kind == 0 {
+                    vec![st.kind.as_str().to_owned()]
+                } else {
+                    Vec::new()
+                }
+            });
+            out.push((OutsideCondition::Kinds, kind));
+        }
+        let read = s.read_as_written();
+        let written = s.written_as_written();
+        if let Some(set) = &self.tables_outside {
+            out.push((OutsideCondition::Tables, collect(set, &[read, written])));
+        }
+        if let Some(set) = &self.tables_read_outside {
+            out.push((OutsideCondition::TablesRead, collect(set, &[read])));
+        }
+        if let Some(set) = &self.tables_written_outside {
+            out.push((OutsideCondition::TablesWritten, collect(set, &[written])));
+        }
+        if let Some(set) = &self.functions_outside {
+            let functions = stmt.map_or(&[][..], |st| s.functions(st));
+            out.push((OutsideCondition::Functions, collect(set, &[functions])));
+        }
+        out
     }
 }

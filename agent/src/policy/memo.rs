@@ -272,6 +272,33 @@ tables = ["secret*"]
     }
 
     #[test]
+    fn allow_lists_are_decided_from_the_analysis_so_new_literals_reuse_them() {
+        let mut session = Session::new(
+            "[[rule]]\nname = \"only-listed\"\naction = \"deny\"\n[rule.match]\nfunctions_outside = [\"lower\"]\n[[rule]]\nname = \"only-orders\"\naction = \"deny\"\n[rule.match]\ntables_outside = [\"orders\"]\n",
+        );
+        assert!(!session.set.reads_text());
+        let first = session.decide("SELECT lower(name) FROM orders WHERE id = 1");
+        assert_eq!(first.first().map(|d| d.action), Some(Action::Allow));
+        let again = session.decide("SELECT lower(name) FROM orders WHERE id = 2");
+        assert!(Arc::ptr_eq(&first, &again));
+        // Another function, table or schema is another analysis.
+        for sql in [
+            "SELECT upper(name) FROM orders WHERE id = 1",
+            "SELECT lower(name) FROM secrets WHERE id = 1",
+            "SELECT lower(name) FROM audit.orders WHERE id = 1",
+            "SELECT evil.lower(name) FROM orders WHERE id = 1",
+        ] {
+            assert_eq!(session.actions(sql), [Action::Deny], "{sql}");
+            assert_eq!(
+                session.actions(&sql.replace('1', "2")),
+                [Action::Deny],
+                "{sql}"
+            );
+        }
+        assert_eq!(session.memo.len(), 5);
+    }
+
+    #[test]
     fn several_statements_are_compared_one_by_one() {
         let mut session = Session::new(POLICY);
         assert_eq!(

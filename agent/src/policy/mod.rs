@@ -27,7 +27,11 @@
 //! - **Unparsable statements.** Only conditions that do not need a parse
 //!   tree can match them: identity and target conditions, `text_regex` (on
 //!   the raw text) and the flags `unparsable` and `multi_statement`. A rule
-//!   with `kinds`, `commands`, `tables*` or `functions` never matches one.
+//!   with `kinds`, `commands`, `tables`, `tables_read`, `tables_written` or
+//!   `functions` never matches one.
+//!   Allow-lists (`*_outside`) count one as outside in a `deny` rule's
+//!   `match` and nowhere else: the text may call anything, and a looser
+//!   rule applying would replace the stricter unparsable default.
 //!   With no rule applying, the decision is the most restrictive of the
 //!   target's default and `[defaults] unparsable` (combined across files as
 //!   above; built-in `deny`).
@@ -277,6 +281,20 @@ impl Decision {
             (None, None) => format!("tollgate: {command} {verb} {by}"),
         }
     }
+}
+
+/// What fell outside one allow-list condition of a rule that applied (see
+/// [`PolicySet::outside`]), for explanations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutsideNote {
+    /// The rule.
+    pub rule: String,
+    /// The condition (`functions_outside`).
+    pub condition: &'static str,
+    /// The kinds, tables or functions its list does not name, as the
+    /// statement wrote them; `None` when the text does not parse (it may
+    /// call anything).
+    pub outside: Option<Vec<String>>,
 }
 
 /// Where masking applies, for refusals elsewhere.
@@ -582,6 +600,25 @@ impl PolicySet {
             .iter()
             .find(|r| &*r.name == rule)
             .and_then(|r| r.description.as_deref())
+    }
+
+    /// What falls outside the allow-lists (`*_outside`) of `rule`'s
+    /// `[rule.match]` for `req`, one note per condition; empty for an
+    /// unknown rule or one without such conditions. For explanations: the
+    /// decision itself does not keep it.
+    pub fn outside(&self, rule: &str, req: &Request<'_>) -> Vec<OutsideNote> {
+        let Some(r) = self.rules.iter().find(|r| &*r.name == rule) else {
+            return Vec::new();
+        };
+        let subject = matcher::Subject::new(req);
+        r.outside(&subject)
+            .into_iter()
+            .map(|(condition, outside)| OutsideNote {
+                rule: rule.to_owned(),
+                condition: condition.field(),
+                outside,
+            })
+            .collect()
     }
 
     /// Decides one statement. No I/O, no failure; allocates only for the

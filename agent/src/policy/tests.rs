@@ -587,6 +587,173 @@ fn defaults_across_files_take_the_most_restrictive_that_is_set() {
     );
 }
 
+// ---- allow-lists -----------------------------------------------------------------
+
+/// Whether the rule `one_rule(conditions)` (a deny rule) applies to every
+/// statement of `sql`, as the analyser sees it.
+fn applies_to_sql(set: &PolicySet, sql: &str) -> bool {
+    let analysis = crate::sql::analyze(sql);
+    let decisions = set.decide_analysis("t", &ci_identity(), sql, &analysis);
+    assert!(!decisions.is_empty(), "{sql}: no statement");
+    decisions.iter().all(|d| !d.matched.is_empty())
+}
+
+#[test]
+fn allow_lists_match_a_statement_with_something_outside_them() {
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, bool)] = &[
+        // (conditions, sql, matches)
+        ("functions_outside = [\"lower\", \"count\"]", "SELECT lower(name), count(*) FROM t", false),
+        ("functions_outside = [\"lower\", \"count\"]", "SELECT lower(name), upper(name) FROM t", true),
+        ("functions_outside = \"lower\"", "SELECT upper(name) FROM t", true),
+        ("functions_outside = [\"lower\"]", "SELECT 1", false), // calls nothing
+        ("functions_outside = [\"LOWER\"]", "SELECT Lower(name) FROM t", false),
+        ("functions_outside = [\"lower\"]", "SELECT pg_catalog.lower(name) FROM t", false),
+        ("functions_outside = [\"lower\"]", "SELECT evil.lower(name) FROM t", true), // not the built-in
+        ("functions_outside = [\"evil.lower\"]", "SELECT evil.lower(name) FROM t", false),
+        ("functions_outside = [\"substring\", \"btrim\"]", "SELECT substring(a from 1 for 2), trim(a) FROM t", false),
+        ("functions_outside = [\"pg_*\"]", "SELECT pg_read_file('x')", false),
+        ("functions_outside = [\"count\", \"sum\"]", "SELECT count(*) FROM dblink('x', 'y') AS r(a int)", true),
+        ("functions_outside = [\"count\"]", "SELECT query_to_xml('select * from secrets', true, true, '')", true),
+        ("kinds_outside = [\"select\"]", "SELECT 1", false),
+        ("kinds_outside = [\"select\"]", "DROP TABLE t", true),
+        ("kinds_outside = \"select\"", "INSERT INTO t VALUES (1)", true),
+        ("kinds_outside = [\"select\", \"transaction\"]", "BEGIN", false),
+        ("kinds_outside = [\"select\", \"transaction\"]", "DO $$ BEGIN END $$", true),
+        ("tables_outside = [\"orders\"]", "SELECT * FROM orders", false),
+        ("tables_outside = [\"ORDERS\"]", "SELECT * FROM Orders", false),
+        ("tables_outside = [\"orders\"]", "SELECT 1", false), // names no table
+        // A bare name admits the table written without a schema only.
+        ("tables_outside = [\"orders\"]", "SELECT * FROM public.orders", true),
+        ("tables_outside = [\"orders\"]", "SELECT * FROM audit.orders", true),
+        ("tables_outside = [\"orders\", \"public.orders\"]", "SELECT * FROM public.orders", false),
+        ("tables_outside = [\"public.*\"]", "SELECT * FROM public.orders", false),
+        ("tables_outside = [\"public.*\"]", "SELECT * FROM orders", true), // no schema written
+        ("tables_outside = [\"pg_class\"]", "SELECT * FROM pg_catalog.pg_class", false),
+        ("tables_outside = [\"orders\"]", "SELECT * FROM orders JOIN secrets USING (id)", true),
+        ("tables_outside = [\"orders\"]", "INSERT INTO secrets SELECT * FROM orders", true),
+        ("tables_outside = [\"ord*\"]", "SELECT * FROM orders, order_items", false),
+        ("tables_read_outside = [\"orders\"]", "INSERT INTO secrets SELECT * FROM orders", false),
+        ("tables_read_outside = [\"orders\"]", "SELECT * FROM secrets", true),
+        ("tables_written_outside = [\"orders\"]", "INSERT INTO secrets SELECT * FROM orders", true),
+        ("tables_written_outside = [\"secrets\"]", "INSERT INTO secrets SELECT * FROM orders", false),
+        ("tables_written_outside = [\"orders\"]", "WITH d AS (DELETE FROM secrets RETURNING *) SELECT * FROM d", true),
+        // AND with each other and with the other conditions
+        ("kinds_outside = [\"select\"]\nfunctions_outside = [\"lower\"]", "SELECT upper(x) FROM t", false),
+        ("kinds = [\"select\"]\nfunctions_outside = [\"lower\"]", "SELECT upper(x) FROM t", true),
+        ("kinds = [\"delete\"]\nfunctions_outside = [\"lower\"]", "SELECT upper(x) FROM t", false),
+        ("tables_outside = [\"orders\"]\nfunctions_outside = [\"lower\"]", "SELECT upper(x) FROM secrets", true),
+        ("tables_outside = [\"orders\"]\nfunctions_outside = [\"lower\"]", "SELECT upper(x) FROM orders", false),
+        ("targets = [\"prod\"]\nfunctions_outside = [\"lower\"]", "SELECT upper(x) FROM t", false),
+    ];
+    for (conditions, sql, want) in cases {
+        let set = set(&one_rule(conditions));
+        assert_eq!(
+            applies_to_sql(&set, sql),
+            *want,
+            "{conditions:?} on {sql:?}"
+        );
+    }
+}
+
+#[test]
+fn an_allow_list_in_except_excuses_what_falls_outside() {
+    let set = set(
+        "[[rule]]\nname = \"r\"\naction = \"deny\"\n[rule.match]\nkinds = [\"select\"]\n[rule.except]\nfunctions_outside = [\"lower\"]\n",
+    );
+    assert!(applies_to_sql(&set, "SELECT lower(a) FROM t"));
+    assert!(applies_to_sql(&set, "SELECT a FROM t"));
+    assert!(!applies_to_sql(&set, "SELECT upper(a) FROM t"));
+}
+
+#[test]
+fn unparsable_text_is_outside_every_allow_list_of_a_deny_rule_only() {
+    let rule = |action: &str, table: &str, conditions: &str| {
+        format!("[[rule]]\nname = \"r\"\naction = \"{action}\"\n[{table}]\n{conditions}\n")
+    };
+    #[rustfmt::skip]
+    let cases: &[(String, bool)] = &[
+        // A deny rule refuses what may call anything.
+        (rule("deny", "rule.match", "functions_outside = [\"lower\"]"), true),
+        (rule("deny", "rule.match", "kinds_outside = [\"select\"]"), true),
+        (rule("deny", "rule.match", "tables_outside = [\"orders\"]"), true),
+        (rule("deny", "rule.match", "tables_read_outside = [\"orders\"]"), true),
+        (rule("deny", "rule.match", "tables_written_outside = [\"orders\"]"), true),
+        (rule("deny", "rule.match", "targets = [\"prod\"]\ntables_outside = [\"orders\"]"), true),
+        (rule("deny", "rule.match", "targets = [\"dev\"]\ntables_outside = [\"orders\"]"), false),
+        // Other conditions on the analysis still never match it.
+        (rule("deny", "rule.match", "kinds = [\"select\"]\nfunctions_outside = [\"lower\"]"), false),
+        // A looser rule would replace the unparsable default: it does not apply.
+        (rule("allow", "rule.match", "kinds_outside = [\"drop\"]"), false),
+        (rule("audit", "rule.match", "functions_outside = [\"lower\"]"), false),
+        (rule("review", "rule.match", "functions_outside = [\"lower\"]"), false),
+        // An except never excuses it.
+        (rule("deny", "rule.match", "flags = [\"unparsable\"]\n[rule.except]\nfunctions_outside = [\"lower\"]"), true),
+        (rule("deny", "rule.except", "tables_outside = [\"orders\"]"), true),
+    ];
+    for (text, want) in cases {
+        let d = decide_unparsable(&set(text), "prod", "SELECT * FROMM t");
+        assert_eq!(!d.matched.is_empty(), *want, "{text}");
+        assert_eq!(d.action, Action::Deny, "{text}");
+    }
+}
+
+#[test]
+fn explain_names_what_fell_outside_an_allow_list() {
+    let set = set(concat!(
+        "[[rule]]\nname = \"only-listed-functions\"\naction = \"deny\"\n",
+        "message = \"call only listed functions\"\n",
+        "[rule.match]\nfunctions_outside = [\"lower\", \"count\"]\n",
+        "[[rule]]\nname = \"only-reads\"\naction = \"deny\"\n",
+        "[rule.match]\nkinds_outside = \"select\"\ntables_outside = [\"orders\"]\n",
+    ));
+    let id = ProcessIdentity::default();
+    let e = explain(
+        &set,
+        "t",
+        &id,
+        "SELECT lower(a), dblink('x', 'y'), pg_catalog.query_to_xml('q', true, true, '') FROM orders",
+    );
+    assert_eq!(e.verdict, Action::Deny);
+    let text = e.to_string();
+    for want in [
+        "deny    only-listed-functions  p.toml  \"call only listed functions\"",
+        "functions_outside: dblink, pg_catalog.query_to_xml are not in the list",
+        "client sees: tollgate: SELECT denied by rule \"only-listed-functions\": call only listed functions",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+    assert!(!text.contains("only-reads"), "{text}");
+    assert_eq!(
+        e.statements[0].outside,
+        [OutsideNote {
+            rule: "only-listed-functions".to_owned(),
+            condition: "functions_outside",
+            outside: Some(vec![
+                "dblink".to_owned(),
+                "pg_catalog.query_to_xml".to_owned()
+            ]),
+        }]
+    );
+
+    let text = explain(&set, "t", &id, "DELETE FROM secrets WHERE id = 1").to_string();
+    for want in [
+        "kinds_outside: delete is not in the list",
+        "tables_outside: secrets is not in the list",
+        "decision:       deny by rule \"only-reads\"",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+
+    let text = explain(&set, "t", &id, "SELEC lower(a)").to_string();
+    for want in [
+        "functions_outside: unknown, the text does not parse (counted as outside)",
+        "kinds_outside: unknown, the text does not parse (counted as outside)",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+}
+
 // ---- unparsable -----------------------------------------------------------------
 
 #[test]
@@ -785,6 +952,13 @@ fn errors_point_at_file_line_column() {
         ("[[rule]]\nname = \"a\"\naction = \"mask\"\nmask_columns = \"email\"\nmask_with = \"blur\"\n", "p.toml:5:13: invalid mask_with \"blur\"; expected redact or null"),
         ("[[rule]]\nname = \"a\"\naction = \"deny\"\nmask_columns = [\"email\"]\n", "p.toml:4:16: `mask_columns` belongs only to rules with action = \"mask\""),
         ("[[rule]]\nname = \"a\"\naction = \"audit\"\nmask_with = \"null\"\n", "p.toml:4:13: `mask_with` belongs only to rules with action = \"mask\""),
+        ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nfunctions_outside = []\n", "p.toml:5:21: `functions_outside` of rule \"a\" is an empty list, which would count every function call as outside it; list what is allowed, or use `functions = [\"*\"]` to match any function call"),
+        ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.except]\ntables_read_outside = []\n", "p.toml:5:23: `tables_read_outside` of rule \"a\" is an empty list"),
+        ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nkinds_outside = []\n", "p.toml:5:17: `kinds_outside` of rule \"a\" is an empty list, which would count every statement as outside it"),
+        ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nkinds_outside = [\"select\", \"selct\"]\n", "p.toml:5:28: unknown statement kind \"selct\" in `kinds_outside` of rule \"a\"; expected one of select, insert,"),
+        (&format!("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nkinds_outside = {:?}\n", matcher::KIND_NAMES), "p.toml:5:17: `kinds_outside` of rule \"a\" lists every statement kind, so it never matches"),
+        ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\ntables_outside = [\"ok\", \"[bad\"]\n", "p.toml:5:25: bad glob in `tables_outside`: \"[bad\": unclosed character class; missing ']' (rule \"a\")"),
+        ("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\ntables_written_outside = 3\n", "p.toml:5:26: invalid type: integer `3`, expected a string"),
         ("[[rule]\n", "p.toml:1:7:"),
     ];
     for (text, want) in cases {
@@ -808,6 +982,23 @@ fn every_error_of_a_file_is_reported() {
     };
     assert_eq!(err.0.len(), 3, "{err}");
     assert_eq!(err.to_string().lines().count(), 3);
+}
+
+#[test]
+fn a_bad_condition_in_except_is_not_also_called_an_empty_except() {
+    for conditions in [
+        "tables_outside = [\"[x\"]",
+        "tables = [\"[x\"]",
+        "kinds_outside = []",
+    ] {
+        let text =
+            format!("[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.except]\n{conditions}\n");
+        let err = match PolicySet::from_str(Path::new("p.toml"), &text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e,
+        };
+        assert_eq!(err.0.len(), 1, "{err}");
+    }
 }
 
 #[test]
