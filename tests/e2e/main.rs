@@ -11,4 +11,5 @@ mod masking;
 mod postgres;
 mod recording;
 mod redirect;
+mod regress;
 mod tls;
