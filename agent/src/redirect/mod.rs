@@ -14,9 +14,17 @@
 //! origin records of connections in flight survive), refills them from the
 //! configuration, and keeps already pinned links instead of attaching again
 //! (re-adoption). `tollgate detach` removes the pins and so the programs.
+//!
+//! Every pin directory is root's, mode 0700, checked at every start (see
+//! `pins`): a pin in a directory another user controls could be removed by
+//! that user, detaching the programs behind the agent's back. What is
+//! attached is still inferred from the agent's own record.
 
 pub mod cgroup;
+mod pins;
 mod targets;
+
+pub use pins::PinDirError;
 
 use std::collections::HashSet;
 use std::fs;
@@ -82,6 +90,9 @@ pub enum RedirectError {
     /// A missing kernel feature.
     #[error("{0}")]
     Kernel(String),
+    /// A pin directory another user could tamper with.
+    #[error(transparent)]
+    PinDir(#[from] PinDirError),
     /// Anything else, with context.
     #[error("{context}: {source}")]
     Other {
@@ -131,6 +142,9 @@ fn classify(action: &str, e: impl std::error::Error + Send + Sync + 'static) -> 
 /// One loaded copy of the programs, for one mode.
 struct Instance {
     mode: UnlistedPolicy,
+    /// `redirect.pin_dir`, the top of the checked pin directories.
+    pin_root: PathBuf,
+    /// `<pin_root>/<mode>`.
     dir: PathBuf,
     /// The loaded programs, used to attach to cgroups that appear later.
     ebpf: Mutex<Ebpf>,
@@ -264,6 +278,7 @@ impl Redirect {
             };
             instances.push(Instance::start(
                 mode,
+                &settings.pin_dir,
                 &dir,
                 config_value,
                 &entries,
@@ -467,24 +482,31 @@ fn remove_empty_dirs(dir: &Path) {
 }
 
 /// Makes sure `pin_dir` lives on a mounted bpffs, mounting one at
-/// /sys/fs/bpf when none is there.
+/// /sys/fs/bpf when none is there, and that it is a directory only root
+/// controls.
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
-    let on_bpffs = pin_dir.ancestors().any(cgroup::is_bpffs);
-    if on_bpffs {
-        return fs::create_dir_all(pin_dir)
-            .map_err(|e| io_error(format!("cannot create {}", pin_dir.display()), e));
+    if let Some(mount_point) = pin_dir.ancestors().find(|a| cgroup::is_bpffs(a)) {
+        if pins::world_writable(mount_point) {
+            tracing::warn!(
+                mount = %mount_point.display(),
+                "bpffs is writable by every user (mounted without mode=); other users can pin objects there and squat pin directories; mount it with -o mode=0700 at boot (fstab or a mount unit) at {}",
+                mount_point.display()
+            );
+        }
+        return secure_pin_root(pin_dir);
     }
     let mount_point = Path::new("/sys/fs/bpf");
     if pin_dir.starts_with(mount_point) {
         let _ = fs::create_dir_all(mount_point);
+        // mode=0700: without it the kernel makes the mount 1777, and any
+        // user could squat pin directories in it.
         let status = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
+            .args(["-t", "bpf", "-o", "mode=0700", "bpf"])
             .arg(mount_point)
             .status();
         if matches!(status, Ok(s) if s.success()) {
-            tracing::info!("mounted bpffs at /sys/fs/bpf");
-            return fs::create_dir_all(pin_dir)
-                .map_err(|e| io_error(format!("cannot create {}", pin_dir.display()), e));
+            tracing::info!("mounted bpffs at /sys/fs/bpf (mode 0700)");
+            return secure_pin_root(pin_dir);
         }
     }
     Err(RedirectError::Kernel(format!(
@@ -493,9 +515,17 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
     )))
 }
 
+/// Checks what leads to the pin root and makes or checks the root itself.
+fn secure_pin_root(pin_dir: &Path) -> Result<(), RedirectError> {
+    pins::check_ancestors(pin_dir, pins::Owner::ROOT)?;
+    pins::ensure_secure_dirs(pin_dir, pin_dir, pins::Owner::ROOT)?;
+    Ok(())
+}
+
 impl Instance {
     fn start(
         mode: UnlistedPolicy,
+        pin_root: &Path,
         dir: &Path,
         config_value: RedirectConfig,
         entries: &[targets::TrieEntry],
@@ -503,8 +533,7 @@ impl Instance {
         cgroups: &[&PathBuf],
     ) -> Result<Instance, RedirectError> {
         let maps_dir = dir.join("maps");
-        fs::create_dir_all(&maps_dir)
-            .map_err(|e| io_error(format!("cannot create {}", maps_dir.display()), e))?;
+        pins::ensure_secure_dirs(pin_root, &maps_dir, pins::Owner::ROOT)?;
         let map_paths: Vec<(&str, PathBuf)> =
             PINNED_MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
@@ -542,7 +571,7 @@ impl Instance {
                 tracing::warn!(cgroup = %path.display(), "governed cgroup does not exist yet; it is attached as soon as it appears");
                 continue;
             }
-            attached.push(attach_cgroup(&mut ebpf, mode, dir, path)?);
+            attached.push(attach_cgroup(&mut ebpf, mode, pin_root, dir, path)?);
         }
 
         let origins_map = ebpf
@@ -556,6 +585,7 @@ impl Instance {
         let stats = PerCpuArray::try_from(stats_map).map_err(|e| classify("open map STATS", e))?;
         Ok(Instance {
             mode,
+            pin_root: pin_root.to_path_buf(),
             dir: dir.to_path_buf(),
             ebpf: Mutex::new(ebpf),
             wanted: cgroups.iter().map(|p| p.to_path_buf()).collect(),
@@ -637,7 +667,7 @@ impl Instance {
             .ebpf
             .lock()
             .map_err(|_| RedirectError::Kernel("program state poisoned".into()))?;
-        let entry = attach_cgroup(&mut ebpf, self.mode, &self.dir, path)?;
+        let entry = attach_cgroup(&mut ebpf, self.mode, &self.pin_root, &self.dir, path)?;
         attached.retain(|a| a.path != path);
         attached.push(entry);
         Ok(true)
@@ -725,6 +755,7 @@ fn fill_maps(
 fn attach_cgroup(
     ebpf: &mut Ebpf,
     mode: UnlistedPolicy,
+    pin_root: &Path,
     dir: &Path,
     cgroup_dir: &Path,
 ) -> Result<AttachedCgroup, RedirectError> {
@@ -749,13 +780,16 @@ fn attach_cgroup(
         tracing::warn!(cgroup = %cgroup_dir.display(), "the cgroup changes mode; replacing its programs");
         let _ = fs::remove_dir_all(&other_links);
     }
+    // Checked before its pins are trusted for re-adoption, and before new
+    // pins go in: a directory another user controls is refused.
+    pins::ensure_secure_dirs(pin_root, &links_dir, pins::Owner::ROOT)?;
     let readopted = pins.iter().all(|p| PinnedLink::from_pin(p).is_ok());
-    if !readopted {
+    if readopted {
+        tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "re-adopted pinned redirect programs");
+    } else {
         for p in &pins {
             let _ = fs::remove_file(p);
         }
-        fs::create_dir_all(&links_dir)
-            .map_err(|e| io_error(format!("cannot create {}", links_dir.display()), e))?;
         for (name, pin) in PROGRAM_NAMES.iter().zip(&pins) {
             let cgroup_file = fs::File::open(cgroup_dir)
                 .map_err(|e| io_error(format!("cannot open cgroup {}", cgroup_dir.display()), e))?;
@@ -790,8 +824,6 @@ fn attach_cgroup(
                 .map_err(|e| classify(&format!("pin {}", pin.display()), e))?;
         }
         tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "attached the redirect programs");
-    } else {
-        tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "re-adopted pinned redirect programs");
     }
     Ok(AttachedCgroup {
         path: cgroup_dir.to_path_buf(),
