@@ -18,12 +18,15 @@
 //! Every pin directory is root's, mode 0700, checked at every start (see
 //! `pins`): a pin in a directory another user controls could be removed by
 //! that user, detaching the programs behind the agent's back. What is
-//! attached is still inferred from the agent's own record.
+//! attached is reported from the kernel (see `attachments`), not inferred
+//! from the pins.
 
+mod attachments;
 pub mod cgroup;
 mod pins;
 mod targets;
 
+pub use attachments::{KernelAttachment, KernelProgram};
 pub use pins::PinDirError;
 
 use std::collections::HashSet;
@@ -153,6 +156,10 @@ struct Instance {
     origins: Mutex<HashMap<MapData, OriginKey, ConnectOrigin>>,
     stats: PerCpuArray<MapData, u64>,
     attached: Mutex<Vec<AttachedCgroup>>,
+    /// Kernel ids of this mode's programs: those loaded by this agent and
+    /// those behind links it re-adopted, to recognise them in the kernel's
+    /// answer to "what is attached to this cgroup".
+    own_programs: Mutex<HashSet<u32>>,
 }
 
 /// A cgroup with the programs attached.
@@ -166,6 +173,17 @@ pub struct AttachedCgroup {
     pub unlisted: &'static str,
     /// Whether pinned links from an earlier run were kept.
     pub readopted: bool,
+}
+
+/// A governed cgroup in the status report: what the agent attached, and
+/// what the kernel says is attached now.
+#[derive(Debug, Clone, Serialize)]
+pub struct CgroupStatus {
+    /// What the agent attached (or re-adopted).
+    #[serde(flatten)]
+    pub attached: AttachedCgroup,
+    /// The kernel's view, queried for this report.
+    pub kernel: KernelAttachment,
 }
 
 /// Counters kept by the kernel programs, summed over CPUs.
@@ -393,6 +411,33 @@ impl Redirect {
             .collect()
     }
 
+    /// The cgroups the agent attached, each with what the kernel says is
+    /// attached to it right now (one `BPF_PROG_QUERY` per attach point).
+    pub fn attachments(&self) -> Vec<CgroupStatus> {
+        let names = attachments::program_names();
+        let mut out = Vec::new();
+        for instance in &self.instances {
+            let ours = instance
+                .own_programs
+                .lock()
+                .map(|o| o.clone())
+                .unwrap_or_default();
+            let attached = instance
+                .attached
+                .lock()
+                .map(|a| a.clone())
+                .unwrap_or_default();
+            for a in attached {
+                let kernel = attachments::kernel_view(&a.path, &ours, &names);
+                out.push(CgroupStatus {
+                    attached: a,
+                    kernel,
+                });
+            }
+        }
+        out
+    }
+
     /// Every pinned file under the pin directory.
     pub fn pinned(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
@@ -562,6 +607,20 @@ impl Instance {
             };
             result.map_err(|e| classify(&format!("load program {name}"), e))?;
         }
+        let mut own_programs = HashSet::new();
+        for name in PROGRAM_NAMES {
+            let info = match ebpf.program(name) {
+                Some(aya::programs::Program::CgroupSockAddr(p)) => p.info(),
+                Some(aya::programs::Program::SockOps(p)) => p.info(),
+                _ => continue,
+            };
+            match info {
+                Ok(info) => {
+                    own_programs.insert(info.id());
+                }
+                Err(e) => tracing::warn!("cannot read the kernel id of program {name}: {e}"),
+            }
+        }
 
         let mut attached = Vec::new();
         for path in cgroups {
@@ -571,7 +630,9 @@ impl Instance {
                 tracing::warn!(cgroup = %path.display(), "governed cgroup does not exist yet; it is attached as soon as it appears");
                 continue;
             }
-            attached.push(attach_cgroup(&mut ebpf, mode, pin_root, dir, path)?);
+            let (entry, program_ids) = attach_cgroup(&mut ebpf, mode, pin_root, dir, path)?;
+            own_programs.extend(program_ids);
+            attached.push(entry);
         }
 
         let origins_map = ebpf
@@ -592,6 +653,7 @@ impl Instance {
             origins: Mutex::new(origins),
             stats,
             attached: Mutex::new(attached),
+            own_programs: Mutex::new(own_programs),
         })
     }
 }
@@ -667,7 +729,11 @@ impl Instance {
             .ebpf
             .lock()
             .map_err(|_| RedirectError::Kernel("program state poisoned".into()))?;
-        let entry = attach_cgroup(&mut ebpf, self.mode, &self.pin_root, &self.dir, path)?;
+        let (entry, program_ids) =
+            attach_cgroup(&mut ebpf, self.mode, &self.pin_root, &self.dir, path)?;
+        if let Ok(mut own) = self.own_programs.lock() {
+            own.extend(program_ids);
+        }
         attached.retain(|a| a.path != path);
         attached.push(entry);
         Ok(true)
@@ -751,14 +817,15 @@ fn fill_maps(
 }
 
 /// Attaches the three programs to one cgroup and pins the links, or keeps
-/// the links pinned by an earlier run.
+/// the links pinned by an earlier run. Also returns the kernel ids of the
+/// programs behind the links.
 fn attach_cgroup(
     ebpf: &mut Ebpf,
     mode: UnlistedPolicy,
     pin_root: &Path,
     dir: &Path,
     cgroup_dir: &Path,
-) -> Result<AttachedCgroup, RedirectError> {
+) -> Result<(AttachedCgroup, Vec<u32>), RedirectError> {
     let id = cgroup::cgroup_id(cgroup_dir).map_err(|e| {
         RedirectError::Kernel(format!(
             "cannot use cgroup {}: {e}; create it first or fix the [[cgroup]] path",
@@ -783,10 +850,22 @@ fn attach_cgroup(
     // Checked before its pins are trusted for re-adoption, and before new
     // pins go in: a directory another user controls is refused.
     pins::ensure_secure_dirs(pin_root, &links_dir, pins::Owner::ROOT)?;
-    let readopted = pins.iter().all(|p| PinnedLink::from_pin(p).is_ok());
+    let adoptable: Vec<PinnedLink> = pins
+        .iter()
+        .filter_map(|p| PinnedLink::from_pin(p).ok())
+        .collect();
+    let readopted = adoptable.len() == pins.len();
+    let mut program_ids = Vec::new();
     if readopted {
+        for link in adoptable {
+            match FdLink::from(link).info() {
+                Ok(info) => program_ids.push(info.program_id()),
+                Err(e) => tracing::warn!("cannot read a re-adopted link's program: {e}"),
+            }
+        }
         tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "re-adopted pinned redirect programs");
     } else {
+        drop(adoptable);
         for p in &pins {
             let _ = fs::remove_file(p);
         }
@@ -820,17 +899,23 @@ fn attach_cgroup(
                     )))
                 }
             };
+            if let Ok(info) = link.info() {
+                program_ids.push(info.program_id());
+            }
             link.pin(pin)
                 .map_err(|e| classify(&format!("pin {}", pin.display()), e))?;
         }
         tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "attached the redirect programs");
     }
-    Ok(AttachedCgroup {
-        path: cgroup_dir.to_path_buf(),
-        id,
-        unlisted: mode_name(mode),
-        readopted,
-    })
+    Ok((
+        AttachedCgroup {
+            path: cgroup_dir.to_path_buf(),
+            id,
+            unlisted: mode_name(mode),
+            readopted,
+        },
+        program_ids,
+    ))
 }
 
 fn attach_sock_addr(
