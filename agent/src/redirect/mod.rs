@@ -186,6 +186,16 @@ pub struct CgroupStatus {
     pub kernel: KernelAttachment,
 }
 
+/// Where a process runs, as far as the redirect is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerCgroup {
+    /// The process's cgroup, from `/proc/<pid>/cgroup`.
+    pub path: PathBuf,
+    /// The strictest governed cgroup it is in (itself or an ancestor), with
+    /// that cgroup's mode; `None` when it is governed by none.
+    pub governed_by: Option<(PathBuf, UnlistedPolicy)>,
+}
+
 /// Counters kept by the kernel programs, summed over CPUs.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct KernelStats {
@@ -210,6 +220,8 @@ pub struct Redirect {
     pub cgroup_root: PathBuf,
     /// Where `tollgate exec` sessions' cgroups are created.
     pub exec_root: PathBuf,
+    /// The mode of `exec_root`.
+    pub exec_unlisted: UnlistedPolicy,
     /// The pin directory.
     pub pin_dir: PathBuf,
 }
@@ -308,6 +320,7 @@ impl Redirect {
             instances,
             cgroup_root,
             exec_root,
+            exec_unlisted: settings.exec_unlisted,
             pin_dir: settings.pin_dir,
         })
     }
@@ -333,25 +346,69 @@ impl Redirect {
     /// Makes sure the cgroup process `pid` runs in is attached, if it is a
     /// configured governed cgroup; returns that cgroup.
     pub fn attach_for_pid(&self, pid: u32) -> Result<PathBuf, String> {
-        let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .map_err(|e| format!("cannot read the cgroup of process {pid}: {e}"))?;
-        let relative = text
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .ok_or_else(|| format!("process {pid} is in no cgroup v2 cgroup"))?;
-        let path = cgroup::resolve(&self.cgroup_root, Path::new(relative.trim()));
+        let path = self.cgroup_of_pid(pid)?;
+        self.ensure_governed_attached(&path)?;
+        Ok(path)
+    }
+
+    /// Makes sure a configured governed cgroup (or the exec cgroup) has the
+    /// programs attached, attaching them now if the periodic look has not yet.
+    pub fn ensure_governed_attached(&self, path: &Path) -> Result<(), String> {
         let instance = self
             .instances
             .iter()
-            .find(|i| i.wanted.contains(&path))
+            .find(|i| i.wanted.iter().any(|w| w == path))
             .ok_or_else(|| {
                 format!(
                     "{} is not a governed [[cgroup]] of this agent",
                     path.display()
                 )
             })?;
-        instance.ensure_attached(&path).map_err(|e| e.to_string())?;
-        Ok(path)
+        instance.ensure_attached(path).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// The cgroup process `pid` runs in, as the kernel reports it in
+    /// `/proc/<pid>/cgroup`, and the strictest governed cgroup holding it
+    /// (itself or an ancestor: programs attached to an ancestor apply to
+    /// every cgroup below it).
+    pub fn caller_cgroup(&self, pid: u32) -> Result<CallerCgroup, String> {
+        let path = self.cgroup_of_pid(pid)?;
+        let mut governed_by: Option<(PathBuf, UnlistedPolicy)> = None;
+        for instance in &self.instances {
+            for governed in &instance.wanted {
+                let stricter = governed_by
+                    .as_ref()
+                    .is_none_or(|(_, mode)| strictness(instance.mode) > strictness(*mode));
+                if path.starts_with(governed) && stricter {
+                    governed_by = Some((governed.clone(), instance.mode));
+                }
+            }
+        }
+        Ok(CallerCgroup { path, governed_by })
+    }
+
+    /// Whether moving `caller` into a `tollgate exec` session would let it
+    /// reach more than it can where it is: its governed cgroup denies
+    /// unlisted destinations and exec sessions pass them.
+    pub fn exec_would_loosen(&self, caller: &CallerCgroup) -> bool {
+        caller
+            .governed_by
+            .as_ref()
+            .is_some_and(|(_, mode)| strictness(*mode) > strictness(self.exec_unlisted))
+    }
+
+    fn cgroup_of_pid(&self, pid: u32) -> Result<PathBuf, String> {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_err(|e| format!("cannot read the cgroup of process {pid}: {e}"))?;
+        let relative = text
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| format!("process {pid} is in no cgroup v2 cgroup"))?;
+        Ok(cgroup::resolve(
+            &self.cgroup_root,
+            Path::new(relative.trim()),
+        ))
     }
 
     /// Takes (reads and removes) the kernel's record of the connection whose
@@ -465,6 +522,15 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         } else {
             out.push(p);
         }
+    }
+}
+
+/// How much a mode restricts: a `tollgate exec` session must never end up
+/// in a mode that restricts less than the one its caller was in.
+fn strictness(mode: UnlistedPolicy) -> u8 {
+    match mode {
+        UnlistedPolicy::Pass => 0,
+        UnlistedPolicy::Deny => 1,
     }
 }
 
