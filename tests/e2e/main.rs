@@ -4,6 +4,7 @@
 
 mod cli;
 mod drivers;
+mod hostile_local;
 mod listener;
 mod masking;
 mod postgres;
