@@ -240,3 +240,33 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
         line(&mut row.iter().map(String::as_str));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_state_cell_is_the_kernels_answer() {
+        let programs = json!([
+            {"attach_point": "connect4", "id": 7, "name": "tollgate_connec", "ours": true},
+            {"attach_point": "connect6", "id": 8, "name": "tollgate_connec", "ours": true},
+            {"attach_point": "sock_ops", "id": 9, "name": "tollgate_sockop", "ours": true},
+            {"attach_point": "connect4", "id": 40, "name": "other", "ours": false},
+        ]);
+        let attached =
+            json!({"readopted": false, "kernel": {"state": "attached", "programs": programs}});
+        assert_eq!(cgroup_state(&attached), "attached");
+        assert_eq!(
+            kernel_programs(&attached),
+            "connect4:7 connect6:8 sock_ops:9 !connect4:40"
+        );
+        let readopted = json!({"readopted": true, "kernel": {"state": "attached", "programs": []}});
+        assert_eq!(cgroup_state(&readopted), "re-adopted");
+        // The agent remembers attaching; the kernel says otherwise: the kernel wins.
+        let detached = json!({"readopted": false, "kernel": {"state": "detached", "programs": []}});
+        assert_eq!(cgroup_state(&detached), "DETACHED");
+        assert_eq!(kernel_programs(&detached), "-");
+        assert_eq!(cgroup_state(&json!({"readopted": false})), "?");
+    }
+}
