@@ -359,6 +359,19 @@ fn status_reports_what_the_kernel_has_attached_not_the_pins() {
     };
     let cgroup = &status["redirect"]["cgroups"][0];
     assert_eq!(cgroup["kernel"]["state"], "detached", "{status}");
+    // The agent notices on its own, too (it looks every 2 s).
+    let warned = agent
+        .wait_for_log(
+            |l| {
+                l["message"].as_str().is_some_and(|m| {
+                    m.starts_with("the kernel no longer has the redirect programs")
+                })
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}: {}", agent.log_text()));
+    assert_eq!(warned["cgroup"].as_str(), s.exec_root.to_str(), "{warned}");
+    assert_eq!(warned["kernel_state"], "detached", "{warned}");
     assert_eq!(
         cgroup["kernel"]["programs"],
         Value::Array(vec![]),

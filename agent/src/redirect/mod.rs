@@ -160,6 +160,9 @@ struct Instance {
     /// those behind links it re-adopted, to recognise them in the kernel's
     /// answer to "what is attached to this cgroup".
     own_programs: Mutex<HashSet<u32>>,
+    /// Ids of attached cgroups on which the kernel was last seen without the
+    /// agent's programs, so that a detachment is logged once, not every look.
+    seen_detached: Mutex<HashSet<u64>>,
 }
 
 /// A cgroup with the programs attached.
@@ -339,6 +342,7 @@ impl Redirect {
                 }
             }
             instance.forget_vanished();
+            instance.report_kernel_detachments();
         }
         newly
     }
@@ -720,6 +724,7 @@ impl Instance {
             stats,
             attached: Mutex::new(attached),
             own_programs: Mutex::new(own_programs),
+            seen_detached: Mutex::new(HashSet::new()),
         })
     }
 }
@@ -803,6 +808,37 @@ impl Instance {
         attached.retain(|a| a.path != path);
         attached.push(entry);
         Ok(true)
+    }
+
+    /// Logs, once per change, a governed cgroup on which the kernel no longer
+    /// has this agent's programs (its pins were removed, or root detached
+    /// them), and one on which they are back.
+    fn report_kernel_detachments(&self) {
+        let ours = self
+            .own_programs
+            .lock()
+            .map(|o| o.clone())
+            .unwrap_or_default();
+        let attached = self.attached.lock().map(|a| a.clone()).unwrap_or_default();
+        let Ok(mut seen) = self.seen_detached.lock() else {
+            return;
+        };
+        let no_names = std::collections::HashMap::new();
+        for a in attached {
+            let view = attachments::kernel_view(&a.path, &ours, &no_names);
+            if view.state == "attached" {
+                if seen.remove(&a.id) {
+                    tracing::info!(cgroup = %a.path.display(), "the kernel has the redirect programs on the governed cgroup again");
+                }
+            } else if seen.insert(a.id) {
+                tracing::warn!(
+                    cgroup = %a.path.display(),
+                    kernel_state = %view.state,
+                    error = view.error.as_deref().unwrap_or(""),
+                    "the kernel no longer has the redirect programs on a governed cgroup: its pins were removed or its programs detached; restart the agent to attach them again"
+                );
+            }
+        }
     }
 
     /// Drops pinned links of cgroups that no longer exist (a restarted
