@@ -632,8 +632,8 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
 
 /// Checks what leads to the pin root and makes or checks the root itself.
 fn secure_pin_root(pin_dir: &Path) -> Result<(), RedirectError> {
-    pins::check_ancestors(pin_dir, pins::Owner::ROOT)?;
-    pins::ensure_secure_dirs(pin_dir, pin_dir, pins::Owner::ROOT)?;
+    pins::check_ancestors(pin_dir, pins::Owner::agent())?;
+    pins::ensure_secure_dirs(pin_dir, pin_dir, pins::Owner::agent())?;
     Ok(())
 }
 
@@ -648,7 +648,7 @@ impl Instance {
         cgroups: &[&PathBuf],
     ) -> Result<Instance, RedirectError> {
         let maps_dir = dir.join("maps");
-        pins::ensure_secure_dirs(pin_root, &maps_dir, pins::Owner::ROOT)?;
+        pins::ensure_secure_dirs(pin_root, &maps_dir, pins::Owner::agent())?;
         let map_paths: Vec<(&str, PathBuf)> =
             PINNED_MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
@@ -951,7 +951,7 @@ fn attach_cgroup(
     }
     // Checked before its pins are trusted for re-adoption, and before new
     // pins go in: a directory another user controls is refused.
-    pins::ensure_secure_dirs(pin_root, &links_dir, pins::Owner::ROOT)?;
+    pins::ensure_secure_dirs(pin_root, &links_dir, pins::Owner::agent())?;
     let adoptable: Vec<PinnedLink> = pins
         .iter()
         .filter_map(|p| PinnedLink::from_pin(p).ok())

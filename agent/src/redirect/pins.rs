@@ -57,18 +57,26 @@ impl PinDirError {
     }
 }
 
-/// The owner a pin directory must have: root, or in unit tests the user
-/// running them (tests cannot create directories owned by someone else).
+/// The owner a pin directory must have: the user the agent runs as, which
+/// is root in every supported set-up. (An agent run as another user fails
+/// to load its programs anyway, and must not fail earlier with a misleading
+/// complaint about the directories it made itself.)
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Owner(pub(crate) u32);
 
 impl Owner {
-    /// Root, as in production.
-    pub(crate) const ROOT: Owner = Owner(0);
+    /// The agent's effective uid.
+    pub(crate) fn agent() -> Owner {
+        // SAFETY: geteuid(2) takes no arguments, touches no memory of ours
+        // and cannot fail.
+        #[allow(unsafe_code)]
+        let euid = unsafe { libc::geteuid() };
+        Owner(euid)
+    }
 }
 
 /// Checks the ancestors of the pin root (from `/` down to its parent):
-/// owned by root (or `owner`), and writable by others only when sticky.
+/// owned by root or `owner`, and writable by others only when sticky.
 /// Ancestors that do not exist yet are left to [`ensure_secure_dirs`].
 pub(crate) fn check_ancestors(pin_root: &Path, owner: Owner) -> Result<(), PinDirError> {
     let Some(parent) = pin_root.parent() else {
@@ -204,7 +212,11 @@ fn secure_one(path: &Path, pin_root: &Path, owner: Owner) -> Result<(), PinDirEr
             problem: if owner.0 == 0 {
                 format!("owned by uid {}, not root", meta.uid())
             } else {
-                format!("owned by uid {}, not uid {}", meta.uid(), owner.0)
+                format!(
+                    "owned by uid {}, not uid {} (the agent's)",
+                    meta.uid(),
+                    owner.0
+                )
             },
             remedy: remedy(),
         });
