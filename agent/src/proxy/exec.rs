@@ -180,6 +180,9 @@ async fn stay_in_stricter_cgroup(
     reader: BufReader<tokio::io::Take<tokio::net::unix::OwnedReadHalf>>,
 ) -> anyhow::Result<()> {
     let Some((governed, _)) = caller.governed_by.clone() else {
+        write
+            .write_all(b"error the agent lost track of the requester's governed cgroup\n")
+            .await?;
         return Ok(());
     };
     let attached = tokio::task::spawn_blocking({

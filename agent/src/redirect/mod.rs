@@ -630,10 +630,11 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
     )))
 }
 
-/// Checks what leads to the pin root and makes or checks the root itself.
+/// Makes or checks the pin root, then checks what leads to it (after, so
+/// that directories made on the way are judged as they ended up).
 fn secure_pin_root(pin_dir: &Path) -> Result<(), RedirectError> {
-    pins::check_ancestors(pin_dir, pins::Owner::agent())?;
     pins::ensure_secure_dirs(pin_dir, pin_dir, pins::Owner::agent())?;
+    pins::check_ancestors(pin_dir, pins::Owner::agent())?;
     Ok(())
 }
 
