@@ -378,17 +378,11 @@ impl Redirect {
     /// every cgroup below it).
     pub fn caller_cgroup(&self, pid: u32) -> Result<CallerCgroup, String> {
         let path = self.cgroup_of_pid(pid)?;
-        let mut governed_by: Option<(PathBuf, UnlistedPolicy)> = None;
-        for instance in &self.instances {
-            for governed in &instance.wanted {
-                let stricter = governed_by
-                    .as_ref()
-                    .is_none_or(|(_, mode)| strictness(instance.mode) > strictness(*mode));
-                if path.starts_with(governed) && stricter {
-                    governed_by = Some((governed.clone(), instance.mode));
-                }
-            }
-        }
+        let governed = self
+            .instances
+            .iter()
+            .flat_map(|i| i.wanted.iter().map(move |w| (w.as_path(), i.mode)));
+        let governed_by = strictest_holding(&path, governed);
         Ok(CallerCgroup { path, governed_by })
     }
 
@@ -536,6 +530,25 @@ fn strictness(mode: UnlistedPolicy) -> u8 {
         UnlistedPolicy::Pass => 0,
         UnlistedPolicy::Deny => 1,
     }
+}
+
+/// Of the `governed` cgroups that hold `cgroup` (it or an ancestor), the one
+/// with the strictest mode; the first of equals.
+fn strictest_holding<'a>(
+    cgroup: &Path,
+    governed: impl Iterator<Item = (&'a Path, UnlistedPolicy)>,
+) -> Option<(PathBuf, UnlistedPolicy)> {
+    let mut found: Option<(PathBuf, UnlistedPolicy)> = None;
+    for (path, mode) in governed {
+        let stricter = found
+            .as_ref()
+            .is_none_or(|(_, m)| strictness(mode) > strictness(*m));
+        // Component-wise: /ci/jobs holds /ci/jobs/step, not /ci/jobs2.
+        if cgroup.starts_with(path) && stricter {
+            found = Some((path.to_path_buf(), mode));
+        }
+    }
+    found
 }
 
 fn mode_name(mode: UnlistedPolicy) -> &'static str {
@@ -1044,3 +1057,33 @@ pub fn detach(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// The unused-import guard for `SockOps` (kept for type clarity in docs).
 #[allow(dead_code)]
 fn _sockops_type(_: &SockOps) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_strictest_governed_cgroup_holding_a_process_is_found_by_ancestry() {
+        let governed = [
+            (Path::new("/cg/tollgate.exec"), UnlistedPolicy::Pass),
+            (Path::new("/cg/ci"), UnlistedPolicy::Pass),
+            (Path::new("/cg/ci/jobs"), UnlistedPolicy::Deny),
+            (Path::new("/cg/svc"), UnlistedPolicy::Pass),
+        ];
+        let find = |p: &str| strictest_holding(Path::new(p), governed.iter().copied());
+        let deny = Some((PathBuf::from("/cg/ci/jobs"), UnlistedPolicy::Deny));
+        assert_eq!(find("/cg/ci/jobs"), deny);
+        assert_eq!(find("/cg/ci/jobs/step/1"), deny, "below a deny cgroup");
+        assert_eq!(
+            find("/cg/ci/other"),
+            Some((PathBuf::from("/cg/ci"), UnlistedPolicy::Pass))
+        );
+        assert_eq!(
+            find("/cg/ci/jobs2"),
+            find("/cg/ci/other"),
+            "not a prefix match"
+        );
+        assert_eq!(find("/cg/elsewhere"), None);
+        assert_eq!(find("/cg"), None, "a parent is not held by its child");
+    }
+}
