@@ -158,6 +158,33 @@ impl Drop for Setup {
     }
 }
 
+/// Leaves what `script` makes in bpffs owned by nobody. Where bpffs lets
+/// every user create (mode 1777, the kernel's default) nobody runs it, as an
+/// attacker would; on a bpffs mounted mode=0700 it cannot, so root runs it
+/// and hands `made` to nobody, which leaves the same squat behind.
+fn squat(script: &str, made: &[&Path]) {
+    let open = std::fs::metadata("/sys/fs/bpf").is_ok_and(|m| m.mode() & 0o002 != 0);
+    let out = if open {
+        as_nobody(script)
+    } else {
+        let out = Command::new("sh").args(["-c", script]).output().unwrap();
+        for path in made {
+            let chown = Command::new("chown")
+                .args(["-hR", "65534:65534"])
+                .arg(path)
+                .output()
+                .unwrap();
+            assert!(chown.status.success(), "{chown:?}");
+        }
+        out
+    };
+    assert!(out.status.success(), "{script}: {out:?}");
+    for path in made {
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        assert_eq!(meta.uid(), NOBODY, "{}", path.display());
+    }
+}
+
 /// Waits for a (failing) agent to exit; its exit code.
 fn exit_code(agent: &mut Agent) -> Option<i32> {
     wait_timeout(&mut agent.child, Duration::from_secs(20))
@@ -168,13 +195,7 @@ fn exit_code(agent: &mut Agent) -> Option<i32> {
 #[test]
 fn squatted_pin_directories_stop_the_agent_and_nothing_is_pinned_there() {
     require_ebpf!();
-    // nobody may create in the bpffs mount on hosts like this one (mode 1777);
-    // elsewhere the squat cannot even be staged, which is the better state.
     let bpffs = Path::new("/sys/fs/bpf");
-    if std::fs::metadata(bpffs).is_ok_and(|m| m.mode() & 0o002 == 0) {
-        eprintln!("skipping: /sys/fs/bpf is not world-writable here, so nobody cannot squat in it");
-        return;
-    }
     let s = Setup::new("pass", "");
     // The exec cgroup exists before the agent (as after an earlier run), so
     // the squatter can name the directory its links would be pinned in.
@@ -183,12 +204,14 @@ fn squatted_pin_directories_stop_the_agent_and_nothing_is_pinned_there() {
     let links = s.pin_dir.join(format!("pass/links/{inode}"));
 
     // 1. Directories owned by nobody.
-    let out = as_nobody(&format!(
-        "mkdir -p {} {}",
-        links.display(),
-        s.pin_dir.join("pass/maps").display()
-    ));
-    assert!(out.status.success(), "{out:?}");
+    squat(
+        &format!(
+            "mkdir -p {} {}",
+            links.display(),
+            s.pin_dir.join("pass/maps").display()
+        ),
+        &[&s.pin_dir],
+    );
     assert_eq!(std::fs::metadata(&links).unwrap().uid(), NOBODY);
     let mut agent = Agent::spawn(&s.config);
     assert_eq!(exit_code(&mut agent), Some(1), "{}", agent.log_text());
@@ -210,12 +233,14 @@ fn squatted_pin_directories_stop_the_agent_and_nothing_is_pinned_there() {
         "{}-elsewhere",
         s.pin_dir.file_name().unwrap().to_string_lossy()
     ));
-    let out = as_nobody(&format!(
-        "mkdir -p {e} && ln -s {e} {pin}",
-        e = elsewhere.display(),
-        pin = s.pin_dir.display()
-    ));
-    assert!(out.status.success(), "{out:?}");
+    squat(
+        &format!(
+            "mkdir -p {e} && ln -s {e} {pin}",
+            e = elsewhere.display(),
+            pin = s.pin_dir.display()
+        ),
+        &[&elsewhere, &s.pin_dir],
+    );
     let mut agent = Agent::spawn(&s.config);
     assert_eq!(exit_code(&mut agent), Some(1), "{}", agent.log_text());
     let expected = format!(
