@@ -521,3 +521,60 @@ impl Drop for RemovedOnDrop {
         }
     }
 }
+
+/// The upgrade path (stop, `tollgate detach`, start the new binary) leaves
+/// no window in which another user can take the pin directory's name.
+#[test]
+fn detach_keeps_an_empty_root_only_pin_directory_that_nobody_can_take() {
+    require_ebpf!();
+    let s = Setup::new("pass", "");
+    let agent = Agent::start(&s.config);
+    let keep = s.keep_config(&agent);
+    drop(agent);
+
+    let out = Command::new(agent_binary())
+        .arg("detach")
+        .arg("--config")
+        .arg(&keep)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        stdout.contains("detached: governed connections are no longer redirected or refused"),
+        "{stdout}"
+    );
+    let meta = std::fs::symlink_metadata(&s.pin_dir).unwrap();
+    assert!(meta.is_dir());
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o700));
+    assert_eq!(std::fs::read_dir(&s.pin_dir).unwrap().count(), 0, "emptied");
+
+    // Nobody can squat inside it, nor replace it.
+    for script in [
+        format!("mkdir -p {}/pass/links", s.pin_dir.display()),
+        format!("rm -rf {}", s.pin_dir.display()),
+    ] {
+        let out = as_nobody(&script);
+        assert!(!out.status.success(), "{script}: {out:?}");
+    }
+
+    // The next start attaches afresh into the directory that was kept.
+    let agent = Agent::start(&s.config);
+    agent
+        .wait_for_log(
+            |l| l["message"] == "attached the redirect programs",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let status = agent.status().unwrap();
+    assert_eq!(
+        status["redirect"]["cgroups"][0]["kernel"]["state"], "attached",
+        "{status}"
+    );
+    drop(agent);
+    cleanup_redirect(&keep);
+    assert!(
+        !s.pin_dir.exists(),
+        "the test's pin directory is cleaned up"
+    );
+}

@@ -515,7 +515,8 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     };
     for e in entries.flatten() {
         let p = e.path();
-        if p.is_dir() {
+        // The entry's own type: a symlink is listed, never followed.
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
             walk(&p, out);
         } else {
             out.push(p);
@@ -1045,10 +1046,34 @@ fn attach_sock_addr(
 
 /// Removes every pin under `pin_dir`, which detaches the programs (unless an
 /// agent still holds them). Returns what was removed.
+///
+/// `pin_dir` itself stays, emptied, when it is the agent's own (a directory
+/// only the agent's user can change): on a bpffs every user may write to,
+/// removing it would let another user take the name before the next start.
+/// Anything else at that path (another user's directory, a symlink, a
+/// file) is removed entirely, without following a symlink.
 pub fn detach(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let meta = match fs::symlink_metadata(pin_dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_dir() {
+        fs::remove_file(pin_dir)?;
+        return Ok(vec![pin_dir.to_path_buf()]);
+    }
     let mut removed = Vec::new();
     walk(pin_dir, &mut removed);
-    if pin_dir.exists() {
+    if pins::is_private_to(pin_dir, pins::Owner::agent()) {
+        for entry in fs::read_dir(pin_dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(entry.path())?;
+            } else {
+                fs::remove_file(entry.path())?;
+            }
+        }
+    } else {
         fs::remove_dir_all(pin_dir)?;
     }
     Ok(removed)

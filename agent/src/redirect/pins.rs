@@ -247,6 +247,14 @@ fn unsafe_dir(path: &Path, problem: String) -> PinDirError {
     }
 }
 
+/// Whether `dir` is a real directory (not a symlink) owned by `owner` and
+/// writable by no one else: one `tollgate detach` may keep.
+pub(crate) fn is_private_to(dir: &Path, owner: Owner) -> bool {
+    fs::symlink_metadata(dir).is_ok_and(|m| {
+        m.file_type().is_dir() && m.uid() == owner.0 && m.mode() & GROUP_OR_OTHER_WRITABLE == 0
+    })
+}
+
 /// Whether `dir` is writable by users other than its owner, for the start-up
 /// warning about a bpffs mounted without `mode=`.
 pub(crate) fn world_writable(dir: &Path) -> bool {
@@ -390,6 +398,21 @@ mod tests {
         check_ancestors(&root, me()).unwrap();
         assert!(world_writable(&open));
         assert!(!world_writable(base.path()));
+    }
+
+    #[test]
+    fn only_an_own_directory_writable_by_no_one_else_is_private() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("d");
+        ensure_secure_dirs(&dir, &dir, me()).unwrap();
+        assert!(is_private_to(&dir, me()));
+        assert!(!is_private_to(&dir, Owner(me().0.wrapping_add(1))));
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(!is_private_to(&dir, me()));
+        let link = base.path().join("l");
+        std::os::unix::fs::symlink(base.path(), &link).unwrap();
+        assert!(!is_private_to(&link, me()));
+        assert!(!is_private_to(&base.path().join("missing"), me()));
     }
 
     #[test]
