@@ -94,6 +94,13 @@ for s in "${services[@]}"; do
     echo "install: $units/$s.d/tollgate.conf (governs $s)"
 done
 
+# Any user may create directories in a bpffs mounted without mode= (1777);
+# the agent refuses pin directories it does not own, which stops it starting.
+bpffs=$(awk '$9 == "bpf" { print $5; exit }' /proc/self/mountinfo)
+if [ -z "$root" ] && [ -n "$bpffs" ] && [ -n "$(find "$bpffs" -maxdepth 0 -perm -0002 2>/dev/null)" ]; then
+    echo "install: warning: bpffs at $bpffs is writable by every user (mode $(stat -c %a "$bpffs")); another user could make the agent's pin directory first and keep it from starting; mount bpffs with -o mode=0700 at boot (its fstab entry or mount unit)" >&2
+fi
+
 if [ -z "$root" ] && [ $start -eq 1 ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
     systemctl enable --now tollgate.service

@@ -108,13 +108,18 @@ if [ -z "$cgroup2" ]; then
 fi
 bpffs=$(awk '$9 == "bpf" { print $5; exit }' /proc/self/mountinfo)
 if [ -z "$bpffs" ]; then
-    if [ $check_only -eq 0 ] && [ "$(id -u)" -eq 0 ] && mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf 2>/dev/null; then
+    # mode=0700: without it the kernel makes the mount 1777 and any user
+    # could squat the agent's pin directories.
+    if [ $check_only -eq 0 ] && [ "$(id -u)" -eq 0 ] && mkdir -p /sys/fs/bpf && mount -t bpf -o mode=0700 bpf /sys/fs/bpf 2>/dev/null; then
         bpffs=/sys/fs/bpf
-        say "kernel: mounted bpffs at /sys/fs/bpf"
+        say "kernel: mounted bpffs at /sys/fs/bpf (mode 0700)"
     else
         say "kernel: bpffs not mounted; pinning (fail-closed across agent restarts) disabled until it is"
         kernel_ok=0
     fi
+fi
+if [ -n "$bpffs" ] && [ -n "$(find "$bpffs" -maxdepth 0 -perm -0002 2>/dev/null)" ]; then
+    say "warning: bpffs at $bpffs is writable by every user (mode $(stat -c %a "$bpffs")); the agent refuses pin directories other users made, so another user can keep it from starting; mount bpffs with -o mode=0700 at boot (its fstab entry or mount unit)"
 fi
 if [ "$(id -u)" -ne 0 ]; then
     say "kernel: not root; loading eBPF needs root or CAP_BPF+CAP_NET_ADMIN (explicit listeners still work)"

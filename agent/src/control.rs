@@ -69,7 +69,8 @@ pub struct RecordingView {
 pub struct RedirectView {
     /// Addresses redirected connections arrive on.
     pub listening: Vec<String>,
-    /// cgroups with the programs attached.
+    /// The governed cgroups the agent attached, each with what the kernel
+    /// reports attached to it when the status was asked (`kernel.state`).
     pub cgroups: Vec<serde_json::Value>,
     /// The cgroup `tollgate exec` sessions are created under.
     pub exec_cgroup: String,
@@ -228,7 +229,7 @@ fn report(shared: &Shared) -> StatusReport {
                 .map(|a| a.to_string())
                 .collect(),
             cgroups: r
-                .attached()
+                .attachments()
                 .iter()
                 .filter_map(|c| serde_json::to_value(c).ok())
                 .collect(),

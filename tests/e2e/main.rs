@@ -6,6 +6,7 @@ mod allow_lists;
 mod cli;
 mod drivers;
 mod gate;
+mod hostile_local;
 mod listener;
 mod masking;
 mod postgres;

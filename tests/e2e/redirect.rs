@@ -363,6 +363,12 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_readopts_the_pins() {
             Duration::from_secs(5),
         )
         .unwrap();
+    // The kernel still has the re-adopted programs attached, and the
+    // status recognises them as the agent's.
+    let status = restarted.status().unwrap();
+    let cgroup = &status["redirect"]["cgroups"][0];
+    assert_eq!(cgroup["readopted"], true, "{status}");
+    assert_eq!(cgroup["kernel"]["state"], "attached", "{status}");
     g.agent = Some(restarted);
     let out = g.exec_sh(&g.psql_args(&g.addrs.v4.to_string(), "select 'back'"));
     assert_eq!(

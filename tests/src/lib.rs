@@ -813,7 +813,8 @@ pub fn redirect_section(dir: &Path, unlisted: &str) -> String {
     )
 }
 
-/// Removes a test agent's pins and exec cgroup (after the agent stopped).
+/// Removes a test agent's pins, pin directory and exec cgroup (after the
+/// agent stopped).
 pub fn cleanup_redirect(config: &Path) {
     let _ = Command::new(agent_binary())
         .arg("detach")
@@ -821,6 +822,14 @@ pub fn cleanup_redirect(config: &Path) {
         .arg(config)
         .output();
     let text = fs::read_to_string(config).unwrap_or_default();
+    // detach keeps the emptied pin directory; a test's is its own to remove.
+    if let Some(pin_dir) = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pin_dir = \""))
+        .map(|l| l.trim_end_matches('"'))
+    {
+        let _ = fs::remove_dir(pin_dir);
+    }
     if let Some(cg) = text
         .lines()
         .find_map(|l| l.strip_prefix("exec_cgroup = \""))

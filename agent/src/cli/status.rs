@@ -63,16 +63,31 @@ pub fn print_status(report: &StatusReport) -> String {
                         str_of(&c["path"]).unwrap_or("?").to_string(),
                         c["id"].as_u64().map_or("?".into(), |i| i.to_string()),
                         str_of(&c["unlisted"]).unwrap_or("?").to_string(),
-                        if c["readopted"].as_bool() == Some(true) {
-                            "re-adopted"
-                        } else {
-                            "attached"
-                        }
-                        .to_string(),
+                        cgroup_state(c),
+                        kernel_programs(c),
                     ]
                 })
                 .collect();
-            table(&mut out, &["CGROUP", "ID", "UNLISTED", "STATE"], &rows);
+            table(
+                &mut out,
+                &["CGROUP", "ID", "UNLISTED", "STATE", "KERNEL PROGRAMS"],
+                &rows,
+            );
+            for c in &r.cgroups {
+                let state = str_of(&c["kernel"]["state"]).unwrap_or("unknown");
+                if state == "attached" {
+                    continue;
+                }
+                let path = str_of(&c["path"]).unwrap_or("?");
+                let why = match str_of(&c["kernel"]["error"]) {
+                    Some(e) => e.to_string(),
+                    None => format!("the kernel reports the redirect programs {state} on it"),
+                };
+                let _ = writeln!(
+                    out,
+                    "  warning: {path} is not governed as configured: {why}; its pins were removed or its programs detached behind the agent's back; restart the agent to attach again"
+                );
+            }
         }
     }
 
@@ -161,6 +176,43 @@ pub fn print_status(report: &StatusReport) -> String {
     out
 }
 
+/// The STATE cell: the kernel's answer, not the agent's memory of it.
+fn cgroup_state(c: &Value) -> String {
+    match str_of(&c["kernel"]["state"]) {
+        Some("attached") if c["readopted"].as_bool() == Some(true) => "re-adopted".into(),
+        Some("attached") => "attached".into(),
+        Some(other) => other.to_uppercase(),
+        // An agent from before the kernel view was reported.
+        None => "?".into(),
+    }
+}
+
+/// `connect4:12 connect6:13 sock_ops:14`, foreign programs marked with `!`.
+fn kernel_programs(c: &Value) -> String {
+    let programs = c["kernel"]["programs"].as_array();
+    let cells: Vec<String> = programs
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{}{}:{}",
+                if p["ours"].as_bool() == Some(true) {
+                    ""
+                } else {
+                    "!"
+                },
+                str_of(&p["attach_point"]).unwrap_or("?"),
+                p["id"].as_u64().map_or("?".into(), |i| i.to_string())
+            )
+        })
+        .collect();
+    if cells.is_empty() {
+        "-".into()
+    } else {
+        cells.join(" ")
+    }
+}
+
 fn str_of(v: &Value) -> Option<&str> {
     v.as_str()
 }
@@ -186,5 +238,35 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
     line(&mut header.iter().copied());
     for row in rows {
         line(&mut row.iter().map(String::as_str));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_state_cell_is_the_kernels_answer() {
+        let programs = json!([
+            {"attach_point": "connect4", "id": 7, "name": "tollgate_connec", "ours": true},
+            {"attach_point": "connect6", "id": 8, "name": "tollgate_connec", "ours": true},
+            {"attach_point": "sock_ops", "id": 9, "name": "tollgate_sockop", "ours": true},
+            {"attach_point": "connect4", "id": 40, "name": "other", "ours": false},
+        ]);
+        let attached =
+            json!({"readopted": false, "kernel": {"state": "attached", "programs": programs}});
+        assert_eq!(cgroup_state(&attached), "attached");
+        assert_eq!(
+            kernel_programs(&attached),
+            "connect4:7 connect6:8 sock_ops:9 !connect4:40"
+        );
+        let readopted = json!({"readopted": true, "kernel": {"state": "attached", "programs": []}});
+        assert_eq!(cgroup_state(&readopted), "re-adopted");
+        // The agent remembers attaching; the kernel says otherwise: the kernel wins.
+        let detached = json!({"readopted": false, "kernel": {"state": "detached", "programs": []}});
+        assert_eq!(cgroup_state(&detached), "DETACHED");
+        assert_eq!(kernel_programs(&detached), "-");
+        assert_eq!(cgroup_state(&json!({"readopted": false})), "?");
     }
 }

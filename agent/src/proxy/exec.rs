@@ -9,6 +9,12 @@
 //! its command, which inherits the cgroup. When the client's connection ends
 //! (the command finished and `tollgate exec` exited), the agent removes the
 //! cgroup once it is empty.
+//!
+//! Asking to be governed must never loosen: a client already in a governed
+//! cgroup (or below one) whose mode is stricter than the exec cgroup's
+//! (`unlisted = "deny"` there, `exec_unlisted = "pass"`) is not moved. It
+//! stays where the kernel says it is, under its own cgroup's programs, and
+//! is told so (`ok <its cgroup>`).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,6 +117,23 @@ async fn govern(stream: UnixStream, redirect: &Arc<Redirect>, n: u64) -> anyhow:
             return Ok(());
         }
     }
+    // The requester's cgroup as the kernel reports it for the pid the
+    // kernel gave: the requester has no say in it.
+    let caller = tokio::task::spawn_blocking({
+        let redirect = redirect.clone();
+        move || redirect.caller_cgroup(pid)
+    })
+    .await?;
+    let caller = match caller {
+        Ok(c) => c,
+        Err(e) => {
+            write.write_all(format!("error {e}\n").as_bytes()).await?;
+            return Ok(());
+        }
+    };
+    if redirect.exec_would_loosen(&caller) {
+        return stay_in_stricter_cgroup(redirect, caller, pid, write, reader).await;
+    }
     let dir = exec_root.join(format!("exec-{pid}-{n}"));
     let made = tokio::task::spawn_blocking({
         let dir = dir.clone();
@@ -143,6 +166,46 @@ async fn govern(stream: UnixStream, redirect: &Arc<Redirect>, n: u64) -> anyhow:
     let mut sink = [0u8; 64];
     while matches!(rest.read(&mut sink).await, Ok(n) if n > 0) {}
     remove_when_empty(&dir).await;
+    Ok(())
+}
+
+/// Answers a requester whose governed cgroup is stricter than exec
+/// sessions: it stays in that cgroup (attached now if the periodic look has
+/// not done it yet), and nothing is created or removed for it.
+async fn stay_in_stricter_cgroup(
+    redirect: &Arc<Redirect>,
+    caller: crate::redirect::CallerCgroup,
+    pid: u32,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    reader: BufReader<tokio::io::Take<tokio::net::unix::OwnedReadHalf>>,
+) -> anyhow::Result<()> {
+    let Some((governed, _)) = caller.governed_by.clone() else {
+        write
+            .write_all(b"error the agent lost track of the requester's governed cgroup\n")
+            .await?;
+        return Ok(());
+    };
+    let attached = tokio::task::spawn_blocking({
+        let redirect = redirect.clone();
+        let governed = governed.clone();
+        move || redirect.ensure_governed_attached(&governed)
+    })
+    .await?;
+    if let Err(e) = attached {
+        // Moving it would loosen, leaving it would not govern: refuse.
+        write
+            .write_all(format!("error cannot govern {}: {e}\n", governed.display()).as_bytes())
+            .await?;
+        return Ok(());
+    }
+    tracing::info!(pid, cgroup = %caller.path.display(), governed_by = %governed.display(),
+        "tollgate exec: the process stays in its governed cgroup, which restricts more than exec sessions");
+    write
+        .write_all(format!("ok {}\n", caller.path.display()).as_bytes())
+        .await?;
+    let mut rest = reader.into_inner();
+    let mut sink = [0u8; 64];
+    while matches!(rest.read(&mut sink).await, Ok(n) if n > 0) {}
     Ok(())
 }
 

@@ -14,9 +14,20 @@
 //! origin records of connections in flight survive), refills them from the
 //! configuration, and keeps already pinned links instead of attaching again
 //! (re-adoption). `tollgate detach` removes the pins and so the programs.
+//!
+//! Every pin directory is root's, mode 0700, checked at every start (see
+//! `pins`): a pin in a directory another user controls could be removed by
+//! that user, detaching the programs behind the agent's back. What is
+//! attached is reported from the kernel (see `attachments`), not inferred
+//! from the pins.
 
+mod attachments;
 pub mod cgroup;
+mod pins;
 mod targets;
+
+pub use attachments::{KernelAttachment, KernelProgram};
+pub use pins::PinDirError;
 
 use std::collections::HashSet;
 use std::fs;
@@ -82,6 +93,9 @@ pub enum RedirectError {
     /// A missing kernel feature.
     #[error("{0}")]
     Kernel(String),
+    /// A pin directory another user could tamper with.
+    #[error(transparent)]
+    PinDir(#[from] PinDirError),
     /// Anything else, with context.
     #[error("{context}: {source}")]
     Other {
@@ -131,6 +145,9 @@ fn classify(action: &str, e: impl std::error::Error + Send + Sync + 'static) -> 
 /// One loaded copy of the programs, for one mode.
 struct Instance {
     mode: UnlistedPolicy,
+    /// `redirect.pin_dir`, the top of the checked pin directories.
+    pin_root: PathBuf,
+    /// `<pin_root>/<mode>`.
     dir: PathBuf,
     /// The loaded programs, used to attach to cgroups that appear later.
     ebpf: Mutex<Ebpf>,
@@ -139,6 +156,13 @@ struct Instance {
     origins: Mutex<HashMap<MapData, OriginKey, ConnectOrigin>>,
     stats: PerCpuArray<MapData, u64>,
     attached: Mutex<Vec<AttachedCgroup>>,
+    /// Kernel ids of this mode's programs: those loaded by this agent and
+    /// those behind links it re-adopted, to recognise them in the kernel's
+    /// answer to "what is attached to this cgroup".
+    own_programs: Mutex<HashSet<u32>>,
+    /// Ids of attached cgroups on which the kernel was last seen without the
+    /// agent's programs, so that a detachment is logged once, not every look.
+    seen_detached: Mutex<HashSet<u64>>,
 }
 
 /// A cgroup with the programs attached.
@@ -152,6 +176,27 @@ pub struct AttachedCgroup {
     pub unlisted: &'static str,
     /// Whether pinned links from an earlier run were kept.
     pub readopted: bool,
+}
+
+/// A governed cgroup in the status report: what the agent attached, and
+/// what the kernel says is attached now.
+#[derive(Debug, Clone, Serialize)]
+pub struct CgroupStatus {
+    /// What the agent attached (or re-adopted).
+    #[serde(flatten)]
+    pub attached: AttachedCgroup,
+    /// The kernel's view, queried for this report.
+    pub kernel: KernelAttachment,
+}
+
+/// Where a process runs, as far as the redirect is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerCgroup {
+    /// The process's cgroup, from `/proc/<pid>/cgroup`.
+    pub path: PathBuf,
+    /// The strictest governed cgroup it is in (itself or an ancestor), with
+    /// that cgroup's mode; `None` when it is governed by none.
+    pub governed_by: Option<(PathBuf, UnlistedPolicy)>,
 }
 
 /// Counters kept by the kernel programs, summed over CPUs.
@@ -178,6 +223,8 @@ pub struct Redirect {
     pub cgroup_root: PathBuf,
     /// Where `tollgate exec` sessions' cgroups are created.
     pub exec_root: PathBuf,
+    /// The mode of `exec_root`.
+    pub exec_unlisted: UnlistedPolicy,
     /// The pin directory.
     pub pin_dir: PathBuf,
 }
@@ -264,6 +311,7 @@ impl Redirect {
             };
             instances.push(Instance::start(
                 mode,
+                &settings.pin_dir,
                 &dir,
                 config_value,
                 &entries,
@@ -275,6 +323,7 @@ impl Redirect {
             instances,
             cgroup_root,
             exec_root,
+            exec_unlisted: settings.exec_unlisted,
             pin_dir: settings.pin_dir,
         })
     }
@@ -293,6 +342,7 @@ impl Redirect {
                 }
             }
             instance.forget_vanished();
+            instance.report_kernel_detachments();
         }
         newly
     }
@@ -300,25 +350,63 @@ impl Redirect {
     /// Makes sure the cgroup process `pid` runs in is attached, if it is a
     /// configured governed cgroup; returns that cgroup.
     pub fn attach_for_pid(&self, pid: u32) -> Result<PathBuf, String> {
-        let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .map_err(|e| format!("cannot read the cgroup of process {pid}: {e}"))?;
-        let relative = text
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .ok_or_else(|| format!("process {pid} is in no cgroup v2 cgroup"))?;
-        let path = cgroup::resolve(&self.cgroup_root, Path::new(relative.trim()));
+        let path = self.cgroup_of_pid(pid)?;
+        self.ensure_governed_attached(&path)?;
+        Ok(path)
+    }
+
+    /// Makes sure a configured governed cgroup (or the exec cgroup) has the
+    /// programs attached, attaching them now if the periodic look has not yet.
+    pub fn ensure_governed_attached(&self, path: &Path) -> Result<(), String> {
         let instance = self
             .instances
             .iter()
-            .find(|i| i.wanted.contains(&path))
+            .find(|i| i.wanted.iter().any(|w| w == path))
             .ok_or_else(|| {
                 format!(
                     "{} is not a governed [[cgroup]] of this agent",
                     path.display()
                 )
             })?;
-        instance.ensure_attached(&path).map_err(|e| e.to_string())?;
-        Ok(path)
+        instance.ensure_attached(path).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// The cgroup process `pid` runs in, as the kernel reports it in
+    /// `/proc/<pid>/cgroup`, and the strictest governed cgroup holding it
+    /// (itself or an ancestor: programs attached to an ancestor apply to
+    /// every cgroup below it).
+    pub fn caller_cgroup(&self, pid: u32) -> Result<CallerCgroup, String> {
+        let path = self.cgroup_of_pid(pid)?;
+        let governed = self
+            .instances
+            .iter()
+            .flat_map(|i| i.wanted.iter().map(move |w| (w.as_path(), i.mode)));
+        let governed_by = strictest_holding(&path, governed);
+        Ok(CallerCgroup { path, governed_by })
+    }
+
+    /// Whether moving `caller` into a `tollgate exec` session would let it
+    /// reach more than it can where it is: its governed cgroup denies
+    /// unlisted destinations and exec sessions pass them.
+    pub fn exec_would_loosen(&self, caller: &CallerCgroup) -> bool {
+        caller
+            .governed_by
+            .as_ref()
+            .is_some_and(|(_, mode)| strictness(*mode) > strictness(self.exec_unlisted))
+    }
+
+    fn cgroup_of_pid(&self, pid: u32) -> Result<PathBuf, String> {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_err(|e| format!("cannot read the cgroup of process {pid}: {e}"))?;
+        let relative = text
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| format!("process {pid} is in no cgroup v2 cgroup"))?;
+        Ok(cgroup::resolve(
+            &self.cgroup_root,
+            Path::new(relative.trim()),
+        ))
     }
 
     /// Takes (reads and removes) the kernel's record of the connection whose
@@ -378,6 +466,33 @@ impl Redirect {
             .collect()
     }
 
+    /// The cgroups the agent attached, each with what the kernel says is
+    /// attached to it right now (one `BPF_PROG_QUERY` per attach point).
+    pub fn attachments(&self) -> Vec<CgroupStatus> {
+        let names = attachments::program_names();
+        let mut out = Vec::new();
+        for instance in &self.instances {
+            let ours = instance
+                .own_programs
+                .lock()
+                .map(|o| o.clone())
+                .unwrap_or_default();
+            let attached = instance
+                .attached
+                .lock()
+                .map(|a| a.clone())
+                .unwrap_or_default();
+            for a in attached {
+                let kernel = attachments::kernel_view(&a.path, &ours, &names);
+                out.push(CgroupStatus {
+                    attached: a,
+                    kernel,
+                });
+            }
+        }
+        out
+    }
+
     /// Every pinned file under the pin directory.
     pub fn pinned(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
@@ -400,12 +515,41 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     };
     for e in entries.flatten() {
         let p = e.path();
-        if p.is_dir() {
+        // The entry's own type: a symlink is listed, never followed.
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
             walk(&p, out);
         } else {
             out.push(p);
         }
     }
+}
+
+/// How much a mode restricts: a `tollgate exec` session must never end up
+/// in a mode that restricts less than the one its caller was in.
+fn strictness(mode: UnlistedPolicy) -> u8 {
+    match mode {
+        UnlistedPolicy::Pass => 0,
+        UnlistedPolicy::Deny => 1,
+    }
+}
+
+/// Of the `governed` cgroups that hold `cgroup` (it or an ancestor), the one
+/// with the strictest mode; the first of equals.
+fn strictest_holding<'a>(
+    cgroup: &Path,
+    governed: impl Iterator<Item = (&'a Path, UnlistedPolicy)>,
+) -> Option<(PathBuf, UnlistedPolicy)> {
+    let mut found: Option<(PathBuf, UnlistedPolicy)> = None;
+    for (path, mode) in governed {
+        let stricter = found
+            .as_ref()
+            .is_none_or(|(_, m)| strictness(mode) > strictness(*m));
+        // Component-wise: /ci/jobs holds /ci/jobs/step, not /ci/jobs2.
+        if cgroup.starts_with(path) && stricter {
+            found = Some((path.to_path_buf(), mode));
+        }
+    }
+    found
 }
 
 fn mode_name(mode: UnlistedPolicy) -> &'static str {
@@ -467,24 +611,31 @@ fn remove_empty_dirs(dir: &Path) {
 }
 
 /// Makes sure `pin_dir` lives on a mounted bpffs, mounting one at
-/// /sys/fs/bpf when none is there.
+/// /sys/fs/bpf when none is there, and that it is a directory only root
+/// controls.
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
-    let on_bpffs = pin_dir.ancestors().any(cgroup::is_bpffs);
-    if on_bpffs {
-        return fs::create_dir_all(pin_dir)
-            .map_err(|e| io_error(format!("cannot create {}", pin_dir.display()), e));
+    if let Some(mount_point) = pin_dir.ancestors().find(|a| cgroup::is_bpffs(a)) {
+        if pins::world_writable(mount_point) {
+            tracing::warn!(
+                mount = %mount_point.display(),
+                "bpffs is writable by every user (mounted without mode=); other users can pin objects there and squat pin directories; mount it with -o mode=0700 at boot (fstab or a mount unit) at {}",
+                mount_point.display()
+            );
+        }
+        return secure_pin_root(pin_dir);
     }
     let mount_point = Path::new("/sys/fs/bpf");
     if pin_dir.starts_with(mount_point) {
         let _ = fs::create_dir_all(mount_point);
+        // mode=0700: without it the kernel makes the mount 1777, and any
+        // user could squat pin directories in it.
         let status = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
+            .args(["-t", "bpf", "-o", "mode=0700", "bpf"])
             .arg(mount_point)
             .status();
         if matches!(status, Ok(s) if s.success()) {
-            tracing::info!("mounted bpffs at /sys/fs/bpf");
-            return fs::create_dir_all(pin_dir)
-                .map_err(|e| io_error(format!("cannot create {}", pin_dir.display()), e));
+            tracing::info!("mounted bpffs at /sys/fs/bpf (mode 0700)");
+            return secure_pin_root(pin_dir);
         }
     }
     Err(RedirectError::Kernel(format!(
@@ -493,9 +644,18 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
     )))
 }
 
+/// Makes or checks the pin root, then checks what leads to it (after, so
+/// that directories made on the way are judged as they ended up).
+fn secure_pin_root(pin_dir: &Path) -> Result<(), RedirectError> {
+    pins::ensure_secure_dirs(pin_dir, pin_dir, pins::Owner::agent())?;
+    pins::check_ancestors(pin_dir, pins::Owner::agent())?;
+    Ok(())
+}
+
 impl Instance {
     fn start(
         mode: UnlistedPolicy,
+        pin_root: &Path,
         dir: &Path,
         config_value: RedirectConfig,
         entries: &[targets::TrieEntry],
@@ -503,8 +663,7 @@ impl Instance {
         cgroups: &[&PathBuf],
     ) -> Result<Instance, RedirectError> {
         let maps_dir = dir.join("maps");
-        fs::create_dir_all(&maps_dir)
-            .map_err(|e| io_error(format!("cannot create {}", maps_dir.display()), e))?;
+        pins::ensure_secure_dirs(pin_root, &maps_dir, pins::Owner::agent())?;
         let map_paths: Vec<(&str, PathBuf)> =
             PINNED_MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
@@ -533,6 +692,20 @@ impl Instance {
             };
             result.map_err(|e| classify(&format!("load program {name}"), e))?;
         }
+        let mut own_programs = HashSet::new();
+        for name in PROGRAM_NAMES {
+            let info = match ebpf.program(name) {
+                Some(aya::programs::Program::CgroupSockAddr(p)) => p.info(),
+                Some(aya::programs::Program::SockOps(p)) => p.info(),
+                _ => continue,
+            };
+            match info {
+                Ok(info) => {
+                    own_programs.insert(info.id());
+                }
+                Err(e) => tracing::warn!("cannot read the kernel id of program {name}: {e}"),
+            }
+        }
 
         let mut attached = Vec::new();
         for path in cgroups {
@@ -542,7 +715,9 @@ impl Instance {
                 tracing::warn!(cgroup = %path.display(), "governed cgroup does not exist yet; it is attached as soon as it appears");
                 continue;
             }
-            attached.push(attach_cgroup(&mut ebpf, mode, dir, path)?);
+            let (entry, program_ids) = attach_cgroup(&mut ebpf, mode, pin_root, dir, path)?;
+            own_programs.extend(program_ids);
+            attached.push(entry);
         }
 
         let origins_map = ebpf
@@ -556,12 +731,15 @@ impl Instance {
         let stats = PerCpuArray::try_from(stats_map).map_err(|e| classify("open map STATS", e))?;
         Ok(Instance {
             mode,
+            pin_root: pin_root.to_path_buf(),
             dir: dir.to_path_buf(),
             ebpf: Mutex::new(ebpf),
             wanted: cgroups.iter().map(|p| p.to_path_buf()).collect(),
             origins: Mutex::new(origins),
             stats,
             attached: Mutex::new(attached),
+            own_programs: Mutex::new(own_programs),
+            seen_detached: Mutex::new(HashSet::new()),
         })
     }
 }
@@ -637,10 +815,45 @@ impl Instance {
             .ebpf
             .lock()
             .map_err(|_| RedirectError::Kernel("program state poisoned".into()))?;
-        let entry = attach_cgroup(&mut ebpf, self.mode, &self.dir, path)?;
+        let (entry, program_ids) =
+            attach_cgroup(&mut ebpf, self.mode, &self.pin_root, &self.dir, path)?;
+        if let Ok(mut own) = self.own_programs.lock() {
+            own.extend(program_ids);
+        }
         attached.retain(|a| a.path != path);
         attached.push(entry);
         Ok(true)
+    }
+
+    /// Logs, once per change, a governed cgroup on which the kernel no longer
+    /// has this agent's programs (its pins were removed, or root detached
+    /// them), and one on which they are back.
+    fn report_kernel_detachments(&self) {
+        let ours = self
+            .own_programs
+            .lock()
+            .map(|o| o.clone())
+            .unwrap_or_default();
+        let attached = self.attached.lock().map(|a| a.clone()).unwrap_or_default();
+        let Ok(mut seen) = self.seen_detached.lock() else {
+            return;
+        };
+        let no_names = std::collections::HashMap::new();
+        for a in attached {
+            let view = attachments::kernel_view(&a.path, &ours, &no_names);
+            if view.state == "attached" {
+                if seen.remove(&a.id) {
+                    tracing::info!(cgroup = %a.path.display(), "the kernel has the redirect programs on the governed cgroup again");
+                }
+            } else if seen.insert(a.id) {
+                tracing::warn!(
+                    cgroup = %a.path.display(),
+                    kernel_state = %view.state,
+                    error = view.error.as_deref().unwrap_or(""),
+                    "the kernel no longer has the redirect programs on a governed cgroup: its pins were removed or its programs detached; restart the agent to attach them again"
+                );
+            }
+        }
     }
 
     /// Drops pinned links of cgroups that no longer exist (a restarted
@@ -721,13 +934,15 @@ fn fill_maps(
 }
 
 /// Attaches the three programs to one cgroup and pins the links, or keeps
-/// the links pinned by an earlier run.
+/// the links pinned by an earlier run. Also returns the kernel ids of the
+/// programs behind the links.
 fn attach_cgroup(
     ebpf: &mut Ebpf,
     mode: UnlistedPolicy,
+    pin_root: &Path,
     dir: &Path,
     cgroup_dir: &Path,
-) -> Result<AttachedCgroup, RedirectError> {
+) -> Result<(AttachedCgroup, Vec<u32>), RedirectError> {
     let id = cgroup::cgroup_id(cgroup_dir).map_err(|e| {
         RedirectError::Kernel(format!(
             "cannot use cgroup {}: {e}; create it first or fix the [[cgroup]] path",
@@ -749,13 +964,28 @@ fn attach_cgroup(
         tracing::warn!(cgroup = %cgroup_dir.display(), "the cgroup changes mode; replacing its programs");
         let _ = fs::remove_dir_all(&other_links);
     }
-    let readopted = pins.iter().all(|p| PinnedLink::from_pin(p).is_ok());
-    if !readopted {
+    // Checked before its pins are trusted for re-adoption, and before new
+    // pins go in: a directory another user controls is refused.
+    pins::ensure_secure_dirs(pin_root, &links_dir, pins::Owner::agent())?;
+    let adoptable: Vec<PinnedLink> = pins
+        .iter()
+        .filter_map(|p| PinnedLink::from_pin(p).ok())
+        .collect();
+    let readopted = adoptable.len() == pins.len();
+    let mut program_ids = Vec::new();
+    if readopted {
+        for link in adoptable {
+            match FdLink::from(link).info() {
+                Ok(info) => program_ids.push(info.program_id()),
+                Err(e) => tracing::warn!("cannot read a re-adopted link's program: {e}"),
+            }
+        }
+        tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "re-adopted pinned redirect programs");
+    } else {
+        drop(adoptable);
         for p in &pins {
             let _ = fs::remove_file(p);
         }
-        fs::create_dir_all(&links_dir)
-            .map_err(|e| io_error(format!("cannot create {}", links_dir.display()), e))?;
         for (name, pin) in PROGRAM_NAMES.iter().zip(&pins) {
             let cgroup_file = fs::File::open(cgroup_dir)
                 .map_err(|e| io_error(format!("cannot open cgroup {}", cgroup_dir.display()), e))?;
@@ -786,19 +1016,23 @@ fn attach_cgroup(
                     )))
                 }
             };
+            if let Ok(info) = link.info() {
+                program_ids.push(info.program_id());
+            }
             link.pin(pin)
                 .map_err(|e| classify(&format!("pin {}", pin.display()), e))?;
         }
         tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "attached the redirect programs");
-    } else {
-        tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "re-adopted pinned redirect programs");
     }
-    Ok(AttachedCgroup {
-        path: cgroup_dir.to_path_buf(),
-        id,
-        unlisted: mode_name(mode),
-        readopted,
-    })
+    Ok((
+        AttachedCgroup {
+            path: cgroup_dir.to_path_buf(),
+            id,
+            unlisted: mode_name(mode),
+            readopted,
+        },
+        program_ids,
+    ))
 }
 
 fn attach_sock_addr(
@@ -812,10 +1046,34 @@ fn attach_sock_addr(
 
 /// Removes every pin under `pin_dir`, which detaches the programs (unless an
 /// agent still holds them). Returns what was removed.
+///
+/// `pin_dir` itself stays, emptied, when it is the agent's own (a directory
+/// only the agent's user can change): on a bpffs every user may write to,
+/// removing it would let another user take the name before the next start.
+/// Anything else at that path (another user's directory, a symlink, a
+/// file) is removed entirely, without following a symlink.
 pub fn detach(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let meta = match fs::symlink_metadata(pin_dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_dir() {
+        fs::remove_file(pin_dir)?;
+        return Ok(vec![pin_dir.to_path_buf()]);
+    }
     let mut removed = Vec::new();
     walk(pin_dir, &mut removed);
-    if pin_dir.exists() {
+    if pins::is_private_to(pin_dir, pins::Owner::agent()) {
+        for entry in fs::read_dir(pin_dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(entry.path())?;
+            } else {
+                fs::remove_file(entry.path())?;
+            }
+        }
+    } else {
         fs::remove_dir_all(pin_dir)?;
     }
     Ok(removed)
@@ -824,3 +1082,33 @@ pub fn detach(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// The unused-import guard for `SockOps` (kept for type clarity in docs).
 #[allow(dead_code)]
 fn _sockops_type(_: &SockOps) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_strictest_governed_cgroup_holding_a_process_is_found_by_ancestry() {
+        let governed = [
+            (Path::new("/cg/tollgate.exec"), UnlistedPolicy::Pass),
+            (Path::new("/cg/ci"), UnlistedPolicy::Pass),
+            (Path::new("/cg/ci/jobs"), UnlistedPolicy::Deny),
+            (Path::new("/cg/svc"), UnlistedPolicy::Pass),
+        ];
+        let find = |p: &str| strictest_holding(Path::new(p), governed.iter().copied());
+        let deny = Some((PathBuf::from("/cg/ci/jobs"), UnlistedPolicy::Deny));
+        assert_eq!(find("/cg/ci/jobs"), deny);
+        assert_eq!(find("/cg/ci/jobs/step/1"), deny, "below a deny cgroup");
+        assert_eq!(
+            find("/cg/ci/other"),
+            Some((PathBuf::from("/cg/ci"), UnlistedPolicy::Pass))
+        );
+        assert_eq!(
+            find("/cg/ci/jobs2"),
+            find("/cg/ci/other"),
+            "not a prefix match"
+        );
+        assert_eq!(find("/cg/elsewhere"), None);
+        assert_eq!(find("/cg"), None, "a parent is not held by its child");
+    }
+}
