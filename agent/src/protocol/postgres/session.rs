@@ -1246,6 +1246,10 @@ struct ClientSide<'a> {
     /// The wait for the server to be idle before this batch timed out
     /// (reset at Sync): its masked messages are refused.
     waited: Cell<bool>,
+    /// The message just refused is text the analysis could not parse,
+    /// refused by the default: the server reads it for its own syntax
+    /// error (see [`ClientSide::substitute`]).
+    server_reads_refused: Cell<bool>,
 }
 
 impl ClientSide<'_> {
@@ -1525,6 +1529,14 @@ impl ClientSide<'_> {
                 .map_or(UNPARSABLE_COMMAND, |s| &*s.command),
             (None, Analysis::Unparsable { .. }) => UNPARSABLE_COMMAND,
         };
+        // No rule refused it, only the default for text the analysis could
+        // not read: the client gets the server's own syntax error where the
+        // server has one.
+        self.server_reads_refused.set(
+            label.is_none()
+                && matches!(analysis, Analysis::Unparsable { .. })
+                && top.deciding_rule().is_none(),
+        );
         tracing::debug!(
             session = %self.ctx.id,
             transaction_status = %char::from(self.shared.tx_status.load(Ordering::Relaxed)),
@@ -2062,24 +2074,70 @@ impl ClientSide<'_> {
     }
 
     /// Writes the substitute of a refused message into `out`.
+    ///
+    /// The substitute fails on the server with an error that quotes a
+    /// marker, which the upstream pump replaces by `refusal`. For text the
+    /// analysis could not parse and no rule refused, the substitute is the
+    /// client's own text followed by [`unparsable_guard`]: the server parses
+    /// a whole message before it runs any of it, so either the client's
+    /// text has a syntax error of its own, which the server reports as it
+    /// would have (message, SQLSTATE and position, so psql prints the same
+    /// `LINE 1: ... ^`), or the server reaches the guard, which cannot
+    /// parse, and its error quotes the marker. Nothing of the text runs
+    /// either way.
     fn substitute(&mut self, tag: u8, body: &[u8], refusal: String) -> Result<(), Stop> {
-        let sql = self.shared.substitute_sql(refusal);
+        let server_reads = self.server_reads_refused.take();
         self.out.clear();
-        if tag == frontend::tag::PARSE {
-            let mut r = Reader::new("Parse", body);
-            let name = r
-                .get_cstr_bytes("statement name")
-                .map_err(Stop::protocol_violation)?;
-            let mut w = MessageWriter::new(&mut self.out, frontend::tag::PARSE);
-            w.put_cstr_bytes(name).put_cstr(&sql).put_i16(0);
-            w.finish();
+        let mut r = Reader::new(message_name(tag), body);
+        let name = if tag == frontend::tag::PARSE {
+            Some(
+                r.get_cstr_bytes("statement name")
+                    .map_err(Stop::protocol_violation)?,
+            )
         } else {
-            let mut w = MessageWriter::new(&mut self.out, frontend::tag::QUERY);
-            w.put_cstr(&sql);
-            w.finish();
+            None
+        };
+        let client_text = match tag {
+            frontend::tag::PARSE | frontend::tag::QUERY if server_reads => Some(
+                r.get_cstr_bytes("query string")
+                    .map_err(Stop::protocol_violation)?,
+            ),
+            _ => None,
+        };
+        let mut sql = Vec::new();
+        match client_text {
+            Some(text) => {
+                let marker = self.shared.register_denial(refusal);
+                sql.extend_from_slice(text);
+                sql.extend_from_slice(unparsable_guard(&marker).as_bytes());
+            }
+            None => sql.extend_from_slice(self.shared.substitute_sql(refusal).as_bytes()),
+        }
+        match name {
+            Some(name) => {
+                let mut w = MessageWriter::new(&mut self.out, frontend::tag::PARSE);
+                w.put_cstr_bytes(name).put_cstr_bytes(&sql).put_i16(0);
+                w.finish();
+            }
+            None => {
+                let mut w = MessageWriter::new(&mut self.out, frontend::tag::QUERY);
+                w.put_cstr_bytes(&sql);
+                w.finish();
+            }
         }
         Ok(())
     }
+}
+
+/// What follows refused unparsable text in its substitute: text that can
+/// never parse, whatever state the client's text leaves the lexer in, and
+/// whose syntax error quotes `marker`. It holds no quote, `$`, `*/` or
+/// backslash, so it cannot close a string, identifier, dollar quote or
+/// comment the client's text left open (the lexer then fails on that); its
+/// first newline ends a `--` comment; after `;`, two identifiers are no
+/// statement, and the marker before the `;` fails an unfinished one.
+fn unparsable_guard(marker: &str) -> String {
+    format!("\n{marker}\n;\n{marker} {marker}")
 }
 
 /// The refusal of a Parse or Bind past [`MAX_TRACKED`].
@@ -2146,6 +2204,7 @@ where
         out: Vec::new(),
         memo: RefCell::default(),
         mask_plan: RefCell::new(None),
+        server_reads_refused: Cell::new(false),
         extended_open: Cell::new(false),
         batch_open: Cell::new(false),
         prefix: RefCell::new(Vec::new()),
