@@ -4,6 +4,7 @@
 
 mod cli;
 mod drivers;
+mod gate;
 mod listener;
 mod masking;
 mod postgres;

@@ -1363,7 +1363,10 @@ impl ClientSide<'_> {
                 if header.message(data).is_none() {
                     return Ok(Step::Need(header.len));
                 }
-                self.extended_open.set(true);
+                // A Flush asks the server to send what it has; it creates
+                // nothing to answer, so it neither opens a batch nor makes
+                // one pipelined (psycopg ends every pipeline and
+                // `executemany` with Sync then Flush).
                 Ok(Step::Forward(header.len))
             }
             BIND => {
