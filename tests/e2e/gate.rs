@@ -28,7 +28,8 @@ tables = ["secrets"]
 const SCHEMA: &str = "create table customers (id int primary key, name text, email text);
 insert into customers values (1, 'Ada', 'ada@example.com'), (2, 'Alan', 'alan@example.com');
 create table orders (id int primary key, customer_id int, total numeric);
-create table secrets (id int, value text); insert into secrets values (1, 'hunter2');";
+create table secrets (id int, value text); insert into secrets values (1, 'hunter2');
+create table notes (id int, body text); insert into notes values (1, 'first'), (2, 'second');";
 
 fn setup() -> Governed {
     Governed::start(POLICY, SCHEMA, "")
@@ -135,4 +136,300 @@ fn a_raw_sync_and_flush_then_a_masked_batch_is_masked_not_refused() {
         g.server("select string_agg(id::text, ',' order by id) from orders"),
         "30,31"
     );
+}
+
+/// Sends one simple Query on a raw session and reads its answer.
+fn raw_query(s: &mut RawSession, sql: &str) -> Vec<(u8, Vec<u8>)> {
+    s.send(&pg_wire::query(sql));
+    s.read_until_ready(1)
+}
+
+/// The one refusal in `got`: its message, after checking it is 42501.
+fn refusal(got: &[(u8, Vec<u8>)]) -> String {
+    let errors = pg_wire::errors(got);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "42501", "{errors:?}");
+    errors[0].1.clone()
+}
+
+/// Why a statement run by EXECUTE under EXPLAIN or CREATE TABLE AS is
+/// refused when it needs masking.
+const WRAPPED: &str = "requires masking by rule \"mask-contact\" (contact details are personal data), and it runs a prepared statement whose rows would go where masking cannot see them";
+
+/// Why an EXECUTE of a name the proxy never saw prepared is refused.
+const UNKNOWN: &str = "was not prepared through the proxy in this session";
+
+/// A statement prepared by Parse and run by a SQL EXECUTE, in every
+/// spelling, is decided as the statement it runs: masked when run alone,
+/// refused where its rows would escape masking; and a name the proxy never
+/// saw prepared fails closed.
+#[test]
+fn a_sql_execute_of_a_statement_prepared_by_parse_is_decided_as_that_statement() {
+    let g = setup();
+    let mut s = RawSession::start(g.addr());
+    s.send(
+        &[
+            pg_wire::parse("leak", "SELECT id, email FROM customers ORDER BY id"),
+            pg_wire::sync(),
+        ]
+        .concat(),
+    );
+    assert_eq!(pg_wire::errors(&s.read_until_ready(1)), vec![]);
+    let masked = ["1|****", "2|****"];
+
+    // Alone, as a Query: the prepared statement's rows, masked.
+    let got = raw_query(&mut s, "EXECUTE leak");
+    assert_eq!(pg_wire::errors(&got), vec![]);
+    assert_eq!(pg_wire::rows(&got), masked);
+    // Among other statements of one Query.
+    let got = raw_query(
+        &mut s,
+        "select 'x'; execute LEAK; select email from customers where id = 2",
+    );
+    assert_eq!(pg_wire::errors(&got), vec![]);
+    assert_eq!(pg_wire::rows(&got), ["x", "1|****", "2|****", "****"]);
+    // Alone, sent by Parse (as psycopg sends `EXECUTE leak`).
+    s.send(
+        &[
+            pg_wire::parse("", "EXECUTE leak"),
+            pg_wire::bind("", "", &[]),
+            pg_wire::describe_portal(""),
+            pg_wire::execute(""),
+            pg_wire::sync(),
+        ]
+        .concat(),
+    );
+    let got = s.read_until_ready(1);
+    assert_eq!(pg_wire::errors(&got), vec![]);
+    assert_eq!(pg_wire::rows(&got), masked);
+
+    // Where the rows would go elsewhere: refused, and nothing ran.
+    for (sql, command) in [
+        (
+            "CREATE TABLE copied AS EXECUTE leak",
+            "CREATE TABLE AS EXECUTE",
+        ),
+        ("EXPLAIN EXECUTE leak", "EXPLAIN EXECUTE"),
+        ("EXPLAIN ANALYZE EXECUTE leak", "EXPLAIN ANALYZE EXECUTE"),
+        (
+            "EXPLAIN (ANALYZE, VERBOSE) EXECUTE leak",
+            "EXPLAIN ANALYZE EXECUTE",
+        ),
+    ] {
+        let message = refusal(&raw_query(&mut s, sql));
+        assert_eq!(message, format!("tollgate: {command} {WRAPPED} (EXPLAIN, CREATE TABLE AS); run EXECUTE alone; refused"), "{sql}");
+    }
+    s.send(
+        &[
+            pg_wire::parse("", "CREATE TABLE copied AS EXECUTE leak"),
+            pg_wire::bind("", "", &[]),
+            pg_wire::execute(""),
+            pg_wire::sync(),
+        ]
+        .concat(),
+    );
+    assert!(refusal(&s.read_until_ready(1)).contains(WRAPPED));
+    assert_eq!(g.server("select to_regclass('copied') is null"), "t");
+
+    // A name the proxy never saw prepared: refused, whether it does not
+    // exist or a DO block prepared it where the proxy cannot see.
+    assert!(refusal(&raw_query(&mut s, "EXECUTE nosuch")).contains(UNKNOWN));
+    let got = raw_query(
+        &mut s,
+        "DO $$ BEGIN EXECUTE 'PREPARE hidden AS SELECT id, email FROM customers ORDER BY id'; END $$",
+    );
+    assert_eq!(pg_wire::errors(&got), vec![]);
+    for sql in ["EXECUTE hidden", "CREATE TABLE copied AS EXECUTE hidden"] {
+        let message = refusal(&raw_query(&mut s, sql));
+        assert_eq!(message, format!("tollgate: EXECUTE of prepared statement \"hidden\" refused: it was not prepared through the proxy in this session (it does not exist, or a function or DO block prepared it), so what it runs cannot be decided"), "{sql}");
+    }
+    // Bound by the extended protocol: refused too.
+    s.send(
+        &[
+            pg_wire::bind("", "hidden", &[]),
+            pg_wire::execute(""),
+            pg_wire::sync(),
+        ]
+        .concat(),
+    );
+    let got = s.read_until_ready(1);
+    assert!(refusal(&got).contains("Bind of prepared statement \"hidden\" refused"));
+    assert_eq!(pg_wire::rows(&got), Vec::<String>::new());
+    assert_eq!(g.server("select to_regclass('copied') is null"), "t");
+
+    // In a transaction block a refusal fails the block, as the server's
+    // own error would; the session goes on.
+    assert_eq!(pg_wire::statuses(&raw_query(&mut s, "BEGIN")), "T");
+    let got = raw_query(&mut s, "EXECUTE hidden");
+    assert!(refusal(&got).contains(UNKNOWN));
+    assert_eq!(pg_wire::statuses(&got), "E");
+    assert_eq!(
+        raw_query(&mut s, "select 1").first().map(|m| m.0),
+        Some(b'E')
+    );
+    assert_eq!(pg_wire::statuses(&raw_query(&mut s, "ROLLBACK")), "I");
+
+    // A PREPARE of the name pipelined in front of the EXECUTE fails on the
+    // server (the name exists), so the EXECUTE runs the masked statement:
+    // both are decided, and the rows are masked.
+    s.send(
+        &[
+            pg_wire::query("PREPARE leak AS SELECT 1, 'plain'"),
+            pg_wire::query("EXECUTE leak"),
+        ]
+        .concat(),
+    );
+    let got = s.read_until_ready(2);
+    let errors = pg_wire::errors(&got);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "42P05", "{errors:?}");
+    assert_eq!(pg_wire::rows(&got), masked);
+
+    assert_eq!(s.query("select 1"), Ok(vec!["1".to_owned()]));
+}
+
+/// Statements prepared with SQL PREPARE in a psql session are decided at
+/// every EXECUTE under the policy of the moment: a reload that masks or
+/// denies what they read masks or refuses their EXECUTEs on the same
+/// connection.
+#[test]
+fn a_sql_execute_is_decided_under_the_policy_of_the_moment() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+
+    let g = setup();
+    psql(g.port, "insert into orders values (1, 1, 10)").unwrap();
+    let mut child = Command::new(pg_tool("psql"))
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=0"])
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .args(["-p", &g.port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    writeln!(
+        stdin,
+        "PREPARE bodies AS SELECT id, body FROM notes ORDER BY id;\n\
+         PREPARE totals AS SELECT total FROM orders;\n\
+         EXECUTE bodies;\nEXECUTE totals;\n\\echo prepared"
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    let mut before = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert_ne!(
+            stdout.read_line(&mut line).unwrap(),
+            0,
+            "psql ended: {before:?}"
+        );
+        if line.trim_end() == "prepared" {
+            break;
+        }
+        before.push(line.trim_end().to_owned());
+    }
+    assert_eq!(before, ["1|first", "2|second", "10"]);
+
+    let stricter = format!(
+        "{POLICY}\n[[rule]]\nname = \"mask-bodies\"\naction = \"mask\"\nmask_columns = [\"notes.body\"]\n\n\
+         [[rule]]\nname = \"orders-closed\"\naction = \"deny\"\nmessage = \"orders are closed\"\n[rule.match]\ntables = [\"orders\"]\n"
+    );
+    std::fs::write(g.policy.path(), stricter).unwrap();
+    send_signal(g.agent.child.id(), libc::SIGHUP);
+    g.agent
+        .wait_for_log(
+            |l| l["message"] == "policy reloaded",
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
+
+    writeln!(
+        stdin,
+        "EXECUTE bodies;\n\
+         EXECUTE totals;\n\
+         CREATE TABLE copied AS EXECUTE bodies;\n\
+         EXPLAIN ANALYZE EXECUTE totals;\n\
+         BEGIN; EXECUTE totals; COMMIT;\n\
+         EXECUTE bodies;\n\\echo done"
+    )
+    .unwrap();
+    drop(stdin);
+    let status = wait_timeout(&mut child, std::time::Duration::from_secs(20)).expect("psql ends");
+    let mut after = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut after).unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(
+        after.lines().collect::<Vec<_>>(),
+        ["1|****", "2|****", "1|****", "2|****", "done"],
+        "{stderr}"
+    );
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| l.split_once("ERROR:  ").map(|(_, e)| e))
+        .collect();
+    let denied = "tollgate: EXECUTE denied by rule \"orders-closed\": orders are closed";
+    assert_eq!(
+        errors,
+        [
+            denied,
+            "tollgate: CREATE TABLE AS EXECUTE requires masking by rule \"mask-bodies\", and it runs a prepared statement whose rows would go where masking cannot see them (EXPLAIN, CREATE TABLE AS); run EXECUTE alone; refused",
+            "tollgate: EXPLAIN ANALYZE EXECUTE denied by rule \"orders-closed\": orders are closed",
+            denied,
+        ],
+        "{stderr}"
+    );
+    // The refused statements did not run; the refused transaction was
+    // rolled back by its COMMIT, as after the server's own error.
+    assert_eq!(g.server("select to_regclass('copied') is null"), "t");
+}
+
+/// psycopg 3 with stock code: `prepare=True` prepares a statement by Parse,
+/// and `EXECUTE` of its name through the same driver is masked or refused
+/// as that statement.
+#[test]
+fn psycopg_execute_of_its_own_prepared_statement_is_masked() {
+    let g = setup();
+    let script = format!(
+        r#"
+import psycopg
+conn = psycopg.connect("host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True)
+cur = conn.cursor()
+cur.execute("select id, email from customers where id = %s", (1,), prepare=True)
+print(cur.fetchall())
+name = conn.execute("select name from pg_prepared_statements where not from_sql").fetchone()[0]
+cur.execute(f"EXECUTE {{name}}(2)")
+print(cur.fetchall())
+for sql in [f"CREATE TABLE copied AS EXECUTE {{name}}(1)", f"EXPLAIN ANALYZE EXECUTE {{name}}(1)"]:
+    try:
+        cur.execute(sql)
+        print("ran", sql)
+    except psycopg.errors.InsufficientPrivilege as e:
+        print(e.sqlstate, "refused")
+print(conn.execute("select 1").fetchone())
+"#,
+        port = g.port
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let stdout = succeeded(&out);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "[(1, '****')]",
+            "[(2, '****')]",
+            "42501 refused",
+            "42501 refused",
+            "(1,)"
+        ],
+        "{stdout}"
+    );
+    assert_eq!(g.server("select to_regclass('copied') is null"), "t");
 }

@@ -139,6 +139,17 @@ const ENCODING_OTHER: u8 = 2;
 /// statement) is refused.
 const MASK_EXTENDED: &str = "a statement prepared before the policy masked it is not masked when it runs again; prepare it again";
 
+/// Why the statement run by an `EXECUTE` under `EXPLAIN` or `CREATE TABLE
+/// ... AS` is refused when a `mask` rule applies to it.
+const MASK_EXECUTE_WRAPPED: &str = "it runs a prepared statement whose rows would go where masking cannot see them (EXPLAIN, CREATE TABLE AS); run EXECUTE alone";
+
+/// Why an `EXECUTE` prepared by Parse is refused when the statement it
+/// runs needs masking that its Parse did not plan for.
+const MASK_EXECUTE_CHANGED: &str = "the prepared statement it runs needs masking that was not planned when the EXECUTE was prepared (it was prepared again since); prepare the EXECUTE again";
+
+/// Statements reached through `EXECUTE`s of `EXECUTE`s at most.
+const MAX_EXECUTE_DEPTH: usize = 8;
+
 /// How long a batch start waits for the server to answer what was sent
 /// before it (see [`ClientSide::must_wait`]); then a masked statement in it
 /// is refused.
@@ -1312,6 +1323,7 @@ impl ClientSide<'_> {
                     self.expect(Expect::Complete)?;
                 } else {
                     self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                    self.shared.prepared().batch_sent();
                 }
                 match decided {
                     None if self.mask_plan.get_mut().is_some() => {
@@ -1338,6 +1350,7 @@ impl ClientSide<'_> {
                     return Ok(Step::Need(header.len));
                 }
                 self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                self.shared.prepared().batch_sent();
                 self.extended_open.set(false);
                 self.expect(Expect::Sync)?;
                 self.batch_open.set(false);
@@ -1457,8 +1470,10 @@ impl ClientSide<'_> {
             tracing::warn!(session = %self.ctx.id, "refused: a statement prepared under a name reserved for masking");
             return Ok(Some(RESERVED_STATEMENT_NAME.to_owned()));
         }
-        let maskable = tag == QUERY || tag == PARSE;
-        let mut refusal = self.decide_with_executed(&policy, &text, &analysis, &ops, maskable);
+        // A FunctionCall's result is not masked.
+        let unmaskable = (tag == FUNCTION_CALL).then_some(MASK_EXTENDED);
+        let mut refusal =
+            self.decide_with_executed(&policy, &text, &analysis, &ops, None, unmaskable);
         if refusal.is_some() {
             self.mask_plan.take();
         }
@@ -1472,7 +1487,11 @@ impl ClientSide<'_> {
             }
         }
         if tag == QUERY && refusal.is_none() && !ops.is_empty() {
-            return Ok(self.sql_sent(&policy, &ops));
+            let refusal = self.sql_sent(&policy, &ops);
+            if refusal.is_some() {
+                self.mask_plan.take();
+            }
+            return Ok(refusal);
         }
         if tag == PARSE && refusal.is_none() {
             let mut prepared = self.shared.prepared();
@@ -1497,15 +1516,16 @@ impl ClientSide<'_> {
 
     /// Decides analysed text under `policy` and reports the decisions;
     /// `Some(message for the client)` when refused, naming `label` (when
-    /// given) rather than the refused statement's command. `maskable`: the
-    /// text is a fresh Query or Parse, whose result can be masked.
+    /// given) rather than the refused statement's command. `unmaskable`:
+    /// why the result cannot be masked, `None` for a fresh Query or Parse,
+    /// whose result can.
     fn decide_labelled(
         &self,
         policy: &crate::policy::PolicySet,
         text: &str,
         analysis: &Analysis,
         label: Option<&str>,
-        maskable: bool,
+        unmaskable: Option<&'static str>,
     ) -> Option<String> {
         let decisions =
             self.memo
@@ -1513,7 +1533,7 @@ impl ClientSide<'_> {
                 .decide(policy, &self.ctx.target, self.identity, text, analysis);
         let top = most_restrictive(&decisions);
         if top.is_some_and(|d| d.action == Action::Mask) {
-            let refusal = self.plan_mask(&decisions, analysis, label, maskable);
+            let refusal = self.plan_mask(&decisions, analysis, label, unmaskable);
             self.report(text, analysis, &decisions, refusal.is_some());
             return refusal;
         }
@@ -1537,15 +1557,16 @@ impl ClientSide<'_> {
     }
 
     /// A message with statements a `mask` rule applies to: in a fresh
-    /// Query or Parse (`maskable`) whose masked statements are all queries
-    /// that write nothing, the plan for its answer is kept in `mask_plan`;
-    /// anything else is refused, saying why (`label` names an `EXECUTE`).
+    /// Query or Parse (`unmaskable` is `None`) whose masked statements are
+    /// all queries that write nothing, the plan for its answer is kept in
+    /// `mask_plan`; anything else is refused, saying why (`label` names an
+    /// `EXECUTE`).
     fn plan_mask(
         &self,
         decisions: &[Decision],
         analysis: &Analysis,
         label: Option<&str>,
-        maskable: bool,
+        unmaskable: Option<&'static str>,
     ) -> Option<String> {
         let statements = match analysis {
             Analysis::Parsed { statements } => statements.as_slice(),
@@ -1566,9 +1587,7 @@ impl ClientSide<'_> {
             let command = label
                 .or(statement.map(|s| &*s.command))
                 .unwrap_or(UNPARSABLE_COMMAND);
-            let why = decision
-                .mask_obstacle(statement)
-                .or_else(|| (!maskable).then_some(MASK_EXTENDED));
+            let why = decision.mask_obstacle(statement).or(unmaskable);
             if let Some(why) = why {
                 return Some(decision.mask_refused_message(command, why));
             }
@@ -1711,26 +1730,41 @@ impl ClientSide<'_> {
     }
 
     /// Decides analysed text (its prepared-statement operations `ops`)
-    /// under `policy`, then every named statement it `EXECUTE`s that an
-    /// earlier policy allowed, as that statement was decided when prepared
-    /// (a refusal names `EXECUTE`); `Some(message)` when refused.
+    /// under `policy`, then, every time, each named statement it
+    /// `EXECUTE`s by that statement's own analysis (a refusal names
+    /// `EXECUTE`); `Some(message)` when refused. A lone `EXECUTE` of a
+    /// masked statement adds that statement's masking to `mask_plan` at the
+    /// `EXECUTE`'s place (its rows are the statement's rows); under
+    /// `EXPLAIN` or `CREATE TABLE ... AS` it is refused. An `EXECUTE` of a
+    /// name the session never saw prepared fails closed when any rule
+    /// could apply. `via` is the `EXECUTE` that runs the text, if one does
+    /// (its refusals name that `EXECUTE`).
     fn decide_with_executed(
         &self,
         policy: &Arc<crate::policy::PolicySet>,
         text: &str,
         analysis: &Analysis,
         ops: &[(SqlOp, &crate::sql::StatementSummary)],
-        maskable: bool,
+        via: Option<Executed<'_>>,
+        unmaskable: Option<&'static str>,
     ) -> Option<String> {
-        if let Some(refusal) = self.decide_labelled(policy, text, analysis, None, maskable) {
+        let (label, depth) = via.map_or((None, 0), |v| (Some(v.label), v.depth));
+        if let Some(refusal) = self.decide_labelled(policy, text, analysis, label, unmaskable) {
             return Some(refusal);
         }
-        for (i, (op, _)) in ops.iter().enumerate() {
+        let statements = match analysis {
+            Analysis::Parsed { statements } => statements.as_slice(),
+            Analysis::Unparsable { .. } => &[],
+        };
+        // The text's own masking; the executed statements' is added to it.
+        let mut plan = self.mask_plan.borrow_mut().take();
+        for (i, (op, statement)) in ops.iter().enumerate() {
             let SqlOp::Execute(name) = op else {
                 continue;
             };
             // Prepared earlier in the same text (and decided with it), or
-            // deallocated there (the server fails the EXECUTE).
+            // deallocated there (the server fails the EXECUTE): the server
+            // stops a Query at its first error, so nothing older runs.
             let replaced = ops.iter().take(i).any(|(earlier, _)| match earlier {
                 SqlOp::Prepare(n) | SqlOp::Deallocate(n) => n == name,
                 SqlOp::DeallocateAll => true,
@@ -1739,24 +1773,85 @@ impl ClientSide<'_> {
             if replaced {
                 continue;
             }
-            let Some(decided) = self.shared.prepared().statement(name).cloned() else {
-                continue;
+            let shown = String::from_utf8_lossy(name);
+            let candidates = self.shared.prepared().candidates(name);
+            if candidates.is_empty() {
+                // With no rule, the default decides every statement alike,
+                // and it decided this one above.
+                if policy.rule_count() == 0 {
+                    continue;
+                }
+                tracing::warn!(session = %self.ctx.id, statement = %shown, "refused: EXECUTE of a prepared statement the session did not see prepared");
+                return Some(format!("tollgate: EXECUTE of prepared statement \"{shown}\" refused: it was not prepared through the proxy in this session (it does not exist, or a function or DO block prepared it), so what it runs cannot be decided"));
+            }
+            if depth >= MAX_EXECUTE_DEPTH {
+                return Some(format!("tollgate: EXECUTE of prepared statement \"{shown}\" refused: it runs EXECUTEs nested deeper than {MAX_EXECUTE_DEPTH}"));
+            }
+            // A lone EXECUTE returns the statement's rows, which can be
+            // masked; under EXPLAIN or CREATE TABLE AS they go elsewhere.
+            let lone = statement.kind == crate::sql::StatementKind::Prepared;
+            let (label, why) = if lone {
+                ("EXECUTE".to_owned(), unmaskable)
+            } else {
+                (
+                    format!("{} EXECUTE", statement.command),
+                    Some(MASK_EXECUTE_WRAPPED),
+                )
             };
-            if !decided.is_stale(policy) {
-                continue;
+            let at = statements.iter().position(|s| std::ptr::eq(s, *statement));
+            for decided in candidates {
+                let inner_ops = prepared::sql_ops(&decided.analysis);
+                let refusal = self.decide_with_executed(
+                    policy,
+                    &decided.text,
+                    &decided.analysis,
+                    &inner_ops,
+                    Some(Executed {
+                        label: &label,
+                        depth: depth.saturating_add(1),
+                    }),
+                    why,
+                );
+                let executed_plan = self.mask_plan.borrow_mut().take();
+                if let Some(refusal) = refusal {
+                    return Some(refusal);
+                }
+                if let (Some(executed_plan), Some(at)) = (executed_plan, at) {
+                    merge_executed_plan(&mut plan, statements.len(), at, executed_plan);
+                }
             }
-            if let Some(refusal) = self.decide_labelled(
-                policy,
-                &decided.text,
-                &decided.analysis,
-                Some("EXECUTE"),
-                false,
-            ) {
-                return Some(refusal);
-            }
-            self.shared.prepared().reallowed_statement(name, policy);
         }
+        *self.mask_plan.borrow_mut() = plan;
         None
+    }
+
+    /// The statement a SQL `PREPARE` prepares, as an `EXECUTE` of it will
+    /// be decided: the analysis of the statement after its `AS` (a query
+    /// that an `EXECUTE` alone returns rows of, and masking can mask), or,
+    /// when that cannot be had, the `PREPARE` itself (kind `prepared`, with
+    /// the tables and flags of what it prepares, which masking refuses).
+    fn sql_prepared(&self, statement: &crate::sql::StatementSummary) -> Decided {
+        let whole = || Decided {
+            text: Arc::from(statement.text.as_str()),
+            analysis: Arc::new(Analysis::Parsed {
+                statements: vec![statement.clone()],
+            }),
+            policy: std::sync::Weak::new(),
+            mask: None,
+        };
+        let Some(query) = prepared::prepared_query_text(&statement.text) else {
+            return whole();
+        };
+        let analysis = self.ctx.analysis.analyze(query);
+        match &*analysis {
+            Analysis::Parsed { statements } if statements.len() == 1 => Decided {
+                text: Arc::from(query),
+                analysis,
+                policy: std::sync::Weak::new(),
+                mask: None,
+            },
+            _ => whole(),
+        }
     }
 
     /// Tracks the SQL `PREPARE`s and `DEALLOCATE`s of allowed text about to
@@ -1781,12 +1876,9 @@ impl ClientSide<'_> {
                 SqlOp::Prepare(name) => prepared.prepare_sent(
                     name,
                     Decided {
-                        text: Arc::from(statement.text.as_str()),
-                        analysis: Arc::new(Analysis::Parsed {
-                            statements: vec![(*statement).clone()],
-                        }),
                         policy: Arc::downgrade(policy),
                         mask: None,
+                        ..self.sql_prepared(statement)
                     },
                 ),
                 SqlOp::Deallocate(name) => prepared.deallocate_sent(name),
@@ -1838,9 +1930,17 @@ impl ClientSide<'_> {
         };
         let Some(mut decided) = known else {
             // Not prepared in a way this session saw (a Parse, or a SQL
-            // PREPARE of its own), or absent (the server's error).
-            self.expect(Expect::Complete)?;
-            return forward(self);
+            // PREPARE of its own): absent (the server's error), or prepared
+            // by a function or DO block, which nothing decided. With no
+            // rule, the default decides every statement alike.
+            if policy.rule_count() == 0 {
+                self.expect(Expect::Complete)?;
+                return forward(self);
+            }
+            let shown = String::from_utf8_lossy(statement);
+            tracing::warn!(session = %self.ctx.id, statement = %shown, "refused: Bind of a prepared statement the session did not see prepared");
+            let refusal = format!("tollgate: Bind of prepared statement \"{shown}\" refused: it was not prepared through the proxy in this session (it does not exist, or a function or DO block prepared it), so what it runs cannot be decided");
+            return self.replace_bind(data, header, portal, refusal);
         };
         if !self.shared.prepared().has_room() {
             return self.replace_bind(data, header, portal, too_many_prepared());
@@ -1854,9 +1954,15 @@ impl ClientSide<'_> {
                 return step;
             }
             let ops = prepared::sql_ops(&decided.analysis);
-            if let Some(refusal) =
-                self.decide_with_executed(&policy, &decided.text, &decided.analysis, &ops, false)
-            {
+            let refusal = self.decide_with_executed(
+                &policy,
+                &decided.text,
+                &decided.analysis,
+                &ops,
+                None,
+                Some(MASK_EXTENDED),
+            );
+            if let Some(refusal) = refusal {
                 return self.replace_bind(data, header, portal, refusal);
             }
             self.shared
@@ -1922,16 +2028,26 @@ impl ClientSide<'_> {
             return Ok(Step::Forward(len));
         };
         let ops = prepared::sql_ops(&decided.analysis);
-        let refusal = if decided.is_stale(&policy) {
-            let refusal =
-                self.decide_with_executed(&policy, &decided.text, &decided.analysis, &ops, false);
-            if refusal.is_none() {
-                self.shared.prepared().reallowed_portal(portal, &policy);
-            }
-            refusal
+        // A SQL EXECUTE runs whatever the name holds now: decided every
+        // time, as the statement it runs.
+        let executes = ops.iter().any(|(op, _)| matches!(op, SqlOp::Execute(_)));
+        let refusal = if executes {
+            self.decide_portal_execute(&policy, &decided, &ops)
+        } else if decided.is_stale(&policy) {
+            self.decide_with_executed(
+                &policy,
+                &decided.text,
+                &decided.analysis,
+                &ops,
+                None,
+                Some(MASK_EXTENDED),
+            )
         } else {
             None
         };
+        if refusal.is_none() && decided.is_stale(&policy) {
+            self.shared.prepared().reallowed_portal(portal, &policy);
+        }
         // A PREPARE or DEALLOCATE sent by Parse runs here.
         let refusal = match refusal {
             None if !ops.is_empty() => self.sql_sent(&policy, &ops),
@@ -1971,6 +2087,34 @@ impl ClientSide<'_> {
                 Ok(Step::Replace(len))
             }
         }
+    }
+
+    /// Decides a portal whose statement is a SQL `EXECUTE` (`ops`), as it
+    /// runs now: a result to mask is masked only when the plan made at
+    /// its Parse (which its Describe and the batch's lookup follow) covers
+    /// what it needs now; `Some(message)` when refused.
+    fn decide_portal_execute(
+        &self,
+        policy: &Arc<crate::policy::PolicySet>,
+        decided: &Decided,
+        ops: &[(SqlOp, &crate::sql::StatementSummary)],
+    ) -> Option<String> {
+        let unmaskable = decided.mask.is_none().then_some(MASK_EXECUTE_CHANGED);
+        let refusal = self.decide_with_executed(
+            policy,
+            &decided.text,
+            &decided.analysis,
+            ops,
+            None,
+            unmaskable,
+        );
+        let needed = self.mask_plan.borrow_mut().take();
+        refusal.or_else(|| match (needed, &decided.mask) {
+            (Some(needed), Some(known)) if !covers(known, &needed) => {
+                Some(format!("tollgate: EXECUTE refused: {MASK_EXECUTE_CHANGED}"))
+            }
+            _ => None,
+        })
     }
 
     /// The analysis of statement bytes, failing closed on what cannot be
@@ -2083,6 +2227,57 @@ impl ClientSide<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether `known` masks everything `needed` does: its relations, its
+/// rules, and each statement's computed fields as strictly.
+fn covers(known: &MaskPlan, needed: &MaskPlan) -> bool {
+    needed.relations.iter().all(|r| known.relations.contains(r))
+        && needed
+            .rules
+            .iter()
+            .all(|r| known.rules.iter().any(|k| Arc::ptr_eq(k, r)))
+        && needed.statements.iter().enumerate().all(|(i, method)| {
+            method.is_none() || known.statements.get(i).copied().flatten() >= *method
+        })
+}
+
+/// The `EXECUTE` through which a statement is decided: the label its
+/// refusals name, and how many `EXECUTE`s deep it is (a Parse can prepare
+/// an `EXECUTE` of another statement).
+#[derive(Clone, Copy)]
+struct Executed<'a> {
+    label: &'a str,
+    depth: usize,
+}
+
+/// Adds the masking of a statement run by an `EXECUTE` (`executed`, the
+/// plan of its own text) to `plan`, the plan of a text of `n` statements,
+/// at the `EXECUTE`'s place `at`.
+fn merge_executed_plan(plan: &mut Option<MaskPlan>, n: usize, at: usize, executed: MaskPlan) {
+    let plan = plan.get_or_insert_with(|| MaskPlan {
+        rules: Vec::new(),
+        statements: vec![None; n],
+        relations: Vec::new(),
+        only_first: false,
+    });
+    if let Some(slot) = plan.statements.get_mut(at) {
+        let executed_method = executed.statements.iter().copied().max().flatten();
+        *slot = (*slot).max(executed_method);
+    }
+    for relation in executed.relations {
+        if !plan.relations.contains(&relation) {
+            plan.relations.push(relation);
+        }
+    }
+    for rule in executed.rules {
+        if !plan.rules.iter().any(|known| Arc::ptr_eq(known, &rule)) {
+            plan.rules.push(rule);
+        }
+    }
+    // The statement was prepared earlier, its relations resolved on the
+    // search path of then: the lookup searches every schema.
+    plan.only_first = false;
 }
 
 /// The refusal of a Parse or Bind past [`MAX_TRACKED`].
@@ -2526,11 +2721,15 @@ impl UpstreamSide<'_> {
         let message = backend::decode_backend(tag, body).map_err(upstream_fault)?;
         match message {
             BackendMessage::ReadyForQuery(status) => {
+                // The start-up's answers no message of the client's.
+                let startup = !self.ready;
                 self.answered();
                 self.shared
                     .tx_status
                     .store(status.byte(), Ordering::Relaxed);
-                self.shared.prepared().ready_for_query(status.byte());
+                if !startup {
+                    self.shared.prepared().ready_for_query(status.byte());
+                }
                 if matches!(status, TransactionStatus::Unknown(_)) {
                     tracing::debug!(session = %self.ctx.id, "ReadyForQuery with an unknown status byte");
                 }
