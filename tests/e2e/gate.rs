@@ -433,3 +433,140 @@ print(conn.execute("select 1").fetchone())
     );
     assert_eq!(g.server("select to_regclass('copied') is null"), "t");
 }
+
+/// The server's reading of `standard_conforming_strings` and the client
+/// encoding changes with a SET it has not answered yet: text pipelined
+/// behind it (a later Query of the same write, or later in the same
+/// extended batch) must not be analysed under the old reading. The text
+/// below is one SELECT of a literal to a reader of standard strings and
+/// UTF-8, and a SELECT then `DROP TABLE orders` to the server after the SET.
+#[test]
+fn a_setting_changed_in_the_same_write_does_not_change_what_runs() {
+    let g = setup();
+    let exists = || g.server("select to_regclass('orders') is not null");
+    let hidden_by_backslash = "SELECT 'a\\''; DROP TABLE orders; --'";
+    // In SJIS, 0x81 (the last byte of 'ぁ' in UTF-8) and the backslash are
+    // one character, so the E-string ends at the quote after it.
+    let hidden_by_encoding = "SELECT E'ぁ\\'; DROP TABLE orders; --'";
+    let mut s = RawSession::start(g.addr());
+    for (set, hidden) in [
+        ("SET standard_conforming_strings = off", hidden_by_backslash),
+        ("SET client_encoding = 'SJIS'", hidden_by_encoding),
+        (
+            "SELECT set_config('standard_conforming_strings', 'off', false)",
+            hidden_by_backslash,
+        ),
+    ] {
+        // Two Queries in one write: the second waits for the answer to the
+        // first, then is read as the server reads it (and refused as text
+        // the analysis cannot read under that setting).
+        s.send(&[pg_wire::query(set), pg_wire::query(hidden)].concat());
+        let got = s.read_until_ready(2);
+        let errors = pg_wire::errors(&got);
+        assert_eq!(errors.len(), 1, "{set}: {errors:?}");
+        assert_eq!(errors[0].0, "42501", "{set}: {errors:?}");
+        assert!(errors[0].1.contains("could not be parsed"), "{errors:?}");
+        assert_eq!(exists(), "t", "{set}");
+        assert_eq!(s.query("RESET ALL"), Ok(vec![]));
+    }
+
+    // In one extended batch: the SET runs at its Execute, and the Parse
+    // behind it is refused at once; the server rolls the batch back (the
+    // SET with it), and the session goes on.
+    s.send(
+        &[
+            pg_wire::parse("", "SET standard_conforming_strings = off"),
+            pg_wire::bind("", "", &[]),
+            pg_wire::execute(""),
+            pg_wire::parse("", "SELECT 'a\\'' || (SELECT value FROM secrets) || '--'"),
+            pg_wire::bind("", "", &[]),
+            pg_wire::execute(""),
+            pg_wire::sync(),
+        ]
+        .concat(),
+    );
+    let got = s.read_until_ready(1);
+    let message = refusal(&got);
+    assert!(
+        message.starts_with("tollgate: this statement was sent behind one that may change how the server reads statement text"),
+        "{message}"
+    );
+    assert_eq!(pg_wire::statuses(&got), "I");
+    assert_eq!(
+        s.query("SHOW standard_conforming_strings"),
+        Ok(vec!["on".to_owned()])
+    );
+    // The batch that changes the setting, then a Query behind its Sync in
+    // the same write: the Query waits for the batch's answer.
+    s.send(
+        &[
+            pg_wire::parse("", "SET standard_conforming_strings = off"),
+            pg_wire::bind("", "", &[]),
+            pg_wire::execute(""),
+            pg_wire::sync(),
+            pg_wire::query(hidden_by_backslash),
+        ]
+        .concat(),
+    );
+    let got = s.read_until_ready(2);
+    assert!(refusal(&got).contains("could not be parsed"));
+    assert_eq!(exists(), "t");
+    // A DO block may change anything: what follows in its batch is
+    // refused too.
+    s.send(
+        &[
+            pg_wire::parse("", "DO $$ BEGIN PERFORM 1; END $$"),
+            pg_wire::bind("", "", &[]),
+            pg_wire::execute(""),
+            pg_wire::parse("", "SELECT 1"),
+            pg_wire::sync(),
+        ]
+        .concat(),
+    );
+    assert!(refusal(&s.read_until_ready(1)).contains("sent behind one that may change"));
+    assert_eq!(s.query("select 1"), Ok(vec!["1".to_owned()]));
+
+    // psql: in one Query the server parses every statement before the SET
+    // runs, as the proxy read them (one literal, no DROP).
+    let out = psql_command(
+        g.port,
+        &format!("SET standard_conforming_strings = off; {hidden_by_backslash}"),
+    )
+    .output()
+    .unwrap();
+    assert_eq!(succeeded(&out).trim(), "SET\na\\'; DROP TABLE orders; --");
+    assert_eq!(exists(), "t");
+    // A script: psql reads the text under the new setting as the server
+    // does and sends what the literal hid as a statement of its own, which
+    // the proxy (reading it the same way) decides: the text with the
+    // backslash is refused, the SELECT of secrets denied.
+    let mut psql = Command::new(pg_tool("psql"));
+    psql.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=0", "-f", "-"])
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .args(["-p", &g.port.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = psql.spawn().unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        b"SET standard_conforming_strings = off;\nSELECT 'a\\''; SELECT value FROM secrets; --'\nselect 'still here';\n",
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stderr.contains("ERROR:  tollgate: statement denied"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the secrets table is off limits"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+    assert!(stdout.contains("still here"), "{stdout}");
+    assert_eq!(exists(), "t");
+}

@@ -317,6 +317,12 @@ impl Prepared {
         self.sent = self.sent.saturating_add(1);
     }
 
+    /// The Syncs, Queries and FunctionCalls sent, and the ReadyForQuerys
+    /// that answered them.
+    pub fn batches(&self) -> (u64, u64) {
+        (self.sent, self.answered)
+    }
+
     /// The server sent ReadyForQuery with transaction status `status`.
     pub fn ready_for_query(&mut self, status: u8) {
         // What is still pending of the batches this answer ends was

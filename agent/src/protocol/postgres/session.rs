@@ -147,6 +147,10 @@ const MASK_EXECUTE_WRAPPED: &str = "it runs a prepared statement whose rows woul
 /// runs needs masking that its Parse did not plan for.
 const MASK_EXECUTE_CHANGED: &str = "the prepared statement it runs needs masking that was not planned when the EXECUTE was prepared (it was prepared again since); prepare the EXECUTE again";
 
+/// Why text sent behind an unanswered statement that may change how the
+/// server reads text is refused (see [`super::reading`]).
+const READING_CHANGED: &str = "tollgate: this statement was sent behind one that may change how the server reads statement text (SET or RESET of standard_conforming_strings, client_encoding or backslash_quote, RESET ALL, DISCARD ALL, set_config, a DO block, a function whose effect is unknown) in the same extended-protocol batch, or the server did not answer that one in time, so the proxy cannot read it as the server will; refused (send it after the Sync that ends that batch)";
+
 /// Statements reached through `EXECUTE`s of `EXECUTE`s at most.
 const MAX_EXECUTE_DEPTH: usize = 8;
 
@@ -1257,6 +1261,27 @@ struct ClientSide<'a> {
     /// The wait for the server to be idle before this batch timed out
     /// (reset at Sync): its masked messages are refused.
     waited: Cell<bool>,
+    /// A statement that may change how the server reads statement text
+    /// (see [`super::reading`]) was sent to run in this batch (the count of
+    /// Syncs, Queries and FunctionCalls sent before it): until the server
+    /// answered that batch, later text cannot be read as the server will.
+    reading_changed: Cell<Option<u64>>,
+    /// A wait for that answer timed out: text is refused until it comes.
+    reading_waited: Cell<bool>,
+    /// Such a statement ran in the open transaction block, so ending the
+    /// block (or rolling back to a savepoint) may change the reading back.
+    reading_changed_in_block: Cell<bool>,
+}
+
+/// What a Query, Parse or FunctionCall may do while a statement that may
+/// change how text is read is unanswered.
+enum Reading {
+    /// Nothing pending: analyse it under the settings the server reported.
+    Settled,
+    /// Sent in a later batch: wait for the server's answer.
+    Wait,
+    /// Sent in the same batch (or the wait timed out): refuse it.
+    Refuse,
 }
 
 impl ClientSide<'_> {
@@ -1308,6 +1333,10 @@ impl ClientSide<'_> {
                 let Some(body) = header.body(data) else {
                     return Ok(Step::Need(header.len));
                 };
+                let reading = self.reading();
+                if matches!(reading, Reading::Wait) {
+                    return Ok(Step::Wait);
+                }
                 if tag != PARSE && self.batch_open.get() {
                     return Err(Stop::client_fault(
                         sqlstate::PROTOCOL_VIOLATION,
@@ -1317,7 +1346,13 @@ impl ClientSide<'_> {
                         ),
                     ));
                 }
-                let decided = self.decide(tag, body)?;
+                let decided = match reading {
+                    Reading::Refuse => {
+                        tracing::warn!(session = %self.ctx.id, "refused: text sent behind an unanswered statement that may change how the server reads it");
+                        Some(READING_CHANGED.to_owned())
+                    }
+                    _ => self.decide(tag, body)?,
+                };
                 if tag == PARSE {
                     self.extended_open.set(true);
                     self.expect(Expect::Complete)?;
@@ -1486,6 +1521,10 @@ impl ClientSide<'_> {
                 mask = Some(plan);
             }
         }
+        if tag != PARSE && refusal.is_none() {
+            // A Query runs now, and a FunctionCall (unknown effect) too.
+            self.note_reading_change(&analysis);
+        }
         if tag == QUERY && refusal.is_none() && !ops.is_empty() {
             let refusal = self.sql_sent(&policy, &ops);
             if refusal.is_some() {
@@ -1639,6 +1678,41 @@ impl ClientSide<'_> {
         w.put_bytes(lookup.as_bytes()).put_cstr_bytes(text);
         w.finish();
         tracing::debug!(session = %self.ctx.id, "a masked Query: the masking lookup goes in front of it");
+    }
+
+    /// Whether text arriving now can be analysed under the settings the
+    /// server reported, must wait for its answer to a statement that may
+    /// change them, or is refused (sent in the same batch as that
+    /// statement, which the server answers only at Sync, or the wait
+    /// timed out).
+    fn reading(&self) -> Reading {
+        let Some(batch) = self.reading_changed.get() else {
+            return Reading::Settled;
+        };
+        let (sent, answered) = self.shared.prepared().batches();
+        if answered > batch {
+            self.reading_changed.set(None);
+            self.reading_waited.set(false);
+            if self.shared.tx_status.load(Ordering::Relaxed) == b'I' {
+                self.reading_changed_in_block.set(false);
+            }
+            return Reading::Settled;
+        }
+        if sent == batch || self.reading_waited.get() {
+            return Reading::Refuse;
+        }
+        Reading::Wait
+    }
+
+    /// Records that `analysis` is about to run, if it may change how the
+    /// server reads later text.
+    fn note_reading_change(&self, analysis: &Analysis) {
+        let in_block = self.reading_changed_in_block.get();
+        if super::reading::may_change_reading(analysis, in_block) {
+            let (sent, _) = self.shared.prepared().batches();
+            self.reading_changed.set(Some(sent));
+            self.reading_changed_in_block.set(true);
+        }
     }
 
     /// Whether the message about to be stepped starts an extended-protocol
@@ -2060,6 +2134,9 @@ impl ClientSide<'_> {
             (None, Some(plan)) => self.join_batch(plan),
             (refusal, _) => refusal,
         };
+        if refusal.is_none() {
+            self.note_reading_change(&decided.analysis);
+        }
         match (refusal, &decided.mask) {
             (None, None) => {
                 self.expect(Expect::Execute(None))?;
@@ -2348,6 +2425,9 @@ where
         batch_open: Cell::new(false),
         prefix: RefCell::new(Vec::new()),
         waited: Cell::new(false),
+        reading_changed: Cell::new(None),
+        reading_waited: Cell::new(false),
+        reading_changed_in_block: Cell::new(false),
     };
     let raw = ctx.events.records_raw(&ctx.target);
     if raw && !buf.filled().is_empty() {
@@ -2381,6 +2461,7 @@ where
             };
             if tokio::time::timeout(MASK_WAIT, idle).await.is_err() {
                 side.waited.set(true);
+                side.reading_waited.set(true);
             }
             continue;
         }
