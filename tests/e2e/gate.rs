@@ -570,3 +570,47 @@ fn a_setting_changed_in_the_same_write_does_not_change_what_runs() {
     assert!(stdout.contains("still here"), "{stdout}");
     assert_eq!(exists(), "t");
 }
+
+/// A Sync sent during COPY FROM STDIN (as tokio-postgres sends one behind
+/// the COPY's Execute) is ignored by the server: the session does not wait
+/// for an answer that never comes, so a masked statement after it is
+/// masked at once, not refused after a wait.
+#[test]
+fn a_sync_ignored_during_copy_in_leaves_the_session_in_step() {
+    let g = setup();
+    let mut s = RawSession::start(g.addr());
+    s.send(
+        &[
+            pg_wire::parse("", "COPY orders (id, customer_id, total) FROM STDIN"),
+            pg_wire::bind("", "", &[]),
+            pg_wire::execute(""),
+            pg_wire::sync(),
+            pg_wire::message(b'd', b"40\t1\t2.50\n"),
+            pg_wire::message(b'c', b""),
+            pg_wire::sync(),
+        ]
+        .concat(),
+    );
+    let got = s.read_until_ready(1);
+    assert_eq!(pg_wire::errors(&got), vec![]);
+    let began = std::time::Instant::now();
+    s.send(
+        &[
+            pg_wire::parse("", "select id, email from customers where id = $1"),
+            pg_wire::bind("", "", &["2"]),
+            pg_wire::describe_portal(""),
+            pg_wire::execute(""),
+            pg_wire::sync(),
+        ]
+        .concat(),
+    );
+    let got = s.read_until_ready(1);
+    assert_eq!(pg_wire::errors(&got), vec![]);
+    assert_eq!(pg_wire::rows(&got), ["2|****"]);
+    assert!(
+        began.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(g.server("select count(*) from orders where id = 40"), "1");
+}

@@ -323,6 +323,13 @@ impl Prepared {
         (self.sent, self.answered)
     }
 
+    /// `n` Syncs the client sent during COPY FROM STDIN were ignored by
+    /// the server (it ignores Sync in copy-in): no ReadyForQuery answers
+    /// them.
+    pub fn syncs_ignored(&mut self, n: u64) {
+        self.sent = self.sent.saturating_sub(n).max(self.answered);
+    }
+
     /// The server sent ReadyForQuery with transaction status `status`.
     pub fn ready_for_query(&mut self, status: u8) {
         // What is still pending of the batches this answer ends was

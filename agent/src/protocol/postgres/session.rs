@@ -232,6 +232,12 @@ struct Shared {
     batch_active: AtomicBool,
     /// Notified when `in_flight` falls to 0.
     idle: tokio::sync::Notify,
+    /// Syncs the client sent after starting a COPY FROM STDIN and before
+    /// its CopyDone or CopyFail: the server ignores them if it entered
+    /// copy-in, and then they are taken off the counts of what it answers.
+    copy_syncs: AtomicU64,
+    /// The server answered CopyInResponse and the copy has not ended.
+    copy_in: AtomicBool,
 }
 
 /// Denials remembered at most (older ones are forgotten: the server
@@ -261,6 +267,8 @@ impl Shared {
             batch: Mutex::new(None),
             batch_active: AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
+            copy_syncs: AtomicU64::new(0),
+            copy_in: AtomicBool::new(false),
             next_denial: AtomicU64::new(1),
             denials: Mutex::new(BTreeMap::new()),
             upstream_mid_message: AtomicBool::new(false),
@@ -1268,6 +1276,9 @@ struct ClientSide<'a> {
     reading_changed: Cell<Option<u64>>,
     /// A wait for that answer timed out: text is refused until it comes.
     reading_waited: Cell<bool>,
+    /// A COPY FROM STDIN was sent to run and the client has not ended its
+    /// data (CopyDone, CopyFail): its Syncs may be ignored.
+    copy_open: Cell<bool>,
     /// Such a statement ran in the open transaction block, so ending the
     /// block (or rolling back to a savepoint) may change the reading back.
     reading_changed_in_block: Cell<bool>,
@@ -1386,6 +1397,9 @@ impl ClientSide<'_> {
                 }
                 self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
                 self.shared.prepared().batch_sent();
+                if self.copy_open.get() {
+                    self.shared.copy_syncs.fetch_add(1, Ordering::Relaxed);
+                }
                 self.extended_open.set(false);
                 self.expect(Expect::Sync)?;
                 self.batch_open.set(false);
@@ -1449,6 +1463,12 @@ impl ClientSide<'_> {
                 let step = self.execute(data, portal, header.len)?;
                 self.extended_open.set(true);
                 Ok(step)
+            }
+            COPY_DONE | COPY_FAIL => {
+                self.copy_open.set(false);
+                let n = header.len.min(data.len());
+                self.streaming = header.len - n;
+                Ok(Step::Forward(n))
             }
             TERMINATE => match header.message(data) {
                 Some(_) => Ok(Step::Last(header.len)),
@@ -1524,6 +1544,7 @@ impl ClientSide<'_> {
         if tag != PARSE && refusal.is_none() {
             // A Query runs now, and a FunctionCall (unknown effect) too.
             self.note_reading_change(&analysis);
+            self.note_copy_in(&analysis);
         }
         if tag == QUERY && refusal.is_none() && !ops.is_empty() {
             let refusal = self.sql_sent(&policy, &ops);
@@ -1712,6 +1733,20 @@ impl ClientSide<'_> {
             let (sent, _) = self.shared.prepared().batches();
             self.reading_changed.set(Some(sent));
             self.reading_changed_in_block.set(true);
+        }
+    }
+
+    /// Records that `analysis` is about to run, if it holds a COPY into a
+    /// table (FROM STDIN, whose Syncs the server may ignore).
+    fn note_copy_in(&self, analysis: &Analysis) {
+        let Analysis::Parsed { statements } = analysis else {
+            return;
+        };
+        if statements
+            .iter()
+            .any(|s| s.kind == crate::sql::StatementKind::Copy && !s.tables_written.is_empty())
+        {
+            self.copy_open.set(true);
         }
     }
 
@@ -2136,6 +2171,7 @@ impl ClientSide<'_> {
         };
         if refusal.is_none() {
             self.note_reading_change(&decided.analysis);
+            self.note_copy_in(&decided.analysis);
         }
         match (refusal, &decided.mask) {
             (None, None) => {
@@ -2428,6 +2464,7 @@ where
         reading_changed: Cell::new(None),
         reading_waited: Cell::new(false),
         reading_changed_in_block: Cell::new(false),
+        copy_open: Cell::new(false),
     };
     let raw = ctx.events.records_raw(&ctx.target);
     if raw && !buf.filled().is_empty() {
@@ -2515,6 +2552,13 @@ impl UpstreamSide<'_> {
             Ok(Some(h)) => h,
         };
         use backend::tag::*;
+        if header.tag == COPY_IN_RESPONSE {
+            self.shared.copy_in.store(true, Ordering::Relaxed);
+        } else if matches!(header.tag, COMMAND_COMPLETE | ERROR_RESPONSE)
+            && self.shared.copy_in.swap(false, Ordering::Relaxed)
+        {
+            self.copy_ended();
+        }
         if self.shared.batch_active.load(Ordering::Relaxed) {
             if let Some(step) = self.batch_step(header, data)? {
                 return Ok(step);
@@ -2725,6 +2769,25 @@ impl UpstreamSide<'_> {
         Ok(None)
     }
 
+    /// The copy-in the server was in ended: the Syncs the client sent
+    /// during it were ignored, and are taken off what is in flight.
+    fn copy_ended(&mut self) {
+        let ignored = self.shared.copy_syncs.swap(0, Ordering::Relaxed);
+        if ignored == 0 {
+            return;
+        }
+        self.shared.prepared().syncs_ignored(ignored);
+        let before =
+            self.shared
+                .in_flight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(ignored))
+                });
+        if before.is_ok_and(|n| n > 0 && n <= ignored) {
+            self.shared.idle.notify_one();
+        }
+    }
+
     /// A ReadyForQuery: one Query, Sync or FunctionCall fewer in flight
     /// (the start-up's own is not one of them).
     fn answered(&mut self) {
@@ -2810,6 +2873,11 @@ impl UpstreamSide<'_> {
                     .store(status.byte(), Ordering::Relaxed);
                 if !startup {
                     self.shared.prepared().ready_for_query(status.byte());
+                }
+                if !self.shared.copy_in.load(Ordering::Relaxed) {
+                    // A COPY that never entered copy-in (it failed first):
+                    // its Syncs were answered like any other.
+                    self.shared.copy_syncs.store(0, Ordering::Relaxed);
                 }
                 if matches!(status, TransactionStatus::Unknown(_)) {
                     tracing::debug!(session = %self.ctx.id, "ReadyForQuery with an unknown status byte");
