@@ -614,3 +614,56 @@ fn a_sync_ignored_during_copy_in_leaves_the_session_in_step() {
     );
     assert_eq!(g.server("select count(*) from orders where id = 40"), "1");
 }
+
+/// A Parse of a name that exists fails on the server; a Bind of that name
+/// pipelined behind it in a later batch binds the statement that was there
+/// and is decided as that one (here refused after a reload), not as the
+/// failed Parse's text.
+#[test]
+fn a_bind_behind_an_unanswered_parse_of_an_existing_name_binds_the_old_statement() {
+    const DENY_ONLY: &str = "[[rule]]\nname = \"protect-secrets\"\naction = \"deny\"\n[rule.match]\ntables = [\"secrets\"]\n";
+    let g = Governed::start(DENY_ONLY, SCHEMA, "");
+    let mut s = RawSession::start(g.addr());
+    s.send(
+        &[
+            pg_wire::parse("totals", "SELECT total FROM orders"),
+            pg_wire::sync(),
+        ]
+        .concat(),
+    );
+    assert_eq!(pg_wire::errors(&s.read_until_ready(1)), vec![]);
+    std::fs::write(
+        g.policy.path(),
+        format!("{DENY_ONLY}\n[[rule]]\nname = \"orders-closed\"\naction = \"deny\"\nmessage = \"orders are closed\"\n[rule.match]\ntables = [\"orders\"]\n"),
+    )
+    .unwrap();
+    send_signal(g.agent.child.id(), libc::SIGHUP);
+    g.agent
+        .wait_for_log(
+            |l| l["message"] == "policy reloaded",
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
+    s.send(
+        &[
+            pg_wire::parse("totals", "SELECT 1"),
+            pg_wire::sync(),
+            pg_wire::bind("", "totals", &[]),
+            pg_wire::execute(""),
+            pg_wire::sync(),
+        ]
+        .concat(),
+    );
+    let got = s.read_until_ready(2);
+    let errors = pg_wire::errors(&got);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert_eq!(errors[0].0, "42P05", "{errors:?}");
+    assert_eq!(
+        errors[1],
+        (
+            "42501".to_owned(),
+            "tollgate: SELECT denied by rule \"orders-closed\": orders are closed".to_owned()
+        )
+    );
+    assert_eq!(s.query("select 1"), Ok(vec!["1".to_owned()]));
+}

@@ -159,6 +159,25 @@ impl Prepared {
         found
     }
 
+    /// Whether named statement `name` exists and a Parse or `PREPARE` of
+    /// it sent in an earlier batch is still unanswered: it fails on the
+    /// server (the name exists) unless something removed the name first,
+    /// so which statement a Bind binds is known only once it is answered.
+    /// (A Parse in the batch being sent needs no answer: if it fails, the
+    /// server skips the rest of the batch.)
+    pub fn redefined_earlier(&self, name: &[u8]) -> bool {
+        if name.is_empty() || !self.statements.contains_key(name) {
+            return false;
+        }
+        let sent = self.sent;
+        self.parses
+            .iter()
+            .any(|(pending, _, batch)| pending == name && *batch < sent)
+            || self.sql.iter().any(|pending| {
+                matches!(pending, (SqlPending::Prepare(pending, _), batch) if pending == name && *batch < sent)
+            })
+    }
+
     /// The statement behind portal `name`, as the server will have it when
     /// what is pending succeeds: the last Bind of that name still awaiting
     /// its BindComplete (an Execute pipelined behind it runs that one),
@@ -496,6 +515,25 @@ mod tests {
         // The first batch's Close was skipped: nothing completes it now.
         p.close_complete();
         assert!(p.statement(b"next").is_some());
+    }
+
+    #[test]
+    fn a_name_redefined_in_an_unanswered_earlier_batch_is_known() {
+        let policy = Arc::new(PolicySet::empty());
+        let mut p = Prepared::default();
+        p.parse_sent(b"s", decided("select 1", &policy));
+        p.parse_complete();
+        p.ready_for_query(b'I');
+        // In the batch being sent: the server settles it before the Bind.
+        p.parse_sent(b"s", decided("select 2", &policy));
+        assert!(!p.redefined_earlier(b"s"));
+        p.batch_sent();
+        assert!(p.redefined_earlier(b"s"));
+        assert!(!p.redefined_earlier(b"other"));
+        // Answered (it failed: the name exists): the confirmed one stays.
+        p.ready_for_query(b'I');
+        assert!(!p.redefined_earlier(b"s"));
+        assert_eq!(&*p.statement(b"s").unwrap().text, "select 1");
     }
 
     #[test]

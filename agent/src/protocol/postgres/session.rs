@@ -2031,6 +2031,15 @@ impl ClientSide<'_> {
         let portal = here.get(..portal_end).unwrap_or_default();
         let statement = here.get(portal_end + 1..statement_end).unwrap_or_default();
         let policy = current_policy(&self.ctx.policy);
+        if self.shared.prepared().redefined_earlier(statement) {
+            // Which statement this binds is known once that is answered.
+            if !self.waited.get() {
+                return Ok(Step::Wait);
+            }
+            let shown = String::from_utf8_lossy(statement);
+            let refusal = format!("tollgate: Bind of prepared statement \"{shown}\" refused: a Parse or PREPARE of that name is still unanswered by the server, so which statement it binds is not known; send the Bind after that answer");
+            return self.replace_bind(data, header, portal, refusal);
+        }
         let known = self.shared.prepared().statement(statement).cloned();
         let forward = |side: &mut Self| {
             let n = header.len.min(data.len());
