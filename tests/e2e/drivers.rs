@@ -264,6 +264,9 @@ fn sql_prepare_and_execute_are_decided_again_after_a_policy_reload() {
         .filter_map(|l| l.split_once("ERROR:  ").map(|(_, e)| e))
         .collect();
     let denied = "42501: tollgate: EXECUTE denied by rule \"items-frozen\": items are frozen";
+    let unknown = |name: &str| {
+        format!("42501: tollgate: EXECUTE of prepared statement \"{name}\" refused: it was not prepared through the proxy in this session (it does not exist, or a function or DO block prepared it), so what it runs cannot be decided")
+    };
     assert_eq!(
         errors,
         [
@@ -275,17 +278,18 @@ fn sql_prepare_and_execute_are_decided_again_after_a_policy_reload() {
             "25P02: current transaction is aborted, commands ignored until end of transaction block",
             // Refused again: an attempt after a refusal is decided again.
             denied,
-            // Unquoted names fold to lower case: "Count" is not count.
-            "26000: prepared statement \"count\" does not exist",
+            // Unquoted names fold to lower case: "Count" is not count, a
+            // name the proxy never saw prepared, which fails closed.
+            &unknown("count"),
             // DEALLOCATE reached the server (and the proxy forgot by_id).
-            "26000: prepared statement \"by_id\" does not exist",
+            &unknown("by_id"),
             // DEALLOCATE ALL too.
-            "26000: prepared statement \"Count\" does not exist",
+            &unknown("Count"),
         ],
         "{stderr}"
     );
     // Each refusal was reported as a decision of the items-frozen rule on
-    // the prepared statement.
+    // the statement prepared (the text after PREPARE's AS).
     let log = agent.log_lines();
     let decisions = |text: &str| {
         log.iter()
@@ -297,12 +301,17 @@ fn sql_prepare_and_execute_are_decided_again_after_a_policy_reload() {
             .count()
     };
     assert_eq!(
-        decisions("PREPARE by_id (int) AS"),
+        decisions("SELECT name FROM items WHERE id = $1"),
         3,
         "{}",
         agent.log_text()
     );
-    assert_eq!(decisions("PREPARE \"Count\" AS"), 1, "{}", agent.log_text());
+    assert_eq!(
+        decisions("SELECT count(*) FROM items"),
+        1,
+        "{}",
+        agent.log_text()
+    );
 }
 
 /// The extended protocol's side of the same: an EXECUTE sent by Parse is

@@ -9,6 +9,7 @@ mod gate;
 mod hostile_local;
 mod listener;
 mod masking;
+mod orderings;
 mod postgres;
 mod recording;
 mod redirect;

@@ -176,6 +176,27 @@ impl RawSession {
         }
     }
 
+    /// Sends raw bytes (messages built with [`message`] and the helpers
+    /// below), in one write.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap();
+    }
+
+    /// Reads messages until the `syncs`-th ReadyForQuery: every message as
+    /// (tag, body), the ReadyForQuerys included.
+    pub fn read_until_ready(&mut self, syncs: usize) -> Vec<(u8, Vec<u8>)> {
+        let mut got = Vec::new();
+        let mut seen = 0;
+        while seen < syncs {
+            let (tag, body) = read_message(&mut self.s);
+            if tag == b'Z' {
+                seen += 1;
+            }
+            got.push((tag, body));
+        }
+        got
+    }
+
     /// Sends a FunctionCall (the fast-path interface) with text arguments
     /// and returns its text result, or the error's (SQLSTATE, message).
     pub fn function_call(
@@ -213,4 +234,130 @@ impl RawSession {
             None => Ok(result),
         }
     }
+}
+
+/// One frontend message: `tag`, its length, `body`.
+pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn cstr(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+/// A simple Query.
+pub fn query(sql: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, sql);
+    message(b'Q', &body)
+}
+
+/// A Parse of statement `name` without parameter types.
+pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, name);
+    cstr(&mut body, sql);
+    body.extend_from_slice(&0i16.to_be_bytes());
+    message(b'P', &body)
+}
+
+/// A Bind of `statement` to `portal` with text parameters and results.
+pub fn bind(portal: &str, statement: &str, params: &[&str]) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, portal);
+    cstr(&mut body, statement);
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for p in params {
+        body.extend_from_slice(&(p.len() as i32).to_be_bytes());
+        body.extend_from_slice(p.as_bytes());
+    }
+    body.extend_from_slice(&0i16.to_be_bytes());
+    message(b'B', &body)
+}
+
+/// A Describe of portal `portal`.
+pub fn describe_portal(portal: &str) -> Vec<u8> {
+    let mut body = vec![b'P'];
+    cstr(&mut body, portal);
+    message(b'D', &body)
+}
+
+/// An Execute of `portal`, all rows.
+pub fn execute(portal: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, portal);
+    body.extend_from_slice(&0i32.to_be_bytes());
+    message(b'E', &body)
+}
+
+/// Sync.
+pub fn sync() -> Vec<u8> {
+    message(b'S', &[])
+}
+
+/// Flush.
+pub fn flush() -> Vec<u8> {
+    message(b'H', &[])
+}
+
+/// The first column of every DataRow in `messages`, as text (`None` for
+/// NULL).
+pub fn first_column(messages: &[(u8, Vec<u8>)]) -> Vec<Option<String>> {
+    messages
+        .iter()
+        .filter(|(tag, _)| *tag == b'D')
+        .map(|(_, body)| {
+            let len = i32_at(body, 2);
+            usize::try_from(len).ok().map(|len| text_at(body, 6, len))
+        })
+        .collect()
+}
+
+/// Every field of every DataRow in `messages`, `|`-joined per row (NULL
+/// as the empty string), as psql's unaligned output shows them.
+pub fn rows(messages: &[(u8, Vec<u8>)]) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|(tag, _)| *tag == b'D')
+        .map(|(_, body)| {
+            let n = i16::from_be_bytes([body[0], body[1]]) as usize;
+            let mut at = 2;
+            let mut fields = Vec::with_capacity(n);
+            for _ in 0..n {
+                let len = i32_at(body, at);
+                at += 4;
+                match usize::try_from(len) {
+                    Ok(len) => {
+                        fields.push(text_at(body, at, len));
+                        at += len;
+                    }
+                    Err(_) => fields.push(String::new()),
+                }
+            }
+            fields.join("|")
+        })
+        .collect()
+}
+
+/// The (SQLSTATE, message) of every ErrorResponse in `messages`.
+pub fn errors(messages: &[(u8, Vec<u8>)]) -> Vec<(String, String)> {
+    messages
+        .iter()
+        .filter(|(tag, _)| *tag == b'E')
+        .map(|(_, body)| (error_field(body, 'C'), error_field(body, 'M')))
+        .collect()
+}
+
+/// The status bytes of every ReadyForQuery in `messages`, as a string.
+pub fn statuses(messages: &[(u8, Vec<u8>)]) -> String {
+    messages
+        .iter()
+        .filter(|(tag, _)| *tag == b'Z')
+        .filter_map(|(_, body)| body.first().map(|b| char::from(*b)))
+        .collect()
 }

@@ -79,6 +79,7 @@ pub mod error;
 pub mod frontend;
 pub mod mask;
 pub mod prepared;
+pub mod reading;
 pub mod session;
 pub mod tls;
 

@@ -85,10 +85,16 @@ enum StatementSlot {
 pub struct Prepared {
     statements: HashMap<Vec<u8>, Decided>,
     portals: HashMap<Vec<u8>, Decided>,
-    parses: VecDeque<(Vec<u8>, Decided)>,
-    binds: VecDeque<(Vec<u8>, Decided)>,
-    closes: VecDeque<Closing>,
-    sql: VecDeque<SqlPending>,
+    parses: VecDeque<(Vec<u8>, Decided, u64)>,
+    binds: VecDeque<(Vec<u8>, Decided, u64)>,
+    closes: VecDeque<(Closing, u64)>,
+    sql: VecDeque<(SqlPending, u64)>,
+    /// Syncs, Queries and FunctionCalls the client sent (each answered by
+    /// one ReadyForQuery); a pending message is kept with this count at
+    /// the time it was sent, its batch.
+    sent: u64,
+    /// ReadyForQuerys received for them: the batches below this are over.
+    answered: u64,
 }
 
 impl Prepared {
@@ -114,13 +120,62 @@ impl Prepared {
     /// confirmed statement.
     pub fn statement(&self, name: &[u8]) -> Option<&Decided> {
         match self.statement_slot(name) {
-            StatementSlot::Parse(i) => self.parses.get(i).map(|(_, statement)| statement),
+            StatementSlot::Parse(i) => self.parses.get(i).map(|(_, statement, _)| statement),
             StatementSlot::Sql(i) => match self.sql.get(i)? {
-                SqlPending::Prepare(_, statement) => Some(statement),
-                SqlPending::Deallocate(_) => None,
+                (SqlPending::Prepare(_, statement), _) => Some(statement),
+                (SqlPending::Deallocate(_), _) => None,
             },
             StatementSlot::Confirmed => self.statements.get(name),
         }
+    }
+
+    /// Every statement `name` may be when a message sent now runs: the
+    /// confirmed one and each still pending (a Parse or `PREPARE` of a name
+    /// that exists fails on the server, leaving the confirmed one in
+    /// place, so the pending one cannot be trusted to replace it). Empty
+    /// when the session never saw the name prepared.
+    pub fn candidates(&self, name: &[u8]) -> Vec<Decided> {
+        let parses = self
+            .parses
+            .iter()
+            .filter(|(pending, _, _)| pending == name)
+            .map(|(_, statement, _)| statement);
+        let prepares = self.sql.iter().filter_map(|pending| match pending {
+            (SqlPending::Prepare(pending, statement), _) if pending == name => Some(statement),
+            _ => None,
+        });
+        let mut found: Vec<Decided> = Vec::new();
+        for statement in self
+            .statements
+            .get(name)
+            .into_iter()
+            .chain(parses)
+            .chain(prepares)
+        {
+            if !found.iter().any(|known| known.text == statement.text) {
+                found.push(statement.clone());
+            }
+        }
+        found
+    }
+
+    /// Whether named statement `name` exists and a Parse or `PREPARE` of
+    /// it sent in an earlier batch is still unanswered: it fails on the
+    /// server (the name exists) unless something removed the name first,
+    /// so which statement a Bind binds is known only once it is answered.
+    /// (A Parse in the batch being sent needs no answer: if it fails, the
+    /// server skips the rest of the batch.)
+    pub fn redefined_earlier(&self, name: &[u8]) -> bool {
+        if name.is_empty() || !self.statements.contains_key(name) {
+            return false;
+        }
+        let sent = self.sent;
+        self.parses
+            .iter()
+            .any(|(pending, _, batch)| pending == name && *batch < sent)
+            || self.sql.iter().any(|pending| {
+                matches!(pending, (SqlPending::Prepare(pending, _), batch) if pending == name && *batch < sent)
+            })
     }
 
     /// The statement behind portal `name`, as the server will have it when
@@ -129,7 +184,7 @@ impl Prepared {
     /// else the confirmed portal.
     pub fn portal(&self, name: &[u8]) -> Option<&Decided> {
         match self.portal_slot(name) {
-            Some(i) => self.binds.get(i).map(|(_, statement)| statement),
+            Some(i) => self.binds.get(i).map(|(_, statement, _)| statement),
             None => self.portals.get(name),
         }
     }
@@ -138,9 +193,9 @@ impl Prepared {
     /// finds) was allowed again under a new policy.
     pub fn reallowed_statement(&mut self, name: &[u8], policy: &Arc<PolicySet>) {
         let entry = match self.statement_slot(name) {
-            StatementSlot::Parse(i) => self.parses.get_mut(i).map(|(_, statement)| statement),
+            StatementSlot::Parse(i) => self.parses.get_mut(i).map(|(_, statement, _)| statement),
             StatementSlot::Sql(i) => match self.sql.get_mut(i) {
-                Some(SqlPending::Prepare(_, statement)) => Some(statement),
+                Some((SqlPending::Prepare(_, statement), _)) => Some(statement),
                 _ => None,
             },
             StatementSlot::Confirmed => self.statements.get_mut(name),
@@ -154,7 +209,7 @@ impl Prepared {
     /// allowed again under a new policy.
     pub fn reallowed_portal(&mut self, name: &[u8], policy: &Arc<PolicySet>) {
         let entry = match self.portal_slot(name) {
-            Some(i) => self.binds.get_mut(i).map(|(_, statement)| statement),
+            Some(i) => self.binds.get_mut(i).map(|(_, statement, _)| statement),
             None => self.portals.get_mut(name),
         };
         if let Some(entry) = entry {
@@ -166,10 +221,14 @@ impl Prepared {
     /// search, written once for [`Prepared::statement`] and
     /// [`Prepared::reallowed_statement`].
     fn statement_slot(&self, name: &[u8]) -> StatementSlot {
-        if let Some(i) = self.parses.iter().rposition(|(pending, _)| pending == name) {
+        if let Some(i) = self
+            .parses
+            .iter()
+            .rposition(|(pending, _, _)| pending == name)
+        {
             return StatementSlot::Parse(i);
         }
-        let prepare = |pending: &SqlPending| matches!(pending, SqlPending::Prepare(pending, _) if pending == name);
+        let prepare = |pending: &(SqlPending, u64)| matches!(pending, (SqlPending::Prepare(pending, _), _) if pending == name);
         match self.sql.iter().rposition(prepare) {
             Some(i) => StatementSlot::Sql(i),
             None => StatementSlot::Confirmed,
@@ -179,33 +238,36 @@ impl Prepared {
     /// The pending Bind portal `name` refers to, if any (else the
     /// confirmed portal).
     fn portal_slot(&self, name: &[u8]) -> Option<usize> {
-        self.binds.iter().rposition(|(pending, _)| pending == name)
+        self.binds
+            .iter()
+            .rposition(|(pending, _, _)| pending == name)
     }
 
     /// A SQL `PREPARE name` (decided as `statement`) was forwarded to run.
     pub fn prepare_sent(&mut self, name: &[u8], statement: Decided) {
         self.sql
-            .push_back(SqlPending::Prepare(name.to_vec(), statement));
+            .push_back((SqlPending::Prepare(name.to_vec(), statement), self.sent));
     }
 
     /// A SQL `DEALLOCATE name` was forwarded to run.
     pub fn deallocate_sent(&mut self, name: &[u8]) {
-        self.sql.push_back(SqlPending::Deallocate(name.to_vec()));
+        self.sql
+            .push_back((SqlPending::Deallocate(name.to_vec()), self.sent));
     }
 
     /// The server answered CommandComplete with `tag` (without its NUL).
     pub fn command_complete(&mut self, tag: &[u8]) {
         match tag {
             b"PREPARE" => {
-                if let Some(SqlPending::Prepare(..)) = self.sql.front() {
-                    if let Some(SqlPending::Prepare(name, statement)) = self.sql.pop_front() {
+                if let Some((SqlPending::Prepare(..), _)) = self.sql.front() {
+                    if let Some((SqlPending::Prepare(name, statement), _)) = self.sql.pop_front() {
                         self.statements.insert(name, statement);
                     }
                 }
             }
             b"DEALLOCATE" => {
-                if let Some(SqlPending::Deallocate(_)) = self.sql.front() {
-                    if let Some(SqlPending::Deallocate(name)) = self.sql.pop_front() {
+                if let Some((SqlPending::Deallocate(_), _)) = self.sql.front() {
+                    if let Some((SqlPending::Deallocate(name), _)) = self.sql.pop_front() {
                         self.statements.remove(&name);
                     }
                 }
@@ -222,33 +284,35 @@ impl Prepared {
 
     /// A Parse of `name` was forwarded.
     pub fn parse_sent(&mut self, name: &[u8], statement: Decided) {
-        self.parses.push_back((name.to_vec(), statement));
+        self.parses.push_back((name.to_vec(), statement, self.sent));
     }
 
     /// A Bind of portal `portal` to `statement` was forwarded.
     pub fn bind_sent(&mut self, portal: &[u8], statement: Decided) {
-        self.binds.push_back((portal.to_vec(), statement));
+        self.binds
+            .push_back((portal.to_vec(), statement, self.sent));
     }
 
     /// A Close of a statement (`b'S'`) or portal (`b'P'`) was forwarded.
     pub fn close_sent(&mut self, kind: u8, name: &[u8]) {
-        self.closes.push_back(if kind == b'S' {
+        let closing = if kind == b'S' {
             Closing::Statement(name.to_vec())
         } else {
             Closing::Portal(name.to_vec())
-        });
+        };
+        self.closes.push_back((closing, self.sent));
     }
 
     /// The server answered ParseComplete.
     pub fn parse_complete(&mut self) {
-        if let Some((name, statement)) = self.parses.pop_front() {
+        if let Some((name, statement, _)) = self.parses.pop_front() {
             self.statements.insert(name, statement);
         }
     }
 
     /// The server answered BindComplete.
     pub fn bind_complete(&mut self) {
-        if let Some((portal, statement)) = self.binds.pop_front() {
+        if let Some((portal, statement, _)) = self.binds.pop_front() {
             self.portals.insert(portal, statement);
         }
     }
@@ -256,22 +320,46 @@ impl Prepared {
     /// The server answered CloseComplete.
     pub fn close_complete(&mut self) {
         match self.closes.pop_front() {
-            Some(Closing::Statement(name)) => {
+            Some((Closing::Statement(name), _)) => {
                 self.statements.remove(&name);
             }
-            Some(Closing::Portal(name)) => {
+            Some((Closing::Portal(name), _)) => {
                 self.portals.remove(&name);
             }
             None => {}
         }
     }
 
+    /// The client sent a Sync, Query or FunctionCall, which ends a batch
+    /// (called after the Query's own statements were recorded).
+    pub fn batch_sent(&mut self) {
+        self.sent = self.sent.saturating_add(1);
+    }
+
+    /// The Syncs, Queries and FunctionCalls sent, and the ReadyForQuerys
+    /// that answered them.
+    pub fn batches(&self) -> (u64, u64) {
+        (self.sent, self.answered)
+    }
+
+    /// `n` Syncs the client sent during COPY FROM STDIN were ignored by
+    /// the server (it ignores Sync in copy-in): no ReadyForQuery answers
+    /// them.
+    pub fn syncs_ignored(&mut self, n: u64) {
+        self.sent = self.sent.saturating_sub(n).max(self.answered);
+    }
+
     /// The server sent ReadyForQuery with transaction status `status`.
     pub fn ready_for_query(&mut self, status: u8) {
-        self.parses.clear();
-        self.binds.clear();
-        self.closes.clear();
-        self.sql.clear();
+        // What is still pending of the batches this answer ends was
+        // skipped by the server; messages of later batches (a client may
+        // send them before this answer arrives) are still to be answered.
+        self.answered = self.answered.saturating_add(1);
+        let answered = self.answered;
+        self.parses.retain(|(_, _, batch)| *batch >= answered);
+        self.binds.retain(|(_, _, batch)| *batch >= answered);
+        self.closes.retain(|(_, batch)| *batch >= answered);
+        self.sql.retain(|(_, batch)| *batch >= answered);
         if status == b'I' {
             self.portals.clear();
         }
@@ -321,6 +409,32 @@ pub fn sql_ops(analysis: &Analysis) -> Vec<(SqlOp, &StatementSummary)> {
         })
         .filter_map(|s| Some((sql_op(&s.text)?, s)))
         .collect()
+}
+
+/// The statement a `PREPARE name [(types)] AS statement` prepares, as a
+/// slice of its text (what follows the `AS` outside the parentheses of the
+/// parameter types), so that an `EXECUTE` of it is decided as that
+/// statement. `None` when the text is not read that way.
+pub fn prepared_query_text(prepare: &str) -> Option<&str> {
+    use pg_query::protobuf::Token;
+    let tokens = pg_query::scan(prepare).ok()?.tokens;
+    if tokens.first()?.token != Token::Prepare as i32 {
+        return None;
+    }
+    let mut depth = 0usize;
+    for token in &tokens {
+        match Token::try_from(token.token) {
+            Ok(Token::Ascii40) => depth = depth.saturating_add(1),
+            Ok(Token::Ascii41) => depth = depth.saturating_sub(1),
+            Ok(Token::As) if depth == 0 => {
+                let end = usize::try_from(token.end).ok()?;
+                let rest = prepare.get(end..)?.trim();
+                return (!rest.is_empty()).then_some(rest);
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The operation of one statement's text.
@@ -381,6 +495,45 @@ mod tests {
         p.ready_for_query(b'I');
         p.parse_complete();
         assert!(p.statement(b"s2").is_none());
+    }
+
+    #[test]
+    fn a_ready_for_query_drops_only_what_its_own_batch_left_pending() {
+        let policy = Arc::new(PolicySet::empty());
+        let mut p = Prepared::default();
+        // A refused Parse's batch, answered by an error then ReadyForQuery:
+        // the client sends its next batch as soon as it reads the error.
+        p.close_sent(b'S', b"old");
+        p.batch_sent();
+        p.parse_sent(b"next", decided("select 1", &policy));
+        p.ready_for_query(b'I');
+        assert!(p.statement(b"next").is_some(), "still pending");
+        p.batch_sent();
+        p.parse_complete();
+        p.ready_for_query(b'I');
+        assert_eq!(&*p.statement(b"next").unwrap().text, "select 1");
+        // The first batch's Close was skipped: nothing completes it now.
+        p.close_complete();
+        assert!(p.statement(b"next").is_some());
+    }
+
+    #[test]
+    fn a_name_redefined_in_an_unanswered_earlier_batch_is_known() {
+        let policy = Arc::new(PolicySet::empty());
+        let mut p = Prepared::default();
+        p.parse_sent(b"s", decided("select 1", &policy));
+        p.parse_complete();
+        p.ready_for_query(b'I');
+        // In the batch being sent: the server settles it before the Bind.
+        p.parse_sent(b"s", decided("select 2", &policy));
+        assert!(!p.redefined_earlier(b"s"));
+        p.batch_sent();
+        assert!(p.redefined_earlier(b"s"));
+        assert!(!p.redefined_earlier(b"other"));
+        // Answered (it failed: the name exists): the confirmed one stays.
+        p.ready_for_query(b'I');
+        assert!(!p.redefined_earlier(b"s"));
+        assert_eq!(&*p.statement(b"s").unwrap().text, "select 1");
     }
 
     #[test]
@@ -575,6 +728,20 @@ mod tests {
             vec![]
         );
         assert_eq!(ops("EXECUTE q("), vec![], "unparsable text");
+    }
+
+    #[test]
+    fn the_statement_a_prepare_prepares_is_found_after_its_as() {
+        assert_eq!(
+            prepared_query_text("PREPARE q (int, character varying) AS SELECT $1 AS a FROM t"),
+            Some("SELECT $1 AS a FROM t")
+        );
+        assert_eq!(
+            prepared_query_text("prepare \"As\" as\n  insert into t values (1)"),
+            Some("insert into t values (1)")
+        );
+        assert_eq!(prepared_query_text("EXECUTE q"), None);
+        assert_eq!(prepared_query_text("PREPARE q AS"), None);
     }
 
     #[test]

@@ -139,6 +139,21 @@ const ENCODING_OTHER: u8 = 2;
 /// statement) is refused.
 const MASK_EXTENDED: &str = "a statement prepared before the policy masked it is not masked when it runs again; prepare it again";
 
+/// Why the statement run by an `EXECUTE` under `EXPLAIN` or `CREATE TABLE
+/// ... AS` is refused when a `mask` rule applies to it.
+const MASK_EXECUTE_WRAPPED: &str = "it runs a prepared statement whose rows would go where masking cannot see them (EXPLAIN, CREATE TABLE AS); run EXECUTE alone";
+
+/// Why an `EXECUTE` prepared by Parse is refused when the statement it
+/// runs needs masking that its Parse did not plan for.
+const MASK_EXECUTE_CHANGED: &str = "the prepared statement it runs needs masking that was not planned when the EXECUTE was prepared (it was prepared again since); prepare the EXECUTE again";
+
+/// Why text sent behind an unanswered statement that may change how the
+/// server reads text is refused (see [`super::reading`]).
+const READING_CHANGED: &str = "tollgate: this statement was sent behind one that may change how the server reads statement text (SET or RESET of standard_conforming_strings, client_encoding or backslash_quote, RESET ALL, DISCARD ALL, set_config, a DO block, a function whose effect is unknown) in the same extended-protocol batch, or the server did not answer that one in time, so the proxy cannot read it as the server will; refused (send it after the Sync that ends that batch)";
+
+/// Statements reached through `EXECUTE`s of `EXECUTE`s at most.
+const MAX_EXECUTE_DEPTH: usize = 8;
+
 /// How long a batch start waits for the server to answer what was sent
 /// before it (see [`ClientSide::must_wait`]); then a masked statement in it
 /// is refused.
@@ -217,6 +232,12 @@ struct Shared {
     batch_active: AtomicBool,
     /// Notified when `in_flight` falls to 0.
     idle: tokio::sync::Notify,
+    /// Syncs the client sent after starting a COPY FROM STDIN and before
+    /// its CopyDone or CopyFail: the server ignores them if it entered
+    /// copy-in, and then they are taken off the counts of what it answers.
+    copy_syncs: AtomicU64,
+    /// The server answered CopyInResponse and the copy has not ended.
+    copy_in: AtomicBool,
 }
 
 /// Denials remembered at most (older ones are forgotten: the server
@@ -246,6 +267,8 @@ impl Shared {
             batch: Mutex::new(None),
             batch_active: AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
+            copy_syncs: AtomicU64::new(0),
+            copy_in: AtomicBool::new(false),
             next_denial: AtomicU64::new(1),
             denials: Mutex::new(BTreeMap::new()),
             upstream_mid_message: AtomicBool::new(false),
@@ -1246,10 +1269,34 @@ struct ClientSide<'a> {
     /// The wait for the server to be idle before this batch timed out
     /// (reset at Sync): its masked messages are refused.
     waited: Cell<bool>,
+    /// A statement that may change how the server reads statement text
+    /// (see [`super::reading`]) was sent to run in this batch (the count of
+    /// Syncs, Queries and FunctionCalls sent before it): until the server
+    /// answered that batch, later text cannot be read as the server will.
+    reading_changed: Cell<Option<u64>>,
+    /// A wait for that answer timed out: text is refused until it comes.
+    reading_waited: Cell<bool>,
+    /// A COPY FROM STDIN was sent to run and the client has not ended its
+    /// data (CopyDone, CopyFail): its Syncs may be ignored.
+    copy_open: Cell<bool>,
+    /// Such a statement ran in the open transaction block, so ending the
+    /// block (or rolling back to a savepoint) may change the reading back.
+    reading_changed_in_block: Cell<bool>,
     /// The message just refused is text the analysis could not parse,
     /// refused by the default: the server reads it for its own syntax
     /// error (see [`ClientSide::substitute`]).
     server_reads_refused: Cell<bool>,
+}
+
+/// What a Query, Parse or FunctionCall may do while a statement that may
+/// change how text is read is unanswered.
+enum Reading {
+    /// Nothing pending: analyse it under the settings the server reported.
+    Settled,
+    /// Sent in a later batch: wait for the server's answer.
+    Wait,
+    /// Sent in the same batch (or the wait timed out): refuse it.
+    Refuse,
 }
 
 impl ClientSide<'_> {
@@ -1301,6 +1348,10 @@ impl ClientSide<'_> {
                 let Some(body) = header.body(data) else {
                     return Ok(Step::Need(header.len));
                 };
+                let reading = self.reading();
+                if matches!(reading, Reading::Wait) {
+                    return Ok(Step::Wait);
+                }
                 if tag != PARSE && self.batch_open.get() {
                     return Err(Stop::client_fault(
                         sqlstate::PROTOCOL_VIOLATION,
@@ -1310,12 +1361,19 @@ impl ClientSide<'_> {
                         ),
                     ));
                 }
-                let decided = self.decide(tag, body)?;
+                let decided = match reading {
+                    Reading::Refuse => {
+                        tracing::warn!(session = %self.ctx.id, "refused: text sent behind an unanswered statement that may change how the server reads it");
+                        Some(READING_CHANGED.to_owned())
+                    }
+                    _ => self.decide(tag, body)?,
+                };
                 if tag == PARSE {
                     self.extended_open.set(true);
                     self.expect(Expect::Complete)?;
                 } else {
                     self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                    self.shared.prepared().batch_sent();
                 }
                 match decided {
                     None if self.mask_plan.get_mut().is_some() => {
@@ -1342,6 +1400,10 @@ impl ClientSide<'_> {
                     return Ok(Step::Need(header.len));
                 }
                 self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                self.shared.prepared().batch_sent();
+                if self.copy_open.get() {
+                    self.shared.copy_syncs.fetch_add(1, Ordering::Relaxed);
+                }
                 self.extended_open.set(false);
                 self.expect(Expect::Sync)?;
                 self.batch_open.set(false);
@@ -1367,7 +1429,10 @@ impl ClientSide<'_> {
                 if header.message(data).is_none() {
                     return Ok(Step::Need(header.len));
                 }
-                self.extended_open.set(true);
+                // A Flush asks the server to send what it has; it creates
+                // nothing to answer, so it neither opens a batch nor makes
+                // one pipelined (psycopg ends every pipeline and
+                // `executemany` with Sync then Flush).
                 Ok(Step::Forward(header.len))
             }
             BIND => {
@@ -1403,6 +1468,12 @@ impl ClientSide<'_> {
                 self.extended_open.set(true);
                 Ok(step)
             }
+            COPY_DONE | COPY_FAIL => {
+                self.copy_open.set(false);
+                let n = header.len.min(data.len());
+                self.streaming = header.len - n;
+                Ok(Step::Forward(n))
+            }
             TERMINATE => match header.message(data) {
                 Some(_) => Ok(Step::Last(header.len)),
                 None => Ok(Step::Need(header.len)),
@@ -1418,6 +1489,7 @@ impl ClientSide<'_> {
     /// Decides a Query, Parse or FunctionCall; `Some(message)` when refused.
     fn decide(&self, tag: u8, body: &[u8]) -> Result<Option<String>, Stop> {
         use frontend::tag::*;
+        self.server_reads_refused.set(false);
         let mut r = Reader::new(message_name(tag), body);
         let text: &[u8];
         let owned;
@@ -1458,8 +1530,10 @@ impl ClientSide<'_> {
             tracing::warn!(session = %self.ctx.id, "refused: a statement prepared under a name reserved for masking");
             return Ok(Some(RESERVED_STATEMENT_NAME.to_owned()));
         }
-        let maskable = tag == QUERY || tag == PARSE;
-        let mut refusal = self.decide_with_executed(&policy, &text, &analysis, &ops, maskable);
+        // A FunctionCall's result is not masked.
+        let unmaskable = (tag == FUNCTION_CALL).then_some(MASK_EXTENDED);
+        let mut refusal =
+            self.decide_with_executed(&policy, &text, &analysis, &ops, None, unmaskable);
         if refusal.is_some() {
             self.mask_plan.take();
         }
@@ -1472,8 +1546,17 @@ impl ClientSide<'_> {
                 mask = Some(plan);
             }
         }
+        if tag != PARSE && refusal.is_none() {
+            // A Query runs now, and a FunctionCall (unknown effect) too.
+            self.note_reading_change(&analysis);
+            self.note_copy_in(&analysis);
+        }
         if tag == QUERY && refusal.is_none() && !ops.is_empty() {
-            return Ok(self.sql_sent(&policy, &ops));
+            let refusal = self.sql_sent(&policy, &ops);
+            if refusal.is_some() {
+                self.mask_plan.take();
+            }
+            return Ok(refusal);
         }
         if tag == PARSE && refusal.is_none() {
             let mut prepared = self.shared.prepared();
@@ -1498,15 +1581,16 @@ impl ClientSide<'_> {
 
     /// Decides analysed text under `policy` and reports the decisions;
     /// `Some(message for the client)` when refused, naming `label` (when
-    /// given) rather than the refused statement's command. `maskable`: the
-    /// text is a fresh Query or Parse, whose result can be masked.
+    /// given) rather than the refused statement's command. `unmaskable`:
+    /// why the result cannot be masked, `None` for a fresh Query or Parse,
+    /// whose result can.
     fn decide_labelled(
         &self,
         policy: &crate::policy::PolicySet,
         text: &str,
         analysis: &Analysis,
         label: Option<&str>,
-        maskable: bool,
+        unmaskable: Option<&'static str>,
     ) -> Option<String> {
         let decisions =
             self.memo
@@ -1514,7 +1598,7 @@ impl ClientSide<'_> {
                 .decide(policy, &self.ctx.target, self.identity, text, analysis);
         let top = most_restrictive(&decisions);
         if top.is_some_and(|d| d.action == Action::Mask) {
-            let refusal = self.plan_mask(&decisions, analysis, label, maskable);
+            let refusal = self.plan_mask(&decisions, analysis, label, unmaskable);
             self.report(text, analysis, &decisions, refusal.is_some());
             return refusal;
         }
@@ -1546,15 +1630,16 @@ impl ClientSide<'_> {
     }
 
     /// A message with statements a `mask` rule applies to: in a fresh
-    /// Query or Parse (`maskable`) whose masked statements are all queries
-    /// that write nothing, the plan for its answer is kept in `mask_plan`;
-    /// anything else is refused, saying why (`label` names an `EXECUTE`).
+    /// Query or Parse (`unmaskable` is `None`) whose masked statements are
+    /// all queries that write nothing, the plan for its answer is kept in
+    /// `mask_plan`; anything else is refused, saying why (`label` names an
+    /// `EXECUTE`).
     fn plan_mask(
         &self,
         decisions: &[Decision],
         analysis: &Analysis,
         label: Option<&str>,
-        maskable: bool,
+        unmaskable: Option<&'static str>,
     ) -> Option<String> {
         let statements = match analysis {
             Analysis::Parsed { statements } => statements.as_slice(),
@@ -1577,7 +1662,7 @@ impl ClientSide<'_> {
                 .unwrap_or(UNPARSABLE_COMMAND);
             let why = decision
                 .mask_obstacle(statement)
-                .or_else(|| (!maskable).then_some(MASK_EXTENDED.into()));
+                .or(unmaskable.map(std::borrow::Cow::Borrowed));
             if let Some(why) = why {
                 return Some(decision.mask_refused_message(command, &why));
             }
@@ -1629,6 +1714,55 @@ impl ClientSide<'_> {
         w.put_bytes(lookup.as_bytes()).put_cstr_bytes(text);
         w.finish();
         tracing::debug!(session = %self.ctx.id, "a masked Query: the masking lookup goes in front of it");
+    }
+
+    /// Whether text arriving now can be analysed under the settings the
+    /// server reported, must wait for its answer to a statement that may
+    /// change them, or is refused (sent in the same batch as that
+    /// statement, which the server answers only at Sync, or the wait
+    /// timed out).
+    fn reading(&self) -> Reading {
+        let Some(batch) = self.reading_changed.get() else {
+            return Reading::Settled;
+        };
+        let (sent, answered) = self.shared.prepared().batches();
+        if answered > batch {
+            self.reading_changed.set(None);
+            self.reading_waited.set(false);
+            if self.shared.tx_status.load(Ordering::Relaxed) == b'I' {
+                self.reading_changed_in_block.set(false);
+            }
+            return Reading::Settled;
+        }
+        if sent == batch || self.reading_waited.get() {
+            return Reading::Refuse;
+        }
+        Reading::Wait
+    }
+
+    /// Records that `analysis` is about to run, if it may change how the
+    /// server reads later text.
+    fn note_reading_change(&self, analysis: &Analysis) {
+        let in_block = self.reading_changed_in_block.get();
+        if super::reading::may_change_reading(analysis, in_block) {
+            let (sent, _) = self.shared.prepared().batches();
+            self.reading_changed.set(Some(sent));
+            self.reading_changed_in_block.set(true);
+        }
+    }
+
+    /// Records that `analysis` is about to run, if it holds a COPY into a
+    /// table (FROM STDIN, whose Syncs the server may ignore).
+    fn note_copy_in(&self, analysis: &Analysis) {
+        let Analysis::Parsed { statements } = analysis else {
+            return;
+        };
+        if statements
+            .iter()
+            .any(|s| s.kind == crate::sql::StatementKind::Copy && !s.tables_written.is_empty())
+        {
+            self.copy_open.set(true);
+        }
     }
 
     /// Whether the message about to be stepped starts an extended-protocol
@@ -1720,26 +1854,41 @@ impl ClientSide<'_> {
     }
 
     /// Decides analysed text (its prepared-statement operations `ops`)
-    /// under `policy`, then every named statement it `EXECUTE`s that an
-    /// earlier policy allowed, as that statement was decided when prepared
-    /// (a refusal names `EXECUTE`); `Some(message)` when refused.
+    /// under `policy`, then, every time, each named statement it
+    /// `EXECUTE`s by that statement's own analysis (a refusal names
+    /// `EXECUTE`); `Some(message)` when refused. A lone `EXECUTE` of a
+    /// masked statement adds that statement's masking to `mask_plan` at the
+    /// `EXECUTE`'s place (its rows are the statement's rows); under
+    /// `EXPLAIN` or `CREATE TABLE ... AS` it is refused. An `EXECUTE` of a
+    /// name the session never saw prepared fails closed when any rule
+    /// could apply. `via` is the `EXECUTE` that runs the text, if one does
+    /// (its refusals name that `EXECUTE`).
     fn decide_with_executed(
         &self,
         policy: &Arc<crate::policy::PolicySet>,
         text: &str,
         analysis: &Analysis,
         ops: &[(SqlOp, &crate::sql::StatementSummary)],
-        maskable: bool,
+        via: Option<Executed<'_>>,
+        unmaskable: Option<&'static str>,
     ) -> Option<String> {
-        if let Some(refusal) = self.decide_labelled(policy, text, analysis, None, maskable) {
+        let (label, depth) = via.map_or((None, 0), |v| (Some(v.label), v.depth));
+        if let Some(refusal) = self.decide_labelled(policy, text, analysis, label, unmaskable) {
             return Some(refusal);
         }
-        for (i, (op, _)) in ops.iter().enumerate() {
+        let statements = match analysis {
+            Analysis::Parsed { statements } => statements.as_slice(),
+            Analysis::Unparsable { .. } => &[],
+        };
+        // The text's own masking; the executed statements' is added to it.
+        let mut plan = self.mask_plan.borrow_mut().take();
+        for (i, (op, statement)) in ops.iter().enumerate() {
             let SqlOp::Execute(name) = op else {
                 continue;
             };
             // Prepared earlier in the same text (and decided with it), or
-            // deallocated there (the server fails the EXECUTE).
+            // deallocated there (the server fails the EXECUTE): the server
+            // stops a Query at its first error, so nothing older runs.
             let replaced = ops.iter().take(i).any(|(earlier, _)| match earlier {
                 SqlOp::Prepare(n) | SqlOp::Deallocate(n) => n == name,
                 SqlOp::DeallocateAll => true,
@@ -1748,24 +1897,85 @@ impl ClientSide<'_> {
             if replaced {
                 continue;
             }
-            let Some(decided) = self.shared.prepared().statement(name).cloned() else {
-                continue;
+            let shown = String::from_utf8_lossy(name);
+            let candidates = self.shared.prepared().candidates(name);
+            if candidates.is_empty() {
+                // With no rule, the default decides every statement alike,
+                // and it decided this one above.
+                if policy.rule_count() == 0 {
+                    continue;
+                }
+                tracing::warn!(session = %self.ctx.id, statement = %shown, "refused: EXECUTE of a prepared statement the session did not see prepared");
+                return Some(format!("tollgate: EXECUTE of prepared statement \"{shown}\" refused: it was not prepared through the proxy in this session (it does not exist, or a function or DO block prepared it), so what it runs cannot be decided"));
+            }
+            if depth >= MAX_EXECUTE_DEPTH {
+                return Some(format!("tollgate: EXECUTE of prepared statement \"{shown}\" refused: it runs EXECUTEs nested deeper than {MAX_EXECUTE_DEPTH}"));
+            }
+            // A lone EXECUTE returns the statement's rows, which can be
+            // masked; under EXPLAIN or CREATE TABLE AS they go elsewhere.
+            let lone = statement.kind == crate::sql::StatementKind::Prepared;
+            let (label, why) = if lone {
+                ("EXECUTE".to_owned(), unmaskable)
+            } else {
+                (
+                    format!("{} EXECUTE", statement.command),
+                    Some(MASK_EXECUTE_WRAPPED),
+                )
             };
-            if !decided.is_stale(policy) {
-                continue;
+            let at = statements.iter().position(|s| std::ptr::eq(s, *statement));
+            for decided in candidates {
+                let inner_ops = prepared::sql_ops(&decided.analysis);
+                let refusal = self.decide_with_executed(
+                    policy,
+                    &decided.text,
+                    &decided.analysis,
+                    &inner_ops,
+                    Some(Executed {
+                        label: &label,
+                        depth: depth.saturating_add(1),
+                    }),
+                    why,
+                );
+                let executed_plan = self.mask_plan.borrow_mut().take();
+                if let Some(refusal) = refusal {
+                    return Some(refusal);
+                }
+                if let (Some(executed_plan), Some(at)) = (executed_plan, at) {
+                    merge_executed_plan(&mut plan, statements.len(), at, executed_plan);
+                }
             }
-            if let Some(refusal) = self.decide_labelled(
-                policy,
-                &decided.text,
-                &decided.analysis,
-                Some("EXECUTE"),
-                false,
-            ) {
-                return Some(refusal);
-            }
-            self.shared.prepared().reallowed_statement(name, policy);
         }
+        *self.mask_plan.borrow_mut() = plan;
         None
+    }
+
+    /// The statement a SQL `PREPARE` prepares, as an `EXECUTE` of it will
+    /// be decided: the analysis of the statement after its `AS` (a query
+    /// that an `EXECUTE` alone returns rows of, and masking can mask), or,
+    /// when that cannot be had, the `PREPARE` itself (kind `prepared`, with
+    /// the tables and flags of what it prepares, which masking refuses).
+    fn sql_prepared(&self, statement: &crate::sql::StatementSummary) -> Decided {
+        let whole = || Decided {
+            text: Arc::from(statement.text.as_str()),
+            analysis: Arc::new(Analysis::Parsed {
+                statements: vec![statement.clone()],
+            }),
+            policy: std::sync::Weak::new(),
+            mask: None,
+        };
+        let Some(query) = prepared::prepared_query_text(&statement.text) else {
+            return whole();
+        };
+        let analysis = self.ctx.analysis.analyze(query);
+        match &*analysis {
+            Analysis::Parsed { statements } if statements.len() == 1 => Decided {
+                text: Arc::from(query),
+                analysis,
+                policy: std::sync::Weak::new(),
+                mask: None,
+            },
+            _ => whole(),
+        }
     }
 
     /// Tracks the SQL `PREPARE`s and `DEALLOCATE`s of allowed text about to
@@ -1790,12 +2000,9 @@ impl ClientSide<'_> {
                 SqlOp::Prepare(name) => prepared.prepare_sent(
                     name,
                     Decided {
-                        text: Arc::from(statement.text.as_str()),
-                        analysis: Arc::new(Analysis::Parsed {
-                            statements: vec![(*statement).clone()],
-                        }),
                         policy: Arc::downgrade(policy),
                         mask: None,
+                        ..self.sql_prepared(statement)
                     },
                 ),
                 SqlOp::Deallocate(name) => prepared.deallocate_sent(name),
@@ -1839,6 +2046,15 @@ impl ClientSide<'_> {
         let portal = here.get(..portal_end).unwrap_or_default();
         let statement = here.get(portal_end + 1..statement_end).unwrap_or_default();
         let policy = current_policy(&self.ctx.policy);
+        if self.shared.prepared().redefined_earlier(statement) {
+            // Which statement this binds is known once that is answered.
+            if !self.waited.get() {
+                return Ok(Step::Wait);
+            }
+            let shown = String::from_utf8_lossy(statement);
+            let refusal = format!("tollgate: Bind of prepared statement \"{shown}\" refused: a Parse or PREPARE of that name is still unanswered by the server, so which statement it binds is not known; send the Bind after that answer");
+            return self.replace_bind(data, header, portal, refusal);
+        }
         let known = self.shared.prepared().statement(statement).cloned();
         let forward = |side: &mut Self| {
             let n = header.len.min(data.len());
@@ -1847,9 +2063,17 @@ impl ClientSide<'_> {
         };
         let Some(mut decided) = known else {
             // Not prepared in a way this session saw (a Parse, or a SQL
-            // PREPARE of its own), or absent (the server's error).
-            self.expect(Expect::Complete)?;
-            return forward(self);
+            // PREPARE of its own): absent (the server's error), or prepared
+            // by a function or DO block, which nothing decided. With no
+            // rule, the default decides every statement alike.
+            if policy.rule_count() == 0 {
+                self.expect(Expect::Complete)?;
+                return forward(self);
+            }
+            let shown = String::from_utf8_lossy(statement);
+            tracing::warn!(session = %self.ctx.id, statement = %shown, "refused: Bind of a prepared statement the session did not see prepared");
+            let refusal = format!("tollgate: Bind of prepared statement \"{shown}\" refused: it was not prepared through the proxy in this session (it does not exist, or a function or DO block prepared it), so what it runs cannot be decided");
+            return self.replace_bind(data, header, portal, refusal);
         };
         if !self.shared.prepared().has_room() {
             return self.replace_bind(data, header, portal, too_many_prepared());
@@ -1863,9 +2087,15 @@ impl ClientSide<'_> {
                 return step;
             }
             let ops = prepared::sql_ops(&decided.analysis);
-            if let Some(refusal) =
-                self.decide_with_executed(&policy, &decided.text, &decided.analysis, &ops, false)
-            {
+            let refusal = self.decide_with_executed(
+                &policy,
+                &decided.text,
+                &decided.analysis,
+                &ops,
+                None,
+                Some(MASK_EXTENDED),
+            );
+            if let Some(refusal) = refusal {
                 return self.replace_bind(data, header, portal, refusal);
             }
             self.shared
@@ -1931,16 +2161,26 @@ impl ClientSide<'_> {
             return Ok(Step::Forward(len));
         };
         let ops = prepared::sql_ops(&decided.analysis);
-        let refusal = if decided.is_stale(&policy) {
-            let refusal =
-                self.decide_with_executed(&policy, &decided.text, &decided.analysis, &ops, false);
-            if refusal.is_none() {
-                self.shared.prepared().reallowed_portal(portal, &policy);
-            }
-            refusal
+        // A SQL EXECUTE runs whatever the name holds now: decided every
+        // time, as the statement it runs.
+        let executes = ops.iter().any(|(op, _)| matches!(op, SqlOp::Execute(_)));
+        let refusal = if executes {
+            self.decide_portal_execute(&policy, &decided, &ops)
+        } else if decided.is_stale(&policy) {
+            self.decide_with_executed(
+                &policy,
+                &decided.text,
+                &decided.analysis,
+                &ops,
+                None,
+                Some(MASK_EXTENDED),
+            )
         } else {
             None
         };
+        if refusal.is_none() && decided.is_stale(&policy) {
+            self.shared.prepared().reallowed_portal(portal, &policy);
+        }
         // A PREPARE or DEALLOCATE sent by Parse runs here.
         let refusal = match refusal {
             None if !ops.is_empty() => self.sql_sent(&policy, &ops),
@@ -1953,6 +2193,10 @@ impl ClientSide<'_> {
             (None, Some(plan)) => self.join_batch(plan),
             (refusal, _) => refusal,
         };
+        if refusal.is_none() {
+            self.note_reading_change(&decided.analysis);
+            self.note_copy_in(&decided.analysis);
+        }
         match (refusal, &decided.mask) {
             (None, None) => {
                 self.expect(Expect::Execute(None))?;
@@ -1980,6 +2224,34 @@ impl ClientSide<'_> {
                 Ok(Step::Replace(len))
             }
         }
+    }
+
+    /// Decides a portal whose statement is a SQL `EXECUTE` (`ops`), as it
+    /// runs now: a result to mask is masked only when the plan made at
+    /// its Parse (which its Describe and the batch's lookup follow) covers
+    /// what it needs now; `Some(message)` when refused.
+    fn decide_portal_execute(
+        &self,
+        policy: &Arc<crate::policy::PolicySet>,
+        decided: &Decided,
+        ops: &[(SqlOp, &crate::sql::StatementSummary)],
+    ) -> Option<String> {
+        let unmaskable = decided.mask.is_none().then_some(MASK_EXECUTE_CHANGED);
+        let refusal = self.decide_with_executed(
+            policy,
+            &decided.text,
+            &decided.analysis,
+            ops,
+            None,
+            unmaskable,
+        );
+        let needed = self.mask_plan.borrow_mut().take();
+        refusal.or_else(|| match (needed, &decided.mask) {
+            (Some(needed), Some(known)) if !covers(known, &needed) => {
+                Some(format!("tollgate: EXECUTE refused: {MASK_EXECUTE_CHANGED}"))
+            }
+            _ => None,
+        })
     }
 
     /// The analysis of statement bytes, failing closed on what cannot be
@@ -2140,6 +2412,57 @@ fn unparsable_guard(marker: &str) -> String {
     format!("\n{marker}\n;\n{marker} {marker}")
 }
 
+/// Whether `known` masks everything `needed` does: its relations, its
+/// rules, and each statement's computed fields as strictly.
+fn covers(known: &MaskPlan, needed: &MaskPlan) -> bool {
+    needed.relations.iter().all(|r| known.relations.contains(r))
+        && needed
+            .rules
+            .iter()
+            .all(|r| known.rules.iter().any(|k| Arc::ptr_eq(k, r)))
+        && needed.statements.iter().enumerate().all(|(i, method)| {
+            method.is_none() || known.statements.get(i).copied().flatten() >= *method
+        })
+}
+
+/// The `EXECUTE` through which a statement is decided: the label its
+/// refusals name, and how many `EXECUTE`s deep it is (a Parse can prepare
+/// an `EXECUTE` of another statement).
+#[derive(Clone, Copy)]
+struct Executed<'a> {
+    label: &'a str,
+    depth: usize,
+}
+
+/// Adds the masking of a statement run by an `EXECUTE` (`executed`, the
+/// plan of its own text) to `plan`, the plan of a text of `n` statements,
+/// at the `EXECUTE`'s place `at`.
+fn merge_executed_plan(plan: &mut Option<MaskPlan>, n: usize, at: usize, executed: MaskPlan) {
+    let plan = plan.get_or_insert_with(|| MaskPlan {
+        rules: Vec::new(),
+        statements: vec![None; n],
+        relations: Vec::new(),
+        only_first: false,
+    });
+    if let Some(slot) = plan.statements.get_mut(at) {
+        let executed_method = executed.statements.iter().copied().max().flatten();
+        *slot = (*slot).max(executed_method);
+    }
+    for relation in executed.relations {
+        if !plan.relations.contains(&relation) {
+            plan.relations.push(relation);
+        }
+    }
+    for rule in executed.rules {
+        if !plan.rules.iter().any(|known| Arc::ptr_eq(known, &rule)) {
+            plan.rules.push(rule);
+        }
+    }
+    // The statement was prepared earlier, its relations resolved on the
+    // search path of then: the lookup searches every schema.
+    plan.only_first = false;
+}
+
 /// The refusal of a Parse or Bind past [`MAX_TRACKED`].
 /// `Some` until the whole Bind is in `data`: wait for it, or refuse one
 /// too large to hold; `to` says what it binds that needs it whole.
@@ -2209,6 +2532,10 @@ where
         batch_open: Cell::new(false),
         prefix: RefCell::new(Vec::new()),
         waited: Cell::new(false),
+        reading_changed: Cell::new(None),
+        reading_waited: Cell::new(false),
+        reading_changed_in_block: Cell::new(false),
+        copy_open: Cell::new(false),
     };
     let raw = ctx.events.records_raw(&ctx.target);
     if raw && !buf.filled().is_empty() {
@@ -2242,6 +2569,7 @@ where
             };
             if tokio::time::timeout(MASK_WAIT, idle).await.is_err() {
                 side.waited.set(true);
+                side.reading_waited.set(true);
             }
             continue;
         }
@@ -2295,6 +2623,13 @@ impl UpstreamSide<'_> {
             Ok(Some(h)) => h,
         };
         use backend::tag::*;
+        if header.tag == COPY_IN_RESPONSE {
+            self.shared.copy_in.store(true, Ordering::Relaxed);
+        } else if matches!(header.tag, COMMAND_COMPLETE | ERROR_RESPONSE)
+            && self.shared.copy_in.swap(false, Ordering::Relaxed)
+        {
+            self.copy_ended();
+        }
         if self.shared.batch_active.load(Ordering::Relaxed) {
             if let Some(step) = self.batch_step(header, data)? {
                 return Ok(step);
@@ -2505,6 +2840,25 @@ impl UpstreamSide<'_> {
         Ok(None)
     }
 
+    /// The copy-in the server was in ended: the Syncs the client sent
+    /// during it were ignored, and are taken off what is in flight.
+    fn copy_ended(&mut self) {
+        let ignored = self.shared.copy_syncs.swap(0, Ordering::Relaxed);
+        if ignored == 0 {
+            return;
+        }
+        self.shared.prepared().syncs_ignored(ignored);
+        let before =
+            self.shared
+                .in_flight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(ignored))
+                });
+        if before.is_ok_and(|n| n > 0 && n <= ignored) {
+            self.shared.idle.notify_one();
+        }
+    }
+
     /// A ReadyForQuery: one Query, Sync or FunctionCall fewer in flight
     /// (the start-up's own is not one of them).
     fn answered(&mut self) {
@@ -2582,11 +2936,20 @@ impl UpstreamSide<'_> {
         let message = backend::decode_backend(tag, body).map_err(upstream_fault)?;
         match message {
             BackendMessage::ReadyForQuery(status) => {
+                // The start-up's answers no message of the client's.
+                let startup = !self.ready;
                 self.answered();
                 self.shared
                     .tx_status
                     .store(status.byte(), Ordering::Relaxed);
-                self.shared.prepared().ready_for_query(status.byte());
+                if !startup {
+                    self.shared.prepared().ready_for_query(status.byte());
+                }
+                if !self.shared.copy_in.load(Ordering::Relaxed) {
+                    // A COPY that never entered copy-in (it failed first):
+                    // its Syncs were answered like any other.
+                    self.shared.copy_syncs.store(0, Ordering::Relaxed);
+                }
                 if matches!(status, TransactionStatus::Unknown(_)) {
                     tracing::debug!(session = %self.ctx.id, "ReadyForQuery with an unknown status byte");
                 }
