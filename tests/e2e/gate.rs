@@ -226,3 +226,55 @@ fn masked_values_do_not_leave_through_side_channels() {
     assert!(!text.to_lowercase().contains("@example.com"), "{text}");
     assert_eq!(text.lines().count(), 2, "{text}");
 }
+
+/// psql's large-object commands reach the server as fast-path
+/// `FunctionCall` messages, which name a function by oid: the built-in
+/// large-object functions are decided by their names, so a rule on
+/// `lowrite` refuses `\lo_import` while `\lo_export` of an existing object
+/// runs.
+#[test]
+fn large_object_fast_path_calls_are_decided_by_function_name() {
+    let policy = r#"
+[defaults]
+action = "allow"
+
+[[rule]]
+name = "no-large-object-writes"
+action = "deny"
+[rule.match]
+functions = ["lowrite", "lo_put", "lo_from_bytea"]
+"#;
+    let governed = Governed::start(policy, "select 1", "");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("upload.txt");
+    std::fs::write(&file, "uploaded").unwrap();
+    let (ok, text) = through_agent(&governed, &format!("\\lo_import {}", file.display()));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("denied by rule \"no-large-object-writes\""),
+        "{text}"
+    );
+    assert_eq!(
+        governed.server("select count(*) from pg_largeobject_metadata"),
+        "0",
+        "the refused import left a large object"
+    );
+
+    // An object made on the server is read back through the agent.
+    let oid = governed.server("select lo_from_bytea(0, 'stored'::bytea)");
+    let out = dir.path().join("download.txt");
+    let (ok, text) = through_agent(&governed, &format!("\\lo_export {oid} {}", out.display()));
+    assert!(ok, "{text}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "stored");
+    let decided: Vec<String> = governed
+        .agent
+        .log_lines()
+        .iter()
+        .filter_map(|l| l["text"].as_str().map(str::to_owned))
+        .filter(|t| t.starts_with("FunctionCall"))
+        .collect();
+    assert!(
+        decided.contains(&"FunctionCall pg_catalog.loread (oid 954)".to_owned()),
+        "{decided:?}"
+    );
+}

@@ -196,6 +196,36 @@ fn summarise(node: &NodeEnum, text: &str) -> Result<StatementSummary, String> {
     })
 }
 
+/// The analysis of a fast-path call of a built-in function (a
+/// `FunctionCall` message, which carries no SQL): a query calling `name`
+/// (in `pg_catalog`), recorded under `text`.
+pub fn function_call(name: &str, text: &str) -> Analysis {
+    let mut facts = Facts::default();
+    let qualified = [string_node("pg_catalog"), string_node(name)];
+    facts.function(&qualified);
+    Analysis::Parsed {
+        statements: vec![StatementSummary {
+            kind: StatementKind::Select,
+            transaction: None,
+            command: Arc::from("FUNCTION CALL"),
+            tables_read: Vec::new(),
+            tables_written: Vec::new(),
+            functions: facts.functions.into_iter().collect(),
+            flags: facts.flags,
+            fingerprint: Arc::from(format!("function call {name}")),
+            text: text.to_owned(),
+        }],
+    }
+}
+
+fn string_node(value: &str) -> Node {
+    Node {
+        node: Some(NodeEnum::String(protobuf::String {
+            sval: value.to_owned(),
+        })),
+    }
+}
+
 /// Fingerprint options: relation names count in full, with their schema and
 /// without their alias, so that a fingerprint approved for
 /// `DELETE FROM staging.users u WHERE id = $1` does not also cover

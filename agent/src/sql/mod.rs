@@ -24,7 +24,7 @@ mod shape;
 mod tests;
 mod visit;
 
-pub use analyze::analyze;
+pub use analyze::{analyze, function_call};
 pub use cache::{AnalysisCache, MAX_CACHED_TEXT_LEN};
 pub use refs::{column_refs, ColumnRefs};
 

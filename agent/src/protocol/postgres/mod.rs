@@ -76,6 +76,7 @@ pub mod backend;
 pub mod cancel;
 pub mod codec;
 pub mod error;
+pub mod fastpath;
 pub mod frontend;
 pub mod mask;
 pub mod prepared;

@@ -87,6 +87,7 @@ use super::codec::{
     MAX_PRE_AUTH_MESSAGE,
 };
 use super::error::{error_response, severity, sqlstate, ssl_refused};
+use super::fastpath;
 use super::frontend::{self, decode_startup, FrontendMessage};
 use super::mask::{
     self as masking, Disposition, Expect, ExtendedBatch, LookupScope, MaskPlan, MaskedAnswer,
@@ -1494,6 +1495,7 @@ impl ClientSide<'_> {
         let text: &[u8];
         let owned;
         let mut statement_name: &[u8] = b"";
+        let mut fast_path = None;
         match tag {
             QUERY => {
                 text = r
@@ -1513,11 +1515,24 @@ impl ClientSide<'_> {
                 let oid = r
                     .get_u32("function oid")
                     .map_err(Stop::protocol_violation)?;
-                owned = format!("FunctionCall oid {oid}");
+                fast_path = fastpath::builtin_function(oid).map(|name| (name, oid));
+                owned = match fast_path {
+                    Some((name, oid)) => fastpath::text(name, oid),
+                    None => format!("FunctionCall oid {oid}"),
+                };
                 text = owned.as_bytes();
             }
         }
-        let (text, analysis) = self.analyse(text);
+        let (text, analysis) = match fast_path {
+            // A built-in the catalog numbers the same in every version:
+            // decided as a call of the function it names.
+            Some((name, oid)) => {
+                let text = fastpath::text(name, oid);
+                let analysis = Arc::new(crate::sql::function_call(name, &text));
+                (std::borrow::Cow::Owned(text), analysis)
+            }
+            None => self.analyse(text),
+        };
         let policy = current_policy(&self.ctx.policy);
         let ops = prepared::sql_ops(&analysis);
         let prepares_reserved = ops.iter().any(|(op, _)| match op {
