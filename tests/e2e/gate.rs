@@ -278,3 +278,53 @@ functions = ["lowrite", "lo_put", "lo_from_bytea"]
         "{decided:?}"
     );
 }
+
+/// Text the analysis cannot parse is refused by the default; the client
+/// gets the server's own syntax error (message and position, so psql shows
+/// the same caret), and nothing of the text runs, also where the server
+/// would have read it otherwise (`standard_conforming_strings = off`).
+#[test]
+fn unparsable_text_gets_the_servers_syntax_error_and_never_runs() {
+    let governed = Governed::start("[defaults]\naction = \"allow\"\n", SCHEMA, "");
+    for sql in [
+        "SELECT CAST('42' AS text COLLATE \"C\")",
+        "create table foo (with baz)",
+        "SELECT 1; SELECT * FROM rank() OVER (ORDER BY random())",
+    ] {
+        let direct = psql_command(governed.pg.port, sql).output().unwrap();
+        let (ok, through) = through_agent(&governed, sql);
+        assert!(!ok, "{sql}: {through}");
+        assert_eq!(
+            String::from_utf8_lossy(&direct.stderr),
+            through,
+            "{sql}: the agent's answer differs from the server's"
+        );
+        assert!(through.contains("LINE 1:"), "{through}");
+    }
+    assert_eq!(
+        governed.server("select count(*) from pg_class where relname = 'foo'"),
+        "0"
+    );
+
+    // Under standard_conforming_strings = off the server reads backslashes
+    // as escapes, which the analysis does not: refused, and the DROP the
+    // text would hide never runs.
+    let out = psql_command(governed.port, "set standard_conforming_strings = off")
+        .args(["-c", "select 'a\\'; drop table secrets; --'"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("could not be parsed"), "{text}");
+    assert_eq!(
+        governed.server("select to_regclass('secrets') is not null"),
+        "t"
+    );
+    let refused = governed
+        .agent
+        .log_lines()
+        .iter()
+        .filter(|l| l["statement_action"] == "deny" && l["text"] == "create table foo (with baz)")
+        .count();
+    assert_eq!(refused, 1, "the refusal is logged as unparsable");
+}
