@@ -328,3 +328,46 @@ fn unparsable_text_gets_the_servers_syntax_error_and_never_runs() {
         .count();
     assert_eq!(refused, 1, "the refusal is logged as unparsable");
 }
+
+/// An error the server raises in a statement that reads masked columns may
+/// quote a value: its text is withheld (the SQLSTATE stays), in the simple
+/// and the extended protocol.
+#[test]
+fn error_messages_of_masked_statements_do_not_quote_masked_values() {
+    let governed = Governed::start(POLICY, SCHEMA, "");
+    let (ok, text) = through_agent(&governed, "SELECT email::int FROM customers");
+    assert!(!ok, "{text}");
+    assert!(!text.contains("@example.com"), "leaked: {text}");
+    assert!(
+        text.contains("withheld") && text.contains("22P02"),
+        "{text}"
+    );
+    // The session goes on, masked.
+    let (ok, text) = through_agent(&governed, "SELECT email FROM customers ORDER BY id");
+    assert!(ok && !text.contains("@example.com"), "{text}");
+
+    // The extended protocol (psycopg binds a parameter: Parse/Bind/Execute).
+    let script = r#"
+import sys, psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+try:
+    conn.execute("SELECT email::int FROM customers WHERE id = %s", (1,))
+    print("ran")
+except psycopg.Error as e:
+    print("error", e.sqlstate, str(e).replace("\n", " "))
+print(conn.execute("SELECT count(*) FROM customers WHERE id = %s", (1,)).fetchone()[0])
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=10",
+            governed.port
+        ))
+        .output()
+        .unwrap();
+    let stdout = succeeded(&out);
+    assert!(!stdout.contains("@example.com"), "leaked: {stdout}");
+    assert!(stdout.contains("error 22P02"), "{stdout}");
+    assert!(stdout.contains("withheld"), "{stdout}");
+    assert!(stdout.trim_end().ends_with('1'), "{stdout}");
+}

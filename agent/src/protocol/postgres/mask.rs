@@ -460,49 +460,74 @@ pub fn mask_data_row(body: &[u8], masks: &[FieldMask], out: &mut Vec<u8>) -> Res
     Ok(masked)
 }
 
-/// Rewrites an ErrorResponse `body` so that its position (`P`, 1-based
-/// characters) counts from the client's own text, `shift` characters after
-/// the start of what the server ran. `false` (forward it as it is) when it
-/// has no position in the client's text.
-pub fn shift_error_position(body: &[u8], shift: usize, out: &mut Vec<u8>) -> bool {
+/// Fields of an ErrorResponse kept when its text is withheld: severity,
+/// SQLSTATE, position, the names of the schema, table, column, type and
+/// constraint, and the server's source location. None of them holds a
+/// value of the data.
+const KEPT_ERROR_FIELDS: &[u8] = b"SVCPstcdnFLR";
+
+/// Rewrites an ErrorResponse `body` answering a statement that reads masked
+/// columns. The text the server wrote (message, detail, hint, context,
+/// internal query) can quote a value, a masked one too (`invalid input
+/// syntax for type integer: "ada@example.com"` for `email::int`), so the
+/// message says it was withheld and the rest of that text is dropped; the
+/// fields of [`KEPT_ERROR_FIELDS`] stay, the position counted from the
+/// client's text (`shift` characters of the lookup in front of it). A body that does
+/// not decode gives an error with the withheld message alone.
+pub fn withhold_error_text(body: &[u8], shift: usize, out: &mut Vec<u8>) {
     let mut r = Reader::new("ErrorResponse", body);
     let mut fields: Vec<(u8, &[u8])> = Vec::new();
-    loop {
+    let decoded = loop {
         let Ok(code) = r.get_u8("field type") else {
-            return false;
+            break false;
         };
         if code == 0 {
-            break;
+            break true;
         }
         let Ok(value) = r.get_cstr_bytes("field value") else {
-            return false;
+            break false;
         };
         fields.push((code, value));
-    }
-    let position = fields
-        .iter()
-        .find(|(c, _)| *c == backend::field::POSITION)
-        .and_then(|(_, v)| std::str::from_utf8(v).ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    let Some(shifted) = position
-        .and_then(|p| p.checked_sub(shift))
-        .filter(|p| *p > 0)
-    else {
-        return false;
     };
-    let shifted = shifted.to_string();
+    if !decoded {
+        fields.clear();
+    }
+    let code = fields
+        .iter()
+        .find(|(c, _)| *c == backend::field::CODE)
+        .map_or(&b"XX000"[..], |(_, v)| *v);
+    let message = format!(
+        "tollgate: the server's error message is withheld: the statement reads masked columns, and the message could quote a masked value (SQLSTATE {})",
+        String::from_utf8_lossy(code)
+    );
     let mut w = MessageWriter::new(out, backend::tag::ERROR_RESPONSE);
-    for (code, value) in fields {
-        let value = if code == backend::field::POSITION {
-            shifted.as_bytes()
-        } else {
-            value
-        };
-        w.put_u8(code).put_cstr_bytes(value);
+    let mut wrote_message = false;
+    for (field, value) in &fields {
+        if *field == backend::field::MESSAGE && !wrote_message {
+            w.put_u8(*field).put_cstr(&message);
+            wrote_message = true;
+        } else if *field == backend::field::POSITION {
+            let shifted = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .and_then(|p| p.checked_sub(shift))
+                .filter(|p| *p > 0);
+            if let Some(shifted) = shifted {
+                w.put_u8(*field).put_cstr(&shifted.to_string());
+            }
+        } else if KEPT_ERROR_FIELDS.contains(field) {
+            w.put_u8(*field).put_cstr_bytes(value);
+        }
+    }
+    if !decoded {
+        w.put_u8(backend::field::SEVERITY).put_cstr("ERROR");
+        w.put_u8(backend::field::CODE).put_cstr("XX000");
+    }
+    if !wrote_message {
+        w.put_u8(backend::field::MESSAGE).put_cstr(&message);
     }
     w.put_u8(0);
     w.finish();
-    true
 }
 
 /// Where the answer to a masked Query is.
@@ -1157,13 +1182,21 @@ mod tests {
     }
 
     #[test]
-    fn error_positions_count_from_the_clients_text() {
+    fn error_text_that_could_quote_a_masked_value_is_withheld() {
         let mut body = Vec::new();
         for (code, value) in [
             (b'S', "ERROR"),
-            (b'C', "42703"),
-            (b'M', "column \"emial\" does not exist"),
+            (b'V', "ERROR"),
+            (b'C', "22P02"),
+            (
+                b'M',
+                "invalid input syntax for type integer: \"ada@example.com\"",
+            ),
+            (b'D', "ada@example.com"),
+            (b'W', "SQL function \"f\" ada@example.com"),
             (b'P', "108"),
+            (b't', "customers"),
+            (b'F', "numutils.c"),
         ] {
             body.push(code);
             body.extend_from_slice(value.as_bytes());
@@ -1171,21 +1204,37 @@ mod tests {
         }
         body.push(0);
         let mut out = Vec::new();
-        assert!(shift_error_position(&body, 100, &mut out));
+        withhold_error_text(&body, 100, &mut out);
+        assert!(!String::from_utf8_lossy(&out).contains("ada@"), "{out:?}");
         match backend::decode_backend(out[0], &out[5..]).unwrap() {
             BackendMessage::ErrorResponse(fields) => {
+                // The position counts from the client's own text.
                 assert_eq!(fields.get(b'P'), Some("8"));
-                assert_eq!(fields.get(b'M'), Some("column \"emial\" does not exist"));
+                assert_eq!(fields.get(b'C'), Some("22P02"));
+                assert_eq!(fields.get(b't'), Some("customers"));
+                assert_eq!(fields.get(b'D'), None);
+                assert_eq!(fields.get(b'W'), None);
+                assert!(fields.get(b'M').unwrap().contains("withheld"));
             }
             other => panic!("{other:?}"),
         }
-        // A position inside the lookup, or none: left alone.
-        assert!(!shift_error_position(&body, 200, &mut Vec::new()));
-        assert!(!shift_error_position(
-            &[b'S', b'E', 0, 0],
-            10,
-            &mut Vec::new()
-        ));
+        // A position inside the lookup is dropped; a body that does not
+        // decode still gives an error, with nothing of it.
+        let mut out = Vec::new();
+        withhold_error_text(&body, 200, &mut out);
+        match backend::decode_backend(out[0], &out[5..]).unwrap() {
+            BackendMessage::ErrorResponse(fields) => assert_eq!(fields.get(b'P'), None),
+            other => panic!("{other:?}"),
+        }
+        let mut out = Vec::new();
+        withhold_error_text(b"Mada@example.com", 0, &mut out);
+        assert!(!String::from_utf8_lossy(&out).contains("ada@"));
+        match backend::decode_backend(out[0], &out[5..]).unwrap() {
+            BackendMessage::ErrorResponse(fields) => {
+                assert_eq!(fields.get(b'C'), Some("XX000"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A lookup row: OID, column number, name, relation.

@@ -195,6 +195,9 @@ struct Shared {
     /// Messages for the client, by substitute number, until the server's
     /// error for that substitute arrives.
     denials: Mutex<BTreeMap<u64, String>>,
+    /// Unparsable text sent with [`unparsable_guard`] behind it, oldest
+    /// first: (the batch it was sent in, its length in characters).
+    guarded: Mutex<std::collections::VecDeque<(u64, usize)>>,
     /// The upstream pump is inside a message it passes through in chunks:
     /// the proxy must not write a message of its own to the client now.
     upstream_mid_message: AtomicBool,
@@ -272,6 +275,7 @@ impl Shared {
             copy_in: AtomicBool::new(false),
             next_denial: AtomicU64::new(1),
             denials: Mutex::new(BTreeMap::new()),
+            guarded: Mutex::new(std::collections::VecDeque::new()),
             upstream_mid_message: AtomicBool::new(false),
             client_mid_message: AtomicBool::new(false),
             last_activity: AtomicU64::new(0),
@@ -370,6 +374,68 @@ impl Shared {
 
     fn prepared(&self) -> std::sync::MutexGuard<'_, Prepared> {
         self.prepared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Remembers unparsable text sent with the guard behind it, in `batch`.
+    fn guard_sent(&self, batch: u64, text: &[u8]) {
+        let chars = std::str::from_utf8(text).map_or(text.len(), |t| t.chars().count());
+        let mut guarded = self.guarded.lock().unwrap_or_else(PoisonError::into_inner);
+        if guarded.len() >= MAX_PENDING_DENIALS {
+            guarded.pop_front();
+        }
+        guarded.push_back((batch, chars));
+    }
+
+    /// An ErrorResponse of the batch being answered (`answered` batches
+    /// were before it) that is the guard's `;` refused behind text which
+    /// ended unfinished: rewritten into `out` as what the server says of
+    /// that text alone, `syntax error at end of input` at its end. `false`:
+    /// it is not (forward it as it is).
+    fn unfinished_text_error(&self, answered: u64, body: &[u8], out: &mut Vec<u8>) -> bool {
+        let mut guarded = self.guarded.lock().unwrap_or_else(PoisonError::into_inner);
+        while guarded.front().is_some_and(|(batch, _)| *batch < answered) {
+            guarded.pop_front();
+        }
+        let Some(&(batch, chars)) = guarded.front() else {
+            return false;
+        };
+        if batch != answered {
+            return false;
+        }
+        // Whatever this error is, it ends the batch's guarded text.
+        guarded.pop_front();
+        drop(guarded);
+        let Ok(BackendMessage::ErrorResponse(fields)) =
+            backend::decode_backend(backend::tag::ERROR_RESPONSE, body)
+        else {
+            return false;
+        };
+        // The guard's `;` follows the text's last character and a newline.
+        let at_guard = fields.get(backend::field::POSITION) == Some(&(chars + 2).to_string());
+        if fields.get(backend::field::MESSAGE) != Some("syntax error at or near \";\"") || !at_guard
+        {
+            return false;
+        }
+        let end = (chars + 1).to_string();
+        let mut w = MessageWriter::new(out, backend::tag::ERROR_RESPONSE);
+        for &(code, value) in &fields.0 {
+            let value = match code {
+                backend::field::MESSAGE => "syntax error at end of input",
+                backend::field::POSITION => end.as_str(),
+                _ => value,
+            };
+            w.put_u8(code).put_cstr(value);
+        }
+        w.put_u8(0);
+        w.finish();
+        true
+    }
+
+    /// Whether an ErrorResponse body answers a refusal's substitute (see
+    /// [`Shared::denial_for`], which also takes its message).
+    fn is_denial(&self, error_body: &[u8]) -> bool {
+        let marker = self.marker.as_bytes();
+        error_body.windows(marker.len()).any(|w| w == marker)
     }
 
     /// The client message of the substitute an ErrorResponse body answers,
@@ -2397,6 +2463,15 @@ impl ClientSide<'_> {
                 let marker = self.shared.register_denial(refusal);
                 sql.extend_from_slice(text);
                 sql.extend_from_slice(unparsable_guard(&marker).as_bytes());
+                // A Query was counted as a batch of its own already; a
+                // Parse belongs to the batch its Sync will end.
+                let (sent, _) = self.shared.prepared().batches();
+                let batch = if name.is_some() {
+                    sent
+                } else {
+                    sent.saturating_sub(1)
+                };
+                self.shared.guard_sent(batch, text);
             }
             None => sql.extend_from_slice(self.shared.substitute_sql(refusal).as_bytes()),
         }
@@ -2417,14 +2492,16 @@ impl ClientSide<'_> {
 }
 
 /// What follows refused unparsable text in its substitute: text that can
-/// never parse, whatever state the client's text leaves the lexer in, and
-/// whose syntax error quotes `marker`. It holds no quote, `$`, `*/` or
-/// backslash, so it cannot close a string, identifier, dollar quote or
-/// comment the client's text left open (the lexer then fails on that); its
-/// first newline ends a `--` comment; after `;`, two identifiers are no
-/// statement, and the marker before the `;` fails an unfinished one.
+/// never parse, whatever state the client's text leaves the lexer in. It
+/// holds no quote, `$`, `*/` or backslash, so it cannot close a string,
+/// identifier, dollar quote or comment the client's text left open (the
+/// lexer then fails on that, quoting the marker); its newline ends a `--`
+/// comment; where a statement can end, the `;` is taken and two
+/// identifiers are no statement (an error quoting `marker`); where it
+/// cannot, the error is at the `;`, which the upstream pump turns into the
+/// server's `syntax error at end of input` for the text alone.
 fn unparsable_guard(marker: &str) -> String {
-    format!("\n{marker}\n;\n{marker} {marker}")
+    format!("\n;\n{marker} {marker}")
 }
 
 /// Whether `known` masks everything `needed` does: its relations, its
@@ -2683,6 +2760,14 @@ impl UpstreamSide<'_> {
                     return Ok(Step::Replace(header.len));
                 }
                 if header.tag == ERROR_RESPONSE {
+                    let (_, answered) = self.shared.prepared().batches();
+                    self.out.clear();
+                    if self
+                        .shared
+                        .unfinished_text_error(answered, body, &mut self.out)
+                    {
+                        return Ok(Step::Replace(header.len));
+                    }
                     if let Some(message) = self.shared.denial_for(body) {
                         self.out.clear();
                         super::error::write_error_response(
@@ -2812,10 +2897,12 @@ impl UpstreamSide<'_> {
                 let Some(masked) = self.masked.as_ref().filter(|m| !m.in_lookup()) else {
                     return Ok(None);
                 };
-                Ok(
-                    masking::shift_error_position(body, masked.shift(), &mut self.out)
-                        .then_some(Step::Replace(header.len)),
-                )
+                if self.shared.is_denial(body) {
+                    // A refusal's substitute: left to the usual handling.
+                    return Ok(None);
+                }
+                masking::withhold_error_text(body, masked.shift(), &mut self.out);
+                Ok(Some(Step::Replace(header.len)))
             }
         }
     }
@@ -2900,7 +2987,9 @@ impl UpstreamSide<'_> {
             self.shared.batch_active.store(false, Ordering::Relaxed);
             return Ok(None);
         };
-        let body = if batch.needs_body(header.tag) || header.tag == READY_FOR_QUERY {
+        let body = if batch.needs_body(header.tag)
+            || matches!(header.tag, READY_FOR_QUERY | ERROR_RESPONSE)
+        {
             if header.len > MAX_INSPECTED_MESSAGE {
                 return Err(masked_too_large(header.len));
             }
@@ -2924,7 +3013,15 @@ impl UpstreamSide<'_> {
                     *guard = None;
                     self.shared.batch_active.store(false, Ordering::Relaxed);
                 }
-                None
+                match body {
+                    // An error in a masked batch may quote a masked value;
+                    // a refusal's substitute is left to the usual handling.
+                    Some(body) if header.tag == ERROR_RESPONSE && !self.shared.is_denial(body) => {
+                        masking::withhold_error_text(body, 0, &mut self.out);
+                        Some(Step::Replace(header.len))
+                    }
+                    _ => None,
+                }
             }
             Disposition::Drop => Some(Step::Replace(header.len)),
             Disposition::LookupDone => {
