@@ -461,20 +461,26 @@ pub fn mask_data_row(body: &[u8], masks: &[FieldMask], out: &mut Vec<u8>) -> Res
 }
 
 /// Fields of an ErrorResponse kept when its text is withheld: severity,
-/// SQLSTATE, position, the names of the schema, table, column, type and
-/// constraint, and the server's source location. None of them holds a
-/// value of the data.
-const KEPT_ERROR_FIELDS: &[u8] = b"SVCPstcdnFLR";
+/// SQLSTATE, the names of the schema, table, column, type and constraint,
+/// and the server's source location. None of them holds a value of the
+/// data.
+const KEPT_ERROR_FIELDS: &[u8] = b"SVCstcdnFLR";
 
 /// Rewrites an ErrorResponse `body` answering a statement that reads masked
-/// columns. The text the server wrote (message, detail, hint, context,
-/// internal query) can quote a value, a masked one too (`invalid input
-/// syntax for type integer: "ada@example.com"` for `email::int`), so the
-/// message says it was withheld and the rest of that text is dropped; the
-/// fields of [`KEPT_ERROR_FIELDS`] stay, the position counted from the
-/// client's text (`shift` characters of the lookup in front of it). A body that does
-/// not decode gives an error with the withheld message alone.
-pub fn withhold_error_text(body: &[u8], shift: usize, out: &mut Vec<u8>) {
+/// columns; `false`: forward it as it is.
+///
+/// An error found in the statement's text (parse analysis: an unknown
+/// column, a bad literal) has a position there and quotes only that text:
+/// it is kept, its position counted from the client's own text (`shift`
+/// characters of the lookup stand in front of it; an error positioned in
+/// the lookup is forwarded as it is). An error raised while the statement
+/// runs has no position and its text (message, detail, hint, context) can
+/// quote a value, a masked one too (`invalid input syntax for type
+/// integer: "ada@example.com"` for `email::int`): the message says it was
+/// withheld and the rest of that text is dropped, the fields of
+/// [`KEPT_ERROR_FIELDS`] stay. A body that does not decode gives an error
+/// with the withheld message alone.
+pub fn answer_error(body: &[u8], shift: usize, out: &mut Vec<u8>) -> bool {
     let mut r = Reader::new("ErrorResponse", body);
     let mut fields: Vec<(u8, &[u8])> = Vec::new();
     let decoded = loop {
@@ -492,6 +498,38 @@ pub fn withhold_error_text(body: &[u8], shift: usize, out: &mut Vec<u8>) {
     if !decoded {
         fields.clear();
     }
+    let position = fields
+        .iter()
+        .find(|(c, _)| *c == backend::field::POSITION)
+        .map(|(_, v)| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+        });
+    if let Some(position) = position {
+        let Some(shifted) = position
+            .and_then(|p| p.checked_sub(shift))
+            .filter(|p| *p > 0)
+        else {
+            return false;
+        };
+        if shift == 0 {
+            return false;
+        }
+        let shifted = shifted.to_string();
+        let mut w = MessageWriter::new(out, backend::tag::ERROR_RESPONSE);
+        for (code, value) in fields {
+            let value = if code == backend::field::POSITION {
+                shifted.as_bytes()
+            } else {
+                value
+            };
+            w.put_u8(code).put_cstr_bytes(value);
+        }
+        w.put_u8(0);
+        w.finish();
+        return true;
+    }
     let code = fields
         .iter()
         .find(|(c, _)| *c == backend::field::CODE)
@@ -506,15 +544,6 @@ pub fn withhold_error_text(body: &[u8], shift: usize, out: &mut Vec<u8>) {
         if *field == backend::field::MESSAGE && !wrote_message {
             w.put_u8(*field).put_cstr(&message);
             wrote_message = true;
-        } else if *field == backend::field::POSITION {
-            let shifted = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .and_then(|p| p.checked_sub(shift))
-                .filter(|p| *p > 0);
-            if let Some(shifted) = shifted {
-                w.put_u8(*field).put_cstr(&shifted.to_string());
-            }
         } else if KEPT_ERROR_FIELDS.contains(field) {
             w.put_u8(*field).put_cstr_bytes(value);
         }
@@ -528,6 +557,7 @@ pub fn withhold_error_text(body: &[u8], shift: usize, out: &mut Vec<u8>) {
     }
     w.put_u8(0);
     w.finish();
+    true
 }
 
 /// Where the answer to a masked Query is.
@@ -1181,10 +1211,57 @@ mod tests {
         assert!(row_masks(&fields[..1], &resolved, None).is_none());
     }
 
-    #[test]
-    fn error_text_that_could_quote_a_masked_value_is_withheld() {
+    fn error_body(fields: &[(u8, &str)]) -> Vec<u8> {
         let mut body = Vec::new();
-        for (code, value) in [
+        for (code, value) in fields {
+            body.push(*code);
+            body.extend_from_slice(value.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        body
+    }
+
+    fn decoded_fields(out: &[u8]) -> Vec<(u8, String)> {
+        match backend::decode_backend(out[0], &out[5..]).unwrap() {
+            BackendMessage::ErrorResponse(fields) => {
+                fields.0.iter().map(|(c, v)| (*c, v.to_string())).collect()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn error_field(fields: &[(u8, String)], code: u8) -> Option<&str> {
+        fields
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn errors_in_the_statements_text_keep_their_text_and_point_into_it() {
+        let body = error_body(&[
+            (b'S', "ERROR"),
+            (b'C', "42703"),
+            (b'M', "column \"emial\" does not exist"),
+            (b'P', "108"),
+        ]);
+        let mut out = Vec::new();
+        assert!(answer_error(&body, 100, &mut out));
+        let fields = decoded_fields(&out);
+        assert_eq!(error_field(&fields, b'P'), Some("8"));
+        assert_eq!(
+            error_field(&fields, b'M'),
+            Some("column \"emial\" does not exist")
+        );
+        // A position inside the lookup, or no lookup in front: as it is.
+        assert!(!answer_error(&body, 200, &mut Vec::new()));
+        assert!(!answer_error(&body, 0, &mut Vec::new()));
+    }
+
+    #[test]
+    fn errors_while_running_have_their_text_withheld() {
+        let body = error_body(&[
             (b'S', "ERROR"),
             (b'V', "ERROR"),
             (b'C', "22P02"),
@@ -1194,47 +1271,25 @@ mod tests {
             ),
             (b'D', "ada@example.com"),
             (b'W', "SQL function \"f\" ada@example.com"),
-            (b'P', "108"),
             (b't', "customers"),
             (b'F', "numutils.c"),
-        ] {
-            body.push(code);
-            body.extend_from_slice(value.as_bytes());
-            body.push(0);
+        ]);
+        for shift in [0, 100] {
+            let mut out = Vec::new();
+            assert!(answer_error(&body, shift, &mut out));
+            assert!(!String::from_utf8_lossy(&out).contains("ada@"), "{out:?}");
+            let fields = decoded_fields(&out);
+            assert_eq!(error_field(&fields, b'C'), Some("22P02"));
+            assert_eq!(error_field(&fields, b't'), Some("customers"));
+            assert_eq!(error_field(&fields, b'D'), None);
+            assert_eq!(error_field(&fields, b'W'), None);
+            assert!(error_field(&fields, b'M').unwrap().contains("withheld"));
         }
-        body.push(0);
+        // A body that does not decode still gives an error, with nothing of it.
         let mut out = Vec::new();
-        withhold_error_text(&body, 100, &mut out);
-        assert!(!String::from_utf8_lossy(&out).contains("ada@"), "{out:?}");
-        match backend::decode_backend(out[0], &out[5..]).unwrap() {
-            BackendMessage::ErrorResponse(fields) => {
-                // The position counts from the client's own text.
-                assert_eq!(fields.get(b'P'), Some("8"));
-                assert_eq!(fields.get(b'C'), Some("22P02"));
-                assert_eq!(fields.get(b't'), Some("customers"));
-                assert_eq!(fields.get(b'D'), None);
-                assert_eq!(fields.get(b'W'), None);
-                assert!(fields.get(b'M').unwrap().contains("withheld"));
-            }
-            other => panic!("{other:?}"),
-        }
-        // A position inside the lookup is dropped; a body that does not
-        // decode still gives an error, with nothing of it.
-        let mut out = Vec::new();
-        withhold_error_text(&body, 200, &mut out);
-        match backend::decode_backend(out[0], &out[5..]).unwrap() {
-            BackendMessage::ErrorResponse(fields) => assert_eq!(fields.get(b'P'), None),
-            other => panic!("{other:?}"),
-        }
-        let mut out = Vec::new();
-        withhold_error_text(b"Mada@example.com", 0, &mut out);
+        assert!(answer_error(b"Mada@example.com", 0, &mut out));
         assert!(!String::from_utf8_lossy(&out).contains("ada@"));
-        match backend::decode_backend(out[0], &out[5..]).unwrap() {
-            BackendMessage::ErrorResponse(fields) => {
-                assert_eq!(fields.get(b'C'), Some("XX000"));
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(error_field(&decoded_fields(&out), b'C'), Some("XX000"));
     }
 
     /// A lookup row: OID, column number, name, relation.

@@ -2901,8 +2901,8 @@ impl UpstreamSide<'_> {
                     // A refusal's substitute: left to the usual handling.
                     return Ok(None);
                 }
-                masking::withhold_error_text(body, masked.shift(), &mut self.out);
-                Ok(Some(Step::Replace(header.len)))
+                Ok(masking::answer_error(body, masked.shift(), &mut self.out)
+                    .then_some(Step::Replace(header.len)))
             }
         }
     }
@@ -3016,8 +3016,11 @@ impl UpstreamSide<'_> {
                 match body {
                     // An error in a masked batch may quote a masked value;
                     // a refusal's substitute is left to the usual handling.
-                    Some(body) if header.tag == ERROR_RESPONSE && !self.shared.is_denial(body) => {
-                        masking::withhold_error_text(body, 0, &mut self.out);
+                    Some(body)
+                        if header.tag == ERROR_RESPONSE
+                            && !self.shared.is_denial(body)
+                            && masking::answer_error(body, 0, &mut self.out) =>
+                    {
                         Some(Step::Replace(header.len))
                     }
                     _ => None,
