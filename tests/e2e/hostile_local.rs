@@ -816,3 +816,115 @@ fn a_restart_keeps_the_pinned_programs_and_attaches_only_the_missing_ones() {
     drop(agent);
     cleanup_redirect(&keep);
 }
+
+/// A target on this host also listens on loopback, which unlisted
+/// connections may always reach: a governed process must not skip the gate
+/// by naming 127.0.0.1 instead of the target's address.
+#[test]
+fn a_local_target_is_governed_on_loopback_too() {
+    require_ebpf!();
+    let addrs = TestAddresses::add();
+    let pg = Postgres::start_with(&[addrs.v4.into()], &[], &["-c", "log_statement=all"]);
+    psql(pg.port, "create table kept (id int)").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let policy = dir.path().join("p.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"no-drop\"\naction = \"deny\"\nmessage = \"not on loopback either\"\n[rule.match]\nkinds = [\"drop\"]\n",
+    )
+    .unwrap();
+    let section = redirect_section(dir.path(), "pass");
+    let config = format!(
+        "[agent]\npolicy_paths = [\"{}\"]\n\n{section}\n[[target]]\nname = \"local-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n",
+        policy.display(),
+        addrs.v4,
+        pg.port
+    );
+    let pin_dir = setting(&section, "pin_dir");
+    let agent = Agent::start(&config);
+    let keep = dir.path().join("agent.toml");
+    std::fs::copy(&agent.config, &keep).unwrap();
+
+    // `config check` says what the redirect adds, and warns of a socket any
+    // local user can connect to (one bound here, where a server with
+    // `unix_socket_directories = '/tmp'` would put it).
+    let socket = PathBuf::from(format!("/tmp/.s.PGSQL.{}", pg.port));
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let check = Command::new(agent_binary())
+        .args(["config", "check", "--config"])
+        .arg(&keep)
+        .output()
+        .unwrap();
+    drop(listener);
+    let _ = std::fs::remove_file(&socket);
+    assert!(check.status.success(), "{check:?}");
+    let stdout = String::from_utf8_lossy(&check.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&check.stderr).to_string();
+    let expected = format!(
+        "target local-pg is local: ports {} on 127.0.0.0/8, ::1, 0.0.0.0, ::, ",
+        pg.port
+    );
+    assert!(stdout.contains(&expected), "{stdout}");
+    assert!(
+        stderr.contains(&format!(
+            "warning: target local-pg is also reachable on the Unix socket {}, which any local user can connect to: connections through it are not governed",
+            socket.display()
+        )),
+        "{stderr}"
+    );
+
+    // nobody, governed, names loopback: the statement is decided by the
+    // policy, refused, and never reaches the server.
+    let run = |sql: &str| {
+        let script = format!(
+            "exec setpriv --reuid=65534 --regid=65534 --clear-groups {} -X -A -t -h 127.0.0.1 -p {} -U postgres -d postgres -c \"{sql}\"",
+            pg_tool("psql").display(),
+            pg.port
+        );
+        exec_command(&agent, &["sh", "-c", &script])
+            .output()
+            .unwrap()
+    };
+    let out = run("drop table kept");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("tollgate: DROP TABLE denied by rule \"no-drop\": not on loopback either"),
+        "{out:?}"
+    );
+    let out = run("select 'via loopback'");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "via loopback",
+        "{out:?}"
+    );
+    let started: Vec<Value> = agent
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["arrival"] == "redirect")
+        .collect();
+    assert_eq!(started.len(), 2, "{}", agent.log_text());
+    for s in &started {
+        assert_eq!(s["target"], "local-pg", "{s}");
+        assert_eq!(
+            s["original_destination"].as_str(),
+            Some(format!("127.0.0.1:{}", pg.port).as_str()),
+            "{s}"
+        );
+        assert_eq!(s["uid"].as_u64(), Some(NOBODY.into()), "{s}");
+    }
+    let server_log = pg.log_text();
+    assert!(server_log.contains("select 'via loopback'"), "{server_log}");
+    assert!(!server_log.contains("drop table kept"), "{server_log}");
+    assert_eq!(
+        psql(pg.port, "select count(*) from kept").unwrap().trim(),
+        "0"
+    );
+
+    drop(agent);
+    cleanup_redirect(&keep);
+    let _ = std::fs::remove_dir(&pin_dir);
+}

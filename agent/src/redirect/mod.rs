@@ -26,6 +26,7 @@
 
 mod attachments;
 pub mod cgroup;
+pub mod local;
 mod pins;
 mod targets;
 
@@ -268,14 +269,28 @@ impl Redirect {
         ensure_bpffs(&settings.pin_dir)?;
 
         let resolved = resolve_host_targets(config);
-        let entries = targets::build(config.targets.iter().enumerate(), &|h| {
+        let resolve = |h: &str| -> Vec<IpAddr> {
             resolved
                 .iter()
                 .filter(|(name, _)| name == h)
                 .map(|(_, ip)| *ip)
                 .collect()
-        })
-        .map_err(RedirectError::Kernel)?;
+        };
+        let host = local::host_addresses().unwrap_or_else(|e| {
+            tracing::warn!("cannot list this host's addresses ({e}); only loopback counts as local for targets");
+            Vec::new()
+        });
+        let local_targets =
+            local::local_targets(config.targets.iter().enumerate(), &resolve, &host);
+        for t in &local_targets {
+            tracing::info!(target_name = %t.name, "{}", t.describe());
+        }
+        for (name, path) in local::open_unix_sockets(&local_targets, &local::postgres_socket_dirs())
+        {
+            tracing::warn!(target_name = %name, socket = %path.display(), "{}", local::unix_socket_warning(&name, &path));
+        }
+        let entries = targets::build(config.targets.iter().enumerate(), &resolve, &local_targets)
+            .map_err(RedirectError::Kernel)?;
 
         // Every governed cgroup, and the parent of `tollgate exec` sessions.
         let exec_root = cgroup::resolve(&cgroup_root, &settings.exec_cgroup);
