@@ -619,6 +619,8 @@ attempt("connect6", lambda: connected(socket.AF_INET6, (v6, port)))
 attempt("dns4", lambda: s4.sendto(b"dns4", (r4, 53)))
 attempt("dns6", lambda: s6.sendto(b"dns6", (r6, 53)))
 attempt("loopback", lambda: s4.sendto(b"loopback", ("127.0.0.1", lo)))
+# TCP data in the SYN (fast open) is a connect too: the connect hooks see it.
+attempt("fastopen", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).sendto(b"fastopen", socket.MSG_FASTOPEN, (v4, port)))
 "#;
 
 /// Every datagram `socket` has received, as text, waiting up to 300 ms for
@@ -636,6 +638,8 @@ fn received(socket: &std::net::UdpSocket) -> Vec<String> {
     out
 }
 
+/// Also TCP fast open (`sendto` with `MSG_FASTOPEN`), which connects and
+/// sends in one call.
 #[test]
 fn udp_sends_to_unlisted_destinations_are_refused_in_deny_mode_and_pass_in_pass_mode() {
     require_ebpf!();
@@ -712,6 +716,7 @@ fn udp_sends_to_unlisted_destinations_are_refused_in_deny_mode_and_pass_in_pass_
             "dns4:sent",
             "dns6:sent",
             "loopback:sent",
+            "fastopen:EPERM",
         ]
     );
     assert_eq!(received(&unlisted4), Vec::<String>::new());
@@ -722,12 +727,15 @@ fn udp_sends_to_unlisted_destinations_are_refused_in_deny_mode_and_pass_in_pass_
     let denied_after = agent.status().unwrap()["redirect"]["kernel"]["denied"]
         .as_u64()
         .unwrap();
-    assert_eq!(denied_after - denied_before, 8, "each refusal is counted");
+    assert_eq!(denied_after - denied_before, 9, "each refusal is counted");
 
-    // Pass mode: unchanged, everything is sent and arrives.
+    // Pass mode: unchanged, everything is sent and arrives (no TCP server
+    // listens for the fast open: it is let through and refused there).
     let results = run(&pass_cg);
-    assert!(results.iter().all(|r| r.ends_with(":sent")), "{results:?}");
-    assert_eq!(results.len(), 11, "{results:?}");
+    let (fast_open, udp) = results.split_last().unwrap();
+    assert_eq!(fast_open, "fastopen:ECONNREFUSED", "{results:?}");
+    assert!(udp.iter().all(|r| r.ends_with(":sent")), "{results:?}");
+    assert_eq!(udp.len(), 11, "{results:?}");
     assert_eq!(
         received(&unlisted4),
         ["connect", "mapped", "mapped-sendmsg", "sendmsg4", "sendto4"]
