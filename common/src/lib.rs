@@ -33,6 +33,8 @@
 //! 3. Unlisted destinations: loopback (`127.0.0.0/8`, `::1`) and port 53 to an
 //!    address in `RESOLVERS` pass; anything else is denied (`connect` fails with
 //!    `EPERM`) when [`CONFIG_F_DENY_UNLISTED`] is set, and passes otherwise.
+//!    Loopback is unlisted only where step 2 found no rule: userspace lists
+//!    the ports of targets on this host on loopback too, so those redirect.
 //!
 //! A redirect to a family whose proxy port is 0 is denied (fail closed), as is
 //! a redirect whose origin record cannot be stored.

@@ -604,6 +604,20 @@ fn to_kernel_origin(o: &ConnectOrigin) -> KernelOrigin {
     }
 }
 
+/// Whether the targets, with the local addresses of those on this host,
+/// fit the kernel's trie as the agent would fill it; the reason when not.
+pub fn check_targets(config: &Config, local: &[local::LocalTarget]) -> Result<(), String> {
+    let resolved = resolve_host_targets(config);
+    let resolve = |h: &str| -> Vec<IpAddr> {
+        resolved
+            .iter()
+            .filter(|(name, _)| name == h)
+            .map(|(_, ip)| *ip)
+            .collect()
+    };
+    targets::build(config.targets.iter().enumerate(), &resolve, local).map(|_| ())
+}
+
 /// Host-name targets resolved once at start (the trie holds addresses).
 fn resolve_host_targets(config: &Config) -> Vec<(String, IpAddr)> {
     use std::net::ToSocketAddrs;
