@@ -153,6 +153,10 @@ show "${run[@]}" psql -X -h "$host" -p "$port" -U postgres -d postgres \
 step "A DROP and a read of the protected table: refused, with the rule's name"
 show "${run[@]}" psql -X -h "$host" -p "$port" -U postgres -d postgres -c "drop table customers" || true
 show "${run[@]}" psql -X -h "$host" -p "$port" -U postgres -d postgres -c "select * from secrets" || true
+if [ $governed -eq 1 ]; then
+    echo "(the database is on this host, so its port on loopback is governed as demo-db too)"
+    show "${run[@]}" psql -X -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "drop table customers" || true
+fi
 show "${run[@]}" psql -X -h "$host" -p "$port" -U postgres -d postgres -Atc "select count(*) || ' customers still there' from customers"
 
 step "Why: tollgate policy explain"

@@ -13,6 +13,13 @@
 //!   client's (address, port), which the proxy reads from `accept()`'s peer
 //!   address. It asks for state callbacks and removes the `ORIGINS` entry when
 //!   the client socket reaches `TCP_CLOSE`.
+//! - `tollgate_sendmsg4` / `tollgate_sendmsg6` (`cgroup/sendmsg4`,
+//!   `cgroup/sendmsg6`): decide per `sendmsg()`/`sendto()` with a destination
+//!   on an unconnected UDP socket, with the same verdicts as the connect hooks
+//!   except that nothing is redirected (the proxy speaks TCP only): a send to
+//!   an unlisted destination fails with `EPERM` in deny mode. A UDP socket's
+//!   `connect()` is already decided by the connect hooks, and sends on a
+//!   connected socket go only where `connect()` allowed.
 //!
 //! The map layouts, the verdict order and the meaning of every field live in
 //! `tollgate-common`; this crate only applies them.
@@ -53,9 +60,11 @@ use tollgate_common::{
     STAT_REDIRECTED,
 };
 
-/// Return value of a cgroup/connect hook that lets the connect proceed.
+/// Return value of a cgroup/connect or sendmsg hook that lets the call
+/// proceed.
 const ALLOW: i32 = 1;
-/// Return value of a cgroup/connect hook that fails the connect with `EPERM`.
+/// Return value of a cgroup/connect or sendmsg hook that fails the call with
+/// `EPERM`.
 const REJECT: i32 = 0;
 
 const AF_INET: u32 = 2;
@@ -87,6 +96,12 @@ enum Verdict {
     Deny,
     /// Redirect to the proxy; carries the rule's target index.
     Redirect(u32),
+}
+
+/// What a send hook decided: a datagram is never redirected.
+enum SendVerdict {
+    Pass,
+    Deny,
 }
 
 /// Why a hook could not do its job (each is counted in `STAT_ERRORS`).
@@ -310,6 +325,83 @@ fn finish(ctx: &SockAddrContext, result: Result<Verdict, HookError>) -> i32 {
                         "tollgate: bpf_get_current_comm failed ({}); denying connect", code
                     )
                 }
+            }
+            REJECT
+        }
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
+    finish_send(&ctx, try_tollgate_sendmsg4(&ctx))
+}
+
+fn try_tollgate_sendmsg4(ctx: &SockAddrContext) -> Result<SendVerdict, HookError> {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the context the kernel handed us; one 32-bit read each.
+    let (ip4, raw_port, sock_type) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).user_ip4)),
+            read_volatile(addr_of!((*sa).user_port)),
+            read_volatile(addr_of!((*sa).type_)),
+        )
+    };
+    let port = u16::from_be(raw_port as u16);
+    let addr = v4_mapped(ip4.to_ne_bytes());
+    Ok(send_verdict(decide(config()?, &addr, port, sock_type)))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
+    finish_send(&ctx, try_tollgate_sendmsg6(&ctx))
+}
+
+fn try_tollgate_sendmsg6(ctx: &SockAddrContext) -> Result<SendVerdict, HookError> {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the context the kernel handed us; one 32-bit read each.
+    let (w0, w1, w2, w3, raw_port, sock_type) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).user_ip6[0])),
+            read_volatile(addr_of!((*sa).user_ip6[1])),
+            read_volatile(addr_of!((*sa).user_ip6[2])),
+            read_volatile(addr_of!((*sa).user_ip6[3])),
+            read_volatile(addr_of!((*sa).user_port)),
+            read_volatile(addr_of!((*sa).type_)),
+        )
+    };
+    let port = u16::from_be(raw_port as u16);
+    let addr = words_to_addr([w0, w1, w2, w3]);
+    Ok(send_verdict(decide(config()?, &addr, port, sock_type)))
+}
+
+/// A connect verdict applied to a datagram. `decide` redirects only stream
+/// sockets, so a redirect here cannot happen; were it to, the send is
+/// refused rather than let through unrewritten (fail closed).
+#[inline(always)]
+fn send_verdict(verdict: Verdict) -> SendVerdict {
+    match verdict {
+        Verdict::Pass => SendVerdict::Pass,
+        Verdict::Deny | Verdict::Redirect(_) => SendVerdict::Deny,
+    }
+}
+
+/// Maps a send hook's result to its return value. Only refusals and errors
+/// are counted: counting every datagram let through would cost each DNS
+/// query a map update and drown the connect counters.
+#[inline(always)]
+fn finish_send(ctx: &SockAddrContext, result: Result<SendVerdict, HookError>) -> i32 {
+    match result {
+        Ok(SendVerdict::Pass) => ALLOW,
+        Ok(SendVerdict::Deny) => {
+            count(STAT_DENIED);
+            REJECT
+        }
+        Err(e) => {
+            count(STAT_ERRORS);
+            count(STAT_DENIED);
+            match e {
+                HookError::NoConfig => error!(ctx, "tollgate: CONFIG[0] missing; denying send"),
+                _ => error!(ctx, "tollgate: the send hook failed; denying send"),
             }
             REJECT
         }

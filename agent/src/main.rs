@@ -25,6 +25,9 @@ fn main() -> ExitCode {
                     c.listeners.len(),
                     c.cgroups.len()
                 );
+                if c.redirect.is_some() && !print_local_targets(&c) {
+                    return ExitCode::from(2);
+                }
                 ExitCode::SUCCESS
             }
             Err(errors) => {
@@ -83,6 +86,29 @@ fn main() -> ExitCode {
                         }
                     }),
             )
+        }
+    }
+}
+
+/// What the redirect adds for targets on this host, and the Unix sockets
+/// that bypass it. False when the agent would refuse the targets here.
+fn print_local_targets(config: &Config) -> bool {
+    let local = redirect::local::local_targets_of(config);
+    for t in &local {
+        println!("{}", t.describe());
+    }
+    let dirs = redirect::local::postgres_socket_dirs();
+    for (name, path) in redirect::local::open_unix_sockets(&local, &dirs) {
+        eprintln!(
+            "warning: {}",
+            redirect::local::unix_socket_warning(&name, &path)
+        );
+    }
+    match redirect::check_targets(config, &local) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("tollgate: the redirect would not start on this host: {e}");
+            false
         }
     }
 }

@@ -222,7 +222,7 @@ impl Metrics {
         );
         if let Some(r) = self.redirect.get() {
             let k = r.stats();
-            let _ = writeln!(out, "# HELP tollgate_redirect_connects_total Connects seen by the kernel programs, by verdict.\n# TYPE tollgate_redirect_connects_total counter");
+            let _ = writeln!(out, "# HELP tollgate_redirect_connects_total Connects seen by the kernel programs, by verdict; denied also counts refused UDP sends.\n# TYPE tollgate_redirect_connects_total counter");
             for (verdict, n) in [
                 ("redirected", k.redirected),
                 ("denied", k.denied),

@@ -33,9 +33,22 @@
 //! 3. Unlisted destinations: loopback (`127.0.0.0/8`, `::1`) and port 53 to an
 //!    address in `RESOLVERS` pass; anything else is denied (`connect` fails with
 //!    `EPERM`) when [`CONFIG_F_DENY_UNLISTED`] is set, and passes otherwise.
+//!    Loopback is unlisted only where step 2 found no rule: userspace lists
+//!    the ports of targets on this host on loopback too, so those redirect.
 //!
 //! A redirect to a family whose proxy port is 0 is denied (fail closed), as is
 //! a redirect whose origin record cannot be stored.
+//!
+//! # Verdict order in `sendmsg4`/`sendmsg6`
+//!
+//! The same three steps decide a UDP send with a destination address
+//! (`sendto`, `sendmsg` on an unconnected socket). A datagram is never
+//! redirected, so a redirect rule falls through to step 3 as for any non-TCP
+//! socket: in deny mode a UDP send to a target's address is refused unless
+//! it is loopback or DNS to a resolver. Only refusals are counted in
+//! `STATS`. A v4-mapped destination is decided as its IPv4 address, whichever
+//! of the two hooks sees it (the kernel hands an IPv6 socket's send to a
+//! v4-mapped address to its IPv4 path).
 #![no_std]
 
 /// How many port rules one `TARGETS` entry holds.
@@ -62,7 +75,8 @@ pub const ORIGIN_F_INET6: u16 = 1;
 
 /// `STATS` index: connects rewritten to the proxy.
 pub const STAT_REDIRECTED: u32 = 0;
-/// `STATS` index: connects refused with `EPERM`.
+/// `STATS` index: connects, and UDP sends (`sendmsg4`/`sendmsg6`), refused
+/// with `EPERM`.
 pub const STAT_DENIED: u32 = 1;
 /// `STATS` index: connects let through unchanged.
 pub const STAT_PASSED: u32 = 2;

@@ -287,3 +287,38 @@ fn policy_errors_point_at_file_line_and_column_and_failing_cases_fail() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 passed, 1 failed"));
 }
+
+#[test]
+fn config_check_refuses_local_targets_that_overflow_a_trie_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.toml");
+    // Five targets on loopback, two port ranges each: each is also governed
+    // on the rest of 127.0.0.0/8, ten ranges on one prefix.
+    let mut text = String::from("[redirect]\nport = 15999\n");
+    for n in 1..=5 {
+        text.push_str(&format!(
+            "\n[[target]]\nname = \"t{n}\"\naddress = \"127.0.0.{n}\"\nports = [{}, \"{}-{}\"]\nprotocol = \"tcp\"\n",
+            5000 + n,
+            6000 + n * 10,
+            6005 + n * 10
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(agent_binary())
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .contains("target t1 is local: ports 5001, 6010-6015 on 127.0.0.0/8, ::1, 0.0.0.0, ::"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tollgate: the redirect would not start on this host: 10 port ranges apply to the address prefix 127.0.0.0/8 (10 of them because targets on this host are governed on its other local addresses too); the kernel program holds at most 8: merge ranges or targets"),
+        "{stderr}"
+    );
+}

@@ -1,7 +1,8 @@
 //! The redirect against a hostile local process: an unprivileged user
 //! (nobody, uid 65534) who squats pin directories on a world-writable bpffs,
-//! tampers with the pins, or asks `tollgate exec` to move it out of a
-//! stricter cgroup. As root, with real PostgreSQL and real eBPF.
+//! tampers with the pins, asks `tollgate exec` to move it out of a
+//! stricter cgroup, or sends UDP datagrams where it may not connect. As
+//! root, with real PostgreSQL and real eBPF.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -88,11 +89,16 @@ struct Setup {
 impl Setup {
     /// `cgroups`: extra `[[cgroup]]` sections.
     fn new(exec_unlisted: &str, cgroups: &str) -> Setup {
+        Setup::with_redirect(exec_unlisted, "", cgroups)
+    }
+
+    /// Like [`Setup::new`], with `redirect_extra` lines added to `[redirect]`.
+    fn with_redirect(exec_unlisted: &str, redirect_extra: &str, cgroups: &str) -> Setup {
         let addrs = TestAddresses::add();
         let pg = Postgres::start_listening(&[addrs.v4.into()]);
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let section = redirect_section(dir.path(), exec_unlisted);
+        let section = redirect_section(dir.path(), exec_unlisted) + redirect_extra;
         let config = format!(
             "[agent]\n\n{section}\n{cgroups}\n[[target]]\nname = \"remote-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n",
             addrs.v4, pg.port
@@ -291,7 +297,7 @@ fn pin_directories_are_root_only_and_unprivileged_users_cannot_change_them() {
         assert_eq!(meta.mode() & 0o7777, 0o700, "{}", dir.display());
     }
     let pins = files_under(&links);
-    assert_eq!(pins.len(), 3, "{pins:?}");
+    assert_eq!(pins.len(), 5, "{pins:?}");
 
     // As nobody, adding, removing and renaming fail at every level.
     for script in [
@@ -337,7 +343,11 @@ fn status_reports_what_the_kernel_has_attached_not_the_pins() {
         .iter()
         .map(|p| p["attach_point"].as_str().unwrap())
         .collect();
-    assert_eq!(points, ["connect4", "connect6", "sock_ops"], "{status}");
+    assert_eq!(
+        points,
+        ["connect4", "connect6", "sock_ops", "sendmsg4", "sendmsg6"],
+        "{status}"
+    );
     assert!(programs.iter().all(|p| p["ours"] == true), "{status}");
     let text = agent.cli(&["status"]);
     let text = String::from_utf8_lossy(&text.stdout).to_string();
@@ -577,4 +587,352 @@ fn detach_keeps_an_empty_root_only_pin_directory_that_nobody_can_take() {
         !s.pin_dir.exists(),
         "the test's pin directory is cleaned up"
     );
+}
+
+/// What nobody tries with UDP, one line `NAME:RESULT` per attempt (`sent`,
+/// `EPERM`, or another errno's name). Arguments: the unlisted IPv4 and IPv6
+/// addresses, their port, the resolver's IPv4 and IPv6 addresses, and a
+/// loopback port.
+const UDP_PROBE: &str = r#"
+import errno, socket, sys
+v4, v6, port, r4, r6, lo = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6])
+def attempt(name, fn):
+    try:
+        fn()
+        print(name + ":sent")
+    except OSError as e:
+        print(name + ":" + errno.errorcode.get(e.errno, str(e.errno)))
+s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+def connected(family, addr):
+    c = socket.socket(family, socket.SOCK_DGRAM)
+    c.connect(addr)
+    c.send(b"connect")
+attempt("sendto4", lambda: s4.sendto(b"sendto4", (v4, port)))
+attempt("sendmsg4", lambda: s4.sendmsg([b"sendmsg4"], [], 0, (v4, port)))
+attempt("sendto6", lambda: s6.sendto(b"sendto6", (v6, port)))
+attempt("sendmsg6", lambda: s6.sendmsg([b"sendmsg6"], [], 0, (v6, port)))
+attempt("mapped", lambda: s6.sendto(b"mapped", ("::ffff:" + v4, port)))
+attempt("mapped-sendmsg", lambda: s6.sendmsg([b"mapped-sendmsg"], [], 0, ("::ffff:" + v4, port)))
+attempt("connect4", lambda: connected(socket.AF_INET, (v4, port)))
+attempt("connect6", lambda: connected(socket.AF_INET6, (v6, port)))
+attempt("dns4", lambda: s4.sendto(b"dns4", (r4, 53)))
+attempt("dns6", lambda: s6.sendto(b"dns6", (r6, 53)))
+attempt("loopback", lambda: s4.sendto(b"loopback", ("127.0.0.1", lo)))
+# TCP data in the SYN (fast open) is a connect too: the connect hooks see it.
+attempt("fastopen", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).sendto(b"fastopen", socket.MSG_FASTOPEN, (v4, port)))
+"#;
+
+/// Every datagram `socket` has received, as text, waiting up to 300 ms for
+/// the next.
+fn received(socket: &std::net::UdpSocket) -> Vec<String> {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 512];
+    while let Ok(n) = socket.recv(&mut buf) {
+        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    out.sort();
+    out
+}
+
+/// Also TCP fast open (`sendto` with `MSG_FASTOPEN`), which connects and
+/// sends in one call.
+#[test]
+fn udp_sends_to_unlisted_destinations_are_refused_in_deny_mode_and_pass_in_pass_mode() {
+    require_ebpf!();
+    use std::net::UdpSocket;
+    let tag = format!("tollgate-test-udp-{}", std::process::id());
+    let deny_cg = cgroup_mount().join(format!("{tag}-deny"));
+    let pass_cg = cgroup_mount().join(format!("{tag}-pass"));
+    let _cgroups = RemovedOnDrop(vec![deny_cg.clone(), pass_cg.clone()]);
+    std::fs::create_dir_all(&deny_cg).unwrap();
+    std::fs::create_dir_all(&pass_cg).unwrap();
+    // The resolver's addresses are test addresses of their own, so that
+    // port 53 on them is free for the test's receivers.
+    let resolver = TestAddresses::add();
+    let s = Setup::with_redirect(
+        "pass",
+        &format!("resolvers = [\"{}\", \"{}\"]\n", resolver.v4, resolver.v6),
+        &format!(
+            "[[cgroup]]\npath = \"{tag}-deny\"\nunlisted = \"deny\"\n\n[[cgroup]]\npath = \"{tag}-pass\"\nunlisted = \"pass\"\n"
+        ),
+    );
+    let agent = Agent::start(&s.config);
+    let keep = s.keep_config(&agent);
+
+    // Receivers on addresses and a port no target names, on the resolver's
+    // DNS port, and on loopback.
+    let unlisted4 = UdpSocket::bind((s.addrs.v4, 0)).unwrap();
+    let port = unlisted4.local_addr().unwrap().port();
+    let unlisted6 = UdpSocket::bind((s.addrs.v6, port)).unwrap();
+    let dns4 = UdpSocket::bind((resolver.v4, 53)).unwrap();
+    let dns6 = UdpSocket::bind((resolver.v6, 53)).unwrap();
+    let loopback = UdpSocket::bind(("127.0.0.1", 0)).unwrap();
+    let lo_port = loopback.local_addr().unwrap().port();
+    let probe = s.dir.path().join("udp_probe.py");
+    std::fs::write(&probe, UDP_PROBE).unwrap();
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    // nobody, in `cgroup`, runs the probe.
+    let run = |cgroup: &Path| -> Vec<String> {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 {} {} {} {port} {} {} {lo_port}",
+            cgroup.display(),
+            probe.display(),
+            s.addrs.v4,
+            s.addrs.v6,
+            resolver.v4,
+            resolver.v6,
+        );
+        let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+
+    // Deny mode: every send to the unlisted addresses, IPv4, IPv6 and
+    // v4-mapped, by sendto and sendmsg, is refused and nothing arrives; a
+    // UDP connect() is refused too. DNS to the resolvers and loopback go.
+    let denied_before = agent.status().unwrap()["redirect"]["kernel"]["denied"]
+        .as_u64()
+        .unwrap();
+    let results = run(&deny_cg);
+    assert_eq!(
+        results,
+        [
+            "sendto4:EPERM",
+            "sendmsg4:EPERM",
+            "sendto6:EPERM",
+            "sendmsg6:EPERM",
+            "mapped:EPERM",
+            "mapped-sendmsg:EPERM",
+            "connect4:EPERM",
+            "connect6:EPERM",
+            "dns4:sent",
+            "dns6:sent",
+            "loopback:sent",
+            "fastopen:EPERM",
+        ]
+    );
+    assert_eq!(received(&unlisted4), Vec::<String>::new());
+    assert_eq!(received(&unlisted6), Vec::<String>::new());
+    assert_eq!(received(&dns4), ["dns4"]);
+    assert_eq!(received(&dns6), ["dns6"]);
+    assert_eq!(received(&loopback), ["loopback"]);
+    let denied_after = agent.status().unwrap()["redirect"]["kernel"]["denied"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(denied_after - denied_before, 9, "each refusal is counted");
+
+    // Pass mode: unchanged, everything is sent and arrives (no TCP server
+    // listens for the fast open: it is let through and refused there).
+    let results = run(&pass_cg);
+    let (fast_open, udp) = results.split_last().unwrap();
+    assert_eq!(fast_open, "fastopen:ECONNREFUSED", "{results:?}");
+    assert!(udp.iter().all(|r| r.ends_with(":sent")), "{results:?}");
+    assert_eq!(udp.len(), 11, "{results:?}");
+    assert_eq!(
+        received(&unlisted4),
+        ["connect", "mapped", "mapped-sendmsg", "sendmsg4", "sendto4"]
+    );
+    assert_eq!(received(&unlisted6), ["connect", "sendmsg6", "sendto6"]);
+    assert_eq!(received(&dns4), ["dns4"]);
+    assert_eq!(received(&dns6), ["dns6"]);
+    assert_eq!(received(&loopback), ["loopback"]);
+
+    drop(agent);
+    cleanup_redirect(&keep);
+}
+
+/// The ids of the programs the kernel reports attached, by attach point.
+fn kernel_program_ids(status: &Value) -> Vec<(String, u64)> {
+    status["redirect"]["cgroups"][0]["kernel"]["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["attach_point"].as_str().unwrap().to_string(),
+                p["id"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// After an upgrade that added the send hooks, a restarted agent finds only
+/// the older programs' pins: it keeps those attached (the cgroup is never
+/// without its connect hooks) and attaches the new ones beside them.
+#[test]
+fn a_restart_keeps_the_pinned_programs_and_attaches_only_the_missing_ones() {
+    require_ebpf!();
+    let s = Setup::new("pass", "");
+    let agent = Agent::start(&s.config);
+    let keep = s.keep_config(&agent);
+    let before = kernel_program_ids(&agent.status().unwrap());
+    assert_eq!(before.len(), 5, "{before:?}");
+    drop(agent);
+
+    // What an agent without the send hooks left pinned.
+    let inode = std::fs::metadata(&s.exec_root).unwrap().ino();
+    let links = s.pin_dir.join(format!("pass/links/{inode}"));
+    for name in ["tollgate_sendmsg4", "tollgate_sendmsg6"] {
+        std::fs::remove_file(links.join(name)).unwrap();
+    }
+
+    let agent = Agent::start(&s.config);
+    let line = agent
+        .wait_for_log(
+            |l| l["message"] == "re-adopted some pinned redirect programs and attached the others",
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("{e}: {}", agent.log_text()));
+    assert_eq!(
+        line["readopted"],
+        "tollgate_connect4,tollgate_connect6,tollgate_sockops"
+    );
+    assert_eq!(line["attached"], "tollgate_sendmsg4,tollgate_sendmsg6");
+    let status = agent.status().unwrap();
+    assert_eq!(
+        status["redirect"]["cgroups"][0]["kernel"]["state"], "attached",
+        "{status}"
+    );
+    let after = kernel_program_ids(&status);
+    assert_eq!(after.len(), 5, "{after:?}");
+    assert_eq!(
+        after[..3],
+        before[..3],
+        "the connect hooks were never replaced"
+    );
+    assert_eq!(files_under(&links).len(), 5);
+    // Still governed: a connection to the target goes through the proxy.
+    let out = exec_command(&agent, &["sh", "-c", &s.psql_args("select 'here'")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "here",
+        "{out:?}"
+    );
+    agent
+        .wait_for_log(|l| l["arrival"] == "redirect", Duration::from_secs(5))
+        .unwrap();
+    drop(agent);
+    cleanup_redirect(&keep);
+}
+
+/// A target on this host also listens on loopback, which unlisted
+/// connections may always reach: a governed process must not skip the gate
+/// by naming 127.0.0.1 instead of the target's address.
+#[test]
+fn a_local_target_is_governed_on_loopback_too() {
+    require_ebpf!();
+    let addrs = TestAddresses::add();
+    let pg = Postgres::start_with(&[addrs.v4.into()], &[], &["-c", "log_statement=all"]);
+    psql(pg.port, "create table kept (id int)").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let policy = dir.path().join("p.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"no-drop\"\naction = \"deny\"\nmessage = \"not on loopback either\"\n[rule.match]\nkinds = [\"drop\"]\n",
+    )
+    .unwrap();
+    let section = redirect_section(dir.path(), "pass");
+    let config = format!(
+        "[agent]\npolicy_paths = [\"{}\"]\n\n{section}\n[[target]]\nname = \"local-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n",
+        policy.display(),
+        addrs.v4,
+        pg.port
+    );
+    let pin_dir = setting(&section, "pin_dir");
+    let agent = Agent::start(&config);
+    let keep = dir.path().join("agent.toml");
+    std::fs::copy(&agent.config, &keep).unwrap();
+
+    // `config check` says what the redirect adds, and warns of a socket any
+    // local user can connect to (one bound here, where a server with
+    // `unix_socket_directories = '/tmp'` would put it).
+    let socket = PathBuf::from(format!("/tmp/.s.PGSQL.{}", pg.port));
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let check = Command::new(agent_binary())
+        .args(["config", "check", "--config"])
+        .arg(&keep)
+        .output()
+        .unwrap();
+    drop(listener);
+    let _ = std::fs::remove_file(&socket);
+    assert!(check.status.success(), "{check:?}");
+    let stdout = String::from_utf8_lossy(&check.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&check.stderr).to_string();
+    let expected = format!(
+        "target local-pg is local: ports {} on 127.0.0.0/8, ::1, 0.0.0.0, ::, ",
+        pg.port
+    );
+    assert!(stdout.contains(&expected), "{stdout}");
+    assert!(
+        stderr.contains(&format!(
+            "warning: target local-pg is also reachable on the Unix socket {}, which any local user can connect to: connections through it are not governed",
+            socket.display()
+        )),
+        "{stderr}"
+    );
+
+    // nobody, governed, names loopback: the statement is decided by the
+    // policy, refused, and never reaches the server.
+    let run = |sql: &str| {
+        let script = format!(
+            "exec setpriv --reuid=65534 --regid=65534 --clear-groups {} -X -A -t -h 127.0.0.1 -p {} -U postgres -d postgres -c \"{sql}\"",
+            pg_tool("psql").display(),
+            pg.port
+        );
+        exec_command(&agent, &["sh", "-c", &script])
+            .output()
+            .unwrap()
+    };
+    let out = run("drop table kept");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("tollgate: DROP TABLE denied by rule \"no-drop\": not on loopback either"),
+        "{out:?}"
+    );
+    let out = run("select 'via loopback'");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "via loopback",
+        "{out:?}"
+    );
+    let started: Vec<Value> = agent
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["arrival"] == "redirect")
+        .collect();
+    assert_eq!(started.len(), 2, "{}", agent.log_text());
+    for s in &started {
+        assert_eq!(s["target"], "local-pg", "{s}");
+        assert_eq!(
+            s["original_destination"].as_str(),
+            Some(format!("127.0.0.1:{}", pg.port).as_str()),
+            "{s}"
+        );
+        assert_eq!(s["uid"].as_u64(), Some(NOBODY.into()), "{s}");
+    }
+    let server_log = pg.log_text();
+    assert!(server_log.contains("select 'via loopback'"), "{server_log}");
+    assert!(!server_log.contains("drop table kept"), "{server_log}");
+    assert_eq!(
+        psql(pg.port, "select count(*) from kept").unwrap().trim(),
+        "0"
+    );
+
+    drop(agent);
+    cleanup_redirect(&keep);
+    let _ = std::fs::remove_dir(&pin_dir);
 }

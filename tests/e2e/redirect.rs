@@ -219,14 +219,21 @@ fn unlisted_destinations_pass_or_are_denied_by_mode() {
         String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
         "{out:?}"
     );
-    // Loopback stays reachable, and targets are still proxied.
-    let out = deny.exec_sh(&deny.psql_args("127.0.0.1", "select 'loopback'"));
+    // Loopback stays reachable on ports no target names.
+    let lo = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let out = deny.exec_sh(&format!(
+        "python3 -c \"import socket; socket.create_connection(('127.0.0.1', {}), 3); print('connected')\"",
+        lo.local_addr().unwrap().port()
+    ));
     assert_eq!(
         stdout(&out),
-        "loopback",
+        "connected",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(deny.sessions_started().is_empty(), "not proxied");
+    // Targets are still proxied, and so is the target's port on loopback
+    // (the target is on this host).
     let out = deny.exec_sh(&deny.psql_args(&deny.addrs.v4.to_string(), "select 'target'"));
     assert_eq!(
         stdout(&out),
@@ -234,7 +241,14 @@ fn unlisted_destinations_pass_or_are_denied_by_mode() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(deny.sessions_started().len(), 1);
+    let out = deny.exec_sh(&deny.psql_args("127.0.0.1", "select 'loopback'"));
+    assert_eq!(
+        stdout(&out),
+        "loopback",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(deny.sessions_started().len(), 2);
 }
 
 #[test]

@@ -296,6 +296,12 @@ impl Postgres {
         );
     }
 
+    /// What the server wrote to its log so far (start it with
+    /// `-c log_statement=all` to see every statement it ran).
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
     /// `127.0.0.1:port`.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))

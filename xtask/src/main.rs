@@ -61,10 +61,12 @@ const EBPF_BIN: &str = "tollgate-ebpf";
 /// The eBPF target triple.
 const EBPF_TARGET: &str = "bpfel-unknown-none";
 /// (ELF section, program function) pairs the agent loads.
-const EXPECTED_PROGRAMS: [(&str, &str); 3] = [
+const EXPECTED_PROGRAMS: [(&str, &str); 5] = [
     ("cgroup/connect4", "tollgate_connect4"),
     ("cgroup/connect6", "tollgate_connect6"),
     ("sockops", "tollgate_sockops"),
+    ("cgroup/sendmsg4", "tollgate_sendmsg4"),
+    ("cgroup/sendmsg6", "tollgate_sendmsg6"),
 ];
 /// Maps the agent opens by name.
 const EXPECTED_MAPS: [&str; 6] = [

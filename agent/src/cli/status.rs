@@ -187,7 +187,8 @@ fn cgroup_state(c: &Value) -> String {
     }
 }
 
-/// `connect4:12 connect6:13 sock_ops:14`, foreign programs marked with `!`.
+/// `connect4:12 connect6:13 sock_ops:14 sendmsg4:15 sendmsg6:16`, foreign
+/// programs marked with `!`.
 fn kernel_programs(c: &Value) -> String {
     let programs = c["kernel"]["programs"].as_array();
     let cells: Vec<String> = programs

@@ -27,14 +27,20 @@ pub(crate) enum AttachPoint {
     Connect6,
     /// `BPF_CGROUP_SOCK_OPS`.
     SockOps,
+    /// `BPF_CGROUP_UDP4_SENDMSG`.
+    Sendmsg4,
+    /// `BPF_CGROUP_UDP6_SENDMSG`.
+    Sendmsg6,
 }
 
 impl AttachPoint {
-    /// All three, in the order the programs are attached.
-    pub(crate) const ALL: [AttachPoint; 3] = [
+    /// All of them, in the order the programs are attached.
+    pub(crate) const ALL: [AttachPoint; 5] = [
         AttachPoint::Connect4,
         AttachPoint::Connect6,
         AttachPoint::SockOps,
+        AttachPoint::Sendmsg4,
+        AttachPoint::Sendmsg6,
     ];
 
     fn kernel_number(self) -> u32 {
@@ -42,6 +48,8 @@ impl AttachPoint {
             AttachPoint::SockOps => 3,
             AttachPoint::Connect4 => 10,
             AttachPoint::Connect6 => 11,
+            AttachPoint::Sendmsg4 => 14,
+            AttachPoint::Sendmsg6 => 15,
         }
     }
 
@@ -51,6 +59,8 @@ impl AttachPoint {
             AttachPoint::Connect4 => "connect4",
             AttachPoint::Connect6 => "connect6",
             AttachPoint::SockOps => "sock_ops",
+            AttachPoint::Sendmsg4 => "sendmsg4",
+            AttachPoint::Sendmsg6 => "sendmsg6",
         }
     }
 }
@@ -128,7 +138,7 @@ pub(crate) fn attached_program_ids(cgroup: &Path, point: AttachPoint) -> io::Res
 /// One program the kernel reports attached.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct KernelProgram {
-    /// `connect4`, `connect6` or `sock_ops`.
+    /// `connect4`, `connect6`, `sock_ops`, `sendmsg4` or `sendmsg6`.
     pub attach_point: String,
     /// The kernel's program id.
     pub id: u32,
@@ -142,10 +152,11 @@ pub struct KernelProgram {
 /// The kernel's view of one governed cgroup.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct KernelAttachment {
-    /// `attached` (ours at all three points), `partial`, `detached` (ours at
+    /// `attached` (ours at every point), `partial`, `detached` (ours at
     /// none), or `unknown` when the kernel could not be asked.
     pub state: String,
-    /// Every program attached directly to the cgroup at the three points.
+    /// Every program attached directly to the cgroup at the redirect's
+    /// attach points.
     pub programs: Vec<KernelProgram>,
     /// Why the kernel could not be asked, when `state` is `unknown`.
     #[serde(skip_serializing_if = "Option::is_none", default)]

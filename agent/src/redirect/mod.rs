@@ -1,10 +1,13 @@
 //! The transparent redirect: the only code that touches aya.
 //!
 //! One object file (`agent-ebpf`, embedded at build time) holds
-//! `tollgate_connect4`, `tollgate_connect6` and `tollgate_sockops`. It is
-//! loaded once per *mode* (destinations no target names either pass or are
-//! denied), because the mode lives in the object's `CONFIG` map; every
-//! governed cgroup of that mode gets the three programs attached.
+//! `tollgate_connect4`, `tollgate_connect6`, `tollgate_sockops`,
+//! `tollgate_sendmsg4` and `tollgate_sendmsg6`. It is loaded once per *mode*
+//! (destinations no target names either pass or are denied), because the
+//! mode lives in the object's `CONFIG` map; every governed cgroup of that
+//! mode gets the five programs attached. Each pinned link is re-adopted on
+//! its own, so after an upgrade that added programs the old links stay and
+//! only the missing programs are attached.
 //!
 //! Everything is pinned under `redirect.pin_dir` (on bpffs):
 //! `<pin_dir>/<mode>/maps/<MAP>` and `<pin_dir>/<mode>/links/<cgroup id>/<program>`.
@@ -23,6 +26,7 @@
 
 mod attachments;
 pub mod cgroup;
+pub mod local;
 mod pins;
 mod targets;
 
@@ -52,7 +56,13 @@ use crate::config::{Config, RedirectSettings, UnlistedPolicy};
 /// The kernel programs, built by `build.rs`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate-ebpf"));
 
-const PROGRAM_NAMES: [&str; 3] = ["tollgate_connect4", "tollgate_connect6", "tollgate_sockops"];
+const PROGRAM_NAMES: [&str; 5] = [
+    "tollgate_connect4",
+    "tollgate_connect6",
+    "tollgate_sockops",
+    "tollgate_sendmsg4",
+    "tollgate_sendmsg6",
+];
 const PINNED_MAPS: [&str; 6] = [
     "CONFIG",
     "TARGETS",
@@ -204,7 +214,7 @@ pub struct CallerCgroup {
 pub struct KernelStats {
     /// Connects rewritten to the proxy.
     pub redirected: u64,
-    /// Connects refused with EPERM.
+    /// Connects, and UDP sends, refused with EPERM.
     pub denied: u64,
     /// Connects let through.
     pub passed: u64,
@@ -259,14 +269,28 @@ impl Redirect {
         ensure_bpffs(&settings.pin_dir)?;
 
         let resolved = resolve_host_targets(config);
-        let entries = targets::build(config.targets.iter().enumerate(), &|h| {
+        let resolve = |h: &str| -> Vec<IpAddr> {
             resolved
                 .iter()
                 .filter(|(name, _)| name == h)
                 .map(|(_, ip)| *ip)
                 .collect()
-        })
-        .map_err(RedirectError::Kernel)?;
+        };
+        let host = local::host_addresses().unwrap_or_else(|e| {
+            tracing::warn!("cannot list this host's addresses ({e}); only loopback counts as local for targets");
+            Vec::new()
+        });
+        let local_targets =
+            local::local_targets(config.targets.iter().enumerate(), &resolve, &host);
+        for t in &local_targets {
+            tracing::info!(target_name = %t.name, "{}", t.describe());
+        }
+        for (name, path) in local::open_unix_sockets(&local_targets, &local::postgres_socket_dirs())
+        {
+            tracing::warn!(target_name = %name, socket = %path.display(), "{}", local::unix_socket_warning(&name, &path));
+        }
+        let entries = targets::build(config.targets.iter().enumerate(), &resolve, &local_targets)
+            .map_err(RedirectError::Kernel)?;
 
         // Every governed cgroup, and the parent of `tollgate exec` sessions.
         let exec_root = cgroup::resolve(&cgroup_root, &settings.exec_cgroup);
@@ -578,6 +602,20 @@ fn to_kernel_origin(o: &ConnectOrigin) -> KernelOrigin {
         comm: String::from_utf8_lossy(o.comm.get(..comm_len).unwrap_or_default()).into_owned(),
         target_index: (o.target as usize).saturating_sub(1),
     }
+}
+
+/// Whether the targets, with the local addresses of those on this host,
+/// fit the kernel's trie as the agent would fill it; the reason when not.
+pub fn check_targets(config: &Config, local: &[local::LocalTarget]) -> Result<(), String> {
+    let resolved = resolve_host_targets(config);
+    let resolve = |h: &str| -> Vec<IpAddr> {
+        resolved
+            .iter()
+            .filter(|(name, _)| name == h)
+            .map(|(_, ip)| *ip)
+            .collect()
+    };
+    targets::build(config.targets.iter().enumerate(), &resolve, local).map(|_| ())
 }
 
 /// Host-name targets resolved once at start (the trie holds addresses).
@@ -933,7 +971,7 @@ fn fill_maps(
     Ok(())
 }
 
-/// Attaches the three programs to one cgroup and pins the links, or keeps
+/// Attaches the programs to one cgroup and pins the links, or keeps
 /// the links pinned by an earlier run. Also returns the kernel ids of the
 /// programs behind the links.
 fn attach_cgroup(
@@ -967,62 +1005,72 @@ fn attach_cgroup(
     // Checked before its pins are trusted for re-adoption, and before new
     // pins go in: a directory another user controls is refused.
     pins::ensure_secure_dirs(pin_root, &links_dir, pins::Owner::agent())?;
-    let adoptable: Vec<PinnedLink> = pins
-        .iter()
-        .filter_map(|p| PinnedLink::from_pin(p).ok())
-        .collect();
-    let readopted = adoptable.len() == pins.len();
+    // Each pinned link is kept on its own, the others attached: after an
+    // upgrade that added programs, the old ones stay attached while the new
+    // ones join, so the cgroup is never without its connect hooks.
     let mut program_ids = Vec::new();
-    if readopted {
-        for link in adoptable {
+    let mut adopted = Vec::new();
+    let mut fresh = Vec::new();
+    for (name, pin) in PROGRAM_NAMES.iter().zip(&pins) {
+        if let Ok(link) = PinnedLink::from_pin(pin) {
             match FdLink::from(link).info() {
                 Ok(info) => program_ids.push(info.program_id()),
                 Err(e) => tracing::warn!("cannot read a re-adopted link's program: {e}"),
             }
+            adopted.push(*name);
+            continue;
         }
-        tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "re-adopted pinned redirect programs");
-    } else {
-        drop(adoptable);
-        for p in &pins {
-            let _ = fs::remove_file(p);
-        }
-        for (name, pin) in PROGRAM_NAMES.iter().zip(&pins) {
-            let cgroup_file = fs::File::open(cgroup_dir)
-                .map_err(|e| io_error(format!("cannot open cgroup {}", cgroup_dir.display()), e))?;
-            let action = format!("attach {name} to cgroup {}", cgroup_dir.display());
-            let program = ebpf.program_mut(name).ok_or_else(|| {
-                RedirectError::Kernel(format!("the embedded object lacks program {name}"))
-            })?;
-            let link: FdLink = match program {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    let link_id = attach_sock_addr(p, cgroup_file, &action)?;
-                    p.take_link(link_id)
-                        .map_err(|e| classify(&action, e))?
-                        .try_into()
-                        .map_err(|e| classify(&action, e))?
-                }
-                aya::programs::Program::SockOps(p) => {
-                    let link_id = p
-                        .attach(cgroup_file, CgroupAttachMode::Single)
-                        .map_err(|e| classify(&action, e))?;
-                    p.take_link(link_id)
-                        .map_err(|e| classify(&action, e))?
-                        .try_into()
-                        .map_err(|e| classify(&action, e))?
-                }
-                _ => {
-                    return Err(RedirectError::Kernel(format!(
-                        "program {name} has an unexpected type"
-                    )))
-                }
-            };
-            if let Ok(info) = link.info() {
-                program_ids.push(info.program_id());
+        // Whatever is there is no link (or none any more).
+        let _ = fs::remove_file(pin);
+        let cgroup_file = fs::File::open(cgroup_dir)
+            .map_err(|e| io_error(format!("cannot open cgroup {}", cgroup_dir.display()), e))?;
+        let action = format!("attach {name} to cgroup {}", cgroup_dir.display());
+        let program = ebpf.program_mut(name).ok_or_else(|| {
+            RedirectError::Kernel(format!("the embedded object lacks program {name}"))
+        })?;
+        let link: FdLink = match program {
+            aya::programs::Program::CgroupSockAddr(p) => {
+                let link_id = attach_sock_addr(p, cgroup_file, &action)?;
+                p.take_link(link_id)
+                    .map_err(|e| classify(&action, e))?
+                    .try_into()
+                    .map_err(|e| classify(&action, e))?
             }
-            link.pin(pin)
-                .map_err(|e| classify(&format!("pin {}", pin.display()), e))?;
+            aya::programs::Program::SockOps(p) => {
+                let link_id = p
+                    .attach(cgroup_file, CgroupAttachMode::Single)
+                    .map_err(|e| classify(&action, e))?;
+                p.take_link(link_id)
+                    .map_err(|e| classify(&action, e))?
+                    .try_into()
+                    .map_err(|e| classify(&action, e))?
+            }
+            _ => {
+                return Err(RedirectError::Kernel(format!(
+                    "program {name} has an unexpected type"
+                )))
+            }
+        };
+        if let Ok(info) = link.info() {
+            program_ids.push(info.program_id());
         }
+        link.pin(pin)
+            .map_err(|e| classify(&format!("pin {}", pin.display()), e))?;
+        fresh.push(*name);
+    }
+    let readopted = fresh.is_empty();
+    if readopted {
+        tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "re-adopted pinned redirect programs");
+    } else if adopted.is_empty() {
         tracing::info!(cgroup = %cgroup_dir.display(), mode = mode_name(mode), "attached the redirect programs");
+    } else {
+        tracing::info!(
+            cgroup = %cgroup_dir.display(),
+            mode = mode_name(mode),
+            readopted = %adopted.join(","),
+            attached = %fresh.join(","),
+            "re-adopted some pinned redirect programs and attached the others"
+        );
     }
     Ok((
         AttachedCgroup {

@@ -8,6 +8,7 @@ use tollgate_common::{
     v4_mapped, PortRule, TargetEntry, ACTION_REDIRECT, IPV4_MAPPED_PREFIX, MAX_PORT_RULES,
 };
 
+use super::local::LocalTarget;
 use crate::config::{Target, TargetAddress};
 
 /// A trie prefix: length in bits over 128, and the 16-byte address.
@@ -53,14 +54,46 @@ fn contains(outer: &(u32, [u8; 16]), inner: &(u32, [u8; 16])) -> bool {
     }
 }
 
+/// A trie prefix as a network, IPv4 for v4-mapped addresses.
+fn show_prefix(prefix: &Prefix) -> String {
+    let (len, addr) = *prefix;
+    match tollgate_common::as_v4_mapped(&addr) {
+        Some(v4) if len >= IPV4_MAPPED_PREFIX => format!(
+            "{}/{}",
+            std::net::Ipv4Addr::from(v4),
+            len - IPV4_MAPPED_PREFIX
+        ),
+        _ => format!("{}/{len}", std::net::Ipv6Addr::from(addr)),
+    }
+}
+
+/// The rules of `map` that apply at `prefix`: its own, then those of every
+/// broader prefix holding it, most specific first.
+fn covering_rules(map: &BTreeMap<Prefix, Vec<PortRule>>, prefix: &Prefix) -> Vec<PortRule> {
+    let mut all = map.get(prefix).cloned().unwrap_or_default();
+    let mut broader: Vec<(&Prefix, &Vec<PortRule>)> = map
+        .iter()
+        .filter(|(p, _)| *p != prefix && contains(p, prefix))
+        .collect();
+    broader.sort_by_key(|(p, _)| std::cmp::Reverse(p.0));
+    for (_, r) in broader {
+        all.extend_from_slice(r);
+    }
+    all
+}
+
 /// Builds the trie. Target `i` of `targets` gets index `i + 1` in the rules
 /// (0 means "none"). Host-name targets use the addresses in `resolved`.
 /// Because the kernel consults only the longest matching prefix, each entry
 /// also carries the rules of every broader prefix containing it, after its
 /// own.
+/// The other local addresses of targets on this host (`local`) get the
+/// target's ports as redirects too, after every configured rule that
+/// applies there (a broader configured network's included).
 pub(super) fn build<'a>(
     targets: impl IntoIterator<Item = (usize, &'a Target)>,
     resolved: &dyn Fn(&str) -> Vec<IpAddr>,
+    local: &[LocalTarget],
 ) -> Result<Vec<TrieEntry>, String> {
     let mut own: BTreeMap<(u32, [u8; 16]), Vec<PortRule>> = BTreeMap::new();
     for (i, target) in targets {
@@ -82,22 +115,42 @@ pub(super) fn build<'a>(
             }
         }
     }
-    let mut entries = Vec::new();
-    for (prefix, rules) in &own {
-        let mut all = rules.clone();
-        // Broader prefixes, most specific first.
-        let mut broader: Vec<(&Prefix, &Vec<PortRule>)> = own
-            .iter()
-            .filter(|(p, _)| *p != prefix && contains(p, prefix))
-            .collect();
-        broader.sort_by_key(|(p, _)| std::cmp::Reverse(p.0));
-        for (_, r) in broader {
-            all.extend_from_slice(r);
+    // Kept apart so that a configured target, even one naming a broader
+    // network, always comes before a local target's other addresses.
+    let mut aliases: BTreeMap<Prefix, Vec<PortRule>> = BTreeMap::new();
+    for t in local {
+        let index = u32::try_from(t.index + 1).map_err(|_| "too many targets".to_string())?;
+        for net in &t.aliases {
+            let rules = aliases.entry(trie_prefix(net)).or_default();
+            for range in &t.ports {
+                rules.push(PortRule {
+                    first: range.first,
+                    last: range.last,
+                    action: ACTION_REDIRECT,
+                    _pad: 0,
+                    target: index,
+                });
+            }
         }
+    }
+    let prefixes: std::collections::BTreeSet<Prefix> =
+        own.keys().chain(aliases.keys()).copied().collect();
+    let mut entries = Vec::new();
+    for prefix in &prefixes {
+        let mut all = covering_rules(&own, prefix);
+        let configured = all.len();
+        all.extend(covering_rules(&aliases, prefix));
         if all.len() > MAX_PORT_RULES {
+            let local = match all.len() - configured {
+                0 => String::new(),
+                n => format!(
+                    " ({n} of them because targets on this host are governed on its other local addresses too)"
+                ),
+            };
             return Err(format!(
-                "{} port ranges apply to one address prefix; the kernel program holds at most {MAX_PORT_RULES}: merge ranges or targets",
-                all.len()
+                "{} port ranges apply to the address prefix {}{local}; the kernel program holds at most {MAX_PORT_RULES}: merge ranges or targets",
+                all.len(),
+                show_prefix(prefix)
             ));
         }
         let mut entry = TargetEntry {
@@ -142,7 +195,7 @@ mod tests {
             target("one", "10.0.0.5", &[(5432, 5432)]),
             target("net", "10.0.0.0/8", &[(5432, 5439)]),
         ];
-        let entries = build(ts.iter().enumerate(), &|_| vec![]).unwrap();
+        let entries = build(ts.iter().enumerate(), &|_| vec![], &[]).unwrap();
         assert_eq!(entries.len(), 2);
         let host = entries.iter().find(|e| e.prefix_len == 128).unwrap();
         assert_eq!(host.addr, v4_mapped([10, 0, 0, 5]));
@@ -167,7 +220,7 @@ mod tests {
                 vec![]
             }
         };
-        let entries = build(ts.iter().enumerate(), &resolve).unwrap();
+        let entries = build(ts.iter().enumerate(), &resolve, &[]).unwrap();
         assert!(entries
             .iter()
             .any(|e| e.prefix_len == 128 && e.addr == v4_mapped([192, 0, 2, 7])));
@@ -176,12 +229,70 @@ mod tests {
     }
 
     #[test]
+    fn local_aliases_follow_the_configured_rules_of_the_same_prefix() {
+        let ts = [
+            target("lo", "127.0.0.1", &[(5432, 5432)]),
+            target("lan", "10.0.0.5", &[(5432, 5432)]),
+        ];
+        let local = [LocalTarget {
+            index: 1,
+            name: "lan".into(),
+            ports: ts[1].ports.clone(),
+            protocol: Protocol::Postgres,
+            aliases: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+        }];
+        let entries = build(ts.iter().enumerate(), &|_| vec![], &local).unwrap();
+        let at = |len: u32, addr: [u8; 16]| {
+            entries
+                .iter()
+                .find(|e| e.prefix_len == len && e.addr == addr)
+                .unwrap()
+                .entry
+        };
+        let exact = at(128, v4_mapped([127, 0, 0, 1]));
+        assert_eq!(exact.rule_count, 2, "configured first, then the alias");
+        assert_eq!(exact.find(5432).map(|r| r.target), Some(1));
+        let rest = at(96 + 8, v4_mapped([127, 0, 0, 0]));
+        assert_eq!(rest.find(5432).map(|r| r.target), Some(2));
+        assert_eq!(rest.find(5433), None, "other ports stay unlisted");
+        let v6 = at(128, std::net::Ipv6Addr::LOCALHOST.octets());
+        assert_eq!(v6.find(5432).map(|r| r.target), Some(2));
+    }
+
+    #[test]
+    fn a_configured_network_comes_before_a_local_targets_exact_alias() {
+        let ts = [
+            target("v4", "10.0.0.5", &[(5432, 5432)]),
+            target("v6net", "fd00::/120", &[(5432, 5432)]),
+        ];
+        // fd00::7 is one of the host's addresses, so v4's port is governed
+        // there too, but v6net names it (by its network) and wins.
+        let local = [LocalTarget {
+            index: 0,
+            name: "v4".into(),
+            ports: ts[0].ports.clone(),
+            protocol: Protocol::Postgres,
+            aliases: vec!["fd00::7/128".parse().unwrap()],
+        }];
+        let entries = build(ts.iter().enumerate(), &|_| vec![], &local).unwrap();
+        let addr: std::net::Ipv6Addr = "fd00::7".parse().unwrap();
+        let exact = entries
+            .iter()
+            .find(|e| e.prefix_len == 128 && e.addr == addr.octets())
+            .unwrap();
+        assert_eq!(exact.entry.rule_count, 2);
+        assert_eq!(exact.entry.find(5432).map(|r| r.target), Some(2));
+    }
+
+    #[test]
     fn too_many_rules_for_one_prefix_is_an_error() {
         let ports: Vec<(u16, u16)> = (1..=9).map(|p| (p, p)).collect();
         let ts = [target("many", "10.0.0.1", &ports)];
-        assert!(build(ts.iter().enumerate(), &|_| vec![])
+        assert!(build(ts.iter().enumerate(), &|_| vec![], &[])
             .unwrap_err()
-            .contains("at most 8"));
+            .contains(
+                "apply to the address prefix 10.0.0.1/32; the kernel program holds at most 8"
+            ));
     }
 
     #[test]
