@@ -96,6 +96,18 @@ else
         cargo install --locked bpf-linker --no-default-features --features "llvm-$major" >/dev/null
 fi
 
+# cargo-fuzz runs the fuzz targets in fuzz/ (scripts/fuzz.sh, and briefly
+# scripts/test.sh) on the nightly toolchain; libFuzzer itself is built by the
+# targets' libfuzzer-sys dependency with the C++ compiler above.
+if command -v cargo-fuzz >/dev/null 2>&1; then
+    say "cargo-fuzz: present ($(cargo fuzz --version 2>&1 | head -n1))"
+elif [ $check_only -eq 1 ]; then
+    say "cargo-fuzz: missing"
+else
+    say "cargo-fuzz: installing (a minute or two)"
+    cargo install --locked cargo-fuzz >/dev/null
+fi
+
 # --- Kernel features -----------------------------------------------------------
 # These only disable the transparent redirect; explicit listeners always work.
 kernel_ok=1

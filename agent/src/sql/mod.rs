@@ -24,6 +24,30 @@ mod shape;
 mod tests;
 mod visit;
 
+/// The statement-shape scanner, for the fuzz targets in `fuzz/` (built with
+/// the `fuzzing` feature); not a stable interface.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The shape of `sql` (its text with literal contents blanked), `None`
+    /// when the scanner cannot vouch for it.
+    pub fn shape(sql: &str) -> Option<Vec<u8>> {
+        super::shape::shape(sql)
+    }
+
+    /// Appends the shape of `sql` to `key`, as the analysis cache does;
+    /// `false` when there is none.
+    pub fn shape_into(sql: &str, key: &mut Vec<u8>) -> bool {
+        super::shape::shape_into(sql, key)
+    }
+
+    /// `sql` with every integer, numeric and string literal replaced by the
+    /// given spellings; `None` when `sql` has no shape.
+    pub fn respell(sql: &str, integer: &str, numeric: &str, string: &str) -> Option<String> {
+        super::shape::respell(sql, integer, numeric, string)
+    }
+}
+
 pub use analyze::{analyze, function_call};
 pub use cache::{AnalysisCache, MAX_CACHED_TEXT_LEN};
 pub use refs::{column_refs, ColumnRefs};

@@ -30,7 +30,7 @@ pub(crate) fn shape_into(sql: &str, key: &mut Vec<u8>) -> bool {
 }
 
 /// [`shape_into`] a new buffer, `None` when there is no shape.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn shape(sql: &str) -> Option<Vec<u8>> {
     let mut key = Vec::with_capacity(sql.len());
     shape_into(sql, &mut key).then_some(key)
@@ -201,8 +201,9 @@ fn number_end(bytes: &[u8], from: usize) -> Option<(usize, u8)> {
 
 /// `sql` with every literal replaced: integers by `integer`, numerics by
 /// `numeric`, strings by `string` (each a whole literal token); `None` when
-/// `sql` has no shape. Tests use it to build other texts of one shape.
-#[cfg(test)]
+/// `sql` has no shape. Tests and fuzz targets use it to build other texts
+/// of one shape.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn respell(sql: &str, integer: &str, numeric: &str, string: &str) -> Option<String> {
     let mut text = Vec::new();
     for byte in shape(sql)? {
