@@ -16,6 +16,8 @@
 # inputs to target/fuzz/artifacts/TARGET, logs to target/fuzz/logs.
 #
 # Environment: FUZZ_SANITIZER (default address; none, leak, ...),
+# FUZZ_PROFILE (release by default; dev builds unoptimised, much faster to
+# build and slower to run, for short runs such as scripts/test.sh's),
 # FUZZ_TIMEOUT (seconds one input may take before it counts as a hang,
 # default 20), FUZZ_ARGS (more libFuzzer flags).
 set -euo pipefail
@@ -40,6 +42,12 @@ cargo +nightly fuzz --version >/dev/null 2>&1 \
     || die "cargo-fuzz or the nightly toolchain is missing; run scripts/setup.sh"
 
 sanitizer=${FUZZ_SANITIZER:-address}
+profile=()
+case ${FUZZ_PROFILE:-release} in
+    release) ;;
+    dev) profile=(--dev) ;;
+    *) die "FUZZ_PROFILE must be release or dev, not '${FUZZ_PROFILE}'" ;;
+esac
 timeout=${FUZZ_TIMEOUT:-20}
 out=$root/target/fuzz
 fuzz() { (cd "$root/fuzz" && cargo +nightly fuzz "$@"); }
@@ -58,10 +66,10 @@ fi
 say "building ${#targets[@]} target(s) (sanitizer: $sanitizer)"
 start=$SECONDS
 if [ ${#targets[@]} -eq ${#known[@]} ]; then
-    fuzz build --sanitizer "$sanitizer" --target-dir "$out" || die "the fuzz build failed"
+    fuzz build "${profile[@]}" --sanitizer "$sanitizer" --target-dir "$out" || die "the fuzz build failed"
 else
     for t in "${targets[@]}"; do
-        fuzz build --sanitizer "$sanitizer" --target-dir "$out" "$t" || die "the fuzz build of $t failed"
+        fuzz build "${profile[@]}" --sanitizer "$sanitizer" --target-dir "$out" "$t" || die "the fuzz build of $t failed"
     done
 fi
 say "built in $((SECONDS - start)) s"
@@ -77,7 +85,7 @@ for t in "${targets[@]}"; do
     say "running $t for $seconds s"
     status=0
     # shellcheck disable=SC2086
-    fuzz run --sanitizer "$sanitizer" --target-dir "$out" "$t" "$corpus" "$root/fuzz/corpus/$t" -- \
+    fuzz run "${profile[@]}" --sanitizer "$sanitizer" --target-dir "$out" "$t" "$corpus" "$root/fuzz/corpus/$t" -- \
         -max_total_time="$seconds" -timeout="$timeout" -print_final_stats=1 \
         -artifact_prefix="$artifacts/" ${FUZZ_ARGS:-} >"$log" 2>&1 || status=$?
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n1)

@@ -749,7 +749,12 @@ pub(super) fn parse_toml<T: de::DeserializeOwned>(
             path: path.to_path_buf(),
             line,
             column,
-            message: e.message().trim_end().to_owned(),
+            message: match e.message().trim_end() {
+                // The TOML parser says nothing of some bytes it refuses
+                // (a control character in a comment).
+                "" => "invalid TOML here (a control character or a stray byte)".to_owned(),
+                message => message.to_owned(),
+            },
         }
     })
 }
