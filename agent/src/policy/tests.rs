@@ -1510,16 +1510,13 @@ fn policy_sets_are_shareable_across_threads() {
 /// comment is refused by the TOML parser with a place and no words.
 #[test]
 fn a_toml_error_without_words_is_worded() {
-    let text = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../fuzz/regressions/policy/empty-error-message-control-character-in-comment.toml"),
-    )
-    .unwrap();
+    let text =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
+            "../fuzz/regressions/policy/empty-error-message-control-character-in-comment.toml",
+        ))
+        .unwrap();
     let errors = PolicySet::from_str(std::path::Path::new("bad.toml"), &text).unwrap_err();
     let shown = errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>();
-    assert!(
-        errors.0.iter().all(|e| !e.message.is_empty()),
-        "{shown:?}"
-    );
+    assert!(errors.0.iter().all(|e| !e.message.is_empty()), "{shown:?}");
     assert!(shown[0].contains("invalid TOML here"), "{shown:?}");
 }
