@@ -50,16 +50,22 @@ else
     [ $created_policy -eq 1 ] && as_root rm -f "$policy_rc"
 fi
 
-# --- Python driver for the end-to-end tests ----------------------------------
-if python3 -c 'import psycopg' >/dev/null 2>&1; then
-    say "psycopg (python): present"
-elif [ $check_only -eq 1 ]; then
-    say "psycopg (python): missing"
-else
-    say "psycopg (python): installing"
-    python3 -m pip install --quiet --disable-pip-version-check "psycopg[binary]" 2>/dev/null \
-        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "psycopg[binary]"
-fi
+# --- Python drivers for the end-to-end tests ---------------------------------
+# psycopg 3 and asyncpg (which speaks the extended protocol only, with its own
+# pipelining of executemany).
+for driver in "psycopg:psycopg[binary]" "asyncpg:asyncpg"; do
+    module=${driver%%:*}
+    package=${driver#*:}
+    if python3 -c "import $module" >/dev/null 2>&1; then
+        say "$module (python): present"
+    elif [ $check_only -eq 1 ]; then
+        say "$module (python): missing"
+    else
+        say "$module (python): installing"
+        python3 -m pip install --quiet --disable-pip-version-check "$package" 2>/dev/null \
+            || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$package"
+    fi
+done
 
 # --- Rust toolchains ---------------------------------------------------------
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust with rustup first"

@@ -667,3 +667,54 @@ fn a_bind_behind_an_unanswered_parse_of_an_existing_name_binds_the_old_statement
     );
     assert_eq!(s.query("select 1"), Ok(vec!["1".to_owned()]));
 }
+
+/// asyncpg speaks only the extended protocol, prepares every statement and
+/// pipelines `executemany` (many Bind/Execute pairs, one Sync): inside a
+/// transaction its writes commit, a masked select comes back masked, and a
+/// denied read fails with the rule's message while the connection and the
+/// transaction go on as the server would leave them.
+#[test]
+fn asyncpg_executemany_masked_fetch_and_a_denial() {
+    let g = setup();
+    let script = format!(
+        r#"
+import asyncio, asyncpg
+async def main():
+    conn = await asyncpg.connect(host="127.0.0.1", port={port}, user="postgres", database="postgres")
+    async with conn.transaction():
+        await conn.executemany("insert into orders (id, customer_id, total) values ($1, $2, $3)", [(i, 1, i) for i in range(1, 6)])
+        rows = await conn.fetch("select id, email from customers where id = $1", 1)
+        print([tuple(r) for r in rows])
+    try:
+        await conn.fetch("select value from secrets where id = $1", 1)
+        print("secrets read")
+    except asyncpg.PostgresError as e:
+        print("refused", e.sqlstate, e)
+    print(await conn.fetchval("select count(*) from orders"))
+    await conn.close()
+asyncio.run(main())
+"#,
+        port = g.port
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let stdout = succeeded(&out);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"[(1, '****')]"), "{stdout}");
+    assert!(
+        lines
+            .get(1)
+            .is_some_and(|l| l.starts_with("refused 42501")
+                && l.contains("denied by rule \"protect-secrets\"")),
+        "{stdout}"
+    );
+    assert_eq!(lines.get(2), Some(&"5"), "{stdout}");
+    assert!(!stdout.contains("hunter2") && !stdout.contains("@example.com"));
+    assert_eq!(
+        g.server("select string_agg(id::text, ',' order by id) from orders"),
+        "1,2,3,4,5"
+    );
+}

@@ -142,25 +142,22 @@ impl Runner {
                 file.display().to_string(),
             ]
         };
-        let mut cmd = match path {
-            Route::Direct => {
-                let args = psql_args("127.0.0.1", self.pg_port);
-                let mut c = Command::new(&args[0]);
-                c.args(&args[1..]);
-                c
-            }
-            Route::Listener => {
-                let args = psql_args("127.0.0.1", self.listener_port);
-                let mut c = Command::new(&args[0]);
-                c.args(&args[1..]);
-                c
-            }
+        let (host, port) = match path {
+            Route::Direct => ("127.0.0.1".to_owned(), self.pg_port),
+            Route::Listener => ("127.0.0.1".to_owned(), self.listener_port),
             Route::Redirect => {
                 let (addr, port) = self.redirect.expect("the redirect pass runs with eBPF");
-                let args = psql_args(&addr.to_string(), port);
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                exec_command(self.agent(), &args)
+                (addr.to_string(), port)
             }
+        };
+        let args = psql_args(&host, port);
+        let mut cmd = if path == Route::Redirect {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            exec_command(self.agent(), &args)
+        } else {
+            let mut c = Command::new(&args[0]);
+            c.args(&args[1..]);
+            c
         };
         let out_path = self.dir.path().join(format!("{db}.out"));
         let out = std::fs::File::create(&out_path).unwrap();
