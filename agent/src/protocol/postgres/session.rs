@@ -434,16 +434,20 @@ impl Shared {
     /// Whether an ErrorResponse body answers a refusal's substitute (see
     /// [`Shared::denial_for`], which also takes its message).
     fn is_denial(&self, error_body: &[u8]) -> bool {
+        self.marker_at(error_body).is_some()
+    }
+
+    /// Where the denial marker starts in an ErrorResponse body.
+    fn marker_at(&self, error_body: &[u8]) -> Option<usize> {
         let marker = self.marker.as_bytes();
-        error_body.windows(marker.len()).any(|w| w == marker)
+        error_body.windows(marker.len()).position(|w| w == marker)
     }
 
     /// The client message of the substitute an ErrorResponse body answers,
     /// if it answers one.
     fn denial_for(&self, error_body: &[u8]) -> Option<String> {
-        let marker = self.marker.as_bytes();
-        let at = error_body.windows(marker.len()).position(|w| w == marker)?;
-        let digits = error_body.get(at.saturating_add(marker.len())..)?;
+        let at = self.marker_at(error_body)?;
+        let digits = error_body.get(at.saturating_add(self.marker.len())..)?;
         let end = digits
             .iter()
             .position(|b| !b.is_ascii_digit())
@@ -1660,6 +1664,24 @@ impl ClientSide<'_> {
         Ok(refusal)
     }
 
+    /// Decides a prepared statement again (a reload since it was decided):
+    /// refused where it now needs masking, which a Bind cannot add.
+    fn decide_prepared_again(
+        &self,
+        policy: &Arc<crate::policy::PolicySet>,
+        decided: &Decided,
+        ops: &[(SqlOp, &crate::sql::StatementSummary)],
+    ) -> Option<String> {
+        self.decide_with_executed(
+            policy,
+            &decided.text,
+            &decided.analysis,
+            ops,
+            None,
+            Some(MASK_EXTENDED),
+        )
+    }
+
     /// Decides analysed text under `policy` and reports the decisions;
     /// `Some(message for the client)` when refused, naming `label` (when
     /// given) rather than the refused statement's command. `unmaskable`:
@@ -2168,14 +2190,7 @@ impl ClientSide<'_> {
                 return step;
             }
             let ops = prepared::sql_ops(&decided.analysis);
-            let refusal = self.decide_with_executed(
-                &policy,
-                &decided.text,
-                &decided.analysis,
-                &ops,
-                None,
-                Some(MASK_EXTENDED),
-            );
+            let refusal = self.decide_prepared_again(&policy, &decided, &ops);
             if let Some(refusal) = refusal {
                 return self.replace_bind(data, header, portal, refusal);
             }
@@ -2248,14 +2263,7 @@ impl ClientSide<'_> {
         let refusal = if executes {
             self.decide_portal_execute(&policy, &decided, &ops)
         } else if decided.is_stale(&policy) {
-            self.decide_with_executed(
-                &policy,
-                &decided.text,
-                &decided.analysis,
-                &ops,
-                None,
-                Some(MASK_EXTENDED),
-            )
+            self.decide_prepared_again(&policy, &decided, &ops)
         } else {
             None
         };
