@@ -26,7 +26,7 @@ use tollgate_agent::policy::{DecisionMemo, PolicySet};
 use tollgate_agent::protocol::postgres::{
     decode_backend, decode_frontend, split_frame, MAX_MESSAGE,
 };
-use tollgate_agent::sql::{analyze, Analysis, AnalysisCache};
+use tollgate_agent::sql::{analyze, Analysis, AnalysisCache, Reading};
 
 const QUERY: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 4242";
 
@@ -184,7 +184,9 @@ fn masking(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     let sql = "SELECT aid, abalance, filler FROM pgbench_accounts WHERE aid = 4242";
     group.bench_function("column_refs", |b| {
-        b.iter(|| black_box(tollgate_agent::sql::column_refs(black_box(sql)).unwrap()));
+        b.iter(|| {
+            black_box(tollgate_agent::sql::column_refs(black_box(sql), Reading::Standard).unwrap())
+        });
     });
     // What a session pays: the cache, hit by the same shape with a new literal.
     let cache = tollgate_agent::sql::AnalysisCache::new(64);
@@ -194,7 +196,7 @@ fn masking(c: &mut Criterion) {
             aid = aid.wrapping_add(1);
             let sql =
                 format!("SELECT aid, abalance, filler FROM pgbench_accounts WHERE aid = {aid}");
-            black_box(cache.column_refs(black_box(&sql)))
+            black_box(cache.column_refs(black_box(&sql), Reading::Standard))
         })
     });
     let mut resolved = ResolvedColumns::default();

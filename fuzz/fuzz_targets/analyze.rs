@@ -6,13 +6,15 @@
 //! for the input and for respellings of its literals exactly what a fresh
 //! analysis gives (and the same for column references). That is the
 //! property the cache's soundness rests on: two texts of one shape must
-//! tokenise, and so analyse, alike.
+//! tokenise, and so analyse, alike. Read with backslash escapes, the
+//! input gets from the cache what a fresh analysis under that reading
+//! gives.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tollgate_agent::sql::fuzzing::respell;
-use tollgate_agent::sql::{analyze, column_refs, Analysis, AnalysisCache};
+use tollgate_agent::sql::{analyze, analyze_read, column_refs, Analysis, AnalysisCache, Reading};
 
 /// Other spellings of integer, numeric and string literals: empty and long
 /// values, values past 32 and 64 bits, strings holding statement syntax.
@@ -47,8 +49,16 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(*cache.analyze(sql), fresh);
     // A hit answers what the miss did.
     assert_eq!(*cache.analyze(sql), fresh);
-    let refs = column_refs(sql).ok();
-    assert_eq!(cache.column_refs(sql).as_deref(), refs.as_ref());
+    let refs = column_refs(sql, Reading::Standard).ok();
+    assert_eq!(
+        cache.column_refs(sql, Reading::Standard).as_deref(),
+        refs.as_ref()
+    );
+    // The other reading of backslashes (standard_conforming_strings off)
+    // gets its own answer from the same cache, never the standard one.
+    let escaped = analyze_read(sql, Reading::BackslashEscapes);
+    assert_eq!(*cache.analyze_read(sql, Reading::BackslashEscapes), escaped);
+    assert_eq!(*cache.analyze(sql), fresh);
 
     for (integer, numeric, string) in SPELLINGS {
         let Some(other) = respell(sql, integer, numeric, string) else {
@@ -60,8 +70,8 @@ fuzz_target!(|data: &[u8]| {
             "{sql:?} respelled as {other:?}"
         );
         assert_eq!(
-            cache.column_refs(&other).as_deref(),
-            column_refs(&other).ok().as_ref(),
+            cache.column_refs(&other, Reading::Standard).as_deref(),
+            column_refs(&other, Reading::Standard).ok().as_ref(),
             "{sql:?} respelled as {other:?}"
         );
     }

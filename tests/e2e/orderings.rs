@@ -437,14 +437,16 @@ print(conn.execute("select 1").fetchone())
 /// The server's reading of `standard_conforming_strings` and the client
 /// encoding changes with a SET it has not answered yet: text pipelined
 /// behind it (a later Query of the same write, or later in the same
-/// extended batch) must not be analysed under the old reading. The text
-/// below is one SELECT of a literal to a reader of standard strings and
-/// UTF-8, and a SELECT then `DROP TABLE orders` to the server after the SET.
+/// extended batch) must not be analysed under the old reading. The texts
+/// below are one SELECT of a literal to a reader of standard strings and
+/// UTF-8, and to the server after the SET a SELECT then a read of
+/// `secrets` (denied), or `DROP TABLE orders` (text in SJIS, which the
+/// analysis cannot read, refused).
 #[test]
 fn a_setting_changed_in_the_same_write_does_not_change_what_runs() {
     let g = setup();
     let exists = || g.server("select to_regclass('orders') is not null");
-    let hidden_by_backslash = "SELECT 'a\\''; DROP TABLE orders; --'";
+    let hidden_by_backslash = "SELECT 'a\\''; SELECT value FROM secrets; --'";
     // In SJIS, 0x81 (the last byte of 'ぁ' in UTF-8) and the backslash are
     // one character, so the E-string ends at the quote after it.
     let hidden_by_encoding = "SELECT E'ぁ\\'; DROP TABLE orders; --'";
@@ -458,14 +460,23 @@ fn a_setting_changed_in_the_same_write_does_not_change_what_runs() {
         ),
     ] {
         // Two Queries in one write: the second waits for the answer to the
-        // first, then is read as the server reads it (and refused as text
-        // the analysis cannot read under that setting).
+        // first, then is read as the server reads it: the read of secrets
+        // it hides is denied, and SJIS text, which the analysis cannot
+        // read, refused.
         s.send(&[pg_wire::query(set), pg_wire::query(hidden)].concat());
         let got = s.read_until_ready(2);
         let errors = pg_wire::errors(&got);
         assert_eq!(errors.len(), 1, "{set}: {errors:?}");
         assert_eq!(errors[0].0, "42501", "{set}: {errors:?}");
-        assert!(errors[0].1.contains("could not be parsed"), "{errors:?}");
+        let why = if hidden == hidden_by_encoding {
+            "could not be parsed"
+        } else {
+            "the secrets table is off limits"
+        };
+        assert!(errors[0].1.contains(why), "{set}: {errors:?}");
+        assert!(!got
+            .iter()
+            .any(|(_, body)| body.windows(7).any(|w| w == b"hunter2")));
         assert_eq!(exists(), "t", "{set}");
         assert_eq!(s.query("RESET ALL"), Ok(vec![]));
     }
@@ -509,7 +520,7 @@ fn a_setting_changed_in_the_same_write_does_not_change_what_runs() {
         .concat(),
     );
     let got = s.read_until_ready(2);
-    assert!(refusal(&got).contains("could not be parsed"));
+    assert!(refusal(&got).contains("the secrets table is off limits"));
     assert_eq!(exists(), "t");
     // A DO block may change anything: what follows in its batch is
     // refused too.
@@ -527,19 +538,22 @@ fn a_setting_changed_in_the_same_write_does_not_change_what_runs() {
     assert_eq!(s.query("select 1"), Ok(vec!["1".to_owned()]));
 
     // psql: in one Query the server parses every statement before the SET
-    // runs, as the proxy read them (one literal, no DROP).
+    // runs, as the proxy read them (one literal, no read of secrets).
     let out = psql_command(
         g.port,
         &format!("SET standard_conforming_strings = off; {hidden_by_backslash}"),
     )
     .output()
     .unwrap();
-    assert_eq!(succeeded(&out).trim(), "SET\na\\'; DROP TABLE orders; --");
+    assert_eq!(
+        succeeded(&out).trim(),
+        "SET\na\\'; SELECT value FROM secrets; --"
+    );
     assert_eq!(exists(), "t");
     // A script: psql reads the text under the new setting as the server
     // does and sends what the literal hid as a statement of its own, which
-    // the proxy (reading it the same way) decides: the text with the
-    // backslash is refused, the SELECT of secrets denied.
+    // the proxy (reading it the same way) decides: the literal runs, the
+    // SELECT of secrets is denied.
     let mut psql = Command::new(pg_tool("psql"));
     psql.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=0", "-f", "-"])
         .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
@@ -559,7 +573,7 @@ fn a_setting_changed_in_the_same_write_does_not_change_what_runs() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(
-        stderr.contains("ERROR:  tollgate: statement denied"),
+        stderr.contains("ERROR:  tollgate: SELECT denied by rule \"protect-secrets\""),
         "{stderr}"
     );
     assert!(

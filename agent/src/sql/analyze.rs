@@ -17,11 +17,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use pg_query::protobuf::{self, TransactionStmtKind, VariableSetKind};
-use pg_query::{FingerprintOptions, Node, NodeEnum};
+use pg_query::{FingerprintOptions, Node, NodeEnum, ParserOptions};
 
 use super::labels::{self, Class};
 use super::visit::{self, Visit};
-use super::{Analysis, StatementFlags, StatementKind, StatementSummary, TableRef, TransactionOp};
+use super::{
+    Analysis, Reading, StatementFlags, StatementKind, StatementSummary, TableRef, TransactionOp,
+};
 
 /// Functions that read or write files on the database server, list its
 /// directories, or move large objects to and from its file system. Matched
@@ -109,14 +111,21 @@ const FUNCTION_OPTIONS: &[&str] = &[
 /// error, not a panic (tested on every prefix and on mutations of tricky
 /// statements).
 pub fn analyze(sql: &str) -> Analysis {
-    match analyze_text(sql) {
+    analyze_read(sql, Reading::Standard)
+}
+
+/// [`analyze`] with plain string literals read as the server reads them
+/// under `reading` (see [`Reading`]).
+pub fn analyze_read(sql: &str, reading: Reading) -> Analysis {
+    match analyze_text(sql, reading) {
         Ok(statements) => Analysis::Parsed { statements },
         Err(error) => Analysis::Unparsable { error },
     }
 }
 
-fn analyze_text(sql: &str) -> Result<Vec<StatementSummary>, String> {
-    let parsed = pg_query::parse(sql, 0).map_err(error_message)?;
+fn analyze_text(sql: &str, reading: Reading) -> Result<Vec<StatementSummary>, String> {
+    let options = reading.parser_options();
+    let parsed = pg_query::parse(sql, options).map_err(error_message)?;
     let raw = &parsed.protobuf.stmts;
     let mut statements = Vec::with_capacity(raw.len());
     for statement in raw {
@@ -124,7 +133,7 @@ fn analyze_text(sql: &str) -> Result<Vec<StatementSummary>, String> {
             continue;
         };
         let text = raw_statement_text(sql, statement.stmt_location, statement.stmt_len);
-        statements.push(summarise(node, text)?);
+        statements.push(summarise(node, text, options)?);
     }
     Ok(statements)
 }
@@ -145,8 +154,12 @@ fn raw_statement_text(sql: &str, location: i32, len: i32) -> &str {
 }
 
 /// Summarises one statement from its tree.
-fn summarise(node: &NodeEnum, text: &str) -> Result<StatementSummary, String> {
-    let fingerprint = pg_query::fingerprint(text, 0, fingerprint_options())
+fn summarise(
+    node: &NodeEnum,
+    text: &str,
+    options: ParserOptions,
+) -> Result<StatementSummary, String> {
+    let fingerprint = pg_query::fingerprint(text, options, fingerprint_options())
         .map_err(error_message)?
         .hex;
     let node_type = visit::node_type_name(node);

@@ -11,7 +11,7 @@ use lru::LruCache;
 use super::analyze::single_statement_text;
 use super::refs::{column_refs, ColumnRefs};
 use super::shape::shape_into;
-use super::{analyze, Analysis, StatementKind};
+use super::{analyze_read, Analysis, Reading, StatementKind};
 
 /// Texts longer than this are analysed but not cached: they are rarely sent
 /// twice, and each entry holds its text about three times (key, source and
@@ -60,6 +60,9 @@ struct Entry {
 /// Key prefixes: a shape and an exact text never compare equal.
 const SHAPE_KEY: u8 = 0;
 const EXACT_KEY: u8 = 1;
+/// An exact text read with backslash escapes ([`Reading::BackslashEscapes`]),
+/// which may not share an entry with the same text read as standard.
+const ESCAPED_KEY: u8 = 2;
 
 impl AnalysisCache {
     /// A cache holding at most `capacity` analyses; 0 turns caching off.
@@ -74,19 +77,19 @@ impl AnalysisCache {
     /// [`column_refs`] of one statement's text, from the cache or computed
     /// (a full parse, about 50 µs) and then cached; `None` when it does not
     /// parse (not cached: the caller masks every computed field).
-    pub fn column_refs(&self, sql: &str) -> Option<Arc<ColumnRefs>> {
+    pub fn column_refs(&self, sql: &str, reading: Reading) -> Option<Arc<ColumnRefs>> {
         let Some(refs) = self
             .refs
             .as_ref()
             .filter(|_| sql.len() <= MAX_CACHED_TEXT_LEN)
         else {
-            return column_refs(sql).ok().map(Arc::new);
+            return column_refs(sql, reading).ok().map(Arc::new);
         };
-        let key = cache_key(sql);
+        let key = cache_key(sql, reading);
         if let Some(found) = lock(refs).get(key.as_slice()) {
             return Some(Arc::clone(found));
         }
-        let found = Arc::new(column_refs(sql).ok()?);
+        let found = Arc::new(column_refs(sql, reading).ok()?);
         lock(refs).put(key.into_boxed_slice(), Arc::clone(&found));
         Some(found)
     }
@@ -95,13 +98,19 @@ impl AnalysisCache {
     /// (unless `sql` is longer than [`MAX_CACHED_TEXT_LEN`]). As with
     /// [`analyze`], `sql` must already be converted from the client encoding.
     pub fn analyze(&self, sql: &str) -> Arc<Analysis> {
+        self.analyze_read(sql, Reading::Standard)
+    }
+
+    /// [`AnalysisCache::analyze`] with plain string literals read as
+    /// `reading` says.
+    pub fn analyze_read(&self, sql: &str, reading: Reading) -> Arc<Analysis> {
         let Some(entries) = &self.entries else {
-            return Arc::new(analyze(sql));
+            return Arc::new(analyze_read(sql, reading));
         };
         if sql.len() > MAX_CACHED_TEXT_LEN {
-            return Arc::new(analyze(sql));
+            return Arc::new(analyze_read(sql, reading));
         }
-        let key = cache_key(sql);
+        let key = cache_key(sql, reading);
         if let Some(entry) = lock(entries).get(key.as_slice()) {
             if *entry.source == *sql {
                 return Arc::clone(&entry.analysis);
@@ -110,7 +119,7 @@ impl AnalysisCache {
                 return Arc::new(with_text(&entry.analysis, sql));
             }
         }
-        let analysis = Arc::new(analyze(sql));
+        let analysis = Arc::new(analyze_read(sql, reading));
         let entry = Entry {
             source: sql.into(),
             literal_free: key.first() == Some(&SHAPE_KEY) && is_literal_free(sql, &analysis),
@@ -156,10 +165,16 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The key `sql` is cached under: its shape, else its exact text. Boxed
+/// The key `sql` is cached under: its shape, else its exact text, and for
+/// text whose reading matters, the exact text under its own prefix. Boxed
 /// only when inserted; a lookup borrows it.
-fn cache_key(sql: &str) -> Vec<u8> {
+fn cache_key(sql: &str, reading: Reading) -> Vec<u8> {
     let mut key = Vec::with_capacity(sql.len() + 1);
+    if reading.matters_for(sql) {
+        key.push(ESCAPED_KEY);
+        key.extend_from_slice(sql.as_bytes());
+        return key;
+    }
     key.push(SHAPE_KEY);
     if !shape_into(sql, &mut key) {
         key.clear();

@@ -48,13 +48,46 @@ pub mod fuzzing {
     }
 }
 
-pub use analyze::{analyze, function_call};
+pub use analyze::{analyze, analyze_read, function_call};
 pub use cache::{AnalysisCache, MAX_CACHED_TEXT_LEN};
 pub use refs::{column_refs, ColumnRefs};
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+/// How the server reads a backslash in a plain string literal (`'...'`):
+/// its `standard_conforming_strings` setting. The same text can hold
+/// different statements under the two readings (`'\'; DROP TABLE t; --'`
+/// is one literal where backslashes escape, and a literal, a DROP and a
+/// comment where they do not), so the analysis reads text the way the
+/// session's server will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reading {
+    /// `standard_conforming_strings = on` (the default): a backslash is an
+    /// ordinary character.
+    #[default]
+    Standard,
+    /// `standard_conforming_strings = off`: a backslash escapes, as in
+    /// `E'...'`.
+    BackslashEscapes,
+}
+
+impl Reading {
+    fn parser_options(self) -> pg_query::ParserOptions {
+        match self {
+            Reading::Standard => pg_query::ParserOptions::DEFAULT,
+            Reading::BackslashEscapes => {
+                pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS
+            }
+        }
+    }
+
+    /// Whether `sql` reads alike under both readings: it has no backslash.
+    fn matters_for(self, sql: &str) -> bool {
+        self == Reading::BackslashEscapes && sql.contains('\\')
+    }
+}
 
 /// What a statement does, coarsely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -8,6 +8,8 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
+use super::Reading;
+
 /// The names one statement refers to.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ColumnRefs {
@@ -36,9 +38,10 @@ impl ColumnRefs {
     }
 }
 
-/// The references of `sql`, one statement; `Err` when it does not parse.
-pub fn column_refs(sql: &str) -> Result<ColumnRefs, String> {
-    let parsed = pg_query::parse(sql, 0).map_err(|e| e.to_string())?;
+/// The references of `sql`, one statement read as `reading` says; `Err`
+/// when it does not parse.
+pub fn column_refs(sql: &str, reading: Reading) -> Result<ColumnRefs, String> {
+    let parsed = pg_query::parse(sql, reading.parser_options()).map_err(|e| e.to_string())?;
     let tree = serde_json::to_value(&parsed.protobuf).map_err(|e| e.to_string())?;
     let mut refs = ColumnRefs::default();
     walk(&tree, &mut refs);
@@ -119,7 +122,9 @@ mod tests {
     use super::*;
 
     fn reads_email(sql: &str) -> bool {
-        column_refs(sql).unwrap().may_read(&["email"])
+        column_refs(sql, Reading::Standard)
+            .unwrap()
+            .may_read(&["email"])
     }
 
     #[test]
@@ -155,6 +160,6 @@ mod tests {
         ] {
             assert!(reads_email(sql), "{sql}");
         }
-        assert!(column_refs("SELECT FROM WHERE").is_err());
+        assert!(column_refs("SELECT FROM WHERE", Reading::Standard).is_err());
     }
 }

@@ -1157,25 +1157,42 @@ fn cache_skips_long_texts_and_zero_capacity() {
 fn column_references_are_shared_by_texts_of_one_shape() {
     let cache = AnalysisCache::new(8);
     let first = cache
-        .column_refs("SELECT upper(email) FROM customers WHERE id = 17")
+        .column_refs(
+            "SELECT upper(email) FROM customers WHERE id = 17",
+            Reading::Standard,
+        )
         .unwrap();
     let other = cache
-        .column_refs("SELECT upper(email) FROM customers WHERE id = 42")
+        .column_refs(
+            "SELECT upper(email) FROM customers WHERE id = 42",
+            Reading::Standard,
+        )
         .unwrap();
     assert!(Arc::ptr_eq(&first, &other), "same shape, one entry");
     assert_eq!(
         *other,
-        crate::sql::column_refs("SELECT upper(email) FROM customers WHERE id = 42").unwrap()
+        crate::sql::column_refs(
+            "SELECT upper(email) FROM customers WHERE id = 42",
+            Reading::Standard
+        )
+        .unwrap()
     );
     // Another name is another shape.
     let name = cache
-        .column_refs("SELECT upper(name) FROM customers WHERE id = 42")
+        .column_refs(
+            "SELECT upper(name) FROM customers WHERE id = 42",
+            Reading::Standard,
+        )
         .unwrap();
     assert!(!Arc::ptr_eq(&first, &name));
     assert!(first.may_read(&["email"]) && !name.may_read(&["email"]));
-    assert!(cache.column_refs("SELECT FROM WHERE").is_none());
+    assert!(cache
+        .column_refs("SELECT FROM WHERE", Reading::Standard)
+        .is_none());
     let off = AnalysisCache::new(0);
-    assert!(off.column_refs("SELECT email FROM customers").is_some());
+    assert!(off
+        .column_refs("SELECT email FROM customers", Reading::Standard)
+        .is_some());
 }
 
 #[test]
@@ -1501,4 +1518,56 @@ fn statement_texts_after_multibyte_characters() {
     };
     let texts: Vec<&str> = statements.iter().map(|s| s.text.as_str()).collect();
     assert_eq!(texts, ["SELECT 'ü€'", "SELECT 'ß' AS \"ä\""]);
+}
+
+/// One text, two statement lists: where backslashes escape (the server's
+/// `standard_conforming_strings = off`) the quote after one does not end
+/// the literal. The analysis reads the text as the session's server will,
+/// and the cache never answers one reading with the other's analysis.
+#[test]
+fn backslashes_in_plain_literals_are_read_as_the_server_reads_them() {
+    let hidden = "SELECT 'a\\''; SELECT value FROM secrets; --'";
+    let read = |analysis: &Analysis| -> Vec<Vec<String>> {
+        let Analysis::Parsed { statements } = analysis else {
+            panic!("{hidden:?} did not parse: {analysis:?}");
+        };
+        statements
+            .iter()
+            .map(|s| s.tables_read.iter().map(show).collect())
+            .collect()
+    };
+    let standard = analyze_read(hidden, Reading::Standard);
+    let escapes = analyze_read(hidden, Reading::BackslashEscapes);
+    assert_eq!(read(&standard), [Vec::<String>::new()], "one literal");
+    assert_eq!(read(&escapes), [vec![], vec!["secrets".to_owned()]]);
+
+    let cache = AnalysisCache::new(16);
+    for _ in 0..2 {
+        assert_eq!(read(&cache.analyze(hidden)), read(&standard));
+        assert_eq!(
+            read(&cache.analyze_read(hidden, Reading::BackslashEscapes)),
+            read(&escapes)
+        );
+    }
+    // Without a backslash the readings agree and share an entry.
+    let plain = "SELECT 'a'";
+    let first = cache.analyze_read(plain, Reading::BackslashEscapes);
+    assert!(Arc::ptr_eq(&first, &cache.analyze(plain)));
+
+    // Text that ends inside a literal under one reading only.
+    let open = "SELECT 'a\\'";
+    assert!(matches!(
+        analyze_read(open, Reading::Standard),
+        Analysis::Parsed { .. }
+    ));
+    assert!(matches!(
+        analyze_read(open, Reading::BackslashEscapes),
+        Analysis::Unparsable { .. }
+    ));
+
+    // Column references (masking) follow the same reading.
+    let masked = "SELECT 'x\\'', email FROM customers --'";
+    let refs = |reading| column_refs(masked, reading).map(|r| r.columns.contains("email"));
+    assert_eq!(refs(Reading::BackslashEscapes), Ok(true));
+    assert_eq!(refs(Reading::Standard), Ok(false));
 }

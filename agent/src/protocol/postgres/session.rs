@@ -97,7 +97,7 @@ use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::identity::ProcessIdentity;
 use crate::policy::{most_restrictive, Action, Decision, DecisionMemo};
 use crate::protocol::{current_policy, SessionContext};
-use crate::sql::Analysis;
+use crate::sql::{Analysis, Reading as LiteralReading};
 
 /// Largest Query, Parse or FunctionCall the proxy buffers to analyse (the
 /// length field's value). PostgreSQL accepts up to 1 GiB; statements that
@@ -185,8 +185,8 @@ struct Shared {
     /// statement text is read as UTF-8, converted from LATIN1, or (another
     /// encoding) refused as unparsable when it is not ASCII.
     client_encoding: AtomicU8,
-    /// `standard_conforming_strings` is off: backslashes in literals are
-    /// escapes the analysis does not model, so text with one is refused.
+    /// `standard_conforming_strings` is off: backslashes in plain literals
+    /// are escapes, and the analysis reads them so.
     backslash_escapes: AtomicBool,
     /// `tollgate_deny_<nonce>_`: the marker of substituted statements.
     marker: String,
@@ -1787,7 +1787,8 @@ impl ClientSide<'_> {
             // A computed field is masked, with the strictest method of the
             // rules whose columns the statement's expressions may read (all
             // of them when its text cannot be walked).
-            let refs = statement.and_then(|s| self.ctx.analysis.column_refs(&s.text));
+            let refs =
+                statement.and_then(|s| self.ctx.analysis.column_refs(&s.text, self.text_reading()));
             let computed = decision
                 .mask_rules()
                 .filter(|rule| {
@@ -2069,7 +2070,7 @@ impl ClientSide<'_> {
         let Some(query) = prepared::prepared_query_text(&statement.text) else {
             return whole();
         };
-        let analysis = self.ctx.analysis.analyze(query);
+        let analysis = self.ctx.analysis.analyze_read(query, self.text_reading());
         match &*analysis {
             Analysis::Parsed { statements } if statements.len() == 1 => Decided {
                 text: Arc::from(query),
@@ -2376,14 +2377,18 @@ impl ClientSide<'_> {
                 "client_encoding is neither UTF8 nor LATIN1 and the text is not ASCII; the analysis reads UTF-8 and LATIN1 only",
             );
         }
-        if self.shared.backslash_escapes.load(Ordering::Relaxed) && text.contains('\\') {
-            return unparsable(
-                text,
-                "standard_conforming_strings is off and the text contains a backslash; the analysis reads standard strings only",
-            );
-        }
-        let analysis = self.ctx.analysis.analyze(&text);
+        let analysis = self.ctx.analysis.analyze_read(&text, self.text_reading());
         (text, analysis)
+    }
+
+    /// How the server reads backslashes in plain literals now, as it last
+    /// reported (a change in flight makes later text wait: `reading.rs`).
+    fn text_reading(&self) -> LiteralReading {
+        if self.shared.backslash_escapes.load(Ordering::Relaxed) {
+            LiteralReading::BackslashEscapes
+        } else {
+            LiteralReading::Standard
+        }
     }
 
     /// One Statement event per decided statement.
@@ -3121,10 +3126,6 @@ impl UpstreamSide<'_> {
                 "standard_conforming_strings" => {
                     let off = value.eq_ignore_ascii_case("off");
                     self.shared.backslash_escapes.store(off, Ordering::Relaxed);
-                    if off {
-                        tracing::warn!(session = %self.ctx.id,
-                            "standard_conforming_strings is off: statements containing a backslash are refused as unparsable");
-                    }
                 }
                 _ => {}
             },
