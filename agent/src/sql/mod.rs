@@ -74,7 +74,7 @@ pub enum Reading {
 }
 
 impl Reading {
-    fn parser_options(self) -> pg_query::ParserOptions {
+    pub(crate) fn parser_options(self) -> pg_query::ParserOptions {
         match self {
             Reading::Standard => pg_query::ParserOptions::DEFAULT,
             Reading::BackslashEscapes => {
