@@ -1,0 +1,433 @@
+//! The masking flow: the client side plans a lookup in front of a masked
+//! statement (or batch), and the upstream side reads the lookup's answer
+//! and masks the rows of the client's results (see [`super::super::mask`]).
+
+use super::*;
+
+/// Why a `mask` statement in a pipelined extended-protocol batch is
+/// refused (a whole client message, see [`ClientSide::join_batch`]).
+const MASK_PIPELINED: &str = "tollgate: a statement that requires masking was sent through the extended query protocol while earlier messages were still unanswered (pipelining); masking needs it at the start of a batch, after the answer to the previous Sync; refused";
+
+impl ClientSide<'_> {
+    /// A message with statements a `mask` rule applies to: in a fresh
+    /// Query or Parse (`unmaskable` is `None`) whose masked statements are
+    /// all queries that write nothing, the plan for its answer is kept in
+    /// `mask_plan`; anything else is refused, saying why (`label` names an
+    /// `EXECUTE`).
+    pub(super) fn plan_mask(
+        &self,
+        decisions: &[Decision],
+        analysis: &Analysis,
+        label: Option<&str>,
+        unmaskable: Option<&'static str>,
+    ) -> Option<String> {
+        let statements = match analysis {
+            Analysis::Parsed { statements } => statements.as_slice(),
+            Analysis::Unparsable { .. } => &[],
+        };
+        let mut plan = MaskPlan {
+            rules: Vec::new(),
+            statements: Vec::with_capacity(decisions.len()),
+            relations: Vec::new(),
+            only_first: decisions.iter().skip(1).all(|d| d.action != Action::Mask),
+        };
+        for (i, decision) in decisions.iter().enumerate() {
+            if decision.action != Action::Mask {
+                plan.statements.push(None);
+                continue;
+            }
+            let statement = statements.get(i);
+            let command = label
+                .or(statement.map(|s| &*s.command))
+                .unwrap_or(UNPARSABLE_COMMAND);
+            let why = decision
+                .mask_obstacle(statement)
+                .or(unmaskable.map(std::borrow::Cow::Borrowed));
+            if let Some(why) = why {
+                return Some(decision.mask_refused_message(command, &why));
+            }
+            for table in statement.iter().flat_map(|s| &s.tables_read) {
+                if !plan.relations.contains(table) {
+                    plan.relations.push(table.clone());
+                }
+            }
+            for rule in decision
+                .matched
+                .iter()
+                .filter(|r| r.action == Action::Mask)
+                .filter_map(|r| r.mask.as_ref())
+            {
+                if !plan.rules.iter().any(|known| Arc::ptr_eq(known, rule)) {
+                    plan.rules.push(Arc::clone(rule));
+                }
+            }
+            // A computed field is masked, with the strictest method of the
+            // rules whose columns the statement's expressions may read (all
+            // of them when its text cannot be walked).
+            let refs = statement
+                .and_then(|s| self.ctx.analysis.column_refs(&s.text, self.text_reading()));
+            let computed = decision
+                .mask_rules()
+                .filter(|rule| {
+                    let names: Vec<&str> = rule.columns.iter().map(|c| &*c.column).collect();
+                    refs.as_ref().is_none_or(|r| r.may_read(&names))
+                })
+                .map(|rule| rule.with)
+                .max();
+            plan.statements.push(computed);
+        }
+        *self.mask_plan.borrow_mut() = Some(plan);
+        None
+    }
+
+    /// Replaces the Query `body` in `out` by the same text with the masking
+    /// lookup of `mask_plan` in front.
+    pub(super) fn masked_query(&mut self, body: &[u8]) {
+        let Some(plan) = self.mask_plan.get_mut().take() else {
+            return;
+        };
+        let text = body.strip_suffix(&[0]).unwrap_or(body);
+        // This Query is counted in `in_flight` already.
+        let alone = !self.extended_open.get() && self.shared.in_flight.load(Ordering::Relaxed) == 1;
+        let lookup = self.shared.register_mask(plan, alone);
+        self.out.clear();
+        let mut w = MessageWriter::new(&mut self.out, frontend::tag::QUERY);
+        w.put_bytes(lookup.as_bytes()).put_cstr_bytes(text);
+        w.finish();
+        tracing::debug!(session = %self.ctx.id, "a masked Query: the masking lookup goes in front of it");
+    }
+
+    /// A message of an extended-protocol statement a `mask` rule applies
+    /// to (`plan`): it joins the open masked batch if that batch's lookup
+    /// covers it, or opens one when nothing is in flight (the lookup goes
+    /// into `prefix`, in front of the message); `Some(message)` refuses it.
+    pub(super) fn join_batch(&self, plan: &Arc<MaskPlan>) -> Option<String> {
+        if self.batch_open.get() {
+            let batch = self.shared.batch();
+            let covered = batch.as_ref().is_some_and(|b| {
+                let known = b.plan();
+                let tables = known.table_names();
+                plan.relations
+                    .iter()
+                    .all(|r| tables.contains(&r.name.as_str()))
+                    && plan
+                        .rules
+                        .iter()
+                        .all(|r| known.rules.iter().any(|k| Arc::ptr_eq(k, r)))
+            });
+            return (!covered).then(|| MASK_PIPELINED.to_owned());
+        }
+        if self.extended_open.get() || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
+            return Some(MASK_PIPELINED.to_owned());
+        }
+        let n = self.shared.next_mask.fetch_add(1, Ordering::Relaxed);
+        // Messages of the batch may run between the lookup and a masked
+        // statement's parse (a `SET search_path`, another Bind): every schema.
+        let sql = plan.lookup_sql(
+            &format!("{}{n}", self.shared.mask_marker),
+            LookupScope::EverySchema,
+        );
+        let mut prefix = self.prefix.borrow_mut();
+        prefix.clear();
+        let mut w = MessageWriter::new(&mut prefix, frontend::tag::QUERY);
+        w.put_cstr(&sql);
+        w.finish();
+        *self.shared.batch() = Some(ExtendedBatch::new(Arc::clone(plan)));
+        self.shared.batch_active.store(true, Ordering::Relaxed);
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.batch_open.set(true);
+        tracing::debug!(session = %self.ctx.id, "a masked batch: the masking lookup goes in front of it");
+        None
+    }
+
+    /// Replaces the message (`len` bytes of `data`) by `prefix` and itself.
+    pub(super) fn prefixed(&mut self, data: &[u8], len: usize) {
+        self.out.clear();
+        self.out.append(self.prefix.get_mut());
+        self.out
+            .extend_from_slice(data.get(..len).unwrap_or_default());
+    }
+}
+
+/// Whether `known` masks everything `needed` does: its relations, its
+/// rules, and each statement's computed fields as strictly.
+pub(super) fn covers(known: &MaskPlan, needed: &MaskPlan) -> bool {
+    needed.relations.iter().all(|r| known.relations.contains(r))
+        && needed
+            .rules
+            .iter()
+            .all(|r| known.rules.iter().any(|k| Arc::ptr_eq(k, r)))
+        && needed.statements.iter().enumerate().all(|(i, method)| {
+            method.is_none() || known.statements.get(i).copied().flatten() >= *method
+        })
+}
+
+/// Adds the masking of a statement run by an `EXECUTE` (`executed`, the
+/// plan of its own text) to `plan`, the plan of a text of `n` statements,
+/// at the `EXECUTE`'s place `at`.
+pub(super) fn merge_executed_plan(
+    plan: &mut Option<MaskPlan>,
+    n: usize,
+    at: usize,
+    executed: MaskPlan,
+) {
+    let plan = plan.get_or_insert_with(|| MaskPlan {
+        rules: Vec::new(),
+        statements: vec![None; n],
+        relations: Vec::new(),
+        only_first: false,
+    });
+    if let Some(slot) = plan.statements.get_mut(at) {
+        let executed_method = executed.statements.iter().copied().max().flatten();
+        *slot = (*slot).max(executed_method);
+    }
+    for relation in executed.relations {
+        if !plan.relations.contains(&relation) {
+            plan.relations.push(relation);
+        }
+    }
+    for rule in executed.rules {
+        if !plan.rules.iter().any(|known| Arc::ptr_eq(known, &rule)) {
+            plan.rules.push(rule);
+        }
+    }
+    // The statement was prepared earlier, its relations resolved on the
+    // search path of then: the lookup searches every schema.
+    plan.only_first = false;
+}
+
+impl UpstreamSide<'_> {
+    /// A message while a masked Query may be answered (see [`super::super::mask`]):
+    /// the lookup's messages are dropped, its rows resolve the masked
+    /// columns, and the rows of the client's results are masked. `None`
+    /// leaves the message to the usual handling.
+    pub(super) fn mask_step(
+        &mut self,
+        header: FrameHeader,
+        data: &[u8],
+    ) -> Result<Option<Step>, Stop> {
+        use backend::tag::*;
+        let whole = match header.tag {
+            ROW_DESCRIPTION | COMMAND_COMPLETE | ERROR_RESPONSE => true,
+            DATA_ROW => self
+                .masked
+                .as_ref()
+                .is_some_and(|m| m.in_lookup() || m.rows().is_some()),
+            READY_FOR_QUERY | EMPTY_QUERY_RESPONSE => {
+                if header.tag == READY_FOR_QUERY {
+                    if let Some(done) = self.masked.take() {
+                        tracing::debug!(session = %self.ctx.id, columns = done.resolved(), "answer to a masked Query ends");
+                    }
+                } else if let Some(masked) = &mut self.masked {
+                    masked.statement_done();
+                }
+                return Ok(None);
+            }
+            _ => false,
+        };
+        if !whole {
+            return Ok(None);
+        }
+        if header.len > MAX_INSPECTED_MESSAGE {
+            // Rows whose fields the proxy cannot read must not pass.
+            if self.masked.is_some() && matches!(header.tag, DATA_ROW | ROW_DESCRIPTION) {
+                return Err(masked_too_large(header.len));
+            }
+            return Ok(None);
+        }
+        let Some(body) = header.body(data) else {
+            return Ok(Some(Step::Need(header.len)));
+        };
+        let drop_it = Step::Replace(header.len);
+        self.out.clear();
+        match header.tag {
+            ROW_DESCRIPTION => {
+                if let Some(masked) = self.masked.as_mut().filter(|m| !m.in_lookup()) {
+                    masked.row_description(body).map_err(upstream_fault)?;
+                    return Ok(None);
+                }
+                let first = match backend::decode_backend(ROW_DESCRIPTION, body) {
+                    Ok(BackendMessage::RowDescription(fields)) => fields.first().map(|f| f.name),
+                    _ => None,
+                };
+                if let Some((plan, shift)) = first.and_then(|name| self.shared.mask_for(name)) {
+                    self.masked = Some(MaskedAnswer::new(plan, shift));
+                    return Ok(Some(drop_it));
+                }
+                Ok(None)
+            }
+            DATA_ROW => {
+                let Some(masked) = self.masked.as_mut() else {
+                    return Ok(None);
+                };
+                if masked.in_lookup() {
+                    masked.lookup_row(body).map_err(upstream_fault)?;
+                    return Ok(Some(drop_it));
+                }
+                let Some(masks) = masked.rows() else {
+                    return Ok(None);
+                };
+                mask_row(self.ctx, body, masks, &mut self.out)?;
+                Ok(Some(Step::Replace(header.len)))
+            }
+            COMMAND_COMPLETE => {
+                let Some(masked) = self.masked.as_mut() else {
+                    return Ok(None);
+                };
+                let lookup = masked.in_lookup();
+                masked.statement_done();
+                Ok(lookup.then_some(drop_it))
+            }
+            _ => {
+                let Some(masked) = self.masked.as_ref().filter(|m| !m.in_lookup()) else {
+                    return Ok(None);
+                };
+                if self.shared.is_denial(body) {
+                    // A refusal's substitute: left to the usual handling.
+                    return Ok(None);
+                }
+                Ok(masking::answer_error(body, masked.shift(), &mut self.out)
+                    .then_some(Step::Replace(header.len)))
+            }
+        }
+    }
+
+    /// The first CommandComplete, ErrorResponse or RowDescription of the
+    /// answer to a Query using the prepared lookup: the `PREPARE`'s
+    /// CommandComplete is dropped, an error tells the lookup whether its
+    /// statement may still exist, and the RowDescription (the lookup's) is
+    /// left to [`UpstreamSide::mask_step`].
+    pub(super) fn prepared_lookup_step(
+        &mut self,
+        header: FrameHeader,
+        data: &[u8],
+    ) -> Result<Option<Step>, Stop> {
+        use backend::tag::*;
+        if header.tag == ROW_DESCRIPTION || header.len > MAX_INSPECTED_MESSAGE {
+            self.shared.lookup_pending.store(false, Ordering::Relaxed);
+            return Ok(None);
+        }
+        let Some(body) = header.body(data) else {
+            return Ok(Some(Step::Need(header.len)));
+        };
+        if header.tag == COMMAND_COMPLETE {
+            let tag = body.strip_suffix(&[0]).unwrap_or(body);
+            if self.shared.lookup().command_complete(tag) {
+                self.out.clear();
+                return Ok(Some(Step::Replace(header.len)));
+            }
+        } else if let Ok(BackendMessage::ErrorResponse(fields)) =
+            backend::decode_backend(ERROR_RESPONSE, body)
+        {
+            self.shared
+                .lookup()
+                .failed(fields.sqlstate().unwrap_or_default());
+        }
+        self.shared.lookup_pending.store(false, Ordering::Relaxed);
+        Ok(None)
+    }
+
+    /// A message while a masked extended-protocol batch is answered (see
+    /// [`super::super::mask::ExtendedBatch`]). `None` leaves it to the usual
+    /// handling.
+    pub(super) fn batch_step(
+        &mut self,
+        header: FrameHeader,
+        data: &[u8],
+    ) -> Result<Option<Step>, Stop> {
+        use backend::tag::*;
+        let mut guard = self.shared.batch();
+        let Some(batch) = guard.as_mut() else {
+            self.shared.batch_active.store(false, Ordering::Relaxed);
+            return Ok(None);
+        };
+        let body = if batch.needs_body(header.tag)
+            || matches!(header.tag, READY_FOR_QUERY | ERROR_RESPONSE)
+        {
+            if header.len > MAX_INSPECTED_MESSAGE {
+                return Err(masked_too_large(header.len));
+            }
+            match header.body(data) {
+                Some(body) => Some(body),
+                None => return Ok(Some(Step::Need(header.len))),
+            }
+        } else {
+            None
+        };
+        let disposition = batch.answer(header.tag, body).map_err(|e| {
+            masking_fault(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("masking lost track of the server's answers ({e})"),
+            )
+        })?;
+        self.out.clear();
+        let step = match disposition {
+            Disposition::Forward => {
+                if header.tag == READY_FOR_QUERY && batch.is_done() {
+                    *guard = None;
+                    self.shared.batch_active.store(false, Ordering::Relaxed);
+                }
+                match body {
+                    // An error in a masked batch may quote a masked value;
+                    // a refusal's substitute is left to the usual handling.
+                    Some(body)
+                        if header.tag == ERROR_RESPONSE
+                            && !self.shared.is_denial(body)
+                            && masking::answer_error(body, 0, &mut self.out) =>
+                    {
+                        Some(Step::Replace(header.len))
+                    }
+                    _ => None,
+                }
+            }
+            Disposition::Drop => Some(Step::Replace(header.len)),
+            Disposition::LookupDone => {
+                // The lookup's own ReadyForQuery: the client never asked for it.
+                drop(guard);
+                self.answered();
+                Some(Step::Replace(header.len))
+            }
+            Disposition::Mask => {
+                let masks = batch.row_masks().unwrap_or_default();
+                mask_row(self.ctx, body.unwrap_or_default(), masks, &mut self.out)?;
+                Some(Step::Replace(header.len))
+            }
+        };
+        Ok(step)
+    }
+}
+
+/// Writes the DataRow `body` masked by `masks` into `out`, counting the
+/// values masked.
+fn mask_row(
+    ctx: &SessionContext,
+    body: &[u8],
+    masks: &[crate::masking::FieldMask],
+    out: &mut Vec<u8>,
+) -> Result<(), Stop> {
+    let masked = masking::mask_data_row(body, masks, out).map_err(upstream_fault)?;
+    ctx.target_metrics
+        .masked_values
+        .fetch_add(masked, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Ends the session rather than let a row pass unmasked: `what` went wrong.
+fn masking_fault(sqlstate: &'static str, what: String) -> Stop {
+    let message = format!(
+        "tollgate: {what}; the session is closed so that nothing unmasked reaches the client"
+    );
+    Stop::Fatal {
+        sqlstate,
+        reason: CloseReason::UpstreamError(message.clone()),
+        message,
+    }
+}
+
+/// A masked result's message too large to read whole.
+fn masked_too_large(len: usize) -> Stop {
+    masking_fault(
+        PROGRAM_LIMIT_EXCEEDED,
+        format!("a message of a masked result has {len} bytes, more than the {MAX_INSPECTED_MESSAGE} bytes the proxy masks"),
+    )
+}
