@@ -43,7 +43,8 @@ const PSQL_DENIED: &str =
 /// `connect: ok` or `connect: <errno name>`, then what became of SQL on that
 /// connection: `query: ok <rows>`, `query: error <SQLSTATE>`, or how the
 /// connection ended. Modes: `plain`, `nonblocking`, `bind` (to source
-/// address EXTRA and a port chosen first), `mptcp`, `fastopen-sendto`
+/// address EXTRA and a port chosen first), `mptcp` (`connect: unsupported
+/// <errno>` where the kernel has none), `fastopen-sendto`
 /// (`sendto` with `MSG_FASTOPEN`, the start-up packet in the SYN),
 /// `fastopen-connect` (`TCP_FASTOPEN_CONNECT`), `pass-fd` (connect, then
 /// hand the socket over the Unix socket EXTRA) and `receive-fd` (listen on
@@ -107,7 +108,13 @@ def converse(s, sql, startup_sent):
 def connect(how, host, port, extra):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     proto = 262 if how == "mptcp" else 0  # IPPROTO_MPTCP
-    s = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        s = socket.socket(family, socket.SOCK_STREAM, proto)
+    except OSError as e:
+        if how == "mptcp" and e.errno in (errno.EPROTONOSUPPORT, errno.EINVAL, errno.ENOPROTOOPT):
+            print("connect: unsupported " + name(e))
+            sys.exit(0)
+        raise
     if how == "bind":
         probe = socket.socket(family, socket.SOCK_STREAM)
         probe.bind((extra, 0))
@@ -434,15 +441,18 @@ fn nonblocking_bound_and_mptcp_connects_of_nobody_are_redirected_and_decided_by_
     let s = Suite::start();
     let port = s.pg.port.to_string();
     let (v4, v6) = (s.addrs.v4.to_string(), s.addrs.v6.to_string());
-    let mptcp =
-        std::fs::read_to_string("/proc/sys/net/mptcp/enabled").is_ok_and(|v| v.trim() == "1");
-    if !mptcp {
-        eprintln!("MPTCP is not enabled in this kernel (net.mptcp.enabled): its case is left out");
+    // The kernel says whether it has MPTCP when asked for such a socket.
+    let probe = s.attack(None, &["mptcp", "127.0.0.1", "1", "-"]);
+    let mptcp_available = probe == ["connect: ECONNREFUSED"];
+    if !mptcp_available {
+        assert!(probe[0].starts_with("connect: unsupported "), "{probe:?}");
+        eprintln!("MPTCP case left out: socket(IPPROTO_MPTCP) says {probe:?}");
     }
+    let (unlisted, unlisted_port) = s.unlisted_listener();
     let mut allowed = 0;
     for (mode, cgroup) in s.governed() {
         for how in ["plain", "nonblocking", "bind", "mptcp"] {
-            if how == "mptcp" && !mptcp {
+            if how == "mptcp" && !mptcp_available {
                 continue;
             }
             for host in [&v4, &v6] {
@@ -466,8 +476,14 @@ fn nonblocking_bound_and_mptcp_connects_of_nobody_are_redirected_and_decided_by_
                 s.assert_ran(&marker);
                 allowed += 1;
             }
+            if mode == "deny" {
+                let v4 = v4.as_str();
+                let refused = s.attack(Some(cgroup), &[how, v4, &unlisted_port, DENIED, v4]);
+                assert_eq!(refused, ["connect: EPERM"], "{how} to an unlisted port");
+            }
         }
     }
+    assert_nothing_accepted(&unlisted);
     assert_eq!(s.redirected_from_nobody(), 2 * allowed);
     s.assert_never_reached();
 }
@@ -479,36 +495,55 @@ fn io_uring_connects_of_nobody_are_redirected_and_decided_by_policy() {
     let probe = env!("CARGO_BIN_EXE_uring-connect");
     let port = s.pg.port.to_string();
     let (v4, v6) = (s.addrs.v4.to_string(), s.addrs.v6.to_string());
+    let (unlisted, unlisted_port) = s.unlisted_listener();
     let mut allowed = 0;
     for (mode, cgroup) in s.governed() {
         for how in ["plain", "async", "sqpoll"] {
-            for host in [&v4, &v6] {
-                let case = format!("io_uring {how} to {host}");
-                let run = |sql: &str| {
+            for socket_by in ["syscall", "ring"] {
+                let run = |host: &str, port: &str, sql: &str| {
                     let out = s
-                        .nobody(Some(cgroup), &[probe, how, host, &port, sql])
+                        .nobody(Some(cgroup), &[probe, how, socket_by, host, port, sql])
                         .output()
                         .unwrap();
-                    assert!(out.status.success(), "{case} from {mode}: {out:?}");
+                    assert!(
+                        out.status.success(),
+                        "{how} {socket_by} from {mode}: {out:?}"
+                    );
                     lines(&out)
                 };
-                assert_eq!(
-                    run(DENIED),
-                    ["connect: ok", "query: error 42501"],
-                    "{case} from {mode}"
-                );
-                let marker = marker(&case, mode);
-                assert_eq!(
-                    run(&format!("select '{marker}'")),
-                    ["connect: ok".to_string(), format!("query: ok {marker}")]
-                );
-                s.assert_ran(&marker);
-                allowed += 1;
+                for host in [&v4, &v6] {
+                    let case = format!("io_uring {how} ({socket_by} socket) to {host}");
+                    assert_eq!(
+                        run(host, &port, DENIED),
+                        ["connect: ok", "query: error 42501"],
+                        "{case} from {mode}"
+                    );
+                    let marker = marker(&case, mode);
+                    assert_eq!(
+                        run(host, &port, &format!("select '{marker}'")),
+                        ["connect: ok".to_string(), format!("query: ok {marker}")]
+                    );
+                    s.assert_ran(&marker);
+                    allowed += 1;
+                }
+                if mode == "deny" {
+                    let refused = run(&v4, &unlisted_port, DENIED);
+                    assert_eq!(refused, ["connect: EPERM"], "{how} {socket_by}, unlisted");
+                }
             }
         }
     }
+    assert_nothing_accepted(&unlisted);
     assert_eq!(s.redirected_from_nobody(), 2 * allowed);
     s.assert_never_reached();
+}
+
+/// Nobody connected to `listener` (made by [`Suite::unlisted_listener`]).
+fn assert_nothing_accepted(listener: &std::net::TcpListener) {
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("an unlisted destination was reached: {other:?}"),
+    }
 }
 
 #[test]
@@ -579,6 +614,15 @@ fn a_new_network_namespace_reaches_nothing() {
 }
 
 impl Suite {
+    /// A listener on the test's IPv4 address and a port no target names
+    /// (non-blocking, for [`assert_nothing_accepted`]), and that port.
+    fn unlisted_listener(&self) -> (std::net::TcpListener, String) {
+        let listener = std::net::TcpListener::bind((self.addrs.v4, 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port().to_string();
+        (listener, port)
+    }
+
     /// A new directory in the test's, owned by nobody.
     fn nobodys_dir(&self, name: &str) -> PathBuf {
         let dir = self.dir.path().join(name);
@@ -761,7 +805,7 @@ fn a_killed_agent_fails_closed_for_nobody_and_a_restarted_one_decides_by_policy_
             assert_eq!(got, ["connect: ECONNREFUSED"], "{how} from {mode}");
         }
         let out = s
-            .nobody(Some(cgroup), &[uring, "async", &v4, &port, DENIED])
+            .nobody(Some(cgroup), &[uring, "async", "ring", &v4, &port, DENIED])
             .output()
             .unwrap();
         assert_eq!(

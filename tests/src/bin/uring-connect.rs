@@ -1,4 +1,4 @@
-//! `uring-connect MODE HOST PORT SQL`: connects to HOST:PORT with an
+//! `uring-connect MODE SOCKET HOST PORT SQL`: connects to HOST:PORT with an
 //! io_uring `IORING_OP_CONNECT` instead of `connect(2)`, then starts a
 //! PostgreSQL session on that socket and runs SQL, for tests that check the
 //! redirect's connect hooks see connections made this way too.
@@ -7,6 +7,8 @@
 //! submitting thread when it can), `async` (`IOSQE_ASYNC`: always by an
 //! io-wq worker thread) or `sqpoll` (`IORING_SETUP_SQPOLL`: the kernel's
 //! polling thread submits it, with no `io_uring_enter` from us at all).
+//! SOCKET is how the socket is made: `syscall` (`socket(2)`) or `ring`
+//! (`IORING_OP_SOCKET`, in the same MODE).
 //!
 //! It prints one line `connect: ok` or `connect: <errno name>`, then, after
 //! a connect, `query: ok <rows>` or `query: error <SQLSTATE>`. The exit
@@ -95,10 +97,39 @@ fn errno_name(errno: i32) -> String {
     }
 }
 
-/// Creates a TCP socket and connects it through io_uring; the socket, or
-/// the connect's errno.
+/// Submits one entry (with `IOSQE_ASYNC` in that mode) and waits for its
+/// completion: the operation's result (a negative errno on failure).
 #[allow(unsafe_code)]
-fn connect_via_uring(mode: Mode, addr: SocketAddr) -> Result<Result<OwnedFd, i32>, String> {
+fn run_one(ring: &mut IoUring, mode: Mode, entry: squeue::Entry) -> Result<i32, String> {
+    let entry = if mode == Mode::Async {
+        entry.flags(squeue::Flags::ASYNC)
+    } else {
+        entry
+    };
+    // SAFETY: whatever the entry points at (an address, a descriptor) is
+    // kept alive by the caller until this returns, after the completion.
+    unsafe {
+        ring.submission()
+            .push(&entry)
+            .map_err(|e| format!("queueing an entry: {e}"))?;
+    }
+    ring.submit_and_wait(1)
+        .map_err(|e| format!("io_uring_enter: {e}"))?;
+    ring.completion()
+        .next()
+        .map(|c| c.result())
+        .ok_or_else(|| "no completion".to_string())
+}
+
+/// Creates a TCP socket (by `socket(2)`, or by `IORING_OP_SOCKET` when
+/// `socket_by_ring`) and connects it through io_uring; the socket, or the
+/// connect's errno.
+#[allow(unsafe_code)]
+fn connect_via_uring(
+    mode: Mode,
+    socket_by_ring: bool,
+    addr: SocketAddr,
+) -> Result<Result<OwnedFd, i32>, String> {
     let mut builder = IoUring::<squeue::Entry, cqueue::Entry>::builder();
     if mode == Mode::SqPoll {
         builder.setup_sqpoll(1000);
@@ -108,37 +139,30 @@ fn connect_via_uring(mode: Mode, addr: SocketAddr) -> Result<Result<OwnedFd, i32
         .map_err(|e| format!("io_uring_setup ({}): {e}", mode_name(mode)))?;
 
     let raw = RawAddress::new(addr);
-    // SAFETY: socket(2) takes no pointers; a non-negative result is a new
-    // descriptor that nothing else owns.
-    let fd = unsafe { libc::socket(raw.family(), libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(format!("socket: {}", std::io::Error::last_os_error()));
-    }
+    let socket_type = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
+    let fd = if socket_by_ring {
+        let made = opcode::Socket::new(raw.family(), socket_type, 0).build();
+        let fd = run_one(&mut ring, mode, made)?;
+        if fd < 0 {
+            return Err(format!("IORING_OP_SOCKET: {}", errno_name(-fd)));
+        }
+        fd
+    } else {
+        // SAFETY: socket(2) takes no pointers.
+        let fd = unsafe { libc::socket(raw.family(), socket_type, 0) };
+        if fd < 0 {
+            return Err(format!("socket: {}", std::io::Error::last_os_error()));
+        }
+        fd
+    };
     // SAFETY: `fd` was just created above and is owned only here.
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
 
     let (ptr, len) = raw.as_ptr();
-    let mut entry = opcode::Connect::new(types::Fd(fd), ptr, len)
-        .build()
-        .user_data(1);
-    if mode == Mode::Async {
-        entry = entry.flags(squeue::Flags::ASYNC);
-    }
-    // SAFETY: the entry points at `raw`, which outlives the ring's use of it
-    // (we wait for the completion below before either is dropped), and at
-    // `fd`, which `socket` keeps open.
-    unsafe {
-        ring.submission()
-            .push(&entry)
-            .map_err(|e| format!("queueing the connect: {e}"))?;
-    }
-    ring.submit_and_wait(1)
-        .map_err(|e| format!("io_uring_enter: {e}"))?;
-    let completion = ring
-        .completion()
-        .next()
-        .ok_or("no completion for the connect")?;
-    let result = completion.result();
+    let connect = opcode::Connect::new(types::Fd(fd), ptr, len).build();
+    // `raw` and `socket` outlive the ring's use of them: run_one returns
+    // after the completion.
+    let result = run_one(&mut ring, mode, connect)?;
     drop(ring);
     Ok(if result < 0 { Err(-result) } else { Ok(socket) })
 }
@@ -153,9 +177,17 @@ fn mode_name(mode: Mode) -> &'static str {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let [_, mode, host, port, sql] = args.as_slice() else {
-        eprintln!("usage: uring-connect plain|async|sqpoll HOST PORT SQL");
+    let [_, mode, socket_by, host, port, sql] = args.as_slice() else {
+        eprintln!("usage: uring-connect plain|async|sqpoll syscall|ring HOST PORT SQL");
         return ExitCode::from(2);
+    };
+    let socket_by_ring = match socket_by.as_str() {
+        "syscall" => false,
+        "ring" => true,
+        other => {
+            eprintln!("unknown way to make the socket {other}");
+            return ExitCode::from(2);
+        }
     };
     let mode = match mode.as_str() {
         "plain" => Mode::Plain,
@@ -170,7 +202,7 @@ fn main() -> ExitCode {
         eprintln!("HOST must be an IP address and PORT a port");
         return ExitCode::from(2);
     };
-    let socket = match connect_via_uring(mode, SocketAddr::new(ip, port)) {
+    let socket = match connect_via_uring(mode, socket_by_ring, SocketAddr::new(ip, port)) {
         Err(setup) => {
             println!("setup: {setup}");
             return ExitCode::from(2);
