@@ -24,14 +24,6 @@ macro_rules! require_ebpf {
 
 const NOBODY: u32 = 65534;
 
-fn cgroup_mount() -> &'static Path {
-    if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
-        Path::new("/sys/fs/cgroup/unified")
-    } else {
-        Path::new("/sys/fs/cgroup")
-    }
-}
-
 /// The value of `key = "..."` in a configuration text.
 fn setting(config: &str, key: &str) -> PathBuf {
     let prefix = format!("{key} = \"");
@@ -519,17 +511,6 @@ fn exec_from_a_deny_mode_cgroup_stays_denied_and_from_pass_mode_works_as_before(
 
     drop(agent);
     cleanup_redirect(&keep);
-}
-
-/// Empty directories (cgroups) removed in order on drop.
-struct RemovedOnDrop(Vec<PathBuf>);
-
-impl Drop for RemovedOnDrop {
-    fn drop(&mut self) {
-        for dir in &self.0 {
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
 }
 
 /// The upgrade path (stop, `tollgate detach`, start the new binary) leaves

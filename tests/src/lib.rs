@@ -819,6 +819,27 @@ pub fn redirect_section(dir: &Path, unlisted: &str) -> String {
     )
 }
 
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup/unified` on hybrid hosts,
+/// `/sys/fs/cgroup` otherwise.
+pub fn cgroup_mount() -> &'static Path {
+    if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+        Path::new("/sys/fs/cgroup/unified")
+    } else {
+        Path::new("/sys/fs/cgroup")
+    }
+}
+
+/// Empty directories (cgroups) removed in order on drop.
+pub struct RemovedOnDrop(pub Vec<PathBuf>);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
 /// Removes a test agent's pins, pin directory and exec cgroup (after the
 /// agent stopped).
 pub fn cleanup_redirect(config: &Path) {
@@ -841,12 +862,7 @@ pub fn cleanup_redirect(config: &Path) {
         .find_map(|l| l.strip_prefix("exec_cgroup = \""))
         .map(|l| l.trim_end_matches('"'))
     {
-        let mount = if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
-            "/sys/fs/cgroup/unified"
-        } else {
-            "/sys/fs/cgroup"
-        };
-        let root = Path::new(mount).join(cg);
+        let root = cgroup_mount().join(cg);
         if let Ok(entries) = fs::read_dir(&root) {
             for e in entries.flatten() {
                 if e.path().is_dir() {

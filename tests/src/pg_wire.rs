@@ -117,7 +117,12 @@ pub struct RawSession {
 impl RawSession {
     /// Connects, starts a session and reads up to the first ReadyForQuery.
     pub fn start(addr: impl ToSocketAddrs) -> RawSession {
-        let mut s = TcpStream::connect(addr).expect("connecting to start a session");
+        RawSession::over(TcpStream::connect(addr).expect("connecting to start a session"))
+    }
+
+    /// Starts a session on a connection made some other way (io_uring, a
+    /// descriptor passed from another process, ...).
+    pub fn over(mut s: TcpStream) -> RawSession {
         s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         s.write_all(&startup_packet()).unwrap();
         let mut key = None;
