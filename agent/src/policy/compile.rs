@@ -15,6 +15,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::matcher::{Conditions, Rule, SqlNames, FLAG_NAMES, KIND_NAMES};
+use super::review::RawReview;
 use super::{Action, PolicyError};
 use crate::config::line_column;
 use crate::identity::CiProvider;
@@ -131,6 +132,10 @@ struct RawRule {
     except: Option<Spanned<RawMatch>>,
     mask_columns: List<String>,
     mask_with: Option<Spanned<String>>,
+    approvers: List<String>,
+    approvals: Option<Spanned<i64>>,
+    timeout: Option<Spanned<String>>,
+    grant: Option<Spanned<String>>,
 }
 
 /// The conditions of `[rule.match]` and `[rule.except]`.
@@ -843,6 +848,18 @@ pub(super) fn compile_file(path: &Path, text: &str) -> Result<CompiledFile, Vec<
             None => None,
         };
         let mask = c.mask(r, action);
+        let review = c
+            .review(
+                RawReview {
+                    approvers: &r.approvers,
+                    approvals: &r.approvals,
+                    timeout: &r.timeout,
+                    grant: &r.grant,
+                },
+                r.action.span(),
+                action.map(|a| a == Action::Review),
+            )
+            .map(Arc::new);
         if let Some(action) = action {
             rules.push((
                 Rule {
@@ -855,6 +872,7 @@ pub(super) fn compile_file(path: &Path, text: &str) -> Result<CompiledFile, Vec<
                     when,
                     except,
                     mask,
+                    review,
                 },
                 at,
             ));

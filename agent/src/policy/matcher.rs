@@ -11,7 +11,7 @@ use std::sync::Arc;
 use globset::{Candidate, GlobSet};
 use regex::RegexSet;
 
-use super::{Action, Request, Statement};
+use super::{Action, Request, ReviewSettings, Statement};
 use crate::identity::{CiContext, CiProvider, ProcessIdentity};
 use crate::masking::MaskRule;
 use crate::sql::{StatementKind, StatementSummary, TableRef};
@@ -89,6 +89,8 @@ pub(super) struct Rule {
     /// A `mask` rule's columns: it applies only to statements that read a
     /// table one of them may be in.
     pub(super) mask: Option<Arc<MaskRule>>,
+    /// A `review` rule's settings.
+    pub(super) review: Option<Arc<ReviewSettings>>,
 }
 
 impl Rule {

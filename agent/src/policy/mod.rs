@@ -52,6 +52,7 @@ mod compile;
 mod explain;
 mod matcher;
 mod memo;
+mod review;
 mod testing;
 #[cfg(test)]
 mod tests;
@@ -73,6 +74,9 @@ pub use explain::{
     check, explain, explain_analysis, CheckSummary, ExplainedStatement, Explanation,
 };
 pub use memo::DecisionMemo;
+pub use review::{
+    Approver, GrantScope, ReviewSettings, DEFAULT_REVIEW_TIMEOUT, MAX_APPROVALS, MAX_GRANT,
+};
 pub use testing::{parse_identity, run_tests, CaseResult, TestReport};
 
 /// What to do with a statement. Ordered from least to most restrictive, so
@@ -179,6 +183,9 @@ pub struct MatchedRule {
     /// A `mask` rule's columns and method.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mask: Option<Arc<MaskRule>>,
+    /// A `review` rule's approvers, approvals, timeout and grant scope.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review: Option<Arc<ReviewSettings>>,
 }
 
 /// The verdict on one statement.
@@ -640,6 +647,7 @@ impl PolicySet {
                     message: rule.message.clone(),
                     file: Arc::clone(&rule.file),
                     mask: rule.mask.clone(),
+                    review: rule.review.clone(),
                 });
                 alone = Some(&rule.reason_alone);
             }

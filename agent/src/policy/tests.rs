@@ -336,6 +336,7 @@ tables = ["secrets"]
 [[rule]]
 name = "review-deletes"
 action = "review"
+approvers = ["group:dba"]
 [rule.match]
 kinds = ["delete"]
 
@@ -669,7 +670,14 @@ fn an_allow_list_in_except_excuses_what_falls_outside() {
 #[test]
 fn unparsable_text_is_outside_every_allow_list_of_a_deny_rule_only() {
     let rule = |action: &str, table: &str, conditions: &str| {
-        format!("[[rule]]\nname = \"r\"\naction = \"{action}\"\n[{table}]\n{conditions}\n")
+        let approvers = if action == "review" {
+            "approvers = [\"group:dba\"]\n"
+        } else {
+            ""
+        };
+        format!(
+            "[[rule]]\nname = \"r\"\naction = \"{action}\"\n{approvers}[{table}]\n{conditions}\n"
+        )
     };
     #[rustfmt::skip]
     let cases: &[(String, bool)] = &[
@@ -825,6 +833,7 @@ fn client_messages() {
         message: message.map(Arc::from),
         file: "p.toml".into(),
         mask: None,
+        review: None,
     };
     let decision = |action, matched: Vec<MatchedRule>| Decision {
         action,
@@ -1519,4 +1528,85 @@ fn a_toml_error_without_words_is_worded() {
     let shown = errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>();
     assert!(errors.0.iter().all(|e| !e.message.is_empty()), "{shown:?}");
     assert!(shown[0].contains("invalid TOML here"), "{shown:?}");
+}
+
+// ---- review settings ----------------------------------------------------------
+
+fn review_rule(settings: &str) -> String {
+    format!("[[rule]]\nname = \"r\"\naction = \"review\"\n{settings}[rule.match]\nkinds = [\"delete\"]\n")
+}
+
+#[test]
+fn review_settings_compile_with_their_defaults() {
+    let decided = |text: &str| {
+        let d = decide_parsed(&set(text), "prod", &ci_identity(), &delete_all());
+        assert_eq!(d.action, Action::Review);
+        match d.deciding_rule().and_then(|r| r.review.clone()) {
+            Some(review) => (*review).clone(),
+            None => panic!("no review settings in {d:?}"),
+        }
+    };
+    let defaults = decided(&review_rule("approvers = \"group:dba\"\n"));
+    assert_eq!(
+        defaults,
+        ReviewSettings {
+            approvers: vec![Approver::UnixGroup("dba".into())],
+            approvals: 1,
+            timeout: DEFAULT_REVIEW_TIMEOUT,
+            grant: GrantScope::Statement,
+        }
+    );
+    let written = decided(&review_rule(
+        "approvers = [\"group:dba\", \"reviewers:oncall\"]\napprovals = 2\ntimeout = \"90s\"\ngrant = \"1h\"\n",
+    ));
+    assert_eq!(
+        written,
+        ReviewSettings {
+            approvers: vec![
+                Approver::UnixGroup("dba".into()),
+                Approver::Reviewers("oncall".into())
+            ],
+            approvals: 2,
+            timeout: std::time::Duration::from_secs(90),
+            grant: GrantScope::UpTo(std::time::Duration::from_secs(3600)),
+        }
+    );
+    let statement_only = decided(&review_rule(
+        "approvers = \"group:dba\"\ngrant = \"statement\"\n",
+    ));
+    assert_eq!(statement_only.grant, GrantScope::Statement);
+}
+
+#[test]
+fn review_settings_errors_point_at_the_setting() {
+    #[rustfmt::skip]
+    let cases: &[(String, &str)] = &[
+        (review_rule(""), "p.toml:3:10: a review rule needs `approvers`"),
+        (review_rule("approvers = []\n"), "p.toml:4:13: empty `approvers`"),
+        (review_rule("approvers = \"dba\"\n"), "p.toml:4:13: invalid approver \"dba\"; write \"group:NAME\""),
+        (review_rule("approvers = [\"group:dba\", \"user:bob\"]\n"), "p.toml:4:27: invalid approver \"user:bob\""),
+        (review_rule("approvers = [\"group:dba\", \"group:dba\"]\n"), "p.toml:4:27: approver \"group:dba\" is listed twice"),
+        (review_rule("approvers = \"group:\"\n"), "p.toml:4:13: invalid approver \"group:\""),
+        (review_rule("approvers = \"group:dba\"\napprovals = 0\n"), "p.toml:5:13: approvals must be between 1 and 16"),
+        (review_rule("approvers = \"group:dba\"\napprovals = 17\n"), "p.toml:5:13: approvals must be between 1 and 16"),
+        (review_rule("approvers = \"group:dba\"\ntimeout = \"1s\"\n"), "p.toml:5:11: invalid timeout \"1s\"; give a duration between 10s and 24h"),
+        (review_rule("approvers = \"group:dba\"\ntimeout = \"2d\"\n"), "p.toml:5:11: invalid timeout \"2d\""),
+        (review_rule("approvers = \"group:dba\"\ntimeout = \"soon\"\n"), "p.toml:5:11: invalid timeout \"soon\""),
+        (review_rule("approvers = \"group:dba\"\ngrant = \"forever\"\n"), "p.toml:5:9: invalid grant \"forever\"; use \"statement\""),
+        (review_rule("approvers = \"group:dba\"\ngrant = \"8d\"\n"), "p.toml:5:9: invalid grant \"8d\""),
+        ("[[rule]]\nname = \"a\"\naction = \"deny\"\napprovers = [\"group:dba\"]\n".into(), "p.toml:4:13: `approvers` belongs only to rules with action = \"review\""),
+        ("[[rule]]\nname = \"a\"\naction = \"audit\"\ntimeout = \"1m\"\n".into(), "p.toml:4:11: `timeout` belongs only to rules with action = \"review\""),
+        ("[[rule]]\nname = \"a\"\naction = \"allow\"\napprovals = 2\n".into(), "p.toml:4:13: `approvals` belongs only to rules with action = \"review\""),
+        ("[[rule]]\nname = \"a\"\naction = \"mask\"\nmask_columns = \"email\"\ngrant = \"1h\"\n".into(), "p.toml:5:9: `grant` belongs only to rules with action = \"review\""),
+    ];
+    for (text, want) in cases {
+        let err = match PolicySet::from_str(Path::new("p.toml"), text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.starts_with(want),
+            "for\n{text}\nwant prefix: {want}\ngot:         {err}"
+        );
+    }
 }
