@@ -6,12 +6,15 @@
 //! - [`proxy`]: listeners, session set-up, lifecycle and graceful shutdown.
 //! - [`identity`]: which process (and CI job) is behind a connection, from /proc.
 //! - [`protocol`]: per-protocol session handlers (opaque `tcp` relay so far).
+//! - [`approval`]: statements held for human review, reviewers, grants,
+//!   and the reviewer API.
 //! - [`masking`]: which result columns `mask` rules hide, and how.
 //! - [`events`]: the session event stream every consumer reads from.
 //! - [`recording`]: sessions as hash-chained recording files, and reading them back.
 //! - [`metrics`], [`control`]: Prometheus endpoint and the status socket.
 //! - [`cli`], [`logging`]: the command line and log set-up.
 
+pub mod approval;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -1,0 +1,542 @@
+//! The request registry (N of M, segregation of duties, expiry, edits,
+//! grants), request ids, reviewer names and the grant store.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot::error::TryRecvError;
+
+use super::reviewers::{groups_of, user_name};
+use super::*;
+use crate::identity::{CiContext, CiProvider, ProcessIdentity};
+use crate::policy::{Approver, GrantScope, ReviewSettings};
+
+fn t0() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_780_000_000)
+}
+
+fn settings(approvals: u32, grant: GrantScope) -> Arc<ReviewSettings> {
+    Arc::new(ReviewSettings {
+        approvers: vec![
+            Approver::UnixGroup("dba".into()),
+            Approver::Reviewers("oncall".into()),
+        ],
+        approvals,
+        timeout: Duration::from_secs(600),
+        grant,
+    })
+}
+
+fn requester() -> ProcessIdentity {
+    ProcessIdentity {
+        uid: Some(1001),
+        exe: Some("/usr/bin/psql".into()),
+        cgroup: Some("/ci/job-7".into()),
+        ci: Some(CiContext {
+            provider: CiProvider::GithubActions,
+            repository: Some("acme/shop".into()),
+            branch: Some("main".into()),
+            job: Some("migrate".into()),
+            run_id: Some("42".into()),
+            workflow: Some("deploy".into()),
+            actor: Some("octo-bot".into()),
+            url: None,
+            runner_pid: Some(10),
+            verified: true,
+        }),
+        ..ProcessIdentity::default()
+    }
+}
+
+fn context(review: Arc<ReviewSettings>) -> RequestContext {
+    RequestContext {
+        target: "prod".into(),
+        database_user: Some("app".into()),
+        statement: "DELETE FROM orders WHERE id = 1".into(),
+        fingerprint: Some("abc123".into()),
+        rule: "review-deletes".into(),
+        rule_message: Some("deletes need a second pair of eyes".into()),
+        review,
+        identity: requester(),
+        session: Some("s1".into()),
+    }
+}
+
+fn reviewer(uid: u32, user: &str, groups: &[&str]) -> Reviewer {
+    Reviewer {
+        uid,
+        user: user.into(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        cgroup: Some(format!("/user.slice/user-{uid}.slice/session-1.scope")),
+        ci_actor: None,
+    }
+}
+
+fn registry() -> Registry {
+    let mut groups = BTreeMap::new();
+    groups.insert("oncall".to_owned(), vec!["carol".to_owned()]);
+    Registry::new(groups)
+}
+
+fn approve(reason: &str) -> ApprovalAsk {
+    ApprovalAsk {
+        reason: Some(reason.into()),
+        ..ApprovalAsk::default()
+    }
+}
+
+#[test]
+fn one_approval_releases_the_held_statement() {
+    let r = registry();
+    let (id, mut outcome) = r
+        .submit(context(settings(1, GrantScope::Statement)), t0())
+        .unwrap();
+    assert_eq!(r.list().len(), 1);
+    assert_eq!(r.list()[0].id, id);
+    assert_eq!(outcome.try_recv(), Err(TryRecvError::Empty));
+    let alice = reviewer(2001, "alice", &["staff", "dba"]);
+    let effect = r.approve(&id, &alice, approve("looks fine"), t0()).unwrap();
+    let want = Outcome::Approved {
+        text: "DELETE FROM orders WHERE id = 1".into(),
+        edited: false,
+        by: vec!["alice".into()],
+    };
+    assert_eq!(
+        effect,
+        ApprovalEffect::Approved {
+            outcome: want.clone(),
+            grant: None
+        }
+    );
+    assert_eq!(outcome.try_recv(), Ok(want.clone()));
+    assert!(r.list().is_empty());
+    // Still shown, with its outcome; a late approval changes nothing.
+    assert_eq!(r.show(&id).and_then(|v| v.outcome), Some(want));
+    let bob = reviewer(2002, "bob", &["dba"]);
+    let late = r.approve(&id, &bob, approve("me too"), t0());
+    assert_eq!(late, Err(ApprovalError::Ended("approved".into())));
+    assert_eq!(late.unwrap_err().http_status(), 409);
+}
+
+#[test]
+fn n_of_m_counts_each_person_once() {
+    let r = registry();
+    let (id, mut outcome) = r
+        .submit(context(settings(2, GrantScope::Statement)), t0())
+        .unwrap();
+    let alice = reviewer(2001, "alice", &["dba"]);
+    let need_two = ApprovalEffect::Counted { have: 1, need: 2 };
+    assert_eq!(
+        r.approve(&id, &alice, approve("ok"), t0()),
+        Ok(need_two.clone())
+    );
+    // The same person again, even through another session, counts once.
+    let mut alice_elsewhere = alice.clone();
+    alice_elsewhere.cgroup = Some("/user.slice/other.scope".into());
+    assert_eq!(
+        r.approve(&id, &alice_elsewhere, approve("really"), t0()),
+        Ok(need_two)
+    );
+    assert_eq!(outcome.try_recv(), Err(TryRecvError::Empty));
+    // A member of the named reviewer group completes it.
+    let carol = reviewer(2003, "carol", &["staff"]);
+    match r.approve(&id, &carol, approve("ok"), t0()) {
+        Ok(ApprovalEffect::Approved {
+            outcome: Outcome::Approved { by, .. },
+            ..
+        }) => assert_eq!(by, ["alice", "carol"]),
+        other => panic!("not approved: {other:?}"),
+    }
+    assert!(matches!(outcome.try_recv(), Ok(Outcome::Approved { .. })));
+}
+
+#[test]
+fn only_approvers_decide() {
+    let r = registry();
+    let (id, _outcome) = r
+        .submit(context(settings(1, GrantScope::Statement)), t0())
+        .unwrap();
+    let mallory = reviewer(2009, "mallory", &["staff"]);
+    let refused = r
+        .approve(&id, &mallory, approve("trust me"), t0())
+        .unwrap_err();
+    assert!(
+        matches!(refused, ApprovalError::NotAnApprover(_)),
+        "{refused:?}"
+    );
+    assert_eq!(refused.http_status(), 403);
+    assert!(
+        refused.to_string().contains("group:dba, reviewers:oncall"),
+        "{refused}"
+    );
+    let refused = r.deny(&id, &mallory, "no".into(), t0()).unwrap_err();
+    assert!(matches!(refused, ApprovalError::NotAnApprover(_)));
+    assert_eq!(r.list().len(), 1);
+    assert!(r.list()[0].approvals.is_empty());
+}
+
+#[test]
+fn the_requester_never_decides_its_own_request() {
+    let r = registry();
+    let (id, _outcome) = r
+        .submit(context(settings(1, GrantScope::Statement)), t0())
+        .unwrap();
+    // Same uid, even in the approver group.
+    let same_uid = reviewer(1001, "deploy", &["dba"]);
+    // Same verified CI actor, from another uid and cgroup.
+    let mut same_actor = reviewer(2001, "alice", &["dba"]);
+    same_actor.ci_actor = Some("octo-bot".into());
+    // A process inside the requesting job's cgroup.
+    let mut inside = reviewer(2002, "bob", &["dba"]);
+    inside.cgroup = Some("/ci/job-7/step-3".into());
+    let mut same_cgroup = reviewer(2004, "dave", &["dba"]);
+    same_cgroup.cgroup = Some("/ci/job-7".into());
+    for who in [&same_uid, &same_actor, &inside, &same_cgroup] {
+        let e = r.approve(&id, who, approve("self"), t0()).unwrap_err();
+        assert!(
+            matches!(e, ApprovalError::SelfApproval(_)),
+            "{}: {e:?}",
+            who.user
+        );
+        assert_eq!(e.http_status(), 403);
+        let e = r.deny(&id, who, "self".into(), t0()).unwrap_err();
+        assert!(
+            matches!(e, ApprovalError::SelfApproval(_)),
+            "{}: {e:?}",
+            who.user
+        );
+    }
+    assert!(r.list()[0].approvals.is_empty());
+    // A sibling cgroup whose name only starts the same is another job.
+    let mut sibling = reviewer(2005, "erin", &["dba"]);
+    sibling.cgroup = Some("/ci/job-70".into());
+    assert!(matches!(
+        r.approve(&id, &sibling, approve("ok"), t0()),
+        Ok(ApprovalEffect::Approved { .. })
+    ));
+}
+
+#[test]
+fn an_unverified_ci_actor_does_not_block_a_reviewer() {
+    let r = registry();
+    let mut ctx = context(settings(1, GrantScope::Statement));
+    if let Some(ci) = ctx.identity.ci.as_mut() {
+        ci.verified = false;
+    }
+    let (id, _outcome) = r.submit(ctx, t0()).unwrap();
+    let mut alice = reviewer(2001, "alice", &["dba"]);
+    alice.ci_actor = Some("octo-bot".into());
+    assert!(r.approve(&id, &alice, approve("ok"), t0()).is_ok());
+}
+
+#[test]
+fn denial_ends_the_request_with_the_reviewer_and_reason() {
+    let r = registry();
+    let (id, mut outcome) = r
+        .submit(context(settings(2, GrantScope::Statement)), t0())
+        .unwrap();
+    let alice = reviewer(2001, "alice", &["dba"]);
+    let empty = r.deny(&id, &alice, "  ".into(), t0()).unwrap_err();
+    assert_eq!(empty.http_status(), 400);
+    let bob = reviewer(2002, "bob", &["dba"]);
+    r.approve(&id, &bob, approve("ok"), t0()).unwrap();
+    let denied = r
+        .deny(&id, &alice, "not during the sale".into(), t0())
+        .unwrap();
+    let want = Outcome::Denied {
+        by: "alice".into(),
+        reason: "not during the sale".into(),
+    };
+    assert_eq!(denied, want);
+    assert_eq!(outcome.try_recv(), Ok(want));
+    assert_eq!(
+        r.approve(&id, &bob, approve("ok"), t0()),
+        Err(ApprovalError::Ended("denied".into()))
+    );
+}
+
+#[test]
+fn requests_expire_at_their_timeout() {
+    let r = registry();
+    let (id, mut outcome) = r
+        .submit(context(settings(1, GrantScope::Statement)), t0())
+        .unwrap();
+    assert_eq!(r.next_deadline(), Some(t0() + Duration::from_secs(600)));
+    assert!(r.expire_due(t0() + Duration::from_secs(599)).is_empty());
+    assert_eq!(outcome.try_recv(), Err(TryRecvError::Empty));
+    // An approval after the deadline is too late, even before a sweep.
+    let alice = reviewer(2001, "alice", &["dba"]);
+    let late = r.approve(&id, &alice, approve("ok"), t0() + Duration::from_secs(600));
+    assert_eq!(late, Err(ApprovalError::Ended("expired".into())));
+    assert_eq!(outcome.try_recv(), Ok(Outcome::Expired));
+    assert!(r.list().is_empty());
+    assert_eq!(r.next_deadline(), None);
+
+    let (id2, mut outcome2) = r
+        .submit(context(settings(1, GrantScope::Statement)), t0())
+        .unwrap();
+    assert_eq!(r.expire_due(t0() + Duration::from_secs(601)), vec![id2]);
+    assert_eq!(outcome2.try_recv(), Ok(Outcome::Expired));
+}
+
+#[test]
+fn cancel_and_abort_end_pending_requests() {
+    let r = registry();
+    let (a, mut outcome_a) = r
+        .submit(context(settings(1, GrantScope::Statement)), t0())
+        .unwrap();
+    let (_b, mut outcome_b) = r
+        .submit(context(settings(1, GrantScope::Statement)), t0())
+        .unwrap();
+    let (_c, mut outcome_c) = r
+        .submit(context(settings(1, GrantScope::Statement)), t0())
+        .unwrap();
+    assert!(r.cancel(&a));
+    assert!(!r.cancel(&a));
+    assert_eq!(outcome_a.try_recv(), Ok(Outcome::Cancelled));
+    assert_eq!(r.abort_all(), 2);
+    assert_eq!(outcome_b.try_recv(), Ok(Outcome::Aborted));
+    assert_eq!(outcome_c.try_recv(), Ok(Outcome::Aborted));
+    assert!(r.list().is_empty());
+    let alice = reviewer(2001, "alice", &["dba"]);
+    assert_eq!(
+        r.approve(&a, &alice, approve("ok"), t0()),
+        Err(ApprovalError::Ended(
+            "cancelled (the client went away)".into()
+        ))
+    );
+}
+
+#[test]
+fn an_edit_replaces_the_text_and_restarts_the_count() {
+    let r = registry();
+    let mut ctx = context(settings(2, GrantScope::Statement));
+    ctx.statement = "DELETE FROM orders".into();
+    let (id, mut outcome) = r.submit(ctx, t0()).unwrap();
+    let alice = reviewer(2001, "alice", &["dba"]);
+    let bob = reviewer(2002, "bob", &["dba"]);
+    r.approve(&id, &alice, approve("ok"), t0()).unwrap();
+    let edit = ApprovalAsk {
+        reason: Some("only the test order".into()),
+        edit: Some("DELETE FROM orders WHERE id = 7".into()),
+        grant: None,
+    };
+    // Alice approved another text: her approval no longer counts.
+    assert_eq!(
+        r.approve(&id, &bob, edit, t0()),
+        Ok(ApprovalEffect::Counted { have: 1, need: 2 })
+    );
+    let view = r.show(&id).unwrap();
+    assert_eq!(view.text, "DELETE FROM orders WHERE id = 7");
+    assert_eq!(view.edited_by.as_deref(), Some("bob"));
+    assert_eq!(view.context.statement, "DELETE FROM orders");
+    r.approve(&id, &alice, approve("the edit is fine"), t0())
+        .unwrap();
+    assert_eq!(
+        outcome.try_recv(),
+        Ok(Outcome::Approved {
+            text: "DELETE FROM orders WHERE id = 7".into(),
+            edited: true,
+            by: vec!["bob".into(), "alice".into()],
+        })
+    );
+}
+
+#[test]
+fn grants_are_given_only_as_the_rule_allows() {
+    let r = registry();
+    let alice = reviewer(2001, "alice", &["dba"]);
+    let bob = reviewer(2002, "bob", &["dba"]);
+    let ask = |grant: u64| ApprovalAsk {
+        grant: Some(Duration::from_secs(grant)),
+        ..ApprovalAsk::default()
+    };
+    let (id, _o) = r
+        .submit(context(settings(1, GrantScope::Statement)), t0())
+        .unwrap();
+    let e = r.approve(&id, &alice, ask(60), t0()).unwrap_err();
+    assert!(e.to_string().contains("allows no grant"), "{e}");
+
+    let up_to_hour = GrantScope::UpTo(Duration::from_secs(3600));
+    let (id, _o) = r.submit(context(settings(1, up_to_hour)), t0()).unwrap();
+    let e = r.approve(&id, &alice, ask(7200), t0()).unwrap_err();
+    assert!(e.to_string().contains("at most 1h"), "{e}");
+    let with_edit = ApprovalAsk {
+        edit: Some("DELETE FROM orders WHERE id = 2".into()),
+        ..ask(60)
+    };
+    let e = r.approve(&id, &alice, with_edit, t0()).unwrap_err();
+    assert_eq!(e.http_status(), 403);
+    assert!(r.show(&id).unwrap().approvals.is_empty());
+    assert!(matches!(
+        r.approve(&id, &alice, ask(1800), t0()),
+        Ok(ApprovalEffect::Approved { grant: Some(d), .. }) if d == Duration::from_secs(1800)
+    ));
+
+    // With two approvals, a grant needs both to ask; the shortest counts.
+    let (id, _o) = r.submit(context(settings(2, up_to_hour)), t0()).unwrap();
+    r.approve(&id, &alice, ask(1800), t0()).unwrap();
+    assert!(matches!(
+        r.approve(&id, &bob, ask(600), t0()),
+        Ok(ApprovalEffect::Approved { grant: Some(d), .. }) if d == Duration::from_secs(600)
+    ));
+    let (id, _o) = r.submit(context(settings(2, up_to_hour)), t0()).unwrap();
+    r.approve(&id, &alice, ask(1800), t0()).unwrap();
+    assert!(matches!(
+        r.approve(&id, &bob, approve("this once"), t0()),
+        Ok(ApprovalEffect::Approved { grant: None, .. })
+    ));
+
+    // Nothing to grant to: no shape, or no identity.
+    let mut unparsable = context(settings(1, up_to_hour));
+    unparsable.fingerprint = None;
+    let (id, _o) = r.submit(unparsable, t0()).unwrap();
+    assert!(r.approve(&id, &alice, ask(60), t0()).is_err());
+    let mut nobody = context(settings(1, up_to_hour));
+    nobody.identity = ProcessIdentity::default();
+    let (id, _o) = r.submit(nobody, t0()).unwrap();
+    assert!(r.approve(&id, &alice, ask(60), t0()).is_err());
+}
+
+#[test]
+fn unknown_requests_are_404() {
+    let r = registry();
+    let id = RequestId::new(t0());
+    let alice = reviewer(2001, "alice", &["dba"]);
+    let e = r.approve(&id, &alice, approve("ok"), t0()).unwrap_err();
+    assert_eq!(e, ApprovalError::UnknownRequest);
+    assert_eq!(e.http_status(), 404);
+    assert!(r.show(&id).is_none());
+}
+
+#[test]
+fn request_ids_sort_by_time_and_parse_back() {
+    let early = RequestId::new(t0());
+    let late = RequestId::new(t0() + Duration::from_millis(1));
+    assert!(early < late, "{early} < {late}");
+    assert_eq!(early.as_str().len(), 26);
+    assert!(early.as_str().starts_with("01"), "{early}");
+    assert_eq!(
+        RequestId::parse(&early.as_str().to_lowercase()),
+        Some(early.clone())
+    );
+    assert_ne!(RequestId::new(t0()), RequestId::new(t0()));
+    for bad in [
+        "",
+        "01KB",
+        "01KBM3XYZXYZXYZXYZXYZXYZXU",
+        "81KBM3XYZXYZXYZXYZXYZXYZXY",
+        "../../etc/passwd",
+    ] {
+        assert_eq!(RequestId::parse(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn reviewers_are_named_from_passwd_and_group() {
+    let passwd =
+        "# users\nroot:x:0:0:root:/root:/bin/sh\nalice:x:2001:2001::/home/alice:/bin/sh\n+nis\n";
+    let group = "root:x:0:\nalice:x:2001:\ndba:x:3000:bob,alice\nstaff:x:50:bob\n-nis\n";
+    assert_eq!(user_name(passwd, 2001).as_deref(), Some("alice"));
+    assert_eq!(user_name(passwd, 4242), None);
+    assert_eq!(groups_of(group, "alice", 2001), ["alice", "dba"]);
+    assert_eq!(groups_of(group, "bob", 100), ["dba", "staff"]);
+    // A user whose name is a prefix of a member's is not that member.
+    assert!(groups_of(group, "bo", 100).is_empty());
+}
+
+#[test]
+fn grant_identity_is_the_ci_workflow_or_the_executable() {
+    let id = requester();
+    assert_eq!(
+        GrantSubject::identity_key(&id).as_deref(),
+        Some("ci:github_actions:acme/shop:deploy")
+    );
+    let mut unverified = requester();
+    if let Some(ci) = unverified.ci.as_mut() {
+        ci.verified = false;
+    }
+    unverified.exe_sha256 = Some("ab".repeat(32));
+    assert_eq!(
+        GrantSubject::identity_key(&unverified),
+        Some(format!("exe:/usr/bin/psql@sha256:{}", "ab".repeat(32)))
+    );
+    assert_eq!(
+        GrantSubject::identity_key(&ProcessIdentity::default()),
+        None
+    );
+}
+
+fn grant(subject: GrantSubject, now: SystemTime, seconds: u64) -> Grant {
+    Grant {
+        id: RequestId::new(now),
+        subject,
+        statement: "DELETE FROM orders WHERE id = 1".into(),
+        request: RequestId::new(now),
+        rule: "review-deletes".into(),
+        approved_by: vec!["alice".into()],
+        created_at: unix_seconds(now),
+        expires_at: unix_seconds(now) + seconds,
+        revoked_by: None,
+        revoked_at: None,
+    }
+}
+
+#[test]
+fn grants_persist_expire_and_revoke() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state/approvals.redb");
+    let subject = GrantSubject {
+        target: "prod".into(),
+        fingerprint: "abc123".into(),
+        identity: "ci:github_actions:acme/shop:deploy".into(),
+    };
+    let other = GrantSubject {
+        target: "stage".into(),
+        ..subject.clone()
+    };
+    let g = grant(subject.clone(), t0(), 1800);
+    {
+        let store = GrantStore::open(&path, t0()).unwrap();
+        assert!(store.find(&subject, t0()).unwrap().is_none());
+        store.insert(&g).unwrap();
+    }
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Reopened, as after a restart.
+    let store = GrantStore::open(&path, t0()).unwrap();
+    assert_eq!(store.find(&subject, t0()).unwrap(), Some(g.clone()));
+    assert_eq!(store.find(&other, t0()).unwrap(), None);
+    let later = t0() + Duration::from_secs(1800);
+    assert_eq!(store.find(&subject, later).unwrap(), None);
+    assert!(store.active(later).unwrap().is_empty());
+    assert_eq!(store.all().unwrap().len(), 1);
+    assert_eq!(
+        store.revoke(&g.id, "bob", later),
+        Err(ApprovalError::Ended("grant expired".into()))
+    );
+
+    let g2 = grant(subject.clone(), t0(), 3600);
+    store.insert(&g2).unwrap();
+    let revoked = store.revoke(&g2.id, "bob", t0()).unwrap();
+    assert_eq!(revoked.revoked_by.as_deref(), Some("bob"));
+    // Only the first grant is still in force.
+    assert_eq!(store.active(t0()).unwrap(), vec![g.clone()]);
+    assert!(matches!(
+        store.revoke(&g2.id, "bob", t0()),
+        Err(ApprovalError::Ended(_))
+    ));
+    assert_eq!(
+        store.revoke(&RequestId::new(t0()), "bob", t0()),
+        Err(ApprovalError::UnknownGrant)
+    );
+    drop(store);
+    // Long-ended grants are removed when the store opens.
+    let much_later = t0() + Duration::from_secs(40 * 86_400);
+    let store = GrantStore::open(&path, much_later).unwrap();
+    assert!(store.all().unwrap().is_empty());
+}
