@@ -58,6 +58,7 @@ fn main() -> ExitCode {
         Command::Exec(args) => exec_command(args),
         Command::Detach(args) => detach_command(args),
         Command::Policy(command) => policy_command(command),
+        Command::Approvals(command) => cli::approvals_command(command),
         Command::Recordings(command) => recordings_command(command),
         Command::EnsureGoverned(args) => ensure_governed_command(args),
         Command::Status(args) => {

@@ -380,6 +380,19 @@ impl Agent {
         let socket = dir.path().join("control.sock");
         // Every test agent records into its own directory.
         let mut injected = format!("control_socket = \"{}\"", socket.display());
+        // And keeps its own reviewer socket and grant store.
+        if !config_body.contains("approvals_socket") {
+            injected.push_str(&format!(
+                "\napprovals_socket = \"{}\"",
+                dir.path().join("approvals.sock").display()
+            ));
+        }
+        if !config_body.contains("approvals_store") {
+            injected.push_str(&format!(
+                "\napprovals_store = \"{}\"",
+                dir.path().join("approvals.redb").display()
+            ));
+        }
         if !config_body.contains("recording_dir") {
             injected.push_str(&format!(
                 "\nrecording_dir = \"{}\"",

@@ -213,10 +213,12 @@ impl GrantStore {
                 None => return Err(ApprovalError::UnknownGrant),
             };
             if let Some(by) = &grant.revoked_by {
-                return Err(ApprovalError::Ended(format!("grant revoked by {by}")));
+                return Err(ApprovalError::GrantEnded(format!(
+                    "the grant was revoked by {by} already"
+                )));
             }
             if !grant.active(now) {
-                return Err(ApprovalError::Ended("grant expired".into()));
+                return Err(ApprovalError::GrantEnded("the grant has expired".into()));
             }
             grant.revoked_by = Some(by.to_owned());
             grant.revoked_at = Some(unix_seconds(now));

@@ -17,16 +17,21 @@
 //! Holding a statement inside a PostgreSQL session is not wired yet: a
 //! `review` decision is still refused there.
 
+pub mod api;
+pub mod client;
 pub mod grants;
 pub mod registry;
 pub mod reviewers;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use crate::policy::Approver;
 
 pub use grants::{Grant, GrantStore, GrantSubject};
 pub use registry::{
@@ -101,6 +106,9 @@ pub enum ApprovalError {
     /// The request was decided, expired, cancelled or aborted already.
     #[error("the request is no longer pending: {0}")]
     Ended(String),
+    /// The grant was revoked or has expired already.
+    #[error("{0}")]
+    GrantEnded(String),
     /// The reviewer is not in the request's approver groups.
     #[error("{0}")]
     NotAnApprover(String),
@@ -126,13 +134,93 @@ impl ApprovalError {
     pub fn http_status(&self) -> u16 {
         match self {
             ApprovalError::UnknownRequest | ApprovalError::UnknownGrant => 404,
-            ApprovalError::Ended(_) => 409,
+            ApprovalError::Ended(_) | ApprovalError::GrantEnded(_) => 409,
             ApprovalError::NotAnApprover(_)
             | ApprovalError::SelfApproval(_)
             | ApprovalError::NotAllowed(_) => 403,
             ApprovalError::Invalid(_) => 400,
             ApprovalError::TooMany => 503,
             ApprovalError::Store(_) => 500,
+        }
+    }
+}
+
+/// Checks the `review` rules of `policy` against the configuration's named
+/// reviewer groups: every `reviewers:NAME` exists, and when every approver
+/// of a rule is such a group, it has at least `approvals` distinct users.
+/// (Unix groups change at run time: they are not counted.)
+pub fn check_review_rules(
+    policy: &crate::policy::PolicySet,
+    reviewer_groups: &BTreeMap<String, Vec<String>>,
+) -> Result<(), String> {
+    for (rule, review) in policy.review_rules() {
+        let mut possible: Vec<&str> = Vec::new();
+        let mut countable = true;
+        for approver in &review.approvers {
+            match approver {
+                Approver::UnixGroup(_) => countable = false,
+                Approver::Reviewers(name) => match reviewer_groups.get(name) {
+                    Some(users) => possible.extend(users.iter().map(String::as_str)),
+                    None => {
+                        return Err(format!(
+                            "rule \"{rule}\" names approvers \"reviewers:{name}\", but the configuration has no [reviewers.{name}]"
+                        ))
+                    }
+                },
+            }
+        }
+        possible.sort_unstable();
+        possible.dedup();
+        if countable && possible.len() < review.approvals as usize {
+            return Err(format!(
+                "rule \"{rule}\" needs {} approvals, but its approver groups have only {} users",
+                review.approvals,
+                possible.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Binds the reviewer socket with the configured mode and group.
+pub fn bind_socket(
+    agent: &crate::config::AgentSettings,
+) -> anyhow::Result<tokio::net::UnixListener> {
+    use anyhow::Context as _;
+    let path = &agent.approvals_socket;
+    let listener = crate::control::bind_unix_socket(
+        path,
+        "reviewer socket",
+        agent.approvals_socket_mode,
+        "agent.approvals_socket",
+    )?;
+    if let Some(group) = &agent.approvals_socket_group {
+        let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        let gid = reviewers::group_id(&groups, group).with_context(|| {
+            format!("agent.approvals_socket_group: no group \"{group}\" in /etc/group")
+        })?;
+        std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
+            format!(
+                "cannot give the reviewer socket {} to group {group}",
+                path.display()
+            )
+        })?;
+    }
+    Ok(listener)
+}
+
+/// Ends requests whose timeout passed, once a second, until `stop`.
+pub async fn expire_requests(
+    registry: std::sync::Arc<Registry>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        for id in registry.expire_due(SystemTime::now()) {
+            tracing::info!(request = %id, "review: request expired without a decision");
         }
     }
 }

@@ -85,3 +85,10 @@ fn entries(text: &str) -> impl Iterator<Item = Vec<&str>> {
         .filter(|l| !l.trim().is_empty() && !l.starts_with(['#', '+', '-']))
         .map(|l| l.split(':').collect())
 }
+
+/// The gid of group `name` in a `group` file.
+pub fn group_id(group: &str, name: &str) -> Option<u32> {
+    entries(group)
+        .find(|fields| fields.first().map(|n| n.trim()) == Some(name))
+        .and_then(|fields| fields.get(2).and_then(|f| f.trim().parse().ok()))
+}

@@ -517,7 +517,7 @@ fn grants_persist_expire_and_revoke() {
     assert_eq!(store.all().unwrap().len(), 1);
     assert_eq!(
         store.revoke(&g.id, "bob", later),
-        Err(ApprovalError::Ended("grant expired".into()))
+        Err(ApprovalError::GrantEnded("the grant has expired".into()))
     );
 
     let g2 = grant(subject.clone(), t0(), 3600);
@@ -528,7 +528,7 @@ fn grants_persist_expire_and_revoke() {
     assert_eq!(store.active(t0()).unwrap(), vec![g.clone()]);
     assert!(matches!(
         store.revoke(&g2.id, "bob", t0()),
-        Err(ApprovalError::Ended(_))
+        Err(ApprovalError::GrantEnded(_))
     ));
     assert_eq!(
         store.revoke(&RequestId::new(t0()), "bob", t0()),
@@ -539,4 +539,40 @@ fn grants_persist_expire_and_revoke() {
     let much_later = t0() + Duration::from_secs(40 * 86_400);
     let store = GrantStore::open(&path, much_later).unwrap();
     assert!(store.all().unwrap().is_empty());
+}
+
+#[test]
+fn review_rules_are_checked_against_the_reviewer_groups() {
+    let policy = |approvers: &str, approvals: u32| {
+        crate::policy::PolicySet::from_str(
+            std::path::Path::new("p.toml"),
+            &format!("[[rule]]\nname = \"r\"\naction = \"review\"\napprovers = {approvers}\napprovals = {approvals}\n"),
+        )
+        .unwrap()
+    };
+    let mut groups = BTreeMap::new();
+    groups.insert(
+        "oncall".to_owned(),
+        vec!["alice".to_owned(), "bob".to_owned()],
+    );
+    groups.insert("leads".to_owned(), vec!["bob".to_owned()]);
+    let ok = |p: &crate::policy::PolicySet| check_review_rules(p, &groups);
+    assert_eq!(ok(&policy("[\"reviewers:oncall\"]", 2)), Ok(()));
+    assert_eq!(
+        ok(&policy("[\"reviewers:oncall\", \"reviewers:leads\"]", 2)),
+        Ok(())
+    );
+    assert_eq!(
+        ok(&policy("[\"reviewers:oncall\", \"reviewers:leads\"]", 3)),
+        Err("rule \"r\" needs 3 approvals, but its approver groups have only 2 users".into())
+    );
+    // Unix groups change at run time: not counted.
+    assert_eq!(
+        ok(&policy("[\"reviewers:leads\", \"group:dba\"]", 5)),
+        Ok(())
+    );
+    assert_eq!(
+        ok(&policy("[\"reviewers:nobody-here\"]", 1)),
+        Err("rule \"r\" names approvers \"reviewers:nobody-here\", but the configuration has no [reviewers.nobody-here]".into())
+    );
 }

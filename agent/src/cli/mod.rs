@@ -3,6 +3,7 @@
 //! Exit status: 0 success; 1 the command failed at run time (an address in
 //! use, an agent not answering); 2 bad usage or an invalid configuration.
 
+mod approvals;
 mod status;
 
 use std::path::PathBuf;
@@ -102,6 +103,25 @@ pub enum Command {
     /// signing key.
     #[command(subcommand)]
     Recordings(RecordingsCommand),
+
+    /// Review statements held by `review` rules: list, show, approve, deny;
+    /// list and revoke grants.
+    ///
+    /// Talks to the agent's reviewer socket, which authenticates the caller
+    /// by its Unix credentials: only members of an approver group (or root,
+    /// to list and revoke) are served. Examples:
+    ///
+    ///   tollgate approvals list
+    ///   tollgate approvals approve 01KBM3... --reason "checked the WHERE"
+    ///   tollgate approvals approve 01KBM3... --edit "DELETE FROM t WHERE id = 7"
+    ///   tollgate approvals approve 01KBM3... --for 30m
+    ///   tollgate approvals deny 01KBM3... --reason "not during the sale"
+    ///   tollgate approvals grants --revoke 01KBM4...
+    ///
+    /// Exit status: 0 done, 1 refused by the agent (the reason is printed) or
+    /// the agent not reachable, 2 bad usage.
+    #[command(subcommand, verbatim_doc_comment)]
+    Approvals(ApprovalsCommand),
 
     /// Remove the pinned eBPF programs and maps, ending enforcement.
     ///
@@ -331,6 +351,87 @@ fn parse_speed(s: &str) -> Result<f64, String> {
     }
 }
 
+/// How `tollgate approvals` reaches the agent.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApprovalsConn {
+    #[command(flatten)]
+    pub config: ConfigArg,
+
+    /// Reviewer socket, instead of the one the configuration names (when the
+    /// configuration cannot be read, /run/tollgate/approvals.sock).
+    #[arg(long, value_name = "PATH", env = "TOLLGATE_APPROVALS_SOCKET")]
+    pub socket: Option<PathBuf>,
+
+    /// Print the agent's JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tollgate approvals ...`
+#[derive(Subcommand, Debug)]
+pub enum ApprovalsCommand {
+    /// List the statements waiting for review, oldest first.
+    List {
+        #[command(flatten)]
+        conn: ApprovalsConn,
+    },
+    /// Show one request: the statement, target, database user, process, CI
+    /// job, rule, approvals so far and outcome.
+    Show {
+        #[command(flatten)]
+        conn: ApprovalsConn,
+        /// The request id (as `list` and the held client show it).
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Approve a held statement, optionally changed, or for a while.
+    ///
+    /// The approval counts once per person; a rule may need several. An edit
+    /// replaces the statement (it is decided by the policy again, and
+    /// earlier approvals of the old text no longer count). --for gives a
+    /// grant: the same statement shape from the same identity to the same
+    /// target runs without review until it expires, if the rule allows it.
+    Approve {
+        #[command(flatten)]
+        conn: ApprovalsConn,
+        /// The request id.
+        #[arg(value_name = "ID")]
+        id: String,
+        /// Why, recorded with the approval.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// Run this statement instead of the held one.
+        #[arg(long, value_name = "SQL", conflicts_with = "grant")]
+        edit: Option<String>,
+        /// Also grant the same statement shape for this long ("30m").
+        #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        grant: Option<std::time::Duration>,
+    },
+    /// Refuse a held statement; the client gets an error naming you and the
+    /// reason.
+    Deny {
+        #[command(flatten)]
+        conn: ApprovalsConn,
+        /// The request id.
+        #[arg(value_name = "ID")]
+        id: String,
+        /// Why (required: the client is told).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
+    /// List the grants in force, or revoke one.
+    Grants {
+        #[command(flatten)]
+        conn: ApprovalsConn,
+        /// Revoke this grant.
+        #[arg(long, value_name = "ID")]
+        revoke: Option<String>,
+        /// Also list expired and revoked grants.
+        #[arg(long, conflicts_with = "revoke")]
+        all: bool,
+    },
+}
+
 /// `tollgate detach` arguments.
 #[derive(clap::Args, Debug)]
 pub struct DetachArgs {
@@ -360,4 +461,5 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+pub use approvals::approvals_command;
 pub use status::print_status;

@@ -21,6 +21,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/tollgate/tollgate.toml";
 /// The default location of the control socket that `tollgate status` talks to.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/tollgate/control.sock";
 
+/// The default location of the reviewer API socket (`tollgate approvals`).
+pub const DEFAULT_APPROVALS_SOCKET: &str = "/run/tollgate/approvals.sock";
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -36,6 +39,9 @@ pub struct Config {
     pub cgroups: Vec<GovernedCgroup>,
     /// The transparent redirect, when `[redirect]` is present.
     pub redirect: Option<RedirectSettings>,
+    /// Named reviewer groups (`[reviewers.NAME] users = [...]`) that
+    /// `review` rules name as `"reviewers:NAME"`: name → user names.
+    pub reviewers: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Settings under `[redirect]`: the eBPF path.
@@ -108,6 +114,15 @@ pub struct AgentSettings {
     pub client_tls: ClientTls,
     /// Where the local CA and the agent's server certificate are kept.
     pub tls_dir: PathBuf,
+    /// The reviewer API's Unix socket.
+    pub approvals_socket: PathBuf,
+    /// Its file mode: who may connect (every peer is then authenticated by
+    /// its credentials).
+    pub approvals_socket_mode: u32,
+    /// Its group owner, when connecting is limited to a group.
+    pub approvals_socket_group: Option<String>,
+    /// The embedded database of grants (root-only).
+    pub approvals_store: PathBuf,
 }
 
 /// `[agent] client_tls`: what a client's SSLRequest is answered.
@@ -139,6 +154,10 @@ impl Default for AgentSettings {
             recording_max_total_size: None,
             client_tls: ClientTls::Off,
             tls_dir: PathBuf::from("/var/lib/tollgate/tls"),
+            approvals_socket: PathBuf::from(DEFAULT_APPROVALS_SOCKET),
+            approvals_socket_mode: 0o666,
+            approvals_socket_group: None,
+            approvals_store: PathBuf::from("/var/lib/tollgate/approvals.redb"),
         }
     }
 }

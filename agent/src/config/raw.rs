@@ -26,6 +26,14 @@ struct RawConfig {
     #[serde(default)]
     cgroup: Vec<RawCgroup>,
     redirect: Option<RawRedirect>,
+    #[serde(default)]
+    reviewers: std::collections::BTreeMap<String, Spanned<RawReviewers>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReviewers {
+    users: Spanned<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -60,6 +68,10 @@ struct RawAgent {
     connect_timeout: Option<Spanned<String>>,
     client_tls: Option<Spanned<String>>,
     tls_dir: Option<Spanned<String>>,
+    approvals_socket: Option<Spanned<String>>,
+    approvals_socket_mode: Option<Spanned<String>>,
+    approvals_socket_group: Option<Spanned<String>>,
+    approvals_store: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -180,6 +192,7 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let listeners = check_listeners(&mut c, &raw.listener, &targets);
     let cgroups = check_cgroups(&mut c, &raw.cgroup);
     let redirect = raw.redirect.as_ref().map(|r| check_redirect(&mut c, r));
+    let reviewers = check_reviewers(&mut c, &raw.reviewers);
     if c.errors.is_empty() {
         Ok(Config {
             source: path.to_path_buf(),
@@ -188,6 +201,7 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             listeners,
             cgroups,
             redirect,
+            reviewers,
         })
     } else {
         Err(ConfigErrors(c.errors))
@@ -333,7 +347,91 @@ fn check_agent(c: &mut Checker<'_>, raw: &RawAgent) -> AgentSettings {
             agent.tls_dir = PathBuf::from(d.get_ref());
         }
     }
+    check_approvals(c, raw, &mut agent);
     agent
+}
+
+fn check_approvals(c: &mut Checker<'_>, raw: &RawAgent, agent: &mut AgentSettings) {
+    for (value, field, target) in [
+        (
+            &raw.approvals_socket,
+            "approvals_socket",
+            &mut agent.approvals_socket,
+        ),
+        (
+            &raw.approvals_store,
+            "approvals_store",
+            &mut agent.approvals_store,
+        ),
+    ] {
+        if let Some(v) = value {
+            if Path::new(v.get_ref()).is_absolute() {
+                *target = PathBuf::from(v.get_ref());
+            } else {
+                c.error(v, format!("{field} must be an absolute path"));
+            }
+        }
+    }
+    if let Some(m) = &raw.approvals_socket_mode {
+        match u32::from_str_radix(m.get_ref(), 8) {
+            Ok(mode) if mode <= 0o777 && mode & 0o600 == 0o600 => {
+                agent.approvals_socket_mode = mode
+            }
+            _ => c.error(
+                m,
+                format!(
+                    "approvals_socket_mode \"{}\" is not a file mode; write it in octal like \"0660\" (the owner needs read and write)",
+                    m.get_ref()
+                ),
+            ),
+        }
+    }
+    if let Some(g) = &raw.approvals_socket_group {
+        if g.get_ref().is_empty() || g.get_ref().contains([':', '/', ' ']) {
+            c.error(g, "approvals_socket_group must be a Unix group name");
+        } else {
+            agent.approvals_socket_group = Some(g.get_ref().clone());
+        }
+    }
+}
+
+fn check_reviewers(
+    c: &mut Checker<'_>,
+    raw: &std::collections::BTreeMap<String, Spanned<RawReviewers>>,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut groups = std::collections::BTreeMap::new();
+    for (name, group) in raw {
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'));
+        if !name_ok {
+            c.error(
+                group,
+                format!("reviewer group name \"{name}\" must be letters, digits, '-', '_' or '.'"),
+            );
+            continue;
+        }
+        let users = group.get_ref().users.get_ref();
+        if users.is_empty() {
+            c.error(
+                &group.get_ref().users,
+                format!("[reviewers.{name}] users is empty; name the users who may review"),
+            );
+        }
+        let mut names: Vec<String> = Vec::new();
+        for user in users {
+            let u = user.get_ref();
+            if u.is_empty() || u.contains([':', ',', ' ', '/']) {
+                c.error(user, format!("\"{u}\" is not a user name"));
+            } else if !names.contains(u) {
+                names.push(u.clone());
+            }
+        }
+        groups.insert(name.clone(), names);
+    }
+    groups
 }
 
 fn check_targets(c: &mut Checker<'_>, raw: &[RawTarget]) -> TargetSet {

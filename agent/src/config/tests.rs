@@ -465,3 +465,43 @@ fn sizes_take_decimal_and_binary_units() {
         assert!(parse_size(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn approvals_settings_and_reviewer_groups() {
+    let c = parse("").unwrap();
+    assert_eq!(
+        c.agent.approvals_socket,
+        Path::new("/run/tollgate/approvals.sock")
+    );
+    assert_eq!(c.agent.approvals_socket_mode, 0o666);
+    assert_eq!(
+        c.agent.approvals_store,
+        Path::new("/var/lib/tollgate/approvals.redb")
+    );
+    assert!(c.reviewers.is_empty());
+    let c = parse(
+        "[agent]\napprovals_socket = \"/run/t/a.sock\"\napprovals_socket_mode = \"0660\"\napprovals_socket_group = \"dba\"\napprovals_store = \"/srv/t/grants.redb\"\n\n[reviewers.oncall]\nusers = [\"alice\", \"bob\", \"alice\"]\n",
+    )
+    .unwrap();
+    assert_eq!(c.agent.approvals_socket, Path::new("/run/t/a.sock"));
+    assert_eq!(c.agent.approvals_socket_mode, 0o660);
+    assert_eq!(c.agent.approvals_socket_group.as_deref(), Some("dba"));
+    assert_eq!(c.agent.approvals_store, Path::new("/srv/t/grants.redb"));
+    assert_eq!(c.reviewers["oncall"], ["alice", "bob"]);
+
+    #[rustfmt::skip]
+    let cases = [
+        ("[agent]\napprovals_socket = \"rel.sock\"\n", "t.toml:2:20: approvals_socket must be an absolute path"),
+        ("[agent]\napprovals_store = \"\"\n", "t.toml:2:19: approvals_store must be an absolute path"),
+        ("[agent]\napprovals_socket_mode = \"0400\"\n", "t.toml:2:25: approvals_socket_mode \"0400\" is not a file mode"),
+        ("[agent]\napprovals_socket_mode = \"rw\"\n", "t.toml:2:25: approvals_socket_mode \"rw\" is not a file mode"),
+        ("[agent]\napprovals_socket_group = \"a:b\"\n", "t.toml:2:26: approvals_socket_group must be a Unix group name"),
+        ("[reviewers.oncall]\nusers = []\n", "t.toml:2:9: [reviewers.oncall] users is empty"),
+        ("[reviewers.oncall]\nusers = [\"a,b\"]\n", "t.toml:2:10: \"a,b\" is not a user name"),
+        ("[reviewers.oncall]\nmembers = [\"a\"]\n", "unknown field `members`"),
+    ];
+    for (text, want) in cases {
+        let got = errors(text).join("\n");
+        assert!(got.contains(want), "for\n{text}\nwant: {want}\ngot:  {got}");
+    }
+}

@@ -628,6 +628,13 @@ impl PolicySet {
             .collect()
     }
 
+    /// Every `review` rule's name and settings, in load order.
+    pub fn review_rules(&self) -> impl Iterator<Item = (&str, &ReviewSettings)> {
+        self.rules
+            .iter()
+            .filter_map(|r| r.review.as_deref().map(|review| (&*r.name, review)))
+    }
+
     /// Decides one statement. No I/O, no failure; allocates only for the
     /// rules that match and the reason.
     pub fn decide(&self, req: &Request<'_>) -> Decision {

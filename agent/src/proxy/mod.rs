@@ -64,6 +64,10 @@ pub struct Shared {
     pub cancel: Arc<crate::protocol::postgres::cancel::CancelRegistry>,
     /// TLS material for PostgreSQL sessions.
     pub tls: Arc<crate::protocol::postgres::tls::TlsState>,
+    /// Statements held for review.
+    pub approvals: Arc<crate::approval::Registry>,
+    /// Grants given by approvals, kept across restarts.
+    pub grants: Arc<crate::approval::GrantStore>,
 }
 
 /// What an accept loop serves.
@@ -163,6 +167,11 @@ impl RunningAgent {
             None => None,
         };
         let control_socket = control::bind(&config.agent.control_socket)?;
+        let grants = Arc::new(crate::approval::GrantStore::open(
+            &config.agent.approvals_store,
+            std::time::SystemTime::now(),
+        )?);
+        let approvals_socket = crate::approval::bind_socket(&config.agent)?;
 
         let tls =
             crate::protocol::postgres::tls::TlsState::load(&config).context("cannot set up TLS")?;
@@ -170,6 +179,8 @@ impl RunningAgent {
             cancel: Arc::new(crate::protocol::postgres::cancel::CancelRegistry::new()),
             tls: Arc::new(tls),
             permits: Arc::new(Semaphore::new(config.agent.max_connections)),
+            approvals: Arc::new(crate::approval::Registry::new(config.reviewers.clone())),
+            grants,
             config,
             metrics,
             live: LiveSessions::default(),
@@ -239,6 +250,23 @@ impl RunningAgent {
             shared.clone(),
             stop_accepting.clone(),
         ));
+        tracing::info!(socket = %shared.config.agent.approvals_socket.display(), "reviewer socket ready");
+        background.spawn(crate::approval::api::serve(
+            approvals_socket,
+            Arc::new(crate::approval::api::ApiState {
+                registry: shared.approvals.clone(),
+                grants: shared.grants.clone(),
+                identity: shared.identity.clone(),
+                policy: shared.policy.clone(),
+                reviewer_groups: shared.config.reviewers.clone(),
+                etc: std::path::PathBuf::from("/etc"),
+            }),
+            stop_accepting.clone(),
+        ));
+        background.spawn(crate::approval::expire_requests(
+            shared.approvals.clone(),
+            stop_accepting.clone(),
+        ));
 
         Ok(RunningAgent {
             recorder: Some(recorder_handle),
@@ -260,6 +288,15 @@ impl RunningAgent {
         self.stop_accepting.cancel();
         self.sessions.close();
         self.background.close();
+        // Pending requests are not kept across restarts: their sessions
+        // learn now, rather than wait for a reviewer who can no longer act.
+        let aborted = self.shared.approvals.abort_all();
+        if aborted > 0 {
+            tracing::warn!(
+                aborted,
+                "review: pending requests aborted because the agent is stopping"
+            );
+        }
         let open = self.shared.live.len();
         if open > 0 {
             tracing::info!(
@@ -294,6 +331,7 @@ impl RunningAgent {
             }
         }
         control::remove(&self.shared.config.agent.control_socket);
+        control::remove(&self.shared.config.agent.approvals_socket);
         if let Some(settings) = &self.shared.config.redirect {
             control::remove(&settings.exec_socket);
         }
@@ -335,6 +373,8 @@ fn load_policy(config: &Config) -> anyhow::Result<crate::policy::PolicySet> {
     }
     let set = crate::policy::PolicySet::load(&config.agent.policy_paths)
         .map_err(|e| anyhow::anyhow!("the policy is invalid:\n{e}"))?;
+    crate::approval::check_review_rules(&set, &config.reviewers)
+        .map_err(|e| anyhow::anyhow!("the policy is invalid: {e}"))?;
     tracing::info!(rules = set.rule_count(), digest = %set.digest(), "policy loaded");
     Ok(set)
 }

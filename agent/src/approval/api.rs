@@ -1,0 +1,396 @@
+//! The reviewer API: HTTP/1.1 and JSON on a local Unix socket. Every peer is
+//! authenticated by its credentials (`SO_PEERCRED`: uid, gid, pid), named
+//! from the local `passwd` and `group` files, and must be root or a member
+//! of an approver group of the policy in force (or of a configured reviewer
+//! group) to see anything. Approving or denying a request needs membership
+//! in that request's approver groups, and never counts the requester.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/v1/requests` | pending requests |
+//! | GET | `/v1/requests/ID` | one request, pending or recently ended |
+//! | POST | `/v1/requests/ID/approve` | `{"reason", "edit", "grant": "30m"}`, all optional |
+//! | POST | `/v1/requests/ID/deny` | `{"reason"}` |
+//! | GET | `/v1/grants` | grants in force (`?all=1`: also ended ones) |
+//! | DELETE | `/v1/grants/ID` | revoke a grant |
+//!
+//! Errors are `{"error": "..."}` with 400 (malformed), 401 (no peer
+//! credentials), 403 (not a reviewer, not an approver of this request, the
+//! requester itself, or not allowed by the rule), 404, 405, 409 (no longer
+//! pending), 413 (body over 128 KiB); a refused call changes nothing.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    unix_seconds, ApprovalAsk, ApprovalEffect, ApprovalError, Grant, GrantStore, GrantSubject,
+    Outcome, Registry, RequestId, Reviewer,
+};
+use crate::identity::IdentityResolver;
+use crate::protocol::SharedPolicy;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 128 * 1024;
+/// A connection is closed after this long, whatever it is doing.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the API serves from.
+pub struct ApiState {
+    /// Pending requests.
+    pub registry: Arc<Registry>,
+    /// Stored grants.
+    pub grants: Arc<GrantStore>,
+    /// Names the reviewer's process (cgroup, CI actor).
+    pub identity: Arc<IdentityResolver>,
+    /// The policy in force, for the approver groups of its review rules.
+    pub policy: SharedPolicy,
+    /// `[reviewers.NAME]` groups of the configuration.
+    pub reviewer_groups: BTreeMap<String, Vec<String>>,
+    /// Where `passwd` and `group` are read (`/etc`).
+    pub etc: PathBuf,
+}
+
+/// The credentials of a connected peer.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    uid: u32,
+    gid: u32,
+    pid: Option<u32>,
+}
+
+/// Serves reviewers until `stop` is cancelled.
+pub async fn serve(listener: UnixListener, state: Arc<ApiState>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reviewer socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let peer = stream.peer_cred().ok().map(|c| Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid().and_then(|p| u32::try_from(p).ok()),
+        });
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
+            });
+            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                Ok(Err(e)) => tracing::debug!(error = %e, "reviewer socket: connection failed"),
+                Err(_) => tracing::debug!("reviewer socket: connection timed out"),
+                Ok(Ok(())) => {}
+            }
+        });
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, body: &Value) -> Reply {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Reply {
+    reply(status, &json!({ "error": message.to_string() }))
+}
+
+fn refused(e: &ApprovalError) -> Reply {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error(status, e)
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Reply {
+    match serde_json::to_value(value) {
+        Ok(v) => reply(StatusCode::OK, &v),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn handle(state: &ApiState, peer: Option<Peer>, req: Request<Incoming>) -> Reply {
+    let Some(peer) = peer else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "the reviewer socket could not read this connection's credentials",
+        );
+    };
+    let reviewer = Reviewer::of_peer(peer.uid, peer.gid, peer.pid, &state.etc, &state.identity);
+    if !may_use_api(state, &reviewer) {
+        tracing::info!(uid = reviewer.uid, user = %reviewer.user, "reviewer API: refused a caller who is no reviewer");
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} (uid {}) is not in any approver group of the policy in force",
+                reviewer.user, reviewer.uid
+            ),
+        );
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let now = SystemTime::now();
+    match (parts.as_slice(), &method) {
+        (["v1", "requests"], &Method::GET) => to_json(&state.registry.list()),
+        (["v1", "requests", id], &Method::GET) => match RequestId::parse(id) {
+            None => error(
+                StatusCode::BAD_REQUEST,
+                format!("\"{id}\" is not a request id"),
+            ),
+            Some(id) => match state.registry.show(&id) {
+                Some(view) => to_json(&view),
+                None => refused(&ApprovalError::UnknownRequest),
+            },
+        },
+        (["v1", "requests", id, "approve"], &Method::POST) => {
+            let Some(id) = RequestId::parse(id) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("\"{id}\" is not a request id"),
+                );
+            };
+            match body::<ApproveBody>(req).await {
+                Ok(ask) => approve(state, &id, &reviewer, ask, now),
+                Err(reply) => reply,
+            }
+        }
+        (["v1", "requests", id, "deny"], &Method::POST) => {
+            let Some(id) = RequestId::parse(id) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("\"{id}\" is not a request id"),
+                );
+            };
+            match body::<DenyBody>(req).await {
+                Ok(ask) => match state.registry.deny(&id, &reviewer, ask.reason, now) {
+                    Ok(outcome) => {
+                        tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, outcome = ?outcome, "review: request denied");
+                        to_json(&json!({ "status": "denied", "outcome": outcome }))
+                    }
+                    Err(e) => refused_logged(&id, &reviewer, &e),
+                },
+                Err(reply) => reply,
+            }
+        }
+        (["v1", "grants"], &Method::GET) => {
+            let grants = if query.split('&').any(|q| q == "all=1") {
+                state.grants.all()
+            } else {
+                state.grants.active(now)
+            };
+            match grants {
+                Ok(g) => to_json(&g),
+                Err(e) => refused(&e),
+            }
+        }
+        (["v1", "grants", id], &Method::DELETE) => match RequestId::parse(id) {
+            None => error(
+                StatusCode::BAD_REQUEST,
+                format!("\"{id}\" is not a grant id"),
+            ),
+            Some(id) => match state.grants.revoke(&id, &reviewer.user, now) {
+                Ok(grant) => {
+                    tracing::info!(grant = %id, reviewer = %reviewer.user, uid = reviewer.uid, "review: grant revoked");
+                    to_json(&json!({ "status": "revoked", "grant": grant }))
+                }
+                Err(e) => refused(&e),
+            },
+        },
+        (["v1", "requests"] | ["v1", "requests", _] | ["v1", "grants"], _)
+        | (["v1", "requests", _, "approve" | "deny"] | ["v1", "grants", _], _) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {path}"),
+        ),
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint {path}")),
+    }
+}
+
+/// Root, a member of an approver group of a review rule in force, or a
+/// user of a configured reviewer group.
+fn may_use_api(state: &ApiState, reviewer: &Reviewer) -> bool {
+    if reviewer.uid == 0 {
+        return true;
+    }
+    if state
+        .reviewer_groups
+        .values()
+        .any(|users| users.contains(&reviewer.user))
+    {
+        return true;
+    }
+    let policy = crate::protocol::current_policy(&state.policy);
+    let approvers: Vec<_> = policy
+        .review_rules()
+        .flat_map(|(_, review)| review.approvers.iter().cloned())
+        .collect();
+    state.registry.is_approver(reviewer, &approvers)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApproveBody {
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    edit: Option<String>,
+    /// A duration such as `"30m"`.
+    #[serde(default)]
+    grant: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DenyBody {
+    reason: String,
+}
+
+async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return Err(
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the body is larger than {MAX_BODY} bytes"),
+                    )
+                } else {
+                    error(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot read the body: {e}"),
+                    )
+                },
+            )
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
+}
+
+fn refused_logged(id: &RequestId, reviewer: &Reviewer, e: &ApprovalError) -> Reply {
+    tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, error = %e, "review: reviewer action refused");
+    refused(e)
+}
+
+fn approve(
+    state: &ApiState,
+    id: &RequestId,
+    reviewer: &Reviewer,
+    body: ApproveBody,
+    now: SystemTime,
+) -> Reply {
+    let grant = match body.grant.as_deref().map(humantime::parse_duration) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("grant: {e}; give a duration such as \"30m\""),
+            )
+        }
+    };
+    let ask = ApprovalAsk {
+        reason: body.reason,
+        edit: body.edit,
+        grant,
+    };
+    match state.registry.approve(id, reviewer, ask, now) {
+        Err(e) => refused_logged(id, reviewer, &e),
+        Ok(ApprovalEffect::Counted { have, need }) => {
+            tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, have, need, "review: approval counted");
+            to_json(&json!({ "status": "counted", "approvals": have, "needed": need }))
+        }
+        Ok(ApprovalEffect::Approved { outcome, grant }) => {
+            tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, outcome = ?outcome, "review: request approved");
+            let stored = match grant {
+                None => None,
+                Some(length) => {
+                    match store_grant(state, id, &outcome, length, now) {
+                        Ok(g) => Some(g),
+                        Err(e) => {
+                            tracing::error!(request = %id, error = %e, "review: the grant could not be stored");
+                            return error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("the request is approved, but its grant could not be stored: {e}"),
+                        );
+                        }
+                    }
+                }
+            };
+            to_json(&json!({ "status": "approved", "outcome": outcome, "grant": stored }))
+        }
+    }
+}
+
+fn store_grant(
+    state: &ApiState,
+    id: &RequestId,
+    outcome: &Outcome,
+    length: Duration,
+    now: SystemTime,
+) -> Result<Grant, ApprovalError> {
+    let view = state
+        .registry
+        .show(id)
+        .ok_or(ApprovalError::UnknownRequest)?;
+    let context = &view.context;
+    let subject = GrantSubject {
+        target: context.target.clone(),
+        fingerprint: context
+            .fingerprint
+            .clone()
+            .ok_or_else(|| ApprovalError::NotAllowed("no statement shape".into()))?,
+        identity: GrantSubject::identity_key(&context.identity)
+            .ok_or_else(|| ApprovalError::NotAllowed("no identity to grant to".into()))?,
+    };
+    let approved_by = match outcome {
+        Outcome::Approved { by, .. } => by.clone(),
+        _ => Vec::new(),
+    };
+    let grant = Grant {
+        id: RequestId::new(now),
+        subject,
+        statement: context.statement.clone(),
+        request: id.clone(),
+        rule: context.rule.clone(),
+        approved_by,
+        created_at: unix_seconds(now),
+        expires_at: unix_seconds(now + length),
+        revoked_by: None,
+        revoked_at: None,
+    };
+    state.grants.insert(&grant)?;
+    tracing::info!(grant = %grant.id, request = %id, seconds = length.as_secs(), "review: grant stored");
+    Ok(grant)
+}

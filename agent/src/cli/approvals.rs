@@ -1,0 +1,304 @@
+//! `tollgate approvals`: the reviewer API from a terminal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use hyper::Method;
+use serde_json::{json, Value};
+
+use super::{ApprovalsCommand, ApprovalsConn};
+use crate::approval::client;
+use crate::config::{Config, DEFAULT_APPROVALS_SOCKET};
+
+/// Runs one `tollgate approvals` subcommand.
+pub fn approvals_command(command: ApprovalsCommand) -> ExitCode {
+    let (conn, method, path, body) = match &command {
+        ApprovalsCommand::List { conn } => (conn, Method::GET, "/v1/requests".to_owned(), None),
+        ApprovalsCommand::Show { conn, id } => (
+            conn,
+            Method::GET,
+            format!("/v1/requests/{}", escape(id)),
+            None,
+        ),
+        ApprovalsCommand::Approve {
+            conn,
+            id,
+            reason,
+            edit,
+            grant,
+        } => (
+            conn,
+            Method::POST,
+            format!("/v1/requests/{}/approve", escape(id)),
+            Some(json!({
+                "reason": reason,
+                "edit": edit,
+                "grant": grant.map(|d| humantime::format_duration(d).to_string()),
+            })),
+        ),
+        ApprovalsCommand::Deny { conn, id, reason } => (
+            conn,
+            Method::POST,
+            format!("/v1/requests/{}/deny", escape(id)),
+            Some(json!({ "reason": reason })),
+        ),
+        ApprovalsCommand::Grants { conn, revoke, all } => match revoke {
+            Some(id) => (
+                conn,
+                Method::DELETE,
+                format!("/v1/grants/{}", escape(id)),
+                None,
+            ),
+            None if *all => (conn, Method::GET, "/v1/grants?all=1".to_owned(), None),
+            None => (conn, Method::GET, "/v1/grants".to_owned(), None),
+        },
+    };
+    let socket = socket_of(conn);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tollgate: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let answer = runtime.block_on(client::call(&socket, method, &path, body.as_ref()));
+    let (status, value) = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if status != 200 {
+        let message = value["error"].as_str().unwrap_or("no reason given");
+        eprintln!("tollgate: refused (HTTP {status}): {message}");
+        return ExitCode::FAILURE;
+    }
+    if conn.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let text = match &command {
+        ApprovalsCommand::List { .. } => list_text(&value),
+        ApprovalsCommand::Show { .. } => show_text(&value),
+        ApprovalsCommand::Approve { id, .. } => approve_text(id, &value),
+        ApprovalsCommand::Deny { id, .. } => format!("denied {id}\n"),
+        ApprovalsCommand::Grants {
+            revoke: Some(id), ..
+        } => format!("revoked grant {id}\n"),
+        ApprovalsCommand::Grants { .. } => grants_text(&value),
+    };
+    print!("{text}");
+    ExitCode::SUCCESS
+}
+
+/// `--socket`, else the configuration's, else the default (a reviewer may
+/// not be able to read the agent's configuration).
+fn socket_of(conn: &ApprovalsConn) -> PathBuf {
+    if let Some(s) = &conn.socket {
+        return s.clone();
+    }
+    match Config::load(&conn.config.config) {
+        Ok(c) => c.agent.approvals_socket,
+        Err(_) => PathBuf::from(DEFAULT_APPROVALS_SOCKET),
+    }
+}
+
+/// Keeps an id from changing the request path; the agent checks its form.
+fn escape(id: &str) -> String {
+    id.chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or("-")
+}
+
+/// The first line of a statement, at most 60 characters.
+fn short(text: &str) -> String {
+    let line = text.lines().next().unwrap_or("");
+    let mut out: String = line.chars().take(60).collect();
+    if line.chars().count() > 60 || text.lines().count() > 1 {
+        out.push_str("...");
+    }
+    out
+}
+
+fn who(identity: &Value) -> String {
+    let user = identity["user"]
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| identity["uid"].as_u64().map(|u| format!("uid {u}")))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let exe = identity["exe"].as_str().unwrap_or("?");
+    match identity["ci"]["repository"].as_str() {
+        Some(repo) => format!("{user} {exe} ({repo})"),
+        None => format!("{user} {exe}"),
+    }
+}
+
+fn list_text(value: &Value) -> String {
+    let Some(requests) = value.as_array().filter(|r| !r.is_empty()) else {
+        return "no statements are waiting for review\n".to_owned();
+    };
+    let mut out = String::new();
+    for r in requests {
+        let context = &r["context"];
+        out.push_str(&format!(
+            "{}  {}  rule {}  {}/{} approvals  {}  {}\n",
+            str_of(r, "id"),
+            str_of(context, "target"),
+            str_of(context, "rule"),
+            r["approvals"].as_array().map_or(0, Vec::len),
+            r["approvals_needed"].as_u64().unwrap_or(1),
+            who(&context["identity"]),
+            short(str_of(r, "text")),
+        ));
+    }
+    out
+}
+
+fn show_text(r: &Value) -> String {
+    let context = &r["context"];
+    let identity = &context["identity"];
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<14} {v}\n"));
+    line("request", str_of(r, "id").to_owned());
+    line("target", str_of(context, "target").to_owned());
+    line("database user", str_of(context, "database_user").to_owned());
+    line("rule", str_of(context, "rule").to_owned());
+    if let Some(m) = context["rule_message"].as_str() {
+        line("rule message", m.to_owned());
+    }
+    line("process", who(identity));
+    if let Some(cgroup) = identity["cgroup"].as_str() {
+        line("cgroup", cgroup.to_owned());
+    }
+    if let Some(ci) = identity["ci"].as_object() {
+        let field = |k: &str| ci.get(k).and_then(Value::as_str).unwrap_or("-");
+        line(
+            "ci",
+            format!(
+                "{} {} workflow {} run {} actor {} ({})",
+                field("provider"),
+                field("repository"),
+                field("workflow"),
+                field("run_id"),
+                field("actor"),
+                if ci.get("verified").and_then(Value::as_bool) == Some(true) {
+                    "verified"
+                } else {
+                    "unverified"
+                }
+            ),
+        );
+    }
+    line("statement", str_of(context, "statement").to_owned());
+    if let Some(by) = r["edited_by"].as_str() {
+        line("edited by", by.to_owned());
+        line("runs as", str_of(r, "text").to_owned());
+    }
+    let approvals: Vec<String> = r["approvals"]
+        .as_array()
+        .map(|a| a.iter().map(|x| str_of(x, "by").to_owned()).collect())
+        .unwrap_or_default();
+    line(
+        "approvals",
+        format!(
+            "{}/{} {}",
+            approvals.len(),
+            r["approvals_needed"].as_u64().unwrap_or(1),
+            approvals.join(", ")
+        ),
+    );
+    line(
+        "expires",
+        r["expires_at"]
+            .as_u64()
+            .map(|t| {
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                )
+                .to_string()
+            })
+            .unwrap_or_else(|| "-".to_owned()),
+    );
+    let outcome = match r["outcome"]["outcome"].as_str() {
+        None => "pending".to_owned(),
+        Some("denied") => format!(
+            "denied by {}: {}",
+            str_of(&r["outcome"], "by"),
+            str_of(&r["outcome"], "reason")
+        ),
+        Some(other) => other.to_owned(),
+    };
+    line("outcome", outcome);
+    out
+}
+
+fn approve_text(id: &str, v: &Value) -> String {
+    match v["status"].as_str() {
+        Some("counted") => format!(
+            "approval of {id} counted: {} of {} needed\n",
+            v["approvals"], v["needed"]
+        ),
+        _ => {
+            let mut out = format!("approved {id}\n");
+            if let Some(grant) = v["grant"].as_object() {
+                out.push_str(&format!(
+                    "grant {} until {}\n",
+                    grant.get("id").and_then(Value::as_str).unwrap_or("-"),
+                    grant
+                        .get("expires_at")
+                        .and_then(Value::as_u64)
+                        .map(|t| humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)
+                        )
+                        .to_string())
+                        .unwrap_or_default()
+                ));
+            }
+            out
+        }
+    }
+}
+
+fn grants_text(value: &Value) -> String {
+    let Some(grants) = value.as_array().filter(|g| !g.is_empty()) else {
+        return "no grants\n".to_owned();
+    };
+    let mut out = String::new();
+    for g in grants {
+        let subject = &g["subject"];
+        let until = g["expires_at"]
+            .as_u64()
+            .map(|t| {
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                )
+                .to_string()
+            })
+            .unwrap_or_default();
+        let state = match g["revoked_by"].as_str() {
+            Some(by) => format!("revoked by {by}"),
+            None => format!("until {until}"),
+        };
+        out.push_str(&format!(
+            "{}  {}  {}  {}  {}  {}\n",
+            str_of(g, "id"),
+            str_of(subject, "target"),
+            str_of(subject, "identity"),
+            state,
+            str_of(g, "rule"),
+            short(str_of(g, "statement")),
+        ));
+    }
+    out
+}
