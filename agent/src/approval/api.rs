@@ -143,7 +143,16 @@ async fn handle(state: &ApiState, peer: Option<Peer>, req: Request<Incoming>) ->
             "the reviewer socket could not read this connection's credentials",
         );
     };
-    let reviewer = Reviewer::of_peer(peer.uid, peer.gid, peer.pid, &state.etc, &state.identity);
+    // Reads /proc and /etc (and hashes the caller's executable once).
+    let (etc, identity) = (state.etc.clone(), state.identity.clone());
+    let described = tokio::task::spawn_blocking(move || {
+        Reviewer::of_peer(peer.uid, peer.gid, peer.pid, &etc, &identity)
+    })
+    .await;
+    let reviewer = match described {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
     if !may_use_api(state, &reviewer) {
         tracing::info!(uid = reviewer.uid, user = %reviewer.user, "reviewer API: refused a caller who is no reviewer");
         return error(

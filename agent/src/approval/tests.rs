@@ -576,3 +576,176 @@ fn review_rules_are_checked_against_the_reviewer_groups() {
         Err("rule \"r\" names approvers \"reviewers:nobody-here\", but the configuration has no [reviewers.nobody-here]".into())
     );
 }
+
+// ---- the API over a real Unix socket, as this process ----------------------
+
+/// This process's uid, user name and primary group name.
+fn me() -> (u32, String, String) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata("/proc/self").unwrap();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let user = user_name(&passwd, meta.uid()).unwrap_or_else(|| meta.uid().to_string());
+    let primary = groups_of(&group, "", meta.gid());
+    (
+        meta.uid(),
+        user,
+        primary.first().cloned().unwrap_or_default(),
+    )
+}
+
+/// An API on a socket in `dir`, whose only review rule's approvers are
+/// `group` (this process's primary group, so that this process reviews).
+fn api_in(
+    dir: &std::path::Path,
+    group: &str,
+) -> (Arc<Registry>, Arc<GrantStore>, std::path::PathBuf) {
+    let registry = Arc::new(registry());
+    let grants = Arc::new(GrantStore::open(&dir.join("grants.redb"), SystemTime::now()).unwrap());
+    let rule = format!(
+        "[[rule]]\nname = \"review-deletes\"\naction = \"review\"\napprovers = \"group:{group}\"\ngrant = \"1h\"\n"
+    );
+    let policy = crate::policy::PolicySet::from_str(std::path::Path::new("p.toml"), &rule).unwrap();
+    let socket = dir.join("approvals.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let state = Arc::new(api::ApiState {
+        registry: registry.clone(),
+        grants: grants.clone(),
+        identity: Arc::new(crate::identity::IdentityResolver::new()),
+        policy: Arc::new(std::sync::RwLock::new(Arc::new(policy))),
+        reviewer_groups: BTreeMap::new(),
+        etc: "/etc".into(),
+    });
+    tokio::spawn(api::serve(
+        listener,
+        state,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    (registry, grants, socket)
+}
+
+/// A request from `requester_uid`, approvable by members of `group`.
+fn held_for(group: &str, requester_uid: u32, grant: GrantScope) -> RequestContext {
+    let mut review = (*settings(1, grant)).clone();
+    review.approvers = vec![Approver::UnixGroup(group.into())];
+    let mut ctx = context(Arc::new(review));
+    ctx.identity.uid = Some(requester_uid);
+    ctx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_approves_denies_and_grants_for_an_approver() {
+    let (uid, user, group) = me();
+    let other = uid.wrapping_add(1);
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, grants, socket) = api_in(dir.path(), &group);
+    let call = |method: hyper::Method, path: String, body: Option<serde_json::Value>| {
+        let socket = socket.clone();
+        async move {
+            client::call(&socket, method, &path, body.as_ref())
+                .await
+                .unwrap()
+        }
+    };
+    let hour = GrantScope::UpTo(Duration::from_secs(3600));
+
+    // Approved with a grant: the held session gets the text, the grant is stored.
+    let (id, outcome) = registry
+        .submit(held_for(&group, other, hour), SystemTime::now())
+        .unwrap();
+    let (status, listed) = call(hyper::Method::GET, "/v1/requests".into(), None).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["context"]["rule"], "review-deletes");
+    let (status, answer) = call(
+        hyper::Method::POST,
+        format!("/v1/requests/{id}/approve"),
+        Some(serde_json::json!({"reason": "fine", "grant": "30m"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "approved");
+    assert_eq!(
+        outcome.await.unwrap(),
+        Outcome::Approved {
+            text: "DELETE FROM orders WHERE id = 1".into(),
+            edited: false,
+            by: vec![user.clone()],
+        }
+    );
+    let stored = grants.active(SystemTime::now()).unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].subject.identity,
+        "ci:github_actions:acme/shop:deploy"
+    );
+    assert_eq!(stored[0].expires_at - stored[0].created_at, 1800);
+    let (status, _) = call(
+        hyper::Method::POST,
+        format!("/v1/requests/{id}/approve"),
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(status, 409);
+
+    // Denied: the reason and the reviewer reach the session.
+    let (id, outcome) = registry
+        .submit(
+            held_for(&group, other, GrantScope::Statement),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let (status, answer) = call(
+        hyper::Method::POST,
+        format!("/v1/requests/{id}/deny"),
+        Some(serde_json::json!({"reason": "not today"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        outcome.await.unwrap(),
+        Outcome::Denied {
+            by: user.clone(),
+            reason: "not today".into()
+        }
+    );
+
+    // The requester itself is refused, and nothing changes.
+    let (id, mut outcome) = registry
+        .submit(
+            held_for(&group, uid, GrantScope::Statement),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let (status, answer) = call(
+        hyper::Method::POST,
+        format!("/v1/requests/{id}/approve"),
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("sent the statement"),
+        "{answer}"
+    );
+    assert_eq!(outcome.try_recv(), Err(TryRecvError::Empty));
+    // A grant the rule does not allow: refused, still pending.
+    let (id, mut outcome) = registry
+        .submit(
+            held_for(&group, other, GrantScope::Statement),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let (status, _) = call(
+        hyper::Method::POST,
+        format!("/v1/requests/{id}/approve"),
+        Some(serde_json::json!({"grant": "5m"})),
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert_eq!(outcome.try_recv(), Err(TryRecvError::Empty));
+    assert_eq!(registry.list().len(), 2);
+}
