@@ -249,3 +249,40 @@ fn reviewer_api_serves_approvers_only_and_grants_survive_a_restart() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_review_rule_naming_an_unknown_reviewer_group_stops_the_agent_from_starting() {
+    let policy = tollgate_tests::policy_file(
+        "[[rule]]\nname = \"review-all\"\naction = \"review\"\napprovers = [\"reviewers:oncall\"]\napprovals = 2\n",
+    );
+    // No [reviewers.oncall]: refused.
+    let mut agent = tollgate_tests::Agent::spawn(&tollgate_tests::listener_config(
+        tollgate_tests::free_port(),
+        5432,
+        &policy.line,
+    ));
+    let status = tollgate_tests::wait_timeout(&mut agent.child, Duration::from_secs(10))
+        .expect("the agent exits");
+    assert_eq!(status.code(), Some(1));
+    let log = agent.log_text();
+    assert!(
+        log.contains("rule \"review-all\" names approvers \"reviewers:oncall\", but the configuration has no [reviewers.oncall]"),
+        "{log}"
+    );
+    // One user cannot give two distinct approvals: refused too.
+    let config = format!(
+        "{}\n[reviewers.oncall]\nusers = [\"alice\"]\n",
+        tollgate_tests::listener_config(tollgate_tests::free_port(), 5432, &policy.line)
+    );
+    let mut agent = tollgate_tests::Agent::spawn(&config);
+    let status = tollgate_tests::wait_timeout(&mut agent.child, Duration::from_secs(10))
+        .expect("the agent exits");
+    assert_eq!(status.code(), Some(1));
+    let log = agent.log_text();
+    assert!(
+        log.contains(
+            "rule \"review-all\" needs 2 approvals, but its approver groups have only 1 user"
+        ),
+        "{log}"
+    );
+}

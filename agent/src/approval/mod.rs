@@ -172,10 +172,13 @@ pub fn check_review_rules(
         possible.sort_unstable();
         possible.dedup();
         if countable && possible.len() < review.approvals as usize {
+            let users = match possible.len() {
+                1 => "1 user".to_owned(),
+                n => format!("{n} users"),
+            };
             return Err(format!(
-                "rule \"{rule}\" needs {} approvals, but its approver groups have only {} users",
-                review.approvals,
-                possible.len()
+                "rule \"{rule}\" needs {} approvals, but its approver groups have only {users}",
+                review.approvals
             ));
         }
     }
