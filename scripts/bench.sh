@@ -153,6 +153,8 @@ policy="$work/policy.toml"
 cat > "$work/tollgate.toml" <<TOML
 [agent]
 control_socket = "$work/control.sock"
+approvals_socket = "$work/approvals.sock"
+approvals_store = "$work/approvals.redb"
 recording_dir = "$work/recordings"
 policy_paths = ["$policy"]
 max_connections = 4096

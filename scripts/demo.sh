@@ -92,6 +92,8 @@ if [ $governed -eq 1 ]; then
     cat > "$work/tollgate.toml" <<TOML
 [agent]
 control_socket = "$work/control.sock"
+approvals_socket = "$work/approvals.sock"
+approvals_store = "$work/approvals.redb"
 metrics_listen = "127.0.0.1:$metrics_port"
 policy_paths = ["$root/policies/demo.toml"]
 recording_dir = "$work/recordings"
@@ -115,6 +117,8 @@ else
     cat > "$work/tollgate.toml" <<TOML
 [agent]
 control_socket = "$work/control.sock"
+approvals_socket = "$work/approvals.sock"
+approvals_store = "$work/approvals.redb"
 metrics_listen = "127.0.0.1:$metrics_port"
 policy_paths = ["$root/policies/demo.toml"]
 recording_dir = "$work/recordings"

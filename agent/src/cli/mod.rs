@@ -120,6 +120,9 @@ pub enum Command {
     ///
     /// Exit status: 0 done, 1 refused by the agent (the reason is printed) or
     /// the agent not reachable, 2 bad usage.
+    ///
+    /// Not yet in this version: sessions do not hold statements, so nothing
+    /// is pending; a `review` verdict is refused (docs/approvals.md).
     #[command(subcommand, verbatim_doc_comment)]
     Approvals(ApprovalsCommand),
 
@@ -407,8 +410,7 @@ pub enum ApprovalsCommand {
         #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
         grant: Option<std::time::Duration>,
     },
-    /// Refuse a held statement; the client gets an error naming you and the
-    /// reason.
+    /// Refuse a held statement, saying why.
     Deny {
         #[command(flatten)]
         conn: ApprovalsConn,
