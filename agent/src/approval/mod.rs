@@ -10,6 +10,9 @@
 //!   a restart ends them as aborted.
 //! - `reviewers`: who a Unix peer is (user name and groups from the local
 //!   `passwd` and `group` files).
+//! - `hold`: what a session needs to hold one statement: the request made
+//!   from a `review` decision, a guard that cancels it when the session
+//!   stops waiting, and the notice and errors the client is shown.
 //! - `api`: the reviewer API, HTTP and JSON on a local Unix socket whose
 //!   peers are authenticated by their credentials (`SO_PEERCRED`).
 //! - `client`: the same API from the `tollgate approvals` command.
@@ -20,6 +23,7 @@
 pub mod api;
 pub mod client;
 pub mod grants;
+pub mod hold;
 pub mod registry;
 pub mod reviewers;
 #[cfg(test)]
@@ -34,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::policy::Approver;
 
 pub use grants::{Grant, GrantStore, GrantSubject};
+pub use hold::{HeldStatement, Hold};
 pub use registry::{
     ApprovalAsk, ApprovalEffect, ApprovalRecord, Outcome, Registry, RequestContext, RequestView,
 };

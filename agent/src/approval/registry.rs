@@ -17,7 +17,7 @@ use crate::policy::{Approver, GrantScope, ReviewSettings};
 /// than allowed to grow the agent without bound.
 pub const MAX_PENDING: usize = 10_000;
 /// Decided requests kept for `show` and for a late reviewer's 409.
-const MAX_ENDED: usize = 1_000;
+const MAX_ENDED: usize = 256;
 /// Longest statement text, reason and edit kept or accepted.
 pub const MAX_TEXT: usize = 64 * 1024;
 

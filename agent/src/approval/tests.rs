@@ -749,3 +749,114 @@ async fn the_api_approves_denies_and_grants_for_an_approver() {
     assert_eq!(outcome.try_recv(), Err(TryRecvError::Empty));
     assert_eq!(registry.list().len(), 2);
 }
+
+// ---- holding one statement ----------------------------------------------------
+
+fn review_decision(review: Option<Arc<ReviewSettings>>) -> crate::policy::Decision {
+    crate::policy::Decision {
+        action: crate::policy::Action::Review,
+        matched: vec![crate::policy::MatchedRule {
+            name: "review-deletes".into(),
+            action: crate::policy::Action::Review,
+            message: Some("deletes need a second pair of eyes".into()),
+            file: "p.toml".into(),
+            mask: None,
+            review,
+        }],
+        default_used: false,
+        reason: "rule \"review-deletes\" (review)".into(),
+    }
+}
+
+fn held_statement(identity: &ProcessIdentity) -> HeldStatement<'_> {
+    HeldStatement {
+        target: "prod",
+        database_user: Some("app"),
+        text: "DELETE FROM orders WHERE id = 1",
+        fingerprint: Some("abc123"),
+        identity,
+        session: "s1",
+    }
+}
+
+#[tokio::test]
+async fn a_hold_is_answered_by_its_outcome_and_cancelled_when_dropped() {
+    let registry = Arc::new(registry());
+    let identity = requester();
+    let decision = review_decision(Some(settings(1, GrantScope::Statement)));
+    let hold = Hold::submit(&registry, &decision, held_statement(&identity), t0())
+        .unwrap()
+        .unwrap();
+    let id = hold.id().clone();
+    assert_eq!(
+        hold.notice(),
+        format!("tollgate: statement held for review (request {id}), waiting up to 10m; approve with: tollgate approvals approve {id}")
+    );
+    let view = registry.show(&id).unwrap();
+    assert_eq!(view.context.rule, "review-deletes");
+    assert_eq!(
+        view.context.rule_message.as_deref(),
+        Some("deletes need a second pair of eyes")
+    );
+    assert_eq!(view.context.database_user.as_deref(), Some("app"));
+    assert_eq!(view.context.identity, identity);
+
+    let alice = reviewer(2001, "alice", &["dba"]);
+    registry.approve(&id, &alice, approve("ok"), t0()).unwrap();
+    let outcome = hold.outcome().await;
+    assert!(matches!(outcome, Outcome::Approved { .. }), "{outcome:?}");
+    assert_eq!(outcome.client_error(Duration::from_secs(600)), None);
+    // Decided before it was dropped: still approved.
+    assert!(matches!(
+        registry.show(&id).and_then(|v| v.outcome),
+        Some(Outcome::Approved { .. })
+    ));
+
+    // The client goes away while waiting: the request is cancelled.
+    let hold = Hold::submit(&registry, &decision, held_statement(&identity), t0())
+        .unwrap()
+        .unwrap();
+    let id = hold.id().clone();
+    drop(hold);
+    assert_eq!(
+        registry.show(&id).and_then(|v| v.outcome),
+        Some(Outcome::Cancelled)
+    );
+    assert!(registry.list().is_empty());
+
+    // The agent stops while waiting.
+    let hold = Hold::submit(&registry, &decision, held_statement(&identity), t0())
+        .unwrap()
+        .unwrap();
+    registry.abort_all();
+    assert_eq!(hold.outcome().await, Outcome::Aborted);
+}
+
+#[test]
+fn a_review_without_settings_is_not_held() {
+    let registry = Arc::new(registry());
+    let identity = requester();
+    let decision = review_decision(None);
+    assert!(Hold::submit(&registry, &decision, held_statement(&identity), t0()).is_none());
+    let mut by_default = review_decision(None);
+    by_default.matched.clear();
+    by_default.default_used = true;
+    assert!(Hold::submit(&registry, &by_default, held_statement(&identity), t0()).is_none());
+    assert!(registry.list().is_empty());
+}
+
+#[test]
+fn outcomes_are_worded_for_the_client() {
+    let ten = Duration::from_secs(600);
+    #[rustfmt::skip]
+    let cases = [
+        (Outcome::Denied { by: "alice".into(), reason: "not during the sale".into() },
+         "tollgate: statement denied by reviewer alice: not during the sale"),
+        (Outcome::Expired, "tollgate: statement not approved within 10m; the review request expired"),
+        (Outcome::Cancelled, "tollgate: review request cancelled"),
+        (Outcome::Aborted, "tollgate: review request aborted: the agent stopped before a decision"),
+    ];
+    for (outcome, want) in cases {
+        assert_eq!(outcome.client_error(ten).as_deref(), Some(want));
+    }
+}

@@ -1,0 +1,123 @@
+//! What a session needs to hold one statement: the request built from a
+//! `review` decision, a guard that cancels the request when the session
+//! stops waiting (the client went away), and the words the client is shown.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::oneshot;
+
+use super::{ApprovalError, Outcome, Registry, RequestContext, RequestId};
+use crate::identity::ProcessIdentity;
+use crate::policy::Decision;
+
+/// A statement held for review. Dropping it before its outcome arrived
+/// cancels the request.
+pub struct Hold {
+    id: RequestId,
+    timeout: Duration,
+    registry: Arc<Registry>,
+    outcome: oneshot::Receiver<Outcome>,
+    decided: bool,
+}
+
+/// Everything about the statement a request is made from.
+pub struct HeldStatement<'a> {
+    /// The target's name.
+    pub target: &'a str,
+    /// The database user of the session.
+    pub database_user: Option<&'a str>,
+    /// The text as the client sent it.
+    pub text: &'a str,
+    /// Its shape, for grants.
+    pub fingerprint: Option<&'a str>,
+    /// The process behind the session.
+    pub identity: &'a ProcessIdentity,
+    /// The session's id.
+    pub session: &'a str,
+}
+
+impl Hold {
+    /// Submits a request for a `review` decision; `None` when the decision
+    /// has no review settings (a default decided `review`: nobody is named
+    /// to approve it, so the session refuses it).
+    pub fn submit(
+        registry: &Arc<Registry>,
+        decision: &Decision,
+        statement: HeldStatement<'_>,
+        now: SystemTime,
+    ) -> Option<Result<Hold, ApprovalError>> {
+        let rule = decision.deciding_rule()?;
+        let review = rule.review.clone()?;
+        let timeout = review.timeout;
+        let context = RequestContext {
+            target: statement.target.to_owned(),
+            database_user: statement.database_user.map(str::to_owned),
+            statement: statement.text.to_owned(),
+            fingerprint: statement.fingerprint.map(str::to_owned),
+            rule: rule.name.to_string(),
+            rule_message: rule.message.as_deref().map(str::to_owned),
+            review,
+            identity: statement.identity.clone(),
+            session: Some(statement.session.to_owned()),
+        };
+        Some(registry.submit(context, now).map(|(id, outcome)| Hold {
+            id,
+            timeout,
+            registry: Arc::clone(registry),
+            outcome,
+            decided: false,
+        }))
+    }
+
+    /// The request's id.
+    pub fn id(&self) -> &RequestId {
+        &self.id
+    }
+
+    /// The notice the client gets at once.
+    pub fn notice(&self) -> String {
+        format!(
+            "tollgate: statement held for review (request {id}), waiting up to {}; approve with: tollgate approvals approve {id}",
+            humantime::format_duration(self.timeout),
+            id = self.id
+        )
+    }
+
+    /// Waits for the outcome (the registry ends every request: decided,
+    /// expired, cancelled or aborted).
+    pub async fn outcome(mut self) -> Outcome {
+        let outcome = (&mut self.outcome).await.unwrap_or(Outcome::Aborted);
+        self.decided = true;
+        outcome
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if !self.decided && self.registry.cancel(&self.id) {
+            tracing::info!(request = %self.id, "review: request cancelled (the client went away)");
+        }
+    }
+}
+
+impl Outcome {
+    /// The error the client gets when the statement will not run; `None`
+    /// for an approval.
+    pub fn client_error(&self, timeout: Duration) -> Option<String> {
+        match self {
+            Outcome::Approved { .. } => None,
+            Outcome::Denied { by, reason } => Some(format!(
+                "tollgate: statement denied by reviewer {by}: {reason}"
+            )),
+            Outcome::Expired => Some(format!(
+                "tollgate: statement not approved within {}; the review request expired",
+                humantime::format_duration(timeout)
+            )),
+            Outcome::Cancelled => Some("tollgate: review request cancelled".to_owned()),
+            Outcome::Aborted => Some(
+                "tollgate: review request aborted: the agent stopped before a decision".to_owned(),
+            ),
+        }
+    }
+}
