@@ -46,6 +46,8 @@ use crate::protocol::SharedPolicy;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 128 * 1024;
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 64;
 /// A connection is closed after this long, whatever it is doing.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -75,7 +77,17 @@ struct Peer {
 
 /// Serves reviewers until `stop` is cancelled.
 pub async fn serve(listener: UnixListener, state: Arc<ApiState>, stop: CancellationToken) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A permit before accept: any local user may connect, so the
+        // connections served at once are bounded.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -94,6 +106,7 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>, stop: Cancellat
         });
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
