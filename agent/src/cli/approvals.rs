@@ -302,3 +302,104 @@ fn grants_text(value: &Value) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::approval::{ApprovalAsk, Registry, RequestContext, Reviewer};
+    use crate::identity::{CiContext, CiProvider, ProcessIdentity};
+    use crate::policy::{Approver, GrantScope, ReviewSettings};
+
+    fn pending() -> (Registry, crate::approval::RequestId) {
+        let registry = Registry::new(BTreeMap::new());
+        let context = RequestContext {
+            target: "prod".into(),
+            database_user: Some("app".into()),
+            statement: "DELETE FROM orders\nWHERE id = 1".into(),
+            fingerprint: Some("abc".into()),
+            rule: "review-deletes".into(),
+            rule_message: Some("deletes need a second pair of eyes".into()),
+            review: Arc::new(ReviewSettings {
+                approvers: vec![Approver::UnixGroup("dba".into())],
+                approvals: 2,
+                timeout: Duration::from_secs(600),
+                grant: GrantScope::Statement,
+            }),
+            identity: ProcessIdentity {
+                uid: Some(1001),
+                user: Some("runner".into()),
+                exe: Some("/usr/bin/psql".into()),
+                cgroup: Some("/ci/job-7".into()),
+                ci: Some(CiContext {
+                    provider: CiProvider::GithubActions,
+                    repository: Some("acme/shop".into()),
+                    branch: None,
+                    job: None,
+                    run_id: Some("42".into()),
+                    workflow: Some("deploy".into()),
+                    actor: Some("octo".into()),
+                    url: None,
+                    runner_pid: None,
+                    verified: true,
+                }),
+                ..ProcessIdentity::default()
+            },
+            session: None,
+        };
+        let at = UNIX_EPOCH + Duration::from_secs(1_780_000_000);
+        let (id, _outcome) = registry.submit(context, at).unwrap();
+        let alice = Reviewer {
+            uid: 2001,
+            user: "alice".into(),
+            groups: vec!["dba".into()],
+            cgroup: None,
+            ci_actor: None,
+        };
+        registry
+            .approve(&id, &alice, ApprovalAsk::default(), at)
+            .unwrap();
+        (registry, id)
+    }
+
+    #[test]
+    fn pending_requests_are_listed_one_per_line() {
+        let (registry, id) = pending();
+        let listed = serde_json::to_value(registry.list()).unwrap();
+        assert_eq!(
+            list_text(&listed),
+            format!("{id}  prod  rule review-deletes  1/2 approvals  runner /usr/bin/psql (acme/shop)  DELETE FROM orders...\n")
+        );
+        assert_eq!(
+            list_text(&serde_json::json!([])),
+            "no statements are waiting for review\n"
+        );
+    }
+
+    #[test]
+    fn a_request_is_shown_with_its_context() {
+        let (registry, id) = pending();
+        let shown = show_text(&serde_json::to_value(registry.show(&id).unwrap()).unwrap());
+        for line in [
+            format!("request        {id}"),
+            "target         prod".to_owned(),
+            "database user  app".to_owned(),
+            "rule           review-deletes".to_owned(),
+            "rule message   deletes need a second pair of eyes".to_owned(),
+            "process        runner /usr/bin/psql (acme/shop)".to_owned(),
+            "cgroup         /ci/job-7".to_owned(),
+            "ci             github_actions acme/shop workflow deploy run 42 actor octo (verified)"
+                .to_owned(),
+            "approvals      1/2 alice".to_owned(),
+            "expires        2026-05-28T20:36:40Z".to_owned(),
+            "outcome        pending".to_owned(),
+        ] {
+            assert!(shown.contains(&format!("{line}\n")), "{line}\nin\n{shown}");
+        }
+    }
+}
