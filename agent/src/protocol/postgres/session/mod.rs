@@ -107,8 +107,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::backend::{self, BackendMessage, TransactionStatus};
 use super::codec::{
-    frame, frame_startup, CodecError, FrameHeader, MessageWriter, Reader, MAX_MESSAGE,
-    MAX_PRE_AUTH_MESSAGE,
+    frame, frame_startup, CodecError, FrameHeader, MessageWriter, MAX_MESSAGE, MAX_PRE_AUTH_MESSAGE,
 };
 use super::error::{error_response, severity, sqlstate, ssl_refused};
 use super::fastpath;
