@@ -81,6 +81,9 @@
 //!   upstream side reads, and the rows it masks.
 //!
 //! Everything but this file is sans-IO: bytes in, a [`Step`] out.
+//! [`step_batch`] steps a side over one read; the pumps write what it
+//! gives, and `tests.rs` drives both sides with it from tables of
+//! messages.
 
 mod client;
 mod masking_flow;
@@ -587,16 +590,16 @@ struct Batch {
     wait: bool,
 }
 
-/// Handles every whole message in `data`, forwarding runs of unchanged
-/// messages and replacements in one write (see [`write_batch`]), then
-/// flushes (TLS holds records until flushed; for TCP this does nothing).
-async fn forward_batch<S: Side, W: AsyncWrite + Unpin>(
+/// Steps `side` over `data` (the unhandled bytes of one read) until it
+/// needs more bytes, waits or stops: what is to be written goes into
+/// `spliced` (the runs and replacements up to the last replaced message),
+/// followed by `data[tail..batch.handled]`, the run after it. No I/O: the
+/// pumps write the result, the tests read it.
+fn step_batch<S: Side>(
     side: &mut S,
-    writer: &mut W,
     data: &[u8],
     spliced: &mut Vec<u8>,
-    write_err: fn(io::Error) -> Stop,
-) -> Result<Batch, Stop> {
+) -> Result<(Batch, usize), Stop> {
     let mut batch = Batch {
         handled: 0,
         need: FrameHeader::SIZE,
@@ -628,6 +631,20 @@ async fn forward_batch<S: Side, W: AsyncWrite + Unpin>(
             }
         }
     }
+    Ok((batch, from))
+}
+
+/// Handles every whole message in `data`, forwarding runs of unchanged
+/// messages and replacements in one write (see [`write_batch`]), then
+/// flushes (TLS holds records until flushed; for TCP this does nothing).
+async fn forward_batch<S: Side, W: AsyncWrite + Unpin>(
+    side: &mut S,
+    writer: &mut W,
+    data: &[u8],
+    spliced: &mut Vec<u8>,
+    write_err: fn(io::Error) -> Stop,
+) -> Result<Batch, Stop> {
+    let (batch, from) = step_batch(side, data, spliced)?;
     let tail = data.get(from..batch.handled).unwrap_or_default();
     if !spliced.is_empty() {
         side.forwarded(spliced);
@@ -674,8 +691,11 @@ async fn write_batch<W: AsyncWrite + Unpin>(
 const SPLICE_KEEP: usize = 64 * 1024;
 
 #[cfg(test)]
+mod tests;
+
+#[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
-mod tests {
+mod io_tests {
     use super::*;
 
     /// Keeps each write call's bytes apart.
