@@ -322,7 +322,7 @@ impl UpstreamSide<'_> {
             return Ok(Some(Step::Need(header.len)));
         };
         if header.tag == COMMAND_COMPLETE {
-            let tag = body.strip_suffix(&[0]).unwrap_or(body);
+            let tag = command_tag(body).unwrap_or_default();
             if self.shared.lookup().command_complete(tag) {
                 self.out.clear();
                 return Ok(Some(Step::Replace(header.len)));
