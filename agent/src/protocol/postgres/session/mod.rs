@@ -69,7 +69,8 @@
 //! # Layout
 //!
 //! - this file: [`run`], the two pumps and the batched forwarding of what
-//!   each side decided: the only code here that touches sockets;
+//!   each side decided: with [`startup`], the only code here that touches
+//!   sockets;
 //! - [`startup`]: start-up packets, TLS negotiation on both legs,
 //!   cancel requests and the refusals written before a session starts;
 //! - [`shared`]: the state both directions share, why a session stops,
@@ -80,7 +81,8 @@
 //! - [`masking_flow`]: the masking lookups the client side plans and the
 //!   upstream side reads, and the rows it masks.
 //!
-//! Everything but this file is sans-IO: bytes in, a [`Step`] out.
+//! The ready phase is sans-IO outside this file: [`client`], [`upstream`]
+//! and [`masking_flow`] take bytes and give a [`Step`].
 //! [`step_batch`] steps a side over one read; the pumps write what it
 //! gives, and `tests.rs` drives both sides with it from tables of
 //! messages.
