@@ -76,8 +76,8 @@ impl ClientSide<'_> {
             // A computed field is masked, with the strictest method of the
             // rules whose columns the statement's expressions may read (all
             // of them when its text cannot be walked).
-            let refs = statement
-                .and_then(|s| self.ctx.analysis.column_refs(&s.text, self.text_reading()));
+            let refs =
+                statement.and_then(|s| self.ctx.analysis.column_refs(&s.text, self.text_reading()));
             let computed = decision
                 .mask_rules()
                 .filter(|rule| {
