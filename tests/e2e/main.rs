@@ -11,6 +11,7 @@ mod listener;
 mod masking;
 mod orderings;
 mod postgres;
+mod protect;
 mod recording;
 mod redirect;
 mod regress;
