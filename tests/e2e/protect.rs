@@ -300,6 +300,29 @@ fn audit_logs_and_counts_a_direct_connection_with_its_pid_cgroup_and_exe_and_let
         ),
         1.0
     );
+    let check = Command::new(agent_binary())
+        .args(["config", "check", "--config"])
+        .arg(&s.configs[0])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    let said = text(&check.stdout);
+    assert!(
+        said.contains("protect (audit): on the cgroup v2 root, connections to these targets that do not come through the redirect are let through, logged and counted"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "  remote-pg ({} ports {}), and the same ports on this host's local addresses",
+            s.addrs.v4, s.pg.port
+        )),
+        "{said}"
+    );
+    let shown = text(&agent.cli(&["status"]).stdout);
+    assert!(shown.contains("Protect: audit on "), "{shown}");
+    assert!(shown.contains("(attached) for remote-pg"), "{shown}");
+    assert!(shown.contains("connect4 tollgate_protec"), "{shown}");
+    assert!(shown.contains("1 audited, 0 denied"), "{shown}");
     let status = agent.status().unwrap();
     let protect = &status["redirect"]["protect"];
     assert_eq!(protect["mode"], "audit", "{status}");

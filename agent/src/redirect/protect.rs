@@ -518,6 +518,7 @@ pub(super) fn remove_unwanted(pin_root: &Path) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use tollgate_common::{v4_mapped, PROTECT_VERDICT_AUDIT};
 
