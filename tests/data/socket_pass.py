@@ -13,7 +13,8 @@
   connect-fd FD HOST PORT MARKER
       Connects the inherited socket FD and runs the query.
   connect-new HOST PORT MARKER
-      Creates a TCP socket, connects it and runs the query.
+      Creates a TCP socket (IPv6 when HOST has a colon), connects it and
+      runs the query.
 
 With HOLD_SECONDS set, waits that long before exiting, so that the process
 is still there to be looked at.
@@ -145,7 +146,8 @@ def main(argv):
         sock = socket.socket(fileno=int(argv[2]))
         connect_and_query(sock, *argv[3:6])
     elif mode == "connect-new":
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in argv[2] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         connect_and_query(sock, *argv[2:5])
     else:
         print("unknown mode %s" % mode, file=sys.stderr)

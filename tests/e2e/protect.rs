@@ -346,6 +346,13 @@ fn deny_refuses_a_direct_connection_on_every_local_address_while_redirected_and_
     refused(&out);
     let (_, out) = s.direct("127.0.0.1", "deny-loopback", 0);
     refused(&out);
+    // The IPv6 program: native IPv6 loopback (the server does not listen
+    // there, so without protect this would be ECONNREFUSED, not EPERM), and
+    // the target's address v4-mapped on an IPv6 socket.
+    let (_, out) = s.direct("::1", "deny-v6-loopback", 0);
+    refused(&out);
+    let (_, out) = s.direct(&format!("::ffff:{}", s.addrs.v4), "deny-v4-mapped", 0);
+    refused(&out);
     let line = bypass_line(&agent, |l| l["pid"].as_u64() == Some(pid.into()));
     assert_eq!(line["verdict"], "deny", "{line}");
     assert_eq!(line["uid"].as_u64(), Some(NOBODY), "{line}");
@@ -358,6 +365,7 @@ fn deny_refuses_a_direct_connection_on_every_local_address_while_redirected_and_
     s.assert_server_ran("governed-ok");
     s.assert_server_never_saw("deny-direct");
     s.assert_server_never_saw("deny-loopback");
+    s.assert_server_never_saw("deny-v4-mapped");
 
     let metrics = http_get(metrics_port, "/metrics");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -367,15 +375,15 @@ fn deny_refuses_a_direct_connection_on_every_local_address_while_redirected_and_
             &http_get(metrics_port, "/metrics"),
             "tollgate_protect_bypass_attempts_total{target=\"remote-pg\",verdict=\"deny\"}",
         );
-        if counted == 2.0 {
+        if counted == 4.0 {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(counted, 2.0, "{metrics}");
+    assert_eq!(counted, 4.0, "{metrics}");
     let status = agent.status().unwrap();
     let stats = &status["redirect"]["protect"]["stats"];
-    assert_eq!(stats["denied"].as_u64(), Some(2), "{status}");
+    assert_eq!(stats["denied"].as_u64(), Some(4), "{status}");
     assert!(stats["exempt"].as_u64().is_some_and(|n| n >= 1), "{status}");
     assert_eq!(stats["audited"].as_u64(), Some(0), "{status}");
 }
