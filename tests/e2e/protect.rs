@@ -328,6 +328,35 @@ fn audit_logs_and_counts_a_direct_connection_with_its_pid_cgroup_and_exe_and_let
     assert_eq!(protect["mode"], "audit", "{status}");
     assert_eq!(protect["kernel"]["state"], "attached", "{status}");
     assert_eq!(protect["targets"][0], "remote-pg", "{status}");
+
+    // The links' pins removed behind the agent's back: the kernel no longer
+    // has the programs, and the status and the log say so.
+    let links = PathBuf::from(setting(&config, "pin_dir").unwrap()).join("protect/links");
+    for name in ["tollgate_protect4", "tollgate_protect6"] {
+        std::fs::remove_file(links.join(name)).unwrap();
+    }
+    agent
+        .wait_for_log(
+            |l| {
+                l["message"].as_str().is_some_and(|m| {
+                    m.starts_with(
+                        "the kernel no longer has the protect programs on the cgroup root",
+                    )
+                })
+            },
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    let status = agent.status().unwrap();
+    assert_eq!(
+        status["redirect"]["protect"]["kernel"]["state"], "detached",
+        "{status}"
+    );
+    let shown = text(&agent.cli(&["status"]).stdout);
+    assert!(
+        shown.contains("warning: the kernel does not have the protect programs on"),
+        "{shown}"
+    );
 }
 
 #[test]

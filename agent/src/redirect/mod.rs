@@ -408,6 +408,9 @@ impl Redirect {
             instance.forget_vanished();
             instance.report_kernel_detachments();
         }
+        if let Some(p) = &self.protect {
+            p.report_kernel_detachment();
+        }
         newly
     }
 

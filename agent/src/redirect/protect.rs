@@ -103,6 +103,9 @@ pub struct Protect {
     own_programs: HashSet<u32>,
     stats: PerCpuArray<MapData, u64>,
     events: Mutex<Option<RingBuf<MapData>>>,
+    /// Whether the kernel was last seen without these programs on the root,
+    /// so that a detachment is logged once, not at every look.
+    seen_detached: Mutex<bool>,
     /// Holds the loaded programs for the agent's lifetime (the links are
     /// pinned, so they stay attached without it too).
     _ebpf: Mutex<Ebpf>,
@@ -217,6 +220,7 @@ impl Protect {
             own_programs,
             stats,
             events: Mutex::new(Some(events)),
+            seen_detached: Mutex::new(false),
             _ebpf: Mutex::new(ebpf),
         })
     }
@@ -254,6 +258,33 @@ impl Protect {
             ),
             stats: self.stats(),
         }
+    }
+
+    /// Logs, once per change, that the kernel no longer has the programs on
+    /// the root (their pins were removed, or root detached them), and that
+    /// they are back.
+    pub(super) fn report_kernel_detachment(&self) {
+        let view = attachments::kernel_view_at(
+            &self.root,
+            &[AttachPoint::Connect4, AttachPoint::Connect6],
+            &self.own_programs,
+            &std::collections::HashMap::new(),
+        );
+        let Ok(mut seen) = self.seen_detached.lock() else {
+            return;
+        };
+        let attached = view.state == "attached";
+        if attached && *seen {
+            tracing::info!(cgroup = %self.root.display(), "the kernel has the protect programs on the cgroup root again");
+        } else if !attached && !*seen {
+            tracing::warn!(
+                cgroup = %self.root.display(),
+                kernel_state = %view.state,
+                error = view.error.as_deref().unwrap_or(""),
+                "the kernel no longer has the protect programs on the cgroup root: their pins were removed or the programs detached; restart the agent to attach them again"
+            );
+        }
+        *seen = !attached;
     }
 
     /// The ring buffer of reports, once (for [`watch`]).
