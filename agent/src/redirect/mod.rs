@@ -350,25 +350,9 @@ impl Redirect {
         // governed connection is only let through once it is redirected.
         let protect = match &config.protect {
             Some(p) => {
-                let covered = |name: &str| p.covers(name);
-                let protected_local: Vec<local::LocalTarget> = local_targets
-                    .iter()
-                    .filter(|t| covered(&t.name))
-                    .cloned()
-                    .collect();
-                let protected = config
-                    .targets
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, t)| covered(&t.name));
-                let names: Vec<String> = config
-                    .targets
-                    .iter()
-                    .filter(|t| covered(&t.name))
-                    .map(|t| t.name.clone())
-                    .collect();
-                let protect_entries = targets::build(protected, &resolve, &protected_local)
-                    .map_err(RedirectError::Kernel)?;
+                let (protect_entries, names) =
+                    protect::protected_entries(config, p, &resolve, &local_targets)
+                        .map_err(RedirectError::Kernel)?;
                 Some(protect::Protect::start(
                     p,
                     &settings.pin_dir,

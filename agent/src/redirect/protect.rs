@@ -293,6 +293,36 @@ impl Protect {
     }
 }
 
+/// The `PROTECT_TARGETS` entries for the targets `settings` protects, built
+/// as the redirect builds its own (so a protected target on this host is
+/// covered on its other local addresses too; rule target indices are the
+/// configuration's), and those targets' names.
+pub(super) fn protected_entries(
+    config: &Config,
+    settings: &ProtectSettings,
+    resolve: &dyn Fn(&str) -> Vec<IpAddr>,
+    local: &[LocalTarget],
+) -> Result<(Vec<TrieEntry>, Vec<String>), String> {
+    let protected_local: Vec<LocalTarget> = local
+        .iter()
+        .filter(|t| settings.covers(&t.name))
+        .cloned()
+        .collect();
+    let protected = config
+        .targets
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| settings.covers(&t.name));
+    let names = config
+        .targets
+        .iter()
+        .filter(|t| settings.covers(&t.name))
+        .map(|t| t.name.clone())
+        .collect();
+    let entries = super::targets::build(protected, resolve, &protected_local)?;
+    Ok((entries, names))
+}
+
 /// The agent's pid as the kernel's programs see it (the initial pid
 /// namespace's), which is the first `NSpid` of `/proc/self/status` when the
 /// agent sees that namespace's `/proc`.
@@ -593,6 +623,43 @@ mod tests {
         assert_eq!(got.comm, "psql");
         let audit = decode(&bytes_of(&event(1, PROTECT_VERDICT_AUDIT)), &names).unwrap();
         assert_eq!((audit.target.as_str(), audit.verdict), ("a", "audit"));
+    }
+
+    #[test]
+    fn only_the_listed_targets_are_protected_with_a_local_ones_other_addresses() {
+        let text = "[redirect]\n[protect]\nmode = \"deny\"\ntargets = [\"here\"]\n\
+            [[target]]\nname = \"remote\"\naddress = \"10.0.0.1\"\nports = [5432]\nprotocol = \"postgres\"\n\
+            [[target]]\nname = \"here\"\naddress = \"192.168.1.7\"\nports = [6432]\nprotocol = \"postgres\"\n";
+        let config = Config::from_toml(Path::new("t.toml"), text).unwrap();
+        let settings = config.protect.clone().unwrap();
+        let resolve = |_: &str| Vec::new();
+        let host: Vec<IpAddr> = vec!["192.168.1.7".parse().unwrap()];
+        let local =
+            super::super::local::local_targets(config.targets.iter().enumerate(), &resolve, &host);
+        let (entries, names) = protected_entries(&config, &settings, &resolve, &local).unwrap();
+        assert_eq!(names, vec!["here".to_string()]);
+        let find = |ip: [u8; 4]| {
+            entries
+                .iter()
+                .find(|e| e.addr == v4_mapped(ip))
+                .map(|e| e.entry.find(6432).map(|r| (r.target, r.action)))
+        };
+        assert_eq!(
+            find([10, 0, 0, 1]),
+            None,
+            "an unlisted target is not protected"
+        );
+        let here = Some(Some((2, tollgate_common::ACTION_REDIRECT)));
+        assert_eq!(find([192, 168, 1, 7]), here, "its own address");
+        assert_eq!(
+            find([127, 0, 0, 0]),
+            here,
+            "loopback, as the redirect governs it"
+        );
+        assert_eq!(find([0, 0, 0, 0]), here, "0.0.0.0 connects to the host");
+        assert!(entries
+            .iter()
+            .any(|e| e.addr == tollgate_common::IPV6_LOOPBACK));
     }
 
     #[test]
