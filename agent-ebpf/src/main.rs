@@ -20,6 +20,10 @@
 //!   an unlisted destination fails with `EPERM` in deny mode. A UDP socket's
 //!   `connect()` is already decided by the connect hooks, and sends on a
 //!   connected socket go only where `connect()` allowed.
+//! - `tollgate_protect4` / `tollgate_protect6` (`cgroup/connect4`,
+//!   `cgroup/connect6`, in `protect`): attached to the cgroup v2 root when
+//!   `[protect]` is set; report (and in deny mode refuse) connects to a
+//!   protected target that did not come through the redirect.
 //!
 //! The map layouts, the verdict order and the meaning of every field live in
 //! `tollgate-common`; this crate only applies them.
@@ -35,6 +39,8 @@
 //! - Logging (aya-log) happens only on failures, never on the per-connect path.
 #![no_std]
 #![no_main]
+
+mod protect;
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 

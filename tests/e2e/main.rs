@@ -12,6 +12,7 @@ mod listener;
 mod masking;
 mod orderings;
 mod postgres;
+mod protect;
 mod recording;
 mod redirect;
 mod regress;

@@ -88,6 +88,48 @@ pub fn print_status(report: &StatusReport) -> String {
                     "  warning: {path} is not governed as configured: {why}; its pins were removed or its programs detached behind the agent's back; restart the agent to attach again"
                 );
             }
+            match &r.protect {
+                None => {
+                    let _ = writeln!(out, "\nProtect: off (no [protect] section)");
+                }
+                Some(p) => {
+                    let s = &p.stats;
+                    let ours: Vec<String> = p
+                        .kernel
+                        .programs
+                        .iter()
+                        .filter(|k| k.ours)
+                        .map(|k| format!("{} {} (id {})", k.attach_point, k.name, k.id))
+                        .collect();
+                    let _ = writeln!(
+                        out,
+                        "\nProtect: {} on {} ({}{}) for {}; kernel: {}",
+                        p.mode,
+                        p.cgroup,
+                        p.kernel.state,
+                        if p.readopted { ", re-adopted" } else { "" },
+                        p.targets.join(", "),
+                        if ours.is_empty() {
+                            "none of ours attached".to_string()
+                        } else {
+                            ours.join(", ")
+                        }
+                    );
+                    let _ = writeln!(
+                        out,
+                        "  bypass attempts: {} audited, {} denied; {} of the agent's own connects exempt; {} reports dropped",
+                        s.audited, s.denied, s.exempt, s.dropped
+                    );
+                    if p.kernel.state != "attached" {
+                        let _ = writeln!(
+                            out,
+                            "  warning: the kernel does not have the protect programs on {}: {}; restart the agent to attach them again",
+                            p.cgroup,
+                            p.kernel.error.as_deref().unwrap_or("their pins were removed or the programs detached")
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -219,6 +219,20 @@ impl RunningAgent {
                 redirect.clone(),
                 stop_accepting.clone(),
             ));
+            if let Some(events) = redirect.protect.as_ref().and_then(|p| p.take_events()) {
+                let names = shared
+                    .config
+                    .targets
+                    .iter()
+                    .map(|t| t.name.clone())
+                    .collect();
+                background.spawn(crate::redirect::protect::watch(
+                    events,
+                    names,
+                    shared.metrics.clone(),
+                    stop_accepting.clone(),
+                ));
+            }
             background.spawn(reconcile_cgroups(redirect, stop_accepting.clone()));
         }
         if let Some(socket) = metrics_socket {

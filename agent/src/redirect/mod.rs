@@ -28,6 +28,7 @@ mod attachments;
 pub mod cgroup;
 pub mod local;
 mod pins;
+pub mod protect;
 mod targets;
 
 pub use attachments::{KernelAttachment, KernelProgram};
@@ -237,6 +238,8 @@ pub struct Redirect {
     pub exec_unlisted: UnlistedPolicy,
     /// The pin directory.
     pub pin_dir: PathBuf,
+    /// The root cgroup's protect programs, when `[protect]` is set.
+    pub protect: Option<protect::Protect>,
 }
 
 impl Redirect {
@@ -343,12 +346,33 @@ impl Redirect {
                 &cgroups,
             )?);
         }
+        // After the governed cgroups have their programs: in deny mode a
+        // governed connection is only let through once it is redirected.
+        let protect = match &config.protect {
+            Some(p) => {
+                let (protect_entries, names) =
+                    protect::protected_entries(config, p, &resolve, &local_targets)
+                        .map_err(RedirectError::Kernel)?;
+                Some(protect::Protect::start(
+                    p,
+                    &settings.pin_dir,
+                    &cgroup_root,
+                    &protect_entries,
+                    names,
+                )?)
+            }
+            None => {
+                protect::remove_unwanted(&settings.pin_dir);
+                None
+            }
+        };
         Ok(Redirect {
             instances,
             cgroup_root,
             exec_root,
             exec_unlisted: settings.exec_unlisted,
             pin_dir: settings.pin_dir,
+            protect,
         })
     }
 
@@ -367,6 +391,9 @@ impl Redirect {
             }
             instance.forget_vanished();
             instance.report_kernel_detachments();
+        }
+        if let Some(p) = &self.protect {
+            p.report_kernel_detachment();
         }
         newly
     }
@@ -522,6 +549,9 @@ impl Redirect {
         let mut out = Vec::new();
         for i in &self.instances {
             walk(&i.dir, &mut out);
+        }
+        if self.protect.is_some() {
+            walk(&self.pin_dir.join(protect::DIR_NAME), &mut out);
         }
         out.sort();
         out
@@ -708,6 +738,8 @@ impl Instance {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // The protect ring buffer is unused by this load: its smallest size.
+        loader.map_max_entries("PROTECT_EVENTS", page_size());
         let mut ebpf = loader
             .load(PROGRAMS)
             .map_err(|e| classify("load the eBPF programs", e))?;
@@ -1125,6 +1157,14 @@ pub fn detach(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         fs::remove_dir_all(pin_dir)?;
     }
     Ok(removed)
+}
+
+/// The kernel's page size (a ring buffer's smallest size).
+fn page_size() -> u32 {
+    // SAFETY: sysconf reads a constant of the running system.
+    #[allow(unsafe_code)]
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
 }
 
 /// The unused-import guard for `SockOps` (kept for type clarity in docs).
