@@ -358,6 +358,7 @@ impl EventSink for LogSink {
                     ci_repository = id.ci.as_ref().and_then(|c| c.repository.as_deref()),
                     ci_job = id.ci.as_ref().and_then(|c| c.job.as_deref()),
                     identity_gaps = %id.gaps.join("; "),
+                    identity_instance = id.instance.as_ref().map(|c| format!("{:?}", c.verdict).to_lowercase()),
                     original_destination = info.kernel.as_ref().map(|k| k.destination.to_string()),
                     kernel_cgroup_id = info.kernel.as_ref().map(|k| k.cgroup_id),
                     "session started: {}",

@@ -36,6 +36,7 @@
 
 mod ci;
 mod exe_hash;
+mod instance;
 mod process;
 mod sock_diag;
 mod socket;
@@ -49,6 +50,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use exe_hash::{ExeHashCache, HashError};
+pub use instance::{ConnectInstance, InstanceCheck, InstanceVerdict, InstanceView};
 use process::why;
 
 /// Ancestry walks stop after this many parents (guards against loops).
@@ -101,6 +103,22 @@ pub struct ProcessIdentity {
     pub ci: Option<CiContext>,
     /// What could not be determined, and why.
     pub gaps: Vec<String>,
+    /// For redirected connections whose executable and start time the
+    /// kernel captured at connect: whether the process read at accept is
+    /// the one that connected. `None` where nothing was captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceCheck>,
+}
+
+impl ProcessIdentity {
+    /// Whether rules may match on the executable (`exe`, `exe_sha256`):
+    /// not when the process is known to have changed since it connected,
+    /// or could not be compared.
+    pub fn exe_trusted(&self) -> bool {
+        self.instance
+            .as_ref()
+            .is_none_or(InstanceCheck::exe_trusted)
+    }
 }
 
 /// One process of the ancestry chain.
@@ -580,6 +598,11 @@ impl ProcessIdentity {
             (Some(uid), Some(user)) => s.push_str(&format!(" uid={uid}({user})")),
             (Some(uid), None) => s.push_str(&format!(" uid={uid}")),
             (None, _) => s.push_str(" uid=?"),
+        }
+        match self.instance.as_ref().map(|c| c.verdict) {
+            Some(InstanceVerdict::Changed) => s.push_str(" identity=changed"),
+            Some(InstanceVerdict::Unverified) => s.push_str(" identity=unverified"),
+            Some(InstanceVerdict::Same) | None => {}
         }
         if let Some(ci) = &self.ci {
             s.push_str(&format!(" ci={}", ci.provider));

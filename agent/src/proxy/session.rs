@@ -11,7 +11,7 @@ use super::live::SessionCounters;
 use super::Shared;
 use crate::config::{Protocol, Upstream};
 use crate::events::{Arrival, CloseReason, SessionEvent, SessionInfo};
-use crate::identity::{IdentityResolver, ProcessIdentity};
+use crate::identity::{ConnectInstance, IdentityResolver, ProcessIdentity};
 use crate::protocol::{self, Announce, SessionContext, SessionStart};
 use crate::redirect::KernelOrigin;
 
@@ -210,6 +210,18 @@ fn identify(
     identity.uid = Some(origin.uid);
     identity.gid.get_or_insert(origin.gid);
     identity.comm.get_or_insert_with(|| origin.comm.clone());
+    // Without BTF nothing was captured: identity stays as /proc shows it
+    // (logged once at load). Otherwise compare, after everything above was
+    // read, so an execve racing those reads shows as a change.
+    if origin.instance != ConnectInstance::NotCaptured {
+        let check = resolver.check_instance(origin.tgid, origin.instance);
+        if let Some(reason) = &check.reason {
+            identity
+                .gaps
+                .push(format!("executable rules do not apply: {reason}"));
+        }
+        identity.instance = Some(check);
+    }
     identity
 }
 

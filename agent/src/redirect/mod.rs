@@ -25,10 +25,12 @@
 //! from the pins.
 
 mod attachments;
+mod btf;
 pub mod cgroup;
 pub mod local;
 mod pins;
 mod targets;
+mod task_identity;
 
 pub use attachments::{KernelAttachment, KernelProgram};
 pub use pins::PinDirError;
@@ -44,11 +46,13 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
+
+use crate::identity::ConnectInstance;
 use serde::Serialize;
 use tollgate_common::{
     as_v4_mapped, v4_mapped, ConnectOrigin, OriginKey, RedirectConfig, TargetEntry,
-    CONFIG_F_DENY_UNLISTED, STAT_CLOSED, STAT_COUNT, STAT_DENIED, STAT_ERRORS, STAT_PASSED,
-    STAT_PUBLISHED, STAT_REDIRECTED,
+    CONFIG_F_DENY_UNLISTED, ORIGIN_ID_CAPTURED, ORIGIN_ID_READ_FAILED, STAT_CLOSED, STAT_COUNT,
+    STAT_DENIED, STAT_ERRORS, STAT_PASSED, STAT_PUBLISHED, STAT_REDIRECTED,
 };
 
 use crate::config::{Config, RedirectSettings, UnlistedPolicy};
@@ -89,6 +93,8 @@ pub struct KernelOrigin {
     pub comm: String,
     /// Index of the configured target (0-based) the redirect matched.
     pub target_index: usize,
+    /// The caller's executable and start time at connect.
+    pub instance: ConnectInstance,
 }
 
 /// Errors setting up the redirect, each with what to do.
@@ -601,6 +607,17 @@ fn to_kernel_origin(o: &ConnectOrigin) -> KernelOrigin {
         cgroup_id: o.cgroup_id,
         comm: String::from_utf8_lossy(o.comm.get(..comm_len).unwrap_or_default()).into_owned(),
         target_index: (o.target as usize).saturating_sub(1),
+        instance: if o.identity_flags & ORIGIN_ID_CAPTURED != 0 {
+            ConnectInstance::Captured {
+                dev: o.exe_dev,
+                ino: o.exe_ino,
+                start_boottime_ns: o.start_boottime,
+            }
+        } else if o.identity_flags & ORIGIN_ID_READ_FAILED != 0 {
+            ConnectInstance::Unreadable
+        } else {
+            ConnectInstance::NotCaptured
+        },
     }
 }
 
@@ -713,6 +730,7 @@ impl Instance {
             .map_err(|e| classify("load the eBPF programs", e))?;
 
         fill_maps(&mut ebpf, config_value, entries, resolvers)?;
+        task_identity::fill(&mut ebpf)?;
         start_kernel_log_reader(&mut ebpf, mode);
 
         for name in PROGRAM_NAMES {
