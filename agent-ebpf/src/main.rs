@@ -57,10 +57,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use tollgate_common::{
-    as_v4_mapped, v4_mapped, ConnectOrigin, OriginKey, RedirectConfig, TargetEntry, ACTION_DENY,
-    ACTION_PASS, ACTION_REDIRECT, CONFIG_F_DENY_UNLISTED, IPV4_MAPPED_LOOPBACK, IPV6_LOOPBACK,
-    TaskOffsets, ORIGIN_F_INET6, ORIGIN_ID_CAPTURED, ORIGIN_ID_READ_FAILED, STAT_CLOSED, STAT_COUNT, STAT_DENIED, STAT_ERRORS, STAT_PASSED, STAT_PUBLISHED,
-    STAT_REDIRECTED,
+    as_v4_mapped, v4_mapped, ConnectOrigin, OriginKey, RedirectConfig, TargetEntry, TaskOffsets,
+    ACTION_DENY, ACTION_PASS, ACTION_REDIRECT, CONFIG_F_DENY_UNLISTED, IPV4_MAPPED_LOOPBACK,
+    IPV6_LOOPBACK, ORIGIN_F_INET6, ORIGIN_ID_CAPTURED, ORIGIN_ID_READ_FAILED, STAT_CLOSED,
+    STAT_COUNT, STAT_DENIED, STAT_ERRORS, STAT_PASSED, STAT_PUBLISHED, STAT_REDIRECTED,
 };
 
 /// Return value of a cgroup/connect or sendmsg hook that lets the call

@@ -87,6 +87,10 @@ pub struct KernelRecord {
     pub comm: String,
     /// Index of the configured target the redirect matched.
     pub target_index: u64,
+    /// The executable and process start captured at connect (absent in
+    /// recordings of agents that did not capture them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<crate::identity::ConnectInstance>,
 }
 
 /// An event record: sequence, time, chain link and payload.

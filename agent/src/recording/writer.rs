@@ -1196,6 +1196,7 @@ fn header_of(info: &SessionInfo, host: &str, agent_version: &str, digest: Option
             cgroup_id: k.cgroup_id,
             comm: k.comm.clone(),
             target_index: k.target_index as u64,
+            instance: Some(k.instance),
         }),
     }
 }
