@@ -184,6 +184,17 @@ pub enum SessionEvent {
         #[serde(serialize_with = "as_bytes")]
         data: Arc<[u8]>,
     },
+    /// The SHA-256 of the session's executable, computed in the background
+    /// after the session started (large executables; see
+    /// `identity::exe_hash`).
+    ExeHashed {
+        /// Session id.
+        session: Uuid,
+        /// Lowercase hex digest, when it could be computed.
+        exe_sha256: Option<String>,
+        /// Why not, otherwise.
+        error: Option<String>,
+    },
     /// The session ended.
     Closed {
         /// Session id.
@@ -417,6 +428,14 @@ impl EventSink for LogSink {
             }
             // Counted in `closed`; one log line per read would drown the log.
             SessionEvent::Raw { .. } => {}
+            SessionEvent::ExeHashed {
+                session,
+                exe_sha256,
+                error,
+            } => {
+                tracing::info!(%session, exe_sha256 = exe_sha256.as_deref(), error = error.as_deref(),
+                    "executable hashed");
+            }
             SessionEvent::Closed {
                 session,
                 bytes_from_client,

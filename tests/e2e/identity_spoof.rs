@@ -401,3 +401,76 @@ fn wait_for(mut child: Child, agent: &Agent) -> std::process::ExitStatus {
         );
     }
 }
+
+#[test]
+fn a_large_executables_hash_is_computed_off_the_session_path_and_recorded_later() {
+    require_ebpf!();
+    let spoof = Spoof::start("");
+    let remote = spoof.remote();
+    let client = spoof.path("client.py");
+    // A 200 MB executable: the interpreter with padding after its image
+    // (the loader ignores bytes no segment maps). A fresh inode per run,
+    // so the agent has never hashed it.
+    let big = spoof.dir.path().join("big-tool");
+    std::fs::copy(&spoof.trusted, &big).unwrap();
+    {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&big).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..200 {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let digest = Command::new("sha256sum").arg(&big).output().unwrap();
+    let digest = String::from_utf8_lossy(&digest.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let big = big.to_str().unwrap().to_owned();
+    // The policy allows the trusted tool only; this one is denied by
+    // default, which needs no hash either way.
+    let run = |marker: &str, sql: &str| {
+        let marker = spoof.path(marker);
+        spoof
+            .governed_as_nobody(&[&big, &client, "addr", &remote, sql, &marker])
+            .output()
+            .unwrap()
+    };
+
+    let first = run("out/big1.pid", "select 'big-first-5150'");
+    assert!(
+        stdout(&first).contains("denied by the default policy"),
+        "{first:?}"
+    );
+    let started = spoof.session_of_statement("big-first-5150");
+    assert_eq!(started["exe"].as_str(), Some(big.as_str()), "{started}");
+    let id = started["session"].as_str().unwrap();
+    let lines = spoof.recording_lines(id);
+    let header = lines.iter().find(|l| l["record"] == "header").unwrap();
+    // The session started (its header was written) before the hash was
+    // known...
+    assert!(header["identity"]["exe_sha256"].is_null(), "{header}");
+    // ...and the hash arrived later in the same recording, before its end.
+    let seq_of = |kind: &str| {
+        lines
+            .iter()
+            .find(|l| l["event"]["type"] == kind)
+            .and_then(|l| l["seq"].as_u64())
+            .unwrap_or_else(|| panic!("no {kind} event in {lines:?}"))
+    };
+    let hashed = lines
+        .iter()
+        .find(|l| l["event"]["type"] == "exe_hashed")
+        .unwrap_or_else(|| panic!("no exe_hashed event in {lines:?}"));
+    assert_eq!(
+        hashed["event"]["exe_sha256"].as_str(),
+        Some(digest.as_str())
+    );
+    assert!(seq_of("exe_hashed") < seq_of("closed"));
+
+    // The next session of the same executable has the hash from the start.
+    let second = run("out/big2.pid", "select 'big-second-5150'");
+    assert!(!second.stdout.is_empty(), "{second:?}");
+    let started = spoof.session_of_statement("big-second-5150");
+    assert_eq!(started["exe_sha256"].as_str(), Some(digest.as_str()));
+}

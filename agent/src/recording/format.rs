@@ -158,6 +158,13 @@ pub enum Event {
         #[serde(with = "bin")]
         data: Vec<u8>,
     },
+    /// The executable's SHA-256, computed after the session started.
+    ExeHashed {
+        /// Lowercase hex digest, when it could be computed.
+        exe_sha256: Option<String>,
+        /// Why not, otherwise.
+        error: Option<String>,
+    },
     /// An event type this reader does not know (written by a later agent).
     #[serde(other)]
     Unknown,

@@ -302,6 +302,7 @@ fn session_of(event: &SessionEvent) -> Uuid {
         SessionEvent::UpstreamConnected { session, .. }
         | SessionEvent::Startup { session, .. }
         | SessionEvent::Raw { session, .. }
+        | SessionEvent::ExeHashed { session, .. }
         | SessionEvent::Closed { session, .. } => *session,
         SessionEvent::Statement(statement) => statement.session,
     }
@@ -1111,6 +1112,12 @@ fn event_body(event: &SessionEvent) -> Option<Event> {
         SessionEvent::Raw { dir, data, .. } => Event::Raw {
             dir: dir.as_str().to_string(),
             data: data.to_vec(),
+        },
+        SessionEvent::ExeHashed {
+            exe_sha256, error, ..
+        } => Event::ExeHashed {
+            exe_sha256: exe_sha256.clone(),
+            error: error.clone(),
         },
         SessionEvent::Closed {
             bytes_from_client,
