@@ -474,3 +474,74 @@ fn a_large_executables_hash_is_computed_off_the_session_path_and_recorded_later(
     let started = spoof.session_of_statement("big-second-5150");
     assert_eq!(started["exe_sha256"].as_str(), Some(digest.as_str()));
 }
+
+/// Creates an LRU hash map with `value_size`-byte values and pins it at
+/// `path` (as an agent of another record layout would have).
+const PIN_MAP_PY: &str = r#"
+import ctypes, struct, sys
+path, value_size = sys.argv[1].encode(), int(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_BPF, MAP_CREATE, OBJ_PIN, LRU_HASH = 321, 0, 6, 9
+attr = ctypes.create_string_buffer(struct.pack("=5I", LRU_HASH, 20, value_size, 16, 0), 128)
+fd = libc.syscall(SYS_BPF, MAP_CREATE, attr, 128)
+if fd < 0:
+    raise SystemExit("map create: errno %d" % ctypes.get_errno())
+name = ctypes.create_string_buffer(path)
+attr = ctypes.create_string_buffer(struct.pack("=QII", ctypes.addressof(name), fd, 0), 128)
+if libc.syscall(SYS_BPF, OBJ_PIN, attr, 128) < 0:
+    raise SystemExit("pin: errno %d" % ctypes.get_errno())
+"#;
+
+#[test]
+fn pins_of_another_origin_record_layout_are_refused_until_detached() {
+    require_ebpf!();
+    if !cfg!(target_arch = "x86_64") {
+        eprintln!("skipping: the map is made with the x86_64 bpf syscall number");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Postgres::start();
+    let config = format!(
+        "{}\n[[target]]\nname = \"pg\"\naddress = \"127.0.0.1\"\nports = [{}]\nprotocol = \"postgres\"\n",
+        redirect_section(dir.path(), "pass"),
+        pg.port
+    );
+    let pin_dir = config
+        .lines()
+        .find_map(|l| l.strip_prefix("pin_dir = \""))
+        .map(|l| PathBuf::from(l.trim_end_matches('"')))
+        .unwrap();
+    let maps = pin_dir.join("pass").join("maps");
+    for level in [&pin_dir, &pin_dir.join("pass"), &maps] {
+        std::fs::create_dir_all(level).unwrap();
+        std::fs::set_permissions(level, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let made = Command::new("python3")
+        .args(["-c", PIN_MAP_PY])
+        .arg(maps.join("ORIGINS"))
+        .arg("64")
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+
+    let mut agent = Agent::spawn(&config);
+    let status = wait_timeout(&mut agent.child, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the agent kept running:\n{}", agent.log_text()));
+    assert!(!status.success());
+    let log = agent.log_text();
+    assert!(
+        log.contains("holds 64-byte origin records") && log.contains("tollgate detach"),
+        "{log}"
+    );
+
+    let detached = agent.cli(&["detach"]);
+    assert!(detached.status.success(), "{detached:?}");
+    let keep = dir.path().join("agent.toml");
+    std::fs::copy(&agent.config, &keep).unwrap();
+    drop(agent);
+    let agent = Agent::start(&config);
+    assert!(agent.status().is_ok());
+    drop(agent);
+    cleanup_redirect(&keep);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+}

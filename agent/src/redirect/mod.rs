@@ -719,6 +719,7 @@ impl Instance {
     ) -> Result<Instance, RedirectError> {
         let maps_dir = dir.join("maps");
         pins::ensure_secure_dirs(pin_root, &maps_dir, pins::Owner::agent())?;
+        task_identity::check_pinned_origin_layout(&maps_dir)?;
         let map_paths: Vec<(&str, PathBuf)> =
             PINNED_MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
         let mut loader = EbpfLoader::new();

@@ -6,9 +6,11 @@
 //! capture nothing, and the agent identifies the process from `/proc` alone
 //! as before; this is logged once per load.
 
-use aya::maps::Array;
+use std::path::Path;
+
+use aya::maps::{Array, MapInfo};
 use aya::Ebpf;
-use tollgate_common::TaskOffsets;
+use tollgate_common::{ConnectOrigin, TaskOffsets};
 
 use super::btf::Btf;
 use super::{classify, RedirectError};
@@ -69,6 +71,35 @@ pub(super) fn fill(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
     array
         .set(0, value, 0)
         .map_err(|e| classify("write map TASK_OFFSETS", e))
+}
+
+/// Refuses origin maps pinned by an agent whose record had another size.
+///
+/// Pinned maps are re-opened as they are, and the programs pinned with them
+/// stay attached; a record of another layout would be cut short or read
+/// past its end. Such pins come from an earlier version (the record grew
+/// when the executable capture was added): the operator lifts them with
+/// `tollgate detach` and starts again.
+pub(super) fn check_pinned_origin_layout(maps_dir: &Path) -> Result<(), RedirectError> {
+    let expected = u32::try_from(std::mem::size_of::<ConnectOrigin>()).unwrap_or(u32::MAX);
+    for name in ["PENDING", "ORIGINS"] {
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        // A pin that cannot be read is reported by the load itself.
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
+        if info.value_size() != expected {
+            return Err(RedirectError::Kernel(format!(
+                "the pinned map {} holds {}-byte origin records, this agent writes {expected}: it was pinned by another version of the agent; run `tollgate detach` with this configuration (connections of governed processes are refused until the agent runs again) and start the agent again",
+                path.display(),
+                info.value_size()
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
