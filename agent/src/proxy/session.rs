@@ -200,10 +200,12 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
     // recording: wait for it a little (the client has gone already).
     let hash_task = lock(&hash_task).take();
     if let Some(mut task) = hash_task {
-        if tokio::time::timeout(HASH_WAIT_AT_CLOSE, &mut task)
-            .await
-            .is_err()
-        {
+        // Not past the shutdown grace period either.
+        let finished = tokio::select! {
+            done = tokio::time::timeout(HASH_WAIT_AT_CLOSE, &mut task) => done.is_ok(),
+            _ = shared.force_close.cancelled() => false,
+        };
+        if !finished {
             task.abort();
         }
     }
@@ -263,7 +265,7 @@ fn identify(
 }
 
 /// How long a closing session waits for its executable's background hash.
-const HASH_WAIT_AT_CLOSE: Duration = Duration::from_secs(10);
+const HASH_WAIT_AT_CLOSE: Duration = Duration::from_secs(30);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Only `Option`s are kept here: a panic cannot leave one half-updated.
