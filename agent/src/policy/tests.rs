@@ -310,6 +310,28 @@ fn every_matcher_matches_and_misses() {
 }
 
 #[test]
+fn an_executable_exception_does_not_exempt_a_process_that_changed_since_connect() {
+    let set = set(
+        "[[rule]]\nname = \"no-delete\"\naction = \"deny\"\n[rule.match]\nkinds = [\"delete\"]\n[rule.except]\nexe = [\"/usr/bin/psql\"]\n",
+    );
+    let delete = delete_all();
+    let decide = |identity: &ProcessIdentity| {
+        set.decide(&Request {
+            target: "t",
+            identity,
+            statement: Statement::Parsed(&delete),
+            multi_statement: false,
+        })
+        .matched
+        .len()
+    };
+    assert_eq!(decide(&ci_identity_checked(InstanceVerdict::Same)), 0);
+    assert_eq!(decide(&ci_identity()), 0, "nothing captured: as before");
+    assert_eq!(decide(&ci_identity_checked(InstanceVerdict::Changed)), 1);
+    assert_eq!(decide(&ci_identity_checked(InstanceVerdict::Unverified)), 1);
+}
+
+#[test]
 fn every_kind_name_parses_and_has_its_own_bit() {
     use crate::sql::StatementKind as K;
     // Exhaustive: a new kind fails to compile here until it is listed.
