@@ -1155,6 +1155,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_kernels_capture_flags_decide_what_was_captured() {
+        let mut record = ConnectOrigin {
+            dst_addr: v4_mapped([10, 0, 0, 5]),
+            dst_port: 5432,
+            flags: 0,
+            tgid: 42,
+            uid: 1000,
+            gid: 1000,
+            cgroup_id: 7,
+            comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
+            target: 1,
+            _reserved: 0,
+            exe_ino: 77,
+            start_boottime: 5_000_000_000,
+            exe_dev: (8 << 20) | 1,
+            identity_flags: ORIGIN_ID_CAPTURED,
+        };
+        assert_eq!(
+            to_kernel_origin(&record).instance,
+            ConnectInstance::Captured {
+                dev: (8 << 20) | 1,
+                ino: 77,
+                start_boottime_ns: 5_000_000_000
+            }
+        );
+        record.identity_flags = ORIGIN_ID_READ_FAILED;
+        assert_eq!(
+            to_kernel_origin(&record).instance,
+            ConnectInstance::Unreadable
+        );
+        // Offsets never configured (no BTF): fields are ignored.
+        record.identity_flags = 0;
+        let origin = to_kernel_origin(&record);
+        assert_eq!(origin.instance, ConnectInstance::NotCaptured);
+        assert_eq!((origin.tgid, origin.comm.as_str()), (42, "psql"));
+    }
+
+    #[test]
     fn the_strictest_governed_cgroup_holding_a_process_is_found_by_ancestry() {
         let governed = [
             (Path::new("/cg/tollgate.exec"), UnlistedPolicy::Pass),
