@@ -363,6 +363,7 @@ impl EventSink for Metrics {
             | SessionEvent::Startup { .. }
             | SessionEvent::Statement { .. }
             | SessionEvent::Raw { .. }
+            | SessionEvent::ExeHashed { .. }
             | SessionEvent::Closed { .. } => {}
         }
     }

@@ -18,6 +18,7 @@
 //! | `PROTECT_TARGETS` | LpmTrie        | `Key<[u8; 16]>` (v4-mapped) | [`TargetEntry`] | agent      |
 //! | `PROTECT_EVENTS`  | RingBuf        | -                        | [`ProtectEvent`]   | protect4/6 |
 //! | `PROTECT_STATS`   | PerCpuArray    | `u32` index `PROTECT_STAT_*` | `u64`          | protect4/6 |
+//! | `TASK_OFFSETS` | Array, 1 entry   | `u32` index 0               | [`TaskOffsets`]    | agent      |
 //!
 //! Addresses are always 16 bytes in network byte order; IPv4 is stored
 //! v4-mapped (`::ffff:a.b.c.d`), so a `TARGETS` prefix for `a.b.c.d/n` has
@@ -131,6 +132,53 @@ pub struct ConnectOrigin {
     pub target: u32,
     /// Always zero; makes the size a multiple of 8 with no implicit padding.
     pub _reserved: u32,
+    /// Inode number of the caller's executable (`mm->exe_file`) at connect
+    /// time; 0 unless [`ORIGIN_ID_CAPTURED`] is set in `identity_flags`.
+    pub exe_ino: u64,
+    /// The caller's process start time (`group_leader->start_boottime`, ns
+    /// since boot); 0 unless captured.
+    pub start_boottime: u64,
+    /// Kernel device number (`s_dev`, `major << 20 | minor`) of the
+    /// executable's filesystem; 0 unless captured.
+    pub exe_dev: u32,
+    /// `ORIGIN_ID_*` flags.
+    pub identity_flags: u32,
+}
+
+/// `ConnectOrigin::identity_flags`: `exe_ino`, `exe_dev` and
+/// `start_boottime` were read from the calling task.
+pub const ORIGIN_ID_CAPTURED: u32 = 1;
+/// `ConnectOrigin::identity_flags`: offsets were configured but reading the
+/// task failed (the other fields are then zero).
+pub const ORIGIN_ID_READ_FAILED: u32 = 2;
+
+/// Value of `TASK_OFFSETS[0]`: byte offsets of the kernel struct members the
+/// connect hooks read to capture the caller's executable and start time,
+/// found by the agent in the kernel's BTF at load. With `valid` zero the
+/// hooks capture nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// 1 when every offset below is set.
+    pub valid: u32,
+    /// `task_struct.mm`.
+    pub task_mm: u32,
+    /// `task_struct.group_leader`.
+    pub task_group_leader: u32,
+    /// `task_struct.start_boottime`.
+    pub task_start_boottime: u32,
+    /// `mm_struct.exe_file`.
+    pub mm_exe_file: u32,
+    /// `file.f_inode`.
+    pub file_inode: u32,
+    /// `inode.i_ino`.
+    pub inode_ino: u32,
+    /// `inode.i_sb`.
+    pub inode_sb: u32,
+    /// `super_block.s_dev`.
+    pub sb_dev: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
 
 /// Key of `ORIGINS`: the client's end of a redirected connection as the proxy
@@ -358,6 +406,7 @@ mod pod {
     unsafe impl aya::Pod for super::RedirectConfig {}
     unsafe impl aya::Pod for super::ProtectConfig {}
     unsafe impl aya::Pod for super::ProtectEvent {}
+    unsafe impl aya::Pod for super::TaskOffsets {}
 }
 
 #[cfg(test)]
@@ -367,7 +416,8 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<ConnectOrigin>(), 64);
+        assert_eq!(size_of::<ConnectOrigin>(), 88);
+        assert_eq!(size_of::<TaskOffsets>(), 40);
         assert_eq!(align_of::<ConnectOrigin>(), 8);
         assert_eq!(size_of::<OriginKey>(), 20);
         assert_eq!(size_of::<PortRule>(), 12);

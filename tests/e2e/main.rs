@@ -8,6 +8,7 @@ mod cli;
 mod drivers;
 mod gate;
 mod hostile_local;
+mod identity_spoof;
 mod listener;
 mod masking;
 mod orderings;

@@ -188,7 +188,7 @@ pub fn print_status(report: &StatusReport) -> String {
                 str_of(&i["upstream"]).unwrap_or("?").to_string(),
                 id["pid"].as_u64().map_or("?".into(), |p| p.to_string()),
                 user,
-                str_of(&id["exe"]).unwrap_or("?").to_string(),
+                exe_cell(id),
                 ci,
                 format!("{:.0}s", s.open_seconds),
                 s.bytes_from_client.to_string(),
@@ -284,10 +284,32 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// The executable of a session's identity, marked when it is not the one
+/// that connected (or could not be compared): exe rules do not apply then.
+fn exe_cell(identity: &serde_json::Value) -> String {
+    let exe = str_of(&identity["exe"]).unwrap_or("?");
+    match str_of(&identity["instance"]["verdict"]) {
+        Some("changed") => format!("{exe} [CHANGED since connect]"),
+        Some("unverified") => format!("{exe} [unverified]"),
+        _ => exe.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_executable_that_changed_since_connect_is_marked() {
+        let same = json!({"exe": "/usr/bin/psql", "instance": {"verdict": "same"}});
+        assert_eq!(exe_cell(&same), "/usr/bin/psql");
+        assert_eq!(exe_cell(&json!({"exe": "/usr/bin/psql"})), "/usr/bin/psql");
+        let changed = json!({"exe": "/usr/bin/psql", "instance": {"verdict": "changed"}});
+        assert_eq!(exe_cell(&changed), "/usr/bin/psql [CHANGED since connect]");
+        let unverified = json!({"instance": {"verdict": "unverified"}});
+        assert_eq!(exe_cell(&unverified), "? [unverified]");
+    }
 
     #[test]
     fn the_state_cell_is_the_kernels_answer() {
