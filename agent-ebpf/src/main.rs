@@ -7,7 +7,9 @@
 //!   to redirect it to the proxy, deny it (`EPERM`) or let it pass. On redirect
 //!   they store the original destination and the caller's identity in
 //!   `PENDING` under the socket cookie, then rewrite the destination to the
-//!   proxy's loopback listener.
+//!   proxy's loopback listener. With member offsets in `TASK_OFFSETS` they
+//!   also record the caller's executable (device, inode) and process start
+//!   time, so the agent can tell an `execve` or a reused pid after connect.
 //! - `tollgate_sockops` (`sockops`): at `TCP_CONNECT_CB` (source port chosen,
 //!   SYN not yet sent) it moves the `PENDING` record to `ORIGINS` under the
 //!   client's (address, port), which the proxy reads from `accept()`'s peer
@@ -20,6 +22,10 @@
 //!   an unlisted destination fails with `EPERM` in deny mode. A UDP socket's
 //!   `connect()` is already decided by the connect hooks, and sends on a
 //!   connected socket go only where `connect()` allowed.
+//! - `tollgate_protect4` / `tollgate_protect6` (`cgroup/connect4`,
+//!   `cgroup/connect6`, in `protect`): attached to the cgroup v2 root when
+//!   `[protect]` is set; report (and in deny mode refuse) connects to a
+//!   protected target that did not come through the redirect.
 //!
 //! The map layouts, the verdict order and the meaning of every field live in
 //! `tollgate-common`; this crate only applies them.
@@ -36,6 +42,8 @@
 #![no_std]
 #![no_main]
 
+mod protect;
+
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
@@ -45,7 +53,8 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+        bpf_probe_read_kernel,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_get_socket_cookie},
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
@@ -54,10 +63,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use tollgate_common::{
-    as_v4_mapped, v4_mapped, ConnectOrigin, OriginKey, RedirectConfig, TargetEntry, ACTION_DENY,
-    ACTION_PASS, ACTION_REDIRECT, CONFIG_F_DENY_UNLISTED, IPV4_MAPPED_LOOPBACK, IPV6_LOOPBACK,
-    ORIGIN_F_INET6, STAT_CLOSED, STAT_COUNT, STAT_DENIED, STAT_ERRORS, STAT_PASSED, STAT_PUBLISHED,
-    STAT_REDIRECTED,
+    as_v4_mapped, v4_mapped, ConnectOrigin, OriginKey, RedirectConfig, TargetEntry, TaskOffsets,
+    ACTION_DENY, ACTION_PASS, ACTION_REDIRECT, CONFIG_F_DENY_UNLISTED, IPV4_MAPPED_LOOPBACK,
+    IPV6_LOOPBACK, ORIGIN_F_INET6, ORIGIN_ID_CAPTURED, ORIGIN_ID_READ_FAILED, STAT_CLOSED,
+    STAT_COUNT, STAT_DENIED, STAT_ERRORS, STAT_PASSED, STAT_PUBLISHED, STAT_REDIRECTED,
 };
 
 /// Return value of a cgroup/connect or sendmsg hook that lets the call
@@ -86,6 +95,9 @@ static PENDING: LruHashMap<u64, ConnectOrigin> = LruHashMap::with_max_entries(16
 
 #[map]
 static ORIGINS: LruHashMap<OriginKey, ConnectOrigin> = LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+static TASK_OFFSETS: Array<TaskOffsets> = Array::with_max_entries(1, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
@@ -181,6 +193,7 @@ fn record_pending(
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let uid_gid = bpf_get_current_uid_gid();
     let comm = bpf_get_current_comm().map_err(|e| HookError::Comm(e as i64))?;
+    let (exe_ino, start_boottime, exe_dev, identity_flags) = task_identity();
     let origin = ConnectOrigin {
         dst_addr,
         dst_port,
@@ -193,10 +206,69 @@ fn record_pending(
         comm,
         target,
         _reserved: 0,
+        exe_ino,
+        start_boottime,
+        exe_dev,
+        identity_flags,
     };
     PENDING
         .insert(cookie, origin, 0)
         .map_err(|e| HookError::StorePending(e as i64))
+}
+
+/// The caller's executable (inode, start time, device) and `ORIGIN_ID_*`
+/// flags, read through the offsets in `TASK_OFFSETS`. Never fails the
+/// connect: without offsets nothing is captured, and a failed read is
+/// flagged so the agent treats the identity as unverifiable.
+#[inline(always)]
+fn task_identity() -> (u64, u64, u32, u32) {
+    let Some(offsets) = TASK_OFFSETS.get(0) else {
+        return (0, 0, 0, 0);
+    };
+    if offsets.valid != 1 {
+        return (0, 0, 0, 0);
+    }
+    match read_task_identity(offsets) {
+        Ok((ino, start, dev)) => (ino, start, dev, ORIGIN_ID_CAPTURED),
+        Err(_) => (0, 0, 0, ORIGIN_ID_READ_FAILED),
+    }
+}
+
+/// Reads `*(base + offset)` from kernel memory.
+#[inline(always)]
+fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel checks the address and fails instead of
+    // faulting; the value is plain data (an integer or a pointer).
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize) as *const T) }
+}
+
+/// (`mm->exe_file->f_inode->i_ino`, `group_leader->start_boottime`,
+/// `f_inode->i_sb->s_dev`) of the current task.
+#[inline(always)]
+fn read_task_identity(off: &TaskOffsets) -> Result<(u64, u64, u32), i32> {
+    // SAFETY: no arguments; returns the current task's address.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let leader: *const u8 = read_at(task, off.task_group_leader)?;
+    let start: u64 = read_at(leader, off.task_start_boottime)?;
+    let mm: *const u8 = read_at(task, off.task_mm)?;
+    if mm.is_null() {
+        return Err(-1);
+    }
+    let exe_file: *const u8 = read_at(mm, off.mm_exe_file)?;
+    if exe_file.is_null() {
+        return Err(-1);
+    }
+    let inode: *const u8 = read_at(exe_file, off.file_inode)?;
+    if inode.is_null() {
+        return Err(-1);
+    }
+    let ino: u64 = read_at(inode, off.inode_ino)?;
+    let sb: *const u8 = read_at(inode, off.inode_sb)?;
+    if sb.is_null() {
+        return Err(-1);
+    }
+    let dev: u32 = read_at(sb, off.sb_dev)?;
+    Ok((ino, start, dev))
 }
 
 #[inline(always)]

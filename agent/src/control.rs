@@ -80,6 +80,9 @@ pub struct RedirectView {
     pub pending_origins: usize,
     /// Kernel counters.
     pub kernel: crate::redirect::KernelStats,
+    /// The cgroup root's protect programs, when `[protect]` is set.
+    #[serde(default)]
+    pub protect: Option<crate::redirect::protect::ProtectView>,
 }
 
 /// A listener in the status report.
@@ -237,6 +240,7 @@ fn report(shared: &Shared) -> StatusReport {
             pinned: r.pinned().iter().map(|p| p.display().to_string()).collect(),
             pending_origins: r.pending_origins(),
             kernel: r.stats(),
+            protect: r.protect.as_ref().map(|p| p.view()),
         }),
         recording: Some(recording_view(shared)),
     }

@@ -184,6 +184,17 @@ pub enum SessionEvent {
         #[serde(serialize_with = "as_bytes")]
         data: Arc<[u8]>,
     },
+    /// The SHA-256 of the session's executable, computed in the background
+    /// after the session started (large executables; see
+    /// `identity::exe_hash`).
+    ExeHashed {
+        /// Session id.
+        session: Uuid,
+        /// Lowercase hex digest, when it could be computed.
+        exe_sha256: Option<String>,
+        /// Why not, otherwise.
+        error: Option<String>,
+    },
     /// The session ended.
     Closed {
         /// Session id.
@@ -358,6 +369,7 @@ impl EventSink for LogSink {
                     ci_repository = id.ci.as_ref().and_then(|c| c.repository.as_deref()),
                     ci_job = id.ci.as_ref().and_then(|c| c.job.as_deref()),
                     identity_gaps = %id.gaps.join("; "),
+                    identity_instance = id.instance.as_ref().map(|c| format!("{:?}", c.verdict).to_lowercase()),
                     original_destination = info.kernel.as_ref().map(|k| k.destination.to_string()),
                     kernel_cgroup_id = info.kernel.as_ref().map(|k| k.cgroup_id),
                     "session started: {}",
@@ -416,6 +428,14 @@ impl EventSink for LogSink {
             }
             // Counted in `closed`; one log line per read would drown the log.
             SessionEvent::Raw { .. } => {}
+            SessionEvent::ExeHashed {
+                session,
+                exe_sha256,
+                error,
+            } => {
+                tracing::info!(%session, exe_sha256 = exe_sha256.as_deref(), error = error.as_deref(),
+                    "executable hashed");
+            }
             SessionEvent::Closed {
                 session,
                 bytes_from_client,

@@ -28,6 +28,12 @@ fn main() -> ExitCode {
                 if c.redirect.is_some() && !print_local_targets(&c) {
                     return ExitCode::from(2);
                 }
+                if let Some(p) = &c.protect {
+                    let local = redirect::local::local_targets_of(&c);
+                    for line in redirect::protect::describe(&c, p, &local) {
+                        println!("{line}");
+                    }
+                }
                 ExitCode::SUCCESS
             }
             Err(errors) => {

@@ -74,6 +74,9 @@ pub struct Metrics {
     pub recordings_pruned_bytes: AtomicU64,
     /// The recorder, whose counters are rendered too.
     recorder: std::sync::OnceLock<Arc<crate::recording::RecordingSink>>,
+    /// Connects to protected targets that skipped the redirect, as
+    /// reported by the kernel, by (target, verdict).
+    protect_bypass: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 impl Metrics {
@@ -105,6 +108,23 @@ impl Metrics {
                 *m.entry(reason).or_default() += 1;
             }
         }
+    }
+
+    /// Counts one connect to protected `target` that skipped the redirect,
+    /// let through (`audit`) or refused (`deny`).
+    pub fn protect_bypass(&self, target: &str, verdict: &'static str) {
+        if let Ok(mut m) = self.protect_bypass.lock() {
+            *m.entry((target.to_string(), verdict)).or_default() += 1;
+        }
+    }
+
+    /// Bypass attempts counted for `target` with `verdict` so far.
+    pub fn protect_bypasses(&self, target: &str, verdict: &'static str) -> u64 {
+        self.protect_bypass
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(target.to_string(), verdict)).copied())
+            .unwrap_or(0)
     }
 
     /// Adds the redirect's kernel counters to the rendered metrics.
@@ -243,6 +263,9 @@ impl Metrics {
                 "# HELP tollgate_redirect_pending_origins Origin records published and not yet taken by the proxy.\n# TYPE tollgate_redirect_pending_origins gauge\ntollgate_redirect_pending_origins {}",
                 r.pending_origins()
             );
+            if let Some(p) = &r.protect {
+                self.render_protect(&mut out, &p.stats());
+            }
         }
         let _ = writeln!(
             out,
@@ -285,6 +308,42 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    fn render_protect(&self, out: &mut String, kernel: &crate::redirect::protect::ProtectStats) {
+        let _ = writeln!(out, "# HELP tollgate_protect_bypass_attempts_total Connections to a protected target that did not come through the redirect, by target and verdict (audit: let through, deny: refused), as read from the kernel's reports.\n# TYPE tollgate_protect_bypass_attempts_total counter");
+        if let Ok(m) = self.protect_bypass.lock() {
+            for ((target, verdict), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "tollgate_protect_bypass_attempts_total{{target=\"{}\",verdict=\"{verdict}\"}} {n}",
+                    escape(target)
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP tollgate_protect_kernel_connects_total Connects to protected targets seen by the root cgroup's programs without a redirect, by outcome (exempt: the agent's own upstream connections).\n# TYPE tollgate_protect_kernel_connects_total counter");
+        for (outcome, n) in [
+            ("audited", kernel.audited),
+            ("denied", kernel.denied),
+            ("exempt", kernel.exempt),
+        ] {
+            let _ = writeln!(
+                out,
+                "tollgate_protect_kernel_connects_total{{outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_protect_events_dropped_total Bypass reports lost because the kernel's ring buffer was full (the verdict still applied).\n# TYPE tollgate_protect_events_dropped_total counter\ntollgate_protect_events_dropped_total {}",
+            kernel.dropped
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_protect_kernel_errors_total Connects to protected targets seen while the protect configuration was missing (let through).\n# TYPE tollgate_protect_kernel_errors_total counter\ntollgate_protect_kernel_errors_total {}",
+            kernel.errors
+        );
+    }
+}
+
 fn escape(label: &str) -> String {
     label
         .replace('\\', "\\\\")
@@ -304,6 +363,7 @@ impl EventSink for Metrics {
             | SessionEvent::Startup { .. }
             | SessionEvent::Statement { .. }
             | SessionEvent::Raw { .. }
+            | SessionEvent::ExeHashed { .. }
             | SessionEvent::Closed { .. } => {}
         }
     }

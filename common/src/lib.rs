@@ -14,6 +14,11 @@
 //! | `PENDING`   | LruHashMap          | `u64` socket cookie         | [`ConnectOrigin`]  | connect4/6 |
 //! | `ORIGINS`   | LruHashMap          | [`OriginKey`]               | [`ConnectOrigin`]  | sockops    |
 //! | `STATS`     | PerCpuArray         | `u32` index `STAT_*`        | `u64`              | all        |
+//! | `PROTECT_CONFIG`  | Array, 1 entry | `u32` index 0            | [`ProtectConfig`]  | agent      |
+//! | `PROTECT_TARGETS` | LpmTrie        | `Key<[u8; 16]>` (v4-mapped) | [`TargetEntry`] | agent      |
+//! | `PROTECT_EVENTS`  | RingBuf        | -                        | [`ProtectEvent`]   | protect4/6 |
+//! | `PROTECT_STATS`   | PerCpuArray    | `u32` index `PROTECT_STAT_*` | `u64`          | protect4/6 |
+//! | `TASK_OFFSETS` | Array, 1 entry   | `u32` index 0               | [`TaskOffsets`]    | agent      |
 //!
 //! Addresses are always 16 bytes in network byte order; IPv4 is stored
 //! v4-mapped (`::ffff:a.b.c.d`), so a `TARGETS` prefix for `a.b.c.d/n` has
@@ -38,6 +43,16 @@
 //!
 //! A redirect to a family whose proxy port is 0 is denied (fail closed), as is
 //! a redirect whose origin record cannot be stored.
+//!
+//! # Protect (`tollgate_protect4`/`tollgate_protect6`, on the cgroup v2 root)
+//!
+//! A TCP connect whose destination (address, port) matches an
+//! `ACTION_REDIRECT` rule in `PROTECT_TARGETS` reached the root without being
+//! rewritten to the proxy by a governed cgroup's program (those run first), so
+//! it skipped the redirect. Unless the caller's tgid is
+//! `ProtectConfig::agent_tgid` (the agent's own upstream connections), it is
+//! reported in `PROTECT_EVENTS` and, with [`PROTECT_F_DENY`], refused with
+//! `EPERM`. Every other connect passes untouched.
 //!
 //! # Verdict order in `sendmsg4`/`sendmsg6`
 //!
@@ -117,6 +132,53 @@ pub struct ConnectOrigin {
     pub target: u32,
     /// Always zero; makes the size a multiple of 8 with no implicit padding.
     pub _reserved: u32,
+    /// Inode number of the caller's executable (`mm->exe_file`) at connect
+    /// time; 0 unless [`ORIGIN_ID_CAPTURED`] is set in `identity_flags`.
+    pub exe_ino: u64,
+    /// The caller's process start time (`group_leader->start_boottime`, ns
+    /// since boot); 0 unless captured.
+    pub start_boottime: u64,
+    /// Kernel device number (`s_dev`, `major << 20 | minor`) of the
+    /// executable's filesystem; 0 unless captured.
+    pub exe_dev: u32,
+    /// `ORIGIN_ID_*` flags.
+    pub identity_flags: u32,
+}
+
+/// `ConnectOrigin::identity_flags`: `exe_ino`, `exe_dev` and
+/// `start_boottime` were read from the calling task.
+pub const ORIGIN_ID_CAPTURED: u32 = 1;
+/// `ConnectOrigin::identity_flags`: offsets were configured but reading the
+/// task failed (the other fields are then zero).
+pub const ORIGIN_ID_READ_FAILED: u32 = 2;
+
+/// Value of `TASK_OFFSETS[0]`: byte offsets of the kernel struct members the
+/// connect hooks read to capture the caller's executable and start time,
+/// found by the agent in the kernel's BTF at load. With `valid` zero the
+/// hooks capture nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// 1 when every offset below is set.
+    pub valid: u32,
+    /// `task_struct.mm`.
+    pub task_mm: u32,
+    /// `task_struct.group_leader`.
+    pub task_group_leader: u32,
+    /// `task_struct.start_boottime`.
+    pub task_start_boottime: u32,
+    /// `mm_struct.exe_file`.
+    pub mm_exe_file: u32,
+    /// `file.f_inode`.
+    pub file_inode: u32,
+    /// `inode.i_ino`.
+    pub inode_ino: u32,
+    /// `inode.i_sb`.
+    pub inode_sb: u32,
+    /// `super_block.s_dev`.
+    pub sb_dev: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
 
 /// Key of `ORIGINS`: the client's end of a redirected connection as the proxy
@@ -223,6 +285,80 @@ pub struct RedirectConfig {
     pub flags: u32,
 }
 
+/// `ProtectConfig::flags`: refuse (`EPERM`) a connect to a protected target
+/// that did not come through the redirect; without it the connect is only
+/// reported.
+pub const PROTECT_F_DENY: u32 = 1;
+
+/// `ProtectEvent::verdict`: the connect was let through and reported.
+pub const PROTECT_VERDICT_AUDIT: u16 = 1;
+/// `ProtectEvent::verdict`: the connect was refused with `EPERM`.
+pub const PROTECT_VERDICT_DENY: u16 = 2;
+
+/// `PROTECT_STATS` index: connects to a protected target let through and
+/// reported (audit mode).
+pub const PROTECT_STAT_AUDITED: u32 = 0;
+/// `PROTECT_STATS` index: connects to a protected target refused (deny mode).
+pub const PROTECT_STAT_DENIED: u32 = 1;
+/// `PROTECT_STATS` index: connects to a protected target by the agent itself
+/// (its upstream connections), let through unreported.
+pub const PROTECT_STAT_EXEMPT: u32 = 2;
+/// `PROTECT_STATS` index: events lost because `PROTECT_EVENTS` was full (the
+/// verdict was still applied and counted).
+pub const PROTECT_STAT_DROPPED: u32 = 3;
+/// `PROTECT_STATS` index: connects to a protected target seen while
+/// `PROTECT_CONFIG` was missing (let through).
+pub const PROTECT_STAT_ERRORS: u32 = 4;
+/// Number of `PROTECT_STATS` entries.
+pub const PROTECT_STAT_COUNT: u32 = 5;
+
+/// Bytes of the `PROTECT_EVENTS` ring buffer (a power of two, a multiple of
+/// the page size): 4096 events of 64 bytes (plus the kernel's 8-byte
+/// header each) before the reader must catch up.
+pub const PROTECT_EVENTS_BYTES: u32 = 512 * 1024;
+
+/// Value of `PROTECT_CONFIG[0]`: how the root cgroup's protect programs
+/// behave.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtectConfig {
+    /// `PROTECT_F_*` flags.
+    pub flags: u32,
+    /// Thread group id (in the initial pid namespace) of the running agent,
+    /// whose upstream connections are exempt; 0 = none.
+    pub agent_tgid: u32,
+}
+
+/// One connect to a protected target that did not come through the
+/// redirect, sent to userspace through `PROTECT_EVENTS`.
+///
+/// Same layout rules as [`ConnectOrigin`]: addresses 16 bytes v4-mapped in
+/// network order, port in host order, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProtectEvent {
+    /// Destination address, IPv4 stored as `::ffff:a.b.c.d`.
+    pub dst_addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub dst_port: u16,
+    /// `PROTECT_VERDICT_*`.
+    pub verdict: u16,
+    /// Thread group id (the process id) of the caller.
+    pub tgid: u32,
+    /// Real user id of the caller.
+    pub uid: u32,
+    /// Real group id of the caller.
+    pub gid: u32,
+    /// cgroup v2 id of the caller at connect time.
+    pub cgroup_id: u64,
+    /// Thread name of the caller (`comm`), NUL padded.
+    pub comm: [u8; 16],
+    /// `PortRule::target` of the protected target's rule (index + 1).
+    pub target: u32,
+    /// Always zero.
+    pub _reserved: u32,
+}
+
 /// `a.b.c.d` (network order bytes) as `::ffff:a.b.c.d`.
 #[inline(always)]
 pub const fn v4_mapped(ip4: [u8; 4]) -> [u8; 16] {
@@ -262,12 +398,15 @@ pub const IPV4_MAPPED_LOOPBACK: [u8; 16] = v4_mapped([127, 0, 0, 1]);
 #[cfg(feature = "user")]
 mod pod {
     #![allow(unsafe_code)]
-    // SAFETY (all four): repr(C), Copy, no pointers, no implicit padding (every
+    // SAFETY (all of them): repr(C), Copy, no pointers, no implicit padding (every
     // gap is an explicit zero field), and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::ConnectOrigin {}
     unsafe impl aya::Pod for super::OriginKey {}
     unsafe impl aya::Pod for super::TargetEntry {}
     unsafe impl aya::Pod for super::RedirectConfig {}
+    unsafe impl aya::Pod for super::ProtectConfig {}
+    unsafe impl aya::Pod for super::ProtectEvent {}
+    unsafe impl aya::Pod for super::TaskOffsets {}
 }
 
 #[cfg(test)]
@@ -277,12 +416,16 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<ConnectOrigin>(), 64);
+        assert_eq!(size_of::<ConnectOrigin>(), 88);
+        assert_eq!(size_of::<TaskOffsets>(), 40);
         assert_eq!(align_of::<ConnectOrigin>(), 8);
         assert_eq!(size_of::<OriginKey>(), 20);
         assert_eq!(size_of::<PortRule>(), 12);
         assert_eq!(size_of::<TargetEntry>(), 8 + 12 * MAX_PORT_RULES);
         assert_eq!(size_of::<RedirectConfig>(), 8);
+        assert_eq!(size_of::<ProtectConfig>(), 8);
+        assert_eq!(size_of::<ProtectEvent>(), 64);
+        assert_eq!(align_of::<ProtectEvent>(), 8);
     }
 
     #[test]

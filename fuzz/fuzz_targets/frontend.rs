@@ -3,8 +3,9 @@
 //!
 //! Beyond "no panic": a whole message decodes and re-encodes to its own
 //! bytes; every cut of a message whose header is valid asks for more bytes
-//! (`Ok(None)`), never reports an error; `peek_query` reads the statement
-//! text `decode_frontend` reads; an invalid message's error has a message.
+//! (`Ok(None)`), never reports an error; `decode_head`, which the session
+//! reads messages with, reads what `decode_frontend` reads, and fails where
+//! it would too; an invalid message's error has a message.
 //!
 //! The first input byte picks the size limit in force (before
 //! authentication, after it per message type, or a small one); the rest is
@@ -17,7 +18,7 @@ use tollgate_agent::protocol::postgres::codec::{
     frame, split_frame, FrameHeader, MAX_MESSAGE, MAX_PRE_AUTH_MESSAGE,
 };
 use tollgate_agent::protocol::postgres::frontend::{
-    self, decode_frontend, password_text, peek_query, FrontendMessage, SaslInitialResponse,
+    self, bind_names, decode_frontend, decode_head, password_text, Head, SaslInitialResponse,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -71,7 +72,11 @@ fn check_message(tag: u8, body: &[u8]) {
         assert_eq!(&out[FrameHeader::SIZE..], body);
     }
     let _ = password_text(body);
-    let peeked = peek_query(tag, body);
+    let head = decode_head(tag, body);
+    if head.is_err() {
+        // The session refuses what the codec cannot read.
+        assert!(decode_frontend(tag, body).is_err());
+    }
     match decode_frontend(tag, body) {
         Ok(msg) => {
             assert_eq!(msg.tag(), Some(tag));
@@ -84,11 +89,14 @@ fn check_message(tag: u8, body: &[u8]) {
                 .flatten()
                 .map(|f| decode_frontend(f.tag, f.body));
             assert_eq!(again, Some(Ok(msg.clone())));
-            match msg {
-                FrontendMessage::Query(q) | FrontendMessage::Parse { query: q, .. } => {
-                    assert_eq!(peeked, Some(q));
+            assert_eq!(head, Ok(msg.head()));
+            if let Head::Bind { portal, statement } = msg.head() {
+                // The session reads a Bind's names from its first bytes.
+                for cut in 0..=body.len() {
+                    let names = bind_names(&body[..cut]);
+                    assert!(names.is_none() || names == Some((portal, statement)));
                 }
-                _ => assert_eq!(peeked, None),
+                assert_eq!(bind_names(body), Some((portal, statement)));
             }
         }
         Err(e) => assert!(!e.to_string().is_empty()),

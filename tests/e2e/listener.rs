@@ -423,3 +423,35 @@ fn an_upstream_that_does_not_resolve_is_a_clear_error_for_that_session_only() {
     );
     assert!(agent.status().is_ok(), "the agent keeps serving");
 }
+
+/// With `max_connections = 1` and two listeners, each listener keeps
+/// serving: an idle listener holds no permit, so sessions one after the
+/// other on the same listener (and then on the other) all run.
+#[test]
+fn an_idle_listener_holds_no_connection_permit() {
+    let pg = Postgres::start();
+    let (first, second) = (free_port(), free_port());
+    let config = format!(
+        "{}\n[[listener]]\nlisten = \"127.0.0.1:{second}\"\ntarget = \"pg\"\n",
+        listener_config(first, pg.port, "max_connections = 1")
+    );
+    let _agent = Agent::start(&config);
+    for (round, port) in [first, first, second, second, first]
+        .into_iter()
+        .enumerate()
+    {
+        let out = psql_command(port, &format!("select {round}"))
+            .env("PGCONNECT_TIMEOUT", "5")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "round {round} on port {port}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            round.to_string()
+        );
+    }
+}

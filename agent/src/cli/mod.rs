@@ -129,7 +129,9 @@ pub enum Command {
     /// Remove the pinned eBPF programs and maps, ending enforcement.
     ///
     /// Pinned programs keep governed connections failing closed while no agent
-    /// runs; this is how to lift that. Refuses while an agent is running.
+    /// runs, and `[protect]`'s program on the cgroup root keeps checking
+    /// connections to protected targets; this is how to lift both. Refuses
+    /// while an agent is running.
     Detach(DetachArgs),
 }
 
@@ -445,6 +447,10 @@ pub struct DetachArgs {
 #[derive(Subcommand, Debug)]
 pub enum ConfigCommand {
     /// Validate a configuration file; errors are printed as FILE:LINE:COLUMN.
+    ///
+    /// With [redirect], also lists what targets on this host add; with
+    /// [protect], which targets the cgroup root's program covers and what it
+    /// does with connections that skip the redirect.
     Check(ConfigArg),
 }
 

@@ -88,6 +88,48 @@ pub fn print_status(report: &StatusReport) -> String {
                     "  warning: {path} is not governed as configured: {why}; its pins were removed or its programs detached behind the agent's back; restart the agent to attach again"
                 );
             }
+            match &r.protect {
+                None => {
+                    let _ = writeln!(out, "\nProtect: off (no [protect] section)");
+                }
+                Some(p) => {
+                    let s = &p.stats;
+                    let ours: Vec<String> = p
+                        .kernel
+                        .programs
+                        .iter()
+                        .filter(|k| k.ours)
+                        .map(|k| format!("{} {} (id {})", k.attach_point, k.name, k.id))
+                        .collect();
+                    let _ = writeln!(
+                        out,
+                        "\nProtect: {} on {} ({}{}) for {}; kernel: {}",
+                        p.mode,
+                        p.cgroup,
+                        p.kernel.state,
+                        if p.readopted { ", re-adopted" } else { "" },
+                        p.targets.join(", "),
+                        if ours.is_empty() {
+                            "none of ours attached".to_string()
+                        } else {
+                            ours.join(", ")
+                        }
+                    );
+                    let _ = writeln!(
+                        out,
+                        "  bypass attempts: {} audited, {} denied; {} of the agent's own connects exempt; {} reports dropped",
+                        s.audited, s.denied, s.exempt, s.dropped
+                    );
+                    if p.kernel.state != "attached" {
+                        let _ = writeln!(
+                            out,
+                            "  warning: the kernel does not have the protect programs on {}: {}; restart the agent to attach them again",
+                            p.cgroup,
+                            p.kernel.error.as_deref().unwrap_or("their pins were removed or the programs detached")
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -146,7 +188,7 @@ pub fn print_status(report: &StatusReport) -> String {
                 str_of(&i["upstream"]).unwrap_or("?").to_string(),
                 id["pid"].as_u64().map_or("?".into(), |p| p.to_string()),
                 user,
-                str_of(&id["exe"]).unwrap_or("?").to_string(),
+                exe_cell(id),
                 ci,
                 format!("{:.0}s", s.open_seconds),
                 s.bytes_from_client.to_string(),
@@ -242,10 +284,32 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// The executable of a session's identity, marked when it is not the one
+/// that connected (or could not be compared): exe rules do not apply then.
+fn exe_cell(identity: &serde_json::Value) -> String {
+    let exe = str_of(&identity["exe"]).unwrap_or("?");
+    match str_of(&identity["instance"]["verdict"]) {
+        Some("changed") => format!("{exe} [CHANGED since connect]"),
+        Some("unverified") => format!("{exe} [unverified]"),
+        _ => exe.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_executable_that_changed_since_connect_is_marked() {
+        let same = json!({"exe": "/usr/bin/psql", "instance": {"verdict": "same"}});
+        assert_eq!(exe_cell(&same), "/usr/bin/psql");
+        assert_eq!(exe_cell(&json!({"exe": "/usr/bin/psql"})), "/usr/bin/psql");
+        let changed = json!({"exe": "/usr/bin/psql", "instance": {"verdict": "changed"}});
+        assert_eq!(exe_cell(&changed), "/usr/bin/psql [CHANGED since connect]");
+        let unverified = json!({"instance": {"verdict": "unverified"}});
+        assert_eq!(exe_cell(&unverified), "? [unverified]");
+    }
 
     #[test]
     fn the_state_cell_is_the_kernels_answer() {

@@ -42,6 +42,48 @@ pub struct Config {
     /// Named reviewer groups (`[reviewers.NAME] users = [...]`) that
     /// `review` rules name as `"reviewers:NAME"`: name → user names.
     pub reviewers: std::collections::BTreeMap<String, Vec<String>>,
+    /// Host-wide bypass detection, when `[protect]` is present (it needs
+    /// `[redirect]`).
+    pub protect: Option<ProtectSettings>,
+}
+
+/// Settings under `[protect]`: a program on the cgroup v2 root that reports,
+/// or refuses, connections to targets that did not come through the
+/// redirect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtectSettings {
+    /// Report only, or refuse too.
+    pub mode: ProtectMode,
+    /// Names of the protected targets; `None`: every target.
+    pub targets: Option<Vec<String>>,
+}
+
+impl ProtectSettings {
+    /// Whether the target named `name` is protected.
+    pub fn covers(&self, name: &str) -> bool {
+        self.targets
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name))
+    }
+}
+
+/// `[protect] mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtectMode {
+    /// Let a bypassing connection through, log and count it.
+    Audit,
+    /// Refuse it (`EPERM`), log and count it.
+    Deny,
+}
+
+impl ProtectMode {
+    /// The name used in the configuration, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProtectMode::Audit => "audit",
+            ProtectMode::Deny => "deny",
+        }
+    }
 }
 
 /// Settings under `[redirect]`: the eBPF path.

@@ -10,8 +10,8 @@ use toml::Spanned;
 
 use super::{
     line_column, AgentSettings, ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup,
-    Listener, PortRange, Protocol, RecordingFailure, RecordingFsync, RedirectSettings, Target,
-    TargetAddress, TargetSet, UnlistedPolicy, Upstream, UpstreamTls,
+    Listener, PortRange, ProtectMode, ProtectSettings, Protocol, RecordingFailure, RecordingFsync,
+    RedirectSettings, Target, TargetAddress, TargetSet, UnlistedPolicy, Upstream, UpstreamTls,
 };
 
 #[derive(Deserialize, Default)]
@@ -28,12 +28,20 @@ struct RawConfig {
     redirect: Option<RawRedirect>,
     #[serde(default)]
     reviewers: std::collections::BTreeMap<String, Spanned<RawReviewers>>,
+    protect: Option<Spanned<RawProtect>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawReviewers {
     users: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProtect {
+    mode: Spanned<String>,
+    targets: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -193,6 +201,10 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let cgroups = check_cgroups(&mut c, &raw.cgroup);
     let redirect = raw.redirect.as_ref().map(|r| check_redirect(&mut c, r));
     let reviewers = check_reviewers(&mut c, &raw.reviewers);
+    let protect = raw
+        .protect
+        .as_ref()
+        .and_then(|p| check_protect(&mut c, p, &targets, redirect.is_some()));
     if c.errors.is_empty() {
         Ok(Config {
             source: path.to_path_buf(),
@@ -202,6 +214,7 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             cgroups,
             redirect,
             reviewers,
+            protect,
         })
     } else {
         Err(ConfigErrors(c.errors))
@@ -709,6 +722,63 @@ fn check_redirect(c: &mut Checker<'_>, raw: &RawRedirect) -> RedirectSettings {
         }
     }
     r
+}
+
+fn check_protect(
+    c: &mut Checker<'_>,
+    raw: &Spanned<RawProtect>,
+    targets: &TargetSet,
+    has_redirect: bool,
+) -> Option<ProtectSettings> {
+    if !has_redirect {
+        c.error(
+            raw,
+            "[protect] needs [redirect]: protection tells redirected connections from those that skipped the redirect, and pins its program under redirect.pin_dir",
+        );
+        return None;
+    }
+    let p = raw.get_ref();
+    let mode = match p.mode.get_ref().as_str() {
+        "audit" => ProtectMode::Audit,
+        "deny" => ProtectMode::Deny,
+        other => {
+            c.error(
+                &p.mode,
+                format!("protect.mode = \"{other}\" is not known; use \"audit\" or \"deny\""),
+            );
+            return None;
+        }
+    };
+    let names = match &p.targets {
+        None => None,
+        Some(list) => {
+            let mut names = Vec::new();
+            for name in list {
+                if targets.get(name.get_ref()).is_none() {
+                    c.error(
+                        name,
+                        format!(
+                            "protect.targets names \"{}\", which no [[target]] is called",
+                            name.get_ref()
+                        ),
+                    );
+                } else {
+                    names.push(name.get_ref().clone());
+                }
+            }
+            if list.is_empty() {
+                c.error(
+                    raw,
+                    "protect.targets is empty; name at least one target, or leave the key out to protect every target",
+                );
+            }
+            Some(names)
+        }
+    };
+    Some(ProtectSettings {
+        mode,
+        targets: names,
+    })
 }
 
 fn check_cgroups(c: &mut Checker<'_>, raw: &[RawCgroup]) -> Vec<GovernedCgroup> {

@@ -319,6 +319,43 @@ fn redirect_section_defaults_and_errors() {
 }
 
 #[test]
+fn protect_section_modes_targets_and_errors() {
+    let base = "[redirect]\n[[target]]\nname = \"a\"\naddress = \"10.0.0.1\"\nports = [5432]\nprotocol = \"postgres\"\n[[target]]\nname = \"b\"\naddress = \"10.0.0.2\"\nports = [5432]\nprotocol = \"postgres\"\n";
+    assert!(parse(base).unwrap().protect.is_none(), "off when absent");
+
+    let p = parse(&format!("{base}[protect]\nmode = \"audit\"\n"))
+        .unwrap()
+        .protect
+        .unwrap();
+    assert_eq!(p.mode, ProtectMode::Audit);
+    assert!(p.covers("a") && p.covers("b"), "every target by default");
+
+    let p = parse(&format!(
+        "{base}[protect]\nmode = \"deny\"\ntargets = [\"b\"]\n"
+    ))
+    .unwrap()
+    .protect
+    .unwrap();
+    assert_eq!(p.mode, ProtectMode::Deny);
+    assert!(!p.covers("a") && p.covers("b"));
+
+    let e = errors(&format!(
+        "{base}[protect]\nmode = \"block\"\ntargets = [\"c\"]\n"
+    ));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("use \"audit\" or \"deny\""), "{e:?}");
+    let e = errors(&format!(
+        "{base}[protect]\nmode = \"deny\"\ntargets = [\"c\"]\n"
+    ));
+    assert!(e[0].contains("no [[target]] is called"), "{e:?}");
+    assert!(e[0].starts_with("t.toml:14:"), "{e:?}");
+    let e = errors("[protect]\nmode = \"deny\"\n");
+    assert!(e[0].contains("[protect] needs [redirect]"), "{e:?}");
+    let e = errors(&format!("{base}[protect]\n"));
+    assert!(e[0].contains("mode"), "{e:?}");
+}
+
+#[test]
 fn upstream_tls_modes() {
     let base = "[[target]]\nname = \"t\"\naddress = \"10.0.0.1\"\nports = [5432]\nprotocol = \"postgres\"\n";
     assert_eq!(

@@ -36,6 +36,7 @@
 
 mod ci;
 mod exe_hash;
+mod instance;
 mod process;
 mod sock_diag;
 mod socket;
@@ -48,7 +49,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use exe_hash::{ExeHashCache, HashError};
+pub use exe_hash::PendingHash;
+use exe_hash::{ExeHashCache, HashError, Lookup};
+pub use instance::{ConnectInstance, InstanceCheck, InstanceVerdict, InstanceView};
 use process::why;
 
 /// Ancestry walks stop after this many parents (guards against loops).
@@ -67,6 +70,13 @@ pub struct IdentityResolver {
     /// Set when `proc_root` is the real `/proc` (netlink answers for the
     /// agent's own network namespace, which `/proc/net` shows).
     sock_diag: Option<sock_diag::SockDiag>,
+}
+
+/// Whether a new executable's hash is waited for or left to the background.
+#[derive(Debug, Clone, Copy)]
+enum HashMode {
+    Wait,
+    Defer,
 }
 
 /// The socket of a connection as `/proc/net/tcp` shows it, and the process
@@ -101,6 +111,22 @@ pub struct ProcessIdentity {
     pub ci: Option<CiContext>,
     /// What could not be determined, and why.
     pub gaps: Vec<String>,
+    /// For redirected connections whose executable and start time the
+    /// kernel captured at connect: whether the process read at accept is
+    /// the one that connected. `None` where nothing was captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceCheck>,
+}
+
+impl ProcessIdentity {
+    /// Whether rules may match on the executable (`exe`, `exe_sha256`):
+    /// not when the process is known to have changed since it connected,
+    /// or could not be compared.
+    pub fn exe_trusted(&self) -> bool {
+        self.instance
+            .as_ref()
+            .is_none_or(InstanceCheck::exe_trusted)
+    }
 }
 
 /// One process of the ancestry chain.
@@ -217,6 +243,26 @@ impl IdentityResolver {
     /// `accept()` peer address), `server` the address it connected to (the
     /// proxy's local address). Never fails: what is unknown is in `gaps`.
     pub fn identify_peer(&self, client: SocketAddr, server: SocketAddr) -> ProcessIdentity {
+        self.identify(client, server, HashMode::Wait).0
+    }
+
+    /// [`IdentityResolver::identify_peer`], leaving the hash of a large
+    /// executable to the background: `exe_sha256` is then `None` and the
+    /// digest comes through the [`PendingHash`].
+    pub fn identify_peer_deferred(
+        &self,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> (ProcessIdentity, Option<PendingHash>) {
+        self.identify(client, server, HashMode::Defer)
+    }
+
+    fn identify(
+        &self,
+        client: SocketAddr,
+        server: SocketAddr,
+        mode: HashMode,
+    ) -> (ProcessIdentity, Option<PendingHash>) {
         let owner = match self.find_socket_owner(client, server) {
             Ok(owner) => owner,
             Err(err) => {
@@ -226,7 +272,7 @@ impl IdentityResolver {
                     id.user = self.user_name(uid, &mut id.gaps);
                 }
                 id.gaps.push(format!("connection not identified: {err}"));
-                return id;
+                return (id, None);
             }
         };
         let Some(pid) = owner.pid else {
@@ -239,9 +285,9 @@ impl IdentityResolver {
                 "no process holds socket inode {} ({client} -> {server}): it exited, or it is in another pid namespace; only the socket owner uid is known",
                 owner.inode
             ));
-            return id;
+            return (id, None);
         };
-        let mut id = self.describe_process(pid);
+        let (mut id, pending) = self.describe(pid, mode);
         if id.uid.is_none() {
             id.uid = Some(owner.uid);
             id.user = self.user_name(owner.uid, &mut id.gaps);
@@ -261,7 +307,7 @@ impl IdentityResolver {
                 owner.inode
             ));
         }
-        id
+        (id, pending)
     }
 
     /// Finds the socket of `client -> server` and the process holding it.
@@ -294,6 +340,18 @@ impl IdentityResolver {
     /// Describes process `pid`. Never fails: fills in what it can and records
     /// each gap.
     pub fn describe_process(&self, pid: u32) -> ProcessIdentity {
+        self.describe(pid, HashMode::Wait).0
+    }
+
+    /// [`IdentityResolver::describe_process`], leaving the hash of a large
+    /// executable to the background (see
+    /// [`IdentityResolver::identify_peer_deferred`]).
+    pub fn describe_process_deferred(&self, pid: u32) -> (ProcessIdentity, Option<PendingHash>) {
+        self.describe(pid, HashMode::Defer)
+    }
+
+    fn describe(&self, pid: u32, mode: HashMode) -> (ProcessIdentity, Option<PendingHash>) {
+        let mut pending = None;
         let mut id = ProcessIdentity {
             pid: Some(pid),
             ..ProcessIdentity::default()
@@ -304,12 +362,12 @@ impl IdentityResolver {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 id.gaps
                     .push(format!("process {pid} exited before its identity was read"));
-                return id;
+                return (id, None);
             }
             Err(e) => {
                 id.gaps
                     .push(format!("cannot read {}: {}", dir.display(), why(&e)));
-                return id;
+                return (id, None);
             }
         }
         let gap = |gaps: &mut Vec<String>, what: &str, err: &io::Error| {
@@ -359,15 +417,23 @@ impl IdentityResolver {
                     ));
                 }
                 id.exe = Some(exe);
-                match self.exe_hashes.sha256(&dir.join("exe")) {
-                    Ok(digest) => id.exe_sha256 = Some(digest),
-                    Err(HashError::Open(e) | HashError::Read(e)) => {
+                let exe_path = dir.join("exe");
+                let found = match mode {
+                    HashMode::Wait => match self.exe_hashes.sha256(&exe_path) {
+                        Ok(digest) => Lookup::Ready(digest),
+                        Err(e) => Lookup::Failed(e),
+                    },
+                    HashMode::Defer => self.exe_hashes.lookup(&exe_path),
+                };
+                match found {
+                    Lookup::Ready(digest) => id.exe_sha256 = Some(digest),
+                    Lookup::Pending(hash) => pending = Some(hash),
+                    Lookup::Failed(HashError::Open(e) | HashError::Read(e)) => {
                         gap(&mut id.gaps, "executable (for its hash)", &e)
                     }
-                    Err(HashError::TooLarge(size)) => id.gaps.push(format!(
-                        "the executable of process {pid} is {size} bytes, over the {} byte limit; not hashed",
-                        exe_hash::MAX_HASHED_SIZE
-                    )),
+                    Lookup::Failed(e @ (HashError::TooLarge(_) | HashError::Busy)) => id
+                        .gaps
+                        .push(format!("the executable of process {pid}: {e}")),
                 }
             }
             // Opening it for the hash needs the same permission: one note.
@@ -404,7 +470,7 @@ impl IdentityResolver {
             None => None,
         };
         self.fill_ci(pid, runner, &mut id);
-        id
+        (id, pending)
     }
 
     /// Fills `id.ancestry` from `ppid` upwards; returns the index (in
@@ -580,6 +646,11 @@ impl ProcessIdentity {
             (Some(uid), Some(user)) => s.push_str(&format!(" uid={uid}({user})")),
             (Some(uid), None) => s.push_str(&format!(" uid={uid}")),
             (None, _) => s.push_str(" uid=?"),
+        }
+        match self.instance.as_ref().map(|c| c.verdict) {
+            Some(InstanceVerdict::Changed) => s.push_str(" identity=changed"),
+            Some(InstanceVerdict::Unverified) => s.push_str(" identity=unverified"),
+            Some(InstanceVerdict::Same) | None => {}
         }
         if let Some(ci) = &self.ci {
             s.push_str(&format!(" ci={}", ci.provider));

@@ -523,13 +523,15 @@ impl Conditions {
                 return false;
             }
         }
+        // An executable that may not be the one that connected never
+        // matches (see `ProcessIdentity::exe_trusted`).
         if let Some(set) = &self.exe {
-            if !opt_glob(set, id.exe.as_ref()) {
+            if !id.exe_trusted() || !opt_glob(set, id.exe.as_ref()) {
                 return false;
             }
         }
         if let Some(hashes) = &self.exe_sha256 {
-            let Some(h) = &id.exe_sha256 else {
+            let Some(h) = id.exe_sha256.as_ref().filter(|_| id.exe_trusted()) else {
                 return false;
             };
             if !hashes.iter().any(|x| x.eq_ignore_ascii_case(h)) {

@@ -305,6 +305,7 @@ fn identity(c: &mut Checker<'_>, raw: Option<&Spanned<RawIdentity>>) -> ProcessI
             verified: raw.ci_verified.unwrap_or(false),
         }),
         gaps: Vec::new(),
+        instance: None,
     }
 }
 

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::identity::{Ancestor, CiContext, CiProvider};
+use crate::identity::{Ancestor, CiContext, CiProvider, InstanceCheck, InstanceVerdict};
 use crate::sql::{StatementFlags, StatementKind, TableRef};
 
 // ---- fixtures -------------------------------------------------------------
@@ -93,6 +93,20 @@ fn ci_identity() -> ProcessIdentity {
             verified: true,
         }),
         gaps: Vec::new(),
+        instance: None,
+    }
+}
+
+/// The CI identity, compared with what the kernel captured at connect.
+fn ci_identity_checked(verdict: InstanceVerdict) -> ProcessIdentity {
+    ProcessIdentity {
+        instance: Some(InstanceCheck {
+            verdict,
+            at_connect: None,
+            at_accept: None,
+            reason: None,
+        }),
+        ..ci_identity()
     }
 }
 
@@ -139,6 +153,13 @@ fn one_rule(conditions: &str) -> String {
 enum Who {
     Ci,
     Nobody,
+    /// `Ci`, shown to be the process that connected.
+    Same,
+    /// `Ci`, but it executed another program (or its pid was reused) after
+    /// connecting.
+    Changed,
+    /// `Ci`, but the comparison could not be made.
+    Unverified,
 }
 
 #[derive(Clone, Copy)]
@@ -174,6 +195,15 @@ fn every_matcher_matches_and_misses() {
         ("exe = [\"/usr/**\"]", "t", Ci, DeleteAll, true),
         ("exe = [\"/usr/bin/pg_dump\"]", "t", Ci, DeleteAll, false),
         ("exe = [\"**\"]", "t", Nobody, DeleteAll, false),
+        ("exe = [\"/usr/bin/psql\"]", "t", Same, DeleteAll, true),
+        ("exe = [\"/usr/bin/psql\"]", "t", Changed, DeleteAll, false),
+        ("exe = [\"**\"]", "t", Changed, DeleteAll, false),
+        ("exe = [\"/usr/bin/psql\"]", "t", Unverified, DeleteAll, false),
+        (&format!("exe_sha256 = [\"{SHA}\"]"), "t", Same, DeleteAll, true),
+        (&format!("exe_sha256 = [\"{SHA}\"]"), "t", Changed, DeleteAll, false),
+        (&format!("exe_sha256 = [\"{SHA}\"]"), "t", Unverified, DeleteAll, false),
+        // Only executable conditions distrust a changed identity.
+        ("users = [\"runner\"]", "t", Changed, DeleteAll, true),
         (&format!("exe_sha256 = [\"{}\"]", SHA.to_ascii_uppercase()), "t", Ci, DeleteAll, true),
         (&format!("exe_sha256 = [\"{}\"]", "0".repeat(64)), "t", Ci, DeleteAll, false),
         ("ancestry_contains = [\"Runner.Worker\"]", "t", Ci, DeleteAll, true),
@@ -245,6 +275,9 @@ fn every_matcher_matches_and_misses() {
     ];
     let ci = ci_identity();
     let nobody = ProcessIdentity::default();
+    let same = ci_identity_checked(InstanceVerdict::Same);
+    let changed = ci_identity_checked(InstanceVerdict::Changed);
+    let unverified = ci_identity_checked(InstanceVerdict::Unverified);
     let delete = delete_all();
     let secrets = select_secrets();
     for (conditions, target, who, what, want) in cases {
@@ -252,6 +285,9 @@ fn every_matcher_matches_and_misses() {
         let id = match who {
             Who::Ci => &ci,
             Who::Nobody => &nobody,
+            Who::Same => &same,
+            Who::Changed => &changed,
+            Who::Unverified => &unverified,
         };
         let (s, multi) = match what {
             What::DeleteAll => (&delete, false),
@@ -271,6 +307,28 @@ fn every_matcher_matches_and_misses() {
         );
         assert_eq!(d.default_used, !*want);
     }
+}
+
+#[test]
+fn an_executable_exception_does_not_exempt_a_process_that_changed_since_connect() {
+    let set = set(
+        "[[rule]]\nname = \"no-delete\"\naction = \"deny\"\n[rule.match]\nkinds = [\"delete\"]\n[rule.except]\nexe = [\"/usr/bin/psql\"]\n",
+    );
+    let delete = delete_all();
+    let decide = |identity: &ProcessIdentity| {
+        set.decide(&Request {
+            target: "t",
+            identity,
+            statement: Statement::Parsed(&delete),
+            multi_statement: false,
+        })
+        .matched
+        .len()
+    };
+    assert_eq!(decide(&ci_identity_checked(InstanceVerdict::Same)), 0);
+    assert_eq!(decide(&ci_identity()), 0, "nothing captured: as before");
+    assert_eq!(decide(&ci_identity_checked(InstanceVerdict::Changed)), 1);
+    assert_eq!(decide(&ci_identity_checked(InstanceVerdict::Unverified)), 1);
 }
 
 #[test]

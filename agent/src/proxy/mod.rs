@@ -1,7 +1,7 @@
 //! The proxy core: listeners, the per-connection session set-up, and the
 //! agent's lifecycle (start, serve, drain on shutdown).
 //!
-//! A connection is accepted (a permit is taken first, so `max_connections`
+//! A connection is accepted (then waits for a permit, so `max_connections`
 //! bounds the work in flight), the connecting process is identified on a
 //! blocking thread while the upstream connection is made, a
 //! [`SessionEvent::Started`] is emitted, and the target's protocol handler
@@ -230,6 +230,20 @@ impl RunningAgent {
                 redirect.clone(),
                 stop_accepting.clone(),
             ));
+            if let Some(events) = redirect.protect.as_ref().and_then(|p| p.take_events()) {
+                let names = shared
+                    .config
+                    .targets
+                    .iter()
+                    .map(|t| t.name.clone())
+                    .collect();
+                background.spawn(crate::redirect::protect::watch(
+                    events,
+                    names,
+                    shared.metrics.clone(),
+                    stop_accepting.clone(),
+                ));
+            }
             background.spawn(reconcile_cgroups(redirect, stop_accepting.clone()));
         }
         if let Some(socket) = metrics_socket {
@@ -589,9 +603,11 @@ async fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-/// Accepts until told to stop. A permit is taken before accepting, so at most
-/// `max_connections` sessions run; accept errors (such as running out of file
-/// descriptors) back off instead of spinning.
+/// Accepts until told to stop. Each accepted connection waits for a permit
+/// before anything is done with it, so at most `max_connections` sessions
+/// run (and each listener holds at most one connection waiting, the rest
+/// stay in the kernel's backlog); accept errors (such as running out of
+/// file descriptors) back off instead of spinning.
 async fn accept_loop(
     socket: TcpListener,
     entry: Entry,
@@ -601,13 +617,6 @@ async fn accept_loop(
 ) {
     let mut backoff = Duration::from_millis(1);
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            permit = shared.permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = socket.accept() => accepted,
@@ -615,6 +624,16 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(1);
+                // The permit is taken once a connection is there: an idle
+                // listener holds none, so one listener's wait never keeps
+                // another's connections out. Waiters are served in order.
+                let permit = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    permit = shared.permits.clone().acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
                 let shared = shared.clone();
                 let route = match &entry {
                     Entry::Listener(l) => Some(listener_route(&shared, l)),

@@ -1,17 +1,18 @@
 //! Setting up one session: identity, upstream, events, then the handler.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::live::SessionCounters;
 use super::Shared;
 use crate::config::{Protocol, Upstream};
 use crate::events::{Arrival, CloseReason, SessionEvent, SessionInfo};
-use crate::identity::{IdentityResolver, ProcessIdentity};
+use crate::identity::{ConnectInstance, IdentityResolver, PendingHash, ProcessIdentity};
 use crate::protocol::{self, Announce, SessionContext, SessionStart};
 use crate::redirect::KernelOrigin;
 
@@ -59,10 +60,18 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
     // waits for it only when it must (see `SessionStart`).
     let resolver = shared.identity.clone();
     let origin = route.origin.clone();
-    let lookup = tokio::task::spawn_blocking(move || {
-        let t = Instant::now();
-        let identity = identify(&resolver, peer, local, origin.as_ref());
-        (identity, t.elapsed())
+    // A large executable's hash is computed in the background; the session
+    // goes on without it and records it when it is ready.
+    let pending_hash: Arc<Mutex<Option<PendingHash>>> = Arc::default();
+    let hash_task: Arc<Mutex<Option<JoinHandle<()>>>> = Arc::default();
+    let lookup = tokio::task::spawn_blocking({
+        let pending_hash = pending_hash.clone();
+        move || {
+            let t = Instant::now();
+            let (identity, pending) = identify(&resolver, peer, local, origin.as_ref());
+            *lock(&pending_hash) = pending;
+            (identity, t.elapsed())
+        }
     });
     let started_at = SystemTime::now();
     let upstream = connect_upstream(&route.upstream, shared.config.agent.connect_timeout).await;
@@ -78,6 +87,7 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
             route.origin.clone(),
         );
         let connected = upstream.as_ref().ok().map(|(_, peer, took)| (*peer, *took));
+        let hash_task = hash_task.clone();
         Box::new(move |looked_up| {
             let identity = match looked_up {
                 Ok((identity, took)) => {
@@ -116,6 +126,22 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
                     peer,
                     connect_time,
                 });
+            }
+            // After `Started`, so the recording has its header first.
+            if let Some(pending) = lock(&pending_hash).take() {
+                let events = shared.events.clone();
+                let task = tokio::spawn(async move {
+                    let (exe_sha256, error) = match pending.wait().await {
+                        Ok(digest) => (Some(digest), None),
+                        Err(why) => (None, Some(why)),
+                    };
+                    events.emit(&SessionEvent::ExeHashed {
+                        session: id,
+                        exe_sha256,
+                        error,
+                    });
+                });
+                *lock(&hash_task) = Some(task);
             }
             info
         })
@@ -170,6 +196,19 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
     // CancelRequest, a client that gave up) is announced now, so that every
     // closed session was started.
     start.info().await;
+    // The hash of a new large executable belongs in this session's
+    // recording: wait for it a little (the client has gone already).
+    let hash_task = lock(&hash_task).take();
+    if let Some(mut task) = hash_task {
+        // Not past the shutdown grace period either.
+        let finished = tokio::select! {
+            done = tokio::time::timeout(HASH_WAIT_AT_CLOSE, &mut task) => done.is_ok(),
+            _ = shared.force_close.cancelled() => false,
+        };
+        if !finished {
+            task.abort();
+        }
+    }
 
     shared.live.remove(&id);
     shared.metrics.session_closed(&route.target, reason.label());
@@ -195,11 +234,11 @@ fn identify(
     peer: SocketAddr,
     local: SocketAddr,
     origin: Option<&KernelOrigin>,
-) -> ProcessIdentity {
+) -> (ProcessIdentity, Option<PendingHash>) {
     let Some(origin) = origin else {
-        return resolver.identify_peer(peer, local);
+        return resolver.identify_peer_deferred(peer, local);
     };
-    let mut identity = resolver.describe_process(origin.tgid);
+    let (mut identity, pending) = resolver.describe_process_deferred(origin.tgid);
     identity.pid = Some(origin.tgid);
     if identity.uid.is_some_and(|uid| uid != origin.uid) {
         identity.gaps.push(format!(
@@ -210,7 +249,27 @@ fn identify(
     identity.uid = Some(origin.uid);
     identity.gid.get_or_insert(origin.gid);
     identity.comm.get_or_insert_with(|| origin.comm.clone());
-    identity
+    // Without BTF nothing was captured: identity stays as /proc shows it
+    // (logged once at load). Otherwise compare, after everything above was
+    // read, so an execve racing those reads shows as a change.
+    if origin.instance != ConnectInstance::NotCaptured {
+        let check = resolver.check_instance(origin.tgid, origin.instance);
+        if let Some(reason) = &check.reason {
+            identity
+                .gaps
+                .push(format!("executable rules do not apply: {reason}"));
+        }
+        identity.instance = Some(check);
+    }
+    (identity, pending)
+}
+
+/// How long a closing session waits for its executable's background hash.
+const HASH_WAIT_AT_CLOSE: Duration = Duration::from_secs(30);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only `Option`s are kept here: a panic cannot leave one half-updated.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Which lookup failure, if any, a resolved identity shows.

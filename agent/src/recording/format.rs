@@ -87,6 +87,10 @@ pub struct KernelRecord {
     pub comm: String,
     /// Index of the configured target the redirect matched.
     pub target_index: u64,
+    /// The executable and process start captured at connect (absent in
+    /// recordings of agents that did not capture them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<crate::identity::ConnectInstance>,
 }
 
 /// An event record: sequence, time, chain link and payload.
@@ -153,6 +157,13 @@ pub enum Event {
         /// The bytes as read, at most [`MAX_RAW_DATA`] (a MessagePack bin).
         #[serde(with = "bin")]
         data: Vec<u8>,
+    },
+    /// The executable's SHA-256, computed after the session started.
+    ExeHashed {
+        /// Lowercase hex digest, when it could be computed.
+        exe_sha256: Option<String>,
+        /// Why not, otherwise.
+        error: Option<String>,
     },
     /// An event type this reader does not know (written by a later agent).
     #[serde(other)]

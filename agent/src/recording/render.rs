@@ -226,6 +226,14 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
                 p.dim(&format!("{} bytes from {dir}", data.len()))
             );
         }
+        Event::ExeHashed { exe_sha256, error } => {
+            let what = match (exe_sha256, error) {
+                (Some(digest), _) => format!("sha256 {digest}"),
+                (None, Some(why)) => format!("not hashed: {why}"),
+                (None, None) => "not hashed".to_string(),
+            };
+            let _ = writeln!(out, "{t}  executable hashed: {what}");
+        }
         Event::Unknown => {
             let _ = writeln!(out, "{t}  (an event type this version does not know)");
         }
@@ -319,6 +327,18 @@ fn header_lines(out: &mut String, p: &Paint, h: &Header) {
                 .as_deref()
                 .map(|s| format!(" sha256 {s}"))
                 .unwrap_or_default()
+        );
+    }
+    if let Some(check) = id.instance.as_ref().filter(|c| !c.exe_trusted()) {
+        let verdict = match check.verdict {
+            crate::identity::InstanceVerdict::Changed => "CHANGED since connect",
+            _ => "not verified against connect",
+        };
+        let _ = writeln!(
+            out,
+            "  identity  {}: {} (exe rules did not apply)",
+            p.wrap("1;31", verdict),
+            check.reason.as_deref().unwrap_or("no reason recorded")
         );
     }
     if !id.cmdline.is_empty() {

@@ -16,7 +16,10 @@ use super::reader::{read_from, verify_from, Problem, ReadError};
 use super::*;
 use crate::config::Protocol;
 use crate::events::{Arrival, CloseReason, EventSink, SessionEvent, SessionInfo, StatementEvent};
-use crate::identity::{Ancestor, CiContext, CiProvider, ProcessIdentity};
+use crate::identity::{
+    Ancestor, CiContext, CiProvider, ConnectInstance, InstanceCheck, InstanceVerdict, InstanceView,
+    ProcessIdentity,
+};
 use crate::policy::Action;
 use crate::redirect::KernelOrigin;
 use crate::sql::StatementKind;
@@ -69,6 +72,20 @@ fn info(target: &str, user: &str, repo: Option<&str>) -> Arc<SessionInfo> {
                 verified: true,
             }),
             gaps: vec!["ancestry stopped at pid 1: not ours".to_string()],
+            instance: Some(InstanceCheck {
+                verdict: InstanceVerdict::Changed,
+                at_connect: Some(InstanceView {
+                    exe_dev: "8:1".to_string(),
+                    exe_ino: 77,
+                    start_ticks: 500,
+                }),
+                at_accept: Some(InstanceView {
+                    exe_dev: "8:1".to_string(),
+                    exe_ino: 78,
+                    start_ticks: 500,
+                }),
+                reason: Some("it executed another program after connecting".to_string()),
+            }),
         },
         kernel: Some(KernelOrigin {
             destination: addr("10.0.0.5:5432"),
@@ -78,6 +95,11 @@ fn info(target: &str, user: &str, repo: Option<&str>) -> Arc<SessionInfo> {
             cgroup_id: 9876,
             comm: "psql".to_string(),
             target_index: 0,
+            instance: ConnectInstance::Captured {
+                dev: (8 << 20) | 1,
+                ino: 77,
+                start_boottime_ns: 5_000_000_000,
+            },
         }),
     })
 }

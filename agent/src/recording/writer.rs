@@ -302,6 +302,7 @@ fn session_of(event: &SessionEvent) -> Uuid {
         SessionEvent::UpstreamConnected { session, .. }
         | SessionEvent::Startup { session, .. }
         | SessionEvent::Raw { session, .. }
+        | SessionEvent::ExeHashed { session, .. }
         | SessionEvent::Closed { session, .. } => *session,
         SessionEvent::Statement(statement) => statement.session,
     }
@@ -1112,6 +1113,12 @@ fn event_body(event: &SessionEvent) -> Option<Event> {
             dir: dir.as_str().to_string(),
             data: data.to_vec(),
         },
+        SessionEvent::ExeHashed {
+            exe_sha256, error, ..
+        } => Event::ExeHashed {
+            exe_sha256: exe_sha256.clone(),
+            error: error.clone(),
+        },
         SessionEvent::Closed {
             bytes_from_client,
             bytes_from_upstream,
@@ -1196,6 +1203,7 @@ fn header_of(info: &SessionInfo, host: &str, agent_version: &str, digest: Option
             cgroup_id: k.cgroup_id,
             comm: k.comm.clone(),
             target_index: k.target_index as u64,
+            instance: Some(k.instance),
         }),
     }
 }

@@ -170,9 +170,20 @@ pub(crate) fn kernel_view(
     ours: &HashSet<u32>,
     names: &HashMap<u32, String>,
 ) -> KernelAttachment {
+    kernel_view_at(cgroup, &AttachPoint::ALL, ours, names)
+}
+
+/// Like [`kernel_view`], at the attach points `points` only: `attached`
+/// means ours at each of them.
+pub(crate) fn kernel_view_at(
+    cgroup: &Path,
+    points: &[AttachPoint],
+    ours: &HashSet<u32>,
+    names: &HashMap<u32, String>,
+) -> KernelAttachment {
     let mut programs = Vec::new();
     let mut points_with_ours = 0;
-    for point in AttachPoint::ALL {
+    for &point in points {
         let ids = match attached_program_ids(cgroup, point) {
             Ok(ids) => ids,
             Err(e) => {
@@ -199,7 +210,7 @@ pub(crate) fn kernel_view(
     }
     let state = match points_with_ours {
         0 => "detached",
-        n if n == AttachPoint::ALL.len() => "attached",
+        n if n == points.len() => "attached",
         _ => "partial",
     };
     KernelAttachment {

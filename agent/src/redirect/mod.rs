@@ -25,10 +25,13 @@
 //! from the pins.
 
 mod attachments;
+mod btf;
 pub mod cgroup;
 pub mod local;
 mod pins;
+pub mod protect;
 mod targets;
+mod task_identity;
 
 pub use attachments::{KernelAttachment, KernelProgram};
 pub use pins::PinDirError;
@@ -44,11 +47,13 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
+
+use crate::identity::ConnectInstance;
 use serde::Serialize;
 use tollgate_common::{
     as_v4_mapped, v4_mapped, ConnectOrigin, OriginKey, RedirectConfig, TargetEntry,
-    CONFIG_F_DENY_UNLISTED, STAT_CLOSED, STAT_COUNT, STAT_DENIED, STAT_ERRORS, STAT_PASSED,
-    STAT_PUBLISHED, STAT_REDIRECTED,
+    CONFIG_F_DENY_UNLISTED, ORIGIN_ID_CAPTURED, ORIGIN_ID_READ_FAILED, STAT_CLOSED, STAT_COUNT,
+    STAT_DENIED, STAT_ERRORS, STAT_PASSED, STAT_PUBLISHED, STAT_REDIRECTED,
 };
 
 use crate::config::{Config, RedirectSettings, UnlistedPolicy};
@@ -89,6 +94,8 @@ pub struct KernelOrigin {
     pub comm: String,
     /// Index of the configured target (0-based) the redirect matched.
     pub target_index: usize,
+    /// The caller's executable and start time at connect.
+    pub instance: ConnectInstance,
 }
 
 /// Errors setting up the redirect, each with what to do.
@@ -237,6 +244,8 @@ pub struct Redirect {
     pub exec_unlisted: UnlistedPolicy,
     /// The pin directory.
     pub pin_dir: PathBuf,
+    /// The root cgroup's protect programs, when `[protect]` is set.
+    pub protect: Option<protect::Protect>,
 }
 
 impl Redirect {
@@ -343,12 +352,33 @@ impl Redirect {
                 &cgroups,
             )?);
         }
+        // After the governed cgroups have their programs: in deny mode a
+        // governed connection is only let through once it is redirected.
+        let protect = match &config.protect {
+            Some(p) => {
+                let (protect_entries, names) =
+                    protect::protected_entries(config, p, &resolve, &local_targets)
+                        .map_err(RedirectError::Kernel)?;
+                Some(protect::Protect::start(
+                    p,
+                    &settings.pin_dir,
+                    &cgroup_root,
+                    &protect_entries,
+                    names,
+                )?)
+            }
+            None => {
+                protect::remove_unwanted(&settings.pin_dir);
+                None
+            }
+        };
         Ok(Redirect {
             instances,
             cgroup_root,
             exec_root,
             exec_unlisted: settings.exec_unlisted,
             pin_dir: settings.pin_dir,
+            protect,
         })
     }
 
@@ -367,6 +397,9 @@ impl Redirect {
             }
             instance.forget_vanished();
             instance.report_kernel_detachments();
+        }
+        if let Some(p) = &self.protect {
+            p.report_kernel_detachment();
         }
         newly
     }
@@ -523,6 +556,9 @@ impl Redirect {
         for i in &self.instances {
             walk(&i.dir, &mut out);
         }
+        if self.protect.is_some() {
+            walk(&self.pin_dir.join(protect::DIR_NAME), &mut out);
+        }
         out.sort();
         out
     }
@@ -601,6 +637,17 @@ fn to_kernel_origin(o: &ConnectOrigin) -> KernelOrigin {
         cgroup_id: o.cgroup_id,
         comm: String::from_utf8_lossy(o.comm.get(..comm_len).unwrap_or_default()).into_owned(),
         target_index: (o.target as usize).saturating_sub(1),
+        instance: if o.identity_flags & ORIGIN_ID_CAPTURED != 0 {
+            ConnectInstance::Captured {
+                dev: o.exe_dev,
+                ino: o.exe_ino,
+                start_boottime_ns: o.start_boottime,
+            }
+        } else if o.identity_flags & ORIGIN_ID_READ_FAILED != 0 {
+            ConnectInstance::Unreadable
+        } else {
+            ConnectInstance::NotCaptured
+        },
     }
 }
 
@@ -702,17 +749,21 @@ impl Instance {
     ) -> Result<Instance, RedirectError> {
         let maps_dir = dir.join("maps");
         pins::ensure_secure_dirs(pin_root, &maps_dir, pins::Owner::agent())?;
+        task_identity::check_pinned_origin_layout(&maps_dir)?;
         let map_paths: Vec<(&str, PathBuf)> =
             PINNED_MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // The protect ring buffer is unused by this load: its smallest size.
+        loader.map_max_entries("PROTECT_EVENTS", page_size());
         let mut ebpf = loader
             .load(PROGRAMS)
             .map_err(|e| classify("load the eBPF programs", e))?;
 
         fill_maps(&mut ebpf, config_value, entries, resolvers)?;
+        task_identity::fill(&mut ebpf)?;
         start_kernel_log_reader(&mut ebpf, mode);
 
         for name in PROGRAM_NAMES {
@@ -1127,6 +1178,14 @@ pub fn detach(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// The kernel's page size (a ring buffer's smallest size).
+fn page_size() -> u32 {
+    // SAFETY: sysconf reads a constant of the running system.
+    #[allow(unsafe_code)]
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
+}
+
 /// The unused-import guard for `SockOps` (kept for type clarity in docs).
 #[allow(dead_code)]
 fn _sockops_type(_: &SockOps) {}
@@ -1134,6 +1193,44 @@ fn _sockops_type(_: &SockOps) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernels_capture_flags_decide_what_was_captured() {
+        let mut record = ConnectOrigin {
+            dst_addr: v4_mapped([10, 0, 0, 5]),
+            dst_port: 5432,
+            flags: 0,
+            tgid: 42,
+            uid: 1000,
+            gid: 1000,
+            cgroup_id: 7,
+            comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
+            target: 1,
+            _reserved: 0,
+            exe_ino: 77,
+            start_boottime: 5_000_000_000,
+            exe_dev: (8 << 20) | 1,
+            identity_flags: ORIGIN_ID_CAPTURED,
+        };
+        assert_eq!(
+            to_kernel_origin(&record).instance,
+            ConnectInstance::Captured {
+                dev: (8 << 20) | 1,
+                ino: 77,
+                start_boottime_ns: 5_000_000_000
+            }
+        );
+        record.identity_flags = ORIGIN_ID_READ_FAILED;
+        assert_eq!(
+            to_kernel_origin(&record).instance,
+            ConnectInstance::Unreadable
+        );
+        // Offsets never configured (no BTF): fields are ignored.
+        record.identity_flags = 0;
+        let origin = to_kernel_origin(&record);
+        assert_eq!(origin.instance, ConnectInstance::NotCaptured);
+        assert_eq!((origin.tgid, origin.comm.as_str()), (42, "psql"));
+    }
 
     #[test]
     fn the_strictest_governed_cgroup_holding_a_process_is_found_by_ancestry() {

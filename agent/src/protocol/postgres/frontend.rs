@@ -78,15 +78,12 @@ impl Target {
         }
     }
 
-    fn read(r: &mut Reader<'_>) -> Result<Self, CodecError> {
-        match r.get_u8("target")? {
-            b'S' => Ok(Target::Statement),
-            b'P' => Ok(Target::Portal),
-            other => Err(CodecError::InvalidValue {
-                message: r.message(),
-                field: "target",
-                value: other.into(),
-            }),
+    /// The target a wire byte names, if any.
+    pub fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            b'S' => Some(Target::Statement),
+            b'P' => Some(Target::Portal),
+            _ => None,
         }
     }
 }
@@ -276,6 +273,131 @@ pub fn decode_startup(body: &[u8]) -> Result<FrontendMessage<'_>, CodecError> {
     }
 }
 
+/// The fields of a client message the proxy decides on, read in place (no
+/// allocation) as raw bytes in the client's encoding, which need not be
+/// UTF-8 (`client_encoding = LATIN1`). This is what the session reads;
+/// [`decode_frontend`] reads the same fields through the same functions,
+/// then checks them as UTF-8 and reads the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head<'a> {
+    /// Query: the whole message, statement text.
+    Query(&'a [u8]),
+    /// Parse: the statement name and text; the parameter types are not read.
+    Parse {
+        /// Statement name.
+        name: &'a [u8],
+        /// Query text.
+        query: &'a [u8],
+    },
+    /// Bind: the two names in front of the parameters (see [`bind_names`]).
+    Bind {
+        /// Destination portal.
+        portal: &'a [u8],
+        /// Source statement.
+        statement: &'a [u8],
+    },
+    /// Describe: the target byte, as sent (`S` for a statement; the server
+    /// judges any other).
+    Describe {
+        /// `S`, `P`, or what the client sent.
+        kind: u8,
+    },
+    /// Close: the target byte, as sent, and the name.
+    Close {
+        /// `S`, `P`, or what the client sent.
+        kind: u8,
+        /// Its name.
+        name: &'a [u8],
+    },
+    /// Execute: the portal name; the row limit is not read.
+    Execute {
+        /// Portal name.
+        portal: &'a [u8],
+    },
+    /// FunctionCall: the function; the arguments are not read.
+    FunctionCall {
+        /// Function OID.
+        oid: u32,
+    },
+    /// Any other message: nothing in it is decided on.
+    Other,
+}
+
+/// Reads the [`Head`] of the client message `tag` from its `body`. Only a
+/// Query is read to its end; the other messages' later fields are left to
+/// the server, as the proxy passes them on unread.
+pub fn decode_head(tag: u8, body: &[u8]) -> Result<Head<'_>, CodecError> {
+    Ok(match tag {
+        tag::QUERY => Head::Query(read_query(Reader::new("Query", body))?),
+        tag::PARSE => {
+            let (name, query) = read_parse_head(&mut Reader::new("Parse", body))?;
+            Head::Parse { name, query }
+        }
+        tag::BIND => {
+            let (portal, statement) = read_bind_names(&mut Reader::new("Bind", body))?;
+            Head::Bind { portal, statement }
+        }
+        tag::DESCRIBE => Head::Describe {
+            kind: Reader::new("Describe", body).get_u8("target")?,
+        },
+        tag::CLOSE => {
+            let (kind, name) = read_target_head(&mut Reader::new("Close", body))?;
+            Head::Close { kind, name }
+        }
+        tag::EXECUTE => Head::Execute {
+            portal: Reader::new("Execute", body).get_cstr_bytes("portal name")?,
+        },
+        tag::FUNCTION_CALL => Head::FunctionCall {
+            oid: Reader::new("FunctionCall", body).get_u32("function oid")?,
+        },
+        _ => Head::Other,
+    })
+}
+
+/// The portal and statement names at the start of a Bind, from the first
+/// bytes of its body (the parameters after them may not have arrived);
+/// `None` until both names are there.
+pub fn bind_names(body_start: &[u8]) -> Option<(&[u8], &[u8])> {
+    read_bind_names(&mut Reader::new("Bind", body_start)).ok()
+}
+
+/// A Query's text, checked to the end of the message.
+fn read_query(mut r: Reader<'_>) -> Result<&[u8], CodecError> {
+    let query = r.get_cstr_bytes("query string")?;
+    r.finish()?;
+    Ok(query)
+}
+
+/// A Parse's statement name and text.
+fn read_parse_head<'a>(r: &mut Reader<'a>) -> Result<(&'a [u8], &'a [u8]), CodecError> {
+    let name = r.get_cstr_bytes("statement name")?;
+    let query = r.get_cstr_bytes("query string")?;
+    Ok((name, query))
+}
+
+/// A Bind's portal and statement names.
+fn read_bind_names<'a>(r: &mut Reader<'a>) -> Result<(&'a [u8], &'a [u8]), CodecError> {
+    let portal = r.get_cstr_bytes("portal name")?;
+    let statement = r.get_cstr_bytes("statement name")?;
+    Ok((portal, statement))
+}
+
+/// The target byte and name of a Describe or Close, the byte unchecked.
+fn read_target_head<'a>(r: &mut Reader<'a>) -> Result<(u8, &'a [u8]), CodecError> {
+    let kind = r.get_u8("target")?;
+    let name = r.get_cstr_bytes("name")?;
+    Ok((kind, name))
+}
+
+/// `bytes` (field `field` of `message`) as UTF-8.
+fn utf8<'a>(
+    message: &'static str,
+    field: &'static str,
+    bytes: &'a [u8],
+) -> Result<&'a str, CodecError> {
+    std::str::from_utf8(bytes).map_err(|_| CodecError::InvalidUtf8 { message, field })
+}
+
 /// Decodes a typed client message from its type byte and body (the bytes
 /// after the length field). Unknown types become
 /// [`FrontendMessage::Unknown`]; known types must be well formed, with no
@@ -283,15 +405,14 @@ pub fn decode_startup(body: &[u8]) -> Result<FrontendMessage<'_>, CodecError> {
 pub fn decode_frontend(tag: u8, body: &[u8]) -> Result<FrontendMessage<'_>, CodecError> {
     let msg = match tag {
         tag::QUERY => {
-            let mut r = Reader::new("Query", body);
-            let query = r.get_cstr("query string")?;
-            r.finish()?;
-            FrontendMessage::Query(query)
+            let query = read_query(Reader::new("Query", body))?;
+            FrontendMessage::Query(utf8("Query", "query string", query)?)
         }
         tag::PARSE => {
             let mut r = Reader::new("Parse", body);
-            let name = r.get_cstr("statement name")?;
-            let query = r.get_cstr("query string")?;
+            let (name, query) = read_parse_head(&mut r)?;
+            let name = utf8("Parse", "statement name", name)?;
+            let query = utf8("Parse", "query string", query)?;
             let n = r.get_count("parameter type", 4)?;
             let mut param_types = Vec::with_capacity(n);
             for _ in 0..n {
@@ -306,8 +427,9 @@ pub fn decode_frontend(tag: u8, body: &[u8]) -> Result<FrontendMessage<'_>, Code
         }
         tag::BIND => {
             let mut r = Reader::new("Bind", body);
-            let portal = r.get_cstr("portal name")?;
-            let statement = r.get_cstr("statement name")?;
+            let (portal, statement) = read_bind_names(&mut r)?;
+            let portal = utf8("Bind", "portal name", portal)?;
+            let statement = utf8("Bind", "statement name", statement)?;
             let param_formats = r.get_formats("parameter format")?;
             let params = r.get_values("parameter")?;
             let result_formats = r.get_formats("result format")?;
@@ -330,7 +452,7 @@ pub fn decode_frontend(tag: u8, body: &[u8]) -> Result<FrontendMessage<'_>, Code
         }
         tag::EXECUTE => {
             let mut r = Reader::new("Execute", body);
-            let portal = r.get_cstr("portal name")?;
+            let portal = utf8("Execute", "portal name", r.get_cstr_bytes("portal name")?)?;
             let max_rows = r.get_i32("row limit")?;
             r.finish()?;
             FrontendMessage::Execute { portal, max_rows }
@@ -372,24 +494,44 @@ fn decode_target<'a>(
     body: &'a [u8],
 ) -> Result<(Target, &'a str), CodecError> {
     let mut r = Reader::new(message, body);
-    let kind = Target::read(&mut r)?;
-    let name = r.get_cstr("name")?;
+    let (kind, name) = read_target_head(&mut r)?;
+    let kind = Target::from_byte(kind).ok_or(CodecError::InvalidValue {
+        message,
+        field: "target",
+        value: kind.into(),
+    })?;
+    let name = utf8(message, "name", name)?;
     r.finish()?;
     Ok((kind, name))
 }
 
-/// The statement text of a Query or Parse message, read in place without
-/// decoding the rest (no allocation); `None` for other messages and for
-/// malformed ones.
-pub fn peek_query(tag: u8, body: &[u8]) -> Option<&str> {
-    let mut r = Reader::new("", body);
-    match tag {
-        tag::QUERY => r.get_cstr("query string").ok(),
-        tag::PARSE => {
-            r.get_cstr_bytes("statement name").ok()?;
-            r.get_cstr("query string").ok()
+impl<'a> FrontendMessage<'a> {
+    /// The [`Head`] of this message: what [`decode_head`] reads from its
+    /// bytes.
+    pub fn head(&self) -> Head<'a> {
+        match *self {
+            FrontendMessage::Query(query) => Head::Query(query.as_bytes()),
+            FrontendMessage::Parse { name, query, .. } => Head::Parse {
+                name: name.as_bytes(),
+                query: query.as_bytes(),
+            },
+            FrontendMessage::Bind {
+                portal, statement, ..
+            } => Head::Bind {
+                portal: portal.as_bytes(),
+                statement: statement.as_bytes(),
+            },
+            FrontendMessage::Describe { kind, .. } => Head::Describe { kind: kind.byte() },
+            FrontendMessage::Close { kind, name } => Head::Close {
+                kind: kind.byte(),
+                name: name.as_bytes(),
+            },
+            FrontendMessage::Execute { portal, .. } => Head::Execute {
+                portal: portal.as_bytes(),
+            },
+            FrontendMessage::FunctionCall { oid, .. } => Head::FunctionCall { oid },
+            _ => Head::Other,
         }
-        _ => None,
     }
 }
 
@@ -731,9 +873,13 @@ mod tests {
     fn simple_query() {
         let wire = b"Q\0\0\0\x0eSELECT 1;\0";
         assert_eq!(round_trip(wire, false), FrontendMessage::Query("SELECT 1;"));
-        assert_eq!(peek_query(b'Q', &wire[5..]), Some("SELECT 1;"));
-        assert_eq!(peek_query(b'Q', b"SELECT"), None);
-        assert_eq!(peek_query(b'B', &wire[5..]), None);
+        assert_eq!(decode_head(b'Q', &wire[5..]), Ok(Head::Query(b"SELECT 1;")));
+        assert!(decode_head(b'Q', b"SELECT").is_err());
+        // Bytes a client in LATIN1 sends are read as they are.
+        assert_eq!(
+            decode_head(b'Q', b"SELECT '\xe9'\0"),
+            Ok(Head::Query(b"SELECT '\xe9'"))
+        );
     }
 
     #[test]
@@ -751,8 +897,11 @@ mod tests {
             }
         );
         assert_eq!(
-            peek_query(b'P', &parse[5..]),
-            Some("SELECT * FROM t WHERE id = $1")
+            decode_head(b'P', &parse[5..]),
+            Ok(Head::Parse {
+                name: b"S_1",
+                query: b"SELECT * FROM t WHERE id = $1"
+            })
         );
         // The next message's first byte does not belong to this one.
         parse.push(b'B');

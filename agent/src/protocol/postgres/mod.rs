@@ -10,7 +10,8 @@
 //!   [`CodecError`].
 //! - [`frontend`]: client messages, [`FrontendMessage`], decoded by
 //!   [`decode_startup`] (untyped start-up packets) and [`decode_frontend`]
-//!   (typed messages); [`peek_query`] reads a statement without decoding.
+//!   (typed messages); [`decode_head`] reads, in place, the fields the
+//!   session decides on, through the same functions.
 //! - [`backend`]: server messages, [`BackendMessage`], decoded by
 //!   [`decode_backend`]. Direction is a type: `D` is Describe from a client
 //!   and DataRow from a server, and each decoder knows only its side.
@@ -96,5 +97,6 @@ pub use codec::{
     MAX_STARTUP_PACKET, MIN_CANCEL_KEY,
 };
 pub use frontend::{
-    decode_frontend, decode_startup, peek_query, FrontendMessage, SaslInitialResponse, Target,
+    bind_names, decode_frontend, decode_head, decode_startup, FrontendMessage, Head,
+    SaslInitialResponse, Target,
 };

@@ -2,6 +2,7 @@
 //! the server sees it (forwarded, replaced by a refusal, or made to wait).
 
 use super::*;
+use crate::protocol::postgres::frontend::Head;
 
 /// Longest portal and statement names of a Bind read before its parameters.
 const MAX_BIND_NAMES: usize = 64 * 1024;
@@ -47,6 +48,18 @@ fn check_recording(ctx: &SessionContext) -> Result<(), Stop> {
             reason: CloseReason::RecordingFailed(cause),
         }),
     }
+}
+
+/// The fields the session decides on in the client message `tag`, read
+/// by the codec's [`frontend::decode_head`].
+fn head(tag: u8, body: &[u8]) -> Result<Head<'_>, Stop> {
+    frontend::decode_head(tag, body).map_err(Stop::protocol_violation)
+}
+
+/// A message whose [`Head`] is not the one its tag gives: cannot happen,
+/// and ends the session rather than guess.
+fn not_read(tag: u8) -> Stop {
+    Stop::protocol_violation(format_args!("{} could not be read", message_name(tag)))
 }
 
 /// Whether `tag` is a message type clients send.
@@ -267,9 +280,9 @@ impl<'a> ClientSide<'a> {
                     return Ok(Step::Need(header.len));
                 };
                 self.extended_open.set(true);
-                let kind = Reader::new("Describe", body)
-                    .get_u8("kind")
-                    .map_err(Stop::protocol_violation)?;
+                let Head::Describe { kind } = head(tag, body)? else {
+                    return Err(not_read(tag));
+                };
                 self.expect(if kind == b'S' {
                     Expect::DescribeStatement
                 } else {
@@ -306,16 +319,16 @@ impl<'a> ClientSide<'a> {
                 };
                 if tag == CLOSE {
                     self.extended_open.set(true);
-                    let mut r = Reader::new("Close", body);
-                    let kind = r.get_u8("kind").map_err(Stop::protocol_violation)?;
-                    let name = r.get_cstr_bytes("name").map_err(Stop::protocol_violation)?;
+                    let Head::Close { kind, name } = head(tag, body)? else {
+                        return Err(not_read(tag));
+                    };
                     self.shared.prepared().close_sent(kind, name);
                     self.expect(Expect::Complete)?;
                     return Ok(Step::Forward(header.len));
                 }
-                let portal = Reader::new("Execute", body)
-                    .get_cstr_bytes("portal name")
-                    .map_err(Stop::protocol_violation)?;
+                let Head::Execute { portal } = head(tag, body)? else {
+                    return Err(not_read(tag));
+                };
                 let step = self.execute(data, portal, header.len)?;
                 self.extended_open.set(true);
                 Ok(step)
@@ -342,30 +355,17 @@ impl<'a> ClientSide<'a> {
     fn decide(&self, tag: u8, body: &[u8]) -> Result<Option<String>, Stop> {
         use frontend::tag::*;
         self.server_reads_refused.set(false);
-        let mut r = Reader::new(message_name(tag), body);
         let text: &[u8];
         let owned;
         let mut statement_name: &[u8] = b"";
         let mut fast_path = None;
-        match tag {
-            QUERY => {
-                text = r
-                    .get_cstr_bytes("query string")
-                    .map_err(Stop::protocol_violation)?;
-                r.finish().map_err(Stop::protocol_violation)?;
+        match head(tag, body)? {
+            Head::Query(query) => text = query,
+            Head::Parse { name, query } => {
+                statement_name = name;
+                text = query;
             }
-            PARSE => {
-                statement_name = r
-                    .get_cstr_bytes("statement name")
-                    .map_err(Stop::protocol_violation)?;
-                text = r
-                    .get_cstr_bytes("query string")
-                    .map_err(Stop::protocol_violation)?;
-            }
-            _ => {
-                let oid = r
-                    .get_u32("function oid")
-                    .map_err(Stop::protocol_violation)?;
+            Head::FunctionCall { oid } => {
                 fast_path = fastpath::builtin_function(oid).map(|name| (name, oid));
                 owned = match fast_path {
                     Some((name, oid)) => fastpath::text(name, oid),
@@ -373,6 +373,7 @@ impl<'a> ClientSide<'a> {
                 };
                 text = owned.as_bytes();
             }
+            _ => return Err(not_read(tag)),
         }
         let (text, analysis) = match fast_path {
             // A built-in the catalog numbers the same in every version:
@@ -429,11 +430,8 @@ impl<'a> ClientSide<'a> {
             if !prepared.has_room() {
                 return Ok(Some(too_many_prepared()));
             }
-            let name = Reader::new("Parse", body)
-                .get_cstr_bytes("statement name")
-                .map_err(Stop::protocol_violation)?;
             prepared.parse_sent(
-                name,
+                statement_name,
                 Decided {
                     text: Arc::from(&*text),
                     analysis,
@@ -768,12 +766,7 @@ impl<'a> ClientSide<'a> {
         let here = data
             .get(FrameHeader::SIZE..header.len.min(data.len()))
             .unwrap_or_default();
-        let mut nuls = here
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| **b == 0)
-            .map(|(i, _)| i);
-        let (Some(portal_end), Some(statement_end)) = (nuls.next(), nuls.next()) else {
+        let Some((portal, statement)) = frontend::bind_names(here) else {
             if here.len() + FrameHeader::SIZE >= header.len {
                 return Err(Stop::protocol_violation(
                     "Bind: the portal and statement names are not terminated",
@@ -789,8 +782,6 @@ impl<'a> ClientSide<'a> {
                 header.len.min(FrameHeader::SIZE + MAX_BIND_NAMES),
             ));
         };
-        let portal = here.get(..portal_end).unwrap_or_default();
-        let statement = here.get(portal_end + 1..statement_end).unwrap_or_default();
         let policy = current_policy(&self.ctx.policy);
         if self.shared.prepared().redefined_earlier(statement) {
             // Which statement this binds is known once that is answered.
@@ -1096,21 +1087,10 @@ impl<'a> ClientSide<'a> {
     fn substitute(&mut self, tag: u8, body: &[u8], refusal: String) -> Result<(), Stop> {
         let server_reads = self.server_reads_refused.take();
         self.out.clear();
-        let mut r = Reader::new(message_name(tag), body);
-        let name = if tag == frontend::tag::PARSE {
-            Some(
-                r.get_cstr_bytes("statement name")
-                    .map_err(Stop::protocol_violation)?,
-            )
-        } else {
-            None
-        };
-        let client_text = match tag {
-            frontend::tag::PARSE | frontend::tag::QUERY if server_reads => Some(
-                r.get_cstr_bytes("query string")
-                    .map_err(Stop::protocol_violation)?,
-            ),
-            _ => None,
+        let (name, client_text) = match head(tag, body)? {
+            Head::Parse { name, query } => (Some(name), server_reads.then_some(query)),
+            Head::Query(query) => (None, server_reads.then_some(query)),
+            _ => (None, None),
         };
         let mut sql = Vec::new();
         match client_text {

@@ -1,6 +1,18 @@
 //! The masking flow: the client side plans a lookup in front of a masked
 //! statement (or batch), and the upstream side reads the lookup's answer
 //! and masks the rows of the client's results (see [`super::super::mask`]).
+//!
+//! - Client side: [`ClientSide::plan_mask`] turns the decisions of one
+//!   message into a [`MaskPlan`] (or a refusal); a simple Query carries its
+//!   lookup in front of its text ([`ClientSide::masked_query`]); an
+//!   extended-protocol message opens or joins the masked batch
+//!   ([`ClientSide::join_batch`], where a batch that is already pipelined
+//!   is refused) and its lookup goes in front ([`ClientSide::prefixed`]).
+//! - Upstream side: [`UpstreamSide::mask_step`] reads the answer to a
+//!   masked Query, [`UpstreamSide::prepared_lookup_step`] the `PREPARE`
+//!   and `EXECUTE` of the session's prepared lookup, and
+//!   [`UpstreamSide::batch_step`] the answer to a masked batch, message by
+//!   message as [`super::super::mask::ExtendedBatch`] expects it.
 
 use super::*;
 
@@ -64,8 +76,8 @@ impl ClientSide<'_> {
             // A computed field is masked, with the strictest method of the
             // rules whose columns the statement's expressions may read (all
             // of them when its text cannot be walked).
-            let refs = statement
-                .and_then(|s| self.ctx.analysis.column_refs(&s.text, self.text_reading()));
+            let refs =
+                statement.and_then(|s| self.ctx.analysis.column_refs(&s.text, self.text_reading()));
             let computed = decision
                 .mask_rules()
                 .filter(|rule| {
@@ -311,7 +323,7 @@ impl UpstreamSide<'_> {
             return Ok(Some(Step::Need(header.len)));
         };
         if header.tag == COMMAND_COMPLETE {
-            let tag = body.strip_suffix(&[0]).unwrap_or(body);
+            let tag = command_tag(body).unwrap_or_default();
             if self.shared.lookup().command_complete(tag) {
                 self.out.clear();
                 return Ok(Some(Step::Replace(header.len)));

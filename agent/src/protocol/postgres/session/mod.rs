@@ -69,7 +69,8 @@
 //! # Layout
 //!
 //! - this file: [`run`], the two pumps and the batched forwarding of what
-//!   each side decided: the only code here that touches sockets;
+//!   each side decided: with [`startup`], the only code here that touches
+//!   sockets;
 //! - [`startup`]: start-up packets, TLS negotiation on both legs,
 //!   cancel requests and the refusals written before a session starts;
 //! - [`shared`]: the state both directions share, why a session stops,
@@ -80,7 +81,11 @@
 //! - [`masking_flow`]: the masking lookups the client side plans and the
 //!   upstream side reads, and the rows it masks.
 //!
-//! Everything but this file is sans-IO: bytes in, a [`Step`] out.
+//! The ready phase is sans-IO outside this file: [`client`], [`upstream`]
+//! and [`masking_flow`] take bytes and give a [`Step`].
+//! [`step_batch`] steps a side over one read; the pumps write what it
+//! gives, and `tests.rs` drives both sides with it from tables of
+//! messages.
 
 mod client;
 mod masking_flow;
@@ -107,8 +112,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::backend::{self, BackendMessage, TransactionStatus};
 use super::codec::{
-    frame, frame_startup, CodecError, FrameHeader, MessageWriter, Reader, MAX_MESSAGE,
-    MAX_PRE_AUTH_MESSAGE,
+    frame, frame_startup, CodecError, FrameHeader, MessageWriter, MAX_MESSAGE, MAX_PRE_AUTH_MESSAGE,
 };
 use super::error::{error_response, severity, sqlstate, ssl_refused};
 use super::fastpath;
@@ -588,16 +592,16 @@ struct Batch {
     wait: bool,
 }
 
-/// Handles every whole message in `data`, forwarding runs of unchanged
-/// messages and replacements in one write (see [`write_batch`]), then
-/// flushes (TLS holds records until flushed; for TCP this does nothing).
-async fn forward_batch<S: Side, W: AsyncWrite + Unpin>(
+/// Steps `side` over `data` (the unhandled bytes of one read) until it
+/// needs more bytes, waits or stops: what is to be written goes into
+/// `spliced` (the runs and replacements up to the last replaced message),
+/// followed by `data[tail..batch.handled]`, the run after it. No I/O: the
+/// pumps write the result, the tests read it.
+fn step_batch<S: Side>(
     side: &mut S,
-    writer: &mut W,
     data: &[u8],
     spliced: &mut Vec<u8>,
-    write_err: fn(io::Error) -> Stop,
-) -> Result<Batch, Stop> {
+) -> Result<(Batch, usize), Stop> {
     let mut batch = Batch {
         handled: 0,
         need: FrameHeader::SIZE,
@@ -629,6 +633,20 @@ async fn forward_batch<S: Side, W: AsyncWrite + Unpin>(
             }
         }
     }
+    Ok((batch, from))
+}
+
+/// Handles every whole message in `data`, forwarding runs of unchanged
+/// messages and replacements in one write (see [`write_batch`]), then
+/// flushes (TLS holds records until flushed; for TCP this does nothing).
+async fn forward_batch<S: Side, W: AsyncWrite + Unpin>(
+    side: &mut S,
+    writer: &mut W,
+    data: &[u8],
+    spliced: &mut Vec<u8>,
+    write_err: fn(io::Error) -> Stop,
+) -> Result<Batch, Stop> {
+    let (batch, from) = step_batch(side, data, spliced)?;
     let tail = data.get(from..batch.handled).unwrap_or_default();
     if !spliced.is_empty() {
         side.forwarded(spliced);
@@ -675,8 +693,11 @@ async fn write_batch<W: AsyncWrite + Unpin>(
 const SPLICE_KEEP: usize = 64 * 1024;
 
 #[cfg(test)]
+mod tests;
+
+#[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
-mod tests {
+mod io_tests {
     use super::*;
 
     /// Keeps each write call's bytes apart.

@@ -34,7 +34,7 @@ pub(super) struct Shared {
     /// are escapes, and the analysis reads them so.
     pub(super) backslash_escapes: AtomicBool,
     /// `tollgate_deny_<nonce>_`: the marker of substituted statements.
-    marker: String,
+    pub(super) marker: String,
     /// Next substitute number.
     next_denial: AtomicU64,
     /// Messages for the client, by substitute number, until the server's

@@ -128,7 +128,7 @@ impl<'a> UpstreamSide<'a> {
                 let Some(body) = header.body(data) else {
                     return Ok(Step::Need(header.len));
                 };
-                let tag = body.strip_suffix(&[0]).unwrap_or(body);
+                let tag = command_tag(body).unwrap_or_default();
                 if prepared::changes_statements(tag) {
                     self.shared.prepared().command_complete(tag);
                     if matches!(tag, b"DEALLOCATE ALL" | b"DISCARD ALL") {
@@ -308,5 +308,15 @@ pub(super) fn upstream_fault(what: impl std::fmt::Display) -> Stop {
         sqlstate: sqlstate::PROTOCOL_VIOLATION,
         reason: CloseReason::UpstreamError(message.clone()),
         message,
+    }
+}
+
+/// The command tag of a CommandComplete `body`, read by the codec; `None`
+/// when it does not decode (nothing is learnt from it, and it is forwarded
+/// as it came).
+pub(super) fn command_tag(body: &[u8]) -> Option<&[u8]> {
+    match backend::decode_backend(backend::tag::COMMAND_COMPLETE, body) {
+        Ok(BackendMessage::CommandComplete(tag)) => Some(tag.as_bytes()),
+        _ => None,
     }
 }
