@@ -83,9 +83,11 @@ impl Reading {
         }
     }
 
-    /// Whether `sql` reads alike under both readings: it has no backslash.
+    /// Whether `sql` may read otherwise than under the standard reading:
+    /// it has a backslash, or an `&` (a `U&'...'` string, which the server
+    /// refuses where backslashes escape).
     fn matters_for(self, sql: &str) -> bool {
-        self == Reading::BackslashEscapes && sql.contains('\\')
+        self == Reading::BackslashEscapes && sql.contains(['\\', '&'])
     }
 }
 

@@ -1565,6 +1565,15 @@ fn backslashes_in_plain_literals_are_read_as_the_server_reads_them() {
         Analysis::Unparsable { .. }
     ));
 
+    // A Unicode-escape string without a backslash: the server refuses it
+    // where backslashes escape, and the cache keeps the readings apart.
+    let unicode = "SELECT U&'d0061t'";
+    assert!(matches!(*cache.analyze(unicode), Analysis::Parsed { .. }));
+    assert!(matches!(
+        *cache.analyze_read(unicode, Reading::BackslashEscapes),
+        Analysis::Unparsable { .. }
+    ));
+
     // Column references (masking) follow the same reading.
     let masked = "SELECT 'x\\'', email FROM customers --'";
     let refs = |reading| column_refs(masked, reading).map(|r| r.columns.contains("email"));
