@@ -962,6 +962,34 @@ impl Instance {
     }
 }
 
+/// Makes the target trie `map` hold exactly `entries`: a re-opened pinned
+/// map may still hold entries of an earlier configuration.
+fn replace_targets(
+    ebpf: &mut Ebpf,
+    map: &str,
+    entries: &[targets::TrieEntry],
+) -> Result<(), RedirectError> {
+    let mut trie: LpmTrie<_, [u8; 16], TargetEntry> =
+        LpmTrie::try_from(ebpf.map_mut(map).ok_or_else(|| {
+            RedirectError::Kernel(format!("the embedded object lacks map {map}"))
+        })?)
+        .map_err(|e| classify(&format!("open map {map}"), e))?;
+    let wanted: HashSet<(u32, [u8; 16])> = entries.iter().map(|e| (e.prefix_len, e.addr)).collect();
+    let stale: Vec<Key<[u8; 16]>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+        .collect();
+    for key in stale {
+        let _ = trie.remove(&key);
+    }
+    for e in entries {
+        trie.insert(&Key::new(e.prefix_len, e.addr), e.entry, 0)
+            .map_err(|err| classify(&format!("write map {map}"), err))?;
+    }
+    Ok(())
+}
+
 fn fill_maps(
     ebpf: &mut Ebpf,
     config_value: RedirectConfig,
@@ -976,23 +1004,7 @@ fn fill_maps(
         .set(0, config_value, 0)
         .map_err(|e| classify("write map CONFIG", e))?;
 
-    let mut trie: LpmTrie<_, [u8; 16], TargetEntry> =
-        LpmTrie::try_from(ebpf.map_mut("TARGETS").ok_or_else(|| missing("TARGETS"))?)
-            .map_err(|e| classify("open map TARGETS", e))?;
-    // A re-opened pinned map may hold entries of an earlier configuration.
-    let wanted: HashSet<(u32, [u8; 16])> = entries.iter().map(|e| (e.prefix_len, e.addr)).collect();
-    let stale: Vec<Key<[u8; 16]>> = trie
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
-        .collect();
-    for key in stale {
-        let _ = trie.remove(&key);
-    }
-    for e in entries {
-        trie.insert(&Key::new(e.prefix_len, e.addr), e.entry, 0)
-            .map_err(|err| classify("write map TARGETS", err))?;
-    }
+    replace_targets(ebpf, "TARGETS", entries)?;
 
     let mut resolver_map: HashMap<_, [u8; 16], u32> = HashMap::try_from(
         ebpf.map_mut("RESOLVERS")

@@ -24,7 +24,6 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::CgroupAttachMode;
@@ -34,7 +33,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio_util::sync::CancellationToken;
 use tollgate_common::{
-    as_v4_mapped, ProtectConfig, ProtectEvent, TargetEntry, PROTECT_F_DENY, PROTECT_STAT_AUDITED,
+    as_v4_mapped, ProtectConfig, ProtectEvent, PROTECT_F_DENY, PROTECT_STAT_AUDITED,
     PROTECT_STAT_DENIED, PROTECT_STAT_DROPPED, PROTECT_STAT_ERRORS, PROTECT_STAT_EXEMPT,
     PROTECT_VERDICT_DENY,
 };
@@ -353,26 +352,7 @@ fn fill_maps(
     entries: &[TrieEntry],
 ) -> Result<(), RedirectError> {
     let missing = |m: &str| RedirectError::Kernel(format!("the embedded object lacks map {m}"));
-    let mut trie: LpmTrie<_, [u8; 16], TargetEntry> = LpmTrie::try_from(
-        ebpf.map_mut("PROTECT_TARGETS")
-            .ok_or_else(|| missing("PROTECT_TARGETS"))?,
-    )
-    .map_err(|e| classify("open map PROTECT_TARGETS", e))?;
-    // A re-opened pinned map may hold targets an earlier configuration
-    // protected.
-    let wanted: HashSet<(u32, [u8; 16])> = entries.iter().map(|e| (e.prefix_len, e.addr)).collect();
-    let stale: Vec<Key<[u8; 16]>> = trie
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
-        .collect();
-    for key in stale {
-        let _ = trie.remove(&key);
-    }
-    for e in entries {
-        trie.insert(&Key::new(e.prefix_len, e.addr), e.entry, 0)
-            .map_err(|err| classify("write map PROTECT_TARGETS", err))?;
-    }
+    super::replace_targets(ebpf, "PROTECT_TARGETS", entries)?;
     // The config last: a program re-adopted from the previous run sees the
     // new agent's tgid only once the targets are current.
     let mut config_map: Array<_, ProtectConfig> = Array::try_from(
