@@ -195,6 +195,14 @@ pub enum SessionEvent {
         /// Why not, otherwise.
         error: Option<String>,
     },
+    /// Human review of a statement of the session: held, ended, or let
+    /// through by a grant.
+    Review {
+        /// Session id.
+        session: Uuid,
+        /// What happened (boxed: the largest event otherwise).
+        review: Box<ReviewUpdate>,
+    },
     /// The session ended.
     Closed {
         /// Session id.
@@ -209,6 +217,18 @@ pub enum SessionEvent {
         /// Why it ended.
         reason: CloseReason,
     },
+}
+
+/// A step of a statement's human review, as recorded.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewUpdate {
+    /// The statement is held.
+    Requested(crate::recording::format::ReviewRequestRecord),
+    /// Its review ended.
+    Ended(crate::recording::format::ReviewEndRecord),
+    /// A grant let it run without a new review.
+    GrantUsed(crate::recording::format::GrantUseRecord),
 }
 
 /// Largest `data` of one [`SessionEvent::Raw`]: longer reads are split,
@@ -436,6 +456,25 @@ impl EventSink for LogSink {
                 tracing::info!(%session, exe_sha256 = exe_sha256.as_deref(), error = error.as_deref(),
                     "executable hashed");
             }
+            SessionEvent::Review { session, review } => match &**review {
+                ReviewUpdate::Requested(r) => {
+                    tracing::warn!(%session, request = %r.request, rule = %r.rule,
+                        approvals_needed = r.approvals_needed, timeout_s = r.timeout_s, text = %r.text,
+                        "statement held for review (request {})", r.request);
+                }
+                ReviewUpdate::Ended(r) => {
+                    let by: Vec<&str> = r.approvals.iter().map(|a| a.by.as_str()).collect();
+                    tracing::warn!(%session, request = %r.request, outcome = %r.outcome,
+                        waited_ms = r.waited_ms, approved_by = ?by, denied_by = r.denied_by.as_deref(),
+                        reason = r.reason.as_deref(), edited_by = r.edited_by.as_deref(),
+                        "review of request {} ended: {}", r.request, r.outcome);
+                }
+                ReviewUpdate::GrantUsed(r) => {
+                    tracing::info!(%session, grant = %r.grant, request = %r.request,
+                        approved_by = ?r.approved_by, expires_at = r.expires_at,
+                        "statement runs under grant {}", r.grant);
+                }
+            },
             SessionEvent::Closed {
                 session,
                 bytes_from_client,

@@ -77,6 +77,19 @@ pub struct Metrics {
     /// Connects to protected targets that skipped the redirect, as
     /// reported by the kernel, by (target, verdict).
     protect_bypass: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Human review: requests made, ended by outcome, the time they
+    /// waited, and statements let through by grants.
+    reviews: Mutex<ReviewCounts>,
+}
+
+/// Counters of human review.
+#[derive(Default)]
+struct ReviewCounts {
+    requested: u64,
+    ended: BTreeMap<String, u64>,
+    waited_ms_sum: u64,
+    waited: u64,
+    grants_used: u64,
 }
 
 impl Metrics {
@@ -124,6 +137,32 @@ impl Metrics {
             .lock()
             .ok()
             .and_then(|m| m.get(&(target.to_string(), verdict)).copied())
+            .unwrap_or(0)
+    }
+
+    /// Counts one step of a statement's review.
+    fn review(&self, update: &crate::events::ReviewUpdate) {
+        use crate::events::ReviewUpdate;
+        let Ok(mut r) = self.reviews.lock() else {
+            return;
+        };
+        match update {
+            ReviewUpdate::Requested(_) => r.requested += 1,
+            ReviewUpdate::Ended(end) => {
+                *r.ended.entry(end.outcome.clone()).or_default() += 1;
+                r.waited_ms_sum = r.waited_ms_sum.saturating_add(end.waited_ms);
+                r.waited += 1;
+            }
+            ReviewUpdate::GrantUsed(_) => r.grants_used += 1,
+        }
+    }
+
+    /// Reviews ended with `outcome` so far.
+    pub fn reviews_ended(&self, outcome: &str) -> u64 {
+        self.reviews
+            .lock()
+            .ok()
+            .and_then(|r| r.ended.get(outcome).copied())
             .unwrap_or(0)
     }
 
@@ -227,6 +266,32 @@ impl Metrics {
                     "tollgate_identity_lookup_failures_total{{reason=\"{reason}\"}} {n}"
                 );
             }
+        }
+        if let Ok(r) = self.reviews.lock() {
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_review_requests_total Statements held for human review.\n# TYPE tollgate_review_requests_total counter\ntollgate_review_requests_total {}",
+                r.requested
+            );
+            let _ = writeln!(out, "# HELP tollgate_review_outcomes_total Reviews ended, by outcome (approved, denied, expired, cancelled, aborted).\n# TYPE tollgate_review_outcomes_total counter");
+            for (outcome, n) in &r.ended {
+                let _ = writeln!(
+                    out,
+                    "tollgate_review_outcomes_total{{outcome=\"{}\"}} {n}",
+                    escape(outcome)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_review_wait_seconds Time held statements waited for their outcome.\n# TYPE tollgate_review_wait_seconds summary\ntollgate_review_wait_seconds_sum {}\ntollgate_review_wait_seconds_count {}",
+                r.waited_ms_sum as f64 / 1e3,
+                r.waited
+            );
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_review_grants_used_total Statements a review rule holds that ran under a grant.\n# TYPE tollgate_review_grants_used_total counter\ntollgate_review_grants_used_total {}",
+                r.grants_used
+            );
         }
         let micros = self.identity_lookup_micros.load(Ordering::Relaxed);
         let _ = writeln!(
@@ -365,6 +430,7 @@ impl EventSink for Metrics {
             | SessionEvent::Raw { .. }
             | SessionEvent::ExeHashed { .. }
             | SessionEvent::Closed { .. } => {}
+            SessionEvent::Review { review, .. } => self.review(review),
         }
     }
 }

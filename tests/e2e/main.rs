@@ -18,4 +18,5 @@ mod protect;
 mod recording;
 mod redirect;
 mod regress;
+mod review;
 mod tls;

@@ -7,9 +7,52 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::oneshot;
 
-use super::{ApprovalError, Outcome, Registry, RequestContext, RequestId};
+use super::{
+    ApprovalError, Grant, GrantStore, GrantSubject, Outcome, Registry, RequestContext, RequestId,
+};
 use crate::identity::ProcessIdentity;
 use crate::policy::Decision;
+
+/// What sessions hold statements with: the agent's pending requests and
+/// the grants approvals gave.
+pub struct Desk {
+    /// Pending requests, shared by every session.
+    pub registry: Arc<Registry>,
+    /// Grants, kept across restarts.
+    pub grants: Arc<GrantStore>,
+}
+
+impl Desk {
+    /// The grant in force for a statement of shape `fingerprint` from
+    /// `identity` to `target`, if any. An executable that may not be the
+    /// one that connected (it changed or could not be verified since the
+    /// connect) is never trusted with a grant given to an executable.
+    pub fn grant_for(
+        &self,
+        target: &str,
+        fingerprint: &str,
+        identity: &ProcessIdentity,
+        now: SystemTime,
+    ) -> Option<Grant> {
+        let key = GrantSubject::identity_key(identity)?;
+        if key.starts_with("exe:") && !identity.exe_trusted() {
+            return None;
+        }
+        let subject = GrantSubject {
+            target: target.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            identity: key,
+        };
+        match self.grants.find(&subject, now) {
+            Ok(grant) => grant,
+            Err(e) => {
+                // Fail closed: without the store the statement is held.
+                tracing::warn!(error = %e, "review: cannot read the grant store");
+                None
+            }
+        }
+    }
+}
 
 /// A statement held for review. Dropping it before its outcome arrived
 /// cancels the request.
@@ -68,6 +111,11 @@ impl Hold {
             outcome,
             decided: false,
         }))
+    }
+
+    /// How long it may wait.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The request's id.

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::policy::Approver;
 
 pub use grants::{Grant, GrantStore, GrantSubject};
-pub use hold::{HeldStatement, Hold};
+pub use hold::{Desk, HeldStatement, Hold};
 pub use registry::{
     ApprovalAsk, ApprovalEffect, ApprovalRecord, Outcome, Registry, RequestContext, RequestView,
 };

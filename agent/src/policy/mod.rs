@@ -205,6 +205,26 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// The decision once a reviewer approved the statement: what its other
+    /// rules decide (`allow` when only `review` rules applied). Any other
+    /// decision is returned as it is.
+    pub fn reviewed(&self) -> Decision {
+        if self.action != Action::Review {
+            return self.clone();
+        }
+        let action = self
+            .matched
+            .iter()
+            .map(|r| r.action)
+            .filter(|a| *a != Action::Review)
+            .max()
+            .unwrap_or(Action::Allow);
+        Decision {
+            action,
+            ..self.clone()
+        }
+    }
+
     /// The first matched rule with the decision's action: the one messages
     /// name. `None` when the default decided.
     pub fn deciding_rule(&self) -> Option<&MatchedRule> {
@@ -256,8 +276,9 @@ impl Decision {
     /// `command` is the statement's label (`"DROP TABLE"`), e.g.
     /// `tollgate: DROP TABLE denied by rule "no-ddl-in-ci": schema changes go
     /// through the migration pipeline`, or for an action that is not
-    /// implemented yet, `tollgate: SELECT requires review by rule "x", and
-    /// review is not available in this version; refused`.
+    /// that cannot be carried out where it was decided, `tollgate: SELECT
+    /// requires review by rule "x", and it cannot be held for review here
+    /// (...); refused`.
     pub fn client_message(&self, command: &str) -> String {
         let by = match self.deciding_rule() {
             Some(rule) => format!("by rule \"{}\"", rule.name),
@@ -278,7 +299,7 @@ impl Decision {
             Action::Review => {
                 let why = why.map(|w| format!(" ({w})")).unwrap_or_default();
                 return format!(
-                    "tollgate: {command} requires review {by}{why}, and review is not available in this version; refused"
+                    "tollgate: {command} requires review {by}{why}, and it cannot be held for review here (no approvers are named for it, or it runs through EXECUTE of a prepared statement, a FunctionCall, or a prepared statement decided again after a policy change); refused"
                 );
             }
         };

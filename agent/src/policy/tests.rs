@@ -912,7 +912,7 @@ fn client_messages() {
         (decision(Action::Deny, vec![]), "DROP TABLE",
          "tollgate: DROP TABLE denied by the default policy (no rule matched, and the default for target \"t\" is deny)"),
         (decision(Action::Review, vec![rule(Action::Review, None)]), "SELECT",
-         "tollgate: SELECT requires review by rule \"no-ddl-in-ci\", and review is not available in this version; refused"),
+         "tollgate: SELECT requires review by rule \"no-ddl-in-ci\", and it cannot be held for review here (no approvers are named for it, or it runs through EXECUTE of a prepared statement, a FunctionCall, or a prepared statement decided again after a policy change); refused"),
         (decision(Action::Mask, vec![rule(Action::Mask, Some("pii"))]), "SELECT",
          "tollgate: SELECT requires masking by rule \"no-ddl-in-ci\" (pii), and masking applies only to queries that write nothing; refused"),
         (decision(Action::Audit, vec![rule(Action::Audit, None)]), "INSERT",

@@ -55,6 +55,9 @@ pub struct SessionContext {
     pub cancel: Arc<postgres::cancel::CancelRegistry>,
     /// TLS material for both legs.
     pub tls: Arc<postgres::tls::TlsState>,
+    /// Where statements a `review` rule holds wait for reviewers (`None`:
+    /// such statements are refused).
+    pub approvals: Option<Arc<crate::approval::Desk>>,
 }
 
 /// The outcome of a process identity lookup: the identity and how long

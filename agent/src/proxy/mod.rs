@@ -68,6 +68,8 @@ pub struct Shared {
     pub approvals: Arc<crate::approval::Registry>,
     /// Grants given by approvals, kept across restarts.
     pub grants: Arc<crate::approval::GrantStore>,
+    /// The two above, as sessions use them.
+    pub review_desk: Arc<crate::approval::Desk>,
 }
 
 /// What an accept loop serves.
@@ -172,6 +174,11 @@ impl RunningAgent {
             std::time::SystemTime::now(),
         )?);
         let approvals_socket = crate::approval::bind_socket(&config.agent)?;
+        let approvals = Arc::new(crate::approval::Registry::new(config.reviewers.clone()));
+        let review_desk = Arc::new(crate::approval::Desk {
+            registry: approvals.clone(),
+            grants: grants.clone(),
+        });
 
         let tls =
             crate::protocol::postgres::tls::TlsState::load(&config).context("cannot set up TLS")?;
@@ -179,8 +186,9 @@ impl RunningAgent {
             cancel: Arc::new(crate::protocol::postgres::cancel::CancelRegistry::new()),
             tls: Arc::new(tls),
             permits: Arc::new(Semaphore::new(config.agent.max_connections)),
-            approvals: Arc::new(crate::approval::Registry::new(config.reviewers.clone())),
+            approvals,
             grants,
+            review_desk,
             config,
             metrics,
             live: LiveSessions::default(),

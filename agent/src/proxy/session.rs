@@ -184,6 +184,7 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
                 },
                 cancel: shared.cancel.clone(),
                 tls: shared.tls.clone(),
+                approvals: Some(shared.review_desk.clone()),
             };
             let reason = match route.protocol {
                 Protocol::Postgres => protocol::postgres::session::run(&ctx, client, stream).await,

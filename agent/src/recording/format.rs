@@ -165,9 +165,83 @@ pub enum Event {
         /// Why not, otherwise.
         error: Option<String>,
     },
+    /// A statement was held for human review (see `docs/approvals.md`).
+    ReviewRequested(ReviewRequestRecord),
+    /// The review of a held statement ended: approved, denied, expired,
+    /// cancelled (the client went away) or aborted (the agent stopped).
+    ReviewEnded(ReviewEndRecord),
+    /// A statement a `review` rule holds ran without a new review, under a
+    /// grant an earlier approval gave.
+    GrantUsed(GrantUseRecord),
     /// An event type this reader does not know (written by a later agent).
     #[serde(other)]
     Unknown,
+}
+
+/// A statement held for review.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewRequestRecord {
+    /// The request's id (what reviewers approve or deny).
+    pub request: String,
+    /// The `review` rule that held it.
+    pub rule: String,
+    /// The rule's approver groups (`group:NAME`, `reviewers:NAME`).
+    pub approvers: Vec<String>,
+    /// Distinct approvals needed.
+    pub approvals_needed: u32,
+    /// How long it may wait, in seconds.
+    pub timeout_s: u64,
+    /// The held text (at most [`MAX_TEXT_LEN`] bytes).
+    pub text: String,
+}
+
+/// One approval that counted towards a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewApprovalRecord {
+    /// The reviewer's user name.
+    pub by: String,
+    /// The reviewer's uid.
+    pub uid: u32,
+    /// Why, in the reviewer's words.
+    pub reason: Option<String>,
+    /// The grant the reviewer asked for, in seconds.
+    pub grant_s: Option<u64>,
+    /// When, in Unix seconds.
+    pub at: u64,
+}
+
+/// How a review ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewEndRecord {
+    /// The request's id.
+    pub request: String,
+    /// `approved`, `denied`, `expired`, `cancelled` or `aborted`.
+    pub outcome: String,
+    /// How long the statement waited, in milliseconds.
+    pub waited_ms: u64,
+    /// The approvals that counted, in order.
+    pub approvals: Vec<ReviewApprovalRecord>,
+    /// The reviewer who denied it.
+    pub denied_by: Option<String>,
+    /// The denying reviewer's reason.
+    pub reason: Option<String>,
+    /// Who replaced the held text, when a reviewer edited it.
+    pub edited_by: Option<String>,
+    /// The text that ran instead (decided again by the policy).
+    pub edited_text: Option<String>,
+}
+
+/// A grant that let a statement run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantUseRecord {
+    /// The grant's id.
+    pub grant: String,
+    /// The request whose approval gave it.
+    pub request: String,
+    /// The reviewers who gave it.
+    pub approved_by: Vec<String>,
+    /// When it ends, in Unix seconds.
+    pub expires_at: u64,
 }
 
 /// The largest `data` of a `raw` event, in bytes (64 KiB): longer reads

@@ -234,6 +234,66 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
             };
             let _ = writeln!(out, "{t}  executable hashed: {what}");
         }
+        Event::ReviewRequested(r) => {
+            let _ = writeln!(
+                out,
+                "{t}  {} request {} by rule {}: {} of [{}], waiting up to {}",
+                p.bold("held for review:"),
+                r.request,
+                r.rule,
+                r.approvals_needed,
+                r.approvers.join(", "),
+                humantime::format_duration(std::time::Duration::from_secs(r.timeout_s))
+            );
+        }
+        Event::ReviewEnded(r) => {
+            let waited =
+                humantime::format_duration(std::time::Duration::from_secs(r.waited_ms / 1000));
+            let who = match (&r.denied_by, r.approvals.is_empty()) {
+                (Some(by), _) => format!(" by {by}"),
+                (None, false) => {
+                    let names: Vec<&str> = r.approvals.iter().map(|a| a.by.as_str()).collect();
+                    format!(" by {}", names.join(", "))
+                }
+                (None, true) => String::new(),
+            };
+            let why = r
+                .reason
+                .as_deref()
+                .map(|w| format!(": {w}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{t}  {} request {} {}{who} after {waited}{why}",
+                p.bold("review:"),
+                r.request,
+                r.outcome
+            );
+            for a in &r.approvals {
+                if let Some(reason) = &a.reason {
+                    let _ = writeln!(out, "{:13}    {} approved: {reason}", "", a.by);
+                }
+            }
+            if let (Some(by), Some(text)) = (&r.edited_by, &r.edited_text) {
+                let _ = writeln!(out, "{:13}    edited by {by} to:", "");
+                for line in text.lines() {
+                    let _ = writeln!(out, "{:13}      {line}", "");
+                }
+            }
+        }
+        Event::GrantUsed(r) => {
+            let _ = writeln!(
+                out,
+                "{t}  {} grant {} (from request {}, approved by {}), until {}",
+                p.bold("runs under"),
+                r.grant,
+                r.request,
+                r.approved_by.join(", "),
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.expires_at)
+                )
+            );
+        }
         Event::Unknown => {
             let _ = writeln!(out, "{t}  (an event type this version does not know)");
         }

@@ -28,7 +28,7 @@ use super::format::{
     StatementRecordOut, Trailer, FILE_EXTENSION, FORMAT_NAME, FORMAT_VERSION, MAX_TEXT_LEN,
 };
 use super::signing::SigningKey;
-use crate::events::{EventSink, SessionEvent, SessionInfo, StatementEvent};
+use crate::events::{EventSink, ReviewUpdate, SessionEvent, SessionInfo, StatementEvent};
 use crate::sql::StatementKind;
 
 /// Raw bytes (`record_raw` sessions) the queue may hold: past this, raw
@@ -303,6 +303,7 @@ fn session_of(event: &SessionEvent) -> Uuid {
         | SessionEvent::Startup { session, .. }
         | SessionEvent::Raw { session, .. }
         | SessionEvent::ExeHashed { session, .. }
+        | SessionEvent::Review { session, .. }
         | SessionEvent::Closed { session, .. } => *session,
         SessionEvent::Statement(statement) => statement.session,
     }
@@ -1118,6 +1119,11 @@ fn event_body(event: &SessionEvent) -> Option<Event> {
         } => Event::ExeHashed {
             exe_sha256: exe_sha256.clone(),
             error: error.clone(),
+        },
+        SessionEvent::Review { review, .. } => match &**review {
+            ReviewUpdate::Requested(r) => Event::ReviewRequested(r.clone()),
+            ReviewUpdate::Ended(r) => Event::ReviewEnded(r.clone()),
+            ReviewUpdate::GrantUsed(r) => Event::GrantUsed(r.clone()),
         },
         SessionEvent::Closed {
             bytes_from_client,

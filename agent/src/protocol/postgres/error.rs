@@ -15,6 +15,8 @@ pub mod severity {
     pub const ERROR: &str = "ERROR";
     /// The session ends after this message.
     pub const FATAL: &str = "FATAL";
+    /// Information for the client (a NoticeResponse); nothing failed.
+    pub const NOTICE: &str = "NOTICE";
 }
 
 /// SQLSTATE codes the proxy sends (PostgreSQL Appendix A, "Error Codes").
@@ -94,6 +96,20 @@ pub fn write_error_response(
     if let Some(hint) = hint {
         w.put_u8(field::HINT).put_cstr(hint);
     }
+    w.put_u8(0);
+    w.finish();
+}
+
+/// A NoticeResponse (`N`) with severity NOTICE and SQLSTATE `00000`, as
+/// the server writes one for `RAISE NOTICE`, appended to `out`.
+pub fn write_notice(out: &mut Vec<u8>, message: &str) {
+    use super::backend::field;
+    let mut w = MessageWriter::new(out, tag::NOTICE_RESPONSE);
+    w.put_u8(field::SEVERITY).put_cstr(severity::NOTICE);
+    w.put_u8(field::SEVERITY_NONLOCALIZED)
+        .put_cstr(severity::NOTICE);
+    w.put_u8(field::CODE).put_cstr("00000");
+    w.put_u8(field::MESSAGE).put_cstr(message);
     w.put_u8(0);
     w.finish();
 }

@@ -87,7 +87,7 @@ fn is_frontend_tag(tag: u8) -> bool {
 pub(super) struct ClientSide<'a> {
     pub(super) ctx: &'a SessionContext,
     /// The process behind the session, as policy rules see it.
-    identity: &'a ProcessIdentity,
+    pub(super) identity: &'a ProcessIdentity,
     pub(super) shared: &'a Shared,
     /// Bytes of a passed-through message still to come.
     pub(super) streaming: usize,
@@ -125,6 +125,52 @@ pub(super) struct ClientSide<'a> {
     /// refused by the default: the server reads it for its own syntax
     /// error (see [`ClientSide::substitute`]).
     server_reads_refused: Cell<bool>,
+    /// The database user the session logged in as (reviewers see it).
+    pub(super) database_user: Option<String>,
+    /// A statement just decided `review`, for the pump to hold.
+    pub(super) pending_review: RefCell<Option<PendingReview>>,
+    /// The outcome of the hold of the message about to be stepped again.
+    pub(super) review_outcome: Option<ReviewOutcome>,
+    /// That outcome while its message is decided.
+    current_review: RefCell<Option<ReviewOutcome>>,
+    /// The text being decided is a Query's or Parse's own, which can be
+    /// held (a statement an `EXECUTE` runs cannot).
+    holdable: Cell<bool>,
+}
+
+/// What a `review` decision comes to (see [`ClientSide::review`]).
+enum ReviewStep {
+    /// Hold the message.
+    Hold,
+    /// Run it as its other rules decide.
+    Approved,
+    /// Refuse it with this message.
+    Refuse(String),
+    /// Refuse it as the decision says.
+    Refused,
+}
+
+/// The body of a held Query or Parse with a reviewer's `text` in place of
+/// its own (a Parse keeps its name and parameter types).
+fn edited_body(tag: u8, body: &[u8], text: &str) -> Result<Vec<u8>, Stop> {
+    let mut out = Vec::with_capacity(body.len() + text.len());
+    match head(tag, body)? {
+        Head::Query(_) => {}
+        Head::Parse { name, query } => {
+            out.extend_from_slice(name);
+            out.push(0);
+            let types_at = name.len() + 1 + query.len() + 1;
+            let types = body.get(types_at..).unwrap_or_default();
+            out.extend_from_slice(text.as_bytes());
+            out.push(0);
+            out.extend_from_slice(types);
+            return Ok(out);
+        }
+        _ => return Err(not_read(tag)),
+    }
+    out.extend_from_slice(text.as_bytes());
+    out.push(0);
+    Ok(out)
 }
 
 /// What a Query, Parse or FunctionCall may do while a statement that may
@@ -144,8 +190,14 @@ impl<'a> ClientSide<'a> {
         ctx: &'a SessionContext,
         identity: &'a ProcessIdentity,
         shared: &'a Shared,
+        database_user: Option<String>,
     ) -> ClientSide<'a> {
         ClientSide {
+            database_user,
+            pending_review: RefCell::new(None),
+            review_outcome: None,
+            current_review: RefCell::new(None),
+            holdable: Cell::new(false),
             ctx,
             identity,
             shared,
@@ -226,13 +278,29 @@ impl<'a> ClientSide<'a> {
                         ),
                     ));
                 }
+                // A held message stepped again: a reviewer's edit takes
+                // its text's place and is decided like any other.
+                let outcome = self.review_outcome.take();
+                let edited = match &outcome {
+                    Some(ReviewOutcome::Edited { text, .. }) => Some(edited_body(tag, body, text)?),
+                    _ => None,
+                };
+                let body = edited.as_deref().unwrap_or(body);
+                *self.current_review.get_mut() = outcome;
+                self.holdable.set(tag != FUNCTION_CALL);
                 let decided = match reading {
                     Reading::Refuse => {
                         tracing::warn!(session = %self.ctx.id, "refused: text sent behind an unanswered statement that may change how the server reads it");
-                        Some(READING_CHANGED.to_owned())
+                        Ok(Some(READING_CHANGED.to_owned()))
                     }
-                    _ => self.decide(tag, body)?,
+                    _ => self.decide(tag, body),
                 };
+                self.holdable.set(false);
+                *self.current_review.get_mut() = None;
+                let decided = decided?;
+                if self.pending_review.get_mut().is_some() {
+                    return Ok(Step::Hold);
+                }
                 if tag == PARSE {
                     self.extended_open.set(true);
                     self.expect(Expect::Complete)?;
@@ -245,8 +313,17 @@ impl<'a> ClientSide<'a> {
                         self.masked_query(body);
                         Ok(Step::Replace(header.len))
                     }
-                    None if !self.prefix.get_mut().is_empty() => {
-                        self.prefixed(data, header.len);
+                    None if !self.prefix.get_mut().is_empty() || edited.is_some() => {
+                        match &edited {
+                            Some(body) => {
+                                let mut message = Vec::with_capacity(body.len() + 5);
+                                let mut w = MessageWriter::new(&mut message, tag);
+                                w.put_bytes(body);
+                                w.finish();
+                                self.prefixed(&message, message.len());
+                            }
+                            None => self.prefixed(data, header.len),
+                        }
                         Ok(Step::Replace(header.len))
                     }
                     None => Ok(Step::Forward(header.len)),
@@ -478,13 +555,31 @@ impl<'a> ClientSide<'a> {
             self.memo
                 .borrow_mut()
                 .decide(policy, &self.ctx.target, self.identity, text, analysis);
-        let top = most_restrictive(&decisions);
+        let mut approved = false;
+        if most_restrictive(&decisions).is_some_and(|d| d.action == Action::Review) {
+            match self.review(text, analysis, label, &decisions) {
+                ReviewStep::Hold => return Some(String::new()),
+                ReviewStep::Refuse(message) => {
+                    self.report(text, analysis, &decisions, false, false);
+                    return Some(message);
+                }
+                ReviewStep::Approved => approved = true,
+                ReviewStep::Refused => {}
+            }
+        }
+        // Approved: what the statement's other rules decide.
+        let effective: std::borrow::Cow<'_, [Decision]> = if approved {
+            decisions.iter().map(Decision::reviewed).collect()
+        } else {
+            std::borrow::Cow::Borrowed(&decisions[..])
+        };
+        let top = most_restrictive(&effective);
         if top.is_some_and(|d| d.action == Action::Mask) {
-            let refusal = self.plan_mask(&decisions, analysis, label, unmaskable);
-            self.report(text, analysis, &decisions, refusal.is_some());
+            let refusal = self.plan_mask(&effective, analysis, label, unmaskable);
+            self.report(text, analysis, &decisions, refusal.is_some(), approved);
             return refusal;
         }
-        self.report(text, analysis, &decisions, false);
+        self.report(text, analysis, &decisions, false, approved);
         let top = top.filter(|d| d.action.is_refused())?;
         let command = match (label, analysis) {
             (Some(label), _) => label,
@@ -509,6 +604,87 @@ impl<'a> ClientSide<'a> {
             "substituting a failing message for a refused statement"
         );
         Some(top.client_message(command))
+    }
+
+    /// What a `review` decision on `text` comes to: held (the pump holds
+    /// the message, nothing is reported yet), approved (by the outcome of
+    /// its hold, or a grant), refused with the outcome's message, or
+    /// refused as any refused statement is (it cannot be held here).
+    fn review(
+        &self,
+        text: &str,
+        analysis: &Analysis,
+        label: Option<&str>,
+        decisions: &[Decision],
+    ) -> ReviewStep {
+        if label.is_some() || !self.holdable.get() {
+            return ReviewStep::Refused;
+        }
+        let current = self.current_review.borrow();
+        match current.as_ref() {
+            Some(ReviewOutcome::Approved { held_text }) if held_text == text => {
+                return ReviewStep::Approved
+            }
+            Some(ReviewOutcome::Refused { held_text, message }) if held_text == text => {
+                return ReviewStep::Refuse(message.clone())
+            }
+            // The reviewer's edit needs review itself: the approvals
+            // counted for the edit cover it under the rule that held it,
+            // not under another rule, whose approvers were not asked.
+            Some(ReviewOutcome::Edited { rule, .. }) => {
+                let by = most_restrictive(decisions)
+                    .and_then(|d| d.deciding_rule())
+                    .map(|r| r.name.to_string())
+                    .unwrap_or_default();
+                if by == *rule {
+                    return ReviewStep::Approved;
+                }
+                return ReviewStep::Refuse(format!(
+                    "tollgate: the statement as a reviewer edited it requires review by rule \"{by}\", whose approvers were not asked (the held statement's rule was \"{rule}\"); refused"
+                ));
+            }
+            _ => {}
+        }
+        drop(current);
+        let Some(desk) = self.ctx.approvals.as_ref() else {
+            return ReviewStep::Refused;
+        };
+        let Some(top) = most_restrictive(decisions) else {
+            return ReviewStep::Refused;
+        };
+        if top
+            .deciding_rule()
+            .and_then(|r| r.review.as_ref())
+            .is_none()
+        {
+            return ReviewStep::Refused;
+        }
+        let fingerprint = review::fingerprint(analysis);
+        if let Some(shape) = &fingerprint {
+            let grant = desk.grant_for(
+                &self.ctx.target,
+                shape,
+                self.identity,
+                std::time::SystemTime::now(),
+            );
+            if let Some(grant) = grant {
+                review::grant_used(self.ctx, &grant);
+                return ReviewStep::Approved;
+            }
+        }
+        if text.len() > crate::approval::registry::MAX_TEXT {
+            return ReviewStep::Refuse(format!(
+                "tollgate: this statement requires review, and at {} bytes it is longer than the {} bytes a review request holds; refused",
+                text.len(),
+                crate::approval::registry::MAX_TEXT
+            ));
+        }
+        *self.pending_review.borrow_mut() = Some(PendingReview {
+            decision: top.clone(),
+            text: text.to_owned(),
+            fingerprint,
+        });
+        ReviewStep::Hold
     }
 
     /// Whether text arriving now can be analysed under the settings the
@@ -1028,7 +1204,14 @@ impl<'a> ClientSide<'a> {
     /// Reports each statement's decision (`mask_refused`: the message's
     /// `mask` statements cannot be masked, so they do not run) and counts
     /// it.
-    fn report(&self, text: &str, analysis: &Analysis, decisions: &[Decision], mask_refused: bool) {
+    fn report(
+        &self,
+        text: &str,
+        analysis: &Analysis,
+        decisions: &[Decision],
+        mask_refused: bool,
+        approved: bool,
+    ) {
         let session = self.ctx.id;
         let event =
             |text: &str, command: Arc<str>, kind, fingerprint: Option<Arc<str>>, d: &Decision| {
@@ -1040,7 +1223,8 @@ impl<'a> ClientSide<'a> {
                     kind,
                     fingerprint,
                     action: d.action,
-                    refused: d.action.is_refused() || (mask_refused && d.action == Action::Mask),
+                    refused: (d.action.is_refused() && !(approved && d.action == Action::Review))
+                        || (mask_refused && d.action == Action::Mask),
                     rule: d.deciding_rule().map(|r| Arc::clone(&r.name)),
                     rules: d.matched.iter().map(|r| Arc::clone(&r.name)).collect(),
                     reason: Arc::clone(&d.reason),

@@ -89,6 +89,7 @@
 
 mod client;
 mod masking_flow;
+mod review;
 mod shared;
 mod startup;
 mod upstream;
@@ -129,6 +130,7 @@ use crate::sql::{Analysis, Reading as LiteralReading};
 
 use client::*;
 use masking_flow::*;
+use review::{PendingReview, ReviewOutcome};
 use shared::*;
 use startup::*;
 use upstream::*;
@@ -286,6 +288,10 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
     // behind the session is looked up; nothing is decided or recorded
     // before it is known.
     let info = ctx.start.info().await;
+    let database_user = match &startup_event {
+        SessionEvent::Startup { user, .. } => user.clone(),
+        _ => None,
+    };
     ctx.events.emit(&startup_event);
     if ctx.events.records_raw(&ctx.target) {
         ctx.events.emit_raw(ctx.id, RawDirection::Client, &bytes);
@@ -298,9 +304,7 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
             &mut client_read,
             &mut upstream_write,
             client_buf,
-            ctx,
-            &info.identity,
-            &shared,
+            ClientSide::new(ctx, &info.identity, &shared, database_user),
             start,
         );
         let from_upstream =
@@ -438,16 +442,14 @@ async fn client_pump<R, W>(
     reader: &mut R,
     writer: &mut W,
     mut buf: ReadBuf,
-    ctx: &SessionContext,
-    identity: &ProcessIdentity,
-    shared: &Shared,
+    mut side: ClientSide<'_>,
     start: Instant,
 ) -> Result<(), Stop>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut side = ClientSide::new(ctx, identity, shared);
+    let (ctx, shared) = (side.ctx, side.shared);
     let raw = ctx.events.records_raw(&ctx.target);
     if raw && !buf.filled().is_empty() {
         // Sent right behind the start-up packet, in the same read.
@@ -462,6 +464,7 @@ where
             need,
             last,
             wait,
+            hold,
         } = forward_batch(&mut side, writer, buf.filled(), &mut spliced, write_err).await?;
         buf.consume(handled);
         shared
@@ -470,6 +473,11 @@ where
         if last {
             let _ = writer.shutdown().await;
             return Ok(());
+        }
+        if hold {
+            let outcome = review::hold(&mut side, reader, &mut buf, start).await?;
+            side.review_outcome = Some(outcome);
+            continue;
         }
         if wait {
             // The upstream pump, polled alongside, brings `in_flight` down.
@@ -529,10 +537,18 @@ where
             .upstream_mid_message
             .store(side.streaming > 0, Ordering::Relaxed);
         buf.make_room(need);
-        let n = buf
-            .read_from(reader)
-            .await
-            .map_err(|e| Stop::Closed(CloseReason::UpstreamError(e.to_string())))?;
+        // Between whole messages (nothing passed through in part), the
+        // proxy's own messages for the client may go in.
+        let between = side.streaming == 0;
+        let n = tokio::select! {
+            read = buf.read_from(reader) => read
+                .map_err(|e| Stop::Closed(CloseReason::UpstreamError(e.to_string())))?,
+            () = shared.to_client_ready.notified(), if between => {
+                let ours = shared.take_for_client();
+                write_flush(writer, &ours).await.map_err(write_err)?;
+                continue;
+            }
+        };
         if n == 0 {
             let _ = writer.shutdown().await;
             return Ok(());
@@ -590,6 +606,8 @@ struct Batch {
     last: bool,
     /// The next message waits for the server to be idle ([`Step::Wait`]).
     wait: bool,
+    /// The next message is held for review ([`Step::Hold`]).
+    hold: bool,
 }
 
 /// Steps `side` over `data` (the unhandled bytes of one read) until it
@@ -607,6 +625,7 @@ fn step_batch<S: Side>(
         need: FrameHeader::SIZE,
         last: false,
         wait: false,
+        hold: false,
     };
     let mut from = 0;
     while batch.handled < data.len() && !batch.last {
@@ -618,6 +637,10 @@ fn step_batch<S: Side>(
             }
             Step::Wait => {
                 batch.wait = true;
+                break;
+            }
+            Step::Hold => {
+                batch.hold = true;
                 break;
             }
             Step::Forward(n) => batch.handled += n,

@@ -87,6 +87,12 @@ pub(super) struct Shared {
     pub(super) copy_syncs: AtomicU64,
     /// The server answered CopyInResponse and the copy has not ended.
     pub(super) copy_in: AtomicBool,
+    /// Messages of the proxy's own for the client (the notice that a
+    /// statement is held), written by the upstream pump between whole
+    /// server messages.
+    to_client: Mutex<Vec<u8>>,
+    /// Notified when `to_client` has something.
+    pub(super) to_client_ready: tokio::sync::Notify,
 }
 
 /// Denials remembered at most (older ones are forgotten: the server
@@ -118,6 +124,8 @@ impl Shared {
             idle: tokio::sync::Notify::new(),
             copy_syncs: AtomicU64::new(0),
             copy_in: AtomicBool::new(false),
+            to_client: Mutex::new(Vec::new()),
+            to_client_ready: tokio::sync::Notify::new(),
             next_denial: AtomicU64::new(1),
             denials: Mutex::new(BTreeMap::new()),
             guarded: Mutex::new(std::collections::VecDeque::new()),
@@ -312,6 +320,27 @@ impl Shared {
         message
     }
 
+    /// Queues a NoticeResponse for the client (see `to_client`).
+    pub(super) fn notify_client(&self, message: &str) {
+        let mut queued = self
+            .to_client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        super::super::error::write_notice(&mut queued, message);
+        drop(queued);
+        self.to_client_ready.notify_one();
+    }
+
+    /// Takes what is queued for the client.
+    pub(super) fn take_for_client(&self) -> Vec<u8> {
+        std::mem::take(
+            &mut *self
+                .to_client
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
     pub(super) fn touch(&self, start: Instant) {
         let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_activity.fetch_max(now, Ordering::Relaxed);
@@ -426,6 +455,9 @@ pub(super) enum Step {
     /// Step this message again once the server has answered everything
     /// sent before it (see [`ClientSide::must_wait`]).
     Wait,
+    /// Hold this message for human review (see [`super::review`]), then
+    /// step it again with the outcome.
+    Hold,
 }
 
 #[cfg(test)]

@@ -86,6 +86,7 @@ impl Fixture {
             upstream_name: "127.0.0.1".to_owned(),
             cancel: Arc::new(super::super::cancel::CancelRegistry::new()),
             tls: Arc::new(TlsState::plaintext()),
+            approvals: None,
         };
         Fixture {
             ctx,
@@ -118,7 +119,7 @@ impl<'a> Session<'a> {
     fn start(fixture: &'a Fixture, shared: &'a Shared) -> Session<'a> {
         let mut session = Session {
             shared,
-            client: ClientSide::new(&fixture.ctx, &fixture.identity, shared),
+            client: ClientSide::new(&fixture.ctx, &fixture.identity, shared, None),
             upstream: UpstreamSide::new(&fixture.ctx, shared),
             pending: Vec::new(),
         };

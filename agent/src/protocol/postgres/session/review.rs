@@ -1,0 +1,299 @@
+//! Statements a `review` rule holds (see `docs/approvals.md`).
+//!
+//! The client side decides a Query or Parse `review` and answers
+//! [`Step::Hold`] without forwarding it. The client pump then calls
+//! [`hold`]: the request is submitted to the agent's registry, recorded,
+//! and the client told at once with a NoticeResponse (the upstream pump
+//! writes it between whole server messages). While the statement waits,
+//! the client socket is still read, so a client that goes away cancels the
+//! request, and the session counts as active. With the outcome the message
+//! is stepped again: forwarded (approved), replaced by the reviewer's edit
+//! (which the policy decides again), or refused like a denial, by a
+//! substitute that fails on the server, so the transaction is left as a
+//! server error would leave it.
+//!
+//! Earlier messages were forwarded before the hold and are not waited for:
+//! in the extended protocol they are answered only at Sync, and a denial
+//! of the held Parse makes the server discard the rest of the batch and
+//! roll back its implicit transaction, writes before it included.
+
+use std::time::{Instant as WallInstant, SystemTime};
+
+use super::*;
+use crate::approval::{HeldStatement, Hold, Outcome};
+use crate::events::ReviewUpdate;
+use crate::recording::format::{
+    GrantUseRecord, ReviewApprovalRecord, ReviewEndRecord, ReviewRequestRecord, MAX_TEXT_LEN,
+};
+
+/// Bytes a client may send while its statement is held; past this the
+/// socket is not read until the outcome (a client waiting for its answer
+/// sends nothing).
+const HELD_READ_LIMIT: usize = 1 << 20;
+
+/// A statement the client side decided `review`, for the pump to hold.
+pub(super) struct PendingReview {
+    /// The decision whose rule holds it.
+    pub(super) decision: Decision,
+    /// The message's text.
+    pub(super) text: String,
+    /// Its shape, for grants.
+    pub(super) fingerprint: Option<String>,
+}
+
+/// How the hold of a message ended, for the message's second step.
+pub(super) enum ReviewOutcome {
+    /// Run the held text.
+    Approved {
+        /// The text that was held.
+        held_text: String,
+    },
+    /// Run a reviewer's edit instead, decided again by the policy. The
+    /// approvals counted for the edit itself (an edit starts the count
+    /// again), so they cover it where the same rule would hold it.
+    Edited {
+        /// The reviewer's text.
+        text: String,
+        /// The rule that held the original.
+        rule: String,
+    },
+    /// Refuse the held message with this message.
+    Refused {
+        /// The text that was held.
+        held_text: String,
+        /// What the client is told.
+        message: String,
+    },
+}
+
+/// The shape a grant covers: the fingerprints of the text's statements.
+pub(super) fn fingerprint(analysis: &Analysis) -> Option<String> {
+    match analysis {
+        Analysis::Parsed { statements } if !statements.is_empty() => Some(
+            statements
+                .iter()
+                .map(|s| &*s.fingerprint)
+                .collect::<Vec<_>>()
+                .join(";"),
+        ),
+        _ => None,
+    }
+}
+
+/// Records that a grant let a statement run.
+pub(super) fn grant_used(ctx: &SessionContext, grant: &crate::approval::Grant) {
+    ctx.events.emit(&SessionEvent::Review {
+        session: ctx.id,
+        review: Box::new(ReviewUpdate::GrantUsed(GrantUseRecord {
+            grant: grant.id.to_string(),
+            request: grant.request.to_string(),
+            approved_by: grant.approved_by.clone(),
+            expires_at: grant.expires_at,
+        })),
+    });
+}
+
+/// Holds the statement the client side left in `pending_review` until its
+/// request ends; the outcome for stepping the message again. The client
+/// going away ends the session (and cancels the request).
+pub(super) async fn hold<R: AsyncRead + Unpin>(
+    side: &mut ClientSide<'_>,
+    reader: &mut R,
+    buf: &mut ReadBuf,
+    start: Instant,
+) -> Result<ReviewOutcome, Stop> {
+    let (ctx, shared) = (side.ctx, side.shared);
+    let Some(pending) = side.pending_review.get_mut().take() else {
+        return Err(Stop::Fatal {
+            sqlstate: sqlstate::PROTOCOL_VIOLATION,
+            message: "tollgate: internal error: a statement was held without a review".to_owned(),
+            reason: CloseReason::ClientError("held without a review".to_owned()),
+        });
+    };
+    let refused = |message: String| ReviewOutcome::Refused {
+        held_text: pending.text.clone(),
+        message,
+    };
+    let Some(desk) = ctx.approvals.as_ref() else {
+        return Ok(refused(
+            "tollgate: this statement requires review, and this agent takes no review requests; refused".to_owned(),
+        ));
+    };
+    let session = ctx.id.to_string();
+    let submitted = Hold::submit(
+        &desk.registry,
+        &pending.decision,
+        HeldStatement {
+            target: &ctx.target,
+            database_user: side.database_user.as_deref(),
+            text: &pending.text,
+            fingerprint: pending.fingerprint.as_deref(),
+            identity: side.identity,
+            session: &session,
+        },
+        SystemTime::now(),
+    );
+    let held = match submitted {
+        Some(Ok(held)) => held,
+        Some(Err(e)) => {
+            tracing::warn!(session = %ctx.id, error = %e, "review: the statement could not be held");
+            return Ok(refused(format!(
+                "tollgate: this statement requires review and could not be held: {e}"
+            )));
+        }
+        None => {
+            return Ok(refused(format!(
+                "tollgate: this statement requires review ({}), and no approvers are named for it; refused",
+                pending.decision.reason
+            )))
+        }
+    };
+    let id = held.id().clone();
+    let timeout = held.timeout();
+    let review = pending
+        .decision
+        .deciding_rule()
+        .and_then(|r| r.review.clone());
+    ctx.events.emit(&SessionEvent::Review {
+        session: ctx.id,
+        review: Box::new(ReviewUpdate::Requested(ReviewRequestRecord {
+            request: id.to_string(),
+            rule: pending
+                .decision
+                .deciding_rule()
+                .map(|r| r.name.to_string())
+                .unwrap_or_default(),
+            approvers: review
+                .as_ref()
+                .map(|r| r.approvers.iter().map(ToString::to_string).collect())
+                .unwrap_or_default(),
+            approvals_needed: review.as_ref().map_or(1, |r| r.approvals),
+            timeout_s: timeout.as_secs(),
+            text: cut(&pending.text),
+        })),
+    });
+    shared.notify_client(&held.notice());
+    tracing::info!(session = %ctx.id, request = %id, "statement held for review");
+
+    let waiting = WallInstant::now();
+    let outcome = {
+        let outcome = held.outcome();
+        tokio::pin!(outcome);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let raw = ctx.events.records_raw(&ctx.target);
+        loop {
+            let room = buf.filled().len() < HELD_READ_LIMIT;
+            if room {
+                buf.make_room(0);
+            }
+            tokio::select! {
+                outcome = &mut outcome => break outcome,
+                read = buf.read_from(reader), if room => match read {
+                    Ok(n) if n > 0 => {
+                        count(ctx, true, n);
+                        if raw {
+                            record_raw(ctx, RawDirection::Client, buf, n);
+                        }
+                        shared.touch(start);
+                    }
+                    // Dropping `outcome` cancels the request.
+                    gone => {
+                        record_end(ctx, desk, &id, &Outcome::Cancelled, waiting.elapsed());
+                        let why = match gone {
+                            Err(e) => e.to_string(),
+                            Ok(_) => "it closed the connection".to_owned(),
+                        };
+                        return Err(Stop::Closed(CloseReason::ClientError(format!(
+                            "the client went away while its statement was held for review ({why})"
+                        ))));
+                    }
+                },
+                // A held statement is not an idle session.
+                _ = tick.tick() => shared.touch(start),
+            }
+        }
+    };
+    record_end(ctx, desk, &id, &outcome, waiting.elapsed());
+    Ok(match outcome {
+        Outcome::Approved {
+            text, edited: true, ..
+        } => ReviewOutcome::Edited {
+            text,
+            rule: pending
+                .decision
+                .deciding_rule()
+                .map(|r| r.name.to_string())
+                .unwrap_or_default(),
+        },
+        Outcome::Approved { .. } => ReviewOutcome::Approved {
+            held_text: pending.text,
+        },
+        other => {
+            let message = other.client_error(timeout).unwrap_or_default();
+            refused(message)
+        }
+    })
+}
+
+/// Records how a request ended, with the approvals that counted.
+fn record_end(
+    ctx: &SessionContext,
+    desk: &crate::approval::Desk,
+    id: &crate::approval::RequestId,
+    outcome: &Outcome,
+    waited: Duration,
+) {
+    let view = desk.registry.show(id);
+    let approvals = view
+        .as_ref()
+        .map(|v| {
+            v.approvals
+                .iter()
+                .map(|a| ReviewApprovalRecord {
+                    by: a.by.clone(),
+                    uid: a.uid,
+                    reason: a.reason.clone(),
+                    grant_s: a.grant_seconds,
+                    at: a.at,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let (name, denied_by, reason, edited_text) = match outcome {
+        Outcome::Approved { text, edited, .. } => {
+            ("approved", None, None, edited.then(|| cut(text)))
+        }
+        Outcome::Denied { by, reason } => ("denied", Some(by.clone()), Some(reason.clone()), None),
+        Outcome::Expired => ("expired", None, None, None),
+        Outcome::Cancelled => ("cancelled", None, None, None),
+        Outcome::Aborted => ("aborted", None, None, None),
+    };
+    let edited_by = edited_text
+        .as_ref()
+        .and_then(|_| view.as_ref().and_then(|v| v.edited_by.clone()));
+    ctx.events.emit(&SessionEvent::Review {
+        session: ctx.id,
+        review: Box::new(ReviewUpdate::Ended(ReviewEndRecord {
+            request: id.to_string(),
+            outcome: name.to_owned(),
+            waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+            approvals,
+            denied_by,
+            reason,
+            edited_by,
+            edited_text,
+        })),
+    });
+}
+
+/// `text` cut to what a record keeps.
+fn cut(text: &str) -> String {
+    if text.len() <= MAX_TEXT_LEN {
+        return text.to_owned();
+    }
+    let mut end = MAX_TEXT_LEN;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or_default().to_owned()
+}
