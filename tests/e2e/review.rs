@@ -618,3 +618,31 @@ impl Review {
         child
     }
 }
+
+#[test]
+fn an_agent_that_stops_ends_held_statements_as_aborted_and_records_it() {
+    let r = Review::start();
+    let mut psql = r.spawn_psql("DELETE FROM orders WHERE id = 12", &[]);
+    let id = id_of(&r.pending_from(&mut psql)[0]);
+    let session = session_of(&r, &id);
+    r.g.agent.terminate();
+    let (success, _, stderr) = finish(psql);
+    assert!(!success);
+    assert!(
+        stderr.contains("tollgate: review request aborted: the agent stopped before a decision"),
+        "{stderr}"
+    );
+    assert_eq!(r.count(), "20");
+    let out =
+        r.g.agent
+            .cli(&["recordings", "export", &session, "--format", "jsonl"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ended = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|r| r.get("event").cloned())
+        .find(|e| e["type"] == "review_ended")
+        .unwrap_or_else(|| panic!("no review_ended: {text}"));
+    assert_eq!(ended["outcome"], "aborted");
+    assert_eq!(ended["request"], id.as_str());
+}

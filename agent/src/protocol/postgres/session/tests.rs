@@ -143,6 +143,9 @@ impl<'a> Session<'a> {
         if batch.wait {
             got.push("(waits)".to_owned());
         }
+        if batch.hold {
+            got.push("(held)".to_owned());
+        }
         assert_rows("to the server", &got, expected);
     }
 
@@ -577,5 +580,89 @@ fn a_masked_value_is_replaced_in_the_data_row() {
     assert_eq!(
         fixture.rules(),
         ["SELECT email FROM customers: mask-contact"]
+    );
+}
+
+const REVIEW_POLICY: &str = r#"
+[defaults]
+action = "allow"
+
+[[rule]]
+name = "review-deletes"
+action = "review"
+approvers = ["group:dba"]
+[rule.match]
+kinds = ["delete"]
+"#;
+
+#[test]
+fn a_held_statement_waits_then_runs_as_approved_edited_or_refused() {
+    let mut fixture = Fixture::new(REVIEW_POLICY);
+    let store = tempfile::tempdir().unwrap();
+    fixture.ctx.approvals = Some(Arc::new(crate::approval::Desk {
+        registry: Arc::new(crate::approval::Registry::new(Default::default())),
+        grants: Arc::new(
+            crate::approval::GrantStore::open(
+                &store.path().join("grants.redb"),
+                std::time::SystemTime::now(),
+            )
+            .unwrap(),
+        ),
+    }));
+    let shared = Shared::new();
+    let mut s = Session::start(&fixture, &shared);
+    // Held: nothing reaches the server, the message stays to be stepped
+    // again, and nothing is reported until the outcome.
+    s.client(&[query("DELETE FROM t WHERE id = 1")], &["(held)"]);
+    let pending = s.client.pending_review.take().unwrap();
+    assert_eq!(pending.text, "DELETE FROM t WHERE id = 1");
+    assert!(fixture.rules().is_empty());
+    s.client.review_outcome = Some(ReviewOutcome::Approved {
+        held_text: pending.text,
+    });
+    s.client(&[], &["Query DELETE FROM t WHERE id = 1"]);
+    s.server(
+        &[complete("DELETE 1"), ready()],
+        &["CommandComplete DELETE 1", "ReadyForQuery I"],
+    );
+    // Approval covers that text only: the next delete is held again.
+    s.client(&[query("DELETE FROM t WHERE id = 2")], &["(held)"]);
+    let pending = s.client.pending_review.take().unwrap();
+    s.client.review_outcome = Some(ReviewOutcome::Refused {
+        held_text: pending.text,
+        message: "tollgate: statement denied by reviewer bob: no".to_owned(),
+    });
+    s.client(&[], &["Query SELECT 1::pg_catalog.\"<deny>1\""]);
+    s.server(
+        &[s.substitute_fails(1), ready()],
+        &[
+            "ErrorResponse 42501 tollgate: statement denied by reviewer bob: no",
+            "ReadyForQuery I",
+        ],
+    );
+    // An edit in a Parse keeps the statement's name and parameter types.
+    s.client(&[parse("s1", "DELETE FROM t"), sync()], &["(held)"]);
+    s.client.pending_review.take().unwrap();
+    s.client.review_outcome = Some(ReviewOutcome::Edited {
+        text: "DELETE FROM t WHERE id = 3".to_owned(),
+        rule: "review-deletes".to_owned(),
+    });
+    s.client(&[], &["Parse s1: DELETE FROM t WHERE id = 3", "Sync"]);
+    // An edit another rule would hold is refused.
+    s.client(&[query("DELETE FROM t")], &["(held)"]);
+    s.client.pending_review.take().unwrap();
+    s.client.review_outcome = Some(ReviewOutcome::Edited {
+        text: "DELETE FROM t WHERE id = 4".to_owned(),
+        rule: "another-rule".to_owned(),
+    });
+    s.client(&[], &["Query SELECT 1::pg_catalog.\"<deny>2\""]);
+    assert_eq!(
+        fixture.rules(),
+        [
+            "DELETE FROM t WHERE id = 1: review-deletes",
+            "DELETE FROM t WHERE id = 2: review-deletes",
+            "DELETE FROM t WHERE id = 3: review-deletes",
+            "DELETE FROM t WHERE id = 4: review-deletes",
+        ]
     );
 }
