@@ -5,7 +5,8 @@
 # redirect (`tollgate exec`): psql is given the database's own address, never
 # the proxy's. It shows an allowed query whose customers' e-mail addresses
 # come back masked, a denied DROP and a denied read of a protected table
-# with the rule that refused them, `policy explain`, the
+# with the rule that refused them, `policy explain`, a DELETE held until a
+# second user approves it, the
 # session's identity, the tamper-evident recordings, the live status,
 # metrics, and what happens when the agent dies (fail closed).
 #
@@ -80,7 +81,8 @@ run_pg pg_ctl -D "$work/pg/data" -l "$work/pg/server.log" -w \
     -o "-p $pg_port -c listen_addresses=$listen -k $work/pg" start >/dev/null
 psql -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres <<'SQL'
 create table customers (id int primary key, name text, email text);
-insert into customers values (1, 'Ada Lovelace', 'ada@example.com'), (2, 'Alan Turing', 'alan@example.com');
+insert into customers values (1, 'Ada Lovelace', 'ada@example.com'), (2, 'Alan Turing', 'alan@example.com'),
+    (3, 'Grace Hopper', 'grace@example.com');
 create table secrets (id int, api_key text);
 insert into secrets values (1, 'sk_live_demo');
 SQL
@@ -179,6 +181,35 @@ masked_id=$(tollgate recordings list --json | python3 -c 'import json,sys; print
 show tollgate recordings show "$masked_id"
 show tollgate recordings verify --all
 
+if [ $governed -eq 1 ] && id daemon >/dev/null 2>&1; then
+    step "A DELETE needs a second person: held until the reviewer 'daemon' approves it"
+    # The reviewer is another Unix user in the rule's approver group; it
+    # reaches the agent through the reviewer socket.
+    chmod 755 "$work"
+    review() { runuser -u daemon -- tollgate approvals "$@" --socket "$work/approvals.sock"; }
+    "${run[@]}" psql -X -h "$host" -p "$port" -U postgres -d postgres \
+        -c "delete from customers where id = 3" >"$work/held.out" 2>&1 &
+    held_pid=$!
+    request=""
+    for _ in $(seq 100); do
+        request=$(review list --json | python3 -c 'import json,sys; l=json.load(sys.stdin); print(l[0]["id"] if l else "")')
+        [ -n "$request" ] && break
+        sleep 0.1
+    done
+    [ -n "$request" ] || { cat "$work/held.out"; echo "demo: the DELETE was not held" >&2; exit 1; }
+    echo "(psql is waiting; a reviewer lists what waits, in a second terminal:)"
+    show runuser -u daemon -- tollgate approvals list --socket "$work/approvals.sock"
+    echo "(the requester cannot approve its own statement:)"
+    show tollgate approvals approve "$request" --socket "$work/approvals.sock" || true
+    show runuser -u daemon -- tollgate approvals approve "$request" --reason "Grace Hopper asked to be forgotten" --socket "$work/approvals.sock"
+    wait "$held_pid"
+    echo "(what the held psql printed:)"
+    sed 's/^/  /' "$work/held.out"
+    held_session=$(review show "$request" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["context"]["session"])')
+    for _ in $(seq 50); do tollgate recordings show "$held_session" 2>/dev/null | grep -q 'session closed\|closed' && break; sleep 0.1; done
+    show tollgate recordings show "$held_session"
+fi
+
 step "A session in progress, as 'tollgate status' shows it"
 "${run[@]}" psql -X -q -h "$host" -p "$port" -U postgres -d postgres -c "select pg_sleep(2)" >/dev/null &
 sleep 0.8
@@ -186,7 +217,7 @@ show tollgate status
 wait $!
 
 step "Prometheus metrics (http://127.0.0.1:$metrics_port/metrics)"
-python3 - "$metrics_port" <<'PY' | grep -E '^tollgate_(connections_total|sessions_closed_total|statements_total|masked_values_total|redirect_connects_total|identity_lookup_seconds)'
+python3 - "$metrics_port" <<'PY' | grep -E '^tollgate_(connections_total|sessions_closed_total|statements_total|masked_values_total|redirect_connects_total|identity_lookup_seconds|review_)'
 import sys, urllib.request
 print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read().decode())
 PY

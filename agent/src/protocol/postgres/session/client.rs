@@ -560,7 +560,7 @@ impl<'a> ClientSide<'a> {
             match self.review(text, analysis, label, &decisions) {
                 ReviewStep::Hold => return Some(String::new()),
                 ReviewStep::Refuse(message) => {
-                    self.report(text, analysis, &decisions, false, false);
+                    self.report(text, analysis, &decisions, &decisions, false);
                     return Some(message);
                 }
                 ReviewStep::Approved => approved = true,
@@ -576,10 +576,10 @@ impl<'a> ClientSide<'a> {
         let top = most_restrictive(&effective);
         if top.is_some_and(|d| d.action == Action::Mask) {
             let refusal = self.plan_mask(&effective, analysis, label, unmaskable);
-            self.report(text, analysis, &decisions, refusal.is_some(), approved);
+            self.report(text, analysis, &decisions, &effective, refusal.is_some());
             return refusal;
         }
-        self.report(text, analysis, &decisions, false, approved);
+        self.report(text, analysis, &decisions, &effective, false);
         let top = top.filter(|d| d.action.is_refused())?;
         let command = match (label, analysis) {
             (Some(label), _) => label,
@@ -1204,35 +1204,40 @@ impl<'a> ClientSide<'a> {
     /// Reports each statement's decision (`mask_refused`: the message's
     /// `mask` statements cannot be masked, so they do not run) and counts
     /// it.
+    /// `effective`: what each statement came to (its decision once a
+    /// reviewer approved it; else the decision itself), for `refused`.
     fn report(
         &self,
         text: &str,
         analysis: &Analysis,
         decisions: &[Decision],
+        effective: &[Decision],
         mask_refused: bool,
-        approved: bool,
     ) {
         let session = self.ctx.id;
-        let event =
-            |text: &str, command: Arc<str>, kind, fingerprint: Option<Arc<str>>, d: &Decision| {
-                self.ctx.target_metrics.statement(d.action);
-                SessionEvent::Statement(Arc::new(StatementEvent {
-                    session,
-                    text: text.to_owned(),
-                    command,
-                    kind,
-                    fingerprint,
-                    action: d.action,
-                    refused: (d.action.is_refused() && !(approved && d.action == Action::Review))
-                        || (mask_refused && d.action == Action::Mask),
-                    rule: d.deciding_rule().map(|r| Arc::clone(&r.name)),
-                    rules: d.matched.iter().map(|r| Arc::clone(&r.name)).collect(),
-                    reason: Arc::clone(&d.reason),
-                }))
-            };
+        let event = |text: &str,
+                     command: Arc<str>,
+                     kind,
+                     fingerprint: Option<Arc<str>>,
+                     (d, came_to): (&Decision, &Decision)| {
+            self.ctx.target_metrics.statement(d.action);
+            SessionEvent::Statement(Arc::new(StatementEvent {
+                session,
+                text: text.to_owned(),
+                command,
+                kind,
+                fingerprint,
+                action: d.action,
+                refused: came_to.action.is_refused()
+                    || (mask_refused && came_to.action == Action::Mask),
+                rule: d.deciding_rule().map(|r| Arc::clone(&r.name)),
+                rules: d.matched.iter().map(|r| Arc::clone(&r.name)).collect(),
+                reason: Arc::clone(&d.reason),
+            }))
+        };
         match analysis {
             Analysis::Parsed { statements } => {
-                for (s, d) in statements.iter().zip(decisions) {
+                for (s, d) in statements.iter().zip(decisions.iter().zip(effective)) {
                     self.ctx.events.emit(&event(
                         &s.text,
                         Arc::clone(&s.command),
@@ -1243,7 +1248,7 @@ impl<'a> ClientSide<'a> {
                 }
             }
             Analysis::Unparsable { .. } => {
-                for d in decisions {
+                for d in decisions.iter().zip(effective) {
                     self.ctx.events.emit(&event(
                         text,
                         Arc::from(UNPARSABLE_COMMAND),
