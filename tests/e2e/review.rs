@@ -351,7 +351,7 @@ fn a_denial_fails_the_statement_with_42501_and_aborts_the_open_transaction() {
 }
 
 #[test]
-fn an_unanswered_request_expires_and_a_client_that_leaves_cancels_its_request() {
+fn an_unanswered_request_expires_and_a_client_that_leaves_or_cancels_ends_its_request() {
     let r = Review::start();
     let start = Instant::now();
     let psql = r.spawn_psql("DELETE FROM orders WHERE id = 3", &[]);
@@ -385,6 +385,25 @@ fn an_unanswered_request_expires_and_a_client_that_leaves_cancels_its_request() 
     }
     let out = r.approvals("daemon", &["approve", &id]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 409"));
+    assert_eq!(r.count(), "20");
+
+    // psql's Ctrl-C sends a CancelRequest: the held statement is cancelled
+    // as the server cancels a running one.
+    let mut psql = r.spawn_psql(
+        "DELETE FROM orders WHERE id = 5",
+        &["-v", "VERBOSITY=verbose"],
+    );
+    let id = id_of(&r.pending_from(&mut psql)[0]);
+    tollgate_tests::send_signal(psql.id(), libc::SIGINT);
+    let (success, _, stderr) = finish(psql);
+    assert!(!success);
+    assert!(
+        stderr.contains("ERROR:  57014: canceling statement due to user request"),
+        "{stderr}"
+    );
+    let shown = ok(&r.approvals("daemon", &["show", &id, "--json"]));
+    let view: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(view["outcome"]["outcome"], "cancelled", "{shown}");
     assert_eq!(r.count(), "20");
 }
 

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -31,6 +31,9 @@ struct Entry {
     /// The secret the client was given.
     secret: Vec<u8>,
     target: CancelTarget,
+    /// Woken by a CancelRequest with this key: what the proxy itself is
+    /// doing for the session (holding a statement for review) stops too.
+    interrupt: Arc<tokio::sync::Notify>,
 }
 
 /// Client-visible cancel keys of every open session.
@@ -84,6 +87,7 @@ impl CancelRegistry {
                     secret: backend_secret.to_vec(),
                     upstream,
                 },
+                interrupt: Arc::new(tokio::sync::Notify::new()),
             },
         );
         Some((pid, secret))
@@ -94,6 +98,22 @@ impl CancelRegistry {
         let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = keys.get(&pid)?;
         constant_time_eq(&entry.secret, secret).then(|| entry.target.clone())
+    }
+
+    /// Wakes whatever waits on the interrupt of key `pid` (a CancelRequest
+    /// with that key, already checked by [`CancelRegistry::lookup`]).
+    pub fn interrupt(&self, pid: i32) {
+        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = keys.get(&pid) {
+            entry.interrupt.notify_waiters();
+        }
+    }
+
+    /// What a CancelRequest with key `pid` wakes (see
+    /// [`CancelRegistry::interrupt`]).
+    pub fn interrupt_of(&self, pid: i32) -> Option<Arc<tokio::sync::Notify>> {
+        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.get(&pid).map(|e| Arc::clone(&e.interrupt))
     }
 
     /// Forgets a client-visible key (its session ended).

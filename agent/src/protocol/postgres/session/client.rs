@@ -625,8 +625,17 @@ impl<'a> ClientSide<'a> {
             Some(ReviewOutcome::Approved { held_text }) if held_text == text => {
                 return ReviewStep::Approved
             }
-            Some(ReviewOutcome::Refused { held_text, message }) if held_text == text => {
-                return ReviewStep::Refuse(message.clone())
+            Some(ReviewOutcome::Refused {
+                held_text,
+                message,
+                sqlstate,
+            }) if held_text == text => {
+                *self
+                    .shared
+                    .next_denial_sqlstate
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(sqlstate);
+                return ReviewStep::Refuse(message.clone());
             }
             // The reviewer's edit needs review itself: the approvals
             // counted for the edit cover it under the rule that held it,

@@ -31,6 +31,9 @@ use crate::recording::format::{
 /// sends nothing).
 const HELD_READ_LIMIT: usize = 1 << 20;
 
+/// 57014 query_canceled.
+const QUERY_CANCELED: &str = "57014";
+
 /// A statement the client side decided `review`, for the pump to hold.
 pub(super) struct PendingReview {
     /// The decision whose rule holds it.
@@ -63,6 +66,8 @@ pub(super) enum ReviewOutcome {
         held_text: String,
         /// What the client is told.
         message: String,
+        /// With this SQLSTATE.
+        sqlstate: &'static str,
     },
 }
 
@@ -113,6 +118,7 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
     let refused = |message: String| ReviewOutcome::Refused {
         held_text: pending.text.clone(),
         message,
+        sqlstate: sqlstate::INSUFFICIENT_PRIVILEGE,
     };
     let Some(desk) = ctx.approvals.as_ref() else {
         return Ok(refused(
@@ -175,10 +181,23 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
     shared.notify_client(&held.notice());
     tracing::info!(session = %ctx.id, request = %id, "statement held for review");
 
+    // psql's Ctrl-C (a CancelRequest with the session's key) ends the hold.
+    let interrupt = shared
+        .cancel_pid
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .and_then(|pid| ctx.cancel.interrupt_of(pid));
     let waiting = WallInstant::now();
     let outcome = {
         let outcome = held.outcome();
         tokio::pin!(outcome);
+        let interrupted = async {
+            match &interrupt {
+                Some(notify) => notify.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(interrupted);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let raw = ctx.events.records_raw(&ctx.target);
         loop {
@@ -187,7 +206,9 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
                 buf.make_room(0);
             }
             tokio::select! {
-                outcome = &mut outcome => break outcome,
+                outcome = &mut outcome => break Some(outcome),
+                // Dropping `outcome` cancels the request.
+                () = &mut interrupted => break None,
                 read = buf.read_from(reader), if room => match read {
                     Ok(n) if n > 0 => {
                         count(ctx, true, n);
@@ -212,6 +233,16 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
                 _ = tick.tick() => shared.touch(start),
             }
         }
+    };
+    let Some(outcome) = outcome else {
+        tracing::info!(session = %ctx.id, request = %id, "review: the client cancelled its held statement");
+        record_end(ctx, desk, &id, &Outcome::Cancelled, waiting.elapsed());
+        return Ok(ReviewOutcome::Refused {
+            held_text: pending.text,
+            // What the server says of a statement a CancelRequest stopped.
+            message: "canceling statement due to user request".to_owned(),
+            sqlstate: QUERY_CANCELED,
+        });
     };
     record_end(ctx, desk, &id, &outcome, waiting.elapsed());
     Ok(match outcome {

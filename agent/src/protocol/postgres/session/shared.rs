@@ -39,7 +39,9 @@ pub(super) struct Shared {
     next_denial: AtomicU64,
     /// Messages for the client, by substitute number, until the server's
     /// error for that substitute arrives.
-    denials: Mutex<BTreeMap<u64, String>>,
+    denials: Mutex<BTreeMap<u64, (&'static str, String)>>,
+    /// The SQLSTATE of the next denial registered, when not 42501.
+    pub(super) next_denial_sqlstate: Mutex<Option<&'static str>>,
     /// Unparsable text sent with [`unparsable_guard`] behind it, oldest
     /// first: (the batch it was sent in, its length in characters).
     guarded: Mutex<std::collections::VecDeque<(u64, usize)>>,
@@ -128,6 +130,7 @@ impl Shared {
             to_client_ready: tokio::sync::Notify::new(),
             next_denial: AtomicU64::new(1),
             denials: Mutex::new(BTreeMap::new()),
+            next_denial_sqlstate: Mutex::new(None),
             guarded: Mutex::new(std::collections::VecDeque::new()),
             upstream_mid_message: AtomicBool::new(false),
             client_mid_message: AtomicBool::new(false),
@@ -141,11 +144,17 @@ impl Shared {
     /// error for the substitute will quote.
     pub(super) fn register_denial(&self, client_message: String) -> String {
         let n = self.next_denial.fetch_add(1, Ordering::Relaxed);
+        let code = self
+            .next_denial_sqlstate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or(sqlstate::INSUFFICIENT_PRIVILEGE);
         let mut denials = self.denials.lock().unwrap_or_else(PoisonError::into_inner);
         if denials.len() >= MAX_PENDING_DENIALS {
             denials.pop_first();
         }
-        denials.insert(n, client_message);
+        denials.insert(n, (code, client_message));
         format!("{}{n}", self.marker)
     }
 
@@ -301,9 +310,9 @@ impl Shared {
         error_body.windows(marker.len()).position(|w| w == marker)
     }
 
-    /// The client message of the substitute an ErrorResponse body answers,
-    /// if it answers one.
-    pub(super) fn denial_for(&self, error_body: &[u8]) -> Option<String> {
+    /// The SQLSTATE and client message of the substitute an ErrorResponse
+    /// body answers, if it answers one.
+    pub(super) fn denial_for(&self, error_body: &[u8]) -> Option<(&'static str, String)> {
         let at = self.marker_at(error_body)?;
         let digits = error_body.get(at.saturating_add(self.marker.len())..)?;
         let end = digits
@@ -480,8 +489,8 @@ mod tests {
             shared.marker
         );
         assert_eq!(
-            shared.denial_for(body.as_bytes()).as_deref(),
-            Some("tollgate: DROP TABLE denied")
+            shared.denial_for(body.as_bytes()),
+            Some(("42501", "tollgate: DROP TABLE denied".to_owned()))
         );
         assert_eq!(shared.denial_for(body.as_bytes()), None, "answered once");
         // Another session's marker, or none, is not ours.
@@ -501,8 +510,8 @@ mod tests {
         // The first was answered with 25P02 (no marker); the second's error
         // arrives and clears it too.
         assert_eq!(
-            shared.denial_for(second.as_bytes()).as_deref(),
-            Some("second")
+            shared.denial_for(second.as_bytes()),
+            Some(("42501", "second".to_owned()))
         );
         assert!(shared.denials.lock().unwrap().is_empty());
         for i in 0..(MAX_PENDING_DENIALS + 10) {

@@ -293,6 +293,8 @@ pub(super) async fn forward_cancel(
         tracing::debug!(session = %ctx.id, pid, "CancelRequest with an unknown key: dropped");
         return CloseReason::Completed;
     };
+    // A statement held for review is the proxy's to cancel.
+    ctx.cancel.interrupt(pid);
     let mut wire = Vec::with_capacity(16);
     FrontendMessage::CancelRequest {
         pid: backend.pid,

@@ -631,6 +631,7 @@ fn a_held_statement_waits_then_runs_as_approved_edited_or_refused() {
     s.client.review_outcome = Some(ReviewOutcome::Refused {
         held_text: pending.text,
         message: "tollgate: statement denied by reviewer bob: no".to_owned(),
+        sqlstate: "42501",
     });
     s.client(&[], &["Query SELECT 1::pg_catalog.\"<deny>1\""]);
     s.server(

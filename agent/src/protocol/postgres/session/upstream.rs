@@ -109,12 +109,12 @@ impl<'a> UpstreamSide<'a> {
                     {
                         return Ok(Step::Replace(header.len));
                     }
-                    if let Some(message) = self.shared.denial_for(body) {
+                    if let Some((code, message)) = self.shared.denial_for(body) {
                         self.out.clear();
                         super::super::error::write_error_response(
                             &mut self.out,
                             severity::ERROR,
-                            sqlstate::INSUFFICIENT_PRIVILEGE,
+                            code,
                             &message,
                             None,
                             None,
