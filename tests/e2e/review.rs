@@ -579,6 +579,35 @@ except psycopg.Error as e:
         "0"
     );
 
+    // tokio-postgres: a named statement prepared (the Parse is held),
+    // then bound and executed once approved; and a denial.
+    let driver = |id: i32| {
+        r.spawn_in_cgroup(
+            Path::new(env!("CARGO_BIN_EXE_pg-param-query")),
+            &[
+                "127.0.0.1".to_owned(),
+                r.g.port.to_string(),
+                "DELETE FROM orders WHERE id = $1 RETURNING id".to_owned(),
+                id.to_string(),
+            ],
+        )
+    };
+    let mut approved = driver(11);
+    let id = id_of(&r.pending_from(&mut approved)[0]);
+    ok(&r.approvals("bin", &["approve", &id]));
+    let (success, stdout, stderr) = finish(approved);
+    assert!(success, "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "11");
+    let mut denied = driver(12);
+    let id = id_of(&r.pending_from(&mut denied)[0]);
+    ok(&r.approvals("bin", &["deny", &id, "--reason", "no"]));
+    let (_, stdout, _) = finish(denied);
+    assert_eq!(
+        stdout.trim(),
+        "error 42501 tollgate: statement denied by reviewer bin: no"
+    );
+    assert_eq!(r.count(), "18");
+
     // Twenty held sessions at once, approved in reverse order.
     let children: Vec<Child> = (0..20)
         .map(|i| r.spawn_psql(&format!("DELETE FROM orders WHERE note = 'none-{i}'"), &[]))
