@@ -19,6 +19,7 @@ mod analyze;
 mod cache;
 mod labels;
 mod refs;
+mod session_ops;
 mod shape;
 #[cfg(test)]
 mod tests;
@@ -51,6 +52,9 @@ pub mod fuzzing {
 pub use analyze::{analyze, analyze_read, function_call};
 pub use cache::{AnalysisCache, MAX_CACHED_TEXT_LEN};
 pub use refs::{column_refs, ColumnRefs};
+pub use session_ops::{
+    changes_reading_setting, prepared_query_text, sql_op, SqlOp, READING_SETTINGS,
+};
 
 use std::sync::Arc;
 

@@ -25,7 +25,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 
-use pg_query::NodeEnum;
 
 use super::mask::MaskPlan;
 use crate::policy::PolicySet;
@@ -375,18 +374,7 @@ pub fn changes_statements(tag: &[u8]) -> bool {
     )
 }
 
-/// What a SQL statement does to the named prepared statements.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SqlOp {
-    /// `PREPARE name AS ...`.
-    Prepare(Vec<u8>),
-    /// `EXECUTE name`, alone or under `EXPLAIN` or `CREATE TABLE ... AS`.
-    Execute(Vec<u8>),
-    /// `DEALLOCATE name`.
-    Deallocate(Vec<u8>),
-    /// `DEALLOCATE ALL`.
-    DeallocateAll,
-}
+pub use crate::sql::{prepared_query_text, SqlOp};
 
 /// The prepared-statement operations of an analysis, in order, each with
 /// its statement. The tree is parsed only for statements of kind
@@ -407,65 +395,8 @@ pub fn sql_ops(analysis: &Analysis) -> Vec<(SqlOp, &StatementSummary)> {
                 .any(|w| w.eq_ignore_ascii_case(b"execute")),
             _ => false,
         })
-        .filter_map(|s| Some((sql_op(&s.text)?, s)))
+        .filter_map(|s| Some((crate::sql::sql_op(&s.text)?, s)))
         .collect()
-}
-
-/// The statement a `PREPARE name [(types)] AS statement` prepares, as a
-/// slice of its text (what follows the `AS` outside the parentheses of the
-/// parameter types), so that an `EXECUTE` of it is decided as that
-/// statement. `None` when the text is not read that way.
-pub fn prepared_query_text(prepare: &str) -> Option<&str> {
-    use pg_query::protobuf::Token;
-    let tokens = pg_query::scan(prepare).ok()?.tokens;
-    if tokens.first()?.token != Token::Prepare as i32 {
-        return None;
-    }
-    let mut depth = 0usize;
-    for token in &tokens {
-        match Token::try_from(token.token) {
-            Ok(Token::Ascii40) => depth = depth.saturating_add(1),
-            Ok(Token::Ascii41) => depth = depth.saturating_sub(1),
-            Ok(Token::As) if depth == 0 => {
-                let end = usize::try_from(token.end).ok()?;
-                let rest = prepare.get(end..)?.trim();
-                return (!rest.is_empty()).then_some(rest);
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
-/// The operation of one statement's text.
-fn sql_op(text: &str) -> Option<SqlOp> {
-    let parsed = pg_query::parse(text, 0).ok()?;
-    let node = parsed
-        .protobuf
-        .stmts
-        .first()?
-        .stmt
-        .as_deref()?
-        .node
-        .as_ref()?;
-    match node {
-        NodeEnum::PrepareStmt(s) => Some(SqlOp::Prepare(s.name.as_bytes().to_vec())),
-        NodeEnum::DeallocateStmt(s) if s.isall || s.name.is_empty() => Some(SqlOp::DeallocateAll),
-        NodeEnum::DeallocateStmt(s) => Some(SqlOp::Deallocate(s.name.as_bytes().to_vec())),
-        other => executed(other).map(SqlOp::Execute),
-    }
-}
-
-/// The statement name an `EXECUTE` (possibly under `EXPLAIN` and
-/// `CREATE TABLE ... AS`, which the grammar nests at most that deep) runs.
-fn executed(node: &NodeEnum) -> Option<Vec<u8>> {
-    let inner = |query: Option<&pg_query::protobuf::Node>| query?.node.as_ref().and_then(executed);
-    match node {
-        NodeEnum::ExecuteStmt(s) => Some(s.name.as_bytes().to_vec()),
-        NodeEnum::ExplainStmt(s) => inner(s.query.as_deref()),
-        NodeEnum::CreateTableAsStmt(s) => inner(s.query.as_deref()),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

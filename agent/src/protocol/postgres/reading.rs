@@ -14,18 +14,7 @@
 //! any of them runs, so a `SET` changes nothing for the text of its own
 //! message.
 
-use pg_query::NodeEnum;
-
 use crate::sql::{Analysis, StatementKind, StatementSummary};
-
-/// Settings that change how the server reads statement text.
-/// (`backslash_quote` only makes the server reject `\'`, and only matters
-/// where backslashes are escapes, but it is read the same way here.)
-const READING_SETTINGS: &[&str] = &[
-    "standard_conforming_strings",
-    "client_encoding",
-    "backslash_quote",
-];
 
 /// Built-in functions (as the analysis lists them: lower case, bare or
 /// `pg_catalog.`-qualified) known to change no setting. Any other function
@@ -189,7 +178,7 @@ fn statement_may_change_reading(s: &StatementSummary, in_transaction_with_change
         // SET and RESET; DISCARD ALL (kind other) resets every setting;
         // EXECUTE runs a statement that may call anything.
         StatementKind::Set | StatementKind::Other | StatementKind::Prepared => {
-            changes_reading_setting(&s.text)
+            crate::sql::changes_reading_setting(&s.text)
         }
         _ => false,
     }
@@ -200,39 +189,6 @@ fn statement_may_change_reading(s: &StatementSummary, in_transaction_with_change
 fn known_function(name: &str) -> bool {
     let bare = name.strip_prefix("pg_catalog.").unwrap_or(name);
     !bare.contains('.') && KNOWN_FUNCTIONS.binary_search(&bare).is_ok()
-}
-
-/// Whether a statement's text is a `SET`/`RESET` of a reading setting,
-/// `RESET ALL`, `DISCARD ALL` or an `EXECUTE`; text that does not parse
-/// alone counts as one.
-fn changes_reading_setting(text: &str) -> bool {
-    let Ok(parsed) = pg_query::parse(text, 0) else {
-        return true;
-    };
-    let Some(node) = parsed
-        .protobuf
-        .stmts
-        .first()
-        .and_then(|s| s.stmt.as_deref())
-        .and_then(|s| s.node.as_ref())
-    else {
-        return false;
-    };
-    match node {
-        NodeEnum::VariableSetStmt(s) => {
-            use pg_query::protobuf::VariableSetKind;
-            matches!(
-                VariableSetKind::try_from(s.kind),
-                Ok(VariableSetKind::VarResetAll)
-            ) || READING_SETTINGS.contains(&s.name.to_lowercase().as_str())
-        }
-        NodeEnum::DiscardStmt(s) => {
-            use pg_query::protobuf::DiscardMode;
-            matches!(DiscardMode::try_from(s.target), Ok(DiscardMode::DiscardAll))
-        }
-        NodeEnum::ExecuteStmt(_) => true,
-        _ => false,
-    }
 }
 
 #[cfg(test)]
