@@ -22,10 +22,11 @@ as_root() {
 # postgresql: throwaway servers for tests and the demo; mariadb: the MySQL
 # protocol; pgbouncer: the benchmark baseline; iproute2: test addresses;
 # libclang-dev: pg_query's build; build-essential/pkg-config: C parts of crates;
-# python3/pip: psycopg for the driver tests.
+# python3/pip: psycopg for the driver tests; chromium and chromium-driver:
+# the reviewers' web page in a real headless browser.
 packages=(postgresql postgresql-client mariadb-server mariadb-client pgbouncer
           iproute2 libclang-dev clang build-essential pkg-config ca-certificates curl
-          python3 python3-pip)
+          python3 python3-pip chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -30,6 +30,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 pub mod pg_wire;
+pub mod webdriver;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

@@ -28,6 +28,7 @@ pub mod registry;
 pub mod reviewers;
 #[cfg(test)]
 mod tests;
+pub mod web;
 
 use std::collections::BTreeMap;
 use std::fmt;

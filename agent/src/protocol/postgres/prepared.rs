@@ -25,7 +25,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 
-
 use super::mask::MaskPlan;
 use crate::policy::PolicySet;
 use crate::sql::{Analysis, StatementKind, StatementSummary};
