@@ -11,7 +11,22 @@ use super::{
     ApprovalError, Grant, GrantStore, GrantSubject, Outcome, Registry, RequestContext, RequestId,
 };
 use crate::identity::ProcessIdentity;
-use crate::policy::Decision;
+use crate::policy::{DailyWindow, Decision};
+
+/// The minute of the day (0..1440) of `time` in the host's local time zone
+/// (glibc reads `TZ` or `/etc/localtime`).
+#[allow(unsafe_code)]
+pub fn local_minute(time: SystemTime) -> Option<u16> {
+    let seconds = libc::time_t::try_from(super::unix_seconds(time)).ok()?;
+    // SAFETY: `tm` is plain data that localtime_r fills in; both pointers
+    // are valid for the call, and localtime_r is the thread-safe variant.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let filled = unsafe { libc::localtime_r(&seconds, &mut tm) };
+    if filled.is_null() {
+        return None;
+    }
+    u16::try_from(tm.tm_hour * 60 + tm.tm_min).ok()
+}
 
 /// What sessions hold statements with: the agent's pending requests and
 /// the grants approvals gave.
@@ -27,13 +42,22 @@ impl Desk {
     /// `identity` to `target`, if any. An executable that may not be the
     /// one that connected (it changed or could not be verified since the
     /// connect) is never trusted with a grant given to an executable.
+    /// Outside the rule's daily `hours` (the host's local time) no grant
+    /// is in force.
     pub fn grant_for(
         &self,
         target: &str,
         fingerprint: &str,
         identity: &ProcessIdentity,
+        hours: Option<DailyWindow>,
         now: SystemTime,
     ) -> Option<Grant> {
+        if let Some(window) = hours {
+            // Fail closed: a time that cannot be read is outside.
+            if !local_minute(now).is_some_and(|m| window.contains(m)) {
+                return None;
+            }
+        }
         let key = GrantSubject::identity_key(identity)?;
         if key.starts_with("exe:") && !identity.exe_trusted() {
             return None;
@@ -72,6 +96,13 @@ pub struct HeldStatement<'a> {
     pub database_user: Option<&'a str>,
     /// The text as the client sent it.
     pub text: &'a str,
+    /// What reviewers are shown of it, when that is not `text`: sensitive
+    /// literals hidden, or a note that it is withheld.
+    pub shown: Option<String>,
+    /// How many literals `shown` hides; `None` when it withholds it all.
+    pub hidden_literals: Option<usize>,
+    /// The session's statements before it.
+    pub session_so_far: Vec<super::registry::PriorStatement>,
     /// Its shape, for grants.
     pub fingerprint: Option<&'a str>,
     /// The process behind the session.
@@ -96,7 +127,10 @@ impl Hold {
         let context = RequestContext {
             target: statement.target.to_owned(),
             database_user: statement.database_user.map(str::to_owned),
-            statement: statement.text.to_owned(),
+            statement: statement.shown.unwrap_or_else(|| statement.text.to_owned()),
+            run_text: statement.text.to_owned(),
+            hidden_literals: statement.hidden_literals,
+            session_so_far: statement.session_so_far,
             fingerprint: statement.fingerprint.map(str::to_owned),
             rule: rule.name.to_string(),
             rule_message: rule.message.as_deref().map(str::to_owned),

@@ -41,7 +41,8 @@ use crate::policy::Approver;
 pub use grants::{Grant, GrantStore, GrantSubject};
 pub use hold::{Desk, HeldStatement, Hold};
 pub use registry::{
-    ApprovalAsk, ApprovalEffect, ApprovalRecord, Outcome, Registry, RequestContext, RequestView,
+    ApprovalAsk, ApprovalEffect, ApprovalRecord, Outcome, PriorStatement, Registry, RequestContext,
+    RequestView,
 };
 pub use reviewers::Reviewer;
 

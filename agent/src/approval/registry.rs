@@ -29,8 +29,21 @@ pub struct RequestContext {
     pub target: String,
     /// The database user the session logged in as.
     pub database_user: Option<String>,
-    /// The statement as the client sent it.
+    /// The statement as reviewers see it: as the client sent it, except
+    /// that literals meeting a masked column read `'***'`
+    /// (`crate::sql::shown_to_reviewer`).
     pub statement: String,
+    /// The statement as the client sent it, which runs if approved;
+    /// never shown.
+    #[serde(skip)]
+    pub run_text: String,
+    /// How many literals of `statement` are hidden; `None` when the whole
+    /// text is withheld (it holds sensitive literals that cannot be cut
+    /// out safely).
+    pub hidden_literals: Option<usize>,
+    /// The session's statements before this one, oldest first (the last
+    /// few, shortened, sensitive literals hidden as in `statement`).
+    pub session_so_far: Vec<PriorStatement>,
     /// Its shape (pg_query fingerprint), which a grant covers.
     pub fingerprint: Option<String>,
     /// The review rule that held it.
@@ -45,6 +58,19 @@ pub struct RequestContext {
     pub session: Option<String>,
 }
 
+/// A statement a session ran (or had refused) before the held one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PriorStatement {
+    /// Unix seconds when it was decided.
+    pub at: u64,
+    /// What the policy decided (`allow`, `deny`, `mask`, ...).
+    pub action: String,
+    /// Whether it was refused.
+    pub refused: bool,
+    /// Its text as reviewers may see it.
+    pub statement: String,
+}
+
 /// How a request ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -52,7 +78,9 @@ pub enum Outcome {
     /// Enough distinct reviewers approved: run `text` (the original, or the
     /// last reviewer's edit, which the policy decides again).
     Approved {
-        /// The text to run.
+        /// The text to run; not shown to reviewers, whose view of it may
+        /// hide literals.
+        #[serde(skip)]
         text: String,
         /// Whether `text` is a reviewer's edit.
         edited: bool,
@@ -100,8 +128,12 @@ pub struct RequestView {
     pub submitted_at: u64,
     /// When it expires, in Unix seconds.
     pub expires_at: u64,
-    /// The text that runs if approved (an edit replaces the original).
+    /// The text that runs if approved as reviewers see it (an edit
+    /// replaces the original; see [`RequestContext::statement`]).
     pub text: String,
+    /// The text that runs if approved; never shown.
+    #[serde(skip)]
+    pub run_text: String,
     /// Who edited `text`, if someone did.
     pub edited_by: Option<String>,
     /// Approvals so far.
@@ -186,6 +218,7 @@ impl Registry {
             return Err(ApprovalError::TooMany);
         }
         truncate(&mut context.statement);
+        truncate(&mut context.run_text);
         let id = RequestId::new(now);
         let (reply, outcome) = oneshot::channel();
         let deadline = now + context.review.timeout;
@@ -194,6 +227,7 @@ impl Registry {
             submitted_at: unix_seconds(now),
             expires_at: unix_seconds(deadline),
             text: context.statement.clone(),
+            run_text: context.run_text.clone(),
             edited_by: None,
             approvals: Vec::new(),
             approvals_needed: context.review.approvals,
@@ -340,6 +374,7 @@ impl Registry {
         // approvals were for another statement.
         if let Some(edit) = ask.edit.take() {
             if edit != view.text {
+                view.run_text.clone_from(&edit);
                 view.text = edit;
                 view.edited_by = Some(reviewer.user.clone());
                 view.approvals.clear();
@@ -370,7 +405,7 @@ impl Registry {
             .and_then(|all| all.into_iter().min())
             .map(Duration::from_secs);
         let outcome = Outcome::Approved {
-            text: view.text.clone(),
+            text: view.run_text.clone(),
             edited: view.edited_by.is_some(),
             by: view.approvals.iter().map(|a| a.by.clone()).collect(),
         };

@@ -27,6 +27,7 @@ fn settings(approvals: u32, grant: GrantScope) -> Arc<ReviewSettings> {
         approvals,
         timeout: Duration::from_secs(600),
         grant,
+        grant_hours: None,
     })
 }
 
@@ -56,12 +57,53 @@ fn context(review: Arc<ReviewSettings>) -> RequestContext {
         target: "prod".into(),
         database_user: Some("app".into()),
         statement: "DELETE FROM orders WHERE id = 1".into(),
+        run_text: "DELETE FROM orders WHERE id = 1".into(),
+        hidden_literals: Some(0),
+        session_so_far: Vec::new(),
         fingerprint: Some("abc123".into()),
         rule: "review-deletes".into(),
         rule_message: Some("deletes need a second pair of eyes".into()),
         review,
         identity: requester(),
         session: Some("s1".into()),
+    }
+}
+
+#[test]
+fn reviewers_see_the_shown_text_and_an_approval_runs_the_text_as_sent() {
+    let registry = registry();
+    let mut held = context(settings(1, GrantScope::Statement));
+    held.run_text = "DELETE FROM customers WHERE email = 'ada@example.com'".into();
+    held.statement = "DELETE FROM customers WHERE email = '***'".into();
+    held.hidden_literals = Some(1);
+    held.session_so_far = vec![PriorStatement {
+        at: 1,
+        action: "allow".into(),
+        refused: false,
+        statement: "SELECT count(*) FROM customers WHERE email = '***'".into(),
+    }];
+    let (id, mut outcome) = registry.submit(held, t0()).unwrap();
+    let shown = serde_json::to_string(&registry.show(&id).unwrap()).unwrap();
+    assert!(!shown.contains("ada@example.com"), "{shown}");
+    assert!(shown.contains("email = '***'") && shown.contains("\"hidden_literals\":1"));
+    assert!(shown.contains("SELECT count(*) FROM customers"), "{shown}");
+    let alice = reviewer(2001, "alice", &["dba"]);
+    let effect = registry
+        .approve(&id, &alice, ApprovalAsk::default(), t0())
+        .unwrap();
+    let ApprovalEffect::Approved { outcome: ended, .. } = effect else {
+        panic!("{effect:?}");
+    };
+    assert!(!serde_json::to_string(&ended).unwrap().contains("ada@"));
+    match outcome.try_recv() {
+        Ok(Outcome::Approved { text, edited, .. }) => {
+            assert_eq!(
+                text,
+                "DELETE FROM customers WHERE email = 'ada@example.com'"
+            );
+            assert!(!edited);
+        }
+        other => panic!("{other:?}"),
     }
 }
 
@@ -486,6 +528,43 @@ fn grant(subject: GrantSubject, now: SystemTime, seconds: u64) -> Grant {
 }
 
 #[test]
+fn grants_are_in_force_only_inside_the_rules_daily_hours() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let desk = Desk {
+        registry: Arc::new(registry()),
+        grants: Arc::new(GrantStore::open(&dir.path().join("grants.redb"), now).unwrap()),
+    };
+    let identity = requester();
+    let subject = GrantSubject {
+        target: "prod".into(),
+        fingerprint: "abc123".into(),
+        identity: GrantSubject::identity_key(&identity).unwrap(),
+    };
+    desk.grants.insert(&grant(subject, now, 3600)).unwrap();
+    let minute = super::hold::local_minute(now).expect("the local time is readable");
+    let at = |m: u16| m % (24 * 60);
+    let window = |start: u16, end: u16| {
+        let text = format!(
+            "{:02}:{:02}-{:02}:{:02}",
+            start / 60,
+            start % 60,
+            end / 60,
+            end % 60
+        );
+        crate::policy::DailyWindow::parse(&text).unwrap()
+    };
+    let find = |hours| desk.grant_for("prod", "abc123", &identity, hours, now);
+    assert!(find(None).is_some(), "no window: the grant is in force");
+    // A window from a minute ago to two minutes from now holds this
+    // minute (across midnight too); one that opens in two minutes does not.
+    let inside = window(at(minute + 24 * 60 - 1), at(minute + 2));
+    assert!(find(Some(inside)).is_some(), "inside {inside}");
+    let outside = window(at(minute + 2), at(minute + 24 * 60 - 1));
+    assert!(find(Some(outside)).is_none(), "outside {outside}");
+}
+
+#[test]
 fn grants_persist_expire_and_revoke() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
@@ -773,6 +852,9 @@ fn held_statement(identity: &ProcessIdentity) -> HeldStatement<'_> {
         target: "prod",
         database_user: Some("app"),
         text: "DELETE FROM orders WHERE id = 1",
+        shown: None,
+        hidden_literals: Some(0),
+        session_so_far: Vec::new(),
         fingerprint: Some("abc123"),
         identity,
         session: "s1",

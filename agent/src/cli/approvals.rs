@@ -131,6 +131,18 @@ fn short(text: &str) -> String {
     out
 }
 
+/// Unix seconds as an RFC 3339 time, or `-`.
+fn unix_time(v: &Value) -> String {
+    v.as_u64()
+        .map(|t| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+            )
+            .to_string()
+        })
+        .unwrap_or_else(|| "-".to_owned())
+}
+
 fn who(identity: &Value) -> String {
     let user = identity["user"]
         .as_str()
@@ -201,6 +213,40 @@ fn show_text(r: &Value) -> String {
         );
     }
     line("statement", str_of(context, "statement").to_owned());
+    match context["hidden_literals"].as_u64() {
+        Some(0) => {}
+        Some(n) => line(
+            "hidden",
+            format!(
+                "{n} literal(s) meeting masked columns shown as '***'; the statement runs as sent"
+            ),
+        ),
+        None => line(
+            "hidden",
+            "the whole statement (it holds literals a mask rule hides that cannot be cut out)"
+                .to_owned(),
+        ),
+    }
+    if let Some(prior) = context["session_so_far"]
+        .as_array()
+        .filter(|p| !p.is_empty())
+    {
+        line(
+            "session so far",
+            format!("{} statement(s), oldest first:", prior.len()),
+        );
+        for p in prior {
+            let when = unix_time(&p["at"]);
+            let action = match (str_of(p, "action"), p["refused"].as_bool()) {
+                (action, Some(true)) => format!("{action}, refused"),
+                (action, _) => action.to_owned(),
+            };
+            line(
+                "",
+                format!("{when}  {action:<14} {}", short(str_of(p, "statement"))),
+            );
+        }
+    }
     if let Some(by) = r["edited_by"].as_str() {
         line("edited by", by.to_owned());
         line("runs as", str_of(r, "text").to_owned());
@@ -218,18 +264,7 @@ fn show_text(r: &Value) -> String {
             approvals.join(", ")
         ),
     );
-    line(
-        "expires",
-        r["expires_at"]
-            .as_u64()
-            .map(|t| {
-                humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
-                )
-                .to_string()
-            })
-            .unwrap_or_else(|| "-".to_owned()),
-    );
+    line("expires", unix_time(&r["expires_at"]));
     let outcome = match r["outcome"]["outcome"].as_str() {
         None => "pending".to_owned(),
         Some("denied") => format!(
@@ -322,6 +357,14 @@ mod tests {
             target: "prod".into(),
             database_user: Some("app".into()),
             statement: "DELETE FROM orders\nWHERE id = 1".into(),
+            run_text: "DELETE FROM orders\nWHERE id = 1".into(),
+            hidden_literals: Some(1),
+            session_so_far: vec![crate::approval::PriorStatement {
+                at: 1_780_000_000,
+                action: "deny".into(),
+                refused: true,
+                statement: "DROP TABLE orders".into(),
+            }],
             fingerprint: Some("abc".into()),
             rule: "review-deletes".into(),
             rule_message: Some("deletes need a second pair of eyes".into()),
@@ -330,6 +373,7 @@ mod tests {
                 approvals: 2,
                 timeout: Duration::from_secs(600),
                 grant: GrantScope::Statement,
+                grant_hours: None,
             }),
             identity: ProcessIdentity {
                 uid: Some(1001),
@@ -395,6 +439,9 @@ mod tests {
             "cgroup         /ci/job-7".to_owned(),
             "ci             github_actions acme/shop workflow deploy run 42 actor octo (verified)"
                 .to_owned(),
+            "hidden         1 literal(s) meeting masked columns shown as '***'; the statement runs as sent".to_owned(),
+            "session so far 1 statement(s), oldest first:".to_owned(),
+            "               2026-05-28T20:26:40Z  deny, refused  DROP TABLE orders".to_owned(),
             "approvals      1/2 alice".to_owned(),
             "expires        2026-05-28T20:36:40Z".to_owned(),
             "outcome        pending".to_owned(),

@@ -136,6 +136,7 @@ struct RawRule {
     approvals: Option<Spanned<i64>>,
     timeout: Option<Spanned<String>>,
     grant: Option<Spanned<String>>,
+    grant_hours: Option<Spanned<String>>,
 }
 
 /// The conditions of `[rule.match]` and `[rule.except]`.
@@ -855,6 +856,7 @@ pub(super) fn compile_file(path: &Path, text: &str) -> Result<CompiledFile, Vec<
                     approvals: &r.approvals,
                     timeout: &r.timeout,
                     grant: &r.grant,
+                    grant_hours: &r.grant_hours,
                 },
                 r.action.span(),
                 action.map(|a| a == Action::Review),

@@ -75,7 +75,8 @@ pub use explain::{
 };
 pub use memo::DecisionMemo;
 pub use review::{
-    Approver, GrantScope, ReviewSettings, DEFAULT_REVIEW_TIMEOUT, MAX_APPROVALS, MAX_GRANT,
+    Approver, DailyWindow, GrantScope, ReviewSettings, DEFAULT_REVIEW_TIMEOUT, MAX_APPROVALS,
+    MAX_GRANT,
 };
 pub use testing::{parse_identity, run_tests, CaseResult, TestReport};
 
@@ -597,6 +598,22 @@ impl PolicySet {
                         .as_ref()
                         .is_none_or(|targets| targets.is_match(target))
             })
+    }
+
+    /// The lowercase names of the columns that `mask` rules for `target`
+    /// hide: literals meeting them are not shown to reviewers.
+    pub fn masked_column_names(&self, target: &str) -> std::collections::HashSet<String> {
+        self.rules
+            .iter()
+            .filter(|rule| {
+                rule.when
+                    .targets
+                    .as_ref()
+                    .is_none_or(|targets| targets.is_match(target))
+            })
+            .filter_map(|rule| rule.mask.as_ref())
+            .flat_map(|mask| mask.columns.iter().map(|c| c.column.to_lowercase()))
+            .collect()
     }
 
     /// Hex SHA-256 over the loaded texts in load order (each prefixed by its

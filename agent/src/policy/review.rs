@@ -94,6 +94,81 @@ pub struct ReviewSettings {
     pub timeout: Duration,
     /// What an approval may cover.
     pub grant: GrantScope,
+    /// The hours of the day, in the host's local time, when a grant given
+    /// under this rule may be used (`grant_hours = "09:00-18:00"`); outside
+    /// them a statement the grant would cover is held again.
+    pub grant_hours: Option<DailyWindow>,
+}
+
+/// A window of the day in the host's local time, `HH:MM-HH:MM`, start
+/// included and end excluded; a window whose end is before its start
+/// spans midnight (`22:00-06:00`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DailyWindow {
+    /// Minutes after midnight when the window opens.
+    start: u16,
+    /// Minutes after midnight when it closes.
+    end: u16,
+}
+
+impl DailyWindow {
+    /// Parses `09:00-18:00`.
+    pub fn parse(text: &str) -> Result<DailyWindow, String> {
+        let invalid = || {
+            format!(
+                "invalid hours \"{text}\"; give a daily window in the host's local time as HH:MM-HH:MM, such as \"09:00-18:00\""
+            )
+        };
+        let minute_of = |part: &str| -> Option<u16> {
+            let (h, m) = part.trim().split_once(':')?;
+            if h.len() != 2 || m.len() != 2 {
+                return None;
+            }
+            let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+            // 24:00 closes a window at midnight.
+            let valid = (h < 24 && m < 60) || (h == 24 && m == 0);
+            valid.then_some(h * 60 + m)
+        };
+        let (start, end) = text.split_once('-').ok_or_else(invalid)?;
+        let (start, end) = (
+            minute_of(start).ok_or_else(invalid)?,
+            minute_of(end).ok_or_else(invalid)?,
+        );
+        if start == end || start == 24 * 60 {
+            return Err(format!(
+                "invalid hours \"{text}\"; the window must not be empty (for all day, leave grant_hours out)"
+            ));
+        }
+        Ok(DailyWindow { start, end })
+    }
+
+    /// Whether the minute of the day `minute` (0..1440) is inside.
+    pub fn contains(&self, minute: u16) -> bool {
+        if self.start < self.end {
+            (self.start..self.end).contains(&minute)
+        } else {
+            minute >= self.start || minute < self.end
+        }
+    }
+}
+
+impl fmt::Display for DailyWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:02}:{:02}-{:02}:{:02}",
+            self.start / 60,
+            self.start % 60,
+            self.end / 60,
+            self.end % 60
+        )
+    }
+}
+
+impl Serialize for DailyWindow {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// The review settings of a rule as written.
@@ -102,6 +177,7 @@ pub(super) struct RawReview<'a> {
     pub(super) approvals: &'a Option<Spanned<i64>>,
     pub(super) timeout: &'a Option<Spanned<String>>,
     pub(super) grant: &'a Option<Spanned<String>>,
+    pub(super) grant_hours: &'a Option<Spanned<String>>,
 }
 
 impl Checker<'_> {
@@ -121,6 +197,7 @@ impl Checker<'_> {
                     ("approvals", raw.approvals.as_ref().map(|v| v.span())),
                     ("timeout", raw.timeout.as_ref().map(|v| v.span())),
                     ("grant", raw.grant.as_ref().map(|v| v.span())),
+                    ("grant_hours", raw.grant_hours.as_ref().map(|v| v.span())),
                 ];
                 for (field, span) in spans {
                     if let Some(span) = span {
@@ -205,11 +282,29 @@ impl Checker<'_> {
                 }
             },
         };
+        let grant_hours = match raw.grant_hours {
+            None => None,
+            Some(h) if grant == GrantScope::Statement => {
+                self.at(
+                    h.span(),
+                    "`grant_hours` limits when grants may be used, and this rule gives none; set `grant` to the longest grant an approval may give, such as \"8h\"",
+                );
+                None
+            }
+            Some(h) => match DailyWindow::parse(h.get_ref()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    self.at(h.span(), e);
+                    None
+                }
+            },
+        };
         Some(ReviewSettings {
             approvers,
             approvals,
             timeout,
             grant,
+            grant_hours,
         })
     }
 }

@@ -1612,6 +1612,7 @@ fn review_settings_compile_with_their_defaults() {
             approvals: 1,
             timeout: DEFAULT_REVIEW_TIMEOUT,
             grant: GrantScope::Statement,
+            grant_hours: None,
         }
     );
     let written = decided(&review_rule(
@@ -1627,12 +1628,42 @@ fn review_settings_compile_with_their_defaults() {
             approvals: 2,
             timeout: std::time::Duration::from_secs(90),
             grant: GrantScope::UpTo(std::time::Duration::from_secs(3600)),
+            grant_hours: None,
         }
     );
     let statement_only = decided(&review_rule(
         "approvers = \"group:dba\"\ngrant = \"statement\"\n",
     ));
     assert_eq!(statement_only.grant, GrantScope::Statement);
+    let office_hours = decided(&review_rule(
+        "approvers = \"group:dba\"\ngrant = \"8h\"\ngrant_hours = \"09:30-18:00\"\n",
+    ));
+    let window = office_hours.grant_hours.expect("grant_hours compiled");
+    assert_eq!(window.to_string(), "09:30-18:00");
+    assert!(window.contains(9 * 60 + 30) && window.contains(17 * 60 + 59));
+    assert!(!window.contains(9 * 60 + 29) && !window.contains(18 * 60));
+}
+
+#[test]
+fn daily_windows_span_midnight_and_refuse_what_is_not_a_time() {
+    let night = DailyWindow::parse("22:00-06:00").unwrap();
+    assert!(night.contains(23 * 60) && night.contains(0) && night.contains(5 * 60 + 59));
+    assert!(!night.contains(6 * 60) && !night.contains(12 * 60) && !night.contains(21 * 60 + 59));
+    let to_midnight = DailyWindow::parse("18:00-24:00").unwrap();
+    assert!(to_midnight.contains(23 * 60 + 59) && !to_midnight.contains(0));
+    for bad in [
+        "9:00-18:00",
+        "09:00",
+        "09:00-09:00",
+        "25:00-26:00",
+        "09:60-10:00",
+        "24:00-01:00",
+        "aa:bb-cc:dd",
+        "",
+        "09:00-18:00-19:00",
+    ] {
+        assert!(DailyWindow::parse(bad).is_err(), "accepted {bad:?}");
+    }
 }
 
 #[test]
@@ -1656,6 +1687,9 @@ fn review_settings_errors_point_at_the_setting() {
         ("[[rule]]\nname = \"a\"\naction = \"audit\"\ntimeout = \"1m\"\n".into(), "p.toml:4:11: `timeout` belongs only to rules with action = \"review\""),
         ("[[rule]]\nname = \"a\"\naction = \"allow\"\napprovals = 2\n".into(), "p.toml:4:13: `approvals` belongs only to rules with action = \"review\""),
         ("[[rule]]\nname = \"a\"\naction = \"mask\"\nmask_columns = \"email\"\ngrant = \"1h\"\n".into(), "p.toml:5:9: `grant` belongs only to rules with action = \"review\""),
+        ("[[rule]]\nname = \"a\"\naction = \"deny\"\ngrant_hours = \"09:00-17:00\"\n".into(), "p.toml:4:15: `grant_hours` belongs only to rules with action = \"review\""),
+        (review_rule("approvers = \"group:dba\"\ngrant_hours = \"09:00-17:00\"\n"), "p.toml:5:15: `grant_hours` limits when grants may be used, and this rule gives none"),
+        (review_rule("approvers = \"group:dba\"\ngrant = \"1h\"\ngrant_hours = \"9-17\"\n"), "p.toml:6:15: invalid hours \"9-17\"; give a daily window"),
     ];
     for (text, want) in cases {
         let err = match PolicySet::from_str(Path::new("p.toml"), text) {

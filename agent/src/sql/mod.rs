@@ -18,6 +18,7 @@
 mod analyze;
 mod cache;
 mod labels;
+mod redact;
 mod refs;
 mod session_ops;
 mod shape;
@@ -51,6 +52,7 @@ pub mod fuzzing {
 
 pub use analyze::{analyze, analyze_read, function_call};
 pub use cache::{AnalysisCache, MAX_CACHED_TEXT_LEN};
+pub use redact::{shown_to_reviewer, Shown, HIDDEN_LITERAL};
 pub use refs::{column_refs, ColumnRefs};
 pub use session_ops::{
     changes_reading_setting, prepared_query_text, sql_op, SqlOp, READING_SETTINGS,

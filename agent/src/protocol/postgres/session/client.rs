@@ -129,6 +129,9 @@ pub(super) struct ClientSide<'a> {
     pub(super) database_user: Option<String>,
     /// A statement just decided `review`, for the pump to hold.
     pub(super) pending_review: RefCell<Option<PendingReview>>,
+    /// The last statements decided, for reviewers of a later one (texts
+    /// as sent, shortened; hidden from reviewers when the hold is made).
+    recent: RefCell<std::collections::VecDeque<crate::approval::PriorStatement>>,
     /// The outcome of the hold of the message about to be stepped again.
     pub(super) review_outcome: Option<ReviewOutcome>,
     /// That outcome while its message is decided.
@@ -195,6 +198,7 @@ impl<'a> ClientSide<'a> {
         ClientSide {
             database_user,
             pending_review: RefCell::new(None),
+            recent: RefCell::new(std::collections::VecDeque::new()),
             review_outcome: None,
             current_review: RefCell::new(None),
             holdable: Cell::new(false),
@@ -661,19 +665,16 @@ impl<'a> ClientSide<'a> {
         let Some(top) = most_restrictive(decisions) else {
             return ReviewStep::Refused;
         };
-        if top
-            .deciding_rule()
-            .and_then(|r| r.review.as_ref())
-            .is_none()
-        {
+        let Some(settings) = top.deciding_rule().and_then(|r| r.review.as_ref()) else {
             return ReviewStep::Refused;
-        }
+        };
         let fingerprint = review::fingerprint(analysis);
         if let Some(shape) = &fingerprint {
             let grant = desk.grant_for(
                 &self.ctx.target,
                 shape,
                 self.identity,
+                settings.grant_hours,
                 std::time::SystemTime::now(),
             );
             if let Some(grant) = grant {
@@ -692,6 +693,7 @@ impl<'a> ClientSide<'a> {
             decision: top.clone(),
             text: text.to_owned(),
             fingerprint,
+            session_so_far: self.recent.borrow().iter().cloned().collect(),
         });
         ReviewStep::Hold
     }
@@ -1209,6 +1211,30 @@ impl<'a> ClientSide<'a> {
         }
     }
 
+    /// Keeps a decided statement among the session's last few, for
+    /// reviewers of a later one.
+    fn remember(&self, at: u64, action: Action, refused: bool, text: &str) {
+        const KEPT: usize = 10;
+        // Longer text is not kept: cut, it would not parse, and its
+        // sensitive literals could not be found.
+        const LONGEST: usize = 4096;
+        let statement = if text.len() <= LONGEST {
+            text.to_owned()
+        } else {
+            format!("(a statement of {} bytes, not kept)", text.len())
+        };
+        let mut recent = self.recent.borrow_mut();
+        if recent.len() == KEPT {
+            recent.pop_front();
+        }
+        recent.push_back(crate::approval::PriorStatement {
+            at,
+            action: action.as_str().to_owned(),
+            refused,
+            statement,
+        });
+    }
+
     /// One Statement event per decided statement.
     /// Reports each statement's decision (`mask_refused`: the message's
     /// `mask` statements cannot be masked, so they do not run) and counts
@@ -1224,12 +1250,16 @@ impl<'a> ClientSide<'a> {
         mask_refused: bool,
     ) {
         let session = self.ctx.id;
+        let now = crate::approval::unix_seconds(std::time::SystemTime::now());
         let event = |text: &str,
                      command: Arc<str>,
                      kind,
                      fingerprint: Option<Arc<str>>,
                      (d, came_to): (&Decision, &Decision)| {
             self.ctx.target_metrics.statement(d.action);
+            let refused =
+                came_to.action.is_refused() || (mask_refused && came_to.action == Action::Mask);
+            self.remember(now, d.action, refused, text);
             SessionEvent::Statement(Arc::new(StatementEvent {
                 session,
                 text: text.to_owned(),
@@ -1237,8 +1267,7 @@ impl<'a> ClientSide<'a> {
                 kind,
                 fingerprint,
                 action: d.action,
-                refused: came_to.action.is_refused()
-                    || (mask_refused && came_to.action == Action::Mask),
+                refused,
                 rule: d.deciding_rule().map(|r| Arc::clone(&r.name)),
                 rules: d.matched.iter().map(|r| Arc::clone(&r.name)).collect(),
                 reason: Arc::clone(&d.reason),

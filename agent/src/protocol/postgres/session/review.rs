@@ -42,6 +42,8 @@ pub(super) struct PendingReview {
     pub(super) text: String,
     /// Its shape, for grants.
     pub(super) fingerprint: Option<String>,
+    /// The session's statements before it (texts as sent).
+    pub(super) session_so_far: Vec<crate::approval::PriorStatement>,
 }
 
 /// How the hold of a message ended, for the message's second step.
@@ -98,6 +100,51 @@ pub(super) fn grant_used(ctx: &SessionContext, grant: &crate::approval::Grant) {
     });
 }
 
+/// What reviewers are shown of a held statement and of the session before
+/// it: literals that meet a column a `mask` rule for this target hides are
+/// replaced (`crate::sql::shown_to_reviewer`). The held text as shown
+/// (`None`: as sent), how many literals it hides (`None`: withheld
+/// whole), and the earlier statements as shown.
+fn shown_to_reviewers(
+    side: &ClientSide<'_>,
+    pending: &PendingReview,
+) -> (
+    Option<String>,
+    Option<usize>,
+    Vec<crate::approval::PriorStatement>,
+) {
+    use crate::sql::{shown_to_reviewer, Shown};
+    let policy = crate::protocol::current_policy(&side.ctx.policy);
+    let sensitive = policy.masked_column_names(&side.ctx.target);
+    let reading = side.text_reading();
+    let withheld = |text: &str| {
+        format!(
+            "(withheld: {} bytes holding literals that a mask rule hides, read with backslash escapes)",
+            text.len()
+        )
+    };
+    let show = |text: &str| match shown_to_reviewer(text, reading, &sensitive) {
+        Shown::AsSent => (None, Some(0)),
+        Shown::Hidden { text, literals } => (Some(text), Some(literals)),
+        Shown::Withheld => (Some(withheld(text)), None),
+    };
+    let (shown, hidden) = show(&pending.text);
+    let so_far = pending
+        .session_so_far
+        .iter()
+        .map(|prior| crate::approval::PriorStatement {
+            statement: cut_to(
+                &show(&prior.statement)
+                    .0
+                    .unwrap_or_else(|| prior.statement.clone()),
+                512,
+            ),
+            ..prior.clone()
+        })
+        .collect();
+    (shown, hidden, so_far)
+}
+
 /// Holds the statement the client side left in `pending_review` until its
 /// request ends; the outcome for stepping the message again. The client
 /// going away ends the session (and cancels the request).
@@ -126,6 +173,7 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
         ));
     };
     let session = ctx.id.to_string();
+    let (shown, hidden_literals, session_so_far) = shown_to_reviewers(side, &pending);
     let submitted = Hold::submit(
         &desk.registry,
         &pending.decision,
@@ -133,6 +181,9 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
             target: &ctx.target,
             database_user: side.database_user.as_deref(),
             text: &pending.text,
+            shown,
+            hidden_literals,
+            session_so_far,
             fingerprint: pending.fingerprint.as_deref(),
             identity: side.identity,
             session: &session,
@@ -319,10 +370,15 @@ fn record_end(
 
 /// `text` cut to what a record keeps.
 fn cut(text: &str) -> String {
-    if text.len() <= MAX_TEXT_LEN {
+    cut_to(text, MAX_TEXT_LEN)
+}
+
+/// At most `longest` bytes of `text`, cut at a character boundary.
+fn cut_to(text: &str, longest: usize) -> String {
+    if text.len() <= longest {
         return text.to_owned();
     }
-    let mut end = MAX_TEXT_LEN;
+    let mut end = longest;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
