@@ -42,10 +42,17 @@ name = "no-drop"
 action = "deny"
 [rule.match]
 kinds = ["drop"]
+
+[[rule]]
+name = "mask-emails"
+action = "mask"
+mask_columns = "customers.email"
 "#;
 
 const SCHEMA: &str = "CREATE TABLE orders (id int primary key, note text); \
-    INSERT INTO orders SELECT g, 'n' || g FROM generate_series(1, 20) g;";
+    INSERT INTO orders SELECT g, 'n' || g FROM generate_series(1, 20) g; \
+    CREATE TABLE customers (id int primary key, email text); \
+    INSERT INTO customers VALUES (1, 'ada@example.com'), (2, 'grace@example.com');";
 
 struct Review {
     g: Governed,
@@ -310,6 +317,55 @@ fn a_held_delete_runs_once_another_user_approves_it_and_the_recording_says_who()
     assert!(
         shown.contains(&format!("request {id} approved by daemon")),
         "{shown}"
+    );
+}
+
+#[test]
+fn reviewers_see_masked_literals_hidden_and_the_session_so_far_and_the_statement_runs_as_sent() {
+    let r = Review::start();
+    let psql = r.spawn_psql(
+        "DELETE FROM customers WHERE email = 'grace@example.com'",
+        &[
+            "-c",
+            "SELECT count(*) FROM customers WHERE email = 'ada@example.com'",
+        ],
+    );
+    let view = &r.pending(1)[0];
+    let id = id_of(view);
+    let context = &view["context"];
+    assert_eq!(
+        context["statement"],
+        "DELETE FROM customers WHERE email = '***'"
+    );
+    assert_eq!(view["text"], "DELETE FROM customers WHERE email = '***'");
+    assert_eq!(context["hidden_literals"], 1);
+    let prior = context["session_so_far"].as_array().unwrap();
+    let last = prior.last().expect("the SELECT before it");
+    assert_eq!(
+        last["statement"],
+        "SELECT count(*) FROM customers WHERE email = '***'"
+    );
+    assert_eq!(last["action"], "mask");
+    // Nowhere in what a reviewer can read: the list, the view, the text.
+    let listed = ok(&r.approvals("daemon", &["list", "--json"]));
+    let shown = ok(&r.approvals("daemon", &["show", &id]));
+    let json = ok(&r.approvals("daemon", &["show", &id, "--json"]));
+    for text in [&listed, &shown, &json] {
+        assert!(!text.contains("@example.com"), "{text}");
+    }
+    assert!(shown.contains("session so far 1 statement(s)"), "{shown}");
+    assert!(shown.contains("hidden         1 literal(s)"), "{shown}");
+
+    let approved = ok(&r.approvals("bin", &["approve", &id, "--json"]));
+    assert!(!approved.contains("@example.com"), "{approved}");
+    let (success, stdout, stderr) = finish(psql);
+    assert!(success, "{stderr}");
+    assert!(stdout.contains("DELETE 1"), "{stdout}");
+    // The statement as sent ran: Grace's row is gone, Ada's is not.
+    assert_eq!(
+        r.g.server("SELECT string_agg(email, ',') FROM customers")
+            .trim(),
+        "ada@example.com"
     );
 }
 

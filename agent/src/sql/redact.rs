@@ -26,6 +26,10 @@ pub enum Shown {
         text: String,
         /// How many were replaced.
         literals: usize,
+        /// The values they held (quotes removed), so that other things a
+        /// reviewer sees (a command line that carries the statement) can
+        /// be cleaned of them too.
+        values: Vec<String>,
     },
     /// Sensitive literals may be in it, and the text cannot be cut at
     /// their ends safely (it does not parse; backslash escapes, which the
@@ -63,18 +67,21 @@ pub fn shown_to_reviewer(sql: &str, reading: Reading, sensitive: &HashSet<String
     starts.sort_unstable();
     starts.dedup();
     match replace_literals(sql, &starts) {
-        Some(text) => Shown::Hidden {
+        Some((text, values)) => Shown::Hidden {
             text,
             literals: starts.len(),
+            values,
         },
         None => Shown::Withheld,
     }
 }
 
 /// Replaces the literal starting at each byte offset of `starts` (sorted)
-/// by [`HIDDEN_LITERAL`]; a leading minus sign goes with its number.
-fn replace_literals(sql: &str, starts: &[usize]) -> Option<String> {
+/// by [`HIDDEN_LITERAL`]; a leading minus sign goes with its number. The
+/// text, and the values replaced.
+fn replace_literals(sql: &str, starts: &[usize]) -> Option<(String, Vec<String>)> {
     let tokens = pg_query::scan(sql).ok()?.tokens;
+    let mut values = Vec::new();
     let mut out = String::with_capacity(sql.len());
     let mut copied = 0;
     for &start in starts {
@@ -91,10 +98,31 @@ fn replace_literals(sql: &str, starts: &[usize]) -> Option<String> {
         }
         out.push_str(sql.get(copied..start)?);
         out.push_str(HIDDEN_LITERAL);
+        values.push(unquoted(sql.get(start..end)?));
         copied = end;
     }
     out.push_str(sql.get(copied..)?);
-    Some(out)
+    Some((out, values))
+}
+
+/// A literal's value without its quotes: `'a''b'` gives `a'b`, `E'x'`
+/// gives `x`, `$t$y$t$` gives `y`, `-5` stays.
+fn unquoted(literal: &str) -> String {
+    if let Some(rest) = literal.strip_prefix('$') {
+        if let Some(tag_end) = rest.find('$') {
+            let tag = &literal[..tag_end + 2];
+            return literal
+                .strip_prefix(tag)
+                .and_then(|l| l.strip_suffix(tag))
+                .unwrap_or(literal)
+                .to_owned();
+        }
+    }
+    let body = literal.trim_start_matches(|c: char| c.is_ascii_alphabetic() || c == '&');
+    match body.strip_prefix('\'').and_then(|b| b.strip_suffix('\'')) {
+        Some(inner) => inner.replace("''", "'"),
+        None => literal.to_owned(),
+    }
 }
 
 /// Finds the literals that meet a sensitive column.
@@ -226,6 +254,21 @@ mod tests {
         match shown(sql) {
             Shown::Hidden { text, .. } => text,
             other => panic!("{sql}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_hidden_values_are_given_without_their_quotes() {
+        let sql =
+            "UPDATE c SET email = 'it''s', ssn = -12 WHERE email IN (E'a@b', $q$c@d$q$, $$e$$)";
+        match shown(sql) {
+            Shown::Hidden {
+                values, literals, ..
+            } => {
+                assert_eq!(values, ["it's", "-12", "a@b", "c@d", "e"]);
+                assert_eq!(literals, 5);
+            }
+            other => panic!("{other:?}"),
         }
     }
 

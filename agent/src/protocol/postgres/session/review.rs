@@ -102,34 +102,50 @@ pub(super) fn grant_used(ctx: &SessionContext, grant: &crate::approval::Grant) {
 
 /// What reviewers are shown of a held statement and of the session before
 /// it: literals that meet a column a `mask` rule for this target hides are
-/// replaced (`crate::sql::shown_to_reviewer`). The held text as shown
-/// (`None`: as sent), how many literals it hides (`None`: withheld
-/// whole), and the earlier statements as shown.
-fn shown_to_reviewers(
-    side: &ClientSide<'_>,
-    pending: &PendingReview,
-) -> (
-    Option<String>,
-    Option<usize>,
-    Vec<crate::approval::PriorStatement>,
-) {
-    use crate::sql::{shown_to_reviewer, Shown};
+/// replaced (`crate::sql::shown_to_reviewer`), and the process's command
+/// line, which may carry the same text (`psql -c`), is cleaned of their
+/// values.
+struct ShownToReviewers {
+    /// The held text as shown; `None`: as sent.
+    statement: Option<String>,
+    /// How many literals it hides; `None`: withheld whole.
+    hidden_literals: Option<usize>,
+    /// The earlier statements as shown.
+    session_so_far: Vec<crate::approval::PriorStatement>,
+    /// The process, its command line cleaned.
+    identity: crate::identity::ProcessIdentity,
+}
+
+fn shown_to_reviewers(side: &ClientSide<'_>, pending: &PendingReview) -> ShownToReviewers {
+    use crate::sql::{shown_to_reviewer, Shown, HIDDEN_LITERAL};
     let policy = crate::protocol::current_policy(&side.ctx.policy);
     let sensitive = policy.masked_column_names(&side.ctx.target);
     let reading = side.text_reading();
-    let withheld = |text: &str| {
-        format!(
-            "(withheld: {} bytes holding literals that a mask rule hides, read with backslash escapes)",
-            text.len()
-        )
-    };
-    let show = |text: &str| match shown_to_reviewer(text, reading, &sensitive) {
+    let mut values: Vec<String> = Vec::new();
+    let mut withheld_any = false;
+    let mut show = |text: &str| match shown_to_reviewer(text, reading, &sensitive) {
         Shown::AsSent => (None, Some(0)),
-        Shown::Hidden { text, literals } => (Some(text), Some(literals)),
-        Shown::Withheld => (Some(withheld(text)), None),
+        Shown::Hidden {
+            text,
+            literals,
+            values: found,
+        } => {
+            values.extend(found);
+            (Some(text), Some(literals))
+        }
+        Shown::Withheld => {
+            withheld_any = true;
+            (
+                Some(format!(
+                    "(withheld: {} bytes that may hold literals a mask rule hides and cannot be cut out)",
+                    text.len()
+                )),
+                None,
+            )
+        }
     };
-    let (shown, hidden) = show(&pending.text);
-    let so_far = pending
+    let (statement, hidden_literals) = show(&pending.text);
+    let session_so_far = pending
         .session_so_far
         .iter()
         .map(|prior| crate::approval::PriorStatement {
@@ -142,7 +158,27 @@ fn shown_to_reviewers(
             ..prior.clone()
         })
         .collect();
-    (shown, hidden, so_far)
+    let mut identity = side.identity.clone();
+    if withheld_any {
+        // Values not found cannot be cleaned out: no arguments are shown.
+        identity.cmdline.truncate(1);
+        identity.cmdline.push("(arguments withheld)".to_owned());
+    } else {
+        values.retain(|v| !v.is_empty());
+        for argument in identity.cmdline.iter_mut() {
+            for value in &values {
+                if argument.contains(value.as_str()) {
+                    *argument = argument.replace(value.as_str(), HIDDEN_LITERAL);
+                }
+            }
+        }
+    }
+    ShownToReviewers {
+        statement,
+        hidden_literals,
+        session_so_far,
+        identity,
+    }
 }
 
 /// Holds the statement the client side left in `pending_review` until its
@@ -173,7 +209,7 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
         ));
     };
     let session = ctx.id.to_string();
-    let (shown, hidden_literals, session_so_far) = shown_to_reviewers(side, &pending);
+    let shown = shown_to_reviewers(side, &pending);
     let submitted = Hold::submit(
         &desk.registry,
         &pending.decision,
@@ -181,11 +217,11 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
             target: &ctx.target,
             database_user: side.database_user.as_deref(),
             text: &pending.text,
-            shown,
-            hidden_literals,
-            session_so_far,
+            shown: shown.statement,
+            hidden_literals: shown.hidden_literals,
+            session_so_far: shown.session_so_far,
             fingerprint: pending.fingerprint.as_deref(),
-            identity: side.identity,
+            identity: &shown.identity,
             session: &session,
         },
         SystemTime::now(),
