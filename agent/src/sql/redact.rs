@@ -242,6 +242,7 @@ impl Visit for Constants {
 }
 
 #[cfg(test)]
+#[allow(clippy::panic)]
 mod tests {
     use super::*;
 

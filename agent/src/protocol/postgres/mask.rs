@@ -38,7 +38,7 @@ use crate::masking::{
 use crate::sql::TableRef;
 
 /// What one masked Query needs masked, made when it was decided.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct MaskPlan {
     /// The mask rules that applied to any of its statements.
     pub rules: Vec<Arc<MaskRule>>,
@@ -118,6 +118,29 @@ impl MaskPlan {
         }
         sql.push(';');
         sql
+    }
+
+    /// The plan of a batch whose lookups covered `self` and then `more`:
+    /// their rules and relations (statements are each Execute's own).
+    pub fn merged(&self, more: &MaskPlan) -> MaskPlan {
+        let mut rules = self.rules.clone();
+        for rule in &more.rules {
+            if !rules.iter().any(|known| Arc::ptr_eq(known, rule)) {
+                rules.push(Arc::clone(rule));
+            }
+        }
+        let mut relations = self.relations.clone();
+        for relation in &more.relations {
+            if !relations.contains(relation) {
+                relations.push(relation.clone());
+            }
+        }
+        MaskPlan {
+            rules,
+            statements: Vec::new(),
+            relations,
+            only_first: false,
+        }
     }
 
     /// The names of the relations read, whatever their schema, once each.
@@ -667,6 +690,12 @@ pub enum Expect {
     Execute(Option<Vec<FieldMask>>),
     /// Sync: ReadyForQuery ends the batch.
     Sync,
+    /// ParseComplete, BindComplete or CloseComplete of a message of the
+    /// proxy's own lookup sent inside the batch: dropped.
+    LookupComplete,
+    /// The Execute of that lookup: its rows resolve the masked columns
+    /// and its CommandComplete ends it; all dropped.
+    LookupRows,
 }
 
 /// What the upstream pump does with one message of a masked batch.
@@ -685,6 +714,12 @@ pub enum Disposition {
 /// The lookup's state in a batch.
 #[derive(Debug)]
 enum Lookup {
+    /// None was sent: the batch is followed only so that a lookup can be
+    /// sent inside it if a masked statement comes.
+    NotSent,
+    /// Sent inside the batch as extended-protocol messages; its rows come
+    /// where [`Expect::LookupRows`] stands.
+    Inline(ResolvedColumns),
     /// Its rows are coming.
     Answering(ResolvedColumns),
     /// It failed (the transaction had failed, say); its ReadyForQuery is
@@ -696,9 +731,13 @@ enum Lookup {
     Failed,
 }
 
-/// A batch of extended-protocol messages (up to Sync) with a masked
-/// statement: sent behind a lookup Query at a moment nothing else was in
-/// flight, so the server's answers come in a known order.
+/// A batch of extended-protocol messages (up to Sync), begun at a moment
+/// nothing else was in flight, so the server's answers come in a known
+/// order: with a masked statement at its start, behind a lookup Query
+/// ([`ExtendedBatch::new`]); otherwise followed from its first message
+/// ([`ExtendedBatch::followed`]) so that a masked statement later in it
+/// can have its lookup sent in front of it as extended-protocol messages
+/// ([`ExtendedBatch::lookup_inline`]).
 #[derive(Debug)]
 pub struct ExtendedBatch {
     plan: Arc<MaskPlan>,
@@ -708,6 +747,10 @@ pub struct ExtendedBatch {
     parameters_seen: bool,
     /// The server answered an error: it skips everything up to Sync.
     skipping: bool,
+    /// Expectations at the front of `expect` for messages sent before an
+    /// inline lookup: their answers (errors too) are the client's as the
+    /// server sent them.
+    unmasked_ahead: usize,
 }
 
 /// Messages one batch can expect at most (past that it is refused).
@@ -722,7 +765,68 @@ impl ExtendedBatch {
             expect: VecDeque::new(),
             parameters_seen: false,
             skipping: false,
+            unmasked_ahead: 0,
         }
+    }
+
+    /// A batch with no masked statement yet: no lookup is sent.
+    pub fn followed() -> ExtendedBatch {
+        ExtendedBatch {
+            plan: Arc::new(MaskPlan::default()),
+            lookup: Lookup::NotSent,
+            expect: VecDeque::new(),
+            parameters_seen: false,
+            skipping: false,
+            unmasked_ahead: 0,
+        }
+    }
+
+    /// Whether no lookup was sent in it (it is only followed).
+    pub fn lookup_not_sent(&self) -> bool {
+        matches!(self.lookup, Lookup::NotSent)
+    }
+
+    /// Whether an error the server sends now may quote a masked value: it
+    /// answers a message of a masked batch, not one sent before its inline
+    /// lookup.
+    pub fn error_may_quote_masked(&self) -> bool {
+        !self.lookup_not_sent() && self.unmasked_ahead == 0
+    }
+
+    /// The next expectation, taken off the front.
+    fn pop(&mut self) -> Option<Expect> {
+        self.unmasked_ahead = self.unmasked_ahead.saturating_sub(1);
+        self.expect.pop_front()
+    }
+
+    /// Whether nothing of it is waiting for an answer.
+    pub fn nothing_expected(&self) -> bool {
+        self.expect.is_empty()
+    }
+
+    /// A lookup for `plan` is sent inside the batch now: its Parse, Bind,
+    /// Execute and two Closes. The first of a followed batch; or one more,
+    /// for relations or rules its earlier lookup did not cover, whose rows
+    /// add to what that one resolved. `false` when the batch is full.
+    pub fn lookup_inline(&mut self, plan: &MaskPlan) -> bool {
+        if self.expect.len() + 5 > MAX_EXPECTED {
+            return false;
+        }
+        if matches!(self.lookup, Lookup::NotSent) {
+            self.plan = Arc::new(self.plan.merged(plan));
+            self.lookup = Lookup::Inline(ResolvedColumns::default());
+            self.unmasked_ahead = self.expect.len();
+        } else {
+            self.plan = Arc::new(self.plan.merged(plan));
+        }
+        self.expect.extend([
+            Expect::LookupComplete,
+            Expect::LookupComplete,
+            Expect::LookupRows,
+            Expect::LookupComplete,
+            Expect::LookupComplete,
+        ]);
+        true
     }
 
     /// The plan its lookup resolves.
@@ -755,7 +859,7 @@ impl ExtendedBatch {
             return match tag {
                 READY_FOR_QUERY => {
                     // What was sent after the error up to Sync was skipped.
-                    while let Some(e) = self.expect.pop_front() {
+                    while let Some(e) = self.pop() {
                         if e == Expect::Sync {
                             break;
                         }
@@ -779,12 +883,13 @@ impl ExtendedBatch {
                 self.parameters_seen = false;
                 Ok(Disposition::Forward)
             }
-            READY_FOR_QUERY => match self.expect.pop_front() {
+            READY_FOR_QUERY => match self.pop() {
                 Some(Expect::Sync) => Ok(Disposition::Forward),
                 other => Err(format!("ReadyForQuery where {other:?} was expected")),
             },
-            PARSE_COMPLETE | BIND_COMPLETE | CLOSE_COMPLETE => match self.expect.pop_front() {
+            PARSE_COMPLETE | BIND_COMPLETE | CLOSE_COMPLETE => match self.pop() {
                 Some(Expect::Complete) => Ok(Disposition::Forward),
+                Some(Expect::LookupComplete) => Ok(Disposition::Drop),
                 other => Err(format!(
                     "message type {} where {other:?} was expected",
                     char::from(tag)
@@ -797,7 +902,7 @@ impl ExtendedBatch {
                 }
                 other => Err(format!("ParameterDescription where {other:?} was expected")),
             },
-            ROW_DESCRIPTION | NO_DATA => match self.expect.pop_front() {
+            ROW_DESCRIPTION | NO_DATA => match self.pop() {
                 Some(Expect::DescribeStatement) if self.parameters_seen => {
                     self.parameters_seen = false;
                     Ok(Disposition::Forward)
@@ -827,6 +932,14 @@ impl ExtendedBatch {
             DATA_ROW => match self.expect.front() {
                 Some(Expect::Execute(Some(_))) => Ok(Disposition::Mask),
                 Some(Expect::Execute(None)) => Ok(Disposition::Forward),
+                Some(Expect::LookupRows) => {
+                    if let Lookup::Inline(resolved) | Lookup::Resolved(resolved) = &mut self.lookup
+                    {
+                        let body = body.ok_or("a lookup row was not read whole")?;
+                        self.plan.resolve_row(&data_row(body)?, resolved)?;
+                    }
+                    Ok(Disposition::Drop)
+                }
                 other => Err(format!("DataRow where {other:?} was expected")),
             },
             COPY_IN_RESPONSE | COPY_OUT_RESPONSE | COPY_DATA | COPY_DONE => {
@@ -839,8 +952,19 @@ impl ExtendedBatch {
                 }
             }
             COMMAND_COMPLETE | EMPTY_QUERY_RESPONSE | PORTAL_SUSPENDED => {
-                match self.expect.pop_front() {
+                match self.pop() {
                     Some(Expect::Execute(_)) => Ok(Disposition::Forward),
+                    Some(Expect::LookupRows) if tag == COMMAND_COMPLETE => {
+                        // The first inline lookup is done; a later one
+                        // added its rows to what is resolved already.
+                        if matches!(self.lookup, Lookup::Inline(_)) {
+                            let lookup = std::mem::replace(&mut self.lookup, Lookup::Failed);
+                            if let Lookup::Inline(resolved) = lookup {
+                                self.lookup = Lookup::Resolved(resolved);
+                            }
+                        }
+                        Ok(Disposition::Drop)
+                    }
                     other => Err(format!(
                         "message type {} where {other:?} was expected",
                         char::from(tag)
@@ -864,7 +988,10 @@ impl ExtendedBatch {
                 ROW_DESCRIPTION => {
                     matches!(self.expect.front(), Some(Expect::DescribePortal(Some(_))))
                 }
-                DATA_ROW => matches!(self.expect.front(), Some(Expect::Execute(Some(_)))),
+                DATA_ROW => matches!(
+                    self.expect.front(),
+                    Some(Expect::Execute(Some(_)) | Expect::LookupRows)
+                ),
                 _ => false,
             },
         }
@@ -880,7 +1007,8 @@ impl ExtendedBatch {
 
     /// The batch is over (its Sync answered).
     pub fn is_done(&self) -> bool {
-        matches!(self.lookup, Lookup::Resolved(_) | Lookup::Failed) && self.expect.is_empty()
+        !matches!(self.lookup, Lookup::Answering(_) | Lookup::FailedAnswering)
+            && self.expect.is_empty()
     }
 
     /// A message of the lookup's answer: all dropped but for run-time
@@ -1433,6 +1561,105 @@ mod tests {
         // An error: the server skips the rest up to Sync.
         assert_eq!(batch.answer(ERROR_RESPONSE, None), Ok(Disposition::Forward));
         assert!(batch.answer(DATA_ROW, None).is_err());
+        the_sync_ends_it(&mut batch);
+    }
+
+    /// The answers to one lookup sent inside a batch, with `rows`.
+    fn inline_lookup_answered(batch: &mut ExtendedBatch, rows: &[Vec<u8>]) {
+        use backend::tag::*;
+        for tag in [PARSE_COMPLETE, BIND_COMPLETE] {
+            assert_eq!(batch.answer(tag, None), Ok(Disposition::Drop));
+        }
+        for row in rows {
+            assert!(batch.needs_body(DATA_ROW));
+            assert_eq!(batch.answer(DATA_ROW, Some(row)), Ok(Disposition::Drop));
+        }
+        assert_eq!(batch.answer(COMMAND_COMPLETE, None), Ok(Disposition::Drop));
+        for _ in 0..2 {
+            assert_eq!(batch.answer(CLOSE_COMPLETE, None), Ok(Disposition::Drop));
+        }
+    }
+
+    #[test]
+    fn inline_lookups_add_to_what_a_followed_batch_resolved() {
+        use backend::tag::*;
+        let mut batch = ExtendedBatch::followed();
+        // An unmasked Parse, Bind and Execute before anything is masked.
+        for e in [Expect::Complete, Expect::Complete, Expect::Execute(None)] {
+            assert!(batch.expect(e));
+        }
+        assert!(!batch.error_may_quote_masked());
+        assert!(batch.lookup_inline(&plan(&["customers.email"], MaskMethod::Redact)));
+        assert!(batch.expect(Expect::DescribePortal(Some(None))));
+        assert!(batch.expect(Expect::Execute(None)));
+        // A masked statement on another table: a second lookup.
+        assert!(batch.lookup_inline(&plan(&["orders.phone"], MaskMethod::Redact)));
+        assert!(batch.expect(Expect::DescribePortal(Some(None))));
+        assert!(batch.expect(Expect::Execute(None)));
+        assert!(batch.expect(Expect::Sync));
+
+        for tag in [PARSE_COMPLETE, BIND_COMPLETE] {
+            assert_eq!(batch.answer(tag, None), Ok(Disposition::Forward));
+        }
+        assert_eq!(batch.answer(DATA_ROW, None), Ok(Disposition::Forward));
+        assert!(
+            !batch.error_may_quote_masked(),
+            "still the unmasked Execute"
+        );
+        assert_eq!(
+            batch.answer(COMMAND_COMPLETE, None),
+            Ok(Disposition::Forward)
+        );
+        assert!(batch.error_may_quote_masked());
+        inline_lookup_answered(
+            &mut batch,
+            &[lookup_row("16384", "3", "email", "customers")],
+        );
+        let customers = row_description(vec![
+            field("id", 16384, 1, 23),
+            field("email", 16384, 3, 25),
+        ]);
+        assert_eq!(
+            batch.answer(ROW_DESCRIPTION, Some(&customers)),
+            Ok(Disposition::Drop)
+        );
+        assert_eq!(
+            batch.row_masks(),
+            Some(
+                &[
+                    FieldMask::Keep,
+                    FieldMask::Mask(Replacement::Text(REDACTED))
+                ][..]
+            )
+        );
+        assert_eq!(batch.answer(DATA_ROW, None), Ok(Disposition::Mask));
+        assert_eq!(
+            batch.answer(COMMAND_COMPLETE, None),
+            Ok(Disposition::Forward)
+        );
+        inline_lookup_answered(&mut batch, &[lookup_row("16500", "2", "phone", "orders")]);
+        let orders = row_description(vec![
+            field("phone", 16500, 2, 25),
+            field("email", 16384, 3, 25),
+        ]);
+        assert_eq!(
+            batch.answer(ROW_DESCRIPTION, Some(&orders)),
+            Ok(Disposition::Drop)
+        );
+        // What the first lookup resolved holds, with what the second added.
+        assert_eq!(
+            batch.row_masks(),
+            Some(
+                &[
+                    FieldMask::Mask(Replacement::Text(REDACTED)),
+                    FieldMask::Mask(Replacement::Text(REDACTED))
+                ][..]
+            )
+        );
+        assert_eq!(
+            batch.answer(COMMAND_COMPLETE, None),
+            Ok(Disposition::Forward)
+        );
         the_sync_ends_it(&mut batch);
     }
 

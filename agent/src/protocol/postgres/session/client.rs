@@ -273,7 +273,7 @@ impl<'a> ClientSide<'a> {
                 if matches!(reading, Reading::Wait) {
                     return Ok(Step::Wait);
                 }
-                if tag != PARSE && self.batch_open.get() {
+                if tag != PARSE && !self.unfollow_batch() {
                     return Err(Stop::client_fault(
                         sqlstate::PROTOCOL_VIOLATION,
                         format!(
@@ -306,6 +306,7 @@ impl<'a> ClientSide<'a> {
                     return Ok(Step::Hold);
                 }
                 if tag == PARSE {
+                    self.follow_batch();
                     self.extended_open.set(true);
                     self.expect(Expect::Complete)?;
                 } else {
@@ -360,6 +361,7 @@ impl<'a> ClientSide<'a> {
                 let Some(body) = header.body(data) else {
                     return Ok(Step::Need(header.len));
                 };
+                self.follow_batch();
                 self.extended_open.set(true);
                 let Head::Describe { kind } = head(tag, body)? else {
                     return Err(not_read(tag));
@@ -383,6 +385,7 @@ impl<'a> ClientSide<'a> {
             }
             BIND => {
                 check_recording(self.ctx)?;
+                self.follow_batch();
                 let step = self.bind(data, header)?;
                 // After the Bind: a masked one may open a batch, which
                 // only a batch's first message can.
@@ -398,6 +401,7 @@ impl<'a> ClientSide<'a> {
                 let Some(body) = header.body(data) else {
                     return Ok(Step::Need(header.len));
                 };
+                self.follow_batch();
                 if tag == CLOSE {
                     self.extended_open.set(true);
                     let Head::Close { kind, name } = head(tag, body)? else {
@@ -772,7 +776,8 @@ impl<'a> ClientSide<'a> {
             .batch()
             .as_mut()
             .is_none_or(|batch| batch.expect(answer));
-        if room {
+        // A batch only followed, with nothing masked in it, is let go.
+        if room || self.unfollow_batch() {
             return Ok(());
         }
         Err(Stop::client_fault(
@@ -1020,8 +1025,10 @@ impl<'a> ClientSide<'a> {
                 .reallowed_statement(statement, &policy);
             decided.policy = Arc::downgrade(&policy);
         }
-        if let Some(plan) = decided.mask.clone().filter(|_| !self.batch_open.get()) {
-            // A batch opens here: the lookup goes in front of the whole Bind.
+        if let Some(plan) = decided.mask.clone() {
+            // A lookup may go in front of the whole Bind (a batch opens
+            // here, or one followed from its start has its first masked
+            // statement here).
             if let Some(step) = hold_whole_bind(header, data, "a statement that requires masking") {
                 return step;
             }
@@ -1030,13 +1037,11 @@ impl<'a> ClientSide<'a> {
             }
             self.expect(Expect::Complete)?;
             self.shared.prepared().bind_sent(portal, decided);
+            if self.prefix.get_mut().is_empty() {
+                return Ok(Step::Forward(header.len));
+            }
             self.prefixed(data, header.len);
             return Ok(Step::Replace(header.len));
-        }
-        if let Some(plan) = &decided.mask {
-            if let Some(refusal) = self.join_batch(plan) {
-                return self.replace_bind(data, header, portal, refusal);
-            }
         }
         self.expect(Expect::Complete)?;
         self.shared.prepared().bind_sent(portal, decided);

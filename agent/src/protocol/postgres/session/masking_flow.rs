@@ -6,8 +6,11 @@
 //!   message into a [`MaskPlan`] (or a refusal); a simple Query carries its
 //!   lookup in front of its text ([`ClientSide::masked_query`]); an
 //!   extended-protocol message opens or joins the masked batch
-//!   ([`ClientSide::join_batch`], where a batch that is already pipelined
-//!   is refused) and its lookup goes in front ([`ClientSide::prefixed`]).
+//!   ([`ClientSide::join_batch`]) and its lookup goes in front
+//!   ([`ClientSide::prefixed`]): a lookup Query at the batch's start, or,
+//!   in a batch followed from its start ([`ClientSide::follow_batch`]),
+//!   the lookup as extended-protocol messages in front of the first masked
+//!   statement.
 //! - Upstream side: [`UpstreamSide::mask_step`] reads the answer to a
 //!   masked Query, [`UpstreamSide::prepared_lookup_step`] the `PREPARE`
 //!   and `EXECUTE` of the session's prepared lookup, and
@@ -18,7 +21,7 @@ use super::*;
 
 /// Why a `mask` statement in a pipelined extended-protocol batch is
 /// refused (a whole client message, see [`ClientSide::join_batch`]).
-const MASK_PIPELINED: &str = "tollgate: a statement that requires masking was sent through the extended query protocol while earlier messages were still unanswered (pipelining); masking needs it at the start of a batch, after the answer to the previous Sync; refused";
+const MASK_PIPELINED: &str = "tollgate: a statement that requires masking was sent through the extended query protocol in a batch (pipelining) that began before the proxy could follow it (behind a Query or FunctionCall inside the batch, or more messages than a batch can follow); send it after a Sync; refused";
 
 impl ClientSide<'_> {
     /// A message with statements a `mask` rule applies to: in a fresh
@@ -111,27 +114,52 @@ impl ClientSide<'_> {
 
     /// A message of an extended-protocol statement a `mask` rule applies
     /// to (`plan`): it joins the open masked batch if that batch's lookup
-    /// covers it, or opens one when nothing is in flight (the lookup goes
-    /// into `prefix`, in front of the message); `Some(message)` refuses it.
+    /// covers it; opens one when nothing is in flight (a lookup Query goes
+    /// into `prefix`, in front of the message); or, in a batch followed
+    /// from its start whose earlier messages needed no masking, sends the
+    /// lookup inside the batch (its Parse, Bind, Execute and Closes go into
+    /// `prefix`). `Some(message)` refuses it.
     pub(super) fn join_batch(&self, plan: &Arc<MaskPlan>) -> Option<String> {
         if self.batch_open.get() {
-            let batch = self.shared.batch();
-            let covered = batch.as_ref().is_some_and(|b| {
-                let known = b.plan();
-                let tables = known.table_names();
-                plan.relations
+            let mut guard = self.shared.batch();
+            let Some(batch) = guard.as_mut() else {
+                return Some(MASK_PIPELINED.to_owned());
+            };
+            if batch.lookup_not_sent() {
+                if batch.nothing_expected() && !self.extended_open.get() {
+                    // The batch's first message: a lookup Query in front.
+                    *guard = None;
+                    drop(guard);
+                    self.batch_open.set(false);
+                    return self.open_batch(plan);
+                }
+                return self.lookup_inline(batch, plan);
+            }
+            let known = batch.plan();
+            let tables = known.table_names();
+            let covered = plan
+                .relations
+                .iter()
+                .all(|r| tables.contains(&r.name.as_str()))
+                && plan
+                    .rules
                     .iter()
-                    .all(|r| tables.contains(&r.name.as_str()))
-                    && plan
-                        .rules
-                        .iter()
-                        .all(|r| known.rules.iter().any(|k| Arc::ptr_eq(k, r)))
-            });
-            return (!covered).then(|| MASK_PIPELINED.to_owned());
+                    .all(|r| known.rules.iter().any(|k| Arc::ptr_eq(k, r)));
+            if covered {
+                return None;
+            }
+            // Relations the batch's lookup did not look for: one more.
+            return self.lookup_inline(batch, plan);
         }
         if self.extended_open.get() || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
             return Some(MASK_PIPELINED.to_owned());
         }
+        self.open_batch(plan)
+    }
+
+    /// Opens a masked batch with a lookup Query in front of its first
+    /// message (nothing is in flight).
+    fn open_batch(&self, plan: &Arc<MaskPlan>) -> Option<String> {
         let n = self.shared.next_mask.fetch_add(1, Ordering::Relaxed);
         // Messages of the batch may run between the lookup and a masked
         // statement's parse (a `SET search_path`, another Bind): every schema.
@@ -150,6 +178,81 @@ impl ClientSide<'_> {
         self.batch_open.set(true);
         tracing::debug!(session = %self.ctx.id, "a masked batch: the masking lookup goes in front of it");
         None
+    }
+
+    /// Sends the lookup for `plan` inside the followed `batch` (its first,
+    /// or one for relations its earlier lookups did not cover), in front
+    /// of the message being stepped: a Parse of a statement and a Bind of
+    /// a portal under names reserved for masking (the client's unnamed
+    /// statement and portal stay as they are), an Execute, and a Close of
+    /// each. A Query would end the batch's implicit transaction.
+    fn lookup_inline(&self, batch: &mut ExtendedBatch, plan: &Arc<MaskPlan>) -> Option<String> {
+        if !batch.lookup_inline(plan) {
+            return Some(format!(
+                "tollgate: more than {} messages in one batch with a masked statement; refused",
+                super::super::mask::MAX_EXPECTED
+            ));
+        }
+        let n = self.shared.next_mask.fetch_add(1, Ordering::Relaxed);
+        let marker = format!("{}{n}", self.shared.mask_marker);
+        let sql = plan.lookup_sql(&marker, LookupScope::EverySchema);
+        let mut prefix = self.prefix.borrow_mut();
+        prefix.clear();
+        let mut w = MessageWriter::new(&mut prefix, frontend::tag::PARSE);
+        w.put_cstr(&marker).put_cstr(&sql).put_i16(0);
+        w.finish();
+        let mut w = MessageWriter::new(&mut prefix, frontend::tag::BIND);
+        w.put_cstr(&marker)
+            .put_cstr(&marker)
+            .put_i16(0)
+            .put_i16(0)
+            .put_i16(0);
+        w.finish();
+        let mut w = MessageWriter::new(&mut prefix, frontend::tag::EXECUTE);
+        w.put_cstr(&marker).put_i32(0);
+        w.finish();
+        for kind in [b'P', b'S'] {
+            let mut w = MessageWriter::new(&mut prefix, frontend::tag::CLOSE);
+            w.put_u8(kind).put_cstr(&marker);
+            w.finish();
+        }
+        tracing::debug!(session = %self.ctx.id, "a masked statement inside a batch: the masking lookup goes in front of it");
+        None
+    }
+
+    /// Follows an extended-protocol batch from its first message when the
+    /// policy masks on this target, so that a masked statement later in
+    /// it can be masked (see [`ClientSide::join_batch`]). Nothing is in
+    /// flight then (see `must_wait`).
+    pub(super) fn follow_batch(&self) {
+        if self.extended_open.get()
+            || self.batch_open.get()
+            || self.shared.in_flight.load(Ordering::Relaxed) > 0
+            || !current_policy(&self.ctx.policy).masks_target(&self.ctx.target)
+        {
+            return;
+        }
+        *self.shared.batch() = Some(ExtendedBatch::followed());
+        self.shared.batch_active.store(true, Ordering::Relaxed);
+        self.batch_open.set(true);
+    }
+
+    /// Stops following a batch in which no lookup was sent (a Query or
+    /// FunctionCall inside it, or more messages than a batch can follow):
+    /// the upstream pump forwards its answers as they are. `false` when a
+    /// lookup was sent (the batch cannot be let go).
+    pub(super) fn unfollow_batch(&self) -> bool {
+        if !self.batch_open.get() {
+            return true;
+        }
+        let mut guard = self.shared.batch();
+        if guard.as_ref().is_some_and(|b| !b.lookup_not_sent()) {
+            return false;
+        }
+        *guard = None;
+        self.shared.batch_active.store(false, Ordering::Relaxed);
+        self.batch_open.set(false);
+        true
     }
 
     /// Replaces the message (`len` bytes of `data`) by `prefix` and itself.
@@ -366,6 +469,9 @@ impl UpstreamSide<'_> {
         } else {
             None
         };
+        // Asked before the message is classified: an error's expectation
+        // is still at the front then.
+        let quotes_masked = batch.error_may_quote_masked();
         let disposition = batch.answer(header.tag, body).map_err(|e| {
             masking_fault(
                 sqlstate::PROTOCOL_VIOLATION,
@@ -384,6 +490,7 @@ impl UpstreamSide<'_> {
                     // a refusal's substitute is left to the usual handling.
                     Some(body)
                         if header.tag == ERROR_RESPONSE
+                            && quotes_masked
                             && !self.shared.is_denial(body)
                             && masking::answer_error(body, 0, &mut self.out) =>
                     {

@@ -667,3 +667,177 @@ fn a_held_statement_waits_then_runs_as_approved_edited_or_refused() {
         ]
     );
 }
+
+#[test]
+fn a_masked_statement_inside_a_pipelined_batch_has_its_lookup_sent_in_front_of_it() {
+    let fixture = Fixture::new(POLICY);
+    let shared = Shared::new();
+    let mut s = Session::start(&fixture, &shared);
+    // psycopg's pipeline(): an unmasked statement, then a masked one, in
+    // one batch with one Sync.
+    s.client(
+        &[
+            parse("", "SELECT 1"),
+            bind("", ""),
+            execute(""),
+            parse("", "SELECT email FROM customers"),
+            bind("", ""),
+            execute(""),
+            sync(),
+        ],
+        &[
+            "Parse : SELECT 1",
+            "Bind <-",
+            "Execute ",
+            "Parse <mask>1: SELECT …",
+            "Bind <mask>1<-<mask>1",
+            "Execute <mask>1",
+            "Close",
+            "Close",
+            "Parse : SELECT email FROM customers",
+            "Bind <-",
+            "Describe P",
+            "Execute ",
+            "Sync",
+        ],
+    );
+    let email = |format| {
+        backend(BackendMessage::RowDescription(vec![FieldDescription {
+            name: "email",
+            table_oid: CUSTOMERS,
+            column: 3,
+            type_oid: 25,
+            type_len: -1,
+            type_mod: -1,
+            format,
+        }]))
+    };
+    let lookup_row = s.lookup_answer(0).swap_remove(1);
+    let got = s.server(
+        &[
+            backend(BackendMessage::ParseComplete),
+            backend(BackendMessage::BindComplete),
+            row(&["1"]),
+            complete("SELECT 1"),
+            // The lookup's answers: dropped.
+            backend(BackendMessage::ParseComplete),
+            backend(BackendMessage::BindComplete),
+            lookup_row,
+            complete("SELECT 1"),
+            backend(BackendMessage::CloseComplete),
+            backend(BackendMessage::CloseComplete),
+            backend(BackendMessage::ParseComplete),
+            backend(BackendMessage::BindComplete),
+            // The proxy's Describe: dropped.
+            email(0),
+            row(&["ada@example.com"]),
+            complete("SELECT 1"),
+            ready(),
+        ],
+        &[
+            "ParseComplete",
+            "BindComplete",
+            "DataRow 1",
+            "CommandComplete SELECT 1",
+            "ParseComplete",
+            "BindComplete",
+            "DataRow …",
+            "CommandComplete SELECT 1",
+            "ReadyForQuery I",
+        ],
+    );
+    assert!(!got[6].contains("ada@"), "{got:?}");
+    assert_eq!(
+        fixture.rules(),
+        ["SELECT 1: -", "SELECT email FROM customers: mask-contact"]
+    );
+    // The batch is over: the next one starts afresh.
+    assert!(shared.batch().is_none());
+}
+
+#[test]
+fn an_error_before_the_inline_lookup_is_the_servers_and_the_batch_skips_to_sync() {
+    let fixture = Fixture::new(POLICY);
+    let shared = Shared::new();
+    let mut s = Session::start(&fixture, &shared);
+    s.client(
+        &[
+            parse("", "SELECT 1/0"),
+            bind("", ""),
+            execute(""),
+            parse("", "SELECT email FROM customers"),
+            bind("", ""),
+            execute(""),
+            sync(),
+        ],
+        &[
+            "Parse : SELECT 1/0",
+            "Bind <-",
+            "Execute ",
+            "Parse <mask>1: SELECT …",
+            "Bind <mask>1<-<mask>1",
+            "Execute <mask>1",
+            "Close",
+            "Close",
+            "Parse : SELECT email FROM customers",
+            "Bind <-",
+            "Describe P",
+            "Execute ",
+            "Sync",
+        ],
+    );
+    let division = backend(BackendMessage::ErrorResponse(Fields(vec![
+        (b'S', "ERROR"),
+        (b'C', "22012"),
+        (b'M', "division by zero"),
+    ])));
+    s.server(
+        &[
+            backend(BackendMessage::ParseComplete),
+            backend(BackendMessage::BindComplete),
+            division,
+            ready(),
+        ],
+        &[
+            "ParseComplete",
+            "BindComplete",
+            // Not withheld: it answers a statement before the lookup.
+            "ErrorResponse 22012 division by zero",
+            "ReadyForQuery I",
+        ],
+    );
+    assert!(shared.batch().is_none());
+    // A Query after the Sync is answered as usual.
+    s.client(&[query("SELECT 2")], &["Query SELECT 2"]);
+}
+
+#[test]
+fn a_query_inside_a_followed_batch_lets_the_batch_go() {
+    let fixture = Fixture::new(POLICY);
+    let shared = Shared::new();
+    let mut s = Session::start(&fixture, &shared);
+    s.client(
+        &[
+            parse("", "SELECT 1"),
+            bind("", ""),
+            execute(""),
+            query("SELECT 2"),
+        ],
+        &["Parse : SELECT 1", "Bind <-", "Execute ", "Query SELECT 2"],
+    );
+    assert!(shared.batch().is_none(), "no longer followed");
+    s.server(
+        &[
+            backend(BackendMessage::ParseComplete),
+            backend(BackendMessage::BindComplete),
+            row(&["1"]),
+            complete("SELECT 1"),
+        ],
+        &[
+            "ParseComplete",
+            "BindComplete",
+            "DataRow 1",
+            "CommandComplete SELECT 1",
+        ],
+    );
+}
