@@ -234,6 +234,20 @@ fn task_identity() -> (u64, u64, u32, u32) {
     }
 }
 
+/// `group_leader->start_boottime` of the current task (nanoseconds since
+/// boot), when `TASK_OFFSETS` holds the kernel's offsets and the read works.
+#[inline(always)]
+pub(crate) fn current_start_boottime() -> Option<u64> {
+    let offsets = TASK_OFFSETS.get(0)?;
+    if offsets.valid != 1 {
+        return None;
+    }
+    // SAFETY: no arguments; returns the current task's address.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let leader: *const u8 = read_at(task, offsets.task_group_leader).ok()?;
+    read_at(leader, offsets.task_start_boottime).ok()
+}
+
 /// Reads `*(base + offset)` from kernel memory.
 #[inline(always)]
 fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> {

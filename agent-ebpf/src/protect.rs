@@ -9,8 +9,8 @@
 //! from an ungoverned cgroup, or on a socket created outside a governed
 //! cgroup (the governed hooks follow the socket's cgroup, not the caller's).
 //! It is reported in `PROTECT_EVENTS` and, in deny mode, refused with
-//! `EPERM`. The agent's own upstream connections (its tgid is in
-//! `PROTECT_CONFIG`) are let through unreported.
+//! `EPERM`. The agent's own upstream connections (its tgid and start time
+//! are in `PROTECT_CONFIG`) are let through unreported.
 
 use core::ptr::{addr_of, read_volatile};
 
@@ -25,7 +25,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use tollgate_common::{
-    v4_mapped, ProtectConfig, ProtectEvent, TargetEntry, ACTION_REDIRECT, PROTECT_EVENTS_BYTES,
+    v4_mapped, ProtectConfig, ProtectEvent, TargetEntry, ACTION_REDIRECT, NANOS_PER_USER_TICK,
+    PROTECT_EVENTS_BYTES,
     PROTECT_F_DENY, PROTECT_STAT_AUDITED, PROTECT_STAT_COUNT, PROTECT_STAT_DENIED,
     PROTECT_STAT_DROPPED, PROTECT_STAT_ERRORS, PROTECT_STAT_EXEMPT, PROTECT_VERDICT_AUDIT,
     PROTECT_VERDICT_DENY,
@@ -50,6 +51,21 @@ fn count(index: u32) {
     if let Some(slot) = PROTECT_STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU touches it while we run.
         unsafe { *slot += 1 };
+    }
+}
+
+/// Whether the current process (whose tgid is the agent's) started when the
+/// agent did: after the agent died, another process may get its pid. Where
+/// the start is not known (no kernel offsets, or a read that failed, which
+/// a process cannot cause), the tgid alone decides.
+#[inline(always)]
+fn started_as_agent(config: &ProtectConfig) -> bool {
+    if config.agent_start_ticks == 0 {
+        return true;
+    }
+    match crate::current_start_boottime() {
+        Some(start) => start / NANOS_PER_USER_TICK == config.agent_start_ticks,
+        None => true,
     }
 }
 
@@ -114,7 +130,7 @@ fn guard(addr: &[u8; 16], port: u16, sock_type: u32) -> i32 {
         return ALLOW;
     };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if config.agent_tgid != 0 && tgid == config.agent_tgid {
+    if config.agent_tgid != 0 && tgid == config.agent_tgid && started_as_agent(config) {
         count(PROTECT_STAT_EXEMPT);
         return ALLOW;
     }

@@ -49,8 +49,10 @@
 //! A TCP connect whose destination (address, port) matches an
 //! `ACTION_REDIRECT` rule in `PROTECT_TARGETS` reached the root without being
 //! rewritten to the proxy by a governed cgroup's program (those run first), so
-//! it skipped the redirect. Unless the caller's tgid is
-//! `ProtectConfig::agent_tgid` (the agent's own upstream connections), it is
+//! it skipped the redirect. Unless the caller is the running agent (its tgid
+//! is `ProtectConfig::agent_tgid` and its thread group leader started at
+//! `ProtectConfig::agent_start_ticks`: the agent's own upstream connections),
+//! it is
 //! reported in `PROTECT_EVENTS` and, with [`PROTECT_F_DENY`], refused with
 //! `EPERM`. Every other connect passes untouched.
 //!
@@ -327,7 +329,18 @@ pub struct ProtectConfig {
     /// Thread group id (in the initial pid namespace) of the running agent,
     /// whose upstream connections are exempt; 0 = none.
     pub agent_tgid: u32,
+    /// The running agent's start, in `USER_HZ` ticks since boot (field 22
+    /// of `/proc/<pid>/stat`): a process is the agent only if its thread
+    /// group leader started then too, so a process that reuses the pid of
+    /// an agent that died is not exempt. 0 = not known (no kernel BTF
+    /// offsets): the tgid alone decides.
+    pub agent_start_ticks: u64,
 }
+
+/// Nanoseconds per `USER_HZ` tick (100 per second on every architecture:
+/// part of the user ABI), for comparing a task's `start_boottime` with
+/// [`ProtectConfig::agent_start_ticks`].
+pub const NANOS_PER_USER_TICK: u64 = 10_000_000;
 
 /// One connect to a protected target that did not come through the
 /// redirect, sent to userspace through `PROTECT_EVENTS`.
@@ -423,7 +436,7 @@ mod tests {
         assert_eq!(size_of::<PortRule>(), 12);
         assert_eq!(size_of::<TargetEntry>(), 8 + 12 * MAX_PORT_RULES);
         assert_eq!(size_of::<RedirectConfig>(), 8);
-        assert_eq!(size_of::<ProtectConfig>(), 8);
+        assert_eq!(size_of::<ProtectConfig>(), 16);
         assert_eq!(size_of::<ProtectEvent>(), 64);
         assert_eq!(align_of::<ProtectEvent>(), 8);
     }

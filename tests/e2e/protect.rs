@@ -527,3 +527,39 @@ fn deny_outlives_a_killed_agent_is_readopted_on_restart_and_detach_removes_it() 
         "{pinned:?}"
     );
 }
+
+/// A process that gets the pid of an agent that died is not the agent:
+/// the exemption of the agent's upstream connections holds for its pid and
+/// its start time together (the pid is taken with
+/// `/proc/sys/kernel/ns_last_pid`, as root).
+#[test]
+fn a_process_reusing_a_dead_agents_pid_is_not_exempt() {
+    require_ebpf!();
+    let mut s = Setup::new();
+    let config = s.config("[protect]\nmode = \"deny\"\n", free_port());
+    let host = s.addrs.v4.to_string();
+    let mut agent = Agent::start(&config);
+    let agent_pid = agent.child.id();
+    // The agent's own connection is exempt while it runs.
+    let out = s.governed_psql(&agent, "select 'while-alive'");
+    assert_eq!(text(&out.stdout).trim(), "while-alive", "{out:?}");
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+
+    let mut reused = None;
+    for attempt in 0..200 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (agent_pid - 1).to_string()).unwrap();
+        let marker = format!("reused-pid-{attempt}");
+        let (pid, out) = s.direct(&host, &marker, 0);
+        if pid == agent_pid {
+            reused = Some((marker, out));
+            break;
+        }
+        // Another process took the pid first: this one was refused as any
+        // other, and the next attempt tries again.
+        refused(&out);
+    }
+    let (marker, out) = reused.expect("no process got the dead agent's pid in 200 attempts");
+    refused(&out);
+    s.assert_server_never_saw(&marker);
+}

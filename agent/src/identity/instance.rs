@@ -102,7 +102,7 @@ fn dev_name(dev: u64) -> String {
 
 /// Field 22 (`starttime`) of a `/proc/<pid>/stat` line. The name field may
 /// hold spaces and parentheses, so fields are counted after the last `)`.
-pub(super) fn parse_start_ticks(stat: &[u8]) -> Option<u64> {
+pub fn parse_start_ticks(stat: &[u8]) -> Option<u64> {
     let close = stat.iter().rposition(|&b| b == b')')?;
     let rest = std::str::from_utf8(stat.get(close.checked_add(1)?..)?).ok()?;
     // Field 3 (state) is the first after the name; 22 is the 20th.

@@ -51,7 +51,9 @@ use serde::{Deserialize, Serialize};
 
 pub use exe_hash::PendingHash;
 use exe_hash::{ExeHashCache, HashError, Lookup};
-pub use instance::{ConnectInstance, InstanceCheck, InstanceVerdict, InstanceView};
+pub use instance::{
+    parse_start_ticks, ConnectInstance, InstanceCheck, InstanceVerdict, InstanceView,
+};
 use process::why;
 
 /// Ancestry walks stop after this many parents (guards against loops).

@@ -763,7 +763,10 @@ impl Instance {
             .map_err(|e| classify("load the eBPF programs", e))?;
 
         fill_maps(&mut ebpf, config_value, entries, resolvers)?;
-        task_identity::fill(&mut ebpf)?;
+        task_identity::fill(
+            &mut ebpf,
+            "the executable and start time of connecting processes are not captured at connect; exe rules match on what /proc shows at accept, as without a redirect",
+        )?;
         start_kernel_log_reader(&mut ebpf, mode);
 
         for name in PROGRAM_NAMES {

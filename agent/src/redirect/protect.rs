@@ -8,8 +8,9 @@
 //! skipped the redirect (an ungoverned process, or a socket created outside
 //! a governed cgroup and connected inside it). It is reported through the
 //! `PROTECT_EVENTS` ring buffer and, in deny mode, refused with `EPERM`. The
-//! agent's own upstream connections are exempt by its tgid, which the agent
-//! writes into `PROTECT_CONFIG` at every start.
+//! agent's own upstream connections are exempt by its tgid and its start
+//! time (so a process that gets the pid of a dead agent is not), which the
+//! agent writes into `PROTECT_CONFIG` at every start.
 //!
 //! The protect instance is a load of the same object as the redirect, with
 //! its own pinned maps, under `<pin_dir>/protect/maps/<MAP>`, and its links
@@ -49,11 +50,14 @@ use crate::metrics::Metrics;
 pub(super) const DIR_NAME: &str = "protect";
 
 const PROGRAM_NAMES: [&str; 2] = ["tollgate_protect4", "tollgate_protect6"];
-const PINNED_MAPS: [&str; 4] = [
+const PINNED_MAPS: [&str; 5] = [
     "PROTECT_CONFIG",
     "PROTECT_TARGETS",
     "PROTECT_EVENTS",
     "PROTECT_STATS",
+    // Pinned too, so that programs re-adopted after a restart read the
+    // offsets this load writes.
+    "TASK_OFFSETS",
 ];
 /// The redirect's large maps, unused by this load: kept to a minimum so the
 /// second load of the object costs little kernel memory.
@@ -127,6 +131,7 @@ impl Protect {
         let links_dir = dir.join("links");
         pins::ensure_secure_dirs(pin_root, &maps_dir, pins::Owner::agent())?;
         pins::ensure_secure_dirs(pin_root, &links_dir, pins::Owner::agent())?;
+        super::task_identity::check_pinned_protect_layout(&maps_dir)?;
         let map_paths: Vec<(&str, PathBuf)> =
             PINNED_MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
@@ -139,12 +144,17 @@ impl Protect {
         let mut ebpf = loader
             .load(PROGRAMS)
             .map_err(|e| classify("load the eBPF programs for [protect]", e))?;
+        let offsets = super::task_identity::fill(
+            &mut ebpf,
+            "the agent's upstream connections are exempted from [protect] by its pid alone, which a process may reuse after the agent died",
+        )?;
         let config = ProtectConfig {
             flags: match settings.mode {
                 ProtectMode::Audit => 0,
                 ProtectMode::Deny => PROTECT_F_DENY,
             },
             agent_tgid: agent_tgid(),
+            agent_start_ticks: if offsets { own_start_ticks() } else { 0 },
         };
         fill_maps(&mut ebpf, config, entries)?;
 
@@ -320,6 +330,19 @@ pub(super) fn protected_entries(
         .collect();
     let entries = super::targets::build(protected, resolve, &protected_local)?;
     Ok((entries, names))
+}
+
+/// This process's start in clock ticks since boot (`/proc/self/stat`
+/// field 22); 0 when it cannot be read (the pid alone is then exempt).
+fn own_start_ticks() -> u64 {
+    let stat = fs::read("/proc/self/stat").unwrap_or_default();
+    match crate::identity::parse_start_ticks(&stat) {
+        Some(ticks) => ticks,
+        None => {
+            tracing::warn!("cannot read this process's start time from /proc/self/stat; [protect] exempts the agent by its pid alone");
+            0
+        }
+    }
 }
 
 /// The agent's pid as the kernel's programs see it (the initial pid

@@ -52,15 +52,14 @@ pub(super) fn offsets(btf: &Btf) -> Result<TaskOffsets, String> {
 }
 
 /// Writes the running kernel's offsets to `TASK_OFFSETS`, or leaves it zero
-/// (capture off) with a warning when BTF cannot give them.
-pub(super) fn fill(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
+/// (capture off) with a warning when BTF cannot give them (`what_is_lost`
+/// says what that costs). `true` when written.
+pub(super) fn fill(ebpf: &mut Ebpf, what_is_lost: &str) -> Result<bool, RedirectError> {
     let value = match Btf::from_kernel().and_then(|btf| offsets(&btf)) {
         Ok(value) => value,
         Err(why) => {
-            tracing::warn!(
-                "the executable and start time of connecting processes are not captured at connect ({why}); exe rules match on what /proc shows at accept, as without a redirect"
-            );
-            return Ok(());
+            tracing::warn!("the kernel's task offsets are not known ({why}): {what_is_lost}");
+            return Ok(false);
         }
     };
     let map = ebpf.map_mut("TASK_OFFSETS").ok_or_else(|| {
@@ -70,7 +69,8 @@ pub(super) fn fill(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
         Array::try_from(map).map_err(|e| classify("open map TASK_OFFSETS", e))?;
     array
         .set(0, value, 0)
-        .map_err(|e| classify("write map TASK_OFFSETS", e))
+        .map_err(|e| classify("write map TASK_OFFSETS", e))?;
+    Ok(true)
 }
 
 /// Refuses origin maps pinned by an agent whose record had another size.
@@ -82,7 +82,34 @@ pub(super) fn fill(ebpf: &mut Ebpf) -> Result<(), RedirectError> {
 /// `tollgate detach` and starts again.
 pub(super) fn check_pinned_origin_layout(maps_dir: &Path) -> Result<(), RedirectError> {
     let expected = u32::try_from(std::mem::size_of::<ConnectOrigin>()).unwrap_or(u32::MAX);
-    for name in ["PENDING", "ORIGINS"] {
+    check_pinned_layout(
+        maps_dir,
+        &["PENDING", "ORIGINS"],
+        expected,
+        "origin records",
+    )
+}
+
+/// Refuses a protect configuration pinned by an agent whose configuration
+/// had another size (it grew when the agent's start time was added).
+pub(super) fn check_pinned_protect_layout(maps_dir: &Path) -> Result<(), RedirectError> {
+    let expected =
+        u32::try_from(std::mem::size_of::<tollgate_common::ProtectConfig>()).unwrap_or(u32::MAX);
+    check_pinned_layout(
+        maps_dir,
+        &["PROTECT_CONFIG"],
+        expected,
+        "protect configurations",
+    )
+}
+
+fn check_pinned_layout(
+    maps_dir: &Path,
+    names: &[&str],
+    expected: u32,
+    what: &str,
+) -> Result<(), RedirectError> {
+    for name in names {
         let path = maps_dir.join(name);
         if !path.exists() {
             continue;
@@ -93,7 +120,7 @@ pub(super) fn check_pinned_origin_layout(maps_dir: &Path) -> Result<(), Redirect
         };
         if info.value_size() != expected {
             return Err(RedirectError::Kernel(format!(
-                "the pinned map {} holds {}-byte origin records, this agent writes {expected}: it was pinned by another version of the agent; run `tollgate detach` with this configuration (connections of governed processes are refused until the agent runs again) and start the agent again",
+                "the pinned map {} holds {}-byte {what}, this agent writes {expected}: it was pinned by another version of the agent; run `tollgate detach` with this configuration (connections of governed processes are refused until the agent runs again) and start the agent again",
                 path.display(),
                 info.value_size()
             )));
