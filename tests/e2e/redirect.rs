@@ -1086,3 +1086,45 @@ fn cancel_requests_of_a_governed_client_take_the_redirect_and_need_its_key() {
         g.assert_redirected_from(line, pid);
     }
 }
+
+/// A target on this host is governed on the host's other addresses as the
+/// target, and on the ones it gets after the agent started too: an
+/// address added later (an interface coming up) is covered within a
+/// look of the agent, and one taken away is dropped.
+#[test]
+fn a_local_target_is_governed_on_addresses_the_host_gets_after_start() {
+    require_ebpf!();
+    let g = Governed::start("pass");
+    let later = TestAddresses::add();
+    let changed = g
+        .agent()
+        .wait_for_log(
+            |l| {
+                l["message"]
+                    == "this host's addresses changed; the targets on it are governed on its addresses as they are now"
+                    && l["added"].as_str().is_some_and(|a| a.contains(&later.v4.to_string()))
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.agent().log_text()));
+    assert!(changed["added"].as_str().unwrap().contains(&later.v6.to_string()));
+    // The connection reaches the proxy, which connects upstream to the
+    // destination asked for, where no server listens (the test's server
+    // listens only on the addresses it had at start): the proxy's own
+    // error says the redirect took it. Not redirected, psql would report
+    // the kernel's refusal instead.
+    let out = g.exec_sh(&g.psql_args(&later.v4.to_string(), "select 'new-address'"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FATAL:  tollgate: cannot reach the upstream of target \"remote-pg\""),
+        "{stderr}"
+    );
+    let gone = later.v4.to_string();
+    drop(later);
+    g.agent()
+        .wait_for_log(
+            |l| l["removed"].as_str().is_some_and(|r| r.contains(&gone)),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.agent().log_text()));
+}

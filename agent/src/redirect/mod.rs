@@ -236,6 +236,9 @@ pub struct KernelStats {
 /// The loaded, attached redirect.
 pub struct Redirect {
     instances: Vec<Instance>,
+    /// What the target tries were built from, to build them again when
+    /// this host's addresses change.
+    sources: Mutex<TargetSources>,
     /// The cgroup v2 mount.
     pub cgroup_root: PathBuf,
     /// Where `tollgate exec` sessions' cgroups are created.
@@ -246,6 +249,39 @@ pub struct Redirect {
     pub pin_dir: PathBuf,
     /// The root cgroup's protect programs, when `[protect]` is set.
     pub protect: Option<protect::Protect>,
+}
+
+/// What the target tries are built from.
+struct TargetSources {
+    config: Config,
+    /// Host names of targets, as they resolved at start.
+    resolved: Vec<(String, IpAddr)>,
+    /// This host's addresses when the tries were last built.
+    host: Vec<IpAddr>,
+}
+
+impl TargetSources {
+    /// The redirect's trie entries and the targets on this host.
+    fn entries(&self) -> Result<(Vec<targets::TrieEntry>, Vec<local::LocalTarget>), RedirectError> {
+        let resolve = |h: &str| self.resolve(h);
+        let local_targets =
+            local::local_targets(self.config.targets.iter().enumerate(), &resolve, &self.host);
+        let entries = targets::build(
+            self.config.targets.iter().enumerate(),
+            &resolve,
+            &local_targets,
+        )
+        .map_err(RedirectError::Kernel)?;
+        Ok((entries, local_targets))
+    }
+
+    fn resolve(&self, host: &str) -> Vec<IpAddr> {
+        self.resolved
+            .iter()
+            .filter(|(name, _)| name == host)
+            .map(|(_, ip)| *ip)
+            .collect()
+    }
 }
 
 impl Redirect {
@@ -277,20 +313,17 @@ impl Redirect {
         }
         ensure_bpffs(&settings.pin_dir)?;
 
-        let resolved = resolve_host_targets(config);
-        let resolve = |h: &str| -> Vec<IpAddr> {
-            resolved
-                .iter()
-                .filter(|(name, _)| name == h)
-                .map(|(_, ip)| *ip)
-                .collect()
-        };
         let host = local::host_addresses().unwrap_or_else(|e| {
             tracing::warn!("cannot list this host's addresses ({e}); only loopback counts as local for targets");
             Vec::new()
         });
-        let local_targets =
-            local::local_targets(config.targets.iter().enumerate(), &resolve, &host);
+        let sources = TargetSources {
+            config: config.clone(),
+            resolved: resolve_host_targets(config),
+            host,
+        };
+        let resolve = |h: &str| sources.resolve(h);
+        let (entries, local_targets) = sources.entries()?;
         for t in &local_targets {
             tracing::info!(target_name = %t.name, "{}", t.describe());
         }
@@ -298,8 +331,6 @@ impl Redirect {
         {
             tracing::warn!(target_name = %name, socket = %path.display(), "{}", local::unix_socket_warning(&name, &path));
         }
-        let entries = targets::build(config.targets.iter().enumerate(), &resolve, &local_targets)
-            .map_err(RedirectError::Kernel)?;
 
         // Every governed cgroup, and the parent of `tollgate exec` sessions.
         let exec_root = cgroup::resolve(&cgroup_root, &settings.exec_cgroup);
@@ -374,6 +405,7 @@ impl Redirect {
         };
         Ok(Redirect {
             instances,
+            sources: Mutex::new(sources),
             cgroup_root,
             exec_root,
             exec_unlisted: settings.exec_unlisted,
@@ -401,7 +433,72 @@ impl Redirect {
         if let Some(p) = &self.protect {
             p.report_kernel_detachment();
         }
+        if let Err(e) = self.refresh_host_addresses() {
+            tracing::error!("this host's addresses changed, and the targets on it could not be governed on the new ones: {e}");
+        }
         newly
+    }
+
+    /// Builds the target tries again when this host's addresses changed
+    /// since they were built (an interface came up, DHCP gave a new
+    /// address), so that a target on this host is governed on its new
+    /// local addresses and no longer on the ones it lost. `true` when they
+    /// changed.
+    pub fn refresh_host_addresses(&self) -> Result<bool, RedirectError> {
+        let Ok(host) = local::host_addresses() else {
+            return Ok(false);
+        };
+        let mut sources = self
+            .sources
+            .lock()
+            .map_err(|_| RedirectError::Kernel("the target sources' lock is poisoned".into()))?;
+        if sources.host == host {
+            return Ok(false);
+        }
+        let added: Vec<String> = host
+            .iter()
+            .filter(|a| !sources.host.contains(a))
+            .map(ToString::to_string)
+            .collect();
+        let removed: Vec<String> = sources
+            .host
+            .iter()
+            .filter(|a| !host.contains(a))
+            .map(ToString::to_string)
+            .collect();
+        let previous = std::mem::replace(&mut sources.host, host);
+        let built = sources.entries();
+        let (entries, local_targets) = match built {
+            Ok(built) => built,
+            Err(e) => {
+                // Tried again at the next look.
+                sources.host = previous;
+                return Err(e);
+            }
+        };
+        for instance in &self.instances {
+            let mut ebpf = instance
+                .ebpf
+                .lock()
+                .map_err(|_| RedirectError::Kernel("an eBPF instance's lock is poisoned".into()))?;
+            replace_targets(&mut ebpf, "TARGETS", &entries)?;
+        }
+        if let (Some(p), Some(settings)) = (&self.protect, &sources.config.protect) {
+            let resolve = |h: &str| sources.resolve(h);
+            let (protect_entries, _) =
+                protect::protected_entries(&sources.config, settings, &resolve, &local_targets)
+                    .map_err(RedirectError::Kernel)?;
+            p.replace_targets(&protect_entries)?;
+        }
+        tracing::info!(
+            added = %added.join(","),
+            removed = %removed.join(","),
+            "this host's addresses changed; the targets on it are governed on its addresses as they are now"
+        );
+        for t in &local_targets {
+            tracing::info!(target_name = %t.name, "{}", t.describe());
+        }
+        Ok(true)
     }
 
     /// Makes sure the cgroup process `pid` runs in is attached, if it is a

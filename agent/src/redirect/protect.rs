@@ -111,7 +111,7 @@ pub struct Protect {
     seen_detached: Mutex<bool>,
     /// Holds the loaded programs for the agent's lifetime (the links are
     /// pinned, so they stay attached without it too).
-    _ebpf: Mutex<Ebpf>,
+    ebpf: Mutex<Ebpf>,
 }
 
 impl Protect {
@@ -230,7 +230,7 @@ impl Protect {
             stats,
             events: Mutex::new(Some(events)),
             seen_detached: Mutex::new(false),
-            _ebpf: Mutex::new(ebpf),
+            ebpf: Mutex::new(ebpf),
         })
     }
 
@@ -294,6 +294,16 @@ impl Protect {
             );
         }
         *seen = !attached;
+    }
+
+    /// Makes `PROTECT_TARGETS` hold `entries` (this host's addresses
+    /// changed).
+    pub(super) fn replace_targets(&self, entries: &[TrieEntry]) -> Result<(), RedirectError> {
+        let mut ebpf = self
+            .ebpf
+            .lock()
+            .map_err(|_| RedirectError::Kernel("the protect programs' lock is poisoned".into()))?;
+        super::replace_targets(&mut ebpf, "PROTECT_TARGETS", entries)
     }
 
     /// The ring buffer of reports, once (for [`watch`]).
