@@ -545,3 +545,130 @@ fn pins_of_another_origin_record_layout_are_refused_until_detached() {
     cleanup_redirect(&keep);
     let _ = std::fs::remove_dir_all(&pin_dir);
 }
+
+/// Mounts `args` at `target` (made first), unmounted on drop.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn new(target: &Path, args: &[&str]) -> Mounted {
+        std::fs::create_dir_all(target).unwrap();
+        let out = Command::new("mount")
+            .args(args)
+            .arg(target)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount {args:?}: {out:?}");
+        Mounted(target.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+/// Where the device a file's `stat` reports is not the device of its
+/// filesystem's superblock, which the kernel records at connect (an
+/// overlay whose lower layer is another filesystem, as container images
+/// are; a btrfs subvolume), an executable that did not change is still the
+/// one that connected: the identity is `same`, not `changed`.
+#[test]
+fn executables_on_overlayfs_and_btrfs_subvolumes_are_recognised_as_the_ones_that_connected() {
+    require_ebpf!();
+    let spoof = Spoof::start("");
+    let remote = spoof.remote();
+    let client = spoof.path("client.py");
+    let root = spoof.dir.path().join("mounts");
+    let mut mounts = Vec::new();
+    let mut cases = Vec::new();
+
+    // An overlay with every layer on one filesystem.
+    for d in ["same/lower", "same/upper", "same/work"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(&spoof.trusted, root.join("same/lower/tool")).unwrap();
+    let options = format!(
+        "lowerdir={0}/same/lower,upperdir={0}/same/upper,workdir={0}/same/work",
+        root.display()
+    );
+    mounts.push(Mounted::new(
+        &root.join("same/merged"),
+        &["-t", "overlay", "overlay", "-o", &options],
+    ));
+    cases.push(("overlay, one filesystem", root.join("same/merged/tool")));
+
+    // An overlay whose lower layer is a tmpfs (another filesystem).
+    mounts.push(Mounted::new(&root.join("tmp"), &["-t", "tmpfs", "tmpfs"]));
+    std::fs::create_dir_all(root.join("tmp/lower")).unwrap();
+    std::fs::copy(&spoof.trusted, root.join("tmp/lower/tool")).unwrap();
+    for d in ["cross/upper", "cross/work"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let options = format!(
+        "lowerdir={0}/tmp/lower,upperdir={0}/cross/upper,workdir={0}/cross/work",
+        root.display()
+    );
+    mounts.push(Mounted::new(
+        &root.join("cross/merged"),
+        &["-t", "overlay", "overlay", "-o", &options],
+    ));
+    cases.push((
+        "overlay over another filesystem",
+        root.join("cross/merged/tool"),
+    ));
+
+    // A btrfs subvolume (its files report the subvolume's own device).
+    let image = root.join("btrfs.img");
+    let made = Command::new("truncate")
+        .args(["-s", "160M"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let mkfs = Command::new("mkfs.btrfs")
+        .arg("-q")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "mkfs.btrfs: {mkfs:?}");
+    let btrfs = root.join("btrfs");
+    mounts.push(Mounted::new(
+        &btrfs,
+        &["-o", "loop", image.to_str().unwrap()],
+    ));
+    let sub = Command::new("btrfs")
+        .args(["subvolume", "create"])
+        .arg(btrfs.join("sub"))
+        .output()
+        .unwrap();
+    assert!(sub.status.success(), "{sub:?}");
+    std::fs::copy(&spoof.trusted, btrfs.join("sub/tool")).unwrap();
+    cases.push(("btrfs subvolume", btrfs.join("sub/tool")));
+    std::fs::copy(&spoof.trusted, btrfs.join("tool")).unwrap();
+    cases.push(("btrfs top level", btrfs.join("tool")));
+
+    for (n, (case, tool)) in cases.iter().enumerate() {
+        std::fs::set_permissions(tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let marker = spoof.path(&format!("out/mounted-{n}.pid"));
+        let text = format!("select 'mounted-{n}-5521'");
+        let out = spoof
+            .governed_as_nobody(&[
+                tool.to_str().unwrap(),
+                &client,
+                "addr",
+                &remote,
+                &text,
+                &marker,
+            ])
+            .output()
+            .unwrap();
+        // The policy allows only the trusted tool's own path: refused, but
+        // the session names the process.
+        assert!(stdout(&out).starts_with("ERROR "), "{case}: {out:?}");
+        let started = spoof.session_of_statement(&format!("mounted-{n}-5521"));
+        assert_eq!(started["exe"].as_str(), tool.to_str(), "{case}: {started}");
+        assert_eq!(started["identity_instance"], "same", "{case}: {started}");
+    }
+    drop(mounts);
+}

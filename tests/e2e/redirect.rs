@@ -1107,7 +1107,10 @@ fn a_local_target_is_governed_on_addresses_the_host_gets_after_start() {
             Duration::from_secs(10),
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", g.agent().log_text()));
-    assert!(changed["added"].as_str().unwrap().contains(&later.v6.to_string()));
+    assert!(changed["added"]
+        .as_str()
+        .unwrap()
+        .contains(&later.v6.to_string()));
     // The connection reaches the proxy, which connects upstream to the
     // destination asked for, where no server listens (the test's server
     // listens only on the addresses it had at start): the proxy's own

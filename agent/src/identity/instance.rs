@@ -9,9 +9,16 @@
 //! start time from field 22 of `/proc/<pid>/stat` (clock ticks since boot,
 //! the kernel's `start_boottime` divided down).
 //!
+//! The hook records the device of the file's superblock (`i_sb->s_dev`);
+//! `stat` reports another one on some filesystems (a btrfs subvolume's own
+//! device; an overlay's lower layer on another filesystem). The device of
+//! the superblock is also read from `/proc/<pid>/mountinfo`, for the mount
+//! `statx` says the file is on, and either one matching counts.
+//!
 //! The comparison is made *after* the rest of the identity was read, so an
 //! `execve` racing the reads is seen as a change rather than missed.
 
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -116,21 +123,32 @@ fn clock_ticks() -> u64 {
     100
 }
 
+/// What `/proc/<pid>` shows of a process now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Observed {
+    /// `st_dev` of the executable (userspace encoding).
+    pub(super) dev: u64,
+    /// The device of the superblock of the mount the executable is on
+    /// (`/proc/<pid>/mountinfo`), when it could be read.
+    pub(super) superblock_dev: Option<u64>,
+    /// `st_ino` of the executable.
+    pub(super) ino: u64,
+    /// Start, clock ticks since boot.
+    pub(super) start: u64,
+}
+
 /// Compares a captured instance with what was observed now; `observed` is
 /// `Err(reason)` when `/proc` could not be read.
 pub(super) fn compare(
     captured: ConnectInstance,
-    observed: Result<(u64, u64, u64), String>,
+    observed: Result<Observed, String>,
     ticks_per_second: u64,
 ) -> InstanceCheck {
-    let at_accept = observed
-        .as_ref()
-        .ok()
-        .map(|&(dev, ino, start)| InstanceView {
-            exe_dev: dev_name(dev),
-            exe_ino: ino,
-            start_ticks: start,
-        });
+    let at_accept = observed.as_ref().ok().map(|now| InstanceView {
+        exe_dev: dev_name(now.dev),
+        exe_ino: now.ino,
+        start_ticks: now.start,
+    });
     let (dev, ino, start_ns) = match captured {
         ConnectInstance::Captured {
             dev,
@@ -157,7 +175,7 @@ pub(super) fn compare(
         exe_ino: ino,
         start_ticks: start_ns / nanos_per_tick.max(1),
     };
-    let Ok((now_dev, now_ino, now_start)) = observed else {
+    let Ok(now) = observed else {
         let why = observed.err().unwrap_or_default();
         return InstanceCheck {
             verdict: InstanceVerdict::Unverified,
@@ -166,15 +184,18 @@ pub(super) fn compare(
             reason: Some(why),
         };
     };
-    let reason = if now_start != connect.start_ticks {
+    let captured_dev = kernel_dev_to_user(dev);
+    let same_device = now.dev == captured_dev || now.superblock_dev == Some(captured_dev);
+    let reason = if now.start != connect.start_ticks {
         Some(format!(
-            "the process started at tick {now_start}, not {} as at connect: its pid was reused",
-            connect.start_ticks
+            "the process started at tick {}, not {} as at connect: its pid was reused",
+            now.start, connect.start_ticks
         ))
-    } else if now_dev != kernel_dev_to_user(dev) || now_ino != ino {
+    } else if !same_device || now.ino != ino {
         Some(format!(
-            "the process runs executable {}/{now_ino}, not {}/{ino} as at connect: it executed another program after connecting",
-            dev_name(now_dev),
+            "the process runs executable {}/{}, not {}/{ino} as at connect: it executed another program after connecting",
+            dev_name(now.superblock_dev.unwrap_or(now.dev)),
+            now.ino,
             connect.exe_dev
         ))
     } else {
@@ -201,15 +222,59 @@ impl IdentityResolver {
     }
 }
 
-/// (`st_dev`, `st_ino`) of the executable and the start ticks of the
-/// process in `dir`.
-fn observe(dir: &Path) -> Result<(u64, u64, u64), String> {
-    let meta = std::fs::metadata(dir.join("exe"))
+/// The executable and the start of the process in `dir`.
+fn observe(dir: &Path) -> Result<Observed, String> {
+    let exe = dir.join("exe");
+    let meta = std::fs::metadata(&exe)
         .map_err(|e| format!("cannot stat the executable: {}", process::why(&e)))?;
     let stat = process::read_proc_file(&dir.join("stat"))
         .map_err(|e| format!("cannot read the stat: {}", process::why(&e)))?;
     let start = parse_start_ticks(&stat).ok_or("the stat has no start time")?;
-    Ok((meta.dev(), meta.ino(), start))
+    let superblock_dev = mount_id(&exe).and_then(|id| {
+        let mountinfo = process::read_proc_file(&dir.join("mountinfo")).ok()?;
+        mount_device(&mountinfo, id)
+    });
+    Ok(Observed {
+        dev: meta.dev(),
+        superblock_dev,
+        ino: meta.ino(),
+        start,
+    })
+}
+
+/// The id of the mount `path` (followed) is on, from `statx`; `None` where
+/// the kernel does not report it.
+#[allow(unsafe_code)]
+fn mount_id(path: &Path) -> Option<u64> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `statx` is plain data that the call fills in; the path is a
+    // NUL-terminated string that outlives the call.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            0,
+            libc::STATX_MNT_ID,
+            &mut buf,
+        )
+    };
+    (rc == 0 && buf.stx_mask & libc::STATX_MNT_ID != 0).then_some(buf.stx_mnt_id)
+}
+
+/// The device (`major:minor`, the superblock's) of mount `id` in a
+/// `mountinfo` text, in userspace encoding.
+pub(super) fn mount_device(mountinfo: &[u8], id: u64) -> Option<u64> {
+    let text = std::str::from_utf8(mountinfo).ok()?;
+    text.lines().find_map(|line| {
+        let mut fields = line.split_ascii_whitespace();
+        let mount: u64 = fields.next()?.parse().ok()?;
+        if mount != id {
+            return None;
+        }
+        let (major, minor) = fields.nth(1)?.split_once(':')?;
+        Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
+    })
 }
 
 #[cfg(test)]
@@ -256,30 +321,53 @@ mod tests {
     fn verdicts() {
         let dev = (8 << 20) | 1;
         let user_dev = libc::makedev(8, 1);
-        let same = compare(captured(dev, 77, 500), Ok((user_dev, 77, 500)), 100);
+        let seen = |dev, superblock_dev, ino, start| {
+            Ok(Observed {
+                dev,
+                superblock_dev,
+                ino,
+                start,
+            })
+        };
+        let same = compare(captured(dev, 77, 500), seen(user_dev, None, 77, 500), 100);
         assert_eq!(same.verdict, InstanceVerdict::Same);
         assert!(same.exe_trusted());
         assert_eq!(same.reason, None);
         assert_eq!(same.at_connect, same.at_accept);
 
-        let execed = compare(captured(dev, 77, 500), Ok((user_dev, 78, 500)), 100);
+        let execed = compare(captured(dev, 77, 500), seen(user_dev, None, 78, 500), 100);
         assert_eq!(execed.verdict, InstanceVerdict::Changed);
         assert!(!execed.exe_trusted());
         assert!(execed.reason.unwrap().contains("executed another program"));
 
         let other_fs = compare(
             captured(dev, 77, 500),
-            Ok((libc::makedev(0, 45), 77, 500)),
+            seen(libc::makedev(0, 45), Some(libc::makedev(0, 46)), 77, 500),
             100,
         );
         assert_eq!(other_fs.verdict, InstanceVerdict::Changed);
+        // A btrfs subvolume, an overlay over another filesystem: `stat`
+        // reports another device than the superblock's, which the mount
+        // shows.
+        let subvolume = compare(
+            captured(dev, 77, 500),
+            seen(libc::makedev(0, 45), Some(user_dev), 77, 500),
+            100,
+        );
+        assert_eq!(subvolume.verdict, InstanceVerdict::Same);
+        let subvolume_other_file = compare(
+            captured(dev, 77, 500),
+            seen(libc::makedev(0, 45), Some(user_dev), 78, 500),
+            100,
+        );
+        assert_eq!(subvolume_other_file.verdict, InstanceVerdict::Changed);
 
-        let reused = compare(captured(dev, 77, 500), Ok((user_dev, 77, 501)), 100);
+        let reused = compare(captured(dev, 77, 500), seen(user_dev, None, 77, 501), 100);
         assert_eq!(reused.verdict, InstanceVerdict::Changed);
         assert!(reused.reason.unwrap().contains("pid was reused"));
 
         for not in [ConnectInstance::NotCaptured, ConnectInstance::Unreadable] {
-            let c = compare(not, Ok((user_dev, 77, 500)), 100);
+            let c = compare(not, seen(user_dev, None, 77, 500), 100);
             assert_eq!(c.verdict, InstanceVerdict::Unverified);
             assert!(!c.exe_trusted());
         }
@@ -289,10 +377,26 @@ mod tests {
     }
 
     #[test]
+    fn the_device_of_a_mount_is_read_from_mountinfo() {
+        let text = b"25 1 0:23 / /sys rw,nosuid - sysfs sysfs rw\n48 27 0:41 / /tmp/o rw,relatime - overlay overlay rw\n1 0 259:3 / / rw - ext4 /dev/vda rw\n";
+        assert_eq!(mount_device(text, 48), Some(libc::makedev(0, 41)));
+        assert_eq!(mount_device(text, 1), Some(libc::makedev(259, 3)));
+        assert_eq!(mount_device(text, 49), None);
+        assert_eq!(mount_device(b"garbage", 1), None);
+        // This process's own executable: its mount is found.
+        let me = Path::new("/proc/self/exe");
+        let id = mount_id(me).expect("statx reports mount ids");
+        let mountinfo = std::fs::read("/proc/self/mountinfo").unwrap();
+        assert!(mount_device(&mountinfo, id).is_some());
+    }
+
+    #[test]
     fn this_process_compares_equal_with_itself() {
         let me = std::process::id();
         let dir = Path::new("/proc").join(me.to_string());
-        let (dev, ino, start) = observe(&dir).unwrap();
+        let Observed {
+            dev, ino, start, ..
+        } = observe(&dir).unwrap();
         let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
         let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
         let kernel = u32::try_from((major << 20) | minor).unwrap();
