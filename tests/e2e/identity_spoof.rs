@@ -99,6 +99,25 @@ os.set_inheritable(fd, True)
 os.execv(trusted, [trusted, client, "fd", str(fd), sql, marker])
 "#;
 
+/// Waits for a line on stdin, connects (the kernel records this process),
+/// hands the socket to a child that talks on it, writes its own pid and
+/// exits: the pid is free for another process before the agent looks.
+const REUSE_PY: &str = r#"
+import os, socket, sys
+addr, client, sql, marker, pidfile = sys.argv[1:6]
+print("ready", flush=True)
+sys.stdin.readline()
+host, port = addr.rsplit(":", 1)
+sock = socket.create_connection((host, int(port)))
+fd = sock.detach()
+os.set_inheritable(fd, True)
+if os.fork() == 0:
+    os.execv(sys.executable, [sys.executable, client, "fd", str(fd), sql, marker])
+with open(pidfile, "w") as f:
+    f.write(str(os.getpid()))
+os._exit(0)
+"#;
+
 /// An agent redirecting a test address to a database that logs every
 /// statement, a policy whose only grant is keyed on an executable, and a
 /// directory (readable by nobody) with the scripts and that executable.
@@ -125,7 +144,11 @@ impl Spoof {
         let python = std::fs::canonicalize("/usr/bin/python3").unwrap();
         std::fs::copy(&python, &trusted).unwrap();
         std::fs::set_permissions(&trusted, std::fs::Permissions::from_mode(0o755)).unwrap();
-        for (name, text) in [("client.py", CLIENT_PY), ("spoof.py", SPOOF_PY)] {
+        for (name, text) in [
+            ("client.py", CLIENT_PY),
+            ("spoof.py", SPOOF_PY),
+            ("reuse.py", REUSE_PY),
+        ] {
             let path = dir.path().join(name);
             std::fs::write(&path, text).unwrap();
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -374,6 +397,100 @@ fn an_exec_after_connect_does_not_inherit_the_trusted_executables_grant() {
     assert_eq!(
         header["kernel"]["instance"]["state"], "captured",
         "{header}"
+    );
+}
+
+/// The process that connected exits before the agent looks, and a process
+/// of the trusted executable gets its pid: the start time recorded at
+/// connect tells them apart, so the trusted executable's grant is not
+/// given to a connection it did not make.
+#[test]
+fn a_pid_reused_between_connect_and_accept_does_not_lend_its_grant() {
+    require_ebpf!();
+    let spoof = Spoof::start("");
+    let remote = spoof.remote();
+    let client = spoof.path("client.py");
+    let pidfile = spoof.path("out/connected.pid");
+    let marker = spoof.path("out/reuse-client.pid");
+    let mut connecter = spoof
+        .governed_as_nobody(&[
+            "python3",
+            &spoof.path("reuse.py"),
+            &remote,
+            &client,
+            "select 'reused-pid-6203'",
+            &marker,
+            &pidfile,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(connecter.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let agent_pid = spoof.agent().child.id();
+    send_signal(agent_pid, libc::SIGSTOP);
+    let resumed = Resume(agent_pid);
+    writeln!(connecter.stdin.take().unwrap(), "go").unwrap();
+    wait_for_file(Path::new(&pidfile), &mut connecter);
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "process {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The trusted executable, under the pid that connected.
+    let mut sleeper = None;
+    for _ in 0..200 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let mut child = Command::new(&spoof.trusted)
+            .args(["-c", "import time; time.sleep(30)"])
+            .spawn()
+            .unwrap();
+        if child.id() == pid {
+            sleeper = Some(child);
+            break;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut sleeper = sleeper.expect("no process got the pid in 200 attempts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .as_deref()
+        != Some(spoof.trusted.as_path())
+    {
+        assert!(Instant::now() < deadline, "the sleeper did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(resumed);
+
+    let mut rest = String::new();
+    let _ = wait_for(connecter, spoof.agent());
+    out.read_to_string(&mut rest).unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let result = rest.trim();
+    assert!(
+        result.starts_with("ERROR ") && result.contains("denied by the default policy"),
+        "the statement must be refused: {result}"
+    );
+    assert!(!spoof.pg.log_text().contains("reused-pid-6203"));
+    let started = spoof.session_of_statement("reused-pid-6203");
+    assert_eq!(started["pid"].as_u64(), Some(u64::from(pid)), "{started}");
+    assert_eq!(started["identity_instance"], "changed", "{started}");
+    assert!(
+        started["identity_gaps"]
+            .as_str()
+            .is_some_and(|g| g.contains("its pid was reused")),
+        "{started}"
     );
 }
 
