@@ -612,3 +612,24 @@ fn approvals_watch_json_shows_a_held_statement_and_its_approval() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is the agent running?"), "{stderr}");
 }
+
+#[test]
+fn an_agent_that_stops_announces_the_requests_it_aborts() {
+    let webhook = Receiver::start(&[]);
+    let h = Held::start(&notify_table(
+        "webhook",
+        &webhook.url("/hook"),
+        "events = [\"requested\", \"aborted\"]",
+    ));
+    let psql = h.spawn_psql("DELETE FROM orders WHERE id = 8");
+    let id = h.pending()["id"].as_str().unwrap().to_owned();
+    webhook.wait_for(1, Duration::from_secs(10));
+    h.g.agent.terminate();
+    let posted = webhook.wait_for(2, Duration::from_secs(10));
+    assert_eq!(posted[1].body["event"], "aborted");
+    assert_eq!(posted[1].body["request"], id.as_str());
+    assert_eq!(posted[1].body["outcome"]["outcome"], "aborted");
+    let (success, _, stderr) = finish(psql);
+    assert!(!success);
+    assert!(stderr.contains("aborted"), "{stderr}");
+}

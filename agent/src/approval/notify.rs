@@ -109,7 +109,7 @@ pub fn start(
     for target in targets {
         let (tx, rx) = mpsc::channel(QUEUE);
         let target = Arc::new(target.clone());
-        tokio::spawn(work(target.clone(), rx, notifier.clone(), stop.clone()));
+        tokio::spawn(work(target.clone(), rx, notifier.clone()));
         queues.push((target, tx));
     }
     tracing::info!(
@@ -154,66 +154,71 @@ async fn dispatch(
     stop: CancellationToken,
 ) {
     loop {
-        let event = tokio::select! {
-            _ = stop.cancelled() => return,
+        tokio::select! {
+            _ = stop.cancelled() => {
+                // The requests the stop aborts were published before it
+                // lets this task run: they are queued too, and sent while
+                // the agent drains its sessions.
+                while let Ok(event) = requests.try_recv() {
+                    route(&event, &queues, &notifier);
+                }
+                return;
+            }
             received = requests.recv() => match received {
-                Ok(event) => event,
+                Ok(event) => route(&event, &queues, &notifier),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "review notifications: fell behind the request events; {missed} were not sent");
                     for (target, _) in &queues {
                         notifier.metrics.review_notifications_add(target.kind.as_str(), "dropped", missed);
                     }
-                    continue;
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
-        };
-        for (target, queue) in &queues {
-            if !target.events.contains(&event.event) {
-                continue;
-            }
-            let payload = match target.kind {
-                NotifyKind::Webhook => webhook_payload(&event, target.link.as_deref()),
-                NotifyKind::Slack => slack_payload(&event, target.link.as_deref()),
-            };
-            let job = Job {
-                request: event.request.id.to_string(),
-                event: event.event,
-                session: event
-                    .request
-                    .context
-                    .session
-                    .as_deref()
-                    .and_then(|s| uuid::Uuid::parse_str(s).ok()),
-                body: Bytes::from(payload.to_string()),
-            };
-            if queue.try_send(job).is_err() {
-                tracing::warn!(host = target.host(), kind = target.kind.as_str(), request = %event.request.id,
-                    "review notification dropped: {QUEUE} are waiting for {} already", target.host());
-                notifier
-                    .metrics
-                    .review_notification(target.kind.as_str(), "dropped");
-            }
         }
     }
 }
 
-/// Posts the jobs of one receiver, [`CONCURRENT`] at a time.
-async fn work(
-    target: Arc<NotifyTarget>,
-    mut jobs: mpsc::Receiver<Job>,
-    notifier: Arc<Notifier>,
-    stop: CancellationToken,
+/// Queues `event` for every receiver that asked for it.
+fn route(
+    event: &RequestEvent,
+    queues: &[(Arc<NotifyTarget>, mpsc::Sender<Job>)],
+    notifier: &Notifier,
 ) {
-    let slots = Arc::new(Semaphore::new(CONCURRENT));
-    loop {
-        let job = tokio::select! {
-            _ = stop.cancelled() => return,
-            job = jobs.recv() => match job {
-                Some(job) => job,
-                None => return,
-            },
+    for (target, queue) in queues {
+        if !target.events.contains(&event.event) {
+            continue;
+        }
+        let payload = match target.kind {
+            NotifyKind::Webhook => webhook_payload(event, target.link.as_deref()),
+            NotifyKind::Slack => slack_payload(event, target.link.as_deref()),
         };
+        let job = Job {
+            request: event.request.id.to_string(),
+            event: event.event,
+            session: event
+                .request
+                .context
+                .session
+                .as_deref()
+                .and_then(|s| uuid::Uuid::parse_str(s).ok()),
+            body: Bytes::from(payload.to_string()),
+        };
+        if queue.try_send(job).is_err() {
+            tracing::warn!(host = target.host(), kind = target.kind.as_str(), request = %event.request.id,
+                "review notification dropped: {QUEUE} are waiting for {} already", target.host());
+            notifier
+                .metrics
+                .review_notification(target.kind.as_str(), "dropped");
+        }
+    }
+}
+
+/// Posts the jobs of one receiver, [`CONCURRENT`] at a time, until the
+/// dispatcher is gone (what is queued then is still sent, for as long as
+/// the agent runs).
+async fn work(target: Arc<NotifyTarget>, mut jobs: mpsc::Receiver<Job>, notifier: Arc<Notifier>) {
+    let slots = Arc::new(Semaphore::new(CONCURRENT));
+    while let Some(job) = jobs.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
