@@ -689,4 +689,113 @@ mod tests {
         assert!(short.ends_with('…'));
         assert_eq!(shorten("é", 1), "é");
     }
+
+    #[tokio::test]
+    async fn an_https_receiver_is_verified_and_gets_the_post_with_its_headers() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = certified.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (seen, request) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Headers, then a body of `content-length` bytes.
+            loop {
+                let n = tls.read(&mut chunk).await.unwrap();
+                got.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&got).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let length: usize = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if got.len() >= end + 4 + length || n == 0 {
+                        break;
+                    }
+                }
+            }
+            tls.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            let _ = seen.send(String::from_utf8_lossy(&got).to_string());
+            // The untrusting client's handshake fails.
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = acceptor.accept(tcp).await;
+        });
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let notifier = Notifier {
+            metrics: Arc::new(crate::metrics::Metrics::default()),
+            events: crate::events::Events::new(Arc::new(crate::events::LogSink)),
+            tls: Some(tokio_rustls::TlsConnector::from(Arc::new(client))),
+        };
+        let target = NotifyTarget {
+            kind: NotifyKind::Webhook,
+            url: format!("https://localhost:{port}/hook?channel=dba")
+                .parse()
+                .unwrap(),
+            headers: vec![("authorization".into(), "Bearer s3cret".into())],
+            link: None,
+            events: vec![RequestEventKind::Requested],
+        };
+        let body = webhook_payload(&event(), None).to_string();
+        notifier
+            .post(&target, Bytes::from(body.clone()))
+            .await
+            .unwrap();
+        let request = request.await.unwrap();
+        assert!(
+            request.starts_with("POST /hook?channel=dba HTTP/1.1\r\n"),
+            "{request}"
+        );
+        let lower = request.to_ascii_lowercase();
+        assert!(
+            lower.contains(&format!("host: localhost:{port}\r\n")),
+            "{request}"
+        );
+        assert!(
+            lower.contains("authorization: bearer s3cret\r\n"),
+            "{request}"
+        );
+        assert!(
+            lower.contains("content-type: application/json\r\n"),
+            "{request}"
+        );
+        assert!(request.ends_with(&body), "{request}");
+
+        // A receiver whose certificate is not trusted gets nothing.
+        let untrusted = Notifier {
+            tls: tls_connector(),
+            ..notifier
+        };
+        let refused = untrusted
+            .post(&target, Bytes::from(body))
+            .await
+            .unwrap_err();
+        assert!(refused.contains("certificate"), "{refused}");
+    }
 }
