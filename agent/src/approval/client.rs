@@ -102,7 +102,9 @@ pub async fn watch(socket: &Path, mut each: impl FnMut(Value)) -> anyhow::Result
     }
     let mut pending: Vec<u8> = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.context("reviewer socket: the watch stream broke")?;
+        let frame = frame.context(
+            "the agent ended the watch (it stopped or restarted, or the connection broke)",
+        )?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
