@@ -167,6 +167,8 @@ async fn dispatch(
             received = requests.recv() => match received {
                 Ok(event) => route(&event, &queues, &notifier),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    // Which events were missed is unknown: each receiver
+                    // counts them all, whether it asked for them or not.
                     tracing::warn!(missed, "review notifications: fell behind the request events; {missed} were not sent");
                     for (target, _) in &queues {
                         notifier.metrics.review_notifications_add(target.kind.as_str(), "dropped", missed);
@@ -385,7 +387,7 @@ fn context(view: &RequestView) -> Value {
             "job": ci.job,
             "run_id": ci.run_id,
             "actor": ci.actor,
-            "commit_url": ci.url,
+            "run_url": ci.url,
             "verified": ci.verified,
         })),
         "rule": c.rule,
@@ -469,13 +471,17 @@ pub fn slack_payload(event: &RequestEvent, link: Option<&str>) -> Value {
     );
     let ci = identity.ci.as_ref().map_or("none".to_owned(), |ci| {
         format!(
-            "{} {} {} {} (actor {}{})",
+            "{} {} {} {} (actor {}{}){}",
             ci.provider.as_str(),
             ci.repository.as_deref().unwrap_or("?"),
             ci.workflow.as_deref().unwrap_or(""),
             ci.job.as_deref().unwrap_or(""),
             ci.actor.as_deref().unwrap_or("?"),
-            if ci.verified { "" } else { ", unverified" }
+            if ci.verified { "" } else { ", unverified" },
+            ci.url
+                .as_deref()
+                .map(|u| format!("\n{u}"))
+                .unwrap_or_default()
         )
     });
     let rule = match &c.rule_message {
