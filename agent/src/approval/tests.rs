@@ -965,3 +965,60 @@ fn a_watcher_gets_the_pending_requests_then_later_events_and_a_slow_one_lags() {
     }
     assert!(events.try_recv().is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_stream_is_server_sent_events_starting_with_the_pending_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (uid, _user, group) = me();
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, _grants, socket) = api_in(dir.path(), &group);
+    let (first, _o1) = registry
+        .submit(
+            held_for(&group, uid.wrapping_add(1), GrantScope::Statement),
+            SystemTime::now(),
+        )
+        .unwrap();
+
+    let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    stream
+        .write_all(b"GET /v1/watch HTTP/1.1\r\nHost: tollgate\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    let mut chunk = [0u8; 8192];
+    let mut read_until = async |stream: &mut tokio::net::UnixStream, needle: &str| {
+        while !seen.contains(needle) {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "the stream ended: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+        seen.clone()
+    };
+    let head = read_until(&mut stream, "\"event\":\"pending\"").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("content-type: text/event-stream\r\n"),
+        "{head}"
+    );
+    assert!(head.contains(&format!("\"id\":\"{first}\"")), "{head}");
+
+    let (second, _o2) = registry
+        .submit(
+            held_for(&group, uid.wrapping_add(1), GrantScope::Statement),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let later = read_until(&mut stream, "\"event\":\"requested\"").await;
+    // One JSON object per `data:` line.
+    let requested = later
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|json| serde_json::from_str::<serde_json::Value>(json).unwrap())
+        .find(|v| v["event"] == "requested")
+        .unwrap();
+    assert_eq!(requested["request"]["id"], second.as_str());
+    assert!(requested["at"].as_u64().is_some());
+}
