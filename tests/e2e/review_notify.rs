@@ -532,6 +532,7 @@ fn approvals_watch_json_shows_a_held_statement_and_its_approval() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let watch_started = Instant::now();
     let stdout = watch.stdout.take().unwrap();
     let (tx, lines) = mpsc::channel::<Value>();
     std::thread::spawn(move || {
@@ -582,6 +583,21 @@ fn approvals_watch_json_shows_a_held_statement_and_its_approval() {
     assert!(first.contains(&pending_id), "{text}");
     assert!(first.contains("DELETE FROM orders WHERE id = 7"), "{text}");
     h.approve(&pending_id);
+    let (success, _, stderr) = finish(psql);
+    assert!(success, "{stderr}");
+    let _ = next("approved");
+
+    // The API closes other connections after 30 s; a watch goes on.
+    if let Some(left) = Duration::from_secs(32).checked_sub(watch_started.elapsed()) {
+        std::thread::sleep(left);
+    }
+    let psql = h.spawn_psql("DELETE FROM orders WHERE id = 9");
+    let late = next("requested");
+    assert_eq!(
+        late["request"]["context"]["statement"],
+        "DELETE FROM orders WHERE id = 9"
+    );
+    h.approve(late["request"]["id"].as_str().unwrap());
     let (success, _, stderr) = finish(psql);
     assert!(success, "{stderr}");
 
