@@ -229,6 +229,8 @@ pub enum ReviewUpdate {
     Ended(crate::recording::format::ReviewEndRecord),
     /// A grant let it run without a new review.
     GrantUsed(crate::recording::format::GrantUseRecord),
+    /// A notification of its request was delivered or failed.
+    Notified(crate::recording::format::ReviewNotifyRecord),
 }
 
 /// Largest `data` of one [`SessionEvent::Raw`]: longer reads are split,
@@ -337,6 +339,13 @@ impl Events {
                 .failure()
                 .unwrap_or_else(|| "the recorder failed".to_string()),
         )
+    }
+
+    /// Whether `session`'s recording is still open, so an event emitted
+    /// for it from outside the session (a review notification's result)
+    /// is recorded rather than counted lost. True without a recorder.
+    pub fn records_session(&self, session: &Uuid) -> bool {
+        self.recorder.as_ref().is_none_or(|r| r.is_writing(session))
     }
 
     /// Whether sessions of `target` record every byte read (asked once per
@@ -474,6 +483,8 @@ impl EventSink for LogSink {
                         approved_by = ?r.approved_by, expires_at = r.expires_at,
                         "statement runs under grant {}", r.grant);
                 }
+                // The notifier logs deliveries and failures itself.
+                ReviewUpdate::Notified(_) => {}
             },
             SessionEvent::Closed {
                 session,

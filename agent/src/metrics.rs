@@ -80,6 +80,9 @@ pub struct Metrics {
     /// Human review: requests made, ended by outcome, the time they
     /// waited, and statements let through by grants.
     reviews: Mutex<ReviewCounts>,
+    /// Review notifications by (kind, result): delivered, failed after
+    /// every attempt, or dropped before sending (queue full).
+    review_notifications: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 /// Counters of human review.
@@ -154,7 +157,32 @@ impl Metrics {
                 r.waited += 1;
             }
             ReviewUpdate::GrantUsed(_) => r.grants_used += 1,
+            // Counted by the notifier itself, which also counts the
+            // notifications of sessions that ended meanwhile.
+            ReviewUpdate::Notified(_) => {}
         }
+    }
+
+    /// Counts one review notification of `kind` (`webhook`, `slack`) with
+    /// `result` (`ok`, `failed`, `dropped`).
+    pub fn review_notification(&self, kind: &'static str, result: &'static str) {
+        self.review_notifications_add(kind, result, 1);
+    }
+
+    /// Counts `n` review notifications at once (dropped ones).
+    pub fn review_notifications_add(&self, kind: &'static str, result: &'static str, n: u64) {
+        if let Ok(mut m) = self.review_notifications.lock() {
+            *m.entry((kind, result)).or_default() += n;
+        }
+    }
+
+    /// Review notifications of `kind` with `result` so far.
+    pub fn review_notifications(&self, kind: &'static str, result: &'static str) -> u64 {
+        self.review_notifications
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(kind, result)).copied())
+            .unwrap_or(0)
     }
 
     /// Reviews ended with `outcome` so far.
@@ -292,6 +320,15 @@ impl Metrics {
                 "# HELP tollgate_review_grants_used_total Statements a review rule holds that ran under a grant.\n# TYPE tollgate_review_grants_used_total counter\ntollgate_review_grants_used_total {}",
                 r.grants_used
             );
+        }
+        if let Ok(m) = self.review_notifications.lock() {
+            let _ = writeln!(out, "# HELP tollgate_review_notifications_total Review notifications by kind (webhook, slack) and result (ok, failed after every attempt, dropped before sending).\n# TYPE tollgate_review_notifications_total counter");
+            for ((kind, result), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "tollgate_review_notifications_total{{kind=\"{kind}\",result=\"{result}\"}} {n}"
+                );
+            }
         }
         let micros = self.identity_lookup_micros.load(Ordering::Relaxed);
         let _ = writeln!(

@@ -13,6 +13,7 @@
 //! | POST | `/v1/requests/ID/deny` | `{"reason"}` |
 //! | GET | `/v1/grants` | grants in force (`?all=1`: also ended ones) |
 //! | DELETE | `/v1/grants/ID` | revoke a grant |
+//! | GET | `/v1/watch` | request events as Server-Sent Events, pending requests first |
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed), 401 (no peer
 //! credentials), 403 (not a reviewer, not an approver of this request, the
@@ -112,7 +113,17 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>, stop: Cancellat
                 async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
             });
             let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+            // A watch stream outlives the timeout (see `watch`).
+            let streaming = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let connection = STREAMING.scope(streaming.clone(), connection);
+            tokio::pin!(connection);
+            let served = match tokio::time::timeout(CONNECTION_TIMEOUT, &mut connection).await {
+                Err(_) if streaming.load(std::sync::atomic::Ordering::Relaxed) => {
+                    Ok(connection.await)
+                }
+                other => other,
+            };
+            match served {
                 Ok(Err(e)) => tracing::debug!(error = %e, "reviewer socket: connection failed"),
                 Err(_) => tracing::debug!("reviewer socket: connection timed out"),
                 Ok(Ok(())) => {}
@@ -121,10 +132,12 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>, stop: Cancellat
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+type Reply = Response<http_body_util::Either<Full<Bytes>, EventStream>>;
 
 fn reply(status: StatusCode, body: &Value) -> Reply {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut response = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(
+        body.to_string(),
+    ))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -223,6 +236,7 @@ async fn handle(state: &ApiState, peer: Option<Peer>, req: Request<Incoming>) ->
                 Err(reply) => reply,
             }
         }
+        (["v1", "watch"], &Method::GET) => watch(&state.registry),
         (["v1", "grants"], &Method::GET) => {
             let grants = if query.split('&').any(|q| q == "all=1") {
                 state.grants.all()
@@ -415,4 +429,99 @@ fn store_grant(
     state.grants.insert(&grant)?;
     tracing::info!(grant = %grant.id, request = %id, seconds = length.as_secs(), "review: grant stored");
     Ok(grant)
+}
+
+/// Watch streams served at once, so that watchers never take every
+/// connection slot from reviewers who act.
+const MAX_WATCHERS: usize = 16;
+/// A comment line this often keeps a watch stream's idle proxies and
+/// clients from closing it, and finds a watcher that went away.
+const WATCH_HEARTBEAT: Duration = Duration::from_secs(15);
+
+static WATCH_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_WATCHERS);
+
+tokio::task_local! {
+    /// Set by `watch` on its connection: the connection then outlives
+    /// [`CONNECTION_TIMEOUT`], as long as the watcher reads.
+    static STREAMING: Arc<std::sync::atomic::AtomicBool>;
+}
+
+/// `GET /v1/watch`: Server-Sent Events, one JSON object per `data:` line:
+/// the pending requests first (`"event": "pending"`), then every request
+/// event as it happens (`requested`, `approval_counted`, `edited`,
+/// `approved`, `denied`, `expired`, `cancelled`, `aborted`), each with the
+/// request as it is afterwards; `{"event": "lagged", "missed": N}` when the
+/// watcher fell behind; a comment line every 15 s.
+fn watch(registry: &Registry) -> Reply {
+    let Ok(slot) = WATCH_SLOTS.try_acquire() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_WATCHERS} watchers are connected already; try again later"),
+        );
+    };
+    let _ = STREAMING.try_with(|s| s.store(true, std::sync::atomic::Ordering::Relaxed));
+    let (pending, mut events) = registry.watch();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let line = |value: &Value| Bytes::from(format!("data: {value}\n\n"));
+    tokio::spawn(async move {
+        let _slot = slot;
+        let now = unix_seconds(SystemTime::now());
+        for view in pending {
+            let event = json!({ "event": "pending", "at": now, "request": view });
+            if tx.send(line(&event)).await.is_err() {
+                return;
+            }
+        }
+        let mut heartbeat = tokio::time::interval(WATCH_HEARTBEAT);
+        heartbeat.tick().await;
+        loop {
+            let chunk = tokio::select! {
+                () = tx.closed() => return,
+                _ = heartbeat.tick() => Bytes::from_static(b": heartbeat\n\n"),
+                received = events.recv() => match received {
+                    Ok(event) => match serde_json::to_value(&event) {
+                        Ok(value) => line(&value),
+                        Err(_) => continue,
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        line(&json!({ "event": "lagged", "missed": missed }))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut response = Response::new(http_body_util::Either::Right(EventStream { chunks: rx }));
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-cache"),
+    );
+    response
+}
+
+/// The body of a watch stream: chunks from its feeding task.
+pub struct EventStream {
+    chunks: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for EventStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.chunks
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c))))
+    }
 }

@@ -16,6 +16,8 @@
 //! - `api`: the reviewer API, HTTP and JSON on a local Unix socket whose
 //!   peers are authenticated by their credentials (`SO_PEERCRED`).
 //! - `client`: the same API from the `tollgate approvals` command.
+//! - `notify`: webhook and Slack notifications of request events, sent by a
+//!   task of their own with a bounded queue, retried, never deciding.
 //!
 //! Holding a statement inside a PostgreSQL session is not wired yet: a
 //! `review` decision is still refused there.
@@ -24,6 +26,7 @@ pub mod api;
 pub mod client;
 pub mod grants;
 pub mod hold;
+pub mod notify;
 pub mod registry;
 pub mod reviewers;
 #[cfg(test)]
@@ -42,7 +45,7 @@ pub use grants::{Grant, GrantStore, GrantSubject};
 pub use hold::{Desk, HeldStatement, Hold};
 pub use registry::{
     ApprovalAsk, ApprovalEffect, ApprovalRecord, Outcome, PriorStatement, Registry, RequestContext,
-    RequestView,
+    RequestEvent, RequestEventKind, RequestView,
 };
 pub use reviewers::Reviewer;
 

@@ -1,13 +1,18 @@
 //! The requests waiting for reviewers, shared by every session: pure logic
 //! over an injected clock (every call takes `now`), so that expiry, N of M
 //! and segregation of duties are tested without sleeping.
+//!
+//! What happens to requests is also broadcast as [`RequestEvent`]s (for
+//! `/v1/watch` and notifications). The channel is bounded: a subscriber
+//! that falls behind misses events and is told how many, and the registry
+//! never waits for one.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 
 use super::{unix_seconds, ApprovalError, GrantSubject, RequestId, Reviewer};
 use crate::identity::ProcessIdentity;
@@ -20,6 +25,72 @@ pub const MAX_PENDING: usize = 10_000;
 const MAX_ENDED: usize = 256;
 /// Longest statement text, reason and edit kept or accepted.
 pub const MAX_TEXT: usize = 64 * 1024;
+/// Request events kept for subscribers that have not read them yet; one
+/// further behind is told it lagged.
+const EVENT_BUFFER: usize = 1024;
+
+/// What happened to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestEventKind {
+    /// Pending when a watcher subscribed (only the start of a watch).
+    Pending,
+    /// A statement was held.
+    Requested,
+    /// An approval counted; more are needed.
+    ApprovalCounted,
+    /// Enough reviewers approved.
+    Approved,
+    /// A reviewer refused it.
+    Denied,
+    /// A reviewer replaced the text (the count starts again).
+    Edited,
+    /// No decision within the timeout.
+    Expired,
+    /// The client went away.
+    Cancelled,
+    /// The agent stopped.
+    Aborted,
+}
+
+impl RequestEventKind {
+    /// The name used in JSON, configuration and notifications.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestEventKind::Pending => "pending",
+            RequestEventKind::Requested => "requested",
+            RequestEventKind::ApprovalCounted => "approval_counted",
+            RequestEventKind::Approved => "approved",
+            RequestEventKind::Denied => "denied",
+            RequestEventKind::Edited => "edited",
+            RequestEventKind::Expired => "expired",
+            RequestEventKind::Cancelled => "cancelled",
+            RequestEventKind::Aborted => "aborted",
+        }
+    }
+
+    fn of_outcome(outcome: &Outcome) -> RequestEventKind {
+        match outcome {
+            Outcome::Approved { .. } => RequestEventKind::Approved,
+            Outcome::Denied { .. } => RequestEventKind::Denied,
+            Outcome::Expired => RequestEventKind::Expired,
+            Outcome::Cancelled => RequestEventKind::Cancelled,
+            Outcome::Aborted => RequestEventKind::Aborted,
+        }
+    }
+}
+
+/// One thing that happened to a request, with the request as it is after
+/// it (shared: every subscriber gets the same copy).
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestEvent {
+    /// What happened.
+    pub event: RequestEventKind,
+    /// When, in Unix seconds.
+    pub at: u64,
+    /// The request afterwards.
+    pub request: Arc<RequestView>,
+}
 
 /// Everything a reviewer is shown and segregation of duties is checked
 /// against.
@@ -192,6 +263,8 @@ pub struct Registry {
     state: Mutex<State>,
     /// Named reviewer groups of the configuration: name → user names.
     reviewer_groups: BTreeMap<String, Vec<String>>,
+    /// What happens to requests, for watchers and notifications.
+    events: broadcast::Sender<RequestEvent>,
 }
 
 impl Registry {
@@ -200,7 +273,47 @@ impl Registry {
         Registry {
             state: Mutex::new(State::default()),
             reviewer_groups,
+            events: broadcast::channel(EVENT_BUFFER).0,
         }
+    }
+
+    /// Events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<RequestEvent> {
+        self.events.subscribe()
+    }
+
+    /// The pending requests and the events after them, taken together so
+    /// that a watcher misses nothing and sees nothing twice.
+    pub fn watch(&self) -> (Vec<RequestView>, broadcast::Receiver<RequestEvent>) {
+        let state = self.state();
+        let pending = state.pending.values().map(|p| p.view.clone()).collect();
+        (pending, self.events.subscribe())
+    }
+
+    /// Publishes an event; called with the state locked, so events are in
+    /// the order of the changes. Never waits: nobody listening is fine.
+    fn publish(&self, event: RequestEventKind, view: &RequestView, now: SystemTime) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let _ = self.events.send(RequestEvent {
+            event,
+            at: unix_seconds(now),
+            request: Arc::new(view.clone()),
+        });
+    }
+
+    /// Moves a pending request to the ended list, tells its session and
+    /// publishes how it ended.
+    fn end(&self, state: &mut State, id: &RequestId, outcome: Outcome, now: SystemTime) -> bool {
+        let kind = RequestEventKind::of_outcome(&outcome);
+        if !end(state, id, outcome) {
+            return false;
+        }
+        if let Some(view) = state.ended.back() {
+            self.publish(kind, view, now);
+        }
+        true
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -234,6 +347,7 @@ impl Registry {
             outcome: None,
             context,
         };
+        self.publish(RequestEventKind::Requested, &view, now);
         state.pending.insert(
             id.clone(),
             Pending {
@@ -378,6 +492,7 @@ impl Registry {
                 view.text = edit;
                 view.edited_by = Some(reviewer.user.clone());
                 view.approvals.clear();
+                self.publish(RequestEventKind::Edited, view, now);
             }
         }
         let record = ApprovalRecord {
@@ -395,6 +510,7 @@ impl Registry {
         let have = u32::try_from(view.approvals.len()).unwrap_or(u32::MAX);
         let need = view.approvals_needed;
         if have < need {
+            self.publish(RequestEventKind::ApprovalCounted, view, now);
             return Ok(ApprovalEffect::Counted { have, need });
         }
         let grant = view
@@ -409,7 +525,7 @@ impl Registry {
             edited: view.edited_by.is_some(),
             by: view.approvals.iter().map(|a| a.by.clone()).collect(),
         };
-        end(&mut state, id, outcome.clone());
+        self.end(&mut state, id, outcome.clone(), now);
         Ok(ApprovalEffect::Approved { outcome, grant })
     }
 
@@ -444,7 +560,7 @@ impl Registry {
             by: reviewer.user.clone(),
             reason,
         };
-        end(&mut state, id, outcome.clone());
+        self.end(&mut state, id, outcome.clone(), now);
         Ok(outcome)
     }
 
@@ -458,22 +574,23 @@ impl Registry {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &due {
-            end(&mut state, id, Outcome::Expired);
+            self.end(&mut state, id, Outcome::Expired, now);
         }
         due
     }
 
     /// The client went away: ends its request, if still pending.
     pub fn cancel(&self, id: &RequestId) -> bool {
-        end(&mut self.state(), id, Outcome::Cancelled)
+        self.end(&mut self.state(), id, Outcome::Cancelled, SystemTime::now())
     }
 
     /// The agent stops: ends every pending request; how many there were.
     pub fn abort_all(&self) -> usize {
         let mut state = self.state();
         let ids: Vec<RequestId> = state.pending.keys().cloned().collect();
+        let now = SystemTime::now();
         for id in &ids {
-            end(&mut state, id, Outcome::Aborted);
+            self.end(&mut state, id, Outcome::Aborted, now);
         }
         ids.len()
     }

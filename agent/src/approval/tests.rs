@@ -942,3 +942,165 @@ fn outcomes_are_worded_for_the_client() {
         assert_eq!(outcome.client_error(ten).as_deref(), Some(want));
     }
 }
+
+#[test]
+fn every_change_of_a_request_is_broadcast_in_order() {
+    use tokio::sync::broadcast::error::TryRecvError;
+    let r = registry();
+    let mut events = r.subscribe();
+    let next = |events: &mut tokio::sync::broadcast::Receiver<RequestEvent>| {
+        let e = events.try_recv().unwrap();
+        (e.event, e.request.id.clone(), e.at)
+    };
+    let alice = reviewer(2001, "alice", &["dba"]);
+    let bob = reviewer(2002, "bob", &["dba"]);
+
+    // Two approvals needed; an edit restarts the count.
+    let (a, _outcome_a) = r
+        .submit(context(settings(2, GrantScope::Statement)), t0())
+        .unwrap();
+    assert_eq!(
+        next(&mut events),
+        (RequestEventKind::Requested, a.clone(), unix_seconds(t0()))
+    );
+    r.approve(&a, &alice, approve("ok"), t0() + Duration::from_secs(5))
+        .unwrap();
+    let counted = events.try_recv().unwrap();
+    assert_eq!(counted.event, RequestEventKind::ApprovalCounted);
+    assert_eq!(counted.at, unix_seconds(t0()) + 5);
+    assert_eq!(counted.request.approvals.len(), 1);
+    let edit = ApprovalAsk {
+        edit: Some("DELETE FROM orders WHERE id = 1 AND false".into()),
+        ..ApprovalAsk::default()
+    };
+    r.approve(&a, &bob, edit, t0()).unwrap();
+    let edited = events.try_recv().unwrap();
+    assert_eq!(edited.event, RequestEventKind::Edited);
+    assert_eq!(edited.request.edited_by.as_deref(), Some("bob"));
+    assert_eq!(next(&mut events).0, RequestEventKind::ApprovalCounted);
+    r.approve(&a, &alice, approve("ok"), t0()).unwrap();
+    let approved = events.try_recv().unwrap();
+    assert_eq!(approved.event, RequestEventKind::Approved);
+    assert!(matches!(
+        approved.request.outcome,
+        Some(Outcome::Approved { edited: true, .. })
+    ));
+
+    // Denied, expired, cancelled, aborted.
+    let one = || context(settings(1, GrantScope::Statement));
+    let (d, _od) = r.submit(one(), t0()).unwrap();
+    r.deny(&d, &alice, "no".into(), t0()).unwrap();
+    let (e, _oe) = r.submit(one(), t0()).unwrap();
+    r.expire_due(t0() + Duration::from_secs(600));
+    let (c, _oc) = r.submit(one(), t0()).unwrap();
+    r.cancel(&c);
+    let (x, _ox) = r.submit(one(), t0()).unwrap();
+    r.abort_all();
+    let rest: Vec<(RequestEventKind, RequestId)> = std::iter::from_fn(|| {
+        events
+            .try_recv()
+            .ok()
+            .map(|e| (e.event, e.request.id.clone()))
+    })
+    .collect();
+    assert_eq!(
+        rest,
+        vec![
+            (RequestEventKind::Requested, d.clone()),
+            (RequestEventKind::Denied, d),
+            (RequestEventKind::Requested, e.clone()),
+            (RequestEventKind::Expired, e),
+            (RequestEventKind::Requested, c.clone()),
+            (RequestEventKind::Cancelled, c),
+            (RequestEventKind::Requested, x.clone()),
+            (RequestEventKind::Aborted, x),
+        ]
+    );
+    assert_eq!(events.try_recv().unwrap_err(), TryRecvError::Empty);
+}
+
+#[test]
+fn a_watcher_gets_the_pending_requests_then_later_events_and_a_slow_one_lags() {
+    let r = registry();
+    let (first, _o1) = r
+        .submit(context(settings(1, GrantScope::Statement)), t0())
+        .unwrap();
+    let (pending, mut events) = r.watch();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].id, first);
+    // Nothing before the watch is sent again.
+    assert!(events.try_recv().is_err());
+    let mut outcomes = Vec::new();
+    for _ in 0..1100 {
+        let (id, outcome) = r
+            .submit(context(settings(1, GrantScope::Statement)), t0())
+            .unwrap();
+        r.cancel(&id);
+        outcomes.push(outcome);
+    }
+    // The registry did not wait for the slow watcher; it is told it lagged.
+    match events.try_recv() {
+        Err(tokio::sync::broadcast::error::TryRecvError::Lagged(missed)) => {
+            assert_eq!(missed, 2200 - 1024)
+        }
+        other => panic!("expected a lag, got {other:?}"),
+    }
+    assert!(events.try_recv().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_stream_is_server_sent_events_starting_with_the_pending_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (uid, _user, group) = me();
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, _grants, socket) = api_in(dir.path(), &group);
+    let (first, _o1) = registry
+        .submit(
+            held_for(&group, uid.wrapping_add(1), GrantScope::Statement),
+            SystemTime::now(),
+        )
+        .unwrap();
+
+    let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    stream
+        .write_all(b"GET /v1/watch HTTP/1.1\r\nHost: tollgate\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    let mut chunk = [0u8; 8192];
+    let mut read_until = async |stream: &mut tokio::net::UnixStream, needle: &str| {
+        while !seen.contains(needle) {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "the stream ended: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+        seen.clone()
+    };
+    let head = read_until(&mut stream, "\"event\":\"pending\"").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("content-type: text/event-stream\r\n"),
+        "{head}"
+    );
+    assert!(head.contains(&format!("\"id\":\"{first}\"")), "{head}");
+
+    let (second, _o2) = registry
+        .submit(
+            held_for(&group, uid.wrapping_add(1), GrantScope::Statement),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let later = read_until(&mut stream, "\"event\":\"requested\"").await;
+    // One JSON object per `data:` line.
+    let requested = later
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|json| serde_json::from_str::<serde_json::Value>(json).unwrap())
+        .find(|v| v["event"] == "requested")
+        .unwrap();
+    assert_eq!(requested["request"]["id"], second.as_str());
+    assert!(requested["at"].as_u64().is_some());
+}

@@ -52,6 +52,7 @@ pub fn approvals_command(command: ApprovalsCommand) -> ExitCode {
             None if *all => (conn, Method::GET, "/v1/grants?all=1".to_owned(), None),
             None => (conn, Method::GET, "/v1/grants".to_owned(), None),
         },
+        ApprovalsCommand::Watch { conn } => return watch_command(conn),
     };
     let socket = socket_of(conn);
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -93,9 +94,100 @@ pub fn approvals_command(command: ApprovalsCommand) -> ExitCode {
             revoke: Some(id), ..
         } => format!("revoked grant {id}\n"),
         ApprovalsCommand::Grants { .. } => grants_text(&value),
+        ApprovalsCommand::Watch { .. } => String::new(),
     };
     print!("{text}");
     ExitCode::SUCCESS
+}
+
+/// `tollgate approvals watch`: events as they happen, until Ctrl-C or the
+/// agent ends the stream.
+fn watch_command(conn: &ApprovalsConn) -> ExitCode {
+    let socket = socket_of(conn);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tollgate: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = conn.json;
+    let print = move |event: Value| {
+        if json {
+            println!("{event}");
+        } else {
+            print!("{}", watch_line(&event));
+        }
+    };
+    let watched = runtime.block_on(async {
+        tokio::select! {
+            watched = client::watch(&socket, print) => Some(watched),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    match watched {
+        None => ExitCode::SUCCESS,
+        Some(Ok(())) => {
+            eprintln!("tollgate: the agent ended the watch (it stopped or restarted)");
+            ExitCode::FAILURE
+        }
+        Some(Err(e)) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line of `approvals watch`: time, event, request, requester, target,
+/// statement.
+fn watch_line(event: &Value) -> String {
+    let at = event["at"].as_u64().map_or_else(
+        || "-".to_owned(),
+        |secs| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+            )
+            .to_string()
+        },
+    );
+    let kind = str_of(event, "event");
+    if kind == "lagged" {
+        return format!(
+            "{at}  lagged            missed {} events (this watcher fell behind)\n",
+            event["missed"].as_u64().unwrap_or(0)
+        );
+    }
+    let r = &event["request"];
+    let context = &r["context"];
+    let outcome = &r["outcome"];
+    let by = match (outcome["outcome"].as_str(), kind) {
+        (Some("approved"), _) => outcome["by"]
+            .as_array()
+            .map(|by| {
+                let names: Vec<&str> = by.iter().filter_map(Value::as_str).collect();
+                format!(" by {}", names.join(", "))
+            })
+            .unwrap_or_default(),
+        (Some("denied"), _) => format!(" by {}", str_of(outcome, "by")),
+        (None, "approval_counted") => format!(
+            " {}/{}",
+            r["approvals"].as_array().map_or(0, Vec::len),
+            r["approvals_needed"].as_u64().unwrap_or(1)
+        ),
+        (None, "edited") => format!(" by {}", str_of(r, "edited_by")),
+        _ => String::new(),
+    };
+    format!(
+        "{at}  {:<16}  {}  {}  {}  {}{by}\n",
+        kind,
+        str_of(r, "id"),
+        who(&context["identity"]),
+        str_of(context, "target"),
+        short(str_of(r, "text")),
+    )
 }
 
 /// `--socket`, else the configuration's, else the default (a reviewer may

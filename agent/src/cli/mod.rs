@@ -117,6 +117,7 @@ pub enum Command {
     ///   tollgate approvals approve 01KBM3... --for 30m
     ///   tollgate approvals deny 01KBM3... --reason "not during the sale"
     ///   tollgate approvals grants --revoke 01KBM4...
+    ///   tollgate approvals watch
     ///
     /// Exit status: 0 done, 1 refused by the agent (the reason is printed) or
     /// the agent not reachable, 2 bad usage.
@@ -433,6 +434,19 @@ pub enum ApprovalsCommand {
         /// Also list expired and revoked grants.
         #[arg(long, conflicts_with = "revoke")]
         all: bool,
+    },
+    /// Follow requests live: one line per event as it happens.
+    ///
+    /// Prints the pending requests first, then every request that is held,
+    /// approved (or an approval counted), edited, denied, expires, is
+    /// cancelled (the client went away) or aborted (the agent stopped):
+    /// time, event, request id, requester, target and the statement,
+    /// shortened. --json prints each event's JSON on one line instead (the
+    /// `data:` lines of GET /v1/watch). Runs until Ctrl-C or until the
+    /// agent stops.
+    Watch {
+        #[command(flatten)]
+        conn: ApprovalsConn,
     },
 }
 

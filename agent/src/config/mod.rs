@@ -45,6 +45,50 @@ pub struct Config {
     /// Host-wide bypass detection, when `[protect]` is present (it needs
     /// `[redirect]`).
     pub protect: Option<ProtectSettings>,
+    /// Where review requests are announced (`[[notify]]`), in file order.
+    pub notify: Vec<NotifyTarget>,
+}
+
+/// What a `[[notify]]` entry sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NotifyKind {
+    /// A JSON document of the request event and its context.
+    Webhook,
+    /// A Slack incoming-webhook message (`text` and `blocks`).
+    Slack,
+}
+
+impl NotifyKind {
+    /// `webhook` or `slack`, as configured and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyKind::Webhook => "webhook",
+            NotifyKind::Slack => "slack",
+        }
+    }
+}
+
+/// One `[[notify]]` entry: where review request events are sent.
+#[derive(Debug, Clone)]
+pub struct NotifyTarget {
+    /// What is sent.
+    pub kind: NotifyKind,
+    /// Where (`http://` or `https://`), checked at load.
+    pub url: hyper::Uri,
+    /// Extra request headers (such as `authorization`), validated.
+    pub headers: Vec<(String, String)>,
+    /// The reviewers' web page; messages link to `LINK#REQUEST_ID`.
+    pub link: Option<String>,
+    /// The request events sent (`requested` unless configured).
+    pub events: Vec<crate::approval::RequestEventKind>,
+}
+
+impl NotifyTarget {
+    /// The URL's host, for logs (never the path or query, which may carry
+    /// a secret, as Slack's do).
+    pub fn host(&self) -> &str {
+        self.url.host().unwrap_or("?")
+    }
 }
 
 /// Settings under `[protect]`: a program on the cgroup v2 root that reports,

@@ -10,8 +10,9 @@ use toml::Spanned;
 
 use super::{
     line_column, AgentSettings, ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup,
-    Listener, PortRange, ProtectMode, ProtectSettings, Protocol, RecordingFailure, RecordingFsync,
-    RedirectSettings, Target, TargetAddress, TargetSet, UnlistedPolicy, Upstream, UpstreamTls,
+    Listener, NotifyKind, NotifyTarget, PortRange, ProtectMode, ProtectSettings, Protocol,
+    RecordingFailure, RecordingFsync, RedirectSettings, Target, TargetAddress, TargetSet,
+    UnlistedPolicy, Upstream, UpstreamTls,
 };
 
 #[derive(Deserialize, Default)]
@@ -29,6 +30,19 @@ struct RawConfig {
     #[serde(default)]
     reviewers: std::collections::BTreeMap<String, Spanned<RawReviewers>>,
     protect: Option<Spanned<RawProtect>>,
+    #[serde(default)]
+    notify: Vec<Spanned<RawNotify>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    kind: Spanned<String>,
+    url: Spanned<String>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, Spanned<String>>,
+    link: Option<Spanned<String>>,
+    events: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -201,6 +215,7 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let cgroups = check_cgroups(&mut c, &raw.cgroup);
     let redirect = raw.redirect.as_ref().map(|r| check_redirect(&mut c, r));
     let reviewers = check_reviewers(&mut c, &raw.reviewers);
+    let notify = check_notify(&mut c, &raw.notify);
     let protect = raw
         .protect
         .as_ref()
@@ -215,6 +230,7 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             redirect,
             reviewers,
             protect,
+            notify,
         })
     } else {
         Err(ConfigErrors(c.errors))
@@ -445,6 +461,129 @@ fn check_reviewers(
         groups.insert(name.clone(), names);
     }
     groups
+}
+
+/// The request events a `[[notify]]` entry may name.
+const NOTIFY_EVENTS: [crate::approval::RequestEventKind; 6] = {
+    use crate::approval::RequestEventKind as E;
+    [
+        E::Requested,
+        E::Approved,
+        E::Denied,
+        E::Expired,
+        E::Cancelled,
+        E::Aborted,
+    ]
+};
+
+fn check_notify(c: &mut Checker<'_>, raw: &[Spanned<RawNotify>]) -> Vec<NotifyTarget> {
+    let mut targets = Vec::new();
+    for entry in raw {
+        let n = entry.get_ref();
+        let kind = match n.kind.get_ref().as_str() {
+            "webhook" => Some(NotifyKind::Webhook),
+            "slack" => Some(NotifyKind::Slack),
+            other => {
+                c.error(
+                    &n.kind,
+                    format!("notify kind \"{other}\" is not known; use \"webhook\" or \"slack\""),
+                );
+                None
+            }
+        };
+        let url = match parse_notify_url(n.url.get_ref()) {
+            Ok(url) => Some(url),
+            Err(why) => {
+                c.error(&n.url, format!("notify url \"{}\" {why}", n.url.get_ref()));
+                None
+            }
+        };
+        let mut headers = Vec::new();
+        for (name, value) in &n.headers {
+            let name_ok = hyper::header::HeaderName::from_bytes(name.as_bytes()).is_ok();
+            let value_ok = hyper::header::HeaderValue::from_str(value.get_ref()).is_ok();
+            if !name_ok {
+                c.error(
+                    value,
+                    format!("notify header name \"{name}\" is not a valid HTTP header name"),
+                );
+            } else if !value_ok {
+                c.error(value, format!("notify header \"{name}\" has a value that is not valid in HTTP (control characters?)"));
+            } else {
+                headers.push((name.clone(), value.get_ref().clone()));
+            }
+        }
+        let link = match &n.link {
+            Some(link) if parse_notify_url(link.get_ref()).is_err() => {
+                c.error(link, format!("notify link \"{}\" must be an http:// or https:// URL of the reviewers' page", link.get_ref()));
+                None
+            }
+            Some(link) => Some(link.get_ref().clone()),
+            None => None,
+        };
+        let mut events = Vec::new();
+        match &n.events {
+            None => events.push(crate::approval::RequestEventKind::Requested),
+            Some(names) => {
+                for name in names {
+                    match NOTIFY_EVENTS.iter().find(|e| e.as_str() == name.get_ref()) {
+                        Some(e) if !events.contains(e) => events.push(*e),
+                        Some(_) => {}
+                        None => {
+                            let allowed: Vec<&str> =
+                                NOTIFY_EVENTS.iter().map(|e| e.as_str()).collect();
+                            c.error(
+                                name,
+                                format!(
+                                    "notify event \"{}\" is not known; use {}",
+                                    name.get_ref(),
+                                    allowed.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                }
+                if names.is_empty() {
+                    c.error(
+                        entry,
+                        "notify events is empty; leave it out to send \"requested\"",
+                    );
+                }
+            }
+        }
+        if let (Some(kind), Some(url)) = (kind, url) {
+            targets.push(NotifyTarget {
+                kind,
+                url,
+                headers,
+                link,
+                events,
+            });
+        }
+    }
+    targets
+}
+
+/// An `http://` or `https://` URL with a host; why not otherwise.
+pub(super) fn parse_notify_url(text: &str) -> Result<hyper::Uri, &'static str> {
+    if !text.starts_with("http://") && !text.starts_with("https://") {
+        return Err("must start with http:// or https://");
+    }
+    let uri: hyper::Uri = text
+        .parse()
+        .map_err(|_| "is not a URL; write it like \"https://hooks.example.com/tollgate\"")?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err("must start with http:// or https://"),
+    }
+    let authority = uri.authority().ok_or("has no host")?;
+    if authority.as_str().contains('@') {
+        return Err("must not carry a user name or password; use headers (authorization) instead");
+    }
+    if authority.host().is_empty() {
+        return Err("has no host");
+    }
+    Ok(uri)
 }
 
 fn check_targets(c: &mut Checker<'_>, raw: &[RawTarget]) -> TargetSet {

@@ -542,3 +542,91 @@ fn approvals_settings_and_reviewer_groups() {
         assert!(got.contains(want), "for\n{text}\nwant: {want}\ngot:  {got}");
     }
 }
+
+#[test]
+fn notify_entries_parse_with_their_defaults() {
+    let c = parse(
+        r#"
+[[notify]]
+kind = "webhook"
+url = "https://hooks.example.com/tollgate?x=1"
+headers = { authorization = "Bearer abc" }
+link = "https://review.example.com/"
+
+[[notify]]
+kind = "slack"
+url = "http://127.0.0.1:8080/services/T/B/X"
+events = ["requested", "approved", "denied", "expired", "cancelled", "aborted", "denied"]
+"#,
+    )
+    .unwrap();
+    use crate::approval::RequestEventKind as E;
+    assert_eq!(c.notify.len(), 2, "{:?}", c.notify);
+    let (webhook, slack) = (&c.notify[0], &c.notify[1]);
+    assert_eq!(webhook.kind, NotifyKind::Webhook);
+    assert_eq!(webhook.host(), "hooks.example.com");
+    assert_eq!(
+        webhook.headers,
+        vec![("authorization".to_owned(), "Bearer abc".to_owned())]
+    );
+    assert_eq!(webhook.link.as_deref(), Some("https://review.example.com/"));
+    assert_eq!(webhook.events, vec![E::Requested]);
+    assert_eq!(slack.kind, NotifyKind::Slack);
+    assert_eq!(slack.url.port_u16(), Some(8080));
+    // Duplicates count once.
+    assert_eq!(slack.events.len(), 6);
+    assert!(parse("").unwrap().notify.is_empty());
+}
+
+#[test]
+fn notify_errors_name_the_field_and_what_is_allowed() {
+    let e = errors("[[notify]]\nkind = \"email\"\nurl = \"https://h.example.com/\"\n");
+    assert!(e[0].contains("t.toml:2:"), "{e:?}");
+    assert!(
+        e[0].contains("notify kind \"email\" is not known; use \"webhook\" or \"slack\""),
+        "{e:?}"
+    );
+
+    for (url, why) in [
+        (
+            "ftp://h.example.com/x",
+            "must start with http:// or https://",
+        ),
+        ("hooks.example.com/x", "must start with http:// or https://"),
+        ("https://", "is not a URL"),
+        (
+            "https://user:pw@h.example.com/",
+            "must not carry a user name or password",
+        ),
+        ("not a url at all", "must start with http:// or https://"),
+        ("https://exa mple.com/", "is not a URL"),
+    ] {
+        let e = errors(&format!(
+            "[[notify]]\nkind = \"webhook\"\nurl = \"{url}\"\n"
+        ));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("t.toml:3:"), "{e:?}");
+        assert!(e[0].contains(why), "{url}: {e:?}");
+    }
+
+    let e = errors(
+        "[[notify]]\nkind = \"slack\"\nurl = \"https://h.example.com/\"\nevents = [\"requested\", \"edited\"]\n",
+    );
+    assert!(e[0].contains("notify event \"edited\" is not known; use requested, approved, denied, expired, cancelled, aborted"), "{e:?}");
+
+    let e = errors(
+        "[[notify]]\nkind = \"slack\"\nurl = \"https://h.example.com/\"\nlink = \"review page\"\n",
+    );
+    assert!(
+        e[0].contains("notify link \"review page\" must be an http:// or https:// URL"),
+        "{e:?}"
+    );
+
+    let e = errors("[[notify]]\nkind = \"webhook\"\nurl = \"https://h.example.com/\"\nheaders = { \"bad header\" = \"x\" }\n");
+    assert!(e[0].contains("not a valid HTTP header name"), "{e:?}");
+
+    let e = errors(
+        "[[notify]]\nkind = \"webhook\"\nurl = \"https://h.example.com/\"\nsecret = \"x\"\n",
+    );
+    assert!(e[0].contains("unknown field `secret`"), "{e:?}");
+}

@@ -285,6 +285,15 @@ impl RunningAgent {
             }),
             stop_accepting.clone(),
         ));
+        if let Some(notifier) = crate::approval::notify::start(
+            &shared.config.notify,
+            &shared.approvals,
+            shared.metrics.clone(),
+            shared.events.clone(),
+            stop_accepting.clone(),
+        ) {
+            background.spawn(notifier);
+        }
         background.spawn(crate::approval::expire_requests(
             shared.approvals.clone(),
             stop_accepting.clone(),

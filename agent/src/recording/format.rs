@@ -173,6 +173,9 @@ pub enum Event {
     /// A statement a `review` rule holds ran without a new review, under a
     /// grant an earlier approval gave.
     GrantUsed(GrantUseRecord),
+    /// A notification of a review request was delivered, or failed after
+    /// every attempt (`[[notify]]`).
+    ReviewNotified(ReviewNotifyRecord),
     /// An event type this reader does not know (written by a later agent).
     #[serde(other)]
     Unknown,
@@ -242,6 +245,25 @@ pub struct GrantUseRecord {
     pub approved_by: Vec<String>,
     /// When it ends, in Unix seconds.
     pub expires_at: u64,
+}
+
+/// A notification of a review request, sent or failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewNotifyRecord {
+    /// The request's id.
+    pub request: String,
+    /// The request event announced (`requested`, `approved`, ...).
+    pub event: String,
+    /// `webhook` or `slack`.
+    pub kind: String,
+    /// The receiver's host (never its path, which may hold a secret).
+    pub host: String,
+    /// Whether the receiver accepted it (a 2xx answer).
+    pub ok: bool,
+    /// The last attempt's failure: an HTTP status or a connection error.
+    pub error: Option<String>,
+    /// Attempts made.
+    pub attempts: u32,
 }
 
 /// The largest `data` of a `raw` event, in bytes (64 KiB): longer reads

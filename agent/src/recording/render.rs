@@ -294,6 +294,26 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
                 )
             );
         }
+        Event::ReviewNotified(r) => {
+            let attempts = match r.attempts {
+                1 => "1 attempt".to_owned(),
+                n => format!("{n} attempts"),
+            };
+            let result = match (r.ok, &r.error) {
+                (true, _) => "delivered".to_owned(),
+                (false, Some(e)) => format!("failed: {e}"),
+                (false, None) => "failed".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "{t}  {} {} {} of request {} to {}: {result} ({attempts})",
+                p.bold("review notification:"),
+                r.kind,
+                r.event,
+                r.request,
+                r.host
+            );
+        }
         Event::Unknown => {
             let _ = writeln!(out, "{t}  (an event type this version does not know)");
         }

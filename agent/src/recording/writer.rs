@@ -1124,6 +1124,7 @@ fn event_body(event: &SessionEvent) -> Option<Event> {
             ReviewUpdate::Requested(r) => Event::ReviewRequested(r.clone()),
             ReviewUpdate::Ended(r) => Event::ReviewEnded(r.clone()),
             ReviewUpdate::GrantUsed(r) => Event::GrantUsed(r.clone()),
+            ReviewUpdate::Notified(r) => Event::ReviewNotified(r.clone()),
         },
         SessionEvent::Closed {
             bytes_from_client,
