@@ -112,7 +112,7 @@ pub enum RedirectError {
     Kernel(String),
     /// A pin directory another user could tamper with.
     #[error(transparent)]
-    PinDir(#[from] PinDirError),
+    PinDir(PinDirError),
     /// Anything else, with context.
     #[error("{context}: {source}")]
     Other {
@@ -121,6 +121,24 @@ pub enum RedirectError {
         /// Why it failed.
         source: anyhow::Error,
     },
+}
+
+/// A pin directory that cannot be made for want of permission is the
+/// missing privilege, said as such; the rest are the directory's own
+/// problems.
+impl From<PinDirError> for RedirectError {
+    fn from(e: PinDirError) -> RedirectError {
+        match e {
+            PinDirError::Io { path, source }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                RedirectError::Permission {
+                    action: format!("prepare pin directory {}", path.display()),
+                }
+            }
+            other => RedirectError::PinDir(other),
+        }
+    }
 }
 
 /// Maps an I/O error, recognising permission problems.
