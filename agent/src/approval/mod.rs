@@ -19,8 +19,8 @@
 //! - `notify`: webhook and Slack notifications of request events, sent by a
 //!   task of their own with a bounded queue, retried, never deciding.
 //!
-//! Holding a statement inside a PostgreSQL session is not wired yet: a
-//! `review` decision is still refused there.
+//! A PostgreSQL session holds a statement through `hold::Desk` (see
+//! `protocol/postgres/session/review.rs`).
 
 pub mod api;
 pub mod client;

@@ -119,11 +119,12 @@ pub enum Command {
     ///   tollgate approvals grants --revoke 01KBM4...
     ///   tollgate approvals watch
     ///
+    /// A statement a `review` rule holds waits in its session (the client
+    /// sees a notice naming the request) until enough other approvers
+    /// approve it, one denies it, or it expires (docs/approvals.md).
+    ///
     /// Exit status: 0 done, 1 refused by the agent (the reason is printed) or
     /// the agent not reachable, 2 bad usage.
-    ///
-    /// Not yet in this version: sessions do not hold statements, so nothing
-    /// is pending; a `review` verdict is refused (docs/approvals.md).
     #[command(subcommand, verbatim_doc_comment)]
     Approvals(ApprovalsCommand),
 
