@@ -269,8 +269,13 @@ fn stdout(o: &Output) -> String {
 /// Waits until `path` exists (written by a child), or panics.
 fn wait_for_file(path: &Path, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !path.exists() {
+    // Written whole: the file exists a moment before its content does.
+    let written = || std::fs::read_to_string(path).is_ok_and(|t| !t.trim().is_empty());
+    while !written() {
         if let Ok(Some(status)) = child.try_wait() {
+            if written() {
+                return;
+            }
             panic!(
                 "the child exited ({status}) before writing {}",
                 path.display()
@@ -345,7 +350,7 @@ fn an_exec_after_connect_does_not_inherit_the_trusted_executables_grant() {
     writeln!(spoofer.stdin.take().unwrap(), "go").unwrap();
     wait_for_file(Path::new(&marker), &mut spoofer);
     // The exec happened: /proc now shows the trusted tool for that pid.
-    let pid = std::fs::read_to_string(&marker).unwrap();
+    let pid = std::fs::read_to_string(&marker).unwrap().trim().to_owned();
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert_eq!(exe, spoof.trusted);
     drop(resumed);
