@@ -42,6 +42,7 @@ pub fn approvals_command(command: ApprovalsCommand) -> ExitCode {
             format!("/v1/requests/{}/deny", escape(id)),
             Some(json!({ "reason": reason })),
         ),
+        ApprovalsCommand::Tokens(tokens) => return super::tokens::tokens_command(tokens),
         ApprovalsCommand::Grants { conn, revoke, all } => match revoke {
             Some(id) => (
                 conn,
@@ -93,6 +94,8 @@ pub fn approvals_command(command: ApprovalsCommand) -> ExitCode {
             revoke: Some(id), ..
         } => format!("revoked grant {id}\n"),
         ApprovalsCommand::Grants { .. } => grants_text(&value),
+        // Answered above, without the agent.
+        ApprovalsCommand::Tokens(_) => String::new(),
     };
     print!("{text}");
     ExitCode::SUCCESS
@@ -205,9 +208,17 @@ fn show_text(r: &Value) -> String {
         line("edited by", by.to_owned());
         line("runs as", str_of(r, "text").to_owned());
     }
+    // Each reviewer with how they authenticated (unix:UID, token:NAME).
     let approvals: Vec<String> = r["approvals"]
         .as_array()
-        .map(|a| a.iter().map(|x| str_of(x, "by").to_owned()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|x| match x["via"].as_str() {
+                    Some(via) => format!("{} ({via})", str_of(x, "by")),
+                    None => str_of(x, "by").to_owned(),
+                })
+                .collect()
+        })
         .unwrap_or_default();
     line(
         "approvals",
@@ -360,6 +371,7 @@ mod tests {
             groups: vec!["dba".into()],
             cgroup: None,
             ci_actor: None,
+            via: "token:alice-laptop".into(),
         };
         registry
             .approve(&id, &alice, ApprovalAsk::default(), at)
@@ -395,7 +407,7 @@ mod tests {
             "cgroup         /ci/job-7".to_owned(),
             "ci             github_actions acme/shop workflow deploy run 42 actor octo (verified)"
                 .to_owned(),
-            "approvals      1/2 alice".to_owned(),
+            "approvals      1/2 alice (token:alice-laptop)".to_owned(),
             "expires        2026-05-28T20:36:40Z".to_owned(),
             "outcome        pending".to_owned(),
         ] {
