@@ -19,4 +19,5 @@ mod recording;
 mod redirect;
 mod regress;
 mod review;
+mod review_web;
 mod tls;
