@@ -20,4 +20,5 @@ mod redirect;
 mod regress;
 mod review;
 mod review_notify;
+mod review_web;
 mod tls;

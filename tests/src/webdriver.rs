@@ -12,13 +12,15 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 /// The element id key of the W3C protocol.
-const ELEMENT: &str = "element-6066-11e4-a5ab-5ee28e06ea1b";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// `chromedriver` and one browser session; both end on drop.
 pub struct Browser {
     driver: Child,
     port: u16,
     session: String,
+    /// The browser's profile, removed on drop.
+    profile: tempfile::TempDir,
 }
 
 /// Where Debian installs the driver and the browser.
@@ -29,9 +31,15 @@ pub fn chromium_available() -> bool {
 
 impl Browser {
     /// Starts the driver and a headless browser that accepts the agent's
-    /// self-signed certificates (`accept_insecure_certs`).
+    /// self-signed certificates (`accept_insecure_certs`). As root, which
+    /// the tests are, Chromium runs only without its sandbox; it gets a
+    /// profile of its own in a temporary directory.
     pub fn start(accept_insecure_certs: bool) -> Result<Browser> {
         let port = crate::free_port();
+        let profile = tempfile::Builder::new()
+            .prefix("tollgate-chromium-")
+            .tempdir()
+            .context("a profile directory for chromium")?;
         let driver = Command::new("/usr/bin/chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -42,7 +50,9 @@ impl Browser {
             driver,
             port,
             session: String::new(),
+            profile,
         };
+        let profile_arg = format!("--user-data-dir={}", browser.profile.path().display());
         let deadline = Instant::now() + Duration::from_secs(20);
         while browser.call("GET", "/status", None).is_err() {
             if Instant::now() > deadline {
@@ -59,7 +69,7 @@ impl Browser {
                     "acceptInsecureCerts": accept_insecure_certs,
                     "goog:chromeOptions": {
                         "binary": "/usr/bin/chromium",
-                        "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+                        "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", profile_arg]
                     }
                 }}
             })),
@@ -86,15 +96,51 @@ impl Browser {
                 "/element",
                 Some(json!({"using": "css selector", "value": css})),
             );
-            if let Ok(v) = found {
-                if let Some(id) = v[ELEMENT].as_str() {
-                    return Ok(id.to_owned());
-                }
-            }
+            let last = match found {
+                Ok(v) => match v[ELEMENT].as_str() {
+                    Some(id) => return Ok(id.to_owned()),
+                    None => format!("answered {v}"),
+                },
+                Err(e) => format!("{e:#}"),
+            };
             if Instant::now() > deadline {
-                bail!("no element {css} within {timeout:?}");
+                let url = self.session_call("GET", "/url", None).unwrap_or_default();
+                bail!("no element {css} within {timeout:?} on {url}: {last}");
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The first element matching `css` that is displayed, waiting up to
+    /// `timeout` (a hidden input cannot be typed into).
+    pub fn wait_for_displayed(&self, css: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let element = self.wait_for(css, remaining)?;
+            let shown = self.session_call("GET", &format!("/element/{element}/displayed"), None)?;
+            if shown.as_bool() == Some(true) {
+                return Ok(element);
+            }
+            if Instant::now() > deadline {
+                bail!("{css} is not displayed within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the page's text contains `wanted`; the text last seen.
+    pub fn wait_for_text(&self, wanted: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.page_text().unwrap_or_default();
+            if text.contains(wanted) {
+                return Ok(text);
+            }
+            if Instant::now() > deadline {
+                bail!("the page never showed {wanted:?}; it shows:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -155,14 +201,7 @@ impl Browser {
             self.port,
             body.len()
         )?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw)?;
-        let text = String::from_utf8_lossy(&raw);
-        let (_, payload) = text
-            .split_once("\r\n\r\n")
-            .context("no HTTP body from chromedriver")?;
-        // chromedriver answers with Content-Length; a chunked answer would
-        // need decoding, which it does not send for these commands.
+        let payload = read_answer(&mut stream)?;
         let value: Value = serde_json::from_str(payload.trim())
             .with_context(|| format!("chromedriver answered {payload}"))?;
         if let Some(error) = value["value"]["error"].as_str() {
@@ -170,6 +209,62 @@ impl Browser {
         }
         Ok(value["value"].clone())
     }
+}
+
+/// The body of one HTTP/1.1 answer. chromedriver keeps the connection
+/// open whatever the request asks, so the body is read by its
+/// Content-Length (or its chunks), not to the end of the stream.
+fn read_answer(stream: &mut TcpStream) -> Result<String> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let header = |name: &str| {
+                head.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.trim()
+                        .eq_ignore_ascii_case(name)
+                        .then(|| v.trim().to_owned())
+                })
+            };
+            if let Some(length) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+                if body.len() >= length {
+                    return Ok(body.get(..length).unwrap_or(body).to_owned());
+                }
+            } else if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+                && (body.contains("\r\n0\r\n") || body.starts_with("0\r\n"))
+            {
+                return Ok(dechunk(body));
+            }
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            let text = String::from_utf8_lossy(&raw).into_owned();
+            let (_, body) = text
+                .split_once("\r\n\r\n")
+                .context("no HTTP answer from chromedriver")?;
+            return Ok(body.to_owned());
+        }
+        raw.extend_from_slice(buf.get(..n).unwrap_or(&[]));
+    }
+}
+
+/// The body of a chunked HTTP/1.1 answer (sizes in hex, each chunk
+/// followed by CRLF, a size of 0 at the end).
+fn dechunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16);
+        match size {
+            Ok(n) if n > 0 && after.len() >= n => {
+                body.push_str(after.get(..n).unwrap_or(""));
+                rest = after.get(n..).unwrap_or("").trim_start_matches("\r\n");
+            }
+            _ => break,
+        }
+    }
+    body
 }
 
 impl Drop for Browser {

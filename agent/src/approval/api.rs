@@ -1,12 +1,20 @@
-//! The reviewer API: HTTP/1.1 and JSON on a local Unix socket. Every peer is
-//! authenticated by its credentials (`SO_PEERCRED`: uid, gid, pid), named
-//! from the local `passwd` and `group` files, and must be root or a member
-//! of an approver group of the policy in force (or of a configured reviewer
-//! group) to see anything. Approving or denying a request needs membership
-//! in that request's approver groups, and never counts the requester.
+//! The reviewer API: HTTP/1.1 and JSON on a local Unix socket, and
+//! optionally on TCP with TLS for reviewers not on this host.
+//!
+//! On the Unix socket every peer is authenticated by its credentials
+//! (`SO_PEERCRED`: uid, gid, pid). On TCP the caller sends
+//! `Authorization: Bearer TOKEN`, a reviewer token whose hash is in the
+//! token file (`tokens`), and acts as the token's Unix user. Either way the
+//! reviewer is named from the local `passwd` and `group` files, and must be
+//! root or a member of an approver group of the policy in force (or of a
+//! configured reviewer group) to see anything. Approving or denying a
+//! request needs membership in that request's approver groups, and never
+//! counts the requester. How the reviewer authenticated (`unix:UID`,
+//! `token:NAME`) is kept with each approval.
 //!
 //! | method | path | what |
 //! |---|---|---|
+//! | GET | `/`, `/index.html` | the reviewers' web page (`web`), no authentication |
 //! | GET | `/v1/requests` | pending requests |
 //! | GET | `/v1/requests/ID` | one request, pending or recently ended |
 //! | POST | `/v1/requests/ID/approve` | `{"reason", "edit", "grant": "30m"}`, all optional |
@@ -16,12 +24,15 @@
 //! | GET | `/v1/watch` | request events as Server-Sent Events, pending requests first |
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed), 401 (no peer
-//! credentials), 403 (not a reviewer, not an approver of this request, the
-//! requester itself, or not allowed by the rule), 404, 405, 409 (no longer
-//! pending), 413 (body over 128 KiB); a refused call changes nothing.
+//! credentials; on TCP no token, or one the token file does not hold, with
+//! `WWW-Authenticate: Bearer`), 403 (not a reviewer, not an approver of
+//! this request, the requester itself, or not allowed by the rule), 404,
+//! 405, 409 (no longer pending), 413 (body over 128 KiB); a refused call
+//! changes nothing.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -32,11 +43,15 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::net::UnixListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+
+use super::tokens::TokenStore;
 
 use super::{
     unix_seconds, ApprovalAsk, ApprovalEffect, ApprovalError, Grant, GrantStore, GrantSubject,
@@ -47,10 +62,19 @@ use crate::protocol::SharedPolicy;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 128 * 1024;
-/// Connections served at once.
+/// Connections served at once, on each listener.
 const MAX_CONNECTIONS: usize = 64;
-/// A connection is closed after this long, whatever it is doing.
+/// A connection is closed after this long, whatever it is doing (a request
+/// in flight is answered first, for up to [`DRAIN_TIMEOUT`]).
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request in flight may take once the connection is closing.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request's headers may take to arrive.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest `Authorization` header value looked at.
+const MAX_TOKEN: usize = 256;
 
 /// What the API serves from.
 pub struct ApiState {
@@ -66,6 +90,8 @@ pub struct ApiState {
     pub reviewer_groups: BTreeMap<String, Vec<String>>,
     /// Where `passwd` and `group` are read (`/etc`).
     pub etc: PathBuf,
+    /// The reviewer tokens TCP callers sign in with.
+    pub tokens: Arc<TokenStore>,
 }
 
 /// The credentials of a connected peer.
@@ -74,6 +100,15 @@ struct Peer {
     uid: u32,
     gid: u32,
     pid: Option<u32>,
+}
+
+/// How a caller reached the API, which decides how it authenticates.
+#[derive(Debug, Clone, Copy)]
+enum Caller {
+    /// A peer of the Unix socket, by its credentials (`None`: unreadable).
+    Unix(Option<Peer>),
+    /// A TLS client at this address, which must present a token.
+    Remote(SocketAddr),
 }
 
 /// Serves reviewers until `stop` is cancelled.
@@ -108,28 +143,105 @@ pub async fn serve(listener: UnixListener, state: Arc<ApiState>, stop: Cancellat
         let state = state.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
-            });
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            // A watch stream outlives the timeout (see `watch`).
-            let streaming = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let connection = STREAMING.scope(streaming.clone(), connection);
-            tokio::pin!(connection);
-            let served = match tokio::time::timeout(CONNECTION_TIMEOUT, &mut connection).await {
-                Err(_) if streaming.load(std::sync::atomic::Ordering::Relaxed) => {
-                    Ok(connection.await)
-                }
-                other => other,
-            };
-            match served {
-                Ok(Err(e)) => tracing::debug!(error = %e, "reviewer socket: connection failed"),
-                Err(_) => tracing::debug!("reviewer socket: connection timed out"),
-                Ok(Ok(())) => {}
-            }
+            serve_connection(stream, state, Caller::Unix(peer)).await;
         });
     }
+}
+
+/// Serves reviewers on TCP with TLS until `stop` is cancelled. Plain HTTP
+/// is not spoken here: a client that does not start a TLS handshake is
+/// disconnected.
+pub async fn serve_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    state: Arc<ApiState>,
+    stop: CancellationToken,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        // A permit before accept, as on the Unix socket: anyone who can
+        // reach the port may connect.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (stream, addr) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reviewer API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (state, acceptor) = (state.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %addr, error = %e, "reviewer API: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %addr, "reviewer API: TLS handshake timed out");
+                    return;
+                }
+            };
+            serve_connection(tls, state, Caller::Remote(addr)).await;
+        });
+    }
+}
+
+/// HTTP/1.1 on one connection, for at most [`CONNECTION_TIMEOUT`], except
+/// a watch stream, which lasts as long as its reader.
+async fn serve_connection<S>(io: S, state: Arc<ApiState>, caller: Caller)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(&state, caller, req).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service);
+    // The request handlers run inside this scope, where `watch` marks the
+    // connection as a stream.
+    let streaming = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let marked = streaming.clone();
+    STREAMING
+        .scope(streaming, async move {
+            tokio::pin!(connection);
+            tokio::select! {
+                served = connection.as_mut() => {
+                    if let Err(e) = served {
+                        tracing::debug!(error = %e, "reviewer API: connection failed");
+                    }
+                }
+                _ = tokio::time::sleep(CONNECTION_TIMEOUT) => {
+                    if marked.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Err(e) = connection.await {
+                            tracing::debug!(error = %e, "reviewer API: watch connection failed");
+                        }
+                        return;
+                    }
+                    // A request in flight is answered; then the connection
+                    // closes (a browser opens another).
+                    connection.as_mut().graceful_shutdown();
+                    if tokio::time::timeout(DRAIN_TIMEOUT, connection).await.is_err() {
+                        tracing::debug!("reviewer API: connection timed out");
+                    }
+                }
+            }
+        })
+        .await;
 }
 
 type Reply = Response<http_body_util::Either<Full<Bytes>, EventStream>>;
@@ -139,9 +251,15 @@ fn reply(status: StatusCode, body: &Value) -> Reply {
         body.to_string(),
     ))));
     *response.status_mut() = status;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
+    );
+    // Requests and grants are not for any cache between here and a browser.
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
     );
     response
 }
@@ -162,33 +280,26 @@ fn to_json<T: serde::Serialize>(value: &T) -> Reply {
     }
 }
 
-async fn handle(state: &ApiState, peer: Option<Peer>, req: Request<Incoming>) -> Reply {
-    let Some(peer) = peer else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "the reviewer socket could not read this connection's credentials",
-        );
-    };
-    // Reads /proc and /etc (and hashes the caller's executable once).
-    let (etc, identity) = (state.etc.clone(), state.identity.clone());
-    let described = tokio::task::spawn_blocking(move || {
-        Reviewer::of_peer(peer.uid, peer.gid, peer.pid, &etc, &identity)
-    })
-    .await;
-    let reviewer = match described {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    };
-    if !may_use_api(state, &reviewer) {
-        tracing::info!(uid = reviewer.uid, user = %reviewer.user, "reviewer API: refused a caller who is no reviewer");
-        return error(
-            StatusCode::FORBIDDEN,
-            format!(
-                "{} (uid {}) is not in any approver group of the policy in force",
-                reviewer.user, reviewer.uid
-            ),
-        );
+fn unauthorized(message: impl std::fmt::Display) -> Reply {
+    let mut response = error(StatusCode::UNAUTHORIZED, message);
+    response.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static("Bearer realm=\"tollgate reviewers\""),
+    );
+    response
+}
+
+async fn handle(state: &ApiState, caller: Caller, req: Request<Incoming>) -> Reply {
+    // The page holds no data: served to anyone, on either listener.
+    let path = req.uri().path();
+    if matches!(*req.method(), Method::GET | Method::HEAD) && (path == "/" || path == "/index.html")
+    {
+        return super::web::page_response().map(http_body_util::Either::Left);
     }
+    let reviewer = match authenticate(state, caller, &req).await {
+        Ok(reviewer) => reviewer,
+        Err(refusal) => return refusal,
+    };
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
@@ -228,7 +339,7 @@ async fn handle(state: &ApiState, peer: Option<Peer>, req: Request<Incoming>) ->
             match body::<DenyBody>(req).await {
                 Ok(ask) => match state.registry.deny(&id, &reviewer, ask.reason, now) {
                     Ok(outcome) => {
-                        tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, outcome = ?outcome, "review: request denied");
+                        tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, via = %reviewer.via, outcome = ?outcome, "review: request denied");
                         to_json(&json!({ "status": "denied", "outcome": outcome }))
                     }
                     Err(e) => refused_logged(&id, &reviewer, &e),
@@ -255,7 +366,7 @@ async fn handle(state: &ApiState, peer: Option<Peer>, req: Request<Incoming>) ->
             ),
             Some(id) => match state.grants.revoke(&id, &reviewer.user, now) {
                 Ok(grant) => {
-                    tracing::info!(grant = %id, reviewer = %reviewer.user, uid = reviewer.uid, "review: grant revoked");
+                    tracing::info!(grant = %id, reviewer = %reviewer.user, uid = reviewer.uid, via = %reviewer.via, "review: grant revoked");
                     to_json(&json!({ "status": "revoked", "grant": grant }))
                 }
                 Err(e) => refused(&e),
@@ -268,6 +379,105 @@ async fn handle(state: &ApiState, peer: Option<Peer>, req: Request<Incoming>) ->
         ),
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint {path}")),
     }
+}
+
+/// Who the caller is, if it may use the API at all; else the refusal.
+async fn authenticate(
+    state: &ApiState,
+    caller: Caller,
+    req: &Request<Incoming>,
+) -> Result<Reviewer, Reply> {
+    let (etc, identity, tokens) = (
+        state.etc.clone(),
+        state.identity.clone(),
+        state.tokens.clone(),
+    );
+    let reviewer = match caller {
+        Caller::Unix(None) => {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "the reviewer socket could not read this connection's credentials",
+            ))
+        }
+        Caller::Unix(Some(peer)) => {
+            // Reads /proc and /etc (and hashes the caller's executable once).
+            tokio::task::spawn_blocking(move || {
+                Reviewer::of_peer(peer.uid, peer.gid, peer.pid, &etc, &identity)
+            })
+            .await
+            .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        }
+        Caller::Remote(addr) => {
+            let token = bearer_token(req).map_err(|why| {
+                tracing::info!(peer = %addr, reason = why, "reviewer API: no token");
+                unauthorized(why)
+            })?;
+            // Looks at the token file (and reads it when it changed).
+            let named = tokio::task::spawn_blocking(move || token_reviewer(&tokens, &token, &etc))
+                .await
+                .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+            named.map_err(|why| {
+                tracing::info!(peer = %addr, reason = %why, "reviewer API: token refused");
+                unauthorized(why)
+            })?
+        }
+    };
+    if !may_use_api(state, &reviewer) {
+        tracing::info!(uid = reviewer.uid, user = %reviewer.user, via = %reviewer.via, "reviewer API: refused a caller who is no reviewer");
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} (uid {}) is not in any approver group of the policy in force",
+                reviewer.user, reviewer.uid
+            ),
+        ));
+    }
+    Ok(reviewer)
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header.
+fn bearer_token(req: &Request<Incoming>) -> Result<String, &'static str> {
+    let missing = "no reviewer token: send Authorization: Bearer TOKEN (tollgate approvals tokens add makes one)";
+    let header = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .ok_or(missing)?;
+    if header.len() > MAX_TOKEN {
+        return Err("the Authorization header is too long for a reviewer token");
+    }
+    let text = header
+        .to_str()
+        .map_err(|_| "the Authorization header is not text")?;
+    match text.trim().split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim().to_owned())
+        }
+        _ => Err(missing),
+    }
+}
+
+/// The reviewer a token stands for, or why it stands for none. The reason
+/// goes to the caller: it names no entry of the file.
+fn token_reviewer(
+    tokens: &TokenStore,
+    token: &str,
+    etc: &std::path::Path,
+) -> Result<Reviewer, String> {
+    let file = tokens.current().map_err(|_| {
+        "token logins are refused: the agent's token file is not safe to use (its log says why)"
+            .to_owned()
+    })?;
+    let entry = file
+        .find(token)
+        .ok_or_else(|| "unknown or revoked reviewer token".to_owned())?;
+    Reviewer::of_token_user(&entry.user, &entry.name, etc).ok_or_else(|| {
+        format!(
+            "the token's user {} does not exist on this host; revoke the token",
+            entry.user
+        )
+    })
 }
 
 /// Root, a member of an approver group of a review rule in force, or a
@@ -335,7 +545,7 @@ async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<
 }
 
 fn refused_logged(id: &RequestId, reviewer: &Reviewer, e: &ApprovalError) -> Reply {
-    tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, error = %e, "review: reviewer action refused");
+    tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, via = %reviewer.via, error = %e, "review: reviewer action refused");
     refused(e)
 }
 
@@ -364,11 +574,11 @@ fn approve(
     match state.registry.approve(id, reviewer, ask, now) {
         Err(e) => refused_logged(id, reviewer, &e),
         Ok(ApprovalEffect::Counted { have, need }) => {
-            tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, have, need, "review: approval counted");
+            tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, via = %reviewer.via, have, need, "review: approval counted");
             to_json(&json!({ "status": "counted", "approvals": have, "needed": need }))
         }
         Ok(ApprovalEffect::Approved { outcome, grant }) => {
-            tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, outcome = ?outcome, "review: request approved");
+            tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, via = %reviewer.via, outcome = ?outcome, "review: request approved");
             let stored = match grant {
                 None => None,
                 Some(length) => {

@@ -14,7 +14,10 @@
 //!   from a `review` decision, a guard that cancels it when the session
 //!   stops waiting, and the notice and errors the client is shown.
 //! - `api`: the reviewer API, HTTP and JSON on a local Unix socket whose
-//!   peers are authenticated by their credentials (`SO_PEERCRED`).
+//!   peers are authenticated by their credentials (`SO_PEERCRED`), and
+//!   optionally on TCP with TLS for reviewers who sign in with a token.
+//! - `tokens`: reviewer tokens, kept as SHA-256 hashes in a root-only file.
+//! - `web`: the reviewers' web page the API serves at `/`.
 //! - `client`: the same API from the `tollgate approvals` command.
 //! - `notify`: webhook and Slack notifications of request events, sent by a
 //!   task of their own with a bounded queue, retried, never deciding.
@@ -31,6 +34,7 @@ pub mod registry;
 pub mod reviewers;
 #[cfg(test)]
 mod tests;
+pub mod tokens;
 pub mod web;
 
 use std::collections::BTreeMap;
@@ -220,6 +224,76 @@ pub fn bind_socket(
         })?;
     }
     Ok(listener)
+}
+
+/// Binds the reviewer API's TCP listener and loads its certificate, when
+/// `approvals_listen` is set. Also looks at the token file once, so that an
+/// unsafe one is reported at start rather than at the first login.
+pub async fn bind_tls_listener(
+    agent: &crate::config::AgentSettings,
+    tokens: &tokens::TokenStore,
+) -> anyhow::Result<Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>> {
+    use anyhow::Context as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let Some(addr) = agent.approvals_listen else {
+        return Ok(None);
+    };
+    // The configuration check makes both required with a listen address.
+    let (Some(cert_path), Some(key_path)) = (&agent.approvals_tls_cert, &agent.approvals_tls_key)
+    else {
+        anyhow::bail!("agent.approvals_listen needs approvals_tls_cert and approvals_tls_key");
+    };
+    let chain = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| {
+            format!(
+                "agent.approvals_tls_cert: cannot read a PEM certificate chain from {}",
+                cert_path.display()
+            )
+        })?;
+    if chain.is_empty() {
+        anyhow::bail!(
+            "agent.approvals_tls_cert: {} holds no PEM certificate",
+            cert_path.display()
+        );
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).with_context(|| {
+        format!(
+            "agent.approvals_tls_key: cannot read a PEM private key from {}",
+            key_path.display()
+        )
+    })?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("reviewer API: TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .with_context(|| {
+            format!(
+                "reviewer API: the key {} does not go with the certificate {}",
+                key_path.display(),
+                cert_path.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("agent.approvals_listen: cannot listen on {addr} (in use, or not an address of this host?)")
+    })?;
+    match tokens.current() {
+        Ok(file) if file.entries.is_empty() => tracing::warn!(
+            path = %tokens.path().display(),
+            "reviewer API: no reviewer tokens yet; add one with tollgate approvals tokens add"
+        ),
+        // An unsafe file was logged as an error already.
+        Ok(_) | Err(_) => {}
+    }
+    Ok(Some((
+        listener,
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+    )))
 }
 
 /// Ends requests whose timeout passed, once a second, until `stop`.

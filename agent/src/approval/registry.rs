@@ -186,6 +186,8 @@ pub struct ApprovalRecord {
     pub grant_seconds: Option<u64>,
     /// When, in Unix seconds.
     pub at: u64,
+    /// How the reviewer authenticated: `unix:UID` or `token:NAME`.
+    pub via: String,
 }
 
 /// A request as `list` and `show` present it.
@@ -501,6 +503,7 @@ impl Registry {
             reason: ask.reason,
             grant_seconds: ask.grant.map(|d| d.as_secs()),
             at: unix_seconds(now),
+            via: reviewer.via.clone(),
         };
         // The same person counts once: a second approval replaces the first.
         match view.approvals.iter_mut().find(|a| a.uid == reviewer.uid) {

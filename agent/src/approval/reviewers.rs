@@ -21,6 +21,10 @@ pub struct Reviewer {
     pub cgroup: Option<String>,
     /// The verified CI actor of that process, when it runs in a CI job.
     pub ci_actor: Option<String>,
+    /// How it authenticated, for the audit: `unix:UID` (the reviewer
+    /// socket's peer credentials) or `token:NAME` (a reviewer token over
+    /// TLS).
+    pub via: String,
 }
 
 impl Reviewer {
@@ -48,8 +52,34 @@ impl Reviewer {
                 .and_then(|p| p.ci.as_ref())
                 .filter(|ci| ci.verified)
                 .and_then(|ci| ci.actor.clone()),
+            via: format!("unix:{uid}"),
         }
     }
+
+    /// Describes the Unix `user` a reviewer token named `token` acts as,
+    /// with the files under `etc`; `None` when `passwd` has no such user.
+    /// There is no process to name: a remote reviewer has no cgroup and no
+    /// CI actor, and is kept apart from the requester by uid.
+    pub fn of_token_user(user: &str, token: &str, etc: &Path) -> Option<Reviewer> {
+        let passwd = std::fs::read_to_string(etc.join("passwd")).unwrap_or_default();
+        let group = std::fs::read_to_string(etc.join("group")).unwrap_or_default();
+        let (uid, gid) = user_ids(&passwd, user)?;
+        Some(Reviewer {
+            uid,
+            user: user.to_owned(),
+            groups: groups_of(&group, user, gid),
+            cgroup: None,
+            ci_actor: None,
+            via: format!("token:{token}"),
+        })
+    }
+}
+
+/// The uid and primary gid of user `name` in a `passwd` file.
+pub fn user_ids(passwd: &str, name: &str) -> Option<(u32, u32)> {
+    let fields = entries(passwd).find(|fields| fields.first().map(|n| n.trim()) == Some(name))?;
+    let number = |i: usize| fields.get(i).and_then(|f| f.trim().parse::<u32>().ok());
+    Some((number(2)?, number(3)?))
 }
 
 /// The name of `uid` in a `passwd` file.

@@ -114,6 +114,7 @@ fn reviewer(uid: u32, user: &str, groups: &[&str]) -> Reviewer {
         groups: groups.iter().map(|g| g.to_string()).collect(),
         cgroup: Some(format!("/user.slice/user-{uid}.slice/session-1.scope")),
         ci_actor: None,
+        via: format!("unix:{uid}"),
     }
 }
 
@@ -694,6 +695,7 @@ fn api_in(
         policy: Arc::new(std::sync::RwLock::new(Arc::new(policy))),
         reviewer_groups: BTreeMap::new(),
         etc: "/etc".into(),
+        tokens: Arc::new(super::tokens::TokenStore::new(dir.join("tokens"))),
     });
     tokio::spawn(api::serve(
         listener,

@@ -42,6 +42,7 @@ pub fn approvals_command(command: ApprovalsCommand) -> ExitCode {
             format!("/v1/requests/{}/deny", escape(id)),
             Some(json!({ "reason": reason })),
         ),
+        ApprovalsCommand::Tokens(tokens) => return super::tokens::tokens_command(tokens),
         ApprovalsCommand::Grants { conn, revoke, all } => match revoke {
             Some(id) => (
                 conn,
@@ -95,6 +96,8 @@ pub fn approvals_command(command: ApprovalsCommand) -> ExitCode {
         } => format!("revoked grant {id}\n"),
         ApprovalsCommand::Grants { .. } => grants_text(&value),
         ApprovalsCommand::Watch { .. } => String::new(),
+        // Answered above, without the agent.
+        ApprovalsCommand::Tokens(_) => String::new(),
     };
     print!("{text}");
     ExitCode::SUCCESS
@@ -343,9 +346,17 @@ fn show_text(r: &Value) -> String {
         line("edited by", by.to_owned());
         line("runs as", str_of(r, "text").to_owned());
     }
+    // Each reviewer with how they authenticated (unix:UID, token:NAME).
     let approvals: Vec<String> = r["approvals"]
         .as_array()
-        .map(|a| a.iter().map(|x| str_of(x, "by").to_owned()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|x| match x["via"].as_str() {
+                    Some(via) => format!("{} ({via})", str_of(x, "by")),
+                    None => str_of(x, "by").to_owned(),
+                })
+                .collect()
+        })
         .unwrap_or_default();
     line(
         "approvals",
@@ -496,6 +507,7 @@ mod tests {
             groups: vec!["dba".into()],
             cgroup: None,
             ci_actor: None,
+            via: "token:alice-laptop".into(),
         };
         registry
             .approve(&id, &alice, ApprovalAsk::default(), at)
@@ -534,7 +546,7 @@ mod tests {
             "hidden         1 literal(s) meeting masked columns shown as '***'; the statement runs as sent".to_owned(),
             "session so far 1 statement(s), oldest first:".to_owned(),
             "               2026-05-28T20:26:40Z  deny, refused  DROP TABLE orders".to_owned(),
-            "approvals      1/2 alice".to_owned(),
+            "approvals      1/2 alice (token:alice-laptop)".to_owned(),
             "expires        2026-05-28T20:36:40Z".to_owned(),
             "outcome        pending".to_owned(),
         ] {

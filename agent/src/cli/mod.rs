@@ -5,6 +5,7 @@
 
 mod approvals;
 mod status;
+mod tokens;
 
 use std::path::PathBuf;
 
@@ -105,11 +106,12 @@ pub enum Command {
     Recordings(RecordingsCommand),
 
     /// Review statements held by `review` rules: list, show, approve, deny;
-    /// list and revoke grants.
+    /// list and revoke grants; manage reviewer tokens.
     ///
     /// Talks to the agent's reviewer socket, which authenticates the caller
     /// by its Unix credentials: only members of an approver group (or root,
-    /// to list and revoke) are served. Examples:
+    /// to list and revoke) are served. Reviewers on other hosts use the web
+    /// page or the API over TLS with a token (`tokens add`). Examples:
     ///
     ///   tollgate approvals list
     ///   tollgate approvals approve 01KBM3... --reason "checked the WHERE"
@@ -118,6 +120,7 @@ pub enum Command {
     ///   tollgate approvals deny 01KBM3... --reason "not during the sale"
     ///   tollgate approvals grants --revoke 01KBM4...
     ///   tollgate approvals watch
+    ///   tollgate approvals tokens add alice-laptop --user alice
     ///
     /// A statement a `review` rule holds waits in its session (the client
     /// sees a notice naming the request) until enough other approvers
@@ -448,6 +451,70 @@ pub enum ApprovalsCommand {
     Watch {
         #[command(flatten)]
         conn: ApprovalsConn,
+    },
+    /// Make, list and revoke reviewer tokens (root only).
+    ///
+    /// A token lets a reviewer who is not on this host use the reviewer API
+    /// and its web page over TLS (agent.approvals_listen), acting as a Unix
+    /// user of this host: that user's groups make it an approver, and it can
+    /// never approve a statement that user sent. The agent keeps only each
+    /// token's SHA-256, in agent.approvals_tokens
+    /// (/etc/tollgate/reviewer-tokens), and notices changes at the next
+    /// login; these commands edit that file, so the agent need not run.
+    /// Examples:
+    ///
+    ///   tollgate approvals tokens add alice-laptop --user alice
+    ///   tollgate approvals tokens list
+    ///   tollgate approvals tokens revoke alice-laptop
+    #[command(subcommand, verbatim_doc_comment)]
+    Tokens(TokensCommand),
+}
+
+/// Which token file `tollgate approvals tokens` edits.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TokensFile {
+    #[command(flatten)]
+    pub config: ConfigArg,
+
+    /// The token file, instead of the configuration's agent.approvals_tokens
+    /// (/etc/tollgate/reviewer-tokens when there is no configuration file).
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+}
+
+/// `tollgate approvals tokens ...`
+#[derive(Subcommand, Debug)]
+pub enum TokensCommand {
+    /// Make a token for a reviewer and print it, once.
+    ///
+    /// The token is printed alone on standard output; only its hash is
+    /// stored (the file is written whole and renamed into place, mode 0600).
+    Add {
+        #[command(flatten)]
+        file: TokensFile,
+        /// The token's name, shown in audit records as token:NAME (letters,
+        /// digits, '.', '_', '-').
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The Unix user of this host the token acts as.
+        #[arg(long, value_name = "USER")]
+        user: String,
+    },
+    /// List the tokens: name, user and when each was made (never the token).
+    List {
+        #[command(flatten)]
+        file: TokensFile,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: the agent refuses it from the next request on.
+    Revoke {
+        #[command(flatten)]
+        file: TokensFile,
+        /// The token's name.
+        #[arg(value_name = "NAME")]
+        name: String,
     },
 }
 

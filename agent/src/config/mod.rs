@@ -209,6 +209,15 @@ pub struct AgentSettings {
     pub approvals_socket_group: Option<String>,
     /// The embedded database of grants (root-only).
     pub approvals_store: PathBuf,
+    /// Where the reviewer API also listens on TCP, with TLS, for reviewers
+    /// not on this host (off unless set).
+    pub approvals_listen: Option<std::net::SocketAddr>,
+    /// The PEM certificate chain of that listener.
+    pub approvals_tls_cert: Option<PathBuf>,
+    /// The PEM private key of that listener.
+    pub approvals_tls_key: Option<PathBuf>,
+    /// The root-only file of reviewer tokens' hashes.
+    pub approvals_tokens: PathBuf,
 }
 
 /// `[agent] client_tls`: what a client's SSLRequest is answered.
@@ -244,6 +253,10 @@ impl Default for AgentSettings {
             approvals_socket_mode: 0o666,
             approvals_socket_group: None,
             approvals_store: PathBuf::from("/var/lib/tollgate/approvals.redb"),
+            approvals_listen: None,
+            approvals_tls_cert: None,
+            approvals_tls_key: None,
+            approvals_tokens: PathBuf::from(crate::approval::tokens::DEFAULT_TOKENS_PATH),
         }
     }
 }

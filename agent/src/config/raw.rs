@@ -94,6 +94,10 @@ struct RawAgent {
     approvals_socket_mode: Option<Spanned<String>>,
     approvals_socket_group: Option<Spanned<String>>,
     approvals_store: Option<Spanned<String>>,
+    approvals_listen: Option<Spanned<String>>,
+    approvals_tls_cert: Option<Spanned<String>>,
+    approvals_tls_key: Option<Spanned<String>>,
+    approvals_tokens: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -392,6 +396,11 @@ fn check_approvals(c: &mut Checker<'_>, raw: &RawAgent, agent: &mut AgentSetting
             "approvals_store",
             &mut agent.approvals_store,
         ),
+        (
+            &raw.approvals_tokens,
+            "approvals_tokens",
+            &mut agent.approvals_tokens,
+        ),
     ] {
         if let Some(v) = value {
             if Path::new(v.get_ref()).is_absolute() {
@@ -421,6 +430,64 @@ fn check_approvals(c: &mut Checker<'_>, raw: &RawAgent, agent: &mut AgentSetting
         } else {
             agent.approvals_socket_group = Some(g.get_ref().clone());
         }
+    }
+    check_approvals_listener(c, raw, agent);
+}
+
+/// `approvals_listen` with its certificate and key: TLS only, so both are
+/// required with it (and mean nothing without it).
+fn check_approvals_listener(c: &mut Checker<'_>, raw: &RawAgent, agent: &mut AgentSettings) {
+    for (value, field, target) in [
+        (
+            &raw.approvals_tls_cert,
+            "approvals_tls_cert",
+            &mut agent.approvals_tls_cert,
+        ),
+        (
+            &raw.approvals_tls_key,
+            "approvals_tls_key",
+            &mut agent.approvals_tls_key,
+        ),
+    ] {
+        if let Some(v) = value {
+            if Path::new(v.get_ref()).is_absolute() {
+                *target = Some(PathBuf::from(v.get_ref()));
+            } else {
+                c.error(v, format!("{field} must be an absolute path to a PEM file"));
+            }
+        }
+    }
+    let Some(listen) = &raw.approvals_listen else {
+        for (value, field) in [
+            (&raw.approvals_tls_cert, "approvals_tls_cert"),
+            (&raw.approvals_tls_key, "approvals_tls_key"),
+        ] {
+            if let Some(v) = value {
+                c.error(
+                    v,
+                    format!(
+                        "{field} is set but approvals_listen is not; set both, or remove {field}"
+                    ),
+                );
+            }
+        }
+        return;
+    };
+    match listen.get_ref().parse::<std::net::SocketAddr>() {
+        Ok(addr) => agent.approvals_listen = Some(addr),
+        Err(_) => c.error(
+            listen,
+            format!(
+                "approvals_listen \"{}\" is not an address; write it like \"0.0.0.0:8443\"",
+                listen.get_ref()
+            ),
+        ),
+    }
+    if raw.approvals_tls_cert.is_none() || raw.approvals_tls_key.is_none() {
+        c.error(
+            listen,
+            "approvals_listen serves the reviewer API over TLS only: set approvals_tls_cert and approvals_tls_key to PEM files of its certificate chain and private key",
+        );
     }
 }
 

@@ -630,3 +630,44 @@ fn notify_errors_name_the_field_and_what_is_allowed() {
     );
     assert!(e[0].contains("unknown field `secret`"), "{e:?}");
 }
+
+#[test]
+fn the_reviewer_api_over_tls_needs_a_certificate_and_a_key() {
+    let c = parse("").unwrap();
+    assert_eq!(c.agent.approvals_listen, None);
+    assert_eq!(
+        c.agent.approvals_tokens,
+        Path::new("/etc/tollgate/reviewer-tokens")
+    );
+    let c = parse(
+        "[agent]\napprovals_listen = \"0.0.0.0:8443\"\napprovals_tls_cert = \"/etc/tollgate/api.pem\"\napprovals_tls_key = \"/etc/tollgate/api-key.pem\"\napprovals_tokens = \"/srv/t/tokens\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.agent.approvals_listen,
+        Some("0.0.0.0:8443".parse().unwrap())
+    );
+    assert_eq!(
+        c.agent.approvals_tls_cert.as_deref(),
+        Some(Path::new("/etc/tollgate/api.pem"))
+    );
+    assert_eq!(
+        c.agent.approvals_tls_key.as_deref(),
+        Some(Path::new("/etc/tollgate/api-key.pem"))
+    );
+    assert_eq!(c.agent.approvals_tokens, Path::new("/srv/t/tokens"));
+
+    #[rustfmt::skip]
+    let cases = [
+        ("[agent]\napprovals_listen = \"0.0.0.0:8443\"\n", "t.toml:2:20: approvals_listen serves the reviewer API over TLS only: set approvals_tls_cert and approvals_tls_key"),
+        ("[agent]\napprovals_listen = \"0.0.0.0:8443\"\napprovals_tls_cert = \"/c.pem\"\n", "t.toml:2:20: approvals_listen serves the reviewer API over TLS only"),
+        ("[agent]\napprovals_listen = \"8443\"\napprovals_tls_cert = \"/c.pem\"\napprovals_tls_key = \"/k.pem\"\n", "t.toml:2:20: approvals_listen \"8443\" is not an address"),
+        ("[agent]\napprovals_tls_cert = \"/c.pem\"\n", "t.toml:2:22: approvals_tls_cert is set but approvals_listen is not"),
+        ("[agent]\napprovals_listen = \"0.0.0.0:8443\"\napprovals_tls_cert = \"c.pem\"\napprovals_tls_key = \"/k.pem\"\n", "t.toml:3:22: approvals_tls_cert must be an absolute path"),
+        ("[agent]\napprovals_tokens = \"tokens\"\n", "t.toml:2:20: approvals_tokens must be an absolute path"),
+    ];
+    for (text, want) in cases {
+        let got = errors(text).join("\n");
+        assert!(got.contains(want), "for\n{text}\nwant: {want}\ngot:  {got}");
+    }
+}

@@ -174,6 +174,11 @@ impl RunningAgent {
             std::time::SystemTime::now(),
         )?);
         let approvals_socket = crate::approval::bind_socket(&config.agent)?;
+        let reviewer_tokens = Arc::new(crate::approval::tokens::TokenStore::new(
+            config.agent.approvals_tokens.clone(),
+        ));
+        let approvals_tls =
+            crate::approval::bind_tls_listener(&config.agent, &reviewer_tokens).await?;
         let approvals = Arc::new(crate::approval::Registry::new(config.reviewers.clone()));
         let review_desk = Arc::new(crate::approval::Desk {
             registry: approvals.clone(),
@@ -273,16 +278,18 @@ impl RunningAgent {
             stop_accepting.clone(),
         ));
         tracing::info!(socket = %shared.config.agent.approvals_socket.display(), "reviewer socket ready");
+        let api_state = Arc::new(crate::approval::api::ApiState {
+            registry: shared.approvals.clone(),
+            grants: shared.grants.clone(),
+            identity: shared.identity.clone(),
+            policy: shared.policy.clone(),
+            reviewer_groups: shared.config.reviewers.clone(),
+            etc: std::path::PathBuf::from("/etc"),
+            tokens: reviewer_tokens,
+        });
         background.spawn(crate::approval::api::serve(
             approvals_socket,
-            Arc::new(crate::approval::api::ApiState {
-                registry: shared.approvals.clone(),
-                grants: shared.grants.clone(),
-                identity: shared.identity.clone(),
-                policy: shared.policy.clone(),
-                reviewer_groups: shared.config.reviewers.clone(),
-                etc: std::path::PathBuf::from("/etc"),
-            }),
+            api_state.clone(),
             stop_accepting.clone(),
         ));
         if let Some(notifier) = crate::approval::notify::start(
@@ -293,6 +300,17 @@ impl RunningAgent {
             stop_accepting.clone(),
         ) {
             background.spawn(notifier);
+        }
+        if let Some((listener, acceptor)) = approvals_tls {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "reviewer API and web page at https://{addr}/");
+            }
+            background.spawn(crate::approval::api::serve_tls(
+                listener,
+                acceptor,
+                api_state,
+                stop_accepting.clone(),
+            ));
         }
         background.spawn(crate::approval::expire_requests(
             shared.approvals.clone(),

@@ -211,6 +211,11 @@ pub struct ReviewApprovalRecord {
     pub grant_s: Option<u64>,
     /// When, in Unix seconds.
     pub at: u64,
+    /// How the reviewer authenticated: `unix:UID` (the reviewer socket) or
+    /// `token:NAME` (a reviewer token over TLS). Absent in recordings made
+    /// before it was kept.
+    #[serde(default)]
+    pub via: Option<String>,
 }
 
 /// How a review ended.

@@ -252,7 +252,14 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
             let who = match (&r.denied_by, r.approvals.is_empty()) {
                 (Some(by), _) => format!(" by {by}"),
                 (None, false) => {
-                    let names: Vec<&str> = r.approvals.iter().map(|a| a.by.as_str()).collect();
+                    let names: Vec<String> = r
+                        .approvals
+                        .iter()
+                        .map(|a| match &a.via {
+                            Some(via) => format!("{} ({via})", a.by),
+                            None => a.by.clone(),
+                        })
+                        .collect();
                     format!(" by {}", names.join(", "))
                 }
                 (None, true) => String::new(),

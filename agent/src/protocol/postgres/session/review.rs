@@ -373,6 +373,7 @@ fn record_end(
                     reason: a.reason.clone(),
                     grant_s: a.grant_seconds,
                     at: a.at,
+                    via: Some(a.via.clone()),
                 })
                 .collect()
         })
