@@ -750,3 +750,110 @@ fn an_agent_that_stops_ends_held_statements_as_aborted_and_records_it() {
     assert_eq!(ended["outcome"], "aborted");
     assert_eq!(ended["request"], id.as_str());
 }
+
+/// A copy of `sh` named `Runner.Worker` (a GitHub Actions runner, as the
+/// agent recognises one) in a directory everyone can read, and the command
+/// line that runs `command` as its direct child with a verified job
+/// environment whose actor is `actor`.
+fn under_runner(dir: &Path, actor: &str, command: &[String]) -> (PathBuf, Vec<String>) {
+    let runner = dir.join("Runner.Worker");
+    if !runner.exists() {
+        std::fs::copy("/bin/sh", &runner).unwrap();
+        std::fs::set_permissions(&runner, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let quoted: Vec<String> = command.iter().map(|a| format!("'{a}'")).collect();
+    // `; exit $?` keeps the runner the parent of its child (the shell does
+    // not exec a command that is not its last) and passes on its status.
+    let script = format!(
+        "env GITHUB_ACTIONS=true GITHUB_ACTOR={actor} GITHUB_REPOSITORY=acme/shop GITHUB_WORKFLOW=deploy GITHUB_RUN_ID=42 GITHUB_SHA=0123abcd {}; exit $?",
+        quoted.join(" ")
+    );
+    (runner, vec!["-c".to_owned(), script])
+}
+
+/// The requester is a CI job whose verified actor is `octocat`: a reviewer
+/// (another uid, another cgroup) whose own job runs for the same actor is
+/// the requester, and is refused; one for another actor approves. The
+/// view names the job, its run and commit.
+#[test]
+fn a_reviewer_running_for_the_requesting_jobs_ci_actor_cannot_approve() {
+    let r = Review::start();
+    let runners = tempfile::Builder::new()
+        .prefix("tollgate-runner-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(runners.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let psql: Vec<String> = [
+        pg_tool("psql").to_str().unwrap(),
+        "-X",
+        "-A",
+        "-t",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &r.g.port.to_string(),
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-c",
+        "DELETE FROM orders WHERE id = 5",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let (runner, args) = under_runner(runners.path(), "octocat", &psql);
+    let job = r.spawn_in_cgroup(&runner, &args);
+    let view = &r.pending(1)[0];
+    let id = id_of(view);
+    let ci = &view["context"]["identity"]["ci"];
+    assert_eq!(ci["verified"], true, "{view}");
+    assert_eq!(ci["actor"], "octocat", "{view}");
+    assert_eq!(ci["commit"], "0123abcd", "{view}");
+    let shown = ok(&r.approvals("daemon", &["show", &id]));
+    assert!(shown.contains("commit 0123abcd"), "{shown}");
+
+    // daemon, but running for octocat too: refused, and nothing changes.
+    let approve_as = |actor: &str| {
+        let command: Vec<String> = [
+            agent_binary().to_str().unwrap(),
+            "approvals",
+            "approve",
+            &id,
+            "--reason",
+            "ci",
+            "--socket",
+            r.socket.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let (runner, args) = under_runner(runners.path(), actor, &command);
+        Command::new("runuser")
+            .args(["-u", "daemon", "--"])
+            .arg(&runner)
+            .args(&args)
+            .env_remove("TOLLGATE_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let same_actor = approve_as("octocat");
+    let said = String::from_utf8_lossy(&same_actor.stderr);
+    assert!(!same_actor.status.success(), "{said}");
+    assert!(
+        said.contains("HTTP 403") && said.contains("octocat"),
+        "{said}"
+    );
+    assert_eq!(r.count(), "20", "still held");
+
+    let other_actor = approve_as("hubot");
+    assert!(
+        other_actor.status.success(),
+        "{}",
+        String::from_utf8_lossy(&other_actor.stderr)
+    );
+    let (success, stdout, stderr) = finish(job);
+    assert!(success, "{stderr}");
+    assert!(stdout.contains("DELETE 1"), "{stdout}");
+    assert_eq!(r.count(), "19");
+}

@@ -45,6 +45,7 @@ fn requester() -> ProcessIdentity {
             workflow: Some("deploy".into()),
             actor: Some("octo-bot".into()),
             url: None,
+            commit: None,
             runner_pid: Some(10),
             verified: true,
         }),

@@ -293,12 +293,13 @@ fn show_text(r: &Value) -> String {
         line(
             "ci",
             format!(
-                "{} {} workflow {} run {} actor {} ({})",
+                "{} {} workflow {} run {} actor {} commit {} ({})",
                 field("provider"),
                 field("repository"),
                 field("workflow"),
                 field("run_id"),
                 field("actor"),
+                field("commit"),
                 if ci.get("verified").and_then(Value::as_bool) == Some(true) {
                     "verified"
                 } else {
@@ -492,6 +493,7 @@ mod tests {
                     workflow: Some("deploy".into()),
                     actor: Some("octo".into()),
                     url: None,
+                    commit: None,
                     runner_pid: None,
                     verified: true,
                 }),
@@ -541,7 +543,7 @@ mod tests {
             "rule message   deletes need a second pair of eyes".to_owned(),
             "process        runner /usr/bin/psql (acme/shop)".to_owned(),
             "cgroup         /ci/job-7".to_owned(),
-            "ci             github_actions acme/shop workflow deploy run 42 actor octo (verified)"
+            "ci             github_actions acme/shop workflow deploy run 42 actor octo commit - (verified)"
                 .to_owned(),
             "hidden         1 literal(s) meeting masked columns shown as '***'; the statement runs as sent".to_owned(),
             "session so far 1 statement(s), oldest first:".to_owned(),

@@ -67,6 +67,7 @@ const CI_VARIABLES: &[&str] = &[
     "GITHUB_WORKFLOW",
     "GITHUB_ACTOR",
     "GITHUB_SERVER_URL",
+    "GITHUB_SHA",
     "GITLAB_CI",
     "CI_PROJECT_PATH",
     "CI_COMMIT_REF_NAME",
@@ -74,6 +75,7 @@ const CI_VARIABLES: &[&str] = &[
     "CI_PIPELINE_ID",
     "GITLAB_USER_LOGIN",
     "CI_JOB_URL",
+    "CI_COMMIT_SHA",
     "BUILDKITE",
     "BUILDKITE_PIPELINE_SLUG",
     "BUILDKITE_REPO",
@@ -82,12 +84,14 @@ const CI_VARIABLES: &[&str] = &[
     "BUILDKITE_BUILD_NUMBER",
     "BUILDKITE_BUILD_CREATOR",
     "BUILDKITE_BUILD_URL",
+    "BUILDKITE_COMMIT",
     "JENKINS_URL",
     "JOB_NAME",
     "GIT_BRANCH",
     "BRANCH_NAME",
     "BUILD_NUMBER",
     "BUILD_URL",
+    "GIT_COMMIT",
 ];
 
 /// Parses NUL-separated `KEY=VALUE` pairs, keeping the [`CI_VARIABLES`];
@@ -140,6 +144,7 @@ pub(super) fn context_from_env(provider: CiProvider, env: &HashMap<String, Strin
         workflow: None,
         actor: None,
         url: None,
+        commit: None,
         runner_pid: None,
         verified: false,
     };
@@ -151,6 +156,7 @@ pub(super) fn context_from_env(provider: CiProvider, env: &HashMap<String, Strin
             ctx.run_id = get("GITHUB_RUN_ID");
             ctx.workflow = get("GITHUB_WORKFLOW");
             ctx.actor = get("GITHUB_ACTOR");
+            ctx.commit = get("GITHUB_SHA");
             if let (Some(server), Some(repo), Some(run)) =
                 (get("GITHUB_SERVER_URL"), &ctx.repository, &ctx.run_id)
             {
@@ -165,6 +171,7 @@ pub(super) fn context_from_env(provider: CiProvider, env: &HashMap<String, Strin
             ctx.run_id = get("CI_PIPELINE_ID");
             ctx.actor = get("GITLAB_USER_LOGIN");
             ctx.url = get("CI_JOB_URL");
+            ctx.commit = get("CI_COMMIT_SHA");
         }
         CiProvider::Buildkite => {
             ctx.repository = get("BUILDKITE_PIPELINE_SLUG").or_else(|| get("BUILDKITE_REPO"));
@@ -173,6 +180,7 @@ pub(super) fn context_from_env(provider: CiProvider, env: &HashMap<String, Strin
             ctx.run_id = get("BUILDKITE_BUILD_NUMBER");
             ctx.actor = get("BUILDKITE_BUILD_CREATOR");
             ctx.url = get("BUILDKITE_BUILD_URL");
+            ctx.commit = get("BUILDKITE_COMMIT");
         }
         CiProvider::Jenkins => {
             ctx.repository = get("JOB_NAME");
@@ -180,6 +188,7 @@ pub(super) fn context_from_env(provider: CiProvider, env: &HashMap<String, Strin
             ctx.branch = get("GIT_BRANCH").or_else(|| get("BRANCH_NAME"));
             ctx.run_id = get("BUILD_NUMBER");
             ctx.url = get("BUILD_URL");
+            ctx.commit = get("GIT_COMMIT");
         }
     }
     ctx
@@ -271,6 +280,7 @@ mod tests {
             ("GITHUB_WORKFLOW", "deploy"),
             ("GITHUB_ACTOR", "octocat"),
             ("GITHUB_SERVER_URL", "https://github.com"),
+            ("GITHUB_SHA", "ffac537e6cbbf934b08745a378932722df287a53"),
         ]);
         assert_eq!(claimed_provider(&e), Some(CiProvider::GithubActions));
         let c = context_from_env(CiProvider::GithubActions, &e);
@@ -280,6 +290,10 @@ mod tests {
         assert_eq!(c.run_id.as_deref(), Some("987"));
         assert_eq!(c.workflow.as_deref(), Some("deploy"));
         assert_eq!(c.actor.as_deref(), Some("octocat"));
+        assert_eq!(
+            c.commit.as_deref(),
+            Some("ffac537e6cbbf934b08745a378932722df287a53")
+        );
         assert_eq!(
             c.url.as_deref(),
             Some("https://github.com/org/repo/actions/runs/987")

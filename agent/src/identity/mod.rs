@@ -150,6 +150,11 @@ pub struct CiContext {
     pub workflow: Option<String>,
     pub actor: Option<String>,
     pub url: Option<String>,
+    /// The commit the job runs (`GITHUB_SHA`, `CI_COMMIT_SHA`,
+    /// `BUILDKITE_COMMIT`, `GIT_COMMIT`); absent in recordings made
+    /// before it was read.
+    #[serde(default)]
+    pub commit: Option<String>,
     /// The runner ancestor whose child's environment was read.
     pub runner_pid: Option<u32>,
     /// `true`: read from the environment the runner gave its direct child

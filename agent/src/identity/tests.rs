@@ -230,6 +230,7 @@ fn identifies_a_github_actions_job_end_to_end() {
             workflow: Some("deploy".into()),
             actor: Some("octocat".into()),
             url: Some("https://github.com/org/repo/actions/runs/987".into()),
+            commit: None,
             runner_pid: Some(4100),
             verified: true,
         })

@@ -301,6 +301,7 @@ fn identity(c: &mut Checker<'_>, raw: Option<&Spanned<RawIdentity>>) -> ProcessI
             workflow: None,
             actor: None,
             url: None,
+            commit: None,
             runner_pid: None,
             verified: raw.ci_verified.unwrap_or(false),
         }),

@@ -89,6 +89,7 @@ fn ci_identity() -> ProcessIdentity {
             workflow: None,
             actor: None,
             url: None,
+            commit: None,
             runner_pid: Some(3000),
             verified: true,
         }),

@@ -68,6 +68,7 @@ fn info(target: &str, user: &str, repo: Option<&str>) -> Arc<SessionInfo> {
                 workflow: Some("deploy".to_string()),
                 actor: Some("octocat".to_string()),
                 url: None,
+                commit: None,
                 runner_pid: Some(3999),
                 verified: true,
             }),
