@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio_util::task::TaskTracker;
 use tokio_util::sync::CancellationToken;
 
 use super::{RequestEvent, RequestEventKind, RequestView};
@@ -83,15 +84,19 @@ struct Job {
     body: Bytes,
 }
 
-/// Starts notifying `targets` of `registry`'s events; the dispatcher to
-/// run until `stop` (nothing when no `[[notify]]` is configured).
+/// Starts notifying `targets` of `registry`'s events: the dispatcher to
+/// run until `stop`, and the tracker of the deliveries, which the agent
+/// waits for (a while) as it stops (nothing when no `[[notify]]` is
+/// configured). Cancel `stop` only after publishing what must still be
+/// announced (the requests a stop aborts): the dispatcher routes every
+/// event published before it saw the cancellation.
 pub fn start(
     targets: &[NotifyTarget],
     registry: &super::Registry,
     metrics: Arc<Metrics>,
     events: Events,
     stop: CancellationToken,
-) -> Option<impl std::future::Future<Output = ()>> {
+) -> Option<(impl std::future::Future<Output = ()>, TaskTracker)> {
     if targets.is_empty() {
         return None;
     }
@@ -105,11 +110,17 @@ pub fn start(
         events,
         tls,
     });
+    let deliveries = TaskTracker::new();
     let mut queues = Vec::new();
     for target in targets {
         let (tx, rx) = mpsc::channel(QUEUE);
         let target = Arc::new(target.clone());
-        tokio::spawn(work(target.clone(), rx, notifier.clone()));
+        deliveries.spawn(work(
+            target.clone(),
+            rx,
+            notifier.clone(),
+            deliveries.clone(),
+        ));
         queues.push((target, tx));
     }
     tracing::info!(
@@ -121,7 +132,10 @@ pub fn start(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    Some(dispatch(registry.subscribe(), queues, notifier, stop))
+    Some((
+        dispatch(registry.subscribe(), queues, notifier, stop),
+        deliveries,
+    ))
 }
 
 /// A TLS connector verifying against the system's CA roots.
@@ -156,9 +170,9 @@ async fn dispatch(
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
-                // The requests the stop aborts were published before it
-                // lets this task run: they are queued too, and sent while
-                // the agent drains its sessions.
+                // The requests the stop aborts were published before the
+                // cancellation (see `start`): they are queued too, and
+                // sent while the agent drains its sessions.
                 while let Ok(event) = requests.try_recv() {
                     route(&event, &queues, &notifier);
                 }
@@ -218,14 +232,19 @@ fn route(
 /// Posts the jobs of one receiver, [`CONCURRENT`] at a time, until the
 /// dispatcher is gone (what is queued then is still sent, for as long as
 /// the agent runs).
-async fn work(target: Arc<NotifyTarget>, mut jobs: mpsc::Receiver<Job>, notifier: Arc<Notifier>) {
+async fn work(
+    target: Arc<NotifyTarget>,
+    mut jobs: mpsc::Receiver<Job>,
+    notifier: Arc<Notifier>,
+    deliveries: TaskTracker,
+) {
     let slots = Arc::new(Semaphore::new(CONCURRENT));
     while let Some(job) = jobs.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
         let (target, notifier) = (target.clone(), notifier.clone());
-        tokio::spawn(async move {
+        deliveries.spawn(async move {
             let _slot = slot;
             notifier.deliver(&target, job).await;
         });

@@ -85,6 +85,10 @@ pub struct RunningAgent {
     shared: Arc<Shared>,
     recorder: Option<crate::recording::RecorderHandle>,
     stop_accepting: CancellationToken,
+    /// Ends the notifications' dispatcher (after the stop's aborts).
+    stop_notifying: CancellationToken,
+    /// Notifications being delivered, waited for a while at the end.
+    notifications: Option<TaskTracker>,
     sessions: TaskTracker,
     background: TaskTracker,
 }
@@ -292,15 +296,20 @@ impl RunningAgent {
             api_state.clone(),
             stop_accepting.clone(),
         ));
-        if let Some(notifier) = crate::approval::notify::start(
+        // Cancelled by `shutdown` once the requests it aborts are
+        // published, so that they are announced too.
+        let stop_notifying = CancellationToken::new();
+        let notifications = crate::approval::notify::start(
             &shared.config.notify,
             &shared.approvals,
             shared.metrics.clone(),
             shared.events.clone(),
-            stop_accepting.clone(),
-        ) {
-            background.spawn(notifier);
-        }
+            stop_notifying.clone(),
+        )
+        .map(|(dispatcher, deliveries)| {
+            background.spawn(dispatcher);
+            deliveries
+        });
         if let Some((listener, acceptor)) = approvals_tls {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "reviewer API and web page at https://{addr}/");
@@ -321,6 +330,8 @@ impl RunningAgent {
             recorder: Some(recorder_handle),
             shared,
             stop_accepting,
+            stop_notifying,
+            notifications,
             sessions,
             background,
         })
@@ -346,6 +357,7 @@ impl RunningAgent {
                 "review: pending requests aborted because the agent is stopping"
             );
         }
+        self.stop_notifying.cancel();
         let open = self.shared.live.len();
         if open > 0 {
             tracing::info!(
@@ -371,6 +383,17 @@ impl RunningAgent {
             tracing::error!("sessions did not close within 5 s of the deadline; exiting anyway");
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.background.wait()).await;
+        if let Some(notifications) = self.notifications.take() {
+            // What the stop announced (aborted requests) is still being
+            // sent: a while for it, never longer than one delivery's tries.
+            notifications.close();
+            if tokio::time::timeout(NOTIFICATIONS_AT_STOP, notifications.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("review notifications still being sent when the agent stopped were given up");
+            }
+        }
         if let Some(recorder) = self.recorder.take() {
             let report = tokio::task::spawn_blocking(move || recorder.shutdown()).await;
             if let Ok(report) = report {
@@ -387,6 +410,9 @@ impl RunningAgent {
         tracing::info!("stopped");
     }
 }
+
+/// How long a stopping agent waits for review notifications in flight.
+const NOTIFICATIONS_AT_STOP: Duration = Duration::from_secs(10);
 
 /// How often governed cgroups are checked for (re)appearance.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
