@@ -24,8 +24,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, Semaphore};
-use tokio_util::task::TaskTracker;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::{RequestEvent, RequestEventKind, RequestView};
 use crate::config::{NotifyKind, NotifyTarget};

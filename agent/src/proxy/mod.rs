@@ -391,7 +391,9 @@ impl RunningAgent {
                 .await
                 .is_err()
             {
-                tracing::warn!("review notifications still being sent when the agent stopped were given up");
+                tracing::warn!(
+                    "review notifications still being sent when the agent stopped were given up"
+                );
             }
         }
         if let Some(recorder) = self.recorder.take() {
