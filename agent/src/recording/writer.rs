@@ -392,6 +392,17 @@ impl EventSink for RecordingSink {
                 return;
             }
         }
+        // A session's recording counts as open from the moment its start
+        // is queued, not when the writer gets to it: an event emitted for
+        // it from elsewhere meanwhile (a review notification's result) is
+        // recorded, not dropped (see `Events::records_session`).
+        let started = match event {
+            SessionEvent::Started(info) => {
+                lock(&self.shared.writing).insert(info.id);
+                Some(info.id)
+            }
+            _ => None,
+        };
         let msg = Msg::Event {
             at: Instant::now(),
             event: event.clone(),
@@ -404,6 +415,9 @@ impl EventSink for RecordingSink {
         if sent.is_err() {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
             self.shared.raw_queued.fetch_sub(raw, Ordering::Relaxed);
+            if let Some(id) = started {
+                lock(&self.shared.writing).remove(&id);
+            }
         }
         match sent {
             Ok(()) => {}
