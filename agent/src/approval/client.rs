@@ -19,20 +19,7 @@ pub async fn call(
     path: &str,
     body: Option<&Value>,
 ) -> anyhow::Result<(u16, Value)> {
-    let stream = UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "cannot reach the reviewer socket {} (is the agent running? pass --socket or --config)",
-            socket.display()
-        )
-    })?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("reviewer socket: handshake failed")?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "reviewer socket: connection ended");
-        }
-    });
+    let mut sender = connect(socket).await?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let request = Request::builder()
         .method(method)
@@ -57,19 +44,18 @@ pub async fn call(
     Ok((status, value))
 }
 
-/// Longest line a watch stream may send.
-const MAX_WATCH_LINE: usize = 16 * 1024 * 1024;
-
-/// Opens `GET /v1/watch` and hands `each` every event (the JSON of a
-/// `data:` line) as it arrives; returns when the agent ends the stream.
-pub async fn watch(socket: &Path, mut each: impl FnMut(Value)) -> anyhow::Result<()> {
+/// An HTTP/1.1 connection to the reviewer socket, driven by a task of its
+/// own.
+async fn connect(
+    socket: &Path,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
         format!(
             "cannot reach the reviewer socket {} (is the agent running? pass --socket or --config)",
             socket.display()
         )
     })?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .context("reviewer socket: handshake failed")?;
     tokio::spawn(async move {
@@ -77,6 +63,16 @@ pub async fn watch(socket: &Path, mut each: impl FnMut(Value)) -> anyhow::Result
             tracing::debug!(error = %e, "reviewer socket: connection ended");
         }
     });
+    Ok(sender)
+}
+
+/// Longest line a watch stream may send.
+const MAX_WATCH_LINE: usize = 16 * 1024 * 1024;
+
+/// Opens `GET /v1/watch` and hands `each` every event (the JSON of a
+/// `data:` line) as it arrives; returns when the agent ends the stream.
+pub async fn watch(socket: &Path, mut each: impl FnMut(Value)) -> anyhow::Result<()> {
+    let mut sender = connect(socket).await?;
     let request = Request::builder()
         .method(Method::GET)
         .uri("/v1/watch")
