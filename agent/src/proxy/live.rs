@@ -17,6 +17,10 @@ pub struct SessionCounters {
     pub from_client: AtomicU64,
     /// Bytes from the upstream.
     pub from_upstream: AtomicU64,
+    /// The executable's SHA-256 when it was hashed after the session
+    /// started (a large executable is hashed off the session's path), so
+    /// `tollgate status` shows it once known.
+    pub late_exe_sha256: std::sync::OnceLock<String>,
 }
 
 struct Entry {
@@ -29,6 +33,17 @@ struct Entry {
 #[derive(Default)]
 pub struct LiveSessions {
     map: Mutex<HashMap<Uuid, Entry>>,
+}
+
+/// A session's description, with a hash that arrived after it started.
+fn info_json(entry: &Entry) -> serde_json::Value {
+    let mut info = serde_json::to_value(&*entry.info).unwrap_or(serde_json::Value::Null);
+    if let Some(hash) = entry.counters.late_exe_sha256.get() {
+        if let Some(identity) = info.get_mut("identity").and_then(|i| i.as_object_mut()) {
+            identity.insert("exe_sha256".into(), serde_json::Value::String(hash.clone()));
+        }
+    }
+    info
 }
 
 /// One open session as `tollgate status` shows it.
@@ -86,11 +101,56 @@ impl LiveSessions {
         entries
             .into_iter()
             .map(|e| LiveSessionView {
-                info: serde_json::to_value(&*e.info).unwrap_or(serde_json::Value::Null),
+                info: info_json(e),
                 open_seconds: e.since.elapsed().as_secs_f64(),
                 bytes_from_client: e.counters.from_client.load(Ordering::Relaxed),
                 bytes_from_upstream: e.counters.from_upstream.load(Ordering::Relaxed),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::panic)]
+
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::config::Protocol;
+    use crate::events::Arrival;
+    use crate::identity::ProcessIdentity;
+
+    fn session() -> Arc<SessionInfo> {
+        Arc::new(SessionInfo {
+            id: Uuid::now_v7(),
+            started_at: std::time::SystemTime::now(),
+            arrival: Arrival::Listener,
+            local: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            client: SocketAddr::from(([127, 0, 0, 1], 50000)),
+            target: "db".to_owned(),
+            protocol: Protocol::Postgres,
+            upstream: "127.0.0.1:5432".to_owned(),
+            identity: ProcessIdentity {
+                exe: Some("/usr/bin/node".into()),
+                ..ProcessIdentity::default()
+            },
+            kernel: None,
+        })
+    }
+
+    #[test]
+    fn a_hash_computed_after_the_start_shows_in_the_snapshot_once_known() {
+        let live = LiveSessions::default();
+        let counters = Arc::new(SessionCounters::default());
+        live.insert(session(), counters.clone());
+        let hash_of =
+            |live: &LiveSessions| live.snapshot()[0].info["identity"]["exe_sha256"].clone();
+        assert!(hash_of(&live).is_null());
+        counters
+            .late_exe_sha256
+            .set("ab".repeat(32))
+            .expect("set once");
+        assert_eq!(hash_of(&live), serde_json::json!("ab".repeat(32)));
     }
 }

@@ -118,7 +118,7 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
                 identity,
                 kernel,
             });
-            shared.live.insert(info.clone(), counters);
+            shared.live.insert(info.clone(), counters.clone());
             shared.events.emit(&SessionEvent::Started(info.clone()));
             if let Some((peer, connect_time)) = connected {
                 shared.events.emit(&SessionEvent::UpstreamConnected {
@@ -130,9 +130,13 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
             // After `Started`, so the recording has its header first.
             if let Some(pending) = lock(&pending_hash).take() {
                 let events = shared.events.clone();
+                let counters = counters.clone();
                 let task = tokio::spawn(async move {
                     let (exe_sha256, error) = match pending.wait().await {
-                        Ok(digest) => (Some(digest), None),
+                        Ok(digest) => {
+                            let _ = counters.late_exe_sha256.set(digest.clone());
+                            (Some(digest), None)
+                        }
                         Err(why) => (None, Some(why)),
                     };
                     events.emit(&SessionEvent::ExeHashed {
@@ -208,6 +212,17 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
         };
         if !finished {
             task.abort();
+            // Said in the recording, so a missing hash is never silent; the
+            // hashing itself goes on, and the cache gives the executable's
+            // next session its hash.
+            shared.events.emit(&SessionEvent::ExeHashed {
+                session: id,
+                exe_sha256: None,
+                error: Some(format!(
+                    "still being hashed when the session closed (waited up to {} s)",
+                    HASH_WAIT_AT_CLOSE.as_secs()
+                )),
+            });
         }
     }
 
