@@ -229,6 +229,10 @@ pub enum ReviewUpdate {
     Ended(crate::recording::format::ReviewEndRecord),
     /// A grant let it run without a new review.
     GrantUsed(crate::recording::format::GrantUseRecord),
+    /// An approval of its request gave a grant.
+    GrantGiven(crate::recording::format::GrantGivenRecord),
+    /// A grant it asked for or ran under was revoked.
+    GrantRevoked(crate::recording::format::GrantRevokeRecord),
     /// A notification of its request was delivered or failed.
     Notified(crate::recording::format::ReviewNotifyRecord),
 }
@@ -483,8 +487,11 @@ impl EventSink for LogSink {
                         approved_by = ?r.approved_by, expires_at = r.expires_at,
                         "statement runs under grant {}", r.grant);
                 }
-                // The notifier logs deliveries and failures itself.
-                ReviewUpdate::Notified(_) => {}
+                // The reviewer API logs grants it stores and revokes, and
+                // the notifier deliveries and failures, themselves.
+                ReviewUpdate::GrantGiven(_)
+                | ReviewUpdate::GrantRevoked(_)
+                | ReviewUpdate::Notified(_) => {}
             },
             SessionEvent::Closed {
                 session,

@@ -157,6 +157,9 @@ impl Metrics {
                 r.waited += 1;
             }
             ReviewUpdate::GrantUsed(_) => r.grants_used += 1,
+            // Counted once per grant where it is stored or revoked, not per
+            // session told.
+            ReviewUpdate::GrantGiven(_) | ReviewUpdate::GrantRevoked(_) => {}
             // Counted by the notifier itself, which also counts the
             // notifications of sessions that ended meanwhile.
             ReviewUpdate::Notified(_) => {}

@@ -92,6 +92,7 @@ fn reviewer_api_serves_approvers_only_and_grants_survive_a_restart() {
         },
         statement: "DELETE FROM orders WHERE id = 1".into(),
         request: RequestId::new(now),
+        session: None,
         rule: "review-deletes".into(),
         approved_by: vec!["daemon".into()],
         created_at: now
@@ -103,6 +104,7 @@ fn reviewer_api_serves_approvers_only_and_grants_survive_a_restart() {
             .unwrap()
             .as_secs(),
         revoked_by: None,
+        revoked_via: None,
         revoked_at: None,
     };
     GrantStore::open(&store_path, now)

@@ -223,12 +223,16 @@ fn session_of(r: &Review, request: &str) -> String {
 /// The recording events of the session that held `request`, as
 /// `recordings export --format jsonl` gives them once the session closed.
 fn recorded_review(r: &Review, request: &str) -> Vec<Value> {
-    let session = session_of(r, request);
+    recorded_session(r, &session_of(r, request))
+}
+
+/// The recording events of `session`, once it closed.
+fn recorded_session(r: &Review, session: &str) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let out =
             r.g.agent
-                .cli(&["recordings", "export", &session, "--format", "jsonl"]);
+                .cli(&["recordings", "export", session, "--format", "jsonl"]);
         let text = String::from_utf8_lossy(&out.stdout);
         if text.contains("\"trailer\"") {
             return text
@@ -403,7 +407,21 @@ fn a_denial_fails_the_statement_with_42501_and_aborts_the_open_transaction() {
         .collect();
     assert_eq!(ended[0]["outcome"], "denied");
     assert_eq!(ended[0]["denied_by"], "bin");
+    assert_eq!(ended[0]["denied_via"], format!("unix:{}", uid_of("bin")));
     assert_eq!(ended[0]["reason"], "use the archive job");
+}
+
+fn uid_of(user: &str) -> String {
+    let out = Command::new("id").args(["-u", user]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Where `kind` is in `events`.
+fn position_of(events: &[Value], kind: &str) -> usize {
+    events
+        .iter()
+        .position(|e| e["type"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {events:?}"))
 }
 
 #[test]
@@ -536,15 +554,53 @@ fn two_approvals_need_two_people_and_a_grant_lets_the_same_shape_run_until_revok
     let id = id_of(&r.pending(1)[0]);
     ok(&r.approvals("daemon", &["approve", &id, "--for", "30m"]));
     assert!(finish(psql).0);
-    let psql = r.spawn_psql("DELETE FROM orders WHERE id = 6", &[]);
+    // The grant is recorded in the session whose request gave it, before
+    // the statement was released.
+    let given = recorded_review(&r, &id);
+    let at = position_of(&given, "grant_given");
+    assert!(at < position_of(&given, "review_ended"), "{given:?}");
+    assert_eq!(given[at]["request"], id.as_str());
+    assert!(
+        given[at]["identity"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("exe:")),
+        "{given:?}"
+    );
+    let grant = given[at]["grant"].as_str().unwrap().to_owned();
+    // A session runs under it and is still open when it is revoked: both
+    // are in its recording, with who revoked it and how.
+    let psql = r.spawn_psql(
+        "SELECT pg_sleep(3)",
+        &["-c", "DELETE FROM orders WHERE id = 6"],
+    );
+    let used =
+        r.g.agent
+            .wait_for_log(
+                |l| {
+                    l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("statement runs under grant"))
+                },
+                Duration::from_secs(10),
+            )
+            .unwrap();
+    let user_of_grant = used["session"].as_str().unwrap().to_owned();
+    ok(&r.approvals("daemon", &["grants", "--revoke", &grant]));
     let (success, _, stderr) = finish(psql);
     assert!(success, "{stderr}");
     assert!(!stderr.contains("held for review"), "{stderr}");
     assert_eq!(r.count(), "18");
-    let grants = ok(&r.approvals("daemon", &["grants", "--json"]));
-    let grants: Value = serde_json::from_str(&grants).unwrap();
-    let grant = grants[0]["id"].as_str().unwrap().to_owned();
-    ok(&r.approvals("daemon", &["grants", "--revoke", &grant]));
+    let ran = recorded_session(&r, &user_of_grant);
+    let used_at = position_of(&ran, "grant_used");
+    let revoked_at = position_of(&ran, "grant_revoked");
+    assert!(used_at < revoked_at, "{ran:?}");
+    assert_eq!(ran[used_at]["grant"], grant.as_str());
+    assert_eq!(ran[revoked_at]["grant"], grant.as_str());
+    assert_eq!(ran[revoked_at]["by"], "daemon");
+    assert_eq!(ran[revoked_at]["via"], format!("unix:{}", uid_of("daemon")));
+    let shown = r.g.agent.cli(&["recordings", "show", &user_of_grant]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("grant revoked:"), "{shown}");
     // Revoked: held again.
     let psql = r.spawn_psql("DELETE FROM orders WHERE id = 7", &[]);
     let id = id_of(&r.pending(1)[0]);

@@ -55,10 +55,12 @@ use super::tokens::TokenStore;
 
 use super::{
     unix_seconds, ApprovalAsk, ApprovalEffect, ApprovalError, Grant, GrantStore, GrantSubject,
-    Outcome, Registry, RequestId, Reviewer,
+    Outcome, Registry, RequestId, RequestView, Reviewer,
 };
+use crate::events::{Events, ReviewUpdate, SessionEvent};
 use crate::identity::IdentityResolver;
 use crate::protocol::SharedPolicy;
+use crate::recording::format::{GrantGivenRecord, GrantRevokeRecord};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 128 * 1024;
@@ -92,6 +94,9 @@ pub struct ApiState {
     pub etc: PathBuf,
     /// The reviewer tokens TCP callers sign in with.
     pub tokens: Arc<TokenStore>,
+    /// Where grants given and revoked are recorded, in the recordings of
+    /// the sessions they concern.
+    pub events: Option<Events>,
 }
 
 /// The credentials of a connected peer.
@@ -364,9 +369,10 @@ async fn handle(state: &ApiState, caller: Caller, req: Request<Incoming>) -> Rep
                 StatusCode::BAD_REQUEST,
                 format!("\"{id}\" is not a grant id"),
             ),
-            Some(id) => match state.grants.revoke(&id, &reviewer.user, now) {
+            Some(id) => match state.grants.revoke(&id, &reviewer.user, &reviewer.via, now) {
                 Ok(grant) => {
                     tracing::info!(grant = %id, reviewer = %reviewer.user, uid = reviewer.uid, via = %reviewer.via, "review: grant revoked");
+                    record_revocation(state, &grant, &reviewer, now);
                     to_json(&json!({ "status": "revoked", "grant": grant }))
                 }
                 Err(e) => refused(&e),
@@ -571,45 +577,84 @@ fn approve(
         edit: body.edit,
         grant,
     };
-    match state.registry.approve(id, reviewer, ask, now) {
+    let mut stored = None;
+    let give = |view: &RequestView, outcome: &Outcome, length: Duration| {
+        stored = Some(store_grant(state, view, outcome, length, now)?);
+        Ok(())
+    };
+    match state.registry.approve_giving(id, reviewer, ask, now, give) {
+        Err(e @ ApprovalError::Store(_)) => {
+            tracing::error!(request = %id, error = %e, "review: the grant could not be stored; the request is still pending");
+            refused(&e)
+        }
         Err(e) => refused_logged(id, reviewer, &e),
         Ok(ApprovalEffect::Counted { have, need }) => {
             tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, via = %reviewer.via, have, need, "review: approval counted");
             to_json(&json!({ "status": "counted", "approvals": have, "needed": need }))
         }
-        Ok(ApprovalEffect::Approved { outcome, grant }) => {
+        Ok(ApprovalEffect::Approved { outcome, .. }) => {
             tracing::info!(request = %id, reviewer = %reviewer.user, uid = reviewer.uid, via = %reviewer.via, outcome = ?outcome, "review: request approved");
-            let stored = match grant {
-                None => None,
-                Some(length) => {
-                    match store_grant(state, id, &outcome, length, now) {
-                        Ok(g) => Some(g),
-                        Err(e) => {
-                            tracing::error!(request = %id, error = %e, "review: the grant could not be stored");
-                            return error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("the request is approved, but its grant could not be stored: {e}"),
-                        );
-                        }
-                    }
-                }
-            };
             to_json(&json!({ "status": "approved", "outcome": outcome, "grant": stored }))
         }
     }
 }
 
+/// Records a revocation in the session whose request gave the grant and in
+/// every session remembered to have run under it, where still open.
+fn record_revocation(state: &ApiState, grant: &Grant, reviewer: &Reviewer, now: SystemTime) {
+    let mut sessions: Vec<uuid::Uuid> = grant
+        .session
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    for user in state.registry.grant_users(&grant.id) {
+        if !sessions.contains(&user) {
+            sessions.push(user);
+        }
+    }
+    record_in(
+        state,
+        sessions,
+        ReviewUpdate::GrantRevoked(GrantRevokeRecord {
+            grant: grant.id.to_string(),
+            request: grant.request.to_string(),
+            by: reviewer.user.clone(),
+            via: reviewer.via.clone(),
+            at: unix_seconds(now),
+        }),
+    );
+}
+
+/// Emits `update` for each of `sessions` whose recording is still open
+/// (a closed recording cannot take it; the grant store keeps the record).
+fn record_in(
+    state: &ApiState,
+    sessions: impl IntoIterator<Item = uuid::Uuid>,
+    update: ReviewUpdate,
+) {
+    let Some(events) = &state.events else {
+        return;
+    };
+    for session in sessions {
+        if events.records_session(&session) {
+            events.emit(&SessionEvent::Review {
+                session,
+                review: Box::new(update.clone()),
+            });
+        }
+    }
+}
+
+/// Stores the grant an approval of `view` gives, and records it in the
+/// requesting session (still open: it waits for this approval).
 fn store_grant(
     state: &ApiState,
-    id: &RequestId,
+    view: &RequestView,
     outcome: &Outcome,
     length: Duration,
     now: SystemTime,
 ) -> Result<Grant, ApprovalError> {
-    let view = state
-        .registry
-        .show(id)
-        .ok_or(ApprovalError::UnknownRequest)?;
+    let id = &view.id;
     let context = &view.context;
     let subject = GrantSubject {
         target: context.target.clone(),
@@ -629,14 +674,27 @@ fn store_grant(
         subject,
         statement: context.statement.clone(),
         request: id.clone(),
+        session: context.session.clone(),
         rule: context.rule.clone(),
         approved_by,
         created_at: unix_seconds(now),
         expires_at: unix_seconds(now + length),
         revoked_by: None,
+        revoked_via: None,
         revoked_at: None,
     };
     state.grants.insert(&grant)?;
+    record_in(
+        state,
+        grant.session.iter().filter_map(|s| s.parse().ok()),
+        ReviewUpdate::GrantGiven(GrantGivenRecord {
+            grant: grant.id.to_string(),
+            request: id.to_string(),
+            approved_by: grant.approved_by.clone(),
+            identity: grant.subject.identity.clone(),
+            expires_at: grant.expires_at,
+        }),
+    );
     tracing::info!(grant = %grant.id, request = %id, seconds = length.as_secs(), "review: grant stored");
     Ok(grant)
 }

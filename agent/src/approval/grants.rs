@@ -67,6 +67,10 @@ pub struct Grant {
     pub statement: String,
     /// The request that gave it.
     pub request: RequestId,
+    /// The session that request came in. Absent in grants stored before
+    /// it was kept.
+    #[serde(default)]
+    pub session: Option<String>,
     /// The rule that held that request.
     pub rule: String,
     /// The reviewers whose approvals gave it.
@@ -77,6 +81,9 @@ pub struct Grant {
     pub expires_at: u64,
     /// Who revoked it, if someone did.
     pub revoked_by: Option<String>,
+    /// How that reviewer authenticated (`unix:UID` or `token:NAME`).
+    #[serde(default)]
+    pub revoked_via: Option<String>,
     /// When.
     pub revoked_at: Option<u64>,
 }
@@ -194,11 +201,13 @@ impl GrantStore {
             .find(|g| g.subject == *subject))
     }
 
-    /// Revokes a grant in force; the revoked grant.
+    /// Revokes a grant in force for reviewer `by`, authenticated `via`;
+    /// the revoked grant.
     pub fn revoke(
         &self,
         id: &RequestId,
         by: &str,
+        via: &str,
         now: SystemTime,
     ) -> Result<Grant, ApprovalError> {
         let tx = self.db.begin_write().map_err(store_error)?;
@@ -221,6 +230,7 @@ impl GrantStore {
                 return Err(ApprovalError::GrantEnded("the grant has expired".into()));
             }
             grant.revoked_by = Some(by.to_owned());
+            grant.revoked_via = Some(via.to_owned());
             grant.revoked_at = Some(unix_seconds(now));
             let json = serde_json::to_vec(&grant).map_err(store_error)?;
             table

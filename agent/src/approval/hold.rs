@@ -189,7 +189,7 @@ impl Outcome {
     pub fn client_error(&self, timeout: Duration) -> Option<String> {
         match self {
             Outcome::Approved { .. } => None,
-            Outcome::Denied { by, reason } => Some(format!(
+            Outcome::Denied { by, reason, .. } => Some(format!(
                 "tollgate: statement denied by reviewer {by}: {reason}"
             )),
             Outcome::Expired => Some(format!(

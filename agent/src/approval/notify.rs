@@ -687,6 +687,7 @@ mod tests {
         view.outcome = Some(crate::approval::Outcome::Denied {
             by: "carol".into(),
             reason: "not during the sale".into(),
+            via: "token:carol-laptop".into(),
         });
         e.request = Arc::new(view);
         e.event = RequestEventKind::Denied;

@@ -164,6 +164,8 @@ pub enum Outcome {
         by: String,
         /// Why.
         reason: String,
+        /// How the reviewer authenticated: `unix:UID` or `token:NAME`.
+        via: String,
     },
     /// No decision within the rule's timeout.
     Expired,
@@ -267,7 +269,14 @@ pub struct Registry {
     reviewer_groups: BTreeMap<String, Vec<String>>,
     /// What happens to requests, for watchers and notifications.
     events: broadcast::Sender<RequestEvent>,
+    /// The sessions that ran under each grant, newest last, so that a
+    /// revocation is recorded where the grant was used.
+    grant_users: Mutex<BTreeMap<RequestId, Vec<uuid::Uuid>>>,
 }
+
+/// Grants whose users are remembered (the newest), and sessions per grant.
+const GRANTS_TRACKED: usize = 1024;
+const USERS_PER_GRANT: usize = 256;
 
 impl Registry {
     /// An empty registry with the configuration's `[reviewers.NAME]` groups.
@@ -276,7 +285,37 @@ impl Registry {
             state: Mutex::new(State::default()),
             reviewer_groups,
             events: broadcast::channel(EVENT_BUFFER).0,
+            grant_users: Mutex::default(),
         }
+    }
+
+    /// Remembers that `session` ran a statement under `grant`.
+    pub fn note_grant_use(&self, grant: &RequestId, session: uuid::Uuid) {
+        let mut users = self
+            .grant_users
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let sessions = users.entry(grant.clone()).or_default();
+        if !sessions.contains(&session) {
+            if sessions.len() == USERS_PER_GRANT {
+                sessions.remove(0);
+            }
+            sessions.push(session);
+        }
+        // Ids sort by time: the oldest grant is forgotten first.
+        while users.len() > GRANTS_TRACKED {
+            users.pop_first();
+        }
+    }
+
+    /// The sessions remembered to have run under `grant`.
+    pub fn grant_users(&self, grant: &RequestId) -> Vec<uuid::Uuid> {
+        self.grant_users
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(grant)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Events from now on.
@@ -421,8 +460,24 @@ impl Registry {
         &self,
         id: &RequestId,
         reviewer: &Reviewer,
+        ask: ApprovalAsk,
+        now: SystemTime,
+    ) -> Result<ApprovalEffect, ApprovalError> {
+        self.approve_giving(id, reviewer, ask, now, |_, _, _| Ok(()))
+    }
+
+    /// [`Registry::approve`], where an approval that gives a grant first
+    /// has `give` store it, before the held session is released: the grant
+    /// is in force (and recorded) by the time the statement runs, and a
+    /// grant that cannot be stored leaves the request pending, its last
+    /// approval not counted.
+    pub fn approve_giving(
+        &self,
+        id: &RequestId,
+        reviewer: &Reviewer,
         mut ask: ApprovalAsk,
         now: SystemTime,
+        give: impl FnOnce(&RequestView, &Outcome, Duration) -> Result<(), ApprovalError>,
     ) -> Result<ApprovalEffect, ApprovalError> {
         let mut state = self.state();
         let pending = match state.pending.get_mut(id) {
@@ -505,6 +560,7 @@ impl Registry {
             at: unix_seconds(now),
             via: reviewer.via.clone(),
         };
+        let counted_before = view.approvals.clone();
         // The same person counts once: a second approval replaces the first.
         match view.approvals.iter_mut().find(|a| a.uid == reviewer.uid) {
             Some(existing) => *existing = record,
@@ -528,6 +584,12 @@ impl Registry {
             edited: view.edited_by.is_some(),
             by: view.approvals.iter().map(|a| a.by.clone()).collect(),
         };
+        if let Some(length) = grant {
+            if let Err(e) = give(view, &outcome, length) {
+                view.approvals = counted_before;
+                return Err(e);
+            }
+        }
         self.end(&mut state, id, outcome.clone(), now);
         Ok(ApprovalEffect::Approved { outcome, grant })
     }
@@ -562,6 +624,7 @@ impl Registry {
         let outcome = Outcome::Denied {
             by: reviewer.user.clone(),
             reason,
+            via: reviewer.via.clone(),
         };
         self.end(&mut state, id, outcome.clone(), now);
         Ok(outcome)

@@ -293,6 +293,7 @@ fn denial_ends_the_request_with_the_reviewer_and_reason() {
     let want = Outcome::Denied {
         by: "alice".into(),
         reason: "not during the sale".into(),
+        via: "unix:2001".into(),
     };
     assert_eq!(denied, want);
     assert_eq!(outcome.try_recv(), Ok(want));
@@ -520,11 +521,13 @@ fn grant(subject: GrantSubject, now: SystemTime, seconds: u64) -> Grant {
         subject,
         statement: "DELETE FROM orders WHERE id = 1".into(),
         request: RequestId::new(now),
+        session: None,
         rule: "review-deletes".into(),
         approved_by: vec!["alice".into()],
         created_at: unix_seconds(now),
         expires_at: unix_seconds(now) + seconds,
         revoked_by: None,
+        revoked_via: None,
         revoked_at: None,
     }
 }
@@ -597,22 +600,23 @@ fn grants_persist_expire_and_revoke() {
     assert!(store.active(later).unwrap().is_empty());
     assert_eq!(store.all().unwrap().len(), 1);
     assert_eq!(
-        store.revoke(&g.id, "bob", later),
+        store.revoke(&g.id, "bob", "unix:2002", later),
         Err(ApprovalError::GrantEnded("the grant has expired".into()))
     );
 
     let g2 = grant(subject.clone(), t0(), 3600);
     store.insert(&g2).unwrap();
-    let revoked = store.revoke(&g2.id, "bob", t0()).unwrap();
+    let revoked = store.revoke(&g2.id, "bob", "unix:2002", t0()).unwrap();
     assert_eq!(revoked.revoked_by.as_deref(), Some("bob"));
+    assert_eq!(revoked.revoked_via.as_deref(), Some("unix:2002"));
     // Only the first grant is still in force.
     assert_eq!(store.active(t0()).unwrap(), vec![g.clone()]);
     assert!(matches!(
-        store.revoke(&g2.id, "bob", t0()),
+        store.revoke(&g2.id, "bob", "unix:2002", t0()),
         Err(ApprovalError::GrantEnded(_))
     ));
     assert_eq!(
-        store.revoke(&RequestId::new(t0()), "bob", t0()),
+        store.revoke(&RequestId::new(t0()), "bob", "unix:2002", t0()),
         Err(ApprovalError::UnknownGrant)
     );
     drop(store);
@@ -675,12 +679,39 @@ fn me() -> (u32, String, String) {
     )
 }
 
+/// The session events the reviewer API emitted.
+#[derive(Default)]
+struct Emitted(std::sync::Mutex<Vec<(uuid::Uuid, crate::events::ReviewUpdate)>>);
+
+impl crate::events::EventSink for Emitted {
+    fn emit(&self, event: &crate::events::SessionEvent) {
+        if let crate::events::SessionEvent::Review { session, review } = event {
+            self.0.lock().unwrap().push((*session, (**review).clone()));
+        }
+    }
+}
+
 /// An API on a socket in `dir`, whose only review rule's approvers are
 /// `group` (this process's primary group, so that this process reviews).
 fn api_in(
     dir: &std::path::Path,
     group: &str,
 ) -> (Arc<Registry>, Arc<GrantStore>, std::path::PathBuf) {
+    let (registry, grants, socket, _) = api_emitting_in(dir, group);
+    (registry, grants, socket)
+}
+
+/// [`api_in`], with what the API emits for sessions' recordings.
+fn api_emitting_in(
+    dir: &std::path::Path,
+    group: &str,
+) -> (
+    Arc<Registry>,
+    Arc<GrantStore>,
+    std::path::PathBuf,
+    Arc<Emitted>,
+) {
+    let emitted = Arc::new(Emitted::default());
     let registry = Arc::new(registry());
     let grants = Arc::new(GrantStore::open(&dir.join("grants.redb"), SystemTime::now()).unwrap());
     let rule = format!(
@@ -697,13 +728,14 @@ fn api_in(
         reviewer_groups: BTreeMap::new(),
         etc: "/etc".into(),
         tokens: Arc::new(super::tokens::TokenStore::new(dir.join("tokens"))),
+        events: Some(crate::events::Events::new(emitted.clone())),
     });
     tokio::spawn(api::serve(
         listener,
         state,
         tokio_util::sync::CancellationToken::new(),
     ));
-    (registry, grants, socket)
+    (registry, grants, socket, emitted)
 }
 
 /// A request from `requester_uid`, approvable by members of `group`.
@@ -720,7 +752,7 @@ async fn the_api_approves_denies_and_grants_for_an_approver() {
     let (uid, user, group) = me();
     let other = uid.wrapping_add(1);
     let dir = tempfile::tempdir().unwrap();
-    let (registry, grants, socket) = api_in(dir.path(), &group);
+    let (registry, grants, socket, emitted) = api_emitting_in(dir.path(), &group);
     let call = |method: hyper::Method, path: String, body: Option<serde_json::Value>| {
         let socket = socket.clone();
         async move {
@@ -731,10 +763,12 @@ async fn the_api_approves_denies_and_grants_for_an_approver() {
     };
     let hour = GrantScope::UpTo(Duration::from_secs(3600));
 
-    // Approved with a grant: the held session gets the text, the grant is stored.
-    let (id, outcome) = registry
-        .submit(held_for(&group, other, hour), SystemTime::now())
-        .unwrap();
+    // Approved with a grant: the held session gets the text, the grant is
+    // stored and recorded in the requesting session.
+    let requester = uuid::Uuid::now_v7();
+    let mut held = held_for(&group, other, hour);
+    held.session = Some(requester.to_string());
+    let (id, outcome) = registry.submit(held, SystemTime::now()).unwrap();
     let (status, listed) = call(hyper::Method::GET, "/v1/requests".into(), None).await;
     assert_eq!(status, 200, "{listed}");
     assert_eq!(listed[0]["id"], id.as_str());
@@ -762,6 +796,42 @@ async fn the_api_approves_denies_and_grants_for_an_approver() {
         "ci:github_actions:acme/shop:deploy"
     );
     assert_eq!(stored[0].expires_at - stored[0].created_at, 1800);
+    let given: Vec<_> = emitted.0.lock().unwrap().drain(..).collect();
+    match given.as_slice() {
+        [(session, crate::events::ReviewUpdate::GrantGiven(g))] => {
+            assert_eq!(*session, requester);
+            assert_eq!(g.grant, stored[0].id.as_str());
+            assert_eq!(g.request, id.as_str());
+            assert_eq!(g.approved_by, vec![user.clone()]);
+            assert_eq!(g.identity, "ci:github_actions:acme/shop:deploy");
+        }
+        other => panic!("expected one grant_given event, got {other:?}"),
+    }
+    // Revoked: recorded in the requesting session and in a session that ran
+    // under the grant, with the reviewer and how it authenticated.
+    let user_of_grant = uuid::Uuid::now_v7();
+    registry.note_grant_use(&stored[0].id, user_of_grant);
+    let (status, answer) = call(
+        hyper::Method::DELETE,
+        format!("/v1/grants/{}", stored[0].id),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let revoked: Vec<_> = emitted.0.lock().unwrap().drain(..).collect();
+    let told: Vec<uuid::Uuid> = revoked.iter().map(|(s, _)| *s).collect();
+    assert_eq!(told, vec![requester, user_of_grant]);
+    for (_, update) in &revoked {
+        match update {
+            crate::events::ReviewUpdate::GrantRevoked(r) => {
+                assert_eq!(r.grant, stored[0].id.as_str());
+                assert_eq!(r.by, user);
+                assert_eq!(r.via, format!("unix:{uid}"));
+            }
+            other => panic!("expected grant_revoked, got {other:?}"),
+        }
+    }
+    assert!(grants.active(SystemTime::now()).unwrap().is_empty());
     let (status, _) = call(
         hyper::Method::POST,
         format!("/v1/requests/{id}/approve"),
@@ -788,7 +858,8 @@ async fn the_api_approves_denies_and_grants_for_an_approver() {
         outcome.await.unwrap(),
         Outcome::Denied {
             by: user.clone(),
-            reason: "not today".into()
+            reason: "not today".into(),
+            via: format!("unix:{uid}"),
         }
     );
 
@@ -935,7 +1006,7 @@ fn outcomes_are_worded_for_the_client() {
     let ten = Duration::from_secs(600);
     #[rustfmt::skip]
     let cases = [
-        (Outcome::Denied { by: "alice".into(), reason: "not during the sale".into() },
+        (Outcome::Denied { by: "alice".into(), reason: "not during the sale".into(), via: "unix:2001".into() },
          "tollgate: statement denied by reviewer alice: not during the sale"),
         (Outcome::Expired, "tollgate: statement not approved within 10m; the review request expired"),
         (Outcome::Cancelled, "tollgate: review request cancelled"),

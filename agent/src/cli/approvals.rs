@@ -425,9 +425,10 @@ fn grants_text(value: &Value) -> String {
                 .to_string()
             })
             .unwrap_or_default();
-        let state = match g["revoked_by"].as_str() {
-            Some(by) => format!("revoked by {by}"),
-            None => format!("until {until}"),
+        let state = match (g["revoked_by"].as_str(), g["revoked_via"].as_str()) {
+            (Some(by), Some(via)) => format!("revoked by {by} ({via})"),
+            (Some(by), None) => format!("revoked by {by}"),
+            (None, _) => format!("until {until}"),
         };
         out.push_str(&format!(
             "{}  {}  {}  {}  {}  {}\n",

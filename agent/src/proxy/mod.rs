@@ -290,6 +290,7 @@ impl RunningAgent {
             reviewer_groups: shared.config.reviewers.clone(),
             etc: std::path::PathBuf::from("/etc"),
             tokens: reviewer_tokens,
+            events: Some(shared.events.clone()),
         });
         background.spawn(crate::approval::api::serve(
             approvals_socket,

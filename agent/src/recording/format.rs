@@ -173,6 +173,10 @@ pub enum Event {
     /// A statement a `review` rule holds ran without a new review, under a
     /// grant an earlier approval gave.
     GrantUsed(GrantUseRecord),
+    /// An approval of a request of this session gave a grant.
+    GrantGiven(GrantGivenRecord),
+    /// A reviewer revoked a grant this session asked for or ran under.
+    GrantRevoked(GrantRevokeRecord),
     /// A notification of a review request was delivered, or failed after
     /// every attempt (`[[notify]]`).
     ReviewNotified(ReviewNotifyRecord),
@@ -231,6 +235,10 @@ pub struct ReviewEndRecord {
     pub approvals: Vec<ReviewApprovalRecord>,
     /// The reviewer who denied it.
     pub denied_by: Option<String>,
+    /// How that reviewer authenticated (`unix:UID` or `token:NAME`).
+    /// Absent in recordings made before it was kept.
+    #[serde(default)]
+    pub denied_via: Option<String>,
     /// The denying reviewer's reason.
     pub reason: Option<String>,
     /// Who replaced the held text, when a reviewer edited it.
@@ -250,6 +258,37 @@ pub struct GrantUseRecord {
     pub approved_by: Vec<String>,
     /// When it ends, in Unix seconds.
     pub expires_at: u64,
+}
+
+/// A grant an approval gave: later statements of the same shape from the
+/// same identity to the same target run without a new review until it ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantGivenRecord {
+    /// The grant's id.
+    pub grant: String,
+    /// The request whose approval gave it.
+    pub request: String,
+    /// The reviewers who gave it.
+    pub approved_by: Vec<String>,
+    /// Who it covers: `ci:PROVIDER:REPOSITORY:WORKFLOW` or `exe:PATH@sha256:HEX`.
+    pub identity: String,
+    /// When it ends, in Unix seconds.
+    pub expires_at: u64,
+}
+
+/// A grant a reviewer revoked before it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRevokeRecord {
+    /// The grant's id.
+    pub grant: String,
+    /// The request whose approval gave it.
+    pub request: String,
+    /// The reviewer who revoked it.
+    pub by: String,
+    /// How that reviewer authenticated (`unix:UID` or `token:NAME`).
+    pub via: String,
+    /// When, in Unix seconds.
+    pub at: u64,
 }
 
 /// A notification of a review request, sent or failed.

@@ -250,7 +250,10 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
             let waited =
                 humantime::format_duration(std::time::Duration::from_secs(r.waited_ms / 1000));
             let who = match (&r.denied_by, r.approvals.is_empty()) {
-                (Some(by), _) => format!(" by {by}"),
+                (Some(by), _) => match &r.denied_via {
+                    Some(via) => format!(" by {by} ({via})"),
+                    None => format!(" by {by}"),
+                },
                 (None, false) => {
                     let names: Vec<String> = r
                         .approvals
@@ -298,6 +301,34 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
                 r.approved_by.join(", "),
                 humantime::format_rfc3339_seconds(
                     std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.expires_at)
+                )
+            );
+        }
+        Event::GrantGiven(r) => {
+            let _ = writeln!(
+                out,
+                "{t}  {} {} for {} (request {}, approved by {}), until {}",
+                p.bold("grant given:"),
+                r.grant,
+                r.identity,
+                r.request,
+                r.approved_by.join(", "),
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.expires_at)
+                )
+            );
+        }
+        Event::GrantRevoked(r) => {
+            let _ = writeln!(
+                out,
+                "{t}  {} {} (from request {}) by {} ({}) at {}",
+                p.bold("grant revoked:"),
+                r.grant,
+                r.request,
+                r.by,
+                r.via,
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.at)
                 )
             );
         }

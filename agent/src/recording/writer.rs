@@ -1138,6 +1138,8 @@ fn event_body(event: &SessionEvent) -> Option<Event> {
             ReviewUpdate::Requested(r) => Event::ReviewRequested(r.clone()),
             ReviewUpdate::Ended(r) => Event::ReviewEnded(r.clone()),
             ReviewUpdate::GrantUsed(r) => Event::GrantUsed(r.clone()),
+            ReviewUpdate::GrantGiven(r) => Event::GrantGiven(r.clone()),
+            ReviewUpdate::GrantRevoked(r) => Event::GrantRevoked(r.clone()),
             ReviewUpdate::Notified(r) => Event::ReviewNotified(r.clone()),
         },
         SessionEvent::Closed {

@@ -89,6 +89,9 @@ pub(super) fn fingerprint(analysis: &Analysis) -> Option<String> {
 
 /// Records that a grant let a statement run.
 pub(super) fn grant_used(ctx: &SessionContext, grant: &crate::approval::Grant) {
+    if let Some(desk) = &ctx.approvals {
+        desk.registry.note_grant_use(&grant.id, ctx.id);
+    }
     ctx.events.emit(&SessionEvent::Review {
         session: ctx.id,
         review: Box::new(ReviewUpdate::GrantUsed(GrantUseRecord {
@@ -378,14 +381,18 @@ fn record_end(
                 .collect()
         })
         .unwrap_or_default();
-    let (name, denied_by, reason, edited_text) = match outcome {
-        Outcome::Approved { text, edited, .. } => {
-            ("approved", None, None, edited.then(|| cut(text)))
+    let (name, edited_text) = match outcome {
+        Outcome::Approved { text, edited, .. } => ("approved", edited.then(|| cut(text))),
+        Outcome::Denied { .. } => ("denied", None),
+        Outcome::Expired => ("expired", None),
+        Outcome::Cancelled => ("cancelled", None),
+        Outcome::Aborted => ("aborted", None),
+    };
+    let (denied_by, reason, denied_via) = match outcome {
+        Outcome::Denied { by, reason, via } => {
+            (Some(by.clone()), Some(reason.clone()), Some(via.clone()))
         }
-        Outcome::Denied { by, reason } => ("denied", Some(by.clone()), Some(reason.clone()), None),
-        Outcome::Expired => ("expired", None, None, None),
-        Outcome::Cancelled => ("cancelled", None, None, None),
-        Outcome::Aborted => ("aborted", None, None, None),
+        _ => (None, None, None),
     };
     let edited_by = edited_text
         .as_ref()
@@ -398,6 +405,7 @@ fn record_end(
             waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
             approvals,
             denied_by,
+            denied_via,
             reason,
             edited_by,
             edited_text,
