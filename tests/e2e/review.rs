@@ -913,3 +913,54 @@ fn a_reviewer_running_for_the_requesting_jobs_ci_actor_cannot_approve() {
     assert!(stdout.contains("DELETE 1"), "{stdout}");
     assert_eq!(r.count(), "19");
 }
+
+#[test]
+fn an_approval_covers_one_execution_of_a_prepared_statement_and_each_later_one_is_held_again() {
+    let r = Review::start();
+    // psycopg's `prepare=True`: the first execution sends Parse, Bind,
+    // Execute; the later ones only Bind and Execute the prepared
+    // statement, with other values.
+    let code = format!(
+        r#"
+import psycopg
+conn = psycopg.connect("host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True)
+for order in (11, 12, 13):
+    try:
+        conn.execute("DELETE FROM orders WHERE id = %s", (order,), prepare=True)
+        print("deleted", order, flush=True)
+    except psycopg.Error as e:
+        print("failed", order, e.sqlstate, e.diag.message_primary, flush=True)
+prepared = conn.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'DELETE%'").fetchone()[0]
+print("prepared", prepared, flush=True)
+"#,
+        port = r.g.port
+    );
+    let mut client = r.spawn_in_cgroup(Path::new("python3"), &["-c".to_owned(), code]);
+    let first = id_of(&r.pending_from(&mut client)[0]);
+    ok(&r.approvals("daemon", &["approve", &first]));
+    // The second execution is a Bind alone: held for a review of its own.
+    let second = id_of(&r.pending_from(&mut client)[0]);
+    assert_ne!(second, first);
+    let view: Value =
+        serde_json::from_str(&ok(&r.approvals("daemon", &["show", &second, "--json"]))).unwrap();
+    assert_eq!(
+        view["context"]["statement"], "DELETE FROM orders WHERE id = $1",
+        "{view}"
+    );
+    ok(&r.approvals("daemon", &["deny", &second, "--reason", "one is enough"]));
+    let third = id_of(&r.pending_from(&mut client)[0]);
+    assert_ne!(third, second);
+    ok(&r.approvals("daemon", &["approve", &third]));
+    let (_, stdout, stderr) = finish(client);
+    assert_eq!(
+        stdout.trim(),
+        "deleted 11\nfailed 12 42501 tollgate: statement denied by reviewer daemon: one is enough\ndeleted 13\nprepared 1",
+        "{stderr}"
+    );
+    assert_eq!(r.count(), "18");
+    assert_eq!(
+        r.g.server("SELECT count(*) FROM orders WHERE id = 12")
+            .trim(),
+        "1"
+    );
+}

@@ -46,6 +46,10 @@ pub struct Decided {
     pub policy: Weak<PolicySet>,
     /// What to mask in its results, when a `mask` rule applied to it.
     pub mask: Option<Arc<MaskPlan>>,
+    /// A `review` rule held its Parse and a reviewer (or a grant) let it
+    /// run: the approval covers one execution, and every later Bind of it
+    /// is decided (and held) again.
+    pub reviewed: bool,
 }
 
 impl Decided {
@@ -410,6 +414,7 @@ mod tests {
             analysis: Arc::new(crate::sql::analyze(text)),
             policy: Arc::downgrade(policy),
             mask: None,
+            reviewed: false,
         }
     }
 

@@ -136,9 +136,16 @@ pub(super) struct ClientSide<'a> {
     pub(super) review_outcome: Option<ReviewOutcome>,
     /// That outcome while its message is decided.
     current_review: RefCell<Option<ReviewOutcome>>,
-    /// The text being decided is a Query's or Parse's own, which can be
-    /// held (a statement an `EXECUTE` runs cannot).
+    /// The text being decided is a Query's or Parse's own, or a reviewed
+    /// prepared statement's at its Bind, which can be held (a statement an
+    /// `EXECUTE` runs cannot).
     holdable: Cell<bool>,
+    /// The message just decided ran because a reviewer (or a grant)
+    /// approved it.
+    review_approved: Cell<bool>,
+    /// The prepared statement whose Parse was just approved: its next Bind
+    /// is the one execution the approval covers.
+    approved_parse: RefCell<Option<Vec<u8>>>,
 }
 
 /// What a `review` decision comes to (see [`ClientSide::review`]).
@@ -202,6 +209,8 @@ impl<'a> ClientSide<'a> {
             review_outcome: None,
             current_review: RefCell::new(None),
             holdable: Cell::new(false),
+            review_approved: Cell::new(false),
+            approved_parse: RefCell::new(None),
             ctx,
             identity,
             shared,
@@ -440,6 +449,7 @@ impl<'a> ClientSide<'a> {
     fn decide(&self, tag: u8, body: &[u8]) -> Result<Option<String>, Stop> {
         use frontend::tag::*;
         self.server_reads_refused.set(false);
+        self.review_approved.set(false);
         let text: &[u8];
         let owned;
         let mut statement_name: &[u8] = b"";
@@ -515,6 +525,10 @@ impl<'a> ClientSide<'a> {
             if !prepared.has_room() {
                 return Ok(Some(too_many_prepared()));
             }
+            let reviewed = self.review_approved.get();
+            if reviewed {
+                *self.approved_parse.borrow_mut() = Some(statement_name.to_vec());
+            }
             prepared.parse_sent(
                 statement_name,
                 Decided {
@@ -522,6 +536,7 @@ impl<'a> ClientSide<'a> {
                     analysis,
                     policy: Arc::downgrade(&policy),
                     mask,
+                    reviewed,
                 },
             );
         }
@@ -571,7 +586,10 @@ impl<'a> ClientSide<'a> {
                     self.report(text, analysis, &decisions, &decisions, false);
                     return Some(message);
                 }
-                ReviewStep::Approved => approved = true,
+                ReviewStep::Approved => {
+                    approved = true;
+                    self.review_approved.set(true);
+                }
                 ReviewStep::Refused => {}
             }
         }
@@ -898,6 +916,7 @@ impl<'a> ClientSide<'a> {
             }),
             policy: std::sync::Weak::new(),
             mask: None,
+            reviewed: false,
         };
         let Some(query) = prepared::prepared_query_text(&statement.text) else {
             return whole();
@@ -909,6 +928,7 @@ impl<'a> ClientSide<'a> {
                 analysis,
                 policy: std::sync::Weak::new(),
                 mask: None,
+                reviewed: false,
             },
             _ => whole(),
         }
@@ -938,6 +958,7 @@ impl<'a> ClientSide<'a> {
                     Decided {
                         policy: Arc::downgrade(policy),
                         mask: None,
+                        reviewed: false,
                         ..self.sql_prepared(statement)
                     },
                 ),
@@ -1007,23 +1028,50 @@ impl<'a> ClientSide<'a> {
         if !self.shared.prepared().has_room() {
             return self.replace_bind(data, header, portal, too_many_prepared());
         }
-        if decided.is_stale(&policy) {
+        // An approval covers one execution: the Bind right after the
+        // approved Parse. Any other Bind of a reviewed statement is decided
+        // again, and held for a review of its own (or runs under a grant).
+        let covered = decided.reviewed
+            && self
+                .approved_parse
+                .get_mut()
+                .take_if(|name| name.as_slice() == statement)
+                .is_some();
+        let review_again = decided.reviewed && !covered;
+        if decided.is_stale(&policy) || review_again {
             // Decide once the whole message is here, so that a refused one
             // can be replaced (the decision is reported once).
-            if let Some(step) =
-                hold_whole_bind(header, data, "a statement the new policy must decide again")
-            {
+            let why = if review_again {
+                "a prepared statement that requires review"
+            } else {
+                "a statement the new policy must decide again"
+            };
+            if let Some(step) = hold_whole_bind(header, data, why) {
                 return step;
             }
+            let outcome = self.review_outcome.take();
+            if let Some(ReviewOutcome::Edited { .. }) = outcome {
+                let refusal = "tollgate: a reviewer's edit cannot replace one execution of a prepared statement (the edit would need a Parse of its own); refused".to_owned();
+                return self.replace_bind(data, header, portal, refusal);
+            }
+            *self.current_review.get_mut() = outcome;
+            self.holdable.set(review_again);
             let ops = prepared::sql_ops(&decided.analysis);
             let refusal = self.decide_prepared_again(&policy, &decided, &ops);
+            self.holdable.set(false);
+            *self.current_review.get_mut() = None;
+            if self.pending_review.get_mut().is_some() {
+                return Ok(Step::Hold);
+            }
             if let Some(refusal) = refusal {
                 return self.replace_bind(data, header, portal, refusal);
             }
-            self.shared
-                .prepared()
-                .reallowed_statement(statement, &policy);
-            decided.policy = Arc::downgrade(&policy);
+            if decided.is_stale(&policy) {
+                self.shared
+                    .prepared()
+                    .reallowed_statement(statement, &policy);
+                decided.policy = Arc::downgrade(&policy);
+            }
         }
         if let Some(plan) = decided.mask.clone() {
             // A lookup may go in front of the whole Bind (a batch opens
