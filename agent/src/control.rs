@@ -154,29 +154,27 @@ pub fn remove(path: &Path) {
     }
 }
 
+/// Requests answered at once; more wait in the socket's backlog.
+pub const MAX_CONTROL_CONNECTIONS: usize = 32;
+
 /// Answers requests until `stop` is cancelled.
-pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "control socket: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+pub async fn serve(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    endpoint: crate::accept::Endpoint,
+    stop: CancellationToken,
+) {
+    crate::accept::accept_each(listener, endpoint, stop, |stream, _| {
         let shared = shared.clone();
-        tokio::spawn(async move {
+        Some(async move {
             match tokio::time::timeout(Duration::from_secs(5), answer(stream, &shared)).await {
                 Ok(Err(e)) => tracing::debug!(error = %e, "control socket: request failed"),
                 Err(_) => tracing::debug!("control socket: request timed out"),
                 Ok(Ok(())) => {}
             }
-        });
-    }
+        })
+    })
+    .await;
 }
 
 async fn answer(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {

@@ -12,8 +12,10 @@
 //! - [`events`]: the session event stream every consumer reads from.
 //! - [`recording`]: sessions as hash-chained recording files, and reading them back.
 //! - [`metrics`], [`control`]: Prometheus endpoint and the status socket.
+//! - [`accept`]: the one accept loop every endpoint above is served by.
 //! - [`cli`], [`logging`]: the command line and log set-up.
 
+pub mod accept;
 pub mod approval;
 pub mod cli;
 pub mod config;

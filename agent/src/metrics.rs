@@ -57,8 +57,8 @@ pub struct Metrics {
     closed: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Identity lookups that failed, by reason label.
     identity_failures: Mutex<BTreeMap<&'static str, u64>>,
-    /// Errors from accept(), all listeners.
-    pub accept_errors: AtomicU64,
+    /// Connection counters of each endpoint (`proxy`, `control`, ...).
+    endpoints: Mutex<BTreeMap<&'static str, Arc<crate::accept::EndpointCounters>>>,
     /// Sum and count of identity lookup time, microseconds.
     identity_lookup_micros: AtomicU64,
     identity_lookups: AtomicU64,
@@ -105,6 +105,15 @@ impl Metrics {
                 .collect(),
             ..Metrics::default()
         }
+    }
+
+    /// The connection counters of endpoint `name`, created on first use.
+    pub fn endpoint(&self, name: &'static str) -> Arc<crate::accept::EndpointCounters> {
+        let mut endpoints = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        endpoints.entry(name).or_default().clone()
     }
 
     /// Counters for a target (a detached set for unknown names).
@@ -340,11 +349,7 @@ impl Metrics {
             micros as f64 / 1e6,
             self.identity_lookups.load(Ordering::Relaxed)
         );
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_accept_errors_total Errors accepting connections.\n# TYPE tollgate_accept_errors_total counter\ntollgate_accept_errors_total {}",
-            self.accept_errors.load(Ordering::Relaxed)
-        );
+        self.render_endpoints(&mut out);
         if let Some(r) = self.redirect.get() {
             let k = r.stats();
             let _ = writeln!(out, "# HELP tollgate_redirect_connects_total Connects seen by the kernel programs, by verdict; denied also counts refused UDP sends.\n# TYPE tollgate_redirect_connects_total counter");
@@ -414,6 +419,49 @@ impl Metrics {
 }
 
 impl Metrics {
+    fn render_endpoints(&self, out: &mut String) {
+        let endpoints: Vec<(&'static str, Arc<crate::accept::EndpointCounters>)> = self
+            .endpoints
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default();
+        let errors: u64 = endpoints
+            .iter()
+            .map(|(_, c)| c.accept_errors.load(Ordering::Relaxed))
+            .sum();
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_accept_errors_total Errors accepting connections, every endpoint.\n# TYPE tollgate_accept_errors_total counter\ntollgate_accept_errors_total {errors}"
+        );
+        type Read = fn(&crate::accept::EndpointCounters) -> u64;
+        let families: [(&str, &str, &str, Read); 3] = [
+            (
+                "tollgate_endpoint_connections",
+                "gauge",
+                "Connections being served, by endpoint (proxy: sessions, control, exec, reviewer, reviewer_tls, metrics).",
+                |c| c.open.load(Ordering::Relaxed),
+            ),
+            (
+                "tollgate_endpoint_connections_accepted_total",
+                "counter",
+                "Connections accepted, by endpoint.",
+                |c| c.accepted.load(Ordering::Relaxed),
+            ),
+            (
+                "tollgate_endpoint_connections_refused_total",
+                "counter",
+                "Connections closed unserved because the endpoint served as many as it may, by endpoint.",
+                |c| c.refused.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, read) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (endpoint, counters) in &endpoints {
+                let _ = writeln!(out, "{name}{{endpoint=\"{endpoint}\"}} {}", read(counters));
+            }
+        }
+    }
+
     fn render_protect(&self, out: &mut String, kernel: &crate::redirect::protect::ProtectStats) {
         let _ = writeln!(out, "# HELP tollgate_protect_bypass_attempts_total Connections to a protected target that did not come through the redirect, by target and verdict (audit: let through, deny: refused), as read from the kernel's reports.\n# TYPE tollgate_protect_bypass_attempts_total counter");
         if let Ok(m) = self.protect_bypass.lock() {
@@ -492,29 +540,27 @@ impl Metrics {
 /// Largest HTTP request head the endpoint reads.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
+/// Scrapes answered at once; more wait in the socket's backlog.
+pub const MAX_METRICS_CONNECTIONS: usize = 16;
+
 /// Serves `/metrics` and `/healthz` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    endpoint: crate::accept::Endpoint,
+    shutdown: CancellationToken,
+) {
+    crate::accept::accept_each(listener, endpoint, shutdown, |stream, _| {
         let metrics = metrics.clone();
-        tokio::spawn(async move {
+        Some(async move {
             if let Err(e) =
                 tokio::time::timeout(Duration::from_secs(5), answer(stream, &metrics)).await
             {
                 tracing::debug!(error = %e, "metrics endpoint: request timed out");
             }
-        });
-    }
+        })
+    })
+    .await;
 }
 
 async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
@@ -641,7 +687,19 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, Arc::new(Metrics::new(["t"])), stop.clone()));
+        let endpoint = crate::accept::Endpoint::new(
+            "metrics",
+            MAX_METRICS_CONNECTIONS,
+            crate::accept::WhenFull::Wait,
+            &tokio_util::task::TaskTracker::new(),
+            Arc::default(),
+        );
+        tokio::spawn(serve(
+            listener,
+            Arc::new(Metrics::new(["t"])),
+            endpoint,
+            stop.clone(),
+        ));
         let get = |path: &'static str| async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
             s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())

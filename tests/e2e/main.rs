@@ -7,6 +7,7 @@ mod approvals;
 mod bypass;
 mod cli;
 mod drivers;
+mod endpoints;
 mod gate;
 mod hostile_local;
 mod identity_spoof;

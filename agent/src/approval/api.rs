@@ -65,7 +65,7 @@ use crate::recording::format::{GrantGivenRecord, GrantRevokeRecord};
 /// Largest request body accepted.
 const MAX_BODY: usize = 128 * 1024;
 /// Connections served at once, on each listener.
-const MAX_CONNECTIONS: usize = 64;
+pub const MAX_CONNECTIONS: usize = 64;
 /// A connection is closed after this long, whatever it is doing (a request
 /// in flight is answered first, for up to [`DRAIN_TIMEOUT`]).
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -116,77 +116,39 @@ enum Caller {
     Remote(SocketAddr),
 }
 
-/// Serves reviewers until `stop` is cancelled.
-pub async fn serve(listener: UnixListener, state: Arc<ApiState>, stop: CancellationToken) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        // A permit before accept: any local user may connect, so the
-        // connections served at once are bounded.
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reviewer socket: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+/// Serves reviewers until `stop` is cancelled. Any local user may
+/// connect: `endpoint` bounds the connections served at once.
+pub async fn serve(
+    listener: UnixListener,
+    state: Arc<ApiState>,
+    endpoint: crate::accept::Endpoint,
+    stop: CancellationToken,
+) {
+    crate::accept::accept_each(listener, endpoint, stop, |stream, _| {
         let peer = stream.peer_cred().ok().map(|c| Peer {
             uid: c.uid(),
             gid: c.gid(),
             pid: c.pid().and_then(|p| u32::try_from(p).ok()),
         });
-        let state = state.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            serve_connection(stream, state, Caller::Unix(peer)).await;
-        });
-    }
+        Some(serve_connection(stream, state.clone(), Caller::Unix(peer)))
+    })
+    .await;
 }
 
 /// Serves reviewers on TCP with TLS until `stop` is cancelled. Plain HTTP
 /// is not spoken here: a client that does not start a TLS handshake is
-/// disconnected.
+/// disconnected. Anyone who can reach the port may connect: `endpoint`
+/// bounds the connections served (and handshakes made) at once.
 pub async fn serve_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     state: Arc<ApiState>,
+    endpoint: crate::accept::Endpoint,
     stop: CancellationToken,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        // A permit before accept, as on the Unix socket: anyone who can
-        // reach the port may connect.
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (stream, addr) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reviewer API: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    crate::accept::accept_each(listener, endpoint, stop, |stream, addr| {
         let (state, acceptor) = (state.clone(), acceptor.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
+        Some(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -199,8 +161,9 @@ pub async fn serve_tls(
                 }
             };
             serve_connection(tls, state, Caller::Remote(addr)).await;
-        });
-    }
+        })
+    })
+    .await;
 }
 
 /// HTTP/1.1 on one connection, for at most [`CONNECTION_TIMEOUT`], except

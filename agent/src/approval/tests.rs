@@ -730,9 +730,17 @@ fn api_emitting_in(
         tokens: Arc::new(super::tokens::TokenStore::new(dir.join("tokens"))),
         events: Some(crate::events::Events::new(emitted.clone())),
     });
+    let endpoint = crate::accept::Endpoint::new(
+        "reviewer",
+        api::MAX_CONNECTIONS,
+        crate::accept::WhenFull::Wait,
+        &tokio_util::task::TaskTracker::new(),
+        Arc::default(),
+    );
     tokio::spawn(api::serve(
         listener,
         state,
+        endpoint,
         tokio_util::sync::CancellationToken::new(),
     ));
     (registry, grants, socket, emitted)

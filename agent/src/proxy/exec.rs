@@ -17,20 +17,18 @@
 //! is told so (`ok <its cgroup>`).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::redirect::{cgroup, Redirect};
 
 /// At most this many `tollgate exec` sessions at once.
-const MAX_EXEC_SESSIONS: usize = 1024;
+pub(super) const MAX_EXEC_SESSIONS: usize = 1024;
 
 /// Binds the exec socket with mode 0666: asking to be governed only
 /// restricts the asker, so every user may.
@@ -38,44 +36,30 @@ pub(super) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     crate::control::bind_unix_socket(path, "exec socket", 0o666, "redirect.exec_socket")
 }
 
+/// What a requester past [`MAX_EXEC_SESSIONS`] is told.
+pub(super) const EXEC_BUSY: &str = "error too many tollgate exec sessions are running\n";
+
 /// Serves exec requests until `stop` is cancelled.
 pub(super) async fn serve(
     listener: UnixListener,
     redirect: Arc<Redirect>,
+    endpoint: crate::accept::Endpoint,
     stop: CancellationToken,
 ) {
     let exec_root = redirect.exec_root.clone();
     sweep(&exec_root);
-    let permits = Arc::new(Semaphore::new(MAX_EXEC_SESSIONS));
-    let counter = Arc::new(AtomicU64::new(0));
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "exec socket: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            let mut s = stream;
-            let _ = s
-                .write_all(b"error too many tollgate exec sessions are running\n")
-                .await;
-            continue;
-        };
+    let mut counter = 0u64;
+    crate::accept::accept_each(listener, endpoint, stop, |stream, _| {
         let redirect = redirect.clone();
-        let n = counter.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
+        let n = counter;
+        counter += 1;
+        Some(async move {
             if let Err(e) = govern(stream, &redirect, n).await {
                 tracing::warn!(error = %format!("{e:#}"), "exec request failed");
             }
-            drop(permit);
-        });
-    }
+        })
+    })
+    .await;
 }
 
 async fn govern(stream: UnixStream, redirect: &Arc<Redirect>, n: u64) -> anyhow::Result<()> {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -217,6 +217,13 @@ impl RunningAgent {
         let stop_accepting = CancellationToken::new();
         let sessions = TaskTracker::new();
         let background = TaskTracker::new();
+        // The agent's other endpoints: their connections run on
+        // `background`, each endpoint bounded by its own permits.
+        use crate::accept::WhenFull;
+        let endpoint = |name: &'static str, limit: usize, when_full: WhenFull| {
+            let counters = shared.metrics.endpoint(name);
+            crate::accept::Endpoint::new(name, limit, when_full, &background, counters)
+        };
 
         for (socket, listener) in listeners {
             let addr = socket.local_addr().unwrap_or(listener.listen);
@@ -245,6 +252,11 @@ impl RunningAgent {
             background.spawn(exec::serve(
                 socket,
                 redirect.clone(),
+                endpoint(
+                    "exec",
+                    exec::MAX_EXEC_SESSIONS,
+                    WhenFull::Refuse(exec::EXEC_BUSY),
+                ),
                 stop_accepting.clone(),
             ));
             if let Some(events) = redirect.protect.as_ref().and_then(|p| p.take_events()) {
@@ -270,6 +282,7 @@ impl RunningAgent {
             background.spawn(metrics::serve(
                 socket,
                 shared.metrics.clone(),
+                endpoint("metrics", metrics::MAX_METRICS_CONNECTIONS, WhenFull::Wait),
                 stop_accepting.clone(),
             ));
         }
@@ -279,6 +292,7 @@ impl RunningAgent {
         background.spawn(control::serve(
             control_socket,
             shared.clone(),
+            endpoint("control", control::MAX_CONTROL_CONNECTIONS, WhenFull::Wait),
             stop_accepting.clone(),
         ));
         tracing::info!(socket = %shared.config.agent.approvals_socket.display(), "reviewer socket ready");
@@ -295,6 +309,11 @@ impl RunningAgent {
         background.spawn(crate::approval::api::serve(
             approvals_socket,
             api_state.clone(),
+            endpoint(
+                "reviewer",
+                crate::approval::api::MAX_CONNECTIONS,
+                WhenFull::Wait,
+            ),
             stop_accepting.clone(),
         ));
         // Cancelled by `shutdown` once the requests it aborts are
@@ -319,6 +338,11 @@ impl RunningAgent {
                 listener,
                 acceptor,
                 api_state,
+                endpoint(
+                    "reviewer_tls",
+                    crate::approval::api::MAX_CONNECTIONS,
+                    WhenFull::Wait,
+                ),
                 stop_accepting.clone(),
             ));
         }
@@ -667,11 +691,9 @@ async fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-/// Accepts until told to stop. Each accepted connection waits for a permit
-/// before anything is done with it, so at most `max_connections` sessions
-/// run (and each listener holds at most one connection waiting, the rest
-/// stay in the kernel's backlog); accept errors (such as running out of
-/// file descriptors) back off instead of spinning.
+/// Accepts sessions until told to stop: at most `max_connections` are
+/// served at once across every listener and the redirect port (see
+/// [`crate::accept`]).
 async fn accept_loop(
     socket: TcpListener,
     entry: Entry,
@@ -679,80 +701,60 @@ async fn accept_loop(
     stop: CancellationToken,
     sessions: TaskTracker,
 ) {
-    let mut backoff = Duration::from_millis(1);
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = socket.accept() => accepted,
+    let local = socket.local_addr().ok();
+    let endpoint = crate::accept::Endpoint {
+        name: "proxy",
+        permits: shared.permits.clone(),
+        when_full: crate::accept::WhenFull::Wait,
+        tasks: sessions,
+        counters: shared.metrics.endpoint("proxy"),
+    };
+    crate::accept::accept_each(socket, endpoint, stop, |stream, peer| {
+        let shared = shared.clone();
+        let route = match &entry {
+            Entry::Listener(l) => Some(listener_route(&shared, l)),
+            Entry::Redirect => redirect_route(&shared, peer),
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff = Duration::from_millis(1);
-                // The permit is taken once a connection is there: an idle
-                // listener holds none, so one listener's wait never keeps
-                // another's connections out. Waiters are served in order.
-                let permit = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    permit = shared.permits.clone().acquire_owned() => match permit {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                };
-                let shared = shared.clone();
-                let route = match &entry {
-                    Entry::Listener(l) => Some(listener_route(&shared, l)),
-                    Entry::Redirect => redirect_route(&shared, peer),
-                };
-                // No route: a connection on the redirect port the kernel did
-                // not send. It is closed (fail closed).
-                let Some(route) = route else { continue };
-                if shared.recorder.refuse_new_sessions() {
-                    // Fail closed: nothing may run unrecorded.
-                    let failure = shared.recorder.failure().unwrap_or_default();
-                    shared
-                        .metrics
-                        .sessions_refused_recording
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(
-                        client = %peer,
-                        target = %route.target,
-                        reason = %failure,
-                        "session refused: recording has failed"
-                    );
-                    if route.protocol == Protocol::Postgres {
-                        let timeout = shared.config.agent.connect_timeout;
-                        sessions.spawn(async move {
-                            refuse::refuse_postgres(
-                                stream,
-                                shared.tls.client(),
-                                "tollgate: session refused: session recording has failed",
-                                Some(&failure),
-                                Some("nothing may run unrecorded (agent.recording_on_failure = \"refuse\"); fix the cause, e.g. free space in the recording directory, then restart the agent"),
-                                timeout,
-                            )
-                            .await;
-                            drop(permit);
-                        });
-                    }
-                    continue;
-                }
-                sessions.spawn(async move {
-                    session::serve(shared, stream, peer, route).await;
-                    drop(permit);
-                });
+        // No route: a connection on the redirect port the kernel did not
+        // send. It is closed (fail closed).
+        let route = route?;
+        Some(async move {
+            if shared.recorder.refuse_new_sessions() {
+                refuse_unrecorded(shared, stream, peer, route).await;
+            } else {
+                session::serve(shared, stream, peer, route).await;
             }
-            Err(e) => {
-                shared
-                    .metrics
-                    .accept_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-        }
+        })
+    })
+    .await;
+    tracing::debug!(listen = ?local, "listener closed");
+}
+
+/// Refuses a session because recording has failed (fail closed: nothing
+/// may run unrecorded).
+async fn refuse_unrecorded(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, route: Route) {
+    let failure = shared.recorder.failure().unwrap_or_default();
+    shared
+        .metrics
+        .sessions_refused_recording
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::error!(
+        client = %peer,
+        target = %route.target,
+        reason = %failure,
+        "session refused: recording has failed"
+    );
+    if route.protocol == Protocol::Postgres {
+        refuse::refuse_postgres(
+            stream,
+            shared.tls.client(),
+            "tollgate: session refused: session recording has failed",
+            Some(&failure),
+            Some("nothing may run unrecorded (agent.recording_on_failure = \"refuse\"); fix the cause, e.g. free space in the recording directory, then restart the agent"),
+            shared.config.agent.connect_timeout,
+        )
+        .await;
     }
-    tracing::debug!(listen = ?socket.local_addr().ok(), "listener closed");
 }
 
 fn listener_route(shared: &Shared, listener: &Listener) -> Route {
