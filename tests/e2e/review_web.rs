@@ -396,8 +396,32 @@ fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// The first pending request whose statement is `statement`, listing
+/// with `token`.
+fn pending_with(r: &Remote, token: &str, statement: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let answer = r.curl("GET", "/v1/requests", Some(token), None);
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let found = answer
+            .json()
+            .as_array()
+            .and_then(|a| a.iter().find(|v| v["text"] == statement).cloned());
+        if let Some(view) = found {
+            return view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{statement} never became pending: {}",
+            answer.body
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
-fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_and_approves() {
+fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_sees_requests_arrive_live_approves_and_signs_out(
+) {
     if !is_root() {
         eprintln!("skipped: needs root (cgroups, runuser, a token file owned by root)");
         return;
@@ -410,10 +434,6 @@ fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_and_approves() {
     }
     let r = Remote::start();
     let bin = r.token("web-bin", "bin");
-    let statement = "DELETE FROM orders WHERE id = 3 RETURNING id, note";
-    let mut psql = r.spawn_psql(statement);
-    let view = r.pending(&bin, &mut psql);
-    let id = view["id"].as_str().unwrap().to_owned();
 
     let browser = Browser::start(true).unwrap();
     browser
@@ -429,10 +449,40 @@ fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_and_approves() {
         .unwrap();
     browser.click(&sign_in).unwrap();
 
-    // The held statement with its context.
-    let shown = browser
-        .wait_for_text(statement, Duration::from_secs(20))
+    // Signed in with nothing pending: who is signed in, the watch stream
+    // open.
+    browser
+        .wait_for_text(
+            "No statements are waiting for review.",
+            Duration::from_secs(20),
+        )
         .unwrap();
+    browser
+        .wait_for_text("bin (token:web-bin)", Duration::from_secs(5))
+        .unwrap();
+    browser
+        .wait_for_displayed("#live.live", Duration::from_secs(10))
+        .unwrap();
+    browser
+        .wait_for_displayed("#sign-out", Duration::from_secs(5))
+        .unwrap();
+
+    // A statement held now shows within 5 s: the list was loaded at sign-in
+    // and the fallback poll comes only every 30 s, so only the watch
+    // stream can bring it that soon.
+    let statement = "DELETE FROM orders WHERE id = 3 RETURNING id, note";
+    let started = Instant::now();
+    let mut psql = r.spawn_psql(statement);
+    let shown = browser
+        .wait_for_text(statement, Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            let _ = psql.kill();
+            panic!("the held statement did not show within 5 s of psql starting: {e:#}")
+        });
+    let arrived = started.elapsed();
+    assert!(arrived < Duration::from_secs(5), "shown after {arrived:?}");
+    let view = r.pending(&bin, &mut psql);
+    let id = view["id"].as_str().unwrap().to_owned();
     for wanted in [
         id.as_str(),
         "review-deletes: deletes in production need a second pair of eyes",
@@ -444,14 +494,41 @@ fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_and_approves() {
     }
     assert_eq!(r.count(), "20");
 
+    // A reason typed, then the focus elsewhere: another request arrives and
+    // the card is renewed, with what was typed.
+    let card = format!("article.request[data-id=\"{id}\"]");
     let reason = browser
-        .wait_for_displayed("article.request input.reason", Duration::from_secs(5))
+        .wait_for_displayed(&format!("{card} input.reason"), Duration::from_secs(5))
         .unwrap();
     browser
         .type_into(&reason, "checked in the browser")
         .unwrap();
+    browser
+        .execute(&format!(
+            "window.typedCard = document.querySelector('{card}'); document.activeElement.blur();"
+        ))
+        .unwrap();
+    let second = "DELETE FROM orders WHERE id = 4";
+    let mut second_psql = r.spawn_psql(second);
+    browser
+        .wait_for_text(second, Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            let _ = second_psql.kill();
+            panic!("the second statement did not show within 5 s: {e:#}")
+        });
+    let kept = browser
+        .execute(&format!(
+            "return [document.contains(window.typedCard), document.querySelector('{card} input.reason').value];"
+        ))
+        .unwrap();
+    assert_eq!(
+        kept,
+        serde_json::json!([false, "checked in the browser"]),
+        "the card is renewed with the reason typed"
+    );
+
     let approve = browser
-        .wait_for_displayed("article.request button.approve", Duration::from_secs(5))
+        .wait_for_displayed(&format!("{card} button.approve"), Duration::from_secs(5))
         .unwrap();
     browser.click(&approve).unwrap();
     browser
@@ -467,11 +544,55 @@ fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_and_approves() {
     assert_eq!(shown["approvals"][0]["reason"], "checked in the browser");
     let recorded = recorded_approval(&r, &view);
     assert_eq!(recorded["via"], "token:web-bin");
-    // The request is gone from the page.
+
+    // The second is denied elsewhere; the page follows.
+    let second_id = pending_with(&r, &bin, second)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let denied = r.curl(
+        "POST",
+        &format!("/v1/requests/{second_id}/deny"),
+        Some(&bin),
+        Some("{\"reason\": \"not this one\"}"),
+    );
+    assert_eq!(denied.status, 200, "{}", denied.body);
+    let (success, _, stderr) = finish(second_psql);
+    assert!(!success);
+    assert!(stderr.contains("not this one"), "{stderr}");
+    assert_eq!(r.count(), "19");
     browser
         .wait_for_text(
             "No statements are waiting for review.",
-            Duration::from_secs(10),
+            Duration::from_secs(5),
         )
         .unwrap();
+
+    // Signing out forgets the token, stops the stream and asks for one.
+    let sign_out = browser
+        .wait_for_displayed("#sign-out", Duration::from_secs(5))
+        .unwrap();
+    browser.click(&sign_out).unwrap();
+    browser
+        .wait_for_displayed("#token", Duration::from_secs(5))
+        .unwrap();
+    let after = browser
+        .execute(
+            "return [sessionStorage.getItem('tollgate-reviewer-token'), \
+             document.querySelectorAll('article.request').length, \
+             document.querySelector('#empty').hidden, \
+             document.querySelector('#sign-out').hidden, \
+             document.querySelector('#live').textContent, \
+             document.querySelector('#who').textContent];",
+        )
+        .unwrap();
+    assert_eq!(
+        after,
+        serde_json::json!([null, 0, true, true, "", ""]),
+        "signed out"
+    );
+    assert!(browser
+        .page_text()
+        .unwrap()
+        .contains("Sign in with your reviewer token"));
 }
