@@ -271,6 +271,34 @@ fn the_api_over_tls_wants_the_token_of_an_approver_who_is_not_the_requester() {
         .body
         .contains("Tollgate: statements waiting for review"));
 
+    // Who a token signs in as; on the reviewer socket, the peer, and the
+    // same page.
+    let me = r.curl("GET", "/v1/whoami", Some(&bin), None);
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(me.json()["user"], "bin");
+    assert_eq!(me.json()["via"], "token:web-bin");
+    let socket = r.g.agent.dir.path().join("approvals.sock");
+    let on_socket = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--unix-socket"])
+            .arg(&socket)
+            .arg(format!("http://tollgate{path}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl on the socket failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(on_socket("/").contains("Tollgate: statements waiting for review"));
+    let root: Value = serde_json::from_str(&on_socket("/v1/whoami")).unwrap();
+    assert_eq!(
+        root,
+        serde_json::json!({"user": "root", "uid": 0, "via": "unix:0"})
+    );
+
     // No token, a wrong one: 401 with the scheme to use, nothing changes.
     let none = r.curl("GET", "/v1/requests", None, None);
     assert_eq!(none.status, 401, "{}", none.body);
@@ -480,6 +508,7 @@ fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_sees_requests_arrive_li
             panic!("the held statement did not show within 5 s of psql starting: {e:#}")
         });
     let arrived = started.elapsed();
+    eprintln!("the held statement showed {arrived:?} after psql started");
     assert!(arrived < Duration::from_secs(5), "shown after {arrived:?}");
     let view = r.pending(&bin, &mut psql);
     let id = view["id"].as_str().unwrap().to_owned();
