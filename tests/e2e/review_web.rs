@@ -34,6 +34,8 @@ struct Remote {
     /// Certificate, key and token file.
     dir: tempfile::TempDir,
     cgroup: RemovedOnDrop,
+    /// The `[agent]` settings of the TLS listener, to start the agent again.
+    extra: String,
 }
 
 /// An answer: status, headers (lowercase), body.
@@ -79,7 +81,22 @@ impl Remote {
             api_port,
             dir,
             cgroup: RemovedOnDrop(vec![cgroup]),
+            extra,
         }
+    }
+
+    /// Stops the agent (at once, as a crash would) and starts another with
+    /// the same configuration, reviewer port and token file.
+    fn restart_agent(&mut self, between: impl FnOnce()) {
+        let _ = self.g.agent.child.kill();
+        let _ = self.g.agent.child.wait();
+        between();
+        let config = tollgate_tests::listener_config(
+            self.g.port,
+            self.g.pg.port,
+            &format!("{}\n{}", self.g.policy.line, self.extra),
+        );
+        self.g.agent = tollgate_tests::Agent::start(&config);
     }
 
     fn cert(&self) -> PathBuf {
@@ -460,7 +477,7 @@ fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_sees_requests_arrive_li
         );
         return;
     }
-    let r = Remote::start();
+    let mut r = Remote::start();
     let bin = r.token("web-bin", "bin");
 
     let browser = Browser::start(true).unwrap();
@@ -596,6 +613,27 @@ fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_sees_requests_arrive_li
             Duration::from_secs(5),
         )
         .unwrap();
+
+    // The agent goes away: the page says so, and follows the next agent on
+    // the same port by itself (reconnecting after 1 s, 2 s, 4 s, ...).
+    r.restart_agent(|| {
+        browser
+            .wait_for_displayed("#live.reconnecting", Duration::from_secs(10))
+            .unwrap();
+    });
+    browser
+        .wait_for_displayed("#live.live", Duration::from_secs(20))
+        .unwrap();
+    let third = "DELETE FROM orders WHERE id = 5";
+    let mut third_psql = r.spawn_psql(third);
+    browser
+        .wait_for_text(third, Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            let _ = third_psql.kill();
+            panic!("after the restart, a statement did not show within 5 s: {e:#}")
+        });
+    let _ = third_psql.kill();
+    let _ = third_psql.wait();
 
     // Signing out forgets the token, stops the stream and asks for one.
     let sign_out = browser
