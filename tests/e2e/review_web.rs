@@ -484,14 +484,32 @@ fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_sees_requests_arrive_li
     browser
         .open(&format!("https://127.0.0.1:{}/", r.api_port))
         .unwrap();
-    // Not signed in: the page asks for a token.
+    // Not signed in: the page asks for a token, without an error yet.
     let input = browser
         .wait_for_displayed("#token", Duration::from_secs(20))
         .unwrap();
-    browser.type_into(&input, &bin).unwrap();
+    let first = browser
+        .execute("return document.querySelector('#status').textContent;")
+        .unwrap();
+    assert_eq!(first, "", "an error before any token was given");
     let sign_in = browser
         .wait_for_displayed("#sign-in", Duration::from_secs(5))
         .unwrap();
+    // A wrong token is refused with the reason; the form stays.
+    browser
+        .type_into(&input, &format!("tgr_{}", "0".repeat(64)))
+        .unwrap();
+    browser.click(&sign_in).unwrap();
+    browser
+        .wait_for_text(
+            "Sign in again: unknown or revoked reviewer token",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let input = browser
+        .wait_for_displayed("#token", Duration::from_secs(5))
+        .unwrap();
+    browser.type_into(&input, &bin).unwrap();
     browser.click(&sign_in).unwrap();
 
     // Signed in with nothing pending: who is signed in, the watch stream
