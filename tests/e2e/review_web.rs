@@ -680,4 +680,82 @@ fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_sees_requests_arrive_li
         .page_text()
         .unwrap()
         .contains("Sign in with your reviewer token"));
+
+    // The page on the reviewer socket (reached through a plain TCP bridge
+    // that runs as root): no token, no sign-in, no sign-out; the
+    // peer is named and the stream is live.
+    let bridge = UnixBridge::start(&r.g.agent.dir.path().join("approvals.sock"));
+    browser.open(&format!("http://{}/", bridge.addr)).unwrap();
+    browser
+        .wait_for_displayed("#live.live", Duration::from_secs(10))
+        .unwrap();
+    browser
+        .wait_for_text("root (unix:0)", Duration::from_secs(5))
+        .unwrap();
+    let on_socket = browser
+        .execute(
+            "return [document.querySelector('#login').hidden,              document.querySelector('#sign-out').hidden,              document.querySelector('#status').textContent];",
+        )
+        .unwrap();
+    assert_eq!(on_socket, serde_json::json!([true, true, ""]));
+}
+
+/// Relays a loopback TCP port to the Unix socket `socket` (a browser
+/// cannot open one itself), in a small process of its own: the agent
+/// names a socket peer by its executable, and hashing this test binary
+/// would take long. Killed on drop.
+struct UnixBridge {
+    child: Child,
+    addr: String,
+}
+
+const BRIDGE: &str = r#"
+import socket, sys, threading
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(16)
+print(server.getsockname()[1], flush=True)
+def relay(source, sink):
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    try:
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+while True:
+    tcp, _ = server.accept()
+    unix = socket.socket(socket.AF_UNIX)
+    unix.connect(sys.argv[1])
+    threading.Thread(target=relay, args=(tcp, unix), daemon=True).start()
+    threading.Thread(target=relay, args=(unix, tcp), daemon=True).start()
+"#;
+
+impl UnixBridge {
+    fn start(socket: &Path) -> UnixBridge {
+        let mut child = Command::new("/usr/bin/python3")
+            .args(["-c", BRIDGE])
+            .arg(socket)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut port = String::new();
+        if let Some(out) = child.stdout.take() {
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut port).unwrap();
+        }
+        assert!(!port.trim().is_empty(), "the bridge did not start");
+        UnixBridge {
+            child,
+            addr: format!("127.0.0.1:{}", port.trim()),
+        }
+    }
+}
+
+impl Drop for UnixBridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
