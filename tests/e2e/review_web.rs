@@ -34,6 +34,8 @@ struct Remote {
     /// Certificate, key and token file.
     dir: tempfile::TempDir,
     cgroup: RemovedOnDrop,
+    /// The `[agent]` settings of the TLS listener, to start the agent again.
+    extra: String,
 }
 
 /// An answer: status, headers (lowercase), body.
@@ -79,7 +81,22 @@ impl Remote {
             api_port,
             dir,
             cgroup: RemovedOnDrop(vec![cgroup]),
+            extra,
         }
+    }
+
+    /// Stops the agent (at once, as a crash would) and starts another with
+    /// the same configuration, reviewer port and token file.
+    fn restart_agent(&mut self, between: impl FnOnce()) {
+        let _ = self.g.agent.child.kill();
+        let _ = self.g.agent.child.wait();
+        between();
+        let config = tollgate_tests::listener_config(
+            self.g.port,
+            self.g.pg.port,
+            &format!("{}\n{}", self.g.policy.line, self.extra),
+        );
+        self.g.agent = tollgate_tests::Agent::start(&config);
     }
 
     fn cert(&self) -> PathBuf {
@@ -271,6 +288,34 @@ fn the_api_over_tls_wants_the_token_of_an_approver_who_is_not_the_requester() {
         .body
         .contains("Tollgate: statements waiting for review"));
 
+    // Who a token signs in as; on the reviewer socket, the peer, and the
+    // same page.
+    let me = r.curl("GET", "/v1/whoami", Some(&bin), None);
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(me.json()["user"], "bin");
+    assert_eq!(me.json()["via"], "token:web-bin");
+    let socket = r.g.agent.dir.path().join("approvals.sock");
+    let on_socket = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--unix-socket"])
+            .arg(&socket)
+            .arg(format!("http://tollgate{path}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl on the socket failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(on_socket("/").contains("Tollgate: statements waiting for review"));
+    let root: Value = serde_json::from_str(&on_socket("/v1/whoami")).unwrap();
+    assert_eq!(
+        root,
+        serde_json::json!({"user": "root", "uid": 0, "via": "unix:0"})
+    );
+
     // No token, a wrong one: 401 with the scheme to use, nothing changes.
     let none = r.curl("GET", "/v1/requests", None, None);
     assert_eq!(none.status, 401, "{}", none.body);
@@ -396,8 +441,32 @@ fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// The first pending request whose statement is `statement`, listing
+/// with `token`.
+fn pending_with(r: &Remote, token: &str, statement: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let answer = r.curl("GET", "/v1/requests", Some(token), None);
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let found = answer
+            .json()
+            .as_array()
+            .and_then(|a| a.iter().find(|v| v["text"] == statement).cloned());
+        if let Some(view) = found {
+            return view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{statement} never became pending: {}",
+            answer.body
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
-fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_and_approves() {
+fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_sees_requests_arrive_live_approves_and_signs_out(
+) {
     if !is_root() {
         eprintln!("skipped: needs root (cgroups, runuser, a token file owned by root)");
         return;
@@ -408,31 +477,76 @@ fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_and_approves() {
         );
         return;
     }
-    let r = Remote::start();
+    let mut r = Remote::start();
     let bin = r.token("web-bin", "bin");
-    let statement = "DELETE FROM orders WHERE id = 3 RETURNING id, note";
-    let mut psql = r.spawn_psql(statement);
-    let view = r.pending(&bin, &mut psql);
-    let id = view["id"].as_str().unwrap().to_owned();
 
     let browser = Browser::start(true).unwrap();
     browser
         .open(&format!("https://127.0.0.1:{}/", r.api_port))
         .unwrap();
-    // Not signed in: the page asks for a token.
+    // Not signed in: the page asks for a token, without an error yet.
     let input = browser
         .wait_for_displayed("#token", Duration::from_secs(20))
         .unwrap();
-    browser.type_into(&input, &bin).unwrap();
+    let first = browser
+        .execute("return document.querySelector('#status').textContent;")
+        .unwrap();
+    assert_eq!(first, "", "an error before any token was given");
     let sign_in = browser
         .wait_for_displayed("#sign-in", Duration::from_secs(5))
         .unwrap();
+    // A wrong token is refused with the reason; the form stays.
+    browser
+        .type_into(&input, &format!("tgr_{}", "0".repeat(64)))
+        .unwrap();
+    browser.click(&sign_in).unwrap();
+    browser
+        .wait_for_text(
+            "Sign in again: unknown or revoked reviewer token",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let input = browser
+        .wait_for_displayed("#token", Duration::from_secs(5))
+        .unwrap();
+    browser.type_into(&input, &bin).unwrap();
     browser.click(&sign_in).unwrap();
 
-    // The held statement with its context.
-    let shown = browser
-        .wait_for_text(statement, Duration::from_secs(20))
+    // Signed in with nothing pending: who is signed in, the watch stream
+    // open.
+    browser
+        .wait_for_text(
+            "No statements are waiting for review.",
+            Duration::from_secs(20),
+        )
         .unwrap();
+    browser
+        .wait_for_text("bin (token:web-bin)", Duration::from_secs(5))
+        .unwrap();
+    browser
+        .wait_for_displayed("#live.live", Duration::from_secs(10))
+        .unwrap();
+    browser
+        .wait_for_displayed("#sign-out", Duration::from_secs(5))
+        .unwrap();
+
+    // A statement held now shows within 5 s: the list was loaded at sign-in
+    // and the fallback poll comes only every 30 s, so only the watch
+    // stream can bring it that soon.
+    let statement = "DELETE FROM orders WHERE id = 3 RETURNING id, note";
+    let started = Instant::now();
+    let mut psql = r.spawn_psql(statement);
+    let shown = browser
+        .wait_for_text(statement, Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            let _ = psql.kill();
+            panic!("the held statement did not show within 5 s of psql starting: {e:#}")
+        });
+    let arrived = started.elapsed();
+    eprintln!("the held statement showed {arrived:?} after psql started");
+    assert!(arrived < Duration::from_secs(5), "shown after {arrived:?}");
+    let view = r.pending(&bin, &mut psql);
+    let id = view["id"].as_str().unwrap().to_owned();
     for wanted in [
         id.as_str(),
         "review-deletes: deletes in production need a second pair of eyes",
@@ -444,14 +558,41 @@ fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_and_approves() {
     }
     assert_eq!(r.count(), "20");
 
+    // A reason typed, then the focus elsewhere: another request arrives and
+    // the card is renewed, with what was typed.
+    let card = format!("article.request[data-id=\"{id}\"]");
     let reason = browser
-        .wait_for_displayed("article.request input.reason", Duration::from_secs(5))
+        .wait_for_displayed(&format!("{card} input.reason"), Duration::from_secs(5))
         .unwrap();
     browser
         .type_into(&reason, "checked in the browser")
         .unwrap();
+    browser
+        .execute(&format!(
+            "window.typedCard = document.querySelector('{card}'); document.activeElement.blur();"
+        ))
+        .unwrap();
+    let second = "DELETE FROM orders WHERE id = 4";
+    let mut second_psql = r.spawn_psql(second);
+    browser
+        .wait_for_text(second, Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            let _ = second_psql.kill();
+            panic!("the second statement did not show within 5 s: {e:#}")
+        });
+    let kept = browser
+        .execute(&format!(
+            "return [document.contains(window.typedCard), document.querySelector('{card} input.reason').value];"
+        ))
+        .unwrap();
+    assert_eq!(
+        kept,
+        serde_json::json!([false, "checked in the browser"]),
+        "the card is renewed with the reason typed"
+    );
+
     let approve = browser
-        .wait_for_displayed("article.request button.approve", Duration::from_secs(5))
+        .wait_for_displayed(&format!("{card} button.approve"), Duration::from_secs(5))
         .unwrap();
     browser.click(&approve).unwrap();
     browser
@@ -467,11 +608,154 @@ fn a_reviewer_signs_in_to_the_web_page_in_a_real_browser_and_approves() {
     assert_eq!(shown["approvals"][0]["reason"], "checked in the browser");
     let recorded = recorded_approval(&r, &view);
     assert_eq!(recorded["via"], "token:web-bin");
-    // The request is gone from the page.
+
+    // The second is denied elsewhere; the page follows.
+    let second_id = pending_with(&r, &bin, second)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let denied = r.curl(
+        "POST",
+        &format!("/v1/requests/{second_id}/deny"),
+        Some(&bin),
+        Some("{\"reason\": \"not this one\"}"),
+    );
+    assert_eq!(denied.status, 200, "{}", denied.body);
+    let (success, _, stderr) = finish(second_psql);
+    assert!(!success);
+    assert!(stderr.contains("not this one"), "{stderr}");
+    assert_eq!(r.count(), "19");
     browser
         .wait_for_text(
             "No statements are waiting for review.",
-            Duration::from_secs(10),
+            Duration::from_secs(5),
         )
         .unwrap();
+
+    // The agent goes away: the page says so, and follows the next agent on
+    // the same port by itself (reconnecting after 1 s, 2 s, 4 s, ...).
+    r.restart_agent(|| {
+        browser
+            .wait_for_displayed("#live.reconnecting", Duration::from_secs(10))
+            .unwrap();
+    });
+    browser
+        .wait_for_displayed("#live.live", Duration::from_secs(20))
+        .unwrap();
+    let third = "DELETE FROM orders WHERE id = 5";
+    let mut third_psql = r.spawn_psql(third);
+    browser
+        .wait_for_text(third, Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            let _ = third_psql.kill();
+            panic!("after the restart, a statement did not show within 5 s: {e:#}")
+        });
+    let _ = third_psql.kill();
+    let _ = third_psql.wait();
+
+    // Signing out forgets the token, stops the stream and asks for one.
+    let sign_out = browser
+        .wait_for_displayed("#sign-out", Duration::from_secs(5))
+        .unwrap();
+    browser.click(&sign_out).unwrap();
+    browser
+        .wait_for_displayed("#token", Duration::from_secs(5))
+        .unwrap();
+    let after = browser
+        .execute(
+            "return [sessionStorage.getItem('tollgate-reviewer-token'), \
+             document.querySelectorAll('article.request').length, \
+             document.querySelector('#empty').hidden, \
+             document.querySelector('#sign-out').hidden, \
+             document.querySelector('#live').textContent, \
+             document.querySelector('#who').textContent];",
+        )
+        .unwrap();
+    assert_eq!(
+        after,
+        serde_json::json!([null, 0, true, true, "", ""]),
+        "signed out"
+    );
+    assert!(browser
+        .page_text()
+        .unwrap()
+        .contains("Sign in with your reviewer token"));
+
+    // The page on the reviewer socket (reached through a plain TCP bridge
+    // that runs as root): no token, no sign-in, no sign-out; the
+    // peer is named and the stream is live.
+    let bridge = UnixBridge::start(&r.g.agent.dir.path().join("approvals.sock"));
+    browser.open(&format!("http://{}/", bridge.addr)).unwrap();
+    browser
+        .wait_for_displayed("#live.live", Duration::from_secs(10))
+        .unwrap();
+    browser
+        .wait_for_text("root (unix:0)", Duration::from_secs(5))
+        .unwrap();
+    let on_socket = browser
+        .execute(
+            "return [document.querySelector('#login').hidden,              document.querySelector('#sign-out').hidden,              document.querySelector('#status').textContent];",
+        )
+        .unwrap();
+    assert_eq!(on_socket, serde_json::json!([true, true, ""]));
+}
+
+/// Relays a loopback TCP port to the Unix socket `socket` (a browser
+/// cannot open one itself), in a small process of its own: the agent
+/// names a socket peer by its executable, and hashing this test binary
+/// would take long. Killed on drop.
+struct UnixBridge {
+    child: Child,
+    addr: String,
+}
+
+const BRIDGE: &str = r#"
+import socket, sys, threading
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(16)
+print(server.getsockname()[1], flush=True)
+def relay(source, sink):
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    try:
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+while True:
+    tcp, _ = server.accept()
+    unix = socket.socket(socket.AF_UNIX)
+    unix.connect(sys.argv[1])
+    threading.Thread(target=relay, args=(tcp, unix), daemon=True).start()
+    threading.Thread(target=relay, args=(unix, tcp), daemon=True).start()
+"#;
+
+impl UnixBridge {
+    fn start(socket: &Path) -> UnixBridge {
+        let mut child = Command::new("/usr/bin/python3")
+            .args(["-c", BRIDGE])
+            .arg(socket)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut port = String::new();
+        if let Some(out) = child.stdout.take() {
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut port).unwrap();
+        }
+        assert!(!port.trim().is_empty(), "the bridge did not start");
+        UnixBridge {
+            child,
+            addr: format!("127.0.0.1:{}", port.trim()),
+        }
+    }
+}
+
+impl Drop for UnixBridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,7 +1,7 @@
 //! A small W3C WebDriver client for a real headless Chromium driven by
 //! Debian's `chromedriver`: enough to open a page, find elements by CSS
-//! selector, type, click and read text. HTTP/1.1 with JSON over a plain
-//! TCP connection to the driver on loopback.
+//! selector, type, click, read text and run a script. HTTP/1.1 with JSON
+//! over a plain TCP connection to the driver on loopback.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -184,6 +184,16 @@ impl Browser {
     pub fn page_text(&self) -> Result<String> {
         let body = self.wait_for("body", Duration::from_secs(5))?;
         self.text(&body)
+    }
+
+    /// Runs `script` (a function body; `return` gives the value) in the
+    /// page, and its return value.
+    pub fn execute(&self, script: &str) -> Result<Value> {
+        self.session_call(
+            "POST",
+            "/execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        )
     }
 
     fn session_call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {

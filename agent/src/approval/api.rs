@@ -22,6 +22,7 @@
 //! | GET | `/v1/grants` | grants in force (`?all=1`: also ended ones) |
 //! | DELETE | `/v1/grants/ID` | revoke a grant |
 //! | GET | `/v1/watch` | request events as Server-Sent Events, pending requests first |
+//! | GET | `/v1/whoami` | the caller as the API sees it: `{"user", "uid", "via"}` |
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed), 401 (no peer
 //! credentials; on TCP no token, or one the token file does not hold, with
@@ -316,6 +317,7 @@ async fn handle(state: &ApiState, caller: Caller, req: Request<Incoming>) -> Rep
             }
         }
         (["v1", "watch"], &Method::GET) => watch(&state.registry),
+        (["v1", "whoami"], &Method::GET) => whoami(&reviewer),
         (["v1", "grants"], &Method::GET) => {
             let grants = if query.split('&').any(|q| q == "all=1") {
                 state.grants.all()
@@ -341,7 +343,7 @@ async fn handle(state: &ApiState, caller: Caller, req: Request<Incoming>) -> Rep
                 Err(e) => refused(&e),
             },
         },
-        (["v1", "requests"] | ["v1", "requests", _] | ["v1", "grants"], _)
+        (["v1", "requests"] | ["v1", "requests", _] | ["v1", "grants"] | ["v1", "whoami"], _)
         | (["v1", "requests", _, "approve" | "deny"] | ["v1", "grants", _], _) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),
@@ -511,6 +513,12 @@ async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<
     };
     serde_json::from_slice(&bytes)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
+}
+
+/// `GET /v1/whoami`: who the caller was authenticated as, so that the web
+/// page can say who is signed in.
+fn whoami(reviewer: &Reviewer) -> Reply {
+    to_json(&json!({ "user": reviewer.user, "uid": reviewer.uid, "via": reviewer.via }))
 }
 
 fn refused_logged(id: &RequestId, reviewer: &Reviewer, e: &ApprovalError) -> Reply {

@@ -1186,3 +1186,24 @@ async fn the_watch_stream_is_server_sent_events_starting_with_the_pending_reques
     assert_eq!(requested["request"]["id"], second.as_str());
     assert!(requested["at"].as_u64().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whoami_names_the_authenticated_reviewer_and_how_they_signed_in() {
+    let (uid, user, group) = me();
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, _grants, socket) = api_in(dir.path(), &group);
+
+    let (status, answer) = client::call(&socket, hyper::Method::GET, "/v1/whoami", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        serde_json::json!({ "user": user, "uid": uid, "via": format!("unix:{uid}") })
+    );
+    // Read-only: other methods are refused.
+    let (status, answer) = client::call(&socket, hyper::Method::POST, "/v1/whoami", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 405, "{answer}");
+}

@@ -1,9 +1,12 @@
 //! The reviewers' web page: one self-contained HTML document (its script
 //! and style inline, nothing fetched from elsewhere) that lists pending
 //! requests with their context, approves (with a reason, an edit or a
-//! grant) and denies through the same API, and refreshes every two
-//! seconds. It is served without authentication, since it holds no data:
-//! every call it makes carries the reviewer's token.
+//! grant) and denies through the same API, and signs out. It follows
+//! `GET /v1/watch` (read with `fetch`, since `EventSource` cannot send a
+//! token) and lists the requests again on every event, reconnecting with
+//! a backoff; a slow poll covers a stream cut without notice. It is served
+//! without authentication, since it holds no data: every call it makes
+//! carries the reviewer's token.
 //!
 //! The page is sent with a Content-Security-Policy that allows exactly its
 //! own inline script and style (by their SHA-256) and calls to this API,
@@ -91,7 +94,12 @@ mod tests {
         }
         // Every call goes to this API, by path.
         assert!(PAGE.contains("fetch(path"));
-        for path in ["\"/v1/requests\"", "\"/v1/requests/\""] {
+        for path in [
+            "\"/v1/requests\"",
+            "\"/v1/requests/\"",
+            "\"/v1/watch\"",
+            "\"/v1/whoami\"",
+        ] {
             assert!(PAGE.contains(path), "{path}");
         }
     }
@@ -113,7 +121,7 @@ mod tests {
         assert!(!PAGE.contains(" style=\""), "inline style attributes");
         assert!(!PAGE.contains(" onclick=\""), "inline handlers");
         let script = inline("script");
-        assert!(script.contains("async function refresh()"));
+        assert!(script.contains("function refresh()"));
         let csp = CONTENT_SECURITY_POLICY.as_str();
         assert!(csp.contains(&hash_source(script)), "{csp}");
         assert!(csp.contains(&hash_source(inline("style"))), "{csp}");
