@@ -395,6 +395,19 @@ fn the_api_over_tls_wants_the_token_of_an_approver_who_is_not_the_requester() {
         listed.contains("web-bin") && listed.contains("web-daemon"),
         "{listed}"
     );
+    // A watch stream opened with the token before it was revoked ends at
+    // the next event, saying why.
+    let watching = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "30", "--cacert"])
+        .arg(r.cert())
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {bin}"))
+        .arg(format!("https://127.0.0.1:{}/v1/watch", r.api_port))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
     let out = r.g.agent.cli(&["approvals", "tokens", "revoke", "web-bin"]);
     assert!(
         out.status.success(),
@@ -403,6 +416,23 @@ fn the_api_over_tls_wants_the_token_of_an_approver_who_is_not_the_requester() {
     );
     let revoked = r.curl("GET", "/v1/requests", Some(&bin), None);
     assert_eq!(revoked.status, 401, "{}", revoked.body);
+    let mut held = r.spawn_psql("DELETE FROM orders WHERE id = 3");
+    let began = Instant::now();
+    let (_, streamed, _) = finish(watching);
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "the stream went on after its token was revoked: {streamed}"
+    );
+    assert!(streamed.contains(r#""event":"signed_out""#), "{streamed}");
+    assert!(
+        !streamed.contains("DELETE FROM orders WHERE id = 3"),
+        "{streamed}"
+    );
+    // The client going away cancels its request.
+    let _ = Command::new("pkill")
+        .args(["-f", "DELETE FROM orders WHERE id = 3"])
+        .status();
+    let _ = held.wait();
     assert_eq!(
         r.curl("GET", "/v1/requests", Some(&daemon), None).status,
         200

@@ -316,7 +316,20 @@ async fn handle(state: &ApiState, caller: Caller, req: Request<Incoming>) -> Rep
                 Err(reply) => reply,
             }
         }
-        (["v1", "watch"], &Method::GET) => watch(&state.registry),
+        (["v1", "watch"], &Method::GET) => {
+            // A token may be revoked while its stream is open: the stream
+            // checks it again at each event and heartbeat.
+            let still_valid: Option<TokenCheck> = match (caller, bearer_token(&req)) {
+                (Caller::Remote(_), Ok(token)) => {
+                    let (tokens, etc) = (state.tokens.clone(), state.etc.clone());
+                    Some(Box::new(move || {
+                        token_reviewer(&tokens, &token, &etc).is_ok()
+                    }))
+                }
+                _ => None,
+            };
+            watch(&state.registry, still_valid)
+        }
         (["v1", "whoami"], &Method::GET) => whoami(&reviewer),
         (["v1", "grants"], &Method::GET) => {
             let grants = if query.split('&').any(|q| q == "all=1") {
@@ -691,7 +704,11 @@ tokio::task_local! {
 /// `approved`, `denied`, `expired`, `cancelled`, `aborted`), each with the
 /// request as it is afterwards; `{"event": "lagged", "missed": N}` when the
 /// watcher fell behind; a comment line every 15 s.
-fn watch(registry: &Registry) -> Reply {
+/// Whether the token a watch stream was opened with is still good (reads
+/// the token file when it changed: run on a blocking thread).
+type TokenCheck = Box<dyn Fn() -> bool + Send + Sync>;
+
+fn watch(registry: &Registry, still_valid: Option<TokenCheck>) -> Reply {
     let Ok(slot) = WATCH_SLOTS.try_acquire() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -702,6 +719,18 @@ fn watch(registry: &Registry) -> Reply {
     let (pending, mut events) = registry.watch();
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let line = |value: &Value| Bytes::from(format!("data: {value}\n\n"));
+    let still_valid = still_valid.map(Arc::new);
+    let revoked = move || {
+        let still_valid = still_valid.clone();
+        async move {
+            let Some(check) = still_valid else {
+                return false;
+            };
+            !tokio::task::spawn_blocking(move || check())
+                .await
+                .unwrap_or(false)
+        }
+    };
     tokio::spawn(async move {
         let _slot = slot;
         let now = unix_seconds(SystemTime::now());
@@ -728,6 +757,12 @@ fn watch(registry: &Registry) -> Reply {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
             };
+            if revoked().await {
+                let end =
+                    json!({ "event": "signed_out", "reason": "the reviewer token was revoked" });
+                let _ = tx.send(line(&end)).await;
+                return;
+            }
             if tx.send(chunk).await.is_err() {
                 return;
             }
