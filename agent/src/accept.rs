@@ -207,8 +207,35 @@ mod tests {
 
     use super::*;
 
-    fn endpoint(limit: usize, when_full: WhenFull, tasks: &TaskTracker) -> Endpoint {
-        Endpoint::new("test", limit, when_full, tasks, Arc::default())
+    /// An endpoint on a Unix socket whose connections are held open.
+    struct Serving {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        tasks: TaskTracker,
+        counters: Arc<EndpointCounters>,
+        stop: CancellationToken,
+        looping: tokio::task::JoinHandle<()>,
+    }
+
+    fn serve(limit: usize, when_full: WhenFull) -> Serving {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = UnixListener::bind(&path).unwrap();
+        let tasks = TaskTracker::new();
+        let endpoint = Endpoint::new("test", limit, when_full, &tasks, Arc::default());
+        let counters = endpoint.counters.clone();
+        let stop = CancellationToken::new();
+        let looping = tokio::spawn(accept_each(listener, endpoint, stop.clone(), |s, _| {
+            Some(hold_open(s))
+        }));
+        Serving {
+            _dir: dir,
+            path,
+            tasks,
+            counters,
+            stop,
+            looping,
+        }
     }
 
     /// Serves each connection until it is closed by the peer.
@@ -226,16 +253,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_flood_of_connections_is_served_a_bounded_number_at_a_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s");
-        let listener = UnixListener::bind(&path).unwrap();
-        let tasks = TaskTracker::new();
-        let e = endpoint(4, WhenFull::Wait, &tasks);
-        let counters = e.counters.clone();
-        let stop = CancellationToken::new();
-        let looping = tokio::spawn(accept_each(listener, e, stop.clone(), |s, _| {
-            Some(hold_open(s))
-        }));
+        let Serving {
+            _dir,
+            path,
+            tasks,
+            counters,
+            stop,
+            looping,
+        } = serve(4, WhenFull::Wait);
         let mut clients = Vec::new();
         for _ in 0..200 {
             clients.push(UnixStream::connect(&path).await.unwrap());
@@ -261,16 +286,14 @@ mod tests {
     #[tokio::test]
     async fn past_the_limit_a_refusing_endpoint_says_so_and_closes() {
         use tokio::io::AsyncReadExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s");
-        let listener = UnixListener::bind(&path).unwrap();
-        let tasks = TaskTracker::new();
-        let e = endpoint(1, WhenFull::Refuse("error busy\n"), &tasks);
-        let counters = e.counters.clone();
-        let stop = CancellationToken::new();
-        tokio::spawn(accept_each(listener, e, stop.clone(), |s, _| {
-            Some(hold_open(s))
-        }));
+        let Serving {
+            _dir,
+            path,
+            tasks,
+            counters,
+            stop,
+            ..
+        } = serve(1, WhenFull::Refuse("error busy\n"));
         let _served = UnixStream::connect(&path).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut refused = UnixStream::connect(&path).await.unwrap();

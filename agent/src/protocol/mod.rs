@@ -131,6 +131,26 @@ pub fn current_policy(policy: &SharedPolicy) -> Arc<PolicySet> {
         .unwrap_or_else(|_| Arc::new(PolicySet::empty()))
 }
 
+/// A session's description for unit tests: a listener session of target
+/// `db` from `identity`.
+#[cfg(test)]
+pub(crate) fn test_session_info(identity: ProcessIdentity) -> Arc<SessionInfo> {
+    use crate::config::Protocol;
+    use crate::events::Arrival;
+    Arc::new(SessionInfo {
+        id: Uuid::now_v7(),
+        started_at: std::time::SystemTime::now(),
+        arrival: Arrival::Listener,
+        local: SocketAddr::from(([127, 0, 0, 1], 6432)),
+        client: SocketAddr::from(([127, 0, 0, 1], 50000)),
+        target: "db".to_owned(),
+        protocol: Protocol::Postgres,
+        upstream: "127.0.0.1:5432".to_owned(),
+        identity,
+        kernel: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::expect_used, clippy::panic)]
@@ -138,23 +158,6 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::config::Protocol;
-    use crate::events::Arrival;
-
-    fn info_for(identity: ProcessIdentity) -> Arc<SessionInfo> {
-        Arc::new(SessionInfo {
-            id: Uuid::now_v7(),
-            started_at: std::time::SystemTime::now(),
-            arrival: Arrival::Listener,
-            local: SocketAddr::from(([127, 0, 0, 1], 6432)),
-            client: SocketAddr::from(([127, 0, 0, 1], 50000)),
-            target: "db".to_owned(),
-            protocol: Protocol::Postgres,
-            upstream: "127.0.0.1:5432".to_owned(),
-            identity,
-            kernel: None,
-        })
-    }
 
     /// A start whose lookup finishes when `release` is notified, counting
     /// announcements.
@@ -172,7 +175,7 @@ mod tests {
             Box::new(move |looked_up| {
                 announced.fetch_add(1, Ordering::SeqCst);
                 let (identity, _) = looked_up.expect("the lookup task does not fail");
-                info_for(identity)
+                super::test_session_info(identity)
             }),
         )
     }
@@ -228,7 +231,7 @@ mod tests {
                         ..ProcessIdentity::default()
                     },
                 };
-                info_for(identity)
+                super::test_session_info(identity)
             }),
         );
         let info = start.info().await;

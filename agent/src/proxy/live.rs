@@ -114,36 +114,21 @@ impl LiveSessions {
 mod tests {
     #![allow(clippy::expect_used, clippy::panic)]
 
-    use std::net::SocketAddr;
-
     use super::*;
-    use crate::config::Protocol;
-    use crate::events::Arrival;
     use crate::identity::ProcessIdentity;
-
-    fn session() -> Arc<SessionInfo> {
-        Arc::new(SessionInfo {
-            id: Uuid::now_v7(),
-            started_at: std::time::SystemTime::now(),
-            arrival: Arrival::Listener,
-            local: SocketAddr::from(([127, 0, 0, 1], 6432)),
-            client: SocketAddr::from(([127, 0, 0, 1], 50000)),
-            target: "db".to_owned(),
-            protocol: Protocol::Postgres,
-            upstream: "127.0.0.1:5432".to_owned(),
-            identity: ProcessIdentity {
-                exe: Some("/usr/bin/node".into()),
-                ..ProcessIdentity::default()
-            },
-            kernel: None,
-        })
-    }
 
     #[test]
     fn a_hash_computed_after_the_start_shows_in_the_snapshot_once_known() {
         let live = LiveSessions::default();
         let counters = Arc::new(SessionCounters::default());
-        live.insert(session(), counters.clone());
+        let identity = ProcessIdentity {
+            exe: Some("/usr/bin/node".into()),
+            ..ProcessIdentity::default()
+        };
+        live.insert(
+            crate::protocol::test_session_info(identity),
+            counters.clone(),
+        );
         let hash_of =
             |live: &LiveSessions| live.snapshot()[0].info["identity"]["exe_sha256"].clone();
         assert!(hash_of(&live).is_null());

@@ -141,6 +141,13 @@ fn opening(rec: &Recording, p: &Paint) -> String {
     out
 }
 
+/// A time in Unix seconds, as RFC 3339.
+fn unix_time(seconds: u64) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
+    )
+}
+
 /// The lines of one event, its offset from the start first.
 fn event_lines(p: &Paint, e: &EventRecord) -> String {
     let mut out = String::new();
@@ -299,9 +306,7 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
                 r.grant,
                 r.request,
                 r.approved_by.join(", "),
-                humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.expires_at)
-                )
+                unix_time(r.expires_at)
             );
         }
         Event::GrantGiven(r) => {
@@ -313,9 +318,7 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
                 r.identity,
                 r.request,
                 r.approved_by.join(", "),
-                humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.expires_at)
-                )
+                unix_time(r.expires_at)
             );
         }
         Event::GrantRevoked(r) => {
@@ -327,9 +330,7 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
                 r.request,
                 r.by,
                 r.via,
-                humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.at)
-                )
+                unix_time(r.at)
             );
         }
         Event::ReviewNotified(r) => {
