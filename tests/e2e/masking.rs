@@ -5,6 +5,7 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use tollgate_tests::pg_wire::{self, RawSession};
 use tollgate_tests::*;
 
 use crate::listener::{http_get, metric};
@@ -615,5 +616,134 @@ print(cur.fetchall())
     assert_eq!(
         psql(f.pg.port, "select email from customers where id = 1").unwrap(),
         "ada@example.com"
+    );
+}
+
+/// One extended-protocol statement as libpq and pgbench send it (Parse,
+/// Bind, Describe, Execute, Sync), with `params` bound.
+fn masked_batch(sql: &str, params: &[&str]) -> Vec<u8> {
+    [
+        pg_wire::parse("", sql),
+        pg_wire::bind("", "", params),
+        pg_wire::describe_portal(""),
+        pg_wire::execute(""),
+        pg_wire::sync(),
+    ]
+    .concat()
+}
+
+/// Sends `batch` on a raw session: its rows, after checking no error came.
+fn batch_rows(s: &mut RawSession, batch: &[u8]) -> Vec<String> {
+    s.send(batch);
+    let got = s.read_until_ready(1);
+    assert_eq!(pg_wire::errors(&got), vec![], "{got:?}");
+    pg_wire::rows(&got)
+}
+
+#[test]
+fn the_lookup_in_front_of_a_masked_parse_follows_renames_search_paths_and_deallocation() {
+    let f = Fixture::start();
+    let mut s = RawSession::start(f.addr());
+    let select = "select id, email from customers where id = $1";
+    // Enough runs for the server to keep a generic plan of the prepared
+    // lookup in front of each.
+    for _ in 0..7 {
+        assert_eq!(
+            batch_rows(&mut s, &masked_batch(select, &["1"])),
+            ["1|****"]
+        );
+    }
+    // Renamed on a connection that does not go through the proxy: the
+    // value now named `email` is masked, from the next statement on.
+    f.server(
+        "alter table customers rename column email to email_was; \
+         alter table customers rename column name to email",
+    );
+    assert_eq!(
+        batch_rows(&mut s, &masked_batch(select, &["1"])),
+        ["1|****"]
+    );
+    assert_eq!(
+        batch_rows(
+            &mut s,
+            &masked_batch("select id, email_was from customers where id = $1", &["1"])
+        ),
+        ["1|ada@example.com"],
+        "a column no longer named by the rule is not masked"
+    );
+    // And another table put in the first one's place.
+    f.server(
+        "alter table customers rename to customers_was; \
+         create table customers (id int, email text); \
+         insert into customers values (1, 'new@example.com')",
+    );
+    assert_eq!(
+        batch_rows(&mut s, &masked_batch(select, &["1"])),
+        ["1|****"]
+    );
+    // The search path changed inside the batch, between the masked Parse
+    // and its Bind: the statement is analysed again at the Bind and reads
+    // crm.customers, which a lookup on the search path of the Parse's
+    // moment did not resolve.
+    let batch = [
+        pg_wire::parse("", select),
+        pg_wire::parse("path", "set search_path = crm, public"),
+        pg_wire::bind("path", "path", &[]),
+        pg_wire::execute("path"),
+        pg_wire::bind("", "", &["1"]),
+        pg_wire::describe_portal(""),
+        pg_wire::execute(""),
+        pg_wire::sync(),
+    ]
+    .concat();
+    assert_eq!(batch_rows(&mut s, &batch), ["1|****"]);
+    assert_eq!(
+        s.query("select current_schemas(false)::text"),
+        Ok(vec!["{crm,public}".to_owned()])
+    );
+    assert_eq!(
+        batch_rows(&mut s, &masked_batch("select email from customers", &[])),
+        ["****"]
+    );
+    // A temporary table that shadows it, made through the proxy.
+    assert_eq!(
+        s.query(
+            "create temp table customers (id int, email text); \
+             insert into customers values (1, 'temp@example.com')"
+        ),
+        Ok(vec![])
+    );
+    assert_eq!(
+        batch_rows(&mut s, &masked_batch(select, &["1"])),
+        ["1|****"]
+    );
+    // The client deallocates every prepared statement: the lookup is
+    // prepared again. Deallocated by its name: one error, then masked.
+    assert_eq!(s.query("deallocate all"), Ok(vec![]));
+    assert_eq!(
+        batch_rows(&mut s, &masked_batch(select, &["1"])),
+        ["1|****"]
+    );
+    let names = s
+        .query("select name from pg_prepared_statements where name like 'tollgate_mask_%'")
+        .unwrap();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(s.query(&format!("deallocate \"{}\"", names[0])), Ok(vec![]));
+    s.send(&masked_batch(select, &["1"]));
+    let got = s.read_until_ready(1);
+    assert_eq!(pg_wire::errors(&got).len(), 1, "{got:?}");
+    assert_eq!(pg_wire::rows(&got), Vec::<String>::new());
+    assert_eq!(
+        batch_rows(&mut s, &masked_batch(select, &["1"])),
+        ["1|****"]
+    );
+    // The simple protocol shares the statement.
+    assert_eq!(
+        s.query("select email from customers where id = 1"),
+        Ok(vec!["****".to_owned()])
+    );
+    assert_eq!(
+        batch_rows(&mut s, &masked_batch(select, &["1"])),
+        ["1|****"]
     );
 }

@@ -401,7 +401,7 @@ conn = psycopg.connect("host=127.0.0.1 port={port} user=postgres dbname=postgres
 cur = conn.cursor()
 cur.execute("select id, email from customers where id = %s", (1,), prepare=True)
 print(cur.fetchall())
-name = conn.execute("select name from pg_prepared_statements where not from_sql").fetchone()[0]
+name = conn.execute("select name from pg_prepared_statements where not from_sql and name !~ '^tollgate_mask_'").fetchone()[0]
 cur.execute(f"EXECUTE {{name}}(2)")
 print(cur.fetchall())
 for sql in [f"CREATE TABLE copied AS EXECUTE {{name}}(1)", f"EXPLAIN ANALYZE EXECUTE {{name}}(1)"]:

@@ -191,6 +191,48 @@ impl MaskPlan {
         Some(quoted.collect())
     }
 
+    /// The prepared lookup's two parameters in text format, as a Bind
+    /// carries them: the relations as written (each a quoted identifier,
+    /// qualified when written so) and the column names the rules name,
+    /// each a `text[]` literal. `None` when a relation cannot be sent
+    /// ([`literal_safe`]) or there is none.
+    pub fn lookup_parameters(&self) -> Option<[String; 2]> {
+        let safe =
+            |r: &TableRef| r.schema.as_deref().is_none_or(literal_safe) && literal_safe(&r.name);
+        if self.relations.is_empty() || !self.relations.iter().all(safe) {
+            return None;
+        }
+        // In an array literal an element in double quotes takes `\"` for
+        // a quote; the identifier inside doubles its own quotes.
+        let identifier = |out: &mut String, name: &str| {
+            out.push_str("\\\"");
+            out.push_str(&name.replace('"', "\\\"\\\""));
+            out.push_str("\\\"");
+        };
+        let mut relations = String::from("{");
+        for (i, relation) in self.relations.iter().enumerate() {
+            if i > 0 {
+                relations.push(',');
+            }
+            relations.push('"');
+            if let Some(schema) = &relation.schema {
+                identifier(&mut relations, schema);
+                relations.push('.');
+            }
+            identifier(&mut relations, &relation.name);
+            relations.push('"');
+        }
+        relations.push('}');
+        let mut names: Vec<&str> = self
+            .rules
+            .iter()
+            .flat_map(|r| r.columns.iter().map(|c| &*c.column))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        Some([relations, format!("{{{}}}", names.join(","))])
+    }
+
     /// Adds one row of the lookup's answer (text format: table OID, column
     /// number, column name, relation as `regclass` text) to `resolved`,
     /// with the strictest method of the rules that name it. Names not in
@@ -297,11 +339,8 @@ impl PreparedLookup {
             sql.push_str(&format!(
                 "PREPARE {name}(pg_catalog.text[], pg_catalog.text[]) AS "
             ));
-            sql.push_str(&lookup_select(&format!("{marker}0"), "$2"));
-            sql.push_str(
-                " AND a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT pg_catalog.to_regclass(r) \
-                 FROM pg_catalog.unnest($1) r));",
-            );
+            sql.push_str(&prepared_body(marker));
+            sql.push(';');
             self.state = PreparedState::Preparing;
         }
         sql.push_str(&format!(
@@ -310,6 +349,33 @@ impl PreparedLookup {
             plan.names_literal()
         ));
         Some(sql)
+    }
+
+    /// The lookup as extended-protocol messages in front of a masked Parse
+    /// that opens a batch: the statement's name and, until one completed,
+    /// the text to Parse under that name (parameters: the relations as
+    /// written and the column names, both `text[]`; see
+    /// [`MaskPlan::lookup_parameters`]). `None` when the prepared form
+    /// cannot serve (names used up). A Parse, Bind or Execute shares the
+    /// statement namespace with SQL `PREPARE`, so both forms use one
+    /// statement.
+    pub fn for_batch(&mut self, marker: &str) -> Option<(String, Option<String>)> {
+        if self.names_taken >= MAX_LOOKUP_NAMES {
+            return None;
+        }
+        let name = format!("{marker}s{}", self.names_taken);
+        let parse = (self.state != PreparedState::Ready).then(|| {
+            self.state = PreparedState::Preparing;
+            prepared_body(marker)
+        });
+        Some((name, parse))
+    }
+
+    /// The ParseComplete of the lookup's Parse sent in a batch.
+    pub fn parse_complete(&mut self) {
+        if self.state == PreparedState::Preparing {
+            self.state = PreparedState::Ready;
+        }
     }
 
     /// The first CommandComplete of an answer that uses the lookup, with
@@ -343,6 +409,17 @@ impl PreparedLookup {
     pub fn deallocated(&mut self) {
         self.state = PreparedState::Absent;
     }
+}
+
+/// The prepared lookup's text: relations (`$1`) as the search path
+/// resolves them when it runs, column names `$2`.
+fn prepared_body(marker: &str) -> String {
+    let mut sql = lookup_select(&format!("{marker}0"), "$2");
+    sql.push_str(
+        " AND a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT pg_catalog.to_regclass(r) \
+         FROM pg_catalog.unnest($1) r))",
+    );
+    sql
 }
 
 /// The lookup's select list and column-name condition, without the
@@ -696,6 +773,39 @@ pub enum Expect {
     /// The Execute of that lookup: its rows resolve the masked columns
     /// and its CommandComplete ends it; all dropped.
     LookupRows,
+    /// The Parse of the session's prepared lookup (see
+    /// [`PreparedLookup::for_batch`]): its ParseComplete is dropped and
+    /// makes the statement known to exist; an error answering it or the
+    /// Bind behind it ([`Expect::LookupBound`]) tells whether it may.
+    LookupParsed,
+    /// The Bind of the session's prepared lookup: dropped.
+    LookupBound,
+}
+
+/// Which message of a masked extended-protocol statement joins a batch
+/// (see [`ExtendedBatch::narrow_covers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskedMessage {
+    /// Its Parse: the statement's relations are resolved now.
+    Parse,
+    /// A Bind of it: a statement invalidated since its Parse (by a change
+    /// of the search path, say) is analysed again here.
+    Bind,
+    /// An Execute of a portal of it.
+    Execute,
+}
+
+/// A lookup resolved on the search path in front of a masked Parse, and
+/// what was sent since: it holds for that statement as long as nothing
+/// could have run between it and the statement's Bind.
+#[derive(Debug)]
+struct Narrow {
+    plan: Arc<MaskPlan>,
+    /// Parse, Bind, Close and Execute messages sent since the lookup (the
+    /// statement's own Parse is the first).
+    sent: u32,
+    /// A Bind of the statement came with nothing run before it.
+    bound: bool,
 }
 
 /// What the upstream pump does with one message of a masked batch.
@@ -709,6 +819,9 @@ pub enum Disposition {
     Mask,
     /// The lookup's ReadyForQuery: drop it, the session is ready again.
     LookupDone,
+    /// The ParseComplete of the session's prepared lookup: drop it, the
+    /// statement exists.
+    LookupParsed,
 }
 
 /// The lookup's state in a batch.
@@ -751,6 +864,9 @@ pub struct ExtendedBatch {
     /// inline lookup: their answers (errors too) are the client's as the
     /// server sent them.
     unmasked_ahead: usize,
+    /// The lookup was resolved on the search path for one statement
+    /// (`ExtendedBatch::lookup_prepared`): it covers only that one.
+    narrow: Option<Narrow>,
 }
 
 /// Messages one batch can expect at most (past that it is refused).
@@ -766,6 +882,7 @@ impl ExtendedBatch {
             parameters_seen: false,
             skipping: false,
             unmasked_ahead: 0,
+            narrow: None,
         }
     }
 
@@ -778,6 +895,7 @@ impl ExtendedBatch {
             parameters_seen: false,
             skipping: false,
             unmasked_ahead: 0,
+            narrow: None,
         }
     }
 
@@ -829,6 +947,74 @@ impl ExtendedBatch {
         true
     }
 
+    /// The session's prepared lookup is sent in front of `plan`'s Parse,
+    /// the batch's first message: its Parse (`parse`, when the statement
+    /// is not on the server yet), a Bind of a portal, an Execute and a
+    /// Close of the portal. It resolves the relations on the search path
+    /// at that moment, which is what the Parse behind it resolves, so it
+    /// covers that statement alone (see [`ExtendedBatch::narrow_covers`]).
+    pub fn lookup_prepared(&mut self, plan: &Arc<MaskPlan>, parse: bool) -> bool {
+        if !matches!(self.lookup, Lookup::NotSent) || !self.expect.is_empty() {
+            return false;
+        }
+        self.plan = Arc::clone(plan);
+        self.lookup = Lookup::Inline(ResolvedColumns::default());
+        if parse {
+            self.expect.push_back(Expect::LookupParsed);
+        }
+        self.expect.extend([
+            Expect::LookupBound,
+            Expect::LookupRows,
+            Expect::LookupComplete,
+        ]);
+        self.narrow = Some(Narrow {
+            plan: Arc::clone(plan),
+            sent: 0,
+            bound: false,
+        });
+        true
+    }
+
+    /// Whether the batch's lookup was resolved on the search path for one
+    /// statement; then `Some(covered)`: whether it covers `message` of the
+    /// statement whose plan is `plan`. It does for the statement's first
+    /// Bind when nothing but its Parse (and Describes, Flushes) was sent
+    /// since the lookup, and for the Executes of the portal that Bind
+    /// made. Anything else (another statement, another Bind, a Bind
+    /// behind a message that may have run code, which could change the
+    /// search path or add a temporary table that an analysis again at the
+    /// Bind would find) needs a lookup over every schema.
+    pub fn narrow_covers(&mut self, plan: &Arc<MaskPlan>, message: MaskedMessage) -> Option<bool> {
+        let narrow = self.narrow.as_mut()?;
+        if !Arc::ptr_eq(&narrow.plan, plan) {
+            return Some(false);
+        }
+        Some(match message {
+            MaskedMessage::Parse => false,
+            MaskedMessage::Bind if narrow.sent == 1 && !narrow.bound => {
+                narrow.bound = true;
+                true
+            }
+            MaskedMessage::Bind => false,
+            MaskedMessage::Execute => narrow.bound,
+        })
+    }
+
+    /// The lookup resolved on the search path no longer covers anything
+    /// new: one over every schema follows, for all of the batch's
+    /// relations (returned), so that what is covered can again be told by
+    /// relation name.
+    pub fn widen(&mut self) -> Arc<MaskPlan> {
+        self.narrow = None;
+        Arc::clone(&self.plan)
+    }
+
+    /// Whether the lookup was resolved on the search path for one
+    /// statement.
+    pub fn is_narrow(&self) -> bool {
+        self.narrow.is_some()
+    }
+
     /// The plan its lookup resolves.
     pub fn plan(&self) -> &Arc<MaskPlan> {
         &self.plan
@@ -840,8 +1026,22 @@ impl ExtendedBatch {
         if self.expect.len() >= MAX_EXPECTED {
             return false;
         }
+        if let Some(narrow) = &mut self.narrow {
+            if matches!(answer, Expect::Complete | Expect::Execute(_)) {
+                narrow.sent = narrow.sent.saturating_add(1);
+            }
+        }
         self.expect.push_back(answer);
         true
+    }
+
+    /// The front expectation is the Parse or Bind of the session's
+    /// prepared lookup (an error now is about that statement).
+    pub fn prepared_lookup_ahead(&self) -> bool {
+        matches!(
+            self.expect.front(),
+            Some(Expect::LookupParsed | Expect::LookupBound)
+        )
     }
 
     /// Classifies the next message from the server, `tag`, with its body
@@ -889,7 +1089,10 @@ impl ExtendedBatch {
             },
             PARSE_COMPLETE | BIND_COMPLETE | CLOSE_COMPLETE => match self.pop() {
                 Some(Expect::Complete) => Ok(Disposition::Forward),
-                Some(Expect::LookupComplete) => Ok(Disposition::Drop),
+                Some(Expect::LookupComplete | Expect::LookupBound) => Ok(Disposition::Drop),
+                Some(Expect::LookupParsed) if tag == PARSE_COMPLETE => {
+                    Ok(Disposition::LookupParsed)
+                }
                 other => Err(format!(
                     "message type {} where {other:?} was expected",
                     char::from(tag)
@@ -1232,6 +1435,162 @@ mod tests {
         let mut fresh = PreparedLookup::default();
         p.relations[0].name = "café".into();
         assert_eq!(fresh.sql("tm_", &p), None);
+    }
+
+    #[test]
+    fn the_prepared_lookup_in_a_batch_takes_its_parameters_as_a_bind_carries_them() {
+        let mut p = plan(&["customers.email", "phone"], MaskMethod::Redact);
+        p.relations = vec![
+            TableRef {
+                schema: Some("crm".into()),
+                name: "say \"hi\"".into(),
+            },
+            TableRef {
+                schema: None,
+                name: "orders".into(),
+            },
+        ];
+        assert_eq!(
+            p.lookup_parameters(),
+            Some([
+                r#"{"\"crm\".\"say \"\"hi\"\"\"","\"orders\""}"#.to_owned(),
+                "{email,phone}".to_owned()
+            ])
+        );
+        let mut lookup = PreparedLookup::default();
+        let (name, parse) = lookup.for_batch("tm_").unwrap();
+        assert_eq!(name, "tm_s0");
+        let parse = parse.unwrap();
+        assert!(
+            parse.starts_with("SELECT a.attrelid::pg_catalog.int8 AS \"tm_0\""),
+            "{parse}"
+        );
+        assert!(parse.ends_with("FROM pg_catalog.unnest($1) r))"), "{parse}");
+        // Parsed once; the SQL form then only executes it.
+        lookup.parse_complete();
+        assert_eq!(lookup.for_batch("tm_"), Some(("tm_s0".to_owned(), None)));
+        assert!(lookup.sql("tm_", &p).unwrap().starts_with("EXECUTE tm_s0("));
+        // Gone (its Bind failed): parsed again under another name.
+        lookup.failed("26000");
+        let (name, parse) = lookup.for_batch("tm_").unwrap();
+        assert_eq!(name, "tm_s1");
+        assert!(parse.is_some());
+        // Its Parse failed in an aborted transaction: parsed again.
+        lookup.failed("25P02");
+        assert!(lookup.for_batch("tm_").unwrap().1.is_some());
+        p.relations.clear();
+        assert_eq!(p.lookup_parameters(), None, "no relation");
+    }
+
+    #[test]
+    fn a_lookup_on_the_search_path_covers_its_statement_until_something_else_may_run() {
+        use backend::tag::*;
+        let statement = Arc::new(plan(&["customers.email"], MaskMethod::Redact));
+        let other = Arc::new(plan(&["customers.email"], MaskMethod::Redact));
+        let mut batch = ExtendedBatch::followed();
+        assert!(batch.lookup_prepared(&statement, true));
+        assert!(batch.is_narrow());
+        // The statement's Parse, a Describe of it, then its Bind: covered.
+        assert!(batch.expect(Expect::Complete));
+        assert!(batch.expect(Expect::DescribeStatement));
+        assert_eq!(
+            batch.narrow_covers(&other, MaskedMessage::Bind),
+            Some(false)
+        );
+        assert_eq!(
+            batch.narrow_covers(&statement, MaskedMessage::Execute),
+            Some(false)
+        );
+        assert_eq!(
+            batch.narrow_covers(&statement, MaskedMessage::Bind),
+            Some(true)
+        );
+        assert!(batch.expect(Expect::Complete));
+        // Executes of the portal that Bind made are; a second Bind is not.
+        assert_eq!(
+            batch.narrow_covers(&statement, MaskedMessage::Execute),
+            Some(true)
+        );
+        assert_eq!(
+            batch.narrow_covers(&statement, MaskedMessage::Bind),
+            Some(false)
+        );
+        assert_eq!(
+            batch.narrow_covers(&statement, MaskedMessage::Parse),
+            Some(false)
+        );
+        assert!(batch.expect(Expect::DescribePortal(Some(None))));
+        assert!(batch.expect(Expect::Execute(None)));
+        assert!(batch.expect(Expect::Sync));
+        // The answers: the lookup's Parse, Bind, rows and Close dropped.
+        assert_eq!(
+            batch.answer(PARSE_COMPLETE, None),
+            Ok(Disposition::LookupParsed)
+        );
+        assert!(batch.prepared_lookup_ahead());
+        assert_eq!(batch.answer(BIND_COMPLETE, None), Ok(Disposition::Drop));
+        assert!(!batch.prepared_lookup_ahead());
+        let row = lookup_row("16384", "3", "email", "customers");
+        assert!(batch.needs_body(DATA_ROW));
+        assert_eq!(batch.answer(DATA_ROW, Some(&row)), Ok(Disposition::Drop));
+        assert_eq!(batch.answer(COMMAND_COMPLETE, None), Ok(Disposition::Drop));
+        assert_eq!(batch.answer(CLOSE_COMPLETE, None), Ok(Disposition::Drop));
+        assert_eq!(batch.answer(PARSE_COMPLETE, None), Ok(Disposition::Forward));
+        assert_eq!(
+            batch.answer(PARAMETER_DESCRIPTION, None),
+            Ok(Disposition::Forward)
+        );
+        assert_eq!(
+            batch.answer(ROW_DESCRIPTION, None),
+            Ok(Disposition::Forward)
+        );
+        assert_eq!(batch.answer(BIND_COMPLETE, None), Ok(Disposition::Forward));
+        let fields = row_description(vec![
+            field("id", 16384, 1, 23),
+            field("email", 16384, 3, 25),
+        ]);
+        assert_eq!(
+            batch.answer(ROW_DESCRIPTION, Some(&fields)),
+            Ok(Disposition::Drop)
+        );
+        assert_eq!(batch.answer(DATA_ROW, None), Ok(Disposition::Mask));
+        assert_eq!(
+            batch.row_masks(),
+            Some(
+                &[
+                    FieldMask::Keep,
+                    FieldMask::Mask(Replacement::Text(crate::masking::REDACTED))
+                ][..]
+            )
+        );
+        assert_eq!(
+            batch.answer(COMMAND_COMPLETE, None),
+            Ok(Disposition::Forward)
+        );
+        the_sync_ends_it(&mut batch);
+
+        // Something that may run code before the Bind (another statement's
+        // Bind and Execute): not covered; the batch widens to every schema.
+        let mut batch = ExtendedBatch::followed();
+        assert!(batch.lookup_prepared(&statement, false));
+        for e in [
+            Expect::Complete,
+            Expect::Complete,
+            Expect::Complete,
+            Expect::Execute(None),
+        ] {
+            assert!(batch.expect(e));
+        }
+        assert_eq!(
+            batch.narrow_covers(&statement, MaskedMessage::Bind),
+            Some(false)
+        );
+        let widened = batch.widen();
+        assert!(Arc::ptr_eq(&widened, &statement));
+        assert!(!batch.is_narrow());
+        assert_eq!(batch.narrow_covers(&statement, MaskedMessage::Bind), None);
+        // Only a batch's first message takes the lookup on the search path.
+        assert!(!batch.lookup_prepared(&statement, false));
     }
 
     #[test]

@@ -504,7 +504,7 @@ impl<'a> ClientSide<'a> {
         if tag == PARSE && refusal.is_none() {
             if let Some(plan) = self.mask_plan.take() {
                 let plan = Arc::new(plan);
-                refusal = self.join_batch(&plan);
+                refusal = self.join_batch(&plan, MaskedMessage::Parse);
                 mask = Some(plan);
             }
         }
@@ -1080,7 +1080,7 @@ impl<'a> ClientSide<'a> {
             if let Some(step) = hold_whole_bind(header, data, "a statement that requires masking") {
                 return step;
             }
-            if let Some(refusal) = self.join_batch(&plan) {
+            if let Some(refusal) = self.join_batch(&plan, MaskedMessage::Bind) {
                 return self.replace_bind(data, header, portal, refusal);
             }
             self.expect(Expect::Complete)?;
@@ -1153,7 +1153,7 @@ impl<'a> ClientSide<'a> {
         // that the rows' fields are known (behind the lookup when a batch
         // opens here).
         let refusal = match (refusal, &decided.mask) {
-            (None, Some(plan)) => self.join_batch(plan),
+            (None, Some(plan)) => self.join_batch(plan, MaskedMessage::Execute),
             (refusal, _) => refusal,
         };
         if refusal.is_none() {

@@ -19,6 +19,9 @@
 
 use super::*;
 
+/// The type OID of `text[]`, the prepared lookup's parameters.
+const TEXT_ARRAY_OID: i32 = 1009;
+
 /// Why a `mask` statement in a pipelined extended-protocol batch is
 /// refused (a whole client message, see [`ClientSide::join_batch`]).
 const MASK_PIPELINED: &str = "tollgate: a statement that requires masking was sent through the extended query protocol in a batch (pipelining) that began before the proxy could follow it (behind a Query or FunctionCall inside the batch, or more messages than a batch can follow); send it after a Sync; refused";
@@ -119,7 +122,11 @@ impl ClientSide<'_> {
     /// from its start whose earlier messages needed no masking, sends the
     /// lookup inside the batch (its Parse, Bind, Execute and Closes go into
     /// `prefix`). `Some(message)` refuses it.
-    pub(super) fn join_batch(&self, plan: &Arc<MaskPlan>) -> Option<String> {
+    pub(super) fn join_batch(
+        &self,
+        plan: &Arc<MaskPlan>,
+        message: MaskedMessage,
+    ) -> Option<String> {
         if self.batch_open.get() {
             let mut guard = self.shared.batch();
             let Some(batch) = guard.as_mut() else {
@@ -127,13 +134,18 @@ impl ClientSide<'_> {
             };
             if batch.lookup_not_sent() {
                 if batch.nothing_expected() && !self.extended_open.get() {
-                    // The batch's first message: a lookup Query in front.
+                    // The batch's first message: the lookup in front.
                     *guard = None;
                     drop(guard);
                     self.batch_open.set(false);
-                    return self.open_batch(plan);
+                    return self.open_batch(plan, message);
                 }
                 return self.lookup_inline(batch, plan);
+            }
+            match batch.narrow_covers(plan, message) {
+                Some(true) => return None,
+                Some(false) => return self.lookup_inline(batch, plan),
+                None => {}
             }
             let known = batch.plan();
             let tables = known.table_names();
@@ -154,12 +166,18 @@ impl ClientSide<'_> {
         if self.extended_open.get() || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
             return Some(MASK_PIPELINED.to_owned());
         }
-        self.open_batch(plan)
+        self.open_batch(plan, message)
     }
 
-    /// Opens a masked batch with a lookup Query in front of its first
-    /// message (nothing is in flight).
-    fn open_batch(&self, plan: &Arc<MaskPlan>) -> Option<String> {
+    /// Opens a masked batch with the lookup in front of its first message
+    /// (nothing is in flight): for a Parse, the session's prepared lookup
+    /// on the search path, inside the batch
+    /// ([`ClientSide::open_batch_prepared`]); otherwise, or when that
+    /// cannot serve, a lookup Query over every schema.
+    fn open_batch(&self, plan: &Arc<MaskPlan>, message: MaskedMessage) -> Option<String> {
+        if message == MaskedMessage::Parse && plan.only_first && self.open_batch_prepared(plan) {
+            return None;
+        }
         let n = self.shared.next_mask.fetch_add(1, Ordering::Relaxed);
         // Messages of the batch may run between the lookup and a masked
         // statement's parse (a `SET search_path`, another Bind): every schema.
@@ -180,6 +198,64 @@ impl ClientSide<'_> {
         None
     }
 
+    /// Opens a masked batch with the session's prepared lookup in front of
+    /// the Parse of `plan`'s statement, as extended-protocol messages: its
+    /// Parse when it is not on the server yet, a Bind of a portal under a
+    /// name reserved for masking, an Execute and a Close of the portal.
+    /// Nothing runs between it and the Parse, so it resolves the relations
+    /// on the search path as the Parse will; the server runs it on a
+    /// generic plan, and no Query (a transaction and a ReadyForQuery of
+    /// its own) goes in front of the batch. `false` when the prepared form
+    /// cannot serve.
+    fn open_batch_prepared(&self, plan: &Arc<MaskPlan>) -> bool {
+        let Some([relations, names]) = plan.lookup_parameters() else {
+            return false;
+        };
+        // Taken and released before the batch's lock: the upstream pump
+        // takes them the other way round.
+        let Some((statement, parse)) = self.shared.lookup().for_batch(&self.shared.mask_marker)
+        else {
+            return false;
+        };
+        let mut batch = ExtendedBatch::followed();
+        if !batch.lookup_prepared(plan, parse.is_some()) {
+            return false;
+        }
+        let portal = format!("{}p", self.shared.mask_marker);
+        let mut prefix = self.prefix.borrow_mut();
+        prefix.clear();
+        if let Some(sql) = &parse {
+            let mut w = MessageWriter::new(&mut prefix, frontend::tag::PARSE);
+            w.put_cstr(&statement)
+                .put_cstr(sql)
+                .put_i16(2)
+                .put_i32(TEXT_ARRAY_OID)
+                .put_i32(TEXT_ARRAY_OID);
+            w.finish();
+        }
+        let mut w = MessageWriter::new(&mut prefix, frontend::tag::BIND);
+        w.put_cstr(&portal)
+            .put_cstr(&statement)
+            .put_i16(0)
+            .put_i16(2);
+        for value in [&relations, &names] {
+            w.put_value(Some(value.as_bytes()));
+        }
+        w.put_i16(0);
+        w.finish();
+        let mut w = MessageWriter::new(&mut prefix, frontend::tag::EXECUTE);
+        w.put_cstr(&portal).put_i32(0);
+        w.finish();
+        let mut w = MessageWriter::new(&mut prefix, frontend::tag::CLOSE);
+        w.put_u8(b'P').put_cstr(&portal);
+        w.finish();
+        *self.shared.batch() = Some(batch);
+        self.shared.batch_active.store(true, Ordering::Relaxed);
+        self.batch_open.set(true);
+        tracing::debug!(session = %self.ctx.id, "a masked Parse opens a batch: the session's prepared lookup goes in front of it");
+        true
+    }
+
     /// Sends the lookup for `plan` inside the followed `batch` (its first,
     /// or one for relations its earlier lookups did not cover), in front
     /// of the message being stepped: a Parse of a statement and a Bind of
@@ -187,6 +263,10 @@ impl ClientSide<'_> {
     /// statement and portal stay as they are), an Execute, and a Close of
     /// each. A Query would end the batch's implicit transaction.
     fn lookup_inline(&self, batch: &mut ExtendedBatch, plan: &Arc<MaskPlan>) -> Option<String> {
+        // After a lookup on the search path for one statement, this one
+        // looks for all of the batch's relations over every schema, so
+        // that what is covered can be told by relation name again.
+        let widened = batch.is_narrow().then(|| batch.widen().merged(plan));
         if !batch.lookup_inline(plan) {
             return Some(format!(
                 "tollgate: more than {} messages in one batch with a masked statement; refused",
@@ -195,7 +275,10 @@ impl ClientSide<'_> {
         }
         let n = self.shared.next_mask.fetch_add(1, Ordering::Relaxed);
         let marker = format!("{}{n}", self.shared.mask_marker);
-        let sql = plan.lookup_sql(&marker, LookupScope::EverySchema);
+        let sql = widened
+            .as_ref()
+            .unwrap_or(plan)
+            .lookup_sql(&marker, LookupScope::EverySchema);
         let mut prefix = self.prefix.borrow_mut();
         prefix.clear();
         let mut w = MessageWriter::new(&mut prefix, frontend::tag::PARSE);
@@ -472,6 +555,16 @@ impl UpstreamSide<'_> {
         // Asked before the message is classified: an error's expectation
         // is still at the front then.
         let quotes_masked = batch.error_may_quote_masked();
+        if header.tag == ERROR_RESPONSE && batch.prepared_lookup_ahead() {
+            // The session's prepared lookup may be gone (or not made).
+            if let Some(Ok(BackendMessage::ErrorResponse(fields))) =
+                body.map(|body| backend::decode_backend(ERROR_RESPONSE, body))
+            {
+                self.shared
+                    .lookup()
+                    .failed(fields.sqlstate().unwrap_or_default());
+            }
+        }
         let disposition = batch.answer(header.tag, body).map_err(|e| {
             masking_fault(
                 sqlstate::PROTOCOL_VIOLATION,
@@ -500,6 +593,10 @@ impl UpstreamSide<'_> {
                 }
             }
             Disposition::Drop => Some(Step::Replace(header.len)),
+            Disposition::LookupParsed => {
+                self.shared.lookup().parse_complete();
+                Some(Step::Replace(header.len))
+            }
             Disposition::LookupDone => {
                 // The lookup's own ReadyForQuery: the client never asked for it.
                 drop(guard);

@@ -120,7 +120,7 @@ use super::fastpath;
 use super::frontend::{self, decode_startup, FrontendMessage};
 use super::mask::{
     self as masking, Disposition, Expect, ExtendedBatch, LookupScope, MaskPlan, MaskedAnswer,
-    PreparedLookup,
+    MaskedMessage, PreparedLookup,
 };
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::identity::ProcessIdentity;

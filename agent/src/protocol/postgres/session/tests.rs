@@ -432,6 +432,9 @@ fn a_denied_statement_in_an_extended_batch_fails_where_it_stood() {
     );
 }
 
+/// The Parse of the session's prepared lookup, as the tests describe it.
+const PREPARED_LOOKUP_PARSE: &str = "Parse <mask>s0: SELECT a.attrelid::pg_catalog.int8 AS \"<mask>0\", a.attnum, a.attname, a.attrelid::pg_catalog.regclass::pg_catalog.text FROM pg_catalog.pg_attribute a WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped AND pg_catalog.lower(a.attname::pg_catalog.text) OPERATOR(pg_catalog.=) ANY ($2) AND a.attrelid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT pg_catalog.to_regclass(r) FROM pg_catalog.unnest($1) r))";
+
 #[test]
 fn a_flush_after_sync_starts_no_batch() {
     let fixture = Fixture::new(POLICY);
@@ -469,7 +472,10 @@ fn a_flush_after_sync_starts_no_batch() {
     s.client(
         &[parse("", "SELECT email FROM customers"), sync()],
         &[
-            "Query …<mask>…",
+            PREPARED_LOOKUP_PARSE,
+            "Bind <mask>p<-<mask>s0",
+            "Execute <mask>p",
+            "Close",
             "Parse : SELECT email FROM customers",
             "Sync",
         ],
@@ -485,19 +491,49 @@ fn a_sql_execute_of_a_protocol_prepared_masked_statement_is_decided_as_what_it_r
     let fixture = Fixture::new(POLICY);
     let shared = Shared::new();
     let mut s = Session::start(&fixture, &shared);
+    // A masked Parse opening a batch: the session's prepared lookup, as
+    // extended-protocol messages, in front of it.
     s.client(
         &[parse("s1", "SELECT email FROM customers"), sync()],
         &[
-            "Query …<mask>…",
+            PREPARED_LOOKUP_PARSE,
+            "Bind <mask>p<-<mask>s0",
+            "Execute <mask>p",
+            "Close",
             "Parse s1: SELECT email FROM customers",
             "Sync",
         ],
     );
-    let mut answer = s.lookup_answer(1);
-    answer.push(ready());
-    answer.push(backend(BackendMessage::ParseComplete));
-    answer.push(ready());
+    let mut answer = vec![
+        backend(BackendMessage::ParseComplete),
+        backend(BackendMessage::BindComplete),
+    ];
+    answer.extend(s.lookup_answer(1).into_iter().skip(1));
+    answer.extend([
+        backend(BackendMessage::CloseComplete),
+        backend(BackendMessage::ParseComplete),
+        ready(),
+    ]);
     // The lookup's answer is the proxy's own: the client sees its Parse's.
+    s.server(&answer, &["ParseComplete", "ReadyForQuery I"]);
+    // The next one only binds it.
+    s.client(
+        &[parse("", "SELECT email FROM customers"), sync()],
+        &[
+            "Bind <mask>p<-<mask>s0",
+            "Execute <mask>p",
+            "Close",
+            "Parse : SELECT email FROM customers",
+            "Sync",
+        ],
+    );
+    let mut answer = vec![backend(BackendMessage::BindComplete)];
+    answer.extend(s.lookup_answer(1).into_iter().skip(1));
+    answer.extend([
+        backend(BackendMessage::CloseComplete),
+        backend(BackendMessage::ParseComplete),
+        ready(),
+    ]);
     s.server(&answer, &["ParseComplete", "ReadyForQuery I"]);
     // `EXECUTE s1` runs the masked SELECT: it goes with a lookup in front.
     s.client(&[query("EXECUTE s1")], &["Query …<mask>…EXECUTE s1"]);
@@ -505,6 +541,7 @@ fn a_sql_execute_of_a_protocol_prepared_masked_statement_is_decided_as_what_it_r
     assert_eq!(
         fixture.rules(),
         [
+            "SELECT email FROM customers: mask-contact",
             "SELECT email FROM customers: mask-contact",
             "EXECUTE s1: -",
             "SELECT email FROM customers: mask-contact"
