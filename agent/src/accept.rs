@@ -13,10 +13,13 @@
 
 use std::future::Future;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -199,6 +202,37 @@ pub async fn accept_each<L, S, F>(
         });
     }
     tracing::debug!(endpoint = name, "stopped accepting");
+}
+
+/// Binds a Unix socket of the agent with `mode`, creating its directory and
+/// replacing a stale socket file. Refuses to take over a socket another
+/// agent still answers on. `what` names it in errors, `setting` is the
+/// configuration key that moves it.
+pub fn bind_unix_socket(
+    path: &Path,
+    what: &str,
+    mode: u32,
+    setting: &str,
+) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the {what} directory {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another agent is running with {what} {}; stop it first or set {setting} to another path",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale {what} {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot create the {what} {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set mode {mode:o} on the {what} {}", path.display()))?;
+    Ok(listener)
 }
 
 #[cfg(test)]

@@ -2,7 +2,6 @@
 //! answers `tollgate status`. One request line in, one JSON document out.
 
 use std::io::ErrorKind;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,38 +110,7 @@ pub struct TargetView {
 
 /// Binds the control socket (mode 0600), replacing a stale one.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    bind_unix_socket(path, "control socket", 0o600, "agent.control_socket")
-}
-
-/// Binds a Unix socket of the agent with `mode`, creating its directory and
-/// replacing a stale socket file. Refuses to take over a socket another
-/// agent still answers on. `what` names it in errors, `setting` is the
-/// configuration key that moves it.
-pub(crate) fn bind_unix_socket(
-    path: &Path,
-    what: &str,
-    mode: u32,
-    setting: &str,
-) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the {what} directory {}", dir.display()))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another agent is running with {what} {}; stop it first or set {setting} to another path",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove the stale {what} {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot create the {what} {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set mode {mode:o} on the {what} {}", path.display()))?;
-    Ok(listener)
+    crate::accept::bind_unix_socket(path, "control socket", 0o600, "agent.control_socket")
 }
 
 /// Removes the control socket file at exit.

@@ -16,6 +16,7 @@
 //! - [`cli`], [`logging`]: the command line and log set-up.
 
 pub mod accept;
+pub mod agent;
 pub mod approval;
 pub mod cli;
 pub mod config;

@@ -5,12 +5,13 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
+use tollgate_agent::agent::RunningAgent;
 use tollgate_agent::cli::{self, Cli, Command, ConfigCommand};
 use tollgate_agent::config::Config;
 use tollgate_agent::control;
 use tollgate_agent::logging;
-use tollgate_agent::proxy::{exec, RunningAgent};
 use tollgate_agent::redirect;
+use tollgate_agent::redirect::exec;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -205,7 +205,7 @@ pub fn bind_socket(
 ) -> anyhow::Result<tokio::net::UnixListener> {
     use anyhow::Context as _;
     let path = &agent.approvals_socket;
-    let listener = crate::control::bind_unix_socket(
+    let listener = crate::accept::bind_unix_socket(
         path,
         "reviewer socket",
         agent.approvals_socket_mode,

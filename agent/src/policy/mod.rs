@@ -52,6 +52,7 @@ mod compile;
 mod explain;
 mod matcher;
 mod memo;
+pub mod reload;
 mod review;
 mod testing;
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Retention: removing old closed recordings by age and by total size.
 //!
-//! [`prune`] is one pass over the dated tree; the agent runs it at start and
-//! every minute. A file the writer has open is never removed, whatever its
+//! [`prune`] is one pass over the dated tree; [`keep_pruning`] runs it at
+//! start and every minute. A file the writer has open is never removed, whatever its
 //! age or the budget: it is counted in the total but skipped.
 
 use std::fs;
@@ -218,4 +218,81 @@ fn remove_empty_dirs(days: &[PathBuf], recent: &str, report: &mut PruneReport) {
 
 fn is_empty_dir(dir: &Path) -> bool {
     fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+}
+/// How often retention runs (it also runs at start).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Removes old closed recordings under `dir` at start and every
+/// [`PRUNE_INTERVAL`], as `policy` says, never one that `recorder` is
+/// writing, until `stop`; `pruned(files, bytes)` is told what each pass
+/// removed.
+pub async fn keep_pruning(
+    dir: PathBuf,
+    policy: Retention,
+    recorder: std::sync::Arc<super::RecordingSink>,
+    stop: tokio_util::sync::CancellationToken,
+    pruned: impl Fn(u64, u64),
+) {
+    if policy.is_off() {
+        return;
+    }
+    loop {
+        let (dir, recorder) = (dir.clone(), recorder.clone());
+        let pass = tokio::task::spawn_blocking(move || {
+            prune(&dir, &policy, SystemTime::now(), &|id| {
+                recorder.is_writing(id)
+            })
+        })
+        .await;
+        match pass {
+            Ok(report) => {
+                log_pass(&policy, &report);
+                pruned(report.removed.len() as u64, report.freed());
+            }
+            Err(e) => tracing::warn!(error = %e, "recording retention pass failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PRUNE_INTERVAL) => {}
+        }
+    }
+}
+
+fn log_pass(policy: &Retention, report: &PruneReport) {
+    for r in &report.removed {
+        tracing::info!(
+            path = %r.path.display(),
+            bytes = r.bytes,
+            reason = r.reason.as_str(),
+            "recording removed by retention ({})",
+            match r.reason {
+                RemoveReason::Age => "older than recording_retention_days",
+                RemoveReason::Size => "over recording_max_total_size",
+            }
+        );
+    }
+    for d in &report.dirs_removed {
+        tracing::debug!(dir = %d.display(), "empty recording directory removed");
+    }
+    for e in &report.errors {
+        tracing::warn!("recording retention: {e}");
+    }
+    if let Some(max) = policy.max_total_size {
+        if report.kept_bytes > max {
+            tracing::warn!(
+                kept_bytes = report.kept_bytes,
+                max_total_size = max,
+                "recordings still take more than recording_max_total_size: the rest are open sessions or could not be removed"
+            );
+        }
+    }
+    if !report.removed.is_empty() {
+        tracing::info!(
+            removed = report.removed.len(),
+            freed_bytes = report.freed(),
+            kept = report.kept_files,
+            kept_bytes = report.kept_bytes,
+            "recording retention pass"
+        );
+    }
 }

@@ -27,6 +27,7 @@
 mod attachments;
 mod btf;
 pub mod cgroup;
+pub mod exec;
 pub mod local;
 mod pins;
 pub mod protect;
@@ -1319,6 +1320,32 @@ fn page_size() -> u32 {
 /// The unused-import guard for `SockOps` (kept for type clarity in docs).
 #[allow(dead_code)]
 fn _sockops_type(_: &SockOps) {}
+
+/// How often governed cgroups are checked for (re)appearance.
+const RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Attaches to governed cgroups that appear after start (a service's cgroup
+/// exists only while it runs, and is new after each restart).
+pub async fn keep_reconciling(
+    redirect: std::sync::Arc<Redirect>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+        }
+        let r = redirect.clone();
+        match tokio::task::spawn_blocking(move || r.reconcile()).await {
+            Ok(newly) => {
+                for path in newly {
+                    tracing::info!(cgroup = %path.display(), "governed cgroup appeared; programs attached");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cgroup reconciliation failed"),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

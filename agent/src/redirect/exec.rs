@@ -28,19 +28,19 @@ use tokio_util::sync::CancellationToken;
 use crate::redirect::{cgroup, Redirect};
 
 /// At most this many `tollgate exec` sessions at once.
-pub(super) const MAX_EXEC_SESSIONS: usize = 1024;
+pub const MAX_EXEC_SESSIONS: usize = 1024;
 
 /// Binds the exec socket with mode 0666: asking to be governed only
 /// restricts the asker, so every user may.
-pub(super) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    crate::control::bind_unix_socket(path, "exec socket", 0o666, "redirect.exec_socket")
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    crate::accept::bind_unix_socket(path, "exec socket", 0o666, "redirect.exec_socket")
 }
 
 /// What a requester past [`MAX_EXEC_SESSIONS`] is told.
-pub(super) const EXEC_BUSY: &str = "error too many tollgate exec sessions are running\n";
+pub const EXEC_BUSY: &str = "error too many tollgate exec sessions are running\n";
 
 /// Serves exec requests until `stop` is cancelled.
-pub(super) async fn serve(
+pub async fn serve(
     listener: UnixListener,
     redirect: Arc<Redirect>,
     endpoint: crate::accept::Endpoint,
