@@ -80,20 +80,14 @@ fn main() -> ExitCode {
                     }
                 },
             };
-            finish(
-                runtime()
-                    .and_then(|rt| rt.block_on(control::query_status(&socket)))
-                    .map(|report| {
-                        if args.json {
-                            println!(
-                                "{}",
-                                serde_json::to_string_pretty(&report).unwrap_or_default()
-                            );
-                        } else {
-                            print!("{}", cli::print_status(&report));
-                        }
-                    }),
-            )
+            let result = runtime().and_then(|rt| rt.block_on(control::query_status(&socket)));
+            match &result {
+                Ok(report) if args.json => cli::print_json(&report),
+                Ok(report) => print!("{}", cli::print_status(report)),
+                Err(e) if args.json => cli::print_json_error(&format!("{e:#}")),
+                Err(_) => {}
+            }
+            finish(result.map(|_| ()))
         }
     }
 }
@@ -269,24 +263,15 @@ fn policy_command(command: cli::PolicyCommand) -> ExitCode {
             };
             let set = match policy::PolicySet::load(&paths) {
                 Ok(s) => s,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    return ExitCode::from(2);
-                }
+                Err(errors) => return policy_failure(&errors, json),
             };
             let identity = match policy::parse_identity(&identity) {
                 Ok(i) => i,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    return ExitCode::from(2);
-                }
+                Err(errors) => return policy_failure(&errors, json),
             };
             let explanation = policy::explain(&set, &target, &identity, &sql);
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&explanation).unwrap_or_default()
-                );
+                cli::print_json(&explanation);
             } else {
                 print_block(&explanation.to_string());
             }
@@ -295,10 +280,7 @@ fn policy_command(command: cli::PolicyCommand) -> ExitCode {
         cli::PolicyCommand::Test { dir, json } => match policy::run_tests(&dir) {
             Ok(report) => {
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&report).unwrap_or_default()
-                    );
+                    cli::print_json(&report);
                 } else {
                     print_block(&report.to_string());
                 }
@@ -308,12 +290,19 @@ fn policy_command(command: cli::PolicyCommand) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
-            Err(errors) => {
-                eprintln!("{errors}");
-                ExitCode::from(2)
-            }
+            Err(errors) => policy_failure(&errors, json),
         },
     }
+}
+
+/// A policy that does not load: its located errors on stderr (and, when
+/// JSON was asked for, as a JSON error object on stdout); exit 2.
+fn policy_failure(errors: &impl std::fmt::Display, json: bool) -> ExitCode {
+    if json {
+        cli::print_json_error(&errors.to_string());
+    }
+    eprintln!("{errors}");
+    ExitCode::from(2)
 }
 
 /// The recording file for an id or a path given on the command line.

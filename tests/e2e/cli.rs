@@ -245,6 +245,48 @@ fn policy_commands_check_explain_and_test_the_shipped_policies() {
     );
 }
 
+/// A command asked for `--json` that fails still prints JSON on stdout: an
+/// object with the error, next to the message on stderr and the usual exit code.
+#[test]
+fn failing_json_commands_print_a_json_error_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_error = |out: &std::process::Output| -> String {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let value: serde_json::Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout:?}"));
+        value["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no \"error\" string in {value}"))
+            .to_string()
+    };
+
+    let socket = dir.path().join("none.sock");
+    let out = Command::new(agent_binary())
+        .args(["status", "--json", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(json_error(&out).contains("no agent is answering on"));
+
+    let suite = dir.path().join("suite");
+    std::fs::create_dir(&suite).unwrap();
+    std::fs::write(
+        suite.join("bad.toml"),
+        "[[rule]]\nname = \"r\"\naction = \"forbid\"\n[rule.match]\nkinds = [\"drop\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(agent_binary())
+        .args(["policy", "test", "--json"])
+        .arg(&suite)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let error = json_error(&out);
+    assert!(error.contains("bad.toml:3:10:"), "{error}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:3:10:"));
+}
+
 #[test]
 fn policy_errors_point_at_file_line_and_column_and_failing_cases_fail() {
     let dir = tempfile::tempdir().unwrap();

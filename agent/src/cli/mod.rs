@@ -352,6 +352,22 @@ pub enum RecordingsCommand {
 }
 
 /// `--speed`: a finite number, 0 or more.
+/// Prints a value as pretty JSON on stdout. A value that cannot be
+/// serialised prints a JSON error object, never an empty line, so a script
+/// reading stdout always gets JSON.
+pub fn print_json<T: serde::Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => print_json_error(&format!("cannot encode the output as JSON: {e}")),
+    }
+}
+
+/// Prints why a command asked for `--json` failed, as `{"error": "..."}` on
+/// stdout; the caller still prints the message on stderr and exits non-zero.
+pub fn print_json_error(message: &str) {
+    println!("{}", serde_json::json!({ "error": message }));
+}
+
 fn parse_speed(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
