@@ -139,11 +139,9 @@ impl RunningAgent {
             grants: grants.clone(),
         });
 
-        let tls =
-            crate::protocol::postgres::tls::TlsState::load(&config).context("cannot set up TLS")?;
+        let handlers = crate::protocol::Handlers::new(&config)?;
         let shared = Arc::new(Shared {
-            cancel: Arc::new(crate::protocol::postgres::cancel::CancelRegistry::new()),
-            tls: Arc::new(tls),
+            handlers,
             permits: Arc::new(Semaphore::new(config.agent.max_connections)),
             approvals,
             grants,

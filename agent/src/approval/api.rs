@@ -60,7 +60,7 @@ use super::{
 };
 use crate::events::{Events, ReviewUpdate, SessionEvent};
 use crate::identity::IdentityResolver;
-use crate::protocol::SharedPolicy;
+use crate::policy::SharedPolicy;
 use crate::recording::format::{GrantGivenRecord, GrantRevokeRecord};
 
 /// Largest request body accepted.
@@ -477,7 +477,7 @@ fn may_use_api(state: &ApiState, reviewer: &Reviewer) -> bool {
     {
         return true;
     }
-    let policy = crate::protocol::current_policy(&state.policy);
+    let policy = crate::policy::current_policy(&state.policy);
     let approvers: Vec<_> = policy
         .review_rules()
         .flat_map(|(_, review)| review.approvers.iter().cloned())

@@ -35,9 +35,11 @@
 //!   With no rule applying, the decision is the most restrictive of the
 //!   target's default and `[defaults] unparsable` (combined across files as
 //!   above; built-in `deny`).
-//! - **Refusal.** `mask` and `review` are accepted but not implemented yet:
-//!   [`Action::is_refused`] is true for them, and
-//!   [`Decision::client_message`] says so. Fail closed, never silently allow.
+//! - **Refusal.** [`Action::is_refused`] is true for `review` and `deny`:
+//!   a `review` decision is held for reviewers by the session where it can
+//!   be (`crate::approval`), and refused where it cannot, with
+//!   [`Decision::client_message`] saying why; `mask` is refused where
+//!   masking cannot apply. Fail closed, never silently allow.
 //!
 //! # Layout
 //!
@@ -75,6 +77,7 @@ pub use explain::{
     check, explain, explain_analysis, CheckSummary, ExplainedStatement, Explanation,
 };
 pub use memo::DecisionMemo;
+pub use reload::{current_policy, SharedPolicy};
 pub use review::{
     Approver, DailyWindow, GrantScope, ReviewSettings, DEFAULT_REVIEW_TIMEOUT, MAX_APPROVALS,
     MAX_GRANT,
@@ -96,7 +99,8 @@ pub enum Action {
     /// Forward it and mask the result fields its rules name (see
     /// [`crate::masking`]); refused where masking cannot apply.
     Mask,
-    /// Hold it for a human reviewer (not implemented yet: refused).
+    /// Hold it for a human reviewer (`crate::approval`); refused where it
+    /// cannot be held.
     Review,
     /// Refuse it, with the rule's message.
     Deny,

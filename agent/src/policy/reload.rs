@@ -1,9 +1,25 @@
-//! Reloading the policy when its files change.
+//! The policy in force, as sessions read it, and reloading it when its
+//! files change.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
+
+use super::PolicySet;
+
+/// The loaded policy, swapped atomically on reload.
+pub type SharedPolicy = Arc<std::sync::RwLock<Arc<PolicySet>>>;
+
+/// The current policy of a shared handle (the empty set if the lock was
+/// poisoned, which cannot happen: writers only swap an `Arc`).
+pub fn current_policy(policy: &SharedPolicy) -> Arc<PolicySet> {
+    policy
+        .read()
+        .map(|p| p.clone())
+        .unwrap_or_else(|_| Arc::new(PolicySet::empty()))
+}
 
 /// How often policy files are checked for changes.
 const POLICY_POLL_INTERVAL: Duration = Duration::from_secs(2);

@@ -1,25 +1,42 @@
 //! Protocol handlers: what happens between an accepted client socket and its
-//! upstream once the session is set up. One folder per protocol; each is
-//! handed the two sockets and a [`SessionContext`], and returns why the
-//! session ended.
+//! upstream once the session is set up.
+//!
+//! The proxy accepts a connection, identifies the process behind it while
+//! it connects upstream, and then hands both sockets to the [`Handler`] of
+//! the target's protocol with a [`SessionContext`]. A handler owns the
+//! session from there: its protocol's start-up (waiting for the identity
+//! with [`SessionStart::info`] before it decides or records anything), the
+//! decisions, the events, and why the session ended. State a protocol
+//! shares between its sessions (PostgreSQL's cancel keys and TLS material)
+//! lives in its handler, not in the proxy. [`Handlers`] holds one handler
+//! per protocol; adding a protocol means a folder here, an implementation of
+//! [`Handler`], and one arm in [`Handlers::for_protocol`]
+//! (docs/architecture.md, "Adding a protocol").
+//!
+//! Dependencies run one way: `proxy` → `protocol` → `sql`, `policy`,
+//! `masking`, `approval`, `recording` (through `events`).
 
 pub mod postgres;
 pub mod tcp;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::events::{Events, SessionInfo};
+use crate::config::{Config, Protocol};
+use crate::events::{CloseReason, Events, SessionInfo};
 use crate::identity::ProcessIdentity;
 use crate::metrics::TargetMetrics;
-use crate::policy::PolicySet;
-use crate::proxy::live::SessionCounters;
+use crate::policy::SharedPolicy;
 use crate::sql::AnalysisCache;
 
 /// What a protocol handler gets to know and to update about its session.
@@ -51,13 +68,95 @@ pub struct SessionContext {
     /// The host name or IP the upstream was reached by (the TLS server name
     /// unless the target sets one).
     pub upstream_name: String,
-    /// Client-visible cancel keys, shared by all sessions.
-    pub cancel: Arc<postgres::cancel::CancelRegistry>,
-    /// TLS material for both legs.
-    pub tls: Arc<postgres::tls::TlsState>,
     /// Where statements a `review` rule holds wait for reviewers (`None`:
     /// such statements are refused).
     pub approvals: Option<Arc<crate::approval::Desk>>,
+}
+
+/// A handler's future: boxed, so that handlers of different protocols can
+/// be chosen at run time (one allocation per session).
+pub type HandlerFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a protocol implements to serve the sessions of its targets.
+pub trait Handler: Send + Sync {
+    /// Serves one session until it ends and says why. Both sockets are
+    /// the handler's; the session is announced by the first
+    /// [`SessionStart::info`] (or by the proxy after this returns).
+    fn serve<'a>(
+        &'a self,
+        ctx: &'a SessionContext,
+        client: TcpStream,
+        upstream: TcpStream,
+    ) -> HandlerFuture<'a, CloseReason>;
+
+    /// Turns a client away before its session starts, telling it why in
+    /// the protocol's own terms where the protocol has a way to (a relay
+    /// that has none closes the connection). Waits at most `timeout` for
+    /// the client.
+    fn refuse<'a>(
+        &'a self,
+        client: TcpStream,
+        refusal: Refusal<'a>,
+        timeout: Duration,
+    ) -> HandlerFuture<'a, ()>;
+}
+
+/// Why a client is turned away before its session starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal<'a> {
+    /// The target's server could not be reached.
+    UpstreamUnreachable {
+        /// The target's name.
+        target: &'a str,
+        /// What connecting said.
+        cause: &'a str,
+    },
+    /// Session recording has failed, and nothing may run unrecorded.
+    RecordingFailed {
+        /// What failed.
+        failure: &'a str,
+    },
+}
+
+/// One handler per protocol, with the state each shares between its
+/// sessions.
+pub struct Handlers {
+    postgres: postgres::PostgresHandler,
+    tcp: tcp::TcpRelay,
+}
+
+impl Handlers {
+    /// The handlers for `config`'s targets (PostgreSQL's TLS material is
+    /// loaded here, so a bad certificate stops the start).
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        Ok(Handlers {
+            postgres: postgres::PostgresHandler::new(config)?,
+            tcp: tcp::TcpRelay,
+        })
+    }
+
+    /// The handler of `protocol`'s sessions. MySQL targets are relayed by
+    /// `tcp` until their handler lands (the agent warns at start).
+    pub fn for_protocol(&self, protocol: Protocol) -> &dyn Handler {
+        match protocol {
+            Protocol::Postgres => &self.postgres,
+            Protocol::Mysql | Protocol::Tcp => &self.tcp,
+        }
+    }
+}
+
+/// Byte counters of one session, updated by its handler as data flows and
+/// read by `tollgate status`.
+#[derive(Debug, Default)]
+pub struct SessionCounters {
+    /// Bytes from the client.
+    pub from_client: AtomicU64,
+    /// Bytes from the upstream.
+    pub from_upstream: AtomicU64,
+    /// The executable's SHA-256 when it was hashed after the session
+    /// started (a large executable is hashed off the session's path), so
+    /// `tollgate status` shows it once known.
+    pub late_exe_sha256: std::sync::OnceLock<String>,
 }
 
 /// The outcome of a process identity lookup: the identity and how long
@@ -117,18 +216,6 @@ impl SessionStart {
     pub fn get(&self) -> Option<&Arc<SessionInfo>> {
         self.info.get()
     }
-}
-
-/// The loaded policy, swapped atomically on reload.
-pub type SharedPolicy = Arc<std::sync::RwLock<Arc<PolicySet>>>;
-
-/// The current policy of a shared handle (the empty set if the lock was
-/// poisoned, which cannot happen: writers only swap an `Arc`).
-pub fn current_policy(policy: &SharedPolicy) -> Arc<PolicySet> {
-    policy
-        .read()
-        .map(|p| p.clone())
-        .unwrap_or_else(|_| Arc::new(PolicySet::empty()))
 }
 
 /// A session's description for unit tests: a listener session of target

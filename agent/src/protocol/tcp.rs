@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::SessionContext;
+use super::{Handler, HandlerFuture, Refusal, SessionContext};
 use crate::events::{CloseReason, RawDirection};
 
 /// Bytes read at once per direction.
@@ -38,8 +38,34 @@ enum PumpError {
     Recording(String),
 }
 
+/// The opaque relay: serves `tcp` targets (and `mysql` ones until their
+/// handler lands).
+pub struct TcpRelay;
+
+impl Handler for TcpRelay {
+    fn serve<'a>(
+        &'a self,
+        ctx: &'a SessionContext,
+        client: TcpStream,
+        upstream: TcpStream,
+    ) -> HandlerFuture<'a, CloseReason> {
+        Box::pin(relay(ctx, client, upstream))
+    }
+
+    /// A relay has no way to tell its client why: the connection is closed.
+    fn refuse<'a>(
+        &'a self,
+        client: TcpStream,
+        _refusal: Refusal<'a>,
+        _timeout: Duration,
+    ) -> HandlerFuture<'a, ()> {
+        drop(client);
+        Box::pin(std::future::ready(()))
+    }
+}
+
 /// Relays until the session ends and says why.
-pub async fn relay(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -> CloseReason {
+async fn relay(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -> CloseReason {
     // Raw bytes are recorded as they pass, so with `record_raw` the session
     // is announced first; otherwise bytes flow while the process behind it
     // is looked up (nothing here is decided by identity).

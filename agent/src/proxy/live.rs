@@ -1,7 +1,7 @@
 //! Sessions open right now, for `tollgate status`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -9,19 +9,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::events::SessionInfo;
-
-/// Byte counters of one session, updated by its relay as data flows.
-#[derive(Debug, Default)]
-pub struct SessionCounters {
-    /// Bytes from the client.
-    pub from_client: AtomicU64,
-    /// Bytes from the upstream.
-    pub from_upstream: AtomicU64,
-    /// The executable's SHA-256 when it was hashed after the session
-    /// started (a large executable is hashed off the session's path), so
-    /// `tollgate status` shows it once known.
-    pub late_exe_sha256: std::sync::OnceLock<String>,
-}
+use crate::protocol::SessionCounters;
 
 struct Entry {
     info: Arc<SessionInfo>,

@@ -9,7 +9,6 @@
 //! takes both sockets until the session ends.
 
 pub mod live;
-mod refuse;
 mod session;
 
 use std::net::SocketAddr;
@@ -25,6 +24,7 @@ use crate::events::Arrival;
 use crate::events::Events;
 use crate::identity::IdentityResolver;
 use crate::metrics::Metrics;
+use crate::protocol::Refusal;
 use crate::redirect::Redirect;
 use live::LiveSessions;
 use session::{Route, UpstreamAddr};
@@ -50,17 +50,15 @@ pub struct Shared {
     /// The transparent redirect, when configured.
     pub redirect: Option<Arc<Redirect>>,
     /// The policy in force.
-    pub policy: crate::protocol::SharedPolicy,
+    pub policy: crate::policy::SharedPolicy,
     /// The session recorder (a sink of `events`), checked before each session.
     pub recorder: Arc<crate::recording::RecordingSink>,
     /// Statement analyses shared by every session.
     pub analysis: Arc<crate::sql::AnalysisCache>,
     /// Addresses redirected connections arrive on.
     pub redirect_bound: Vec<SocketAddr>,
-    /// Client-visible PostgreSQL cancel keys of open sessions.
-    pub cancel: Arc<crate::protocol::postgres::cancel::CancelRegistry>,
-    /// TLS material for PostgreSQL sessions.
-    pub tls: Arc<crate::protocol::postgres::tls::TlsState>,
+    /// One handler per protocol, with what each shares between sessions.
+    pub handlers: crate::protocol::Handlers,
     /// Statements held for review.
     pub approvals: Arc<crate::approval::Registry>,
     /// Grants given by approvals, kept across restarts.
@@ -141,17 +139,15 @@ async fn refuse_unrecorded(shared: Arc<Shared>, stream: TcpStream, peer: SocketA
         reason = %failure,
         "session refused: recording has failed"
     );
-    if route.protocol == Protocol::Postgres {
-        refuse::refuse_postgres(
+    shared
+        .handlers
+        .for_protocol(route.protocol)
+        .refuse(
             stream,
-            shared.tls.client(),
-            "tollgate: session refused: session recording has failed",
-            Some(&failure),
-            Some("nothing may run unrecorded (agent.recording_on_failure = \"refuse\"); fix the cause, e.g. free space in the recording directory, then restart the agent"),
+            Refusal::RecordingFailed { failure: &failure },
             shared.config.agent.connect_timeout,
         )
         .await;
-    }
 }
 
 fn listener_route(shared: &Shared, listener: &Listener) -> Route {

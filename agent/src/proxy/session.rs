@@ -8,12 +8,11 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use super::live::SessionCounters;
 use super::Shared;
 use crate::config::{Protocol, Upstream};
 use crate::events::{Arrival, CloseReason, SessionEvent, SessionInfo};
 use crate::identity::{ConnectInstance, IdentityResolver, PendingHash, ProcessIdentity};
-use crate::protocol::{self, Announce, SessionContext, SessionStart};
+use crate::protocol::{Announce, Refusal, SessionContext, SessionCounters, SessionStart};
 use crate::redirect::KernelOrigin;
 
 /// Where an accepted connection goes and how it arrived.
@@ -151,21 +150,19 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
         })
     };
     let start = SessionStart::new(lookup, announce);
+    let handler = shared.handlers.for_protocol(route.protocol);
 
     let (reason, start) = match upstream {
         Err(reason) => {
             start.info().await;
-            if route.protocol == Protocol::Postgres {
-                if let CloseReason::UpstreamUnreachable(cause) = &reason {
-                    protocol::postgres::session::refuse_unreachable(
-                        client,
-                        shared.tls.client(),
-                        &route.target,
-                        cause,
-                        shared.config.agent.connect_timeout,
-                    )
+            if let CloseReason::UpstreamUnreachable(cause) = &reason {
+                let refusal = Refusal::UpstreamUnreachable {
+                    target: &route.target,
+                    cause,
+                };
+                handler
+                    .refuse(client, refusal, shared.config.agent.connect_timeout)
                     .await;
-                }
             }
             (reason, start)
         }
@@ -186,14 +183,9 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAd
                     UpstreamAddr::Named(u) => u.host.clone(),
                     UpstreamAddr::Direct(a) => a.ip().to_string(),
                 },
-                cancel: shared.cancel.clone(),
-                tls: shared.tls.clone(),
                 approvals: Some(shared.review_desk.clone()),
             };
-            let reason = match route.protocol {
-                Protocol::Postgres => protocol::postgres::session::run(&ctx, client, stream).await,
-                Protocol::Mysql | Protocol::Tcp => protocol::tcp::relay(&ctx, client, stream).await,
-            };
+            let reason = handler.serve(&ctx, client, stream).await;
             (reason, ctx.start)
         }
     };

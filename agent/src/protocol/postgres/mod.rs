@@ -19,6 +19,11 @@
 //!   ReadyForQuery, the `N` that refuses TLS, ...), byte-exact, and the
 //!   SQLSTATE codes it uses.
 //!
+//! The I/O side lives beside the codec: [`PostgresHandler`] is what the
+//! proxy hands PostgreSQL sessions to (it owns the client-visible cancel
+//! keys of [`cancel`] and the TLS material of [`tls`]), and [`session`] is
+//! one session's state machine.
+//!
 //! # Reading a stream
 //!
 //! ```text
@@ -79,6 +84,7 @@ pub mod codec;
 pub mod error;
 pub mod fastpath;
 pub mod frontend;
+mod handler;
 pub mod mask;
 pub mod prepared;
 pub mod reading;
@@ -100,3 +106,4 @@ pub use frontend::{
     bind_names, decode_frontend, decode_head, decode_startup, FrontendMessage, Head,
     SaslInitialResponse, Target,
 };
+pub use handler::PostgresHandler;

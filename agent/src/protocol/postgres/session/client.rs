@@ -39,7 +39,7 @@ pub(super) const UNPARSABLE_COMMAND: &str = "statement";
 /// Fail closed: a session whose events can no longer be recorded ends
 /// before it forwards another statement (a relaxed atomic load when all
 /// is well).
-fn check_recording(ctx: &SessionContext) -> Result<(), Stop> {
+fn check_recording(ctx: &PostgresContext<'_>) -> Result<(), Stop> {
     match ctx.events.recording_failure() {
         None => Ok(()),
         Some(cause) => Err(Stop::Fatal {
@@ -85,7 +85,7 @@ fn is_frontend_tag(tag: u8) -> bool {
 
 /// The client → server direction.
 pub(super) struct ClientSide<'a> {
-    pub(super) ctx: &'a SessionContext,
+    pub(super) ctx: PostgresContext<'a>,
     /// The process behind the session, as policy rules see it.
     pub(super) identity: &'a ProcessIdentity,
     pub(super) shared: &'a Shared,
@@ -197,7 +197,7 @@ enum Reading {
 impl<'a> ClientSide<'a> {
     /// The client side of a session that has just started.
     pub(super) fn new(
-        ctx: &'a SessionContext,
+        ctx: &PostgresContext<'a>,
         identity: &'a ProcessIdentity,
         shared: &'a Shared,
         database_user: Option<String>,
@@ -211,7 +211,7 @@ impl<'a> ClientSide<'a> {
             holdable: Cell::new(false),
             review_approved: Cell::new(false),
             approved_parse: RefCell::new(None),
-            ctx,
+            ctx: *ctx,
             identity,
             shared,
             streaming: 0,
@@ -264,7 +264,7 @@ impl<'a> ClientSide<'a> {
         }
         match tag {
             QUERY | PARSE | FUNCTION_CALL => {
-                check_recording(self.ctx)?;
+                check_recording(&self.ctx)?;
                 if header.len > MAX_INSPECTED_MESSAGE {
                     return Err(Stop::client_fault(
                         PROGRAM_LIMIT_EXCEEDED,
@@ -393,7 +393,7 @@ impl<'a> ClientSide<'a> {
                 Ok(Step::Forward(header.len))
             }
             BIND => {
-                check_recording(self.ctx)?;
+                check_recording(&self.ctx)?;
                 self.follow_batch();
                 let step = self.bind(data, header)?;
                 // After the Bind: a masked one may open a batch, which
@@ -405,7 +405,7 @@ impl<'a> ClientSide<'a> {
             }
             EXECUTE | CLOSE => {
                 if tag == EXECUTE {
-                    check_recording(self.ctx)?;
+                    check_recording(&self.ctx)?;
                 }
                 let Some(body) = header.body(data) else {
                     return Ok(Step::Need(header.len));
@@ -700,7 +700,7 @@ impl<'a> ClientSide<'a> {
                 std::time::SystemTime::now(),
             );
             if let Some(grant) = grant {
-                review::grant_used(self.ctx, &grant);
+                review::grant_used(&self.ctx, &grant);
                 return ReviewStep::Approved;
             }
         }

@@ -465,7 +465,7 @@ impl UpstreamSide<'_> {
                 let Some(masks) = masked.rows() else {
                     return Ok(None);
                 };
-                mask_row(self.ctx, body, masks, &mut self.out)?;
+                mask_row(&self.ctx, body, masks, &mut self.out)?;
                 Ok(Some(Step::Replace(header.len)))
             }
             COMMAND_COMPLETE => {
@@ -605,7 +605,7 @@ impl UpstreamSide<'_> {
             }
             Disposition::Mask => {
                 let masks = batch.row_masks().unwrap_or_default();
-                mask_row(self.ctx, body.unwrap_or_default(), masks, &mut self.out)?;
+                mask_row(&self.ctx, body.unwrap_or_default(), masks, &mut self.out)?;
                 Some(Step::Replace(header.len))
             }
         };
@@ -616,7 +616,7 @@ impl UpstreamSide<'_> {
 /// Writes the DataRow `body` masked by `masks` into `out`, counting the
 /// values masked.
 fn mask_row(
-    ctx: &SessionContext,
+    ctx: &PostgresContext<'_>,
     body: &[u8],
     masks: &[crate::masking::FieldMask],
     out: &mut Vec<u8>,

@@ -94,7 +94,7 @@ mod shared;
 mod startup;
 mod upstream;
 
-pub use startup::{refuse_at_startup, refuse_unreachable, Refusal};
+pub use startup::{refuse_at_startup, Fatal};
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -106,8 +106,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::cancel::CancelRegistry;
 use super::prepared::{self as prepared, Decided, Prepared, SqlOp, MAX_TRACKED};
-use super::tls::{self, Stream, UpstreamMode};
+use super::tls::{self, Stream, TlsState, UpstreamMode};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
@@ -124,8 +125,9 @@ use super::mask::{
 };
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::identity::ProcessIdentity;
+use crate::policy::current_policy;
 use crate::policy::{most_restrictive, Action, Decision, DecisionMemo};
-use crate::protocol::{current_policy, SessionContext};
+use crate::protocol::SessionContext;
 use crate::sql::{Analysis, Reading as LiteralReading};
 
 use client::*;
@@ -150,11 +152,46 @@ const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 const MASK_WAIT: Duration = Duration::from_secs(30);
 
 /// The HINT of the FATAL error that ends a session when recording failed.
-const RECORDING_HINT: &str = "nothing may run unrecorded (agent.recording_on_failure = \"refuse\"); fix the cause, e.g. free space in the recording directory, then restart the agent";
+pub(super) const RECORDING_HINT: &str = "nothing may run unrecorded (agent.recording_on_failure = \"refuse\"); fix the cause, e.g. free space in the recording directory, then restart the agent";
+
+/// What a PostgreSQL session works with: its generic [`SessionContext`]
+/// (reached through `Deref`) and the state every PostgreSQL session shares,
+/// which the [`super::PostgresHandler`] owns.
+#[derive(Clone, Copy)]
+pub struct PostgresContext<'a> {
+    common: &'a SessionContext,
+    /// Client-visible cancel keys of open sessions.
+    pub(super) cancel: &'a CancelRegistry,
+    /// TLS material for both legs.
+    pub(super) tls: &'a TlsState,
+}
+
+impl<'a> PostgresContext<'a> {
+    /// A session's context with PostgreSQL's shared state.
+    pub fn new(
+        common: &'a SessionContext,
+        cancel: &'a CancelRegistry,
+        tls: &'a TlsState,
+    ) -> PostgresContext<'a> {
+        PostgresContext {
+            common,
+            cancel,
+            tls,
+        }
+    }
+}
+
+impl std::ops::Deref for PostgresContext<'_> {
+    type Target = SessionContext;
+
+    fn deref(&self) -> &SessionContext {
+        self.common
+    }
+}
 
 /// Forgets the session's client-visible cancel key when the session ends.
 struct ForgetCancelKey<'a> {
-    ctx: &'a SessionContext,
+    ctx: &'a PostgresContext<'a>,
     shared: &'a Shared,
 }
 
@@ -173,7 +210,7 @@ impl Drop for ForgetCancelKey<'_> {
 }
 
 /// Runs a PostgreSQL session until it ends and says why.
-pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -> CloseReason {
+pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStream) -> CloseReason {
     let start = Instant::now();
     let shared = Shared::new();
     let _forget = ForgetCancelKey {
@@ -388,7 +425,7 @@ async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Resu
 /// Ends a session before the pumps started: tells the client why when
 /// there is something to say, logs it, and closes.
 async fn end_early<S: AsyncWrite + Unpin>(
-    ctx: &SessionContext,
+    ctx: &PostgresContext<'_>,
     client: &mut S,
     stop: Stop,
 ) -> CloseReason {
@@ -414,7 +451,7 @@ async fn end_early<S: AsyncWrite + Unpin>(
 }
 
 /// Records the last `n` bytes of `buf` (just read) as raw bytes from `dir`.
-fn record_raw(ctx: &SessionContext, dir: RawDirection, buf: &ReadBuf, n: usize) {
+fn record_raw(ctx: &PostgresContext<'_>, dir: RawDirection, buf: &ReadBuf, n: usize) {
     let filled = buf.filled();
     let read = filled
         .get(filled.len().saturating_sub(n)..)
@@ -422,7 +459,7 @@ fn record_raw(ctx: &SessionContext, dir: RawDirection, buf: &ReadBuf, n: usize) 
     ctx.events.emit_raw(ctx.id, dir, read);
 }
 
-fn count(ctx: &SessionContext, from_client: bool, n: usize) {
+fn count(ctx: &PostgresContext<'_>, from_client: bool, n: usize) {
     let n = n as u64;
     if from_client {
         ctx.counters.from_client.fetch_add(n, Ordering::Relaxed);
@@ -504,9 +541,9 @@ where
             let _ = writer.shutdown().await;
             return Ok(());
         }
-        count(ctx, true, n);
+        count(&ctx, true, n);
         if raw {
-            record_raw(ctx, RawDirection::Client, &buf, n);
+            record_raw(&ctx, RawDirection::Client, &buf, n);
         }
         shared.touch(start);
     }
@@ -516,7 +553,7 @@ where
 async fn upstream_pump<R, W>(
     reader: &mut R,
     writer: &mut W,
-    ctx: &SessionContext,
+    ctx: &PostgresContext<'_>,
     shared: &Shared,
     start: Instant,
 ) -> Result<(), Stop>

@@ -88,7 +88,7 @@ pub(super) fn fingerprint(analysis: &Analysis) -> Option<String> {
 }
 
 /// Records that a grant let a statement run.
-pub(super) fn grant_used(ctx: &SessionContext, grant: &crate::approval::Grant) {
+pub(super) fn grant_used(ctx: &PostgresContext<'_>, grant: &crate::approval::Grant) {
     if let Some(desk) = &ctx.approvals {
         desk.registry.note_grant_use(&grant.id, ctx.id);
     }
@@ -121,7 +121,7 @@ struct ShownToReviewers {
 
 fn shown_to_reviewers(side: &ClientSide<'_>, pending: &PendingReview) -> ShownToReviewers {
     use crate::sql::{shown_to_reviewer, Shown, HIDDEN_LITERAL};
-    let policy = crate::protocol::current_policy(&side.ctx.policy);
+    let policy = crate::policy::current_policy(&side.ctx.policy);
     let sensitive = policy.masked_column_names(&side.ctx.target);
     let reading = side.text_reading();
     let mut values: Vec<String> = Vec::new();
@@ -301,15 +301,15 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
                 () = &mut interrupted => break None,
                 read = buf.read_from(reader), if room => match read {
                     Ok(n) if n > 0 => {
-                        count(ctx, true, n);
+                        count(&ctx, true, n);
                         if raw {
-                            record_raw(ctx, RawDirection::Client, buf, n);
+                            record_raw(&ctx, RawDirection::Client, buf, n);
                         }
                         shared.touch(start);
                     }
                     // Dropping `outcome` cancels the request.
                     gone => {
-                        record_end(ctx, desk, &id, &Outcome::Cancelled, waiting.elapsed());
+                        record_end(&ctx, desk, &id, &Outcome::Cancelled, waiting.elapsed());
                         let why = match gone {
                             Err(e) => e.to_string(),
                             Ok(_) => "it closed the connection".to_owned(),
@@ -326,7 +326,7 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
     };
     let Some(outcome) = outcome else {
         tracing::info!(session = %ctx.id, request = %id, "review: the client cancelled its held statement");
-        record_end(ctx, desk, &id, &Outcome::Cancelled, waiting.elapsed());
+        record_end(&ctx, desk, &id, &Outcome::Cancelled, waiting.elapsed());
         return Ok(ReviewOutcome::Refused {
             held_text: pending.text,
             // What the server says of a statement a CancelRequest stopped.
@@ -334,7 +334,7 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
             sqlstate: QUERY_CANCELED,
         });
     };
-    record_end(ctx, desk, &id, &outcome, waiting.elapsed());
+    record_end(&ctx, desk, &id, &outcome, waiting.elapsed());
     Ok(match outcome {
         Outcome::Approved {
             text, edited: true, ..
@@ -358,7 +358,7 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
 
 /// Records how a request ended, with the approvals that counted.
 fn record_end(
-    ctx: &SessionContext,
+    ctx: &PostgresContext<'_>,
     desk: &crate::approval::Desk,
     id: &crate::approval::RequestId,
     outcome: &Outcome,

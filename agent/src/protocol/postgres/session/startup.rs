@@ -166,7 +166,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Answers `S` to the client's SSLRequest and does the TLS handshake with
 /// the agent's certificate.
 pub(super) async fn accept_client_tls(
-    ctx: &SessionContext,
+    ctx: &PostgresContext<'_>,
     client: Stream,
     negotiation: Negotiation,
 ) -> Result<Stream, CloseReason> {
@@ -206,7 +206,7 @@ pub(super) async fn accept_client_tls(
 /// Secures the upstream leg as the target says: SSLRequest, then the
 /// handshake on `S`; `N` is plaintext for `prefer` and a refusal otherwise.
 pub(super) async fn connect_upstream_tls(
-    ctx: &SessionContext,
+    ctx: &PostgresContext<'_>,
     mut upstream: TcpStream,
 ) -> Result<Stream, Stop> {
     let target = &ctx.target;
@@ -284,7 +284,7 @@ pub(super) async fn connect_upstream_tls(
 /// of the session it belongs to; an unknown key is dropped. No answer
 /// either way, as the protocol says.
 pub(super) async fn forward_cancel(
-    ctx: &SessionContext,
+    ctx: &PostgresContext<'_>,
     mut upstream: TcpStream,
     pid: i32,
     secret: &[u8],
@@ -331,28 +331,9 @@ pub(super) async fn forward_cancel(
     CloseReason::Completed
 }
 
-/// Refuses a client whose upstream cannot be reached, in PostgreSQL's own
-/// terms (see [`refuse_at_startup`]).
-pub async fn refuse_unreachable(
-    client: TcpStream,
-    tls: Option<&TlsAcceptor>,
-    target: &str,
-    cause: &str,
-    timeout: Duration,
-) {
-    let message = format!("tollgate: cannot reach the upstream of target \"{target}\": {cause}");
-    let fatal = Refusal {
-        sqlstate: sqlstate::CONNECTION_FAILURE,
-        message: &message,
-        detail: None,
-        hint: None,
-    };
-    refuse_at_startup(client, tls, &fatal, timeout).await;
-}
-
 /// What a refused client is told: a FATAL ErrorResponse's fields.
 #[derive(Debug, Clone, Copy)]
-pub struct Refusal<'a> {
+pub struct Fatal<'a> {
     /// SQLSTATE.
     pub sqlstate: &'a str,
     /// The message.
@@ -372,7 +353,7 @@ pub struct Refusal<'a> {
 pub async fn refuse_at_startup(
     client: TcpStream,
     tls: Option<&TlsAcceptor>,
-    refusal: &Refusal<'_>,
+    refusal: &Fatal<'_>,
     timeout: Duration,
 ) {
     let shared = Shared::new();

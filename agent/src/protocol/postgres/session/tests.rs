@@ -53,6 +53,7 @@ impl EventSink for Reported {
 /// A session context with nothing behind it but the policy.
 struct Fixture {
     ctx: SessionContext,
+    handler: super::super::PostgresHandler,
     identity: ProcessIdentity,
     reported: Arc<Reported>,
     // Owns the identity lookup's task, which nothing here awaits.
@@ -84,16 +85,20 @@ impl Fixture {
             events: Events::new(reported.clone()),
             upstream_addr: "127.0.0.1:5432".parse().unwrap(),
             upstream_name: "127.0.0.1".to_owned(),
-            cancel: Arc::new(super::super::cancel::CancelRegistry::new()),
-            tls: Arc::new(TlsState::plaintext()),
             approvals: None,
         };
         Fixture {
             ctx,
+            handler: super::super::PostgresHandler::with_tls(TlsState::plaintext()),
             identity: ProcessIdentity::default(),
             reported,
             _runtime: runtime,
         }
+    }
+
+    /// The context a PostgreSQL session of this fixture runs with.
+    fn pg(&self) -> PostgresContext<'_> {
+        self.handler.context(&self.ctx)
     }
 
     /// The statements reported so far, each with the rule that decided it.
@@ -119,8 +124,8 @@ impl<'a> Session<'a> {
     fn start(fixture: &'a Fixture, shared: &'a Shared) -> Session<'a> {
         let mut session = Session {
             shared,
-            client: ClientSide::new(&fixture.ctx, &fixture.identity, shared, None),
-            upstream: UpstreamSide::new(&fixture.ctx, shared),
+            client: ClientSide::new(&fixture.pg(), &fixture.identity, shared, None),
+            upstream: UpstreamSide::new(&fixture.pg(), shared),
             pending: Vec::new(),
         };
         session.server(

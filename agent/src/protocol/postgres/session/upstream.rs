@@ -14,7 +14,7 @@ const MAX_TRACKED_TAG: usize = 32;
 
 /// The server → client direction.
 pub(super) struct UpstreamSide<'a> {
-    pub(super) ctx: &'a SessionContext,
+    pub(super) ctx: PostgresContext<'a>,
     pub(super) shared: &'a Shared,
     pub(super) streaming: usize,
     pub(super) out: Vec<u8>,
@@ -31,9 +31,9 @@ pub(super) struct UpstreamSide<'a> {
 
 impl<'a> UpstreamSide<'a> {
     /// The upstream side of a session that has just started.
-    pub(super) fn new(ctx: &'a SessionContext, shared: &'a Shared) -> UpstreamSide<'a> {
+    pub(super) fn new(ctx: &PostgresContext<'a>, shared: &'a Shared) -> UpstreamSide<'a> {
         UpstreamSide {
-            ctx,
+            ctx: *ctx,
             shared,
             streaming: 0,
             out: Vec::new(),
