@@ -24,12 +24,12 @@ use crate::control;
 use crate::events::{Events, FanOut, LogSink};
 use crate::identity::IdentityResolver;
 use crate::metrics::{self, Metrics};
-use crate::proxy::{self, live::LiveSessions, Entry, Shared};
+use crate::proxy::{self, live::LiveSessions, AgentState, Entry};
 use crate::redirect::Redirect;
 
 /// A started agent: everything is bound and serving.
 pub struct RunningAgent {
-    shared: Arc<Shared>,
+    shared: Arc<AgentState>,
     recorder: Option<crate::recording::RecorderHandle>,
     stop_accepting: CancellationToken,
     /// Ends the notifications' dispatcher (after the stop's aborts).
@@ -140,7 +140,7 @@ impl RunningAgent {
         });
 
         let handlers = crate::protocol::Handlers::new(&config)?;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(AgentState {
             handlers,
             permits: Arc::new(Semaphore::new(config.agent.max_connections)),
             approvals,
@@ -337,7 +337,7 @@ impl RunningAgent {
     }
 
     /// The shared state (for status and tests).
-    pub fn shared(&self) -> &Arc<Shared> {
+    pub fn shared(&self) -> &Arc<AgentState> {
         &self.shared
     }
 
@@ -439,7 +439,7 @@ impl RunningAgent {
     }
 }
 
-fn reload_policy(shared: &Shared) {
+fn reload_policy(shared: &AgentState) {
     match load_policy(&shared.config) {
         Ok(set) => {
             shared.recorder.set_policy_digest(Some(set.digest()));

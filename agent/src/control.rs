@@ -13,7 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::live::LiveSessionView;
-use crate::proxy::Shared;
+use crate::proxy::AgentState;
 
 /// What `status` returns.
 #[derive(Debug, Serialize, Deserialize)]
@@ -128,7 +128,7 @@ pub const MAX_CONTROL_CONNECTIONS: usize = 32;
 /// Answers requests until `stop` is cancelled.
 pub async fn serve(
     listener: UnixListener,
-    shared: Arc<Shared>,
+    shared: Arc<AgentState>,
     endpoint: crate::accept::Endpoint,
     stop: CancellationToken,
 ) {
@@ -145,7 +145,7 @@ pub async fn serve(
     .await;
 }
 
-async fn answer(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
+async fn answer(stream: UnixStream, shared: &AgentState) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // A request is one short line; cap it so a confused peer cannot make us buffer.
@@ -165,7 +165,7 @@ fn error_json(message: &str) -> String {
     serde_json::json!({ "error": message }).to_string()
 }
 
-fn report(shared: &Shared) -> StatusReport {
+fn report(shared: &AgentState) -> StatusReport {
     StatusReport {
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
@@ -212,7 +212,7 @@ fn report(shared: &Shared) -> StatusReport {
     }
 }
 
-fn recording_view(shared: &Shared) -> RecordingView {
+fn recording_view(shared: &AgentState) -> RecordingView {
     use std::sync::atomic::Ordering::Relaxed;
     let r = &shared.recorder;
     let m = &shared.metrics;

@@ -21,8 +21,9 @@ use crate::events::{CloseReason, RawDirection};
 /// Bytes read at once per direction.
 const RELAY_BUFFER: usize = 16 * 1024;
 
+/// One end of the relay.
 #[derive(Clone, Copy)]
-enum Side {
+enum Peer {
     Client,
     Upstream,
 }
@@ -31,7 +32,7 @@ enum Side {
 enum PumpError {
     /// An I/O failure and which peer caused it.
     Io {
-        culprit: Side,
+        culprit: Peer,
         error: std::io::Error,
     },
     /// Recording failed (fail closed): the recorder's failure.
@@ -82,7 +83,7 @@ async fn relay(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -> 
     let from_client = pump(
         client_read,
         upstream_write,
-        Side::Client,
+        Peer::Client,
         ctx,
         start,
         &last_activity,
@@ -90,7 +91,7 @@ async fn relay(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -> 
     let from_upstream = pump(
         upstream_read,
         client_write,
-        Side::Upstream,
+        Peer::Upstream,
         ctx,
         start,
         &last_activity,
@@ -128,11 +129,11 @@ async fn relay(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -> 
 fn failure(ctx: &SessionContext, e: PumpError) -> CloseReason {
     match e {
         PumpError::Io {
-            culprit: Side::Client,
+            culprit: Peer::Client,
             error,
         } => CloseReason::ClientError(error.to_string()),
         PumpError::Io {
-            culprit: Side::Upstream,
+            culprit: Peer::Upstream,
             error,
         } => CloseReason::UpstreamError(error.to_string()),
         PumpError::Recording(cause) => {
@@ -148,7 +149,7 @@ fn failure(ctx: &SessionContext, e: PumpError) -> CloseReason {
 async fn pump<R, W>(
     mut reader: R,
     mut writer: W,
-    from: Side,
+    from: Peer,
     ctx: &SessionContext,
     start: Instant,
     last_activity: &AtomicU64,
@@ -158,22 +159,22 @@ where
     W: AsyncWrite + Unpin,
 {
     let (reader_side, writer_side) = match from {
-        Side::Client => (Side::Client, Side::Upstream),
-        Side::Upstream => (Side::Upstream, Side::Client),
+        Peer::Client => (Peer::Client, Peer::Upstream),
+        Peer::Upstream => (Peer::Upstream, Peer::Client),
     };
     let (session_counter, target_counter) = match from {
-        Side::Client => (
+        Peer::Client => (
             &ctx.counters.from_client,
             &ctx.target_metrics.bytes_from_client,
         ),
-        Side::Upstream => (
+        Peer::Upstream => (
             &ctx.counters.from_upstream,
             &ctx.target_metrics.bytes_from_upstream,
         ),
     };
     let raw = ctx.events.records_raw(&ctx.target).then_some(match from {
-        Side::Client => RawDirection::Client,
-        Side::Upstream => RawDirection::Server,
+        Peer::Client => RawDirection::Client,
+        Peer::Upstream => RawDirection::Server,
     });
     let mut buf = vec![0u8; RELAY_BUFFER];
     loop {

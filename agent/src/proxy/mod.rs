@@ -30,7 +30,7 @@ use live::LiveSessions;
 use session::{Route, UpstreamAddr};
 
 /// State shared by every listener and session.
-pub struct Shared {
+pub struct AgentState {
     /// The configuration the agent runs with.
     pub config: Config,
     /// Counters for Prometheus.
@@ -92,7 +92,7 @@ pub(crate) async fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListen
 pub(crate) async fn accept_loop(
     socket: TcpListener,
     entry: Entry,
-    shared: Arc<Shared>,
+    shared: Arc<AgentState>,
     stop: CancellationToken,
     sessions: TaskTracker,
 ) {
@@ -127,7 +127,12 @@ pub(crate) async fn accept_loop(
 
 /// Refuses a session because recording has failed (fail closed: nothing
 /// may run unrecorded).
-async fn refuse_unrecorded(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, route: Route) {
+async fn refuse_unrecorded(
+    shared: Arc<AgentState>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    route: Route,
+) {
     let failure = shared.recorder.failure().unwrap_or_default();
     shared
         .metrics
@@ -150,7 +155,7 @@ async fn refuse_unrecorded(shared: Arc<Shared>, stream: TcpStream, peer: SocketA
         .await;
 }
 
-fn listener_route(shared: &Shared, listener: &Listener) -> Route {
+fn listener_route(shared: &AgentState, listener: &Listener) -> Route {
     Route {
         arrival: Arrival::Listener,
         target: listener.target.clone(),
@@ -164,7 +169,7 @@ fn listener_route(shared: &Shared, listener: &Listener) -> Route {
     }
 }
 
-fn redirect_route(shared: &Shared, peer: SocketAddr) -> Option<Route> {
+fn redirect_route(shared: &AgentState, peer: SocketAddr) -> Option<Route> {
     let redirect = shared.redirect.as_ref()?;
     let Some(origin) = redirect.take_origin(peer) else {
         shared

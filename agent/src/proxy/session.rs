@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use super::Shared;
+use super::AgentState;
 use crate::config::{Protocol, Upstream};
 use crate::events::{Arrival, CloseReason, SessionEvent, SessionInfo};
 use crate::identity::{ConnectInstance, IdentityResolver, PendingHash, ProcessIdentity};
@@ -42,7 +42,12 @@ impl std::fmt::Display for UpstreamAddr {
     }
 }
 
-pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, route: Route) {
+pub(super) async fn serve(
+    shared: Arc<AgentState>,
+    client: TcpStream,
+    peer: SocketAddr,
+    route: Route,
+) {
     let began = Instant::now();
     let id = Uuid::now_v7();
     let local = match client.local_addr() {

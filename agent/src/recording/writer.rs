@@ -142,7 +142,7 @@ impl Recorder {
             })?;
         let capacity = settings.queue_capacity.max(1);
         let (tx, rx) = mpsc::sync_channel(capacity);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(RecorderState {
             lost: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -204,7 +204,9 @@ struct PendingLoss {
     closed: bool,
 }
 
-struct Shared {
+/// What the recorder's handle, its writer thread and its sync thread share:
+/// losses, the failure, and the queue's limits.
+struct RecorderState {
     lost: AtomicU64,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
@@ -228,7 +230,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Shared {
+impl RecorderState {
     /// Latches the first failure and logs every new one once.
     fn fail(&self, reason: String) {
         let mut slot = lock(&self.failure);
@@ -312,7 +314,7 @@ fn session_of(event: &SessionEvent) -> Uuid {
 /// The event sink that records sessions. `emit` never blocks.
 pub struct RecordingSink {
     tx: SyncSender<Msg>,
-    shared: Arc<Shared>,
+    shared: Arc<RecorderState>,
 }
 
 impl std::fmt::Debug for RecordingSink {
@@ -440,7 +442,7 @@ pub struct ShutdownReport {
 pub struct RecorderHandle {
     tx: SyncSender<Msg>,
     thread: Option<JoinHandle<()>>,
-    shared: Arc<Shared>,
+    shared: Arc<RecorderState>,
 }
 
 impl std::fmt::Debug for RecorderHandle {
@@ -504,7 +506,7 @@ struct SessionFile {
 
 struct Writer {
     rx: Receiver<Msg>,
-    shared: Arc<Shared>,
+    shared: Arc<RecorderState>,
     dir: PathBuf,
     fsync: Fsync,
     host: String,
@@ -1032,7 +1034,7 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn start(shared: Arc<Shared>) -> io::Result<Syncer> {
+    fn start(shared: Arc<RecorderState>) -> io::Result<Syncer> {
         let (tx, rx) = mpsc::sync_channel::<SyncJob>(SYNC_QUEUE);
         let thread = std::thread::Builder::new()
             .name("tollgate-recorder-sync".to_string())

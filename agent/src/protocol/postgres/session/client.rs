@@ -88,7 +88,7 @@ pub(super) struct ClientSide<'a> {
     pub(super) ctx: PostgresContext<'a>,
     /// The process behind the session, as policy rules see it.
     pub(super) identity: &'a ProcessIdentity,
-    pub(super) shared: &'a Shared,
+    pub(super) shared: &'a BetweenSides,
     /// Bytes of a passed-through message still to come.
     pub(super) streaming: usize,
     /// Replacement bytes for [`Step::Replace`].
@@ -199,7 +199,7 @@ impl<'a> ClientSide<'a> {
     pub(super) fn new(
         ctx: &PostgresContext<'a>,
         identity: &'a ProcessIdentity,
-        shared: &'a Shared,
+        shared: &'a BetweenSides,
         database_user: Option<String>,
     ) -> ClientSide<'a> {
         ClientSide {

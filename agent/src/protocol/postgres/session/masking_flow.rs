@@ -484,7 +484,7 @@ impl UpstreamSide<'_> {
                     // A refusal's substitute: left to the usual handling.
                     return Ok(None);
                 }
-                Ok(masking::answer_error(body, masked.shift(), &mut self.out)
+                Ok(pg_mask::answer_error(body, masked.shift(), &mut self.out)
                     .then_some(Step::Replace(header.len)))
             }
         }
@@ -585,7 +585,7 @@ impl UpstreamSide<'_> {
                         if header.tag == ERROR_RESPONSE
                             && quotes_masked
                             && !self.shared.is_denial(body)
-                            && masking::answer_error(body, 0, &mut self.out) =>
+                            && pg_mask::answer_error(body, 0, &mut self.out) =>
                     {
                         Some(Step::Replace(header.len))
                     }
@@ -621,7 +621,7 @@ fn mask_row(
     masks: &[crate::masking::FieldMask],
     out: &mut Vec<u8>,
 ) -> Result<(), Stop> {
-    let masked = masking::mask_data_row(body, masks, out).map_err(upstream_fault)?;
+    let masked = pg_mask::mask_data_row(body, masks, out).map_err(upstream_fault)?;
     ctx.target_metrics
         .masked_values
         .fetch_add(masked, Ordering::Relaxed);

@@ -120,7 +120,7 @@ use super::error::{error_response, severity, sqlstate, ssl_refused};
 use super::fastpath;
 use super::frontend::{self, decode_startup, FrontendMessage};
 use super::mask::{
-    self as masking, Disposition, Expect, ExtendedBatch, LookupScope, MaskPlan, MaskedAnswer,
+    self as pg_mask, Disposition, Expect, ExtendedBatch, LookupScope, MaskPlan, MaskedAnswer,
     MaskedMessage, PreparedLookup,
 };
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
@@ -192,7 +192,7 @@ impl std::ops::Deref for PostgresContext<'_> {
 /// Forgets the session's client-visible cancel key when the session ends.
 struct ForgetCancelKey<'a> {
     ctx: &'a PostgresContext<'a>,
-    shared: &'a Shared,
+    shared: &'a BetweenSides,
 }
 
 impl Drop for ForgetCancelKey<'_> {
@@ -212,7 +212,7 @@ impl Drop for ForgetCancelKey<'_> {
 /// Runs a PostgreSQL session until it ends and says why.
 pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStream) -> CloseReason {
     let start = Instant::now();
-    let shared = Shared::new();
+    let shared = BetweenSides::new();
     let _forget = ForgetCancelKey {
         ctx,
         shared: &shared,
@@ -554,7 +554,7 @@ async fn upstream_pump<R, W>(
     reader: &mut R,
     writer: &mut W,
     ctx: &PostgresContext<'_>,
-    shared: &Shared,
+    shared: &BetweenSides,
     start: Instant,
 ) -> Result<(), Stop>
 where

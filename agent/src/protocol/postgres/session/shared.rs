@@ -1,4 +1,4 @@
-//! What both directions of a session share: [`Shared`], why the
+//! What both directions of a session share: [`BetweenSides`], why the
 //! session stops ([`Stop`]), the read buffer and the [`Step`] a side
 //! answers a message with.
 
@@ -21,7 +21,7 @@ pub(super) const ENCODING_OTHER: u8 = 2;
 
 /// State the two directions share. Both run in the session's task; atomics
 /// keep the futures `Send`.
-pub(super) struct Shared {
+pub(super) struct BetweenSides {
     /// The server sent AuthenticationOk.
     pub(super) authenticated: AtomicBool,
     /// The status byte of the server's last ReadyForQuery.
@@ -101,14 +101,14 @@ pub(super) struct Shared {
 /// answered them with 25P02 in a failed block, so no marker comes back).
 const MAX_PENDING_DENIALS: usize = 1024;
 
-impl Shared {
-    pub(super) fn new() -> Shared {
+impl BetweenSides {
+    pub(super) fn new() -> BetweenSides {
         // Unpredictable to the client: SipHash under the process's random
         // keys (fresh per `RandomState`) of a time-ordered id.
         let mut hasher = std::hash::BuildHasher::build_hasher(&std::hash::RandomState::new());
         std::hash::Hasher::write_u128(&mut hasher, uuid::Uuid::now_v7().as_u128());
         let nonce = std::hash::Hasher::finish(&hasher);
-        Shared {
+        BetweenSides {
             authenticated: AtomicBool::new(false),
             tx_status: AtomicU8::new(b'I'),
             client_encoding: AtomicU8::new(ENCODING_UTF8),
@@ -299,7 +299,7 @@ impl Shared {
     }
 
     /// Whether an ErrorResponse body answers a refusal's substitute (see
-    /// [`Shared::denial_for`], which also takes its message).
+    /// [`BetweenSides::denial_for`], which also takes its message).
     pub(super) fn is_denial(&self, error_body: &[u8]) -> bool {
         self.marker_at(error_body).is_some()
     }
@@ -476,7 +476,7 @@ mod tests {
 
     #[test]
     fn a_denial_is_found_by_its_marker_once() {
-        let shared = Shared::new();
+        let shared = BetweenSides::new();
         let sql = shared.substitute_sql("tollgate: DROP TABLE denied".to_owned());
         assert!(
             sql.starts_with("SELECT 1::pg_catalog.\"tollgate_deny_"),
@@ -494,7 +494,7 @@ mod tests {
         );
         assert_eq!(shared.denial_for(body.as_bytes()), None, "answered once");
         // Another session's marker, or none, is not ours.
-        let other = Shared::new();
+        let other = BetweenSides::new();
         assert_ne!(other.marker, shared.marker);
         let sql = other.substitute_sql("x".to_owned());
         assert_eq!(shared.denial_for(sql.as_bytes()), None);
@@ -503,7 +503,7 @@ mod tests {
 
     #[test]
     fn denials_answered_without_a_marker_are_forgotten() {
-        let shared = Shared::new();
+        let shared = BetweenSides::new();
         let first = shared.substitute_sql("first".to_owned());
         let second = shared.substitute_sql("second".to_owned());
         assert!(first != second);

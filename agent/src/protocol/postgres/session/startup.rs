@@ -32,7 +32,7 @@ pub(super) enum StartupPacket {
 pub(super) async fn read_startup<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
     buf: &mut ReadBuf,
-    shared: &Shared,
+    shared: &BetweenSides,
     start: Instant,
     negotiations: &mut usize,
     offer_tls: bool,
@@ -356,7 +356,7 @@ pub async fn refuse_at_startup(
     refusal: &Fatal<'_>,
     timeout: Duration,
 ) {
-    let shared = Shared::new();
+    let shared = BetweenSides::new();
     let start = Instant::now();
     let exchange = async {
         let mut buf = ReadBuf::new();

@@ -113,7 +113,7 @@ impl Fixture {
 
 /// Both sides of one session, past authentication.
 struct Session<'a> {
-    shared: &'a Shared,
+    shared: &'a BetweenSides,
     client: ClientSide<'a>,
     upstream: UpstreamSide<'a>,
     /// Client bytes not stepped yet (behind a message that waits).
@@ -121,7 +121,7 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn start(fixture: &'a Fixture, shared: &'a Shared) -> Session<'a> {
+    fn start(fixture: &'a Fixture, shared: &'a BetweenSides) -> Session<'a> {
         let mut session = Session {
             shared,
             client: ClientSide::new(&fixture.pg(), &fixture.identity, shared, None),
@@ -366,7 +366,7 @@ const DENIED_DROP: &str = "ErrorResponse 42501 tollgate: DROP TABLE denied by ru
 #[test]
 fn a_denied_query_is_replaced_and_the_client_gets_the_refusal_then_ready() {
     let fixture = Fixture::new(POLICY);
-    let shared = Shared::new();
+    let shared = BetweenSides::new();
     let mut s = Session::start(&fixture, &shared);
     s.client(
         &[query("DROP TABLE customers")],
@@ -391,7 +391,7 @@ fn a_denied_query_is_replaced_and_the_client_gets_the_refusal_then_ready() {
 #[test]
 fn a_denied_statement_in_an_extended_batch_fails_where_it_stood() {
     let fixture = Fixture::new(POLICY);
-    let shared = Shared::new();
+    let shared = BetweenSides::new();
     let mut s = Session::start(&fixture, &shared);
     s.client(
         &[
@@ -443,7 +443,7 @@ const PREPARED_LOOKUP_PARSE: &str = "Parse <mask>s0: SELECT a.attrelid::pg_catal
 #[test]
 fn a_flush_after_sync_starts_no_batch() {
     let fixture = Fixture::new(POLICY);
-    let shared = Shared::new();
+    let shared = BetweenSides::new();
     let mut s = Session::start(&fixture, &shared);
     // psycopg ends a pipeline with Sync then Flush.
     s.client(
@@ -494,7 +494,7 @@ fn a_flush_after_sync_starts_no_batch() {
 #[test]
 fn a_sql_execute_of_a_protocol_prepared_masked_statement_is_decided_as_what_it_runs() {
     let fixture = Fixture::new(POLICY);
-    let shared = Shared::new();
+    let shared = BetweenSides::new();
     let mut s = Session::start(&fixture, &shared);
     // A masked Parse opening a batch: the session's prepared lookup, as
     // extended-protocol messages, in front of it.
@@ -557,7 +557,7 @@ fn a_sql_execute_of_a_protocol_prepared_masked_statement_is_decided_as_what_it_r
 #[test]
 fn a_statement_behind_an_unanswered_set_of_standard_conforming_strings_waits() {
     let fixture = Fixture::new(POLICY);
-    let shared = Shared::new();
+    let shared = BetweenSides::new();
     let mut s = Session::start(&fixture, &shared);
     s.client(
         &[
@@ -585,7 +585,7 @@ fn a_statement_behind_an_unanswered_set_of_standard_conforming_strings_waits() {
 #[test]
 fn a_masked_value_is_replaced_in_the_data_row() {
     let fixture = Fixture::new(POLICY);
-    let shared = Shared::new();
+    let shared = BetweenSides::new();
     let mut s = Session::start(&fixture, &shared);
     s.client(
         &[query("SELECT email FROM customers")],
@@ -651,7 +651,7 @@ fn a_held_statement_waits_then_runs_as_approved_edited_or_refused() {
             .unwrap(),
         ),
     }));
-    let shared = Shared::new();
+    let shared = BetweenSides::new();
     let mut s = Session::start(&fixture, &shared);
     // Held: nothing reaches the server, the message stays to be stepped
     // again, and nothing is reported until the outcome.
@@ -713,7 +713,7 @@ fn a_held_statement_waits_then_runs_as_approved_edited_or_refused() {
 #[test]
 fn a_masked_statement_inside_a_pipelined_batch_has_its_lookup_sent_in_front_of_it() {
     let fixture = Fixture::new(POLICY);
-    let shared = Shared::new();
+    let shared = BetweenSides::new();
     let mut s = Session::start(&fixture, &shared);
     // psycopg's pipeline(): an unmasked statement, then a masked one, in
     // one batch with one Sync.
@@ -800,7 +800,7 @@ fn a_masked_statement_inside_a_pipelined_batch_has_its_lookup_sent_in_front_of_i
 #[test]
 fn an_error_before_the_inline_lookup_is_the_servers_and_the_batch_skips_to_sync() {
     let fixture = Fixture::new(POLICY);
-    let shared = Shared::new();
+    let shared = BetweenSides::new();
     let mut s = Session::start(&fixture, &shared);
     s.client(
         &[
@@ -856,7 +856,7 @@ fn an_error_before_the_inline_lookup_is_the_servers_and_the_batch_skips_to_sync(
 #[test]
 fn a_query_inside_a_followed_batch_lets_the_batch_go() {
     let fixture = Fixture::new(POLICY);
-    let shared = Shared::new();
+    let shared = BetweenSides::new();
     let mut s = Session::start(&fixture, &shared);
     s.client(
         &[

@@ -15,7 +15,7 @@ const MAX_TRACKED_TAG: usize = 32;
 /// The server → client direction.
 pub(super) struct UpstreamSide<'a> {
     pub(super) ctx: PostgresContext<'a>,
-    pub(super) shared: &'a Shared,
+    pub(super) shared: &'a BetweenSides,
     pub(super) streaming: usize,
     pub(super) out: Vec<u8>,
     warned_encoding: bool,
@@ -31,7 +31,7 @@ pub(super) struct UpstreamSide<'a> {
 
 impl<'a> UpstreamSide<'a> {
     /// The upstream side of a session that has just started.
-    pub(super) fn new(ctx: &PostgresContext<'a>, shared: &'a Shared) -> UpstreamSide<'a> {
+    pub(super) fn new(ctx: &PostgresContext<'a>, shared: &'a BetweenSides) -> UpstreamSide<'a> {
         UpstreamSide {
             ctx: *ctx,
             shared,
