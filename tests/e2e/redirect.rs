@@ -491,15 +491,23 @@ fn a_service_cgroup_is_governed_when_it_appears_and_after_it_is_recreated() {
     assert_eq!(proxied(&agent), 2);
 
     // A process outside any governed cgroup cannot ask for governance of
-    // its own (ungoverned) cgroup.
+    // its own (ungoverned) cgroup. A refusal is final: it is not retried
+    // for the time the command waits for an agent that is starting.
+    let asked = std::time::Instant::now();
     let refused = Command::new(agent_binary())
         .arg("ensure-governed")
         .arg("--config")
         .arg(&keep)
+        .args(["--wait", "60s"])
         .output()
         .unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("is not a governed [[cgroup]]"));
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(30),
+        "a refusal was retried until the wait ran out ({:?})",
+        asked.elapsed()
+    );
 
     drop(agent);
     cleanup_redirect(&keep);

@@ -4,6 +4,7 @@
 //! use, an agent not answering); 2 bad usage or an invalid configuration.
 
 mod approvals;
+pub mod recordings;
 mod status;
 mod tokens;
 
@@ -351,7 +352,6 @@ pub enum RecordingsCommand {
     },
 }
 
-/// `--speed`: a finite number, 0 or more.
 /// Prints a value as pretty JSON on stdout. A value that cannot be
 /// serialised prints a JSON error object, never an empty line, so a script
 /// reading stdout always gets JSON.
@@ -368,6 +368,7 @@ pub fn print_json_error(message: &str) {
     println!("{}", serde_json::json!({ "error": message }));
 }
 
+/// `--speed`: a finite number, 0 or more.
 fn parse_speed(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
@@ -568,4 +569,68 @@ pub struct StatusArgs {
 }
 
 pub use approvals::approvals_command;
+
+/// Why a command failed: what standard error gets, and the exit status.
+#[derive(Debug)]
+pub struct CliError {
+    /// Printed on standard error as it is.
+    text: String,
+    /// 1 when the command ran and failed, 2 when what it was given (its
+    /// arguments, the configuration, a key) is invalid.
+    status: u8,
+}
+
+impl CliError {
+    /// The command ran and failed (exit 1).
+    pub fn failed(message: impl std::fmt::Display) -> CliError {
+        CliError {
+            text: format!("tollgate: {message}"),
+            status: 1,
+        }
+    }
+
+    /// What the command was given is invalid (exit 2).
+    pub fn invalid(message: impl std::fmt::Display) -> CliError {
+        CliError {
+            text: format!("tollgate: {message}"),
+            status: 2,
+        }
+    }
+
+    /// Errors that name their own place (`FILE:LINE:COLUMN: ...`), such
+    /// as a configuration's (exit 2).
+    pub fn located(errors: impl std::fmt::Display) -> CliError {
+        CliError {
+            text: errors.to_string(),
+            status: 2,
+        }
+    }
+
+    /// The exit status.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Ends a command: its error, if any, on standard error, and its status.
+pub fn finish(result: Result<(), CliError>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::ExitCode::from(e.status)
+        }
+    }
+}
+
+/// Loads the configuration at `path`; its located errors otherwise.
+pub fn load_config(path: &std::path::Path) -> Result<crate::config::Config, CliError> {
+    crate::config::Config::load(path).map_err(CliError::located)
+}
 pub use status::print_status;

@@ -222,36 +222,67 @@ fn sweep(exec_root: &Path) {
 
 /// Client side: asks the agent at `socket` to govern this process. The
 /// returned stream must stay open while the governed command runs.
-pub async fn request_governance(socket: &Path) -> anyhow::Result<(UnixStream, String)> {
+pub async fn request_governance(socket: &Path) -> Result<(UnixStream, String), ExecRequestError> {
     request(socket, "govern").await
 }
 
 /// Client side: asks the agent to attach to the (configured) cgroup this
 /// process runs in; returns the cgroup.
-pub async fn request_attach_self(socket: &Path) -> anyhow::Result<String> {
+pub async fn request_attach_self(socket: &Path) -> Result<String, ExecRequestError> {
     request(socket, "attach-self")
         .await
         .map(|(_, cgroup)| cgroup)
 }
 
-async fn request(socket: &Path, what: &str) -> anyhow::Result<(UnixStream, String)> {
-    let mut stream = UnixStream::connect(socket).await.map_err(|e| {
-        anyhow::anyhow!(
-            "no agent answers on the exec socket {} ({e}); `tollgate exec` needs `tollgate run` with a [redirect] section running on this host",
-            socket.display()
-        )
-    })?;
-    stream.write_all(format!("{what}\n").as_bytes()).await?;
+/// Why a request on the exec socket failed. A caller that waits for the
+/// agent to start retries the first two and gives up on a refusal.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecRequestError {
+    /// Nothing answers on the socket (the agent is not running, or not
+    /// yet).
+    #[error("no agent answers on the exec socket {} ({source}); `tollgate exec` needs `tollgate run` with a [redirect] section running on this host", socket.display())]
+    NoAgent {
+        /// The exec socket.
+        socket: std::path::PathBuf,
+        /// What connecting said.
+        source: std::io::Error,
+    },
+    /// The exchange failed midway, or the agent did not answer in time.
+    #[error("{0}")]
+    Exchange(String),
+    /// The agent answered, and refused.
+    #[error("the agent refused: {0}")]
+    Refused(String),
+}
+
+async fn request(socket: &Path, what: &str) -> Result<(UnixStream, String), ExecRequestError> {
+    let exchange = |e: std::io::Error| {
+        ExecRequestError::Exchange(format!("talking to the agent on {}: {e}", socket.display()))
+    };
+    let mut stream =
+        UnixStream::connect(socket)
+            .await
+            .map_err(|source| ExecRequestError::NoAgent {
+                socket: socket.to_path_buf(),
+                source,
+            })?;
+    stream
+        .write_all(format!("{what}\n").as_bytes())
+        .await
+        .map_err(exchange)?;
     let mut line = String::new();
     let mut reader = BufReader::new(&mut stream);
     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
         .await
-        .context("the agent did not answer within 10 s")??;
+        .map_err(|_| ExecRequestError::Exchange("the agent did not answer within 10 s".into()))?
+        .map_err(exchange)?;
     let line = line.trim_end().to_string();
     match line.split_once(' ') {
         Some(("ok", cgroup)) => Ok((stream, cgroup.to_string())),
-        Some(("error", why)) => anyhow::bail!("the agent refused: {why}"),
-        _ => anyhow::bail!("unexpected answer from the agent: {line:?}"),
+        Some(("error", why)) => Err(ExecRequestError::Refused(why.to_string())),
+        _ => Err(ExecRequestError::Exchange(format!(
+            "unexpected answer from the agent: {line:?}"
+        ))),
     }
 }
 

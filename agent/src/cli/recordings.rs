@@ -1,0 +1,222 @@
+//! `tollgate recordings`: list, show, replay, verify, export recordings, and
+//! make a signing key.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::path::{Path, PathBuf};
+
+use super::{load_config, print_json, CliError, ConfigArg, RecordingsCommand};
+use crate::recording::{self, Recording};
+
+/// Runs one `tollgate recordings` subcommand.
+pub fn run(command: RecordingsCommand) -> Result<(), CliError> {
+    match command {
+        RecordingsCommand::List {
+            config,
+            since,
+            target,
+            user,
+            ci_repo,
+            denied,
+            json,
+        } => {
+            let dir = load_config(&config.config)?.agent.recording_dir;
+            let filter = recording::RecordingFilter {
+                since: since.and_then(|d| std::time::SystemTime::now().checked_sub(d)),
+                target,
+                user,
+                ci_repo,
+                denied_only: denied,
+                ..Default::default()
+            };
+            let found = recording::list(&dir, &filter);
+            if json {
+                print_json(&found);
+            } else {
+                print_list(&found);
+            }
+            Ok(())
+        }
+        RecordingsCommand::Show {
+            config,
+            id,
+            no_color,
+        } => {
+            let r = open_recording(&config, &id)?;
+            let color = !no_color && std::io::stdout().is_terminal();
+            println!(
+                "{}",
+                recording::render_transcript(&r, color).trim_end_matches('\n')
+            );
+            Ok(())
+        }
+        RecordingsCommand::Replay {
+            config,
+            id,
+            speed,
+            no_wait,
+            max_wait,
+            no_color,
+        } => {
+            let rec = open_recording(&config, &id)?;
+            let options = recording::ReplayOptions {
+                speed: if no_wait { 0.0 } else { speed },
+                max_wait,
+                color: !no_color && std::io::stdout().is_terminal(),
+            };
+            let mut out = std::io::stdout().lock();
+            match recording::replay(&rec, &options, &mut out, &mut std::thread::sleep) {
+                Ok(_) => Ok(()),
+                // A closed pipe (`| head`) is the reader's choice, not a failure.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                Err(e) => Err(CliError::failed(format!("cannot write the replay: {e}"))),
+            }
+        }
+        RecordingsCommand::Keygen { out } => {
+            let key = recording::generate_key(&out)
+                .map_err(|e| CliError::failed(format!("cannot make a signing key: {e}")))?;
+            println!("private key: {} (mode 0600)", key.private.display());
+            println!("public key:  {}", key.public_path.display());
+            println!("key id:      {}", key.public.key_id());
+            println!("{}", key.public.to_hex());
+            println!(
+                "Set agent.recording_signing_key = \"{}\" and verify with --public-key {}",
+                key.private.display(),
+                key.public_path.display()
+            );
+            Ok(())
+        }
+        RecordingsCommand::Verify {
+            config,
+            id,
+            all,
+            public_keys,
+        } => verify(&config, id.as_deref(), all, &public_keys),
+        RecordingsCommand::Export {
+            config,
+            id,
+            format,
+            out,
+        } => {
+            let r = open_recording(&config, &id)?;
+            let bytes = if format == "pcap" {
+                recording::export_pcap(&r)
+                    .map_err(|e| CliError::failed(format!("cannot export {id} as pcap: {e}")))?
+            } else {
+                recording::export_jsonl(&r).into_bytes()
+            };
+            write_export(&bytes, out.as_deref(), format == "pcap")
+        }
+    }
+}
+
+/// The table `recordings list` prints.
+fn print_list(found: &[recording::RecordingSummary]) {
+    println!(
+        "{:<36}  {:<24}  {:<12}  {:<10}  {:>7}  {:>6}  EXE",
+        "SESSION", "STARTED", "TARGET", "USER", "STMTS", "DENIED"
+    );
+    for r in found {
+        println!(
+            "{:<36}  {:<24}  {:<12}  {:<10}  {:>7}  {:>6}  {}",
+            r.id.map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
+            r.started_at.as_deref().unwrap_or("?"),
+            r.target.as_deref().unwrap_or("?"),
+            r.user.as_deref().unwrap_or("?"),
+            r.statements,
+            r.denied,
+            r.exe.as_deref().unwrap_or("?"),
+        );
+    }
+}
+
+/// `recordings verify`: every named recording's chain and signature; exit
+/// 1 when one fails, 2 when a key or the recording cannot be found.
+fn verify(
+    config: &ConfigArg,
+    id: Option<&str>,
+    all: bool,
+    public_keys: &[PathBuf],
+) -> Result<(), CliError> {
+    let keys = public_keys
+        .iter()
+        .map(|path| recording::PublicKey::load(path))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CliError::invalid(format!("cannot use --public-key {e}")))?;
+    // A recording file given by path needs no configuration.
+    let dir = match id {
+        Some(p) if !all && Path::new(p).is_file() => PathBuf::new(),
+        _ => load_config(&config.config)?.agent.recording_dir,
+    };
+    let paths: Vec<PathBuf> = if all {
+        recording::list(&dir, &recording::RecordingFilter::default())
+            .into_iter()
+            .map(|r| r.path)
+            .collect()
+    } else {
+        vec![find_recording(&dir, id.unwrap_or_default()).map_err(CliError::invalid)?]
+    };
+    let mut bad = 0;
+    for p in &paths {
+        let report = recording::verify_signed(p, &keys);
+        if !report.ok() {
+            bad += 1;
+        }
+        println!("{report}");
+    }
+    if all {
+        println!("{} verified, {} failed", paths.len() - bad, bad);
+    }
+    if bad == 0 {
+        Ok(())
+    } else {
+        Err(CliError::failed(format!(
+            "{bad} of {} recording(s) failed verification",
+            paths.len()
+        )))
+    }
+}
+
+/// The recording file for an id or a path given on the command line.
+fn find_recording(dir: &Path, id: &str) -> Result<PathBuf, String> {
+    let as_path = Path::new(id);
+    if as_path.is_file() {
+        return Ok(as_path.to_path_buf());
+    }
+    let uuid = uuid::Uuid::parse_str(id)
+        .map_err(|_| format!("\"{id}\" is neither a recording file nor a session id"))?;
+    recording::locate(dir, uuid)
+        .ok_or_else(|| format!("no recording of session {id} under {}", dir.display()))
+}
+
+/// Reads the recording an id or path names. A file path needs no
+/// configuration (for checking recordings off the host); an id is looked
+/// up under the configuration's recording_dir.
+fn open_recording(config: &ConfigArg, id: &str) -> Result<Recording, CliError> {
+    let dir = if Path::new(id).is_file() {
+        PathBuf::new()
+    } else {
+        load_config(&config.config)?.agent.recording_dir
+    };
+    let path = find_recording(&dir, id).map_err(CliError::failed)?;
+    recording::read_recording(&path)
+        .map_err(|e| CliError::failed(format!("cannot read {}: {e}", path.display())))
+}
+
+/// Writes an export to `out`, or to standard output; binary output is not
+/// written to a terminal.
+fn write_export(bytes: &[u8], out: Option<&Path>, binary: bool) -> Result<(), CliError> {
+    match out {
+        Some(path) => std::fs::write(path, bytes)
+            .map_err(|e| CliError::failed(format!("cannot write {}: {e}", path.display()))),
+        None if binary && std::io::stdout().is_terminal() => Err(CliError::failed(
+            "a pcap is binary: give --out FILE or redirect standard output",
+        )),
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(bytes)
+                .and_then(|()| stdout.flush())
+                .map_err(|e| CliError::failed(format!("cannot write the export: {e}")))
+        }
+    }
+}
