@@ -343,57 +343,19 @@ pub struct GovernedCgroup {
 }
 
 /// One problem found in a configuration file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The file.
-    pub path: PathBuf,
-    /// 1-based line, when the problem has a place in the file.
-    pub line: Option<usize>,
-    /// 1-based column.
-    pub column: Option<usize>,
-    /// What is wrong and what to do.
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.line, self.column) {
-            (Some(l), Some(c)) => {
-                write!(f, "{}:{}:{}: {}", self.path.display(), l, c, self.message)
-            }
-            _ => write!(f, "{}: {}", self.path.display(), self.message),
-        }
-    }
-}
+pub type ConfigError = crate::located::LocatedError;
 
 /// Every problem found in a configuration file, in file order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
+pub type ConfigErrors = crate::located::LocatedErrors;
 
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                path: path.to_path_buf(),
-                line: None,
-                column: None,
-                message: format!("cannot read configuration: {e}"),
-            }])
+            crate::located::LocatedErrors(vec![ConfigError::file(
+                path,
+                format!("cannot read configuration: {e}"),
+            )])
         })?;
         Config::from_toml(path, &text)
     }

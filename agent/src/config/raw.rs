@@ -8,6 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::located::LocatedErrors;
+
 use super::{
     line_column, AgentSettings, ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup,
     Listener, NotifyKind, NotifyTarget, PortRange, ProtectMode, ProtectSettings, Protocol,
@@ -200,7 +202,7 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 }
                 None => (None, None),
             };
-            return Err(ConfigErrors(vec![ConfigError {
+            return Err(crate::located::LocatedErrors(vec![ConfigError {
                 path: path.to_path_buf(),
                 line,
                 column,
@@ -237,7 +239,7 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             notify,
         })
     } else {
-        Err(ConfigErrors(c.errors))
+        Err(LocatedErrors(c.errors))
     }
 }
 

@@ -13,6 +13,7 @@ use super::{
     PolicyErrors, PolicySet, Request, Statement,
 };
 use crate::identity::ProcessIdentity;
+use crate::located::LocatedErrors;
 use crate::sql::{Analysis, StatementSummary, TableRef};
 
 /// One statement of an explained text.
@@ -436,6 +437,6 @@ pub fn check(paths: &[PathBuf]) -> Result<CheckSummary, PolicyErrors> {
     if errors.is_empty() {
         Ok(summary)
     } else {
-        Err(PolicyErrors(errors))
+        Err(LocatedErrors(errors))
     }
 }

@@ -70,6 +70,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::identity::ProcessIdentity;
+use crate::located::LocatedErrors;
 use crate::masking::MaskRule;
 use crate::sql::{Analysis, StatementSummary};
 
@@ -335,60 +336,10 @@ pub struct OutsideNote {
 pub const MASK_ONLY_QUERIES: &str = crate::masking::MASK_ONLY_QUERIES;
 
 /// A problem in a policy or policy test file, with its place when known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyError {
-    /// The file.
-    pub path: PathBuf,
-    /// 1-based line, when the problem has a place in the file.
-    pub line: Option<usize>,
-    /// 1-based column.
-    pub column: Option<usize>,
-    /// What is wrong and what to do.
-    pub message: String,
-}
-
-impl PolicyError {
-    /// An error about a whole file (unreadable, missing, ...).
-    pub(crate) fn file(path: &Path, message: impl Into<String>) -> PolicyError {
-        PolicyError {
-            path: path.to_path_buf(),
-            line: None,
-            column: None,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.line, self.column) {
-            (Some(l), Some(c)) => {
-                write!(f, "{}:{}:{}: {}", self.path.display(), l, c, self.message)
-            }
-            _ => write!(f, "{}: {}", self.path.display(), self.message),
-        }
-    }
-}
-
-impl std::error::Error for PolicyError {}
+pub type PolicyError = crate::located::LocatedError;
 
 /// Every problem found, files in load order, each file's in text order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyErrors(pub Vec<PolicyError>);
-
-impl fmt::Display for PolicyErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for PolicyErrors {}
+pub type PolicyErrors = crate::located::LocatedErrors;
 
 /// One loaded policy file.
 #[derive(Debug)]
@@ -487,7 +438,7 @@ impl PolicySet {
         }
         let sources = read_all(&found.policies, &mut errors);
         if !errors.is_empty() {
-            return Err(PolicyErrors(errors));
+            return Err(LocatedErrors(errors));
         }
         PolicySet::from_texts(&sources)
     }
@@ -539,7 +490,7 @@ impl PolicySet {
             }
         }
         if !errors.is_empty() {
-            return Err(PolicyErrors(errors));
+            return Err(LocatedErrors(errors));
         }
         let mut index = globset::GlobSetBuilder::new();
         let mut target_owner = Vec::new();
@@ -552,7 +503,7 @@ impl PolicySet {
             }
         }
         let target_index = index.build().map_err(|e| {
-            PolicyErrors(vec![PolicyError::file(
+            crate::located::LocatedErrors(vec![PolicyError::file(
                 sources
                     .first()
                     .map_or(Path::new("policy"), |(p, _)| p.as_path()),
@@ -973,7 +924,7 @@ fn collect_files(paths: &[PathBuf]) -> Result<Found, PolicyErrors> {
     if errors.is_empty() {
         Ok(found)
     } else {
-        Err(PolicyErrors(errors))
+        Err(LocatedErrors(errors))
     }
 }
 

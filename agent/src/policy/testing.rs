@@ -15,6 +15,7 @@ use super::{
     TESTS_SUFFIX,
 };
 use crate::identity::{Ancestor, CiContext, CiProvider, ProcessIdentity};
+use crate::located::LocatedErrors;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,7 +215,7 @@ pub fn parse_identity(spec: &str) -> Result<ProcessIdentity, PolicyErrors> {
     let path = Path::new("--identity");
     let raw: RawIdentityOnly = parse_toml(path, &text).map_err(|e| {
         // Positions are in the wrapped text; the message alone is clearer.
-        PolicyErrors(vec![PolicyError::file(
+        crate::located::LocatedErrors(vec![PolicyError::file(
             path,
             format!(
                 "{}; write it like: user = \"runner\", uid = 1001, exe = \"/usr/bin/psql\", ci_provider = \"github_actions\", ci_verified = true",
@@ -227,7 +228,7 @@ pub fn parse_identity(spec: &str) -> Result<ProcessIdentity, PolicyErrors> {
     if c.errors.is_empty() {
         Ok(id)
     } else {
-        Err(PolicyErrors(
+        Err(LocatedErrors(
             c.errors
                 .into_iter()
                 .map(|e| PolicyError::file(path, e.message))
@@ -426,7 +427,7 @@ fn quoted(names: &[String]) -> String {
 /// [`PolicyErrors`]; failing cases are in the report.
 pub fn run_tests(dir: &Path) -> Result<TestReport, PolicyErrors> {
     if !dir.is_dir() {
-        return Err(PolicyErrors(vec![PolicyError::file(
+        return Err(crate::located::LocatedErrors(vec![PolicyError::file(
             dir,
             "not a directory; `tollgate policy test` takes the directory that holds NAME.toml and NAME.tests.toml",
         )]));
@@ -459,7 +460,7 @@ pub fn run_tests(dir: &Path) -> Result<TestReport, PolicyErrors> {
         }
     }
     if !errors.is_empty() {
-        return Err(PolicyErrors(errors));
+        return Err(LocatedErrors(errors));
     }
 
     let mut report = TestReport {
@@ -488,7 +489,7 @@ pub fn run_tests(dir: &Path) -> Result<TestReport, PolicyErrors> {
         }
     }
     if !errors.is_empty() {
-        return Err(PolicyErrors(errors));
+        return Err(LocatedErrors(errors));
     }
     for p in &found.policies {
         let key = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
@@ -497,7 +498,7 @@ pub fn run_tests(dir: &Path) -> Result<TestReport, PolicyErrors> {
         }
     }
     if report.cases.is_empty() {
-        return Err(PolicyErrors(vec![PolicyError::file(
+        return Err(crate::located::LocatedErrors(vec![PolicyError::file(
             dir,
             "no test cases found; write NAME.tests.toml with [[case]] tables next to NAME.toml",
         )]));
@@ -526,7 +527,7 @@ pub(super) fn load_set(
         }
     }
     if !errors.is_empty() {
-        return Err(PolicyErrors(errors));
+        return Err(LocatedErrors(errors));
     }
     PolicySet::from_texts(&sources)
 }
