@@ -70,13 +70,50 @@ pub fn agent_binary() -> &'static Path {
     })
 }
 
-/// A TCP port nobody listens on right now.
+/// A TCP port nobody listens on right now, for a server under test to bind.
+///
+/// The servers (PostgreSQL, the agent's listeners) take their port from a
+/// configuration, so the port is chosen before they bind it. Asking the
+/// kernel for port 0 and passing the number on is racy: the kernel hands
+/// the same ephemeral range to every later `bind(0)` and to every outgoing
+/// connection of the parallel suite, so another test's client can take the
+/// port before the server binds it. Ports here come from just below the
+/// kernel's ephemeral range (`ip_local_port_range`), which the kernel never
+/// assigns on its own, and each is handed out once per test process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low <= SPAN + 1024 {
+        // An unusual range leaves no room below it: fall back to the kernel.
+        return TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let base = ephemeral_low - SPAN;
+    // Two suites on one machine (a checkout and a CI clone) start apart.
+    let start = std::process::id() % SPAN;
+    for _ in 0..SPAN {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = u16::try_from(base + offset).unwrap();
+        let v4 = TcpListener::bind(("0.0.0.0", port));
+        let v6 = TcpListener::bind(("::1", port));
+        if v4.is_ok() && (v6.is_ok() || !ipv6_loopback()) {
+            return port;
+        }
+    }
+    panic!("no free port in {base}..{}", base + SPAN);
+}
+
+fn ipv6_loopback() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| TcpListener::bind("[::1]:0").is_ok())
 }
 
 /// The directory holding PostgreSQL's server and client programs.
