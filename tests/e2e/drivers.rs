@@ -7,14 +7,7 @@ use std::time::Duration;
 
 use tollgate_tests::*;
 
-pub(crate) const POLICY: &str = r#"
-[[rule]]
-name = "protect-secrets"
-action = "deny"
-message = "the secrets table is off limits"
-[rule.match]
-tables = ["secrets"]
-"#;
+pub(crate) const POLICY: &str = include_str!("../data/policy/protect-secrets.toml");
 
 /// A server with a `secrets` table, an agent with the policy above, and the
 /// agent's listener port.

@@ -9,22 +9,11 @@ use tollgate_tests::*;
 /// Reads allowed, DDL allowed (so that what refuses a statement below is
 /// the analysis of what it touches, not its kind), contact details masked,
 /// the secrets table, writes to customers and server files refused.
-const POLICY: &str = r#"
-[defaults]
-action = "allow"
-
-[[rule]]
-name = "mask-contact"
-action = "mask"
-mask_columns = ["customers.email"]
-
-[[rule]]
-name = "no-secrets"
-action = "deny"
-message = "the secrets table is off limits"
-[rule.match]
-tables = ["secrets"]
-
+const POLICY: &str = concat!(
+    include_str!("../data/policy/allow-by-default.toml"),
+    include_str!("../data/policy/mask-contact.toml"),
+    include_str!("../data/policy/protect-secrets.toml"),
+    r#"
 [[rule]]
 name = "customers-read-only"
 action = "deny"
@@ -36,7 +25,8 @@ name = "no-server-files"
 action = "deny"
 [rule.match]
 flags = ["server_file_access"]
-"#;
+"#
+);
 
 const SCHEMA: &str = "create table customers (id int primary key, email text);
 insert into customers values (1, 'ada@example.com'), (2, 'alan@example.com');
@@ -76,7 +66,7 @@ fn cte_names_hide_tables_only_at_their_own_level() {
         "WITH a AS (SELECT * FROM secrets), secrets AS (SELECT 1) SELECT * FROM a",
         "CREATE TABLE copied AS SELECT * FROM secrets WHERE EXISTS (WITH secrets AS (SELECT 1) SELECT 1)",
     ] {
-        refused_by(&governed, sql, "no-secrets");
+        refused_by(&governed, sql, "protect-secrets");
     }
     assert_eq!(governed.server("select to_regclass('copied') is null"), "t");
 
@@ -112,12 +102,12 @@ fn statements_inside_statements_are_decided() {
     let cases = [
         (
             "CREATE SCHEMA y CREATE VIEW v AS SELECT * FROM secrets",
-            "no-secrets",
+            "protect-secrets",
             "select count(*) from pg_namespace where nspname = 'y'",
         ),
         (
             "CREATE RULE \"_RETURN\" AS ON SELECT TO t DO INSTEAD SELECT * FROM secrets",
-            "no-secrets",
+            "protect-secrets",
             "select count(*) from pg_rewrite where ev_class = 't'::regclass",
         ),
         (
@@ -153,7 +143,7 @@ fn statements_inside_statements_are_decided() {
         ),
         (
             "CREATE FUNCTION leak() RETURNS text LANGUAGE sql BEGIN ATOMIC SELECT s FROM secrets; END",
-            "no-secrets",
+            "protect-secrets",
             "select count(*) from pg_proc where proname = 'leak'",
         ),
     ];

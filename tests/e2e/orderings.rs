@@ -7,23 +7,11 @@ use std::process::Command;
 use tollgate_tests::pg_wire::{self, RawSession};
 use tollgate_tests::*;
 
-const POLICY: &str = r#"
-[defaults]
-action = "allow"
-
-[[rule]]
-name = "mask-contact"
-action = "mask"
-message = "contact details are personal data"
-mask_columns = ["customers.email"]
-
-[[rule]]
-name = "protect-secrets"
-action = "deny"
-message = "the secrets table is off limits"
-[rule.match]
-tables = ["secrets"]
-"#;
+const POLICY: &str = concat!(
+    include_str!("../data/policy/allow-by-default.toml"),
+    include_str!("../data/policy/mask-contact.toml"),
+    include_str!("../data/policy/protect-secrets.toml"),
+);
 
 const SCHEMA: &str = "create table customers (id int primary key, name text, email text);
 insert into customers values (1, 'Ada', 'ada@example.com'), (2, 'Alan', 'alan@example.com');

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use tollgate_tests::pg_wire::{cancel_request, send_and_read_to_close, startup_packet, RawSession};
 use tollgate_tests::*;
 
-const POLICY: &str = r#"
-[defaults]
-action = "allow"
-
+const POLICY: &str = concat!(
+    include_str!("../data/policy/allow-by-default.toml"),
+    include_str!("../data/policy/protect-secrets.toml"),
+    r#"
 [[rule]]
 name = "no-ddl-in-ci"
 action = "deny"
@@ -22,22 +22,16 @@ message = "schema changes go through the migration pipeline"
 kinds = ["drop"]
 
 [[rule]]
-name = "no-secrets"
-action = "deny"
-message = "the secrets table is off limits"
-[rule.match]
-tables = ["secrets"]
-
-[[rule]]
 name = "fastpath-int4pl"
 action = "allow"
 [rule.match]
 flags = ["unparsable"]
 text_regex = ["^FunctionCall oid 177$"]
-"#;
+"#
+);
 
 const DROP_DENIED: &str = "ERROR:  tollgate: DROP TABLE denied by rule \"no-ddl-in-ci\": schema changes go through the migration pipeline";
-const SECRETS_DENIED: &str = "denied by rule \"no-secrets\": the secrets table is off limits";
+const SECRETS_DENIED: &str = "denied by rule \"protect-secrets\": the secrets table is off limits";
 
 /// A server with tables `t` and `secrets`, and an agent enforcing
 /// [`POLICY`] in front of it.

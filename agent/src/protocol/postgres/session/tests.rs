@@ -18,22 +18,12 @@ use crate::policy::PolicySet;
 use crate::protocol::SessionStart;
 use crate::sql::AnalysisCache;
 
-const POLICY: &str = r#"
-[defaults]
-action = "allow"
-
-[[rule]]
-name = "no-drop"
-action = "deny"
-message = "schema changes go through the migration pipeline"
-[rule.match]
-kinds = ["drop"]
-
-[[rule]]
-name = "mask-contact"
-action = "mask"
-mask_columns = ["customers.email"]
-"#;
+/// Shared with the end-to-end tests (tests/data/policy).
+const POLICY: &str = concat!(
+    include_str!("../../../../../tests/data/policy/allow-by-default.toml"),
+    include_str!("../../../../../tests/data/policy/no-drop.toml"),
+    include_str!("../../../../../tests/data/policy/mask-contact.toml"),
+);
 
 /// The OID the tables' rows and RowDescriptions say `customers` has.
 const CUSTOMERS: u32 = 16400;
