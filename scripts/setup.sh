@@ -52,10 +52,11 @@ else
     [ $created_policy -eq 1 ] && as_root rm -f "$policy_rc"
 fi
 
-# --- Python drivers for the end-to-end tests ---------------------------------
+# --- Python packages for the end-to-end tests --------------------------------
 # psycopg 3 and asyncpg (which speaks the extended protocol only, with its own
-# pipelining of executemany).
-for driver in "psycopg:psycopg[binary]" "asyncpg:asyncpg"; do
+# pipelining of executemany); prometheus-client, whose parser checks the
+# agent's /metrics as a scraper reads it.
+for driver in "psycopg:psycopg[binary]" "asyncpg:asyncpg" "prometheus_client:prometheus-client"; do
     module=${driver%%:*}
     package=${driver#*:}
     if python3 -c "import $module" >/dev/null 2>&1; then

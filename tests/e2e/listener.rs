@@ -112,6 +112,8 @@ fn pgbench_simple_and_extended_through_a_listener() {
     }
 
     let metrics = http_get(metrics_port, "/metrics");
+    let (families, samples) = assert_valid_exposition(&metrics);
+    assert!(families >= 20 && samples > families, "{metrics}");
     let connections = metric(&metrics, "tollgate_connections_total{target=\"pg\"}");
     // pgbench -i opens 1 connection (plus one for the vacuum), each run opens 4
     // plus one for its own setup checks.

@@ -286,6 +286,8 @@ fn audit_logs_and_counts_a_direct_connection_with_its_pid_cgroup_and_exe_and_let
     assert_eq!(line["level"], "WARN", "{line}");
 
     let metrics = http_get(metrics_port, "/metrics");
+    // With the redirect and protect on, every family the agent has.
+    assert_valid_exposition(&metrics);
     assert_eq!(
         metric(
             &metrics,

@@ -116,6 +116,48 @@ fn ipv6_loopback() -> bool {
     *AVAILABLE.get_or_init(|| TcpListener::bind("[::1]:0").is_ok())
 }
 
+/// Checks a `/metrics` answer (the HTTP answer whole, or its body) with the
+/// Prometheus project's own parser and the exposition format's rules
+/// (tests/data/check_exposition.py); returns the number of families and of
+/// samples.
+pub fn assert_valid_exposition(metrics: &str) -> (usize, usize) {
+    use std::io::Write as _;
+    let metrics = match metrics.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/") => {
+            assert!(
+                head.contains("Content-Type: text/plain; version=0.0.4"),
+                "{head}"
+            );
+            body
+        }
+        _ => metrics,
+    };
+    let mut child = Command::new("python3")
+        .arg(workspace_root().join("tests/data/check_exposition.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (scripts/setup.sh installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "not a valid exposition: {}{stdout}\n{metrics}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut counts = stdout
+        .split_whitespace()
+        .map(|n| n.parse::<usize>().unwrap());
+    (counts.next().unwrap(), counts.next().unwrap())
+}
+
 /// The directory holding PostgreSQL's server and client programs.
 pub fn pg_bindir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
