@@ -442,6 +442,45 @@ fn a_receiver_failing_twice_gets_three_attempts_and_the_hold_goes_on_normally() 
 }
 
 #[test]
+fn a_receiver_that_answers_404_gets_one_attempt_only() {
+    let webhook = Receiver::start(&[404]);
+    let h = Held::start(&notify_table("webhook", &webhook.url("/wrong-path"), ""));
+    let psql = h.spawn_psql("DELETE FROM orders WHERE id = 4 RETURNING id");
+    let id = h.pending()["id"].as_str().unwrap().to_owned();
+
+    webhook.wait_for(1, Duration::from_secs(10));
+    let failed =
+        h.g.agent
+            .wait_for_log(
+                |l| l["attempts"] == 1 && l["error"] == "HTTP 404 (not retried)",
+                Duration::from_secs(5),
+            )
+            .unwrap();
+    assert_eq!(failed["level"], "WARN", "{failed}");
+    // A retry would have come after the first backoff (1 s).
+    std::thread::sleep(notify_backoff() + Duration::from_millis(500));
+    assert_eq!(webhook.got.lock().unwrap().len(), 1);
+    assert_eq!(h.notifications("webhook", "failed"), 1);
+
+    h.approve(&id);
+    let (success, _, stderr) = finish(psql);
+    assert!(success, "{stderr}");
+    let (events, _) = h.recording(&id);
+    let n = events
+        .iter()
+        .find(|e| e["type"] == "review_notified")
+        .unwrap_or_else(|| panic!("no review_notified: {events:?}"));
+    assert_eq!(n["ok"], false);
+    assert_eq!(n["attempts"], 1);
+    assert_eq!(n["error"], "HTTP 404 (not retried)");
+}
+
+/// The agent's wait after a first failed notification attempt.
+fn notify_backoff() -> Duration {
+    tollgate_agent::approval::notify::backoff(1)
+}
+
+#[test]
 fn an_unreachable_receiver_delays_neither_the_notice_nor_the_outcome_and_is_counted() {
     // Accepts connections (the kernel's backlog) and never answers: every
     // attempt runs into its timeout.

@@ -7,7 +7,8 @@
 //! bounded queue (full: the notification is dropped and counted); one
 //! worker per receiver posts them, a few at a time, each with up to
 //! [`ATTEMPTS`] attempts of at most [`ATTEMPT_TIMEOUT`], waiting
-//! [`backoff`] between them. A notification that fails is logged and
+//! [`backoff`] between them; an answer that says another try cannot help
+//! (a 4xx other than 408 and 429) ends it. A notification that fails is logged and
 //! counted; it never holds, approves or denies anything. Each delivered or
 //! failed notification is recorded in the requesting session's recording
 //! (`review_notified`) through the same event stream the session records
@@ -51,6 +52,39 @@ const SLACK_STATEMENT_CHARS: usize = 2500;
 /// The wait after failed attempt `attempt` (1-based): 1 s, 2 s, 4 s, ...
 pub fn backoff(attempt: u32) -> Duration {
     FIRST_BACKOFF.saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+}
+
+/// Why one attempt to post a notification failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryError {
+    /// No answer: the receiver could not be reached, the TLS handshake or
+    /// the HTTP exchange failed, or the attempt timed out.
+    NoAnswer(String),
+    /// The receiver answered with this non-2xx status.
+    Status(u16),
+}
+
+impl DeliveryError {
+    /// Whether another attempt may succeed: not after a 4xx answer (wrong
+    /// URL, token or payload), except 408 (timeout) and 429 (rate limit).
+    pub fn worth_retrying(&self) -> bool {
+        match self {
+            DeliveryError::NoAnswer(_) => true,
+            DeliveryError::Status(status) => {
+                !(400..500).contains(status) || *status == 408 || *status == 429
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeliveryError::NoAnswer(reason) => f.write_str(reason),
+            DeliveryError::Status(status) if self.worth_retrying() => write!(f, "HTTP {status}"),
+            DeliveryError::Status(status) => write!(f, "HTTP {status} (not retried)"),
+        }
+    }
 }
 
 /// The command that approves request `id`.
@@ -263,10 +297,13 @@ impl Notifier {
             let failure = match attempt.await {
                 Ok(Ok(())) => break Ok(()),
                 Ok(Err(e)) => e,
-                Err(_) => format!("no answer within {}s", ATTEMPT_TIMEOUT.as_secs()),
+                Err(_) => DeliveryError::NoAnswer(format!(
+                    "no answer within {}s",
+                    ATTEMPT_TIMEOUT.as_secs()
+                )),
             };
-            if attempts >= ATTEMPTS {
-                break Err(failure);
+            if attempts >= ATTEMPTS || !failure.worth_retrying() {
+                break Err(failure.to_string());
             }
             tracing::debug!(host = target.host(), request = %job.request, attempt = attempts, error = %failure,
                 "review notification attempt failed; retrying");
@@ -304,41 +341,41 @@ impl Notifier {
     }
 
     /// One attempt: POST the body; a 2xx answer is a delivery.
-    async fn post(&self, target: &NotifyTarget, body: Bytes) -> Result<(), String> {
+    async fn post(&self, target: &NotifyTarget, body: Bytes) -> Result<(), DeliveryError> {
         let url = &target.url;
         let https = url.scheme_str() == Some("https");
         let host = url.host().unwrap_or_default();
         let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
         // An IPv6 literal comes bracketed.
         let bare_host = host.trim_start_matches('[').trim_end_matches(']');
-        let tcp = TcpStream::connect((bare_host, port))
-            .await
-            .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+        let tcp = TcpStream::connect((bare_host, port)).await.map_err(|e| {
+            DeliveryError::NoAnswer(format!("cannot connect to {host}:{port}: {e}"))
+        })?;
         let _ = tcp.set_nodelay(true);
         if !https {
             return send(tcp, target, body).await;
         }
-        let connector = self
-            .tls
-            .as_ref()
-            .ok_or("TLS is not available (see the agent's log at start)")?;
-        let name = rustls::pki_types::ServerName::try_from(bare_host.to_owned())
-            .map_err(|e| format!("\"{host}\" is not a TLS server name: {e}"))?;
+        let connector = self.tls.as_ref().ok_or_else(|| {
+            DeliveryError::NoAnswer("TLS is not available (see the agent's log at start)".into())
+        })?;
+        let name = rustls::pki_types::ServerName::try_from(bare_host.to_owned()).map_err(|e| {
+            DeliveryError::NoAnswer(format!("\"{host}\" is not a TLS server name: {e}"))
+        })?;
         let tls = connector
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS with {host}: {e}"))?;
+            .map_err(|e| DeliveryError::NoAnswer(format!("TLS with {host}: {e}")))?;
         send(tls, target, body).await
     }
 }
 
-async fn send<S>(stream: S, target: &NotifyTarget, body: Bytes) -> Result<(), String>
+async fn send<S>(stream: S, target: &NotifyTarget, body: Bytes) -> Result<(), DeliveryError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
+        .map_err(|e| DeliveryError::NoAnswer(format!("HTTP handshake: {e}")))?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -366,18 +403,18 @@ where
     }
     let request = request
         .body(Full::new(body))
-        .map_err(|e| format!("building the request: {e}"))?;
+        .map_err(|e| DeliveryError::NoAnswer(format!("building the request: {e}")))?;
     let answer = sender
         .send_request(request)
         .await
-        .map_err(|e| format!("no answer: {e}"))?;
+        .map_err(|e| DeliveryError::NoAnswer(format!("no answer: {e}")))?;
     let status = answer.status();
     // Read what little the receiver says, so the connection ends cleanly.
     let _ = Limited::new(answer.into_body(), MAX_ANSWER).collect().await;
     if status.is_success() {
         Ok(())
     } else {
-        Err(format!("HTTP {}", status.as_u16()))
+        Err(DeliveryError::Status(status.as_u16()))
     }
 }
 
@@ -717,6 +754,26 @@ mod tests {
     }
 
     #[test]
+    fn a_4xx_answer_other_than_408_and_429_is_not_retried() {
+        for (status, retried) in [(400, false), (403, false), (404, false), (410, false)] {
+            assert_eq!(
+                DeliveryError::Status(status).worth_retrying(),
+                retried,
+                "{status}"
+            );
+        }
+        for status in [408, 429, 500, 502, 503] {
+            assert!(DeliveryError::Status(status).worth_retrying(), "{status}");
+        }
+        assert!(DeliveryError::NoAnswer("refused".into()).worth_retrying());
+        assert_eq!(
+            DeliveryError::Status(404).to_string(),
+            "HTTP 404 (not retried)"
+        );
+        assert_eq!(DeliveryError::Status(503).to_string(), "HTTP 503");
+    }
+
+    #[test]
     fn long_statements_are_shortened_for_slack() {
         let long = "x".repeat(10_000);
         let short = shorten(&long, SLACK_STATEMENT_CHARS);
@@ -831,6 +888,9 @@ mod tests {
             .post(&target, Bytes::from(body))
             .await
             .unwrap_err();
-        assert!(refused.contains("certificate"), "{refused}");
+        assert!(
+            matches!(&refused, DeliveryError::NoAnswer(reason) if reason.contains("certificate")),
+            "{refused}"
+        );
     }
 }
