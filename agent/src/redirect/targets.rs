@@ -82,6 +82,29 @@ fn covering_rules(map: &BTreeMap<Prefix, Vec<PortRule>>, prefix: &Prefix) -> Vec
     all
 }
 
+/// The rules the kernel can reach at one prefix, configured ones first:
+/// it takes the first rule whose range holds the port, so a rule whose
+/// range an earlier one already holds never applies (several targets for
+/// the same server on this host name the same port) and is left out.
+/// Returns the rules and how many of them are configured ones.
+fn reachable(configured: Vec<PortRule>, aliases: Vec<PortRule>) -> (Vec<PortRule>, usize) {
+    let mut kept: Vec<PortRule> = Vec::new();
+    let mut kept_configured = 0;
+    let total = configured.len();
+    for (i, rule) in configured.into_iter().chain(aliases).enumerate() {
+        let shadowed = kept
+            .iter()
+            .any(|k| k.first <= rule.first && rule.last <= k.last);
+        if !shadowed {
+            kept.push(rule);
+            if i < total {
+                kept_configured += 1;
+            }
+        }
+    }
+    (kept, kept_configured)
+}
+
 /// Builds the trie. Target `i` of `targets` gets index `i + 1` in the rules
 /// (0 means "none"). Host-name targets use the addresses in `resolved`.
 /// Because the kernel consults only the longest matching prefix, each entry
@@ -137,9 +160,10 @@ pub(super) fn build<'a>(
         own.keys().chain(aliases.keys()).copied().collect();
     let mut entries = Vec::new();
     for prefix in &prefixes {
-        let mut all = covering_rules(&own, prefix);
-        let configured = all.len();
-        all.extend(covering_rules(&aliases, prefix));
+        let (all, configured) = reachable(
+            covering_rules(&own, prefix),
+            covering_rules(&aliases, prefix),
+        );
         if all.len() > MAX_PORT_RULES {
             let local = match all.len() - configured {
                 0 => String::new(),
@@ -250,7 +274,10 @@ mod tests {
                 .entry
         };
         let exact = at(128, v4_mapped([127, 0, 0, 1]));
-        assert_eq!(exact.rule_count, 2, "configured first, then the alias");
+        assert_eq!(
+            exact.rule_count, 1,
+            "the configured rule; the alias of the same port could never apply there"
+        );
         assert_eq!(exact.find(5432).map(|r| r.target), Some(1));
         let rest = at(96 + 8, v4_mapped([127, 0, 0, 0]));
         assert_eq!(rest.find(5432).map(|r| r.target), Some(2));
@@ -280,8 +307,58 @@ mod tests {
             .iter()
             .find(|e| e.prefix_len == 128 && e.addr == addr.octets())
             .unwrap();
-        assert_eq!(exact.entry.rule_count, 2);
+        assert_eq!(exact.entry.rule_count, 1);
         assert_eq!(exact.entry.find(5432).map(|r| r.target), Some(2));
+    }
+
+    #[test]
+    fn rules_an_earlier_rule_holds_are_left_out_so_many_targets_of_one_local_server_fit() {
+        // Five targets for one server on this host (two through listeners,
+        // two on addresses of their own, all on its port), each governed on
+        // the host's other addresses as well: one rule per prefix reaches.
+        let ts = [
+            target("relay", "127.0.0.1", &[(5432, 5432)]),
+            target("full", "127.0.0.1", &[(5432, 5432)]),
+            target("masked", "127.0.0.1", &[(5432, 5432)]),
+            target("relay-ebpf", "198.18.252.1", &[(5432, 5432)]),
+            target("full-ebpf", "198.18.251.1", &[(5432, 5432), (6000, 6010)]),
+        ];
+        let local: Vec<LocalTarget> = ts
+            .iter()
+            .enumerate()
+            .map(|(index, t)| LocalTarget {
+                index,
+                name: t.name.clone(),
+                ports: t.ports.clone(),
+                protocol: Protocol::Postgres,
+                aliases: vec!["127.0.0.1/32".parse().unwrap(), "::1/128".parse().unwrap()],
+            })
+            .collect();
+        let entries = build(ts.iter().enumerate(), &|_| vec![], &local).unwrap();
+        let at = |addr: [u8; 16]| {
+            entries
+                .iter()
+                .find(|e| e.prefix_len == 128 && e.addr == addr)
+                .unwrap()
+                .entry
+        };
+        let lo = at(v4_mapped([127, 0, 0, 1]));
+        assert_eq!(lo.rule_count, 2, "5432 for relay, 6000-6010 for full-ebpf");
+        assert_eq!(lo.find(5432).map(|r| r.target), Some(1));
+        assert_eq!(lo.find(6005).map(|r| r.target), Some(5));
+        let own = at(v4_mapped([198, 18, 251, 1]));
+        assert_eq!(own.find(5432).map(|r| r.target), Some(5));
+        let v6 = at(std::net::Ipv6Addr::LOCALHOST.octets());
+        assert_eq!(v6.rule_count, 2);
+        assert_eq!(v6.find(5432).map(|r| r.target), Some(1));
+        // A narrower range after a broader one is held by it; the reverse
+        // is not.
+        let ts = [
+            target("wide", "10.0.0.1", &[(5000, 6000)]),
+            target("narrow", "10.0.0.1", &[(5432, 5432), (4000, 7000)]),
+        ];
+        let entries = build(ts.iter().enumerate(), &|_| vec![], &[]).unwrap();
+        assert_eq!(entries[0].entry.rule_count, 2, "wide, then 4000-7000");
     }
 
     #[test]
