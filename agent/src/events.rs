@@ -427,7 +427,7 @@ impl EventSink for LogSink {
                     db_user = user.as_deref(),
                     database = database.as_deref(),
                     application_name = application_name.as_deref(),
-                    "postgres start-up: user {} database {}",
+                    "start-up: user {} database {}",
                     user.as_deref().unwrap_or("?"),
                     database.as_deref().or(user.as_deref()).unwrap_or("?")
                 );

@@ -213,7 +213,7 @@ fn simple_query_denials_keep_the_session_and_the_transaction_consistent() {
             |l| {
                 l["message"]
                     .as_str()
-                    .is_some_and(|m| m.starts_with("postgres start-up"))
+                    .is_some_and(|m| m.starts_with("start-up: "))
                     && l["db_user"] == "postgres"
             },
             Duration::from_secs(5),

@@ -117,7 +117,8 @@ pub enum Event {
         /// Time taken to connect, in microseconds.
         connect_us: u64,
     },
-    /// A PostgreSQL StartupMessage was forwarded.
+    /// The client asked for a user and database (a PostgreSQL
+    /// StartupMessage, a MySQL handshake answer) and it was forwarded.
     Startup {
         /// The database user asked for.
         user: Option<String>,
