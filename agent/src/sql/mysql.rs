@@ -65,24 +65,52 @@ const SERVER_FILE_FUNCTIONS: &[&str] = &["load_file"];
 /// that does not parse; empty text, or text of only whitespace, comments
 /// and semicolons, gives [`Analysis::Parsed`] with no statements.
 pub fn analyze(text: &str) -> Analysis {
-    match analyze_text(text) {
+    analyze_read(text, Escapes::Unknown)
+}
+
+/// How the session's server reads a backslash in a string literal: its
+/// `sql_mode` `NO_BACKSLASH_ESCAPES` (reported in the status flags of every
+/// OK packet, `SERVER_STATUS_NO_BACKSLASH_ESCAPES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Escapes {
+    /// Not known: text is accepted only where both readings agree on where
+    /// every string, quoted name and comment begins and ends.
+    #[default]
+    Unknown,
+    /// A backslash escapes the next character (MySQL's default).
+    Backslash,
+    /// `NO_BACKSLASH_ESCAPES`: a backslash is an ordinary character. The
+    /// parser always reads backslash escapes, so text where the difference
+    /// matters is refused.
+    NoBackslash,
+}
+
+/// [`analyze`] with string literals read as the server reads them under
+/// `escapes`.
+pub fn analyze_read(text: &str, escapes: Escapes) -> Analysis {
+    match analyze_text(text, escapes) {
         Ok(statements) => Analysis::Parsed { statements },
         Err(error) => Analysis::Unparsable { error },
     }
 }
 
-fn analyze_text(text: &str) -> Result<Vec<StatementSummary>, String> {
+fn analyze_text(text: &str, escapes: Escapes) -> Result<Vec<StatementSummary>, String> {
     if text.contains('\0') {
         return Err("statement text contains a NUL character".to_owned());
     }
-    let server = scan(text, true)?;
-    if scan(text, false)? != server {
-        return Err(
-            "statement text reads differently with and without backslash escapes \
-                    (sql_mode NO_BACKSLASH_ESCAPES)"
-                .to_owned(),
-        );
-    }
+    let server = match escapes {
+        Escapes::Backslash => scan(text, true)?,
+        Escapes::NoBackslash => scan(text, false)?,
+        Escapes::Unknown => match (scan(text, true), scan(text, false)) {
+            (Ok(with), Ok(without)) if with == without => with,
+            (Err(error), _) => return Err(error),
+            _ => {
+                return Err("statement text reads differently with and without \
+                            backslash escapes (sql_mode NO_BACKSLASH_ESCAPES)"
+                    .to_owned())
+            }
+        },
+    };
     let dialect = MySqlDialect {};
     let tokens = Tokenizer::new(&dialect, text)
         .tokenize_with_location()
@@ -101,7 +129,7 @@ fn analyze_text(text: &str) -> Result<Vec<StatementSummary>, String> {
         if piece.iter().all(|t| is_trivia(&t.token)) {
             continue;
         }
-        statements.push(summarise(piece, text, &index)?);
+        statements.push(summarise(piece, text, &index, escapes)?);
     }
     Ok(statements)
 }
@@ -345,6 +373,7 @@ fn summarise(
     piece: &[TokenWithSpan],
     text: &str,
     index: &Offsets,
+    escapes: Escapes,
 ) -> Result<StatementSummary, String> {
     let own_text = statement_text(piece, text, index)?;
     let words = leading_words(piece, 3);
@@ -355,7 +384,7 @@ fn summarise(
         return load_data(piece, own_text, second);
     }
     if first == "PREPARE" {
-        return prepare(piece, own_text, index, text);
+        return prepare(piece, own_text, index, text, escapes);
     }
 
     let mut tokens = piece.to_vec();
@@ -517,10 +546,8 @@ fn remove_into_file(tokens: &mut Vec<TokenWithSpan>) -> Result<Option<String>, S
                 } else if ["fields", "columns", "lines"]
                     .iter()
                     .any(|w| word(last + 1, w))
+                    || (word(last + 1, "optionally") && word(last + 2, "enclosed"))
                 {
-                    last += 1;
-                    continue;
-                } else if word(last + 1, "optionally") && word(last + 2, "enclosed") {
                     last += 1;
                     continue;
                 } else if ["terminated", "enclosed", "escaped", "starting"]
@@ -587,10 +614,8 @@ fn load_data(
     }
     k += 2;
     let name_start = k;
-    let name_part = |t: Option<&Token>| match t {
-        Some(Token::Word(_) | Token::DoubleQuotedString(_)) => true,
-        _ => false,
-    };
+    let name_part =
+        |t: Option<&Token>| matches!(t, Some(Token::Word(_) | Token::DoubleQuotedString(_)));
     if !name_part(at(k)) {
         return Err(format!("LOAD {what} without a table name"));
     }
@@ -601,7 +626,8 @@ fn load_data(
     let name_end = k;
     // Up to SET: options, a column list, user variables; no expressions.
     while let Some(token) = at(k) {
-        if is_word(token, "set") {
+        let charset = k > 0 && at(k - 1).is_some_and(|t| is_word(t, "character"));
+        if is_word(token, "set") && !charset {
             break;
         }
         let plain = matches!(
@@ -614,7 +640,10 @@ fn load_data(
                 | Token::Period
                 | Token::AtSign
         ) || is_string(token);
-        if !plain {
+        let query = ["select", "table", "values", "with"]
+            .iter()
+            .any(|w| is_word(token, w));
+        if !plain || query {
             return Err(format!("LOAD {what}: unexpected {token}"));
         }
         k += 1;
@@ -673,6 +702,7 @@ fn prepare(
     own_text: &str,
     index: &Offsets,
     text: &str,
+    escapes: Escapes,
 ) -> Result<StatementSummary, String> {
     let solid: Vec<&TokenWithSpan> = piece.iter().filter(|t| !is_trivia(&t.token)).collect();
     let from = solid.get(2).is_some_and(|t| is_word(&t.token, "from"));
@@ -700,7 +730,7 @@ fn prepare(
                             depends on sql_mode NO_BACKSLASH_ESCAPES"
                     .to_owned());
             }
-            let mut inner = analyze_text(inner)?;
+            let mut inner = analyze_text(inner, escapes)?;
             let statement = match (inner.pop(), inner.is_empty()) {
                 (Some(statement), true) => statement,
                 _ => return Err("PREPARE: the text must hold one statement".to_owned()),
@@ -997,7 +1027,7 @@ impl Facts {
         single_ident(name).is_some_and(|ident| {
             self.scopes
                 .iter()
-                .any(|frame| frame.names.iter().any(|n| *n == ident.value))
+                .any(|frame| frame.names.contains(&ident.value))
         })
     }
 }
