@@ -18,6 +18,7 @@
 mod analyze;
 mod cache;
 mod labels;
+pub mod mysql;
 mod redact;
 mod refs;
 mod session_ops;

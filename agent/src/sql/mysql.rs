@@ -1,0 +1,1237 @@
+//! MySQL and MariaDB statement analysis: SQL text in, one neutral
+//! [`StatementSummary`] per statement out, as [`super::analyze`] does for
+//! PostgreSQL. Pure functions, no I/O.
+//!
+//! Built on `sqlparser` with its MySQL dialect. That parser is not the
+//! server's, and a hostile client chooses the text, so wherever the two may
+//! read the text differently the analysis refuses it
+//! ([`Analysis::Unparsable`]: the caller refuses the statement) rather than
+//! return a summary that misses something:
+//!
+//! - The text is first lexed the way the MySQL server lexes it ([`scan`]):
+//!   strings, quoted identifiers and comments, with MySQL's rules (`-- `
+//!   needs whitespace or a control character after it, `#` runs to the end
+//!   of the line, `/* */` does not nest, `x'..'` and `b'..'` take no
+//!   escapes). The boundaries it finds must be exactly those of
+//!   `sqlparser`'s tokenizer, or the text is refused.
+//! - Executable comments (`/*! ... */`, `/*!50700 ... */`, MariaDB's
+//!   `/*M! ... */`) are refused: the server runs their content or not
+//!   depending on its version, and lexes it with rules (strings holding
+//!   `*/`, line comments) no other lexer reproduces.
+//! - Strings are lexed twice, with backslash escapes (MySQL's default) and
+//!   without (`sql_mode` `NO_BACKSLASH_ESCAPES`, which a client may set for
+//!   its own session): text that splits differently under the two readings
+//!   (`'\'; DROP TABLE t; -- '`) is refused.
+//! - Double quotes delimit strings by default and identifiers under
+//!   `ANSI_QUOTES`. A double-quoted name in a table position is read as the
+//!   table (`FROM "secrets"` reads `secrets`); a double-quoted function name
+//!   does not parse and is refused.
+//! - Statements the dialect does not parse (compound statements, `DO`,
+//!   `HANDLER`, account management, ...) are refused. A few MySQL forms it
+//!   lacks are read here from the tokens: `LOAD DATA|XML ... INFILE`,
+//!   `SELECT ... INTO OUTFILE|DUMPFILE`, `SET PERSIST|PERSIST_ONLY` and
+//!   `PREPARE name FROM 'text'`.
+//!
+//! Table names are lowercased, as the server does with
+//! `lower_case_table_names=1` (and as case-insensitive file systems do), so
+//! that a policy naming `secrets` also matches `SECRETS` and `` `Secrets` ``
+//! whatever the server's setting. CTE names hide a table only when spelled
+//! exactly alike, so a difference in case can only add a table read.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt::Write as _;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use sqlparser::ast::{
+    AssignmentTarget, Delete, Expr, FromTable, GrantObjects, Ident, ObjectName, ObjectType, Query,
+    Statement, TableFactor, TableObject, TableWithJoins, Update, Value, ValueWithSpan, Visit,
+    VisitMut, Visitor, VisitorMut,
+};
+use sqlparser::dialect::MySqlDialect;
+use sqlparser::parser::Parser;
+use sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer, Whitespace, Word};
+
+use super::{Analysis, StatementFlags, StatementKind, StatementSummary, TableRef, TransactionOp};
+
+/// Functions that read files on the database server.
+const SERVER_FILE_FUNCTIONS: &[&str] = &["load_file"];
+
+/// Analyses MySQL/MariaDB SQL text: one summary per statement, in order.
+///
+/// Text the server may read otherwise than this analysis does gives
+/// [`Analysis::Unparsable`] (see the module documentation), as does text
+/// that does not parse; empty text, or text of only whitespace, comments
+/// and semicolons, gives [`Analysis::Parsed`] with no statements.
+pub fn analyze(text: &str) -> Analysis {
+    analyze_read(text, Escapes::Unknown)
+}
+
+/// How the session's server reads a backslash in a string literal: its
+/// `sql_mode` `NO_BACKSLASH_ESCAPES` (reported in the status flags of every
+/// OK packet, `SERVER_STATUS_NO_BACKSLASH_ESCAPES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Escapes {
+    /// Not known: text is accepted only where both readings agree on where
+    /// every string, quoted name and comment begins and ends.
+    #[default]
+    Unknown,
+    /// A backslash escapes the next character (MySQL's default).
+    Backslash,
+    /// `NO_BACKSLASH_ESCAPES`: a backslash is an ordinary character. The
+    /// parser always reads backslash escapes, so text where the difference
+    /// matters is refused.
+    NoBackslash,
+}
+
+/// [`analyze`] with string literals read as the server reads them under
+/// `escapes`.
+pub fn analyze_read(text: &str, escapes: Escapes) -> Analysis {
+    match analyze_text(text, escapes) {
+        Ok(statements) => Analysis::Parsed { statements },
+        Err(error) => Analysis::Unparsable { error },
+    }
+}
+
+fn analyze_text(text: &str, escapes: Escapes) -> Result<Vec<StatementSummary>, String> {
+    if text.contains('\0') {
+        return Err("statement text contains a NUL character".to_owned());
+    }
+    let server = match escapes {
+        Escapes::Backslash => scan(text, true)?,
+        Escapes::NoBackslash => scan(text, false)?,
+        Escapes::Unknown => match (scan(text, true), scan(text, false)) {
+            (Ok(with), Ok(without)) if with == without => with,
+            (Err(error), _) => return Err(error),
+            _ => {
+                return Err("statement text reads differently with and without \
+                            backslash escapes (sql_mode NO_BACKSLASH_ESCAPES)"
+                    .to_owned())
+            }
+        },
+    };
+    let dialect = MySqlDialect {};
+    let tokens = Tokenizer::new(&dialect, text)
+        .tokenize_with_location()
+        .map_err(|e| e.to_string())?;
+    let index = Offsets::new(text);
+    let parser_regions = token_regions(&tokens, &index, text)?;
+    if parser_regions != server {
+        return Err(
+            "statement text is lexed differently by the analysis and by MySQL \
+             (strings, quoted names or comments do not line up)"
+                .to_owned(),
+        );
+    }
+    let mut statements = Vec::new();
+    for piece in tokens.split(|t| t.token == Token::SemiColon) {
+        if piece.iter().all(|t| is_trivia(&t.token)) {
+            continue;
+        }
+        statements.push(summarise(piece, text, &index, escapes)?);
+    }
+    Ok(statements)
+}
+
+// ---------------------------------------------------------------------------
+// The server's lexer, for the boundaries that decide.
+
+/// A string, quoted identifier or comment: byte range in the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Region {
+    start: usize,
+    end: usize,
+    comment: bool,
+}
+
+/// Finds the strings, quoted identifiers and comments of `text` as the
+/// MySQL server's lexer does, with backslash escapes in strings or not.
+/// Refuses executable comments and unterminated strings or comments.
+fn scan(text: &str, backslash_escapes: bool) -> Result<Vec<Region>, String> {
+    let bytes = text.as_bytes();
+    let mut regions = Vec::new();
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let next = bytes.get(i + 1).copied();
+        match b {
+            b'\'' | b'"' | b'`' => {
+                // x'..' and b'..' (hex and bit literals) take no escapes.
+                let prefixed = b == b'\''
+                    && i >= 1
+                    && matches!(bytes.get(i - 1), Some(b'x' | b'X' | b'b' | b'B'))
+                    && (i < 2 || !bytes.get(i - 2).is_some_and(|c| is_word_byte(*c)));
+                let escapes = backslash_escapes && b != b'`' && !prefixed;
+                let end = quoted_end(bytes, i, escapes)
+                    .ok_or_else(|| format!("unterminated quoted text at byte {i}"))?;
+                regions.push(Region {
+                    start: i,
+                    end,
+                    comment: false,
+                });
+                i = end;
+            }
+            b'#' => {
+                let end = line_end(bytes, i);
+                regions.push(Region {
+                    start: i,
+                    end,
+                    comment: true,
+                });
+                i = end;
+            }
+            b'-' if next == Some(b'-')
+                && bytes
+                    .get(i + 2)
+                    .is_none_or(|c| c.is_ascii_whitespace() || c.is_ascii_control()) =>
+            {
+                let end = line_end(bytes, i);
+                regions.push(Region {
+                    start: i,
+                    end,
+                    comment: true,
+                });
+                i = end;
+            }
+            b'/' if next == Some(b'*') => {
+                let body = bytes.get(i + 2..).unwrap_or_default();
+                if body.starts_with(b"!") || body.starts_with(b"M!") {
+                    return Err(format!(
+                        "executable comment (/*! or /*M!) at byte {i}: its content runs \
+                         depending on the server's version and is not analysed"
+                    ));
+                }
+                let close = body
+                    .windows(2)
+                    .position(|w| w == b"*/")
+                    .ok_or_else(|| format!("unterminated comment at byte {i}"))?;
+                let end = i + 2 + close + 2;
+                regions.push(Region {
+                    start: i,
+                    end,
+                    comment: true,
+                });
+                i = end;
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(regions)
+}
+
+fn is_word_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+}
+
+/// The end (exclusive) of the quoted text opening at `start`: a doubled
+/// quote is a quote; with `escapes`, a backslash takes the next character.
+fn quoted_end(bytes: &[u8], start: usize, escapes: bool) -> Option<usize> {
+    let quote = *bytes.get(start)?;
+    let mut i = start + 1;
+    loop {
+        let b = *bytes.get(i)?;
+        if escapes && b == b'\\' {
+            // The escaped character may be multi-byte; its continuation
+            // bytes are never quotes or backslashes.
+            i += 2;
+        } else if b == quote {
+            if bytes.get(i + 1) == Some(&quote) {
+                i += 2;
+            } else {
+                return Some(i + 1);
+            }
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// A line comment runs to the newline (not included).
+fn line_end(bytes: &[u8], start: usize) -> usize {
+    bytes
+        .get(start..)
+        .and_then(|rest| rest.iter().position(|b| *b == b'\n'))
+        .map_or(bytes.len(), |n| start + n)
+}
+
+/// Byte offsets of the tokenizer's (line, column) locations.
+struct Offsets {
+    /// Byte offset of every character, and of the end of the text.
+    char_bytes: Vec<usize>,
+    /// Index (in characters) where each line starts.
+    line_starts: Vec<usize>,
+}
+
+impl Offsets {
+    fn new(text: &str) -> Self {
+        let mut char_bytes = Vec::with_capacity(text.len() + 1);
+        let mut line_starts = vec![0];
+        for (n, (byte, c)) in text.char_indices().enumerate() {
+            char_bytes.push(byte);
+            if c == '\n' {
+                line_starts.push(n + 1);
+            }
+        }
+        char_bytes.push(text.len());
+        Self {
+            char_bytes,
+            line_starts,
+        }
+    }
+
+    fn byte(&self, location: Location) -> Option<usize> {
+        let line = usize::try_from(location.line).ok()?.checked_sub(1)?;
+        let column = usize::try_from(location.column).ok()?.checked_sub(1)?;
+        let char_index = self.line_starts.get(line)?.checked_add(column)?;
+        self.char_bytes.get(char_index).copied()
+    }
+}
+
+fn token_range(token: &TokenWithSpan, index: &Offsets) -> Result<(usize, usize), String> {
+    match (index.byte(token.span.start), index.byte(token.span.end)) {
+        (Some(start), Some(end)) if start <= end => Ok((start, end)),
+        _ => Err(format!("token {} has no place in the text", token.token)),
+    }
+}
+
+/// The strings, quoted identifiers and comments of the tokenizer's output,
+/// in the shape [`scan`] gives them (a string starts at its quote, after
+/// any `N`, `X` or `B` prefix).
+fn token_regions(
+    tokens: &[TokenWithSpan],
+    index: &Offsets,
+    text: &str,
+) -> Result<Vec<Region>, String> {
+    let mut regions = Vec::new();
+    for token in tokens {
+        let comment = match &token.token {
+            Token::Whitespace(
+                Whitespace::SingleLineComment { .. } | Whitespace::MultiLineComment(_),
+            ) => true,
+            Token::Whitespace(_)
+            | Token::EOF
+            | Token::Number(..)
+            | Token::Word(Word {
+                quote_style: None, ..
+            }) => continue,
+            _ => false,
+        };
+        let (start, end) = token_range(token, index)?;
+        let slice = text.get(start..end).unwrap_or_default();
+        let start = if comment {
+            start
+        } else {
+            match slice.find(['\'', '"', '`']) {
+                Some(quote) => start + quote,
+                // Operators and punctuation: no quoted text.
+                None => continue,
+            }
+        };
+        regions.push(Region {
+            start,
+            end,
+            comment,
+        });
+    }
+    Ok(regions)
+}
+
+fn is_trivia(token: &Token) -> bool {
+    matches!(token, Token::Whitespace(_) | Token::EOF)
+}
+
+// ---------------------------------------------------------------------------
+// One statement.
+
+/// What one statement touches.
+#[derive(Default)]
+struct Facts {
+    read: BTreeSet<TableRef>,
+    written: BTreeSet<TableRef>,
+    functions: BTreeSet<String>,
+    flags: StatementFlags,
+    /// Relations (by address) the statements being walked modify.
+    targets: HashSet<*const ObjectName>,
+    /// Relations (by address) that name another relation of the statement
+    /// (`DELETE FROM a USING t AS a`): not tables themselves.
+    aliases: HashSet<*const ObjectName>,
+    /// CTE names in scope, one frame per query level (innermost last).
+    scopes: Vec<Frame>,
+}
+
+#[derive(Default)]
+struct Frame {
+    /// Names visible at this level and below.
+    names: Vec<String>,
+    /// The CTE queries of a plain WITH not yet walked, with their names:
+    /// each name becomes visible once its own query has been walked.
+    pending: Vec<(*const Query, String)>,
+}
+
+/// Summarises the tokens of one statement (no `;`).
+fn summarise(
+    piece: &[TokenWithSpan],
+    text: &str,
+    index: &Offsets,
+    escapes: Escapes,
+) -> Result<StatementSummary, String> {
+    let own_text = statement_text(piece, text, index)?;
+    let words = leading_words(piece, 3);
+    let first = words.first().map(String::as_str).unwrap_or_default();
+    let second = words.get(1).map(String::as_str).unwrap_or_default();
+
+    if first == "LOAD" && matches!(second, "DATA" | "XML") {
+        return load_data(piece, own_text, second);
+    }
+    if first == "PREPARE" {
+        return prepare(piece, own_text, index, text, escapes);
+    }
+
+    let mut tokens = piece.to_vec();
+    let mut facts = Facts::default();
+    let mut markers = String::new();
+    if first == "SET" {
+        for token in &mut tokens {
+            let Token::Word(word) = &mut token.token else {
+                continue;
+            };
+            if word.quote_style.is_some() {
+                continue;
+            }
+            let lower = word.value.to_ascii_lowercase();
+            match lower.as_str() {
+                "persist" | "persist_only" => {
+                    // The dialect lacks these scopes; for what the
+                    // statement touches they are GLOBAL.
+                    markers.push_str(" SET ");
+                    markers.push_str(&lower);
+                    word.value = "GLOBAL".to_owned();
+                    word.keyword = sqlparser::keywords::Keyword::GLOBAL;
+                    facts.flags.config_change = true;
+                }
+                "global" | "@@global" | "@@persist" | "@@persist_only" => {
+                    facts.flags.config_change = true;
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some(kinds) = remove_into_file(&mut tokens)? {
+        facts.flags.server_file_access = true;
+        markers.push_str(&kinds);
+    }
+
+    let dialect = MySqlDialect {};
+    let mut statements = Parser::new(&dialect)
+        .with_tokens_with_locations(tokens)
+        .parse_statements()
+        .map_err(|e| e.to_string())?;
+    let statement = match (statements.pop(), statements.is_empty()) {
+        (Some(statement), true) => statement,
+        _ => return Err("expected one statement between semicolons".to_owned()),
+    };
+
+    let _ = statement.visit(&mut facts);
+    let (kind, command, transaction) = label(&statement, first);
+    let fingerprint = fingerprint(&statement, &markers);
+    Ok(summary(
+        kind,
+        transaction,
+        command,
+        facts,
+        fingerprint,
+        own_text,
+    ))
+}
+
+fn summary(
+    kind: StatementKind,
+    transaction: Option<TransactionOp>,
+    command: String,
+    facts: Facts,
+    fingerprint: String,
+    text: &str,
+) -> StatementSummary {
+    StatementSummary {
+        kind,
+        transaction,
+        command: Arc::from(command),
+        tables_read: facts.read.into_iter().collect(),
+        tables_written: facts.written.into_iter().collect(),
+        functions: facts.functions.into_iter().collect(),
+        flags: facts.flags,
+        fingerprint: Arc::from(fingerprint),
+        text: text.to_owned(),
+    }
+}
+
+/// The statement's own text: from its first token to its last, without
+/// the whitespace and comments around it.
+fn statement_text<'t>(
+    piece: &[TokenWithSpan],
+    text: &'t str,
+    index: &Offsets,
+) -> Result<&'t str, String> {
+    let mut solid = piece.iter().filter(|t| !is_trivia(&t.token));
+    let (Some(first), last) = (solid.next(), solid.next_back()) else {
+        return Ok("");
+    };
+    let (start, mut end) = token_range(first, index)?;
+    if let Some(last) = last {
+        end = token_range(last, index)?.1;
+    }
+    Ok(text.get(start..end).unwrap_or(text))
+}
+
+/// The first `n` unquoted words of a statement, uppercased.
+fn leading_words(piece: &[TokenWithSpan], n: usize) -> Vec<String> {
+    piece
+        .iter()
+        .filter(|t| !is_trivia(&t.token))
+        .take(n)
+        .map(|t| match &t.token {
+            Token::Word(w) if w.quote_style.is_none() => w.value.to_ascii_uppercase(),
+            _ => String::new(),
+        })
+        .collect()
+}
+
+fn is_word(token: &Token, word: &str) -> bool {
+    matches!(token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word))
+}
+
+fn is_string(token: &Token) -> bool {
+    matches!(
+        token,
+        Token::SingleQuotedString(_)
+            | Token::DoubleQuotedString(_)
+            | Token::NationalStringLiteral(_)
+            | Token::HexStringLiteral(_)
+    )
+}
+
+/// Removes `INTO OUTFILE 'file' [options]` and `INTO DUMPFILE 'file'`
+/// clauses, which the dialect does not parse, and names the kinds removed.
+/// What is removed holds only keywords and string literals.
+fn remove_into_file(tokens: &mut Vec<TokenWithSpan>) -> Result<Option<String>, String> {
+    let mut removed = String::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        if !tokens.get(i).is_some_and(|t| is_word(&t.token, "into")) {
+            i += 1;
+            continue;
+        }
+        let solid: Vec<usize> = (i + 1..tokens.len())
+            .filter(|&j| tokens.get(j).is_some_and(|t| !is_trivia(&t.token)))
+            .collect();
+        let at = |k: usize| solid.get(k).and_then(|&j| tokens.get(j)).map(|t| &t.token);
+        let outfile = at(0).is_some_and(|t| is_word(t, "outfile"));
+        let dumpfile = at(0).is_some_and(|t| is_word(t, "dumpfile"));
+        if !outfile && !dumpfile {
+            i += 1;
+            continue;
+        }
+        if !at(1).is_some_and(is_string) {
+            return Err("INTO OUTFILE or DUMPFILE without a file name".to_owned());
+        }
+        // Index (in `solid`) of the last token of the clause.
+        let mut last = 1;
+        if outfile {
+            loop {
+                let word = |k: usize, w: &str| at(k).is_some_and(|t| is_word(t, w));
+                if word(last + 1, "character") && word(last + 2, "set") {
+                    last += 3;
+                } else if word(last + 1, "charset") {
+                    last += 2;
+                } else if ["fields", "columns", "lines"]
+                    .iter()
+                    .any(|w| word(last + 1, w))
+                    || (word(last + 1, "optionally") && word(last + 2, "enclosed"))
+                {
+                    last += 1;
+                    continue;
+                } else if ["terminated", "enclosed", "escaped", "starting"]
+                    .iter()
+                    .any(|w| word(last + 1, w))
+                    && word(last + 2, "by")
+                {
+                    last += 3;
+                    if !at(last).is_some_and(is_string) {
+                        return Err("INTO OUTFILE option without its string".to_owned());
+                    }
+                    continue;
+                } else {
+                    break;
+                }
+                // CHARACTER SET's value: a name or a string.
+                if !at(last).is_some_and(|t| {
+                    is_string(t) || matches!(t, Token::Word(w) if w.quote_style.is_none())
+                }) {
+                    return Err("INTO OUTFILE CHARACTER SET without a name".to_owned());
+                }
+            }
+        }
+        let end = solid.get(last).copied().unwrap_or(i);
+        tokens.drain(i..=end);
+        removed.push_str(if outfile {
+            " INTO OUTFILE"
+        } else {
+            " INTO DUMPFILE"
+        });
+    }
+    Ok((!removed.is_empty()).then_some(removed))
+}
+
+/// `LOAD DATA|XML [LOW_PRIORITY|CONCURRENT] [LOCAL] INFILE 'file'
+/// [REPLACE|IGNORE] INTO TABLE name ... [SET col = expr, ...]`, read from
+/// the tokens: the table is written; the SET clause's expressions are
+/// parsed (as an UPDATE of the table) for what they read and call.
+fn load_data(
+    piece: &[TokenWithSpan],
+    own_text: &str,
+    what: &str,
+) -> Result<StatementSummary, String> {
+    let solid: Vec<&TokenWithSpan> = piece.iter().filter(|t| !is_trivia(&t.token)).collect();
+    let at = |k: usize| solid.get(k).map(|t| &t.token);
+    let mut k = 2;
+    while at(k).is_some_and(|t| is_word(t, "low_priority") || is_word(t, "concurrent")) {
+        k += 1;
+    }
+    if at(k).is_some_and(|t| is_word(t, "local")) {
+        k += 1;
+    }
+    if !(at(k).is_some_and(|t| is_word(t, "infile")) && at(k + 1).is_some_and(is_string)) {
+        return Err(format!("LOAD {what} without INFILE 'file'"));
+    }
+    k += 2;
+    if at(k).is_some_and(|t| is_word(t, "replace") || is_word(t, "ignore")) {
+        k += 1;
+    }
+    if !(at(k).is_some_and(|t| is_word(t, "into"))
+        && at(k + 1).is_some_and(|t| is_word(t, "table")))
+    {
+        return Err(format!("LOAD {what} without INTO TABLE"));
+    }
+    k += 2;
+    let name_start = k;
+    let name_part =
+        |t: Option<&Token>| matches!(t, Some(Token::Word(_) | Token::DoubleQuotedString(_)));
+    if !name_part(at(k)) {
+        return Err(format!("LOAD {what} without a table name"));
+    }
+    k += 1;
+    if at(k) == Some(&Token::Period) && name_part(at(k + 1)) {
+        k += 2;
+    }
+    let name_end = k;
+    // Up to SET: options, a column list, user variables; no expressions.
+    while let Some(token) = at(k) {
+        let charset = k > 0 && at(k - 1).is_some_and(|t| is_word(t, "character"));
+        if is_word(token, "set") && !charset {
+            break;
+        }
+        let plain = matches!(
+            token,
+            Token::Word(_)
+                | Token::Number(..)
+                | Token::Comma
+                | Token::LParen
+                | Token::RParen
+                | Token::Period
+                | Token::AtSign
+        ) || is_string(token);
+        let query = ["select", "table", "values", "with"]
+            .iter()
+            .any(|w| is_word(token, w));
+        if !plain || query {
+            return Err(format!("LOAD {what}: unexpected {token}"));
+        }
+        k += 1;
+    }
+
+    // The table, and the SET clause if any, as `UPDATE name SET ...`.
+    let mut tokens = vec![TokenWithSpan::wrap(Token::make_keyword("UPDATE"))];
+    for token in solid.get(name_start..name_end).unwrap_or_default() {
+        tokens.push(TokenWithSpan::wrap(Token::Whitespace(Whitespace::Space)));
+        tokens.push((*token).clone());
+    }
+    let has_set = at(k).is_some();
+    if has_set {
+        for token in solid.get(k..).unwrap_or_default() {
+            tokens.push(TokenWithSpan::wrap(Token::Whitespace(Whitespace::Space)));
+            tokens.push((*token).clone());
+        }
+    } else {
+        for word in ["SET", "__load_data", "=", "0"] {
+            tokens.push(TokenWithSpan::wrap(Token::Whitespace(Whitespace::Space)));
+            tokens.push(TokenWithSpan::wrap(match word {
+                "=" => Token::Eq,
+                "0" => Token::Number("0".to_owned(), false),
+                w => Token::make_word(w, None),
+            }));
+        }
+    }
+    let dialect = MySqlDialect {};
+    let mut statements = Parser::new(&dialect)
+        .with_tokens_with_locations(tokens)
+        .parse_statements()
+        .map_err(|e| format!("LOAD {what}: {e}"))?;
+    let statement = match (statements.pop(), statements.is_empty()) {
+        (Some(statement), true) => statement,
+        _ => return Err(format!("LOAD {what}: expected one table and SET clause")),
+    };
+    let mut facts = Facts::default();
+    let _ = statement.visit(&mut facts);
+    facts.flags.no_where = false;
+    facts.flags.server_file_access = true;
+    let fingerprint = hash(&token_shape(&solid));
+    Ok(summary(
+        StatementKind::Copy,
+        None,
+        format!("LOAD {what}"),
+        facts,
+        fingerprint,
+        own_text,
+    ))
+}
+
+/// `PREPARE name FROM 'text'` (the text's one statement is analysed and
+/// counts) or `PREPARE name FROM @variable` (its text is not known here).
+fn prepare(
+    piece: &[TokenWithSpan],
+    own_text: &str,
+    index: &Offsets,
+    text: &str,
+    escapes: Escapes,
+) -> Result<StatementSummary, String> {
+    let solid: Vec<&TokenWithSpan> = piece.iter().filter(|t| !is_trivia(&t.token)).collect();
+    let from = solid.get(2).is_some_and(|t| is_word(&t.token, "from"));
+    let name = solid.get(1).map(|t| &t.token);
+    let source = solid.get(3);
+    if !from || !matches!(name, Some(Token::Word(_))) || solid.len() != 4 {
+        return Err("PREPARE: expected PREPARE name FROM 'statement' or @variable".to_owned());
+    }
+    let mut facts = Facts::default();
+    let mut shape = String::from("PREPARE ? FROM ");
+    match source.map(|t| &t.token) {
+        Some(Token::Word(w)) if w.quote_style.is_none() && w.value.starts_with('@') => {
+            shape.push_str("@variable");
+        }
+        Some(Token::SingleQuotedString(inner) | Token::DoubleQuotedString(inner)) => {
+            let raw = match source {
+                Some(token) => {
+                    let (start, end) = token_range(token, index)?;
+                    text.get(start..end).unwrap_or_default()
+                }
+                None => "",
+            };
+            if raw.contains('\\') {
+                return Err("PREPARE: statement text with backslashes, whose meaning \
+                            depends on sql_mode NO_BACKSLASH_ESCAPES"
+                    .to_owned());
+            }
+            let mut inner = analyze_text(inner, escapes)?;
+            let statement = match (inner.pop(), inner.is_empty()) {
+                (Some(statement), true) => statement,
+                _ => return Err("PREPARE: the text must hold one statement".to_owned()),
+            };
+            facts.read.extend(statement.tables_read);
+            facts.written.extend(statement.tables_written);
+            facts.functions.extend(statement.functions);
+            facts.flags = statement.flags;
+            shape.push_str(&statement.fingerprint);
+        }
+        _ => return Err("PREPARE: expected PREPARE name FROM 'statement' or @variable".to_owned()),
+    }
+    Ok(summary(
+        StatementKind::Prepared,
+        None,
+        "PREPARE".to_owned(),
+        facts,
+        hash(&shape),
+        own_text,
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// Labels.
+
+fn label(
+    statement: &Statement,
+    first_word: &str,
+) -> (StatementKind, String, Option<TransactionOp>) {
+    use StatementKind as K;
+    let plain = |kind, command: &str| (kind, command.to_owned(), None);
+    let transaction = |op, command: &str| (K::Transaction, command.to_owned(), Some(op));
+    match statement {
+        Statement::Query(_) => plain(K::Select, "SELECT"),
+        Statement::Insert(insert) if insert.replace_into => plain(K::Insert, "REPLACE"),
+        Statement::Insert(_) => plain(K::Insert, "INSERT"),
+        Statement::Update(_) => plain(K::Update, "UPDATE"),
+        Statement::Delete(_) => plain(K::Delete, "DELETE"),
+        Statement::Truncate(_) => plain(K::Truncate, "TRUNCATE TABLE"),
+        Statement::CreateTable(_) => plain(K::Create, "CREATE TABLE"),
+        Statement::CreateView(_) => plain(K::Create, "CREATE VIEW"),
+        Statement::CreateIndex(_) => plain(K::Create, "CREATE INDEX"),
+        Statement::CreateDatabase { .. } => plain(K::Create, "CREATE DATABASE"),
+        Statement::CreateSchema { .. } => plain(K::Create, "CREATE SCHEMA"),
+        Statement::CreateFunction(_) => plain(K::Create, "CREATE FUNCTION"),
+        Statement::CreateProcedure { .. } => plain(K::Create, "CREATE PROCEDURE"),
+        Statement::CreateTrigger(_) => plain(K::Create, "CREATE TRIGGER"),
+        Statement::CreateRole(_) => plain(K::Create, "CREATE ROLE"),
+        Statement::CreateUser(_) => plain(K::Create, "CREATE USER"),
+        Statement::AlterTable(_) => plain(K::Alter, "ALTER TABLE"),
+        Statement::AlterView(_) => plain(K::Alter, "ALTER VIEW"),
+        Statement::AlterUser(_) => plain(K::Alter, "ALTER USER"),
+        Statement::RenameTable(_) => plain(K::Alter, "RENAME TABLE"),
+        Statement::Drop { object_type, .. } => (K::Drop, format!("DROP {object_type}"), None),
+        Statement::DropFunction(_) => plain(K::Drop, "DROP FUNCTION"),
+        Statement::DropProcedure { .. } => plain(K::Drop, "DROP PROCEDURE"),
+        Statement::DropTrigger(_) => plain(K::Drop, "DROP TRIGGER"),
+        Statement::Grant(_) | Statement::GrantRole(_) => plain(K::Grant, "GRANT"),
+        Statement::Revoke(_) | Statement::RevokeRole(_) => plain(K::Revoke, "REVOKE"),
+        Statement::StartTransaction { begin: true, .. } => {
+            transaction(TransactionOp::Begin, "BEGIN")
+        }
+        Statement::StartTransaction { .. } => {
+            transaction(TransactionOp::Begin, "START TRANSACTION")
+        }
+        Statement::Commit { .. } => transaction(TransactionOp::Commit, "COMMIT"),
+        Statement::Rollback {
+            savepoint: Some(_), ..
+        } => transaction(TransactionOp::Other, "ROLLBACK TO SAVEPOINT"),
+        Statement::Rollback { .. } => transaction(TransactionOp::Rollback, "ROLLBACK"),
+        Statement::Savepoint { .. } => transaction(TransactionOp::Other, "SAVEPOINT"),
+        Statement::ReleaseSavepoint { .. } => {
+            transaction(TransactionOp::Other, "RELEASE SAVEPOINT")
+        }
+        Statement::Set(_) => plain(K::Set, "SET"),
+        Statement::Use(_) => plain(K::Set, "USE"),
+        Statement::Call(_) => plain(K::Call, "CALL"),
+        Statement::Prepare { .. } => plain(K::Prepared, "PREPARE"),
+        Statement::Execute { .. } => plain(K::Prepared, "EXECUTE"),
+        Statement::Deallocate { .. } => plain(K::Prepared, "DEALLOCATE PREPARE"),
+        Statement::Explain { .. } | Statement::ExplainTable { .. } => plain(K::Explain, "EXPLAIN"),
+        Statement::LockTables { .. } => plain(K::Other, "LOCK TABLES"),
+        Statement::UnlockTables => plain(K::Other, "UNLOCK TABLES"),
+        other => fallback_label(other, first_word),
+    }
+}
+
+/// Kind and label of the statements not named above, from the printed
+/// statement: its first word gives the kind, and with CREATE, ALTER, DROP
+/// and SHOW the next word joins the label.
+fn fallback_label(
+    statement: &Statement,
+    first_word: &str,
+) -> (StatementKind, String, Option<TransactionOp>) {
+    use StatementKind as K;
+    let printed = statement.to_string();
+    let mut words = printed.split_whitespace();
+    let first = words
+        .next()
+        .map_or_else(|| first_word.to_owned(), str::to_ascii_uppercase);
+    let (kind, two) = match first.as_str() {
+        "CREATE" => (K::Create, true),
+        "ALTER" => (K::Alter, true),
+        "DROP" => (K::Drop, true),
+        "SHOW" => (K::Set, true),
+        "SET" => (K::Set, false),
+        _ => (K::Other, false),
+    };
+    let command = match words.next() {
+        Some(second) if two && second.chars().all(|c| c.is_ascii_alphabetic()) => {
+            format!("{first} {}", second.to_ascii_uppercase())
+        }
+        _ => first,
+    };
+    (kind, command, None)
+}
+
+// ---------------------------------------------------------------------------
+// Tables, functions and flags.
+
+fn table_ref(name: &ObjectName) -> Option<TableRef> {
+    let mut parts = name.0.iter().rev().map(|part| part.as_ident());
+    let table = parts.next()??;
+    let schema = parts.next().flatten();
+    Some(TableRef {
+        schema: schema.map(|s| s.value.to_lowercase()),
+        name: table.value.to_lowercase(),
+    })
+}
+
+fn single_ident(name: &ObjectName) -> Option<&Ident> {
+    match name.0.as_slice() {
+        [only] => only.as_ident(),
+        _ => None,
+    }
+}
+
+/// A table of a FROM list: its name and alias.
+struct Source<'a> {
+    name: &'a ObjectName,
+    alias: Option<&'a Ident>,
+}
+
+impl Source<'_> {
+    /// Whether a qualifier (`a` of `a.x`, or `db.t`) names this source.
+    fn answers_to(&self, qualifier: &[&Ident]) -> bool {
+        match (qualifier, self.alias) {
+            ([one], Some(alias)) => one.value.eq_ignore_ascii_case(&alias.value),
+            (_, Some(_)) => false,
+            (names, None) => {
+                let mine: Vec<String> = self
+                    .name
+                    .0
+                    .iter()
+                    .filter_map(|p| p.as_ident().map(|i| i.value.to_lowercase()))
+                    .collect();
+                let theirs: Vec<String> = names.iter().map(|i| i.value.to_lowercase()).collect();
+                mine.ends_with(&theirs) && !theirs.is_empty()
+            }
+        }
+    }
+}
+
+fn sources<'a>(tables: &'a [TableWithJoins], out: &mut Vec<Source<'a>>) {
+    for table in tables {
+        factor_sources(&table.relation, out);
+        for join in &table.joins {
+            factor_sources(&join.relation, out);
+        }
+    }
+}
+
+fn factor_sources<'a>(factor: &'a TableFactor, out: &mut Vec<Source<'a>>) {
+    match factor {
+        TableFactor::Table { name, alias, .. } => out.push(Source {
+            name,
+            alias: alias.as_ref().map(|a| &a.name),
+        }),
+        TableFactor::NestedJoin {
+            table_with_joins, ..
+        } => sources(std::slice::from_ref(table_with_joins.as_ref()), out),
+        _ => {}
+    }
+}
+
+impl Facts {
+    fn target(&mut self, name: &ObjectName) {
+        self.targets.insert(name);
+    }
+
+    fn write(&mut self, name: &ObjectName) {
+        if let Some(table) = table_ref(name) {
+            self.written.insert(table);
+        }
+    }
+
+    fn read(&mut self, name: &ObjectName) {
+        if let Some(table) = table_ref(name) {
+            self.read.insert(table);
+        }
+    }
+
+    fn function(&mut self, name: &ObjectName) {
+        let parts: Vec<String> = name
+            .0
+            .iter()
+            .filter_map(|p| p.as_ident().map(|i| i.value.to_lowercase()))
+            .collect();
+        let Some(bare) = parts.last() else {
+            return;
+        };
+        if SERVER_FILE_FUNCTIONS.contains(&bare.as_str()) {
+            self.flags.server_file_access = true;
+        }
+        self.functions.insert(parts.join("."));
+    }
+
+    /// A multi-table UPDATE modifies the tables its assignments name
+    /// (`SET a.x = ...`); an unqualified column may belong to any of them.
+    fn update_targets(&mut self, update: &Update) {
+        self.flags.no_where |= update.selection.is_none();
+        let mut list = Vec::new();
+        sources(std::slice::from_ref(&update.table), &mut list);
+        let mut all = list.len() == 1;
+        let mut chosen = Vec::new();
+        for assignment in &update.assignments {
+            let columns: Vec<&ObjectName> = match &assignment.target {
+                AssignmentTarget::ColumnName(name) => vec![name],
+                AssignmentTarget::Tuple(names) => names.iter().collect(),
+            };
+            for column in columns {
+                let parts: Vec<&Ident> = column.0.iter().filter_map(|p| p.as_ident()).collect();
+                let qualifier = parts.split_last().map_or(&[][..], |(_, q)| q);
+                let matching: Vec<usize> = (0..list.len())
+                    .filter(|&n| list.get(n).is_some_and(|s| s.answers_to(qualifier)))
+                    .collect();
+                if qualifier.is_empty() || matching.is_empty() {
+                    all = true;
+                }
+                chosen.extend(matching);
+            }
+        }
+        for (n, source) in list.iter().enumerate() {
+            if all || chosen.contains(&n) {
+                self.targets.insert(source.name);
+            }
+        }
+    }
+
+    /// DELETE: `DELETE FROM t`, `DELETE t1, a FROM t1 JOIN t2 AS a ...` and
+    /// `DELETE FROM t1, a USING t1 JOIN t2 AS a ...` delete from the named
+    /// tables (or aliases); the others are read.
+    fn delete_targets(&mut self, delete: &Delete) {
+        self.flags.no_where |= delete.selection.is_none();
+        let from = match &delete.from {
+            FromTable::WithFromKeyword(tables) | FromTable::WithoutKeyword(tables) => tables,
+        };
+        let mut list = Vec::new();
+        let names: Vec<&ObjectName> = if !delete.tables.is_empty() {
+            sources(from, &mut list);
+            delete.tables.iter().collect()
+        } else if let Some(using) = &delete.using {
+            sources(using, &mut list);
+            let mut named = Vec::new();
+            sources(from, &mut named);
+            named.iter().map(|s| s.name).collect()
+        } else {
+            sources(from, &mut list);
+            for source in &list {
+                self.targets.insert(source.name);
+            }
+            return;
+        };
+        for name in names {
+            let parts: Vec<&Ident> = name.0.iter().filter_map(|p| p.as_ident()).collect();
+            let matching: Vec<&Source> = list.iter().filter(|s| s.answers_to(&parts)).collect();
+            if matching.is_empty() {
+                // Not a table of the statement (the server refuses it);
+                // count the name itself.
+                self.write(name);
+                self.aliases.insert(name);
+            } else {
+                for source in matching {
+                    self.targets.insert(source.name);
+                }
+                // The name itself (walked as a relation in the USING
+                // form) is the matched one's other spelling.
+                self.aliases.insert(name);
+            }
+        }
+    }
+
+    fn is_cte(&self, name: &ObjectName) -> bool {
+        single_ident(name).is_some_and(|ident| {
+            self.scopes
+                .iter()
+                .any(|frame| frame.names.contains(&ident.value))
+        })
+    }
+}
+
+impl Visitor for Facts {
+    type Break = ();
+
+    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+        match statement {
+            Statement::Insert(insert) => {
+                if let TableObject::TableName(name) = &insert.table {
+                    self.target(name);
+                }
+            }
+            Statement::Update(update) => self.update_targets(update),
+            Statement::Delete(delete) => self.delete_targets(delete),
+            Statement::CreateTable(create) => {
+                self.target(&create.name);
+                if let Some(
+                    sqlparser::ast::CreateTableLikeKind::Plain(like)
+                    | sqlparser::ast::CreateTableLikeKind::Parenthesized(like),
+                ) = &create.like
+                {
+                    self.read(&like.name);
+                }
+            }
+            Statement::CreateView(view) => self.target(&view.name),
+            Statement::CreateIndex(index) => self.target(&index.table_name),
+            Statement::AlterTable(alter) => self.target(&alter.name),
+            Statement::AlterView(view) => self.target(&view.name),
+            Statement::Truncate(truncate) => {
+                for table in &truncate.table_names {
+                    self.target(&table.name);
+                }
+            }
+            Statement::Drop {
+                object_type,
+                names,
+                table,
+                ..
+            } => {
+                if matches!(object_type, ObjectType::Table | ObjectType::View) {
+                    for name in names {
+                        self.write(name);
+                    }
+                }
+                if let Some(table) = table {
+                    self.write(table);
+                }
+            }
+            Statement::DropTrigger(drop) => {
+                if let Some(table) = &drop.table_name {
+                    self.write(table);
+                }
+            }
+            Statement::RenameTable(renames) => {
+                for rename in renames {
+                    self.write(&rename.old_name);
+                    self.write(&rename.new_name);
+                }
+            }
+            Statement::LockTables { tables } => {
+                for table in tables {
+                    let name = ObjectName::from(vec![table.table.clone()]);
+                    self.read(&name);
+                }
+            }
+            Statement::Grant(grant) => {
+                if let Some(GrantObjects::Tables(names) | GrantObjects::Views(names)) =
+                    &grant.objects
+                {
+                    for name in names {
+                        self.write(name);
+                    }
+                }
+            }
+            Statement::Revoke(revoke) => {
+                if let Some(GrantObjects::Tables(names) | GrantObjects::Views(names)) =
+                    &revoke.objects
+                {
+                    for name in names {
+                        self.write(name);
+                    }
+                }
+            }
+            Statement::Call(function) => self.function(&function.name),
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        let mut frame = Frame::default();
+        if let Some(with) = &query.with {
+            for cte in &with.cte_tables {
+                let name = cte.alias.name.value.clone();
+                if with.recursive {
+                    frame.names.push(name);
+                } else {
+                    frame.pending.push((&*cte.query, name));
+                }
+            }
+        }
+        self.scopes.push(frame);
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        self.scopes.pop();
+        // A plain WITH's CTE is visible to the CTEs after it and to the
+        // query's body once its own query has been walked.
+        if let Some(frame) = self.scopes.last_mut() {
+            if let Some(n) = frame
+                .pending
+                .iter()
+                .position(|(q, _)| std::ptr::eq(*q, query))
+            {
+                let (_, name) = frame.pending.remove(n);
+                frame.names.push(name);
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        let address: *const ObjectName = relation;
+        if self.targets.contains(&address) {
+            self.write(relation);
+        } else if self.aliases.contains(&address) || self.is_cte(relation) {
+            // Another name of a relation of the statement, or a CTE.
+        } else {
+            self.read(relation);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Function { name, .. } = factor {
+            self.function(name);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(function) = expr {
+            self.function(&function.name);
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fingerprint.
+
+/// Replaces every literal with a placeholder.
+struct Blank;
+
+impl VisitorMut for Blank {
+    type Break = ();
+
+    fn pre_visit_value(&mut self, value: &mut ValueWithSpan) -> ControlFlow<()> {
+        value.value = Value::Placeholder("?".to_owned());
+        ControlFlow::Continue(())
+    }
+}
+
+/// The statement's fingerprint: every literal replaced by `?`, the
+/// statement printed (with `markers` for clauses read apart from the
+/// parser, such as INTO OUTFILE), and the first 16 hex digits of the
+/// SHA-256 of that text. Statements that differ only in literal values
+/// (numbers, strings, booleans, NULL) share it; a different table, column,
+/// function, operator or clause changes it.
+fn fingerprint(statement: &Statement, markers: &str) -> String {
+    let mut blank = statement.clone();
+    let _ = VisitMut::visit(&mut blank, &mut Blank);
+    hash(&format!("{blank}{markers}"))
+}
+
+/// A statement's tokens with literals as `?`, for the statements read from
+/// the tokens.
+fn token_shape(tokens: &[&TokenWithSpan]) -> String {
+    let mut shape = String::new();
+    for token in tokens {
+        match &token.token {
+            Token::Number(..) => shape.push('?'),
+            t if is_string(t) => shape.push('?'),
+            t => {
+                let _ = write!(shape, "{t}");
+            }
+        }
+        shape.push(' ');
+    }
+    shape
+}
+
+fn hash(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    let mut hex = String::with_capacity(16);
+    for byte in digest.iter().take(8) {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
+#[cfg(test)]
+#[path = "mysql/tests.rs"]
+mod tests;

@@ -1,0 +1,605 @@
+#![allow(clippy::panic)]
+
+use super::*;
+
+fn parsed(sql: &str) -> Vec<StatementSummary> {
+    match analyze(sql) {
+        Analysis::Parsed { statements } => statements,
+        Analysis::Unparsable { error } => panic!("{sql:?} did not parse: {error}"),
+    }
+}
+
+fn one(sql: &str) -> StatementSummary {
+    let mut statements = parsed(sql);
+    assert_eq!(statements.len(), 1, "{sql:?}: {statements:?}");
+    statements.remove(0)
+}
+
+fn refused(sql: &str) -> String {
+    match analyze(sql) {
+        Analysis::Unparsable { error } => error,
+        Analysis::Parsed { statements } => panic!("{sql:?} was not refused: {statements:?}"),
+    }
+}
+
+fn t(name: &str) -> TableRef {
+    match name.split_once('.') {
+        Some((schema, name)) => TableRef {
+            schema: Some(schema.to_owned()),
+            name: name.to_owned(),
+        },
+        None => TableRef {
+            schema: None,
+            name: name.to_owned(),
+        },
+    }
+}
+
+fn tables(names: &[&str]) -> Vec<TableRef> {
+    let mut tables: Vec<TableRef> = names.iter().map(|n| t(n)).collect();
+    tables.sort();
+    tables
+}
+
+fn reads(sql: &str) -> Vec<TableRef> {
+    one(sql).tables_read
+}
+
+#[test]
+fn kinds_and_commands() {
+    use StatementKind as K;
+    let cases: &[(&str, K, &str)] = &[
+        ("SELECT 1", K::Select, "SELECT"),
+        ("INSERT INTO t VALUES (1)", K::Insert, "INSERT"),
+        ("INSERT INTO t SET a = 1", K::Insert, "INSERT"),
+        ("REPLACE INTO t VALUES (1)", K::Insert, "REPLACE"),
+        ("UPDATE t SET a = 1 WHERE b = 2", K::Update, "UPDATE"),
+        ("DELETE FROM t WHERE a = 1", K::Delete, "DELETE"),
+        ("CREATE TABLE t (a INT)", K::Create, "CREATE TABLE"),
+        ("CREATE INDEX i ON t (a)", K::Create, "CREATE INDEX"),
+        ("CREATE DATABASE d", K::Create, "CREATE DATABASE"),
+        ("ALTER TABLE t ADD COLUMN c INT", K::Alter, "ALTER TABLE"),
+        ("DROP TABLE t", K::Drop, "DROP TABLE"),
+        ("DROP VIEW v", K::Drop, "DROP VIEW"),
+        ("TRUNCATE TABLE t", K::Truncate, "TRUNCATE TABLE"),
+        ("RENAME TABLE a TO b", K::Alter, "RENAME TABLE"),
+        ("GRANT SELECT ON db.* TO 'u'@'%'", K::Grant, "GRANT"),
+        ("REVOKE SELECT ON db.* FROM 'u'@'%'", K::Revoke, "REVOKE"),
+        ("SET @a = 1", K::Set, "SET"),
+        ("SET NAMES utf8mb4", K::Set, "SET"),
+        ("SHOW TABLES", K::Set, "SHOW TABLES"),
+        ("USE db", K::Set, "USE"),
+        ("CALL p(1)", K::Call, "CALL"),
+        ("EXECUTE s USING @a", K::Prepared, "EXECUTE"),
+        ("DEALLOCATE PREPARE s", K::Prepared, "DEALLOCATE PREPARE"),
+        ("EXPLAIN SELECT * FROM t", K::Explain, "EXPLAIN"),
+        ("LOCK TABLES t READ", K::Other, "LOCK TABLES"),
+        ("UNLOCK TABLES", K::Other, "UNLOCK TABLES"),
+    ];
+    for (sql, kind, command) in cases {
+        let s = one(sql);
+        assert_eq!((s.kind, &*s.command), (*kind, *command), "{sql}");
+        assert_eq!(s.transaction, None, "{sql}");
+    }
+}
+
+#[test]
+fn transactions() {
+    use TransactionOp as T;
+    let cases: &[(&str, T, &str)] = &[
+        ("START TRANSACTION", T::Begin, "START TRANSACTION"),
+        ("BEGIN", T::Begin, "BEGIN"),
+        ("BEGIN WORK", T::Begin, "BEGIN"),
+        ("COMMIT", T::Commit, "COMMIT"),
+        ("ROLLBACK", T::Rollback, "ROLLBACK"),
+        ("SAVEPOINT a", T::Other, "SAVEPOINT"),
+        ("ROLLBACK TO SAVEPOINT a", T::Other, "ROLLBACK TO SAVEPOINT"),
+        ("RELEASE SAVEPOINT a", T::Other, "RELEASE SAVEPOINT"),
+    ];
+    for (sql, op, command) in cases {
+        let s = one(sql);
+        assert_eq!(s.kind, StatementKind::Transaction, "{sql}");
+        assert_eq!((s.transaction, &*s.command), (Some(*op), *command), "{sql}");
+    }
+}
+
+#[test]
+fn names_are_lowercased_with_their_database() {
+    let s = one("SELECT * FROM Shop.`Orders` o JOIN `customers` c ON o.c = c.id");
+    assert_eq!(s.tables_read, tables(&["customers", "shop.orders"]));
+    assert!(s.tables_written.is_empty());
+}
+
+#[test]
+fn embedded_queries_are_read() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "SELECT (SELECT s FROM secrets LIMIT 1) FROM t",
+            &["secrets", "t"],
+        ),
+        ("SELECT * FROM t WHERE a IN (SELECT a FROM u)", &["t", "u"]),
+        (
+            "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u)",
+            &["t", "u"],
+        ),
+        ("SELECT * FROM (SELECT * FROM secrets) d", &["secrets"]),
+        (
+            "SELECT * FROM a LEFT JOIN (b JOIN c ON b.x = c.x) ON a.x = b.x",
+            &["a", "b", "c"],
+        ),
+        ("SELECT a FROM t UNION SELECT a FROM u", &["t", "u"]),
+        ("SELECT CASE WHEN (SELECT 1 FROM u) THEN 1 END", &["u"]),
+        (
+            "SELECT a FROM t ORDER BY (SELECT b FROM u LIMIT 1)",
+            &["t", "u"],
+        ),
+    ];
+    for (sql, expected) in cases {
+        assert_eq!(reads(sql), tables(expected), "{sql}");
+    }
+}
+
+#[test]
+fn insert_and_replace_write_their_table_and_read_their_source() {
+    for sql in [
+        "INSERT INTO archive SELECT * FROM orders",
+        "REPLACE INTO archive SELECT * FROM orders",
+        "INSERT INTO archive (a) VALUES ((SELECT a FROM orders LIMIT 1))",
+    ] {
+        let s = one(sql);
+        assert_eq!(s.tables_written, tables(&["archive"]), "{sql}");
+        assert_eq!(s.tables_read, tables(&["orders"]), "{sql}");
+    }
+}
+
+#[test]
+fn multi_table_update_writes_the_tables_it_sets() {
+    let s = one("UPDATE t1 a JOIN t2 b ON a.id = b.id SET a.x = b.y WHERE b.z = 1");
+    assert_eq!(s.tables_written, tables(&["t1"]));
+    assert_eq!(s.tables_read, tables(&["t2"]));
+    assert!(!s.flags.no_where);
+
+    let s = one("UPDATE t1 JOIN t2 SET t2.x = t1.y");
+    assert_eq!(s.tables_written, tables(&["t2"]));
+    assert_eq!(s.tables_read, tables(&["t1"]));
+    assert!(s.flags.no_where);
+    // The comma form is not in the dialect: refused, not misread.
+    refused("UPDATE t1, t2 SET t2.x = t1.y");
+
+    // An unqualified column may belong to either table.
+    let s = one("UPDATE t1 JOIN t2 ON t1.id = t2.id SET x = 1");
+    assert_eq!(s.tables_written, tables(&["t1", "t2"]));
+
+    let s = one("UPDATE t SET a = (SELECT b FROM u LIMIT 1) WHERE c = 1");
+    assert_eq!(s.tables_written, tables(&["t"]));
+    assert_eq!(s.tables_read, tables(&["u"]));
+}
+
+#[test]
+fn multi_table_delete_writes_the_tables_it_deletes_from() {
+    let s = one("DELETE t1, t2 FROM t1 JOIN t2 ON t1.a = t2.a JOIN t3 WHERE t3.x = 1");
+    assert_eq!(s.tables_written, tables(&["t1", "t2"]));
+    assert_eq!(s.tables_read, tables(&["t3"]));
+
+    let s = one("DELETE FROM t1, t2 USING t1 JOIN t2 JOIN t3");
+    assert_eq!(s.tables_written, tables(&["t1", "t2"]));
+    assert_eq!(s.tables_read, tables(&["t3"]));
+    assert!(s.flags.no_where);
+
+    let s = one("DELETE a FROM t1 AS a JOIN t2 b ON a.x = b.x WHERE b.y = 1");
+    assert_eq!(s.tables_written, tables(&["t1"]));
+    assert_eq!(s.tables_read, tables(&["t2"]));
+
+    let s = one("DELETE FROM t WHERE id IN (SELECT id FROM u)");
+    assert_eq!(s.tables_written, tables(&["t"]));
+    assert_eq!(s.tables_read, tables(&["u"]));
+}
+
+#[test]
+fn ddl_targets() {
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        ("CREATE TABLE t2 AS SELECT * FROM t1", &["t1"], &["t2"]),
+        ("CREATE TABLE t2 SELECT * FROM t1", &["t1"], &["t2"]),
+        ("CREATE TABLE t2 LIKE db.t1", &["db.t1"], &["t2"]),
+        (
+            "CREATE VIEW v AS SELECT * FROM secrets",
+            &["secrets"],
+            &["v"],
+        ),
+        ("ALTER TABLE Db.T ADD COLUMN c INT", &[], &["db.t"]),
+        ("DROP TABLE IF EXISTS a, db.b", &[], &["a", "db.b"]),
+        ("TRUNCATE TABLE t", &[], &["t"]),
+        ("RENAME TABLE a TO b, c TO d", &[], &["a", "b", "c", "d"]),
+        ("CREATE INDEX i ON t (a)", &[], &["t"]),
+    ];
+    for (sql, read, written) in cases {
+        let s = one(sql);
+        assert_eq!(s.tables_read, tables(read), "{sql}");
+        assert_eq!(s.tables_written, tables(written), "{sql}");
+    }
+}
+
+#[test]
+fn cte_names_hide_tables_only_in_their_scope() {
+    // A CTE hides the table in its own query's body.
+    assert_eq!(
+        reads("WITH secrets AS (SELECT 1 AS a) SELECT * FROM secrets"),
+        tables(&[])
+    );
+    // Not in the enclosing query.
+    assert_eq!(
+        reads("SELECT * FROM secrets WHERE EXISTS (WITH secrets AS (SELECT 1) SELECT 1)"),
+        tables(&["secrets"])
+    );
+    // Not in a sibling query.
+    assert_eq!(
+        reads("SELECT * FROM (WITH s AS (SELECT 1) SELECT * FROM s) x, s"),
+        tables(&["s"])
+    );
+    // Not in its own definition (no RECURSIVE), nor in an earlier CTE.
+    assert_eq!(
+        reads("WITH secrets AS (SELECT * FROM secrets) SELECT * FROM secrets"),
+        tables(&["secrets"])
+    );
+    assert_eq!(
+        reads("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a, b"),
+        tables(&["b"])
+    );
+    // A later CTE sees an earlier one.
+    assert_eq!(
+        reads("WITH a AS (SELECT 1), b AS (SELECT * FROM a) SELECT * FROM b"),
+        tables(&[])
+    );
+    // RECURSIVE: the CTE sees itself.
+    assert_eq!(
+        reads("WITH RECURSIVE r AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT * FROM r"),
+        tables(&[])
+    );
+    // A qualified name is always a table.
+    assert_eq!(
+        reads("WITH s AS (SELECT 1) SELECT * FROM db.s"),
+        tables(&["db.s"])
+    );
+    // Visible below: in a subquery of the body.
+    assert_eq!(
+        reads("WITH s AS (SELECT 1) SELECT * FROM t WHERE EXISTS (SELECT * FROM s)"),
+        tables(&["t"])
+    );
+}
+
+#[test]
+fn explain_includes_the_explained_statement() {
+    let s = one("EXPLAIN SELECT * FROM secrets WHERE a = LOAD_FILE('/etc/passwd')");
+    assert_eq!(s.kind, StatementKind::Explain);
+    assert_eq!(s.tables_read, tables(&["secrets"]));
+    assert_eq!(s.functions, vec!["load_file".to_owned()]);
+    let s = one("EXPLAIN DELETE FROM t");
+    assert_eq!(s.tables_written, tables(&["t"]));
+    assert!(s.flags.no_where);
+}
+
+#[test]
+fn functions_are_lowercased_and_qualified() {
+    let s = one("SELECT UPPER(a), db.MyFunc(b), `Sleep`(1) FROM t WHERE c = COALESCE(d, 1)");
+    assert_eq!(s.functions, vec!["coalesce", "db.myfunc", "sleep", "upper"]);
+    let s = one("CALL Db.Proc(1)");
+    assert_eq!(s.kind, StatementKind::Call);
+    assert_eq!(s.functions, vec!["db.proc"]);
+}
+
+#[test]
+fn server_file_access() {
+    let s = one("SELECT LOAD_FILE('/etc/passwd')");
+    assert!(s.flags.server_file_access);
+    assert!(!one("SELECT LOAD('/etc/passwd')").flags.server_file_access);
+
+    let s = one("SELECT * FROM secrets INTO OUTFILE '/tmp/x' FIELDS TERMINATED BY ',' OPTIONALLY ENCLOSED BY '\"' LINES TERMINATED BY '\\n'");
+    assert!(s.flags.server_file_access);
+    assert_eq!(s.kind, StatementKind::Select);
+    assert_eq!(s.tables_read, tables(&["secrets"]));
+
+    let s = one("SELECT * INTO OUTFILE '/tmp/x' CHARACTER SET utf8mb4 FROM secrets");
+    assert!(s.flags.server_file_access);
+    assert_eq!(s.tables_read, tables(&["secrets"]));
+
+    let s = one("SELECT a FROM secrets LIMIT 1 INTO DUMPFILE '/tmp/x'");
+    assert!(s.flags.server_file_access);
+    assert_eq!(s.tables_read, tables(&["secrets"]));
+
+    // A variable target is not a file.
+    let s = one("SELECT a INTO @x FROM t");
+    assert!(!s.flags.server_file_access);
+}
+
+#[test]
+fn load_data() {
+    for sql in [
+        "LOAD DATA INFILE '/tmp/x' INTO TABLE db.t",
+        "LOAD DATA LOCAL INFILE '/tmp/x' REPLACE INTO TABLE db.t FIELDS TERMINATED BY ',' IGNORE 1 LINES (a, @b)",
+        "LOAD DATA LOW_PRIORITY LOCAL INFILE 'x' IGNORE INTO TABLE `db`.`T` CHARACTER SET utf8mb4",
+    ] {
+        let s = one(sql);
+        assert_eq!(s.kind, StatementKind::Copy, "{sql}");
+        assert_eq!(&*s.command, "LOAD DATA", "{sql}");
+        assert!(s.flags.server_file_access, "{sql}");
+        assert!(!s.flags.no_where, "{sql}");
+        assert_eq!(s.tables_written, tables(&["db.t"]), "{sql}");
+        assert!(s.tables_read.is_empty(), "{sql}");
+    }
+    let s = one("LOAD DATA INFILE 'x' INTO TABLE t (a, @b) SET c = (SELECT s FROM secrets LIMIT 1), d = UPPER(@b)");
+    assert_eq!(s.tables_written, tables(&["t"]));
+    assert_eq!(s.tables_read, tables(&["secrets"]));
+    assert_eq!(s.functions, vec!["upper"]);
+    refused("LOAD DATA INFILE 'x' INTO TABLE t WHERE (SELECT 1)");
+    refused("LOAD DATA INFILE 'x'");
+}
+
+#[test]
+fn config_change() {
+    for sql in [
+        "SET GLOBAL max_connections = 10",
+        "SET @@global.max_connections = 10",
+        "SET @@GLOBAL.max_connections = 10",
+        "SET PERSIST max_connections = 10",
+        "SET PERSIST_ONLY max_connections = 10",
+        "SET a = 1, GLOBAL b = 2",
+    ] {
+        let s = one(sql);
+        assert_eq!(s.kind, StatementKind::Set, "{sql}");
+        assert!(s.flags.config_change, "{sql}");
+    }
+    for sql in [
+        "SET SESSION sql_mode = 'global'",
+        "SET @a = 1",
+        "SET @@session.x = 1",
+    ] {
+        assert!(!one(sql).flags.config_change, "{sql}");
+    }
+    assert_ne!(
+        one("SET PERSIST max_connections = 10").fingerprint,
+        one("SET GLOBAL max_connections = 10").fingerprint
+    );
+}
+
+#[test]
+fn no_where() {
+    assert!(one("UPDATE t SET a = 1").flags.no_where);
+    assert!(one("DELETE FROM t").flags.no_where);
+    assert!(!one("UPDATE t SET a = 1 WHERE b = 2").flags.no_where);
+    assert!(!one("DELETE FROM t WHERE b = 2").flags.no_where);
+    assert!(!one("SELECT * FROM t").flags.no_where);
+}
+
+#[test]
+fn prepare_from_text_counts_its_statement() {
+    let s = one("PREPARE s FROM 'SELECT * FROM secrets WHERE a = ?'");
+    assert_eq!(s.kind, StatementKind::Prepared);
+    assert_eq!(&*s.command, "PREPARE");
+    assert_eq!(s.tables_read, tables(&["secrets"]));
+    let s = one("PREPARE s FROM 'DELETE FROM t'");
+    assert_eq!(s.tables_written, tables(&["t"]));
+    assert!(s.flags.no_where);
+    let s = one("PREPARE s FROM @q");
+    assert!(s.tables_read.is_empty());
+    refused("PREPARE s FROM 'SELECT 1; DROP TABLE t'");
+    refused("PREPARE s FROM 'SELECT \\'x\\''");
+}
+
+#[test]
+fn fingerprints_ignore_literals_only() {
+    let fp = |sql: &str| one(sql).fingerprint;
+    let a = fp("SELECT * FROM t WHERE a = 1 AND b = 'x'");
+    assert_eq!(a.len(), 16);
+    assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(a, fp("SELECT * FROM t WHERE a = 42 AND b = 'other'"));
+    assert_eq!(a, fp("select *   from t where a = 7 and b = \"y\""));
+    assert_ne!(a, fp("SELECT * FROM u WHERE a = 1 AND b = 'x'"));
+    assert_ne!(a, fp("SELECT * FROM t WHERE c = 1 AND b = 'x'"));
+    assert_ne!(a, fp("SELECT * FROM t WHERE a = 1 OR b = 'x'"));
+    assert_ne!(a, fp("SELECT * FROM db.t WHERE a = 1 AND b = 'x'"));
+    assert_eq!(
+        fp("INSERT INTO t VALUES (1, 'a')"),
+        fp("INSERT INTO t VALUES (2, 'b')")
+    );
+    assert_ne!(
+        fp("SELECT * FROM t INTO OUTFILE '/tmp/a'"),
+        fp("SELECT * FROM t")
+    );
+    assert_eq!(
+        fp("LOAD DATA INFILE 'a' INTO TABLE t IGNORE 1 LINES"),
+        fp("LOAD DATA INFILE 'b' INTO TABLE t IGNORE 2 LINES")
+    );
+    assert_ne!(
+        fp("LOAD DATA INFILE 'a' INTO TABLE t"),
+        fp("LOAD DATA INFILE 'a' INTO TABLE u")
+    );
+}
+
+#[test]
+fn multi_statement_texts() {
+    let sql = "  /* lead */ SELECT 1 ; UPDATE t SET a = ';' WHERE b = 2;\n-- note\n DELETE FROM `x;y` # end\n;;";
+    let statements = parsed(sql);
+    let texts: Vec<&str> = statements.iter().map(|s| s.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        vec![
+            "SELECT 1",
+            "UPDATE t SET a = ';' WHERE b = 2",
+            "DELETE FROM `x;y`"
+        ]
+    );
+    let kinds: Vec<StatementKind> = statements.iter().map(|s| s.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            StatementKind::Select,
+            StatementKind::Update,
+            StatementKind::Delete
+        ]
+    );
+    assert_eq!(statements[2].tables_written, tables(&["x;y"]));
+    assert!(parsed("").is_empty());
+    assert!(parsed(" ; -- x\n ; /* y */").is_empty());
+}
+
+#[test]
+fn garbage_is_unparsable() {
+    for sql in [
+        "SELEC 1",
+        "SELECT * FROM",
+        "DO SLEEP(1)",
+        "SELECT 'unterminated",
+        "SELECT 1 /* unterminated",
+        "CREATE PROCEDURE p() BEGIN SELECT 1; SELECT * FROM secrets; END",
+        "BEGIN NOT ATOMIC DELETE FROM secrets; END",
+        "SELECT 1\0",
+    ] {
+        let error = refused(sql);
+        assert!(!error.is_empty(), "{sql}");
+    }
+}
+
+// --- Hostile text -----------------------------------------------------------
+
+#[test]
+fn executable_comments_are_refused() {
+    for sql in [
+        "SELECT 1 /*!, (SELECT s FROM secrets) */",
+        "SELECT 1 /*!50000 , (SELECT s FROM secrets) */",
+        "SELECT 1 /*M!, (SELECT s FROM secrets) */",
+        "SELECT 1 /*M!100100 , (SELECT s FROM secrets) */",
+        "/*!40101 SET NAMES utf8 */",
+    ] {
+        assert!(refused(sql).contains("executable comment"), "{sql}");
+    }
+    // Ordinary comments, and executable markers inside strings, are fine.
+    let s = one("SELECT 1 /* , (SELECT s FROM secrets) */");
+    assert!(s.tables_read.is_empty());
+    let s = one("SELECT '/*!, (SELECT s FROM secrets) */' FROM t");
+    assert_eq!(s.tables_read, tables(&["t"]));
+}
+
+#[test]
+fn line_comments_read_as_the_server_reads_them() {
+    // `--` without whitespace after it is two minus signs.
+    let s = one("SELECT 1 --x\nFROM t");
+    assert_eq!(s.tables_read, tables(&["t"]));
+    assert_eq!(s.text, "SELECT 1 --x\nFROM t");
+    // `-- ` and `#` run to the end of the line.
+    let s = one("SELECT 1 -- x\n FROM t");
+    assert_eq!(s.tables_read, tables(&["t"]));
+    let s = one("SELECT 1 #x ; DROP TABLE t\n FROM u");
+    assert_eq!(s.tables_read, tables(&["u"]));
+    assert_eq!(one("SELECT 1 #x").text, "SELECT 1");
+    assert_eq!(one("SELECT 1 --\tx").text, "SELECT 1");
+    // A comment-looking `;` hides nothing: one statement, no DROP.
+    let statements = parsed("SELECT 1 -- ; DROP TABLE t");
+    assert_eq!(statements.len(), 1);
+}
+
+#[test]
+fn double_quoted_table_names_are_tables() {
+    assert_eq!(reads("SELECT * FROM \"secrets\""), tables(&["secrets"]));
+    assert_eq!(
+        reads("SELECT * FROM t WHERE a IN (SELECT a FROM \"Db\".\"Secrets\")"),
+        tables(&["db.secrets", "t"])
+    );
+    let s = one("DELETE FROM \"secrets\"");
+    assert_eq!(s.tables_written, tables(&["secrets"]));
+    // A double-quoted function name is refused rather than missed.
+    refused("SELECT \"load_file\"('/etc/passwd')");
+}
+
+#[test]
+fn backslash_escapes_do_not_shift_statements() {
+    // One string under either reading of backslashes: one statement.
+    for sql in [
+        "SELECT 'a''; DROP TABLE t; --'",
+        "SELECT \"a\"\"; DROP TABLE t; -- \"",
+        "SELECT `a'; DROP TABLE t; --` FROM u",
+        "SELECT '\\\\'",
+    ] {
+        let statements = parsed(sql);
+        assert_eq!(statements.len(), 1, "{sql}");
+        assert!(
+            statements.iter().all(|s| s.kind == StatementKind::Select),
+            "{sql}"
+        );
+        assert!(statements[0].tables_written.is_empty(), "{sql}");
+    }
+    // A string that ends or not depending on NO_BACKSLASH_ESCAPES: refused.
+    for sql in [
+        "SELECT '\\'; DROP TABLE t; -- '",
+        "SELECT \"\\\"; DROP TABLE t; -- \"",
+        "SELECT N'\\'; DROP TABLE t; -- '",
+        "SELECT _utf8mb4'\\'; DROP TABLE t; -- '",
+        "SELECT 'it\\'s'; DROP TABLE t; -- '",
+    ] {
+        assert!(refused(sql).contains("backslash"), "{sql}");
+    }
+    // A backslash-escaped quote, as drivers write it, reads one way only
+    // when the session's reading is known.
+    let sql = "SELECT 'it\\'s'; DROP TABLE t; -- '";
+    match analyze_read(sql, Escapes::Backslash) {
+        Analysis::Parsed { statements } => {
+            let kinds: Vec<StatementKind> = statements.iter().map(|s| s.kind).collect();
+            assert_eq!(kinds, vec![StatementKind::Select, StatementKind::Drop]);
+            assert_eq!(statements[1].tables_written, tables(&["t"]));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        analyze_read("SELECT 'it\\'s'", Escapes::Backslash),
+        Analysis::Parsed { statements } if statements.len() == 1
+    ));
+    // Under NO_BACKSLASH_ESCAPES the parser's reading would be wrong.
+    assert!(matches!(
+        analyze_read("SELECT 'a\\'; DROP TABLE t; -- '", Escapes::NoBackslash),
+        Analysis::Unparsable { .. }
+    ));
+    // Hex literals take no escapes, as on the server.
+    let statements = parsed("SELECT X'0a'; SELECT 2");
+    assert_eq!(statements.len(), 2);
+}
+
+#[test]
+fn every_statement_of_a_multi_statement_text_is_summarised() {
+    let statements = parsed("SELECT * FROM a; DROP TABLE secrets; INSERT INTO b SELECT * FROM c");
+    let kinds: Vec<StatementKind> = statements.iter().map(|s| s.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            StatementKind::Select,
+            StatementKind::Drop,
+            StatementKind::Insert
+        ]
+    );
+    assert_eq!(statements[1].tables_written, tables(&["secrets"]));
+    assert_eq!(statements[2].tables_read, tables(&["c"]));
+    // One bad statement refuses the whole text.
+    refused("SELECT 1; SELEC 2");
+}
+
+#[test]
+fn malformed_prefixes_do_not_panic() {
+    let sql = "SELECT a, 'x\\'y', `q` FROM t /* c */ WHERE b = \"z\" -- e\n; LOAD DATA INFILE 'f' INTO TABLE t SET c = 1; PREPARE s FROM 'SELECT 1'";
+    for end in 0..=sql.len() {
+        if let Some(prefix) = sql.get(..end) {
+            let _ = analyze(prefix);
+        }
+    }
+}
+
+#[test]
+fn block_comments_do_not_nest() {
+    // The server's comment ends at the first `*/`: the subquery runs. Read
+    // it or refuse the text, never hide it.
+    let sql = "SELECT 1 /* /* */ , (SELECT s FROM secrets) /* */";
+    match analyze(sql) {
+        Analysis::Parsed { statements } => {
+            assert_eq!(statements.len(), 1);
+            assert_eq!(statements[0].tables_read, tables(&["secrets"]));
+        }
+        Analysis::Unparsable { error } => assert!(!error.is_empty()),
+    }
+}
