@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, Protocol};
+use crate::config::Config;
 use crate::control;
 use crate::events::{Events, FanOut, LogSink};
 use crate::identity::IdentityResolver;
@@ -62,16 +62,6 @@ impl RunningAgent {
                 .filter(|t| t.record_raw)
                 .map(|t| t.name.clone()),
         );
-
-        for t in config.targets.iter() {
-            if t.protocol == Protocol::Mysql {
-                tracing::warn!(
-                    target_name = %t.name,
-                    "target {}: mysql statement inspection is not available in this version; its sessions are relayed as opaque tcp",
-                    t.name
-                );
-            }
-        }
 
         let mut listeners = Vec::new();
         let mut bound = Vec::new();

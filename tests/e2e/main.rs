@@ -13,6 +13,7 @@ mod hostile_local;
 mod identity_spoof;
 mod listener;
 mod masking;
+mod mysql;
 mod orderings;
 mod postgres;
 mod protect;

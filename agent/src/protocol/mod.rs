@@ -16,6 +16,7 @@
 //! Dependencies run one way: `proxy` → `protocol` → `sql`, `policy`,
 //! `masking`, `approval`, `recording` (through `events`).
 
+pub mod mysql;
 pub mod postgres;
 pub mod tcp;
 
@@ -122,6 +123,7 @@ pub enum Refusal<'a> {
 /// sessions.
 pub struct Handlers {
     postgres: postgres::PostgresHandler,
+    mysql: mysql::MysqlHandler,
     tcp: tcp::TcpRelay,
 }
 
@@ -131,16 +133,17 @@ impl Handlers {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         Ok(Handlers {
             postgres: postgres::PostgresHandler::new(config)?,
+            mysql: mysql::MysqlHandler,
             tcp: tcp::TcpRelay,
         })
     }
 
-    /// The handler of `protocol`'s sessions. MySQL targets are relayed by
-    /// `tcp` until their handler lands (the agent warns at start).
+    /// The handler of `protocol`'s sessions.
     pub fn for_protocol(&self, protocol: Protocol) -> &dyn Handler {
         match protocol {
             Protocol::Postgres => &self.postgres,
-            Protocol::Mysql | Protocol::Tcp => &self.tcp,
+            Protocol::Mysql => &self.mysql,
+            Protocol::Tcp => &self.tcp,
         }
     }
 }

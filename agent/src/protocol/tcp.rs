@@ -39,8 +39,7 @@ enum PumpError {
     Recording(String),
 }
 
-/// The opaque relay: serves `tcp` targets (and `mysql` ones until their
-/// handler lands).
+/// The opaque relay: serves `tcp` targets.
 pub struct TcpRelay;
 
 impl Handler for TcpRelay {

@@ -1,0 +1,306 @@
+//! The connection phase: the server's greeting (HandshakeV10), the client's
+//! answer (HandshakeResponse41), and what the proxy changes in them.
+//!
+//! The proxy relays authentication untouched (the server checks the
+//! client's own credentials, whatever the plugin), but it offers the client
+//! only the capabilities whose traffic it can follow, and it clears the same
+//! bits in the client's answer, so a client cannot ask the server for what
+//! was never offered:
+//! - TLS, compression: the proxy reads every command; TLS on the client leg
+//!   is not built yet, so a client that insists on it is told so;
+//! - `CLIENT_DEPRECATE_EOF`, optional result metadata, query attributes,
+//!   multi-factor authentication: they change the framing of results and
+//!   commands; without them every result set ends in an EOF packet;
+//! - `CLIENT_LOCAL_FILES`: the server cannot ask the client for a file, so
+//!   `LOAD DATA LOCAL` fails at the server;
+//! - MariaDB's extended capabilities (progress reports, bulk execution,
+//!   metadata caching): all of them.
+
+use super::packet::Packet;
+
+/// Capability flags (the protocol's `CLIENT_*`).
+pub mod caps {
+    /// `CLIENT_LONG_PASSWORD`; a MariaDB server leaves it clear to say
+    /// that its greeting carries extended capabilities.
+    pub const CLIENT_MYSQL: u32 = 1;
+    pub const CONNECT_WITH_DB: u32 = 1 << 3;
+    pub const COMPRESS: u32 = 1 << 5;
+    pub const LOCAL_FILES: u32 = 1 << 7;
+    pub const PROTOCOL_41: u32 = 1 << 9;
+    pub const SSL: u32 = 1 << 11;
+    pub const SECURE_CONNECTION: u32 = 1 << 15;
+    pub const MULTI_STATEMENTS: u32 = 1 << 16;
+    pub const PLUGIN_AUTH: u32 = 1 << 19;
+    pub const PLUGIN_AUTH_LENENC_CLIENT_DATA: u32 = 1 << 21;
+    pub const DEPRECATE_EOF: u32 = 1 << 24;
+    pub const OPTIONAL_RESULTSET_METADATA: u32 = 1 << 25;
+    pub const ZSTD_COMPRESSION: u32 = 1 << 26;
+    pub const QUERY_ATTRIBUTES: u32 = 1 << 27;
+    pub const MULTI_FACTOR_AUTH: u32 = 1 << 28;
+
+    /// What the proxy never lets the two sides agree on.
+    pub const STRIPPED: u32 = COMPRESS
+        | LOCAL_FILES
+        | SSL
+        | DEPRECATE_EOF
+        | OPTIONAL_RESULTSET_METADATA
+        | ZSTD_COMPRESSION
+        | QUERY_ATTRIBUTES
+        | MULTI_FACTOR_AUTH;
+}
+
+/// Why a handshake packet could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeError(pub String);
+
+/// Removes [`caps::STRIPPED`] and MariaDB's extended capabilities from the
+/// server's greeting, in place.
+pub fn restrict_greeting(greeting: &mut Packet) -> Result<(), HandshakeError> {
+    let p = &mut greeting.payload;
+    if p.first() != Some(&10) {
+        return Err(HandshakeError(format!(
+            "the server's greeting has protocol version {:?}, not 10",
+            p.first()
+        )));
+    }
+    let version_end = p
+        .iter()
+        .skip(1)
+        .position(|&b| b == 0)
+        .map(|i| i + 1)
+        .ok_or_else(|| HandshakeError("the server's version is not terminated".into()))?;
+    // Connection id (4), scramble (8), filler (1), then the low half.
+    let low = version_end + 14;
+    let high = low + 5; // charset (1) and status (2) between them
+    let (Some(lo), Some(hi)) = (p.get(low..low + 2), p.get(high..high + 2)) else {
+        return Err(HandshakeError("the server's greeting is cut short".into()));
+    };
+    let offered = u32::from(u16::from_le_bytes([lo[0], lo[1]]))
+        | u32::from(u16::from_le_bytes([hi[0], hi[1]])) << 16;
+    let kept = offered & !caps::STRIPPED;
+    if let Some(slot) = p.get_mut(low..low + 2) {
+        slot.copy_from_slice(&(kept as u16).to_le_bytes());
+    }
+    if let Some(slot) = p.get_mut(high..high + 2) {
+        slot.copy_from_slice(&((kept >> 16) as u16).to_le_bytes());
+    }
+    // Auth data length (1), then 10 reserved bytes whose last 4 are
+    // MariaDB's extended capabilities.
+    if offered & caps::CLIENT_MYSQL == 0 {
+        let extended = high + 2 + 1 + 6;
+        if let Some(slot) = p.get_mut(extended..extended + 4) {
+            slot.fill(0);
+        }
+    }
+    Ok(())
+}
+
+/// What the client's answer says about the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientHello {
+    /// The capabilities the client asked for (after the proxy's changes).
+    pub capabilities: u32,
+    /// The database user.
+    pub user: String,
+    /// The database, when given.
+    pub database: Option<String>,
+}
+
+/// What the client's first packet is.
+#[derive(Debug)]
+pub enum ClientAnswer {
+    /// An SSLRequest: the client wants TLS first.
+    WantsTls,
+    /// A HandshakeResponse41, its capabilities restricted in place.
+    Hello(ClientHello),
+}
+
+/// Reads the client's answer to the greeting and clears the capabilities
+/// the proxy does not allow, in place.
+pub fn read_client_answer(answer: &mut Packet) -> Result<ClientAnswer, HandshakeError> {
+    let p = &mut answer.payload;
+    let Some(raw) = p.get(0..4) else {
+        return Err(HandshakeError(
+            "the client's handshake answer is cut short".into(),
+        ));
+    };
+    let asked = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+    if asked & caps::PROTOCOL_41 == 0 {
+        return Err(HandshakeError(
+            "the client does not speak protocol 4.1, which the agent requires".into(),
+        ));
+    }
+    if asked & caps::SSL != 0 && p.len() <= 32 {
+        return Ok(ClientAnswer::WantsTls);
+    }
+    let kept = asked & !caps::STRIPPED;
+    if let Some(slot) = p.get_mut(0..4) {
+        slot.copy_from_slice(&kept.to_le_bytes());
+    }
+    // Max packet (4), charset (1), 23 reserved bytes whose last 4 are
+    // MariaDB's extended capabilities.
+    if kept & caps::CLIENT_MYSQL == 0 {
+        if let Some(slot) = p.get_mut(28..32) {
+            slot.fill(0);
+        }
+    }
+    let rest = p
+        .get(32..)
+        .ok_or_else(|| HandshakeError("the client's handshake answer is cut short".into()))?;
+    let (user, after_user) = nul_terminated(rest)
+        .ok_or_else(|| HandshakeError("the client's user name is not terminated".into()))?;
+    let auth_len = if kept & caps::PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
+        super::packet::lenenc_int(after_user)
+            .and_then(|(n, used)| usize::try_from(n).ok().map(|n| n + used))
+    } else if kept & caps::SECURE_CONNECTION != 0 {
+        after_user.first().map(|&n| usize::from(n) + 1)
+    } else {
+        after_user.iter().position(|&b| b == 0).map(|i| i + 1)
+    }
+    .ok_or_else(|| HandshakeError("the client's authentication data is cut short".into()))?;
+    let after_auth = after_user.get(auth_len..).unwrap_or_default();
+    let database = if kept & caps::CONNECT_WITH_DB != 0 {
+        nul_terminated(after_auth).map(|(db, _)| db)
+    } else {
+        None
+    };
+    Ok(ClientAnswer::Hello(ClientHello {
+        capabilities: kept,
+        user,
+        database: database.filter(|d| !d.is_empty()),
+    }))
+}
+
+/// A NUL-terminated string at the start of `bytes` and what follows it.
+fn nul_terminated(bytes: &[u8]) -> Option<(String, &[u8])> {
+    let end = bytes.iter().position(|&b| b == 0)?;
+    let text = String::from_utf8_lossy(bytes.get(..end)?).into_owned();
+    Some((text, bytes.get(end + 1..).unwrap_or_default()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    fn greeting(caps: u32, mariadb_ext: u32) -> Packet {
+        let mut p = vec![10];
+        p.extend_from_slice(b"10.11.6-MariaDB\0");
+        p.extend_from_slice(&7u32.to_le_bytes());
+        p.extend_from_slice(b"abcdefgh\0");
+        p.extend_from_slice(&(caps as u16).to_le_bytes());
+        p.push(45);
+        p.extend_from_slice(&2u16.to_le_bytes());
+        p.extend_from_slice(&((caps >> 16) as u16).to_le_bytes());
+        p.push(21);
+        p.extend_from_slice(&[0; 6]);
+        p.extend_from_slice(&mariadb_ext.to_le_bytes());
+        p.extend_from_slice(b"ijklmnopqrst\0mysql_native_password\0");
+        Packet { seq: 0, payload: p }
+    }
+
+    fn offered(p: &Packet) -> (u32, u32) {
+        let v = 1 + b"10.11.6-MariaDB\0".len();
+        let lo = u16::from_le_bytes([p.payload[v + 13], p.payload[v + 14]]);
+        let hi = u16::from_le_bytes([p.payload[v + 18], p.payload[v + 19]]);
+        let ext = &p.payload[v + 27..v + 31];
+        (
+            u32::from(lo) | u32::from(hi) << 16,
+            u32::from_le_bytes([ext[0], ext[1], ext[2], ext[3]]),
+        )
+    }
+
+    #[test]
+    fn the_greeting_loses_what_the_proxy_cannot_follow() {
+        let all = caps::PROTOCOL_41
+            | caps::SECURE_CONNECTION
+            | caps::MULTI_STATEMENTS
+            | caps::PLUGIN_AUTH
+            | caps::STRIPPED;
+        let mut g = greeting(all, 0x1f);
+        restrict_greeting(&mut g).unwrap();
+        let (kept, ext) = offered(&g);
+        assert_eq!(kept & caps::STRIPPED, 0);
+        assert_eq!(
+            kept,
+            caps::PROTOCOL_41
+                | caps::SECURE_CONNECTION
+                | caps::MULTI_STATEMENTS
+                | caps::PLUGIN_AUTH
+        );
+        assert_eq!(ext, 0, "MariaDB's extended capabilities are all cleared");
+        // A MySQL server's reserved bytes are left as they are.
+        let mut g = greeting(all | caps::CLIENT_MYSQL, 0x1f);
+        restrict_greeting(&mut g).unwrap();
+        assert_eq!(offered(&g).1, 0x1f);
+        assert!(restrict_greeting(&mut Packet {
+            seq: 0,
+            payload: vec![10, b'x']
+        })
+        .is_err());
+    }
+
+    fn answer(caps: u32, user: &str, auth: &[u8], db: Option<&str>) -> Packet {
+        let mut p = caps.to_le_bytes().to_vec();
+        p.extend_from_slice(&(16u32 << 20).to_le_bytes());
+        p.push(45);
+        p.extend_from_slice(&[0; 19]);
+        p.extend_from_slice(&0x0fu32.to_le_bytes());
+        p.extend_from_slice(user.as_bytes());
+        p.push(0);
+        p.push(auth.len() as u8);
+        p.extend_from_slice(auth);
+        if let Some(db) = db {
+            p.extend_from_slice(db.as_bytes());
+            p.push(0);
+        }
+        p.extend_from_slice(b"mysql_native_password\0");
+        Packet { seq: 1, payload: p }
+    }
+
+    #[test]
+    fn the_clients_answer_names_user_and_database_and_loses_stripped_bits() {
+        let asked = caps::PROTOCOL_41
+            | caps::SECURE_CONNECTION
+            | caps::PLUGIN_AUTH
+            | caps::CONNECT_WITH_DB
+            | caps::LOCAL_FILES
+            | caps::DEPRECATE_EOF;
+        let mut p = answer(asked, "app", &[0xAB; 20], Some("shop"));
+        let ClientAnswer::Hello(hello) = read_client_answer(&mut p).unwrap() else {
+            panic!("not a hello");
+        };
+        assert_eq!(hello.user, "app");
+        assert_eq!(hello.database.as_deref(), Some("shop"));
+        assert_eq!(hello.capabilities & caps::STRIPPED, 0);
+        let sent = u32::from_le_bytes([p.payload[0], p.payload[1], p.payload[2], p.payload[3]]);
+        assert_eq!(sent, hello.capabilities);
+        assert_eq!(
+            &p.payload[28..32],
+            &[0; 4],
+            "MariaDB's extended bits cleared"
+        );
+
+        let mut p = answer(asked & !caps::CONNECT_WITH_DB, "app", b"", None);
+        let ClientAnswer::Hello(hello) = read_client_answer(&mut p).unwrap() else {
+            panic!("not a hello");
+        };
+        assert_eq!(hello.database, None);
+
+        let mut tls = Packet {
+            seq: 1,
+            payload: answer(caps::PROTOCOL_41 | caps::SSL, "", b"", None).payload[..32].to_vec(),
+        };
+        assert!(matches!(
+            read_client_answer(&mut tls),
+            Ok(ClientAnswer::WantsTls)
+        ));
+        let mut old = answer(caps::SECURE_CONNECTION, "app", b"", None);
+        assert!(read_client_answer(&mut old).is_err());
+        let mut cut = Packet {
+            seq: 1,
+            payload: answer(asked, "app", &[1; 20], None).payload[..36].to_vec(),
+        };
+        assert!(read_client_answer(&mut cut).is_err());
+    }
+}

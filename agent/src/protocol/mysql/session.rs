@@ -1,0 +1,716 @@
+//! One MySQL session: the connection phase relayed, then one command at a
+//! time, each decided before it reaches the server and its whole answer
+//! relayed before the next command is read.
+//!
+//! The protocol has no pipelining a client may rely on: a client sends a
+//! command and reads its answer. The proxy holds to that order, so an ERR
+//! it writes for a refused command is the answer to that command and never
+//! lands inside another command's answer; a client that sends ahead only
+//! waits in the socket until its turn.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use super::handshake::{self, ClientAnswer};
+use super::packet::{self, Packet, PacketError};
+use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
+use crate::policy::{most_restrictive, Action, Decision};
+use crate::protocol::SessionContext;
+use crate::sql::mysql::Escapes;
+use crate::sql::Analysis;
+
+/// The largest command or answer the proxy reads (MySQL's own
+/// `max_allowed_packet` tops out at 1 GiB; its default is 16 MiB).
+pub const MAX_PACKET: usize = 64 << 20;
+
+/// `SERVER_MORE_RESULTS_EXISTS`: another result of the same command follows.
+const MORE_RESULTS: u16 = 0x0008;
+/// `SERVER_STATUS_CURSOR_EXISTS`: an executed statement opened a cursor;
+/// its rows come with `COM_STMT_FETCH`.
+const CURSOR_EXISTS: u16 = 0x0040;
+/// `SERVER_STATUS_NO_BACKSLASH_ESCAPES`: the session's `sql_mode` reads a
+/// backslash in a string as itself.
+const NO_BACKSLASH_ESCAPES: u16 = 0x0200;
+
+/// Error codes the proxy answers with.
+const ER_TABLEACCESS_DENIED: u16 = 1142;
+const ER_SPECIFIC_ACCESS_DENIED: u16 = 1227;
+const ER_NOT_SUPPORTED_YET: u16 = 1235;
+const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
+const ER_UNKNOWN_COM: u16 = 1047;
+
+/// Commands (`COM_*`).
+mod com {
+    pub(super) const QUIT: u8 = 0x01;
+    pub(super) const INIT_DB: u8 = 0x02;
+    pub(super) const QUERY: u8 = 0x03;
+    pub(super) const FIELD_LIST: u8 = 0x04;
+    pub(super) const STATISTICS: u8 = 0x09;
+    pub(super) const PROCESS_KILL: u8 = 0x0C;
+    pub(super) const PING: u8 = 0x0E;
+    pub(super) const CHANGE_USER: u8 = 0x11;
+    pub(super) const BINLOG_DUMP: u8 = 0x12;
+    pub(super) const REGISTER_SLAVE: u8 = 0x15;
+    pub(super) const STMT_PREPARE: u8 = 0x16;
+    pub(super) const STMT_EXECUTE: u8 = 0x17;
+    pub(super) const STMT_SEND_LONG_DATA: u8 = 0x18;
+    pub(super) const STMT_CLOSE: u8 = 0x19;
+    pub(super) const STMT_RESET: u8 = 0x1A;
+    pub(super) const SET_OPTION: u8 = 0x1B;
+    pub(super) const STMT_FETCH: u8 = 0x1C;
+    pub(super) const BINLOG_DUMP_GTID: u8 = 0x1E;
+    pub(super) const RESET_CONNECTION: u8 = 0x1F;
+}
+
+/// Why the session stops.
+enum Stop {
+    Closed(CloseReason),
+}
+
+impl From<CloseReason> for Stop {
+    fn from(reason: CloseReason) -> Self {
+        Stop::Closed(reason)
+    }
+}
+
+/// A statement the server prepared, kept to decide each execution again
+/// under the policy in force then.
+struct Prepared {
+    text: String,
+    analysis: Analysis,
+}
+
+struct Session<'a> {
+    ctx: &'a SessionContext,
+    client_in: BufReader<OwnedReadHalf>,
+    client_out: OwnedWriteHalf,
+    server_in: BufReader<OwnedReadHalf>,
+    server_out: OwnedWriteHalf,
+    /// Framed packets for the client, written at the end of each answer
+    /// (or when large).
+    to_client: Vec<u8>,
+    prepared: HashMap<u32, Prepared>,
+    last_prepared: Option<u32>,
+    raw: bool,
+    /// How the server reads backslashes now, from the last status flags.
+    escapes: Escapes,
+}
+
+/// Serves one session until it ends and says why.
+pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -> CloseReason {
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = upstream.into_split();
+    let mut session = Session {
+        ctx,
+        client_in: BufReader::new(client_read),
+        client_out: client_write,
+        server_in: BufReader::new(server_read),
+        server_out: server_write,
+        to_client: Vec::with_capacity(16 * 1024),
+        prepared: HashMap::new(),
+        last_prepared: None,
+        raw: ctx.events.records_raw(&ctx.target),
+        escapes: Escapes::Unknown,
+    };
+    let serving = async {
+        match session.connect().await {
+            Ok(()) => {}
+            Err(Stop::Closed(reason)) => return reason,
+        }
+        loop {
+            if let Err(Stop::Closed(reason)) = session.command().await {
+                return reason;
+            }
+        }
+    };
+    tokio::select! {
+        reason = serving => reason,
+        _ = ctx.force_close.cancelled() => CloseReason::Shutdown,
+    }
+}
+
+impl Session<'_> {
+    /// The connection phase: greeting, the client's answer, authentication.
+    async fn connect(&mut self) -> Result<(), Stop> {
+        let Some(mut greeting) = self.read_server().await? else {
+            return Err(CloseReason::UpstreamError("closed before its greeting".into()).into());
+        };
+        if packet::is_err(&greeting.payload) {
+            // Too many connections, a blocked host: the server's own words.
+            self.send_to_client(&greeting).await?;
+            return Err(CloseReason::Completed.into());
+        }
+        if let Err(e) = handshake::restrict_greeting(&mut greeting) {
+            return Err(CloseReason::UpstreamError(e.0).into());
+        }
+        self.send_to_client(&greeting).await?;
+        let Some(mut answer) = self.read_client().await? else {
+            return Err(CloseReason::Completed.into());
+        };
+        let hello = match handshake::read_client_answer(&mut answer) {
+            Ok(ClientAnswer::Hello(hello)) => hello,
+            Ok(ClientAnswer::WantsTls) => {
+                self.refuse_at_start(
+                    answer.next_seq(),
+                    "tollgate: TLS between the client and the agent is not supported for MySQL targets yet; connect without it (--skip-ssl, ssl-mode=DISABLED)",
+                )
+                .await?;
+                return Err(CloseReason::ClientError("asked for TLS".into()).into());
+            }
+            Err(e) => {
+                let message = format!("tollgate: {}", e.0);
+                self.refuse_at_start(answer.next_seq(), &message).await?;
+                return Err(CloseReason::ClientError(e.0).into());
+            }
+        };
+        self.send_to_server(&answer).await?;
+        // Every server packet but the last asks the client for one more
+        // (an auth switch, a plugin's challenge), except caching_sha2's
+        // "fast path done", which an OK follows unasked.
+        loop {
+            let Some(reply) = self.read_server().await? else {
+                return Err(
+                    CloseReason::UpstreamError("closed during authentication".into()).into(),
+                );
+            };
+            self.send_to_client(&reply).await?;
+            match reply.first() {
+                Some(0x00) => {
+                    self.note_status(&reply.payload);
+                    break;
+                }
+                Some(0xFF) => return Err(CloseReason::Completed.into()),
+                _ if reply.payload == [0x01, 0x03] => continue,
+                _ => {
+                    let Some(more) = self.read_client().await? else {
+                        return Err(CloseReason::Completed.into());
+                    };
+                    self.send_to_server(&more).await?;
+                }
+            }
+        }
+        let info = self.ctx.start.info().await;
+        self.ctx.events.emit(&SessionEvent::Startup {
+            session: info.id,
+            user: Some(hello.user),
+            database: hello.database,
+            application_name: None,
+        });
+        Ok(())
+    }
+
+    /// Reads one command, decides it, and relays its answer.
+    async fn command(&mut self) -> Result<(), Stop> {
+        let idle = self.ctx.idle_timeout;
+        let read = read_counted(
+            &mut self.client_in,
+            self.ctx,
+            RawDirection::Client,
+            self.raw,
+        );
+        let Ok(read) = tokio::time::timeout(idle, read).await else {
+            return Err(CloseReason::IdleTimeout.into());
+        };
+        let command = match read {
+            Ok(Some(command)) => command,
+            Ok(None) => return Err(CloseReason::Completed.into()),
+            Err(e @ PacketError::TooLarge { .. }) => {
+                let err = packet::err_payload(
+                    ER_NET_PACKET_TOO_LARGE,
+                    "08S01",
+                    &format!("tollgate: {e}"),
+                );
+                self.answer_client(1, err).await?;
+                return Err(CloseReason::ClientError(e.to_string()).into());
+            }
+            Err(e) => return Err(CloseReason::ClientError(e.to_string()).into()),
+        };
+        if let Some(cause) = self.ctx.events.recording_failure() {
+            let err = packet::err_payload(
+                ER_SPECIFIC_ACCESS_DENIED,
+                "HY000",
+                "tollgate: session recording has failed, and nothing may run unrecorded",
+            );
+            self.answer_client(command.next_seq(), err).await?;
+            return Err(CloseReason::RecordingFailed(cause).into());
+        }
+        let reply_seq = command.next_seq();
+        match command.first() {
+            Some(com::QUIT) => {
+                self.send_to_server(&command).await?;
+                Err(CloseReason::Completed.into())
+            }
+            Some(com::QUERY) => {
+                let Some(text) = self.text_of(&command, reply_seq).await? else {
+                    return Ok(());
+                };
+                let analysis = self.analyze(&text);
+                if self.decide(&text, &analysis, reply_seq).await? {
+                    self.send_to_server(&command).await?;
+                    self.relay_results(false).await?;
+                }
+                Ok(())
+            }
+            Some(com::STMT_PREPARE) => {
+                let Some(text) = self.text_of(&command, reply_seq).await? else {
+                    return Ok(());
+                };
+                let analysis = self.analyze(&text);
+                if self.decide(&text, &analysis, reply_seq).await? {
+                    self.send_to_server(&command).await?;
+                    self.relay_prepare(text, analysis).await?;
+                }
+                Ok(())
+            }
+            Some(com::STMT_EXECUTE) => {
+                let id = statement_id(&command.payload);
+                let id = match id {
+                    Some(u32::MAX) => self.last_prepared,
+                    other => other,
+                };
+                if let Some(prepared) = id.and_then(|id| self.prepared.get(&id)) {
+                    let (text, analysis) = (prepared.text.clone(), prepared.analysis.clone());
+                    if !self.decide(&text, &analysis, reply_seq).await? {
+                        return Ok(());
+                    }
+                }
+                // An id the proxy did not see prepared is the server's to
+                // refuse: statements are only prepared through this session.
+                self.send_to_server(&command).await?;
+                self.relay_results(true).await
+            }
+            Some(com::STMT_CLOSE) => {
+                if let Some(id) = statement_id(&command.payload) {
+                    self.prepared.remove(&id);
+                }
+                self.send_to_server(&command).await
+            }
+            Some(com::STMT_SEND_LONG_DATA) => self.send_to_server(&command).await,
+            Some(com::STMT_FETCH) => {
+                self.send_to_server(&command).await?;
+                self.relay_rows().await.map(|_| ())
+            }
+            Some(com::FIELD_LIST) => {
+                self.send_to_server(&command).await?;
+                self.relay_rows().await.map(|_| ())
+            }
+            Some(com::RESET_CONNECTION) => {
+                self.prepared.clear();
+                self.last_prepared = None;
+                self.send_to_server(&command).await?;
+                self.relay_one().await
+            }
+            Some(
+                com::INIT_DB | com::PING | com::STATISTICS | com::STMT_RESET | com::SET_OPTION,
+            ) => {
+                self.send_to_server(&command).await?;
+                self.relay_one().await
+            }
+            Some(com::CHANGE_USER) => {
+                let err = packet::err_payload(
+                    ER_NOT_SUPPORTED_YET,
+                    "42000",
+                    "tollgate: COM_CHANGE_USER is not supported for MySQL targets yet; open a new connection as the other user",
+                );
+                self.answer_client(reply_seq, err).await
+            }
+            Some(
+                c @ (com::PROCESS_KILL
+                | com::BINLOG_DUMP
+                | com::BINLOG_DUMP_GTID
+                | com::REGISTER_SLAVE),
+            ) => {
+                let err = packet::err_payload(
+                    ER_SPECIFIC_ACCESS_DENIED,
+                    "42000",
+                    &format!(
+                        "tollgate: command {} is not allowed through the agent",
+                        command_name(c)
+                    ),
+                );
+                self.answer_client(reply_seq, err).await
+            }
+            Some(other) => {
+                let err = packet::err_payload(
+                    ER_UNKNOWN_COM,
+                    "08S01",
+                    &format!("tollgate: command 0x{other:02x} is not supported through the agent"),
+                );
+                self.answer_client(reply_seq, err).await
+            }
+            None => Err(CloseReason::ClientError("an empty command packet".into()).into()),
+        }
+    }
+
+    /// Analyses a statement text as the server will read it. A text of
+    /// several statements may change `sql_mode` part way, so it must read
+    /// alike either way.
+    fn analyze(&self, text: &str) -> Analysis {
+        let analysis = crate::sql::mysql::analyze_read(text, self.escapes);
+        match &analysis {
+            Analysis::Parsed { statements } if statements.len() > 1 => {
+                crate::sql::mysql::analyze_read(text, Escapes::Unknown)
+            }
+            _ => analysis,
+        }
+    }
+
+    /// Follows the server's status flags (an OK or EOF packet).
+    fn note_status(&mut self, payload: &[u8]) {
+        if let Some(status) = packet::status_flags(payload) {
+            self.escapes = if status & NO_BACKSLASH_ESCAPES != 0 {
+                Escapes::NoBackslash
+            } else {
+                Escapes::Backslash
+            };
+        }
+    }
+
+    /// The statement text of a COM_QUERY or COM_STMT_PREPARE; `None` (after
+    /// answering with an error) when it is not UTF-8, which the analysis
+    /// could not read as the server would.
+    async fn text_of(&mut self, command: &Packet, reply_seq: u8) -> Result<Option<String>, Stop> {
+        let body = command.payload.get(1..).unwrap_or_default();
+        match std::str::from_utf8(body) {
+            Ok(text) => Ok(Some(text.to_owned())),
+            Err(e) => {
+                let err = packet::err_payload(
+                    ER_TABLEACCESS_DENIED,
+                    "42000",
+                    &format!("tollgate: the statement is not valid UTF-8 ({e}); the agent decides UTF-8 text only"),
+                );
+                self.answer_client(reply_seq, err).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Decides a statement text and reports it; when it may not run,
+    /// answers the client with an ERR naming the rule. Whether it runs.
+    async fn decide(
+        &mut self,
+        text: &str,
+        analysis: &Analysis,
+        reply_seq: u8,
+    ) -> Result<bool, Stop> {
+        let info = self.ctx.start.info().await;
+        let policy = crate::policy::current_policy(&self.ctx.policy);
+        let decisions = policy.decide_analysis(&self.ctx.target, &info.identity, text, analysis);
+        let verdict = most_restrictive(&decisions);
+        // Masking of MySQL results and review of MySQL statements are not
+        // built yet: a statement either would take gets refused, never run
+        // unmasked or unreviewed.
+        let refusal = verdict.and_then(|d| match d.action {
+            a if a.is_refused() || a == Action::Mask => Some(d),
+            _ => None,
+        });
+        self.report(text, analysis, &decisions, refusal.is_some());
+        let Some(d) = refusal else {
+            return Ok(true);
+        };
+        let command = command_label(analysis);
+        let message = match d.action {
+            Action::Mask => format!(
+                "tollgate: {command} refused: rule \"{}\" masks its result, and masking is not supported for MySQL targets yet",
+                d.deciding_rule().map_or("?", |r| &*r.name)
+            ),
+            Action::Review => format!(
+                "{}; human review is not supported for MySQL targets yet",
+                d.client_message(&command)
+            ),
+            _ => d.client_message(&command),
+        };
+        let err = packet::err_payload(ER_TABLEACCESS_DENIED, "42000", &message);
+        self.answer_client(reply_seq, err).await?;
+        Ok(false)
+    }
+
+    /// One Statement event per statement (the whole text when unparsable).
+    fn report(&self, text: &str, analysis: &Analysis, decisions: &[Decision], refused: bool) {
+        let event = |text: &str, command: Arc<str>, kind, fingerprint, d: &Decision| {
+            self.ctx.target_metrics.statement(d.action);
+            SessionEvent::Statement(Arc::new(StatementEvent {
+                session: self.ctx.id,
+                text: text.to_owned(),
+                command,
+                kind,
+                fingerprint,
+                action: d.action,
+                refused,
+                rule: d.deciding_rule().map(|r| Arc::clone(&r.name)),
+                rules: d.matched.iter().map(|r| Arc::clone(&r.name)).collect(),
+                reason: Arc::clone(&d.reason),
+            }))
+        };
+        match analysis {
+            Analysis::Parsed { statements } => {
+                for (s, d) in statements.iter().zip(decisions) {
+                    self.ctx.events.emit(&event(
+                        &s.text,
+                        Arc::clone(&s.command),
+                        Some(s.kind),
+                        Some(Arc::clone(&s.fingerprint)),
+                        d,
+                    ));
+                }
+            }
+            Analysis::Unparsable { .. } => {
+                for d in decisions {
+                    self.ctx
+                        .events
+                        .emit(&event(text, Arc::from("statement"), None, None, d));
+                }
+            }
+        }
+    }
+
+    /// Relays the answer to COM_QUERY or COM_STMT_EXECUTE: OK, ERR, or
+    /// result sets, as many as the server says follow.
+    async fn relay_results(&mut self, binary: bool) -> Result<(), Stop> {
+        loop {
+            let first = self.server_packet().await?;
+            if first.first() == Some(0xFB) {
+                // A request for a local file, though the capability was
+                // never granted: the server gets an empty file, the client
+                // nothing of the request.
+                let empty = Packet {
+                    seq: first.next_seq(),
+                    payload: Vec::new(),
+                };
+                self.send_to_server(&empty).await?;
+                continue;
+            }
+            self.queue_for_client(&first);
+            self.note_status(&first.payload);
+            let status = match first.first() {
+                Some(0x00) => packet::status_flags(&first.payload).unwrap_or(0),
+                Some(0xFF) => 0,
+                _ => {
+                    let Some((columns, _)) = packet::lenenc_int(&first.payload) else {
+                        return Err(self.malformed("a result set without a column count"));
+                    };
+                    for _ in 0..columns {
+                        let column = self.server_packet().await?;
+                        self.queue_for_client(&column);
+                    }
+                    let end = self.server_packet().await?;
+                    self.queue_for_client(&end);
+                    if !packet::is_eof(&end.payload) {
+                        return Err(self.malformed("column definitions not ended by EOF"));
+                    }
+                    let status = packet::status_flags(&end.payload).unwrap_or(0);
+                    if binary && status & CURSOR_EXISTS != 0 {
+                        status
+                    } else {
+                        self.relay_rows_after_metadata().await?.unwrap_or_default()
+                    }
+                }
+            };
+            if status & MORE_RESULTS == 0 {
+                return self.flush_client().await;
+            }
+        }
+    }
+
+    /// Relays rows until their EOF (its status flags) or an ERR (`None`).
+    async fn relay_rows_after_metadata(&mut self) -> Result<Option<u16>, Stop> {
+        loop {
+            let row = self.server_packet().await?;
+            self.queue_for_client(&row);
+            if packet::is_eof(&row.payload) {
+                self.note_status(&row.payload);
+                return Ok(Some(packet::status_flags(&row.payload).unwrap_or(0)));
+            }
+            if packet::is_err(&row.payload) {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Relays packets up to and including an EOF or ERR (COM_FIELD_LIST,
+    /// COM_STMT_FETCH).
+    async fn relay_rows(&mut self) -> Result<Option<u16>, Stop> {
+        let end = self.relay_rows_after_metadata().await?;
+        self.flush_client().await?;
+        Ok(end)
+    }
+
+    /// Relays the answer to COM_STMT_PREPARE and remembers the statement.
+    async fn relay_prepare(&mut self, text: String, analysis: Analysis) -> Result<(), Stop> {
+        let first = self.server_packet().await?;
+        self.queue_for_client(&first);
+        if first.first() != Some(0x00) {
+            return self.flush_client().await;
+        }
+        let p = &first.payload;
+        let (Some(id), Some(columns), Some(params)) = (
+            statement_id(p),
+            p.get(5..7).map(|b| u16::from_le_bytes([b[0], b[1]])),
+            p.get(7..9).map(|b| u16::from_le_bytes([b[0], b[1]])),
+        ) else {
+            return Err(self.malformed("a prepare answer cut short"));
+        };
+        for count in [params, columns] {
+            if count > 0 {
+                for _ in 0..count {
+                    let definition = self.server_packet().await?;
+                    self.queue_for_client(&definition);
+                }
+                let end = self.server_packet().await?;
+                self.queue_for_client(&end);
+                if !packet::is_eof(&end.payload) {
+                    return Err(self.malformed("definitions not ended by EOF"));
+                }
+            }
+        }
+        self.prepared.insert(id, Prepared { text, analysis });
+        self.last_prepared = Some(id);
+        self.flush_client().await
+    }
+
+    /// Relays a one-packet answer.
+    async fn relay_one(&mut self) -> Result<(), Stop> {
+        let answer = self.server_packet().await?;
+        self.queue_for_client(&answer);
+        self.note_status(&answer.payload);
+        self.flush_client().await
+    }
+
+    fn malformed(&self, what: &str) -> Stop {
+        CloseReason::UpstreamError(format!("malformed answer from the server: {what}")).into()
+    }
+
+    /// A packet from the server that must come (the end of stream is an error).
+    async fn server_packet(&mut self) -> Result<Packet, Stop> {
+        match self.read_server().await? {
+            Some(p) => Ok(p),
+            None => {
+                Err(CloseReason::UpstreamError("closed in the middle of an answer".into()).into())
+            }
+        }
+    }
+
+    async fn read_server(&mut self) -> Result<Option<Packet>, Stop> {
+        let read = read_counted(
+            &mut self.server_in,
+            self.ctx,
+            RawDirection::Server,
+            self.raw,
+        )
+        .await;
+        read.map_err(|e| CloseReason::UpstreamError(e.to_string()).into())
+    }
+
+    async fn read_client(&mut self) -> Result<Option<Packet>, Stop> {
+        let read = read_counted(
+            &mut self.client_in,
+            self.ctx,
+            RawDirection::Client,
+            self.raw,
+        )
+        .await;
+        read.map_err(|e| CloseReason::ClientError(e.to_string()).into())
+    }
+
+    async fn send_to_server(&mut self, packet: &Packet) -> Result<(), Stop> {
+        packet::write_packet(&mut self.server_out, packet)
+            .await
+            .map_err(|e| CloseReason::UpstreamError(e.to_string()).into())
+    }
+
+    fn queue_for_client(&mut self, packet: &Packet) {
+        packet::frame(&mut self.to_client, packet.seq, &packet.payload);
+    }
+
+    async fn flush_client(&mut self) -> Result<(), Stop> {
+        if self.to_client.is_empty() {
+            return Ok(());
+        }
+        let written = self.client_out.write_all(&self.to_client).await;
+        self.to_client.clear();
+        written.map_err(|e| CloseReason::ClientError(e.to_string()).into())
+    }
+
+    async fn send_to_client(&mut self, packet: &Packet) -> Result<(), Stop> {
+        self.queue_for_client(packet);
+        self.flush_client().await
+    }
+
+    /// Answers the current command with `payload` (an ERR) at `seq`.
+    async fn answer_client(&mut self, seq: u8, payload: Vec<u8>) -> Result<(), Stop> {
+        self.send_to_client(&Packet { seq, payload }).await
+    }
+
+    /// Answers during the connection phase and ends there.
+    async fn refuse_at_start(&mut self, seq: u8, message: &str) -> Result<(), Stop> {
+        let err = packet::err_payload(ER_SPECIFIC_ACCESS_DENIED, "08004", message);
+        self.answer_client(seq, err).await
+    }
+}
+
+/// Reads a packet, counting its bytes (and recording them raw when the
+/// target records raw bytes).
+async fn read_counted<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    ctx: &SessionContext,
+    dir: RawDirection,
+    raw: bool,
+) -> Result<Option<Packet>, PacketError> {
+    let packet = packet::read_packet(reader, MAX_PACKET).await?;
+    if let Some(p) = &packet {
+        let pieces = p.payload.len() / packet::MAX_WIRE_PAYLOAD + 1;
+        let bytes = (p.payload.len() + 4 * pieces) as u64;
+        let (session, target) = match dir {
+            RawDirection::Client => (
+                &ctx.counters.from_client,
+                &ctx.target_metrics.bytes_from_client,
+            ),
+            RawDirection::Server => (
+                &ctx.counters.from_upstream,
+                &ctx.target_metrics.bytes_from_upstream,
+            ),
+        };
+        session.fetch_add(bytes, Ordering::Relaxed);
+        target.fetch_add(bytes, Ordering::Relaxed);
+        if raw {
+            let mut framed = Vec::with_capacity(p.payload.len() + 4);
+            packet::frame(&mut framed, p.seq, &p.payload);
+            ctx.events.emit_raw(ctx.id, dir, &framed);
+        }
+    }
+    Ok(packet)
+}
+
+/// The statement id at bytes 1..5 of a COM_STMT_* command or a prepare OK.
+fn statement_id(payload: &[u8]) -> Option<u32> {
+    payload
+        .get(1..5)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The label a refusal names (`DROP TABLE`), the first statement's.
+fn command_label(analysis: &Analysis) -> String {
+    match analysis {
+        Analysis::Parsed { statements } => statements
+            .first()
+            .map_or_else(|| "statement".to_owned(), |s| s.command.to_string()),
+        Analysis::Unparsable { .. } => "statement".to_owned(),
+    }
+}
+
+fn command_name(command: u8) -> &'static str {
+    match command {
+        com::PROCESS_KILL => "COM_PROCESS_KILL",
+        com::BINLOG_DUMP => "COM_BINLOG_DUMP",
+        com::BINLOG_DUMP_GTID => "COM_BINLOG_DUMP_GTID",
+        com::REGISTER_SLAVE => "COM_REGISTER_SLAVE",
+        _ => "?",
+    }
+}

@@ -1,0 +1,183 @@
+//! A throwaway MariaDB server from Debian's package, in a temporary
+//! directory on a free port, and the `mariadb` command-line client.
+//!
+//! As root (as CI runs) the server runs as the `mysql` account the package
+//! creates. Each server gets a user `app` (password `secret`,
+//! mysql_native_password, every privilege) reachable over TCP, which the
+//! tests use through the agent, and a database `shop`.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{free_port, is_root};
+
+/// The account tests connect as, through the agent or directly.
+pub const USER: &str = "app";
+/// Its password.
+pub const PASSWORD: &str = "secret";
+/// The database made for the tests.
+pub const DATABASE: &str = "shop";
+
+/// A running MariaDB server.
+pub struct Mariadb {
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Mariadb {
+    /// Installs a fresh data directory, starts the server and waits until
+    /// it accepts connections; `schema` is then run in `shop` as root.
+    pub fn start(schema: &str) -> Mariadb {
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-mariadb-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let data = dir.join("data");
+        let user_args: Vec<String> = if is_root() {
+            vec!["--user=mysql".into()]
+        } else {
+            vec![]
+        };
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "mysql:mysql"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let out = Command::new("mariadb-install-db")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .args(&user_args)
+            .args([
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--skip-name-resolve",
+            ])
+            .output()
+            .expect("mariadb-install-db (scripts/setup.sh installs mariadb-server)");
+        assert!(
+            out.status.success(),
+            "mariadb-install-db failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let socket = dir.join("mysqld.sock");
+        let log = fs::File::create(dir.join("server.log")).unwrap();
+        let child = Command::new("/usr/sbin/mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
+            .arg(format!("--port={port}"))
+            .args(&user_args)
+            .args([
+                "--bind-address=127.0.0.1",
+                "--skip-name-resolve",
+                "--innodb-buffer-pool-size=16M",
+                "--innodb-log-file-size=8M",
+                "--performance-schema=OFF",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mariadbd");
+        let server = Mariadb { port, dir, child };
+        server.wait_until_ready();
+        let setup = format!(
+            "CREATE USER '{USER}'@'%' IDENTIFIED VIA mysql_native_password USING PASSWORD('{PASSWORD}');
+             GRANT ALL PRIVILEGES ON *.* TO '{USER}'@'%';
+             CREATE DATABASE {DATABASE};"
+        );
+        server.as_root(&setup);
+        if !schema.is_empty() {
+            server.as_root(&format!("USE {DATABASE}; {schema}"));
+        }
+        server
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// Runs `sql` as root over the server's socket; panics on failure.
+    pub fn as_root(&self, sql: &str) -> String {
+        let out = Command::new("mariadb")
+            .arg("--no-defaults")
+            .arg(format!(
+                "--socket={}",
+                self.dir.join("mysqld.sock").display()
+            ))
+            .args(["-u", "root", "--batch", "--skip-column-names", "-e", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_until_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let socket = self.dir.join("mysqld.sock");
+        loop {
+            let ping = Command::new("mariadb-admin")
+                .arg("--no-defaults")
+                .arg(format!("--socket={}", socket.display()))
+                .args(["-u", "root", "ping"])
+                .output()
+                .unwrap();
+            if ping.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "MariaDB did not start: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `mariadb` client as `app` over TCP to 127.0.0.1:`port` (the agent or
+/// the server), in batch mode, database `shop`, running `sql`.
+pub fn mariadb_command(port: u16, sql: &str) -> Command {
+    let mut cmd = Command::new("mariadb");
+    cmd.arg("--no-defaults")
+        .args(["-h", "127.0.0.1", "-P", &port.to_string()])
+        .args(["-u", USER, &format!("-p{PASSWORD}")])
+        .args([
+            "--protocol=TCP",
+            "--skip-ssl",
+            "--batch",
+            "--skip-column-names",
+        ])
+        .args(["-D", DATABASE, "-e", sql]);
+    cmd
+}
+
+/// Runs [`mariadb_command`]; its output.
+pub fn mariadb(port: u16, sql: &str) -> Output {
+    mariadb_command(port, sql)
+        .output()
+        .expect("the mariadb client")
+}
