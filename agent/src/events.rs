@@ -143,6 +143,36 @@ pub struct StatementEvent {
     pub reason: Arc<str>,
 }
 
+impl StatementEvent {
+    /// The event for one statement and its decision.
+    pub fn decided(
+        session: Uuid,
+        text: &str,
+        command: Arc<str>,
+        kind: Option<StatementKind>,
+        fingerprint: Option<Arc<str>>,
+        decision: &crate::policy::Decision,
+        refused: bool,
+    ) -> StatementEvent {
+        StatementEvent {
+            session,
+            text: text.to_owned(),
+            command,
+            kind,
+            fingerprint,
+            action: decision.action,
+            refused,
+            rule: decision.deciding_rule().map(|r| Arc::clone(&r.name)),
+            rules: decision
+                .matched
+                .iter()
+                .map(|r| Arc::clone(&r.name))
+                .collect(),
+            reason: Arc::clone(&decision.reason),
+        }
+    }
+}
+
 /// One thing that happened in a session.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]

@@ -94,7 +94,7 @@ struct Session<'a> {
     /// Framed packets for the client, written at the end of each answer
     /// (or when large).
     to_client: Vec<u8>,
-    prepared: HashMap<u32, Prepared>,
+    prepared: HashMap<u32, Arc<Prepared>>,
     last_prepared: Option<u32>,
     raw: bool,
     /// How the server reads backslashes now, from the last status flags.
@@ -275,9 +275,12 @@ impl Session<'_> {
                     Some(u32::MAX) => self.last_prepared,
                     other => other,
                 };
-                if let Some(prepared) = id.and_then(|id| self.prepared.get(&id)) {
-                    let (text, analysis) = (prepared.text.clone(), prepared.analysis.clone());
-                    if !self.decide(&text, &analysis, reply_seq).await? {
+                let prepared = id.and_then(|id| self.prepared.get(&id)).map(Arc::clone);
+                if let Some(prepared) = prepared {
+                    if !self
+                        .decide(&prepared.text, &prepared.analysis, reply_seq)
+                        .await?
+                    {
                         return Ok(());
                     }
                 }
@@ -436,18 +439,15 @@ impl Session<'_> {
     fn report(&self, text: &str, analysis: &Analysis, decisions: &[Decision], refused: bool) {
         let event = |text: &str, command: Arc<str>, kind, fingerprint, d: &Decision| {
             self.ctx.target_metrics.statement(d.action);
-            SessionEvent::Statement(Arc::new(StatementEvent {
-                session: self.ctx.id,
-                text: text.to_owned(),
+            SessionEvent::Statement(Arc::new(StatementEvent::decided(
+                self.ctx.id,
+                text,
                 command,
                 kind,
                 fingerprint,
-                action: d.action,
+                d,
                 refused,
-                rule: d.deciding_rule().map(|r| Arc::clone(&r.name)),
-                rules: d.matched.iter().map(|r| Arc::clone(&r.name)).collect(),
-                reason: Arc::clone(&d.reason),
-            }))
+            )))
         };
         match analysis {
             Analysis::Parsed { statements } => {
@@ -570,7 +570,8 @@ impl Session<'_> {
                 }
             }
         }
-        self.prepared.insert(id, Prepared { text, analysis });
+        self.prepared
+            .insert(id, Arc::new(Prepared { text, analysis }));
         self.last_prepared = Some(id);
         self.flush_client().await
     }

@@ -1313,18 +1313,15 @@ impl<'a> ClientSide<'a> {
             let refused =
                 came_to.action.is_refused() || (mask_refused && came_to.action == Action::Mask);
             self.remember(now, d.action, refused, text);
-            SessionEvent::Statement(Arc::new(StatementEvent {
+            SessionEvent::Statement(Arc::new(StatementEvent::decided(
                 session,
-                text: text.to_owned(),
+                text,
                 command,
                 kind,
                 fingerprint,
-                action: d.action,
+                d,
                 refused,
-                rule: d.deciding_rule().map(|r| Arc::clone(&r.name)),
-                rules: d.matched.iter().map(|r| Arc::clone(&r.name)).collect(),
-                reason: Arc::clone(&d.reason),
-            }))
+            )))
         };
         match analysis {
             Analysis::Parsed { statements } => {
