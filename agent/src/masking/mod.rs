@@ -22,7 +22,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::sql::{StatementKind, StatementSummary, TableRef};
+use crate::sql::{Dialect, StatementKind, StatementSummary, TableRef};
 
 /// The value a redacted text field shows.
 pub const REDACTED: &[u8] = b"****";
@@ -420,13 +420,260 @@ const SIDE_EFFECT_FREE: &[&str] = &[
     "pg_typeof",
 ];
 
+/// MySQL and MariaDB built-ins without side effects, as [`SIDE_EFFECT_FREE`]
+/// is for PostgreSQL. Only names the server itself defines: an unqualified
+/// name it does not define is a stored function of the current database,
+/// which can do anything. Left out on purpose: `sleep` and `benchmark`
+/// (time), `get_lock` and its kin (lock names other sessions see),
+/// `last_insert_id(expr)` (kept for the session), `setval`/`nextval`
+/// (sequences), `load_file`, `master_pos_wait`, `name_const`.
+const MYSQL_SIDE_EFFECT_FREE: &[&str] = &[
+    // aggregates and window functions
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "group_concat",
+    "bit_and",
+    "bit_or",
+    "bit_xor",
+    "std",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "variance",
+    "var_pop",
+    "var_samp",
+    "json_arrayagg",
+    "json_objectagg",
+    "row_number",
+    "rank",
+    "dense_rank",
+    "percent_rank",
+    "cume_dist",
+    "ntile",
+    "lag",
+    "lead",
+    "first_value",
+    "last_value",
+    "nth_value",
+    "median",
+    "percentile_cont",
+    "percentile_disc",
+    // strings
+    "lower",
+    "upper",
+    "lcase",
+    "ucase",
+    "length",
+    "char_length",
+    "character_length",
+    "octet_length",
+    "bit_length",
+    "substr",
+    "substring",
+    "substring_index",
+    "mid",
+    "left",
+    "right",
+    "trim",
+    "ltrim",
+    "rtrim",
+    "lpad",
+    "rpad",
+    "replace",
+    "concat",
+    "concat_ws",
+    "format",
+    "locate",
+    "instr",
+    "position",
+    "reverse",
+    "repeat",
+    "space",
+    "ascii",
+    "ord",
+    "char",
+    "chr",
+    "hex",
+    "unhex",
+    "md5",
+    "sha",
+    "sha1",
+    "sha2",
+    "crc32",
+    "to_base64",
+    "from_base64",
+    "quote",
+    "regexp_replace",
+    "regexp_substr",
+    "regexp_instr",
+    "elt",
+    "field",
+    "find_in_set",
+    "insert",
+    "strcmp",
+    "soundex",
+    "make_set",
+    "export_set",
+    "weight_string",
+    "collation",
+    "charset",
+    "coercibility",
+    // control flow
+    "if",
+    "ifnull",
+    "nullif",
+    "coalesce",
+    "greatest",
+    "least",
+    "isnull",
+    "nvl",
+    "nvl2",
+    "interval",
+    // numbers
+    "abs",
+    "ceil",
+    "ceiling",
+    "floor",
+    "round",
+    "truncate",
+    "mod",
+    "pow",
+    "power",
+    "sqrt",
+    "exp",
+    "ln",
+    "log",
+    "log2",
+    "log10",
+    "sign",
+    "rand",
+    "pi",
+    "conv",
+    "bin",
+    "oct",
+    "degrees",
+    "radians",
+    "sin",
+    "cos",
+    "tan",
+    "asin",
+    "acos",
+    "atan",
+    "atan2",
+    "cot",
+    // dates and times
+    "now",
+    "curdate",
+    "curtime",
+    "current_date",
+    "current_time",
+    "current_timestamp",
+    "localtime",
+    "localtimestamp",
+    "utc_date",
+    "utc_time",
+    "utc_timestamp",
+    "sysdate",
+    "date",
+    "time",
+    "timestamp",
+    "year",
+    "month",
+    "monthname",
+    "day",
+    "dayname",
+    "dayofmonth",
+    "dayofweek",
+    "dayofyear",
+    "hour",
+    "minute",
+    "second",
+    "microsecond",
+    "week",
+    "weekday",
+    "weekofyear",
+    "yearweek",
+    "quarter",
+    "date_format",
+    "time_format",
+    "date_add",
+    "date_sub",
+    "adddate",
+    "subdate",
+    "addtime",
+    "subtime",
+    "datediff",
+    "timediff",
+    "timestampdiff",
+    "timestampadd",
+    "str_to_date",
+    "unix_timestamp",
+    "from_unixtime",
+    "from_days",
+    "to_days",
+    "to_seconds",
+    "sec_to_time",
+    "time_to_sec",
+    "last_day",
+    "makedate",
+    "maketime",
+    "period_add",
+    "period_diff",
+    "convert_tz",
+    "get_format",
+    // JSON
+    "json_extract",
+    "json_unquote",
+    "json_object",
+    "json_array",
+    "json_length",
+    "json_keys",
+    "json_contains",
+    "json_contains_path",
+    "json_value",
+    "json_query",
+    "json_type",
+    "json_valid",
+    "json_depth",
+    "json_quote",
+    "json_search",
+    "json_set",
+    "json_insert",
+    "json_replace",
+    "json_remove",
+    "json_merge",
+    "json_merge_patch",
+    "json_merge_preserve",
+    "json_compact",
+    "json_detailed",
+    "json_pretty",
+    // session facts
+    "database",
+    "schema",
+    "user",
+    "current_user",
+    "session_user",
+    "system_user",
+    "version",
+    "connection_id",
+    "found_rows",
+    "row_count",
+    "uuid",
+    "uuid_short",
+];
+
 /// Why a statement that a mask rule applies to cannot run masked: it is
 /// not a query that writes nothing (COPY, CREATE TABLE AS, INSERT ...
 /// SELECT, a cursor, EXPLAIN ANALYZE, SQL PREPARE would move the data where
-/// no result row shows it), it reads planner statistics, or it calls a
-/// function that could carry a masked value out of the result. `None`: it
-/// can run masked.
-pub fn mask_obstacle(statement: &StatementSummary) -> Option<Cow<'static, str>> {
+/// no result row shows it), it reads planner statistics, it reads or writes
+/// server files, it calls a function that could carry a masked value out
+/// of the result, or (MySQL) it keeps a value in a user variable or reads
+/// from a derived table, whose columns the server reports under their
+/// derived names. `None`: it can run masked.
+pub fn mask_obstacle(statement: &StatementSummary, dialect: Dialect) -> Option<Cow<'static, str>> {
     if let Some(table) = statement
         .tables_read
         .iter()
@@ -437,10 +684,28 @@ pub fn mask_obstacle(statement: &StatementSummary) -> Option<Cow<'static, str>> 
             table.name
         )));
     }
-    if statement.kind != StatementKind::Select || !statement.tables_written.is_empty() {
+    if statement.kind != StatementKind::Select
+        || !statement.tables_written.is_empty()
+        || statement.flags.server_file_access
+    {
         return Some(Cow::Borrowed(MASK_ONLY_QUERIES));
     }
-    if let Some(function) = statement.functions.iter().find(|f| !is_side_effect_free(f)) {
+    if statement.flags.sets_user_variable {
+        return Some(Cow::Borrowed(
+            "a value kept in a user variable (INTO @v, @v := ...) would outlive the masked result",
+        ));
+    }
+    if dialect == Dialect::Mysql && statement.flags.derived_tables {
+        return Some(Cow::Borrowed(
+            "masking of MySQL results follows each column to the table column it comes from, \
+             which a derived table or WITH query renames; select from the tables themselves",
+        ));
+    }
+    if let Some(function) = statement
+        .functions
+        .iter()
+        .find(|f| !is_side_effect_free(f, dialect))
+    {
         return Some(Cow::Owned(format!(
             "masking cannot follow a masked value through {function}(), which is not a \
              side-effect-free built-in (it could send, store or report the value outside \
@@ -452,8 +717,8 @@ pub fn mask_obstacle(statement: &StatementSummary) -> Option<Cow<'static, str>> 
 
 /// Whether a statement's rows can be masked as they are returned (see
 /// [`mask_obstacle`]).
-pub fn can_mask(statement: &StatementSummary) -> bool {
-    mask_obstacle(statement).is_none()
+pub fn can_mask(statement: &StatementSummary, dialect: Dialect) -> bool {
+    mask_obstacle(statement, dialect).is_none()
 }
 
 fn is_statistics_relation(table: &TableRef) -> bool {
@@ -463,14 +728,20 @@ fn is_statistics_relation(table: &TableRef) -> bool {
 
 /// A function name as the analysis reports it (lowercased, qualified when
 /// written so) is one of [`SIDE_EFFECT_FREE`], unqualified or in
-/// `pg_catalog`.
-fn is_side_effect_free(function: &str) -> bool {
-    let bare = match function.rsplit_once('.') {
-        Some(("pg_catalog", bare)) => bare,
-        Some(_) => return false,
-        None => function,
-    };
-    SIDE_EFFECT_FREE.contains(&bare)
+/// `pg_catalog`; for MySQL, one of [`MYSQL_SIDE_EFFECT_FREE`], unqualified
+/// (a qualified name is a stored function).
+fn is_side_effect_free(function: &str, dialect: Dialect) -> bool {
+    match dialect {
+        Dialect::Postgres => {
+            let bare = match function.rsplit_once('.') {
+                Some(("pg_catalog", bare)) => bare,
+                Some(_) => return false,
+                None => function,
+            };
+            SIDE_EFFECT_FREE.contains(&bare)
+        }
+        Dialect::Mysql => MYSQL_SIDE_EFFECT_FREE.contains(&function),
+    }
 }
 
 /// The masked columns of one statement run, as the server identifies them:

@@ -1,5 +1,5 @@
 use super::*;
-use crate::sql::{analyze, Analysis};
+use crate::sql::{analyze, Analysis, Dialect};
 
 fn statement(sql: &str) -> StatementSummary {
     match analyze(sql) {
@@ -81,10 +81,14 @@ fn a_rule_applies_only_to_statements_reading_a_table_it_names() {
 
 #[test]
 fn only_plain_queries_can_be_masked() {
-    assert!(can_mask(&statement("SELECT email FROM customers")));
-    assert!(can_mask(&statement(
-        "WITH c AS (SELECT * FROM customers) SELECT * FROM c"
-    )));
+    assert!(can_mask(
+        &statement("SELECT email FROM customers"),
+        Dialect::Postgres
+    ));
+    assert!(can_mask(
+        &statement("WITH c AS (SELECT * FROM customers) SELECT * FROM c"),
+        Dialect::Postgres
+    ));
     for sql in [
         "COPY customers TO STDOUT",
         "CREATE TABLE leak AS SELECT * FROM customers",
@@ -98,7 +102,7 @@ fn only_plain_queries_can_be_masked() {
         "INSERT INTO customers VALUES (3, 'a', 'b') returning id",
     ] {
         let s = statement(sql);
-        assert!(!can_mask(&s), "{sql}: {:?}", s.kind);
+        assert!(!can_mask(&s, Dialect::Postgres), "{sql}: {:?}", s.kind);
         assert!(
             rule(&["customers.email"]).applies_to(&s),
             "{sql} reads customers, so the rule applies and the statement is refused"
@@ -179,7 +183,8 @@ fn functions_that_could_carry_a_masked_value_out_are_refused() {
     ] {
         let s = statement(sql);
         assert!(r.applies_to(&s), "{sql}");
-        let why = mask_obstacle(&s).unwrap_or_else(|| panic!("{sql} runs masked"));
+        let why =
+            mask_obstacle(&s, Dialect::Postgres).unwrap_or_else(|| panic!("{sql} runs masked"));
         assert!(why.contains("side-effect-free"), "{sql}: {why}");
     }
     for sql in [
@@ -187,7 +192,11 @@ fn functions_that_could_carry_a_masked_value_out_are_refused() {
         "SELECT pg_catalog.lower(email) FROM customers",
         "SELECT coalesce(email, '-'), length(email) FROM customers WHERE id = 1",
     ] {
-        assert_eq!(mask_obstacle(&statement(sql)), None, "{sql}");
+        assert_eq!(
+            mask_obstacle(&statement(sql), Dialect::Postgres),
+            None,
+            "{sql}"
+        );
     }
 }
 
@@ -201,10 +210,75 @@ fn planner_statistics_are_refused_where_a_mask_rule_applies() {
     ] {
         let s = statement(sql);
         assert!(r.applies_to(&s), "{sql}");
-        let why = mask_obstacle(&s).unwrap_or_else(|| panic!("{sql} runs masked"));
+        let why =
+            mask_obstacle(&s, Dialect::Postgres).unwrap_or_else(|| panic!("{sql} runs masked"));
         assert!(why.contains("planner statistics"), "{sql}: {why}");
     }
     // A table of the user's own with the same name in another schema is not
     // the catalog.
     assert!(!r.applies_to(&statement("SELECT * FROM app.pg_stats")));
+}
+
+fn mysql_statement(sql: &str) -> StatementSummary {
+    match crate::sql::mysql::analyze(sql) {
+        Analysis::Parsed { mut statements } if statements.len() == 1 => statements.remove(0),
+        other => panic!("{sql}: {other:?}"),
+    }
+}
+
+#[test]
+fn mysql_statements_run_masked_only_where_column_origins_hold() {
+    for sql in [
+        "SELECT id, email FROM customers",
+        "SELECT c.email AS e, upper(name), ifnull(email, '-') FROM customers c WHERE id > 1",
+        "SELECT count(*), group_concat(email) FROM customers GROUP BY name",
+        "SELECT id FROM customers WHERE id IN (SELECT id FROM orders)",
+    ] {
+        assert_eq!(
+            mask_obstacle(&mysql_statement(sql), Dialect::Mysql),
+            None,
+            "{sql}"
+        );
+    }
+    for (sql, why) in [
+        (
+            "SELECT email INTO @x FROM customers LIMIT 1",
+            "user variable",
+        ),
+        ("SELECT @x := email FROM customers", "user variable"),
+        (
+            "SELECT customers.id FROM (SELECT email AS id FROM customers) customers",
+            "derived table",
+        ),
+        (
+            "WITH c AS (SELECT email AS id FROM customers) SELECT id FROM c",
+            "derived table",
+        ),
+        (
+            "SELECT email FROM customers INTO OUTFILE '/tmp/x'",
+            "queries that write nothing",
+        ),
+        (
+            "SELECT load_file('/etc/passwd') FROM customers",
+            "queries that write nothing",
+        ),
+        ("SELECT sleep(ascii(email)) FROM customers", "sleep()"),
+        (
+            "SELECT last_insert_id(ascii(email)) FROM customers",
+            "last_insert_id()",
+        ),
+        ("SELECT get_lock(email, 0) FROM customers", "get_lock()"),
+        // Not a MySQL built-in: a stored function of the current database.
+        ("SELECT strpos(email, '@') FROM customers", "strpos()"),
+        ("SELECT shop.f(email) FROM customers", "shop.f()"),
+        (
+            "INSERT INTO leak SELECT email FROM customers",
+            "queries that write nothing",
+        ),
+    ] {
+        let s = mysql_statement(sql);
+        let obstacle =
+            mask_obstacle(&s, Dialect::Mysql).unwrap_or_else(|| panic!("{sql} runs masked"));
+        assert!(obstacle.contains(why), "{sql}: {obstacle}");
+    }
 }

@@ -141,7 +141,10 @@ pub fn explain_analysis(
         // A mask decision runs masked unless a statement cannot be.
         Some(d) if d.action == Action::Mask => statements.iter().find_map(|s| {
             let obstacle = (s.decision.action == Action::Mask)
-                .then(|| s.decision.mask_obstacle(s.summary.as_ref()))
+                .then(|| {
+                    s.decision
+                        .mask_obstacle(s.summary.as_ref(), crate::sql::Dialect::Postgres)
+                })
                 .flatten()?;
             Some(s.decision.mask_refused_message(command(s), &obstacle))
         }),

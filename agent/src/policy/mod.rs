@@ -252,12 +252,13 @@ impl Decision {
     pub fn mask_obstacle(
         &self,
         statement: Option<&StatementSummary>,
+        dialect: crate::sql::Dialect,
     ) -> Option<std::borrow::Cow<'static, str>> {
         if self.mask_rules().next().is_none() {
             Some("the default policy cannot say which columns to mask".into())
         } else {
             match statement {
-                Some(statement) => crate::masking::mask_obstacle(statement),
+                Some(statement) => crate::masking::mask_obstacle(statement, dialect),
                 None => Some(MASK_ONLY_QUERIES.into()),
             }
         }

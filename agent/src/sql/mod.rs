@@ -192,6 +192,17 @@ pub struct TableRef {
     pub name: String,
 }
 
+/// The SQL dialect a statement was written in: which server reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dialect {
+    /// PostgreSQL.
+    #[default]
+    Postgres,
+    /// MySQL and MariaDB.
+    Mysql,
+}
+
 /// Properties a policy may want to match on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatementFlags {
@@ -206,6 +217,15 @@ pub struct StatementFlags {
     pub server_file_access: bool,
     /// Changes server configuration (ALTER SYSTEM, set_config(), pg_reload_conf()).
     pub config_change: bool,
+    /// Stores a value in a user variable (MySQL `SELECT ... INTO @v`,
+    /// `@v := expr`): what the statement reads outlives its result.
+    #[serde(default)]
+    pub sets_user_variable: bool,
+    /// Reads from a derived table or a `WITH` query. A MySQL server reports
+    /// the columns of such a result under their derived names, not the
+    /// columns they come from.
+    #[serde(default)]
+    pub derived_tables: bool,
 }
 
 /// One statement, analysed.

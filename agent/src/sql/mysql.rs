@@ -45,9 +45,9 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use sqlparser::ast::{
-    AssignmentTarget, Delete, Expr, FromTable, GrantObjects, Ident, ObjectName, ObjectType, Query,
-    Statement, TableFactor, TableObject, TableWithJoins, Update, Value, ValueWithSpan, Visit,
-    VisitMut, Visitor, VisitorMut,
+    AssignmentTarget, BinaryOperator, Delete, Expr, FromTable, GrantObjects, Ident, ObjectName,
+    ObjectType, Query, SetExpr, Statement, TableFactor, TableObject, TableWithJoins, Update, Value,
+    ValueWithSpan, Visit, VisitMut, Visitor, VisitorMut,
 };
 use sqlparser::dialect::MySqlDialect;
 use sqlparser::parser::Parser;
@@ -1121,7 +1121,11 @@ impl Visitor for Facts {
 
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
         let mut frame = Frame::default();
+        if selects_into(&query.body) {
+            self.flags.sets_user_variable = true;
+        }
         if let Some(with) = &query.with {
+            self.flags.derived_tables = true;
             for cte in &with.cte_tables {
                 let name = cte.alias.name.value.clone();
                 if with.recursive {
@@ -1165,18 +1169,62 @@ impl Visitor for Facts {
     }
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
-        if let TableFactor::Function { name, .. } = factor {
-            self.function(name);
+        match factor {
+            TableFactor::Function { name, .. } => self.function(name),
+            TableFactor::Derived { .. } => self.flags.derived_tables = true,
+            _ => {}
         }
         ControlFlow::Continue(())
     }
 
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
-        if let Expr::Function(function) = expr {
-            self.function(&function.name);
+        match expr {
+            Expr::Function(function) => self.function(&function.name),
+            Expr::BinaryOp {
+                op: BinaryOperator::Assignment,
+                ..
+            } => self.flags.sets_user_variable = true,
+            _ => {}
         }
         ControlFlow::Continue(())
     }
+}
+
+/// Whether a query body (any branch of a set operation) is a `SELECT ...
+/// INTO` (a user variable, or a file, which is read apart).
+fn selects_into(body: &SetExpr) -> bool {
+    match body {
+        SetExpr::Select(select) => select.into.is_some(),
+        SetExpr::SetOperation { left, right, .. } => selects_into(left) || selects_into(right),
+        _ => false,
+    }
+}
+
+/// Whether an expression of `text` (one statement) may compute a value
+/// from a column named in `columns` (lowercase): a word of the text, quoted
+/// or not, is one of the names, or the text has a `*` other than that of
+/// `COUNT(*)` (a `*` in a subquery or an expression can reach a column
+/// without naming it). Text that does not tokenize may.
+pub fn may_read_columns(text: &str, columns: &[&str]) -> bool {
+    let dialect = MySqlDialect {};
+    let Ok(tokens) = Tokenizer::new(&dialect, text).tokenize() else {
+        return true;
+    };
+    let tokens: Vec<&Token> = tokens.iter().filter(|t| !is_trivia(t)).collect();
+    tokens.iter().enumerate().any(|(i, token)| match token {
+        // A double-quoted name is an identifier under ANSI_QUOTES.
+        Token::Word(Word { value, .. }) | Token::DoubleQuotedString(value) => {
+            columns.iter().any(|c| value.eq_ignore_ascii_case(c))
+        }
+        Token::Mul => {
+            let count_star = i >= 2
+                && matches!(tokens[i - 1], Token::LParen)
+                && matches!(tokens[i - 2], Token::Word(w) if w.value.eq_ignore_ascii_case("count"))
+                && matches!(tokens.get(i + 1), Some(Token::RParen));
+            !count_star
+        }
+        _ => false,
+    })
 }
 
 // ---------------------------------------------------------------------------

@@ -603,3 +603,62 @@ fn block_comments_do_not_nest() {
         Analysis::Unparsable { error } => assert!(!error.is_empty()),
     }
 }
+
+#[test]
+fn values_kept_in_user_variables_are_flagged() {
+    for sql in [
+        "SELECT email INTO @x FROM customers LIMIT 1",
+        "SELECT id FROM t UNION SELECT email INTO @x FROM customers",
+        "SELECT @x := email FROM customers",
+        "SELECT id FROM customers WHERE (@x := email) IS NOT NULL",
+        "SELECT (SELECT @y := email FROM customers LIMIT 1)",
+    ] {
+        assert!(one(sql).flags.sets_user_variable, "{sql}");
+    }
+    for sql in [
+        "SELECT @x, email FROM customers",
+        "SELECT id FROM t WHERE a = @x",
+    ] {
+        assert!(!one(sql).flags.sets_user_variable, "{sql}");
+    }
+}
+
+#[test]
+fn derived_tables_and_with_queries_are_flagged() {
+    for sql in [
+        "SELECT customers.id FROM (SELECT email AS id FROM customers) customers",
+        "WITH c AS (SELECT email AS id FROM customers) SELECT id FROM c",
+        "SELECT a.id FROM t a JOIN (SELECT 1 AS id) b ON a.id = b.id",
+        "SELECT (SELECT x FROM (SELECT email AS x FROM customers) d LIMIT 1)",
+    ] {
+        assert!(one(sql).flags.derived_tables, "{sql}");
+    }
+    for sql in [
+        "SELECT id FROM customers WHERE id IN (SELECT id FROM t)",
+        "SELECT c.id FROM customers c JOIN t ON t.id = c.id",
+    ] {
+        assert!(!one(sql).flags.derived_tables, "{sql}");
+    }
+}
+
+#[test]
+fn expressions_that_may_read_a_column_are_found() {
+    let email = &["email"];
+    for sql in [
+        "SELECT concat(email) FROM customers",
+        "SELECT upper(c.`Email`) FROM customers c",
+        "SELECT length(\"email\") FROM customers",
+        "SELECT (SELECT * FROM only_emails LIMIT 1)",
+        "SELECT id * 2 FROM customers",
+        "SELECT count(*), (SELECT * FROM t LIMIT 1) FROM customers",
+    ] {
+        assert!(may_read_columns(sql, email), "{sql}");
+    }
+    for sql in [
+        "SELECT count(*) FROM customers",
+        "SELECT COUNT( * ), max(id) FROM customers",
+        "SELECT id + 1, 'email' FROM customers",
+    ] {
+        assert!(!may_read_columns(sql, email), "{sql}");
+    }
+}

@@ -59,7 +59,7 @@ impl ClientSide<'_> {
                 .or(statement.map(|s| &*s.command))
                 .unwrap_or(UNPARSABLE_COMMAND);
             let why = decision
-                .mask_obstacle(statement)
+                .mask_obstacle(statement, crate::sql::Dialect::Postgres)
                 .or(unmaskable.map(std::borrow::Cow::Borrowed));
             if let Some(why) = why {
                 return Some(decision.mask_refused_message(command, &why));
