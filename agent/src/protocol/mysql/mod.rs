@@ -10,6 +10,7 @@
 //! `mask` or `review` rule takes is refused), cancelling with `KILL`.
 
 pub mod handshake;
+pub mod mask;
 pub mod packet;
 pub mod session;
 
