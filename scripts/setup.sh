@@ -54,9 +54,12 @@ fi
 
 # --- Python packages for the end-to-end tests --------------------------------
 # psycopg 3 and asyncpg (which speaks the extended protocol only, with its own
-# pipelining of executemany); prometheus-client, whose parser checks the
-# agent's /metrics as a scraper reads it.
-for driver in "psycopg:psycopg[binary]" "asyncpg:asyncpg" "prometheus_client:prometheus-client"; do
+# pipelining of executemany); mysql-connector-python (server-side prepared
+# statements, binary rows) and PyMySQL (text protocol, multi-statements) for
+# MySQL targets; prometheus-client, whose parser checks the agent's /metrics
+# as a scraper reads it.
+for driver in "psycopg:psycopg[binary]" "asyncpg:asyncpg" "mysql.connector:mysql-connector-python" \
+        "pymysql:PyMySQL" "prometheus_client:prometheus-client"; do
     module=${driver%%:*}
     package=${driver#*:}
     if python3 -c "import $module" >/dev/null 2>&1; then

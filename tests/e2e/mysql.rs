@@ -4,7 +4,7 @@
 
 use std::process::Output;
 
-use tollgate_tests::mariadb::{mariadb, mariadb_command, Mariadb};
+use tollgate_tests::mariadb::{mariadb, mariadb_command, python_driver, DriverResult, Mariadb};
 use tollgate_tests::*;
 
 const POLICY: &str = concat!(
@@ -149,19 +149,194 @@ fn tables_hidden_from_the_analysis_are_still_refused() {
     assert_eq!(shop.db.as_root("SELECT COUNT(*) FROM shop.t"), "0\n");
 }
 
+/// One row of text values, `None` for NULL.
+fn row(values: &[Option<&str>]) -> Vec<Option<String>> {
+    values.iter().map(|v| v.map(str::to_owned)).collect()
+}
+
 #[test]
-fn reading_a_table_with_masked_columns_is_refused_until_masking_exists_for_mysql() {
+fn masked_columns_are_hidden_in_text_and_binary_rows_whatever_they_are_called() {
     let shop = Shop::start();
-    for sql in ["SELECT email FROM customers", "SELECT id FROM customers"] {
+
+    // The mariadb client (text rows): by name, through an alias, in an
+    // expression; columns the rule does not name are kept.
+    let out = mariadb(
+        shop.port,
+        "SELECT id, name, email FROM customers ORDER BY id; \
+         SELECT c.email AS id, c.id AS email FROM customers c ORDER BY c.id; \
+         SELECT upper(email), length(email) > 0 FROM customers ORDER BY id; \
+         SELECT count(*), max(id) FROM customers",
+    );
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "1\tAda\t****\n2\tAlan\t****\n\
+         ****\t1\n****\t2\n\
+         ****\tNULL\n****\tNULL\n\
+         2\t2\n"
+    );
+    assert!(!all.contains("@example.com"), "{all}");
+
+    // mysql-connector-python's prepared statements (binary rows).
+    let results = python_driver(
+        "connector",
+        shop.port,
+        &[
+            "SELECT id, email, name FROM customers WHERE id = 1",
+            "SELECT email, id FROM customers ORDER BY id",
+        ],
+    );
+    let DriverResult::Rows(first) = &results[0] else {
+        panic!("{results:?}");
+    };
+    assert_eq!(first[0], vec![row(&[Some("1"), Some("****"), Some("Ada")])]);
+    let DriverResult::Rows(second) = &results[1] else {
+        panic!("{results:?}");
+    };
+    assert_eq!(
+        second[0],
+        vec![
+            row(&[Some("****"), Some("1")]),
+            row(&[Some("****"), Some("2")])
+        ]
+    );
+
+    // The server's data is untouched.
+    assert_eq!(
+        shop.db
+            .as_root("SELECT email FROM shop.customers ORDER BY id"),
+        "ada@example.com\nalan@example.com\n"
+    );
+}
+
+#[test]
+fn masking_cannot_be_slipped_past() {
+    let shop = Shop::start();
+    shop.db.as_root(
+        "CREATE TABLE shop.leak (v TEXT);\nDELIMITER //\n\
+         CREATE FUNCTION shop.keep(v TEXT) RETURNS INT MODIFIES SQL DATA \
+         BEGIN INSERT INTO shop.leak VALUES (v); RETURN 1; END //\nDELIMITER ;",
+    );
+    for (sql, why) in [
+        // A derived table or WITH query reports its own names as the origin.
+        (
+            "SELECT customers.id FROM (SELECT email AS id FROM customers) customers",
+            "derived table",
+        ),
+        (
+            "WITH customers AS (SELECT email AS id FROM shop.customers) SELECT id FROM customers",
+            "derived table",
+        ),
+        // Values kept for later, written elsewhere, or sent out.
+        (
+            "SELECT email INTO @x FROM customers LIMIT 1",
+            "user variable",
+        ),
+        ("SELECT @x := email FROM customers", "user variable"),
+        ("SELECT keep(email) FROM customers", "keep()"),
+        ("SELECT shop.keep(email) FROM customers", "shop.keep()"),
+        ("SELECT sleep(ascii(email) / 100) FROM customers", "sleep()"),
+        (
+            "SELECT last_insert_id(ascii(email)) FROM customers",
+            "last_insert_id()",
+        ),
+        ("SELECT get_lock(email, 0) FROM customers", "get_lock()"),
+        (
+            "SELECT email FROM customers INTO OUTFILE '/tmp/tollgate-leak'",
+            "write nothing",
+        ),
+        (
+            "INSERT INTO leak SELECT email FROM customers",
+            "write nothing",
+        ),
+        (
+            "CREATE TABLE leak2 AS SELECT email FROM customers",
+            "write nothing",
+        ),
+    ] {
         let out = mariadb(shop.port, sql);
         let all = text(&out);
-        assert!(!out.status.success(), "{sql}: {all}");
         assert!(
-            all.contains("rule \"mask-contact\" masks its result, and masking is not supported for MySQL targets yet"),
+            !out.status.success(),
+            "{sql}\nran through the agent:\n{all}"
+        );
+        assert!(
+            all.contains("requires masking by rule \"mask-contact\"") && all.contains(why),
             "{sql}: {all}"
         );
-        assert!(!all.contains("ada@"), "{sql} leaked: {all}");
+        assert!(!all.contains("@example.com"), "{sql} leaked: {all}");
     }
+    assert_eq!(shop.db.as_root("SELECT COUNT(*) FROM shop.leak"), "0\n");
+    assert_eq!(
+        shop.db
+            .as_root("SELECT COUNT(*) FROM information_schema.tables WHERE table_name = 'leak2'"),
+        "0\n"
+    );
+    assert!(!std::path::Path::new("/tmp/tollgate-leak").exists());
+
+    // A user variable set by a masked statement: refused above, so a later
+    // read finds nothing.
+    let out = mariadb_command(shop.port, "SELECT @x := email FROM customers; SELECT @x")
+        .arg("--force")
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert!(
+        all.contains("user variable") && all.contains("NULL"),
+        "{all}"
+    );
+    assert!(!all.contains("@example.com"), "{all}");
+
+    // The server's warnings quote values (`Truncated incorrect DOUBLE
+    // value: 'ada@example.com'`): withheld, and cleared on the server.
+    let out = mariadb_command(
+        shop.port,
+        "SELECT email + 0 FROM customers; SHOW WARNINGS; SHOW ERRORS; SELECT @@warning_count",
+    )
+    .arg("--show-warnings")
+    .output()
+    .unwrap();
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(!all.contains("@example.com"), "warnings leaked: {all}");
+    assert!(all.ends_with("0\n"), "{all}");
+    // Directly, the same statement leaves them readable.
+    let direct = shop
+        .db
+        .as_root("USE shop; SELECT email + 0 FROM customers; SHOW WARNINGS");
+    assert!(direct.contains("ada@example.com"), "{direct}");
+
+    // An error of a masked statement keeps its code, not its message.
+    let out = mariadb(shop.port, "SELECT exp(id * 1000), email FROM customers");
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("ERROR 1690 (22003)") && all.contains("withheld"),
+        "{all}"
+    );
+
+    // A masked statement sent with others in one text (PyMySQL with
+    // CLIENT_MULTI_STATEMENTS) is refused whole.
+    let results = python_driver(
+        "pymysql",
+        shop.port,
+        &[
+            "SELECT 1; SELECT email FROM customers",
+            "SELECT email + 0 FROM customers; SHOW WARNINGS",
+            "SELECT 1; SELECT 2",
+        ],
+    );
+    for result in &results[..2] {
+        let DriverResult::Error(e) = result else {
+            panic!("ran: {results:?}");
+        };
+        assert!(e.contains("must be sent alone"), "{e}");
+    }
+    let DriverResult::Rows(both) = &results[2] else {
+        panic!("{results:?}");
+    };
+    assert_eq!(both.len(), 2, "{both:?}");
 }
 
 #[test]

@@ -181,3 +181,43 @@ pub fn mariadb(port: u16, sql: &str) -> Output {
         .output()
         .expect("the mariadb client")
 }
+
+/// What a Python driver made of one statement (tests/data/mysql_driver.py).
+#[derive(Debug)]
+pub enum DriverResult {
+    /// Every result's rows, each value as text (`None` for NULL).
+    Rows(Vec<Vec<Vec<Option<String>>>>),
+    /// The driver's error message.
+    Error(String),
+}
+
+/// Runs `statements` as [`USER`] in [`DATABASE`] through a Python driver on
+/// `port`: `connector` (mysql-connector-python, server-side prepared
+/// statements and binary rows) or `pymysql` (text protocol, several
+/// statements in one text allowed). One result per statement.
+pub fn python_driver(driver: &str, port: u16, statements: &[&str]) -> Vec<DriverResult> {
+    let out = Command::new("python3")
+        .arg(crate::workspace_root().join("tests/data/mysql_driver.py"))
+        .arg(driver)
+        .arg(port.to_string())
+        .args(statements)
+        .output()
+        .expect("python3 (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "mysql_driver.py {driver} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<DriverResult> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            match v.get("error").and_then(|e| e.as_str()) {
+                Some(error) => DriverResult::Error(error.to_owned()),
+                None => DriverResult::Rows(serde_json::from_value(v["results"].clone()).unwrap()),
+            }
+        })
+        .collect();
+    assert_eq!(results.len(), statements.len(), "{results:?}");
+    results
+}

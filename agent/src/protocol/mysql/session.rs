@@ -17,12 +17,14 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use super::handshake::{self, ClientAnswer};
+use super::mask::{self, MaskPlan, ResultMask};
 use super::packet::{self, Packet, PacketError};
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
+use crate::masking::MaskRule;
 use crate::policy::{most_restrictive, Action, Decision};
 use crate::protocol::SessionContext;
 use crate::sql::mysql::Escapes;
-use crate::sql::Analysis;
+use crate::sql::{Analysis, Dialect};
 
 /// The largest command or answer the proxy reads (MySQL's own
 /// `max_allowed_packet` tops out at 1 GiB; its default is 16 MiB).
@@ -78,6 +80,19 @@ impl From<CloseReason> for Stop {
     }
 }
 
+/// Whether a decided command may run, and masked how.
+enum Verdict {
+    /// Answered with an ERR already.
+    Refused,
+    /// Forwarded, its results masked by the plan when there is one.
+    Run(Option<MaskPlan>),
+}
+
+/// What the session runs to empty the server's list of warnings after a
+/// masked statement (a statement that uses a table, here a derived one,
+/// replaces the list).
+const CLEAR_DIAGNOSTICS: &[u8] = b"SELECT 1 FROM (SELECT 1) AS tollgate_clear WHERE 0";
+
 /// A statement the server prepared, kept to decide each execution again
 /// under the policy in force then.
 struct Prepared {
@@ -96,6 +111,9 @@ struct Session<'a> {
     to_client: Vec<u8>,
     prepared: HashMap<u32, Arc<Prepared>>,
     last_prepared: Option<u32>,
+    /// The masks of the open cursors of masked statements, by statement
+    /// id: their rows come with `COM_STMT_FETCH`.
+    cursor_masks: HashMap<u32, ResultMask>,
     raw: bool,
     /// How the server reads backslashes now, from the last status flags.
     escapes: Escapes,
@@ -116,6 +134,7 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
         to_client: Vec::with_capacity(16 * 1024),
         prepared: HashMap::new(),
         last_prepared: None,
+        cursor_masks: HashMap::new(),
         raw: ctx.events.records_raw(&ctx.target),
         escapes: Escapes::Unknown,
     };
@@ -252,9 +271,9 @@ impl Session<'_> {
                     return Ok(());
                 };
                 let analysis = self.analyze(&text);
-                if self.decide(&text, &analysis, reply_seq).await? {
+                if let Verdict::Run(plan) = self.decide(&text, &analysis, reply_seq).await? {
                     self.send_to_server(&command).await?;
-                    self.relay_results(false).await?;
+                    self.relay_results(false, plan.as_ref(), None).await?;
                 }
                 Ok(())
             }
@@ -263,7 +282,7 @@ impl Session<'_> {
                     return Ok(());
                 };
                 let analysis = self.analyze(&text);
-                if self.decide(&text, &analysis, reply_seq).await? {
+                if let Verdict::Run(_) = self.decide(&text, &analysis, reply_seq).await? {
                     self.send_to_server(&command).await?;
                     self.relay_prepare(text, analysis).await?;
                 }
@@ -276,36 +295,51 @@ impl Session<'_> {
                     other => other,
                 };
                 let prepared = id.and_then(|id| self.prepared.get(&id)).map(Arc::clone);
+                let mut plan = None;
                 if let Some(prepared) = prepared {
-                    if !self
+                    match self
                         .decide(&prepared.text, &prepared.analysis, reply_seq)
                         .await?
                     {
-                        return Ok(());
+                        Verdict::Refused => return Ok(()),
+                        Verdict::Run(masked) => plan = masked,
                     }
                 }
                 // An id the proxy did not see prepared is the server's to
                 // refuse: statements are only prepared through this session.
+                if let Some(id) = id {
+                    self.cursor_masks.remove(&id);
+                }
                 self.send_to_server(&command).await?;
-                self.relay_results(true).await
+                self.relay_results(true, plan.as_ref(), id).await
             }
             Some(com::STMT_CLOSE) => {
                 if let Some(id) = statement_id(&command.payload) {
                     self.prepared.remove(&id);
+                    self.cursor_masks.remove(&id);
                 }
                 self.send_to_server(&command).await
             }
             Some(com::STMT_SEND_LONG_DATA) => self.send_to_server(&command).await,
             Some(com::STMT_FETCH) => {
+                let mask = statement_id(&command.payload)
+                    .and_then(|id| self.cursor_masks.get(&id).cloned());
                 self.send_to_server(&command).await?;
-                self.relay_rows().await.map(|_| ())
+                let (_, withheld) = self.relay_rows_after_metadata(mask.as_ref(), true).await?;
+                self.flush_client().await?;
+                if withheld {
+                    self.clear_diagnostics().await?;
+                }
+                Ok(())
             }
             Some(com::FIELD_LIST) => {
                 self.send_to_server(&command).await?;
-                self.relay_rows().await.map(|_| ())
+                self.relay_rows_after_metadata(None, false).await?;
+                self.flush_client().await
             }
             Some(com::RESET_CONNECTION) => {
                 self.prepared.clear();
+                self.cursor_masks.clear();
                 self.last_prepared = None;
                 self.send_to_server(&command).await?;
                 self.relay_one().await
@@ -396,43 +430,42 @@ impl Session<'_> {
     }
 
     /// Decides a statement text and reports it; when it may not run,
-    /// answers the client with an ERR naming the rule. Whether it runs.
+    /// answers the client with an ERR naming the rule.
     async fn decide(
         &mut self,
         text: &str,
         analysis: &Analysis,
         reply_seq: u8,
-    ) -> Result<bool, Stop> {
+    ) -> Result<Verdict, Stop> {
         let info = self.ctx.start.info().await;
         let policy = crate::policy::current_policy(&self.ctx.policy);
         let decisions = policy.decide_analysis(&self.ctx.target, &info.identity, text, analysis);
         let verdict = most_restrictive(&decisions);
-        // Masking of MySQL results and review of MySQL statements are not
-        // built yet: a statement either would take gets refused, never run
-        // unmasked or unreviewed.
-        let refusal = verdict.and_then(|d| match d.action {
-            a if a.is_refused() || a == Action::Mask => Some(d),
-            _ => None,
-        });
-        self.report(text, analysis, &decisions, refusal.is_some());
-        let Some(d) = refusal else {
-            return Ok(true);
-        };
         let command = command_label(analysis);
-        let message = match d.action {
-            Action::Mask => format!(
-                "tollgate: {command} refused: rule \"{}\" masks its result, and masking is not supported for MySQL targets yet",
-                d.deciding_rule().map_or("?", |r| &*r.name)
-            ),
-            Action::Review => format!(
+        // Review of MySQL statements is not built yet: a statement it would
+        // take is refused, never run unreviewed.
+        let refusal = match verdict {
+            Some(d) if d.action == Action::Review => Some(format!(
                 "{}; human review is not supported for MySQL targets yet",
                 d.client_message(&command)
-            ),
-            _ => d.client_message(&command),
+            )),
+            Some(d) if d.action.is_refused() => Some(d.client_message(&command)),
+            _ => None,
+        };
+        let (plan, refusal) = match refusal {
+            Some(message) => (None, Some(message)),
+            None => match mask_plan(analysis, &decisions) {
+                Ok(plan) => (plan, None),
+                Err(message) => (None, Some(message)),
+            },
+        };
+        self.report(text, analysis, &decisions, refusal.is_some());
+        let Some(message) = refusal else {
+            return Ok(Verdict::Run(plan));
         };
         let err = packet::err_payload(ER_TABLEACCESS_DENIED, "42000", &message);
         self.answer_client(reply_seq, err).await?;
-        Ok(false)
+        Ok(Verdict::Refused)
     }
 
     /// One Statement event per statement (the whole text when unparsable).
@@ -471,11 +504,19 @@ impl Session<'_> {
         }
     }
 
-    /// Relays the answer to COM_QUERY or COM_STMT_EXECUTE: OK, ERR, or
-    /// result sets, as many as the server says follow.
-    async fn relay_results(&mut self, binary: bool) -> Result<(), Stop> {
+    /// Relays the answer to COM_QUERY or COM_STMT_EXECUTE (of statement
+    /// `id`): OK, ERR, or result sets, as many as the server says follow,
+    /// masked as `plan` says. What a masked statement leaves in the
+    /// server's list of warnings is cleared afterwards.
+    async fn relay_results(
+        &mut self,
+        binary: bool,
+        plan: Option<&MaskPlan>,
+        id: Option<u32>,
+    ) -> Result<(), Stop> {
+        let mut withheld = false;
         loop {
-            let first = self.server_packet().await?;
+            let mut first = self.server_packet().await?;
             if first.first() == Some(0xFB) {
                 // A request for a local file, though the capability was
                 // never granted: the server gets an empty file, the client
@@ -487,59 +528,146 @@ impl Session<'_> {
                 self.send_to_server(&empty).await?;
                 continue;
             }
-            self.queue_for_client(&first);
             self.note_status(&first.payload);
             let status = match first.first() {
-                Some(0x00) => packet::status_flags(&first.payload).unwrap_or(0),
-                Some(0xFF) => 0,
+                Some(0x00) => {
+                    if plan.is_some() {
+                        withheld |= mask::take_warnings(&mut first.payload) > 0;
+                    }
+                    self.queue_for_client(&first);
+                    packet::status_flags(&first.payload).unwrap_or(0)
+                }
+                Some(0xFF) => {
+                    if plan.is_some() {
+                        first.payload = mask::withheld_error(&first.payload);
+                        withheld = true;
+                    }
+                    self.queue_for_client(&first);
+                    0
+                }
                 _ => {
+                    self.queue_for_client(&first);
                     let Some((columns, _)) = packet::lenenc_int(&first.payload) else {
                         return Err(self.malformed("a result set without a column count"));
                     };
+                    let mut result_mask = ResultMask::default();
                     for _ in 0..columns {
-                        let column = self.server_packet().await?;
+                        let mut column = self.server_packet().await?;
+                        if let Some(plan) = plan {
+                            if let Err(e) = result_mask.add(plan, &mut column.payload) {
+                                return Err(self.malformed(e.0));
+                            }
+                        }
                         self.queue_for_client(&column);
                     }
-                    let end = self.server_packet().await?;
-                    self.queue_for_client(&end);
+                    let mut end = self.server_packet().await?;
                     if !packet::is_eof(&end.payload) {
                         return Err(self.malformed("column definitions not ended by EOF"));
                     }
+                    if plan.is_some() {
+                        withheld |= mask::take_warnings(&mut end.payload) > 0;
+                    }
+                    self.queue_for_client(&end);
                     let status = packet::status_flags(&end.payload).unwrap_or(0);
                     if binary && status & CURSOR_EXISTS != 0 {
+                        if let (Some(id), Some(_)) = (id, plan) {
+                            self.cursor_masks.insert(id, result_mask);
+                        }
                         status
                     } else {
-                        self.relay_rows_after_metadata().await?.unwrap_or_default()
+                        let mask = plan.map(|_| &result_mask);
+                        let (status, rows_withheld) =
+                            self.relay_rows_after_metadata(mask, binary).await?;
+                        withheld |= rows_withheld;
+                        status.unwrap_or_default()
                     }
                 }
             };
             if status & MORE_RESULTS == 0 {
-                return self.flush_client().await;
+                self.flush_client().await?;
+                if withheld {
+                    self.clear_diagnostics().await?;
+                }
+                return Ok(());
             }
         }
     }
 
-    /// Relays rows until their EOF (its status flags) or an ERR (`None`).
-    async fn relay_rows_after_metadata(&mut self) -> Result<Option<u16>, Stop> {
+    /// Relays rows, masked by `mask` (text or `binary` rows), until their
+    /// EOF (its status flags) or an ERR (`None`); and whether anything of
+    /// a masked result was withheld (warnings, an error's message).
+    async fn relay_rows_after_metadata(
+        &mut self,
+        mask: Option<&ResultMask>,
+        binary: bool,
+    ) -> Result<(Option<u16>, bool), Stop> {
         loop {
-            let row = self.server_packet().await?;
-            self.queue_for_client(&row);
+            let mut row = self.server_packet().await?;
             if packet::is_eof(&row.payload) {
                 self.note_status(&row.payload);
-                return Ok(Some(packet::status_flags(&row.payload).unwrap_or(0)));
+                let warned = mask.is_some() && mask::take_warnings(&mut row.payload) > 0;
+                self.queue_for_client(&row);
+                let status = packet::status_flags(&row.payload).unwrap_or(0);
+                return Ok((Some(status), warned));
             }
             if packet::is_err(&row.payload) {
-                return Ok(None);
+                if mask.is_some() {
+                    row.payload = mask::withheld_error(&row.payload);
+                }
+                self.queue_for_client(&row);
+                return Ok((None, mask.is_some()));
             }
+            if let Some(mask) = mask {
+                let masked = if binary {
+                    mask.binary_row(&row.payload)
+                } else {
+                    mask.text_row(&row.payload)
+                };
+                match masked {
+                    Ok(Some(payload)) => row.payload = payload,
+                    Ok(None) => {}
+                    Err(e) => return Err(self.malformed(e.0)),
+                }
+            }
+            self.queue_for_client(&row);
         }
     }
 
-    /// Relays packets up to and including an EOF or ERR (COM_FIELD_LIST,
-    /// COM_STMT_FETCH).
-    async fn relay_rows(&mut self) -> Result<Option<u16>, Stop> {
-        let end = self.relay_rows_after_metadata().await?;
-        self.flush_client().await?;
-        Ok(end)
+    /// Empties the server's list of warnings and errors after a masked
+    /// statement, whose messages may quote masked values (`SHOW WARNINGS`
+    /// would show them): the next statement that uses a table (here a
+    /// derived one) replaces the list. If that fails, the session ends
+    /// rather than leave the list readable.
+    async fn clear_diagnostics(&mut self) -> Result<(), Stop> {
+        let failed = || -> Stop {
+            CloseReason::UpstreamError(
+                "the server did not clear the warnings of a masked statement".into(),
+            )
+            .into()
+        };
+        let mut query = Vec::with_capacity(CLEAR_DIAGNOSTICS.len() + 1);
+        query.push(com::QUERY);
+        query.extend_from_slice(CLEAR_DIAGNOSTICS);
+        self.send_to_server(&Packet {
+            seq: 0,
+            payload: query,
+        })
+        .await?;
+        let first = self.server_packet().await?;
+        if first.payload != [1] {
+            return Err(failed());
+        }
+        // Its column definition, the EOF after it, no rows, the last EOF.
+        let _definition = self.server_packet().await?;
+        for _ in 0..2 {
+            let end = self.server_packet().await?;
+            if !packet::is_eof(&end.payload) {
+                return Err(failed());
+            }
+            self.note_status(&end.payload);
+        }
+        tracing::debug!(session = %self.ctx.id, "cleared the warnings of a masked statement");
+        Ok(())
     }
 
     /// Relays the answer to COM_STMT_PREPARE and remembers the statement.
@@ -714,4 +842,50 @@ fn command_name(command: u8) -> &'static str {
         com::REGISTER_SLAVE => "COM_REGISTER_SLAVE",
         _ => "?",
     }
+}
+
+/// How the results of a command are masked (`None`: not at all), or why
+/// a statement that requires masking cannot run masked. A masked
+/// statement must be a command's only statement, so that its results are
+/// the command's.
+fn mask_plan(analysis: &Analysis, decisions: &[Decision]) -> Result<Option<MaskPlan>, String> {
+    let statements = match analysis {
+        Analysis::Parsed { statements } => statements.as_slice(),
+        Analysis::Unparsable { .. } => &[],
+    };
+    let mut plan: Option<MaskPlan> = None;
+    for (i, decision) in decisions.iter().enumerate() {
+        if decision.action != Action::Mask {
+            continue;
+        }
+        let statement = statements.get(i);
+        let command = statement.map_or("statement", |s| &*s.command);
+        if let Some(why) = decision.mask_obstacle(statement, Dialect::Mysql) {
+            return Err(decision.mask_refused_message(command, &why));
+        }
+        if decisions.len() > 1 {
+            return Err(decision.mask_refused_message(
+                command,
+                "a statement that requires masking must be sent alone, not with others in one text",
+            ));
+        }
+        let rules: Vec<Arc<MaskRule>> = decision
+            .matched
+            .iter()
+            .filter(|r| r.action == Action::Mask)
+            .filter_map(|r| r.mask.clone())
+            .collect();
+        // A computed field is masked, with the strictest method of the
+        // rules whose columns the statement's expressions may read.
+        let computed = rules
+            .iter()
+            .filter(|rule| {
+                let names: Vec<&str> = rule.columns.iter().map(|c| &*c.column).collect();
+                statement.is_none_or(|s| crate::sql::mysql::may_read_columns(&s.text, &names))
+            })
+            .map(|rule| rule.with)
+            .max();
+        plan = Some(MaskPlan { rules, computed });
+    }
+    Ok(plan)
 }

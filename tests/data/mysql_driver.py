@@ -1,0 +1,53 @@
+"""Runs statements through a Python MySQL driver and prints one JSON line
+per statement: its rows (every value as text, NULL as null), or its error.
+
+    python3 mysql_driver.py connector|pymysql PORT SQL...
+
+connector: mysql-connector-python with server-side prepared statements
+(binary rows). pymysql: PyMySQL with CLIENT_MULTI_STATEMENTS, every result
+of a text of several statements.
+"""
+
+import json
+import sys
+
+
+def text(value):
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def main():
+    driver, port, *statements = sys.argv[1:]
+    args = dict(host="127.0.0.1", port=int(port), user="app", password="secret", database="shop")
+    if driver == "connector":
+        import mysql.connector
+
+        conn = mysql.connector.connect(ssl_disabled=True, use_pure=True, **args)
+        cursor = conn.cursor(prepared=True)
+    elif driver == "pymysql":
+        import pymysql
+        from pymysql.constants import CLIENT
+
+        conn = pymysql.connect(client_flag=CLIENT.MULTI_STATEMENTS, **args)
+        cursor = conn.cursor()
+    else:
+        raise SystemExit(f"unknown driver {driver}")
+    for sql in statements:
+        try:
+            cursor.execute(sql)
+            results = []
+            while True:
+                rows = cursor.fetchall() if cursor.description else []
+                results.append([[text(v) for v in row] for row in rows])
+                if driver != "pymysql" or not cursor.nextset():
+                    break
+            print(json.dumps({"sql": sql, "results": results}), flush=True)
+        except Exception as e:  # the error is the result
+            print(json.dumps({"sql": sql, "error": str(e)}), flush=True)
+
+
+main()
