@@ -5,7 +5,8 @@
 # redirect (`tollgate exec`): psql is given the database's own address, never
 # the proxy's. It shows an allowed query whose customers' e-mail addresses
 # come back masked, a denied DROP and a denied read of a protected table
-# with the rule that refused them, `policy explain`, a DELETE held until a
+# with the rule that refused them, `policy explain`, the same policy on a
+# throwaway MariaDB through the `mariadb` client, a DELETE held until a
 # second user approves it, the
 # session's identity, the tamper-evident recordings, the live status,
 # metrics, and what happens when the agent dies (fail closed).
@@ -60,6 +61,10 @@ cleanup() {
         ip addr del "$db_addr/32" dev lo 2>/dev/null || true
     fi
     [ -f "$work/pg/data/postmaster.pid" ] && run_pg pg_ctl -D "$work/pg/data" -m fast stop >/dev/null 2>&1 || true
+    if [ -f "$work/my/mariadbd.pid" ]; then
+        kill "$(cat "$work/my/mariadbd.pid")" 2>/dev/null || true
+        for _ in $(seq 100); do [ -f "$work/my/mariadbd.pid" ] || break; sleep 0.1; done
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -87,6 +92,31 @@ create table secrets (id int, api_key text);
 insert into secrets values (1, 'sk_live_demo');
 SQL
 
+step "Starting a throwaway MariaDB (a second production database, MySQL protocol)"
+my_port=$(free_port)
+my_listen=127.0.0.1
+[ $governed -eq 1 ] && my_listen=$db_addr
+mkdir -p "$work/my"
+my_user=()
+if [ "$(id -u)" -eq 0 ]; then chown mysql: "$work/my"; my_user=(--user=mysql); fi
+mariadb-install-db --no-defaults --datadir="$work/my/data" "${my_user[@]}" \
+    --auth-root-authentication-method=normal --skip-test-db --skip-name-resolve >/dev/null 2>&1
+/usr/sbin/mariadbd --no-defaults --datadir="$work/my/data" --socket="$work/my/sock" \
+    --pid-file="$work/my/mariadbd.pid" --port="$my_port" --bind-address="$my_listen" "${my_user[@]}" \
+    --skip-name-resolve --innodb-buffer-pool-size=16M --performance-schema=OFF 2>"$work/my/server.log" &
+for _ in $(seq 100); do mariadb-admin --no-defaults --socket="$work/my/sock" -u root ping >/dev/null 2>&1 && break; sleep 0.1; done
+mariadb --no-defaults --socket="$work/my/sock" -u root <<'SQL'
+create database shop;
+create user demo@'%';
+grant all on shop.* to demo@'%';
+use shop;
+create table customers (id int primary key, name text, email text);
+insert into customers values (1, 'Ada Lovelace', 'ada@example.com'), (2, 'Alan Turing', 'alan@example.com');
+create table secrets (id int, api_key text);
+insert into secrets values (1, 'sk_live_demo');
+SQL
+echo "MariaDB on $my_listen:$my_port"
+
 metrics_port=$(free_port)
 if [ $governed -eq 1 ]; then
     echo "PostgreSQL on $db_addr:$pg_port"
@@ -111,11 +141,18 @@ name = "demo-db"
 address = "$db_addr"
 ports = [$pg_port]
 protocol = "postgres"
+
+[[target]]
+name = "demo-mysql"
+address = "$db_addr"
+ports = [$my_port]
+protocol = "mysql"
 TOML
 else
     echo "PostgreSQL on 127.0.0.1:$pg_port"
     step "Not root: starting the agent with an explicit listener (the redirect needs root)"
     proxy_port=$(free_port)
+    my_proxy_port=$(free_port)
     cat > "$work/tollgate.toml" <<TOML
 [agent]
 control_socket = "$work/control.sock"
@@ -134,6 +171,16 @@ protocol = "postgres"
 [[listener]]
 listen = "127.0.0.1:$proxy_port"
 target = "demo-db"
+
+[[target]]
+name = "demo-mysql"
+address = "127.0.0.1"
+ports = [$my_port]
+protocol = "mysql"
+
+[[listener]]
+listen = "127.0.0.1:$my_proxy_port"
+target = "demo-mysql"
 TOML
 fi
 cat "$work/tollgate.toml"
@@ -146,10 +193,10 @@ export TOLLGATE_CONFIG="$work/tollgate.toml"
 if [ $governed -eq 1 ]; then
     cg=$(tollgate status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["redirect"]["exec_cgroup"])')
     echo "cgroup_path = \"$cg\"" > "$work/paths"
-    host=$db_addr; port=$pg_port; run=(tollgate exec --)
+    host=$db_addr; port=$pg_port; my_port_seen=$my_port; run=(tollgate exec --)
     step "psql under 'tollgate exec', given the database's own address"
 else
-    host=127.0.0.1; port=$proxy_port; run=()
+    host=127.0.0.1; port=$proxy_port; my_port_seen=$my_proxy_port; run=()
     step "psql through the listener"
 fi
 echo "(customers' e-mail addresses are masked by rule mask-customer-email; the table itself is unchanged)"
@@ -180,6 +227,18 @@ show tollgate recordings show "$denied_id"
 masked_id=$(tollgate recordings list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
 show tollgate recordings show "$masked_id"
 show tollgate recordings verify --all
+
+step "The same policy on MariaDB: the mariadb client, masked and refused alike"
+show "${run[@]}" mariadb --no-defaults --skip-ssl -h "$host" -P "$my_port_seen" -u demo shop \
+    -e "select id, name, email from customers order by id"
+show "${run[@]}" mariadb --no-defaults --skip-ssl -h "$host" -P "$my_port_seen" -u demo shop \
+    -e "select * from secrets" || true
+for _ in $(seq 50); do
+    my_session=$(tollgate recordings list --json | python3 -c 'import json,sys; l=[r for r in json.load(sys.stdin) if r.get("protocol") == "mysql" and r.get("denied") and r.get("complete")]; print(l[-1]["id"] if l else "")')
+    [ -n "$my_session" ] && break
+    sleep 0.1
+done
+[ -n "$my_session" ] && show tollgate recordings show "$my_session"
 
 if [ $governed -eq 1 ] && id daemon >/dev/null 2>&1; then
     step "A DELETE needs a second person: held until the reviewer 'daemon' approves it"
