@@ -2,9 +2,11 @@
 //! a real MariaDB server, with the same policy files as PostgreSQL. Each
 //! refusal is checked on the server too: what was refused did not happen.
 
-use std::process::Output;
+use std::process::{Command, Output};
 
-use tollgate_tests::mariadb::{mariadb, mariadb_command, python_driver, DriverResult, Mariadb};
+use tollgate_tests::mariadb::{
+    mariadb, mariadb_command, python_driver, DriverResult, Mariadb, PASSWORD, USER,
+};
 use tollgate_tests::*;
 
 const POLICY: &str = concat!(
@@ -337,6 +339,95 @@ fn masking_cannot_be_slipped_past() {
         panic!("{results:?}");
     };
     assert_eq!(both.len(), 2, "{both:?}");
+}
+
+fn mysqldump(port: u16, args: &[&str]) -> Output {
+    Command::new("mysqldump")
+        .arg("--no-defaults")
+        .args(["-h", "127.0.0.1", "-P", &port.to_string(), "--protocol=TCP"])
+        .args(["-u", USER, &format!("-p{PASSWORD}"), "--skip-ssl"])
+        .args(args)
+        .output()
+        .expect("mysqldump (scripts/setup.sh installs mariadb-client)")
+}
+
+#[test]
+fn mysqldump_and_a_restore_run_through_the_agent_masked_and_decided() {
+    let shop = Shop::start();
+    shop.db.as_root(&format!(
+        "CREATE DATABASE copy; GRANT ALL ON copy.* TO '{USER}'@'%'"
+    ));
+
+    // mysqldump's executable comments (`/*!40001 SQL_NO_CACHE */`) are
+    // resolved for the server, and what it reads is masked.
+    let out = mysqldump(shop.port, &["--skip-add-drop-table", "shop", "customers"]);
+    let dump = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        dump.contains("(1,'Ada','****'),\n(2,'Alan','****');"),
+        "{dump}"
+    );
+    assert!(!dump.contains("@example.com"), "{dump}");
+
+    // Dumping the whole database locks `secrets`, which the policy denies.
+    let out = mysqldump(shop.port, &["shop"]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("LOCK TABLES denied by rule \"protect-secrets\""),
+        "{all}"
+    );
+    assert!(!all.contains("the-key"), "{all}");
+
+    // The restore: the dump's own statements (executable comments, ALTER
+    // TABLE ... DISABLE KEYS, multi-row INSERT) through the agent.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dump.sql");
+    std::fs::write(&file, &dump).unwrap();
+    let out = mariadb(shop.port, &format!("USE copy;\nsource {}", file.display()));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        shop.db
+            .as_root("SELECT id, name, email FROM copy.customers ORDER BY id"),
+        "1\tAda\t****\n2\tAlan\t****\n"
+    );
+
+    // A script with a refused statement goes on as with any error of the
+    // server's (`source` reports it and reads on): the refused statement
+    // did not run, the others did.
+    let script = dir.path().join("script.sql");
+    std::fs::write(
+        &script,
+        "INSERT INTO t VALUES (1);\nDROP TABLE customers;\nINSERT INTO t VALUES (2);\n",
+    )
+    .unwrap();
+    let out = mariadb(shop.port, &format!("source {}", script.display()));
+    let all = text(&out);
+    assert!(
+        all.contains("ERROR 1142 (42000) at line 2 in file")
+            && all.contains("DROP TABLE denied by rule \"no-drop\""),
+        "{all}"
+    );
+    assert_eq!(shop.db.as_root("SELECT x FROM shop.t ORDER BY x"), "1\n2\n");
+    assert_eq!(
+        shop.db.as_root("SHOW TABLES FROM shop LIKE 'customers'"),
+        "customers\n"
+    );
+
+    // A comment for a newer server than this one is dropped, as the server
+    // would; one for this server runs, and is decided.
+    let out = mariadb(shop.port, "SELECT 1 /*!999999 , (SELECT s FROM secrets) */");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "1\n",
+        "{}",
+        text(&out)
+    );
+    refused(
+        &shop,
+        "SELECT 1 /*!50000 , (SELECT s FROM secrets) */",
+        "denied by rule \"protect-secrets\"",
+    );
 }
 
 #[test]

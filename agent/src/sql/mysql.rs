@@ -15,9 +15,12 @@
 //!   escapes). The boundaries it finds must be exactly those of
 //!   `sqlparser`'s tokenizer, or the text is refused.
 //! - Executable comments (`/*! ... */`, `/*!50700 ... */`, MariaDB's
-//!   `/*M! ... */`) are refused: the server runs their content or not
-//!   depending on its version, and lexes it with rules (strings holding
-//!   `*/`, line comments) no other lexer reproduces.
+//!   `/*M! ... */`) are refused by the analysis: the server runs their
+//!   content or not depending on its version, and lexes it with rules
+//!   (strings holding `*/`, line comments) no other lexer reproduces. The
+//!   protocol handler first resolves them for the server it talks to
+//!   ([`resolve_executable_comments`]) and forwards the resolved text, so
+//!   the server never sees one and runs what was analysed.
 //! - Strings are lexed twice, with backslash escapes (MySQL's default) and
 //!   without (`sql_mode` `NO_BACKSLASH_ESCAPES`, which a client may set for
 //!   its own session): text that splits differently under the two readings
@@ -135,6 +138,116 @@ fn analyze_text(text: &str, escapes: Escapes) -> Result<Vec<StatementSummary>, S
 }
 
 // ---------------------------------------------------------------------------
+// Executable comments.
+
+/// The server a text goes to, as its greeting names it: what decides which
+/// executable comments it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerVersion {
+    /// `major * 10000 + minor * 100 + patch` (10.11.19 is 101119), as
+    /// `/*!NNNNN` compares it.
+    pub id: u32,
+    /// MariaDB, which also runs `/*M!` comments.
+    pub mariadb: bool,
+}
+
+impl ServerVersion {
+    /// Reads a greeting's version string: `8.0.36`, `10.11.19-MariaDB-...`,
+    /// or `5.5.5-10.11.19-MariaDB-...` (MariaDB's prefix for old clients).
+    pub fn parse(version: &str) -> Option<ServerVersion> {
+        let mariadb = version.contains("MariaDB");
+        let version = match version.strip_prefix("5.5.5-") {
+            Some(rest) if mariadb => rest,
+            _ => version,
+        };
+        let numbers = version.split(['-', '+', ' ', '~']).next()?;
+        let mut parts = numbers.split('.').map(|p| p.parse::<u32>().ok());
+        let (major, minor, patch) = (parts.next()??, parts.next()??, parts.next()??);
+        if minor > 99 || patch > 99 {
+            return None;
+        }
+        Some(ServerVersion {
+            id: major.checked_mul(10_000)? + minor * 100 + patch,
+            mariadb,
+        })
+    }
+}
+
+/// Resolves the executable comments of `text` for `server`, as the server
+/// would: the content of `/*! ... */` and of `/*!NNNNN ... */` up to its
+/// version (and, on MariaDB, of `/*M! ... */` and `/*M!NNNNNN ... */`)
+/// becomes plain text, and the others are dropped, each replaced by a
+/// space so that no token joins its neighbour. The caller analyses and
+/// forwards the resolved text in place of the client's, so the server
+/// never reads an executable comment and runs exactly what was analysed;
+/// how the client meant a comment whose content holds `/*` is not guessed
+/// at (refused). Text without executable comments comes back as it is.
+pub fn resolve_executable_comments(
+    text: &str,
+    escapes: Escapes,
+    server: ServerVersion,
+) -> Result<std::borrow::Cow<'_, str>, String> {
+    if !text.contains("/*!") && !text.contains("/*M!") {
+        return Ok(std::borrow::Cow::Borrowed(text));
+    }
+    let regions = match escapes {
+        Escapes::Backslash => scan_with(text, true, true)?,
+        Escapes::NoBackslash => scan_with(text, false, true)?,
+        Escapes::Unknown => {
+            let with = scan_with(text, true, true)?;
+            if with != scan_with(text, false, true)? {
+                return Err("statement text reads differently with and without \
+                            backslash escapes (sql_mode NO_BACKSLASH_ESCAPES)"
+                    .to_owned());
+            }
+            with
+        }
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for region in regions.iter().filter(|r| r.executable) {
+        let comment = text
+            .get(region.start..region.end)
+            .ok_or("an executable comment inside a character")?;
+        let (mariadb_only, rest) = match comment.strip_prefix("/*M!") {
+            Some(rest) => (true, rest),
+            None => (false, comment.get(3..).unwrap_or_default()),
+        };
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let version = match digits {
+            0 => None,
+            5 | 6 => rest.get(..digits).and_then(|d| d.parse::<u32>().ok()),
+            _ => {
+                return Err(format!(
+                    "executable comment at byte {} with a version of {digits} digits, \
+                     which servers read differently",
+                    region.start
+                ))
+            }
+        };
+        let content = rest
+            .get(digits..rest.len().saturating_sub(2))
+            .unwrap_or_default();
+        if content.contains("/*") {
+            return Err(format!(
+                "executable comment at byte {} holding another comment",
+                region.start
+            ));
+        }
+        let runs = (!mariadb_only || server.mariadb) && version.is_none_or(|v| v <= server.id);
+        out.push_str(text.get(at..region.start).unwrap_or_default());
+        out.push(' ');
+        if runs {
+            out.push_str(content);
+            out.push(' ');
+        }
+        at = region.end;
+    }
+    out.push_str(text.get(at..).unwrap_or_default());
+    Ok(std::borrow::Cow::Owned(out))
+}
+
+// ---------------------------------------------------------------------------
 // The server's lexer, for the boundaries that decide.
 
 /// A string, quoted identifier or comment: byte range in the text.
@@ -143,12 +256,20 @@ struct Region {
     start: usize,
     end: usize,
     comment: bool,
+    /// An executable comment (`/*!`, `/*M!`), up to the first `*/`.
+    executable: bool,
 }
 
 /// Finds the strings, quoted identifiers and comments of `text` as the
 /// MySQL server's lexer does, with backslash escapes in strings or not.
 /// Refuses executable comments and unterminated strings or comments.
 fn scan(text: &str, backslash_escapes: bool) -> Result<Vec<Region>, String> {
+    scan_with(text, backslash_escapes, false)
+}
+
+/// [`scan`], with executable comments found (`executable`) rather than
+/// refused.
+fn scan_with(text: &str, backslash_escapes: bool, executable: bool) -> Result<Vec<Region>, String> {
     let bytes = text.as_bytes();
     let mut regions = Vec::new();
     let mut i = 0;
@@ -168,6 +289,7 @@ fn scan(text: &str, backslash_escapes: bool) -> Result<Vec<Region>, String> {
                     start: i,
                     end,
                     comment: false,
+                    executable: false,
                 });
                 i = end;
             }
@@ -177,6 +299,7 @@ fn scan(text: &str, backslash_escapes: bool) -> Result<Vec<Region>, String> {
                     start: i,
                     end,
                     comment: true,
+                    executable: false,
                 });
                 i = end;
             }
@@ -190,12 +313,14 @@ fn scan(text: &str, backslash_escapes: bool) -> Result<Vec<Region>, String> {
                     start: i,
                     end,
                     comment: true,
+                    executable: false,
                 });
                 i = end;
             }
             b'/' if next == Some(b'*') => {
                 let body = bytes.get(i + 2..).unwrap_or_default();
-                if body.starts_with(b"!") || body.starts_with(b"M!") {
+                let is_executable = body.starts_with(b"!") || body.starts_with(b"M!");
+                if is_executable && !executable {
                     return Err(format!(
                         "executable comment (/*! or /*M!) at byte {i}: its content runs \
                          depending on the server's version and is not analysed"
@@ -210,6 +335,7 @@ fn scan(text: &str, backslash_escapes: bool) -> Result<Vec<Region>, String> {
                     start: i,
                     end,
                     comment: true,
+                    executable: is_executable,
                 });
                 i = end;
             }
@@ -331,6 +457,7 @@ fn token_regions(
             start,
             end,
             comment,
+            executable: false,
         });
     }
     Ok(regions)
@@ -385,6 +512,11 @@ fn summarise(
     }
     if first == "PREPARE" {
         return prepare(piece, own_text, index, text, escapes);
+    }
+    if first == "ALTER" && second == "TABLE" {
+        if let Some(summary) = alter_keys(piece, own_text) {
+            return Ok(summary);
+        }
     }
 
     let mut tokens = piece.to_vec();
@@ -689,6 +821,46 @@ fn load_data(
         StatementKind::Copy,
         None,
         format!("LOAD {what}"),
+        facts,
+        fingerprint,
+        own_text,
+    ))
+}
+
+/// `ALTER TABLE name DISABLE KEYS` and `... ENABLE KEYS` (mysqldump writes
+/// them around its INSERTs; the dialect lacks them): a change to the table,
+/// exactly that form or `None`.
+fn alter_keys(piece: &[TokenWithSpan], own_text: &str) -> Option<StatementSummary> {
+    let solid: Vec<&TokenWithSpan> = piece.iter().filter(|t| !is_trivia(&t.token)).collect();
+    let [_, _, name @ .., switch, keys] = solid.as_slice() else {
+        return None;
+    };
+    let switch = ["DISABLE", "ENABLE"]
+        .into_iter()
+        .find(|w| is_word(&switch.token, w))?;
+    if !is_word(&keys.token, "KEYS") {
+        return None;
+    }
+    let ident = |t: &TokenWithSpan| match &t.token {
+        Token::Word(w) => Some(Ident {
+            value: w.value.clone(),
+            quote_style: w.quote_style,
+            span: t.span,
+        }),
+        _ => None,
+    };
+    let parts = match name {
+        [table] => vec![ident(table)?],
+        [db, dot, table] if dot.token == Token::Period => vec![ident(db)?, ident(table)?],
+        _ => return None,
+    };
+    let mut facts = Facts::default();
+    facts.written.insert(table_ref(&ObjectName::from(parts))?);
+    let fingerprint = hash(&token_shape(&solid));
+    Some(summary(
+        StatementKind::Alter,
+        None,
+        format!("ALTER TABLE {switch} KEYS"),
         facts,
         fingerprint,
         own_text,
@@ -1089,10 +1261,12 @@ impl Visitor for Facts {
                     self.write(&rename.new_name);
                 }
             }
+            // As for PostgreSQL's LOCK TABLE: a lock shows no rows, and
+            // holds back other sessions' writes.
             Statement::LockTables { tables } => {
                 for table in tables {
                     let name = ObjectName::from(vec![table.table.clone()]);
-                    self.read(&name);
+                    self.write(&name);
                 }
             }
             Statement::Grant(grant) => {

@@ -53,6 +53,13 @@ pub mod caps {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandshakeError(pub String);
 
+/// The server's version string from its greeting (`10.11.19-MariaDB`).
+pub fn server_version(greeting: &Packet) -> Option<&str> {
+    let p = greeting.payload.get(1..)?;
+    let end = p.iter().position(|&b| b == 0)?;
+    std::str::from_utf8(p.get(..end)?).ok()
+}
+
 /// Removes [`caps::STRIPPED`] and MariaDB's extended capabilities from the
 /// server's greeting, in place.
 pub fn restrict_greeting(greeting: &mut Packet) -> Result<(), HandshakeError> {

@@ -23,7 +23,7 @@ use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::masking::MaskRule;
 use crate::policy::{most_restrictive, Action, Decision};
 use crate::protocol::SessionContext;
-use crate::sql::mysql::Escapes;
+use crate::sql::mysql::{Escapes, ServerVersion};
 use crate::sql::{Analysis, Dialect};
 
 /// The largest command or answer the proxy reads (MySQL's own
@@ -117,6 +117,9 @@ struct Session<'a> {
     raw: bool,
     /// How the server reads backslashes now, from the last status flags.
     escapes: Escapes,
+    /// The server's version, from its greeting: which executable comments
+    /// it runs.
+    server: Option<ServerVersion>,
 }
 
 /// Serves one session until it ends and says why.
@@ -137,6 +140,7 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
         cursor_masks: HashMap::new(),
         raw: ctx.events.records_raw(&ctx.target),
         escapes: Escapes::Unknown,
+        server: None,
     };
     let serving = async {
         match session.connect().await {
@@ -166,6 +170,7 @@ impl Session<'_> {
             self.send_to_client(&greeting).await?;
             return Err(CloseReason::Completed.into());
         }
+        self.server = handshake::server_version(&greeting).and_then(ServerVersion::parse);
         if let Err(e) = handshake::restrict_greeting(&mut greeting) {
             return Err(CloseReason::UpstreamError(e.0).into());
         }
@@ -237,7 +242,7 @@ impl Session<'_> {
         let Ok(read) = tokio::time::timeout(idle, read).await else {
             return Err(CloseReason::IdleTimeout.into());
         };
-        let command = match read {
+        let mut command = match read {
             Ok(Some(command)) => command,
             Ok(None) => return Err(CloseReason::Completed.into()),
             Err(e @ PacketError::TooLarge { .. }) => {
@@ -267,7 +272,7 @@ impl Session<'_> {
                 Err(CloseReason::Completed.into())
             }
             Some(com::QUERY) => {
-                let Some(text) = self.text_of(&command, reply_seq).await? else {
+                let Some(text) = self.text_of(&mut command, reply_seq).await? else {
                     return Ok(());
                 };
                 let analysis = self.analyze(&text);
@@ -278,7 +283,7 @@ impl Session<'_> {
                 Ok(())
             }
             Some(com::STMT_PREPARE) => {
-                let Some(text) = self.text_of(&command, reply_seq).await? else {
+                let Some(text) = self.text_of(&mut command, reply_seq).await? else {
                     return Ok(());
                 };
                 let analysis = self.analyze(&text);
@@ -410,13 +415,19 @@ impl Session<'_> {
         }
     }
 
-    /// The statement text of a COM_QUERY or COM_STMT_PREPARE; `None` (after
-    /// answering with an error) when it is not UTF-8, which the analysis
-    /// could not read as the server would.
-    async fn text_of(&mut self, command: &Packet, reply_seq: u8) -> Result<Option<String>, Stop> {
+    /// The statement text of a COM_QUERY or COM_STMT_PREPARE, with its
+    /// executable comments resolved for the server (the command is
+    /// rewritten to carry that text: what is decided is what the server
+    /// reads); `None` (after answering with an error) when it is not UTF-8,
+    /// which the analysis could not read as the server would.
+    async fn text_of(
+        &mut self,
+        command: &mut Packet,
+        reply_seq: u8,
+    ) -> Result<Option<String>, Stop> {
         let body = command.payload.get(1..).unwrap_or_default();
-        match std::str::from_utf8(body) {
-            Ok(text) => Ok(Some(text.to_owned())),
+        let text = match std::str::from_utf8(body) {
+            Ok(text) => text,
             Err(e) => {
                 let err = packet::err_payload(
                     ER_TABLEACCESS_DENIED,
@@ -424,8 +435,25 @@ impl Session<'_> {
                     &format!("tollgate: the statement is not valid UTF-8 ({e}); the agent decides UTF-8 text only"),
                 );
                 self.answer_client(reply_seq, err).await?;
-                Ok(None)
+                return Ok(None);
             }
+        };
+        // Unresolvable text stays as it is, and the analysis refuses it.
+        let resolved = self.server.and_then(|server| {
+            match crate::sql::mysql::resolve_executable_comments(text, self.escapes, server) {
+                Ok(std::borrow::Cow::Owned(resolved)) => Some(resolved),
+                _ => None,
+            }
+        });
+        match resolved {
+            Some(resolved) => {
+                let mut payload = Vec::with_capacity(resolved.len() + 1);
+                payload.extend_from_slice(command.payload.get(..1).unwrap_or_default());
+                payload.extend_from_slice(resolved.as_bytes());
+                command.payload = payload;
+                Ok(Some(resolved))
+            }
+            None => Ok(Some(text.to_owned())),
         }
     }
 

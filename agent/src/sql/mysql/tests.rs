@@ -1,4 +1,4 @@
-#![allow(clippy::panic)]
+#![allow(clippy::panic, clippy::unwrap_used)]
 
 use super::*;
 
@@ -661,4 +661,106 @@ fn expressions_that_may_read_a_column_are_found() {
     ] {
         assert!(!may_read_columns(sql, email), "{sql}");
     }
+}
+
+#[test]
+fn server_versions_are_read_from_greetings() {
+    let v = |s: &str| ServerVersion::parse(s);
+    assert_eq!(
+        v("5.5.5-10.11.19-MariaDB-0+deb12u1"),
+        Some(ServerVersion {
+            id: 101119,
+            mariadb: true
+        })
+    );
+    assert_eq!(
+        v("11.4.2-MariaDB"),
+        Some(ServerVersion {
+            id: 110402,
+            mariadb: true
+        })
+    );
+    assert_eq!(
+        v("8.0.36"),
+        Some(ServerVersion {
+            id: 80036,
+            mariadb: false
+        })
+    );
+    assert_eq!(
+        v("5.5.5-log"),
+        Some(ServerVersion {
+            id: 50505,
+            mariadb: false
+        })
+    );
+    assert_eq!(v("8.0"), None);
+    assert_eq!(v("garbage"), None);
+}
+
+#[test]
+fn executable_comments_are_resolved_for_the_server() {
+    let mariadb = ServerVersion {
+        id: 101119,
+        mariadb: true,
+    };
+    let mysql = ServerVersion {
+        id: 80036,
+        mariadb: false,
+    };
+    let resolve = |text: &str, server| {
+        resolve_executable_comments(text, Escapes::Unknown, server).map(|t| t.into_owned())
+    };
+    assert_eq!(
+        resolve("SELECT /*!40001 SQL_NO_CACHE */ * FROM t", mariadb).unwrap(),
+        "SELECT   SQL_NO_CACHE   * FROM t"
+    );
+    // Newer than the server: dropped.
+    assert_eq!(
+        resolve("SELECT 1 /*!110000 , (SELECT s FROM secrets) */", mariadb).unwrap(),
+        "SELECT 1  "
+    );
+    // MariaDB's own: run by MariaDB only.
+    let text = "SELECT 1 /*M!100100 , (SELECT s FROM secrets) */";
+    assert_eq!(
+        resolve(text, mariadb).unwrap(),
+        "SELECT 1   , (SELECT s FROM secrets)  "
+    );
+    assert_eq!(resolve(text, mysql).unwrap(), "SELECT 1  ");
+    // Without a version: always.
+    assert_eq!(
+        resolve("SELECT 1 /*!, (SELECT s FROM secrets) */", mysql).unwrap(),
+        "SELECT 1  , (SELECT s FROM secrets)  "
+    );
+    // Inside strings and ordinary comments nothing is resolved.
+    assert_eq!(
+        resolve("SELECT '/*!1*/' /* /*! */", mariadb).unwrap(),
+        "SELECT '/*!1*/' /* /*! */"
+    );
+    // Markers never join tokens: `-/*!*/-` is not a comment `--`.
+    assert_eq!(resolve("SELECT 1-/*!*/-1", mysql).unwrap(), "SELECT 1-  -1");
+    // What the reading cannot settle is refused.
+    assert!(resolve("SELECT 1 /*!5000 x */", mysql).is_err());
+    assert!(resolve("SELECT 1 /*! /* x */", mysql).is_err());
+    assert!(resolve("SELECT 1 /*! x", mysql).is_err());
+    assert!(resolve("SELECT '\\' /*!, (SELECT s FROM secrets) */ '", mysql).is_err());
+    // The resolved text is what is analysed.
+    let resolved = resolve("SELECT 1 /*M!100100 , (SELECT s FROM secrets) */", mariadb).unwrap();
+    assert_eq!(one(&resolved).tables_read, tables(&["secrets"]));
+}
+
+#[test]
+fn mysqldump_keys_switches_are_changes_to_their_table() {
+    for (sql, table) in [
+        ("ALTER TABLE `customers` DISABLE KEYS", "customers"),
+        ("alter table shop.Customers enable keys", "shop.customers"),
+    ] {
+        let s = one(sql);
+        assert_eq!(s.kind, StatementKind::Alter, "{sql}");
+        assert_eq!(s.tables_written, tables(&[table]), "{sql}");
+        assert!(s.command.ends_with("KEYS"), "{sql}");
+    }
+    // Anything more is the parser's to read (and refuse).
+    refused("ALTER TABLE t DISABLE KEYS, DROP COLUMN x");
+    refused("ALTER TABLE t DISABLE KEYS KEYS");
 }
