@@ -141,6 +141,8 @@ fn tables_hidden_from_the_analysis_are_still_refused() {
         "SELECT (SELECT s FROM secrets LIMIT 1)",
         "SELECT * FROM customers UNION SELECT 1, s, s FROM secrets",
         "INSERT INTO t SELECT LENGTH(s) FROM secrets",
+        // A statement text kept in a user variable cannot be read.
+        "SET @q = 'SELECT s FROM secrets'; PREPARE st FROM @q; EXECUTE st",
     ] {
         let out = mariadb(shop.port, sql);
         let all = text(&out);

@@ -484,6 +484,8 @@ struct Facts {
     aliases: HashSet<*const ObjectName>,
     /// CTE names in scope, one frame per query level (innermost last).
     scopes: Vec<Frame>,
+    /// Why the statement cannot be summarised, found while walking it.
+    unreadable: Option<String>,
 }
 
 #[derive(Default)]
@@ -564,6 +566,9 @@ fn summarise(
     };
 
     let _ = statement.visit(&mut facts);
+    if let Some(why) = facts.unreadable.take() {
+        return Err(why);
+    }
     let (kind, command, transaction) = label(&statement, first);
     let fingerprint = fingerprint(&statement, &markers);
     Ok(summary(
@@ -868,7 +873,8 @@ fn alter_keys(piece: &[TokenWithSpan], own_text: &str) -> Option<StatementSummar
 }
 
 /// `PREPARE name FROM 'text'` (the text's one statement is analysed and
-/// counts) or `PREPARE name FROM @variable` (its text is not known here).
+/// counts). `PREPARE name FROM @variable` is refused: its text is not known
+/// here, and it could be anything.
 fn prepare(
     piece: &[TokenWithSpan],
     own_text: &str,
@@ -887,7 +893,11 @@ fn prepare(
     let mut shape = String::from("PREPARE ? FROM ");
     match source.map(|t| &t.token) {
         Some(Token::Word(w)) if w.quote_style.is_none() && w.value.starts_with('@') => {
-            shape.push_str("@variable");
+            return Err(
+                "PREPARE ... FROM @variable: the statement is in a user variable, \
+                        which the agent cannot read; write PREPARE name FROM 'statement'"
+                    .to_owned(),
+            );
         }
         Some(Token::SingleQuotedString(inner) | Token::DoubleQuotedString(inner)) => {
             let raw = match source {
@@ -1298,6 +1308,23 @@ impl Visitor for Facts {
         if selects_into(&query.body) {
             self.flags.sets_user_variable = true;
         }
+        // `TABLE t` (MySQL 8) names its table outside the relations the
+        // visitor walks.
+        let mut tables = Vec::new();
+        table_bodies(&query.body, &mut tables);
+        for table in tables {
+            match &table.table_name {
+                Some(name) => {
+                    let mut parts: Vec<Ident> = table.schema_name.iter().cloned().collect();
+                    parts.push(name.clone());
+                    let name = ObjectName::from(parts);
+                    if !self.is_cte(&name) {
+                        self.read(&name);
+                    }
+                }
+                None => self.unreadable = Some("TABLE without a table name".to_owned()),
+            }
+        }
         if let Some(with) = &query.with {
             self.flags.derived_tables = true;
             for cte in &with.cte_tables {
@@ -1361,6 +1388,18 @@ impl Visitor for Facts {
             _ => {}
         }
         ControlFlow::Continue(())
+    }
+}
+
+/// The `TABLE name` bodies of a query body (any branch of a set operation).
+fn table_bodies<'a>(body: &'a SetExpr, out: &mut Vec<&'a sqlparser::ast::Table>) {
+    match body {
+        SetExpr::Table(table) => out.push(table),
+        SetExpr::SetOperation { left, right, .. } => {
+            table_bodies(left, out);
+            table_bodies(right, out);
+        }
+        _ => {}
     }
 }
 
