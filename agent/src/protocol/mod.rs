@@ -19,6 +19,7 @@
 pub mod mysql;
 pub mod postgres;
 pub mod tcp;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;

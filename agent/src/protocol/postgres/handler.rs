@@ -8,9 +8,9 @@ use tokio::net::TcpStream;
 use super::cancel::CancelRegistry;
 use super::error::sqlstate;
 use super::session::{self, Fatal, PostgresContext};
-use super::tls::TlsState;
 use crate::config::Config;
 use crate::events::CloseReason;
+use crate::protocol::tls::TlsState;
 use crate::protocol::{Handler, HandlerFuture, Refusal, SessionContext};
 
 /// Serves PostgreSQL sessions.
@@ -24,7 +24,8 @@ impl PostgresHandler {
     /// bad certificate stops the start).
     pub fn new(config: &Config) -> anyhow::Result<PostgresHandler> {
         use anyhow::Context as _;
-        let tls = TlsState::load(config).context("cannot set up TLS")?;
+        let tls = TlsState::load(config, Some(crate::protocol::tls::ALPN_POSTGRESQL))
+            .context("cannot set up TLS")?;
         Ok(PostgresHandler::with_tls(tls))
     }
 

@@ -89,7 +89,6 @@ pub mod mask;
 pub mod prepared;
 pub mod reading;
 pub mod session;
-pub mod tls;
 
 #[cfg(test)]
 mod tests;

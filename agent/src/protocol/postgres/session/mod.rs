@@ -108,7 +108,7 @@ use tokio::net::TcpStream;
 
 use super::cancel::CancelRegistry;
 use super::prepared::{self as prepared, Decided, Prepared, SqlOp, MAX_TRACKED};
-use super::tls::{self, Stream, TlsState, UpstreamMode};
+use crate::protocol::tls::{self, Stream, TlsState, UpstreamMode};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 

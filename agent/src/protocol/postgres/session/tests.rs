@@ -11,10 +11,10 @@ use std::path::Path;
 use super::super::backend::{decode_backend, Auth, FieldDescription, Fields};
 use super::super::codec::split_frame;
 use super::super::frontend::decode_frontend;
-use super::super::tls::TlsState;
 use super::*;
 use crate::events::{EventSink, Events};
 use crate::policy::PolicySet;
+use crate::protocol::tls::TlsState;
 use crate::protocol::SessionStart;
 use crate::sql::AnalysisCache;
 

@@ -1,4 +1,8 @@
-//! TLS on both legs of a PostgreSQL session (rustls with the ring provider).
+//! TLS on both legs of a session (rustls with the ring provider), for the
+//! protocol handlers that speak TLS: the configured modes, the agent's local
+//! CA, and a stream that is plaintext or TLS. What follows describes it for
+//! PostgreSQL; MySQL's handler (`protocol::mysql::session`) negotiates TLS
+//! in its own handshake with the same modes and certificates.
 //!
 //! # Upstream leg (per target, `tls = ...`)
 //!
@@ -145,11 +149,13 @@ impl TlsState {
 
     /// Loads the CA files of `verify-full` targets and, with
     /// `client_tls = "terminate"`, makes or loads the local CA and the
-    /// agent's certificate.
-    pub fn load(config: &Config) -> Result<TlsState, TlsError> {
+    /// agent's certificate. `alpn` is the protocol name offered and
+    /// accepted in the TLS handshake, when the protocol has one.
+    pub fn load(config: &Config, alpn: Option<&[u8]>) -> Result<TlsState, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|a| a.to_vec()).collect();
         let mut upstream = HashMap::new();
-        let unverified = unverified_connector(provider.clone())?;
+        let unverified = unverified_connector(provider.clone(), &alpn)?;
         for target in config.targets.iter() {
             let mode = match &target.tls {
                 UpstreamTls::Disable => UpstreamMode::Disable,
@@ -159,7 +165,7 @@ impl TlsState {
                     ca_file,
                     server_name,
                 } => UpstreamMode::VerifyFull {
-                    connector: verifying_connector(provider.clone(), ca_file)?,
+                    connector: verifying_connector(provider.clone(), ca_file, &alpn)?,
                     server_name: server_name.clone(),
                 },
             };
@@ -176,7 +182,7 @@ impl TlsState {
                     .with_no_client_auth()
                     .with_single_cert(chain, key)
                     .map_err(|e| TlsError::Crypto(format!("the agent's certificate: {e}")))?;
-                server.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+                server.alpn_protocols = alpn;
                 Some(TlsAcceptor::from(Arc::new(server)))
             }
         };
@@ -194,7 +200,10 @@ impl TlsState {
     }
 }
 
-fn unverified_connector(provider: Arc<CryptoProvider>) -> Result<TlsConnector, TlsError> {
+fn unverified_connector(
+    provider: Arc<CryptoProvider>,
+    alpn: &[Vec<u8>],
+) -> Result<TlsConnector, TlsError> {
     let verifier = Arc::new(NoCertificateCheck {
         provider: provider.clone(),
     });
@@ -204,13 +213,14 @@ fn unverified_connector(provider: Arc<CryptoProvider>) -> Result<TlsConnector, T
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    config.alpn_protocols = alpn.to_vec();
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
 fn verifying_connector(
     provider: Arc<CryptoProvider>,
     ca_file: &Path,
+    alpn: &[Vec<u8>],
 ) -> Result<TlsConnector, TlsError> {
     let content = |message: String| TlsError::Content {
         path: ca_file.to_path_buf(),
@@ -239,7 +249,7 @@ fn verifying_connector(
         .map_err(|e| TlsError::Crypto(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    config.alpn_protocols = alpn.to_vec();
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
