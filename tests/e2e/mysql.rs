@@ -432,6 +432,162 @@ fn mysqldump_and_a_restore_run_through_the_agent_masked_and_decided() {
     );
 }
 
+/// An agent in front of the MariaDB on `db_port` with `target_tls` for the
+/// target and TLS terminated for clients with its local CA (in `tls_dir`).
+fn tls_agent(
+    db_port: u16,
+    target_tls: &str,
+    tls_dir: &std::path::Path,
+    policy: &str,
+) -> (Agent, u16) {
+    let port = free_port();
+    let config = format!(
+        "[agent]\n{policy}\nclient_tls = \"terminate\"\ntls_dir = \"{}\"\n\n\
+         [[target]]\nname = \"shop\"\naddress = \"127.0.0.1\"\nports = [{db_port}]\n\
+         protocol = \"mysql\"\n{target_tls}\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"shop\"\n",
+        tls_dir.display()
+    );
+    (Agent::start(&config), port)
+}
+
+#[test]
+fn tls_on_both_legs_with_the_agents_ca_and_a_verified_server() {
+    let db = Mariadb::start_tls(SCHEMA);
+    db.as_root(
+        "INSTALL SONAME 'auth_ed25519'; \
+         CREATE USER ed@'%' IDENTIFIED VIA ed25519 USING PASSWORD('pw'); \
+         GRANT SELECT ON shop.* TO ed@'%'",
+    );
+    let policy = policy_file(POLICY);
+    let tls_dir = tempfile::tempdir().unwrap();
+    let ca = db.tls_ca();
+    let (agent, port) = tls_agent(
+        db.port,
+        &format!("tls = \"verify-full\"\ntls_ca_file = \"{}\"", ca.display()),
+        tls_dir.path(),
+        &policy.line,
+    );
+    let agent_ca = tls_dir.path().join("ca.pem");
+
+    // A client that verifies the agent's certificate against its CA; the
+    // upstream leg is TLS too (the server reports its side).
+    let sql = "SHOW STATUS LIKE 'Ssl_version'; SELECT id, email FROM customers ORDER BY id";
+    let out = mariadb_command(port, sql)
+        .args(["--ssl", "--ssl-verify-server-cert"])
+        .arg(format!("--ssl-ca={}", agent_ca.display()))
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.starts_with("Ssl_version\tTLSv1."), "{all}");
+    assert!(all.contains("1\t****\n2\t****\n"), "{all}");
+    agent
+        .wait_for_log(
+            |l| {
+                l["client_tls"]
+                    .as_str()
+                    .is_some_and(|v| v.starts_with("TLSv1"))
+                    && l["upstream_tls"]
+                        .as_str()
+                        .is_some_and(|v| v.starts_with("TLSv1"))
+            },
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+    refused_on(
+        port,
+        &["--ssl", &format!("--ssl-ca={}", agent_ca.display())],
+    );
+
+    // A client without TLS, through the same agent: its leg is plaintext,
+    // the server's still TLS, and authentication is renumbered across.
+    let out = mariadb_command(port, "SHOW STATUS LIKE 'Ssl_version'")
+        .output()
+        .unwrap();
+    assert!(
+        text(&out).starts_with("Ssl_version\tTLSv1."),
+        "{}",
+        text(&out)
+    );
+
+    // MariaDB's ed25519 authentication, over either client leg.
+    for tls_args in [
+        vec!["--skip-ssl".to_owned()],
+        vec![
+            "--ssl".to_owned(),
+            format!("--ssl-ca={}", agent_ca.display()),
+        ],
+    ] {
+        let out = Command::new("mariadb")
+            .args([
+                "--no-defaults",
+                "-h",
+                "127.0.0.1",
+                "-P",
+                &port.to_string(),
+                "--protocol=TCP",
+            ])
+            .args(["-u", "ed", "-ppw", "--batch", "--skip-column-names"])
+            .args(&tls_args)
+            .args(["-e", "SELECT current_user()"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "ed@%\n",
+            "{tls_args:?}: {}",
+            text(&out)
+        );
+    }
+    drop(agent);
+
+    // verify-full with a name the server's certificate does not carry.
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, port) = tls_agent(
+        db.port,
+        &format!(
+            "tls = \"verify-full\"\ntls_ca_file = \"{}\"\ntls_server_name = \"db.example.com\"",
+            ca.display()
+        ),
+        dir.path(),
+        &policy.line,
+    );
+    let out = mariadb(port, "SELECT 1");
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("tollgate: target \"shop\": TLS to the server failed")
+            && all.contains("does not match the server name"),
+        "{all}"
+    );
+
+    // require against a server that does not offer TLS.
+    let plain = Mariadb::start(SCHEMA);
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, port) = tls_agent(plain.port, "tls = \"require\"", dir.path(), &policy.line);
+    let out = mariadb(port, "SELECT 1");
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("tollgate: target \"shop\" requires TLS but the server does not offer it"),
+        "{all}"
+    );
+}
+
+/// Asserts a read of `secrets` through `port` is refused over a client
+/// leg set up by `client_args`.
+fn refused_on(port: u16, client_args: &[&str]) {
+    let out = mariadb_command(port, "SELECT * FROM secrets")
+        .args(client_args)
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("denied by rule \"protect-secrets\""), "{all}");
+    assert!(!all.contains("the-key"), "{all}");
+}
+
 #[test]
 fn an_unreachable_server_is_an_error_in_place_of_the_greeting() {
     let policy = policy_file(POLICY);

@@ -37,6 +37,96 @@ impl Mariadb {
             .tempdir()
             .unwrap()
             .keep();
+        Mariadb::start_in(dir, schema, &[])
+    }
+
+    /// [`Mariadb::start`] with TLS: a CA made for it signs the server's
+    /// certificate (names `localhost` and 127.0.0.1); the CA's PEM file is
+    /// [`Mariadb::tls_ca`].
+    pub fn start_tls(schema: &str) -> Mariadb {
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-mariadb-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let tls = dir.join("tls");
+        fs::create_dir_all(&tls).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&tls)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tollgate test CA",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server-key.pem",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        fs::write(
+            tls.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        let args = [
+            format!("--ssl-ca={}", tls.join("ca.pem").display()),
+            format!("--ssl-cert={}", tls.join("server.pem").display()),
+            format!("--ssl-key={}", tls.join("server-key.pem").display()),
+        ];
+        Mariadb::start_in(dir, schema, &args)
+    }
+
+    /// The PEM file of the CA that signed the certificate of a server
+    /// started with [`Mariadb::start_tls`].
+    pub fn tls_ca(&self) -> PathBuf {
+        self.dir.join("tls/ca.pem")
+    }
+
+    fn start_in(dir: PathBuf, schema: &str, server_args: &[String]) -> Mariadb {
         let data = dir.join("data");
         let user_args: Vec<String> = if is_root() {
             vec!["--user=mysql".into()]
@@ -85,6 +175,7 @@ impl Mariadb {
                 "--innodb-log-file-size=8M",
                 "--performance-schema=OFF",
             ])
+            .args(server_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

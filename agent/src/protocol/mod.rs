@@ -129,12 +129,12 @@ pub struct Handlers {
 }
 
 impl Handlers {
-    /// The handlers for `config`'s targets (PostgreSQL's TLS material is
-    /// loaded here, so a bad certificate stops the start).
+    /// The handlers for `config`'s targets (their TLS material is loaded
+    /// here, so a bad certificate stops the start).
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         Ok(Handlers {
             postgres: postgres::PostgresHandler::new(config)?,
-            mysql: mysql::MysqlHandler,
+            mysql: mysql::MysqlHandler::new(config)?,
             tcp: tcp::TcpRelay,
         })
     }

@@ -6,8 +6,10 @@
 //! only the capabilities whose traffic it can follow, and it clears the same
 //! bits in the client's answer, so a client cannot ask the server for what
 //! was never offered:
-//! - TLS, compression: the proxy reads every command; TLS on the client leg
-//!   is not built yet, so a client that insists on it is told so;
+//! - TLS, compression: the proxy reads every command. TLS is negotiated by
+//!   the proxy on each leg apart: it offers TLS to the client when it
+//!   terminates TLS (`client_tls = "terminate"`), and asks the server for
+//!   it as the target's `tls` mode says (see the session);
 //! - `CLIENT_DEPRECATE_EOF`, optional result metadata, query attributes,
 //!   multi-factor authentication: they change the framing of results and
 //!   commands; without them every result set ends in an EOF packet;
@@ -61,8 +63,9 @@ pub fn server_version(greeting: &Packet) -> Option<&str> {
 }
 
 /// Removes [`caps::STRIPPED`] and MariaDB's extended capabilities from the
-/// server's greeting, in place.
-pub fn restrict_greeting(greeting: &mut Packet) -> Result<(), HandshakeError> {
+/// server's greeting, in place, offering TLS when `offer_tls` (the proxy
+/// terminates it); the capabilities the server offered.
+pub fn restrict_greeting(greeting: &mut Packet, offer_tls: bool) -> Result<u32, HandshakeError> {
     let p = &mut greeting.payload;
     if p.first() != Some(&10) {
         return Err(HandshakeError(format!(
@@ -84,7 +87,10 @@ pub fn restrict_greeting(greeting: &mut Packet) -> Result<(), HandshakeError> {
     };
     let offered = u32::from(u16::from_le_bytes([lo[0], lo[1]]))
         | u32::from(u16::from_le_bytes([hi[0], hi[1]])) << 16;
-    let kept = offered & !caps::STRIPPED;
+    let mut kept = offered & !caps::STRIPPED;
+    if offer_tls {
+        kept |= caps::SSL;
+    }
     if let Some(slot) = p.get_mut(low..low + 2) {
         slot.copy_from_slice(&(kept as u16).to_le_bytes());
     }
@@ -99,7 +105,38 @@ pub fn restrict_greeting(greeting: &mut Packet) -> Result<(), HandshakeError> {
             slot.fill(0);
         }
     }
-    Ok(())
+    Ok(offered)
+}
+
+/// The SSLRequest the proxy sends the server for a client's answer: the
+/// answer's first 32 bytes (capabilities, maximum packet size, character
+/// set) with `CLIENT_SSL` set.
+pub fn ssl_request(answer: &Packet) -> Result<Packet, HandshakeError> {
+    let mut payload = answer
+        .payload
+        .get(..32)
+        .ok_or_else(|| HandshakeError("the client's handshake answer is cut short".into()))?
+        .to_vec();
+    let asked = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+    payload[..4].copy_from_slice(&(asked | caps::SSL).to_le_bytes());
+    Ok(Packet {
+        seq: answer.seq,
+        payload,
+    })
+}
+
+/// Sets or clears `CLIENT_SSL` in a client's answer, in place: it must say
+/// whether the leg it is forwarded on is TLS.
+pub fn set_tls(answer: &mut Packet, tls: bool) {
+    if let Some(raw) = answer.payload.get_mut(..4) {
+        let asked = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        let asked = if tls {
+            asked | caps::SSL
+        } else {
+            asked & !caps::SSL
+        };
+        raw.copy_from_slice(&asked.to_le_bytes());
+    }
 }
 
 /// What the client's answer says about the session.
@@ -225,7 +262,7 @@ mod tests {
             | caps::PLUGIN_AUTH
             | caps::STRIPPED;
         let mut g = greeting(all, 0x1f);
-        restrict_greeting(&mut g).unwrap();
+        restrict_greeting(&mut g, false).unwrap();
         let (kept, ext) = offered(&g);
         assert_eq!(kept & caps::STRIPPED, 0);
         assert_eq!(
@@ -238,13 +275,20 @@ mod tests {
         assert_eq!(ext, 0, "MariaDB's extended capabilities are all cleared");
         // A MySQL server's reserved bytes are left as they are.
         let mut g = greeting(all | caps::CLIENT_MYSQL, 0x1f);
-        restrict_greeting(&mut g).unwrap();
+        restrict_greeting(&mut g, false).unwrap();
         assert_eq!(offered(&g).1, 0x1f);
-        assert!(restrict_greeting(&mut Packet {
-            seq: 0,
-            payload: vec![10, b'x']
-        })
+        assert!(restrict_greeting(
+            &mut Packet {
+                seq: 0,
+                payload: vec![10, b'x']
+            },
+            false
+        )
         .is_err());
+        // Terminating TLS, the proxy offers it whatever the server does.
+        let mut g = greeting(caps::PROTOCOL_41, 0);
+        assert_eq!(restrict_greeting(&mut g, true).unwrap(), caps::PROTOCOL_41);
+        assert_eq!(offered(&g).0, caps::PROTOCOL_41 | caps::SSL);
     }
 
     fn answer(caps: u32, user: &str, auth: &[u8], db: Option<&str>) -> Packet {
@@ -309,5 +353,34 @@ mod tests {
             payload: answer(asked, "app", &[1; 20], None).payload[..36].to_vec(),
         };
         assert!(read_client_answer(&mut cut).is_err());
+    }
+
+    #[test]
+    fn the_servers_ssl_request_is_made_from_the_clients_answer() {
+        let a = answer(
+            caps::PROTOCOL_41 | caps::SECURE_CONNECTION,
+            "app",
+            b"xyz",
+            Some("shop"),
+        );
+        let request = ssl_request(&a).unwrap();
+        assert_eq!(request.seq, a.seq);
+        assert_eq!(request.payload.len(), 32);
+        assert_eq!(&request.payload[4..], &a.payload[4..32]);
+        let asked = u32::from_le_bytes(request.payload[..4].try_into().unwrap());
+        assert_eq!(
+            asked,
+            caps::PROTOCOL_41 | caps::SECURE_CONNECTION | caps::SSL
+        );
+        let mut b = a.clone();
+        set_tls(&mut b, true);
+        assert_eq!(&b.payload[..4], &request.payload[..4]);
+        set_tls(&mut b, false);
+        assert_eq!(b.payload, a.payload);
+        assert!(ssl_request(&Packet {
+            seq: 1,
+            payload: vec![0; 8]
+        })
+        .is_err());
     }
 }

@@ -4,10 +4,11 @@
 //! under the policy in force, refusals answered with an ERR packet that
 //! names the rule, and every statement recorded.
 //!
-//! Not built yet, and refused rather than let through: TLS on the client
-//! leg, `COM_CHANGE_USER`, `LOAD DATA LOCAL` (the capability is never
-//! granted), masking and human review of MySQL statements (a statement a
-//! `mask` or `review` rule takes is refused), cancelling with `KILL`.
+//! TLS is negotiated on each leg apart, with the same settings as for
+//! PostgreSQL (`client_tls`, the target's `tls`). Not built yet, and refused
+//! rather than let through: `COM_CHANGE_USER`, `LOAD DATA LOCAL` (the capability is never
+//! granted), human review of MySQL statements (a statement a `review` rule
+//! takes is refused), cancelling with `KILL`.
 
 pub mod handshake;
 pub mod mask;
@@ -19,11 +20,25 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::tls::TlsState;
 use super::{Handler, HandlerFuture, Refusal, SessionContext};
+use crate::config::Config;
 use crate::events::CloseReason;
 
 /// Serves `mysql` targets.
-pub struct MysqlHandler;
+pub struct MysqlHandler {
+    tls: TlsState,
+}
+
+impl MysqlHandler {
+    /// The handler for `config`'s targets: the TLS material of both legs
+    /// (a bad certificate stops the start).
+    pub fn new(config: &Config) -> anyhow::Result<MysqlHandler> {
+        use anyhow::Context as _;
+        let tls = TlsState::load(config, None).context("cannot set up TLS for MySQL targets")?;
+        Ok(MysqlHandler { tls })
+    }
+}
 
 impl Handler for MysqlHandler {
     fn serve<'a>(
@@ -32,7 +47,7 @@ impl Handler for MysqlHandler {
         client: TcpStream,
         upstream: TcpStream,
     ) -> HandlerFuture<'a, CloseReason> {
-        Box::pin(session::run(ctx, client, upstream))
+        Box::pin(session::run(ctx, &self.tls, client, upstream))
     }
 
     /// The server speaks first in MySQL, so the refusal is the first

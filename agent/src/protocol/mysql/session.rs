@@ -12,8 +12,9 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use super::handshake::{self, ClientAnswer};
@@ -22,6 +23,7 @@ use super::packet::{self, Packet, PacketError};
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::masking::MaskRule;
 use crate::policy::{most_restrictive, Action, Decision};
+use crate::protocol::tls::{self, ReadHalf, Stream, TlsState, UpstreamMode, WriteHalf};
 use crate::protocol::SessionContext;
 use crate::sql::mysql::{Escapes, ServerVersion};
 use crate::sql::{Analysis, Dialect};
@@ -102,10 +104,10 @@ struct Prepared {
 
 struct Session<'a> {
     ctx: &'a SessionContext,
-    client_in: BufReader<OwnedReadHalf>,
-    client_out: OwnedWriteHalf,
-    server_in: BufReader<OwnedReadHalf>,
-    server_out: OwnedWriteHalf,
+    client_in: BufReader<ReadHalf>,
+    client_out: WriteHalf,
+    server_in: BufReader<ReadHalf>,
+    server_out: WriteHalf,
     /// Framed packets for the client, written at the end of each answer
     /// (or when large).
     to_client: Vec<u8>,
@@ -122,30 +124,50 @@ struct Session<'a> {
     server: Option<ServerVersion>,
 }
 
+/// How long a TLS handshake with either side may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The two legs once the connection phase is over.
+struct Connected {
+    client: Stream,
+    upstream: Stream,
+    server: Option<ServerVersion>,
+    /// The status flags of the OK that ended authentication.
+    status: Option<u16>,
+}
+
 /// Serves one session until it ends and says why.
-pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -> CloseReason {
+pub async fn run(
+    ctx: &SessionContext,
+    tls: &TlsState,
+    client: TcpStream,
+    upstream: TcpStream,
+) -> CloseReason {
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let (client_read, client_write) = client.into_split();
-    let (server_read, server_write) = upstream.into_split();
-    let mut session = Session {
-        ctx,
-        client_in: BufReader::new(client_read),
-        client_out: client_write,
-        server_in: BufReader::new(server_read),
-        server_out: server_write,
-        to_client: Vec::with_capacity(16 * 1024),
-        prepared: HashMap::new(),
-        last_prepared: None,
-        cursor_masks: HashMap::new(),
-        raw: ctx.events.records_raw(&ctx.target),
-        escapes: Escapes::Unknown,
-        server: None,
-    };
     let serving = async {
-        match session.connect().await {
-            Ok(()) => {}
-            Err(Stop::Closed(reason)) => return reason,
+        let connected = match connect(ctx, tls, client, upstream).await {
+            Ok(connected) => connected,
+            Err(reason) => return reason,
+        };
+        let (client_read, client_write) = connected.client.split();
+        let (server_read, server_write) = connected.upstream.split();
+        let mut session = Session {
+            ctx,
+            client_in: BufReader::new(client_read),
+            client_out: client_write,
+            server_in: BufReader::new(server_read),
+            server_out: server_write,
+            to_client: Vec::with_capacity(16 * 1024),
+            prepared: HashMap::new(),
+            last_prepared: None,
+            cursor_masks: HashMap::new(),
+            raw: ctx.events.records_raw(&ctx.target),
+            escapes: Escapes::Unknown,
+            server: connected.server,
+        };
+        if let Some(status) = connected.status {
+            session.note_status_flags(status);
         }
         loop {
             if let Err(Stop::Closed(reason)) = session.command().await {
@@ -159,77 +181,247 @@ pub async fn run(ctx: &SessionContext, client: TcpStream, upstream: TcpStream) -
     }
 }
 
-impl Session<'_> {
-    /// The connection phase: greeting, the client's answer, authentication.
-    async fn connect(&mut self) -> Result<(), Stop> {
-        let Some(mut greeting) = self.read_server().await? else {
-            return Err(CloseReason::UpstreamError("closed before its greeting".into()).into());
-        };
-        if packet::is_err(&greeting.payload) {
-            // Too many connections, a blocked host: the server's own words.
-            self.send_to_client(&greeting).await?;
-            return Err(CloseReason::Completed.into());
-        }
-        self.server = handshake::server_version(&greeting).and_then(ServerVersion::parse);
-        if let Err(e) = handshake::restrict_greeting(&mut greeting) {
-            return Err(CloseReason::UpstreamError(e.0).into());
-        }
-        self.send_to_client(&greeting).await?;
-        let Some(mut answer) = self.read_client().await? else {
-            return Err(CloseReason::Completed.into());
-        };
-        let hello = match handshake::read_client_answer(&mut answer) {
-            Ok(ClientAnswer::Hello(hello)) => hello,
-            Ok(ClientAnswer::WantsTls) => {
-                self.refuse_at_start(
-                    answer.next_seq(),
-                    "tollgate: TLS between the client and the agent is not supported for MySQL targets yet; connect without it (--skip-ssl, ssl-mode=DISABLED)",
-                )
-                .await?;
-                return Err(CloseReason::ClientError("asked for TLS".into()).into());
-            }
-            Err(e) => {
-                let message = format!("tollgate: {}", e.0);
-                self.refuse_at_start(answer.next_seq(), &message).await?;
-                return Err(CloseReason::ClientError(e.0).into());
-            }
-        };
-        self.send_to_server(&answer).await?;
-        // Every server packet but the last asks the client for one more
-        // (an auth switch, a plugin's challenge), except caching_sha2's
-        // "fast path done", which an OK follows unasked.
-        loop {
-            let Some(reply) = self.read_server().await? else {
-                return Err(
-                    CloseReason::UpstreamError("closed during authentication".into()).into(),
-                );
-            };
-            self.send_to_client(&reply).await?;
-            match reply.first() {
-                Some(0x00) => {
-                    self.note_status(&reply.payload);
-                    break;
-                }
-                Some(0xFF) => return Err(CloseReason::Completed.into()),
-                _ if reply.payload == [0x01, 0x03] => continue,
-                _ => {
-                    let Some(more) = self.read_client().await? else {
-                        return Err(CloseReason::Completed.into());
-                    };
-                    self.send_to_server(&more).await?;
-                }
-            }
-        }
-        let info = self.ctx.start.info().await;
-        self.ctx.events.emit(&SessionEvent::Startup {
-            session: info.id,
-            user: Some(hello.user),
-            database: hello.database,
-            application_name: None,
-        });
-        Ok(())
+/// The connection phase: the greeting, TLS on each leg as configured, the
+/// client's answer, authentication relayed.
+///
+/// The two legs negotiate TLS apart: the client is offered TLS when the
+/// agent terminates it, and the server is asked for it as the target's
+/// `tls` mode says, with an SSLRequest the proxy makes from the client's
+/// answer. An SSLRequest on one leg and not the other shifts the sequence
+/// ids of the authentication exchange by one; the proxy renumbers each
+/// packet it relays until the exchange ends.
+async fn connect(
+    ctx: &SessionContext,
+    tls: &TlsState,
+    client: TcpStream,
+    mut upstream: TcpStream,
+) -> Result<Connected, CloseReason> {
+    let raw = ctx.events.records_raw(&ctx.target);
+    let mut client = Stream::Plain(client);
+    let server_read = |e: PacketError| CloseReason::UpstreamError(e.to_string());
+    let client_read = |e: PacketError| CloseReason::ClientError(e.to_string());
+    let Some(mut greeting) = read_counted(&mut upstream, ctx, RawDirection::Server, raw)
+        .await
+        .map_err(server_read)?
+    else {
+        return Err(CloseReason::UpstreamError(
+            "closed before its greeting".into(),
+        ));
+    };
+    if packet::is_err(&greeting.payload) {
+        // Too many connections, a blocked host: the server's own words.
+        write_to(&mut client, &greeting, false).await?;
+        return Err(CloseReason::Completed);
     }
+    let server = handshake::server_version(&greeting).and_then(ServerVersion::parse);
+    let acceptor = tls.client();
+    let offered = handshake::restrict_greeting(&mut greeting, acceptor.is_some())
+        .map_err(|e| CloseReason::UpstreamError(e.0))?;
+    write_to(&mut client, &greeting, false).await?;
 
+    let mut answer = read_counted(&mut client, ctx, RawDirection::Client, raw)
+        .await
+        .map_err(client_read)?
+        .ok_or(CloseReason::Completed)?;
+    let hello = match handshake::read_client_answer(&mut answer) {
+        Ok(ClientAnswer::WantsTls) => {
+            let Some(acceptor) = acceptor else {
+                refuse_at_start(
+                    &mut client,
+                    answer.next_seq(),
+                    "tollgate: the agent does not offer TLS to clients (client_tls is off); connect without it (--skip-ssl, ssl-mode=DISABLED)",
+                )
+                .await;
+                return Err(CloseReason::ClientError(
+                    "asked for TLS, not offered".into(),
+                ));
+            };
+            let Stream::Plain(tcp) = client else {
+                return Err(CloseReason::ClientError("asked for TLS twice".into()));
+            };
+            client = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => Stream::Tls(Box::new(tls.into())),
+                Ok(Err(e)) => {
+                    return Err(CloseReason::ClientError(format!(
+                        "the TLS handshake with the client failed: {e}"
+                    )))
+                }
+                Err(_) => {
+                    return Err(CloseReason::ClientError(
+                        "the TLS handshake with the client did not finish in time".into(),
+                    ))
+                }
+            };
+            answer = read_counted(&mut client, ctx, RawDirection::Client, raw)
+                .await
+                .map_err(client_read)?
+                .ok_or(CloseReason::Completed)?;
+            match handshake::read_client_answer(&mut answer) {
+                Ok(ClientAnswer::Hello(hello)) => hello,
+                Ok(ClientAnswer::WantsTls) => {
+                    return Err(CloseReason::ClientError("asked for TLS twice".into()))
+                }
+                Err(e) => {
+                    let message = format!("tollgate: {}", e.0);
+                    refuse_at_start(&mut client, answer.next_seq(), &message).await;
+                    return Err(CloseReason::ClientError(e.0));
+                }
+            }
+        }
+        Ok(ClientAnswer::Hello(hello)) => hello,
+        Err(e) => {
+            let message = format!("tollgate: {}", e.0);
+            refuse_at_start(&mut client, answer.next_seq(), &message).await;
+            return Err(CloseReason::ClientError(e.0));
+        }
+    };
+
+    let client_seq = answer.seq;
+    let mut upstream = match upstream_leg(ctx, tls, offered, upstream, &answer).await {
+        Ok(upstream) => upstream,
+        Err(message) => {
+            refuse_at_start(&mut client, client_seq.wrapping_add(1), &message).await;
+            return Err(CloseReason::UpstreamError(message));
+        }
+    };
+    handshake::set_tls(&mut answer, upstream.is_tls());
+    answer.seq = if upstream.is_tls() { 2 } else { 1 };
+    let shift = answer.seq.wrapping_sub(client_seq);
+    tracing::info!(
+        session = %ctx.id,
+        target = %ctx.target,
+        client_tls = client.tls_version().as_deref().unwrap_or("off"),
+        upstream_tls = upstream.tls_version().as_deref().unwrap_or("off"),
+        "session legs: client {}, upstream {}",
+        if client.is_tls() { "TLS" } else { "plaintext" },
+        if upstream.is_tls() { "TLS" } else { "plaintext" },
+    );
+    write_to(&mut upstream, &answer, true).await?;
+    // Every server packet but the last asks the client for one more (an
+    // auth switch, a plugin's challenge), except caching_sha2's "fast path
+    // done", which an OK follows unasked.
+    let status = loop {
+        let Some(mut reply) = read_counted(&mut upstream, ctx, RawDirection::Server, raw)
+            .await
+            .map_err(server_read)?
+        else {
+            return Err(CloseReason::UpstreamError(
+                "closed during authentication".into(),
+            ));
+        };
+        reply.seq = reply.seq.wrapping_sub(shift);
+        write_to(&mut client, &reply, false).await?;
+        match reply.first() {
+            Some(0x00) => break packet::status_flags(&reply.payload),
+            Some(0xFF) => return Err(CloseReason::Completed),
+            _ if reply.payload == [0x01, 0x03] => continue,
+            _ => {
+                let Some(mut more) = read_counted(&mut client, ctx, RawDirection::Client, raw)
+                    .await
+                    .map_err(client_read)?
+                else {
+                    return Err(CloseReason::Completed);
+                };
+                more.seq = more.seq.wrapping_add(shift);
+                write_to(&mut upstream, &more, true).await?;
+            }
+        }
+    };
+    let info = ctx.start.info().await;
+    ctx.events.emit(&SessionEvent::Startup {
+        session: info.id,
+        user: Some(hello.user),
+        database: hello.database,
+        application_name: None,
+    });
+    Ok(Connected {
+        client,
+        upstream,
+        server,
+        status,
+    })
+}
+
+/// The upstream leg as the target's `tls` mode says, given the
+/// capabilities the server `offered` and the client's `answer` (from which
+/// an SSLRequest is made); the message for the client when it cannot be
+/// had.
+async fn upstream_leg(
+    ctx: &SessionContext,
+    tls: &TlsState,
+    offered: u32,
+    mut upstream: TcpStream,
+    answer: &Packet,
+) -> Result<Stream, String> {
+    let target = &ctx.target;
+    let mode = tls.upstream(target);
+    let (connector, name, verify_full) = match mode {
+        UpstreamMode::Disable => return Ok(Stream::Plain(upstream)),
+        UpstreamMode::Prefer(_) if offered & handshake::caps::SSL == 0 => {
+            tracing::debug!(session = %ctx.id, "the server does not offer TLS; going on in plaintext (tls = \"prefer\")");
+            return Ok(Stream::Plain(upstream));
+        }
+        _ if offered & handshake::caps::SSL == 0 => {
+            return Err(format!(
+                "tollgate: target \"{target}\" requires TLS but the server does not offer it"
+            ))
+        }
+        UpstreamMode::Prefer(c) | UpstreamMode::Require(c) => (c, None, false),
+        UpstreamMode::VerifyFull {
+            connector,
+            server_name,
+        } => (connector, server_name.as_deref(), true),
+    };
+    let mut request = handshake::ssl_request(answer).map_err(|e| format!("tollgate: {}", e.0))?;
+    request.seq = 1;
+    packet::write_packet(&mut upstream, &request)
+        .await
+        .map_err(|e| format!("tollgate: target \"{target}\": {e}"))?;
+    let name = name.unwrap_or(&ctx.upstream_name);
+    let server_name = tls::server_name(name)
+        .map_err(|e| format!("tollgate: target \"{target}\": {e}; set tls_server_name"))?;
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, connector.connect(server_name, upstream))
+        .await
+    {
+        Ok(Ok(tls)) => Ok(Stream::Tls(Box::new(tls.into()))),
+        Ok(Err(e)) => Err(format!(
+            "tollgate: target \"{target}\": TLS to the server failed ({} mode, server name \"{name}\"): {}",
+            mode.name(),
+            tls::describe_handshake_error(&e, verify_full)
+        )),
+        Err(_) => Err(format!(
+            "tollgate: target \"{target}\": the TLS handshake with the server did not finish in time"
+        )),
+    }
+}
+
+/// Writes one packet of the connection phase to a leg (`to_server`: the
+/// upstream).
+async fn write_to<W: AsyncWrite + Unpin>(
+    leg: &mut W,
+    packet: &Packet,
+    to_server: bool,
+) -> Result<(), CloseReason> {
+    let written = async {
+        packet::write_packet(leg, packet).await?;
+        leg.flush().await
+    };
+    written.await.map_err(|e| {
+        if to_server {
+            CloseReason::UpstreamError(e.to_string())
+        } else {
+            CloseReason::ClientError(e.to_string())
+        }
+    })
+}
+
+/// Answers during the connection phase, which then ends.
+async fn refuse_at_start<W: AsyncWrite + Unpin>(client: &mut W, seq: u8, message: &str) {
+    let err = packet::err_payload(ER_SPECIFIC_ACCESS_DENIED, "08004", message);
+    let _ = write_to(client, &Packet { seq, payload: err }, false).await;
+}
+
+impl Session<'_> {
     /// Reads one command, decides it, and relays its answer.
     async fn command(&mut self) -> Result<(), Stop> {
         let idle = self.ctx.idle_timeout;
@@ -407,12 +599,16 @@ impl Session<'_> {
     /// Follows the server's status flags (an OK or EOF packet).
     fn note_status(&mut self, payload: &[u8]) {
         if let Some(status) = packet::status_flags(payload) {
-            self.escapes = if status & NO_BACKSLASH_ESCAPES != 0 {
-                Escapes::NoBackslash
-            } else {
-                Escapes::Backslash
-            };
+            self.note_status_flags(status);
         }
+    }
+
+    fn note_status_flags(&mut self, status: u16) {
+        self.escapes = if status & NO_BACKSLASH_ESCAPES != 0 {
+            Escapes::NoBackslash
+        } else {
+            Escapes::Backslash
+        };
     }
 
     /// The statement text of a COM_QUERY or COM_STMT_PREPARE, with its
@@ -765,20 +961,13 @@ impl Session<'_> {
         read.map_err(|e| CloseReason::UpstreamError(e.to_string()).into())
     }
 
-    async fn read_client(&mut self) -> Result<Option<Packet>, Stop> {
-        let read = read_counted(
-            &mut self.client_in,
-            self.ctx,
-            RawDirection::Client,
-            self.raw,
-        )
-        .await;
-        read.map_err(|e| CloseReason::ClientError(e.to_string()).into())
-    }
-
     async fn send_to_server(&mut self, packet: &Packet) -> Result<(), Stop> {
-        packet::write_packet(&mut self.server_out, packet)
-            .await
+        let sent = async {
+            packet::write_packet(&mut self.server_out, packet).await?;
+            // A TLS leg holds written records until flushed.
+            self.server_out.flush().await
+        };
+        sent.await
             .map_err(|e| CloseReason::UpstreamError(e.to_string()).into())
     }
 
@@ -790,7 +979,11 @@ impl Session<'_> {
         if self.to_client.is_empty() {
             return Ok(());
         }
-        let written = self.client_out.write_all(&self.to_client).await;
+        let written = async {
+            self.client_out.write_all(&self.to_client).await?;
+            self.client_out.flush().await
+        }
+        .await;
         self.to_client.clear();
         written.map_err(|e| CloseReason::ClientError(e.to_string()).into())
     }
@@ -803,12 +996,6 @@ impl Session<'_> {
     /// Answers the current command with `payload` (an ERR) at `seq`.
     async fn answer_client(&mut self, seq: u8, payload: Vec<u8>) -> Result<(), Stop> {
         self.send_to_client(&Packet { seq, payload }).await
-    }
-
-    /// Answers during the connection phase and ends there.
-    async fn refuse_at_start(&mut self, seq: u8, message: &str) -> Result<(), Stop> {
-        let err = packet::err_payload(ER_SPECIFIC_ACCESS_DENIED, "08004", message);
-        self.answer_client(seq, err).await
     }
 }
 
