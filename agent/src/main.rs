@@ -247,19 +247,45 @@ fn policy_command(command: cli::PolicyCommand) -> ExitCode {
             target,
             identity,
             json,
+            dialect,
             sql,
         } => {
-            let paths = if paths.is_empty() {
+            // The configuration, when it is needed or there to ask: for the
+            // policy paths, and for the target's protocol.
+            let loaded = if paths.is_empty() {
                 match load_config(&config.config) {
-                    Ok(c) if !c.agent.policy_paths.is_empty() => c.agent.policy_paths,
-                    Ok(_) => {
+                    Ok(c) => Some(c),
+                    Err(code) => return code,
+                }
+            } else if dialect.is_none() && config.config.exists() {
+                tollgate_agent::config::Config::load(&config.config).ok()
+            } else {
+                None
+            };
+            let paths = if paths.is_empty() {
+                match loaded.as_ref() {
+                    Some(c) if !c.agent.policy_paths.is_empty() => c.agent.policy_paths.clone(),
+                    _ => {
                         eprintln!("tollgate: no policy given: pass --policy PATH or set agent.policy_paths");
                         return ExitCode::from(2);
                     }
-                    Err(code) => return code,
                 }
             } else {
                 paths
+            };
+            let dialect = match dialect {
+                Some(d) => d.into(),
+                None => loaded
+                    .as_ref()
+                    .and_then(|c| c.targets.iter().find(|t| t.name == target))
+                    .map_or(tollgate_agent::sql::Dialect::Postgres, |t| {
+                        match t.protocol {
+                            tollgate_agent::config::Protocol::Mysql => {
+                                tollgate_agent::sql::Dialect::Mysql
+                            }
+                            _ => tollgate_agent::sql::Dialect::Postgres,
+                        }
+                    }),
             };
             let set = match policy::PolicySet::load(&paths) {
                 Ok(s) => s,
@@ -269,7 +295,7 @@ fn policy_command(command: cli::PolicyCommand) -> ExitCode {
                 Ok(i) => i,
                 Err(errors) => return policy_failure(&errors, json),
             };
-            let explanation = policy::explain(&set, &target, &identity, &sql);
+            let explanation = policy::explain(&set, &target, &identity, &sql, dialect);
             if json {
                 cli::print_json(&explanation);
             } else {

@@ -177,6 +177,24 @@ pub struct ExecSocketArgs {
 }
 
 /// `tollgate policy ...`
+/// A SQL dialect named on the command line.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialectArg {
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL and MariaDB.
+    Mysql,
+}
+
+impl From<DialectArg> for crate::sql::Dialect {
+    fn from(d: DialectArg) -> Self {
+        match d {
+            DialectArg::Postgres => crate::sql::Dialect::Postgres,
+            DialectArg::Mysql => crate::sql::Dialect::Mysql,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
     /// Validate policy files (or directories of them); errors are printed as
@@ -217,6 +235,12 @@ pub enum PolicyCommand {
         /// Print the explanation as JSON.
         #[arg(long)]
         json: bool,
+
+        /// How the text is read: postgres or mysql (MySQL and MariaDB).
+        /// Default: the target's protocol in the configuration, when the
+        /// configuration names the target; else postgres.
+        #[arg(long, value_enum, value_name = "DIALECT")]
+        dialect: Option<DialectArg>,
 
         /// The SQL text (several statements allowed).
         #[arg(value_name = "SQL")]

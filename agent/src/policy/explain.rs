@@ -14,7 +14,7 @@ use super::{
 };
 use crate::identity::ProcessIdentity;
 use crate::located::LocatedErrors;
-use crate::sql::{Analysis, StatementSummary, TableRef};
+use crate::sql::{Analysis, Dialect, StatementSummary, TableRef};
 
 /// One statement of an explained text.
 #[derive(Debug, Clone, Serialize)]
@@ -41,6 +41,8 @@ pub struct ExplainedStatement {
 pub struct Explanation {
     /// The target.
     pub target: String,
+    /// The SQL dialect the text was read in.
+    pub dialect: Dialect,
     /// The identity, summarised on one line.
     pub identity: String,
     /// The policy files, in load order.
@@ -63,16 +65,17 @@ pub struct Explanation {
     pub descriptions: BTreeMap<String, String>,
 }
 
-/// Analyses `sql` and decides each statement as the proxy would for
-/// `identity` on `target`.
+/// Analyses `sql` in `dialect` and decides each statement as the proxy
+/// would for `identity` on `target`.
 pub fn explain(
     set: &PolicySet,
     target: &str,
     identity: &ProcessIdentity,
     sql: &str,
+    dialect: Dialect,
 ) -> Explanation {
-    let analysis = super::analyze(sql);
-    explain_analysis(set, target, identity, sql, &analysis)
+    let analysis = dialect.analyze(sql);
+    explain_analysis(set, target, identity, sql, &analysis, dialect)
 }
 
 /// [`explain`] for text already analysed.
@@ -82,6 +85,7 @@ pub fn explain_analysis(
     identity: &ProcessIdentity,
     sql: &str,
     analysis: &Analysis,
+    dialect: Dialect,
 ) -> Explanation {
     let decisions = set.decide_analysis(target, identity, sql, analysis);
     let notes = |statement: Statement<'_>, multi_statement: bool, d: &Decision| {
@@ -141,10 +145,7 @@ pub fn explain_analysis(
         // A mask decision runs masked unless a statement cannot be.
         Some(d) if d.action == Action::Mask => statements.iter().find_map(|s| {
             let obstacle = (s.decision.action == Action::Mask)
-                .then(|| {
-                    s.decision
-                        .mask_obstacle(s.summary.as_ref(), crate::sql::Dialect::Postgres)
-                })
+                .then(|| s.decision.mask_obstacle(s.summary.as_ref(), dialect))
                 .flatten()?;
             Some(s.decision.mask_refused_message(command(s), &obstacle))
         }),
@@ -161,6 +162,7 @@ pub fn explain_analysis(
     Explanation {
         descriptions,
         target: target.to_owned(),
+        dialect,
         identity: identity.summary(),
         policy_files: set.files().map(|p| p.display().to_string()).collect(),
         rules: set.rule_count(),
@@ -207,7 +209,7 @@ fn flags(s: &StatementSummary, multi: bool) -> String {
 
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "target:    {}", self.target)?;
+        writeln!(f, "target:    {} ({})", self.target, self.dialect.as_str())?;
         writeln!(f, "identity:  {}", self.identity)?;
         let files = if self.policy_files.is_empty() {
             "(none: built-in defaults only)".to_owned()

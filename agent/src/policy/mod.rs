@@ -829,12 +829,6 @@ fn rule_reason(action: Action, matched: &[MatchedRule]) -> String {
     reason
 }
 
-/// Analyses SQL text for tests and explanations (the proxy analyses on
-/// its own, with its cache).
-fn analyze(sql: &str) -> Analysis {
-    crate::sql::analyze(sql)
-}
-
 /// A parser message on one line.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")

@@ -35,6 +35,9 @@ struct RawCase {
     identity: Option<Spanned<RawIdentity>>,
     expect: Spanned<String>,
     expect_rules: Option<Vec<Spanned<String>>>,
+    /// `postgres` (the default) or `mysql`: how `sql` is read.
+    #[serde(default)]
+    dialect: crate::sql::Dialect,
 }
 
 #[derive(Deserialize, Default)]
@@ -79,6 +82,7 @@ pub(super) struct Case {
     pub(super) identity: ProcessIdentity,
     pub(super) expect: Action,
     pub(super) expect_rules: Option<Vec<String>>,
+    pub(super) dialect: crate::sql::Dialect,
 }
 
 /// A validated test file and the policy files its cases run against.
@@ -162,6 +166,7 @@ pub(super) fn parse_tests_file(path: &Path, text: &str) -> Result<TestsFile, Vec
                 identity,
                 expect,
                 expect_rules,
+                dialect: rc.dialect,
             });
         }
     }
@@ -534,7 +539,7 @@ pub(super) fn load_set(
 
 /// Runs one case.
 pub(super) fn run_case(set: &PolicySet, file: &Path, case: &Case) -> CaseResult {
-    let analysis = super::analyze(&case.sql);
+    let analysis = case.dialect.analyze(&case.sql);
     let decisions = set.decide_analysis(&case.target, &case.identity, &case.sql, &analysis);
     let mut result = CaseResult {
         file: file.to_path_buf(),

@@ -780,6 +780,7 @@ fn explain_names_what_fell_outside_an_allow_list() {
         "t",
         &id,
         "SELECT lower(a), dblink('x', 'y'), pg_catalog.query_to_xml('q', true, true, '') FROM orders",
+        crate::sql::Dialect::Postgres,
     );
     assert_eq!(e.verdict, Action::Deny);
     let text = e.to_string();
@@ -803,7 +804,14 @@ fn explain_names_what_fell_outside_an_allow_list() {
         }]
     );
 
-    let text = explain(&set, "t", &id, "DELETE FROM secrets WHERE id = 1").to_string();
+    let text = explain(
+        &set,
+        "t",
+        &id,
+        "DELETE FROM secrets WHERE id = 1",
+        crate::sql::Dialect::Postgres,
+    )
+    .to_string();
     for want in [
         "kinds_outside: delete is not in the list",
         "tables_outside: secrets is not in the list",
@@ -812,7 +820,14 @@ fn explain_names_what_fell_outside_an_allow_list() {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
 
-    let text = explain(&set, "t", &id, "SELEC lower(a)").to_string();
+    let text = explain(
+        &set,
+        "t",
+        &id,
+        "SELEC lower(a)",
+        crate::sql::Dialect::Postgres,
+    )
+    .to_string();
     for want in [
         "functions_outside: unknown, the text does not parse (counted as outside)",
         "kinds_outside: unknown, the text does not parse (counted as outside)",
@@ -1353,11 +1368,12 @@ fn explanation_shows_analysis_rules_and_verdict() {
         &ci_identity(),
         "SELECT ...; DELETE ...",
         &analysis,
+        crate::sql::Dialect::Postgres,
     );
     assert_eq!(e.verdict, Action::Deny);
     let text = e.to_string();
     for want in [
-        "target:    prod-orders",
+        "target:    prod-orders (postgres)",
         "identity:  pid=4242 exe=/usr/bin/psql uid=1001(runner) ci=github_actions:acme/shop",
         "statement 2 of 2: DELETE FROM public.orders",
         "kind:           delete (DELETE)",
@@ -1381,6 +1397,7 @@ fn explanation_shows_analysis_rules_and_verdict() {
         &Analysis::Unparsable {
             error: "syntax error at or near \"SELEC\"".to_owned(),
         },
+        crate::sql::Dialect::Postgres,
     );
     let text = e.to_string();
     for want in [
@@ -1506,6 +1523,7 @@ fn explain_analyses_sql() {
         "t",
         &ProcessIdentity::default(),
         "DROP TABLE public.orders",
+        crate::sql::Dialect::Postgres,
     );
     assert_eq!(e.verdict, Action::Deny);
     assert_eq!(e.statements.len(), 1);
@@ -1702,4 +1720,30 @@ fn review_settings_errors_point_at_the_setting() {
             "for\n{text}\nwant prefix: {want}\ngot:         {err}"
         );
     }
+}
+
+#[test]
+fn explain_reads_text_in_the_targets_dialect() {
+    let set = set(
+        "[[rule]]\nname = \"protect\"\naction = \"deny\"\n[rule.match]\ntables = [\"secrets\"]\n",
+    );
+    let sql = "SELECT * FROM `shop`.`secrets`";
+    let e = explain(
+        &set,
+        "shop",
+        &ProcessIdentity::default(),
+        sql,
+        crate::sql::Dialect::Mysql,
+    );
+    assert_eq!(e.verdict, Action::Deny);
+    assert!(e.to_string().contains("target:    shop (mysql)"), "{e}");
+    // Backquoted names are not PostgreSQL.
+    let e = explain(
+        &set,
+        "shop",
+        &ProcessIdentity::default(),
+        sql,
+        crate::sql::Dialect::Postgres,
+    );
+    assert!(e.statements[0].parse_error.is_some(), "{e}");
 }

@@ -203,6 +203,25 @@ pub enum Dialect {
     Mysql,
 }
 
+impl Dialect {
+    /// Its name in files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "postgres",
+            Dialect::Mysql => "mysql",
+        }
+    }
+
+    /// Analyses `text` as this dialect's server reads it (MySQL's reading
+    /// of backslashes not known: text must read alike either way).
+    pub fn analyze(self, text: &str) -> Analysis {
+        match self {
+            Dialect::Postgres => analyze(text),
+            Dialect::Mysql => mysql::analyze(text),
+        }
+    }
+}
+
 /// Properties a policy may want to match on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatementFlags {
