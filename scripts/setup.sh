@@ -20,12 +20,13 @@ as_root() {
 
 # --- Debian packages -------------------------------------------------------
 # postgresql: throwaway servers for tests and the demo; mariadb: the MySQL
-# protocol; pgbouncer: the benchmark baseline; iproute2: test addresses;
+# protocol; pgbouncer: the benchmark baseline; sysbench: the MySQL benchmark;
+# openssl: certificates for TLS MariaDB servers in the tests; iproute2: test addresses;
 # libclang-dev: pg_query's build; build-essential/pkg-config: C parts of crates;
 # python3/pip: psycopg for the driver tests; chromium and chromium-driver:
 # the reviewers' web page in a real headless browser; btrfs-progs: an
 # executable on a btrfs subvolume in the identity tests.
-packages=(postgresql postgresql-client mariadb-server mariadb-client pgbouncer
+packages=(postgresql postgresql-client mariadb-server mariadb-client pgbouncer sysbench openssl
           iproute2 libclang-dev clang build-essential pkg-config ca-certificates curl
           python3 python3-pip chromium chromium-driver btrfs-progs)
 missing=()
