@@ -4,7 +4,7 @@
 # configurations, measured in the same run and interleaved (A B C D A B C D
 # ...), medians reported with the spread.
 #
-#   scripts/bench.sh [--quick] [--rounds N] [--json FILE] [--no-ebpf] [--only W,...]
+#   scripts/bench.sh [--quick] [--rounds N] [--json FILE] [--no-ebpf] [--only W,...] [--no-mysql]
 #
 # Configurations:
 #   direct      pgbench -> PostgreSQL
@@ -29,18 +29,22 @@
 # Afterwards 500 idle sessions are opened through the full configuration
 # and the agent's memory is reported. --only runs only the named workloads
 # (not with --quick), e.g. --only masked-1c,masked-8c.
+# Then the MySQL workloads run (scripts/bench-mysql.sh: sysbench against
+# MariaDB directly, through the tcp relay and the full MySQL path) unless
+# --no-mysql or --only is given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-rounds=3; duration=10; quick=0; json=""; ebpf=1; only_workloads=""
+rounds=3; duration=10; quick=0; json=""; ebpf=1; only_workloads=""; mysql=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1; rounds=2; duration=4; shift ;;
         --rounds) rounds="$2"; shift 2 ;;
         --json) json="$2"; shift 2 ;;
         --no-ebpf) ebpf=0; shift ;;
-        --only) only_workloads="$2"; shift 2 ;;
+        --only) only_workloads="$2"; mysql=0; shift 2 ;;
+        --no-mysql) mysql=0; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench: unknown option $1" >&2; exit 2 ;;
     esac
@@ -399,3 +403,13 @@ if sys.argv[3]:
                "idle_sessions": idle_n, "idle_rss_kib": idle_rss, "rss_before_idle_kib": before},
               open(sys.argv[3], "w"), indent=2)
 PY
+
+if [ $mysql -eq 1 ]; then
+    # The PostgreSQL side is stopped first, so that it takes no CPU.
+    cleanup
+    trap - EXIT
+    mysql_args=(--rounds "$rounds" --duration "$duration")
+    [ -n "$json" ] && mysql_args+=(--json "${json%.json}-mysql.json")
+    echo
+    scripts/bench-mysql.sh "${mysql_args[@]}"
+fi
