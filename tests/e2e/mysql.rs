@@ -101,6 +101,14 @@ fn the_mariadb_client_runs_allowed_statements_and_gets_refusals_as_errors_naming
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "7\n");
 
+    // A large result streams through (written out as it comes, not held
+    // whole): 200,000 rows from MariaDB's sequence engine.
+    let out = mariadb(shop.port, "SELECT seq, repeat('x', 100) FROM seq_1_to_200000");
+    assert!(out.status.success(), "{}", text(&out));
+    let rows = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(rows.lines().count(), 200_000);
+    assert!(rows.ends_with(&format!("200000\t{}\n", "x".repeat(100))));
+
     // The session goes on after a refusal, in the same connection.
     let out = mariadb_command(shop.port, "SELECT 1; SELECT * FROM secrets; SELECT 2")
         .arg("--force")

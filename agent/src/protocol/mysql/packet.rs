@@ -106,6 +106,96 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     }))
 }
 
+/// Where [`read_packet_into`] put one packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The sequence id of its first piece.
+    pub seq: u8,
+    /// Its payload's length, all pieces together.
+    pub len: usize,
+    /// Its first piece's payload in the buffer (the whole payload when it
+    /// is shorter than 16 MiB - 1).
+    pub first: std::ops::Range<usize>,
+    /// The packet as framed on the wire, headers included.
+    pub framed: std::ops::Range<usize>,
+}
+
+/// Reads one packet onto the end of `out`, framed as it came: rows are
+/// relayed without a copy of their own. `None` at a clean end of stream.
+pub async fn read_packet_into<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    out: &mut Vec<u8>,
+    limit: usize,
+) -> Result<Option<Appended>, PacketError> {
+    let start = out.len();
+    let mut total = 0usize;
+    let mut first = None;
+    let mut seq = 0u8;
+    loop {
+        let header_at = out.len();
+        out.resize(header_at + 4, 0);
+        let mut filled = 0;
+        while filled < 4 {
+            let n = match reader
+                .read(
+                    out.get_mut(header_at + filled..header_at + 4)
+                        .unwrap_or_default(),
+                )
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    out.truncate(start);
+                    return Err(PacketError::Io(e));
+                }
+            };
+            if n == 0 {
+                out.truncate(start);
+                if filled == 0 && first.is_none() {
+                    return Ok(None);
+                }
+                return Err(PacketError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            filled += n;
+        }
+        let header = [
+            out[header_at],
+            out[header_at + 1],
+            out[header_at + 2],
+            out[header_at + 3],
+        ];
+        let length =
+            usize::from(header[0]) | usize::from(header[1]) << 8 | usize::from(header[2]) << 16;
+        if first.is_none() {
+            seq = header[3];
+        }
+        total += length;
+        if total > limit {
+            out.truncate(start);
+            return Err(PacketError::TooLarge { size: total, limit });
+        }
+        let body = header_at + 4;
+        out.resize(body + length, 0);
+        if let Err(e) = reader
+            .read_exact(out.get_mut(body..).unwrap_or_default())
+            .await
+        {
+            out.truncate(start);
+            return Err(PacketError::Io(e));
+        }
+        first.get_or_insert(body..body + length);
+        if length < MAX_WIRE_PAYLOAD {
+            break;
+        }
+    }
+    Ok(Some(Appended {
+        seq,
+        len: total,
+        first: first.unwrap_or_default(),
+        framed: start..out.len(),
+    }))
+}
+
 /// Appends `payload` framed as packets starting at sequence id `seq` (split
 /// at 16 MiB - 1, with an empty last piece when it divides evenly).
 pub fn frame(out: &mut Vec<u8>, seq: u8, payload: &[u8]) {
@@ -240,7 +330,37 @@ mod tests {
             assert_eq!(packet.next_seq(), 7 + pieces as u8);
             assert!(reader.is_empty());
             assert!(read_packet(&mut reader, 64 << 20).await.unwrap().is_none());
+
+            // Read in place, after what the buffer holds: the framing kept.
+            let mut reader = &wire[..];
+            let mut out = b"before".to_vec();
+            let at = read_packet_into(&mut reader, &mut out, 64 << 20)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(at.seq, 7);
+            assert_eq!(at.len, size);
+            assert_eq!(at.framed, 6..6 + wire.len());
+            assert!(out[at.framed.clone()] == wire[..]);
+            assert_eq!(at.first.len(), size.min(MAX_WIRE_PAYLOAD));
+            assert!(out[at.first.clone()] == payload[..at.first.len()]);
+            assert!(read_packet_into(&mut reader, &mut out, 64 << 20)
+                .await
+                .unwrap()
+                .is_none());
+            assert_eq!(out.len(), 6 + wire.len());
         }
+        // Over the limit or cut short: an error, the buffer as it was.
+        let mut wire = Vec::new();
+        frame(&mut wire, 0, &[1u8; 100]);
+        let mut out = b"kept".to_vec();
+        assert!(read_packet_into(&mut &wire[..], &mut out, 99)
+            .await
+            .is_err());
+        assert!(read_packet_into(&mut &wire[..50], &mut out, 1000)
+            .await
+            .is_err());
+        assert_eq!(out, b"kept");
     }
 
     #[tokio::test]

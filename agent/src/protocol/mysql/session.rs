@@ -22,7 +22,7 @@ use super::mask::{self, MaskPlan, ResultMask};
 use super::packet::{self, Packet, PacketError};
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::masking::MaskRule;
-use crate::policy::{most_restrictive, Action, Decision};
+use crate::policy::{most_restrictive, Action, Decision, DecisionMemo};
 use crate::protocol::tls::{self, ReadHalf, Stream, TlsState, UpstreamMode, WriteHalf};
 use crate::protocol::SessionContext;
 use crate::sql::mysql::{Escapes, ServerVersion};
@@ -31,6 +31,10 @@ use crate::sql::{Analysis, Dialect};
 /// The largest command or answer the proxy reads (MySQL's own
 /// `max_allowed_packet` tops out at 1 GiB; its default is 16 MiB).
 pub const MAX_PACKET: usize = 64 << 20;
+
+/// Rows waiting for the client are written out once they reach this size,
+/// so a large result streams rather than fills the proxy's memory.
+const FLUSH_AT: usize = 64 * 1024;
 
 /// `SERVER_MORE_RESULTS_EXISTS`: another result of the same command follows.
 const MORE_RESULTS: u16 = 0x0008;
@@ -116,6 +120,11 @@ struct Session<'a> {
     /// The masks of the open cursors of masked statements, by statement
     /// id: their rows come with `COM_STMT_FETCH`.
     cursor_masks: HashMap<u32, ResultMask>,
+    /// The decisions of each prepared statement's last execution, with the
+    /// generation of the policy that made them.
+    decided: HashMap<u32, (u64, Arc<[Decision]>)>,
+    /// The session's decisions by statement shape.
+    memo: DecisionMemo,
     raw: bool,
     /// How the server reads backslashes now, from the last status flags.
     escapes: Escapes,
@@ -162,6 +171,8 @@ pub async fn run(
             prepared: HashMap::new(),
             last_prepared: None,
             cursor_masks: HashMap::new(),
+            decided: HashMap::new(),
+            memo: DecisionMemo::default(),
             raw: ctx.events.records_raw(&ctx.target),
             escapes: Escapes::Unknown,
             server: connected.server,
@@ -468,7 +479,7 @@ impl Session<'_> {
                     return Ok(());
                 };
                 let analysis = self.analyze(&text);
-                if let Verdict::Run(plan) = self.decide(&text, &analysis, reply_seq).await? {
+                if let Verdict::Run(plan) = self.decide(&text, &analysis, reply_seq, None).await? {
                     self.send_to_server(&command).await?;
                     self.relay_results(false, plan.as_ref(), None).await?;
                 }
@@ -479,7 +490,7 @@ impl Session<'_> {
                     return Ok(());
                 };
                 let analysis = self.analyze(&text);
-                if let Verdict::Run(_) = self.decide(&text, &analysis, reply_seq).await? {
+                if let Verdict::Run(_) = self.decide(&text, &analysis, reply_seq, None).await? {
                     self.send_to_server(&command).await?;
                     self.relay_prepare(text, analysis).await?;
                 }
@@ -495,7 +506,7 @@ impl Session<'_> {
                 let mut plan = None;
                 if let Some(prepared) = prepared {
                     match self
-                        .decide(&prepared.text, &prepared.analysis, reply_seq)
+                        .decide(&prepared.text, &prepared.analysis, reply_seq, id)
                         .await?
                     {
                         Verdict::Refused => return Ok(()),
@@ -514,6 +525,7 @@ impl Session<'_> {
                 if let Some(id) = statement_id(&command.payload) {
                     self.prepared.remove(&id);
                     self.cursor_masks.remove(&id);
+                    self.decided.remove(&id);
                 }
                 self.send_to_server(&command).await
             }
@@ -537,6 +549,7 @@ impl Session<'_> {
             Some(com::RESET_CONNECTION) => {
                 self.prepared.clear();
                 self.cursor_masks.clear();
+                self.decided.clear();
                 self.last_prepared = None;
                 self.send_to_server(&command).await?;
                 self.relay_one().await
@@ -654,16 +667,36 @@ impl Session<'_> {
     }
 
     /// Decides a statement text and reports it; when it may not run,
-    /// answers the client with an ERR naming the rule.
+    /// answers the client with an ERR naming the rule. An execution of
+    /// prepared statement `prepared` reuses the decisions of its last
+    /// execution under the same policy.
     async fn decide(
         &mut self,
         text: &str,
         analysis: &Analysis,
         reply_seq: u8,
+        prepared: Option<u32>,
     ) -> Result<Verdict, Stop> {
         let info = self.ctx.start.info().await;
         let policy = crate::policy::current_policy(&self.ctx.policy);
-        let decisions = policy.decide_analysis(&self.ctx.target, &info.identity, text, analysis);
+        let generation = policy.generation();
+        let known = prepared
+            .and_then(|id| self.decided.get(&id))
+            .filter(|(decided_by, _)| *decided_by == generation)
+            .map(|(_, decisions)| Arc::clone(decisions));
+        let decisions = match known {
+            Some(decisions) => decisions,
+            None => {
+                let decisions =
+                    self.memo
+                        .decide(&policy, &self.ctx.target, &info.identity, text, analysis);
+                if let Some(id) = prepared {
+                    self.decided
+                        .insert(id, (generation, Arc::clone(&decisions)));
+                }
+                decisions
+            }
+        };
         let verdict = most_restrictive(&decisions);
         let command = command_label(analysis);
         // Review of MySQL statements is not built yet: a statement it would
@@ -825,6 +858,9 @@ impl Session<'_> {
         mask: Option<&ResultMask>,
         binary: bool,
     ) -> Result<(Option<u16>, bool), Stop> {
+        if mask.is_none() {
+            return self.relay_rows_as_they_are().await.map(|end| (end, false));
+        }
         loop {
             let mut row = self.server_packet().await?;
             if packet::is_eof(&row.payload) {
@@ -841,6 +877,9 @@ impl Session<'_> {
                 self.queue_for_client(&row);
                 return Ok((None, mask.is_some()));
             }
+            if self.to_client.len() >= FLUSH_AT {
+                self.flush_client().await?;
+            }
             if let Some(mask) = mask {
                 let masked = if binary {
                     mask.binary_row(&row.payload)
@@ -854,6 +893,52 @@ impl Session<'_> {
                 }
             }
             self.queue_for_client(&row);
+        }
+    }
+
+    /// Relays rows unchanged until their EOF (its status flags) or an ERR
+    /// (`None`): each read straight into the buffer for the client, which
+    /// is written out whenever it is large.
+    async fn relay_rows_as_they_are(&mut self) -> Result<Option<u16>, Stop> {
+        loop {
+            let read =
+                packet::read_packet_into(&mut self.server_in, &mut self.to_client, MAX_PACKET)
+                    .await
+                    .map_err(|e| Stop::from(CloseReason::UpstreamError(e.to_string())))?;
+            let Some(at) = read else {
+                return Err(
+                    CloseReason::UpstreamError("closed in the middle of an answer".into()).into(),
+                );
+            };
+            let bytes = at.framed.len() as u64;
+            self.ctx
+                .counters
+                .from_upstream
+                .fetch_add(bytes, Ordering::Relaxed);
+            self.ctx
+                .target_metrics
+                .bytes_from_upstream
+                .fetch_add(bytes, Ordering::Relaxed);
+            if self.raw {
+                let framed = self.to_client.get(at.framed.clone()).unwrap_or_default();
+                self.ctx
+                    .events
+                    .emit_raw(self.ctx.id, RawDirection::Server, framed);
+            }
+            let payload = self.to_client.get(at.first.clone()).unwrap_or_default();
+            if at.len < 9 && payload.first() == Some(&0xFE) {
+                let status = packet::status_flags(payload);
+                if let Some(status) = status {
+                    self.note_status_flags(status);
+                }
+                return Ok(Some(status.unwrap_or(0)));
+            }
+            if payload.first() == Some(&0xFF) {
+                return Ok(None);
+            }
+            if self.to_client.len() >= FLUSH_AT {
+                self.flush_client().await?;
+            }
         }
     }
 
@@ -922,6 +1007,7 @@ impl Session<'_> {
                 }
             }
         }
+        self.decided.remove(&id);
         self.prepared
             .insert(id, Arc::new(Prepared { text, analysis }));
         self.last_prepared = Some(id);
