@@ -2,7 +2,7 @@
 //! a real MariaDB server, with the same policy files as PostgreSQL. Each
 //! refusal is checked on the server too: what was refused did not happen.
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use tollgate_tests::mariadb::{
     mariadb, mariadb_command, python_driver, DriverResult, Mariadb, PASSWORD, USER,
@@ -103,7 +103,10 @@ fn the_mariadb_client_runs_allowed_statements_and_gets_refusals_as_errors_naming
 
     // A large result streams through (written out as it comes, not held
     // whole): 200,000 rows from MariaDB's sequence engine.
-    let out = mariadb(shop.port, "SELECT seq, repeat('x', 100) FROM seq_1_to_200000");
+    let out = mariadb(
+        shop.port,
+        "SELECT seq, repeat('x', 100) FROM seq_1_to_200000",
+    );
     assert!(out.status.success(), "{}", text(&out));
     let rows = String::from_utf8_lossy(&out.stdout);
     assert_eq!(rows.lines().count(), 200_000);
@@ -594,6 +597,90 @@ fn refused_on(port: u16, client_args: &[&str]) {
     assert!(!out.status.success(), "{all}");
     assert!(all.contains("denied by rule \"protect-secrets\""), "{all}");
     assert!(!all.contains("the-key"), "{all}");
+}
+
+#[test]
+fn a_client_may_kill_only_connections_its_user_opened_through_the_agent() {
+    let shop = Shop::start();
+    // The id the server gave the connection running `SELECT SLEEP(30),
+    // 'word'`.
+    let connection_of = |word: &str| -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let id = shop.db.as_root(&format!(
+                "SELECT id FROM information_schema.processlist WHERE info = 'SELECT SLEEP(30), ''{word}'''"
+            ));
+            if !id.trim().is_empty() {
+                return id.trim().to_owned();
+            }
+            assert!(std::time::Instant::now() < deadline, "{word} never ran");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+
+    // A query through the agent, cancelled by the same user from a second
+    // connection (what the mariadb client's Ctrl-C does).
+    let started = std::time::Instant::now();
+    let sleeper = mariadb_command(shop.port, "SELECT SLEEP(30), 'mine'")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mine = connection_of("mine");
+    let out = mariadb(shop.port, &format!("KILL QUERY {mine}"));
+    assert!(out.status.success(), "{}", text(&out));
+    let finished = sleeper.wait_with_output().unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert!(
+        text(&finished).contains("ERROR 1317 (70100)"),
+        "{}",
+        text(&finished)
+    );
+
+    // A connection made straight to the server is not the agent's to kill.
+    let direct = mariadb_command(shop.db.port, "SELECT SLEEP(30), 'direct'")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let theirs = connection_of("direct");
+    for sql in [format!("KILL {theirs}"), format!("KILL QUERY {theirs}")] {
+        let out = mariadb(shop.port, &sql);
+        let all = text(&out);
+        assert!(!out.status.success(), "{sql}: {all}");
+        assert!(
+            all.contains("ERROR 1095 (42000)")
+                && all.contains(&format!("KILL of connection {theirs} refused")),
+            "{sql}: {all}"
+        );
+    }
+    assert_eq!(connection_of("direct"), theirs, "still running");
+    shop.db.as_root(&format!("KILL {theirs}"));
+    let _ = direct.wait_with_output();
+
+    // Another user's process may not kill this user's connection either.
+    if is_root() {
+        let sleeper = mariadb_command(shop.port, "SELECT SLEEP(30), 'root'")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let roots = connection_of("root");
+        let out = Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg("mariadb")
+            .args(mariadb_command(shop.port, &format!("KILL QUERY {roots}")).get_args())
+            .output()
+            .unwrap();
+        let all = text(&out);
+        assert!(all.contains("ERROR 1095 (42000)"), "{all}");
+        assert_eq!(connection_of("root"), roots, "still running");
+        let out = mariadb(shop.port, &format!("KILL {roots}"));
+        assert!(out.status.success(), "{}", text(&out));
+        let _ = sleeper.wait_with_output();
+    } else {
+        println!("not root: the other-user case needs runuser, skipped");
+    }
 }
 
 #[test]

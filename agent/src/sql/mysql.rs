@@ -1440,6 +1440,18 @@ pub fn may_read_columns(text: &str, columns: &[&str]) -> bool {
     })
 }
 
+/// The connection id a `KILL [CONNECTION | QUERY] id` statement names
+/// (`None` for any other statement, and for MariaDB's `KILL USER` and
+/// `KILL QUERY ID`, which name no connection).
+pub fn kill_target(statement_text: &str) -> Option<u64> {
+    let dialect = MySqlDialect {};
+    let mut statements = Parser::parse_sql(&dialect, statement_text).ok()?;
+    match (statements.pop(), statements.is_empty()) {
+        (Some(Statement::Kill { id, .. }), true) => Some(id),
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Fingerprint.
 

@@ -55,6 +55,15 @@ pub mod caps {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandshakeError(pub String);
 
+/// The connection id the server gave the session, from its greeting (the
+/// id `KILL` and `SHOW PROCESSLIST` use).
+pub fn connection_id(greeting: &Packet) -> Option<u32> {
+    let p = greeting.payload.get(1..)?;
+    let end = p.iter().position(|&b| b == 0)?;
+    let raw = p.get(end + 1..end + 5)?;
+    Some(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
+}
+
 /// The server's version string from its greeting (`10.11.19-MariaDB`).
 pub fn server_version(greeting: &Packet) -> Option<&str> {
     let p = greeting.payload.get(1..)?;
@@ -252,6 +261,18 @@ mod tests {
             u32::from(lo) | u32::from(hi) << 16,
             u32::from_le_bytes([ext[0], ext[1], ext[2], ext[3]]),
         )
+    }
+
+    #[test]
+    fn the_greeting_names_version_and_connection() {
+        let g = greeting(caps::PROTOCOL_41, 0);
+        assert_eq!(server_version(&g), Some("10.11.6-MariaDB"));
+        assert_eq!(connection_id(&g), Some(7));
+        let cut = Packet {
+            seq: 0,
+            payload: b"\x0a10.11\0\x07".to_vec(),
+        };
+        assert_eq!(connection_id(&cut), None);
     }
 
     #[test]

@@ -4,11 +4,14 @@
 //! under the policy in force, refusals answered with an ERR packet that
 //! names the rule, and every statement recorded.
 //!
+//! Results of statements a `mask` rule applies to are masked (`mask.rs`).
 //! TLS is negotiated on each leg apart, with the same settings as for
-//! PostgreSQL (`client_tls`, the target's `tls`). Not built yet, and refused
-//! rather than let through: `COM_CHANGE_USER`, `LOAD DATA LOCAL` (the capability is never
+//! PostgreSQL (`client_tls`, the target's `tls`). `KILL` and
+//! `COM_PROCESS_KILL` may name only a connection a process of the same user
+//! opened through the agent. Not built yet, and refused rather than let
+//! through: `COM_CHANGE_USER`, `LOAD DATA LOCAL` (the capability is never
 //! granted), human review of MySQL statements (a statement a `review` rule
-//! takes is refused), cancelling with `KILL`.
+//! takes is refused).
 
 pub mod handshake;
 pub mod mask;
@@ -28,6 +31,7 @@ use crate::events::CloseReason;
 /// Serves `mysql` targets.
 pub struct MysqlHandler {
     tls: TlsState,
+    connections: session::Connections,
 }
 
 impl MysqlHandler {
@@ -36,7 +40,10 @@ impl MysqlHandler {
     pub fn new(config: &Config) -> anyhow::Result<MysqlHandler> {
         use anyhow::Context as _;
         let tls = TlsState::load(config, None).context("cannot set up TLS for MySQL targets")?;
-        Ok(MysqlHandler { tls })
+        Ok(MysqlHandler {
+            tls,
+            connections: session::Connections::default(),
+        })
     }
 }
 
@@ -47,7 +54,13 @@ impl Handler for MysqlHandler {
         client: TcpStream,
         upstream: TcpStream,
     ) -> HandlerFuture<'a, CloseReason> {
-        Box::pin(session::run(ctx, &self.tls, client, upstream))
+        Box::pin(session::run(
+            ctx,
+            &self.tls,
+            &self.connections,
+            client,
+            upstream,
+        ))
     }
 
     /// The server speaks first in MySQL, so the refusal is the first

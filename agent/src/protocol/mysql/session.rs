@@ -51,6 +51,7 @@ const ER_SPECIFIC_ACCESS_DENIED: u16 = 1227;
 const ER_NOT_SUPPORTED_YET: u16 = 1235;
 const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
 const ER_UNKNOWN_COM: u16 = 1047;
+const ER_KILL_DENIED: u16 = 1095;
 
 /// Commands (`COM_*`).
 mod com {
@@ -86,6 +87,51 @@ impl From<CloseReason> for Stop {
     }
 }
 
+/// The server connections sessions opened through one handler, by target
+/// and the connection id the server gave them, with the uid of the process
+/// behind each: what a `KILL` may name.
+#[derive(Debug, Default)]
+pub struct Connections {
+    open: std::sync::Mutex<HashMap<(String, u32), Option<u32>>>,
+}
+
+impl Connections {
+    fn register(&self, target: &str, id: u32, uid: Option<u32>) {
+        if let Ok(mut open) = self.open.lock() {
+            open.insert((target.to_owned(), id), uid);
+        }
+    }
+
+    fn remove(&self, target: &str, id: u32) {
+        if let Ok(mut open) = self.open.lock() {
+            open.remove(&(target.to_owned(), id));
+        }
+    }
+
+    /// Whether connection `id` to `target` was opened through the agent by
+    /// a process of user `uid` (never when the user is not known).
+    pub fn owned_by(&self, target: &str, id: u32, uid: Option<u32>) -> bool {
+        uid.is_some()
+            && self
+                .open
+                .lock()
+                .is_ok_and(|open| open.get(&(target.to_owned(), id)).copied().flatten() == uid)
+    }
+}
+
+/// A session's entry in [`Connections`], removed when the session ends.
+struct Registration<'a> {
+    connections: &'a Connections,
+    target: &'a str,
+    id: u32,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.connections.remove(self.target, self.id);
+    }
+}
+
 /// Whether a decided command may run, and masked how.
 enum Verdict {
     /// Answered with an ERR already.
@@ -108,6 +154,7 @@ struct Prepared {
 
 struct Session<'a> {
     ctx: &'a SessionContext,
+    connections: &'a Connections,
     client_in: BufReader<ReadHalf>,
     client_out: WriteHalf,
     server_in: BufReader<ReadHalf>,
@@ -143,12 +190,15 @@ struct Connected {
     server: Option<ServerVersion>,
     /// The status flags of the OK that ended authentication.
     status: Option<u16>,
+    /// The connection id the server gave the session.
+    connection_id: Option<u32>,
 }
 
 /// Serves one session until it ends and says why.
 pub async fn run(
     ctx: &SessionContext,
     tls: &TlsState,
+    connections: &Connections,
     client: TcpStream,
     upstream: TcpStream,
 ) -> CloseReason {
@@ -159,10 +209,20 @@ pub async fn run(
             Ok(connected) => connected,
             Err(reason) => return reason,
         };
+        let uid = ctx.start.info().await.identity.uid;
+        let _registration = connected.connection_id.map(|id| {
+            connections.register(&ctx.target, id, uid);
+            Registration {
+                connections,
+                target: &ctx.target,
+                id,
+            }
+        });
         let (client_read, client_write) = connected.client.split();
         let (server_read, server_write) = connected.upstream.split();
         let mut session = Session {
             ctx,
+            connections,
             client_in: BufReader::new(client_read),
             client_out: client_write,
             server_in: BufReader::new(server_read),
@@ -225,6 +285,7 @@ async fn connect(
         return Err(CloseReason::Completed);
     }
     let server = handshake::server_version(&greeting).and_then(ServerVersion::parse);
+    let connection_id = handshake::connection_id(&greeting);
     let acceptor = tls.client();
     let offered = handshake::restrict_greeting(&mut greeting, acceptor.is_some())
         .map_err(|e| CloseReason::UpstreamError(e.0))?;
@@ -350,6 +411,7 @@ async fn connect(
         upstream,
         server,
         status,
+        connection_id,
     })
 }
 
@@ -568,12 +630,28 @@ impl Session<'_> {
                 );
                 self.answer_client(reply_seq, err).await
             }
-            Some(
-                c @ (com::PROCESS_KILL
-                | com::BINLOG_DUMP
-                | com::BINLOG_DUMP_GTID
-                | com::REGISTER_SLAVE),
-            ) => {
+            Some(com::PROCESS_KILL) => {
+                let info = self.ctx.start.info().await;
+                let id = statement_id(&command.payload);
+                let owned = id.is_some_and(|id| {
+                    self.connections
+                        .owned_by(&self.ctx.target, id, info.identity.uid)
+                });
+                if owned {
+                    self.send_to_server(&command).await?;
+                    return self.relay_one().await;
+                }
+                let err = packet::err_payload(
+                    ER_KILL_DENIED,
+                    "42000",
+                    &format!(
+                        "tollgate: COM_PROCESS_KILL of connection {} refused: it was not opened through the agent by a process of this user",
+                        id.map_or_else(|| "?".to_owned(), |id| id.to_string())
+                    ),
+                );
+                self.answer_client(reply_seq, err).await
+            }
+            Some(c @ (com::BINLOG_DUMP | com::BINLOG_DUMP_GTID | com::REGISTER_SLAVE)) => {
                 let err = packet::err_payload(
                     ER_SPECIFIC_ACCESS_DENIED,
                     "42000",
@@ -709,20 +787,55 @@ impl Session<'_> {
             Some(d) if d.action.is_refused() => Some(d.client_message(&command)),
             _ => None,
         };
+        let refusal = refusal
+            .map(|message| (ER_TABLEACCESS_DENIED, message))
+            .or_else(|| {
+                self.foreign_kill(analysis, info.identity.uid)
+                    .map(|message| (ER_KILL_DENIED, message))
+            });
         let (plan, refusal) = match refusal {
-            Some(message) => (None, Some(message)),
+            Some(refused) => (None, Some(refused)),
             None => match mask_plan(analysis, &decisions) {
                 Ok(plan) => (plan, None),
-                Err(message) => (None, Some(message)),
+                Err(message) => (None, Some((ER_TABLEACCESS_DENIED, message))),
             },
         };
         self.report(text, analysis, &decisions, refusal.is_some());
-        let Some(message) = refusal else {
+        let Some((code, message)) = refusal else {
             return Ok(Verdict::Run(plan));
         };
-        let err = packet::err_payload(ER_TABLEACCESS_DENIED, "42000", &message);
+        let err = packet::err_payload(code, "42000", &message);
         self.answer_client(reply_seq, err).await?;
         Ok(Verdict::Refused)
+    }
+
+    /// Why a `KILL` among the statements may not run: it names a
+    /// connection that no process of user `uid` opened through the agent
+    /// to this target. A client cancels its own queries (the `mariadb`
+    /// client's Ctrl-C opens a second connection to send `KILL QUERY`), not
+    /// other sessions'.
+    fn foreign_kill(&self, analysis: &Analysis, uid: Option<u32>) -> Option<String> {
+        let Analysis::Parsed { statements } = analysis else {
+            return None;
+        };
+        statements
+            .iter()
+            .filter(|s| &*s.command == "KILL")
+            .find_map(|s| match crate::sql::mysql::kill_target(&s.text) {
+                Some(id)
+                    if u32::try_from(id)
+                        .is_ok_and(|id| self.connections.owned_by(&self.ctx.target, id, uid)) =>
+                {
+                    None
+                }
+                Some(id) => Some(format!(
+                    "tollgate: KILL of connection {id} refused: it was not opened through the agent by a process of this user"
+                )),
+                None => Some(
+                    "tollgate: KILL refused: it names no connection the agent can check (KILL USER, KILL QUERY ID)"
+                        .to_owned(),
+                ),
+            })
     }
 
     /// One Statement event per statement (the whole text when unparsable).
@@ -1137,7 +1250,6 @@ fn command_label(analysis: &Analysis) -> String {
 
 fn command_name(command: u8) -> &'static str {
     match command {
-        com::PROCESS_KILL => "COM_PROCESS_KILL",
         com::BINLOG_DUMP => "COM_BINLOG_DUMP",
         com::BINLOG_DUMP_GTID => "COM_BINLOG_DUMP_GTID",
         com::REGISTER_SLAVE => "COM_REGISTER_SLAVE",

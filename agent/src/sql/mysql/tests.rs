@@ -781,3 +781,14 @@ fn table_statements_read_their_table() {
         assert_eq!(one(sql).tables_read, tables(&read), "{sql}");
     }
 }
+
+#[test]
+fn kill_statements_name_their_connection() {
+    assert_eq!(kill_target("KILL 42"), Some(42));
+    assert_eq!(kill_target("kill query 42"), Some(42));
+    assert_eq!(kill_target("KILL CONNECTION 7"), Some(7));
+    assert_eq!(kill_target("SELECT 42"), None);
+    assert_eq!(kill_target("KILL 1; KILL 2"), None);
+    let s = one("KILL QUERY 42");
+    assert_eq!(&*s.command, "KILL");
+}
