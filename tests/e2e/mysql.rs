@@ -683,6 +683,80 @@ fn a_client_may_kill_only_connections_its_user_opened_through_the_agent() {
     }
 }
 
+/// What `mysql-driver-session` prints when every step went as expected.
+const DRIVER_SESSION: &str = "prepared statements with binary parameters: ok\n\
+                              masked binary and text rows: ok\n\
+                              refusals as server errors, the connection usable: ok\n\
+                              a refusal inside a transaction: ok\n";
+
+fn assert_driver_session(out: &Output) {
+    assert!(out.status.success(), "{}", text(out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), DRIVER_SESSION);
+}
+
+#[test]
+fn a_rust_driver_through_a_listener_and_through_the_redirect() {
+    let session = env!("CARGO_BIN_EXE_mysql-driver-session");
+    let shop = Shop::start();
+    let out = Command::new(session)
+        .args(["127.0.0.1", &shop.port.to_string()])
+        .output()
+        .unwrap();
+    assert_driver_session(&out);
+    assert_eq!(shop.db.as_root("SELECT COUNT(*) FROM shop.t"), "22\n");
+    assert_eq!(
+        shop.db.as_root("SHOW TABLES FROM shop LIKE 'customers'"),
+        "customers\n"
+    );
+    drop(shop);
+
+    if let Some(why) = ebpf_unavailable() {
+        eprintln!("skipping the redirect half: {why}");
+        return;
+    }
+    // The same driver given the database's own address, under `tollgate
+    // exec`: the connection takes the redirect.
+    let addrs = TestAddresses::add();
+    let db = Mariadb::start_listening(SCHEMA, addrs.v4);
+    let policy = policy_file(POLICY);
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[agent]\n{}\n\n{}\n[[target]]\nname = \"shop\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"mysql\"\n",
+        policy.line,
+        redirect_section(dir.path(), "pass"),
+        addrs.v4,
+        db.port
+    );
+    let agent = Agent::start(&config);
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::copy(&agent.config, &agent_config).unwrap();
+    let out = exec_command(
+        &agent,
+        &[session, &addrs.v4.to_string(), &db.port.to_string()],
+    )
+    .output()
+    .unwrap();
+    assert_driver_session(&out);
+    let logs = agent.log_lines();
+    let denial = logs
+        .iter()
+        .find(|l| l["statement_action"] == "deny" && l["rule"] == "protect-secrets")
+        .expect("the denial is logged");
+    let started = logs
+        .iter()
+        .find(|l| {
+            l["session"] == denial["session"]
+                && l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("session started"))
+        })
+        .expect("the session's start is logged");
+    assert_eq!(started["arrival"], "redirect", "{started}");
+    assert_eq!(started["exe"].as_str(), Some(session), "{started}");
+    drop(agent);
+    cleanup_redirect(&agent_config);
+}
+
 #[test]
 fn an_unreachable_server_is_an_error_in_place_of_the_greeting() {
     let policy = policy_file(POLICY);

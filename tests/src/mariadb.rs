@@ -40,6 +40,17 @@ impl Mariadb {
         Mariadb::start_in(dir, schema, &[])
     }
 
+    /// [`Mariadb::start`] listening on `also` besides 127.0.0.1 (a test
+    /// address, for connections that take the redirect).
+    pub fn start_listening(schema: &str, also: std::net::Ipv4Addr) -> Mariadb {
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-mariadb-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        Mariadb::start_in(dir, schema, &[format!("--bind-address=127.0.0.1,{also}")])
+    }
+
     /// [`Mariadb::start`] with TLS: a CA made for it signs the server's
     /// certificate (names `localhost` and 127.0.0.1); the CA's PEM file is
     /// [`Mariadb::tls_ca`].
@@ -168,8 +179,14 @@ impl Mariadb {
             .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
             .arg(format!("--port={port}"))
             .args(&user_args)
+            .args(
+                if server_args.iter().any(|a| a.starts_with("--bind-address")) {
+                    &[][..]
+                } else {
+                    &["--bind-address=127.0.0.1"][..]
+                },
+            )
             .args([
-                "--bind-address=127.0.0.1",
                 "--skip-name-resolve",
                 "--innodb-buffer-pool-size=16M",
                 "--innodb-log-file-size=8M",
