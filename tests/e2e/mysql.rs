@@ -758,6 +758,79 @@ fn a_rust_driver_through_a_listener_and_through_the_redirect() {
 }
 
 #[test]
+fn a_multibyte_character_set_cannot_hide_sql_in_a_string() {
+    let shop = Shop::start();
+    // In GBK the last byte of 中 (e4 b8 ad) and the backslash (5c) are one
+    // character, so the quote after them ends the string: the server runs
+    // the subquery that a UTF-8 reader sees inside a string.
+    let hidden = "SELECT '中\\', (SELECT s FROM secrets LIMIT 1) -- '";
+    let with_charset = |port: u16, charset: &str, sql: &str| {
+        // --comments: the client strips comments itself otherwise.
+        mariadb_command(port, sql)
+            .arg(format!("--default-character-set={charset}"))
+            .arg("--comments")
+            .output()
+            .unwrap()
+    };
+    let direct = with_charset(shop.db.port, "gbk", hidden);
+    assert!(
+        text(&direct).contains("the-key"),
+        "the server reads it as SQL: {}",
+        text(&direct)
+    );
+    let out = with_charset(shop.port, "gbk", hidden);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("non-ASCII characters is refused while the server reads it as"),
+        "{all}"
+    );
+    assert!(!all.contains("the-key"), "{all}");
+    // ASCII text is read alike in every character set.
+    let out = with_charset(shop.port, "gbk", "SELECT 'plain'");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "plain\n",
+        "{}",
+        text(&out)
+    );
+
+    // Switching within the session: to GBK by name, or to a value the agent
+    // cannot read, refuses non-ASCII text until SET NAMES utf8mb4.
+    for switch in [
+        "SET NAMES gbk",
+        "SET @c = 'gbk'; SET character_set_client = @c",
+    ] {
+        let out = mariadb_command(
+            shop.port,
+            &format!("{switch}; SELECT 'né'; SET NAMES utf8mb4; SELECT 'né'"),
+        )
+        .arg("--force")
+        .output()
+        .unwrap();
+        let all = text(&out);
+        assert!(
+            all.contains("non-ASCII characters is refused"),
+            "{switch}: {all}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "né\n",
+            "{switch}: {all}"
+        );
+    }
+    // A text that both switches and carries non-ASCII characters.
+    let results = python_driver("pymysql", shop.port, &["SET NAMES gbk; SELECT 'né'"]);
+    let DriverResult::Error(e) = &results[0] else {
+        panic!("ran: {results:?}");
+    };
+    assert!(
+        e.contains("may not also change the client character set"),
+        "{e}"
+    );
+}
+
+#[test]
 fn an_unreachable_server_is_an_error_in_place_of_the_greeting() {
     let policy = policy_file(POLICY);
     let port = free_port();

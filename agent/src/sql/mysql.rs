@@ -1452,6 +1452,105 @@ pub fn kill_target(statement_text: &str) -> Option<u64> {
     }
 }
 
+/// What a statement does to the character set the server reads the
+/// client's text in (`character_set_client`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CharsetChange {
+    /// Sets it to a character set whose multi-byte characters never hold
+    /// an ASCII byte (`SET NAMES utf8mb4`).
+    Safe,
+    /// Sets it to one of `unsafe_names` (big5, cp932, gbk, gb18030, sjis).
+    Unsafe(String),
+    /// Changes it, or may, to something not read here (a variable, an
+    /// expression, `DEFAULT`, several assignments).
+    Unknown,
+}
+
+/// Character sets a client may read text in whose multi-byte characters
+/// hold no ASCII byte.
+const SAFE_CLIENT_CHARSETS: &[&str] = &[
+    "utf8mb4", "utf8mb3", "utf8", "latin1", "latin2", "ascii", "binary", "cp1250", "cp1251",
+    "cp1252", "cp1256", "cp1257", "koi8r", "koi8u", "greek", "hebrew", "latin5", "latin7", "euckr",
+    "ujis", "eucjpms", "gb2312",
+];
+
+/// What one statement (its own text) does to `character_set_client`, if
+/// it touches it: `SET NAMES`, `SET CHARACTER SET`, `SET CHARSET`, an
+/// assignment to `character_set_client`. Only the plain forms with one
+/// character set named are read as [`CharsetChange::Safe`]; a statement
+/// naming one of `unsafe_names` anywhere is [`CharsetChange::Unsafe`]; any
+/// other that touches it is [`CharsetChange::Unknown`].
+pub fn client_charset_change(statement_text: &str, unsafe_names: &[&str]) -> Option<CharsetChange> {
+    let dialect = MySqlDialect {};
+    let Ok(tokens) = Tokenizer::new(&dialect, statement_text).tokenize() else {
+        return Some(CharsetChange::Unknown);
+    };
+    let solid: Vec<&Token> = tokens.iter().filter(|t| !is_trivia(t)).collect();
+    let word = |t: &Token| match t {
+        Token::Word(w) => Some(w.value.to_ascii_lowercase()),
+        Token::SingleQuotedString(v) | Token::DoubleQuotedString(v) => Some(v.to_ascii_lowercase()),
+        _ => None,
+    };
+    let words: Vec<Option<String>> = solid.iter().map(|t| word(t)).collect();
+    let is = |i: usize, w: &str| words.get(i).and_then(|x| x.as_deref()) == Some(w);
+    // Only SET changes it, and only names (not strings) say what.
+    let names: Vec<Option<String>> = solid
+        .iter()
+        .map(|t| match t {
+            Token::Word(w) => Some(w.value.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect();
+    if names.first().and_then(|w| w.as_deref()) != Some("set") {
+        return None;
+    }
+    let touches = names.iter().enumerate().any(|(i, w)| match w.as_deref() {
+        Some("names" | "charset" | "character_set_client") => true,
+        Some("character") => is(i + 1, "set"),
+        Some(w) => w.ends_with(".character_set_client") || w.ends_with("@character_set_client"),
+        None => false,
+    });
+    if !touches {
+        return None;
+    }
+    if let Some(name) = words
+        .iter()
+        .flatten()
+        .find(|w| unsafe_names.iter().any(|u| w.starts_with(u)))
+    {
+        return Some(CharsetChange::Unsafe(name.clone()));
+    }
+    // The plain forms: SET NAMES x [COLLATE y], SET CHARACTER SET x,
+    // SET CHARSET x, SET [SESSION] character_set_client = x.
+    let safe = |i: usize| {
+        words
+            .get(i)
+            .and_then(|w| w.as_deref())
+            .is_some_and(|w| SAFE_CLIENT_CHARSETS.contains(&w))
+    };
+    let n = solid.len();
+    let plain = is(0, "set")
+        && match () {
+            _ if is(1, "names") => {
+                safe(2) && (n == 3 || (n == 5 && is(3, "collate") && words[4].is_some()))
+            }
+            _ if is(1, "character") && is(2, "set") => n == 4 && safe(3),
+            _ if is(1, "charset") => n == 3 && safe(2),
+            _ if is(1, "character_set_client") => {
+                n == 4 && matches!(solid[2], Token::Eq) && safe(3)
+            }
+            _ if is(1, "session") && is(2, "character_set_client") => {
+                n == 5 && matches!(solid[3], Token::Eq) && safe(4)
+            }
+            _ => false,
+        };
+    Some(if plain {
+        CharsetChange::Safe
+    } else {
+        CharsetChange::Unknown
+    })
+}
+
 // ---------------------------------------------------------------------------
 // Fingerprint.
 

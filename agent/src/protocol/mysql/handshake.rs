@@ -64,6 +64,19 @@ pub fn connection_id(greeting: &Packet) -> Option<u32> {
     Some(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
 }
 
+/// Character sets whose multi-byte characters may end in a byte that is a
+/// backslash or a quote in ASCII: text in them is not read as the UTF-8
+/// analysis reads it (`'\xbf\\' OR 1=1 -- '` is one string in UTF-8 and
+/// a string and SQL in GBK).
+pub const UNSAFE_CHARSETS: &[&str] = &["big5", "cp932", "gbk", "gb18030", "sjis"];
+
+/// Whether the collation with this id belongs to one of
+/// [`UNSAFE_CHARSETS`] (big5 1, 84; sjis 13, 88; gbk 28, 87; cp932 95, 96;
+/// MySQL's gb18030 248-250).
+pub fn collation_is_unsafe(id: u8) -> bool {
+    matches!(id, 1 | 84 | 13 | 88 | 28 | 87 | 95 | 96 | 248..=250)
+}
+
 /// The server's version string from its greeting (`10.11.19-MariaDB`).
 pub fn server_version(greeting: &Packet) -> Option<&str> {
     let p = greeting.payload.get(1..)?;
@@ -157,6 +170,9 @@ pub struct ClientHello {
     pub user: String,
     /// The database, when given.
     pub database: Option<String>,
+    /// The collation (and so the character set) the client's text is
+    /// read in, by its id.
+    pub collation: u8,
 }
 
 /// What the client's first packet is.
@@ -221,6 +237,7 @@ pub fn read_client_answer(answer: &mut Packet) -> Result<ClientAnswer, Handshake
         capabilities: kept,
         user,
         database: database.filter(|d| !d.is_empty()),
+        collation: p.get(8).copied().unwrap_or_default(),
     }))
 }
 

@@ -25,7 +25,7 @@ use crate::masking::MaskRule;
 use crate::policy::{most_restrictive, Action, Decision, DecisionMemo};
 use crate::protocol::tls::{self, ReadHalf, Stream, TlsState, UpstreamMode, WriteHalf};
 use crate::protocol::SessionContext;
-use crate::sql::mysql::{Escapes, ServerVersion};
+use crate::sql::mysql::{CharsetChange, Escapes, ServerVersion};
 use crate::sql::{Analysis, Dialect};
 
 /// The largest command or answer the proxy reads (MySQL's own
@@ -178,6 +178,12 @@ struct Session<'a> {
     /// The server's version, from its greeting: which executable comments
     /// it runs.
     server: Option<ServerVersion>,
+    /// How the server reads the bytes of the client's text now, and at
+    /// the start (what `COM_RESET_CONNECTION` goes back to).
+    charset: CharsetChange,
+    initial_charset: CharsetChange,
+    /// Whether the last answer relayed held an ERR.
+    answer_failed: bool,
 }
 
 /// How long a TLS handshake with either side may take.
@@ -192,6 +198,8 @@ struct Connected {
     status: Option<u16>,
     /// The connection id the server gave the session.
     connection_id: Option<u32>,
+    /// The collation the client's text is read in, from its answer.
+    collation: u8,
 }
 
 /// Serves one session until it ends and says why.
@@ -236,6 +244,9 @@ pub async fn run(
             raw: ctx.events.records_raw(&ctx.target),
             escapes: Escapes::Unknown,
             server: connected.server,
+            charset: initial_charset(connected.collation),
+            initial_charset: initial_charset(connected.collation),
+            answer_failed: false,
         };
         if let Some(status) = connected.status {
             session.note_status_flags(status);
@@ -399,6 +410,7 @@ async fn connect(
             }
         }
     };
+    let collation = hello.collation;
     let info = ctx.start.info().await;
     ctx.events.emit(&SessionEvent::Startup {
         session: info.id,
@@ -412,6 +424,7 @@ async fn connect(
         server,
         status,
         connection_id,
+        collation,
     })
 }
 
@@ -544,6 +557,7 @@ impl Session<'_> {
                 if let Verdict::Run(plan) = self.decide(&text, &analysis, reply_seq, None).await? {
                     self.send_to_server(&command).await?;
                     self.relay_results(false, plan.as_ref(), None).await?;
+                    self.follow_charset(&analysis);
                 }
                 Ok(())
             }
@@ -566,7 +580,7 @@ impl Session<'_> {
                 };
                 let prepared = id.and_then(|id| self.prepared.get(&id)).map(Arc::clone);
                 let mut plan = None;
-                if let Some(prepared) = prepared {
+                if let Some(prepared) = &prepared {
                     match self
                         .decide(&prepared.text, &prepared.analysis, reply_seq, id)
                         .await?
@@ -581,7 +595,11 @@ impl Session<'_> {
                     self.cursor_masks.remove(&id);
                 }
                 self.send_to_server(&command).await?;
-                self.relay_results(true, plan.as_ref(), id).await
+                self.relay_results(true, plan.as_ref(), id).await?;
+                if let Some(prepared) = prepared {
+                    self.follow_charset(&prepared.analysis);
+                }
+                Ok(())
             }
             Some(com::STMT_CLOSE) => {
                 if let Some(id) = statement_id(&command.payload) {
@@ -612,6 +630,7 @@ impl Session<'_> {
                 self.prepared.clear();
                 self.cursor_masks.clear();
                 self.decided.clear();
+                self.charset = self.initial_charset.clone();
                 self.last_prepared = None;
                 self.send_to_server(&command).await?;
                 self.relay_one().await
@@ -790,6 +809,10 @@ impl Session<'_> {
         let refusal = refusal
             .map(|message| (ER_TABLEACCESS_DENIED, message))
             .or_else(|| {
+                self.charset_refusal(text, analysis)
+                    .map(|message| (ER_TABLEACCESS_DENIED, message))
+            })
+            .or_else(|| {
                 self.foreign_kill(analysis, info.identity.uid)
                     .map(|message| (ER_KILL_DENIED, message))
             });
@@ -807,6 +830,44 @@ impl Session<'_> {
         let err = packet::err_payload(code, "42000", &message);
         self.answer_client(reply_seq, err).await?;
         Ok(Verdict::Refused)
+    }
+
+    /// Why a text with non-ASCII characters may not run: the server reads
+    /// it in a character set whose multi-byte characters can end in a
+    /// quote or backslash byte (GBK's `0xbf5c`), or one not known, so its
+    /// strings may end elsewhere than the UTF-8 analysis found; or the text
+    /// itself changes the character set.
+    fn charset_refusal(&self, text: &str, analysis: &Analysis) -> Option<String> {
+        if text.is_ascii() {
+            return None;
+        }
+        if charset_change(analysis).is_some() {
+            return Some(
+                "tollgate: a text with non-ASCII characters may not also change the client character set; send the SET on its own"
+                    .to_owned(),
+            );
+        }
+        match &self.charset {
+            CharsetChange::Safe => None,
+            CharsetChange::Unsafe(name) => Some(format!(
+                "tollgate: text with non-ASCII characters is refused while the server reads it as {name}, whose multi-byte characters can hide a quote or backslash; use utf8mb4 (SET NAMES utf8mb4)"
+            )),
+            CharsetChange::Unknown => Some(
+                "tollgate: text with non-ASCII characters is refused while the session's client character set is not known to the agent (changed by a variable, an expression or a CALL); SET NAMES utf8mb4 first"
+                    .to_owned(),
+            ),
+        }
+    }
+
+    /// Follows what a command that ran did to the client character set; a
+    /// change to a safe one counts only if the answer held no error.
+    fn follow_charset(&mut self, analysis: &Analysis) {
+        if let Some(change) = charset_change(analysis) {
+            self.charset = match change {
+                CharsetChange::Safe if self.answer_failed => CharsetChange::Unknown,
+                other => other,
+            };
+        }
     }
 
     /// Why a `KILL` among the statements may not run: it names a
@@ -885,6 +946,7 @@ impl Session<'_> {
         id: Option<u32>,
     ) -> Result<(), Stop> {
         let mut withheld = false;
+        self.answer_failed = false;
         loop {
             let mut first = self.server_packet().await?;
             if first.first() == Some(0xFB) {
@@ -908,6 +970,7 @@ impl Session<'_> {
                     packet::status_flags(&first.payload).unwrap_or(0)
                 }
                 Some(0xFF) => {
+                    self.answer_failed = true;
                     if plan.is_some() {
                         first.payload = mask::withheld_error(&first.payload);
                         withheld = true;
@@ -949,6 +1012,7 @@ impl Session<'_> {
                         let (status, rows_withheld) =
                             self.relay_rows_after_metadata(mask, binary).await?;
                         withheld |= rows_withheld;
+                        self.answer_failed |= status.is_none();
                         status.unwrap_or_default()
                     }
                 }
@@ -1301,4 +1365,28 @@ fn mask_plan(analysis: &Analysis, decisions: &[Decision]) -> Result<Option<MaskP
         plan = Some(MaskPlan { rules, computed });
     }
     Ok(plan)
+}
+
+/// How the server reads the client's text at the start: the collation of
+/// the client's answer.
+fn initial_charset(collation: u8) -> CharsetChange {
+    if handshake::collation_is_unsafe(collation) {
+        CharsetChange::Unsafe(format!("the character set of collation {collation}"))
+    } else {
+        CharsetChange::Safe
+    }
+}
+
+/// What the statements of a text do to `character_set_client`, the last
+/// change winning; a `CALL` may change it in ways not seen here.
+fn charset_change(analysis: &Analysis) -> Option<CharsetChange> {
+    let Analysis::Parsed { statements } = analysis else {
+        return None;
+    };
+    statements.iter().fold(None, |change, s| {
+        if &*s.command == "CALL" {
+            return Some(CharsetChange::Unknown);
+        }
+        crate::sql::mysql::client_charset_change(&s.text, handshake::UNSAFE_CHARSETS).or(change)
+    })
 }

@@ -792,3 +792,42 @@ fn kill_statements_name_their_connection() {
     let s = one("KILL QUERY 42");
     assert_eq!(&*s.command, "KILL");
 }
+
+#[test]
+fn changes_of_the_client_character_set_are_read_plainly_or_not_at_all() {
+    let unsafe_names = ["big5", "cp932", "gbk", "gb18030", "sjis"];
+    let change = |sql: &str| client_charset_change(sql, &unsafe_names);
+    for sql in [
+        "SET NAMES utf8mb4",
+        "set names 'utf8mb4' collate utf8mb4_unicode_ci",
+        "SET CHARACTER SET latin1",
+        "SET character_set_client = utf8mb4",
+        "SET SESSION character_set_client = 'utf8'",
+    ] {
+        assert_eq!(change(sql), Some(CharsetChange::Safe), "{sql}");
+    }
+    for sql in [
+        "SET NAMES gbk",
+        "SET NAMES 'sjis'",
+        "SET @@session.character_set_client = 'GBK'",
+        "SET NAMES utf8mb4, character_set_client = big5",
+        "SET CHARACTER SET cp932",
+    ] {
+        assert!(
+            matches!(change(sql), Some(CharsetChange::Unsafe(_))),
+            "{sql}"
+        );
+    }
+    for sql in [
+        "SET character_set_client = @x",
+        "SET NAMES DEFAULT",
+        "SET NAMES utf8mb4, character_set_client = 'g' 'bk'",
+        "SET @@character_set_client = @@character_set_results",
+        "SET character_set_client = CONCAT('g', 'bk')",
+    ] {
+        assert_eq!(change(sql), Some(CharsetChange::Unknown), "{sql}");
+    }
+    for sql in ["SET @x = 1", "SELECT 'names'", "SET sql_mode = ''"] {
+        assert_eq!(change(sql), None, "{sql}");
+    }
+}
