@@ -538,6 +538,20 @@ pub fn ensure_local_ca(
     Ok((vec![cert, ca_der], key))
 }
 
+/// Logs whether each leg of a session is TLS, and which version.
+pub fn log_legs(ctx: &crate::protocol::SessionContext, client: &Stream, upstream: &Stream) {
+    let describe = |leg: &Stream| if leg.is_tls() { "TLS" } else { "plaintext" };
+    tracing::info!(
+        session = %ctx.id,
+        target = %ctx.target,
+        client_tls = client.tls_version().as_deref().unwrap_or("off"),
+        upstream_tls = upstream.tls_version().as_deref().unwrap_or("off"),
+        "session legs: client {}, upstream {}",
+        describe(client),
+        describe(upstream),
+    );
+}
+
 /// One leg of a session: plaintext TCP or TLS over it.
 pub enum Stream {
     /// Plaintext.

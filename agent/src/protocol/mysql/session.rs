@@ -370,15 +370,7 @@ async fn connect(
     handshake::set_tls(&mut answer, upstream.is_tls());
     answer.seq = if upstream.is_tls() { 2 } else { 1 };
     let shift = answer.seq.wrapping_sub(client_seq);
-    tracing::info!(
-        session = %ctx.id,
-        target = %ctx.target,
-        client_tls = client.tls_version().as_deref().unwrap_or("off"),
-        upstream_tls = upstream.tls_version().as_deref().unwrap_or("off"),
-        "session legs: client {}, upstream {}",
-        if client.is_tls() { "TLS" } else { "plaintext" },
-        if upstream.is_tls() { "TLS" } else { "plaintext" },
-    );
+    tls::log_legs(ctx, &client, &upstream);
     write_to(&mut upstream, &answer, true).await?;
     // Every server packet but the last asks the client for one more (an
     // auth switch, a plugin's challenge), except caching_sha2's "fast path

@@ -308,15 +308,7 @@ pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStre
         Ok(u) => u,
         Err(stop) => return end_early(ctx, &mut client, stop).await,
     };
-    tracing::info!(
-        session = %ctx.id,
-        target = %ctx.target,
-        client_tls = client.tls_version().as_deref().unwrap_or("off"),
-        upstream_tls = upstream.tls_version().as_deref().unwrap_or("off"),
-        "session legs: client {}, upstream {}",
-        if client.is_tls() { "TLS" } else { "plaintext" },
-        if upstream.is_tls() { "TLS" } else { "plaintext" },
-    );
+    tls::log_legs(ctx, &client, &upstream);
     count(ctx, true, bytes.len());
     if let Err(e) = write_flush(&mut upstream, &bytes).await {
         return CloseReason::UpstreamError(e.to_string());
