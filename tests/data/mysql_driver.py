@@ -38,6 +38,13 @@ def main():
         raise SystemExit(f"unknown driver {driver}")
     for sql in statements:
         try:
+            if sql.startswith("-- change-user "):
+                # COM_CHANGE_USER (mysql-connector-python): "-- change-user USER PASSWORD DB"
+                user, password, database = sql.split()[2:5]
+                conn.cmd_change_user(username=user, password=password, database=database)
+                cursor = conn.cursor(prepared=True)
+                print(json.dumps({"sql": sql, "results": []}), flush=True)
+                continue
             cursor.execute(sql)
             results = []
             while True:

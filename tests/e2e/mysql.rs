@@ -831,6 +831,53 @@ fn a_multibyte_character_set_cannot_hide_sql_in_a_string() {
 }
 
 #[test]
+fn a_change_of_user_is_authenticated_by_the_server_and_decided_as_before() {
+    let shop = Shop::start();
+    shop.db
+        .as_root("CREATE USER other@'%' IDENTIFIED BY 'pw2'; GRANT SELECT ON shop.* TO other@'%'");
+    let results = python_driver(
+        "connector",
+        shop.port,
+        &[
+            "SELECT current_user()",
+            "-- change-user other pw2 shop",
+            "SELECT current_user()",
+            "SELECT id, email FROM customers WHERE id = 1",
+            "SELECT s FROM secrets",
+            "-- change-user other wrong shop",
+        ],
+    );
+    let rows = |i: usize| match &results[i] {
+        DriverResult::Rows(r) => r[0].clone(),
+        DriverResult::Error(e) => panic!("{i}: {e}"),
+    };
+    assert_eq!(rows(0), vec![row(&[Some("app@%")])]);
+    assert_eq!(rows(2), vec![row(&[Some("other@%")])]);
+    assert_eq!(rows(3), vec![row(&[Some("1"), Some("****")])]);
+    let DriverResult::Error(e) = &results[4] else {
+        panic!("{results:?}");
+    };
+    assert!(e.contains("protect-secrets"), "{e}");
+    // A wrong password is the server's refusal.
+    let DriverResult::Error(e) = &results[5] else {
+        panic!("{results:?}");
+    };
+    assert!(e.contains("Access denied for user 'other'"), "{e}");
+    // The new user is recorded as a new start-up of the same session.
+    shop.agent
+        .wait_for_log(
+            |l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("start-up"))
+                    && l["db_user"] == "other"
+            },
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", shop.agent.log_text()));
+}
+
+#[test]
 fn an_unreachable_server_is_an_error_in_place_of_the_greeting() {
     let policy = policy_file(POLICY);
     let port = free_port();

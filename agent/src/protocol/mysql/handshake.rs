@@ -241,6 +241,39 @@ pub fn read_client_answer(answer: &mut Packet) -> Result<ClientAnswer, Handshake
     }))
 }
 
+/// What a `COM_CHANGE_USER` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeUser {
+    /// The database user.
+    pub user: String,
+    /// The database, when given.
+    pub database: Option<String>,
+    /// The collation id the client's text is read in from now on, when
+    /// given and below 256.
+    pub collation: Option<u8>,
+}
+
+/// Reads a `COM_CHANGE_USER` (its command byte first) of a session whose
+/// capabilities are `capabilities`.
+pub fn read_change_user(payload: &[u8], capabilities: u32) -> Option<ChangeUser> {
+    let (user, after_user) = nul_terminated(payload.get(1..)?)?;
+    let auth_len = if capabilities & caps::SECURE_CONNECTION != 0 {
+        usize::from(*after_user.first()?) + 1
+    } else {
+        after_user.iter().position(|&b| b == 0)? + 1
+    };
+    let (database, rest) = nul_terminated(after_user.get(auth_len..)?)?;
+    let collation = match rest.get(..2) {
+        Some([low, 0]) => Some(*low),
+        _ => None,
+    };
+    Some(ChangeUser {
+        user,
+        database: (!database.is_empty()).then_some(database),
+        collation,
+    })
+}
+
 /// A NUL-terminated string at the start of `bytes` and what follows it.
 fn nul_terminated(bytes: &[u8]) -> Option<(String, &[u8])> {
     let end = bytes.iter().position(|&b| b == 0)?;
@@ -420,5 +453,26 @@ mod tests {
             payload: vec![0; 8]
         })
         .is_err());
+    }
+
+    #[test]
+    fn a_change_of_user_names_user_database_and_collation() {
+        let mut p = vec![0x11];
+        p.extend_from_slice(b"other\0");
+        p.push(3);
+        p.extend_from_slice(b"xyz");
+        p.extend_from_slice(b"shop\0");
+        p.extend_from_slice(&[28, 0]);
+        p.extend_from_slice(b"mysql_native_password\0");
+        let change = read_change_user(&p, caps::SECURE_CONNECTION).unwrap();
+        assert_eq!(
+            change,
+            ChangeUser {
+                user: "other".into(),
+                database: Some("shop".into()),
+                collation: Some(28)
+            }
+        );
+        assert_eq!(read_change_user(&p[..8], caps::SECURE_CONNECTION), None);
     }
 }

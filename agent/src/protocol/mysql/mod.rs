@@ -8,8 +8,9 @@
 //! TLS is negotiated on each leg apart, with the same settings as for
 //! PostgreSQL (`client_tls`, the target's `tls`). `KILL` and
 //! `COM_PROCESS_KILL` may name only a connection a process of the same user
-//! opened through the agent. Not built yet, and refused rather than let
-//! through: `COM_CHANGE_USER`, `LOAD DATA LOCAL` (the capability is never
+//! opened through the agent. `COM_CHANGE_USER` is relayed with its
+//! authentication. Not built yet, and refused rather than let through:
+//! `LOAD DATA LOCAL` (the capability is never
 //! granted), human review of MySQL statements (a statement a `review` rule
 //! takes is refused).
 

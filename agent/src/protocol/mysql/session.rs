@@ -48,7 +48,6 @@ const NO_BACKSLASH_ESCAPES: u16 = 0x0200;
 /// Error codes the proxy answers with.
 const ER_TABLEACCESS_DENIED: u16 = 1142;
 const ER_SPECIFIC_ACCESS_DENIED: u16 = 1227;
-const ER_NOT_SUPPORTED_YET: u16 = 1235;
 const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
 const ER_UNKNOWN_COM: u16 = 1047;
 const ER_KILL_DENIED: u16 = 1095;
@@ -184,6 +183,8 @@ struct Session<'a> {
     initial_charset: CharsetChange,
     /// Whether the last answer relayed held an ERR.
     answer_failed: bool,
+    /// The capabilities client and server agreed on.
+    capabilities: u32,
 }
 
 /// How long a TLS handshake with either side may take.
@@ -200,6 +201,8 @@ struct Connected {
     connection_id: Option<u32>,
     /// The collation the client's text is read in, from its answer.
     collation: u8,
+    /// The capabilities in the client's answer (after the proxy's changes).
+    capabilities: u32,
 }
 
 /// Serves one session until it ends and says why.
@@ -247,6 +250,7 @@ pub async fn run(
             charset: initial_charset(connected.collation),
             initial_charset: initial_charset(connected.collation),
             answer_failed: false,
+            capabilities: connected.capabilities,
         };
         if let Some(status) = connected.status {
             session.note_status_flags(status);
@@ -403,6 +407,7 @@ async fn connect(
         }
     };
     let collation = hello.collation;
+    let capabilities = hello.capabilities;
     let info = ctx.start.info().await;
     ctx.events.emit(&SessionEvent::Startup {
         session: info.id,
@@ -417,6 +422,7 @@ async fn connect(
         status,
         connection_id,
         collation,
+        capabilities,
     })
 }
 
@@ -633,14 +639,7 @@ impl Session<'_> {
                 self.send_to_server(&command).await?;
                 self.relay_one().await
             }
-            Some(com::CHANGE_USER) => {
-                let err = packet::err_payload(
-                    ER_NOT_SUPPORTED_YET,
-                    "42000",
-                    "tollgate: COM_CHANGE_USER is not supported for MySQL targets yet; open a new connection as the other user",
-                );
-                self.answer_client(reply_seq, err).await
-            }
+            Some(com::CHANGE_USER) => self.change_user(command).await,
             Some(com::PROCESS_KILL) => {
                 let info = self.ctx.start.info().await;
                 let id = statement_id(&command.payload);
@@ -822,6 +821,61 @@ impl Session<'_> {
         let err = packet::err_payload(code, "42000", &message);
         self.answer_client(reply_seq, err).await?;
         Ok(Verdict::Refused)
+    }
+
+    /// Relays a `COM_CHANGE_USER` and its authentication exchange (the
+    /// server checks the new user's own credentials, as at the start). On
+    /// success the session starts afresh on the server: its prepared
+    /// statements are gone, its character set is the one asked for, and
+    /// the new user is recorded as a new start-up.
+    async fn change_user(&mut self, command: Packet) -> Result<(), Stop> {
+        let Some(change) = handshake::read_change_user(&command.payload, self.capabilities) else {
+            let err = packet::err_payload(
+                ER_UNKNOWN_COM,
+                "08S01",
+                "tollgate: a COM_CHANGE_USER the agent cannot read",
+            );
+            return self.answer_client(command.next_seq(), err).await;
+        };
+        self.send_to_server(&command).await?;
+        loop {
+            let reply = self.server_packet().await?;
+            self.send_to_client(&reply).await?;
+            match reply.first() {
+                Some(0x00) => break,
+                Some(0xFF) => return Ok(()),
+                _ if reply.payload == [0x01, 0x03] => continue,
+                _ => {
+                    let more = read_counted(
+                        &mut self.client_in,
+                        self.ctx,
+                        RawDirection::Client,
+                        self.raw,
+                    )
+                    .await
+                    .map_err(|e| Stop::from(CloseReason::ClientError(e.to_string())))?
+                    .ok_or(Stop::from(CloseReason::Completed))?;
+                    self.send_to_server(&more).await?;
+                }
+            }
+        }
+        self.prepared.clear();
+        self.cursor_masks.clear();
+        self.decided.clear();
+        self.last_prepared = None;
+        self.escapes = Escapes::Unknown;
+        self.charset = match change.collation {
+            Some(collation) => initial_charset(collation),
+            None => CharsetChange::Unknown,
+        };
+        let info = self.ctx.start.info().await;
+        self.ctx.events.emit(&SessionEvent::Startup {
+            session: info.id,
+            user: Some(change.user),
+            database: change.database,
+            application_name: None,
+        });
+        Ok(())
     }
 
     /// Why a text with non-ASCII characters may not run: the server reads
