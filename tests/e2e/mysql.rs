@@ -878,6 +878,56 @@ fn a_change_of_user_is_authenticated_by_the_server_and_decided_as_before() {
 }
 
 #[test]
+fn load_data_local_needs_a_rule_that_allows_it() {
+    let shop = Shop::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rows.csv");
+    std::fs::write(&file, "1\n2\n3\n").unwrap();
+    let load = format!("LOAD DATA LOCAL INFILE '{}' INTO TABLE t", file.display());
+    let run = |port: u16| {
+        mariadb_command(port, &load)
+            .arg("--local-infile=1")
+            .output()
+            .unwrap()
+    };
+
+    // The default allows every statement, but not this one: no rule does.
+    let out = run(shop.port);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("LOAD DATA LOCAL refused: no rule allows it"),
+        "{all}"
+    );
+    assert_eq!(shop.db.as_root("SELECT COUNT(*) FROM shop.t"), "0\n");
+
+    // An agent whose policy has a rule for it: the file reaches the server.
+    let policy = policy_file(&format!(
+        "{POLICY}\n[[rule]]\nname = \"imports\"\naction = \"allow\"\n[rule.match]\n\
+         commands = [\"LOAD DATA LOCAL\"]\ntables = [\"t\"]\n"
+    ));
+    let port = free_port();
+    let _agent = Agent::start(&mysql_config(port, shop.db.port, &policy.line));
+    let out = run(port);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(shop.db.as_root("SELECT SUM(x) FROM shop.t"), "6\n");
+    // The rule names `t`: into another table it is refused.
+    let other = format!(
+        "LOAD DATA LOCAL INFILE '{}' INTO TABLE customers (id)",
+        file.display()
+    );
+    let out = mariadb_command(port, &other)
+        .arg("--local-infile=1")
+        .output()
+        .unwrap();
+    assert!(
+        text(&out).contains("LOAD DATA LOCAL refused: no rule allows it"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
 fn an_unreachable_server_is_an_error_in_place_of_the_greeting() {
     let policy = policy_file(POLICY);
     let port = free_port();

@@ -734,7 +734,8 @@ fn load_data(
     while at(k).is_some_and(|t| is_word(t, "low_priority") || is_word(t, "concurrent")) {
         k += 1;
     }
-    if at(k).is_some_and(|t| is_word(t, "local")) {
+    let local = at(k).is_some_and(|t| is_word(t, "local"));
+    if local {
         k += 1;
     }
     if !(at(k).is_some_and(|t| is_word(t, "infile")) && at(k + 1).is_some_and(is_string)) {
@@ -825,7 +826,11 @@ fn load_data(
     Ok(summary(
         StatementKind::Copy,
         None,
-        format!("LOAD {what}"),
+        if local {
+            format!("LOAD {what} LOCAL")
+        } else {
+            format!("LOAD {what}")
+        },
         facts,
         fingerprint,
         own_text,
@@ -1549,6 +1554,40 @@ pub fn client_charset_change(statement_text: &str, unsafe_names: &[&str]) -> Opt
     } else {
         CharsetChange::Unknown
     })
+}
+
+/// The file a `LOAD DATA LOCAL INFILE 'file'` (or `LOAD XML LOCAL`)
+/// statement reads on the client's side, as written; `None` for any other
+/// statement.
+pub fn local_infile(statement_text: &str) -> Option<String> {
+    let dialect = MySqlDialect {};
+    let tokens = Tokenizer::new(&dialect, statement_text).tokenize().ok()?;
+    let solid: Vec<&Token> = tokens.iter().filter(|t| !is_trivia(t)).collect();
+    if !(solid.first().is_some_and(|t| is_word(t, "load"))
+        && solid
+            .get(1)
+            .is_some_and(|t| is_word(t, "data") || is_word(t, "xml")))
+    {
+        return None;
+    }
+    let mut k = 2;
+    while solid
+        .get(k)
+        .is_some_and(|t| is_word(t, "low_priority") || is_word(t, "concurrent"))
+    {
+        k += 1;
+    }
+    if !(solid.get(k).is_some_and(|t| is_word(t, "local"))
+        && solid.get(k + 1).is_some_and(|t| is_word(t, "infile")))
+    {
+        return None;
+    }
+    match solid.get(k + 2) {
+        Some(Token::SingleQuotedString(name) | Token::DoubleQuotedString(name)) => {
+            Some(name.clone())
+        }
+        _ => None,
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -13,8 +13,10 @@
 //! - `CLIENT_DEPRECATE_EOF`, optional result metadata, query attributes,
 //!   multi-factor authentication: they change the framing of results and
 //!   commands; without them every result set ends in an EOF packet;
-//! - `CLIENT_LOCAL_FILES`: the server cannot ask the client for a file, so
-//!   `LOAD DATA LOCAL` fails at the server;
+//! - (`CLIENT_LOCAL_FILES` is kept: the session answers the server's request
+//!   for a client file only for a `LOAD DATA LOCAL` a rule allowed, and only
+//!   for the file that statement names; any other request gets an empty
+//!   file and the client never sees it);
 //! - MariaDB's extended capabilities (progress reports, bulk execution,
 //!   metadata caching): all of them.
 
@@ -42,7 +44,6 @@ pub mod caps {
 
     /// What the proxy never lets the two sides agree on.
     pub const STRIPPED: u32 = COMPRESS
-        | LOCAL_FILES
         | SSL
         | DEPRECATE_EOF
         | OPTIONAL_RESULTSET_METADATA

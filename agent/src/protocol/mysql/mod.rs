@@ -9,10 +9,11 @@
 //! PostgreSQL (`client_tls`, the target's `tls`). `KILL` and
 //! `COM_PROCESS_KILL` may name only a connection a process of the same user
 //! opened through the agent. `COM_CHANGE_USER` is relayed with its
-//! authentication. Not built yet, and refused rather than let through:
-//! `LOAD DATA LOCAL` (the capability is never
-//! granted), human review of MySQL statements (a statement a `review` rule
-//! takes is refused).
+//! authentication. `LOAD DATA LOCAL` runs only when a rule allows it, and
+//! the server's request for a client file is answered only with that
+//! statement's file. Not built yet, and refused rather than let through:
+//! human review of MySQL statements (a statement a `review` rule takes is
+//! refused).
 
 pub mod handshake;
 pub mod mask;

@@ -185,6 +185,9 @@ struct Session<'a> {
     answer_failed: bool,
     /// The capabilities client and server agreed on.
     capabilities: u32,
+    /// The client file the command being answered may send: the file a
+    /// `LOAD DATA LOCAL` that a rule allowed names.
+    local_file: Option<String>,
 }
 
 /// How long a TLS handshake with either side may take.
@@ -251,6 +254,7 @@ pub async fn run(
             initial_charset: initial_charset(connected.collation),
             answer_failed: false,
             capabilities: connected.capabilities,
+            local_file: None,
         };
         if let Some(status) = connected.status {
             session.note_status_flags(status);
@@ -542,6 +546,7 @@ impl Session<'_> {
             return Err(CloseReason::RecordingFailed(cause).into());
         }
         let reply_seq = command.next_seq();
+        self.local_file = None;
         match command.first() {
             Some(com::QUIT) => {
                 self.send_to_server(&command).await?;
@@ -806,6 +811,11 @@ impl Session<'_> {
             .or_else(|| {
                 self.foreign_kill(analysis, info.identity.uid)
                     .map(|message| (ER_KILL_DENIED, message))
+            })
+            .or_else(|| {
+                self.allow_local_file(analysis, &decisions)
+                    .err()
+                    .map(|message| (ER_TABLEACCESS_DENIED, message))
             });
         let (plan, refusal) = match refusal {
             Some(refused) => (None, Some(refused)),
@@ -916,6 +926,45 @@ impl Session<'_> {
         }
     }
 
+    /// For a `LOAD DATA LOCAL`: the client file it may send, when a rule
+    /// (not a default) allowed it and it is alone in its text; why not
+    /// otherwise.
+    fn allow_local_file(
+        &mut self,
+        analysis: &Analysis,
+        decisions: &[Decision],
+    ) -> Result<(), String> {
+        let Analysis::Parsed { statements } = analysis else {
+            return Ok(());
+        };
+        let Some(i) = statements
+            .iter()
+            .position(|s| s.command.starts_with("LOAD ") && s.command.ends_with(" LOCAL"))
+        else {
+            return Ok(());
+        };
+        let refused = |why: &str| {
+            Err(format!(
+                "tollgate: LOAD DATA LOCAL refused: {why}; it sends a file of the client's machine to the server"
+            ))
+        };
+        if statements.len() > 1 {
+            return refused("it must be sent alone, not with other statements in one text");
+        }
+        let allowed_by_rule = decisions.get(i).is_some_and(|d| {
+            matches!(d.action, Action::Allow | Action::Audit) && d.deciding_rule().is_some()
+        });
+        if !allowed_by_rule {
+            return refused(
+                "no rule allows it (a rule with action \"allow\" matching commands = [\"LOAD DATA LOCAL\"] does)",
+            );
+        }
+        self.local_file = statements
+            .get(i)
+            .and_then(|s| crate::sql::mysql::local_infile(&s.text));
+        Ok(())
+    }
+
     /// Why a `KILL` among the statements may not run: it names a
     /// connection that no process of user `uid` opened through the agent
     /// to this target. A client cancels its own queries (the `mariadb`
@@ -996,14 +1045,24 @@ impl Session<'_> {
         loop {
             let mut first = self.server_packet().await?;
             if first.first() == Some(0xFB) {
-                // A request for a local file, though the capability was
-                // never granted: the server gets an empty file, the client
-                // nothing of the request.
-                let empty = Packet {
-                    seq: first.next_seq(),
-                    payload: Vec::new(),
-                };
-                self.send_to_server(&empty).await?;
+                let asked = first.payload.get(1..).unwrap_or_default();
+                let allowed = self
+                    .local_file
+                    .take()
+                    .is_some_and(|file| file.as_bytes() == asked);
+                if allowed {
+                    self.relay_local_file(&first).await?;
+                } else {
+                    // A request for a file no allowed statement named (a
+                    // server may ask for any file at any time): the server
+                    // gets an empty file, the client nothing of the request.
+                    tracing::warn!(session = %self.ctx.id, file = %String::from_utf8_lossy(asked), "the server asked for a client file no allowed LOAD DATA LOCAL names; it gets an empty one");
+                    let empty = Packet {
+                        seq: first.next_seq(),
+                        payload: Vec::new(),
+                    };
+                    self.send_to_server(&empty).await?;
+                }
                 continue;
             }
             self.note_status(&first.payload);
@@ -1161,6 +1220,29 @@ impl Session<'_> {
             }
             if self.to_client.len() >= FLUSH_AT {
                 self.flush_client().await?;
+            }
+        }
+    }
+
+    /// Passes the server's request for the allowed client file to the
+    /// client, and the file's packets back, up to the empty one that ends
+    /// it.
+    async fn relay_local_file(&mut self, request: &Packet) -> Result<(), Stop> {
+        self.send_to_client(request).await?;
+        loop {
+            let piece = read_counted(
+                &mut self.client_in,
+                self.ctx,
+                RawDirection::Client,
+                self.raw,
+            )
+            .await
+            .map_err(|e| Stop::from(CloseReason::ClientError(e.to_string())))?
+            .ok_or(Stop::from(CloseReason::Completed))?;
+            let last = piece.payload.is_empty();
+            self.send_to_server(&piece).await?;
+            if last {
+                return Ok(());
             }
         }
     }

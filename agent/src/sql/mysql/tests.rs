@@ -320,7 +320,10 @@ fn load_data() {
     ] {
         let s = one(sql);
         assert_eq!(s.kind, StatementKind::Copy, "{sql}");
-        assert_eq!(&*s.command, "LOAD DATA", "{sql}");
+        let local = sql.contains("LOCAL");
+        let label = if local { "LOAD DATA LOCAL" } else { "LOAD DATA" };
+        assert_eq!(&*s.command, label, "{sql}");
+        assert_eq!(local_infile(sql).is_some(), local, "{sql}");
         assert!(s.flags.server_file_access, "{sql}");
         assert!(!s.flags.no_where, "{sql}");
         assert_eq!(s.tables_written, tables(&["db.t"]), "{sql}");
@@ -830,4 +833,21 @@ fn changes_of_the_client_character_set_are_read_plainly_or_not_at_all() {
     for sql in ["SET @x = 1", "SELECT 'names'", "SET sql_mode = ''"] {
         assert_eq!(change(sql), None, "{sql}");
     }
+}
+
+#[test]
+fn a_local_load_names_the_clients_file() {
+    assert_eq!(
+        local_infile("LOAD DATA LOCAL INFILE '/tmp/rows.csv' INTO TABLE t"),
+        Some("/tmp/rows.csv".to_owned())
+    );
+    assert_eq!(
+        local_infile("load data low_priority local infile \"x\" into table t"),
+        Some("x".to_owned())
+    );
+    assert_eq!(
+        local_infile("LOAD DATA INFILE '/tmp/rows.csv' INTO TABLE t"),
+        None
+    );
+    assert_eq!(local_infile("SELECT 'LOAD DATA LOCAL INFILE'"), None);
 }
