@@ -1,5 +1,7 @@
 """Runs statements through a Python MySQL driver and prints one JSON line
 per statement: its rows (every value as text, NULL as null), or its error.
+Two steps are not SQL: "-- wait-for PATH" waits until PATH exists, and
+"-- change-user USER PASSWORD DB" sends COM_CHANGE_USER (connector only).
 
     python3 mysql_driver.py connector|pymysql PORT SQL...
 
@@ -38,6 +40,16 @@ def main():
         raise SystemExit(f"unknown driver {driver}")
     for sql in statements:
         try:
+            if sql.startswith("-- wait-for "):
+                # Waits (up to 30 s) until a file exists; the cursor and its
+                # prepared statement are left as they are.
+                import os, time
+                path = sql.split(maxsplit=2)[2]
+                deadline = time.time() + 30
+                while not os.path.exists(path) and time.time() < deadline:
+                    time.sleep(0.05)
+                print(json.dumps({"sql": sql, "results": []}), flush=True)
+                continue
             if sql.startswith("-- change-user "):
                 # COM_CHANGE_USER (mysql-connector-python): "-- change-user USER PASSWORD DB"
                 user, password, database = sql.split()[2:5]

@@ -928,6 +928,75 @@ fn load_data_local_needs_a_rule_that_allows_it() {
 }
 
 #[test]
+fn a_prepared_statement_is_decided_again_after_a_policy_reload() {
+    use std::io::BufRead as _;
+    let db = Mariadb::start(SCHEMA);
+    let policy = policy_file(POLICY);
+    let port = free_port();
+    let agent = Agent::start(&mysql_config(port, db.port, &policy.line));
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // One prepared statement, executed before and after the reload (the
+    // connector executes the same text again without preparing it anew).
+    let select = "SELECT x FROM t WHERE x >= ?";
+    let script = r#"
+import sys, mysql.connector
+port, go = int(sys.argv[1]), sys.argv[2]
+conn = mysql.connector.connect(host="127.0.0.1", port=port, user="app", password="secret",
+                               database="shop", ssl_disabled=True, use_pure=True)
+cur = conn.cursor(prepared=True)
+cur.execute("SELECT x FROM t WHERE x >= ?", (0,))
+print("first", cur.fetchall(), flush=True)
+import os, time
+deadline = time.time() + 30
+while not os.path.exists(go) and time.time() < deadline:
+    time.sleep(0.05)
+try:
+    cur.execute("SELECT x FROM t WHERE x >= ?", (0,))
+    print("second", cur.fetchall(), flush=True)
+except Exception as e:
+    print("second refused", e, flush=True)
+"#;
+    assert!(script.contains(select));
+    let mut child = Command::new("python3")
+        .args(["-c", script, &port.to_string()])
+        .arg(&go)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert_eq!(first, "first []");
+    // The policy now denies reading t.
+    std::fs::write(
+        policy.path(),
+        format!(
+            "{POLICY}\n[[rule]]\nname = \"no-t\"\naction = \"deny\"\n[rule.match]\ntables = [\"t\"]\n"
+        ),
+    )
+    .unwrap();
+    agent
+        .wait_for_log(
+            |l| l["message"] == "policy reloaded",
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
+    std::fs::write(&go, "").unwrap();
+    let second = lines.next().unwrap().unwrap();
+    assert!(
+        second.starts_with("second refused") && second.contains("rule \"no-t\""),
+        "{second}"
+    );
+    child.wait().unwrap();
+    // The server saw one prepare of the statement: the refusal was of an
+    // execution of the statement prepared before the reload.
+    assert_eq!(
+        db.as_root("SHOW GLOBAL STATUS LIKE 'Com_stmt_prepare'"),
+        "Com_stmt_prepare\t1\n"
+    );
+}
+
+#[test]
 fn an_unreachable_server_is_an_error_in_place_of_the_greeting() {
     let policy = policy_file(POLICY);
     let port = free_port();
