@@ -26,7 +26,7 @@ use crate::policy::{most_restrictive, Action, Decision, DecisionMemo};
 use crate::protocol::tls::{self, ReadHalf, Stream, TlsState, UpstreamMode, WriteHalf};
 use crate::protocol::SessionContext;
 use crate::sql::mysql::{CharsetChange, Escapes, ServerVersion};
-use crate::sql::{Analysis, Dialect};
+use crate::sql::{Analysis, Dialect, StatementKind};
 
 /// The largest command or answer the proxy reads (MySQL's own
 /// `max_allowed_packet` tops out at 1 GiB; its default is 16 MiB).
@@ -1511,10 +1511,11 @@ fn charset_change(analysis: &Analysis) -> Option<CharsetChange> {
     let Analysis::Parsed { statements } = analysis else {
         return None;
     };
-    statements.iter().fold(None, |change, s| {
-        if &*s.command == "CALL" {
-            return Some(CharsetChange::Unknown);
+    statements.iter().fold(None, |change, s| match s.kind {
+        StatementKind::Call => Some(CharsetChange::Unknown),
+        StatementKind::Set => {
+            crate::sql::mysql::client_charset_change(&s.text, handshake::UNSAFE_CHARSETS).or(change)
         }
-        crate::sql::mysql::client_charset_change(&s.text, handshake::UNSAFE_CHARSETS).or(change)
+        _ => change,
     })
 }
