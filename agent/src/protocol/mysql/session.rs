@@ -195,11 +195,11 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The two legs once the connection phase is over.
 struct Connected {
-    client: Stream,
-    upstream: Stream,
+    client: (ReadHalf, WriteHalf),
+    upstream: (ReadHalf, WriteHalf),
     server: Option<ServerVersion>,
     /// The status flags of the OK that ended authentication.
-    status: Option<u16>,
+    status: u16,
     /// The connection id the server gave the session.
     connection_id: Option<u32>,
     /// The collation the client's text is read in, from its answer.
@@ -232,8 +232,8 @@ pub async fn run(
                 id,
             }
         });
-        let (client_read, client_write) = connected.client.split();
-        let (server_read, server_write) = connected.upstream.split();
+        let (client_read, client_write) = connected.client;
+        let (server_read, server_write) = connected.upstream;
         let mut session = Session {
             ctx,
             connections,
@@ -256,9 +256,7 @@ pub async fn run(
             capabilities: connected.capabilities,
             local_file: None,
         };
-        if let Some(status) = connected.status {
-            session.note_status_flags(status);
-        }
+        session.note_status_flags(connected.status);
         loop {
             if let Err(Stop::Closed(reason)) = session.command().await {
                 return reason;
@@ -380,35 +378,16 @@ async fn connect(
     let shift = answer.seq.wrapping_sub(client_seq);
     tls::log_legs(ctx, &client, &upstream);
     write_to(&mut upstream, &answer, true).await?;
-    // Every server packet but the last asks the client for one more (an
-    // auth switch, a plugin's challenge), except caching_sha2's "fast path
-    // done", which an OK follows unasked.
-    let status = loop {
-        let Some(mut reply) = read_counted(&mut upstream, ctx, RawDirection::Server, raw)
-            .await
-            .map_err(server_read)?
-        else {
-            return Err(CloseReason::UpstreamError(
-                "closed during authentication".into(),
-            ));
-        };
-        reply.seq = reply.seq.wrapping_sub(shift);
-        write_to(&mut client, &reply, false).await?;
-        match reply.first() {
-            Some(0x00) => break packet::status_flags(&reply.payload),
-            Some(0xFF) => return Err(CloseReason::Completed),
-            _ if reply.payload == [0x01, 0x03] => continue,
-            _ => {
-                let Some(mut more) = read_counted(&mut client, ctx, RawDirection::Client, raw)
-                    .await
-                    .map_err(client_read)?
-                else {
-                    return Err(CloseReason::Completed);
-                };
-                more.seq = more.seq.wrapping_add(shift);
-                write_to(&mut upstream, &more, true).await?;
-            }
-        }
+    let (mut client_in, mut client_out) = client.split();
+    let (mut server_in, mut server_out) = upstream.split();
+    let legs = Legs {
+        client_in: &mut client_in,
+        client_out: &mut client_out,
+        server_in: &mut server_in,
+        server_out: &mut server_out,
+    };
+    let Some(status) = relay_authentication(ctx, raw, legs, shift).await? else {
+        return Err(CloseReason::Completed);
     };
     let collation = hello.collation;
     let capabilities = hello.capabilities;
@@ -420,8 +399,8 @@ async fn connect(
         application_name: None,
     });
     Ok(Connected {
-        client,
-        upstream,
+        client: (client_in, client_out),
+        upstream: (server_in, server_out),
         server,
         status,
         connection_id,
@@ -480,6 +459,60 @@ async fn upstream_leg(
         Err(_) => Err(format!(
             "tollgate: target \"{target}\": the TLS handshake with the server did not finish in time"
         )),
+    }
+}
+
+/// Both legs of a session, each read and written apart.
+struct Legs<'l, CR, CW, SR, SW> {
+    client_in: &'l mut CR,
+    client_out: &'l mut CW,
+    server_in: &'l mut SR,
+    server_out: &'l mut SW,
+}
+
+/// Relays an authentication exchange (at the start, or after a
+/// `COM_CHANGE_USER`) once the packet that began it has been forwarded:
+/// every server packet but the last asks the client for one more (an auth
+/// switch, a plugin's challenge), except caching_sha2's "fast path done",
+/// which an OK follows unasked. Sequence ids towards the server are the
+/// client's plus `shift` (an SSLRequest on one leg only). The status flags
+/// of the server's OK; `None` when it answered with an ERR.
+async fn relay_authentication<CR, CW, SR, SW>(
+    ctx: &SessionContext,
+    raw: bool,
+    legs: Legs<'_, CR, CW, SR, SW>,
+    shift: u8,
+) -> Result<Option<u16>, CloseReason>
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+{
+    loop {
+        let Some(mut reply) = read_counted(legs.server_in, ctx, RawDirection::Server, raw)
+            .await
+            .map_err(|e| CloseReason::UpstreamError(e.to_string()))?
+        else {
+            return Err(CloseReason::UpstreamError(
+                "closed during authentication".into(),
+            ));
+        };
+        reply.seq = reply.seq.wrapping_sub(shift);
+        write_to(legs.client_out, &reply, false).await?;
+        match reply.first() {
+            Some(0x00) => return Ok(Some(packet::status_flags(&reply.payload).unwrap_or(0))),
+            Some(0xFF) => return Ok(None),
+            _ if reply.payload == [0x01, 0x03] => continue,
+            _ => {
+                let mut more = read_counted(legs.client_in, ctx, RawDirection::Client, raw)
+                    .await
+                    .map_err(|e| CloseReason::ClientError(e.to_string()))?
+                    .ok_or(CloseReason::Completed)?;
+                more.seq = more.seq.wrapping_add(shift);
+                write_to(legs.server_out, &more, true).await?;
+            }
+        }
     }
 }
 
@@ -797,9 +830,9 @@ impl Session<'_> {
         let refusal = match verdict {
             Some(d) if d.action == Action::Review => Some(format!(
                 "{}; human review is not supported for MySQL targets yet",
-                d.client_message(&command)
+                d.client_message(command)
             )),
-            Some(d) if d.action.is_refused() => Some(d.client_message(&command)),
+            Some(d) if d.action.is_refused() => Some(d.client_message(command)),
             _ => None,
         };
         let refusal = refusal
@@ -848,32 +881,20 @@ impl Session<'_> {
             return self.answer_client(command.next_seq(), err).await;
         };
         self.send_to_server(&command).await?;
-        loop {
-            let reply = self.server_packet().await?;
-            self.send_to_client(&reply).await?;
-            match reply.first() {
-                Some(0x00) => break,
-                Some(0xFF) => return Ok(()),
-                _ if reply.payload == [0x01, 0x03] => continue,
-                _ => {
-                    let more = read_counted(
-                        &mut self.client_in,
-                        self.ctx,
-                        RawDirection::Client,
-                        self.raw,
-                    )
-                    .await
-                    .map_err(|e| Stop::from(CloseReason::ClientError(e.to_string())))?
-                    .ok_or(Stop::from(CloseReason::Completed))?;
-                    self.send_to_server(&more).await?;
-                }
-            }
-        }
+        let legs = Legs {
+            client_in: &mut self.client_in,
+            client_out: &mut self.client_out,
+            server_in: &mut self.server_in,
+            server_out: &mut self.server_out,
+        };
+        let Some(status) = relay_authentication(self.ctx, self.raw, legs, 0).await? else {
+            return Ok(());
+        };
         self.prepared.clear();
         self.cursor_masks.clear();
         self.decided.clear();
         self.last_prepared = None;
-        self.escapes = Escapes::Unknown;
+        self.note_status_flags(status);
         self.charset = match change.collation {
             Some(collation) => initial_charset(collation),
             None => CharsetChange::Unknown,
@@ -1237,8 +1258,8 @@ impl Session<'_> {
                 self.raw,
             )
             .await
-            .map_err(|e| Stop::from(CloseReason::ClientError(e.to_string())))?
-            .ok_or(Stop::from(CloseReason::Completed))?;
+            .map_err(|e| CloseReason::ClientError(e.to_string()))?
+            .ok_or(CloseReason::Completed)?;
             let last = piece.payload.is_empty();
             self.send_to_server(&piece).await?;
             if last {
@@ -1431,12 +1452,10 @@ fn statement_id(payload: &[u8]) -> Option<u32> {
 }
 
 /// The label a refusal names (`DROP TABLE`), the first statement's.
-fn command_label(analysis: &Analysis) -> String {
+fn command_label(analysis: &Analysis) -> &str {
     match analysis {
-        Analysis::Parsed { statements } => statements
-            .first()
-            .map_or_else(|| "statement".to_owned(), |s| s.command.to_string()),
-        Analysis::Unparsable { .. } => "statement".to_owned(),
+        Analysis::Parsed { statements } => statements.first().map_or("statement", |s| &s.command),
+        Analysis::Unparsable { .. } => "statement",
     }
 }
 
