@@ -917,7 +917,11 @@ fn prepare(
                             depends on sql_mode NO_BACKSLASH_ESCAPES"
                     .to_owned());
             }
-            let mut inner = analyze_text(inner, escapes)?;
+            // The prefix tells the refusal of the prepared text from one of
+            // the PREPARE itself: an executable comment inside the string is
+            // not resolved (the string is data until the server prepares it).
+            let mut inner = analyze_text(inner, escapes)
+                .map_err(|error| format!("PREPARE: in the statement text: {error}"))?;
             let statement = match (inner.pop(), inner.is_empty()) {
                 (Some(statement), true) => statement,
                 _ => return Err("PREPARE: the text must hold one statement".to_owned()),

@@ -386,6 +386,21 @@ fn prepare_from_text_counts_its_statement() {
     assert!(refused("PREPARE s FROM @q").contains("user variable"));
     refused("PREPARE s FROM 'SELECT 1; DROP TABLE t'");
     refused("PREPARE s FROM 'SELECT \\'x\\''");
+    // The server reads an executable comment in the prepared text when it
+    // prepares it; the string is left as it is, so the PREPARE is refused,
+    // saying where.
+    let sql = "PREPARE s FROM 'SELECT 1 /*!, (SELECT s FROM secrets) */'";
+    let server = ServerVersion {
+        id: 101119,
+        mariadb: true,
+    };
+    let resolved = resolve_executable_comments(sql, Escapes::Unknown, server).unwrap();
+    assert_eq!(resolved, sql);
+    let error = refused(&resolved);
+    assert!(
+        error.starts_with("PREPARE: in the statement text: executable comment"),
+        "{error}"
+    );
 }
 
 #[test]
