@@ -18,6 +18,7 @@
 
 pub mod mysql;
 pub mod postgres;
+pub mod review;
 pub mod tcp;
 pub mod tls;
 

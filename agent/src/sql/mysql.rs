@@ -1449,6 +1449,92 @@ pub fn may_read_columns(text: &str, columns: &[&str]) -> bool {
     })
 }
 
+/// Words of statements that take values by position (`INSERT INTO t
+/// VALUES (...)` names no column) or hand them to code the agent does not
+/// read (`CALL`): their literals may be bound for a masked column unnamed.
+const POSITIONAL_WORDS: &[&str] = &["insert", "replace", "values", "call", "load", "execute"];
+
+/// What a reviewer may be shown of MySQL `text`, where `sensitive` holds
+/// the lowercase names of masked columns. Coarser than PostgreSQL's, which
+/// finds the literals that meet a masked column: here every literal is
+/// hidden when the text may reach a masked column ([`may_read_columns`]:
+/// it names one, or has a `*`) or takes values by position
+/// ([`POSITIONAL_WORDS`]). Text that does not tokenize, or whose strings
+/// hold backslashes while the server may read them as escapes, is withheld.
+pub fn shown_to_reviewer(text: &str, escapes: Escapes, sensitive: &HashSet<String>) -> super::Shown {
+    use super::Shown;
+    if sensitive.is_empty() {
+        return Shown::AsSent;
+    }
+    let dialect = MySqlDialect {};
+    let Ok(tokens) = Tokenizer::new(&dialect, text).tokenize_with_location() else {
+        return Shown::Withheld;
+    };
+    let names: Vec<&str> = sensitive.iter().map(String::as_str).collect();
+    let positional = tokens.iter().any(|t| {
+        matches!(&t.token, Token::Word(w) if w.quote_style.is_none()
+            && POSITIONAL_WORDS.iter().any(|p| w.value.eq_ignore_ascii_case(p)))
+    });
+    if !positional && !may_read_columns(text, &names) {
+        return Shown::AsSent;
+    }
+    let index = Offsets::new(text);
+    let mut out = String::with_capacity(text.len());
+    let mut values = Vec::new();
+    let mut copied = 0;
+    for token in &tokens {
+        let literal = match &token.token {
+            Token::Number(..) => true,
+            // Backquoted names are not literals; every quoted string is.
+            Token::Word(_) | Token::Whitespace(_) | Token::EOF => false,
+            other => other.to_string().contains(['\'', '"']),
+        };
+        if !literal {
+            continue;
+        }
+        let Ok((start, end)) = token_range(token, &index) else {
+            return Shown::Withheld;
+        };
+        let Some(slice) = text.get(start..end) else {
+            return Shown::Withheld;
+        };
+        if escapes != Escapes::NoBackslash && slice.contains('\\') {
+            return Shown::Withheld;
+        }
+        let Some(before) = text.get(copied..start) else {
+            return Shown::Withheld;
+        };
+        out.push_str(before);
+        out.push_str(super::HIDDEN_LITERAL);
+        values.push(unquoted(slice));
+        copied = end;
+    }
+    if values.is_empty() {
+        return Shown::AsSent;
+    }
+    out.push_str(text.get(copied..).unwrap_or_default());
+    Shown::Hidden {
+        text: out,
+        literals: values.len(),
+        values,
+    }
+}
+
+/// A literal's value without its prefix and quotes: `N'a''b'` gives `a'b`,
+/// `x'41'` gives `41`, `5` stays.
+fn unquoted(literal: &str) -> String {
+    let body = literal.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+    for quote in ['\'', '"'] {
+        if let Some(inner) = body
+            .strip_prefix(quote)
+            .and_then(|b| b.strip_suffix(quote))
+        {
+            return inner.replace(&format!("{quote}{quote}"), &quote.to_string());
+        }
+    }
+    literal.to_owned()
+}
+
 /// The connection id a `KILL [CONNECTION | QUERY] id` statement names
 /// (`None` for any other statement, and for MariaDB's `KILL USER` and
 /// `KILL QUERY ID`, which name no connection).

@@ -866,3 +866,52 @@ fn a_local_load_names_the_clients_file() {
     );
     assert_eq!(local_infile("SELECT 'LOAD DATA LOCAL INFILE'"), None);
 }
+
+#[test]
+fn reviewers_see_literals_hidden_where_a_masked_column_may_take_them() {
+    use crate::sql::Shown;
+    let sensitive: HashSet<String> = ["email".to_owned()].into();
+    let show = |sql: &str| shown_to_reviewer(sql, Escapes::NoBackslash, &sensitive);
+    // Nothing masked, or no masked column within reach: as sent.
+    assert_eq!(
+        shown_to_reviewer("DELETE FROM t WHERE a = 'x'", Escapes::Unknown, &HashSet::new()),
+        Shown::AsSent
+    );
+    assert_eq!(show("DELETE FROM orders WHERE id = 7"), Shown::AsSent);
+    // Named, by position, or through `*`: every literal hidden, values
+    // given for cleaning the command line.
+    for (sql, shown, values) in [
+        (
+            "DELETE FROM customers WHERE `EMAIL` = 'ada@example.com' AND id > 3",
+            "DELETE FROM customers WHERE `EMAIL` = '***' AND id > '***'",
+            vec!["ada@example.com", "3"],
+        ),
+        (
+            "INSERT INTO customers VALUES (5, N'it''s@x.org')",
+            "INSERT INTO customers VALUES ('***', '***')",
+            vec!["5", "it's@x.org"],
+        ),
+        (
+            "DELETE FROM customers WHERE id IN (SELECT * FROM c2 WHERE x = \"a@b\")",
+            "DELETE FROM customers WHERE id IN (SELECT * FROM c2 WHERE x = '***')",
+            vec!["a@b"],
+        ),
+    ] {
+        assert_eq!(
+            show(sql),
+            Shown::Hidden {
+                text: shown.to_owned(),
+                literals: values.len(),
+                values: values.into_iter().map(str::to_owned).collect(),
+            },
+            "{sql}"
+        );
+    }
+    // Backslashes the server may read as escapes: the ends of strings are
+    // not certain, nothing is shown.
+    let sql = "UPDATE customers SET email = 'a\\'b'";
+    assert_eq!(
+        shown_to_reviewer(sql, Escapes::Backslash, &sensitive),
+        Shown::Withheld
+    );
+}

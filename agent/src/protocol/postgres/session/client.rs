@@ -131,7 +131,7 @@ pub(super) struct ClientSide<'a> {
     pub(super) pending_review: RefCell<Option<PendingReview>>,
     /// The last statements decided, for reviewers of a later one (texts
     /// as sent, shortened; hidden from reviewers when the hold is made).
-    recent: RefCell<std::collections::VecDeque<crate::approval::PriorStatement>>,
+    recent: RefCell<crate::protocol::review::RecentStatements>,
     /// The outcome of the hold of the message about to be stepped again.
     pub(super) review_outcome: Option<ReviewOutcome>,
     /// That outcome while its message is decided.
@@ -205,7 +205,7 @@ impl<'a> ClientSide<'a> {
         ClientSide {
             database_user,
             pending_review: RefCell::new(None),
-            recent: RefCell::new(std::collections::VecDeque::new()),
+            recent: RefCell::default(),
             review_outcome: None,
             current_review: RefCell::new(None),
             holdable: Cell::new(false),
@@ -715,7 +715,7 @@ impl<'a> ClientSide<'a> {
             decision: top.clone(),
             text: text.to_owned(),
             fingerprint,
-            session_so_far: self.recent.borrow().iter().cloned().collect(),
+            session_so_far: self.recent.borrow().to_vec(),
         });
         ReviewStep::Hold
     }
@@ -1264,30 +1264,6 @@ impl<'a> ClientSide<'a> {
         }
     }
 
-    /// Keeps a decided statement among the session's last few, for
-    /// reviewers of a later one.
-    fn remember(&self, at: u64, action: Action, refused: bool, text: &str) {
-        const KEPT: usize = 10;
-        // Longer text is not kept: cut, it would not parse, and its
-        // sensitive literals could not be found.
-        const LONGEST: usize = 4096;
-        let statement = if text.len() <= LONGEST {
-            text.to_owned()
-        } else {
-            format!("(a statement of {} bytes, not kept)", text.len())
-        };
-        let mut recent = self.recent.borrow_mut();
-        if recent.len() == KEPT {
-            recent.pop_front();
-        }
-        recent.push_back(crate::approval::PriorStatement {
-            at,
-            action: action.as_str().to_owned(),
-            refused,
-            statement,
-        });
-    }
-
     /// One Statement event per decided statement.
     /// Reports each statement's decision (`mask_refused`: the message's
     /// `mask` statements cannot be masked, so they do not run) and counts
@@ -1312,7 +1288,7 @@ impl<'a> ClientSide<'a> {
             self.ctx.target_metrics.statement(d.action);
             let refused =
                 came_to.action.is_refused() || (mask_refused && came_to.action == Action::Mask);
-            self.remember(now, d.action, refused, text);
+            self.recent.borrow_mut().remember(now, d.action, refused, text);
             SessionEvent::Statement(Arc::new(StatementEvent::decided(
                 session,
                 text,

@@ -17,14 +17,11 @@
 //! of the held Parse makes the server discard the rest of the batch and
 //! roll back its implicit transaction, writes before it included.
 
-use std::time::{Instant as WallInstant, SystemTime};
+use std::time::Instant as WallInstant;
 
 use super::*;
-use crate::approval::{HeldStatement, Hold, Outcome};
-use crate::events::ReviewUpdate;
-use crate::recording::format::{
-    GrantUseRecord, ReviewApprovalRecord, ReviewEndRecord, ReviewRequestRecord, MAX_TEXT_LEN,
-};
+use crate::approval::Outcome;
+use crate::protocol::review::{self, ReviewAsk, ShownToReviewers};
 
 /// Bytes a client may send while its statement is held; past this the
 /// socket is not read until the outcome (a client waiting for its answer
@@ -73,115 +70,20 @@ pub(super) enum ReviewOutcome {
     },
 }
 
-/// The shape a grant covers: the fingerprints of the text's statements.
-pub(super) fn fingerprint(analysis: &Analysis) -> Option<String> {
-    match analysis {
-        Analysis::Parsed { statements } if !statements.is_empty() => Some(
-            statements
-                .iter()
-                .map(|s| &*s.fingerprint)
-                .collect::<Vec<_>>()
-                .join(";"),
-        ),
-        _ => None,
-    }
-}
+pub(super) use crate::protocol::review::{fingerprint, grant_used};
 
-/// Records that a grant let a statement run.
-pub(super) fn grant_used(ctx: &PostgresContext<'_>, grant: &crate::approval::Grant) {
-    if let Some(desk) = &ctx.approvals {
-        desk.registry.note_grant_use(&grant.id, ctx.id);
-    }
-    ctx.events.emit(&SessionEvent::Review {
-        session: ctx.id,
-        review: Box::new(ReviewUpdate::GrantUsed(GrantUseRecord {
-            grant: grant.id.to_string(),
-            request: grant.request.to_string(),
-            approved_by: grant.approved_by.clone(),
-            expires_at: grant.expires_at,
-        })),
-    });
-}
-
-/// What reviewers are shown of a held statement and of the session before
-/// it: literals that meet a column a `mask` rule for this target hides are
-/// replaced (`crate::sql::shown_to_reviewer`), and the process's command
-/// line, which may carry the same text (`psql -c`), is cleaned of their
-/// values.
-struct ShownToReviewers {
-    /// The held text as shown; `None`: as sent.
-    statement: Option<String>,
-    /// How many literals it hides; `None`: withheld whole.
-    hidden_literals: Option<usize>,
-    /// The earlier statements as shown.
-    session_so_far: Vec<crate::approval::PriorStatement>,
-    /// The process, its command line cleaned.
-    identity: crate::identity::ProcessIdentity,
-}
-
+/// What reviewers are shown: literals that meet a column a `mask` rule for
+/// this target hides are replaced (`crate::sql::shown_to_reviewer`).
 fn shown_to_reviewers(side: &ClientSide<'_>, pending: &PendingReview) -> ShownToReviewers {
-    use crate::sql::{shown_to_reviewer, Shown, HIDDEN_LITERAL};
     let policy = crate::policy::current_policy(&side.ctx.policy);
     let sensitive = policy.masked_column_names(&side.ctx.target);
     let reading = side.text_reading();
-    let mut values: Vec<String> = Vec::new();
-    let mut withheld_any = false;
-    let mut show = |text: &str| match shown_to_reviewer(text, reading, &sensitive) {
-        Shown::AsSent => (None, Some(0)),
-        Shown::Hidden {
-            text,
-            literals,
-            values: found,
-        } => {
-            values.extend(found);
-            (Some(text), Some(literals))
-        }
-        Shown::Withheld => {
-            withheld_any = true;
-            (
-                Some(format!(
-                    "(withheld: {} bytes that may hold literals a mask rule hides and cannot be cut out)",
-                    text.len()
-                )),
-                None,
-            )
-        }
-    };
-    let (statement, hidden_literals) = show(&pending.text);
-    let session_so_far = pending
-        .session_so_far
-        .iter()
-        .map(|prior| crate::approval::PriorStatement {
-            statement: cut_to(
-                &show(&prior.statement)
-                    .0
-                    .unwrap_or_else(|| prior.statement.clone()),
-                512,
-            ),
-            ..prior.clone()
-        })
-        .collect();
-    let mut identity = side.identity.clone();
-    if withheld_any {
-        // Values not found cannot be cleaned out: no arguments are shown.
-        identity.cmdline.truncate(1);
-        identity.cmdline.push("(arguments withheld)".to_owned());
-    } else {
-        values.retain(|v| !v.is_empty());
-        for argument in identity.cmdline.iter_mut() {
-            for value in &values {
-                if argument.contains(value.as_str()) {
-                    *argument = argument.replace(value.as_str(), HIDDEN_LITERAL);
-                }
-            }
-        }
-    }
-    ShownToReviewers {
-        statement,
-        hidden_literals,
-        session_so_far,
-        identity,
-    }
+    review::shown_to_reviewers(
+        &pending.text,
+        &pending.session_so_far,
+        side.identity,
+        |text| crate::sql::shown_to_reviewer(text, reading, &sensitive),
+    )
 }
 
 /// Holds the statement the client side left in `pending_review` until its
@@ -211,65 +113,24 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
             "tollgate: this statement requires review, and this agent takes no review requests; refused".to_owned(),
         ));
     };
-    let session = ctx.id.to_string();
     let shown = shown_to_reviewers(side, &pending);
-    let submitted = Hold::submit(
-        &desk.registry,
-        &pending.decision,
-        HeldStatement {
-            target: &ctx.target,
-            database_user: side.database_user.as_deref(),
+    let held = match review::submit(
+        &ctx,
+        desk,
+        ReviewAsk {
+            decision: &pending.decision,
             text: &pending.text,
-            shown: shown.statement,
-            hidden_literals: shown.hidden_literals,
-            session_so_far: shown.session_so_far,
             fingerprint: pending.fingerprint.as_deref(),
-            identity: &shown.identity,
-            session: &session,
+            database_user: side.database_user.as_deref(),
+            shown,
         },
-        SystemTime::now(),
-    );
-    let held = match submitted {
-        Some(Ok(held)) => held,
-        Some(Err(e)) => {
-            tracing::warn!(session = %ctx.id, error = %e, "review: the statement could not be held");
-            return Ok(refused(format!(
-                "tollgate: this statement requires review and could not be held: {e}"
-            )));
-        }
-        None => {
-            return Ok(refused(format!(
-                "tollgate: this statement requires review ({}), and no approvers are named for it; refused",
-                pending.decision.reason
-            )))
-        }
+    ) {
+        Ok(held) => held,
+        Err(message) => return Ok(refused(message)),
     };
     let id = held.id().clone();
     let timeout = held.timeout();
-    let review = pending
-        .decision
-        .deciding_rule()
-        .and_then(|r| r.review.clone());
-    ctx.events.emit(&SessionEvent::Review {
-        session: ctx.id,
-        review: Box::new(ReviewUpdate::Requested(ReviewRequestRecord {
-            request: id.to_string(),
-            rule: pending
-                .decision
-                .deciding_rule()
-                .map(|r| r.name.to_string())
-                .unwrap_or_default(),
-            approvers: review
-                .as_ref()
-                .map(|r| r.approvers.iter().map(ToString::to_string).collect())
-                .unwrap_or_default(),
-            approvals_needed: review.as_ref().map_or(1, |r| r.approvals),
-            timeout_s: timeout.as_secs(),
-            text: cut(&pending.text),
-        })),
-    });
     shared.notify_client(&held.notice());
-    tracing::info!(session = %ctx.id, request = %id, "statement held for review");
 
     // psql's Ctrl-C (a CancelRequest with the session's key) ends the hold.
     let interrupt = shared
@@ -309,7 +170,7 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
                     }
                     // Dropping `outcome` cancels the request.
                     gone => {
-                        record_end(&ctx, desk, &id, &Outcome::Cancelled, waiting.elapsed());
+                        review::record_end(&ctx, desk, &id, &Outcome::Cancelled, waiting.elapsed());
                         let why = match gone {
                             Err(e) => e.to_string(),
                             Ok(_) => "it closed the connection".to_owned(),
@@ -326,7 +187,7 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
     };
     let Some(outcome) = outcome else {
         tracing::info!(session = %ctx.id, request = %id, "review: the client cancelled its held statement");
-        record_end(&ctx, desk, &id, &Outcome::Cancelled, waiting.elapsed());
+        review::record_end(&ctx, desk, &id, &Outcome::Cancelled, waiting.elapsed());
         return Ok(ReviewOutcome::Refused {
             held_text: pending.text,
             // What the server says of a statement a CancelRequest stopped.
@@ -334,7 +195,7 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
             sqlstate: QUERY_CANCELED,
         });
     };
-    record_end(&ctx, desk, &id, &outcome, waiting.elapsed());
+    review::record_end(&ctx, desk, &id, &outcome, waiting.elapsed());
     Ok(match outcome {
         Outcome::Approved {
             text, edited: true, ..
@@ -354,78 +215,4 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
             refused(message)
         }
     })
-}
-
-/// Records how a request ended, with the approvals that counted.
-fn record_end(
-    ctx: &PostgresContext<'_>,
-    desk: &crate::approval::Desk,
-    id: &crate::approval::RequestId,
-    outcome: &Outcome,
-    waited: Duration,
-) {
-    let view = desk.registry.show(id);
-    let approvals = view
-        .as_ref()
-        .map(|v| {
-            v.approvals
-                .iter()
-                .map(|a| ReviewApprovalRecord {
-                    by: a.by.clone(),
-                    uid: a.uid,
-                    reason: a.reason.clone(),
-                    grant_s: a.grant_seconds,
-                    at: a.at,
-                    via: Some(a.via.clone()),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let (name, edited_text) = match outcome {
-        Outcome::Approved { text, edited, .. } => ("approved", edited.then(|| cut(text))),
-        Outcome::Denied { .. } => ("denied", None),
-        Outcome::Expired => ("expired", None),
-        Outcome::Cancelled => ("cancelled", None),
-        Outcome::Aborted => ("aborted", None),
-    };
-    let (denied_by, reason, denied_via) = match outcome {
-        Outcome::Denied { by, reason, via } => {
-            (Some(by.clone()), Some(reason.clone()), Some(via.clone()))
-        }
-        _ => (None, None, None),
-    };
-    let edited_by = edited_text
-        .as_ref()
-        .and_then(|_| view.as_ref().and_then(|v| v.edited_by.clone()));
-    ctx.events.emit(&SessionEvent::Review {
-        session: ctx.id,
-        review: Box::new(ReviewUpdate::Ended(ReviewEndRecord {
-            request: id.to_string(),
-            outcome: name.to_owned(),
-            waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-            approvals,
-            denied_by,
-            denied_via,
-            reason,
-            edited_by,
-            edited_text,
-        })),
-    });
-}
-
-/// `text` cut to what a record keeps.
-fn cut(text: &str) -> String {
-    cut_to(text, MAX_TEXT_LEN)
-}
-
-/// At most `longest` bytes of `text`, cut at a character boundary.
-fn cut_to(text: &str, longest: usize) -> String {
-    if text.len() <= longest {
-        return text.to_owned();
-    }
-    let mut end = longest;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.get(..end).unwrap_or_default().to_owned()
 }
