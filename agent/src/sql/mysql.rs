@@ -234,6 +234,18 @@ pub fn resolve_executable_comments(
                 region.start
             ));
         }
+        // Content that opens a quote it does not close (or a line comment)
+        // would change how the text after the comment is read once
+        // resolved; the server's reading of it is not guessed at.
+        let stands_alone = |backslashes| {
+            scan(content, backslashes).is_ok_and(|regions| regions.iter().all(|r| !r.comment))
+        };
+        if !stands_alone(true) || !stands_alone(false) {
+            return Err(format!(
+                "executable comment at byte {} whose content leaves a quote open or holds a comment",
+                region.start
+            ));
+        }
         let runs = (!mariadb_only || server.mariadb) && version.is_none_or(|v| v <= server.id);
         out.push_str(text.get(at..region.start).unwrap_or_default());
         out.push(' ');
@@ -1461,7 +1473,11 @@ const POSITIONAL_WORDS: &[&str] = &["insert", "replace", "values", "call", "load
 /// it names one, or has a `*`) or takes values by position
 /// ([`POSITIONAL_WORDS`]). Text that does not tokenize, or whose strings
 /// hold backslashes while the server may read them as escapes, is withheld.
-pub fn shown_to_reviewer(text: &str, escapes: Escapes, sensitive: &HashSet<String>) -> super::Shown {
+pub fn shown_to_reviewer(
+    text: &str,
+    escapes: Escapes,
+    sensitive: &HashSet<String>,
+) -> super::Shown {
     use super::Shown;
     if sensitive.is_empty() {
         return Shown::AsSent;
@@ -1525,10 +1541,7 @@ pub fn shown_to_reviewer(text: &str, escapes: Escapes, sensitive: &HashSet<Strin
 fn unquoted(literal: &str) -> String {
     let body = literal.trim_start_matches(|c: char| c.is_ascii_alphabetic());
     for quote in ['\'', '"'] {
-        if let Some(inner) = body
-            .strip_prefix(quote)
-            .and_then(|b| b.strip_suffix(quote))
-        {
+        if let Some(inner) = body.strip_prefix(quote).and_then(|b| b.strip_suffix(quote)) {
             return inner.replace(&format!("{quote}{quote}"), &quote.to_string());
         }
     }

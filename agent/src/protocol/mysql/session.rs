@@ -53,6 +53,11 @@ const ER_UNKNOWN_COM: u16 = 1047;
 const ER_KILL_DENIED: u16 = 1095;
 
 /// Commands (`COM_*`).
+mod review;
+
+use crate::protocol::review::RecentStatements;
+use review::Reviewed;
+
 mod com {
     pub(super) const QUIT: u8 = 0x01;
     pub(super) const INIT_DB: u8 = 0x02;
@@ -91,13 +96,42 @@ impl From<CloseReason> for Stop {
 /// behind each: what a `KILL` may name.
 #[derive(Debug, Default)]
 pub struct Connections {
-    open: std::sync::Mutex<HashMap<(String, u32), Option<u32>>>,
+    open: std::sync::Mutex<HashMap<(String, u32), OpenConnection>>,
+}
+
+/// One connection in [`Connections`].
+#[derive(Debug)]
+struct OpenConnection {
+    /// The user of the process behind it, when known.
+    uid: Option<u32>,
+    /// Wakes the session's held statement when a `KILL` names it.
+    interrupt: Arc<tokio::sync::Notify>,
 }
 
 impl Connections {
-    fn register(&self, target: &str, id: u32, uid: Option<u32>) {
+    /// Registers a session's connection; what a `KILL` of it wakes.
+    fn register(&self, target: &str, id: u32, uid: Option<u32>) -> Arc<tokio::sync::Notify> {
+        let interrupt = Arc::new(tokio::sync::Notify::new());
         if let Ok(mut open) = self.open.lock() {
-            open.insert((target.to_owned(), id), uid);
+            open.insert(
+                (target.to_owned(), id),
+                OpenConnection {
+                    uid,
+                    interrupt: Arc::clone(&interrupt),
+                },
+            );
+        }
+        interrupt
+    }
+
+    /// Ends the wait of connection `id`'s held statement, if it has one: a
+    /// `KILL` of it was let through (the server, which never saw the
+    /// statement, has nothing to interrupt).
+    fn interrupt(&self, target: &str, id: u32) {
+        if let Ok(open) = self.open.lock() {
+            if let Some(connection) = open.get(&(target.to_owned(), id)) {
+                connection.interrupt.notify_waiters();
+            }
         }
     }
 
@@ -114,7 +148,7 @@ impl Connections {
             && self
                 .open
                 .lock()
-                .is_ok_and(|open| open.get(&(target.to_owned(), id)).copied().flatten() == uid)
+                .is_ok_and(|open| open.get(&(target.to_owned(), id)).and_then(|c| c.uid) == uid)
     }
 }
 
@@ -137,6 +171,20 @@ enum Verdict {
     Refused,
     /// Forwarded, its results masked by the plan when there is one.
     Run(Option<MaskPlan>),
+    /// A reviewer approved an edit of the held text: the edit is decided
+    /// and run in its place.
+    Edited(String),
+}
+
+/// The command a decided text comes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// `COM_QUERY`: runs now; held when a rule wants review.
+    Query,
+    /// `COM_STMT_PREPARE`: runs nothing; review waits for each execution.
+    Prepare,
+    /// `COM_STMT_EXECUTE` of this statement: runs now, held as a query is.
+    Execute(u32),
 }
 
 /// What the session runs to empty the server's list of warnings after a
@@ -188,6 +236,14 @@ struct Session<'a> {
     /// The client file the command being answered may send: the file a
     /// `LOAD DATA LOCAL` that a rule allowed names.
     local_file: Option<String>,
+    /// The database user now (for reviewers).
+    database_user: Option<String>,
+    /// The session's last statements, for reviewers of a held one.
+    recent: RecentStatements,
+    /// Woken when a `KILL` names this connection (ends a held statement).
+    interrupt: Option<Arc<tokio::sync::Notify>>,
+    /// The rule whose review a reviewer's edit, decided next, went through.
+    edited_under: Option<String>,
 }
 
 /// How long a TLS handshake with either side may take.
@@ -206,6 +262,8 @@ struct Connected {
     collation: u8,
     /// The capabilities in the client's answer (after the proxy's changes).
     capabilities: u32,
+    /// The database user the client authenticated as.
+    user: String,
 }
 
 /// Serves one session until it ends and says why.
@@ -224,13 +282,14 @@ pub async fn run(
             Err(reason) => return reason,
         };
         let uid = ctx.start.info().await.identity.uid;
-        let _registration = connected.connection_id.map(|id| {
-            connections.register(&ctx.target, id, uid);
-            Registration {
+        let registration = connected.connection_id.map(|id| {
+            let interrupt = connections.register(&ctx.target, id, uid);
+            let registration = Registration {
                 connections,
                 target: &ctx.target,
                 id,
-            }
+            };
+            (registration, interrupt)
         });
         let (client_read, client_write) = connected.client;
         let (server_read, server_write) = connected.upstream;
@@ -255,6 +314,12 @@ pub async fn run(
             answer_failed: false,
             capabilities: connected.capabilities,
             local_file: None,
+            database_user: Some(connected.user),
+            recent: RecentStatements::default(),
+            interrupt: registration
+                .as_ref()
+                .map(|(_, interrupt)| Arc::clone(interrupt)),
+            edited_under: None,
         };
         session.note_status_flags(connected.status);
         loop {
@@ -392,6 +457,7 @@ async fn connect(
     let collation = hello.collation;
     let capabilities = hello.capabilities;
     let info = ctx.start.info().await;
+    let user = hello.user.clone();
     ctx.events.emit(&SessionEvent::Startup {
         session: info.id,
         user: Some(hello.user),
@@ -406,6 +472,7 @@ async fn connect(
         connection_id,
         collation,
         capabilities,
+        user,
     })
 }
 
@@ -586,23 +653,46 @@ impl Session<'_> {
                 Err(CloseReason::Completed.into())
             }
             Some(com::QUERY) => {
-                let Some(text) = self.text_of(&mut command, reply_seq).await? else {
+                let Some(mut text) = self.text_of(&mut command, reply_seq).await? else {
                     return Ok(());
                 };
-                let analysis = self.analyze(&text);
-                if let Verdict::Run(plan) = self.decide(&text, &analysis, reply_seq, None).await? {
-                    self.send_to_server(&command).await?;
-                    self.relay_results(false, plan.as_ref(), None).await?;
-                    self.follow_charset(&analysis);
+                loop {
+                    let analysis = self.analyze(&text);
+                    match self
+                        .decide(&text, &analysis, reply_seq, Phase::Query)
+                        .await?
+                    {
+                        Verdict::Refused => return Ok(()),
+                        Verdict::Run(plan) => {
+                            self.interrupt_killed(&analysis);
+                            self.send_to_server(&command).await?;
+                            self.relay_results(false, plan.as_ref(), None).await?;
+                            self.follow_charset(&analysis);
+                            return Ok(());
+                        }
+                        Verdict::Edited(edit) => {
+                            let mut payload = vec![com::QUERY];
+                            payload.extend_from_slice(edit.as_bytes());
+                            command.payload = payload;
+                            let Some(resolved) = self.text_of(&mut command, reply_seq).await?
+                            else {
+                                self.edited_under = None;
+                                return Ok(());
+                            };
+                            text = resolved;
+                        }
+                    }
                 }
-                Ok(())
             }
             Some(com::STMT_PREPARE) => {
                 let Some(text) = self.text_of(&mut command, reply_seq).await? else {
                     return Ok(());
                 };
                 let analysis = self.analyze(&text);
-                if let Verdict::Run(_) = self.decide(&text, &analysis, reply_seq, None).await? {
+                if let Verdict::Run(_) = self
+                    .decide(&text, &analysis, reply_seq, Phase::Prepare)
+                    .await?
+                {
                     self.send_to_server(&command).await?;
                     self.relay_prepare(text, analysis).await?;
                 }
@@ -616,14 +706,29 @@ impl Session<'_> {
                 };
                 let prepared = id.and_then(|id| self.prepared.get(&id)).map(Arc::clone);
                 let mut plan = None;
-                if let Some(prepared) = &prepared {
+                if let (Some(prepared), Some(id)) = (&prepared, id) {
                     match self
-                        .decide(&prepared.text, &prepared.analysis, reply_seq, id)
+                        .decide(
+                            &prepared.text,
+                            &prepared.analysis,
+                            reply_seq,
+                            Phase::Execute(id),
+                        )
                         .await?
                     {
                         Verdict::Refused => return Ok(()),
                         Verdict::Run(masked) => plan = masked,
+                        Verdict::Edited(_) => {
+                            let err = packet::err_payload(
+                                ER_TABLEACCESS_DENIED,
+                                "42000",
+                                "tollgate: a reviewer's edit cannot take the place of an execution of a prepared statement (its parameters are bound to the original); refused",
+                            );
+                            self.answer_client(reply_seq, err).await?;
+                            return Ok(());
+                        }
                     }
+                    self.interrupt_killed(&prepared.analysis);
                 }
                 // An id the proxy did not see prepared is the server's to
                 // refuse: statements are only prepared through this session.
@@ -685,7 +790,8 @@ impl Session<'_> {
                     self.connections
                         .owned_by(&self.ctx.target, id, info.identity.uid)
                 });
-                if owned {
+                if let (true, Some(id)) = (owned, id) {
+                    self.connections.interrupt(&self.ctx.target, id);
                     self.send_to_server(&command).await?;
                     return self.relay_one().await;
                 }
@@ -793,19 +899,25 @@ impl Session<'_> {
     }
 
     /// Decides a statement text and reports it; when it may not run,
-    /// answers the client with an ERR naming the rule. An execution of
-    /// prepared statement `prepared` reuses the decisions of its last
-    /// execution under the same policy.
+    /// answers the client with an ERR naming the rule. An execution of a
+    /// prepared statement reuses the decisions of its last execution under
+    /// the same policy. A statement a `review` rule takes waits here for
+    /// its reviewers (`review.rs`).
     async fn decide(
         &mut self,
         text: &str,
         analysis: &Analysis,
         reply_seq: u8,
-        prepared: Option<u32>,
+        phase: Phase,
     ) -> Result<Verdict, Stop> {
+        let edited_under = self.edited_under.take();
         let info = self.ctx.start.info().await;
         let policy = crate::policy::current_policy(&self.ctx.policy);
         let generation = policy.generation();
+        let prepared = match phase {
+            Phase::Execute(id) => Some(id),
+            Phase::Query | Phase::Prepare => None,
+        };
         let known = prepared
             .and_then(|id| self.decided.get(&id))
             .filter(|(decided_by, _)| *decided_by == generation)
@@ -823,20 +935,39 @@ impl Session<'_> {
                 decisions
             }
         };
-        let verdict = most_restrictive(&decisions);
+        let mut effective: Arc<[Decision]> = Arc::clone(&decisions);
+        let mut refusal = None;
+        let wants_review = most_restrictive(&decisions).is_some_and(|d| d.action == Action::Review);
+        if wants_review && phase == Phase::Prepare {
+            // Preparing runs nothing; each execution is held.
+            effective = decisions.iter().map(Decision::reviewed).collect();
+        } else if wants_review {
+            match self
+                .review(text, analysis, &decisions, &info.identity, edited_under)
+                .await?
+            {
+                Reviewed::Approved => {
+                    effective = decisions.iter().map(Decision::reviewed).collect();
+                }
+                Reviewed::Edited(edit) => {
+                    // Only a query's edit runs (and is decided next).
+                    if phase == Phase::Query {
+                        self.edited_under = most_restrictive(&decisions)
+                            .and_then(|d| d.deciding_rule())
+                            .map(|r| r.name.to_string());
+                    }
+                    return Ok(Verdict::Edited(edit));
+                }
+                Reviewed::Refused { code, message } => refusal = Some((code, message)),
+            }
+        }
         let command = command_label(analysis);
-        // Review of MySQL statements is not built yet: a statement it would
-        // take is refused, never run unreviewed.
-        let refusal = match verdict {
-            Some(d) if d.action == Action::Review => Some(format!(
-                "{}; human review is not supported for MySQL targets yet",
-                d.client_message(command)
-            )),
-            Some(d) if d.action.is_refused() => Some(d.client_message(command)),
-            _ => None,
-        };
         let refusal = refusal
-            .map(|message| (ER_TABLEACCESS_DENIED, message))
+            .or_else(|| {
+                most_restrictive(&effective)
+                    .filter(|d| d.action.is_refused())
+                    .map(|d| (ER_TABLEACCESS_DENIED, d.client_message(command)))
+            })
             .or_else(|| {
                 self.charset_refusal(text, analysis)
                     .map(|message| (ER_TABLEACCESS_DENIED, message))
@@ -846,13 +977,13 @@ impl Session<'_> {
                     .map(|message| (ER_KILL_DENIED, message))
             })
             .or_else(|| {
-                self.allow_local_file(analysis, &decisions)
+                self.allow_local_file(analysis, &effective)
                     .err()
                     .map(|message| (ER_TABLEACCESS_DENIED, message))
             });
         let (plan, refusal) = match refusal {
             Some(refused) => (None, Some(refused)),
-            None => match mask_plan(analysis, &decisions) {
+            None => match mask_plan(analysis, &effective) {
                 Ok(plan) => (plan, None),
                 Err(message) => (None, Some((ER_TABLEACCESS_DENIED, message))),
             },
@@ -861,7 +992,12 @@ impl Session<'_> {
         let Some((code, message)) = refusal else {
             return Ok(Verdict::Run(plan));
         };
-        let err = packet::err_payload(code, "42000", &message);
+        let sqlstate = if code == review::ER_QUERY_INTERRUPTED {
+            "70100"
+        } else {
+            "42000"
+        };
+        let err = packet::err_payload(code, sqlstate, &message);
         self.answer_client(reply_seq, err).await?;
         Ok(Verdict::Refused)
     }
@@ -900,6 +1036,7 @@ impl Session<'_> {
             None => CharsetChange::Unknown,
         };
         let info = self.ctx.start.info().await;
+        self.database_user = Some(change.user.clone());
         self.ctx.events.emit(&SessionEvent::Startup {
             session: info.id,
             user: Some(change.user),
@@ -1015,8 +1152,37 @@ impl Session<'_> {
             })
     }
 
-    /// One Statement event per statement (the whole text when unparsable).
-    fn report(&self, text: &str, analysis: &Analysis, decisions: &[Decision], refused: bool) {
+    /// Wakes the held statements of the connections a `KILL` that is about
+    /// to run names (the server has nothing of theirs to interrupt).
+    fn interrupt_killed(&self, analysis: &Analysis) {
+        let Analysis::Parsed { statements } = analysis else {
+            return;
+        };
+        for s in statements.iter().filter(|s| &*s.command == "KILL") {
+            if let Some(id) =
+                crate::sql::mysql::kill_target(&s.text).and_then(|id| u32::try_from(id).ok())
+            {
+                self.connections.interrupt(&self.ctx.target, id);
+            }
+        }
+    }
+
+    /// One Statement event per statement (the whole text when unparsable),
+    /// each kept among the session's last few for reviewers.
+    fn report(&mut self, text: &str, analysis: &Analysis, decisions: &[Decision], refused: bool) {
+        let now = crate::approval::unix_seconds(std::time::SystemTime::now());
+        match analysis {
+            Analysis::Parsed { statements } => {
+                for (s, d) in statements.iter().zip(decisions) {
+                    self.recent.remember(now, d.action, refused, &s.text);
+                }
+            }
+            Analysis::Unparsable { .. } => {
+                for d in decisions {
+                    self.recent.remember(now, d.action, refused, text);
+                }
+            }
+        }
         let event = |text: &str, command: Arc<str>, kind, fingerprint, d: &Decision| {
             self.ctx.target_metrics.statement(d.action);
             SessionEvent::Statement(Arc::new(StatementEvent::decided(

@@ -762,6 +762,15 @@ fn executable_comments_are_resolved_for_the_server() {
     assert!(resolve("SELECT 1 /*! /* x */", mysql).is_err());
     assert!(resolve("SELECT 1 /*! x", mysql).is_err());
     assert!(resolve("SELECT '\\' /*!, (SELECT s FROM secrets) */ '", mysql).is_err());
+    // Content that opens a quote would change the reading of what follows
+    // it: here the second comment is inside a name unless the first one
+    // is resolved.
+    let text = "SELECT /*!40001 `a */ x` /*! , (SELECT s FROM secrets) */ `";
+    assert!(resolve(text, mariadb)
+        .unwrap_err()
+        .contains("leaves a quote open"));
+    assert!(resolve("SELECT 1 /*! # x */", mysql).is_err());
+    assert!(resolve("SELECT 1 /*! 'a' */", mysql).is_ok());
     // The resolved text is what is analysed.
     let resolved = resolve("SELECT 1 /*M!100100 , (SELECT s FROM secrets) */", mariadb).unwrap();
     assert_eq!(one(&resolved).tables_read, tables(&["secrets"]));
@@ -874,7 +883,11 @@ fn reviewers_see_literals_hidden_where_a_masked_column_may_take_them() {
     let show = |sql: &str| shown_to_reviewer(sql, Escapes::NoBackslash, &sensitive);
     // Nothing masked, or no masked column within reach: as sent.
     assert_eq!(
-        shown_to_reviewer("DELETE FROM t WHERE a = 'x'", Escapes::Unknown, &HashSet::new()),
+        shown_to_reviewer(
+            "DELETE FROM t WHERE a = 'x'",
+            Escapes::Unknown,
+            &HashSet::new()
+        ),
         Shown::AsSent
     );
     assert_eq!(show("DELETE FROM orders WHERE id = 7"), Shown::AsSent);

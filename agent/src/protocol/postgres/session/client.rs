@@ -1288,7 +1288,9 @@ impl<'a> ClientSide<'a> {
             self.ctx.target_metrics.statement(d.action);
             let refused =
                 came_to.action.is_refused() || (mask_refused && came_to.action == Action::Mask);
-            self.recent.borrow_mut().remember(now, d.action, refused, text);
+            self.recent
+                .borrow_mut()
+                .remember(now, d.action, refused, text);
             SessionEvent::Statement(Arc::new(StatementEvent::decided(
                 session,
                 text,
