@@ -14,6 +14,7 @@ mod identity_spoof;
 mod listener;
 mod masking;
 mod mysql;
+mod mysql_review;
 mod orderings;
 mod postgres;
 mod protect;

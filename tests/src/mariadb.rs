@@ -139,6 +139,12 @@ impl Mariadb {
 
     fn start_in(dir: PathBuf, schema: &str, server_args: &[String]) -> Mariadb {
         let data = dir.join("data");
+        // A temporary directory of its own: the bootstrap's temporary
+        // tables in a /tmp shared with other servers starting at the same
+        // time were seen to vanish under it.
+        let tmp = dir.join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
+        let tmpdir = format!("--tmpdir={}", tmp.display());
         let user_args: Vec<String> = if is_root() {
             vec!["--user=mysql".into()]
         } else {
@@ -155,6 +161,7 @@ impl Mariadb {
         let out = Command::new("mariadb-install-db")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
+            .arg(&tmpdir)
             .args(&user_args)
             .args([
                 "--auth-root-authentication-method=normal",
@@ -178,6 +185,7 @@ impl Mariadb {
             .arg(format!("--socket={}", socket.display()))
             .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
             .arg(format!("--port={port}"))
+            .arg(&tmpdir)
             .args(&user_args)
             .args(
                 if server_args.iter().any(|a| a.starts_with("--bind-address")) {
