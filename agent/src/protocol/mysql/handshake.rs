@@ -221,7 +221,7 @@ pub fn read_client_answer(answer: &mut Packet) -> Result<ClientAnswer, Handshake
         .ok_or_else(|| HandshakeError("the client's user name is not terminated".into()))?;
     let auth_len = if kept & caps::PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
         super::packet::lenenc_int(after_user)
-            .and_then(|(n, used)| usize::try_from(n).ok().map(|n| n + used))
+            .and_then(|(n, used)| usize::try_from(n).ok().and_then(|n| n.checked_add(used)))
     } else if kept & caps::SECURE_CONNECTION != 0 {
         after_user.first().map(|&n| usize::from(n) + 1)
     } else {
@@ -409,6 +409,21 @@ mod tests {
             panic!("not a hello");
         };
         assert_eq!(hello.database, None);
+
+        // An authentication length at the top of the range is cut short,
+        // not an overflow.
+        let mut p = answer(
+            caps::PROTOCOL_41 | caps::PLUGIN_AUTH_LENENC_CLIENT_DATA,
+            "app",
+            b"",
+            None,
+        );
+        let at = 32 + b"app\0".len();
+        p.payload.splice(
+            at..=at,
+            [0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF],
+        );
+        assert!(read_client_answer(&mut p).is_err());
 
         let mut tls = Packet {
             seq: 1,
