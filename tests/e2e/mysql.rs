@@ -1010,3 +1010,95 @@ fn an_unreachable_server_is_an_error_in_place_of_the_greeting() {
         "{all}"
     );
 }
+
+/// Expects `result` to be the driver's error holding `expected`.
+fn driver_error(result: &DriverResult, expected: &str) {
+    match result {
+        DriverResult::Error(e) => assert!(e.contains(expected), "{e}"),
+        DriverResult::Rows(rows) => {
+            panic!("expected an error with {expected:?}, got rows {rows:?}")
+        }
+    }
+}
+
+/// Expects `result` to be one result of one row of one value.
+fn driver_value(result: &DriverResult, expected: &str) {
+    match result {
+        DriverResult::Rows(rows) => {
+            assert_eq!(rows, &vec![vec![vec![Some(expected.to_owned())]]]);
+        }
+        DriverResult::Error(e) => panic!("expected {expected:?}, got the error {e}"),
+    }
+}
+
+#[test]
+fn a_rule_naming_a_table_with_its_database_holds_however_the_database_was_chosen() {
+    let db = Mariadb::start(SCHEMA);
+    db.as_root("CREATE DATABASE other; CREATE TABLE other.secrets (s TEXT); INSERT INTO other.secrets VALUES ('not-secret')");
+    let policy = policy_file(concat!(
+        include_str!("../data/policy/allow-by-default.toml"),
+        "[[rule]]\nname = \"shop-secrets\"\naction = \"deny\"\n[rule.match]\ntables = [\"shop.secrets\"]\n",
+    ));
+    let port = free_port();
+    let _agent = Agent::start(&mysql_config(port, db.port, &policy.line));
+    let client = |database: &str, sql: &str| {
+        let out = Command::new("mariadb")
+            .arg("--no-defaults")
+            .args(["-h", "127.0.0.1", "-P", &port.to_string()])
+            .args(["-u", USER, &format!("-p{PASSWORD}")])
+            .args([
+                "--protocol=TCP",
+                "--skip-ssl",
+                "--batch",
+                "--skip-column-names",
+            ])
+            .args(["-D", database, "-e", sql])
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out))
+    };
+    let denied = "denied by rule \"shop-secrets\"";
+    // The database of the handshake, and one switched to with the client's
+    // `use` (COM_INIT_DB).
+    for (database, sql) in [
+        ("shop", "SELECT s FROM secrets"),
+        ("other", "use shop\nSELECT s FROM secrets"),
+    ] {
+        let (success, all) = client(database, sql);
+        assert!(!success, "{sql} ran: {all}");
+        assert!(all.contains(denied), "{sql}: {all}");
+        assert!(!all.contains("the-key"), "{sql}: {all}");
+    }
+    // The same name in another database is another table.
+    let (success, all) = client("other", "SELECT s FROM secrets");
+    assert!(success, "{all}");
+    assert_eq!(all, "not-secret\n");
+
+    // SQL `USE`, alone and in front of the statement in the same text; a
+    // text that switched databases and failed part-way leaves the database
+    // unknown until the next USE.
+    let results = python_driver(
+        "pymysql",
+        port,
+        &[
+            "USE other",
+            "SELECT s FROM secrets",
+            "USE shop; SELECT s FROM secrets",
+            "SELECT s FROM secrets",
+            "SELECT 1; USE nosuchdb",
+            "SELECT s FROM secrets",
+            "USE shop",
+            "SELECT s FROM secrets",
+        ],
+    );
+    assert_eq!(results.len(), 8, "{results:?}");
+    driver_value(&results[1], "not-secret");
+    driver_error(&results[2], denied);
+    driver_value(&results[3], "not-secret");
+    driver_error(&results[4], "nosuchdb");
+    driver_error(&results[5], "current database is not known");
+    driver_error(&results[7], denied);
+    // A statement prepared in the handshake's database.
+    let results = python_driver("connector", port, &["SELECT s FROM secrets"]);
+    driver_error(&results[0], denied);
+}

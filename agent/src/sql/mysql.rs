@@ -1548,6 +1548,92 @@ fn unquoted(literal: &str) -> String {
     literal.to_owned()
 }
 
+/// The database a `USE db` statement switches to (lowercased, as table
+/// names are); `None` for any other statement.
+pub fn used_database(statement_text: &str) -> Option<String> {
+    let dialect = MySqlDialect {};
+    let mut statements = Parser::parse_sql(&dialect, statement_text).ok()?;
+    match (statements.pop(), statements.is_empty()) {
+        (Some(Statement::Use(sqlparser::ast::Use::Object(name))), true) => {
+            single_ident(&name).map(|ident| ident.value.to_lowercase())
+        }
+        _ => None,
+    }
+}
+
+/// Whether a statement of `analysis` names a table without its database.
+pub fn has_unqualified_tables(analysis: &Analysis) -> bool {
+    match analysis {
+        Analysis::Parsed { statements } => statements.iter().any(|s| {
+            s.tables_read
+                .iter()
+                .chain(&s.tables_written)
+                .any(|t| t.schema.is_none())
+        }),
+        Analysis::Unparsable { .. } => false,
+    }
+}
+
+/// `analysis` with every table named without its database given the
+/// server's current database, which is the table's (a table's schema is
+/// its database): `current` for the first statements, and after a `USE` of
+/// the same text, the database it switches to. With `keep_unqualified` the
+/// name without a database stays too, so that a later call qualifies it
+/// again (a prepared statement, for the database current at each
+/// execution). `None` when no table needs it.
+pub fn in_database(
+    analysis: &Analysis,
+    current: Option<&str>,
+    keep_unqualified: bool,
+) -> Option<Analysis> {
+    if !has_unqualified_tables(analysis) {
+        return None;
+    }
+    let Analysis::Parsed { statements } = analysis else {
+        return None;
+    };
+    if current.is_none() && !statements.iter().any(|s| &*s.command == "USE") {
+        return None;
+    }
+    let qualify = |tables: &[TableRef], database: Option<&str>| {
+        let mut out: Vec<TableRef> = Vec::with_capacity(tables.len() * 2);
+        for t in tables {
+            match (&t.schema, database) {
+                (None, Some(database)) => {
+                    if keep_unqualified {
+                        out.push(t.clone());
+                    }
+                    out.push(TableRef {
+                        schema: Some(database.to_owned()),
+                        name: t.name.clone(),
+                    });
+                }
+                _ => out.push(t.clone()),
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    };
+    let mut database = current.map(str::to_owned);
+    let mut qualified = Vec::with_capacity(statements.len());
+    for s in statements {
+        qualified.push(StatementSummary {
+            tables_read: qualify(&s.tables_read, database.as_deref()),
+            tables_written: qualify(&s.tables_written, database.as_deref()),
+            ..s.clone()
+        });
+        if &*s.command == "USE" {
+            if let Some(used) = used_database(&s.text) {
+                database = Some(used);
+            }
+        }
+    }
+    Some(Analysis::Parsed {
+        statements: qualified,
+    })
+}
+
 /// The connection id a `KILL [CONNECTION | QUERY] id` statement names
 /// (`None` for any other statement, and for MariaDB's `KILL USER` and
 /// `KILL QUERY ID`, which name no connection).

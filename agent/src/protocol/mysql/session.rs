@@ -176,6 +176,31 @@ enum Verdict {
     Edited(String),
 }
 
+/// What a prepared statement's decisions were made under: the policy's
+/// generation and the session's database epoch.
+type DecidedUnder = (u64, u64);
+
+/// The server's current database, which tables named without one are in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CurrentDatabase {
+    /// None selected: such names are the server's error.
+    None,
+    /// This one (lowercased, as table names are).
+    Known(String),
+    /// A text that switched databases failed part-way: statements naming
+    /// a table without its database are refused until a `USE`.
+    Unknown,
+}
+
+impl CurrentDatabase {
+    fn from_name(name: Option<&str>) -> Self {
+        match name.filter(|n| !n.is_empty()) {
+            Some(name) => CurrentDatabase::Known(name.to_lowercase()),
+            None => CurrentDatabase::None,
+        }
+    }
+}
+
 /// The command a decided text comes with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -215,8 +240,8 @@ struct Session<'a> {
     /// id: their rows come with `COM_STMT_FETCH`.
     cursor_masks: HashMap<u32, ResultMask>,
     /// The decisions of each prepared statement's last execution, with the
-    /// generation of the policy that made them.
-    decided: HashMap<u32, (u64, Arc<[Decision]>)>,
+    /// generation of the policy that made them and the database epoch.
+    decided: HashMap<u32, (DecidedUnder, Arc<[Decision]>)>,
     /// The session's decisions by statement shape.
     memo: DecisionMemo,
     raw: bool,
@@ -244,6 +269,11 @@ struct Session<'a> {
     interrupt: Option<Arc<tokio::sync::Notify>>,
     /// The rule whose review a reviewer's edit, decided next, went through.
     edited_under: Option<String>,
+    /// The server's current database.
+    database: CurrentDatabase,
+    /// Counts changes of `database`: decisions of prepared statements made
+    /// under another are made again.
+    database_epoch: u64,
 }
 
 /// How long a TLS handshake with either side may take.
@@ -264,6 +294,8 @@ struct Connected {
     capabilities: u32,
     /// The database user the client authenticated as.
     user: String,
+    /// The database it asked for.
+    database: Option<String>,
 }
 
 /// Serves one session until it ends and says why.
@@ -320,6 +352,8 @@ pub async fn run(
                 .as_ref()
                 .map(|(_, interrupt)| Arc::clone(interrupt)),
             edited_under: None,
+            database: CurrentDatabase::from_name(connected.database.as_deref()),
+            database_epoch: 0,
         };
         session.note_status_flags(connected.status);
         loop {
@@ -458,6 +492,7 @@ async fn connect(
     let capabilities = hello.capabilities;
     let info = ctx.start.info().await;
     let user = hello.user.clone();
+    let database = hello.database.clone();
     ctx.events.emit(&SessionEvent::Startup {
         session: info.id,
         user: Some(hello.user),
@@ -473,6 +508,7 @@ async fn connect(
         collation,
         capabilities,
         user,
+        database,
     })
 }
 
@@ -668,6 +704,7 @@ impl Session<'_> {
                             self.send_to_server(&command).await?;
                             self.relay_results(false, plan.as_ref(), None).await?;
                             self.follow_charset(&analysis);
+                            self.follow_use(&analysis);
                             return Ok(());
                         }
                         Verdict::Edited(edit) => {
@@ -688,7 +725,17 @@ impl Session<'_> {
                 let Some(text) = self.text_of(&mut command, reply_seq).await? else {
                     return Ok(());
                 };
-                let analysis = self.analyze(&text);
+                let mut analysis = self.analyze(&text);
+                // The server resolves the statement's tables when it
+                // prepares it; each execution is decided under the
+                // database current then too.
+                if let CurrentDatabase::Known(db) = &self.database {
+                    if let Some(qualified) =
+                        crate::sql::mysql::in_database(&analysis, Some(db), true)
+                    {
+                        analysis = qualified;
+                    }
+                }
                 if let Verdict::Run(_) = self
                     .decide(&text, &analysis, reply_seq, Phase::Prepare)
                     .await?
@@ -776,9 +823,19 @@ impl Session<'_> {
                 self.send_to_server(&command).await?;
                 self.relay_one().await
             }
-            Some(
-                com::INIT_DB | com::PING | com::STATISTICS | com::STMT_RESET | com::SET_OPTION,
-            ) => {
+            Some(com::INIT_DB) => {
+                let name = String::from_utf8_lossy(command.payload.get(1..).unwrap_or_default())
+                    .into_owned();
+                self.send_to_server(&command).await?;
+                let answer = self.server_packet().await?;
+                self.queue_for_client(&answer);
+                self.note_status(&answer.payload);
+                if answer.first() == Some(0x00) {
+                    self.set_database(CurrentDatabase::from_name(Some(&name)));
+                }
+                self.flush_client().await
+            }
+            Some(com::PING | com::STATISTICS | com::STMT_RESET | com::SET_OPTION) => {
                 self.send_to_server(&command).await?;
                 self.relay_one().await
             }
@@ -913,7 +970,18 @@ impl Session<'_> {
         let edited_under = self.edited_under.take();
         let info = self.ctx.start.info().await;
         let policy = crate::policy::current_policy(&self.ctx.policy);
-        let generation = policy.generation();
+        let generation = (policy.generation(), self.database_epoch);
+        if self.database == CurrentDatabase::Unknown
+            && crate::sql::mysql::has_unqualified_tables(analysis)
+        {
+            let err = packet::err_payload(
+                ER_TABLEACCESS_DENIED,
+                "42000",
+                "tollgate: the session's current database is not known (a text that switched databases failed part-way), so a table named without its database cannot be decided; run USE first, or name the database",
+            );
+            self.answer_client(reply_seq, err).await?;
+            return Ok(Verdict::Refused);
+        }
         let prepared = match phase {
             Phase::Execute(id) => Some(id),
             Phase::Query | Phase::Prepare => None,
@@ -925,9 +993,19 @@ impl Session<'_> {
         let decisions = match known {
             Some(decisions) => decisions,
             None => {
-                let decisions =
-                    self.memo
-                        .decide(&policy, &self.ctx.target, &info.identity, text, analysis);
+                // Tables named without a database are the current one's.
+                let current = match &self.database {
+                    CurrentDatabase::Known(db) => Some(db.as_str()),
+                    CurrentDatabase::None | CurrentDatabase::Unknown => None,
+                };
+                let qualified = crate::sql::mysql::in_database(analysis, current, false);
+                let decisions = self.memo.decide(
+                    &policy,
+                    &self.ctx.target,
+                    &info.identity,
+                    text,
+                    qualified.as_ref().unwrap_or(analysis),
+                );
                 if let Some(id) = prepared {
                     self.decided
                         .insert(id, (generation, Arc::clone(&decisions)));
@@ -1037,6 +1115,7 @@ impl Session<'_> {
         };
         let info = self.ctx.start.info().await;
         self.database_user = Some(change.user.clone());
+        self.set_database(CurrentDatabase::from_name(change.database.as_deref()));
         self.ctx.events.emit(&SessionEvent::Startup {
             session: info.id,
             user: Some(change.user),
@@ -1150,6 +1229,35 @@ impl Session<'_> {
                         .to_owned(),
                 ),
             })
+    }
+
+    /// Follows a `USE` that ran: its database is current once the text ran
+    /// without error; a text of several statements that failed may have
+    /// stopped before or after it.
+    fn follow_use(&mut self, analysis: &Analysis) {
+        let Analysis::Parsed { statements } = analysis else {
+            return;
+        };
+        let Some(used) = statements
+            .iter()
+            .filter(|s| &*s.command == "USE")
+            .filter_map(|s| crate::sql::mysql::used_database(&s.text))
+            .next_back()
+        else {
+            return;
+        };
+        match (self.answer_failed, statements.len()) {
+            (false, _) => self.set_database(CurrentDatabase::Known(used)),
+            (true, 1) => {}
+            (true, _) => self.set_database(CurrentDatabase::Unknown),
+        }
+    }
+
+    fn set_database(&mut self, database: CurrentDatabase) {
+        if database != self.database {
+            self.database = database;
+            self.database_epoch += 1;
+        }
     }
 
     /// Wakes the held statements of the connections a `KILL` that is about

@@ -928,3 +928,40 @@ fn reviewers_see_literals_hidden_where_a_masked_column_may_take_them() {
         Shown::Withheld
     );
 }
+
+#[test]
+fn tables_named_without_a_database_are_in_the_current_one() {
+    let read = |analysis: &Analysis| -> Vec<Vec<TableRef>> {
+        match analysis {
+            Analysis::Parsed { statements } => {
+                statements.iter().map(|s| s.tables_read.clone()).collect()
+            }
+            Analysis::Unparsable { error } => panic!("{error}"),
+        }
+    };
+    let a = analyze("SELECT * FROM secrets JOIN other.t ON 1");
+    assert_eq!(
+        read(&in_database(&a, Some("shop"), false).unwrap()),
+        vec![tables(&["other.t", "shop.secrets"])]
+    );
+    // Kept unqualified too, for a later database (a prepared statement).
+    assert_eq!(
+        read(&in_database(&a, Some("shop"), true).unwrap()),
+        vec![tables(&["other.t", "secrets", "shop.secrets"])]
+    );
+    // After a USE in the same text, its database.
+    let a = analyze("SELECT * FROM t; USE Shop; SELECT * FROM secrets");
+    assert_eq!(
+        read(&in_database(&a, None, false).unwrap()),
+        vec![tables(&["t"]), vec![], tables(&["shop.secrets"])]
+    );
+    assert_eq!(
+        read(&in_database(&a, Some("x"), false).unwrap()),
+        vec![tables(&["x.t"]), vec![], tables(&["shop.secrets"])]
+    );
+    // Nothing to do.
+    assert!(in_database(&analyze("SELECT * FROM shop.secrets"), Some("x"), false).is_none());
+    assert!(in_database(&analyze("SELECT * FROM secrets"), None, false).is_none());
+    assert_eq!(used_database("USE `Shop`").as_deref(), Some("shop"));
+    assert_eq!(used_database("SELECT 1"), None);
+}
