@@ -52,12 +52,12 @@ const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
 const ER_UNKNOWN_COM: u16 = 1047;
 const ER_KILL_DENIED: u16 = 1095;
 
-/// Commands (`COM_*`).
 mod review;
 
 use crate::protocol::review::RecentStatements;
 use review::Reviewed;
 
+/// Commands (`COM_*`).
 mod com {
     pub(super) const QUIT: u8 = 0x01;
     pub(super) const INIT_DB: u8 = 0x02;
@@ -971,17 +971,6 @@ impl Session<'_> {
         let info = self.ctx.start.info().await;
         let policy = crate::policy::current_policy(&self.ctx.policy);
         let generation = (policy.generation(), self.database_epoch);
-        if self.database == CurrentDatabase::Unknown
-            && crate::sql::mysql::has_unqualified_tables(analysis)
-        {
-            let err = packet::err_payload(
-                ER_TABLEACCESS_DENIED,
-                "42000",
-                "tollgate: the session's current database is not known (a text that switched databases failed part-way), so a table named without its database cannot be decided; run USE first, or name the database",
-            );
-            self.answer_client(reply_seq, err).await?;
-            return Ok(Verdict::Refused);
-        }
         let prepared = match phase {
             Phase::Execute(id) => Some(id),
             Phase::Query | Phase::Prepare => None,
@@ -1014,8 +1003,12 @@ impl Session<'_> {
             }
         };
         let mut effective: Arc<[Decision]> = Arc::clone(&decisions);
-        let mut refusal = None;
-        let wants_review = most_restrictive(&decisions).is_some_and(|d| d.action == Action::Review);
+        // Refused before any review: nothing a reviewer says would let it run.
+        let mut refusal = self
+            .unknown_database_refusal(analysis)
+            .map(|message| (ER_TABLEACCESS_DENIED, message));
+        let wants_review = refusal.is_none()
+            && most_restrictive(&decisions).is_some_and(|d| d.action == Action::Review);
         if wants_review && phase == Phase::Prepare {
             // Preparing runs nothing; each execution is held.
             effective = decisions.iter().map(Decision::reviewed).collect();
@@ -1251,6 +1244,16 @@ impl Session<'_> {
             (true, 1) => {}
             (true, _) => self.set_database(CurrentDatabase::Unknown),
         }
+    }
+
+    /// Why a statement naming a table without its database may not run:
+    /// which database that is, is not known.
+    fn unknown_database_refusal(&self, analysis: &Analysis) -> Option<String> {
+        (self.database == CurrentDatabase::Unknown
+            && crate::sql::mysql::has_unqualified_tables(analysis))
+        .then(|| {
+            "tollgate: the session's current database is not known (a text that switched databases failed part-way), so a table named without its database cannot be decided; run USE first, or name the database".to_owned()
+        })
     }
 
     fn set_database(&mut self, database: CurrentDatabase) {
