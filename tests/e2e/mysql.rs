@@ -1102,3 +1102,97 @@ fn a_rule_naming_a_table_with_its_database_holds_however_the_database_was_chosen
     let results = python_driver("connector", port, &["SELECT s FROM secrets"]);
     driver_error(&results[0], denied);
 }
+
+/// Kills the child when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_server_that_asks_for_a_client_file_unasked_gets_an_empty_one() {
+    // A hostile server asks for a client file in answer to any statement.
+    // The client would send it (it runs with --local-infile=1); the agent
+    // answers for it with an empty file, whether the statement is a plain
+    // SELECT or a LOAD DATA LOCAL that a rule allows for another file.
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("id_ed25519");
+    std::fs::write(&private, "the client's private key\n").unwrap();
+    let allowed = dir.path().join("rows.csv");
+    std::fs::write(&allowed, "1\n").unwrap();
+    let received = dir.path().join("received");
+    let server_port = free_port();
+    let _server = Killed(
+        Command::new("python3")
+            .arg(workspace_root().join("tests/data/hostile_mysql_server.py"))
+            .arg(server_port.to_string())
+            .arg(&private)
+            .arg(&received)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", server_port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Directly, the client sends the file it is asked for.
+    let out = mariadb_command(server_port, "SELECT 1")
+        .arg("--local-infile=1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let asked = private.display().to_string();
+    let key_hex: String = "the client's private key\n"
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        std::fs::read_to_string(&received).unwrap(),
+        format!("{asked}\t{key_hex}\n")
+    );
+    std::fs::remove_file(&received).unwrap();
+
+    let policy = policy_file(concat!(
+        include_str!("../data/policy/allow-by-default.toml"),
+        "[[rule]]\nname = \"imports\"\naction = \"allow\"\n[rule.match]\ncommands = [\"LOAD DATA LOCAL\"]\n",
+    ));
+    let port = free_port();
+    let agent = Agent::start(&mysql_config(port, server_port, &policy.line));
+    for sql in [
+        "SELECT 1".to_owned(),
+        format!(
+            "LOAD DATA LOCAL INFILE '{}' INTO TABLE t",
+            allowed.display()
+        ),
+    ] {
+        let out = mariadb_command(port, &sql)
+            .arg("--local-infile=1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{sql}: {}", text(&out));
+    }
+    // Through the agent, both requests were answered, each with nothing.
+    assert_eq!(
+        std::fs::read_to_string(&received).unwrap(),
+        format!("{asked}\t\n{asked}\t\n")
+    );
+    agent
+        .wait_for_log(
+            |l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("no allowed LOAD DATA LOCAL names"))
+                    && l["file"] == asked.as_str()
+            },
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+}
