@@ -269,6 +269,8 @@ struct Session<'a> {
     interrupt: Option<Arc<tokio::sync::Notify>>,
     /// The rule whose review a reviewer's edit, decided next, went through.
     edited_under: Option<String>,
+    /// Bytes read from the server not yet added to the counters.
+    from_server_uncounted: u64,
     /// The server's current database.
     database: CurrentDatabase,
     /// Counts changes of `database`: decisions of prepared statements made
@@ -354,10 +356,12 @@ pub async fn run(
             edited_under: None,
             database: CurrentDatabase::from_name(connected.database.as_deref()),
             database_epoch: 0,
+            from_server_uncounted: 0,
         };
         session.note_status_flags(connected.status);
         loop {
             if let Err(Stop::Closed(reason)) = session.command().await {
+                session.count_from_server();
                 return reason;
             }
         }
@@ -1388,11 +1392,14 @@ impl Session<'_> {
                     };
                     let mut result_mask = ResultMask::default();
                     for _ in 0..columns {
+                        let Some(plan) = plan else {
+                            // Nothing to mask: relayed as they come.
+                            self.relay_server_packet().await?;
+                            continue;
+                        };
                         let mut column = self.server_packet().await?;
-                        if let Some(plan) = plan {
-                            if let Err(e) = result_mask.add(plan, &mut column.payload) {
-                                return Err(self.malformed(e.0));
-                            }
+                        if let Err(e) = result_mask.add(plan, &mut column.payload) {
+                            return Err(self.malformed(e.0));
                         }
                         self.queue_for_client(&column);
                     }
@@ -1481,30 +1488,7 @@ impl Session<'_> {
     /// is written out whenever it is large.
     async fn relay_rows_as_they_are(&mut self) -> Result<Option<u16>, Stop> {
         loop {
-            let read =
-                packet::read_packet_into(&mut self.server_in, &mut self.to_client, MAX_PACKET)
-                    .await
-                    .map_err(|e| Stop::from(CloseReason::UpstreamError(e.to_string())))?;
-            let Some(at) = read else {
-                return Err(
-                    CloseReason::UpstreamError("closed in the middle of an answer".into()).into(),
-                );
-            };
-            let bytes = at.framed.len() as u64;
-            self.ctx
-                .counters
-                .from_upstream
-                .fetch_add(bytes, Ordering::Relaxed);
-            self.ctx
-                .target_metrics
-                .bytes_from_upstream
-                .fetch_add(bytes, Ordering::Relaxed);
-            if self.raw {
-                let framed = self.to_client.get(at.framed.clone()).unwrap_or_default();
-                self.ctx
-                    .events
-                    .emit_raw(self.ctx.id, RawDirection::Server, framed);
-            }
+            let at = self.relay_server_packet().await?;
             let payload = self.to_client.get(at.first.clone()).unwrap_or_default();
             if at.len < 9 && payload.first() == Some(&0xFE) {
                 let status = packet::status_flags(payload);
@@ -1520,6 +1504,27 @@ impl Session<'_> {
                 self.flush_client().await?;
             }
         }
+    }
+
+    /// Reads a packet the server must send straight onto the end of the
+    /// client's buffer, unchanged (no copy of its own); where it went.
+    async fn relay_server_packet(&mut self) -> Result<packet::Appended, Stop> {
+        let read = packet::read_packet_into(&mut self.server_in, &mut self.to_client, MAX_PACKET)
+            .await
+            .map_err(|e| Stop::from(CloseReason::UpstreamError(e.to_string())))?;
+        let Some(at) = read else {
+            return Err(
+                CloseReason::UpstreamError("closed in the middle of an answer".into()).into(),
+            );
+        };
+        self.from_server_uncounted += at.framed.len() as u64;
+        if self.raw {
+            let framed = self.to_client.get(at.framed.clone()).unwrap_or_default();
+            self.ctx
+                .events
+                .emit_raw(self.ctx.id, RawDirection::Server, framed);
+        }
+        Ok(at)
     }
 
     /// Passes the server's request for the allowed client file to the
@@ -1640,14 +1645,37 @@ impl Session<'_> {
     }
 
     async fn read_server(&mut self) -> Result<Option<Packet>, Stop> {
-        let read = read_counted(
-            &mut self.server_in,
-            self.ctx,
-            RawDirection::Server,
-            self.raw,
-        )
-        .await;
-        read.map_err(|e| CloseReason::UpstreamError(e.to_string()).into())
+        let read = packet::read_packet(&mut self.server_in, MAX_PACKET)
+            .await
+            .map_err(|e| Stop::from(CloseReason::UpstreamError(e.to_string())))?;
+        if let Some(p) = &read {
+            self.from_server_uncounted += framed_len(p);
+            if self.raw {
+                let mut framed = Vec::with_capacity(p.payload.len() + 4);
+                packet::frame(&mut framed, p.seq, &p.payload);
+                self.ctx
+                    .events
+                    .emit_raw(self.ctx.id, RawDirection::Server, &framed);
+            }
+        }
+        Ok(read)
+    }
+
+    /// Adds the bytes read from the server since the last call to the
+    /// session's and the target's counters: once per answer (or per
+    /// 64 KiB written), not per row, as those are shared between threads.
+    fn count_from_server(&mut self) {
+        let bytes = std::mem::take(&mut self.from_server_uncounted);
+        if bytes > 0 {
+            self.ctx
+                .counters
+                .from_upstream
+                .fetch_add(bytes, Ordering::Relaxed);
+            self.ctx
+                .target_metrics
+                .bytes_from_upstream
+                .fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     async fn send_to_server(&mut self, packet: &Packet) -> Result<(), Stop> {
@@ -1665,6 +1693,7 @@ impl Session<'_> {
     }
 
     async fn flush_client(&mut self) -> Result<(), Stop> {
+        self.count_from_server();
         if self.to_client.is_empty() {
             return Ok(());
         }
@@ -1698,8 +1727,7 @@ async fn read_counted<R: AsyncRead + Unpin>(
 ) -> Result<Option<Packet>, PacketError> {
     let packet = packet::read_packet(reader, MAX_PACKET).await?;
     if let Some(p) = &packet {
-        let pieces = p.payload.len() / packet::MAX_WIRE_PAYLOAD + 1;
-        let bytes = (p.payload.len() + 4 * pieces) as u64;
+        let bytes = framed_len(p);
         let (session, target) = match dir {
             RawDirection::Client => (
                 &ctx.counters.from_client,
@@ -1719,6 +1747,12 @@ async fn read_counted<R: AsyncRead + Unpin>(
         }
     }
     Ok(packet)
+}
+
+/// The bytes a packet took on the wire (a header per piece).
+fn framed_len(p: &Packet) -> u64 {
+    let pieces = p.payload.len() / packet::MAX_WIRE_PAYLOAD + 1;
+    (p.payload.len() + 4 * pieces) as u64
 }
 
 /// The statement id at bytes 1..5 of a COM_STMT_* command or a prepare OK.
