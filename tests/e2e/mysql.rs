@@ -1196,3 +1196,56 @@ fn a_server_that_asks_for_a_client_file_unasked_gets_an_empty_one() {
         )
         .unwrap();
 }
+
+#[test]
+fn a_binlog_dump_needs_a_rule_that_allows_it() {
+    // The binary log holds every change of every table, the secrets too.
+    let db = Mariadb::start_with(SCHEMA, &["--log-bin=binlog", "--server-id=1"]);
+    let log = db.as_root("SHOW BINARY LOGS");
+    let first = log.split_whitespace().next().unwrap().to_owned();
+    let dump = |port: u16| {
+        let out = Command::new("mariadb-binlog")
+            .arg("--no-defaults")
+            .arg("--read-from-remote-server")
+            .args(["-h", "127.0.0.1", "-P", &port.to_string()])
+            .args(["-u", USER, &format!("-p{PASSWORD}")])
+            .arg(&first)
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out))
+    };
+    // Directly, the dump holds the secret.
+    let (success, all) = dump(db.port);
+    assert!(success, "{all}");
+    assert!(all.contains("the-key"), "{all}");
+
+    // Through an agent whose default allows every statement: refused, by
+    // name, with nothing of the log.
+    let policy = policy_file(POLICY);
+    let port = free_port();
+    let agent = Agent::start(&mysql_config(port, db.port, &policy.line));
+    let (success, all) = dump(port);
+    assert!(!success, "{all}");
+    assert!(
+        all.contains("COM_BINLOG_DUMP refused: no rule allows it"),
+        "{all}"
+    );
+    assert!(!all.contains("the-key"), "{all}");
+    let refused = agent.wait_for_statement("allow", "command", "COM_BINLOG_DUMP");
+    assert_eq!(
+        refused["message"], "statement refused (allow): COM_BINLOG_DUMP",
+        "{refused}"
+    );
+    drop(agent);
+
+    // A rule for it: the whole log comes through, as directly.
+    let policy = policy_file(&format!(
+        "{POLICY}\n[[rule]]\nname = \"replicas\"\naction = \"allow\"\n[rule.match]\ncommands = [\"COM_BINLOG_DUMP\"]\n"
+    ));
+    let port = free_port();
+    let _agent = Agent::start(&mysql_config(port, db.port, &policy.line));
+    let (success, all) = dump(port);
+    assert!(success, "{all}");
+    assert!(all.contains("the-key"), "{all}");
+    assert_eq!(all, dump(db.port).1);
+}

@@ -51,6 +51,17 @@ impl Mariadb {
         Mariadb::start_in(dir, schema, &[format!("--bind-address=127.0.0.1,{also}")])
     }
 
+    /// [`Mariadb::start`] with more server options (`--log-bin`).
+    pub fn start_with(schema: &str, options: &[&str]) -> Mariadb {
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-mariadb-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let options: Vec<String> = options.iter().map(|o| (*o).to_owned()).collect();
+        Mariadb::start_in(dir, schema, &options)
+    }
+
     /// [`Mariadb::start`] with TLS: a CA made for it signs the server's
     /// certificate (names `localhost` and 127.0.0.1); the CA's PEM file is
     /// [`Mariadb::tls_ca`].

@@ -1634,6 +1634,22 @@ pub fn in_database(
     })
 }
 
+/// A protocol command that is not a statement (`COM_BINLOG_DUMP`) as a
+/// summary the policy decides: kind `other`, the command's name as its
+/// command label and its text, nothing read or written.
+pub fn command_summary(command: &str) -> Analysis {
+    Analysis::Parsed {
+        statements: vec![summary(
+            StatementKind::Other,
+            None,
+            command.to_owned(),
+            Facts::default(),
+            hash(command),
+            command,
+        )],
+    }
+}
+
 /// The connection id a `KILL [CONNECTION | QUERY] id` statement names
 /// (`None` for any other statement, and for MariaDB's `KILL USER` and
 /// `KILL QUERY ID`, which name no connection).

@@ -867,15 +867,7 @@ impl Session<'_> {
                 self.answer_client(reply_seq, err).await
             }
             Some(c @ (com::BINLOG_DUMP | com::BINLOG_DUMP_GTID | com::REGISTER_SLAVE)) => {
-                let err = packet::err_payload(
-                    ER_SPECIFIC_ACCESS_DENIED,
-                    "42000",
-                    &format!(
-                        "tollgate: command {} is not allowed through the agent",
-                        command_name(c)
-                    ),
-                );
-                self.answer_client(reply_seq, err).await
+                self.replication(c, &command).await
             }
             Some(other) => {
                 let err = packet::err_payload(
@@ -886,6 +878,52 @@ impl Session<'_> {
                 self.answer_client(reply_seq, err).await
             }
             None => Err(CloseReason::ClientError("an empty command packet".into()).into()),
+        }
+    }
+
+    /// A replication command: decided by the policy under its name
+    /// (`COM_BINLOG_DUMP`, ...), and refused unless a rule (not a default)
+    /// allows it, for it streams every change the server makes, of every
+    /// table, past the statement gate. Allowed, the server's stream is
+    /// relayed packet by packet to its end.
+    async fn replication(&mut self, code: u8, command: &Packet) -> Result<(), Stop> {
+        let name = command_name(code);
+        let analysis = crate::sql::mysql::command_summary(name);
+        let info = self.ctx.start.info().await;
+        let policy = crate::policy::current_policy(&self.ctx.policy);
+        let decisions = policy.decide_analysis(&self.ctx.target, &info.identity, name, &analysis);
+        let top = most_restrictive(&decisions);
+        let refusal = match top {
+            Some(d) if d.action.is_refused() => Some(d.client_message(name)),
+            Some(d) if d.deciding_rule().is_some() && matches!(d.action, Action::Allow | Action::Audit) => None,
+            _ => Some(format!(
+                "tollgate: {name} refused: no rule allows it (a rule with action \"allow\" matching commands = [\"{name}\"] does); replication streams every change of every table past the statement gate"
+            )),
+        };
+        self.report(name, &analysis, &decisions, refusal.is_some());
+        if let Some(message) = refusal {
+            let err = packet::err_payload(ER_SPECIFIC_ACCESS_DENIED, "42000", &message);
+            return self.answer_client(command.next_seq(), err).await;
+        }
+        self.send_to_server(command).await?;
+        if code == com::REGISTER_SLAVE {
+            return self.relay_one().await;
+        }
+        // Binlog events, each an OK-marked packet, up to an EOF (the end of
+        // the logs with BINLOG_DUMP_NON_BLOCK) or an ERR; a blocking dump
+        // never ends.
+        loop {
+            let at = self.relay_server_packet().await?;
+            let payload = self.to_client.get(at.first.clone()).unwrap_or_default();
+            let end =
+                (at.len < 9 && payload.first() == Some(&0xFE)) || payload.first() == Some(&0xFF);
+            // Written out whenever nothing more has arrived yet.
+            if end || self.server_in.buffer().is_empty() || self.to_client.len() >= FLUSH_AT {
+                self.flush_client().await?;
+            }
+            if end {
+                return Ok(());
+            }
         }
     }
 
