@@ -5,12 +5,15 @@
 //! client runs in a cgroup of its own, as a CI job's would.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tollgate_tests::mariadb::{mariadb, Mariadb, DATABASE, PASSWORD, USER};
+use tollgate_tests::review::{
+    approvals_as, id_of, ok, output_of, pending_from, recorded_session, spawn_in_cgroup,
+};
 use tollgate_tests::*;
 
 /// `daemon` and `bin` review; the requester (root) may not.
@@ -84,16 +87,7 @@ impl Desk {
 
     /// `program ARGS` in the requesters' cgroup.
     fn spawn(&self, program: &str, args: &[String]) -> Child {
-        Command::new("sh")
-            .arg("-c")
-            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
-            .arg(&self.cgroup.0[0])
-            .arg(program)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        spawn_in_cgroup(&self.cgroup.0[0], Path::new(program), args)
     }
 
     /// The `mariadb` client running `sql` (unbuffered: each result is
@@ -126,34 +120,12 @@ impl Desk {
 
     /// `tollgate approvals ARGS` as `user`.
     fn approvals(&self, user: &str, args: &[&str]) -> Output {
-        Command::new("runuser")
-            .args(["-u", user, "--"])
-            .arg(agent_binary())
-            .arg("approvals")
-            .args(args)
-            .arg("--socket")
-            .arg(&self.socket)
-            .env_remove("TOLLGATE_CONFIG")
-            .output()
-            .unwrap()
+        approvals_as(&self.socket, user, args)
     }
 
     /// Waits until a request is pending; its view.
     fn pending(&self, client: &mut Child) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let out = self.approvals("daemon", &["list", "--json"]);
-            let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-            if let Some(first) = list.as_array().and_then(|a| a.first()) {
-                return first.clone();
-            }
-            if Instant::now() > deadline || client.try_wait().unwrap().is_some() {
-                let _ = client.kill();
-                let out = client_output(client);
-                panic!("no request became pending; the client said: {out}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        pending_from(&self.socket, client).remove(0)
     }
 
     fn nothing_pending(&self) -> bool {
@@ -177,55 +149,14 @@ impl Desk {
         let shown = ok(&self.approvals("daemon", &["show", request, "--json"]));
         let view: Value = serde_json::from_str(&shown).unwrap();
         let session = view["context"]["session"].as_str().unwrap().to_owned();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = self
-                .agent
-                .cli(&["recordings", "export", &session, "--format", "jsonl"]);
-            let text = String::from_utf8_lossy(&out.stdout);
-            if text.contains("\"trailer\"") {
-                return text
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                    .filter_map(|r| r.get("event").cloned())
-                    .collect();
-            }
-            assert!(Instant::now() < deadline, "{session} did not close: {text}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        recorded_session(&self.agent, &session)
     }
-}
-
-fn client_output(client: &mut Child) -> String {
-    use std::io::Read as _;
-    let mut all = String::new();
-    if let Some(mut out) = client.stdout.take() {
-        let _ = out.read_to_string(&mut all);
-    }
-    if let Some(mut err) = client.stderr.take() {
-        let _ = err.read_to_string(&mut all);
-    }
-    all
 }
 
 /// Waits for the client; whether it succeeded, and all it printed.
 fn finish(mut client: Child) -> (bool, String) {
     let status = client.wait().unwrap();
-    (status.success(), client_output(&mut client))
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn id_of(view: &Value) -> String {
-    view["id"].as_str().unwrap().to_owned()
+    (status.success(), output_of(&mut client))
 }
 
 #[test]

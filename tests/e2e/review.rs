@@ -14,6 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tollgate_tests::review::{approvals_as, id_of, ok, pending_from, spawn_in_cgroup};
 use tollgate_tests::{agent_binary, cgroup_mount, pg_tool, Governed, RemovedOnDrop};
 
 /// `daemon` (uid 1, group daemon) and `bin` (uid 2, group bin) review;
@@ -105,62 +106,17 @@ impl Review {
     }
 
     fn spawn_in_cgroup(&self, program: &Path, args: &[String]) -> Child {
-        Command::new("sh")
-            .arg("-c")
-            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
-            .arg(self.requester_cgroup())
-            .arg(program)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        spawn_in_cgroup(self.requester_cgroup(), program, args)
     }
 
     /// `tollgate approvals ARGS` as `user`.
     fn approvals(&self, user: &str, args: &[&str]) -> Output {
-        Command::new("runuser")
-            .args(["-u", user, "--"])
-            .arg(agent_binary())
-            .arg("approvals")
-            .args(args)
-            .arg("--socket")
-            .arg(&self.socket)
-            .env_remove("TOLLGATE_CONFIG")
-            .output()
-            .unwrap()
+        approvals_as(&self.socket, user, args)
     }
 
     /// Waits until a request is pending; what `child` said if none comes.
     fn pending_from(&self, child: &mut Child) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let out = self.approvals("daemon", &["list", "--json"]);
-            let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-            if let Some(items) = list.as_array().filter(|a| !a.is_empty()) {
-                return items.clone();
-            }
-            if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-                let _ = child.kill();
-                let mut stderr = String::new();
-                let mut stdout = String::new();
-                use std::io::Read as _;
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut stderr)
-                    .unwrap();
-                child
-                    .stdout
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut stdout)
-                    .unwrap();
-                panic!("no request became pending; the client said: {stdout}{stderr}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        pending_from(&self.socket, child)
     }
 
     /// Waits until `n` requests are pending; their views, oldest first.
@@ -190,10 +146,6 @@ impl Review {
     }
 }
 
-fn id_of(view: &Value) -> String {
-    view["id"].as_str().unwrap().to_owned()
-}
-
 fn finish(child: Child) -> (bool, String, String) {
     let out = child.wait_with_output().unwrap();
     (
@@ -201,16 +153,6 @@ fn finish(child: Child) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The session that held `request`, as the reviewer API shows it.
@@ -228,26 +170,7 @@ fn recorded_review(r: &Review, request: &str) -> Vec<Value> {
 
 /// The recording events of `session`, once it closed.
 fn recorded_session(r: &Review, session: &str) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out =
-            r.g.agent
-                .cli(&["recordings", "export", session, "--format", "jsonl"]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        if text.contains("\"trailer\"") {
-            return text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .filter_map(|r| r.get("event").cloned())
-                .collect();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the recording of {session} did not close: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    tollgate_tests::review::recorded_session(&r.g.agent, session)
 }
 
 #[test]

@@ -172,16 +172,7 @@ impl Held {
 
     /// `tollgate approvals ARGS` as `user`.
     fn approvals(&self, user: &str, args: &[&str]) -> Output {
-        Command::new("runuser")
-            .args(["-u", user, "--"])
-            .arg(agent_binary())
-            .arg("approvals")
-            .args(args)
-            .arg("--socket")
-            .arg(&self.socket)
-            .env_remove("TOLLGATE_CONFIG")
-            .output()
-            .unwrap()
+        tollgate_tests::review::approvals_as(&self.socket, user, args)
     }
 
     /// The one pending request's view, once there is one.

@@ -208,26 +208,7 @@ impl Remote {
 
     /// The recording events of a closed session.
     fn recorded(&self, session: &str) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = self
-                .g
-                .agent
-                .cli(&["recordings", "export", session, "--format", "jsonl"]);
-            let text = String::from_utf8_lossy(&out.stdout);
-            if text.contains("\"trailer\"") {
-                return text
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                    .filter_map(|r| r.get("event").cloned())
-                    .collect();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the recording of {session} did not close"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        tollgate_tests::review::recorded_session(&self.g.agent, session)
     }
 }
 

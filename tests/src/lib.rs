@@ -31,6 +31,7 @@ use serde_json::Value;
 
 pub mod mariadb;
 pub mod pg_wire;
+pub mod review;
 pub mod webdriver;
 
 /// The workspace root.
