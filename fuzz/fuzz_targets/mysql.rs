@@ -5,10 +5,13 @@
 //! Beyond "no panic": the analysis is deterministic and each statement's
 //! text is part of the input; text whose executable comments were resolved
 //! holds none the analysis would refuse as such; a row the masking rewrites
-//! still holds one field per column.
+//! still holds one field per column; tables qualified with the current
+//! database all have one; a reviewer's view hides as many literals as it
+//! says.
 
 #![no_main]
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
@@ -17,7 +20,7 @@ use tollgate_agent::protocol::mysql::handshake::{self, ClientAnswer};
 use tollgate_agent::protocol::mysql::mask::{self, MaskPlan, ResultMask};
 use tollgate_agent::protocol::mysql::packet::Packet;
 use tollgate_agent::sql::mysql::{self, Escapes, ServerVersion};
-use tollgate_agent::sql::Analysis;
+use tollgate_agent::sql::{Analysis, Shown};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
@@ -50,10 +53,30 @@ fn text(data: &[u8]) {
                         s.text
                     );
                     let _ = mysql::kill_target(&s.text);
+                    let _ = mysql::used_database(&s.text);
                     let _ = mysql::client_charset_change(&s.text, handshake::UNSAFE_CHARSETS);
                 }
             }
             Analysis::Unparsable { error } => assert!(!error.is_empty()),
+        }
+        if let Some(Analysis::Parsed { statements }) =
+            mysql::in_database(&analysis, Some("db"), false)
+        {
+            let Analysis::Parsed { statements: before } = &analysis else {
+                panic!("qualified an unparsable analysis");
+            };
+            assert_eq!(statements.len(), before.len());
+            assert!(statements
+                .iter()
+                .flat_map(|s| s.tables_read.iter().chain(&s.tables_written))
+                .all(|t| t.schema.is_some()));
+        }
+        let sensitive: HashSet<String> = ["email".to_owned()].into();
+        if let Shown::Hidden {
+            literals, values, ..
+        } = mysql::shown_to_reviewer(sql, escapes, &sensitive)
+        {
+            assert_eq!(literals, values.len());
         }
         for server in [
             ServerVersion {
