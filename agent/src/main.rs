@@ -248,6 +248,7 @@ fn policy_command(command: cli::PolicyCommand) -> ExitCode {
             identity,
             json,
             dialect,
+            server_version,
             sql,
         } => {
             // The configuration, when it is needed or there to ask: for the
@@ -294,6 +295,29 @@ fn policy_command(command: cli::PolicyCommand) -> ExitCode {
             let identity = match policy::parse_identity(&identity) {
                 Ok(i) => i,
                 Err(errors) => return policy_failure(&errors, json),
+            };
+            let sql = match server_version {
+                None => sql,
+                Some(_) if dialect != tollgate_agent::sql::Dialect::Mysql => {
+                    eprintln!("tollgate: --server-version is for MySQL text (--dialect mysql, or a mysql target)");
+                    return ExitCode::from(2);
+                }
+                Some(version) => {
+                    let Some(server) = tollgate_agent::sql::mysql::ServerVersion::parse(&version)
+                    else {
+                        eprintln!("tollgate: --server-version {version:?} is not a version such as 10.11.6-MariaDB or 8.0.36");
+                        return ExitCode::from(2);
+                    };
+                    match tollgate_agent::sql::mysql::resolve_executable_comments(
+                        &sql,
+                        tollgate_agent::sql::mysql::Escapes::Unknown,
+                        server,
+                    ) {
+                        Ok(resolved) => resolved.into_owned(),
+                        // Explained as the agent refuses it.
+                        Err(_) => sql,
+                    }
+                }
             };
             let explanation = policy::explain(&set, &target, &identity, &sql, dialect);
             if json {

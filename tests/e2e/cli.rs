@@ -243,6 +243,54 @@ fn policy_commands_check_explain_and_test_the_shipped_policies() {
         text.contains("client sees: tollgate: DROP TABLE denied by rule \"no-ddl-in-ci\""),
         "{text}"
     );
+
+    // MySQL text with an executable comment: unparsable, unless resolved
+    // for a server's version as the agent does; MySQL 8 skips MariaDB's.
+    let hidden = "SELECT 1 /*M!100100 , (SELECT token FROM secrets) */";
+    let explain_mysql = |version: Option<&str>| {
+        let mut args = vec![
+            "policy",
+            "explain",
+            "--policy",
+            demo.to_str().unwrap(),
+            "--target",
+            "demo-mysql",
+            "--dialect",
+            "mysql",
+        ];
+        if let Some(version) = version {
+            args.extend(["--server-version", version]);
+        }
+        args.push(hidden);
+        let out = run(&args);
+        succeeded(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = explain_mysql(None);
+    assert!(
+        text.contains("parse error:    executable comment"),
+        "{text}"
+    );
+    let text = explain_mysql(Some("10.11.6-MariaDB"));
+    assert!(
+        text.contains("decision:       deny by rule \"protect-secrets\""),
+        "{text}"
+    );
+    let text = explain_mysql(Some("8.0.36"));
+    assert!(text.contains("tables read:    -"), "{text}");
+    let out = run(&[
+        "policy",
+        "explain",
+        "--policy",
+        demo.to_str().unwrap(),
+        "--target",
+        "demo-db",
+        "--server-version",
+        "8.0.36",
+        "SELECT 1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--server-version is for MySQL text"));
 }
 
 /// A command asked for `--json` that fails still prints JSON on stdout: an

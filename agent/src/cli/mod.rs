@@ -176,7 +176,6 @@ pub struct ExecSocketArgs {
     pub wait: std::time::Duration,
 }
 
-/// `tollgate policy ...`
 /// A SQL dialect named on the command line.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DialectArg {
@@ -195,6 +194,7 @@ impl From<DialectArg> for crate::sql::Dialect {
     }
 }
 
+/// `tollgate policy ...`
 #[derive(Subcommand, Debug)]
 pub enum PolicyCommand {
     /// Validate policy files (or directories of them); errors are printed as
@@ -241,6 +241,14 @@ pub enum PolicyCommand {
         /// configuration names the target; else postgres.
         #[arg(long, value_enum, value_name = "DIALECT")]
         dialect: Option<DialectArg>,
+
+        /// For MySQL text: the server's version as its greeting gives it
+        /// ("10.11.6-MariaDB", "8.0.36"). Executable comments
+        /// (/*!40101 ... */, /*M! ... */) are resolved for it first, as
+        /// the agent does with the version of the server it talks to;
+        /// without it a text holding one is unparsable.
+        #[arg(long, value_name = "VERSION")]
+        server_version: Option<String>,
 
         /// The SQL text (several statements allowed).
         #[arg(value_name = "SQL")]
