@@ -1169,7 +1169,7 @@ fn a_server_that_asks_for_a_client_file_unasked_gets_an_empty_one() {
     for sql in [
         "SELECT 1".to_owned(),
         format!(
-            "LOAD DATA LOCAL INFILE '{}' INTO TABLE t",
+            "LOAD DATA LOCAL INFILE '{}' INTO TABLE shop.t",
             allowed.display()
         ),
     ] {
@@ -1179,10 +1179,12 @@ fn a_server_that_asks_for_a_client_file_unasked_gets_an_empty_one() {
             .unwrap();
         assert!(out.status.success(), "{sql}: {}", text(&out));
     }
-    // Through the agent, both requests were answered, each with nothing.
+    // Through the agent, every request was answered with nothing: the two
+    // statements', and the one in answer to the agent's own question about
+    // the session's character set and database on each connection.
     assert_eq!(
         std::fs::read_to_string(&received).unwrap(),
-        format!("{asked}\t\n{asked}\t\n")
+        format!("{asked}\t\n").repeat(4)
     );
     agent
         .wait_for_log(
@@ -1248,4 +1250,57 @@ fn a_binlog_dump_needs_a_rule_that_allows_it() {
     assert!(success, "{all}");
     assert!(all.contains("the-key"), "{all}");
     assert_eq!(all, dump(db.port).1);
+}
+
+#[test]
+fn a_character_set_and_database_the_servers_init_connect_sets_are_followed() {
+    // The server switches every ordinary user's session to GBK and to the
+    // database `shop` when it connects, which the handshake does not show.
+    let db = Mariadb::start_with(SCHEMA, &["--init-connect=SET NAMES gbk; USE shop"]);
+    db.as_root(
+        "CREATE USER 'limited'@'%' IDENTIFIED BY 'pw'; GRANT SELECT ON shop.* TO 'limited'@'%'",
+    );
+    let hidden = "SELECT '中\\', (SELECT s FROM secrets LIMIT 1) -- '";
+    let limited = |port: u16, sql: &str| {
+        let out = Command::new("mariadb")
+            .arg("--no-defaults")
+            .args(["-h", "127.0.0.1", "-P", &port.to_string()])
+            .args(["-u", "limited", "-ppw"])
+            .args([
+                "--protocol=TCP",
+                "--skip-ssl",
+                "--batch",
+                "--skip-column-names",
+            ])
+            .args(["--default-character-set=utf8mb4", "--comments", "-e", sql])
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out))
+    };
+    // Directly, the server reads the UTF-8 bytes as GBK and runs the
+    // subquery.
+    let (_, all) = limited(db.port, hidden);
+    assert!(all.contains("the-key"), "the server reads it as SQL: {all}");
+
+    let policy = policy_file(concat!(
+        include_str!("../data/policy/allow-by-default.toml"),
+        "[[rule]]\nname = \"shop-secrets\"\naction = \"deny\"\n[rule.match]\ntables = [\"shop.secrets\"]\n",
+    ));
+    let port = free_port();
+    let _agent = Agent::start(&mysql_config(port, db.port, &policy.line));
+    let (success, all) = limited(port, hidden);
+    assert!(!success, "{all}");
+    assert!(
+        all.contains("non-ASCII characters is refused while the server reads it as gbk"),
+        "{all}"
+    );
+    assert!(!all.contains("the-key"), "{all}");
+    // No database in the handshake, `shop` from init_connect: the rule
+    // naming shop.secrets holds.
+    let (success, all) = limited(port, "SELECT s FROM secrets");
+    assert!(!success, "{all}");
+    assert!(all.contains("denied by rule \"shop-secrets\""), "{all}");
+    let (success, all) = limited(port, "SELECT 'plain'");
+    assert!(success, "{all}");
+    assert_eq!(all, "plain\n");
 }

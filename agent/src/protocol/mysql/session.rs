@@ -187,9 +187,11 @@ enum CurrentDatabase {
     None,
     /// This one (lowercased, as table names are).
     Known(String),
-    /// A text that switched databases failed part-way: statements naming
-    /// a table without its database are refused until a `USE`.
-    Unknown,
+    /// Not known, for the reason given (a text that switched databases
+    /// failed part-way; the server's answer about it could not be read):
+    /// statements naming a table without its database are refused until
+    /// a `USE`.
+    Unknown(&'static str),
 }
 
 impl CurrentDatabase {
@@ -211,6 +213,11 @@ enum Phase {
     /// `COM_STMT_EXECUTE` of this statement: runs now, held as a query is.
     Execute(u32),
 }
+
+/// What the session asks the server before the client's first command:
+/// the client character set and the database as the server has them once
+/// its `init_connect` ran (which may change both, unseen by the proxy).
+const SESSION_STATE: &[u8] = b"SELECT @@character_set_client, DATABASE()";
 
 /// What the session runs to empty the server's list of warnings after a
 /// masked statement (a statement that uses a table, here a derived one,
@@ -359,6 +366,9 @@ pub async fn run(
             from_server_uncounted: 0,
         };
         session.note_status_flags(connected.status);
+        if let Err(Stop::Closed(reason)) = session.ask_session_state().await {
+            return reason;
+        }
         loop {
             if let Err(Stop::Closed(reason)) = session.command().await {
                 session.count_from_server();
@@ -1027,7 +1037,7 @@ impl Session<'_> {
                 // Tables named without a database are the current one's.
                 let current = match &self.database {
                     CurrentDatabase::Known(db) => Some(db.as_str()),
-                    CurrentDatabase::None | CurrentDatabase::Unknown => None,
+                    CurrentDatabase::None | CurrentDatabase::Unknown(_) => None,
                 };
                 let qualified = crate::sql::mysql::in_database(analysis, current, false);
                 let decisions = self.memo.decide(
@@ -1151,6 +1161,8 @@ impl Session<'_> {
         let info = self.ctx.start.info().await;
         self.database_user = Some(change.user.clone());
         self.set_database(CurrentDatabase::from_name(change.database.as_deref()));
+        // The new user's init_connect ran.
+        self.ask_session_state().await?;
         self.ctx.events.emit(&SessionEvent::Startup {
             session: info.id,
             user: Some(change.user),
@@ -1266,6 +1278,76 @@ impl Session<'_> {
             })
     }
 
+    /// Asks the server for the session's client character set and current
+    /// database ([`SESSION_STATE`]) before the client's first command, as
+    /// the server's `init_connect` may have changed them. Nothing of it
+    /// reaches the client; an answer that cannot be read leaves both
+    /// unknown (non-ASCII text and tables named without a database are
+    /// then refused until the client sets them).
+    async fn ask_session_state(&mut self) -> Result<(), Stop> {
+        let mut query = Vec::with_capacity(SESSION_STATE.len() + 1);
+        query.push(com::QUERY);
+        query.extend_from_slice(SESSION_STATE);
+        self.send_to_server(&Packet {
+            seq: 0,
+            payload: query,
+        })
+        .await?;
+        let mut first = self.server_packet().await?;
+        while first.first() == Some(0xFB) {
+            // A server may ask for a client file in answer to anything:
+            // it gets an empty one (the client never asked for this query).
+            tracing::warn!(session = %self.ctx.id, "the server asked for a client file in answer to the session-state query; it gets an empty one");
+            let empty = Packet {
+                seq: first.next_seq(),
+                payload: Vec::new(),
+            };
+            self.send_to_server(&empty).await?;
+            first = self.server_packet().await?;
+        }
+        let row = if first.payload == [2] {
+            // Two column definitions, their EOF, the row, the last EOF.
+            for _ in 0..3 {
+                self.server_packet().await?;
+            }
+            let row = self.server_packet().await?;
+            let end = self.server_packet().await?;
+            if !packet::is_eof(&end.payload) {
+                return Err(self.malformed("the session state's answer did not end"));
+            }
+            self.note_status(&end.payload);
+            text_row(&row.payload, 2)
+        } else if packet::is_err(&first.payload) || first.first() == Some(0x00) {
+            self.note_status(&first.payload);
+            None
+        } else {
+            return Err(self.malformed("the session state's answer is not two columns"));
+        };
+        self.count_from_server();
+        match row.as_deref() {
+            Some([charset, database]) => {
+                self.charset = match charset {
+                    Some(name)
+                        if handshake::UNSAFE_CHARSETS.contains(&name.to_lowercase().as_str()) =>
+                    {
+                        CharsetChange::Unsafe(name.clone())
+                    }
+                    Some(_) => CharsetChange::Safe,
+                    None => CharsetChange::Unknown,
+                };
+                self.set_database(CurrentDatabase::from_name(database.as_deref()));
+            }
+            _ => {
+                tracing::warn!(session = %self.ctx.id, "the server's answer about the session's character set and database could not be read; both count as unknown");
+                self.charset = CharsetChange::Unknown;
+                self.set_database(CurrentDatabase::Unknown(
+                    "the server's answer about it could not be read",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Follows a `USE` that ran: its database is current once the text ran
     /// without error; a text of several statements that failed may have
     /// stopped before or after it.
@@ -1284,17 +1366,20 @@ impl Session<'_> {
         match (self.answer_failed, statements.len()) {
             (false, _) => self.set_database(CurrentDatabase::Known(used)),
             (true, 1) => {}
-            (true, _) => self.set_database(CurrentDatabase::Unknown),
+            (true, _) => self.set_database(CurrentDatabase::Unknown(
+                "a text that switched databases failed part-way",
+            )),
         }
     }
 
     /// Why a statement naming a table without its database may not run:
     /// which database that is, is not known.
     fn unknown_database_refusal(&self, analysis: &Analysis) -> Option<String> {
-        (self.database == CurrentDatabase::Unknown
-            && crate::sql::mysql::has_unqualified_tables(analysis))
-        .then(|| {
-            "tollgate: the session's current database is not known (a text that switched databases failed part-way), so a table named without its database cannot be decided; run USE first, or name the database".to_owned()
+        let CurrentDatabase::Unknown(why) = self.database else {
+            return None;
+        };
+        crate::sql::mysql::has_unqualified_tables(analysis).then(|| {
+            format!("tollgate: the session's current database is not known ({why}), so a table named without its database cannot be decided; run USE first, or name the database")
         })
     }
 
@@ -1787,6 +1872,28 @@ async fn read_counted<R: AsyncRead + Unpin>(
     Ok(packet)
 }
 
+/// The values of a text result row of `columns` columns (`None` for
+/// NULL); `None` when the row is not that.
+fn text_row(payload: &[u8], columns: usize) -> Option<Vec<Option<String>>> {
+    let mut values = Vec::with_capacity(columns);
+    let mut at = 0;
+    for _ in 0..columns {
+        if payload.get(at) == Some(&0xFB) {
+            values.push(None);
+            at += 1;
+            continue;
+        }
+        let (len, used) = packet::lenenc_int(payload.get(at..)?)?;
+        let start = at.checked_add(used)?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        values.push(Some(
+            String::from_utf8_lossy(payload.get(start..end)?).into_owned(),
+        ));
+        at = end;
+    }
+    (at == payload.len()).then_some(values)
+}
+
 /// The bytes a packet took on the wire (a header per piece).
 fn framed_len(p: &Packet) -> u64 {
     let pieces = p.payload.len() / packet::MAX_WIRE_PAYLOAD + 1;
@@ -1886,4 +1993,28 @@ fn charset_change(analysis: &Analysis) -> Option<CharsetChange> {
         }
         _ => change,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::text_row;
+
+    #[test]
+    fn a_text_row_gives_its_values_and_nothing_else() {
+        let row = [&[4u8][..], b"utf8", &[0xFB]].concat();
+        assert_eq!(
+            text_row(&row, 2).unwrap(),
+            vec![Some("utf8".to_owned()), None]
+        );
+        // Too few values, too many bytes, a length past the end.
+        assert_eq!(text_row(&row, 3), None);
+        assert_eq!(text_row(&[&row[..], b"x"].concat(), 2), None);
+        assert_eq!(text_row(&[9, b'a'], 1), None);
+        assert_eq!(
+            text_row(&[0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF], 1),
+            None
+        );
+    }
 }
