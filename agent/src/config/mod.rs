@@ -7,6 +7,7 @@
 //! and says what to change.
 
 mod raw;
+pub mod secret;
 mod target;
 
 use std::fmt;
@@ -14,7 +15,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use target::{PortRange, Protocol, Target, TargetAddress, TargetSet, UpstreamTls};
+pub use target::{
+    BrokeredCredential, ClientCredentials, PortRange, Protocol, Target, TargetAddress, TargetSet,
+    UpstreamTls,
+};
 
 /// The default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tollgate/tollgate.toml";

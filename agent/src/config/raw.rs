@@ -10,11 +10,13 @@ use toml::Spanned;
 
 use crate::located::LocatedErrors;
 
+use crate::policy::{IdentityMatch, IdentitySpec};
+
 use super::{
-    line_column, AgentSettings, ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup,
-    Listener, NotifyKind, NotifyTarget, PortRange, ProtectMode, ProtectSettings, Protocol,
-    RecordingFailure, RecordingFsync, RedirectSettings, Target, TargetAddress, TargetSet,
-    UnlistedPolicy, Upstream, UpstreamTls,
+    line_column, secret, AgentSettings, BrokeredCredential, ClientCredentials, ClientTls, Config,
+    ConfigError, ConfigErrors, GovernedCgroup, Listener, NotifyKind, NotifyTarget, PortRange,
+    ProtectMode, ProtectSettings, Protocol, RecordingFailure, RecordingFsync, RedirectSettings,
+    Target, TargetAddress, TargetSet, UnlistedPolicy, Upstream, UpstreamTls,
 };
 
 #[derive(Deserialize, Default)]
@@ -113,6 +115,33 @@ struct RawTarget {
     tls_ca_file: Option<Spanned<String>>,
     tls_server_name: Option<Spanned<String>>,
     record_raw: Option<Spanned<bool>>,
+    #[serde(default)]
+    credential: Vec<RawCredential>,
+    client_credentials: Option<Spanned<String>>,
+}
+
+/// `[[target.credential]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    user: Spanned<String>,
+    password_file: Spanned<String>,
+    #[serde(rename = "match", default)]
+    identity: Option<Spanned<RawIdentityMatch>>,
+}
+
+/// A credential's `match`: the identity conditions of a policy rule.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIdentityMatch {
+    users: Option<Vec<String>>,
+    uids: Option<Vec<u32>>,
+    exe: Option<Vec<String>>,
+    cgroup: Option<Vec<String>>,
+    ci_repository: Option<Vec<String>>,
+    ci_branch: Option<Vec<String>>,
+    ci_job: Option<Vec<String>>,
+    ci_verified: Option<bool>,
 }
 
 /// A size written as a number of bytes or as text with a unit.
@@ -711,6 +740,7 @@ fn check_targets(c: &mut Checker<'_>, raw: &[RawTarget]) -> TargetSet {
             }
         };
         let tls = check_tls(c, t);
+        let (credentials, client_credentials) = check_credentials(c, t, protocol);
         if let (Some(address), Some(protocol)) = (address, protocol) {
             targets.push(Target {
                 name,
@@ -719,10 +749,108 @@ fn check_targets(c: &mut Checker<'_>, raw: &[RawTarget]) -> TargetSet {
                 protocol,
                 tls,
                 record_raw: t.record_raw.as_ref().is_some_and(|r| *r.get_ref()),
+                credentials,
+                client_credentials,
             });
         }
     }
     TargetSet::new(targets)
+}
+
+fn check_credentials(
+    c: &mut Checker<'_>,
+    t: &RawTarget,
+    protocol: Option<Protocol>,
+) -> (Vec<BrokeredCredential>, ClientCredentials) {
+    let mut credentials = Vec::new();
+    for raw in &t.credential {
+        if protocol.is_some_and(|p| p != Protocol::Postgres) {
+            c.error(
+                &raw.user,
+                "brokered credentials are supported on protocol = \"postgres\" targets only",
+            );
+            continue;
+        }
+        let user = raw.user.get_ref().trim();
+        if user.is_empty() || user.contains('\0') {
+            c.error(
+                &raw.user,
+                "user must name the database role the agent logs in as",
+            );
+            continue;
+        }
+        let password_file = PathBuf::from(raw.password_file.get_ref());
+        if let Err(e) = secret::check_secret_file(&password_file) {
+            c.error(&raw.password_file, format!("password_file: {e}"));
+            continue;
+        }
+        let spec = match &raw.identity {
+            None => IdentitySpec::default(),
+            Some(m) => {
+                let m = m.get_ref();
+                let lists: [(&str, Option<usize>); 7] = [
+                    ("users", m.users.as_ref().map(Vec::len)),
+                    ("uids", m.uids.as_ref().map(Vec::len)),
+                    ("exe", m.exe.as_ref().map(Vec::len)),
+                    ("cgroup", m.cgroup.as_ref().map(Vec::len)),
+                    ("ci_repository", m.ci_repository.as_ref().map(Vec::len)),
+                    ("ci_branch", m.ci_branch.as_ref().map(Vec::len)),
+                    ("ci_job", m.ci_job.as_ref().map(Vec::len)),
+                ];
+                if let Some((field, _)) = lists.iter().find(|(_, n)| *n == Some(0)) {
+                    let span = raw.identity.as_ref().map_or(0, |m| m.span().start);
+                    c.error_at(
+                        span,
+                        format!("`{field}` is an empty list, which no process matches; remove it or list a value"),
+                    );
+                    continue;
+                }
+                IdentitySpec {
+                    users: m.users.clone().unwrap_or_default(),
+                    uids: m.uids.clone().unwrap_or_default(),
+                    exe: m.exe.clone().unwrap_or_default(),
+                    cgroup: m.cgroup.clone().unwrap_or_default(),
+                    ci_repository: m.ci_repository.clone().unwrap_or_default(),
+                    ci_branch: m.ci_branch.clone().unwrap_or_default(),
+                    ci_job: m.ci_job.clone().unwrap_or_default(),
+                    ci_verified: m.ci_verified,
+                }
+            }
+        };
+        match IdentityMatch::compile(&spec) {
+            Ok(identity) => credentials.push(BrokeredCredential {
+                user: user.to_owned(),
+                password_file,
+                identity: std::sync::Arc::new(identity),
+            }),
+            Err(e) => {
+                let span = raw.identity.as_ref().map_or(0, |m| m.span().start);
+                c.error_at(span, e);
+            }
+        }
+    }
+    let client_credentials = match &t.client_credentials {
+        None => ClientCredentials::Refuse,
+        Some(v) if t.credential.is_empty() => {
+            c.error(
+                v,
+                "client_credentials applies only to a target with [[target.credential]] entries",
+            );
+            ClientCredentials::Refuse
+        }
+        Some(v) => match v.get_ref().as_str() {
+            "refuse" => ClientCredentials::Refuse,
+            "pass" => ClientCredentials::Pass,
+            other => {
+                c.error(
+                    v,
+                    format!("client_credentials = \"{other}\" is not known; use refuse or pass"),
+                );
+                ClientCredentials::Refuse
+            }
+        },
+    };
+    (credentials, client_credentials)
 }
 
 fn check_tls(c: &mut Checker<'_>, t: &RawTarget) -> UpstreamTls {

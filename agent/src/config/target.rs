@@ -3,9 +3,14 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
+
+use crate::identity::ProcessIdentity;
+use crate::policy::IdentityMatch;
 
 /// The protocol spoken to a target; it selects the session handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -180,6 +185,47 @@ pub struct Target {
     /// Whether sessions record every byte read from each side
     /// (`record_raw`, default false), for replay and pcap export.
     pub record_raw: bool,
+    /// Credentials the agent logs in with on the client's behalf
+    /// (`[[target.credential]]`), in file order: the first whose `match`
+    /// accepts the process is used.
+    pub credentials: Vec<BrokeredCredential>,
+    /// What happens to a session no credential is for, on a target that
+    /// has credentials.
+    pub client_credentials: ClientCredentials,
+}
+
+/// A credential the agent holds for a target: the governed client connects
+/// with no secret, and the agent authenticates to the server as `user`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokeredCredential {
+    /// The database role the agent logs in as (the client's requested user
+    /// is replaced; both are recorded).
+    pub user: String,
+    /// The file that holds the password: root-only, read at each session
+    /// so that a rotated password needs no reload.
+    pub password_file: PathBuf,
+    /// Which processes it is for (none given: every process).
+    pub identity: Arc<IdentityMatch>,
+}
+
+/// What a target with credentials does with a session none of them is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientCredentials {
+    /// Refused at start-up, saying so (the default).
+    #[default]
+    Refuse,
+    /// Relayed as on a target without credentials: the client
+    /// authenticates with its own.
+    Pass,
+}
+
+impl Target {
+    /// The first credential whose `match` accepts `identity`.
+    pub fn credential_for(&self, identity: &ProcessIdentity) -> Option<&BrokeredCredential> {
+        self.credentials
+            .iter()
+            .find(|c| c.identity.matches(identity))
+    }
 }
 
 /// How the proxy secures its connection to a target (libpq's sslmode).

@@ -12,7 +12,7 @@ use globset::{Candidate, GlobSet};
 use regex::RegexSet;
 
 use super::{Action, Request, ReviewSettings, Statement};
-use crate::identity::{CiContext, CiProvider, ProcessIdentity};
+use crate::identity::{CiProvider, ProcessIdentity};
 use crate::masking::MaskRule;
 use crate::sql::{StatementKind, StatementSummary, TableRef};
 
@@ -296,10 +296,6 @@ impl<'a> Subject<'a> {
             None => &[],
         }
     }
-
-    fn ci(&self) -> Option<&'a CiContext> {
-        self.identity.ci.as_ref()
-    }
 }
 
 /// The names a table is matched by: its bare name, and `schema.name` when
@@ -487,7 +483,13 @@ impl Conditions {
     }
 
     fn identity_matches(&self, s: &Subject<'_>) -> bool {
-        let id = s.identity;
+        self.identity_holds(s.identity)
+    }
+
+    /// The identity conditions (users, uids, CI, exe, cgroup, ancestry)
+    /// hold for `id`; the others are not looked at.
+    pub(super) fn identity_holds(&self, id: &ProcessIdentity) -> bool {
+        let ci = || id.ci.as_ref();
         if let Some(users) = &self.users {
             if !id.user.as_ref().is_some_and(|u| users.contains(u)) {
                 return false;
@@ -499,27 +501,27 @@ impl Conditions {
             }
         }
         if let Some(providers) = &self.ci_provider {
-            if !s.ci().is_some_and(|c| providers.contains(&c.provider)) {
+            if !ci().is_some_and(|c| providers.contains(&c.provider)) {
                 return false;
             }
         }
         if let Some(verified) = self.ci_verified {
-            if s.ci().is_none_or(|c| c.verified != verified) {
+            if ci().is_none_or(|c| c.verified != verified) {
                 return false;
             }
         }
         if let Some(set) = &self.ci_repository {
-            if !opt_glob(set, s.ci().and_then(|c| c.repository.as_ref())) {
+            if !opt_glob(set, ci().and_then(|c| c.repository.as_ref())) {
                 return false;
             }
         }
         if let Some(set) = &self.ci_branch {
-            if !opt_glob(set, s.ci().and_then(|c| c.branch.as_ref())) {
+            if !opt_glob(set, ci().and_then(|c| c.branch.as_ref())) {
                 return false;
             }
         }
         if let Some(set) = &self.ci_job {
-            if !opt_glob(set, s.ci().and_then(|c| c.job.as_ref())) {
+            if !opt_glob(set, ci().and_then(|c| c.job.as_ref())) {
                 return false;
             }
         }

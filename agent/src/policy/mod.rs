@@ -52,6 +52,7 @@
 
 mod compile;
 mod explain;
+mod identity_match;
 mod matcher;
 mod memo;
 pub mod reload;
@@ -77,6 +78,7 @@ use crate::sql::{Analysis, StatementSummary};
 pub use explain::{
     check, explain, explain_analysis, CheckSummary, ExplainedStatement, Explanation,
 };
+pub use identity_match::{IdentityMatch, IdentitySpec};
 pub use memo::DecisionMemo;
 pub use reload::{current_policy, SharedPolicy};
 pub use review::{

@@ -268,6 +268,8 @@ mod tests {
             protocol: Protocol::Postgres,
             tls: UpstreamTls::Prefer,
             record_raw: false,
+            credentials: Vec::new(),
+            client_credentials: Default::default(),
         }
     }
 

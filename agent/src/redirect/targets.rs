@@ -210,6 +210,8 @@ mod tests {
             protocol: Protocol::Postgres,
             tls: crate::config::UpstreamTls::Prefer,
             record_raw: false,
+            credentials: Vec::new(),
+            client_credentials: Default::default(),
         }
     }
 

@@ -88,6 +88,7 @@ mod handler;
 pub mod mask;
 pub mod prepared;
 pub mod reading;
+pub mod scram;
 pub mod session;
 
 #[cfg(test)]
