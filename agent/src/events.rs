@@ -199,6 +199,9 @@ pub enum SessionEvent {
         database: Option<String>,
         /// The client's `application_name`, when it sent one.
         application_name: Option<String>,
+        /// The role the agent logged in as with a brokered credential
+        /// (`None`: the client's own login).
+        brokered_user: Option<String>,
     },
     /// One statement was decided (shared: the log and the recorder read
     /// the session's one copy).
@@ -451,15 +454,21 @@ impl EventSink for LogSink {
                 user,
                 database,
                 application_name,
+                brokered_user,
             } => {
                 tracing::info!(
                     %session,
                     db_user = user.as_deref(),
                     database = database.as_deref(),
                     application_name = application_name.as_deref(),
-                    "start-up: user {} database {}",
+                    brokered_user = brokered_user.as_deref(),
+                    "start-up: user {} database {}{}",
                     user.as_deref().unwrap_or("?"),
-                    database.as_deref().or(user.as_deref()).unwrap_or("?")
+                    database.as_deref().or(user.as_deref()).unwrap_or("?"),
+                    brokered_user
+                        .as_deref()
+                        .map(|b| format!(", logged in by the agent as {b}"))
+                        .unwrap_or_default()
                 );
             }
             SessionEvent::Statement(statement) => {

@@ -4,6 +4,7 @@
 
 mod allow_lists;
 mod approvals;
+mod brokered;
 mod bypass;
 mod cli;
 mod drivers;

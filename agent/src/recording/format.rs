@@ -126,6 +126,10 @@ pub enum Event {
         database: Option<String>,
         /// The client's `application_name`.
         application_name: Option<String>,
+        /// The role the agent logged in as with a brokered credential, in
+        /// place of `user` (absent: the client's own login).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        brokered_user: Option<String>,
     },
     /// One statement was decided.
     Statement(StatementRecord),

@@ -164,15 +164,20 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
             user,
             database,
             application_name,
+            brokered_user,
         } => {
             let _ = writeln!(
                 out,
-                "{t}  start-up: user {} database {}{}",
+                "{t}  start-up: user {} database {}{}{}",
                 user.as_deref().unwrap_or("?"),
                 database.as_deref().or(user.as_deref()).unwrap_or("?"),
                 application_name
                     .as_deref()
                     .map(|a| format!(" application {a}"))
+                    .unwrap_or_default(),
+                brokered_user
+                    .as_deref()
+                    .map(|b| format!(" (logged in by the agent as {b})"))
                     .unwrap_or_default()
             );
         }

@@ -155,6 +155,7 @@ fn session_events(info: &Arc<SessionInfo>) -> Vec<SessionEvent> {
             user: Some("app".to_string()),
             database: Some("orders".to_string()),
             application_name: Some("psql".to_string()),
+            brokered_user: None,
         },
         statement(id, "select * from orders where id = 1", Action::Allow, None),
         statement(
@@ -254,7 +255,8 @@ fn round_trip_every_event_type_through_the_recorder() {
         Event::Startup {
             user: Some("app".into()),
             database: Some("orders".into()),
-            application_name: Some("psql".into())
+            application_name: Some("psql".into()),
+            brokered_user: None,
         }
     );
     let Event::Statement(s) = &events[4].event else {

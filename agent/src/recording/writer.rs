@@ -1120,11 +1120,13 @@ fn event_body(event: &SessionEvent) -> Option<Event> {
             user,
             database,
             application_name,
+            brokered_user,
             ..
         } => Event::Startup {
             user: user.clone(),
             database: database.clone(),
             application_name: application_name.clone(),
+            brokered_user: brokered_user.clone(),
         },
         SessionEvent::Raw { dir, data, .. } => Event::Raw {
             dir: dir.as_str().to_string(),

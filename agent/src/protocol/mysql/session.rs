@@ -512,6 +512,7 @@ async fn connect(
         user: Some(hello.user),
         database: hello.database,
         application_name: None,
+        brokered_user: None,
     });
     Ok(Connected {
         client: (client_in, client_out),
@@ -714,9 +715,9 @@ impl Session<'_> {
                     {
                         Verdict::Refused => return Ok(()),
                         Verdict::Run(plan) => {
-                            self.interrupt_killed(&analysis);
                             self.send_to_server(&command).await?;
                             self.relay_results(false, plan.as_ref(), None).await?;
+                            self.interrupt_killed(&analysis);
                             self.follow_charset(&analysis);
                             self.follow_use(&analysis);
                             return Ok(());
@@ -789,7 +790,6 @@ impl Session<'_> {
                             return Ok(());
                         }
                     }
-                    self.interrupt_killed(&prepared.analysis);
                 }
                 // An id the proxy did not see prepared is the server's to
                 // refuse: statements are only prepared through this session.
@@ -799,6 +799,7 @@ impl Session<'_> {
                 self.send_to_server(&command).await?;
                 self.relay_results(true, plan.as_ref(), id).await?;
                 if let Some(prepared) = prepared {
+                    self.interrupt_killed(&prepared.analysis);
                     self.follow_charset(&prepared.analysis);
                 }
                 Ok(())
@@ -1168,6 +1169,7 @@ impl Session<'_> {
             user: Some(change.user),
             database: change.database,
             application_name: None,
+            brokered_user: None,
         });
         Ok(())
     }
@@ -1390,8 +1392,10 @@ impl Session<'_> {
         }
     }
 
-    /// Wakes the held statements of the connections a `KILL` that is about
-    /// to run names (the server has nothing of theirs to interrupt).
+    /// Wakes the held statements of the connections a `KILL` that ran
+    /// names (the server had nothing of theirs to interrupt). After the
+    /// server's answer, not before: the woken session may end its
+    /// connection, and a `KILL QUERY` of a connection gone is an error.
     fn interrupt_killed(&self, analysis: &Analysis) {
         let Analysis::Parsed { statements } = analysis else {
             return;

@@ -1,6 +1,7 @@
 //! The PostgreSQL [`Handler`]: serves PostgreSQL targets' sessions and owns
 //! what they share, the client-visible cancel keys and the TLS material.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -8,7 +9,7 @@ use tokio::net::TcpStream;
 use super::cancel::CancelRegistry;
 use super::error::sqlstate;
 use super::session::{self, Fatal, PostgresContext};
-use crate::config::Config;
+use crate::config::{Config, Target};
 use crate::events::CloseReason;
 use crate::protocol::tls::TlsState;
 use crate::protocol::{Handler, HandlerFuture, Refusal, SessionContext};
@@ -17,6 +18,8 @@ use crate::protocol::{Handler, HandlerFuture, Refusal, SessionContext};
 pub struct PostgresHandler {
     cancel: CancelRegistry,
     tls: TlsState,
+    /// Targets with brokered credentials, by name.
+    brokered: HashMap<String, Target>,
 }
 
 impl PostgresHandler {
@@ -26,7 +29,14 @@ impl PostgresHandler {
         use anyhow::Context as _;
         let tls = TlsState::load(config, Some(crate::protocol::tls::ALPN_POSTGRESQL))
             .context("cannot set up TLS")?;
-        Ok(PostgresHandler::with_tls(tls))
+        let mut handler = PostgresHandler::with_tls(tls);
+        handler.brokered = config
+            .targets
+            .iter()
+            .filter(|t| !t.credentials.is_empty())
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect();
+        Ok(handler)
     }
 
     /// A handler with the given TLS material.
@@ -34,12 +44,18 @@ impl PostgresHandler {
         PostgresHandler {
             cancel: CancelRegistry::new(),
             tls,
+            brokered: HashMap::new(),
         }
     }
 
     /// The context a session of this handler runs with.
     pub fn context<'a>(&'a self, common: &'a SessionContext) -> PostgresContext<'a> {
-        PostgresContext::new(common, &self.cancel, &self.tls)
+        PostgresContext::new(
+            common,
+            &self.cancel,
+            &self.tls,
+            self.brokered.get(&common.target),
+        )
     }
 }
 

@@ -87,6 +87,7 @@
 //! gives, and `tests.rs` drives both sides with it from tables of
 //! messages.
 
+mod broker;
 mod client;
 mod masking_flow;
 mod review;
@@ -164,6 +165,8 @@ pub struct PostgresContext<'a> {
     pub(super) cancel: &'a CancelRegistry,
     /// TLS material for both legs.
     pub(super) tls: &'a TlsState,
+    /// The target, when it has brokered credentials.
+    pub(super) brokered: Option<&'a crate::config::Target>,
 }
 
 impl<'a> PostgresContext<'a> {
@@ -172,11 +175,13 @@ impl<'a> PostgresContext<'a> {
         common: &'a SessionContext,
         cancel: &'a CancelRegistry,
         tls: &'a TlsState,
+        brokered: Option<&'a crate::config::Target>,
     ) -> PostgresContext<'a> {
         PostgresContext {
             common,
             cancel,
             tls,
+            brokered,
         }
     }
 }
@@ -264,7 +269,7 @@ pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStre
             Err(stop) => return end_early(ctx, &mut client, stop).await,
         }
     };
-    let (bytes, startup_event) = match packet {
+    let (mut bytes, mut startup_event) = match packet {
         StartupPacket::TlsRequested => return CloseReason::Completed,
         StartupPacket::Cancel { pid, secret } => {
             count(ctx, true, 16);
@@ -300,18 +305,55 @@ pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStre
                     user,
                     database,
                     application_name,
+                    brokered_user: None,
                 },
             )
         }
+    };
+    // With brokered credentials, the process decides the login before the
+    // server hears of the session.
+    let credential = match ctx.brokered {
+        None => None,
+        Some(target) => {
+            let info = ctx.start.info().await;
+            match broker::choose(target, &info.identity) {
+                Ok(credential) => credential,
+                Err(stop) => return end_early(ctx, &mut client, stop).await,
+            }
+        }
+    };
+    let client_startup = match credential {
+        Some(credential) => match broker::startup_as(&bytes, &credential.user) {
+            Ok(rewritten) => {
+                if let SessionEvent::Startup { brokered_user, .. } = &mut startup_event {
+                    *brokered_user = Some(credential.user.clone());
+                }
+                Some(std::mem::replace(&mut bytes, rewritten))
+            }
+            Err(stop) => return end_early(ctx, &mut client, stop).await,
+        },
+        None => None,
     };
     let mut upstream = match connect_upstream_tls(ctx, upstream).await {
         Ok(u) => u,
         Err(stop) => return end_early(ctx, &mut client, stop).await,
     };
     tls::log_legs(ctx, &client, &upstream);
-    count(ctx, true, bytes.len());
+    count(
+        ctx,
+        true,
+        client_startup.as_ref().map_or(bytes.len(), Vec::len),
+    );
     if let Err(e) = write_flush(&mut upstream, &bytes).await {
         return CloseReason::UpstreamError(e.to_string());
+    }
+    let mut upstream_buf = ReadBuf::new();
+    if let Some(credential) = credential {
+        if let Err(stop) =
+            broker::authenticate(ctx, &mut upstream, &mut upstream_buf, credential).await
+        {
+            return end_early(ctx, &mut client, stop).await;
+        }
     }
     // The server authenticates and sets up its backend while the process
     // behind the session is looked up; nothing is decided or recorded
@@ -323,7 +365,10 @@ pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStre
     };
     ctx.events.emit(&startup_event);
     if ctx.events.records_raw(&ctx.target) {
-        ctx.events.emit_raw(ctx.id, RawDirection::Client, &bytes);
+        // What the client sent (a brokered login's rewritten copy is the
+        // agent's).
+        let sent = client_startup.as_deref().unwrap_or(&bytes);
+        ctx.events.emit_raw(ctx.id, RawDirection::Client, sent);
     }
 
     let (mut client_read, mut client_write) = client.split();
@@ -336,8 +381,14 @@ pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStre
             ClientSide::new(ctx, &info.identity, &shared, database_user),
             start,
         );
-        let from_upstream =
-            upstream_pump(&mut upstream_read, &mut client_write, ctx, &shared, start);
+        let from_upstream = upstream_pump(
+            &mut upstream_read,
+            &mut client_write,
+            upstream_buf,
+            ctx,
+            &shared,
+            start,
+        );
         tokio::pin!(from_client, from_upstream);
         let (mut client_done, mut upstream_done) = (false, false);
         loop {
@@ -545,6 +596,7 @@ where
 async fn upstream_pump<R, W>(
     reader: &mut R,
     writer: &mut W,
+    mut buf: ReadBuf,
     ctx: &PostgresContext<'_>,
     shared: &BetweenSides,
     start: Instant,
@@ -554,7 +606,6 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut side = UpstreamSide::new(ctx, shared);
-    let mut buf = ReadBuf::new();
     let write_err = |e: io::Error| Stop::Closed(CloseReason::ClientError(e.to_string()));
     let mut spliced = Vec::new();
     loop {

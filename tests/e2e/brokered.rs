@@ -1,0 +1,290 @@
+//! Brokered credentials: the agent logs in to PostgreSQL with a credential
+//! it holds, chosen by the identity of the process behind the session; the
+//! governed client connects with no secret.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::listener::http_get;
+use tollgate_tests::*;
+
+/// Only the postgres superuser logs in without a password; `md5_reader`
+/// with md5, `plain_writer` with a cleartext password, anyone else with
+/// SCRAM-SHA-256.
+const HBA: &[u8] = b"local all all trust\n\
+host all postgres 127.0.0.1/32 trust\n\
+host all md5_reader 127.0.0.1/32 md5\n\
+host all plain_writer 127.0.0.1/32 password\n\
+host all all 127.0.0.1/32 scram-sha-256\n";
+
+const DEPLOY_SECRET: &str = "deploy-secret-1";
+const READ_SECRET: &str = "read-secret-2";
+const WRITE_SECRET: &str = "write-secret-3";
+
+fn secret_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{text}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// psql through the agent as Unix user `user` (None: this test's own),
+/// asking for database user `postgres`, never prompting for a password.
+fn psql_as(user: Option<&str>, port: u16, sql: &str) -> Output {
+    let psql = pg_tool("psql");
+    let args = [
+        "-X",
+        "-A",
+        "-t",
+        "-w",
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+    ];
+    let mut cmd = match user {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", u, "--"]).arg(&psql);
+            c
+        }
+        None => Command::new(&psql),
+    };
+    cmd.args(args)
+        .args(["-p", &port.to_string(), "-c", sql])
+        .env_remove("PGPASSWORD")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .current_dir("/");
+    cmd.output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn config(listen: u16, upstream: u16, secrets: &Path, client_credentials: &str) -> String {
+    format!(
+        "[[target]]\nname = \"pg\"\naddress = \"127.0.0.1\"\nports = [{upstream}]\nprotocol = \"postgres\"\ntls = \"disable\"\n{client_credentials}\n\
+         [[target.credential]]\nuser = \"deployer\"\npassword_file = \"{deploy}\"\nmatch = {{ uids = [0] }}\n\n\
+         [[target.credential]]\nuser = \"md5_reader\"\npassword_file = \"{read}\"\nmatch = {{ users = [\"nobody\"] }}\n\n\
+         [[target.credential]]\nuser = \"plain_writer\"\npassword_file = \"{write}\"\nmatch = {{ users = [\"daemon\"] }}\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:{listen}\"\ntarget = \"pg\"\n",
+        deploy = secrets.join("deploy").display(),
+        read = secrets.join("read").display(),
+        write = secrets.join("write").display(),
+    )
+}
+
+fn server_with_roles() -> Postgres {
+    let pg = Postgres::start_with(&[], &[("pg_hba.conf", HBA)], &[]);
+    psql(
+        pg.port,
+        &format!(
+            "CREATE ROLE deployer LOGIN PASSWORD '{DEPLOY_SECRET}'; \
+             CREATE ROLE plain_writer LOGIN PASSWORD '{WRITE_SECRET}'; \
+             SET password_encryption = 'md5'; \
+             CREATE ROLE md5_reader LOGIN PASSWORD '{READ_SECRET}'"
+        ),
+    )
+    .unwrap();
+    pg
+}
+
+#[test]
+fn a_psql_with_no_password_logs_in_as_the_role_its_identity_maps_to() {
+    if !is_root() {
+        eprintln!("skipped: running psql as other Unix users needs root");
+        return;
+    }
+    let pg = server_with_roles();
+    // Directly, without the password, the server refuses the role.
+    let direct = Command::new(pg_tool("psql"))
+        .args([
+            "-X",
+            "-w",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "deployer",
+            "-d",
+            "postgres",
+        ])
+        .args(["-p", &pg.port.to_string(), "-c", "select 1"])
+        .env_remove("PGPASSWORD")
+        .output()
+        .unwrap();
+    assert!(!direct.status.success(), "{}", text(&direct));
+    assert!(text(&direct).contains("password"), "{}", text(&direct));
+
+    let secrets = tempfile::tempdir().unwrap();
+    secret_file(secrets.path(), "deploy", DEPLOY_SECRET);
+    secret_file(secrets.path(), "read", READ_SECRET);
+    secret_file(secrets.path(), "write", WRITE_SECRET);
+    let port = free_port();
+    let metrics_port = free_port();
+    let agent = Agent::start(&format!(
+        "[agent]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\n{}",
+        config(port, pg.port, secrets.path(), "")
+    ));
+
+    // Root's psql asks for `postgres` and gets `deployer` (SCRAM-SHA-256).
+    let out = psql_as(None, port, "select current_user");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "deployer");
+    // nobody's psql gets `md5_reader` (md5).
+    let out = psql_as(Some("nobody"), port, "select current_user");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "md5_reader");
+    // daemon's credential needs a cleartext password, which the agent does
+    // not send over a plaintext leg.
+    let out = psql_as(Some("daemon"), port, "select current_user");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("in cleartext over an unencrypted connection"),
+        "{}",
+        text(&out)
+    );
+    // A process no credential is for is refused, saying so.
+    let out = psql_as(Some("bin"), port, "select current_user");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out)
+            .contains("logs in with brokered credentials and none of them is for this process"),
+        "{}",
+        text(&out)
+    );
+
+    // A wrong password: the server's refusal, naming the role. The file is
+    // read for each session, so a rotated password needs no reload.
+    secret_file(secrets.path(), "deploy", "not-the-password");
+    let out = psql_as(None, port, "select 1");
+    assert!(!out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("the server refused the brokered credential for role \"deployer\"")
+            && said.contains("password authentication failed"),
+        "{said}"
+    );
+    secret_file(secrets.path(), "deploy", DEPLOY_SECRET);
+    let out = psql_as(None, port, "select current_user");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "deployer",
+        "{}",
+        text(&out)
+    );
+
+    // Both users are recorded: the one asked for and the one logged in as.
+    let started = agent
+        .wait_for_log(
+            |l| l["brokered_user"] == "md5_reader",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(started["db_user"], "postgres", "{started}");
+    let session = started["session"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(500));
+    let shown = agent.cli(&["recordings", "show", &session]);
+    let shown = text(&shown);
+    assert!(
+        shown.contains("user postgres") && shown.contains("logged in by the agent as md5_reader"),
+        "{shown}"
+    );
+
+    // No secret anywhere the agent writes or answers.
+    let mut everything = agent.log_text();
+    everything.push_str(&text(&agent.cli(&["status", "--json"])));
+    everything.push_str(&http_get(metrics_port, "/metrics"));
+    for entry in walk(&agent.recordings()) {
+        everything.push_str(&String::from_utf8_lossy(&std::fs::read(entry).unwrap()));
+    }
+    assert!(
+        everything.contains("deployer"),
+        "the check reads what it should"
+    );
+    for secret in [DEPLOY_SECRET, READ_SECRET, WRITE_SECRET] {
+        assert!(!everything.contains(secret), "{secret} leaked");
+    }
+}
+
+#[test]
+fn a_target_can_let_processes_without_a_credential_use_their_own() {
+    if !is_root() {
+        eprintln!("skipped: running psql as other Unix users needs root");
+        return;
+    }
+    let pg = server_with_roles();
+    let secrets = tempfile::tempdir().unwrap();
+    secret_file(secrets.path(), "deploy", DEPLOY_SECRET);
+    secret_file(secrets.path(), "read", READ_SECRET);
+    secret_file(secrets.path(), "write", WRITE_SECRET);
+    let port = free_port();
+    let _agent = Agent::start(&config(
+        port,
+        pg.port,
+        secrets.path(),
+        "client_credentials = \"pass\"",
+    ));
+    // bin has no credential: its own login (postgres, trusted) is relayed.
+    let out = psql_as(Some("bin"), port, "select current_user");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "postgres");
+    let out = psql_as(None, port, "select current_user");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "deployer",
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_secret_file_others_can_read_stops_the_agent_at_start() {
+    let secrets = tempfile::tempdir().unwrap();
+    let open = secrets.path().join("deploy");
+    std::fs::write(&open, DEPLOY_SECRET).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config_path = secrets.path().join("tollgate.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[[target]]\nname = \"pg\"\naddress = \"127.0.0.1\"\nports = [5432]\nprotocol = \"postgres\"\n\
+             [[target.credential]]\nuser = \"deployer\"\npassword_file = \"{}\"\n",
+            open.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(agent_binary())
+        .args(["config", "check", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("password_file") && said.contains("chmod 600"),
+        "{said}"
+    );
+    assert!(!said.contains(DEPLOY_SECRET), "{said}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
