@@ -141,6 +141,7 @@ struct RawIdentityMatch {
     ci_repository: Option<Vec<String>>,
     ci_branch: Option<Vec<String>>,
     ci_job: Option<Vec<String>>,
+    ci_workflow: Option<Vec<String>>,
     ci_verified: Option<bool>,
 }
 
@@ -788,7 +789,7 @@ fn check_credentials(
             None => IdentitySpec::default(),
             Some(m) => {
                 let m = m.get_ref();
-                let lists: [(&str, Option<usize>); 7] = [
+                let lists: [(&str, Option<usize>); 8] = [
                     ("users", m.users.as_ref().map(Vec::len)),
                     ("uids", m.uids.as_ref().map(Vec::len)),
                     ("exe", m.exe.as_ref().map(Vec::len)),
@@ -796,6 +797,7 @@ fn check_credentials(
                     ("ci_repository", m.ci_repository.as_ref().map(Vec::len)),
                     ("ci_branch", m.ci_branch.as_ref().map(Vec::len)),
                     ("ci_job", m.ci_job.as_ref().map(Vec::len)),
+                    ("ci_workflow", m.ci_workflow.as_ref().map(Vec::len)),
                 ];
                 if let Some((field, _)) = lists.iter().find(|(_, n)| *n == Some(0)) {
                     let span = raw.identity.as_ref().map_or(0, |m| m.span().start);
@@ -813,6 +815,7 @@ fn check_credentials(
                     ci_repository: m.ci_repository.clone().unwrap_or_default(),
                     ci_branch: m.ci_branch.clone().unwrap_or_default(),
                     ci_job: m.ci_job.clone().unwrap_or_default(),
+                    ci_workflow: m.ci_workflow.clone().unwrap_or_default(),
                     ci_verified: m.ci_verified,
                 }
             }

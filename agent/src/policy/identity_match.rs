@@ -25,6 +25,8 @@ pub struct IdentitySpec {
     pub ci_branch: Vec<String>,
     /// CI job globs.
     pub ci_job: Vec<String>,
+    /// CI workflow globs.
+    pub ci_workflow: Vec<String>,
     /// Whether the CI context must be verified (or must not be).
     pub ci_verified: Option<bool>,
 }
@@ -63,6 +65,7 @@ impl IdentityMatch {
             ci_repository: globs("ci_repository", &spec.ci_repository, GlobStyle::Name)?,
             ci_branch: globs("ci_branch", &spec.ci_branch, GlobStyle::Name)?,
             ci_job: globs("ci_job", &spec.ci_job, GlobStyle::Name)?,
+            ci_workflow: globs("ci_workflow", &spec.ci_workflow, GlobStyle::Name)?,
             ci_verified: spec.ci_verified,
             ..Conditions::default()
         };

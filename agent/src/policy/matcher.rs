@@ -164,6 +164,7 @@ pub(super) struct Conditions {
     pub(super) ci_repository: Option<GlobSet>,
     pub(super) ci_branch: Option<GlobSet>,
     pub(super) ci_job: Option<GlobSet>,
+    pub(super) ci_workflow: Option<GlobSet>,
     pub(super) ci_verified: Option<bool>,
     /// Mask of [`kind_bit`]s.
     pub(super) kinds: Option<u32>,
@@ -398,6 +399,7 @@ impl Conditions {
             ci_repository,
             ci_branch,
             ci_job,
+            ci_workflow,
             ci_verified,
             kinds,
             commands,
@@ -424,6 +426,7 @@ impl Conditions {
             && ci_repository.is_none()
             && ci_branch.is_none()
             && ci_job.is_none()
+            && ci_workflow.is_none()
             && ci_verified.is_none()
             && kinds.is_none()
             && commands.is_none()
@@ -522,6 +525,11 @@ impl Conditions {
         }
         if let Some(set) = &self.ci_job {
             if !opt_glob(set, ci().and_then(|c| c.job.as_ref())) {
+                return false;
+            }
+        }
+        if let Some(set) = &self.ci_workflow {
+            if !opt_glob(set, ci().and_then(|c| c.workflow.as_ref())) {
                 return false;
             }
         }

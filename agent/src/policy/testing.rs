@@ -60,6 +60,7 @@ struct RawIdentity {
     ci_repository: Option<String>,
     ci_branch: Option<String>,
     ci_job: Option<String>,
+    ci_workflow: Option<String>,
     ci_verified: Option<bool>,
 }
 
@@ -271,11 +272,12 @@ fn identity(c: &mut Checker<'_>, raw: Option<&Spanned<RawIdentity>>) -> ProcessI
     let ci_fields = raw.ci_repository.is_some()
         || raw.ci_branch.is_some()
         || raw.ci_job.is_some()
+        || raw.ci_workflow.is_some()
         || raw.ci_verified.is_some();
     if ci_fields && raw.ci_provider.is_none() {
         c.at(
             spanned.span(),
-            "an identity with ci_repository, ci_branch, ci_job or ci_verified needs ci_provider",
+            "an identity with ci_repository, ci_branch, ci_job, ci_workflow or ci_verified needs ci_provider",
         );
     }
     ProcessIdentity {
@@ -304,7 +306,7 @@ fn identity(c: &mut Checker<'_>, raw: Option<&Spanned<RawIdentity>>) -> ProcessI
             branch: raw.ci_branch.clone(),
             job: raw.ci_job.clone(),
             run_id: None,
-            workflow: None,
+            workflow: raw.ci_workflow.clone(),
             actor: None,
             url: None,
             commit: None,
