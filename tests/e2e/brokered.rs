@@ -276,6 +276,65 @@ fn a_secret_file_others_can_read_stops_the_agent_at_start() {
     assert!(!said.contains(DEPLOY_SECRET), "{said}");
 }
 
+#[test]
+fn a_client_certificate_logs_in_with_no_password() {
+    let (ca, issuer) = tollgate_tests::certs::make_ca("test CA");
+    let (server_cert, server_key) = tollgate_tests::certs::server_cert(&issuer);
+    let (client_cert, client_key) = tollgate_tests::certs::client_cert(&issuer, "cert_user");
+    let hba = b"local all all trust\n\
+hostssl all cert_user 127.0.0.1/32 cert\n\
+host all postgres 127.0.0.1/32 trust\n";
+    let pg = Postgres::start_with(
+        &[],
+        &[
+            ("pg_hba.conf", hba),
+            ("server.crt", server_cert.as_bytes()),
+            ("server.key", server_key.as_bytes()),
+            ("root.crt", ca.as_bytes()),
+        ],
+        &[
+            "-c",
+            "ssl=on",
+            "-c",
+            "ssl_cert_file=server.crt",
+            "-c",
+            "ssl_key_file=server.key",
+            "-c",
+            "ssl_ca_file=root.crt",
+        ],
+    );
+    psql(pg.port, "CREATE ROLE cert_user LOGIN").unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let cert_file = secrets.path().join("cert_user.crt");
+    std::fs::write(&cert_file, &client_cert).unwrap();
+    let key_file = secret_file(secrets.path(), "cert_user.key", client_key.trim_end());
+    let ca_file = secrets.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let port = free_port();
+    let _agent = Agent::start(&format!(
+        "[[target]]\nname = \"pg\"\naddress = \"127.0.0.1\"\nports = [{}]\nprotocol = \"postgres\"\n\
+         tls = \"verify-full\"\ntls_ca_file = \"{}\"\n\
+         [[target.credential]]\nuser = \"cert_user\"\ntls_client_cert = \"{}\"\ntls_client_key = \"{}\"\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"pg\"\n",
+        pg.port,
+        ca_file.display(),
+        cert_file.display(),
+        key_file.display(),
+    ));
+    // The agent presents the certificate; the server maps its name to the
+    // role and asks for nothing else.
+    let out = psql_as(
+        None,
+        port,
+        "select current_user || ' ' || client_dn from pg_stat_ssl where pid = pg_backend_pid()",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "cert_user /CN=cert_user"
+    );
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod certs;
 pub mod mariadb;
 pub mod pg_wire;
 pub mod review;

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use target::{
-    BrokeredCredential, ClientCredentials, PortRange, Protocol, Target, TargetAddress, TargetSet,
-    UpstreamTls,
+    BrokeredCredential, ClientCertificate, ClientCredentials, PortRange, Protocol, Target,
+    TargetAddress, TargetSet, UpstreamTls,
 };
 
 /// The default location of the configuration file.

@@ -13,10 +13,11 @@ use crate::located::LocatedErrors;
 use crate::policy::{IdentityMatch, IdentitySpec};
 
 use super::{
-    line_column, secret, AgentSettings, BrokeredCredential, ClientCredentials, ClientTls, Config,
-    ConfigError, ConfigErrors, GovernedCgroup, Listener, NotifyKind, NotifyTarget, PortRange,
-    ProtectMode, ProtectSettings, Protocol, RecordingFailure, RecordingFsync, RedirectSettings,
-    Target, TargetAddress, TargetSet, UnlistedPolicy, Upstream, UpstreamTls,
+    line_column, secret, AgentSettings, BrokeredCredential, ClientCertificate, ClientCredentials,
+    ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup, Listener, NotifyKind,
+    NotifyTarget, PortRange, ProtectMode, ProtectSettings, Protocol, RecordingFailure,
+    RecordingFsync, RedirectSettings, Target, TargetAddress, TargetSet, UnlistedPolicy, Upstream,
+    UpstreamTls,
 };
 
 #[derive(Deserialize, Default)]
@@ -125,7 +126,9 @@ struct RawTarget {
 #[serde(deny_unknown_fields)]
 struct RawCredential {
     user: Spanned<String>,
-    password_file: Spanned<String>,
+    password_file: Option<Spanned<String>>,
+    tls_client_cert: Option<Spanned<String>>,
+    tls_client_key: Option<Spanned<String>>,
     #[serde(rename = "match", default)]
     identity: Option<Spanned<RawIdentityMatch>>,
 }
@@ -780,9 +783,47 @@ fn check_credentials(
             );
             continue;
         }
-        let password_file = PathBuf::from(raw.password_file.get_ref());
-        if let Err(e) = secret::check_secret_file(&password_file) {
-            c.error(&raw.password_file, format!("password_file: {e}"));
+        let password_file = match &raw.password_file {
+            None => None,
+            Some(file) => {
+                let path = PathBuf::from(file.get_ref());
+                if let Err(e) = secret::check_secret_file(&path) {
+                    c.error(file, format!("password_file: {e}"));
+                    continue;
+                }
+                Some(path)
+            }
+        };
+        let client_cert = match (&raw.tls_client_cert, &raw.tls_client_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let key_file = PathBuf::from(key.get_ref());
+                if let Err(e) = secret::check_secret_file(&key_file) {
+                    c.error(key, format!("tls_client_key: {e}"));
+                    continue;
+                }
+                if matches!(
+                    t.tls.as_ref().map(|m| m.get_ref().as_str()),
+                    None | Some("disable" | "prefer")
+                ) {
+                    c.error(cert, "a client certificate is presented only on a TLS upstream leg; set the target's tls to \"require\" or \"verify-full\"");
+                    continue;
+                }
+                Some(ClientCertificate {
+                    cert_file: PathBuf::from(cert.get_ref()),
+                    key_file,
+                })
+            }
+            (Some(one), None) | (None, Some(one)) => {
+                c.error(one, "tls_client_cert and tls_client_key go together");
+                continue;
+            }
+        };
+        if password_file.is_none() && client_cert.is_none() {
+            c.error(
+                &raw.user,
+                "a credential needs password_file, or tls_client_cert and tls_client_key, or both",
+            );
             continue;
         }
         let spec = match &raw.identity {
@@ -824,6 +865,7 @@ fn check_credentials(
             Ok(identity) => credentials.push(BrokeredCredential {
                 user: user.to_owned(),
                 password_file,
+                client_cert,
                 identity: std::sync::Arc::new(identity),
             }),
             Err(e) => {

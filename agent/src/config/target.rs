@@ -203,9 +203,21 @@ pub struct BrokeredCredential {
     pub user: String,
     /// The file that holds the password: root-only, read at each session
     /// so that a rotated password needs no reload.
-    pub password_file: PathBuf,
+    pub password_file: Option<PathBuf>,
+    /// A client certificate the agent presents on the TLS upstream leg
+    /// (for `cert` in pg_hba.conf), read at start.
+    pub client_cert: Option<ClientCertificate>,
     /// Which processes it is for (none given: every process).
     pub identity: Arc<IdentityMatch>,
+}
+
+/// A client certificate chain and its key, both PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    /// The certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// The private key: root-only, as a password file.
+    pub key_file: PathBuf,
 }
 
 /// What a target with credentials does with a session none of them is for.
@@ -220,11 +232,16 @@ pub enum ClientCredentials {
 }
 
 impl Target {
-    /// The first credential whose `match` accepts `identity`.
-    pub fn credential_for(&self, identity: &ProcessIdentity) -> Option<&BrokeredCredential> {
+    /// The first credential whose `match` accepts `identity`, and its
+    /// place among the target's.
+    pub fn credential_for(
+        &self,
+        identity: &ProcessIdentity,
+    ) -> Option<(usize, &BrokeredCredential)> {
         self.credentials
             .iter()
-            .find(|c| c.identity.matches(identity))
+            .enumerate()
+            .find(|(_, c)| c.identity.matches(identity))
     }
 }
 

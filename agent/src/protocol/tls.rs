@@ -135,6 +135,9 @@ impl UpstreamMode {
 /// TLS material of the running agent, made once at start.
 pub struct TlsState {
     upstream: HashMap<String, UpstreamMode>,
+    /// For brokered credentials with a client certificate: by target and
+    /// the credential's place in it.
+    with_certificate: HashMap<(String, usize), UpstreamMode>,
     client: Option<TlsAcceptor>,
 }
 
@@ -143,6 +146,7 @@ impl TlsState {
     pub fn plaintext() -> TlsState {
         TlsState {
             upstream: HashMap::new(),
+            with_certificate: HashMap::new(),
             client: None,
         }
     }
@@ -155,21 +159,39 @@ impl TlsState {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|a| a.to_vec()).collect();
         let mut upstream = HashMap::new();
-        let unverified = unverified_connector(provider.clone(), &alpn)?;
+        let mut with_certificate = HashMap::new();
+        let unverified = unverified_connector(provider.clone(), &alpn, None)?;
         for target in config.targets.iter() {
-            let mode = match &target.tls {
-                UpstreamTls::Disable => UpstreamMode::Disable,
-                UpstreamTls::Prefer => UpstreamMode::Prefer(unverified.clone()),
-                UpstreamTls::Require => UpstreamMode::Require(unverified.clone()),
-                UpstreamTls::VerifyFull {
-                    ca_file,
-                    server_name,
-                } => UpstreamMode::VerifyFull {
-                    connector: verifying_connector(provider.clone(), ca_file, &alpn)?,
-                    server_name: server_name.clone(),
-                },
+            let mode = |client_auth: Option<ClientAuth>| -> Result<UpstreamMode, TlsError> {
+                let plain = |client_auth: Option<ClientAuth>| match client_auth {
+                    None => Ok(unverified.clone()),
+                    some => unverified_connector(provider.clone(), &alpn, some),
+                };
+                Ok(match &target.tls {
+                    UpstreamTls::Disable => UpstreamMode::Disable,
+                    UpstreamTls::Prefer => UpstreamMode::Prefer(plain(client_auth)?),
+                    UpstreamTls::Require => UpstreamMode::Require(plain(client_auth)?),
+                    UpstreamTls::VerifyFull {
+                        ca_file,
+                        server_name,
+                    } => UpstreamMode::VerifyFull {
+                        connector: verifying_connector(
+                            provider.clone(),
+                            ca_file,
+                            &alpn,
+                            client_auth,
+                        )?,
+                        server_name: server_name.clone(),
+                    },
+                })
             };
-            upstream.insert(target.name.clone(), mode);
+            upstream.insert(target.name.clone(), mode(None)?);
+            for (index, credential) in target.credentials.iter().enumerate() {
+                if let Some(cert) = &credential.client_cert {
+                    let auth = load_client_auth(&cert.cert_file, &cert.key_file)?;
+                    with_certificate.insert((target.name.clone(), index), mode(Some(auth))?);
+                }
+            }
         }
         let client = match config.agent.client_tls {
             ClientTls::Off => None,
@@ -186,12 +208,25 @@ impl TlsState {
                 Some(TlsAcceptor::from(Arc::new(server)))
             }
         };
-        Ok(TlsState { upstream, client })
+        Ok(TlsState {
+            upstream,
+            with_certificate,
+            client,
+        })
     }
 
     /// How to connect to `target` (plaintext for a target not configured).
     pub fn upstream(&self, target: &str) -> &UpstreamMode {
         self.upstream.get(target).unwrap_or(&UpstreamMode::Disable)
+    }
+
+    /// How to connect to `target` for a session logging in with its
+    /// brokered credential number `credential`: with that credential's
+    /// client certificate when it has one.
+    pub fn upstream_for(&self, target: &str, credential: Option<usize>) -> &UpstreamMode {
+        credential
+            .and_then(|index| self.with_certificate.get(&(target.to_owned(), index)))
+            .unwrap_or_else(|| self.upstream(target))
     }
 
     /// The acceptor for clients asking for TLS, when terminating.
@@ -200,27 +235,76 @@ impl TlsState {
     }
 }
 
+/// A certificate chain and its key, which the agent presents to a server
+/// (a brokered credential's client certificate).
+type ClientAuth = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
 fn unverified_connector(
     provider: Arc<CryptoProvider>,
     alpn: &[Vec<u8>],
+    client_auth: Option<ClientAuth>,
 ) -> Result<TlsConnector, TlsError> {
     let verifier = Arc::new(NoCertificateCheck {
         provider: provider.clone(),
     });
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Crypto(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut config = with_client_auth(builder, client_auth)?;
     config.alpn_protocols = alpn.to_vec();
     Ok(TlsConnector::from(Arc::new(config)))
+}
+
+fn with_client_auth(
+    builder: rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>,
+    client_auth: Option<ClientAuth>,
+) -> Result<ClientConfig, TlsError> {
+    match client_auth {
+        None => Ok(builder.with_no_client_auth()),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::Crypto(format!("the client certificate: {e}"))),
+    }
+}
+
+/// Reads a brokered credential's client certificate chain and key (PEM).
+fn load_client_auth(cert_file: &Path, key_file: &Path) -> Result<ClientAuth, TlsError> {
+    let cert_pem = fs::read(cert_file).map_err(|source| TlsError::File {
+        what: "cannot read tls_client_cert",
+        path: cert_file.to_path_buf(),
+        source,
+    })?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Content {
+            path: cert_file.to_path_buf(),
+            message: format!("not a PEM certificate file: {e}"),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::Content {
+            path: cert_file.to_path_buf(),
+            message: "holds no certificate".to_owned(),
+        });
+    }
+    let key_pem =
+        crate::config::secret::read_secret_file(key_file).map_err(|message| TlsError::Content {
+            path: key_file.to_path_buf(),
+            message,
+        })?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.expose()).map_err(|e| TlsError::Content {
+        path: key_file.to_path_buf(),
+        message: format!("not a PEM private key: {e}"),
+    })?;
+    Ok((chain, key))
 }
 
 fn verifying_connector(
     provider: Arc<CryptoProvider>,
     ca_file: &Path,
     alpn: &[Vec<u8>],
+    client_auth: Option<ClientAuth>,
 ) -> Result<TlsConnector, TlsError> {
     let content = |message: String| TlsError::Content {
         path: ca_file.to_path_buf(),
@@ -244,11 +328,11 @@ fn verifying_connector(
                 .to_owned(),
         ));
     }
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Crypto(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = with_client_auth(builder, client_auth)?;
     config.alpn_protocols = alpn.to_vec();
     Ok(TlsConnector::from(Arc::new(config)))
 }

@@ -20,14 +20,15 @@ use crate::protocol::postgres::scram::{self, ScramClient};
 /// How long the server may take over authentication.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The credential a session logs in with: `Ok(None)` when the client
+/// The credential a session logs in with, and its place among the
+/// target's: `Ok(None)` when the client
 /// authenticates itself (no credential is for this process and the target
 /// passes such sessions through); a FATAL refusal when the target refuses
 /// them.
 pub(super) fn choose<'t>(
     target: &'t Target,
     identity: &ProcessIdentity,
-) -> Result<Option<&'t BrokeredCredential>, Stop> {
+) -> Result<Option<(usize, &'t BrokeredCredential)>, Stop> {
     if let Some(credential) = target.credential_for(identity) {
         return Ok(Some(credential));
     }
@@ -92,11 +93,23 @@ pub(super) async fn authenticate(
         reason: CloseReason::UpstreamError(message.clone()),
         message,
     };
-    let password = read_secret_file(&credential.password_file).map_err(|e| {
-        refused(format!(
-            "tollgate: target \"{target}\": the brokered credential for role \"{role}\" cannot be used: {e}"
-        ))
-    })?;
+    let password = match &credential.password_file {
+        None => None,
+        Some(file) => Some(read_secret_file(file).map_err(|e| {
+            refused(format!(
+                "tollgate: target \"{target}\": the brokered credential for role \"{role}\" cannot be used: {e}"
+            ))
+        })?),
+    };
+    // Asked for a password the credential does not have (it logs in with
+    // its client certificate alone).
+    let password = || {
+        password.as_ref().ok_or_else(|| {
+            refused(format!(
+                "tollgate: target \"{target}\": the server asks for a password for role \"{role}\", and its brokered credential has a client certificate only (give it a password_file, or use cert in pg_hba.conf)"
+            ))
+        })
+    };
     let exchange = async {
         let mut scram: Option<ScramClient> = None;
         let mut scram_verified = false;
@@ -125,13 +138,14 @@ pub(super) async fn authenticate(
                             "tollgate: target \"{target}\": the server asks for the password of role \"{role}\" in cleartext over an unencrypted connection; the agent sends a brokered password in cleartext only over TLS (set the target's tls to \"require\" or \"verify-full\", or use scram-sha-256 in pg_hba.conf)"
                         )));
                     }
-                    let mut text = password.expose().to_vec();
+                    let mut text = password()?.expose().to_vec();
                     text.push(0);
                     FrontendMessage::Password(&text).encode(&mut reply);
                     text.fill(0);
                 }
                 BackendMessage::Authentication(backend::Auth::Md5Password { salt }) => {
-                    let mut text = scram::md5_password(role, password.expose(), salt).into_bytes();
+                    let mut text =
+                        scram::md5_password(role, password()?.expose(), salt).into_bytes();
                     text.push(0);
                     FrontendMessage::Password(&text).encode(&mut reply);
                 }
@@ -141,7 +155,7 @@ pub(super) async fn authenticate(
                             "tollgate: target \"{target}\": the server offers SASL mechanisms {mechanisms:?} for role \"{role}\"; brokered credentials use SCRAM-SHA-256"
                         )));
                     }
-                    let (client, first) = ScramClient::start(password.expose())
+                    let (client, first) = ScramClient::start(password()?.expose())
                         .map_err(|e| refused(format!("tollgate: {e}")))?;
                     scram = Some(client);
                     frontend::SaslInitialResponse {

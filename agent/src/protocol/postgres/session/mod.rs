@@ -323,7 +323,7 @@ pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStre
         }
     };
     let client_startup = match credential {
-        Some(credential) => match broker::startup_as(&bytes, &credential.user) {
+        Some((_, credential)) => match broker::startup_as(&bytes, &credential.user) {
             Ok(rewritten) => {
                 if let SessionEvent::Startup { brokered_user, .. } = &mut startup_event {
                     *brokered_user = Some(credential.user.clone());
@@ -334,7 +334,7 @@ pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStre
         },
         None => None,
     };
-    let mut upstream = match connect_upstream_tls(ctx, upstream).await {
+    let mut upstream = match connect_upstream_tls(ctx, upstream, credential.map(|(i, _)| i)).await {
         Ok(u) => u,
         Err(stop) => return end_early(ctx, &mut client, stop).await,
     };
@@ -348,7 +348,7 @@ pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStre
         return CloseReason::UpstreamError(e.to_string());
     }
     let mut upstream_buf = ReadBuf::new();
-    if let Some(credential) = credential {
+    if let Some((_, credential)) = credential {
         if let Err(stop) =
             broker::authenticate(ctx, &mut upstream, &mut upstream_buf, credential).await
         {

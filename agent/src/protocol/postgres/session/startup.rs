@@ -205,12 +205,15 @@ pub(super) async fn accept_client_tls(
 
 /// Secures the upstream leg as the target says: SSLRequest, then the
 /// handshake on `S`; `N` is plaintext for `prefer` and a refusal otherwise.
+/// A session logging in with brokered credential number `credential`
+/// presents its client certificate, when it has one.
 pub(super) async fn connect_upstream_tls(
     ctx: &PostgresContext<'_>,
     mut upstream: TcpStream,
+    credential: Option<usize>,
 ) -> Result<Stream, Stop> {
     let target = &ctx.target;
-    let mode = ctx.tls.upstream(target);
+    let mode = ctx.tls.upstream_for(target, credential);
     let (connector, verify_full, name) = match mode {
         UpstreamMode::Disable => return Ok(Stream::Plain(upstream)),
         UpstreamMode::Prefer(c) | UpstreamMode::Require(c) => (c, false, None),
