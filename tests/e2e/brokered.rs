@@ -335,6 +335,107 @@ host all postgres 127.0.0.1/32 trust\n";
     );
 }
 
+/// The `mariadb` client through the agent as Unix user `user` (None: this
+/// test's own), asking for database user `whoever` with no password.
+fn mariadb_as(user: Option<&str>, port: u16, sql: &str) -> Output {
+    let mut cmd = match user {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", u, "--", "mariadb"]);
+            c
+        }
+        None => Command::new("mariadb"),
+    };
+    cmd.arg("--no-defaults")
+        .args(["-h", "127.0.0.1", "-P", &port.to_string(), "-u", "whoever"])
+        .args([
+            "--protocol=TCP",
+            "--skip-ssl",
+            "--batch",
+            "--skip-column-names",
+        ])
+        .args(["-D", "shop", "-e", sql])
+        .current_dir("/");
+    cmd.output().unwrap()
+}
+
+#[test]
+fn a_mariadb_client_with_no_password_logs_in_as_the_user_its_identity_maps_to() {
+    if !is_root() {
+        eprintln!("skipped: running mariadb as other Unix users needs root");
+        return;
+    }
+    let db = tollgate_tests::mariadb::Mariadb::start("CREATE TABLE orders (id INT)");
+    db.as_root(&format!(
+        "CREATE USER 'deployer'@'%' IDENTIFIED BY '{DEPLOY_SECRET}'; GRANT ALL ON shop.* TO 'deployer'@'%'; \
+         CREATE USER 'reader'@'%' IDENTIFIED BY '{READ_SECRET}'; GRANT SELECT ON shop.* TO 'reader'@'%'"
+    ));
+    let secrets = tempfile::tempdir().unwrap();
+    secret_file(secrets.path(), "deploy", DEPLOY_SECRET);
+    secret_file(secrets.path(), "read", READ_SECRET);
+    let port = free_port();
+    let agent = Agent::start(&format!(
+        "[[target]]\nname = \"shop\"\naddress = \"127.0.0.1\"\nports = [{}]\nprotocol = \"mysql\"\n\
+         [[target.credential]]\nuser = \"deployer\"\npassword_file = \"{}\"\nmatch = {{ uids = [0] }}\n\n\
+         [[target.credential]]\nuser = \"reader\"\npassword_file = \"{}\"\nmatch = {{ users = [\"nobody\"] }}\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"shop\"\n",
+        db.port,
+        secrets.path().join("deploy").display(),
+        secrets.path().join("read").display(),
+    ));
+    let out = mariadb_as(None, port, "SELECT CURRENT_USER()");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "deployer@%");
+    let out = mariadb_as(Some("nobody"), port, "SELECT CURRENT_USER()");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "reader@%");
+    // The role's own privileges still hold: reader cannot write.
+    let out = mariadb_as(Some("nobody"), port, "INSERT INTO orders VALUES (1)");
+    assert!(!out.status.success(), "{}", text(&out));
+    // A change of user would leave the credential behind: refused, and the
+    // session goes on as it was.
+    let results = tollgate_tests::mariadb::python_driver(
+        "connector",
+        port,
+        &["-- change-user root x shop", "SELECT CURRENT_USER()"],
+    );
+    match &results[..] {
+        [tollgate_tests::mariadb::DriverResult::Error(e), tollgate_tests::mariadb::DriverResult::Rows(rows)] =>
+        {
+            assert!(e.contains("COM_CHANGE_USER is refused"), "{e}");
+            assert_eq!(rows[0][0][0].as_deref(), Some("deployer@%"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let out = mariadb_as(Some("bin"), port, "SELECT CURRENT_USER()");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("none of them is for this process"),
+        "{}",
+        text(&out)
+    );
+    secret_file(secrets.path(), "deploy", "not-the-password");
+    let out = mariadb_as(None, port, "SELECT 1");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("the server refused the brokered credential for user \"deployer\"")
+            && text(&out).contains("Access denied"),
+        "{}",
+        text(&out)
+    );
+    let started = agent
+        .wait_for_log(|l| l["brokered_user"] == "reader", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(started["db_user"], "whoever", "{started}");
+    let mut everything = agent.log_text();
+    for entry in walk(&agent.recordings()) {
+        everything.push_str(&String::from_utf8_lossy(&std::fs::read(entry).unwrap()));
+    }
+    for secret in [DEPLOY_SECRET, READ_SECRET] {
+        assert!(!everything.contains(secret), "{secret} leaked");
+    }
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {

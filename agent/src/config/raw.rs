@@ -768,12 +768,21 @@ fn check_credentials(
 ) -> (Vec<BrokeredCredential>, ClientCredentials) {
     let mut credentials = Vec::new();
     for raw in &t.credential {
-        if protocol.is_some_and(|p| p != Protocol::Postgres) {
+        if protocol == Some(Protocol::Tcp) {
             c.error(
                 &raw.user,
-                "brokered credentials are supported on protocol = \"postgres\" targets only",
+                "brokered credentials need a protocol the agent speaks: postgres or mysql",
             );
             continue;
+        }
+        if protocol == Some(Protocol::Mysql) {
+            if let Some(cert) = &raw.tls_client_cert {
+                c.error(
+                    cert,
+                    "client certificates are brokered for postgres targets only; give a mysql credential a password_file",
+                );
+                continue;
+            }
         }
         let user = raw.user.get_ref().trim();
         if user.is_empty() || user.contains('\0') {

@@ -232,6 +232,28 @@ pub enum ClientCredentials {
 }
 
 impl Target {
+    /// How a session of `identity` logs in: with the first credential
+    /// whose `match` accepts it (and its place among the target's), with
+    /// its own (`None`: no credentials, or `client_credentials = "pass"`),
+    /// or not at all (the message that says why).
+    pub fn login_for(
+        &self,
+        identity: &ProcessIdentity,
+    ) -> Result<Option<(usize, &BrokeredCredential)>, String> {
+        if self.credentials.is_empty() {
+            return Ok(None);
+        }
+        match (self.credential_for(identity), self.client_credentials) {
+            (Some(found), _) => Ok(Some(found)),
+            (None, ClientCredentials::Pass) => Ok(None),
+            (None, ClientCredentials::Refuse) => Err(format!(
+                "tollgate: target \"{}\" logs in with brokered credentials and none of them is for this process ({})",
+                self.name,
+                identity.summary()
+            )),
+        }
+    }
+
     /// The first credential whose `match` accepts `identity`, and its
     /// place among the target's.
     pub fn credential_for(

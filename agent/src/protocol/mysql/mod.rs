@@ -15,6 +15,7 @@
 //! human review of MySQL statements (a statement a `review` rule takes is
 //! refused).
 
+pub mod broker;
 pub mod handshake;
 pub mod mask;
 pub mod packet;
@@ -34,6 +35,8 @@ use crate::events::CloseReason;
 pub struct MysqlHandler {
     tls: TlsState,
     connections: session::Connections,
+    /// Targets with brokered credentials, by name.
+    brokered: std::collections::HashMap<String, crate::config::Target>,
 }
 
 impl MysqlHandler {
@@ -45,6 +48,12 @@ impl MysqlHandler {
         Ok(MysqlHandler {
             tls,
             connections: session::Connections::default(),
+            brokered: config
+                .targets
+                .iter()
+                .filter(|t| !t.credentials.is_empty())
+                .map(|t| (t.name.clone(), t.clone()))
+                .collect(),
         })
     }
 }
@@ -60,6 +69,7 @@ impl Handler for MysqlHandler {
             ctx,
             &self.tls,
             &self.connections,
+            self.brokered.get(&ctx.target),
             client,
             upstream,
         ))

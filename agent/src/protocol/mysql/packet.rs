@@ -226,6 +226,21 @@ pub async fn write_packet<W: AsyncWrite + Unpin>(
     writer.write_all(&out).await
 }
 
+/// The message of an ERR packet (protocol 4.1), with its code and
+/// SQLSTATE: `1045 (28000): Access denied for user ...`.
+pub fn err_message(payload: &[u8]) -> Option<String> {
+    let code = u16::from_le_bytes([*payload.get(1)?, *payload.get(2)?]);
+    let (state, message) = match payload.get(3) {
+        Some(b'#') => (payload.get(4..9)?, payload.get(9..)?),
+        _ => (&b"HY000"[..], payload.get(3..).unwrap_or_default()),
+    };
+    Some(format!(
+        "{code} ({}): {}",
+        String::from_utf8_lossy(state),
+        String::from_utf8_lossy(message)
+    ))
+}
+
 /// An ERR packet's payload (protocol 4.1): code, SQLSTATE and message.
 pub fn err_payload(code: u16, sql_state: &str, message: &str) -> Vec<u8> {
     let mut payload = Vec::with_capacity(message.len() + 9);

@@ -17,9 +17,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use super::broker;
 use super::handshake::{self, ClientAnswer};
 use super::mask::{self, MaskPlan, ResultMask};
 use super::packet::{self, Packet, PacketError};
+use crate::config::Target;
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::masking::MaskRule;
 use crate::policy::{most_restrictive, Action, Decision, DecisionMemo};
@@ -270,6 +272,9 @@ struct Session<'a> {
     local_file: Option<String>,
     /// The database user now (for reviewers).
     database_user: Option<String>,
+    /// The agent logged in with a brokered credential: the client may not
+    /// change the user.
+    brokered: bool,
     /// The session's last statements, for reviewers of a held one.
     recent: RecentStatements,
     /// Woken when a `KILL` names this connection (ends a held statement).
@@ -301,8 +306,10 @@ struct Connected {
     collation: u8,
     /// The capabilities in the client's answer (after the proxy's changes).
     capabilities: u32,
-    /// The database user the client authenticated as.
+    /// The database user the session logged in as.
     user: String,
+    /// Whether the agent logged in with a brokered credential.
+    brokered: bool,
     /// The database it asked for.
     database: Option<String>,
 }
@@ -312,13 +319,14 @@ pub async fn run(
     ctx: &SessionContext,
     tls: &TlsState,
     connections: &Connections,
+    brokered: Option<&Target>,
     client: TcpStream,
     upstream: TcpStream,
 ) -> CloseReason {
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let serving = async {
-        let connected = match connect(ctx, tls, client, upstream).await {
+        let connected = match connect(ctx, tls, brokered, client, upstream).await {
             Ok(connected) => connected,
             Err(reason) => return reason,
         };
@@ -356,6 +364,7 @@ pub async fn run(
             capabilities: connected.capabilities,
             local_file: None,
             database_user: Some(connected.user),
+            brokered: connected.brokered,
             recent: RecentStatements::default(),
             interrupt: registration
                 .as_ref()
@@ -394,6 +403,7 @@ pub async fn run(
 async fn connect(
     ctx: &SessionContext,
     tls: &TlsState,
+    brokered: Option<&Target>,
     client: TcpStream,
     mut upstream: TcpStream,
 ) -> Result<Connected, CloseReason> {
@@ -478,6 +488,21 @@ async fn connect(
         }
     };
 
+    // With brokered credentials, the process decides the login before the
+    // server hears of the session.
+    let login = match brokered {
+        None => None,
+        Some(target) => {
+            let info = ctx.start.info().await;
+            match brokered_login(target, &info.identity, &greeting, &mut answer) {
+                Ok(login) => login,
+                Err(message) => {
+                    refuse_at_start(&mut client, answer.next_seq(), &message).await;
+                    return Err(CloseReason::ClientError(message));
+                }
+            }
+        }
+    };
     let client_seq = answer.seq;
     let mut upstream = match upstream_leg(ctx, tls, offered, upstream, &answer).await {
         Ok(upstream) => upstream,
@@ -499,20 +524,27 @@ async fn connect(
         server_in: &mut server_in,
         server_out: &mut server_out,
     };
-    let Some(status) = relay_authentication(ctx, raw, legs, shift).await? else {
+    let authenticated = match &login {
+        None => relay_authentication(ctx, raw, legs, shift).await?,
+        Some(login) => {
+            brokered_authentication(ctx, raw, legs, client_seq, login, &ctx.target).await?
+        }
+    };
+    let Some(status) = authenticated else {
         return Err(CloseReason::Completed);
     };
     let collation = hello.collation;
     let capabilities = hello.capabilities;
     let info = ctx.start.info().await;
-    let user = hello.user.clone();
+    let brokered_user = login.as_ref().map(|l| l.user.clone());
+    let user = brokered_user.clone().unwrap_or_else(|| hello.user.clone());
     let database = hello.database.clone();
     ctx.events.emit(&SessionEvent::Startup {
         session: info.id,
         user: Some(hello.user),
         database: hello.database,
         application_name: None,
-        brokered_user: None,
+        brokered_user,
     });
     Ok(Connected {
         client: (client_in, client_out),
@@ -523,8 +555,116 @@ async fn connect(
         collation,
         capabilities,
         user,
+        brokered: login.is_some(),
         database,
     })
+}
+
+/// A login with a brokered credential: the user, and the password the
+/// server's scrambles are answered with.
+struct BrokeredLogin {
+    user: String,
+    password: crate::config::secret::Secret,
+}
+
+/// Chooses the credential `identity` logs in to `target` with and rewrites
+/// the client's `answer` to log in with it over the greeting's scramble;
+/// `None` when the client logs in with its own; the client's refusal when
+/// no credential is for it or its password cannot be read.
+fn brokered_login(
+    target: &Target,
+    identity: &crate::identity::ProcessIdentity,
+    greeting: &Packet,
+    answer: &mut Packet,
+) -> Result<Option<BrokeredLogin>, String> {
+    let Some((_, credential)) = target.login_for(identity)? else {
+        return Ok(None);
+    };
+    let name = &target.name;
+    let user = &credential.user;
+    let Some(file) = &credential.password_file else {
+        return Err(format!(
+            "tollgate: target \"{name}\": the brokered credential for user \"{user}\" has no password_file"
+        ));
+    };
+    let password = crate::config::secret::read_secret_file(file).map_err(|e| {
+        format!("tollgate: target \"{name}\": the brokered credential for user \"{user}\" cannot be used: {e}")
+    })?;
+    let scramble = broker::scramble(greeting).ok_or_else(|| {
+        format!("tollgate: target \"{name}\": the server's greeting has no scramble")
+    })?;
+    let auth = broker::native_password(password.expose(), &scramble);
+    broker::login_as(answer, user, &auth).map_err(|e| format!("tollgate: {}", e.0))?;
+    Ok(Some(BrokeredLogin {
+        user: user.clone(),
+        password,
+    }))
+}
+
+/// The server's side of a brokered login, once the rewritten answer was
+/// forwarded: an auth switch to `mysql_native_password` is answered with
+/// the password, anything else refused; the client sees only the final OK
+/// (numbered as the answer to its own packet `client_seq`) or an ERR that
+/// names the target and the user. The OK's status flags; `None` after an
+/// ERR.
+async fn brokered_authentication<CR, CW, SR, SW>(
+    ctx: &SessionContext,
+    raw: bool,
+    legs: Legs<'_, CR, CW, SR, SW>,
+    client_seq: u8,
+    login: &BrokeredLogin,
+    target: &str,
+) -> Result<Option<u16>, CloseReason>
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+{
+    let user = &login.user;
+    loop {
+        let Some(mut reply) = read_counted(legs.server_in, ctx, RawDirection::Server, raw)
+            .await
+            .map_err(|e| CloseReason::UpstreamError(e.to_string()))?
+        else {
+            return Err(CloseReason::UpstreamError(
+                "closed during authentication".into(),
+            ));
+        };
+        let refusal = match reply.first() {
+            Some(0x00) => {
+                reply.seq = client_seq.wrapping_add(1);
+                write_to(legs.client_out, &reply, false).await?;
+                tracing::info!(session = %ctx.id, user = %user, "logged in to the server with a brokered credential");
+                return Ok(Some(packet::status_flags(&reply.payload).unwrap_or(0)));
+            }
+            Some(0xFF) => format!(
+                "tollgate: target \"{target}\": the server refused the brokered credential for user \"{user}\": {}",
+                packet::err_message(&reply.payload).unwrap_or_default()
+            ),
+            Some(0xFE) => match broker::auth_switch(&reply.payload) {
+                Some((broker::NATIVE_PASSWORD, scramble)) => {
+                    let auth = broker::native_password(login.password.expose(), scramble);
+                    let answer = Packet {
+                        seq: reply.next_seq(),
+                        payload: auth,
+                    };
+                    write_to(legs.server_out, &answer, true).await?;
+                    continue;
+                }
+                Some((plugin, _)) => format!(
+                    "tollgate: target \"{target}\": the server asks for the {plugin} plugin for user \"{user}\"; brokered credentials answer mysql_native_password"
+                ),
+                None => format!("tollgate: target \"{target}\": an authentication request the agent cannot read"),
+            },
+            _ => format!(
+                "tollgate: target \"{target}\": the server asks for more authentication data for user \"{user}\"; brokered credentials answer mysql_native_password"
+            ),
+        };
+        refuse_at_start(legs.client_out, client_seq.wrapping_add(1), &refusal).await;
+        tracing::warn!(session = %ctx.id, "closing the session: {refusal}");
+        return Ok(None);
+    }
 }
 
 /// The upstream leg as the target's `tls` mode says, given the
@@ -1132,6 +1272,14 @@ impl Session<'_> {
     /// statements are gone, its character set is the one asked for, and
     /// the new user is recorded as a new start-up.
     async fn change_user(&mut self, command: Packet) -> Result<(), Stop> {
+        if self.brokered {
+            let err = packet::err_payload(
+                ER_SPECIFIC_ACCESS_DENIED,
+                "42000",
+                "tollgate: COM_CHANGE_USER is refused on a session the agent logged in with a brokered credential",
+            );
+            return self.answer_client(command.next_seq(), err).await;
+        }
         let Some(change) = handshake::read_change_user(&command.payload, self.capabilities) else {
             let err = packet::err_payload(
                 ER_UNKNOWN_COM,

@@ -14,7 +14,7 @@
 
 use super::*;
 use crate::config::secret::read_secret_file;
-use crate::config::{BrokeredCredential, ClientCredentials, Target};
+use crate::config::{BrokeredCredential, Target};
 use crate::protocol::postgres::scram::{self, ScramClient};
 
 /// How long the server may take over authentication.
@@ -29,24 +29,11 @@ pub(super) fn choose<'t>(
     target: &'t Target,
     identity: &ProcessIdentity,
 ) -> Result<Option<(usize, &'t BrokeredCredential)>, Stop> {
-    if let Some(credential) = target.credential_for(identity) {
-        return Ok(Some(credential));
-    }
-    match target.client_credentials {
-        ClientCredentials::Pass => Ok(None),
-        ClientCredentials::Refuse => {
-            let message = format!(
-                "tollgate: target \"{}\" logs in with brokered credentials and none of them is for this process ({})",
-                target.name,
-                identity.summary()
-            );
-            Err(Stop::Fatal {
-                sqlstate: sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                reason: CloseReason::ClientError(message.clone()),
-                message,
-            })
-        }
-    }
+    target.login_for(identity).map_err(|message| Stop::Fatal {
+        sqlstate: sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+        reason: CloseReason::ClientError(message.clone()),
+        message,
+    })
 }
 
 /// The StartupMessage `bytes` with its `user` set to `user` (added when
