@@ -201,6 +201,8 @@ fn a_psql_with_no_password_logs_in_as_the_role_its_identity_maps_to() {
 
     // No secret anywhere the agent writes or answers.
     let mut everything = agent.log_text();
+    // What a client was told when the server refused the credential.
+    everything.push_str(&said);
     everything.push_str(&text(&agent.cli(&["status", "--json"])));
     everything.push_str(&http_get(metrics_port, "/metrics"));
     for entry in walk(&agent.recordings()) {
@@ -333,6 +335,86 @@ host all postgres 127.0.0.1/32 trust\n";
         String::from_utf8_lossy(&out.stdout).trim(),
         "cert_user /CN=cert_user"
     );
+}
+
+#[test]
+fn through_the_redirect_a_governed_psql_needs_no_password() {
+    if let Some(why) = ebpf_unavailable() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let addrs = TestAddresses::add();
+    let hba = b"local all all trust\n\
+host all postgres 127.0.0.1/32 trust\n\
+host all all 0.0.0.0/0 scram-sha-256\n\
+host all all ::/0 scram-sha-256\n";
+    let pg = Postgres::start_with(&[addrs.v4.into()], &[("pg_hba.conf", hba)], &[]);
+    psql(
+        pg.port,
+        &format!("CREATE ROLE md5_reader LOGIN PASSWORD '{READ_SECRET}'"),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let password = secret_file(dir.path(), "read", READ_SECRET);
+    let agent = Agent::start(&format!(
+        "[agent]\n\n{}\n[[target]]\nname = \"remote-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n\
+         [[target.credential]]\nuser = \"md5_reader\"\npassword_file = \"{}\"\nmatch = {{ users = [\"nobody\"] }}\n",
+        redirect_section(dir.path(), "pass"),
+        addrs.v4,
+        pg.port,
+        password.display(),
+    ));
+    let keep = dir.path().join("agent.toml");
+    std::fs::copy(&agent.config, &keep).unwrap();
+    let psql_line = format!(
+        "{} -X -A -t -w -h {} -p {} -U postgres -d postgres -c 'select current_user'",
+        pg_tool("psql").display(),
+        addrs.v4,
+        pg.port
+    );
+    // Not governed, nobody's psql has no password to give.
+    let direct = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            &psql_line,
+        ])
+        .env_remove("PGPASSWORD")
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(!direct.status.success(), "{}", text(&direct));
+    // Governed, the same command logs in as the credential's role.
+    let governed = exec_command(
+        &agent,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            &psql_line,
+        ],
+    )
+    .env_remove("PGPASSWORD")
+    .current_dir("/")
+    .output()
+    .unwrap();
+    assert!(governed.status.success(), "{}", text(&governed));
+    assert_eq!(
+        String::from_utf8_lossy(&governed.stdout).trim(),
+        "md5_reader"
+    );
+    let started = agent
+        .wait_for_log(|l| l["arrival"] == "redirect", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(started["uid"].as_u64(), Some(65534), "{started}");
+    drop(agent);
+    cleanup_redirect(&keep);
 }
 
 /// The `mariadb` client through the agent as Unix user `user` (None: this
