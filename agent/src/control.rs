@@ -106,6 +106,24 @@ pub struct TargetView {
     pub ports: Vec<String>,
     /// Protocol.
     pub protocol: String,
+    /// How sessions log in: `client` (their own credentials), or the
+    /// brokered credentials' users (never their secrets).
+    #[serde(default)]
+    pub login: String,
+}
+
+/// `client`, or `brokered: USER, USER` (with `, else client` when
+/// processes no credential is for use their own).
+fn login_summary(target: &crate::config::Target) -> String {
+    if target.credentials.is_empty() {
+        return "client".to_owned();
+    }
+    let users: Vec<&str> = target.credentials.iter().map(|c| c.user.as_str()).collect();
+    let rest = match target.client_credentials {
+        crate::config::ClientCredentials::Pass => ", else client",
+        crate::config::ClientCredentials::Refuse => "",
+    };
+    format!("brokered: {}{rest}", users.join(", "))
 }
 
 /// Binds the control socket (mode 0600), replacing a stale one.
@@ -188,6 +206,7 @@ fn report(shared: &AgentState) -> StatusReport {
                 address: t.address.to_string(),
                 ports: t.ports.iter().map(|p| p.to_string()).collect(),
                 protocol: t.protocol.to_string(),
+                login: login_summary(t),
             })
             .collect(),
         sessions: shared.live.snapshot(),

@@ -203,6 +203,12 @@ fn a_psql_with_no_password_logs_in_as_the_role_its_identity_maps_to() {
     let mut everything = agent.log_text();
     // What a client was told when the server refused the credential.
     everything.push_str(&said);
+    let status = text(&agent.cli(&["status"]));
+    assert!(
+        status.contains("brokered: deployer, md5_reader, plain_writer"),
+        "{status}"
+    );
+    everything.push_str(&status);
     everything.push_str(&text(&agent.cli(&["status", "--json"])));
     everything.push_str(&http_get(metrics_port, "/metrics"));
     for entry in walk(&agent.recordings()) {

@@ -33,10 +33,15 @@ pub fn print_status(report: &StatusReport) -> String {
                 t.protocol.clone(),
                 t.address.clone(),
                 t.ports.join(","),
+                t.login.clone(),
             ]
         })
         .collect();
-    table(&mut out, &["NAME", "PROTOCOL", "ADDRESS", "PORTS"], &rows);
+    table(
+        &mut out,
+        &["NAME", "PROTOCOL", "ADDRESS", "PORTS", "LOGIN"],
+        &rows,
+    );
 
     match &report.redirect {
         None => {
