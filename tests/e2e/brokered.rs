@@ -255,6 +255,42 @@ fn a_target_can_let_processes_without_a_credential_use_their_own() {
 }
 
 #[test]
+fn a_statement_pipelined_behind_the_startup_waits_for_the_agents_login_and_is_decided() {
+    // The client sends its StartupMessage and a query in one write, before
+    // any authentication: the query must not reach the server before the
+    // agent logged in, nor skip the policy.
+    let pg = server_with_roles();
+    psql(
+        pg.port,
+        "CREATE TABLE secrets (s text); INSERT INTO secrets VALUES ('the-key'); GRANT SELECT ON secrets TO deployer",
+    )
+    .unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    secret_file(secrets.path(), "deploy", DEPLOY_SECRET);
+    secret_file(secrets.path(), "read", READ_SECRET);
+    secret_file(secrets.path(), "write", WRITE_SECRET);
+    let policy = policy_file(
+        "[[rule]]\nname = \"no-secrets\"\naction = \"deny\"\n[rule.match]\ntables = [\"secrets\"]\n",
+    );
+    let port = free_port();
+    let _agent = Agent::start(&format!(
+        "[agent]\n{}\n\n{}",
+        policy.line,
+        config(port, pg.port, secrets.path(), "")
+    ));
+    let mut wire = tollgate_tests::pg_wire::startup_packet();
+    wire.extend_from_slice(&tollgate_tests::pg_wire::query("SELECT s FROM secrets"));
+    wire.extend_from_slice(&tollgate_tests::pg_wire::query("SELECT current_user"));
+    wire.extend_from_slice(&[b'X', 0, 0, 0, 4]);
+    let answer = tollgate_tests::pg_wire::send_and_read_to_close(("127.0.0.1", port), &wire, false);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("denied by rule \"no-secrets\""), "{answer}");
+    assert!(!answer.contains("the-key"), "{answer}");
+    // The next statement ran as the brokered role.
+    assert!(answer.contains("deployer"), "{answer}");
+}
+
+#[test]
 fn a_secret_file_others_can_read_stops_the_agent_at_start() {
     let secrets = tempfile::tempdir().unwrap();
     let open = secrets.path().join("deploy");

@@ -141,6 +141,25 @@ mod tests {
     }
 
     #[test]
+    fn an_executable_that_changed_since_connect_matches_no_exe_condition() {
+        use crate::identity::{InstanceCheck, InstanceVerdict};
+        let psql = IdentityMatch::compile(&IdentitySpec {
+            exe: vec!["/usr/bin/psql".to_owned()],
+            ..IdentitySpec::default()
+        })
+        .unwrap();
+        let mut execd = process("ci", None);
+        assert!(psql.matches(&execd));
+        execd.instance = Some(InstanceCheck {
+            verdict: InstanceVerdict::Changed,
+            at_connect: None,
+            at_accept: None,
+            reason: Some("another executable connected".to_owned()),
+        });
+        assert!(!psql.matches(&execd));
+    }
+
+    #[test]
     fn a_bad_glob_names_its_field() {
         let err = IdentityMatch::compile(&IdentitySpec {
             exe: vec!["/usr/[bin".to_owned()],
