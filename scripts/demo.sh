@@ -6,8 +6,9 @@
 # the proxy's. It shows an allowed query whose customers' e-mail addresses
 # come back masked, a denied DROP and a denied read of a protected table
 # with the rule that refused them, `policy explain`, the same policy on a
-# throwaway MariaDB through the `mariadb` client, a DELETE held until a
-# second user approves it, the
+# throwaway MariaDB through the `mariadb` client, a psql with no password
+# logging in as a role whose password only the agent holds (brokered
+# credentials), a DELETE held until a second user approves it, the
 # session's identity, the tamper-evident recordings, the live status,
 # metrics, and what happens when the agent dies (fail closed).
 #
@@ -82,6 +83,9 @@ if [ $governed -eq 1 ]; then
 fi
 run_pg initdb -D "$work/pg/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
 printf 'host all all 0.0.0.0/0 trust\n' >> "$work/pg/data/pg_hba.conf"
+# One role needs its password (SCRAM); only the agent will hold it.
+sed -i '1i host all reporter 0.0.0.0/0 scram-sha-256' "$work/pg/data/pg_hba.conf"
+( umask 077; head -c 18 /dev/urandom | base64 > "$work/reporter.password" )
 run_pg pg_ctl -D "$work/pg/data" -l "$work/pg/server.log" -w \
     -o "-p $pg_port -c listen_addresses=$listen -k $work/pg" start >/dev/null
 psql -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres <<'SQL'
@@ -91,6 +95,8 @@ insert into customers values (1, 'Ada Lovelace', 'ada@example.com'), (2, 'Alan T
 create table secrets (id int, api_key text);
 insert into secrets values (1, 'sk_live_demo');
 SQL
+psql -X -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -v pw="$(cat "$work/reporter.password")" \
+    <<<"create role reporter login password :'pw'; grant select on customers to reporter;"
 
 step "Starting a throwaway MariaDB (a second production database, MySQL protocol)"
 my_port=$(free_port)
@@ -141,6 +147,13 @@ name = "demo-db"
 address = "$db_addr"
 ports = [$pg_port]
 protocol = "postgres"
+client_credentials = "pass"
+
+# nobody's sessions log in as reporter with a password only the agent holds
+[[target.credential]]
+user = "reporter"
+password_file = "$work/reporter.password"
+match = { users = ["nobody"] }
 
 [[target]]
 name = "demo-mysql"
@@ -239,6 +252,17 @@ for _ in $(seq 50); do
     sleep 0.1
 done
 [ -n "$my_session" ] && show tollgate recordings show "$my_session"
+
+if [ $governed -eq 1 ] && id nobody >/dev/null 2>&1; then
+    step "Brokered credentials: the job holds no password, the agent logs in for it"
+    as_nobody="cd / && exec setpriv --reuid=65534 --regid=65534 --clear-groups"
+    echo "(the role reporter needs a password, and nobody's psql has none:)"
+    show sh -c "$as_nobody psql -X -w -h $host -p $port -U reporter -d postgres -c 'select current_user'" || true
+    echo "(governed, the same user's psql logs in as reporter; the agent holds the password in a root-only file:)"
+    show tollgate exec -- sh -c "$as_nobody psql -X -w -h $host -p $port -U postgres -d postgres -c 'select current_user'"
+    for _ in $(seq 50); do grep -q 'logged in by the agent' "$work/agent.log" && break; sleep 0.1; done
+    grep 'logged in by the agent' "$work/agent.log" | tail -1 | sed 's/^/  /'
+fi
 
 if [ $governed -eq 1 ] && id daemon >/dev/null 2>&1; then
     step "A DELETE needs a second person: held until the reviewer 'daemon' approves it"
