@@ -36,6 +36,10 @@ pub struct StatusReport {
     /// The recorder (absent from older agents' replies).
     #[serde(default)]
     pub recording: Option<RecordingView>,
+    /// Processes and job cgroups a rule's `on_match` stopped or froze that
+    /// are still stopped (`tollgate thaw` lets them run).
+    #[serde(default)]
+    pub held: Vec<crate::intervene::Held>,
 }
 
 /// The recorder in the status report.
@@ -228,6 +232,7 @@ fn report(shared: &AgentState) -> StatusReport {
             protect: r.protect.as_ref().map(|p| p.view()),
         }),
         recording: Some(recording_view(shared)),
+        held: crate::intervene::held(),
     }
 }
 

@@ -228,6 +228,14 @@ pub enum SessionEvent {
         /// Why not, otherwise.
         error: Option<String>,
     },
+    /// A rule's `on_match` acted on the process behind the session (or
+    /// its job), or could not.
+    Intervention {
+        /// Session id.
+        session: Uuid,
+        /// What was done.
+        intervention: Box<crate::intervene::Intervention>,
+    },
     /// Human review of a statement of the session: held, ended, or let
     /// through by a grant.
     Review {
@@ -507,6 +515,15 @@ impl EventSink for LogSink {
             } => {
                 tracing::info!(%session, exe_sha256 = exe_sha256.as_deref(), error = error.as_deref(),
                     "executable hashed");
+            }
+            SessionEvent::Intervention {
+                session,
+                intervention,
+            } => {
+                tracing::warn!(%session, rule = %intervention.rule, action = %intervention.action,
+                    scope = %intervention.scope, pid = intervention.pid, cgroup = intervention.cgroup.as_deref(),
+                    error = intervention.error.as_deref(), event = "intervention",
+                    "{}", intervention.describe());
             }
             SessionEvent::Review { session, review } => match &**review {
                 ReviewUpdate::Requested(r) => {

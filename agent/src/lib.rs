@@ -28,6 +28,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod identity;
+pub mod intervene;
 pub mod located;
 pub mod logging;
 pub mod masking;

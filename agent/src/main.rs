@@ -64,6 +64,16 @@ fn main() -> ExitCode {
         }
         Command::Exec(args) => exec_command(args),
         Command::Detach(args) => detach_command(args),
+        Command::Thaw(args) => match tollgate_agent::intervene::thaw(&args.what) {
+            Ok(done) => {
+                println!("{done}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tollgate: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Policy(command) => policy_command(command),
         Command::Approvals(command) => cli::approvals_command(command),
         Command::Recordings(command) => cli::finish(cli::recordings::run(command)),

@@ -57,6 +57,8 @@ pub struct Metrics {
     closed: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Identity lookups that failed, by reason label.
     identity_failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// `on_match` interventions, by (action, scope, outcome).
+    interventions: Mutex<BTreeMap<(String, String, &'static str), u64>>,
     /// Connection counters of each endpoint (`proxy`, `control`, ...).
     endpoints: Mutex<BTreeMap<&'static str, Arc<crate::accept::EndpointCounters>>>,
     /// Sum and count of identity lookup time, microseconds.
@@ -307,6 +309,17 @@ impl Metrics {
                 );
             }
         }
+        let _ = writeln!(out, "# HELP tollgate_interventions_total Processes or jobs a rule's on_match stopped or killed, by action, scope and outcome (done, failed).\n# TYPE tollgate_interventions_total counter");
+        if let Ok(m) = self.interventions.lock() {
+            for ((action, scope, outcome), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "tollgate_interventions_total{{action=\"{}\",scope=\"{}\",outcome=\"{outcome}\"}} {n}",
+                    escape(action),
+                    escape(scope)
+                );
+            }
+        }
         if let Ok(r) = self.reviews.lock() {
             let _ = writeln!(
                 out,
@@ -519,6 +532,21 @@ impl EventSink for Metrics {
             | SessionEvent::ExeHashed { .. }
             | SessionEvent::Closed { .. } => {}
             SessionEvent::Review { review, .. } => self.review(review),
+            SessionEvent::Intervention { intervention, .. } => {
+                let outcome = if intervention.error.is_none() {
+                    "done"
+                } else {
+                    "failed"
+                };
+                if let Ok(mut m) = self.interventions.lock() {
+                    *m.entry((
+                        intervention.action.clone(),
+                        intervention.scope.clone(),
+                        outcome,
+                    ))
+                    .or_default() += 1;
+                }
+            }
         }
     }
 }

@@ -923,6 +923,7 @@ fn review_decision(review: Option<Arc<ReviewSettings>>) -> crate::policy::Decisi
             file: "p.toml".into(),
             mask: None,
             review,
+            on_match: None,
         }],
         default_used: false,
         reason: "rule \"review-deletes\" (review)".into(),

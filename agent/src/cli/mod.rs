@@ -139,6 +139,21 @@ pub enum Command {
     /// connections to protected targets; this is how to lift both. Refuses
     /// while an agent is running.
     Detach(DetachArgs),
+
+    /// Let a process or job a rule's `on_match = "stop"` stopped run again.
+    ///
+    /// WHAT is a pid (it gets SIGCONT) or a cgroup as `tollgate status`
+    /// lists it under "Stopped by on_match" (its cgroup.freeze is set to
+    /// 0). Needs root, as stopping it did.
+    Thaw(ThawArgs),
+}
+
+/// `tollgate thaw` arguments.
+#[derive(clap::Args, Debug)]
+pub struct ThawArgs {
+    /// A pid, or a cgroup path such as /tollgate.exec/exec-1234-0.
+    #[arg(value_name = "WHAT")]
+    pub what: String,
 }
 
 /// `tollgate exec` arguments.

@@ -168,6 +168,27 @@ pub fn print_status(report: &StatusReport) -> String {
         }
     }
 
+    if !report.held.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nStopped by on_match ({}; `tollgate thaw WHAT` lets it run):",
+            report.held.len()
+        );
+        let rows: Vec<Vec<String>> = report
+            .held
+            .iter()
+            .map(|h| {
+                let what = match (&h.cgroup, h.pid) {
+                    (Some(cgroup), _) => cgroup.clone(),
+                    (None, Some(pid)) => pid.to_string(),
+                    (None, None) => "?".to_owned(),
+                };
+                vec![what, h.rule.clone(), h.session.clone()]
+            })
+            .collect();
+        table(&mut out, &["WHAT", "RULE", "SESSION"], &rows);
+    }
+
     let _ = writeln!(out, "\nOpen sessions: {}", report.sessions.len());
     let rows: Vec<Vec<String>> = report
         .sessions

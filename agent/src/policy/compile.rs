@@ -16,7 +16,7 @@ use toml::Spanned;
 
 use super::matcher::{Conditions, Rule, SqlNames, FLAG_NAMES, KIND_NAMES};
 use super::review::RawReview;
-use super::{Action, PolicyError};
+use super::{Action, PolicyError, ProcessAction, ProcessActionKind, ProcessActionScope};
 use crate::config::line_column;
 use crate::identity::CiProvider;
 use crate::masking::{ColumnSpec, MaskMethod, MaskRule};
@@ -137,6 +137,8 @@ struct RawRule {
     timeout: Option<Spanned<String>>,
     grant: Option<Spanned<String>>,
     grant_hours: Option<Spanned<String>>,
+    on_match: Option<Spanned<String>>,
+    on_match_scope: Option<Spanned<String>>,
 }
 
 /// The conditions of `[rule.match]` and `[rule.except]`.
@@ -628,6 +630,44 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// A rule's `on_match` and `on_match_scope`.
+    fn on_match(&mut self, r: &RawRule) -> Option<ProcessAction> {
+        let scope = match &r.on_match_scope {
+            None => ProcessActionScope::Process,
+            Some(s) if r.on_match.is_none() => {
+                self.at(
+                    s.span(),
+                    "on_match_scope needs on_match = \"stop\" or \"kill\"",
+                );
+                return None;
+            }
+            Some(s) => match s.get_ref().as_str() {
+                "process" => ProcessActionScope::Process,
+                "job" => ProcessActionScope::Job,
+                other => {
+                    self.at(
+                        s.span(),
+                        format!("on_match_scope = \"{other}\" is not known; use process or job"),
+                    );
+                    return None;
+                }
+            },
+        };
+        let kind = match r.on_match.as_ref()?.get_ref().as_str() {
+            "stop" => ProcessActionKind::Stop,
+            "kill" => ProcessActionKind::Kill,
+            other => {
+                let span = r.on_match.as_ref().map_or(0..0, |m| m.span());
+                self.at(
+                    span,
+                    format!("on_match = \"{other}\" is not known; use stop or kill"),
+                );
+                return None;
+            }
+        };
+        Some(ProcessAction { kind, scope })
+    }
+
     fn conditions(&mut self, m: &RawMatch, rule: &str) -> Conditions {
         let (targets, target_globs) = match self.glob_list("targets", &m.targets, GlobStyle::Name) {
             Some((set, globs)) => (Some(set), globs),
@@ -864,6 +904,7 @@ pub(super) fn compile_file(path: &Path, text: &str) -> Result<CompiledFile, Vec<
                 action.map(|a| a == Action::Review),
             )
             .map(Arc::new);
+        let on_match = c.on_match(r);
         if let Some(action) = action {
             rules.push((
                 Rule {
@@ -877,6 +918,7 @@ pub(super) fn compile_file(path: &Path, text: &str) -> Result<CompiledFile, Vec<
                     except,
                     mask,
                     review,
+                    on_match,
                 },
                 at,
             ));

@@ -91,6 +91,8 @@ pub(super) struct Rule {
     pub(super) mask: Option<Arc<MaskRule>>,
     /// A `review` rule's settings.
     pub(super) review: Option<Arc<ReviewSettings>>,
+    /// What it does to the process when it matches.
+    pub(super) on_match: Option<super::ProcessAction>,
 }
 
 impl Rule {

@@ -144,6 +144,57 @@ impl Action {
     }
 }
 
+/// What a rule with `on_match` does to the process behind a session when
+/// a statement matches it: stop it for inspection, or kill it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessActionKind {
+    /// SIGSTOP the process, or freeze its job's cgroup (`cgroup.freeze`).
+    Stop,
+    /// SIGKILL the process, or kill its job's cgroup (`cgroup.kill`).
+    Kill,
+}
+
+/// How far a rule's `on_match` reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessActionScope {
+    /// The process that sent the statement.
+    Process,
+    /// Every process of its governed cgroup (the CI job, the `tollgate
+    /// exec` command).
+    Job,
+}
+
+/// A rule's `on_match` and `on_match_scope`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ProcessAction {
+    /// Stop or kill.
+    pub kind: ProcessActionKind,
+    /// The process or its job.
+    pub scope: ProcessActionScope,
+}
+
+impl ProcessActionKind {
+    /// `stop` or `kill`, as written in policies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProcessActionKind::Stop => "stop",
+            ProcessActionKind::Kill => "kill",
+        }
+    }
+}
+
+impl ProcessActionScope {
+    /// `process` or `job`, as written in policies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProcessActionScope::Process => "process",
+            ProcessActionScope::Job => "job",
+        }
+    }
+}
+
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.pad(self.as_str())
@@ -195,6 +246,9 @@ pub struct MatchedRule {
     /// A `review` rule's approvers, approvals, timeout and grant scope.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub review: Option<Arc<ReviewSettings>>,
+    /// What the rule does to the process when it matches (`on_match`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_match: Option<ProcessAction>,
 }
 
 /// The verdict on one statement.
@@ -232,6 +286,15 @@ impl Decision {
             action,
             ..self.clone()
         }
+    }
+
+    /// The strongest `on_match` of the rules that applied (kill over stop,
+    /// the job over the process), with the rule that asked for it.
+    pub fn process_action(&self) -> Option<(ProcessAction, &str)> {
+        self.matched
+            .iter()
+            .filter_map(|r| r.on_match.map(|a| (a, &*r.name)))
+            .max_by_key(|(a, _)| *a)
     }
 
     /// The first matched rule with the decision's action: the one messages
@@ -652,6 +715,7 @@ impl PolicySet {
                     file: Arc::clone(&rule.file),
                     mask: rule.mask.clone(),
                     review: rule.review.clone(),
+                    on_match: rule.on_match,
                 });
                 alone = Some(&rule.reason_alone);
             }

@@ -911,6 +911,7 @@ fn client_messages() {
         file: "p.toml".into(),
         mask: None,
         review: None,
+        on_match: None,
     };
     let decision = |action, matched: Vec<MatchedRule>| Decision {
         action,
@@ -1749,4 +1750,70 @@ fn explain_reads_text_in_the_targets_dialect() {
         crate::sql::Dialect::Postgres,
     );
     assert!(e.statements[0].parse_error.is_some(), "{e}");
+}
+
+#[test]
+fn on_match_is_compiled_and_the_strongest_one_wins() {
+    let set = PolicySet::from_str(
+        Path::new("p.toml"),
+        r#"
+[[rule]]
+name = "stop-drops"
+action = "deny"
+on_match = "stop"
+[rule.match]
+kinds = ["drop"]
+
+[[rule]]
+name = "kill-job-on-secrets"
+action = "deny"
+on_match = "kill"
+on_match_scope = "job"
+[rule.match]
+tables = ["secrets"]
+"#,
+    )
+    .unwrap();
+    let id = ProcessIdentity::default();
+    let decide = |sql: &str| {
+        set.decide_analysis("t", &id, sql, &crate::sql::analyze(sql))
+            .into_iter()
+            .next()
+            .unwrap()
+    };
+    let stop = decide("drop table orders");
+    assert_eq!(
+        stop.process_action(),
+        Some((
+            ProcessAction {
+                kind: ProcessActionKind::Stop,
+                scope: ProcessActionScope::Process
+            },
+            "stop-drops"
+        ))
+    );
+    let both = decide("drop table secrets");
+    assert_eq!(
+        both.process_action().map(|(a, r)| (a.kind, a.scope, r)),
+        Some((
+            ProcessActionKind::Kill,
+            ProcessActionScope::Job,
+            "kill-job-on-secrets"
+        ))
+    );
+    assert_eq!(decide("select 1").process_action(), None);
+    for (bad, why) in [
+        ("on_match = \"freeze\"", "use stop or kill"),
+        ("on_match_scope = \"job\"", "needs on_match"),
+        (
+            "on_match = \"stop\"\non_match_scope = \"host\"",
+            "use process or job",
+        ),
+    ] {
+        let text = format!("[[rule]]\nname = \"r\"\naction = \"deny\"\n{bad}\n");
+        let err = PolicySet::from_str(Path::new("p.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(why), "{bad}: {err}");
+    }
 }

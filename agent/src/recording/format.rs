@@ -185,6 +185,9 @@ pub enum Event {
     /// A notification of a review request was delivered, or failed after
     /// every attempt (`[[notify]]`).
     ReviewNotified(ReviewNotifyRecord),
+    /// A rule's `on_match` stopped or killed the process, or froze or
+    /// killed its job's cgroup (or could not: `error`).
+    Intervention(crate::intervene::Intervention),
     /// An event type this reader does not know (written by a later agent).
     #[serde(other)]
     Unknown,

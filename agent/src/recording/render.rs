@@ -338,6 +338,9 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
                 unix_time(r.at)
             );
         }
+        Event::Intervention(i) => {
+            let _ = writeln!(out, "{t}  {} {}", p.bold("on_match:"), i.describe());
+        }
         Event::ReviewNotified(r) => {
             let attempts = match r.attempts {
                 1 => "1 attempt".to_owned(),

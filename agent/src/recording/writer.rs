@@ -306,6 +306,7 @@ fn session_of(event: &SessionEvent) -> Uuid {
         | SessionEvent::Raw { session, .. }
         | SessionEvent::ExeHashed { session, .. }
         | SessionEvent::Review { session, .. }
+        | SessionEvent::Intervention { session, .. }
         | SessionEvent::Closed { session, .. } => *session,
         SessionEvent::Statement(statement) => statement.session,
     }
@@ -1138,6 +1139,9 @@ fn event_body(event: &SessionEvent) -> Option<Event> {
             exe_sha256: exe_sha256.clone(),
             error: error.clone(),
         },
+        SessionEvent::Intervention { intervention, .. } => {
+            Event::Intervention((**intervention).clone())
+        }
         SessionEvent::Review { review, .. } => match &**review {
             ReviewUpdate::Requested(r) => Event::ReviewRequested(r.clone()),
             ReviewUpdate::Ended(r) => Event::ReviewEnded(r.clone()),

@@ -1051,7 +1051,13 @@ impl Session<'_> {
                 "tollgate: {name} refused: no rule allows it (a rule with action \"allow\" matching commands = [\"{name}\"] does); replication streams every change of every table past the statement gate"
             )),
         };
-        self.report(name, &analysis, &decisions, refusal.is_some());
+        self.report(
+            name,
+            &analysis,
+            &decisions,
+            refusal.is_some(),
+            &info.identity,
+        );
         if let Some(message) = refusal {
             let err = packet::err_payload(ER_SPECIFIC_ACCESS_DENIED, "42000", &message);
             return self.answer_client(command.next_seq(), err).await;
@@ -1252,7 +1258,13 @@ impl Session<'_> {
                 Err(message) => (None, Some((ER_TABLEACCESS_DENIED, message))),
             },
         };
-        self.report(text, analysis, &decisions, refusal.is_some());
+        self.report(
+            text,
+            analysis,
+            &decisions,
+            refusal.is_some(),
+            &info.identity,
+        );
         let Some((code, message)) = refusal else {
             return Ok(Verdict::Run(plan));
         };
@@ -1559,7 +1571,15 @@ impl Session<'_> {
 
     /// One Statement event per statement (the whole text when unparsable),
     /// each kept among the session's last few for reviewers.
-    fn report(&mut self, text: &str, analysis: &Analysis, decisions: &[Decision], refused: bool) {
+    fn report(
+        &mut self,
+        text: &str,
+        analysis: &Analysis,
+        decisions: &[Decision],
+        refused: bool,
+        identity: &crate::identity::ProcessIdentity,
+    ) {
+        crate::intervene::act_on(decisions, identity, self.ctx.id, &self.ctx.events);
         let now = crate::approval::unix_seconds(std::time::SystemTime::now());
         match analysis {
             Analysis::Parsed { statements } => {

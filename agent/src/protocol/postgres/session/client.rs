@@ -1279,6 +1279,7 @@ impl<'a> ClientSide<'a> {
         mask_refused: bool,
     ) {
         let session = self.ctx.id;
+        crate::intervene::act_on(decisions, self.identity, session, &self.ctx.events);
         let now = crate::approval::unix_seconds(std::time::SystemTime::now());
         let event = |text: &str,
                      command: Arc<str>,
