@@ -16,6 +16,7 @@ mod listener;
 mod masking;
 mod mysql;
 mod mysql_review;
+mod on_match;
 mod orderings;
 mod postgres;
 mod protect;
