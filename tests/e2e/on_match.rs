@@ -88,7 +88,7 @@ fn a_matching_statement_freezes_the_job_until_thawed_or_kills_the_process() {
     // The job drops a table: denied, and the whole job is frozen before
     // its next command runs.
     let mut job = exec_command(
-        &agent,
+        agent,
         &[
             "sh",
             "-c",
@@ -163,7 +163,7 @@ fn a_matching_statement_freezes_the_job_until_thawed_or_kills_the_process() {
 
     // A read of secrets kills the psql that sent it; the job goes on.
     let out = exec_command(
-        &agent,
+        agent,
         &[
             "sh",
             "-c",
