@@ -1304,3 +1304,31 @@ fn a_character_set_and_database_the_servers_init_connect_sets_are_followed() {
     assert!(success, "{all}");
     assert_eq!(all, "plain\n");
 }
+
+#[test]
+fn a_rule_with_on_match_kill_ends_the_client_that_sent_the_statement() {
+    let db = Mariadb::start(SCHEMA);
+    let policy = policy_file(concat!(
+        include_str!("../data/policy/allow-by-default.toml"),
+        "[[rule]]\nname = \"kill-on-secrets\"\naction = \"deny\"\non_match = \"kill\"\n[rule.match]\ntables = [\"secrets\"]\n",
+    ));
+    let port = free_port();
+    let agent = Agent::start(&mysql_config(port, db.port, &policy.line));
+    // The shell goes on after its client was killed (SIGKILL: 128 + 9).
+    let line = format!(
+        "mariadb --no-defaults -h 127.0.0.1 -P {port} -u {USER} -p{PASSWORD} --protocol=TCP --skip-ssl -D shop -e 'SELECT s FROM secrets'; echo client-exit-$?"
+    );
+    let out = Command::new("sh").args(["-c", &line]).output().unwrap();
+    let said = text(&out);
+    assert!(said.contains("client-exit-137"), "{said}");
+    assert!(!said.contains("the-key"), "{said}");
+    let killed = agent
+        .wait_for_log(
+            |l| l["event"] == "intervention",
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(killed["rule"], "kill-on-secrets", "{killed}");
+    assert_eq!(killed["action"], "kill", "{killed}");
+    assert!(killed["error"].is_null(), "{killed}");
+}
