@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::listener::http_get;
+use crate::recording::walk;
 use tollgate_tests::*;
 
 /// Only the postgres superuser logs in without a password; `md5_reader`
@@ -60,6 +61,12 @@ fn psql_as(user: Option<&str>, port: u16, sql: &str) -> Output {
         .env("PGCONNECT_TIMEOUT", "10")
         .current_dir("/");
     cmd.output().unwrap()
+}
+
+/// The client succeeded and printed `user` (its current user).
+fn logged_in_as(out: Output, user: &str) {
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), user);
 }
 
 fn text(out: &Output) -> String {
@@ -136,13 +143,12 @@ fn a_psql_with_no_password_logs_in_as_the_role_its_identity_maps_to() {
     ));
 
     // Root's psql asks for `postgres` and gets `deployer` (SCRAM-SHA-256).
-    let out = psql_as(None, port, "select current_user");
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "deployer");
+    logged_in_as(psql_as(None, port, "select current_user"), "deployer");
     // nobody's psql gets `md5_reader` (md5).
-    let out = psql_as(Some("nobody"), port, "select current_user");
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "md5_reader");
+    logged_in_as(
+        psql_as(Some("nobody"), port, "select current_user"),
+        "md5_reader",
+    );
     // daemon's credential needs a cleartext password, which the agent does
     // not send over a plaintext leg.
     let out = psql_as(Some("daemon"), port, "select current_user");
@@ -415,37 +421,28 @@ host all all ::/0 scram-sha-256\n";
         pg.port
     );
     // Not governed, nobody's psql has no password to give.
-    let direct = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-            &psql_line,
-        ])
+    let as_nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "sh",
+        "-c",
+        &psql_line,
+    ];
+    let direct = Command::new(as_nobody[0])
+        .args(&as_nobody[1..])
         .env_remove("PGPASSWORD")
         .current_dir("/")
         .output()
         .unwrap();
     assert!(!direct.status.success(), "{}", text(&direct));
     // Governed, the same command logs in as the credential's role.
-    let governed = exec_command(
-        &agent,
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-            &psql_line,
-        ],
-    )
-    .env_remove("PGPASSWORD")
-    .current_dir("/")
-    .output()
-    .unwrap();
+    let governed = exec_command(&agent, &as_nobody)
+        .env_remove("PGPASSWORD")
+        .current_dir("/")
+        .output()
+        .unwrap();
     assert!(governed.status.success(), "{}", text(&governed));
     assert_eq!(
         String::from_utf8_lossy(&governed.stdout).trim(),
@@ -507,12 +504,14 @@ fn a_mariadb_client_with_no_password_logs_in_as_the_user_its_identity_maps_to() 
         secrets.path().join("deploy").display(),
         secrets.path().join("read").display(),
     ));
-    let out = mariadb_as(None, port, "SELECT CURRENT_USER()");
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "deployer@%");
-    let out = mariadb_as(Some("nobody"), port, "SELECT CURRENT_USER()");
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "reader@%");
+    logged_in_as(
+        mariadb_as(None, port, "SELECT CURRENT_USER()"),
+        "deployer@%",
+    );
+    logged_in_as(
+        mariadb_as(Some("nobody"), port, "SELECT CURRENT_USER()"),
+        "reader@%",
+    );
     // The role's own privileges still hold: reader cannot write.
     let out = mariadb_as(Some("nobody"), port, "INSERT INTO orders VALUES (1)");
     assert!(!out.status.success(), "{}", text(&out));
@@ -558,17 +557,4 @@ fn a_mariadb_client_with_no_password_logs_in_as_the_user_its_identity_maps_to() 
     for secret in [DEPLOY_SECRET, READ_SECRET] {
         assert!(!everything.contains(secret), "{secret} leaked");
     }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }

@@ -1440,6 +1440,25 @@ impl Session<'_> {
             })
     }
 
+    /// Sends the server a COM_QUERY of the agent's own (its answer is
+    /// read by the caller, never relayed).
+    async fn send_own_query(&mut self, text: &[u8]) -> Result<(), Stop> {
+        let mut payload = Vec::with_capacity(text.len() + 1);
+        payload.push(com::QUERY);
+        payload.extend_from_slice(text);
+        self.send_to_server(&Packet { seq: 0, payload }).await
+    }
+
+    /// Answers the server's request for a client file (`request`) with an
+    /// empty file.
+    async fn send_empty_file(&mut self, request: &Packet) -> Result<(), Stop> {
+        let empty = Packet {
+            seq: request.next_seq(),
+            payload: Vec::new(),
+        };
+        self.send_to_server(&empty).await
+    }
+
     /// Asks the server for the session's client character set and current
     /// database ([`SESSION_STATE`]) before the client's first command, as
     /// the server's `init_connect` may have changed them. Nothing of it
@@ -1447,24 +1466,13 @@ impl Session<'_> {
     /// unknown (non-ASCII text and tables named without a database are
     /// then refused until the client sets them).
     async fn ask_session_state(&mut self) -> Result<(), Stop> {
-        let mut query = Vec::with_capacity(SESSION_STATE.len() + 1);
-        query.push(com::QUERY);
-        query.extend_from_slice(SESSION_STATE);
-        self.send_to_server(&Packet {
-            seq: 0,
-            payload: query,
-        })
-        .await?;
+        self.send_own_query(SESSION_STATE).await?;
         let mut first = self.server_packet().await?;
         while first.first() == Some(0xFB) {
             // A server may ask for a client file in answer to anything:
             // it gets an empty one (the client never asked for this query).
             tracing::warn!(session = %self.ctx.id, "the server asked for a client file in answer to the session-state query; it gets an empty one");
-            let empty = Packet {
-                seq: first.next_seq(),
-                payload: Vec::new(),
-            };
-            self.send_to_server(&empty).await?;
+            self.send_empty_file(&first).await?;
             first = self.server_packet().await?;
         }
         let row = if first.payload == [2] {
@@ -1654,11 +1662,7 @@ impl Session<'_> {
                     // server may ask for any file at any time): the server
                     // gets an empty file, the client nothing of the request.
                     tracing::warn!(session = %self.ctx.id, file = %String::from_utf8_lossy(asked), "the server asked for a client file no allowed LOAD DATA LOCAL names; it gets an empty one");
-                    let empty = Packet {
-                        seq: first.next_seq(),
-                        payload: Vec::new(),
-                    };
-                    self.send_to_server(&empty).await?;
+                    self.send_empty_file(&first).await?;
                 }
                 continue;
             }
@@ -1857,14 +1861,7 @@ impl Session<'_> {
             )
             .into()
         };
-        let mut query = Vec::with_capacity(CLEAR_DIAGNOSTICS.len() + 1);
-        query.push(com::QUERY);
-        query.extend_from_slice(CLEAR_DIAGNOSTICS);
-        self.send_to_server(&Packet {
-            seq: 0,
-            payload: query,
-        })
-        .await?;
+        self.send_own_query(CLEAR_DIAGNOSTICS).await?;
         let first = self.server_packet().await?;
         if first.payload != [1] {
             return Err(failed());
