@@ -558,3 +558,58 @@ fn a_mariadb_client_with_no_password_logs_in_as_the_user_its_identity_maps_to() 
         assert!(!everything.contains(secret), "{secret} leaked");
     }
 }
+
+#[test]
+fn reviewers_see_the_role_a_brokered_session_runs_as() {
+    if !is_root() {
+        eprintln!("skipped: reviewing as another Unix user needs root");
+        return;
+    }
+    let pg = server_with_roles();
+    psql(
+        pg.port,
+        "CREATE TABLE orders (id int); GRANT ALL ON orders TO deployer",
+    )
+    .unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    secret_file(secrets.path(), "deploy", DEPLOY_SECRET);
+    secret_file(secrets.path(), "read", READ_SECRET);
+    secret_file(secrets.path(), "write", WRITE_SECRET);
+    let policy = policy_file(
+        "[[rule]]\nname = \"review-deletes\"\naction = \"review\"\napprovers = [\"group:daemon\"]\n[rule.match]\nkinds = [\"delete\"]\n",
+    );
+    let port = free_port();
+    let agent = Agent::start(&format!(
+        "[agent]\n{}\n\n{}",
+        policy.line,
+        config(port, pg.port, secrets.path(), "")
+    ));
+    let socket = agent.dir.path().join("approvals.sock");
+    let psql_bin = pg_tool("psql");
+    let mut held = Command::new(&psql_bin)
+        .args([
+            "-X",
+            "-w",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .args(["-p", &port.to_string(), "-c", "delete from orders"])
+        .env_remove("PGPASSWORD")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pending = tollgate_tests::review::pending_from(&socket, &mut held);
+    // The client asked for postgres; the statement would run as deployer.
+    assert_eq!(
+        pending[0]["context"]["database_user"], "deployer",
+        "{}",
+        pending[0]
+    );
+    let _ = held.kill();
+    let _ = held.wait();
+}

@@ -359,8 +359,13 @@ pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStre
     // behind the session is looked up; nothing is decided or recorded
     // before it is known.
     let info = ctx.start.info().await;
+    // The user statements run as: the brokered one when the agent logged in.
     let database_user = match &startup_event {
-        SessionEvent::Startup { user, .. } => user.clone(),
+        SessionEvent::Startup {
+            user,
+            brokered_user,
+            ..
+        } => brokered_user.clone().or_else(|| user.clone()),
         _ => None,
     };
     ctx.events.emit(&startup_event);
