@@ -152,6 +152,7 @@ impl RunningAgent {
             policy: Arc::new(std::sync::RwLock::new(Arc::new(policy))),
             analysis: Arc::new(crate::sql::AnalysisCache::new(ANALYSIS_CACHE_ENTRIES)),
         });
+        shared.metrics.set_policy(shared.policy.clone());
         let stop_accepting = CancellationToken::new();
         let sessions = TaskTracker::new();
         let background = TaskTracker::new();

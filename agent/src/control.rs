@@ -40,6 +40,20 @@ pub struct StatusReport {
     /// are still stopped (`tollgate thaw` lets them run).
     #[serde(default)]
     pub held: Vec<crate::intervene::Held>,
+    /// The policy in force (absent from older agents' replies).
+    #[serde(default)]
+    pub policy: Option<PolicyView>,
+}
+
+/// The policy in force in the status report.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// Its digest, as recordings carry it.
+    pub digest: String,
+    /// Its rules.
+    pub rules: usize,
+    /// Its files, in load order.
+    pub files: Vec<String>,
 }
 
 /// The recorder in the status report.
@@ -233,6 +247,14 @@ fn report(shared: &AgentState) -> StatusReport {
         }),
         recording: Some(recording_view(shared)),
         held: crate::intervene::held(),
+        policy: Some({
+            let policy = crate::policy::current_policy(&shared.policy);
+            PolicyView {
+                digest: policy.digest(),
+                rules: policy.rule_count(),
+                files: policy.files().map(|f| f.display().to_string()).collect(),
+            }
+        }),
     }
 }
 

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub recordings_pruned_bytes: AtomicU64,
     /// The recorder, whose counters are rendered too.
     recorder: std::sync::OnceLock<Arc<crate::recording::RecordingSink>>,
+    /// The policy in force, whose digest and size are rendered.
+    policy: std::sync::OnceLock<crate::policy::SharedPolicy>,
     /// Connects to protected targets that skipped the redirect, as
     /// reported by the kernel, by (target, verdict).
     protect_bypass: Mutex<BTreeMap<(String, &'static str), u64>>,
@@ -213,6 +215,12 @@ impl Metrics {
         let _ = self.redirect.set(redirect);
     }
 
+    /// Adds the policy in force (its digest, its rules) to the rendered
+    /// metrics.
+    pub fn set_policy(&self, policy: crate::policy::SharedPolicy) {
+        let _ = self.policy.set(policy);
+    }
+
     /// Adds the recorder's counters to the rendered metrics.
     pub fn set_recorder(&self, recorder: Arc<crate::recording::RecordingSink>) {
         let _ = self.recorder.set(recorder);
@@ -235,6 +243,15 @@ impl Metrics {
                 }
             }
         };
+        if let Some(policy) = self.policy.get() {
+            let policy = crate::policy::current_policy(policy);
+            let _ = writeln!(
+                out,
+                "# HELP tollgate_policy_info The policy in force: the digest recordings carry too.\n# TYPE tollgate_policy_info gauge\ntollgate_policy_info{{digest=\"{}\"}} 1\n# HELP tollgate_policy_rules Rules in the policy in force.\n# TYPE tollgate_policy_rules gauge\ntollgate_policy_rules {}",
+                policy.digest(),
+                policy.rule_count()
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP tollgate_build_info Agent version.\n# TYPE tollgate_build_info gauge\ntollgate_build_info{{version=\"{}\"}} 1",

@@ -349,11 +349,30 @@ fn policy_reloads_on_change_and_sighup_and_keeps_the_old_one_when_invalid() {
         "[[rule]]\nname = \"a\"\naction = \"deny\"\n[rule.match]\nkinds = [\"drop\"]\n",
     )
     .unwrap();
+    let metrics_port = free_port();
     let agent = Agent::start(&listener_config(
         free_port(),
         free_port(),
-        &format!("policy_paths = [\"{}\"]", dir.path().display()),
+        &format!(
+            "policy_paths = [\"{}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"",
+            dir.path().display()
+        ),
     ));
+    // The policy in force, as status and the metrics report it: the same
+    // digest in both.
+    let in_force = || {
+        let status = agent.status().unwrap();
+        let digest = status["policy"]["digest"].as_str().unwrap().to_owned();
+        assert_eq!(digest.len(), 64, "{status}");
+        let metrics = http_get(metrics_port, "/metrics");
+        assert!(
+            metrics.contains(&format!("tollgate_policy_info{{digest=\"{digest}\"}} 1")),
+            "{metrics}"
+        );
+        assert_eq!(metric(&metrics, "tollgate_policy_rules "), 1.0);
+        digest
+    };
+    let first = in_force();
     let reloaded = |n: usize| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -375,6 +394,8 @@ fn policy_reloads_on_change_and_sighup_and_keeps_the_old_one_when_invalid() {
     )
     .unwrap();
     assert_eq!(reloaded(1), 1, "{}", agent.log_text());
+    let second = in_force();
+    assert_ne!(first, second, "a new policy has a new digest");
     // An invalid edit keeps the policy in force and says why.
     std::fs::write(&policy, "[[rule]]\nname = \"c\"\naction = \"maybe\"\n").unwrap();
     let failed = agent
@@ -391,6 +412,7 @@ fn policy_reloads_on_change_and_sighup_and_keeps_the_old_one_when_invalid() {
         failed["message"].as_str().unwrap().contains("p.toml:3:"),
         "{failed}"
     );
+    assert_eq!(in_force(), second, "the invalid edit left it in force");
     // SIGHUP reloads at once.
     std::fs::write(
         &policy,

@@ -23,6 +23,16 @@ pub fn print_status(report: &StatusReport) -> String {
         .collect();
     table(&mut out, &["LISTEN", "TARGET", "UPSTREAM"], &rows);
 
+    if let Some(policy) = &report.policy {
+        let _ = writeln!(
+            out,
+            "\nPolicy: {} rules from {} files, digest {}",
+            policy.rules,
+            policy.files.len(),
+            policy.digest
+        );
+    }
+
     let _ = writeln!(out, "\nTargets:");
     let rows: Vec<Vec<String>> = report
         .targets
