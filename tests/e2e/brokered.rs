@@ -24,6 +24,16 @@ const DEPLOY_SECRET: &str = "deploy-secret-1";
 const READ_SECRET: &str = "read-secret-2";
 const WRITE_SECRET: &str = "write-secret-3";
 
+/// A directory with the three passwords in root-only files `deploy`,
+/// `read` and `write`.
+fn secrets_dir() -> tempfile::TempDir {
+    let secrets = tempfile::tempdir().unwrap();
+    secret_file(secrets.path(), "deploy", DEPLOY_SECRET);
+    secret_file(secrets.path(), "read", READ_SECRET);
+    secret_file(secrets.path(), "write", WRITE_SECRET);
+    secrets
+}
+
 fn secret_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, format!("{text}\n")).unwrap();
@@ -131,10 +141,7 @@ fn a_psql_with_no_password_logs_in_as_the_role_its_identity_maps_to() {
     assert!(!direct.status.success(), "{}", text(&direct));
     assert!(text(&direct).contains("password"), "{}", text(&direct));
 
-    let secrets = tempfile::tempdir().unwrap();
-    secret_file(secrets.path(), "deploy", DEPLOY_SECRET);
-    secret_file(secrets.path(), "read", READ_SECRET);
-    secret_file(secrets.path(), "write", WRITE_SECRET);
+    let secrets = secrets_dir();
     let port = free_port();
     let metrics_port = free_port();
     let agent = Agent::start(&format!(
@@ -236,10 +243,7 @@ fn a_target_can_let_processes_without_a_credential_use_their_own() {
         return;
     }
     let pg = server_with_roles();
-    let secrets = tempfile::tempdir().unwrap();
-    secret_file(secrets.path(), "deploy", DEPLOY_SECRET);
-    secret_file(secrets.path(), "read", READ_SECRET);
-    secret_file(secrets.path(), "write", WRITE_SECRET);
+    let secrets = secrets_dir();
     let port = free_port();
     let _agent = Agent::start(&config(
         port,
@@ -271,10 +275,7 @@ fn a_statement_pipelined_behind_the_startup_waits_for_the_agents_login_and_is_de
         "CREATE TABLE secrets (s text); INSERT INTO secrets VALUES ('the-key'); GRANT SELECT ON secrets TO deployer",
     )
     .unwrap();
-    let secrets = tempfile::tempdir().unwrap();
-    secret_file(secrets.path(), "deploy", DEPLOY_SECRET);
-    secret_file(secrets.path(), "read", READ_SECRET);
-    secret_file(secrets.path(), "write", WRITE_SECRET);
+    let secrets = secrets_dir();
     let policy = policy_file(
         "[[rule]]\nname = \"no-secrets\"\naction = \"deny\"\n[rule.match]\ntables = [\"secrets\"]\n",
     );
@@ -571,10 +572,7 @@ fn reviewers_see_the_role_a_brokered_session_runs_as() {
         "CREATE TABLE orders (id int); GRANT ALL ON orders TO deployer",
     )
     .unwrap();
-    let secrets = tempfile::tempdir().unwrap();
-    secret_file(secrets.path(), "deploy", DEPLOY_SECRET);
-    secret_file(secrets.path(), "read", READ_SECRET);
-    secret_file(secrets.path(), "write", WRITE_SECRET);
+    let secrets = secrets_dir();
     let policy = policy_file(
         "[[rule]]\nname = \"review-deletes\"\naction = \"review\"\napprovers = [\"group:daemon\"]\n[rule.match]\nkinds = [\"delete\"]\n",
     );

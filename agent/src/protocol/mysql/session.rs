@@ -623,14 +623,7 @@ where
 {
     let user = &login.user;
     loop {
-        let Some(mut reply) = read_counted(legs.server_in, ctx, RawDirection::Server, raw)
-            .await
-            .map_err(|e| CloseReason::UpstreamError(e.to_string()))?
-        else {
-            return Err(CloseReason::UpstreamError(
-                "closed during authentication".into(),
-            ));
-        };
+        let mut reply = auth_packet(legs.server_in, ctx, raw).await?;
         let refusal = match reply.first() {
             Some(0x00) => {
                 reply.seq = client_seq.wrapping_add(1);
@@ -748,14 +741,7 @@ where
     SW: AsyncWrite + Unpin,
 {
     loop {
-        let Some(mut reply) = read_counted(legs.server_in, ctx, RawDirection::Server, raw)
-            .await
-            .map_err(|e| CloseReason::UpstreamError(e.to_string()))?
-        else {
-            return Err(CloseReason::UpstreamError(
-                "closed during authentication".into(),
-            ));
-        };
+        let mut reply = auth_packet(legs.server_in, ctx, raw).await?;
         reply.seq = reply.seq.wrapping_sub(shift);
         write_to(legs.client_out, &reply, false).await?;
         match reply.first() {
@@ -772,6 +758,19 @@ where
             }
         }
     }
+}
+
+/// The server's next packet of an authentication exchange (its end is an
+/// error).
+async fn auth_packet<R: AsyncRead + Unpin>(
+    server: &mut R,
+    ctx: &SessionContext,
+    raw: bool,
+) -> Result<Packet, CloseReason> {
+    read_counted(server, ctx, RawDirection::Server, raw)
+        .await
+        .map_err(|e| CloseReason::UpstreamError(e.to_string()))?
+        .ok_or_else(|| CloseReason::UpstreamError("closed during authentication".into()))
 }
 
 /// Writes one packet of the connection phase to a leg (`to_server`: the
