@@ -293,6 +293,20 @@ if [ $governed -eq 1 ] && id daemon >/dev/null 2>&1; then
     show tollgate recordings show "$held_session"
 fi
 
+if [ $governed -eq 1 ]; then
+    step "The job timeline: every command, connection and statement of one governed job, in order"
+    show tollgate exec -- sh -c "psql -X -h $host -p $port -U postgres -d postgres -Atc 'select count(*) from customers'; psql -X -h $host -p $port -U postgres -d postgres -c 'drop table customers'; timeout 1 bash -c ': </dev/tcp/192.0.2.10/443'; echo done" || true
+    job=""
+    for _ in $(seq 50); do
+        job=$(tollgate jobs list --json | python3 -c 'import json,sys; l=[j for j in json.load(sys.stdin) if j["sessions"] >= 2 and j["complete"]]; print(l[-1]["job"] if l else "")')
+        [ -n "$job" ] && break
+        sleep 0.1
+    done
+    [ -n "$job" ] || { tollgate jobs list; echo "demo: the job's recording did not close" >&2; exit 1; }
+    show tollgate jobs list
+    show tollgate jobs show "$job"
+fi
+
 step "A session in progress, as 'tollgate status' shows it"
 "${run[@]}" psql -X -q -h "$host" -p "$port" -U postgres -d postgres -c "select pg_sleep(2)" >/dev/null &
 sleep 0.8

@@ -26,6 +26,9 @@
 //!   `cgroup/connect6`, in `protect`): attached to the cgroup v2 root when
 //!   `[protect]` is set; report (and in deny mode refuse) connects to a
 //!   protected target that did not come through the redirect.
+//! - `tollgate_job_exec` / `tollgate_job_fork` / `tollgate_job_exit` (raw
+//!   tracepoints, in `jobs`): the process events of governed cgroups for
+//!   the job timeline; the connect hooks add their decided connects.
 //!
 //! The map layouts, the verdict order and the meaning of every field live in
 //! `tollgate-common`; this crate only applies them.
@@ -42,6 +45,7 @@
 #![no_std]
 #![no_main]
 
+mod jobs;
 mod protect;
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
@@ -285,6 +289,17 @@ fn read_task_identity(off: &TaskOffsets) -> Result<(u64, u64, u32), i32> {
     Ok((ino, start, dev))
 }
 
+/// A connect's verdict into the job timeline (see `jobs`).
+#[inline(always)]
+fn report_connect(config: &RedirectConfig, addr: &[u8; 16], port: u16, verdict: &Verdict) {
+    let (action, target) = match verdict {
+        Verdict::Pass => (ACTION_PASS, 0),
+        Verdict::Deny => (ACTION_DENY, 0),
+        Verdict::Redirect(target) => (ACTION_REDIRECT, *target),
+    };
+    jobs::report_connect(config, addr, port, action, target);
+}
+
 #[inline(always)]
 fn config() -> Result<&'static RedirectConfig, HookError> {
     CONFIG.get(0).ok_or(HookError::NoConfig)
@@ -309,6 +324,7 @@ fn try_tollgate_connect4(ctx: &SockAddrContext) -> Result<Verdict, HookError> {
     let addr = v4_mapped(ip4.to_ne_bytes());
     let config = config()?;
     let verdict = decide(config, &addr, port, sock_type);
+    report_connect(config, &addr, port, &verdict);
     if let Verdict::Redirect(target) = verdict {
         if config.proxy_port4 == 0 {
             return Err(HookError::NoProxyPort);
@@ -347,6 +363,7 @@ fn try_tollgate_connect6(ctx: &SockAddrContext) -> Result<Verdict, HookError> {
     let addr = words_to_addr([w0, w1, w2, w3]);
     let config = config()?;
     let verdict = decide(config, &addr, port, sock_type);
+    report_connect(config, &addr, port, &verdict);
     if let Verdict::Redirect(target) = verdict {
         let (proxy_addr, proxy_port) = if as_v4_mapped(&addr).is_some() {
             (IPV4_MAPPED_LOOPBACK, config.proxy_port4)

@@ -130,6 +130,20 @@ impl RunningAgent {
         });
 
         let handlers = crate::protocol::Handlers::new(&config)?;
+        let identity = Arc::new(IdentityResolver::new());
+        let job_rings = redirect
+            .as_ref()
+            .map(|r| r.take_job_events())
+            .unwrap_or_default();
+        let jobs = match &redirect {
+            Some(r) if !job_rings.is_empty() => Some(Arc::new(crate::jobs::Jobs::new(
+                recorder.clone(),
+                r.clone(),
+                identity.clone(),
+                config.targets.iter().map(|t| t.name.clone()).collect(),
+            ))),
+            _ => None,
+        };
         let shared = Arc::new(AgentState {
             handlers,
             permits: Arc::new(Semaphore::new(config.agent.max_connections)),
@@ -140,7 +154,8 @@ impl RunningAgent {
             metrics,
             live: LiveSessions::default(),
             events,
-            identity: Arc::new(IdentityResolver::new()),
+            identity,
+            jobs: jobs.clone(),
             force_close: CancellationToken::new(),
             bound,
             redirect_bound: redirect_sockets
@@ -211,6 +226,9 @@ impl RunningAgent {
                     shared.metrics.clone(),
                     stop_accepting.clone(),
                 ));
+            }
+            if let Some(jobs) = jobs {
+                background.spawn(crate::jobs::watch(jobs, job_rings, stop_accepting.clone()));
             }
             background.spawn(crate::redirect::keep_reconciling(
                 redirect,

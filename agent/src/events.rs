@@ -26,6 +26,9 @@ pub enum Arrival {
     Listener,
     /// Redirected by the eBPF connect hook.
     Redirect,
+    /// Not a connection: the job recording of a governed cgroup (see
+    /// `jobs`).
+    Job,
 }
 
 impl Arrival {
@@ -34,6 +37,7 @@ impl Arrival {
         match self {
             Arrival::Listener => "listener",
             Arrival::Redirect => "redirect",
+            Arrival::Job => "job",
         }
     }
 }
@@ -63,6 +67,8 @@ pub struct SessionInfo {
     pub identity: ProcessIdentity,
     /// What the kernel recorded at connect time, for redirected connections.
     pub kernel: Option<crate::redirect::KernelOrigin>,
+    /// The job of the session's governed cgroup (a job recording's own).
+    pub job: Option<crate::recording::format::JobRecord>,
 }
 
 /// Why a session ended.
@@ -257,6 +263,14 @@ pub enum SessionEvent {
         duration: Duration,
         /// Why it ended.
         reason: CloseReason,
+    },
+    /// What a job's processes did, for its job recording only (`session`
+    /// is the job recording's id).
+    Job {
+        /// The job recording's id.
+        session: Uuid,
+        /// The record's payload.
+        record: Box<crate::recording::Event>,
     },
 }
 
@@ -508,6 +522,8 @@ impl EventSink for LogSink {
             }
             // Counted in `closed`; one log line per read would drown the log.
             SessionEvent::Raw { .. } => {}
+            // Job recordings are written by the recorder alone.
+            SessionEvent::Job { .. } => {}
             SessionEvent::ExeHashed {
                 session,
                 exe_sha256,

@@ -29,6 +29,7 @@ pub mod control;
 pub mod events;
 pub mod identity;
 pub mod intervene;
+pub mod jobs;
 pub mod located;
 pub mod logging;
 pub mod masking;

@@ -77,6 +77,7 @@ fn main() -> ExitCode {
         Command::Policy(command) => policy_command(command),
         Command::Approvals(command) => cli::approvals_command(command),
         Command::Recordings(command) => cli::finish(cli::recordings::run(command)),
+        Command::Jobs(command) => cli::finish(cli::jobs::run(command)),
         Command::EnsureGoverned(args) => ensure_governed_command(args),
         Command::Status(args) => {
             let socket = match args.socket {

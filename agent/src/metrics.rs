@@ -547,6 +547,7 @@ impl EventSink for Metrics {
             | SessionEvent::Statement { .. }
             | SessionEvent::Raw { .. }
             | SessionEvent::ExeHashed { .. }
+            | SessionEvent::Job { .. }
             | SessionEvent::Closed { .. } => {}
             SessionEvent::Review { review, .. } => self.review(review),
             SessionEvent::Intervention { intervention, .. } => {

@@ -19,6 +19,10 @@
 //! | `PROTECT_EVENTS`  | RingBuf        | -                        | [`ProtectEvent`]   | protect4/6 |
 //! | `PROTECT_STATS`   | PerCpuArray    | `u32` index `PROTECT_STAT_*` | `u64`          | protect4/6 |
 //! | `TASK_OFFSETS` | Array, 1 entry   | `u32` index 0               | [`TaskOffsets`]    | agent      |
+//! | `JOB_OFFSETS`  | Array, 1 entry   | `u32` index 0               | [`JobOffsets`]     | agent      |
+//! | `JOB_CGROUPS`  | HashMap          | `u64` cgroup id             | `u32` (unused, 1)  | agent      |
+//! | `JOB_EVENTS`   | RingBuf          | -                           | [`JobEvent`], [`JobExecEvent`] | process tracepoints, connect4/6 |
+//! | `JOB_STATS`    | PerCpuArray      | `u32` index `JOB_STAT_*`    | `u64`              | same       |
 //!
 //! Addresses are always 16 bytes in network byte order; IPv4 is stored
 //! v4-mapped (`::ffff:a.b.c.d`), so a `TARGETS` prefix for `a.b.c.d/n` has
@@ -372,6 +376,125 @@ pub struct ProtectEvent {
     pub _reserved: u32,
 }
 
+/// `RedirectConfig::flags`: the connect hooks also report each decided
+/// connect (other than to loopback or the proxy) in `JOB_EVENTS`, for the
+/// job timeline.
+pub const CONFIG_F_JOB_EVENTS: u32 = 2;
+
+/// `JobEvent::kind`: a governed process replaced its image (`execve`); the
+/// record is a [`JobExecEvent`].
+pub const JOB_EVENT_EXEC: u32 = 1;
+/// `JobEvent::kind`: a governed process created a process (not a thread).
+pub const JOB_EVENT_FORK: u32 = 2;
+/// `JobEvent::kind`: a governed process ended (its thread group leader
+/// exited).
+pub const JOB_EVENT_EXIT: u32 = 3;
+/// `JobEvent::kind`: a governed process's `connect()` was decided.
+pub const JOB_EVENT_CONNECT: u32 = 4;
+
+/// `JOB_STATS` index: events written to `JOB_EVENTS`.
+pub const JOB_STAT_SENT: u32 = 0;
+/// `JOB_STATS` index: events lost because `JOB_EVENTS` was full.
+pub const JOB_STAT_DROPPED: u32 = 1;
+/// `JOB_STATS` index: kernel reads that failed (fields left zero).
+pub const JOB_STAT_READ_ERRORS: u32 = 2;
+/// Number of `JOB_STATS` entries.
+pub const JOB_STAT_COUNT: u32 = 3;
+
+/// Bytes of the `JOB_EVENTS` ring buffer (a power of two, a multiple of the
+/// page size): about 4800 exec records or 50000 others.
+pub const JOB_EVENTS_BYTES: u32 = 4 * 1024 * 1024;
+
+/// How far up the cgroup tree the process tracepoints look for a governed
+/// ancestor (`bpf_get_current_ancestor_cgroup_id` levels 1 to this).
+pub const JOB_MAX_CGROUP_LEVEL: i32 = 16;
+
+/// Bytes of an executable path kept in [`JobExecEvent::filename`].
+pub const JOB_FILENAME_BYTES: usize = 256;
+/// Bytes of the argument vector kept in [`JobExecEvent::args`] (a power of
+/// two: the kernel side masks the length with it minus one).
+pub const JOB_ARGS_BYTES: usize = 512;
+
+/// Value of `JOB_OFFSETS[0]`: the kernel struct members the process
+/// tracepoints read, found by the agent in BTF. With `valid` zero the
+/// tracepoints report nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobOffsets {
+    /// 1 when every offset below is set.
+    pub valid: u32,
+    /// `task_struct.pid` (the thread id).
+    pub task_pid: u32,
+    /// `task_struct.tgid` (the process id).
+    pub task_tgid: u32,
+    /// `task_struct.real_parent`.
+    pub task_real_parent: u32,
+    /// `task_struct.exit_code` (a wait status).
+    pub task_exit_code: u32,
+    /// `task_struct.mm`.
+    pub task_mm: u32,
+    /// `mm_struct.arg_start`.
+    pub mm_arg_start: u32,
+    /// `mm_struct.arg_end`.
+    pub mm_arg_end: u32,
+    /// `linux_binprm.filename`.
+    pub bprm_filename: u32,
+    /// Always zero.
+    pub _pad: u32,
+}
+
+/// One process or connect event of a governed process, sent to userspace
+/// through `JOB_EVENTS`. An exec is sent as a [`JobExecEvent`], which
+/// starts with this.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobEvent {
+    /// `JOB_EVENT_*`.
+    pub kind: u32,
+    /// Process id (thread group id): the new process for a fork.
+    pub pid: u32,
+    /// Parent's process id: the forking process for a fork, the real
+    /// parent for an exec; 0 otherwise.
+    pub ppid: u32,
+    /// Real user id of the current task.
+    pub uid: u32,
+    /// cgroup v2 id of the current task (its own, not the governed
+    /// ancestor's).
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_boot_ns` at the event.
+    pub boot_ns: u64,
+    /// Exit: the wait status (`exit_code`); 0 otherwise.
+    pub exit_status: u32,
+    /// Connect: the verdict (`ACTION_*`); 0 otherwise.
+    pub verdict: u16,
+    /// Connect: destination port, host byte order.
+    pub dst_port: u16,
+    /// Connect: `PortRule::target` of a redirect (index + 1), else 0.
+    pub target: u32,
+    /// Always zero.
+    pub _pad: u32,
+    /// Connect: destination, IPv4 stored as `::ffff:a.b.c.d`.
+    pub dst_addr: [u8; 16],
+    /// Thread name of the current task, NUL padded.
+    pub comm: [u8; 16],
+}
+
+/// An exec event: [`JobEvent`] plus what was executed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobExecEvent {
+    /// `kind` is [`JOB_EVENT_EXEC`].
+    pub head: JobEvent,
+    /// Bytes of `args` that are set.
+    pub args_len: u32,
+    /// 1 when the argument vector was longer than `args`.
+    pub args_truncated: u32,
+    /// The path given to `execve`, NUL terminated.
+    pub filename: [u8; JOB_FILENAME_BYTES],
+    /// The argument vector, each argument NUL terminated.
+    pub args: [u8; JOB_ARGS_BYTES],
+}
+
 /// `a.b.c.d` (network order bytes) as `::ffff:a.b.c.d`.
 #[inline(always)]
 pub const fn v4_mapped(ip4: [u8; 4]) -> [u8; 16] {
@@ -420,6 +543,7 @@ mod pod {
     unsafe impl aya::Pod for super::ProtectConfig {}
     unsafe impl aya::Pod for super::ProtectEvent {}
     unsafe impl aya::Pod for super::TaskOffsets {}
+    unsafe impl aya::Pod for super::JobOffsets {}
 }
 
 #[cfg(test)]
@@ -439,6 +563,13 @@ mod tests {
         assert_eq!(size_of::<ProtectConfig>(), 16);
         assert_eq!(size_of::<ProtectEvent>(), 64);
         assert_eq!(align_of::<ProtectEvent>(), 8);
+        assert_eq!(size_of::<JobOffsets>(), 40);
+        assert_eq!(size_of::<JobEvent>(), 80);
+        assert_eq!(
+            size_of::<JobExecEvent>(),
+            80 + 8 + JOB_FILENAME_BYTES + JOB_ARGS_BYTES
+        );
+        assert!(JOB_ARGS_BYTES.is_power_of_two());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! use, an agent not answering); 2 bad usage or an invalid configuration.
 
 mod approvals;
+pub mod jobs;
 pub mod recordings;
 mod status;
 mod tokens;
@@ -106,6 +107,21 @@ pub enum Command {
     #[command(subcommand)]
     Recordings(RecordingsCommand),
 
+    /// The job timeline: what each governed job (a `tollgate exec` command,
+    /// a governed cgroup) ran, where it connected, and the statements its
+    /// sessions sent, in order.
+    ///
+    /// The agent records every governed cgroup's commands (with their
+    /// arguments), exits, connects and sessions in a job recording beside
+    /// the session recordings. Examples:
+    ///
+    ///   tollgate jobs list --since 1h
+    ///   tollgate jobs show exec-4242-0        # by cgroup, the newest job
+    ///   tollgate jobs show 01935d3c-...       # by job id
+    ///   tollgate jobs show JOB --json
+    #[command(subcommand, verbatim_doc_comment)]
+    Jobs(JobsCommand),
+
     /// Review statements held by `review` rules: list, show, approve, deny;
     /// list and revoke grants; manage reviewer tokens.
     ///
@@ -146,6 +162,37 @@ pub enum Command {
     /// lists it under "Stopped by on_match" (its cgroup.freeze is set to
     /// 0). Needs root, as stopping it did.
     Thaw(ThawArgs),
+}
+
+/// `tollgate jobs` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum JobsCommand {
+    /// List job recordings, oldest first: commands run, sessions opened,
+    /// connects denied, processes that failed.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only jobs started within this long ("1h", "2d").
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a job's timeline: commands with their parents and arguments,
+    /// connects with their verdicts, sessions with their statements, exits
+    /// with their codes, in the order they happened.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Job id, a job recording file, or the job's cgroup (its path or
+        /// last component, such as exec-4242-0; the newest such job).
+        #[arg(value_name = "JOB")]
+        job: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `tollgate thaw` arguments.

@@ -26,6 +26,7 @@ pub fn run(command: RecordingsCommand) -> Result<(), CliError> {
                 user,
                 ci_repo,
                 denied_only: denied,
+                sessions_only: true,
                 ..Default::default()
             };
             let found = recording::list(&dir, &filter);

@@ -152,6 +152,9 @@ pub struct RedirectSettings {
     pub resolvers: Vec<std::net::IpAddr>,
     /// Unix socket (mode 0666) on which `tollgate exec` asks to be governed.
     pub exec_socket: PathBuf,
+    /// Whether governed processes' commands, exits and connects are traced
+    /// into job recordings (the job timeline).
+    pub job_timeline: bool,
 }
 
 impl Default for RedirectSettings {
@@ -163,6 +166,7 @@ impl Default for RedirectSettings {
             exec_unlisted: UnlistedPolicy::Pass,
             resolvers: Vec::new(),
             exec_socket: PathBuf::from("/run/tollgate/exec.sock"),
+            job_timeline: true,
         }
     }
 }

@@ -73,6 +73,7 @@ struct RawRedirect {
     #[serde(default)]
     resolvers: Vec<Spanned<String>>,
     exec_socket: Option<Spanned<String>>,
+    job_timeline: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1094,6 +1095,9 @@ fn check_redirect(c: &mut Checker<'_>, raw: &RawRedirect) -> RedirectSettings {
     }
     if let Some(policy) = unlisted_policy(c, raw.exec_unlisted.as_ref()) {
         r.exec_unlisted = policy;
+    }
+    if let Some(on) = raw.job_timeline {
+        r.job_timeline = on;
     }
     if let Some(sock) = &raw.exec_socket {
         if Path::new(sock.get_ref()).is_absolute() {

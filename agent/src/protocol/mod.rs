@@ -240,6 +240,7 @@ pub(crate) fn test_session_info(identity: ProcessIdentity) -> Arc<SessionInfo> {
         upstream: "127.0.0.1:5432".to_owned(),
         identity,
         kernel: None,
+        job: None,
     })
 }
 

@@ -49,6 +49,8 @@ pub struct AgentState {
     pub bound: Vec<(SocketAddr, Listener)>,
     /// The transparent redirect, when configured.
     pub redirect: Option<Arc<Redirect>>,
+    /// The job timeline, when the redirect traces governed processes.
+    pub jobs: Option<Arc<crate::jobs::Jobs>>,
     /// The policy in force.
     pub policy: crate::policy::SharedPolicy,
     /// The session recorder (a sink of `events`), checked before each session.

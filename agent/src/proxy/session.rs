@@ -110,6 +110,10 @@ pub(super) async fn serve(
                     }
                 }
             };
+            let job = match (&shared.jobs, &kernel) {
+                (Some(jobs), Some(k)) => jobs.session_opened(k.cgroup_id, id, &target, k.tgid),
+                _ => None,
+            };
             let info = Arc::new(SessionInfo {
                 id,
                 started_at,
@@ -121,6 +125,7 @@ pub(super) async fn serve(
                 upstream: upstream_name,
                 identity,
                 kernel,
+                job,
             });
             shared.live.insert(info.clone(), counters.clone());
             shared.events.emit(&SessionEvent::Started(info.clone()));

@@ -68,6 +68,106 @@ pub struct Header {
     pub identity: ProcessIdentity,
     /// What the kernel recorded, for redirected connections.
     pub kernel: Option<KernelRecord>,
+    /// A session's job (its governed cgroup's job recording), or, in a job
+    /// recording (`arrival` "job"), the job itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRecord>,
+}
+
+/// A job: the processes of one governed cgroup, recorded in a job
+/// recording whose id is `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job recording's id.
+    pub id: Uuid,
+    /// The cgroup's path under the cgroup v2 mount (empty when it was gone
+    /// before the agent looked).
+    pub cgroup: String,
+    /// The cgroup's id.
+    pub cgroup_id: u64,
+}
+
+/// A process of a job replaced its image (`execve`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessExecRecord {
+    /// Wall-clock time of the event in the kernel, microseconds since the
+    /// Unix epoch.
+    pub at_unix_us: u64,
+    /// Process id.
+    pub pid: u32,
+    /// Its real parent's process id.
+    pub ppid: u32,
+    /// Real user id.
+    pub uid: u32,
+    /// The path given to `execve`.
+    pub exe: String,
+    /// The argument vector (at most 511 bytes of it).
+    pub args: Vec<String>,
+    /// Whether `args` was cut short.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub args_truncated: bool,
+}
+
+/// A process of a job created a process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessForkRecord {
+    /// As in [`ProcessExecRecord`].
+    pub at_unix_us: u64,
+    /// The new process.
+    pub pid: u32,
+    /// The process that forked.
+    pub ppid: u32,
+    /// Real user id.
+    pub uid: u32,
+    /// The forking thread's name.
+    pub comm: String,
+}
+
+/// A process of a job ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessExitRecord {
+    /// As in [`ProcessExecRecord`].
+    pub at_unix_us: u64,
+    /// Process id.
+    pub pid: u32,
+    /// Its thread name at the end.
+    pub comm: String,
+    /// The exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, when one did.
+    pub signal: Option<i32>,
+}
+
+/// A process of a job connected somewhere (or tried).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectRecord {
+    /// As in [`ProcessExecRecord`].
+    pub at_unix_us: u64,
+    /// Process id.
+    pub pid: u32,
+    /// Its thread name.
+    pub comm: String,
+    /// Where it connected to.
+    pub destination: SocketAddr,
+    /// `redirect` (to the proxy, governed), `deny` (refused with EPERM) or
+    /// `pass` (let through ungoverned).
+    pub verdict: String,
+    /// The target, for a redirect.
+    pub target: Option<String>,
+}
+
+/// A governed session of the job opened; its statements are in its own
+/// recording.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSessionRecord {
+    /// As in [`ProcessExecRecord`] (when the agent accepted the session).
+    pub at_unix_us: u64,
+    /// The session (its recording's id).
+    pub session: Uuid,
+    /// Its target.
+    pub target: String,
+    /// The process that opened it.
+    pub pid: Option<u32>,
 }
 
 /// What the kernel recorded about a redirected connection.
@@ -188,6 +288,23 @@ pub enum Event {
     /// A rule's `on_match` stopped or killed the process, or froze or
     /// killed its job's cgroup (or could not: `error`).
     Intervention(crate::intervene::Intervention),
+    /// Job recordings: a process of the job ran a program.
+    ProcessExec(ProcessExecRecord),
+    /// Job recordings: a process of the job forked.
+    ProcessFork(ProcessForkRecord),
+    /// Job recordings: a process of the job ended.
+    ProcessExit(ProcessExitRecord),
+    /// Job recordings: a connect of a process of the job was decided.
+    Connect(ConnectRecord),
+    /// Job recordings: a governed session of the job opened.
+    JobSession(JobSessionRecord),
+    /// Job recordings: the kernel dropped at least `count` process or
+    /// connect events (its ring buffer was full) before this point, for
+    /// any job of the agent.
+    KernelEventsDropped {
+        /// How many.
+        count: u64,
+    },
     /// An event type this reader does not know (written by a later agent).
     #[serde(other)]
     Unknown,

@@ -629,6 +629,10 @@ pub struct RecordingFilter {
     pub ci_repo: Option<String>,
     /// Only sessions with at least one refused statement.
     pub denied_only: bool,
+    /// Protocol, exactly (`job` for job recordings).
+    pub protocol: Option<String>,
+    /// Leave out job recordings.
+    pub sessions_only: bool,
 }
 
 /// One line of `tollgate recordings list`.
@@ -733,6 +737,8 @@ impl RecordingSummary {
                 self.user.as_ref() == Some(u) || self.database_user.as_ref() == Some(u)
             })
             && (!f.denied_only || self.denied > 0)
+            && eq(&f.protocol, &self.protocol)
+            && !(f.sessions_only && self.protocol.as_deref() == Some("job"))
     }
 }
 

@@ -148,6 +148,68 @@ fn unix_time(seconds: u64) -> humantime::Rfc3339Timestamp {
     )
 }
 
+/// One line for an event of a job recording (`None` for other events).
+pub fn job_event_line(event: &Event) -> Option<String> {
+    let quote = |args: &[String]| {
+        args.iter()
+            .map(|a| {
+                if !a.is_empty()
+                    && a.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+                {
+                    a.clone()
+                } else {
+                    format!("'{}'", a.replace('\'', "'\\''"))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    Some(match event {
+        Event::ProcessExec(x) => format!(
+            "exec    pid {} (parent {}, uid {}) {}: {}{}",
+            x.pid,
+            x.ppid,
+            x.uid,
+            x.exe,
+            quote(&x.args),
+            if x.args_truncated { " …" } else { "" }
+        ),
+        Event::ProcessFork(x) => {
+            format!("fork    pid {} from pid {} ({})", x.pid, x.ppid, x.comm)
+        }
+        Event::ProcessExit(x) => {
+            let how = match (x.exit_code, x.signal) {
+                (Some(code), _) => format!("exit code {code}"),
+                (None, Some(sig)) => format!("killed by signal {sig}"),
+                (None, None) => "ended".to_string(),
+            };
+            format!("exit    pid {} ({}) {how}", x.pid, x.comm)
+        }
+        Event::Connect(x) => format!(
+            "connect pid {} ({}) to {}: {}{}",
+            x.pid,
+            x.comm,
+            x.destination,
+            x.verdict,
+            x.target
+                .as_deref()
+                .map(|t| format!(" to target {t}"))
+                .unwrap_or_default()
+        ),
+        Event::JobSession(x) => format!(
+            "session {} of target {}{}",
+            x.session,
+            x.target,
+            x.pid.map(|p| format!(" by pid {p}")).unwrap_or_default()
+        ),
+        Event::KernelEventsDropped { count } => {
+            format!("{count} process events dropped by the kernel here (ring buffer full)")
+        }
+        _ => return None,
+    })
+}
+
 /// The lines of one event, its offset from the start first.
 fn event_lines(p: &Paint, e: &EventRecord) -> String {
     let mut out = String::new();
@@ -340,6 +402,16 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
         }
         Event::Intervention(i) => {
             let _ = writeln!(out, "{t}  {} {}", p.bold("on_match:"), i.describe());
+        }
+        Event::ProcessExec(_)
+        | Event::ProcessFork(_)
+        | Event::ProcessExit(_)
+        | Event::Connect(_)
+        | Event::JobSession(_)
+        | Event::KernelEventsDropped { .. } => {
+            if let Some(line) = job_event_line(&e.event) {
+                let _ = writeln!(out, "{t}  {line}");
+            }
         }
         Event::ReviewNotified(r) => {
             let attempts = match r.attempts {

@@ -102,6 +102,7 @@ fn info(target: &str, user: &str, repo: Option<&str>) -> Arc<SessionInfo> {
                 start_boottime_ns: 5_000_000_000,
             },
         }),
+        job: None,
     })
 }
 

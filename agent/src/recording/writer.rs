@@ -307,6 +307,7 @@ fn session_of(event: &SessionEvent) -> Uuid {
         | SessionEvent::ExeHashed { session, .. }
         | SessionEvent::Review { session, .. }
         | SessionEvent::Intervention { session, .. }
+        | SessionEvent::Job { session, .. }
         | SessionEvent::Closed { session, .. } => *session,
         SessionEvent::Statement(statement) => statement.session,
     }
@@ -1111,6 +1112,7 @@ fn micros(d: Duration) -> u64 {
 fn event_body(event: &SessionEvent) -> Option<Event> {
     let body = match event {
         SessionEvent::Started(_) | SessionEvent::Statement(_) => return None,
+        SessionEvent::Job { record, .. } => (**record).clone(),
         SessionEvent::UpstreamConnected {
             peer, connect_time, ..
         } => Event::UpstreamConnected {
@@ -1223,7 +1225,11 @@ fn header_of(info: &SessionInfo, host: &str, agent_version: &str, digest: Option
         local: info.local,
         client: info.client,
         target: info.target.clone(),
-        protocol: info.protocol.to_string(),
+        protocol: if info.arrival == crate::events::Arrival::Job {
+            "job".to_string()
+        } else {
+            info.protocol.to_string()
+        },
         upstream: info.upstream.clone(),
         identity: info.identity.clone(),
         kernel: info.kernel.as_ref().map(|k| KernelRecord {
@@ -1236,6 +1242,7 @@ fn header_of(info: &SessionInfo, host: &str, agent_version: &str, digest: Option
             target_index: k.target_index as u64,
             instance: Some(k.instance),
         }),
+        job: info.job.clone(),
     }
 }
 

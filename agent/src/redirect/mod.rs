@@ -28,6 +28,7 @@ mod attachments;
 mod btf;
 pub mod cgroup;
 pub mod exec;
+pub mod jobs;
 pub mod local;
 mod pins;
 pub mod protect;
@@ -44,7 +45,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
@@ -53,7 +54,7 @@ use crate::identity::ConnectInstance;
 use serde::Serialize;
 use tollgate_common::{
     as_v4_mapped, v4_mapped, ConnectOrigin, OriginKey, RedirectConfig, TargetEntry,
-    CONFIG_F_DENY_UNLISTED, ORIGIN_ID_CAPTURED, ORIGIN_ID_READ_FAILED, STAT_CLOSED, STAT_COUNT,
+    CONFIG_F_DENY_UNLISTED, CONFIG_F_JOB_EVENTS, ORIGIN_ID_CAPTURED, ORIGIN_ID_READ_FAILED, STAT_CLOSED, STAT_COUNT,
     STAT_DENIED, STAT_ERRORS, STAT_PASSED, STAT_PUBLISHED, STAT_REDIRECTED,
 };
 
@@ -69,13 +70,16 @@ const PROGRAM_NAMES: [&str; 5] = [
     "tollgate_sendmsg4",
     "tollgate_sendmsg6",
 ];
-const PINNED_MAPS: [&str; 6] = [
+const PINNED_MAPS: [&str; 7] = [
     "CONFIG",
     "TARGETS",
     "RESOLVERS",
     "PENDING",
     "ORIGINS",
     "STATS",
+    // Pinned so that connect hooks kept attached from an earlier run report
+    // into the ring buffer this run reads.
+    "JOB_EVENTS",
 ];
 
 /// What the kernel recorded about a redirected connection.
@@ -199,6 +203,10 @@ struct Instance {
     /// Ids of attached cgroups on which the kernel was last seen without the
     /// agent's programs, so that a detachment is logged once, not every look.
     seen_detached: Mutex<HashSet<u64>>,
+    /// The job timeline's events, until the agent takes them to read.
+    job_events: Mutex<Option<RingBuf<MapData>>>,
+    /// The kernel's counters of job events (`None`: timeline off).
+    job_stats: Option<PerCpuArray<MapData, u64>>,
 }
 
 /// A cgroup with the programs attached.
@@ -383,14 +391,18 @@ impl Redirect {
                 }
                 continue;
             }
+            let mut flags = if mode == UnlistedPolicy::Deny {
+                CONFIG_F_DENY_UNLISTED
+            } else {
+                0
+            };
+            if settings.job_timeline {
+                flags |= CONFIG_F_JOB_EVENTS;
+            }
             let config_value = RedirectConfig {
                 proxy_port4: settings.port,
                 proxy_port6,
-                flags: if mode == UnlistedPolicy::Deny {
-                    CONFIG_F_DENY_UNLISTED
-                } else {
-                    0
-                },
+                flags,
             };
             instances.push(Instance::start(
                 mode,
@@ -400,6 +412,7 @@ impl Redirect {
                 &entries,
                 &settings.resolvers,
                 &cgroups,
+                settings.job_timeline,
             )?);
         }
         // After the governed cgroups have their programs: in deny mode a
@@ -621,6 +634,29 @@ impl Redirect {
         }
         let _ = STAT_COUNT;
         s
+    }
+
+    /// The job timeline's ring buffers, one per loaded mode, for the agent to
+    /// read (each is handed out once; empty with the timeline off).
+    pub fn take_job_events(&self) -> Vec<RingBuf<MapData>> {
+        self.instances
+            .iter()
+            .filter_map(|i| i.job_events.lock().ok().and_then(|mut e| e.take()))
+            .collect()
+    }
+
+    /// The kernel's counters of job events, summed over the modes (`None`:
+    /// timeline off).
+    pub fn job_event_stats(&self) -> Option<jobs::JobEventStats> {
+        let mut total: Option<jobs::JobEventStats> = None;
+        for stats in self.instances.iter().filter_map(|i| i.job_stats.as_ref()) {
+            let s = jobs::read_stats(stats);
+            let t = total.get_or_insert_with(Default::default);
+            t.sent += s.sent;
+            t.dropped += s.dropped;
+            t.read_errors += s.read_errors;
+        }
+        total
     }
 
     /// Entries in the origin maps (connections redirected, not yet accepted).
@@ -862,6 +898,7 @@ impl Instance {
         entries: &[targets::TrieEntry],
         resolvers: &[IpAddr],
         cgroups: &[&PathBuf],
+        job_timeline: bool,
     ) -> Result<Instance, RedirectError> {
         let maps_dir = dir.join("maps");
         pins::ensure_secure_dirs(pin_root, &maps_dir, pins::Owner::agent())?;
@@ -884,6 +921,17 @@ impl Instance {
             "the executable and start time of connecting processes are not captured at connect; exe rules match on what /proc shows at accept, as without a redirect",
         )?;
         start_kernel_log_reader(&mut ebpf, mode);
+        let timeline = if job_timeline {
+            match jobs::start(&mut ebpf) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::warn!("the job timeline has no process events ({why}); connects are still reported");
+                    true
+                }
+            }
+        } else {
+            false
+        };
 
         for name in PROGRAM_NAMES {
             let program = ebpf.program_mut(name).ok_or_else(|| {
@@ -937,6 +985,14 @@ impl Instance {
             .take_map("STATS")
             .ok_or_else(|| RedirectError::Kernel("the embedded object lacks map STATS".into()))?;
         let stats = PerCpuArray::try_from(stats_map).map_err(|e| classify("open map STATS", e))?;
+        let (job_events, job_stats) = if timeline {
+            (
+                Some(jobs::take_events(&mut ebpf).map_err(RedirectError::Kernel)?),
+                Some(jobs::take_stats(&mut ebpf).map_err(RedirectError::Kernel)?),
+            )
+        } else {
+            (None, None)
+        };
         Ok(Instance {
             mode,
             pin_root: pin_root.to_path_buf(),
@@ -948,6 +1004,8 @@ impl Instance {
             attached: Mutex::new(attached),
             own_programs: Mutex::new(own_programs),
             seen_detached: Mutex::new(HashSet::new()),
+            job_events: Mutex::new(job_events),
+            job_stats,
         })
     }
 }
@@ -1169,6 +1227,9 @@ fn attach_cgroup(
             cgroup_dir.display()
         ))
     })?;
+    if let Err(why) = jobs::govern(ebpf, id) {
+        tracing::warn!(cgroup = %cgroup_dir.display(), "the job timeline does not follow this cgroup: {why}");
+    }
     let links_dir = dir.join("links").join(id.to_string());
     let pins: Vec<PathBuf> = PROGRAM_NAMES.iter().map(|n| links_dir.join(n)).collect();
     // Links of the other mode on the same cgroup would block ours.
@@ -1310,7 +1371,7 @@ pub fn detach(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// The kernel's page size (a ring buffer's smallest size).
-fn page_size() -> u32 {
+pub(super) fn page_size() -> u32 {
     // SAFETY: sysconf reads a constant of the running system.
     #[allow(unsafe_code)]
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -141,6 +141,8 @@ impl Protect {
         for name in UNUSED_LRU_MAPS {
             loader.map_max_entries(name, UNUSED_LRU_ENTRIES);
         }
+        // The job timeline's ring buffer is unused by this load.
+        loader.map_max_entries("JOB_EVENTS", super::page_size());
         let mut ebpf = loader
             .load(PROGRAMS)
             .map_err(|e| classify("load the eBPF programs for [protect]", e))?;
