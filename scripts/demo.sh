@@ -234,6 +234,11 @@ for _ in $(seq 50); do [ "$(grep -c 'session closed' "$work/agent.log")" -ge 4 ]
 grep -E 'session (started|closed)|statement' "$work/agent.log" | sed 's/^/  /'
 
 step "Every session is recorded: tollgate recordings list, show, verify"
+# Each governed job's recording closes a moment after its last process.
+for _ in $(seq 50); do
+    tollgate jobs list --json | python3 -c 'import json,sys; sys.exit(any(not j["complete"] for j in json.load(sys.stdin)))' && break
+    sleep 0.1
+done
 show tollgate recordings list
 denied_id=$(tollgate recordings list --denied --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
 show tollgate recordings show "$denied_id"

@@ -40,13 +40,14 @@ use crate::redirect::jobs::{decode, JobActivity, KernelJobEvent};
 use crate::redirect::Redirect;
 
 /// A job whose cgroup is gone or empty closes once it has been quiet this
-/// long (late events of its last processes may still be in the ring).
-const QUIET_BEFORE_CLOSE: Duration = Duration::from_secs(1);
+/// long: its last exit is sent before the cgroup empties, and the reader
+/// is at most a wake-up behind the kernel.
+const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(300);
 /// A job whose cgroup could not be found closes after this long without
 /// events.
 const QUIET_UNKNOWN_CGROUP: Duration = Duration::from_secs(30);
 /// How often open jobs are looked at.
-const SWEEP_EVERY: Duration = Duration::from_millis(500);
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// How deep below a governed cgroup a job's cgroup is looked for.
 const MAX_SEARCH_DEPTH: usize = 8;
 

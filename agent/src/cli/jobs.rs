@@ -226,7 +226,7 @@ fn timeline(dir: &Path, rec: &Recording) -> Result<Timeline, CliError> {
             _ => start_us.saturating_add(e.t_us),
         };
         if let Event::JobSession(s) = &e.event {
-            match session_statements(dir, s.session) {
+            match session_statements(dir, s.session, s.at_unix_us) {
                 Ok(mut statements) => entries.append(&mut statements),
                 Err(why) => missing.push(format!("{}: {why}", s.session)),
             }
@@ -237,8 +237,9 @@ fn timeline(dir: &Path, rec: &Recording) -> Result<Timeline, CliError> {
             event: e.event.clone(),
         });
     }
-    // Stable: events of one recording keep their order at equal times.
-    entries.sort_by_key(|e| e.at_unix_us);
+    // Stable: at equal times a session's line comes before its statements,
+    // which were added before it.
+    entries.sort_by_key(|e| (e.at_unix_us, e.session.is_some()));
     Ok(Timeline {
         job: h.job.clone(),
         host: Some(h.host.clone()),
@@ -252,14 +253,17 @@ fn timeline(dir: &Path, rec: &Recording) -> Result<Timeline, CliError> {
     })
 }
 
-/// The statements (and the close) of session `id`, timed from its header.
-fn session_statements(dir: &Path, id: Uuid) -> Result<Vec<Entry>, String> {
+/// The statements (and the close) of session `id`, timed from `opened_us`,
+/// when the job recorded the session's start (its own header's start is
+/// only to the millisecond, so a statement could sort before the session).
+fn session_statements(dir: &Path, id: Uuid, opened_us: u64) -> Result<Vec<Entry>, String> {
     let path = recording::locate(dir, id).ok_or("its recording is not here")?;
     let rec = recording::read_recording(&path).map_err(|e| e.to_string())?;
-    let start_us = rec
+    let header_us = rec
         .header()
         .map(|h| h.started_at_unix_ms.saturating_mul(1000))
         .ok_or("its recording has no header")?;
+    let start_us = opened_us.max(header_us);
     Ok(rec
         .events()
         .filter(|e| {
