@@ -11,11 +11,13 @@
 //!   ring buffer when `CONFIG_F_JOB_EVENTS` is set.
 //!
 //! A full ring buffer never blocks or fails anything: the event is counted
-//! in `JOB_STAT_DROPPED`, which the agent records. Kernel struct members
+//! in `JOB_STAT_DROPPED`, which the agent records. Forks and exits stop at
+//! three quarters full, leaving room for execs and connects. Kernel struct members
 //! come from `JOB_OFFSETS` (filled from BTF by the agent); without them the
 //! tracepoints send nothing.
 
 use aya_ebpf::{
+    bindings::BPF_RB_AVAIL_DATA,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
@@ -109,8 +111,19 @@ fn head(kind: u32, pid: u32, ppid: u32, cgroup_id: u64) -> JobEvent {
     }
 }
 
+/// Sends `event`. Forks and exits only while the ring buffer is less than
+/// three quarters full: a process storm (a fork bomb) then fills it with
+/// those alone up to that mark, and the rest stays for the execs and
+/// connects that say what the job did.
 #[inline(always)]
 fn send(event: JobEvent) {
+    if event.kind == JOB_EVENT_FORK || event.kind == JOB_EVENT_EXIT {
+        let pending = JOB_EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        if pending > (JOB_EVENTS_BYTES as u64 / 4) * 3 {
+            count(JOB_STAT_DROPPED);
+            return;
+        }
+    }
     match JOB_EVENTS.output::<JobEvent>(&event, 0) {
         Ok(()) => count(JOB_STAT_SENT),
         Err(_) => count(JOB_STAT_DROPPED),

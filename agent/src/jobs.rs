@@ -50,6 +50,11 @@ const QUIET_UNKNOWN_CGROUP: Duration = Duration::from_secs(30);
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// How deep below a governed cgroup a job's cgroup is looked for.
 const MAX_SEARCH_DEPTH: usize = 8;
+/// Job events are dropped (and counted) rather than queued while the
+/// recorder has this many events queued: a process storm in one job must
+/// never fill the queue that sessions' statements go through (a full
+/// queue fails sessions closed).
+const MAX_QUEUED_FOR_JOBS: u64 = 4096;
 
 struct OpenJob {
     record: JobRecord,
@@ -69,6 +74,8 @@ pub struct Jobs {
     open: Mutex<HashMap<u64, OpenJob>>,
     /// Kernel drops already marked in the recordings.
     dropped_marked: Mutex<u64>,
+    /// Events dropped here (recorder busy), not yet marked.
+    dropped_here: std::sync::atomic::AtomicU64,
     /// `CLOCK_BOOTTIME` to wall clock, in microseconds (kernel event times
     /// are boot-clock times).
     boot_to_unix_us: i128,
@@ -106,6 +113,7 @@ impl Jobs {
             targets,
             open: Mutex::new(HashMap::new()),
             dropped_marked: Mutex::new(0),
+            dropped_here: std::sync::atomic::AtomicU64::new(0),
             boot_to_unix_us: i128::from(unix_us_now()) - boot_us_now(),
         }
     }
@@ -212,6 +220,11 @@ impl Jobs {
 
     /// Records one kernel event in its job.
     pub fn record(&self, event: KernelJobEvent) {
+        if self.recorder.queued() >= MAX_QUEUED_FOR_JOBS {
+            self.dropped_here
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
         let at_unix_us = self.unix_us(event.boot_ns);
         let body = match event.what {
             JobActivity::Exec {
@@ -271,11 +284,15 @@ impl Jobs {
     /// Marks new kernel drops in every open job and closes the jobs whose
     /// cgroup is gone or empty and that have been quiet.
     pub fn sweep(&self) {
-        let dropped = self
+        let in_kernel = self
             .redirect
             .job_event_stats()
             .map(|s| s.dropped)
             .unwrap_or(0);
+        let here = self
+            .dropped_here
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let dropped = in_kernel.saturating_add(here);
         let mut open = lock(&self.open);
         {
             let mut marked = lock(&self.dropped_marked);
@@ -284,7 +301,8 @@ impl Jobs {
                 *marked = dropped;
                 tracing::warn!(
                     count,
-                    "the kernel dropped job events (its ring buffer was full)"
+                    in_kernel,
+                    "job events were dropped (the kernel's ring buffer or the recorder's queue was full)"
                 );
                 for job in open.values() {
                     self.recorder.emit(&SessionEvent::Job {

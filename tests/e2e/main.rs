@@ -12,6 +12,7 @@ mod endpoints;
 mod gate;
 mod hostile_local;
 mod identity_spoof;
+mod jobs;
 mod listener;
 mod masking;
 mod mysql;

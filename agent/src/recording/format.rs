@@ -298,9 +298,9 @@ pub enum Event {
     Connect(ConnectRecord),
     /// Job recordings: a governed session of the job opened.
     JobSession(JobSessionRecord),
-    /// Job recordings: the kernel dropped at least `count` process or
-    /// connect events (its ring buffer was full) before this point, for
-    /// any job of the agent.
+    /// Job recordings: at least `count` process or connect events were
+    /// dropped before this point, for any job of the agent (the kernel's
+    /// ring buffer was full, or the recorder's queue was busy).
     KernelEventsDropped {
         /// How many.
         count: u64,

@@ -204,7 +204,7 @@ pub fn job_event_line(event: &Event) -> Option<String> {
             x.pid.map(|p| format!(" by pid {p}")).unwrap_or_default()
         ),
         Event::KernelEventsDropped { count } => {
-            format!("{count} process events dropped by the kernel here (ring buffer full)")
+            format!("{count} process events dropped here (ring buffer or recorder queue full)")
         }
         _ => return None,
     })
