@@ -248,13 +248,18 @@ fn jobs_show_lists_a_scripts_commands_connects_statements_and_exits_in_order() {
 }
 
 /// A fork bomb that ends: each process starts two more and exits (retrying
-/// a fork the process limit refuses), until the file named by its argument
-/// exists.
+/// a fork the process limit refuses), until the file named by its first
+/// argument exists or the Unix time in its second has passed. It limits
+/// itself to 200 processes of its user (RLIMIT_NPROC, which root would
+/// ignore: it refuses to run as root).
 const FORK_BOMB: &str = r#"
-import os, sys, time
-stop = sys.argv[1]
+import os, resource, sys, time
+if os.getuid() == 0:
+    sys.exit("the fork bomb refuses to run as root")
+resource.setrlimit(resource.RLIMIT_NPROC, (200, 200))
+stop, deadline = sys.argv[1], float(sys.argv[2])
 made = 0
-while made < 2 and not os.path.exists(stop):
+while made < 2 and not os.path.exists(stop) and time.time() < deadline:
     try:
         pid = os.fork()
     except OSError:
@@ -279,10 +284,15 @@ fn a_fork_bomb_in_the_job_does_not_lose_the_psql_events() {
     // forks two more and exits, until the stop file appears.
     let base = format!("/tmp/tollgate-bomb-{}", std::process::id());
     let (stop, program) = (format!("{base}.stop"), format!("{base}.py"));
+    let deadline = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 20;
     let _ = std::fs::remove_file(&stop);
     std::fs::write(&program, FORK_BOMB).unwrap();
     let script = format!(
-        "setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'ulimit -u 200; exec python3 {program} {stop}' & sleep 1; {}; {}; touch {stop}; wait; exit 0",
+        "setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 {program} {stop} {deadline} & sleep 1; {}; {}; touch {stop}; wait; exit 0",
         setup.psql_line("select 4242"),
         setup.psql_line("drop table orders"),
     );
