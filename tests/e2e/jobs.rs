@@ -317,7 +317,7 @@ fn a_fork_bomb_in_the_job_does_not_lose_the_psql_events() {
         .map(|e| e["event"]["count"].as_u64().unwrap())
         .sum();
     eprintln!("the bomb: {forks} forks recorded, {dropped} events dropped");
-    assert!(forks > 200, "the bomb did run: {forks} forks");
+    assert!(forks >= 100, "the bomb did run: {forks} forks");
     let psql1 = position(entries, 0, "the first psql", |e| {
         is_exec_of(e, "psql", "select 4242")
     });
