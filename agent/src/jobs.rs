@@ -289,9 +289,7 @@ impl Jobs {
             .job_event_stats()
             .map(|s| s.dropped)
             .unwrap_or(0);
-        let here = self
-            .dropped_here
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let here = self.dropped_here.load(std::sync::atomic::Ordering::Relaxed);
         let dropped = in_kernel.saturating_add(here);
         let mut open = lock(&self.open);
         {

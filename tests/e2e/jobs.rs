@@ -76,7 +76,11 @@ impl Setup {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let out = self.agent().cli(&["jobs", "list", "--json"]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let jobs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
             if let Some(job) = jobs
                 .iter()
@@ -96,7 +100,11 @@ impl Setup {
 
     fn show(&self, job: &str) -> Value {
         let out = self.agent().cli(&["jobs", "show", job, "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
@@ -146,10 +154,17 @@ fn jobs_show_lists_a_scripts_commands_connects_statements_and_exits_in_order() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{stdout}");
-    assert!(stdout.contains("42") && stdout.contains("curl=7"), "{stdout}");
+    assert!(
+        stdout.contains("42") && stdout.contains("curl=7"),
+        "{stdout}"
+    );
 
     let job = setup.closed_job(2);
-    assert_eq!(job["commands"].as_u64(), Some(4), "sh, psql, psql, curl: {job}");
+    assert_eq!(
+        job["commands"].as_u64(),
+        Some(4),
+        "sh, psql, psql, curl: {job}"
+    );
     assert_eq!(job["connects_denied"].as_u64(), Some(1), "{job}");
     assert!(job["cgroup"].as_str().unwrap().contains("/exec-"), "{job}");
     let id = job["job"].as_str().unwrap().to_owned();
@@ -162,14 +177,22 @@ fn jobs_show_lists_a_scripts_commands_connects_statements_and_exits_in_order() {
         is_exec_of(e, "psql", "select 41 + 1")
     });
     let psql1_pid = entries[psql1]["event"]["pid"].clone();
-    assert_eq!(entries[psql1]["event"]["ppid"], sh_pid, "the shell ran psql");
+    assert_eq!(
+        entries[psql1]["event"]["ppid"], sh_pid,
+        "the shell ran psql"
+    );
     let redirected = position(entries, psql1, "psql's redirected connect", |e| {
         e["type"] == "connect" && e["pid"] == psql1_pid
     });
     assert_eq!(entries[redirected]["event"]["verdict"], "redirect");
     assert_eq!(entries[redirected]["event"]["target"], "remote-pg");
-    let session = position(entries, redirected, "the session", |e| e["type"] == "job_session");
-    let session_id = entries[session]["event"]["session"].as_str().unwrap().to_owned();
+    let session = position(entries, redirected, "the session", |e| {
+        e["type"] == "job_session"
+    });
+    let session_id = entries[session]["event"]["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let allowed = position(entries, session, "the allowed statement", |e| {
         e["type"] == "statement" && e["text"] == "select 41 + 1"
     });
@@ -195,7 +218,9 @@ fn jobs_show_lists_a_scripts_commands_connects_statements_and_exits_in_order() {
     });
     assert_eq!(entries[exit2]["event"]["exit_code"], 1);
 
-    let curl = position(entries, exit2, "curl", |e| is_exec_of(e, "curl", "192.0.2.10"));
+    let curl = position(entries, exit2, "curl", |e| {
+        is_exec_of(e, "curl", "192.0.2.10")
+    });
     let curl_pid = entries[curl]["event"]["pid"].clone();
     assert_eq!(entries[curl]["event"]["ppid"], sh_pid);
     let refused = position(entries, curl, "curl's connect", |e| {
@@ -203,9 +228,13 @@ fn jobs_show_lists_a_scripts_commands_connects_statements_and_exits_in_order() {
     });
     assert_eq!(entries[refused]["event"]["verdict"], "deny");
     assert_eq!(entries[refused]["event"]["destination"], "192.0.2.10:8080");
-    let curl_exit = position(entries, refused, "curl's exit", |e| is_exit_of(e, &curl_pid));
+    let curl_exit = position(entries, refused, "curl's exit", |e| {
+        is_exit_of(e, &curl_pid)
+    });
     assert_eq!(entries[curl_exit]["event"]["exit_code"], 7);
-    let sh_exit = position(entries, curl_exit, "the shell's exit", |e| is_exit_of(e, &sh_pid));
+    let sh_exit = position(entries, curl_exit, "the shell's exit", |e| {
+        is_exit_of(e, &sh_pid)
+    });
     assert_eq!(entries[sh_exit]["event"]["exit_code"], 3);
     // The environment is never recorded, only the argument vector.
     let text = serde_json::to_string(&timeline).unwrap();
@@ -215,7 +244,10 @@ fn jobs_show_lists_a_scripts_commands_connects_statements_and_exits_in_order() {
     let export = setup.agent().cli(&["recordings", "export", &session_id]);
     assert!(export.status.success());
     let header: Value = serde_json::from_str(
-        String::from_utf8_lossy(&export.stdout).lines().next().unwrap(),
+        String::from_utf8_lossy(&export.stdout)
+            .lines()
+            .next()
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(header["job"]["id"], id.as_str(), "{header}");

@@ -160,6 +160,47 @@ fn a_matching_statement_freezes_the_job_until_thawed_or_kills_the_process() {
     );
     let status = agent.cli(&["status"]);
     assert!(!String::from_utf8_lossy(&status.stdout).contains("Stopped by on_match"));
+    // The job's timeline shows the statement, the freeze and what ran
+    // after the thaw, in order.
+    let name = cgroup.rsplit('/').next().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let timeline = loop {
+        let out = agent.cli(&["jobs", "show", name, "--json"]);
+        if out.status.success() {
+            let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if t["complete"] == true {
+                break t;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job's recording did not close"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let kinds: Vec<&str> = timeline["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"]["type"].as_str().unwrap())
+        .collect();
+    let at = |kind: &str| {
+        kinds
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or_else(|| panic!("no {kind} in {kinds:?}"))
+    };
+    assert!(at("process_exec") < at("job_session"), "{kinds:?}");
+    assert!(at("job_session") < at("statement"), "{kinds:?}");
+    assert!(at("job_session") < at("intervention"), "{kinds:?}");
+    let exits_after = kinds[at("intervention")..]
+        .iter()
+        .filter(|k| **k == "process_exit")
+        .count();
+    assert_eq!(
+        exits_after, 3,
+        "psql, sh and tollgate exec ended after the thaw: {kinds:?}"
+    );
 
     // A read of secrets kills the psql that sent it; the job goes on.
     let out = exec_command(

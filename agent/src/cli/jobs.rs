@@ -202,10 +202,7 @@ struct Entry {
 
 fn timeline(dir: &Path, rec: &Recording) -> Result<Timeline, CliError> {
     let h = rec.header().ok_or_else(|| {
-        CliError::failed(format!(
-            "{} has no readable header",
-            rec.path.display()
-        ))
+        CliError::failed(format!("{} has no readable header", rec.path.display()))
     })?;
     if h.protocol != "job" {
         return Err(CliError::failed(format!(

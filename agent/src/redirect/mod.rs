@@ -54,8 +54,9 @@ use crate::identity::ConnectInstance;
 use serde::Serialize;
 use tollgate_common::{
     as_v4_mapped, v4_mapped, ConnectOrigin, OriginKey, RedirectConfig, TargetEntry,
-    CONFIG_F_DENY_UNLISTED, CONFIG_F_JOB_EVENTS, ORIGIN_ID_CAPTURED, ORIGIN_ID_READ_FAILED, STAT_CLOSED, STAT_COUNT,
-    STAT_DENIED, STAT_ERRORS, STAT_PASSED, STAT_PUBLISHED, STAT_REDIRECTED,
+    CONFIG_F_DENY_UNLISTED, CONFIG_F_JOB_EVENTS, ORIGIN_ID_CAPTURED, ORIGIN_ID_READ_FAILED,
+    STAT_CLOSED, STAT_COUNT, STAT_DENIED, STAT_ERRORS, STAT_PASSED, STAT_PUBLISHED,
+    STAT_REDIRECTED,
 };
 
 use crate::config::{Config, RedirectSettings, UnlistedPolicy};
