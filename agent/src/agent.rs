@@ -144,6 +144,9 @@ impl RunningAgent {
             ))),
             _ => None,
         };
+        if let Some(jobs) = &jobs {
+            metrics.set_jobs(jobs.clone());
+        }
         let shared = Arc::new(AgentState {
             handlers,
             permits: Arc::new(Semaphore::new(config.agent.max_connections)),

@@ -100,6 +100,9 @@ pub struct RedirectView {
     /// The cgroup root's protect programs, when `[protect]` is set.
     #[serde(default)]
     pub protect: Option<crate::redirect::protect::ProtectView>,
+    /// The job timeline (`None`: off).
+    #[serde(default)]
+    pub jobs: Option<crate::jobs::JobsView>,
 }
 
 /// A listener in the status report.
@@ -244,6 +247,7 @@ fn report(shared: &AgentState) -> StatusReport {
             pending_origins: r.pending_origins(),
             kernel: r.stats(),
             protect: r.protect.as_ref().map(|p| p.view()),
+            jobs: shared.jobs.as_ref().map(|j| j.view()),
         }),
         recording: Some(recording_view(shared)),
         held: crate::intervene::held(),

@@ -64,6 +64,33 @@ struct OpenJob {
     last_event: Instant,
 }
 
+/// The job timeline in `tollgate status`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct JobsView {
+    /// Jobs whose recording is open.
+    pub open: Vec<OpenJobView>,
+    /// Events the kernel sent.
+    pub events_sent: u64,
+    /// Events the kernel dropped (ring buffer full, or forks and exits past
+    /// three quarters full).
+    pub events_dropped_in_kernel: u64,
+    /// Events the agent dropped (its recorder queue busy).
+    pub events_dropped_by_agent: u64,
+    /// Kernel reads that failed (fields of an event left unset).
+    pub kernel_read_errors: u64,
+}
+
+/// An open job in [`JobsView`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct OpenJobView {
+    /// The job recording's id.
+    pub job: Uuid,
+    /// Its cgroup.
+    pub cgroup: String,
+    /// Seconds since it opened.
+    pub open_s: u64,
+}
+
 /// The open jobs, by cgroup id.
 pub struct Jobs {
     recorder: Arc<RecordingSink>,
@@ -123,12 +150,25 @@ impl Jobs {
         u64::try_from(us.max(0)).unwrap_or(u64::MAX)
     }
 
-    /// Jobs open now: (job record, seconds open).
-    pub fn open_jobs(&self) -> Vec<(JobRecord, u64)> {
-        lock(&self.open)
+    /// The timeline as `tollgate status` shows it.
+    pub fn view(&self) -> JobsView {
+        let mut open: Vec<OpenJobView> = lock(&self.open)
             .values()
-            .map(|j| (j.record.clone(), j.started.elapsed().as_secs()))
-            .collect()
+            .map(|j| OpenJobView {
+                job: j.record.id,
+                cgroup: j.record.cgroup.clone(),
+                open_s: j.started.elapsed().as_secs(),
+            })
+            .collect();
+        open.sort_by_key(|j| j.job);
+        let kernel = self.redirect.job_event_stats().unwrap_or_default();
+        JobsView {
+            open,
+            events_sent: kernel.sent,
+            events_dropped_in_kernel: kernel.dropped,
+            events_dropped_by_agent: self.dropped_here.load(std::sync::atomic::Ordering::Relaxed),
+            kernel_read_errors: kernel.read_errors,
+        }
     }
 
     /// The job of cgroup `cgroup_id`, opened (its recording started) when

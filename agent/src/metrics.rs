@@ -68,6 +68,7 @@ pub struct Metrics {
     pub origin_misses: AtomicU64,
     /// The redirect, whose kernel counters are rendered too.
     redirect: std::sync::OnceLock<Arc<crate::redirect::Redirect>>,
+    jobs: std::sync::OnceLock<Arc<crate::jobs::Jobs>>,
     /// Connections refused because recording failed (fail closed).
     pub sessions_refused_recording: AtomicU64,
     /// Recordings removed by retention.
@@ -208,6 +209,11 @@ impl Metrics {
             .ok()
             .and_then(|r| r.ended.get(outcome).copied())
             .unwrap_or(0)
+    }
+
+    /// Reports the job timeline's counters.
+    pub fn set_jobs(&self, jobs: Arc<crate::jobs::Jobs>) {
+        let _ = self.jobs.set(jobs);
     }
 
     /// Adds the redirect's kernel counters to the rendered metrics.
@@ -405,6 +411,25 @@ impl Metrics {
             );
             if let Some(p) = &r.protect {
                 self.render_protect(&mut out, &p.stats());
+            }
+            if let Some(jobs) = self.jobs.get() {
+                let v = jobs.view();
+                let _ = writeln!(out, "# HELP tollgate_job_events_total Process and connect events of governed jobs, by outcome.\n# TYPE tollgate_job_events_total counter");
+                for (outcome, n) in [
+                    ("sent", v.events_sent),
+                    ("dropped_in_kernel", v.events_dropped_in_kernel),
+                    ("dropped_by_agent", v.events_dropped_by_agent),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "tollgate_job_events_total{{outcome=\"{outcome}\"}} {n}"
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "# HELP tollgate_jobs_open Job recordings open now.\n# TYPE tollgate_jobs_open gauge\ntollgate_jobs_open {}",
+                    v.open.len()
+                );
             }
         }
         let _ = writeln!(

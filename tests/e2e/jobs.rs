@@ -19,6 +19,7 @@ kinds = ["drop"]
 /// test address as its one target; removed on drop.
 struct Setup {
     agent: Option<Agent>,
+    metrics_port: u16,
     config: std::path::PathBuf,
     pg: Postgres,
     addrs: TestAddresses,
@@ -39,8 +40,9 @@ impl Setup {
         psql(pg.port, "CREATE TABLE orders (id int)").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let policy = policy_file(POLICY);
+        let metrics_port = free_port();
         let agent = Agent::start(&format!(
-            "[agent]\n{}\n\n{}\n[[target]]\nname = \"remote-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n",
+            "[agent]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n{}\n\n{}\n[[target]]\nname = \"remote-pg\"\naddress = \"{}\"\nports = [{}]\nprotocol = \"postgres\"\n",
             policy.line,
             redirect_section(dir.path(), "deny"),
             addrs.v4,
@@ -50,6 +52,7 @@ impl Setup {
         std::fs::copy(&agent.config, &keep).unwrap();
         Setup {
             agent: Some(agent),
+            metrics_port,
             config: keep,
             pg,
             addrs,
@@ -262,6 +265,18 @@ fn jobs_show_lists_a_scripts_commands_connects_statements_and_exits_in_order() {
     let sessions = setup.agent().cli(&["recordings", "list", "--json"]);
     let sessions: Vec<Value> = serde_json::from_slice(&sessions.stdout).unwrap();
     assert_eq!(sessions.len(), 2, "{sessions:?}");
+
+    // Status and metrics count the events; nothing was dropped.
+    let status = setup.agent().status().unwrap();
+    let jobs = &status["redirect"]["jobs"];
+    assert!(jobs["events_sent"].as_u64().unwrap() >= 12, "{jobs}");
+    assert_eq!(jobs["events_dropped_in_kernel"], 0, "{jobs}");
+    let metrics = crate::listener::http_get(setup.metrics_port, "/metrics");
+    assert!(
+        metrics.contains("tollgate_job_events_total{outcome=\"dropped_in_kernel\"} 0")
+            && metrics.contains("tollgate_jobs_open "),
+        "{metrics}"
+    );
 
     // The text form, as a responder reads it, by the job's cgroup name.
     let cgroup_name = job["cgroup"].as_str().unwrap().rsplit('/').next().unwrap();

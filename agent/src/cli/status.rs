@@ -103,6 +103,38 @@ pub fn print_status(report: &StatusReport) -> String {
                     "  warning: {path} is not governed as configured: {why}; its pins were removed or its programs detached behind the agent's back; restart the agent to attach again"
                 );
             }
+            match &r.jobs {
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "\nJob timeline: off (redirect.job_timeline = false, or the kernel lacks what it needs: see the agent's log)"
+                    );
+                }
+                Some(j) => {
+                    let _ = writeln!(
+                        out,
+                        "\nJob timeline: {} jobs open; {} kernel events, {} dropped in the kernel, {} by the agent (tollgate jobs list)",
+                        j.open.len(),
+                        j.events_sent,
+                        j.events_dropped_in_kernel,
+                        j.events_dropped_by_agent
+                    );
+                    let rows: Vec<Vec<String>> = j
+                        .open
+                        .iter()
+                        .map(|o| {
+                            vec![
+                                o.job.to_string(),
+                                o.cgroup.clone(),
+                                format!("{}s", o.open_s),
+                            ]
+                        })
+                        .collect();
+                    if !rows.is_empty() {
+                        table(&mut out, &["JOB", "CGROUP", "OPEN"], &rows);
+                    }
+                }
+            }
             match &r.protect {
                 None => {
                     let _ = writeln!(out, "\nProtect: off (no [protect] section)");
