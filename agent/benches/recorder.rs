@@ -60,6 +60,7 @@ fn info() -> Arc<SessionInfo> {
             ..ProcessIdentity::default()
         },
         kernel: None,
+        job: None,
     })
 }
 

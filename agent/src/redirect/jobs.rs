@@ -281,7 +281,7 @@ fn split_args(bytes: &[u8]) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
     use tollgate_common::{JOB_ARGS_BYTES, JOB_FILENAME_BYTES};

@@ -413,7 +413,6 @@ impl Redirect {
                 &entries,
                 &settings.resolvers,
                 &cgroups,
-                settings.job_timeline,
             )?);
         }
         // After the governed cgroups have their programs: in deny mode a
@@ -899,8 +898,8 @@ impl Instance {
         entries: &[targets::TrieEntry],
         resolvers: &[IpAddr],
         cgroups: &[&PathBuf],
-        job_timeline: bool,
     ) -> Result<Instance, RedirectError> {
+        let job_timeline = config_value.flags & CONFIG_F_JOB_EVENTS != 0;
         let maps_dir = dir.join("maps");
         pins::ensure_secure_dirs(pin_root, &maps_dir, pins::Owner::agent())?;
         task_identity::check_pinned_origin_layout(&maps_dir)?;
