@@ -213,6 +213,10 @@ fn timeline(dir: &Path, rec: &Recording) -> Result<Timeline, CliError> {
     let start_us = h.started_at_unix_ms.saturating_mul(1000);
     let mut entries = Vec::new();
     let mut missing = Vec::new();
+    // Events without a time of their own (a drop marker, the close) keep
+    // their place in the recording: never before the event recorded ahead
+    // of them (the header's start is only to the millisecond).
+    let mut last_at = 0;
     for e in rec.events() {
         let at = match &e.event {
             Event::ProcessExec(x) => x.at_unix_us,
@@ -220,8 +224,9 @@ fn timeline(dir: &Path, rec: &Recording) -> Result<Timeline, CliError> {
             Event::ProcessExit(x) => x.at_unix_us,
             Event::Connect(x) => x.at_unix_us,
             Event::JobSession(x) => x.at_unix_us,
-            _ => start_us.saturating_add(e.t_us),
+            _ => start_us.saturating_add(e.t_us).max(last_at),
         };
+        last_at = at;
         if let Event::JobSession(s) = &e.event {
             match session_statements(dir, s.session, s.at_unix_us) {
                 Ok(mut statements) => entries.append(&mut statements),
@@ -349,5 +354,220 @@ fn one_line(text: &str) -> String {
         format!("{cut}…")
     } else {
         flat
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::config::Protocol;
+    use crate::events::{
+        Arrival, CloseReason, EventSink, SessionEvent, SessionInfo, StatementEvent,
+    };
+    use crate::identity::ProcessIdentity;
+    use crate::policy::Action;
+    use crate::recording::format::{
+        ConnectRecord, JobSessionRecord, ProcessExecRecord, ProcessExitRecord,
+    };
+    use crate::recording::{Recorder, RecorderSettings};
+
+    fn info(id: Uuid, arrival: Arrival, target: &str, job: &JobRecord) -> Arc<SessionInfo> {
+        let unspecified: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        Arc::new(SessionInfo {
+            id,
+            started_at: SystemTime::now(),
+            arrival,
+            local: unspecified,
+            client: unspecified,
+            target: target.to_string(),
+            protocol: Protocol::Postgres,
+            upstream: job.cgroup.clone(),
+            identity: ProcessIdentity {
+                pid: Some(100),
+                ..ProcessIdentity::default()
+            },
+            kernel: None,
+            job: Some(job.clone()),
+        })
+    }
+
+    fn job_event(job: Uuid, event: Event) -> SessionEvent {
+        SessionEvent::Job {
+            session: job,
+            record: Box::new(event),
+        }
+    }
+
+    fn closed(session: Uuid) -> SessionEvent {
+        SessionEvent::Closed {
+            session,
+            bytes_from_client: 0,
+            bytes_from_upstream: 0,
+            duration: Duration::from_millis(5),
+            reason: CloseReason::Completed,
+        }
+    }
+
+    /// A job that runs psql, whose session sends a refused statement, and
+    /// a connect the redirect denied: two recordings linked both ways.
+    fn record_job(dir: &Path) -> (Uuid, Uuid) {
+        let (sink, handle) = Recorder::start(RecorderSettings::new(dir)).unwrap();
+        let job = JobRecord {
+            id: Uuid::now_v7(),
+            cgroup: "tollgate.exec/exec-100-0".to_string(),
+            cgroup_id: 77,
+        };
+        let session = Uuid::now_v7();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
+        sink.emit(&SessionEvent::Started(info(
+            job.id,
+            Arrival::Job,
+            "exec-100-0",
+            &job,
+        )));
+        sink.emit(&job_event(
+            job.id,
+            Event::ProcessExec(ProcessExecRecord {
+                at_unix_us: now,
+                pid: 101,
+                ppid: 100,
+                uid: 0,
+                exe: "/usr/bin/psql".into(),
+                args: vec!["psql".into(), "-c".into(), "drop table t".into()],
+                args_truncated: false,
+            }),
+        ));
+        sink.emit(&job_event(
+            job.id,
+            Event::JobSession(JobSessionRecord {
+                at_unix_us: now + 1000,
+                session,
+                target: "db".into(),
+                pid: Some(101),
+            }),
+        ));
+        sink.emit(&SessionEvent::Started(info(
+            session,
+            Arrival::Redirect,
+            "db",
+            &job,
+        )));
+        sink.emit(&SessionEvent::Statement(Arc::new(StatementEvent {
+            session,
+            text: "drop   table\n t".into(),
+            command: "DROP TABLE".into(),
+            kind: None,
+            fingerprint: None,
+            action: Action::Deny,
+            refused: true,
+            rule: Some("no-drop".into()),
+            rules: vec!["no-drop".into()],
+            reason: "denied".into(),
+        })));
+        sink.emit(&closed(session));
+        sink.emit(&job_event(
+            job.id,
+            Event::Connect(ConnectRecord {
+                // Later than anything the session recorded.
+                at_unix_us: now + 10_000_000,
+                pid: 101,
+                comm: "psql".into(),
+                destination: "192.0.2.1:443".parse().unwrap(),
+                verdict: "deny".into(),
+                target: None,
+            }),
+        ));
+        sink.emit(&job_event(
+            job.id,
+            Event::ProcessExit(ProcessExitRecord {
+                at_unix_us: now + 10_000_001,
+                pid: 101,
+                comm: "psql".into(),
+                exit_code: Some(1),
+                signal: None,
+            }),
+        ));
+        sink.emit(&closed(job.id));
+        assert_eq!(handle.shutdown().lost, 0);
+        (job.id, session)
+    }
+
+    #[test]
+    fn a_jobs_timeline_merges_its_sessions_statements_in_time_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (job, session) = record_job(tmp.path());
+        let by_cgroup = find_job(tmp.path(), "exec-100-0").unwrap();
+        assert_eq!(find_job(tmp.path(), &job.to_string()).unwrap(), by_cgroup);
+        assert_eq!(
+            find_job(tmp.path(), "/tollgate.exec/exec-100-0").unwrap(),
+            by_cgroup
+        );
+        assert!(find_job(tmp.path(), "exec-999-0").is_err());
+        // A session recording is not a job's.
+        let session_file = recording::locate(tmp.path(), session).unwrap();
+        let not_a_job = recording::read_recording(&session_file).unwrap();
+        assert!(timeline(tmp.path(), &not_a_job).is_err());
+
+        let rec = recording::read_recording(&by_cgroup).unwrap();
+        let t = timeline(tmp.path(), &rec).unwrap();
+        assert!(t.complete);
+        assert!(t.missing_sessions.is_empty());
+        let kinds: Vec<&str> = t
+            .entries
+            .iter()
+            .map(|e| match &e.event {
+                Event::ProcessExec(_) => "exec",
+                Event::JobSession(_) => "session",
+                Event::Statement(_) => "statement",
+                Event::Closed { .. } if e.session.is_some() => "session closed",
+                Event::Closed { .. } => "job closed",
+                Event::Connect(_) => "connect",
+                Event::ProcessExit(_) => "exit",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "exec",
+                "session",
+                "statement",
+                "session closed",
+                "connect",
+                "exit",
+                "job closed"
+            ]
+        );
+        let statement = t
+            .entries
+            .iter()
+            .find(|e| matches!(e.event, Event::Statement(_)))
+            .unwrap();
+        assert_eq!(statement.session, Some(session));
+
+        let summary = JobSummary::of(&by_cgroup, None);
+        assert_eq!(summary.job, Some(job));
+        assert_eq!(
+            (
+                summary.commands,
+                summary.sessions,
+                summary.connects_denied,
+                summary.exits_failed
+            ),
+            (1, 1, 1, 1)
+        );
+        assert!(summary.complete);
+        // Job recordings verify like session recordings.
+        let report = recording::verify(&by_cgroup);
+        assert!(report.complete && report.problem.is_none(), "{report:?}");
     }
 }
