@@ -297,6 +297,10 @@ fn redirect_section_defaults_and_errors() {
     assert_eq!(r.port, 15000);
     assert_eq!(r.pin_dir, Path::new("/sys/fs/bpf/tollgate"));
     assert_eq!(r.exec_unlisted, UnlistedPolicy::Pass);
+    assert!(r.job_timeline, "the job timeline is on by default");
+    let off = parse("[redirect]\njob_timeline = false\n").unwrap();
+    assert!(!off.redirect.unwrap().job_timeline);
+    assert!(parse("[redirect]\njob_timeline = \"no\"\n").is_err());
     assert!(
         parse("").unwrap().redirect.is_none(),
         "no section, no redirect"
