@@ -1,24 +1,32 @@
-//! The job timeline: what the processes of each governed cgroup did, in
-//! one job recording per cgroup.
+//! The job timeline: what the processes of each governed job did, in one
+//! job recording per job.
 //!
 //! The redirect's process tracepoints and connect hooks send events of
 //! governed processes through a ring buffer (`redirect::jobs`). [`watch`]
 //! reads them and hands each to [`Jobs`], which keeps one open job per
-//! cgroup id: the first event of a cgroup opens its job recording (same
-//! format as session recordings, `arrival` "job"), later ones are appended,
-//! and a job closes once its cgroup is gone or empty and quiet. A governed
-//! session opened from the cgroup is linked both ways: its recording's
-//! header names the job, and the job recording gets a `job_session` event
-//! naming the session.
+//! cgroup and CI job: a process belongs to its cgroup's job, until a CI
+//! runner (a process the identity module recognises as one, such as
+//! GitHub's `Runner.Worker`) starts it: from there it and its descendants
+//! belong to the CI job its environment names (read as the identity reads
+//! a runner's child, so the job cannot forge it). So a runner service's
+//! one governed cgroup gives one job recording per CI job, and a
+//! `tollgate exec` command one in all. The first event of a job opens its
+//! recording (same format as session recordings, `arrival` "job"), later
+//! ones are appended. A CI job closes once its last process has exited and
+//! it has been quiet; a cgroup's job once its cgroup is gone or empty and
+//! quiet. A governed session is linked both ways: its recording's header
+//! names the job of the process that opened it, and the job recording gets
+//! a `job_session` event naming the session.
 //!
 //! Events reach the recorder directly, not the log or the metrics: a job
-//! that runs thousands of commands must not flood either. Events the kernel
-//! dropped (ring buffer full) are counted there and marked in every open
-//! job recording by a `kernel_events_dropped` record.
+//! that runs thousands of commands must not flood either. Events dropped
+//! (the kernel's ring full, the recorder busy) are counted and marked in
+//! every open job recording by a `kernel_events_dropped` record.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,18 +38,19 @@ use uuid::Uuid;
 
 use crate::config::Protocol;
 use crate::events::{Arrival, CloseReason, EventSink, SessionEvent, SessionInfo};
-use crate::identity::IdentityResolver;
+use crate::identity::{CiContext, CiProvider, IdentityResolver};
 use crate::recording::format::{
     ConnectRecord, JobRecord, JobSessionRecord, ProcessExecRecord, ProcessExitRecord,
     ProcessForkRecord,
 };
 use crate::recording::{Event, RecordingSink};
-use crate::redirect::jobs::{decode, JobActivity, KernelJobEvent};
+use crate::redirect::jobs::{decode, JobActivity, JobEventStats, KernelJobEvent};
 use crate::redirect::Redirect;
 
-/// A job whose cgroup is gone or empty closes once it has been quiet this
-/// long: its last exit is sent before the cgroup empties, and the reader
-/// is at most a wake-up behind the kernel.
+/// A job whose cgroup is gone or empty, or a CI job whose processes have
+/// all exited, closes once it has been quiet this long: its last exit is
+/// sent before the cgroup empties, and the reader is at most a poll behind
+/// the kernel.
 const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(300);
 /// A job whose cgroup could not be found closes after this long without
 /// events.
@@ -59,13 +68,78 @@ const MAX_SEARCH_DEPTH: usize = 8;
 /// never fill the queue that sessions' statements go through (a full
 /// queue fails sessions closed).
 const MAX_QUEUED_FOR_JOBS: u64 = 4096;
+/// Processes followed at most; past this the oldest jobs' processes are
+/// forgotten (their later events go to their cgroup's job).
+const MAX_TRACKED_PROCESSES: usize = 65536;
+
+/// What the timeline needs from the redirect (a trait, so its rules can be
+/// tested without loading programs).
+pub trait JobSource: Send + Sync {
+    /// The directory of governed cgroup `id`, if it can be found.
+    fn cgroup_path(&self, id: u64) -> Option<PathBuf>;
+    /// The kernel's counters of job events.
+    fn kernel_stats(&self) -> JobEventStats;
+}
+
+impl JobSource for Redirect {
+    fn cgroup_path(&self, id: u64) -> Option<PathBuf> {
+        Redirect::cgroup_path(self, id, MAX_SEARCH_DEPTH)
+    }
+    fn kernel_stats(&self) -> JobEventStats {
+        self.job_event_stats().unwrap_or_default()
+    }
+}
+
+/// A job: a cgroup, and within it the CI job a runner started (`None`:
+/// the cgroup's own job).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct JobKey {
+    cgroup_id: u64,
+    ci: Option<String>,
+}
+
+impl JobKey {
+    fn of_cgroup(cgroup_id: u64) -> JobKey {
+        JobKey {
+            cgroup_id,
+            ci: None,
+        }
+    }
+}
+
+/// What tells CI jobs apart: provider, repository, run and job.
+fn ci_key(ctx: &CiContext) -> String {
+    format!(
+        "{}:{}:{}:{}",
+        ctx.provider.as_str(),
+        ctx.repository.as_deref().unwrap_or("?"),
+        ctx.run_id.as_deref().unwrap_or("?"),
+        ctx.job.as_deref().unwrap_or("?")
+    )
+}
 
 struct OpenJob {
     record: JobRecord,
     started: Instant,
-    /// Its directory, when found.
+    /// Its cgroup's directory, when found.
     path: Option<PathBuf>,
     last_event: Instant,
+    /// Its processes seen alive (forked or exec'd and not yet exited).
+    live: HashSet<u32>,
+}
+
+/// A process the timeline follows.
+struct Tracked {
+    job: JobKey,
+    /// The CI runner it is, if it is one: the processes it starts begin a
+    /// CI job.
+    runner: Option<CiProvider>,
+}
+
+#[derive(Default)]
+struct State {
+    open: HashMap<JobKey, OpenJob>,
+    processes: HashMap<u32, Tracked>,
 }
 
 /// The job timeline in `tollgate status`.
@@ -91,22 +165,25 @@ pub struct OpenJobView {
     pub job: Uuid,
     /// Its cgroup.
     pub cgroup: String,
+    /// The CI job, for a job a runner started.
+    #[serde(default)]
+    pub ci: Option<String>,
     /// Seconds since it opened.
     pub open_s: u64,
 }
 
-/// The open jobs, by cgroup id.
+/// The open jobs and the processes followed.
 pub struct Jobs {
     recorder: Arc<RecordingSink>,
-    redirect: Arc<Redirect>,
+    source: Arc<dyn JobSource>,
     identity: Arc<IdentityResolver>,
     /// Target names by configured index, for connect verdicts.
     targets: Vec<String>,
-    open: Mutex<HashMap<u64, OpenJob>>,
-    /// Kernel drops already marked in the recordings.
+    state: Mutex<State>,
+    /// Drops already marked in the recordings.
     dropped_marked: Mutex<u64>,
-    /// Events dropped here (recorder busy), not yet marked.
-    dropped_here: std::sync::atomic::AtomicU64,
+    /// Events dropped here (recorder busy).
+    dropped_here: AtomicU64,
     /// `CLOCK_BOOTTIME` to wall clock, in microseconds (kernel event times
     /// are boot-clock times).
     boot_to_unix_us: i128,
@@ -130,21 +207,21 @@ fn boot_us_now() -> i128 {
 }
 
 impl Jobs {
-    /// Jobs recorded to `recorder`, for the cgroups `redirect` governs.
+    /// Jobs recorded to `recorder`, for the cgroups `source` governs.
     pub fn new(
         recorder: Arc<RecordingSink>,
-        redirect: Arc<Redirect>,
+        source: Arc<dyn JobSource>,
         identity: Arc<IdentityResolver>,
         targets: Vec<String>,
     ) -> Jobs {
         Jobs {
             recorder,
-            redirect,
+            source,
             identity,
             targets,
-            open: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
             dropped_marked: Mutex::new(0),
-            dropped_here: std::sync::atomic::AtomicU64::new(0),
+            dropped_here: AtomicU64::new(0),
             boot_to_unix_us: i128::from(unix_us_now()) - boot_us_now(),
         }
     }
@@ -156,53 +233,53 @@ impl Jobs {
 
     /// The timeline as `tollgate status` shows it.
     pub fn view(&self) -> JobsView {
-        let mut open: Vec<OpenJobView> = lock(&self.open)
-            .values()
-            .map(|j| OpenJobView {
+        let mut open: Vec<OpenJobView> = lock(&self.state)
+            .open
+            .iter()
+            .map(|(key, j)| OpenJobView {
                 job: j.record.id,
                 cgroup: j.record.cgroup.clone(),
+                ci: key.ci.clone(),
                 open_s: j.started.elapsed().as_secs(),
             })
             .collect();
         open.sort_by_key(|j| j.job);
-        let kernel = self.redirect.job_event_stats().unwrap_or_default();
+        let kernel = self.source.kernel_stats();
         JobsView {
             open,
             events_sent: kernel.sent,
             events_dropped_in_kernel: kernel.dropped,
-            events_dropped_by_agent: self.dropped_here.load(std::sync::atomic::Ordering::Relaxed),
+            events_dropped_by_agent: self.dropped_here.load(Ordering::Relaxed),
             kernel_read_errors: kernel.read_errors,
         }
     }
 
-    /// The job of cgroup `cgroup_id`, opened (its recording started) when
-    /// it is not yet. `pid` describes the job in the recording's header.
-    fn job_for(&self, open: &mut HashMap<u64, OpenJob>, cgroup_id: u64, pid: u32) -> JobRecord {
-        if let Some(job) = open.get_mut(&cgroup_id) {
+    /// The job `key`, opened (its recording started) when it is not yet.
+    /// `pid` describes the job in the recording's header.
+    fn job_for(&self, open: &mut HashMap<JobKey, OpenJob>, key: &JobKey, pid: u32) -> JobRecord {
+        if let Some(job) = open.get_mut(key) {
             job.last_event = Instant::now();
             return job.record.clone();
         }
-        let path = self.find_cgroup(cgroup_id);
+        let path = self.source.cgroup_path(key.cgroup_id);
         let cgroup = path
             .as_deref()
-            .map(|p| {
-                p.strip_prefix(&self.redirect.cgroup_root)
-                    .unwrap_or(p)
-                    .display()
-                    .to_string()
-            })
+            .map(|p| cgroup_name(p).to_string())
             .unwrap_or_default();
         let record = JobRecord {
             id: Uuid::now_v7(),
             cgroup: cgroup.clone(),
-            cgroup_id,
+            cgroup_id: key.cgroup_id,
         };
         let (identity, _) = self.identity.describe_process_deferred(pid);
-        let name = path
+        let mut name = path
             .as_deref()
             .and_then(Path::file_name)
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| format!("cgroup-{cgroup_id}"));
+            .unwrap_or_else(|| format!("cgroup-{}", key.cgroup_id));
+        if let Some(ci) = &key.ci {
+            name = format!("{name} {ci}");
+        }
         let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
         let info = SessionInfo {
             id: record.id,
@@ -217,30 +294,25 @@ impl Jobs {
             kernel: None,
             job: Some(record.clone()),
         };
-        tracing::info!(job = %record.id, cgroup = %record.cgroup, cgroup_id, "job recording opened");
+        tracing::info!(job = %record.id, cgroup = %record.cgroup, cgroup_id = key.cgroup_id,
+            ci_job = key.ci.as_deref(), "job recording opened");
         self.recorder.emit(&SessionEvent::Started(Arc::new(info)));
         open.insert(
-            cgroup_id,
+            key.clone(),
             OpenJob {
                 record: record.clone(),
                 started: Instant::now(),
                 path,
                 last_event: Instant::now(),
+                live: HashSet::new(),
             },
         );
         record
     }
 
-    /// The directory of cgroup `id`, looked for below the governed cgroups.
-    fn find_cgroup(&self, id: u64) -> Option<PathBuf> {
-        self.redirect
-            .attached()
-            .iter()
-            .find_map(|a| find_by_id(&a.path, id, MAX_SEARCH_DEPTH))
-    }
-
     /// A governed session opened from cgroup `cgroup_id` by `pid`: recorded
-    /// in the job, whose record is returned for the session's header.
+    /// in that process's job, whose record is returned for the session's
+    /// header.
     pub fn session_opened(
         &self,
         cgroup_id: u64,
@@ -248,8 +320,9 @@ impl Jobs {
         target: &str,
         pid: u32,
     ) -> Option<JobRecord> {
-        let mut open = lock(&self.open);
-        let record = self.job_for(&mut open, cgroup_id, pid);
+        let mut state = lock(&self.state);
+        let key = job_of(&state, pid, cgroup_id);
+        let record = self.job_for(&mut state.open, &key, pid);
         self.recorder.emit(&SessionEvent::Job {
             session: record.id,
             record: Box::new(Event::JobSession(JobSessionRecord {
@@ -265,11 +338,13 @@ impl Jobs {
     /// Records one kernel event in its job.
     pub fn record(&self, event: KernelJobEvent) {
         if self.recorder.queued() >= MAX_QUEUED_FOR_JOBS {
-            self.dropped_here
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.dropped_here.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let at_unix_us = self.unix_us(event.boot_ns);
+        let pid = event.pid;
+        let mut state = lock(&self.state);
+        let key = self.follow(&mut state, &event);
         let body = match event.what {
             JobActivity::Exec {
                 ppid,
@@ -278,7 +353,7 @@ impl Jobs {
                 args_truncated,
             } => Event::ProcessExec(ProcessExecRecord {
                 at_unix_us,
-                pid: event.pid,
+                pid,
                 ppid,
                 uid: event.uid,
                 exe: filename,
@@ -287,7 +362,7 @@ impl Jobs {
             }),
             JobActivity::Fork { ppid } => Event::ProcessFork(ProcessForkRecord {
                 at_unix_us,
-                pid: event.pid,
+                pid,
                 ppid,
                 uid: event.uid,
                 comm: event.comm,
@@ -296,7 +371,7 @@ impl Jobs {
                 let (exit_code, signal) = wait_status(status);
                 Event::ProcessExit(ProcessExitRecord {
                     at_unix_us,
-                    pid: event.pid,
+                    pid,
                     comm: event.comm,
                     exit_code,
                     signal,
@@ -308,7 +383,7 @@ impl Jobs {
                 target_index,
             } => Event::Connect(ConnectRecord {
                 at_unix_us,
-                pid: event.pid,
+                pid,
                 comm: event.comm,
                 destination,
                 verdict: verdict.to_string(),
@@ -317,25 +392,86 @@ impl Jobs {
                     .cloned(),
             }),
         };
-        let mut open = lock(&self.open);
-        let record = self.job_for(&mut open, event.cgroup_id, event.pid);
+        let exited = matches!(body, Event::ProcessExit(_));
+        let record = self.job_for(&mut state.open, &key, pid);
+        if let Some(job) = state.open.get_mut(&key) {
+            if exited {
+                job.live.remove(&pid);
+            } else if !matches!(body, Event::Connect(_)) {
+                job.live.insert(pid);
+            }
+        }
         self.recorder.emit(&SessionEvent::Job {
             session: record.id,
             record: Box::new(body),
         });
     }
 
-    /// Marks new kernel drops in every open job and closes the jobs whose
-    /// cgroup is gone or empty and that have been quiet.
+    /// The job `event` belongs to, following processes: a fork's child
+    /// joins its parent's job, a program a CI runner starts begins the CI
+    /// job its environment names, an exit ends the following.
+    fn follow(&self, state: &mut State, event: &KernelJobEvent) -> JobKey {
+        let pid = event.pid;
+        match &event.what {
+            JobActivity::Fork { ppid } => {
+                let key = job_of(state, *ppid, event.cgroup_id);
+                track(state, pid, key.clone(), None);
+                key
+            }
+            JobActivity::Exec {
+                ppid,
+                filename,
+                args,
+                ..
+            } => {
+                let started_by_runner = state
+                    .processes
+                    .get(ppid)
+                    .and_then(|parent| parent.runner)
+                    .filter(|_| {
+                        // A runner's own re-exec stays in the runner's job.
+                        state
+                            .processes
+                            .get(&pid)
+                            .is_none_or(|me| me.runner.is_none())
+                    });
+                let key = match started_by_runner {
+                    Some(provider) => {
+                        let ctx = self.identity.runner_child_ci(pid, provider, *ppid);
+                        JobKey {
+                            cgroup_id: event.cgroup_id,
+                            ci: Some(ci_key(&ctx)),
+                        }
+                    }
+                    None => job_of(state, pid, event.cgroup_id),
+                };
+                // Moving to a CI job: no longer alive in the one it left.
+                if let Some(old) = state.processes.get(&pid).map(|t| t.job.clone()) {
+                    if old != key {
+                        if let Some(job) = state.open.get_mut(&old) {
+                            job.live.remove(&pid);
+                        }
+                    }
+                }
+                let runner = crate::identity::runner_of(filename, args);
+                track(state, pid, key.clone(), runner);
+                key
+            }
+            JobActivity::Exit { .. } => {
+                let key = job_of(state, pid, event.cgroup_id);
+                state.processes.remove(&pid);
+                key
+            }
+            JobActivity::Connect { .. } => job_of(state, pid, event.cgroup_id),
+        }
+    }
+
+    /// Marks new drops in every open job and closes the jobs that ended.
     pub fn sweep(&self) {
-        let in_kernel = self
-            .redirect
-            .job_event_stats()
-            .map(|s| s.dropped)
-            .unwrap_or(0);
-        let here = self.dropped_here.load(std::sync::atomic::Ordering::Relaxed);
+        let in_kernel = self.source.kernel_stats().dropped;
+        let here = self.dropped_here.load(Ordering::Relaxed);
         let dropped = in_kernel.saturating_add(here);
-        let mut open = lock(&self.open);
+        let mut state = lock(&self.state);
         {
             let mut marked = lock(&self.dropped_marked);
             if dropped > *marked {
@@ -346,7 +482,7 @@ impl Jobs {
                     in_kernel,
                     "job events were dropped (the kernel's ring buffer or the recorder's queue was full)"
                 );
-                for job in open.values() {
+                for job in state.open.values() {
                     self.recorder.emit(&SessionEvent::Job {
                         session: job.record.id,
                         record: Box::new(Event::KernelEventsDropped { count }),
@@ -354,22 +490,15 @@ impl Jobs {
                 }
             }
         }
-        let ended: Vec<u64> = open
+        let ended: Vec<JobKey> = state
+            .open
             .iter()
-            .filter(|(_, job)| {
-                let quiet = job.last_event.elapsed();
-                match &job.path {
-                    Some(path) => {
-                        quiet >= QUIET_BEFORE_CLOSE
-                            && (!path.exists() || !crate::redirect::cgroup::populated(path))
-                    }
-                    None => quiet >= QUIET_UNKNOWN_CGROUP,
-                }
-            })
-            .map(|(id, _)| *id)
+            .filter(|(key, job)| ended(key, job))
+            .map(|(key, _)| key.clone())
             .collect();
-        for id in ended {
-            if let Some(job) = open.remove(&id) {
+        for key in ended {
+            if let Some(job) = state.open.remove(&key) {
+                state.processes.retain(|_, t| t.job != key);
                 self.close(&job);
             }
         }
@@ -385,6 +514,63 @@ impl Jobs {
             reason: CloseReason::Completed,
         });
     }
+
+    /// Closes every open job (the agent is stopping).
+    fn close_all(&self) {
+        let open: Vec<OpenJob> = lock(&self.state).open.drain().map(|(_, j)| j).collect();
+        for job in &open {
+            self.close(job);
+        }
+    }
+}
+
+/// Whether a job has ended: a CI job when its processes have all exited, a
+/// cgroup's job when the cgroup is gone or empty; either only once quiet.
+fn ended(key: &JobKey, job: &OpenJob) -> bool {
+    let quiet = job.last_event.elapsed();
+    if key.ci.is_some() {
+        return job.live.is_empty() && quiet >= QUIET_BEFORE_CLOSE;
+    }
+    match &job.path {
+        Some(path) => {
+            quiet >= QUIET_BEFORE_CLOSE
+                && (!path.exists() || !crate::redirect::cgroup::populated(path))
+        }
+        None => quiet >= QUIET_UNKNOWN_CGROUP,
+    }
+}
+
+/// The job process `pid` of cgroup `cgroup_id` belongs to: the one it was
+/// followed into, else its cgroup's.
+fn job_of(state: &State, pid: u32, cgroup_id: u64) -> JobKey {
+    state
+        .processes
+        .get(&pid)
+        .map(|t| t.job.clone())
+        .filter(|key| key.cgroup_id == cgroup_id)
+        .unwrap_or_else(|| JobKey::of_cgroup(cgroup_id))
+}
+
+fn track(state: &mut State, pid: u32, job: JobKey, runner: Option<CiProvider>) {
+    if state.processes.len() >= MAX_TRACKED_PROCESSES && !state.processes.contains_key(&pid) {
+        // Processes whose exit was never seen (dropped events): forget
+        // them all rather than grow without bound.
+        tracing::warn!(
+            "the job timeline followed {MAX_TRACKED_PROCESSES} processes; forgetting them"
+        );
+        state.processes.clear();
+    }
+    state.processes.insert(pid, Tracked { job, runner });
+}
+
+/// A cgroup directory as the timeline names it: its path under the cgroup
+/// v2 mount.
+fn cgroup_name(path: &Path) -> &str {
+    let text = path.to_str().unwrap_or_default();
+    crate::redirect::cgroup::cgroup2_mount()
+        .and_then(|mount| path.strip_prefix(mount).ok())
+        .and_then(Path::to_str)
+        .unwrap_or(text)
 }
 
 /// (exit code, signal) of a wait status.
@@ -395,21 +581,6 @@ fn wait_status(status: u32) -> (Option<i32>, Option<i32>) {
     } else {
         (None, Some(signal as i32))
     }
-}
-
-/// The directory below `dir` (or `dir` itself) whose inode is `id`.
-fn find_by_id(dir: &Path, id: u64, depth: usize) -> Option<PathBuf> {
-    if crate::redirect::cgroup::cgroup_id(dir).ok()? == id {
-        return Some(dir.to_path_buf());
-    }
-    if depth == 0 {
-        return None;
-    }
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-        .find_map(|e| find_by_id(&e.path(), id, depth - 1))
 }
 
 /// Reads the job events of `rings` into `jobs` and sweeps the open jobs
@@ -427,10 +598,7 @@ pub async fn watch(jobs: Arc<Jobs>, rings: Vec<RingBuf<MapData>>, stop: Cancella
         }
     }
     while readers.join_next().await.is_some() {}
-    let open: Vec<OpenJob> = lock(&jobs.open).drain().map(|(_, j)| j).collect();
-    for job in &open {
-        jobs.close(job);
-    }
+    jobs.close_all();
 }
 
 async fn read_ring(jobs: Arc<Jobs>, ring: RingBuf<MapData>, stop: CancellationToken) {
@@ -481,7 +649,153 @@ fn drain(jobs: &Jobs, ring: &mut RingBuf<MapData>) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
+    use crate::recording::{Recorder, RecorderSettings};
+
+    /// A redirect stand-in: cgroup directories by id, no kernel.
+    struct FakeSource {
+        paths: HashMap<u64, PathBuf>,
+    }
+
+    impl JobSource for FakeSource {
+        fn cgroup_path(&self, id: u64) -> Option<PathBuf> {
+            self.paths.get(&id).cloned()
+        }
+        fn kernel_stats(&self) -> JobEventStats {
+            JobEventStats::default()
+        }
+    }
+
+    fn event(pid: u32, cgroup_id: u64, what: JobActivity) -> KernelJobEvent {
+        KernelJobEvent {
+            pid,
+            uid: 1000,
+            cgroup_id,
+            boot_ns: 1,
+            comm: "test".into(),
+            what,
+        }
+    }
+
+    fn exec(pid: u32, ppid: u32, exe: &str) -> KernelJobEvent {
+        event(
+            pid,
+            5,
+            JobActivity::Exec {
+                ppid,
+                filename: exe.into(),
+                args: vec![exe.rsplit('/').next().unwrap().into()],
+                args_truncated: false,
+            },
+        )
+    }
+
+    fn fork(pid: u32, ppid: u32) -> KernelJobEvent {
+        event(pid, 5, JobActivity::Fork { ppid })
+    }
+
+    fn exit(pid: u32) -> KernelJobEvent {
+        event(pid, 5, JobActivity::Exit { status: 0 })
+    }
+
+    /// A runner service's one cgroup runs two CI jobs in turn: each gets a
+    /// job recording of its own (named by the environment the runner gave
+    /// its child), the runner its cgroup's, and a session links to the CI
+    /// job of the process that opened it.
+    #[test]
+    fn processes_a_ci_runner_starts_are_grouped_by_their_ci_job() {
+        let tmp = tempfile::tempdir().unwrap();
+        let proc_root = tmp.path().join("proc");
+        for (pid, run) in [(11, "42"), (13, "43")] {
+            let dir = proc_root.join(pid.to_string());
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("environ"),
+                format!("GITHUB_ACTIONS=true\0GITHUB_REPOSITORY=acme/shop\0GITHUB_RUN_ID={run}\0GITHUB_JOB=build\0"),
+            )
+            .unwrap();
+        }
+        let cgroup = tmp.path().join("runner.service");
+        std::fs::create_dir_all(&cgroup).unwrap();
+        std::fs::write(cgroup.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let recordings = tmp.path().join("recordings");
+        let (sink, handle) = Recorder::start(RecorderSettings::new(&recordings)).unwrap();
+        let jobs = Jobs::new(
+            sink,
+            Arc::new(FakeSource {
+                paths: HashMap::from([(5, cgroup.clone())]),
+            }),
+            Arc::new(IdentityResolver::with_roots(
+                &proc_root,
+                tmp.path().join("etc"),
+            )),
+            vec!["db".into()],
+        );
+        jobs.record(exec(10, 1, "/opt/actions-runner/bin/Runner.Worker"));
+        jobs.record(fork(11, 10));
+        jobs.record(exec(11, 10, "/usr/bin/bash"));
+        jobs.record(fork(12, 11));
+        jobs.record(exec(12, 11, "/usr/bin/psql"));
+        let session = Uuid::now_v7();
+        let linked = jobs.session_opened(5, session, "db", 12).unwrap();
+        jobs.record(exit(12));
+        jobs.record(exit(11));
+        jobs.record(fork(13, 10));
+        jobs.record(exec(13, 10, "/usr/bin/bash"));
+        jobs.record(exit(13));
+        let open = jobs.view().open;
+        assert_eq!(open.len(), 3, "{open:?}");
+        std::thread::sleep(QUIET_BEFORE_CLOSE + Duration::from_millis(50));
+        jobs.sweep();
+        let open = jobs.view().open;
+        assert_eq!(
+            open.len(),
+            1,
+            "the CI jobs closed, the runner's stays: {open:?}"
+        );
+        assert_eq!(open[0].ci, None);
+        jobs.close_all();
+        drop(jobs);
+        assert_eq!(handle.shutdown().lost, 0);
+
+        let mut found: HashMap<String, (Uuid, Vec<String>)> = HashMap::new();
+        for summary in crate::recording::list(&recordings, &Default::default()) {
+            let rec = crate::recording::read_recording(&summary.path).unwrap();
+            let header = rec.header().unwrap();
+            assert_eq!(header.protocol, "job");
+            assert!(rec.trailer().is_some(), "closed: {}", header.target);
+            let kinds = rec
+                .events()
+                .filter_map(|e| match &e.event {
+                    Event::ProcessExec(x) => Some(format!("exec {}", x.pid)),
+                    Event::ProcessFork(x) => Some(format!("fork {}", x.pid)),
+                    Event::ProcessExit(x) => Some(format!("exit {}", x.pid)),
+                    Event::JobSession(x) => Some(format!("session {}", x.pid.unwrap_or(0))),
+                    _ => None,
+                })
+                .collect();
+            found.insert(header.target.clone(), (header.session, kinds));
+        }
+        let runner = &found["runner.service"].1;
+        assert_eq!(runner, &["exec 10", "fork 11", "fork 13"]);
+        let (first_id, first) = &found["runner.service github_actions:acme/shop:42:build"];
+        assert_eq!(
+            first,
+            &[
+                "exec 11",
+                "fork 12",
+                "exec 12",
+                "session 12",
+                "exit 12",
+                "exit 11"
+            ]
+        );
+        assert_eq!(*first_id, linked.id, "the session links to its CI job");
+        let second = &found["runner.service github_actions:acme/shop:43:build"].1;
+        assert_eq!(second, &["exec 13", "exit 13"]);
+    }
 
     #[test]
     fn wait_statuses_give_the_exit_code_or_the_signal() {

@@ -172,6 +172,13 @@ pub enum CiProvider {
     Jenkins,
 }
 
+/// Which CI runner the program at `exe`, run with `args`, is (the job
+/// timeline asks at every exec; as for identities, by its name).
+pub fn runner_of(exe: &str, args: &[String]) -> Option<CiProvider> {
+    let name = exe.rsplit('/').next().unwrap_or(exe);
+    ci::runner_provider(name, Some(exe), || args.to_vec())
+}
+
 impl CiProvider {
     /// The serialized (snake_case) name.
     pub fn as_str(self) -> &'static str {
@@ -348,6 +355,20 @@ impl IdentityResolver {
     /// each gap.
     pub fn describe_process(&self, pid: u32) -> ProcessIdentity {
         self.describe(pid, HashMode::Wait).0
+    }
+
+    /// The CI job of `pid`, a process the `provider` runner `runner_pid`
+    /// started itself (its parent in the kernel's view), from `pid`'s
+    /// environment: verified, as [`IdentityResolver::describe_process`]
+    /// finds it for the runner's child. With the environment unreadable
+    /// (the process already exited) only the provider and runner are set.
+    pub fn runner_child_ci(&self, pid: u32, provider: CiProvider, runner_pid: u32) -> CiContext {
+        let mut gaps = Vec::new();
+        let env = self.read_environ(pid, &mut gaps).unwrap_or_default();
+        let mut ctx = ci::context_from_env(provider, &env);
+        ctx.runner_pid = Some(runner_pid);
+        ctx.verified = true;
+        ctx
     }
 
     /// [`IdentityResolver::describe_process`], leaving the hash of a large

@@ -140,6 +140,7 @@ async fn govern(stream: UnixStream, redirect: &Arc<Redirect>, n: u64) -> anyhow:
             .await?;
         return Ok(());
     }
+    redirect.remember_exec_cgroup(&dir);
     tracing::info!(pid, uid = cred.uid(), cgroup = %dir.display(), "tollgate exec: process governed");
     write
         .write_all(format!("ok {}\n", dir.display()).as_bytes())

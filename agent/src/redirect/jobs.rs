@@ -104,6 +104,16 @@ pub(super) fn govern(ebpf: &mut Ebpf, id: u64) -> Result<(), String> {
         .map_err(|e| format!("write map JOB_CGROUPS: {e}"))
 }
 
+/// Takes cgroup `id` out of the tracepoints' filter (it went away).
+pub(super) fn ungovern(ebpf: &mut Ebpf, id: u64) {
+    let Some(map) = ebpf.map_mut("JOB_CGROUPS") else {
+        return;
+    };
+    if let Ok(mut cgroups) = HashMap::<_, u64, u32>::try_from(map) {
+        let _ = cgroups.remove(&id);
+    }
+}
+
 /// The ring buffer the job events arrive in.
 pub(super) fn take_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, String> {
     let map = ebpf

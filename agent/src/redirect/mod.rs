@@ -277,7 +277,14 @@ pub struct Redirect {
     pub pin_dir: PathBuf,
     /// The root cgroup's protect programs, when `[protect]` is set.
     pub protect: Option<protect::Protect>,
+    /// `tollgate exec` cgroups made lately, by id, newest last: a job whose
+    /// first event is read after its cgroup was removed still gets its
+    /// path.
+    exec_cgroups: Mutex<std::collections::VecDeque<(u64, PathBuf)>>,
 }
+
+/// How many `tollgate exec` cgroups [`Redirect`] remembers.
+const REMEMBERED_EXEC_CGROUPS: usize = 4096;
 
 /// What the target tries are built from.
 struct TargetSources {
@@ -443,6 +450,38 @@ impl Redirect {
             exec_unlisted: settings.exec_unlisted,
             pin_dir: settings.pin_dir,
             protect,
+            exec_cgroups: Mutex::new(std::collections::VecDeque::new()),
+        })
+    }
+
+    /// Remembers a `tollgate exec` cgroup just made (see [`Redirect::cgroup_path`]).
+    pub fn remember_exec_cgroup(&self, dir: &Path) {
+        let Ok(id) = cgroup::cgroup_id(dir) else {
+            return;
+        };
+        if let Ok(mut known) = self.exec_cgroups.lock() {
+            if known.len() >= REMEMBERED_EXEC_CGROUPS {
+                known.pop_front();
+            }
+            known.push_back((id, dir.to_path_buf()));
+        }
+    }
+
+    /// The directory of governed cgroup `id` (a `tollgate exec` cgroup made
+    /// lately, even once removed, or one below a governed cgroup, looked
+    /// for at most `depth` levels down).
+    pub fn cgroup_path(&self, id: u64, depth: usize) -> Option<PathBuf> {
+        let remembered = self.exec_cgroups.lock().ok().and_then(|known| {
+            known
+                .iter()
+                .rev()
+                .find(|(known_id, _)| *known_id == id)
+                .map(|(_, path)| path.clone())
+        });
+        remembered.or_else(|| {
+            self.attached()
+                .iter()
+                .find_map(|a| find_cgroup_by_id(&a.path, id, depth))
         })
     }
 
@@ -721,6 +760,21 @@ impl Redirect {
     }
 }
 
+/// The directory below `dir` (or `dir` itself) whose cgroup id is `id`.
+fn find_cgroup_by_id(dir: &Path, id: u64, depth: usize) -> Option<PathBuf> {
+    if cgroup::cgroup_id(dir).ok()? == id {
+        return Some(dir.to_path_buf());
+    }
+    if depth == 0 {
+        return None;
+    }
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .find_map(|e| find_cgroup_by_id(&e.path(), id, depth - 1))
+}
+
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -921,17 +975,11 @@ impl Instance {
             "the executable and start time of connecting processes are not captured at connect; exe rules match on what /proc shows at accept, as without a redirect",
         )?;
         start_kernel_log_reader(&mut ebpf, mode);
-        let timeline = if job_timeline {
-            match jobs::start(&mut ebpf) {
-                Ok(()) => true,
-                Err(why) => {
-                    tracing::warn!("the job timeline has no process events ({why}); connects are still reported");
-                    true
-                }
+        if job_timeline {
+            if let Err(why) = jobs::start(&mut ebpf) {
+                tracing::warn!("the job timeline has no process events ({why}); connects and sessions are still recorded");
             }
-        } else {
-            false
-        };
+        }
 
         for name in PROGRAM_NAMES {
             let program = ebpf.program_mut(name).ok_or_else(|| {
@@ -985,7 +1033,7 @@ impl Instance {
             .take_map("STATS")
             .ok_or_else(|| RedirectError::Kernel("the embedded object lacks map STATS".into()))?;
         let stats = PerCpuArray::try_from(stats_map).map_err(|e| classify("open map STATS", e))?;
-        let (job_events, job_stats) = if timeline {
+        let (job_events, job_stats) = if job_timeline {
             (
                 Some(jobs::take_events(&mut ebpf).map_err(RedirectError::Kernel)?),
                 Some(jobs::take_stats(&mut ebpf).map_err(RedirectError::Kernel)?),
@@ -1128,14 +1176,27 @@ impl Instance {
         let Ok(mut attached) = self.attached.lock() else {
             return;
         };
+        let mut gone = Vec::new();
         attached.retain(|a| {
             let alive = cgroup::cgroup_id(&a.path).is_ok_and(|id| id == a.id);
             if !alive {
                 let _ = fs::remove_dir_all(self.dir.join("links").join(a.id.to_string()));
                 tracing::info!(cgroup = %a.path.display(), "governed cgroup went away; its links were dropped");
+                gone.push(a.id);
             }
             alive
         });
+        drop(attached);
+        if gone.is_empty() {
+            return;
+        }
+        // A service's cgroup is a new one after every restart: the old ids
+        // leave the tracepoints' filter, which would otherwise fill up.
+        if let Ok(mut ebpf) = self.ebpf.lock() {
+            for id in gone {
+                jobs::ungovern(&mut ebpf, id);
+            }
+        }
     }
 }
 
