@@ -310,18 +310,33 @@ impl Jobs {
         record
     }
 
-    /// A governed session opened from cgroup `cgroup_id` by `pid`: recorded
-    /// in that process's job, whose record is returned for the session's
-    /// header.
+    /// A governed session opened from cgroup `cgroup_id` by `pid`, whose
+    /// identity names CI job `ci`: recorded in that process's job, whose
+    /// record is returned for the session's header. A session can be seen
+    /// before its process's exec is read from the ring: a CI job its
+    /// identity verified (from the environment the runner gave its child,
+    /// as the timeline reads it) then places the process.
     pub fn session_opened(
         &self,
         cgroup_id: u64,
         session: Uuid,
         target: &str,
         pid: u32,
+        ci: Option<&CiContext>,
     ) -> Option<JobRecord> {
         let mut state = lock(&self.state);
-        let key = job_of(&state, pid, cgroup_id);
+        let verified_ci = ci.filter(|c| c.verified && c.runner_pid.is_some());
+        let key = match (state.processes.contains_key(&pid), verified_ci) {
+            (false, Some(ctx)) => {
+                let key = JobKey {
+                    cgroup_id,
+                    ci: Some(ci_key(ctx)),
+                };
+                track(&mut state, pid, key.clone(), None);
+                key
+            }
+            _ => job_of(&state, pid, cgroup_id),
+        };
         let record = self.job_for(&mut state.open, &key, pid);
         self.recorder.emit(&SessionEvent::Job {
             session: record.id,
@@ -414,6 +429,9 @@ impl Jobs {
         let pid = event.pid;
         match &event.what {
             JobActivity::Fork { ppid } => {
+                if let Some(placed) = placed_in_ci_job(state, pid, event.cgroup_id) {
+                    return placed;
+                }
                 let key = job_of(state, *ppid, event.cgroup_id);
                 track(state, pid, key.clone(), None);
                 key
@@ -435,15 +453,17 @@ impl Jobs {
                             .get(&pid)
                             .is_none_or(|me| me.runner.is_none())
                     });
-                let key = match started_by_runner {
-                    Some(provider) => {
+                let placed = placed_in_ci_job(state, pid, event.cgroup_id);
+                let key = match (placed, started_by_runner) {
+                    (Some(key), _) => key,
+                    (None, Some(provider)) => {
                         let ctx = self.identity.runner_child_ci(pid, provider, *ppid);
                         JobKey {
                             cgroup_id: event.cgroup_id,
                             ci: Some(ci_key(&ctx)),
                         }
                     }
-                    None => job_of(state, pid, event.cgroup_id),
+                    (None, None) => job_of(state, pid, event.cgroup_id),
                 };
                 // Moving to a CI job: no longer alive in the one it left.
                 if let Some(old) = state.processes.get(&pid).map(|t| t.job.clone()) {
@@ -549,6 +569,16 @@ fn job_of(state: &State, pid: u32, cgroup_id: u64) -> JobKey {
         .map(|t| t.job.clone())
         .filter(|key| key.cgroup_id == cgroup_id)
         .unwrap_or_else(|| JobKey::of_cgroup(cgroup_id))
+}
+
+/// The CI job process `pid` was already placed in by its session, read
+/// before the ring's events of it.
+fn placed_in_ci_job(state: &State, pid: u32, cgroup_id: u64) -> Option<JobKey> {
+    state
+        .processes
+        .get(&pid)
+        .map(|t| t.job.clone())
+        .filter(|k| k.ci.is_some() && k.cgroup_id == cgroup_id)
 }
 
 fn track(state: &mut State, pid: u32, job: JobKey, runner: Option<CiProvider>) {
@@ -739,14 +769,35 @@ mod tests {
         jobs.record(fork(12, 11));
         jobs.record(exec(12, 11, "/usr/bin/psql"));
         let session = Uuid::now_v7();
-        let linked = jobs.session_opened(5, session, "db", 12).unwrap();
+        let linked = jobs.session_opened(5, session, "db", 12, None).unwrap();
         jobs.record(exit(12));
         jobs.record(exit(11));
         jobs.record(fork(13, 10));
         jobs.record(exec(13, 10, "/usr/bin/bash"));
         jobs.record(exit(13));
+        // A step whose session is seen before its fork and exec are read
+        // from the ring, and whose environment is gone by then: its
+        // session's verified CI job places it.
+        let ci = CiContext {
+            provider: CiProvider::GithubActions,
+            repository: Some("acme/shop".into()),
+            branch: None,
+            job: Some("build".into()),
+            run_id: Some("44".into()),
+            workflow: None,
+            actor: None,
+            url: None,
+            commit: None,
+            runner_pid: Some(10),
+            verified: true,
+        };
+        jobs.session_opened(5, Uuid::now_v7(), "db", 14, Some(&ci))
+            .unwrap();
+        jobs.record(fork(14, 10));
+        jobs.record(exec(14, 10, "/usr/bin/psql"));
+        jobs.record(exit(14));
         let open = jobs.view().open;
-        assert_eq!(open.len(), 3, "{open:?}");
+        assert_eq!(open.len(), 4, "{open:?}");
         std::thread::sleep(QUIET_BEFORE_CLOSE + Duration::from_millis(50));
         jobs.sweep();
         let open = jobs.view().open;
@@ -795,6 +846,9 @@ mod tests {
         assert_eq!(*first_id, linked.id, "the session links to its CI job");
         let second = &found["runner.service github_actions:acme/shop:43:build"].1;
         assert_eq!(second, &["exec 13", "exit 13"]);
+        let third = &found["runner.service github_actions:acme/shop:44:build"].1;
+        assert_eq!(third, &["session 14", "fork 14", "exec 14", "exit 14"]);
+        assert_eq!(found.len(), 4, "{found:?}");
     }
 
     #[test]

@@ -388,3 +388,97 @@ fn a_fork_bomb_in_the_job_does_not_lose_the_psql_events() {
         .unwrap();
     assert!(String::from_utf8_lossy(&after.stdout).contains('7'));
 }
+
+/// A CI runner in a governed cgroup runs two jobs in turn (as a GitHub
+/// runner's `Runner.Worker` starts each step with the job's environment):
+/// each CI job gets a job recording of its own, named by the environment
+/// the runner gave it, with its command and its session.
+#[test]
+fn a_runner_in_the_cgroup_gives_each_ci_job_its_own_recording() {
+    if let Some(why) = ebpf_unavailable() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let setup = Setup::start();
+    let runners = tempfile::Builder::new()
+        .prefix("tollgate-runner-")
+        .tempdir()
+        .unwrap();
+    let runner = runners.path().join("Runner.Worker");
+    std::fs::copy("/bin/sh", &runner).unwrap();
+    let step = |run: u32, job: &str, sql: &str| {
+        format!(
+            "GITHUB_ACTIONS=true GITHUB_REPOSITORY=acme/shop GITHUB_RUN_ID={run} GITHUB_JOB={job} {}",
+            setup.psql_line(sql)
+        )
+    };
+    let script = format!(
+        "{}; {}; exit 0",
+        step(42, "build", "select 4201"),
+        step(43, "deploy", "select 4301")
+    );
+    let out = exec_command(setup.agent(), &[runner.to_str().unwrap(), "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("4201") && stdout.contains("4301"),
+        "{stdout}"
+    );
+
+    // Both CI jobs close when their processes are done; the runner's own
+    // job when its cgroup empties.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let jobs = loop {
+        let out = setup.agent().cli(&["jobs", "list", "--json"]);
+        let jobs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        if jobs.len() == 3 && jobs.iter().all(|j| j["complete"] == true) {
+            break jobs;
+        }
+        assert!(Instant::now() < deadline, "{jobs:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let by_ci = |run: &str| {
+        jobs.iter()
+            .find(|j| {
+                j["ci"]
+                    .as_str()
+                    .is_some_and(|c| c.contains(&format!("run {run} ")))
+            })
+            .unwrap_or_else(|| panic!("no CI job of run {run}: {jobs:#?}"))
+    };
+    for (run, job, sql) in [
+        ("42", "build", "select 4201"),
+        ("43", "deploy", "select 4301"),
+    ] {
+        let summary = by_ci(run);
+        assert!(
+            summary["ci"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("job {job}")),
+            "verified, not claimed: {summary}"
+        );
+        assert_eq!(summary["commands"], 1, "{summary}");
+        assert_eq!(summary["sessions"], 1, "{summary}");
+        let timeline = setup.show(summary["job"].as_str().unwrap());
+        let entries = timeline["entries"].as_array().unwrap();
+        position(entries, 0, "the step's psql", |e| {
+            is_exec_of(e, "psql", sql)
+        });
+        position(entries, 0, "its statement", |e| {
+            e["type"] == "statement" && e["text"] == sql
+        });
+        // Only its own job's statement.
+        let statements = entries
+            .iter()
+            .filter(|e| e["event"]["type"] == "statement")
+            .count();
+        assert_eq!(statements, 1, "{entries:#?}");
+    }
+    let runner_job = jobs
+        .iter()
+        .find(|j| j["ci"].is_null())
+        .unwrap_or_else(|| panic!("no runner job: {jobs:#?}"));
+    assert_eq!(runner_job["sessions"], 0, "{runner_job}");
+}

@@ -64,6 +64,8 @@ struct JobSummary {
     job: Option<Uuid>,
     started_at: Option<String>,
     cgroup: Option<String>,
+    /// The CI job, as the first process's identity names it.
+    ci: Option<String>,
     commands: u64,
     sessions: u64,
     connects_denied: u64,
@@ -79,6 +81,7 @@ impl JobSummary {
             job: None,
             started_at: None,
             cgroup: None,
+            ci: None,
             commands: 0,
             sessions: 0,
             connects_denied: 0,
@@ -97,6 +100,7 @@ impl JobSummary {
             s.job = Some(h.session);
             s.started_at = Some(h.started_at.clone());
             s.cgroup = h.job.as_ref().map(|j| j.cgroup.clone());
+            s.ci = h.identity.ci.as_ref().map(ci_line);
         }
         for e in rec.events() {
             match &e.event {
@@ -112,9 +116,21 @@ impl JobSummary {
     }
 }
 
+/// A CI job in one line: provider, repository, run and job.
+fn ci_line(ci: &crate::identity::CiContext) -> String {
+    format!(
+        "{} {} run {} job {}{}",
+        ci.provider.as_str(),
+        ci.repository.as_deref().unwrap_or("?"),
+        ci.run_id.as_deref().unwrap_or("?"),
+        ci.job.as_deref().unwrap_or("?"),
+        if ci.verified { "" } else { " (claimed)" }
+    )
+}
+
 fn print_list(jobs: &[JobSummary]) {
     println!(
-        "{:<36}  {:<24}  {:>8}  {:>8}  {:>7}  {:>6}  {:<6}  CGROUP",
+        "{:<36}  {:<24}  {:>8}  {:>8}  {:>7}  {:>6}  {:<6}  CGROUP / CI JOB",
         "JOB", "STARTED", "COMMANDS", "SESSIONS", "DENIED", "FAILED", "STATE"
     );
     for j in jobs {
@@ -133,6 +149,9 @@ fn print_list(jobs: &[JobSummary]) {
             if j.complete { "closed" } else { "open" },
             j.cgroup.as_deref().unwrap_or("?"),
         );
+        if let Some(ci) = &j.ci {
+            println!("{:38}CI {ci}", "");
+        }
     }
 }
 
@@ -249,7 +268,7 @@ fn timeline(dir: &Path, rec: &Recording) -> Result<Timeline, CliError> {
         complete: rec.trailer().is_some(),
         pid: h.identity.pid,
         user: h.identity.user.clone(),
-        ci_job: h.identity.ci.as_ref().and_then(|c| c.job.clone()),
+        ci_job: h.identity.ci.as_ref().map(ci_line),
         entries,
         missing_sessions: missing,
     })

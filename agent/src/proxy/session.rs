@@ -111,7 +111,9 @@ pub(super) async fn serve(
                 }
             };
             let job = match (&shared.jobs, &kernel) {
-                (Some(jobs), Some(k)) => jobs.session_opened(k.cgroup_id, id, &target, k.tgid),
+                (Some(jobs), Some(k)) => {
+                    jobs.session_opened(k.cgroup_id, id, &target, k.tgid, identity.ci.as_ref())
+                }
                 _ => None,
             };
             let info = Arc::new(SessionInfo {
