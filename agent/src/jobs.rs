@@ -31,8 +31,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aya::maps::{MapData, RingBuf};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -632,14 +630,9 @@ pub async fn watch(jobs: Arc<Jobs>, rings: Vec<RingBuf<MapData>>, stop: Cancella
 }
 
 async fn read_ring(jobs: Arc<Jobs>, ring: RingBuf<MapData>, stop: CancellationToken) {
-    // SAFETY: the ring buffer owns its map's fd, which stays open, and is the
-    // one `as_raw_fd` returns, for as long as the `AsyncFd` holds it.
-    #[allow(unsafe_code)]
-    let registered = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) };
-    let mut ring = match registered {
+    let mut ring = match crate::redirect::async_ring(ring) {
         Ok(fd) => fd,
         Err(e) => {
-            let e = std::io::Error::from(e);
             tracing::warn!(error = %e, "cannot read the job events; job recordings stay empty");
             return;
         }

@@ -256,6 +256,20 @@ impl Btf {
         None
     }
 
+    /// The offsets of `fields` ((struct, member) pairs), in order.
+    pub(super) fn member_offsets<const N: usize>(
+        &self,
+        fields: &[(&str, &str); N],
+    ) -> Result<[u32; N], String> {
+        let mut found = [0u32; N];
+        for (slot, (strukt, member)) in found.iter_mut().zip(fields) {
+            *slot = self
+                .member_offset(strukt, member)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(found)
+    }
+
     /// Byte offset of `member` in struct `strukt`, looking through anonymous
     /// struct and union members.
     pub(super) fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
@@ -301,6 +315,23 @@ impl Btf {
                 let nested = self.find_bits(inner, member, depth + 1)?;
                 m.bit_offset.checked_add(nested)
             })
+    }
+}
+
+/// The running kernel's BTF for a test, or `None` (said on stderr) only
+/// where the kernel has none: one that exists but does not parse fails.
+#[cfg(test)]
+pub(super) fn kernel_btf_or_skip() -> Option<Btf> {
+    match Btf::from_kernel() {
+        Ok(btf) => Some(btf),
+        Err(_) => {
+            assert!(
+                !std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+                "vmlinux BTF exists but did not parse"
+            );
+            eprintln!("skipped: this kernel exposes no /sys/kernel/btf/vmlinux");
+            None
+        }
     }
 }
 
@@ -476,14 +507,7 @@ mod tests {
 
     #[test]
     fn running_kernel_offsets_are_found() {
-        let Ok(btf) = Btf::from_kernel() else {
-            // Only where the kernel has no BTF: say so rather than pass
-            // silently.
-            assert!(
-                !std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
-                "vmlinux BTF exists but did not parse"
-            );
-            eprintln!("skipped: this kernel exposes no /sys/kernel/btf/vmlinux");
+        let Some(btf) = kernel_btf_or_skip() else {
             return;
         };
         for (strukt, member) in super::super::task_identity::FIELDS {

@@ -1431,6 +1431,19 @@ pub fn detach(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// `ring` registered with the runtime, to wait until it is readable.
+pub(crate) fn async_ring(
+    ring: RingBuf<MapData>,
+) -> std::io::Result<tokio::io::unix::AsyncFd<RingBuf<MapData>>> {
+    // SAFETY: the ring buffer owns its map's fd, which stays open, and is the
+    // one `as_raw_fd` returns, for as long as the `AsyncFd` holds it.
+    #[allow(unsafe_code)]
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    };
+    registered.map_err(std::io::Error::from)
+}
+
 /// The kernel's page size (a ring buffer's smallest size).
 pub(super) fn page_size() -> u32 {
     // SAFETY: sysconf reads a constant of the running system.

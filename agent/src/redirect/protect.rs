@@ -30,8 +30,6 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::CgroupAttachMode;
 use aya::{Ebpf, EbpfLoader};
 use serde::{Deserialize, Serialize};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio_util::sync::CancellationToken;
 use tollgate_common::{
     as_v4_mapped, ProtectConfig, ProtectEvent, PROTECT_F_DENY, PROTECT_STAT_AUDITED,
@@ -493,14 +491,9 @@ pub async fn watch(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    // SAFETY: the ring buffer owns its map's fd, which stays open, and is the
-    // one `as_raw_fd` returns, for as long as the `AsyncFd` holds it.
-    #[allow(unsafe_code)]
-    let registered = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) };
-    let mut ring = match registered {
+    let mut ring = match super::async_ring(ring) {
         Ok(fd) => fd,
         Err(e) => {
-            let e = std::io::Error::from(e);
             tracing::warn!(error = %e, "cannot watch the protect reports; bypass attempts are counted in the kernel only");
             return;
         }

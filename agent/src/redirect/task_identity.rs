@@ -29,14 +29,8 @@ pub(super) const FIELDS: [(&str, &str); 8] = [
 
 /// The offsets of [`FIELDS`] in `btf`, marked valid.
 pub(super) fn offsets(btf: &Btf) -> Result<TaskOffsets, String> {
-    let mut found = [0u32; FIELDS.len()];
-    for (slot, (strukt, member)) in found.iter_mut().zip(FIELDS) {
-        *slot = btf
-            .member_offset(strukt, member)
-            .map_err(|e| e.to_string())?;
-    }
     let [task_mm, task_group_leader, task_start_boottime, mm_exe_file, file_inode, inode_ino, inode_sb, sb_dev] =
-        found;
+        btf.member_offsets(&FIELDS)?;
     Ok(TaskOffsets {
         valid: 1,
         task_mm,
@@ -137,12 +131,7 @@ mod tests {
 
     #[test]
     fn the_running_kernel_gives_every_offset() {
-        let Ok(btf) = Btf::from_kernel() else {
-            assert!(
-                !std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
-                "vmlinux BTF exists but did not parse"
-            );
-            eprintln!("skipped: this kernel exposes no /sys/kernel/btf/vmlinux");
+        let Some(btf) = super::super::btf::kernel_btf_or_skip() else {
             return;
         };
         let o = offsets(&btf).unwrap();
