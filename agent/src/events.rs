@@ -269,8 +269,9 @@ pub enum SessionEvent {
     Job {
         /// The job recording's id.
         session: Uuid,
-        /// The record's payload.
-        record: Box<crate::recording::Event>,
+        /// The record's payload (shared: the recorder's copy of the event
+        /// is cheap).
+        record: Arc<crate::recording::Event>,
     },
 }
 

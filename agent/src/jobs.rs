@@ -124,6 +124,9 @@ struct OpenJob {
     last_event: Instant,
     /// Its processes seen alive (forked or exec'd and not yet exited).
     live: HashSet<u32>,
+    /// When the sweep first saw it ended (see [`ended`]); `None` while it
+    /// runs.
+    seen_ended: Option<Instant>,
 }
 
 /// A process the timeline follows.
@@ -303,6 +306,7 @@ impl Jobs {
                 path,
                 last_event: Instant::now(),
                 live: HashSet::new(),
+                seen_ended: None,
             },
         );
         record
@@ -338,7 +342,7 @@ impl Jobs {
         let record = self.job_for(&mut state.open, &key, pid);
         self.recorder.emit(&SessionEvent::Job {
             session: record.id,
-            record: Box::new(Event::JobSession(JobSessionRecord {
+            record: Arc::new(Event::JobSession(JobSessionRecord {
                 at_unix_us: unix_us_now(),
                 session,
                 target: target.to_string(),
@@ -416,7 +420,7 @@ impl Jobs {
         }
         self.recorder.emit(&SessionEvent::Job {
             session: record.id,
-            record: Box::new(body),
+            record: Arc::new(body),
         });
     }
 
@@ -503,17 +507,30 @@ impl Jobs {
                 for job in state.open.values() {
                     self.recorder.emit(&SessionEvent::Job {
                         session: job.record.id,
-                        record: Box::new(Event::KernelEventsDropped { count }),
+                        record: Arc::new(Event::KernelEventsDropped { count }),
                     });
                 }
             }
         }
-        let ended: Vec<JobKey> = state
-            .open
-            .iter()
-            .filter(|(key, job)| ended(key, job))
-            .map(|(key, _)| key.clone())
-            .collect();
+        // Closed only once seen ended for a while: the events its last
+        // processes sent before the cgroup emptied may still be in the ring
+        // (a poll behind), and a job quiet for long (a frozen one) must not
+        // close before they are read.
+        let now = Instant::now();
+        let mut ended_jobs = Vec::new();
+        for (key, job) in state.open.iter_mut() {
+            if !ended(key, job) {
+                job.seen_ended = None;
+                continue;
+            }
+            let since = *job.seen_ended.get_or_insert(now);
+            if now.duration_since(since) >= QUIET_BEFORE_CLOSE
+                && job.last_event.elapsed() >= QUIET_BEFORE_CLOSE
+            {
+                ended_jobs.push(key.clone());
+            }
+        }
+        let ended: Vec<JobKey> = ended_jobs;
         for key in ended {
             if let Some(job) = state.open.remove(&key) {
                 state.processes.retain(|_, t| t.job != key);
@@ -542,19 +559,16 @@ impl Jobs {
     }
 }
 
-/// Whether a job has ended: a CI job when its processes have all exited, a
-/// cgroup's job when the cgroup is gone or empty; either only once quiet.
+/// Whether a job looks ended: a CI job when its processes have all exited,
+/// a cgroup's job when the cgroup is gone or empty (one whose cgroup was
+/// not found, after a long quiet).
 fn ended(key: &JobKey, job: &OpenJob) -> bool {
-    let quiet = job.last_event.elapsed();
     if key.ci.is_some() {
-        return job.live.is_empty() && quiet >= QUIET_BEFORE_CLOSE;
+        return job.live.is_empty();
     }
     match &job.path {
-        Some(path) => {
-            quiet >= QUIET_BEFORE_CLOSE
-                && (!path.exists() || !crate::redirect::cgroup::populated(path))
-        }
-        None => quiet >= QUIET_UNKNOWN_CGROUP,
+        Some(path) => !path.exists() || !crate::redirect::cgroup::populated(path),
+        None => job.last_event.elapsed() >= QUIET_UNKNOWN_CGROUP,
     }
 }
 
@@ -723,6 +737,54 @@ mod tests {
         event(pid, 5, JobActivity::Exit { status: 0 })
     }
 
+    /// A job quiet for long (frozen by `on_match`, say) whose cgroup empties
+    /// while its last exits are still in the ring: it stays open until they
+    /// are read, so they land in it, not in a new job.
+    #[test]
+    fn a_long_quiet_job_whose_cgroup_just_emptied_keeps_its_last_events() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cgroup = tmp.path().join("exec-1-0");
+        std::fs::create_dir_all(&cgroup).unwrap();
+        std::fs::write(cgroup.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+        let recordings = tmp.path().join("recordings");
+        let (sink, handle) = Recorder::start(RecorderSettings::new(&recordings)).unwrap();
+        let jobs = Jobs::new(
+            sink,
+            Arc::new(FakeSource {
+                paths: HashMap::from([(5, cgroup.clone())]),
+            }),
+            Arc::new(IdentityResolver::with_roots(
+                tmp.path().join("proc"),
+                tmp.path().join("etc"),
+            )),
+            Vec::new(),
+        );
+        jobs.record(exec(20, 1, "/usr/bin/sh"));
+        std::thread::sleep(QUIET_BEFORE_CLOSE + Duration::from_millis(50));
+        jobs.sweep();
+        assert_eq!(jobs.view().open.len(), 1, "frozen, not ended");
+        // Thawed: the processes exit and the cgroup empties before the
+        // reader gets to their exits.
+        std::fs::write(cgroup.join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
+        jobs.sweep();
+        assert_eq!(jobs.view().open.len(), 1);
+        jobs.record(exit(20));
+        std::thread::sleep(QUIET_BEFORE_CLOSE + Duration::from_millis(50));
+        jobs.sweep();
+        assert_eq!(jobs.view().open.len(), 0);
+        drop(jobs);
+        assert_eq!(handle.shutdown().lost, 0);
+        let all = crate::recording::list(&recordings, &Default::default());
+        assert_eq!(all.len(), 1, "one job recording: {all:?}");
+        let rec = crate::recording::read_recording(&all[0].path).unwrap();
+        let kinds: Vec<bool> = rec
+            .events()
+            .map(|e| matches!(e.event, Event::ProcessExit(_)))
+            .collect();
+        assert!(kinds.contains(&true), "the exit is in the job");
+        assert!(rec.trailer().is_some());
+    }
+
     /// A runner service's one cgroup runs two CI jobs in turn: each gets a
     /// job recording of its own (named by the environment the runner gave
     /// its child), the runner its cgroup's, and a session links to the CI
@@ -791,6 +853,13 @@ mod tests {
         jobs.record(exit(14));
         let open = jobs.view().open;
         assert_eq!(open.len(), 4, "{open:?}");
+        std::thread::sleep(QUIET_BEFORE_CLOSE + Duration::from_millis(50));
+        jobs.sweep();
+        assert_eq!(
+            jobs.view().open.len(),
+            4,
+            "a job seen ended only now stays open a while: its last events may still be in the ring"
+        );
         std::thread::sleep(QUIET_BEFORE_CLOSE + Duration::from_millis(50));
         jobs.sweep();
         let open = jobs.view().open;

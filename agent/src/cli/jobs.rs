@@ -419,7 +419,7 @@ mod tests {
     fn job_event(job: Uuid, event: Event) -> SessionEvent {
         SessionEvent::Job {
             session: job,
-            record: Box::new(event),
+            record: Arc::new(event),
         }
     }
 

@@ -635,6 +635,16 @@ impl Writer {
                         },
                         self.fsync,
                     ),
+                    // Written borrowed: a job's storm of events is not
+                    // copied again here.
+                    SessionEvent::Job { record, .. } => write_event(
+                        file,
+                        &mut self.frame,
+                        t_us,
+                        &**record,
+                        Counts::Emitted,
+                        self.fsync,
+                    ),
                     other => match event_body(other) {
                         Some(body) => write_event(
                             file,
