@@ -308,8 +308,7 @@ if [ $governed -eq 1 ]; then
         sleep 0.1
     done
     [ -n "$job" ] || { tollgate jobs list; echo "demo: the job's recording did not close" >&2; exit 1; }
-    show tollgate jobs list
-    show tollgate jobs show "$job"
+    echo "(what it did, in order, is the demo's last step: tollgate jobs show)"
 fi
 
 step "A session in progress, as 'tollgate status' shows it"
@@ -332,6 +331,10 @@ if [ $governed -eq 1 ]; then
     rmdir "$cg/demo-after-kill" 2>/dev/null || true
     step "Lifting enforcement: tollgate detach"
     show tollgate detach
+    step "What the demo's governed commands did: the job timeline (tollgate jobs list, jobs show)"
+    echo "(every 'tollgate exec' above is a job; the recordings outlive the agent)"
+    show tollgate jobs list
+    show tollgate jobs show "$job"
 else
     step "Stopping the agent (SIGTERM drains open sessions first)"
     kill -TERM "$agent_pid"; wait "$agent_pid"; agent_pid=""

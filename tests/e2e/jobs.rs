@@ -254,6 +254,22 @@ fn jobs_show_lists_a_scripts_commands_connects_statements_and_exits_in_order() {
     )
     .unwrap();
     assert_eq!(header["job"]["id"], id.as_str(), "{header}");
+    // Exported for a SIEM like a session: one JSON object per record.
+    let export = setup.agent().cli(&["recordings", "export", &id]);
+    assert!(export.status.success());
+    let lines: Vec<Value> = String::from_utf8_lossy(&export.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["protocol"], "job", "{}", lines[0]);
+    assert!(
+        lines.iter().any(|l| l["event"]["type"] == "process_exec"
+            && l["event"]["exe"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("curl")),
+        "{lines:?}"
+    );
     // The job recording is a recording like any other: its chain verifies,
     // and session listings leave it out.
     let verify = setup.agent().cli(&["recordings", "verify", &id]);
