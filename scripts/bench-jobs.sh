@@ -42,6 +42,8 @@ cleanup() {
     for v in off on; do
         [ -f "$work/$v.toml" ] && "$tollgate" detach --config "$work/$v.toml" >/dev/null 2>&1 || true
         rmdir "/sys/fs/bpf/tollgate-bench-$v" 2>/dev/null || true
+        cg=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/self/mounts)
+        [ -n "$cg" ] && rmdir "$cg"/tollgate-bench-$v.exec/exec-* "$cg/tollgate-bench-$v.exec" 2>/dev/null || true
     done
     rm -rf "$work"
 }
