@@ -737,6 +737,29 @@ mod tests {
         event(pid, 5, JobActivity::Exit { status: 0 })
     }
 
+    /// A timeline recording into `recordings`, with cgroup 5 at `cgroup`
+    /// and processes' environments under `proc_root`.
+    fn jobs_at(
+        cgroup: &Path,
+        proc_root: &Path,
+        recordings: &Path,
+        targets: Vec<String>,
+    ) -> (Jobs, crate::recording::RecorderHandle) {
+        let (sink, handle) = Recorder::start(RecorderSettings::new(recordings)).unwrap();
+        let jobs = Jobs::new(
+            sink,
+            Arc::new(FakeSource {
+                paths: HashMap::from([(5, cgroup.to_path_buf())]),
+            }),
+            Arc::new(IdentityResolver::with_roots(
+                proc_root,
+                proc_root.with_file_name("etc"),
+            )),
+            targets,
+        );
+        (jobs, handle)
+    }
+
     /// A job quiet for long (frozen by `on_match`, say) whose cgroup empties
     /// while its last exits are still in the ring: it stays open until they
     /// are read, so they land in it, not in a new job.
@@ -747,18 +770,7 @@ mod tests {
         std::fs::create_dir_all(&cgroup).unwrap();
         std::fs::write(cgroup.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
         let recordings = tmp.path().join("recordings");
-        let (sink, handle) = Recorder::start(RecorderSettings::new(&recordings)).unwrap();
-        let jobs = Jobs::new(
-            sink,
-            Arc::new(FakeSource {
-                paths: HashMap::from([(5, cgroup.clone())]),
-            }),
-            Arc::new(IdentityResolver::with_roots(
-                tmp.path().join("proc"),
-                tmp.path().join("etc"),
-            )),
-            Vec::new(),
-        );
+        let (jobs, handle) = jobs_at(&cgroup, &tmp.path().join("proc"), &recordings, Vec::new());
         jobs.record(exec(20, 1, "/usr/bin/sh"));
         std::thread::sleep(QUIET_BEFORE_CLOSE + Duration::from_millis(50));
         jobs.sweep();
@@ -806,18 +818,7 @@ mod tests {
         std::fs::create_dir_all(&cgroup).unwrap();
         std::fs::write(cgroup.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
         let recordings = tmp.path().join("recordings");
-        let (sink, handle) = Recorder::start(RecorderSettings::new(&recordings)).unwrap();
-        let jobs = Jobs::new(
-            sink,
-            Arc::new(FakeSource {
-                paths: HashMap::from([(5, cgroup.clone())]),
-            }),
-            Arc::new(IdentityResolver::with_roots(
-                &proc_root,
-                tmp.path().join("etc"),
-            )),
-            vec!["db".into()],
-        );
+        let (jobs, handle) = jobs_at(&cgroup, &proc_root, &recordings, vec!["db".into()]);
         jobs.record(exec(10, 1, "/opt/actions-runner/bin/Runner.Worker"));
         jobs.record(fork(11, 10));
         jobs.record(exec(11, 10, "/usr/bin/bash"));
