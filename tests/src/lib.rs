@@ -758,34 +758,50 @@ pub struct TestAddresses {
 }
 
 impl TestAddresses {
-    /// Adds a fresh pair of addresses to `lo`.
+    /// Adds a fresh pair of addresses to `lo`. An address already on `lo`
+    /// (another test process, or one a killed run left behind) is skipped,
+    /// never shared: its owner would delete it under this test.
     pub fn add() -> TestAddresses {
         use std::sync::atomic::{AtomicU32, Ordering};
         static NEXT: AtomicU32 = AtomicU32::new(1);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let tag = std::process::id() % 250;
-        let v4 = std::net::Ipv4Addr::new(198, 18, tag as u8, n as u8);
-        let v6: std::net::Ipv6Addr = format!("fd42:7467:{tag:x}::{n:x}").parse().unwrap();
-        let run = |args: &[&str]| {
+        let add = |args: &[&str]| -> bool {
             let out = Command::new("ip").args(args).output().expect("running ip");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                return true;
+            }
             assert!(
-                out.status.success()
-                    || String::from_utf8_lossy(&out.stderr).contains("File exists"),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
+                stderr.contains("File exists") || stderr.contains("already assigned"),
+                "ip {args:?}: {stderr}"
             );
+            false
         };
-        run(&["addr", "add", &format!("{v4}/32"), "dev", "lo"]);
-        run(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{v6}/128"),
-            "dev",
-            "lo",
-            "nodad",
-        ]);
-        TestAddresses { v4, v6 }
+        loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            assert!(n < 250, "no free test address left in 198.18.{tag}.0/24");
+            let v4 = std::net::Ipv4Addr::new(198, 18, tag as u8, n as u8);
+            let v6: std::net::Ipv6Addr = format!("fd42:7467:{tag:x}::{n:x}").parse().unwrap();
+            if !add(&["addr", "add", &format!("{v4}/32"), "dev", "lo"]) {
+                continue;
+            }
+            let v6_args = [
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ];
+            if !add(&v6_args) {
+                let _ = Command::new("ip")
+                    .args(["addr", "del", &format!("{v4}/32"), "dev", "lo"])
+                    .output();
+                continue;
+            }
+            return TestAddresses { v4, v6 };
+        }
     }
 }
 
