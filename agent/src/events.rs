@@ -250,6 +250,17 @@ pub enum SessionEvent {
         /// What happened (boxed: the largest event otherwise).
         review: Box<ReviewUpdate>,
     },
+    /// A command, shell or subsystem of an SSH channel ended.
+    ChannelExit {
+        /// Session id.
+        session: Uuid,
+        /// The channel's number (the agent's, towards the client).
+        channel: u32,
+        /// The exit status the host reported.
+        exit_status: Option<u32>,
+        /// The signal that ended it, when one did.
+        exit_signal: Option<String>,
+    },
     /// The session ended.
     Closed {
         /// Session id.
@@ -525,6 +536,15 @@ impl EventSink for LogSink {
             SessionEvent::Raw { .. } => {}
             // Job recordings are written by the recorder alone.
             SessionEvent::Job { .. } => {}
+            SessionEvent::ChannelExit {
+                session,
+                channel,
+                exit_status,
+                exit_signal,
+            } => {
+                tracing::info!(%session, channel, exit_status, exit_signal = exit_signal.as_deref(),
+                    "ssh channel ended");
+            }
             SessionEvent::ExeHashed {
                 session,
                 exe_sha256,

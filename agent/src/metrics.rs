@@ -573,6 +573,7 @@ impl EventSink for Metrics {
             | SessionEvent::Raw { .. }
             | SessionEvent::ExeHashed { .. }
             | SessionEvent::Job { .. }
+            | SessionEvent::ChannelExit { .. }
             | SessionEvent::Closed { .. } => {}
             SessionEvent::Review { review, .. } => self.review(review),
             SessionEvent::Intervention { intervention, .. } => {

@@ -120,6 +120,7 @@ struct RawTarget {
     #[serde(default)]
     credential: Vec<RawCredential>,
     client_credentials: Option<Spanned<String>>,
+    ssh_known_hosts: Option<Spanned<String>>,
 }
 
 /// `[[target.credential]]`.
@@ -130,6 +131,7 @@ struct RawCredential {
     password_file: Option<Spanned<String>>,
     tls_client_cert: Option<Spanned<String>>,
     tls_client_key: Option<Spanned<String>>,
+    ssh_key_file: Option<Spanned<String>>,
     #[serde(rename = "match", default)]
     identity: Option<Spanned<RawIdentityMatch>>,
 }
@@ -746,6 +748,7 @@ fn check_targets(c: &mut Checker<'_>, raw: &[RawTarget]) -> TargetSet {
         };
         let tls = check_tls(c, t);
         let (credentials, client_credentials) = check_credentials(c, t, protocol);
+        let ssh_known_hosts = check_ssh_target(c, t, protocol);
         if let (Some(address), Some(protocol)) = (address, protocol) {
             targets.push(Target {
                 name,
@@ -756,10 +759,62 @@ fn check_targets(c: &mut Checker<'_>, raw: &[RawTarget]) -> TargetSet {
                 record_raw: t.record_raw.as_ref().is_some_and(|r| *r.get_ref()),
                 credentials,
                 client_credentials,
+                ssh_known_hosts,
             });
         }
     }
     TargetSet::new(targets)
+}
+
+/// An SSH target's settings: a known-hosts file for the real host's key
+/// (never trust on first use) and brokered keys for every session (the
+/// agent terminates SSH, so a client's own key cannot reach the host).
+fn check_ssh_target(
+    c: &mut Checker<'_>,
+    t: &RawTarget,
+    protocol: Option<Protocol>,
+) -> Option<PathBuf> {
+    if protocol != Some(Protocol::Ssh) {
+        if let Some(file) = &t.ssh_known_hosts {
+            c.error(file, "ssh_known_hosts applies only to protocol = \"ssh\"");
+        }
+        return None;
+    }
+    if let Some(v) = &t.client_credentials {
+        if v.get_ref() == "pass" {
+            c.error(v, "an ssh target cannot pass the client's own credentials: the agent ends the client's SSH connection and logs in to the host itself; give a [[target.credential]] for every process instead");
+        }
+    }
+    if t.credential.is_empty() {
+        c.error(&t.protocol, "an ssh target needs at least one [[target.credential]] with an ssh_key_file: the agent logs in to the host itself");
+    }
+    if t.tls.is_some() {
+        if let Some(tls) = &t.tls {
+            c.error(
+                tls,
+                "tls does not apply to an ssh target (SSH encrypts both legs itself)",
+            );
+        }
+    }
+    match &t.ssh_known_hosts {
+        None => {
+            c.error(&t.protocol, "an ssh target needs ssh_known_hosts: a known-hosts file with the host's key, which the agent checks on every connection");
+            None
+        }
+        Some(file) => {
+            let path = PathBuf::from(file.get_ref());
+            match std::fs::read_to_string(&path) {
+                Ok(_) => Some(path),
+                Err(e) => {
+                    c.error(
+                        file,
+                        format!("ssh_known_hosts: cannot read {}: {e}", path.display()),
+                    );
+                    None
+                }
+            }
+        }
+    }
 }
 
 fn check_credentials(
@@ -772,8 +827,17 @@ fn check_credentials(
         if protocol == Some(Protocol::Tcp) {
             c.error(
                 &raw.user,
-                "brokered credentials need a protocol the agent speaks: postgres or mysql",
+                "brokered credentials need a protocol the agent speaks: postgres, mysql or ssh",
             );
+            continue;
+        }
+        if protocol == Some(Protocol::Ssh) {
+            if raw.password_file.is_some() || raw.tls_client_cert.is_some() {
+                c.error(&raw.user, "an ssh credential is a key: give ssh_key_file (password_file and tls_client_cert are for database targets)");
+                continue;
+            }
+        } else if let Some(key) = &raw.ssh_key_file {
+            c.error(key, "ssh_key_file applies only to an ssh target");
             continue;
         }
         if protocol == Some(Protocol::Mysql) {
@@ -829,7 +893,25 @@ fn check_credentials(
                 continue;
             }
         };
-        if password_file.is_none() && client_cert.is_none() {
+        let ssh_key_file = match &raw.ssh_key_file {
+            None => None,
+            Some(file) => {
+                let path = PathBuf::from(file.get_ref());
+                if let Err(e) = secret::check_secret_file(&path) {
+                    c.error(file, format!("ssh_key_file: {e}"));
+                    continue;
+                }
+                Some(path)
+            }
+        };
+        if protocol == Some(Protocol::Ssh) && ssh_key_file.is_none() {
+            c.error(
+                &raw.user,
+                "an ssh credential needs ssh_key_file: the private key the agent logs in with",
+            );
+            continue;
+        }
+        if protocol != Some(Protocol::Ssh) && password_file.is_none() && client_cert.is_none() {
             c.error(
                 &raw.user,
                 "a credential needs password_file, or tls_client_cert and tls_client_key, or both",
@@ -876,6 +958,7 @@ fn check_credentials(
                 user: user.to_owned(),
                 password_file,
                 client_cert,
+                ssh_key_file,
                 identity: std::sync::Arc::new(identity),
             }),
             Err(e) => {

@@ -20,6 +20,9 @@ pub enum Protocol {
     Postgres,
     /// MySQL / MariaDB client/server protocol.
     Mysql,
+    /// SSH: terminated by the agent, which logs in to the host with a
+    /// brokered key.
+    Ssh,
     /// Opaque TCP: relayed and accounted, not inspected.
     Tcp,
 }
@@ -29,6 +32,7 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Postgres => "postgres",
             Protocol::Mysql => "mysql",
+            Protocol::Ssh => "ssh",
             Protocol::Tcp => "tcp",
         })
     }
@@ -40,9 +44,10 @@ impl FromStr for Protocol {
         match s {
             "postgres" | "postgresql" => Ok(Protocol::Postgres),
             "mysql" | "mariadb" => Ok(Protocol::Mysql),
+            "ssh" => Ok(Protocol::Ssh),
             "tcp" => Ok(Protocol::Tcp),
             other => Err(format!(
-                "unknown protocol \"{other}\"; use one of: postgres, mysql, tcp"
+                "unknown protocol \"{other}\"; use one of: postgres, mysql, ssh, tcp"
             )),
         }
     }
@@ -192,6 +197,9 @@ pub struct Target {
     /// What happens to a session no credential is for, on a target that
     /// has credentials.
     pub client_credentials: ClientCredentials,
+    /// An SSH target's known-hosts file: the host keys the agent accepts
+    /// from the real host (required for `ssh`).
+    pub ssh_known_hosts: Option<PathBuf>,
 }
 
 /// A credential the agent holds for a target: the governed client connects
@@ -207,6 +215,9 @@ pub struct BrokeredCredential {
     /// A client certificate the agent presents on the TLS upstream leg
     /// (for `cert` in pg_hba.conf), read at start.
     pub client_cert: Option<ClientCertificate>,
+    /// The private key the agent logs in to an SSH host with (OpenSSH
+    /// format, root-only), read at each session.
+    pub ssh_key_file: Option<PathBuf>,
     /// Which processes it is for (none given: every process).
     pub identity: Arc<IdentityMatch>,
 }

@@ -44,7 +44,7 @@ pub(super) const FLAG_NAMES: [(&str, u8); 7] = [
 
 /// The names accepted in `kinds` (serde names of [`StatementKind`]), for
 /// error messages; parsing goes through serde so it never drifts.
-pub(super) const KIND_NAMES: [&str; 19] = [
+pub(super) const KIND_NAMES: [&str; 23] = [
     "select",
     "insert",
     "update",
@@ -64,6 +64,10 @@ pub(super) const KIND_NAMES: [&str; 19] = [
     "prepared",
     "explain",
     "other",
+    "exec",
+    "shell",
+    "subsystem",
+    "forward",
 ];
 
 /// The bit of a statement kind in a `kinds` mask.

@@ -358,7 +358,11 @@ fn every_kind_name_parses_and_has_its_own_bit() {
         | K::Do
         | K::Prepared
         | K::Explain
-        | K::Other => (),
+        | K::Other
+        | K::Exec
+        | K::Shell
+        | K::Subsystem
+        | K::Forward => (),
     };
     let mut bits = 0u32;
     for name in matcher::KIND_NAMES {

@@ -19,6 +19,7 @@
 pub mod mysql;
 pub mod postgres;
 pub mod review;
+pub mod ssh;
 pub mod tcp;
 pub mod tls;
 
@@ -126,6 +127,7 @@ pub enum Refusal<'a> {
 pub struct Handlers {
     postgres: postgres::PostgresHandler,
     mysql: mysql::MysqlHandler,
+    ssh: ssh::SshHandler,
     tcp: tcp::TcpRelay,
 }
 
@@ -136,6 +138,7 @@ impl Handlers {
         Ok(Handlers {
             postgres: postgres::PostgresHandler::new(config)?,
             mysql: mysql::MysqlHandler::new(config)?,
+            ssh: ssh::SshHandler::new(config)?,
             tcp: tcp::TcpRelay,
         })
     }
@@ -145,6 +148,7 @@ impl Handlers {
         match protocol {
             Protocol::Postgres => &self.postgres,
             Protocol::Mysql => &self.mysql,
+            Protocol::Ssh => &self.ssh,
             Protocol::Tcp => &self.tcp,
         }
     }

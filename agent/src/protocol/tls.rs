@@ -509,7 +509,7 @@ fn read_file(path: &Path, what: &'static str) -> Result<Option<String>, TlsError
 }
 
 /// Writes a file whole (to a temporary name, then renamed), `mode` bits.
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
     let err = |source| TlsError::File {
         what: "cannot write",
         path: path.to_path_buf(),

@@ -288,6 +288,18 @@ pub enum Event {
     /// A rule's `on_match` stopped or killed the process, or froze or
     /// killed its job's cgroup (or could not: `error`).
     Intervention(crate::intervene::Intervention),
+    /// SSH: what a channel ran ended, with the host's exit status or the
+    /// signal that ended it.
+    ChannelExit {
+        /// The channel's number.
+        channel: u32,
+        /// The exit status.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_status: Option<u32>,
+        /// The signal's name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_signal: Option<String>,
+    },
     /// Job recordings: a process of the job ran a program.
     ProcessExec(ProcessExecRecord),
     /// Job recordings: a process of the job forked.

@@ -47,8 +47,9 @@ impl Paint {
 pub fn render_transcript(rec: &Recording, color: bool) -> String {
     let p = Paint { on: color };
     let mut out = opening(rec, &p);
+    let ssh = is_ssh(rec);
     for e in rec.events() {
-        out.push_str(&event_lines(&p, e));
+        out.push_str(&event_lines(&p, e, ssh));
     }
     out.push_str(&closing(rec, &p));
     out
@@ -109,6 +110,7 @@ pub fn replay(
     out.flush()?;
     let mut waited = Duration::ZERO;
     let mut last_t = 0u64;
+    let ssh = is_ssh(rec);
     for e in rec.events() {
         let delay = options.delay(e.t_us.saturating_sub(last_t));
         last_t = last_t.max(e.t_us);
@@ -116,7 +118,7 @@ pub fn replay(
             sleep(delay);
             waited += delay;
         }
-        out.write_all(event_lines(&p, e).as_bytes())?;
+        out.write_all(event_lines(&p, e, ssh).as_bytes())?;
         out.flush()?;
     }
     out.write_all(closing(rec, &p).as_bytes())?;
@@ -211,7 +213,12 @@ pub fn job_event_line(event: &Event) -> Option<String> {
 }
 
 /// The lines of one event, its offset from the start first.
-fn event_lines(p: &Paint, e: &EventRecord) -> String {
+/// Whether `rec` is of an SSH session (its log-in reads differently).
+fn is_ssh(rec: &Recording) -> bool {
+    rec.header().is_some_and(|h| h.protocol == "ssh")
+}
+
+fn event_lines(p: &Paint, e: &EventRecord, ssh: bool) -> String {
     let mut out = String::new();
     let t = p.dim(&format!("+{:>10.3}s", e.t_us as f64 / 1e6));
     match &e.event {
@@ -220,6 +227,22 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
                 out,
                 "{t}  upstream connected to {peer} in {:.1} ms",
                 *connect_us as f64 / 1e3
+            );
+        }
+        Event::Startup {
+            user,
+            database,
+            application_name,
+            brokered_user,
+        } if ssh => {
+            let _ = writeln!(
+                out,
+                "{t}  log-in: user {}{}",
+                user.as_deref().unwrap_or("?"),
+                brokered_user
+                    .as_deref()
+                    .map(|b| format!(" (logged in to the host by the agent as {b})"))
+                    .unwrap_or_default()
             );
         }
         Event::Startup {
@@ -402,6 +425,18 @@ fn event_lines(p: &Paint, e: &EventRecord) -> String {
         }
         Event::Intervention(i) => {
             let _ = writeln!(out, "{t}  {} {}", p.bold("on_match:"), i.describe());
+        }
+        Event::ChannelExit {
+            channel,
+            exit_status,
+            exit_signal,
+        } => {
+            let how = match (exit_status, exit_signal) {
+                (Some(code), _) => format!("exit status {code}"),
+                (None, Some(signal)) => format!("killed by signal {signal}"),
+                (None, None) => "ended".to_owned(),
+            };
+            let _ = writeln!(out, "{t}  {} channel {channel}: {how}", p.bold("ended:"));
         }
         Event::ProcessExec(_)
         | Event::ProcessFork(_)

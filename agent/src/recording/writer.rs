@@ -308,6 +308,7 @@ fn session_of(event: &SessionEvent) -> Uuid {
         | SessionEvent::Review { session, .. }
         | SessionEvent::Intervention { session, .. }
         | SessionEvent::Job { session, .. }
+        | SessionEvent::ChannelExit { session, .. }
         | SessionEvent::Closed { session, .. } => *session,
         SessionEvent::Statement(statement) => statement.session,
     }
@@ -1154,6 +1155,16 @@ fn event_body(event: &SessionEvent) -> Option<Event> {
         SessionEvent::Intervention { intervention, .. } => {
             Event::Intervention((**intervention).clone())
         }
+        SessionEvent::ChannelExit {
+            channel,
+            exit_status,
+            exit_signal,
+            ..
+        } => Event::ChannelExit {
+            channel: *channel,
+            exit_status: *exit_status,
+            exit_signal: exit_signal.clone(),
+        },
         SessionEvent::Review { review, .. } => match &**review {
             ReviewUpdate::Requested(r) => Event::ReviewRequested(r.clone()),
             ReviewUpdate::Ended(r) => Event::ReviewEnded(r.clone()),

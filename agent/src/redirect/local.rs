@@ -270,6 +270,7 @@ mod tests {
             record_raw: false,
             credentials: Vec::new(),
             client_credentials: Default::default(),
+            ssh_known_hosts: None,
         }
     }
 

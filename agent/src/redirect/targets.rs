@@ -212,6 +212,7 @@ mod tests {
             record_raw: false,
             credentials: Vec::new(),
             client_credentials: Default::default(),
+            ssh_known_hosts: None,
         }
     }
 

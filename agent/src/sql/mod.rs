@@ -140,6 +140,15 @@ pub enum StatementKind {
     Explain,
     /// Anything else (VACUUM, ANALYZE, LISTEN, ...).
     Other,
+    /// SSH: a command run by an `exec` request (`ssh host 'uptime'`, scp,
+    /// git, rsync).
+    Exec,
+    /// SSH: an interactive shell.
+    Shell,
+    /// SSH: a subsystem such as `sftp`.
+    Subsystem,
+    /// SSH: a port forward (`ssh -L`, `-D`, `-R`).
+    Forward,
 }
 
 impl StatementKind {
@@ -165,6 +174,10 @@ impl StatementKind {
             StatementKind::Prepared => "prepared",
             StatementKind::Explain => "explain",
             StatementKind::Other => "other",
+            StatementKind::Exec => "exec",
+            StatementKind::Shell => "shell",
+            StatementKind::Subsystem => "subsystem",
+            StatementKind::Forward => "forward",
         }
     }
 }

@@ -1,0 +1,753 @@
+//! The client's side of an SSH session: the agent as the host.
+//!
+//! russh runs the client's connection and calls [`Front`] for every
+//! authentication attempt, channel and request. A request is decided and,
+//! when it may run, sent on the host's matching channel; the client gets
+//! the host's answer. The callbacks run one at a time in the connection's
+//! loop, so a request's answer is sent before the next request is read:
+//! answers keep the order SSH requires. Each channel's data is relayed by
+//! [`relay`], polled by [`run`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use russh::server::{Auth, Msg, Session};
+use russh::{
+    Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::keys::HostIdentity;
+use super::Upstream;
+use crate::events::{CloseReason, SessionEvent, SessionInfo, StatementEvent};
+use crate::policy::{Action, Decision, Request, SharedPolicy, Statement};
+use crate::protocol::SessionContext;
+use crate::sql::{StatementKind, StatementSummary};
+
+/// How long a refusal's message has to reach the client's terminal before
+/// the request's failure (see [`Front::answer`]).
+const REFUSAL_DELAY: Duration = Duration::from_millis(100);
+
+/// How long the host may take to answer a request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The server configuration towards the client for this session.
+fn client_config(
+    host: &HostIdentity,
+    names: &[String],
+    ctx: &SessionContext,
+) -> Result<russh::server::Config, String> {
+    let certificate = host.certificate(names)?;
+    let mut methods = russh::MethodSet::empty();
+    for kind in [
+        russh::MethodKind::None,
+        russh::MethodKind::PublicKey,
+        russh::MethodKind::Password,
+        russh::MethodKind::KeyboardInteractive,
+    ] {
+        methods.push(kind);
+    }
+    Ok(russh::server::Config {
+        server_id: russh::SshId::Standard("SSH-2.0-tollgate".into()),
+        methods,
+        auth_rejection_time: Duration::ZERO,
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host.host_key().clone()],
+        certificates: vec![certificate],
+        inactivity_timeout: Some(ctx.idle_timeout),
+        event_buffer_size: 64,
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// Runs the client's side until the client or the host ends it.
+pub(super) async fn run(
+    ctx: &SessionContext,
+    host: &HostIdentity,
+    names: &[String],
+    info: Arc<SessionInfo>,
+    client: TcpStream,
+    upstream: Upstream,
+    user: String,
+) -> CloseReason {
+    let config = match client_config(host, names, ctx) {
+        Ok(config) => Arc::new(config),
+        Err(e) => return CloseReason::ClientError(e),
+    };
+    let (opened_tx, mut opened_rx) = mpsc::channel(8);
+    let upstream = Arc::new(upstream);
+    let front = Front {
+        target: ctx.target.clone(),
+        info,
+        policy: ctx.policy.clone(),
+        events: ctx.events.clone(),
+        upstream: Arc::clone(&upstream),
+        opened: opened_tx,
+        channels: HashMap::new(),
+        brokered_user: user,
+        announced: false,
+    };
+    let session = match russh::server::run_stream(config, client, front).await {
+        Ok(session) => session,
+        Err(e) => return CloseReason::ClientError(format!("SSH handshake: {e}")),
+    };
+    tokio::pin!(session);
+    let mut relays = FuturesUnordered::new();
+    let reason = loop {
+        tokio::select! {
+            ended = &mut session => break match ended {
+                Ok(()) => CloseReason::Completed,
+                // The client hung up: how OpenSSH ends a session.
+                Err(russh::Error::IO(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => CloseReason::Completed,
+                Err(russh::Error::Disconnect | russh::Error::HUP) => CloseReason::Completed,
+                Err(e) => CloseReason::ClientError(e.to_string()),
+            },
+            Some(opened) = opened_rx.recv() => relays.push(relay(ctx, opened)),
+            Some(ended) = relays.next(), if !relays.is_empty() => {
+                if let Err(reason) = ended {
+                    break reason;
+                }
+            }
+            _ = ctx.force_close.cancelled() => break CloseReason::Shutdown,
+        }
+    };
+    let _ = upstream
+        .disconnect(russh::Disconnect::ByApplication, "session ended", "")
+        .await;
+    reason
+}
+
+/// Turns a client away before it can log in: the handshake completes, so
+/// that the client can show `message` (as the login banner), and every
+/// authentication attempt fails.
+pub(super) async fn turn_away(
+    host: &HostIdentity,
+    names: &[String],
+    client: TcpStream,
+    ctx: &SessionContext,
+    message: String,
+) {
+    let Ok(mut config) = client_config(host, names, ctx) else {
+        return;
+    };
+    config.max_auth_attempts = 1;
+    let refusal = Refusal {
+        message: format!("{message}\r\n"),
+    };
+    if let Ok(session) = russh::server::run_stream(Arc::new(config), client, refusal).await {
+        let _ = tokio::time::timeout(Duration::from_secs(10), session).await;
+    }
+}
+
+/// A handler that lets nobody in, saying why.
+struct Refusal {
+    message: String,
+}
+
+impl russh::server::Handler for Refusal {
+    type Error = russh::Error;
+
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        Ok(Some(self.message.clone()))
+    }
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Err(russh::Error::Disconnect)
+    }
+}
+
+/// What a channel's relay and its requests share.
+struct ChannelShared {
+    /// The host's side of the channel, for data and requests.
+    upstream: ChannelWriteHalf<russh::client::Msg>,
+    /// Requests sent to the host and waiting for its answer, oldest first.
+    answers: Mutex<VecDeque<oneshot::Sender<bool>>>,
+}
+
+/// A channel both sides opened, for [`relay`].
+struct OpenedChannel {
+    client: Channel<Msg>,
+    upstream: ChannelReadHalf,
+    shared: Arc<ChannelShared>,
+    session: russh::server::Handle,
+}
+
+/// The client's connection, as russh calls it.
+struct Front {
+    target: String,
+    info: Arc<SessionInfo>,
+    policy: SharedPolicy,
+    events: crate::events::Events,
+    upstream: Arc<Upstream>,
+    opened: mpsc::Sender<OpenedChannel>,
+    channels: HashMap<ChannelId, Arc<ChannelShared>>,
+    brokered_user: String,
+    /// Whether the login was recorded.
+    announced: bool,
+}
+
+impl Front {
+    /// Any authentication is accepted: who may log in was decided from the
+    /// kernel's identity before the handshake went on. The first is
+    /// recorded with the user the client asked for.
+    fn accept(&mut self, user: &str) -> Auth {
+        if !self.announced {
+            self.announced = true;
+            self.events.emit(&SessionEvent::Startup {
+                session: self.info.id,
+                user: Some(user.to_owned()),
+                database: None,
+                application_name: None,
+                brokered_user: Some(self.brokered_user.clone()),
+            });
+        }
+        Auth::Accept
+    }
+
+    /// Decides one request and records the decision; `Err` holds the
+    /// message for the client when it may not run.
+    fn decide(&self, kind: StatementKind, command: &str, text: &str) -> Result<(), String> {
+        let summary = StatementSummary {
+            kind,
+            transaction: None,
+            command: Arc::from(command),
+            tables_read: Vec::new(),
+            tables_written: Vec::new(),
+            functions: Vec::new(),
+            flags: Default::default(),
+            fingerprint: Arc::from(""),
+            text: text.to_owned(),
+        };
+        let decision = match self.events.recording_failure() {
+            Some(failure) => fixed_refusal(format!(
+                "session recording has failed ({failure}), and nothing may run unrecorded"
+            )),
+            None => crate::policy::current_policy(&self.policy).decide(&Request {
+                target: &self.target,
+                identity: &self.info.identity,
+                statement: Statement::Parsed(&summary),
+                multi_statement: false,
+            }),
+        };
+        let runs = matches!(decision.action, Action::Allow | Action::Audit);
+        self.record(kind, command, text, &decision, !runs);
+        if runs {
+            Ok(())
+        } else if decision.matched.is_empty() && !decision.default_used {
+            Err(format!("tollgate: {command} refused: {}", decision.reason))
+        } else {
+            Err(decision.client_message(command))
+        }
+    }
+
+    /// Records a request that is always refused, saying why.
+    fn refuse_always(&self, kind: StatementKind, command: &str, why: &str) -> String {
+        let decision = fixed_refusal(why.to_owned());
+        self.record(kind, command, "", &decision, true);
+        format!("tollgate: {command} refused: {why}")
+    }
+
+    fn record(
+        &self,
+        kind: StatementKind,
+        command: &str,
+        text: &str,
+        decision: &Decision,
+        refused: bool,
+    ) {
+        let event = StatementEvent::decided(
+            self.info.id,
+            text,
+            Arc::from(command),
+            Some(kind),
+            None,
+            decision,
+            refused,
+        );
+        self.events.emit(&SessionEvent::Statement(Arc::new(event)));
+    }
+
+    /// Sends a request on the host's channel and waits for its answer.
+    async fn ask_host<F, Fut>(&self, channel: ChannelId, send: F) -> bool
+    where
+        F: FnOnce(Arc<ChannelShared>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), russh::Error>>,
+    {
+        let Some(shared) = self.channels.get(&channel).cloned() else {
+            return false;
+        };
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut answers) = shared.answers.lock() {
+            answers.push_back(tx);
+        }
+        if send(shared).await.is_err() {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(REQUEST_TIMEOUT, rx).await,
+            Ok(Ok(true))
+        )
+    }
+
+    /// Answers the client's request: the host's answer, or a refusal with
+    /// its message on the channel's stderr.
+    fn answer(
+        session: &mut Session,
+        channel: ChannelId,
+        outcome: Result<bool, String>,
+    ) -> Result<(), russh::Error> {
+        match outcome {
+            Ok(true) => session.channel_success(channel),
+            Ok(false) => session.channel_failure(channel),
+            Err(message) => {
+                session.extended_data(channel, 1, format!("{message}\r\n").into_bytes())?;
+                // OpenSSH drops what it has not yet written to stderr when a
+                // request fails: the failure follows once the message is out.
+                let handle = session.handle();
+                tokio::spawn(async move {
+                    tokio::time::sleep(REFUSAL_DELAY).await;
+                    let _ = handle.channel_failure(channel).await;
+                });
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A decision no rule made: a refusal that is not the policy's.
+fn fixed_refusal(reason: String) -> Decision {
+    Decision {
+        action: Action::Deny,
+        matched: Vec::new(),
+        default_used: false,
+        reason: Arc::from(reason),
+    }
+}
+
+impl russh::server::Handler for Front {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        Ok(self.accept(user))
+    }
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        Ok(self.accept(user))
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        _key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(self.accept(user))
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        _response: Option<russh::server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(self.accept(user))
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match self.upstream.channel_open_session().await {
+            Ok(upstream) => self.opened(channel, upstream, reply, session).await,
+            Err(e) => {
+                tracing::debug!(session = %self.info.id, "the host refused a session channel: {e}");
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let destination = format!("{host_to_connect}:{port_to_connect}");
+        let command = format!("FORWARD {destination}");
+        if let Err(message) = self.decide(StatementKind::Forward, &command, &destination) {
+            tracing::info!(session = %self.info.id, "{message}");
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        match self
+            .upstream
+            .channel_open_direct_tcpip(
+                host_to_connect,
+                port_to_connect,
+                originator_address,
+                originator_port,
+            )
+            .await
+        {
+            Ok(upstream) => self.opened(channel, upstream, reply, session).await,
+            Err(e) => {
+                tracing::debug!(session = %self.info.id, "the host refused forwarding to {destination}: {e}");
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = self
+            .ask_host(channel, |shared| async move {
+                shared
+                    .upstream
+                    .request_pty(
+                        true, term, col_width, row_height, pix_width, pix_height, modes,
+                    )
+                    .await
+            })
+            .await;
+        Self::answer(session, channel, Ok(ok))
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        variable_name: &str,
+        variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = self
+            .ask_host(channel, |shared| async move {
+                shared
+                    .upstream
+                    .set_env(true, variable_name, variable_value)
+                    .await
+            })
+            .await;
+        Self::answer(session, channel, Ok(ok))
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let outcome = match self.decide(StatementKind::Shell, "SHELL", "") {
+            Ok(()) => Ok(self
+                .ask_host(channel, |shared| async move {
+                    shared.upstream.request_shell(true).await
+                })
+                .await),
+            Err(message) => Err(message),
+        };
+        Self::answer(session, channel, outcome)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let command = String::from_utf8_lossy(data).into_owned();
+        let outcome = match self.decide(StatementKind::Exec, &command, &command) {
+            // The bytes as sent, not the lossy text.
+            Ok(()) => Ok(self
+                .ask_host(channel, |shared| async move {
+                    shared.upstream.exec(true, data).await
+                })
+                .await),
+            Err(message) => Err(message),
+        };
+        Self::answer(session, channel, outcome)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let command = format!("SUBSYSTEM {name}");
+        let outcome = match self.decide(StatementKind::Subsystem, &command, name) {
+            Ok(()) => Ok(self
+                .ask_host(channel, |shared| async move {
+                    shared.upstream.request_subsystem(true, name).await
+                })
+                .await),
+            Err(message) => Err(message),
+        };
+        Self::answer(session, channel, outcome)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let message = self.refuse_always(
+            StatementKind::Forward,
+            "X11 FORWARDING",
+            "X11 forwarding is always refused",
+        );
+        Self::answer(session, channel, Err(message))
+    }
+
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // russh answers the failure; the client says it could not forward.
+        self.refuse_always(
+            StatementKind::Forward,
+            "AGENT FORWARDING",
+            "agent forwarding is always refused: the host would reach the job's keys",
+        );
+        Ok(false)
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refuse_always(
+            StatementKind::Forward,
+            &format!("REMOTE FORWARD {address}:{port}"),
+            "remote port forwarding (ssh -R) is not relayed",
+        );
+        Ok(false)
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refuse_always(
+            StatementKind::Forward,
+            &format!("REMOTE FORWARD {socket_path}"),
+            "remote socket forwarding is not relayed",
+        );
+        Ok(false)
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(shared) = self.channels.get(&channel) {
+            let _ = shared
+                .upstream
+                .window_change(col_width, row_height, pix_width, pix_height)
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: russh::Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(shared) = self.channels.get(&channel) {
+            let _ = shared.upstream.signal(signal).await;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        Ok(())
+    }
+}
+
+impl Front {
+    /// Both sides of a channel are open: accept the client's and start its
+    /// relay.
+    async fn opened(
+        &mut self,
+        client: Channel<Msg>,
+        upstream: Channel<russh::client::Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let (upstream_read, upstream_write) = upstream.split();
+        let shared = Arc::new(ChannelShared {
+            upstream: upstream_write,
+            answers: Mutex::new(VecDeque::new()),
+        });
+        self.channels.insert(client.id(), Arc::clone(&shared));
+        reply.accept().await;
+        let opened = OpenedChannel {
+            client,
+            upstream: upstream_read,
+            shared,
+            session: session.handle(),
+        };
+        if self.opened.send(opened).await.is_err() {
+            return Err(russh::Error::Disconnect);
+        }
+        Ok(())
+    }
+}
+
+/// Relays one channel until either side closes it. `Err` ends the session
+/// (recording failed and nothing may run unrecorded).
+async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseReason> {
+    let OpenedChannel {
+        client,
+        mut upstream,
+        shared,
+        session,
+    } = opened;
+    let id = client.id();
+    let (mut client_read, client_write) = client.split();
+    let from_client = async {
+        while let Some(msg) = client_read.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => {
+                    ctx.counters
+                        .from_client
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if shared.upstream.data_bytes(data).await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::ExtendedData { data, ext } => {
+                    ctx.counters
+                        .from_client
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if shared
+                        .upstream
+                        .extended_data_bytes(ext, data)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                ChannelMsg::Eof => {
+                    let _ = shared.upstream.eof().await;
+                }
+                ChannelMsg::Close => break,
+                // Requests reach the host through `Front`'s callbacks.
+                _ => {}
+            }
+        }
+        let _ = shared.upstream.close().await;
+    };
+    let from_upstream = async {
+        while let Some(msg) = upstream.wait().await {
+            if let Some(failure) = ctx.events.recording_failure() {
+                let _ = client_write
+                    .extended_data_bytes(
+                        1,
+                        format!("tollgate: session recording has failed ({failure}), and nothing may run unrecorded\r\n").into_bytes(),
+                    )
+                    .await;
+                return Err(CloseReason::RecordingFailed(failure));
+            }
+            match msg {
+                ChannelMsg::Data { data } => {
+                    ctx.counters
+                        .from_upstream
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if client_write.data_bytes(data).await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::ExtendedData { data, ext } => {
+                    ctx.counters
+                        .from_upstream
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if client_write.extended_data_bytes(ext, data).await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::Success | ChannelMsg::Failure => {
+                    let waiting = shared.answers.lock().ok().and_then(|mut a| a.pop_front());
+                    if let Some(waiting) = waiting {
+                        let _ = waiting.send(matches!(msg, ChannelMsg::Success));
+                    }
+                }
+                ChannelMsg::ExitStatus { exit_status } => {
+                    ctx.events.emit(&SessionEvent::ChannelExit {
+                        session: ctx.start.get().map_or_else(uuid::Uuid::nil, |i| i.id),
+                        channel: u32::from(id),
+                        exit_status: Some(exit_status),
+                        exit_signal: None,
+                    });
+                    let _ = client_write.exit_status(exit_status).await;
+                }
+                ChannelMsg::ExitSignal {
+                    signal_name,
+                    core_dumped,
+                    error_message,
+                    lang_tag,
+                } => {
+                    ctx.events.emit(&SessionEvent::ChannelExit {
+                        session: ctx.start.get().map_or_else(uuid::Uuid::nil, |i| i.id),
+                        channel: u32::from(id),
+                        exit_status: None,
+                        exit_signal: Some(format!("{signal_name:?}")),
+                    });
+                    let _ = session
+                        .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                        .await;
+                }
+                ChannelMsg::Eof => {
+                    let _ = client_write.eof().await;
+                }
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        let _ = client_write.close().await;
+        Ok(())
+    };
+    let (_, ended) = tokio::join!(from_client, from_upstream);
+    ended
+}

@@ -1,0 +1,225 @@
+//! The agent's SSH host identity and the real hosts' keys.
+//!
+//! The agent ends the client's SSH connection, so towards the client it is
+//! the host. It keeps a host CA in `tls_dir` (`ssh_host_ca`, made on first
+//! start, root-only) and a host key made at each start; every session gets
+//! a host certificate, signed by the CA, for the names the client may have
+//! used. Clients trust the CA through one `@cert-authority` line in their
+//! known-hosts file (`tollgate ssh known-hosts` prints it), so they work
+//! unchanged and are never taught to accept an unknown key.
+//!
+//! Towards the real host the agent is the client: it accepts only a key
+//! its target's known-hosts file lists for that host, and says which line
+//! on a mismatch (never trust on first use).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use russh::keys::ssh_key::certificate::{Builder, CertType};
+use russh::keys::ssh_key::{Algorithm, LineEnding, PrivateKey, PublicKey};
+use russh::keys::Certificate;
+
+/// The CA key's file name in `tls_dir`.
+pub const HOST_CA_FILE: &str = "ssh_host_ca";
+
+/// How long a session's host certificate is valid: the client checks it
+/// once, at the handshake.
+const CERTIFICATE_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The agent's host CA and this run's host key.
+pub struct HostIdentity {
+    ca: PrivateKey,
+    host_key: PrivateKey,
+}
+
+impl HostIdentity {
+    /// Loads the CA from `tls_dir`, making it on first start, and makes a
+    /// host key for this run.
+    pub fn load(tls_dir: &Path) -> anyhow::Result<HostIdentity> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(tls_dir)
+            .with_context(|| format!("cannot create tls_dir {}", tls_dir.display()))?;
+        let path = ca_path(tls_dir);
+        let ca = match std::fs::read_to_string(&path) {
+            Ok(text) => PrivateKey::from_openssh(text.trim()).with_context(|| {
+                format!(
+                    "{} is not an OpenSSH private key; remove it to make a new SSH host CA (clients then need the new @cert-authority line)",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let ca = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+                    .context("cannot make an SSH host CA key")?;
+                let text = ca
+                    .to_openssh(LineEnding::LF)
+                    .context("cannot encode the SSH host CA key")?;
+                crate::protocol::tls::write_file(&path, text.as_bytes(), 0o600)?;
+                let public = ca
+                    .public_key()
+                    .to_openssh()
+                    .context("cannot encode the SSH host CA's public key")?;
+                crate::protocol::tls::write_file(
+                    &path.with_extension("pub"),
+                    format!("{public}\n").as_bytes(),
+                    0o644,
+                )?;
+                tracing::info!(ca = %path.display(), "made an SSH host CA");
+                ca
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", path.display()));
+            }
+        };
+        let host_key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+            .context("cannot make an SSH host key")?;
+        Ok(HostIdentity { ca, host_key })
+    }
+
+    /// The host key the client sees.
+    pub fn host_key(&self) -> &PrivateKey {
+        &self.host_key
+    }
+
+    /// The CA's public key.
+    pub fn ca_public(&self) -> &PublicKey {
+        self.ca.public_key()
+    }
+
+    /// A host certificate for `names` (the names and addresses a client
+    /// may have asked for), valid from a minute ago (clock skew) for a day.
+    pub fn certificate(&self, names: &[String]) -> Result<Certificate, String> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let failed =
+            |e: russh::keys::ssh_key::Error| format!("cannot sign a host certificate: {e}");
+        let mut builder = Builder::new_with_random_nonce(
+            &mut rand::rng(),
+            self.host_key.public_key().clone(),
+            now.saturating_sub(60),
+            now + CERTIFICATE_LIFETIME.as_secs(),
+        )
+        .map_err(failed)?;
+        builder.cert_type(CertType::Host).map_err(failed)?;
+        builder.key_id("tollgate").map_err(failed)?;
+        for name in names {
+            builder.valid_principal(name.as_str()).map_err(failed)?;
+        }
+        builder.sign(&self.ca).map_err(failed)
+    }
+}
+
+/// Where the CA key lives.
+pub fn ca_path(tls_dir: &Path) -> PathBuf {
+    tls_dir.join(HOST_CA_FILE)
+}
+
+/// The `@cert-authority` line a client's known-hosts file needs to accept
+/// the agent for `patterns` (host patterns, e.g. `10.0.0.*,db.internal`).
+pub fn cert_authority_line(ca: &PublicKey, patterns: &str) -> Result<String, String> {
+    let key = ca
+        .to_openssh()
+        .map_err(|e| format!("cannot encode the SSH host CA's public key: {e}"))?;
+    Ok(format!("@cert-authority {patterns} {key}"))
+}
+
+/// Checks the key the real host presented against `known_hosts`, for the
+/// host as reached (`host` at `port`): `Ok(())` when a line lists it, the
+/// reason it is refused otherwise.
+pub fn check_host_key(
+    known_hosts: &Path,
+    host: &str,
+    port: u16,
+    key: &PublicKey,
+) -> Result<(), String> {
+    let fingerprint = key.fingerprint(Default::default());
+    match russh::keys::check_known_hosts_path(host, port, key, known_hosts) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!(
+            "the host key of {host} port {port} ({fingerprint}) is not in {}; add the host's key there (ssh-keyscan, checked out of band)",
+            known_hosts.display()
+        )),
+        Err(russh::keys::Error::KeyChanged { line }) => Err(format!(
+            "the host key of {host} port {port} ({fingerprint}) does not match line {line} of {}: the host changed its key or someone is in the middle; refused",
+            known_hosts.display()
+        )),
+        Err(e) => Err(format!(
+            "cannot check the host key of {host} against {}: {e}",
+            known_hosts.display()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_ca_is_made_once_root_only_and_signs_host_certificates_for_the_names() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let first = HostIdentity::load(dir.path()).unwrap();
+        let mode = std::fs::metadata(ca_path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = HostIdentity::load(dir.path()).unwrap();
+        assert_eq!(first.ca_public(), again.ca_public(), "the CA is kept");
+        assert_ne!(
+            first.host_key().public_key(),
+            again.host_key().public_key(),
+            "each run has its own host key"
+        );
+        let cert = first
+            .certificate(&["db.internal".into(), "10.0.0.5".into()])
+            .unwrap();
+        assert_eq!(cert.cert_type(), CertType::Host);
+        assert_eq!(cert.valid_principals(), ["db.internal", "10.0.0.5"]);
+        assert_eq!(
+            cert.signature_key(),
+            first.ca_public().key_data(),
+            "signed by the agent's CA"
+        );
+        let line = cert_authority_line(first.ca_public(), "10.0.0.*").unwrap();
+        assert!(
+            line.starts_with("@cert-authority 10.0.0.* ssh-ed25519 "),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_garbled_ca_file_stops_the_start_and_says_how_to_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(ca_path(dir.path()), "not a key").unwrap();
+        let e = HostIdentity::load(dir.path()).err().unwrap();
+        assert!(
+            format!("{e:#}").contains("remove it to make a new SSH host CA"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn host_keys_are_checked_against_the_known_hosts_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let known = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let other = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let file = dir.path().join("known_hosts");
+        std::fs::write(
+            &file,
+            format!(
+                "[10.0.0.5]:2222 {}\n",
+                known.public_key().to_openssh().unwrap()
+            ),
+        )
+        .unwrap();
+        check_host_key(&file, "10.0.0.5", 2222, known.public_key()).unwrap();
+        let changed = check_host_key(&file, "10.0.0.5", 2222, other.public_key()).unwrap_err();
+        assert!(changed.contains("does not match line 1"), "{changed}");
+        let unknown = check_host_key(&file, "10.0.0.6", 2222, known.public_key()).unwrap_err();
+        assert!(unknown.contains("is not in"), "{unknown}");
+    }
+}

@@ -1,0 +1,302 @@
+//! SSH targets: the agent ends the client's SSH connection, logs in to the
+//! real host itself with a brokered key, and relays channel by channel,
+//! deciding every request that runs something.
+//!
+//! A session runs in this order:
+//!
+//! 1. The process behind the connection is known (the kernel's identity).
+//! 2. The target's first credential whose `match` accepts the process is
+//!    chosen; none: the client is turned away with a banner saying why.
+//! 3. The agent connects to the host over the upstream socket, checks the
+//!    host's key against the target's known-hosts file, and logs in with
+//!    the credential's key (read from its root-only file now, so a rotated
+//!    key needs no reload). A failure turns the client away the same way.
+//! 4. Only then does the client's handshake go on ([`front`]): the agent
+//!    presents a host certificate its own CA signed for the host's name,
+//!    accepts any client authentication (the identity was decided in 2),
+//!    and relays channels. `exec`, `shell`, `subsystem` and forwarding
+//!    requests are decided by the policy; agent and X11 forwarding are
+//!    always refused.
+//!
+//! The client never holds the host's credential: its environment and files
+//! have nothing to leak.
+
+mod front;
+pub mod keys;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::keys::PrivateKeyWithHashAlg;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::{Handler, HandlerFuture, Refusal, SessionContext};
+use crate::config::{Config, Protocol, Target};
+use crate::events::{CloseReason, SessionInfo};
+
+/// How long logging in to the host may take, handshake included.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `ssh` targets.
+pub struct SshHandler {
+    /// The agent's host identity; `None` when no target speaks SSH (no CA
+    /// is made then).
+    host: Option<Arc<keys::HostIdentity>>,
+    /// The SSH targets, by name.
+    targets: HashMap<String, Target>,
+    upstream_config: Arc<russh::client::Config>,
+}
+
+impl SshHandler {
+    /// The handler for `config`'s SSH targets; loads (or makes) the host CA
+    /// when there is one.
+    pub fn new(config: &Config) -> anyhow::Result<SshHandler> {
+        let targets: HashMap<String, Target> = config
+            .targets
+            .iter()
+            .filter(|t| t.protocol == Protocol::Ssh)
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect();
+        let host = if targets.is_empty() {
+            None
+        } else {
+            Some(Arc::new(keys::HostIdentity::load(&config.agent.tls_dir)?))
+        };
+        let upstream_config = Arc::new(russh::client::Config {
+            client_id: russh::SshId::Standard("SSH-2.0-tollgate".into()),
+            inactivity_timeout: None,
+            ..Default::default()
+        });
+        Ok(SshHandler {
+            host,
+            targets,
+            upstream_config,
+        })
+    }
+
+    /// The host CA's public key, when a target speaks SSH.
+    pub fn host_ca(&self) -> Option<&russh::keys::PublicKey> {
+        self.host.as_deref().map(keys::HostIdentity::ca_public)
+    }
+}
+
+impl Handler for SshHandler {
+    fn serve<'a>(
+        &'a self,
+        ctx: &'a SessionContext,
+        client: TcpStream,
+        upstream: TcpStream,
+    ) -> HandlerFuture<'a, CloseReason> {
+        Box::pin(self.serve_session(ctx, client, upstream))
+    }
+
+    /// SSH has no way to say why before the handshake: the client sees the
+    /// connection closed, and the agent's log says why.
+    fn refuse<'a>(
+        &'a self,
+        mut client: TcpStream,
+        _refusal: Refusal<'a>,
+        _timeout: Duration,
+    ) -> HandlerFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = client.shutdown().await;
+        })
+    }
+}
+
+/// The host side of a session, logged in.
+pub(super) type Upstream = russh::client::Handle<HostKeyCheck>;
+
+impl SshHandler {
+    async fn serve_session(
+        &self,
+        ctx: &SessionContext,
+        client: TcpStream,
+        upstream: TcpStream,
+    ) -> CloseReason {
+        let info = Arc::clone(ctx.start.info().await);
+        let (Some(host), Some(target)) = (&self.host, self.targets.get(&ctx.target)) else {
+            return CloseReason::ClientError(format!(
+                "target \"{}\" is not an ssh target",
+                ctx.target
+            ));
+        };
+        let names = host_names(&ctx.upstream_name, ctx.upstream_addr);
+        if let Some(failure) = ctx.events.recording_failure() {
+            front::turn_away(
+                host,
+                &names,
+                client,
+                ctx,
+                format!(
+                "tollgate: session recording has failed ({failure}), and nothing may run unrecorded"
+            ),
+            )
+            .await;
+            return CloseReason::RecordingFailed(failure);
+        }
+        let (upstream, user) = match self.log_in(ctx, &info, target, upstream).await {
+            Ok(login) => login,
+            Err((message, reason)) => {
+                tracing::warn!(session = %info.id, target = %ctx.target, "{message}");
+                front::turn_away(host, &names, client, ctx, message).await;
+                return reason;
+            }
+        };
+        front::run(ctx, host, &names, info, client, upstream, user).await
+    }
+
+    /// Logs in to the host over `upstream` with the credential for the
+    /// process; returns the connection and the user it logged in as, or
+    /// the message for the client and why the session ends.
+    async fn log_in(
+        &self,
+        ctx: &SessionContext,
+        info: &SessionInfo,
+        target: &Target,
+        upstream: TcpStream,
+    ) -> Result<(Upstream, String), (String, CloseReason)> {
+        let refused = |m: String| (m.clone(), CloseReason::ClientError(m));
+        let credential = match target.login_for(&info.identity) {
+            Ok(Some((_, credential))) => credential,
+            Ok(None) => {
+                return Err(refused(format!(
+                    "tollgate: target \"{}\" has no credential for this process",
+                    target.name
+                )))
+            }
+            Err(message) => return Err(refused(message)),
+        };
+        let (Some(key_file), Some(known_hosts)) =
+            (&credential.ssh_key_file, &target.ssh_known_hosts)
+        else {
+            return Err(refused(format!(
+                "tollgate: target \"{}\" has no ssh key or known-hosts file",
+                target.name
+            )));
+        };
+        let upstream_failed = |m: String| (m.clone(), CloseReason::UpstreamError(m));
+        // The key is read at each session (a rotated key needs no reload);
+        // its text never reaches a message.
+        let secret = crate::config::secret::read_secret_file(key_file).map_err(|e| {
+            upstream_failed(format!(
+                "tollgate: cannot read the ssh key of target \"{}\": {e}",
+                target.name
+            ))
+        })?;
+        let key = std::str::from_utf8(secret.expose())
+            .ok()
+            .and_then(|text| russh::keys::decode_secret_key(text, None).ok())
+            .ok_or_else(|| {
+                upstream_failed(format!(
+                    "tollgate: {} is not an unencrypted OpenSSH private key",
+                    key_file.display()
+                ))
+            })?;
+        drop(secret);
+        let check = HostKeyCheck {
+            known_hosts: known_hosts.clone(),
+            host: ctx.upstream_name.clone(),
+            port: ctx.upstream_addr.port(),
+            refusal: Arc::default(),
+        };
+        let refusal = Arc::clone(&check.refusal);
+        let user = credential.user.clone();
+        let login = async {
+            let mut handle =
+                russh::client::connect_stream(Arc::clone(&self.upstream_config), upstream, check)
+                    .await
+                    .map_err(|e| {
+                        let why = refusal
+                            .lock()
+                            .ok()
+                            .and_then(|mut r| r.take())
+                            .unwrap_or_else(|| format!("the SSH handshake failed: {e}"));
+                        upstream_failed(format!("tollgate: target \"{}\": {why}", target.name))
+                    })?;
+            let hash = handle
+                .best_supported_rsa_hash()
+                .await
+                .ok()
+                .flatten()
+                .flatten();
+            let result = handle
+                .authenticate_publickey(
+                    user.clone(),
+                    PrivateKeyWithHashAlg::new(Arc::new(key), hash),
+                )
+                .await
+                .map_err(|e| {
+                    upstream_failed(format!(
+                        "tollgate: target \"{}\": logging in as \"{user}\" failed: {e}",
+                        target.name
+                    ))
+                })?;
+            if !result.success() {
+                return Err(upstream_failed(format!(
+                    "tollgate: target \"{}\" refused the agent's key for user \"{user}\"; check that the host's authorized_keys lists it",
+                    target.name
+                )));
+            }
+            Ok(handle)
+        };
+        let handle = tokio::time::timeout(LOGIN_TIMEOUT, login)
+            .await
+            .map_err(|_| {
+                upstream_failed(format!(
+                    "tollgate: target \"{}\" did not complete the SSH login within {}s",
+                    target.name,
+                    LOGIN_TIMEOUT.as_secs()
+                ))
+            })??;
+        Ok((handle, user))
+    }
+}
+
+/// The names a client may have used for the host, for the host certificate.
+fn host_names(upstream_name: &str, upstream_addr: SocketAddr) -> Vec<String> {
+    let mut names = vec![upstream_name.to_owned()];
+    let ip = upstream_addr.ip().to_string();
+    if ip != upstream_name {
+        names.push(ip);
+    }
+    names
+}
+
+/// Checks the real host's key against the target's known-hosts file.
+pub(super) struct HostKeyCheck {
+    known_hosts: std::path::PathBuf,
+    host: String,
+    port: u16,
+    /// Why the key was refused, for the message.
+    refusal: Arc<Mutex<Option<String>>>,
+}
+
+impl russh::client::Handler for HostKeyCheck {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let key = match key {
+            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => key,
+            russh::keys::PublicKeyOrCertificate::Certificate(cert) => {
+                // A host that presents a certificate is checked by its key.
+                &russh::keys::PublicKey::from(cert.public_key().clone())
+            }
+        };
+        match keys::check_host_key(&self.known_hosts, &self.host, self.port, key) {
+            Ok(()) => Ok(true),
+            Err(why) => {
+                if let Ok(mut slot) = self.refusal.lock() {
+                    *slot = Some(why);
+                }
+                Ok(false)
+            }
+        }
+    }
+}
