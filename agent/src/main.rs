@@ -78,6 +78,7 @@ fn main() -> ExitCode {
         Command::Approvals(command) => cli::approvals_command(command),
         Command::Recordings(command) => cli::finish(cli::recordings::run(command)),
         Command::Jobs(command) => cli::finish(cli::jobs::run(command)),
+        Command::Ssh(cli::SshCommand::KnownHosts { config }) => ssh_known_hosts_command(&config),
         Command::EnsureGoverned(args) => ensure_governed_command(args),
         Command::Status(args) => {
             let socket = match args.socket {
@@ -369,6 +370,29 @@ fn policy_failure(errors: &impl std::fmt::Display, json: bool) -> ExitCode {
 /// Prints text ending with exactly one newline.
 fn print_block(text: &str) {
     println!("{}", text.trim_end_matches('\n'));
+}
+
+fn ssh_known_hosts_command(arg: &cli::ConfigArg) -> ExitCode {
+    let config = match load_config(&arg.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match tollgate_agent::protocol::ssh::known_hosts_lines(&config) {
+        Ok(lines) if lines.is_empty() => {
+            eprintln!("tollgate: {} has no ssh target", arg.config.display());
+            ExitCode::FAILURE
+        }
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn detach_command(args: cli::DetachArgs) -> ExitCode {

@@ -27,4 +27,5 @@ mod regress;
 mod review;
 mod review_notify;
 mod review_web;
+mod ssh;
 mod tls;

@@ -156,12 +156,34 @@ pub enum Command {
     /// while an agent is running.
     Detach(DetachArgs),
 
+    /// SSH targets: what clients need to trust the agent.
+    ///
+    ///   tollgate ssh known-hosts >> /etc/ssh/ssh_known_hosts
+    ///
+    /// prints one `@cert-authority` line per SSH target with the agent's
+    /// SSH host CA (made in tls_dir on first use), so that ssh, scp, sftp
+    /// and git accept the host certificates the agent presents for those
+    /// hosts and nothing else. scripts/install.sh adds them.
+    #[command(subcommand, verbatim_doc_comment)]
+    Ssh(SshCommand),
+
     /// Let a process or job a rule's `on_match = "stop"` stopped run again.
     ///
     /// WHAT is a pid (it gets SIGCONT) or a cgroup as `tollgate status`
     /// lists it under "Stopped by on_match" (its cgroup.freeze is set to
     /// 0). Needs root, as stopping it did.
     Thaw(ThawArgs),
+}
+
+/// `tollgate ssh` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum SshCommand {
+    /// Print the known-hosts lines (`@cert-authority PATTERNS KEY`) that
+    /// make clients accept the agent for the configured SSH targets.
+    KnownHosts {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 /// `tollgate jobs` subcommands.
@@ -426,18 +448,20 @@ pub enum RecordingsCommand {
         out: PathBuf,
     },
     /// Export a session: `jsonl`, one JSON object per record (for SIEMs;
-    /// raw bytes in base64), or `pcap`, the raw bytes of a session recorded
-    /// with `record_raw = true` as a TCP capture for Wireshark.
+    /// raw bytes in base64), `pcap`, the raw bytes of a session recorded
+    /// with `record_raw = true` as a TCP capture for Wireshark, or
+    /// `asciicast`, an SSH terminal session as asciicast v2 (asciinema).
     Export {
         #[command(flatten)]
         config: ConfigArg,
         /// Session id or recording file.
         #[arg(value_name = "ID|FILE")]
         id: String,
-        /// Output format: jsonl, or pcap (classic pcap, raw IP: one
+        /// Output format: jsonl, pcap (classic pcap, raw IP: one
         /// synthesized TCP connection from the recorded client to the
-        /// server, timed as recorded).
-        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "pcap"])]
+        /// server, timed as recorded), or asciicast (v2, an SSH session's
+        /// terminal output, timed as recorded).
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "pcap", "asciicast"])]
         format: String,
         /// Write to FILE instead of standard output (pcap is not written to
         /// a terminal).

@@ -102,6 +102,10 @@ pub fn run(command: RecordingsCommand) -> Result<(), CliError> {
             let bytes = if format == "pcap" {
                 recording::export_pcap(&r)
                     .map_err(|e| CliError::failed(format!("cannot export {id} as pcap: {e}")))?
+            } else if format == "asciicast" {
+                recording::export_asciicast(&r)
+                    .ok_or_else(|| CliError::failed(format!("cannot export {id} as asciicast: it holds no terminal output (an SSH session with a pty, or a target with record_raw = true)")))?
+                    .into_bytes()
             } else {
                 recording::export_jsonl(&r).into_bytes()
             };

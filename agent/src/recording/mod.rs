@@ -32,7 +32,7 @@ pub use reader::{
     list, locate, read_recording, verify, verify_signed, Problem, ReadError, Recording,
     RecordingFilter, RecordingSummary, SignatureStatus, VerifyReport,
 };
-pub use render::{export_jsonl, render_transcript, replay, ReplayOptions};
+pub use render::{export_asciicast, export_jsonl, render_transcript, replay, ReplayOptions};
 pub use retention::{prune, PruneReport, Removed, Retention};
 pub use signing::{generate_key, GeneratedKey, KeyError, PublicKey, SigningKey};
 pub use writer::{

@@ -118,7 +118,13 @@ pub fn replay(
             sleep(delay);
             waited += delay;
         }
-        out.write_all(event_lines(&p, e, ssh).as_bytes())?;
+        match &e.event {
+            // An SSH terminal plays back as it was seen: the host's output
+            // as written (the input echoes in it).
+            Event::Raw { dir, data } if ssh && dir == "server" => out.write_all(data)?,
+            Event::Raw { .. } if ssh => {}
+            _ => out.write_all(event_lines(&p, e, ssh).as_bytes())?,
+        }
         out.flush()?;
     }
     out.write_all(closing(rec, &p).as_bytes())?;
@@ -213,6 +219,41 @@ pub fn job_event_line(event: &Event) -> Option<String> {
 }
 
 /// The lines of one event, its offset from the start first.
+/// An SSH session's terminal output as an asciicast v2 file (for existing
+/// players): a header line, then `[seconds, "o", text]` per output read.
+/// `None` when the recording holds no terminal output (a session without a
+/// pty on a target that does not record raw bytes).
+pub fn export_asciicast(rec: &Recording) -> Option<String> {
+    let header = rec.header()?;
+    let mut lines = Vec::new();
+    for e in rec.events() {
+        if let Event::Raw { dir, data } = &e.event {
+            if dir == "server" {
+                let at = e.t_us as f64 / 1e6;
+                let text = String::from_utf8_lossy(data);
+                lines.push(serde_json::json!([at, "o", text]).to_string());
+            }
+        }
+    }
+    if lines.is_empty() {
+        return None;
+    }
+    let head = serde_json::json!({
+        "version": 2,
+        "width": 80,
+        "height": 24,
+        "timestamp": header.started_at_unix_ms / 1000,
+        "title": format!("{} session {} on target {}", header.protocol, header.session, header.target),
+    });
+    let mut out = head.to_string();
+    for line in lines {
+        out.push('\n');
+        out.push_str(&line);
+    }
+    out.push('\n');
+    Some(out)
+}
+
 /// Whether `rec` is of an SSH session (its log-in reads differently).
 fn is_ssh(rec: &Recording) -> bool {
     rec.header().is_some_and(|h| h.protocol == "ssh")
@@ -315,6 +356,16 @@ fn event_lines(p: &Paint, e: &EventRecord, ssh: bool) -> String {
         }
         Event::RecordingStopped { reason } => {
             let _ = writeln!(out, "{t}  {}: {reason}", p.bold("recording stopped"));
+        }
+        Event::Raw { dir, data } if ssh => {
+            // A terminal's streams: the text, control characters escaped.
+            let what = if dir == "client" {
+                "input: "
+            } else {
+                "output:"
+            };
+            let text = String::from_utf8_lossy(data);
+            let _ = writeln!(out, "{t}  {} {text:?}", p.dim(what));
         }
         Event::Raw { dir, data } => {
             let _ = writeln!(

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::keys::HostIdentity;
 use super::Upstream;
-use crate::events::{CloseReason, SessionEvent, SessionInfo, StatementEvent};
+use crate::events::{CloseReason, RawDirection, SessionEvent, SessionInfo, StatementEvent};
 use crate::policy::{Action, Decision, Request, SharedPolicy, Statement};
 use crate::protocol::SessionContext;
 use crate::sql::{StatementKind, StatementSummary};
@@ -157,7 +157,27 @@ impl russh::server::Handler for Refusal {
     }
 
     async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
-        Err(russh::Error::Disconnect)
+        Ok(refused())
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        _offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(refused())
+    }
+
+    async fn auth_password(&mut self, _user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        Ok(refused())
+    }
+}
+
+/// A rejection that offers no other method: the client gives up at once.
+fn refused() -> Auth {
+    Auth::Reject {
+        proceed_with_methods: Some(russh::MethodSet::empty()),
+        partial_success: false,
     }
 }
 
@@ -167,6 +187,9 @@ struct ChannelShared {
     upstream: ChannelWriteHalf<russh::client::Msg>,
     /// Requests sent to the host and waiting for its answer, oldest first.
     answers: Mutex<VecDeque<oneshot::Sender<bool>>>,
+    /// Whether the channel's data is recorded: it has a terminal (a pty
+    /// was granted), or the target records everything (`record_raw`).
+    recorded: std::sync::atomic::AtomicBool,
 }
 
 /// A channel both sides opened, for [`relay`].
@@ -432,6 +455,12 @@ impl russh::server::Handler for Front {
                     .await
             })
             .await;
+        if ok {
+            // A terminal session: its streams are recorded, for replay.
+            if let Some(shared) = self.channels.get(&channel) {
+                shared.recorded.store(true, Ordering::Relaxed);
+            }
+        }
         Self::answer(session, channel, Ok(ok))
     }
 
@@ -618,6 +647,7 @@ impl Front {
         let shared = Arc::new(ChannelShared {
             upstream: upstream_write,
             answers: Mutex::new(VecDeque::new()),
+            recorded: std::sync::atomic::AtomicBool::new(self.events.records_raw(&self.target)),
         });
         self.channels.insert(client.id(), Arc::clone(&shared));
         reply.accept().await;
@@ -644,6 +674,7 @@ async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseR
         session,
     } = opened;
     let id = client.id();
+    let session_id = ctx.start.get().map_or_else(uuid::Uuid::nil, |i| i.id);
     let (mut client_read, client_write) = client.split();
     let from_client = async {
         while let Some(msg) = client_read.wait().await {
@@ -652,6 +683,9 @@ async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseR
                     ctx.counters
                         .from_client
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if shared.recorded.load(Ordering::Relaxed) {
+                        ctx.events.emit_raw(session_id, RawDirection::Client, &data);
+                    }
                     if shared.upstream.data_bytes(data).await.is_err() {
                         break;
                     }
@@ -695,6 +729,9 @@ async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseR
                     ctx.counters
                         .from_upstream
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if shared.recorded.load(Ordering::Relaxed) {
+                        ctx.events.emit_raw(session_id, RawDirection::Server, &data);
+                    }
                     if client_write.data_bytes(data).await.is_err() {
                         break;
                     }
@@ -703,6 +740,9 @@ async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseR
                     ctx.counters
                         .from_upstream
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if shared.recorded.load(Ordering::Relaxed) {
+                        ctx.events.emit_raw(session_id, RawDirection::Server, &data);
+                    }
                     if client_write.extended_data_bytes(ext, data).await.is_err() {
                         break;
                     }
@@ -715,7 +755,7 @@ async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseR
                 }
                 ChannelMsg::ExitStatus { exit_status } => {
                     ctx.events.emit(&SessionEvent::ChannelExit {
-                        session: ctx.start.get().map_or_else(uuid::Uuid::nil, |i| i.id),
+                        session: session_id,
                         channel: u32::from(id),
                         exit_status: Some(exit_status),
                         exit_signal: None,
@@ -729,7 +769,7 @@ async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseR
                     lang_tag,
                 } => {
                     ctx.events.emit(&SessionEvent::ChannelExit {
-                        session: ctx.start.get().map_or_else(uuid::Uuid::nil, |i| i.id),
+                        session: session_id,
                         channel: u32::from(id),
                         exit_status: None,
                         exit_signal: Some(format!("{signal_name:?}")),

@@ -256,6 +256,74 @@ impl SshHandler {
     }
 }
 
+/// The known-hosts lines clients need for `config`'s SSH targets: one
+/// `@cert-authority` line per target, for its host patterns (makes the CA
+/// in `tls_dir` if the agent has not yet).
+pub fn known_hosts_lines(config: &Config) -> anyhow::Result<Vec<String>> {
+    let targets: Vec<&Target> = config
+        .targets
+        .iter()
+        .filter(|t| t.protocol == Protocol::Ssh)
+        .collect();
+    if targets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let host = keys::HostIdentity::load(&config.agent.tls_dir)?;
+    targets
+        .iter()
+        .map(|t| {
+            let line = keys::cert_authority_line(host.ca_public(), &host_patterns(t))
+                .map_err(anyhow::Error::msg)?;
+            Ok(format!("{line} tollgate target {}", t.name))
+        })
+        .collect()
+}
+
+/// A target's hosts as known-hosts patterns: the address (an IP network as
+/// a wildcard on whole octets, `*` when it has none), and `[host]:port`
+/// for each port other than 22, as OpenSSH looks such hosts up.
+fn host_patterns(target: &Target) -> String {
+    use crate::config::TargetAddress;
+    let host = match &target.address {
+        TargetAddress::Host(name) => name.clone(),
+        TargetAddress::Net(net) if net.prefix_len() == net.max_prefix_len() => {
+            net.addr().to_string()
+        }
+        TargetAddress::Net(ipnet::IpNet::V4(net)) if net.prefix_len() % 8 == 0 => {
+            let octets = net.network().octets();
+            let kept = usize::from(net.prefix_len() / 8);
+            let mut parts: Vec<String> = octets.iter().take(kept).map(u8::to_string).collect();
+            parts.push("*".to_owned());
+            parts.join(".")
+        }
+        TargetAddress::Net(_) => "*".to_owned(),
+    };
+    let mut patterns = Vec::new();
+    for range in &target.ports {
+        if range.last - range.first >= 16 {
+            // A wide range: any port of the host (a pattern per port would
+            // make a line nobody reads).
+            for pattern in [host.clone(), format!("[{host}]:*")] {
+                if !patterns.contains(&pattern) {
+                    patterns.push(pattern);
+                }
+            }
+            continue;
+        }
+        for port in range.first..=range.last {
+            let pattern = if port == 22 {
+                host.clone()
+            } else {
+                format!("[{host}]:{port}")
+            };
+            if !patterns.contains(&pattern) {
+                patterns.push(pattern);
+            }
+        }
+    }
+    patterns.join(",")
+}
+
 /// The names a client may have used for the host, for the host certificate.
 fn host_names(upstream_name: &str, upstream_addr: SocketAddr) -> Vec<String> {
     let mut names = vec![upstream_name.to_owned()];
