@@ -3,6 +3,7 @@
 //! accepts.
 
 use std::net::TcpStream;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -255,6 +256,17 @@ text_regex = '^(uptime|systemctl status [a-z0-9@.-]+)$'
             both(&out)
         );
     }
+    // Bytes that are not UTF-8 are refused whatever the rules say: the
+    // decided text would not be what the host runs.
+    let mut bytes = b"uptime".to_vec();
+    bytes.push(0xff);
+    let out = run(s.ssh().arg(std::ffi::OsStr::from_bytes(&bytes)));
+    assert_eq!(out.status.code(), Some(255), "{}", both(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not UTF-8 text"),
+        "{}",
+        both(&out)
+    );
     // An interactive shell and sftp are not listed either.
     let out = run(s.ssh().arg("-tt"));
     assert_eq!(out.status.code(), Some(255), "{}", both(&out));

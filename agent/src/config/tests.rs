@@ -675,3 +675,110 @@ fn the_reviewer_api_over_tls_needs_a_certificate_and_a_key() {
         assert!(got.contains(want), "for\n{text}\nwant: {want}\ngot:  {got}");
     }
 }
+
+/// An SSH target's files: a root-only key and a known-hosts file.
+fn ssh_files() -> (tempfile::TempDir, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "not parsed at load").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let known = dir.path().join("known_hosts");
+    std::fs::write(&known, "").unwrap();
+    let target = format!(
+        "[[target]]\nname = \"web\"\naddress = \"10.0.0.5\"\nports = [22]\nprotocol = \"ssh\"\n\
+         ssh_known_hosts = \"{}\"\n[[target.credential]]\nuser = \"deploy\"\nssh_key_file = \"{}\"\n",
+        known.display(),
+        key.display()
+    );
+    (dir, target)
+}
+
+#[test]
+fn an_ssh_target_needs_known_hosts_and_a_key_for_every_session() {
+    let (dir, good) = ssh_files();
+    let c = parse(&good).unwrap();
+    let web = c.targets.iter().next().unwrap();
+    assert_eq!(web.protocol, Protocol::Ssh);
+    assert_eq!(
+        web.ssh_known_hosts.as_deref(),
+        Some(dir.path().join("known_hosts").as_path())
+    );
+    assert_eq!(
+        web.credentials[0].ssh_key_file.as_deref(),
+        Some(dir.path().join("key").as_path())
+    );
+
+    let no_known_hosts = good
+        .lines()
+        .filter(|l| !l.starts_with("ssh_known_hosts"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let e = errors(&no_known_hosts);
+    assert!(
+        e.iter().any(|m| m.contains("needs ssh_known_hosts")),
+        "{e:?}"
+    );
+
+    let no_credential = good
+        .split("[[target.credential]]")
+        .next()
+        .unwrap()
+        .to_owned();
+    let e = errors(&no_credential);
+    assert!(
+        e.iter()
+            .any(|m| m.contains("needs at least one [[target.credential]]")),
+        "{e:?}"
+    );
+
+    let with_password = good.replace("ssh_key_file", "password_file");
+    let e = errors(&with_password);
+    assert!(
+        e.iter().any(|m| m.contains("an ssh credential is a key")),
+        "{e:?}"
+    );
+
+    let passing = good.replace(
+        "protocol = \"ssh\"\n",
+        "protocol = \"ssh\"\nclient_credentials = \"pass\"\n",
+    );
+    let e = errors(&passing);
+    assert!(
+        e.iter()
+            .any(|m| m.contains("cannot pass the client's own credentials")),
+        "{e:?}"
+    );
+
+    let as_postgres = good.replace("\"ssh\"", "\"postgres\"");
+    let e = errors(&as_postgres);
+    assert!(
+        e.iter().any(|m| m.contains("ssh_known_hosts applies only")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("ssh_key_file applies only to an ssh target")),
+        "{e:?}"
+    );
+
+    let missing = good.replace("known_hosts\"", "absent\"");
+    let e = errors(&missing);
+    assert!(
+        e.iter().any(|m| m.contains("ssh_known_hosts: cannot read")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn an_ssh_key_others_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, good) = ssh_files();
+    std::fs::set_permissions(
+        dir.path().join("key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let e = errors(&good);
+    assert!(e.iter().any(|m| m.contains("ssh_key_file:")), "{e:?}");
+}

@@ -504,9 +504,22 @@ impl russh::server::Handler for Front {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let command = String::from_utf8_lossy(data).into_owned();
+        // What is decided must be what runs: a command that is not UTF-8
+        // text, or that holds a NUL (the host's shell stops reading there),
+        // would be matched as other text than the host runs.
+        let command = match std::str::from_utf8(data) {
+            Ok(text) if !text.contains('\0') => text.to_owned(),
+            _ => {
+                let shown = String::from_utf8_lossy(data).replace('\0', "\\0");
+                let message = self.refuse_always(
+                    StatementKind::Exec,
+                    &shown,
+                    "the command is not UTF-8 text without NUL bytes, so it cannot be decided as the host would run it",
+                );
+                return Self::answer(session, channel, Err(message));
+            }
+        };
         let outcome = match self.decide(StatementKind::Exec, &command, &command) {
-            // The bytes as sent, not the lossy text.
             Ok(()) => Ok(self
                 .ask_host(channel, |shared| async move {
                     shared.upstream.exec(true, data).await

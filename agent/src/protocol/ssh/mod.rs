@@ -368,3 +368,47 @@ impl russh::client::Handler for HostKeyCheck {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::config::{PortRange, TargetAddress};
+
+    fn target(address: &str, ports: &[(u16, u16)]) -> Target {
+        Target {
+            name: "web".into(),
+            address: TargetAddress::parse(address).unwrap(),
+            ports: ports
+                .iter()
+                .map(|&(first, last)| PortRange { first, last })
+                .collect(),
+            protocol: Protocol::Ssh,
+            tls: Default::default(),
+            record_raw: false,
+            credentials: Vec::new(),
+            client_credentials: Default::default(),
+            ssh_known_hosts: None,
+        }
+    }
+
+    #[test]
+    fn known_hosts_patterns_name_the_hosts_as_openssh_looks_them_up() {
+        assert_eq!(host_patterns(&target("10.0.0.5", &[(22, 22)])), "10.0.0.5");
+        assert_eq!(
+            host_patterns(&target("10.0.0.5", &[(22, 22), (2222, 2222)])),
+            "10.0.0.5,[10.0.0.5]:2222"
+        );
+        assert_eq!(host_patterns(&target("10.1.0.0/16", &[(22, 22)])), "10.1.*");
+        assert_eq!(host_patterns(&target("10.1.2.0/23", &[(22, 22)])), "*");
+        assert_eq!(
+            host_patterns(&target("db.internal", &[(1, 65535)])),
+            "db.internal,[db.internal]:*"
+        );
+        assert_eq!(
+            host_names("db.internal", "10.0.0.5:22".parse().unwrap()),
+            ["db.internal", "10.0.0.5"]
+        );
+    }
+}
