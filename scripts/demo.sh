@@ -8,7 +8,9 @@
 # with the rule that refused them, `policy explain`, the same policy on a
 # throwaway MariaDB through the `mariadb` client, a psql with no password
 # logging in as a role whose password only the agent holds (brokered
-# credentials), a DELETE held until a second user approves it, the
+# credentials), an SSH host reached by ssh with a key only the agent holds
+# (one command allowed, one refused), a DELETE held until a second user
+# approves it, the
 # session's identity, the tamper-evident recordings, the live status,
 # metrics, and what happens when the agent dies (fail closed).
 #
@@ -62,6 +64,7 @@ cleanup() {
         ip addr del "$db_addr/32" dev lo 2>/dev/null || true
     fi
     [ -f "$work/pg/data/postmaster.pid" ] && run_pg pg_ctl -D "$work/pg/data" -m fast stop >/dev/null 2>&1 || true
+    [ -f "$work/ssh/sshd.pid" ] && kill "$(cat "$work/ssh/sshd.pid")" 2>/dev/null || true
     if [ -f "$work/my/mariadbd.pid" ]; then
         kill "$(cat "$work/my/mariadbd.pid")" 2>/dev/null || true
         for _ in $(seq 100); do [ -f "$work/my/mariadbd.pid" ] || break; sleep 0.1; done
@@ -123,7 +126,44 @@ insert into secrets values (1, 'sk_live_demo');
 SQL
 echo "MariaDB on $my_listen:$my_port"
 
+step "Starting a throwaway OpenSSH server (a production host); only the agent holds its key"
+ssh_port=$(free_port)
+mkdir -p "$work/ssh/secrets" && chmod 700 "$work/ssh/secrets"
+ssh-keygen -q -t ed25519 -N '' -C demo-host -f "$work/ssh/host_key"
+ssh-keygen -q -t ed25519 -N '' -C tollgate-demo -f "$work/ssh/secrets/agent_key"
+mv "$work/ssh/secrets/agent_key.pub" "$work/ssh/authorized_keys"
+ssh_listen=127.0.0.1
+[ $governed -eq 1 ] && ssh_listen=$db_addr
+ssh_user=$(id -un)
+cat > "$work/ssh/sshd_config" <<CONF
+ListenAddress $ssh_listen:$ssh_port
+HostKey $work/ssh/host_key
+AuthorizedKeysFile $work/ssh/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile $work/ssh/sshd.pid
+CONF
+mkdir -p /run/sshd 2>/dev/null || true
+/usr/sbin/sshd -f "$work/ssh/sshd_config" -E "$work/ssh/sshd.log"
+for _ in $(seq 100); do [ -f "$work/ssh/sshd.pid" ] && break; sleep 0.1; done
+echo "[$ssh_listen]:$ssh_port $(cut -d' ' -f1,2 "$work/ssh/host_key.pub")" > "$work/ssh/known_hosts"
+echo "sshd on $ssh_listen:$ssh_port; its only authorized key is in $work/ssh/secrets (root-only)"
+
 metrics_port=$(free_port)
+ssh_target="
+[[target]]
+name = \"demo-ssh\"
+address = \"$ssh_listen\"
+ports = [$ssh_port]
+protocol = \"ssh\"
+ssh_known_hosts = \"$work/ssh/known_hosts\"
+[[target.credential]]
+user = \"$ssh_user\"
+ssh_key_file = \"$work/ssh/secrets/agent_key\"
+"
 if [ $governed -eq 1 ]; then
     echo "PostgreSQL on $db_addr:$pg_port"
     step "Starting the Tollgate agent with the transparent redirect"
@@ -135,6 +175,7 @@ approvals_store = "$work/approvals.redb"
 metrics_listen = "127.0.0.1:$metrics_port"
 policy_paths = ["$root/policies/demo.toml"]
 recording_dir = "$work/recordings"
+tls_dir = "$work/tls"
 
 [redirect]
 port = $(free_port)
@@ -160,12 +201,14 @@ name = "demo-mysql"
 address = "$db_addr"
 ports = [$my_port]
 protocol = "mysql"
+$ssh_target
 TOML
 else
     echo "PostgreSQL on 127.0.0.1:$pg_port"
     step "Not root: starting the agent with an explicit listener (the redirect needs root)"
     proxy_port=$(free_port)
     my_proxy_port=$(free_port)
+    ssh_proxy_port=$(free_port)
     cat > "$work/tollgate.toml" <<TOML
 [agent]
 control_socket = "$work/control.sock"
@@ -174,6 +217,7 @@ approvals_store = "$work/approvals.redb"
 metrics_listen = "127.0.0.1:$metrics_port"
 policy_paths = ["$root/policies/demo.toml"]
 recording_dir = "$work/recordings"
+tls_dir = "$work/tls"
 
 [[target]]
 name = "demo-db"
@@ -194,6 +238,10 @@ protocol = "mysql"
 [[listener]]
 listen = "127.0.0.1:$my_proxy_port"
 target = "demo-mysql"
+$ssh_target
+[[listener]]
+listen = "127.0.0.1:$ssh_proxy_port"
+target = "demo-ssh"
 TOML
 fi
 cat "$work/tollgate.toml"
@@ -268,6 +316,37 @@ if [ $governed -eq 1 ] && id nobody >/dev/null 2>&1; then
     for _ in $(seq 50); do grep -q 'logged in by the agent' "$work/agent.log" && break; sleep 0.1; done
     grep 'logged in by the agent' "$work/agent.log" | tail -1 | sed 's/^/  /'
 fi
+
+step "SSH: ssh reaches the host with no key of its own; one command allowed, one refused"
+# What scripts/install.sh appends to /etc/ssh/ssh_known_hosts: clients trust
+# the agent's host CA for the SSH targets.
+show tollgate ssh known-hosts
+ssh_known="$work/ssh/client_known_hosts"
+tollgate ssh known-hosts > "$ssh_known"
+ssh_port_seen=$ssh_port
+if [ $governed -eq 0 ]; then
+    ssh_port_seen=$ssh_proxy_port
+    sed "s/\[$ssh_listen\]:$ssh_port/[127.0.0.1]:$ssh_proxy_port/" "$ssh_known" > "$ssh_known.listener"
+    ssh_known="$ssh_known.listener"
+fi
+ssh_cmd=(ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=yes -o "UserKnownHostsFile=$ssh_known"
+         -o GlobalKnownHostsFile=/dev/null -p "$ssh_port_seen" "$ssh_user@$ssh_listen")
+[ $governed -eq 0 ] && ssh_cmd[-1]="$ssh_user@127.0.0.1"
+if [ $governed -eq 1 ]; then
+    echo "(not governed, this ssh has no key the host accepts:)"
+    show "${ssh_cmd[@]}" hostname || true
+    echo "(governed, the same command line runs; the agent logs in with the key it holds:)"
+fi
+show "${run[@]}" "${ssh_cmd[@]}" hostname
+echo "(a command outside the demo host's list is refused before the host sees it:)"
+show "${run[@]}" "${ssh_cmd[@]}" 'rm -rf /srv/app' || true
+ssh_session=""
+for _ in $(seq 50); do
+    ssh_session=$(tollgate recordings list --json | python3 -c 'import json,sys; l=[r for r in json.load(sys.stdin) if r.get("protocol") == "ssh" and r.get("denied") and r.get("complete")]; print(l[-1]["id"] if l else "")')
+    [ -n "$ssh_session" ] && break
+    sleep 0.1
+done
+[ -n "$ssh_session" ] && show tollgate recordings show "$ssh_session"
 
 if [ $governed -eq 1 ] && id daemon >/dev/null 2>&1; then
     step "A DELETE needs a second person: held until the reviewer 'daemon' approves it"
