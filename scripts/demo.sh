@@ -333,8 +333,9 @@ ssh_cmd=(ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=yes -o "User
          -o GlobalKnownHostsFile=/dev/null -p "$ssh_port_seen" "$ssh_user@$ssh_listen")
 [ $governed -eq 0 ] && ssh_cmd[-1]="$ssh_user@127.0.0.1"
 if [ $governed -eq 1 ]; then
-    echo "(not governed, this ssh has no key the host accepts:)"
-    show "${ssh_cmd[@]}" hostname || true
+    echo "(not governed, this ssh has no key the host accepts, even trusting any host key:)"
+    show ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+        -o LogLevel=ERROR -p "$ssh_port" "$ssh_user@$ssh_listen" hostname || true
     echo "(governed, the same command line runs; the agent logs in with the key it holds:)"
 fi
 show "${run[@]}" "${ssh_cmd[@]}" hostname

@@ -144,7 +144,14 @@ fn run(cmd: &mut Command) -> Output {
 
 #[test]
 fn commands_are_decided_exit_statuses_pass_back_and_a_refusal_names_its_rule() {
-    let s = Setup::start(POLICY, "127.0.0.1", Sshd::start(&[]), "", "");
+    let metrics_port = free_port();
+    let s = Setup::start(
+        POLICY,
+        "127.0.0.1",
+        Sshd::start(&[]),
+        &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""),
+        "",
+    );
     let marker = s.sshd.dir().join("keep-me");
     std::fs::write(&marker, "precious").unwrap();
 
@@ -197,6 +204,17 @@ fn commands_are_decided_exit_statuses_pass_back_and_a_refusal_names_its_rule() {
     let _ = master.kill();
     let _ = master.wait();
     assert!(marker.exists());
+
+    // Decisions are counted per target and action.
+    let metrics = crate::listener::http_get(metrics_port, "/metrics");
+    assert!(
+        metrics.contains("tollgate_statements_total{target=\"web\",action=\"deny\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tollgate_statements_total{target=\"web\",action=\"allow\"} 2"),
+        "{metrics}"
+    );
 
     // Both decisions and the exit status are in the session's recording.
     let shown = s.shown(|r| r.contains("echo hello from the host"));
@@ -441,11 +459,31 @@ fn through_the_redirect_ssh_scp_sftp_git_and_a_shell_work_with_no_key_in_the_job
     let port = s.sshd.port.to_string();
     let options = client_options(&s.known_hosts);
 
-    // Not governed, the same client has no key the host accepts.
+    // Not governed, the same client has no key the host accepts, even
+    // trusting any host key.
     let direct = run(Command::new("ssh")
-        .args(&options)
-        .args(["-p", &port, &host, "true"]));
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+        ])
+        .args([
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-p",
+            &port,
+            &host,
+            "true",
+        ]));
     assert_eq!(direct.status.code(), Some(255), "{}", both(&direct));
+    assert!(
+        String::from_utf8_lossy(&direct.stderr).contains("Permission denied (publickey)"),
+        "{}",
+        both(&direct)
+    );
 
     // Governed: ssh, unchanged, reaches the host through the agent.
     let governed = |args: &[&str]| exec_command(&s.agent, args);

@@ -86,6 +86,7 @@ pub(super) async fn run(
         info,
         policy: ctx.policy.clone(),
         events: ctx.events.clone(),
+        metrics: Arc::clone(&ctx.target_metrics),
         upstream: Arc::clone(&upstream),
         opened: opened_tx,
         channels: HashMap::new(),
@@ -206,6 +207,7 @@ struct Front {
     info: Arc<SessionInfo>,
     policy: SharedPolicy,
     events: crate::events::Events,
+    metrics: Arc<crate::metrics::TargetMetrics>,
     upstream: Arc<Upstream>,
     opened: mpsc::Sender<OpenedChannel>,
     channels: HashMap<ChannelId, Arc<ChannelShared>>,
@@ -283,6 +285,7 @@ impl Front {
         decision: &Decision,
         refused: bool,
     ) {
+        self.metrics.statement(decision.action);
         let event = StatementEvent::decided(
             self.info.id,
             text,
