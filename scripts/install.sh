@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs Tollgate on a runner host: the binary, a configuration skeleton,
-# the shipped policies, a systemd unit for the agent, and, for each service
-# to govern (a CI runner, an AI agent's service), a drop-in that makes the
-# service start only once its cgroup is governed.
+# the shipped policies, a systemd unit for the agent, for each service to
+# govern (a CI runner, an AI agent's service) a drop-in that makes the
+# service start only once its cgroup is governed, and, when the
+# configuration has SSH targets, their @cert-authority lines in
+# /etc/ssh/ssh_known_hosts.
 #
 #   scripts/install.sh [--govern-service NAME.service]... [--prefix DIR]
 #                      [--binary PATH] [--root DIR] [--no-start]
@@ -14,7 +16,8 @@
 #   --root             install under DIR instead of / (packaging, tests)
 #   --no-start         do not enable and start the agent
 #
-# Idempotent: an existing /etc/tollgate/tollgate.toml is never overwritten.
+# Idempotent: an existing /etc/tollgate/tollgate.toml is never overwritten;
+# the SSH lines are replaced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +33,7 @@ while [ $# -gt 0 ]; do
         --binary) binary="$2"; shift 2 ;;
         --root) root="${2%/}"; shift 2 ;;
         --no-start) start=0; shift ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "install: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -99,6 +102,20 @@ done
 bpffs=$(awk '$9 == "bpf" { print $5; exit }' /proc/self/mountinfo)
 if [ -z "$root" ] && [ -n "$bpffs" ] && [ -n "$(find "$bpffs" -maxdepth 0 -perm -0002 2>/dev/null)" ]; then
     echo "install: warning: bpffs at $bpffs is writable by every user (mode $(stat -c %a "$bpffs")); another user could make the agent's pin directory first and keep it from starting; mount bpffs with -o mode=0700 at boot (its fstab entry or mount unit)" >&2
+fi
+
+# SSH targets: clients on this host trust the agent's SSH host CA for them
+# (one @cert-authority line per target, kept between markers so a rerun
+# replaces them). Rerun after adding an SSH target.
+if grep -qE '^[[:space:]]*protocol[[:space:]]*=[[:space:]]*"ssh"' "$config"; then
+    known="$root/etc/ssh/ssh_known_hosts"
+    lines=$("$root$bin" ssh known-hosts --config "$config")
+    mkdir -p "$(dirname "$known")"
+    touch "$known"
+    sed -i '/^# tollgate: begin$/,/^# tollgate: end$/d' "$known"
+    printf '# tollgate: begin\n%s\n# tollgate: end\n' "$lines" >> "$known"
+    chmod 0644 "$known"
+    echo "install: $known (@cert-authority lines for the SSH targets)"
 fi
 
 if [ -z "$root" ] && [ $start -eq 1 ] && [ -d /run/systemd/system ]; then

@@ -693,3 +693,62 @@ fn through_the_redirect_ssh_scp_sftp_git_and_a_shell_work_with_no_key_in_the_job
     drop(s);
     cleanup_redirect(&keep);
 }
+
+#[test]
+fn install_adds_the_cert_authority_lines_once_keeping_the_files_other_lines() {
+    let root = tempfile::tempdir().unwrap();
+    let sshd = Sshd::start(&[]);
+    let etc = root.path().join("etc/tollgate");
+    std::fs::create_dir_all(&etc).unwrap();
+    let listen = free_port();
+    std::fs::write(
+        etc.join("tollgate.toml"),
+        format!(
+            "[agent]\ntls_dir = \"{}\"\n\n[[target]]\nname = \"web\"\naddress = \"127.0.0.1\"\n\
+             ports = [{listen}]\nprotocol = \"ssh\"\nssh_known_hosts = \"{}\"\n\
+             [[target.credential]]\nuser = \"{}\"\nssh_key_file = \"{}\"\n",
+            root.path().join("tls").display(),
+            sshd.known_hosts.display(),
+            sshd.user,
+            sshd.agent_key.display(),
+        ),
+    )
+    .unwrap();
+    let known = root.path().join("etc/ssh/ssh_known_hosts");
+    std::fs::create_dir_all(known.parent().unwrap()).unwrap();
+    std::fs::write(&known, "[other.example]:22 ssh-ed25519 AAAAkeepme\n").unwrap();
+    for _ in 0..2 {
+        let out = Command::new(workspace_root().join("scripts/install.sh"))
+            .arg("--root")
+            .arg(root.path())
+            .arg("--binary")
+            .arg(agent_binary())
+            .arg("--no-start")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", both(&out));
+    }
+    let text = std::fs::read_to_string(&known).unwrap();
+    assert!(
+        text.starts_with("[other.example]:22 ssh-ed25519 AAAAkeepme\n"),
+        "{text}"
+    );
+    assert_eq!(text.matches("@cert-authority").count(), 1, "{text}");
+    let ca = std::fs::read_to_string(root.path().join("tls/ssh_host_ca.pub")).unwrap();
+    let ca: Vec<&str> = ca.split_whitespace().take(2).collect();
+    assert!(
+        text.contains(&format!(
+            "@cert-authority [127.0.0.1]:{listen} {}",
+            ca.join(" ")
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::metadata(root.path().join("tls/ssh_host_ca"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+}
