@@ -752,3 +752,90 @@ fn install_adds_the_cert_authority_lines_once_keeping_the_files_other_lines() {
         0o600
     );
 }
+
+#[test]
+fn a_held_command_runs_once_another_user_approves_it_and_a_grant_covers_it_again() {
+    use tollgate_tests::review::{approvals_as, id_of, ok, pending_from};
+    let policy = r#"
+[defaults]
+action = "allow"
+
+[[rule]]
+name = "review-touch"
+action = "review"
+message = "changes on web need a second person"
+approvers = ["group:daemon"]
+timeout = "30s"
+grant = "1h"
+[rule.match]
+kinds = ["exec"]
+commands = ["touch *"]
+"#;
+    let s = Setup::start(policy, "127.0.0.1", Sshd::start(&[]), "", "");
+    // Reviewers reach the agent's socket.
+    std::fs::set_permissions(s.agent.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = s.agent.dir.path().join("approvals.sock");
+    let marker = s.sshd.dir().join("approved");
+    // The requester runs in a cgroup of its own, as a CI job would: a
+    // reviewer in the requester's cgroup is refused.
+    let cgroup = cgroup_mount().join(format!("tollgate-ssh-review-{}", s.listen));
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let _cgroup = RemovedOnDrop(vec![cgroup.clone()]);
+    let spawn = |command: &str| {
+        let mut args = client_options(&s.known_hosts);
+        args.extend([
+            "-p".to_owned(),
+            s.listen.to_string(),
+            format!("{}@127.0.0.1", s.sshd.user),
+            command.to_owned(),
+        ]);
+        tollgate_tests::review::spawn_in_cgroup(&cgroup, Path::new("/usr/bin/ssh"), &args)
+    };
+
+    // Denied by the reviewer: it never runs, and the client says why.
+    let denied_marker = s.sshd.dir().join("denied");
+    let mut client = spawn(&format!("touch {}", denied_marker.display()));
+    let pending = pending_from(&socket, &mut client);
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(
+        pending[0]["text"].as_str(),
+        Some(format!("touch {}", denied_marker.display()).as_str()),
+        "{pending:?}"
+    );
+    ok(&approvals_as(
+        &socket,
+        "daemon",
+        &["deny", &id_of(&pending[0]), "--reason", "not now"],
+    ));
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(255), "{}", both(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("held for review"), "{stderr}");
+    assert!(
+        stderr.contains("denied by reviewer daemon: not now"),
+        "{stderr}"
+    );
+    assert!(!denied_marker.exists());
+
+    // Approved: it runs, and its exit status comes back.
+    let mut client = spawn(&format!("touch {}; exit 5", marker.display()));
+    let pending = pending_from(&socket, &mut client);
+    ok(&approvals_as(
+        &socket,
+        "daemon",
+        &["approve", &id_of(&pending[0]), "--for", "30m"],
+    ));
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", both(&out));
+    assert!(marker.exists());
+
+    // The approval's grant covers the same command from the same identity.
+    std::fs::remove_file(&marker).unwrap();
+    let out = spawn(&format!("touch {}; exit 5", marker.display()))
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", both(&out));
+    assert!(marker.exists());
+    let shown = s.shown(|r| r.contains("grant"));
+    assert!(shown.contains("grant"), "{shown}");
+}

@@ -30,7 +30,7 @@ use crate::sql::{StatementKind, StatementSummary};
 
 /// How long a refusal's message has to reach the client's terminal before
 /// the request's failure (see [`Front::answer`]).
-const REFUSAL_DELAY: Duration = Duration::from_millis(100);
+pub(super) const REFUSAL_DELAY: Duration = Duration::from_millis(100);
 
 /// How long the host may take to answer a request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -80,6 +80,7 @@ pub(super) async fn run(
         Err(e) => return CloseReason::ClientError(e),
     };
     let (opened_tx, mut opened_rx) = mpsc::channel(8);
+    let (held_tx, mut held_rx) = mpsc::channel(8);
     let upstream = Arc::new(upstream);
     let front = Front {
         target: ctx.target.clone(),
@@ -89,6 +90,8 @@ pub(super) async fn run(
         metrics: Arc::clone(&ctx.target_metrics),
         upstream: Arc::clone(&upstream),
         opened: opened_tx,
+        held: held_tx,
+        reviews: ctx.approvals.is_some(),
         channels: HashMap::new(),
         brokered_user: user,
         announced: false,
@@ -108,7 +111,8 @@ pub(super) async fn run(
                 Err(russh::Error::Disconnect | russh::Error::HUP) => CloseReason::Completed,
                 Err(e) => CloseReason::ClientError(e.to_string()),
             },
-            Some(opened) = opened_rx.recv() => relays.push(relay(ctx, opened)),
+            Some(opened) = opened_rx.recv() => relays.push(Box::pin(relay(ctx, opened)) as Pending<'_>),
+            Some(held) = held_rx.recv() => relays.push(Box::pin(super::held::wait(ctx, held))),
             Some(ended) = relays.next(), if !relays.is_empty() => {
                 if let Err(reason) = ended {
                     break reason;
@@ -122,6 +126,30 @@ pub(super) async fn run(
         .await;
     reason
 }
+
+/// Sends a request on `shared`'s host channel and waits for the host's
+/// answer (at most [`REQUEST_TIMEOUT`]).
+pub(super) async fn ask<F, Fut>(shared: Arc<ChannelShared>, send: F) -> bool
+where
+    F: FnOnce(Arc<ChannelShared>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), russh::Error>>,
+{
+    let (tx, rx) = oneshot::channel();
+    if let Ok(mut answers) = shared.answers.lock() {
+        answers.push_back(tx);
+    }
+    if send(shared).await.is_err() {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(REQUEST_TIMEOUT, rx).await,
+        Ok(Ok(true))
+    )
+}
+
+/// A channel's relay or a held request, polled by [`run`].
+type Pending<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CloseReason>> + Send + 'a>>;
 
 /// Turns a client away before it can log in: the handshake completes, so
 /// that the client can show `message` (as the login banner), and every
@@ -183,11 +211,11 @@ fn refused() -> Auth {
 }
 
 /// What a channel's relay and its requests share.
-struct ChannelShared {
+pub(super) struct ChannelShared {
     /// The host's side of the channel, for data and requests.
-    upstream: ChannelWriteHalf<russh::client::Msg>,
+    pub(super) upstream: ChannelWriteHalf<russh::client::Msg>,
     /// Requests sent to the host and waiting for its answer, oldest first.
-    answers: Mutex<VecDeque<oneshot::Sender<bool>>>,
+    pub(super) answers: Mutex<VecDeque<oneshot::Sender<bool>>>,
     /// Whether the channel's data is recorded: it has a terminal (a pty
     /// was granted), or the target records everything (`record_raw`).
     recorded: std::sync::atomic::AtomicBool,
@@ -210,6 +238,10 @@ struct Front {
     metrics: Arc<crate::metrics::TargetMetrics>,
     upstream: Arc<Upstream>,
     opened: mpsc::Sender<OpenedChannel>,
+    /// Where held requests go, for [`run`] to wait on.
+    held: mpsc::Sender<super::held::HeldRequest>,
+    /// Whether the agent takes review requests.
+    reviews: bool,
     channels: HashMap<ChannelId, Arc<ChannelShared>>,
     brokered_user: String,
     /// Whether the login was recorded.
@@ -234,40 +266,68 @@ impl Front {
         Auth::Accept
     }
 
-    /// Decides one request and records the decision; `Err` holds the
-    /// message for the client when it may not run.
-    fn decide(&self, kind: StatementKind, command: &str, text: &str) -> Result<(), String> {
-        let summary = StatementSummary {
-            kind,
-            transaction: None,
-            command: Arc::from(command),
-            tables_read: Vec::new(),
-            tables_written: Vec::new(),
-            functions: Vec::new(),
-            flags: Default::default(),
-            fingerprint: Arc::from(""),
-            text: text.to_owned(),
-        };
+    /// Decides one request and records the decision.
+    fn decide(&self, kind: StatementKind, command: &str, text: &str) -> Verdict {
         let decision = match self.events.recording_failure() {
             Some(failure) => fixed_refusal(format!(
                 "session recording has failed ({failure}), and nothing may run unrecorded"
             )),
-            None => crate::policy::current_policy(&self.policy).decide(&Request {
-                target: &self.target,
-                identity: &self.info.identity,
-                statement: Statement::Parsed(&summary),
-                multi_statement: false,
-            }),
+            None => decide_request(&self.policy, &self.target, &self.info, kind, command, text),
         };
         let runs = matches!(decision.action, Action::Allow | Action::Audit);
-        self.record(kind, command, text, &decision, !runs);
+        // A request a `review` rule names approvers for waits for them
+        // (a forward is a channel to open, which cannot wait).
+        let held = decision.action == Action::Review
+            && self.reviews
+            && kind != StatementKind::Forward
+            && decision.deciding_rule().is_some_and(|r| r.review.is_some());
+        self.record(kind, command, text, &decision, !runs && !held);
         if runs {
-            Ok(())
+            Verdict::Run
+        } else if held {
+            Verdict::Hold(decision)
         } else if decision.matched.is_empty() && !decision.default_used {
-            Err(format!("tollgate: {command} refused: {}", decision.reason))
+            Verdict::Refuse(format!("tollgate: {command} refused: {}", decision.reason))
         } else {
-            Err(decision.client_message(command))
+            Verdict::Refuse(decision.client_message(command))
         }
+    }
+
+    /// Decides `request` and runs it on the host, refuses it, or hands it
+    /// to [`run`] to wait for its reviewers (answered then).
+    async fn run_request(
+        &mut self,
+        channel: ChannelId,
+        request: ToRun,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let outcome = match self.decide(request.kind(), &request.command(), request.text()) {
+            Verdict::Run => Ok(self
+                .ask_host(channel, |shared| async move {
+                    request.send(&shared.upstream).await
+                })
+                .await),
+            Verdict::Refuse(message) => Err(message),
+            Verdict::Hold(decision) => {
+                let Some(shared) = self.channels.get(&channel).cloned() else {
+                    return session.channel_failure(channel);
+                };
+                let held = super::held::HeldRequest {
+                    channel,
+                    request,
+                    decision,
+                    shared,
+                    session: session.handle(),
+                    identity: Arc::clone(&self.info),
+                    user: self.brokered_user.clone(),
+                };
+                if self.held.send(held).await.is_err() {
+                    return Err(russh::Error::Disconnect);
+                }
+                return Ok(());
+            }
+        };
+        Self::answer(session, channel, outcome)
     }
 
     /// Records a request that is always refused, saying why.
@@ -304,20 +364,10 @@ impl Front {
         F: FnOnce(Arc<ChannelShared>) -> Fut,
         Fut: std::future::Future<Output = Result<(), russh::Error>>,
     {
-        let Some(shared) = self.channels.get(&channel).cloned() else {
-            return false;
-        };
-        let (tx, rx) = oneshot::channel();
-        if let Ok(mut answers) = shared.answers.lock() {
-            answers.push_back(tx);
+        match self.channels.get(&channel).cloned() {
+            Some(shared) => ask(shared, send).await,
+            None => false,
         }
-        if send(shared).await.is_err() {
-            return false;
-        }
-        matches!(
-            tokio::time::timeout(REQUEST_TIMEOUT, rx).await,
-            Ok(Ok(true))
-        )
     }
 
     /// Answers the client's request: the host's answer, or a refusal with
@@ -343,6 +393,93 @@ impl Front {
             }
         }
     }
+}
+
+/// What the policy says of a request.
+enum Verdict {
+    /// It runs.
+    Run,
+    /// It is refused; the message for the client.
+    Refuse(String),
+    /// It waits for reviewers (the decision whose rule holds it).
+    Hold(Decision),
+}
+
+/// A request that runs something on the host.
+pub(super) enum ToRun {
+    /// An interactive shell.
+    Shell,
+    /// A command line.
+    Exec(String),
+    /// A subsystem, by name.
+    Subsystem(String),
+}
+
+impl ToRun {
+    pub(super) fn kind(&self) -> StatementKind {
+        match self {
+            ToRun::Shell => StatementKind::Shell,
+            ToRun::Exec(_) => StatementKind::Exec,
+            ToRun::Subsystem(_) => StatementKind::Subsystem,
+        }
+    }
+
+    /// Its label in messages and `commands` conditions.
+    pub(super) fn command(&self) -> String {
+        match self {
+            ToRun::Shell => "SHELL".to_owned(),
+            ToRun::Exec(line) => line.clone(),
+            ToRun::Subsystem(name) => format!("SUBSYSTEM {name}"),
+        }
+    }
+
+    /// Its text for `text_regex` conditions and reviewers.
+    pub(super) fn text(&self) -> &str {
+        match self {
+            ToRun::Shell => "",
+            ToRun::Exec(text) | ToRun::Subsystem(text) => text,
+        }
+    }
+
+    /// Sends it on the host's channel, asking for an answer.
+    pub(super) async fn send(
+        &self,
+        upstream: &ChannelWriteHalf<russh::client::Msg>,
+    ) -> Result<(), russh::Error> {
+        match self {
+            ToRun::Shell => upstream.request_shell(true).await,
+            ToRun::Exec(line) => upstream.exec(true, line.as_bytes()).await,
+            ToRun::Subsystem(name) => upstream.request_subsystem(true, name.as_str()).await,
+        }
+    }
+}
+
+/// The policy's decision on one request of `info`'s session.
+pub(super) fn decide_request(
+    policy: &SharedPolicy,
+    target: &str,
+    info: &SessionInfo,
+    kind: StatementKind,
+    command: &str,
+    text: &str,
+) -> Decision {
+    let summary = StatementSummary {
+        kind,
+        transaction: None,
+        command: Arc::from(command),
+        tables_read: Vec::new(),
+        tables_written: Vec::new(),
+        functions: Vec::new(),
+        flags: Default::default(),
+        fingerprint: Arc::from(""),
+        text: text.to_owned(),
+    };
+    crate::policy::current_policy(policy).decide(&Request {
+        target,
+        identity: &info.identity,
+        statement: Statement::Parsed(&summary),
+        multi_statement: false,
+    })
 }
 
 /// A decision no rule made: a refusal that is not the policy's.
@@ -411,8 +548,11 @@ impl russh::server::Handler for Front {
     ) -> Result<(), Self::Error> {
         let destination = format!("{host_to_connect}:{port_to_connect}");
         let command = format!("FORWARD {destination}");
-        if let Err(message) = self.decide(StatementKind::Forward, &command, &destination) {
-            tracing::info!(session = %self.info.id, "{message}");
+        if !matches!(
+            self.decide(StatementKind::Forward, &command, &destination),
+            Verdict::Run
+        ) {
+            tracing::info!(session = %self.info.id, "{command} refused");
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -490,15 +630,7 @@ impl russh::server::Handler for Front {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let outcome = match self.decide(StatementKind::Shell, "SHELL", "") {
-            Ok(()) => Ok(self
-                .ask_host(channel, |shared| async move {
-                    shared.upstream.request_shell(true).await
-                })
-                .await),
-            Err(message) => Err(message),
-        };
-        Self::answer(session, channel, outcome)
+        self.run_request(channel, ToRun::Shell, session).await
     }
 
     async fn exec_request(
@@ -510,8 +642,11 @@ impl russh::server::Handler for Front {
         // What is decided must be what runs: a command that is not UTF-8
         // text, or that holds a NUL (the host's shell stops reading there),
         // would be matched as other text than the host runs.
-        let command = match std::str::from_utf8(data) {
-            Ok(text) if !text.contains('\0') => text.to_owned(),
+        match std::str::from_utf8(data) {
+            Ok(text) if !text.contains('\0') => {
+                self.run_request(channel, ToRun::Exec(text.to_owned()), session)
+                    .await
+            }
             _ => {
                 let shown = String::from_utf8_lossy(data).replace('\0', "\\0");
                 let message = self.refuse_always(
@@ -519,18 +654,9 @@ impl russh::server::Handler for Front {
                     &shown,
                     "the command is not UTF-8 text without NUL bytes, so it cannot be decided as the host would run it",
                 );
-                return Self::answer(session, channel, Err(message));
+                Self::answer(session, channel, Err(message))
             }
-        };
-        let outcome = match self.decide(StatementKind::Exec, &command, &command) {
-            Ok(()) => Ok(self
-                .ask_host(channel, |shared| async move {
-                    shared.upstream.exec(true, data).await
-                })
-                .await),
-            Err(message) => Err(message),
-        };
-        Self::answer(session, channel, outcome)
+        }
     }
 
     async fn subsystem_request(
@@ -539,16 +665,8 @@ impl russh::server::Handler for Front {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let command = format!("SUBSYSTEM {name}");
-        let outcome = match self.decide(StatementKind::Subsystem, &command, name) {
-            Ok(()) => Ok(self
-                .ask_host(channel, |shared| async move {
-                    shared.upstream.request_subsystem(true, name).await
-                })
-                .await),
-            Err(message) => Err(message),
-        };
-        Self::answer(session, channel, outcome)
+        self.run_request(channel, ToRun::Subsystem(name.to_owned()), session)
+            .await
     }
 
     async fn x11_request(

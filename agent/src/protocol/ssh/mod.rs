@@ -22,6 +22,7 @@
 //! have nothing to leak.
 
 mod front;
+mod held;
 pub mod keys;
 
 use std::collections::HashMap;
