@@ -250,6 +250,13 @@ pub enum SessionEvent {
         /// What happened (boxed: the largest event otherwise).
         review: Box<ReviewUpdate>,
     },
+    /// A file operation of an SSH session's sftp channel.
+    Sftp {
+        /// Session id.
+        session: Uuid,
+        /// What was done.
+        record: crate::recording::format::SftpRecord,
+    },
     /// A command, shell or subsystem of an SSH channel ended.
     ChannelExit {
         /// Session id.
@@ -536,6 +543,10 @@ impl EventSink for LogSink {
             SessionEvent::Raw { .. } => {}
             // Job recordings are written by the recorder alone.
             SessionEvent::Job { .. } => {}
+            SessionEvent::Sftp { session, record } => {
+                tracing::info!(%session, op = %record.op, path = %record.path, to = record.to.as_deref(),
+                    bytes_read = record.bytes_read, bytes_written = record.bytes_written, "sftp");
+            }
             SessionEvent::ChannelExit {
                 session,
                 channel,

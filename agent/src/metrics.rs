@@ -574,6 +574,7 @@ impl EventSink for Metrics {
             | SessionEvent::ExeHashed { .. }
             | SessionEvent::Job { .. }
             | SessionEvent::ChannelExit { .. }
+            | SessionEvent::Sftp { .. }
             | SessionEvent::Closed { .. } => {}
             SessionEvent::Review { review, .. } => self.review(review),
             SessionEvent::Intervention { intervention, .. } => {

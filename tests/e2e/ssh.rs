@@ -530,13 +530,16 @@ fn through_the_redirect_ssh_scp_sftp_git_and_a_shell_work_with_no_key_in_the_job
     // sftp in batch mode.
     let batch = s.dir.path().join("batch");
     let by_sftp = s.sshd.dir().join("by-sftp.txt");
+    let renamed = s.sshd.dir().join("renamed.txt");
+    let fetched = s.dir.path().join("fetched.txt");
     std::fs::write(
         &batch,
         format!(
-            "put {} {}\nls -l {}\n",
-            local.display(),
-            by_sftp.display(),
-            by_sftp.display()
+            "put {local} {up}\nrename {up} {renamed}\nls -l {renamed}\nget {renamed} {fetched}\nrm {renamed}\n",
+            local = local.display(),
+            up = by_sftp.display(),
+            renamed = renamed.display(),
+            fetched = fetched.display(),
         ),
     )
     .unwrap();
@@ -553,7 +556,31 @@ fn through_the_redirect_ssh_scp_sftp_git_and_a_shell_work_with_no_key_in_the_job
         &sftp.iter().map(String::as_str).collect::<Vec<_>>(),
     ));
     assert!(out.status.success(), "{}", both(&out));
-    assert!(by_sftp.exists());
+    assert_eq!(
+        std::fs::read_to_string(&fetched).unwrap(),
+        "a file that travels\n"
+    );
+    assert!(!by_sftp.exists() && !renamed.exists());
+    // Its file operations are in the session's recording, with sizes.
+    let shown = s.shown(|r| r.contains("sftp: rename"));
+    for line in [
+        format!(
+            "sftp: file {} (0 bytes read, 20 written)",
+            by_sftp.display()
+        ),
+        format!(
+            "sftp: rename {} -> {}",
+            by_sftp.display(),
+            renamed.display()
+        ),
+        format!(
+            "sftp: file {} (20 bytes read, 0 written)",
+            renamed.display()
+        ),
+        format!("sftp: remove {}", renamed.display()),
+    ] {
+        assert!(shown.contains(&line), "{line}\n{shown}");
+    }
 
     // git push to and clone from a bare repository over SSH.
     let bare = s.sshd.dir().join("repo.git");

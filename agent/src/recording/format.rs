@@ -206,6 +206,27 @@ pub struct EventRecord {
     pub event: Event,
 }
 
+/// A file operation of an sftp channel (`Event::Sftp`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SftpRecord {
+    /// The channel's number.
+    pub channel: u32,
+    /// `file`, `list`, `remove`, `mkdir`, `rmdir`, `rename`, `setstat`,
+    /// `symlink` or `unfollowed`.
+    pub op: String,
+    /// The path (for `unfollowed`, why).
+    pub path: String,
+    /// The new path (`rename`) or the link's target (`symlink`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Bytes read from a `file`.
+    #[serde(default)]
+    pub bytes_read: u64,
+    /// Bytes written to a `file`.
+    #[serde(default)]
+    pub bytes_written: u64,
+}
+
 /// An event payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -300,6 +321,8 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exit_signal: Option<String>,
     },
+    /// SSH: a file operation of an sftp channel.
+    Sftp(SftpRecord),
     /// Job recordings: a process of the job ran a program.
     ProcessExec(ProcessExecRecord),
     /// Job recordings: a process of the job forked.

@@ -477,6 +477,17 @@ fn event_lines(p: &Paint, e: &EventRecord, ssh: bool) -> String {
         Event::Intervention(i) => {
             let _ = writeln!(out, "{t}  {} {}", p.bold("on_match:"), i.describe());
         }
+        Event::Sftp(r) => {
+            let what = match (r.op.as_str(), &r.to) {
+                ("file", _) => format!(
+                    "{} ({} bytes read, {} written)",
+                    r.path, r.bytes_read, r.bytes_written
+                ),
+                (_, Some(to)) => format!("{} -> {to}", r.path),
+                (_, None) => r.path.clone(),
+            };
+            let _ = writeln!(out, "{t}  {} {} {what}", p.bold("sftp:"), r.op);
+        }
         Event::ChannelExit {
             channel,
             exit_status,

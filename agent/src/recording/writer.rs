@@ -309,6 +309,7 @@ fn session_of(event: &SessionEvent) -> Uuid {
         | SessionEvent::Intervention { session, .. }
         | SessionEvent::Job { session, .. }
         | SessionEvent::ChannelExit { session, .. }
+        | SessionEvent::Sftp { session, .. }
         | SessionEvent::Closed { session, .. } => *session,
         SessionEvent::Statement(statement) => statement.session,
     }
@@ -1155,6 +1156,7 @@ fn event_body(event: &SessionEvent) -> Option<Event> {
         SessionEvent::Intervention { intervention, .. } => {
             Event::Intervention((**intervention).clone())
         }
+        SessionEvent::Sftp { record, .. } => Event::Sftp(record.clone()),
         SessionEvent::ChannelExit {
             channel,
             exit_status,

@@ -219,6 +219,54 @@ pub(super) struct ChannelShared {
     /// Whether the channel's data is recorded: it has a terminal (a pty
     /// was granted), or the target records everything (`record_raw`).
     recorded: std::sync::atomic::AtomicBool,
+    /// An sftp channel's file operations, followed for the recording.
+    sftp: Mutex<Option<super::sftp::SftpFollower>>,
+}
+
+impl ChannelShared {
+    /// Gets ready for `request` before it is sent: an sftp subsystem's
+    /// file operations are followed from its first byte.
+    pub(super) fn prepare(&self, request: &ToRun) {
+        if matches!(request, ToRun::Subsystem(name) if name == "sftp") {
+            if let Ok(mut sftp) = self.sftp.lock() {
+                *sftp = Some(super::sftp::SftpFollower::default());
+            }
+        }
+    }
+
+    /// Follows `data` if this is an sftp channel; the operations it ends.
+    fn follow_sftp(&self, data: &[u8], from_client: bool) -> Vec<super::sftp::SftpOp> {
+        match self.sftp.lock() {
+            Ok(mut guard) => match guard.as_mut() {
+                Some(f) if from_client => f.from_client(data),
+                Some(f) => f.from_server(data),
+                None => Vec::new(),
+            },
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Records sftp operations of `channel`.
+fn record_sftp(
+    ctx: &SessionContext,
+    session: uuid::Uuid,
+    channel: ChannelId,
+    ops: Vec<super::sftp::SftpOp>,
+) {
+    for op in ops {
+        ctx.events.emit(&SessionEvent::Sftp {
+            session,
+            record: crate::recording::format::SftpRecord {
+                channel: u32::from(channel),
+                op: op.op.to_owned(),
+                path: op.path,
+                to: op.to,
+                bytes_read: op.bytes_read,
+                bytes_written: op.bytes_written,
+            },
+        });
+    }
 }
 
 /// A channel both sides opened, for [`relay`].
@@ -304,6 +352,7 @@ impl Front {
         let outcome = match self.decide(request.kind(), &request.command(), request.text()) {
             Verdict::Run => Ok(self
                 .ask_host(channel, |shared| async move {
+                    shared.prepare(&request);
                     request.send(&shared.upstream).await
                 })
                 .await),
@@ -782,6 +831,7 @@ impl Front {
             upstream: upstream_write,
             answers: Mutex::new(VecDeque::new()),
             recorded: std::sync::atomic::AtomicBool::new(self.events.records_raw(&self.target)),
+            sftp: Mutex::new(None),
         });
         self.channels.insert(client.id(), Arc::clone(&shared));
         reply.accept().await;
@@ -820,6 +870,7 @@ async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseR
                     if shared.recorded.load(Ordering::Relaxed) {
                         ctx.events.emit_raw(session_id, RawDirection::Client, &data);
                     }
+                    record_sftp(ctx, session_id, id, shared.follow_sftp(&data, true));
                     if shared.upstream.data_bytes(data).await.is_err() {
                         break;
                     }
@@ -866,6 +917,7 @@ async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseR
                     if shared.recorded.load(Ordering::Relaxed) {
                         ctx.events.emit_raw(session_id, RawDirection::Server, &data);
                     }
+                    record_sftp(ctx, session_id, id, shared.follow_sftp(&data, false));
                     if client_write.data_bytes(data).await.is_err() {
                         break;
                     }
@@ -923,5 +975,14 @@ async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseR
         Ok(())
     };
     let (_, ended) = tokio::join!(from_client, from_upstream);
+    // Files left open when the channel closed.
+    let left = match shared.sftp.lock() {
+        Ok(mut guard) => guard
+            .as_mut()
+            .map(super::sftp::SftpFollower::finish)
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    record_sftp(ctx, session_id, id, left);
     ended
 }

@@ -168,6 +168,7 @@ async fn answer_from_host(
     request: ToRun,
 ) {
     let ok = ask(shared, |shared| async move {
+        shared.prepare(&request);
         request.send(&shared.upstream).await
     })
     .await;

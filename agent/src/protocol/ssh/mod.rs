@@ -24,6 +24,7 @@
 mod front;
 mod held;
 pub mod keys;
+pub mod sftp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
