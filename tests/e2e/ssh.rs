@@ -866,3 +866,29 @@ commands = ["touch *"]
     let shown = s.shown(|r| r.contains("grant"));
     assert!(shown.contains("grant"), "{shown}");
 }
+
+#[test]
+fn a_rule_with_on_match_kill_ends_the_ssh_that_sent_the_command() {
+    let policy = r#"
+[defaults]
+action = "allow"
+
+[[rule]]
+name = "no-shadow"
+action = "deny"
+on_match = "kill"
+[rule.match]
+kinds = ["exec"]
+text_regex = "/etc/shadow"
+"#;
+    let s = Setup::start(policy, "127.0.0.1", Sshd::start(&[]), "", "");
+    let out = run(s.ssh().arg("cat /etc/shadow"));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9), "{}", both(&out));
+    // Other commands of other clients go on.
+    let out = run(s.ssh().arg("echo fine"));
+    assert!(out.status.success(), "{}", both(&out));
+    let shown = s.shown(|r| r.contains("cat /etc/shadow"));
+    assert!(shown.contains("on_match:"), "{shown}");
+    assert!(shown.contains("DENY   cat /etc/shadow"), "{shown}");
+}

@@ -330,6 +330,13 @@ impl Front {
             && kind != StatementKind::Forward
             && decision.deciding_rule().is_some_and(|r| r.review.is_some());
         self.record(kind, command, text, &decision, !runs && !held);
+        // A rule's `on_match` acts before the client hears the answer.
+        crate::intervene::act_on(
+            std::slice::from_ref(&decision),
+            &self.info.identity,
+            self.info.id,
+            &self.events,
+        );
         if runs {
             Verdict::Run
         } else if held {
