@@ -347,6 +347,9 @@ fn an_exec_after_connect_does_not_inherit_the_trusted_executables_grant() {
     let agent_pid = spoof.agent().child.id();
     send_signal(agent_pid, libc::SIGSTOP);
     let resumed = Resume(agent_pid);
+    // SIGSTOP takes effect a moment after kill() returns: on a busy machine
+    // an agent thread could still accept and look before it.
+    wait_until_stopped(agent_pid);
     writeln!(spoofer.stdin.take().unwrap(), "go").unwrap();
     wait_for_file(Path::new(&marker), &mut spoofer);
     // The exec happened: /proc now shows the trusted tool for that pid.
@@ -438,6 +441,7 @@ fn a_pid_reused_between_connect_and_accept_does_not_lend_its_grant() {
     let agent_pid = spoof.agent().child.id();
     send_signal(agent_pid, libc::SIGSTOP);
     let resumed = Resume(agent_pid);
+    wait_until_stopped(agent_pid);
     writeln!(connecter.stdin.take().unwrap(), "go").unwrap();
     wait_for_file(Path::new(&pidfile), &mut connecter);
     let pid: u32 = std::fs::read_to_string(&pidfile)
@@ -793,4 +797,28 @@ fn executables_on_overlayfs_and_btrfs_subvolumes_are_recognised_as_the_ones_that
         assert_eq!(started["identity_instance"], "same", "{case}: {started}");
     }
     drop(mounts);
+}
+
+/// Waits until every thread of `pid` is stopped (state `T` in its stat).
+fn wait_until_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all_stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .all(|task| {
+                std::fs::read_to_string(task.path().join("stat"))
+                    .ok()
+                    .and_then(|stat| {
+                        stat.rsplit_once(") ")
+                            .map(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+                    })
+                    .unwrap_or(true)
+            });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the agent did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
