@@ -766,6 +766,26 @@ fn check_targets(c: &mut Checker<'_>, raw: &[RawTarget]) -> TargetSet {
     TargetSet::new(targets)
 }
 
+/// A secret file setting (`field`), checked as secret files are; `Err`
+/// once the error is reported.
+fn secret_path(
+    c: &mut Checker<'_>,
+    field: &str,
+    file: Option<&Spanned<String>>,
+) -> Result<Option<PathBuf>, ()> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(file.get_ref());
+    match secret::check_secret_file(&path) {
+        Ok(()) => Ok(Some(path)),
+        Err(e) => {
+            c.error(file, format!("{field}: {e}"));
+            Err(())
+        }
+    }
+}
+
 /// An SSH target's settings: a known-hosts file for the real host's key
 /// (never trust on first use) and brokered keys for every session (the
 /// agent terminates SSH, so a client's own key cannot reach the host).
@@ -857,16 +877,8 @@ fn check_credentials(
             );
             continue;
         }
-        let password_file = match &raw.password_file {
-            None => None,
-            Some(file) => {
-                let path = PathBuf::from(file.get_ref());
-                if let Err(e) = secret::check_secret_file(&path) {
-                    c.error(file, format!("password_file: {e}"));
-                    continue;
-                }
-                Some(path)
-            }
+        let Ok(password_file) = secret_path(c, "password_file", raw.password_file.as_ref()) else {
+            continue;
         };
         let client_cert = match (&raw.tls_client_cert, &raw.tls_client_key) {
             (None, None) => None,
@@ -893,16 +905,8 @@ fn check_credentials(
                 continue;
             }
         };
-        let ssh_key_file = match &raw.ssh_key_file {
-            None => None,
-            Some(file) => {
-                let path = PathBuf::from(file.get_ref());
-                if let Err(e) = secret::check_secret_file(&path) {
-                    c.error(file, format!("ssh_key_file: {e}"));
-                    continue;
-                }
-                Some(path)
-            }
+        let Ok(ssh_key_file) = secret_path(c, "ssh_key_file", raw.ssh_key_file.as_ref()) else {
+            continue;
         };
         if protocol == Some(Protocol::Ssh) && ssh_key_file.is_none() {
             c.error(

@@ -582,14 +582,9 @@ impl russh::server::Handler for Front {
         reply: russh::server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        match self.upstream.channel_open_session().await {
-            Ok(upstream) => self.opened(channel, upstream, reply, session).await,
-            Err(e) => {
-                tracing::debug!(session = %self.info.id, "the host refused a session channel: {e}");
-                reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                Ok(())
-            }
-        }
+        let upstream = self.upstream.channel_open_session().await;
+        self.open_on_host(channel, upstream, reply, session, "a session channel")
+            .await
     }
 
     async fn channel_open_direct_tcpip(
@@ -614,7 +609,7 @@ impl russh::server::Handler for Front {
                 .await;
             return Ok(());
         }
-        match self
+        let upstream = self
             .upstream
             .channel_open_direct_tcpip(
                 host_to_connect,
@@ -622,15 +617,9 @@ impl russh::server::Handler for Front {
                 originator_address,
                 originator_port,
             )
+            .await;
+        self.open_on_host(channel, upstream, reply, session, &command)
             .await
-        {
-            Ok(upstream) => self.opened(channel, upstream, reply, session).await,
-            Err(e) => {
-                tracing::debug!(session = %self.info.id, "the host refused forwarding to {destination}: {e}");
-                reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                Ok(())
-            }
-        }
     }
 
     async fn pty_request(
@@ -824,6 +813,26 @@ impl russh::server::Handler for Front {
 }
 
 impl Front {
+    /// Accepts the client's channel once the host opened its side (`what`
+    /// names it for the log), or refuses it.
+    async fn open_on_host(
+        &mut self,
+        client: Channel<Msg>,
+        upstream: Result<Channel<russh::client::Msg>, russh::Error>,
+        reply: russh::server::ChannelOpenHandle,
+        session: &mut Session,
+        what: &str,
+    ) -> Result<(), russh::Error> {
+        match upstream {
+            Ok(upstream) => self.opened(client, upstream, reply, session).await,
+            Err(e) => {
+                tracing::debug!(session = %self.info.id, "the host refused {what}: {e}");
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                Ok(())
+            }
+        }
+    }
+
     /// Both sides of a channel are open: accept the client's and start its
     /// relay.
     async fn opened(
