@@ -33,6 +33,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     for op in follower.finish() {
-        assert!(!stopped, "a file left open after the follower stopped: {op:?}");
+        assert!(
+            !stopped,
+            "a file left open after the follower stopped: {op:?}"
+        );
     }
 });
