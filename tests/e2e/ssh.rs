@@ -95,6 +95,12 @@ impl Setup {
         }
     }
 
+    /// A port something listens on that no rule allows a forward to: the
+    /// agent's own listener.
+    fn agent_port(&self) -> u16 {
+        self.listen
+    }
+
     /// `ssh` to the listener, as the server's user.
     fn ssh(&self) -> Command {
         ssh_command(
@@ -634,8 +640,12 @@ fn through_the_redirect_ssh_scp_sftp_git_and_a_shell_work_with_no_key_in_the_job
     );
 
     // An interactive shell on a terminal, then replayed from its recording.
-    let mut shell = ssh_line.clone();
-    shell.insert(1, "-tt");
+    // ssh runs on a pseudo-terminal of its own (script(1)), as a person's
+    // would, and asks for one on the host.
+    let mut shell_line = ssh_line.clone();
+    shell_line.insert(1, "-t");
+    let shell_line = shell_line.join(" ");
+    let shell = ["script", "-q", "-e", "-c", &shell_line, "/dev/null"];
     let mut child = governed(&shell)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -891,4 +901,93 @@ text_regex = "/etc/shadow"
     let shown = s.shown(|r| r.contains("cat /etc/shadow"));
     assert!(shown.contains("on_match:"), "{shown}");
     assert!(shown.contains("DENY   cat /etc/shadow"), "{shown}");
+}
+
+#[test]
+fn a_forward_a_rule_allows_reaches_the_host_and_others_are_refused() {
+    let sshd = Sshd::start(&[]);
+    let policy = format!(
+        r#"
+[defaults]
+action = "allow"
+
+[[rule]]
+name = "only-the-listed-tunnel"
+action = "deny"
+[rule.match]
+kinds = ["forward"]
+[rule.except]
+text_regex = '^127\.0\.0\.1:{}$'
+"#,
+        sshd.port
+    );
+    let s = Setup::start(&policy, "127.0.0.1", sshd, "", "");
+    let allowed = free_port();
+    let other = free_port();
+    let mut tunnel = s
+        .ssh()
+        .arg("-N")
+        .arg("-L")
+        .arg(format!("127.0.0.1:{allowed}:127.0.0.1:{}", s.sshd.port))
+        .arg("-L")
+        .arg(format!("127.0.0.1:{other}:127.0.0.1:{}", s.agent_port()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read_through = |port: u16| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut through = loop {
+            if let Ok(c) = TcpStream::connect(("127.0.0.1", port)) {
+                break c;
+            }
+            assert!(Instant::now() < deadline, "the tunnel did not open");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        through
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = [0u8; 64];
+        let n = std::io::Read::read(&mut through, &mut got).unwrap_or(0);
+        String::from_utf8_lossy(&got[..n]).into_owned()
+    };
+    // The listed destination: the host's own sshd answers through it.
+    assert!(read_through(allowed).starts_with("SSH-2.0-OpenSSH"));
+    // Another one is refused by the agent.
+    assert_eq!(read_through(other), "");
+    let _ = tunnel.kill();
+    let _ = tunnel.wait();
+    let shown = s.shown(|r| r.contains("FORWARD"));
+    assert!(
+        shown.contains(&format!("ALLOW  FORWARD 127.0.0.1:{}", s.sshd.port)),
+        "{shown}"
+    );
+    assert!(shown.contains("[rule only-the-listed-tunnel]"), "{shown}");
+}
+
+#[test]
+fn rsync_over_ssh_copies_through_the_agent() {
+    let s = Setup::start(POLICY, "127.0.0.1", Sshd::start(&[]), "", "");
+    let source = s.dir.path().join("tree");
+    std::fs::create_dir_all(source.join("sub")).unwrap();
+    std::fs::write(source.join("a.txt"), "first\n").unwrap();
+    std::fs::write(source.join("sub/b.txt"), "second\n").unwrap();
+    let target = s.sshd.dir().join("copied");
+    let shell = format!(
+        "ssh {} -p {}",
+        client_options(&s.known_hosts).join(" "),
+        s.listen
+    );
+    let out = run(Command::new("rsync")
+        .args(["-a", "-e", &shell])
+        .arg(format!("{}/", source.display()))
+        .arg(format!("{}@127.0.0.1:{}/", s.sshd.user, target.display())));
+    assert!(out.status.success(), "{}", both(&out));
+    assert_eq!(
+        std::fs::read_to_string(target.join("sub/b.txt")).unwrap(),
+        "second\n"
+    );
+    let shown = s.shown(|r| r.contains("rsync --server"));
+    assert!(shown.contains("ALLOW  rsync --server"), "{shown}");
+    assert!(shown.contains("exit status 0"), "{shown}");
 }
