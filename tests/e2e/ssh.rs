@@ -991,3 +991,74 @@ fn rsync_over_ssh_copies_through_the_agent() {
     assert!(shown.contains("ALLOW  rsync --server"), "{shown}");
     assert!(shown.contains("exit status 0"), "{shown}");
 }
+
+#[test]
+fn a_remote_forward_a_rule_allows_brings_the_hosts_connections_back_to_the_job() {
+    let sshd = Sshd::start(&[]);
+    let allowed = free_port();
+    let policy = format!(
+        r#"
+[defaults]
+action = "allow"
+
+[[rule]]
+name = "only-the-listed-tunnel"
+action = "deny"
+[rule.match]
+kinds = ["forward"]
+[rule.except]
+text_regex = '^127\.0\.0\.1:{allowed}$'
+"#
+    );
+    let s = Setup::start(&policy, "127.0.0.1", sshd, "", "");
+    // A service on the job's side that greets whoever connects.
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let service_port = service.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in service.incoming().flatten() {
+            let mut conn = conn;
+            let _ = std::io::Write::write_all(&mut conn, b"hello from the job\n");
+        }
+    });
+    let mut tunnel = s
+        .ssh()
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"])
+        .arg(format!("127.0.0.1:{allowed}:127.0.0.1:{service_port}"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // On the host (this machine), the forwarded port reaches the service.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = String::new();
+    while !got.contains("hello from the job") {
+        assert!(
+            Instant::now() < deadline,
+            "the forward did not bring the service back: {got:?}"
+        );
+        if let Ok(mut c) = TcpStream::connect(("127.0.0.1", allowed)) {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            got.clear();
+            let _ = std::io::Read::read_to_string(&mut c, &mut got);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = tunnel.kill();
+    let _ = tunnel.wait();
+
+    // Another port is refused, and ssh says so.
+    let other = free_port();
+    let out = run(s
+        .ssh()
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"])
+        .arg(format!("127.0.0.1:{other}:127.0.0.1:{service_port}")));
+    assert_eq!(out.status.code(), Some(255), "{}", both(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("remote port forwarding failed"),
+        "{}",
+        both(&out)
+    );
+    assert!(TcpStream::connect(("127.0.0.1", other)).is_err());
+    let shown = s.shown(|r| r.contains(&format!("REMOTE FORWARD 127.0.0.1:{other}")));
+    assert!(shown.contains("[rule only-the-listed-tunnel]"), "{shown}");
+}

@@ -74,6 +74,7 @@ pub(super) async fn run(
     client: TcpStream,
     upstream: Upstream,
     user: String,
+    forwarded: ForwardSlot,
 ) -> CloseReason {
     let config = match client_config(host, names, ctx) {
         Ok(config) => Arc::new(config),
@@ -91,6 +92,7 @@ pub(super) async fn run(
         upstream: Arc::clone(&upstream),
         opened: opened_tx,
         held: held_tx,
+        forwarded,
         reviews: ctx.approvals.is_some(),
         channels: HashMap::new(),
         brokered_user: user,
@@ -286,6 +288,8 @@ struct Front {
     metrics: Arc<crate::metrics::TargetMetrics>,
     upstream: Arc<Upstream>,
     opened: mpsc::Sender<OpenedChannel>,
+    /// Where the host's remote-forward connections go, once one is allowed.
+    forwarded: ForwardSlot,
     /// Where held requests go, for [`run`] to wait on.
     held: mpsc::Sender<super::held::HeldRequest>,
     /// Whether the agent takes review requests.
@@ -749,14 +753,38 @@ impl russh::server::Handler for Front {
         &mut self,
         address: &str,
         port: &mut u32,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        self.refuse_always(
-            StatementKind::Forward,
-            &format!("REMOTE FORWARD {address}:{port}"),
-            "remote port forwarding (ssh -R) is not relayed",
-        );
-        Ok(false)
+        let listen = format!("{address}:{port}");
+        let command = format!("REMOTE FORWARD {listen}");
+        if !matches!(
+            self.decide(StatementKind::Forward, &command, &listen),
+            Verdict::Run
+        ) {
+            tracing::info!(session = %self.info.id, "{command} refused");
+            return Ok(false);
+        }
+        // The host's connections to the port come back as channels the
+        // agent opens to the client.
+        if let Ok(mut back) = self.forwarded.lock() {
+            *back = Some(ForwardBack {
+                session: session.handle(),
+                opened: self.opened.clone(),
+                recorded: self.events.records_raw(&self.target),
+            });
+        }
+        match self.upstream.tcpip_forward(address, *port).await {
+            Ok(bound) => {
+                if *port == 0 {
+                    *port = bound;
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(session = %self.info.id, "the host refused {command}: {e}");
+                Ok(false)
+            }
+        }
     }
 
     async fn streamlocal_forward(
@@ -842,27 +870,75 @@ impl Front {
         reply: russh::server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), russh::Error> {
-        let (upstream_read, upstream_write) = upstream.split();
-        let shared = Arc::new(ChannelShared {
-            upstream: upstream_write,
-            answers: Mutex::new(VecDeque::new()),
-            recorded: std::sync::atomic::AtomicBool::new(self.events.records_raw(&self.target)),
-            sftp: Mutex::new(None),
-        });
-        self.channels.insert(client.id(), Arc::clone(&shared));
+        let recorded = self.events.records_raw(&self.target);
+        let opened = OpenedChannel::pair(client, upstream, recorded, session.handle());
+        self.channels
+            .insert(opened.client.id(), Arc::clone(&opened.shared));
         reply.accept().await;
-        let opened = OpenedChannel {
-            client,
-            upstream: upstream_read,
-            shared,
-            session: session.handle(),
-        };
         if self.opened.send(opened).await.is_err() {
             return Err(russh::Error::Disconnect);
         }
         Ok(())
     }
 }
+
+impl OpenedChannel {
+    /// The client's and the host's sides of one channel, for [`relay`].
+    fn pair(
+        client: Channel<Msg>,
+        upstream: Channel<russh::client::Msg>,
+        recorded: bool,
+        session: russh::server::Handle,
+    ) -> OpenedChannel {
+        let (upstream_read, upstream_write) = upstream.split();
+        let shared = Arc::new(ChannelShared {
+            upstream: upstream_write,
+            answers: Mutex::new(VecDeque::new()),
+            recorded: std::sync::atomic::AtomicBool::new(recorded),
+            sftp: Mutex::new(None),
+        });
+        OpenedChannel {
+            client,
+            upstream: upstream_read,
+            shared,
+            session,
+        }
+    }
+}
+
+/// Where the host's connections to a remote forward (`ssh -R`) go: the
+/// client's connection, as channels the agent opens to it.
+#[derive(Clone)]
+pub(super) struct ForwardBack {
+    session: russh::server::Handle,
+    opened: mpsc::Sender<OpenedChannel>,
+    recorded: bool,
+}
+
+impl ForwardBack {
+    /// Opens a `forwarded-tcpip` channel to the client for the host's
+    /// `upstream` one and relays them; `false` when the client refused.
+    pub(super) async fn open(
+        &self,
+        upstream: Channel<russh::client::Msg>,
+        connected: (&str, u32),
+        originator: (&str, u32),
+    ) -> bool {
+        let client = self
+            .session
+            .channel_open_forwarded_tcpip(connected.0, connected.1, originator.0, originator.1)
+            .await;
+        let Ok(client) = client else {
+            return false;
+        };
+        let opened = OpenedChannel::pair(client, upstream, self.recorded, self.session.clone());
+        self.opened.send(opened).await.is_ok()
+    }
+}
+
+/// The slot a session's [`ForwardBack`] goes into once a remote forward is
+/// allowed, shared with the host's side.
+pub(super) type ForwardSlot = Arc<Mutex<Option<ForwardBack>>>;
 
 /// Relays one channel until either side closes it. `Err` ends the session
 /// (recording failed and nothing may run unrecorded).

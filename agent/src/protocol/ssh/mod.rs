@@ -140,7 +140,11 @@ impl SshHandler {
             .await;
             return CloseReason::RecordingFailed(failure);
         }
-        let (upstream, user) = match self.log_in(ctx, &info, target, upstream).await {
+        let forwarded = front::ForwardSlot::default();
+        let (upstream, user) = match self
+            .log_in(ctx, &info, target, upstream, Arc::clone(&forwarded))
+            .await
+        {
             Ok(login) => login,
             Err((message, reason)) => {
                 tracing::warn!(session = %info.id, target = %ctx.target, "{message}");
@@ -148,7 +152,7 @@ impl SshHandler {
                 return reason;
             }
         };
-        front::run(ctx, host, &names, info, client, upstream, user).await
+        front::run(ctx, host, &names, info, client, upstream, user, forwarded).await
     }
 
     /// Logs in to the host over `upstream` with the credential for the
@@ -160,6 +164,7 @@ impl SshHandler {
         info: &SessionInfo,
         target: &Target,
         upstream: TcpStream,
+        forwarded: front::ForwardSlot,
     ) -> Result<(Upstream, String), (String, CloseReason)> {
         let refused = |m: String| (m.clone(), CloseReason::ClientError(m));
         let credential = match target.login_for(&info.identity) {
@@ -204,6 +209,7 @@ impl SshHandler {
             host: ctx.upstream_name.clone(),
             port: ctx.upstream_addr.port(),
             refusal: Arc::default(),
+            forwarded,
         };
         let refusal = Arc::clone(&check.refusal);
         let user = credential.user.clone();
@@ -343,10 +349,45 @@ pub(super) struct HostKeyCheck {
     port: u16,
     /// Why the key was refused, for the message.
     refusal: Arc<Mutex<Option<String>>>,
+    /// Where connections to an allowed remote forward go.
+    forwarded: front::ForwardSlot,
 }
 
 impl russh::client::Handler for HostKeyCheck {
     type Error = russh::Error;
+
+    /// A connection to a remote forward: only one the client asked for and
+    /// the policy allowed (the slot is empty otherwise) reaches the client.
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<russh::client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        let back = self.forwarded.lock().ok().and_then(|slot| slot.clone());
+        let Some(back) = back else {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        reply.accept().await;
+        let relayed = back
+            .open(
+                channel,
+                (connected_address, connected_port),
+                (originator_address, originator_port),
+            )
+            .await;
+        if !relayed {
+            tracing::debug!("the client refused a forwarded connection from {originator_address}:{originator_port}");
+        }
+        Ok(())
+    }
 
     async fn check_server_key(
         &mut self,
