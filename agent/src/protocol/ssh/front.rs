@@ -65,6 +65,16 @@ fn client_config(
     })
 }
 
+/// The host's side of a session, logged in.
+pub(super) struct LoggedIn {
+    /// The connection.
+    pub(super) upstream: Upstream,
+    /// The user the agent logged in as.
+    pub(super) user: String,
+    /// Where the host's connections to an allowed remote forward go.
+    pub(super) forwarded: ForwardSlot,
+}
+
 /// Runs the client's side until the client or the host ends it.
 pub(super) async fn run(
     ctx: &SessionContext,
@@ -72,10 +82,13 @@ pub(super) async fn run(
     names: &[String],
     info: Arc<SessionInfo>,
     client: TcpStream,
-    upstream: Upstream,
-    user: String,
-    forwarded: ForwardSlot,
+    logged_in: LoggedIn,
 ) -> CloseReason {
+    let LoggedIn {
+        upstream,
+        user,
+        forwarded,
+    } = logged_in;
     let config = match client_config(host, names, ctx) {
         Ok(config) => Arc::new(config),
         Err(e) => return CloseReason::ClientError(e),

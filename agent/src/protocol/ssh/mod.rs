@@ -152,7 +152,12 @@ impl SshHandler {
                 return reason;
             }
         };
-        front::run(ctx, host, &names, info, client, upstream, user, forwarded).await
+        let logged_in = front::LoggedIn {
+            upstream,
+            user,
+            forwarded,
+        };
+        front::run(ctx, host, &names, info, client, logged_in).await
     }
 
     /// Logs in to the host over `upstream` with the credential for the
