@@ -1062,3 +1062,55 @@ text_regex = '^127\.0\.0\.1:{allowed}$'
     let shown = s.shown(|r| r.contains(&format!("REMOTE FORWARD 127.0.0.1:{other}")));
     assert!(shown.contains("[rule only-the-listed-tunnel]"), "{shown}");
 }
+
+#[test]
+fn a_host_vouched_for_by_a_trusted_ca_is_accepted_and_one_signed_by_another_is_refused() {
+    let cas = tempfile::tempdir().unwrap();
+    for name in ["ca", "other-ca"] {
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(cas.path().join(name))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", both(&out));
+    }
+    let ca = cas.path().join("ca");
+    let ca_pub = cas.path().join("ca.pub");
+    // The host's certificate is signed by the CA the known-hosts file
+    // trusts: the session runs, with no host key listed anywhere.
+    let s = Setup::start(
+        POLICY,
+        "127.0.0.1",
+        Sshd::start_certified(&ca, &ca_pub),
+        "",
+        "",
+    );
+    let known = std::fs::read_to_string(&s.sshd.known_hosts).unwrap();
+    assert!(
+        known.starts_with("@cert-authority ") && !known.contains(&s.sshd.host_key),
+        "{known}"
+    );
+    let out = run(s.ssh().arg("echo vouched for"));
+    assert!(out.status.success(), "{}", both(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "vouched for\n");
+    drop(s);
+
+    // Signed by another CA: refused, and the client is told why.
+    let other = cas.path().join("other-ca");
+    let s = Setup::start(
+        POLICY,
+        "127.0.0.1",
+        Sshd::start_certified(&other, &ca_pub),
+        "",
+        "",
+    );
+    let marker = s.sshd.dir().join("ran");
+    let out = run(s.ssh().arg(format!("touch {}", marker.display())));
+    assert_eq!(out.status.code(), Some(255), "{}", both(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the host certificate of 127.0.0.1"),
+        "{}",
+        both(&out)
+    );
+    assert!(!marker.exists());
+}

@@ -42,6 +42,18 @@ fn keygen(path: &Path, comment: &str) {
 impl Sshd {
     /// Starts a server listening on 127.0.0.1 and `extra` addresses.
     pub fn start(extra: &[IpAddr]) -> Sshd {
+        Sshd::start_with(extra, None)
+    }
+
+    /// Like [`Sshd::start`], presenting a host certificate that the CA
+    /// whose private key is `ca` signed for 127.0.0.1; its known-hosts file
+    /// then holds only an `@cert-authority` line for `ca_trusted` (the CA
+    /// public key clients are told to trust, `ca`'s own or another).
+    pub fn start_certified(ca: &Path, ca_trusted: &Path) -> Sshd {
+        Sshd::start_with(&[], Some((ca, ca_trusted)))
+    }
+
+    fn start_with(extra: &[IpAddr], certified: Option<(&Path, &Path)>) -> Sshd {
         let dir = tempfile::Builder::new()
             .prefix("tollgate-sshd-")
             .tempdir()
@@ -79,6 +91,30 @@ impl Sshd {
             .iter()
             .map(|a| format!("[{a}]:{port} {host_key}\n"))
             .collect();
+        let mut host_certificate = String::new();
+        let known = match certified {
+            None => known,
+            Some((ca, trusted)) => {
+                let out = Command::new("ssh-keygen")
+                    .args(["-q", "-s"])
+                    .arg(ca)
+                    .args(["-I", "test-host", "-h", "-n", "127.0.0.1", "-V", "-5m:+1h"])
+                    .arg(path.join("host_key.pub"))
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "ssh-keygen -s: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                host_certificate = format!(
+                    "HostCertificate {}\n",
+                    path.join("host_key-cert.pub").display()
+                );
+                let ca_public = fs::read_to_string(trusted).unwrap();
+                format!("@cert-authority [127.0.0.1]:{port} {}\n", ca_public.trim())
+            }
+        };
         let known_hosts = path.join("known_hosts");
         fs::write(&known_hosts, known).unwrap();
         let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
@@ -86,7 +122,7 @@ impl Sshd {
             .trim()
             .to_owned();
         let config = format!(
-            "{listen}HostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\n\
+            "{listen}{host_certificate}HostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\n\
              PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
              KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
              PidFile {dir}/sshd.pid\nSubsystem sftp internal-sftp\n\

@@ -151,6 +151,109 @@ pub fn check_host_key(
     }
 }
 
+/// The CA keys `known_hosts` trusts for `host` at `port` (its
+/// `@cert-authority` lines whose patterns match the host as OpenSSH looks
+/// it up: `host` for port 22, `[host]:port` otherwise).
+pub fn trusted_host_cas(known_hosts: &Path, host: &str, port: u16) -> Vec<PublicKey> {
+    use russh::keys::ssh_key::known_hosts::{HostPatterns, KnownHosts, Marker};
+    let Ok(text) = std::fs::read_to_string(known_hosts) else {
+        return Vec::new();
+    };
+    let lookup = if port == 22 {
+        host.to_ascii_lowercase()
+    } else {
+        format!("[{}]:{port}", host.to_ascii_lowercase())
+    };
+    KnownHosts::new(&text)
+        .filter_map(Result::ok)
+        .filter(|entry| entry.marker() == Some(&Marker::CertAuthority))
+        .filter(|entry| match entry.host_patterns() {
+            HostPatterns::Patterns(patterns) => patterns_match(patterns, &lookup),
+            HostPatterns::HashedName { .. } => false,
+        })
+        .map(|entry| entry.public_key().clone())
+        .collect()
+}
+
+/// OpenSSH's host pattern list: some pattern matches and no negated one.
+fn patterns_match(patterns: &[String], name: &str) -> bool {
+    let mut matched = false;
+    for pattern in patterns {
+        let pattern = pattern.to_ascii_lowercase();
+        match pattern.strip_prefix('!') {
+            Some(negated) if glob(negated.as_bytes(), name.as_bytes()) => return false,
+            Some(_) => {}
+            None => matched |= glob(pattern.as_bytes(), name.as_bytes()),
+        }
+    }
+    matched
+}
+
+/// `*` and `?` globbing, as known-hosts patterns use it.
+fn glob(pattern: &[u8], name: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => name.is_empty(),
+        Some((b'*', rest)) => (0..=name.len()).any(|skip| glob(rest, &name[skip..])),
+        Some((b'?', rest)) => !name.is_empty() && glob(rest, &name[1..]),
+        Some((c, rest)) => name.first() == Some(c) && glob(rest, &name[1..]),
+    }
+}
+
+/// Checks a host certificate the real host presented: signed by a CA the
+/// target's known-hosts file trusts for this host, a host certificate,
+/// valid now, naming the host among its principals, with no critical
+/// options. `Ok(())` or why it is refused.
+pub fn check_host_certificate(
+    known_hosts: &Path,
+    host: &str,
+    port: u16,
+    cert: &Certificate,
+) -> Result<(), String> {
+    let cas = trusted_host_cas(known_hosts, host, port);
+    let refused = |why: String| {
+        Err(format!(
+            "the host certificate of {host} port {port} is refused: {why}"
+        ))
+    };
+    if cas.is_empty() {
+        return refused(format!(
+            "{} has no @cert-authority line for this host",
+            known_hosts.display()
+        ));
+    }
+    let fingerprints: Vec<_> = cas
+        .iter()
+        .map(|ca| ca.fingerprint(russh::keys::HashAlg::Sha256))
+        .collect();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    if cert.validate_at(now, &fingerprints).is_err() {
+        return refused(format!(
+            "it is not signed by a CA {} trusts for it, or not valid now",
+            known_hosts.display()
+        ));
+    }
+    if cert.cert_type() != CertType::Host {
+        return refused("it is not a host certificate".to_owned());
+    }
+    if !cert
+        .valid_principals()
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(host))
+    {
+        return refused(format!(
+            "it is for {:?}, not for {host}",
+            cert.valid_principals()
+        ));
+    }
+    if !cert.critical_options().is_empty() {
+        return refused("it carries critical options".to_owned());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
@@ -221,5 +324,39 @@ mod tests {
         assert!(changed.contains("does not match line 1"), "{changed}");
         let unknown = check_host_key(&file, "10.0.0.6", 2222, known.public_key()).unwrap_err();
         assert!(unknown.contains("is not in"), "{unknown}");
+    }
+
+    #[test]
+    fn host_certificates_are_checked_against_the_cert_authority_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = HostIdentity::load(dir.path()).unwrap();
+        let other = HostIdentity::load(&dir.path().join("other")).unwrap();
+        let file = dir.path().join("known_hosts");
+        std::fs::write(
+            &file,
+            format!(
+                "{}\n",
+                cert_authority_line(ca.ca_public(), "[10.0.0.*]:2222,!10.0.0.9").unwrap()
+            ),
+        )
+        .unwrap();
+        let good = ca.certificate(&["10.0.0.5".into()]).unwrap();
+        check_host_certificate(&file, "10.0.0.5", 2222, &good).unwrap();
+        // Another port, another host, another CA, another name: refused.
+        assert!(check_host_certificate(&file, "10.0.0.5", 22, &good).is_err());
+        let by_other = other.certificate(&["10.0.0.5".into()]).unwrap();
+        let e = check_host_certificate(&file, "10.0.0.5", 2222, &by_other).unwrap_err();
+        assert!(e.contains("not signed by a CA"), "{e}");
+        let e = check_host_certificate(&file, "10.0.0.6", 2222, &good).unwrap_err();
+        assert!(e.contains("not for 10.0.0.6"), "{e}");
+        assert!(patterns_match(
+            &["[10.0.0.*]:2222".into()],
+            "[10.0.0.9]:2222"
+        ));
+        assert!(!patterns_match(&["*".into(), "!db*".into()], "db1"));
+        assert!(patterns_match(
+            &["web?.example.com".into()],
+            "web1.example.com"
+        ));
     }
 }

@@ -50,6 +50,9 @@ pub struct SshHandler {
     /// The SSH targets, by name.
     targets: HashMap<String, Target>,
     upstream_config: Arc<russh::client::Config>,
+    /// The same, asking the host for its certificate (a CA in the
+    /// target's known-hosts file vouches for it).
+    upstream_config_certificates: Arc<russh::client::Config>,
 }
 
 impl SshHandler {
@@ -67,15 +70,26 @@ impl SshHandler {
         } else {
             Some(Arc::new(keys::HostIdentity::load(&config.agent.tls_dir)?))
         };
-        let upstream_config = Arc::new(russh::client::Config {
+        let upstream_config = || russh::client::Config {
             client_id: russh::SshId::Standard("SSH-2.0-tollgate".into()),
             inactivity_timeout: None,
             ..Default::default()
-        });
+        };
+        let mut certificates = upstream_config();
+        certificates.preferred.host_key_certificates = std::borrow::Cow::Borrowed(&[
+            russh::keys::Algorithm::Ed25519,
+            russh::keys::Algorithm::Ecdsa {
+                curve: russh::keys::EcdsaCurve::NistP256,
+            },
+            russh::keys::Algorithm::Rsa {
+                hash: Some(russh::keys::HashAlg::Sha512),
+            },
+        ]);
         Ok(SshHandler {
             host,
             targets,
-            upstream_config,
+            upstream_config: Arc::new(upstream_config()),
+            upstream_config_certificates: Arc::new(certificates),
         })
     }
 
@@ -217,19 +231,25 @@ impl SshHandler {
             forwarded,
         };
         let refusal = Arc::clone(&check.refusal);
+        // A host a CA vouches for is asked for its certificate.
+        let cas = keys::trusted_host_cas(known_hosts, &ctx.upstream_name, ctx.upstream_addr.port());
+        let config = if cas.is_empty() {
+            Arc::clone(&self.upstream_config)
+        } else {
+            Arc::clone(&self.upstream_config_certificates)
+        };
         let user = credential.user.clone();
         let login = async {
-            let mut handle =
-                russh::client::connect_stream(Arc::clone(&self.upstream_config), upstream, check)
-                    .await
-                    .map_err(|e| {
-                        let why = refusal
-                            .lock()
-                            .ok()
-                            .and_then(|mut r| r.take())
-                            .unwrap_or_else(|| format!("the SSH handshake failed: {e}"));
-                        upstream_failed(format!("tollgate: target \"{}\": {why}", target.name))
-                    })?;
+            let mut handle = russh::client::connect_stream(config, upstream, check)
+                .await
+                .map_err(|e| {
+                    let why = refusal
+                        .lock()
+                        .ok()
+                        .and_then(|mut r| r.take())
+                        .unwrap_or_else(|| format!("the SSH handshake failed: {e}"));
+                    upstream_failed(format!("tollgate: target \"{}\": {why}", target.name))
+                })?;
             let hash = handle
                 .best_supported_rsa_hash()
                 .await
@@ -398,14 +418,15 @@ impl russh::client::Handler for HostKeyCheck {
         &mut self,
         key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let key = match key {
-            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => key,
+        let checked = match key {
+            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => {
+                keys::check_host_key(&self.known_hosts, &self.host, self.port, key)
+            }
             russh::keys::PublicKeyOrCertificate::Certificate(cert) => {
-                // A host that presents a certificate is checked by its key.
-                &russh::keys::PublicKey::from(cert.public_key().clone())
+                keys::check_host_certificate(&self.known_hosts, &self.host, self.port, cert)
             }
         };
-        match keys::check_host_key(&self.known_hosts, &self.host, self.port, key) {
+        match checked {
             Ok(()) => Ok(true),
             Err(why) => {
                 if let Ok(mut slot) = self.refusal.lock() {
