@@ -5,8 +5,10 @@
 //! when it may run, sent on the host's matching channel; the client gets
 //! the host's answer. The callbacks run one at a time in the connection's
 //! loop, so a request's answer is sent before the next request is read:
-//! answers keep the order SSH requires. Each channel's data is relayed by
-//! [`relay`], polled by [`run`].
+//! answers keep the order SSH requires. A request a `review` rule holds is
+//! answered later instead, from [`super::held`] (its client waits for that
+//! answer before asking more of the channel). Each channel's data is
+//! relayed by [`relay`], polled by [`run`] beside the held requests.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
