@@ -37,39 +37,7 @@ impl HostIdentity {
     /// host key for this run.
     pub fn load(tls_dir: &Path) -> anyhow::Result<HostIdentity> {
         use anyhow::Context as _;
-        std::fs::create_dir_all(tls_dir)
-            .with_context(|| format!("cannot create tls_dir {}", tls_dir.display()))?;
-        let path = ca_path(tls_dir);
-        let ca = match std::fs::read_to_string(&path) {
-            Ok(text) => PrivateKey::from_openssh(text.trim()).with_context(|| {
-                format!(
-                    "{} is not an OpenSSH private key; remove it to make a new SSH host CA (clients then need the new @cert-authority line)",
-                    path.display()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let ca = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
-                    .context("cannot make an SSH host CA key")?;
-                let text = ca
-                    .to_openssh(LineEnding::LF)
-                    .context("cannot encode the SSH host CA key")?;
-                crate::protocol::tls::write_file(&path, text.as_bytes(), 0o600)?;
-                let public = ca
-                    .public_key()
-                    .to_openssh()
-                    .context("cannot encode the SSH host CA's public key")?;
-                crate::protocol::tls::write_file(
-                    &path.with_extension("pub"),
-                    format!("{public}\n").as_bytes(),
-                    0o644,
-                )?;
-                tracing::info!(ca = %path.display(), "made an SSH host CA");
-                ca
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot read {}", path.display()));
-            }
-        };
+        let ca = load_or_make_ca(&ca_path(tls_dir), "SSH host CA")?;
         let host_key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
             .context("cannot make an SSH host key")?;
         Ok(HostIdentity { ca, host_key })
@@ -107,6 +75,103 @@ impl HostIdentity {
             builder.valid_principal(name.as_str()).map_err(failed)?;
         }
         builder.sign(&self.ca).map_err(failed)
+    }
+}
+
+/// Loads the CA key at `path` (OpenSSH format), making it (mode 0600, its
+/// public key beside it as `.pub`) when there is none.
+fn load_or_make_ca(path: &Path, what: &str) -> anyhow::Result<PrivateKey> {
+    use anyhow::Context as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create tls_dir {}", dir.display()))?;
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => PrivateKey::from_openssh(text.trim()).with_context(|| {
+            format!(
+                "{} is not an OpenSSH private key; remove it to make a new {what} (what trusts the old one then needs the new one)",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let ca = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+                .with_context(|| format!("cannot make an {what} key"))?;
+            let text = ca
+                .to_openssh(LineEnding::LF)
+                .with_context(|| format!("cannot encode the {what} key"))?;
+            crate::protocol::tls::write_file(path, text.as_bytes(), 0o600)?;
+            let public = ca
+                .public_key()
+                .to_openssh()
+                .with_context(|| format!("cannot encode the {what}'s public key"))?;
+            crate::protocol::tls::write_file(
+                &path.with_extension("pub"),
+                format!("{public}\n").as_bytes(),
+                0o644,
+            )?;
+            tracing::info!(ca = %path.display(), "made an {what}");
+            Ok(ca)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// The agent's SSH user CA: hosts that trust it (`TrustedUserCAKeys`)
+/// let the agent log in with a certificate it signs for one session.
+pub struct UserCa {
+    ca: PrivateKey,
+}
+
+/// The user CA key's file name in `tls_dir`.
+pub const USER_CA_FILE: &str = "ssh_user_ca";
+
+/// How long a session's user certificate is valid: the host checks it
+/// once, at login.
+const USER_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(300);
+
+impl UserCa {
+    /// Loads the user CA from `tls_dir`, making it on first use.
+    pub fn load(tls_dir: &Path) -> anyhow::Result<UserCa> {
+        Ok(UserCa {
+            ca: load_or_make_ca(&tls_dir.join(USER_CA_FILE), "SSH user CA")?,
+        })
+    }
+
+    /// The CA's public key, for the hosts' `TrustedUserCAKeys`.
+    pub fn public(&self) -> &PublicKey {
+        self.ca.public_key()
+    }
+
+    /// A fresh key and a user certificate for it, for `user` only, valid
+    /// from a minute ago (clock skew) for five minutes, with `key_id`
+    /// (which the host logs) naming the session.
+    pub fn session_login(
+        &self,
+        user: &str,
+        key_id: &str,
+    ) -> Result<(PrivateKey, Certificate), String> {
+        let failed =
+            |e: russh::keys::ssh_key::Error| format!("cannot sign a user certificate: {e}");
+        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).map_err(failed)?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut builder = Builder::new_with_random_nonce(
+            &mut rand::rng(),
+            key.public_key().clone(),
+            now.saturating_sub(60),
+            now + USER_CERTIFICATE_LIFETIME.as_secs(),
+        )
+        .map_err(failed)?;
+        builder.cert_type(CertType::User).map_err(failed)?;
+        builder.key_id(key_id).map_err(failed)?;
+        builder.valid_principal(user).map_err(failed)?;
+        for extension in ["permit-pty", "permit-port-forwarding"] {
+            builder.extension(extension, "").map_err(failed)?;
+        }
+        let cert = builder.sign(&self.ca).map_err(failed)?;
+        Ok((key, cert))
     }
 }
 
@@ -259,6 +324,22 @@ mod tests {
     #![allow(clippy::expect_used, clippy::panic, clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_user_certificate_is_for_one_user_a_few_minutes_and_names_the_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = UserCa::load(dir.path()).unwrap();
+        let again = UserCa::load(dir.path()).unwrap();
+        assert_eq!(ca.public(), again.public(), "the CA is kept");
+        let (key, cert) = ca.session_login("deploy", "tollgate session 42").unwrap();
+        assert_eq!(cert.cert_type(), CertType::User);
+        assert_eq!(cert.valid_principals(), ["deploy"]);
+        assert_eq!(cert.key_id(), "tollgate session 42");
+        assert_eq!(cert.public_key(), key.public_key().key_data());
+        assert!(cert.valid_before() - cert.valid_after() <= 360);
+        let fingerprint = ca.public().fingerprint(russh::keys::HashAlg::Sha256);
+        cert.validate([&fingerprint]).unwrap();
+    }
 
     #[test]
     fn the_ca_is_made_once_root_only_and_signs_host_certificates_for_the_names() {
