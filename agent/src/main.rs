@@ -79,6 +79,7 @@ fn main() -> ExitCode {
         Command::Recordings(command) => cli::finish(cli::recordings::run(command)),
         Command::Jobs(command) => cli::finish(cli::jobs::run(command)),
         Command::Ssh(cli::SshCommand::KnownHosts { config }) => ssh_known_hosts_command(&config),
+        Command::Ssh(cli::SshCommand::UserCa { config }) => ssh_user_ca_command(&config),
         Command::EnsureGoverned(args) => ensure_governed_command(args),
         Command::Status(args) => {
             let socket = match args.socket {
@@ -387,6 +388,28 @@ fn ssh_known_hosts_command(arg: &cli::ConfigArg) -> ExitCode {
                 println!("{line}");
             }
             ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ssh_user_ca_command(arg: &cli::ConfigArg) -> ExitCode {
+    let config = match load_config(&arg.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let ca = tollgate_agent::protocol::ssh::keys::UserCa::load(&config.agent.tls_dir);
+    match ca.map(|ca| ca.public().to_openssh()) {
+        Ok(Ok(line)) => {
+            println!("{line} tollgate user CA");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("tollgate: cannot encode the SSH user CA: {e}");
+            ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("tollgate: {e:#}");

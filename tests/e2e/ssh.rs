@@ -53,14 +53,19 @@ impl Setup {
         let agent = Agent::start(&format!(
             "[agent]\n{}\ntls_dir = \"{}\"\n{extra}\n\n[[target]]\nname = \"web\"\naddress = \"{address}\"\n\
              ports = [{}]\nprotocol = \"ssh\"\nssh_known_hosts = \"{}\"\n\
-             [[target.credential]]\nuser = \"{}\"\nssh_key_file = \"{}\"\n{credential}\n\n\
+             [[target.credential]]\nuser = \"{}\"\n{key}\n{credential}\n\n\
              [[listener]]\nlisten = \"127.0.0.1:{listen}\"\ntarget = \"web\"\n",
             policy.line,
             dir.path().join("tls").display(),
             sshd.port,
             sshd.known_hosts.display(),
             sshd.user,
-            sshd.agent_key.display(),
+            // A credential that logs in with a certificate has no key.
+            key = if credential.contains("ssh_certificate") {
+                String::new()
+            } else {
+                format!("ssh_key_file = \"{}\"", sshd.agent_key.display())
+            },
         ));
         // What an operator appends to /etc/ssh/ssh_known_hosts, and the same
         // for the listener's address.
@@ -1113,4 +1118,28 @@ fn a_host_vouched_for_by_a_trusted_ca_is_accepted_and_one_signed_by_another_is_r
         both(&out)
     );
     assert!(!marker.exists());
+}
+
+#[test]
+fn a_host_that_trusts_the_agents_user_ca_takes_a_certificate_signed_for_the_session() {
+    let sshd = Sshd::start(&[]);
+    // The host authorizes no key at all.
+    std::fs::write(sshd.dir().join("authorized_keys"), "").unwrap();
+    let s = Setup::start(POLICY, "127.0.0.1", sshd, "", "ssh_certificate = true");
+    let out = run(s.ssh().arg("echo before the host trusts the CA"));
+    assert_eq!(out.status.code(), Some(255), "{}", both(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TrustedUserCAKeys"),
+        "{}",
+        both(&out)
+    );
+    let ca = s.agent.cli(&["ssh", "user-ca"]);
+    assert!(ca.status.success(), "{}", both(&ca));
+    s.sshd.trust_user_ca(&String::from_utf8_lossy(&ca.stdout));
+    let out = run(s.ssh().arg("echo with a certificate"));
+    assert!(out.status.success(), "{}", both(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "with a certificate\n");
+    // The host logged the certificate's id: the agent's session.
+    let log = s.sshd.log_text();
+    assert!(log.contains("ID tollgate session"), "{log}");
 }

@@ -127,10 +127,12 @@ impl Sshd {
              KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
              PidFile {dir}/sshd.pid\nSubsystem sftp internal-sftp\n\
              AllowTcpForwarding yes\nAllowAgentForwarding yes\nX11Forwarding yes\n\
-             AcceptEnv LANG\nLogLevel VERBOSE\n",
+             AcceptEnv LANG\nLogLevel VERBOSE\nTrustedUserCAKeys {dir}/trusted_user_ca\n",
             dir = path.display()
         );
         fs::write(path.join("sshd_config"), config).unwrap();
+        // Read at each login: filled by a test that trusts a user CA.
+        fs::write(path.join("trusted_user_ca"), "").unwrap();
         // sshd's privilege separation directory (as Debian's unit makes it).
         let _ = fs::create_dir_all("/run/sshd");
         let log = fs::File::create(path.join("sshd.log")).unwrap();
@@ -161,6 +163,15 @@ impl Sshd {
             std::thread::sleep(Duration::from_millis(50));
         }
         sshd
+    }
+
+    /// Trusts the user CA whose public key line is `line` for logins.
+    pub fn trust_user_ca(&self, line: &str) {
+        fs::write(
+            self.dir.path().join("trusted_user_ca"),
+            format!("{}\n", line.trim()),
+        )
+        .unwrap();
     }
 
     /// What the server logged.

@@ -184,6 +184,13 @@ pub enum SshCommand {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Print the agent's SSH user CA public key (made in tls_dir on first
+    /// use), for the `TrustedUserCAKeys` file of hosts whose credentials
+    /// say `ssh_certificate = true`.
+    UserCa {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 /// `tollgate jobs` subcommands.

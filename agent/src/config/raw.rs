@@ -132,6 +132,7 @@ struct RawCredential {
     tls_client_cert: Option<Spanned<String>>,
     tls_client_key: Option<Spanned<String>>,
     ssh_key_file: Option<Spanned<String>>,
+    ssh_certificate: Option<Spanned<bool>>,
     #[serde(rename = "match", default)]
     identity: Option<Spanned<RawIdentityMatch>>,
 }
@@ -908,11 +909,22 @@ fn check_credentials(
         let Ok(ssh_key_file) = secret_path(c, "ssh_key_file", raw.ssh_key_file.as_ref()) else {
             continue;
         };
-        if protocol == Some(Protocol::Ssh) && ssh_key_file.is_none() {
-            c.error(
-                &raw.user,
-                "an ssh credential needs ssh_key_file: the private key the agent logs in with",
-            );
+        let ssh_certificate = raw.ssh_certificate.as_ref().is_some_and(|v| *v.get_ref());
+        if let Some(flag) = &raw.ssh_certificate {
+            if protocol != Some(Protocol::Ssh) {
+                c.error(flag, "ssh_certificate applies only to an ssh target");
+                continue;
+            }
+            if ssh_certificate && ssh_key_file.is_some() {
+                c.error(
+                    flag,
+                    "give ssh_key_file or ssh_certificate = true, not both",
+                );
+                continue;
+            }
+        }
+        if protocol == Some(Protocol::Ssh) && ssh_key_file.is_none() && !ssh_certificate {
+            c.error(&raw.user, "an ssh credential needs ssh_key_file (the private key the agent logs in with) or ssh_certificate = true (a certificate from the agent's user CA, for hosts that trust it)");
             continue;
         }
         if protocol != Some(Protocol::Ssh) && password_file.is_none() && client_cert.is_none() {
@@ -963,6 +975,7 @@ fn check_credentials(
                 password_file,
                 client_cert,
                 ssh_key_file,
+                ssh_certificate,
                 identity: std::sync::Arc::new(identity),
             }),
             Err(e) => {

@@ -218,6 +218,9 @@ pub struct BrokeredCredential {
     /// The private key the agent logs in to an SSH host with (OpenSSH
     /// format, root-only), read at each session.
     pub ssh_key_file: Option<PathBuf>,
+    /// Log in to an SSH host with a certificate the agent's user CA signs
+    /// for the session (`ssh_certificate = true`), in place of a key.
+    pub ssh_certificate: bool,
     /// Which processes it is for (none given: every process).
     pub identity: Arc<IdentityMatch>,
 }

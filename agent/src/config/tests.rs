@@ -782,3 +782,26 @@ fn an_ssh_key_others_can_read_is_refused() {
     let e = errors(&good);
     assert!(e.iter().any(|m| m.contains("ssh_key_file:")), "{e:?}");
 }
+
+#[test]
+fn an_ssh_credential_may_log_in_with_a_certificate_from_the_agents_user_ca() {
+    let (_dir, good) = ssh_files();
+    let key_line = good
+        .lines()
+        .find(|l| l.starts_with("ssh_key_file"))
+        .unwrap()
+        .to_owned();
+    let certified = good.replace(&key_line, "ssh_certificate = true");
+    let c = parse(&certified).unwrap();
+    let credential = &c.targets.iter().next().unwrap().credentials[0];
+    assert!(credential.ssh_certificate && credential.ssh_key_file.is_none());
+    let both = good.replace(&key_line, &format!("{key_line}\nssh_certificate = true"));
+    let e = errors(&both);
+    assert!(e.iter().any(|m| m.contains("not both")), "{e:?}");
+    let neither = good.replace(&key_line, "ssh_certificate = false");
+    let e = errors(&neither);
+    assert!(
+        e.iter().any(|m| m.contains("or ssh_certificate = true")),
+        "{e:?}"
+    );
+}

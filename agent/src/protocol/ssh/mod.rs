@@ -53,6 +53,9 @@ pub struct SshHandler {
     /// The same, asking the host for its certificate (a CA in the
     /// target's known-hosts file vouches for it).
     upstream_config_certificates: Arc<russh::client::Config>,
+    /// The agent's SSH user CA, when a credential logs in with its
+    /// certificates.
+    user_ca: Option<Arc<keys::UserCa>>,
 }
 
 impl SshHandler {
@@ -85,7 +88,16 @@ impl SshHandler {
                 hash: Some(russh::keys::HashAlg::Sha512),
             },
         ]);
+        let user_ca = if targets
+            .values()
+            .any(|t| t.credentials.iter().any(|c| c.ssh_certificate))
+        {
+            Some(Arc::new(keys::UserCa::load(&config.agent.tls_dir)?))
+        } else {
+            None
+        };
         Ok(SshHandler {
+            user_ca,
             host,
             targets,
             upstream_config: Arc::new(upstream_config()),
@@ -196,33 +208,58 @@ impl SshHandler {
             }
             Err(message) => return Err(refused(message)),
         };
-        let (Some(key_file), Some(known_hosts)) =
-            (&credential.ssh_key_file, &target.ssh_known_hosts)
-        else {
+        let Some(known_hosts) = &target.ssh_known_hosts else {
             return Err(refused(format!(
-                "tollgate: target \"{}\" has no ssh key or known-hosts file",
+                "tollgate: target \"{}\" has no known-hosts file",
                 target.name
             )));
         };
         let upstream_failed = |m: String| (m.clone(), CloseReason::UpstreamError(m));
-        // The key is read at each session (a rotated key needs no reload);
-        // its text never reaches a message.
-        let secret = crate::config::secret::read_secret_file(key_file).map_err(|e| {
-            upstream_failed(format!(
-                "tollgate: cannot read the ssh key of target \"{}\": {e}",
-                target.name
-            ))
-        })?;
-        let key = std::str::from_utf8(secret.expose())
-            .ok()
-            .and_then(|text| russh::keys::decode_secret_key(text, None).ok())
-            .ok_or_else(|| {
+        let credential_key = if credential.ssh_certificate {
+            let Some(user_ca) = &self.user_ca else {
+                return Err(refused("tollgate: the agent has no SSH user CA".to_owned()));
+            };
+            // The host logs the certificate's id: it names the session.
+            let key_id = format!(
+                "tollgate session {} target {} pid {}",
+                info.id,
+                target.name,
+                info.identity
+                    .pid
+                    .map_or_else(|| "?".to_owned(), |p| p.to_string())
+            );
+            let (key, cert) = user_ca
+                .session_login(&credential.user, &key_id)
+                .map_err(|e| {
+                    upstream_failed(format!("tollgate: target \"{}\": {e}", target.name))
+                })?;
+            CredentialKey::Certificate(key, Box::new(cert))
+        } else {
+            let Some(key_file) = &credential.ssh_key_file else {
+                return Err(refused(format!(
+                    "tollgate: target \"{}\" has no ssh key",
+                    target.name
+                )));
+            };
+            // The key is read at each session (a rotated key needs no
+            // reload); its text never reaches a message.
+            let secret = crate::config::secret::read_secret_file(key_file).map_err(|e| {
                 upstream_failed(format!(
-                    "tollgate: {} is not an unencrypted OpenSSH private key",
-                    key_file.display()
+                    "tollgate: cannot read the ssh key of target \"{}\": {e}",
+                    target.name
                 ))
             })?;
-        drop(secret);
+            let key = std::str::from_utf8(secret.expose())
+                .ok()
+                .and_then(|text| russh::keys::decode_secret_key(text, None).ok())
+                .ok_or_else(|| {
+                    upstream_failed(format!(
+                        "tollgate: {} is not an unencrypted OpenSSH private key",
+                        key_file.display()
+                    ))
+                })?;
+            CredentialKey::Key(key)
+        };
         let check = HostKeyCheck {
             known_hosts: known_hosts.clone(),
             host: ctx.upstream_name.clone(),
@@ -250,27 +287,36 @@ impl SshHandler {
                         .unwrap_or_else(|| format!("the SSH handshake failed: {e}"));
                     upstream_failed(format!("tollgate: target \"{}\": {why}", target.name))
                 })?;
-            let hash = handle
-                .best_supported_rsa_hash()
-                .await
-                .ok()
-                .flatten()
-                .flatten();
-            let result = handle
-                .authenticate_publickey(
-                    user.clone(),
-                    PrivateKeyWithHashAlg::new(Arc::new(key), hash),
-                )
-                .await
-                .map_err(|e| {
-                    upstream_failed(format!(
-                        "tollgate: target \"{}\": logging in as \"{user}\" failed: {e}",
-                        target.name
-                    ))
-                })?;
+            let authenticated = match credential_key {
+                CredentialKey::Key(key) => {
+                    let hash = handle
+                        .best_supported_rsa_hash()
+                        .await
+                        .ok()
+                        .flatten()
+                        .flatten();
+                    handle
+                        .authenticate_publickey(
+                            user.clone(),
+                            PrivateKeyWithHashAlg::new(Arc::new(key), hash),
+                        )
+                        .await
+                }
+                CredentialKey::Certificate(key, cert) => {
+                    handle
+                        .authenticate_openssh_cert(user.clone(), Arc::new(key), *cert)
+                        .await
+                }
+            };
+            let result = authenticated.map_err(|e| {
+                upstream_failed(format!(
+                    "tollgate: target \"{}\": logging in as \"{user}\" failed: {e}",
+                    target.name
+                ))
+            })?;
             if !result.success() {
                 return Err(upstream_failed(format!(
-                    "tollgate: target \"{}\" refused the agent's key for user \"{user}\"; check that the host's authorized_keys lists it",
+                    "tollgate: target \"{}\" refused the agent's key for user \"{user}\"; check that the host's authorized_keys lists it (or, for ssh_certificate, that its TrustedUserCAKeys holds the agent's user CA)",
                     target.name
                 )));
             }
@@ -355,6 +401,14 @@ fn host_patterns(target: &Target) -> String {
         }
     }
     patterns.join(",")
+}
+
+/// What the agent logs in to the host with.
+enum CredentialKey {
+    /// The credential's key.
+    Key(russh::keys::PrivateKey),
+    /// A fresh key and the certificate the user CA signed for it.
+    Certificate(russh::keys::PrivateKey, Box<russh::keys::Certificate>),
 }
 
 /// The names a client may have used for the host, for the host certificate.
