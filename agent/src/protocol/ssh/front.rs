@@ -955,6 +955,28 @@ impl ForwardBack {
 /// allowed, shared with the host's side.
 pub(super) type ForwardSlot = Arc<Mutex<Option<ForwardBack>>>;
 
+/// Accounts for a channel's data read from `from`: counted, recorded
+/// when the channel is, and followed when it is an sftp channel.
+fn took(
+    ctx: &SessionContext,
+    shared: &ChannelShared,
+    session: uuid::Uuid,
+    channel: ChannelId,
+    data: &[u8],
+    from: RawDirection,
+) {
+    let counter = match from {
+        RawDirection::Client => &ctx.counters.from_client,
+        RawDirection::Server => &ctx.counters.from_upstream,
+    };
+    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+    if shared.recorded.load(Ordering::Relaxed) {
+        ctx.events.emit_raw(session, from, data);
+    }
+    let ops = shared.follow_sftp(data, matches!(from, RawDirection::Client));
+    record_sftp(ctx, session, channel, ops);
+}
+
 /// Relays one channel until either side closes it. `Err` ends the session
 /// (recording failed and nothing may run unrecorded).
 async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseReason> {
@@ -971,13 +993,7 @@ async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseR
         while let Some(msg) = client_read.wait().await {
             match msg {
                 ChannelMsg::Data { data } => {
-                    ctx.counters
-                        .from_client
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if shared.recorded.load(Ordering::Relaxed) {
-                        ctx.events.emit_raw(session_id, RawDirection::Client, &data);
-                    }
-                    record_sftp(ctx, session_id, id, shared.follow_sftp(&data, true));
+                    took(ctx, &shared, session_id, id, &data, RawDirection::Client);
                     if shared.upstream.data_bytes(data).await.is_err() {
                         break;
                     }
@@ -1018,13 +1034,7 @@ async fn relay(ctx: &SessionContext, opened: OpenedChannel) -> Result<(), CloseR
             }
             match msg {
                 ChannelMsg::Data { data } => {
-                    ctx.counters
-                        .from_upstream
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if shared.recorded.load(Ordering::Relaxed) {
-                        ctx.events.emit_raw(session_id, RawDirection::Server, &data);
-                    }
-                    record_sftp(ctx, session_id, id, shared.follow_sftp(&data, false));
+                    took(ctx, &shared, session_id, id, &data, RawDirection::Server);
                     if client_write.data_bytes(data).await.is_err() {
                         break;
                     }
