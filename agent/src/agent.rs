@@ -38,7 +38,14 @@ pub struct RunningAgent {
     notifications: Option<TaskTracker>,
     sessions: TaskTracker,
     background: TaskTracker,
+    /// Uploads recordings (`[upload]`); one last pass at stop.
+    uploader: Option<Arc<crate::recording::upload::Uploader>>,
 }
+
+/// How long the stop's last upload pass may take: enough for what the
+/// last sessions left, bounded so that a dead bucket cannot hold the stop
+/// (what is left is uploaded at the next start).
+const UPLOAD_AT_STOP: Duration = Duration::from_secs(20);
 
 impl RunningAgent {
     /// Binds every listener, the metrics endpoint and the control socket, then
@@ -48,6 +55,19 @@ impl RunningAgent {
         let policy = load_policy(&config)?;
         let (recorder, recorder_handle) = start_recorder(&config, &policy)?;
         metrics.set_recorder(recorder.clone());
+        let uploader = match &config.upload {
+            Some(settings) => {
+                let store = crate::recording::upload::open_store(settings)
+                    .map_err(|e| anyhow::anyhow!("[upload]: {e}"))?;
+                let uploader = Arc::new(crate::recording::upload::Uploader::new(
+                    Arc::new(store),
+                    settings.clone(),
+                ));
+                metrics.set_uploads(uploader.stats.clone());
+                Some(uploader)
+            }
+            None => None,
+        };
         let events = Events::new(Arc::new(
             FanOut::default()
                 .with(Arc::new(LogSink))
@@ -274,6 +294,15 @@ impl RunningAgent {
                 }
             },
         ));
+        if let Some(uploader) = &uploader {
+            tracing::info!(bucket = %shared.config.upload.as_ref().map_or("", |u| u.bucket.as_str()), "uploading closed recordings");
+            background.spawn(crate::recording::upload::keep_uploading(
+                uploader.clone(),
+                shared.config.agent.recording_dir.clone(),
+                shared.recorder.clone(),
+                stop_accepting.clone(),
+            ));
+        }
         tracing::info!(socket = %shared.config.agent.control_socket.display(), "control socket ready");
         background.spawn(control::serve(
             control_socket,
@@ -345,6 +374,7 @@ impl RunningAgent {
             notifications,
             sessions,
             background,
+            uploader,
         })
     }
 
@@ -413,6 +443,22 @@ impl RunningAgent {
                 if report.lost > 0 || report.failure.is_some() {
                     tracing::warn!(lost = report.lost, failure = ?report.failure, "recordings incomplete");
                 }
+            }
+        }
+        if let Some(uploader) = self.uploader.take() {
+            // Every recording is closed now: ship what the last sessions left.
+            let never = CancellationToken::new();
+            let pass = uploader.pass(
+                &self.shared.config.agent.recording_dir,
+                &self.shared.recorder,
+                &never,
+            );
+            match tokio::time::timeout(UPLOAD_AT_STOP, pass).await {
+                Ok(true) => tracing::info!("every closed recording is uploaded"),
+                _ => tracing::warn!(
+                    left = uploader.stats.spool_recordings.load(std::sync::atomic::Ordering::Relaxed),
+                    "recordings not yet uploaded stay in the recording directory; the next start uploads them"
+                ),
             }
         }
         control::remove(&self.shared.config.agent.control_socket);

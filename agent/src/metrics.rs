@@ -69,6 +69,8 @@ pub struct Metrics {
     /// The redirect, whose kernel counters are rendered too.
     redirect: std::sync::OnceLock<Arc<crate::redirect::Redirect>>,
     jobs: std::sync::OnceLock<Arc<crate::jobs::Jobs>>,
+    /// The uploader's counters, when `[upload]` is configured.
+    uploads: std::sync::OnceLock<Arc<crate::recording::upload::UploadStats>>,
     /// Connections refused because recording failed (fail closed).
     pub sessions_refused_recording: AtomicU64,
     /// Recordings removed by retention.
@@ -214,6 +216,11 @@ impl Metrics {
     /// Reports the job timeline's counters.
     pub fn set_jobs(&self, jobs: Arc<crate::jobs::Jobs>) {
         let _ = self.jobs.set(jobs);
+    }
+
+    /// Adds the recording uploader's counters to the rendered metrics.
+    pub fn set_uploads(&self, uploads: Arc<crate::recording::upload::UploadStats>) {
+        let _ = self.uploads.set(uploads);
     }
 
     /// Adds the redirect's kernel counters to the rendered metrics.
@@ -469,6 +476,9 @@ impl Metrics {
             "# HELP tollgate_recordings_pruned_bytes_total Bytes freed by retention.\n# TYPE tollgate_recordings_pruned_bytes_total counter\ntollgate_recordings_pruned_bytes_total {}",
             self.recordings_pruned_bytes.load(Ordering::Relaxed)
         );
+        if let Some(uploads) = self.uploads.get() {
+            uploads.render(&mut out);
+        }
         out
     }
 }

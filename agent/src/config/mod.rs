@@ -51,6 +51,51 @@ pub struct Config {
     pub protect: Option<ProtectSettings>,
     /// Where review requests are announced (`[[notify]]`), in file order.
     pub notify: Vec<NotifyTarget>,
+    /// Recordings uploaded to object storage, when `[upload]` is present.
+    pub upload: Option<UploadSettings>,
+}
+
+/// Settings under `[upload]`: every closed recording goes to an
+/// S3-compatible bucket and is deleted locally once the copy is verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadSettings {
+    /// The bucket.
+    pub bucket: String,
+    /// The S3 endpoint (MinIO, Ceph, another provider); AWS when `None`.
+    pub endpoint: Option<String>,
+    /// The bucket's region.
+    pub region: String,
+    /// Keys start with this (no slashes around it); may be empty.
+    pub prefix: String,
+    /// This host's name in keys (default: the kernel's host name).
+    pub host: String,
+    /// A static access key, with its secret in a root-only file; `None`:
+    /// the standard AWS environment variables, web identity or the
+    /// instance's role.
+    pub access_key_id: Option<String>,
+    /// The secret key's file (checked as secret files are).
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Most bytes of recordings kept locally, uploaded or not; past it new
+    /// sessions are refused until uploads catch up (nothing is dropped).
+    pub max_spool_size: u64,
+}
+
+impl UploadSettings {
+    /// `max_spool_size` when not configured.
+    pub const DEFAULT_MAX_SPOOL_SIZE: u64 = 10 << 30;
+}
+
+/// This host's name as the kernel has it (`uname -n`), or `localhost`.
+pub fn this_host_name() -> String {
+    let name = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    if name.is_empty() {
+        "localhost".to_string()
+    } else {
+        name
+    }
 }
 
 /// What a `[[notify]]` entry sends.

@@ -16,8 +16,8 @@ use super::{
     line_column, secret, AgentSettings, BrokeredCredential, ClientCertificate, ClientCredentials,
     ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup, Listener, NotifyKind,
     NotifyTarget, PortRange, ProtectMode, ProtectSettings, Protocol, RecordingFailure,
-    RecordingFsync, RedirectSettings, Target, TargetAddress, TargetSet, UnlistedPolicy, Upstream,
-    UpstreamTls,
+    RecordingFsync, RedirectSettings, Target, TargetAddress, TargetSet, UnlistedPolicy,
+    UploadSettings, Upstream, UpstreamTls,
 };
 
 #[derive(Deserialize, Default)]
@@ -37,6 +37,21 @@ struct RawConfig {
     protect: Option<Spanned<RawProtect>>,
     #[serde(default)]
     notify: Vec<Spanned<RawNotify>>,
+    upload: Option<Spanned<RawUpload>>,
+}
+
+/// `[upload]`: recordings to S3-compatible object storage.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpload {
+    bucket: Spanned<String>,
+    endpoint: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    access_key_id: Option<Spanned<String>>,
+    secret_access_key_file: Option<Spanned<String>>,
+    max_spool_size: Option<Spanned<RawSize>>,
 }
 
 #[derive(Deserialize)]
@@ -160,6 +175,16 @@ enum RawSize {
     Text(String),
 }
 
+impl RawSize {
+    /// The size in bytes: a number, or text such as "10GiB".
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            RawSize::Number(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
+            RawSize::Text(t) => super::parse_size(t),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum RawPort {
@@ -263,6 +288,10 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         .protect
         .as_ref()
         .and_then(|p| check_protect(&mut c, p, &targets, redirect.is_some()));
+    let upload = raw
+        .upload
+        .as_ref()
+        .and_then(|u| check_upload(&mut c, u, &raw.agent));
     if c.errors.is_empty() {
         Ok(Config {
             source: path.to_path_buf(),
@@ -274,6 +303,7 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             reviewers,
             protect,
             notify,
+            upload,
         })
     } else {
         Err(LocatedErrors(c.errors))
@@ -369,11 +399,7 @@ fn check_agent(c: &mut Checker<'_>, raw: &RawAgent) -> AgentSettings {
         }
     }
     if let Some(size) = &raw.recording_max_total_size {
-        let parsed = match size.get_ref() {
-            RawSize::Number(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
-            RawSize::Text(t) => super::parse_size(t),
-        };
-        match parsed {
+        match size.get_ref().bytes() {
             Ok(0) => c.error(
                 size,
                 "recording_max_total_size must be more than zero; remove it for no size limit",
@@ -765,6 +791,103 @@ fn check_targets(c: &mut Checker<'_>, raw: &[RawTarget]) -> TargetSet {
         }
     }
     TargetSet::new(targets)
+}
+
+/// `[upload]`. Local retention is refused beside it: it would remove
+/// recordings that are not uploaded yet, and the bucket's lifecycle rules
+/// keep the uploaded ones.
+fn check_upload(
+    c: &mut Checker<'_>,
+    raw: &Spanned<RawUpload>,
+    agent: &RawAgent,
+) -> Option<UploadSettings> {
+    let before = c.errors.len();
+    let u = raw.get_ref();
+    for local in [
+        agent.recording_retention_days.as_ref().map(|v| v.span()),
+        agent.recording_max_total_size.as_ref().map(|v| v.span()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        c.error_at(local.start, "local retention (recording_retention_days, recording_max_total_size) cannot be combined with [upload]: it would remove recordings not yet uploaded; uploaded recordings are deleted locally once verified, and the bucket's lifecycle rules keep them");
+    }
+    let bucket = u.bucket.get_ref().trim();
+    if bucket.is_empty() || bucket.contains('/') {
+        c.error(&u.bucket, "upload bucket must be a bucket name such as \"tollgate-recordings\" (no slashes)");
+    }
+    let endpoint = u.endpoint.as_ref().and_then(|e| {
+        match parse_notify_url(e.get_ref()) {
+            Ok(_) => Some(e.get_ref().trim_end_matches('/').to_string()),
+            Err(why) => {
+                c.error(e, format!("upload endpoint \"{}\" {why}", e.get_ref()));
+                None
+            }
+        }
+    });
+    let prefix = match &u.prefix {
+        Some(p) => match object_store::path::Path::parse(p.get_ref().trim_matches('/')) {
+            Ok(path) => path.to_string(),
+            Err(e) => {
+                c.error(p, format!("upload prefix \"{}\" is not a valid object key prefix: {e}", p.get_ref()));
+                String::new()
+            }
+        },
+        None => String::new(),
+    };
+    let host = match &u.host {
+        Some(h) => {
+            let name = h.get_ref();
+            if !is_key_segment(name) {
+                c.error(h, format!("upload host \"{name}\" must be letters, digits, '.', '-' and '_' only (it is part of every object key)"));
+            }
+            name.clone()
+        }
+        None => super::this_host_name(),
+    };
+    let secret_access_key_file = secret_path(c, "secret_access_key_file", u.secret_access_key_file.as_ref()).unwrap_or(None);
+    match (&u.access_key_id, &u.secret_access_key_file) {
+        (Some(id), None) => c.error(id, "access_key_id needs secret_access_key_file beside it (a root-only file holding the secret key)"),
+        (None, Some(file)) => c.error(file, "secret_access_key_file needs access_key_id beside it"),
+        _ => {}
+    }
+    let max_spool_size = match &u.max_spool_size {
+        Some(size) => match size.get_ref().bytes() {
+            Ok(0) => {
+                c.error(size, "max_spool_size must be more than zero");
+                0
+            }
+            Ok(n) => n,
+            Err(e) => {
+                c.error(size, format!("max_spool_size: {e}"));
+                0
+            }
+        },
+        None => UploadSettings::DEFAULT_MAX_SPOOL_SIZE,
+    };
+    (c.errors.len() == before).then(|| UploadSettings {
+        bucket: bucket.to_string(),
+        endpoint,
+        region: u
+            .region
+            .as_ref()
+            .map(|r| r.get_ref().clone())
+            .unwrap_or_else(|| "us-east-1".to_string()),
+        prefix,
+        host,
+        access_key_id: u.access_key_id.as_ref().map(|i| i.get_ref().clone()),
+        secret_access_key_file,
+        max_spool_size,
+    })
+}
+
+/// Whether `s` can stand as one segment of an object key as it is.
+fn is_key_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 /// A secret file setting (`field`), checked as secret files are; `Err`

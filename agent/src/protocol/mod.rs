@@ -120,6 +120,12 @@ pub enum Refusal<'a> {
         /// What failed.
         failure: &'a str,
     },
+    /// Too many recordings wait for upload (`[upload] max_spool_size`):
+    /// new sessions wait until uploads catch up, so nothing is dropped.
+    SpoolFull {
+        /// How full, in words.
+        why: &'a str,
+    },
 }
 
 /// One handler per protocol, with the state each shares between its

@@ -135,25 +135,31 @@ async fn refuse_unrecorded(
     peer: SocketAddr,
     route: Route,
 ) {
-    let failure = shared.recorder.failure().unwrap_or_default();
+    use crate::recording::SessionRefusal;
+    let why = shared
+        .recorder
+        .refusal()
+        .unwrap_or_else(|| SessionRefusal::RecordingFailed(String::new()));
     shared
         .metrics
         .sessions_refused_recording
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::error!(
-        client = %peer,
-        target = %route.target,
-        reason = %failure,
-        "session refused: recording has failed"
-    );
+    let refusal = match &why {
+        SessionRefusal::RecordingFailed(failure) => {
+            tracing::error!(client = %peer, target = %route.target, reason = %failure,
+                "session refused: recording has failed");
+            Refusal::RecordingFailed { failure }
+        }
+        SessionRefusal::SpoolFull(why) => {
+            tracing::error!(client = %peer, target = %route.target, reason = %why,
+                "session refused: the recording upload spool is full");
+            Refusal::SpoolFull { why }
+        }
+    };
     shared
         .handlers
         .for_protocol(route.protocol)
-        .refuse(
-            stream,
-            Refusal::RecordingFailed { failure: &failure },
-            shared.config.agent.connect_timeout,
-        )
+        .refuse(stream, refusal, shared.config.agent.connect_timeout)
         .await;
 }
 

@@ -21,6 +21,7 @@ pub mod reader;
 pub mod render;
 pub mod retention;
 pub mod signing;
+pub mod upload;
 pub mod writer;
 
 #[cfg(test)]
@@ -37,5 +38,5 @@ pub use retention::{prune, PruneReport, Removed, Retention};
 pub use signing::{generate_key, GeneratedKey, KeyError, PublicKey, SigningKey};
 pub use writer::{
     session_path, Fsync, OnOverflow, Recorder, RecorderHandle, RecorderSettings, RecordingSink,
-    ShutdownReport,
+    SessionRefusal, ShutdownReport,
 };

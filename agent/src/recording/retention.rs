@@ -83,11 +83,57 @@ impl PruneReport {
     }
 }
 
-struct Candidate {
-    path: PathBuf,
-    bytes: u64,
-    modified: SystemTime,
-    writing: bool,
+/// One recording file in the dated tree.
+#[derive(Debug, Clone)]
+pub(crate) struct RecordingFile {
+    pub(crate) path: PathBuf,
+    pub(crate) bytes: u64,
+    /// Last written: when the session ended, for a closed one.
+    pub(crate) modified: SystemTime,
+    /// The writer has it open.
+    pub(crate) writing: bool,
+}
+
+/// Every `<uuid>.tgrec` file under `dir`'s day directories (others are
+/// left alone), least recently written first, the path (time-ordered ids)
+/// breaking ties; `writing(id)` says whether the writer has it open.
+/// Files that cannot be examined are reported in `errors`.
+pub(crate) fn recording_files(
+    days: &[PathBuf],
+    now: SystemTime,
+    writing: &dyn Fn(&Uuid) -> bool,
+    errors: &mut Vec<String>,
+) -> Vec<RecordingFile> {
+    let mut files = Vec::new();
+    for day in days {
+        for path in sorted_entries(day) {
+            if path.extension().and_then(|e| e.to_str()) != Some(FILE_EXTENSION) {
+                continue;
+            }
+            let Some(id) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| Uuid::parse_str(s).ok())
+            else {
+                continue;
+            };
+            match fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_file() => files.push(RecordingFile {
+                    bytes: meta.len(),
+                    modified: meta.modified().unwrap_or(now),
+                    // Asked after listing: a file created after the listing
+                    // is not in it, one listed was marked before it existed.
+                    writing: writing(&id),
+                    path,
+                }),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => errors.push(format!("cannot examine {}: {e}", path.display())),
+            }
+        }
+    }
+    files.sort_by(|a, b| a.modified.cmp(&b.modified).then(a.path.cmp(&b.path)));
+    files
 }
 
 /// Removes closed recordings under `dir` (the dated tree) that are older
@@ -109,38 +155,7 @@ pub fn prune(
         return report;
     }
     let days = day_dirs(dir);
-    let mut files = Vec::new();
-    for day in &days {
-        for path in sorted_entries(day) {
-            if path.extension().and_then(|e| e.to_str()) != Some(FILE_EXTENSION) {
-                continue;
-            }
-            let Some(id) = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| Uuid::parse_str(s).ok())
-            else {
-                continue;
-            };
-            match fs::symlink_metadata(&path) {
-                Ok(meta) if meta.is_file() => files.push(Candidate {
-                    bytes: meta.len(),
-                    modified: meta.modified().unwrap_or(now),
-                    // Asked after listing: a file created after the listing
-                    // is not in it, one listed was marked before it existed.
-                    writing: writing(&id),
-                    path,
-                }),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => report
-                    .errors
-                    .push(format!("cannot examine {}: {e}", path.display())),
-            }
-        }
-    }
-    // Least recently written first; the path (time-ordered ids) breaks ties.
-    files.sort_by(|a, b| a.modified.cmp(&b.modified).then(a.path.cmp(&b.path)));
+    let files = recording_files(&days, now, writing, &mut report.errors);
 
     let mut total: u64 = files.iter().map(|f| f.bytes).sum();
     let mut keep = Vec::with_capacity(files.len());

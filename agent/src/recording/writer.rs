@@ -157,6 +157,7 @@ impl Recorder {
                 .signing_key
                 .as_ref()
                 .map(|k| k.public_key().key_id()),
+            spool_full: Mutex::new(None),
         });
         let writer = Writer {
             rx,
@@ -224,6 +225,8 @@ struct RecorderState {
     writing: Mutex<HashSet<Uuid>>,
     /// The signing key's id, when trailers are signed.
     signing_key_id: Option<String>,
+    /// Why new sessions are refused while the upload spool is full.
+    spool_full: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -315,6 +318,15 @@ fn session_of(event: &SessionEvent) -> Uuid {
     }
 }
 
+/// Why the recorder makes the proxy refuse new sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionRefusal {
+    /// Recording failed (fail closed), in words.
+    RecordingFailed(String),
+    /// The upload spool is full, in words.
+    SpoolFull(String),
+}
+
 /// The event sink that records sessions. `emit` never blocks.
 pub struct RecordingSink {
     tx: SyncSender<Msg>,
@@ -348,9 +360,30 @@ impl RecordingSink {
     }
 
     /// Whether the proxy must refuse new sessions: recording failed and the
-    /// policy is [`OnOverflow::FailClosed`].
+    /// policy is [`OnOverflow::FailClosed`], or the upload spool is full
+    /// (whatever the policy: the spool's bound is kept by refusing, never
+    /// by dropping recordings).
     pub fn refuse_new_sessions(&self) -> bool {
-        self.failed() && self.shared.on_overflow == OnOverflow::FailClosed
+        (self.failed() && self.shared.on_overflow == OnOverflow::FailClosed)
+            || lock(&self.shared.spool_full).is_some()
+    }
+
+    /// Why new sessions are refused, when they are.
+    pub fn refusal(&self) -> Option<SessionRefusal> {
+        if self.failed() && self.shared.on_overflow == OnOverflow::FailClosed {
+            return Some(SessionRefusal::RecordingFailed(
+                self.failure().unwrap_or_default(),
+            ));
+        }
+        lock(&self.shared.spool_full)
+            .clone()
+            .map(SessionRefusal::SpoolFull)
+    }
+
+    /// Marks the upload spool full (`Some(why)`: new sessions are refused)
+    /// or no longer full (`None`).
+    pub fn set_spool_full(&self, why: Option<String>) {
+        *lock(&self.shared.spool_full) = why;
     }
 
     /// Whether open sessions must end (as [`refuse_new_sessions`](Self::refuse_new_sessions)),
@@ -375,6 +408,11 @@ impl RecordingSink {
     /// it): such a file must not be removed.
     pub fn is_writing(&self, id: &Uuid) -> bool {
         lock(&self.shared.writing).contains(id)
+    }
+
+    /// Every session whose file the writer has open now.
+    pub fn writing_now(&self) -> HashSet<Uuid> {
+        lock(&self.shared.writing).clone()
     }
 
     /// The id of the key trailers are signed with, when one is configured.

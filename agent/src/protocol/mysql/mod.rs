@@ -95,6 +95,10 @@ impl Handler for MysqlHandler {
                     1227,
                     &format!("tollgate: session recording has failed ({failure}), and nothing may run unrecorded"),
                 ),
+                Refusal::SpoolFull { why } => packet::greeting_err_payload(
+                    1040,
+                    &format!("tollgate: session refused: {why}"),
+                ),
             };
             let mut wire = Vec::new();
             packet::frame(&mut wire, 0, &payload);

@@ -101,6 +101,15 @@ impl Handler for PostgresHandler {
                     };
                     session::refuse_at_startup(client, tls, &fatal, timeout).await;
                 }
+                Refusal::SpoolFull { why } => {
+                    let fatal = Fatal {
+                        sqlstate: sqlstate::CANNOT_CONNECT_NOW,
+                        message: "tollgate: session refused: the recording upload spool is full",
+                        detail: Some(why),
+                        hint: Some("recordings are uploaded as soon as the bucket can be reached; `tollgate status` and the tollgate_upload_* metrics show the spool"),
+                    };
+                    session::refuse_at_startup(client, tls, &fatal, timeout).await;
+                }
             }
         })
     }

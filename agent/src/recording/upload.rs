@@ -1,0 +1,719 @@
+//! Recordings to S3-compatible object storage (`[upload]`).
+//!
+//! The recording directory is the spool: a recording closes there as
+//! always, then [`keep_uploading`] puts it in the bucket under
+//! `PREFIX/HOST/YYYY-MM-DD/TARGET/ID.tgrec`, reads back what the bucket
+//! holds (size, the content's ETag, the chain head in the object's
+//! metadata) and only then deletes the local file. A failed upload is
+//! retried with backoff; what is not uploaded when the agent stops is
+//! uploaded after it starts again, since the spool is only files.
+//!
+//! An object is never written twice: a recording's key is fixed by its
+//! header, and the upload is conditional (`If-None-Match: *`). When the
+//! agent died after the upload and before the delete, the retry finds the
+//! object, verifies it, and deletes the local copy; a different object
+//! under that key is a conflict that keeps the local file.
+//!
+//! Uses the `object_store` crate: one maintained client (Apache Arrow's)
+//! for AWS S3 and every S3-compatible store, with conditional puts,
+//! multipart uploads, retries and the standard AWS credential chain (the
+//! environment, web identity, the instance's role), built on rustls with
+//! ring as the rest of the agent. It cannot send per-object Object Lock
+//! headers: retention comes from the bucket's default Object Lock rule.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use md5::Digest as _;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    Attribute, AttributeValue, Attributes, BackoffConfig, ClientOptions, GetOptions, ObjectStore,
+    ObjectStoreExt as _, PutMode, PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
+};
+use sha2::{Digest as _, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{body, decode_body, frame_hash, FrameRead, FrameReader};
+use super::format::{Header, Record, FILE_EXTENSION};
+use super::reader::day_dirs;
+use super::retention::recording_files;
+use super::RecordingSink;
+use crate::config::UploadSettings;
+
+/// The object metadata key (`x-amz-meta-...`) holding the hash of the
+/// recording's last record: its chain head.
+pub const CHAIN_HEAD_METADATA: &str = "tollgate-chain-head";
+
+/// Recordings up to this size go in one conditional PUT; larger ones in
+/// parts of [`PART_SIZE`], read from the file as they are sent.
+const SINGLE_PUT_MAX: u64 = 64 << 20;
+const PART_SIZE: usize = 16 << 20;
+
+/// How often the spool is looked at when nothing failed.
+const SCAN_INTERVAL: Duration = Duration::from_secs(2);
+/// Backoff after a failed upload: doubled at each failure up to the most.
+const BACKOFF_FIRST: Duration = Duration::from_secs(2);
+const BACKOFF_MOST: Duration = Duration::from_secs(300);
+
+/// Opens the bucket `settings` name. Credentials: the static key when
+/// configured, else the AWS environment variables, web identity or the
+/// instance's role, as the AWS tools find them.
+pub fn open_store(settings: &UploadSettings) -> Result<AmazonS3, String> {
+    // reqwest's rustls asks for the process's provider; the agent's TLS
+    // uses ring everywhere. Already installed is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(&settings.bucket)
+        .with_region(&settings.region)
+        // Retries are the spool's (with backoff, forever); the client's own
+        // are kept short so that a dead endpoint is noticed quickly.
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(20),
+        })
+        .with_client_options(
+            ClientOptions::new()
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_timeout(Duration::from_secs(300)),
+        );
+    if let Some(endpoint) = &settings.endpoint {
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_allow_http(endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(false);
+    }
+    if let (Some(id), Some(file)) = (&settings.access_key_id, &settings.secret_access_key_file) {
+        let secret = crate::config::secret::read_secret_file(file)?;
+        let secret = std::str::from_utf8(secret.expose())
+            .map_err(|_| format!("{} does not hold text", file.display()))?
+            .trim()
+            .to_string();
+        builder = builder
+            .with_access_key_id(id)
+            .with_secret_access_key(secret);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot use bucket \"{}\": {e}", settings.bucket))
+}
+
+/// What the uploader has done, for metrics and status.
+#[derive(Debug, Default)]
+pub struct UploadStats {
+    /// Bytes of recordings in the spool (open ones included).
+    pub spool_bytes: AtomicU64,
+    /// Recordings in the spool (open ones included).
+    pub spool_recordings: AtomicU64,
+    /// When the oldest closed recording not yet uploaded was last written
+    /// (Unix seconds), 0 when every closed one is uploaded.
+    pub oldest_unshipped_unix: AtomicU64,
+    /// Upload attempts by outcome.
+    pub uploaded: AtomicU64,
+    pub already_present: AtomicU64,
+    pub failed: AtomicU64,
+    pub conflict: AtomicU64,
+    /// The last failure, in words.
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl UploadStats {
+    /// Counts one attempt's outcome.
+    fn count(&self, outcome: &Outcome) {
+        let counter = match outcome {
+            Outcome::Uploaded => &self.uploaded,
+            Outcome::AlreadyPresent => &self.already_present,
+            Outcome::Failed(_) => &self.failed,
+            Outcome::Conflict(_) => &self.conflict,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Outcome::Failed(why) | Outcome::Conflict(why) = outcome {
+            *self
+                .last_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why.clone());
+        }
+    }
+
+    /// Seconds since the oldest unshipped recording was closed, 0 when none.
+    pub fn oldest_unshipped_age(&self, now: SystemTime) -> u64 {
+        match self.oldest_unshipped_unix.load(Ordering::Relaxed) {
+            0 => 0,
+            at => unix_secs(now).saturating_sub(at),
+        }
+    }
+
+    /// The Prometheus lines for these counters.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_upload_spool_bytes Bytes of recordings on this host, waiting for upload or still open.\n# TYPE tollgate_upload_spool_bytes gauge\ntollgate_upload_spool_bytes {}\n# HELP tollgate_upload_spool_recordings Recordings on this host, waiting for upload or still open.\n# TYPE tollgate_upload_spool_recordings gauge\ntollgate_upload_spool_recordings {}\n# HELP tollgate_upload_oldest_unshipped_seconds Age of the oldest closed recording not yet uploaded (0: none).\n# TYPE tollgate_upload_oldest_unshipped_seconds gauge\ntollgate_upload_oldest_unshipped_seconds {}\n# HELP tollgate_uploads_total Recording uploads, by outcome.\n# TYPE tollgate_uploads_total counter",
+            load(&self.spool_bytes),
+            load(&self.spool_recordings),
+            self.oldest_unshipped_age(SystemTime::now()),
+        );
+        for (outcome, counter) in [
+            ("uploaded", &self.uploaded),
+            ("already_present", &self.already_present),
+            ("failed", &self.failed),
+            ("conflict", &self.conflict),
+        ] {
+            let _ = writeln!(
+                out,
+                "tollgate_uploads_total{{outcome=\"{outcome}\"}} {}",
+                load(counter)
+            );
+        }
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// How one recording's upload went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Uploaded and verified; the local file is deleted.
+    Uploaded,
+    /// The bucket already held this very recording (an earlier run
+    /// uploaded it and stopped before deleting it); the local file is
+    /// deleted.
+    AlreadyPresent,
+    /// Not uploaded now (the bucket unreachable, say); retried later.
+    Failed(String),
+    /// The bucket holds a different object under this recording's key;
+    /// the local file is kept and not tried again until restart.
+    Conflict(String),
+}
+
+/// The uploader: the bucket, where keys go, and its counters.
+pub struct Uploader {
+    store: Arc<dyn ObjectStore>,
+    settings: UploadSettings,
+    /// Its counters.
+    pub stats: Arc<UploadStats>,
+    /// Files whose key holds another object: left alone until restart.
+    conflicts: Mutex<HashSet<PathBuf>>,
+}
+
+impl Uploader {
+    /// An uploader to `store` as `settings` say.
+    pub fn new(store: Arc<dyn ObjectStore>, settings: UploadSettings) -> Uploader {
+        Uploader {
+            store,
+            settings,
+            stats: Arc::default(),
+            conflicts: Mutex::default(),
+        }
+    }
+
+    /// Looks at the spool once: updates the counters, marks the spool full
+    /// (or not) in `recorder`, and uploads the closed recordings oldest
+    /// first until one fails. Returns whether every attempt succeeded.
+    pub async fn pass(&self, dir: &Path, recorder: &RecordingSink, stop: &CancellationToken) -> bool {
+        let scan = {
+            let dir = dir.to_path_buf();
+            // Taken before the listing, as retention asks: a file created
+            // after it is not listed.
+            let open = recorder.writing_now();
+            let writing = move |id: &uuid::Uuid| open.contains(id);
+            tokio::task::spawn_blocking(move || {
+                let mut errors = Vec::new();
+                let files =
+                    recording_files(&day_dirs(&dir), SystemTime::now(), &writing, &mut errors);
+                (files, errors)
+            })
+            .await
+        };
+        let Ok((files, errors)) = scan else {
+            return false;
+        };
+        for e in errors {
+            tracing::warn!("upload spool: {e}");
+        }
+        let mut spool_bytes: u64 = files.iter().map(|f| f.bytes).sum();
+        let mut spool_files = files.len() as u64;
+        let mut pending: Vec<_> = {
+            let conflicts = self.lock_conflicts();
+            files
+                .into_iter()
+                .filter(|f| !f.writing && !conflicts.contains(&f.path))
+                .collect()
+        };
+        self.publish(spool_bytes, spool_files, pending.first().map(|f| f.modified));
+        self.mark_spool_full(recorder, spool_bytes);
+        let mut all_ok = true;
+        while !pending.is_empty() {
+            if stop.is_cancelled() {
+                break;
+            }
+            let file = pending.remove(0);
+            let outcome = self.upload(&file.path).await;
+            self.stats.count(&outcome);
+            match &outcome {
+                Outcome::Uploaded | Outcome::AlreadyPresent => {
+                    spool_bytes = spool_bytes.saturating_sub(file.bytes);
+                    spool_files = spool_files.saturating_sub(1);
+                    self.publish(spool_bytes, spool_files, pending.first().map(|f| f.modified));
+                    self.mark_spool_full(recorder, spool_bytes);
+                }
+                Outcome::Conflict(why) => {
+                    tracing::error!(path = %file.path.display(), "recording not uploaded and kept: {why}");
+                    self.lock_conflicts().insert(file.path.clone());
+                }
+                Outcome::Failed(why) => {
+                    tracing::warn!(path = %file.path.display(), "recording upload failed; retrying later: {why}");
+                    all_ok = false;
+                    break;
+                }
+            }
+        }
+        all_ok
+    }
+
+    fn lock_conflicts(&self) -> std::sync::MutexGuard<'_, HashSet<PathBuf>> {
+        self.conflicts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn publish(&self, bytes: u64, files: u64, oldest: Option<SystemTime>) {
+        self.stats.spool_bytes.store(bytes, Ordering::Relaxed);
+        self.stats.spool_recordings.store(files, Ordering::Relaxed);
+        self.stats
+            .oldest_unshipped_unix
+            .store(oldest.map_or(0, |t| unix_secs(t).max(1)), Ordering::Relaxed);
+    }
+
+    fn mark_spool_full(&self, recorder: &RecordingSink, bytes: u64) {
+        let max = self.settings.max_spool_size;
+        recorder.set_spool_full((bytes > max).then(|| {
+            format!(
+                "{bytes} bytes of recordings wait on this host for upload to bucket \"{}\" (max_spool_size is {max}); new sessions are refused until uploads catch up",
+                self.settings.bucket
+            )
+        }));
+    }
+
+    /// Uploads one closed recording and verifies the bucket's copy; the
+    /// local file is deleted only once it is verified.
+    pub async fn upload(&self, path: &Path) -> Outcome {
+        let local = {
+            let owned = path.to_path_buf();
+            match tokio::task::spawn_blocking(move || Fingerprint::of(&owned)).await {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => return Outcome::Failed(format!("cannot read {}: {e}", path.display())),
+                Err(e) => return Outcome::Failed(e.to_string()),
+            }
+        };
+        let key = match object_key(&self.settings, &local.header) {
+            Ok(k) => k,
+            Err(e) => return Outcome::Conflict(e),
+        };
+        let created = match self.put(path, &key, &local).await {
+            Ok(created) => created,
+            Err(e) => return Outcome::Failed(format!("cannot upload to {key}: {e}")),
+        };
+        match self.check(&key, &local).await {
+            Ok(()) => {}
+            Err(Check::Unreachable(e)) => {
+                return Outcome::Failed(format!("cannot read back {key}: {e}"))
+            }
+            Err(Check::Differs(why)) => {
+                return Outcome::Conflict(format!(
+                    "the bucket holds another object under {key}: {why}"
+                ))
+            }
+        }
+        if let Err(e) = tokio::fs::remove_file(path).await {
+            if e.kind() != io::ErrorKind::NotFound {
+                return Outcome::Failed(format!(
+                    "uploaded to {key} but cannot delete {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+        tracing::info!(key = %key, bytes = local.size, "recording uploaded and verified; local copy deleted");
+        if created {
+            Outcome::Uploaded
+        } else {
+            Outcome::AlreadyPresent
+        }
+    }
+
+    /// Puts the file under `key` unless an object is there already;
+    /// `Ok(false)` when one was.
+    async fn put(
+        &self,
+        path: &Path,
+        key: &ObjectPath,
+        local: &Fingerprint,
+    ) -> Result<bool, object_store::Error> {
+        let mut attributes = Attributes::new();
+        if let Some(head) = &local.chain_head {
+            attributes.insert(
+                Attribute::Metadata(CHAIN_HEAD_METADATA.into()),
+                AttributeValue::from(head.clone()),
+            );
+        }
+        if local.size <= SINGLE_PUT_MAX {
+            let bytes = tokio::fs::read(path)
+                .await
+                .map_err(|e| generic(format!("cannot read {}: {e}", path.display())))?;
+            if bytes.len() as u64 != local.size {
+                return Err(generic(format!("{} changed while uploading", path.display())));
+            }
+            let options = PutOptions {
+                mode: PutMode::Create,
+                attributes,
+                ..PutOptions::default()
+            };
+            return match self.store.put_opts(key, PutPayload::from(bytes), options).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(e),
+            };
+        }
+        // Multipart uploads cannot be conditional: look first. One
+        // uploader per host and the host in every key leave no one to race.
+        match self.store.head(key).await {
+            Ok(_) => return Ok(false),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let options = PutMultipartOptions {
+            attributes,
+            ..PutMultipartOptions::default()
+        };
+        let mut upload = self.store.put_multipart_opts(key, options).await?;
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| generic(format!("cannot open {}: {e}", path.display())))?;
+        let mut sent: u64 = 0;
+        let result = async {
+            while sent < local.size {
+                let want = (local.size - sent).min(PART_SIZE as u64) as usize;
+                let mut part = vec![0u8; want];
+                tokio::io::AsyncReadExt::read_exact(&mut file, &mut part)
+                    .await
+                    .map_err(|e| generic(format!("cannot read {}: {e}", path.display())))?;
+                upload.put_part(PutPayload::from(part)).await?;
+                sent += want as u64;
+            }
+            upload.complete().await
+        }
+        .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let _ = upload.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether the object under `key` is this recording: its size, its
+    /// chain head, and its content (by ETag, or read back when the store's
+    /// ETag is not an MD5 of the content, as with KMS encryption).
+    async fn check(&self, key: &ObjectPath, local: &Fingerprint) -> Result<(), Check> {
+        let head = self
+            .store
+            .get_opts(
+                key,
+                GetOptions {
+                    head: true,
+                    ..GetOptions::default()
+                },
+            )
+            .await
+            .map_err(|e| Check::Unreachable(e.to_string()))?;
+        if head.meta.size != local.size {
+            return Err(Check::Differs(format!(
+                "{} bytes there, {} here",
+                head.meta.size, local.size
+            )));
+        }
+        let their_head = head
+            .attributes
+            .get(&Attribute::Metadata(CHAIN_HEAD_METADATA.into()))
+            .map(|v| v.as_ref().to_string());
+        if their_head != local.chain_head {
+            return Err(Check::Differs(format!(
+                "chain head {} there, {} here",
+                their_head.as_deref().unwrap_or("(none)"),
+                local.chain_head.as_deref().unwrap_or("(none)")
+            )));
+        }
+        let etag = head.meta.e_tag.as_deref().map(|t| t.trim_matches('"'));
+        if etag.is_some_and(|t| t == local.etag()) {
+            return Ok(());
+        }
+        let bytes = self
+            .store
+            .get(key)
+            .await
+            .map_err(|e| Check::Unreachable(e.to_string()))?
+            .bytes()
+            .await
+            .map_err(|e| Check::Unreachable(e.to_string()))?;
+        if hex::encode(Sha256::digest(&bytes)) == local.sha256 {
+            Ok(())
+        } else {
+            Err(Check::Differs("the content differs".into()))
+        }
+    }
+}
+
+/// Why a bucket's copy was not verified.
+enum Check {
+    Unreachable(String),
+    Differs(String),
+}
+
+fn generic(message: String) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "upload",
+        source: message.into(),
+    }
+}
+
+/// Uploads closed recordings under `dir` until `stop`: a pass at start
+/// and every [`SCAN_INTERVAL`], with backoff after a failure.
+pub async fn keep_uploading(
+    uploader: Arc<Uploader>,
+    dir: PathBuf,
+    recorder: Arc<RecordingSink>,
+    stop: CancellationToken,
+) {
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let wait = if uploader.pass(&dir, &recorder, &stop).await {
+            backoff = BACKOFF_FIRST;
+            SCAN_INTERVAL
+        } else {
+            let wait = backoff;
+            backoff = (backoff * 2).min(BACKOFF_MOST);
+            wait
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// What is known of a local recording before it is uploaded.
+struct Fingerprint {
+    header: Header,
+    size: u64,
+    /// The last whole record's hash; `None` for a file with no record.
+    chain_head: Option<String>,
+    /// MD5 of the whole file, and of each part when it goes in parts.
+    md5: [u8; 16],
+    part_md5: Vec<[u8; 16]>,
+    sha256: String,
+}
+
+impl Fingerprint {
+    fn of(path: &Path) -> io::Result<Fingerprint> {
+        let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        let mut frames = FrameReader::new(BufReader::new(File::open(path)?));
+        let mut header = None;
+        let mut chain_head = None;
+        loop {
+            match frames.next_frame()? {
+                FrameRead::Frame { bytes, .. } => {
+                    if header.is_none() {
+                        match decode_body(body(&bytes)) {
+                            Ok(Record::Header(h)) => header = Some(*h),
+                            Ok(_) => return Err(invalid("the first record is not a header".into())),
+                            Err(e) => return Err(invalid(e.to_string())),
+                        }
+                    }
+                    chain_head = Some(frame_hash(&bytes));
+                }
+                // What a crash leaves (a cut frame) or garbage is uploaded
+                // as it is: verification reports it from the bucket.
+                FrameRead::End | FrameRead::Truncated { .. } | FrameRead::TooLarge { .. } => break,
+            }
+        }
+        let header = header.ok_or_else(|| invalid("no header record".into()))?;
+        let mut file = BufReader::new(File::open(path)?);
+        let mut md5 = md5::Md5::new();
+        let mut part = md5::Md5::new();
+        let mut sha = Sha256::new();
+        let mut part_md5 = Vec::new();
+        let (mut size, mut in_part) = (0u64, 0usize);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let mut chunk = &buf[..n];
+            md5.update(chunk);
+            sha.update(chunk);
+            size += n as u64;
+            while !chunk.is_empty() {
+                let take = chunk.len().min(PART_SIZE - in_part);
+                part.update(&chunk[..take]);
+                in_part += take;
+                chunk = &chunk[take..];
+                if in_part == PART_SIZE {
+                    part_md5.push(std::mem::take(&mut part).finalize().into());
+                    in_part = 0;
+                }
+            }
+        }
+        if in_part > 0 {
+            part_md5.push(part.finalize().into());
+        }
+        Ok(Fingerprint {
+            header,
+            size,
+            chain_head,
+            md5: md5.finalize().into(),
+            part_md5: if size > SINGLE_PUT_MAX { part_md5 } else { Vec::new() },
+            sha256: hex::encode(sha.finalize()),
+        })
+    }
+
+    /// The ETag S3 gives this content: the MD5 of a single PUT, or the
+    /// MD5 of the parts' MD5s and their count for a multipart upload.
+    fn etag(&self) -> String {
+        if self.part_md5.is_empty() {
+            return hex::encode(self.md5);
+        }
+        let mut of_parts = md5::Md5::new();
+        for p in &self.part_md5 {
+            of_parts.update(p);
+        }
+        format!("{}-{}", hex::encode(of_parts.finalize()), self.part_md5.len())
+    }
+}
+
+/// `PREFIX/HOST/YYYY-MM-DD/TARGET/ID.tgrec` for a recording (job
+/// recordings: TARGET is `jobs`).
+pub fn object_key(settings: &UploadSettings, header: &Header) -> Result<ObjectPath, String> {
+    let day = header.started_at.get(..10).unwrap_or("unknown-day");
+    let target = if header.protocol == "job" {
+        "jobs"
+    } else {
+        header.target.as_str()
+    };
+    let mut key = String::new();
+    if !settings.prefix.is_empty() {
+        key.push_str(&settings.prefix);
+        key.push('/');
+    }
+    key.push_str(&format!(
+        "{}/{}/{}/{}.{FILE_EXTENSION}",
+        key_segment(&settings.host),
+        key_segment(day),
+        key_segment(target),
+        header.session
+    ));
+    ObjectPath::parse(&key).map_err(|e| format!("no valid object key for {}: {e}", header.session))
+}
+
+/// `s` with every character but letters, digits, '.', '-' and '_' made
+/// '_' (a name from configuration or a header, inside a key).
+fn key_segment(s: &str) -> String {
+    let cleaned: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' })
+        .collect();
+    match cleaned.as_str() {
+        "" | "." | ".." => "_".to_string(),
+        _ => cleaned,
+    }
+}
+
+/// One recording in the bucket, as its key names it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RemoteRecording {
+    /// The object's key.
+    pub key: String,
+    /// The host that uploaded it.
+    pub host: String,
+    /// `YYYY-MM-DD` the session started.
+    pub day: String,
+    /// The target (`jobs` for job recordings).
+    pub target: String,
+    /// The session (or job) id.
+    pub id: uuid::Uuid,
+    /// Bytes.
+    pub size: u64,
+    /// When the bucket stored it, RFC 3339.
+    pub stored_at: String,
+}
+
+/// Every recording under the configured prefix, oldest day first.
+pub async fn list_remote(
+    store: &dyn ObjectStore,
+    settings: &UploadSettings,
+) -> Result<Vec<RemoteRecording>, String> {
+    use futures_util::StreamExt as _;
+    let prefix = (!settings.prefix.is_empty()).then(|| ObjectPath::from(settings.prefix.as_str()));
+    let mut listing = store.list(prefix.as_ref());
+    let mut found = Vec::new();
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(|e| format!("cannot list bucket \"{}\": {e}", settings.bucket))?;
+        let key = meta.location.to_string();
+        let rest = key
+            .strip_prefix(settings.prefix.as_str())
+            .unwrap_or(&key)
+            .trim_start_matches('/');
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [host, day, target, file] = parts[..] else {
+            continue;
+        };
+        let Some(id) = file
+            .strip_suffix(&format!(".{FILE_EXTENSION}"))
+            .and_then(|s| uuid::Uuid::parse_str(s).ok())
+        else {
+            continue;
+        };
+        found.push(RemoteRecording {
+            host: host.to_string(),
+            day: day.to_string(),
+            target: target.to_string(),
+            id,
+            size: meta.size,
+            stored_at: meta.last_modified.to_rfc3339(),
+            key,
+        });
+    }
+    found.sort_by(|a, b| a.day.cmp(&b.day).then(a.id.cmp(&b.id)));
+    Ok(found)
+}
+
+/// The bytes of the recording of session `id` in the bucket, with its key.
+pub async fn fetch_remote(
+    store: &dyn ObjectStore,
+    settings: &UploadSettings,
+    id: uuid::Uuid,
+) -> Result<(String, Vec<u8>), String> {
+    let all = list_remote(store, settings).await?;
+    let found = all
+        .into_iter()
+        .find(|r| r.id == id)
+        .ok_or_else(|| format!("no recording of session {id} in bucket \"{}\"", settings.bucket))?;
+    let bytes = store
+        .get(&ObjectPath::from(found.key.as_str()))
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", found.key))?
+        .bytes()
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", found.key))?;
+    Ok((found.key, bytes.to_vec()))
+}
