@@ -62,6 +62,16 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+/// `--remote`: read recordings from the bucket instead of this host.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct RemoteArg {
+    /// Read the bucket that the configuration's [upload] section names
+    /// (every host's uploaded recordings) instead of this host's
+    /// recording directory.
+    #[arg(long)]
+    pub remote: bool,
+}
+
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -384,11 +394,21 @@ pub enum RecordingsCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// List the bucket's recordings (host, day, target and session, as
+        /// their keys name them) instead of this host's; --user, --ci-repo
+        /// and --denied need the local files.
+        #[arg(long, conflicts_with_all = ["user", "ci_repo", "denied"])]
+        remote: bool,
+        /// With --remote: only recordings this host uploaded.
+        #[arg(long, value_name = "NAME", requires = "remote")]
+        host: Option<String>,
     },
     /// Show a session as a readable transcript.
     Show {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        remote: RemoteArg,
         /// Session id (as `list` shows it) or a recording file.
         #[arg(value_name = "ID|FILE")]
         id: String,
@@ -408,6 +428,8 @@ pub enum RecordingsCommand {
     Replay {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        remote: RemoteArg,
         /// Session id (as `list` shows it) or a recording file.
         #[arg(value_name = "ID|FILE")]
         id: String,
@@ -432,6 +454,8 @@ pub enum RecordingsCommand {
     Verify {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        remote: RemoteArg,
         /// Session id or recording file.
         #[arg(value_name = "ID|FILE", required_unless_present = "all")]
         id: Option<String>,
@@ -461,6 +485,8 @@ pub enum RecordingsCommand {
     Export {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        remote: RemoteArg,
         /// Session id or recording file.
         #[arg(value_name = "ID|FILE")]
         id: String,

@@ -4,7 +4,8 @@
 use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 
-use super::{load_config, print_json, CliError, ConfigArg, RecordingsCommand};
+use super::{load_config, print_json, CliError, ConfigArg, RecordingsCommand, RemoteArg};
+use crate::recording::upload::{self, RemoteRecording};
 use crate::recording::{self, Recording};
 
 /// Runs one `tollgate recordings` subcommand.
@@ -18,7 +19,30 @@ pub fn run(command: RecordingsCommand) -> Result<(), CliError> {
             ci_repo,
             denied,
             json,
+            remote,
+            host,
         } => {
+            if remote {
+                let bucket = Bucket::open(&config)?;
+                let since_day = since
+                    .and_then(|d| std::time::SystemTime::now().checked_sub(d))
+                    .map(|t| recording::writer::rfc3339_millis(t)[..10].to_string());
+                let found: Vec<RemoteRecording> = bucket
+                    .list()?
+                    .into_iter()
+                    .filter(|r| {
+                        since_day.as_ref().is_none_or(|d| &r.day >= d)
+                            && target.as_ref().is_none_or(|t| &r.target == t)
+                            && host.as_ref().is_none_or(|h| &r.host == h)
+                    })
+                    .collect();
+                if json {
+                    print_json(&found);
+                } else {
+                    print_remote_list(&found);
+                }
+                return Ok(());
+            }
             let dir = load_config(&config.config)?.agent.recording_dir;
             let filter = recording::RecordingFilter {
                 since: since.and_then(|d| std::time::SystemTime::now().checked_sub(d)),
@@ -39,10 +63,11 @@ pub fn run(command: RecordingsCommand) -> Result<(), CliError> {
         }
         RecordingsCommand::Show {
             config,
+            remote,
             id,
             no_color,
         } => {
-            let r = open_recording(&config, &id)?;
+            let r = open_recording(&config, remote, &id)?;
             let color = !no_color && std::io::stdout().is_terminal();
             println!(
                 "{}",
@@ -52,13 +77,14 @@ pub fn run(command: RecordingsCommand) -> Result<(), CliError> {
         }
         RecordingsCommand::Replay {
             config,
+            remote,
             id,
             speed,
             no_wait,
             max_wait,
             no_color,
         } => {
-            let rec = open_recording(&config, &id)?;
+            let rec = open_recording(&config, remote, &id)?;
             let options = recording::ReplayOptions {
                 speed: if no_wait { 0.0 } else { speed },
                 max_wait,
@@ -88,17 +114,26 @@ pub fn run(command: RecordingsCommand) -> Result<(), CliError> {
         }
         RecordingsCommand::Verify {
             config,
+            remote,
+            id,
+            all,
+            public_keys,
+        } if remote.remote => verify_remote(&config, id.as_deref(), all, &public_keys),
+        RecordingsCommand::Verify {
+            config,
+            remote: _,
             id,
             all,
             public_keys,
         } => verify(&config, id.as_deref(), all, &public_keys),
         RecordingsCommand::Export {
             config,
+            remote,
             id,
             format,
             out,
         } => {
-            let r = open_recording(&config, &id)?;
+            let r = open_recording(&config, remote, &id)?;
             let bytes = if format == "pcap" {
                 recording::export_pcap(&r)
                     .map_err(|e| CliError::failed(format!("cannot export {id} as pcap: {e}")))?
@@ -134,6 +169,123 @@ fn print_list(found: &[recording::RecordingSummary]) {
     }
 }
 
+/// The table `recordings list --remote` prints.
+fn print_remote_list(found: &[RemoteRecording]) {
+    println!(
+        "{:<36}  {:<10}  {:<20}  {:<12}  {:>9}  STORED",
+        "SESSION", "DAY", "HOST", "TARGET", "BYTES"
+    );
+    for r in found {
+        println!(
+            "{:<36}  {:<10}  {:<20}  {:<12}  {:>9}  {}",
+            r.id, r.day, r.host, r.target, r.size, r.stored_at
+        );
+    }
+}
+
+/// The bucket of the configuration's `[upload]` section, for `--remote`.
+struct Bucket {
+    store: object_store::aws::AmazonS3,
+    settings: crate::config::UploadSettings,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Bucket {
+    fn open(config: &ConfigArg) -> Result<Bucket, CliError> {
+        let settings = load_config(&config.config)?.upload.ok_or_else(|| {
+            CliError::invalid(format!(
+                "--remote reads the bucket of an [upload] section, and {} has none",
+                config.config.display()
+            ))
+        })?;
+        let store = upload::open_store(&settings).map_err(CliError::failed)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CliError::failed(format!("cannot start: {e}")))?;
+        Ok(Bucket {
+            store,
+            settings,
+            runtime,
+        })
+    }
+
+    fn list(&self) -> Result<Vec<RemoteRecording>, CliError> {
+        self.runtime
+            .block_on(upload::list_remote(&self.store, &self.settings))
+            .map_err(CliError::failed)
+    }
+
+    /// The recording of session `id`: its name (`s3://BUCKET/KEY`) and bytes.
+    fn fetch(&self, id: &str) -> Result<(PathBuf, Vec<u8>), CliError> {
+        let id = uuid::Uuid::parse_str(id).map_err(|_| {
+            CliError::invalid(format!("\"{id}\" is not a session id (--remote takes ids)"))
+        })?;
+        let (key, bytes) = self
+            .runtime
+            .block_on(upload::fetch_remote(&self.store, &self.settings, id))
+            .map_err(CliError::failed)?;
+        Ok((
+            PathBuf::from(format!("s3://{}/{key}", self.settings.bucket)),
+            bytes,
+        ))
+    }
+}
+
+/// `recordings verify --remote`: as [`verify`], on the bucket's copies.
+fn verify_remote(
+    config: &ConfigArg,
+    id: Option<&str>,
+    all: bool,
+    public_keys: &[PathBuf],
+) -> Result<(), CliError> {
+    let keys = load_public_keys(public_keys)?;
+    let bucket = Bucket::open(config)?;
+    let ids: Vec<String> = if all {
+        bucket.list()?.iter().map(|r| r.id.to_string()).collect()
+    } else {
+        vec![id.unwrap_or_default().to_string()]
+    };
+    let mut reports = Vec::new();
+    for id in &ids {
+        let (name, bytes) = bucket.fetch(id)?;
+        reports.push(recording::reader::verify_from(
+            std::io::Cursor::new(bytes),
+            &name,
+            uuid::Uuid::parse_str(id).ok(),
+            &keys,
+        ));
+    }
+    report_verified(&reports, all)
+}
+
+fn load_public_keys(public_keys: &[PathBuf]) -> Result<Vec<recording::PublicKey>, CliError> {
+    public_keys
+        .iter()
+        .map(|path| recording::PublicKey::load(path))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CliError::invalid(format!("cannot use --public-key {e}")))
+}
+
+/// Prints verification reports; exit 1 when one failed.
+fn report_verified(reports: &[recording::VerifyReport], all: bool) -> Result<(), CliError> {
+    let bad = reports.iter().filter(|r| !r.ok()).count();
+    for report in reports {
+        println!("{report}");
+    }
+    if all {
+        println!("{} verified, {} failed", reports.len() - bad, bad);
+    }
+    if bad == 0 {
+        Ok(())
+    } else {
+        Err(CliError::failed(format!(
+            "{bad} of {} recording(s) failed verification",
+            reports.len()
+        )))
+    }
+}
+
 /// `recordings verify`: every named recording's chain and signature; exit
 /// 1 when one fails, 2 when a key or the recording cannot be found.
 fn verify(
@@ -142,11 +294,7 @@ fn verify(
     all: bool,
     public_keys: &[PathBuf],
 ) -> Result<(), CliError> {
-    let keys = public_keys
-        .iter()
-        .map(|path| recording::PublicKey::load(path))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CliError::invalid(format!("cannot use --public-key {e}")))?;
+    let keys = load_public_keys(public_keys)?;
     // A recording file given by path needs no configuration.
     let dir = match id {
         Some(p) if !all && Path::new(p).is_file() => PathBuf::new(),
@@ -160,25 +308,11 @@ fn verify(
     } else {
         vec![find_recording(&dir, id.unwrap_or_default()).map_err(CliError::invalid)?]
     };
-    let mut bad = 0;
-    for p in &paths {
-        let report = recording::verify_signed(p, &keys);
-        if !report.ok() {
-            bad += 1;
-        }
-        println!("{report}");
-    }
-    if all {
-        println!("{} verified, {} failed", paths.len() - bad, bad);
-    }
-    if bad == 0 {
-        Ok(())
-    } else {
-        Err(CliError::failed(format!(
-            "{bad} of {} recording(s) failed verification",
-            paths.len()
-        )))
-    }
+    let reports: Vec<_> = paths
+        .iter()
+        .map(|p| recording::verify_signed(p, &keys))
+        .collect();
+    report_verified(&reports, all)
 }
 
 /// The recording file for an id or a path given on the command line.
@@ -195,8 +329,14 @@ fn find_recording(dir: &Path, id: &str) -> Result<PathBuf, String> {
 
 /// Reads the recording an id or path names. A file path needs no
 /// configuration (for checking recordings off the host); an id is looked
-/// up under the configuration's recording_dir.
-fn open_recording(config: &ConfigArg, id: &str) -> Result<Recording, CliError> {
+/// up under the configuration's recording_dir, or with `--remote` in the
+/// bucket.
+fn open_recording(config: &ConfigArg, remote: RemoteArg, id: &str) -> Result<Recording, CliError> {
+    if remote.remote {
+        let (name, bytes) = Bucket::open(config)?.fetch(id)?;
+        return recording::reader::read_from(std::io::Cursor::new(bytes), &name)
+            .map_err(|e| CliError::failed(format!("cannot read {}: {e}", name.display())));
+    }
     let dir = if Path::new(id).is_file() {
         PathBuf::new()
     } else {

@@ -78,11 +78,16 @@ pub struct UploadSettings {
     /// Most bytes of recordings kept locally, uploaded or not; past it new
     /// sessions are refused until uploads catch up (nothing is dropped).
     pub max_spool_size: u64,
+    /// Longest wait between retries while uploads fail (the wait doubles
+    /// from one second up to this).
+    pub max_retry_interval: Duration,
 }
 
 impl UploadSettings {
     /// `max_spool_size` when not configured.
     pub const DEFAULT_MAX_SPOOL_SIZE: u64 = 10 << 30;
+    /// `max_retry_interval` when not configured.
+    pub const DEFAULT_MAX_RETRY_INTERVAL: Duration = Duration::from_secs(300);
 }
 
 /// This host's name as the kernel has it (`uname -n`), or `localhost`.

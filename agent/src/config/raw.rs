@@ -52,6 +52,7 @@ struct RawUpload {
     access_key_id: Option<Spanned<String>>,
     secret_access_key_file: Option<Spanned<String>>,
     max_spool_size: Option<Spanned<RawSize>>,
+    max_retry_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -814,22 +815,32 @@ fn check_upload(
     }
     let bucket = u.bucket.get_ref().trim();
     if bucket.is_empty() || bucket.contains('/') {
-        c.error(&u.bucket, "upload bucket must be a bucket name such as \"tollgate-recordings\" (no slashes)");
+        c.error(
+            &u.bucket,
+            "upload bucket must be a bucket name such as \"tollgate-recordings\" (no slashes)",
+        );
     }
-    let endpoint = u.endpoint.as_ref().and_then(|e| {
-        match parse_notify_url(e.get_ref()) {
+    let endpoint = u
+        .endpoint
+        .as_ref()
+        .and_then(|e| match parse_notify_url(e.get_ref()) {
             Ok(_) => Some(e.get_ref().trim_end_matches('/').to_string()),
             Err(why) => {
                 c.error(e, format!("upload endpoint \"{}\" {why}", e.get_ref()));
                 None
             }
-        }
-    });
+        });
     let prefix = match &u.prefix {
         Some(p) => match object_store::path::Path::parse(p.get_ref().trim_matches('/')) {
             Ok(path) => path.to_string(),
             Err(e) => {
-                c.error(p, format!("upload prefix \"{}\" is not a valid object key prefix: {e}", p.get_ref()));
+                c.error(
+                    p,
+                    format!(
+                        "upload prefix \"{}\" is not a valid object key prefix: {e}",
+                        p.get_ref()
+                    ),
+                );
                 String::new()
             }
         },
@@ -845,7 +856,12 @@ fn check_upload(
         }
         None => super::this_host_name(),
     };
-    let secret_access_key_file = secret_path(c, "secret_access_key_file", u.secret_access_key_file.as_ref()).unwrap_or(None);
+    let secret_access_key_file = secret_path(
+        c,
+        "secret_access_key_file",
+        u.secret_access_key_file.as_ref(),
+    )
+    .unwrap_or(None);
     match (&u.access_key_id, &u.secret_access_key_file) {
         (Some(id), None) => c.error(id, "access_key_id needs secret_access_key_file beside it (a root-only file holding the secret key)"),
         (None, Some(file)) => c.error(file, "secret_access_key_file needs access_key_id beside it"),
@@ -865,6 +881,11 @@ fn check_upload(
         },
         None => UploadSettings::DEFAULT_MAX_SPOOL_SIZE,
     };
+    let max_retry_interval = c.duration(
+        &u.max_retry_interval,
+        "max_retry_interval",
+        UploadSettings::DEFAULT_MAX_RETRY_INTERVAL,
+    );
     (c.errors.len() == before).then(|| UploadSettings {
         bucket: bucket.to_string(),
         endpoint,
@@ -878,6 +899,7 @@ fn check_upload(
         access_key_id: u.access_key_id.as_ref().map(|i| i.get_ref().clone()),
         secret_access_key_file,
         max_spool_size,
+        max_retry_interval,
     })
 }
 

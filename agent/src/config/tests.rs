@@ -805,3 +805,55 @@ fn an_ssh_credential_may_log_in_with_a_certificate_from_the_agents_user_ca() {
         "{e:?}"
     );
 }
+
+#[test]
+fn upload_settings_are_read_with_defaults() {
+    let c = parse("[upload]\nbucket = \"tollgate-recordings\"\n").unwrap();
+    let u = c.upload.unwrap();
+    assert_eq!(u.bucket, "tollgate-recordings");
+    assert_eq!(u.region, "us-east-1");
+    assert_eq!(u.prefix, "");
+    assert_eq!(u.host, this_host_name());
+    assert_eq!(u.max_spool_size, UploadSettings::DEFAULT_MAX_SPOOL_SIZE);
+    assert_eq!(u.endpoint, None);
+    let c = parse(
+        "[upload]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000/\"\nregion = \"eu-central-1\"\nprefix = \"/fleet/eu/\"\nhost = \"runner-7\"\nmax_spool_size = \"1GiB\"\nmax_retry_interval = \"30s\"\n",
+    )
+    .unwrap();
+    let u = c.upload.unwrap();
+    assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+    assert_eq!(u.prefix, "fleet/eu");
+    assert_eq!(u.host, "runner-7");
+    assert_eq!(u.max_spool_size, 1 << 30);
+    assert_eq!(u.max_retry_interval, Duration::from_secs(30));
+    assert!(parse("").unwrap().upload.is_none());
+}
+
+#[test]
+fn bad_upload_settings_are_refused_with_what_to_change() {
+    let cases = [
+        ("[upload]\nbucket = \"a/b\"\n", "no slashes"),
+        ("[upload]\nbucket = \"b\"\nendpoint = \"ftp://x\"\n", "upload endpoint"),
+        ("[upload]\nbucket = \"b\"\nhost = \"../etc\"\n", "upload host"),
+        ("[upload]\nbucket = \"b\"\nmax_spool_size = 0\n", "more than zero"),
+        ("[upload]\nbucket = \"b\"\naccess_key_id = \"AKIA1\"\n", "needs secret_access_key_file"),
+        (
+            "[upload]\nbucket = \"b\"\nsecret_access_key_file = \"relative\"\naccess_key_id = \"A\"\n",
+            "absolute path",
+        ),
+        (
+            "[agent]\nrecording_retention_days = 3\n[upload]\nbucket = \"b\"\n",
+            "cannot be combined with [upload]",
+        ),
+        ("[upload]\nbucket = \"b\"\nunknown = 1\n", "unknown field"),
+        ("[upload]\nregion = \"x\"\n", "bucket"),
+    ];
+    for (text, expected) in cases {
+        let errs = errors(text);
+        assert!(
+            errs.iter()
+                .any(|e| e.contains(expected) && e.starts_with("t.toml:")),
+            "{text}: {errs:?}"
+        );
+    }
+}

@@ -188,7 +188,7 @@ fn settings(dir: &Path, fsync: Fsync) -> RecorderSettings {
 }
 
 /// Records one whole session and returns its file.
-fn record_session(dir: &Path, fsync: Fsync) -> (Arc<SessionInfo>, PathBuf) {
+pub(super) fn record_session(dir: &Path, fsync: Fsync) -> (Arc<SessionInfo>, PathBuf) {
     let (sink, handle) = Recorder::start(settings(dir, fsync)).unwrap();
     let info = info("orders-prod", "runner", Some("acme/shop"));
     for e in session_events(&info) {

@@ -57,9 +57,9 @@ const PART_SIZE: usize = 16 << 20;
 
 /// How often the spool is looked at when nothing failed.
 const SCAN_INTERVAL: Duration = Duration::from_secs(2);
-/// Backoff after a failed upload: doubled at each failure up to the most.
-const BACKOFF_FIRST: Duration = Duration::from_secs(2);
-const BACKOFF_MOST: Duration = Duration::from_secs(300);
+/// Backoff after a failed upload: doubled at each failure up to the
+/// configured `max_retry_interval`.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 
 /// Opens the bucket `settings` name. Credentials: the static key when
 /// configured, else the AWS environment variables, web identity or the
@@ -203,6 +203,10 @@ pub struct Uploader {
     pub stats: Arc<UploadStats>,
     /// Files whose key holds another object: left alone until restart.
     conflicts: Mutex<HashSet<PathBuf>>,
+    /// How files are sent: one PUT up to this size, else parts of
+    /// `part_size` ([`SINGLE_PUT_MAX`], [`PART_SIZE`]; smaller in tests).
+    single_put_max: u64,
+    part_size: usize,
 }
 
 impl Uploader {
@@ -213,13 +217,28 @@ impl Uploader {
             settings,
             stats: Arc::default(),
             conflicts: Mutex::default(),
+            single_put_max: SINGLE_PUT_MAX,
+            part_size: PART_SIZE,
         }
+    }
+
+    /// Sends files over `single_put_max` bytes in parts of `part_size`.
+    #[cfg(test)]
+    fn with_parts(mut self, single_put_max: u64, part_size: usize) -> Uploader {
+        self.single_put_max = single_put_max;
+        self.part_size = part_size;
+        self
     }
 
     /// Looks at the spool once: updates the counters, marks the spool full
     /// (or not) in `recorder`, and uploads the closed recordings oldest
     /// first until one fails. Returns whether every attempt succeeded.
-    pub async fn pass(&self, dir: &Path, recorder: &RecordingSink, stop: &CancellationToken) -> bool {
+    pub async fn pass(
+        &self,
+        dir: &Path,
+        recorder: &RecordingSink,
+        stop: &CancellationToken,
+    ) -> bool {
         let scan = {
             let dir = dir.to_path_buf();
             // Taken before the listing, as retention asks: a file created
@@ -249,7 +268,11 @@ impl Uploader {
                 .filter(|f| !f.writing && !conflicts.contains(&f.path))
                 .collect()
         };
-        self.publish(spool_bytes, spool_files, pending.first().map(|f| f.modified));
+        self.publish(
+            spool_bytes,
+            spool_files,
+            pending.first().map(|f| f.modified),
+        );
         self.mark_spool_full(recorder, spool_bytes);
         let mut all_ok = true;
         while !pending.is_empty() {
@@ -263,7 +286,11 @@ impl Uploader {
                 Outcome::Uploaded | Outcome::AlreadyPresent => {
                     spool_bytes = spool_bytes.saturating_sub(file.bytes);
                     spool_files = spool_files.saturating_sub(1);
-                    self.publish(spool_bytes, spool_files, pending.first().map(|f| f.modified));
+                    self.publish(
+                        spool_bytes,
+                        spool_files,
+                        pending.first().map(|f| f.modified),
+                    );
                     self.mark_spool_full(recorder, spool_bytes);
                 }
                 Outcome::Conflict(why) => {
@@ -309,9 +336,13 @@ impl Uploader {
     pub async fn upload(&self, path: &Path) -> Outcome {
         let local = {
             let owned = path.to_path_buf();
-            match tokio::task::spawn_blocking(move || Fingerprint::of(&owned)).await {
+            let (single_put_max, part_size) = (self.single_put_max, self.part_size);
+            let fingerprint = move || Fingerprint::of(&owned, single_put_max, part_size);
+            match tokio::task::spawn_blocking(fingerprint).await {
                 Ok(Ok(f)) => f,
-                Ok(Err(e)) => return Outcome::Failed(format!("cannot read {}: {e}", path.display())),
+                Ok(Err(e)) => {
+                    return Outcome::Failed(format!("cannot read {}: {e}", path.display()))
+                }
                 Err(e) => return Outcome::Failed(e.to_string()),
             }
         };
@@ -365,19 +396,26 @@ impl Uploader {
                 AttributeValue::from(head.clone()),
             );
         }
-        if local.size <= SINGLE_PUT_MAX {
+        if local.part_md5.is_empty() {
             let bytes = tokio::fs::read(path)
                 .await
                 .map_err(|e| generic(format!("cannot read {}: {e}", path.display())))?;
             if bytes.len() as u64 != local.size {
-                return Err(generic(format!("{} changed while uploading", path.display())));
+                return Err(generic(format!(
+                    "{} changed while uploading",
+                    path.display()
+                )));
             }
             let options = PutOptions {
                 mode: PutMode::Create,
                 attributes,
                 ..PutOptions::default()
             };
-            return match self.store.put_opts(key, PutPayload::from(bytes), options).await {
+            return match self
+                .store
+                .put_opts(key, PutPayload::from(bytes), options)
+                .await
+            {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
                 Err(e) => Err(e),
@@ -401,7 +439,7 @@ impl Uploader {
         let mut sent: u64 = 0;
         let result = async {
             while sent < local.size {
-                let want = (local.size - sent).min(PART_SIZE as u64) as usize;
+                let want = (local.size - sent).min(self.part_size as u64) as usize;
                 let mut part = vec![0u8; want];
                 tokio::io::AsyncReadExt::read_exact(&mut file, &mut part)
                     .await
@@ -494,6 +532,7 @@ pub async fn keep_uploading(
     recorder: Arc<RecordingSink>,
     stop: CancellationToken,
 ) {
+    let most = uploader.settings.max_retry_interval.max(BACKOFF_FIRST);
     let mut backoff = BACKOFF_FIRST;
     loop {
         let wait = if uploader.pass(&dir, &recorder, &stop).await {
@@ -501,7 +540,7 @@ pub async fn keep_uploading(
             SCAN_INTERVAL
         } else {
             let wait = backoff;
-            backoff = (backoff * 2).min(BACKOFF_MOST);
+            backoff = (backoff * 2).min(most);
             wait
         };
         tokio::select! {
@@ -524,7 +563,9 @@ struct Fingerprint {
 }
 
 impl Fingerprint {
-    fn of(path: &Path) -> io::Result<Fingerprint> {
+    /// Reads `path` twice: its records (header, chain head), then its
+    /// bytes (digests, per part of `part_size` when over `single_put_max`).
+    fn of(path: &Path, single_put_max: u64, part_size: usize) -> io::Result<Fingerprint> {
         let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
         let mut frames = FrameReader::new(BufReader::new(File::open(path)?));
         let mut header = None;
@@ -535,7 +576,9 @@ impl Fingerprint {
                     if header.is_none() {
                         match decode_body(body(&bytes)) {
                             Ok(Record::Header(h)) => header = Some(*h),
-                            Ok(_) => return Err(invalid("the first record is not a header".into())),
+                            Ok(_) => {
+                                return Err(invalid("the first record is not a header".into()))
+                            }
                             Err(e) => return Err(invalid(e.to_string())),
                         }
                     }
@@ -564,11 +607,11 @@ impl Fingerprint {
             sha.update(chunk);
             size += n as u64;
             while !chunk.is_empty() {
-                let take = chunk.len().min(PART_SIZE - in_part);
+                let take = chunk.len().min(part_size - in_part);
                 part.update(&chunk[..take]);
                 in_part += take;
                 chunk = &chunk[take..];
-                if in_part == PART_SIZE {
+                if in_part == part_size {
                     part_md5.push(std::mem::take(&mut part).finalize().into());
                     in_part = 0;
                 }
@@ -582,7 +625,11 @@ impl Fingerprint {
             size,
             chain_head,
             md5: md5.finalize().into(),
-            part_md5: if size > SINGLE_PUT_MAX { part_md5 } else { Vec::new() },
+            part_md5: if size > single_put_max {
+                part_md5
+            } else {
+                Vec::new()
+            },
             sha256: hex::encode(sha.finalize()),
         })
     }
@@ -597,7 +644,11 @@ impl Fingerprint {
         for p in &self.part_md5 {
             of_parts.update(p);
         }
-        format!("{}-{}", hex::encode(of_parts.finalize()), self.part_md5.len())
+        format!(
+            "{}-{}",
+            hex::encode(of_parts.finalize()),
+            self.part_md5.len()
+        )
     }
 }
 
@@ -630,7 +681,13 @@ pub fn object_key(settings: &UploadSettings, header: &Header) -> Result<ObjectPa
 fn key_segment(s: &str) -> String {
     let cleaned: String = s
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     match cleaned.as_str() {
         "" | "." | ".." => "_".to_string(),
@@ -704,10 +761,12 @@ pub async fn fetch_remote(
     id: uuid::Uuid,
 ) -> Result<(String, Vec<u8>), String> {
     let all = list_remote(store, settings).await?;
-    let found = all
-        .into_iter()
-        .find(|r| r.id == id)
-        .ok_or_else(|| format!("no recording of session {id} in bucket \"{}\"", settings.bucket))?;
+    let found = all.into_iter().find(|r| r.id == id).ok_or_else(|| {
+        format!(
+            "no recording of session {id} in bucket \"{}\"",
+            settings.bucket
+        )
+    })?;
     let bytes = store
         .get(&ObjectPath::from(found.key.as_str()))
         .await
@@ -717,3 +776,7 @@ pub async fn fetch_remote(
         .map_err(|e| format!("cannot read {}: {e}", found.key))?;
     Ok((found.key, bytes.to_vec()))
 }
+
+#[cfg(test)]
+#[path = "upload_tests.rs"]
+mod tests;
