@@ -60,9 +60,10 @@ fi
 # pipelining of executemany); mysql-connector-python (server-side prepared
 # statements, binary rows) and PyMySQL (text protocol, multi-statements) for
 # MySQL targets; prometheus-client, whose parser checks the agent's /metrics
-# as a scraper reads it.
+# as a scraper reads it; moto's S3 server (with boto3 to read back what the
+# agent uploaded) for recordings to object storage.
 for driver in "psycopg:psycopg[binary]" "asyncpg:asyncpg" "mysql.connector:mysql-connector-python" \
-        "pymysql:PyMySQL" "prometheus_client:prometheus-client"; do
+        "pymysql:PyMySQL" "prometheus_client:prometheus-client" "moto.server:moto[server]"; do
     module=${driver%%:*}
     package=${driver#*:}
     if python3 -c "import $module" >/dev/null 2>&1; then

@@ -202,6 +202,13 @@ impl RunningAgent {
             crate::accept::Endpoint::new(name, limit, when_full, &background, counters)
         };
 
+        if let Some(uploader) = &uploader {
+            // Before serving: a spool the last run left full refuses the
+            // first session already.
+            uploader
+                .scan(&shared.config.agent.recording_dir, &shared.recorder)
+                .await;
+        }
         for (socket, listener) in listeners {
             let addr = socket.local_addr().unwrap_or(listener.listen);
             tracing::info!(listen = %addr, target = %listener.target, upstream = %listener.upstream, "listening");

@@ -29,3 +29,4 @@ mod review_notify;
 mod review_web;
 mod ssh;
 mod tls;
+mod upload;

@@ -33,6 +33,7 @@ pub mod certs;
 pub mod mariadb;
 pub mod pg_wire;
 pub mod review;
+pub mod s3;
 pub mod sshd;
 pub mod webdriver;
 

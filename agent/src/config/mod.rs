@@ -81,6 +81,37 @@ pub struct UploadSettings {
     /// Longest wait between retries while uploads fail (the wait doubles
     /// from one second up to this).
     pub max_retry_interval: Duration,
+    /// Object Lock retention set on every uploaded recording, when
+    /// `object_lock_mode` is configured (the bucket must have Object Lock).
+    pub object_lock: Option<ObjectLock>,
+}
+
+/// `[upload] object_lock_mode` and `object_lock_days`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    /// How strictly the object is kept.
+    pub mode: ObjectLockMode,
+    /// For how long from the upload.
+    pub days: u64,
+}
+
+/// An Object Lock retention mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectLockMode {
+    /// Nobody, root account included, can delete or shorten it.
+    Compliance,
+    /// Users with a special permission can.
+    Governance,
+}
+
+impl ObjectLockMode {
+    /// The `x-amz-object-lock-mode` value.
+    pub fn as_header(self) -> &'static str {
+        match self {
+            ObjectLockMode::Compliance => "COMPLIANCE",
+            ObjectLockMode::Governance => "GOVERNANCE",
+        }
+    }
 }
 
 impl UploadSettings {

@@ -15,9 +15,9 @@ use crate::policy::{IdentityMatch, IdentitySpec};
 use super::{
     line_column, secret, AgentSettings, BrokeredCredential, ClientCertificate, ClientCredentials,
     ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup, Listener, NotifyKind,
-    NotifyTarget, PortRange, ProtectMode, ProtectSettings, Protocol, RecordingFailure,
-    RecordingFsync, RedirectSettings, Target, TargetAddress, TargetSet, UnlistedPolicy,
-    UploadSettings, Upstream, UpstreamTls,
+    NotifyTarget, ObjectLock, ObjectLockMode, PortRange, ProtectMode, ProtectSettings, Protocol,
+    RecordingFailure, RecordingFsync, RedirectSettings, Target, TargetAddress, TargetSet,
+    UnlistedPolicy, UploadSettings, Upstream, UpstreamTls,
 };
 
 #[derive(Deserialize, Default)]
@@ -53,6 +53,8 @@ struct RawUpload {
     secret_access_key_file: Option<Spanned<String>>,
     max_spool_size: Option<Spanned<RawSize>>,
     max_retry_interval: Option<Spanned<String>>,
+    object_lock_mode: Option<Spanned<String>>,
+    object_lock_days: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -886,6 +888,38 @@ fn check_upload(
         "max_retry_interval",
         UploadSettings::DEFAULT_MAX_RETRY_INTERVAL,
     );
+    let object_lock = match (&u.object_lock_mode, &u.object_lock_days) {
+        (None, None) => None,
+        (Some(mode), Some(days)) => {
+            let mode = match mode.get_ref().as_str() {
+                "compliance" => Some(ObjectLockMode::Compliance),
+                "governance" => Some(ObjectLockMode::Governance),
+                other => {
+                    c.error(mode, format!("object_lock_mode \"{other}\" is not known; use \"compliance\" or \"governance\""));
+                    None
+                }
+            };
+            let days = match u64::try_from(*days.get_ref()) {
+                Ok(d) if (1..=36_500).contains(&d) => Some(d),
+                _ => {
+                    c.error(
+                        days,
+                        "object_lock_days must be a whole number of days between 1 and 36500",
+                    );
+                    None
+                }
+            };
+            mode.zip(days).map(|(mode, days)| ObjectLock { mode, days })
+        }
+        (Some(mode), None) => {
+            c.error(mode, "object_lock_mode needs object_lock_days beside it (how long each recording is kept)");
+            None
+        }
+        (None, Some(days)) => {
+            c.error(days, "object_lock_days needs object_lock_mode beside it (\"compliance\" or \"governance\")");
+            None
+        }
+    };
     (c.errors.len() == before).then(|| UploadSettings {
         bucket: bucket.to_string(),
         endpoint,
@@ -900,6 +934,7 @@ fn check_upload(
         secret_access_key_file,
         max_spool_size,
         max_retry_interval,
+        object_lock,
     })
 }
 

@@ -846,6 +846,9 @@ fn bad_upload_settings_are_refused_with_what_to_change() {
             "cannot be combined with [upload]",
         ),
         ("[upload]\nbucket = \"b\"\nunknown = 1\n", "unknown field"),
+        ("[upload]\nbucket = \"b\"\nobject_lock_mode = \"compliance\"\n", "needs object_lock_days"),
+        ("[upload]\nbucket = \"b\"\nobject_lock_mode = \"strict\"\nobject_lock_days = 3\n", "not known"),
+        ("[upload]\nbucket = \"b\"\nobject_lock_mode = \"governance\"\nobject_lock_days = 0\n", "between 1 and 36500"),
         ("[upload]\nregion = \"x\"\n", "bucket"),
     ];
     for (text, expected) in cases {

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use super::codec::{body, decode_body, frame_hash, FrameRead, FrameReader};
 use super::format::{Header, Record, FILE_EXTENSION};
 use super::reader::day_dirs;
-use super::retention::recording_files;
+use super::retention::{recording_files, RecordingFile};
 use super::RecordingSink;
 use crate::config::UploadSettings;
 
@@ -65,12 +65,38 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 /// configured, else the AWS environment variables, web identity or the
 /// instance's role, as the AWS tools find them.
 pub fn open_store(settings: &UploadSettings) -> Result<AmazonS3, String> {
+    s3_builder(settings, &[])?
+        .build()
+        .map_err(|e| format!("cannot use bucket \"{}\": {e}", settings.bucket))
+}
+
+/// The client for `settings`, sending `headers` with every request (signed
+/// with it: object_store adds them before signing).
+fn s3_builder(
+    settings: &UploadSettings,
+    headers: &[(&'static str, String)],
+) -> Result<AmazonS3Builder, String> {
+    // What AWS's own SDKs send beside x-amz-checksum-sha256; S3-compatible
+    // stores with Object Lock may ask for it.
+    let mut header_map = object_store::HeaderMap::new();
+    header_map.insert(
+        "x-amz-sdk-checksum-algorithm",
+        object_store::HeaderValue::from_static("SHA256"),
+    );
+    for (name, value) in headers {
+        let value = object_store::HeaderValue::from_str(value)
+            .map_err(|e| format!("header {name}: {e}"))?;
+        header_map.insert(*name, value);
+    }
     // reqwest's rustls asks for the process's provider; the agent's TLS
     // uses ring everywhere. Already installed is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut builder = AmazonS3Builder::from_env()
         .with_bucket_name(&settings.bucket)
         .with_region(&settings.region)
+        // The bucket checks what it received against this checksum; buckets
+        // with Object Lock refuse uploads that carry none.
+        .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
         // Retries are the spool's (with backoff, forever); the client's own
         // are kept short so that a dead endpoint is noticed quickly.
         .with_retry(RetryConfig {
@@ -81,7 +107,8 @@ pub fn open_store(settings: &UploadSettings) -> Result<AmazonS3, String> {
         .with_client_options(
             ClientOptions::new()
                 .with_connect_timeout(Duration::from_secs(5))
-                .with_timeout(Duration::from_secs(300)),
+                .with_timeout(Duration::from_secs(300))
+                .with_default_headers(header_map),
         );
     if let Some(endpoint) = &settings.endpoint {
         builder = builder
@@ -99,9 +126,31 @@ pub fn open_store(settings: &UploadSettings) -> Result<AmazonS3, String> {
             .with_access_key_id(id)
             .with_secret_access_key(secret);
     }
-    builder
-        .build()
-        .map_err(|e| format!("cannot use bucket \"{}\": {e}", settings.bucket))
+    Ok(builder)
+}
+
+/// The store uploads go through: with `[upload] object_lock_mode`, one
+/// whose requests carry the Object Lock headers, retained until
+/// `object_lock_days` from now; else `plain`.
+fn uploading_store(
+    settings: &UploadSettings,
+    plain: &Arc<dyn ObjectStore>,
+) -> Result<Arc<dyn ObjectStore>, String> {
+    let Some(lock) = &settings.object_lock else {
+        return Ok(Arc::clone(plain));
+    };
+    let until = SystemTime::now() + Duration::from_secs(lock.days * 86_400);
+    let until = super::writer::rfc3339_millis(until);
+    let store = s3_builder(
+        settings,
+        &[
+            ("x-amz-object-lock-mode", lock.mode.as_header().to_string()),
+            ("x-amz-object-lock-retain-until-date", until),
+        ],
+    )?
+    .build()
+    .map_err(|e| format!("cannot use bucket \"{}\": {e}", settings.bucket))?;
+    Ok(Arc::new(store))
 }
 
 /// What the uploader has done, for metrics and status.
@@ -239,58 +288,30 @@ impl Uploader {
         recorder: &RecordingSink,
         stop: &CancellationToken,
     ) -> bool {
-        let scan = {
-            let dir = dir.to_path_buf();
-            // Taken before the listing, as retention asks: a file created
-            // after it is not listed.
-            let open = recorder.writing_now();
-            let writing = move |id: &uuid::Uuid| open.contains(id);
-            tokio::task::spawn_blocking(move || {
-                let mut errors = Vec::new();
-                let files =
-                    recording_files(&day_dirs(&dir), SystemTime::now(), &writing, &mut errors);
-                (files, errors)
-            })
-            .await
-        };
-        let Ok((files, errors)) = scan else {
+        let Some(files) = self.scan(dir, recorder).await else {
             return false;
         };
-        for e in errors {
-            tracing::warn!("upload spool: {e}");
-        }
         let mut spool_bytes: u64 = files.iter().map(|f| f.bytes).sum();
         let mut spool_files = files.len() as u64;
-        let mut pending: Vec<_> = {
+        let mut pending: std::collections::VecDeque<_> = {
             let conflicts = self.lock_conflicts();
             files
                 .into_iter()
                 .filter(|f| !f.writing && !conflicts.contains(&f.path))
                 .collect()
         };
-        self.publish(
-            spool_bytes,
-            spool_files,
-            pending.first().map(|f| f.modified),
-        );
-        self.mark_spool_full(recorder, spool_bytes);
-        let mut all_ok = true;
-        while !pending.is_empty() {
+        self.publish(spool_bytes, spool_files, pending.front());
+        while let Some(file) = pending.pop_front() {
             if stop.is_cancelled() {
-                break;
+                return false;
             }
-            let file = pending.remove(0);
             let outcome = self.upload(&file.path).await;
             self.stats.count(&outcome);
             match &outcome {
                 Outcome::Uploaded | Outcome::AlreadyPresent => {
                     spool_bytes = spool_bytes.saturating_sub(file.bytes);
                     spool_files = spool_files.saturating_sub(1);
-                    self.publish(
-                        spool_bytes,
-                        spool_files,
-                        pending.first().map(|f| f.modified),
-                    );
+                    self.publish(spool_bytes, spool_files, pending.front());
                     self.mark_spool_full(recorder, spool_bytes);
                 }
                 Outcome::Conflict(why) => {
@@ -299,12 +320,40 @@ impl Uploader {
                 }
                 Outcome::Failed(why) => {
                     tracing::warn!(path = %file.path.display(), "recording upload failed; retrying later: {why}");
-                    all_ok = false;
-                    break;
+                    return false;
                 }
             }
         }
-        all_ok
+        true
+    }
+
+    /// Lists the spool and marks it full (or not) in `recorder`; the agent
+    /// does this once before it serves, so that a spool left full by the
+    /// last run refuses sessions from the first one.
+    pub(crate) async fn scan(
+        &self,
+        dir: &Path,
+        recorder: &RecordingSink,
+    ) -> Option<Vec<RecordingFile>> {
+        // Taken before the listing, as retention asks: a file created
+        // after it is not listed.
+        let open = recorder.writing_now();
+        let writing = move |id: &uuid::Uuid| open.contains(id);
+        let dir = dir.to_path_buf();
+        let scan = tokio::task::spawn_blocking(move || {
+            let mut errors = Vec::new();
+            let files = recording_files(&day_dirs(&dir), SystemTime::now(), &writing, &mut errors);
+            (files, errors)
+        })
+        .await;
+        let Ok((files, errors)) = scan else {
+            return None;
+        };
+        for e in errors {
+            tracing::warn!("upload spool: {e}");
+        }
+        self.mark_spool_full(recorder, files.iter().map(|f| f.bytes).sum());
+        Some(files)
     }
 
     fn lock_conflicts(&self) -> std::sync::MutexGuard<'_, HashSet<PathBuf>> {
@@ -313,12 +362,13 @@ impl Uploader {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn publish(&self, bytes: u64, files: u64, oldest: Option<SystemTime>) {
+    fn publish(&self, bytes: u64, files: u64, oldest: Option<&RecordingFile>) {
         self.stats.spool_bytes.store(bytes, Ordering::Relaxed);
         self.stats.spool_recordings.store(files, Ordering::Relaxed);
-        self.stats
-            .oldest_unshipped_unix
-            .store(oldest.map_or(0, |t| unix_secs(t).max(1)), Ordering::Relaxed);
+        self.stats.oldest_unshipped_unix.store(
+            oldest.map_or(0, |f| unix_secs(f.modified).max(1)),
+            Ordering::Relaxed,
+        );
     }
 
     fn mark_spool_full(&self, recorder: &RecordingSink, bytes: u64) {
@@ -411,11 +461,8 @@ impl Uploader {
                 attributes,
                 ..PutOptions::default()
             };
-            return match self
-                .store
-                .put_opts(key, PutPayload::from(bytes), options)
-                .await
-            {
+            let store = uploading_store(&self.settings, &self.store).map_err(generic)?;
+            return match store.put_opts(key, PutPayload::from(bytes), options).await {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
                 Err(e) => Err(e),
@@ -432,7 +479,8 @@ impl Uploader {
             attributes,
             ..PutMultipartOptions::default()
         };
-        let mut upload = self.store.put_multipart_opts(key, options).await?;
+        let store = uploading_store(&self.settings, &self.store).map_err(generic)?;
+        let mut upload = store.put_multipart_opts(key, options).await?;
         let mut file = tokio::fs::File::open(path)
             .await
             .map_err(|e| generic(format!("cannot open {}: {e}", path.display())))?;

@@ -25,6 +25,7 @@ fn settings() -> UploadSettings {
         secret_access_key_file: None,
         max_spool_size: 1 << 20,
         max_retry_interval: std::time::Duration::from_secs(1),
+        object_lock: None,
     }
 }
 
