@@ -33,13 +33,22 @@ impl S3Server {
             .tempdir()
             .unwrap();
         let log = std::fs::File::create(dir.path().join("moto.log")).unwrap();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        // As a module of the python3 that setup.sh installed it for: its
+        // `moto_server` script may not be on PATH (pyenv shims).
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("moto_server (scripts/setup.sh installs moto[server])");
+            .expect("python3 -m moto.server (scripts/setup.sh installs moto[server])");
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(

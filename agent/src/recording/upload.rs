@@ -618,24 +618,17 @@ impl Fingerprint {
         let mut frames = FrameReader::new(BufReader::new(File::open(path)?));
         let mut header = None;
         let mut chain_head = None;
-        loop {
-            match frames.next_frame()? {
-                FrameRead::Frame { bytes, .. } => {
-                    if header.is_none() {
-                        match decode_body(body(&bytes)) {
-                            Ok(Record::Header(h)) => header = Some(*h),
-                            Ok(_) => {
-                                return Err(invalid("the first record is not a header".into()))
-                            }
-                            Err(e) => return Err(invalid(e.to_string())),
-                        }
-                    }
-                    chain_head = Some(frame_hash(&bytes));
+        // What a crash leaves (a cut frame) or garbage ends the reading;
+        // the file is uploaded as it is, and verification reports it.
+        while let FrameRead::Frame { bytes, .. } = frames.next_frame()? {
+            if header.is_none() {
+                match decode_body(body(&bytes)) {
+                    Ok(Record::Header(h)) => header = Some(*h),
+                    Ok(_) => return Err(invalid("the first record is not a header".into())),
+                    Err(e) => return Err(invalid(e.to_string())),
                 }
-                // What a crash leaves (a cut frame) or garbage is uploaded
-                // as it is: verification reports it from the bucket.
-                FrameRead::End | FrameRead::Truncated { .. } | FrameRead::TooLarge { .. } => break,
             }
+            chain_head = Some(frame_hash(&bytes));
         }
         let header = header.ok_or_else(|| invalid("no header record".into()))?;
         let mut file = BufReader::new(File::open(path)?);
