@@ -79,6 +79,36 @@ pub struct RecordingView {
     pub pruned: u64,
     /// Bytes they took.
     pub pruned_bytes: u64,
+    /// Connections refused because the upload spool was full.
+    #[serde(default)]
+    pub sessions_refused_spool_full: u64,
+    /// Uploads to object storage, when `[upload]` is configured.
+    #[serde(default)]
+    pub upload: Option<UploadView>,
+}
+
+/// Uploads to object storage in the status report.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UploadView {
+    /// The bucket.
+    pub bucket: String,
+    /// Recordings on this host (waiting for upload, or open).
+    pub spool_recordings: u64,
+    /// Their bytes.
+    pub spool_bytes: u64,
+    /// The spool's bound.
+    pub max_spool_size: u64,
+    /// Why new sessions are refused, while the spool is full.
+    pub spool_full: Option<String>,
+    /// Age of the oldest closed recording not yet uploaded (0: none).
+    pub oldest_unshipped_seconds: u64,
+    /// Uploads since start, by outcome.
+    pub uploaded: u64,
+    pub already_present: u64,
+    pub failed: u64,
+    pub conflicts: u64,
+    /// The last failure or conflict, in words.
+    pub last_error: Option<String>,
 }
 
 /// The redirect in the status report.
@@ -281,6 +311,29 @@ fn recording_view(shared: &AgentState) -> RecordingView {
         signing_key_id: r.signing_key_id().map(str::to_string),
         pruned: m.recordings_pruned.load(Relaxed),
         pruned_bytes: m.recordings_pruned_bytes.load(Relaxed),
+        sessions_refused_spool_full: m.sessions_refused_spool_full.load(Relaxed),
+        upload: shared
+            .config
+            .upload
+            .as_ref()
+            .zip(m.uploads())
+            .map(|(settings, stats)| UploadView {
+                bucket: settings.bucket.clone(),
+                spool_recordings: stats.spool_recordings.load(Relaxed),
+                spool_bytes: stats.spool_bytes.load(Relaxed),
+                max_spool_size: settings.max_spool_size,
+                spool_full: r.spool_full(),
+                oldest_unshipped_seconds: stats.oldest_unshipped_age(std::time::SystemTime::now()),
+                uploaded: stats.uploaded.load(Relaxed),
+                already_present: stats.already_present.load(Relaxed),
+                failed: stats.failed.load(Relaxed),
+                conflicts: stats.conflict.load(Relaxed),
+                last_error: stats
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone(),
+            }),
     }
 }
 

@@ -73,6 +73,8 @@ pub struct Metrics {
     uploads: std::sync::OnceLock<Arc<crate::recording::upload::UploadStats>>,
     /// Connections refused because recording failed (fail closed).
     pub sessions_refused_recording: AtomicU64,
+    /// Connections refused because the upload spool was full.
+    pub sessions_refused_spool_full: AtomicU64,
     /// Recordings removed by retention.
     pub recordings_pruned: AtomicU64,
     /// Bytes freed by retention.
@@ -216,6 +218,11 @@ impl Metrics {
     /// Reports the job timeline's counters.
     pub fn set_jobs(&self, jobs: Arc<crate::jobs::Jobs>) {
         let _ = self.jobs.set(jobs);
+    }
+
+    /// The recording uploader's counters, when `[upload]` is configured.
+    pub fn uploads(&self) -> Option<&Arc<crate::recording::upload::UploadStats>> {
+        self.uploads.get()
     }
 
     /// Adds the recording uploader's counters to the rendered metrics.
@@ -446,8 +453,9 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP tollgate_sessions_refused_total Connections refused before a session started, by reason.\n# TYPE tollgate_sessions_refused_total counter\ntollgate_sessions_refused_total{{reason=\"recording_failed\"}} {}",
-            self.sessions_refused_recording.load(Ordering::Relaxed)
+            "# HELP tollgate_sessions_refused_total Connections refused before a session started, by reason.\n# TYPE tollgate_sessions_refused_total counter\ntollgate_sessions_refused_total{{reason=\"recording_failed\"}} {}\ntollgate_sessions_refused_total{{reason=\"spool_full\"}} {}",
+            self.sessions_refused_recording.load(Ordering::Relaxed),
+            self.sessions_refused_spool_full.load(Ordering::Relaxed)
         );
         if let Some(r) = self.recorder.get() {
             let _ = writeln!(

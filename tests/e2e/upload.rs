@@ -170,6 +170,8 @@ fn closed_recordings_go_to_the_bucket_once_verified_and_a_responder_reads_them_f
     );
     assert_eq!(metric(metrics_port, "tollgate_upload_spool_bytes"), 0);
     assert_eq!(metric(metrics_port, "tollgate_upload_spool_recordings"), 0);
+    // The upload families parse as Prometheus parses them.
+    assert_valid_exposition(&http_get(metrics_port, "/metrics"));
 
     // A responder elsewhere, with only the bucket's settings.
     let responder = upload.responder_config(s3.port);
@@ -342,6 +344,25 @@ fn with_the_bucket_down_recordings_wait_through_a_restart_a_full_spool_refuses_s
     assert!(!refused.status.success());
     assert!(stderr.contains("upload spool is full"), "{stderr}");
     assert!(stderr.contains("max_spool_size"), "{stderr}");
+    assert_eq!(
+        metric(
+            metrics_port,
+            "tollgate_sessions_refused_total{reason=\"spool_full\"}"
+        ),
+        1
+    );
+    let status = agent.status().unwrap();
+    let upload = &status["recording"]["upload"];
+    assert_eq!(upload["bucket"], BUCKET, "{status}");
+    assert!(
+        upload["spool_full"]
+            .as_str()
+            .is_some_and(|s| s.contains("max_spool_size")),
+        "{upload}"
+    );
+    assert!(upload["failed"].as_u64() >= Some(1), "{upload}");
+    let text = agent.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("SPOOL FULL"));
 
     // The spool survives a restart, and is full from the first session on.
     agent.terminate();
@@ -359,8 +380,9 @@ fn with_the_bucket_down_recordings_wait_through_a_restart_a_full_spool_refuses_s
 
     // The bucket comes up: the recording goes, once, and sessions run again.
     let s3 = S3Server::start_on(s3_port);
-    // The bucket's default retention, with no setting in the agent.
-    s3.create_locked_bucket(BUCKET, true);
+    // In one call (the agent is retrying meanwhile); versioning comes with
+    // Object Lock, so a second write of the key would show.
+    s3.create_locked_bucket(BUCKET, false);
     wait_until(
         &agent,
         "the spool to drain",
@@ -417,7 +439,9 @@ fn swallow_answers(upstream: u16) -> u16 {
 fn an_agent_killed_mid_upload_leaves_one_object_and_the_next_start_finishes_without_writing_it_twice(
 ) {
     let s3 = S3Server::start();
-    s3.create_locked_bucket(BUCKET, false);
+    // The bucket's default retention locks what the agent uploads, with no
+    // setting in the agent.
+    s3.create_locked_bucket(BUCKET, true);
     let pg = Postgres::start();
     let upload = Upload::new();
     let policy = policy_file(POLICY);
@@ -470,5 +494,7 @@ fn an_agent_killed_mid_upload_leaves_one_object_and_the_next_start_finishes_with
     );
     let versions = s3.versions(BUCKET);
     assert_eq!(versions.len(), 1, "one object, one version: {versions:?}");
+    let key = versions[0]["key"].as_str().unwrap();
+    assert_eq!(s3.object_lock(BUCKET, key)[0], "COMPLIANCE");
     drop(agent);
 }

@@ -196,6 +196,28 @@ pub fn print_status(report: &StatusReport) -> String {
             r.pruned,
             r.pruned_bytes
         );
+        if let Some(u) = &r.upload {
+            let _ = writeln!(
+                out,
+                "Upload: to bucket {}: {} recordings ({} bytes of at most {}) on this host, oldest closed one waiting {} s; {} uploaded, {} already there, {} failed, {} conflicts{}",
+                u.bucket,
+                u.spool_recordings,
+                u.spool_bytes,
+                u.max_spool_size,
+                u.oldest_unshipped_seconds,
+                u.uploaded,
+                u.already_present,
+                u.failed,
+                u.conflicts,
+                u.last_error
+                    .as_ref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+            if let Some(full) = &u.spool_full {
+                let _ = writeln!(out, "  SPOOL FULL: {full}");
+            }
+        }
         if let Some(why) = &r.failure {
             let _ = writeln!(
                 out,

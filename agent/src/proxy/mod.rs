@@ -128,7 +128,7 @@ pub(crate) async fn accept_loop(
 }
 
 /// Refuses a session because recording has failed (fail closed: nothing
-/// may run unrecorded).
+/// may run unrecorded), or because the upload spool is full.
 async fn refuse_unrecorded(
     shared: Arc<AgentState>,
     stream: TcpStream,
@@ -140,17 +140,21 @@ async fn refuse_unrecorded(
         .recorder
         .refusal()
         .unwrap_or_else(|| SessionRefusal::RecordingFailed(String::new()));
-    shared
-        .metrics
-        .sessions_refused_recording
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let refusal = match &why {
         SessionRefusal::RecordingFailed(failure) => {
+            shared
+                .metrics
+                .sessions_refused_recording
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(client = %peer, target = %route.target, reason = %failure,
                 "session refused: recording has failed");
             Refusal::RecordingFailed { failure }
         }
         SessionRefusal::SpoolFull(why) => {
+            shared
+                .metrics
+                .sessions_refused_spool_full
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(client = %peer, target = %route.target, reason = %why,
                 "session refused: the recording upload spool is full");
             Refusal::SpoolFull { why }

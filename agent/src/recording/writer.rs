@@ -380,6 +380,11 @@ impl RecordingSink {
             .map(SessionRefusal::SpoolFull)
     }
 
+    /// Why new sessions are refused for a full upload spool, while it is.
+    pub fn spool_full(&self) -> Option<String> {
+        lock(&self.shared.spool_full).clone()
+    }
+
     /// Marks the upload spool full (`Some(why)`: new sessions are refused)
     /// or no longer full (`None`).
     pub fn set_spool_full(&self, why: Option<String>) {
