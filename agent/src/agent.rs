@@ -52,12 +52,21 @@ impl RunningAgent {
     /// serves. Fails before serving anything if an address is taken.
     pub async fn start(config: Config) -> anyhow::Result<RunningAgent> {
         let metrics = Arc::new(Metrics::new(config.targets.iter().map(|t| t.name.as_str())));
+        let policy_source = match &config.policy_source {
+            Some(source) => {
+                let stats = Arc::new(crate::policy::source::SourceStats::default());
+                crate::policy::source::sync_at_start(source, &config.reviewers, &stats).await?;
+                metrics.set_policy_source(stats.clone());
+                Some((source.clone(), stats))
+            }
+            None => None,
+        };
         let policy = load_policy(&config)?;
         let (recorder, recorder_handle) = start_recorder(&config, &policy)?;
         metrics.set_recorder(recorder.clone());
         let uploader = match &config.upload {
             Some(settings) => {
-                let store = crate::recording::upload::open_store(settings)
+                let store = crate::recording::upload::open_store(&settings.s3)
                     .map_err(|e| anyhow::anyhow!("[upload]: {e}"))?;
                 let uploader = Arc::new(crate::recording::upload::Uploader::new(
                     Arc::new(store),
@@ -276,6 +285,14 @@ impl RunningAgent {
                 stop_accepting.clone(),
             ));
         }
+        if let Some((source, stats)) = policy_source {
+            background.spawn(crate::policy::source::keep_syncing(
+                source,
+                shared.config.reviewers.clone(),
+                stats,
+                stop_accepting.clone(),
+            ));
+        }
         background.spawn(crate::policy::reload::watch(
             shared.config.agent.policy_paths.clone(),
             stop_accepting.clone(),
@@ -302,7 +319,7 @@ impl RunningAgent {
             },
         ));
         if let Some(uploader) = &uploader {
-            tracing::info!(bucket = %shared.config.upload.as_ref().map_or("", |u| u.bucket.as_str()), "uploading closed recordings");
+            tracing::info!(bucket = %shared.config.upload.as_ref().map_or("", |u| u.s3.bucket.as_str()), "uploading closed recordings");
             background.spawn(crate::recording::upload::keep_uploading(
                 uploader.clone(),
                 shared.config.agent.recording_dir.clone(),
@@ -489,7 +506,16 @@ fn load_policy(config: &Config) -> anyhow::Result<crate::policy::PolicySet> {
     if config.agent.policy_paths.is_empty() {
         return Ok(crate::policy::PolicySet::empty());
     }
-    let set = crate::policy::PolicySet::load(&config.agent.policy_paths)
+    let mut paths = config.agent.policy_paths.clone();
+    if config.policy_source.is_some() {
+        // Its link resolved once: every file comes from the same version,
+        // even if the link moves while they are read.
+        paths = paths
+            .iter()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+            .collect();
+    }
+    let set = crate::policy::PolicySet::load(&paths)
         .map_err(|e| anyhow::anyhow!("the policy is invalid:\n{e}"))?;
     crate::approval::check_review_rules(&set, &config.reviewers)
         .map_err(|e| anyhow::anyhow!("the policy is invalid: {e}"))?;

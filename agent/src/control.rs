@@ -54,6 +54,22 @@ pub struct PolicyView {
     pub rules: usize,
     /// Its files, in load order.
     pub files: Vec<String>,
+    /// Where it is fetched from, with `[policy_source]`.
+    #[serde(default)]
+    pub source: Option<PolicySourceView>,
+}
+
+/// `[policy_source]` in the status report.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PolicySourceView {
+    /// The bucket prefix or repository.
+    pub origin: String,
+    /// The revision last fetched (a git commit, or the objects' ETags).
+    pub revision: Option<String>,
+    /// When a poll last reached the source (Unix seconds; 0: never).
+    pub last_success_unix: u64,
+    /// Why the last poll failed or was refused, if it was.
+    pub last_error: Option<String>,
 }
 
 /// The recorder in the status report.
@@ -287,6 +303,27 @@ fn report(shared: &AgentState) -> StatusReport {
                 digest: policy.digest(),
                 rules: policy.rule_count(),
                 files: policy.files().map(|f| f.display().to_string()).collect(),
+                source: shared
+                    .config
+                    .policy_source
+                    .as_ref()
+                    .zip(shared.metrics.policy_source())
+                    .map(|(settings, stats)| PolicySourceView {
+                        origin: settings.origin.to_string(),
+                        revision: stats
+                            .revision
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .clone(),
+                        last_success_unix: stats
+                            .last_success_unix
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                        last_error: stats
+                            .last_error
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .clone(),
+                    }),
             }
         }),
     }
@@ -318,7 +355,7 @@ fn recording_view(shared: &AgentState) -> RecordingView {
             .as_ref()
             .zip(m.uploads())
             .map(|(settings, stats)| UploadView {
-                bucket: settings.bucket.clone(),
+                bucket: settings.s3.bucket.clone(),
                 spool_recordings: stats.spool_recordings.load(Relaxed),
                 spool_bytes: stats.spool_bytes.load(Relaxed),
                 max_spool_size: settings.max_spool_size,

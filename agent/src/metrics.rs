@@ -71,6 +71,8 @@ pub struct Metrics {
     jobs: std::sync::OnceLock<Arc<crate::jobs::Jobs>>,
     /// The uploader's counters, when `[upload]` is configured.
     uploads: std::sync::OnceLock<Arc<crate::recording::upload::UploadStats>>,
+    /// The policy source's counters, with `[policy_source]`.
+    policy_source: std::sync::OnceLock<Arc<crate::policy::source::SourceStats>>,
     /// Connections refused because recording failed (fail closed).
     pub sessions_refused_recording: AtomicU64,
     /// Connections refused because the upload spool was full.
@@ -218,6 +220,16 @@ impl Metrics {
     /// Reports the job timeline's counters.
     pub fn set_jobs(&self, jobs: Arc<crate::jobs::Jobs>) {
         let _ = self.jobs.set(jobs);
+    }
+
+    /// The policy source's counters, with `[policy_source]`.
+    pub fn policy_source(&self) -> Option<&Arc<crate::policy::source::SourceStats>> {
+        self.policy_source.get()
+    }
+
+    /// Adds the policy source's counters to the rendered metrics.
+    pub fn set_policy_source(&self, stats: Arc<crate::policy::source::SourceStats>) {
+        let _ = self.policy_source.set(stats);
     }
 
     /// The recording uploader's counters, when `[upload]` is configured.
@@ -486,6 +498,9 @@ impl Metrics {
         );
         if let Some(uploads) = self.uploads.get() {
             uploads.render(&mut out);
+        }
+        if let Some(source) = self.policy_source.get() {
+            source.render(&mut out);
         }
         out
     }

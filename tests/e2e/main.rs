@@ -19,6 +19,7 @@ mod mysql;
 mod mysql_review;
 mod on_match;
 mod orderings;
+mod policy_source;
 mod postgres;
 mod protect;
 mod recording;

@@ -198,7 +198,7 @@ impl Bucket {
                 config.config.display()
             ))
         })?;
-        let store = upload::open_store(&settings).map_err(CliError::failed)?;
+        let store = upload::open_store(&settings.s3).map_err(CliError::failed)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -226,7 +226,7 @@ impl Bucket {
             .block_on(upload::fetch_remote(&self.store, &self.settings, id))
             .map_err(CliError::failed)?;
         Ok((
-            PathBuf::from(format!("s3://{}/{key}", self.settings.bucket)),
+            PathBuf::from(format!("s3://{}/{key}", self.settings.s3.bucket)),
             bytes,
         ))
     }

@@ -31,6 +31,19 @@ pub fn print_status(report: &StatusReport) -> String {
             policy.files.len(),
             policy.digest
         );
+        if let Some(source) = &policy.source {
+            let _ = writeln!(
+                out,
+                "  from {}, revision {}{}",
+                source.origin,
+                source.revision.as_deref().unwrap_or("(the cached copy)"),
+                source
+                    .last_error
+                    .as_ref()
+                    .map(|e| format!("; last poll: {e}"))
+                    .unwrap_or_default()
+            );
+        }
     }
 
     let _ = writeln!(out, "\nTargets:");

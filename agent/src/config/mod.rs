@@ -53,28 +53,91 @@ pub struct Config {
     pub notify: Vec<NotifyTarget>,
     /// Recordings uploaded to object storage, when `[upload]` is present.
     pub upload: Option<UploadSettings>,
+    /// Where the policy comes from, when `[policy_source]` is present
+    /// (then `agent.policy_paths` is its cached copy).
+    pub policy_source: Option<PolicySourceSettings>,
 }
 
-/// Settings under `[upload]`: every closed recording goes to an
-/// S3-compatible bucket and is deleted locally once the copy is verified.
+/// Settings under `[policy_source]`: the policy fetched from one place.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UploadSettings {
+pub struct PolicySourceSettings {
+    /// Where from.
+    pub origin: PolicyOrigin,
+    /// Where fetched copies are kept (`current` is the one in force).
+    pub dir: PathBuf,
+    /// How often the source is polled.
+    pub interval: Duration,
+}
+
+impl PolicySourceSettings {
+    /// The default `dir`.
+    pub const DEFAULT_DIR: &'static str = "/var/lib/tollgate/policy-source";
+    /// The default `interval`.
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+
+    /// The copy in force: a link to the last version that loaded.
+    pub fn current(&self) -> PathBuf {
+        crate::policy::source::current_dir(&self.dir)
+    }
+}
+
+/// Where `[policy_source]` fetches policy files from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyOrigin {
+    /// The `*.toml` objects directly under a prefix of a bucket.
+    S3 {
+        /// The bucket.
+        s3: S3Access,
+        /// The prefix (no slashes around it; may be empty).
+        prefix: String,
+    },
+    /// The `*.toml` files of a directory of a git repository's branch.
+    Git {
+        /// What `git clone` takes.
+        url: String,
+        /// The branch.
+        branch: String,
+        /// The directory in the repository (`.` for its top).
+        path: String,
+    },
+}
+
+impl fmt::Display for PolicyOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicyOrigin::S3 { s3, prefix } => write!(f, "s3://{}/{prefix}", s3.bucket),
+            PolicyOrigin::Git { url, branch, path } => write!(f, "{url} (branch {branch}, {path})"),
+        }
+    }
+}
+
+/// How to reach an S3-compatible bucket (`[upload]`, `[policy_source]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Access {
     /// The bucket.
     pub bucket: String,
     /// The S3 endpoint (MinIO, Ceph, another provider); AWS when `None`.
     pub endpoint: Option<String>,
     /// The bucket's region.
     pub region: String,
-    /// Keys start with this (no slashes around it); may be empty.
-    pub prefix: String,
-    /// This host's name in keys (default: the kernel's host name).
-    pub host: String,
     /// A static access key, with its secret in a root-only file; `None`:
     /// the standard AWS environment variables, web identity or the
     /// instance's role.
     pub access_key_id: Option<String>,
     /// The secret key's file (checked as secret files are).
     pub secret_access_key_file: Option<PathBuf>,
+}
+
+/// Settings under `[upload]`: every closed recording goes to an
+/// S3-compatible bucket and is deleted locally once the copy is verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadSettings {
+    /// The bucket and how to reach it.
+    pub s3: S3Access,
+    /// Keys start with this (no slashes around it); may be empty.
+    pub prefix: String,
+    /// This host's name in keys (default: the kernel's host name).
+    pub host: String,
     /// Most bytes of recordings kept locally, uploaded or not; past it new
     /// sessions are refused until uploads catch up (nothing is dropped).
     pub max_spool_size: u64,

@@ -15,9 +15,10 @@ use crate::policy::{IdentityMatch, IdentitySpec};
 use super::{
     line_column, secret, AgentSettings, BrokeredCredential, ClientCertificate, ClientCredentials,
     ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup, Listener, NotifyKind,
-    NotifyTarget, ObjectLock, ObjectLockMode, PortRange, ProtectMode, ProtectSettings, Protocol,
-    RecordingFailure, RecordingFsync, RedirectSettings, Target, TargetAddress, TargetSet,
-    UnlistedPolicy, UploadSettings, Upstream, UpstreamTls,
+    NotifyTarget, ObjectLock, ObjectLockMode, PolicyOrigin, PolicySourceSettings, PortRange,
+    ProtectMode, ProtectSettings, Protocol, RecordingFailure, RecordingFsync, RedirectSettings,
+    S3Access, Target, TargetAddress, TargetSet, UnlistedPolicy, UploadSettings, Upstream,
+    UpstreamTls,
 };
 
 #[derive(Deserialize, Default)]
@@ -38,6 +39,23 @@ struct RawConfig {
     #[serde(default)]
     notify: Vec<Spanned<RawNotify>>,
     upload: Option<Spanned<RawUpload>>,
+    policy_source: Option<Spanned<RawPolicySource>>,
+}
+
+/// `[policy_source]`: the policy from a bucket or a git repository.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicySource {
+    s3: Option<Spanned<String>>,
+    endpoint: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    access_key_id: Option<Spanned<String>>,
+    secret_access_key_file: Option<Spanned<String>>,
+    git: Option<Spanned<String>>,
+    branch: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    dir: Option<Spanned<String>>,
 }
 
 /// `[upload]`: recordings to S3-compatible object storage.
@@ -295,6 +313,14 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         .upload
         .as_ref()
         .and_then(|u| check_upload(&mut c, u, &raw.agent));
+    let mut agent = agent;
+    let policy_source = raw
+        .policy_source
+        .as_ref()
+        .and_then(|p| check_policy_source(&mut c, p, &raw.agent));
+    if let Some(source) = &policy_source {
+        agent.policy_paths = vec![source.current()];
+    }
     if c.errors.is_empty() {
         Ok(Config {
             source: path.to_path_buf(),
@@ -307,6 +333,7 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             protect,
             notify,
             upload,
+            policy_source,
         })
     } else {
         Err(LocatedErrors(c.errors))
@@ -815,39 +842,23 @@ fn check_upload(
     {
         c.error_at(local.start, "local retention (recording_retention_days, recording_max_total_size) cannot be combined with [upload]: it would remove recordings not yet uploaded; uploaded recordings are deleted locally once verified, and the bucket's lifecycle rules keep them");
     }
-    let bucket = u.bucket.get_ref().trim();
-    if bucket.is_empty() || bucket.contains('/') {
-        c.error(
-            &u.bucket,
-            "upload bucket must be a bucket name such as \"tollgate-recordings\" (no slashes)",
-        );
-    }
-    let endpoint = u
-        .endpoint
-        .as_ref()
-        .and_then(|e| match parse_notify_url(e.get_ref()) {
-            Ok(_) => Some(e.get_ref().trim_end_matches('/').to_string()),
-            Err(why) => {
-                c.error(e, format!("upload endpoint \"{}\" {why}", e.get_ref()));
-                None
-            }
-        });
-    let prefix = match &u.prefix {
-        Some(p) => match object_store::path::Path::parse(p.get_ref().trim_matches('/')) {
-            Ok(path) => path.to_string(),
-            Err(e) => {
-                c.error(
-                    p,
-                    format!(
-                        "upload prefix \"{}\" is not a valid object key prefix: {e}",
-                        p.get_ref()
-                    ),
-                );
-                String::new()
-            }
+    let s3 = check_s3_access(
+        c,
+        "upload",
+        &u.bucket,
+        u.bucket.get_ref(),
+        RawS3Access {
+            endpoint: u.endpoint.as_ref(),
+            region: u.region.as_ref(),
+            access_key_id: u.access_key_id.as_ref(),
+            secret_access_key_file: u.secret_access_key_file.as_ref(),
         },
-        None => String::new(),
-    };
+    );
+    let prefix = u
+        .prefix
+        .as_ref()
+        .map(|p| key_prefix(c, "upload prefix", p, p.get_ref()))
+        .unwrap_or_default();
     let host = match &u.host {
         Some(h) => {
             let name = h.get_ref();
@@ -858,17 +869,6 @@ fn check_upload(
         }
         None => super::this_host_name(),
     };
-    let secret_access_key_file = secret_path(
-        c,
-        "secret_access_key_file",
-        u.secret_access_key_file.as_ref(),
-    )
-    .unwrap_or(None);
-    match (&u.access_key_id, &u.secret_access_key_file) {
-        (Some(id), None) => c.error(id, "access_key_id needs secret_access_key_file beside it (a root-only file holding the secret key)"),
-        (None, Some(file)) => c.error(file, "secret_access_key_file needs access_key_id beside it"),
-        _ => {}
-    }
     let max_spool_size = match &u.max_spool_size {
         Some(size) => match size.get_ref().bytes() {
             Ok(0) => {
@@ -888,7 +888,20 @@ fn check_upload(
         "max_retry_interval",
         UploadSettings::DEFAULT_MAX_RETRY_INTERVAL,
     );
-    let object_lock = match (&u.object_lock_mode, &u.object_lock_days) {
+    let object_lock = check_object_lock(c, u);
+    (c.errors.len() == before).then_some(UploadSettings {
+        s3,
+        prefix,
+        host,
+        max_spool_size,
+        max_retry_interval,
+        object_lock,
+    })
+}
+
+/// `object_lock_mode` and `object_lock_days`, both or neither.
+fn check_object_lock(c: &mut Checker<'_>, u: &RawUpload) -> Option<ObjectLock> {
+    match (&u.object_lock_mode, &u.object_lock_days) {
         (None, None) => None,
         (Some(mode), Some(days)) => {
             let mode = match mode.get_ref().as_str() {
@@ -919,22 +932,184 @@ fn check_upload(
             c.error(days, "object_lock_days needs object_lock_mode beside it (\"compliance\" or \"governance\")");
             None
         }
-    };
-    (c.errors.len() == before).then(|| UploadSettings {
+    }
+}
+
+/// The settings that reach a bucket, as written.
+struct RawS3Access<'a> {
+    endpoint: Option<&'a Spanned<String>>,
+    region: Option<&'a Spanned<String>>,
+    access_key_id: Option<&'a Spanned<String>>,
+    secret_access_key_file: Option<&'a Spanned<String>>,
+}
+
+/// A bucket name (`at` for messages) and how to reach it; `section` names
+/// the table in messages.
+fn check_s3_access<T>(
+    c: &mut Checker<'_>,
+    section: &str,
+    at: &Spanned<T>,
+    bucket: &str,
+    raw: RawS3Access<'_>,
+) -> S3Access {
+    let bucket = bucket.trim();
+    if bucket.is_empty() || bucket.contains('/') {
+        c.error(
+            at,
+            format!("{section} bucket must be a bucket name such as \"tollgate-recordings\" (no slashes)"),
+        );
+    }
+    let endpoint = raw
+        .endpoint
+        .and_then(|e| match parse_notify_url(e.get_ref()) {
+            Ok(_) => Some(e.get_ref().trim_end_matches('/').to_string()),
+            Err(why) => {
+                c.error(e, format!("{section} endpoint \"{}\" {why}", e.get_ref()));
+                None
+            }
+        });
+    let secret_access_key_file =
+        secret_path(c, "secret_access_key_file", raw.secret_access_key_file).unwrap_or(None);
+    match (raw.access_key_id, raw.secret_access_key_file) {
+        (Some(id), None) => c.error(id, "access_key_id needs secret_access_key_file beside it (a root-only file holding the secret key)"),
+        (None, Some(file)) => c.error(file, "secret_access_key_file needs access_key_id beside it"),
+        _ => {}
+    }
+    S3Access {
         bucket: bucket.to_string(),
         endpoint,
-        region: u
+        region: raw
             .region
-            .as_ref()
             .map(|r| r.get_ref().clone())
             .unwrap_or_else(|| "us-east-1".to_string()),
-        prefix,
-        host,
-        access_key_id: u.access_key_id.as_ref().map(|i| i.get_ref().clone()),
+        access_key_id: raw.access_key_id.map(|i| i.get_ref().clone()),
         secret_access_key_file,
-        max_spool_size,
-        max_retry_interval,
-        object_lock,
+    }
+}
+
+/// An object key prefix, without slashes around it.
+fn key_prefix<T>(c: &mut Checker<'_>, what: &str, at: &Spanned<T>, text: &str) -> String {
+    match object_store::path::Path::parse(text.trim_matches('/')) {
+        Ok(path) => path.to_string(),
+        Err(e) => {
+            c.error(
+                at,
+                format!("{what} \"{text}\" is not a valid object key prefix: {e}"),
+            );
+            String::new()
+        }
+    }
+}
+
+/// `[policy_source]`: exactly one of `s3` and `git`; the policy paths
+/// become its cached copy, so `agent.policy_paths` is refused beside it.
+fn check_policy_source(
+    c: &mut Checker<'_>,
+    raw: &Spanned<RawPolicySource>,
+    agent: &RawAgent,
+) -> Option<PolicySourceSettings> {
+    let before = c.errors.len();
+    let p = raw.get_ref();
+    if let Some(first) = agent.policy_paths.first() {
+        c.error(first, "agent.policy_paths cannot be combined with [policy_source]: the policy in force is the source's, kept in its dir");
+    }
+    let s3_only = [
+        &p.endpoint,
+        &p.region,
+        &p.access_key_id,
+        &p.secret_access_key_file,
+    ];
+    let git_only = [&p.branch, &p.path];
+    let origin = match (&p.s3, &p.git) {
+        (Some(url), None) => {
+            for extra in git_only.into_iter().flatten() {
+                c.error(extra, "branch and path apply to a git source");
+            }
+            let text = url.get_ref();
+            let Some(rest) = text.strip_prefix("s3://") else {
+                c.error(
+                    url,
+                    format!("policy_source s3 \"{text}\" must be s3://BUCKET/PREFIX"),
+                );
+                return None;
+            };
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let s3 = check_s3_access(
+                c,
+                "policy_source",
+                url,
+                bucket,
+                RawS3Access {
+                    endpoint: p.endpoint.as_ref(),
+                    region: p.region.as_ref(),
+                    access_key_id: p.access_key_id.as_ref(),
+                    secret_access_key_file: p.secret_access_key_file.as_ref(),
+                },
+            );
+            let prefix = key_prefix(c, "policy_source prefix", url, prefix);
+            PolicyOrigin::S3 { s3, prefix }
+        }
+        (None, Some(url)) => {
+            for extra in s3_only.into_iter().flatten() {
+                c.error(
+                    extra,
+                    "endpoint, region and the access key apply to an s3 source",
+                );
+            }
+            let path = p
+                .path
+                .as_ref()
+                .map_or(".".to_string(), |p| p.get_ref().clone());
+            if path.starts_with('/') || path.split('/').any(|part| part == "..") {
+                if let Some(at) = &p.path {
+                    c.error(at, "policy_source path is a directory inside the repository (no leading '/', no '..')");
+                }
+            }
+            if url.get_ref().trim().is_empty() || url.get_ref().starts_with('-') {
+                c.error(
+                    url,
+                    "policy_source git must be a repository URL, as git clone takes it",
+                );
+            }
+            PolicyOrigin::Git {
+                url: url.get_ref().clone(),
+                branch: p
+                    .branch
+                    .as_ref()
+                    .map_or("main".to_string(), |b| b.get_ref().clone()),
+                path,
+            }
+        }
+        (Some(_), Some(git)) => {
+            c.error(git, "[policy_source] takes one of s3 and git");
+            return None;
+        }
+        (None, None) => {
+            c.error_at(
+                raw.span().start,
+                "[policy_source] needs s3 = \"s3://BUCKET/PREFIX\" or git = \"URL\"",
+            );
+            return None;
+        }
+    };
+    let interval = c.duration(
+        &p.interval,
+        "interval",
+        PolicySourceSettings::DEFAULT_INTERVAL,
+    );
+    let dir = p.dir.as_ref().map_or_else(
+        || PathBuf::from(PolicySourceSettings::DEFAULT_DIR),
+        |d| PathBuf::from(d.get_ref()),
+    );
+    if !dir.is_absolute() {
+        if let Some(at) = &p.dir {
+            c.error(at, "policy_source dir must be an absolute path");
+        }
+    }
+    (c.errors.len() == before).then_some(PolicySourceSettings {
+        origin,
+        dir,
+        interval,
     })
 }
 

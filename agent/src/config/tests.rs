@@ -810,18 +810,18 @@ fn an_ssh_credential_may_log_in_with_a_certificate_from_the_agents_user_ca() {
 fn upload_settings_are_read_with_defaults() {
     let c = parse("[upload]\nbucket = \"tollgate-recordings\"\n").unwrap();
     let u = c.upload.unwrap();
-    assert_eq!(u.bucket, "tollgate-recordings");
-    assert_eq!(u.region, "us-east-1");
+    assert_eq!(u.s3.bucket, "tollgate-recordings");
+    assert_eq!(u.s3.region, "us-east-1");
     assert_eq!(u.prefix, "");
     assert_eq!(u.host, this_host_name());
     assert_eq!(u.max_spool_size, UploadSettings::DEFAULT_MAX_SPOOL_SIZE);
-    assert_eq!(u.endpoint, None);
+    assert_eq!(u.s3.endpoint, None);
     let c = parse(
         "[upload]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000/\"\nregion = \"eu-central-1\"\nprefix = \"/fleet/eu/\"\nhost = \"runner-7\"\nmax_spool_size = \"1GiB\"\nmax_retry_interval = \"30s\"\n",
     )
     .unwrap();
     let u = c.upload.unwrap();
-    assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+    assert_eq!(u.s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
     assert_eq!(u.prefix, "fleet/eu");
     assert_eq!(u.host, "runner-7");
     assert_eq!(u.max_spool_size, 1 << 30);
@@ -850,6 +850,71 @@ fn bad_upload_settings_are_refused_with_what_to_change() {
         ("[upload]\nbucket = \"b\"\nobject_lock_mode = \"strict\"\nobject_lock_days = 3\n", "not known"),
         ("[upload]\nbucket = \"b\"\nobject_lock_mode = \"governance\"\nobject_lock_days = 0\n", "between 1 and 36500"),
         ("[upload]\nregion = \"x\"\n", "bucket"),
+    ];
+    for (text, expected) in cases {
+        let errs = errors(text);
+        assert!(
+            errs.iter()
+                .any(|e| e.contains(expected) && e.starts_with("t.toml:")),
+            "{text}: {errs:?}"
+        );
+    }
+}
+
+#[test]
+fn a_policy_source_replaces_the_policy_paths_with_its_cached_copy() {
+    let c =
+        parse("[policy_source]\ns3 = \"s3://ops/tollgate/\"\nregion = \"eu-west-1\"\n").unwrap();
+    let source = c.policy_source.unwrap();
+    assert_eq!(
+        source.origin,
+        PolicyOrigin::S3 {
+            s3: S3Access {
+                bucket: "ops".into(),
+                endpoint: None,
+                region: "eu-west-1".into(),
+                access_key_id: None,
+                secret_access_key_file: None,
+            },
+            prefix: "tollgate".into(),
+        }
+    );
+    assert_eq!(source.interval, PolicySourceSettings::DEFAULT_INTERVAL);
+    assert_eq!(
+        c.agent.policy_paths,
+        vec![Path::new(PolicySourceSettings::DEFAULT_DIR).join("current")]
+    );
+    let c = parse("[policy_source]\ngit = \"https://git.example.com/ops/policies.git\"\npath = \"tollgate\"\ninterval = \"10s\"\ndir = \"/srv/p\"\n").unwrap();
+    let source = c.policy_source.unwrap();
+    assert_eq!(
+        source.origin,
+        PolicyOrigin::Git {
+            url: "https://git.example.com/ops/policies.git".into(),
+            branch: "main".into(),
+            path: "tollgate".into(),
+        }
+    );
+    assert_eq!(
+        c.agent.policy_paths,
+        vec![Path::new("/srv/p/current").to_path_buf()]
+    );
+}
+
+#[test]
+fn bad_policy_sources_are_refused_with_what_to_change() {
+    let cases = [
+        ("[policy_source]\n", "needs s3"),
+        ("[policy_source]\ns3 = \"s3://a/p\"\ngit = \"https://x\"\n", "one of s3 and git"),
+        ("[policy_source]\ns3 = \"https://a/p\"\n", "must be s3://BUCKET/PREFIX"),
+        ("[policy_source]\ns3 = \"s3://a/p\"\nbranch = \"main\"\n", "apply to a git source"),
+        ("[policy_source]\ngit = \"https://x\"\nendpoint = \"http://y\"\n", "apply to an s3 source"),
+        ("[policy_source]\ngit = \"https://x\"\npath = \"../etc\"\n", "no '..'"),
+        ("[policy_source]\ngit = \"--upload-pack=x\"\n", "repository URL"),
+        ("[policy_source]\ngit = \"https://x\"\ndir = \"rel\"\n", "absolute path"),
+        (
+            "[agent]\npolicy_paths = [\"/etc/tollgate/policy.d\"]\n[policy_source]\ngit = \"https://x\"\n",
+            "cannot be combined with [policy_source]",
+        ),
     ];
     for (text, expected) in cases {
         let errs = errors(text);

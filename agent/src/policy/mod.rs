@@ -57,6 +57,7 @@ mod matcher;
 mod memo;
 pub mod reload;
 mod review;
+pub mod source;
 mod testing;
 #[cfg(test)]
 mod tests;

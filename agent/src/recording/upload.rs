@@ -44,7 +44,7 @@ use super::format::{Header, Record, FILE_EXTENSION};
 use super::reader::day_dirs;
 use super::retention::{recording_files, RecordingFile};
 use super::RecordingSink;
-use crate::config::UploadSettings;
+use crate::config::{S3Access, UploadSettings};
 
 /// The object metadata key (`x-amz-meta-...`) holding the hash of the
 /// recording's last record: its chain head.
@@ -64,7 +64,7 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 /// Opens the bucket `settings` name. Credentials: the static key when
 /// configured, else the AWS environment variables, web identity or the
 /// instance's role, as the AWS tools find them.
-pub fn open_store(settings: &UploadSettings) -> Result<AmazonS3, String> {
+pub fn open_store(settings: &S3Access) -> Result<AmazonS3, String> {
     s3_builder(settings, &[])?
         .build()
         .map_err(|e| format!("cannot use bucket \"{}\": {e}", settings.bucket))
@@ -73,7 +73,7 @@ pub fn open_store(settings: &UploadSettings) -> Result<AmazonS3, String> {
 /// The client for `settings`, sending `headers` with every request (signed
 /// with it: object_store adds them before signing).
 fn s3_builder(
-    settings: &UploadSettings,
+    settings: &S3Access,
     headers: &[(&'static str, String)],
 ) -> Result<AmazonS3Builder, String> {
     // What AWS's own SDKs send beside x-amz-checksum-sha256; S3-compatible
@@ -142,14 +142,14 @@ fn uploading_store(
     let until = SystemTime::now() + Duration::from_secs(lock.days * 86_400);
     let until = super::writer::rfc3339_millis(until);
     let store = s3_builder(
-        settings,
+        &settings.s3,
         &[
             ("x-amz-object-lock-mode", lock.mode.as_header().to_string()),
             ("x-amz-object-lock-retain-until-date", until),
         ],
     )?
     .build()
-    .map_err(|e| format!("cannot use bucket \"{}\": {e}", settings.bucket))?;
+    .map_err(|e| format!("cannot use bucket \"{}\": {e}", settings.s3.bucket))?;
     Ok(Arc::new(store))
 }
 
@@ -376,7 +376,7 @@ impl Uploader {
         recorder.set_spool_full((bytes > max).then(|| {
             format!(
                 "{bytes} bytes of recordings wait on this host for upload to bucket \"{}\" (max_spool_size is {max}); new sessions are refused until uploads catch up",
-                self.settings.bucket
+                self.settings.s3.bucket
             )
         }));
     }
@@ -765,7 +765,8 @@ pub async fn list_remote(
     let mut listing = store.list(prefix.as_ref());
     let mut found = Vec::new();
     while let Some(meta) = listing.next().await {
-        let meta = meta.map_err(|e| format!("cannot list bucket \"{}\": {e}", settings.bucket))?;
+        let meta =
+            meta.map_err(|e| format!("cannot list bucket \"{}\": {e}", settings.s3.bucket))?;
         let key = meta.location.to_string();
         let rest = key
             .strip_prefix(settings.prefix.as_str())
@@ -805,7 +806,7 @@ pub async fn fetch_remote(
     let found = all.into_iter().find(|r| r.id == id).ok_or_else(|| {
         format!(
             "no recording of session {id} in bucket \"{}\"",
-            settings.bucket
+            settings.s3.bucket
         )
     })?;
     let bytes = store

@@ -18,13 +18,15 @@ use crate::recording::{read_recording, Fsync};
 
 fn settings() -> UploadSettings {
     UploadSettings {
-        bucket: "recordings".into(),
-        endpoint: None,
-        region: "us-east-1".into(),
+        s3: crate::config::S3Access {
+            bucket: "recordings".into(),
+            endpoint: None,
+            region: "us-east-1".into(),
+            access_key_id: None,
+            secret_access_key_file: None,
+        },
         prefix: "fleet/eu".into(),
         host: "runner-a".into(),
-        access_key_id: None,
-        secret_access_key_file: None,
         max_spool_size: 1 << 20,
         max_retry_interval: std::time::Duration::from_secs(1),
         object_lock: None,
