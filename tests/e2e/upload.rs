@@ -498,3 +498,51 @@ fn an_agent_killed_mid_upload_leaves_one_object_and_the_next_start_finishes_with
     assert_eq!(s3.object_lock(BUCKET, key)[0], "COMPLIANCE");
     drop(agent);
 }
+
+#[test]
+fn two_agents_share_one_bucket_and_a_responder_lists_and_verifies_both_hosts_recordings() {
+    let s3 = S3Server::start();
+    s3.create_locked_bucket(BUCKET, false);
+    let pg = Postgres::start();
+    let upload = Upload::new();
+    let policy = policy_file(POLICY);
+    let mut agents = Vec::new();
+    for host in ["runner-a", "runner-b"] {
+        let port = free_port();
+        let agent = Agent::start(
+            &(listener_config(port, pg.port, &policy.line) + &upload.section(s3.port, host, "")),
+        );
+        psql_ok(port, &format!("select '{host}'"));
+        agents.push(agent);
+    }
+    for agent in &agents {
+        wait_until(
+            agent,
+            "the host's recording to go up",
+            Duration::from_secs(30),
+            || local_recordings(&agent.recordings()).is_empty(),
+        );
+    }
+    let responder = upload.responder_config(s3.port);
+    let list = tollgate(&responder, &["recordings", "list", "--remote", "--json"]);
+    let list: Vec<Value> = serde_json::from_slice(&list.stdout).unwrap();
+    let mut hosts: Vec<&str> = list.iter().map(|r| r["host"].as_str().unwrap()).collect();
+    hosts.sort();
+    assert_eq!(hosts, ["runner-a", "runner-b"], "{list:?}");
+    for r in &list {
+        let id = r["id"].as_str().unwrap();
+        let show = tollgate(
+            &responder,
+            &["recordings", "show", "--remote", id, "--no-color"],
+        );
+        let host = r["host"].as_str().unwrap();
+        assert!(
+            String::from_utf8_lossy(&show.stdout).contains(&format!("select '{host}'")),
+            "the recording under {host} is that host's session"
+        );
+    }
+    let verify = tollgate(&responder, &["recordings", "verify", "--remote", "--all"]);
+    let text = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{text}");
+    assert!(text.contains("2 verified, 0 failed"), "{text}");
+}
