@@ -186,6 +186,18 @@ fn closed_recordings_go_to_the_bucket_once_verified_and_a_responder_reads_them_f
     assert!(list
         .iter()
         .all(|r| r["host"] == "runner-a" && r["target"] == "pg"));
+    // Read from the bucket and filtered as local recordings are.
+    let denied_only = tollgate(
+        &responder,
+        &["recordings", "list", "--remote", "--denied", "--json"],
+    );
+    let denied_only: Vec<Value> = serde_json::from_slice(&denied_only.stdout).unwrap();
+    assert_eq!(denied_only.len(), 1, "{denied_only:?}");
+    assert_eq!(denied_only[0]["denied"], 1);
+    assert!(denied_only[0]["path"]
+        .as_str()
+        .unwrap()
+        .starts_with("s3://recordings/fleet/runner-a/"));
     let only_b = tollgate(
         &responder,
         &[

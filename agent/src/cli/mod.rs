@@ -395,9 +395,10 @@ pub enum RecordingsCommand {
         #[arg(long)]
         json: bool,
         /// List the bucket's recordings (host, day, target and session, as
-        /// their keys name them) instead of this host's; --user, --ci-repo
-        /// and --denied need the local files.
-        #[arg(long, conflicts_with_all = ["user", "ci_repo", "denied"])]
+        /// their keys name them) instead of this host's. With --user,
+        /// --ci-repo or --denied each candidate is read from the bucket and
+        /// listed as local recordings are.
+        #[arg(long)]
         remote: bool,
         /// With --remote: only recordings this host uploaded.
         #[arg(long, value_name = "NAME", requires = "remote")]

@@ -36,6 +36,28 @@ pub fn run(command: RecordingsCommand) -> Result<(), CliError> {
                             && host.as_ref().is_none_or(|h| &r.host == h)
                     })
                     .collect();
+                if user.is_some() || ci_repo.is_some() || denied {
+                    let filter = recording::RecordingFilter {
+                        user,
+                        ci_repo,
+                        denied_only: denied,
+                        sessions_only: true,
+                        ..Default::default()
+                    };
+                    let mut summaries = Vec::new();
+                    for r in &found {
+                        let (name, bytes) = bucket.fetch_key(&r.key)?;
+                        if let Some(s) = recording::reader::summarize(&bytes, &name, &filter) {
+                            summaries.push(s);
+                        }
+                    }
+                    if json {
+                        print_json(&summaries);
+                    } else {
+                        print_list(&summaries);
+                    }
+                    return Ok(());
+                }
                 if json {
                     print_json(&found);
                 } else {
@@ -214,6 +236,18 @@ impl Bucket {
         self.runtime
             .block_on(upload::list_remote(&self.store, &self.settings))
             .map_err(CliError::failed)
+    }
+
+    /// The object under `key`: its name (`s3://BUCKET/KEY`) and bytes.
+    fn fetch_key(&self, key: &str) -> Result<(PathBuf, Vec<u8>), CliError> {
+        let bytes = self
+            .runtime
+            .block_on(upload::fetch_key(&self.store, key))
+            .map_err(CliError::failed)?;
+        Ok((
+            PathBuf::from(format!("s3://{}/{key}", self.settings.s3.bucket)),
+            bytes,
+        ))
     }
 
     /// The recording of session `id`: its name (`s3://BUCKET/KEY`) and bytes.

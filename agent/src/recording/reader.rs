@@ -772,6 +772,15 @@ pub fn list(dir: impl AsRef<Path>, filter: &RecordingFilter) -> Vec<RecordingSum
     out
 }
 
+/// The summary `list` gives of a recording read from `bytes` (named
+/// `name`), when it passes `filter`; an unreadable one always is.
+pub fn summarize(bytes: &[u8], name: &Path, filter: &RecordingFilter) -> Option<RecordingSummary> {
+    match read_from(bytes, name) {
+        Ok(rec) => Some(RecordingSummary::of(&rec)).filter(|s| s.matches(filter)),
+        Err(e) => Some(RecordingSummary::failed(name, e.to_string())),
+    }
+}
+
 /// Finds a session's file under `dir`: first in the day its UUIDv7 names
 /// (and the days either side), then anywhere in the tree.
 pub fn locate(dir: impl AsRef<Path>, id: Uuid) -> Option<PathBuf> {

@@ -396,7 +396,13 @@ impl Uploader {
                 Err(e) => return Outcome::Failed(e.to_string()),
             }
         };
-        let key = match object_key(&self.settings, &local.header) {
+        let Some(parts) = KeyParts::of(local.header.as_ref(), path) else {
+            return Outcome::Conflict(format!("{} is not named <session>.tgrec", path.display()));
+        };
+        if local.header.is_none() {
+            tracing::warn!(path = %path.display(), "a recording without a readable header (cut short at its start, or damaged) is uploaded as it is, under target \"{UNREADABLE}\"");
+        }
+        let key = match object_key(&self.settings, &parts) {
             Ok(k) => k,
             Err(e) => return Outcome::Conflict(e),
         };
@@ -600,7 +606,10 @@ pub async fn keep_uploading(
 
 /// What is known of a local recording before it is uploaded.
 struct Fingerprint {
-    header: Header,
+    /// `None` when the file does not start with a readable header: what a
+    /// crash right after creating it leaves, or damage. Such a file is
+    /// uploaded all the same (as evidence), never left to block the spool.
+    header: Option<Header>,
     size: u64,
     /// The last whole record's hash; `None` for a file with no record.
     chain_head: Option<String>,
@@ -614,23 +623,20 @@ impl Fingerprint {
     /// Reads `path` twice: its records (header, chain head), then its
     /// bytes (digests, per part of `part_size` when over `single_put_max`).
     fn of(path: &Path, single_put_max: u64, part_size: usize) -> io::Result<Fingerprint> {
-        let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
         let mut frames = FrameReader::new(BufReader::new(File::open(path)?));
         let mut header = None;
         let mut chain_head = None;
         // What a crash leaves (a cut frame) or garbage ends the reading;
         // the file is uploaded as it is, and verification reports it.
+        let mut first = true;
         while let FrameRead::Frame { bytes, .. } = frames.next_frame()? {
-            if header.is_none() {
-                match decode_body(body(&bytes)) {
-                    Ok(Record::Header(h)) => header = Some(*h),
-                    Ok(_) => return Err(invalid("the first record is not a header".into())),
-                    Err(e) => return Err(invalid(e.to_string())),
+            if std::mem::take(&mut first) {
+                if let Ok(Record::Header(h)) = decode_body(body(&bytes)) {
+                    header = Some(*h);
                 }
             }
             chain_head = Some(frame_hash(&bytes));
         }
-        let header = header.ok_or_else(|| invalid("no header record".into()))?;
         let mut file = BufReader::new(File::open(path)?);
         let mut md5 = md5::Md5::new();
         let mut part = md5::Md5::new();
@@ -693,15 +699,54 @@ impl Fingerprint {
     }
 }
 
-/// `PREFIX/HOST/YYYY-MM-DD/TARGET/ID.tgrec` for a recording (job
-/// recordings: TARGET is `jobs`).
-pub fn object_key(settings: &UploadSettings, header: &Header) -> Result<ObjectPath, String> {
-    let day = header.started_at.get(..10).unwrap_or("unknown-day");
-    let target = if header.protocol == "job" {
-        "jobs"
-    } else {
-        header.target.as_str()
-    };
+/// The target segment of a recording with no readable header.
+pub const UNREADABLE: &str = "unreadable";
+
+/// What names a recording's object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyParts {
+    /// `YYYY-MM-DD` the session started.
+    pub day: String,
+    /// Its target, `jobs` for a job recording, [`UNREADABLE`] without a
+    /// readable header.
+    pub target: String,
+    /// The id the file is named after (unique in the spool; `verify`
+    /// reports a header that says otherwise).
+    pub id: uuid::Uuid,
+}
+
+impl KeyParts {
+    /// From the header when there is one, else from the file's dated
+    /// directory; `None` for a file not named `<uuid>.tgrec`.
+    pub fn of(header: Option<&Header>, path: &Path) -> Option<KeyParts> {
+        let id = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| uuid::Uuid::parse_str(s).ok())?;
+        Some(match header {
+            Some(h) => KeyParts {
+                day: h.started_at.get(..10).unwrap_or("unknown-day").to_string(),
+                target: if h.protocol == "job" {
+                    "jobs".to_string()
+                } else {
+                    h.target.clone()
+                },
+                id,
+            },
+            None => KeyParts {
+                day: path
+                    .parent()
+                    .and_then(super::reader::day_key_of_path)
+                    .map_or("unknown-day".to_string(), |d| d.replace('/', "-")),
+                target: UNREADABLE.to_string(),
+                id,
+            },
+        })
+    }
+}
+
+/// `PREFIX/HOST/YYYY-MM-DD/TARGET/ID.tgrec` for a recording.
+pub fn object_key(settings: &UploadSettings, parts: &KeyParts) -> Result<ObjectPath, String> {
     let mut key = String::new();
     if !settings.prefix.is_empty() {
         key.push_str(&settings.prefix);
@@ -710,11 +755,11 @@ pub fn object_key(settings: &UploadSettings, header: &Header) -> Result<ObjectPa
     key.push_str(&format!(
         "{}/{}/{}/{}.{FILE_EXTENSION}",
         key_segment(&settings.host),
-        key_segment(day),
-        key_segment(target),
-        header.session
+        key_segment(&parts.day),
+        key_segment(&parts.target),
+        parts.id
     ));
-    ObjectPath::parse(&key).map_err(|e| format!("no valid object key for {}: {e}", header.session))
+    ObjectPath::parse(&key).map_err(|e| format!("no valid object key for {}: {e}", parts.id))
 }
 
 /// `s` with every character but letters, digits, '.', '-' and '_' made
@@ -809,14 +854,20 @@ pub async fn fetch_remote(
             settings.s3.bucket
         )
     })?;
+    let bytes = fetch_key(store, &found.key).await?;
+    Ok((found.key, bytes))
+}
+
+/// The bytes of the object under `key`.
+pub async fn fetch_key(store: &dyn ObjectStore, key: &str) -> Result<Vec<u8>, String> {
     let bytes = store
-        .get(&ObjectPath::from(found.key.as_str()))
+        .get(&ObjectPath::from(key))
         .await
-        .map_err(|e| format!("cannot read {}: {e}", found.key))?
+        .map_err(|e| format!("cannot read {key}: {e}"))?
         .bytes()
         .await
-        .map_err(|e| format!("cannot read {}: {e}", found.key))?;
-    Ok((found.key, bytes.to_vec()))
+        .map_err(|e| format!("cannot read {key}: {e}"))?;
+    Ok(bytes.to_vec())
 }
 
 #[cfg(test)]

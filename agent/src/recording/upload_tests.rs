@@ -11,7 +11,7 @@ use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
 use object_store::{Attribute, GetOptions, ObjectStore as _, ObjectStoreExt as _, PutPayload};
 
-use super::{object_key, Fingerprint, Outcome, Uploader, CHAIN_HEAD_METADATA};
+use super::{object_key, Fingerprint, KeyParts, Outcome, Uploader, CHAIN_HEAD_METADATA};
 use crate::config::UploadSettings;
 use crate::recording::tests::record_session;
 use crate::recording::{read_recording, Fsync};
@@ -35,7 +35,7 @@ fn settings() -> UploadSettings {
 
 fn key_of(path: &Path) -> ObjectPath {
     let header = read_recording(path).unwrap().header().unwrap().clone();
-    object_key(&settings(), &header).unwrap()
+    object_key(&settings(), &KeyParts::of(Some(&header), path).unwrap()).unwrap()
 }
 
 async fn object(store: &InMemory, key: &ObjectPath) -> Vec<u8> {
@@ -111,11 +111,40 @@ async fn the_same_recording_found_in_the_bucket_is_not_written_again() {
 }
 
 fn key_of_bytes(bytes: &[u8], dir: &Path) -> ObjectPath {
-    let copy = dir.join("key-of.tgrec");
-    std::fs::write(&copy, bytes).unwrap();
-    let key = key_of(&copy);
-    std::fs::remove_file(copy).unwrap();
-    key
+    let header = crate::recording::reader::read_from(bytes, Path::new("x"))
+        .unwrap()
+        .header()
+        .unwrap()
+        .clone();
+    let named = dir.join(format!("{}.tgrec", header.session));
+    object_key(&settings(), &KeyParts::of(Some(&header), &named).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_file_without_a_readable_header_goes_up_as_it_is_and_blocks_nothing() {
+    // What a crash right after creating a file leaves (nothing), and a
+    // damaged start: both are uploaded under "unreadable", by their name.
+    let dir = tempfile::tempdir().unwrap();
+    let day = dir.path().join("2026/12/07");
+    std::fs::create_dir_all(&day).unwrap();
+    let store = Arc::new(InMemory::new());
+    let uploader = Uploader::new(store.clone(), settings());
+    for (name, bytes) in [
+        ("01a24f0f-615b-76d6-9fe2-9a6817dee47f", &b""[..]),
+        (
+            "01a24f0f-615b-76d6-9fe2-9a6817dee480",
+            &b"\0\0\0\x03abc"[..],
+        ),
+    ] {
+        let path = day.join(format!("{name}.tgrec"));
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(uploader.upload(&path).await, Outcome::Uploaded);
+        assert!(!path.exists());
+        let key = ObjectPath::from(format!(
+            "fleet/eu/runner-a/2026-12-07/unreadable/{name}.tgrec"
+        ));
+        assert_eq!(object(&store, &key).await, bytes);
+    }
 }
 
 #[tokio::test]
