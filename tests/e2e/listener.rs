@@ -340,6 +340,11 @@ pub(crate) fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
 }
 
+/// One series' value, scraped now from the agent's metrics on `port`.
+pub(crate) fn scraped(port: u16, series: &str) -> u64 {
+    metric(&http_get(port, "/metrics"), series) as u64
+}
+
 #[test]
 fn policy_reloads_on_change_and_sighup_and_keeps_the_old_one_when_invalid() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,36 +4,16 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tollgate_tests::s3::S3Server;
 use tollgate_tests::*;
 
-use crate::listener::http_get;
+use crate::listener::{http_get, scraped};
 
 const NO_DROP: &str = "[[rule]]\nname = \"no-drop\"\naction = \"deny\"\nmessage = \"not here\"\n[rule.match]\nkinds = [\"drop\"]\n";
 const NO_SELECT: &str = "[[rule]]\nname = \"no-select\"\naction = \"deny\"\nmessage = \"reads are off\"\n[rule.match]\nkinds = [\"select\"]\n";
-
-/// Waits for `done`, failing with the agent's policy log lines.
-fn wait_until(agent: &Agent, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !done() {
-        if Instant::now() > deadline {
-            let log: Vec<String> = agent
-                .log_text()
-                .lines()
-                .filter(|l| l.contains("polic"))
-                .map(str::to_string)
-                .collect();
-            panic!(
-                "timed out waiting for {what}; the agent logged:\n{}",
-                log.join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// Whether `sql` is refused by the rule named `rule`.
 fn refused_by(port: u16, sql: &str, rule: &str) -> bool {
@@ -43,13 +23,6 @@ fn refused_by(port: u16, sql: &str, rule: &str) -> bool {
 
 fn policy_status(agent: &Agent) -> Value {
     agent.status().unwrap()["policy"].clone()
-}
-
-fn metric(metrics_port: u16, line: &str) -> u64 {
-    let text = http_get(metrics_port, "/metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{line} not in:\n{text}"))
 }
 
 #[test]
@@ -91,16 +64,19 @@ fn a_policy_in_a_bucket_is_fetched_updated_kept_when_invalid_and_cached_when_the
     // A new version in the bucket is in force within seconds, and the
     // recordings of new sessions carry its digest.
     s3.put("policies", "tollgate/ci.toml", NO_SELECT);
-    wait_until(&agent, "the new policy", || {
-        refused_by(port, "select 1", "no-select")
-    });
+    agent.wait_until(
+        "the new policy",
+        Duration::from_secs(30),
+        &["polic"],
+        || refused_by(port, "select 1", "no-select"),
+    );
     let second = policy_status(&agent);
     let digest = second["digest"].as_str().unwrap().to_string();
     assert_ne!(digest, first_digest);
     assert!(http_get(metrics_port, "/metrics")
         .contains(&format!("tollgate_policy_info{{digest=\"{digest}\"}} 1")));
     assert!(
-        metric(
+        scraped(
             metrics_port,
             "tollgate_policy_source_polls_total{outcome=\"updated\"}"
         ) >= 1
@@ -113,12 +89,17 @@ fn a_policy_in_a_bucket_is_fetched_updated_kept_when_invalid_and_cached_when_the
 
     // An invalid version is refused; the one in force stays.
     s3.put("policies", "tollgate/ci.toml", "[[rule]]\nname = 7\n");
-    wait_until(&agent, "the invalid version to be seen", || {
-        metric(
-            metrics_port,
-            "tollgate_policy_source_polls_total{outcome=\"invalid\"}",
-        ) >= 1
-    });
+    agent.wait_until(
+        "the invalid version to be seen",
+        Duration::from_secs(30),
+        &["polic"],
+        || {
+            scraped(
+                metrics_port,
+                "tollgate_policy_source_polls_total{outcome=\"invalid\"}",
+            ) >= 1
+        },
+    );
     assert!(refused_by(port, "select 1", "no-select"));
     let kept = policy_status(&agent);
     assert_eq!(kept["digest"], digest.as_str());
@@ -132,8 +113,8 @@ fn a_policy_in_a_bucket_is_fetched_updated_kept_when_invalid_and_cached_when_the
     // The bucket goes away: polls fail, the policy stays, and a restart
     // starts from the cached copy.
     drop(s3);
-    wait_until(&agent, "a failed poll", || {
-        metric(
+    agent.wait_until("a failed poll", Duration::from_secs(30), &["polic"], || {
+        scraped(
             metrics_port,
             "tollgate_policy_source_polls_total{outcome=\"failed\"}",
         ) >= 1
@@ -224,9 +205,12 @@ fn a_policy_in_a_git_repository_follows_its_branch_and_a_link_in_it_is_refused()
     assert!(refused_by(port, "drop table if exists t", "no-drop"));
 
     let commit = commit_policy(&work, "ci.toml", NO_SELECT, "deny reads");
-    wait_until(&agent, "the pushed policy", || {
-        refused_by(port, "select 1", "no-select")
-    });
+    agent.wait_until(
+        "the pushed policy",
+        Duration::from_secs(30),
+        &["polic"],
+        || refused_by(port, "select 1", "no-select"),
+    );
     let status = policy_status(&agent);
     assert!(
         status["source"]["revision"]
@@ -240,11 +224,16 @@ fn a_policy_in_a_git_repository_follows_its_branch_and_a_link_in_it_is_refused()
     git(&work, &["add", "-A"]);
     git(&work, &["commit", "--quiet", "-m", "a link"]);
     git(&work, &["push", "--quiet", "origin", "main"]);
-    wait_until(&agent, "the link to be refused", || {
-        policy_status(&agent)["source"]["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("links are refused"))
-    });
+    agent.wait_until(
+        "the link to be refused",
+        Duration::from_secs(30),
+        &["polic"],
+        || {
+            policy_status(&agent)["source"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("links are refused"))
+        },
+    );
     assert!(refused_by(port, "select 1", "no-select"));
     assert_eq!(policy_status(&agent)["digest"], status["digest"]);
 }

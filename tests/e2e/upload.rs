@@ -7,13 +7,13 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tollgate_tests::s3::S3Server;
 use tollgate_tests::*;
 
-use crate::listener::http_get;
+use crate::listener::{http_get, scraped};
 
 const POLICY: &str = "[[rule]]\nname = \"no-drop\"\naction = \"deny\"\nmessage = \"not here\"\n[rule.match]\nkinds = [\"drop\"]\n";
 const BUCKET: &str = "recordings";
@@ -78,33 +78,41 @@ fn local_recordings(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// Waits for `done`; on timeout, fails with what the agent logged about
-/// uploads.
-fn wait_until(agent: &Agent, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        if Instant::now() > deadline {
-            let log: Vec<String> = agent
-                .log_text()
-                .lines()
-                .filter(|l| l.contains("upload") || l.contains("ERROR") || l.contains("WARN"))
-                .map(str::to_string)
-                .collect();
-            panic!(
-                "timed out waiting for {what}; the agent logged:\n{}",
-                log.join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+/// A PostgreSQL, the bucket's settings, and a recording directory of the
+/// test's own that outlives the agents it starts.
+struct SpoolSetup {
+    pg: Postgres,
+    upload: Upload,
+    policy: PolicyFile,
+    spool: tempfile::TempDir,
+    port: u16,
+    metrics_port: u16,
 }
 
-/// The value of one metric line (name with labels) at /metrics.
-fn metric(metrics_port: u16, line: &str) -> u64 {
-    let text = http_get(metrics_port, "/metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{line} not in:\n{text}"))
+impl SpoolSetup {
+    fn new() -> SpoolSetup {
+        SpoolSetup {
+            pg: Postgres::start(),
+            upload: Upload::new(),
+            policy: policy_file(POLICY),
+            spool: tempfile::Builder::new()
+                .prefix("tollgate-spool-")
+                .tempdir()
+                .unwrap(),
+            port: free_port(),
+            metrics_port: free_port(),
+        }
+    }
+
+    /// The `[agent]` lines: the policy, metrics, and the spool.
+    fn agent_extra(&self) -> String {
+        format!(
+            "{}\nmetrics_listen = \"127.0.0.1:{}\"\nrecording_dir = \"{}\"",
+            self.policy.line,
+            self.metrics_port,
+            self.spool.path().display()
+        )
+    }
 }
 
 fn psql_ok(port: u16, sql: &str) {
@@ -150,10 +158,10 @@ fn closed_recordings_go_to_the_bucket_once_verified_and_a_responder_reads_them_f
     let denied = psql_command(port, "drop table t").output().unwrap();
     assert!(!denied.status.success());
 
-    wait_until(
-        &agent,
+    agent.wait_until(
         "both recordings uploaded",
         Duration::from_secs(30),
+        &["upload", "ERROR", "WARN"],
         || s3.objects(BUCKET).len() == 2 && local_recordings(&agent.recordings()).is_empty(),
     );
     for object in s3.objects(BUCKET) {
@@ -165,11 +173,11 @@ fn closed_recordings_go_to_the_bucket_once_verified_and_a_responder_reads_them_f
         assert!(parts[4].ends_with(".tgrec"), "{key}");
     }
     assert_eq!(
-        metric(metrics_port, "tollgate_uploads_total{outcome=\"uploaded\"}"),
+        scraped(metrics_port, "tollgate_uploads_total{outcome=\"uploaded\"}"),
         2
     );
-    assert_eq!(metric(metrics_port, "tollgate_upload_spool_bytes"), 0);
-    assert_eq!(metric(metrics_port, "tollgate_upload_spool_recordings"), 0);
+    assert_eq!(scraped(metrics_port, "tollgate_upload_spool_bytes"), 0);
+    assert_eq!(scraped(metrics_port, "tollgate_upload_spool_recordings"), 0);
     // The upload families parse as Prometheus parses them.
     assert_valid_exposition(&http_get(metrics_port, "/metrics"));
 
@@ -320,19 +328,10 @@ fn closed_recordings_go_to_the_bucket_once_verified_and_a_responder_reads_them_f
 fn with_the_bucket_down_recordings_wait_through_a_restart_a_full_spool_refuses_sessions_and_all_go_up_later(
 ) {
     let s3_port = free_port();
-    let pg = Postgres::start();
-    let upload = Upload::new();
-    let policy = policy_file(POLICY);
-    let spool = tempfile::Builder::new()
-        .prefix("tollgate-spool-")
-        .tempdir()
-        .unwrap();
-    let (port, metrics_port) = (free_port(), free_port());
-    let extra = format!(
-        "{}\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nrecording_dir = \"{}\"",
-        policy.line,
-        spool.path().display()
-    );
+    let setup = SpoolSetup::new();
+    let (pg, upload, spool) = (&setup.pg, &setup.upload, &setup.spool);
+    let (port, metrics_port) = (setup.port, setup.metrics_port);
+    let extra = setup.agent_extra();
     // One recording fills this spool.
     let config = listener_config(port, pg.port, &extra)
         + &upload.section(
@@ -343,12 +342,15 @@ fn with_the_bucket_down_recordings_wait_through_a_restart_a_full_spool_refuses_s
     let mut agent = Agent::start(&config);
 
     psql_ok(port, "select 1");
-    wait_until(&agent, "a failed upload", Duration::from_secs(20), || {
-        metric(metrics_port, "tollgate_uploads_total{outcome=\"failed\"}") >= 1
-    });
+    agent.wait_until(
+        "a failed upload",
+        Duration::from_secs(20),
+        &["upload", "ERROR", "WARN"],
+        || scraped(metrics_port, "tollgate_uploads_total{outcome=\"failed\"}") >= 1,
+    );
     assert_eq!(local_recordings(spool.path()).len(), 1);
-    assert!(metric(metrics_port, "tollgate_upload_spool_bytes") > 100);
-    assert_eq!(metric(metrics_port, "tollgate_upload_spool_recordings"), 1);
+    assert!(scraped(metrics_port, "tollgate_upload_spool_bytes") > 100);
+    assert_eq!(scraped(metrics_port, "tollgate_upload_spool_recordings"), 1);
 
     // Full: the next session is refused in PostgreSQL's terms, nothing is dropped.
     let refused = psql_command(port, "select 2").output().unwrap();
@@ -357,7 +359,7 @@ fn with_the_bucket_down_recordings_wait_through_a_restart_a_full_spool_refuses_s
     assert!(stderr.contains("upload spool is full"), "{stderr}");
     assert!(stderr.contains("max_spool_size"), "{stderr}");
     assert_eq!(
-        metric(
+        scraped(
             metrics_port,
             "tollgate_sessions_refused_total{reason=\"spool_full\"}"
         ),
@@ -388,25 +390,25 @@ fn with_the_bucket_down_recordings_wait_through_a_restart_a_full_spool_refuses_s
         String::from_utf8_lossy(&refused.stderr)
     );
     std::thread::sleep(Duration::from_secs(2));
-    assert!(metric(metrics_port, "tollgate_upload_oldest_unshipped_seconds") >= 1);
+    assert!(scraped(metrics_port, "tollgate_upload_oldest_unshipped_seconds") >= 1);
 
     // The bucket comes up: the recording goes, once, and sessions run again.
     let s3 = S3Server::start_on(s3_port);
     // In one call (the agent is retrying meanwhile); versioning comes with
     // Object Lock, so a second write of the key would show.
     s3.create_locked_bucket(BUCKET, false);
-    wait_until(
-        &agent,
+    agent.wait_until(
         "the spool to drain",
         Duration::from_secs(30),
+        &["upload", "ERROR", "WARN"],
         || local_recordings(spool.path()).is_empty(),
     );
     let versions = s3.versions(BUCKET);
     assert_eq!(versions.len(), 1, "{versions:?}");
-    wait_until(
-        &agent,
+    agent.wait_until(
         "sessions to be accepted again",
         Duration::from_secs(10),
+        &["upload", "ERROR", "WARN"],
         || {
             psql_command(port, "select 4")
                 .output()
@@ -416,7 +418,7 @@ fn with_the_bucket_down_recordings_wait_through_a_restart_a_full_spool_refuses_s
         },
     );
     assert_eq!(
-        metric(metrics_port, "tollgate_upload_oldest_unshipped_seconds"),
+        scraped(metrics_port, "tollgate_upload_oldest_unshipped_seconds"),
         0
     );
     drop(agent);
@@ -454,28 +456,19 @@ fn an_agent_killed_mid_upload_leaves_one_object_and_the_next_start_finishes_with
     // The bucket's default retention locks what the agent uploads, with no
     // setting in the agent.
     s3.create_locked_bucket(BUCKET, true);
-    let pg = Postgres::start();
-    let upload = Upload::new();
-    let policy = policy_file(POLICY);
-    let spool = tempfile::Builder::new()
-        .prefix("tollgate-spool-")
-        .tempdir()
-        .unwrap();
-    let (port, metrics_port) = (free_port(), free_port());
-    let extra = format!(
-        "{}\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nrecording_dir = \"{}\"",
-        policy.line,
-        spool.path().display()
-    );
+    let setup = SpoolSetup::new();
+    let (pg, upload, spool) = (&setup.pg, &setup.upload, &setup.spool);
+    let (port, metrics_port) = (setup.port, setup.metrics_port);
+    let extra = setup.agent_extra();
     let base = listener_config(port, pg.port, &extra);
     let mut agent =
         Agent::start(&(base.clone() + &upload.section(swallow_answers(s3.port), "runner-a", "")));
     psql_ok(port, "select 1");
     // The PUT reached the bucket; its answer never reached the agent.
-    wait_until(
-        &agent,
+    agent.wait_until(
         "the object to arrive",
         Duration::from_secs(30),
+        &["upload", "ERROR", "WARN"],
         || s3.objects(BUCKET).len() == 1,
     );
     agent.child.kill().unwrap();
@@ -487,21 +480,21 @@ fn an_agent_killed_mid_upload_leaves_one_object_and_the_next_start_finishes_with
     );
 
     let agent = Agent::start(&(base + &upload.section(s3.port, "runner-a", "")));
-    wait_until(
-        &agent,
+    agent.wait_until(
         "the local copy to go",
         Duration::from_secs(30),
+        &["upload", "ERROR", "WARN"],
         || local_recordings(spool.path()).is_empty(),
     );
     assert_eq!(
-        metric(
+        scraped(
             metrics_port,
             "tollgate_uploads_total{outcome=\"already_present\"}"
         ),
         1
     );
     assert_eq!(
-        metric(metrics_port, "tollgate_uploads_total{outcome=\"uploaded\"}"),
+        scraped(metrics_port, "tollgate_uploads_total{outcome=\"uploaded\"}"),
         0
     );
     let versions = s3.versions(BUCKET);
@@ -528,10 +521,10 @@ fn two_agents_share_one_bucket_and_a_responder_lists_and_verifies_both_hosts_rec
         agents.push(agent);
     }
     for agent in &agents {
-        wait_until(
-            agent,
+        agent.wait_until(
             "the host's recording to go up",
             Duration::from_secs(30),
+            &["upload", "ERROR", "WARN"],
             || local_recordings(&agent.recordings()).is_empty(),
         );
     }
@@ -589,10 +582,10 @@ fn a_recording_over_64_mib_goes_up_in_parts_once_and_verifies_from_the_bucket() 
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_until(
-        &agent,
+    agent.wait_until(
         "the large recording to go up",
         Duration::from_secs(120),
+        &["upload", "ERROR", "WARN"],
         || local_recordings(&agent.recordings()).is_empty(),
     );
     let versions = s3.versions(BUCKET);

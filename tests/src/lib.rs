@@ -578,6 +578,33 @@ impl Agent {
         serde_json::from_slice(&out.stdout).context("status output is not JSON")
     }
 
+    /// Waits up to `timeout` for `done`; on timeout, fails with the log
+    /// lines that contain any of `about`.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        about: &[&str],
+        mut done: impl FnMut() -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !done() {
+            if Instant::now() > deadline {
+                let log: Vec<String> = self
+                    .log_text()
+                    .lines()
+                    .filter(|l| about.iter().any(|a| l.contains(a)))
+                    .map(str::to_string)
+                    .collect();
+                panic!(
+                    "timed out waiting for {what}; the agent logged:\n{}",
+                    log.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         send_signal(self.child.id(), libc::SIGTERM);
