@@ -255,14 +255,17 @@ impl Bucket {
         let id = uuid::Uuid::parse_str(id).map_err(|_| {
             CliError::invalid(format!("\"{id}\" is not a session id (--remote takes ids)"))
         })?;
-        let (key, bytes) = self
-            .runtime
-            .block_on(upload::fetch_remote(&self.store, &self.settings, id))
-            .map_err(CliError::failed)?;
-        Ok((
-            PathBuf::from(format!("s3://{}/{key}", self.settings.s3.bucket)),
-            bytes,
-        ))
+        let found = self
+            .list()?
+            .into_iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| {
+                CliError::failed(format!(
+                    "no recording of session {id} in bucket \"{}\"",
+                    self.settings.s3.bucket
+                ))
+            })?;
+        self.fetch_key(&found.key)
     }
 }
 
@@ -275,21 +278,22 @@ fn verify_remote(
 ) -> Result<(), CliError> {
     let keys = load_public_keys(public_keys)?;
     let bucket = Bucket::open(config)?;
-    let ids: Vec<String> = if all {
-        bucket.list()?.iter().map(|r| r.id.to_string()).collect()
+    let fetched = if all {
+        bucket
+            .list()?
+            .iter()
+            .map(|r| Ok((bucket.fetch_key(&r.key)?, Some(r.id))))
+            .collect::<Result<Vec<_>, CliError>>()?
     } else {
-        vec![id.unwrap_or_default().to_string()]
+        let id = id.unwrap_or_default();
+        vec![(bucket.fetch(id)?, uuid::Uuid::parse_str(id).ok())]
     };
-    let mut reports = Vec::new();
-    for id in &ids {
-        let (name, bytes) = bucket.fetch(id)?;
-        reports.push(recording::reader::verify_from(
-            std::io::Cursor::new(bytes),
-            &name,
-            uuid::Uuid::parse_str(id).ok(),
-            &keys,
-        ));
-    }
+    let reports: Vec<_> = fetched
+        .into_iter()
+        .map(|((name, bytes), id)| {
+            recording::reader::verify_from(std::io::Cursor::new(bytes), &name, id, &keys)
+        })
+        .collect();
     report_verified(&reports, all)
 }
 

@@ -841,23 +841,6 @@ pub async fn list_remote(
     Ok(found)
 }
 
-/// The bytes of the recording of session `id` in the bucket, with its key.
-pub async fn fetch_remote(
-    store: &dyn ObjectStore,
-    settings: &UploadSettings,
-    id: uuid::Uuid,
-) -> Result<(String, Vec<u8>), String> {
-    let all = list_remote(store, settings).await?;
-    let found = all.into_iter().find(|r| r.id == id).ok_or_else(|| {
-        format!(
-            "no recording of session {id} in bucket \"{}\"",
-            settings.s3.bucket
-        )
-    })?;
-    let bytes = fetch_key(store, &found.key).await?;
-    Ok((found.key, bytes))
-}
-
 /// The bytes of the object under `key`.
 pub async fn fetch_key(store: &dyn ObjectStore, key: &str) -> Result<Vec<u8>, String> {
     let bytes = store
