@@ -123,7 +123,13 @@ fn a_policy_in_a_bucket_is_fetched_updated_kept_when_invalid_and_cached_when_the
     let _ = agent.child.wait();
     agent = Agent::start(&config);
     assert!(refused_by(port, "select 1", "no-select"));
-    assert_eq!(policy_status(&agent)["digest"], digest.as_str());
+    let cached = policy_status(&agent);
+    assert_eq!(cached["digest"], digest.as_str());
+    assert!(
+        cached["source"]["revision"].is_null(),
+        "not fetched: {cached}"
+    );
+    assert!(cached["source"]["last_error"].is_string(), "{cached}");
     drop(agent);
 
     // With no cached copy and no bucket, the agent does not start.

@@ -28,8 +28,8 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 /// What one poll did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Synced {
-    /// The source holds the policy in force.
-    Unchanged,
+    /// The source holds the policy in force (fetched at this revision).
+    Unchanged { revision: String },
     /// A new version is in place (its digest and where it came from).
     Updated { digest: String, revision: String },
     /// The source's files do not load; the copy in force stays.
@@ -54,7 +54,7 @@ pub struct SourceStats {
 impl SourceStats {
     fn record(&self, result: &Result<Synced, String>) {
         let counter = match result {
-            Ok(Synced::Unchanged) => &self.unchanged,
+            Ok(Synced::Unchanged { .. }) => &self.unchanged,
             Ok(Synced::Updated { .. }) => &self.updated,
             Ok(Synced::Invalid(_)) => &self.invalid,
             Err(_) => &self.failed,
@@ -67,11 +67,10 @@ impl SourceStats {
             self.last_success_unix.store(now, Ordering::Relaxed);
         }
         match result {
-            Ok(Synced::Updated { revision, .. }) => {
+            Ok(Synced::Updated { revision, .. } | Synced::Unchanged { revision }) => {
                 *lock(&self.revision) = Some(revision.clone());
                 *lock(&self.last_error) = None;
             }
-            Ok(Synced::Unchanged) => *lock(&self.last_error) = None,
             Ok(Synced::Invalid(why)) | Err(why) => *lock(&self.last_error) = Some(why.clone()),
         }
     }
@@ -165,7 +164,9 @@ pub async fn keep_syncing(
 
 fn log(settings: &PolicySourceSettings, synced: &Synced) {
     match synced {
-        Synced::Unchanged => tracing::debug!(source = %settings.origin, "policy source unchanged"),
+        Synced::Unchanged { .. } => {
+            tracing::debug!(source = %settings.origin, "policy source unchanged")
+        }
         Synced::Updated { digest, revision } => {
             tracing::info!(source = %settings.origin, %digest, %revision, "new policy fetched; it is in force at the next reload (within seconds)")
         }
@@ -226,7 +227,7 @@ fn put_in_place(
         .map(|p| p.digest());
     if in_force.as_deref() == Some(set.digest().as_str()) {
         let _ = std::fs::remove_dir_all(incoming);
-        return Ok(Synced::Unchanged);
+        return Ok(Synced::Unchanged { revision });
     }
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
