@@ -337,7 +337,7 @@ impl RunningAgent {
         tracing::info!(socket = %shared.config.agent.approvals_socket.display(), "reviewer socket ready");
         let api_state = Arc::new(crate::approval::api::ApiState {
             registry: shared.approvals.clone(),
-            grants: shared.grants.clone(),
+            grants: Some(shared.grants.clone()),
             identity: shared.identity.clone(),
             policy: shared.policy.clone(),
             reviewer_groups: shared.config.reviewers.clone(),
@@ -389,6 +389,18 @@ impl RunningAgent {
             shared.approvals.clone(),
             stop_accepting.clone(),
         ));
+        if let Some(settings) = &shared.config.shared_approvals {
+            let link = Arc::new(crate::approval::shared::Link::default());
+            shared.metrics.set_shared_approvals(link.clone());
+            // Stopped with the notifications, after the stop's aborts are
+            // published, so that the table learns of them.
+            background.spawn(crate::approval::shared::link_agent(
+                shared.approvals.clone(),
+                settings.clone(),
+                link,
+                stop_notifying.clone(),
+            ));
+        }
 
         Ok(RunningAgent {
             recorder: Some(recorder_handle),

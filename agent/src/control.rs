@@ -43,6 +43,24 @@ pub struct StatusReport {
     /// The policy in force (absent from older agents' replies).
     #[serde(default)]
     pub policy: Option<PolicyView>,
+    /// The approvals store shared by the fleet, with `[shared_approvals]`.
+    #[serde(default)]
+    pub shared_approvals: Option<SharedApprovalsView>,
+}
+
+/// `[shared_approvals]` in the status report.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SharedApprovalsView {
+    /// The name this agent's requests carry.
+    pub host: String,
+    /// Whether the database is reachable now.
+    pub connected: bool,
+    /// When it last answered (Unix seconds).
+    pub last_success_unix: Option<u64>,
+    /// Why the last attempt failed, while not connected.
+    pub last_error: Option<String>,
+    /// Decisions of the review server applied here since start.
+    pub decisions_applied: u64,
 }
 
 /// The policy in force in the status report.
@@ -297,6 +315,21 @@ fn report(shared: &AgentState) -> StatusReport {
         }),
         recording: Some(recording_view(shared)),
         held: crate::intervene::held(),
+        shared_approvals: shared
+            .config
+            .shared_approvals
+            .as_ref()
+            .zip(shared.metrics.shared_approvals())
+            .map(|(settings, link)| {
+                let s = link.status();
+                SharedApprovalsView {
+                    host: settings.host.clone(),
+                    connected: s.connected,
+                    last_success_unix: s.last_success_unix,
+                    last_error: s.last_error,
+                    decisions_applied: s.decisions_applied,
+                }
+            }),
         policy: Some({
             let policy = crate::policy::current_policy(&shared.policy);
             PolicyView {

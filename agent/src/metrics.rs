@@ -73,6 +73,8 @@ pub struct Metrics {
     uploads: std::sync::OnceLock<Arc<crate::recording::upload::UploadStats>>,
     /// The policy source's counters, with `[policy_source]`.
     policy_source: std::sync::OnceLock<Arc<crate::policy::source::SourceStats>>,
+    /// The shared approvals store's link, with `[shared_approvals]`.
+    shared_approvals: std::sync::OnceLock<Arc<crate::approval::shared::Link>>,
     /// Connections refused because recording failed (fail closed).
     pub sessions_refused_recording: AtomicU64,
     /// Connections refused because the upload spool was full.
@@ -230,6 +232,16 @@ impl Metrics {
     /// Adds the policy source's counters to the rendered metrics.
     pub fn set_policy_source(&self, stats: Arc<crate::policy::source::SourceStats>) {
         let _ = self.policy_source.set(stats);
+    }
+
+    /// The shared approvals store's link, with `[shared_approvals]`.
+    pub fn shared_approvals(&self) -> Option<&Arc<crate::approval::shared::Link>> {
+        self.shared_approvals.get()
+    }
+
+    /// Adds the shared approvals link to the rendered metrics.
+    pub fn set_shared_approvals(&self, link: Arc<crate::approval::shared::Link>) {
+        let _ = self.shared_approvals.set(link);
     }
 
     /// The recording uploader's counters, when `[upload]` is configured.
@@ -501,6 +513,9 @@ impl Metrics {
         }
         if let Some(source) = self.policy_source.get() {
             source.render(&mut out);
+        }
+        if let Some(link) = self.shared_approvals.get() {
+            link.render(&mut out);
         }
         out
     }

@@ -83,8 +83,9 @@ const MAX_TOKEN: usize = 256;
 pub struct ApiState {
     /// Pending requests.
     pub registry: Arc<Registry>,
-    /// Stored grants.
-    pub grants: Arc<GrantStore>,
+    /// Stored grants; `None` on the review server, which approves single
+    /// statements only (a grant lives on the agent that uses it).
+    pub grants: Option<Arc<GrantStore>>,
     /// Names the reviewer's process (cgroup, CI actor).
     pub identity: Arc<IdentityResolver>,
     /// The policy in force, for the approver groups of its review rules.
@@ -331,11 +332,18 @@ async fn handle(state: &ApiState, caller: Caller, req: Request<Incoming>) -> Rep
             watch(&state.registry, still_valid)
         }
         (["v1", "whoami"], &Method::GET) => whoami(&reviewer),
+        (["v1", "grants"] | ["v1", "grants", _], _) if state.grants.is_none() => error(
+            StatusCode::NOT_FOUND,
+            "grants are kept by each agent; list and revoke them on the agent's own reviewer API",
+        ),
         (["v1", "grants"], &Method::GET) => {
+            let Some(store) = &state.grants else {
+                return error(StatusCode::NOT_FOUND, "no grant store");
+            };
             let grants = if query.split('&').any(|q| q == "all=1") {
-                state.grants.all()
+                store.all()
             } else {
-                state.grants.active(now)
+                store.active(now)
             };
             match grants {
                 Ok(g) => to_json(&g),
@@ -347,7 +355,12 @@ async fn handle(state: &ApiState, caller: Caller, req: Request<Incoming>) -> Rep
                 StatusCode::BAD_REQUEST,
                 format!("\"{id}\" is not a grant id"),
             ),
-            Some(id) => match state.grants.revoke(&id, &reviewer.user, &reviewer.via, now) {
+            Some(id) => match state
+                .grants
+                .as_ref()
+                .ok_or(ApprovalError::UnknownGrant)
+                .and_then(|store| store.revoke(&id, &reviewer.user, &reviewer.via, now))
+            {
                 Ok(grant) => {
                     tracing::info!(grant = %id, reviewer = %reviewer.user, uid = reviewer.uid, via = %reviewer.via, "review: grant revoked");
                     record_revocation(state, &grant, &reviewer, now);
@@ -556,6 +569,11 @@ fn approve(
             )
         }
     };
+    if grant.is_some() && state.grants.is_none() {
+        return refused(&ApprovalError::NotAllowed(
+            "the review server approves the held statement only; a grant is given on the agent's own reviewer API".into(),
+        ));
+    }
     let ask = ApprovalAsk {
         reason: body.reason,
         edit: body.edit,
@@ -667,7 +685,11 @@ fn store_grant(
         revoked_via: None,
         revoked_at: None,
     };
-    state.grants.insert(&grant)?;
+    state
+        .grants
+        .as_ref()
+        .ok_or_else(|| ApprovalError::NotAllowed("no grant store here".into()))?
+        .insert(&grant)?;
     record_in(
         state,
         grant.session.iter().filter_map(|s| s.parse().ok()),

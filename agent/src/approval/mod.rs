@@ -19,6 +19,9 @@
 //! - `tokens`: reviewer tokens, kept as SHA-256 hashes in a root-only file.
 //! - `web`: the reviewers' web page the API serves at `/`.
 //! - `client`: the same API from the `tollgate approvals` command.
+//! - `shared`: the approvals store a fleet shares (`[shared_approvals]`):
+//!   each agent mirrors its requests into PostgreSQL and applies the
+//!   decisions `tollgate review-server` writes there.
 //! - `notify`: webhook and Slack notifications of request events, sent by a
 //!   task of their own with a bounded queue, retried, never deciding.
 //!
@@ -32,6 +35,7 @@ pub mod hold;
 pub mod notify;
 pub mod registry;
 pub mod reviewers;
+pub mod shared;
 #[cfg(test)]
 mod tests;
 pub mod tokens;

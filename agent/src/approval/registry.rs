@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{unix_seconds, ApprovalError, GrantSubject, RequestId, Reviewer};
@@ -94,7 +94,7 @@ pub struct RequestEvent {
 
 /// Everything a reviewer is shown and segregation of duties is checked
 /// against.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RequestContext {
     /// The target's configured name.
     pub target: String,
@@ -130,7 +130,7 @@ pub struct RequestContext {
 }
 
 /// A statement a session ran (or had refused) before the held one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PriorStatement {
     /// Unix seconds when it was decided.
     pub at: u64,
@@ -143,7 +143,7 @@ pub struct PriorStatement {
 }
 
 /// How a request ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     /// Enough distinct reviewers approved: run `text` (the original, or the
@@ -176,7 +176,7 @@ pub enum Outcome {
 }
 
 /// One approval that counts towards a request.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApprovalRecord {
     /// The reviewer's user name.
     pub by: String,
@@ -193,7 +193,7 @@ pub struct ApprovalRecord {
 }
 
 /// A request as `list` and `show` present it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RequestView {
     /// The request's id.
     pub id: RequestId,
@@ -217,6 +217,10 @@ pub struct RequestView {
     pub approvals_needed: u32,
     /// `None` while pending.
     pub outcome: Option<Outcome>,
+    /// The agent that holds the statement, in a list served from the
+    /// shared approvals store (`None` on the agent's own API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// What a reviewer's approval asks for.
@@ -386,6 +390,7 @@ impl Registry {
             approvals: Vec::new(),
             approvals_needed: context.review.approvals,
             outcome: None,
+            host: None,
             context,
         };
         self.publish(RequestEventKind::Requested, &view, now);
@@ -398,6 +403,54 @@ impl Registry {
             },
         );
         Ok((id, outcome))
+    }
+
+    /// Takes in a request held elsewhere (by the agent named in
+    /// `view.host`, through the shared approvals store), to be decided here
+    /// as if it were held here: the outcome goes to the returned receiver.
+    /// `None` when the id is known already, pending or ended.
+    pub fn adopt(
+        &self,
+        mut view: RequestView,
+        now: SystemTime,
+    ) -> Option<oneshot::Receiver<Outcome>> {
+        let mut state = self.state();
+        if state.pending.contains_key(&view.id)
+            || state.ended.iter().any(|v| v.id == view.id)
+            || state.pending.len() >= MAX_PENDING
+        {
+            return None;
+        }
+        view.outcome = None;
+        let deadline = std::time::UNIX_EPOCH + Duration::from_secs(view.expires_at);
+        let (reply, outcome) = oneshot::channel();
+        self.publish(RequestEventKind::Requested, &view, now);
+        state.pending.insert(
+            view.id.clone(),
+            Pending {
+                view,
+                deadline,
+                reply: Some(reply),
+            },
+        );
+        Some(outcome)
+    }
+
+    /// Ends a pending request with an outcome decided elsewhere: `decide`
+    /// makes it from the request as held here. False when the request is
+    /// not pending here (it ended already, or was never here).
+    pub fn settle(
+        &self,
+        id: &RequestId,
+        now: SystemTime,
+        decide: impl FnOnce(&RequestView) -> Outcome,
+    ) -> bool {
+        let mut state = self.state();
+        let Some(pending) = state.pending.get(id) else {
+            return false;
+        };
+        let outcome = decide(&pending.view);
+        self.end(&mut state, id, outcome, now)
     }
 
     /// Pending requests, oldest first.

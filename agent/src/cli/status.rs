@@ -45,6 +45,22 @@ pub fn print_status(report: &StatusReport) -> String {
             );
         }
     }
+    if let Some(shared) = &report.shared_approvals {
+        let _ = writeln!(
+            out,
+            "\nShared approvals: requests listed as host {}; database {}; {} decisions of the review server applied",
+            shared.host,
+            if shared.connected {
+                "connected".to_string()
+            } else {
+                format!(
+                    "UNREACHABLE ({}); held statements wait here until it is back or they time out",
+                    shared.last_error.as_deref().unwrap_or("not connected yet")
+                )
+            },
+            shared.decisions_applied
+        );
+    }
 
     let _ = writeln!(out, "\nTargets:");
     let rows: Vec<Vec<String>> = report

@@ -56,6 +56,26 @@ pub struct Config {
     /// Where the policy comes from, when `[policy_source]` is present
     /// (then `agent.policy_paths` is its cached copy).
     pub policy_source: Option<PolicySourceSettings>,
+    /// The approvals store shared by the fleet, when `[shared_approvals]`
+    /// is present.
+    pub shared_approvals: Option<SharedApprovalsSettings>,
+}
+
+/// Settings under `[shared_approvals]`: review requests kept in a
+/// PostgreSQL database that every agent and `tollgate review-server`
+/// share, so that reviewers decide any host's statements in one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedApprovalsSettings {
+    /// The connection string, as the PostgreSQL client takes it (a URL or
+    /// `key=value` pairs), without a password.
+    pub database: String,
+    /// A root-only file holding the password.
+    pub password_file: Option<PathBuf>,
+    /// PEM certificates that sign the database's certificate; the
+    /// system's roots when `None`.
+    pub ca_file: Option<PathBuf>,
+    /// The name this agent's requests carry (the host name by default).
+    pub host: String,
 }
 
 /// Settings under `[policy_source]`: the policy fetched from one place.

@@ -15,7 +15,7 @@ use crate::policy::{IdentityMatch, IdentitySpec};
 use super::{
     line_column, secret, AgentSettings, BrokeredCredential, ClientCertificate, ClientCredentials,
     ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup, Listener, NotifyKind,
-    NotifyTarget, ObjectLock, ObjectLockMode, PolicyOrigin, PolicySourceSettings, PortRange,
+    NotifyTarget, ObjectLock, ObjectLockMode, PolicyOrigin, PolicySourceSettings, PortRange, SharedApprovalsSettings,
     ProtectMode, ProtectSettings, Protocol, RecordingFailure, RecordingFsync, RedirectSettings,
     S3Access, Target, TargetAddress, TargetSet, UnlistedPolicy, UploadSettings, Upstream,
     UpstreamTls,
@@ -40,6 +40,18 @@ struct RawConfig {
     notify: Vec<Spanned<RawNotify>>,
     upload: Option<Spanned<RawUpload>>,
     policy_source: Option<Spanned<RawPolicySource>>,
+    shared_approvals: Option<Spanned<RawSharedApprovals>>,
+}
+
+/// `[shared_approvals]`: review requests in a PostgreSQL database every
+/// agent of the fleet and the review server share.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSharedApprovals {
+    database: Spanned<String>,
+    password_file: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
 }
 
 /// `[policy_source]`: the policy from a bucket or a git repository.
@@ -321,6 +333,10 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     if let Some(source) = &policy_source {
         agent.policy_paths = vec![source.current()];
     }
+    let shared_approvals = raw
+        .shared_approvals
+        .as_ref()
+        .and_then(|s| check_shared_approvals(&mut c, s));
     if c.errors.is_empty() {
         Ok(Config {
             source: path.to_path_buf(),
@@ -334,6 +350,7 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             notify,
             upload,
             policy_source,
+            shared_approvals,
         })
     } else {
         Err(LocatedErrors(c.errors))
@@ -1110,6 +1127,64 @@ fn check_policy_source(
         origin,
         dir,
         interval,
+    })
+}
+
+/// `[shared_approvals]`: a connection string the PostgreSQL client takes,
+/// without a password (that goes in `password_file`), and a host name
+/// that is one object-key-safe word.
+fn check_shared_approvals(
+    c: &mut Checker<'_>,
+    raw: &Spanned<RawSharedApprovals>,
+) -> Option<SharedApprovalsSettings> {
+    let before = c.errors.len();
+    let s = raw.get_ref();
+    let database = s.database.get_ref().trim().to_string();
+    match database.parse::<tokio_postgres::Config>() {
+        Ok(parsed) if parsed.get_password().is_some() => c.error(
+            &s.database,
+            "shared_approvals database must not hold the password; put it in a root-only password_file",
+        ),
+        Ok(parsed) if parsed.get_hosts().is_empty() => c.error(
+            &s.database,
+            "shared_approvals database names no host (host=... or postgresql://HOST/DB)",
+        ),
+        Ok(_) => {}
+        Err(e) => c.error(
+            &s.database,
+            format!("shared_approvals database is not a PostgreSQL connection string (postgresql://USER@HOST:PORT/DB or key=value pairs): {e}"),
+        ),
+    }
+    let password_file =
+        secret_path(c, "password_file", s.password_file.as_ref()).unwrap_or(None);
+    let ca_file = s.ca_file.as_ref().and_then(|f| {
+        let path = PathBuf::from(f.get_ref());
+        if path.is_absolute() {
+            Some(path)
+        } else {
+            c.error(f, "shared_approvals ca_file must be an absolute path");
+            None
+        }
+    });
+    let host = match &s.host {
+        Some(h) => {
+            let name = h.get_ref();
+            if !is_key_segment(name)
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+            {
+                c.error(h, format!("shared_approvals host \"{name}\" must be letters, digits, '.', '-' and '_' only"));
+            }
+            name.clone()
+        }
+        None => super::this_host_name(),
+    };
+    (c.errors.len() == before).then_some(SharedApprovalsSettings {
+        database,
+        password_file,
+        ca_file,
+        host,
     })
 }
 

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use super::compile::{items, Checker, OneOrMany};
@@ -24,7 +24,7 @@ pub const MAX_GRANT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Who may approve: `"group:NAME"` (a Unix group, members looked up when
 /// the reviewer acts) or `"reviewers:NAME"` (a `[reviewers.NAME]` group of
 /// the agent configuration).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "name", rename_all = "snake_case")]
 pub enum Approver {
     /// A Unix group.
@@ -63,7 +63,7 @@ impl fmt::Display for Approver {
 }
 
 /// What one approval may cover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GrantScope {
     /// The held statement only.
@@ -80,10 +80,16 @@ mod seconds {
     ) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_secs())
     }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<std::time::Duration, D::Error> {
+        <u64 as serde::Deserialize>::deserialize(d).map(std::time::Duration::from_secs)
+    }
 }
 
 /// A `review` rule's settings, compiled.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReviewSettings {
     /// Groups whose members may approve (any of them).
     pub approvers: Vec<Approver>,
@@ -168,6 +174,13 @@ impl fmt::Display for DailyWindow {
 impl Serialize for DailyWindow {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DailyWindow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<DailyWindow, D::Error> {
+        let text = String::deserialize(d)?;
+        DailyWindow::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
