@@ -514,7 +514,7 @@ const ANALYSIS_CACHE_ENTRIES: usize = 10_000;
 
 /// Loads the configured policy files; none configured gives the empty set
 /// (every statement allowed, nothing matched).
-fn load_policy(config: &Config) -> anyhow::Result<crate::policy::PolicySet> {
+pub(crate) fn load_policy(config: &Config) -> anyhow::Result<crate::policy::PolicySet> {
     if config.agent.policy_paths.is_empty() {
         return Ok(crate::policy::PolicySet::empty());
     }

@@ -62,6 +62,12 @@ fn main() -> ExitCode {
             let threads = config.agent.session_threads();
             finish(agent_runtime(threads).and_then(|rt| rt.block_on(run(config))))
         }
+        Command::ReviewServer(arg) => match load_config(&arg.config) {
+            Ok(config) => finish(
+                runtime().and_then(|rt| rt.block_on(tollgate_agent::approval::server::run(config))),
+            ),
+            Err(code) => code,
+        },
         Command::Exec(args) => exec_command(args),
         Command::Detach(args) => detach_command(args),
         Command::Thaw(args) => match tollgate_agent::intervene::thaw(&args.what) {

@@ -22,6 +22,8 @@
 //! - `shared`: the approvals store a fleet shares (`[shared_approvals]`):
 //!   each agent mirrors its requests into PostgreSQL and applies the
 //!   decisions `tollgate review-server` writes there.
+//! - `server`: `tollgate review-server`, the same API over the shared
+//!   store, for reviewers of a whole fleet.
 //! - `notify`: webhook and Slack notifications of request events, sent by a
 //!   task of their own with a bounded queue, retried, never deciding.
 //!
@@ -35,6 +37,7 @@ pub mod hold;
 pub mod notify;
 pub mod registry;
 pub mod reviewers;
+pub mod server;
 pub mod shared;
 #[cfg(test)]
 mod tests;

@@ -258,10 +258,15 @@ fn list_text(value: &Value) -> String {
     let mut out = String::new();
     for r in requests {
         let context = &r["context"];
+        // The review server names the agent holding each statement.
+        let target = match r["host"].as_str() {
+            Some(host) => format!("{host}:{}", str_of(context, "target")),
+            None => str_of(context, "target").to_owned(),
+        };
         out.push_str(&format!(
             "{}  {}  rule {}  {}/{} approvals  {}  {}\n",
             str_of(r, "id"),
-            str_of(context, "target"),
+            target,
             str_of(context, "rule"),
             r["approvals"].as_array().map_or(0, Vec::len),
             r["approvals_needed"].as_u64().unwrap_or(1),
@@ -278,6 +283,9 @@ fn show_text(r: &Value) -> String {
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<14} {v}\n"));
     line("request", str_of(r, "id").to_owned());
+    if let Some(host) = r["host"].as_str() {
+        line("held on", host.to_owned());
+    }
     line("target", str_of(context, "target").to_owned());
     line("database user", str_of(context, "database_user").to_owned());
     line("rule", str_of(context, "rule").to_owned());

@@ -158,6 +158,26 @@ pub enum Command {
     #[command(subcommand, verbatim_doc_comment)]
     Approvals(ApprovalsCommand),
 
+    /// Serve the reviewer API and web page for a whole fleet, from the
+    /// approvals database that every agent's [shared_approvals] names.
+    ///
+    /// Reviewers see the held statements of every host in one list and
+    /// decide them here, with the checks an agent makes (approver groups,
+    /// N of M, never the requester); each decision is written to the
+    /// database, and the agent holding the statement runs or refuses it
+    /// within a second. Its configuration is an agent's, of which it reads
+    /// [shared_approvals], [reviewers], the policy (for the approver groups
+    /// allowed in) and agent.approvals_socket, approvals_listen,
+    /// approvals_tls_cert, approvals_tls_key and approvals_tokens. Example:
+    ///
+    ///   tollgate review-server --config /etc/tollgate/review-server.toml
+    ///   tollgate approvals list --socket /run/tollgate/approvals.sock
+    ///
+    /// Grants are not given here: approve with --for on the agent's own API.
+    /// SIGHUP reloads the policy; SIGTERM stops.
+    #[command(verbatim_doc_comment)]
+    ReviewServer(ConfigArg),
+
     /// Remove the pinned eBPF programs and maps, ending enforcement.
     ///
     /// Pinned programs keep governed connections failing closed while no agent
