@@ -28,6 +28,7 @@ mod regress;
 mod review;
 mod review_notify;
 mod review_web;
+mod shared_approvals;
 mod ssh;
 mod tls;
 mod upload;

@@ -15,10 +15,10 @@ use crate::policy::{IdentityMatch, IdentitySpec};
 use super::{
     line_column, secret, AgentSettings, BrokeredCredential, ClientCertificate, ClientCredentials,
     ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup, Listener, NotifyKind,
-    NotifyTarget, ObjectLock, ObjectLockMode, PolicyOrigin, PolicySourceSettings, PortRange, SharedApprovalsSettings,
+    NotifyTarget, ObjectLock, ObjectLockMode, PolicyOrigin, PolicySourceSettings, PortRange,
     ProtectMode, ProtectSettings, Protocol, RecordingFailure, RecordingFsync, RedirectSettings,
-    S3Access, Target, TargetAddress, TargetSet, UnlistedPolicy, UploadSettings, Upstream,
-    UpstreamTls,
+    S3Access, SharedApprovalsSettings, Target, TargetAddress, TargetSet, UnlistedPolicy,
+    UploadSettings, Upstream, UpstreamTls,
 };
 
 #[derive(Deserialize, Default)]
@@ -1155,8 +1155,7 @@ fn check_shared_approvals(
             format!("shared_approvals database is not a PostgreSQL connection string (postgresql://USER@HOST:PORT/DB or key=value pairs): {e}"),
         ),
     }
-    let password_file =
-        secret_path(c, "password_file", s.password_file.as_ref()).unwrap_or(None);
+    let password_file = secret_path(c, "password_file", s.password_file.as_ref()).unwrap_or(None);
     let ca_file = s.ca_file.as_ref().and_then(|f| {
         let path = PathBuf::from(f.get_ref());
         if path.is_absolute() {

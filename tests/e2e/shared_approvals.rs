@@ -1,0 +1,449 @@
+//! Approvals from one place: two agents on one machine share one
+//! approvals database (a real PostgreSQL of its own, not a governed
+//! target); statements held on either are listed and decided through
+//! `tollgate review-server`, and the held psql goes on within a second of
+//! the decision. An agent that loses the database keeps its held
+//! statements waiting, never runs them undecided, and reconnects.
+
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tollgate_tests::review::{approvals_as, id_of, ok, output_of, spawn_in_cgroup};
+use tollgate_tests::*;
+
+/// `daemon` and `bin` review deletes; updates wait 10 s at most.
+const POLICY: &str = r#"
+[[rule]]
+name = "review-deletes"
+action = "review"
+approvers = ["group:daemon", "group:bin"]
+timeout = "60s"
+message = "deletes need a second pair of eyes"
+[rule.match]
+kinds = ["delete"]
+
+[[rule]]
+name = "review-updates-quickly"
+action = "review"
+approvers = ["group:daemon"]
+timeout = "10s"
+[rule.match]
+kinds = ["update"]
+"#;
+
+/// A TCP forwarder to the approvals database that the test can cut (every
+/// connection through it dropped, new ones refused) and restore: the
+/// database going away for an agent, as a network partition does.
+struct Cuttable {
+    port: u16,
+    up: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Cuttable {
+    fn new(upstream: u16) -> Cuttable {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (accepting, tracked) = (up.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if !accepting.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                {
+                    let mut list = tracked.lock().unwrap();
+                    list.push(client.try_clone().unwrap());
+                    list.push(server.try_clone().unwrap());
+                }
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_in, mut c_out) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let _ = s_out.shutdown(Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_in, &mut c_out);
+                    let _ = c_out.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        Cuttable { port, up, open }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+fn shared_section(db_port: u16, host: &str) -> String {
+    format!(
+        "\n[shared_approvals]\ndatabase = \"host=127.0.0.1 port={db_port} user=postgres dbname=postgres sslmode=disable\"\nhost = \"{host}\"\n"
+    )
+}
+
+/// `tollgate review-server` on the approvals database, with a reviewer
+/// socket of its own.
+struct ReviewServer {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl ReviewServer {
+    fn start(db_port: u16, policy_line: &str) -> ReviewServer {
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-review-server-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let config = dir.path().join("review-server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\n{policy_line}\napprovals_socket = \"{}\"\ncontrol_socket = \"{}\"\n{}",
+                dir.path().join("approvals.sock").display(),
+                dir.path().join("control.sock").display(),
+                shared_section(db_port, "central")
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let child = Command::new(agent_binary())
+            .args(["--log-format", "json", "review-server", "--config"])
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = ReviewServer { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !server.log().contains("connected to the approvals database") {
+            assert!(
+                Instant::now() < deadline,
+                "the review server did not connect: {}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("approvals.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for ReviewServer {
+    fn drop(&mut self) {
+        send_signal(self.child.id(), libc::SIGTERM);
+        if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
+        }
+    }
+}
+
+/// psql through the agent on `port`, in `cgroup` (a CI job's).
+fn spawn_psql(cgroup: &Path, port: u16, sql: &str) -> Child {
+    let args: Vec<String> = [
+        "-X",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        "127.0.0.1",
+        "-p",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain([
+        port.to_string(),
+        "-U".into(),
+        "postgres".into(),
+        "-d".into(),
+        "postgres".into(),
+        "-c".into(),
+        sql.to_owned(),
+    ])
+    .collect();
+    spawn_in_cgroup(cgroup, &pg_tool("psql"), &args)
+}
+
+/// The requests `user` sees pending on `socket`, once `n` are; panics with
+/// what the clients said if they do not come within 20 s.
+fn pending(socket: &Path, n: usize, clients: &mut [&mut Child]) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = approvals_as(socket, "daemon", &["list", "--json"]);
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if let Some(items) = list.as_array().filter(|a| a.len() >= n) {
+            return items.clone();
+        }
+        if Instant::now() > deadline {
+            let said: Vec<String> = clients.iter_mut().map(|c| output_of(c)).collect();
+            panic!(
+                "{n} requests never became pending on {}: {}{} clients: {said:?}",
+                socket.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for `client` to exit; its status and what it printed.
+fn finished(client: &mut Child, within: Duration) -> (bool, String) {
+    let status = wait_timeout(client, within);
+    let said = output_of(client);
+    match status {
+        Some(s) => (s.success(), said),
+        None => {
+            let _ = client.kill();
+            panic!("the held client did not finish within {within:?}: {said}");
+        }
+    }
+}
+
+fn store_rows(store: u16) -> String {
+    let out = psql_command(
+        store,
+        "select id, host, state from tollgate_review_requests order by submitted_at",
+    )
+    .output()
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the_review_server() {
+    let target = Postgres::start();
+    psql(
+        target.port,
+        "CREATE TABLE orders (id int primary key, note text); INSERT INTO orders SELECT g, 'n' || g FROM generate_series(1, 10) g",
+    )
+    .unwrap();
+    let store = Postgres::start();
+    let link = Cuttable::new(store.port);
+    let policy = policy_file(POLICY);
+    let cgroup = cgroup_mount().join(format!("tollgate-fleet-review-{}", target.port));
+    std::fs::create_dir_all(&cgroup).unwrap();
+    let _cleanup = RemovedOnDrop(vec![cgroup.clone()]);
+
+    let mut agents = Vec::new();
+    for host in ["runner-a", "runner-b"] {
+        let port = free_port();
+        let agent = Agent::start(
+            &(listener_config(port, target.port, &policy.line) + &shared_section(link.port, host)),
+        );
+        std::fs::set_permissions(
+            agent.dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        agent.wait_until(
+            "the agent to reach the approvals database",
+            Duration::from_secs(20),
+            &["shared approvals"],
+            || {
+                agent
+                    .status()
+                    .is_ok_and(|s| s["shared_approvals"]["connected"] == Value::Bool(true))
+            },
+        );
+        agents.push((agent, port));
+    }
+    let server = ReviewServer::start(store.port, &policy.line);
+    let central = server.socket();
+
+    // A statement held on each host, both listed in one place.
+    let mut on_a = spawn_psql(&cgroup, agents[0].1, "DELETE FROM orders WHERE id = 1");
+    let mut on_b = spawn_psql(&cgroup, agents[1].1, "DELETE FROM orders WHERE id = 2");
+    let listed = pending(&central, 2, &mut [&mut on_a, &mut on_b]);
+    let host_of = |text: &str| {
+        listed
+            .iter()
+            .find(|r| r["text"].as_str().unwrap_or("").contains(text))
+            .map(|r| (r["host"].as_str().unwrap().to_owned(), id_of(r)))
+            .unwrap_or_else(|| panic!("no request for {text}: {listed:?}"))
+    };
+    let (host_a, id_a) = host_of("id = 1");
+    let (host_b, id_b) = host_of("id = 2");
+    assert_eq!((host_a.as_str(), host_b.as_str()), ("runner-a", "runner-b"));
+    let text = ok(&approvals_as(&central, "daemon", &["list"]));
+    assert!(
+        text.contains("runner-a:") && text.contains("runner-b:"),
+        "{text}"
+    );
+
+    // The same checks as on an agent: nobody is no approver; a grant is
+    // not given centrally.
+    let refused = approvals_as(&central, "nobody", &["approve", &id_a]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not in any approver group"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let grant = approvals_as(&central, "daemon", &["approve", &id_a, "--for", "10m"]);
+    assert!(!grant.status.success());
+    assert!(
+        String::from_utf8_lossy(&grant.stderr).contains("grant is given on the agent"),
+        "{}",
+        String::from_utf8_lossy(&grant.stderr)
+    );
+    assert!(
+        on_a.try_wait().unwrap().is_none(),
+        "a refused action decided nothing"
+    );
+
+    // Approved centrally: the psql on host A goes on within a second.
+    ok(&approvals_as(
+        &central,
+        "daemon",
+        &["approve", &id_a, "--reason", "one row, checked"],
+    ));
+    let decided = Instant::now();
+    let (success, said) = finished(&mut on_a, Duration::from_secs(10));
+    let took = decided.elapsed();
+    assert!(success, "{said}");
+    assert!(said.contains("DELETE 1"), "{said}");
+    eprintln!("held statement resumed {took:?} after the central approval");
+    assert!(
+        took < Duration::from_secs(1),
+        "the approval took {took:?} to reach the held session"
+    );
+    // Denied centrally by another reviewer: refused on host B with the reason.
+    ok(&approvals_as(
+        &central,
+        "bin",
+        &["deny", &id_b, "--reason", "not this one"],
+    ));
+    let (success, said) = finished(&mut on_b, Duration::from_secs(10));
+    assert!(!success, "{said}");
+    assert!(said.contains("not this one"), "{said}");
+    assert_eq!(
+        psql(
+            target.port,
+            "select array_agg(id order by id) from orders where id <= 2"
+        )
+        .unwrap(),
+        "{2}",
+        "the approved delete ran, the denied one did not"
+    );
+    let rows = store_rows(store.port);
+    assert!(
+        rows.contains(&format!("{id_a}|runner-a|approved")),
+        "{rows}"
+    );
+    assert!(rows.contains(&format!("{id_b}|runner-b|denied")), "{rows}");
+    assert_eq!(
+        agents[0].0.status().unwrap()["shared_approvals"]["decisions_applied"],
+        1
+    );
+
+    // Host A loses the database: a statement held meanwhile waits there,
+    // listed by the agent's own socket, and expires unapproved.
+    link.cut();
+    let (agent_a, port_a) = (&agents[0].0, agents[0].1);
+    agent_a.wait_until(
+        "the agent to notice the database is gone",
+        Duration::from_secs(20),
+        &["shared approvals"],
+        || {
+            agent_a
+                .status()
+                .is_ok_and(|s| s["shared_approvals"]["connected"] == Value::Bool(false))
+        },
+    );
+    let status = String::from_utf8_lossy(&agent_a.cli(&["status"]).stdout).into_owned();
+    assert!(status.contains("database UNREACHABLE"), "{status}");
+    let local = agent_a.dir.path().join("approvals.sock");
+    let mut expiring = spawn_psql(&cgroup, port_a, "UPDATE orders SET note = 'x' WHERE id = 3");
+    pending(&local, 1, &mut [&mut expiring]);
+    let (success, said) = finished(&mut expiring, Duration::from_secs(20));
+    assert!(!success, "never approved by default: {said}");
+    assert!(
+        said.contains("expired") || said.contains("no decision"),
+        "{said}"
+    );
+    assert_eq!(
+        psql(target.port, "select note from orders where id = 3").unwrap(),
+        "n3"
+    );
+
+    // A statement held while the link is down reaches the reviewers once it
+    // is back, and their approval runs it.
+    let mut waiting = spawn_psql(&cgroup, port_a, "DELETE FROM orders WHERE id = 4");
+    pending(&local, 1, &mut [&mut waiting]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(waiting.try_wait().unwrap().is_none(), "still held");
+    link.restore();
+    let listed = pending(&central, 1, &mut [&mut waiting]);
+    assert_eq!(listed.len(), 1, "the expired one is not listed: {listed:?}");
+    assert_eq!(listed[0]["host"], "runner-a");
+    ok(&approvals_as(
+        &central,
+        "bin",
+        &["approve", &id_of(&listed[0])],
+    ));
+    let (success, said) = finished(&mut waiting, Duration::from_secs(10));
+    assert!(success && said.contains("DELETE 1"), "{said}");
+    let rows = store_rows(store.port);
+    // The request that expired while the link was down never reached the
+    // table; nothing there is left pending.
+    assert_eq!(rows.lines().count(), 3, "{rows}");
+    assert!(!rows.contains("pending"), "{rows}");
+
+    // An agent that stops ends its held statements in the table too, and
+    // the reviewers' list drops them.
+    let (agent_b, port_b) = (&agents[1].0, agents[1].1);
+    let mut stopped = spawn_psql(&cgroup, port_b, "DELETE FROM orders WHERE id = 5");
+    let listed = pending(&central, 1, &mut [&mut stopped]);
+    let id_stopped = id_of(&listed[0]);
+    agent_b.terminate();
+    let (success, said) = finished(&mut stopped, Duration::from_secs(20));
+    assert!(!success, "{said}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let list = ok(&approvals_as(&central, "daemon", &["list", "--json"]));
+        if list.trim() == "[]" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still listed: {list}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rows = store_rows(store.port);
+    assert!(
+        rows.contains(&format!("{id_stopped}|runner-b|aborted")),
+        "{rows}"
+    );
+    drop(server);
+}
