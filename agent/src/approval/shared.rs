@@ -731,3 +731,7 @@ async fn write_unsent(
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "shared_tests.rs"]
+mod tests;

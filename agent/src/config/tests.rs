@@ -925,3 +925,52 @@ fn bad_policy_sources_are_refused_with_what_to_change() {
         );
     }
 }
+
+#[test]
+fn shared_approvals_take_a_connection_string_without_its_password() {
+    let c = parse(
+        "[shared_approvals]\ndatabase = \"postgresql://tollgate@approvals.internal:5432/tollgate?sslmode=require\"\nhost = \"runner-7\"\n",
+    )
+    .unwrap();
+    let shared = c.shared_approvals.unwrap();
+    assert_eq!(shared.host, "runner-7");
+    assert!(shared
+        .database
+        .starts_with("postgresql://tollgate@approvals.internal"));
+    let c = parse("[shared_approvals]\ndatabase = \"host=db user=t dbname=t\"\n").unwrap();
+    assert_eq!(c.shared_approvals.unwrap().host, this_host_name());
+    let cases = [
+        (
+            "[shared_approvals]\ndatabase = \"postgresql://t:hunter2@db/t\"\n",
+            "must not hold the password",
+        ),
+        (
+            "[shared_approvals]\ndatabase = \"host=db password=x\"\n",
+            "must not hold the password",
+        ),
+        (
+            "[shared_approvals]\ndatabase = \"host=db sslmode=sometimes\"\n",
+            "not a PostgreSQL connection string",
+        ),
+        (
+            "[shared_approvals]\ndatabase = \"dbname=t\"\n",
+            "names no host",
+        ),
+        (
+            "[shared_approvals]\ndatabase = \"host=db\"\nhost = \"a/b\"\n",
+            "letters, digits",
+        ),
+        (
+            "[shared_approvals]\ndatabase = \"host=db\"\nca_file = \"ca.pem\"\n",
+            "absolute path",
+        ),
+        ("[shared_approvals]\nhost = \"x\"\n", "database"),
+    ];
+    for (text, expected) in cases {
+        let errs = errors(text);
+        assert!(
+            errs.iter().any(|e| e.contains(expected)),
+            "{text}: {errs:?}"
+        );
+    }
+}
