@@ -130,13 +130,14 @@ fn an_edit_runs_as_the_reviewer_wrote_it_and_expiries_are_no_decisions() {
     server.approve(&id, &dba(2001, "alice"), edit, now).unwrap();
     let decision = Decision::of(&decided.try_recv().unwrap(), server.show(&id).as_ref()).unwrap();
     assert!(agent.settle(&id, now, |view| decision.outcome(view)));
-    match waiting.try_recv().unwrap() {
-        Outcome::Approved { text, edited, .. } => {
-            assert_eq!(text, "DELETE FROM customers WHERE id = 7");
-            assert!(edited);
+    assert_eq!(
+        waiting.try_recv().unwrap(),
+        Outcome::Approved {
+            text: "DELETE FROM customers WHERE id = 7".into(),
+            edited: true,
+            by: vec!["alice".into()],
         }
-        other => panic!("{other:?}"),
-    }
+    );
     for ended in [Outcome::Expired, Outcome::Cancelled, Outcome::Aborted] {
         assert!(Decision::of(&ended, None).is_none(), "{ended:?}");
     }
