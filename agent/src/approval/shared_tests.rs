@@ -92,17 +92,14 @@ fn the_row_never_carries_the_text_that_runs_and_an_unedited_approval_runs_the_ag
     let decision: Decision = serde_json::from_str(&row).unwrap();
 
     assert!(agent.settle(&id, now, |view| decision.outcome(view)));
-    match waiting.try_recv().unwrap() {
-        Outcome::Approved { text, edited, by } => {
-            assert_eq!(
-                text,
-                "DELETE FROM customers WHERE email = 'ada@example.com'"
-            );
-            assert!(!edited);
-            assert_eq!(by, ["alice", "bob"]);
+    assert_eq!(
+        waiting.try_recv().unwrap(),
+        Outcome::Approved {
+            text: "DELETE FROM customers WHERE email = 'ada@example.com'".into(),
+            edited: false,
+            by: vec!["alice".into(), "bob".into()],
         }
-        other => panic!("{other:?}"),
-    }
+    );
     assert!(
         !agent.settle(&id, now, |_| Outcome::Expired),
         "an ended request takes no second outcome"
