@@ -1,9 +1,11 @@
-//! Approvals from one place: two agents on one machine share one
-//! approvals database (a real PostgreSQL of its own, not a governed
-//! target); statements held on either are listed and decided through
+//! A fleet on one machine: two agents share one approvals database (a
+//! real PostgreSQL of its own, not a governed target) and one bucket.
+//! Statements held on either are listed and decided through
 //! `tollgate review-server`, and the held psql goes on within a second of
-//! the decision. An agent that loses the database keeps its held
-//! statements waiting, never runs them undecided, and reconnects.
+//! the decision; an agent that loses the database keeps its held
+//! statements waiting, never runs them undecided, and reconnects; the
+//! recordings of both, with the central decisions in them, are read and
+//! verified from the bucket.
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -14,14 +16,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tollgate_tests::review::{approvals_as, id_of, ok, output_of, spawn_in_cgroup};
+use tollgate_tests::s3::{S3Server, Upload, BUCKET};
 use tollgate_tests::*;
 
-/// `daemon` and `bin` review deletes; updates wait 10 s at most.
+/// `daemon`, `bin` and `root` review deletes (root sends them too, so it
+/// may not approve its own); updates wait 10 s at most.
 const POLICY: &str = r#"
 [[rule]]
 name = "review-deletes"
 action = "review"
-approvers = ["group:daemon", "group:bin"]
+approvers = ["group:daemon", "group:bin", "group:root"]
 timeout = "60s"
 message = "deletes need a second pair of eyes"
 [rule.match]
@@ -171,29 +175,12 @@ impl Drop for ReviewServer {
 
 /// psql through the agent on `port`, in `cgroup` (a CI job's).
 fn spawn_psql(cgroup: &Path, port: u16, sql: &str) -> Child {
-    let args: Vec<String> = [
-        "-X",
-        "-A",
-        "-t",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-h",
-        "127.0.0.1",
-        "-p",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .chain([
-        port.to_string(),
-        "-U".into(),
-        "postgres".into(),
-        "-d".into(),
-        "postgres".into(),
-        "-c".into(),
-        sql.to_owned(),
-    ])
-    .collect();
-    spawn_in_cgroup(cgroup, &pg_tool("psql"), &args)
+    let psql = psql_command(port, sql);
+    let args: Vec<String> = psql
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    spawn_in_cgroup(cgroup, Path::new(psql.get_program()), &args)
 }
 
 /// The requests `user` sees pending on `socket`, once `n` are; panics with
@@ -252,6 +239,9 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
     .unwrap();
     let store = Postgres::start();
     let link = Cuttable::new(store.port);
+    let s3 = S3Server::start();
+    s3.create_locked_bucket(BUCKET, false);
+    let upload = Upload::new();
     let policy = policy_file(POLICY);
     let cgroup = cgroup_mount().join(format!("tollgate-fleet-review-{}", target.port));
     std::fs::create_dir_all(&cgroup).unwrap();
@@ -261,7 +251,9 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
     for host in ["runner-a", "runner-b"] {
         let port = free_port();
         let agent = Agent::start(
-            &(listener_config(port, target.port, &policy.line) + &shared_section(link.port, host)),
+            &(listener_config(port, target.port, &policy.line)
+                + &shared_section(link.port, host)
+                + &upload.section(s3.port, host, "")),
         );
         std::fs::set_permissions(
             agent.dir.path(),
@@ -303,8 +295,16 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
         "{text}"
     );
 
-    // The same checks as on an agent: nobody is no approver; a grant is
-    // not given centrally.
+    // The same checks as on an agent: the requester (root, here) cannot
+    // approve its own statement, nobody is no approver, and a grant is not
+    // given centrally.
+    let own = approvals_as(&central, "root", &["approve", &id_a]);
+    assert!(!own.status.success());
+    assert!(
+        String::from_utf8_lossy(&own.stderr).contains("cannot approve or deny it"),
+        "{}",
+        String::from_utf8_lossy(&own.stderr)
+    );
     let refused = approvals_as(&central, "nobody", &["approve", &id_a]);
     assert!(!refused.status.success());
     assert!(
@@ -446,4 +446,55 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
         "{rows}"
     );
     drop(server);
+
+    // The recordings of both hosts go up on stop; read from the bucket
+    // they carry the central decisions and verify.
+    drop(agents);
+    let responder = upload.responder_config(s3.port);
+    let remote = |args: &[&str]| {
+        let out = Command::new(agent_binary())
+            .args(args)
+            .arg("--config")
+            .arg(&responder)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let list: Vec<Value> = loop {
+        let (_, text) = remote(&["recordings", "list", "--remote", "--json"]);
+        let list: Vec<Value> = serde_json::from_str(&text).unwrap_or_default();
+        let mut hosts: Vec<&str> = list.iter().filter_map(|r| r["host"].as_str()).collect();
+        hosts.sort();
+        hosts.dedup();
+        if hosts == ["runner-a", "runner-b"] {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "not all hosts uploaded: {text}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let mut shown = String::new();
+    for r in &list {
+        let id = r["id"].as_str().unwrap();
+        let (success, text) = remote(&["recordings", "show", "--remote", id, "--no-color"]);
+        assert!(success, "{text}");
+        shown.push_str(&text);
+    }
+    let approved = shown
+        .lines()
+        .find(|l| l.contains(&format!("request {id_a} approved")))
+        .unwrap_or_else(|| panic!("no approval of {id_a} recorded: {shown}"));
+    assert!(
+        approved.contains("daemon") && approved.contains("one row, checked"),
+        "{approved}"
+    );
+    assert!(
+        shown.contains(&format!("request {id_b} denied by bin")),
+        "{shown}"
+    );
+    let (success, text) = remote(&["recordings", "verify", "--remote", "--all"]);
+    assert!(success && text.contains(" 0 failed"), "{text}");
 }

@@ -4,53 +4,17 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use tollgate_tests::s3::S3Server;
+use tollgate_tests::s3::{S3Server, Upload, BUCKET};
 use tollgate_tests::*;
 
 use crate::listener::{http_get, scraped};
 
 const POLICY: &str = "[[rule]]\nname = \"no-drop\"\naction = \"deny\"\nmessage = \"not here\"\n[rule.match]\nkinds = [\"drop\"]\n";
-const BUCKET: &str = "recordings";
-
-/// What the agent and the responder need to reach the bucket: a
-/// directory with the secret key file, and the `[upload]` section.
-struct Upload {
-    dir: tempfile::TempDir,
-}
-
-impl Upload {
-    fn new() -> Upload {
-        let dir = tempfile::Builder::new()
-            .prefix("tollgate-upload-")
-            .tempdir()
-            .unwrap();
-        let secret = dir.path().join("s3-secret");
-        std::fs::write(&secret, "test\n").unwrap();
-        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-        Upload { dir }
-    }
-
-    fn section(&self, s3_port: u16, host: &str, extra: &str) -> String {
-        format!(
-            "\n[upload]\nbucket = \"{BUCKET}\"\nendpoint = \"http://127.0.0.1:{s3_port}\"\nprefix = \"fleet\"\nhost = \"{host}\"\naccess_key_id = \"test\"\nsecret_access_key_file = \"{}\"\n{extra}\n",
-            self.dir.path().join("s3-secret").display()
-        )
-    }
-
-    /// A configuration holding only `[upload]`: what a responder on
-    /// another machine has.
-    fn responder_config(&self, s3_port: u16) -> PathBuf {
-        let path = self.dir.path().join("responder.toml");
-        std::fs::write(&path, self.section(s3_port, "responder", "")).unwrap();
-        path
-    }
-}
 
 fn tollgate(config: &Path, args: &[&str]) -> std::process::Output {
     Command::new(agent_binary())

@@ -6,6 +6,8 @@
 //! agent wrote is checked by another implementation of the protocol.
 
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -161,4 +163,44 @@ pub fn boto(port: u16, code: &str) -> Value {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.lines().last().unwrap_or("null")).unwrap_or(Value::Null)
+}
+
+/// The bucket the upload tests use.
+pub const BUCKET: &str = "recordings";
+
+/// What the agent and the responder need to reach the bucket: a
+/// directory with the secret key file, and the `[upload]` section.
+pub struct Upload {
+    /// Holds the secret key file (and whatever a test adds).
+    pub dir: tempfile::TempDir,
+}
+
+impl Upload {
+    /// A directory with the secret key file.
+    pub fn new() -> Upload {
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-upload-")
+            .tempdir()
+            .unwrap();
+        let secret = dir.path().join("s3-secret");
+        std::fs::write(&secret, "test\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Upload { dir }
+    }
+
+    /// The `[upload]` section of host `host`, with `extra` lines.
+    pub fn section(&self, s3_port: u16, host: &str, extra: &str) -> String {
+        format!(
+            "\n[upload]\nbucket = \"{BUCKET}\"\nendpoint = \"http://127.0.0.1:{s3_port}\"\nprefix = \"fleet\"\nhost = \"{host}\"\naccess_key_id = \"test\"\nsecret_access_key_file = \"{}\"\n{extra}\n",
+            self.dir.path().join("s3-secret").display()
+        )
+    }
+
+    /// A configuration holding only `[upload]`: what a responder on
+    /// another machine has.
+    pub fn responder_config(&self, s3_port: u16) -> PathBuf {
+        let path = self.dir.path().join("responder.toml");
+        std::fs::write(&path, self.section(s3_port, "responder", "")).unwrap();
+        path
+    }
 }

@@ -437,19 +437,20 @@ impl Registry {
     }
 
     /// Ends a pending request with an outcome decided elsewhere: `decide`
-    /// makes it from the request as held here. False when the request is
-    /// not pending here (it ended already, or was never here).
+    /// makes it from the request as held here, and may record on it what
+    /// was decided (the approvals, an edit). False when the request is not
+    /// pending here (it ended already, or was never here).
     pub fn settle(
         &self,
         id: &RequestId,
         now: SystemTime,
-        decide: impl FnOnce(&RequestView) -> Outcome,
+        decide: impl FnOnce(&mut RequestView) -> Outcome,
     ) -> bool {
         let mut state = self.state();
-        let Some(pending) = state.pending.get(id) else {
+        let Some(pending) = state.pending.get_mut(id) else {
             return false;
         };
-        let outcome = decide(&pending.view);
+        let outcome = decide(&mut pending.view);
         self.end(&mut state, id, outcome, now)
     }
 

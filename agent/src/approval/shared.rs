@@ -74,6 +74,9 @@ pub enum Decision {
         /// A reviewer's replacement text, which the policy decides again;
         /// `None`: the held statement as the agent has it.
         edit: Option<String>,
+        /// Who wrote the edit.
+        #[serde(default)]
+        edited_by: Option<String>,
         /// The approvals, for the record.
         approvals: Vec<ApprovalRecord>,
     },
@@ -96,6 +99,7 @@ impl Decision {
             Outcome::Approved { text, edited, by } => Some(Decision::Approved {
                 by: by.clone(),
                 edit: edited.then(|| text.clone()),
+                edited_by: view.and_then(|v| v.edited_by.clone()),
                 approvals: view.map(|v| v.approvals.clone()).unwrap_or_default(),
             }),
             Outcome::Denied { by, reason, via } => Some(Decision::Denied {
@@ -116,14 +120,28 @@ impl Decision {
     }
 
     /// The outcome the held session gets: an unedited approval runs the
-    /// text held here, which never left the host.
-    fn outcome(self, held: &RequestView) -> Outcome {
+    /// text held here, which never left the host. The approvals and the
+    /// edit are noted on the request held here, for its recording.
+    fn outcome(self, held: &mut RequestView) -> Outcome {
         match self {
-            Decision::Approved { by, edit, .. } => Outcome::Approved {
-                edited: edit.is_some(),
-                text: edit.unwrap_or_else(|| held.run_text.clone()),
+            Decision::Approved {
                 by,
-            },
+                edit,
+                edited_by,
+                approvals,
+            } => {
+                held.approvals = approvals;
+                if let Some(edit) = &edit {
+                    held.text.clone_from(edit);
+                    held.run_text.clone_from(edit);
+                    held.edited_by = edited_by;
+                }
+                Outcome::Approved {
+                    edited: edit.is_some(),
+                    text: edit.unwrap_or_else(|| held.run_text.clone()),
+                    by,
+                }
+            }
             Decision::Denied { by, reason, via } => Outcome::Denied { by, reason, via },
         }
     }

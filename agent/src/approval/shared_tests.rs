@@ -100,6 +100,13 @@ fn the_row_never_carries_the_text_that_runs_and_an_unedited_approval_runs_the_ag
             by: vec!["alice".into(), "bob".into()],
         }
     );
+    let recorded = agent.show(&id).unwrap();
+    let by: Vec<&str> = recorded.approvals.iter().map(|a| a.by.as_str()).collect();
+    assert_eq!(
+        by,
+        ["alice", "bob"],
+        "the approvals are noted for the recording"
+    );
     assert!(
         !agent.settle(&id, now, |_| Outcome::Expired),
         "an ended request takes no second outcome"
@@ -135,6 +142,7 @@ fn an_edit_runs_as_the_reviewer_wrote_it_and_expiries_are_no_decisions() {
             by: vec!["alice".into()],
         }
     );
+    assert_eq!(agent.show(&id).unwrap().edited_by.as_deref(), Some("alice"));
     for ended in [Outcome::Expired, Outcome::Cancelled, Outcome::Aborted] {
         assert!(Decision::of(&ended, None).is_none(), "{ended:?}");
     }
