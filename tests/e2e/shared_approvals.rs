@@ -1,11 +1,12 @@
-//! A fleet on one machine: two agents share one approvals database (a
-//! real PostgreSQL of its own, not a governed target) and one bucket.
-//! Statements held on either are listed and decided through
-//! `tollgate review-server`, and the held psql goes on within a second of
-//! the decision; an agent that loses the database keeps its held
-//! statements waiting, never runs them undecided, and reconnects; the
-//! recordings of both, with the central decisions in them, are read and
-//! verified from the bucket.
+//! A fleet on one machine: two agents, each governing its own exec cgroup
+//! through its own redirect and keeping its own recording directory, share
+//! one approvals database (a real PostgreSQL of its own, not a governed
+//! target) and one bucket. Statements held on either are listed and
+//! decided through `tollgate review-server`, and the held psql goes on
+//! within a second of the decision; an agent that loses the database keeps
+//! its held statements waiting, never runs them undecided, and reconnects;
+//! the recordings of both, with the central decisions in them, are read
+//! and verified from the bucket.
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tollgate_tests::review::{approvals_as, id_of, ok, output_of, spawn_in_cgroup};
+use tollgate_tests::review::{approvals_as, id_of, ok, output_of};
 use tollgate_tests::s3::{S3Server, Upload, BUCKET};
 use tollgate_tests::*;
 
@@ -173,14 +174,70 @@ impl Drop for ReviewServer {
     }
 }
 
-/// psql through the agent on `port`, in `cgroup` (a CI job's).
-fn spawn_psql(cgroup: &Path, port: u16, sql: &str) -> Child {
-    let psql = psql_command(port, sql);
-    let args: Vec<String> = psql
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    spawn_in_cgroup(cgroup, Path::new(psql.get_program()), &args)
+/// One runner host: an agent whose redirect governs its exec cgroup; its
+/// pins and cgroup are removed when it is dropped.
+struct Runner {
+    agent: Option<Agent>,
+    /// Holds the exec socket and, at the end, a copy of the configuration.
+    dir: tempfile::TempDir,
+}
+
+impl Runner {
+    fn start(config: &str, dir: tempfile::TempDir) -> Runner {
+        let agent = Agent::start(config);
+        Runner {
+            agent: Some(agent),
+            dir,
+        }
+    }
+
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().unwrap()
+    }
+
+    /// psql to the "remote" target at `address`, run by `tollgate exec` as
+    /// a CI job on this host would be: nothing tells it about the proxy.
+    fn spawn_psql(&self, address: &str, port: u16, sql: &str) -> Child {
+        let port = port.to_string();
+        let psql = pg_tool("psql");
+        exec_command(
+            self.agent(),
+            &[
+                psql.to_str().unwrap(),
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                address,
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let keep = self.dir.path().join("agent.toml");
+        if let Some(agent) = &self.agent {
+            let _ = std::fs::copy(&agent.config, &keep);
+        }
+        drop(self.agent.take());
+        cleanup_redirect(&keep);
+    }
 }
 
 /// The requests `user` sees pending on `socket`, once `n` are; panics with
@@ -231,7 +288,15 @@ fn store_rows(store: u16) -> String {
 
 #[test]
 fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the_review_server() {
-    let target = Postgres::start();
+    if let Some(why) = ebpf_unavailable() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    // The target looks remote: jobs reach it at a non-loopback address,
+    // each host's redirect takes them to that host's proxy.
+    let addrs = TestAddresses::add();
+    let remote = addrs.v4.to_string();
+    let target = Postgres::start_listening(&[addrs.v4.into()]);
     psql(
         target.port,
         "CREATE TABLE orders (id int primary key, note text); INSERT INTO orders SELECT g, 'n' || g FROM generate_series(1, 10) g",
@@ -241,20 +306,24 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
     let link = Cuttable::new(store.port);
     let s3 = S3Server::start();
     s3.create_locked_bucket(BUCKET, false);
-    let upload = Upload::new();
+    let upload = Upload::with_key_file();
     let policy = policy_file(POLICY);
-    let cgroup = cgroup_mount().join(format!("tollgate-fleet-review-{}", target.port));
-    std::fs::create_dir_all(&cgroup).unwrap();
-    let _cleanup = RemovedOnDrop(vec![cgroup.clone()]);
-
     let mut agents = Vec::new();
     for host in ["runner-a", "runner-b"] {
-        let port = free_port();
-        let agent = Agent::start(
-            &(listener_config(port, target.port, &policy.line)
-                + &shared_section(link.port, host)
-                + &upload.section(s3.port, host, "")),
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-runner-")
+            .tempdir()
+            .unwrap();
+        let config = format!(
+            "[agent]\n{}\n{}\n[[target]]\nname = \"orders-db\"\naddress = \"{remote}\"\nports = [{}]\nprotocol = \"postgres\"\n{}{}",
+            policy.line,
+            redirect_section(dir.path(), "pass"),
+            target.port,
+            shared_section(link.port, host),
+            upload.section(s3.port, host, "")
         );
+        let runner = Runner::start(&config, dir);
+        let agent = runner.agent();
         std::fs::set_permissions(
             agent.dir.path(),
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
@@ -270,14 +339,15 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
                     .is_ok_and(|s| s["shared_approvals"]["connected"] == Value::Bool(true))
             },
         );
-        agents.push((agent, port));
+        agents.push(runner);
     }
     let server = ReviewServer::start(store.port, &policy.line);
     let central = server.socket();
 
     // A statement held on each host, both listed in one place.
-    let mut on_a = spawn_psql(&cgroup, agents[0].1, "DELETE FROM orders WHERE id = 1");
-    let mut on_b = spawn_psql(&cgroup, agents[1].1, "DELETE FROM orders WHERE id = 2");
+    let (a, b) = (&agents[0], &agents[1]);
+    let mut on_a = a.spawn_psql(&remote, target.port, "DELETE FROM orders WHERE id = 1");
+    let mut on_b = b.spawn_psql(&remote, target.port, "DELETE FROM orders WHERE id = 2");
     let listed = pending(&central, 2, &mut [&mut on_a, &mut on_b]);
     let host_of = |text: &str| {
         listed
@@ -365,14 +435,14 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
     );
     assert!(rows.contains(&format!("{id_b}|runner-b|denied")), "{rows}");
     assert_eq!(
-        agents[0].0.status().unwrap()["shared_approvals"]["decisions_applied"],
+        a.agent().status().unwrap()["shared_approvals"]["decisions_applied"],
         1
     );
 
     // Host A loses the database: a statement held meanwhile waits there,
     // listed by the agent's own socket, and expires unapproved.
     link.cut();
-    let (agent_a, port_a) = (&agents[0].0, agents[0].1);
+    let agent_a = a.agent();
     agent_a.wait_until(
         "the agent to notice the database is gone",
         Duration::from_secs(20),
@@ -386,7 +456,11 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
     let status = String::from_utf8_lossy(&agent_a.cli(&["status"]).stdout).into_owned();
     assert!(status.contains("database UNREACHABLE"), "{status}");
     let local = agent_a.dir.path().join("approvals.sock");
-    let mut expiring = spawn_psql(&cgroup, port_a, "UPDATE orders SET note = 'x' WHERE id = 3");
+    let mut expiring = a.spawn_psql(
+        &remote,
+        target.port,
+        "UPDATE orders SET note = 'x' WHERE id = 3",
+    );
     pending(&local, 1, &mut [&mut expiring]);
     let (success, said) = finished(&mut expiring, Duration::from_secs(20));
     assert!(!success, "never approved by default: {said}");
@@ -401,7 +475,7 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
 
     // A statement held while the link is down reaches the reviewers once it
     // is back, and their approval runs it.
-    let mut waiting = spawn_psql(&cgroup, port_a, "DELETE FROM orders WHERE id = 4");
+    let mut waiting = a.spawn_psql(&remote, target.port, "DELETE FROM orders WHERE id = 4");
     pending(&local, 1, &mut [&mut waiting]);
     std::thread::sleep(Duration::from_secs(1));
     assert!(waiting.try_wait().unwrap().is_none(), "still held");
@@ -424,8 +498,8 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
 
     // An agent that stops ends its held statements in the table too, and
     // the reviewers' list drops them.
-    let (agent_b, port_b) = (&agents[1].0, agents[1].1);
-    let mut stopped = spawn_psql(&cgroup, port_b, "DELETE FROM orders WHERE id = 5");
+    let agent_b = b.agent();
+    let mut stopped = b.spawn_psql(&remote, target.port, "DELETE FROM orders WHERE id = 5");
     let listed = pending(&central, 1, &mut [&mut stopped]);
     let id_stopped = id_of(&listed[0]);
     agent_b.terminate();

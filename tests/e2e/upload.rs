@@ -57,7 +57,7 @@ impl SpoolSetup {
     fn new() -> SpoolSetup {
         SpoolSetup {
             pg: Postgres::start(),
-            upload: Upload::new(),
+            upload: Upload::with_key_file(),
             policy: policy_file(POLICY),
             spool: tempfile::Builder::new()
                 .prefix("tollgate-spool-")
@@ -94,7 +94,7 @@ fn closed_recordings_go_to_the_bucket_once_verified_and_a_responder_reads_them_f
     // No default retention: the lock comes from the agent's upload.
     s3.create_locked_bucket(BUCKET, false);
     let pg = Postgres::start();
-    let upload = Upload::new();
+    let upload = Upload::with_key_file();
     let key = upload.dir.path().join("signing.key");
     let out = Command::new(agent_binary())
         .args(["recordings", "keygen", "--out"])
@@ -473,7 +473,7 @@ fn two_agents_share_one_bucket_and_a_responder_lists_and_verifies_both_hosts_rec
     let s3 = S3Server::start();
     s3.create_locked_bucket(BUCKET, false);
     let pg = Postgres::start();
-    let upload = Upload::new();
+    let upload = Upload::with_key_file();
     let policy = policy_file(POLICY);
     let mut agents = Vec::new();
     for host in ["runner-a", "runner-b"] {
@@ -521,7 +521,7 @@ fn a_recording_over_64_mib_goes_up_in_parts_once_and_verifies_from_the_bucket() 
     let s3 = S3Server::start();
     s3.create_locked_bucket(BUCKET, false);
     let pg = Postgres::start();
-    let upload = Upload::new();
+    let upload = Upload::with_key_file();
     let port = free_port();
     // record_raw keeps every byte relayed: 80 MB of results make the
     // recording larger than one PUT takes.

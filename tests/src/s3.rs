@@ -177,7 +177,7 @@ pub struct Upload {
 
 impl Upload {
     /// A directory with the secret key file.
-    pub fn new() -> Upload {
+    pub fn with_key_file() -> Upload {
         let dir = tempfile::Builder::new()
             .prefix("tollgate-upload-")
             .tempdir()
