@@ -337,7 +337,7 @@ impl RunningAgent {
         tracing::info!(socket = %shared.config.agent.approvals_socket.display(), "reviewer socket ready");
         let api_state = Arc::new(crate::approval::api::ApiState {
             registry: shared.approvals.clone(),
-            grants: Some(shared.grants.clone()),
+            grants: shared.grants.clone(),
             identity: shared.identity.clone(),
             policy: shared.policy.clone(),
             reviewer_groups: shared.config.reviewers.clone(),
@@ -395,7 +395,11 @@ impl RunningAgent {
             // Stopped with the notifications, after the stop's aborts are
             // published, so that the table learns of them.
             background.spawn(crate::approval::shared::link_agent(
-                shared.approvals.clone(),
+                crate::approval::shared::AgentSide {
+                    registry: shared.approvals.clone(),
+                    grants: shared.grants.clone(),
+                    events: shared.events.clone(),
+                },
                 settings.clone(),
                 link,
                 stop_notifying.clone(),

@@ -21,12 +21,14 @@ use tollgate_tests::s3::{S3Server, Upload, BUCKET};
 use tollgate_tests::*;
 
 /// `daemon`, `bin` and `root` review deletes (root sends them too, so it
-/// may not approve its own); updates wait 10 s at most.
+/// may not approve its own) and may grant an hour; updates wait 10 s at
+/// most.
 const POLICY: &str = r#"
 [[rule]]
 name = "review-deletes"
 action = "review"
 approvers = ["group:daemon", "group:bin", "group:root"]
+grant = "1h"
 timeout = "60s"
 message = "deletes need a second pair of eyes"
 [rule.match]
@@ -366,8 +368,7 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
     );
 
     // The same checks as on an agent: the requester (root, here) cannot
-    // approve its own statement, nobody is no approver, and a grant is not
-    // given centrally.
+    // approve its own statement, and nobody is no approver.
     let own = approvals_as(&central, "root", &["approve", &id_a]);
     assert!(!own.status.success());
     assert!(
@@ -382,23 +383,24 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
-    let grant = approvals_as(&central, "daemon", &["approve", &id_a, "--for", "10m"]);
-    assert!(!grant.status.success());
-    assert!(
-        String::from_utf8_lossy(&grant.stderr).contains("grant is given on the agent"),
-        "{}",
-        String::from_utf8_lossy(&grant.stderr)
-    );
     assert!(
         on_a.try_wait().unwrap().is_none(),
         "a refused action decided nothing"
     );
 
-    // Approved centrally: the psql on host A goes on within a second.
+    // Approved centrally, with a grant of ten minutes: the psql on host A
+    // goes on within a second.
     ok(&approvals_as(
         &central,
         "daemon",
-        &["approve", &id_a, "--reason", "one row, checked"],
+        &[
+            "approve",
+            &id_a,
+            "--reason",
+            "one row, checked",
+            "--for",
+            "10m",
+        ],
     ));
     let decided = Instant::now();
     let (success, said) = finished(&mut on_a, Duration::from_secs(10));
@@ -438,6 +440,66 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
         a.agent().status().unwrap()["shared_approvals"]["decisions_applied"],
         1
     );
+
+    // The grant is the fleet's: the same statement shape from the same
+    // program runs on host B too without waiting, and the central list of
+    // grants shows it.
+    let mut granted = b.spawn_psql(&remote, target.port, "DELETE FROM orders WHERE id = 6");
+    let (success, said) = finished(&mut granted, Duration::from_secs(10));
+    assert!(
+        success && said.contains("DELETE 1"),
+        "ran under the grant: {said}"
+    );
+    let grants: Vec<Value> = serde_json::from_str(&ok(&approvals_as(
+        &central,
+        "daemon",
+        &["grants", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    assert_eq!(grants[0]["request"], id_a.as_str());
+    let grant_id = grants[0]["id"].as_str().unwrap().to_owned();
+    let local_b = b.agent().dir.path().join("approvals.sock");
+    let on_b: Vec<Value> = serde_json::from_str(&ok(&approvals_as(
+        &local_b,
+        "daemon",
+        &["grants", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(on_b.len(), 1, "host B holds the grant: {on_b:?}");
+
+    // Revoked centrally: every host learns of it, and the next delete on
+    // host A waits for a reviewer again.
+    ok(&approvals_as(
+        &central,
+        "bin",
+        &["grants", "--revoke", &grant_id],
+    ));
+    let local_a = a.agent().dir.path().join("approvals.sock");
+    for socket in [&local_a, &local_b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let active = ok(&approvals_as(socket, "daemon", &["grants", "--json"]));
+            if active.trim() == "[]" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still holds the grant: {active}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let mut again = a.spawn_psql(&remote, target.port, "DELETE FROM orders WHERE id = 7");
+    let listed = pending(&central, 1, &mut [&mut again]);
+    ok(&approvals_as(
+        &central,
+        "bin",
+        &["deny", &id_of(&listed[0]), "--reason", "grant revoked"],
+    ));
+    let (success, said) = finished(&mut again, Duration::from_secs(10));
+    assert!(!success && said.contains("grant revoked"), "{said}");
 
     // Host A loses the database: a statement held meanwhile waits there,
     // listed by the agent's own socket, and expires unapproved.
@@ -492,8 +554,9 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
     assert!(success && said.contains("DELETE 1"), "{said}");
     let rows = store_rows(store.port);
     // The request that expired while the link was down never reached the
-    // table; nothing there is left pending.
-    assert_eq!(rows.lines().count(), 3, "{rows}");
+    // table (a, b, the one after the revocation and this one are there);
+    // nothing there is left pending.
+    assert_eq!(rows.lines().count(), 4, "{rows}");
     assert!(!rows.contains("pending"), "{rows}");
 
     // An agent that stops ends its held statements in the table too, and
@@ -557,13 +620,20 @@ fn two_agents_share_one_approvals_database_and_reviewers_decide_both_through_the
         assert!(success, "{text}");
         shown.push_str(&text);
     }
-    let approved = shown
-        .lines()
-        .find(|l| l.contains(&format!("request {id_a} approved")))
-        .unwrap_or_else(|| panic!("no approval of {id_a} recorded: {shown}"));
     assert!(
-        approved.contains("daemon") && approved.contains("one row, checked"),
-        "{approved}"
+        shown.contains(&format!("request {id_a} approved by daemon"))
+            && shown.contains("daemon approved: one row, checked"),
+        "{shown}"
+    );
+    // The grant given centrally, in the session that asked for it on host
+    // A, and used by the session on host B.
+    assert!(
+        shown.contains(&format!("{grant_id} for exe:")),
+        "grant given: {shown}"
+    );
+    assert!(
+        shown.contains(&format!("runs under grant {grant_id} (from request {id_a}")),
+        "grant used: {shown}"
     );
     assert!(
         shown.contains(&format!("request {id_b} denied by bin")),

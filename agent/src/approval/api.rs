@@ -83,9 +83,9 @@ const MAX_TOKEN: usize = 256;
 pub struct ApiState {
     /// Pending requests.
     pub registry: Arc<Registry>,
-    /// Stored grants; `None` on the review server, which approves single
-    /// statements only (a grant lives on the agent that uses it).
-    pub grants: Option<Arc<GrantStore>>,
+    /// Stored grants: the agent's own, or on the review server the fleet's
+    /// as the shared approvals link takes them in.
+    pub grants: Arc<GrantStore>,
     /// Names the reviewer's process (cgroup, CI actor).
     pub identity: Arc<IdentityResolver>,
     /// The policy in force, for the approver groups of its review rules.
@@ -332,14 +332,8 @@ async fn handle(state: &ApiState, caller: Caller, req: Request<Incoming>) -> Rep
             watch(&state.registry, still_valid)
         }
         (["v1", "whoami"], &Method::GET) => whoami(&reviewer),
-        (["v1", "grants"] | ["v1", "grants", _], _) if state.grants.is_none() => error(
-            StatusCode::NOT_FOUND,
-            "grants are kept by each agent; list and revoke them on the agent's own reviewer API",
-        ),
         (["v1", "grants"], &Method::GET) => {
-            let Some(store) = &state.grants else {
-                return error(StatusCode::NOT_FOUND, "no grant store");
-            };
+            let store = &state.grants;
             let grants = if query.split('&').any(|q| q == "all=1") {
                 store.all()
             } else {
@@ -355,15 +349,10 @@ async fn handle(state: &ApiState, caller: Caller, req: Request<Incoming>) -> Rep
                 StatusCode::BAD_REQUEST,
                 format!("\"{id}\" is not a grant id"),
             ),
-            Some(id) => match state
-                .grants
-                .as_ref()
-                .ok_or(ApprovalError::UnknownGrant)
-                .and_then(|store| store.revoke(&id, &reviewer.user, &reviewer.via, now))
-            {
+            Some(id) => match state.grants.revoke(&id, &reviewer.user, &reviewer.via, now) {
                 Ok(grant) => {
                     tracing::info!(grant = %id, reviewer = %reviewer.user, uid = reviewer.uid, via = %reviewer.via, "review: grant revoked");
-                    record_revocation(state, &grant, &reviewer, now);
+                    record_revocation(state.events.as_ref(), &state.registry, &grant);
                     to_json(&json!({ "status": "revoked", "grant": grant }))
                 }
                 Err(e) => refused(&e),
@@ -578,11 +567,6 @@ fn approve(
             )
         }
     };
-    if grant.is_some() && state.grants.is_none() {
-        return refused(&ApprovalError::NotAllowed(
-            "the review server approves the held statement only; a grant is given on the agent's own reviewer API".into(),
-        ));
-    }
     let ask = ApprovalAsk {
         reason: body.reason,
         edit: body.edit,
@@ -610,28 +594,45 @@ fn approve(
     }
 }
 
-/// Records a revocation in the session whose request gave the grant and in
-/// every session remembered to have run under it, where still open.
-fn record_revocation(state: &ApiState, grant: &Grant, reviewer: &Reviewer, now: SystemTime) {
+/// Records the revocation of `grant` (revoked here or elsewhere in the
+/// fleet) in the session whose request gave it and in every session
+/// remembered to have run under it, where still open here.
+pub(super) fn record_revocation(events: Option<&Events>, registry: &Registry, grant: &Grant) {
     let mut sessions: Vec<uuid::Uuid> = grant
         .session
         .iter()
         .filter_map(|s| s.parse().ok())
         .collect();
-    for user in state.registry.grant_users(&grant.id) {
+    for user in registry.grant_users(&grant.id) {
         if !sessions.contains(&user) {
             sessions.push(user);
         }
     }
     record_in(
-        state,
+        events,
         sessions,
         ReviewUpdate::GrantRevoked(GrantRevokeRecord {
             grant: grant.id.to_string(),
             request: grant.request.to_string(),
-            by: reviewer.user.clone(),
-            via: reviewer.via.clone(),
-            at: unix_seconds(now),
+            by: grant.revoked_by.clone().unwrap_or_default(),
+            via: grant.revoked_via.clone().unwrap_or_default(),
+            at: grant.revoked_at.unwrap_or_default(),
+        }),
+    );
+}
+
+/// Records that `grant` was given, in the requesting session if it is
+/// recorded here and still open (it waits for the approval).
+pub(super) fn record_grant_given(events: Option<&Events>, grant: &Grant) {
+    record_in(
+        events,
+        grant.session.iter().filter_map(|s| s.parse().ok()),
+        ReviewUpdate::GrantGiven(GrantGivenRecord {
+            grant: grant.id.to_string(),
+            request: grant.request.to_string(),
+            approved_by: grant.approved_by.clone(),
+            identity: grant.subject.identity.clone(),
+            expires_at: grant.expires_at,
         }),
     );
 }
@@ -639,11 +640,11 @@ fn record_revocation(state: &ApiState, grant: &Grant, reviewer: &Reviewer, now: 
 /// Emits `update` for each of `sessions` whose recording is still open
 /// (a closed recording cannot take it; the grant store keeps the record).
 fn record_in(
-    state: &ApiState,
+    events: Option<&Events>,
     sessions: impl IntoIterator<Item = uuid::Uuid>,
     update: ReviewUpdate,
 ) {
-    let Some(events) = &state.events else {
+    let Some(events) = events else {
         return;
     };
     for session in sessions {
@@ -694,22 +695,8 @@ fn store_grant(
         revoked_via: None,
         revoked_at: None,
     };
-    state
-        .grants
-        .as_ref()
-        .ok_or_else(|| ApprovalError::NotAllowed("no grant store here".into()))?
-        .insert(&grant)?;
-    record_in(
-        state,
-        grant.session.iter().filter_map(|s| s.parse().ok()),
-        ReviewUpdate::GrantGiven(GrantGivenRecord {
-            grant: grant.id.to_string(),
-            request: id.to_string(),
-            approved_by: grant.approved_by.clone(),
-            identity: grant.subject.identity.clone(),
-            expires_at: grant.expires_at,
-        }),
-    );
+    state.grants.insert(&grant)?;
+    record_grant_given(state.events.as_ref(), &grant);
     tracing::info!(grant = %grant.id, request = %id, seconds = length.as_secs(), "review: grant stored");
     Ok(grant)
 }

@@ -98,6 +98,20 @@ impl Grant {
 /// The grant database.
 pub struct GrantStore {
     db: Database,
+    /// Woken when a grant is given or revoked here (not when one is merged
+    /// from elsewhere): the shared approvals link then writes it out.
+    changed: tokio::sync::Notify,
+}
+
+/// What merging a grant known elsewhere changed here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merged {
+    /// It was not known here: it is now.
+    Added,
+    /// It was known here and in force; it is revoked now.
+    Revoked,
+    /// Nothing: known already, with the same or a later state.
+    Unchanged,
 }
 
 fn store_error(e: impl std::fmt::Display) -> ApprovalError {
@@ -124,7 +138,10 @@ impl GrantStore {
             .with_context(|| format!("cannot make the grant store {} root-only", path.display()))?;
         let db = Database::create(path)
             .with_context(|| format!("cannot open the grant store {}", path.display()))?;
-        let store = GrantStore { db };
+        let store = GrantStore {
+            db,
+            changed: tokio::sync::Notify::new(),
+        };
         // Creates the table, so readers never find it missing.
         let tx = store.db.begin_write()?;
         tx.open_table(GRANTS)?;
@@ -157,6 +174,50 @@ impl GrantStore {
 
     /// Stores a new grant.
     pub fn insert(&self, grant: &Grant) -> Result<(), ApprovalError> {
+        self.put(grant)?;
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// Resolves when a grant was given or revoked here since the last call
+    /// (one waiter: the shared approvals link).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Takes in a grant as another agent or the review server has it: an
+    /// unknown one is added, a revocation of one in force here applies.
+    /// A grant is never un-revoked, nor its subject or end changed.
+    pub fn merge(&self, theirs: &Grant) -> Result<Merged, ApprovalError> {
+        let ours = self.get(&theirs.id)?;
+        let merged = match ours {
+            None => {
+                self.put(theirs)?;
+                Merged::Added
+            }
+            Some(mut ours) if ours.revoked_by.is_none() && theirs.revoked_by.is_some() => {
+                ours.revoked_by.clone_from(&theirs.revoked_by);
+                ours.revoked_via.clone_from(&theirs.revoked_via);
+                ours.revoked_at = theirs.revoked_at;
+                self.put(&ours)?;
+                Merged::Revoked
+            }
+            Some(_) => Merged::Unchanged,
+        };
+        Ok(merged)
+    }
+
+    /// The grant `id`, whatever its state.
+    pub fn get(&self, id: &RequestId) -> Result<Option<Grant>, ApprovalError> {
+        let tx = self.db.begin_read().map_err(store_error)?;
+        let table = tx.open_table(GRANTS).map_err(store_error)?;
+        let found = table.get(id.as_str()).map_err(store_error)?;
+        found
+            .map(|value| serde_json::from_slice(value.value()).map_err(store_error))
+            .transpose()
+    }
+
+    fn put(&self, grant: &Grant) -> Result<(), ApprovalError> {
         let json = serde_json::to_vec(grant).map_err(store_error)?;
         let tx = self.db.begin_write().map_err(store_error)?;
         {
@@ -239,6 +300,7 @@ impl GrantStore {
             grant
         };
         tx.commit().map_err(store_error)?;
+        self.changed.notify_one();
         Ok(grant)
     }
 }

@@ -52,7 +52,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::Approver;
 
-pub use grants::{Grant, GrantStore, GrantSubject};
+pub use grants::{Grant, GrantStore, GrantSubject, Merged};
 pub use hold::{Desk, HeldStatement, Hold};
 pub use registry::{
     ApprovalAsk, ApprovalEffect, ApprovalRecord, Outcome, PriorStatement, Registry, RequestContext,

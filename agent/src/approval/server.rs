@@ -6,8 +6,9 @@
 //! checks, by the same code), over a registry filled from the database
 //! rather than from sessions. It holds no statement: each approval or
 //! denial is written back to the database, where the agent holding the
-//! statement picks it up. Grants are not given here (a grant lives on the
-//! agent that would use it).
+//! statement picks it up. A grant given here is kept in the review
+//! server's grant store and written to the database, from where every
+//! agent takes it in (and a revocation, either way).
 
 use std::sync::Arc;
 
@@ -38,9 +39,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let socket = super::bind_socket(&config.agent)?;
     let tls = super::bind_tls_listener(&config.agent, &tokens).await?;
+    let grants = Arc::new(super::GrantStore::open(
+        &config.agent.approvals_store,
+        std::time::SystemTime::now(),
+    )?);
     let state = Arc::new(api::ApiState {
         registry: registry.clone(),
-        grants: None,
+        grants: grants.clone(),
         identity: Arc::new(crate::identity::IdentityResolver::new()),
         policy: policy.clone(),
         reviewer_groups: config.reviewers.clone(),
@@ -81,6 +86,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.spawn(super::expire_requests(registry.clone(), stop.clone()));
     tasks.spawn(shared::link_review_server(
         registry,
+        grants,
         settings,
         Arc::new(shared::Link::default()),
         stop.clone(),

@@ -13,13 +13,22 @@
 //! change within milliseconds; a poll every few seconds catches what a
 //! notification missed.
 //!
+//! Grants are fleet-wide: `tollgate_grants` holds every grant given on
+//! any agent or on the review server (its subject names a target, a
+//! statement shape and a CI workflow or executable, nothing of one host),
+//! and every side takes the table into its own grant store, which the
+//! statement path reads without a round trip. A revocation travels the
+//! same way; a grant is never un-revoked. A grant given with a central
+//! approval travels inside the decision too, so that it is in force on the
+//! agent before the held statement runs.
+//!
 //! A decision counts only once it is in the database: the agent applies
 //! the row's decision, never anything else, and only to a request still
 //! pending here. An agent that cannot reach the database keeps its held
 //! statements waiting until their timeout and reconnects; nothing is
 //! approved by default.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -29,9 +38,10 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
-use super::{unix_seconds, ApprovalRecord, Outcome, Registry, RequestEventKind, RequestId};
-use super::{RequestEvent, RequestView};
+use super::{api, unix_seconds, ApprovalRecord, Outcome, Registry, RequestEventKind, RequestId};
+use super::{Grant, GrantStore, Merged, RequestEvent, RequestView};
 use crate::config::SharedApprovalsSettings;
+use crate::events::Events;
 
 /// The tables, made on first connection by whichever side connects first
 /// (under an advisory lock, so two agents starting together do not race).
@@ -49,6 +59,14 @@ CREATE TABLE IF NOT EXISTS tollgate_review_requests (
 );
 CREATE INDEX IF NOT EXISTS tollgate_review_requests_pending
     ON tollgate_review_requests (state, expires_at);
+CREATE TABLE IF NOT EXISTS tollgate_grants (
+    id text PRIMARY KEY,
+    given_on text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    revoked boolean NOT NULL DEFAULT false,
+    grant_record jsonb NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
 ";
 /// An arbitrary key for `pg_advisory_xact_lock` while the schema is made.
 const SCHEMA_LOCK: i64 = 0x746f_6c6c_6761_7465;
@@ -56,6 +74,9 @@ const SCHEMA_LOCK: i64 = 0x746f_6c6c_6761_7465;
 const REQUESTS_CHANNEL: &str = "tollgate_requests";
 /// The review server notifies this channel when it wrote a decision.
 const DECISIONS_CHANNEL: &str = "tollgate_decisions";
+/// Either side notifies this channel (payload: the grant id) when it added
+/// or revoked a grant.
+const GRANTS_CHANNEL: &str = "tollgate_grants";
 /// How often both sides look at the table whatever the notifications say.
 const POLL: Duration = Duration::from_secs(5);
 /// Longest wait between two connection attempts.
@@ -79,6 +100,9 @@ pub enum Decision {
         edited_by: Option<String>,
         /// The approvals, for the record.
         approvals: Vec<ApprovalRecord>,
+        /// The grant the approval gave, if the reviewers asked for one.
+        #[serde(default)]
+        grant: Option<Box<Grant>>,
     },
     /// A reviewer refused it.
     Denied {
@@ -94,13 +118,18 @@ pub enum Decision {
 impl Decision {
     /// The decision a reviewer took on the review server, if `outcome` is
     /// one (not an expiry or a withdrawal).
-    fn of(outcome: &Outcome, view: Option<&RequestView>) -> Option<Decision> {
+    fn of(
+        outcome: &Outcome,
+        view: Option<&RequestView>,
+        grant: Option<Box<Grant>>,
+    ) -> Option<Decision> {
         match outcome {
             Outcome::Approved { text, edited, by } => Some(Decision::Approved {
                 by: by.clone(),
                 edit: edited.then(|| text.clone()),
                 edited_by: view.and_then(|v| v.edited_by.clone()),
                 approvals: view.map(|v| v.approvals.clone()).unwrap_or_default(),
+                grant,
             }),
             Outcome::Denied { by, reason, via } => Some(Decision::Denied {
                 by: by.clone(),
@@ -129,6 +158,7 @@ impl Decision {
                 edit,
                 edited_by,
                 approvals,
+                grant: _,
             } => {
                 held.approvals = approvals;
                 if let Some(edit) = &edit {
@@ -158,6 +188,10 @@ pub struct LinkStatus {
     pub last_error: Option<String>,
     /// Decisions taken from the database and applied here.
     pub decisions_applied: u64,
+    /// Grants taken in from the database (given elsewhere).
+    pub grants_taken_in: u64,
+    /// Revocations taken in from the database (revoked elsewhere).
+    pub revocations_taken_in: u64,
 }
 
 /// The shared link state.
@@ -194,6 +228,11 @@ impl Link {
             "# HELP tollgate_shared_approvals_decisions_total Decisions of the review server applied to statements held here.\n# TYPE tollgate_shared_approvals_decisions_total counter\ntollgate_shared_approvals_decisions_total {}",
             s.decisions_applied
         );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_shared_grants_taken_in_total Grants and revocations made elsewhere in the fleet and taken in here.\n# TYPE tollgate_shared_grants_taken_in_total counter\ntollgate_shared_grants_taken_in_total{{change=\"given\"}} {}\ntollgate_shared_grants_taken_in_total{{change=\"revoked\"}} {}",
+            s.grants_taken_in, s.revocations_taken_in
+        );
     }
 
     fn update(&self, change: impl FnOnce(&mut LinkStatus)) {
@@ -218,8 +257,8 @@ impl Link {
 
 /// What the connection's driver task reports.
 enum Heard {
-    /// A `NOTIFY` on a channel listened to, with its payload.
-    Notified(String),
+    /// A `NOTIFY` on a channel listened to: the channel and the payload.
+    Notified(String, String),
     /// The connection ended.
     Lost(String),
 }
@@ -230,8 +269,12 @@ struct Connected {
     heard: mpsc::UnboundedReceiver<Heard>,
 }
 
-/// Connects, makes the tables if they are missing and listens on `channel`.
-async fn connect(settings: &SharedApprovalsSettings, channel: &str) -> Result<Connected, String> {
+/// Connects, makes the tables if they are missing and listens on
+/// `channels`.
+async fn connect(
+    settings: &SharedApprovalsSettings,
+    channels: &[&str],
+) -> Result<Connected, String> {
     let mut config: tokio_postgres::Config = settings
         .database
         .parse()
@@ -257,7 +300,10 @@ async fn connect(settings: &SharedApprovalsSettings, channel: &str) -> Result<Co
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(n)) => {
-                    let _ = tell.send(Heard::Notified(n.payload().to_owned()));
+                    let _ = tell.send(Heard::Notified(
+                        n.channel().to_owned(),
+                        n.payload().to_owned(),
+                    ));
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -268,9 +314,10 @@ async fn connect(settings: &SharedApprovalsSettings, channel: &str) -> Result<Co
         }
         let _ = tell.send(Heard::Lost("the database closed the connection".into()));
     });
+    let listen: String = channels.iter().map(|c| format!("LISTEN {c};")).collect();
     client
         .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({SCHEMA_LOCK}); {SCHEMA} COMMIT; LISTEN {channel};"
+            "BEGIN; SELECT pg_advisory_xact_lock({SCHEMA_LOCK}); {SCHEMA} COMMIT; {listen}"
         ))
         .await
         .map_err(|e| describe(&e, "cannot set up the tables"))?;
@@ -332,19 +379,48 @@ fn seconds_f64(unix: u64) -> f64 {
     unix as f64
 }
 
-/// The agent's side: mirrors this agent's requests into the table and
-/// applies the decisions the review server writes there, until `stop`.
+/// What the agent's side of the link works on.
+pub struct AgentSide {
+    /// The requests held here.
+    pub registry: Arc<Registry>,
+    /// The grants the statement path reads.
+    pub grants: Arc<GrantStore>,
+    /// Where grants taken in are recorded, in the sessions they concern.
+    pub events: Events,
+}
+
+/// The agent's side: mirrors this agent's requests into the table, applies
+/// the decisions the review server writes there, and keeps the fleet's
+/// grants in step with this agent's, until `stop`.
 pub async fn link_agent(
-    registry: Arc<Registry>,
+    side: AgentSide,
     settings: SharedApprovalsSettings,
     link: Arc<Link>,
     stop: CancellationToken,
 ) {
+    let registry = &side.registry;
+    let mut grants = GrantSync::new(side.grants.clone(), &settings.host);
+    // Grants and revocations made elsewhere: counted, and recorded in the
+    // sessions of this agent they concern.
+    let taken = |grant: &Grant, merged: Merged| {
+        match merged {
+            Merged::Added => {
+                link.update(|s| s.grants_taken_in += 1);
+                api::record_grant_given(Some(&side.events), grant);
+            }
+            Merged::Revoked => {
+                link.update(|s| s.revocations_taken_in += 1);
+                api::record_revocation(Some(&side.events), registry, grant);
+            }
+            Merged::Unchanged => {}
+        }
+        tracing::info!(grant = %grant.id, change = ?merged, "shared approvals: grant taken in from the fleet");
+    };
     let mut backoff = Duration::from_secs(1);
     loop {
         // Subscribed before the resync: a change during it is seen after.
         let mut events = registry.subscribe();
-        let connected = match connect(&settings, DECISIONS_CHANNEL).await {
+        let connected = match connect(&settings, &[DECISIONS_CHANNEL, GRANTS_CHANNEL]).await {
             Ok(c) => c,
             Err(why) => {
                 if link.status().last_error.as_deref() != Some(why.as_str()) {
@@ -358,9 +434,14 @@ pub async fn link_agent(
             }
         };
         let Connected { client, mut heard } = connected;
-        if let Err(why) = resync_agent(&client, &registry, &settings.host, &link).await {
+        let resynced = async {
+            resync_agent(&client, &side, &settings.host, &link).await?;
+            grants.take_in(&client, None, taken).await?;
+            grants.write_out(&client).await
+        };
+        if let Err(why) = resynced.await {
             link.lost(&why);
-            tracing::warn!(error = %why, "shared approvals: cannot bring the table up to date");
+            tracing::warn!(error = %why, "shared approvals: cannot bring the tables up to date");
             if back_off(&mut backoff, &stop).await {
                 continue;
             }
@@ -392,16 +473,26 @@ pub async fn link_agent(
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if let Err(why) = resync_agent(&client, &registry, &settings.host, &link).await {
+                        if let Err(why) = resync_agent(&client, &side, &settings.host, &link).await {
                             break why;
                         }
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
+                () = side.grants.changed() => {
+                    if let Err(why) = grants.write_out(&client).await {
+                        break why;
+                    }
+                }
                 note = heard.recv() => match note {
-                    Some(Heard::Notified(id)) => {
+                    Some(Heard::Notified(channel, id)) if channel == GRANTS_CHANNEL => {
+                        if let Err(why) = grants.take_in(&client, Some(&[id]), taken).await {
+                            break why;
+                        }
+                    }
+                    Some(Heard::Notified(_, id)) => {
                         if let Some(id) = RequestId::parse(&id) {
-                            if let Err(why) = apply_decisions(&client, &registry, &settings.host, &[id], &link).await {
+                            if let Err(why) = apply_decisions(&client, &side, &settings.host, &[id], &link).await {
                                 break why;
                             }
                         }
@@ -411,7 +502,12 @@ pub async fn link_agent(
                 },
                 _ = poll.tick() => {
                     let pending: Vec<RequestId> = registry.list().into_iter().map(|v| v.id).collect();
-                    if let Err(why) = apply_decisions(&client, &registry, &settings.host, &pending, &link).await {
+                    let polled = async {
+                        apply_decisions(&client, &side, &settings.host, &pending, &link).await?;
+                        grants.take_in(&client, None, taken).await?;
+                        grants.write_out(&client).await
+                    };
+                    if let Err(why) = polled.await {
                         break why;
                     }
                     link.connected();
@@ -426,16 +522,131 @@ pub async fn link_agent(
     }
 }
 
+/// Keeps a grant store and `tollgate_grants` in step: grants given or
+/// revoked here are written out, rows written elsewhere are taken in.
+struct GrantSync {
+    store: Arc<GrantStore>,
+    /// Whether the table has each grant revoked, as far as this side knows.
+    known: HashMap<RequestId, bool>,
+    /// The row's `given_on` for grants given here: the host's name.
+    given_on: String,
+}
+
+impl GrantSync {
+    fn new(store: Arc<GrantStore>, given_on: &str) -> GrantSync {
+        GrantSync {
+            store,
+            known: HashMap::new(),
+            given_on: given_on.to_owned(),
+        }
+    }
+
+    /// Writes out the grants in force given here, and the revocations made
+    /// here, that the table does not have yet.
+    async fn write_out(&mut self, client: &tokio_postgres::Client) -> Result<(), String> {
+        let now = unix_seconds(SystemTime::now());
+        let ours = self
+            .store
+            .all()
+            .map_err(|e| format!("the grant store: {e}"))?;
+        for grant in ours {
+            let revoked = grant.revoked_by.is_some();
+            // Ended ones are nothing for the fleet to learn.
+            if self.known.get(&grant.id) == Some(&revoked) || grant.expires_at <= now {
+                continue;
+            }
+            let json = serde_json::to_string(&grant).map_err(|e| format!("a grant: {e}"))?;
+            // A revocation wins over a grant in force; nothing un-revokes.
+            client
+                .execute(
+                    "WITH written AS (INSERT INTO tollgate_grants (id, given_on, expires_at, revoked, grant_record) VALUES ($1, $2, to_timestamp($3), $4, $5::text::jsonb) ON CONFLICT (id) DO UPDATE SET revoked = true, grant_record = EXCLUDED.grant_record, updated_at = now() WHERE EXCLUDED.revoked AND NOT tollgate_grants.revoked RETURNING id) SELECT pg_notify($6, id) FROM written",
+                    &[
+                        &grant.id.as_str(),
+                        &self.given_on,
+                        &seconds_f64(grant.expires_at),
+                        &revoked,
+                        &json,
+                        &GRANTS_CHANNEL,
+                    ],
+                )
+                .await
+                .map_err(|e| describe(&e, "cannot write a grant"))?;
+            self.known.insert(grant.id, revoked);
+        }
+        Ok(())
+    }
+
+    /// Takes in the rows of `ids`, or of every grant not yet ended; `taken`
+    /// hears of each that changed something here.
+    async fn take_in(
+        &mut self,
+        client: &tokio_postgres::Client,
+        ids: Option<&[String]>,
+        mut taken: impl FnMut(&Grant, Merged),
+    ) -> Result<(), String> {
+        let rows = match ids {
+            Some(ids) => {
+                client
+                    .query(
+                        "SELECT id, revoked, grant_record::text FROM tollgate_grants WHERE id = ANY($1)",
+                        &[&ids],
+                    )
+                    .await
+            }
+            None => {
+                client
+                    .query(
+                        "SELECT id, revoked, grant_record::text FROM tollgate_grants WHERE expires_at > now()",
+                        &[],
+                    )
+                    .await
+            }
+        }
+        .map_err(|e| describe(&e, "cannot read grants"))?;
+        for row in rows {
+            let (id, revoked, text): (String, bool, String) = (row.get(0), row.get(1), row.get(2));
+            let Some(id) = RequestId::parse(&id) else {
+                continue;
+            };
+            if self.known.get(&id) == Some(&revoked) {
+                continue;
+            }
+            let theirs: Grant = match serde_json::from_str(&text) {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!(grant = %id, error = %e, "shared approvals: a grant in the table is not readable; it grants nothing here");
+                    continue;
+                }
+            };
+            // A row whose record disagrees with its columns grants nothing.
+            if theirs.id != id || theirs.revoked_by.is_some() != revoked {
+                tracing::warn!(grant = %id, "shared approvals: a grant row contradicts itself; it grants nothing here");
+                continue;
+            }
+            let merged = self
+                .store
+                .merge(&theirs)
+                .map_err(|e| format!("the grant store: {e}"))?;
+            self.known.insert(id, revoked);
+            if merged != Merged::Unchanged {
+                taken(&theirs, merged);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Brings the table in line with this agent after a (re)connection: every
 /// request pending here is in it, rows of this host that are no longer
 /// pending here are ended, and decisions written while the link was down
 /// are applied.
 async fn resync_agent(
     client: &tokio_postgres::Client,
-    registry: &Registry,
+    side: &AgentSide,
     host: &str,
     link: &Link,
 ) -> Result<(), String> {
+    let registry = &side.registry;
     let pending = registry.list();
     for view in &pending {
         insert_request(client, host, view).await?;
@@ -466,7 +677,7 @@ async fn resync_agent(
             .map_err(|e| describe(&e, "cannot end a request"))?;
     }
     let pending: Vec<RequestId> = pending.into_iter().map(|v| v.id).collect();
-    apply_decisions(client, registry, host, &pending, link).await
+    apply_decisions(client, side, host, &pending, link).await
 }
 
 fn outcome_state(outcome: &Outcome) -> &'static str {
@@ -536,7 +747,7 @@ async fn write_event(
 /// still pending here).
 async fn apply_decisions(
     client: &tokio_postgres::Client,
-    registry: &Registry,
+    side: &AgentSide,
     host: &str,
     ids: &[RequestId],
     link: &Link,
@@ -566,7 +777,25 @@ async fn apply_decisions(
         };
         let summary = format!("{decision:?}");
         let state = decision.state();
-        if registry.settle(&id, SystemTime::now(), |held| decision.outcome(held)) {
+        // The grant is in force before the held statement runs, so that
+        // the next one of its shape does not wait again.
+        if let Decision::Approved {
+            grant: Some(grant), ..
+        } = &decision
+        {
+            let merged = side
+                .grants
+                .merge(grant)
+                .map_err(|e| format!("the grant store: {e}"))?;
+            if merged == Merged::Added {
+                link.update(|s| s.grants_taken_in += 1);
+                api::record_grant_given(Some(&side.events), grant);
+            }
+        }
+        if side
+            .registry
+            .settle(&id, SystemTime::now(), |held| decision.outcome(held))
+        {
             link.update(|s| s.decisions_applied += 1);
             tracing::info!(request = %id, decision = state, detail = %summary, "shared approvals: decision from the review server applied");
         }
@@ -576,13 +805,19 @@ async fn apply_decisions(
 
 /// The review server's side: takes the fleet's pending requests into
 /// `registry` and writes the decisions its reviewers take back into the
-/// table, until `stop`.
+/// table, and keeps the fleet's grants in step with `grant_store`, until
+/// `stop`.
 pub async fn link_review_server(
     registry: Arc<Registry>,
+    grant_store: Arc<GrantStore>,
     settings: SharedApprovalsSettings,
     link: Arc<Link>,
     stop: CancellationToken,
 ) {
+    let mut grants = GrantSync::new(grant_store.clone(), &settings.host);
+    let taken = |grant: &Grant, merged: Merged| {
+        tracing::info!(grant = %grant.id, change = ?merged, "review server: grant taken in from the fleet");
+    };
     // Decisions taken here, written back as soon as the database takes them.
     let (decided, mut decisions) = mpsc::unbounded_channel::<(RequestId, Outcome)>();
     let mut unsent: BTreeMap<RequestId, (Decision, u64)> = BTreeMap::new();
@@ -590,7 +825,7 @@ pub async fn link_review_server(
     let mut withdrawn: HashSet<RequestId> = HashSet::new();
     let mut backoff = Duration::from_secs(1);
     loop {
-        let connected = match connect(&settings, REQUESTS_CHANNEL).await {
+        let connected = match connect(&settings, &[REQUESTS_CHANNEL, GRANTS_CHANNEL]).await {
             Ok(c) => c,
             Err(why) => {
                 if link.status().last_error.as_deref() != Some(why.as_str()) {
@@ -617,10 +852,27 @@ pub async fn link_review_server(
                     if let Err(why) = write_unsent(&client, &mut unsent).await {
                         break why;
                     }
+                    let synced = async {
+                        grants.take_in(&client, None, taken).await?;
+                        grants.write_out(&client).await
+                    };
+                    if let Err(why) = synced.await {
+                        break why;
+                    }
                     link.connected();
                 }
+                () = grant_store.changed() => {
+                    if let Err(why) = grants.write_out(&client).await {
+                        break why;
+                    }
+                }
                 note = heard.recv() => match note {
-                    Some(Heard::Notified(_)) => {
+                    Some(Heard::Notified(channel, id)) if channel == GRANTS_CHANNEL => {
+                        if let Err(why) = grants.take_in(&client, Some(&[id]), taken).await {
+                            break why;
+                        }
+                    }
+                    Some(Heard::Notified(..)) => {
                         if let Err(why) = take_pending(&client, &registry, &decided, &mut withdrawn).await {
                             break why;
                         }
@@ -633,7 +885,13 @@ pub async fn link_review_server(
                         continue;
                     }
                     let view = registry.show(&id);
-                    if let Some(decision) = Decision::of(&outcome, view.as_ref()) {
+                    // The grant the approval gave here, if any.
+                    let grant = grant_store
+                        .all()
+                        .ok()
+                        .and_then(|all| all.into_iter().find(|g| g.request == id))
+                        .map(Box::new);
+                    if let Some(decision) = Decision::of(&outcome, view.as_ref(), grant) {
                         let expires = view.map_or(0, |v| v.expires_at);
                         unsent.insert(id, (decision, expires));
                         if let Err(why) = write_unsent(&client, &mut unsent).await {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::*;
+use crate::approval::GrantStore;
 use crate::approval::{ApprovalAsk, ApprovalEffect, ApprovalError, RequestContext, Reviewer};
 use crate::identity::ProcessIdentity;
 use crate::policy::{Approver, GrantScope, ReviewSettings};
@@ -86,7 +87,7 @@ fn the_row_never_carries_the_text_that_runs_and_an_unedited_approval_runs_the_ag
         .approve(&id, &dba(2002, "bob"), ApprovalAsk::default(), now)
         .unwrap();
     let outcome = decided.try_recv().unwrap();
-    let decision = Decision::of(&outcome, server.show(&id).as_ref()).unwrap();
+    let decision = Decision::of(&outcome, server.show(&id).as_ref(), None).unwrap();
     let row = serde_json::to_string(&decision).unwrap();
     assert!(!row.contains("ada@example.com"), "{row}");
     let decision: Decision = serde_json::from_str(&row).unwrap();
@@ -132,7 +133,12 @@ fn an_edit_runs_as_the_reviewer_wrote_it_and_expiries_are_no_decisions() {
         ..ApprovalAsk::default()
     };
     server.approve(&id, &dba(2001, "alice"), edit, now).unwrap();
-    let decision = Decision::of(&decided.try_recv().unwrap(), server.show(&id).as_ref()).unwrap();
+    let decision = Decision::of(
+        &decided.try_recv().unwrap(),
+        server.show(&id).as_ref(),
+        None,
+    )
+    .unwrap();
     assert!(agent.settle(&id, now, |view| decision.outcome(view)));
     assert_eq!(
         waiting.try_recv().unwrap(),
@@ -144,14 +150,14 @@ fn an_edit_runs_as_the_reviewer_wrote_it_and_expiries_are_no_decisions() {
     );
     assert_eq!(agent.show(&id).unwrap().edited_by.as_deref(), Some("alice"));
     for ended in [Outcome::Expired, Outcome::Cancelled, Outcome::Aborted] {
-        assert!(Decision::of(&ended, None).is_none(), "{ended:?}");
+        assert!(Decision::of(&ended, None, None).is_none(), "{ended:?}");
     }
     let denied = Outcome::Denied {
         by: "bob".into(),
         reason: "no".into(),
         via: "unix:2".into(),
     };
-    assert_eq!(Decision::of(&denied, None).unwrap().state(), "denied");
+    assert_eq!(Decision::of(&denied, None, None).unwrap().state(), "denied");
 }
 
 #[test]
@@ -166,4 +172,46 @@ fn an_adopted_request_expires_at_its_agents_deadline() {
     assert!(server.expire_due(now + Duration::from_secs(599)).is_empty());
     assert_eq!(server.expire_due(now + Duration::from_secs(600)), [id]);
     assert_eq!(decided.try_recv().unwrap(), Outcome::Expired);
+}
+
+#[test]
+fn a_grant_from_the_fleet_is_added_once_and_a_revocation_is_never_undone() {
+    let now = UNIX_EPOCH + Duration::from_secs(1_780_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let here = GrantStore::open(&dir.path().join("here.redb"), now).unwrap();
+    let elsewhere = GrantStore::open(&dir.path().join("elsewhere.redb"), now).unwrap();
+    let subject = crate::approval::GrantSubject {
+        target: "prod".into(),
+        fingerprint: "abc".into(),
+        identity: "ci:github_actions:acme/shop:deploy".into(),
+    };
+    let given = Grant {
+        id: RequestId::new(now),
+        subject: subject.clone(),
+        statement: "DELETE FROM orders WHERE id = ?".into(),
+        request: RequestId::new(now),
+        session: None,
+        rule: "review-deletes".into(),
+        approved_by: vec!["alice".into()],
+        created_at: unix_seconds(now),
+        expires_at: unix_seconds(now) + 600,
+        revoked_by: None,
+        revoked_via: None,
+        revoked_at: None,
+    };
+    elsewhere.insert(&given).unwrap();
+    // Through the row: the JSON the table keeps.
+    let row =
+        |g: &Grant| -> Grant { serde_json::from_str(&serde_json::to_string(g).unwrap()).unwrap() };
+    assert_eq!(here.merge(&row(&given)).unwrap(), Merged::Added);
+    assert_eq!(here.find(&subject, now).unwrap(), Some(given.clone()));
+    assert_eq!(here.merge(&row(&given)).unwrap(), Merged::Unchanged);
+
+    let revoked = elsewhere.revoke(&given.id, "bob", "unix:2", now).unwrap();
+    assert_eq!(here.merge(&row(&revoked)).unwrap(), Merged::Revoked);
+    assert_eq!(here.find(&subject, now).unwrap(), None);
+    assert_eq!(here.get(&given.id).unwrap(), Some(revoked.clone()));
+    // A stale copy still in force does not bring it back.
+    assert_eq!(here.merge(&row(&given)).unwrap(), Merged::Unchanged);
+    assert_eq!(here.find(&subject, now).unwrap(), None);
 }

@@ -722,7 +722,7 @@ fn api_emitting_in(
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
     let state = Arc::new(api::ApiState {
         registry: registry.clone(),
-        grants: Some(grants.clone()),
+        grants: grants.clone(),
         identity: Arc::new(crate::identity::IdentityResolver::new()),
         policy: Arc::new(std::sync::RwLock::new(Arc::new(policy))),
         reviewer_groups: BTreeMap::new(),

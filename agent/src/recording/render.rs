@@ -415,20 +415,11 @@ fn event_lines(p: &Paint, e: &EventRecord, ssh: bool) -> String {
                 }
                 (None, true) => String::new(),
             };
-            // A denial has one reason; an approval, one per reviewer.
-            let reasons: Vec<&str> = match &r.reason {
-                Some(reason) => vec![reason.as_str()],
-                None => r
-                    .approvals
-                    .iter()
-                    .filter_map(|a| a.reason.as_deref())
-                    .collect(),
-            };
-            let why = if reasons.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", reasons.join("; "))
-            };
+            let why = r
+                .reason
+                .as_deref()
+                .map(|w| format!(": {w}"))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
                 "{t}  {} request {} {}{who} after {waited}{why}",
