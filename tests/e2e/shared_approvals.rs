@@ -129,9 +129,10 @@ impl ReviewServer {
         std::fs::write(
             &config,
             format!(
-                "[agent]\n{policy_line}\napprovals_socket = \"{}\"\ncontrol_socket = \"{}\"\n{}",
+                "[agent]\n{policy_line}\napprovals_socket = \"{}\"\ncontrol_socket = \"{}\"\napprovals_store = \"{}\"\n{}",
                 dir.path().join("approvals.sock").display(),
                 dir.path().join("control.sock").display(),
+                dir.path().join("approvals.redb").display(),
                 shared_section(db_port, "central")
             ),
         )

@@ -168,13 +168,15 @@ pub enum Command {
     /// within a second. Its configuration is an agent's, of which it reads
     /// [shared_approvals], [reviewers], the policy (for the approver groups
     /// allowed in) and agent.approvals_socket, approvals_listen,
-    /// approvals_tls_cert, approvals_tls_key and approvals_tokens. Example:
+    /// approvals_tls_cert, approvals_tls_key, approvals_tokens and
+    /// approvals_store. Example:
     ///
     ///   tollgate review-server --config /etc/tollgate/review-server.toml
     ///   tollgate approvals list --socket /run/tollgate/approvals.sock
     ///
-    /// Grants are not given here: approve with --for on the agent's own API.
-    /// SIGHUP reloads the policy; SIGTERM stops.
+    /// A grant given here (approve --for 30m) is in force on every host;
+    /// `approvals grants --revoke ID` here revokes it everywhere. SIGHUP
+    /// reloads the policy; SIGTERM stops.
     #[command(verbatim_doc_comment)]
     ReviewServer(ConfigArg),
 
