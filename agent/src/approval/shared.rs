@@ -365,6 +365,32 @@ fn tls_connector(
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
+/// Connects, waiting with backoff between failed attempts (each new reason
+/// logged once as `unreachable`); `None` when stopping.
+async fn connect_with_backoff(
+    settings: &SharedApprovalsSettings,
+    channels: &[&str],
+    link: &Link,
+    backoff: &mut Duration,
+    stop: &CancellationToken,
+    unreachable: &str,
+) -> Option<Connected> {
+    loop {
+        match connect(settings, channels).await {
+            Ok(connected) => return Some(connected),
+            Err(why) => {
+                if link.status().last_error.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(error = %why, "{unreachable}");
+                }
+                link.lost(&why);
+                if !back_off(backoff, stop).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// Waits before the next connection attempt; false when stopping.
 async fn back_off(backoff: &mut Duration, stop: &CancellationToken) -> bool {
     let wait = *backoff;
@@ -418,22 +444,20 @@ pub async fn link_agent(
     };
     let mut backoff = Duration::from_secs(1);
     loop {
+        let Some(Connected { client, mut heard }) = connect_with_backoff(
+            &settings,
+            &[DECISIONS_CHANNEL, GRANTS_CHANNEL],
+            &link,
+            &mut backoff,
+            &stop,
+            "shared approvals: the database is unreachable; held statements wait here until it is back or they time out",
+        )
+        .await
+        else {
+            return;
+        };
         // Subscribed before the resync: a change during it is seen after.
         let mut events = registry.subscribe();
-        let connected = match connect(&settings, &[DECISIONS_CHANNEL, GRANTS_CHANNEL]).await {
-            Ok(c) => c,
-            Err(why) => {
-                if link.status().last_error.as_deref() != Some(why.as_str()) {
-                    tracing::warn!(error = %why, "shared approvals: the database is unreachable; held statements wait here until it is back or they time out");
-                }
-                link.lost(&why);
-                if back_off(&mut backoff, &stop).await {
-                    continue;
-                }
-                return;
-            }
-        };
-        let Connected { client, mut heard } = connected;
         let resynced = async {
             resync_agent(&client, &side, &settings.host, &link).await?;
             grants.take_in(&client, None, taken).await?;
@@ -825,21 +849,19 @@ pub async fn link_review_server(
     let mut withdrawn: HashSet<RequestId> = HashSet::new();
     let mut backoff = Duration::from_secs(1);
     loop {
-        let connected = match connect(&settings, &[REQUESTS_CHANNEL, GRANTS_CHANNEL]).await {
-            Ok(c) => c,
-            Err(why) => {
-                if link.status().last_error.as_deref() != Some(why.as_str()) {
-                    tracing::warn!(error = %why, "review server: the approvals database is unreachable; decisions wait until it is back");
-                }
-                link.lost(&why);
-                if back_off(&mut backoff, &stop).await {
-                    continue;
-                }
-                return;
-            }
+        let Some(Connected { client, mut heard }) = connect_with_backoff(
+            &settings,
+            &[REQUESTS_CHANNEL, GRANTS_CHANNEL],
+            &link,
+            &mut backoff,
+            &stop,
+            "review server: the approvals database is unreachable; decisions wait until it is back",
+        )
+        .await
+        else {
+            return;
         };
         tracing::info!("review server: connected to the approvals database");
-        let Connected { client, mut heard } = connected;
         backoff = Duration::from_secs(1);
         let mut poll = tokio::time::interval(POLL);
         let why = loop {
