@@ -329,7 +329,17 @@ async fn connect(
 fn describe(e: &tokio_postgres::Error, doing: &str) -> String {
     match e.as_db_error() {
         Some(db) => format!("{doing}: {} ({})", db.message(), db.code().code()),
-        None => format!("{doing}: {e}"),
+        // "error connecting to server" alone does not say why: add the
+        // causes ("Connection refused (os error 111)").
+        None => {
+            let mut text = format!("{doing}: {e}");
+            let mut cause = std::error::Error::source(e);
+            while let Some(inner) = cause {
+                text.push_str(&format!(": {inner}"));
+                cause = inner.source();
+            }
+            text
+        }
     }
 }
 

@@ -215,3 +215,28 @@ fn a_grant_from_the_fleet_is_added_once_and_a_revocation_is_never_undone() {
     assert_eq!(here.merge(&row(&given)).unwrap(), Merged::Unchanged);
     assert_eq!(here.find(&subject, now).unwrap(), None);
 }
+
+#[tokio::test]
+async fn an_unreachable_database_is_reported_with_the_reason() {
+    // A port nothing listens on: taken, then given back.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let settings = crate::config::SharedApprovalsSettings {
+        database: format!(
+            "host=127.0.0.1 port={port} user=tollgate dbname=tollgate sslmode=disable"
+        ),
+        password_file: None,
+        ca_file: None,
+        host: "runner-a".into(),
+    };
+    let Err(why) = connect(&settings, &[DECISIONS_CHANNEL]).await else {
+        unreachable!("nothing listens on port {port}");
+    };
+    assert!(
+        why.starts_with("cannot connect: error connecting to server: ") && why.contains("refused"),
+        "{why}"
+    );
+}
