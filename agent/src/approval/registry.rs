@@ -69,7 +69,8 @@ impl RequestEventKind {
         }
     }
 
-    fn of_outcome(outcome: &Outcome) -> RequestEventKind {
+    /// The event that ends a request with `outcome`.
+    pub fn of_outcome(outcome: &Outcome) -> RequestEventKind {
         match outcome {
             Outcome::Approved { .. } => RequestEventKind::Approved,
             Outcome::Denied { .. } => RequestEventKind::Denied,

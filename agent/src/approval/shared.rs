@@ -700,7 +700,7 @@ async fn resync_agent(
         let state = ended
             .as_ref()
             .and_then(|v| v.outcome.as_ref())
-            .map_or("aborted", outcome_state);
+            .map_or("aborted", |o| RequestEventKind::of_outcome(o).as_str());
         let view = ended.map(|v| serde_json::to_string(&v).unwrap_or_default());
         client
             .execute(
@@ -712,16 +712,6 @@ async fn resync_agent(
     }
     let pending: Vec<RequestId> = pending.into_iter().map(|v| v.id).collect();
     apply_decisions(client, side, host, &pending, link).await
-}
-
-fn outcome_state(outcome: &Outcome) -> &'static str {
-    match outcome {
-        Outcome::Approved { .. } => "approved",
-        Outcome::Denied { .. } => "denied",
-        Outcome::Expired => "expired",
-        Outcome::Cancelled => "cancelled",
-        Outcome::Aborted => "aborted",
-    }
 }
 
 async fn insert_request(
@@ -759,11 +749,8 @@ async fn write_event(
         RequestEventKind::Requested => return insert_request(client, host, view).await,
         // A reviewer of this agent's own API acted.
         RequestEventKind::ApprovalCounted | RequestEventKind::Edited => "pending",
-        RequestEventKind::Approved => "approved",
-        RequestEventKind::Denied => "denied",
-        RequestEventKind::Expired => "expired",
-        RequestEventKind::Cancelled => "cancelled",
-        RequestEventKind::Aborted => "aborted",
+        // An ended request: the row's state is the event's name.
+        ended => ended.as_str(),
     };
     let json = serde_json::to_string(view).map_err(|e| format!("a request: {e}"))?;
     // A row decided by the review server stays as it was written there.
