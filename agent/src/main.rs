@@ -142,11 +142,20 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// Reads the few paths a host command needs, leniently (see
+/// [`tollgate_agent::config::HostPaths`]); `Err` is the exit code.
+fn load_host_paths(path: &std::path::Path) -> Result<tollgate_agent::config::HostPaths, ExitCode> {
+    Config::load_host_paths(path).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(2)
+    })
+}
+
 fn exec_command(args: cli::ExecArgs) -> ExitCode {
     let socket = match args.socket {
         Some(s) => s,
-        None => match load_config(&args.config.config) {
-            Ok(c) => c.redirect.unwrap_or_default().exec_socket,
+        None => match load_host_paths(&args.config.config) {
+            Ok(p) => p.exec_socket,
             Err(code) => return code,
         },
     };
@@ -211,8 +220,8 @@ fn exit_byte(status: std::process::ExitStatus) -> u8 {
 fn ensure_governed_command(args: cli::ExecSocketArgs) -> ExitCode {
     let socket = match args.socket {
         Some(s) => s,
-        None => match load_config(&args.config.config) {
-            Ok(c) => c.redirect.unwrap_or_default().exec_socket,
+        None => match load_host_paths(&args.config.config) {
+            Ok(p) => p.exec_socket,
             Err(code) => return code,
         },
     };
@@ -425,18 +434,18 @@ fn ssh_user_ca_command(arg: &cli::ConfigArg) -> ExitCode {
 }
 
 fn detach_command(args: cli::DetachArgs) -> ExitCode {
-    let config = match load_config(&args.config.config) {
-        Ok(c) => c,
+    let paths = match load_host_paths(&args.config.config) {
+        Ok(p) => p,
         Err(code) => return code,
     };
-    if std::os::unix::net::UnixStream::connect(&config.agent.control_socket).is_ok() {
+    if std::os::unix::net::UnixStream::connect(&paths.control_socket).is_ok() {
         eprintln!(
             "tollgate: an agent is running (it answers on {}); stop it first, then detach",
-            config.agent.control_socket.display()
+            paths.control_socket.display()
         );
         return ExitCode::FAILURE;
     }
-    let pin_dir = config.redirect.unwrap_or_default().pin_dir;
+    let pin_dir = paths.pin_dir;
     match redirect::detach(&pin_dir) {
         Ok(removed) if removed.is_empty() => {
             println!("nothing pinned under {}", pin_dir.display());

@@ -733,6 +733,15 @@ fn through_the_redirect_ssh_scp_sftp_git_and_a_shell_work_with_no_key_in_the_job
     assert!(!everything.contains(&key_body));
 
     drop(s);
+    // The key files the configuration names went with the setup, so it no
+    // longer validates; detach reads only where the agent answers and pins,
+    // and still removes them (cleanup_redirect fails the test otherwise).
+    let check = Command::new(tollgate_tests::agent_binary())
+        .args(["config", "check", "--config"])
+        .arg(&keep)
+        .output()
+        .unwrap();
+    assert!(!check.status.success(), "{check:?}");
     cleanup_redirect(&keep);
 }
 

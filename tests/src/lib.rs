@@ -982,13 +982,26 @@ impl Drop for RemovedOnDrop {
 }
 
 /// Removes a test agent's pins, pin directory and exec cgroup (after the
-/// agent stopped).
+/// agent stopped) with `tollgate detach`, as an operator would. A detach
+/// that fails, or pins left behind, fail the test (unless it is already
+/// failing): a leak here is a flaw in detach.
 pub fn cleanup_redirect(config: &Path) {
-    let _ = Command::new(agent_binary())
+    let detach = Command::new(agent_binary())
         .arg("detach")
         .arg("--config")
         .arg(config)
         .output();
+    let mut problems = Vec::new();
+    match &detach {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => problems.push(format!(
+            "tollgate detach --config {} failed ({}): {}",
+            config.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => problems.push(format!("cannot run tollgate detach: {e}")),
+    }
     let text = fs::read_to_string(config).unwrap_or_default();
     // detach keeps the emptied pin directory; a test's is its own to remove.
     if let Some(pin_dir) = text
@@ -996,7 +1009,11 @@ pub fn cleanup_redirect(config: &Path) {
         .find_map(|l| l.strip_prefix("pin_dir = \""))
         .map(|l| l.trim_end_matches('"'))
     {
-        let _ = fs::remove_dir(pin_dir);
+        if let Err(e) = fs::remove_dir(pin_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                problems.push(format!("pin directory {pin_dir} left behind: {e}"));
+            }
+        }
     }
     if let Some(cg) = text
         .lines()
@@ -1012,5 +1029,13 @@ pub fn cleanup_redirect(config: &Path) {
             }
         }
         let _ = fs::remove_dir(&root);
+    }
+    if !problems.is_empty() {
+        let problems = problems.join("; ");
+        if std::thread::panicking() {
+            eprintln!("cleanup after a failed test: {problems}");
+        } else {
+            panic!("{problems}");
+        }
     }
 }

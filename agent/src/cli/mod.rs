@@ -185,7 +185,9 @@ pub enum Command {
     /// Pinned programs keep governed connections failing closed while no agent
     /// runs, and `[protect]`'s program on the cgroup root keeps checking
     /// connections to protected targets; this is how to lift both. Refuses
-    /// while an agent is running.
+    /// while an agent is running. Reads only agent.control_socket and
+    /// redirect.pin_dir from the configuration, so one that no longer
+    /// validates still detaches.
     Detach(DetachArgs),
 
     /// SSH targets: what clients need to trust the agent.

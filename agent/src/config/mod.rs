@@ -335,6 +335,22 @@ impl Default for RedirectSettings {
     }
 }
 
+/// Where this host's agent answers and keeps its redirect: what
+/// `tollgate detach` and `tollgate exec` need. Read from a configuration
+/// file without validating the rest of it, and without opening any file
+/// it names, so that detach works for an operator whose configuration no
+/// longer validates (a key file gone, a section misspelled) and exec works
+/// for a job that may not read the agent's secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPaths {
+    /// `agent.control_socket`.
+    pub control_socket: PathBuf,
+    /// `redirect.pin_dir`.
+    pub pin_dir: PathBuf,
+    /// `redirect.exec_socket`.
+    pub exec_socket: PathBuf,
+}
+
 /// Settings under `[agent]`.
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
@@ -530,6 +546,18 @@ impl Config {
             )])
         })?;
         Config::from_toml(path, &text)
+    }
+
+    /// Reads only [`HostPaths`] from a configuration file, leniently: see
+    /// there.
+    pub fn load_host_paths(path: &Path) -> Result<HostPaths, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            crate::located::LocatedErrors(vec![ConfigError::file(
+                path,
+                format!("cannot read configuration: {e}"),
+            )])
+        })?;
+        raw::check_host_paths(path, &text)
     }
 
     /// Validates configuration text; `path` is used in error messages only.

@@ -14,7 +14,7 @@ use crate::policy::{IdentityMatch, IdentitySpec};
 
 use super::{
     line_column, secret, AgentSettings, BrokeredCredential, ClientCertificate, ClientCredentials,
-    ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup, Listener, NotifyKind,
+    ClientTls, Config, ConfigError, ConfigErrors, GovernedCgroup, HostPaths, Listener, NotifyKind,
     NotifyTarget, ObjectLock, ObjectLockMode, PolicyOrigin, PolicySourceSettings, PortRange,
     ProtectMode, ProtectSettings, Protocol, RecordingFailure, RecordingFsync, RedirectSettings,
     S3Access, SharedApprovalsSettings, Target, TargetAddress, TargetSet, UnlistedPolicy,
@@ -286,25 +286,81 @@ impl Checker<'_> {
     }
 }
 
-pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let (line, column) = match e.span() {
-                Some(span) => {
-                    let (l, c) = line_column(text, span.start);
-                    (Some(l), Some(c))
-                }
-                None => (None, None),
-            };
-            return Err(crate::located::LocatedErrors(vec![ConfigError {
-                path: path.to_path_buf(),
-                line,
-                column,
-                message: e.message().trim_end().to_string(),
-            }]));
-        }
+/// The file's TOML read into `T`, or where it is not TOML or not `T`.
+fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigErrors> {
+    toml::from_str(text).map_err(|e| {
+        let (line, column) = match e.span() {
+            Some(span) => {
+                let (l, c) = line_column(text, span.start);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        LocatedErrors(vec![ConfigError {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: e.message().trim_end().to_string(),
+        }])
+    })
+}
+
+/// Only the keys behind [`HostPaths`]; every other key and table is
+/// ignored (no `deny_unknown_fields`), unread and unchecked.
+#[derive(Deserialize, Default)]
+struct RawHostPaths {
+    #[serde(default)]
+    agent: RawHostPathsAgent,
+    #[serde(default)]
+    redirect: RawHostPathsRedirect,
+}
+
+#[derive(Deserialize, Default)]
+struct RawHostPathsAgent {
+    control_socket: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawHostPathsRedirect {
+    pin_dir: Option<Spanned<String>>,
+    exec_socket: Option<Spanned<String>>,
+}
+
+pub(super) fn check_host_paths(path: &Path, text: &str) -> Result<HostPaths, ConfigErrors> {
+    let raw: RawHostPaths = parse(path, text)?;
+    let mut c = Checker {
+        path,
+        text,
+        errors: Vec::new(),
     };
+    let agent = AgentSettings::default();
+    let redirect = RedirectSettings::default();
+    let paths = HostPaths {
+        control_socket: raw
+            .agent
+            .control_socket
+            .and_then(|s| control_socket(&mut c, &s))
+            .unwrap_or(agent.control_socket),
+        pin_dir: raw
+            .redirect
+            .pin_dir
+            .and_then(|d| pin_dir(&mut c, &d))
+            .unwrap_or(redirect.pin_dir),
+        exec_socket: raw
+            .redirect
+            .exec_socket
+            .and_then(|s| exec_socket(&mut c, &s))
+            .unwrap_or(redirect.exec_socket),
+    };
+    if c.errors.is_empty() {
+        Ok(paths)
+    } else {
+        Err(LocatedErrors(c.errors))
+    }
+}
+
+pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = parse(path, text)?;
     let mut c = Checker {
         path,
         text,
@@ -373,15 +429,12 @@ fn check_agent(c: &mut Checker<'_>, raw: &RawAgent) -> AgentSettings {
         ),
         ..defaults
     };
-    if let Some(s) = &raw.control_socket {
-        if s.get_ref().is_empty() {
-            c.error(
-                s,
-                "control_socket is empty; give a path such as /run/tollgate/control.sock",
-            );
-        } else {
-            agent.control_socket = PathBuf::from(s.get_ref());
-        }
+    if let Some(path) = raw
+        .control_socket
+        .as_ref()
+        .and_then(|s| control_socket(c, s))
+    {
+        agent.control_socket = path;
     }
     if let Some(m) = &raw.metrics_listen {
         match m.get_ref().parse::<SocketAddr>() {
@@ -1601,15 +1654,8 @@ fn check_redirect(c: &mut Checker<'_>, raw: &RawRedirect) -> RedirectSettings {
             _ => c.error(p, "redirect.port must be a port between 1 and 65535"),
         }
     }
-    if let Some(d) = &raw.pin_dir {
-        if Path::new(d.get_ref()).is_absolute() {
-            r.pin_dir = PathBuf::from(d.get_ref());
-        } else {
-            c.error(
-                d,
-                "redirect.pin_dir must be an absolute path on bpffs, such as /sys/fs/bpf/tollgate",
-            );
-        }
+    if let Some(d) = raw.pin_dir.as_ref().and_then(|d| pin_dir(c, d)) {
+        r.pin_dir = d;
     }
     if let Some(g) = &raw.exec_cgroup {
         let path = g.get_ref().trim().trim_start_matches('/');
@@ -1628,12 +1674,8 @@ fn check_redirect(c: &mut Checker<'_>, raw: &RawRedirect) -> RedirectSettings {
     if let Some(on) = raw.job_timeline {
         r.job_timeline = on;
     }
-    if let Some(sock) = &raw.exec_socket {
-        if Path::new(sock.get_ref()).is_absolute() {
-            r.exec_socket = PathBuf::from(sock.get_ref());
-        } else {
-            c.error(sock, "redirect.exec_socket must be an absolute path");
-        }
+    if let Some(sock) = raw.exec_socket.as_ref().and_then(|s| exec_socket(c, s)) {
+        r.exec_socket = sock;
     }
     for resolver in &raw.resolvers {
         match resolver.get_ref().parse() {
@@ -1645,6 +1687,36 @@ fn check_redirect(c: &mut Checker<'_>, raw: &RawRedirect) -> RedirectSettings {
         }
     }
     r
+}
+
+fn control_socket(c: &mut Checker<'_>, s: &Spanned<String>) -> Option<PathBuf> {
+    if s.get_ref().is_empty() {
+        c.error(
+            s,
+            "control_socket is empty; give a path such as /run/tollgate/control.sock",
+        );
+        return None;
+    }
+    Some(PathBuf::from(s.get_ref()))
+}
+
+fn pin_dir(c: &mut Checker<'_>, d: &Spanned<String>) -> Option<PathBuf> {
+    if !Path::new(d.get_ref()).is_absolute() {
+        c.error(
+            d,
+            "redirect.pin_dir must be an absolute path on bpffs, such as /sys/fs/bpf/tollgate",
+        );
+        return None;
+    }
+    Some(PathBuf::from(d.get_ref()))
+}
+
+fn exec_socket(c: &mut Checker<'_>, s: &Spanned<String>) -> Option<PathBuf> {
+    if !Path::new(s.get_ref()).is_absolute() {
+        c.error(s, "redirect.exec_socket must be an absolute path");
+        return None;
+    }
+    Some(PathBuf::from(s.get_ref()))
 }
 
 fn check_protect(

@@ -974,3 +974,60 @@ fn shared_approvals_take_a_connection_string_without_its_password() {
         );
     }
 }
+
+#[test]
+fn host_paths_are_read_from_a_file_that_no_longer_validates() {
+    // A key file gone and a misspelt key: the whole check refuses it, but
+    // detach and exec still find where the agent answers and pins.
+    let text = r#"
+[agent]
+control_socket = "/run/t/control.sock"
+recording_dirr = "/x"
+
+[redirect]
+pin_dir = "/sys/fs/bpf/t"
+exec_socket = "/run/t/exec.sock"
+
+[[target]]
+name = "box"
+protocol = "ssh"
+address = "10.0.0.1:22"
+ssh_known_hosts = "/nonexistent/known_hosts"
+
+[[target.credential]]
+ssh_key_file = "/nonexistent/key"
+"#;
+    assert!(parse(text).is_err());
+    let paths = super::raw::check_host_paths(Path::new("t.toml"), text).expect("host paths");
+    assert_eq!(
+        paths,
+        HostPaths {
+            control_socket: PathBuf::from("/run/t/control.sock"),
+            pin_dir: PathBuf::from("/sys/fs/bpf/t"),
+            exec_socket: PathBuf::from("/run/t/exec.sock"),
+        }
+    );
+}
+
+#[test]
+fn host_paths_default_and_are_checked_like_the_full_file() {
+    let paths = super::raw::check_host_paths(Path::new("t.toml"), "").expect("defaults");
+    let redirect = RedirectSettings::default();
+    assert_eq!(paths.control_socket, Path::new(DEFAULT_CONTROL_SOCKET));
+    assert_eq!(paths.pin_dir, redirect.pin_dir);
+    assert_eq!(paths.exec_socket, redirect.exec_socket);
+
+    let text = "[redirect]\npin_dir = \"bpf\"\nexec_socket = \"exec.sock\"\n";
+    let lenient = super::raw::check_host_paths(Path::new("t.toml"), text)
+        .expect_err("relative paths are refused")
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(lenient, errors(text), "the same errors, in the same places");
+    assert_eq!(lenient.len(), 2, "{lenient:?}");
+
+    let broken =
+        super::raw::check_host_paths(Path::new("t.toml"), "[agent\n").expect_err("not TOML");
+    assert!(broken.0[0].to_string().contains("t.toml:1:"), "{broken}");
+}
