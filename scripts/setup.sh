@@ -27,10 +27,11 @@ as_root() {
 # the reviewers' web page in a real headless browser; btrfs-progs: an
 # executable on a btrfs subvolume in the identity tests; openssh-server and
 # openssh-client: SSH hosts and clients for SSH targets (git over SSH too);
-# rsync: rsync over SSH in the SSH tests.
+# rsync: rsync over SSH in the SSH tests; time: the CPU a build used in
+# scripts/bench-jobs.sh.
 packages=(postgresql postgresql-client mariadb-server mariadb-client pgbouncer sysbench openssl
           iproute2 libclang-dev clang build-essential pkg-config ca-certificates curl
-          python3 python3-pip chromium chromium-driver btrfs-progs openssh-server openssh-client rsync)
+          python3 python3-pip chromium chromium-driver btrfs-progs openssh-server openssh-client rsync time)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -59,6 +59,10 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// wakes the reader only once a sixteenth of a ring is pending, so that a
 /// process-heavy job does not cost a context switch per event.
 const POLL_EVERY: Duration = Duration::from_millis(20);
+/// Kernel events placed and handed to the recorder together at most: a
+/// ring full after a stall is queued in pieces, each within the room
+/// [`MAX_QUEUED_FOR_JOBS`] leaves.
+const DRAIN_BATCH: usize = 256;
 /// How deep below a governed cgroup a job's cgroup is looked for.
 const MAX_SEARCH_DEPTH: usize = 8;
 /// Job events are dropped (and counted) rather than queued while the
@@ -354,14 +358,35 @@ impl Jobs {
 
     /// Records one kernel event in its job.
     pub fn record(&self, event: KernelJobEvent) {
-        if self.recorder.queued() >= MAX_QUEUED_FOR_JOBS {
-            self.dropped_here.fetch_add(1, Ordering::Relaxed);
-            return;
+        self.record_all(std::iter::once(event));
+    }
+
+    /// Records kernel events in their jobs, in order, handed to the
+    /// recorder together (one wake-up of its writer for all of them).
+    pub fn record_all(&self, events: impl IntoIterator<Item = KernelJobEvent>) {
+        let mut room = MAX_QUEUED_FOR_JOBS.saturating_sub(self.recorder.queued());
+        let mut out = Vec::new();
+        let mut state = lock(&self.state);
+        for event in events {
+            if room == 0 {
+                self.dropped_here.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            room -= 1;
+            out.push(self.place(&mut state, event));
         }
+        // Under the lock, as every other emission of a job's events: a
+        // sweep cannot close a job between placing its events and queueing
+        // them.
+        self.recorder.emit_all(out);
+    }
+
+    /// `event` placed in its job (opening the job if need be), as the
+    /// recorder's event for that job.
+    fn place(&self, state: &mut State, event: KernelJobEvent) -> SessionEvent {
         let at_unix_us = self.unix_us(event.boot_ns);
         let pid = event.pid;
-        let mut state = lock(&self.state);
-        let key = self.follow(&mut state, &event);
+        let key = self.follow(state, &event);
         let body = match event.what {
             JobActivity::Exec {
                 ppid,
@@ -418,10 +443,10 @@ impl Jobs {
                 job.live.insert(pid);
             }
         }
-        self.recorder.emit(&SessionEvent::Job {
+        SessionEvent::Job {
             session: record.id,
             record: Arc::new(body),
-        });
+        }
     }
 
     /// The job `event` belongs to, following processes: a fork's child
@@ -671,17 +696,22 @@ async fn read_ring(jobs: Arc<Jobs>, ring: RingBuf<MapData>, stop: CancellationTo
     }
 }
 
-/// Records every event pending in `ring`.
+/// Records every event pending in `ring`, up to [`DRAIN_BATCH`] at a time.
 fn drain(jobs: &Jobs, ring: &mut RingBuf<MapData>) {
+    let mut batch = Vec::with_capacity(DRAIN_BATCH);
     while let Some(item) = ring.next() {
         match decode(&item) {
-            Some(event) => jobs.record(event),
+            Some(event) => batch.push(event),
             None => tracing::warn!(
                 len = item.len(),
                 "a job event of unexpected size or kind was skipped"
             ),
         }
+        if batch.len() == DRAIN_BATCH {
+            jobs.record_all(batch.drain(..));
+        }
     }
+    jobs.record_all(batch);
 }
 
 #[cfg(test)]
@@ -912,6 +942,38 @@ mod tests {
         let third = &found["runner.service github_actions:acme/shop:44:build"].1;
         assert_eq!(third, &["session 14", "fork 14", "exec 14", "exit 14"]);
         assert_eq!(found.len(), 4, "{found:?}");
+    }
+
+    /// A drain's events go to the recorder as one batch, in order; past
+    /// the room the recorder has for jobs, the rest is dropped and counted,
+    /// not queued.
+    #[test]
+    fn a_batch_is_recorded_in_order_and_what_exceeds_the_room_is_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cgroup = tmp.path().join("exec-1-0");
+        std::fs::create_dir_all(&cgroup).unwrap();
+        std::fs::write(cgroup.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let recordings = tmp.path().join("recordings");
+        let (jobs, handle) = jobs_at(&cgroup, &tmp.path().join("proc"), &recordings, Vec::new());
+        let extra = 10;
+        let total = u32::try_from(MAX_QUEUED_FOR_JOBS).unwrap() + extra;
+        jobs.record_all((0..total).map(|i| fork(1000 + i, 999)));
+        assert_eq!(jobs.view().events_dropped_by_agent, u64::from(extra));
+        jobs.close_all();
+        drop(jobs);
+        assert_eq!(handle.shutdown().lost, 0);
+        let all = crate::recording::list(&recordings, &Default::default());
+        assert_eq!(all.len(), 1, "{all:?}");
+        let rec = crate::recording::read_recording(&all[0].path).unwrap();
+        let forked: Vec<u32> = rec
+            .events()
+            .filter_map(|e| match &e.event {
+                Event::ProcessFork(f) => Some(f.pid),
+                _ => None,
+            })
+            .collect();
+        let expected: Vec<u32> = (0..total - extra).map(|i| 1000 + i).collect();
+        assert_eq!(forked, expected, "every event within the room, in order");
     }
 
     #[test]

@@ -196,6 +196,12 @@ enum Msg {
         event: SessionEvent,
         policy_digest: Option<Arc<str>>,
     },
+    /// Events emitted together ([`RecordingSink::emit_all`]): one queue
+    /// slot and at most one wake-up of the writer for all of them.
+    Events {
+        at: Instant,
+        events: Vec<SessionEvent>,
+    },
     Shutdown,
 }
 
@@ -426,6 +432,53 @@ impl RecordingSink {
     }
 }
 
+impl RecordingSink {
+    /// Emits `events` in order as one message: for many events from one
+    /// place at once (a drain of the kernel's job events), so that they
+    /// cost the writer one wake-up instead of one each. Session starts
+    /// among them go through [`EventSink::emit`] on their own, in order.
+    pub fn emit_all(&self, events: Vec<SessionEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        if events.iter().any(|e| matches!(e, SessionEvent::Started(_))) {
+            for event in &events {
+                self.emit(event);
+            }
+            return;
+        }
+        let raw: u64 = events.iter().map(raw_len).sum();
+        if raw > 0 {
+            let before = self.shared.raw_queued.fetch_add(raw, Ordering::Relaxed);
+            if before.saturating_add(raw) > MAX_QUEUED_RAW_BYTES {
+                self.shared.raw_queued.fetch_sub(raw, Ordering::Relaxed);
+                for event in &events {
+                    self.shared.lose_queued(event, Overflow::RawBytes);
+                }
+                return;
+            }
+        }
+        let count = events.len() as u64;
+        self.shared.queued.fetch_add(count, Ordering::Relaxed);
+        let sent = self.tx.try_send(Msg::Events {
+            at: Instant::now(),
+            events,
+        });
+        let (events, why) = match sent {
+            Ok(()) => return,
+            Err(TrySendError::Full(msg)) => (msg, Overflow::Events),
+            Err(TrySendError::Disconnected(msg)) => (msg, Overflow::Stopped),
+        };
+        self.shared.queued.fetch_sub(count, Ordering::Relaxed);
+        self.shared.raw_queued.fetch_sub(raw, Ordering::Relaxed);
+        if let Msg::Events { events, .. } = events {
+            for event in &events {
+                self.shared.lose_queued(event, why);
+            }
+        }
+    }
+}
+
 impl EventSink for RecordingSink {
     fn emit(&self, event: &SessionEvent) {
         let policy_digest = match event {
@@ -618,11 +671,16 @@ impl Writer {
                 self.sync_all();
                 // Whatever was queued behind the shutdown is lost: count it.
                 while let Ok(msg) = self.rx.try_recv() {
-                    if let Msg::Event { event, .. } = msg {
+                    let events = match msg {
+                        Msg::Event { event, .. } => vec![event],
+                        Msg::Events { events, .. } => events,
+                        Msg::Shutdown => Vec::new(),
+                    };
+                    for event in &events {
                         self.shared
                             .raw_queued
-                            .fetch_sub(raw_len(&event), Ordering::Relaxed);
-                        self.shared.lose_queued(&event, Overflow::Stopped);
+                            .fetch_sub(raw_len(event), Ordering::Relaxed);
+                        self.shared.lose_queued(event, Overflow::Stopped);
                     }
                 }
                 return;
@@ -632,20 +690,28 @@ impl Writer {
 
     /// Handles one message; true to stop.
     fn handle(&mut self, msg: Msg) -> bool {
-        let (at, event, digest) = match msg {
+        match msg {
             Msg::Shutdown => return true,
             Msg::Event {
                 at,
                 event,
                 policy_digest,
-            } => {
-                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-                self.shared
-                    .raw_queued
-                    .fetch_sub(raw_len(&event), Ordering::Relaxed);
-                (at, event, policy_digest)
+            } => self.handle_event(at, event, policy_digest),
+            Msg::Events { at, events } => {
+                for event in events {
+                    self.handle_event(at, event, None);
+                }
             }
-        };
+        }
+        false
+    }
+
+    /// Records one event taken off the queue.
+    fn handle_event(&mut self, at: Instant, event: SessionEvent, digest: Option<Arc<str>>) {
+        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+        self.shared
+            .raw_queued
+            .fetch_sub(raw_len(&event), Ordering::Relaxed);
         let id = session_of(&event);
         if let SessionEvent::Started(info) = &event {
             if self.open.contains_key(&id) {
@@ -654,12 +720,12 @@ impl Writer {
             } else {
                 self.open_session(info, at, digest.as_deref());
             }
-            return false;
+            return;
         }
         if !self.open.contains_key(&id) {
             // Its start was lost or its file failed: already reported.
             self.shared.count_lost(1);
-            return false;
+            return;
         }
         let closed = matches!(event, SessionEvent::Closed { .. });
         if closed {
@@ -705,18 +771,17 @@ impl Writer {
             }
             None => {
                 self.shared.count_lost(1);
-                return false;
+                return;
             }
         };
         if let Err(e) = result {
             // The event is among the file's unconfirmed records: counted.
             self.session_failed(&id, &e);
-            return false;
+            return;
         }
         if closed {
             self.finish(&id);
         }
-        false
     }
 
     fn open_session(&mut self, info: &SessionInfo, at: Instant, digest: Option<&str>) {

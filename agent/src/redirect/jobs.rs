@@ -209,15 +209,33 @@ pub fn decode(bytes: &[u8]) -> Option<KernelJobEvent> {
     let head = read_pod::<JobEvent>(bytes)?;
     let what = match head.kind {
         JOB_EVENT_EXEC => {
-            let exec = read_pod::<JobExecEvent>(bytes)?;
-            let len = usize::try_from(exec.args_len)
+            if bytes.len() < std::mem::size_of::<JobExecEvent>() {
+                return None;
+            }
+            // Read in place: a copy of the whole record (filename and
+            // argument buffers, over a kilobyte) per exec was a visible
+            // part of the timeline's cost.
+            let field = |offset: usize, len: usize| &bytes[offset..offset + len];
+            let u32_at = |offset: usize| {
+                let mut word = [0; 4];
+                word.copy_from_slice(field(offset, 4));
+                u32::from_ne_bytes(word)
+            };
+            let args = field(
+                std::mem::offset_of!(JobExecEvent, args),
+                tollgate_common::JOB_ARGS_BYTES,
+            );
+            let len = usize::try_from(u32_at(std::mem::offset_of!(JobExecEvent, args_len)))
                 .unwrap_or(0)
-                .min(exec.args.len());
+                .min(args.len());
             JobActivity::Exec {
                 ppid: head.ppid,
-                filename: c_string(&exec.filename),
-                args: split_args(&exec.args[..len]),
-                args_truncated: exec.args_truncated != 0,
+                filename: c_string(field(
+                    std::mem::offset_of!(JobExecEvent, filename),
+                    tollgate_common::JOB_FILENAME_BYTES,
+                )),
+                args: split_args(&args[..len]),
+                args_truncated: u32_at(std::mem::offset_of!(JobExecEvent, args_truncated)) != 0,
             }
         }
         JOB_EVENT_FORK => JobActivity::Fork { ppid: head.ppid },
