@@ -28,9 +28,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -53,9 +55,8 @@ const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(300);
 /// A job whose cgroup could not be found closes after this long without
 /// events.
 const QUIET_UNKNOWN_CGROUP: Duration = Duration::from_secs(30);
-/// How often open jobs are looked at.
-const SWEEP_EVERY: Duration = Duration::from_millis(100);
-/// How often the ring buffers are read without a wake-up: the kernel side
+/// How often the ring buffers are read without a wake-up, and open jobs
+/// looked at: the kernel side
 /// wakes the reader only once a sixteenth of a ring is pending, so that a
 /// process-heavy job does not cost a context switch per event. Each read
 /// wakes the reader and then the recorder's writer; on these machines the
@@ -655,49 +656,70 @@ fn wait_status(status: u32) -> (Option<i32>, Option<i32>) {
 }
 
 /// Reads the job events of `rings` into `jobs` and sweeps the open jobs
-/// until `stop`; then closes every open job.
+/// until `stop`; then reads what is left and closes every open job. One
+/// task and one timer for every ring and the sweep: each wake-up costs
+/// more than the events it reads.
 pub async fn watch(jobs: Arc<Jobs>, rings: Vec<RingBuf<MapData>>, stop: CancellationToken) {
-    let mut readers = tokio::task::JoinSet::new();
-    for ring in rings {
-        readers.spawn(read_ring(jobs.clone(), ring, stop.clone()));
-    }
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    let mut rings: Vec<AsyncFd<RingBuf<MapData>>> = rings
+        .into_iter()
+        .filter_map(|ring| match crate::redirect::async_ring(ring) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the job events; job recordings stay empty");
+                None
+            }
+        })
+        .collect();
+    let mut tick = tokio::time::interval(POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tick.tick() => jobs.sweep(),
+            _ = tick.tick() => {
+                for ring in &mut rings {
+                    drain(&jobs, ring.get_mut());
+                }
+                jobs.sweep();
+            }
+            ready = first_readable(&rings), if !rings.is_empty() => match ready {
+                Ok(i) => {
+                    if let Some(ring) = rings.get_mut(i) {
+                        drain(&jobs, ring.get_mut());
+                    }
+                }
+                Err((i, e)) => {
+                    tracing::warn!(error = %e, "reading the job events failed; job recordings stop here");
+                    rings.swap_remove(i);
+                }
+            },
         }
     }
-    while readers.join_next().await.is_some() {}
+    for ring in &mut rings {
+        drain(&jobs, ring.get_mut());
+    }
     jobs.close_all();
 }
 
-async fn read_ring(jobs: Arc<Jobs>, ring: RingBuf<MapData>, stop: CancellationToken) {
-    let mut ring = match crate::redirect::async_ring(ring) {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the job events; job recordings stay empty");
-            return;
-        }
-    };
-    let mut poll = tokio::time::interval(POLL_EVERY);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            ready = ring.readable_mut() => match ready {
-                Ok(mut guard) => {
-                    drain(&jobs, guard.get_inner_mut());
+/// The index of a ring the kernel woke the reader for (its readiness
+/// cleared: what is pending is read next, and a later wake-up sets it
+/// again).
+async fn first_readable(
+    rings: &[AsyncFd<RingBuf<MapData>>],
+) -> Result<usize, (usize, std::io::Error)> {
+    std::future::poll_fn(|cx| {
+        for (i, ring) in rings.iter().enumerate() {
+            match ring.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut guard)) => {
                     guard.clear_ready();
+                    return Poll::Ready(Ok(i));
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the job events failed; job recordings stop here");
-                    return;
-                }
-            },
-            _ = poll.tick() => drain(&jobs, ring.get_mut()),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((i, e))),
+                Poll::Pending => {}
+            }
         }
-    }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Records every event pending in `ring`, up to [`DRAIN_BATCH`] at a time.
