@@ -26,7 +26,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -64,6 +64,10 @@ const QUIET_UNKNOWN_CGROUP: Duration = Duration::from_secs(30);
 /// (every 20 ms: about 60 ms of agent CPU for a 3.5 s compile of 300
 /// files). Events reach the recording at most this much later.
 const POLL_EVERY: Duration = Duration::from_millis(100);
+/// The same, while a CI runner is among the governed processes: a step's
+/// CI job is read from its environment, which is gone once it exits, so a
+/// runner's steps are read sooner, at the old cost.
+const POLL_EVERY_WITH_RUNNER: Duration = Duration::from_millis(20);
 /// Kernel events placed and handed to the recorder together at most: a
 /// ring full after a stall is queued in pieces, each within the room
 /// [`MAX_QUEUED_FOR_JOBS`] leaves.
@@ -194,6 +198,9 @@ pub struct Jobs {
     dropped_marked: Mutex<u64>,
     /// Events dropped here (recorder busy).
     dropped_here: AtomicU64,
+    /// Whether a CI runner was among the followed processes at the last
+    /// sweep (the rings are then read every [`POLL_EVERY_WITH_RUNNER`]).
+    runner_followed: AtomicBool,
     /// `CLOCK_BOOTTIME` to wall clock, in microseconds (kernel event times
     /// are boot-clock times).
     boot_to_unix_us: i128,
@@ -232,6 +239,7 @@ impl Jobs {
             state: Mutex::new(State::default()),
             dropped_marked: Mutex::new(0),
             dropped_here: AtomicU64::new(0),
+            runner_followed: AtomicBool::new(false),
             boot_to_unix_us: i128::from(unix_us_now()) - boot_us_now(),
         }
     }
@@ -567,6 +575,17 @@ impl Jobs {
                 self.close(&job);
             }
         }
+        let runner = state.processes.values().any(|t| t.runner.is_some());
+        self.runner_followed.store(runner, Ordering::Relaxed);
+    }
+
+    /// How long until the rings are read again without a wake-up.
+    fn poll_period(&self) -> Duration {
+        if self.runner_followed.load(Ordering::Relaxed) {
+            POLL_EVERY_WITH_RUNNER
+        } else {
+            POLL_EVERY
+        }
     }
 
     fn close(&self, job: &OpenJob) {
@@ -670,16 +689,16 @@ pub async fn watch(jobs: Arc<Jobs>, rings: Vec<RingBuf<MapData>>, stop: Cancella
             }
         })
         .collect();
-    let mut tick = tokio::time::interval(POLL_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_read = tokio::time::Instant::now() + POLL_EVERY;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tick.tick() => {
+            _ = tokio::time::sleep_until(next_read) => {
                 for ring in &mut rings {
                     drain(&jobs, ring.get_mut());
                 }
                 jobs.sweep();
+                next_read = tokio::time::Instant::now() + jobs.poll_period();
             }
             ready = first_readable(&rings), if !rings.is_empty() => match ready {
                 Ok(i) => {
@@ -1000,6 +1019,31 @@ mod tests {
             .collect();
         let expected: Vec<u32> = (0..total - extra).map(|i| 1000 + i).collect();
         assert_eq!(forked, expected, "every event within the room, in order");
+    }
+
+    /// The rings are read sooner while a CI runner is followed (its steps'
+    /// environments must be read before they exit), at the slow period
+    /// otherwise.
+    #[test]
+    fn the_rings_are_read_sooner_while_a_ci_runner_is_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cgroup = tmp.path().join("runner.service");
+        std::fs::create_dir_all(&cgroup).unwrap();
+        std::fs::write(cgroup.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let recordings = tmp.path().join("recordings");
+        let (jobs, handle) = jobs_at(&cgroup, &tmp.path().join("proc"), &recordings, Vec::new());
+        jobs.record(exec(30, 1, "/usr/bin/make"));
+        jobs.sweep();
+        assert_eq!(jobs.poll_period(), POLL_EVERY);
+        jobs.record(exec(31, 1, "/opt/actions-runner/bin/Runner.Worker"));
+        jobs.sweep();
+        assert_eq!(jobs.poll_period(), POLL_EVERY_WITH_RUNNER);
+        jobs.record(exit(31));
+        jobs.sweep();
+        assert_eq!(jobs.poll_period(), POLL_EVERY);
+        jobs.close_all();
+        drop(jobs);
+        assert_eq!(handle.shutdown().lost, 0);
     }
 
     #[test]
