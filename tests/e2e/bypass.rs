@@ -280,31 +280,9 @@ impl Suite {
     /// psql as nobody in `cgroup` to `host` (the server's port), running
     /// `sql` with verbose errors (so the SQLSTATE shows).
     fn psql_as_nobody(&self, cgroup: &Path, host: &str, sql: &str) -> Output {
-        let port = self.pg.port.to_string();
-        let psql = pg_tool("psql");
-        self.nobody(
-            Some(cgroup),
-            &[
-                psql.to_str().unwrap(),
-                "-X",
-                "-A",
-                "-t",
-                "-v",
-                "VERBOSITY=verbose",
-                "-h",
-                host,
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-c",
-                sql,
-            ],
-        )
-        .output()
-        .unwrap()
+        let argv = tollgate_tests::psql_argv(host, self.pg.port, "VERBOSITY=verbose", sql);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.nobody(Some(cgroup), &argv).output().unwrap()
     }
 
     /// Sessions that came through the redirect from user nobody.

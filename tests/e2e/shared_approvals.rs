@@ -201,34 +201,14 @@ impl Runner {
     /// psql to the "remote" target at `address`, run by `tollgate exec` as
     /// a CI job on this host would be: nothing tells it about the proxy.
     fn spawn_psql(&self, address: &str, port: u16, sql: &str) -> Child {
-        let port = port.to_string();
-        let psql = pg_tool("psql");
-        exec_command(
-            self.agent(),
-            &[
-                psql.to_str().unwrap(),
-                "-X",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                address,
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-c",
-                sql,
-            ],
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        let argv = tollgate_tests::psql_argv(address, port, "ON_ERROR_STOP=1", sql);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        exec_command(self.agent(), &argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 }
 

@@ -620,24 +620,41 @@ impl Drop for Agent {
 
 /// `psql` against 127.0.0.1:port as user postgres, running `sql`.
 pub fn psql_command(port: u16, sql: &str) -> Command {
-    let mut cmd = Command::new(pg_tool("psql"));
-    cmd.args([
+    let argv = psql_argv("127.0.0.1", port, "ON_ERROR_STOP=1", sql);
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGPASSWORD");
+    cmd
+}
+
+/// The argument vector, psql's path first, of an unaligned tuples-only
+/// psql (no psqlrc) as user `postgres` on database `postgres` at
+/// `host`:`port` running `sql`, with psql variable `variable` (such as
+/// `ON_ERROR_STOP=1` or `VERBOSITY=verbose`) set.
+pub fn psql_argv(host: &str, port: u16, variable: &str, sql: &str) -> Vec<String> {
+    let psql = pg_tool("psql").display().to_string();
+    let port = port.to_string();
+    [
+        psql.as_str(),
         "-X",
         "-A",
         "-t",
         "-v",
-        "ON_ERROR_STOP=1",
+        variable,
         "-h",
-        "127.0.0.1",
+        host,
+        "-p",
+        &port,
         "-U",
         "postgres",
         "-d",
         "postgres",
-    ])
-    .args(["-p", &port.to_string(), "-c", sql])
-    .env("PGCONNECT_TIMEOUT", "10")
-    .env_remove("PGPASSWORD");
-    cmd
+        "-c",
+        sql,
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// Runs psql and returns its trimmed stdout, failing with its stderr.

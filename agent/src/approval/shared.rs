@@ -326,6 +326,29 @@ async fn connect(
 
 /// A PostgreSQL error with the server's message and SQLSTATE when it sent
 /// one.
+/// Runs `change` (an INSERT or UPDATE of rows with an `id`) and notifies
+/// `channel` of every row it changed, in one statement, so that no
+/// listener hears of a change before it can read it; `doing` names the
+/// change in an error. Returns how many rows changed.
+async fn change_and_notify(
+    client: &tokio_postgres::Client,
+    change: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    channel: &str,
+    doing: &str,
+) -> Result<u64, String> {
+    let sql = format!(
+        "WITH changed AS ({change} RETURNING id) SELECT pg_notify(${}, id) FROM changed",
+        params.len() + 1
+    );
+    let mut all = params.to_vec();
+    all.push(&channel);
+    client
+        .execute(sql.as_str(), &all)
+        .await
+        .map_err(|e| describe(&e, doing))
+}
+
 fn describe(e: &tokio_postgres::Error, doing: &str) -> String {
     match e.as_db_error() {
         Some(db) => format!("{doing}: {} ({})", db.message(), db.code().code()),
@@ -591,20 +614,20 @@ impl GrantSync {
             }
             let json = serde_json::to_string(&grant).map_err(|e| format!("a grant: {e}"))?;
             // A revocation wins over a grant in force; nothing un-revokes.
-            client
-                .execute(
-                    "WITH written AS (INSERT INTO tollgate_grants (id, given_on, expires_at, revoked, grant_record) VALUES ($1, $2, to_timestamp($3), $4, $5::text::jsonb) ON CONFLICT (id) DO UPDATE SET revoked = true, grant_record = EXCLUDED.grant_record, updated_at = now() WHERE EXCLUDED.revoked AND NOT tollgate_grants.revoked RETURNING id) SELECT pg_notify($6, id) FROM written",
-                    &[
-                        &grant.id.as_str(),
-                        &self.given_on,
-                        &seconds_f64(grant.expires_at),
-                        &revoked,
-                        &json,
-                        &GRANTS_CHANNEL,
-                    ],
-                )
-                .await
-                .map_err(|e| describe(&e, "cannot write a grant"))?;
+            change_and_notify(
+                client,
+                "INSERT INTO tollgate_grants (id, given_on, expires_at, revoked, grant_record) VALUES ($1, $2, to_timestamp($3), $4, $5::text::jsonb) ON CONFLICT (id) DO UPDATE SET revoked = true, grant_record = EXCLUDED.grant_record, updated_at = now() WHERE EXCLUDED.revoked AND NOT tollgate_grants.revoked",
+                &[
+                    &grant.id.as_str(),
+                    &self.given_on,
+                    &seconds_f64(grant.expires_at),
+                    &revoked,
+                    &json,
+                ],
+                GRANTS_CHANNEL,
+                "cannot write a grant",
+            )
+            .await?;
             self.known.insert(grant.id, revoked);
         }
         Ok(())
@@ -702,13 +725,14 @@ async fn resync_agent(
             .and_then(|v| v.outcome.as_ref())
             .map_or("aborted", |o| RequestEventKind::of_outcome(o).as_str());
         let view = ended.map(|v| serde_json::to_string(&v).unwrap_or_default());
-        client
-            .execute(
-                "WITH ended AS (UPDATE tollgate_review_requests SET state = $2, view = COALESCE($3::text::jsonb, view), updated_at = now() WHERE id = $1 AND state = 'pending' RETURNING id) SELECT pg_notify($4, id) FROM ended",
-                &[&id, &state, &view, &REQUESTS_CHANNEL],
-            )
-            .await
-            .map_err(|e| describe(&e, "cannot end a request"))?;
+        change_and_notify(
+            client,
+            "UPDATE tollgate_review_requests SET state = $2, view = COALESCE($3::text::jsonb, view), updated_at = now() WHERE id = $1 AND state = 'pending'",
+            &[&id, &state, &view],
+            REQUESTS_CHANNEL,
+            "cannot end a request",
+        )
+        .await?;
     }
     let pending: Vec<RequestId> = pending.into_iter().map(|v| v.id).collect();
     apply_decisions(client, side, host, &pending, link).await
@@ -720,20 +744,20 @@ async fn insert_request(
     view: &RequestView,
 ) -> Result<(), String> {
     let json = serde_json::to_string(view).map_err(|e| format!("a request: {e}"))?;
-    client
-        .execute(
-            "WITH added AS (INSERT INTO tollgate_review_requests (id, host, submitted_at, expires_at, view) VALUES ($1, $2, to_timestamp($3), to_timestamp($4), $5::text::jsonb) ON CONFLICT (id) DO NOTHING RETURNING id) SELECT pg_notify($6, id) FROM added",
-            &[
-                &view.id.as_str(),
-                &host,
-                &seconds_f64(view.submitted_at),
-                &seconds_f64(view.expires_at),
-                &json,
-                &REQUESTS_CHANNEL,
-            ],
-        )
-        .await
-        .map_err(|e| describe(&e, "cannot add a request"))?;
+    change_and_notify(
+        client,
+        "INSERT INTO tollgate_review_requests (id, host, submitted_at, expires_at, view) VALUES ($1, $2, to_timestamp($3), to_timestamp($4), $5::text::jsonb) ON CONFLICT (id) DO NOTHING",
+        &[
+            &view.id.as_str(),
+            &host,
+            &seconds_f64(view.submitted_at),
+            &seconds_f64(view.expires_at),
+            &json,
+        ],
+        REQUESTS_CHANNEL,
+        "cannot add a request",
+    )
+    .await?;
     Ok(())
 }
 
@@ -754,13 +778,14 @@ async fn write_event(
     };
     let json = serde_json::to_string(view).map_err(|e| format!("a request: {e}"))?;
     // A row decided by the review server stays as it was written there.
-    client
-        .execute(
-            "WITH changed AS (UPDATE tollgate_review_requests SET state = $2, view = $3::text::jsonb, updated_at = now() WHERE id = $1 AND host = $4 AND state = 'pending' RETURNING id) SELECT pg_notify($5, id) FROM changed",
-            &[&view.id.as_str(), &state, &json, &host, &REQUESTS_CHANNEL],
-        )
-        .await
-        .map_err(|e| describe(&e, "cannot update a request"))?;
+    change_and_notify(
+        client,
+        "UPDATE tollgate_review_requests SET state = $2, view = $3::text::jsonb, updated_at = now() WHERE id = $1 AND host = $4 AND state = 'pending'",
+        &[&view.id.as_str(), &state, &json, &host],
+        REQUESTS_CHANNEL,
+        "cannot update a request",
+    )
+    .await?;
     Ok(())
 }
 
@@ -1000,21 +1025,22 @@ async fn write_unsent(
 ) -> Result<(), String> {
     while let Some((id, (decision, expires))) = unsent.pop_first() {
         let json = serde_json::to_string(&decision).map_err(|e| format!("a decision: {e}"))?;
-        let written = client
-            .query(
-                "WITH decided AS (UPDATE tollgate_review_requests SET state = $2, decision = $3::text::jsonb, decided_at = now(), updated_at = now() WHERE id = $1 AND state = 'pending' AND expires_at > now() RETURNING id) SELECT pg_notify($4, id) FROM decided",
-                &[&id.as_str(), &decision.state(), &json, &DECISIONS_CHANNEL],
-            )
-            .await;
+        let written = change_and_notify(
+            client,
+            "UPDATE tollgate_review_requests SET state = $2, decision = $3::text::jsonb, decided_at = now(), updated_at = now() WHERE id = $1 AND state = 'pending' AND expires_at > now()",
+            &[&id.as_str(), &decision.state(), &json],
+            DECISIONS_CHANNEL,
+            "cannot write a decision",
+        )
+        .await;
         match written {
-            Ok(rows) if rows.is_empty() => {
+            Ok(0) => {
                 tracing::warn!(request = %id, decision = decision.state(), "review server: the request ended on its agent before the decision reached it; nothing runs");
             }
             Ok(_) => {
                 tracing::info!(request = %id, decision = decision.state(), "review server: decision written; the agent applies it");
             }
-            Err(e) => {
-                let why = describe(&e, "cannot write a decision");
+            Err(why) => {
                 if expires > unix_seconds(SystemTime::now()) {
                     unsent.insert(id, (decision, expires));
                 } else {
