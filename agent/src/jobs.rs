@@ -55,10 +55,10 @@ const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(300);
 /// A job whose cgroup could not be found closes after this long without
 /// events.
 const QUIET_UNKNOWN_CGROUP: Duration = Duration::from_secs(30);
-/// How often the ring buffers are read without a wake-up, and open jobs
-/// looked at: the kernel side
-/// wakes the reader only once a sixteenth of a ring is pending, so that a
-/// process-heavy job does not cost a context switch per event. Each read
+/// How often the ring buffers are read without a wake-up, and the open
+/// jobs swept. The kernel side wakes the reader only once a sixteenth of a
+/// ring is pending, so that a process-heavy job does not cost a context
+/// switch per event. Each read
 /// wakes the reader and then the recorder's writer; on these machines the
 /// wake-ups, not the events, were most of the timeline's cost on a build
 /// (every 20 ms: about 60 ms of agent CPU for a 3.5 s compile of 300

@@ -430,9 +430,7 @@ impl RecordingSink {
     pub fn signing_key_id(&self) -> Option<&str> {
         self.shared.signing_key_id.as_deref()
     }
-}
 
-impl RecordingSink {
     /// Emits `events` in order as one message: for many events from one
     /// place at once (a drain of the kernel's job events), so that they
     /// cost the writer one wake-up instead of one each. Session starts
