@@ -43,6 +43,34 @@ impl fmt::Display for LocatedError {
 
 impl std::error::Error for LocatedError {}
 
+/// Parses TOML into `T`, turning a syntax or shape error into one
+/// positioned [`LocatedError`].
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, LocatedError> {
+    toml::from_str(text).map_err(|e| {
+        let (line, column) = match e.span() {
+            Some(span) => {
+                let (l, c) = crate::config::line_column(text, span.start);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        LocatedError {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: match e.message().trim_end() {
+                // The TOML parser says nothing of some bytes it refuses
+                // (a control character in a comment).
+                "" => "invalid TOML here (a control character or a stray byte)".to_owned(),
+                message => message.to_owned(),
+            },
+        }
+    })
+}
+
 /// Every problem found, one per line: files in the order read, each file's
 /// in text order.
 #[derive(Debug, Clone, PartialEq, Eq)]

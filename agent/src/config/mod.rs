@@ -539,25 +539,13 @@ pub type ConfigErrors = crate::located::LocatedErrors;
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            crate::located::LocatedErrors(vec![ConfigError::file(
-                path,
-                format!("cannot read configuration: {e}"),
-            )])
-        })?;
-        Config::from_toml(path, &text)
+        Config::from_toml(path, &read_text(path)?)
     }
 
     /// Reads only [`HostPaths`] from a configuration file, leniently: see
     /// there.
     pub fn load_host_paths(path: &Path) -> Result<HostPaths, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            crate::located::LocatedErrors(vec![ConfigError::file(
-                path,
-                format!("cannot read configuration: {e}"),
-            )])
-        })?;
-        raw::check_host_paths(path, &text)
+        raw::check_host_paths(path, &read_text(path)?)
     }
 
     /// Validates configuration text; `path` is used in error messages only.
@@ -569,6 +557,16 @@ impl Config {
     pub fn listener(&self, listen: SocketAddr) -> Option<&Listener> {
         self.listeners.iter().find(|l| l.listen == listen)
     }
+}
+
+/// A configuration file's text, or why it cannot be read.
+fn read_text(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        crate::located::LocatedErrors(vec![ConfigError::file(
+            path,
+            format!("cannot read configuration: {e}"),
+        )])
+    })
 }
 
 /// Parses a size in bytes: a whole number, optionally followed (spaces

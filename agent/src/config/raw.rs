@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::located::LocatedErrors;
+use crate::located::{parse_toml, LocatedErrors};
 
 use crate::policy::{IdentityMatch, IdentitySpec};
 
@@ -286,25 +286,6 @@ impl Checker<'_> {
     }
 }
 
-/// The file's TOML read into `T`, or where it is not TOML or not `T`.
-fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigErrors> {
-    toml::from_str(text).map_err(|e| {
-        let (line, column) = match e.span() {
-            Some(span) => {
-                let (l, c) = line_column(text, span.start);
-                (Some(l), Some(c))
-            }
-            None => (None, None),
-        };
-        LocatedErrors(vec![ConfigError {
-            path: path.to_path_buf(),
-            line,
-            column,
-            message: e.message().trim_end().to_string(),
-        }])
-    })
-}
-
 /// Only the keys behind [`HostPaths`]; every other key and table is
 /// ignored (no `deny_unknown_fields`), unread and unchecked.
 #[derive(Deserialize, Default)]
@@ -327,7 +308,7 @@ struct RawHostPathsRedirect {
 }
 
 pub(super) fn check_host_paths(path: &Path, text: &str) -> Result<HostPaths, ConfigErrors> {
-    let raw: RawHostPaths = parse(path, text)?;
+    let raw: RawHostPaths = parse_toml(path, text).map_err(|e| LocatedErrors(vec![e]))?;
     let mut c = Checker {
         path,
         text,
@@ -360,7 +341,7 @@ pub(super) fn check_host_paths(path: &Path, text: &str) -> Result<HostPaths, Con
 }
 
 pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = parse(path, text)?;
+    let raw: RawConfig = parse_toml(path, text).map_err(|e| LocatedErrors(vec![e]))?;
     let mut c = Checker {
         path,
         text,

@@ -19,6 +19,7 @@ use super::review::RawReview;
 use super::{Action, PolicyError, ProcessAction, ProcessActionKind, ProcessActionScope};
 use crate::config::line_column;
 use crate::identity::CiProvider;
+use crate::located::parse_toml;
 use crate::masking::{ColumnSpec, MaskMethod, MaskRule};
 use crate::sql::StatementKind;
 
@@ -777,34 +778,6 @@ fn valid_name(name: &str) -> bool {
     chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
         && name.len() <= MAX_NAME_LEN
-}
-
-/// Parses TOML into `T`, turning a syntax or shape error into one
-/// positioned [`PolicyError`].
-pub(super) fn parse_toml<T: de::DeserializeOwned>(
-    path: &Path,
-    text: &str,
-) -> Result<T, PolicyError> {
-    toml::from_str(text).map_err(|e| {
-        let (line, column) = match e.span() {
-            Some(span) => {
-                let (l, c) = line_column(text, span.start);
-                (Some(l), Some(c))
-            }
-            None => (None, None),
-        };
-        PolicyError {
-            path: path.to_path_buf(),
-            line,
-            column,
-            message: match e.message().trim_end() {
-                // The TOML parser says nothing of some bytes it refuses
-                // (a control character in a comment).
-                "" => "invalid TOML here (a control character or a stray byte)".to_owned(),
-                message => message.to_owned(),
-            },
-        }
-    })
 }
 
 /// Compiles one policy file.

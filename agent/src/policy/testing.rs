@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::compile::{items, parse_toml, Checker, OneOrMany, CI_PROVIDER_NAMES};
+use super::compile::{items, Checker, OneOrMany, CI_PROVIDER_NAMES};
 use super::{
     collect_files, most_restrictive, Action, Decision, PolicyError, PolicyErrors, PolicySet,
     TESTS_SUFFIX,
 };
 use crate::identity::{Ancestor, CiContext, CiProvider, ProcessIdentity};
+use crate::located::parse_toml;
 use crate::located::LocatedErrors;
 
 #[derive(Deserialize)]
