@@ -262,6 +262,21 @@ impl Checker<'_> {
         self.error_at(value.span().start, message);
     }
 
+    /// `value` as a path when it is absolute; otherwise `message` is
+    /// reported at it.
+    fn absolute_path(
+        &mut self,
+        value: &Spanned<String>,
+        message: impl Into<String>,
+    ) -> Option<PathBuf> {
+        if Path::new(value.get_ref()).is_absolute() {
+            Some(PathBuf::from(value.get_ref()))
+        } else {
+            self.error(value, message);
+            None
+        }
+    }
+
     fn duration(
         &mut self,
         value: &Option<Spanned<String>>,
@@ -548,12 +563,11 @@ fn check_approvals(c: &mut Checker<'_>, raw: &RawAgent, agent: &mut AgentSetting
             &mut agent.approvals_tokens,
         ),
     ] {
-        if let Some(v) = value {
-            if Path::new(v.get_ref()).is_absolute() {
-                *target = PathBuf::from(v.get_ref());
-            } else {
-                c.error(v, format!("{field} must be an absolute path"));
-            }
+        if let Some(path) = value
+            .as_ref()
+            .and_then(|v| c.absolute_path(v, format!("{field} must be an absolute path")))
+        {
+            *target = path;
         }
     }
     if let Some(m) = &raw.approvals_socket_mode {
@@ -595,12 +609,10 @@ fn check_approvals_listener(c: &mut Checker<'_>, raw: &RawAgent, agent: &mut Age
             &mut agent.approvals_tls_key,
         ),
     ] {
-        if let Some(v) = value {
-            if Path::new(v.get_ref()).is_absolute() {
-                *target = Some(PathBuf::from(v.get_ref()));
-            } else {
-                c.error(v, format!("{field} must be an absolute path to a PEM file"));
-            }
+        if let Some(path) = value.as_ref().and_then(|v| {
+            c.absolute_path(v, format!("{field} must be an absolute path to a PEM file"))
+        }) {
+            *target = Some(path);
         }
     }
     let Some(listen) = &raw.approvals_listen else {
@@ -1190,15 +1202,10 @@ fn check_shared_approvals(
         ),
     }
     let password_file = secret_path(c, "password_file", s.password_file.as_ref()).unwrap_or(None);
-    let ca_file = s.ca_file.as_ref().and_then(|f| {
-        let path = PathBuf::from(f.get_ref());
-        if path.is_absolute() {
-            Some(path)
-        } else {
-            c.error(f, "shared_approvals ca_file must be an absolute path");
-            None
-        }
-    });
+    let ca_file = s
+        .ca_file
+        .as_ref()
+        .and_then(|f| c.absolute_path(f, "shared_approvals ca_file must be an absolute path"));
     let host = match &s.host {
         Some(h) => {
             let name = h.get_ref();
@@ -1682,22 +1689,14 @@ fn control_socket(c: &mut Checker<'_>, s: &Spanned<String>) -> Option<PathBuf> {
 }
 
 fn pin_dir(c: &mut Checker<'_>, d: &Spanned<String>) -> Option<PathBuf> {
-    if !Path::new(d.get_ref()).is_absolute() {
-        c.error(
-            d,
-            "redirect.pin_dir must be an absolute path on bpffs, such as /sys/fs/bpf/tollgate",
-        );
-        return None;
-    }
-    Some(PathBuf::from(d.get_ref()))
+    c.absolute_path(
+        d,
+        "redirect.pin_dir must be an absolute path on bpffs, such as /sys/fs/bpf/tollgate",
+    )
 }
 
 fn exec_socket(c: &mut Checker<'_>, s: &Spanned<String>) -> Option<PathBuf> {
-    if !Path::new(s.get_ref()).is_absolute() {
-        c.error(s, "redirect.exec_socket must be an absolute path");
-        return None;
-    }
-    Some(PathBuf::from(s.get_ref()))
+    c.absolute_path(s, "redirect.exec_socket must be an absolute path")
 }
 
 fn check_protect(
