@@ -812,6 +812,22 @@ mod tests {
         event(pid, 5, JobActivity::Exit { status: 0 })
     }
 
+    /// A cgroup directory `name` under `root` whose `cgroup.events` reads
+    /// `events`.
+    fn cgroup_dir(root: &Path, name: &str, events: &str) -> PathBuf {
+        let cgroup = root.join(name);
+        std::fs::create_dir_all(&cgroup).unwrap();
+        std::fs::write(cgroup.join("cgroup.events"), events).unwrap();
+        cgroup
+    }
+
+    /// The one recording under `recordings`.
+    fn only_recording(recordings: &Path) -> crate::recording::Recording {
+        let all = crate::recording::list(recordings, &Default::default());
+        assert_eq!(all.len(), 1, "one job recording: {all:?}");
+        crate::recording::read_recording(&all[0].path).unwrap()
+    }
+
     /// A timeline recording into `recordings`, with cgroup 5 at `cgroup`
     /// and processes' environments under `proc_root`.
     fn jobs_at(
@@ -841,9 +857,7 @@ mod tests {
     #[test]
     fn a_long_quiet_job_whose_cgroup_just_emptied_keeps_its_last_events() {
         let tmp = tempfile::tempdir().unwrap();
-        let cgroup = tmp.path().join("exec-1-0");
-        std::fs::create_dir_all(&cgroup).unwrap();
-        std::fs::write(cgroup.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+        let cgroup = cgroup_dir(tmp.path(), "exec-1-0", "populated 1\nfrozen 1\n");
         let recordings = tmp.path().join("recordings");
         let (jobs, handle) = jobs_at(&cgroup, &tmp.path().join("proc"), &recordings, Vec::new());
         jobs.record(exec(20, 1, "/usr/bin/sh"));
@@ -861,9 +875,7 @@ mod tests {
         assert_eq!(jobs.view().open.len(), 0);
         drop(jobs);
         assert_eq!(handle.shutdown().lost, 0);
-        let all = crate::recording::list(&recordings, &Default::default());
-        assert_eq!(all.len(), 1, "one job recording: {all:?}");
-        let rec = crate::recording::read_recording(&all[0].path).unwrap();
+        let rec = only_recording(&recordings);
         let kinds: Vec<bool> = rec
             .events()
             .map(|e| matches!(e.event, Event::ProcessExit(_)))
@@ -889,9 +901,7 @@ mod tests {
             )
             .unwrap();
         }
-        let cgroup = tmp.path().join("runner.service");
-        std::fs::create_dir_all(&cgroup).unwrap();
-        std::fs::write(cgroup.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let cgroup = cgroup_dir(tmp.path(), "runner.service", "populated 1\nfrozen 0\n");
         let recordings = tmp.path().join("recordings");
         let (jobs, handle) = jobs_at(&cgroup, &proc_root, &recordings, vec!["db".into()]);
         jobs.record(exec(10, 1, "/opt/actions-runner/bin/Runner.Worker"));
@@ -995,9 +1005,7 @@ mod tests {
     #[test]
     fn a_batch_is_recorded_in_order_and_what_exceeds_the_room_is_counted() {
         let tmp = tempfile::tempdir().unwrap();
-        let cgroup = tmp.path().join("exec-1-0");
-        std::fs::create_dir_all(&cgroup).unwrap();
-        std::fs::write(cgroup.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let cgroup = cgroup_dir(tmp.path(), "exec-1-0", "populated 1\nfrozen 0\n");
         let recordings = tmp.path().join("recordings");
         let (jobs, handle) = jobs_at(&cgroup, &tmp.path().join("proc"), &recordings, Vec::new());
         let extra = 10;
@@ -1007,9 +1015,7 @@ mod tests {
         jobs.close_all();
         drop(jobs);
         assert_eq!(handle.shutdown().lost, 0);
-        let all = crate::recording::list(&recordings, &Default::default());
-        assert_eq!(all.len(), 1, "{all:?}");
-        let rec = crate::recording::read_recording(&all[0].path).unwrap();
+        let rec = only_recording(&recordings);
         let forked: Vec<u32> = rec
             .events()
             .filter_map(|e| match &e.event {
@@ -1027,9 +1033,7 @@ mod tests {
     #[test]
     fn the_rings_are_read_sooner_while_a_ci_runner_is_followed() {
         let tmp = tempfile::tempdir().unwrap();
-        let cgroup = tmp.path().join("runner.service");
-        std::fs::create_dir_all(&cgroup).unwrap();
-        std::fs::write(cgroup.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let cgroup = cgroup_dir(tmp.path(), "runner.service", "populated 1\nfrozen 0\n");
         let recordings = tmp.path().join("recordings");
         let (jobs, handle) = jobs_at(&cgroup, &tmp.path().join("proc"), &recordings, Vec::new());
         jobs.record(exec(30, 1, "/usr/bin/make"));
