@@ -11,12 +11,12 @@ fn parse(text: &str) -> Result<Config, ConfigErrors> {
 }
 
 fn errors(text: &str) -> Vec<String> {
-    parse(text)
-        .expect_err("config should be rejected")
-        .0
-        .iter()
-        .map(|e| e.to_string())
-        .collect()
+    lines(parse(text).expect_err("config should be rejected"))
+}
+
+/// Each error as printed.
+fn lines(errors: ConfigErrors) -> Vec<String> {
+    errors.0.iter().map(|e| e.to_string()).collect()
 }
 
 const GOOD: &str = r#"
@@ -1018,12 +1018,10 @@ fn host_paths_default_and_are_checked_like_the_full_file() {
     assert_eq!(paths.exec_socket, redirect.exec_socket);
 
     let text = "[redirect]\npin_dir = \"bpf\"\nexec_socket = \"exec.sock\"\n";
-    let lenient = super::raw::check_host_paths(Path::new("t.toml"), text)
-        .expect_err("relative paths are refused")
-        .0
-        .iter()
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>();
+    let lenient = lines(
+        super::raw::check_host_paths(Path::new("t.toml"), text)
+            .expect_err("relative paths are refused"),
+    );
     assert_eq!(lenient, errors(text), "the same errors, in the same places");
     assert_eq!(lenient.len(), 2, "{lenient:?}");
 
