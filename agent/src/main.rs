@@ -136,19 +136,19 @@ fn print_local_targets(config: &Config) -> bool {
 
 /// Loads the configuration or prints its errors; `Err` is the exit code.
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|errors| {
-        eprintln!("{errors}");
-        ExitCode::from(2)
-    })
+    Config::load(path).map_err(configuration_refused)
 }
 
 /// Reads the few paths a host command needs, leniently (see
 /// [`tollgate_agent::config::HostPaths`]); `Err` is the exit code.
 fn load_host_paths(path: &std::path::Path) -> Result<tollgate_agent::config::HostPaths, ExitCode> {
-    Config::load_host_paths(path).map_err(|errors| {
-        eprintln!("{errors}");
-        ExitCode::from(2)
-    })
+    Config::load_host_paths(path).map_err(configuration_refused)
+}
+
+/// Prints what is wrong with a configuration file; exit code 2.
+fn configuration_refused(errors: tollgate_agent::config::ConfigErrors) -> ExitCode {
+    eprintln!("{errors}");
+    ExitCode::from(2)
 }
 
 fn exec_command(args: cli::ExecArgs) -> ExitCode {
