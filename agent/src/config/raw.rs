@@ -247,7 +247,24 @@ struct Checker<'a> {
     errors: Vec<ConfigError>,
 }
 
-impl Checker<'_> {
+impl<'a> Checker<'a> {
+    fn new(path: &'a Path, text: &'a str) -> Checker<'a> {
+        Checker {
+            path,
+            text,
+            errors: Vec::new(),
+        }
+    }
+
+    /// `value`, or every problem found on the way to it.
+    fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(LocatedErrors(self.errors))
+        }
+    }
+
     fn error_at(&mut self, offset: usize, message: impl Into<String>) {
         let (line, column) = line_column(self.text, offset);
         self.errors.push(ConfigError {
@@ -324,11 +341,7 @@ struct RawHostPathsRedirect {
 
 pub(super) fn check_host_paths(path: &Path, text: &str) -> Result<HostPaths, ConfigErrors> {
     let raw: RawHostPaths = parse_toml(path, text).map_err(|e| LocatedErrors(vec![e]))?;
-    let mut c = Checker {
-        path,
-        text,
-        errors: Vec::new(),
-    };
+    let mut c = Checker::new(path, text);
     let agent = AgentSettings::default();
     let redirect = RedirectSettings::default();
     let paths = HostPaths {
@@ -348,20 +361,12 @@ pub(super) fn check_host_paths(path: &Path, text: &str) -> Result<HostPaths, Con
             .and_then(|s| exec_socket(&mut c, &s))
             .unwrap_or(redirect.exec_socket),
     };
-    if c.errors.is_empty() {
-        Ok(paths)
-    } else {
-        Err(LocatedErrors(c.errors))
-    }
+    c.finish(paths)
 }
 
 pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let raw: RawConfig = parse_toml(path, text).map_err(|e| LocatedErrors(vec![e]))?;
-    let mut c = Checker {
-        path,
-        text,
-        errors: Vec::new(),
-    };
+    let mut c = Checker::new(path, text);
     let agent = check_agent(&mut c, &raw.agent);
     let targets = check_targets(&mut c, &raw.target);
     let listeners = check_listeners(&mut c, &raw.listener, &targets);
@@ -389,24 +394,20 @@ pub(super) fn check(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         .shared_approvals
         .as_ref()
         .and_then(|s| check_shared_approvals(&mut c, s));
-    if c.errors.is_empty() {
-        Ok(Config {
-            source: path.to_path_buf(),
-            agent,
-            targets,
-            listeners,
-            cgroups,
-            redirect,
-            reviewers,
-            protect,
-            notify,
-            upload,
-            policy_source,
-            shared_approvals,
-        })
-    } else {
-        Err(LocatedErrors(c.errors))
-    }
+    c.finish(Config {
+        source: path.to_path_buf(),
+        agent,
+        targets,
+        listeners,
+        cgroups,
+        redirect,
+        reviewers,
+        protect,
+        notify,
+        upload,
+        policy_source,
+        shared_approvals,
+    })
 }
 
 fn check_agent(c: &mut Checker<'_>, raw: &RawAgent) -> AgentSettings {
