@@ -52,6 +52,11 @@ pub struct MaskPlan {
     /// Its only masked statement is the first of its text: nothing runs
     /// between a lookup in front of it and the statement.
     pub only_first: bool,
+    /// The relation, as written, that the text's one statement names each
+    /// result field from (`crate::sql::ColumnRefs::direct_source`): such a text needs
+    /// no lookup, since the server's RowDescription names every field it
+    /// traces to a table column by that column's own name.
+    pub direct: Option<TableRef>,
 }
 
 /// Where a lookup looks for the relations a masked statement reads.
@@ -140,6 +145,7 @@ impl MaskPlan {
             statements: Vec::new(),
             relations,
             only_first: false,
+            direct: None,
         }
     }
 
@@ -276,6 +282,52 @@ impl MaskPlan {
             }
         }
         Ok(())
+    }
+}
+
+impl MaskPlan {
+    /// The masked columns among `fields`, the RowDescription of a text
+    /// whose one statement names its result fields from `relation`
+    /// ([`MaskPlan::direct`]): a field the server traces to a table column
+    /// is that relation's column of the field's name, masked as the rules
+    /// that name it say. The server can trace them to one table only; if
+    /// it traces them to more, every one of them is masked, as NULL.
+    pub fn resolve_direct(
+        &self,
+        relation: &TableRef,
+        fields: &[FieldDescription<'_>],
+    ) -> ResolvedColumns {
+        let mut resolved = ResolvedColumns::default();
+        let mut columns = fields.iter().filter(|f| f.table_oid != 0 && f.column > 0);
+        let Some(first) = columns.clone().next() else {
+            return resolved;
+        };
+        if columns.any(|f| f.table_oid != first.table_oid) {
+            tracing::warn!(
+                relation = %relation.name,
+                "a query of one relation returned columns of several tables; all of them are masked"
+            );
+            for field in fields.iter().filter(|f| f.table_oid != 0 && f.column > 0) {
+                resolved.add(field.table_oid, field.column, MaskMethod::Null);
+            }
+            return resolved;
+        }
+        for field in fields.iter().filter(|f| f.table_oid != 0 && f.column > 0) {
+            let with = self
+                .rules
+                .iter()
+                .filter(|r| {
+                    r.columns
+                        .iter()
+                        .any(|c| c.names(relation.schema.as_deref(), &relation.name, field.name))
+                })
+                .map(|r| r.with)
+                .max();
+            if let Some(with) = with {
+                resolved.add(field.table_oid, field.column, with);
+            }
+        }
+        resolved
     }
 }
 
@@ -566,6 +618,11 @@ pub fn mask_data_row(body: &[u8], masks: &[FieldMask], out: &mut Vec<u8>) -> Res
 /// data.
 const KEPT_ERROR_FIELDS: &[u8] = b"SVCstcdnFLR";
 
+/// SQLSTATEs of errors raised before a statement runs, whose text is the
+/// server's own and quotes no data: a failed transaction block (25P02)
+/// and a server shutting down (57P01-57P03).
+const FIXED_TEXT_ERRORS: [&[u8]; 4] = [b"25P02", b"57P01", b"57P02", b"57P03"];
+
 /// Rewrites an ErrorResponse `body` answering a statement that reads masked
 /// columns; `false`: forward it as it is.
 ///
@@ -578,7 +635,8 @@ const KEPT_ERROR_FIELDS: &[u8] = b"SVCstcdnFLR";
 /// quote a value, a masked one too (`invalid input syntax for type
 /// integer: "ada@example.com"` for `email::int`): the message says it was
 /// withheld and the rest of that text is dropped, the fields of
-/// [`KEPT_ERROR_FIELDS`] stay. A body that does not decode gives an error
+/// [`KEPT_ERROR_FIELDS`] stay; the errors of [`FIXED_TEXT_ERRORS`] pass as
+/// they are. A body that does not decode gives an error
 /// with the withheld message alone.
 pub fn answer_error(body: &[u8], shift: usize, out: &mut Vec<u8>) -> bool {
     let mut r = Reader::new("ErrorResponse", body);
@@ -634,6 +692,9 @@ pub fn answer_error(body: &[u8], shift: usize, out: &mut Vec<u8>) -> bool {
         .iter()
         .find(|(c, _)| *c == backend::field::CODE)
         .map_or(&b"XX000"[..], |(_, v)| *v);
+    if FIXED_TEXT_ERRORS.contains(&code) {
+        return false;
+    }
     let message = format!(
         "tollgate: the server's error message is withheld: the statement reads masked columns, and the message could quote a masked value (SQLSTATE {})",
         String::from_utf8_lossy(code)
@@ -694,6 +755,18 @@ impl MaskedAnswer {
         }
     }
 
+    /// Starts at the first message of the answer to a Query sent without a
+    /// lookup ([`MaskPlan::direct`]).
+    pub fn direct(plan: Arc<MaskPlan>) -> MaskedAnswer {
+        MaskedAnswer {
+            plan,
+            resolved: ResolvedColumns::default(),
+            phase: Phase::Statements(0),
+            rows: None,
+            shift: 0,
+        }
+    }
+
     /// Whether the lookup is still answering (its messages are dropped).
     pub fn in_lookup(&self) -> bool {
         matches!(self.phase, Phase::Lookup)
@@ -728,7 +801,13 @@ impl MaskedAnswer {
                 .unwrap_or(Some(MaskMethod::Null)),
             Phase::Lookup => Some(MaskMethod::Null),
         };
-        self.rows = row_masks(&fields, &self.resolved, statement);
+        self.rows = match &self.plan.direct {
+            Some(relation) => {
+                let resolved = self.plan.resolve_direct(relation, &fields);
+                row_masks(&fields, &resolved, statement)
+            }
+            None => row_masks(&fields, &self.resolved, statement),
+        };
         Ok(())
     }
 
@@ -1286,6 +1365,7 @@ mod tests {
             statements: vec![Some(with)],
             relations: Vec::new(),
             only_first: true,
+            direct: None,
         }
     }
 
@@ -1310,6 +1390,58 @@ mod tests {
             type_mod: -1,
             format: 0,
         }
+    }
+
+    #[test]
+    fn a_direct_query_masks_the_fields_named_like_a_masked_column() {
+        let mut plan = plan(
+            &["customers.email", "crm.people.phone", "ssn"],
+            MaskMethod::Redact,
+        );
+        let customers = TableRef {
+            schema: None,
+            name: "customers".into(),
+        };
+        let fields = [
+            field("id", 16400, 1, 23),
+            field("Email", 16400, 3, 25),
+            field("ssn", 16400, 4, 25),
+            field("upper", 0, 0, 25),
+            field("ctid", 16400, -1, 27),
+        ];
+        let resolved = plan.resolve_direct(&customers, &fields);
+        assert_eq!(resolved.get(16400, 3), Some(MaskMethod::Redact));
+        assert_eq!(resolved.get(16400, 4), Some(MaskMethod::Redact));
+        assert_eq!(resolved.len(), 2);
+        let masks = row_masks(&fields, &resolved, Some(MaskMethod::Redact)).unwrap();
+        assert_eq!(masks[0], FieldMask::Keep);
+        assert!(matches!(masks[1], FieldMask::Mask(_)));
+        // Computed fields follow the statement's method, as with a lookup.
+        assert!(matches!(masks[3], FieldMask::Mask(_)));
+        assert!(matches!(masks[4], FieldMask::Mask(_)));
+
+        // A rule's schema is matched against the schema written; a table
+        // written without one may be in any.
+        let people = |schema: Option<&str>| TableRef {
+            schema: schema.map(str::to_owned),
+            name: "people".into(),
+        };
+        let phone = [field("phone", 16500, 2, 25)];
+        assert_eq!(plan.resolve_direct(&people(None), &phone).len(), 1);
+        assert_eq!(plan.resolve_direct(&people(Some("crm")), &phone).len(), 1);
+        assert_eq!(
+            plan.resolve_direct(&people(Some("public")), &phone).len(),
+            0
+        );
+        assert_eq!(plan.resolve_direct(&customers, &phone).len(), 0);
+
+        // Columns of two tables cannot come from a query of one: all of
+        // them are masked, as NULL.
+        plan.statements = vec![None];
+        let two = [field("id", 16400, 1, 23), field("id", 16500, 1, 23)];
+        let resolved = plan.resolve_direct(&customers, &two);
+        assert_eq!(resolved.get(16400, 1), Some(MaskMethod::Null));
+        assert_eq!(resolved.get(16500, 1), Some(MaskMethod::Null));
     }
 
     #[test]

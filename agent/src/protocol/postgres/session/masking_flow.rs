@@ -48,6 +48,7 @@ impl ClientSide<'_> {
             statements: Vec::with_capacity(decisions.len()),
             relations: Vec::new(),
             only_first: decisions.iter().skip(1).all(|d| d.action != Action::Mask),
+            direct: None,
         };
         for (i, decision) in decisions.iter().enumerate() {
             if decision.action != Action::Mask {
@@ -93,6 +94,11 @@ impl ClientSide<'_> {
                 .map(|rule| rule.with)
                 .max();
             plan.statements.push(computed);
+            // A text of one plain query needs no lookup; an `EXECUTE`
+            // (`label`) runs a statement of its own.
+            if decisions.len() == 1 && label.is_none() {
+                plan.direct = refs.as_ref().and_then(|r| r.direct_source.clone());
+            }
         }
         *self.mask_plan.borrow_mut() = Some(plan);
         None
@@ -374,6 +380,7 @@ pub(super) fn merge_executed_plan(
         statements: vec![None; n],
         relations: Vec::new(),
         only_first: false,
+        direct: None,
     });
     if let Some(slot) = plan.statements.get_mut(at) {
         let executed_method = executed.statements.iter().copied().max().flatten();

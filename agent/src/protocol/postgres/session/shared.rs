@@ -72,6 +72,12 @@ pub(super) struct BetweenSides {
     /// ErrorResponse or RowDescription of its answer has not come (the
     /// upstream pump reads them for the `PREPARE` and `EXECUTE`).
     pub(super) lookup_pending: AtomicBool,
+    /// The plan of a masked Query sent without a lookup
+    /// ([`MaskPlan::direct`]) while nothing else was in flight, until the
+    /// first message of its answer comes.
+    direct: Mutex<Option<Arc<MaskPlan>>>,
+    /// `direct` is set (read without the lock on every message).
+    pub(super) direct_pending: AtomicBool,
     /// Queries, Syncs and FunctionCalls sent (the proxy's lookups
     /// included) whose ReadyForQuery has not come: 0 means the server is
     /// idle, waiting for the client. It can only over-count (a Sync the
@@ -120,6 +126,8 @@ impl BetweenSides {
             masks_pending: AtomicBool::new(false),
             lookup: Mutex::new(PreparedLookup::default()),
             lookup_pending: AtomicBool::new(false),
+            direct: Mutex::new(None),
+            direct_pending: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
             batch: Mutex::new(None),
             batch_active: AtomicBool::new(false),
@@ -170,6 +178,14 @@ impl BetweenSides {
     /// be sent in front of the client's text. `alone`: nothing else is in
     /// flight, so the answer's first messages are the lookup's.
     pub(super) fn register_mask(&self, plan: MaskPlan, alone: bool) -> String {
+        // Alone, the answer's first message is this Query's: the upstream
+        // pump takes the plan there, and the server's RowDescription names
+        // the fields.
+        if alone && plan.direct.is_some() {
+            *self.direct.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(plan));
+            self.direct_pending.store(true, Ordering::Relaxed);
+            return String::new();
+        }
         // In front of the Query's text, the lookup runs right before its
         // first statement: when that is the only masked one, the search
         // path finds what it reads, and the prepared form can serve.
@@ -206,6 +222,16 @@ impl BetweenSides {
         masks.insert(n, (Arc::new(plan), sql.len()));
         self.masks_pending.store(true, Ordering::Relaxed);
         sql
+    }
+
+    /// The plan of the masked Query sent without a lookup, at the first
+    /// message of its answer.
+    pub(super) fn take_direct(&self) -> Option<Arc<MaskPlan>> {
+        self.direct_pending.store(false, Ordering::Relaxed);
+        self.direct
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     pub(super) fn lookup(&self) -> std::sync::MutexGuard<'_, PreparedLookup> {

@@ -572,27 +572,88 @@ fn a_statement_behind_an_unanswered_set_of_standard_conforming_strings_waits() {
     s.client(&[], &["Query SELECT 1::pg_catalog.\"<deny>1\""]);
 }
 
+fn customers_field(name: &str, column: i16) -> Vec<u8> {
+    backend(BackendMessage::RowDescription(vec![FieldDescription {
+        name,
+        table_oid: CUSTOMERS,
+        column,
+        type_oid: 25,
+        type_len: -1,
+        type_mod: -1,
+        format: 0,
+    }]))
+}
+
 #[test]
-fn a_masked_value_is_replaced_in_the_data_row() {
+fn a_plain_query_of_one_table_goes_without_a_lookup_and_is_masked_by_field_name() {
     let fixture = Fixture::new(POLICY);
     let shared = BetweenSides::new();
     let mut s = Session::start(&fixture, &shared);
     s.client(
         &[query("SELECT email FROM customers")],
-        &["Query PREPARE <mask>s0…;EXECUTE <mask>s0(…);SELECT email FROM customers"],
+        &["Query SELECT email FROM customers"],
+    );
+    let got = s.server(
+        &[
+            customers_field("email", 3),
+            row(&["ada@example.com"]),
+            complete("SELECT 1"),
+            ready(),
+        ],
+        &[
+            "RowDescription email",
+            "DataRow …",
+            "CommandComplete SELECT 1",
+            "ReadyForQuery I",
+        ],
+    );
+    assert!(!got[1].contains("ada@"), "{got:?}");
+    assert!(s.upstream.masked.is_none(), "the masked answer ended");
+    // An error raised while it runs may quote a value: withheld, as it is
+    // behind a lookup.
+    s.client(
+        &[query("SELECT email FROM customers")],
+        &["Query SELECT email FROM customers"],
+    );
+    let error = backend(BackendMessage::ErrorResponse(Fields(vec![
+        (b'S', "ERROR"),
+        (b'C', "22P02"),
+        (
+            b'M',
+            "invalid input syntax for type integer: \"ada@example.com\"",
+        ),
+    ])));
+    let got = s.server(
+        &[error, ready()],
+        &[
+            "ErrorResponse 22P02 tollgate: the server's error message is withheld…",
+            "ReadyForQuery I",
+        ],
+    );
+    assert!(!got[0].contains("ada@"), "{got:?}");
+    assert_eq!(
+        fixture.rules(),
+        [
+            "SELECT email FROM customers: mask-contact",
+            "SELECT email FROM customers: mask-contact"
+        ]
+    );
+}
+
+#[test]
+fn a_masked_value_is_replaced_in_the_data_row_behind_the_lookup() {
+    let fixture = Fixture::new(POLICY);
+    let shared = BetweenSides::new();
+    let mut s = Session::start(&fixture, &shared);
+    // An alias on the column: the field's name is not the column's.
+    s.client(
+        &[query("SELECT email AS contact FROM customers")],
+        &["Query PREPARE <mask>s0…;EXECUTE <mask>s0(…);SELECT email AS contact FROM customers"],
     );
     let mut answer = vec![complete("PREPARE")];
     answer.extend(s.lookup_answer(0));
     answer.extend([
-        backend(BackendMessage::RowDescription(vec![FieldDescription {
-            name: "email",
-            table_oid: CUSTOMERS,
-            column: 3,
-            type_oid: 25,
-            type_len: -1,
-            type_mod: -1,
-            format: 0,
-        }])),
+        customers_field("contact", 3),
         row(&["ada@example.com"]),
         complete("SELECT 1"),
         ready(),
@@ -600,7 +661,7 @@ fn a_masked_value_is_replaced_in_the_data_row() {
     let got = s.server(
         &answer,
         &[
-            "RowDescription email",
+            "RowDescription contact",
             "DataRow …",
             "CommandComplete SELECT 1",
             "ReadyForQuery I",
@@ -611,7 +672,7 @@ fn a_masked_value_is_replaced_in_the_data_row() {
     assert!(s.upstream.masked.is_none(), "the masked answer ended");
     assert_eq!(
         fixture.rules(),
-        ["SELECT email FROM customers: mask-contact"]
+        ["SELECT email AS contact FROM customers: mask-contact"]
     );
 }
 

@@ -77,6 +77,21 @@ impl<'a> UpstreamSide<'a> {
                 return Ok(step);
             }
         }
+        if self.masked.is_none()
+            && matches!(
+                header.tag,
+                ROW_DESCRIPTION
+                    | COMMAND_COMPLETE
+                    | ERROR_RESPONSE
+                    | EMPTY_QUERY_RESPONSE
+                    | READY_FOR_QUERY
+            )
+            && self.shared.direct_pending.load(Ordering::Relaxed)
+        {
+            if let Some(plan) = self.shared.take_direct() {
+                self.masked = Some(MaskedAnswer::direct(plan));
+            }
+        }
         let mask_relevant = self.masked.is_some()
             || (header.tag == ROW_DESCRIPTION && self.shared.masks_pending.load(Ordering::Relaxed));
         if mask_relevant {
