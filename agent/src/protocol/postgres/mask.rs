@@ -1,7 +1,12 @@
 //! Masking PostgreSQL results (see [`crate::masking`] for what is masked).
 //!
-//! A simple Query with a statement a `mask` rule applies to is sent with a
-//! catalog lookup in front of it, in the same message:
+//! A simple Query of one plain query of one relation
+//! ([`MaskPlan::direct`]) is sent as it is: the server's RowDescription
+//! names each field it traces to a table column by the column's own name,
+//! and [`MaskPlan::resolve_direct`] matches the rules against the relation
+//! as written and that name. Any other simple Query with a statement a
+//! `mask` rule applies to is sent with a catalog lookup in front of it, in
+//! the same message:
 //!
 //! ```sql
 //! SELECT a.attrelid::pg_catalog.int8 AS "tollgate_mask_<nonce>_<n>", a.attnum,
