@@ -764,18 +764,20 @@ fn batch_rows(s: &mut RawSession, batch: &[u8]) -> Vec<String> {
     pg_wire::rows(&got)
 }
 
-#[test]
-fn the_lookup_in_front_of_a_masked_parse_follows_renames_search_paths_and_deallocation() {
-    let f = Fixture::start();
-    let mut s = RawSession::start(f.addr());
-    let select = "select id, email from customers where id = $1";
+/// Masked statements of the extended protocol (`select` of `id` and
+/// `email` by `id`, `all` of `email`), each in a batch of its own, across
+/// renames made by another session, a search path changed inside a batch,
+/// and a temporary table that shadows the table.
+fn follows_renames_search_paths_and_shadows(
+    f: &Fixture,
+    s: &mut RawSession,
+    select: &str,
+    all: &str,
+) {
     // Enough runs for the server to keep a generic plan of the prepared
     // lookup in front of each.
     for _ in 0..7 {
-        assert_eq!(
-            batch_rows(&mut s, &masked_batch(select, &["1"])),
-            ["1|****"]
-        );
+        assert_eq!(batch_rows(s, &masked_batch(select, &["1"])), ["1|****"]);
     }
     // Renamed on a connection that does not go through the proxy: the
     // value now named `email` is masked, from the next statement on.
@@ -783,13 +785,10 @@ fn the_lookup_in_front_of_a_masked_parse_follows_renames_search_paths_and_deallo
         "alter table customers rename column email to email_was; \
          alter table customers rename column name to email",
     );
-    assert_eq!(
-        batch_rows(&mut s, &masked_batch(select, &["1"])),
-        ["1|****"]
-    );
+    assert_eq!(batch_rows(s, &masked_batch(select, &["1"])), ["1|****"]);
     assert_eq!(
         batch_rows(
-            &mut s,
+            s,
             &masked_batch("select id, email_was from customers where id = $1", &["1"])
         ),
         ["1|ada@example.com"],
@@ -801,10 +800,7 @@ fn the_lookup_in_front_of_a_masked_parse_follows_renames_search_paths_and_deallo
          create table customers (id int, email text); \
          insert into customers values (1, 'new@example.com')",
     );
-    assert_eq!(
-        batch_rows(&mut s, &masked_batch(select, &["1"])),
-        ["1|****"]
-    );
+    assert_eq!(batch_rows(s, &masked_batch(select, &["1"])), ["1|****"]);
     // The search path changed inside the batch, between the masked Parse
     // and its Bind: the statement is analysed again at the Bind and reads
     // crm.customers, which a lookup on the search path of the Parse's
@@ -820,15 +816,12 @@ fn the_lookup_in_front_of_a_masked_parse_follows_renames_search_paths_and_deallo
         pg_wire::sync(),
     ]
     .concat();
-    assert_eq!(batch_rows(&mut s, &batch), ["1|****"]);
+    assert_eq!(batch_rows(s, &batch), ["1|****"]);
     assert_eq!(
         s.query("select current_schemas(false)::text"),
         Ok(vec!["{crm,public}".to_owned()])
     );
-    assert_eq!(
-        batch_rows(&mut s, &masked_batch("select email from customers", &[])),
-        ["****"]
-    );
+    assert_eq!(batch_rows(s, &masked_batch(all, &[])), ["****"]);
     // A temporary table that shadows it, made through the proxy.
     assert_eq!(
         s.query(
@@ -837,9 +830,33 @@ fn the_lookup_in_front_of_a_masked_parse_follows_renames_search_paths_and_deallo
         ),
         Ok(vec![])
     );
+    assert_eq!(batch_rows(s, &masked_batch(select, &["1"])), ["1|****"]);
+}
+
+#[test]
+fn a_plain_query_of_one_table_through_the_extended_protocol_is_masked_without_a_lookup() {
+    let f = Fixture::start();
+    let mut s = RawSession::start(f.addr());
+    let select = "select id, email from customers where id = $1";
+    follows_renames_search_paths_and_shadows(&f, &mut s, select, "select email from customers");
     assert_eq!(
-        batch_rows(&mut s, &masked_batch(select, &["1"])),
-        ["1|****"]
+        s.query("select count(*) from pg_prepared_statements where name like 'tollgate_mask_%'"),
+        Ok(vec!["0".to_owned()]),
+        "no lookup was prepared"
+    );
+}
+
+#[test]
+fn the_lookup_in_front_of_a_masked_parse_follows_renames_search_paths_and_deallocation() {
+    let f = Fixture::start();
+    let mut s = RawSession::start(f.addr());
+    // An alias on the masked column: the statement takes the lookup.
+    let select = "select id, email as e from customers where id = $1";
+    follows_renames_search_paths_and_shadows(
+        &f,
+        &mut s,
+        select,
+        "select email as e from customers",
     );
     // The client deallocates every prepared statement: the lookup is
     // prepared again. Deallocated by its name: one error, then masked.

@@ -302,38 +302,46 @@ impl MaskPlan {
         relation: &TableRef,
         fields: &[FieldDescription<'_>],
     ) -> ResolvedColumns {
-        let mut resolved = ResolvedColumns::default();
-        let mut columns = fields.iter().filter(|f| f.table_oid != 0 && f.column > 0);
-        let Some(first) = columns.clone().next() else {
-            return resolved;
-        };
-        if columns.any(|f| f.table_oid != first.table_oid) {
-            tracing::warn!(
-                relation = %relation.name,
-                "a query of one relation returned columns of several tables; all of them are masked"
-            );
-            for field in fields.iter().filter(|f| f.table_oid != 0 && f.column > 0) {
-                resolved.add(field.table_oid, field.column, MaskMethod::Null);
-            }
-            return resolved;
-        }
-        for field in fields.iter().filter(|f| f.table_oid != 0 && f.column > 0) {
-            let with = self
-                .rules
-                .iter()
-                .filter(|r| {
-                    r.columns
-                        .iter()
-                        .any(|c| c.names(relation.schema.as_deref(), &relation.name, field.name))
-                })
-                .map(|r| r.with)
-                .max();
-            if let Some(with) = with {
-                resolved.add(field.table_oid, field.column, with);
-            }
-        }
-        resolved
+        resolve_direct(&self.rules, relation, fields)
     }
+}
+
+/// [`MaskPlan::resolve_direct`] for `rules`.
+fn resolve_direct(
+    rules: &[Arc<MaskRule>],
+    relation: &TableRef,
+    fields: &[FieldDescription<'_>],
+) -> ResolvedColumns {
+    let mut resolved = ResolvedColumns::default();
+    let mut columns = fields.iter().filter(|f| f.table_oid != 0 && f.column > 0);
+    let Some(first) = columns.clone().next() else {
+        return resolved;
+    };
+    if columns.any(|f| f.table_oid != first.table_oid) {
+        tracing::warn!(
+            relation = %relation.name,
+            "a query of one relation returned columns of several tables; all of them are masked"
+        );
+        for field in fields.iter().filter(|f| f.table_oid != 0 && f.column > 0) {
+            resolved.add(field.table_oid, field.column, MaskMethod::Null);
+        }
+        return resolved;
+    }
+    for field in fields.iter().filter(|f| f.table_oid != 0 && f.column > 0) {
+        let with = rules
+            .iter()
+            .filter(|r| {
+                r.columns
+                    .iter()
+                    .any(|c| c.names(relation.schema.as_deref(), &relation.name, field.name))
+            })
+            .map(|r| r.with)
+            .max();
+        if let Some(with) = with {
+            resolved.add(field.table_oid, field.column, with);
+        }
+    }
+    resolved
 }
 
 /// Names a session's prepared lookup goes through at most: a new one is
@@ -845,6 +853,11 @@ pub enum Expect {
     /// proxy sent it in front of a masked Execute (its answer is dropped):
     /// the method for computed fields of the portal's statement, if any.
     DescribePortal(Option<Option<MaskMethod>>),
+    /// Describe of a portal the proxy sent in front of a masked Execute of
+    /// a statement that names its fields from one relation
+    /// ([`MaskPlan::direct`]): its answer is dropped and its fields masked
+    /// by name.
+    DescribeDirect(Option<MaskMethod>, DirectFields),
     /// Execute: rows (or COPY data) up to CommandComplete,
     /// EmptyQueryResponse or PortalSuspended; masked when the proxy's
     /// Describe in front of it found masked fields.
@@ -864,6 +877,24 @@ pub enum Expect {
     LookupParsed,
     /// The Bind of the session's prepared lookup: dropped.
     LookupBound,
+}
+
+/// What masks the fields of a statement that names them from one relation
+/// ([`MaskPlan::direct`]): the relation as written and the rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectFields {
+    relation: TableRef,
+    rules: Vec<Arc<MaskRule>>,
+}
+
+impl DirectFields {
+    /// `plan`'s, when its statement names its fields from one relation.
+    pub fn of(plan: &MaskPlan) -> Option<DirectFields> {
+        Some(DirectFields {
+            relation: plan.direct.clone()?,
+            rules: plan.rules.clone(),
+        })
+    }
 }
 
 /// Which message of a masked extended-protocol statement joins a batch
@@ -951,6 +982,9 @@ pub struct ExtendedBatch {
     /// The lookup was resolved on the search path for one statement
     /// (`ExtendedBatch::lookup_prepared`): it covers only that one.
     narrow: Option<Narrow>,
+    /// A masked statement that needs no lookup ([`MaskPlan::direct`]) was
+    /// sent in it: its answers are masked whether or not a lookup is.
+    holds_direct: bool,
 }
 
 /// Messages one batch can expect at most (past that it is refused).
@@ -967,6 +1001,7 @@ impl ExtendedBatch {
             skipping: false,
             unmasked_ahead: 0,
             narrow: None,
+            holds_direct: false,
         }
     }
 
@@ -980,6 +1015,7 @@ impl ExtendedBatch {
             skipping: false,
             unmasked_ahead: 0,
             narrow: None,
+            holds_direct: false,
         }
     }
 
@@ -992,7 +1028,24 @@ impl ExtendedBatch {
     /// answers a message of a masked batch, not one sent before its inline
     /// lookup.
     pub fn error_may_quote_masked(&self) -> bool {
-        !self.lookup_not_sent() && self.unmasked_ahead == 0
+        self.holds_masked() && self.unmasked_ahead == 0
+    }
+
+    /// Whether a masked statement was sent in it (behind a lookup or
+    /// needing none): it cannot be let go before its Sync is answered.
+    pub fn holds_masked(&self) -> bool {
+        !self.lookup_not_sent() || self.holds_direct
+    }
+
+    /// A masked statement that needs no lookup was sent in it
+    /// ([`Expect::DescribeDirect`] masks its rows).
+    pub fn direct_sent(&mut self) {
+        // Errors answering what was sent before the first masked statement
+        // are the client's as the server sent them.
+        if !self.holds_masked() {
+            self.unmasked_ahead = self.expect.len();
+        }
+        self.holds_direct = true;
     }
 
     /// The next expectation, taken off the front.
@@ -1017,7 +1070,11 @@ impl ExtendedBatch {
         if matches!(self.lookup, Lookup::NotSent) {
             self.plan = Arc::new(self.plan.merged(plan));
             self.lookup = Lookup::Inline(ResolvedColumns::default());
-            self.unmasked_ahead = self.expect.len();
+            // Errors answering a masked statement sent before it are
+            // withheld (`unmasked_ahead` stops in front of that one).
+            if !self.holds_direct {
+                self.unmasked_ahead = self.expect.len();
+            }
         } else {
             self.plan = Arc::new(self.plan.merged(plan));
         }
@@ -1195,11 +1252,18 @@ impl ExtendedBatch {
                     Ok(Disposition::Forward)
                 }
                 Some(Expect::DescribePortal(None)) => Ok(Disposition::Forward),
-                Some(Expect::DescribePortal(Some(computed))) => {
-                    let masks = match (tag, body) {
-                        (NO_DATA, _) => None,
-                        (_, Some(body)) => self.describe_masks(body, computed)?,
-                        (_, None) => return Err("a RowDescription was not read whole".into()),
+                Some(expect @ (Expect::DescribePortal(Some(_)) | Expect::DescribeDirect(_, _))) => {
+                    let masks = match (tag, body, expect) {
+                        (NO_DATA, _, _) => None,
+                        (_, Some(body), Expect::DescribeDirect(computed, direct)) => {
+                            let fields = row_fields(body)?;
+                            let resolved = resolve_direct(&direct.rules, &direct.relation, &fields);
+                            row_masks(&fields, &resolved, computed)
+                        }
+                        (_, Some(body), Expect::DescribePortal(Some(computed))) => {
+                            self.describe_masks(body, computed)?
+                        }
+                        _ => return Err("a RowDescription was not read whole".into()),
                     };
                     match self.expect.front_mut() {
                         Some(Expect::Execute(slot)) => *slot = masks,
@@ -1273,7 +1337,10 @@ impl ExtendedBatch {
             Lookup::Answering(_) | Lookup::FailedAnswering => tag == DATA_ROW,
             _ => match tag {
                 ROW_DESCRIPTION => {
-                    matches!(self.expect.front(), Some(Expect::DescribePortal(Some(_))))
+                    matches!(
+                        self.expect.front(),
+                        Some(Expect::DescribePortal(Some(_)) | Expect::DescribeDirect(_, _))
+                    )
                 }
                 DATA_ROW => matches!(
                     self.expect.front(),

@@ -1167,7 +1167,10 @@ impl<'a> ClientSide<'a> {
             }
             (None, Some(plan)) => {
                 let computed = plan.statements.first().copied().flatten();
-                self.expect(Expect::DescribePortal(Some(computed)))?;
+                match DirectFields::of(plan) {
+                    Some(direct) => self.expect(Expect::DescribeDirect(computed, direct))?,
+                    None => self.expect(Expect::DescribePortal(Some(computed)))?,
+                }
                 self.expect(Expect::Execute(None))?;
                 let mut describe = std::mem::take(self.prefix.get_mut());
                 let mut w = MessageWriter::new(&mut describe, frontend::tag::DESCRIBE);

@@ -133,6 +133,9 @@ impl ClientSide<'_> {
         plan: &Arc<MaskPlan>,
         message: MaskedMessage,
     ) -> Option<String> {
+        if plan.direct.is_some() {
+            return self.join_batch_direct(message);
+        }
         if self.batch_open.get() {
             let mut guard = self.shared.batch();
             let Some(batch) = guard.as_mut() else {
@@ -173,6 +176,30 @@ impl ClientSide<'_> {
             return Some(MASK_PIPELINED.to_owned());
         }
         self.open_batch(plan, message)
+    }
+
+    /// A message of a statement that names its result fields from one
+    /// relation ([`MaskPlan::direct`]): no lookup, but the batch is followed
+    /// (opened now when nothing is in flight) so that the proxy's Describe
+    /// in front of its Execute masks the rows by the fields' names, and it
+    /// is not let go before its Sync.
+    fn join_batch_direct(&self, message: MaskedMessage) -> Option<String> {
+        if !self.batch_open.get() {
+            if self.extended_open.get() || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
+                return Some(MASK_PIPELINED.to_owned());
+            }
+            *self.shared.batch() = Some(ExtendedBatch::followed());
+            self.shared.batch_active.store(true, Ordering::Relaxed);
+            self.batch_open.set(true);
+        }
+        if message == MaskedMessage::Execute {
+            let mut guard = self.shared.batch();
+            let Some(batch) = guard.as_mut() else {
+                return Some(MASK_PIPELINED.to_owned());
+            };
+            batch.direct_sent();
+        }
+        None
     }
 
     /// Opens a masked batch with the lookup in front of its first message
@@ -335,7 +362,7 @@ impl ClientSide<'_> {
             return true;
         }
         let mut guard = self.shared.batch();
-        if guard.as_ref().is_some_and(|b| !b.lookup_not_sent()) {
+        if guard.as_ref().is_some_and(ExtendedBatch::holds_masked) {
             return false;
         }
         *guard = None;

@@ -121,8 +121,8 @@ use super::error::{error_response, severity, sqlstate, ssl_refused};
 use super::fastpath;
 use super::frontend::{self, decode_startup, FrontendMessage};
 use super::mask::{
-    self as pg_mask, Disposition, Expect, ExtendedBatch, LookupScope, MaskPlan, MaskedAnswer,
-    MaskedMessage, PreparedLookup,
+    self as pg_mask, DirectFields, Disposition, Expect, ExtendedBatch, LookupScope, MaskPlan,
+    MaskedAnswer, MaskedMessage, PreparedLookup,
 };
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
 use crate::identity::ProcessIdentity;

@@ -465,19 +465,22 @@ fn a_flush_after_sync_starts_no_batch() {
     // So a masked statement after it starts a batch of its own (with its
     // lookup in front), rather than being refused as pipelined.
     s.client(
-        &[parse("", "SELECT email FROM customers"), sync()],
+        &[parse("", "SELECT email AS e FROM customers"), sync()],
         &[
             PREPARED_LOOKUP_PARSE,
             "Bind <mask>p<-<mask>s0",
             "Execute <mask>p",
             "Close",
-            "Parse : SELECT email FROM customers",
+            "Parse : SELECT email AS e FROM customers",
             "Sync",
         ],
     );
     assert_eq!(
         fixture.rules(),
-        ["SELECT 1: -", "SELECT email FROM customers: mask-contact"]
+        [
+            "SELECT 1: -",
+            "SELECT email AS e FROM customers: mask-contact"
+        ]
     );
 }
 
@@ -489,13 +492,13 @@ fn a_sql_execute_of_a_protocol_prepared_masked_statement_is_decided_as_what_it_r
     // A masked Parse opening a batch: the session's prepared lookup, as
     // extended-protocol messages, in front of it.
     s.client(
-        &[parse("s1", "SELECT email FROM customers"), sync()],
+        &[parse("s1", "SELECT email AS e FROM customers"), sync()],
         &[
             PREPARED_LOOKUP_PARSE,
             "Bind <mask>p<-<mask>s0",
             "Execute <mask>p",
             "Close",
-            "Parse s1: SELECT email FROM customers",
+            "Parse s1: SELECT email AS e FROM customers",
             "Sync",
         ],
     );
@@ -513,12 +516,12 @@ fn a_sql_execute_of_a_protocol_prepared_masked_statement_is_decided_as_what_it_r
     s.server(&answer, &["ParseComplete", "ReadyForQuery I"]);
     // The next one only binds it.
     s.client(
-        &[parse("", "SELECT email FROM customers"), sync()],
+        &[parse("", "SELECT email AS e FROM customers"), sync()],
         &[
             "Bind <mask>p<-<mask>s0",
             "Execute <mask>p",
             "Close",
-            "Parse : SELECT email FROM customers",
+            "Parse : SELECT email AS e FROM customers",
             "Sync",
         ],
     );
@@ -536,10 +539,10 @@ fn a_sql_execute_of_a_protocol_prepared_masked_statement_is_decided_as_what_it_r
     assert_eq!(
         fixture.rules(),
         [
-            "SELECT email FROM customers: mask-contact",
-            "SELECT email FROM customers: mask-contact",
+            "SELECT email AS e FROM customers: mask-contact",
+            "SELECT email AS e FROM customers: mask-contact",
             "EXECUTE s1: -",
-            "SELECT email FROM customers: mask-contact"
+            "SELECT email AS e FROM customers: mask-contact"
         ]
     );
 }
@@ -676,6 +679,120 @@ fn a_masked_value_is_replaced_in_the_data_row_behind_the_lookup() {
     );
 }
 
+#[test]
+fn a_plain_query_of_one_table_in_a_batch_goes_without_a_lookup() {
+    let fixture = Fixture::new(POLICY);
+    let shared = BetweenSides::new();
+    let mut s = Session::start(&fixture, &shared);
+    // An unmasked statement, then a masked one, in one batch: only the
+    // proxy's Describe goes in front of the masked Execute.
+    s.client(
+        &[
+            parse("", "SELECT 1"),
+            bind("", ""),
+            execute(""),
+            parse("", "SELECT email FROM customers"),
+            bind("", ""),
+            execute(""),
+            sync(),
+        ],
+        &[
+            "Parse : SELECT 1",
+            "Bind <-",
+            "Execute ",
+            "Parse : SELECT email FROM customers",
+            "Bind <-",
+            "Describe P",
+            "Execute ",
+            "Sync",
+        ],
+    );
+    let got = s.server(
+        &[
+            backend(BackendMessage::ParseComplete),
+            backend(BackendMessage::BindComplete),
+            row(&["1"]),
+            complete("SELECT 1"),
+            backend(BackendMessage::ParseComplete),
+            backend(BackendMessage::BindComplete),
+            // The proxy's Describe: dropped.
+            customers_field("email", 3),
+            row(&["ada@example.com"]),
+            complete("SELECT 1"),
+            ready(),
+        ],
+        &[
+            "ParseComplete",
+            "BindComplete",
+            "DataRow 1",
+            "CommandComplete SELECT 1",
+            "ParseComplete",
+            "BindComplete",
+            "DataRow …",
+            "CommandComplete SELECT 1",
+            "ReadyForQuery I",
+        ],
+    );
+    assert!(!got[6].contains("ada@"), "{got:?}");
+    assert!(shared.batch().is_none(), "the batch is over");
+    // An error raised while it runs is withheld; the batch skips to Sync.
+    s.client(
+        &[
+            parse("", "SELECT email FROM customers"),
+            bind("", ""),
+            execute(""),
+            sync(),
+        ],
+        &[
+            "Parse : SELECT email FROM customers",
+            "Bind <-",
+            "Describe P",
+            "Execute ",
+            "Sync",
+        ],
+    );
+    let error = backend(BackendMessage::ErrorResponse(Fields(vec![
+        (b'S', "ERROR"),
+        (b'C', "22P02"),
+        (
+            b'M',
+            "invalid input syntax for type integer: \"ada@example.com\"",
+        ),
+    ])));
+    let got = s.server(
+        &[
+            backend(BackendMessage::ParseComplete),
+            backend(BackendMessage::BindComplete),
+            customers_field("email", 3),
+            error,
+            ready(),
+        ],
+        &[
+            "ParseComplete",
+            "BindComplete",
+            "ErrorResponse 22P02 tollgate: the server's error message is withheld…",
+            "ReadyForQuery I",
+        ],
+    );
+    assert!(!got[2].contains("ada@"), "{got:?}");
+    // A batch that holds a masked statement is not let go before its
+    // Sync, as one with a lookup is not.
+    s.client(
+        &[
+            parse("", "SELECT email FROM customers"),
+            bind("", ""),
+            execute(""),
+        ],
+        &[
+            "Parse : SELECT email FROM customers",
+            "Bind <-",
+            "Describe P",
+            "Execute ",
+        ],
+    );
+    assert!(shared.batch().as_ref().is_some_and(|b| b.holds_masked()));
+}
+
 const REVIEW_POLICY: &str = r#"
 [defaults]
 action = "allow"
@@ -773,7 +890,7 @@ fn a_masked_statement_inside_a_pipelined_batch_has_its_lookup_sent_in_front_of_i
             parse("", "SELECT 1"),
             bind("", ""),
             execute(""),
-            parse("", "SELECT email FROM customers"),
+            parse("", "SELECT email AS e FROM customers"),
             bind("", ""),
             execute(""),
             sync(),
@@ -787,7 +904,7 @@ fn a_masked_statement_inside_a_pipelined_batch_has_its_lookup_sent_in_front_of_i
             "Execute <mask>1",
             "Close",
             "Close",
-            "Parse : SELECT email FROM customers",
+            "Parse : SELECT email AS e FROM customers",
             "Bind <-",
             "Describe P",
             "Execute ",
@@ -842,7 +959,10 @@ fn a_masked_statement_inside_a_pipelined_batch_has_its_lookup_sent_in_front_of_i
     assert!(!got[6].contains("ada@"), "{got:?}");
     assert_eq!(
         fixture.rules(),
-        ["SELECT 1: -", "SELECT email FROM customers: mask-contact"]
+        [
+            "SELECT 1: -",
+            "SELECT email AS e FROM customers: mask-contact"
+        ]
     );
     // The batch is over: the next one starts afresh.
     assert!(shared.batch().is_none());
@@ -858,7 +978,7 @@ fn an_error_before_the_inline_lookup_is_the_servers_and_the_batch_skips_to_sync(
             parse("", "SELECT 1/0"),
             bind("", ""),
             execute(""),
-            parse("", "SELECT email FROM customers"),
+            parse("", "SELECT email AS e FROM customers"),
             bind("", ""),
             execute(""),
             sync(),
@@ -872,7 +992,7 @@ fn an_error_before_the_inline_lookup_is_the_servers_and_the_batch_skips_to_sync(
             "Execute <mask>1",
             "Close",
             "Close",
-            "Parse : SELECT email FROM customers",
+            "Parse : SELECT email AS e FROM customers",
             "Bind <-",
             "Describe P",
             "Execute ",
