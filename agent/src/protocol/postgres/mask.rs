@@ -288,9 +288,7 @@ impl MaskPlan {
         }
         Ok(())
     }
-}
 
-impl MaskPlan {
     /// The masked columns among `fields`, the RowDescription of a text
     /// whose one statement names its result fields from `relation`
     /// ([`MaskPlan::direct`]): a field the server traces to a table column
