@@ -74,6 +74,17 @@ impl Fixture {
         psql
     }
 
+    /// [`Fixture::psql_session`] reading its statements from a pipe.
+    fn psql_script(&self, on_error_stop: &str) -> std::process::Child {
+        self.psql_session(on_error_stop)
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// psql through the agent: stdout (unaligned, tuples only) or stderr.
     fn query(&self, sql: &str) -> Result<String, String> {
         let out = psql_command(self.port, sql).output().unwrap();
@@ -307,14 +318,7 @@ select pg_sleep(1);
 select email from customers where id = 1;
 select contact from customers where id = 1;
 "#;
-    let mut child = f
-        .psql_session(ON_ERROR_STOP_ON)
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = f.psql_script(ON_ERROR_STOP_ON);
     let mut stdin = child.stdin.take().unwrap();
     std::io::Write::write_all(&mut stdin, script.as_bytes()).unwrap();
     drop(stdin);
@@ -354,14 +358,7 @@ select email from public.customers where id = 1;
 
 /// `script` through one psql session that stops at its first error.
 fn run_script(f: &Fixture, script: &str) -> String {
-    let mut child = f
-        .psql_session(ON_ERROR_STOP_ON)
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = f.psql_script(ON_ERROR_STOP_ON);
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -397,14 +394,7 @@ select email as e from customers where id = 1;
 select email as e from customers where id = 1;
 select count(*) from pg_prepared_statements where name ~ '_s1$';
 "#;
-    let mut child = f
-        .psql_session(ON_ERROR_STOP_OFF)
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = f.psql_script(ON_ERROR_STOP_OFF);
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -146,17 +146,11 @@ fn direct_source(statement: &NodeEnum) -> Option<TableRef> {
 /// known as `refname` (a `Var`, whose result field carries the column's
 /// table OID and number).
 fn may_be_a_column(value: &pb::Node, refname: &str) -> bool {
+    if let Some(inner) = under_cast(value) {
+        return inner.is_none_or(|v| may_be_a_column(v, refname));
+    }
     match &value.node {
         Some(NodeEnum::ColumnRef(_) | NodeEnum::AIndirection(_)) => true,
-        // A cast to the value's own type is no cast at all.
-        Some(NodeEnum::TypeCast(cast)) => cast
-            .arg
-            .as_deref()
-            .is_none_or(|v| may_be_a_column(v, refname)),
-        Some(NodeEnum::CollateClause(collate)) => collate
-            .arg
-            .as_deref()
-            .is_none_or(|v| may_be_a_column(v, refname)),
         // `email(c)` is `c.email` when no function `email` takes the row;
         // the server tries that only for a call that could be written so,
         // of a whole row.
@@ -175,10 +169,24 @@ fn may_be_a_column(value: &pb::Node, refname: &str) -> bool {
     }
 }
 
+/// The value under a cast or `COLLATE` (`Some(None)` when the tree has
+/// none); `None` when `value` is neither. A cast to the value's own type is
+/// no cast at all to the server, so what is under it counts.
+fn under_cast(value: &pb::Node) -> Option<Option<&pb::Node>> {
+    match &value.node {
+        Some(NodeEnum::TypeCast(cast)) => Some(cast.arg.as_deref()),
+        Some(NodeEnum::CollateClause(collate)) => Some(collate.arg.as_deref()),
+        _ => None,
+    }
+}
+
 /// Whether `value` may be the whole row of the relation known as
 /// `refname`: a reference whose last name is that (`c`, `public.c`) or a
 /// `*`, possibly under a cast or `COLLATE`.
 fn may_be_the_row(value: &pb::Node, refname: &str) -> bool {
+    if let Some(inner) = under_cast(value) {
+        return inner.is_none_or(|v| may_be_the_row(v, refname));
+    }
     match &value.node {
         Some(NodeEnum::ColumnRef(column)) => {
             match column.fields.last().and_then(|f| f.node.as_ref()) {
@@ -186,14 +194,6 @@ fn may_be_the_row(value: &pb::Node, refname: &str) -> bool {
                 _ => true,
             }
         }
-        Some(NodeEnum::TypeCast(cast)) => cast
-            .arg
-            .as_deref()
-            .is_none_or(|v| may_be_the_row(v, refname)),
-        Some(NodeEnum::CollateClause(collate)) => collate
-            .arg
-            .as_deref()
-            .is_none_or(|v| may_be_the_row(v, refname)),
         Some(NodeEnum::AIndirection(_)) | None => true,
         Some(_) => false,
     }

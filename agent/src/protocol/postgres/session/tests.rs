@@ -575,6 +575,19 @@ fn a_statement_behind_an_unanswered_set_of_standard_conforming_strings_waits() {
     s.client(&[], &["Query SELECT 1::pg_catalog.\"<deny>1\""]);
 }
 
+/// What the client gets for a batch of `SELECT 1` then a masked statement.
+const PIPELINE_ANSWERS: [&str; 9] = [
+    "ParseComplete",
+    "BindComplete",
+    "DataRow 1",
+    "CommandComplete SELECT 1",
+    "ParseComplete",
+    "BindComplete",
+    "DataRow …",
+    "CommandComplete SELECT 1",
+    "ReadyForQuery I",
+];
+
 fn customers_field(name: &str, column: i16) -> Vec<u8> {
     backend(BackendMessage::RowDescription(vec![FieldDescription {
         name,
@@ -721,17 +734,7 @@ fn a_plain_query_of_one_table_in_a_batch_goes_without_a_lookup() {
             complete("SELECT 1"),
             ready(),
         ],
-        &[
-            "ParseComplete",
-            "BindComplete",
-            "DataRow 1",
-            "CommandComplete SELECT 1",
-            "ParseComplete",
-            "BindComplete",
-            "DataRow …",
-            "CommandComplete SELECT 1",
-            "ReadyForQuery I",
-        ],
+        &PIPELINE_ANSWERS,
     );
     assert!(!got[6].contains("ada@"), "{got:?}");
     assert!(shared.batch().is_none(), "the batch is over");
@@ -944,17 +947,7 @@ fn a_masked_statement_inside_a_pipelined_batch_has_its_lookup_sent_in_front_of_i
             complete("SELECT 1"),
             ready(),
         ],
-        &[
-            "ParseComplete",
-            "BindComplete",
-            "DataRow 1",
-            "CommandComplete SELECT 1",
-            "ParseComplete",
-            "BindComplete",
-            "DataRow …",
-            "CommandComplete SELECT 1",
-            "ReadyForQuery I",
-        ],
+        &PIPELINE_ANSWERS,
     );
     assert!(!got[6].contains("ada@"), "{got:?}");
     assert_eq!(
