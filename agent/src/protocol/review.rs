@@ -6,11 +6,12 @@
 //! protocol's.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::SessionContext;
 use crate::approval::{Desk, Grant, HeldStatement, Hold, Outcome, PriorStatement, RequestId};
-use crate::events::{ReviewUpdate, SessionEvent};
+use crate::events::{ReviewUpdate, SessionEvent, StatementEvent};
 use crate::identity::ProcessIdentity;
 use crate::policy::{Action, Decision};
 use crate::recording::format::{
@@ -50,7 +51,21 @@ pub fn grant_used(ctx: &SessionContext, grant: &Grant) {
 
 /// The last statements of a session, for reviewers of a later one.
 #[derive(Debug, Default)]
-pub struct RecentStatements(VecDeque<PriorStatement>);
+pub struct RecentStatements(VecDeque<Remembered>);
+
+/// One statement kept: the event the session recorded, shared (keeping it
+/// costs no copy of its text), made into what reviewers see only when a
+/// statement is held.
+#[derive(Debug)]
+struct Remembered {
+    /// Unix seconds when it was decided.
+    at: u64,
+    /// Its event; `None` when its text is too long to keep.
+    event: Option<Arc<StatementEvent>>,
+    action: Action,
+    refused: bool,
+    len: usize,
+}
 
 impl RecentStatements {
     /// How many are kept.
@@ -60,26 +75,34 @@ impl RecentStatements {
     const LONGEST: usize = 4096;
 
     /// Keeps a decided statement, forgetting the oldest past [`Self::KEPT`].
-    pub fn remember(&mut self, at: u64, action: Action, refused: bool, text: &str) {
-        let statement = if text.len() <= Self::LONGEST {
-            text.to_owned()
-        } else {
-            format!("(a statement of {} bytes, not kept)", text.len())
-        };
+    pub fn remember(&mut self, at: u64, statement: &Arc<StatementEvent>) {
         if self.0.len() == Self::KEPT {
             self.0.pop_front();
         }
-        self.0.push_back(PriorStatement {
+        let len = statement.text.len();
+        self.0.push_back(Remembered {
             at,
-            action: action.as_str().to_owned(),
-            refused,
-            statement,
+            event: (len <= Self::LONGEST).then(|| Arc::clone(statement)),
+            action: statement.action,
+            refused: statement.refused,
+            len,
         });
     }
 
     /// Those kept, oldest first.
     pub fn to_vec(&self) -> Vec<PriorStatement> {
-        self.0.iter().cloned().collect()
+        self.0
+            .iter()
+            .map(|kept| PriorStatement {
+                at: kept.at,
+                action: kept.action.as_str().to_owned(),
+                refused: kept.refused,
+                statement: match &kept.event {
+                    Some(event) => event.text.clone(),
+                    None => format!("(a statement of {} bytes, not kept)", kept.len),
+                },
+            })
+            .collect()
     }
 }
 
@@ -305,4 +328,52 @@ fn cut_to(text: &str, longest: usize) -> String {
         end -= 1;
     }
     text.get(..end).unwrap_or_default().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decided(text: &str, action: Action, refused: bool) -> Arc<StatementEvent> {
+        let decision = Decision {
+            action,
+            matched: Vec::new(),
+            default_used: true,
+            reason: Arc::from("the default"),
+        };
+        Arc::new(StatementEvent::decided(
+            uuid::Uuid::nil(),
+            text,
+            Arc::from("SELECT"),
+            None,
+            None,
+            &decision,
+            refused,
+        ))
+    }
+
+    #[test]
+    fn the_last_statements_are_kept_oldest_first_and_a_long_one_by_its_length() {
+        let mut recent = RecentStatements::default();
+        for i in 0..12 {
+            recent.remember(i, &decided(&format!("select {i}"), Action::Allow, false));
+        }
+        let long = "x".repeat(RecentStatements::LONGEST + 1);
+        recent.remember(99, &decided(&long, Action::Deny, true));
+        let kept = recent.to_vec();
+        assert_eq!(kept.len(), RecentStatements::KEPT);
+        assert_eq!(kept[0].statement, "select 3");
+        assert_eq!(kept[0].at, 3);
+        assert_eq!(kept[0].action, "allow");
+        assert!(!kept[0].refused);
+        let last = &kept[RecentStatements::KEPT - 1];
+        assert_eq!(
+            last.statement,
+            format!("(a statement of {} bytes, not kept)", long.len())
+        );
+        assert_eq!(
+            (last.at, last.action.as_str(), last.refused),
+            (99, "deny", true)
+        );
+    }
 }

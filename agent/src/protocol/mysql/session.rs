@@ -182,6 +182,16 @@ enum Verdict {
 /// generation and the session's database epoch.
 type DecidedUnder = (u64, u64);
 
+/// The decisions of a prepared statement's last execution, and what an
+/// execution that ran under them reports: an execution under the same
+/// policy and database costs a map lookup, not a decision and a new event.
+struct Decided {
+    under: DecidedUnder,
+    decisions: Arc<[Decision]>,
+    /// The events of an execution that ran, built at the first.
+    ran: Option<Arc<[Arc<StatementEvent>]>>,
+}
+
 /// The server's current database, which tables named without one are in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum CurrentDatabase {
@@ -250,7 +260,7 @@ struct Session<'a> {
     cursor_masks: HashMap<u32, ResultMask>,
     /// The decisions of each prepared statement's last execution, with the
     /// generation of the policy that made them and the database epoch.
-    decided: HashMap<u32, (DecidedUnder, Arc<[Decision]>)>,
+    decided: HashMap<u32, Decided>,
     /// The session's decisions by statement shape.
     memo: DecisionMemo,
     raw: bool,
@@ -1056,6 +1066,7 @@ impl Session<'_> {
             &decisions,
             refusal.is_some(),
             &info.identity,
+            None,
         );
         if let Some(message) = refusal {
             let err = packet::err_payload(ER_SPECIFIC_ACCESS_DENIED, "42000", &message);
@@ -1175,8 +1186,8 @@ impl Session<'_> {
         };
         let known = prepared
             .and_then(|id| self.decided.get(&id))
-            .filter(|(decided_by, _)| *decided_by == generation)
-            .map(|(_, decisions)| Arc::clone(decisions));
+            .filter(|decided| decided.under == generation)
+            .map(|decided| Arc::clone(&decided.decisions));
         let decisions = match known {
             Some(decisions) => decisions,
             None => {
@@ -1194,8 +1205,14 @@ impl Session<'_> {
                     qualified.as_ref().unwrap_or(analysis),
                 );
                 if let Some(id) = prepared {
-                    self.decided
-                        .insert(id, (generation, Arc::clone(&decisions)));
+                    self.decided.insert(
+                        id,
+                        Decided {
+                            under: generation,
+                            decisions: Arc::clone(&decisions),
+                            ran: None,
+                        },
+                    );
                 }
                 decisions
             }
@@ -1263,6 +1280,7 @@ impl Session<'_> {
             &decisions,
             refusal.is_some(),
             &info.identity,
+            prepared,
         );
         let Some((code, message)) = refusal else {
             return Ok(Verdict::Run(plan));
@@ -1585,52 +1603,65 @@ impl Session<'_> {
         decisions: &[Decision],
         refused: bool,
         identity: &crate::identity::ProcessIdentity,
+        prepared: Option<u32>,
     ) {
         crate::intervene::act_on(decisions, identity, self.ctx.id, &self.ctx.events);
         let now = crate::approval::unix_seconds(std::time::SystemTime::now());
-        match analysis {
-            Analysis::Parsed { statements } => {
-                for (s, d) in statements.iter().zip(decisions) {
-                    self.recent.remember(now, d.action, refused, &s.text);
-                }
-            }
-            Analysis::Unparsable { .. } => {
-                for d in decisions {
-                    self.recent.remember(now, d.action, refused, text);
-                }
-            }
-        }
-        let event = |text: &str, command: Arc<str>, kind, fingerprint, d: &Decision| {
-            self.ctx.target_metrics.statement(d.action);
-            SessionEvent::Statement(Arc::new(StatementEvent::decided(
-                self.ctx.id,
-                text,
-                command,
-                kind,
-                fingerprint,
-                d,
-                refused,
-            )))
-        };
-        match analysis {
-            Analysis::Parsed { statements } => {
-                for (s, d) in statements.iter().zip(decisions) {
-                    self.ctx.events.emit(&event(
-                        &s.text,
-                        Arc::clone(&s.command),
-                        Some(s.kind),
-                        Some(Arc::clone(&s.fingerprint)),
+        // An execution that runs under the decisions of the last one that
+        // ran reports the same events (the recorder writes each with its
+        // own time and place in the chain).
+        let ran_before = prepared
+            .filter(|_| !refused)
+            .and_then(|id| self.decided.get(&id))
+            .and_then(|decided| decided.ran.clone());
+        let events = match ran_before {
+            Some(events) => events,
+            None => {
+                let event = |text: &str, command: Arc<str>, kind, fingerprint, d: &Decision| {
+                    Arc::new(StatementEvent::decided(
+                        self.ctx.id,
+                        text,
+                        command,
+                        kind,
+                        fingerprint,
                         d,
-                    ));
+                        refused,
+                    ))
+                };
+                let events: Arc<[Arc<StatementEvent>]> = match analysis {
+                    Analysis::Parsed { statements } => statements
+                        .iter()
+                        .zip(decisions)
+                        .map(|(s, d)| {
+                            event(
+                                &s.text,
+                                Arc::clone(&s.command),
+                                Some(s.kind),
+                                Some(Arc::clone(&s.fingerprint)),
+                                d,
+                            )
+                        })
+                        .collect(),
+                    Analysis::Unparsable { .. } => decisions
+                        .iter()
+                        .map(|d| event(text, Arc::from("statement"), None, None, d))
+                        .collect(),
+                };
+                if let Some(decided) = prepared
+                    .filter(|_| !refused)
+                    .and_then(|id| self.decided.get_mut(&id))
+                {
+                    decided.ran = Some(Arc::clone(&events));
                 }
+                events
             }
-            Analysis::Unparsable { .. } => {
-                for d in decisions {
-                    self.ctx
-                        .events
-                        .emit(&event(text, Arc::from("statement"), None, None, d));
-                }
-            }
+        };
+        for event in events.iter() {
+            self.recent.remember(now, event);
+            self.ctx.target_metrics.statement(event.action);
+            self.ctx
+                .events
+                .emit(&SessionEvent::Statement(Arc::clone(event)));
         }
     }
 

@@ -1292,10 +1292,7 @@ impl<'a> ClientSide<'a> {
             self.ctx.target_metrics.statement(d.action);
             let refused =
                 came_to.action.is_refused() || (mask_refused && came_to.action == Action::Mask);
-            self.recent
-                .borrow_mut()
-                .remember(now, d.action, refused, text);
-            SessionEvent::Statement(Arc::new(StatementEvent::decided(
+            let statement = Arc::new(StatementEvent::decided(
                 session,
                 text,
                 command,
@@ -1303,7 +1300,9 @@ impl<'a> ClientSide<'a> {
                 fingerprint,
                 d,
                 refused,
-            )))
+            ));
+            self.recent.borrow_mut().remember(now, &statement);
+            SessionEvent::Statement(statement)
         };
         match analysis {
             Analysis::Parsed { statements } => {
