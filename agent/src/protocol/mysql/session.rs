@@ -253,6 +253,8 @@ struct Session<'a> {
     /// Framed packets for the client, written at the end of each answer
     /// (or when large).
     to_client: Vec<u8>,
+    /// The framed packet for the server, one buffer for every command.
+    to_server: Vec<u8>,
     prepared: HashMap<u32, Arc<Prepared>>,
     last_prepared: Option<u32>,
     /// The masks of the open cursors of masked statements, by statement
@@ -360,6 +362,7 @@ pub async fn run(
             server_in: BufReader::new(server_read),
             server_out: server_write,
             to_client: Vec::with_capacity(16 * 1024),
+            to_server: Vec::new(),
             prepared: HashMap::new(),
             last_prepared: None,
             cursor_masks: HashMap::new(),
@@ -2001,13 +2004,19 @@ impl Session<'_> {
     }
 
     async fn send_to_server(&mut self, packet: &Packet) -> Result<(), Stop> {
+        self.to_server.clear();
+        packet::frame(&mut self.to_server, packet.seq, &packet.payload);
         let sent = async {
-            packet::write_packet(&mut self.server_out, packet).await?;
+            self.server_out.write_all(&self.to_server).await?;
             // A TLS leg holds written records until flushed.
             self.server_out.flush().await
-        };
-        sent.await
-            .map_err(|e| CloseReason::UpstreamError(e.to_string()).into())
+        }
+        .await;
+        // A large command (a bulk INSERT) is rare: do not keep its buffer.
+        if self.to_server.capacity() > 64 * 1024 {
+            self.to_server = Vec::new();
+        }
+        sent.map_err(|e| CloseReason::UpstreamError(e.to_string()).into())
     }
 
     fn queue_for_client(&mut self, packet: &Packet) {
