@@ -164,6 +164,63 @@ fn tables_hidden_from_the_analysis_are_still_refused() {
     assert_eq!(shop.db.as_root("SELECT COUNT(*) FROM shop.t"), "0\n");
 }
 
+#[test]
+fn handler_and_do_are_decided_by_what_they_read() {
+    let shop = Shop::start();
+    shop.db.as_root("INSERT INTO shop.t VALUES (5), (6)");
+    // An allowed table is read row by row through a handler.
+    let out = mariadb(
+        shop.port,
+        "HANDLER t OPEN AS h; HANDLER h READ FIRST; HANDLER h READ NEXT; HANDLER h CLOSE",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "5\n6\n");
+    // A denied table cannot be opened, however it is spelled or renamed.
+    for sql in [
+        "HANDLER secrets OPEN",
+        "HANDLER shop.`SECRETS` OPEN AS s",
+        "HANDLER secrets OPEN AS t; HANDLER t READ FIRST",
+    ] {
+        refused(
+            &shop,
+            sql,
+            "tollgate: HANDLER OPEN denied by rule \"protect-secrets\"",
+        );
+    }
+    // A handler's rows are not masked: a masked table cannot be opened.
+    let out = mariadb(
+        shop.port,
+        "HANDLER customers OPEN; HANDLER customers READ FIRST",
+    );
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("HANDLER OPEN requires masking by rule \"mask-contact\""),
+        "{all}"
+    );
+    assert!(!all.contains("@example.com"), "leaked: {all}");
+    // DO evaluates what the select of its expressions would.
+    let out = mariadb(shop.port, "DO 1 + 1, SLEEP(0)");
+    assert!(out.status.success(), "{}", text(&out));
+    refused(
+        &shop,
+        "DO (SELECT COUNT(*) FROM secrets WHERE s LIKE 'the-%')",
+        "tollgate: DO denied by rule \"protect-secrets\"",
+    );
+    refused(
+        &shop,
+        "DO @v := (SELECT email FROM customers LIMIT 1)",
+        "DO requires masking by rule \"mask-contact\"",
+    );
+    // Each was decided and logged under its own label and kind.
+    let opened = shop
+        .agent
+        .wait_for_statement("deny", "command", "HANDLER OPEN");
+    assert_eq!(opened["kind"], "other", "{opened}");
+    let done = shop.agent.wait_for_statement("deny", "command", "DO");
+    assert_eq!(done["kind"], "do", "{done}");
+}
+
 /// One row of text values, `None` for NULL.
 fn row(values: &[Option<&str>]) -> Vec<Option<String>> {
     values.iter().map(|v| v.map(str::to_owned)).collect()

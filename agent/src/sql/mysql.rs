@@ -29,11 +29,12 @@
 //!   `ANSI_QUOTES`. A double-quoted name in a table position is read as the
 //!   table (`FROM "secrets"` reads `secrets`); a double-quoted function name
 //!   does not parse and is refused.
-//! - Statements the dialect does not parse (compound statements, `DO`,
-//!   `HANDLER`, account management, ...) are refused. A few MySQL forms it
-//!   lacks are read here from the tokens: `LOAD DATA|XML ... INFILE`,
-//!   `SELECT ... INTO OUTFILE|DUMPFILE`, `SET PERSIST|PERSIST_ONLY` and
-//!   `PREPARE name FROM 'text'`.
+//! - Statements the dialect does not parse (compound statements, account
+//!   management, ...) are refused. A few MySQL forms it lacks are read here
+//!   from the tokens: `LOAD DATA|XML ... INFILE`, `SELECT ... INTO
+//!   OUTFILE|DUMPFILE`, `SET PERSIST|PERSIST_ONLY`, `PREPARE name FROM
+//!   'text'`, `DO expr, ...` (as the select of its expressions) and
+//!   `HANDLER name OPEN|READ|CLOSE`.
 //!
 //! Table names are lowercased, as the server does with
 //! `lower_case_table_names=1` (and as case-insensitive file systems do), so
@@ -527,6 +528,9 @@ fn summarise(
     if first == "PREPARE" {
         return prepare(piece, own_text, index, text, escapes);
     }
+    if first == "HANDLER" {
+        return handler(piece, own_text);
+    }
     if first == "ALTER" && second == "TABLE" {
         if let Some(summary) = alter_keys(piece, own_text) {
             return Ok(summary);
@@ -536,6 +540,14 @@ fn summarise(
     let mut tokens = piece.to_vec();
     let mut facts = Facts::default();
     let mut markers = String::new();
+    if first == "DO" {
+        // `DO expr, ...` evaluates what `SELECT expr, ...` would and
+        // returns nothing: read as that select, labelled DO.
+        if let Some(token) = tokens.iter_mut().find(|t| !is_trivia(&t.token)) {
+            token.token = Token::make_keyword("SELECT");
+        }
+        markers.push_str(" DO");
+    }
     if first == "SET" {
         for token in &mut tokens {
             let Token::Word(word) = &mut token.token else {
@@ -581,7 +593,10 @@ fn summarise(
     if let Some(why) = facts.unreadable.take() {
         return Err(why);
     }
-    let (kind, command, transaction) = label(&statement, first);
+    let (kind, command, transaction) = match first {
+        "DO" => (StatementKind::Do, "DO".to_owned(), None),
+        _ => label(&statement, first),
+    };
     let fingerprint = fingerprint(&statement, &markers);
     Ok(summary(
         kind,
@@ -883,6 +898,141 @@ fn alter_keys(piece: &[TokenWithSpan], own_text: &str) -> Option<StatementSummar
         StatementKind::Alter,
         None,
         format!("ALTER TABLE {switch} KEYS"),
+        facts,
+        fingerprint,
+        own_text,
+    ))
+}
+
+/// `HANDLER name OPEN [[AS] alias]`, `HANDLER name READ ...` and
+/// `HANDLER name CLOSE`, which the dialect lacks: MySQL's row-by-row
+/// reading of a table, past the optimizer. Labelled `HANDLER OPEN`,
+/// `HANDLER READ`, `HANDLER CLOSE`, of kind `other` (an allow-list of
+/// `select` does not let them through), each reading the name it uses; a
+/// `READ`'s index values and `WHERE` condition are read as the select
+/// `SELECT (values) FROM name WHERE condition` would be (their functions
+/// and subqueries count). A `READ` names the handler, which `OPEN` named
+/// after the table or the alias it gave: the table's rules apply at
+/// `OPEN`. A result of it cannot be masked (kind `other`), so a `mask`
+/// rule refuses it.
+fn handler(piece: &[TokenWithSpan], own_text: &str) -> Result<StatementSummary, String> {
+    let solid: Vec<&TokenWithSpan> = piece.iter().filter(|t| !is_trivia(&t.token)).collect();
+    let at = |k: usize| solid.get(k).map(|t| &t.token);
+    let name_part =
+        |t: Option<&Token>| matches!(t, Some(Token::Word(_) | Token::DoubleQuotedString(_)));
+    if !name_part(at(1)) {
+        return Err("HANDLER without a table name".to_owned());
+    }
+    let mut k = 2;
+    if at(k) == Some(&Token::Period) && name_part(at(k + 1)) {
+        k += 2;
+    }
+    let name = solid.get(1..k).unwrap_or_default();
+    let verb = ["OPEN", "READ", "CLOSE"]
+        .into_iter()
+        .find(|w| at(k).is_some_and(|t| is_word(t, w)))
+        .ok_or("HANDLER: expected OPEN, READ or CLOSE after the table name")?;
+    let rest = solid.get(k + 1..).unwrap_or_default();
+    // A READ's WHERE and LIMIT clauses, kept for the select.
+    let mut depth = 0i32;
+    let clause = rest
+        .iter()
+        .position(|t| {
+            match t.token {
+                Token::LParen => depth += 1,
+                Token::RParen => depth -= 1,
+                _ => {}
+            }
+            depth == 0 && (is_word(&t.token, "where") || is_word(&t.token, "limit"))
+        })
+        .unwrap_or(rest.len());
+    let (position, clauses) = rest.split_at(clause);
+    let mut select = vec![TokenWithSpan::wrap(Token::make_keyword("SELECT"))];
+    let space = || TokenWithSpan::wrap(Token::Whitespace(Whitespace::Space));
+    match verb {
+        "OPEN" => {
+            let alias = match rest {
+                [] => true,
+                [alias] | [_, alias] => {
+                    matches!(alias.token, Token::Word(_)) && !is_word(&alias.token, "as")
+                }
+                _ => false,
+            };
+            let with_as = rest.len() != 2 || rest.first().is_some_and(|t| is_word(&t.token, "as"));
+            if !(alias && with_as) {
+                return Err("HANDLER ... OPEN: expected at most [AS] alias after OPEN".to_owned());
+            }
+            select.extend([space(), TokenWithSpan::wrap(Token::Mul)]);
+        }
+        "CLOSE" => {
+            if !rest.is_empty() {
+                return Err("HANDLER ... CLOSE: nothing may follow CLOSE".to_owned());
+            }
+            select.extend([space(), TokenWithSpan::wrap(Token::Mul)]);
+        }
+        _ => {
+            let keyword =
+                |t: &TokenWithSpan, words: &[&str]| words.iter().any(|w| is_word(&t.token, w));
+            let comparison = |t: &TokenWithSpan| {
+                matches!(
+                    t.token,
+                    Token::Eq | Token::LtEq | Token::GtEq | Token::Lt | Token::Gt
+                )
+            };
+            match position {
+                [first] if keyword(first, &["first", "next"]) => {
+                    select.extend([space(), TokenWithSpan::wrap(Token::Mul)]);
+                }
+                [index, order]
+                    if matches!(index.token, Token::Word(_))
+                        && keyword(order, &["first", "next", "prev", "last"]) =>
+                {
+                    select.extend([space(), TokenWithSpan::wrap(Token::Mul)]);
+                }
+                [index, op, values @ ..]
+                    if matches!(index.token, Token::Word(_))
+                        && comparison(op)
+                        && values.first().is_some_and(|t| t.token == Token::LParen)
+                        && values.last().is_some_and(|t| t.token == Token::RParen) =>
+                {
+                    for token in values {
+                        select.extend([space(), (*token).clone()]);
+                    }
+                }
+                _ => {
+                    return Err("HANDLER ... READ: expected [index] FIRST|NEXT, index PREV|LAST, or index =|<=|>=|<|> (values)".to_owned())
+                }
+            }
+        }
+    }
+    select.extend([space(), TokenWithSpan::wrap(Token::make_keyword("FROM"))]);
+    for token in name {
+        select.extend([space(), (*token).clone()]);
+    }
+    if verb == "READ" {
+        for token in clauses {
+            select.extend([space(), (*token).clone()]);
+        }
+    }
+    let dialect = MySqlDialect {};
+    let mut statements = Parser::new(&dialect)
+        .with_tokens_with_locations(select)
+        .parse_statements()
+        .map_err(|e| format!("HANDLER ... {verb}: {e}"))?;
+    let statement = match (statements.pop(), statements.is_empty()) {
+        (Some(statement), true) => statement,
+        _ => return Err(format!("HANDLER ... {verb}: expected one handler command")),
+    };
+    let mut facts = Facts::default();
+    let _ = statement.visit(&mut facts);
+    if let Some(why) = facts.unreadable.take() {
+        return Err(why);
+    }
+    let fingerprint = hash(&token_shape(&solid));
+    Ok(summary(
+        StatementKind::Other,
+        None,
+        format!("HANDLER {verb}"),
         facts,
         fingerprint,
         own_text,

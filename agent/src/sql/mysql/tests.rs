@@ -465,7 +465,8 @@ fn garbage_is_unparsable() {
     for sql in [
         "SELEC 1",
         "SELECT * FROM",
-        "DO SLEEP(1)",
+        "DO",
+        "DO SELECT 1",
         "SELECT 'unterminated",
         "SELECT 1 /* unterminated",
         "CREATE PROCEDURE p() BEGIN SELECT 1; SELECT * FROM secrets; END",
@@ -474,6 +475,76 @@ fn garbage_is_unparsable() {
     ] {
         let error = refused(sql);
         assert!(!error.is_empty(), "{sql}");
+    }
+}
+
+#[test]
+fn do_is_read_as_the_select_of_its_expressions() {
+    let s = one("DO SLEEP(1), (SELECT COUNT(*) FROM shop.secrets)");
+    assert_eq!((s.kind, &*s.command), (StatementKind::Do, "DO"));
+    assert_eq!(s.tables_read, tables(&["shop.secrets"]));
+    assert_eq!(s.functions, ["count", "sleep"]);
+    assert!(s.tables_written.is_empty());
+    let var = one("do @v := (select s from secrets)");
+    assert!(var.flags.sets_user_variable);
+    assert_eq!(var.tables_read, tables(&["secrets"]));
+    assert!(one("DO load_file('/etc/passwd')").flags.server_file_access);
+    // Not the select of the same expressions, and literals do not count.
+    assert_ne!(one("DO 1").fingerprint, one("SELECT 1").fingerprint);
+    assert_eq!(
+        one("DO SLEEP(1)").fingerprint,
+        one("DO SLEEP(2)").fingerprint
+    );
+}
+
+#[test]
+fn handler_commands_read_the_name_they_use() {
+    use StatementKind as K;
+    for (sql, command, read) in [
+        ("HANDLER secrets OPEN", "HANDLER OPEN", "secrets"),
+        (
+            "handler shop.Secrets open as s",
+            "HANDLER OPEN",
+            "shop.secrets",
+        ),
+        ("HANDLER `secrets` OPEN s", "HANDLER OPEN", "secrets"),
+        ("HANDLER s READ FIRST", "HANDLER READ", "s"),
+        ("HANDLER s READ NEXT LIMIT 5", "HANDLER READ", "s"),
+        ("HANDLER s READ `PRIMARY` LAST", "HANDLER READ", "s"),
+        (
+            "HANDLER s READ idx >= (1, 'a') WHERE b > 2 LIMIT 3",
+            "HANDLER READ",
+            "s",
+        ),
+        ("HANDLER s CLOSE", "HANDLER CLOSE", "s"),
+    ] {
+        let s = one(sql);
+        assert_eq!((s.kind, &*s.command), (K::Other, command), "{sql}");
+        assert_eq!(s.tables_read, tables(&[read]), "{sql}");
+        assert!(s.tables_written.is_empty(), "{sql}");
+    }
+    // What a READ's values and condition evaluate counts.
+    let s = one("HANDLER s READ idx = ((SELECT id FROM secrets LIMIT 1)) WHERE SLEEP(1) = 0");
+    assert_eq!(s.tables_read, tables(&["s", "secrets"]));
+    assert_eq!(s.functions, ["sleep"]);
+    assert_eq!(
+        one("HANDLER s READ idx = (1)").fingerprint,
+        one("HANDLER s READ idx = (2)").fingerprint
+    );
+    for sql in [
+        "HANDLER",
+        "HANDLER s",
+        "HANDLER s DROP",
+        "HANDLER s OPEN AS",
+        "HANDLER s OPEN x y",
+        "HANDLER s CLOSE now",
+        "HANDLER s READ",
+        "HANDLER s READ idx = 1",
+        "HANDLER s READ idx SIDEWAYS",
+        "HANDLER s READ FIRST WHERE",
+        "HANDLER (SELECT 1) OPEN",
+    ] {
+        refused(sql);
     }
 }
 
