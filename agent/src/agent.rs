@@ -196,7 +196,7 @@ impl RunningAgent {
                 .collect(),
             redirect,
             recorder,
-            policy: Arc::new(std::sync::RwLock::new(Arc::new(policy))),
+            policy: crate::policy::SharedPolicy::new(policy),
             analysis: Arc::new(crate::sql::AnalysisCache::new(ANALYSIS_CACHE_ENTRIES)),
         });
         shared.metrics.set_policy(shared.policy.clone());
@@ -550,9 +550,7 @@ fn reload_policy(shared: &AgentState) {
     match load_policy(&shared.config) {
         Ok(set) => {
             shared.recorder.set_policy_digest(Some(set.digest()));
-            if let Ok(mut current) = shared.policy.write() {
-                *current = Arc::new(set);
-            }
+            shared.policy.replace(set);
             tracing::info!("policy reloaded");
         }
         Err(e) => tracing::error!("policy reload failed; keeping the policy in force: {e:#}"),

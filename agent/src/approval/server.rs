@@ -30,9 +30,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
-    let policy: crate::policy::SharedPolicy = Arc::new(std::sync::RwLock::new(Arc::new(
-        crate::agent::load_policy(&config)?,
-    )));
+    let policy = crate::policy::SharedPolicy::new(crate::agent::load_policy(&config)?);
     let registry = Arc::new(Registry::new(config.reviewers.clone()));
     let tokens = Arc::new(super::tokens::TokenStore::new(
         config.agent.approvals_tokens.clone(),
@@ -102,9 +100,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = interrupt.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = hangup.recv() => match crate::agent::load_policy(&config) {
                 Ok(reloaded) => {
-                    if let Ok(mut slot) = policy.write() {
-                        *slot = Arc::new(reloaded);
-                    }
+                    policy.replace(reloaded);
                 }
                 Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: the policy is invalid; the one in force stays"),
             },

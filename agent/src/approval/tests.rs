@@ -724,7 +724,7 @@ fn api_emitting_in(
         registry: registry.clone(),
         grants: grants.clone(),
         identity: Arc::new(crate::identity::IdentityResolver::new()),
-        policy: Arc::new(std::sync::RwLock::new(Arc::new(policy))),
+        policy: crate::policy::SharedPolicy::new(policy),
         reviewer_groups: BTreeMap::new(),
         etc: "/etc".into(),
         tokens: Arc::new(super::tokens::TokenStore::new(dir.join("tokens"))),

@@ -81,7 +81,7 @@ pub use explain::{
 };
 pub use identity_match::{IdentityMatch, IdentitySpec};
 pub use memo::DecisionMemo;
-pub use reload::{current_policy, SharedPolicy};
+pub use reload::{current_policy, PolicyView, SharedPolicy};
 pub use review::{
     Approver, DailyWindow, GrantScope, ReviewSettings, DEFAULT_REVIEW_TIMEOUT, MAX_APPROVALS,
     MAX_GRANT,

@@ -2,6 +2,7 @@
 //! files change.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -9,16 +10,76 @@ use tokio_util::sync::CancellationToken;
 
 use super::PolicySet;
 
-/// The loaded policy, swapped atomically on reload.
-pub type SharedPolicy = Arc<std::sync::RwLock<Arc<PolicySet>>>;
+/// The loaded policy, shared by every session and replaced whole on a
+/// reload. Sessions hold their own copy ([`PolicyView`]) and take the new
+/// one when [`SharedPolicy::generation`] moves: a statement then costs one
+/// load of a word that changes only on reloads, not a lock and two
+/// reference counts every session writes.
+#[derive(Clone)]
+pub struct SharedPolicy(Arc<PolicySlot>);
 
-/// The current policy of a shared handle (the empty set if the lock was
-/// poisoned, which cannot happen: writers only swap an `Arc`).
+struct PolicySlot {
+    current: std::sync::RwLock<Arc<PolicySet>>,
+    /// The generation of `current`, written after it.
+    generation: AtomicU64,
+}
+
+impl SharedPolicy {
+    /// A handle holding `policy`.
+    pub fn new(policy: PolicySet) -> SharedPolicy {
+        SharedPolicy(Arc::new(PolicySlot {
+            generation: AtomicU64::new(policy.generation()),
+            current: std::sync::RwLock::new(Arc::new(policy)),
+        }))
+    }
+
+    /// The policy in force (the empty set if the lock was poisoned, which
+    /// cannot happen: writers only swap an `Arc`).
+    pub fn current(&self) -> Arc<PolicySet> {
+        self.0
+            .current
+            .read()
+            .map(|p| p.clone())
+            .unwrap_or_else(|_| Arc::new(PolicySet::empty()))
+    }
+
+    /// Puts `policy` in force.
+    pub fn replace(&self, policy: PolicySet) {
+        let generation = policy.generation();
+        if let Ok(mut current) = self.0.current.write() {
+            *current = Arc::new(policy);
+        }
+        self.0.generation.store(generation, Ordering::Release);
+    }
+
+    /// The generation of the policy in force ([`PolicySet::generation`]).
+    pub fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::Acquire)
+    }
+}
+
+/// The current policy of a shared handle.
 pub fn current_policy(policy: &SharedPolicy) -> Arc<PolicySet> {
-    policy
-        .read()
-        .map(|p| p.clone())
-        .unwrap_or_else(|_| Arc::new(PolicySet::empty()))
+    policy.current()
+}
+
+/// A session's copy of the policy in force, taken again only after a
+/// reload.
+pub struct PolicyView(Arc<PolicySet>);
+
+impl PolicyView {
+    /// A copy of what `shared` holds now.
+    pub fn new(shared: &SharedPolicy) -> PolicyView {
+        PolicyView(shared.current())
+    }
+
+    /// The policy in force: the copy, unless `shared` was replaced since.
+    pub fn get(&mut self, shared: &SharedPolicy) -> &Arc<PolicySet> {
+        if shared.generation() != self.0.generation() {
+            self.0 = shared.current();
+        }
+        &self.0
+    }
 }
 
 /// How often policy files are checked for changes.
@@ -71,5 +132,26 @@ pub async fn watch(paths: Vec<PathBuf>, stop: CancellationToken, reload: impl Fn
             reload();
             last = now;
         }
+    }
+}
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+
+    #[test]
+    fn a_sessions_view_keeps_its_copy_until_the_policy_is_replaced() {
+        let shared = SharedPolicy::new(PolicySet::empty());
+        let mut view = PolicyView::new(&shared);
+        let first = Arc::clone(view.get(&shared));
+        assert!(Arc::ptr_eq(&first, view.get(&shared)));
+        assert_eq!(shared.generation(), first.generation());
+
+        let replacement = PolicySet::empty();
+        let generation = replacement.generation();
+        shared.replace(replacement);
+        assert_eq!(shared.generation(), generation);
+        assert_eq!(view.get(&shared).generation(), generation);
+        assert!(Arc::ptr_eq(view.get(&shared), &shared.current()));
     }
 }

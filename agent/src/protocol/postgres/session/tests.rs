@@ -70,7 +70,7 @@ impl Fixture {
             target_metrics: Arc::default(),
             idle_timeout: Duration::from_secs(60),
             force_close: tokio_util::sync::CancellationToken::new(),
-            policy: Arc::new(std::sync::RwLock::new(Arc::new(policy))),
+            policy: crate::policy::SharedPolicy::new(policy),
             analysis: Arc::new(AnalysisCache::new(1024)),
             events: Events::new(reported.clone()),
             upstream_addr: "127.0.0.1:5432".parse().unwrap(),
