@@ -254,6 +254,14 @@ pub enum Event {
     },
     /// One statement was decided.
     Statement(StatementRecord),
+    /// The statement and decision of the earlier `statement` record `of`
+    /// (its `seq`) of the same file, again: an execution of a prepared
+    /// statement under the decisions of the execution before. Readers give
+    /// it as that statement ([`super::reader::read_from`]).
+    StatementAgain {
+        /// The `seq` of the statement record it repeats.
+        of: u64,
+    },
     /// The session ended.
     Closed {
         /// Bytes from the client to the upstream.
@@ -560,6 +568,11 @@ pub(crate) struct EventRecordOut<'a, E: Serialize> {
 pub(crate) enum StatementOut<'a> {
     /// See [`Event::Statement`].
     Statement(StatementRecordOut<'a>),
+    /// See [`Event::StatementAgain`].
+    StatementAgain {
+        /// See [`Event::StatementAgain`].
+        of: u64,
+    },
 }
 
 /// [`StatementRecord`] borrowed: the same fields in the same order.

@@ -2,6 +2,7 @@
 //! byte), [`verify`] (chain, sequence, trailer), [`list`] and [`locate`]
 //! over the dated directory tree.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -129,6 +130,19 @@ pub enum ReadError {
         /// The decoding error.
         source: DecodeError,
     },
+    /// A `statement_again` record that names no earlier statement record
+    /// of the file: corruption.
+    #[error("recording {path} is corrupt: record {index} at byte {offset} repeats statement record {of}, which is not an earlier statement of the file; run `tollgate recordings verify` for details")]
+    BadRepeat {
+        /// The file.
+        path: PathBuf,
+        /// Record index.
+        index: u64,
+        /// Its offset.
+        offset: u64,
+        /// The `seq` it names.
+        of: u64,
+    },
     /// Record 0 is not a Tollgate header.
     #[error("{path} is not a tollgate recording: {why}")]
     NotARecording {
@@ -150,9 +164,12 @@ pub fn read_recording(path: impl AsRef<Path>) -> Result<Recording, ReadError> {
     read_from(BufReader::new(file), path)
 }
 
-/// Reads a recording from any byte stream; `path` names it in errors.
+/// Reads a recording from any byte stream; `path` names it in errors. A
+/// `statement_again` record is given as the statement it repeats.
 pub fn read_from(r: impl Read, path: &Path) -> Result<Recording, ReadError> {
     let mut frames = FrameReader::new(r);
+    // The statement records read so far: their seq and index.
+    let mut statements: HashMap<u64, usize> = HashMap::new();
     let mut rec = Recording {
         path: path.to_path_buf(),
         records: Vec::new(),
@@ -196,6 +213,27 @@ pub fn read_from(r: impl Read, path: &Path) -> Result<Recording, ReadError> {
                         });
                     }
                 }
+                let record = match record {
+                    Record::Event(mut e) => {
+                        if let Event::StatementAgain { of } = e.event {
+                            let repeated =
+                                statements.get(&of).and_then(|i| match rec.records.get(*i) {
+                                    Some(Record::Event(first)) => Some(first.event.clone()),
+                                    _ => None,
+                                });
+                            e.event = repeated.ok_or_else(|| ReadError::BadRepeat {
+                                path: path.to_path_buf(),
+                                index,
+                                offset,
+                                of,
+                            })?;
+                        } else if matches!(e.event, Event::Statement(_)) {
+                            statements.insert(e.seq, rec.records.len());
+                        }
+                        Record::Event(e)
+                    }
+                    other => other,
+                };
                 rec.records.push(record);
                 rec.offsets.push(offset);
             }
@@ -282,6 +320,11 @@ pub enum Problem {
         /// This event's time.
         found: u64,
     },
+    /// A `statement_again` record names no earlier statement record.
+    BadRepeat {
+        /// The `seq` it names.
+        of: u64,
+    },
     /// A trailer field does not match the records.
     TrailerMismatch {
         /// The field.
@@ -324,6 +367,10 @@ impl fmt::Display for Problem {
             Problem::TimeBackwards { previous, found } => {
                 write!(f, "time went backwards: t_us {found} after {previous}")
             }
+            Problem::BadRepeat { of } => write!(
+                f,
+                "a statement_again record names seq {of}, which is not an earlier statement record"
+            ),
             Problem::TrailerMismatch {
                 field,
                 expected,
@@ -472,6 +519,8 @@ pub fn verify_from(
     let mut prev: Option<String> = None;
     let mut last_t = 0u64;
     let (mut statements, mut denied, mut lost) = (0u64, 0u64, 0u64);
+    // Whether each statement record so far was refused, by seq.
+    let mut refused_at: HashMap<u64, bool> = HashMap::new();
     let problem = loop {
         let index = report.records_ok;
         let frame = match frames.next_frame() {
@@ -554,17 +603,32 @@ pub fn verify_from(
                         found: e.t_us,
                     })
                 } else {
-                    last_t = e.t_us;
-                    match &e.event {
+                    let refused = match &e.event {
                         Event::Statement(s) => {
-                            statements += 1;
-                            denied += u64::from(s.refused);
+                            refused_at.insert(e.seq, s.refused);
+                            Ok(Some(s.refused))
                         }
-                        Event::EventsLost { count } => lost = lost.saturating_add(*count),
-                        _ => {}
+                        Event::StatementAgain { of } => refused_at
+                            .get(of)
+                            .map(|r| Some(*r))
+                            .ok_or(Problem::BadRepeat { of: *of }),
+                        _ => Ok(None),
+                    };
+                    match refused {
+                        Err(problem) => Some(problem),
+                        Ok(refused) => {
+                            last_t = e.t_us;
+                            if let Some(refused) = refused {
+                                statements += 1;
+                                denied += u64::from(refused);
+                            }
+                            if let Event::EventsLost { count } = &e.event {
+                                lost = lost.saturating_add(*count);
+                            }
+                            report.events_ok += 1;
+                            None
+                        }
                     }
-                    report.events_ok += 1;
-                    None
                 }
             }
             (Some(want), Record::Trailer(t)) => {

@@ -533,6 +533,10 @@ fn event_lines(p: &Paint, e: &EventRecord, ssh: bool) -> String {
         Event::Unknown => {
             let _ = writeln!(out, "{t}  (an event type this version does not know)");
         }
+        // Read as the statement it repeats (reader::read_from).
+        Event::StatementAgain { of } => {
+            let _ = writeln!(out, "{t}  (the statement of record {of} again)");
+        }
     }
     out
 }

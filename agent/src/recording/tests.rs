@@ -1615,3 +1615,102 @@ fn a_statement_written_borrowed_encodes_as_the_owned_record() {
         assert_eq!(cut, s.text == long);
     }
 }
+
+/// The records of a file, decoded as they are stored (no repeat resolved).
+fn stored_records(bytes: &[u8]) -> Vec<Record> {
+    let mut start = 0;
+    boundaries(bytes)
+        .into_iter()
+        .map(|end| {
+            let record = decode_body(&bytes[start + PREFIX_LEN..end]).unwrap();
+            start = end;
+            record
+        })
+        .collect()
+}
+
+#[test]
+fn the_same_statement_event_again_is_stored_as_a_repeat_and_read_as_the_statement() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, handle) = Recorder::start(settings(tmp.path(), Fsync::OnClose)).unwrap();
+    let info = info("orders-prod", "runner", None);
+    let id = info.id;
+    let point = statement(id, "SELECT c FROM sbtest1 WHERE id=?", Action::Allow, None);
+    let denied = statement(
+        id,
+        "SELECT * FROM secrets",
+        Action::Deny,
+        Some("no-secrets"),
+    );
+    let closed = session_events(&info).pop().unwrap();
+    for event in [
+        SessionEvent::Started(Arc::clone(&info)),
+        point.clone(),
+        denied.clone(),
+        point.clone(),
+        denied,
+        point,
+        closed,
+    ] {
+        sink.emit(&event);
+    }
+    assert_eq!(handle.shutdown().lost, 0);
+    let path = session_path(tmp.path(), id, info.started_at);
+    let bytes = std::fs::read(&path).unwrap();
+
+    let stored: Vec<Event> = stored_records(&bytes)
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Event(e) => Some(e.event),
+            _ => None,
+        })
+        .collect();
+    assert!(matches!(&stored[0], Event::Statement(s) if s.text.contains("sbtest1")));
+    assert!(matches!(&stored[1], Event::Statement(s) if s.refused));
+    assert_eq!(
+        stored[2..5],
+        [
+            Event::StatementAgain { of: 0 },
+            Event::StatementAgain { of: 1 },
+            Event::StatementAgain { of: 0 }
+        ]
+    );
+
+    let rec = read_recording(&path).unwrap();
+    let texts: Vec<(&str, bool)> = rec
+        .events()
+        .filter_map(|e| match &e.event {
+            Event::Statement(s) => Some((s.text.as_str(), s.refused)),
+            _ => None,
+        })
+        .collect();
+    let (point, secrets) = (
+        ("SELECT c FROM sbtest1 WHERE id=?", false),
+        ("SELECT * FROM secrets", true),
+    );
+    assert_eq!(texts, [point, secrets, point, secrets, point]);
+    assert_eq!((rec.statements(), rec.denied()), (5, 2));
+    let report = verify_from(Cursor::new(&bytes), &path, Some(id), &[]);
+    assert!(report.ok() && report.complete, "{report}");
+
+    // A repeat of a record that is not an earlier statement is corrupt,
+    // to the reader and to verify.
+    let mut records = stored_records(&bytes);
+    if let Record::Event(e) = &mut records[3] {
+        e.event = Event::StatementAgain { of: 5 };
+    }
+    let forged = rechain(&records);
+    let name = Path::new("forged.tgrec");
+    match read_from(Cursor::new(&forged), name) {
+        Err(ReadError::BadRepeat { of: 5, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let report = verify_from(Cursor::new(&forged), name, Some(id), &[]);
+    assert!(!report.ok(), "{report}");
+    assert!(
+        report
+            .to_string()
+            .contains("names seq 5, which is not an earlier statement record"),
+        "{report}"
+    );
+}

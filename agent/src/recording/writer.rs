@@ -600,7 +600,21 @@ struct SessionFile {
     /// handed to the buffer since the last successful flush: lost if the
     /// file fails now.
     unconfirmed: u64,
+    /// Statement events written whole, by address, with their seq: the
+    /// same event again (a session reports the events of a prepared
+    /// statement's first execution for each later one under the same
+    /// decisions) is written as a `statement_again` record naming it. The
+    /// event is kept, so its address is not reused while it is here.
+    written: HashMap<usize, (Arc<StatementEvent>, u64)>,
+    /// The bytes of text the events in `written` hold.
+    written_text: usize,
 }
+
+/// Statement events a file remembers for `statement_again` records, and
+/// their text: past either, it forgets them all and starts again, so a
+/// session of many large statements keeps none of them alive here.
+const REPEATS_KEPT: usize = 128;
+const REPEATS_TEXT: usize = 32 * 1024;
 
 struct Writer {
     rx: Receiver<Msg>,
@@ -734,16 +748,40 @@ impl Writer {
             Some(file) => {
                 let t_us = micros(at.saturating_duration_since(file.start)).max(file.last_t_us);
                 match &event {
-                    SessionEvent::Statement(statement) => write_event(
-                        file,
-                        &mut self.frame,
-                        t_us,
-                        &statement_out(statement),
-                        Counts::Statement {
+                    SessionEvent::Statement(statement) => {
+                        let address = Arc::as_ptr(statement) as usize;
+                        let counts = Counts::Statement {
                             refused: statement.refused,
-                        },
-                        self.fsync,
-                    ),
+                        };
+                        match file.written.get(&address) {
+                            Some((_, of)) => {
+                                let again = StatementOut::StatementAgain { of: *of };
+                                write_event(file, &mut self.frame, t_us, &again, counts, self.fsync)
+                            }
+                            None => {
+                                let text = statement.text.len();
+                                if text <= REPEATS_TEXT {
+                                    if file.written.len() >= REPEATS_KEPT
+                                        || file.written_text + text > REPEATS_TEXT
+                                    {
+                                        file.written.clear();
+                                        file.written_text = 0;
+                                    }
+                                    let seq = file.next_seq;
+                                    file.written.insert(address, (Arc::clone(statement), seq));
+                                    file.written_text += text;
+                                }
+                                write_event(
+                                    file,
+                                    &mut self.frame,
+                                    t_us,
+                                    &statement_out(statement),
+                                    counts,
+                                    self.fsync,
+                                )
+                            }
+                        }
+                    }
                     // Written borrowed: a job's storm of events is not
                     // copied again here.
                     SessionEvent::Job { record, .. } => write_event(
@@ -862,6 +900,8 @@ impl Writer {
             dirty: true,
             unsynced: true,
             unconfirmed: 1,
+            written: HashMap::new(),
+            written_text: 0,
         };
         if self.fsync == Fsync::EveryEvent {
             sync_file(&mut sf)?;

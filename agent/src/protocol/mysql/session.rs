@@ -265,6 +265,8 @@ struct Session<'a> {
     decided: HashMap<u32, Decided>,
     /// The session's decisions by statement shape.
     memo: DecisionMemo,
+    /// The policy in force, as of the last statement.
+    policy: crate::policy::PolicyView,
     raw: bool,
     /// How the server reads backslashes now, from the last status flags.
     escapes: Escapes,
@@ -363,6 +365,7 @@ pub async fn run(
             server_out: server_write,
             to_client: Vec::with_capacity(16 * 1024),
             to_server: Vec::new(),
+            policy: crate::policy::PolicyView::new(&ctx.policy),
             prepared: HashMap::new(),
             last_prepared: None,
             cursor_masks: HashMap::new(),
@@ -1181,8 +1184,10 @@ impl Session<'_> {
     ) -> Result<Verdict, Stop> {
         let edited_under = self.edited_under.take();
         let info = self.ctx.start.info().await;
-        let policy = crate::policy::current_policy(&self.ctx.policy);
-        let generation = (policy.generation(), self.database_epoch);
+        let generation = (
+            self.policy.get(&self.ctx.policy).generation(),
+            self.database_epoch,
+        );
         let prepared = match phase {
             Phase::Execute(id) => Some(id),
             Phase::Query | Phase::Prepare => None,
@@ -1201,7 +1206,7 @@ impl Session<'_> {
                 };
                 let qualified = crate::sql::mysql::in_database(analysis, current, false);
                 let decisions = self.memo.decide(
-                    &policy,
+                    self.policy.get(&self.ctx.policy),
                     &self.ctx.target,
                     &info.identity,
                     text,
