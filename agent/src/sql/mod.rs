@@ -260,6 +260,29 @@ pub struct StatementFlags {
     pub derived_tables: bool,
 }
 
+impl StatementFlags {
+    /// Sets every flag `other` has set too (one statement standing for
+    /// another, as a MySQL `EXECUTE` for what was prepared).
+    pub fn include(&mut self, other: &StatementFlags) {
+        let StatementFlags {
+            no_where,
+            copy_program,
+            copy_server_file,
+            server_file_access,
+            config_change,
+            sets_user_variable,
+            derived_tables,
+        } = other;
+        self.no_where |= no_where;
+        self.copy_program |= copy_program;
+        self.copy_server_file |= copy_server_file;
+        self.server_file_access |= server_file_access;
+        self.config_change |= config_change;
+        self.sets_user_variable |= sets_user_variable;
+        self.derived_tables |= derived_tables;
+    }
+}
+
 /// One statement, analysed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatementSummary {

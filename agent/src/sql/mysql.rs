@@ -59,6 +59,10 @@ use sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer, Whitespace
 
 use super::{Analysis, StatementFlags, StatementKind, StatementSummary, TableRef, TransactionOp};
 
+#[path = "mysql/names.rs"]
+mod names;
+pub use names::{name_use, names_something, NameUse};
+
 /// Functions that read files on the database server.
 const SERVER_FILE_FUNCTIONS: &[&str] = &["load_file"];
 
@@ -527,6 +531,9 @@ fn summarise(
     }
     if first == "PREPARE" {
         return prepare(piece, own_text, index, text, escapes);
+    }
+    if first == "EXECUTE" && second == "IMMEDIATE" {
+        return execute_immediate(piece, own_text, index, text, escapes);
     }
     if first == "HANDLER" {
         return handler(piece, own_text);
@@ -1052,50 +1059,20 @@ fn prepare(
     let solid: Vec<&TokenWithSpan> = piece.iter().filter(|t| !is_trivia(&t.token)).collect();
     let from = solid.get(2).is_some_and(|t| is_word(&t.token, "from"));
     let name = solid.get(1).map(|t| &t.token);
-    let source = solid.get(3);
     if !from || !matches!(name, Some(Token::Word(_))) || solid.len() != 4 {
         return Err("PREPARE: expected PREPARE name FROM 'statement' or @variable".to_owned());
     }
+    let statement = text_statement(
+        "PREPARE",
+        "PREPARE name FROM 'statement'",
+        solid.get(3),
+        index,
+        text,
+        escapes,
+    )?;
     let mut facts = Facts::default();
-    let mut shape = String::from("PREPARE ? FROM ");
-    match source.map(|t| &t.token) {
-        Some(Token::Word(w)) if w.quote_style.is_none() && w.value.starts_with('@') => {
-            return Err(
-                "PREPARE ... FROM @variable: the statement is in a user variable, \
-                        which the agent cannot read; write PREPARE name FROM 'statement'"
-                    .to_owned(),
-            );
-        }
-        Some(Token::SingleQuotedString(inner) | Token::DoubleQuotedString(inner)) => {
-            let raw = match source {
-                Some(token) => {
-                    let (start, end) = token_range(token, index)?;
-                    text.get(start..end).unwrap_or_default()
-                }
-                None => "",
-            };
-            if raw.contains('\\') {
-                return Err("PREPARE: statement text with backslashes, whose meaning \
-                            depends on sql_mode NO_BACKSLASH_ESCAPES"
-                    .to_owned());
-            }
-            // The prefix tells the refusal of the prepared text from one of
-            // the PREPARE itself: an executable comment inside the string is
-            // not resolved (the string is data until the server prepares it).
-            let mut inner = analyze_text(inner, escapes)
-                .map_err(|error| format!("PREPARE: in the statement text: {error}"))?;
-            let statement = match (inner.pop(), inner.is_empty()) {
-                (Some(statement), true) => statement,
-                _ => return Err("PREPARE: the text must hold one statement".to_owned()),
-            };
-            facts.read.extend(statement.tables_read);
-            facts.written.extend(statement.tables_written);
-            facts.functions.extend(statement.functions);
-            facts.flags = statement.flags;
-            shape.push_str(&statement.fingerprint);
-        }
-        _ => return Err("PREPARE: expected PREPARE name FROM 'statement' or @variable".to_owned()),
-    }
+    let shape = format!("PREPARE ? FROM {}", statement.fingerprint);
+    facts.include(statement);
     Ok(summary(
         StatementKind::Prepared,
         None,
@@ -1104,6 +1081,114 @@ fn prepare(
         hash(&shape),
         own_text,
     ))
+}
+
+/// MariaDB's `EXECUTE IMMEDIATE 'text' [USING expr, ...]` prepares, runs
+/// and drops the statement in the text at once: decided as that statement
+/// (and what the `USING` expressions read). A statement from an expression
+/// or a variable is refused, as for `PREPARE`.
+fn execute_immediate(
+    piece: &[TokenWithSpan],
+    own_text: &str,
+    index: &Offsets,
+    text: &str,
+    escapes: Escapes,
+) -> Result<StatementSummary, String> {
+    let solid: Vec<&TokenWithSpan> = piece.iter().filter(|t| !is_trivia(&t.token)).collect();
+    let statement = text_statement(
+        "EXECUTE IMMEDIATE",
+        "EXECUTE IMMEDIATE 'statement'",
+        solid.get(2),
+        index,
+        text,
+        escapes,
+    )?;
+    let mut facts = Facts::default();
+    let mut shape = format!("EXECUTE IMMEDIATE ? {}", statement.fingerprint);
+    facts.include(statement);
+    let rest = solid.get(3..).unwrap_or_default();
+    if let Some((using, values)) = rest.split_first() {
+        if !is_word(&using.token, "using") || values.is_empty() {
+            return Err("EXECUTE IMMEDIATE: expected USING after the statement text".to_owned());
+        }
+        // The values are read as a select of them would read.
+        let space = || TokenWithSpan::wrap(Token::Whitespace(Whitespace::Space));
+        let mut select = vec![TokenWithSpan::wrap(Token::make_keyword("SELECT"))];
+        for token in values {
+            select.extend([space(), (*token).clone()]);
+        }
+        let dialect = MySqlDialect {};
+        let statements = Parser::new(&dialect)
+            .with_tokens_with_locations(select)
+            .parse_statements()
+            .map_err(|e| format!("EXECUTE IMMEDIATE ... USING: {e}"))?;
+        for statement in &statements {
+            let _ = statement.visit(&mut facts);
+        }
+        if let Some(why) = facts.unreadable.take() {
+            return Err(why);
+        }
+        shape.push_str(" USING ");
+        shape.push_str(&token_shape(values));
+    }
+    Ok(summary(
+        StatementKind::Prepared,
+        None,
+        "EXECUTE IMMEDIATE".to_owned(),
+        facts,
+        hash(&shape),
+        own_text,
+    ))
+}
+
+/// The one statement in the string literal `source` that `PREPARE` or
+/// `EXECUTE IMMEDIATE` (`what`, written as `form`) takes its statement
+/// from.
+fn text_statement(
+    what: &str,
+    form: &str,
+    source: Option<&&TokenWithSpan>,
+    index: &Offsets,
+    text: &str,
+    escapes: Escapes,
+) -> Result<StatementSummary, String> {
+    let inner = match source.map(|t| &t.token) {
+        Some(Token::SingleQuotedString(inner) | Token::DoubleQuotedString(inner)) => inner,
+        Some(Token::Word(w)) if w.quote_style.is_none() && w.value.starts_with('@') => {
+            return Err(format!(
+                "{what} ... @variable: the statement is in a user variable, which the \
+                 agent cannot read; write {form}"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "{what}: the statement must be a string literal, which the agent can read \
+                 (not an expression or a variable); write {form}"
+            ))
+        }
+    };
+    let raw = match source {
+        Some(token) => {
+            let (start, end) = token_range(token, index)?;
+            text.get(start..end).unwrap_or_default()
+        }
+        None => "",
+    };
+    if raw.contains('\\') {
+        return Err(format!(
+            "{what}: statement text with backslashes, whose meaning depends on sql_mode \
+             NO_BACKSLASH_ESCAPES"
+        ));
+    }
+    // The prefix tells the refusal of the inner text from one of the
+    // statement itself: an executable comment inside the string is not
+    // resolved (the string is data until the server prepares it).
+    let mut inner = analyze_text(inner, escapes)
+        .map_err(|error| format!("{what}: in the statement text: {error}"))?;
+    match (inner.pop(), inner.is_empty()) {
+        (Some(statement), true) => Ok(statement),
+        _ => Err(format!("{what}: the text must hold one statement")),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1270,6 +1355,15 @@ fn factor_sources<'a>(factor: &'a TableFactor, out: &mut Vec<Source<'a>>) {
 }
 
 impl Facts {
+    /// Counts what `statement` reads, writes, calls and flags as this
+    /// statement's own.
+    fn include(&mut self, statement: StatementSummary) {
+        self.read.extend(statement.tables_read);
+        self.written.extend(statement.tables_written);
+        self.functions.extend(statement.functions);
+        self.flags.include(&statement.flags);
+    }
+
     fn target(&mut self, name: &ObjectName) {
         self.targets.insert(name);
     }

@@ -18,6 +18,7 @@
 pub mod broker;
 pub mod handshake;
 pub mod mask;
+mod names;
 pub mod packet;
 pub mod session;
 

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use super::broker;
 use super::handshake::{self, ClientAnswer};
 use super::mask::{self, MaskPlan, ResultMask};
+use super::names::{Outcome, SessionNames};
 use super::packet::{self, Packet, PacketError};
 use crate::config::Target;
 use crate::events::{CloseReason, RawDirection, SessionEvent, StatementEvent};
@@ -179,8 +180,8 @@ enum Verdict {
 }
 
 /// What a prepared statement's decisions were made under: the policy's
-/// generation and the session's database epoch.
-type DecidedUnder = (u64, u64);
+/// generation, the session's database epoch and its names' epoch.
+type DecidedUnder = (u64, u64, u64);
 
 /// The decisions of a prepared statement's last execution, and what an
 /// execution that ran under them reports: an execution under the same
@@ -302,6 +303,8 @@ struct Session<'a> {
     /// Counts changes of `database`: decisions of prepared statements made
     /// under another are made again.
     database_epoch: u64,
+    /// What the session's handler and prepared-statement names stand for.
+    names: SessionNames,
 }
 
 /// How long a TLS handshake with either side may take.
@@ -388,6 +391,7 @@ pub async fn run(
             edited_under: None,
             database: CurrentDatabase::from_name(connected.database.as_deref()),
             database_epoch: 0,
+            names: SessionNames::default(),
             from_server_uncounted: 0,
         };
         session.note_status_flags(connected.status);
@@ -872,6 +876,7 @@ impl Session<'_> {
                         Verdict::Run(plan) => {
                             self.send_to_server(&command).await?;
                             self.relay_results(false, plan.as_ref(), None).await?;
+                            self.follow_names(&analysis);
                             self.interrupt_killed(&analysis);
                             self.follow_charset(&analysis);
                             self.follow_use(&analysis);
@@ -1184,9 +1189,17 @@ impl Session<'_> {
     ) -> Result<Verdict, Stop> {
         let edited_under = self.edited_under.take();
         let info = self.ctx.start.info().await;
+        // A statement that uses a handler's or a prepared statement's name
+        // is decided as reading what the name stands for.
+        let (resolved, names_refusal) = match self.names.resolve(analysis) {
+            Ok(resolved) => (resolved, None),
+            Err(message) => (None, Some(message)),
+        };
+        let analysis = resolved.as_ref().unwrap_or(analysis);
         let generation = (
             self.policy.get(&self.ctx.policy).generation(),
             self.database_epoch,
+            self.names.epoch(),
         );
         let prepared = match phase {
             Phase::Execute(id) => Some(id),
@@ -1227,8 +1240,8 @@ impl Session<'_> {
         };
         let mut effective: Arc<[Decision]> = Arc::clone(&decisions);
         // Refused before any review: nothing a reviewer says would let it run.
-        let mut refusal = self
-            .unknown_database_refusal(analysis)
+        let mut refusal = names_refusal
+            .or_else(|| self.unknown_database_refusal(analysis))
             .map(|message| (ER_TABLEACCESS_DENIED, message));
         let wants_review = refusal.is_none()
             && most_restrictive(&decisions).is_some_and(|d| d.action == Action::Review);
@@ -1546,6 +1559,30 @@ impl Session<'_> {
     /// Follows a `USE` that ran: its database is current once the text ran
     /// without error; a text of several statements that failed may have
     /// stopped before or after it.
+    /// Follows the handler and prepared-statement names a text that ran
+    /// gave or dropped (before `follow_use`: its tables are qualified with
+    /// the database it ran in).
+    fn follow_names(&mut self, analysis: &Analysis) {
+        let Analysis::Parsed { statements } = analysis else {
+            return;
+        };
+        if !statements.iter().any(crate::sql::mysql::names_something) {
+            return;
+        }
+        let outcome = match (statements.len(), self.answer_failed) {
+            (1, false) => Outcome::Succeeded,
+            (1, true) => Outcome::Failed,
+            _ => Outcome::Partly,
+        };
+        let current = match &self.database {
+            CurrentDatabase::Known(db) => Some(db.as_str()),
+            CurrentDatabase::None | CurrentDatabase::Unknown(_) => None,
+        };
+        let qualified = crate::sql::mysql::in_database(analysis, current, false);
+        self.names
+            .follow(qualified.as_ref().unwrap_or(analysis), outcome);
+    }
+
     fn follow_use(&mut self, analysis: &Analysis) {
         let Analysis::Parsed { statements } = analysis else {
             return;

@@ -404,6 +404,70 @@ fn prepare_from_text_counts_its_statement() {
 }
 
 #[test]
+fn execute_immediate_counts_the_statement_in_its_text() {
+    let s = one("EXECUTE IMMEDIATE 'SELECT s FROM secrets WHERE a = ?' USING (SELECT MAX(id) + 0)");
+    assert_eq!(
+        (s.kind, &*s.command),
+        (StatementKind::Prepared, "EXECUTE IMMEDIATE")
+    );
+    assert_eq!(s.tables_read, tables(&["secrets"]));
+    assert_eq!(s.functions, ["max"]);
+    let s = one("execute immediate \"DELETE FROM t\"");
+    assert_eq!(s.tables_written, tables(&["t"]));
+    assert!(s.flags.no_where);
+    // What the values in USING read counts too.
+    let s = one("EXECUTE IMMEDIATE 'SELECT ?' USING (SELECT s FROM secrets LIMIT 1)");
+    assert_eq!(s.tables_read, tables(&["secrets"]));
+    assert_eq!(
+        one("EXECUTE IMMEDIATE 'SELECT * FROM t WHERE a = 1' USING 5").fingerprint,
+        one("EXECUTE IMMEDIATE 'SELECT * FROM t WHERE a = 2' USING 6").fingerprint
+    );
+    // A statement the agent cannot read from the text is refused.
+    for sql in [
+        "EXECUTE IMMEDIATE CONCAT('SELECT * FROM sec', 'rets')",
+        "EXECUTE IMMEDIATE @q",
+        "EXECUTE IMMEDIATE 'SELECT 1; DROP TABLE t'",
+        "EXECUTE IMMEDIATE 'SELECT 1' 'x'",
+        "EXECUTE IMMEDIATE 'SELECT 1' USING",
+        "EXECUTE IMMEDIATE",
+    ] {
+        let error = refused(sql);
+        assert!(error.starts_with("EXECUTE IMMEDIATE"), "{sql}: {error}");
+    }
+}
+
+#[test]
+fn statements_that_give_or_use_a_session_name_say_which() {
+    for (sql, expected) in [
+        (
+            "HANDLER Secrets OPEN",
+            NameUse::OpenHandler("secrets".into()),
+        ),
+        (
+            "HANDLER shop.secrets OPEN AS `H`",
+            NameUse::OpenHandler("h".into()),
+        ),
+        (
+            "HANDLER shop.secrets OPEN h",
+            NameUse::OpenHandler("h".into()),
+        ),
+        (
+            "HANDLER H READ idx = (1) LIMIT 2",
+            NameUse::ReadHandler("h".into()),
+        ),
+        ("HANDLER h CLOSE", NameUse::CloseHandler("h".into())),
+        ("PREPARE St FROM 'SELECT 1'", NameUse::Prepare("st".into())),
+        ("EXECUTE ST USING @a, @b", NameUse::Execute("st".into())),
+        ("DEALLOCATE PREPARE `st`", NameUse::Deallocate("st".into())),
+    ] {
+        assert_eq!(name_use(&one(sql)), Some(expected), "{sql}");
+    }
+    for sql in ["SELECT 1", "EXECUTE IMMEDIATE 'SELECT 1'", "USE shop"] {
+        assert_eq!(name_use(&one(sql)), None, "{sql}");
+    }
+}
+
+#[test]
 fn fingerprints_ignore_literals_only() {
     let fp = |sql: &str| one(sql).fingerprint;
     let a = fp("SELECT * FROM t WHERE a = 1 AND b = 'x'");
