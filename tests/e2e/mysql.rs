@@ -27,7 +27,7 @@ struct Shop {
     db: Mariadb,
     agent: Agent,
     port: u16,
-    _policy: PolicyFile,
+    policy: PolicyFile,
 }
 
 impl Shop {
@@ -40,7 +40,7 @@ impl Shop {
             db,
             agent,
             port,
-            _policy: policy,
+            policy,
         }
     }
 }
@@ -219,6 +219,140 @@ fn handler_and_do_are_decided_by_what_they_read() {
     assert_eq!(opened["kind"], "other", "{opened}");
     let done = shop.agent.wait_for_statement("deny", "command", "DO");
     assert_eq!(done["kind"], "do", "{done}");
+}
+
+#[test]
+fn handler_and_prepared_names_are_decided_as_what_they_stand_for_under_the_policy_in_force() {
+    let shop = Shop::start();
+    shop.db.as_root(
+        "INSERT INTO shop.t VALUES (5), (6); CREATE TABLE shop.u (y INT); \
+         INSERT INTO shop.u VALUES (7); CREATE DATABASE other",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let wait = format!("-- wait-for {}", go.display());
+    // One PyMySQL session opens a handler and prepares a statement on t
+    // while t is allowed, and goes on using both after a reload denies t.
+    let statements = [
+        "HANDLER t OPEN AS h",
+        "HANDLER h READ FIRST",
+        "PREPARE s FROM 'SELECT x FROM t ORDER BY x'",
+        "EXECUTE S",
+        &wait,
+        "HANDLER h READ NEXT",
+        "EXECUTE s",
+        // The server refuses an alias already open: h still reads t.
+        "HANDLER u OPEN AS h",
+        "HANDLER H READ FIRST",
+        // In another database the name still stands for shop.t.
+        "USE other",
+        "HANDLER h READ FIRST",
+        // Closed and opened anew, the name stands for the new table only.
+        "HANDLER h CLOSE",
+        "HANDLER shop.u OPEN AS h",
+        "HANDLER h READ FIRST",
+        // A text of several statements: the name given in it counts for
+        // the statements after it.
+        "HANDLER shop.u OPEN AS h2; HANDLER h2 READ FIRST",
+        "HANDLER shop.t OPEN AS h3; HANDLER h3 READ FIRST",
+        "PREPARE s2 FROM 'SELECT y FROM shop.u'; EXECUTE s2",
+    ];
+    let port = shop.port;
+    let owned: Vec<String> = statements.iter().map(|s| s.to_string()).collect();
+    let session = std::thread::spawn(move || {
+        let borrowed: Vec<&str> = owned.iter().map(String::as_str).collect();
+        python_driver("pymysql", port, &borrowed)
+    });
+    shop.agent
+        .wait_for_log(
+            |l| l["statement_action"] == "allow" && l["command"] == "EXECUTE",
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+    std::fs::write(
+        shop.policy.path(),
+        format!(
+            "{POLICY}\n[[rule]]\nname = \"no-t\"\naction = \"deny\"\n[rule.match]\ntables = [\"shop.t\"]\n"
+        ),
+    )
+    .unwrap();
+    shop.agent
+        .wait_for_log(
+            |l| l["message"] == "policy reloaded",
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
+    std::fs::write(&go, "").unwrap();
+    let results = session.join().unwrap();
+    let rows = |i: usize| match &results[i] {
+        DriverResult::Rows(rows) => rows.clone(),
+        DriverResult::Error(e) => panic!("{}: {e}", statements[i]),
+    };
+    let error = |i: usize| match &results[i] {
+        DriverResult::Error(e) => e.clone(),
+        DriverResult::Rows(rows) => panic!("{} ran: {rows:?}", statements[i]),
+    };
+    let one = |v: &str| vec![vec![vec![Some(v.to_owned())]]];
+    assert_eq!(rows(1), one("5"));
+    assert_eq!(
+        rows(3),
+        vec![vec![vec![Some("5".to_owned())], vec![Some("6".to_owned())]]]
+    );
+    for i in [5, 6, 8, 10] {
+        let e = error(i);
+        assert!(
+            e.contains("denied by rule \"no-t\""),
+            "{}: {e}",
+            statements[i]
+        );
+    }
+    assert!(error(7).contains("Not unique table/alias"), "{}", error(7));
+    assert_eq!(rows(13), one("7"));
+    assert_eq!(rows(14), vec![vec![], vec![vec![Some("7".to_owned())]]]);
+    // Refused whole: the OPEN of t did not happen either.
+    assert!(
+        error(15).contains("denied by rule \"no-t\""),
+        "{}",
+        error(15)
+    );
+    assert_eq!(rows(16), vec![vec![], vec![vec![Some("7".to_owned())]]]);
+
+    // Names this session never gave, and statements from text the agent
+    // cannot read, are refused.
+    for (sql, expected) in [
+        (
+            "EXECUTE nothing",
+            "EXECUTE nothing refused: no statement of that name was prepared through the agent",
+        ),
+        (
+            "HANDLER nothing READ FIRST",
+            "HANDLER nothing READ refused: no handler of that name was opened through the agent",
+        ),
+        (
+            "EXECUTE IMMEDIATE 'SELECT s FROM secrets'",
+            "EXECUTE IMMEDIATE denied by rule \"protect-secrets\"",
+        ),
+        (
+            "EXECUTE IMMEDIATE CONCAT('SELECT s FROM sec', 'rets')",
+            "EXECUTE IMMEDIATE: the statement must be a string literal",
+        ),
+        (
+            "EXECUTE IMMEDIATE 'SELECT email FROM customers'",
+            "EXECUTE IMMEDIATE requires masking by rule \"mask-contact\"",
+        ),
+        (
+            "PREPARE st FROM 'SELECT x FROM t'; EXECUTE st",
+            "denied by rule \"no-t\"",
+        ),
+    ] {
+        refused(&shop, sql, expected);
+    }
+    let out = mariadb(
+        shop.port,
+        "EXECUTE IMMEDIATE 'SELECT y FROM u'; PREPARE St FROM 'SELECT y + 1 FROM u'; EXECUTE sT",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "7\n8\n");
 }
 
 /// One row of text values, `None` for NULL.
