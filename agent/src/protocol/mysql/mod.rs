@@ -11,9 +11,9 @@
 //! opened through the agent. `COM_CHANGE_USER` is relayed with its
 //! authentication. `LOAD DATA LOCAL` runs only when a rule allows it, and
 //! the server's request for a client file is answered only with that
-//! statement's file. Not built yet, and refused rather than let through:
-//! human review of MySQL statements (a statement a `review` rule takes is
-//! refused).
+//! statement's file. A statement a `review` rule takes is held for its
+//! reviewers (`session/review.rs`). `HANDLER ... READ` and SQL `EXECUTE`
+//! are decided as what their name was opened or prepared on (`names.rs`).
 
 pub mod broker;
 pub mod handshake;
