@@ -1188,6 +1188,93 @@ except Exception as e:
 }
 
 #[test]
+fn a_client_that_breaks_the_protocol_gets_an_err_and_only_its_session_ends() {
+    let shop = Shop::start();
+    // Two PyMySQL sessions: the second sends one broken packet and prints
+    // the ERR that came back (code, SQLSTATE, message) and whether the
+    // agent then closed it; the first then runs a statement.
+    let script = r#"
+import struct, sys, pymysql
+port, case = int(sys.argv[1]), sys.argv[2]
+args = dict(host="127.0.0.1", port=port, user="app", password="secret", database="shop")
+bystander, broken = pymysql.connect(**args), pymysql.connect(**args)
+sock = broken._sock
+frame = lambda seq, payload: struct.pack("<I", len(payload))[:3] + bytes([seq]) + payload
+if case == "out-of-order":
+    sock.sendall(frame(5, b"\x03SELECT 1"))
+elif case == "empty":
+    sock.sendall(frame(0, b""))
+elif case == "unknown":
+    sock.sendall(frame(0, b"\xee\x01"))
+elif case == "cut-short":
+    sock.sendall(b"\x10\x00\x00\x00\x03SELECT")
+    sock.shutdown(1)
+sock.settimeout(10)
+answer = b""
+while len(answer) < 4 or len(answer) < 4 + int.from_bytes(answer[:3], "little"):
+    data = sock.recv(65536)
+    if not data:
+        break
+    answer += data
+if answer[4:5] == b"\xff":
+    code = int.from_bytes(answer[5:7], "little")
+    print("ERR", code, answer[8:13].decode(), answer[13:].decode())
+else:
+    print("no answer", answer)
+sock.settimeout(2)
+try:
+    print("closed" if sock.recv(1) == b"" else "open")
+except TimeoutError:
+    print("open")
+cur = bystander.cursor()
+cur.execute("SELECT COUNT(*) FROM t")
+print("bystander", cur.fetchall())
+"#;
+    for (case, answer, after) in [
+        (
+            "out-of-order",
+            "ERR 1156 08S01 tollgate: got packets out of order (a command with sequence id 5, not 0)",
+            "closed",
+        ),
+        (
+            "empty",
+            "ERR 1835 08S01 tollgate: an empty command packet",
+            "closed",
+        ),
+        (
+            "unknown",
+            "ERR 1047 08S01 tollgate: command 0xee is not supported through the agent",
+            "open",
+        ),
+        // The command never arrived whole: nothing to answer.
+        ("cut-short", "no answer b''", "closed"),
+    ] {
+        let out = Command::new("python3")
+            .args(["-c", script, &shop.port.to_string(), case])
+            .output()
+            .unwrap();
+        let all = text(&out);
+        assert!(out.status.success(), "{case}: {all}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{answer}\n{after}\nbystander ((0,),)\n"),
+            "{case}"
+        );
+    }
+    // The broken sessions were logged as the client's fault.
+    shop.agent
+        .wait_for_log(
+            |l| {
+                l["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("got packets out of order"))
+            },
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+}
+
+#[test]
 fn an_unreachable_server_is_an_error_in_place_of_the_greeting() {
     let policy = policy_file(POLICY);
     let port = free_port();

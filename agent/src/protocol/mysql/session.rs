@@ -54,6 +54,8 @@ const ER_SPECIFIC_ACCESS_DENIED: u16 = 1227;
 const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
 const ER_UNKNOWN_COM: u16 = 1047;
 const ER_KILL_DENIED: u16 = 1095;
+const ER_NET_PACKETS_OUT_OF_ORDER: u16 = 1156;
+const ER_MALFORMED_PACKET: u16 = 1835;
 
 mod review;
 
@@ -854,6 +856,26 @@ impl Session<'_> {
             );
             self.answer_client(command.next_seq(), err).await?;
             return Err(CloseReason::RecordingFailed(cause).into());
+        }
+        // A command starts an exchange: anything else is a client that lost
+        // track of the protocol, which the server would end too.
+        let fault = match (command.seq, command.payload.is_empty()) {
+            (0, false) => None,
+            (0, true) => Some((
+                ER_MALFORMED_PACKET,
+                "tollgate: an empty command packet".to_owned(),
+            )),
+            (seq, _) => Some((
+                ER_NET_PACKETS_OUT_OF_ORDER,
+                format!(
+                    "tollgate: got packets out of order (a command with sequence id {seq}, not 0)"
+                ),
+            )),
+        };
+        if let Some((code, message)) = fault {
+            let err = packet::err_payload(code, "08S01", &message);
+            self.answer_client(command.next_seq(), err).await?;
+            return Err(CloseReason::ClientError(message).into());
         }
         let reply_seq = command.next_seq();
         self.local_file = None;
