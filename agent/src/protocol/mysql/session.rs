@@ -1578,9 +1578,6 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Follows a `USE` that ran: its database is current once the text ran
-    /// without error; a text of several statements that failed may have
-    /// stopped before or after it.
     /// Follows the handler and prepared-statement names a text that ran
     /// gave or dropped (before `follow_use`: its tables are qualified with
     /// the database it ran in).
@@ -1605,6 +1602,9 @@ impl Session<'_> {
             .follow(qualified.as_ref().unwrap_or(analysis), outcome);
     }
 
+    /// Follows a `USE` that ran: its database is current once the text ran
+    /// without error; a text of several statements that failed may have
+    /// stopped before or after it.
     fn follow_use(&mut self, analysis: &Analysis) {
         let Analysis::Parsed { statements } = analysis else {
             return;
