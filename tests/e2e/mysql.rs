@@ -256,6 +256,9 @@ fn handler_and_prepared_names_are_decided_as_what_they_stand_for_under_the_polic
         "HANDLER shop.u OPEN AS h2; HANDLER h2 READ FIRST",
         "HANDLER shop.t OPEN AS h3; HANDLER h3 READ FIRST",
         "PREPARE s2 FROM 'SELECT y FROM shop.u'; EXECUTE s2",
+        // Inside a prepared statement, a READ would name the handler only.
+        "EXECUTE IMMEDIATE 'HANDLER h READ NEXT'",
+        "PREPARE s3 FROM 'HANDLER h READ NEXT'",
     ];
     let port = shop.port;
     let owned: Vec<String> = statements.iter().map(|s| s.to_string()).collect();
@@ -316,6 +319,14 @@ fn handler_and_prepared_names_are_decided_as_what_they_stand_for_under_the_polic
         error(15)
     );
     assert_eq!(rows(16), vec![vec![], vec![vec![Some("7".to_owned())]]]);
+    for i in [17, 18] {
+        let e = error(i);
+        assert!(
+            e.contains("HANDLER READ cannot be prepared through the agent"),
+            "{}: {e}",
+            statements[i]
+        );
+    }
 
     // Names this session never gave, and statements from text the agent
     // cannot read, are refused.

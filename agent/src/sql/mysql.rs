@@ -1186,6 +1186,12 @@ fn text_statement(
     let mut inner = analyze_text(inner, escapes)
         .map_err(|error| format!("{what}: in the statement text: {error}"))?;
     match (inner.pop(), inner.is_empty()) {
+        // What a name stands for is followed where the name is used as a
+        // statement of its own, not inside a prepared one.
+        (Some(statement), true) if names_something(&statement) => Err(format!(
+            "{what}: {} cannot be prepared through the agent; send it as a statement of its own",
+            statement.command
+        )),
         (Some(statement), true) => Ok(statement),
         _ => Err(format!("{what}: the text must hold one statement")),
     }

@@ -430,10 +430,19 @@ fn execute_immediate_counts_the_statement_in_its_text() {
         "EXECUTE IMMEDIATE 'SELECT 1' 'x'",
         "EXECUTE IMMEDIATE 'SELECT 1' USING",
         "EXECUTE IMMEDIATE",
+        // A handler's READ is decided by what the handler was opened on
+        // only as a statement of its own.
+        "EXECUTE IMMEDIATE 'HANDLER h READ NEXT'",
+        "EXECUTE IMMEDIATE 'HANDLER t OPEN AS h'",
     ] {
         let error = refused(sql);
         assert!(error.starts_with("EXECUTE IMMEDIATE"), "{sql}: {error}");
     }
+    let error = refused("PREPARE s FROM 'HANDLER h READ FIRST'");
+    assert!(
+        error.contains("HANDLER READ cannot be prepared through the agent"),
+        "{error}"
+    );
 }
 
 #[test]
