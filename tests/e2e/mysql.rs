@@ -1201,11 +1201,12 @@ except Exception as e:
 #[test]
 fn a_client_that_breaks_the_protocol_gets_an_err_and_only_its_session_ends() {
     let shop = Shop::start();
-    // Two PyMySQL sessions: the second sends one broken packet and prints
-    // the ERR that came back (code, SQLSTATE, message) and whether the
-    // agent then closed it; the first then runs a statement.
+    // Two PyMySQL sessions: the second sends one broken packet (or a query
+    // whose rows it never reads) and prints the ERR that came back (code,
+    // SQLSTATE, message) and whether the agent then closed it; the first
+    // then runs a statement.
     let script = r#"
-import struct, sys, pymysql
+import struct, sys, time, pymysql
 port, case = int(sys.argv[1]), sys.argv[2]
 args = dict(host="127.0.0.1", port=port, user="app", password="secret", database="shop")
 bystander, broken = pymysql.connect(**args), pymysql.connect(**args)
@@ -1220,14 +1221,20 @@ elif case == "unknown":
 elif case == "cut-short":
     sock.sendall(b"\x10\x00\x00\x00\x03SELECT")
     sock.shutdown(1)
+elif case == "stalled":
+    # 100 MB of rows the client never reads.
+    sock.sendall(frame(0, b"\x03SELECT REPEAT('x', 10000) FROM seq_1_to_10000"))
+    time.sleep(1)
 sock.settimeout(10)
 answer = b""
-while len(answer) < 4 or len(answer) < 4 + int.from_bytes(answer[:3], "little"):
+while case != "stalled" and (len(answer) < 4 or len(answer) < 4 + int.from_bytes(answer[:3], "little")):
     data = sock.recv(65536)
     if not data:
         break
     answer += data
-if answer[4:5] == b"\xff":
+if case == "stalled":
+    print("stalled")
+elif answer[4:5] == b"\xff":
     code = int.from_bytes(answer[5:7], "little")
     print("ERR", code, answer[8:13].decode(), answer[13:].decode())
 else:
@@ -1259,6 +1266,8 @@ print("bystander", cur.fetchall())
         ),
         // The command never arrived whole: nothing to answer.
         ("cut-short", "no answer b''", "closed"),
+        // A client that stops reading holds up only its own session.
+        ("stalled", "stalled", "open"),
     ] {
         let out = Command::new("python3")
             .args(["-c", script, &shop.port.to_string(), case])

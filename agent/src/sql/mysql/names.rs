@@ -7,7 +7,7 @@ use sqlparser::dialect::MySqlDialect;
 use sqlparser::tokenizer::{Token, Tokenizer};
 
 use super::{is_trivia, is_word};
-use crate::sql::StatementSummary;
+use crate::sql::{StatementKind, StatementSummary};
 
 /// What a statement does with a session-level name. The server compares
 /// both kinds of name without regard to case; they are lowercased here.
@@ -44,7 +44,11 @@ impl NameUse {
 /// Whether an analysed statement opens, uses or drops a session-level
 /// name (its command label says so).
 pub fn names_something(statement: &StatementSummary) -> bool {
+    // The kind first: it rules out every statement of the common kinds.
     matches!(
+        statement.kind,
+        StatementKind::Other | StatementKind::Prepared
+    ) && matches!(
         &*statement.command,
         "HANDLER OPEN"
             | "HANDLER READ"
