@@ -355,6 +355,11 @@ fn handler_and_prepared_names_are_decided_as_what_they_stand_for_under_the_polic
             "PREPARE st FROM 'SELECT x FROM t'; EXECUTE st",
             "denied by rule \"no-t\"",
         ),
+        // Dropped under MySQL's other spelling, the name is gone.
+        (
+            "PREPARE s4 FROM 'SELECT 1'; DROP PREPARE S4; EXECUTE s4",
+            "EXECUTE s4 refused: no statement of that name was prepared",
+        ),
     ] {
         refused(&shop, sql, expected);
     }

@@ -555,6 +555,13 @@ fn summarise(
         }
         markers.push_str(" DO");
     }
+    if first == "DROP" && second == "PREPARE" {
+        // MySQL's other spelling of DEALLOCATE PREPARE, which the dialect
+        // lacks.
+        if let Some(token) = tokens.iter_mut().find(|t| !is_trivia(&t.token)) {
+            token.token = Token::make_keyword("DEALLOCATE");
+        }
+    }
     if first == "SET" {
         for token in &mut tokens {
             let Token::Word(word) = &mut token.token else {

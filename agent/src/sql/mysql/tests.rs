@@ -72,6 +72,12 @@ fn kinds_and_commands() {
         ("CALL p(1)", K::Call, "CALL"),
         ("EXECUTE s USING @a", K::Prepared, "EXECUTE"),
         ("DEALLOCATE PREPARE s", K::Prepared, "DEALLOCATE PREPARE"),
+        ("DROP PREPARE s", K::Prepared, "DEALLOCATE PREPARE"),
+        (
+            "EXECUTE IMMEDIATE 'SELECT 1'",
+            K::Prepared,
+            "EXECUTE IMMEDIATE",
+        ),
         ("EXPLAIN SELECT * FROM t", K::Explain, "EXPLAIN"),
         ("LOCK TABLES t READ", K::Other, "LOCK TABLES"),
         ("UNLOCK TABLES", K::Other, "UNLOCK TABLES"),
@@ -468,6 +474,7 @@ fn statements_that_give_or_use_a_session_name_say_which() {
         ("PREPARE St FROM 'SELECT 1'", NameUse::Prepare("st".into())),
         ("EXECUTE ST USING @a, @b", NameUse::Execute("st".into())),
         ("DEALLOCATE PREPARE `st`", NameUse::Deallocate("st".into())),
+        ("DROP PREPARE St", NameUse::Deallocate("st".into())),
     ] {
         assert_eq!(name_use(&one(sql)), Some(expected), "{sql}");
     }
