@@ -423,6 +423,35 @@ fn masked_columns_are_hidden_in_text_and_binary_rows_whatever_they_are_called() 
             row(&[Some("****"), Some("2")])
         ]
     );
+    // One statement prepared once and executed three times: each
+    // execution masked as the first.
+    let script = r#"
+import sys, mysql.connector
+conn = mysql.connector.connect(host="127.0.0.1", port=int(sys.argv[1]), user="app",
+                               password="secret", database="shop", ssl_disabled=True, use_pure=True)
+cur = conn.cursor(prepared=True)
+for _ in range(3):
+    cur.execute("SELECT upper(email), id FROM customers WHERE id >= ? ORDER BY id", (2,))
+    print(cur.fetchall())
+"#;
+    let before = shop
+        .db
+        .as_root("SHOW GLOBAL STATUS LIKE 'Com_stmt_prepare'");
+    let out = Command::new("python3")
+        .args(["-c", script, &shop.port.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "[('****', 2)]\n".repeat(3)
+    );
+    let prepares =
+        |status: &str| -> u64 { status.split_whitespace().nth(1).unwrap().parse().unwrap() };
+    let after = shop
+        .db
+        .as_root("SHOW GLOBAL STATUS LIKE 'Com_stmt_prepare'");
+    assert_eq!(prepares(&after) - prepares(&before), 1, "{after}");
 
     // The server's data is untouched.
     assert_eq!(

@@ -193,6 +193,10 @@ struct Decided {
     decisions: Arc<[Decision]>,
     /// The events of an execution that ran, built at the first.
     ran: Option<Arc<[Arc<StatementEvent>]>>,
+    /// What an execution under these decisions masks (or why it cannot
+    /// be masked), made at the first: reading the statement's expressions
+    /// for masked columns takes a pass over its text.
+    plan: Option<Result<Option<MaskPlan>, String>>,
 }
 
 /// The server's current database, which tables named without one are in.
@@ -1254,6 +1258,7 @@ impl Session<'_> {
                             under: generation,
                             decisions: Arc::clone(&decisions),
                             ran: None,
+                            plan: None,
                         },
                     );
                 }
@@ -1312,10 +1317,12 @@ impl Session<'_> {
             });
         let (plan, refusal) = match refusal {
             Some(refused) => (None, Some(refused)),
-            None => match mask_plan(analysis, &effective) {
-                Ok(plan) => (plan, None),
-                Err(message) => (None, Some((ER_TABLEACCESS_DENIED, message))),
-            },
+            None => {
+                match self.mask_plan_for(prepared, generation, analysis, &decisions, &effective) {
+                    Ok(plan) => (plan, None),
+                    Err(message) => (None, Some((ER_TABLEACCESS_DENIED, message))),
+                }
+            }
         };
         self.report(
             text,
@@ -1336,6 +1343,31 @@ impl Session<'_> {
         let err = packet::err_payload(code, sqlstate, &message);
         self.answer_client(reply_seq, err).await?;
         Ok(Verdict::Refused)
+    }
+
+    /// [`mask_plan`] of a statement's effective decisions; for an
+    /// execution of a prepared statement under its last decisions, the
+    /// plan made at the first such execution.
+    fn mask_plan_for(
+        &mut self,
+        prepared: Option<u32>,
+        generation: DecidedUnder,
+        analysis: &Analysis,
+        decisions: &Arc<[Decision]>,
+        effective: &Arc<[Decision]>,
+    ) -> Result<Option<MaskPlan>, String> {
+        // A reviewed execution's effective decisions are its own.
+        let decided = prepared
+            .filter(|_| Arc::ptr_eq(decisions, effective))
+            .and_then(|id| self.decided.get_mut(&id))
+            .filter(|decided| decided.under == generation);
+        match decided {
+            Some(decided) => decided
+                .plan
+                .get_or_insert_with(|| mask_plan(analysis, effective))
+                .clone(),
+            None => mask_plan(analysis, effective),
+        }
     }
 
     /// Relays a `COM_CHANGE_USER` and its authentication exchange (the
