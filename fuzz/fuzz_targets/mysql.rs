@@ -55,6 +55,9 @@ fn text(data: &[u8]) {
                     let _ = mysql::kill_target(&s.text);
                     let _ = mysql::used_database(&s.text);
                     let _ = mysql::client_charset_change(&s.text, handshake::UNSAFE_CHARSETS);
+                    if let Some(name) = mysql::name_use(s) {
+                        assert!(mysql::names_something(s), "{name:?} from {:?}", s.text);
+                    }
                 }
             }
             Analysis::Unparsable { error } => assert!(!error.is_empty()),

@@ -104,6 +104,12 @@ impl SessionNames {
         let mut given = SessionNames::default();
         let mut resolved = Vec::with_capacity(statements.len());
         for (statement, name) in statements.iter().zip(uses) {
+            if name.is_none() && names_something(statement) {
+                return Err(format!(
+                    "tollgate: {} refused: the agent cannot read the name it uses",
+                    statement.command
+                ));
+            }
             let mut statement = statement.clone();
             match &name {
                 Some(NameUse::ReadHandler(handler)) => {
@@ -274,6 +280,9 @@ mod tests {
         assert!(err.contains("no handler of that name"), "{err}");
         let err = names.resolve(&analysis("EXECUTE s")).unwrap_err();
         assert!(err.contains("EXECUTE s refused"), "{err}");
+        // The dialect reads an EXECUTE of a parenthesised expression.
+        let err = names.resolve(&analysis("EXECUTE ('SELECT 1')")).unwrap_err();
+        assert!(err.contains("cannot read the name it uses"), "{err}");
         names.follow(&qualified("HANDLER t OPEN AS h"), Outcome::Succeeded);
         names.follow(&analysis("HANDLER h CLOSE"), Outcome::Succeeded);
         assert!(names.resolve(&analysis("HANDLER h READ FIRST")).is_err());
