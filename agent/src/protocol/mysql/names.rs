@@ -281,7 +281,9 @@ mod tests {
         let err = names.resolve(&analysis("EXECUTE s")).unwrap_err();
         assert!(err.contains("EXECUTE s refused"), "{err}");
         // The dialect reads an EXECUTE of a parenthesised expression.
-        let err = names.resolve(&analysis("EXECUTE ('SELECT 1')")).unwrap_err();
+        let err = names
+            .resolve(&analysis("EXECUTE ('SELECT 1')"))
+            .unwrap_err();
         assert!(err.contains("cannot read the name it uses"), "{err}");
         names.follow(&qualified("HANDLER t OPEN AS h"), Outcome::Succeeded);
         names.follow(&analysis("HANDLER h CLOSE"), Outcome::Succeeded);
