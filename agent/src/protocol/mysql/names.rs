@@ -18,9 +18,10 @@ use std::collections::{BTreeSet, HashMap};
 use crate::sql::mysql::{name_use, names_something, NameUse};
 use crate::sql::{Analysis, StatementFlags, StatementSummary, TableRef};
 
-/// The most tables and prepared statements a session's names may stand
-/// for together (the server's own limit on prepared statements is
-/// `max_prepared_stmt_count`, 16382 by default, for all sessions).
+/// The most names a session follows, counted with the tables and
+/// functions they stand for (the server's own limit on prepared
+/// statements is `max_prepared_stmt_count`, 16382 by default, for all
+/// sessions).
 pub(super) const MAX_NAMED: usize = 4096;
 
 /// What a prepared statement's name stands for: what the statements
@@ -81,9 +82,10 @@ impl SessionNames {
         self.epoch
     }
 
+    /// The names followed and the tables and functions they stand for.
     fn size(&self) -> usize {
-        self.handlers.values().map(BTreeSet::len).sum::<usize>()
-            + self.prepared.values().map(Facts::size).sum::<usize>()
+        self.handlers.values().map(|t| 1 + t.len()).sum::<usize>()
+            + self.prepared.values().map(|f| 1 + f.size()).sum::<usize>()
     }
 
     /// `analysis` with each statement that uses a name reading what the
@@ -153,8 +155,9 @@ impl SessionNames {
                     if self.size() + given.size() > MAX_NAMED {
                         return Err(format!(
                             "tollgate: {} refused: this session's handlers and prepared \
-                             statements already stand for {MAX_NAMED} tables and statements, \
-                             the most the agent follows; close or deallocate some first",
+                             statements, with the tables and functions they stand for, \
+                             already number {MAX_NAMED}, the most the agent follows; close \
+                             or deallocate some first",
                             statement.command
                         ));
                     }
@@ -348,8 +351,22 @@ mod tests {
 
     #[test]
     fn names_are_followed_up_to_a_limit() {
+        // Statements that read nothing count too: a text of several
+        // statements adds names without the server's word.
         let mut names = SessionNames::default();
         for i in 0..MAX_NAMED {
+            names.follow(
+                &analysis(&format!("PREPARE s{i} FROM 'SELECT 1'; SELECT 1")),
+                Outcome::Partly,
+            );
+        }
+        let err = names
+            .resolve(&analysis("PREPARE another FROM 'SELECT 1'"))
+            .unwrap_err();
+        assert!(err.contains("the most the agent follows"), "{err}");
+
+        let mut names = SessionNames::default();
+        for i in 0..MAX_NAMED / 2 {
             names.follow(
                 &qualified(&format!("HANDLER t{i} OPEN")),
                 Outcome::Succeeded,
