@@ -363,6 +363,28 @@ fn handler_and_prepared_names_are_decided_as_what_they_stand_for_under_the_polic
     ] {
         refused(&shop, sql, expected);
     }
+    // A handler opened, read and closed by server-side prepared
+    // statements (mysql-connector-python) is followed the same way.
+    let results = python_driver(
+        "connector",
+        shop.port,
+        &[
+            "HANDLER u OPEN AS hp",
+            "HANDLER hp READ FIRST",
+            "HANDLER hp CLOSE",
+            "HANDLER hp READ FIRST",
+            "HANDLER t OPEN AS hq",
+        ],
+    );
+    assert!(
+        matches!(&results[1], DriverResult::Rows(rows) if rows[0] == vec![row(&[Some("7")])]),
+        "{results:?}"
+    );
+    driver_error(
+        &results[3],
+        "HANDLER hp READ refused: no handler of that name",
+    );
+    driver_error(&results[4], "denied by rule \"no-t\"");
     let out = mariadb(
         shop.port,
         "EXECUTE IMMEDIATE 'SELECT y FROM u'; PREPARE St FROM 'SELECT y + 1 FROM u'; EXECUTE sT",

@@ -985,6 +985,7 @@ impl Session<'_> {
                 self.send_to_server(&command).await?;
                 self.relay_results(true, plan.as_ref(), id).await?;
                 if let Some(prepared) = prepared {
+                    self.follow_names(&prepared.analysis);
                     self.interrupt_killed(&prepared.analysis);
                     self.follow_charset(&prepared.analysis);
                 }
