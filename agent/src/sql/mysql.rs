@@ -850,17 +850,13 @@ fn load_data(
             }));
         }
     }
-    let dialect = MySqlDialect {};
-    let mut statements = Parser::new(&dialect)
-        .with_tokens_with_locations(tokens)
-        .parse_statements()
-        .map_err(|e| format!("LOAD {what}: {e}"))?;
-    let statement = match (statements.pop(), statements.is_empty()) {
-        (Some(statement), true) => statement,
-        _ => return Err(format!("LOAD {what}: expected one table and SET clause")),
-    };
     let mut facts = Facts::default();
-    let _ = statement.visit(&mut facts);
+    walk_one(
+        tokens,
+        &mut facts,
+        &format!("LOAD {what}"),
+        "one table and SET clause",
+    )?;
     facts.flags.no_where = false;
     facts.flags.server_file_access = true;
     let fingerprint = hash(&token_shape(&solid));
@@ -1028,17 +1024,13 @@ fn handler(piece: &[TokenWithSpan], own_text: &str) -> Result<StatementSummary, 
             select.extend([space(), (*token).clone()]);
         }
     }
-    let dialect = MySqlDialect {};
-    let mut statements = Parser::new(&dialect)
-        .with_tokens_with_locations(select)
-        .parse_statements()
-        .map_err(|e| format!("HANDLER ... {verb}: {e}"))?;
-    let statement = match (statements.pop(), statements.is_empty()) {
-        (Some(statement), true) => statement,
-        _ => return Err(format!("HANDLER ... {verb}: expected one handler command")),
-    };
     let mut facts = Facts::default();
-    let _ = statement.visit(&mut facts);
+    walk_one(
+        select,
+        &mut facts,
+        &format!("HANDLER ... {verb}"),
+        "one handler command",
+    )?;
     if let Some(why) = facts.unreadable.take() {
         return Err(why);
     }
@@ -1124,14 +1116,12 @@ fn execute_immediate(
         for token in values {
             select.extend([space(), (*token).clone()]);
         }
-        let dialect = MySqlDialect {};
-        let statements = Parser::new(&dialect)
-            .with_tokens_with_locations(select)
-            .parse_statements()
-            .map_err(|e| format!("EXECUTE IMMEDIATE ... USING: {e}"))?;
-        for statement in &statements {
-            let _ = statement.visit(&mut facts);
-        }
+        walk_one(
+            select,
+            &mut facts,
+            "EXECUTE IMMEDIATE ... USING",
+            "one list of values",
+        )?;
         if let Some(why) = facts.unreadable.take() {
             return Err(why);
         }
@@ -1146,6 +1136,28 @@ fn execute_immediate(
         hash(&shape),
         own_text,
     ))
+}
+
+/// Parses `tokens` (a statement the analysis wrote for one it reads) as
+/// one statement and adds what it reads, writes and calls to `facts`.
+/// `what` starts an error; `expected` says what the one statement is.
+fn walk_one(
+    tokens: Vec<TokenWithSpan>,
+    facts: &mut Facts,
+    what: &str,
+    expected: &str,
+) -> Result<(), String> {
+    let dialect = MySqlDialect {};
+    let mut statements = Parser::new(&dialect)
+        .with_tokens_with_locations(tokens)
+        .parse_statements()
+        .map_err(|e| format!("{what}: {e}"))?;
+    let statement = match (statements.pop(), statements.is_empty()) {
+        (Some(statement), true) => statement,
+        _ => return Err(format!("{what}: expected {expected}")),
+    };
+    let _ = statement.visit(facts);
+    Ok(())
 }
 
 /// The one statement in the string literal `source` that `PREPARE` or
