@@ -709,10 +709,21 @@ fn tls_agent(
     tls_dir: &std::path::Path,
     policy: &str,
 ) -> (Agent, u16) {
+    tls_agent_at("127.0.0.1", db_port, target_tls, tls_dir, policy)
+}
+
+/// [`tls_agent`] for a server at `address`.
+fn tls_agent_at(
+    address: &str,
+    db_port: u16,
+    target_tls: &str,
+    tls_dir: &std::path::Path,
+    policy: &str,
+) -> (Agent, u16) {
     let port = free_port();
     let config = format!(
         "[agent]\n{policy}\nclient_tls = \"terminate\"\ntls_dir = \"{}\"\n\n\
-         [[target]]\nname = \"shop\"\naddress = \"127.0.0.1\"\nports = [{db_port}]\n\
+         [[target]]\nname = \"shop\"\naddress = \"{address}\"\nports = [{db_port}]\n\
          protocol = \"mysql\"\n{target_tls}\n\n\
          [[listener]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"shop\"\n",
         tls_dir.display()
@@ -842,6 +853,106 @@ fn tls_on_both_legs_with_the_agents_ca_and_a_verified_server() {
         all.contains("tollgate: target \"shop\" requires TLS but the server does not offer it"),
         "{all}"
     );
+}
+
+/// A server that asks for the password in clear (MariaDB's
+/// `cleartext_plugin_server`, which switches the client to
+/// `mysql_clear_password`): the agent must not carry a password the client
+/// sent under TLS over a plaintext leg to another host, and carries it
+/// everywhere else.
+#[test]
+fn a_password_sent_in_clear_under_tls_never_crosses_a_plaintext_network_leg() {
+    const CLEAR_USER: &str =
+        "CREATE USER clear@'%' IDENTIFIED VIA cleartext_plugin_server USING 'clear-pw'; \
+         GRANT SELECT ON shop.* TO clear@'%'";
+    // The server at an address that is not loopback (on `lo`, so the test
+    // stays on this host).
+    let addrs = TestAddresses::add();
+    let bind = format!("--bind-address=127.0.0.1,{}", addrs.v4);
+    // The test plugin's maturity is "unknown".
+    let options = ["--plugin-maturity=unknown", &bind];
+    let db = Mariadb::start_with(SCHEMA, &options);
+    db.as_root(&format!("INSTALL SONAME 'auth_test_plugin'; {CLEAR_USER}"));
+    let policy = policy_file(POLICY);
+    let tls_dir = tempfile::tempdir().unwrap();
+    let agent_ca = tls_dir.path().join("ca.pem");
+    let client_tls = [
+        "--ssl".to_owned(),
+        format!("--ssl-ca={}", agent_ca.display()),
+    ];
+    let plaintext = ["--skip-ssl".to_owned()];
+    let login = |port: u16, user: &str, password: &str, tls: &[String]| {
+        let tls = if tls.is_empty() { &plaintext[..] } else { tls };
+        let out = Command::new("mariadb")
+            .args(["--no-defaults", "-h", "127.0.0.1", "-P", &port.to_string()])
+            .args(["--protocol=TCP", "-u", user, &format!("-p{password}")])
+            .args(["--batch", "--skip-column-names"])
+            .args(tls)
+            .args([
+                "-e",
+                "SELECT current_user(), (SELECT count(*) FROM shop.customers)",
+            ])
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out))
+    };
+
+    let (agent, port) = tls_agent_at(
+        &addrs.v4.to_string(),
+        db.port,
+        "",
+        tls_dir.path(),
+        &policy.line,
+    );
+    // The client's leg is TLS, the server's plaintext (it offers no TLS):
+    // the server's switch to mysql_clear_password never reaches the client.
+    let (ok, all) = login(port, "clear", "clear-pw", &client_tls);
+    assert!(!ok, "{all}");
+    assert!(
+        all.contains("ERROR 1045 (28000)")
+            && all.contains("tollgate: target \"shop\": the server asks for the password in clear (an authentication switch to mysql_clear_password)")
+            && all.contains("set the target's tls to \"require\""),
+        "{all}"
+    );
+    agent
+        .wait_for_log(
+            |l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("session closed"))
+                    && l["reason"].as_str().is_some_and(|r| r.contains("in clear"))
+            },
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+    // A scrambled password (mysql_native_password) crosses the same legs.
+    let (ok, all) = login(port, USER, PASSWORD, &client_tls);
+    assert!(ok && all.starts_with("app@%\t"), "{all}");
+    // A client without TLS sends its password in clear itself: the agent
+    // relays what the client chose, and the server checks it.
+    let (ok, all) = login(port, "clear", "clear-pw", &[]);
+    assert!(ok && all.starts_with("clear@%\t2"), "{all}");
+    let (ok, all) = login(port, "clear", "wrong", &[]);
+    assert!(!ok && all.contains("ERROR 1045"), "{all}");
+    drop(agent);
+
+    // The same server on loopback: the password never leaves the host.
+    let (_agent, port) = tls_agent(db.port, "", tls_dir.path(), &policy.line);
+    let (ok, all) = login(port, "clear", "clear-pw", &client_tls);
+    assert!(ok && all.starts_with("clear@%\t2"), "{all}");
+
+    // A server leg on TLS carries it to the other host.
+    let tls_db = Mariadb::start_tls_with(SCHEMA, &options);
+    tls_db.as_root(&format!("INSTALL SONAME 'auth_test_plugin'; {CLEAR_USER}"));
+    let (_agent, port) = tls_agent_at(
+        &addrs.v4.to_string(),
+        tls_db.port,
+        "tls = \"require\"",
+        tls_dir.path(),
+        &policy.line,
+    );
+    let (ok, all) = login(port, "clear", "clear-pw", &client_tls);
+    assert!(ok && all.starts_with("clear@%\t2"), "{all}");
 }
 
 /// Asserts a read of `secrets` through `port` is refused over a client

@@ -66,6 +66,11 @@ impl Mariadb {
     /// certificate (names `localhost` and 127.0.0.1); the CA's PEM file is
     /// [`Mariadb::tls_ca`].
     pub fn start_tls(schema: &str) -> Mariadb {
+        Mariadb::start_tls_with(schema, &[])
+    }
+
+    /// [`Mariadb::start_tls`] with more server options (`--bind-address`).
+    pub fn start_tls_with(schema: &str, options: &[&str]) -> Mariadb {
         let dir = tempfile::Builder::new()
             .prefix("tollgate-mariadb-")
             .tempdir()
@@ -134,11 +139,12 @@ impl Mariadb {
             "-extfile",
             "ext.cnf",
         ]);
-        let args = [
+        let mut args = vec![
             format!("--ssl-ca={}", tls.join("ca.pem").display()),
             format!("--ssl-cert={}", tls.join("server.pem").display()),
             format!("--ssl-key={}", tls.join("server-key.pem").display()),
         ];
+        args.extend(options.iter().map(|o| (*o).to_owned()));
         Mariadb::start_in(dir, schema, &args)
     }
 

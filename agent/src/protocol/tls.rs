@@ -46,7 +46,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write as _};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -620,6 +620,24 @@ pub fn ensure_local_ca(
         message: format!("not a PEM private key: {e}"),
     })?;
     Ok((vec![cert, ca_der], key))
+}
+
+/// Whether a password the client sends in clear under its TLS would cross
+/// the network in clear if relayed: the client's leg is TLS, the server's
+/// is not, and the server is not on this host's loopback (traffic there
+/// never leaves the kernel, and only root can read it). The client chose
+/// TLS to keep its password secret; the agent must not undo that.
+pub fn clear_password_exposed(client: &Stream, upstream: &Stream, server: SocketAddr) -> bool {
+    client.is_tls() && !upstream.is_tls() && !server.ip().to_canonical().is_loopback()
+}
+
+/// The refusal when a server asks for a password in clear that
+/// [`clear_password_exposed`] says must not be sent: `how` names the
+/// server's request.
+pub fn clear_password_refusal(target: &str, how: &str) -> String {
+    format!(
+        "tollgate: target \"{target}\": the server asks for the password in clear ({how}), and the agent's connection to it is not TLS; a password the client sent under TLS is not forwarded in clear over the network (set the target's tls to \"require\" or \"verify-full\")"
+    )
 }
 
 /// Logs whether each leg of a session is TLS, and which version.

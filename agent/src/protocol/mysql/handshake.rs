@@ -174,6 +174,8 @@ pub struct ClientHello {
     /// The collation (and so the character set) the client's text is
     /// read in, by its id.
     pub collation: u8,
+    /// The authentication plugin the client's answer was made with.
+    pub auth_plugin: Option<String>,
 }
 
 /// What the client's first packet is.
@@ -229,8 +231,16 @@ pub fn read_client_answer(answer: &mut Packet) -> Result<ClientAnswer, Handshake
     }
     .ok_or_else(|| HandshakeError("the client's authentication data is cut short".into()))?;
     let after_auth = after_user.get(auth_len..).unwrap_or_default();
-    let database = if kept & caps::CONNECT_WITH_DB != 0 {
-        nul_terminated(after_auth).map(|(db, _)| db)
+    let (database, after_database) = if kept & caps::CONNECT_WITH_DB != 0 {
+        match nul_terminated(after_auth) {
+            Some((db, rest)) => (Some(db), rest),
+            None => (None, &[][..]),
+        }
+    } else {
+        (None, after_auth)
+    };
+    let auth_plugin = if kept & caps::PLUGIN_AUTH != 0 {
+        nul_terminated(after_database).map(|(plugin, _)| plugin)
     } else {
         None
     };
@@ -239,6 +249,7 @@ pub fn read_client_answer(answer: &mut Packet) -> Result<ClientAnswer, Handshake
         user,
         database: database.filter(|d| !d.is_empty()),
         collation: p.get(8).copied().unwrap_or_default(),
+        auth_plugin,
     }))
 }
 
@@ -252,6 +263,8 @@ pub struct ChangeUser {
     /// The collation id the client's text is read in from now on, when
     /// given and below 256.
     pub collation: Option<u8>,
+    /// The authentication plugin the change's answer was made with.
+    pub auth_plugin: Option<String>,
 }
 
 /// Reads a `COM_CHANGE_USER` (its command byte first) of a session whose
@@ -268,12 +281,45 @@ pub fn read_change_user(payload: &[u8], capabilities: u32) -> Option<ChangeUser>
         Some([low, 0]) => Some(*low),
         _ => None,
     };
+    let auth_plugin = if capabilities & caps::PLUGIN_AUTH != 0 {
+        rest.get(2..)
+            .and_then(nul_terminated)
+            .map(|(plugin, _)| plugin)
+    } else {
+        None
+    };
     Some(ChangeUser {
         user,
         database: (!database.is_empty()).then_some(database),
         collation,
+        auth_plugin,
     })
 }
+
+/// The plugin an AuthSwitchRequest (`0xFE`, the plugin's name, its data)
+/// switches to; `None` for any other packet.
+pub fn auth_switch_plugin(payload: &[u8]) -> Option<String> {
+    match payload.split_first() {
+        Some((0xFE, rest)) if !rest.is_empty() => nul_terminated(rest).map(|(name, _)| name),
+        _ => None,
+    }
+}
+
+/// Whether a client answers `plugin` with the password itself once its
+/// connection is TLS: `mysql_clear_password` always, `sha256_password`
+/// over TLS, `dialog` (PAM) with what its questions ask.
+/// `caching_sha2_password` does so only on its full path (after the
+/// server's "perform full authentication", [`CACHING_SHA2_FULL_PATH`]).
+pub fn sends_password_in_clear(plugin: &str) -> bool {
+    matches!(
+        plugin,
+        "mysql_clear_password" | "sha256_password" | "dialog"
+    )
+}
+
+/// caching_sha2_password's "perform full authentication" (AuthMoreData
+/// 0x04): a client on TLS answers with its password in clear.
+pub const CACHING_SHA2_FULL_PATH: [u8; 2] = [0x01, 0x04];
 
 /// A NUL-terminated string at the start of `bytes` and what follows it.
 fn nul_terminated(bytes: &[u8]) -> Option<(String, &[u8])> {

@@ -50,6 +50,7 @@ const NO_BACKSLASH_ESCAPES: u16 = 0x0200;
 
 /// Error codes the proxy answers with.
 const ER_TABLEACCESS_DENIED: u16 = 1142;
+const ER_ACCESS_DENIED: u16 = 1045;
 const ER_SPECIFIC_ACCESS_DENIED: u16 = 1227;
 const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
 const ER_UNKNOWN_COM: u16 = 1047;
@@ -296,6 +297,9 @@ struct Session<'a> {
     /// The agent logged in with a brokered credential: the client may not
     /// change the user.
     brokered: bool,
+    /// A password the client would send in clear is not relayed
+    /// (`tls::clear_password_exposed`).
+    withhold_clear_password: bool,
     /// The session's last statements, for reviewers of a held one.
     recent: RecentStatements,
     /// Woken when a `KILL` names this connection (ends a held statement).
@@ -333,6 +337,8 @@ struct Connected {
     user: String,
     /// Whether the agent logged in with a brokered credential.
     brokered: bool,
+    /// Whether a password sent in clear is withheld from the server.
+    withhold_clear_password: bool,
     /// The database it asked for.
     database: Option<String>,
 }
@@ -390,6 +396,7 @@ pub async fn run(
             local_file: None,
             database_user: Some(connected.user),
             brokered: connected.brokered,
+            withhold_clear_password: connected.withhold_clear_password,
             recent: RecentStatements::default(),
             interrupt: registration
                 .as_ref()
@@ -541,6 +548,18 @@ async fn connect(
     answer.seq = if upstream.is_tls() { 2 } else { 1 };
     let shift = answer.seq.wrapping_sub(client_seq);
     tls::log_legs(ctx, &client, &upstream);
+    // A brokered login sends the agent's answer, never the client's.
+    let withhold_clear_password =
+        login.is_none() && tls::clear_password_exposed(&client, &upstream, ctx.upstream_addr);
+    let watch = ClearPasswordWatch {
+        target: &ctx.target,
+        withhold: withhold_clear_password,
+        plugin: hello.auth_plugin.clone(),
+    };
+    if let Some(message) = watch.refusal_of_answer() {
+        refuse_clear_password(&mut client, client_seq.wrapping_add(1), &message).await;
+        return Err(CloseReason::UpstreamError(message));
+    }
     write_to(&mut upstream, &answer, true).await?;
     let (mut client_in, mut client_out) = client.split();
     let (mut server_in, mut server_out) = upstream.split();
@@ -551,7 +570,7 @@ async fn connect(
         server_out: &mut server_out,
     };
     let authenticated = match &login {
-        None => relay_authentication(ctx, raw, legs, shift).await?,
+        None => relay_authentication(ctx, raw, legs, shift, watch).await?,
         Some(login) => {
             brokered_authentication(ctx, raw, legs, client_seq, login, &ctx.target).await?
         }
@@ -582,6 +601,7 @@ async fn connect(
         capabilities,
         user,
         brokered: login.is_some(),
+        withhold_clear_password,
         database,
     })
 }
@@ -759,6 +779,7 @@ async fn relay_authentication<CR, CW, SR, SW>(
     raw: bool,
     legs: Legs<'_, CR, CW, SR, SW>,
     shift: u8,
+    mut watch: ClearPasswordWatch<'_>,
 ) -> Result<Option<u16>, CloseReason>
 where
     CR: AsyncRead + Unpin,
@@ -769,6 +790,13 @@ where
     loop {
         let mut reply = auth_packet(legs.server_in, ctx, raw).await?;
         reply.seq = reply.seq.wrapping_sub(shift);
+        if let Some(message) = watch.refusal_of(&reply.payload) {
+            // The client never hears the request, so never sends the
+            // password; the server's half-done exchange ends with the
+            // session.
+            refuse_clear_password(legs.client_out, reply.seq, &message).await;
+            return Err(CloseReason::UpstreamError(message));
+        }
         write_to(legs.client_out, &reply, false).await?;
         match reply.first() {
             Some(0x00) => return Ok(Some(packet::status_flags(&reply.payload).unwrap_or(0))),
@@ -784,6 +812,52 @@ where
             }
         }
     }
+}
+
+/// Watches a relayed authentication exchange for a request that would
+/// have the client send its password in clear, while that password may
+/// not cross the server's leg in clear (`withhold`).
+struct ClearPasswordWatch<'t> {
+    target: &'t str,
+    withhold: bool,
+    /// The plugin the exchange is in: the client's, then the server's
+    /// last switch.
+    plugin: Option<String>,
+}
+
+impl ClearPasswordWatch<'_> {
+    /// The refusal of a client's answer (or `COM_CHANGE_USER`) that was
+    /// made with a plugin that sends the password itself.
+    fn refusal_of_answer(&self) -> Option<String> {
+        let plugin = self.plugin.as_deref()?;
+        (self.withhold && handshake::sends_password_in_clear(plugin)).then(|| {
+            tls::clear_password_refusal(self.target, &format!("the client answered with {plugin}"))
+        })
+    }
+
+    /// The refusal in place of the server's `reply`, when relaying it
+    /// would have the client answer with its password in clear.
+    fn refusal_of(&mut self, reply: &[u8]) -> Option<String> {
+        if let Some(plugin) = handshake::auth_switch_plugin(reply) {
+            let clear = handshake::sends_password_in_clear(&plugin);
+            let how = format!("an authentication switch to {plugin}");
+            self.plugin = Some(plugin);
+            return (self.withhold && clear)
+                .then(|| tls::clear_password_refusal(self.target, &how));
+        }
+        let full_path = reply == handshake::CACHING_SHA2_FULL_PATH
+            && self.plugin.as_deref() == Some("caching_sha2_password");
+        (self.withhold && full_path).then(|| {
+            tls::clear_password_refusal(self.target, "caching_sha2_password's full authentication")
+        })
+    }
+}
+
+/// Ends the connection phase (or a `COM_CHANGE_USER`) with an access
+/// denied error that says why.
+async fn refuse_clear_password<W: AsyncWrite + Unpin>(client: &mut W, seq: u8, message: &str) {
+    let err = packet::err_payload(ER_ACCESS_DENIED, "28000", message);
+    let _ = write_to(client, &Packet { seq, payload: err }, false).await;
 }
 
 /// The server's next packet of an authentication exchange (its end is an
@@ -1393,6 +1467,16 @@ impl Session<'_> {
             );
             return self.answer_client(command.next_seq(), err).await;
         };
+        let watch = ClearPasswordWatch {
+            target: &self.ctx.target,
+            withhold: self.withhold_clear_password,
+            plugin: change.auth_plugin.clone(),
+        };
+        if let Some(message) = watch.refusal_of_answer() {
+            // Like a failed change at the server, it ends the session.
+            refuse_clear_password(&mut self.client_out, command.next_seq(), &message).await;
+            return Err(CloseReason::UpstreamError(message).into());
+        }
         self.send_to_server(&command).await?;
         let legs = Legs {
             client_in: &mut self.client_in,
@@ -1400,7 +1484,7 @@ impl Session<'_> {
             server_in: &mut self.server_in,
             server_out: &mut self.server_out,
         };
-        let Some(status) = relay_authentication(self.ctx, self.raw, legs, 0).await? else {
+        let Some(status) = relay_authentication(self.ctx, self.raw, legs, 0, watch).await? else {
             return Ok(());
         };
         self.prepared.clear();

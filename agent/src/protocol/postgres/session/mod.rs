@@ -339,6 +339,8 @@ pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStre
         Err(stop) => return end_early(ctx, &mut client, stop).await,
     };
     tls::log_legs(ctx, &client, &upstream);
+    let withhold_clear_password =
+        tls::clear_password_exposed(&client, &upstream, ctx.upstream_addr);
     count(
         ctx,
         true,
@@ -393,6 +395,7 @@ pub async fn run(ctx: &PostgresContext<'_>, client: TcpStream, upstream: TcpStre
             ctx,
             &shared,
             start,
+            withhold_clear_password,
         );
         tokio::pin!(from_client, from_upstream);
         let (mut client_done, mut upstream_done) = (false, false);
@@ -605,12 +608,14 @@ async fn upstream_pump<R, W>(
     ctx: &PostgresContext<'_>,
     shared: &BetweenSides,
     start: Instant,
+    withhold_clear_password: bool,
 ) -> Result<(), Stop>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut side = UpstreamSide::new(ctx, shared);
+    side.withhold_clear_password = withhold_clear_password;
     let write_err = |e: io::Error| Stop::Closed(CloseReason::ClientError(e.to_string()));
     let mut spliced = Vec::new();
     loop {

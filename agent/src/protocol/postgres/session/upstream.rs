@@ -27,6 +27,9 @@ pub(super) struct UpstreamSide<'a> {
     /// The start-up's ReadyForQuery came (later ones answer the client's
     /// Queries, Syncs and FunctionCalls, counted in `in_flight`).
     ready: bool,
+    /// A server's request for the password in clear is refused rather
+    /// than relayed (`tls::clear_password_exposed`).
+    pub(super) withhold_clear_password: bool,
 }
 
 impl<'a> UpstreamSide<'a> {
@@ -41,6 +44,7 @@ impl<'a> UpstreamSide<'a> {
             masked: None,
             raw: ctx.events.records_raw(&ctx.target),
             ready: false,
+            withhold_clear_password: false,
         }
     }
 
@@ -236,6 +240,19 @@ impl<'a> UpstreamSide<'a> {
             }
             BackendMessage::Authentication(backend::Auth::Ok) => {
                 self.shared.authenticated.store(true, Ordering::Relaxed);
+            }
+            BackendMessage::Authentication(backend::Auth::CleartextPassword)
+                if self.withhold_clear_password =>
+            {
+                let message = tls::clear_password_refusal(
+                    &self.ctx.target,
+                    "AuthenticationCleartextPassword, pg_hba.conf method \"password\"",
+                );
+                return Err(Stop::Fatal {
+                    sqlstate: sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                    reason: CloseReason::UpstreamError(message.clone()),
+                    message,
+                });
             }
             BackendMessage::BackendKeyData { pid, secret } => {
                 tracing::debug!(session = %self.ctx.id, backend_pid = pid, "upstream backend");
