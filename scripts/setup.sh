@@ -20,7 +20,8 @@ as_root() {
 
 # --- Debian packages -------------------------------------------------------
 # postgresql: throwaway servers for tests and the demo; mariadb: the MySQL
-# protocol; pgbouncer: the benchmark baseline; sysbench: the MySQL benchmark;
+# protocol (mariadb-test: its plugin that asks for a password in clear);
+# pgbouncer: the benchmark baseline; sysbench: the MySQL benchmark;
 # openssl: certificates for TLS MariaDB servers in the tests; iproute2: test addresses;
 # libclang-dev: pg_query's build; build-essential/pkg-config: C parts of crates;
 # python3/pip: psycopg for the driver tests; chromium and chromium-driver:
@@ -29,7 +30,7 @@ as_root() {
 # openssh-client: SSH hosts and clients for SSH targets (git over SSH too);
 # rsync: rsync over SSH in the SSH tests; time: the CPU a build used in
 # scripts/bench-jobs.sh.
-packages=(postgresql postgresql-client mariadb-server mariadb-client pgbouncer sysbench openssl
+packages=(postgresql postgresql-client mariadb-server mariadb-client mariadb-test pgbouncer sysbench openssl
           iproute2 libclang-dev clang build-essential pkg-config ca-certificates curl
           python3 python3-pip chromium chromium-driver btrfs-progs openssh-server openssh-client rsync time)
 missing=()
