@@ -14,6 +14,14 @@ fn text(bytes: &[u8]) -> String {
 
 /// A PostgreSQL server with TLS on, and its CA's certificate (PEM).
 fn tls_server(extra_files: &[(&str, &[u8])]) -> (Postgres, String) {
+    tls_server_listening(&[], extra_files)
+}
+
+/// [`tls_server`] also listening on `extra` addresses.
+fn tls_server_listening(
+    extra: &[std::net::IpAddr],
+    extra_files: &[(&str, &[u8])],
+) -> (Postgres, String) {
     let (ca, issuer) = make_ca("test CA");
     let (cert, key) = server_cert(&issuer);
     let mut files: Vec<(&str, &[u8])> = vec![
@@ -22,7 +30,7 @@ fn tls_server(extra_files: &[(&str, &[u8])]) -> (Postgres, String) {
     ];
     files.extend_from_slice(extra_files);
     let pg = Postgres::start_with(
-        &[],
+        extra,
         &files,
         &[
             "-c",
@@ -39,9 +47,19 @@ fn tls_server(extra_files: &[(&str, &[u8])]) -> (Postgres, String) {
 /// An agent with one listener for a target on `upstream_port` with the
 /// given target TLS lines and `[agent]` lines.
 fn agent_for(upstream_port: u16, target_tls: &str, agent_extra: &str) -> (Agent, u16) {
+    agent_at("127.0.0.1", upstream_port, target_tls, agent_extra)
+}
+
+/// [`agent_for`] a server at `address`.
+fn agent_at(
+    address: &str,
+    upstream_port: u16,
+    target_tls: &str,
+    agent_extra: &str,
+) -> (Agent, u16) {
     let port = free_port();
     let config = format!(
-        "[agent]\n{agent_extra}\n\n[[target]]\nname = \"pg\"\naddress = \"127.0.0.1\"\nports = [{upstream_port}]\nprotocol = \"postgres\"\n{target_tls}\n\n\
+        "[agent]\n{agent_extra}\n\n[[target]]\nname = \"pg\"\naddress = \"{address}\"\nports = [{upstream_port}]\nprotocol = \"postgres\"\n{target_tls}\n\n\
          [[listener]]\nlisten = \"127.0.0.1:{port}\"\ntarget = \"pg\"\n"
     );
     (Agent::start(&config), port)
@@ -392,4 +410,69 @@ fn scram_passes_with_a_plaintext_client_leg_and_tls_upstream() {
         .unwrap();
     assert!(!out.status.success(), "{out:?}");
     assert!(text(&out.stderr).contains("channel binding"), "{out:?}");
+}
+
+/// pg_hba.conf's `password` method (AuthenticationCleartextPassword): the
+/// agent must not carry a password the client sent under TLS over a
+/// plaintext leg to another host, and carries it everywhere else.
+#[test]
+fn a_password_sent_in_clear_under_tls_never_crosses_a_plaintext_network_leg() {
+    let hba = "local all all trust\n\
+               host all clear 0.0.0.0/0 password\n\
+               host all all 0.0.0.0/0 trust\n";
+    let files: [(&str, &[u8]); 1] = [("pg_hba.conf", hba.as_bytes())];
+    // The servers at an address that is not loopback (on `lo`, so the test
+    // stays on this host).
+    let addrs = TestAddresses::add();
+    let plain = Postgres::start_with(&[addrs.v4.into()], &files, &[]);
+    let (tls, _ca) = tls_server_listening(&[addrs.v4.into()], &files);
+    for pg in [&plain, &tls] {
+        psql(pg.port, "create role clear login password 'clear-pw'").unwrap();
+    }
+    let tls_dir = tempfile::tempdir().unwrap();
+    let client_tls = terminating_client_tls(tls_dir.path());
+    let login = |port: u16, sslmode: &str, password: &str| {
+        let out = Command::new(pg_tool("psql"))
+            .args(["-X", "-A", "-t", "-c", "select current_user"])
+            .arg(format!(
+                "host=127.0.0.1 port={port} user=clear dbname=postgres sslmode={sslmode}"
+            ))
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out.stdout) + &text(&out.stderr))
+    };
+    let address = addrs.v4.to_string();
+
+    // The client's leg is TLS, the server's plaintext: the server's request
+    // never reaches the client, so the client never sends the password.
+    let (agent, port) = agent_at(&address, plain.port, "tls = \"disable\"", &client_tls);
+    let (ok, all) = login(port, "require", "clear-pw");
+    assert!(!ok, "{all}");
+    assert!(
+        all.contains("FATAL:  tollgate: target \"pg\": the server asks for the password in clear (AuthenticationCleartextPassword")
+            && all.contains("set the target's tls to \"require\""),
+        "{all}"
+    );
+    agent
+        .wait_for_log(
+            |l| l["reason"].as_str().is_some_and(|r| r.contains("in clear")),
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap();
+    // A client without TLS sends its password in clear itself: the agent
+    // relays what the client chose, and the server checks it.
+    assert_eq!(login(port, "disable", "clear-pw"), (true, "clear\n".to_owned()));
+    let (ok, all) = login(port, "disable", "wrong");
+    assert!(!ok && all.contains("password authentication failed"), "{all}");
+    drop(agent);
+
+    // The same server on loopback: the password never leaves the host.
+    let (_agent, port) = agent_at("127.0.0.1", plain.port, "tls = \"disable\"", &client_tls);
+    assert_eq!(login(port, "require", "clear-pw"), (true, "clear\n".to_owned()));
+
+    // A server leg on TLS carries it to the other host.
+    let (_agent, port) = agent_at(&address, tls.port, "tls = \"require\"", &client_tls);
+    assert_eq!(login(port, "require", "clear-pw"), (true, "clear\n".to_owned()));
 }
