@@ -463,16 +463,28 @@ fn a_password_sent_in_clear_under_tls_never_crosses_a_plaintext_network_leg() {
         .unwrap();
     // A client without TLS sends its password in clear itself: the agent
     // relays what the client chose, and the server checks it.
-    assert_eq!(login(port, "disable", "clear-pw"), (true, "clear\n".to_owned()));
+    assert_eq!(
+        login(port, "disable", "clear-pw"),
+        (true, "clear\n".to_owned())
+    );
     let (ok, all) = login(port, "disable", "wrong");
-    assert!(!ok && all.contains("password authentication failed"), "{all}");
+    assert!(
+        !ok && all.contains("password authentication failed"),
+        "{all}"
+    );
     drop(agent);
 
     // The same server on loopback: the password never leaves the host.
     let (_agent, port) = agent_at("127.0.0.1", plain.port, "tls = \"disable\"", &client_tls);
-    assert_eq!(login(port, "require", "clear-pw"), (true, "clear\n".to_owned()));
+    assert_eq!(
+        login(port, "require", "clear-pw"),
+        (true, "clear\n".to_owned())
+    );
 
     // A server leg on TLS carries it to the other host.
     let (_agent, port) = agent_at(&address, tls.port, "tls = \"require\"", &client_tls);
-    assert_eq!(login(port, "require", "clear-pw"), (true, "clear\n".to_owned()));
+    assert_eq!(
+        login(port, "require", "clear-pw"),
+        (true, "clear\n".to_owned())
+    );
 }

@@ -526,15 +526,71 @@ mod tests {
         p.extend_from_slice(b"shop\0");
         p.extend_from_slice(&[28, 0]);
         p.extend_from_slice(b"mysql_native_password\0");
-        let change = read_change_user(&p, caps::SECURE_CONNECTION).unwrap();
+        let change = read_change_user(&p, caps::SECURE_CONNECTION | caps::PLUGIN_AUTH).unwrap();
         assert_eq!(
             change,
             ChangeUser {
                 user: "other".into(),
                 database: Some("shop".into()),
-                collation: Some(28)
+                collation: Some(28),
+                auth_plugin: Some("mysql_native_password".into()),
             }
         );
+        let without_plugins = read_change_user(&p, caps::SECURE_CONNECTION).unwrap();
+        assert_eq!(without_plugins.auth_plugin, None);
         assert_eq!(read_change_user(&p[..8], caps::SECURE_CONNECTION), None);
+    }
+
+    #[test]
+    fn the_plugin_of_an_answer_or_a_switch_is_read_and_clear_ones_are_known() {
+        let asked = caps::PROTOCOL_41 | caps::SECURE_CONNECTION | caps::PLUGIN_AUTH;
+        for db in [None, Some("shop")] {
+            let caps = asked
+                | if db.is_some() {
+                    caps::CONNECT_WITH_DB
+                } else {
+                    0
+                };
+            let mut p = answer(caps, "app", &[1; 20], db);
+            let ClientAnswer::Hello(hello) = read_client_answer(&mut p).unwrap() else {
+                panic!("not a hello");
+            };
+            assert_eq!(hello.auth_plugin.as_deref(), Some("mysql_native_password"));
+        }
+        // Without CLIENT_PLUGIN_AUTH the trailing name is not a plugin's.
+        let mut p = answer(
+            caps::PROTOCOL_41 | caps::SECURE_CONNECTION,
+            "app",
+            b"",
+            None,
+        );
+        let ClientAnswer::Hello(hello) = read_client_answer(&mut p).unwrap() else {
+            panic!("not a hello");
+        };
+        assert_eq!(hello.auth_plugin, None);
+
+        let switch = b"\xFEmysql_clear_password\0";
+        assert_eq!(
+            auth_switch_plugin(switch).as_deref(),
+            Some("mysql_clear_password")
+        );
+        assert_eq!(
+            auth_switch_plugin(b"\xFE"),
+            None,
+            "the old switch names none"
+        );
+        assert_eq!(auth_switch_plugin(b"\xFEunterminated"), None);
+        assert_eq!(auth_switch_plugin(&CACHING_SHA2_FULL_PATH), None);
+        for clear in ["mysql_clear_password", "sha256_password", "dialog"] {
+            assert!(sends_password_in_clear(clear), "{clear}");
+        }
+        for scrambled in [
+            "mysql_native_password",
+            "caching_sha2_password",
+            "client_ed25519",
+            "auth_gssapi_client",
+        ] {
+            assert!(!sends_password_in_clear(scrambled), "{scrambled}");
+        }
     }
 }

@@ -2388,7 +2388,7 @@ fn charset_change(analysis: &Analysis) -> Option<CharsetChange> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::text_row;
+    use super::{text_row, ClearPasswordWatch};
 
     #[test]
     fn a_text_row_gives_its_values_and_nothing_else() {
@@ -2403,6 +2403,56 @@ mod tests {
         assert_eq!(text_row(&[9, b'a'], 1), None);
         assert_eq!(
             text_row(&[0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF], 1),
+            None
+        );
+    }
+
+    #[test]
+    fn a_request_for_a_clear_password_is_refused_only_while_it_would_cross_in_clear() {
+        let watch = |withhold: bool, plugin: &str| ClearPasswordWatch {
+            target: "shop",
+            withhold,
+            plugin: Some(plugin.to_owned()),
+        };
+        let full_path = [0x01, 0x04];
+        let fast_path = [0x01, 0x03];
+        let to_clear = b"\xFEmysql_clear_password\0";
+        let to_dialog = b"\xFEdialog\0\x04Password: ";
+
+        let mut w = watch(true, "caching_sha2_password");
+        assert_eq!(w.refusal_of(&fast_path), None);
+        let refusal = w.refusal_of(&full_path).unwrap();
+        assert!(
+            refusal.contains("caching_sha2_password's full authentication"),
+            "{refusal}"
+        );
+        // After a switch to caching_sha2 too; its 0x04 under another
+        // plugin is that plugin's data.
+        let mut w = watch(true, "mysql_native_password");
+        assert_eq!(w.refusal_of(&full_path), None);
+        assert_eq!(w.refusal_of(b"\xFEcaching_sha2_password\0scramble"), None);
+        assert!(w.refusal_of(&full_path).is_some());
+        let mut w = watch(true, "mysql_native_password");
+        assert!(w
+            .refusal_of(to_clear)
+            .unwrap()
+            .contains("switch to mysql_clear_password"));
+        assert!(watch(true, "x").refusal_of(to_dialog).is_some());
+        assert!(watch(true, "mysql_clear_password")
+            .refusal_of_answer()
+            .is_some());
+        assert_eq!(
+            watch(true, "mysql_native_password").refusal_of_answer(),
+            None
+        );
+
+        // Nothing is refused while the password would not cross in clear.
+        let mut w = watch(false, "caching_sha2_password");
+        for reply in [&full_path[..], to_clear, to_dialog] {
+            assert_eq!(w.refusal_of(reply), None);
+        }
+        assert_eq!(
+            watch(false, "mysql_clear_password").refusal_of_answer(),
             None
         );
     }
