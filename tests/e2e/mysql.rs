@@ -1368,6 +1368,9 @@ except Exception as e:
 #[test]
 fn a_client_that_breaks_the_protocol_gets_an_err_and_only_its_session_ends() {
     let shop = Shop::start();
+    // Sessions from now on take packets of at most 1 MiB; the agent holds
+    // a client to the same limit.
+    shop.db.as_root("SET GLOBAL max_allowed_packet = 1048576");
     // Two PyMySQL sessions: the second sends one broken packet (or a query
     // whose rows it never reads) and prints the ERR that came back (code,
     // SQLSTATE, message) and whether the agent then closed it; the first
@@ -1385,6 +1388,8 @@ elif case == "empty":
     sock.sendall(frame(0, b""))
 elif case == "unknown":
     sock.sendall(frame(0, b"\xee\x01"))
+elif case == "oversized":
+    sock.sendall(frame(0, b"\x03SELECT '" + b"x" * (1 << 20) + b"'"))
 elif case == "cut-short":
     sock.sendall(b"\x10\x00\x00\x00\x03SELECT")
     sock.shutdown(1)
@@ -1430,6 +1435,11 @@ print("bystander", cur.fetchall())
             "unknown",
             "ERR 1047 08S01 tollgate: command 0xee is not supported through the agent",
             "open",
+        ),
+        (
+            "oversized",
+            "ERR 1153 08S01 tollgate: a packet of more than 1048586 bytes, above the limit of 1048576 (the server's max_allowed_packet)",
+            "closed",
         ),
         // The command never arrived whole: nothing to answer.
         ("cut-short", "no answer b''", "closed"),

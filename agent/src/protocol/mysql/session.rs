@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use super::broker;
@@ -50,6 +50,10 @@ const NO_BACKSLASH_ESCAPES: u16 = 0x0200;
 
 /// Error codes the proxy answers with.
 const ER_TABLEACCESS_DENIED: u16 = 1142;
+
+/// How long the rest of a refused packet is read and dropped before its
+/// session closes (`Session::close_after_err`).
+const LINGER_AFTER_ERR: Duration = Duration::from_secs(1);
 const ER_ACCESS_DENIED: u16 = 1045;
 const ER_SPECIFIC_ACCESS_DENIED: u16 = 1227;
 const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
@@ -236,8 +240,9 @@ enum Phase {
 
 /// What the session asks the server before the client's first command:
 /// the client character set and the database as the server has them once
-/// its `init_connect` ran (which may change both, unseen by the proxy).
-const SESSION_STATE: &[u8] = b"SELECT @@character_set_client, DATABASE()";
+/// its `init_connect` ran (which may change both, unseen by the proxy), and
+/// the largest packet it takes (fixed for the session).
+const SESSION_STATE: &[u8] = b"SELECT @@character_set_client, DATABASE(), @@max_allowed_packet";
 
 /// What the session runs to empty the server's list of warnings after a
 /// masked statement (a statement that uses a table, here a derived one,
@@ -300,6 +305,10 @@ struct Session<'a> {
     /// A password the client would send in clear is not relayed
     /// (`tls::clear_password_exposed`).
     withhold_clear_password: bool,
+    /// The largest packet read from the client: the server's
+    /// `max_allowed_packet`, at most [`MAX_PACKET`]. A larger one is
+    /// answered as the server would answer it, before the agent holds it.
+    packet_limit: usize,
     /// The session's last statements, for reviewers of a held one.
     recent: RecentStatements,
     /// Woken when a `KILL` names this connection (ends a held statement).
@@ -397,6 +406,7 @@ pub async fn run(
             database_user: Some(connected.user),
             brokered: connected.brokered,
             withhold_clear_password: connected.withhold_clear_password,
+            packet_limit: MAX_PACKET,
             recent: RecentStatements::default(),
             interrupt: registration
                 .as_ref()
@@ -444,9 +454,10 @@ async fn connect(
     let mut client = Stream::Plain(client);
     let server_read = |e: PacketError| CloseReason::UpstreamError(e.to_string());
     let client_read = |e: PacketError| CloseReason::ClientError(e.to_string());
-    let Some(mut greeting) = read_counted(&mut upstream, ctx, RawDirection::Server, raw)
-        .await
-        .map_err(server_read)?
+    let Some(mut greeting) =
+        read_counted(&mut upstream, ctx, RawDirection::Server, raw, MAX_PACKET)
+            .await
+            .map_err(server_read)?
     else {
         return Err(CloseReason::UpstreamError(
             "closed before its greeting".into(),
@@ -464,7 +475,7 @@ async fn connect(
         .map_err(|e| CloseReason::UpstreamError(e.0))?;
     write_to(&mut client, &greeting, false).await?;
 
-    let mut answer = read_counted(&mut client, ctx, RawDirection::Client, raw)
+    let mut answer = read_counted(&mut client, ctx, RawDirection::Client, raw, MAX_PACKET)
         .await
         .map_err(client_read)?
         .ok_or(CloseReason::Completed)?;
@@ -497,7 +508,7 @@ async fn connect(
                     ))
                 }
             };
-            answer = read_counted(&mut client, ctx, RawDirection::Client, raw)
+            answer = read_counted(&mut client, ctx, RawDirection::Client, raw, MAX_PACKET)
                 .await
                 .map_err(client_read)?
                 .ok_or(CloseReason::Completed)?;
@@ -803,10 +814,11 @@ where
             Some(0xFF) => return Ok(None),
             _ if reply.payload == [0x01, 0x03] => continue,
             _ => {
-                let mut more = read_counted(legs.client_in, ctx, RawDirection::Client, raw)
-                    .await
-                    .map_err(|e| CloseReason::ClientError(e.to_string()))?
-                    .ok_or(CloseReason::Completed)?;
+                let mut more =
+                    read_counted(legs.client_in, ctx, RawDirection::Client, raw, MAX_PACKET)
+                        .await
+                        .map_err(|e| CloseReason::ClientError(e.to_string()))?
+                        .ok_or(CloseReason::Completed)?;
                 more.seq = more.seq.wrapping_add(shift);
                 write_to(legs.server_out, &more, true).await?;
             }
@@ -867,7 +879,7 @@ async fn auth_packet<R: AsyncRead + Unpin>(
     ctx: &SessionContext,
     raw: bool,
 ) -> Result<Packet, CloseReason> {
-    read_counted(server, ctx, RawDirection::Server, raw)
+    read_counted(server, ctx, RawDirection::Server, raw, MAX_PACKET)
         .await
         .map_err(|e| CloseReason::UpstreamError(e.to_string()))?
         .ok_or_else(|| CloseReason::UpstreamError("closed during authentication".into()))
@@ -908,6 +920,7 @@ impl Session<'_> {
             self.ctx,
             RawDirection::Client,
             self.raw,
+            self.packet_limit,
         );
         let Ok(read) = tokio::time::timeout(idle, read).await else {
             return Err(CloseReason::IdleTimeout.into());
@@ -916,12 +929,18 @@ impl Session<'_> {
             Ok(Some(command)) => command,
             Ok(None) => return Err(CloseReason::Completed.into()),
             Err(e @ PacketError::TooLarge { .. }) => {
+                let whose = if self.packet_limit < MAX_PACKET {
+                    " (the server's max_allowed_packet)"
+                } else {
+                    ""
+                };
                 let err = packet::err_payload(
                     ER_NET_PACKET_TOO_LARGE,
                     "08S01",
-                    &format!("tollgate: {e}"),
+                    &format!("tollgate: {e}{whose}"),
                 );
                 self.answer_client(1, err).await?;
+                self.close_after_err().await;
                 return Err(CloseReason::ClientError(e.to_string()).into());
             }
             Err(e) => return Err(CloseReason::ClientError(e.to_string()).into()),
@@ -1652,9 +1671,9 @@ impl Session<'_> {
             self.send_empty_file(&first).await?;
             first = self.server_packet().await?;
         }
-        let row = if first.payload == [2] {
-            // Two column definitions, their EOF, the row, the last EOF.
-            for _ in 0..3 {
+        let row = if first.payload == [3] {
+            // Three column definitions, their EOF, the row, the last EOF.
+            for _ in 0..4 {
                 self.server_packet().await?;
             }
             let row = self.server_packet().await?;
@@ -1663,16 +1682,20 @@ impl Session<'_> {
                 return Err(self.malformed("the session state's answer did not end"));
             }
             self.note_status(&end.payload);
-            text_row(&row.payload, 2)
+            text_row(&row.payload, 3)
         } else if packet::is_err(&first.payload) || first.first() == Some(0x00) {
             self.note_status(&first.payload);
             None
         } else {
-            return Err(self.malformed("the session state's answer is not two columns"));
+            return Err(self.malformed("the session state's answer is not three columns"));
         };
         self.count_from_server();
         match row.as_deref() {
-            Some([charset, database]) => {
+            Some([charset, database, max_packet]) => {
+                self.packet_limit = max_packet
+                    .as_deref()
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .map_or(MAX_PACKET, |n| n.min(MAX_PACKET));
                 self.charset = match charset {
                     Some(name)
                         if handshake::UNSAFE_CHARSETS.contains(&name.to_lowercase().as_str()) =>
@@ -2040,6 +2063,23 @@ impl Session<'_> {
         Ok(at)
     }
 
+    /// Ends the client's leg after an ERR sent in the middle of its packet:
+    /// the end of the stream follows the ERR, and what the client still
+    /// sends is read and dropped for a moment, so closing does not reset
+    /// the connection (and lose the ERR) while the client is still sending.
+    async fn close_after_err(&mut self) {
+        let _ = self.client_out.shutdown().await;
+        let mut scratch = [0u8; 16 * 1024];
+        let drained = async {
+            while let Ok(n) = self.client_in.read(&mut scratch).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_AFTER_ERR, drained).await;
+    }
+
     /// Passes the server's request for the allowed client file to the
     /// client, and the file's packets back, up to the empty one that ends
     /// it.
@@ -2051,6 +2091,7 @@ impl Session<'_> {
                 self.ctx,
                 RawDirection::Client,
                 self.raw,
+                self.packet_limit,
             )
             .await
             .map_err(|e| CloseReason::ClientError(e.to_string()))?
@@ -2236,8 +2277,9 @@ async fn read_counted<R: AsyncRead + Unpin>(
     ctx: &SessionContext,
     dir: RawDirection,
     raw: bool,
+    limit: usize,
 ) -> Result<Option<Packet>, PacketError> {
-    let packet = packet::read_packet(reader, MAX_PACKET).await?;
+    let packet = packet::read_packet(reader, limit).await?;
     if let Some(p) = &packet {
         let bytes = framed_len(p);
         let (session, target) = match dir {
