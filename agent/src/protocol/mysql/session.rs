@@ -48,12 +48,12 @@ const CURSOR_EXISTS: u16 = 0x0040;
 /// backslash in a string as itself.
 const NO_BACKSLASH_ESCAPES: u16 = 0x0200;
 
-/// Error codes the proxy answers with.
-const ER_TABLEACCESS_DENIED: u16 = 1142;
-
 /// How long the rest of a refused packet is read and dropped before its
 /// session closes (`Session::close_after_err`).
 const LINGER_AFTER_ERR: Duration = Duration::from_secs(1);
+
+/// Error codes the proxy answers with.
+const ER_TABLEACCESS_DENIED: u16 = 1142;
 const ER_ACCESS_DENIED: u16 = 1045;
 const ER_SPECIFIC_ACCESS_DENIED: u16 = 1227;
 const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
