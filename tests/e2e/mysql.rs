@@ -867,7 +867,9 @@ fn a_password_sent_in_clear_under_tls_never_crosses_a_plaintext_network_leg() {
          GRANT SELECT ON shop.* TO clear@'%'";
     // The server at an address that is not loopback (on `lo`, so the test
     // stays on this host).
-    let addrs = TestAddresses::add();
+    let Some(addrs) = TestAddresses::add_as_root() else {
+        return;
+    };
     let bind = format!("--bind-address=127.0.0.1,{}", addrs.v4);
     // The test plugin's maturity is "unknown".
     let options = ["--plugin-maturity=unknown", &bind];

@@ -804,6 +804,20 @@ pub struct TestAddresses {
 }
 
 impl TestAddresses {
+    /// [`TestAddresses::add`] when root; `None` (after saying why)
+    /// otherwise, a failure under CI, which runs as root.
+    pub fn add_as_root() -> Option<TestAddresses> {
+        if !is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "tests with test addresses must run as root under CI"
+            );
+            eprintln!("skipping: not root (adding test addresses to lo needs root; CI runs this)");
+            return None;
+        }
+        Some(TestAddresses::add())
+    }
+
     /// Adds a fresh pair of addresses to `lo`. An address already on `lo`
     /// (another test process, or one a killed run left behind) is skipped,
     /// never shared: its owner would delete it under this test.
