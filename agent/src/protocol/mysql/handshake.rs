@@ -321,6 +321,10 @@ pub fn sends_password_in_clear(plugin: &str) -> bool {
 /// 0x04): a client on TLS answers with its password in clear.
 pub const CACHING_SHA2_FULL_PATH: [u8; 2] = [0x01, 0x04];
 
+/// A client's request for the server's RSA public key
+/// (`caching_sha2_password` on a plaintext connection).
+pub const REQUEST_PUBLIC_KEY: u8 = 0x02;
+
 /// A NUL-terminated string at the start of `bytes` and what follows it.
 fn nul_terminated(bytes: &[u8]) -> Option<(String, &[u8])> {
     let end = bytes.iter().position(|&b| b == 0)?;

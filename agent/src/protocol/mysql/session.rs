@@ -302,9 +302,8 @@ struct Session<'a> {
     /// The agent logged in with a brokered credential: the client may not
     /// change the user.
     brokered: bool,
-    /// A password the client would send in clear is not relayed
-    /// (`tls::clear_password_exposed`).
-    withhold_clear_password: bool,
+    /// What the legs allow of a `COM_CHANGE_USER`'s authentication.
+    auth_legs: AuthLegs,
     /// The largest packet read from the client: the server's
     /// `max_allowed_packet`, at most [`MAX_PACKET`]. A larger one is
     /// answered as the server would answer it, before the agent holds it.
@@ -346,8 +345,8 @@ struct Connected {
     user: String,
     /// Whether the agent logged in with a brokered credential.
     brokered: bool,
-    /// Whether a password sent in clear is withheld from the server.
-    withhold_clear_password: bool,
+    /// What the legs allow of an authentication.
+    auth_legs: AuthLegs,
     /// The database it asked for.
     database: Option<String>,
 }
@@ -405,7 +404,7 @@ pub async fn run(
             local_file: None,
             database_user: Some(connected.user),
             brokered: connected.brokered,
-            withhold_clear_password: connected.withhold_clear_password,
+            auth_legs: connected.auth_legs,
             packet_limit: MAX_PACKET,
             recent: RecentStatements::default(),
             interrupt: registration
@@ -560,11 +559,14 @@ async fn connect(
     let shift = answer.seq.wrapping_sub(client_seq);
     tls::log_legs(ctx, &client, &upstream);
     // A brokered login sends the agent's answer, never the client's.
-    let withhold_clear_password =
-        login.is_none() && tls::clear_password_exposed(&client, &upstream, ctx.upstream_addr);
-    let watch = ClearPasswordWatch {
+    let auth_legs = AuthLegs {
+        withhold_clear_password: login.is_none()
+            && tls::clear_password_exposed(&client, &upstream, ctx.upstream_addr),
+        key_request_unanswered: !client.is_tls() && upstream.is_tls(),
+    };
+    let watch = AuthWatch {
         target: &ctx.target,
-        withhold: withhold_clear_password,
+        legs: auth_legs,
         plugin: hello.auth_plugin.clone(),
     };
     if let Some(message) = watch.refusal_of_answer() {
@@ -612,7 +614,7 @@ async fn connect(
         capabilities,
         user,
         brokered: login.is_some(),
-        withhold_clear_password,
+        auth_legs,
         database,
     })
 }
@@ -790,7 +792,7 @@ async fn relay_authentication<CR, CW, SR, SW>(
     raw: bool,
     legs: Legs<'_, CR, CW, SR, SW>,
     shift: u8,
-    mut watch: ClearPasswordWatch<'_>,
+    mut watch: AuthWatch<'_>,
 ) -> Result<Option<u16>, CloseReason>
 where
     CR: AsyncRead + Unpin,
@@ -819,6 +821,11 @@ where
                         .await
                         .map_err(|e| CloseReason::ClientError(e.to_string()))?
                         .ok_or(CloseReason::Completed)?;
+                if let Some(message) = watch.refusal_of_client(&more.payload) {
+                    // The server would read the request as a wrong password.
+                    refuse_clear_password(legs.client_out, more.next_seq(), &message).await;
+                    return Err(CloseReason::ClientError(message));
+                }
                 more.seq = more.seq.wrapping_add(shift);
                 write_to(legs.server_out, &more, true).await?;
             }
@@ -826,25 +833,45 @@ where
     }
 }
 
+/// What the TLS of a session's two legs allows of an authentication the
+/// agent relays.
+#[derive(Debug, Clone, Copy, Default)]
+struct AuthLegs {
+    /// A password the client would send in clear is not relayed
+    /// (`tls::clear_password_exposed`).
+    withhold_clear_password: bool,
+    /// The client's leg is plaintext and the server's TLS: the server takes
+    /// a request for its RSA key (caching_sha2_password's full path on a
+    /// plaintext connection) for a wrong password, so the agent refuses it,
+    /// saying why.
+    key_request_unanswered: bool,
+}
+
 /// Watches a relayed authentication exchange for a request that would
-/// have the client send its password in clear, while that password may
-/// not cross the server's leg in clear (`withhold`).
-struct ClearPasswordWatch<'t> {
+/// have the client send its password in clear while that password may not
+/// cross the server's leg in clear, and for a request for the server's
+/// RSA key that the server will not answer.
+struct AuthWatch<'t> {
     target: &'t str,
-    withhold: bool,
+    legs: AuthLegs,
     /// The plugin the exchange is in: the client's, then the server's
     /// last switch.
     plugin: Option<String>,
 }
 
-impl ClearPasswordWatch<'_> {
+impl AuthWatch<'_> {
     /// The refusal of a client's answer (or `COM_CHANGE_USER`) that was
     /// made with a plugin that sends the password itself.
     fn refusal_of_answer(&self) -> Option<String> {
         let plugin = self.plugin.as_deref()?;
-        (self.withhold && handshake::sends_password_in_clear(plugin)).then(|| {
-            tls::clear_password_refusal(self.target, &format!("the client answered with {plugin}"))
-        })
+        (self.legs.withhold_clear_password && handshake::sends_password_in_clear(plugin)).then(
+            || {
+                tls::clear_password_refusal(
+                    self.target,
+                    &format!("the client answered with {plugin}"),
+                )
+            },
+        )
     }
 
     /// The refusal in place of the server's `reply`, when relaying it
@@ -854,13 +881,26 @@ impl ClearPasswordWatch<'_> {
             let clear = handshake::sends_password_in_clear(&plugin);
             let how = format!("an authentication switch to {plugin}");
             self.plugin = Some(plugin);
-            return (self.withhold && clear)
+            return (self.legs.withhold_clear_password && clear)
                 .then(|| tls::clear_password_refusal(self.target, &how));
         }
         let full_path = reply == handshake::CACHING_SHA2_FULL_PATH
             && self.plugin.as_deref() == Some("caching_sha2_password");
-        (self.withhold && full_path).then(|| {
+        (self.legs.withhold_clear_password && full_path).then(|| {
             tls::clear_password_refusal(self.target, "caching_sha2_password's full authentication")
+        })
+    }
+
+    /// The refusal in place of the client's `answer` to the server, when
+    /// the server would not read it as the client means it.
+    fn refusal_of_client(&self, answer: &[u8]) -> Option<String> {
+        let key_request = answer == [handshake::REQUEST_PUBLIC_KEY]
+            && self.plugin.as_deref() == Some("caching_sha2_password");
+        (self.legs.key_request_unanswered && key_request).then(|| {
+            format!(
+                "tollgate: target \"{}\": the client asks for the server's RSA key (caching_sha2_password without TLS), but the agent's connection to the server is TLS, over which the server does not send it; connect with TLS (the agent's client_tls = \"terminate\")",
+                self.target
+            )
         })
     }
 }
@@ -1486,9 +1526,9 @@ impl Session<'_> {
             );
             return self.answer_client(command.next_seq(), err).await;
         };
-        let watch = ClearPasswordWatch {
+        let watch = AuthWatch {
             target: &self.ctx.target,
-            withhold: self.withhold_clear_password,
+            legs: self.auth_legs,
             plugin: change.auth_plugin.clone(),
         };
         if let Some(message) = watch.refusal_of_answer() {
@@ -2430,7 +2470,7 @@ fn charset_change(analysis: &Analysis) -> Option<CharsetChange> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::{text_row, ClearPasswordWatch};
+    use super::{text_row, AuthLegs, AuthWatch};
 
     #[test]
     fn a_text_row_gives_its_values_and_nothing_else() {
@@ -2451,9 +2491,12 @@ mod tests {
 
     #[test]
     fn a_request_for_a_clear_password_is_refused_only_while_it_would_cross_in_clear() {
-        let watch = |withhold: bool, plugin: &str| ClearPasswordWatch {
+        let watch = |withhold: bool, plugin: &str| AuthWatch {
             target: "shop",
-            withhold,
+            legs: AuthLegs {
+                withhold_clear_password: withhold,
+                key_request_unanswered: false,
+            },
             plugin: Some(plugin.to_owned()),
         };
         let full_path = [0x01, 0x04];
@@ -2495,6 +2538,40 @@ mod tests {
         }
         assert_eq!(
             watch(false, "mysql_clear_password").refusal_of_answer(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_request_for_the_servers_key_is_refused_only_when_the_server_will_not_answer_it() {
+        let watch = |unanswered: bool, plugin: &str| AuthWatch {
+            target: "shop",
+            legs: AuthLegs {
+                withhold_clear_password: false,
+                key_request_unanswered: unanswered,
+            },
+            plugin: Some(plugin.to_owned()),
+        };
+        let refusal = watch(true, "caching_sha2_password")
+            .refusal_of_client(&[0x02])
+            .unwrap();
+        assert!(refusal.contains("client_tls = \"terminate\""), "{refusal}");
+        // The server answers it on a plaintext leg; other answers and
+        // other plugins' bytes pass.
+        assert_eq!(
+            watch(false, "caching_sha2_password").refusal_of_client(&[0x02]),
+            None
+        );
+        assert_eq!(
+            watch(true, "caching_sha2_password").refusal_of_client(&[0x02, 0x00]),
+            None
+        );
+        assert_eq!(
+            watch(true, "caching_sha2_password").refusal_of_client(b"pw\0"),
+            None
+        );
+        assert_eq!(
+            watch(true, "mysql_native_password").refusal_of_client(&[0x02]),
             None
         );
     }
