@@ -930,6 +930,35 @@ fn a_password_sent_in_clear_under_tls_never_crosses_a_plaintext_network_leg() {
     // A scrambled password (mysql_native_password) crosses the same legs.
     let (ok, all) = login(port, USER, PASSWORD, &client_tls);
     assert!(ok && all.starts_with("app@%\t"), "{all}");
+    // A COM_CHANGE_USER to that user over the same legs: the server's
+    // switch to mysql_clear_password is refused in its place too
+    // (mysql-connector-python, logged in as `app` first).
+    let script = r#"
+import sys, mysql.connector
+port, ca = int(sys.argv[1]), sys.argv[2]
+conn = mysql.connector.connect(host="127.0.0.1", port=port, user="app", password="secret",
+                               database="shop", ssl_ca=ca, ssl_verify_cert=False)
+print("logged in", conn.is_connected())
+try:
+    conn.cmd_change_user(username="clear", password="clear-pw")
+    print("changed")
+except mysql.connector.Error as e:
+    print("ERR", e.errno, e.sqlstate, e.msg)
+"#;
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &port.to_string(),
+            &agent_ca.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert!(
+        all.starts_with("logged in True\nERR 1045 28000 tollgate: target \"shop\": the server asks for the password in clear (an authentication switch to mysql_clear_password)"),
+        "{all}"
+    );
     // A client without TLS sends its password in clear itself: the agent
     // relays what the client chose, and the server checks it.
     let (ok, all) = login(port, "clear", "clear-pw", &[]);
