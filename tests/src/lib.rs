@@ -803,19 +803,26 @@ pub struct TestAddresses {
     pub v6: std::net::Ipv6Addr,
 }
 
+/// Whether the test runs as root; when not, says it skips for lack of
+/// `what`, which only root may do. Not being root fails under CI, which
+/// runs as root.
+pub fn root_or_skip(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "tests that need {what} must run as root under CI"
+    );
+    eprintln!("skipping: not root ({what} needs root; CI runs this)");
+    false
+}
+
 impl TestAddresses {
     /// [`TestAddresses::add`] when root; `None` (after saying why)
     /// otherwise, a failure under CI, which runs as root.
     pub fn add_as_root() -> Option<TestAddresses> {
-        if !is_root() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "tests with test addresses must run as root under CI"
-            );
-            eprintln!("skipping: not root (adding test addresses to lo needs root; CI runs this)");
-            return None;
-        }
-        Some(TestAddresses::add())
+        root_or_skip("adding test addresses to lo").then(TestAddresses::add)
     }
 
     /// Adds a fresh pair of addresses to `lo`. An address already on `lo`
@@ -917,12 +924,7 @@ pub struct SmallDisk {
 impl SmallDisk {
     /// Mounts a tmpfs of `size` (as `mount -o size=`, e.g. "256k").
     pub fn mount(size: &str) -> Option<SmallDisk> {
-        if !is_root() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "the full-disk tests must run as root under CI"
-            );
-            eprintln!("skipping: not root (mounting a tmpfs needs root; CI runs this)");
+        if !root_or_skip("mounting a tmpfs") {
             return None;
         }
         let dir = tempfile::Builder::new()

@@ -570,7 +570,7 @@ async fn connect(
         plugin: hello.auth_plugin.clone(),
     };
     if let Some(message) = watch.refusal_of_answer() {
-        refuse_clear_password(&mut client, client_seq.wrapping_add(1), &message).await;
+        refuse_login(&mut client, client_seq.wrapping_add(1), &message).await;
         return Err(CloseReason::UpstreamError(message));
     }
     write_to(&mut upstream, &answer, true).await?;
@@ -807,7 +807,7 @@ where
             // The client never hears the request, so never sends the
             // password; the server's half-done exchange ends with the
             // session.
-            refuse_clear_password(legs.client_out, reply.seq, &message).await;
+            refuse_login(legs.client_out, reply.seq, &message).await;
             return Err(CloseReason::UpstreamError(message));
         }
         write_to(legs.client_out, &reply, false).await?;
@@ -823,7 +823,7 @@ where
                         .ok_or(CloseReason::Completed)?;
                 if let Some(message) = watch.refusal_of_client(&more.payload) {
                     // The server would read the request as a wrong password.
-                    refuse_clear_password(legs.client_out, more.next_seq(), &message).await;
+                    refuse_login(legs.client_out, more.next_seq(), &message).await;
                     return Err(CloseReason::ClientError(message));
                 }
                 more.seq = more.seq.wrapping_add(shift);
@@ -907,7 +907,7 @@ impl AuthWatch<'_> {
 
 /// Ends the connection phase (or a `COM_CHANGE_USER`) with an access
 /// denied error that says why.
-async fn refuse_clear_password<W: AsyncWrite + Unpin>(client: &mut W, seq: u8, message: &str) {
+async fn refuse_login<W: AsyncWrite + Unpin>(client: &mut W, seq: u8, message: &str) {
     let err = packet::err_payload(ER_ACCESS_DENIED, "28000", message);
     let _ = write_to(client, &Packet { seq, payload: err }, false).await;
 }
@@ -1533,7 +1533,7 @@ impl Session<'_> {
         };
         if let Some(message) = watch.refusal_of_answer() {
             // Like a failed change at the server, it ends the session.
-            refuse_clear_password(&mut self.client_out, command.next_seq(), &message).await;
+            refuse_login(&mut self.client_out, command.next_seq(), &message).await;
             return Err(CloseReason::UpstreamError(message).into());
         }
         self.send_to_server(&command).await?;
@@ -2489,16 +2489,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_request_for_a_clear_password_is_refused_only_while_it_would_cross_in_clear() {
-        let watch = |withhold: bool, plugin: &str| AuthWatch {
+    fn watch_for(withhold: bool, unanswered: bool, plugin: &str) -> AuthWatch<'static> {
+        AuthWatch {
             target: "shop",
             legs: AuthLegs {
                 withhold_clear_password: withhold,
-                key_request_unanswered: false,
+                key_request_unanswered: unanswered,
             },
             plugin: Some(plugin.to_owned()),
-        };
+        }
+    }
+
+    #[test]
+    fn a_request_for_a_clear_password_is_refused_only_while_it_would_cross_in_clear() {
+        let watch = |withhold: bool, plugin: &str| watch_for(withhold, false, plugin);
         let full_path = [0x01, 0x04];
         let fast_path = [0x01, 0x03];
         let to_clear = b"\xFEmysql_clear_password\0";
@@ -2544,14 +2548,7 @@ mod tests {
 
     #[test]
     fn a_request_for_the_servers_key_is_refused_only_when_the_server_will_not_answer_it() {
-        let watch = |unanswered: bool, plugin: &str| AuthWatch {
-            target: "shop",
-            legs: AuthLegs {
-                withhold_clear_password: false,
-                key_request_unanswered: unanswered,
-            },
-            plugin: Some(plugin.to_owned()),
-        };
+        let watch = |unanswered: bool, plugin: &str| watch_for(false, unanswered, plugin);
         let refusal = watch(true, "caching_sha2_password")
             .refusal_of_client(&[0x02])
             .unwrap();
